@@ -1,0 +1,3535 @@
+#!/usr/bin/env python3
+"""prefectlite: a self-hosted workflow-orchestration server that speaks the Prefect 2 REST API.
+
+One module, Python >= 3.11 standard library only. Point the unmodified ``prefect`` SDK at it with
+``PREFECT_API_URL=http://127.0.0.1:4200/api``. Storage is SQLite (file or in-memory) or PostgreSQL.
+
+The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this map:
+
+  1. Settings        -- setting names, defaults, profiles.toml, precedence env > profile > default
+  2. Database        -- one small interface over sqlite3 / a DB-API PostgreSQL driver; dialects as data
+  3. Migrations      -- versioned hand-written SQL in migrations/, applied up and down
+  4. Schemas         -- declarative body schemas: validation, defaults, 422 details, OpenAPI
+  5. Records         -- rows <-> API objects, the filter language, sorting
+  6. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
+  7. Domain          -- flows, flow runs, task runs, logs, deployments, blocks, variables, ...
+  8. HTTP API        -- the route table, the handlers, the one place that turns errors into HTTP
+  9. Server          -- the bounded-pool HTTP server, static files, ``serve()`` for embedding
+ 10. CLI             -- start, config, profile, database, version
+ 11. Main
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime as _dt
+import difflib
+import gzip
+import hashlib
+import http.server
+import io
+import json
+import logging
+import math
+import mimetypes
+import os
+import queue
+import random
+import re
+import secrets
+import signal
+import socket
+import socketserver
+import sqlite3
+import sys
+import threading
+import time
+import tomllib
+import urllib.parse
+import uuid
+from pathlib import Path
+
+__version__ = "0.1.0"
+API_VERSION = "0.8.4"  # the Prefect 2.20 server's API version; the 2.20 client checks its major part
+PREFECT_SERVER_VERSION = "2.20.27"
+
+__all__ = [
+    "serve",
+    "main",
+    "Settings",
+    "load_settings",
+    "open_database",
+    "migrate",
+    "__version__",
+    "API_VERSION",
+]
+
+log = logging.getLogger("prefectlite")
+
+
+# --- 1. Settings ---
+# Owns every setting's name, default and meaning, the profiles file and precedence. Names are
+# Prefect's so that the seed's commands (`config set PREFECT_API_DATABASE_CONNECTION_URL=...`) work.
+
+
+class ConfigurationError(Exception):
+    """A problem a person must fix (bad setting, bad URL, unreachable database): one line, no traceback."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SettingSpec:
+    name: str
+    default: object
+    kind: type  # str, int, float or bool
+    help: str
+    secret: bool = False
+
+
+def _spec(name, default, kind, help, secret=False):
+    return SettingSpec(name, default, kind, help, secret)
+
+
+SETTINGS = {
+    s.name: s
+    for s in [
+        _spec("PREFECT_HOME", "~/.prefectlite", str, "where profiles.toml and the default database live"),
+        _spec("PREFECT_API_URL", "", str, "the API URL clients use; also our public URL for links when set"),
+        _spec("PREFECT_API_DATABASE_CONNECTION_URL", "sqlite:///${PREFECT_HOME}/prefectlite.db", str,
+              "sqlite:///path, sqlite:///:memory: or postgresql://user:pw@host:port/db"),
+        _spec("PREFECT_API_DATABASE_ECHO", False, bool, "log every SQL statement"),
+        _spec("PREFECT_API_DATABASE_MIGRATE_ON_START", True, bool, "apply pending migrations on start"),
+        _spec("PREFECT_API_DATABASE_PASSWORD", "", str, "password for a database URL that has none", secret=True),
+        _spec("PREFECT_API_DATABASE_TIMEOUT", 10.0, float, "seconds to wait for a busy or unreachable database"),
+        _spec("PREFECT_SERVER_API_HOST", "127.0.0.1", str, "address to bind"),
+        _spec("PREFECT_SERVER_API_PORT", 4200, int, "port to bind"),
+        _spec("PREFECT_SERVER_API_AUTH_STRING", "", str, "user:password for HTTP basic auth", secret=True),
+        _spec("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", False, bool, "require CSRF tokens on writes"),
+        _spec("PREFECT_SERVER_CSRF_TOKEN_EXPIRATION", 3600.0, float, "seconds a CSRF token lives"),
+        _spec("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "*", str, "comma-separated origins allowed by CORS"),
+        _spec("PREFECT_SERVER_CORS_ALLOWED_METHODS", "*", str, "comma-separated methods allowed by CORS"),
+        _spec("PREFECT_SERVER_CORS_ALLOWED_HEADERS", "*", str, "comma-separated headers allowed by CORS"),
+        _spec("PREFECT_SERVER_WORKERS", 64, int, "request worker threads (the bound on concurrent connections)"),
+        _spec("PREFECT_SERVER_MAX_BODY_BYTES", 50_000_000, int, "largest request body accepted (413 above)"),
+        _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request"),
+        _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept"),
+        _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes"),
+        _spec("PREFECT_LOGGING_SERVER_LEVEL", "WARNING", str, "server log level"),
+        _spec("PREFECT_UI_ENABLED", True, bool, "serve the web UI at /"),
+        _spec("PREFECT_UI_API_URL", "", str, "API URL the UI calls (default: /api on the same origin)"),
+        _spec("PREFECT_UI_SERVE_BASE", "/", str, "path prefix the UI is served under"),
+        _spec("PREFECT_UI_URL", "", str, "public URL of the UI, for links in notifications"),
+    ]
+}
+
+_SETTING_SOURCES = ("env", "profile", "default")
+
+
+def _prefect_home(env=None) -> Path:
+    env = os.environ if env is None else env
+    return Path(os.path.expanduser(env.get("PREFECT_HOME") or SETTINGS["PREFECT_HOME"].default))
+
+
+def _profiles_path(home: Path) -> Path:
+    return home / "profiles.toml"
+
+
+def _parse_bool(name, text):
+    low = str(text).strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigurationError(f"{name}: expected true or false, got {text!r}")
+
+
+def _convert_setting(name, raw):
+    spec = SETTINGS[name]
+    if spec.kind is bool:
+        return raw if isinstance(raw, bool) else _parse_bool(name, raw)
+    try:
+        return spec.kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigurationError(f"{name}: expected {spec.kind.__name__}, got {raw!r}") from None
+
+
+def check_setting_name(name: str) -> None:
+    if name not in SETTINGS:
+        close = difflib.get_close_matches(name.upper(), SETTINGS, n=3, cutoff=0.5)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigurationError(f"unknown setting {name!r}{hint}")
+
+
+def read_profiles(home: Path) -> dict:
+    """Return {"active": name, "profiles": {name: {KEY: value}}}; a missing file is one empty 'default'."""
+    path = _profiles_path(home)
+    if not path.exists():
+        return {"active": "default", "profiles": {"default": {}}}
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"cannot read {path}: {exc}") from None
+    profiles = {name: dict(values) for name, values in (data.get("profiles") or {}).items()}
+    profiles.setdefault("default", {})
+    return {"active": data.get("active", "default"), "profiles": profiles}
+
+
+def _toml_string(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def write_profiles(home: Path, data: dict) -> None:
+    lines = [f"active = {_toml_string(data['active'])}", ""]
+    for name, values in data["profiles"].items():
+        lines.append(f"[profiles.{json.dumps(name)}]")
+        lines += [f"{key} = {_toml_string(val)}" for key, val in sorted(values.items())]
+        lines.append("")
+    path = _profiles_path(home)
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".toml.tmp")
+        tmp.write_text("\n".join(lines), encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a crash never leaves half a profiles file
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write {path}: {exc.strerror or exc}") from None
+
+
+class Settings:
+    """Resolved settings: values plus where each came from (env, profile or default)."""
+
+    def __init__(self, values: dict, sources: dict, profile: str):
+        self._values = values
+        self.sources = sources
+        self.profile = profile
+
+    def __getitem__(self, name):
+        return self._values[name]
+
+    def get(self, name, default=None):
+        return self._values.get(name, default)
+
+    def items(self):
+        return self._values.items()
+
+    def masked(self) -> dict:
+        """Every value, secrets replaced, for /admin/settings and `config view`."""
+        out = {}
+        for name, value in self._values.items():
+            if SETTINGS[name].secret and value:
+                value = "********"
+            elif name == "PREFECT_API_DATABASE_CONNECTION_URL":
+                value = mask_url_password(value)
+            out[name] = value
+        return out
+
+
+def load_settings(env=None, overrides=None) -> Settings:
+    """Resolve every setting: explicit overrides > environment > active profile > default."""
+    env = dict(os.environ if env is None else env)
+    home = _prefect_home(env)
+    profiles = read_profiles(home)
+    active = env.get("PREFECT_PROFILE") or profiles["active"]
+    profile_values = profiles["profiles"].get(active, {})
+    values, sources = {}, {}
+    for name, spec in SETTINGS.items():
+        if overrides and name in overrides:
+            values[name], sources[name] = _convert_setting(name, overrides[name]), "override"
+        elif name in env and env[name] != "":
+            values[name], sources[name] = _convert_setting(name, env[name]), "env"
+        elif name in profile_values:
+            values[name], sources[name] = _convert_setting(name, profile_values[name]), "profile"
+        else:
+            values[name], sources[name] = spec.default, "default"
+    values["PREFECT_HOME"] = str(home)
+    values["PREFECT_API_DATABASE_CONNECTION_URL"] = values["PREFECT_API_DATABASE_CONNECTION_URL"].replace(
+        "${PREFECT_HOME}", str(home)
+    )
+    return Settings(values, sources, active)
+
+
+def mask_url_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]*:)([^@]*)(@)", r"\1********\3", str(url))
+
+
+# --- 2. Database ---
+# Owns connections, transactions and every SQL dialect difference. Dialect differences are data
+# (class attributes of SqliteDatabase / PostgresDatabase); driver errors become our own exceptions:
+# DatabaseUnavailable (busy, locked, unreachable: the API answers 503 and the SDK retries) and
+# IntegrityViolation (a unique or foreign key constraint: the API answers 409).
+
+
+class DatabaseError(Exception):
+    pass
+
+
+class DatabaseUnavailable(DatabaseError):
+    """Transient: the database is busy or unreachable. Never 'database is locked' to a client."""
+
+
+class IntegrityViolation(DatabaseError):
+    pass
+
+
+def _dict_row(cursor, row):
+    return {col[0]: value for col, value in zip(cursor.description, row)}
+
+
+def translate_placeholders(sql: str, style: str = "%s") -> str:
+    """Turn qmark `?` placeholders into `style`, skipping quoted text and comments; escape `%`.
+
+    A small tokenizer, never a blind replace: '?' inside 'a string', "an identifier", a -- comment,
+    a /* comment */ or a $$dollar quote$$ is left alone.
+    """
+    out, i, n = [], 0, len(sql)
+    while i < n:
+        ch = sql[i]
+        if ch in ("'", '"'):
+            end = i + 1
+            while end < n:
+                if sql[end] == ch:
+                    if end + 1 < n and sql[end + 1] == ch:  # doubled quote inside a literal
+                        end += 2
+                        continue
+                    break
+                end += 1
+            out.append(sql[i:end + 1].replace("%", "%%"))
+            i = end + 1
+        elif sql.startswith("--", i):
+            end = sql.find("\n", i)
+            end = n if end < 0 else end
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+        elif sql.startswith("/*", i):
+            end = sql.find("*/", i + 2)
+            end = n if end < 0 else end + 2
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+        elif ch == "$" and re.match(r"\$\w*\$", sql[i:]):
+            tag = re.match(r"\$\w*\$", sql[i:]).group(0)
+            end = sql.find(tag, i + len(tag))
+            end = n if end < 0 else end + len(tag)
+            out.append(sql[i:end].replace("%", "%%"))
+            i = end
+        elif ch == "?":
+            out.append(style)
+            i += 1
+        elif ch == "%":
+            out.append("%%")
+            i += 1
+        else:
+            out.append(ch)
+            i += 1
+    return "".join(out)
+
+
+def split_sql_script(script: str) -> list[str]:
+    """Split a migration script into statements at top-level semicolons (quotes and comments respected)."""
+    statements, start, i, n = [], 0, 0, len(script)
+    while i < n:
+        ch = script[i]
+        if ch in ("'", '"'):
+            i = script.find(ch, i + 1)
+            i = n if i < 0 else i + 1
+        elif script.startswith("--", i):
+            i = script.find("\n", i)
+            i = n if i < 0 else i
+        elif script.startswith("/*", i):
+            i = script.find("*/", i + 2)
+            i = n if i < 0 else i + 2
+        elif ch == "$" and re.match(r"\$\w*\$", script[i:]):
+            tag = re.match(r"\$\w*\$", script[i:]).group(0)
+            i = script.find(tag, i + len(tag))
+            i = n if i < 0 else i + len(tag)
+        elif ch == ";":
+            statements.append(script[start:i])
+            start = i = i + 1
+        else:
+            i += 1
+    statements.append(script[start:])
+    return [s.strip() for s in statements if re.sub(r"--[^\n]*", "", s).strip()]
+
+
+class Transaction:
+    """One open transaction: run statements, get rows back as dicts."""
+
+    def __init__(self, db, conn):
+        self.db = db
+        self.conn = conn
+
+    def execute(self, sql, params=()):
+        cur = self.db._execute(self.conn, sql, params)
+        return cur
+
+    def query(self, sql, params=()) -> list[dict]:
+        cur = self.db._execute(self.conn, sql, params)
+        return cur.fetchall()
+
+    def query_one(self, sql, params=()):
+        cur = self.db._execute(self.conn, sql, params)
+        return cur.fetchone()
+
+    def scalar(self, sql, params=()):
+        row = self.query_one(sql, params)
+        return None if row is None else next(iter(row.values()))
+
+    def executemany(self, sql, rows):
+        return self.db._executemany(self.conn, sql, rows)
+
+
+class Database:
+    """What every dialect shares. Subclasses set the dialect data and the connection handling."""
+
+    dialect = "?"
+    ilike = "LIKE"  # case-insensitive LIKE
+    for_update = ""  # row lock on a SELECT inside a write transaction
+    skip_locked = ""  # claim rows another transaction holds? skip them
+    json_array_contains = ""  # SQL for "JSON array column {col} contains the value ?"
+    migration_lock = ""  # statement that serialises migrations across processes
+
+    def __init__(self, url: str, settings: Settings | None = None):
+        self.url = url
+        self.echo = bool(settings and settings["PREFECT_API_DATABASE_ECHO"])
+        self.timeout = float(settings["PREFECT_API_DATABASE_TIMEOUT"]) if settings else 10.0
+        self.query_seconds = 0.0  # total time spent in the database, for metrics
+        self.query_count = 0
+
+    def _log_sql(self, sql, params):
+        if self.echo:
+            log.info("SQL %s %s", " ".join(sql.split()), "[%d params]" % len(params) if params else "")
+
+    def contains(self, column: str) -> str:
+        return self.json_array_contains.format(col=column)
+
+    def close(self):
+        pass
+
+
+class SqliteDatabase(Database):
+    dialect = "sqlite"
+    ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
+    json_array_contains = "EXISTS (SELECT 1 FROM json_each({col}) WHERE json_each.value = ?)"
+    min_version = (3, 24, 0)
+
+    def __init__(self, url, path, settings=None):
+        super().__init__(url, settings)
+        if sqlite3.sqlite_version_info < self.min_version:
+            raise ConfigurationError(
+                f"SQLite {sqlite3.sqlite_version} is too old; prefectlite needs 3.24 or newer"
+            )
+        self.path = path
+        self.memory = path == ":memory:"
+        # One writer at a time within the process (SQLite has one writer anyway); waiting on this
+        # lock instead of on SQLite's busy handler keeps "database is locked" away from clients.
+        self._write_lock = threading.RLock() if self.memory else threading.Lock()
+        self._readers = queue.LifoQueue()
+        self._all = []
+        self._closed = False
+        if not self.memory:
+            parent = Path(path).parent
+            try:
+                parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigurationError(f"cannot create {parent}: {exc.strerror or exc}") from None
+        self._writer = self._connect()
+        if self.memory:
+            self._readers = None
+
+    def _connect(self):
+        try:
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
+            conn.row_factory = _dict_row
+            conn.execute("PRAGMA foreign_keys = ON")
+            if not self.memory:
+                conn.execute("PRAGMA journal_mode = WAL")
+                # WAL + NORMAL: a committed transaction survives a crash of this process (kill -9);
+                # only an OS crash or power loss may lose the last commits.
+                conn.execute("PRAGMA synchronous = NORMAL")
+                conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"cannot open SQLite database {self.path}: {exc}") from None
+        self._all.append(conn)
+        return conn
+
+    def server_version(self) -> str:
+        return sqlite3.sqlite_version
+
+    def _map_error(self, exc):
+        text = str(exc)
+        if isinstance(exc, sqlite3.IntegrityError):
+            return IntegrityViolation(text)
+        if isinstance(exc, sqlite3.OperationalError) and (
+            "locked" in text or "busy" in text or "disk I/O" in text or "readonly" in text
+            or "unable to open" in text or "full" in text
+        ):
+            reason = "the database is busy" if ("locked" in text or "busy" in text) else text
+            return DatabaseUnavailable(reason)
+        if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
+            return DatabaseUnavailable(f"the database file is unreadable: {text}")
+        return None
+
+    def _execute(self, conn, sql, params):
+        self._log_sql(sql, params)
+        started = time.perf_counter()
+        try:
+            return conn.execute(sql, params)
+        except sqlite3.Error as exc:
+            mapped = self._map_error(exc)
+            if mapped is not None:
+                raise mapped from exc
+            raise
+        finally:
+            self.query_seconds += time.perf_counter() - started
+            self.query_count += 1
+
+    def _executemany(self, conn, sql, rows):
+        self._log_sql(sql, ())
+        try:
+            return conn.executemany(sql, rows)
+        except sqlite3.Error as exc:
+            mapped = self._map_error(exc)
+            if mapped is not None:
+                raise mapped from exc
+            raise
+
+    @contextlib.contextmanager
+    def write(self):
+        if not self._write_lock.acquire(timeout=self.timeout):
+            raise DatabaseUnavailable("the database is busy")
+        try:
+            if self._closed:
+                raise DatabaseUnavailable("the server is shutting down")
+            conn = self._writer
+            self._execute(conn, "BEGIN IMMEDIATE", ())
+            try:
+                yield Transaction(self, conn)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise self._map_error(exc) or exc
+        finally:
+            self._write_lock.release()
+
+    @contextlib.contextmanager
+    def read(self):
+        if self.memory:  # one shared connection: readers take the writer's lock
+            with self.write() as tx:
+                yield tx
+            return
+        if self._closed:
+            raise DatabaseUnavailable("the server is shutting down")
+        try:
+            conn = self._readers.get_nowait()
+        except queue.Empty:
+            conn = self._connect()
+        try:
+            self._execute(conn, "BEGIN", ())
+            try:
+                yield Transaction(self, conn)
+            finally:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("COMMIT")
+        finally:
+            self._readers.put(conn)
+
+    def run_script(self, script: str):
+        """Run a migration script in one transaction (SQLite DDL is transactional)."""
+        with self.write() as tx:
+            for statement in split_sql_script(script):
+                tx.execute(statement)
+
+    def table_names(self, tx) -> list[str]:
+        rows = tx.query("SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'")
+        return sorted(r["name"] for r in rows)
+
+    def schema_signature(self) -> list[tuple]:
+        """Every table, column, index of ours: used to compare schemas in tests."""
+        with self.read() as tx:
+            rows = tx.query(
+                "SELECT type, name, tbl_name, sql FROM sqlite_master "
+                "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+            )
+        return [(r["type"], r["name"], r["tbl_name"], " ".join((r["sql"] or "").split())) for r in rows]
+
+    def size_bytes(self) -> int:
+        if self.memory:
+            return 0
+        return sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
+
+    def close(self):
+        self._closed = True
+        with self._write_lock:
+            for conn in self._all:
+                with contextlib.suppress(Exception):
+                    conn.close()
+            self._all.clear()
+
+
+class PostgresDatabase(Database):
+    dialect = "postgresql"
+    ilike = "ILIKE"
+    for_update = " FOR UPDATE"
+    skip_locked = " SKIP LOCKED"
+    json_array_contains = "jsonb_exists(({col})::jsonb, ?)"  # jsonb_exists: the `?` operator, spelled safely
+    min_server_version = 130000
+    migration_lock = "SELECT pg_advisory_xact_lock(7270701)"
+
+    def __init__(self, url, conninfo: dict, settings=None):
+        super().__init__(url, settings)
+        try:
+            import psycopg  # optional driver, imported only for a postgresql:// URL
+            from psycopg.rows import dict_row
+        except ImportError:
+            raise ConfigurationError(
+                "PostgreSQL needs the psycopg driver: pip install 'prefectlite[postgres]' "
+                "(or pip install 'psycopg[binary]')"
+            ) from None
+        self._psycopg = psycopg
+        self._dict_row = dict_row
+        self.conninfo = conninfo
+        self._pool = queue.LifoQueue()
+        self._closed = False
+        conn = self._connect()
+        try:
+            version = conn.info.server_version
+            if version < self.min_server_version:
+                raise ConfigurationError(
+                    f"PostgreSQL {version // 10000} is too old; prefectlite needs 13 or newer"
+                )
+            self._ensure_trgm(conn)
+        finally:
+            self._release(conn)
+
+    def _connect(self):
+        psycopg = self._psycopg
+        try:
+            return psycopg.connect(
+                **self.conninfo, row_factory=self._dict_row, connect_timeout=max(1, int(self.timeout))
+            )
+        except psycopg.OperationalError as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
+            raise DatabaseUnavailable(f"cannot reach PostgreSQL: {first}") from None
+
+    def _ensure_trgm(self, conn):
+        try:
+            with conn.transaction():
+                conn.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm")
+        except self._psycopg.Error:
+            log.warning(
+                "the pg_trgm extension is missing and we may not create it; an administrator must run "
+                "CREATE EXTENSION pg_trgm (name searches will be slower without it)"
+            )
+
+    def _release(self, conn):
+        if self._closed or conn.closed or conn.info.transaction_status != 0:  # 0 = IDLE
+            with contextlib.suppress(Exception):
+                conn.close()
+            return
+        self._pool.put(conn)
+
+    def _acquire(self):
+        if self._closed:
+            raise DatabaseUnavailable("the server is shutting down")
+        try:
+            return self._pool.get_nowait()
+        except queue.Empty:
+            return self._connect()
+
+    def server_version(self) -> str:
+        with self.read() as tx:
+            return tx.scalar("SHOW server_version")
+
+    def _map_error(self, exc):
+        psycopg = self._psycopg
+        if isinstance(exc, psycopg.errors.IntegrityError):
+            return IntegrityViolation(str(exc).splitlines()[0])
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            lines = str(exc).strip().splitlines()
+            return DatabaseUnavailable(f"PostgreSQL is unavailable: {lines[0] if lines else type(exc).__name__}")
+        if isinstance(exc, psycopg.errors.SerializationFailure) or isinstance(exc, psycopg.errors.DeadlockDetected):
+            return DatabaseUnavailable("the database is busy (serialization conflict)")
+        return None
+
+    def _execute(self, conn, sql, params):
+        self._log_sql(sql, params)
+        started = time.perf_counter()
+        try:
+            return conn.execute(translate_placeholders(sql) if params else sql, params or None)
+        except self._psycopg.Error as exc:
+            mapped = self._map_error(exc)
+            if mapped is not None:
+                raise mapped from None
+            raise
+        finally:
+            self.query_seconds += time.perf_counter() - started
+            self.query_count += 1
+
+    def _executemany(self, conn, sql, rows):
+        self._log_sql(sql, ())
+        try:
+            with conn.cursor() as cur:
+                cur.executemany(translate_placeholders(sql), rows)
+        except self._psycopg.Error as exc:
+            mapped = self._map_error(exc)
+            if mapped is not None:
+                raise mapped from None
+            raise
+
+    @contextlib.contextmanager
+    def write(self):
+        conn = self._acquire()
+        try:
+            try:
+                with conn.transaction():
+                    yield Transaction(self, conn)
+            except self._psycopg.Error as exc:
+                mapped = self._map_error(exc)
+                if mapped is not None:
+                    raise mapped from None
+                raise
+        finally:
+            self._release(conn)
+
+    read = write  # READ COMMITTED snapshots per statement are fine for our reads
+
+    def run_script(self, script: str):
+        with self.write() as tx:
+            for statement in split_sql_script(script):
+                tx.execute(statement)
+
+    def table_names(self, tx) -> list[str]:
+        rows = tx.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
+        return sorted(r["tablename"] for r in rows)
+
+    def schema_signature(self) -> list[tuple]:
+        with self.read() as tx:
+            cols = tx.query(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default "
+                "FROM information_schema.columns WHERE table_schema = current_schema() "
+                "ORDER BY table_name, column_name"
+            )
+            idx = tx.query(
+                "SELECT tablename, indexname, indexdef FROM pg_indexes "
+                "WHERE schemaname = current_schema() ORDER BY tablename, indexname"
+            )
+        return [tuple(r.values()) for r in cols] + [tuple(r.values()) for r in idx]
+
+    def size_bytes(self) -> int:
+        with self.read() as tx:
+            return int(tx.scalar("SELECT pg_database_size(current_database())"))
+
+    def close(self):
+        self._closed = True
+        while True:
+            try:
+                conn = self._pool.get_nowait()
+            except queue.Empty:
+                break
+            with contextlib.suppress(Exception):
+                conn.close()
+
+
+_MEMORY_SQLITE = re.compile(r"^(?:file:)?:memory:")
+
+
+def parse_database_url(url: str, password: str = "") -> tuple[str, object]:
+    """Return ('sqlite', path) or ('postgresql', conninfo dict); ConfigurationError for anything else."""
+    url = (url or "").strip()
+    match = re.match(r"^([a-z][a-z0-9]*)(\+[a-z0-9_]+)?://(.*)$", url, re.I)
+    if not match:
+        raise ConfigurationError(f"malformed database URL {mask_url_password(url)!r}; expected sqlite:///path or postgresql://...")
+    scheme, rest = match.group(1).lower(), match.group(3)
+    if scheme == "sqlite":
+        if not rest.startswith("/"):
+            raise ConfigurationError(f"malformed SQLite URL {url!r}; expected sqlite:///path")
+        path = rest[1:].split("?", 1)[0]
+        if not path or _MEMORY_SQLITE.match(path):
+            return "sqlite", ":memory:"
+        return "sqlite", path
+    if scheme in ("postgresql", "postgres"):
+        parts = urllib.parse.urlsplit("postgresql://" + rest)
+        try:
+            port = parts.port or 5432
+        except ValueError:
+            raise ConfigurationError(f"malformed PostgreSQL URL {mask_url_password(url)!r}: bad port") from None
+        dbname = parts.path.lstrip("/")
+        if not parts.hostname or not dbname:
+            raise ConfigurationError(
+                f"malformed PostgreSQL URL {mask_url_password(url)!r}; expected postgresql://user:pw@host:port/db"
+            )
+        secret = urllib.parse.unquote(parts.password or "")
+        if not secret or secret == "${PREFECT_API_DATABASE_PASSWORD}":
+            secret = password
+        conninfo = {"host": parts.hostname, "port": port, "dbname": dbname,
+                    "user": urllib.parse.unquote(parts.username or "") or None}
+        if secret:
+            conninfo["password"] = secret
+        return "postgresql", conninfo
+    raise ConfigurationError(f"unsupported database URL scheme {scheme!r}; use sqlite:// or postgresql://")
+
+
+def open_database(url: str, settings: Settings | None = None) -> Database:
+    password = settings["PREFECT_API_DATABASE_PASSWORD"] if settings else ""
+    kind, target = parse_database_url(url, password)
+    if kind == "sqlite":
+        return SqliteDatabase(url, target, settings)
+    return PostgresDatabase(url, target, settings)
+
+
+# --- 3. Migrations ---
+# Owns the schema's history: migrations/NNNN_name.<dialect>.<up|down>.sql, applied in order, one
+# transaction per revision; the database records its revision in prefectlite_version.
+
+
+def resource_dir(name: str) -> Path:
+    """Find migrations/ or static/: beside this file (a checkout) or in the wheel's data package."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / name, here / "prefectlite_data" / name):
+        if candidate.is_dir():
+            return candidate
+    raise ConfigurationError(f"cannot find the {name}/ folder next to {here}; is the installation complete?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Revision:
+    id: str
+    name: str
+    description: str
+    scripts: dict  # (dialect, "up"|"down") -> Path
+
+
+_MIGRATION_FILE = re.compile(r"^(\d{4})_(\w+)\.(sqlite|postgresql)\.(up|down)\.sql$")
+
+
+def list_revisions() -> list[Revision]:
+    found: dict[str, dict] = {}
+    for path in sorted(resource_dir("migrations").iterdir()):
+        match = _MIGRATION_FILE.match(path.name)
+        if not match:
+            continue
+        rev, name, dialect, direction = match.groups()
+        entry = found.setdefault(rev, {"name": name, "scripts": {}, "description": ""})
+        entry["scripts"][(dialect, direction)] = path
+        if direction == "up" and not entry["description"]:
+            first = path.read_text(encoding="utf-8").splitlines()[:1]
+            entry["description"] = first[0].lstrip("- ").split(":", 1)[-1].strip() if first else name
+    return [Revision(rev, e["name"], e["description"], e["scripts"]) for rev, e in sorted(found.items())]
+
+
+def current_revision(db: Database) -> str | None:
+    with db.read() as tx:
+        if "prefectlite_version" not in db.table_names(tx):
+            return None
+        return tx.scalar("SELECT revision FROM prefectlite_version")
+
+
+def _apply(db: Database, revision: Revision, direction: str, new_revision: str | None):
+    script = revision.scripts.get((db.dialect, direction))
+    if script is None:
+        raise ConfigurationError(f"migration {revision.id} has no {direction} script for {db.dialect}")
+    statements = split_sql_script(script.read_text(encoding="utf-8"))
+    expected_before = revision.id if direction == "down" else _previous_id(revision.id)
+    with db.write() as tx:
+        if db.migration_lock:
+            tx.execute(db.migration_lock)  # two servers migrating at once: one waits for the other
+        tx.execute("CREATE TABLE IF NOT EXISTS prefectlite_version (revision VARCHAR(32) NOT NULL)")
+        now_at = tx.scalar("SELECT revision FROM prefectlite_version")
+        if now_at != expected_before:
+            return False  # somebody else moved the schema meanwhile
+        for statement in statements:
+            tx.execute(statement)
+        tx.execute("DELETE FROM prefectlite_version")
+        if new_revision is None:
+            tx.execute("DROP TABLE prefectlite_version")
+        else:
+            tx.execute("INSERT INTO prefectlite_version (revision) VALUES (?)", (new_revision,))
+    return True
+
+
+def _previous_id(rev_id: str) -> str | None:
+    ids = [r.id for r in list_revisions()]
+    i = ids.index(rev_id)
+    return ids[i - 1] if i > 0 else None
+
+
+def _resolve_revision(target: str, revisions: list[Revision]) -> str:
+    for r in revisions:
+        if target in (r.id, f"{r.id}_{r.name}"):
+            return r.id
+    raise ConfigurationError(f"unknown revision {target!r}; known: {', '.join(r.id for r in revisions)}")
+
+
+def migrate(db: Database, target: str | None = None) -> list[str]:
+    """Upgrade to `target` (default: the newest revision). Returns the revisions applied."""
+    revisions = list_revisions()
+    ids = [r.id for r in revisions]
+    goal = ids[-1] if target in (None, "head") else _resolve_revision(target, revisions)
+    current = current_revision(db)
+    if current is not None and current not in ids:
+        raise ConfigurationError(f"the database is at revision {current}, which this version does not know")
+    start = 0 if current is None else ids.index(current) + 1
+    if current is not None and ids.index(goal) < ids.index(current):
+        raise ConfigurationError(f"the database is at {current}, newer than {goal}; use `database downgrade`")
+    applied = []
+    for revision in revisions[start:ids.index(goal) + 1]:
+        if _apply(db, revision, "up", revision.id):
+            applied.append(revision.id)
+    return applied
+
+
+def downgrade(db: Database, target: str) -> list[str]:
+    """Downgrade to `target`: '-N' steps back, a revision id, or 'base' (nothing of ours left)."""
+    revisions = list_revisions()
+    ids = [r.id for r in revisions]
+    current = current_revision(db)
+    if current is None:
+        if target == "base":
+            return []
+        raise ConfigurationError("the database has no schema of ours; nothing to downgrade")
+    here = ids.index(current)
+    if target == "base":
+        goal = -1
+    elif re.fullmatch(r"-\d+", target):
+        goal = here - int(target[1:])
+        if goal < -1:
+            raise ConfigurationError(
+                f"cannot go {target[1:]} revisions below {current}: only {here + 1} applied (use -r base)"
+            )
+    else:
+        goal = ids.index(_resolve_revision(target, revisions))
+        if goal > here:
+            raise ConfigurationError(f"{target} is newer than the current revision {current}; use `database upgrade`")
+    undone = []
+    for i in range(here, goal, -1):
+        if _apply(db, revisions[i], "down", ids[i - 1] if i > 0 else None):
+            undone.append(ids[i])
+    return undone
+
+
+def reset_database(db: Database) -> None:
+    """Drop every object of ours and apply every migration again."""
+    if current_revision(db) is not None:
+        downgrade(db, "base")
+    migrate(db)
+
+
+def schema_is_current(db: Database) -> bool:
+    revisions = list_revisions()
+    return current_revision(db) == revisions[-1].id
+
+
+# --- 4. Schemas ---
+# Owns the declarative description of every request body: one Schema drives validation, defaults,
+# the 422 details (Prefect's shape: loc / msg / type) and the OpenAPI document, so they cannot drift.
+
+
+class ValidationFailed(Exception):
+    """A request that does not validate; becomes a 422 with Prefect's body."""
+
+    def __init__(self, errors: list[dict]):
+        super().__init__("; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors))
+        self.errors = errors
+
+
+def _error(loc, msg, kind):
+    return {"loc": list(loc), "msg": msg, "type": kind}
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOf:
+    item: object
+    max_items: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Enum:
+    name: str
+    values: tuple
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    kind: object  # "str" "int" "float" "bool" "uuid" "datetime" "object" "any", ListOf, Enum or Schema
+    required: bool = False
+    default: object = None  # a callable is called for a fresh default (lists, dicts)
+    nullable: bool = True
+    minimum: float | None = None
+    maximum: float | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    description: str = ""
+
+
+_UUID_RE = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
+
+
+def parse_uuid(text, loc=("path", "id")) -> str:
+    if isinstance(text, str) and _UUID_RE.match(text):
+        return str(uuid.UUID(text))
+    raise ValidationFailed([_error(loc, "value is not a valid uuid", "type_error.uuid")])
+
+
+def parse_datetime(value, loc=("body",)) -> str:
+    """Accept ISO 8601 (naive means UTC); return our canonical UTC text, which sorts as time does."""
+    if isinstance(value, str):
+        try:
+            moment = _dt.datetime.fromisoformat(value.strip().replace(" ", "T", 1) if "T" not in value else value.strip())
+        except ValueError:
+            moment = None
+        if moment is not None:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=_dt.timezone.utc)
+            try:
+                return iso(moment)
+            except (OverflowError, ValueError):
+                pass
+    raise ValidationFailed([_error(loc, "invalid datetime format", "value_error.datetime")])
+
+
+def iso(moment: _dt.datetime) -> str:
+    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+
+
+def utcnow() -> _dt.datetime:
+    return _dt.datetime.now(_dt.timezone.utc)
+
+
+def now_iso() -> str:
+    return iso(utcnow())
+
+
+def from_iso(text: str | None) -> _dt.datetime | None:
+    return None if text is None else _dt.datetime.fromisoformat(text)
+
+
+_MAX_DEPTH = 64  # deeper JSON is refused before it can exhaust the stack
+
+
+def _json_depth_ok(value, depth=0) -> bool:
+    if depth > _MAX_DEPTH:
+        return False
+    if isinstance(value, dict):
+        return all(_json_depth_ok(v, depth + 1) for v in value.values())
+    if isinstance(value, list):
+        return all(_json_depth_ok(v, depth + 1) for v in value)
+    return True
+
+
+class Schema:
+    """A named object schema: fields with kinds and defaults. Unknown fields are ignored."""
+
+    registry: dict[str, "Schema"] = {}
+
+    def __init__(self, name: str, fields: dict, description: str = ""):
+        self.name = name
+        self.fields = fields
+        self.description = description
+        Schema.registry[name] = self
+
+    def validate(self, data, loc=("body",), partial=False) -> dict:
+        if not isinstance(data, dict):
+            raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+        out, errors = {}, []
+        for name, field in self.fields.items():
+            if name not in data:
+                if partial:
+                    continue
+                if field.required:
+                    errors.append(_error((*loc, name), "field required", "value_error.missing"))
+                    continue
+                out[name] = field.default() if callable(field.default) else field.default
+                continue
+            try:
+                out[name] = _validate_value(field, data[name], (*loc, name))
+            except ValidationFailed as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise ValidationFailed(errors)
+        return out
+
+    def openapi(self) -> dict:
+        props, required = {}, []
+        for name, field in self.fields.items():
+            prop = _kind_openapi(field.kind)
+            if field.description:
+                prop["description"] = field.description
+            if field.default is not None and not callable(field.default):
+                prop["default"] = field.default
+            for key, attr in (("minimum", "minimum"), ("maximum", "maximum"), ("maxLength", "max_length"), ("pattern", "pattern")):
+                if getattr(field, attr) is not None:
+                    prop[key] = getattr(field, attr)
+            if field.nullable and not field.required:
+                prop["nullable"] = True
+            props[name] = prop
+            if field.required:
+                required.append(name)
+        doc = {"title": self.name, "type": "object", "properties": props}
+        if required:
+            doc["required"] = required
+        if self.description:
+            doc["description"] = self.description
+        return doc
+
+
+def _kind_openapi(kind) -> dict:
+    simple = {
+        "str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
+        "bool": {"type": "boolean"}, "uuid": {"type": "string", "format": "uuid"},
+        "datetime": {"type": "string", "format": "date-time"}, "object": {"type": "object"}, "any": {},
+    }
+    if isinstance(kind, str):
+        return dict(simple[kind])
+    if isinstance(kind, ListOf):
+        return {"type": "array", "items": _kind_openapi(kind.item)}
+    if isinstance(kind, Enum):
+        return {"$ref": f"#/components/schemas/{kind.name}"}
+    return {"$ref": f"#/components/schemas/{kind.name}"}
+
+
+def _validate_value(field: Field, value, loc):
+    if value is None:
+        if field.nullable and not field.required:
+            return None
+        if field.nullable and field.required:
+            return None
+        raise ValidationFailed([_error(loc, "none is not an allowed value", "type_error.none.not_allowed")])
+    value = _validate_kind(field.kind, value, loc)
+    if field.minimum is not None and value < field.minimum:
+        raise ValidationFailed([_error(loc, f"ensure this value is greater than or equal to {field.minimum:g}", "value_error.number.not_ge")])
+    if field.maximum is not None and value > field.maximum:
+        raise ValidationFailed([_error(loc, f"ensure this value is less than or equal to {field.maximum:g}", "value_error.number.not_le")])
+    if field.max_length is not None and len(value) > field.max_length:
+        raise ValidationFailed([_error(loc, f"ensure this value has at most {field.max_length} characters", "value_error.any_str.max_length")])
+    if field.pattern is not None and not re.fullmatch(field.pattern, value):
+        raise ValidationFailed([_error(loc, f'string does not match regex "{field.pattern}"', "value_error.str.regex")])
+    return value
+
+
+def _validate_kind(kind, value, loc):
+    if kind == "any":
+        return value
+    if kind == "str":
+        if isinstance(value, str):
+            return value
+        raise ValidationFailed([_error(loc, "str type expected", "type_error.str")])
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ValidationFailed([_error(loc, "value is not a valid integer", "type_error.integer")])
+        return int(value)
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValidationFailed([_error(loc, "value is not a valid float", "type_error.float")])
+        return float(value)
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        raise ValidationFailed([_error(loc, "value could not be parsed to a boolean", "type_error.bool")])
+    if kind == "uuid":
+        return parse_uuid(value, loc)
+    if kind == "datetime":
+        return parse_datetime(value, loc)
+    if kind == "object":
+        if isinstance(value, dict):
+            return value
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    if isinstance(kind, ListOf):
+        if not isinstance(value, list):
+            raise ValidationFailed([_error(loc, "value is not a valid list", "type_error.list")])
+        if kind.max_items is not None and len(value) > kind.max_items:
+            raise ValidationFailed([_error(loc, f"ensure this value has at most {kind.max_items} items", "value_error.list.max_items")])
+        out, errors = [], []
+        for i, item in enumerate(value):
+            try:
+                out.append(_validate_kind(kind.item, item, (*loc, i)))
+            except ValidationFailed as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise ValidationFailed(errors)
+        return out
+    if isinstance(kind, Enum):
+        if value in kind.values:
+            return value
+        allowed = ", ".join(repr(v) for v in kind.values)
+        raise ValidationFailed([_error(loc, f"value is not a valid enumeration member; permitted: {allowed}", "type_error.enum")])
+    if isinstance(kind, Schema):
+        return kind.validate(value, loc)
+    raise TypeError(kind)
+
+
+STATE_TYPES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CANCELLED", "CRASHED", "PAUSED", "CANCELLING")
+TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+StateType = Enum("StateType", STATE_TYPES)
+_TAGS = Field(ListOf("str"), default=list, nullable=False)
+_NAME = Field("str", required=True, nullable=False, max_length=5000)
+
+StateCreate = Schema("StateCreate", {
+    "type": Field(StateType, required=True, nullable=False),
+    "name": Field("str"),
+    "message": Field("str"),
+    "data": Field("any"),
+    "state_details": Field("object", default=dict),
+    "timestamp": Field("datetime"),
+}, "A proposed state.")
+
+SetStateBody = Schema("Body_set_state", {
+    "state": Field(StateCreate, required=True, nullable=False),
+    "force": Field("bool", default=False, nullable=False),
+})
+
+FlowCreate = Schema("FlowCreate", {"name": _NAME, "tags": _TAGS, "labels": Field("object", default=dict)})
+FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS})
+
+FlowRunCreate = Schema("FlowRunCreate", {
+    "flow_id": Field("uuid", required=True, nullable=False),
+    "name": Field("str", max_length=5000),
+    "state": Field(StateCreate),
+    "deployment_id": Field("uuid"),
+    "flow_version": Field("str"),
+    "parameters": Field("object", default=dict, nullable=False),
+    "context": Field("object", default=dict, nullable=False),
+    "parent_task_run_id": Field("uuid"),
+    "infrastructure_document_id": Field("uuid"),
+    "empirical_policy": Field("object", default=dict, nullable=False),
+    "tags": _TAGS,
+    "labels": Field("object", default=dict),
+    "idempotency_key": Field("str", max_length=5000),
+    "work_pool_name": Field("str"),
+    "work_queue_name": Field("str"),
+    "job_variables": Field("object", default=dict),
+})
+
+FlowRunUpdate = Schema("FlowRunUpdate", {
+    "name": Field("str", nullable=False, max_length=5000),
+    "flow_version": Field("str"),
+    "parameters": Field("object", nullable=False),
+    "empirical_policy": Field("object", nullable=False),
+    "tags": Field(ListOf("str"), nullable=False),
+    "infrastructure_pid": Field("str"),
+    "job_variables": Field("object"),
+})
+
+TaskRunCreate = Schema("TaskRunCreate", {
+    "name": Field("str", max_length=5000),
+    "flow_run_id": Field("uuid"),
+    "task_key": Field("str", required=True, nullable=False, max_length=2000),
+    "dynamic_key": Field("str", required=True, nullable=False, max_length=2000),
+    "cache_key": Field("str"),
+    "cache_expiration": Field("datetime"),
+    "task_version": Field("str"),
+    "empirical_policy": Field("object", default=dict, nullable=False),
+    "tags": _TAGS,
+    "task_inputs": Field("object", default=dict, nullable=False),
+    "state": Field(StateCreate),
+})
+
+TaskRunUpdate = Schema("TaskRunUpdate", {"name": Field("str", nullable=False, max_length=5000)})
+
+LogCreate = Schema("LogCreate", {
+    "name": Field("str", required=True, nullable=False),
+    "level": Field("int", required=True, nullable=False),
+    "message": Field("str", required=True, nullable=False),
+    "timestamp": Field("datetime", required=True, nullable=False),
+    "flow_run_id": Field("uuid"),
+    "task_run_id": Field("uuid"),
+})
+LogBatch = ListOf(LogCreate)
+
+_SORTS = {
+    "flow_run": Enum("FlowRunSort", ("ID_DESC", "START_TIME_ASC", "START_TIME_DESC", "EXPECTED_START_TIME_ASC",
+                                     "EXPECTED_START_TIME_DESC", "NAME_ASC", "NAME_DESC",
+                                     "NEXT_SCHEDULED_START_TIME_ASC", "END_TIME_DESC")),
+    "task_run": Enum("TaskRunSort", ("ID_DESC", "EXPECTED_START_TIME_ASC", "EXPECTED_START_TIME_DESC", "NAME_ASC",
+                                     "NAME_DESC", "NEXT_SCHEDULED_START_TIME_ASC", "END_TIME_DESC")),
+    "flow": Enum("FlowSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_ASC", "NAME_DESC")),
+    "log": Enum("LogSort", ("TIMESTAMP_ASC", "TIMESTAMP_DESC")),
+    "deployment": Enum("DeploymentSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_ASC", "NAME_DESC")),
+    "artifact": Enum("ArtifactSort", ("CREATED_DESC", "UPDATED_DESC", "ID_DESC", "KEY_DESC", "KEY_ASC")),
+    "variable": Enum("VariableSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_DESC", "NAME_ASC")),
+    "block_document": Enum("BlockDocumentSort", ("NAME_DESC", "NAME_ASC", "BLOCK_TYPE_AND_NAME_ASC")),
+}
+_DEFAULT_SORT = {"flow_run": "ID_DESC", "task_run": "ID_DESC", "flow": "NAME_ASC", "log": "TIMESTAMP_ASC",
+                 "deployment": "NAME_ASC", "artifact": "ID_DESC", "variable": "NAME_ASC",
+                 "block_document": "NAME_ASC"}
+_FILTER_KEYS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues",
+                "work_queues", "logs", "artifacts", "variables", "block_types", "block_schemas",
+                "block_documents", "flow_run_notification_policy", "saved_searches", "concurrency_limits")
+
+
+def filter_body_schema(table: str, filters: tuple) -> Schema:
+    fields = {
+        "offset": Field("int", default=0, nullable=False, minimum=0),
+        "limit": Field("int", minimum=0),
+    }
+    if table in _SORTS:
+        fields["sort"] = Field(_SORTS[table], default=_DEFAULT_SORT[table])
+    for key in filters:
+        fields[key] = Field("object", description=f"a {key} filter: field -> operator (any_, like_, before_, ...)")
+    return Schema(f"Body_filter_{table}_{'_'.join(filters)}", fields)
+
+
+# --- 5. Records ---
+# Owns the mapping between rows and API objects (JSON and boolean columns, computed fields) and the
+# filter language of the SDK and UI (any_, not_any_, like_, before_, after_, is_null_, all_, ge_, ...,
+# operator and_/or_, nesting, cross-object filters), compiled to parametrised SQL.
+
+
+class NotFound(Exception):
+    def __init__(self, detail="Not found."):
+        super().__init__(detail)
+        self.detail = detail
+
+
+class Conflict(Exception):
+    def __init__(self, detail):
+        super().__init__(detail)
+        self.detail = detail
+
+
+JSON_COLUMNS = {
+    "flow": ("tags", "labels"),
+    "flow_run": ("parameters", "context", "empirical_policy", "tags", "labels", "state", "created_by", "job_variables"),
+    "task_run": ("empirical_policy", "tags", "task_inputs", "state"),
+    "flow_run_state": ("data", "state_details"),
+    "task_run_state": ("data", "state_details"),
+    "deployment": ("parameters", "tags", "labels", "parameter_openapi_schema", "pull_steps", "job_variables",
+                   "infra_overrides", "created_by", "updated_by"),
+    "deployment_schedule": ("schedule",),
+    "work_pool": ("base_job_template",),
+    "work_queue": ("filter",),
+    "block_schema": ("fields", "capabilities"),
+    "block_document": ("data",),
+    "variable": ("value", "tags"),
+    "artifact": ("data", "metadata_"),
+    "concurrency_limit": ("active_slots",),
+    "flow_run_notification_policy": ("state_names", "tags"),
+    "saved_search": ("filters",),
+}
+BOOL_COLUMNS = {
+    "flow_run": ("auto_scheduled",),
+    "deployment": ("paused", "is_schedule_active", "enforce_parameter_schema"),
+    "deployment_schedule": ("active", "catchup"),
+    "work_pool": ("is_paused",),
+    "work_queue": ("is_paused",),
+    "block_type": ("is_protected",),
+    "block_document": ("is_anonymous",),
+    "concurrency_limit_v2": ("active",),
+    "flow_run_notification_policy": ("is_active",),
+}
+HIDDEN_COLUMNS = {  # stored for our own use, not part of the Prefect 2.20 response shapes
+    "flow": ("labels",),
+    "flow_run": ("labels", "state_timestamp"),
+    "task_run": ("state_timestamp",),
+    "deployment": ("labels",),
+}
+
+
+def dumps(value) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+
+
+def decode_row(table: str, row: dict | None) -> dict | None:
+    """A row as the API shows it: JSON columns parsed, booleans as booleans, private columns dropped."""
+    if row is None:
+        return None
+    out = dict(row)
+    for col in JSON_COLUMNS.get(table, ()):
+        if col in out and isinstance(out[col], str):
+            out[col] = json.loads(out[col])
+    for col in BOOL_COLUMNS.get(table, ()):
+        if col in out and out[col] is not None:
+            out[col] = bool(out[col])
+    for col in HIDDEN_COLUMNS.get(table, ()):
+        out.pop(col, None)
+    return out
+
+
+def encode_values(table: str, values: dict) -> dict:
+    json_cols = JSON_COLUMNS.get(table, ())
+    return {k: (dumps(v) if k in json_cols and v is not None else v) for k, v in values.items()}
+
+
+def insert_row(tx: Transaction, table: str, values: dict, on_conflict: str = "") -> int:
+    values = encode_values(table, values)
+    cols = ", ".join(_quote_column(c) for c in values)
+    marks = ", ".join("?" for _ in values)
+    cur = tx.execute(f"INSERT INTO {table} ({cols}) VALUES ({marks}) {on_conflict}", tuple(values.values()))
+    return cur.rowcount
+
+
+def update_row(tx: Transaction, table: str, row_id: str, values: dict, key: str = "id") -> int:
+    if not values:
+        return 0
+    values = encode_values(table, values)
+    sets = ", ".join(f"{_quote_column(c)} = ?" for c in values)
+    cur = tx.execute(f"UPDATE {table} SET {sets} WHERE {key} = ?", (*values.values(), row_id))
+    return cur.rowcount
+
+
+def _quote_column(name: str) -> str:
+    if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
+        raise ValueError(f"bad column name {name!r}")  # column names come from our code, never from clients
+    return '"limit"' if name == "limit" else name
+
+
+def read_row(tx: Transaction, table: str, row_id: str, lock: bool = False) -> dict | None:
+    suffix = tx.db.for_update if lock else ""
+    return tx.query_one(f"SELECT * FROM {table} WHERE id = ?{suffix}", (row_id,))
+
+
+def require_row(tx, table, row_id, what, lock=False) -> dict:
+    row = read_row(tx, table, row_id, lock)
+    if row is None:
+        raise NotFound(f"{what} not found")
+    return row
+
+
+def new_id() -> str:
+    return str(uuid.uuid4())
+
+
+# The filter language. FILTERS maps a body key to (table, {field: column | nested spec | function}).
+_DATETIME_COLUMNS = {"created", "updated", "start_time", "end_time", "expected_start_time",
+                     "next_scheduled_start_time", "timestamp", "last_heartbeat_time", "last_polled"}
+_INT_COLUMNS = {"level", "run_count", "concurrency_limit", "priority"}
+
+
+def _column_kind(table: str, column: str) -> str:
+    if column == "tags":
+        return "tags"
+    if column in _DATETIME_COLUMNS:
+        return "datetime"
+    if column in BOOL_COLUMNS.get(table, ()):
+        return "bool"
+    if column in _INT_COLUMNS:
+        return "int"
+    if column == "id" or column.endswith("_id"):
+        return "uuid"
+    return "str"
+
+
+def _filter_parent_flow_run(tx, table, ops, loc):
+    ids = _coerce_list(ops.get("any_"), "uuid", (*loc, "any_"))
+    if ids is None:
+        return "1=1", []
+    marks = ", ".join("?" for _ in ids) or "NULL"
+    return (f"{table}.parent_task_run_id IN (SELECT task_run.id FROM task_run WHERE task_run.flow_run_id IN ({marks}))",
+            ids)
+
+
+def _filter_subflow_runs(tx, table, ops, loc):
+    exists = ops.get("exists_")
+    if exists is None:
+        return "1=1", []
+    if not isinstance(exists, bool):
+        raise ValidationFailed([_error((*loc, "exists_"), "value could not be parsed to a boolean", "type_error.bool")])
+    sql = f"EXISTS (SELECT 1 FROM flow_run sub WHERE sub.parent_task_run_id = {table}.id)"
+    return (sql if exists else f"NOT {sql}"), []
+
+
+def _filter_flow_deployment(tx, table, ops, loc):
+    is_null = ops.get("is_null_")
+    if is_null is None:
+        return "1=1", []
+    sql = f"EXISTS (SELECT 1 FROM deployment d WHERE d.flow_id = {table}.id)"
+    return (f"NOT {sql}" if is_null else sql), []
+
+
+def _filter_block_capabilities(tx, table, ops, loc):
+    caps = _coerce_list(ops.get("all_"), "str", (*loc, "all_"))
+    if not caps:
+        return "1=1", []
+    return " AND ".join(tx.db.contains(f"{table}.capabilities") for _ in caps), caps
+
+
+_STATE_SPEC = {"type": "state_type", "name": "state_name"}
+FILTERS = {
+    "flows": ("flow", {"id": "id", "name": "name", "tags": "tags", "deployment": _filter_flow_deployment}),
+    "flow_runs": ("flow_run", {
+        "id": "id", "name": "name", "tags": "tags", "deployment_id": "deployment_id", "flow_id": "flow_id",
+        "work_queue_name": "work_queue_name", "work_queue_id": "work_queue_id", "flow_version": "flow_version",
+        "start_time": "start_time", "end_time": "end_time", "expected_start_time": "expected_start_time",
+        "next_scheduled_start_time": "next_scheduled_start_time", "parent_task_run_id": "parent_task_run_id",
+        "parent_flow_run_id": _filter_parent_flow_run, "idempotency_key": "idempotency_key",
+        "state": _STATE_SPEC}),
+    "task_runs": ("task_run", {
+        "id": "id", "name": "name", "tags": "tags", "flow_run_id": "flow_run_id", "start_time": "start_time",
+        "expected_start_time": "expected_start_time", "state": _STATE_SPEC, "subflow_runs": _filter_subflow_runs}),
+    "deployments": ("deployment", {
+        "id": "id", "name": "name", "tags": "tags", "work_queue_name": "work_queue_name",
+        "is_schedule_active": "is_schedule_active", "paused": "paused", "flow_id": "flow_id"}),
+    "work_pools": ("work_pool", {"id": "id", "name": "name", "type": "type"}),
+    "work_pool_queues": ("work_queue", {"id": "id", "name": "name"}),
+    "work_queues": ("work_queue", {"id": "id", "name": "name"}),
+    "logs": ("log", {"level": "level", "timestamp": "timestamp", "flow_run_id": "flow_run_id",
+                     "task_run_id": "task_run_id"}),
+    "artifacts": ("artifact", {"id": "id", "key": "key", "flow_run_id": "flow_run_id", "task_run_id": "task_run_id",
+                               "type": "type"}),
+    "variables": ("variable", {"id": "id", "name": "name", "value": "value", "tags": "tags"}),
+    "block_types": ("block_type", {"name": "name", "slug": "slug"}),
+    "block_schemas": ("block_schema", {"id": "id", "block_type_id": "block_type_id", "version": "version",
+                                       "block_capabilities": _filter_block_capabilities}),
+    "block_documents": ("block_document", {"id": "id", "name": "name", "is_anonymous": "is_anonymous",
+                                           "block_type_id": "block_type_id"}),
+    "flow_run_notification_policy": ("flow_run_notification_policy", {"is_active": "is_active"}),
+    "saved_searches": ("saved_search", {"id": "id", "name": "name"}),
+    "concurrency_limits": ("concurrency_limit_v2", {"id": "id", "name": "name"}),
+}
+
+# How a filter on table B narrows a query on table A: "{}" is B's condition.
+RELATIONS = {
+    ("flow_run", "flow"): "flow_run.flow_id IN (SELECT flow.id FROM flow WHERE {})",
+    ("flow_run", "task_run"): "flow_run.id IN (SELECT task_run.flow_run_id FROM task_run WHERE {})",
+    ("flow_run", "deployment"): "flow_run.deployment_id IN (SELECT deployment.id FROM deployment WHERE {})",
+    ("flow_run", "work_queue"): "flow_run.work_queue_id IN (SELECT work_queue.id FROM work_queue WHERE {})",
+    ("flow_run", "work_pool"): ("flow_run.work_queue_id IN (SELECT work_queue.id FROM work_queue JOIN work_pool "
+                                "ON work_pool.id = work_queue.work_pool_id WHERE {})"),
+    ("task_run", "flow_run"): "task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run WHERE {})",
+    ("task_run", "flow"): ("task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run JOIN flow "
+                           "ON flow.id = flow_run.flow_id WHERE {})"),
+    ("task_run", "deployment"): ("task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run JOIN deployment "
+                                 "ON deployment.id = flow_run.deployment_id WHERE {})"),
+    ("flow", "flow_run"): "flow.id IN (SELECT flow_run.flow_id FROM flow_run WHERE {})",
+    ("flow", "task_run"): ("flow.id IN (SELECT flow_run.flow_id FROM flow_run JOIN task_run "
+                           "ON task_run.flow_run_id = flow_run.id WHERE {})"),
+    ("flow", "deployment"): "flow.id IN (SELECT deployment.flow_id FROM deployment WHERE {})",
+    ("flow", "work_pool"): ("flow.id IN (SELECT deployment.flow_id FROM deployment JOIN work_queue ON "
+                            "work_queue.id = deployment.work_queue_id JOIN work_pool ON "
+                            "work_pool.id = work_queue.work_pool_id WHERE {})"),
+    ("deployment", "flow"): "deployment.flow_id IN (SELECT flow.id FROM flow WHERE {})",
+    ("deployment", "flow_run"): "deployment.id IN (SELECT flow_run.deployment_id FROM flow_run WHERE {})",
+    ("deployment", "task_run"): ("deployment.id IN (SELECT flow_run.deployment_id FROM flow_run JOIN task_run "
+                                 "ON task_run.flow_run_id = flow_run.id WHERE {})"),
+    ("deployment", "work_pool"): ("deployment.work_queue_id IN (SELECT work_queue.id FROM work_queue JOIN work_pool "
+                                  "ON work_pool.id = work_queue.work_pool_id WHERE {})"),
+    ("deployment", "work_queue"): "deployment.work_queue_id IN (SELECT work_queue.id FROM work_queue WHERE {})",
+    ("work_queue", "work_pool"): "work_queue.work_pool_id IN (SELECT work_pool.id FROM work_pool WHERE {})",
+    ("artifact", "flow_run"): "artifact.flow_run_id IN (SELECT flow_run.id FROM flow_run WHERE {})",
+    ("artifact", "task_run"): "artifact.task_run_id IN (SELECT task_run.id FROM task_run WHERE {})",
+    ("block_document", "block_type"): "block_document.block_type_id IN (SELECT block_type.id FROM block_type WHERE {})",
+    ("block_document", "block_schema"): ("block_document.block_schema_id IN (SELECT block_schema.id FROM block_schema "
+                                         "WHERE {})"),
+    ("block_schema", "block_type"): "block_schema.block_type_id IN (SELECT block_type.id FROM block_type WHERE {})",
+    ("block_type", "block_schema"): "block_type.id IN (SELECT block_schema.block_type_id FROM block_schema WHERE {})",
+}
+
+
+def _coerce(value, kind, loc):
+    if kind == "uuid":
+        return parse_uuid(value, loc)
+    if kind == "datetime":
+        return parse_datetime(value, loc)
+    if kind == "int":
+        return _validate_kind("float", value, loc)
+    if kind == "bool":
+        return _validate_kind("bool", value, loc)
+    return _validate_kind("str", value, loc)
+
+
+def _coerce_list(values, kind, loc):
+    if values is None:
+        return None
+    if not isinstance(values, list):
+        raise ValidationFailed([_error(loc, "value is not a valid list", "type_error.list")])
+    return [_coerce(v, kind, (*loc, i)) for i, v in enumerate(values)]
+
+
+def _compile_ops(tx, table, column, kind, ops, loc):
+    """One field's operators, e.g. {"any_": [...], "like_": "x"}: AND of each (or OR, with operator)."""
+    if not isinstance(ops, dict):
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    col = f"{table}.{_quote_column(column)}"
+    clauses, params = [], []
+    for op, value in ops.items():
+        here = (*loc, op)
+        if op == "operator" or value is None:
+            continue
+        if kind == "tags" and op in ("all_", "any_"):
+            tags = _coerce_list(value, "str", here)
+            if not tags:
+                continue
+            joiner = " AND " if op == "all_" else " OR "
+            clauses.append("(" + joiner.join(tx.db.contains(col) for _ in tags) + ")")
+            params += tags
+        elif kind == "tags" and op == "is_null_":
+            _coerce(value, "bool", here)
+            clauses.append(f"({col} IS NULL OR {col} = '[]')" if value else f"({col} IS NOT NULL AND {col} != '[]')")
+        elif op in ("any_", "not_any_"):
+            items = _coerce_list(value, kind, here)
+            if not items:
+                clauses.append("1=0" if op == "any_" else "1=1")
+                continue
+            marks = ", ".join("?" for _ in items)
+            if kind == "bool":
+                items = [bool(i) for i in items]
+            clauses.append(f"{col} IN ({marks})" if op == "any_" else f"({col} IS NULL OR {col} NOT IN ({marks}))")
+            params += items
+        elif op == "like_":
+            clauses.append(f"{col} {tx.db.ilike} ?")
+            params.append(f"%{_coerce(value, 'str', here)}%")
+        elif op == "startswith_":
+            clauses.append(f"{col} {tx.db.ilike} ?")
+            params.append(f"{_coerce(value, 'str', here)}%")
+        elif op in ("before_", "after_", "ge_", "le_", "gt_", "lt_", "eq_", "ne_"):
+            sym = {"before_": "<=", "after_": ">=", "ge_": ">=", "le_": "<=", "gt_": ">", "lt_": "<",
+                   "eq_": "=", "ne_": "!="}[op]
+            clauses.append(f"{col} {sym} ?")
+            params.append(_coerce(value, kind if kind != "tags" else "str", here))
+        elif op == "is_null_":
+            _coerce(value, "bool", here)
+            clauses.append(f"{col} IS NULL" if value else f"{col} IS NOT NULL")
+        else:
+            raise ValidationFailed([_error(here, f"unknown filter operator {op!r}", "value_error.extra")])
+    joiner = " OR " if ops.get("operator") == "or_" else " AND "
+    return ("(" + joiner.join(clauses) + ")" if clauses else "1=1"), params
+
+
+def compile_filter(tx, table, spec, flt, loc) -> tuple[str, list]:
+    """A filter object for `table` (fields -> operators), with operator and_/or_ and nesting."""
+    if flt is None:
+        return "1=1", []
+    if not isinstance(flt, dict):
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    operator = flt.get("operator", "and_")
+    if operator not in ("and_", "or_"):
+        raise ValidationFailed([_error((*loc, "operator"), "value is not a valid enumeration member; permitted: 'and_', 'or_'", "type_error.enum")])
+    clauses, params = [], []
+    for key, value in flt.items():
+        if key == "operator" or value is None:
+            continue
+        field = spec.get(key)
+        here = (*loc, key)
+        if field is None:
+            raise ValidationFailed([_error(here, "extra fields not permitted", "value_error.extra")])
+        if callable(field):
+            if not isinstance(value, dict):
+                raise ValidationFailed([_error(here, "value is not a valid dict", "type_error.dict")])
+            sql, args = field(tx, table, value, here)
+        elif isinstance(field, dict):  # a nested filter object, e.g. state: {type: {...}, name: {...}}
+            sql, args = compile_filter(tx, table, field, value, here)
+        else:
+            sql, args = _compile_ops(tx, table, field, _column_kind(table, field), value, here)
+        clauses.append(sql)
+        params += args
+    if not clauses:
+        return "1=1", []
+    joiner = " OR " if operator == "or_" else " AND "
+    return "(" + joiner.join(clauses) + ")", params
+
+
+def build_where(tx, table: str, body: dict, loc=("body",)) -> tuple[str, list]:
+    """WHERE clause for a query on `table` from a filter body holding flows/flow_runs/... objects."""
+    clauses, params = [], []
+    for key in _FILTER_KEYS:
+        flt = body.get(key)
+        if flt is None or key not in FILTERS:
+            continue
+        other, spec = FILTERS[key]
+        if other == table:
+            sql, args = compile_filter(tx, table, spec, flt, (*loc, key))
+        else:
+            template = RELATIONS.get((table, other))
+            if template is None:
+                raise ValidationFailed([_error((*loc, key), f"cannot filter {table} by {key}", "value_error.extra")])
+            inner, args = compile_filter(tx, other, spec, flt, (*loc, key))
+            if inner == "1=1":
+                continue
+            sql = template.format(inner)
+        if sql != "1=1":
+            clauses.append(sql)
+            params += args
+    return (" AND ".join(clauses) or "1=1"), params
+
+
+_SORT_SQL = {
+    "ID_DESC": "{t}.id DESC",
+    "START_TIME_ASC": "{t}.start_time ASC, {t}.expected_start_time ASC",
+    "START_TIME_DESC": "{t}.start_time DESC, {t}.expected_start_time DESC",
+    "EXPECTED_START_TIME_ASC": "{t}.expected_start_time ASC",
+    "EXPECTED_START_TIME_DESC": "{t}.expected_start_time DESC",
+    "NAME_ASC": "{t}.name ASC",
+    "NAME_DESC": "{t}.name DESC",
+    "NEXT_SCHEDULED_START_TIME_ASC": "{t}.next_scheduled_start_time ASC",
+    "END_TIME_DESC": "{t}.end_time DESC",
+    "CREATED_DESC": "{t}.created DESC",
+    "UPDATED_DESC": "{t}.updated DESC",
+    "TIMESTAMP_ASC": "{t}.timestamp ASC",
+    "TIMESTAMP_DESC": "{t}.timestamp DESC",
+    "KEY_ASC": "{t}.key ASC",
+    "KEY_DESC": "{t}.key DESC",
+    "BLOCK_TYPE_AND_NAME_ASC": "{t}.block_type_id ASC, {t}.name ASC",
+}
+
+
+def order_by(table: str, sort: str | None) -> str:
+    clause = _SORT_SQL[sort or _DEFAULT_SORT.get(table, "ID_DESC")].format(t=table)
+    return f"{clause}, {table}.id" if not clause.startswith(f"{table}.id") else clause
+
+
+def page_limit(body: dict, settings: Settings) -> int:
+    cap = settings["PREFECT_API_DEFAULT_LIMIT"]
+    limit = body.get("limit")
+    return cap if limit is None else min(limit, cap)
+
+
+def query_filtered(tx, table: str, body: dict, settings: Settings, extra_where: str = "", extra_params=()):
+    where, params = build_where(tx, table, body)
+    if extra_where:
+        where = f"({where}) AND ({extra_where})"
+        params = [*params, *extra_params]
+    sql = (f"SELECT {table}.* FROM {table} WHERE {where} ORDER BY {order_by(table, body.get('sort'))} "
+           f"LIMIT ? OFFSET ?")
+    return tx.query(sql, (*params, page_limit(body, settings), body.get("offset") or 0))
+
+
+def count_filtered(tx, table: str, body: dict, extra_where: str = "", extra_params=()) -> int:
+    where, params = build_where(tx, table, body)
+    if extra_where:
+        where = f"({where}) AND ({extra_where})"
+        params = [*params, *extra_params]
+    return int(tx.scalar(f"SELECT COUNT(*) AS n FROM {table} WHERE {where}", params))
+
+
+# --- 6. Orchestration ---
+# Owns states and the rules every proposed state goes through. A rule looks at the transition and
+# either lets it continue (None) or answers REJECT (with the state to take instead), WAIT (retry after
+# a delay) or ABORT (with a reason). `force=true` skips the rules; the bookkeeping (run counts, times,
+# cache entries, concurrency slots) always runs.
+
+STATE_DETAIL_DEFAULTS = {
+    "flow_run_id": None, "task_run_id": None, "child_flow_run_id": None, "scheduled_time": None,
+    "cache_key": None, "cache_expiration": None, "untrackable_result": False, "pause_timeout": None,
+    "pause_reschedule": False, "pause_key": None, "run_input_keyset": None, "refresh_cache": None,
+    "retriable": None, "transition_id": None, "task_parameters_id": None,
+}
+TASK_TAG_LIMIT_WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
+
+
+def default_state_name(state_type: str) -> str:
+    return state_type.title()
+
+
+def make_state(proposed: dict, flow_run_id: str | None, task_run_id: str | None, now: str) -> dict:
+    details = dict(STATE_DETAIL_DEFAULTS)
+    details.update(proposed.get("state_details") or {})
+    for key in ("scheduled_time", "cache_expiration", "pause_timeout"):
+        if details.get(key) is not None:
+            details[key] = parse_datetime(details[key], ("body", "state", "state_details", key))
+    details["flow_run_id"] = flow_run_id
+    if task_run_id is not None:
+        details["task_run_id"] = task_run_id
+    return {
+        "id": new_id(),
+        "type": proposed["type"],
+        "name": proposed.get("name") or default_state_name(proposed["type"]),
+        "timestamp": now,
+        "message": proposed.get("message"),
+        "data": proposed.get("data"),
+        "state_details": details,
+    }
+
+
+@dataclasses.dataclass
+class Outcome:
+    status: str  # ACCEPT, REJECT, WAIT, ABORT
+    state: dict | None = None
+    reason: str | None = None
+    delay_seconds: int | None = None
+    written: bool = False  # a new state row was recorded (the API answers 201 then, 200 otherwise)
+
+    def details(self) -> dict:
+        if self.status == "ACCEPT":
+            return {"type": "accept_details"}
+        if self.status == "REJECT":
+            return {"type": "reject_details", "reason": self.reason}
+        if self.status == "WAIT":
+            return {"type": "wait_details", "delay_seconds": self.delay_seconds, "reason": self.reason}
+        return {"type": "abort_details", "reason": self.reason}
+
+
+@dataclasses.dataclass
+class Transition:
+    kind: str  # "flow" or "task"
+    tx: Transaction
+    run: dict  # the row, decoded
+    initial: dict | None  # the current state object
+    proposed: dict  # the state about to be written (rules may rename it)
+    now: _dt.datetime
+    updates: dict = dataclasses.field(default_factory=dict)  # extra column changes for the run row
+
+    @property
+    def initial_type(self):
+        return self.initial["type"] if self.initial else None
+
+
+def _reject(ctx: Transition, state_type: str, name: str, reason: str, **details) -> Outcome:
+    proposed = {"type": state_type, "name": name, "message": ctx.proposed.get("message"),
+                "data": ctx.proposed.get("data"), "state_details": {**ctx.proposed["state_details"], **details}}
+    flow_run_id = ctx.run["id"] if ctx.kind == "flow" else ctx.run["flow_run_id"]
+    task_run_id = ctx.run["id"] if ctx.kind == "task" else None
+    return Outcome("REJECT", make_state(proposed, flow_run_id, task_run_id, iso(ctx.now)), reason)
+
+
+def prevent_duplicate_transition(ctx: Transition):
+    transition_id = ctx.proposed["state_details"].get("transition_id")
+    if ctx.initial and transition_id and ctx.initial["state_details"].get("transition_id") == transition_id:
+        return Outcome("REJECT", ctx.initial, "This run has already made this state transition.")
+    return None
+
+
+def prevent_pending_transitions(ctx: Transition):
+    if ctx.proposed["type"] == "PENDING" and ctx.initial_type in ("PENDING", "RUNNING", "CANCELLING", "CANCELLED"):
+        return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to a PENDING state.")
+    return None
+
+
+def prevent_leaving_terminal_states(ctx: Transition):
+    """Terminal states are final; only a retry (back to SCHEDULED) may leave them."""
+    if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
+        return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
+                                       f"{ctx.proposed['type']}: it has already terminated.")
+    return None
+
+
+def prevent_running_tasks_in_stopped_flows(ctx: Transition):
+    if ctx.kind != "task" or ctx.proposed["type"] != "RUNNING" or not ctx.run.get("flow_run_id"):
+        return None
+    flow_state = ctx.tx.scalar("SELECT state_type FROM flow_run WHERE id = ?", (ctx.run["flow_run_id"],))
+    if flow_state == "PAUSED":
+        return _reject(ctx, "PAUSED", "NotReady",
+                       "The flow is paused, new tasks can execute after resuming flow run execution.")
+    if flow_state != "RUNNING":
+        return Outcome("ABORT", reason="The enclosing flow must be running to begin task execution.")
+    return None
+
+
+def retrieve_cached_state(ctx: Transition):
+    details = ctx.proposed["state_details"]
+    key = details.get("cache_key")
+    if ctx.kind != "task" or ctx.proposed["type"] != "RUNNING" or not key or details.get("refresh_cache"):
+        return None
+    row = ctx.tx.query_one(
+        "SELECT s.* FROM task_run_state_cache c JOIN task_run_state s ON s.id = c.task_run_state_id "
+        "WHERE c.cache_key = ? AND (c.cache_expiration IS NULL OR c.cache_expiration > ?) "
+        "ORDER BY c.created DESC LIMIT 1",
+        (key, iso(ctx.now)),
+    )
+    if row is None:
+        return None
+    cached = decode_row("task_run_state", row)
+    outcome = _reject(ctx, "COMPLETED", "Cached", "Retrieved state from cache",
+                      cache_key=key, cache_expiration=cached["state_details"].get("cache_expiration"))
+    outcome.state["data"] = cached["data"]
+    outcome.state["message"] = cached.get("message")
+    return outcome
+
+
+def wait_for_scheduled_time(ctx: Transition):
+    if ctx.proposed["type"] != "RUNNING" or ctx.initial_type not in ("SCHEDULED", "PENDING"):
+        return None
+    scheduled = ctx.initial["state_details"].get("scheduled_time")
+    if not scheduled:
+        return None
+    delay = (from_iso(scheduled) - ctx.now).total_seconds()
+    if delay > 0:
+        return Outcome("WAIT", reason="Scheduled time is in the future", delay_seconds=math.ceil(delay))
+    return None
+
+
+def expire_pauses(ctx: Transition):
+    """A paused flow whose pause timed out cannot resume: it fails."""
+    if ctx.kind != "flow" or ctx.initial_type != "PAUSED" or ctx.proposed["type"] in TERMINAL_STATES:
+        return None
+    timeout = ctx.initial["state_details"].get("pause_timeout")
+    if timeout and from_iso(timeout) < ctx.now:
+        return _reject(ctx, "FAILED", "Failed", "The flow was paused and never resumed.")
+    return None
+
+
+def handle_pausing_flows(ctx: Transition):
+    if ctx.kind != "flow" or ctx.proposed["type"] != "PAUSED":
+        return None
+    if ctx.initial_type != "RUNNING":
+        return Outcome("ABORT", reason="Cannot pause flows that are not currently running.")
+    key = ctx.proposed["state_details"].get("pause_key")
+    policy = dict(ctx.run.get("empirical_policy") or {})
+    keys = list(policy.get("pause_keys") or [])
+    if key is not None:
+        if key in keys:
+            return Outcome("ABORT", reason="This pause has already fired.")
+        keys.append(key)
+        policy["pause_keys"] = keys
+        ctx.updates["empirical_policy"] = policy
+    return None
+
+
+def _retry_delay(policy: dict, run_count: int) -> float:
+    delay = policy.get("retry_delay")
+    if delay is None:
+        delay = policy.get("retry_delay_seconds") or 0
+    if isinstance(delay, list):
+        delay = delay[min(max(run_count - 1, 0), len(delay) - 1)] if delay else 0
+    try:
+        return max(float(delay or 0), 0.0)
+    except (TypeError, ValueError):
+        return 0.0
+
+
+def retry_failed_runs(ctx: Transition):
+    """A failing run with retries left goes to AwaitingRetry, scheduled after the retry delay."""
+    if ctx.proposed["type"] != "FAILED" or ctx.initial_type != "RUNNING":
+        return None
+    if ctx.proposed["state_details"].get("retriable") is False:
+        return None
+    policy = ctx.run.get("empirical_policy") or {}
+    retries = policy.get("retries") or policy.get("max_retries") or 0
+    if not isinstance(retries, (int, float)) or ctx.run["run_count"] > retries:
+        return None
+    scheduled = ctx.now + _dt.timedelta(seconds=_retry_delay(policy, ctx.run["run_count"]))
+    if ctx.kind == "flow":
+        _schedule_failed_tasks_for_retry(ctx)
+        ctx.updates["empirical_policy"] = {**policy, "retry_type": "in_process"}
+    return _reject(ctx, "SCHEDULED", "AwaitingRetry", "Retrying", scheduled_time=iso(scheduled))
+
+
+def _schedule_failed_tasks_for_retry(ctx: Transition):
+    """A retried flow runs its failed tasks again: they go back to AwaitingRetry."""
+    rows = ctx.tx.query(
+        "SELECT * FROM task_run WHERE flow_run_id = ? AND state_type IN ('FAILED', 'CRASHED', 'CANCELLED')",
+        (ctx.run["id"],),
+    )
+    for row in rows:
+        task = decode_row("task_run", row)
+        state = make_state({"type": "SCHEDULED", "name": "AwaitingRetry",
+                            "state_details": {"scheduled_time": iso(ctx.now)}},
+                           ctx.run["id"], task["id"], iso(ctx.now))
+        _write_state(ctx.tx, "task", task, task.get("state"), state, {})
+
+
+def rename_retrying(ctx: Transition):
+    if ctx.proposed["type"] == "RUNNING" and ctx.initial_type == "SCHEDULED" and ctx.initial["name"] == "AwaitingRetry":
+        ctx.proposed["name"] = "Retrying"
+    return None
+
+
+def copy_scheduled_time(ctx: Transition):
+    if ctx.proposed["type"] == "PENDING" and ctx.initial_type == "SCHEDULED":
+        details = ctx.proposed["state_details"]
+        if not details.get("scheduled_time"):
+            details["scheduled_time"] = ctx.initial["state_details"].get("scheduled_time")
+    return None
+
+
+def secure_task_concurrency_slots(ctx: Transition):
+    """Tag-based limits: a task may run only while each of its tags has a free slot."""
+    if ctx.kind != "task" or ctx.proposed["type"] != "RUNNING" or not ctx.run.get("tags"):
+        return None
+    marks = ", ".join("?" for _ in ctx.run["tags"])
+    limits = ctx.tx.query(
+        f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{ctx.tx.db.for_update}",
+        tuple(ctx.run["tags"]),
+    )
+    limits = [decode_row("concurrency_limit", row) for row in limits]
+    for limit in limits:
+        if limit["concurrency_limit"] == 0:
+            return Outcome("ABORT", reason=f"The concurrency limit on tag {limit['tag']!r} is 0 and will deadlock "
+                                           "if the task tries to run again.")
+        slots = limit["active_slots"]
+        if ctx.run["id"] not in slots and len(slots) >= limit["concurrency_limit"]:
+            return Outcome("WAIT", reason=f"Concurrency limit for the {limit['tag']} tag has been reached",
+                           delay_seconds=TASK_TAG_LIMIT_WAIT_SECONDS)
+    for limit in limits:
+        if ctx.run["id"] not in limit["active_slots"]:
+            update_row(ctx.tx, "concurrency_limit", limit["id"],
+                       {"active_slots": [*limit["active_slots"], ctx.run["id"]], "updated": iso(ctx.now)})
+    return None
+
+
+FLOW_RUN_RULES = (
+    prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
+    expire_pauses, handle_pausing_flows, wait_for_scheduled_time, retry_failed_runs, rename_retrying,
+    copy_scheduled_time,
+)
+TASK_RUN_RULES = (
+    prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
+    prevent_running_tasks_in_stopped_flows, retrieve_cached_state, wait_for_scheduled_time,
+    retry_failed_runs, rename_retrying, copy_scheduled_time, secure_task_concurrency_slots,
+)
+
+
+def run_rules(ctx: Transition, rules) -> Outcome:
+    for rule in rules:
+        outcome = rule(ctx)
+        if outcome is not None:
+            return outcome
+    return Outcome("ACCEPT", ctx.proposed)
+
+
+def _run_timing(run: dict, initial: dict | None, state: dict) -> dict:
+    """Run counts and times that follow from entering `state` (Prefect's global bookkeeping)."""
+    changes = {}
+    now = state["timestamp"]
+    if initial and initial["type"] == "RUNNING" and state["type"] != "RUNNING":
+        elapsed = (from_iso(now) - from_iso(initial["timestamp"])).total_seconds()
+        changes["total_run_time"] = (run.get("total_run_time") or 0.0) + max(elapsed, 0.0)
+    if state["type"] == "RUNNING":
+        changes["run_count"] = (run.get("run_count") or 0) + 1
+        if not run.get("start_time"):
+            changes["start_time"] = now
+    if state["type"] in TERMINAL_STATES:
+        changes["end_time"] = now
+    elif run.get("end_time"):
+        changes["end_time"] = None
+    scheduled = state["state_details"].get("scheduled_time")
+    if state["type"] == "SCHEDULED":
+        changes["next_scheduled_start_time"] = scheduled
+        if scheduled and not run.get("start_time"):
+            changes["expected_start_time"] = scheduled
+    elif run.get("next_scheduled_start_time"):
+        changes["next_scheduled_start_time"] = None
+    return changes
+
+
+def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, state: dict, extra: dict):
+    """Record `state` as the run's current state: history row, run row, and what follows from it."""
+    table = "flow_run" if kind == "flow" else "task_run"
+    insert_row(tx, f"{table}_state", {
+        "id": state["id"], "created": state["timestamp"], f"{table}_id": run["id"], "type": state["type"],
+        "name": state["name"], "timestamp": state["timestamp"], "message": state["message"],
+        "data": state["data"], "state_details": state["state_details"],
+    })
+    changes = _run_timing(run, initial, state)
+    changes.update(extra)
+    if kind == "task" and state["type"] == "RUNNING" and run.get("flow_run_id"):
+        changes["flow_run_run_count"] = tx.scalar("SELECT run_count FROM flow_run WHERE id = ?", (run["flow_run_id"],)) or 0
+    changes.update({"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
+                    "state_timestamp": state["timestamp"], "state": state, "updated": state["timestamp"]})
+    update_row(tx, table, run["id"], changes)
+    if kind == "task":
+        _after_task_state(tx, run, initial, state)
+    run.update(changes)
+
+
+def _after_task_state(tx: Transaction, run: dict, initial: dict | None, state: dict):
+    details = state["state_details"]
+    if state["type"] == "COMPLETED" and details.get("cache_key") and state["name"] != "Cached":
+        insert_row(tx, "task_run_state_cache", {
+            "id": new_id(), "created": state["timestamp"], "cache_key": details["cache_key"],
+            "cache_expiration": details.get("cache_expiration"), "task_run_state_id": state["id"],
+        })
+    if initial and initial["type"] == "RUNNING" and state["type"] != "RUNNING" and run.get("tags"):
+        release_task_concurrency_slots(tx, run)
+
+
+def release_task_concurrency_slots(tx: Transaction, run: dict):
+    marks = ", ".join("?" for _ in run["tags"])
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}){tx.db.for_update}", tuple(run["tags"])):
+        limit = decode_row("concurrency_limit", row)
+        if run["id"] in limit["active_slots"]:
+            slots = [s for s in limit["active_slots"] if s != run["id"]]
+            update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now_iso()})
+
+
+STATE_LISTENERS: list = []  # functions(tx, kind, run, state) called in the transaction that records a state
+
+
+def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool) -> Outcome:
+    """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into."""
+    run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
+    now = utcnow()
+    flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
+    task_run_id = run["id"] if kind == "task" else None
+    state = make_state(proposed, flow_run_id, task_run_id, iso(now))
+    initial = run.get("state")
+    ctx = Transition(kind, tx, run, initial, state, now)
+    outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
+    if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
+        _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
+        for listener in STATE_LISTENERS:
+            listener(tx, kind, run, outcome.state)
+        outcome.written = True
+    else:
+        outcome.written = False
+        if outcome.status == "WAIT" and initial is not None:
+            outcome.state = {**initial, "data": None}
+    return outcome
+
+
+# --- 7. Domain ---
+# Owns what the API does with flows, flow runs, task runs, states and logs: one short transaction per
+# operation, idempotent creates, computed run fields. Every function takes an open Transaction.
+
+_ADJECTIVES = (
+    "able", "amber", "ancient", "brave", "bright", "calm", "clever", "cosmic", "crimson", "curious", "daring",
+    "dapper", "eager", "electric", "emerald", "fancy", "fearless", "fluffy", "fuzzy", "gentle", "giant",
+    "glorious", "golden", "graceful", "happy", "hidden", "humble", "icy", "jolly", "keen", "lively", "lucky",
+    "magic", "mellow", "mighty", "misty", "naughty", "nimble", "noble", "olive", "patient", "polite", "proud",
+    "quiet", "rapid", "rustic", "sandy", "shiny", "silent", "silver", "smart", "snowy", "spicy", "steady",
+    "stellar", "sunny", "swift", "tidy", "tranquil", "vivid", "warm", "wise", "witty", "zealous",
+)
+_ANIMALS = (
+    "albatross", "alpaca", "antelope", "badger", "beaver", "bison", "bobcat", "buffalo", "camel", "caribou",
+    "cheetah", "cobra", "condor", "coyote", "crane", "dingo", "dolphin", "eagle", "falcon", "ferret", "finch",
+    "fox", "gazelle", "gecko", "gibbon", "heron", "hyena", "ibis", "iguana", "jackal", "jaguar", "koala",
+    "lemur", "leopard", "lion", "llama", "lynx", "marmot", "mongoose", "moose", "narwhal", "ocelot", "orca",
+    "otter", "panda", "panther", "parrot", "pelican", "penguin", "puffin", "quail", "raccoon", "raven",
+    "salmon", "seal", "sparrow", "stork", "taipan", "tapir", "tiger", "toucan", "walrus", "wombat", "zebra",
+)
+
+
+def generate_run_name() -> str:
+    return f"{random.choice(_ADJECTIVES)}-{random.choice(_ANIMALS)}"
+
+
+def _seconds_between(later: str | None, earlier: str | None) -> float:
+    if not later or not earlier:
+        return 0.0
+    return (from_iso(later) - from_iso(earlier)).total_seconds()
+
+
+def run_out(table: str, row: dict) -> dict:
+    """A flow or task run as the API shows it, with the fields the server computes on read."""
+    run = decode_row(table, row)
+    now = now_iso()
+    running = run.get("state_type") == "RUNNING" and run.get("state") is not None
+    extra = _seconds_between(now, run["state"]["timestamp"]) if running else 0.0
+    run["estimated_run_time"] = round((run.get("total_run_time") or 0.0) + max(extra, 0.0), 6)
+    expected = run.get("expected_start_time")
+    if run.get("start_time"):
+        delta = _seconds_between(run["start_time"], expected)
+    elif run.get("state_type") in ("SCHEDULED", "PENDING", "PAUSED") or run.get("state_type") is None:
+        delta = _seconds_between(now, expected)
+    else:
+        delta = 0.0
+    run["estimated_start_time_delta"] = round(max(delta, 0.0), 6)
+    return run
+
+
+def flow_run_out(row):
+    return run_out("flow_run", row)
+
+
+def task_run_out(row):
+    return run_out("task_run", row)
+
+
+def state_out(table: str, row: dict) -> dict:
+    state = decode_row(table, row)
+    state.pop("created", None)
+    state.pop(f"{table[:-6]}_id", None)
+    return state
+
+
+# Flows
+
+def create_flow(tx, data: dict) -> tuple[dict, bool]:
+    now = now_iso()
+    inserted = insert_row(tx, "flow", {"id": new_id(), "created": now, "updated": now, "name": data["name"],
+                                       "tags": data["tags"], "labels": data.get("labels") or {}},
+                          on_conflict="ON CONFLICT DO NOTHING")
+    row = tx.query_one("SELECT * FROM flow WHERE name = ?", (data["name"],))
+    return decode_row("flow", row), bool(inserted)
+
+
+def read_flow_by_name(tx, name: str) -> dict:
+    row = tx.query_one("SELECT * FROM flow WHERE name = ?", (name,))
+    if row is None:
+        raise NotFound("Flow not found")
+    return decode_row("flow", row)
+
+
+# Flow runs
+
+def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bool]:
+    """Create a run (or return the one with the same idempotency key). Its first state is forced."""
+    if read_row(tx, "flow", data["flow_id"]) is None:
+        raise NotFound("Flow not found")
+    key = data.get("idempotency_key")
+    if key is not None:
+        row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
+        if row is not None:
+            return flow_run_out(row), False
+    now = now_iso()
+    run_id = new_id()
+    values = {
+        "id": run_id, "created": now, "updated": now, "name": data.get("name") or generate_run_name(),
+        "flow_id": data["flow_id"], "deployment_id": data.get("deployment_id"), "flow_version": data.get("flow_version"),
+        "parameters": data.get("parameters") or {}, "idempotency_key": key, "context": data.get("context") or {},
+        "empirical_policy": _flow_run_policy(data.get("empirical_policy")), "tags": data.get("tags") or [],
+        "labels": data.get("labels") or {}, "parent_task_run_id": data.get("parent_task_run_id"),
+        "infrastructure_document_id": data.get("infrastructure_document_id"),
+        "job_variables": data.get("job_variables") or {}, "work_queue_name": data.get("work_queue_name"),
+        "expected_start_time": now, "run_count": 0, "total_run_time": 0.0, "auto_scheduled": False,
+    }
+    values.update(extra or {})
+    if not insert_row(tx, "flow_run", values, on_conflict="ON CONFLICT DO NOTHING"):
+        row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
+        return flow_run_out(row), False
+    proposed = data.get("state") or {"type": "PENDING", "state_details": {}}
+    row = tx.query_one("SELECT * FROM flow_run WHERE id = ?", (run_id,))
+    orchestrate(tx, "flow", row, proposed, force=True)
+    return flow_run_out(tx.query_one("SELECT * FROM flow_run WHERE id = ?", (run_id,))), True
+
+
+def _flow_run_policy(policy: dict | None) -> dict:
+    out = {"max_retries": 0, "retry_delay_seconds": 0.0, "retries": None, "retry_delay": None,
+           "pause_keys": [], "resuming": False, "retry_type": None}
+    out.update(policy or {})
+    return out
+
+
+def _task_run_policy(policy: dict | None) -> dict:
+    out = {"max_retries": 0, "retry_delay_seconds": 0.0, "retries": 0, "retry_delay": 0, "retry_jitter_factor": None}
+    out.update(policy or {})
+    return out
+
+
+def set_run_state(tx, kind: str, run_id: str, proposed: dict, force: bool) -> Outcome:
+    table = "flow_run" if kind == "flow" else "task_run"
+    row = read_row(tx, table, run_id, lock=True)
+    if row is None:
+        raise NotFound(f"{'Flow' if kind == 'flow' else 'Task'} run not found")
+    return orchestrate(tx, kind, row, proposed, force)
+
+
+def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
+    row = read_row(tx, "flow_run", run_id, lock=True)
+    if row is None:
+        raise NotFound("Flow run not found")
+    run = decode_row("flow_run", row)
+    state = run.get("state") or {}
+    if state.get("type") != "PAUSED":
+        return Outcome("ABORT", None, "Cannot resume a flow run that is not paused.")
+    details = state.get("state_details") or {}
+    if details.get("pause_timeout") and from_iso(details["pause_timeout"]) < utcnow():
+        return orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
+                                             "state_details": {}}, force=True)
+    if run_input:
+        now = now_iso()
+        for key, value in run_input.items():
+            insert_row(tx, "flow_run_input", {"id": new_id(), "created": now, "updated": now, "flow_run_id": run_id,
+                                              "key": str(key), "value": dumps(value), "sender": None},
+                       on_conflict="ON CONFLICT DO NOTHING")
+    if details.get("pause_reschedule"):
+        proposed = {"type": "SCHEDULED", "name": "Resuming", "state_details": {"scheduled_time": now_iso()}}
+    else:
+        proposed = {"type": "RUNNING", "state_details": {}}
+    return orchestrate(tx, "flow", row, proposed, force=True)
+
+
+# Task runs
+
+def create_task_run(tx, data: dict) -> tuple[dict, bool]:
+    flow_run_id = data.get("flow_run_id")
+    flow_run_count = 0
+    if flow_run_id is not None:
+        row = tx.query_one(
+            "SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?",
+            (flow_run_id, data["task_key"], data["dynamic_key"]),
+        )
+        if row is not None:
+            return task_run_out(row), False
+        flow_run_count = tx.scalar("SELECT run_count FROM flow_run WHERE id = ?", (flow_run_id,))
+        if flow_run_count is None:
+            raise NotFound("Flow run not found")
+    now = now_iso()
+    run_id = new_id()
+    values = {
+        "id": run_id, "created": now, "updated": now, "name": data.get("name") or data["task_key"],
+        "flow_run_id": flow_run_id, "task_key": data["task_key"], "dynamic_key": data["dynamic_key"],
+        "cache_key": data.get("cache_key"), "cache_expiration": data.get("cache_expiration"),
+        "task_version": data.get("task_version"), "empirical_policy": _task_run_policy(data.get("empirical_policy")),
+        "tags": data.get("tags") or [], "task_inputs": data.get("task_inputs") or {}, "run_count": 0,
+        "flow_run_run_count": flow_run_count, "expected_start_time": now, "total_run_time": 0.0,
+    }
+    if not insert_row(tx, "task_run", values, on_conflict="ON CONFLICT DO NOTHING"):
+        row = tx.query_one(
+            "SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?",
+            (flow_run_id, data["task_key"], data["dynamic_key"]),
+        )
+        return task_run_out(row), False
+    proposed = data.get("state") or {"type": "PENDING", "state_details": {}}
+    orchestrate(tx, "task", tx.query_one("SELECT * FROM task_run WHERE id = ?", (run_id,)), proposed, force=True)
+    return task_run_out(tx.query_one("SELECT * FROM task_run WHERE id = ?", (run_id,))), True
+
+
+# Logs
+
+def create_logs(tx, logs: list[dict]) -> int:
+    now = now_iso()
+    rows = [(new_id(), now, now, entry["name"], entry["level"], entry["message"], entry["timestamp"],
+             entry.get("flow_run_id"), entry.get("task_run_id")) for entry in logs]
+    if rows:
+        tx.executemany(
+            "INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id, task_run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    return len(rows)
+
+
+# Graphs and history
+
+def flow_run_graph(tx, run_id: str) -> list[dict]:
+    require_row(tx, "flow_run", run_id, "Flow run")
+    rows = tx.query("SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (run_id,))
+    out = []
+    for row in rows:
+        task = task_run_out(row)
+        upstream = [ref for refs in (task.get("task_inputs") or {}).values() for ref in (refs or [])
+                    if isinstance(ref, dict) and ref.get("input_type") in ("task_run", "parameter", "constant")
+                    and ref.get("id")]
+        out.append({
+            "id": task["id"], "name": task["name"], "upstream_dependencies": upstream, "state": task["state"],
+            "expected_start_time": task["expected_start_time"], "start_time": task["start_time"],
+            "end_time": task["end_time"], "total_run_time": task["total_run_time"],
+            "estimated_run_time": task["estimated_run_time"], "untrackable_result": False,
+        })
+    return out
+
+
+def flow_run_graph_v2(tx, run_id: str) -> dict:
+    run = flow_run_out(require_row(tx, "flow_run", run_id, "Flow run"))
+    tasks = [task_run_out(r) for r in tx.query("SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (run_id,))]
+    subflows = {}
+    if tasks:
+        marks = ", ".join("?" for _ in tasks)
+        for row in tx.query(f"SELECT * FROM flow_run WHERE parent_task_run_id IN ({marks})", tuple(t["id"] for t in tasks)):
+            sub = flow_run_out(row)
+            subflows[sub["parent_task_run_id"]] = sub
+    nodes, children = {}, {}
+    for task in tasks:
+        sub = subflows.get(task["id"])
+        node_id, kind, label = (sub["id"], "flow-run", sub["name"]) if sub else (task["id"], "task-run", task["name"])
+        source = sub or task
+        parents = [{"kind": "task-run", "id": ref["id"]} for refs in (task.get("task_inputs") or {}).values()
+                   for ref in (refs or []) if isinstance(ref, dict) and ref.get("input_type") == "task_run"]
+        nodes[node_id] = {"kind": kind, "id": node_id, "label": label, "state_type": source["state_type"],
+                          "start_time": source["start_time"] or source["expected_start_time"],
+                          "end_time": source["end_time"], "parents": parents, "children": [], "artifacts": []}
+        for parent in parents:
+            children.setdefault(parent["id"], []).append({"kind": kind, "id": node_id})
+    for node_id, node in nodes.items():
+        node["children"] = children.get(node_id, [])
+    roots = [node_id for node_id, node in nodes.items() if not node["parents"]]
+    states = [state_out("flow_run_state", r) for r in
+              tx.query("SELECT * FROM flow_run_state WHERE flow_run_id = ? ORDER BY timestamp", (run_id,))]
+    return {"start_time": run["start_time"] or run["expected_start_time"], "end_time": run["end_time"],
+            "root_node_ids": roots, "nodes": [[k, v] for k, v in nodes.items()], "artifacts": [],
+            "states": [{"id": s["id"], "timestamp": s["timestamp"], "type": s["type"], "name": s["name"]} for s in states]}
+
+
+def run_history(tx, table: str, body: dict) -> list[dict]:
+    """Counts of runs by state per time bucket, for the dashboard's bar chart."""
+    start, end = from_iso(body["history_start"]), from_iso(body["history_end"])
+    step = body["history_interval_seconds"]
+    if step <= 0:
+        raise ValidationFailed([_error(("body", "history_interval_seconds"), "must be positive", "value_error")])
+    if (end - start).total_seconds() / step > 500:
+        raise ValidationFailed([_error(("body", "history_interval_seconds"),
+                                       "too many buckets (at most 500); use a larger interval", "value_error")])
+    where, params = build_where(tx, table, body)
+    rows = tx.query(
+        f"SELECT {table}.expected_start_time AS t, {table}.state_type AS state_type, {table}.state_name AS state_name, "
+        f"{table}.total_run_time AS run_time, {table}.start_time AS start_time "
+        f"FROM {table} WHERE {where} AND {table}.expected_start_time >= ? AND {table}.expected_start_time < ?",
+        (*params, iso(start), iso(end)),
+    )
+    buckets = []
+    moment = start
+    while moment < end:
+        buckets.append({"interval_start": iso(moment), "interval_end": iso(min(moment + _dt.timedelta(seconds=step), end)),
+                        "states": {}})
+        moment += _dt.timedelta(seconds=step)
+    for row in rows:
+        index = int((from_iso(row["t"]) - start).total_seconds() // step)
+        if not 0 <= index < len(buckets):
+            continue
+        key = (row["state_type"], row["state_name"])
+        entry = buckets[index]["states"].setdefault(key, {"state_type": row["state_type"], "state_name": row["state_name"],
+                                                           "count_runs": 0, "sum_estimated_run_time": 0.0,
+                                                           "sum_estimated_lateness": 0.0})
+        entry["count_runs"] += 1
+        entry["sum_estimated_run_time"] += row["run_time"] or 0.0
+        entry["sum_estimated_lateness"] += max(_seconds_between(row["start_time"], row["t"]), 0.0)
+    for bucket in buckets:
+        bucket["states"] = sorted(bucket["states"].values(), key=lambda s: (s["state_type"] or "", s["state_name"] or ""))
+    return buckets
+
+
+# --- 8. HTTP API ---
+# Owns the route table (METHOD, path pattern, handler), request parsing, access control (basic auth,
+# CSRF, CORS) and the one place that turns exceptions into HTTP errors. Handlers are small: they
+# validate, open one transaction, call the domain, and return (status, payload).
+
+
+class HTTPError(Exception):
+    def __init__(self, status: int, detail, headers=None):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+        self.headers = headers or {}
+
+
+NO_CONTENT = object()  # a handler's payload for "204, no body"
+
+
+class Request:
+    def __init__(self, app, method, path, query, headers, raw_body):
+        self.app = app
+        self.method = method
+        self.path = path
+        self.query = query
+        self.headers = headers
+        self.raw_body = raw_body
+        self.params = {}
+        self.data = None  # the validated body, when the route has a schema
+        self._json = ...
+
+    def json(self):
+        if self._json is ...:
+            if not self.raw_body:
+                self._json = None
+            else:
+                try:
+                    self._json = json.loads(self.raw_body)
+                except (ValueError, RecursionError) as exc:
+                    raise ValidationFailed([_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
+                if not _json_depth_ok(self._json):
+                    raise ValidationFailed([_error(("body",), f"JSON nested deeper than {_MAX_DEPTH} levels", "value_error.jsondecode")])
+        return self._json
+
+    def body_dict(self) -> dict:
+        body = self.json()
+        if body is None:
+            return {}
+        if not isinstance(body, dict):
+            raise ValidationFailed([_error(("body",), "value is not a valid dict", "type_error.dict")])
+        return body
+
+    def uuid(self, name="id") -> str:
+        return parse_uuid(self.params[name], ("path", name))
+
+    def arg(self, name, default=None):
+        values = self.query.get(name)
+        return values[0] if values else default
+
+    def bool_arg(self, name, default=False) -> bool:
+        value = self.arg(name)
+        if value is None:
+            return default
+        low = value.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValidationFailed([_error(("query", name), "value could not be parsed to a boolean", "type_error.bool")])
+
+
+def body(schema):
+    """Mark a handler with the schema of its request body (validation, defaults and OpenAPI)."""
+    def mark(handler):
+        handler.body_schema = schema
+        return handler
+    return mark
+
+
+# Handlers: meta
+
+def read_health(app, req):
+    return 200, True
+
+
+def read_ready(app, req):
+    try:
+        current = schema_is_current(app.db)
+    except DatabaseUnavailable as exc:
+        raise HTTPError(503, f"database unavailable: {exc}") from None
+    if not current:
+        raise HTTPError(503, "database schema is not current; run `prefectlite database upgrade`")
+    return 200, {"status": "ready"}
+
+
+def read_hello(app, req):
+    return 200, "👋"
+
+
+def read_server_version(app, req):
+    return 200, PREFECT_SERVER_VERSION
+
+
+def read_api_version(app, req):
+    return 200, API_VERSION
+
+
+def read_admin_settings(app, req):
+    return 200, app.settings.masked()
+
+
+def read_csrf_token(app, req):
+    if not app.settings["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"]:
+        raise HTTPError(422, "CSRF protection is disabled.")
+    client = req.arg("client")
+    if not client:
+        raise ValidationFailed([_error(("query", "client"), "field required", "value_error.missing")])
+    token = secrets.token_hex(32)
+    expiration = iso(utcnow() + _dt.timedelta(seconds=app.settings["PREFECT_SERVER_CSRF_TOKEN_EXPIRATION"]))
+    with app.db.write() as tx:
+        tx.execute("DELETE FROM csrf_token WHERE client = ? OR expiration < ?", (client, now_iso()))
+        insert_row(tx, "csrf_token", {"token": token, "client": client, "expiration": expiration})
+    return 200, {"token": token, "client": client, "expiration": expiration}
+
+
+# Handlers: flows
+
+@body(FlowCreate)
+def create_flow_handler(app, req):
+    with app.db.write() as tx:
+        flow, created = create_flow(tx, req.data)
+    return (201 if created else 200), flow
+
+
+def read_flow(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("flow", require_row(tx, "flow", req.uuid(), "Flow"))
+
+
+def read_flow_by_name_handler(app, req):
+    with app.db.read() as tx:
+        return 200, read_flow_by_name(tx, req.params["name"])
+
+
+@body(FlowUpdate)
+def update_flow(app, req):
+    with app.db.write() as tx:
+        require_row(tx, "flow", req.uuid(), "Flow")
+        update_row(tx, "flow", req.uuid(), {"tags": req.data["tags"], "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_flow(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM flow WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("Flow not found")
+    return 204, NO_CONTENT
+
+
+def _filter_handler(table, out, filters):
+    """POST /<things>/filter and /count for a table, from one description."""
+    schema = filter_body_schema(table, filters)
+
+    @body(schema)
+    def read_filtered(app, req):
+        with app.db.read() as tx:
+            return 200, [out(row) for row in query_filtered(tx, table, req.data, app.settings)]
+
+    @body(schema)
+    def count(app, req):
+        with app.db.read() as tx:
+            return 200, count_filtered(tx, table, req.data)
+
+    read_filtered.__name__ = f"read_{table}s_filtered"
+    count.__name__ = f"count_{table}s"
+    return read_filtered, count
+
+
+_RUN_FILTERS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues")
+read_flows_filtered, count_flows = _filter_handler("flow", lambda r: decode_row("flow", r), _RUN_FILTERS)
+read_flow_runs_filtered, count_flow_runs = _filter_handler("flow_run", flow_run_out, _RUN_FILTERS)
+read_task_runs_filtered, count_task_runs = _filter_handler("task_run", task_run_out, _RUN_FILTERS)
+read_logs_filtered, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
+
+
+# Handlers: flow runs
+
+@body(FlowRunCreate)
+def create_flow_run_handler(app, req):
+    with app.db.write() as tx:
+        run, created = create_flow_run(tx, req.data)
+    return (201 if created else 200), run
+
+
+def read_flow_run(app, req):
+    with app.db.read() as tx:
+        return 200, flow_run_out(require_row(tx, "flow_run", req.uuid(), "Flow run"))
+
+
+@body(FlowRunUpdate)
+def update_flow_run(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True)
+        update_row(tx, "flow_run", req.uuid(), {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_flow_run(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM flow_run WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("Flow run not found")
+    return 204, NO_CONTENT
+
+
+def _orchestration_reply(outcome: Outcome):
+    payload = {"state": outcome.state, "status": outcome.status, "details": outcome.details()}
+    return (201 if outcome.written else 200), payload
+
+
+@body(SetStateBody)
+def set_flow_run_state(app, req):
+    with app.db.write() as tx:
+        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"])
+    return _orchestration_reply(outcome)
+
+
+def resume_flow_run_handler(app, req):
+    run_input = req.body_dict().get("run_input")
+    if run_input is not None and not isinstance(run_input, dict):
+        raise ValidationFailed([_error(("body", "run_input"), "value is not a valid dict", "type_error.dict")])
+    with app.db.write() as tx:
+        outcome = resume_flow_run(tx, req.uuid(), run_input)
+    return _orchestration_reply(outcome)
+
+
+def read_flow_run_graph(app, req):
+    with app.db.read() as tx:
+        return 200, flow_run_graph(tx, req.uuid())
+
+
+def read_flow_run_graph_v2(app, req):
+    with app.db.read() as tx:
+        return 200, flow_run_graph_v2(tx, req.uuid())
+
+
+HistoryBody = Schema("Body_history", {
+    "history_start": Field("datetime", required=True, nullable=False),
+    "history_end": Field("datetime", required=True, nullable=False),
+    "history_interval_seconds": Field("float", required=True, nullable=False),
+    **{key: Field("object") for key in _RUN_FILTERS},
+})
+
+
+@body(HistoryBody)
+def flow_run_history(app, req):
+    with app.db.read() as tx:
+        return 200, run_history(tx, "flow_run", req.data)
+
+
+@body(HistoryBody)
+def task_run_history(app, req):
+    with app.db.read() as tx:
+        return 200, run_history(tx, "task_run", req.data)
+
+
+def _read_states(table, run_column):
+    def read_states(app, req):
+        run_id = req.arg(run_column)
+        if run_id is None:
+            raise ValidationFailed([_error(("query", run_column), "field required", "value_error.missing")])
+        run_id = parse_uuid(run_id, ("query", run_column))
+        with app.db.read() as tx:
+            rows = tx.query(f"SELECT * FROM {table} WHERE {run_column} = ? ORDER BY timestamp, id", (run_id,))
+        return 200, [state_out(table, r) for r in rows]
+
+    def read_state(app, req):
+        with app.db.read() as tx:
+            return 200, state_out(table, require_row(tx, table, req.uuid(), "State"))
+
+    read_states.__name__, read_state.__name__ = f"read_{table}s", f"read_{table}"
+    return read_states, read_state
+
+
+read_flow_run_states, read_flow_run_state = _read_states("flow_run_state", "flow_run_id")
+read_task_run_states, read_task_run_state = _read_states("task_run_state", "task_run_id")
+
+
+# Handlers: task runs
+
+@body(TaskRunCreate)
+def create_task_run_handler(app, req):
+    with app.db.write() as tx:
+        run, created = create_task_run(tx, req.data)
+    return (201 if created else 200), run
+
+
+def read_task_run(app, req):
+    with app.db.read() as tx:
+        return 200, task_run_out(require_row(tx, "task_run", req.uuid(), "Task run"))
+
+
+@body(TaskRunUpdate)
+def update_task_run(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        require_row(tx, "task_run", req.uuid(), "Task run")
+        update_row(tx, "task_run", req.uuid(), {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_task_run(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM task_run WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("Task run not found")
+    return 204, NO_CONTENT
+
+
+@body(SetStateBody)
+def set_task_run_state(app, req):
+    with app.db.write() as tx:
+        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], req.data["force"])
+    return _orchestration_reply(outcome)
+
+
+# Handlers: logs
+
+@body(LogBatch)
+def create_logs_handler(app, req):
+    with app.db.write() as tx:
+        create_logs(tx, req.data)
+    return 201, None
+
+
+# The route table: every API route, in one place. Paths are relative to /api.
+ROUTES = [
+    ("GET", "/health", read_health),
+    ("GET", "/ready", read_ready),
+    ("GET", "/hello", read_hello),
+    ("GET", "/version", read_server_version),
+    ("GET", "/admin/version", read_api_version),
+    ("GET", "/admin/settings", read_admin_settings),
+    ("GET", "/csrf-token", read_csrf_token),
+    ("POST", "/flows/", create_flow_handler),
+    ("POST", "/flows/filter", read_flows_filtered),
+    ("POST", "/flows/count", count_flows),
+    ("GET", "/flows/name/{name}", read_flow_by_name_handler),
+    ("GET", "/flows/{id}", read_flow),
+    ("PATCH", "/flows/{id}", update_flow),
+    ("DELETE", "/flows/{id}", delete_flow),
+    ("POST", "/flow_runs/", create_flow_run_handler),
+    ("POST", "/flow_runs/filter", read_flow_runs_filtered),
+    ("POST", "/flow_runs/count", count_flow_runs),
+    ("POST", "/flow_runs/history", flow_run_history),
+    ("GET", "/flow_runs/{id}", read_flow_run),
+    ("PATCH", "/flow_runs/{id}", update_flow_run),
+    ("DELETE", "/flow_runs/{id}", delete_flow_run),
+    ("POST", "/flow_runs/{id}/set_state", set_flow_run_state),
+    ("POST", "/flow_runs/{id}/resume", resume_flow_run_handler),
+    ("GET", "/flow_runs/{id}/graph", read_flow_run_graph),
+    ("GET", "/flow_runs/{id}/graph-v2", read_flow_run_graph_v2),
+    ("GET", "/flow_run_states/", read_flow_run_states),
+    ("GET", "/flow_run_states/{id}", read_flow_run_state),
+    ("POST", "/task_runs/", create_task_run_handler),
+    ("POST", "/task_runs/filter", read_task_runs_filtered),
+    ("POST", "/task_runs/count", count_task_runs),
+    ("POST", "/task_runs/history", task_run_history),
+    ("GET", "/task_runs/{id}", read_task_run),
+    ("PATCH", "/task_runs/{id}", update_task_run),
+    ("DELETE", "/task_runs/{id}", delete_task_run),
+    ("POST", "/task_runs/{id}/set_state", set_task_run_state),
+    ("GET", "/task_run_states/", read_task_run_states),
+    ("GET", "/task_run_states/{id}", read_task_run_state),
+    ("POST", "/logs/", create_logs_handler),
+    ("POST", "/logs/filter", read_logs_filtered),
+]
+
+
+def _compile_route(pattern: str):
+    regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", pattern.rstrip("/") or "/")
+    return re.compile(f"^{regex}/?$")
+
+
+def match_route(routes, method: str, path: str):
+    """Return (handler, params) or raise 404/405."""
+    allowed = []
+    for route_method, regex, handler, _pattern in routes:
+        found = regex.match(path)
+        if found:
+            if route_method == method:
+                return handler, {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+            allowed.append(route_method)
+    if allowed:
+        raise HTTPError(405, "Method Not Allowed", {"Allow": ", ".join(sorted(set(allowed)))})
+    raise HTTPError(404, "Not Found")
+
+
+def validate_body(handler, req):
+    schema = getattr(handler, "body_schema", None)
+    if schema is None:
+        return
+    data = req.json()
+    if isinstance(schema, Schema):
+        req.data = schema.validate({} if data is None else data, ("body",))
+    else:
+        req.data = _validate_kind(schema, data, ("body",))
+
+
+def error_reply(exc: Exception, req: Request | None) -> tuple[int, object, dict]:
+    """The one place that turns an exception into an HTTP status and a JSON body."""
+    if isinstance(exc, ValidationFailed):
+        body_text = None
+        if req is not None and req.raw_body:
+            body_text = req.raw_body[:2000].decode("utf-8", "replace")
+            with contextlib.suppress(Exception):
+                body_text = json.loads(body_text)
+        return 422, {"exception_message": "Invalid request received.", "exception_detail": exc.errors,
+                     "request_body": body_text}, {}
+    if isinstance(exc, NotFound):
+        return 404, {"detail": exc.detail}, {}
+    if isinstance(exc, Conflict):
+        return 409, {"detail": exc.detail}, {}
+    if isinstance(exc, IntegrityViolation):
+        return 409, {"detail": "The request conflicts with existing data (a unique or reference constraint)."}, {}
+    if isinstance(exc, DatabaseUnavailable):
+        return 503, {"detail": f"Service unavailable: {exc}", "reason": str(exc)}, {"Retry-After": "1"}
+    if isinstance(exc, HTTPError):
+        return exc.status, {"detail": exc.detail}, exc.headers
+    log.exception("unexpected error while handling %s %s", req.method if req else "?", req.path if req else "?")
+    return 500, {"detail": "Internal server error"}, {}
+
+
+def _humanize(name: str) -> str:
+    return name.replace("_handler", "").replace("_", " ").strip().capitalize()
+
+
+def openapi_document(routes) -> dict:
+    """Our OpenAPI document, built from the route table and the body schemas."""
+    paths = {}
+    for method, _regex, handler, pattern in routes:
+        op = {"operationId": handler.__name__, "summary": _humanize(handler.__name__),
+              "responses": {"200": {"description": "Successful Response"},
+                            "422": {"description": "Validation Error"}}}
+        params = re.findall(r"\{(\w+)\}", pattern)
+        if params:
+            op["parameters"] = [{"name": p, "in": "path", "required": True,
+                                 "schema": {"type": "string", "format": "uuid"} if p == "id" else {"type": "string"}}
+                                for p in params]
+        schema = getattr(handler, "body_schema", None)
+        if schema is not None:
+            ref = _kind_openapi(schema)
+            op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref}}}
+        paths.setdefault("/api" + pattern, {})[method.lower()] = op
+    components = {name: schema.openapi() for name, schema in Schema.registry.items()}
+    for schema in list(Schema.registry.values()):
+        for field in schema.fields.values():
+            kind = field.kind.item if isinstance(field.kind, ListOf) else field.kind
+            if isinstance(kind, Enum):
+                components[kind.name] = {"title": kind.name, "enum": list(kind.values), "type": "string"}
+    return {"openapi": "3.0.2", "info": {"title": "prefectlite", "version": __version__,
+                                         "description": f"Prefect 2 REST API (API version {API_VERSION})"},
+            "paths": paths, "components": {"schemas": components}}
+
+
+def read_openapi(app, req):
+    return 200, app.openapi
+
+
+def read_docs(app, req):
+    rows = []
+    for path, ops in app.openapi["paths"].items():
+        for method, op in ops.items():
+            body_ref = (op.get("requestBody", {}).get("content", {}).get("application/json", {})
+                        .get("schema", {}).get("$ref", "").rsplit("/", 1)[-1])
+            rows.append(f"<tr><td><code>{method.upper()}</code></td><td><code>{_html(path)}</code></td>"
+                        f"<td>{_html(op['summary'])}</td><td>{_html(body_ref)}</td></tr>")
+    page = ("<!doctype html><html><head><meta charset='utf-8'><title>prefectlite API</title>"
+            "<style>body{font:14px system-ui,sans-serif;margin:2em}td{padding:2px 10px;border-bottom:1px solid #eee}"
+            "</style></head><body><h1>prefectlite API</h1>"
+            f"<p>Prefect 2 REST API, version {API_VERSION}. Machine-readable: <a href='openapi.json'>openapi.json</a>.</p>"
+            "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Body</th></tr>" + "".join(rows) +
+            "</table></body></html>")
+    return 200, RawBody(page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+@dataclasses.dataclass
+class RawBody:
+    data: bytes
+    content_type: str
+
+
+def _html(text) -> str:
+    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+            .replace('"', "&quot;").replace("'", "&#39;"))
+
+
+META_ROUTES = [
+    ("GET", "/openapi.json", read_openapi),
+    ("GET", "/docs", read_docs),
+]
+
+
+# --- 9. Server ---
+# Owns the process side: the App (settings + database + services), the HTTP/1.1 keep-alive server
+# with a bounded pool of worker threads, access control, static UI files, and serve() for embedding.
+
+_WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
+_AUTH_EXEMPT = ("/api/health", "/api/ready")
+
+
+class App:
+    """Everything one running server needs: settings, database, routes, background services."""
+
+    def __init__(self, settings: Settings, db: Database):
+        self.settings = settings
+        self.db = db
+        self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
+        self.openapi = openapi_document(self.routes)
+        self.services: list = []
+        self.stopping = threading.Event()
+        self.request_counts: dict = {}
+        try:
+            self.static_dir = resource_dir("static")
+        except ConfigurationError:
+            self.static_dir = None
+
+    def start_services(self):
+        for service in self.services:
+            service.start()
+
+    def close(self):
+        self.stopping.set()
+        for service in self.services:
+            service.stop()
+        self.db.close()
+
+
+def create_app(settings: Settings) -> App:
+    """Open the database, migrate (or refuse when behind and migrations on start are off)."""
+    db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
+    try:
+        if settings["PREFECT_API_DATABASE_MIGRATE_ON_START"]:
+            migrate(db)
+        elif not schema_is_current(db):
+            raise ConfigurationError(
+                f"the database schema is at {current_revision(db) or 'nothing'}, behind {list_revisions()[-1].id}; "
+                "run `prefectlite database upgrade -y` (PREFECT_API_DATABASE_MIGRATE_ON_START is false)"
+            )
+    except BaseException:
+        db.close()
+        raise
+    return App(settings, db)
+
+
+def check_basic_auth(settings: Settings, header: str | None) -> bool:
+    expected = settings["PREFECT_SERVER_API_AUTH_STRING"]
+    if not expected:
+        return True
+    if not header or not header.startswith("Basic "):
+        return False
+    try:
+        given = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return secrets.compare_digest(given.encode(), expected.encode())
+
+
+def check_csrf(app: App, req: Request):
+    if not app.settings["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"] or req.method not in _WRITE_METHODS:
+        return
+    token, client = req.headers.get("Prefect-Csrf-Token"), req.headers.get("Prefect-Csrf-Client")
+    if not token or not client:
+        raise HTTPError(403, "Missing CSRF token.")
+    with app.db.read() as tx:
+        row = tx.query_one("SELECT expiration FROM csrf_token WHERE token = ? AND client = ?", (token, client))
+    if row is None or row["expiration"] < now_iso():
+        raise HTTPError(403, "Invalid CSRF token or client identifier.")
+
+
+def cors_headers(settings: Settings, origin: str | None) -> dict:
+    if not origin:
+        return {}
+    allowed = [o.strip() for o in settings["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"].split(",") if o.strip()]
+    if "*" not in allowed and origin not in allowed:
+        return {}
+    return {"Access-Control-Allow-Origin": "*" if "*" in allowed else origin,
+            "Access-Control-Allow-Methods": settings["PREFECT_SERVER_CORS_ALLOWED_METHODS"].replace("*", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
+            "Access-Control-Allow-Headers": settings["PREFECT_SERVER_CORS_ALLOWED_HEADERS"],
+            "Vary": "Origin"}
+
+
+def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
+    try:
+        handler, req.params = match_route(app.routes, req.method, req.path)
+        check_csrf(app, req)
+        validate_body(handler, req)
+        status, payload = handler(app, req)
+        return status, payload, {}
+    except Exception as exc:  # noqa: BLE001 - the one place exceptions become HTTP errors
+        return error_reply(exc, req)
+
+
+def ui_settings(app: App) -> dict:
+    api_url = app.settings["PREFECT_UI_API_URL"] or "/api"
+    return {"api_url": api_url, "serve_base": app.settings["PREFECT_UI_SERVE_BASE"],
+            "csrf_enabled": app.settings["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"],
+            "auth": "BASIC" if app.settings["PREFECT_SERVER_API_AUTH_STRING"] else None, "flags": [],
+            "server": {"name": "prefectlite", "version": __version__, "api_version": API_VERSION,
+                       "database": {"dialect": app.db.dialect, "version": _safe_db_version(app.db)}}}
+
+
+def _safe_db_version(db: Database) -> str | None:
+    try:
+        return db.server_version()
+    except DatabaseError:
+        return None
+
+
+_PLACEHOLDER_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>prefectlite</title></head>"
+                     b"<body><h1>prefectlite</h1><p>The API is at <a href='api/docs'>api/</a>.</p></body></html>")
+_CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
+                  ".css": "text/css; charset=utf-8", ".html": "text/html; charset=utf-8",
+                  ".svg": "image/svg+xml", ".json": "application/json", ".png": "image/png",
+                  ".ico": "image/x-icon", ".woff2": "font/woff2", ".txt": "text/plain; charset=utf-8"}
+
+
+def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
+    """A file of the UI, or index.html for any other path (the UI routes on the client)."""
+    base = app.settings["PREFECT_UI_SERVE_BASE"].rstrip("/")
+    if base and path.startswith(base):
+        path = path[len(base):] or "/"
+    if path.rstrip("/") == "/ui-settings":
+        return 200, RawBody(dumps(ui_settings(app)).encode(), "application/json"), {"Cache-Control": "no-cache"}
+    root = app.static_dir
+    if root is None or not (root / "index.html").is_file():
+        return 200, RawBody(_PLACEHOLDER_PAGE, "text/html; charset=utf-8"), {"Cache-Control": "no-cache"}
+    relative = urllib.parse.unquote(path).lstrip("/")
+    target = (root / relative).resolve() if relative else root / "index.html"
+    if not target.is_relative_to(root.resolve()) or "\x00" in relative:
+        return 404, None, {}
+    if not target.is_file():
+        if "." in relative.rsplit("/", 1)[-1]:  # a missing asset is a 404, not the index page
+            return 404, None, {}
+        target = root / "index.html"
+    data = target.read_bytes()
+    ctype = _CONTENT_TYPES.get(target.suffix, mimetypes.guess_type(target.name)[0] or "application/octet-stream")
+    stat = target.stat()
+    etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
+    return 200, RawBody(data, ctype), {"Cache-Control": "no-cache", "ETag": etag}
+
+
+class _RequestHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server_version = f"prefectlite/{__version__}"
+    sys_version = ""
+
+    def setup(self):
+        self.timeout = self.server.app.settings["PREFECT_SERVER_KEEPALIVE_TIMEOUT"]
+        super().setup()
+        self.server.track(self.connection, True)
+
+    def finish(self):
+        with contextlib.suppress(OSError):
+            super().finish()
+        self.server.track(self.connection, False)
+
+    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
+        log.debug("%s %s", self.address_string(), format % args)
+
+    def send_error(self, code, message=None, explain=None):
+        """Errors the base class raises itself (bad request line, huge headers) are JSON too."""
+        self.close_connection = True
+        self._send(code, {"detail": message or http.HTTPStatus(code).phrase}, {})
+
+    def do_GET(self):
+        self._handle()
+
+    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
+
+    def _read_body(self) -> bytes | None:
+        limit = self.server.app.settings["PREFECT_SERVER_MAX_BODY_BYTES"]
+        self.connection.settimeout(self.server.app.settings["PREFECT_SERVER_REQUEST_TIMEOUT"])
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            chunks, total = [], 0
+            while True:
+                line = self.rfile.readline(1024)
+                size = int(line.split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    self.rfile.readline(1024)
+                    break
+                total += size
+                if total > limit:
+                    raise HTTPError(413, f"Request body larger than {limit} bytes")
+                chunks.append(self.rfile.read(size))
+                self.rfile.readline(1024)
+            return b"".join(chunks)
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return b""
+        if not length.isdigit():
+            raise HTTPError(400, "Invalid Content-Length")
+        if int(length) > limit:
+            raise HTTPError(413, f"Request body larger than {limit} bytes")
+        data = self.rfile.read(int(length))
+        if len(data) != int(length):
+            raise HTTPError(400, "Incomplete request body")
+        return data
+
+    def _handle(self):
+        app = self.server.app
+        started = time.perf_counter()
+        extra = cors_headers(app.settings, self.headers.get("Origin"))
+        split = urllib.parse.urlsplit(self.path)
+        path = split.path
+        try:
+            raw = self._read_body()
+        except HTTPError as exc:
+            self.close_connection = True
+            self._send(exc.status, {"detail": exc.detail}, extra)
+            return
+        except (ValueError, OSError):
+            self.close_connection = True
+            self._send(400, {"detail": "Malformed or too slow request body"}, extra)
+            return
+        finally:
+            self.connection.settimeout(app.settings["PREFECT_SERVER_KEEPALIVE_TIMEOUT"])
+        if self.command == "OPTIONS":
+            self._send(204, NO_CONTENT, extra)
+            return
+        if path not in _AUTH_EXEMPT and not check_basic_auth(app.settings, self.headers.get("Authorization")):
+            self._send(401, {"detail": "Unauthorized"}, {**extra, "WWW-Authenticate": 'Basic realm="prefectlite"'})
+            return
+        if path == "/api" or path.startswith("/api/"):
+            query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
+            req = Request(app, "GET" if self.command == "HEAD" else self.command, path[4:] or "/", query,
+                          self.headers, raw)
+            status, payload, headers = handle_api_request(app, req)
+            app.request_counts[status] = app.request_counts.get(status, 0) + 1
+        elif self.command in ("GET", "HEAD"):
+            status, payload, headers = static_file(app, path)
+            if payload is None:
+                payload = {"detail": "Not Found"}
+            elif headers.get("ETag") and self.headers.get("If-None-Match") == headers["ETag"]:
+                status, payload = 304, NO_CONTENT
+        else:
+            status, payload, headers = 405, {"detail": "Method Not Allowed"}, {}
+        if app.stopping.is_set():
+            self.close_connection = True
+        self._send(status, payload, {**extra, **headers})
+        log.debug("%s %s -> %d in %.1f ms", self.command, path, status, (time.perf_counter() - started) * 1000)
+
+    def _send(self, status, payload, headers):
+        if payload is NO_CONTENT or status in (204, 304):
+            data, ctype = b"", None
+        elif isinstance(payload, RawBody):
+            data, ctype = payload.data, payload.content_type
+        else:
+            data, ctype = dumps(payload).encode("utf-8"), "application/json"
+        if data and len(data) > 4096 and "gzip" in (self.headers.get("Accept-Encoding") or ""):
+            data = gzip.compress(data, compresslevel=1)
+            headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        try:
+            self.send_response(status)
+            if ctype:
+                self.send_header("Content-Type", ctype)
+            if status != 304:
+                self.send_header("Content-Length", str(len(data)))
+            for key, value in headers.items():
+                self.send_header(key, value)
+            if self.close_connection:
+                self.send_header("Connection", "close")
+            self.end_headers()
+            if self.command != "HEAD" and data:
+                self.wfile.write(data)
+        except OSError:
+            self.close_connection = True
+
+
+class PooledHTTPServer(http.server.HTTPServer):
+    """HTTP server whose connections are served by a bounded pool of threads (started on demand)."""
+
+    allow_reuse_address = True
+    request_queue_size = 128
+
+    def __init__(self, address, app: App):
+        self.app = app
+        self.max_workers = max(1, app.settings["PREFECT_SERVER_WORKERS"])
+        self._queue = queue.Queue()
+        self._workers: list[threading.Thread] = []
+        self._idle = 0
+        self._lock = threading.Lock()
+        self._connections: set = set()
+        super().__init__(address, _RequestHandler)
+
+    def track(self, conn, open_: bool):
+        with self._lock:
+            (self._connections.add if open_ else self._connections.discard)(conn)
+
+    def process_request(self, request, client_address):
+        with self._lock:
+            if self._idle == 0 and len(self._workers) < self.max_workers:
+                worker = threading.Thread(target=self._work, name=f"prefectlite-http-{len(self._workers)}", daemon=True)
+                self._workers.append(worker)
+                worker.start()
+            else:
+                self._idle -= 1 if self._idle else 0
+        self._queue.put((request, client_address))
+
+    def _work(self):
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            request, client_address = item
+            try:
+                self.finish_request(request, client_address)
+            except Exception:  # noqa: BLE001 - a broken connection must not kill the worker
+                log.debug("connection from %s ended with an error", client_address, exc_info=True)
+            finally:
+                self.shutdown_request(request)
+                with self._lock:
+                    self._idle += 1
+
+    def stop(self, timeout: float = 10.0):
+        """Stop accepting, let in-flight requests finish, close idle keep-alive connections."""
+        self.app.stopping.set()
+        self.shutdown()
+        with self._lock:
+            for conn in list(self._connections):
+                with contextlib.suppress(OSError):
+                    conn.shutdown(socket.SHUT_RD)  # wakes workers waiting for a next request
+        for _ in self._workers:
+            self._queue.put(None)
+        deadline = time.monotonic() + timeout
+        for worker in self._workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        self.server_close()
+
+
+class RunningServer:
+    def __init__(self, app: App, httpd: PooledHTTPServer, thread: threading.Thread):
+        self.app = app
+        self.httpd = httpd
+        self.thread = thread
+        host, port = httpd.server_address[:2]
+        self.host = host
+        self.port = port
+        self.url = f"http://{host}:{port}"
+        self.api_url = f"{self.url}/api"
+
+    def stop(self):
+        self.httpd.stop()
+        self.thread.join(5)
+        self.app.close()
+
+
+def start_server(settings: Settings, host: str | None = None, port: int | None = None) -> RunningServer:
+    app = create_app(settings)
+    host = host or settings["PREFECT_SERVER_API_HOST"]
+    port = settings["PREFECT_SERVER_API_PORT"] if port is None else port
+    try:
+        httpd = PooledHTTPServer((host, port), app)
+    except OSError as exc:
+        app.close()
+        if exc.errno in (98, 48, 10048):
+            raise ConfigurationError(f"port {port} on {host} is already in use") from None
+        raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="prefectlite-accept",
+                              daemon=True)
+    thread.start()
+    app.start_services()
+    return RunningServer(app, httpd, thread)
+
+
+@contextlib.contextmanager
+def serve(database: str | None = None, host: str = "127.0.0.1", port: int = 0, **settings):
+    """Run a server in background threads for the `with` block; yields its API URL.
+
+    >>> with serve(database="sqlite:///:memory:") as api_url: ...
+    Extra keyword arguments are settings, e.g. PREFECT_SERVER_API_AUTH_STRING="me:secret".
+    """
+    overrides = dict(settings)
+    if database is not None:
+        overrides["PREFECT_API_DATABASE_CONNECTION_URL"] = database
+    running = start_server(load_settings(overrides=overrides), host, port)
+    try:
+        yield running.api_url
+    finally:
+        running.stop()
+
+
+# --- 10. CLI ---
+# Owns the command line: `start` (also `server start`), `config`, `profile`, `database`, `version`.
+# Every failure a person can cause is one line on stderr and a non-zero exit, never a traceback.
+
+import argparse  # noqa: E402 - only the CLI needs it
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ConfigurationError(message)
+
+
+def _confirm(question: str, yes: bool) -> None:
+    if yes:
+        return
+    try:
+        answer = input(f"{question} [y/N] ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() not in ("y", "yes"):
+        raise ConfigurationError("aborted (nothing changed); pass -y to skip this question")
+
+
+def cmd_start(args, out) -> int:
+    settings = load_settings()
+    _configure_logging(settings)
+    host = args.host or settings["PREFECT_SERVER_API_HOST"]
+    port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
+    if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
+        print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
+              "anyone who can reach this machine can use the API", file=sys.stderr)
+    running = start_server(settings, host, port)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
+    dialect = running.app.db.dialect
+    print(f"prefectlite {__version__} is ready ({dialect} database)", file=out)
+    print(f"  UI:  http://{shown}:{running.port}/", file=out)
+    print(f"  API: http://{shown}:{running.port}/api", file=out)
+    print("Press Ctrl+C to stop.", file=out, flush=True)
+    while not stop.wait(0.5):
+        pass
+    running.stop()
+    print("stopped", file=out, flush=True)
+    return 0
+
+
+def _configure_logging(settings: Settings):
+    level = getattr(logging, str(settings["PREFECT_LOGGING_SERVER_LEVEL"]).upper(), logging.WARNING)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    log.setLevel(level)
+
+
+def cmd_config_set(args, out) -> int:
+    home = _prefect_home()
+    data = read_profiles(home)
+    updates = {}
+    for item in args.pairs:
+        if "=" not in item:
+            raise ConfigurationError(f"expected KEY=VALUE, got {item!r}")
+        key, value = item.split("=", 1)
+        check_setting_name(key)
+        if key == "PREFECT_HOME":
+            raise ConfigurationError("PREFECT_HOME cannot be set in a profile; set the environment variable")
+        _convert_setting(key, value)
+        if key == "PREFECT_API_DATABASE_CONNECTION_URL":
+            parse_database_url(value.replace("${PREFECT_HOME}", str(home)))
+        updates[key] = value
+    profile = data["profiles"].setdefault(data["active"], {})
+    profile.update(updates)
+    write_profiles(home, data)
+    for key, value in updates.items():
+        shown = "********" if SETTINGS[key].secret else mask_url_password(value)
+        print(f"Set {key!r} to {shown!r}.", file=out)
+        if key in os.environ:
+            print(f"{key} is also set by an environment variable, which takes precedence.", file=out)
+    print(f"Updated profile {data['active']!r}.", file=out)
+    return 0
+
+
+def cmd_config_unset(args, out) -> int:
+    home = _prefect_home()
+    data = read_profiles(home)
+    profile = data["profiles"].setdefault(data["active"], {})
+    for key in args.keys:
+        check_setting_name(key)
+        if key not in profile:
+            raise ConfigurationError(f"{key} is not set in profile {data['active']!r}")
+    for key in args.keys:
+        del profile[key]
+        print(f"Unset {key!r}.", file=out)
+    write_profiles(home, data)
+    print(f"Updated profile {data['active']!r}.", file=out)
+    return 0
+
+
+def cmd_config_view(args, out) -> int:
+    settings = load_settings()
+    print(f"PREFECT_PROFILE={settings.profile!r}", file=out)
+    for name, value in settings.masked().items():
+        source = settings.sources[name]
+        if source == "default" and not args.show_defaults:
+            continue
+        suffix = f" (from {source})" if args.show_sources else ""
+        print(f"{name}={value!r}{suffix}", file=out)
+    return 0
+
+
+def cmd_profile(args, out) -> int:
+    home = _prefect_home()
+    data = read_profiles(home)
+    profiles = data["profiles"]
+    if args.action == "ls":
+        for name in profiles:
+            print(f"* {name}" if name == data["active"] else f"  {name}", file=out)
+        return 0
+    name = args.name or (data["active"] if args.action == "inspect" else None)
+    if not name:
+        raise ConfigurationError(f"profile {args.action} needs a NAME")
+    if args.action == "create":
+        if name in profiles:
+            raise ConfigurationError(f"profile {name!r} already exists")
+        profiles[name] = {}
+        write_profiles(home, data)
+        print(f"Created profile {name!r}; switch to it with `prefectlite profile use {name}`.", file=out)
+        return 0
+    if name not in profiles:
+        raise ConfigurationError(f"profile {name!r} not found; existing: {', '.join(profiles)}")
+    if args.action == "use":
+        data["active"] = name
+        write_profiles(home, data)
+        print(f"Connected to profile {name!r}.", file=out)
+    elif args.action == "delete":
+        if name == data["active"]:
+            raise ConfigurationError(f"profile {name!r} is active; switch to another one first")
+        del profiles[name]
+        write_profiles(home, data)
+        print(f"Removed profile {name!r}.", file=out)
+    else:
+        values = profiles[name]
+        if not values:
+            print(f"Profile {name!r} is empty.", file=out)
+        for key, value in values.items():
+            shown = "********" if key in SETTINGS and SETTINGS[key].secret else mask_url_password(value)
+            print(f"{key}={shown!r}", file=out)
+    return 0
+
+
+@contextlib.contextmanager
+def _cli_database():
+    settings = load_settings()
+    db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
+    try:
+        yield db
+    finally:
+        db.close()
+
+
+def _where(db: Database) -> str:
+    return mask_url_password(db.url)
+
+
+def cmd_database(args, out) -> int:
+    action = args.action
+    if action == "history":
+        current = None
+        with contextlib.suppress(ConfigurationError, DatabaseError):
+            with _cli_database() as db:
+                current = current_revision(db)
+        for rev in list_revisions():
+            marker = " (current)" if rev.id == current else ""
+            print(f"{rev.id}  {rev.name}: {rev.description}{marker}", file=out)
+        return 0
+    with _cli_database() as db:
+        if action == "current":
+            current = current_revision(db)
+            print(current or "base (empty database)", file=out)
+        elif action == "upgrade":
+            _confirm(f"Upgrade the database at {_where(db)}?", args.yes)
+            applied = migrate(db, args.revision)
+            print(f"Applied {', '.join(applied)}." if applied else "Already up to date.", file=out)
+            print(f"Database is at revision {current_revision(db)}.", file=out)
+        elif action == "downgrade":
+            target = args.revision or "-1"
+            revisions = list_revisions()
+            if target not in ("base",) and not re.fullmatch(r"-\d+", target):
+                _resolve_revision(target, revisions)
+            _confirm(f"Downgrade the database at {_where(db)} to {target}? Data in dropped tables is lost.", args.yes)
+            undone = downgrade(db, target)
+            print(f"Reverted {', '.join(undone)}." if undone else "Nothing to downgrade.", file=out)
+            print(f"Database is at revision {current_revision(db) or 'base'}.", file=out)
+        elif action == "reset":
+            _confirm(f"Reset the database at {_where(db)}? Every run, log and setting stored there is lost.", args.yes)
+            reset_database(db)
+            print(f"Reset the database; it is at revision {current_revision(db)}.", file=out)
+    return 0
+
+
+def cmd_version(args, out) -> int:
+    settings = load_settings()
+    print(f"prefectlite: {__version__}", file=out)
+    print(f"API version (Prefect 2): {API_VERSION}", file=out)
+    print(f"Python: {sys.version.split()[0]}", file=out)
+    try:
+        with _cli_database() as db:
+            print(f"Database: {db.dialect} {db.server_version()}", file=out)
+    except (ConfigurationError, DatabaseError) as exc:
+        print(f"Database: {settings['PREFECT_API_DATABASE_CONNECTION_URL'].split(':', 1)[0]} (unavailable: {exc})", file=out)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="prefectlite", description="A self-hosted Prefect 2 compatible orchestration server.")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser, required=True)
+    start = sub.add_parser("start", help="start the server (API at /api, UI at /)")
+    start.add_argument("--host")
+    start.add_argument("--port", type=int)
+    start.set_defaults(func=cmd_start)
+
+    config = sub.add_parser("config", help="view and change settings of the active profile")
+    config_sub = config.add_subparsers(dest="action", parser_class=_Parser, required=True)
+    cset = config_sub.add_parser("set")
+    cset.add_argument("pairs", nargs="+", metavar="KEY=VALUE")
+    cset.set_defaults(func=cmd_config_set)
+    cunset = config_sub.add_parser("unset")
+    cunset.add_argument("keys", nargs="+", metavar="KEY")
+    cunset.set_defaults(func=cmd_config_unset)
+    cview = config_sub.add_parser("view")
+    cview.add_argument("--show-sources", action="store_true")
+    cview.add_argument("--show-defaults", action="store_true")
+    cview.set_defaults(func=cmd_config_view)
+
+    profile = sub.add_parser("profile", help="manage profiles in $PREFECT_HOME/profiles.toml")
+    profile.add_argument("action", choices=["ls", "create", "use", "delete", "inspect"])
+    profile.add_argument("name", nargs="?")
+    profile.set_defaults(func=cmd_profile)
+
+    database = sub.add_parser("database", help="migrations: upgrade, downgrade, reset, current, history")
+    database.add_argument("action", choices=["reset", "upgrade", "downgrade", "current", "history"])
+    database.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    database.add_argument("-r", "--revision", help="target revision (upgrade: an id; downgrade: -1, an id or base)")
+    database.set_defaults(func=cmd_database)
+
+    version = sub.add_parser("version", help="our version, the API version and the database")
+    version.set_defaults(func=cmd_version)
+    return parser
+
+
+def run_cli(argv: list[str], out=None) -> int:
+    out = out or sys.stdout
+    if argv and argv[0] == "server":  # `prefect server start` / `prefect server database reset` spellings
+        argv = argv[1:]
+    try:
+        # argparse would take `-r -1` for an option; glue the value on
+        fixed = []
+        for i, arg in enumerate(argv):
+            if i and argv[i - 1] in ("-r", "--revision") and arg.startswith("-"):
+                fixed[-1] = f"--revision={arg}"
+            else:
+                fixed.append(arg)
+        args = build_parser().parse_args(fixed)
+        return args.func(args, out)
+    except (ConfigurationError, DatabaseError) as exc:
+        print(f"prefectlite: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- 11. Main ---
+
+def main(argv: list[str] | None = None) -> int:
+    return run_cli(sys.argv[1:] if argv is None else argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
