@@ -29,7 +29,6 @@ import difflib
 import gzip
 import hashlib
 import http.server
-import io
 import json
 import logging
 import math
@@ -41,7 +40,6 @@ import re
 import secrets
 import signal
 import socket
-import socketserver
 import sqlite3
 import sys
 import threading
@@ -2366,6 +2364,776 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     return buckets
 
 
+# Blocks: types, schemas, documents. Secret fields (the schema's `secret_fields`) are masked on read.
+
+SECRET_MASK = "**********"
+
+BlockTypeCreate = Schema("BlockTypeCreate", {
+    "name": Field("str", required=True, nullable=False, max_length=255),
+    "slug": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]+", max_length=255),
+    "logo_url": Field("str"), "documentation_url": Field("str"), "description": Field("str"),
+    "code_example": Field("str"),
+})
+BlockTypeUpdate = Schema("BlockTypeUpdate", {
+    "logo_url": Field("str"), "documentation_url": Field("str"), "description": Field("str"),
+    "code_example": Field("str"),
+})
+BlockSchemaCreate = Schema("BlockSchemaCreate", {
+    "fields": Field("object", default=dict, nullable=False),
+    "block_type_id": Field("uuid", required=True, nullable=False),
+    "capabilities": Field(ListOf("str"), default=list, nullable=False),
+    "version": Field("str", default="non-versioned", nullable=False),
+    "checksum": Field("str"),
+})
+BlockDocumentCreate = Schema("BlockDocumentCreate", {
+    "name": Field("str", max_length=255, pattern=r"[a-z0-9-]+"),
+    "data": Field("object", default=dict, nullable=False),
+    "block_schema_id": Field("uuid", required=True, nullable=False),
+    "block_type_id": Field("uuid", required=True, nullable=False),
+    "is_anonymous": Field("bool", default=False, nullable=False),
+})
+BlockDocumentUpdate = Schema("BlockDocumentUpdate", {
+    "block_schema_id": Field("uuid"),
+    "data": Field("object", default=dict, nullable=False),
+    "merge_existing_data": Field("bool", default=True, nullable=False),
+})
+
+
+def block_schema_checksum(fields: dict) -> str:
+    """The SDK's checksum when it sends none: sha256 of the canonical JSON of the fields."""
+    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def block_type_out(row) -> dict:
+    return decode_row("block_type", row)
+
+
+def block_schema_out(tx, row) -> dict:
+    schema = decode_row("block_schema", row)
+    schema["block_type"] = block_type_out(require_row(tx, "block_type", schema["block_type_id"], "Block type"))
+    return schema
+
+
+def create_block_type(tx, data) -> dict:
+    now = now_iso()
+    row_id = new_id()
+    if not insert_row(tx, "block_type", {"id": row_id, "created": now, "updated": now, "is_protected": False, **data},
+                      on_conflict="ON CONFLICT DO NOTHING"):
+        raise Conflict(f'Block type with slug "{data["slug"]}" already exists.')
+    return block_type_out(read_row(tx, "block_type", row_id))
+
+
+def create_block_schema(tx, data) -> tuple[dict, bool]:
+    require_row(tx, "block_type", data["block_type_id"], "Block type")
+    checksum = data.get("checksum") or block_schema_checksum(data["fields"])
+    existing = tx.query_one("SELECT * FROM block_schema WHERE checksum = ? AND version = ?", (checksum, data["version"]))
+    if existing is not None:
+        return block_schema_out(tx, existing), False
+    now = now_iso()
+    row_id = new_id()
+    insert_row(tx, "block_schema", {"id": row_id, "created": now, "updated": now, "checksum": checksum,
+                                    "fields": data["fields"], "block_type_id": data["block_type_id"],
+                                    "capabilities": data["capabilities"], "version": data["version"]},
+               on_conflict="ON CONFLICT DO NOTHING")
+    row = tx.query_one("SELECT * FROM block_schema WHERE checksum = ? AND version = ?", (checksum, data["version"]))
+    return block_schema_out(tx, row), True
+
+
+def _secret_paths(fields: dict) -> list[list[str]]:
+    return [path.split(".") for path in (fields or {}).get("secret_fields") or []]
+
+
+def _mask_secrets(data, path):
+    """Replace the value at a dotted path (with * wildcards) by the mask."""
+    if not path or not isinstance(data, dict):
+        return
+    head, rest = path[0], path[1:]
+    keys = list(data) if head == "*" else [head]
+    for key in keys:
+        if key not in data:
+            continue
+        if rest:
+            _mask_secrets(data[key], rest)
+        elif data[key] is not None:
+            data[key] = SECRET_MASK
+
+
+def _restore_masked(new, old):
+    """A client that sends the mask back means 'keep the stored secret'."""
+    if not isinstance(new, dict) or not isinstance(old, dict):
+        return new
+    out = {}
+    for key, value in new.items():
+        if value == SECRET_MASK and key in old:
+            out[key] = old[key]
+        elif isinstance(value, dict):
+            out[key] = _restore_masked(value, old.get(key))
+        else:
+            out[key] = value
+    return out
+
+
+def _split_references(data: dict) -> tuple[dict, dict]:
+    """Block fields that are other blocks arrive as {"$ref": {"block_document_id": ...}}."""
+    plain, refs = {}, {}
+    for key, value in data.items():
+        if isinstance(value, dict) and isinstance(value.get("$ref"), dict) and value["$ref"].get("block_document_id"):
+            refs[key] = parse_uuid(value["$ref"]["block_document_id"], ("body", "data", key, "$ref", "block_document_id"))
+        else:
+            plain[key] = value
+    return plain, refs
+
+
+def _write_references(tx, document_id: str, refs: dict):
+    tx.execute("DELETE FROM block_document_reference WHERE parent_block_document_id = ?", (document_id,))
+    for name, ref_id in refs.items():
+        require_row(tx, "block_document", ref_id, "Referenced block document")
+        insert_row(tx, "block_document_reference", {"id": new_id(), "created": now_iso(), "name": name,
+                                                     "parent_block_document_id": document_id,
+                                                     "reference_block_document_id": ref_id})
+
+
+def block_document_out(tx, row, include_secrets: bool, depth: int = 0) -> dict:
+    doc = decode_row("block_document", row)
+    schema = block_schema_out(tx, require_row(tx, "block_schema", doc["block_schema_id"], "Block schema"))
+    data = doc["data"]
+    references = {}
+    if depth < 10:  # references form a tree; the bound only guards against a cycle written by hand
+        for ref in tx.query("SELECT * FROM block_document_reference WHERE parent_block_document_id = ?", (doc["id"],)):
+            child = block_document_out(tx, require_row(tx, "block_document", ref["reference_block_document_id"],
+                                                       "Block document"), include_secrets, depth + 1)
+            data[ref["name"]] = child["data"]
+            references[ref["name"]] = {"block_document": {k: child[k] for k in (
+                "id", "name", "block_type", "is_anonymous", "block_document_references")}}
+    if not include_secrets:
+        for path in _secret_paths(schema["fields"]):
+            _mask_secrets(data, path)
+    doc.update({"data": data, "block_schema": schema, "block_type": schema["block_type"],
+                "block_type_name": schema["block_type"]["name"], "block_document_references": references})
+    return doc
+
+
+def create_block_document(tx, data) -> dict:
+    require_row(tx, "block_type", data["block_type_id"], "Block type")
+    require_row(tx, "block_schema", data["block_schema_id"], "Block schema")
+    name = data.get("name")
+    if not name:
+        if not data["is_anonymous"]:
+            raise ValidationFailed([_error(("body", "name"), "Names must be provided for block documents.", "value_error")])
+        name = f"anonymous-{uuid.uuid4()}"
+    plain, refs = _split_references(data["data"])
+    now = now_iso()
+    row_id = new_id()
+    if not insert_row(tx, "block_document", {"id": row_id, "created": now, "updated": now, "name": name, "data": plain,
+                                             "block_schema_id": data["block_schema_id"],
+                                             "block_type_id": data["block_type_id"], "is_anonymous": data["is_anonymous"]},
+                      on_conflict="ON CONFLICT DO NOTHING"):
+        raise Conflict("Block already exists")
+    _write_references(tx, row_id, refs)
+    return block_document_out(tx, read_row(tx, "block_document", row_id), include_secrets=False)
+
+
+def update_block_document(tx, doc_id: str, data: dict, sent: dict):
+    row = require_row(tx, "block_document", doc_id, "Block document", lock=True)
+    old = decode_row("block_document", row)
+    plain, refs = _split_references(data["data"])
+    plain = _restore_masked(plain, old["data"])
+    merged = {**old["data"], **plain} if data["merge_existing_data"] else plain
+    changes = {"data": merged, "updated": now_iso()}
+    if data.get("block_schema_id"):
+        require_row(tx, "block_schema", data["block_schema_id"], "Block schema")
+        changes["block_schema_id"] = data["block_schema_id"]
+    update_row(tx, "block_document", doc_id, changes)
+    if refs or not data["merge_existing_data"]:
+        _write_references(tx, doc_id, refs)
+
+
+# Variables
+
+VARIABLE_NAME = r"[a-z0-9_-]+"
+VariableCreate = Schema("VariableCreate", {
+    "name": Field("str", required=True, nullable=False, max_length=255, pattern=VARIABLE_NAME),
+    "value": Field("any", required=True),
+    "tags": Field(ListOf("str"), default=list, nullable=False),
+})
+VariableUpdate = Schema("VariableUpdate", {
+    "name": Field("str", nullable=False, max_length=255, pattern=VARIABLE_NAME),
+    "value": Field("any"),
+    "tags": Field(ListOf("str"), nullable=False),
+})
+MAX_VARIABLE_VALUE_BYTES = 5000  # Prefect's limit on a variable's value
+
+
+def _check_variable_value(data: dict):
+    if "value" in data and len(dumps(data["value"]).encode()) > MAX_VARIABLE_VALUE_BYTES:
+        raise ValidationFailed([_error(("body", "value"), f"value must be at most {MAX_VARIABLE_VALUE_BYTES} bytes "
+                                                          "when encoded as JSON", "value_error.any_str.max_length")])
+
+
+def create_variable(tx, data) -> dict:
+    _check_variable_value(data)
+    now = now_iso()
+    row_id = new_id()
+    if not insert_row(tx, "variable", {"id": row_id, "created": now, "updated": now, **data},
+                      on_conflict="ON CONFLICT DO NOTHING"):
+        raise Conflict(f'A variable with the name "{data["name"]}" already exists.')
+    return decode_row("variable", read_row(tx, "variable", row_id))
+
+
+# Artifacts: `artifact_collection` keeps the latest artifact per key, updated in the same transaction.
+
+ArtifactCreate = Schema("ArtifactCreate", {
+    "key": Field("str", max_length=255, pattern=r"[a-z0-9-]+"),
+    "type": Field("str"), "description": Field("str"), "data": Field("any"),
+    "metadata_": Field("object"), "flow_run_id": Field("uuid"), "task_run_id": Field("uuid"),
+})
+ArtifactUpdate = Schema("ArtifactUpdate", {"data": Field("any"), "description": Field("str"), "metadata_": Field("object")})
+
+
+def create_artifact(tx, data) -> dict:
+    now = now_iso()
+    row_id = new_id()
+    insert_row(tx, "artifact", {"id": row_id, "created": now, "updated": now, **data})
+    if data.get("key"):
+        if not insert_row(tx, "artifact_collection", {"id": new_id(), "created": now, "updated": now, "key": data["key"],
+                                                      "latest_id": row_id}, on_conflict="ON CONFLICT DO NOTHING"):
+            tx.execute("UPDATE artifact_collection SET latest_id = ?, updated = ? WHERE key = ?", (row_id, now, data["key"]))
+    return decode_row("artifact", read_row(tx, "artifact", row_id))
+
+
+def artifact_collection_out(tx, row) -> dict:
+    latest = decode_row("artifact", read_row(tx, "artifact", row["latest_id"]))
+    out = {k: latest[k] for k in ("type", "description", "data", "metadata_", "flow_run_id", "task_run_id")}
+    out.update({"id": row["id"], "created": row["created"], "updated": row["updated"], "key": row["key"],
+                "latest_id": row["latest_id"]})
+    return out
+
+
+def delete_artifact(tx, artifact_id: str):
+    row = require_row(tx, "artifact", artifact_id, "Artifact", lock=True)
+    tx.execute("DELETE FROM artifact WHERE id = ?", (artifact_id,))
+    if row["key"]:  # the key's latest moves to the newest artifact left, or the key goes away
+        newest = tx.query_one("SELECT id FROM artifact WHERE key = ? ORDER BY created DESC, id DESC LIMIT 1", (row["key"],))
+        if newest is None:
+            tx.execute("DELETE FROM artifact_collection WHERE key = ?", (row["key"],))
+        else:
+            tx.execute("UPDATE artifact_collection SET latest_id = ?, updated = ? WHERE key = ?",
+                       (newest["id"], now_iso(), row["key"]))
+
+
+# Concurrency limits: tag-based (v1, enforced in task orchestration) and global (v2).
+
+ConcurrencyLimitCreate = Schema("ConcurrencyLimitCreate", {
+    "tag": Field("str", required=True, nullable=False, max_length=255),
+    "concurrency_limit": Field("int", required=True, nullable=False, minimum=0),
+})
+ConcurrencyLimitV2Create = Schema("ConcurrencyLimitV2Create", {
+    "active": Field("bool", default=True, nullable=False),
+    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+    "limit": Field("int", required=True, nullable=False, minimum=0),
+    "active_slots": Field("int", default=0, nullable=False, minimum=0),
+    "denied_slots": Field("int", default=0, nullable=False, minimum=0),
+    "slot_decay_per_second": Field("float", default=0.0, nullable=False, minimum=0),
+})
+ConcurrencyLimitV2Update = Schema("ConcurrencyLimitV2Update", {
+    "active": Field("bool", nullable=False), "name": Field("str", nullable=False, max_length=255),
+    "limit": Field("int", nullable=False, minimum=0), "active_slots": Field("int", nullable=False, minimum=0),
+    "denied_slots": Field("int", nullable=False, minimum=0),
+    "slot_decay_per_second": Field("float", nullable=False, minimum=0),
+})
+ConcurrencySlotsBody = Schema("Body_concurrency_slots", {
+    "names": Field(ListOf("str"), required=True, nullable=False),
+    "slots": Field("int", required=True, nullable=False, minimum=1),
+    "mode": Field(Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False),
+    "occupancy_seconds": Field("float", minimum=0),
+    "create_if_missing": Field("bool"),
+})
+
+
+def create_tag_limit(tx, data) -> tuple[dict, bool]:
+    """Create-or-update by tag, as Prefect does."""
+    now = now_iso()
+    row = tx.query_one(f"SELECT * FROM concurrency_limit WHERE tag = ?{tx.db.for_update}", (data["tag"],))
+    if row is not None:
+        update_row(tx, "concurrency_limit", row["id"], {"concurrency_limit": data["concurrency_limit"], "updated": now})
+        return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row["id"])), False
+    row_id = new_id()
+    insert_row(tx, "concurrency_limit", {"id": row_id, "created": now, "updated": now, "tag": data["tag"],
+                                         "concurrency_limit": data["concurrency_limit"], "active_slots": []})
+    return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row_id)), True
+
+
+def _decayed_slots(limit: dict, now: _dt.datetime) -> int:
+    """Rate limits give slots back over time at slot_decay_per_second."""
+    decay = limit["slot_decay_per_second"] or 0.0
+    if not decay:
+        return limit["active_slots"]
+    elapsed = max((now - from_iso(limit["updated"])).total_seconds(), 0.0)
+    return max(0, int(limit["active_slots"] - elapsed * decay))
+
+
+def change_global_slots(tx, names: list[str], slots: int, mode: str, increment: bool,
+                        occupancy_seconds: float | None = None) -> list[dict] | None:
+    """Take (or give back) `slots` on every named active limit; None when a limit has no room (all or nothing)."""
+    if not names:
+        return []
+    marks = ", ".join("?" for _ in names)
+    rows = tx.query(f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) AND active = ? ORDER BY name"
+                    f"{tx.db.for_update}", (*names, True))
+    limits = [decode_row("concurrency_limit_v2", r) for r in rows]
+    now = utcnow()
+    if increment:
+        if mode == "rate_limit" and any(not lim["slot_decay_per_second"] for lim in limits):
+            raise ValidationFailed([_error(("body", "mode"), "Only concurrency limits with slot decay can be used "
+                                                             "for rate limiting.", "value_error")])
+        full = [lim for lim in limits if _decayed_slots(lim, now) + slots > lim["limit"]]
+        if full:
+            for lim in full:
+                tx.execute("UPDATE concurrency_limit_v2 SET denied_slots = denied_slots + ? WHERE id = ?", (slots, lim["id"]))
+            return None
+        for lim in limits:
+            update_row(tx, "concurrency_limit_v2", lim["id"], {"active_slots": _decayed_slots(lim, now) + slots,
+                                                             "denied_slots": 0, "updated": iso(now)})
+    else:
+        for lim in limits:
+            changes = {"active_slots": max(0, _decayed_slots(lim, now) - slots), "updated": iso(now)}
+            if occupancy_seconds is not None:  # a running average of how long slots are held
+                changes["avg_slot_occupancy_seconds"] = round(
+                    lim["avg_slot_occupancy_seconds"] * 0.8 + (occupancy_seconds / max(slots, 1)) * 0.2, 6)
+            update_row(tx, "concurrency_limit_v2", lim["id"], changes)
+    return [{"id": lim["id"], "name": lim["name"], "limit": lim["limit"]} for lim in limits]
+
+
+# Saved searches
+
+SavedSearchCreate = Schema("SavedSearchCreate", {
+    "name": Field("str", required=True, nullable=False, max_length=255),
+    "filters": Field(ListOf("object"), default=list, nullable=False),
+})
+
+
+# Work pools, work queues and workers. Status is derived from heartbeats and polls, not stored guesses.
+
+DEFAULT_AGENT_POOL = "default-agent-pool"
+WORKER_OFFLINE_AFTER_HEARTBEATS = 3  # a worker is OFFLINE after missing this many heartbeat intervals
+DEFAULT_HEARTBEAT_SECONDS = 30
+QUEUE_READY_POLL_SECONDS = 60  # a queue polled within this window is READY
+
+WorkPoolCreate = Schema("WorkPoolCreate", {
+    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+    "description": Field("str"),
+    "type": Field("str", default="prefect-agent", nullable=False),
+    "base_job_template": Field("object", default=dict, nullable=False),
+    "is_paused": Field("bool", default=False, nullable=False),
+    "concurrency_limit": Field("int", minimum=0),
+})
+WorkPoolUpdate = Schema("WorkPoolUpdate", {
+    "description": Field("str"), "is_paused": Field("bool", nullable=False),
+    "base_job_template": Field("object", nullable=False), "concurrency_limit": Field("int", minimum=0),
+})
+WorkQueueCreate = Schema("WorkQueueCreate", {
+    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+    "description": Field("str", default="", nullable=False),
+    "is_paused": Field("bool", default=False, nullable=False),
+    "concurrency_limit": Field("int", minimum=0),
+    "priority": Field("int", minimum=1),
+    "filter": Field("object"),
+    "work_pool_name": Field("str"),
+})
+WorkQueueUpdate = Schema("WorkQueueUpdate", {
+    "name": Field("str", nullable=False, max_length=255, pattern=r"[^/%&><]+"), "description": Field("str"),
+    "is_paused": Field("bool", nullable=False), "concurrency_limit": Field("int", minimum=0),
+    "priority": Field("int", minimum=1), "last_polled": Field("datetime"),
+})
+WorkerHeartbeat = Schema("Body_worker_heartbeat", {
+    "name": Field("str", required=True, nullable=False, max_length=255),
+    "heartbeat_interval_seconds": Field("int", minimum=1),
+})
+ScheduledRunsForPool = Schema("Body_get_scheduled_flow_runs_for_pool", {
+    "work_queue_names": Field(ListOf("str")),
+    "scheduled_before": Field("datetime"),
+    "scheduled_after": Field("datetime"),
+    "limit": Field("int", minimum=0),
+})
+
+
+def work_pool_out(tx, row) -> dict:
+    pool = decode_row("work_pool", row)
+    pool["status"] = work_pool_status(tx, pool)
+    return pool
+
+
+def work_pool_status(tx, pool: dict) -> str:
+    if pool["is_paused"]:
+        return "PAUSED"
+    horizon = iso(utcnow() - _dt.timedelta(seconds=DEFAULT_HEARTBEAT_SECONDS * WORKER_OFFLINE_AFTER_HEARTBEATS))
+    online = tx.scalar("SELECT COUNT(*) FROM worker WHERE work_pool_id = ? AND last_heartbeat_time >= ?",
+                       (pool["id"], horizon))
+    if online:
+        return "READY"
+    polled = iso(utcnow() - _dt.timedelta(seconds=QUEUE_READY_POLL_SECONDS))
+    recent = tx.scalar("SELECT COUNT(*) FROM work_queue WHERE work_pool_id = ? AND last_polled >= ?", (pool["id"], polled))
+    return "READY" if recent else "NOT_READY"
+
+
+def work_queue_out(tx, row, pool_name: str | None = None) -> dict:
+    queue_ = decode_row("work_queue", row)
+    if pool_name is None:
+        pool_name = tx.scalar("SELECT name FROM work_pool WHERE id = ?", (queue_["work_pool_id"],))
+    queue_["work_pool_name"] = pool_name
+    pool_paused = tx.scalar("SELECT is_paused FROM work_pool WHERE id = ?", (queue_["work_pool_id"],))
+    if queue_["is_paused"] or pool_paused:
+        queue_["status"] = "PAUSED"
+    else:
+        fresh = queue_.get("last_polled") and from_iso(queue_["last_polled"]) >= utcnow() - _dt.timedelta(seconds=QUEUE_READY_POLL_SECONDS)
+        queue_["status"] = "READY" if fresh else "NOT_READY"
+    return queue_
+
+
+def worker_out(row) -> dict:
+    worker = decode_row("worker", row)
+    interval = worker.get("heartbeat_interval_seconds") or DEFAULT_HEARTBEAT_SECONDS
+    alive = from_iso(worker["last_heartbeat_time"]) >= utcnow() - _dt.timedelta(seconds=interval * WORKER_OFFLINE_AFTER_HEARTBEATS)
+    worker["status"] = "ONLINE" if alive else "OFFLINE"
+    return worker
+
+
+def read_pool_by_name(tx, name: str, lock=False) -> dict:
+    row = tx.query_one(f"SELECT * FROM work_pool WHERE name = ?{tx.db.for_update if lock else ''}", (name,))
+    if row is None:
+        raise NotFound(f'Work pool "{name}" not found.')
+    return row
+
+
+def create_work_pool(tx, data: dict) -> dict:
+    now = now_iso()
+    pool_id, queue_id = new_id(), new_id()
+    if not insert_row(tx, "work_pool", {"id": pool_id, "created": now, "updated": now, "name": data["name"],
+                                        "description": data.get("description"), "type": data["type"],
+                                        "base_job_template": data["base_job_template"], "is_paused": data["is_paused"],
+                                        "concurrency_limit": data.get("concurrency_limit"), "default_queue_id": None},
+                      on_conflict="ON CONFLICT DO NOTHING"):
+        raise Conflict(f'A work pool named "{data["name"]}" already exists.')
+    insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": "default",
+                                  "description": "The work pool's default queue.", "is_paused": False,
+                                  "priority": 1, "work_pool_id": pool_id})
+    update_row(tx, "work_pool", pool_id, {"default_queue_id": queue_id})
+    return work_pool_out(tx, read_row(tx, "work_pool", pool_id))
+
+
+def ensure_work_queue(tx, pool_name: str | None, queue_name: str | None) -> dict | None:
+    """The queue a deployment or run goes to, created on first use as Prefect does."""
+    if not pool_name and not queue_name:
+        return None
+    if not pool_name:
+        pool_name = DEFAULT_AGENT_POOL
+        if tx.query_one("SELECT id FROM work_pool WHERE name = ?", (pool_name,)) is None:
+            create_work_pool(tx, {"name": pool_name, "type": "prefect-agent", "base_job_template": {},
+                                  "is_paused": False, "description": "Queues without a work pool."})
+    pool = read_pool_by_name(tx, pool_name)
+    if not queue_name:
+        return read_row(tx, "work_queue", pool["default_queue_id"])
+    row = tx.query_one("SELECT * FROM work_queue WHERE work_pool_id = ? AND name = ?", (pool["id"], queue_name))
+    if row is None:
+        row = create_work_queue(tx, pool, {"name": queue_name, "description": "", "is_paused": False})
+    return row
+
+
+def create_work_queue(tx, pool: dict, data: dict) -> dict:
+    now = now_iso()
+    priority = data.get("priority")
+    if priority is None:
+        priority = (tx.scalar("SELECT MAX(priority) FROM work_queue WHERE work_pool_id = ?", (pool["id"],)) or 0) + 1
+    queue_id = new_id()
+    if not insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": data["name"],
+                                         "description": data.get("description") or "",
+                                         "is_paused": data.get("is_paused", False),
+                                         "concurrency_limit": data.get("concurrency_limit"), "priority": priority,
+                                         "work_pool_id": pool["id"], "filter": data.get("filter")},
+                      on_conflict="ON CONFLICT DO NOTHING"):
+        raise Conflict(f'A work queue named "{data["name"]}" already exists in pool "{pool["name"]}".')
+    return read_row(tx, "work_queue", queue_id)
+
+
+def worker_heartbeat(tx, pool: dict, data: dict):
+    now = now_iso()
+    row = tx.query_one("SELECT id FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], data["name"]))
+    if row is None:
+        insert_row(tx, "worker", {"id": new_id(), "created": now, "updated": now, "name": data["name"],
+                                  "work_pool_id": pool["id"], "last_heartbeat_time": now,
+                                  "heartbeat_interval_seconds": data.get("heartbeat_interval_seconds")},
+                   on_conflict="ON CONFLICT DO NOTHING")
+    else:
+        update_row(tx, "worker", row["id"], {"last_heartbeat_time": now, "updated": now,
+                                             "heartbeat_interval_seconds": data.get("heartbeat_interval_seconds")})
+
+
+def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> list[dict]:
+    """SCHEDULED runs a worker may start now: queue priority order, honouring pauses and limits."""
+    now = now_iso()
+    before = data.get("scheduled_before") or now
+    limit = page_limit(data, settings)
+    queues = [decode_row("work_queue", r) for r in
+              tx.query("SELECT * FROM work_queue WHERE work_pool_id = ? ORDER BY priority, name", (pool["id"],))]
+    if data.get("work_queue_names"):
+        queues = [q for q in queues if q["name"] in data["work_queue_names"]]
+    for q in queues:
+        update_row(tx, "work_queue", q["id"], {"last_polled": now})
+    if pool["is_paused"]:
+        return []
+    pool_room = None
+    if pool["concurrency_limit"] is not None:
+        busy = tx.scalar("SELECT COUNT(*) FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+                         "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')",
+                         (pool["id"],))
+        pool_room = max(pool["concurrency_limit"] - busy, 0)
+    out = []
+    for q in queues:
+        if q["is_paused"] or len(out) >= limit or pool_room == 0:
+            continue
+        room = limit - len(out)
+        if q["concurrency_limit"] is not None:
+            busy = tx.scalar("SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type IN "
+                             "('PENDING', 'RUNNING', 'CANCELLING')", (q["id"],))
+            room = min(room, max(q["concurrency_limit"] - busy, 0))
+        if pool_room is not None:
+            room = min(room, pool_room)
+        if room <= 0:
+            continue
+        sql = ("SELECT * FROM flow_run WHERE work_queue_id = ? AND state_type = 'SCHEDULED' "
+               "AND next_scheduled_start_time <= ?")
+        params = [q["id"], before]
+        if data.get("scheduled_after"):
+            sql, params = sql + " AND next_scheduled_start_time >= ?", params + [data["scheduled_after"]]
+        rows = tx.query(sql + " ORDER BY next_scheduled_start_time, id LIMIT ?", (*params, room))
+        out += [{"work_pool_id": pool["id"], "work_queue_id": q["id"], "flow_run": flow_run_out(r)} for r in rows]
+        if pool_room is not None:
+            pool_room -= len(rows)
+    return out
+
+
+# Deployments
+
+DeploymentScheduleCreate = Schema("DeploymentScheduleCreate", {
+    "schedule": Field("object", required=True, nullable=False),
+    "active": Field("bool", default=True, nullable=False),
+    "max_active_runs": Field("int", minimum=1),
+    "max_scheduled_runs": Field("int", minimum=1),
+    "catchup": Field("bool", default=False, nullable=False),
+})
+_DEPLOYMENT_FIELDS = {
+    "version": Field("str"), "description": Field("str"),
+    "schedule": Field("object"), "is_schedule_active": Field("bool"),
+    "paused": Field("bool"),
+    "schedules": Field(ListOf(DeploymentScheduleCreate)),
+    "parameters": Field("object", nullable=False),
+    "tags": Field(ListOf("str"), nullable=False),
+    "work_queue_name": Field("str"), "work_pool_name": Field("str"),
+    "path": Field("str"), "entrypoint": Field("str"), "manifest_path": Field("str"),
+    "storage_document_id": Field("uuid"), "infrastructure_document_id": Field("uuid"),
+    "parameter_openapi_schema": Field("object"), "pull_steps": Field(ListOf("object")),
+    "enforce_parameter_schema": Field("bool"),
+    "job_variables": Field("object"), "infra_overrides": Field("object"),
+}
+DeploymentCreate = Schema("DeploymentCreate", {
+    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+    "flow_id": Field("uuid", required=True, nullable=False),
+    **_DEPLOYMENT_FIELDS,
+})
+DeploymentUpdate = Schema("DeploymentUpdate", dict(_DEPLOYMENT_FIELDS))
+DeploymentFlowRunCreate = Schema("DeploymentFlowRunCreate", {
+    "name": Field("str", max_length=5000), "parameters": Field("object", default=dict, nullable=False),
+    "context": Field("object", default=dict, nullable=False), "tags": Field(ListOf("str"), default=list, nullable=False),
+    "idempotency_key": Field("str"), "parent_task_run_id": Field("uuid"), "work_queue_name": Field("str"),
+    "job_variables": Field("object"), "state": Field(StateCreate), "empirical_policy": Field("object"),
+    "infrastructure_document_id": Field("uuid"), "enforce_parameter_schema": Field("bool"),
+})
+ScheduledRunsForDeployments = Schema("Body_get_scheduled_flow_runs_for_deployments", {
+    "deployment_ids": Field(ListOf("uuid"), required=True, nullable=False),
+    "scheduled_before": Field("datetime"),
+    "limit": Field("int", minimum=0),
+})
+
+SCHEDULE_VALIDATORS: list = []  # functions(schedule) -> normalised schedule; raise ValidationFailed
+
+
+def normalise_schedule(schedule: dict, loc) -> dict:
+    for validate in SCHEDULE_VALIDATORS:
+        schedule = validate(schedule, loc)
+    return schedule
+
+
+def deployment_out(tx, row) -> dict:
+    dep = decode_row("deployment", row)
+    schedules = [decode_row("deployment_schedule", r) for r in
+                 tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
+    dep["schedules"] = schedules
+    dep["schedule"] = schedules[0]["schedule"] if schedules else None
+    dep["work_pool_name"] = None
+    if dep.get("work_queue_id"):
+        found = tx.query_one("SELECT wp.name AS pool, wq.name AS queue FROM work_queue wq JOIN work_pool wp "
+                             "ON wp.id = wq.work_pool_id WHERE wq.id = ?", (dep["work_queue_id"],))
+        if found:
+            dep["work_pool_name"], dep["work_queue_name"] = found["pool"], found["queue"]
+    return dep
+
+
+def _replace_schedules(tx, deployment_id: str, schedules: list[dict]):
+    tx.execute("DELETE FROM deployment_schedule WHERE deployment_id = ?", (deployment_id,))
+    now = now_iso()
+    for i, item in enumerate(schedules):
+        insert_row(tx, "deployment_schedule", {
+            "id": new_id(), "created": now, "updated": now, "deployment_id": deployment_id,
+            "schedule": normalise_schedule(item["schedule"], ("body", "schedules", i, "schedule")),
+            "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
+            "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False)})
+    # a schedule change removes the auto-scheduled runs that have not started yet; the scheduler refills
+    tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
+               "AND start_time IS NULL", (deployment_id, True))
+
+
+def _schedules_from(data: dict, sent: dict) -> list[dict] | None:
+    if "schedules" in sent and data.get("schedules") is not None:
+        return data["schedules"]
+    if "schedule" in sent:  # the older single-schedule field
+        if data.get("schedule") is None:
+            return []
+        return [{"schedule": data["schedule"], "active": data.get("is_schedule_active", True) is not False}]
+    return None
+
+
+def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
+    """Create a deployment, or update the one with the same flow and name."""
+    require_row(tx, "flow", data["flow_id"], "Flow")
+    queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name"))
+    now = now_iso()
+    values = {k: data[k] for k in ("version", "description", "path", "entrypoint", "manifest_path",
+                                   "storage_document_id", "infrastructure_document_id", "parameter_openapi_schema",
+                                   "pull_steps") if k in sent}
+    for key, default in (("parameters", {}), ("tags", []), ("job_variables", {}), ("infra_overrides", {})):
+        if key in sent:
+            values[key] = data[key] if data[key] is not None else default
+    for key in ("paused", "enforce_parameter_schema"):
+        if data.get(key) is not None:
+            values[key] = data[key]
+    if data.get("is_schedule_active") is not None:
+        values["is_schedule_active"] = data["is_schedule_active"]
+        values.setdefault("paused", not data["is_schedule_active"])
+    values["work_queue_id"] = queue_row["id"] if queue_row else None
+    values["work_queue_name"] = queue_row["name"] if queue_row else data.get("work_queue_name")
+    existing = tx.query_one(f"SELECT * FROM deployment WHERE flow_id = ? AND name = ?{tx.db.for_update}",
+                            (data["flow_id"], data["name"]))
+    if existing is None:
+        dep_id = new_id()
+        insert_row(tx, "deployment", {"id": dep_id, "created": now, "updated": now, "name": data["name"],
+                                      "flow_id": data["flow_id"], **values})
+    else:
+        dep_id = existing["id"]
+        update_row(tx, "deployment", dep_id, {**values, "updated": now})
+    schedules = _schedules_from(data, sent)
+    if schedules is not None:
+        _replace_schedules(tx, dep_id, schedules)
+    return deployment_out(tx, read_row(tx, "deployment", dep_id)), existing is None
+
+
+def update_deployment(tx, dep_id: str, data: dict, sent: dict):
+    row = require_row(tx, "deployment", dep_id, "Deployment", lock=True)
+    changes = {k: data[k] for k in sent if k in data and k not in ("schedule", "schedules", "work_pool_name",
+                                                                     "work_queue_name", "is_schedule_active")}
+    if "paused" in changes and changes["paused"] is not None:
+        changes["is_schedule_active"] = not changes["paused"]
+    if data.get("is_schedule_active") is not None:
+        changes["is_schedule_active"] = data["is_schedule_active"]
+        changes["paused"] = not data["is_schedule_active"]
+    if "work_pool_name" in sent or "work_queue_name" in sent:
+        queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name") or row["work_queue_name"])
+        changes["work_queue_id"] = queue_row["id"] if queue_row else None
+        changes["work_queue_name"] = queue_row["name"] if queue_row else None
+    changes = {k: v for k, v in changes.items() if not (v is None and k in ("paused", "enforce_parameter_schema", "parameters", "tags"))}
+    update_row(tx, "deployment", dep_id, {**changes, "updated": now_iso()})
+    schedules = _schedules_from(data, sent)
+    if schedules is not None:
+        _replace_schedules(tx, dep_id, schedules)
+
+
+_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
+               "object": dict, "null": type(None)}
+
+
+def validate_parameters(schema: dict, params: dict) -> list[dict]:
+    """Check run parameters against the deployment's parameter_openapi_schema (the parts Prefect emits)."""
+    errors = []
+    props = (schema or {}).get("properties") or {}
+    for name in (schema or {}).get("required") or []:
+        if name not in params:
+            errors.append(_error(("body", "parameters", name), f"'{name}' is a required property", "value_error.missing"))
+    for name, value in params.items():
+        spec = props.get(name)
+        if not isinstance(spec, dict):
+            continue
+        types = spec.get("type")
+        options = [t for t in ([types] if isinstance(types, str) else (types or [])) if t in _JSON_TYPES]
+        for alt in spec.get("anyOf") or []:
+            if isinstance(alt, dict) and alt.get("type") in _JSON_TYPES:
+                options.append(alt["type"])
+        if options and not any(_json_type_ok(value, t) for t in options):
+            errors.append(_error(("body", "parameters", name),
+                                 f"{value!r} is not valid under any of the given schemas ({', '.join(options)})",
+                                 "value_error.parameter"))
+        if "enum" in spec and value not in spec["enum"]:
+            errors.append(_error(("body", "parameters", name), f"{value!r} is not one of {spec['enum']}", "value_error.parameter"))
+    return errors
+
+
+def _json_type_ok(value, type_name: str) -> bool:
+    if type_name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if type_name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES[type_name])
+
+
+def create_deployment_flow_run(tx, dep_id: str, data: dict) -> tuple[dict, bool]:
+    dep = deployment_out(tx, require_row(tx, "deployment", dep_id, "Deployment"))
+    parameters = {**(dep.get("parameters") or {}), **(data.get("parameters") or {})}
+    enforce = data.get("enforce_parameter_schema")
+    if enforce is None:
+        enforce = dep.get("enforce_parameter_schema")
+    if enforce and dep.get("parameter_openapi_schema"):
+        errors = validate_parameters(dep["parameter_openapi_schema"], parameters)
+        if errors:
+            raise ValidationFailed(errors)
+    queue_row = ensure_work_queue(tx, dep["work_pool_name"], data.get("work_queue_name") or dep.get("work_queue_name")) \
+        if (dep.get("work_pool_name") or data.get("work_queue_name") or dep.get("work_queue_name")) else None
+    state = data.get("state") or {"type": "SCHEDULED", "state_details": {"scheduled_time": now_iso()}}
+    if state["type"] == "SCHEDULED" and not (state.get("state_details") or {}).get("scheduled_time"):
+        state = {**state, "state_details": {**(state.get("state_details") or {}), "scheduled_time": now_iso()}}
+    run_data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "name": data.get("name"),
+                "parameters": parameters, "context": data.get("context") or {},
+                "tags": sorted(set(dep.get("tags") or []) | set(data.get("tags") or [])),
+                "idempotency_key": data.get("idempotency_key"), "parent_task_run_id": data.get("parent_task_run_id"),
+                "empirical_policy": data.get("empirical_policy") or {}, "state": state,
+                "job_variables": data.get("job_variables") or {},
+                "infrastructure_document_id": data.get("infrastructure_document_id") or dep.get("infrastructure_document_id")}
+    extra = {"deployment_version": dep.get("version"),
+             "work_queue_id": queue_row["id"] if queue_row else None,
+             "work_queue_name": queue_row["name"] if queue_row else None}
+    return create_flow_run(tx, run_data, extra)
+
+
+def scheduled_runs_for_deployments(tx, data: dict, settings: Settings) -> list[dict]:
+    ids = data["deployment_ids"]
+    if not ids:
+        return []
+    now = now_iso()
+    marks = ", ".join("?" for _ in ids)
+    tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE id IN ({marks})", (now, *ids))
+    rows = tx.query(f"SELECT * FROM flow_run WHERE deployment_id IN ({marks}) AND state_type = 'SCHEDULED' "
+                    f"AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time, id LIMIT ?",
+                    (*ids, data.get("scheduled_before") or now, page_limit(data, settings)))
+    return [flow_run_out(r) for r in rows]
+
+
 # --- 8. HTTP API ---
 # Owns the route table (METHOD, path pattern, handler), request parsing, access control (basic auth,
 # CSRF, CORS) and the one place that turns exceptions into HTTP errors. Handlers are small: they
@@ -2698,6 +3466,748 @@ def create_logs_handler(app, req):
     return 201, None
 
 
+# Handlers: blocks
+
+@body(BlockTypeCreate)
+def create_block_type_handler(app, req):
+    with app.db.write() as tx:
+        return 201, create_block_type(tx, req.data)
+
+
+def read_block_type(app, req):
+    with app.db.read() as tx:
+        return 200, block_type_out(require_row(tx, "block_type", req.uuid(), "Block type"))
+
+
+def _block_type_by_slug(tx, slug):
+    row = tx.query_one("SELECT * FROM block_type WHERE slug = ?", (slug,))
+    if row is None:
+        raise NotFound("Block type not found")
+    return row
+
+
+def read_block_type_by_slug(app, req):
+    with app.db.read() as tx:
+        return 200, block_type_out(_block_type_by_slug(tx, req.params["slug"]))
+
+
+@body(BlockTypeUpdate)
+def update_block_type(app, req):
+    with app.db.write() as tx:
+        row = require_row(tx, "block_type", req.uuid(), "Block type", lock=True)
+        if row["is_protected"]:
+            raise HTTPError(403, "protected block types cannot be updated.")
+        changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+        update_row(tx, "block_type", req.uuid(), {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_block_type(app, req):
+    with app.db.write() as tx:
+        row = require_row(tx, "block_type", req.uuid(), "Block type", lock=True)
+        if row["is_protected"]:
+            raise HTTPError(403, "protected block types cannot be deleted.")
+        tx.execute("DELETE FROM block_type WHERE id = ?", (req.uuid(),))
+    return 204, NO_CONTENT
+
+
+BlockTypeFilterBody = filter_body_schema("block_type", ("block_types", "block_schemas"))
+
+
+@body(BlockTypeFilterBody)
+def read_block_types_filtered(app, req):
+    with app.db.read() as tx:
+        where, params = build_where(tx, "block_type", req.data)
+        rows = tx.query(f"SELECT block_type.* FROM block_type WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
+                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [block_type_out(r) for r in rows]
+
+
+@body(BlockSchemaCreate)
+def create_block_schema_handler(app, req):
+    with app.db.write() as tx:
+        schema, created = create_block_schema(tx, req.data)
+    return (201 if created else 200), schema
+
+
+def read_block_schema(app, req):
+    with app.db.read() as tx:
+        return 200, block_schema_out(tx, require_row(tx, "block_schema", req.uuid(), "Block schema"))
+
+
+def read_block_schema_by_checksum(app, req):
+    version = req.arg("version")
+    with app.db.read() as tx:
+        sql, params = "SELECT * FROM block_schema WHERE checksum = ?", [req.params["checksum"]]
+        if version:
+            sql, params = sql + " AND version = ?", params + [version]
+        row = tx.query_one(sql + " ORDER BY created DESC LIMIT 1", params)
+        if row is None:
+            raise NotFound("Block schema not found")
+        return 200, block_schema_out(tx, row)
+
+
+def delete_block_schema(app, req):
+    with app.db.write() as tx:
+        row = require_row(tx, "block_schema", req.uuid(), "Block schema")
+        if tx.scalar("SELECT is_protected FROM block_type WHERE id = ?", (row["block_type_id"],)):
+            raise HTTPError(403, "Block schemas for protected block types cannot be deleted.")
+        tx.execute("DELETE FROM block_schema WHERE id = ?", (req.uuid(),))
+    return 204, NO_CONTENT
+
+
+BlockSchemaFilterBody = filter_body_schema("block_schema", ("block_schemas",))
+
+
+@body(BlockSchemaFilterBody)
+def read_block_schemas_filtered(app, req):
+    with app.db.read() as tx:
+        where, params = build_where(tx, "block_schema", req.data)
+        rows = tx.query(f"SELECT block_schema.* FROM block_schema WHERE {where} ORDER BY created DESC LIMIT ? OFFSET ?",
+                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [block_schema_out(tx, r) for r in rows]
+
+
+def read_block_capabilities(app, req):
+    with app.db.read() as tx:
+        caps = set()
+        for row in tx.query("SELECT capabilities FROM block_schema"):
+            caps.update(json.loads(row["capabilities"] or "[]"))
+    return 200, sorted(caps)
+
+
+@body(BlockDocumentCreate)
+def create_block_document_handler(app, req):
+    with app.db.write() as tx:
+        return 201, create_block_document(tx, req.data)
+
+
+def read_block_document(app, req):
+    with app.db.read() as tx:
+        row = require_row(tx, "block_document", req.uuid(), "Block document")
+        return 200, block_document_out(tx, row, req.bool_arg("include_secrets"))
+
+
+@body(BlockDocumentUpdate)
+def update_block_document_handler(app, req):
+    with app.db.write() as tx:
+        update_block_document(tx, req.uuid(), req.data, req.body_dict())
+    return 204, NO_CONTENT
+
+
+def delete_block_document(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM block_document WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("Block document not found")
+    return 204, NO_CONTENT
+
+
+BlockDocumentFilterBody = Schema("Body_read_block_documents", {
+    **filter_body_schema("block_document", ("block_documents", "block_types", "block_schemas")).fields,
+    "include_secrets": Field("bool", default=False, nullable=False),
+})
+
+
+def _block_documents_where(tx, data):
+    body = dict(data)
+    if body.get("block_documents") is None:  # anonymous documents are hidden unless asked for
+        body["block_documents"] = {"is_anonymous": {"eq_": False}}
+    return build_where(tx, "block_document", body)
+
+
+@body(BlockDocumentFilterBody)
+def read_block_documents_filtered(app, req):
+    with app.db.read() as tx:
+        where, params = _block_documents_where(tx, req.data)
+        rows = tx.query(f"SELECT block_document.* FROM block_document WHERE {where} "
+                        f"ORDER BY {order_by('block_document', req.data.get('sort'))} LIMIT ? OFFSET ?",
+                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [block_document_out(tx, r, req.data["include_secrets"]) for r in rows]
+
+
+@body(BlockDocumentFilterBody)
+def count_block_documents(app, req):
+    with app.db.read() as tx:
+        where, params = _block_documents_where(tx, req.data)
+        return 200, int(tx.scalar(f"SELECT COUNT(*) FROM block_document WHERE {where}", params))
+
+
+def read_block_documents_of_type(app, req):
+    with app.db.read() as tx:
+        block_type = _block_type_by_slug(tx, req.params["slug"])
+        rows = tx.query("SELECT * FROM block_document WHERE block_type_id = ? AND is_anonymous = ? ORDER BY name",
+                        (block_type["id"], False))
+        return 200, [block_document_out(tx, r, req.bool_arg("include_secrets")) for r in rows]
+
+
+def read_block_document_by_name(app, req):
+    with app.db.read() as tx:
+        block_type = _block_type_by_slug(tx, req.params["slug"])
+        row = tx.query_one("SELECT * FROM block_document WHERE block_type_id = ? AND name = ?",
+                           (block_type["id"], req.params["block_document_name"]))
+        if row is None:
+            raise NotFound("Block document not found")
+        return 200, block_document_out(tx, row, req.bool_arg("include_secrets"))
+
+
+# Handlers: variables
+
+@body(VariableCreate)
+def create_variable_handler(app, req):
+    with app.db.write() as tx:
+        return 201, create_variable(tx, req.data)
+
+
+def _variable_row(tx, req, lock=False):
+    if "name" in req.params:
+        row = tx.query_one(f"SELECT * FROM variable WHERE name = ?{tx.db.for_update if lock else ''}", (req.params["name"],))
+    else:
+        row = read_row(tx, "variable", req.uuid(), lock)
+    if row is None:
+        raise NotFound("Variable not found.")
+    return row
+
+
+def read_variable(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("variable", _variable_row(tx, req))
+
+
+@body(VariableUpdate)
+def update_variable(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    _check_variable_value(changes)
+    with app.db.write() as tx:
+        row = _variable_row(tx, req, lock=True)
+        if "name" in changes and changes["name"] != row["name"]:
+            if tx.query_one("SELECT 1 FROM variable WHERE name = ?", (changes["name"],)):
+                raise Conflict(f'A variable with the name "{changes["name"]}" already exists.')
+        update_row(tx, "variable", row["id"], {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_variable(app, req):
+    with app.db.write() as tx:
+        row = _variable_row(tx, req, lock=True)
+        tx.execute("DELETE FROM variable WHERE id = ?", (row["id"],))
+    return 204, NO_CONTENT
+
+
+read_variables_filtered, count_variables = _filter_handler("variable", lambda r: decode_row("variable", r), ("variables",))
+
+
+# Handlers: artifacts
+
+@body(ArtifactCreate)
+def create_artifact_handler(app, req):
+    with app.db.write() as tx:
+        return 201, create_artifact(tx, req.data)
+
+
+def read_artifact(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("artifact", require_row(tx, "artifact", req.uuid(), "Artifact"))
+
+
+@body(ArtifactUpdate)
+def update_artifact(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        require_row(tx, "artifact", req.uuid(), "Artifact", lock=True)
+        update_row(tx, "artifact", req.uuid(), {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_artifact_handler(app, req):
+    with app.db.write() as tx:
+        delete_artifact(tx, req.uuid())
+    return 204, NO_CONTENT
+
+
+def read_latest_artifact(app, req):
+    with app.db.read() as tx:
+        row = tx.query_one("SELECT * FROM artifact_collection WHERE key = ?", (req.params["key"],))
+        if row is None:
+            raise NotFound("Artifact not found.")
+        return 200, decode_row("artifact", read_row(tx, "artifact", row["latest_id"]))
+
+
+_ARTIFACT_FILTERS = ("artifacts", "flow_runs", "task_runs")
+read_artifacts_filtered, count_artifacts = _filter_handler("artifact", lambda r: decode_row("artifact", r), _ARTIFACT_FILTERS)
+ArtifactFilterBody = filter_body_schema("artifact", _ARTIFACT_FILTERS)
+_LATEST_ONLY = "artifact.id IN (SELECT latest_id FROM artifact_collection)"
+
+
+@body(ArtifactFilterBody)
+def read_latest_artifacts_filtered(app, req):
+    with app.db.read() as tx:
+        rows = query_filtered(tx, "artifact", req.data, app.settings, _LATEST_ONLY)
+        out = []
+        for row in rows:
+            collection = tx.query_one("SELECT * FROM artifact_collection WHERE key = ?", (row["key"],))
+            out.append(artifact_collection_out(tx, collection))
+        return 200, out
+
+
+@body(ArtifactFilterBody)
+def count_latest_artifacts(app, req):
+    with app.db.read() as tx:
+        return 200, count_filtered(tx, "artifact", req.data, _LATEST_ONLY)
+
+
+# Handlers: concurrency limits
+
+@body(ConcurrencyLimitCreate)
+def create_tag_limit_handler(app, req):
+    with app.db.write() as tx:
+        limit, created = create_tag_limit(tx, req.data)
+    return (201 if created else 200), limit
+
+
+def _tag_limit_row(tx, req, lock=False):
+    if "tag" in req.params:
+        row = tx.query_one(f"SELECT * FROM concurrency_limit WHERE tag = ?{tx.db.for_update if lock else ''}",
+                           (req.params["tag"],))
+    else:
+        row = read_row(tx, "concurrency_limit", req.uuid(), lock)
+    if row is None:
+        raise NotFound("Concurrency limit not found")
+    return row
+
+
+def read_tag_limit(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("concurrency_limit", _tag_limit_row(tx, req))
+
+
+def delete_tag_limit(app, req):
+    with app.db.write() as tx:
+        row = _tag_limit_row(tx, req, lock=True)
+        tx.execute("DELETE FROM concurrency_limit WHERE id = ?", (row["id"],))
+    return 204, NO_CONTENT
+
+
+def reset_tag_limit(app, req):
+    override = req.body_dict().get("slot_override")
+    slots = _validate_kind(ListOf("uuid"), override, ("body", "slot_override")) if override is not None else []
+    with app.db.write() as tx:
+        row = _tag_limit_row(tx, req, lock=True)
+        update_row(tx, "concurrency_limit", row["id"], {"active_slots": slots, "updated": now_iso()})
+    return 200, None
+
+
+@body(filter_body_schema("concurrency_limit", ()))
+def read_tag_limits_filtered(app, req):
+    with app.db.read() as tx:
+        rows = tx.query("SELECT * FROM concurrency_limit ORDER BY tag LIMIT ? OFFSET ?",
+                        (page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [decode_row("concurrency_limit", r) for r in rows]
+
+
+@body(ConcurrencyLimitV2Create)
+def create_global_limit(app, req):
+    now = now_iso()
+    with app.db.write() as tx:
+        row_id = new_id()
+        if not insert_row(tx, "concurrency_limit_v2", {"id": row_id, "created": now, "updated": now, **req.data},
+                          on_conflict="ON CONFLICT DO NOTHING"):
+            raise Conflict(f'Concurrency limit with name "{req.data["name"]}" already exists.')
+        return 201, decode_row("concurrency_limit_v2", read_row(tx, "concurrency_limit_v2", row_id))
+
+
+def _global_limit_row(tx, key, lock=False):
+    suffix = tx.db.for_update if lock else ""
+    if _UUID_RE.match(key):
+        row = tx.query_one(f"SELECT * FROM concurrency_limit_v2 WHERE id = ?{suffix}", (parse_uuid(key),))
+    else:
+        row = tx.query_one(f"SELECT * FROM concurrency_limit_v2 WHERE name = ?{suffix}", (key,))
+    if row is None:
+        raise NotFound("Concurrency Limit not found")
+    return row
+
+
+def read_global_limit(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("concurrency_limit_v2", _global_limit_row(tx, req.params["id_or_name"]))
+
+
+@body(ConcurrencyLimitV2Update)
+def update_global_limit(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        row = _global_limit_row(tx, req.params["id_or_name"], lock=True)
+        update_row(tx, "concurrency_limit_v2", row["id"], {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_global_limit(app, req):
+    with app.db.write() as tx:
+        row = _global_limit_row(tx, req.params["id_or_name"], lock=True)
+        tx.execute("DELETE FROM concurrency_limit_v2 WHERE id = ?", (row["id"],))
+    return 204, NO_CONTENT
+
+
+@body(filter_body_schema("concurrency_limit_v2", ()))
+def read_global_limits_filtered(app, req):
+    with app.db.read() as tx:
+        rows = tx.query("SELECT * FROM concurrency_limit_v2 ORDER BY name LIMIT ? OFFSET ?",
+                        (page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [decode_row("concurrency_limit_v2", r) for r in rows]
+
+
+@body(ConcurrencySlotsBody)
+def increment_global_limits(app, req):
+    with app.db.write() as tx:
+        taken = change_global_slots(tx, req.data["names"], req.data["slots"], req.data["mode"], increment=True)
+        if taken is None:
+            marks = ", ".join("?" for _ in req.data["names"])
+            wait = tx.scalar(f"SELECT MAX(avg_slot_occupancy_seconds) FROM concurrency_limit_v2 WHERE name IN ({marks})",
+                             tuple(req.data["names"])) or 1.0
+    if taken is None:  # the denial is recorded (denied_slots) once the transaction above commits
+        raise HTTPError(423, "Concurrency limit is full; retry later.", {"Retry-After": f"{max(float(wait), 0.1):.2f}"})
+    return 200, taken
+
+
+@body(ConcurrencySlotsBody)
+def decrement_global_limits(app, req):
+    with app.db.write() as tx:
+        return 200, change_global_slots(tx, req.data["names"], req.data["slots"], req.data["mode"], increment=False,
+                                        occupancy_seconds=req.data.get("occupancy_seconds"))
+
+
+# Handlers: saved searches
+
+@body(SavedSearchCreate)
+def create_saved_search(app, req):
+    now = now_iso()
+    with app.db.write() as tx:
+        row = tx.query_one(f"SELECT * FROM saved_search WHERE name = ?{tx.db.for_update}", (req.data["name"],))
+        if row is None:
+            row_id = new_id()
+            insert_row(tx, "saved_search", {"id": row_id, "created": now, "updated": now, **req.data})
+        else:
+            row_id = row["id"]
+            update_row(tx, "saved_search", row_id, {"filters": req.data["filters"], "updated": now})
+        return 201, decode_row("saved_search", read_row(tx, "saved_search", row_id))
+
+
+def read_saved_search(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("saved_search", require_row(tx, "saved_search", req.uuid(), "SavedSearch"))
+
+
+def delete_saved_search(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM saved_search WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("SavedSearch not found")
+    return 204, NO_CONTENT
+
+
+read_saved_searches_filtered, _count_saved_searches = _filter_handler(
+    "saved_search", lambda r: decode_row("saved_search", r), ("saved_searches",))
+
+
+# Handlers: deployments
+
+@body(DeploymentCreate)
+def create_deployment_handler(app, req):
+    with app.db.write() as tx:
+        dep, _created = upsert_deployment(tx, req.data, req.body_dict())
+    return 201, dep
+
+
+def read_deployment(app, req):
+    with app.db.read() as tx:
+        return 200, deployment_out(tx, require_row(tx, "deployment", req.uuid(), "Deployment"))
+
+
+def read_deployment_by_name(app, req):
+    with app.db.read() as tx:
+        row = tx.query_one("SELECT d.* FROM deployment d JOIN flow f ON f.id = d.flow_id WHERE f.name = ? AND d.name = ?",
+                           (req.params["flow_name"], req.params["deployment_name"]))
+        if row is None:
+            raise NotFound("Deployment not found")
+        return 200, deployment_out(tx, row)
+
+
+@body(DeploymentUpdate)
+def update_deployment_handler(app, req):
+    with app.db.write() as tx:
+        update_deployment(tx, req.uuid(), req.data, req.body_dict())
+    return 204, NO_CONTENT
+
+
+def delete_deployment(app, req):
+    with app.db.write() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
+        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' AND auto_scheduled = ?",
+                   (req.uuid(), True))
+        tx.execute("DELETE FROM deployment WHERE id = ?", (req.uuid(),))
+    return 204, NO_CONTENT
+
+
+def _set_deployment_paused(paused: bool):
+    def handler(app, req):
+        with app.db.write() as tx:
+            require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
+            update_row(tx, "deployment", req.uuid(), {"paused": paused, "is_schedule_active": not paused,
+                                                      "updated": now_iso()})
+            if paused:  # a paused deployment keeps no future auto-scheduled runs
+                tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' "
+                           "AND auto_scheduled = ?", (req.uuid(), True))
+        return 200, None
+    return handler
+
+
+pause_deployment = _set_deployment_paused(True)
+pause_deployment.__name__ = "pause_deployment"
+resume_deployment = _set_deployment_paused(False)
+resume_deployment.__name__ = "resume_deployment"
+
+
+@body(DeploymentFlowRunCreate)
+def create_deployment_flow_run_handler(app, req):
+    with app.db.write() as tx:
+        run, created = create_deployment_flow_run(tx, req.uuid(), req.data)
+    return (201 if created else 200), run
+
+
+@body(ScheduledRunsForDeployments)
+def read_scheduled_runs_for_deployments(app, req):
+    with app.db.write() as tx:
+        return 200, scheduled_runs_for_deployments(tx, req.data, app.settings)
+
+
+@body(filter_body_schema("deployment", _RUN_FILTERS))
+def read_deployments_filtered(app, req):
+    with app.db.read() as tx:
+        return 200, [deployment_out(tx, r) for r in query_filtered(tx, "deployment", req.data, app.settings)]
+
+
+@body(filter_body_schema("deployment", _RUN_FILTERS))
+def count_deployments(app, req):
+    with app.db.read() as tx:
+        return 200, count_filtered(tx, "deployment", req.data)
+
+
+def read_deployment_schedules(app, req):
+    with app.db.read() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment")
+        rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
+        return 200, [decode_row("deployment_schedule", r) for r in rows]
+
+
+@body(ListOf(DeploymentScheduleCreate))
+def create_deployment_schedules(app, req):
+    with app.db.write() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
+        existing = [decode_row("deployment_schedule", r) for r in
+                    tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ?", (req.uuid(),))]
+        _replace_schedules(tx, req.uuid(), existing + req.data)
+        rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
+        return 201, [decode_row("deployment_schedule", r) for r in rows]
+
+
+def delete_deployment_schedule(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM deployment_schedule WHERE id = ? AND deployment_id = ?",
+                          (req.uuid("schedule_id"), req.uuid())).rowcount:
+            raise NotFound("Schedule not found")
+        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
+                   "AND start_time IS NULL", (req.uuid(), True))
+    return 204, NO_CONTENT
+
+
+# Handlers: work pools, queues, workers
+
+@body(WorkPoolCreate)
+def create_work_pool_handler(app, req):
+    with app.db.write() as tx:
+        return 201, create_work_pool(tx, req.data)
+
+
+def read_work_pool(app, req):
+    with app.db.read() as tx:
+        return 200, work_pool_out(tx, read_pool_by_name(tx, req.params["name"]))
+
+
+@body(WorkPoolUpdate)
+def update_work_pool(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        pool = read_pool_by_name(tx, req.params["name"], lock=True)
+        update_row(tx, "work_pool", pool["id"], {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_work_pool(app, req):
+    with app.db.write() as tx:
+        pool = read_pool_by_name(tx, req.params["name"], lock=True)
+        tx.execute("DELETE FROM work_pool WHERE id = ?", (pool["id"],))
+    return 204, NO_CONTENT
+
+
+@body(filter_body_schema("work_pool", ("work_pools",)))
+def read_work_pools_filtered(app, req):
+    with app.db.read() as tx:
+        where, params = build_where(tx, "work_pool", req.data)
+        rows = tx.query(f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
+                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [work_pool_out(tx, r) for r in rows]
+
+
+@body(filter_body_schema("work_pool", ("work_pools",)))
+def count_work_pools(app, req):
+    with app.db.read() as tx:
+        return 200, count_filtered(tx, "work_pool", req.data)
+
+
+@body(ScheduledRunsForPool)
+def read_scheduled_runs_for_pool(app, req):
+    with app.db.write() as tx:
+        pool = decode_row("work_pool", read_pool_by_name(tx, req.params["name"]))
+        return 200, scheduled_runs_for_pool(tx, pool, req.data, app.settings)
+
+
+@body(WorkQueueCreate)
+def create_pool_queue(app, req):
+    with app.db.write() as tx:
+        pool = read_pool_by_name(tx, req.params["work_pool_name"])
+        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"])
+
+
+def _pool_queue(tx, req, lock=False):
+    pool = read_pool_by_name(tx, req.params["work_pool_name"])
+    row = tx.query_one(f"SELECT * FROM work_queue WHERE work_pool_id = ? AND name = ?{tx.db.for_update if lock else ''}",
+                       (pool["id"], req.params["name"]))
+    if row is None:
+        raise NotFound(f'Work queue "{req.params["name"]}" not found in pool "{pool["name"]}".')
+    return pool, row
+
+
+def read_pool_queue(app, req):
+    with app.db.read() as tx:
+        pool, row = _pool_queue(tx, req)
+        return 200, work_queue_out(tx, row, pool["name"])
+
+
+@body(WorkQueueUpdate)
+def update_pool_queue(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        _pool, row = _pool_queue(tx, req, lock=True)
+        update_row(tx, "work_queue", row["id"], {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_pool_queue(app, req):
+    with app.db.write() as tx:
+        pool, row = _pool_queue(tx, req, lock=True)
+        if row["id"] == pool["default_queue_id"]:
+            raise HTTPError(409, "The default queue of a work pool cannot be deleted.")
+        tx.execute("DELETE FROM work_queue WHERE id = ?", (row["id"],))
+    return 204, NO_CONTENT
+
+
+@body(filter_body_schema("work_queue", ("work_queues",)))
+def read_pool_queues_filtered(app, req):
+    with app.db.read() as tx:
+        pool = read_pool_by_name(tx, req.params["work_pool_name"])
+        where, params = build_where(tx, "work_queue", req.data)
+        rows = tx.query(f"SELECT work_queue.* FROM work_queue WHERE work_pool_id = ? AND {where} "
+                        f"ORDER BY priority, name LIMIT ? OFFSET ?",
+                        (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [work_queue_out(tx, r, pool["name"]) for r in rows]
+
+
+@body(WorkerHeartbeat)
+def worker_heartbeat_handler(app, req):
+    with app.db.write() as tx:
+        worker_heartbeat(tx, read_pool_by_name(tx, req.params["work_pool_name"]), req.data)
+    return 204, NO_CONTENT
+
+
+@body(filter_body_schema("worker", ()))
+def read_workers_filtered(app, req):
+    with app.db.read() as tx:
+        pool = read_pool_by_name(tx, req.params["work_pool_name"])
+        rows = tx.query("SELECT * FROM worker WHERE work_pool_id = ? ORDER BY last_heartbeat_time DESC LIMIT ? OFFSET ?",
+                        (pool["id"], page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [worker_out(r) for r in rows]
+
+
+def delete_worker(app, req):
+    with app.db.write() as tx:
+        pool = read_pool_by_name(tx, req.params["work_pool_name"])
+        if not tx.execute("DELETE FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], req.params["name"])).rowcount:
+            raise NotFound("Worker not found")
+    return 204, NO_CONTENT
+
+
+@body(WorkQueueCreate)
+def create_work_queue_handler(app, req):
+    """The older id-based queue API: a queue without a pool lands in the default agent pool."""
+    with app.db.write() as tx:
+        ensure_work_queue(tx, req.data.get("work_pool_name") or DEFAULT_AGENT_POOL, None)
+        pool = read_pool_by_name(tx, req.data.get("work_pool_name") or DEFAULT_AGENT_POOL)
+        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"])
+
+
+def read_work_queue(app, req):
+    with app.db.read() as tx:
+        return 200, work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
+
+
+def read_work_queue_by_name(app, req):
+    with app.db.read() as tx:
+        row = tx.query_one("SELECT wq.* FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id "
+                           "WHERE wq.name = ? ORDER BY (wp.name = ?) DESC LIMIT 1", (req.params["name"], DEFAULT_AGENT_POOL))
+        if row is None:
+            raise NotFound("Work queue not found")
+        return 200, work_queue_out(tx, row)
+
+
+@body(WorkQueueUpdate)
+def update_work_queue(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    with app.db.write() as tx:
+        require_row(tx, "work_queue", req.uuid(), "Work queue", lock=True)
+        update_row(tx, "work_queue", req.uuid(), {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_work_queue(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM work_queue WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("Work queue not found")
+    return 204, NO_CONTENT
+
+
+@body(filter_body_schema("work_queue", ("work_queues",)))
+def read_work_queues_filtered(app, req):
+    with app.db.read() as tx:
+        where, params = build_where(tx, "work_queue", req.data)
+        rows = tx.query(f"SELECT work_queue.* FROM work_queue WHERE {where} ORDER BY priority, name LIMIT ? OFFSET ?",
+                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+        return 200, [work_queue_out(tx, r) for r in rows]
+
+
+def read_work_queue_status(app, req):
+    with app.db.read() as tx:
+        queue_ = work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
+        return 200, {"healthy": queue_["status"] == "READY", "late_runs_count": 0,
+                     "last_polled": queue_.get("last_polled"), "health_check_policy": {}}
+
+
+@body(Schema("Body_read_work_queue_runs", {"scheduled_before": Field("datetime"), "limit": Field("int", minimum=0)}))
+def read_work_queue_runs(app, req):
+    with app.db.write() as tx:
+        row = require_row(tx, "work_queue", req.uuid(), "Work queue")
+        pool = decode_row("work_pool", read_row(tx, "work_pool", row["work_pool_id"]))
+        runs = scheduled_runs_for_pool(tx, pool, {**req.data, "work_queue_names": [row["name"]]}, app.settings)
+        return 200, [item["flow_run"] for item in runs]
+
+
 # The route table: every API route, in one place. Paths are relative to /api.
 ROUTES = [
     ("GET", "/health", read_health),
@@ -2739,6 +4249,101 @@ ROUTES = [
     ("GET", "/task_run_states/{id}", read_task_run_state),
     ("POST", "/logs/", create_logs_handler),
     ("POST", "/logs/filter", read_logs_filtered),
+    ("POST", "/block_types/", create_block_type_handler),
+    ("POST", "/block_types/filter", read_block_types_filtered),
+    ("GET", "/block_types/slug/{slug}", read_block_type_by_slug),
+    ("GET", "/block_types/slug/{slug}/block_documents", read_block_documents_of_type),
+    ("GET", "/block_types/slug/{slug}/block_documents/name/{block_document_name}", read_block_document_by_name),
+    ("GET", "/block_types/{id}", read_block_type),
+    ("PATCH", "/block_types/{id}", update_block_type),
+    ("DELETE", "/block_types/{id}", delete_block_type),
+    ("POST", "/block_schemas/", create_block_schema_handler),
+    ("POST", "/block_schemas/filter", read_block_schemas_filtered),
+    ("GET", "/block_schemas/checksum/{checksum}", read_block_schema_by_checksum),
+    ("GET", "/block_schemas/{id}", read_block_schema),
+    ("DELETE", "/block_schemas/{id}", delete_block_schema),
+    ("GET", "/block_capabilities/", read_block_capabilities),
+    ("POST", "/block_documents/", create_block_document_handler),
+    ("POST", "/block_documents/filter", read_block_documents_filtered),
+    ("POST", "/block_documents/count", count_block_documents),
+    ("GET", "/block_documents/{id}", read_block_document),
+    ("PATCH", "/block_documents/{id}", update_block_document_handler),
+    ("DELETE", "/block_documents/{id}", delete_block_document),
+    ("POST", "/variables/", create_variable_handler),
+    ("POST", "/variables/filter", read_variables_filtered),
+    ("POST", "/variables/count", count_variables),
+    ("GET", "/variables/name/{name}", read_variable),
+    ("PATCH", "/variables/name/{name}", update_variable),
+    ("DELETE", "/variables/name/{name}", delete_variable),
+    ("GET", "/variables/{id}", read_variable),
+    ("PATCH", "/variables/{id}", update_variable),
+    ("DELETE", "/variables/{id}", delete_variable),
+    ("POST", "/artifacts/", create_artifact_handler),
+    ("POST", "/artifacts/filter", read_artifacts_filtered),
+    ("POST", "/artifacts/count", count_artifacts),
+    ("POST", "/artifacts/latest/filter", read_latest_artifacts_filtered),
+    ("POST", "/artifacts/latest/count", count_latest_artifacts),
+    ("GET", "/artifacts/{key}/latest", read_latest_artifact),
+    ("GET", "/artifacts/{id}", read_artifact),
+    ("PATCH", "/artifacts/{id}", update_artifact),
+    ("DELETE", "/artifacts/{id}", delete_artifact_handler),
+    ("POST", "/concurrency_limits/", create_tag_limit_handler),
+    ("POST", "/concurrency_limits/filter", read_tag_limits_filtered),
+    ("GET", "/concurrency_limits/tag/{tag}", read_tag_limit),
+    ("DELETE", "/concurrency_limits/tag/{tag}", delete_tag_limit),
+    ("POST", "/concurrency_limits/tag/{tag}/reset", reset_tag_limit),
+    ("GET", "/concurrency_limits/{id}", read_tag_limit),
+    ("DELETE", "/concurrency_limits/{id}", delete_tag_limit),
+    ("POST", "/v2/concurrency_limits/", create_global_limit),
+    ("POST", "/v2/concurrency_limits/filter", read_global_limits_filtered),
+    ("POST", "/v2/concurrency_limits/increment", increment_global_limits),
+    ("POST", "/v2/concurrency_limits/decrement", decrement_global_limits),
+    ("GET", "/v2/concurrency_limits/{id_or_name}", read_global_limit),
+    ("PATCH", "/v2/concurrency_limits/{id_or_name}", update_global_limit),
+    ("DELETE", "/v2/concurrency_limits/{id_or_name}", delete_global_limit),
+    ("PUT", "/saved_searches/", create_saved_search),
+    ("POST", "/saved_searches/filter", read_saved_searches_filtered),
+    ("GET", "/saved_searches/{id}", read_saved_search),
+    ("DELETE", "/saved_searches/{id}", delete_saved_search),
+    ("POST", "/deployments/", create_deployment_handler),
+    ("POST", "/deployments/filter", read_deployments_filtered),
+    ("POST", "/deployments/count", count_deployments),
+    ("POST", "/deployments/get_scheduled_flow_runs", read_scheduled_runs_for_deployments),
+    ("GET", "/deployments/name/{flow_name}/{deployment_name}", read_deployment_by_name),
+    ("GET", "/deployments/{id}", read_deployment),
+    ("PATCH", "/deployments/{id}", update_deployment_handler),
+    ("DELETE", "/deployments/{id}", delete_deployment),
+    ("POST", "/deployments/{id}/create_flow_run", create_deployment_flow_run_handler),
+    ("POST", "/deployments/{id}/pause_deployment", pause_deployment),
+    ("POST", "/deployments/{id}/resume_deployment", resume_deployment),
+    ("POST", "/deployments/{id}/set_schedule_active", resume_deployment),
+    ("POST", "/deployments/{id}/set_schedule_inactive", pause_deployment),
+    ("GET", "/deployments/{id}/schedules", read_deployment_schedules),
+    ("POST", "/deployments/{id}/schedules", create_deployment_schedules),
+    ("DELETE", "/deployments/{id}/schedules/{schedule_id}", delete_deployment_schedule),
+    ("POST", "/work_pools/", create_work_pool_handler),
+    ("POST", "/work_pools/filter", read_work_pools_filtered),
+    ("POST", "/work_pools/count", count_work_pools),
+    ("GET", "/work_pools/{name}", read_work_pool),
+    ("PATCH", "/work_pools/{name}", update_work_pool),
+    ("DELETE", "/work_pools/{name}", delete_work_pool),
+    ("POST", "/work_pools/{name}/get_scheduled_flow_runs", read_scheduled_runs_for_pool),
+    ("POST", "/work_pools/{work_pool_name}/queues", create_pool_queue),
+    ("POST", "/work_pools/{work_pool_name}/queues/filter", read_pool_queues_filtered),
+    ("GET", "/work_pools/{work_pool_name}/queues/{name}", read_pool_queue),
+    ("PATCH", "/work_pools/{work_pool_name}/queues/{name}", update_pool_queue),
+    ("DELETE", "/work_pools/{work_pool_name}/queues/{name}", delete_pool_queue),
+    ("POST", "/work_pools/{work_pool_name}/workers/heartbeat", worker_heartbeat_handler),
+    ("POST", "/work_pools/{work_pool_name}/workers/filter", read_workers_filtered),
+    ("DELETE", "/work_pools/{work_pool_name}/workers/{name}", delete_worker),
+    ("POST", "/work_queues/", create_work_queue_handler),
+    ("POST", "/work_queues/filter", read_work_queues_filtered),
+    ("GET", "/work_queues/name/{name}", read_work_queue_by_name),
+    ("GET", "/work_queues/{id}", read_work_queue),
+    ("PATCH", "/work_queues/{id}", update_work_queue),
+    ("DELETE", "/work_queues/{id}", delete_work_queue),
+    ("POST", "/work_queues/{id}/get_runs", read_work_queue_runs),
+    ("GET", "/work_queues/{id}/status", read_work_queue_status),
 ]
 
 
