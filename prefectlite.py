@@ -41,6 +41,7 @@ import secrets
 import signal
 import socket
 import sqlite3
+import string
 import sys
 import threading
 import time
@@ -118,6 +119,26 @@ SETTINGS = {
         _spec("PREFECT_UI_API_URL", "", str, "API URL the UI calls (default: /api on the same origin)"),
         _spec("PREFECT_UI_SERVE_BASE", "/", str, "path prefix the UI is served under"),
         _spec("PREFECT_UI_URL", "", str, "public URL of the UI, for links in notifications"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_ENABLED", True, bool, "create runs for deployment schedules"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", 60.0, float, "seconds between scheduler passes"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS", 3, int, "runs kept scheduled ahead per schedule, at least"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS", 100, int, "runs kept scheduled ahead per schedule, at most"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME", 3600.0, float, "seconds scheduled ahead, at least"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", 8_640_000.0, float, "seconds scheduled ahead, at most"),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_ENABLED", True, bool, "mark overdue scheduled runs Late"),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", 5.0, float, "seconds between late-run passes"),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time"),
+        _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes"),
+        _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups"),
+        _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
+        _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
+              "seconds between queue checks (the sender is also woken by each state change)"),
+        _spec("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", 5, int, "sending attempts before a notification is kept as FAILED"),
+        _spec("PREFECT_NOTIFICATIONS_RETRY_SECONDS", 2.0, float, "first retry delay; doubles with each attempt"),
+        _spec("PREFECT_NOTIFICATIONS_TIMEOUT", 10.0, float, "seconds to wait for a destination to answer"),
+        _spec("PREFECT_NOTIFICATIONS_OPSGENIE_URL", "", str, "Opsgenie API base URL (default by region)"),
+        _spec("PREFECT_NOTIFICATIONS_PAGERDUTY_URL", "", str, "PagerDuty Events API base URL (default by region)"),
+        _spec("PREFECT_NOTIFICATIONS_TWILIO_URL", "", str, "Twilio API base URL"),
     ]
 }
 
@@ -358,6 +379,7 @@ class Transaction:
     def __init__(self, db, conn):
         self.db = db
         self.conn = conn
+        self.after_commit: list = []  # callables run once the transaction has committed
 
     def execute(self, sql, params=()):
         cur = self.db._execute(self.conn, sql, params)
@@ -377,6 +399,14 @@ class Transaction:
 
     def executemany(self, sql, rows):
         return self.db._executemany(self.conn, sql, rows)
+
+
+def _run_after_commit(tx: Transaction):
+    for callback in tx.after_commit:
+        try:
+            callback()
+        except Exception:  # noqa: BLE001 - the commit stands; a failed hook is only logged
+            log.exception("after-commit hook failed")
 
 
 class Database:
@@ -505,8 +535,9 @@ class SqliteDatabase(Database):
                 raise DatabaseUnavailable("the server is shutting down")
             conn = self._writer
             self._execute(conn, "BEGIN IMMEDIATE", ())
+            tx = Transaction(self, conn)
             try:
-                yield Transaction(self, conn)
+                yield tx
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
@@ -519,6 +550,7 @@ class SqliteDatabase(Database):
                 raise self._map_error(exc) or exc
         finally:
             self._write_lock.release()
+        _run_after_commit(tx)
 
     @contextlib.contextmanager
     def read(self):
@@ -691,7 +723,8 @@ class PostgresDatabase(Database):
         try:
             try:
                 with conn.transaction():
-                    yield Transaction(self, conn)
+                    tx = Transaction(self, conn)
+                    yield tx
             except self._psycopg.Error as exc:
                 mapped = self._map_error(exc)
                 if mapped is not None:
@@ -699,6 +732,7 @@ class PostgresDatabase(Database):
                 raise
         finally:
             self._release(conn)
+        _run_after_commit(tx)
 
     read = write  # READ COMMITTED snapshots per statement are fine for our reads
 
@@ -3134,6 +3168,605 @@ def scheduled_runs_for_deployments(tx, data: dict, settings: Settings) -> list[d
     return [flow_run_out(r) for r in rows]
 
 
+# Notifications: destinations are block documents of the types below (registered at start, protected);
+# a policy says which states of which runs go where. Rows are queued in the transaction that records
+# the state, so a state change and its notification are durable together.
+
+def _field(title, kind="string", secret=False, **extra):
+    spec = {"title": title, "type": kind, **extra}
+    if secret:
+        spec.update({"writeOnly": True, "format": "password"})
+    return spec
+
+
+def _block_fields(title, description, properties, required, secret_fields):
+    return {"title": title, "description": description, "type": "object", "properties": properties,
+            "required": required, "secret_fields": secret_fields, "block_schema_references": {}}
+
+
+_STR_LIST = {"type": "array", "items": {"type": "string"}}
+NOTIFICATION_BLOCK_TYPES = [
+    ("slack-webhook", "Slack Webhook", "Posts a message to a Slack channel through an incoming webhook.",
+     _block_fields("SlackWebhook", "Slack incoming webhook.",
+                   {"url": _field("Webhook URL", secret=True)}, ["url"], ["url"])),
+    ("ms-teams-webhook", "Microsoft Teams Webhook", "Posts a message card to a Microsoft Teams channel.",
+     _block_fields("MicrosoftTeamsWebhook", "Microsoft Teams incoming webhook.",
+                   {"url": _field("Webhook URL", secret=True)}, ["url"], ["url"])),
+    ("opsgenie-webhook", "Opsgenie Webhook", "Creates an Opsgenie alert.",
+     _block_fields("OpsgenieWebhook", "Opsgenie alert API.", {
+         "apikey": _field("API Key", secret=True), "target_user": {**_STR_LIST, "title": "Target users"},
+         "target_team": {**_STR_LIST, "title": "Target teams"},
+         "target_schedule": {**_STR_LIST, "title": "Target schedules"},
+         "target_escalation": {**_STR_LIST, "title": "Target escalations"},
+         "region_name": _field("Region", enum=["us", "eu"], default="us"),
+         "tags": {**_STR_LIST, "title": "Tags"}, "priority": _field("Priority", enum=["P1", "P2", "P3", "P4", "P5"], default="P3"),
+         "alias": _field("Alias"), "entity": _field("Entity"), "details": _field("Details", "object")},
+         ["apikey"], ["apikey"])),
+    ("pager-duty-webhook", "Pager Duty Webhook", "Triggers a PagerDuty event (Events API v2).",
+     _block_fields("PagerDutyWebHook", "PagerDuty Events API v2.", {
+         "integration_key": _field("Integration Key", secret=True), "api_key": _field("API Key", secret=True),
+         "source": _field("Source", default="Prefect"), "component": _field("Component", default="Notification"),
+         "group": _field("Group"), "class_id": _field("Class ID"),
+         "region_name": _field("Region", enum=["us", "eu"], default="us"),
+         "clickable_url": _field("Clickable URL"), "include_image": _field("Include image", "boolean"),
+         "custom_details": _field("Custom details", "object")},
+         ["integration_key", "api_key"], ["integration_key", "api_key"])),
+    ("twilio-sms", "Twilio SMS", "Sends a text message through Twilio.",
+     _block_fields("TwilioSMS", "Twilio messaging API.", {
+         "account_sid": _field("Account SID"), "auth_token": _field("Auth Token", secret=True),
+         "from_phone_number": _field("From phone number"),
+         "to_phone_numbers": {**_STR_LIST, "title": "To phone numbers"}},
+         ["account_sid", "auth_token", "from_phone_number", "to_phone_numbers"], ["auth_token"])),
+    ("custom-webhook", "Custom Webhook", "Calls any HTTP endpoint with {{subject}} and {{body}} filled in.",
+     _block_fields("CustomWebhookNotificationBlock", "A webhook of your own.", {
+         "name": _field("Name"), "url": _field("URL"),
+         "method": _field("Method", enum=["GET", "POST", "PUT", "PATCH", "DELETE"], default="POST"),
+         "params": _field("Query parameters", "object"), "json_data": _field("JSON body", "object"),
+         "form_data": _field("Form body", "object"), "headers": _field("Headers", "object"),
+         "cookies": _field("Cookies", "object"), "timeout": _field("Timeout (seconds)", "number", default=10),
+         "secrets": _field("Secrets", "object", writeOnly=True, format="password")},
+         ["name", "url"], ["secrets.*"])),
+    ("email-smtp", "Email (SMTP)", "Sends an email through an SMTP server.",
+     _block_fields("EmailSMTP", "An SMTP server.", {
+         "host": _field("Host"), "port": _field("Port", "integer", default=587),
+         "security": _field("Security", enum=["none", "starttls", "ssl"], default="starttls"),
+         "username": _field("Username"), "password": _field("Password", secret=True),
+         "from_address": _field("From address"), "to_addresses": {**_STR_LIST, "title": "To addresses"}},
+         ["host", "from_address", "to_addresses"], ["password"])),
+]
+
+
+def install_builtin_block_types(tx):
+    """Register our notification destinations as protected block types with a schema each (idempotent)."""
+    now = now_iso()
+    for slug, name, description, fields in NOTIFICATION_BLOCK_TYPES:
+        insert_row(tx, "block_type", {"id": new_id(), "created": now, "updated": now, "name": name, "slug": slug,
+                                      "description": description, "is_protected": True},
+                   on_conflict="ON CONFLICT DO NOTHING")
+        type_id = tx.scalar("SELECT id FROM block_type WHERE slug = ?", (slug,))
+        tx.execute("UPDATE block_type SET is_protected = ? WHERE id = ?", (True, type_id))
+        insert_row(tx, "block_schema", {"id": new_id(), "created": now, "updated": now,
+                                        "checksum": block_schema_checksum(fields), "fields": fields,
+                                        "block_type_id": type_id, "capabilities": ["notify"], "version": __version__},
+                   on_conflict="ON CONFLICT DO NOTHING")
+
+
+NOTIFICATION_PLACEHOLDERS = (
+    "flow_run_notification_policy_id", "flow_id", "flow_name", "flow_run_id", "flow_run_name", "flow_run_url",
+    "flow_run_parameters", "flow_run_state_type", "flow_run_state_name", "flow_run_state_timestamp",
+    "flow_run_state_message",
+)
+DEFAULT_NOTIFICATION_TEMPLATE = (
+    "The {flow_run_name} run of the {flow_name} flow entered a {flow_run_state_name} state at "
+    "{flow_run_state_timestamp}.\n\nState message: {flow_run_state_message}\nFlow run: {flow_run_url}"
+)
+
+NotificationPolicyCreate = Schema("FlowRunNotificationPolicyCreate", {
+    "is_active": Field("bool", default=True, nullable=False),
+    "state_names": Field(ListOf("str"), required=True, nullable=False),
+    "tags": Field(ListOf("str"), required=True, nullable=False),
+    "block_document_id": Field("uuid", required=True, nullable=False),
+    "message_template": Field("str", max_length=10000),
+})
+NotificationPolicyUpdate = Schema("FlowRunNotificationPolicyUpdate", {
+    "is_active": Field("bool", nullable=False), "state_names": Field(ListOf("str"), nullable=False),
+    "tags": Field(ListOf("str"), nullable=False), "block_document_id": Field("uuid", nullable=False),
+    "message_template": Field("str", max_length=10000),
+})
+
+
+def check_message_template(template: str | None):
+    if not template:
+        return
+    try:
+        names = {field for _text, field, _spec, _conv in string.Formatter().parse(template) if field is not None}
+    except ValueError as exc:
+        raise ValidationFailed([_error(("body", "message_template"), f"invalid template: {exc}", "value_error")]) from None
+    unknown = sorted(n for n in names if n not in NOTIFICATION_PLACEHOLDERS)
+    if unknown:
+        raise ValidationFailed([_error(("body", "message_template"),
+                                       f"unknown placeholder {{{unknown[0]}}}; allowed: {', '.join(NOTIFICATION_PLACEHOLDERS)}",
+                                       "value_error")])
+
+
+def _notify_capable(tx, block_document_id: str):
+    row = tx.query_one("SELECT s.capabilities FROM block_document d JOIN block_schema s ON s.id = d.block_schema_id "
+                       "WHERE d.id = ?", (block_document_id,))
+    if row is None:
+        raise NotFound("Block document not found")
+    if "notify" not in json.loads(row["capabilities"] or "[]"):
+        raise ValidationFailed([_error(("body", "block_document_id"), "the block document cannot send notifications",
+                                       "value_error")])
+
+
+def enqueue_notifications(tx, kind: str, run: dict, state: dict):
+    """A state listener: queue a row for each active policy matching the state name and the run's tags."""
+    if kind != "flow":
+        return
+    policies = tx.query("SELECT id, state_names, tags FROM flow_run_notification_policy WHERE is_active = ?", (True,))
+    tags = set(run.get("tags") or [])
+    queued = 0
+    for policy in policies:
+        names = json.loads(policy["state_names"])
+        wanted_tags = set(json.loads(policy["tags"]))
+        if state["name"] not in names and state["type"] not in {n.upper() for n in names}:
+            continue
+        if wanted_tags and not wanted_tags & tags:
+            continue
+        insert_row(tx, "flow_run_notification_queue", {
+            "id": new_id(), "created": state["timestamp"], "updated": state["timestamp"],
+            "flow_run_notification_policy_id": policy["id"], "flow_run_state_id": state["id"],
+            "status": "PENDING", "attempts": 0, "next_attempt_at": state["timestamp"]})
+        queued += 1
+    if queued and NOTIFICATION_WAKERS:
+        tx.after_commit.extend(NOTIFICATION_WAKERS)
+
+
+NOTIFICATION_WAKERS: list = []  # callables that wake the sender (set by running servers)
+STATE_LISTENERS.append(enqueue_notifications)
+
+
+def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> dict:
+    run = decode_row("flow_run", read_row(tx, "flow_run", state_row["flow_run_id"]) or {})
+    flow = decode_row("flow", read_row(tx, "flow", run["flow_id"])) if run else None
+    moment = from_iso(state_row["timestamp"])
+    return {
+        "flow_run_notification_policy_id": policy["id"], "flow_id": run.get("flow_id") if run else None,
+        "flow_name": flow["name"] if flow else "(deleted)", "flow_run_id": state_row["flow_run_id"],
+        "flow_run_name": run.get("name") if run else "(deleted)",
+        "flow_run_url": f"{base_url.rstrip('/')}/#/flow-runs/{state_row['flow_run_id']}",
+        "flow_run_parameters": dumps(run.get("parameters") if run else {}),
+        "flow_run_state_type": state_row["type"], "flow_run_state_name": state_row["name"],
+        "flow_run_state_timestamp": moment.strftime("%y-%m-%d %H:%M:%S %Z"),
+        "flow_run_state_message": state_row.get("message") or "",
+    }
+
+
+def render_notification(policy: dict, context: dict) -> tuple[str, str]:
+    template = policy.get("message_template") or DEFAULT_NOTIFICATION_TEMPLATE
+    body = template.format(**{k: ("" if v is None else v) for k, v in context.items()})
+    subject = f"Prefect flow run notification: {context['flow_name']}/{context['flow_run_name']} " \
+              f"entered {context['flow_run_state_name']}"
+    return subject, body
+
+
+# Notification senders: the standard library only (urllib, smtplib). Each service's base URL can be
+# pointed elsewhere (Opsgenie EU, a company proxy, a local fake in tests) through a setting.
+
+class NotificationFailed(Exception):
+    pass
+
+
+def _http_send(method: str, url: str, timeout: float, json_body=None, form=None, headers=None, params=None):
+    if params:
+        url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params, doseq=True)
+    headers = dict(headers or {})
+    data = None
+    if json_body is not None:
+        data = dumps(json_body).encode()
+        headers.setdefault("Content-Type", "application/json")
+    elif form is not None:
+        data = urllib.parse.urlencode(form, doseq=True).encode()
+        headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    headers.setdefault("User-Agent", f"prefectlite/{__version__}")
+    if not url.lower().startswith(("http://", "https://")):
+        raise NotificationFailed(f"not an http(s) URL: {mask_url_password(url)[:80]}")
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
+    host = urllib.parse.urlsplit(url).hostname
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as resp:
+            resp.read()
+    except urllib.error.HTTPError as exc:
+        raise NotificationFailed(f"HTTP {exc.code} from {host}") from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise NotificationFailed(f"cannot reach {host}: {reason}") from None
+
+
+def _basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def send_slack(data, subject, body, settings, timeout):
+    _http_send("POST", data["url"], timeout, json_body={"text": f"*{subject}*\n{body}"})
+
+
+def send_teams(data, subject, body, settings, timeout):
+    _http_send("POST", data["url"], timeout, json_body={
+        "@type": "MessageCard", "@context": "https://schema.org/extensions", "summary": subject,
+        "title": subject, "text": body.replace("\n", "<br>")})
+
+
+def send_opsgenie(data, subject, body, settings, timeout):
+    base = settings["PREFECT_NOTIFICATIONS_OPSGENIE_URL"] or (
+        "https://api.eu.opsgenie.com" if data.get("region_name") == "eu" else "https://api.opsgenie.com")
+    responders = ([{"type": "user", "username": u} for u in data.get("target_user") or []]
+                  + [{"type": "team", "name": t} for t in data.get("target_team") or []]
+                  + [{"type": "schedule", "name": s} for s in data.get("target_schedule") or []]
+                  + [{"type": "escalation", "name": e} for e in data.get("target_escalation") or []])
+    payload = {"message": subject[:130], "description": body, "responders": responders,
+               "tags": data.get("tags") or [], "priority": data.get("priority") or "P3"}
+    for key in ("alias", "entity", "details"):
+        if data.get(key):
+            payload[key] = data[key]
+    _http_send("POST", base.rstrip("/") + "/v2/alerts", timeout, json_body=payload,
+               headers={"Authorization": f"GenieKey {data['apikey']}"})
+
+
+def send_pagerduty(data, subject, body, settings, timeout):
+    base = settings["PREFECT_NOTIFICATIONS_PAGERDUTY_URL"] or (
+        "https://events.eu.pagerduty.com" if data.get("region_name") == "eu" else "https://events.pagerduty.com")
+    payload = {"summary": subject[:1024], "source": data.get("source") or "Prefect", "severity": "info",
+               "custom_details": {**(data.get("custom_details") or {}), "body": body}}
+    for src, dst in (("component", "component"), ("group", "group"), ("class_id", "class")):
+        if data.get(src):
+            payload[dst] = data[src]
+    event = {"routing_key": data["integration_key"], "event_action": "trigger", "payload": payload,
+             "client": "prefectlite"}
+    if data.get("clickable_url"):
+        event["client_url"] = data["clickable_url"]
+    _http_send("POST", base.rstrip("/") + "/v2/enqueue", timeout, json_body=event,
+               headers={"Authorization": f"Token token={data['api_key']}"} if data.get("api_key") else None)
+
+
+def send_twilio(data, subject, body, settings, timeout):
+    base = settings["PREFECT_NOTIFICATIONS_TWILIO_URL"] or "https://api.twilio.com"
+    url = f"{base.rstrip('/')}/2010-04-01/Accounts/{urllib.parse.quote(data['account_sid'])}/Messages.json"
+    for number in data.get("to_phone_numbers") or []:
+        _http_send("POST", url, timeout, form={"From": data["from_phone_number"], "To": number, "Body": body[:1600]},
+                   headers={"Authorization": _basic(data["account_sid"], data["auth_token"])})
+
+
+def _fill_placeholders(value, mapping: dict):
+    if isinstance(value, str):
+        return re.sub(r"\{\{\s*(\w+)\s*\}\}", lambda m: str(mapping.get(m.group(1), m.group(0))), value)
+    if isinstance(value, dict):
+        return {k: _fill_placeholders(v, mapping) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill_placeholders(v, mapping) for v in value]
+    return value
+
+
+def send_custom_webhook(data, subject, body, settings, timeout):
+    mapping = {**(data.get("secrets") or {}), "subject": subject, "body": body, "name": data.get("name", "")}
+    headers = _fill_placeholders(data.get("headers") or {}, mapping)
+    if data.get("cookies"):
+        headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in _fill_placeholders(data["cookies"], mapping).items())
+    _http_send((data.get("method") or "POST").upper(), _fill_placeholders(data["url"], mapping),
+               float(data.get("timeout") or timeout),
+               json_body=_fill_placeholders(data["json_data"], mapping) if data.get("json_data") is not None else None,
+               form=_fill_placeholders(data["form_data"], mapping) if data.get("form_data") is not None else None,
+               headers=headers, params=_fill_placeholders(data.get("params") or {}, mapping))
+
+
+def send_email(data, subject, body, settings, timeout):
+    import email.message
+    import smtplib
+    message = email.message.EmailMessage()
+    message["Subject"], message["From"] = subject, data["from_address"]
+    message["To"] = ", ".join(data.get("to_addresses") or [])
+    message.set_content(body)
+    security = data.get("security") or "starttls"
+    port = int(data.get("port") or (465 if security == "ssl" else 587))
+    try:
+        smtp_class = smtplib.SMTP_SSL if security == "ssl" else smtplib.SMTP
+        with smtp_class(data["host"], port, timeout=timeout) as smtp:
+            if security == "starttls":
+                smtp.starttls()
+            if data.get("username"):
+                smtp.login(data["username"], data.get("password") or "")
+            smtp.send_message(message)
+    except (smtplib.SMTPException, OSError) as exc:
+        raise NotificationFailed(f"SMTP {data['host']}:{port}: {type(exc).__name__}: {exc}") from None
+
+
+SENDERS = {
+    "slack-webhook": send_slack, "ms-teams-webhook": send_teams, "opsgenie-webhook": send_opsgenie,
+    "pager-duty-webhook": send_pagerduty, "twilio-sms": send_twilio, "custom-webhook": send_custom_webhook,
+    "email-smtp": send_email,
+}
+
+
+def deliver(settings: Settings, slug: str, data: dict, subject: str, body: str):
+    sender = SENDERS.get(slug)
+    if sender is None:
+        raise NotificationFailed(f"block type {slug!r} cannot send notifications")
+    try:
+        sender(data, subject, body, settings, settings["PREFECT_NOTIFICATIONS_TIMEOUT"])
+    except KeyError as exc:
+        raise NotificationFailed(f"the {slug} block has no {exc.args[0]!r}") from None
+
+
+def public_ui_url(settings: Settings, running_url: str | None) -> str:
+    """Where people open the UI: PREFECT_UI_URL, else derived from PREFECT_API_URL, else our address."""
+    if settings["PREFECT_UI_URL"]:
+        return settings["PREFECT_UI_URL"]
+    api = settings["PREFECT_API_URL"]
+    if api:
+        return re.sub(r"/api/?$", "", api)
+    return running_url or f"http://{settings['PREFECT_SERVER_API_HOST']}:{settings['PREFECT_SERVER_API_PORT']}"
+
+
+def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
+    """(slug, data, subject, body) for a queued row, or None when its policy or state is gone."""
+    policy = tx.query_one("SELECT * FROM flow_run_notification_policy WHERE id = ?", (row["flow_run_notification_policy_id"],))
+    state = tx.query_one("SELECT * FROM flow_run_state WHERE id = ?", (row["flow_run_state_id"],))
+    if policy is None or state is None:
+        return None
+    doc = tx.query_one("SELECT * FROM block_document WHERE id = ?", (policy["block_document_id"],))
+    if doc is None:
+        return None
+    full = block_document_out(tx, doc, include_secrets=True)
+    subject, body = render_notification(decode_row("flow_run_notification_policy", policy),
+                                        notification_context(tx, policy, state, base_url))
+    return full["block_type"]["slug"], full["data"], subject, body
+
+
+# --- 8. Services ---
+# Owns the background loops: each is a thread with its interval as a setting, woken early when there
+# is work, stopping cleanly on shutdown, and safe when several servers share one PostgreSQL database
+# (idempotency keys and row locks make a second replica's work a no-op, never a duplicate).
+
+
+class Service:
+    """A loop in a thread: run_once() every `interval` seconds, or sooner after wake()."""
+
+    name = "service"
+
+    def __init__(self, app, interval: float):
+        self.app = app
+        self.interval = max(float(interval), 0.01)
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = None
+        self.passes = 0
+        self.last_error: str | None = None
+
+    def start(self):
+        self._thread = threading.Thread(target=self._loop, name=f"prefectlite-{self.name}", daemon=True)
+        self._thread.start()
+
+    def wake(self):
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0):
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            try:
+                self.run_once()
+                self.last_error = None
+            except DatabaseUnavailable as exc:  # transient: try again next pass
+                self.last_error = str(exc)
+                log.warning("%s: database unavailable (%s); retrying", self.name, exc)
+            except Exception as exc:  # noqa: BLE001 - a bug in one pass must not end the loop
+                self.last_error = str(exc)
+                log.exception("%s: pass failed", self.name)
+            self.passes += 1
+            self._wake.wait(self.interval)
+            self._wake.clear()
+
+    def run_once(self):
+        raise NotImplementedError
+
+
+def _schedule_idempotency_key(deployment_id: str, schedule_id: str, moment: str) -> str:
+    return f"scheduled {deployment_id} {schedule_id} {moment}"
+
+
+def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime) -> int:
+    """Keep each active schedule of a deployment filled ahead; returns how many runs were created."""
+    min_runs = settings["PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS"]
+    max_runs = settings["PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS"]
+    min_until = now + _dt.timedelta(seconds=settings["PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME"])
+    max_until = now + _dt.timedelta(seconds=settings["PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME"])
+    created = 0
+    for schedule in dep["schedules"]:
+        if not schedule["active"]:
+            continue
+        limit = min(schedule.get("max_scheduled_runs") or max_runs, max_runs)
+        times = next_fire_times(schedule["schedule"], now, max_until, limit)
+        wanted = [t for i, t in enumerate(times) if i < min_runs or t <= min_until]
+        for moment in wanted:
+            when = iso(moment)
+            key = _schedule_idempotency_key(dep["id"], schedule["id"], when)
+            data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": dep.get("parameters") or {},
+                    "tags": list(dep.get("tags") or []), "idempotency_key": key, "context": {},
+                    "empirical_policy": {}, "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}}
+            extra = {"auto_scheduled": True, "deployment_version": dep.get("version"),
+                     "work_queue_id": dep.get("work_queue_id"), "work_queue_name": dep.get("work_queue_name")}
+            _run, was_new = create_flow_run(tx, data, extra)
+            created += was_new
+    return created
+
+
+class Scheduler(Service):
+    name = "scheduler"
+
+    def run_once(self):
+        now = utcnow()
+        with self.app.db.read() as tx:
+            ids = [r["id"] for r in tx.query(
+                "SELECT d.id FROM deployment d WHERE d.paused = ? AND EXISTS (SELECT 1 FROM deployment_schedule s "
+                "WHERE s.deployment_id = d.id AND s.active = ?)", (False, True))]
+        self.created = 0
+        for dep_id in ids:
+            with self.app.db.write() as tx:
+                row = read_row(tx, "deployment", dep_id, lock=True)  # replicas take turns per deployment
+                if row is None:
+                    continue
+                self.created += schedule_deployment_runs(tx, deployment_out(tx, row), self.app.settings, now)
+
+
+class LateRuns(Service):
+    """A SCHEDULED run whose time passed more than a setting ago becomes Late (still SCHEDULED)."""
+
+    name = "late-runs"
+
+    def run_once(self):
+        horizon = iso(utcnow() - _dt.timedelta(seconds=self.app.settings["PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS"]))
+        with self.app.db.read() as tx:
+            ids = [r["id"] for r in tx.query(
+                "SELECT id FROM flow_run WHERE state_type = 'SCHEDULED' AND state_name != 'Late' "
+                "AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time LIMIT 500", (horizon,))]
+        for run_id in ids:
+            with self.app.db.write() as tx:
+                row = read_row(tx, "flow_run", run_id, lock=True)
+                if row is None or row["state_type"] != "SCHEDULED" or row["state_name"] == "Late":
+                    continue
+                details = json.loads(row["state"])["state_details"]
+                orchestrate(tx, "flow", row, {"type": "SCHEDULED", "name": "Late",
+                                              "state_details": {"scheduled_time": details.get("scheduled_time")}},
+                            force=True)
+
+
+class PauseExpirations(Service):
+    """A paused run whose pause timed out fails, so it does not wait forever."""
+
+    name = "pause-expirations"
+
+    def run_once(self):
+        now = now_iso()
+        with self.app.db.read() as tx:
+            rows = tx.query("SELECT id, state FROM flow_run WHERE state_type = 'PAUSED'")
+        expired = [r["id"] for r in rows
+                   if (json.loads(r["state"])["state_details"].get("pause_timeout") or "9999") < now]
+        for run_id in expired:
+            with self.app.db.write() as tx:
+                row = read_row(tx, "flow_run", run_id, lock=True)
+                if row is None or row["state_type"] != "PAUSED":
+                    continue
+                orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
+                                              "state_details": {}}, force=True)
+
+
+class CancellationCleanup(Service):
+    """CANCELLING runs with no infrastructure to stop end CANCELLED; subflows of cancelled runs are cancelled."""
+
+    name = "cancellation-cleanup"
+
+    def run_once(self):
+        with self.app.db.read() as tx:
+            orphans = [r["id"] for r in tx.query(
+                "SELECT id FROM flow_run WHERE state_type = 'CANCELLING' AND deployment_id IS NULL "
+                "AND infrastructure_pid IS NULL")]
+            children = [r["id"] for r in tx.query(
+                "SELECT child.id FROM flow_run child JOIN task_run t ON t.id = child.parent_task_run_id "
+                "JOIN flow_run parent ON parent.id = t.flow_run_id WHERE parent.state_type = 'CANCELLED' "
+                "AND child.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED', 'CANCELLING')")]
+        for run_id in orphans + children:
+            with self.app.db.write() as tx:
+                row = read_row(tx, "flow_run", run_id, lock=True)
+                if row is None or row["state_type"] in TERMINAL_STATES:
+                    continue
+                target = "CANCELLED" if row["state_type"] == "CANCELLING" or row["deployment_id"] is None else "CANCELLING"
+                orchestrate(tx, "flow", row, {"type": target, "message": "The parent flow run was cancelled."
+                                              if run_id in children else "Cancelled: no infrastructure to stop.",
+                                              "state_details": {}}, force=True)
+
+
+class NotificationSender(Service):
+    """Drains the notification queue: claim a row, send it, delete it once the destination accepted it.
+
+    Claiming is a compare-and-set in its own short transaction (with SKIP LOCKED on PostgreSQL), so two
+    replicas never send the same row; a claim is a lease, so a row claimed by a server that died is sent
+    again after the lease expires. Failures are retried with exponential backoff, then kept as FAILED.
+    """
+
+    name = "notifications"
+    lease_seconds = 120.0
+
+    def run_once(self):
+        while not self._stop.is_set():
+            claimed = self._claim()
+            if claimed is None:
+                return
+            if claimed is not True:
+                self._send(*claimed)
+
+    def _claim(self):
+        db, now = self.app.db, utcnow()
+        with db.write() as tx:
+            row = tx.query_one(
+                "SELECT * FROM flow_run_notification_queue WHERE status IN ('PENDING', 'SENDING') "
+                f"AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1{db.for_update}{db.skip_locked}",
+                (iso(now),))
+            if row is None:
+                return None
+            tx.execute("UPDATE flow_run_notification_queue SET status = 'SENDING', attempts = attempts + 1, "
+                       "next_attempt_at = ?, updated = ? WHERE id = ?",
+                       (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]))
+            prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
+            if prepared is None:  # the policy, state or destination is gone: nothing to send
+                tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
+                return True
+        return row, prepared
+
+    def _send(self, row, prepared):
+        slug, data, subject, body = prepared
+        settings = self.app.settings
+        attempts = row["attempts"] + 1
+        try:
+            deliver(settings, slug, data, subject, body)
+        except NotificationFailed as exc:
+            failed = attempts >= settings["PREFECT_NOTIFICATIONS_MAX_ATTEMPTS"]
+            delay = settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (attempts - 1)
+            log.warning("notification %s via %s failed (attempt %d): %s%s", row["id"], slug, attempts, exc,
+                        "; giving up" if failed else f"; retrying in {delay:g}s")
+            with self.app.db.write() as tx:
+                tx.execute("UPDATE flow_run_notification_queue SET status = ?, next_attempt_at = ?, last_error = ?, "
+                           "updated = ? WHERE id = ?",
+                           ("FAILED" if failed else "PENDING", iso(utcnow() + _dt.timedelta(seconds=delay)),
+                            str(exc)[:1000], now_iso(), row["id"]))
+            self.failures += 1
+            return
+        with self.app.db.write() as tx:
+            tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
+        self.sent += 1
+        log.info("notification %s sent via %s", row["id"], slug)
+
+    sent = 0
+    failures = 0
+
+
+def build_services(app) -> list[Service]:
+    s = app.settings
+    services = []
+    if s["PREFECT_API_SERVICES_SCHEDULER_ENABLED"]:
+        services.append(Scheduler(app, s["PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS"]))
+    if s["PREFECT_API_SERVICES_LATE_RUNS_ENABLED"]:
+        services.append(LateRuns(app, s["PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS"]))
+    services.append(PauseExpirations(app, s["PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS"]))
+    services.append(CancellationCleanup(app, s["PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS"]))
+    if s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED"]:
+        services.append(NotificationSender(app, s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS"]))
+    return services
+
+
 # --- 8. HTTP API ---
 # Owns the route table (METHOD, path pattern, handler), request parsing, access control (basic auth,
 # CSRF, CORS) and the one place that turns exceptions into HTTP errors. Handlers are small: they
@@ -3496,7 +4129,10 @@ def update_block_type(app, req):
     with app.db.write() as tx:
         row = require_row(tx, "block_type", req.uuid(), "Block type", lock=True)
         if row["is_protected"]:
-            raise HTTPError(403, "protected block types cannot be updated.")
+            # Protected types are ours and stay as they are. The SDK PATCHes a type whose description
+            # differs from its own before saving a block; refusing would break `.save()`, so the
+            # request is acknowledged and nothing changes.
+            return 204, NO_CONTENT
         changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
         update_row(tx, "block_type", req.uuid(), {**changes, "updated": now_iso()})
     return 204, NO_CONTENT
@@ -3913,6 +4549,7 @@ read_saved_searches_filtered, _count_saved_searches = _filter_handler(
 def create_deployment_handler(app, req):
     with app.db.write() as tx:
         dep, _created = upsert_deployment(tx, req.data, req.body_dict())
+    app.wake("scheduler")
     return 201, dep
 
 
@@ -3934,6 +4571,7 @@ def read_deployment_by_name(app, req):
 def update_deployment_handler(app, req):
     with app.db.write() as tx:
         update_deployment(tx, req.uuid(), req.data, req.body_dict())
+    app.wake("scheduler")
     return 204, NO_CONTENT
 
 
@@ -3955,6 +4593,7 @@ def _set_deployment_paused(paused: bool):
             if paused:  # a paused deployment keeps no future auto-scheduled runs
                 tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' "
                            "AND auto_scheduled = ?", (req.uuid(), True))
+        app.wake("scheduler")
         return 200, None
     return handler
 
@@ -4005,7 +4644,8 @@ def create_deployment_schedules(app, req):
                     tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ?", (req.uuid(),))]
         _replace_schedules(tx, req.uuid(), existing + req.data)
         rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
-        return 201, [decode_row("deployment_schedule", r) for r in rows]
+    app.wake("scheduler")
+    return 201, [decode_row("deployment_schedule", r) for r in rows]
 
 
 def delete_deployment_schedule(app, req):
@@ -4208,6 +4848,88 @@ def read_work_queue_runs(app, req):
         return 200, [item["flow_run"] for item in runs]
 
 
+# Handlers: notification policies
+
+@body(NotificationPolicyCreate)
+def create_notification_policy(app, req):
+    check_message_template(req.data.get("message_template"))
+    now = now_iso()
+    with app.db.write() as tx:
+        _notify_capable(tx, req.data["block_document_id"])
+        row_id = new_id()
+        insert_row(tx, "flow_run_notification_policy", {"id": row_id, "created": now, "updated": now, **req.data})
+        return 201, decode_row("flow_run_notification_policy", read_row(tx, "flow_run_notification_policy", row_id))
+
+
+def read_notification_policy(app, req):
+    with app.db.read() as tx:
+        return 200, decode_row("flow_run_notification_policy",
+                               require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy"))
+
+
+@body(NotificationPolicyUpdate)
+def update_notification_policy(app, req):
+    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    check_message_template(changes.get("message_template"))
+    with app.db.write() as tx:
+        require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy", lock=True)
+        if changes.get("block_document_id"):
+            _notify_capable(tx, changes["block_document_id"])
+        update_row(tx, "flow_run_notification_policy", req.uuid(), {**changes, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
+def delete_notification_policy(app, req):
+    with app.db.write() as tx:
+        if not tx.execute("DELETE FROM flow_run_notification_policy WHERE id = ?", (req.uuid(),)).rowcount:
+            raise NotFound("Flow run notification policy not found")
+        tx.execute("DELETE FROM flow_run_notification_queue WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
+    return 204, NO_CONTENT
+
+
+read_notification_policies_filtered, _count_policies = _filter_handler(
+    "flow_run_notification_policy", lambda r: decode_row("flow_run_notification_policy", r),
+    ("flow_run_notification_policy",))
+
+
+def send_test_notification(app, req):
+    """Send a sample message through a policy's destination now; 502 with the reason when it fails."""
+    with app.db.read() as tx:
+        policy = decode_row("flow_run_notification_policy",
+                            require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy"))
+        doc = require_row(tx, "block_document", policy["block_document_id"], "Block document")
+        full = block_document_out(tx, doc, include_secrets=True)
+    sample = {name: f"<{name}>" for name in NOTIFICATION_PLACEHOLDERS}
+    sample.update({"flow_name": "example-flow", "flow_run_name": "example-run", "flow_run_state_name": "Completed",
+                   "flow_run_state_type": "COMPLETED", "flow_run_notification_policy_id": policy["id"],
+                   "flow_run_state_timestamp": utcnow().strftime("%y-%m-%d %H:%M:%S %Z"),
+                   "flow_run_state_message": "This is a test notification from prefectlite.",
+                   "flow_run_url": f"{app.public_url().rstrip('/')}/#/notifications"})
+    subject, body = render_notification(policy, sample)
+    try:
+        deliver(app.settings, full["block_type"]["slug"], full["data"], "[test] " + subject, body)
+    except NotificationFailed as exc:
+        raise HTTPError(502, f"the destination did not accept the test message: {exc}") from None
+    return 200, {"sent": True}
+
+
+def read_notification_queue(app, req):
+    """Queued and failed notifications (our extension), newest first; ?status=FAILED for the failures."""
+    status = req.arg("status")
+    with app.db.read() as tx:
+        sql, params = "SELECT * FROM flow_run_notification_queue", []
+        if status:
+            sql, params = sql + " WHERE status = ?", [status.upper()]
+        rows = tx.query(sql + " ORDER BY created DESC LIMIT 200", params)
+    return 200, rows
+
+
+def install_system_block_types(app, req):
+    with app.db.write() as tx:
+        install_builtin_block_types(tx)
+    return 200, None
+
+
 # The route table: every API route, in one place. Paths are relative to /api.
 ROUTES = [
     ("GET", "/health", read_health),
@@ -4344,6 +5066,14 @@ ROUTES = [
     ("DELETE", "/work_queues/{id}", delete_work_queue),
     ("POST", "/work_queues/{id}/get_runs", read_work_queue_runs),
     ("GET", "/work_queues/{id}/status", read_work_queue_status),
+    ("POST", "/flow_run_notification_policies/", create_notification_policy),
+    ("POST", "/flow_run_notification_policies/filter", read_notification_policies_filtered),
+    ("GET", "/flow_run_notification_policies/{id}", read_notification_policy),
+    ("PATCH", "/flow_run_notification_policies/{id}", update_notification_policy),
+    ("DELETE", "/flow_run_notification_policies/{id}", delete_notification_policy),
+    ("POST", "/flow_run_notification_policies/{id}/test", send_test_notification),
+    ("GET", "/flow_run_notification_queue/", read_notification_queue),
+    ("POST", "/block_types/install_system_block_types", install_system_block_types),
 ]
 
 
@@ -4487,22 +5217,38 @@ class App:
         self.db = db
         self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
         self.openapi = openapi_document(self.routes)
-        self.services: list = []
         self.stopping = threading.Event()
+        self.services = build_services(self)
+        self.running_url: str | None = None
         self.request_counts: dict = {}
         try:
             self.static_dir = resource_dir("static")
         except ConfigurationError:
             self.static_dir = None
 
+    def public_url(self) -> str:
+        return public_ui_url(self.settings, self.running_url)
+
+    def wake(self, name: str):
+        for service in self.services:
+            if service.name == name:
+                service.wake()
+
     def start_services(self):
         for service in self.services:
             service.start()
+            if isinstance(service, NotificationSender):
+                NOTIFICATION_WAKERS.append(service.wake)
+
+    def stop_services(self):
+        for service in self.services:
+            with contextlib.suppress(ValueError):
+                NOTIFICATION_WAKERS.remove(service.wake)
+            service.stop()
 
     def close(self):
         self.stopping.set()
-        for service in self.services:
-            service.stop()
+        self.stop_services()
         self.db.close()
 
 
@@ -4517,6 +5263,8 @@ def create_app(settings: Settings) -> App:
                 f"the database schema is at {current_revision(db) or 'nothing'}, behind {list_revisions()[-1].id}; "
                 "run `prefectlite database upgrade -y` (PREFECT_API_DATABASE_MIGRATE_ON_START is false)"
             )
+        with db.write() as tx:
+            install_builtin_block_types(tx)
     except BaseException:
         db.close()
         raise
@@ -4818,6 +5566,7 @@ class RunningServer:
         self.port = port
         self.url = f"http://{host}:{port}"
         self.api_url = f"{self.url}/api"
+        app.running_url = self.url
 
     def stop(self):
         self.httpd.stop()
