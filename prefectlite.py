@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import contextvars
 import dataclasses
 import datetime as _dt
 import difflib
+import fcntl
 import gzip
 import hashlib
 import http.server
@@ -38,6 +40,7 @@ import queue
 import random
 import re
 import secrets
+import shutil
 import signal
 import socket
 import sqlite3
@@ -66,6 +69,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("prefectlite")
+REQUEST_ID = contextvars.ContextVar("request_id", default=None)  # the API request a log line belongs to
 
 
 # --- 1. Settings ---
@@ -139,6 +143,12 @@ SETTINGS = {
         _spec("PREFECT_NOTIFICATIONS_OPSGENIE_URL", "", str, "Opsgenie API base URL (default by region)"),
         _spec("PREFECT_NOTIFICATIONS_PAGERDUTY_URL", "", str, "PagerDuty Events API base URL (default by region)"),
         _spec("PREFECT_NOTIFICATIONS_TWILIO_URL", "", str, "Twilio API base URL"),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_ENABLED", False, bool, "delete old terminal flow runs"),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_DAYS", 30.0, float, "age (days after they ended) at which runs go"),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE", 200, int, "flow runs deleted per transaction"),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS", 3600.0, float, "seconds between retention passes"),
+        _spec("PREFECT_SERVER_METRICS_ENABLED", False, bool, "serve Prometheus metrics at /api/metrics"),
+        _spec("PREFECT_LOGGING_SERVER_FORMAT", "text", str, "server log format: text or json (one object per line)"),
     ]
 }
 
@@ -598,6 +608,76 @@ class SqliteDatabase(Database):
             return 0
         return sum(os.path.getsize(p) for p in (self.path, self.path + "-wal") if os.path.exists(p))
 
+    def vacuum(self):
+        """Rewrite the file without free pages, then fold the WAL back in (VACUUM cannot run in a transaction)."""
+        with self._write_lock:
+            try:
+                self._writer.execute("VACUUM")
+                if not self.memory:
+                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                raise self._map_error(exc) or DatabaseUnavailable(str(exc)) from None
+
+    def hold_server_lock(self):
+        """A running server holds a shared lock on <db>.lock, so `database restore` can tell it is there."""
+        if self.memory:
+            return
+        self._lock_file = open(self.path + ".lock", "a+")  # noqa: SIM115 - held for the server's life
+        fcntl.flock(self._lock_file, fcntl.LOCK_SH)
+
+    def restore(self, source: str) -> str:
+        """Replace the database file with a backup, after checking it; only while no server uses it."""
+        if self.memory:
+            raise ConfigurationError("an in-memory database cannot be restored into")
+        check = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
+        try:
+            ok = check.execute("PRAGMA integrity_check").fetchone()[0]
+            revision = check.execute("SELECT revision FROM prefectlite_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise ConfigurationError(f"{source} is not a prefectlite SQLite backup: {exc}") from None
+        finally:
+            check.close()
+        if ok != "ok":
+            raise ConfigurationError(f"{source} fails SQLite's integrity check: {ok}")
+        known = [r.id for r in list_revisions()]
+        if revision not in known:
+            raise ConfigurationError(f"{source} is at schema revision {revision}, which this version does not know")
+        with open(self.path + ".lock", "a+") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                raise ConfigurationError(f"a server is using {self.path}; stop it before restoring") from None
+            self.close()
+            staging = self.path + ".restoring"
+            shutil.copyfile(source, staging)
+            for leftover in (self.path + "-wal", self.path + "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(leftover)
+            os.replace(staging, self.path)
+        return f"Restored {self.path} from {source} (schema revision {revision})."
+
+    def backup(self, target: str) -> str:
+        """A consistent copy while writers go on: SQLite's online backup API, page by page."""
+        if os.path.exists(target):
+            raise ConfigurationError(f"{target} already exists; choose a new file")
+        source = self._writer if self.memory else self._connect()
+        try:
+            dest = sqlite3.connect(target)
+            try:
+                source.backup(dest, pages=256)
+            finally:
+                dest.close()
+        except sqlite3.Error as exc:
+            with contextlib.suppress(OSError):
+                os.remove(target)
+            raise ConfigurationError(f"backup to {target} failed: {exc}") from None
+        finally:
+            if source is not self._writer:
+                source.close()
+                with contextlib.suppress(ValueError):
+                    self._all.remove(source)
+        return f"Backed up {self.path} to {target} ({os.path.getsize(target)} bytes)."
+
     def close(self):
         self._closed = True
         with self._write_lock:
@@ -761,6 +841,31 @@ class PostgresDatabase(Database):
     def size_bytes(self) -> int:
         with self.read() as tx:
             return int(tx.scalar("SELECT pg_database_size(current_database())"))
+
+    def vacuum(self):
+        conn = self._connect()  # VACUUM must run outside a transaction
+        try:
+            conn.autocommit = True
+            conn.execute("VACUUM ANALYZE")
+        except self._psycopg.Error as exc:
+            raise self._map_error(exc) or DatabaseUnavailable(str(exc).splitlines()[0]) from None
+        finally:
+            conn.close()
+
+    def hold_server_lock(self):
+        pass  # several servers may share one PostgreSQL database
+
+    def restore(self, source: str) -> str:
+        return self.backup(source)
+
+    def backup(self, target: str) -> str:
+        """PostgreSQL has its own tools: say exactly what to run rather than pretend to copy."""
+        info = self.conninfo
+        where = f"--host {info['host']} --port {info['port']} --username {info.get('user') or 'postgres'}"
+        secret = "PGPASSWORD=******** " if info.get("password") else ""
+        return (f"prefectlite does not copy PostgreSQL databases itself; PostgreSQL's tools do it consistently:\n"
+                f"  backup:  {secret}pg_dump --format=custom {where} --dbname {info['dbname']} --file {target}\n"
+                f"  restore: {secret}pg_restore --clean --if-exists {where} --dbname {info['dbname']} {target}")
 
     def close(self):
         self._closed = True
@@ -3522,6 +3627,65 @@ def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
     return full["block_type"]["slug"], full["data"], subject, body
 
 
+# Retention: old terminal runs go, with everything that hangs off them, a small batch per transaction.
+
+def prune_flow_runs(db: Database, older_than: _dt.timedelta, batch_size: int = 200, dry_run: bool = False,
+                    stop: threading.Event | None = None) -> dict:
+    """Delete terminal flow runs that ended before now - older_than, with their task runs, states, logs
+    and artifacts. Each batch is one short write transaction, so the API never waits long."""
+    horizon = iso(utcnow() - older_than)
+    terminal = ", ".join(f"'{t}'" for t in TERMINAL_STATES)
+    select = f"SELECT id FROM flow_run WHERE state_type IN ({terminal}) AND end_time < ?"
+    counts = dict.fromkeys(("flow_runs", "task_runs", "flow_run_states", "task_run_states", "logs", "artifacts"), 0)
+    counting = {
+        "flow_runs": "SELECT COUNT(*) FROM flow_run WHERE id IN ({ids})",
+        "task_runs": "SELECT COUNT(*) FROM task_run WHERE flow_run_id IN ({ids})",
+        "flow_run_states": "SELECT COUNT(*) FROM flow_run_state WHERE flow_run_id IN ({ids})",
+        "task_run_states": ("SELECT COUNT(*) FROM task_run_state WHERE task_run_id IN "
+                            "(SELECT id FROM task_run WHERE flow_run_id IN ({ids}))"),
+        "logs": "SELECT COUNT(*) FROM log WHERE flow_run_id IN ({ids})",
+        "artifacts": "SELECT COUNT(*) FROM artifact WHERE flow_run_id IN ({ids})",
+    }
+    if dry_run:
+        with db.read() as tx:
+            for key, sql in counting.items():
+                counts[key] = int(tx.scalar(sql.format(ids=select), (horizon,)))
+        return counts
+    while not (stop and stop.is_set()):
+        with db.write() as tx:
+            ids = [r["id"] for r in tx.query(select + " ORDER BY end_time LIMIT ?", (horizon, batch_size))]
+            if not ids:
+                break
+            marks = ", ".join("?" for _ in ids)
+            for key, sql in counting.items():
+                counts[key] += int(tx.scalar(sql.format(ids=marks), ids))
+            tx.execute(f"DELETE FROM log WHERE flow_run_id IN ({marks})", ids)
+            keys = [r["key"] for r in tx.query(f"SELECT DISTINCT key FROM artifact WHERE flow_run_id IN ({marks}) "
+                                               "AND key IS NOT NULL", ids)]
+            tx.execute(f"DELETE FROM artifact WHERE flow_run_id IN ({marks})", ids)
+            _repoint_artifact_keys(tx, keys)
+            tx.execute(f"DELETE FROM flow_run WHERE id IN ({marks})", ids)  # states and task runs cascade
+    return counts
+
+
+def _repoint_artifact_keys(tx, keys: list[str]):
+    for key in keys:
+        newest = tx.query_one("SELECT id FROM artifact WHERE key = ? ORDER BY created DESC, id DESC LIMIT 1", (key,))
+        if newest is None:
+            tx.execute("DELETE FROM artifact_collection WHERE key = ?", (key,))
+        else:
+            tx.execute("UPDATE artifact_collection SET latest_id = ? WHERE key = ?", (newest["id"], key))
+
+
+def parse_age(text: str) -> _dt.timedelta:
+    """'30d', '12h', '90m', '45s' or '2w' -> timedelta."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text or "")
+    if not match:
+        raise ConfigurationError(f"cannot read the age {text!r}; use e.g. 30d, 12h, 90m or 2w")
+    value, unit = float(match.group(1)), match.group(2)
+    return _dt.timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+
+
 # --- 8. Services ---
 # Owns the background loops: each is a thread with its interval as a setting, woken early when there
 # is work, stopping cleanly on shutdown, and safe when several servers share one PostgreSQL database
@@ -3540,6 +3704,7 @@ class Service:
         self._wake = threading.Event()
         self._thread = None
         self.passes = 0
+        self.last_pass_at: float | None = None  # monotonic time the last pass finished
         self.last_error: str | None = None
 
     def start(self):
@@ -3567,6 +3732,7 @@ class Service:
                 self.last_error = str(exc)
                 log.exception("%s: pass failed", self.name)
             self.passes += 1
+            self.last_pass_at = time.monotonic()
             self._wake.wait(self.interval)
             self._wake.clear()
 
@@ -3753,6 +3919,19 @@ class NotificationSender(Service):
     failures = 0
 
 
+class Retention(Service):
+    """Deletes terminal flow runs older than the retention horizon (off unless enabled)."""
+
+    name = "retention"
+
+    def run_once(self):
+        s = self.app.settings
+        counts = prune_flow_runs(self.app.db, _dt.timedelta(days=s["PREFECT_SERVER_SERVICES_RETENTION_DAYS"]),
+                                 s["PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE"], stop=self._stop)
+        if counts["flow_runs"]:
+            log.info("retention removed %s", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
+
+
 def build_services(app) -> list[Service]:
     s = app.settings
     services = []
@@ -3764,6 +3943,8 @@ def build_services(app) -> list[Service]:
     services.append(CancellationCleanup(app, s["PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS"]))
     if s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED"]:
         services.append(NotificationSender(app, s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS"]))
+    if s["PREFECT_SERVER_SERVICES_RETENTION_ENABLED"]:
+        services.append(Retention(app, s["PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS"]))
     return services
 
 
@@ -4930,6 +5111,103 @@ def install_system_block_types(app, req):
     return 200, None
 
 
+# Metrics in the Prometheus text format (GET /api/metrics, off unless PREFECT_SERVER_METRICS_ENABLED).
+
+class Metrics:
+    buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self.requests: dict = {}  # (method, route, status) -> count
+        self.latency: dict = {}  # (method, route) -> [bucket counts..., sum, count]
+
+    def observe(self, method: str, route: str, status: int, seconds: float):
+        with self._lock:
+            key = (method, route, str(status))
+            self.requests[key] = self.requests.get(key, 0) + 1
+            hist = self.latency.setdefault((method, route), [0] * len(self.buckets) + [0.0, 0])
+            for i, bound in enumerate(self.buckets):
+                if seconds <= bound:
+                    hist[i] += 1
+            hist[-2] += seconds
+            hist[-1] += 1
+
+    def snapshot(self):
+        with self._lock:
+            return dict(self.requests), {k: list(v) for k, v in self.latency.items()}
+
+
+def _label(value) -> str:
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric(lines: list, name: str, kind: str, help_text: str, samples: list[tuple[dict, float]]):
+    lines.append(f"# HELP {name} {help_text}")
+    lines.append(f"# TYPE {name} {kind}")
+    for labels, value in samples:
+        text = ",".join(f'{k}="{_label(v)}"' for k, v in labels.items())
+        lines.append(f"{name}{{{text}}} {value:.17g}" if text else f"{name} {value:.17g}")
+
+
+def resident_memory_bytes() -> int:
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def render_metrics(app) -> str:
+    requests, latency = app.metrics.snapshot()
+    lines: list[str] = []
+    _metric(lines, "prefectlite_http_requests_total", "counter", "API requests by method, route and status.",
+            [({"method": m, "route": r, "status": s}, n) for (m, r, s), n in sorted(requests.items())])
+    lines.append("# HELP prefectlite_http_request_duration_seconds API request latency by method and route.")
+    lines.append("# TYPE prefectlite_http_request_duration_seconds histogram")
+    for (method, route), hist in sorted(latency.items()):
+        base = f'method="{_label(method)}",route="{_label(route)}"'
+        for bound, count in zip(Metrics.buckets, hist):
+            lines.append(f'prefectlite_http_request_duration_seconds_bucket{{{base},le="{bound:g}"}} {count}')
+        lines.append(f'prefectlite_http_request_duration_seconds_bucket{{{base},le="+Inf"}} {hist[-1]}')
+        lines.append(f"prefectlite_http_request_duration_seconds_sum{{{base}}} {hist[-2]:.17g}")
+        lines.append(f"prefectlite_http_request_duration_seconds_count{{{base}}} {hist[-1]}")
+    with app.db.read() as tx:
+        flows = tx.query("SELECT state_type, COUNT(*) AS n FROM flow_run GROUP BY state_type")
+        tasks = tx.query("SELECT state_type, COUNT(*) AS n FROM task_run GROUP BY state_type")
+        queue_rows = tx.query("SELECT status, COUNT(*) AS n FROM flow_run_notification_queue GROUP BY status")
+    _metric(lines, "prefectlite_flow_runs", "gauge", "Flow runs by state type.",
+            [({"state_type": r["state_type"] or "NONE"}, r["n"]) for r in flows])
+    _metric(lines, "prefectlite_task_runs", "gauge", "Task runs by state type.",
+            [({"state_type": r["state_type"] or "NONE"}, r["n"]) for r in tasks])
+    by_status = {r["status"]: r["n"] for r in queue_rows}
+    _metric(lines, "prefectlite_notification_queue_depth", "gauge", "Notifications waiting to be sent.",
+            [({}, by_status.get("PENDING", 0) + by_status.get("SENDING", 0))])
+    _metric(lines, "prefectlite_notifications_failed", "gauge", "Notifications kept as failed after every attempt.",
+            [({}, by_status.get("FAILED", 0))])
+    sender = next((s for s in app.services if isinstance(s, NotificationSender)), None)
+    _metric(lines, "prefectlite_notifications_sent_total", "counter", "Notifications delivered by this process.",
+            [({}, sender.sent if sender else 0)])
+    scheduler = next((s for s in app.services if isinstance(s, Scheduler)), None)
+    lag = time.monotonic() - scheduler.last_pass_at if scheduler and scheduler.last_pass_at else 0.0
+    _metric(lines, "prefectlite_scheduler_lag_seconds", "gauge", "Seconds since the scheduler last finished a pass.",
+            [({}, round(lag, 3))])
+    _metric(lines, "prefectlite_database_query_seconds_total", "counter", "Time spent in database statements.",
+            [({}, round(app.db.query_seconds, 6))])
+    _metric(lines, "prefectlite_database_queries_total", "counter", "Database statements run.", [({}, app.db.query_count)])
+    _metric(lines, "prefectlite_process_resident_memory_bytes", "gauge", "Resident memory of this process.",
+            [({}, resident_memory_bytes())])
+    return "\n".join(lines) + "\n"
+
+
+def read_metrics(app, req):
+    if not app.settings["PREFECT_SERVER_METRICS_ENABLED"]:
+        raise HTTPError(404, "Metrics are off; set PREFECT_SERVER_METRICS_ENABLED=true.")
+    return 200, RawBody(render_metrics(app).encode(), "text/plain; version=0.0.4; charset=utf-8")
+
+
 # The route table: every API route, in one place. Paths are relative to /api.
 ROUTES = [
     ("GET", "/health", read_health),
@@ -5083,13 +5361,13 @@ def _compile_route(pattern: str):
 
 
 def match_route(routes, method: str, path: str):
-    """Return (handler, params) or raise 404/405."""
+    """Return (handler, path parameters, route pattern) or raise 404/405."""
     allowed = []
-    for route_method, regex, handler, _pattern in routes:
+    for route_method, regex, handler, pattern in routes:
         found = regex.match(path)
         if found:
             if route_method == method:
-                return handler, {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}
+                return handler, {k: urllib.parse.unquote(v) for k, v in found.groupdict().items()}, pattern
             allowed.append(route_method)
     if allowed:
         raise HTTPError(405, "Method Not Allowed", {"Allow": ", ".join(sorted(set(allowed)))})
@@ -5198,6 +5476,7 @@ def _html(text) -> str:
 META_ROUTES = [
     ("GET", "/openapi.json", read_openapi),
     ("GET", "/docs", read_docs),
+    ("GET", "/metrics", read_metrics),
 ]
 
 
@@ -5218,9 +5497,9 @@ class App:
         self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
         self.openapi = openapi_document(self.routes)
         self.stopping = threading.Event()
+        self.metrics = Metrics()
         self.services = build_services(self)
         self.running_url: str | None = None
-        self.request_counts: dict = {}
         try:
             self.static_dir = resource_dir("static")
         except ConfigurationError:
@@ -5309,14 +5588,18 @@ def cors_headers(settings: Settings, origin: str | None) -> dict:
 
 
 def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
+    started = time.perf_counter()
+    route = "unmatched"
     try:
-        handler, req.params = match_route(app.routes, req.method, req.path)
+        handler, req.params, route = match_route(app.routes, req.method, req.path)
         check_csrf(app, req)
         validate_body(handler, req)
         status, payload = handler(app, req)
-        return status, payload, {}
+        headers = {}
     except Exception as exc:  # noqa: BLE001 - the one place exceptions become HTTP errors
-        return error_reply(exc, req)
+        status, payload, headers = error_reply(exc, req)
+    app.metrics.observe(req.method, route, status, time.perf_counter() - started)
+    return status, payload, headers
 
 
 def ui_settings(app: App) -> dict:
@@ -5428,7 +5711,10 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self):
         app = self.server.app
         started = time.perf_counter()
-        extra = cors_headers(app.settings, self.headers.get("Origin"))
+        given = self.headers.get("X-Request-ID") or ""
+        request_id = given if re.fullmatch(r"[\w.-]{1,64}", given) else uuid.uuid4().hex[:16]
+        REQUEST_ID.set(request_id)
+        extra = {**cors_headers(app.settings, self.headers.get("Origin")), "X-Request-ID": request_id}
         split = urllib.parse.urlsplit(self.path)
         path = split.path
         try:
@@ -5454,7 +5740,6 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             req = Request(app, "GET" if self.command == "HEAD" else self.command, path[4:] or "/", query,
                           self.headers, raw)
             status, payload, headers = handle_api_request(app, req)
-            app.request_counts[status] = app.request_counts.get(status, 0) + 1
         elif self.command in ("GET", "HEAD"):
             status, payload, headers = static_file(app, path)
             if payload is None:
@@ -5466,7 +5751,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         if app.stopping.is_set():
             self.close_connection = True
         self._send(status, payload, {**extra, **headers})
-        log.debug("%s %s -> %d in %.1f ms", self.command, path, status, (time.perf_counter() - started) * 1000)
+        log.info("%s %s %d %.1fms", self.command, path, status, (time.perf_counter() - started) * 1000)
+        REQUEST_ID.set(None)
 
     def _send(self, status, payload, headers):
         if payload is NO_CONTENT or status in (204, 304):
@@ -5585,6 +5871,7 @@ def start_server(settings: Settings, host: str | None = None, port: int | None =
         if exc.errno in (98, 48, 10048):
             raise ConfigurationError(f"port {port} on {host} is already in use") from None
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    app.db.hold_server_lock()
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="prefectlite-accept",
                               daemon=True)
     thread.start()
@@ -5634,7 +5921,7 @@ def _confirm(question: str, yes: bool) -> None:
 
 def cmd_start(args, out) -> int:
     settings = load_settings()
-    _configure_logging(settings)
+    configure_logging(settings)
     host = args.host or settings["PREFECT_SERVER_API_HOST"]
     port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
     if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
@@ -5657,10 +5944,36 @@ def cmd_start(args, out) -> int:
     return 0
 
 
-def _configure_logging(settings: Settings):
+class _RequestIdFilter(logging.Filter):
+    def filter(self, record):
+        record.request_id = REQUEST_ID.get() or "-"
+        return True
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, for log shippers."""
+
+    def format(self, record):
+        entry = {"time": iso(_dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)), "level": record.levelname,
+                 "logger": record.name, "message": record.getMessage(),
+                 "request_id": getattr(record, "request_id", None)}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return dumps(entry)
+
+
+def configure_logging(settings: Settings, stream=None):
     level = getattr(logging, str(settings["PREFECT_LOGGING_SERVER_LEVEL"]).upper(), logging.WARNING)
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.addFilter(_RequestIdFilter())
+    if str(settings["PREFECT_LOGGING_SERVER_FORMAT"]).lower() == "json":
+        handler.setFormatter(JsonLogFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s [%(request_id)s]: %(message)s"))
+    log.handlers[:] = [handler]
     log.setLevel(level)
+    log.propagate = False
+    return handler
 
 
 def cmd_config_set(args, out) -> int:
@@ -5805,6 +6118,29 @@ def cmd_database(args, out) -> int:
             _confirm(f"Reset the database at {_where(db)}? Every run, log and setting stored there is lost.", args.yes)
             reset_database(db)
             print(f"Reset the database; it is at revision {current_revision(db)}.", file=out)
+        elif action == "prune":
+            if not args.older_than:
+                raise ConfigurationError("database prune needs --older-than, e.g. --older-than 30d")
+            age = parse_age(args.older_than)
+            if args.batch_size < 1:
+                raise ConfigurationError("--batch-size must be at least 1")
+            counts = prune_flow_runs(db, age, args.batch_size, dry_run=args.dry_run)
+            verb = "Would delete" if args.dry_run else "Deleted"
+            print(f"{verb} " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) +
+                  f" (terminal flow runs that ended more than {args.older_than} ago).", file=out)
+        elif action == "vacuum":
+            before = db.size_bytes()
+            db.vacuum()
+            print(f"Vacuumed {_where(db)}: {before} bytes before, {db.size_bytes()} bytes after.", file=out)
+        elif action == "backup":
+            if not args.path:
+                raise ConfigurationError("database backup needs a PATH for the copy")
+            print(db.backup(args.path), file=out)
+        elif action == "restore":
+            if not args.path or not os.path.isfile(args.path):
+                raise ConfigurationError(f"database restore needs an existing backup file, got {args.path!r}")
+            _confirm(f"Replace the database at {_where(db)} with {args.path}?", args.yes)
+            print(db.restore(args.path), file=out)
     return 0
 
 
@@ -5818,6 +6154,175 @@ def cmd_version(args, out) -> int:
             print(f"Database: {db.dialect} {db.server_version()}", file=out)
     except (ConfigurationError, DatabaseError) as exc:
         print(f"Database: {settings['PREFECT_API_DATABASE_CONNECTION_URL'].split(':', 1)[0]} (unavailable: {exc})", file=out)
+    return 0
+
+
+# Commands that act on a running server through its API (as the `prefect` CLI does), so that they
+# go through orchestration and work against a remote server too.
+
+def _api_base(settings: Settings) -> str:
+    url = settings["PREFECT_API_URL"]
+    if url:
+        return url.rstrip("/")
+    host = settings["PREFECT_SERVER_API_HOST"]
+    host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return f"http://{host}:{settings['PREFECT_SERVER_API_PORT']}/api"
+
+
+def api_call(method: str, path: str, body=None, settings: Settings | None = None):
+    """One JSON request to the server; ConfigurationError (one line) when it fails."""
+    settings = settings or load_settings()
+    base = _api_base(settings)
+    headers = {"Content-Type": "application/json"}
+    auth = os.environ.get("PREFECT_API_AUTH_STRING") or settings["PREFECT_SERVER_API_AUTH_STRING"]
+    if auth:
+        headers["Authorization"] = _basic(*auth.split(":", 1)) if ":" in auth else f"Bearer {auth}"
+    data = None if body is None else dumps(body).encode()
+    request = urllib.request.Request(base + path, data=data, method=method, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as resp:
+            text = resp.read()
+    except urllib.error.HTTPError as exc:
+        text = exc.read().decode("utf-8", "replace")
+        try:
+            detail = json.loads(text)
+            detail = detail.get("detail") or "; ".join(e["msg"] for e in detail.get("exception_detail", [])) or text
+        except (ValueError, AttributeError, TypeError):
+            detail = text[:200]
+        raise ConfigurationError(f"{method} {path}: {exc.code} {detail}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        raise ConfigurationError(f"cannot reach the server at {base}: {getattr(exc, 'reason', exc)}") from None
+    return json.loads(text) if text else None
+
+
+def _print_table(out, headers: list[str], rows: list[list], empty: str):
+    if not rows:
+        print(empty, file=out)
+        return
+    cells = [[str("" if v is None else v) for v in row] for row in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip(), file=out)
+
+
+def _schedule_summary(schedule: dict | None) -> str:
+    if not schedule:
+        return ""
+    if "interval" in schedule:
+        return f"every {schedule['interval']:g}s"
+    if "cron" in schedule:
+        return f"cron {schedule['cron']} ({schedule.get('timezone') or 'UTC'})"
+    if "rrule" in schedule:
+        return "rrule " + schedule["rrule"].replace("\n", " ")
+    return dumps(schedule)
+
+
+def cmd_deployment(args, out) -> int:
+    if args.action == "ls":
+        deployments = api_call("POST", "/deployments/filter", {"sort": "NAME_ASC"})
+        flows = {f["id"]: f["name"] for f in api_call("POST", "/flows/filter", {})}
+        rows = [[f"{flows.get(d['flow_id'], '?')}/{d['name']}", d["id"],
+                 "; ".join(_schedule_summary(s["schedule"]) + ("" if s["active"] else " (inactive)") for s in d["schedules"]),
+                 "paused" if d["paused"] else "active", d.get("work_pool_name") or ""] for d in deployments]
+        _print_table(out, ["NAME", "ID", "SCHEDULES", "STATUS", "WORK POOL"], rows, "No deployments.")
+        return 0
+    if not args.name or "/" not in args.name:
+        raise ConfigurationError("deployment run needs FLOW_NAME/DEPLOYMENT_NAME")
+    flow_name, dep_name = args.name.split("/", 1)
+    params = {}
+    for item in args.param or []:
+        if "=" not in item:
+            raise ConfigurationError(f"--param expects KEY=VALUE, got {item!r}")
+        key, raw = item.split("=", 1)
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw  # not JSON: a plain string
+    dep = api_call("GET", f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(dep_name)}")
+    run = api_call("POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": params})
+    print(f"Created flow run {run['name']!r} ({run['id']}) of {args.name}, scheduled to start now.", file=out)
+    return 0
+
+
+def cmd_flow_run(args, out) -> int:
+    if args.action == "ls":
+        body = {"sort": "EXPECTED_START_TIME_DESC", "limit": args.limit}
+        if args.state:
+            states = [s for s in args.state]
+            body["flow_runs"] = {"state": {"operator": "or_", "type": {"any_": [s.upper() for s in states]},
+                                           "name": {"any_": [s.title() for s in states]}}}
+        runs = api_call("POST", "/flow_runs/filter", body)
+        flows = {f["id"]: f["name"] for f in api_call("POST", "/flows/filter", {})}
+        rows = [[r["id"], flows.get(r["flow_id"], "?"), r["name"], r["state_name"], r["start_time"] or r["expected_start_time"]]
+                for r in runs]
+        _print_table(out, ["ID", "FLOW", "NAME", "STATE", "WHEN"], rows, "No flow runs.")
+        return 0
+    run_id = parse_uuid_cli(args.id)
+    run = api_call("GET", f"/flow_runs/{run_id}")
+    if run["state_type"] in TERMINAL_STATES:
+        raise ConfigurationError(f"flow run {run['name']!r} is already {run['state_name']}")
+    # a running run needs its runner or worker to stop it (CANCELLING); one that never started ends now
+    target = "CANCELLING" if run["state_type"] == "RUNNING" else "CANCELLED"
+    result = api_call("POST", f"/flow_runs/{run_id}/set_state",
+                      {"state": {"type": target, "message": "Cancelled from the command line."}, "force": True})
+    print(f"Flow run {run['name']!r} is {result['state']['name']}.", file=out)
+    return 0
+
+
+def parse_uuid_cli(text: str) -> str:
+    try:
+        return parse_uuid(text)
+    except ValidationFailed:
+        raise ConfigurationError(f"{text!r} is not a flow run id (a UUID)") from None
+
+
+def cmd_work_pool(args, out) -> int:
+    pools = api_call("POST", "/work_pools/filter", {})
+    rows = [[p["name"], p["type"], p["id"], p["status"], "" if p["concurrency_limit"] is None else p["concurrency_limit"]]
+            for p in pools]
+    _print_table(out, ["NAME", "TYPE", "ID", "STATUS", "CONCURRENCY LIMIT"], rows, "No work pools.")
+    return 0
+
+
+def _policy_sentence(policy: dict, block_names: dict) -> str:
+    tags = ", ".join(policy["tags"])
+    runs = f"any flow with {tags} tag{'s' if len(policy['tags']) > 1 else ''}" if tags else "any flow"
+    states = " or ".join(s.lower() for s in policy["state_names"]) or "any"
+    return f"If a run of {runs} enters a {states} state, send a notification to {block_names.get(policy['block_document_id'], '?')}"
+
+
+def cmd_notification(args, out) -> int:
+    if args.action == "ls":
+        policies = api_call("POST", "/flow_run_notification_policies/filter", {})
+        docs = api_call("POST", "/block_documents/filter", {})
+        names = {d["id"]: f"{d['block_type']['slug']}/{d['name']}" for d in docs}
+        rows = [[p["id"], "active" if p["is_active"] else "paused", _policy_sentence(p, names)] for p in policies]
+        _print_table(out, ["ID", "STATUS", "POLICY"], rows, "No notification policies.")
+        return 0
+    if args.action == "create":
+        if not args.block or "/" not in args.block:
+            raise ConfigurationError("--block must be BLOCK_TYPE_SLUG/BLOCK_NAME, e.g. slack-webhook/my-hook")
+        slug, name = args.block.split("/", 1)
+        doc = api_call("GET", f"/block_types/slug/{urllib.parse.quote(slug)}/block_documents/name/{urllib.parse.quote(name)}")
+        body = {"state_names": args.state or [], "tags": args.tag or [], "block_document_id": doc["id"],
+                "is_active": True}
+        if args.template:
+            body["message_template"] = args.template
+        if not body["state_names"]:
+            raise ConfigurationError("give at least one --state, e.g. --state Failed")
+        policy = api_call("POST", "/flow_run_notification_policies/", body)
+        print(f"Created notification policy {policy['id']}.", file=out)
+        return 0
+    policy_id = parse_uuid_cli(args.id) if args.id else None
+    if policy_id is None:
+        raise ConfigurationError(f"notification {args.action} needs a policy ID")
+    if args.action == "delete":
+        api_call("DELETE", f"/flow_run_notification_policies/{policy_id}")
+        print(f"Deleted notification policy {policy_id}.", file=out)
+    else:
+        api_call("PATCH", f"/flow_run_notification_policies/{policy_id}", {"is_active": args.action == "resume"})
+        print(f"Notification policy {policy_id} is {'active' if args.action == 'resume' else 'paused'}.", file=out)
     return 0
 
 
@@ -5848,10 +6353,41 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(func=cmd_profile)
 
     database = sub.add_parser("database", help="migrations: upgrade, downgrade, reset, current, history")
-    database.add_argument("action", choices=["reset", "upgrade", "downgrade", "current", "history"])
+    database.add_argument("action", choices=["reset", "upgrade", "downgrade", "current", "history", "prune",
+                                             "vacuum", "backup", "restore"])
+    database.add_argument("path", nargs="?", help="backup / restore: the backup file")
     database.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     database.add_argument("-r", "--revision", help="target revision (upgrade: an id; downgrade: -1, an id or base)")
+    database.add_argument("--older-than", help="prune: age of terminal runs to delete, e.g. 30d, 12h")
+    database.add_argument("--dry-run", action="store_true", help="prune: only count what would go")
+    database.add_argument("--batch-size", type=int, default=500, help="prune: flow runs per transaction")
     database.set_defaults(func=cmd_database)
+
+    deployment = sub.add_parser("deployment", help="list deployments or run one (through the API)")
+    deployment.add_argument("action", choices=["ls", "run"])
+    deployment.add_argument("name", nargs="?", metavar="FLOW/DEPLOYMENT")
+    deployment.add_argument("--param", action="append", metavar="KEY=VALUE", help="a parameter (value as JSON or text)")
+    deployment.set_defaults(func=cmd_deployment)
+
+    flow_run = sub.add_parser("flow-run", help="list flow runs or cancel one (through the API)")
+    flow_run.add_argument("action", choices=["ls", "cancel"])
+    flow_run.add_argument("id", nargs="?")
+    flow_run.add_argument("--state", action="append", help="state type or name, e.g. FAILED or Late (repeatable)")
+    flow_run.add_argument("--limit", type=int, default=20)
+    flow_run.set_defaults(func=cmd_flow_run)
+
+    work_pool = sub.add_parser("work-pool", help="list work pools (through the API)")
+    work_pool.add_argument("action", choices=["ls"])
+    work_pool.set_defaults(func=cmd_work_pool)
+
+    notification = sub.add_parser("notification", help="flow run notification policies (through the API)")
+    notification.add_argument("action", choices=["ls", "create", "pause", "resume", "delete"])
+    notification.add_argument("id", nargs="?")
+    notification.add_argument("--state", action="append", help="a state name that triggers it, e.g. Failed (repeatable)")
+    notification.add_argument("--tag", action="append", help="only runs with this tag (repeatable; none = all runs)")
+    notification.add_argument("--block", help="destination: BLOCK_TYPE_SLUG/BLOCK_NAME, e.g. slack-webhook/my-hook")
+    notification.add_argument("--template", help="message template with {flow_name}, {flow_run_name}, ...")
+    notification.set_defaults(func=cmd_notification)
 
     version = sub.add_parser("version", help="our version, the API version and the database")
     version.set_defaults(func=cmd_version)
