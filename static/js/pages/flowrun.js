@@ -1,0 +1,297 @@
+import { h, replace } from '../dom.js';
+import { api } from '../api.js';
+import { pageHeader, errorBox, emptyState, loading, stateBadge, tagList, timeCell, table, keyValues, jsonBlock, tabs, confirmDialog, runAction, toast } from '../ui.js';
+import { taskGantt } from '../charts.js';
+import { renderArtifact } from '../artifact.js';
+import { runsTable, runMeta } from '../runs.js';
+import { fmtDuration, runDuration, isTerminal, fmtDateTime, fmtRelative } from '../format.js';
+
+const LEVELS = [[0, 'All levels'], [10, 'Debug and above'], [20, 'Info and above'], [30, 'Warning and above'], [40, 'Error and above'], [50, 'Critical only']];
+const LEVEL_NAMES = { 10: 'DEBUG', 20: 'INFO', 30: 'WARNING', 40: 'ERROR', 50: 'CRITICAL' };
+const POLL_MS = 2000;
+
+function levelName(n) {
+  return LEVEL_NAMES[n] || (n >= 50 ? 'CRITICAL' : n >= 40 ? 'ERROR' : n >= 30 ? 'WARNING' : n >= 20 ? 'INFO' : 'DEBUG');
+}
+
+export default async function flowRunDetail(ctx, root, id) {
+  replace(root, loading());
+  let run = await api.get(`/flow_runs/${encodeURIComponent(id)}`);
+  if (!ctx.alive) return;
+  const [flow, deployment] = await Promise.all([
+    api.get(`/flows/${run.flow_id}`).catch(() => null),
+    run.deployment_id ? api.get(`/deployments/${run.deployment_id}`).catch(() => null) : null,
+  ]);
+  if (!ctx.alive) return;
+  document.title = `${run.name} · Flow run · prefectlite`;
+
+  const headerEl = h('div');
+  const summaryEl = h('div');
+  const logsEl = h('div', { class: 'logs', role: 'log', 'aria-label': 'Flow run logs', tabindex: '0' });
+  const liveEl = h('span', { class: 'live', hidden: true }, h('span', { class: 'pulse', 'aria-hidden': 'true' }), 'Live: following new logs');
+  const levelSel = h('select', { id: 'log-level', onchange: () => reloadLogs() }, LEVELS.map(([v, l]) => h('option', { value: v, selected: String(v) === (ctx.params.get('level') || '0') }, l)));
+  const moreBtn = h('button', { type: 'button', class: 'btn', hidden: true, onclick: () => loadMoreLogs() }, 'Load more logs');
+  const taskEl = h('div', null, loading());
+  const subflowEl = h('div', null, loading());
+  const artifactsEl = h('div', null, loading());
+  const paramsEl = h('div');
+  const historyEl = h('div', null, loading());
+
+  const tabList = tabs([
+    { id: 'logs', label: 'Logs', content: h('div', null, h('div', { class: 'toolbar' }, h('label', { for: 'log-level' }, 'Level'), levelSel, liveEl), logsEl, moreBtn) },
+    { id: 'task-runs', label: 'Task runs', content: taskEl },
+    { id: 'subflow-runs', label: 'Subflow runs', content: subflowEl },
+    { id: 'artifacts', label: 'Artifacts', content: artifactsEl },
+    { id: 'parameters', label: 'Parameters', content: paramsEl },
+    { id: 'state-history', label: 'State history', content: historyEl },
+  ], ctx.params.get('tab') || 'logs', (tab) => {
+    const n = new URLSearchParams(ctx.params);
+    if (tab === 'logs') n.delete('tab'); else n.set('tab', tab);
+    ctx.setParams(n);
+  });
+
+  replace(root, headerEl, summaryEl, h('div', { class: 'card' }, tabList.el));
+
+  // ---- header, summary, actions
+  function renderHeader() {
+    const terminal = isTerminal(run.state_type);
+    const actions = [];
+    if (!terminal) actions.push(h('button', { type: 'button', class: 'btn', onclick: (e) => cancelRun(e.currentTarget) }, 'Cancel'));
+    if (terminal) actions.push(h('button', { type: 'button', class: 'btn', onclick: (e) => retryRun(e.currentTarget) }, 'Retry'));
+    actions.push(h('button', { type: 'button', class: 'btn btn-danger', onclick: (e) => deleteRun(e.currentTarget) }, 'Delete'));
+    replace(headerEl, pageHeader(run.name, {
+      crumbs: [{ label: 'Flow runs', href: '#/flow-runs' }, flow ? { label: flow.name, href: `#/flows/${flow.id}` } : { label: 'Unknown flow' }],
+      badge: h('span', { class: 'run-state' }, stateBadge(run.state_type, run.state_name)),
+      actions,
+    }));
+    replace(summaryEl, h('div', { class: 'card' }, keyValues([
+      ['State', h('span', null, stateBadge(run.state_type, run.state_name), run.state && run.state.message ? h('span', { class: 'state-message inline' }, ` ${run.state.message}`) : null)],
+      ['Flow', flow ? h('a', { href: `#/flows/${flow.id}` }, flow.name) : run.flow_id],
+      ['Deployment', deployment ? h('a', { href: `#/deployments/${deployment.id}` }, deployment.name) : h('span', { class: 'muted' }, 'None (ad hoc run)')],
+      ['Expected start', timeCell(run.expected_start_time)],
+      ['Started', timeCell(run.start_time)],
+      ['Ended', timeCell(run.end_time)],
+      ['Duration', fmtDuration(runDuration(run))],
+      ['Run count', String(run.run_count ?? 0)],
+      run.work_pool_name ? ['Work pool', h('a', { href: `#/work-pools/${encodeURIComponent(run.work_pool_name)}` }, `${run.work_pool_name}${run.work_queue_name ? ' / ' + run.work_queue_name : ''}`)] : null,
+      ['Tags', tagList(run.tags)],
+      run.parent_task_run_id ? ['Parent run', parentEl] : null,
+      ['Run ID', h('code', null, run.id)],
+    ])));
+  }
+  const parentEl = h('span', { class: 'muted' }, '…');
+  if (run.parent_task_run_id) {
+    api.get(`/task_runs/${run.parent_task_run_id}`).then(async (tr) => {
+      const parent = await api.get(`/flow_runs/${tr.flow_run_id}`);
+      replace(parentEl, h('a', { href: `#/flow-runs/${parent.id}` }, parent.name), h('span', { class: 'muted' }, ` (task ${tr.name})`));
+      parentEl.classList.remove('muted');
+    }).catch((err) => replace(parentEl, `unavailable (${err.message})`));
+  }
+
+  async function setState(state, force = false) {
+    const r = await api.post(`/flow_runs/${run.id}/set_state`, { state, force });
+    if (r && r.status && r.status !== 'ACCEPT') {
+      const reason = (r.details && r.details.reason) || r.status;
+      throw new Error(`The server answered ${r.status}: ${reason}`);
+    }
+    return r;
+  }
+  async function cancelRun(btn) {
+    const running = run.state_type === 'RUNNING';
+    if (!await confirmDialog('Cancel flow run', `Cancel “${run.name}”? ${running ? 'The run will be asked to stop (Cancelling).' : 'It will be marked Cancelled.'}`, { confirmLabel: 'Cancel run', danger: true })) return;
+    await runAction(btn, () => setState(running
+      ? { type: 'CANCELLING', name: 'Cancelling', message: 'Cancelled from the UI' }
+      : { type: 'CANCELLED', name: 'Cancelled', message: 'Cancelled from the UI' }), running ? 'Cancellation requested' : 'Flow run cancelled');
+    refresh();
+  }
+  async function retryRun(btn) {
+    if (!await confirmDialog('Retry flow run', `Schedule “${run.name}” to run again?`, { confirmLabel: 'Retry' })) return;
+    await runAction(btn, () => setState({ type: 'SCHEDULED', name: 'AwaitingRetry', message: 'Retry requested from the UI' }, true), 'Flow run scheduled for retry');
+    refresh();
+  }
+  async function deleteRun(btn) {
+    if (!await confirmDialog('Delete flow run', `Delete “${run.name}” with its task runs and logs? This cannot be undone.`, { confirmLabel: 'Delete', danger: true })) return;
+    await runAction(btn, () => api.del(`/flow_runs/${run.id}`), 'Flow run deleted');
+    location.hash = '#/flow-runs';
+  }
+
+  // ---- logs
+  let logs = [];
+  const seen = new Set();
+  let logOffset = 0;
+  const LOG_PAGE = 200;
+  let taskNames = new Map();
+
+  function logLine(l) {
+    const lvl = levelName(l.level);
+    const task = l.task_run_id ? taskNames.get(l.task_run_id) : null;
+    return h('div', { class: `log-line level-${lvl.toLowerCase()}`, dataset: { level: lvl } },
+      h('time', { class: 'log-time', datetime: l.timestamp, title: fmtDateTime(l.timestamp) }, new Date(l.timestamp).toLocaleTimeString()),
+      h('span', { class: 'log-level' }, lvl),
+      h('span', { class: 'log-source muted' }, task || l.name || ''),
+      h('span', { class: 'log-msg' }, l.message));
+  }
+  function logFilter(extra = {}) {
+    const f = { flow_run_id: { any_: [run.id] }, ...extra };
+    const lvl = Number(levelSel.value);
+    if (lvl > 0) f.level = { ge_: lvl };
+    return f;
+  }
+  function appendLogs(batch) {
+    const atBottom = logsEl.scrollTop + logsEl.clientHeight >= logsEl.scrollHeight - 30;
+    const empty = logsEl.querySelector('.empty-state');
+    let added = 0;
+    for (const l of batch) {
+      const key = l.id || `${l.timestamp}|${l.message}`;
+      if (seen.has(key)) continue;
+      seen.add(key);
+      if (empty && empty.isConnected) empty.remove();
+      logs.push(l);
+      logsEl.appendChild(logLine(l));
+      added++;
+    }
+    if (added && atBottom) logsEl.scrollTop = logsEl.scrollHeight;
+    if (!logs.length && !logsEl.querySelector('.empty-state')) {
+      logsEl.appendChild(emptyState('No logs', Number(levelSel.value) > 0 ? 'No log at this level or above.' : 'This run has not written any log yet.'));
+    }
+  }
+  async function reloadLogs() {
+    const n = new URLSearchParams(ctx.params);
+    if (levelSel.value === '0') n.delete('level'); else n.set('level', levelSel.value);
+    ctx.setParams(n);
+    logs = []; seen.clear(); logOffset = 0;
+    replace(logsEl, loading('Loading logs…'));
+    try {
+      const batch = await api.post('/logs/filter', { logs: logFilter(), sort: 'TIMESTAMP_ASC', limit: LOG_PAGE, offset: 0 });
+      if (!ctx.alive) return;
+      replace(logsEl);
+      logOffset = batch.length;
+      moreBtn.hidden = batch.length < LOG_PAGE;
+      appendLogs(batch);
+    } catch (err) { replace(logsEl, errorBox(err, reloadLogs)); }
+  }
+  async function loadMoreLogs() {
+    try {
+      const batch = await api.post('/logs/filter', { logs: logFilter(), sort: 'TIMESTAMP_ASC', limit: LOG_PAGE, offset: logOffset });
+      logOffset += batch.length;
+      moreBtn.hidden = batch.length < LOG_PAGE;
+      appendLogs(batch);
+    } catch (err) { toast(err.message, 'error'); }
+  }
+  async function tailLogs() {
+    if (!moreBtn.hidden) return; // still paging through older logs
+    const last = logs.length ? logs[logs.length - 1].timestamp : null;
+    const batch = await api.post('/logs/filter', { logs: logFilter(last ? { timestamp: { after_: last } } : {}), sort: 'TIMESTAMP_ASC', limit: LOG_PAGE });
+    if (!ctx.alive) return;
+    appendLogs(batch);
+  }
+
+  // ---- task runs, subflows
+  let taskRuns = [];
+  async function loadTaskRuns() {
+    try {
+      taskRuns = await api.post('/task_runs/filter', { task_runs: { flow_run_id: { any_: [run.id] } }, sort: 'EXPECTED_START_TIME_ASC', limit: 200 });
+      if (!ctx.alive) return;
+      taskNames = new Map(taskRuns.map((t) => [t.id, t.name]));
+      tabList.button('task-runs').textContent = `Task runs (${taskRuns.length}${taskRuns.length === 200 ? '+' : ''})`;
+      if (!taskRuns.length) { replace(taskEl, emptyState('No task runs', 'This flow run has not created any task run.')); return; }
+      replace(taskEl,
+        h('h3', { class: 'sub' }, 'Timeline'),
+        taskGantt(taskRuns),
+        h('h3', { class: 'sub' }, 'Task runs'),
+        table([
+          { label: 'Task run', render: (t) => h('span', { class: 'task-name' }, t.name) },
+          { label: 'State', render: (t) => stateBadge(t.state_type, t.state_name) },
+          { label: 'Start', render: (t) => timeCell(t.start_time) },
+          { label: 'Duration', render: (t) => fmtDuration(runDuration(t)) },
+          { label: 'Runs', className: 'hide-sm', render: (t) => String(t.run_count ?? 0) },
+          { label: 'Tags', className: 'hide-md', render: (t) => tagList(t.tags) },
+        ], taskRuns, { caption: 'Task runs', rowClass: () => 'task-row' }));
+    } catch (err) { replace(taskEl, errorBox(err, loadTaskRuns)); }
+  }
+  async function loadSubflows() {
+    try {
+      const ids = taskRuns.map((t) => t.id);
+      const subs = ids.length ? await api.post('/flow_runs/filter', { flow_runs: { parent_task_run_id: { any_: ids } }, sort: 'EXPECTED_START_TIME_ASC', limit: 200 }) : [];
+      if (!ctx.alive) return;
+      tabList.button('subflow-runs').textContent = `Subflow runs (${subs.length})`;
+      if (!subs.length) { replace(subflowEl, emptyState('No subflow runs', 'This flow run did not start other flows.')); return; }
+      const meta = await runMeta(subs);
+      if (!ctx.alive) return;
+      replace(subflowEl, runsTable(subs, meta));
+    } catch (err) { replace(subflowEl, errorBox(err, loadSubflows)); }
+  }
+
+  // ---- artifacts
+  async function loadArtifacts() {
+    try {
+      const arts = await api.post('/artifacts/filter', { artifacts: { flow_run_id: { any_: [run.id] } }, sort: 'CREATED_DESC', limit: 100 });
+      if (!ctx.alive) return;
+      tabList.button('artifacts').textContent = `Artifacts (${arts.length})`;
+      if (!arts.length) { replace(artifactsEl, emptyState('No artifacts', 'This flow run has not created any artifact.')); return; }
+      replace(artifactsEl, arts.map((a) => h('article', { class: 'artifact', dataset: { type: a.type || '' } },
+        h('header', { class: 'artifact-head' },
+          h('h3', null, a.key || 'Unnamed artifact'),
+          h('span', { class: 'pill' }, a.type || 'unknown'),
+          a.task_run_id && taskNames.get(a.task_run_id) ? h('span', { class: 'muted small' }, `from ${taskNames.get(a.task_run_id)}`) : null,
+          h('span', { class: 'muted small' }, fmtRelative(a.created))),
+        a.description ? h('p', { class: 'muted' }, a.description) : null,
+        h('div', { class: 'artifact-body' }, renderArtifact(a)))));
+    } catch (err) { replace(artifactsEl, errorBox(err, loadArtifacts)); }
+  }
+
+  function renderParams() {
+    const params = run.parameters || {};
+    replace(paramsEl, Object.keys(params).length ? jsonBlock(params) : emptyState('No parameters', 'This flow run was called without parameters.'));
+  }
+
+  async function loadHistory() {
+    try {
+      const states = await api.get(`/flow_run_states/?flow_run_id=${encodeURIComponent(run.id)}`);
+      if (!ctx.alive) return;
+      states.sort((a, b) => new Date(a.timestamp) - new Date(b.timestamp));
+      if (!states.length) { replace(historyEl, emptyState('No state history', 'No state was recorded for this run.')); return; }
+      replace(historyEl, h('ol', { class: 'timeline' }, states.map((s, i) => {
+        const next = states[i + 1];
+        const dur = next ? (new Date(next.timestamp) - new Date(s.timestamp)) / 1000 : null;
+        return h('li', { class: 'timeline-item', style: { '--state': `var(--st-${(s.type || '').toLowerCase()})` } },
+          h('div', { class: 'timeline-head' }, stateBadge(s.type, s.name), timeCell(s.timestamp), dur !== null ? h('span', { class: 'muted small' }, ` for ${fmtDuration(dur)}`) : null),
+          s.message ? h('p', { class: 'state-message' }, s.message) : null);
+      })));
+    } catch (err) { replace(historyEl, errorBox(err, loadHistory)); }
+  }
+
+  // ---- live refresh while the run is not terminal
+  let polling = false;
+  async function refresh() {
+    try {
+      run = await api.get(`/flow_runs/${run.id}`);
+    } catch (err) {
+      if (err.status === 404) { replace(root, errorBox(err)); ctx.dispose(); return; }
+      throw err;
+    }
+    if (!ctx.alive) return;
+    renderHeader();
+    renderParams();
+    await Promise.all([loadTaskRuns().then(loadSubflows), loadHistory(), loadArtifacts(), tailLogs()]);
+    startPolling();
+  }
+  let stopPoll = null;
+  function startPolling() {
+    const live = !isTerminal(run.state_type);
+    liveEl.hidden = !live;
+    if (live && !stopPoll) {
+      stopPoll = ctx.every(POLL_MS, async () => {
+        if (polling) return;
+        polling = true;
+        try { await refresh(); } catch (err) { toast(`Live update failed: ${err.message}`, 'error'); } finally { polling = false; }
+      });
+    } else if (!live && stopPoll) { stopPoll(); stopPoll = null; }
+  }
+
+  renderHeader();
+  renderParams();
+  await loadTaskRuns();
+  await Promise.all([reloadLogs(), loadSubflows(), loadArtifacts(), loadHistory()]);
+  startPolling();
+}

@@ -1,0 +1,151 @@
+import { h, replace, debounce } from '../dom.js';
+import { api } from '../api.js';
+import { pageHeader, errorBox, emptyState, loading, pager, parseTags } from '../ui.js';
+import { runsTable, runMeta } from '../runs.js';
+import { STATE_TYPES, stateName, fmtNumber } from '../format.js';
+
+const RANGES = {
+  '': 'Any time', '1h': 'Past hour', '24h': 'Past 24 hours', '7d': 'Past 7 days', '30d': 'Past 30 days', custom: 'Custom range…',
+};
+const RANGE_SECONDS = { '1h': 3600, '24h': 86400, '7d': 7 * 86400, '30d': 30 * 86400 };
+const SORTS = { EXPECTED_START_TIME_DESC: 'Newest first', EXPECTED_START_TIME_ASC: 'Oldest first', NAME_ASC: 'Name A–Z', NAME_DESC: 'Name Z–A' };
+
+function toLocalInput(iso) {
+  if (!iso) return '';
+  const d = new Date(iso);
+  if (isNaN(d)) return '';
+  const p = (n) => String(n).padStart(2, '0');
+  return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`;
+}
+
+export function buildRunFilter(params) {
+  const fr = {};
+  const states = (params.get('state') || '').split(',').filter((s) => STATE_TYPES.includes(s));
+  if (states.length) fr.state = { type: { any_: states } };
+  const q = params.get('q');
+  if (q) fr.name = { like_: q };
+  const tags = parseTags(params.get('tags'));
+  if (tags.length) fr.tags = { all_: tags };
+  const range = params.get('range') || '';
+  if (RANGE_SECONDS[range]) fr.expected_start_time = { after_: new Date(Date.now() - RANGE_SECONDS[range] * 1000).toISOString() };
+  if (range === 'custom') {
+    const t = {};
+    if (params.get('from')) t.after_ = new Date(params.get('from')).toISOString();
+    if (params.get('to')) t.before_ = new Date(params.get('to')).toISOString();
+    if (Object.keys(t).length) fr.expected_start_time = t;
+  }
+  const body = { flow_runs: fr };
+  if (params.get('flow')) body.flows = { id: { any_: [params.get('flow')] } };
+  if (params.get('deployment')) fr.deployment_id = { any_: [params.get('deployment')] };
+  return body;
+}
+
+export async function flowRunsPage(ctx, root) {
+  document.title = 'Flow runs · prefectlite';
+  const p = ctx.params;
+  const selected = new Set((p.get('state') || '').split(',').filter(Boolean));
+  const stateBoxes = STATE_TYPES.map((t) => h('label', { class: 'check' }, h('input', { type: 'checkbox', value: t, checked: selected.has(t), onchange: () => update() }), ' ', stateName(t)));
+  const stateSummary = h('span', null);
+  const stateMenu = h('details', { class: 'dropdown' }, h('summary', { class: 'btn', 'aria-label': 'Filter by state' }, stateSummary), h('div', { class: 'dropdown-body' }, stateBoxes));
+  const flowSel = h('select', { id: 'filter-flow', onchange: () => update() }, h('option', { value: '' }, 'All flows'));
+  const depSel = h('select', { id: 'filter-deployment', onchange: () => update() }, h('option', { value: '' }, 'All deployments'));
+  const tagsIn = h('input', { id: 'filter-tags', type: 'text', placeholder: 'tag-a, tag-b', value: p.get('tags') || '', oninput: debounce(() => update(), 350) });
+  const searchIn = h('input', { id: 'filter-search', type: 'search', placeholder: 'Search by run name', value: p.get('q') || '', oninput: debounce(() => update(), 350) });
+  const rangeSel = h('select', { id: 'filter-range', onchange: () => update() }, Object.entries(RANGES).map(([k, v]) => h('option', { value: k, selected: (p.get('range') || '') === k }, v)));
+  const fromIn = h('input', { id: 'filter-from', type: 'datetime-local', value: toLocalInput(p.get('from')), onchange: () => update() });
+  const toIn = h('input', { id: 'filter-to', type: 'datetime-local', value: toLocalInput(p.get('to')), onchange: () => update() });
+  const customRange = h('div', { class: 'custom-range' }, h('label', { for: 'filter-from' }, 'From'), fromIn, h('label', { for: 'filter-to' }, 'To'), toIn);
+  const sortSel = h('select', { id: 'filter-sort', onchange: () => update() }, Object.entries(SORTS).map(([k, v]) => h('option', { value: k, selected: (p.get('sort') || 'EXPECTED_START_TIME_DESC') === k }, v)));
+  const sizeSel = h('select', { id: 'filter-size', onchange: () => update() }, [25, 50, 100].map((n) => h('option', { value: n, selected: String(n) === (p.get('size') || '25') }, `${n} per page`)));
+  const clearAll = () => { if (location.hash === '#/flow-runs') ctx.rerender(); else location.hash = '#/flow-runs'; };
+  const clearBtn = h('button', { type: 'button', class: 'btn btn-ghost', onclick: clearAll }, 'Clear filters');
+  const countEl = h('span', { class: 'muted' });
+  const results = h('div', { class: 'results' }, loading());
+  const lbl = (text, input) => h('div', { class: 'filter' }, h('label', { for: input.id }, text), input);
+
+  replace(root,
+    pageHeader('Flow runs', { badge: countEl }),
+    h('form', { class: 'filters card', role: 'search', 'aria-label': 'Flow run filters', onsubmit: (e) => { e.preventDefault(); update(); } },
+      lbl('Name', searchIn),
+      h('div', { class: 'filter' }, h('span', { class: 'filter-label' }, 'State'), stateMenu),
+      lbl('Flow', flowSel), lbl('Deployment', depSel), lbl('Tags', tagsIn), lbl('Time', rangeSel), customRange,
+      lbl('Sort', sortSel), lbl('Page size', sizeSel), h('div', { class: 'filter filter-end' }, clearBtn)),
+    results);
+
+  let offset = (Math.max(1, parseInt(p.get('page') || '1', 10)) - 1) * parseInt(p.get('size') || '25', 10);
+  let seq = 0;
+
+  function readParams(keepPage) {
+    const n = new URLSearchParams();
+    const states = stateBoxes.map((l) => l.querySelector('input')).filter((i) => i.checked).map((i) => i.value);
+    if (states.length) n.set('state', states.join(','));
+    if (searchIn.value.trim()) n.set('q', searchIn.value.trim());
+    if (flowSel.value) n.set('flow', flowSel.value);
+    if (depSel.value) n.set('deployment', depSel.value);
+    if (tagsIn.value.trim()) n.set('tags', tagsIn.value.trim());
+    if (rangeSel.value) n.set('range', rangeSel.value);
+    if (rangeSel.value === 'custom') {
+      if (fromIn.value) n.set('from', new Date(fromIn.value).toISOString());
+      if (toIn.value) n.set('to', new Date(toIn.value).toISOString());
+    }
+    if (sortSel.value !== 'EXPECTED_START_TIME_DESC') n.set('sort', sortSel.value);
+    if (sizeSel.value !== '25') n.set('size', sizeSel.value);
+    if (keepPage && offset) n.set('page', String(offset / Number(sizeSel.value) + 1));
+    return n;
+  }
+
+  function update(keepPage = false) {
+    if (!keepPage) offset = 0;
+    ctx.setParams(readParams(keepPage));
+    load();
+  }
+
+  async function load() {
+    const my = ++seq;
+    const params = ctx.params;
+    const states = params.get('state') ? params.get('state').split(',') : [];
+    stateSummary.textContent = states.length ? states.map(stateName).join(', ') : 'All';
+    customRange.hidden = rangeSel.value !== 'custom';
+    const limit = Number(sizeSel.value);
+    const filter = buildRunFilter(params);
+    results.setAttribute('aria-busy', 'true');
+    try {
+      const [runs, total] = await Promise.all([
+        api.post('/flow_runs/filter', { ...filter, sort: sortSel.value, limit, offset }),
+        api.post('/flow_runs/count', filter),
+      ]);
+      if (my !== seq || !ctx.alive) return;
+      const meta = await runMeta(runs);
+      if (my !== seq || !ctx.alive) return;
+      countEl.textContent = `${fmtNumber(total)} run${total === 1 ? '' : 's'}`;
+      const filtered = [...params.keys()].some((k) => !['page', 'size', 'sort'].includes(k));
+      if (!runs.length) {
+        replace(results, filtered ? emptyState('No matching flow runs', 'No flow run matches these filters.', clearBtn.cloneNode(true)) : emptyState('No flow runs yet', 'Flow runs appear here once a flow runs against this server.'));
+        if (filtered) results.querySelector('button').addEventListener('click', clearAll);
+      } else {
+        replace(results, h('div', { class: 'card flush' }, runsTable(runs, meta)),
+          pager({ offset, limit, total, onChange: (o) => { offset = o; update(true); root.scrollIntoView?.(); } }));
+      }
+    } catch (err) {
+      if (my === seq && ctx.alive) replace(results, errorBox(err, load));
+    } finally {
+      results.removeAttribute('aria-busy');
+    }
+  }
+
+  // Options for the flow and deployment pickers (capped; the list never loads all runs).
+  Promise.all([
+    api.post('/flows/filter', { sort: 'NAME_ASC', limit: 200 }),
+    api.post('/deployments/filter', { sort: 'NAME_ASC', limit: 200 }),
+  ]).then(([flows, deps]) => {
+    if (!ctx.alive) return;
+    for (const o of root.querySelectorAll('option[data-placeholder]')) {
+      if (flows.some((f) => f.id === o.value) || deps.some((d) => d.id === o.value)) o.remove();
+    }
+    for (const f of flows) flowSel.appendChild(h('option', { value: f.id, selected: f.id === p.get('flow') }, f.name));
+    for (const d of deps) depSel.appendChild(h('option', { value: d.id, selected: d.id === p.get('deployment') }, d.name));
+  }).catch(() => {});
+  if (p.get('flow')) flowSel.appendChild(h('option', { value: p.get('flow'), selected: true, dataset: { placeholder: '1' } }, 'Selected flow'));
+  if (p.get('deployment')) depSel.appendChild(h('option', { value: p.get('deployment'), selected: true, dataset: { placeholder: '1' } }, 'Selected deployment'));
+  await load();
+}
