@@ -28,6 +28,7 @@ import dataclasses
 import datetime as _dt
 import difflib
 import fcntl
+import functools
 import gzip
 import hashlib
 import http.server
@@ -1514,6 +1515,7 @@ def update_row(tx: Transaction, table: str, row_id: str, values: dict, key: str 
     return cur.rowcount
 
 
+@functools.lru_cache(maxsize=1024)
 def _quote_column(name: str) -> str:
     if not re.fullmatch(r"[a-z_][a-z0-9_]*", name):
         raise ValueError(f"bad column name {name!r}")  # column names come from our code, never from clients
@@ -5360,10 +5362,19 @@ def _compile_route(pattern: str):
     return re.compile(f"^{regex}/?$")
 
 
-def match_route(routes, method: str, path: str):
+def route_index(routes) -> dict:
+    """Routes grouped by their first path segment, so a request is matched against a handful, not all."""
+    index: dict = {}
+    for route in routes:
+        first = route[3].strip("/").split("/", 1)[0]
+        index.setdefault(first, []).append(route)
+    return index
+
+
+def match_route(index: dict, method: str, path: str):
     """Return (handler, path parameters, route pattern) or raise 404/405."""
     allowed = []
-    for route_method, regex, handler, pattern in routes:
+    for route_method, regex, handler, pattern in index.get(path.strip("/").split("/", 1)[0], ()):
         found = regex.match(path)
         if found:
             if route_method == method:
@@ -5495,6 +5506,7 @@ class App:
         self.settings = settings
         self.db = db
         self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
+        self.route_index = route_index(self.routes)
         self.openapi = openapi_document(self.routes)
         self.stopping = threading.Event()
         self.metrics = Metrics()
@@ -5591,7 +5603,7 @@ def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
     started = time.perf_counter()
     route = "unmatched"
     try:
-        handler, req.params, route = match_route(app.routes, req.method, req.path)
+        handler, req.params, route = match_route(app.route_index, req.method, req.path)
         check_csrf(app, req)
         validate_body(handler, req)
         status, payload = handler(app, req)
