@@ -27,7 +27,6 @@ import contextvars
 import dataclasses
 import datetime as _dt
 import difflib
-import fcntl
 import functools
 import gzip
 import hashlib
@@ -70,6 +69,7 @@ __all__ = [
 ]
 
 log = logging.getLogger("prefectlite")
+sql_log = logging.getLogger("prefectlite.sql")  # PREFECT_API_DATABASE_ECHO: every statement, at INFO
 REQUEST_ID = contextvars.ContextVar("request_id", default=None)  # the API request a log line belongs to
 
 
@@ -439,7 +439,7 @@ class Database:
 
     def _log_sql(self, sql, params):
         if self.echo:
-            log.info("SQL %s %s", " ".join(sql.split()), "[%d params]" % len(params) if params else "")
+            sql_log.info("SQL %s %s", " ".join(sql.split()), "[%d params]" % len(params) if params else "")
 
     def contains(self, column: str) -> str:
         return self.json_array_contains.format(col=column)
@@ -623,11 +623,15 @@ class SqliteDatabase(Database):
         """A running server holds a shared lock on <db>.lock, so `database restore` can tell it is there."""
         if self.memory:
             return
+        import fcntl  # POSIX only; imported here so the module still imports elsewhere
+
         self._lock_file = open(self.path + ".lock", "a+")  # noqa: SIM115 - held for the server's life
         fcntl.flock(self._lock_file, fcntl.LOCK_SH)
 
     def restore(self, source: str) -> str:
         """Replace the database file with a backup, after checking it; only while no server uses it."""
+        import fcntl  # POSIX only
+
         if self.memory:
             raise ConfigurationError("an in-memory database cannot be restored into")
         check = sqlite3.connect(f"file:{source}?mode=ro", uri=True)
@@ -5937,16 +5941,15 @@ def _confirm(question: str, yes: bool) -> None:
 
 def cmd_start(args, out) -> int:
     settings = load_settings()
-    configure_logging(settings)
     host = args.host or settings["PREFECT_SERVER_API_HOST"]
     port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
     if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
         print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
               "anyone who can reach this machine can use the API", file=sys.stderr)
-    running = start_server(settings, host, port)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before the port opens: a signal at any moment stops cleanly
         signal.signal(signum, lambda *_: stop.set())
+    running = start_server(settings, host, port)
     shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
     dialect = running.app.db.dialect
     print(f"prefectlite {__version__} is ready ({dialect} database)", file=out)
@@ -5989,6 +5992,8 @@ def configure_logging(settings: Settings, stream=None):
     log.handlers[:] = [handler]
     log.setLevel(level)
     log.propagate = False
+    # echo shows SQL whatever the server's log level
+    sql_log.setLevel(logging.INFO if settings["PREFECT_API_DATABASE_ECHO"] else logging.NOTSET)
     return handler
 
 
@@ -6423,6 +6428,7 @@ def run_cli(argv: list[str], out=None) -> int:
             else:
                 fixed.append(arg)
         args = build_parser().parse_args(fixed)
+        configure_logging(load_settings())
         return args.func(args, out)
     except (ConfigurationError, DatabaseError) as exc:
         print(f"prefectlite: error: {exc}", file=sys.stderr)

@@ -1,0 +1,419 @@
+"""Storage (section 2): SQLite WAL + foreign keys, 'database is locked' never reaching a client,
+concurrent writers, the shared in-memory database, translate_placeholders, embedding with serve().
+
+Everything runs against real databases: SQLite files in tmp_path, real lock holders in other processes,
+and the throwaway PostgreSQL database of the `postgres_url` fixture.
+"""
+
+import json
+import sqlite3
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.request
+import uuid
+
+import pytest
+
+from conftest import Client, ROOT
+
+import prefectlite
+from prefectlite import translate_placeholders
+
+
+# ---------------------------------------------------------------------------------------------
+# helpers
+
+def _load(tmp_path, **env):
+    """Settings resolved against a private PREFECT_HOME (never the real home)."""
+    return prefectlite.load_settings(env={"PREFECT_HOME": str(tmp_path / "home"), **env})
+
+
+def _open_migrated(url, tmp_path, **env):
+    db = prefectlite.open_database(url, _load(tmp_path, **env))
+    prefectlite.migrate(db)
+    return db
+
+
+def _run_writers(client, threads, per_thread, shared_name=None):
+    """Many threads POSTing at once; returns every (status, payload) that was not a success."""
+    failures, lock = [], threading.Lock()
+    barrier = threading.Barrier(threads)
+
+    def work(index):
+        barrier.wait()
+        for i in range(per_thread):
+            name = shared_name or f"flow-{index}-{i}"
+            try:
+                status, payload = client.post("/flows/", {"name": name, "tags": [f"t{index}"]})
+                if status not in (200, 201):
+                    with lock:
+                        failures.append(("flow", status, payload))
+                    continue
+                status, run = client.post("/flow_runs/", {"flow_id": payload["id"], "name": f"run-{index}-{i}"})
+                if status not in (200, 201):
+                    with lock:
+                        failures.append(("flow_run", status, run))
+                    continue
+                status, body = client.post(f"/flow_runs/{run['id']}/set_state",
+                                           {"state": {"type": "RUNNING"}, "force": True})
+                if status not in (200, 201):
+                    with lock:
+                        failures.append(("set_state", status, body))
+            except Exception as exc:  # noqa: BLE001 - a dropped connection is a failure too
+                with lock:
+                    failures.append(("exception", type(exc).__name__, str(exc)))
+
+    workers = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    assert not any(worker.is_alive() for worker in workers), "writer threads hung"
+    return failures
+
+
+_HOLDER = r"""
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO flow (id, created, updated, name) VALUES ('held-id', 'x', 'x', 'held-by-other-process')")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+conn.close()
+print("released", flush=True)
+"""
+
+
+class LockHolder:
+    """Another process holding SQLite's write lock on a file until told to let go."""
+
+    def __init__(self, path):
+        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "locked":
+            self.proc.kill()
+            raise AssertionError(f"lock holder did not get the lock: {line!r} {self.proc.stderr.read()}")
+
+    def release(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            assert self.proc.stdout.readline().strip() == "released"
+        self.proc.wait(30)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite: WAL and foreign keys
+
+def test_sqlite_file_is_in_wal_mode_with_foreign_keys_on(tmp_path):
+    path = tmp_path / "wal.db"
+    db = _open_migrated(f"sqlite:///{path}", tmp_path)
+    try:
+        with db.read() as tx:
+            assert str(tx.scalar("PRAGMA journal_mode")).lower() == "wal"
+            assert tx.scalar("PRAGMA foreign_keys") == 1
+        with db.write() as tx:
+            assert tx.scalar("PRAGMA foreign_keys") == 1
+    finally:
+        db.close()
+    # WAL is a property of the file: any other connection sees it too
+    other = sqlite3.connect(path)
+    try:
+        assert other.execute("PRAGMA journal_mode").fetchone()[0].lower() == "wal"
+    finally:
+        other.close()
+
+
+def test_sqlite_foreign_keys_are_enforced(tmp_path):
+    db = _open_migrated(f"sqlite:///{tmp_path}/fk.db", tmp_path)
+    try:
+        with pytest.raises(prefectlite.IntegrityViolation):
+            with db.write() as tx:
+                tx.execute(
+                    "INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), "2024-01-01", "2024-01-01", "orphan", str(uuid.uuid4())),
+                )
+        with db.read() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM flow_run") == 0
+    finally:
+        db.close()
+
+
+def test_sqlite_foreign_key_cascade_through_the_api(client):
+    flow = client.ok("POST", "/flows/", {"name": "cascade"})
+    run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "name": "child"})
+    client.ok("DELETE", f"/flows/{flow['id']}")
+    status, _ = client.get(f"/flow_runs/{run['id']}")
+    assert status == 404  # ON DELETE CASCADE ran: foreign keys are on in the server's connections
+
+
+# ---------------------------------------------------------------------------------------------
+# "database is locked" never reaches a client
+
+def test_write_lock_held_by_another_process_gives_503_with_json_reason(tmp_path):
+    path = tmp_path / "locked.db"
+    with prefectlite.serve(database=f"sqlite:///{path}", port=0, PREFECT_API_DATABASE_TIMEOUT=1) as api_url:
+        client = Client(api_url)
+        client.ok("POST", "/flows/", {"name": "before-lock"})
+        holder = LockHolder(path)
+        try:
+            status, payload = client.post("/flows/", {"name": "during-lock"})
+            assert status == 503, (status, payload)
+            assert isinstance(payload, dict), payload  # JSON, not a text page
+            reason = payload.get("reason") or payload.get("detail")
+            assert isinstance(reason, str) and reason
+            assert "database is locked" not in json.dumps(payload).lower()
+            # readers are not blocked by a writer in WAL mode
+            status, flows = client.post("/flows/filter", {})
+            assert status == 200
+            assert [f["name"] for f in flows] == ["before-lock"]
+        finally:
+            holder.release()
+        # once the other process lets go, the same write succeeds
+        client.ok("POST", "/flows/", {"name": "during-lock"})
+        names = sorted(f["name"] for f in client.ok("POST", "/flows/filter", {}))
+        assert names == ["before-lock", "during-lock"]
+
+
+def test_503_from_lock_carries_retry_after_header(tmp_path):
+    path = tmp_path / "locked.db"
+    with prefectlite.serve(database=f"sqlite:///{path}", port=0, PREFECT_API_DATABASE_TIMEOUT=1) as api_url:
+        holder = LockHolder(path)
+        try:
+            req = urllib.request.Request(api_url + "/flows/", data=json.dumps({"name": "x"}).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(req, timeout=30)
+            assert info.value.code == 503
+            assert info.value.headers.get("Content-Type", "").startswith("application/json")
+            body = json.loads(info.value.read())
+            assert "database is locked" not in json.dumps(body).lower()
+        finally:
+            holder.release()
+
+
+def test_many_concurrent_writer_threads_produce_no_errors_sqlite_file(client):
+    failures = _run_writers(client, threads=16, per_thread=10)
+    assert failures == []
+    assert len(client.ok("POST", "/flows/filter", {})) == 160
+    assert client.ok("POST", "/flow_runs/count", {}) == 160
+
+
+def test_concurrent_upserts_of_one_flow_name_produce_no_errors(client):
+    failures = _run_writers(client, threads=16, per_thread=5, shared_name="same-flow")
+    assert failures == []
+    flows = client.ok("POST", "/flows/filter", {})
+    assert [f["name"] for f in flows] == ["same-flow"]
+    assert client.ok("POST", "/flow_runs/count", {}) == 80
+
+
+def test_concurrent_writers_from_two_servers_on_one_file(tmp_path):
+    """Two servers (two connection sets) writing one SQLite file at once: still no errors."""
+    url = f"sqlite:///{tmp_path}/shared.db"
+    with prefectlite.serve(database=url, port=0) as first, prefectlite.serve(database=url, port=0) as second:
+        results = {}
+
+        def run(key, api_url):
+            results[key] = _run_writers(Client(api_url), threads=8, per_thread=8)
+
+        threads = [threading.Thread(target=run, args=("a", first)), threading.Thread(target=run, args=("b", second))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(180)
+        assert results == {"a": [], "b": []}
+        assert Client(first).ok("POST", "/flow_runs/count", {}) == 128
+
+
+def test_many_concurrent_writer_threads_produce_no_errors_postgres(postgres_url):
+    with prefectlite.serve(database=postgres_url, port=0) as api_url:
+        client = Client(api_url)
+        assert _run_writers(client, threads=16, per_thread=8) == []
+        assert _run_writers(client, threads=16, per_thread=3, shared_name="same-flow") == []
+        assert client.ok("POST", "/flow_runs/count", {}) == 16 * 8 + 16 * 3
+        assert client.ok("POST", "/flows/count", {}) == 16 * 8 + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# the in-memory database is one database for every thread
+
+@pytest.mark.parametrize("url", [
+    "sqlite:///:memory:",
+    "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true&check_same_thread=false",
+])
+def test_in_memory_database_is_shared_by_all_threads(url):
+    with prefectlite.serve(database=url, port=0) as api_url:
+        client = Client(api_url)
+        flow = client.ok("POST", "/flows/", {"name": "seen-by-all"})
+        seen, errors = [], []
+
+        def reader():
+            try:
+                status, body = client.get(f"/flows/{flow['id']}")
+                seen.append((status, body and body.get("name")))
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
+
+        threads = [threading.Thread(target=reader) for _ in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == []
+        assert seen == [(200, "seen-by-all")] * 16
+        # writes from many threads land in the same database too
+        assert _run_writers(client, threads=8, per_thread=5) == []
+        assert client.ok("POST", "/flows/count", {}) == 41
+
+
+def test_in_memory_database_shared_at_the_database_layer(tmp_path):
+    db = _open_migrated("sqlite:///:memory:", tmp_path)
+    try:
+        with db.write() as tx:
+            tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", ("f1", "t", "t", "mem"))
+        found = []
+
+        def look():
+            with db.read() as tx:
+                found.append(tx.scalar("SELECT name FROM flow WHERE id = ?", ("f1",)))
+
+        threads = [threading.Thread(target=look) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert found == ["mem"] * 8
+    finally:
+        db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# embedding
+
+def test_serve_in_memory_yields_a_working_api_url():
+    with prefectlite.serve(database="sqlite:///:memory:", port=0) as api_url:
+        assert api_url.startswith("http://127.0.0.1:") and api_url.endswith("/api")
+        client = Client(api_url)
+        assert client.get("/health") == (200, True)
+        flow = client.ok("POST", "/flows/", {"name": "embedded"})
+        run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "name": "r"})
+        assert client.ok("GET", f"/flow_runs/{run['id']}")["flow_id"] == flow["id"]
+    # after the block the server is gone
+    with pytest.raises(OSError):
+        urllib.request.urlopen(api_url + "/health", timeout=5)
+
+
+def test_two_embedded_in_memory_servers_are_independent():
+    with prefectlite.serve(database="sqlite:///:memory:", port=0) as a, \
+            prefectlite.serve(database="sqlite:///:memory:", port=0) as b:
+        assert a != b
+        Client(a).ok("POST", "/flows/", {"name": "only-in-a"})
+        assert Client(b).ok("POST", "/flows/filter", {}) == []
+        assert [f["name"] for f in Client(a).ok("POST", "/flows/filter", {})] == ["only-in-a"]
+
+
+def test_serve_on_a_file_keeps_data_across_restarts(tmp_path):
+    url = f"sqlite:///{tmp_path}/persist.db"
+    with prefectlite.serve(database=url, port=0) as api_url:
+        flow = Client(api_url).ok("POST", "/flows/", {"name": "persisted"})
+    with prefectlite.serve(database=url, port=0) as api_url:
+        assert Client(api_url).ok("GET", f"/flows/{flow['id']}")["name"] == "persisted"
+
+
+# ---------------------------------------------------------------------------------------------
+# translate_placeholders
+
+@pytest.mark.parametrize("sql, expected", [
+    ("SELECT * FROM t WHERE a = ? AND b = ?", "SELECT * FROM t WHERE a = %s AND b = %s"),
+    ("SELECT '?' FROM t WHERE a = ?", "SELECT '?' FROM t WHERE a = %s"),
+    ("SELECT 'it''s ?' , ?", "SELECT 'it''s ?' , %s"),
+    ('SELECT "odd?col" FROM t WHERE x = ?', 'SELECT "odd?col" FROM t WHERE x = %s'),
+    ("SELECT 1 -- is it? yes\nWHERE a = ?", "SELECT 1 -- is it? yes\nWHERE a = %s"),
+    ("SELECT 1 /* what? why? */ WHERE a = ?", "SELECT 1 /* what? why? */ WHERE a = %s"),
+    ("SELECT 1 /* multi\nline ? */, ?", "SELECT 1 /* multi\nline ? */, %s"),
+    ("SELECT $$ ? inside $$, ?", "SELECT $$ ? inside $$, %s"),
+    ("SELECT $tag$ ? 'x' $$ ? $tag$, ?", "SELECT $tag$ ? 'x' $$ ? $tag$, %s"),
+    ("SELECT 'a%b', ?", "SELECT 'a%%b', %s"),
+    ("SELECT x % 2 FROM t WHERE y LIKE ?", "SELECT x %% 2 FROM t WHERE y LIKE %s"),
+    ("SELECT 1", "SELECT 1"),
+    ("", ""),
+    ("?", "%s"),
+    ("SELECT '?", "SELECT '?"),  # unterminated literal: left alone, no crash
+])
+def test_translate_placeholders(sql, expected):
+    assert translate_placeholders(sql) == expected
+
+
+def test_translate_placeholders_custom_style():
+    assert translate_placeholders("a = ? AND b = '?'", style=":p") == "a = :p AND b = '?'"
+
+
+def test_translate_placeholders_counts_match_real_parameters():
+    sql = "SELECT '?', \"?\", $$?$$ /* ? */ , ? -- ?\n, ?"
+    assert translate_placeholders(sql).count("%s") == 2
+
+
+def test_placeholders_in_quotes_survive_a_real_postgres_query(postgres_url, tmp_path):
+    db = prefectlite.open_database(postgres_url, _load(tmp_path))
+    try:
+        with db.read() as tx:
+            row = tx.query_one(
+                "SELECT '?' AS q, 'it''s 100%' AS pct, $$ ? $$ AS dollar, /* ? */ ?::text AS p1, ?::int AS p2 -- ?\n",
+                ("first", 2),
+            )
+        assert row == {"q": "?", "pct": "it's 100%", "dollar": " ? ", "p1": "first", "p2": 2}
+    finally:
+        db.close()
+
+
+def test_postgres_json_array_contains_uses_no_bare_question_mark(postgres_url, tmp_path):
+    db = _open_migrated(postgres_url, tmp_path)
+    try:
+        with db.write() as tx:
+            tx.execute("INSERT INTO flow (id, created, updated, name, tags) VALUES (?, ?, ?, ?, ?)",
+                       ("f1", "t", "t", "tagged", json.dumps(["a", "b?"])))
+        with db.read() as tx:
+            rows = tx.query(f"SELECT name FROM flow WHERE {db.contains('tags')}", ("b?",))
+        assert [r["name"] for r in rows] == ["tagged"]
+    finally:
+        db.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# PostgreSQL basics
+
+def test_postgres_database_opens_and_reports_dialect(postgres_url, tmp_path):
+    db = _open_migrated(postgres_url, tmp_path)
+    try:
+        assert db.dialect == "postgresql"
+        assert db.server_version()
+        assert prefectlite.schema_is_current(db)
+    finally:
+        db.close()
+
+
+def test_postgres_integrity_violation_is_mapped(postgres_url, tmp_path):
+    db = _open_migrated(postgres_url, tmp_path)
+    try:
+        with pytest.raises(prefectlite.IntegrityViolation):
+            with db.write() as tx:
+                tx.execute("INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
+                           (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4())))
+        # the pool is healthy afterwards
+        with db.read() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM flow_run") == 0
+    finally:
+        db.close()
+
+
+def test_module_file_is_the_one_under_test():
+    assert prefectlite.__file__ == str(ROOT / "prefectlite.py")
