@@ -1157,6 +1157,7 @@ def from_iso(text: str | None) -> _dt.datetime | None:
 
 
 _MAX_DEPTH = 64  # deeper JSON is refused before it can exhaust the stack
+_INT64 = 2 ** 63
 
 
 def _json_depth_ok(value, depth=0) -> bool:
@@ -1267,8 +1268,11 @@ def _validate_kind(kind, value, loc):
             return value
         raise ValidationFailed([_error(loc, "str type expected", "type_error.str")])
     if kind == "int":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))):
             raise ValidationFailed([_error(loc, "value is not a valid integer", "type_error.integer")])
+        if not -_INT64 <= value < _INT64:  # what both databases can store
+            raise ValidationFailed([_error(loc, "integer out of range (64-bit)", "value_error.number.out_of_range")])
         return int(value)
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
@@ -1797,8 +1801,8 @@ def build_where(tx, table: str, body: dict, loc=("body",)) -> tuple[str, list]:
 
 _SORT_SQL = {
     "ID_DESC": "{t}.id DESC",
-    "START_TIME_ASC": "{t}.start_time ASC, {t}.expected_start_time ASC",
-    "START_TIME_DESC": "{t}.start_time DESC, {t}.expected_start_time DESC",
+    "START_TIME_ASC": "COALESCE({t}.start_time, {t}.expected_start_time) ASC",
+    "START_TIME_DESC": "COALESCE({t}.start_time, {t}.expected_start_time) DESC",
     "EXPECTED_START_TIME_ASC": "{t}.expected_start_time ASC",
     "EXPECTED_START_TIME_DESC": "{t}.expected_start_time DESC",
     "NAME_ASC": "{t}.name ASC",
@@ -2475,8 +2479,11 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     """Counts of runs by state per time bucket, for the dashboard's bar chart."""
     start, end = from_iso(body["history_start"]), from_iso(body["history_end"])
     step = body["history_interval_seconds"]
-    if step <= 0:
-        raise ValidationFailed([_error(("body", "history_interval_seconds"), "must be positive", "value_error")])
+    if not 0 < step <= 3.2e9:  # a positive interval of at most about a century
+        raise ValidationFailed([_error(("body", "history_interval_seconds"),
+                                       "must be positive and at most 3.2e9 seconds", "value_error")])
+    if end < start:
+        raise ValidationFailed([_error(("body", "history_end"), "must not be before history_start", "value_error")])
     if (end - start).total_seconds() / step > 500:
         raise ValidationFailed([_error(("body", "history_interval_seconds"),
                                        "too many buckets (at most 500); use a larger interval", "value_error")])
@@ -3971,6 +3978,17 @@ class HTTPError(Exception):
 NO_CONTENT = object()  # a handler's payload for "204, no body"
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only bodies with such escapes need the full check
+
+
+def _encodable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 class Request:
     def __init__(self, app, method, path, query, headers, raw_body):
         self.app = app
@@ -3994,6 +4012,8 @@ class Request:
                     raise ValidationFailed([_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
                 if not _json_depth_ok(self._json):
                     raise ValidationFailed([_error(("body",), f"JSON nested deeper than {_MAX_DEPTH} levels", "value_error.jsondecode")])
+                if _SURROGATE_ESCAPE.search(self.raw_body) and not _encodable(self._json):
+                    raise ValidationFailed([_error(("body",), "string with an unpaired UTF-16 surrogate", "value_error.str")])
         return self._json
 
     def body_dict(self) -> dict:
@@ -5653,8 +5673,10 @@ def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
     if root is None or not (root / "index.html").is_file():
         return 200, RawBody(_PLACEHOLDER_PAGE, "text/html; charset=utf-8"), {"Cache-Control": "no-cache"}
     relative = urllib.parse.unquote(path).lstrip("/")
+    if "\x00" in relative:
+        return 404, None, {}
     target = (root / relative).resolve() if relative else root / "index.html"
-    if not target.is_relative_to(root.resolve()) or "\x00" in relative:
+    if not target.is_relative_to(root.resolve()):
         return 404, None, {}
     if not target.is_file():
         if "." in relative.rsplit("/", 1)[-1]:  # a missing asset is a 404, not the index page
@@ -5692,7 +5714,16 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """Errors the base class raises itself (bad request line, huge headers) are JSON too."""
         self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # the request line was unreadable: answer in HTTP/1.1 anyway
+            self.request_version = "HTTP/1.1"
         self._send(code, {"detail": message or http.HTTPStatus(code).phrase}, {})
+
+    def handle_expect_100(self):
+        """The 100 Continue must leave now, not wait in our response buffer."""
+        self.send_response_only(http.HTTPStatus.CONTINUE)
+        self.end_headers()
+        self.wfile.flush()
+        return True
 
     def do_GET(self):
         self._handle()
@@ -5780,7 +5811,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         elif isinstance(payload, RawBody):
             data, ctype = payload.data, payload.content_type
         else:
-            data, ctype = dumps(payload).encode("utf-8"), "application/json"
+            data, ctype = dumps(payload).encode("utf-8", "replace"), "application/json"
         if data and len(data) > 4096 and "gzip" in (self.headers.get("Accept-Encoding") or ""):
             data = gzip.compress(data, compresslevel=1)
             headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}

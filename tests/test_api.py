@@ -1,0 +1,776 @@
+"""The REST API of prefectlite through real HTTP: flows, flow runs, task runs, states, logs, the filter
+language, the meta routes, CSRF and the OpenAPI document."""
+
+import base64
+import datetime as dt
+import re
+import urllib.request
+import uuid
+
+import pytest
+
+import prefectlite
+from conftest import Client
+
+TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment):
+    return moment.isoformat()
+
+
+def parse(text):
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def at(minutes):
+    return T0 + dt.timedelta(minutes=minutes)
+
+
+def new_flow(client, name=None, tags=None):
+    return client.ok("POST", "/flows/", {"name": name or f"flow-{uuid.uuid4().hex[:10]}", "tags": tags or []})
+
+
+def new_flow_run(client, flow_id=None, scheduled=None, **fields):
+    flow_id = flow_id or new_flow(client)["id"]
+    body = {"flow_id": flow_id, **fields}
+    if scheduled is not None:
+        body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}}
+    return client.ok("POST", "/flow_runs/", body)
+
+
+def new_task_run(client, flow_run_id, task_key=None, dynamic_key="0", scheduled=None, **fields):
+    body = {"flow_run_id": flow_run_id, "task_key": task_key or f"task-{uuid.uuid4().hex[:8]}",
+            "dynamic_key": dynamic_key, **fields}
+    if scheduled is not None:
+        body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}}
+    return client.ok("POST", "/task_runs/", body)
+
+
+def set_state(client, kind, run_id, state_type, force=True, **details):
+    return client.ok("POST", f"/{kind}_runs/{run_id}/set_state",
+                     {"state": {"type": state_type, "state_details": details}, "force": force})
+
+
+def ids(items):
+    return [item["id"] for item in items]
+
+
+def filter_ids(client, path, body):
+    status, items = client.post(path, body)
+    assert status == 200, (path, body, items)
+    return ids(items)
+
+
+def get_raw(url, headers=None):
+    req = urllib.request.Request(url, headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as resp:
+            return resp.status, dict(resp.headers), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), exc.read()
+
+
+# --- flows -------------------------------------------------------------------------------------
+
+def test_create_flow_is_idempotent_by_name(client):
+    status, first = client.post("/flows/", {"name": "etl", "tags": ["a"]})
+    assert status == 201, first
+    assert first["name"] == "etl" and first["tags"] == ["a"]
+    assert uuid.UUID(first["id"])
+    status, second = client.post("/flows/", {"name": "etl", "tags": []})
+    assert status == 200, second
+    assert second["id"] == first["id"]
+    assert client.ok("POST", "/flows/count", {}) == 1
+
+
+def test_read_flow_by_id_and_by_name(client):
+    flow = new_flow(client, "my flow with spaces")
+    assert client.ok("GET", f"/flows/{flow['id']}")["name"] == "my flow with spaces"
+    status, by_name = client.get("/flows/name/" + urllib.request.quote("my flow with spaces", safe=""))
+    assert status == 200, by_name
+    assert by_name["id"] == flow["id"]
+    assert client.get(f"/flows/{uuid.uuid4()}")[0] == 404
+    assert client.get("/flows/name/nope")[0] == 404
+
+
+def test_filter_and_count_flows(client):
+    a = new_flow(client, "alpha", ["x"])
+    b = new_flow(client, "beta", ["x", "y"])
+    new_flow(client, "gamma")
+    assert filter_ids(client, "/flows/filter", {"flows": {"name": {"any_": ["alpha", "beta"]}}}) == [a["id"], b["id"]]
+    assert client.ok("POST", "/flows/count", {"flows": {"tags": {"all_": ["x"]}}}) == 2
+    assert client.ok("POST", "/flows/count", {}) == 3
+
+
+def test_patch_flow_tags(client):
+    flow = new_flow(client, tags=["old"])
+    status, body = client.patch(f"/flows/{flow['id']}", {"tags": ["new", "tags"]})
+    assert status == 204, body
+    assert body is None
+    assert client.ok("GET", f"/flows/{flow['id']}")["tags"] == ["new", "tags"]
+    assert client.patch(f"/flows/{uuid.uuid4()}", {"tags": []})[0] == 404
+
+
+def test_delete_flow(client):
+    flow = new_flow(client)
+    run = new_flow_run(client, flow["id"])
+    status, body = client.delete(f"/flows/{flow['id']}")
+    assert status == 204, body
+    assert client.get(f"/flows/{flow['id']}")[0] == 404
+    assert client.delete(f"/flows/{flow['id']}")[0] == 404
+    assert client.get(f"/flow_runs/{run['id']}")[0] == 404  # its runs go with it
+
+
+# --- flow runs ---------------------------------------------------------------------------------
+
+def test_flow_run_gets_a_two_word_name(client):
+    names = {new_flow_run(client)["name"] for _ in range(5)}
+    assert all(TWO_WORDS.match(name) for name in names), names
+    assert len(names) > 1
+    named = new_flow_run(client, name="my-own-name")
+    assert named["name"] == "my-own-name"
+
+
+def test_flow_run_create_returns_the_computed_fields(client):
+    flow = new_flow(client)
+    status, run = client.post("/flow_runs/", {
+        "flow_id": flow["id"], "name": None, "parameters": {"x": 1}, "tags": ["t"], "flow_version": "1.0",
+        "context": {"k": "v"}, "empirical_policy": {"retries": 2}, "idempotency_key": None,
+        "state": {"type": "PENDING", "name": "Pending", "message": None, "state_details": {}, "data": None},
+    })
+    assert status == 201, run
+    assert run["flow_id"] == flow["id"]
+    assert run["parameters"] == {"x": 1} and run["tags"] == ["t"] and run["flow_version"] == "1.0"
+    assert run["state_type"] == "PENDING" and run["state_name"] == "Pending"
+    assert run["run_count"] == 0 and run["total_run_time"] == 0
+    assert run["expected_start_time"] and "estimated_start_time_delta" in run
+    assert run["empirical_policy"]["retries"] == 2
+
+
+def test_flow_run_of_unknown_flow_is_404(client):
+    status, body = client.post("/flow_runs/", {"flow_id": str(uuid.uuid4())})
+    assert status == 404, body
+
+
+def test_idempotency_key_returns_the_same_flow_run(client):
+    flow = new_flow(client)
+    status, first = client.post("/flow_runs/", {"flow_id": flow["id"], "idempotency_key": "once"})
+    assert status == 201, first
+    status, again = client.post("/flow_runs/", {"flow_id": flow["id"], "idempotency_key": "once"})
+    assert status == 200, again
+    assert again["id"] == first["id"]
+    other = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "idempotency_key": "twice"})
+    assert other["id"] != first["id"]
+    assert client.ok("POST", "/flow_runs/count", {}) == 2
+
+
+def test_read_patch_delete_flow_run(client):
+    run = new_flow_run(client)
+    assert client.ok("GET", f"/flow_runs/{run['id']}")["id"] == run["id"]
+    status, body = client.patch(f"/flow_runs/{run['id']}", {"name": "renamed", "tags": ["p"], "parameters": {"a": 2}})
+    assert status == 204, body
+    read = client.ok("GET", f"/flow_runs/{run['id']}")
+    assert (read["name"], read["tags"], read["parameters"]) == ("renamed", ["p"], {"a": 2})
+    assert client.patch(f"/flow_runs/{uuid.uuid4()}", {"name": "x"})[0] == 404
+    status, body = client.delete(f"/flow_runs/{run['id']}")
+    assert status == 204, body
+    assert client.get(f"/flow_runs/{run['id']}")[0] == 404
+    assert client.delete(f"/flow_runs/{run['id']}")[0] == 404
+
+
+def test_filter_and_count_flow_runs(client):
+    flow = new_flow(client)
+    runs = [new_flow_run(client, flow["id"], tags=[f"n{i}"]) for i in range(4)]
+    assert client.ok("POST", "/flow_runs/count", {}) == 4
+    assert client.ok("POST", "/flow_runs/count", {"flow_runs": {"tags": {"all_": ["n1"]}}}) == 1
+    assert sorted(filter_ids(client, "/flow_runs/filter", {})) == sorted(ids(runs))
+
+
+def test_flow_run_history_buckets(client):
+    flow = new_flow(client)
+    early = [new_flow_run(client, flow["id"], scheduled=at(m)) for m in (10, 20, 30)]
+    late = new_flow_run(client, flow["id"], scheduled=at(90))
+    new_flow_run(client, flow["id"], scheduled=at(300))  # outside the window
+    set_state(client, "flow", early[0]["id"], "COMPLETED")
+
+    status, buckets = client.post("/flow_runs/history", {
+        "history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600})
+    assert status == 200, buckets
+    assert [parse(b["interval_start"]) for b in buckets] == [T0, at(60)]
+    assert [parse(b["interval_end"]) for b in buckets] == [at(60), at(120)]
+    first = {(s["state_type"], s["state_name"]): s["count_runs"] for s in buckets[0]["states"]}
+    assert first == {("COMPLETED", "Completed"): 1, ("SCHEDULED", "Scheduled"): 2}
+    second = {(s["state_type"], s["state_name"]): s["count_runs"] for s in buckets[1]["states"]}
+    assert second == {("SCHEDULED", "Scheduled"): 1}
+    for bucket in buckets:
+        for state in bucket["states"]:
+            assert {"sum_estimated_run_time", "sum_estimated_lateness"} <= set(state)
+
+    status, filtered = client.post("/flow_runs/history", {
+        "history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600,
+        "flow_runs": {"id": {"any_": [late["id"]]}}})
+    assert status == 200, filtered
+    assert filtered[0]["states"] == []
+    assert [s["count_runs"] for s in filtered[1]["states"]] == [1]
+
+
+def test_task_run_history_buckets(client):
+    run = new_flow_run(client)
+    new_task_run(client, run["id"], scheduled=at(5))
+    new_task_run(client, run["id"], scheduled=at(65))
+    status, buckets = client.post("/task_runs/history", {
+        "history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600})
+    assert status == 200, buckets
+    assert [sum(s["count_runs"] for s in b["states"]) for b in buckets] == [1, 1]
+
+
+def _dag(client):
+    run = new_flow_run(client)
+    set_state(client, "flow", run["id"], "RUNNING")
+    first = new_task_run(client, run["id"], task_key="extract")
+    second = new_task_run(client, run["id"], task_key="transform",
+                          task_inputs={"data": [{"input_type": "task_run", "id": first["id"]}],
+                                       "n": [{"input_type": "parameter", "name": "n"}]})
+    third = new_task_run(client, run["id"], task_key="load",
+                         task_inputs={"rows": [{"input_type": "task_run", "id": second["id"]}],
+                                      "raw": [{"input_type": "task_run", "id": first["id"]}]})
+    return run, first, second, third
+
+
+def test_flow_run_graph_links_task_inputs(client):
+    run, first, second, third = _dag(client)
+    status, graph = client.get(f"/flow_runs/{run['id']}/graph")
+    assert status == 200, graph
+    nodes = {node["id"]: node for node in graph}
+    assert set(nodes) == {first["id"], second["id"], third["id"]}
+    upstream = {node_id: {d["id"] for d in node["upstream_dependencies"] if d.get("input_type") == "task_run"}
+                for node_id, node in nodes.items()}
+    assert upstream == {first["id"]: set(), second["id"]: {first["id"]}, third["id"]: {first["id"], second["id"]}}
+    assert nodes[first["id"]]["state"]["type"] == "PENDING"
+    assert client.get(f"/flow_runs/{uuid.uuid4()}/graph")[0] == 404
+
+
+def test_flow_run_graph_v2_links_parents_and_children(client):
+    run, first, second, third = _dag(client)
+    status, graph = client.get(f"/flow_runs/{run['id']}/graph-v2")
+    assert status == 200, graph
+    assert {"start_time", "end_time", "root_node_ids", "nodes", "artifacts", "states"} <= set(graph)
+    nodes = {}
+    for pair in graph["nodes"]:
+        assert len(pair) == 2 and pair[0] == pair[1]["id"]
+        nodes[pair[0]] = pair[1]
+    assert set(nodes) == {first["id"], second["id"], third["id"]}
+    assert graph["root_node_ids"] == [first["id"]]
+    parents = {k: {p["id"] for p in n["parents"]} for k, n in nodes.items()}
+    children = {k: {c["id"] for c in n["children"]} for k, n in nodes.items()}
+    assert parents == {first["id"]: set(), second["id"]: {first["id"]}, third["id"]: {first["id"], second["id"]}}
+    assert children == {first["id"]: {second["id"], third["id"]}, second["id"]: {third["id"]}, third["id"]: set()}
+    assert all(n["kind"] == "task-run" for n in nodes.values())
+    assert nodes[second["id"]]["label"] == second["name"]
+    assert [s["type"] for s in graph["states"]] == ["PENDING", "RUNNING"]
+    assert client.get(f"/flow_runs/{uuid.uuid4()}/graph-v2")[0] == 404
+
+
+def test_subflow_is_linked_to_its_parent(client):
+    parent = new_flow_run(client)
+    set_state(client, "flow", parent["id"], "RUNNING")
+    stand_in = new_task_run(client, parent["id"], task_key="child-flow")
+    child = new_flow_run(client, parent_task_run_id=stand_in["id"])
+    unrelated = new_flow_run(client)
+    assert child["parent_task_run_id"] == stand_in["id"]
+
+    assert filter_ids(client, "/flow_runs/filter",
+                      {"flow_runs": {"parent_flow_run_id": {"any_": [parent["id"]]}}}) == [child["id"]]
+    assert filter_ids(client, "/flow_runs/filter",
+                      {"flow_runs": {"parent_task_run_id": {"any_": [stand_in["id"]]}}}) == [child["id"]]
+    top_level = filter_ids(client, "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": True}}})
+    assert sorted(top_level) == sorted([parent["id"], unrelated["id"]])
+
+    graph = client.ok("GET", f"/flow_runs/{parent['id']}/graph-v2")
+    nodes = dict((k, v) for k, v in graph["nodes"])
+    assert nodes[child["id"]]["kind"] == "flow-run"
+    assert nodes[child["id"]]["label"] == child["name"]
+
+
+# --- task runs ---------------------------------------------------------------------------------
+
+def test_create_task_run_is_idempotent(client):
+    run = new_flow_run(client)
+    body = {"flow_run_id": run["id"], "task_key": "extract", "dynamic_key": "0", "name": "extract-0"}
+    status, first = client.post("/task_runs/", body)
+    assert status == 201, first
+    assert first["name"] == "extract-0" and first["state_type"] == "PENDING"
+    status, again = client.post("/task_runs/", body)
+    assert status == 200, again
+    assert again["id"] == first["id"]
+    status, other = client.post("/task_runs/", {**body, "dynamic_key": "1"})
+    assert status == 201 and other["id"] != first["id"]
+    other_run = new_flow_run(client)
+    status, elsewhere = client.post("/task_runs/", {**body, "flow_run_id": other_run["id"]})
+    assert status == 201 and elsewhere["id"] != first["id"]
+
+
+def test_read_filter_count_delete_task_runs(client):
+    run = new_flow_run(client)
+    tasks = [new_task_run(client, run["id"], task_key="map", dynamic_key=str(i), tags=["m"] if i % 2 else [])
+             for i in range(4)]
+    assert client.ok("GET", f"/task_runs/{tasks[0]['id']}")["dynamic_key"] == "0"
+    assert client.get(f"/task_runs/{uuid.uuid4()}")[0] == 404
+    assert client.ok("POST", "/task_runs/count", {}) == 4
+    assert sorted(filter_ids(client, "/task_runs/filter", {"task_runs": {"tags": {"all_": ["m"]}}})) == sorted(
+        [tasks[1]["id"], tasks[3]["id"]])
+    status, body = client.delete(f"/task_runs/{tasks[0]['id']}")
+    assert status == 204, body
+    assert client.get(f"/task_runs/{tasks[0]['id']}")[0] == 404
+    assert client.delete(f"/task_runs/{tasks[0]['id']}")[0] == 404
+    assert client.ok("POST", "/task_runs/count", {}) == 3
+
+
+def test_task_run_of_unknown_flow_run_is_404(client):
+    status, body = client.post("/task_runs/", {"flow_run_id": str(uuid.uuid4()), "task_key": "k", "dynamic_key": "0"})
+    assert status == 404, body
+
+
+# --- states ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+def test_read_states_of_a_run(client, kind):
+    flow_run = new_flow_run(client)
+    if kind == "flow":
+        run = flow_run
+    else:
+        set_state(client, "flow", flow_run["id"], "RUNNING")
+        run = new_task_run(client, flow_run["id"])
+    results = [set_state(client, kind, run["id"], t, force=False) for t in ("RUNNING", "COMPLETED")]
+
+    status, states = client.get(f"/{kind}_run_states/?{kind}_run_id={run['id']}")
+    assert status == 200, states
+    assert [s["type"] for s in states] == ["PENDING", "RUNNING", "COMPLETED"]
+    assert ids(states)[1:] == [r["state"]["id"] for r in results]
+    for state in states:
+        assert state["state_details"][f"{kind}_run_id"] == run["id"]
+        assert {"id", "type", "name", "timestamp", "message", "data", "state_details"} <= set(state)
+
+    one = client.ok("GET", f"/{kind}_run_states/{states[1]['id']}")
+    assert one == states[1]
+    assert client.get(f"/{kind}_run_states/{uuid.uuid4()}")[0] == 404
+    assert client.get(f"/{kind}_run_states/?{kind}_run_id={uuid.uuid4()}") == (200, [])
+    assert client.get(f"/{kind}_run_states/")[0] == 422
+
+
+# --- logs --------------------------------------------------------------------------------------
+
+LEVELS = (10, 20, 30, 40, 50)
+
+
+@pytest.fixture
+def logs(client):
+    """500 log lines in one request: levels cycle 10..50, one second apart, two flow runs, half with a task run."""
+    first, second = new_flow_run(client), new_flow_run(client)
+    task = new_task_run(client, first["id"])
+    entries = [{"name": "prefect.flow_runs", "level": LEVELS[i % 5], "message": f"line {i:03d}",
+                "timestamp": iso(T0 + dt.timedelta(seconds=i)),
+                "flow_run_id": first["id"] if i < 250 else second["id"],
+                "task_run_id": task["id"] if i % 2 else None} for i in range(500)]
+    status, body = client.post("/logs/", entries)
+    assert status == 201, body
+    assert body is None
+    return {"first": first["id"], "second": second["id"], "task": task["id"], "entries": entries}
+
+
+def all_logs(client, body):
+    out, offset = [], 0
+    while True:
+        page = client.ok("POST", "/logs/filter", {**body, "offset": offset, "limit": 200})
+        out += page
+        if len(page) < 200:
+            return out
+        offset += 200
+
+
+def test_logs_are_stored_as_sent(client, logs):
+    stored = all_logs(client, {})
+    assert len(stored) == 500
+    assert [entry["message"] for entry in stored] == [e["message"] for e in logs["entries"]]
+    first = stored[0]
+    assert {"id", "created", "updated", "name", "level", "message", "timestamp", "flow_run_id", "task_run_id"} <= set(first)
+    assert parse(first["timestamp"]) == T0 and first["level"] == 10
+
+
+def test_log_filter_by_level(client, logs):
+    assert len(all_logs(client, {"logs": {"level": {"ge_": 40}}})) == 200
+    assert len(all_logs(client, {"logs": {"level": {"le_": 10}}})) == 100
+    both = all_logs(client, {"logs": {"level": {"ge_": 20, "le_": 30}}})
+    assert len(both) == 200 and {e["level"] for e in both} == {20, 30}
+
+
+def test_log_filter_by_timestamp(client, logs):
+    window = all_logs(client, {"logs": {"timestamp": {"after_": iso(T0 + dt.timedelta(seconds=100)),
+                                                      "before_": iso(T0 + dt.timedelta(seconds=199))}}})
+    assert [e["message"] for e in window] == [f"line {i:03d}" for i in range(100, 200)]
+    assert len(all_logs(client, {"logs": {"timestamp": {"before_": iso(T0 + dt.timedelta(seconds=9))}}})) == 10
+
+
+def test_log_filter_by_flow_run_and_task_run(client, logs):
+    assert len(all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["first"]]}}})) == 250
+    assert len(all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["first"], logs["second"]]}}})) == 500
+    no_task = all_logs(client, {"logs": {"task_run_id": {"is_null_": True}}})
+    assert len(no_task) == 250 and all(e["task_run_id"] is None for e in no_task)
+    with_task = all_logs(client, {"logs": {"task_run_id": {"is_null_": False}}})
+    assert len(with_task) == 250 and all(e["task_run_id"] == logs["task"] for e in with_task)
+    assert len(all_logs(client, {"logs": {"task_run_id": {"any_": [logs["task"]]}}})) == 250
+    combined = all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["second"]]},
+                                          "task_run_id": {"is_null_": True}, "level": {"ge_": 50}}})
+    assert len(combined) == 25
+
+
+def test_log_sort_and_paging(client, logs):
+    asc = client.ok("POST", "/logs/filter", {"sort": "TIMESTAMP_ASC", "limit": 3})
+    assert [e["message"] for e in asc] == ["line 000", "line 001", "line 002"]
+    desc = client.ok("POST", "/logs/filter", {"sort": "TIMESTAMP_DESC", "limit": 3})
+    assert [e["message"] for e in desc] == ["line 499", "line 498", "line 497"]
+    page = client.ok("POST", "/logs/filter", {"sort": "TIMESTAMP_ASC", "limit": 10, "offset": 5})
+    assert [e["message"] for e in page] == [f"line {i:03d}" for i in range(5, 15)]
+    default = client.ok("POST", "/logs/filter", {})
+    assert len(default) == 200 and default[0]["message"] == "line 000"
+
+
+def test_logs_batch_validation_names_the_entry(client):
+    status, body = client.post("/logs/", [{"name": "x", "level": 20, "message": "ok", "timestamp": iso(T0)},
+                                          {"name": "x", "level": "loud", "message": "bad", "timestamp": iso(T0)}])
+    assert status == 422, body
+    assert ["body", 1, "level"] in [d["loc"] for d in body["exception_detail"]]
+    assert all_logs(client, {}) == []  # nothing of a refused batch is stored
+
+
+# --- the filter language -----------------------------------------------------------------------
+
+@pytest.fixture
+def runs(client):
+    """Three flow runs of two flows: alpha COMPLETED (tags a, b), Beta RUNNING (tag b), gamma SCHEDULED."""
+    etl = new_flow(client, "etl-flow")
+    report = new_flow(client, "Report-Flow")
+    alpha = new_flow_run(client, etl["id"], name="alpha-one", tags=["a", "b"], scheduled=at(-60))
+    set_state(client, "flow", alpha["id"], "RUNNING")
+    set_state(client, "flow", alpha["id"], "COMPLETED")
+    beta = new_flow_run(client, etl["id"], name="Beta-two", tags=["b"])
+    set_state(client, "flow", beta["id"], "RUNNING")
+    gamma = new_flow_run(client, report["id"], name="gamma-three", scheduled=at(60), idempotency_key="g")
+    runs = {name: client.ok("GET", f"/flow_runs/{run['id']}") for name, run in
+            (("alpha", alpha), ("beta", beta), ("gamma", gamma))}
+    runs["etl"], runs["report"] = etl, report
+    return runs
+
+
+def names_for(client, runs, body, path="/flow_runs/filter"):
+    by_id = {runs[k]["id"]: k for k in ("alpha", "beta", "gamma")}
+    return sorted(by_id[i] for i in filter_ids(client, path, body))
+
+
+def test_filter_any_and_not_any(client, runs):
+    assert names_for(client, runs, {"flow_runs": {"id": {"any_": [runs["alpha"]["id"], runs["gamma"]["id"]]}}}) == ["alpha", "gamma"]
+    assert names_for(client, runs, {"flow_runs": {"id": {"not_any_": [runs["alpha"]["id"]]}}}) == ["beta", "gamma"]
+    assert names_for(client, runs, {"flow_runs": {"name": {"any_": ["Beta-two"]}}}) == ["beta"]
+    assert names_for(client, runs, {"flow_runs": {"id": {"any_": []}}}) == []
+    assert names_for(client, runs, {"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "RUNNING"]}}}}) == ["alpha", "beta"]
+    assert names_for(client, runs, {"flow_runs": {"state": {"type": {"not_any_": ["COMPLETED"]}}}}) == ["beta", "gamma"]
+    assert names_for(client, runs, {"flow_runs": {"state": {"name": {"any_": ["Scheduled"]}}}}) == ["gamma"]
+    assert names_for(client, runs, {"flow_runs": {"idempotency_key": {"any_": ["g"]}}}) == ["gamma"]
+
+
+def test_filter_like_is_case_insensitive(client, runs):
+    assert names_for(client, runs, {"flow_runs": {"name": {"like_": "beta"}}}) == ["beta"]
+    assert names_for(client, runs, {"flow_runs": {"name": {"like_": "ALPHA"}}}) == ["alpha"]
+    assert names_for(client, runs, {"flow_runs": {"name": {"like_": "-t"}}}) == ["beta", "gamma"]
+    flows = filter_ids(client, "/flows/filter", {"flows": {"name": {"like_": "report"}}})
+    assert flows == [runs["report"]["id"]]
+
+
+def test_filter_before_and_after(client, runs):
+    alpha, beta = runs["alpha"], runs["beta"]
+    started_after = {"flow_runs": {"start_time": {"after_": beta["start_time"]}}}
+    assert names_for(client, runs, started_after) == ["beta"]
+    started_before = {"flow_runs": {"start_time": {"before_": alpha["start_time"]}}}
+    assert names_for(client, runs, started_before) == ["alpha"]
+    expected = {"flow_runs": {"expected_start_time": {"after_": iso(at(0))}}}
+    assert names_for(client, runs, expected) == ["gamma"]
+    expected = {"flow_runs": {"expected_start_time": {"before_": iso(at(0))}}}
+    assert names_for(client, runs, expected) == ["alpha", "beta"]  # beta is expected now, years before T0
+    window = {"flow_runs": {"expected_start_time": {"after_": iso(at(-60)), "before_": iso(at(60))}}}
+    assert names_for(client, runs, window) == ["alpha", "gamma"]  # both ends included
+    ended = {"flow_runs": {"end_time": {"after_": "2000-01-01T00:00:00+00:00"}}}
+    assert names_for(client, runs, ended) == ["alpha"]
+
+
+def test_filter_is_null(client, runs):
+    assert names_for(client, runs, {"flow_runs": {"start_time": {"is_null_": True}}}) == ["gamma"]
+    assert names_for(client, runs, {"flow_runs": {"start_time": {"is_null_": False}}}) == ["alpha", "beta"]
+    assert names_for(client, runs, {"flow_runs": {"tags": {"is_null_": True}}}) == ["gamma"]
+    assert names_for(client, runs, {"flow_runs": {"tags": {"is_null_": False}}}) == ["alpha", "beta"]
+    assert names_for(client, runs, {"flow_runs": {"deployment_id": {"is_null_": True}}}) == ["alpha", "beta", "gamma"]
+
+
+def test_filter_tags_all_and_any(client, runs):
+    assert names_for(client, runs, {"flow_runs": {"tags": {"all_": ["a", "b"]}}}) == ["alpha"]
+    assert names_for(client, runs, {"flow_runs": {"tags": {"all_": ["b"]}}}) == ["alpha", "beta"]
+    assert names_for(client, runs, {"flow_runs": {"tags": {"all_": ["a", "zzz"]}}}) == []
+    assert names_for(client, runs, {"flow_runs": {"tags": {"any_": ["a", "zzz"]}}}) == ["alpha"]
+    assert names_for(client, runs, {"flow_runs": {"tags": {"any_": ["a", "b"]}}}) == ["alpha", "beta"]
+    assert names_for(client, runs, {"flow_runs": {"tags": {"all_": []}}}) == ["alpha", "beta", "gamma"]
+
+
+def test_filter_tag_values_are_matched_exactly(client):
+    flow = new_flow(client)
+    runs = {"ab": new_flow_run(client, flow["id"], tags=["ab"]),
+            "a%": new_flow_run(client, flow["id"], tags=['a"b', "x,y"])}
+    assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["a"]}}}) == []
+    assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ['a"b']}}}) == [runs["a%"]["id"]]
+    assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["x,y"]}}}) == [runs["a%"]["id"]]
+
+
+def test_filter_operator_or_and_nesting(client, runs):
+    either = {"flow_runs": {"operator": "or_", "name": {"any_": ["alpha-one"]}, "state": {"type": {"any_": ["RUNNING"]}}}}
+    assert names_for(client, runs, either) == ["alpha", "beta"]
+    both = {"flow_runs": {"operator": "and_", "name": {"any_": ["alpha-one"]}, "state": {"type": {"any_": ["RUNNING"]}}}}
+    assert names_for(client, runs, both) == []
+    nested = {"flow_runs": {"tags": {"all_": ["b"]},
+                            "state": {"operator": "or_", "type": {"any_": ["COMPLETED"]}, "name": {"any_": ["Running"]}}}}
+    assert names_for(client, runs, nested) == ["alpha", "beta"]
+    nested_and = {"flow_runs": {"state": {"operator": "and_", "type": {"any_": ["COMPLETED"]}, "name": {"any_": ["Running"]}}}}
+    assert names_for(client, runs, nested_and) == []
+    inner_or = {"flow_runs": {"tags": {"operator": "or_", "all_": ["a"], "is_null_": True}}}
+    assert names_for(client, runs, inner_or) == ["alpha", "gamma"]
+
+
+def test_filter_across_objects(client, runs):
+    by_flow = {"flows": {"name": {"any_": ["etl-flow"]}}}
+    assert names_for(client, runs, by_flow) == ["alpha", "beta"]
+    assert client.ok("POST", "/flow_runs/count", by_flow) == 2
+
+    task = new_task_run(client, runs["beta"]["id"])
+    new_task_run(client, runs["alpha"]["id"])
+    assert filter_ids(client, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs["beta"]["id"]]}}}) == [task["id"]]
+    assert client.ok("POST", "/task_runs/count", {"flow_runs": {"id": {"any_": [runs["beta"]["id"]]}}}) == 1
+    assert filter_ids(client, "/task_runs/filter", {"flows": {"name": {"any_": ["Report-Flow"]}}}) == []
+
+    completed = filter_ids(client, "/flows/filter", {"flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}})
+    assert completed == [runs["etl"]["id"]]
+    scheduled = filter_ids(client, "/flows/filter", {"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}}}})
+    assert scheduled == [runs["report"]["id"]]
+    assert client.ok("POST", "/flows/count", {"flow_runs": {"state": {"type": {"any_": ["CRASHED"]}}}}) == 0
+
+    assert names_for(client, runs, {"task_runs": {"id": {"any_": [task["id"]]}}}) == ["beta"]
+
+
+def test_filter_unknown_field_is_422(client, runs):
+    status, body = client.post("/flow_runs/filter", {"flow_runs": {"colour": {"any_": ["red"]}}})
+    assert status == 422, body
+    assert body["exception_detail"][0]["loc"][:3] == ["body", "flow_runs", "colour"]
+    status, body = client.post("/flow_runs/filter", {"flow_runs": {"name": {"sounds_like_": "x"}}})
+    assert status == 422, body
+
+
+# sorting
+
+def _sorted_names(client, path, sort, body=None):
+    status, items = client.post(path, {**(body or {}), "sort": sort})
+    assert status == 200, (sort, items)
+    return [item["name"] for item in items]
+
+
+def test_every_flow_run_sort(client):
+    flow = new_flow(client)
+    # expected / next scheduled start times: b-run 10, a-run 20, c-run 30 minutes after T0
+    scheduled = {"b-run": new_flow_run(client, flow["id"], name="b-run", scheduled=at(10)),
+                 "a-run": new_flow_run(client, flow["id"], name="a-run", scheduled=at(20)),
+                 "c-run": new_flow_run(client, flow["id"], name="c-run", scheduled=at(30))}
+    only = {"flow_runs": {"id": {"any_": ids(scheduled.values())}}}
+    path = "/flow_runs/filter"
+    assert _sorted_names(client, path, "NAME_ASC", only) == ["a-run", "b-run", "c-run"]
+    assert _sorted_names(client, path, "NAME_DESC", only) == ["c-run", "b-run", "a-run"]
+    assert _sorted_names(client, path, "EXPECTED_START_TIME_ASC", only) == ["b-run", "a-run", "c-run"]
+    assert _sorted_names(client, path, "EXPECTED_START_TIME_DESC", only) == ["c-run", "a-run", "b-run"]
+    assert _sorted_names(client, path, "NEXT_SCHEDULED_START_TIME_ASC", only) == ["b-run", "a-run", "c-run"]
+    by_id = sorted(scheduled.values(), key=lambda r: r["id"], reverse=True)
+    assert _sorted_names(client, path, "ID_DESC", only) == [r["name"] for r in by_id]
+
+    # start and end times: started e, d, f; ended f, e, d
+    started = {n: new_flow_run(client, flow["id"], name=n) for n in ("d-run", "e-run", "f-run")}
+    for n in ("e-run", "d-run", "f-run"):
+        set_state(client, "flow", started[n]["id"], "RUNNING")
+    for n in ("f-run", "e-run", "d-run"):
+        set_state(client, "flow", started[n]["id"], "COMPLETED")
+    only = {"flow_runs": {"id": {"any_": ids(started.values())}}}
+    assert _sorted_names(client, path, "START_TIME_ASC", only) == ["e-run", "d-run", "f-run"]
+    assert _sorted_names(client, path, "START_TIME_DESC", only) == ["f-run", "d-run", "e-run"]
+    assert _sorted_names(client, path, "END_TIME_DESC", only) == ["d-run", "e-run", "f-run"]
+
+
+def test_start_time_sorts_fall_back_to_the_expected_start_time(client):
+    # Prefect sorts START_TIME_* by coalesce(start_time, expected_start_time): a run that has not
+    # started yet sorts by when it is expected to start.
+    flow = new_flow(client)
+    future = new_flow_run(client, flow["id"], name="not-started-future", scheduled=now() + dt.timedelta(days=1))
+    past = new_flow_run(client, flow["id"], name="not-started-past", scheduled=now() - dt.timedelta(days=1))
+    running = new_flow_run(client, flow["id"], name="started-now")
+    set_state(client, "flow", running["id"], "RUNNING")
+    only = {"flow_runs": {"id": {"any_": [future["id"], past["id"], running["id"]]}}}
+    assert _sorted_names(client, "/flow_runs/filter", "START_TIME_ASC", only) == [
+        "not-started-past", "started-now", "not-started-future"]
+    assert _sorted_names(client, "/flow_runs/filter", "START_TIME_DESC", only) == [
+        "not-started-future", "started-now", "not-started-past"]
+
+
+def test_every_task_run_sort(client):
+    run = new_flow_run(client)
+    set_state(client, "flow", run["id"], "RUNNING")
+    tasks = {"b-task": new_task_run(client, run["id"], name="b-task", scheduled=at(10)),
+             "a-task": new_task_run(client, run["id"], name="a-task", scheduled=at(20)),
+             "c-task": new_task_run(client, run["id"], name="c-task", scheduled=at(30))}
+    path = "/task_runs/filter"
+    assert _sorted_names(client, path, "NAME_ASC") == ["a-task", "b-task", "c-task"]
+    assert _sorted_names(client, path, "NAME_DESC") == ["c-task", "b-task", "a-task"]
+    assert _sorted_names(client, path, "EXPECTED_START_TIME_ASC") == ["b-task", "a-task", "c-task"]
+    assert _sorted_names(client, path, "EXPECTED_START_TIME_DESC") == ["c-task", "a-task", "b-task"]
+    assert _sorted_names(client, path, "NEXT_SCHEDULED_START_TIME_ASC") == ["b-task", "a-task", "c-task"]
+    by_id = sorted(tasks.values(), key=lambda r: r["id"], reverse=True)
+    assert _sorted_names(client, path, "ID_DESC") == [t["name"] for t in by_id]
+    for n in ("c-task", "a-task", "b-task"):
+        set_state(client, "task", tasks[n]["id"], "COMPLETED")
+    assert _sorted_names(client, path, "END_TIME_DESC") == ["b-task", "a-task", "c-task"]
+
+
+def test_every_flow_sort(client):
+    for name in ("m-flow", "z-flow", "a-flow"):
+        new_flow(client, name)
+    path = "/flows/filter"
+    assert _sorted_names(client, path, "NAME_ASC") == ["a-flow", "m-flow", "z-flow"]
+    assert _sorted_names(client, path, "NAME_DESC") == ["z-flow", "m-flow", "a-flow"]
+    assert _sorted_names(client, path, "CREATED_DESC") == ["a-flow", "z-flow", "m-flow"]
+    flow = client.ok("POST", "/flows/filter", {"flows": {"name": {"any_": ["m-flow"]}}})[0]
+    client.ok("PATCH", f"/flows/{flow['id']}", {"tags": ["touched"]})
+    assert _sorted_names(client, path, "UPDATED_DESC")[0] == "m-flow"
+    assert _sorted_names(client, path, None) == ["a-flow", "m-flow", "z-flow"]  # NAME_ASC is the default
+
+
+def test_default_flow_run_sort_is_id_desc(client):
+    flow = new_flow(client)
+    runs = [new_flow_run(client, flow["id"]) for _ in range(5)]
+    assert filter_ids(client, "/flow_runs/filter", {}) == sorted(ids(runs), reverse=True)
+
+
+def test_unknown_sort_is_422(client):
+    status, body = client.post("/flow_runs/filter", {"sort": "SIDEWAYS"})
+    assert status == 422, body
+    assert body["exception_detail"][0]["loc"] == ["body", "sort"]
+
+
+# paging
+
+def test_limit_defaults_to_and_is_capped_at_200_and_offset_pages(client):
+    for i in range(205):
+        client.ok("POST", "/flows/", {"name": f"flow-{i:03d}"})
+    assert client.ok("POST", "/flows/count", {}) == 205
+    assert len(client.ok("POST", "/flows/filter", {})) == 200
+    assert len(client.ok("POST", "/flows/filter", {"limit": 1000})) == 200
+    assert [f["name"] for f in client.ok("POST", "/flows/filter", {"offset": 200})] == [
+        f"flow-{i:03d}" for i in range(200, 205)]
+    page = client.ok("POST", "/flows/filter", {"limit": 3, "offset": 10})
+    assert [f["name"] for f in page] == ["flow-010", "flow-011", "flow-012"]
+    assert client.ok("POST", "/flows/filter", {"limit": 0}) == []
+    assert client.ok("POST", "/flows/filter", {"offset": 10_000}) == []
+
+
+# --- meta routes -------------------------------------------------------------------------------
+
+def test_health_and_versions(client):
+    assert client.get("/health") == (200, True)
+    status, version = client.get("/version")
+    assert status == 200 and isinstance(version, str) and version
+    assert client.get("/admin/version") == (200, "0.8.4")
+
+
+def test_admin_settings_mask_secrets(tmp_path):
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/s.db", PREFECT_SERVER_API_AUTH_STRING="admin:s3cr3t-pw",
+                           PREFECT_API_DATABASE_PASSWORD="db-hunter2") as api_url:
+        token = base64.b64encode(b"admin:s3cr3t-pw").decode()
+        client = Client(api_url, headers={"Authorization": f"Basic {token}"})
+        status, settings = client.get("/admin/settings")
+        assert status == 200, settings
+        assert "PREFECT_SERVER_API_AUTH_STRING" in settings
+        assert settings["PREFECT_SERVER_API_AUTH_STRING"] not in ("admin:s3cr3t-pw", "", None)
+        assert settings["PREFECT_API_DATABASE_PASSWORD"] != "db-hunter2"
+        text = repr(settings)
+        assert "s3cr3t" not in text and "hunter2" not in text
+        assert settings["PREFECT_SERVER_API_PORT"] is not None  # the rest is shown
+
+
+def test_csrf_token_route_when_protection_is_off(client):
+    status, body = client.get(f"/csrf-token?client={uuid.uuid4()}")
+    assert (status, body) == (422, {"detail": "CSRF protection is disabled."})
+    assert client.post("/flows/", {"name": "no-token-needed"})[0] == 201
+
+
+def test_csrf_protection(tmp_path):
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/c.db",
+                           PREFECT_SERVER_CSRF_PROTECTION_ENABLED=True) as api_url:
+        client = Client(api_url)
+        assert client.get("/health") == (200, True)
+        assert client.get("/csrf-token")[0] == 422  # the client id is required
+        status, issued = client.get("/csrf-token?client=my-client")
+        assert status == 200, issued
+        assert issued["client"] == "my-client" and issued["token"]
+        assert parse(issued["expiration"]) > now()
+
+        status, body = client.post("/flows/", {"name": "no-token"})
+        assert status == 403, body
+        assert "detail" in body
+        status, body = client.post("/flows/", {"name": "wrong-token"},
+                                   headers={"Prefect-Csrf-Token": "nope", "Prefect-Csrf-Client": "my-client"})
+        assert status == 403, body
+        status, body = client.post("/flows/", {"name": "wrong-client"},
+                                   headers={"Prefect-Csrf-Token": issued["token"], "Prefect-Csrf-Client": "other"})
+        assert status == 403, body
+        good = {"Prefect-Csrf-Token": issued["token"], "Prefect-Csrf-Client": "my-client"}
+        status, flow = client.post("/flows/", {"name": "with-token"}, headers=good)
+        assert status == 201, flow
+        assert client.request("DELETE", f"/flows/{flow['id']}")[0] == 403
+        assert client.request("DELETE", f"/flows/{flow['id']}", headers=good)[0] == 204
+        assert client.ok("POST", "/flows/count", {}, expect=(403,)) is not None  # reads by POST are writes too
+
+        # a new token for the same client replaces the old one
+        status, renewed = client.get("/csrf-token?client=my-client")
+        assert status == 200 and renewed["token"] != issued["token"]
+        fresh = {"Prefect-Csrf-Token": renewed["token"], "Prefect-Csrf-Client": "my-client"}
+        assert client.post("/flows/", {"name": "renewed"}, headers=fresh)[0] == 201
+
+
+def test_openapi_lists_every_route(client, server):
+    status, doc = client.get("/openapi.json")
+    assert status == 200, doc
+    assert doc["openapi"].startswith("3.")
+    missing = [(m, p) for m, p, _handler in prefectlite.ROUTES
+               if m.lower() not in doc["paths"].get("/api" + p, {})]
+    assert missing == []
+    create = doc["paths"]["/api/flows/"]["post"]
+    ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    schema = doc["components"]["schemas"][ref.rsplit("/", 1)[-1]]
+    assert "name" in schema["properties"] and "name" in schema.get("required", [])
+
+
+def test_api_docs_are_html(server):
+    status, headers, body = get_raw(server + "/docs")
+    assert status == 200
+    assert headers["Content-Type"].startswith("text/html")
+    assert b"<html" in body.lower() and b"/api/flows/" in body

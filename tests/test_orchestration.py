@@ -1,0 +1,868 @@
+"""The orchestration rules, each through the HTTP API of a real server.
+
+`POST /flow_runs/{id}/set_state` and `POST /task_runs/{id}/set_state` take {"state": {...}, "force": bool}
+and answer {"status": ACCEPT|REJECT|WAIT|ABORT, "details": {...}, "state": {...}}: 201 when a state was
+written (accepted, or rejected into another state), 200 when nothing was written (WAIT, ABORT, a
+rejection that keeps the current state).
+"""
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+
+import prefectlite
+
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment):
+    return moment.isoformat()
+
+
+def parse(text):
+    """An API datetime as an aware datetime (naive means UTC)."""
+    assert isinstance(text, str), text
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def sleep_until(moment, margin=0.05):
+    delay = (moment - now()).total_seconds() + margin
+    if delay > 0:
+        time.sleep(delay)
+
+
+def new_flow(client, name=None):
+    return client.ok("POST", "/flows/", {"name": name or f"flow-{uuid.uuid4().hex[:10]}"})
+
+
+def new_flow_run(client, flow_id=None, state=None, **fields):
+    flow_id = flow_id or new_flow(client)["id"]
+    body = {"flow_id": flow_id, **fields}
+    if state is not None:
+        body["state"] = state
+    return client.ok("POST", "/flow_runs/", body)
+
+
+def new_task_run(client, flow_run_id, task_key=None, dynamic_key="0", state=None, **fields):
+    body = {"flow_run_id": flow_run_id, "task_key": task_key or f"task-{uuid.uuid4().hex[:8]}",
+            "dynamic_key": dynamic_key, **fields}
+    if state is not None:
+        body["state"] = state
+    return client.ok("POST", "/task_runs/", body)
+
+
+def propose(client, kind, run_id, state_type, force=False, name=None, data=None, message=None, **details):
+    """Propose a state; returns (http status, orchestration result)."""
+    state = {"type": state_type, "state_details": details}
+    if name is not None:
+        state["name"] = name
+    if data is not None:
+        state["data"] = data
+    if message is not None:
+        state["message"] = message
+    status, result = client.post(f"/{kind}_runs/{run_id}/set_state", {"state": state, "force": force})
+    assert status in (200, 201), (status, result)
+    return status, result
+
+
+def flow_state(client, run_id, state_type, **kw):
+    return propose(client, "flow", run_id, state_type, **kw)
+
+
+def task_state(client, run_id, state_type, **kw):
+    return propose(client, "task", run_id, state_type, **kw)
+
+
+def read(client, kind, run_id):
+    return client.ok("GET", f"/{kind}_runs/{run_id}")
+
+
+def states_of(client, kind, run_id):
+    return client.ok("GET", f"/{kind}_run_states/?{kind}_run_id={run_id}")
+
+
+def running_flow_run(client, **fields):
+    run = new_flow_run(client, **fields)
+    status, result = flow_state(client, run["id"], "RUNNING")
+    assert (status, result["status"]) == (201, "ACCEPT"), result
+    return read(client, "flow", run["id"])
+
+
+def running_task_run(client, flow_run_id, **fields):
+    task = new_task_run(client, flow_run_id, **fields)
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert (status, result["status"]) == (201, "ACCEPT"), result
+    return read(client, "task", task["id"])
+
+
+def assert_accepted(status, result, state_type):
+    assert result["status"] == "ACCEPT", result
+    assert result["details"]["type"] == "accept_details", result
+    assert status == 201, (status, result)
+    assert result["state"]["type"] == state_type, result
+
+
+def assert_aborted(status, result):
+    assert result["status"] == "ABORT", result
+    assert result["details"]["type"] == "abort_details", result
+    assert result["details"].get("reason"), result
+    assert status == 200, (status, result)
+
+
+def assert_waiting(status, result):
+    assert result["status"] == "WAIT", result
+    assert result["details"]["type"] == "wait_details", result
+    assert status == 200, (status, result)
+    return result["details"]["delay_seconds"]
+
+
+def assert_rejected_into(status, result, state_type, name, reason):
+    assert result["status"] == "REJECT", result
+    assert result["details"]["type"] == "reject_details", result
+    assert result["details"]["reason"] == reason, result
+    assert status == 201, (status, result)
+    assert result["state"]["type"] == state_type, result
+    assert result["state"]["name"] == name, result
+
+
+# --- accept ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+def test_accepted_transition_is_stored_as_the_current_state(client, kind):
+    flow_run = new_flow_run(client)
+    if kind == "task":
+        flow_state(client, flow_run["id"], "RUNNING")
+        run = new_task_run(client, flow_run["id"])
+    else:
+        run = flow_run
+    assert run["state_type"] == "PENDING" and run["state"]["name"] == "Pending"
+
+    status, result = propose(client, kind, run["id"], "RUNNING", message="off we go")
+    assert_accepted(status, result, "RUNNING")
+    assert result["state"]["name"] == "Running"
+    assert result["state"]["message"] == "off we go"
+    assert result["state"]["state_details"][f"{kind}_run_id"] == run["id"]
+
+    after = read(client, kind, run["id"])
+    assert after["state_type"] == "RUNNING" and after["state_name"] == "Running"
+    assert after["state"]["id"] == result["state"]["id"]
+    assert [s["type"] for s in states_of(client, kind, run["id"])] == ["PENDING", "RUNNING"]
+
+
+def test_accepted_state_keeps_the_proposed_name_and_data(client):
+    run = running_flow_run(client)
+    data = {"type": "reference", "storage_key": "/tmp/result-1", "serializer_type": "pickle"}
+    status, result = flow_state(client, run["id"], "COMPLETED", name="AllDone", data=data)
+    assert_accepted(status, result, "COMPLETED")
+    assert result["state"]["name"] == "AllDone"
+    assert result["state"]["data"] == data
+    stored = client.ok("GET", f"/flow_run_states/{result['state']['id']}")
+    assert stored["data"] == data and stored["name"] == "AllDone"
+
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+def test_set_state_of_unknown_run_is_404(client, kind):
+    status, body = client.post(f"/{kind}_runs/{uuid.uuid4()}/set_state", {"state": {"type": "RUNNING"}})
+    assert status == 404, body
+
+
+# --- no duplicate PENDING ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+@pytest.mark.parametrize("current", ["PENDING", "RUNNING", "CANCELLING", "CANCELLED"])
+def test_pending_is_aborted_from_pending_running_cancelling_and_cancelled(client, kind, current):
+    flow_run = running_flow_run(client)
+    run = flow_run if kind == "flow" else new_task_run(client, flow_run["id"])
+    propose(client, kind, run["id"], current, force=True)
+    before = states_of(client, kind, run["id"])
+
+    status, result = propose(client, kind, run["id"], "PENDING")
+    assert_aborted(status, result)
+    assert read(client, kind, run["id"])["state_type"] == current
+    assert len(states_of(client, kind, run["id"])) == len(before)
+
+
+def test_pending_is_accepted_from_scheduled(client):
+    run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(now())}})
+    status, result = flow_state(client, run["id"], "PENDING")
+    assert_accepted(status, result, "PENDING")
+
+
+# --- terminal states ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+@pytest.mark.parametrize("terminal", TERMINAL)
+@pytest.mark.parametrize("proposed", ["RUNNING", "PENDING", "COMPLETED", "FAILED", "PAUSED", "CANCELLING"])
+def test_terminal_states_cannot_be_left(client, kind, terminal, proposed):
+    flow_run = running_flow_run(client)
+    run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
+    propose(client, kind, run["id"], terminal, force=True)
+    before = states_of(client, kind, run["id"])
+
+    status, result = propose(client, kind, run["id"], proposed)
+    assert_aborted(status, result)
+    after = read(client, kind, run["id"])
+    assert after["state_type"] == terminal
+    assert len(states_of(client, kind, run["id"])) == len(before)
+
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+@pytest.mark.parametrize("terminal", TERMINAL)
+def test_terminal_state_may_go_back_to_scheduled_for_a_retry(client, kind, terminal):
+    flow_run = running_flow_run(client)
+    run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
+    propose(client, kind, run["id"], terminal, force=True)
+
+    status, result = propose(client, kind, run["id"], "SCHEDULED", name="AwaitingRetry",
+                             scheduled_time=iso(now()))
+    assert_accepted(status, result, "SCHEDULED")
+    after = read(client, kind, run["id"])
+    assert after["state_type"] == "SCHEDULED"
+    assert after["end_time"] is None  # no longer finished
+
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+@pytest.mark.parametrize("terminal", TERMINAL)
+def test_force_leaves_a_terminal_state(client, kind, terminal):
+    flow_run = running_flow_run(client)
+    run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
+    propose(client, kind, run["id"], terminal, force=True)
+
+    status, result = propose(client, kind, run["id"], "RUNNING", force=True)
+    assert_accepted(status, result, "RUNNING")
+    assert read(client, kind, run["id"])["state_type"] == "RUNNING"
+
+
+def test_force_skips_every_rule(client):
+    # pausing a PENDING flow run is aborted without force and accepted with it
+    run = new_flow_run(client)
+    status, result = flow_state(client, run["id"], "PAUSED")
+    assert_aborted(status, result)
+    status, result = flow_state(client, run["id"], "PAUSED", force=True)
+    assert_accepted(status, result, "PAUSED")
+
+
+# --- duplicate transition ids ------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+def test_a_repeated_transition_id_is_rejected(client, kind):
+    flow_run = running_flow_run(client)
+    run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
+    transition = str(uuid.uuid4())
+
+    status, first = propose(client, kind, run["id"], "COMPLETED", transition_id=transition, force=False)
+    assert_accepted(status, first, "COMPLETED")
+    count = len(states_of(client, kind, run["id"]))
+
+    status, again = propose(client, kind, run["id"], "COMPLETED", transition_id=transition)
+    assert again["status"] == "REJECT", again
+    assert again["details"]["type"] == "reject_details"
+    assert "already" in again["details"]["reason"]
+    assert status == 200, (status, again)  # nothing new was written
+    assert again["state"]["id"] == first["state"]["id"]
+    assert len(states_of(client, kind, run["id"])) == count
+
+
+def test_a_different_transition_id_is_not_a_duplicate(client):
+    run = running_flow_run(client)
+    status, first = flow_state(client, run["id"], "RUNNING", transition_id=str(uuid.uuid4()))
+    assert_accepted(status, first, "RUNNING")
+    status, second = flow_state(client, run["id"], "RUNNING", transition_id=str(uuid.uuid4()))
+    assert_accepted(status, second, "RUNNING")
+    assert second["state"]["id"] != first["state"]["id"]
+
+
+# --- waiting for the scheduled time ------------------------------------------------------------
+
+def test_running_before_the_scheduled_time_waits(client):
+    scheduled = now() + dt.timedelta(seconds=100)
+    run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    before = states_of(client, "flow", run["id"])
+
+    status, result = flow_state(client, run["id"], "RUNNING")
+    delay = assert_waiting(status, result)
+    assert result["details"]["reason"] == "Scheduled time is in the future"
+    assert isinstance(delay, (int, float)) and 95 <= delay <= 101, delay
+    assert read(client, "flow", run["id"])["state_type"] == "SCHEDULED"
+    assert len(states_of(client, "flow", run["id"])) == len(before)
+
+
+def test_pending_copies_the_scheduled_time_and_running_still_waits(client):
+    scheduled = now() + dt.timedelta(seconds=100)
+    run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    status, result = flow_state(client, run["id"], "PENDING")
+    assert_accepted(status, result, "PENDING")
+    assert parse(result["state"]["state_details"]["scheduled_time"]) == scheduled
+
+    status, result = flow_state(client, run["id"], "RUNNING")
+    assert 95 <= assert_waiting(status, result) <= 101
+
+
+def test_running_after_the_scheduled_time_is_accepted(client):
+    scheduled = now() - dt.timedelta(seconds=5)
+    run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    status, result = flow_state(client, run["id"], "RUNNING")
+    assert_accepted(status, result, "RUNNING")
+
+
+def test_task_run_scheduled_in_the_future_waits(client):
+    flow_run = running_flow_run(client)
+    scheduled = now() + dt.timedelta(seconds=60)
+    task = new_task_run(client, flow_run["id"],
+                        state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert 55 <= assert_waiting(status, result) <= 61
+
+
+# --- task retries ------------------------------------------------------------------------------
+
+def test_task_retries_follow_the_empirical_policy(client):
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"], empirical_policy={"retries": 2, "retry_delay": 1})
+
+    for attempt in (1, 2):
+        status, result = task_state(client, task["id"], "RUNNING")
+        assert_accepted(status, result, "RUNNING")
+        assert result["state"]["name"] == ("Running" if attempt == 1 else "Retrying")
+        assert read(client, "task", task["id"])["run_count"] == attempt
+
+        status, result = task_state(client, task["id"], "FAILED", message=f"boom {attempt}")
+        assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+        retry_at = parse(result["state"]["state_details"]["scheduled_time"])
+        offset = (retry_at - parse(result["state"]["timestamp"])).total_seconds()
+        assert abs(offset - 1.0) < 0.1, offset  # now + retry_delay
+        stored = read(client, "task", task["id"])
+        assert (stored["state_type"], stored["state_name"]) == ("SCHEDULED", "AwaitingRetry")
+
+        status, result = task_state(client, task["id"], "RUNNING")  # too early
+        assert assert_waiting(status, result) == 1
+        assert result["details"]["reason"] == "Scheduled time is in the future"
+        assert read(client, "task", task["id"])["state_name"] == "AwaitingRetry"
+
+        sleep_until(retry_at)
+
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_accepted(status, result, "RUNNING")
+    assert result["state"]["name"] == "Retrying"
+    assert read(client, "task", task["id"])["run_count"] == 3
+
+    status, result = task_state(client, task["id"], "FAILED")  # retries used up
+    assert_accepted(status, result, "FAILED")
+    final = read(client, "task", task["id"])
+    assert final["state_type"] == "FAILED" and final["run_count"] == 3
+    assert final["end_time"] is not None
+    names = [(s["type"], s["name"]) for s in states_of(client, "task", task["id"])]
+    assert names == [("PENDING", "Pending"), ("RUNNING", "Running"), ("SCHEDULED", "AwaitingRetry"),
+                     ("RUNNING", "Retrying"), ("SCHEDULED", "AwaitingRetry"), ("RUNNING", "Retrying"),
+                     ("FAILED", "Failed")]
+
+
+def test_task_without_retries_fails_at_once(client):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"])
+    status, result = task_state(client, task["id"], "FAILED")
+    assert_accepted(status, result, "FAILED")
+
+
+def test_task_failure_marked_not_retriable_is_not_retried(client):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"], empirical_policy={"retries": 3, "retry_delay": 0})
+    status, result = task_state(client, task["id"], "FAILED", retriable=False)
+    assert_accepted(status, result, "FAILED")
+
+
+def test_retry_keeps_the_message_of_the_failure(client):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"], empirical_policy={"retries": 1, "retry_delay": 0})
+    status, result = task_state(client, task["id"], "FAILED", message="division by zero")
+    assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+    assert result["state"]["message"] == "division by zero"
+
+
+# --- flow retries ------------------------------------------------------------------------------
+
+def test_flow_retries_reschedule_the_flow_and_its_failed_tasks(client):
+    flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    failed_task = running_task_run(client, flow_run["id"])
+    assert_accepted(*task_state(client, failed_task["id"], "FAILED"), "FAILED")
+    good_task = running_task_run(client, flow_run["id"])
+    assert_accepted(*task_state(client, good_task["id"], "COMPLETED"), "COMPLETED")
+
+    status, result = flow_state(client, flow_run["id"], "FAILED")
+    assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+    run = read(client, "flow", flow_run["id"])
+    assert (run["state_type"], run["state_name"]) == ("SCHEDULED", "AwaitingRetry")
+
+    retried = read(client, "task", failed_task["id"])
+    assert (retried["state_type"], retried["state_name"]) == ("SCHEDULED", "AwaitingRetry")
+    untouched = read(client, "task", good_task["id"])
+    assert untouched["state_type"] == "COMPLETED"
+
+    status, result = flow_state(client, flow_run["id"], "RUNNING")
+    assert_accepted(status, result, "RUNNING")
+    assert result["state"]["name"] == "Retrying"
+    assert read(client, "flow", flow_run["id"])["run_count"] == 2
+
+    # the failed task runs again, within the second flow run attempt
+    status, result = task_state(client, failed_task["id"], "RUNNING")
+    assert_accepted(status, result, "RUNNING")
+    assert read(client, "task", failed_task["id"])["flow_run_run_count"] == 2
+
+    status, result = flow_state(client, flow_run["id"], "FAILED")  # retries used up
+    assert_accepted(status, result, "FAILED")
+    final = read(client, "flow", flow_run["id"])
+    assert final["state_type"] == "FAILED" and final["run_count"] == 2
+
+
+def test_flow_without_retries_fails_at_once(client):
+    run = running_flow_run(client)
+    assert_accepted(*flow_state(client, run["id"], "FAILED"), "FAILED")
+
+
+# --- task caching ------------------------------------------------------------------------------
+
+def completed_with_cache(client, cache_key, expiration, data=None):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"])
+    data = data or {"type": "reference", "storage_key": f"/results/{uuid.uuid4().hex}", "serializer_type": "json"}
+    status, result = task_state(client, task["id"], "COMPLETED", data=data, cache_key=cache_key,
+                                cache_expiration=iso(expiration) if expiration else None)
+    assert_accepted(status, result, "COMPLETED")
+    return task, data
+
+
+def test_a_cached_completed_state_is_reused_by_a_later_task_run(client):
+    key = f"cache-{uuid.uuid4().hex}"
+    expiration = now() + dt.timedelta(hours=1)
+    original, data = completed_with_cache(client, key, expiration)
+
+    other_flow_run = running_flow_run(client)  # caching works across flow runs
+    task = new_task_run(client, other_flow_run["id"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=key)
+    assert_rejected_into(status, result, "COMPLETED", "Cached", "Retrieved state from cache")
+    assert result["state"]["data"] == data
+    assert result["state"]["state_details"]["cache_key"] == key
+    assert parse(result["state"]["state_details"]["cache_expiration"]) == expiration
+
+    stored = read(client, "task", task["id"])
+    assert (stored["state_type"], stored["state_name"]) == ("COMPLETED", "Cached")
+    assert stored["state"]["data"] == data
+    assert read(client, "task", original["id"])["state_name"] == "Completed"
+
+
+def test_a_cache_key_without_expiration_never_expires(client):
+    key = f"cache-{uuid.uuid4().hex}"
+    _, data = completed_with_cache(client, key, None)
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=key)
+    assert_rejected_into(status, result, "COMPLETED", "Cached", "Retrieved state from cache")
+    assert result["state"]["data"] == data
+
+
+def test_an_unknown_cache_key_runs_the_task(client):
+    completed_with_cache(client, f"cache-{uuid.uuid4().hex}", now() + dt.timedelta(hours=1))
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=f"other-{uuid.uuid4().hex}")
+    assert_accepted(status, result, "RUNNING")
+
+
+def test_an_expired_cache_entry_is_not_used(client):
+    key = f"cache-{uuid.uuid4().hex}"
+    completed_with_cache(client, key, now() - dt.timedelta(seconds=1))
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=key)
+    assert_accepted(status, result, "RUNNING")
+
+
+def test_refresh_cache_runs_the_task_anyway(client):
+    key = f"cache-{uuid.uuid4().hex}"
+    completed_with_cache(client, key, now() + dt.timedelta(hours=1))
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=key, refresh_cache=True)
+    assert_accepted(status, result, "RUNNING")
+
+
+def test_the_newest_cache_entry_wins(client):
+    key = f"cache-{uuid.uuid4().hex}"
+    completed_with_cache(client, key, now() + dt.timedelta(hours=1), data={"value": "old"})
+    completed_with_cache(client, key, now() + dt.timedelta(hours=1), data={"value": "new"})
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=key)
+    assert result["state"]["data"] == {"value": "new"}, result
+
+
+# --- tasks inside flows that are not running ---------------------------------------------------
+
+@pytest.mark.parametrize("flow_state_type", ["PENDING", "SCHEDULED", "COMPLETED", "FAILED", "CANCELLED", "CANCELLING"])
+def test_a_task_may_not_run_in_a_flow_that_is_not_running(client, flow_state_type):
+    flow_run = new_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    if flow_state_type != "PENDING":
+        flow_state(client, flow_run["id"], flow_state_type, force=True,
+                   **({"scheduled_time": iso(now())} if flow_state_type == "SCHEDULED" else {}))
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_aborted(status, result)
+    assert "flow must be running" in result["details"]["reason"]
+    assert read(client, "task", task["id"])["state_type"] == "PENDING"
+
+
+def test_a_task_in_a_paused_flow_is_put_in_paused_not_ready(client):
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"])
+    assert_accepted(*flow_state(client, flow_run["id"], "PAUSED"), "PAUSED")
+
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_rejected_into(status, result, "PAUSED", "NotReady",
+                         "The flow is paused, new tasks can execute after resuming flow run execution.")
+    stored = read(client, "task", task["id"])
+    assert (stored["state_type"], stored["state_name"]) == ("PAUSED", "NotReady")
+
+
+def test_a_task_without_a_flow_run_may_run(client):
+    status, task = client.post("/task_runs/", {"task_key": "free", "dynamic_key": "0"})
+    assert status == 201, task
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_accepted(status, result, "RUNNING")
+
+
+# --- pausing and resuming ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("current", ["PENDING", "SCHEDULED", "PAUSED"])
+def test_only_a_running_flow_may_pause(client, current):
+    run = new_flow_run(client)
+    if current == "SCHEDULED":
+        flow_state(client, run["id"], "SCHEDULED", force=True, scheduled_time=iso(now()))
+    elif current == "PAUSED":
+        flow_state(client, run["id"], "RUNNING")
+        assert_accepted(*flow_state(client, run["id"], "PAUSED"), "PAUSED")
+    status, result = flow_state(client, run["id"], "PAUSED")
+    assert_aborted(status, result)
+
+
+def test_a_running_flow_pauses(client):
+    run = running_flow_run(client)
+    status, result = flow_state(client, run["id"], "PAUSED", pause_key="first")
+    assert_accepted(status, result, "PAUSED")
+    assert read(client, "flow", run["id"])["state_type"] == "PAUSED"
+
+
+def test_a_pause_key_fires_only_once(client):
+    run = running_flow_run(client)
+    assert_accepted(*flow_state(client, run["id"], "PAUSED", pause_key="approval"), "PAUSED")
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {})
+    assert_accepted(status, result, "RUNNING")
+
+    status, result = flow_state(client, run["id"], "PAUSED", pause_key="approval")
+    assert_aborted(status, result)
+    assert read(client, "flow", run["id"])["state_type"] == "RUNNING"
+
+    assert_accepted(*flow_state(client, run["id"], "PAUSED", pause_key="another"), "PAUSED")
+
+
+def test_resume_of_a_run_that_is_not_paused_aborts(client):
+    run = running_flow_run(client)
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {})
+    assert_aborted(status, result)
+    assert read(client, "flow", run["id"])["state_type"] == "RUNNING"
+
+
+def test_resume_of_an_unknown_run_is_404(client):
+    status, body = client.post(f"/flow_runs/{uuid.uuid4()}/resume", {})
+    assert status == 404, body
+
+
+def test_resume_puts_a_paused_run_back_to_running(client):
+    run = running_flow_run(client)
+    flow_state(client, run["id"], "PAUSED", pause_timeout=iso(now() + dt.timedelta(hours=1)))
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {})
+    assert_accepted(status, result, "RUNNING")
+    assert read(client, "flow", run["id"])["state_type"] == "RUNNING"
+
+
+def test_resume_of_a_run_paused_with_reschedule_schedules_it(client):
+    run = running_flow_run(client)
+    flow_state(client, run["id"], "PAUSED", pause_reschedule=True,
+               pause_timeout=iso(now() + dt.timedelta(hours=1)))
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {})
+    assert_accepted(status, result, "SCHEDULED")
+    assert result["state"]["name"] == "Resuming"
+    stored = read(client, "flow", run["id"])
+    assert (stored["state_type"], stored["state_name"]) == ("SCHEDULED", "Resuming")
+
+
+def test_resume_after_the_pause_timed_out_fails_the_run(client):
+    run = running_flow_run(client)
+    timeout = now() + dt.timedelta(seconds=0.5)
+    assert_accepted(*flow_state(client, run["id"], "PAUSED", pause_timeout=iso(timeout)), "PAUSED")
+    sleep_until(timeout)
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {})
+    assert result["state"]["type"] == "FAILED", result
+    assert status == 201, (status, result)
+    assert read(client, "flow", run["id"])["state_type"] == "FAILED"
+
+
+def test_a_timed_out_pause_cannot_be_left_for_running(client):
+    run = running_flow_run(client)
+    timeout = now() + dt.timedelta(seconds=0.5)
+    flow_state(client, run["id"], "PAUSED", pause_timeout=iso(timeout))
+    sleep_until(timeout)
+    status, result = flow_state(client, run["id"], "RUNNING")
+    assert result["status"] == "REJECT", result
+    assert result["state"]["type"] == "FAILED", result
+    assert read(client, "flow", run["id"])["state_type"] == "FAILED"
+
+
+# --- cancellation ------------------------------------------------------------------------------
+
+def test_cancelling_then_cancelled_is_accepted(client):
+    run = running_flow_run(client)
+    assert_accepted(*flow_state(client, run["id"], "CANCELLING"), "CANCELLING")
+    assert read(client, "flow", run["id"])["end_time"] is None
+    status, result = flow_state(client, run["id"], "CANCELLED")
+    assert_accepted(status, result, "CANCELLED")
+    stored = read(client, "flow", run["id"])
+    assert stored["state_type"] == "CANCELLED"
+    assert parse(stored["end_time"]) == parse(result["state"]["timestamp"])
+
+
+def test_a_cancelling_task_run_is_cancelled(client):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"])
+    assert_accepted(*task_state(client, task["id"], "CANCELLING"), "CANCELLING")
+    assert_accepted(*task_state(client, task["id"], "CANCELLED"), "CANCELLED")
+
+
+# --- tag concurrency limits --------------------------------------------------------------------
+
+def _has_route(method, path):
+    return any(m == method and p == path for m, p, _ in prefectlite.ROUTES)
+
+
+def set_tag_limit(client, db_url, tag, limit):
+    if _has_route("POST", "/concurrency_limits/"):
+        client.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": limit})
+        return
+    db = prefectlite.open_database(db_url)
+    try:
+        with db.write() as tx:
+            stamp = iso(now())
+            tx.execute("INSERT INTO concurrency_limit (id, created, updated, tag, concurrency_limit, active_slots) "
+                       "VALUES (?, ?, ?, ?, ?, '[]')", (str(uuid.uuid4()), stamp, stamp, tag, limit))
+    finally:
+        db.close()
+
+
+def active_slots(client, db_url, tag):
+    if _has_route("GET", "/concurrency_limits/tag/{tag}"):
+        return client.ok("GET", f"/concurrency_limits/tag/{tag}")["active_slots"]
+    import json
+    db = prefectlite.open_database(db_url)
+    try:
+        with db.read() as tx:
+            return json.loads(tx.scalar("SELECT active_slots FROM concurrency_limit WHERE tag = ?", (tag,)))
+    finally:
+        db.close()
+
+
+@pytest.fixture
+def db_url(server, tmp_path):
+    return f"sqlite:///{tmp_path}/test.db"  # the database the `server` fixture serves
+
+
+def test_a_tag_limit_of_one_makes_the_second_task_wait(client, db_url):
+    set_tag_limit(client, db_url, "db", 1)
+    flow_run = running_flow_run(client)
+    first = new_task_run(client, flow_run["id"], tags=["db", "other"])
+    second = new_task_run(client, flow_run["id"], tags=["db"])
+
+    assert_accepted(*task_state(client, first["id"], "RUNNING"), "RUNNING")
+    assert active_slots(client, db_url, "db") == [first["id"]]
+
+    status, result = task_state(client, second["id"], "RUNNING")
+    assert assert_waiting(status, result) == 30
+    assert "db" in result["details"]["reason"]
+    assert read(client, "task", second["id"])["state_type"] == "PENDING"
+
+    assert_accepted(*task_state(client, first["id"], "COMPLETED"), "COMPLETED")
+    assert active_slots(client, db_url, "db") == []
+
+    assert_accepted(*task_state(client, second["id"], "RUNNING"), "RUNNING")
+    assert active_slots(client, db_url, "db") == [second["id"]]
+
+
+def test_a_failed_task_frees_its_slot_too(client, db_url):
+    set_tag_limit(client, db_url, "gpu", 1)
+    flow_run = running_flow_run(client)
+    first = running_task_run(client, flow_run["id"], tags=["gpu"])
+    assert_accepted(*task_state(client, first["id"], "FAILED"), "FAILED")
+    second = new_task_run(client, flow_run["id"], tags=["gpu"])
+    assert_accepted(*task_state(client, second["id"], "RUNNING"), "RUNNING")
+
+
+def test_a_task_awaiting_retry_gives_its_slot_back(client, db_url):
+    set_tag_limit(client, db_url, "api", 1)
+    flow_run = running_flow_run(client)
+    flaky = running_task_run(client, flow_run["id"], tags=["api"], empirical_policy={"retries": 1, "retry_delay": 0})
+    status, result = task_state(client, flaky["id"], "FAILED")
+    assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+    assert active_slots(client, db_url, "api") == []
+    other = new_task_run(client, flow_run["id"], tags=["api"])
+    assert_accepted(*task_state(client, other["id"], "RUNNING"), "RUNNING")
+    status, result = task_state(client, flaky["id"], "RUNNING")
+    assert assert_waiting(status, result) == 30
+
+
+def test_a_task_served_from_cache_takes_no_slot(client, db_url):
+    set_tag_limit(client, db_url, "cached", 1)
+    key = f"cache-{uuid.uuid4().hex}"
+    completed_with_cache(client, key, now() + dt.timedelta(hours=1))
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"], tags=["cached"])
+    status, result = task_state(client, task["id"], "RUNNING", cache_key=key)
+    assert result["status"] == "REJECT" and result["state"]["name"] == "Cached", result
+    assert active_slots(client, db_url, "cached") == []
+
+
+def test_a_tag_limit_of_zero_aborts(client, db_url):
+    set_tag_limit(client, db_url, "never", 0)
+    flow_run = running_flow_run(client)
+    task = new_task_run(client, flow_run["id"], tags=["never"])
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_aborted(status, result)
+    assert "never" in result["details"]["reason"]
+
+
+def test_tasks_without_the_limited_tag_are_not_limited(client, db_url):
+    set_tag_limit(client, db_url, "db", 1)
+    flow_run = running_flow_run(client)
+    running_task_run(client, flow_run["id"], tags=["db"])
+    for _ in range(3):
+        running_task_run(client, flow_run["id"], tags=["web"])
+
+
+# --- bookkeeping -------------------------------------------------------------------------------
+
+def test_a_new_flow_run_has_not_started(client):
+    run = new_flow_run(client)
+    assert run["run_count"] == 0
+    assert run["start_time"] is None and run["end_time"] is None
+    assert run["total_run_time"] == 0
+    assert run["estimated_run_time"] == 0
+    assert run["expected_start_time"] is not None
+
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
+def test_run_count_start_end_and_run_times(client, kind):
+    flow_run = new_flow_run(client)
+    if kind == "task":
+        flow_state(client, flow_run["id"], "RUNNING")
+        run = new_task_run(client, flow_run["id"])
+    else:
+        run = flow_run
+
+    status, running = propose(client, kind, run["id"], "RUNNING")
+    started = read(client, kind, run["id"])
+    assert started["run_count"] == 1
+    assert parse(started["start_time"]) == parse(running["state"]["timestamp"])
+    assert started["end_time"] is None
+
+    time.sleep(0.3)
+    midway = read(client, kind, run["id"])
+    assert midway["total_run_time"] == 0  # accumulated only when RUNNING ends
+    assert midway["estimated_run_time"] >= 0.3  # but estimated while it runs
+
+    status, done = propose(client, kind, run["id"], "COMPLETED")
+    finished = read(client, kind, run["id"])
+    assert parse(finished["end_time"]) == parse(done["state"]["timestamp"])
+    spent = (parse(done["state"]["timestamp"]) - parse(running["state"]["timestamp"])).total_seconds()
+    assert spent >= 0.3
+    assert finished["total_run_time"] == pytest.approx(spent, abs=1e-3)
+    assert finished["estimated_run_time"] == pytest.approx(finished["total_run_time"], abs=1e-3)
+    assert finished["run_count"] == 1
+    assert parse(finished["start_time"]) == parse(started["start_time"])
+
+
+def test_total_run_time_adds_up_over_retries_and_start_time_is_the_first(client):
+    run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    first_start = run["start_time"]
+    time.sleep(0.2)
+    status, retry = flow_state(client, run["id"], "FAILED")
+    assert retry["status"] == "REJECT"
+    after_first = read(client, "flow", run["id"])
+    assert after_first["total_run_time"] >= 0.2
+    assert after_first["end_time"] is None  # AwaitingRetry is not final
+    time.sleep(0.2)  # time spent SCHEDULED does not count
+    flow_state(client, run["id"], "RUNNING")
+    time.sleep(0.2)
+    flow_state(client, run["id"], "COMPLETED")
+    final = read(client, "flow", run["id"])
+    assert final["run_count"] == 2
+    assert final["start_time"] == first_start
+    states = states_of(client, "flow", run["id"])
+    running_spans = [(parse(b["timestamp"]) - parse(a["timestamp"])).total_seconds()
+                     for a, b in zip(states, states[1:]) if a["type"] == "RUNNING"]
+    assert len(running_spans) == 2
+    assert final["total_run_time"] == pytest.approx(sum(running_spans), abs=1e-3)
+
+
+def test_expected_and_next_scheduled_start_times(client):
+    scheduled = (now() + dt.timedelta(days=1)).replace(microsecond=0)
+    run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    assert parse(run["expected_start_time"]) == scheduled
+    assert parse(run["next_scheduled_start_time"]) == scheduled
+
+    later = scheduled + dt.timedelta(hours=1)
+    flow_state(client, run["id"], "SCHEDULED", force=True, scheduled_time=iso(later))
+    moved = read(client, "flow", run["id"])
+    assert parse(moved["expected_start_time"]) == later
+    assert parse(moved["next_scheduled_start_time"]) == later
+
+    flow_state(client, run["id"], "RUNNING", force=True)
+    started = read(client, "flow", run["id"])
+    assert started["next_scheduled_start_time"] is None
+    assert parse(started["expected_start_time"]) == later  # what was expected stays
+
+
+def test_a_past_scheduled_time_is_the_expected_start_time(client):
+    scheduled = (now() - dt.timedelta(minutes=5)).replace(microsecond=0)
+    run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    assert parse(run["expected_start_time"]) == scheduled
+    flow_state(client, run["id"], "RUNNING")
+    started = read(client, "flow", run["id"])
+    assert parse(started["expected_start_time"]) == scheduled
+    assert started["estimated_start_time_delta"] >= 299  # it started about five minutes late
+
+
+def test_task_runs_track_their_flow_runs_run_count(client):
+    flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    first = running_task_run(client, flow_run["id"])
+    assert first["flow_run_run_count"] == 1
+
+    flow_state(client, flow_run["id"], "FAILED")  # rejected into AwaitingRetry
+    flow_state(client, flow_run["id"], "RUNNING")
+    assert read(client, "flow", flow_run["id"])["run_count"] == 2
+    second = running_task_run(client, flow_run["id"])
+    assert second["flow_run_run_count"] == 2
+
+
+def test_the_state_fields_of_the_run_follow_the_current_state(client):
+    run = running_flow_run(client)
+    status, result = flow_state(client, run["id"], "COMPLETED", name="Done")
+    stored = read(client, "flow", run["id"])
+    assert stored["state_id"] == result["state"]["id"]
+    assert stored["state_type"] == "COMPLETED" and stored["state_name"] == "Done"
+    assert stored["state"]["id"] == result["state"]["id"]
