@@ -22,6 +22,7 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
 from __future__ import annotations
 
 import base64
+import calendar
 import contextlib
 import contextvars
 import dataclasses
@@ -51,6 +52,7 @@ import time
 import tomllib
 import urllib.parse
 import uuid
+import zoneinfo
 from pathlib import Path
 
 __version__ = "0.1.0"
@@ -3064,6 +3066,1079 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
     return out
 
 
+
+# Schedules: interval, cron and RRULE, written for this server (no croniter, no dateutil).
+# Schedule engine: validation and fire times for Prefect 2 schedule objects.
+#
+# Three shapes, as Prefect 2.20 accepts them:
+#   {"interval": seconds, "anchor_date": iso8601, "timezone": name}
+#   {"cron": "0 9 * * 1-5", "timezone": name, "day_or": true}
+#   {"rrule": "DTSTART:...\\nRRULE:...", "timezone": name}
+#
+# Every local wall-clock time is turned into an instant by one rule (`_wall_to_instant`):
+#   * a time that occurs twice (autumn fold) means its FIRST occurrence, so a
+#     schedule never fires twice for one wall-clock time;
+#   * a time that does not exist (spring gap) means the first instant after the
+#     gap (02:30 on a 02:00->03:00 day fires at 03:00), so a day's run is never
+#     lost. This is what ISC/Vixie cron does; several times in one gap collapse
+#     into a single fire.
+# Intervals shorter than a day count elapsed time (hourly = every real hour);
+# intervals of a day or more step the local wall clock, like pendulum's
+# add(days=...), so a daily 09:00 stays 09:00 local across DST.
+
+
+
+MAX_FIRE_TIMES = 1000  # cap when only `end` is given (Prefect's MAX_ITERATIONS)
+MAX_RRULE_LENGTH = 6500  # Prefect rejects longer rrule strings
+# a fixed default keeps stored schedules reproducible; Prefect 2.20 itself
+# uses the time of validation when anchor_date is missing
+DEFAULT_ANCHOR_DATE = _dt.datetime(2020, 1, 1, tzinfo=_dt.timezone.utc)
+
+_UTC = _dt.timezone.utc
+_ONE_MICROSECOND = _dt.timedelta(microseconds=1)
+_ONE_DAY = _dt.timedelta(days=1)
+# The Gregorian calendar repeats every 400 years, so a rule with no match in
+# 400 years never matches; this bounds every search for a sparse schedule.
+_SCHEDULE_HORIZON_YEARS = 400
+_SCHEDULE_LAST_DATE = _dt.date(9999, 12, 28)
+_SCHEDULE_END = _dt.datetime(9999, 12, 1, tzinfo=_dt.timezone.utc)
+
+
+class ScheduleError(ValueError):
+    """An invalid or unsupported schedule; `field` names the offending key."""
+
+    def __init__(self, field, message):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+def validate_schedule(schedule):
+    """Check a schedule object and return it normalised the way Prefect returns it."""
+    normalised, _kind, _compiled = _compile_schedule(schedule)
+    return normalised
+
+
+def next_fire_times(schedule, start, end=None, n=None):
+    """Fire times >= start and < end (at most n), ascending, as aware UTC datetimes.
+
+    With only `end` given, at most MAX_FIRE_TIMES times are returned.
+    """
+    if n is None and end is None:
+        raise ValueError("next_fire_times needs n or end")
+    start = _schedule_utc(start, "start")
+    end = None if end is None else _schedule_utc(end, "end")
+    limit = MAX_FIRE_TIMES if n is None else n
+    if limit <= 0 or (end is not None and end <= start):
+        return []
+    _normalised, kind, compiled = _compile_schedule(schedule)
+    return _SCHEDULE_FIRE_TIMES[kind](compiled, start, end, limit)
+
+
+# --- shared helpers ---------------------------------------------------------
+
+def _schedule_utc(moment, name):
+    if not isinstance(moment, _dt.datetime) or moment.utcoffset() is None:
+        raise ValueError(f"{name} must be a timezone-aware datetime")
+    return moment.astimezone(_UTC)
+
+
+def _schedule_quote(text, limit=60):
+    text = str(text)
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
+@functools.lru_cache(maxsize=1)
+def _schedule_zone_names():
+    # "localtime" depends on the machine, so it is no schedule timezone.
+    return frozenset(zoneinfo.available_timezones()) - {"localtime"}
+
+
+def _schedule_zone(name, field="timezone", what="timezone"):
+    if not isinstance(name, str) or not name.strip():
+        raise ScheduleError(field, f"{what} must be a non-empty IANA timezone name")
+    known = _schedule_zone_names()
+    if name in known or (not known and name == "UTC"):
+        try:
+            return zoneinfo.ZoneInfo(name)
+        except (LookupError, ValueError, OSError):
+            if name == "UTC":  # no tzdata on this machine; UTC needs none
+                return _UTC
+    raise ScheduleError(
+        field,
+        f"unknown {what} {_schedule_quote(name)}; "
+        'use an IANA name such as "America/New_York"',
+    )
+
+
+def _schedule_optional_zone(schedule):
+    name = schedule.get("timezone")
+    if name is None or name == "":
+        return None, _UTC
+    return name, _schedule_zone(name)
+
+
+def _wall_to_instant(naive, tz):
+    """The UTC instant of a local wall-clock time (fold -> first, gap -> gap end)."""
+    first = naive.replace(tzinfo=tz, fold=0).astimezone(_UTC)
+    if first.astimezone(tz).replace(tzinfo=None) == naive:
+        return first
+    return _wall_gap_end(naive, tz)
+
+
+def _wall_gap_end(naive, tz):
+    # fold=1 reads a missing time with the offset after the jump (an instant
+    # before it), fold=0 with the offset before (an instant after it); the jump
+    # lies between, on a whole second, so bisect for it.
+    before = naive.replace(tzinfo=tz, fold=1).astimezone(_UTC).replace(microsecond=0)
+    after = naive.replace(tzinfo=tz, fold=0).astimezone(_UTC)
+    new_offset = after.astimezone(tz).utcoffset()
+    low, high = 0, math.ceil((after - before).total_seconds())
+    while high - low > 1:
+        middle = (low + high) // 2
+        probe = before + _dt.timedelta(seconds=middle)
+        if probe.astimezone(tz).utcoffset() == new_offset:
+            high = middle
+        else:
+            low = middle
+    return before + _dt.timedelta(seconds=high)
+
+
+def _collect_fires(instants, start, end, limit):
+    """Take ascending candidate instants into [start, end), dropping repeats."""
+    fires = []
+    try:
+        for instant in instants:
+            if instant < start or (fires and instant == fires[-1]):
+                continue
+            if end is not None and instant >= end:
+                break
+            fires.append(instant)
+            if len(fires) >= limit:
+                break
+    except OverflowError:
+        pass  # ran off the end of the calendar (year 9999)
+    return fires
+
+
+def _wall_clock(moment, tz):
+    return moment.astimezone(tz).replace(tzinfo=None)
+
+
+def _schedule_search_window(start, end, tz, earliest=None):
+    """Naive local bounds for a search: just before `start`, and a last date.
+
+    The search begins one microsecond before `start`: a time inside a gap maps
+    to the gap's end, which may be `start` itself.
+    """
+    begin = _wall_clock(start - _ONE_MICROSECOND, tz)
+    base = begin if earliest is None else max(begin, earliest)
+    last = _schedule_add_years(base.date(), _SCHEDULE_HORIZON_YEARS)
+    if end is not None:
+        last = min(last, _wall_clock(min(end, _SCHEDULE_END), tz).date() + _dt.timedelta(days=2))
+    return begin, last
+
+
+def _schedule_add_years(day, years):
+    year = day.year + years
+    if year > _SCHEDULE_LAST_DATE.year:
+        return _SCHEDULE_LAST_DATE
+    return _dt.date(year, day.month, min(day.day, 28))
+
+
+def _first_of_next_month(day):
+    if day.month == 12:
+        return _dt.date(day.year + 1, 1, 1)
+    return _dt.date(day.year, day.month + 1, 1)
+
+
+def _days_in_month(year, month):
+    return calendar.monthrange(year, month)[1]
+
+
+def _naive_at(day, hour=0, minute=0, second=0):
+    """A naive datetime on `day` (no `time` import: it would shadow the module)."""
+    return _dt.datetime(day.year, day.month, day.day, hour, minute, second)
+
+
+# --- dispatch ---------------------------------------------------------------
+
+_SCHEDULE_KEYS = {
+    "interval": ("interval", "anchor_date", "timezone"),
+    "cron": ("cron", "timezone", "day_or"),
+    "rrule": ("rrule", "timezone"),
+}
+
+
+def _compile_schedule(schedule):
+    if not isinstance(schedule, dict):
+        raise ScheduleError(
+            "schedule", "must be an object with one of 'interval', 'cron' or 'rrule'"
+        )
+    kinds = [kind for kind in _SCHEDULE_KEYS if kind in schedule]
+    if len(kinds) != 1:
+        found = ", ".join(repr(kind) for kind in kinds) or "none"
+        raise ScheduleError(
+            "schedule",
+            f"must contain exactly one of 'interval', 'cron' or 'rrule' (found {found})",
+        )
+    kind = kinds[0]
+    for key in schedule:
+        if key not in _SCHEDULE_KEYS[kind]:
+            allowed = ", ".join(_SCHEDULE_KEYS[kind])
+            raise ScheduleError(
+                str(key), f"unexpected field for a {kind} schedule (allowed: {allowed})"
+            )
+    return _SCHEDULE_COMPILERS[kind](schedule)
+
+
+# --- interval ---------------------------------------------------------------
+
+def _compile_interval(schedule):
+    step = _interval_step(schedule["interval"])
+    name, tz = _schedule_optional_zone(schedule)
+    anchor = _interval_anchor(schedule.get("anchor_date"), tz)
+    normalised = {
+        "interval": step.total_seconds(),
+        "anchor_date": anchor.isoformat(),
+        "timezone": name or "UTC",
+    }
+    return normalised, "interval", (anchor.astimezone(_UTC), step, tz)
+
+
+def _interval_step(value):
+    seconds = value
+    if isinstance(value, str):
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = None
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise ScheduleError(
+            "interval", f"must be a number of seconds, got {_schedule_quote(value)}"
+        )
+    if not math.isfinite(seconds):
+        raise ScheduleError("interval", f"must be a finite number of seconds, got {value}")
+    try:
+        step = _dt.timedelta(seconds=seconds)
+    except OverflowError:
+        raise ScheduleError("interval", f"{value} seconds is too large") from None
+    if step <= _dt.timedelta(0):
+        raise ScheduleError(
+            "interval", f"must be positive (at least one microsecond), got {value}"
+        )
+    return step
+
+
+def _interval_anchor(value, tz):
+    if value is None:
+        return DEFAULT_ANCHOR_DATE
+    if isinstance(value, str):
+        try:
+            value = _dt.datetime.fromisoformat(value.strip())
+        except ValueError:
+            raise ScheduleError(
+                "anchor_date", f"{_schedule_quote(value)} is not an ISO 8601 date-time"
+            ) from None
+    if not isinstance(value, _dt.datetime):
+        raise ScheduleError("anchor_date", "must be an ISO 8601 date-time string")
+    if value.utcoffset() is None:
+        # a naive anchor is wall-clock time in the schedule's timezone
+        value = _wall_to_instant(value, tz).astimezone(tz)
+    return value
+
+
+def _interval_fire_times(compiled, start, end, limit):
+    anchor, step, tz = compiled
+    if step >= _ONE_DAY:
+        instants = _interval_wall_clock_steps(anchor, step, tz, start)
+    else:
+        instants = _interval_absolute_steps(anchor, step, start)
+    return _collect_fires(instants, start, end, limit)
+
+
+def _interval_first_step(anchor, step, start):
+    behind = (start - anchor) // _ONE_MICROSECOND
+    return -(-behind // (step // _ONE_MICROSECOND))  # ceiling division
+
+
+def _interval_absolute_steps(anchor, step, start):
+    # Shorter than a day: plain elapsed time, so an hourly schedule fires
+    # every real hour, and twice at "01:xx" local on a fall-back night.
+    k = _interval_first_step(anchor, step, start)
+    while True:
+        try:
+            yield anchor + step * k
+        except OverflowError:
+            return
+        k += 1
+
+
+def _interval_wall_clock_steps(anchor, step, tz, start):
+    # A day or longer: step the local wall clock (pendulum's add(days=...)),
+    # so a daily 09:00 stays at 09:00 local across DST changes.
+    local_anchor = _wall_clock(anchor, tz)
+    # Wall-clock and elapsed steps differ by at most one offset change (< 2
+    # days), so three steps back is early enough; _collect_fires drops the extras.
+    k = _interval_first_step(anchor, step, start) - 3
+    while True:
+        try:
+            yield _wall_to_instant(local_anchor + step * k, tz)
+        except OverflowError:
+            return
+        k += 1
+
+
+# --- cron ---------------------------------------------------------------------
+
+_CRON_MACROS = {
+    "@yearly": "0 0 1 1 *",
+    "@annually": "0 0 1 1 *",
+    "@monthly": "0 0 1 * *",
+    "@weekly": "0 0 * * 0",
+    "@daily": "0 0 * * *",
+    "@midnight": "0 0 * * *",
+    "@hourly": "0 * * * *",
+}
+_CRON_MONTH_NAMES = {name: number for number, name in enumerate(
+    "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), start=1)}
+_CRON_DAY_NAMES = {name: number for number, name in enumerate(
+    "SUN MON TUE WED THU FRI SAT".split())}
+_CRON_ITEM = re.compile(r"^(?:(\*)|([A-Z0-9]+)(?:-([A-Z0-9]+))?)(?:/([0-9]+))?$")
+_CRON_NTH = re.compile(r"^([A-Z0-9]+)#([0-9]+)$")
+
+
+def _compile_cron(schedule):
+    expression = schedule["cron"]
+    if not isinstance(expression, str):
+        raise ScheduleError("cron", "must be a string such as '0 9 * * 1-5'")
+    day_or = schedule.get("day_or", True)
+    if day_or is None:
+        day_or = True
+    if not isinstance(day_or, bool):
+        raise ScheduleError("day_or", f"must be true or false, got {_schedule_quote(day_or)}")
+    name, tz = _schedule_optional_zone(schedule)
+    spec = _parse_cron(expression, day_or)
+    spec["tz"] = tz
+    # Prefect 2 leaves a missing cron timezone as null (evaluated in UTC)
+    normalised = {"cron": expression, "timezone": name, "day_or": day_or}
+    return normalised, "cron", spec
+
+
+def _parse_cron(expression, day_or):
+    text = expression.strip()
+    if text.startswith("@"):
+        if text.lower() not in _CRON_MACROS:
+            supported = ", ".join(_CRON_MACROS)
+            raise ScheduleError(
+                "cron", f"unsupported macro {_schedule_quote(text)} (supported: {supported})"
+            )
+        text = _CRON_MACROS[text.lower()]
+    fields = text.upper().split()
+    if len(fields) != 5:
+        raise ScheduleError(
+            "cron",
+            f"{_schedule_quote(expression)} has {len(fields)} fields; expected 5: "
+            "minute hour day-of-month month day-of-week",
+        )
+    minutes, _ = _cron_field(fields[0], "minute", 0, 59)
+    hours, _ = _cron_field(fields[1], "hour", 0, 23)
+    days, last_day = _cron_field(fields[2], "day-of-month", 1, 31, allow_last=True)
+    months, _ = _cron_field(fields[3], "month", 1, 12, names=_CRON_MONTH_NAMES)
+    weekdays, nth = _cron_field(
+        fields[4], "day-of-week", 0, 7, names=_CRON_DAY_NAMES, allow_nth=True
+    )
+    if 7 in weekdays:  # 7 is another name for Sunday
+        weekdays = (weekdays - {7}) | {0}
+    nth = frozenset((0 if day == 7 else day, k) for day, k in nth)
+    spec = {
+        "minutes": tuple(sorted(minutes)),
+        "hours": tuple(sorted(hours)),
+        "days": frozenset(days),
+        "last_day": bool(last_day),
+        "months": frozenset(months),
+        "weekdays": frozenset(weekdays),
+        "nth": nth,
+        # croniter semantics: a field is unrestricted when it covers its whole
+        # range, so "*/1" is unrestricted but "*/2" is a restriction
+        "dom_any": len(days) == 31 and not last_day,
+        "dow_any": len(weekdays) == 7 and not nth,
+        "day_or": day_or,
+    }
+    spec["satisfiable"] = _cron_can_fire(spec)
+    return spec
+
+
+def _cron_field(text, name, low, high, names=None, allow_last=False, allow_nth=False):
+    """Values of one cron field, plus its specials ('L' flag or '#' pairs)."""
+    values, specials = set(), set()
+    for item in text.split(","):
+        if allow_last and item == "L":
+            specials.add(True)
+            continue
+        nth = _CRON_NTH.match(item) if allow_nth else None
+        if nth:
+            day = _cron_value(nth.group(1), name, low, high, names)
+            k = int(nth.group(2))
+            if not 1 <= k <= 5:
+                raise ScheduleError(
+                    "cron", f"{_schedule_quote(item)} in {name}: '#' must be 1 to 5"
+                )
+            specials.add((day, k))
+            continue
+        values |= _cron_item(item, name, low, high, names)
+    return values, specials
+
+
+def _cron_item(item, name, low, high, names):
+    match = _CRON_ITEM.match(item)
+    if not match:
+        raise ScheduleError("cron", _cron_item_problem(item, name, names))
+    star, first, last, step = match.groups()
+    if step is not None:
+        step = int(step)
+        if step == 0:
+            raise ScheduleError(
+                "cron", f"{_schedule_quote(item)} in {name}: step must be at least 1"
+            )
+    if star:
+        begin, finish = low, high
+    else:
+        begin = _cron_value(first, name, low, high, names)
+        # "5/15" means 5, 20, 35, 50 (croniter); a lone value is itself
+        finish = high if last is None and step else begin
+        if last is not None:
+            finish = _cron_value(last, name, low, high, names)
+        if begin > finish:
+            raise ScheduleError(
+                "cron", f"{_schedule_quote(item)} in {name}: range start is after its end"
+            )
+    return set(range(begin, finish + 1, step or 1))
+
+
+def _cron_value(token, name, low, high, names):
+    if token.isdigit():
+        value = int(token)
+    elif names and token in names:
+        value = names[token]
+    else:
+        raise ScheduleError("cron", _cron_item_problem(token, name, names))
+    if not low <= value <= high:
+        raise ScheduleError("cron", f"{name} value {value} is out of range {low}-{high}")
+    return value
+
+
+def _cron_item_problem(item, name, names=None):
+    # name the unsupported croniter/Quartz extension rather than just "invalid"
+    if item == "?":
+        return f"'?' in {name} is not supported; use '*'"
+    if item.startswith("H"):
+        return f"hashed expressions ('H') are not supported: {_schedule_quote(item)} in {name}"
+    if item.startswith("R"):
+        return f"random expressions ('R') are not supported: {_schedule_quote(item)} in {name}"
+    if "W" in item and name == "day-of-month":
+        return f"nearest-weekday ('W') is not supported: {_schedule_quote(item)} in {name}"
+    if "L" in item:
+        return (
+            f"'L' is only supported on its own in day-of-month: "
+            f"{_schedule_quote(item)} in {name}"
+        )
+    if "#" in item:
+        return f"'#' is only supported in day-of-week, as DAY#N: {_schedule_quote(item)} in {name}"
+    hint = f" (names allowed: {', '.join(names)})" if names else ""
+    return f"{_schedule_quote(item)} is not a valid {name} value{hint}"
+
+
+def _cron_day_matches(spec, day):
+    if spec["dom_any"] and spec["dow_any"]:
+        return True
+    dom = day.day in spec["days"] or (
+        spec["last_day"] and day.day == _days_in_month(day.year, day.month)
+    )
+    weekday = (day.weekday() + 1) % 7  # cron counts from Sunday = 0
+    dow = weekday in spec["weekdays"] or (weekday, (day.day - 1) // 7 + 1) in spec["nth"]
+    if spec["dom_any"]:
+        return dow
+    if spec["dow_any"]:
+        return dom
+    return (dom or dow) if spec["day_or"] else (dom and dow)
+
+
+def _cron_can_fire(spec):
+    """False when no date can ever match (e.g. '0 0 30 2 *'); cheap static check."""
+    if spec["dom_any"]:
+        return True
+    if spec["day_or"] and not spec["dow_any"]:
+        return True  # the weekday alone matches some day every month
+    lengths = {_days_in_month(2000, month) for month in spec["months"]}  # 2000: Feb 29
+    days = {day for day in spec["days"] if day <= max(lengths)}
+    if spec["last_day"]:
+        days |= lengths
+    if spec["dow_any"] or spec["weekdays"]:
+        return bool(days)  # every weekday falls on every day number some year
+    # only DAY#N entries: the N-th weekday falls on days 7N-6 .. 7N
+    return any((day - 1) // 7 + 1 == n for day in days for _weekday, n in spec["nth"])
+
+
+def _cron_local_times(spec, begin, last_day):
+    """Naive local times matching the spec, from `begin` through `last_day`."""
+    day = begin.date()
+    while day <= last_day:
+        if day.month not in spec["months"]:
+            day = _first_of_next_month(day)
+            continue
+        if _cron_day_matches(spec, day):
+            for hour in spec["hours"]:
+                for minute in spec["minutes"]:
+                    moment = _dt.datetime(day.year, day.month, day.day, hour, minute)
+                    if moment >= begin:
+                        yield moment
+        day += _ONE_DAY
+
+
+def _cron_fire_times(spec, start, end, limit):
+    if not spec["satisfiable"]:
+        return []
+    tz = spec["tz"]
+    begin, last_day = _schedule_search_window(start, end, tz)
+    moments = _cron_local_times(spec, begin, last_day)
+    instants = (_wall_to_instant(moment, tz) for moment in moments)
+    return _collect_fires(instants, start, end, limit)
+
+
+# --- rrule (RFC 5545 subset) ---------------------------------------------------
+
+_RRULE_FREQUENCIES = ("YEARLY", "MONTHLY", "WEEKLY", "DAILY", "HOURLY", "MINUTELY")
+_RRULE_WEEKDAYS = {"MO": 0, "TU": 1, "WE": 2, "TH": 3, "FR": 4, "SA": 5, "SU": 6}
+_RRULE_UNSUPPORTED_PARTS = ("BYSECOND", "BYWEEKNO", "BYYEARDAY", "BYEASTER")
+_RRULE_UNSUPPORTED_LINES = ("EXDATE", "RDATE", "EXRULE")
+_RRULE_MOMENT = re.compile(r"^(\d{4})(\d{2})(\d{2})(?:T(\d{2})(\d{2})(\d{2})(Z)?)?$")
+_RRULE_BYDAY = re.compile(r"^([+-]?\d{1,2})?(MO|TU|WE|TH|FR|SA|SU)$")
+_RRULE_INTEGER = re.compile(r"^[+-]?\d+$")
+
+
+def _compile_rrule(schedule):
+    text = schedule["rrule"]
+    if not isinstance(text, str) or not text.strip():
+        raise ScheduleError("rrule", "must be a non-empty RRULE string")
+    if len(text) > MAX_RRULE_LENGTH:
+        raise ScheduleError(
+            "rrule", f"is {len(text)} characters long; at most {MAX_RRULE_LENGTH} are allowed"
+        )
+    name, tz = _schedule_optional_zone(schedule)
+    rule = _parse_rrule(text, tz)
+    return {"rrule": text, "timezone": name or "UTC"}, "rrule", rule
+
+
+def _rrule_error(message):
+    return ScheduleError("rrule", message)
+
+
+def _parse_rrule(text, default_tz):
+    dtstart_line, rule_line = None, None
+    # like dateutil's rrulestr, properties may be separated by any whitespace
+    for token in text.split():
+        head, colon, value = token.partition(":")
+        if not colon:
+            head, value = "RRULE", token  # a bare "FREQ=...;..." rule
+        prop = head.split(";")[0].upper()
+        if prop == "DTSTART":
+            if dtstart_line is not None:
+                raise _rrule_error("more than one DTSTART is not supported")
+            dtstart_line = (head, value)
+        elif prop == "RRULE":
+            if rule_line is not None:
+                raise _rrule_error("more than one RRULE is not supported")
+            rule_line = value
+        elif prop in _RRULE_UNSUPPORTED_LINES:
+            raise _rrule_error(f"{prop} is not supported")
+        else:
+            raise _rrule_error(
+                f"unknown property {_schedule_quote(prop)}; expected DTSTART or RRULE"
+            )
+    if rule_line is None:
+        raise _rrule_error("no RRULE found (expected e.g. 'RRULE:FREQ=DAILY')")
+    tz, dtstart = default_tz, _dt.datetime(2020, 1, 1)
+    if dtstart_line is not None:
+        tz, dtstart = _rrule_dtstart(*dtstart_line, default_tz)
+    rule = _rrule_parts(rule_line, tz, dtstart)
+    _rrule_check_reachable(rule)
+    rule["satisfiable"] = _rrule_can_fire(rule)
+    return rule
+
+
+def _rrule_dtstart(head, value, default_tz):
+    tz = default_tz
+    for parameter in head.split(";")[1:]:
+        key, _, param_value = parameter.partition("=")
+        key = key.upper()
+        if key == "TZID":
+            tz = _schedule_zone(param_value, field="rrule", what="DTSTART TZID")
+        elif key == "VALUE" and param_value.upper() in ("DATE", "DATE-TIME"):
+            continue
+        else:
+            raise _rrule_error(f"DTSTART parameter {_schedule_quote(parameter)} is not supported")
+    moment, is_utc = _rrule_moment(value, "DTSTART")
+    if is_utc:
+        if ";TZID=" in head.upper():
+            raise _rrule_error("DTSTART cannot have both TZID and a trailing 'Z'")
+        tz = _UTC
+    return tz, moment
+
+
+def _rrule_moment(value, what):
+    match = _RRULE_MOMENT.match(value.upper())
+    if not match:
+        raise _rrule_error(
+            f"{what} {_schedule_quote(value)} must look like "
+            "20260101T090000, 20260101T090000Z or 20260101"
+        )
+    parts = [int(part) for part in match.groups()[:6] if part is not None]
+    try:
+        return _dt.datetime(*parts), match.group(7) is not None
+    except ValueError as exc:
+        raise _rrule_error(f"{what} {_schedule_quote(value)} is not a valid date: {exc}") from None
+
+
+def _rrule_parts(line, tz, dtstart):
+    parts = {}
+    for part in line.split(";"):
+        if not part:
+            continue
+        key, equals, value = part.partition("=")
+        key = key.upper()
+        if not equals or not value:
+            raise _rrule_error(f"rule part {_schedule_quote(part)} must look like NAME=VALUE")
+        if key in parts:
+            raise _rrule_error(f"{key} is given more than once")
+        parts[key] = value.upper()
+    for key in parts:
+        if key in _RRULE_UNSUPPORTED_PARTS:
+            raise _rrule_error(f"{key} is not supported")
+        if key not in _RRULE_READERS:
+            raise _rrule_error(f"unknown rule part {_schedule_quote(key)}")
+    if "FREQ" not in parts:
+        raise _rrule_error("FREQ is required (e.g. FREQ=DAILY)")
+    freq = parts["FREQ"]
+    if freq == "SECONDLY":
+        raise _rrule_error("FREQ=SECONDLY is not supported")
+    if freq not in _RRULE_FREQUENCIES:
+        choices = ", ".join(_RRULE_FREQUENCIES)
+        raise _rrule_error(f"FREQ={freq} is not valid (use one of {choices})")
+    if "COUNT" in parts and "UNTIL" in parts:
+        raise _rrule_error("COUNT and UNTIL cannot both be given")
+    rule = {"tz": tz, "dtstart": dtstart, "freq": freq}
+    for key, read in _RRULE_READERS.items():
+        if key != "FREQ":
+            rule[key.lower()] = read(parts[key], rule) if key in parts else None
+    _rrule_defaults(rule)
+    return rule
+
+
+def _rrule_int_list(value, key, low, high, allow_negative=False):
+    numbers = []
+    for item in value.split(","):
+        if not _RRULE_INTEGER.match(item):
+            raise _rrule_error(f"{key} value {_schedule_quote(item)} is not an integer")
+        number = int(item)
+        if not (low <= abs(number) <= high if allow_negative else low <= number <= high):
+            bounds = f"±{low}..{high}" if allow_negative else f"{low}..{high}"
+            raise _rrule_error(f"{key} value {number} is out of range {bounds}")
+        numbers.append(number)
+    return numbers
+
+
+def _rrule_read_positive(key):
+    def read(value, _rule):
+        number = _rrule_int_list(value, key, 1, 10**9)
+        if len(number) != 1:
+            raise _rrule_error(f"{key} takes a single integer")
+        return number[0]
+    return read
+
+
+def _rrule_read_until(value, rule):
+    # inclusive; a bare date means its midnight (dateutil); without 'Z' it is
+    # wall-clock time in the rule's timezone, like DTSTART
+    moment, is_utc = _rrule_moment(value, "UNTIL")
+    if is_utc:
+        return moment.replace(tzinfo=_UTC)
+    return _wall_to_instant(moment, rule["tz"])
+
+
+def _rrule_read_byday(value, rule):
+    plain, nth = set(), set()
+    for item in value.split(","):
+        match = _RRULE_BYDAY.match(item)
+        if not match:
+            raise _rrule_error(f"BYDAY value {_schedule_quote(item)} is not like MO, 1MO or -1FR")
+        ordinal, weekday = match.group(1), _RRULE_WEEKDAYS[match.group(2)]
+        if ordinal is None:
+            plain.add(weekday)
+            continue
+        if rule["freq"] not in ("MONTHLY", "YEARLY"):
+            raise _rrule_error(
+                f"BYDAY ordinal {_schedule_quote(item)} is only supported "
+                "with FREQ=MONTHLY or YEARLY"
+            )
+        nth.add((int(ordinal), weekday))
+    if plain and nth:
+        # RFC 5545 would take the union, but dateutil (so Prefect) requires
+        # both; rather than pick one silently, refuse the mix
+        raise _rrule_error(
+            f"BYDAY={value} mixes weekdays with and without ordinals; use separate schedules"
+        )
+    return frozenset(plain), frozenset(nth)
+
+
+def _rrule_read_wkst(value, _rule):
+    if value not in _RRULE_WEEKDAYS:
+        raise _rrule_error(f"WKST value {_schedule_quote(value)} is not a weekday code like MO")
+    return _RRULE_WEEKDAYS[value]
+
+
+_RRULE_READERS = {
+    "FREQ": None,
+    "INTERVAL": _rrule_read_positive("INTERVAL"),
+    "COUNT": _rrule_read_positive("COUNT"),
+    "UNTIL": _rrule_read_until,
+    "BYMONTH": lambda value, _rule: frozenset(_rrule_int_list(value, "BYMONTH", 1, 12)),
+    "BYMONTHDAY": lambda value, _rule: frozenset(
+        _rrule_int_list(value, "BYMONTHDAY", 1, 31, allow_negative=True)),
+    "BYDAY": _rrule_read_byday,
+    "BYHOUR": lambda value, _rule: tuple(sorted(set(_rrule_int_list(value, "BYHOUR", 0, 23)))),
+    "BYMINUTE": lambda value, _rule: tuple(sorted(set(_rrule_int_list(value, "BYMINUTE", 0, 59)))),
+    "BYSETPOS": lambda value, _rule: tuple(
+        _rrule_int_list(value, "BYSETPOS", 1, 366, allow_negative=True)),
+    "WKST": _rrule_read_wkst,
+}
+
+
+def _rrule_defaults(rule):
+    # dateutil/RFC 5545: parts the rule leaves out come from DTSTART
+    start, freq = rule["dtstart"], rule["freq"]
+    rule["interval"] = rule["interval"] or 1
+    rule["wkst"] = 0 if rule["wkst"] is None else rule["wkst"]
+    if not (rule["bymonthday"] or rule["byday"]):
+        if freq == "YEARLY":
+            rule["bymonth"] = rule["bymonth"] or frozenset([start.month])
+            rule["bymonthday"] = frozenset([start.day])
+        elif freq == "MONTHLY":
+            rule["bymonthday"] = frozenset([start.day])
+        elif freq == "WEEKLY":
+            rule["byday"] = (frozenset([start.weekday()]), frozenset())
+    # ordinals count within the month, or within the year for a YEARLY rule
+    # without BYMONTH ("20MO" = the 20th Monday of the year)
+    rule["ordinal_scope"] = "year" if freq == "YEARLY" and not rule["bymonth"] else "month"
+    limit = 53 if rule["ordinal_scope"] == "year" else 5
+    for ordinal, _weekday in (rule["byday"] or ((), ()))[1]:
+        if not 1 <= abs(ordinal) <= limit:
+            raise _rrule_error(
+                f"BYDAY ordinal {ordinal} is out of range ±1..{limit}"
+                f" within a {rule['ordinal_scope']}"
+            )
+    sub_daily = freq in ("HOURLY", "MINUTELY")
+    if rule["byhour"] is None and not sub_daily:
+        rule["byhour"] = (start.hour,)
+    if rule["byminute"] is None and freq != "MINUTELY":
+        rule["byminute"] = (start.minute,)
+
+
+def _rrule_monthday_fits(monthday, month):
+    return abs(monthday) <= _days_in_month(2000, month)  # 2000: February has 29
+
+
+def _rrule_check_reachable(rule):
+    # dateutil (so Prefect) rejects an HOURLY/MINUTELY rule whose BYHOUR or
+    # BYMINUTE values are never reached from DTSTART at this INTERVAL
+    start, step, freq = rule["dtstart"], rule["interval"], rule["freq"]
+    if freq == "HOURLY":
+        key, values, origin, base = "BYHOUR", rule["byhour"], start.hour, 24
+    elif freq == "MINUTELY":
+        key, values, origin, base = "BYMINUTE", rule["byminute"], start.minute, 60
+    else:
+        return
+    reach = math.gcd(step, base)
+    if values and not any((value - origin) % reach == 0 for value in values):
+        raise _rrule_error(
+            f"{key} is never reached: FREQ={freq};INTERVAL={step} from DTSTART "
+            f"only gives values {origin % reach} + multiples of {reach}"
+        )
+
+
+def _rrule_can_fire(rule):
+    """False when the rule can never produce a time (cheap static checks)."""
+    start, step, freq = rule["dtstart"], rule["interval"], rule["freq"]
+    months = rule["bymonth"] or range(1, 13)
+    if rule["bymonthday"] and not any(
+        _rrule_monthday_fits(day, month) for month in months for day in rule["bymonthday"]
+    ):
+        return False  # e.g. February 30th
+    if rule["bysetpos"] and min(abs(p) for p in rule["bysetpos"]) > _rrule_largest_period(rule):
+        return False  # e.g. BYSETPOS=2 with FREQ=DAILY and one time a day
+    if freq == "MONTHLY" and rule["bymonth"]:
+        reach = math.gcd(step, 12)  # months reachable from DTSTART's month
+        if not any((month - start.month) % reach == 0 for month in rule["bymonth"]):
+            return False
+    if freq == "DAILY" and rule["byday"] and step % 7 == 0:
+        if start.weekday() not in rule["byday"][0]:
+            return False
+    if freq == "MINUTELY":
+        reach = math.gcd(step, 1440)  # minutes of the day reachable
+        hours = rule["byhour"] or range(24)
+        minutes = rule["byminute"] or range(60)
+        origin = start.hour * 60 + start.minute
+        if not any((h * 60 + m - origin) % reach == 0 for h in hours for m in minutes):
+            return False
+    return True
+
+
+def _rrule_largest_period(rule):
+    """Most occurrences one period can hold, for the BYSETPOS check."""
+    freq = rule["freq"]
+    months = len(rule["bymonth"] or range(12)) if freq == "YEARLY" else 1
+    if freq in ("DAILY", "HOURLY", "MINUTELY"):
+        days = 1
+    elif rule["byday"]:
+        plain, nth = rule["byday"]
+        if freq == "WEEKLY":
+            days = len(plain)
+        elif rule["ordinal_scope"] == "year":
+            days = 53 * len(plain) + len(nth)
+        else:
+            days = months * (5 * len(plain) + len(nth))
+    else:
+        days = {"WEEKLY": 7, "MONTHLY": 31, "YEARLY": 366}[freq]
+    if rule["bymonthday"] and freq != "DAILY":
+        days = min(days, months * len(rule["bymonthday"]))
+    hours = len(rule["byhour"]) if freq not in ("HOURLY", "MINUTELY") else 1
+    minutes = len(rule["byminute"]) if freq != "MINUTELY" else 1
+    return days * hours * minutes
+
+
+def _rrule_day_matches(rule, day):
+    if rule["bymonth"] and day.month not in rule["bymonth"]:
+        return False
+    length = _days_in_month(day.year, day.month)
+    monthdays = rule["bymonthday"]
+    if monthdays and day.day not in monthdays and day.day - length - 1 not in monthdays:
+        return False
+    if not rule["byday"]:
+        return True
+    plain, nth = rule["byday"]
+    weekday = day.weekday()
+    if weekday in plain:
+        return True
+    if not nth:
+        return False
+    if rule["ordinal_scope"] == "month":
+        position, remaining = day.day, length - day.day
+    else:
+        position = day.timetuple().tm_yday
+        remaining = (366 if calendar.isleap(day.year) else 365) - position
+    return ((position - 1) // 7 + 1, weekday) in nth or (-(remaining // 7 + 1), weekday) in nth
+
+
+# A period is one FREQ unit (a year, month, week, day, hour or minute), numbered
+# so that consecutive units differ by one; INTERVAL=n keeps every n-th unit.
+
+def _rrule_unit_of(rule, moment):
+    freq = rule["freq"]
+    if freq == "YEARLY":
+        return moment.year
+    if freq == "MONTHLY":
+        return moment.year * 12 + moment.month - 1
+    ordinal = moment.toordinal()
+    if freq == "WEEKLY":
+        return (ordinal - 1 - rule["wkst"]) // 7  # ordinal 1 is a Monday
+    if freq == "DAILY":
+        return ordinal
+    if freq == "HOURLY":
+        return ordinal * 24 + moment.hour
+    return (ordinal * 24 + moment.hour) * 60 + moment.minute
+
+
+def _rrule_unit_start(rule, unit):
+    freq = rule["freq"]
+    if freq == "YEARLY":
+        return _dt.datetime(unit, 1, 1)
+    if freq == "MONTHLY":
+        return _dt.datetime(unit // 12, unit % 12 + 1, 1)
+    if freq == "WEEKLY":
+        return _dt.datetime.fromordinal(unit * 7 + 1 + rule["wkst"])
+    if freq == "DAILY":
+        return _dt.datetime.fromordinal(unit)
+    if freq == "HOURLY":
+        return _dt.datetime.fromordinal(unit // 24) + _dt.timedelta(hours=unit % 24)
+    return _dt.datetime.fromordinal(unit // 1440) + _dt.timedelta(minutes=unit % 1440)
+
+
+def _rrule_period_days(rule, begin):
+    """Dates of a YEARLY/MONTHLY/WEEKLY/DAILY period that pass the day rules."""
+    freq = rule["freq"]
+    if freq == "DAILY":
+        candidates = [begin.date()]
+    elif freq == "WEEKLY":
+        # like dateutil, the first week only holds the days from DTSTART on,
+        # which matters for BYSETPOS
+        first = max(begin.date(), rule["dtstart"].date())
+        candidates = [first + _dt.timedelta(days=i) for i in range((begin.date() - first).days + 7)]
+    else:
+        months = [begin.month] if freq == "MONTHLY" else sorted(rule["bymonth"] or range(1, 13))
+        candidates = [
+            day for month in months for day in _rrule_month_candidates(rule, begin.year, month)
+        ]
+    return [day for day in candidates if _rrule_day_matches(rule, day)]
+
+
+def _rrule_month_candidates(rule, year, month):
+    length = _days_in_month(year, month)
+    if rule["bymonthday"]:
+        # only the named days, not all ~30 of them (BYDAY then filters them)
+        days = {d if d > 0 else length + 1 + d for d in rule["bymonthday"]}
+        return [_dt.date(year, month, d) for d in sorted(days) if 1 <= d <= length]
+    return [_dt.date(year, month, d) for d in range(1, length + 1)]
+
+
+def _rrule_period_times(rule, begin):
+    """Sorted naive occurrences of the period starting at `begin`, BYSETPOS applied."""
+    freq, second = rule["freq"], rule["dtstart"].second
+    if freq == "HOURLY":
+        if rule["byhour"] and begin.hour not in rule["byhour"]:
+            return []
+        times = [begin.replace(minute=m, second=second) for m in rule["byminute"]]
+    elif freq == "MINUTELY":
+        if rule["byminute"] and begin.minute not in rule["byminute"]:
+            return []
+        times = [begin.replace(second=second)]
+    else:
+        times = [
+            _naive_at(day, hour, minute, second)
+            for day in _rrule_period_days(rule, begin)
+            for hour in rule["byhour"]
+            for minute in rule["byminute"]
+        ]
+    if rule["bysetpos"] and times:
+        count = len(times)
+        picked = {times[p - 1 if p > 0 else p] for p in rule["bysetpos"] if abs(p) <= count}
+        times = sorted(picked)
+    return times
+
+
+def _rrule_skip_target(rule, begin):
+    """For day-or-finer periods, where to jump when `begin` cannot match, else None."""
+    if rule["freq"] not in ("DAILY", "HOURLY", "MINUTELY"):
+        return None
+    day = begin.date()
+    if rule["bymonth"] and day.month not in rule["bymonth"]:
+        return _naive_at(_first_of_next_month(day))
+    if rule["freq"] != "DAILY" and not _rrule_day_matches(rule, day):
+        return _naive_at(day + _ONE_DAY)
+    if rule["freq"] == "MINUTELY" and rule["byhour"] and begin.hour not in rule["byhour"]:
+        return begin.replace(minute=0) + _dt.timedelta(hours=1)
+    return None
+
+
+def _rrule_local_times(rule, begin, last_day):
+    """Naive local occurrences (>= DTSTART, COUNT applied) from the period of `begin`."""
+    origin, step, count = _rrule_unit_of(rule, rule["dtstart"]), rule["interval"], rule["count"]
+
+    def first_period_from(moment):
+        return -(-(_rrule_unit_of(rule, moment) - origin) // step)
+
+    k = 0
+    if count is None and begin > rule["dtstart"]:
+        # COUNT counts from DTSTART, so only a rule without it may jump ahead
+        k = first_period_from(begin)
+    emitted = 0
+    per_day = {}  # HOURLY/MINUTELY: occurrences in a whole day, by phase
+    while True:
+        try:
+            period = _rrule_unit_start(rule, origin + k * step)
+        except (ValueError, OverflowError):
+            return  # past year 9999
+        if period.date() > last_day:
+            return
+        target = _rrule_skip_target(rule, period)
+        if target is not None:
+            k = max(k + 1, first_period_from(target))
+            continue
+        if count is not None and _rrule_countable_day(rule, period, begin, origin + k * step):
+            # a whole day before the search: count it in one step, so a
+            # large COUNT with an old DTSTART does not walk every minute
+            whole = _rrule_whole_day_count(rule, period, per_day)
+            if emitted + whole < count:
+                emitted += whole
+                k = first_period_from(_naive_at(period.date() + _ONE_DAY))
+                continue
+        for moment in _rrule_period_times(rule, period):
+            if moment < rule["dtstart"]:
+                continue
+            yield moment
+            emitted += 1
+            if count is not None and emitted >= count:
+                return
+        k += 1
+
+
+def _rrule_countable_day(rule, period, begin, unit):
+    """True for the first HOURLY/MINUTELY period of a day wholly between DTSTART and `begin`."""
+    if rule["freq"] not in ("HOURLY", "MINUTELY"):
+        return False
+    day = period.date()
+    if not rule["dtstart"].date() < day < begin.date():
+        return False
+    return unit - rule["interval"] < _rrule_unit_of(rule, _naive_at(day))
+
+
+def _rrule_whole_day_count(rule, period, cache):
+    # within a day that passes the date rules, the occurrences depend only on
+    # where the INTERVAL grid starts in the day
+    midnight = _naive_at(period.date())
+    phase = _rrule_unit_of(rule, period) - _rrule_unit_of(rule, midnight)
+    if phase not in cache:
+        unit = _dt.timedelta(hours=1) if rule["freq"] == "HOURLY" else _dt.timedelta(minutes=1)
+        units_per_day = _ONE_DAY // unit
+        total = 0
+        for offset in range(phase, units_per_day, rule["interval"]):
+            moment = midnight + unit * offset
+            if _rrule_skip_target(rule, moment) is None:
+                total += len(_rrule_period_times(rule, moment))
+        cache[phase] = total
+    return cache[phase]
+
+
+def _rrule_fire_times(rule, start, end, limit):
+    if not rule["satisfiable"]:
+        return []
+    tz, until = rule["tz"], rule["until"]
+    begin, last_day = _schedule_search_window(start, end, tz, earliest=rule["dtstart"])
+    if until is not None:
+        until_day = _wall_clock(min(until, _SCHEDULE_END), tz).date()
+        last_day = min(last_day, until_day + _dt.timedelta(days=2))
+
+    def instants():
+        for moment in _rrule_local_times(rule, begin, last_day):
+            instant = _wall_to_instant(moment, tz)
+            if until is not None and instant > until:
+                return
+            yield instant
+
+    return _collect_fires(instants(), start, end, limit)
+
+
+_SCHEDULE_COMPILERS = {
+    "interval": _compile_interval,
+    "cron": _compile_cron,
+    "rrule": _compile_rrule,
+}
+_SCHEDULE_FIRE_TIMES = {
+    "interval": _interval_fire_times,
+    "cron": _cron_fire_times,
+    "rrule": _rrule_fire_times,
+}
+
+
 # Deployments
 
 DeploymentScheduleCreate = Schema("DeploymentScheduleCreate", {
@@ -3106,13 +4181,12 @@ ScheduledRunsForDeployments = Schema("Body_get_scheduled_flow_runs_for_deploymen
     "limit": Field("int", minimum=0),
 })
 
-SCHEDULE_VALIDATORS: list = []  # functions(schedule) -> normalised schedule; raise ValidationFailed
-
-
 def normalise_schedule(schedule: dict, loc) -> dict:
-    for validate in SCHEDULE_VALIDATORS:
-        schedule = validate(schedule, loc)
-    return schedule
+    """A schedule as stored and returned; anything invalid or unsupported is a 422 that says so."""
+    try:
+        return validate_schedule(schedule)
+    except ScheduleError as exc:
+        raise ValidationFailed([_error((*loc, exc.field), exc.message, "value_error.schedule")]) from None
 
 
 def deployment_out(tx, row) -> dict:
