@@ -12,15 +12,19 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
   4. Schemas         -- declarative body schemas: validation, defaults, 422 details, OpenAPI
   5. Records         -- rows <-> API objects, the filter language, sorting
   6. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
-  7. Domain          -- flows, flow runs, task runs, logs, deployments, blocks, variables, ...
-  8. HTTP API        -- the route table, the handlers, the one place that turns errors into HTTP
-  9. Server          -- the bounded-pool HTTP server, static files, ``serve()`` for embedding
- 10. CLI             -- start, config, profile, database, version
- 11. Main
+  7. Domain          -- flows, runs, logs, blocks, variables, artifacts, limits, work pools, schedules,
+                        deployments, notifications (destinations, queue, senders), retention
+  8. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
+                        clean-up, notification sender, retention
+  9. HTTP API        -- the handlers, metrics, the route table, the one place that turns errors into HTTP
+ 10. Server          -- the bounded-pool HTTP/1.1 server, access control, static UI, ``serve()``
+ 11. CLI             -- start, config, profile, database, deployment, flow-run, work-pool, notification
+ 12. Main
 """
 
 from __future__ import annotations
 
+import argparse
 import base64
 import calendar
 import contextlib
@@ -3135,7 +3139,7 @@ def next_fire_times(schedule, start, end=None, n=None):
     return _SCHEDULE_FIRE_TIMES[kind](compiled, start, end, limit)
 
 
-# --- shared helpers ---------------------------------------------------------
+# Schedules, shared helpers.
 
 def _schedule_utc(moment, name):
     if not isinstance(moment, _dt.datetime) or moment.utcoffset() is None:
@@ -3261,7 +3265,7 @@ def _naive_at(day, hour=0, minute=0, second=0):
     return _dt.datetime(day.year, day.month, day.day, hour, minute, second)
 
 
-# --- dispatch ---------------------------------------------------------------
+# Schedules, dispatch.
 
 _SCHEDULE_KEYS = {
     "interval": ("interval", "anchor_date", "timezone"),
@@ -3292,7 +3296,7 @@ def _compile_schedule(schedule):
     return _SCHEDULE_COMPILERS[kind](schedule)
 
 
-# --- interval ---------------------------------------------------------------
+# Schedules, interval.
 
 def _compile_interval(schedule):
     step = _interval_step(schedule["interval"])
@@ -3389,7 +3393,7 @@ def _interval_wall_clock_steps(anchor, step, tz, start):
         k += 1
 
 
-# --- cron ---------------------------------------------------------------------
+# Schedules, cron.
 
 _CRON_MACROS = {
     "@yearly": "0 0 1 1 *",
@@ -3606,7 +3610,7 @@ def _cron_fire_times(spec, start, end, limit):
     return _collect_fires(instants, start, end, limit)
 
 
-# --- rrule (RFC 5545 subset) ---------------------------------------------------
+# Schedules, rrule (RFC 5545 subset).
 
 _RRULE_FREQUENCIES = ("YEARLY", "MONTHLY", "WEEKLY", "DAILY", "HOURLY", "MINUTELY")
 _RRULE_WEEKDAYS = {"MO": 0, "TU": 1, "WE": 2, "TH": 3, "FR": 4, "SA": 5, "SU": 6}
@@ -5035,7 +5039,7 @@ def build_services(app) -> list[Service]:
     return services
 
 
-# --- 8. HTTP API ---
+# --- 9. HTTP API ---
 # Owns the route table (METHOD, path pattern, handler), request parsing, access control (basic auth,
 # CSRF, CORS) and the one place that turns exceptions into HTTP errors. Handlers are small: they
 # validate, open one transaction, call the domain, and return (status, payload).
@@ -6589,7 +6593,7 @@ META_ROUTES = [
 ]
 
 
-# --- 9. Server ---
+# --- 10. Server ---
 # Owns the process side: the App (settings + database + services), the HTTP/1.1 keep-alive server
 # with a bounded pool of worker threads, access control, static UI files, and serve() for embedding.
 
@@ -7021,12 +7025,9 @@ def serve(database: str | None = None, host: str = "127.0.0.1", port: int = 0, *
         running.stop()
 
 
-# --- 10. CLI ---
+# --- 11. CLI ---
 # Owns the command line: `start` (also `server start`), `config`, `profile`, `database`, `version`.
 # Every failure a person can cause is one line on stderr and a non-zero exit, never a traceback.
-
-import argparse  # noqa: E402 - only the CLI needs it
-
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -7542,7 +7543,7 @@ def run_cli(argv: list[str], out=None) -> int:
         return 130
 
 
-# --- 11. Main ---
+# --- 12. Main ---
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(sys.argv[1:] if argv is None else argv)
