@@ -696,6 +696,10 @@ class SqliteDatabase(Database):
                 with contextlib.suppress(Exception):
                     conn.close()
             self._all.clear()
+        lock_file = getattr(self, "_lock_file", None)
+        if lock_file is not None:  # releases the shared lock: `database restore` may now proceed
+            lock_file.close()
+            self._lock_file = None
 
 
 class PostgresDatabase(Database):
@@ -6838,50 +6842,53 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         return data
 
     def _handle(self):
+        """Answer one request: every response carries a request id and gets one access-log line."""
         app = self.server.app
         started = time.perf_counter()
         given = self.headers.get("X-Request-ID") or ""
         request_id = given if re.fullmatch(r"[\w.-]{1,64}", given) else uuid.uuid4().hex[:16]
         REQUEST_ID.set(request_id)
-        extra = {**cors_headers(app.settings, self.headers.get("Origin")), "X-Request-ID": request_id}
+        path = urllib.parse.urlsplit(self.path).path
+        try:
+            extra = {**cors_headers(app.settings, self.headers.get("Origin")), "X-Request-ID": request_id}
+            status, payload, headers = self._respond(app)
+            if app.stopping.is_set():
+                self.close_connection = True
+            self._send(status, payload, {**extra, **headers})
+            log.info("%s %s %d %.1fms", self.command, path, status, (time.perf_counter() - started) * 1000)
+        finally:
+            REQUEST_ID.set(None)
+
+    def _respond(self, app) -> tuple[int, object, dict]:
         split = urllib.parse.urlsplit(self.path)
         path = split.path
         try:
             raw = self._read_body()
         except HTTPError as exc:
             self.close_connection = True
-            self._send(exc.status, {"detail": exc.detail}, extra)
-            return
+            return exc.status, {"detail": exc.detail}, {}
         except (ValueError, OSError):
             self.close_connection = True
-            self._send(400, {"detail": "Malformed or too slow request body"}, extra)
-            return
+            return 400, {"detail": "Malformed or too slow request body"}, {}
         finally:
             self.connection.settimeout(app.settings["PREFECT_SERVER_KEEPALIVE_TIMEOUT"])
         if self.command == "OPTIONS":
-            self._send(204, NO_CONTENT, extra)
-            return
+            return 204, NO_CONTENT, {}
         if path not in _AUTH_EXEMPT and not check_basic_auth(app.settings, self.headers.get("Authorization")):
-            self._send(401, {"detail": "Unauthorized"}, {**extra, "WWW-Authenticate": 'Basic realm="prefectlite"'})
-            return
+            return 401, {"detail": "Unauthorized"}, {"WWW-Authenticate": 'Basic realm="prefectlite"'}
         if path == "/api" or path.startswith("/api/"):
             query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
             req = Request(app, "GET" if self.command == "HEAD" else self.command, path[4:] or "/", query,
                           self.headers, raw)
-            status, payload, headers = handle_api_request(app, req)
-        elif self.command in ("GET", "HEAD"):
-            status, payload, headers = static_file(app, path)
-            if payload is None:
-                payload = {"detail": "Not Found"}
-            elif headers.get("ETag") and self.headers.get("If-None-Match") == headers["ETag"]:
-                status, payload = 304, NO_CONTENT
-        else:
-            status, payload, headers = 405, {"detail": "Method Not Allowed"}, {}
-        if app.stopping.is_set():
-            self.close_connection = True
-        self._send(status, payload, {**extra, **headers})
-        log.info("%s %s %d %.1fms", self.command, path, status, (time.perf_counter() - started) * 1000)
-        REQUEST_ID.set(None)
+            return handle_api_request(app, req)
+        if self.command not in ("GET", "HEAD"):
+            return 405, {"detail": "Method Not Allowed"}, {}
+        status, payload, headers = static_file(app, path)
+        if payload is None:
+            return status, {"detail": "Not Found"}, headers
+        if headers.get("ETag") and self.headers.get("If-None-Match") == headers["ETag"]:
+            return 304, NO_CONTENT, headers
+        return status, payload, headers
 
     def _send(self, status, payload, headers):
         if payload is NO_CONTENT or status in (204, 304):
