@@ -54,7 +54,9 @@ import sys
 import threading
 import time
 import tomllib
+import urllib.error
 import urllib.parse
+import urllib.request
 import uuid
 import zoneinfo
 from pathlib import Path
@@ -1420,7 +1422,7 @@ _DEFAULT_SORT = {"flow_run": "ID_DESC", "task_run": "ID_DESC", "flow": "NAME_ASC
                  "block_document": "NAME_ASC"}
 _FILTER_KEYS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues",
                 "work_queues", "logs", "artifacts", "variables", "block_types", "block_schemas",
-                "block_documents", "flow_run_notification_policy", "saved_searches", "concurrency_limits")
+                "block_documents", "flow_run_notification_policy_filter", "saved_searches", "concurrency_limits")
 
 
 def filter_body_schema(table: str, filters: tuple) -> Schema:
@@ -1639,7 +1641,7 @@ FILTERS = {
                                        "block_capabilities": _filter_block_capabilities}),
     "block_documents": ("block_document", {"id": "id", "name": "name", "is_anonymous": "is_anonymous",
                                            "block_type_id": "block_type_id"}),
-    "flow_run_notification_policy": ("flow_run_notification_policy", {"is_active": "is_active"}),
+    "flow_run_notification_policy_filter": ("flow_run_notification_policy", {"is_active": "is_active"}),
     "saved_searches": ("saved_search", {"id": "id", "name": "name"}),
     "concurrency_limits": ("concurrency_limit_v2", {"id": "id", "name": "name"}),
 }
@@ -4509,7 +4511,7 @@ def enqueue_notifications(tx, kind: str, run: dict, state: dict):
     for policy in policies:
         names = json.loads(policy["state_names"])
         wanted_tags = set(json.loads(policy["tags"]))
-        if state["name"] not in names and state["type"] not in {n.upper() for n in names}:
+        if state["name"] not in names:  # names, not types: a "Late" run is not "Scheduled" here
             continue
         if wanted_tags and not wanted_tags & tags:
             continue
@@ -4570,7 +4572,7 @@ def _http_send(method: str, url: str, timeout: float, json_body=None, form=None,
         headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
     headers.setdefault("User-Agent", f"prefectlite/{__version__}")
     if not url.lower().startswith(("http://", "https://")):
-        raise NotificationFailed(f"not an http(s) URL: {mask_url_password(url)[:80]}")
+        raise NotificationFailed("the URL does not start with http:// or https://")  # the URL itself may be secret
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     host = urllib.parse.urlsplit(url).hostname
     try:
@@ -4828,11 +4830,14 @@ class Service:
                 log.exception("%s: pass failed", self.name)
             self.passes += 1
             self.last_pass_at = time.monotonic()
-            self._wake.wait(self.interval)
+            self._wake.wait(self._next_wait())
             self._wake.clear()
 
     def run_once(self):
         raise NotImplementedError
+
+    def _next_wait(self) -> float:
+        return self.interval
 
 
 def _schedule_idempotency_key(deployment_id: str, schedule_id: str, moment: str) -> str:
@@ -4960,6 +4965,18 @@ class NotificationSender(Service):
 
     name = "notifications"
     lease_seconds = 120.0
+
+    def _next_wait(self) -> float:
+        """Sleep until the next retry is due (or the loop interval), not a fixed poll."""
+        try:
+            with self.app.db.read() as tx:
+                due = tx.scalar("SELECT MIN(next_attempt_at) FROM flow_run_notification_queue "
+                                "WHERE status IN ('PENDING', 'SENDING')")
+        except DatabaseError:
+            return self.interval
+        if due is None:
+            return self.interval
+        return min(self.interval, max((from_iso(due) - utcnow()).total_seconds(), 0.01))
 
     def run_once(self):
         while not self._stop.is_set():
@@ -6178,7 +6195,7 @@ def delete_notification_policy(app, req):
 
 read_notification_policies_filtered, _count_policies = _filter_handler(
     "flow_run_notification_policy", lambda r: decode_row("flow_run_notification_policy", r),
-    ("flow_run_notification_policy",))
+    ("flow_run_notification_policy_filter",))
 
 
 def send_test_notification(app, req):
@@ -7008,11 +7025,12 @@ def start_server(settings: Settings, host: str | None = None, port: int | None =
             raise ConfigurationError(f"port {port} on {host} is already in use") from None
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     app.db.hold_server_lock()
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="prefectlite-accept",
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="prefectlite-accept",
                               daemon=True)
     thread.start()
+    running = RunningServer(app, httpd, thread)  # knows our URL before a service renders a link with it
     app.start_services()
-    return RunningServer(app, httpd, thread)
+    return running
 
 
 @contextlib.contextmanager
