@@ -62,8 +62,8 @@ import zoneinfo
 from pathlib import Path
 
 __version__ = "0.1.0"
-API_VERSION = "0.8.4"  # the Prefect 2.20 server's API version; the 2.20 client checks its major part
-PREFECT_SERVER_VERSION = "2.20.27"
+API_VERSION = "0.8.4"  # the API version Prefect 2.20 clients send in X-PREFECT-API-VERSION
+PREFECT_SERVER_VERSION = "2.20.27"  # what /admin/version reports: the Prefect 2 server release we emulate
 
 __all__ = [
     "serve",
@@ -5175,7 +5175,8 @@ def read_server_version(app, req):
 
 
 def read_api_version(app, req):
-    return 200, API_VERSION
+    """The Prefect server version this server stands in for: the SDK compares its major part with its own."""
+    return 200, PREFECT_SERVER_VERSION
 
 
 def read_admin_settings(app, req):
