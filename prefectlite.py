@@ -437,6 +437,8 @@ class Database:
     skip_locked = ""  # claim rows another transaction holds? skip them
     json_array_contains = ""  # SQL for "JSON array column {col} contains the value ?"
     migration_lock = ""  # statement that serialises migrations across processes
+    seconds_between = ""  # SQL for the seconds from timestamp text {b} to {a}
+    floor = ""  # SQL for the integer floor of a non-negative number {x}
 
     def __init__(self, url: str, settings: Settings | None = None):
         self.url = url
@@ -459,6 +461,8 @@ class Database:
 class SqliteDatabase(Database):
     dialect = "sqlite"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
+    seconds_between = "((julianday({a}) - julianday({b})) * 86400.0)"
+    floor = "CAST({x} AS INTEGER)"  # truncation is the floor for the non-negative values we pass
     json_array_contains = "EXISTS (SELECT 1 FROM json_each({col}) WHERE json_each.value = ?)"
     min_version = (3, 24, 0)
 
@@ -707,6 +711,8 @@ class SqliteDatabase(Database):
 class PostgresDatabase(Database):
     dialect = "postgresql"
     ilike = "ILIKE"
+    seconds_between = "EXTRACT(EPOCH FROM (({a})::timestamptz - ({b})::timestamptz))"
+    floor = "CAST(FLOOR({x}) AS INTEGER)"
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
     json_array_contains = "jsonb_exists(({col})::jsonb, ?)"  # jsonb_exists: the `?` operator, spelled safely
@@ -2500,31 +2506,33 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
         raise ValidationFailed([_error(("body", "history_interval_seconds"),
                                        "too many buckets (at most 500); use a larger interval", "value_error")])
     where, params = build_where(tx, table, body)
+    db, t = tx.db, table
+    # Bucketing and sums happen in the database: one row per (bucket, state), not one per run.
+    offset = db.seconds_between.format(a=f"{t}.expected_start_time", b="?")
+    lateness = db.seconds_between.format(a=f"{t}.start_time", b=f"{t}.expected_start_time")
     rows = tx.query(
-        f"SELECT {table}.expected_start_time AS t, {table}.state_type AS state_type, {table}.state_name AS state_name, "
-        f"{table}.total_run_time AS run_time, {table}.start_time AS start_time "
-        f"FROM {table} WHERE {where} AND {table}.expected_start_time >= ? AND {table}.expected_start_time < ?",
-        (*params, iso(start), iso(end)),
+        f"SELECT {db.floor.format(x=f'({offset}) / ?')} AS bucket, {t}.state_type AS state_type, "
+        f"{t}.state_name AS state_name, COUNT(*) AS n, SUM({t}.total_run_time) AS run_time, "
+        f"SUM(CASE WHEN {t}.start_time > {t}.expected_start_time THEN {lateness} ELSE 0 END) AS lateness "
+        f"FROM {t} WHERE {where} AND {t}.expected_start_time >= ? AND {t}.expected_start_time < ? "
+        f"GROUP BY 1, {t}.state_type, {t}.state_name",
+        (iso(start), step, *params, iso(start), iso(end)),
     )
     buckets = []
     moment = start
     while moment < end:
         buckets.append({"interval_start": iso(moment), "interval_end": iso(min(moment + _dt.timedelta(seconds=step), end)),
-                        "states": {}})
+                        "states": []})
         moment += _dt.timedelta(seconds=step)
     for row in rows:
-        index = int((from_iso(row["t"]) - start).total_seconds() // step)
-        if not 0 <= index < len(buckets):
-            continue
-        key = (row["state_type"], row["state_name"])
-        entry = buckets[index]["states"].setdefault(key, {"state_type": row["state_type"], "state_name": row["state_name"],
-                                                           "count_runs": 0, "sum_estimated_run_time": 0.0,
-                                                           "sum_estimated_lateness": 0.0})
-        entry["count_runs"] += 1
-        entry["sum_estimated_run_time"] += row["run_time"] or 0.0
-        entry["sum_estimated_lateness"] += max(_seconds_between(row["start_time"], row["t"]), 0.0)
+        index = int(row["bucket"])
+        if 0 <= index < len(buckets):
+            buckets[index]["states"].append({
+                "state_type": row["state_type"], "state_name": row["state_name"], "count_runs": int(row["n"]),
+                "sum_estimated_run_time": float(row["run_time"] or 0.0),
+                "sum_estimated_lateness": float(row["lateness"] or 0.0)})
     for bucket in buckets:
-        bucket["states"] = sorted(bucket["states"].values(), key=lambda s: (s["state_type"] or "", s["state_name"] or ""))
+        bucket["states"].sort(key=lambda s: (s["state_type"] or "", s["state_name"] or ""))
     return buckets
 
 
@@ -6789,6 +6797,10 @@ def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
     return 200, RawBody(data, ctype), {"Cache-Control": "no-cache", "ETag": etag}
 
 
+def _is_loopback(address: str) -> bool:
+    return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
+
+
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"prefectlite/{__version__}"
@@ -6915,7 +6927,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             data, ctype = payload.data, payload.content_type
         else:
             data, ctype = dumps(payload).encode("utf-8", "replace"), "application/json"
-        if data and len(data) > 4096 and "gzip" in (self.headers.get("Accept-Encoding") or ""):
+        if (data and len(data) > 4096 and "gzip" in (self.headers.get("Accept-Encoding") or "")
+                and not _is_loopback(self.client_address[0])):  # over loopback compression only costs CPU
             data = gzip.compress(data, compresslevel=1)
             headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
         try:

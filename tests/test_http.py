@@ -637,3 +637,9 @@ def test_no_route_answers_500_to_odd_input(server, client, flow_run):
         conn.close()
     report = [f"{m} {p} body={b!r}: {what}" for (m, p, b), what in sorted(failures.items(), key=str)]
     assert not report, f"{len(report)} route/body pairs fail:\n" + "\n".join(report[:60])
+
+
+def test_only_non_loopback_peers_get_compressed_responses():
+    # over loopback compression costs CPU and saves nothing; remote clients get gzip above 4 KiB
+    assert prefectlite._is_loopback("127.0.0.1") and prefectlite._is_loopback("::1")
+    assert not prefectlite._is_loopback("10.1.2.3") and not prefectlite._is_loopback("192.168.0.7")
