@@ -1111,6 +1111,7 @@ def _error(loc, msg, kind):
 class ListOf:
     item: object
     max_items: int | None = None
+    min_items: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1311,6 +1312,8 @@ def _validate_kind(kind, value, loc):
     if isinstance(kind, ListOf):
         if not isinstance(value, list):
             raise ValidationFailed([_error(loc, "value is not a valid list", "type_error.list")])
+        if len(value) < kind.min_items:
+            raise ValidationFailed([_error(loc, f"ensure this value has at least {kind.min_items} items", "value_error.list.min_items")])
         if kind.max_items is not None and len(value) > kind.max_items:
             raise ValidationFailed([_error(loc, f"ensure this value has at most {kind.max_items} items", "value_error.list.max_items")])
         out, errors = [], []
@@ -1640,7 +1643,7 @@ FILTERS = {
     "logs": ("log", {"level": "level", "timestamp": "timestamp", "flow_run_id": "flow_run_id",
                      "task_run_id": "task_run_id"}),
     "artifacts": ("artifact", {"id": "id", "key": "key", "flow_run_id": "flow_run_id", "task_run_id": "task_run_id",
-                               "type": "type"}),
+                               "type": "type", "latest_id": "id"}),  # latest_id: the latest routes list artifacts
     "variables": ("variable", {"id": "id", "name": "name", "value": "value", "tags": "tags"}),
     "block_types": ("block_type", {"name": "name", "slug": "slug"}),
     "block_schemas": ("block_schema", {"id": "id", "block_type_id": "block_type_id", "version": "version",
@@ -2602,13 +2605,12 @@ def create_block_schema(tx, data) -> tuple[dict, bool]:
     if existing is not None:
         return block_schema_out(tx, existing), False
     now = now_iso()
-    row_id = new_id()
-    insert_row(tx, "block_schema", {"id": row_id, "created": now, "updated": now, "checksum": checksum,
-                                    "fields": data["fields"], "block_type_id": data["block_type_id"],
-                                    "capabilities": data["capabilities"], "version": data["version"]},
-               on_conflict="ON CONFLICT DO NOTHING")
+    created = insert_row(tx, "block_schema", {"id": new_id(), "created": now, "updated": now, "checksum": checksum,
+                                              "fields": data["fields"], "block_type_id": data["block_type_id"],
+                                              "capabilities": data["capabilities"], "version": data["version"]},
+                         on_conflict="ON CONFLICT DO NOTHING")
     row = tx.query_one("SELECT * FROM block_schema WHERE checksum = ? AND version = ?", (checksum, data["version"]))
-    return block_schema_out(tx, row), True
+    return block_schema_out(tx, row), bool(created)
 
 
 def _secret_paths(fields: dict) -> list[list[str]]:
@@ -2656,8 +2658,13 @@ def _split_references(data: dict) -> tuple[dict, dict]:
     return plain, refs
 
 
-def _write_references(tx, document_id: str, refs: dict):
-    tx.execute("DELETE FROM block_document_reference WHERE parent_block_document_id = ?", (document_id,))
+def _write_references(tx, document_id: str, refs: dict, replace_all: bool = True):
+    """Record block fields that are other blocks; a merge replaces only the fields it names."""
+    if replace_all:
+        tx.execute("DELETE FROM block_document_reference WHERE parent_block_document_id = ?", (document_id,))
+    for name in refs if not replace_all else ():
+        tx.execute("DELETE FROM block_document_reference WHERE parent_block_document_id = ? AND name = ?",
+                   (document_id, name))
     for name, ref_id in refs.items():
         require_row(tx, "block_document", ref_id, "Referenced block document")
         insert_row(tx, "block_document_reference", {"id": new_id(), "created": now_iso(), "name": name,
@@ -2717,7 +2724,7 @@ def update_block_document(tx, doc_id: str, data: dict, sent: dict):
         changes["block_schema_id"] = data["block_schema_id"]
     update_row(tx, "block_document", doc_id, changes)
     if refs or not data["merge_existing_data"]:
-        _write_references(tx, doc_id, refs)
+        _write_references(tx, doc_id, refs, replace_all=not data["merge_existing_data"])
 
 
 # Variables
@@ -2763,13 +2770,19 @@ ArtifactUpdate = Schema("ArtifactUpdate", {"data": Field("any"), "description": 
 
 
 def create_artifact(tx, data) -> dict:
-    now = now_iso()
     row_id = new_id()
+    key = data.get("key")
+    if key:
+        # Lock the key's collection row first and stamp the time after, so concurrent writers of one key
+        # take turns and the newest artifact is always the one recorded as latest.
+        stamp = now_iso()
+        insert_row(tx, "artifact_collection", {"id": new_id(), "created": stamp, "updated": stamp, "key": key,
+                                               "latest_id": row_id}, on_conflict="ON CONFLICT DO NOTHING")
+        tx.query_one(f"SELECT id FROM artifact_collection WHERE key = ?{tx.db.for_update}", (key,))
+    now = now_iso()
     insert_row(tx, "artifact", {"id": row_id, "created": now, "updated": now, **data})
-    if data.get("key"):
-        if not insert_row(tx, "artifact_collection", {"id": new_id(), "created": now, "updated": now, "key": data["key"],
-                                                      "latest_id": row_id}, on_conflict="ON CONFLICT DO NOTHING"):
-            tx.execute("UPDATE artifact_collection SET latest_id = ?, updated = ? WHERE key = ?", (row_id, now, data["key"]))
+    if key:
+        tx.execute("UPDATE artifact_collection SET latest_id = ?, updated = ? WHERE key = ?", (row_id, now, key))
     return decode_row("artifact", read_row(tx, "artifact", row_id))
 
 
@@ -2814,7 +2827,7 @@ ConcurrencyLimitV2Update = Schema("ConcurrencyLimitV2Update", {
     "slot_decay_per_second": Field("float", nullable=False, minimum=0),
 })
 ConcurrencySlotsBody = Schema("Body_concurrency_slots", {
-    "names": Field(ListOf("str"), required=True, nullable=False),
+    "names": Field(ListOf("str", min_items=1), required=True, nullable=False),
     "slots": Field("int", required=True, nullable=False, minimum=1),
     "mode": Field(Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False),
     "occupancy_seconds": Field("float", minimum=0),
@@ -2823,16 +2836,15 @@ ConcurrencySlotsBody = Schema("Body_concurrency_slots", {
 
 
 def create_tag_limit(tx, data) -> tuple[dict, bool]:
-    """Create-or-update by tag, as Prefect does."""
+    """Create-or-update by tag, as Prefect does; racing creates of one tag all succeed on one row."""
     now = now_iso()
+    created = insert_row(tx, "concurrency_limit", {"id": new_id(), "created": now, "updated": now, "tag": data["tag"],
+                                                   "concurrency_limit": data["concurrency_limit"], "active_slots": []},
+                         on_conflict="ON CONFLICT DO NOTHING")
     row = tx.query_one(f"SELECT * FROM concurrency_limit WHERE tag = ?{tx.db.for_update}", (data["tag"],))
-    if row is not None:
+    if not created:
         update_row(tx, "concurrency_limit", row["id"], {"concurrency_limit": data["concurrency_limit"], "updated": now})
-        return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row["id"])), False
-    row_id = new_id()
-    insert_row(tx, "concurrency_limit", {"id": row_id, "created": now, "updated": now, "tag": data["tag"],
-                                         "concurrency_limit": data["concurrency_limit"], "active_slots": []})
-    return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row_id)), True
+    return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row["id"])), bool(created)
 
 
 def _decayed_slots(limit: dict, now: _dt.datetime) -> int:
@@ -5561,8 +5573,10 @@ BlockDocumentFilterBody = Schema("Body_read_block_documents", {
 
 def _block_documents_where(tx, data):
     body = dict(data)
-    if body.get("block_documents") is None:  # anonymous documents are hidden unless asked for
-        body["block_documents"] = {"is_anonymous": {"eq_": False}}
+    flt = dict(body.get("block_documents") or {})
+    if "is_anonymous" not in flt:  # anonymous documents are hidden unless asked for (null: either)
+        flt["is_anonymous"] = {"eq_": False}
+    body["block_documents"] = flt
     return build_where(tx, "block_document", body)
 
 
@@ -5832,14 +5846,12 @@ def decrement_global_limits(app, req):
 def create_saved_search(app, req):
     now = now_iso()
     with app.db.write() as tx:
+        created = insert_row(tx, "saved_search", {"id": new_id(), "created": now, "updated": now, **req.data},
+                             on_conflict="ON CONFLICT DO NOTHING")
         row = tx.query_one(f"SELECT * FROM saved_search WHERE name = ?{tx.db.for_update}", (req.data["name"],))
-        if row is None:
-            row_id = new_id()
-            insert_row(tx, "saved_search", {"id": row_id, "created": now, "updated": now, **req.data})
-        else:
-            row_id = row["id"]
-            update_row(tx, "saved_search", row_id, {"filters": req.data["filters"], "updated": now})
-        return 201, decode_row("saved_search", read_row(tx, "saved_search", row_id))
+        if not created:
+            update_row(tx, "saved_search", row["id"], {"filters": req.data["filters"], "updated": now})
+        return (201 if created else 200), decode_row("saved_search", read_row(tx, "saved_search", row["id"]))
 
 
 def read_saved_search(app, req):

@@ -1,64 +1,20 @@
 """Shared fixtures: a real server on a free loopback port, a small JSON client, PostgreSQL databases."""
 
-import json
 import os
-import socket
-import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 import uuid
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prefectlite  # noqa: E402
+from helpers import (  # noqa: E402,F401 - re-exported for tests that import them from conftest
+    POSTGRES_URL, ROOT, Client, _postgres_admin_connect, free_port, run_cli, wait_for_health,
+)
 
-POSTGRES_URL = os.environ.get("PREFECTLITE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
-
-
-class Client:
-    """A tiny JSON client over urllib, so tests speak HTTP exactly as any client would."""
-
-    def __init__(self, api_url, headers=None):
-        self.api_url = api_url.rstrip("/")
-        self.headers = headers or {}
-
-    def request(self, method, path, body=None, headers=None, raw=None):
-        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.api_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **self.headers, **(headers or {})})
-        try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
-                text = resp.read()
-                return resp.status, (json.loads(text) if text else None)
-        except urllib.error.HTTPError as exc:
-            text = exc.read()
-            try:
-                return exc.code, json.loads(text) if text else None
-            except ValueError:
-                return exc.code, text.decode("utf-8", "replace")
-
-    def get(self, path, **kw):
-        return self.request("GET", path, **kw)
-
-    def post(self, path, body=None, **kw):
-        return self.request("POST", path, body if body is not None else {}, **kw)
-
-    def patch(self, path, body=None, **kw):
-        return self.request("PATCH", path, body, **kw)
-
-    def delete(self, path, **kw):
-        return self.request("DELETE", path, **kw)
-
-    def ok(self, method, path, body=None, expect=(200, 201, 204)):
-        status, payload = self.request(method, path, body)
-        assert status in expect, (method, path, status, payload)
-        return payload
+collect_ignore = ["benchmarks"]  # benchmark scripts are run by hand, never collected
 
 
 @pytest.fixture
@@ -71,23 +27,6 @@ def server(tmp_path):
 @pytest.fixture
 def client(server):
     return Client(server)
-
-
-def free_port():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _postgres_admin_connect():
-    try:
-        import psycopg
-    except ImportError:
-        return None, "psycopg is not installed"
-    try:
-        return psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=3), None
-    except Exception as exc:  # noqa: BLE001
-        return None, f"PostgreSQL unreachable at {POSTGRES_URL}: {exc}"
 
 
 @pytest.fixture
@@ -108,21 +47,3 @@ def postgres_url():
         conn.close()
 
 
-def run_cli(*args, env=None, input_text=None, timeout=60):
-    """Run `python prefectlite.py ARGS` in a subprocess; returns CompletedProcess."""
-    full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / "prefectlite.py"), *args], env=full_env, input=input_text,
-                          capture_output=True, text=True, timeout=timeout)
-
-
-def wait_for_health(url, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as resp:
-                if resp.status == 200:
-                    return True
-        except OSError:
-            time.sleep(0.05)
-    return False

@@ -10,7 +10,7 @@ import uuid
 import pytest
 
 import prefectlite
-from conftest import Client
+from helpers import Client
 
 TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
 

@@ -16,7 +16,7 @@ import urllib.request
 
 import pytest
 
-from conftest import ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import ROOT, Client, free_port, run_cli, wait_for_health
 
 import prefectlite
 

@@ -16,7 +16,7 @@ import uuid
 
 import pytest
 
-from conftest import Client, ROOT
+from helpers import Client, ROOT
 
 import prefectlite
 from prefectlite import translate_placeholders

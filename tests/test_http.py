@@ -13,7 +13,7 @@ import uuid
 import pytest
 
 import prefectlite
-from conftest import Client, ROOT
+from helpers import Client, ROOT
 
 
 # --- helpers -----------------------------------------------------------------------------------

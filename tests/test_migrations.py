@@ -7,7 +7,7 @@ import uuid
 
 import pytest
 
-from conftest import Client, run_cli
+from helpers import Client, run_cli
 
 import prefectlite
 

@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from conftest import ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import ROOT, Client, free_port, run_cli, wait_for_health
 from fake_receivers import HTTPReceiver, SMTPReceiver
 
 import prefectlite

@@ -28,7 +28,7 @@ import uuid
 
 import pytest
 
-from conftest import POSTGRES_URL, ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import POSTGRES_URL, ROOT, Client, free_port, run_cli, wait_for_health
 
 import prefectlite
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, free_port, wait_for_health
+from helpers import ROOT, free_port, wait_for_health
 
 MODULE = ROOT / "prefectlite.py"
 STDLIB = set(sys.stdlib_module_names) | {"__future__"}

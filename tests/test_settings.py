@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import ROOT, Client, free_port, run_cli, wait_for_health
 
 import prefectlite
 from prefectlite import ConfigurationError, load_settings, parse_database_url
