@@ -560,9 +560,13 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     assert "manual" in run["tags"]
     ui.wait_ready()
     assert "nightly" in ui.text("main .kv")
+    # the list for the deployment holds the manual run and the runs the scheduler made for its schedule
+    expected = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}}})
+    assert expected >= 2, "the scheduler fills the hourly schedule ahead"
     ui.open(f"flow-runs?deployment={dep['id']}")
-    ui.wait_text(".pager-info", "of 1")
-    assert [r[0] for r in ui.rows("main tr.run-row")] == [run["name"]]
+    ui.wait_text(".pager-info", f"of {expected}")
+    names = [r[0] for r in ui.rows("main tr.run-row")]
+    assert run["name"] in names and len(names) == expected
     # pause and resume
     ui.open(f"deployments/{dep['id']}")
     ui.click(".page-header button", "Pause")
