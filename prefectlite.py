@@ -1436,7 +1436,7 @@ _FILTER_KEYS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", 
 
 def filter_body_schema(table: str, filters: tuple) -> Schema:
     fields = {
-        "offset": Field("int", default=0, nullable=False, minimum=0),
+        "offset": Field("int", default=0, minimum=0),  # null means 0, as the SDK sometimes sends it
         "limit": Field("int", minimum=0),
     }
     if table in _SORTS:
@@ -1970,6 +1970,24 @@ def prevent_leaving_terminal_states(ctx: Transition):
     return None
 
 
+def only_cancel_cancelling_runs(ctx: Transition):
+    """A cancelling run can only end Cancelled: its runner reporting it crashed or failed is not the outcome."""
+    if ctx.kind == "flow" and ctx.initial_type == "CANCELLING" and ctx.proposed["type"] != "CANCELLED":
+        return Outcome("REJECT", ctx.initial, "Cannot transition flows that are cancelling to a state other than Cancelled.")
+    return None
+
+
+def cancel_runs_without_infrastructure(ctx: Transition):
+    """Nothing runs a scheduled run yet (or a paused one waiting to be rescheduled): cancel it right away."""
+    if ctx.kind != "flow" or ctx.proposed["type"] != "CANCELLING":
+        return None
+    waiting = ctx.initial_type == "SCHEDULED" and not ctx.run.get("infrastructure_pid")
+    rescheduled_pause = ctx.initial_type == "PAUSED" and ctx.initial["state_details"].get("pause_reschedule")
+    if waiting or rescheduled_pause:
+        return _reject(ctx, "CANCELLED", "Cancelled", "Scheduled flow run has no infrastructure to terminate.")
+    return None
+
+
 def prevent_running_tasks_in_stopped_flows(ctx: Transition):
     if ctx.kind != "task" or ctx.proposed["type"] != "RUNNING" or not ctx.run.get("flow_run_id"):
         return None
@@ -2086,7 +2104,9 @@ def _schedule_failed_tasks_for_retry(ctx: Transition):
 
 
 def rename_retrying(ctx: Transition):
-    if ctx.proposed["type"] == "RUNNING" and ctx.initial_type == "SCHEDULED" and ctx.initial["name"] == "AwaitingRetry":
+    """A task run back from AwaitingRetry runs as "Retrying" (a retried flow run stays "Running", as in Prefect)."""
+    if (ctx.kind == "task" and ctx.proposed["type"] == "RUNNING" and ctx.initial_type == "SCHEDULED"
+            and ctx.initial["name"] == "AwaitingRetry"):
         ctx.proposed["name"] = "Retrying"
     return None
 
@@ -2126,6 +2146,7 @@ def secure_task_concurrency_slots(ctx: Transition):
 
 FLOW_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
+    only_cancel_cancelling_runs, cancel_runs_without_infrastructure,
     expire_pauses, handle_pausing_flows, wait_for_scheduled_time, retry_failed_runs, rename_retrying,
     copy_scheduled_time,
 )
@@ -2186,7 +2207,21 @@ def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, st
     update_row(tx, table, run["id"], changes)
     if kind == "task":
         _after_task_state(tx, run, initial, state)
+    elif run.get("parent_task_run_id"):
+        _mirror_state_on_parent_task(tx, run, state)
     run.update(changes)
+
+
+def _mirror_state_on_parent_task(tx: Transaction, run: dict, state: dict):
+    """A subflow's stand-in task run in the parent follows the subflow's states (with child_flow_run_id)."""
+    task = read_row(tx, "task_run", run["parent_task_run_id"])
+    if task is None:
+        return
+    task = decode_row("task_run", task)
+    copy = make_state({"type": state["type"], "name": state["name"], "message": state["message"],
+                       "state_details": {"child_flow_run_id": run["id"]}},
+                      task.get("flow_run_id"), task["id"], state["timestamp"])
+    _write_state(tx, "task", task, task.get("state"), copy, {})
 
 
 def _after_task_state(tx: Transaction, run: dict, initial: dict | None, state: dict):
@@ -2414,7 +2449,7 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
     now = now_iso()
     run_id = new_id()
     values = {
-        "id": run_id, "created": now, "updated": now, "name": data.get("name") or data["task_key"],
+        "id": run_id, "created": now, "updated": now, "name": data.get("name") or generate_run_name(),
         "flow_run_id": flow_run_id, "task_key": data["task_key"], "dynamic_key": data["dynamic_key"],
         "cache_key": data.get("cache_key"), "cache_expiration": data.get("cache_expiration"),
         "task_version": data.get("task_version"), "empirical_policy": _task_run_policy(data.get("empirical_policy")),
@@ -3028,6 +3063,9 @@ def create_work_queue(tx, pool: dict, data: dict) -> dict:
     priority = data.get("priority")
     if priority is None:
         priority = (tx.scalar("SELECT MAX(priority) FROM work_queue WHERE work_pool_id = ?", (pool["id"],)) or 0) + 1
+    else:  # priorities stay distinct: the queues at and below this one move down
+        tx.execute("UPDATE work_queue SET priority = priority + 1 WHERE work_pool_id = ? AND priority >= ?",
+                   (pool["id"], priority))
     queue_id = new_id()
     if not insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": data["name"],
                                          "description": data.get("description") or "",
@@ -4243,7 +4281,11 @@ def _replace_schedules(tx, deployment_id: str, schedules: list[dict]):
             "schedule": normalise_schedule(item["schedule"], ("body", "schedules", i, "schedule")),
             "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
             "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False)})
-    # a schedule change removes the auto-scheduled runs that have not started yet; the scheduler refills
+    _drop_future_auto_runs(tx, deployment_id)
+
+
+def _drop_future_auto_runs(tx, deployment_id: str):
+    """A deployment change removes the auto-scheduled runs that have not started yet; the scheduler refills."""
     tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
                "AND start_time IS NULL", (deployment_id, True))
 
@@ -4310,6 +4352,8 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
     schedules = _schedules_from(data, sent)
     if schedules is not None:
         _replace_schedules(tx, dep_id, schedules)
+    else:  # parameters, tags or queue may have changed: future runs are made again from the new values
+        _drop_future_auto_runs(tx, dep_id)
 
 
 _JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
@@ -4860,8 +4904,9 @@ class Service:
         return self.interval
 
 
-def _schedule_idempotency_key(deployment_id: str, schedule_id: str, moment: str) -> str:
-    return f"scheduled {deployment_id} {schedule_id} {moment}"
+def _schedule_idempotency_key(deployment_id: str, moment: str) -> str:
+    """One run per deployment and moment, even when two of its schedules coincide (Prefect's key)."""
+    return f"scheduled {deployment_id} {moment}"
 
 
 def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime) -> int:
@@ -4879,7 +4924,7 @@ def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetim
         wanted = [t for i, t in enumerate(times) if i < min_runs or t <= min_until]
         for moment in wanted:
             when = iso(moment)
-            key = _schedule_idempotency_key(dep["id"], schedule["id"], when)
+            key = _schedule_idempotency_key(dep["id"], when)
             data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": dep.get("parameters") or {},
                     "tags": list(dep.get("tags") or []), "idempotency_key": key, "context": {},
                     "empirical_policy": {}, "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}}
@@ -4903,7 +4948,7 @@ class Scheduler(Service):
         for dep_id in ids:
             with self.app.db.write() as tx:
                 row = read_row(tx, "deployment", dep_id, lock=True)  # replicas take turns per deployment
-                if row is None:
+                if row is None or row["paused"]:  # deleted or paused since the list was read
                     continue
                 self.created += schedule_deployment_runs(tx, deployment_out(tx, row), self.app.settings, now)
 
@@ -4951,7 +4996,8 @@ class PauseExpirations(Service):
 
 
 class CancellationCleanup(Service):
-    """CANCELLING runs with no infrastructure to stop end CANCELLED; subflows of cancelled runs are cancelled."""
+    """CANCELLING runs with no infrastructure to stop end CANCELLED; the task runs and subflow runs of a
+    cancelled run are cancelled too."""
 
     name = "cancellation-cleanup"
 
@@ -4964,6 +5010,15 @@ class CancellationCleanup(Service):
                 "SELECT child.id FROM flow_run child JOIN task_run t ON t.id = child.parent_task_run_id "
                 "JOIN flow_run parent ON parent.id = t.flow_run_id WHERE parent.state_type = 'CANCELLED' "
                 "AND child.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED', 'CANCELLING')")]
+            tasks = [r["id"] for r in tx.query(
+                "SELECT t.id FROM task_run t JOIN flow_run f ON f.id = t.flow_run_id WHERE f.state_type = 'CANCELLED' "
+                "AND t.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')")]
+        for task_id in tasks:
+            with self.app.db.write() as tx:
+                row = read_row(tx, "task_run", task_id, lock=True)
+                if row is not None and row["state_type"] not in TERMINAL_STATES:
+                    orchestrate(tx, "task", row, {"type": "CANCELLED", "message": "The flow run was cancelled.",
+                                                  "state_details": {}}, force=True)
         for run_id in orphans + children:
             with self.app.db.write() as tx:
                 row = read_row(tx, "flow_run", run_id, lock=True)
@@ -5482,7 +5537,7 @@ def read_block_types_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "block_type", req.data)
         rows = tx.query(f"SELECT block_type.* FROM block_type WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [block_type_out(r) for r in rows]
 
 
@@ -5527,7 +5582,7 @@ def read_block_schemas_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "block_schema", req.data)
         rows = tx.query(f"SELECT block_schema.* FROM block_schema WHERE {where} ORDER BY created DESC LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [block_schema_out(tx, r) for r in rows]
 
 
@@ -5586,7 +5641,7 @@ def read_block_documents_filtered(app, req):
         where, params = _block_documents_where(tx, req.data)
         rows = tx.query(f"SELECT block_document.* FROM block_document WHERE {where} "
                         f"ORDER BY {order_by('block_document', req.data.get('sort'))} LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [block_document_out(tx, r, req.data["include_secrets"]) for r in rows]
 
 
@@ -5765,7 +5820,7 @@ def reset_tag_limit(app, req):
 def read_tag_limits_filtered(app, req):
     with app.db.read() as tx:
         rows = tx.query("SELECT * FROM concurrency_limit ORDER BY tag LIMIT ? OFFSET ?",
-                        (page_limit(req.data, app.settings), req.data["offset"]))
+                        (page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [decode_row("concurrency_limit", r) for r in rows]
 
 
@@ -5816,7 +5871,7 @@ def delete_global_limit(app, req):
 def read_global_limits_filtered(app, req):
     with app.db.read() as tx:
         rows = tx.query("SELECT * FROM concurrency_limit_v2 ORDER BY name LIMIT ? OFFSET ?",
-                        (page_limit(req.data, app.settings), req.data["offset"]))
+                        (page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [decode_row("concurrency_limit_v2", r) for r in rows]
 
 
@@ -5905,8 +5960,8 @@ def update_deployment_handler(app, req):
 def delete_deployment(app, req):
     with app.db.write() as tx:
         require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' AND auto_scheduled = ?",
-                   (req.uuid(), True))
+        # its runs that have not started go too: no worker should pick up a run of a deleted deployment
+        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (req.uuid(),))
         tx.execute("DELETE FROM deployment WHERE id = ?", (req.uuid(),))
     return 204, NO_CONTENT
 
@@ -5917,6 +5972,8 @@ def _set_deployment_paused(paused: bool):
             require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
             update_row(tx, "deployment", req.uuid(), {"paused": paused, "is_schedule_active": not paused,
                                                       "updated": now_iso()})
+            tx.execute("UPDATE deployment_schedule SET active = ?, updated = ? WHERE deployment_id = ?",
+                       (not paused, now_iso(), req.uuid()))
             if paused:  # a paused deployment keeps no future auto-scheduled runs
                 tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' "
                            "AND auto_scheduled = ?", (req.uuid(), True))
@@ -6019,7 +6076,7 @@ def read_work_pools_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "work_pool", req.data)
         rows = tx.query(f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [work_pool_out(tx, r) for r in rows]
 
 
@@ -6083,7 +6140,7 @@ def read_pool_queues_filtered(app, req):
         where, params = build_where(tx, "work_queue", req.data)
         rows = tx.query(f"SELECT work_queue.* FROM work_queue WHERE work_pool_id = ? AND {where} "
                         f"ORDER BY priority, name LIMIT ? OFFSET ?",
-                        (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"]))
+                        (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [work_queue_out(tx, r, pool["name"]) for r in rows]
 
 
@@ -6099,7 +6156,7 @@ def read_workers_filtered(app, req):
     with app.db.read() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
         rows = tx.query("SELECT * FROM worker WHERE work_pool_id = ? ORDER BY last_heartbeat_time DESC LIMIT ? OFFSET ?",
-                        (pool["id"], page_limit(req.data, app.settings), req.data["offset"]))
+                        (pool["id"], page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [worker_out(r) for r in rows]
 
 
@@ -6115,7 +6172,8 @@ def delete_worker(app, req):
 def create_work_queue_handler(app, req):
     """The older id-based queue API: a queue without a pool lands in the default agent pool."""
     with app.db.write() as tx:
-        ensure_work_queue(tx, req.data.get("work_pool_name") or DEFAULT_AGENT_POOL, None)
+        if not req.data.get("work_pool_name"):
+            ensure_work_queue(tx, None, "default")  # makes the default agent pool if it is missing
         pool = read_pool_by_name(tx, req.data.get("work_pool_name") or DEFAULT_AGENT_POOL)
         return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"])
 
@@ -6155,15 +6213,19 @@ def read_work_queues_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "work_queue", req.data)
         rows = tx.query(f"SELECT work_queue.* FROM work_queue WHERE {where} ORDER BY priority, name LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"]))
+                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
         return 200, [work_queue_out(tx, r) for r in rows]
 
 
 def read_work_queue_status(app, req):
     with app.db.read() as tx:
         queue_ = work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
-        return 200, {"healthy": queue_["status"] == "READY", "late_runs_count": 0,
-                     "last_polled": queue_.get("last_polled"), "health_check_policy": {}}
+        late = int(tx.scalar("SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type = 'SCHEDULED' "
+                             "AND state_name = 'Late'", (queue_["id"],)))
+        return 200, {"healthy": queue_["status"] == "READY" and late == 0, "late_runs_count": late,
+                     "last_polled": queue_.get("last_polled"),
+                     "health_check_policy": {"maximum_late_runs": 0,
+                                             "maximum_seconds_since_last_polled": QUEUE_READY_POLL_SECONDS}}
 
 
 @body(Schema("Body_read_work_queue_runs", {"scheduled_before": Field("datetime"), "limit": Field("int", minimum=0)}))

@@ -1,0 +1,516 @@
+"""Deployments through real HTTP, in the Prefect 2.20 shapes: create-or-update by (flow, name), read by id
+and by name, filter, count, patch, delete; creating flow runs from a deployment (parameters, tags,
+idempotency, work queues); get_scheduled_flow_runs; the `schedules` list next to the older `schedule` +
+`is_schedule_active` fields; pause / resume; parameter schemas and their enforcement; schedule validation."""
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+
+import prefectlite
+from helpers import Client
+
+
+# --- helpers -----------------------------------------------------------------------------------
+
+def now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment):
+    return moment.isoformat()
+
+
+def parse(text):
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def new_flow(client, name=None):
+    return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": []})
+
+
+def new_deployment(client, flow_id=None, name=None, **fields):
+    flow_id = flow_id or new_flow(client)["id"]
+    return client.ok("POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields})
+
+
+def run_from(client, dep_id, expect=(200, 201), **body):
+    return client.ok("POST", f"/deployments/{dep_id}/create_flow_run", body, expect=expect)
+
+
+def runs_of(client, dep_id, **flow_run_filter):
+    runs = client.ok("POST", "/flow_runs/filter",
+                     {"deployments": {"id": {"any_": [dep_id]}}, "flow_runs": flow_run_filter or None,
+                      "sort": "EXPECTED_START_TIME_ASC"})
+    assert all(r["deployment_id"] == dep_id for r in runs), runs
+    return runs
+
+
+def wait_until(predicate, timeout=15.0, interval=0.1, what="condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def locs(payload):
+    """The `loc` tuples of a 422 answer (Prefect 2's shape: {"exception_message", "exception_detail":
+    [{"loc", "msg", "type"}, ...], "request_body"})."""
+    detail = payload.get("exception_detail") if isinstance(payload, dict) else None
+    assert isinstance(detail, list) and detail, payload
+    return [tuple(error["loc"]) for error in detail]
+
+
+DEPLOYMENT_FIELDS = {
+    "id", "created", "updated", "name", "version", "description", "flow_id", "schedule", "is_schedule_active",
+    "paused", "schedules", "parameters", "tags", "work_queue_name", "last_polled", "parameter_openapi_schema",
+    "path", "pull_steps", "entrypoint", "manifest_path", "storage_document_id", "infrastructure_document_id",
+    "created_by", "updated_by", "work_pool_name", "status", "enforce_parameter_schema", "infra_overrides",
+}
+
+PARAM_SCHEMA = {
+    "title": "Parameters", "type": "object",
+    "properties": {
+        "x": {"title": "x", "position": 0, "type": "integer"},
+        "label": {"title": "label", "position": 1, "type": "string", "default": "hi"},
+    },
+    "required": ["x"],
+}
+
+
+@pytest.fixture
+def quiet_client(tmp_path):
+    """A server whose scheduler is off: only the runs a test creates exist."""
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/quiet.db", port=0,
+                           PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+        yield Client(api_url)
+
+
+@pytest.fixture
+def fast_client(tmp_path):
+    """A server whose scheduler passes every 0.2 s."""
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/fast.db", port=0,
+                           PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.2) as api_url:
+        yield Client(api_url)
+
+
+# --- create, read, update, delete --------------------------------------------------------------
+
+def test_create_returns_the_2_20_shape(client):
+    flow = new_flow(client)
+    status, dep = client.post("/deployments/", {
+        "name": "nightly", "flow_id": flow["id"], "version": "v1", "description": "the nightly run",
+        "parameters": {"x": 1}, "tags": ["etl", "prod"], "path": "/srv/flows", "entrypoint": "etl.py:main",
+        "schedules": [], "enforce_parameter_schema": False, "infra_overrides": {}})
+    assert status == 201, dep
+    assert DEPLOYMENT_FIELDS <= set(dep), DEPLOYMENT_FIELDS - set(dep)
+    uuid.UUID(dep["id"])
+    assert (dep["name"], dep["flow_id"], dep["version"], dep["description"]) == (
+        "nightly", flow["id"], "v1", "the nightly run")
+    assert dep["parameters"] == {"x": 1}
+    assert sorted(dep["tags"]) == ["etl", "prod"]
+    assert (dep["path"], dep["entrypoint"]) == ("/srv/flows", "etl.py:main")
+    assert dep["schedules"] == [] and dep["schedule"] is None
+    assert dep["paused"] is False and dep["is_schedule_active"] is True
+    assert dep["work_pool_name"] is None
+    assert dep["status"] in ("NOT_READY", "READY")
+
+
+def test_create_twice_is_create_or_update_by_flow_and_name(client):
+    flow = new_flow(client)
+    first = new_deployment(client, flow["id"], name="same", description="one", tags=["a"])
+    status, second = client.post("/deployments/", {"name": "same", "flow_id": flow["id"], "description": "two",
+                                                   "tags": ["b"]})
+    assert status in (200, 201), second
+    assert second["id"] == first["id"]
+    assert second["description"] == "two" and second["tags"] == ["b"]
+    assert client.ok("POST", "/deployments/count", {"deployments": {"id": {"any_": [first["id"]]}}}) == 1
+    # The same name under another flow is another deployment.
+    other = new_deployment(client, new_flow(client)["id"], name="same")
+    assert other["id"] != first["id"]
+
+
+def test_create_for_unknown_flow_is_404(client):
+    status, body = client.post("/deployments/", {"name": "orphan", "flow_id": str(uuid.uuid4())})
+    assert status in (404, 409), body  # Prefect 2.20 answers 409 (a foreign key violation)
+
+
+def test_create_without_name_or_flow_is_422(client):
+    flow = new_flow(client)
+    status, body = client.post("/deployments/", {"flow_id": flow["id"]})
+    assert status == 422 and ("body", "name") in locs(body), body
+    status, body = client.post("/deployments/", {"name": "x"})
+    assert status == 422 and ("body", "flow_id") in locs(body), body
+
+
+def test_read_by_id_and_by_name(client):
+    flow = new_flow(client, unique("reader"))
+    dep = new_deployment(client, flow["id"], name="by-name")
+    assert client.ok("GET", f"/deployments/{dep['id']}")["name"] == "by-name"
+    found = client.ok("GET", f"/deployments/name/{flow['name']}/by-name")
+    assert found["id"] == dep["id"] and found["flow_id"] == flow["id"]
+    assert client.get(f"/deployments/name/{flow['name']}/nope")[0] == 404
+    assert client.get("/deployments/name/no-such-flow/by-name")[0] == 404
+    assert client.get(f"/deployments/{uuid.uuid4()}")[0] == 404
+    assert client.get("/deployments/not-a-uuid")[0] in (404, 422)
+
+
+def test_filter_and_count(client):
+    tag = unique("team")
+    alpha = new_flow(client, unique("alpha"))
+    beta = new_flow(client, unique("beta"))
+    a1 = new_deployment(client, alpha["id"], name="a1", tags=[tag])
+    a2 = new_deployment(client, alpha["id"], name="a2", tags=[tag, "extra"])
+    b1 = new_deployment(client, beta["id"], name="b1", tags=[tag])
+    mine = {"deployments": {"tags": {"all_": [tag]}}}
+    assert sorted(d["id"] for d in client.ok("POST", "/deployments/filter", mine)) == sorted(
+        [a1["id"], a2["id"], b1["id"]])
+    assert client.ok("POST", "/deployments/count", mine) == 3
+    by_flow = client.ok("POST", "/deployments/filter", {**mine, "flows": {"name": {"any_": [alpha["name"]]}}})
+    assert sorted(d["name"] for d in by_flow) == ["a1", "a2"]
+    by_name = client.ok("POST", "/deployments/filter", {"deployments": {"name": {"any_": ["b1"]}, "tags": {"all_": [tag]}}})
+    assert [d["id"] for d in by_name] == [b1["id"]]
+    both_tags = client.ok("POST", "/deployments/filter", {"deployments": {"tags": {"all_": [tag, "extra"]}}})
+    assert [d["id"] for d in both_tags] == [a2["id"]]
+    assert client.ok("POST", "/deployments/count", {"deployments": {"id": {"any_": [str(uuid.uuid4())]}}}) == 0
+    sorted_names = [d["name"] for d in client.ok("POST", "/deployments/filter", {**mine, "sort": "NAME_ASC"})]
+    assert sorted_names == ["a1", "a2", "b1"]
+    limited = client.ok("POST", "/deployments/filter", {**mine, "sort": "NAME_ASC", "limit": 1, "offset": 1})
+    assert [d["name"] for d in limited] == ["a2"]
+
+
+def test_patch_changes_only_what_was_sent(client):
+    dep = new_deployment(client, description="before", tags=["keep"], parameters={"x": 1}, version="1")
+    status, body = client.patch(f"/deployments/{dep['id']}", {"description": "after", "parameters": {"x": 2}})
+    assert status == 204, body
+    read = client.ok("GET", f"/deployments/{dep['id']}")
+    assert read["description"] == "after" and read["parameters"] == {"x": 2}
+    assert read["tags"] == ["keep"] and read["version"] == "1"
+    assert client.patch(f"/deployments/{uuid.uuid4()}", {"description": "x"})[0] == 404
+    status, body = client.patch(f"/deployments/{dep['id']}", {"tags": "not-a-list"})
+    assert status == 422, body
+
+
+def test_delete(quiet_client):
+    client = quiet_client
+    dep = new_deployment(client)
+    scheduled = run_from(client, dep["id"])
+    finished = run_from(client, dep["id"])
+    client.ok("POST", f"/flow_runs/{finished['id']}/set_state", {"state": {"type": "COMPLETED"}, "force": True})
+    status, body = client.delete(f"/deployments/{dep['id']}")
+    assert status == 204, body
+    assert client.get(f"/deployments/{dep['id']}")[0] == 404
+    assert client.delete(f"/deployments/{dep['id']}")[0] == 404
+    # Prefect deletes the deployment's SCHEDULED runs, auto- and hand-made: no worker may pick up a run of a
+    # deployment that is gone. Runs that ran are history and stay.
+    assert client.get(f"/flow_runs/{scheduled['id']}")[0] == 404
+    assert client.get(f"/flow_runs/{finished['id']}")[0] == 200
+
+
+# --- flow runs from a deployment ---------------------------------------------------------------
+
+def test_create_flow_run_merges_parameters_and_tags(quiet_client):
+    client = quiet_client
+    dep = new_deployment(client, parameters={"a": 1, "b": 2, "nested": {"k": "v"}}, tags=["dep-tag", "shared"],
+                         version="7")
+    status, run = client.post(f"/deployments/{dep['id']}/create_flow_run",
+                              {"parameters": {"b": 3, "c": [1, 2]}, "tags": ["run-tag", "shared"]})
+    assert status == 201, run
+    assert run["deployment_id"] == dep["id"] and run["flow_id"] == dep["flow_id"]
+    assert run["parameters"] == {"a": 1, "b": 3, "nested": {"k": "v"}, "c": [1, 2]}
+    assert sorted(run["tags"]) == ["dep-tag", "run-tag", "shared"]
+    assert run["state_type"] == "SCHEDULED" and run["state_name"] == "Scheduled"
+    assert run["state"]["state_details"]["scheduled_time"]
+    assert run["auto_scheduled"] is False
+    assert run["deployment_version"] == "7"
+    assert abs((parse(run["expected_start_time"]) - now()).total_seconds()) < 60
+    # No parameters at all: the deployment's defaults.
+    plain = run_from(client, dep["id"])
+    assert plain["parameters"] == {"a": 1, "b": 2, "nested": {"k": "v"}}
+    # The deployment's own parameters are unchanged.
+    assert client.ok("GET", f"/deployments/{dep['id']}")["parameters"] == {"a": 1, "b": 2, "nested": {"k": "v"}}
+
+
+def test_create_flow_run_with_name_and_state(quiet_client):
+    client = quiet_client
+    dep = new_deployment(client)
+    later = now() + dt.timedelta(hours=2)
+    run = run_from(client, dep["id"], name="my-named-run",
+                   state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(later)}})
+    assert run["name"] == "my-named-run"
+    assert abs((parse(run["expected_start_time"]) - later).total_seconds()) < 1
+    assert abs((parse(run["next_scheduled_start_time"]) - later).total_seconds()) < 1
+
+
+def test_create_flow_run_idempotency_key(quiet_client):
+    client = quiet_client
+    dep = new_deployment(client)
+    first = run_from(client, dep["id"], idempotency_key="once", parameters={"n": 1})
+    second = run_from(client, dep["id"], idempotency_key="once", parameters={"n": 2})
+    assert second["id"] == first["id"]
+    assert second["parameters"] == {"n": 1}
+    third = run_from(client, dep["id"], idempotency_key="twice")
+    assert third["id"] != first["id"]
+    assert len(runs_of(client, dep["id"])) == 2
+
+
+def test_create_flow_run_for_unknown_deployment_is_404(client):
+    status, body = client.post(f"/deployments/{uuid.uuid4()}/create_flow_run", {})
+    assert status == 404, body
+
+
+def test_create_flow_run_goes_to_the_deployments_work_queue(quiet_client):
+    client = quiet_client
+    pool = unique("pool")
+    client.ok("POST", "/work_pools/", {"name": pool, "type": "process"})
+    client.ok("POST", f"/work_pools/{pool}/queues", {"name": "high"})
+    dep = new_deployment(client, work_pool_name=pool)
+    assert dep["work_pool_name"] == pool and dep["work_queue_name"] == "default"
+    run = run_from(client, dep["id"])
+    default_queue = client.ok("GET", f"/work_pools/{pool}/queues/default")
+    assert run["work_queue_name"] == "default" and run["work_queue_id"] == default_queue["id"]
+    # A run may go to another queue of the pool.
+    high = client.ok("GET", f"/work_pools/{pool}/queues/high")
+    routed = run_from(client, dep["id"], work_queue_name="high")
+    assert routed["work_queue_name"] == "high" and routed["work_queue_id"] == high["id"]
+    # A deployment pinned to a queue.
+    pinned = new_deployment(client, work_pool_name=pool, work_queue_name="high")
+    assert (pinned["work_pool_name"], pinned["work_queue_name"]) == (pool, "high")
+    assert run_from(client, pinned["id"])["work_queue_id"] == high["id"]
+    # The pool's worker sees both.
+    offered = client.ok("POST", f"/work_pools/{pool}/get_scheduled_flow_runs", {})
+    assert {o["flow_run"]["id"] for o in offered} >= {run["id"], routed["id"]}
+
+
+def test_create_with_unknown_work_pool_is_404(client):
+    flow = new_flow(client)
+    name = unique("nowhere")
+    status, body = client.post("/deployments/", {"name": name, "flow_id": flow["id"],
+                                                 "work_pool_name": unique("no-such-pool")})
+    assert status == 404, body
+    assert client.get(f"/deployments/name/{flow['name']}/{name}")[0] == 404
+
+
+def test_get_scheduled_flow_runs_of_deployments(quiet_client):
+    client = quiet_client
+    flow = new_flow(client)
+    dep_a = new_deployment(client, flow["id"])
+    dep_b = new_deployment(client, flow["id"])
+    dep_c = new_deployment(client, flow["id"])
+    past = now() - dt.timedelta(minutes=5)
+    due_a = run_from(client, dep_a["id"], state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(past)}})
+    due_b = run_from(client, dep_b["id"])
+    future_a = run_from(client, dep_a["id"], state={"type": "SCHEDULED",
+                                                   "state_details": {"scheduled_time": iso(now() + dt.timedelta(hours=1))}})
+    pending_a = run_from(client, dep_a["id"], state={"type": "PENDING"})
+    assert pending_a["state_type"] == "PENDING"
+    run_from(client, dep_c["id"])  # another deployment: not asked for
+    body = {"deployment_ids": [dep_a["id"], dep_b["id"]], "scheduled_before": iso(now() + dt.timedelta(seconds=5))}
+    runs = client.ok("POST", "/deployments/get_scheduled_flow_runs", body)
+    assert [r["id"] for r in runs] == [due_a["id"], due_b["id"]], "only due SCHEDULED runs, soonest first"
+    assert all(r["state_type"] == "SCHEDULED" for r in runs)
+    later = client.ok("POST", "/deployments/get_scheduled_flow_runs",
+                      {**body, "scheduled_before": iso(now() + dt.timedelta(hours=2))})
+    assert [r["id"] for r in later] == [due_a["id"], due_b["id"], future_a["id"]]
+    limited = client.ok("POST", "/deployments/get_scheduled_flow_runs", {**body, "limit": 1})
+    assert [r["id"] for r in limited] == [due_a["id"]]
+    assert client.ok("POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": []}) == []
+    # Polling marks the deployment as polled.
+    polled = client.ok("GET", f"/deployments/{dep_a['id']}")
+    assert polled["last_polled"] is not None
+    assert polled["status"] == "READY"
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+def test_schedules_list_and_the_older_single_schedule_fields(quiet_client):
+    client = quiet_client
+    hourly = {"interval": 3600.0, "anchor_date": "2030-01-01T00:00:00+00:00", "timezone": "UTC"}
+    daily = {"cron": "0 9 * * *", "timezone": "Europe/Berlin", "day_or": True}
+    dep = new_deployment(client, schedules=[{"schedule": hourly, "active": True},
+                                            {"schedule": daily, "active": False}])
+    # (Prefect lists schedules newest-updated first; the order of schedules written together is not fixed.)
+    by_kind = {("interval" if "interval" in s["schedule"] else "cron"): s for s in dep["schedules"]}
+    assert len(dep["schedules"]) == 2 and set(by_kind) == {"interval", "cron"}, dep["schedules"]
+    assert by_kind["interval"]["schedule"] == hourly and by_kind["cron"]["schedule"] == daily
+    assert (by_kind["interval"]["active"], by_kind["cron"]["active"]) == (True, False)
+    for s in dep["schedules"]:
+        uuid.UUID(s["id"])
+        assert s["deployment_id"] == dep["id"]
+        assert s["catchup"] is False
+    # The older fields stay filled: `schedule` is the first listed schedule, `is_schedule_active` = not paused.
+    assert dep["schedule"] == dep["schedules"][0]["schedule"]
+    assert dep["is_schedule_active"] is True and dep["paused"] is False
+    listed = client.ok("GET", f"/deployments/{dep['id']}/schedules")
+    assert [s["id"] for s in listed] == [s["id"] for s in dep["schedules"]]
+    assert [s["id"] for s in client.ok("GET", f"/deployments/{dep['id']}")["schedules"]] == [
+        s["id"] for s in dep["schedules"]]
+
+    # The older way of writing: `schedule` + `is_schedule_active`.
+    old = new_deployment(client, schedule={"interval": 600}, is_schedule_active=False)
+    assert len(old["schedules"]) == 1
+    assert old["schedules"][0]["schedule"]["interval"] == 600
+    assert old["schedule"]["interval"] == 600
+    assert old["is_schedule_active"] is False and old["paused"] is True
+
+
+def test_schedules_added_and_deleted_through_their_routes(quiet_client):
+    client = quiet_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}])
+    status, added = client.post(f"/deployments/{dep['id']}/schedules",
+                                [{"schedule": {"cron": "*/5 * * * *"}, "active": False}])
+    assert status == 201, added
+    schedules = client.ok("GET", f"/deployments/{dep['id']}/schedules")
+    assert len(schedules) == 2
+    cron = [s for s in schedules if "cron" in s["schedule"]]
+    assert len(cron) == 1 and cron[0]["active"] is False
+    status, body = client.delete(f"/deployments/{dep['id']}/schedules/{cron[0]['id']}")
+    assert status == 204, body
+    assert [s["schedule"].get("interval") for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")] == [3600]
+    assert client.delete(f"/deployments/{dep['id']}/schedules/{cron[0]['id']}")[0] == 404
+
+
+@pytest.mark.parametrize("schedule, field", [
+    ({"interval": -5}, "interval"),
+    ({"interval": 0}, "interval"),
+    ({"cron": "not a cron"}, "cron"),
+    ({"cron": "61 * * * *"}, "cron"),
+    ({"cron": "0 9 * * *", "timezone": "Mars/Olympus_Mons"}, "timezone"),
+    ({"rrule": "FREQ=SOMETIMES"}, "rrule"),
+    ({"interval": 60, "anchor_date": "yesterday-ish"}, "anchor_date"),
+    ({"interval": 60, "cron": "* * * * *"}, "schedule"),
+    ({"every": 60}, "schedule"),
+])
+def test_invalid_schedules_are_422_naming_the_field(quiet_client, schedule, field):
+    client = quiet_client
+    flow = new_flow(client)
+    name = unique("bad")
+    status, body = client.post("/deployments/", {"name": name, "flow_id": flow["id"],
+                                                 "schedules": [{"schedule": schedule}]})
+    assert status == 422, body
+    assert any(loc[:2] == ("body", "schedules") and field in loc for loc in locs(body)), body
+    # Nothing half-created.
+    assert client.get(f"/deployments/name/{flow['name']}/{name}")[0] == 404
+    # The older single field is checked too, and PATCH as well.
+    status, body = client.post("/deployments/", {"name": name, "flow_id": flow["id"], "schedule": schedule})
+    assert status == 422, body
+    assert any(field in loc for loc in locs(body)), body
+    dep = new_deployment(client, flow["id"])
+    status, body = client.patch(f"/deployments/{dep['id']}", {"schedules": [{"schedule": schedule}]})
+    assert status == 422, body
+    assert any(field in loc for loc in locs(body)), body
+    assert client.ok("GET", f"/deployments/{dep['id']}")["schedules"] == []
+
+
+# --- pause and resume --------------------------------------------------------------------------
+
+def test_pause_and_resume(fast_client):
+    client = fast_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 600}, "active": True}])
+    wait_until(lambda: len(runs_of(client, dep["id"])) >= 6, what="the scheduler to fill the schedule")
+    manual = run_from(client, dep["id"])
+
+    status, body = client.post(f"/deployments/{dep['id']}/pause_deployment")
+    assert status in (200, 204), body
+    paused = client.ok("GET", f"/deployments/{dep['id']}")
+    assert paused["paused"] is True and paused["is_schedule_active"] is False
+    # Its future auto-scheduled runs are gone; the hand-made run stays.
+    remaining = runs_of(client, dep["id"])
+    assert [r["id"] for r in remaining] == [manual["id"]], remaining
+    time.sleep(1.0)  # several scheduler passes (0.2 s apart)
+    assert [r["id"] for r in runs_of(client, dep["id"])] == [manual["id"]], "a paused deployment got new runs"
+
+    status, body = client.post(f"/deployments/{dep['id']}/resume_deployment")
+    assert status in (200, 204), body
+    resumed = client.ok("GET", f"/deployments/{dep['id']}")
+    assert resumed["paused"] is False and resumed["is_schedule_active"] is True
+    wait_until(lambda: len([r for r in runs_of(client, dep["id"]) if r["auto_scheduled"]]) >= 6,
+               what="runs after resuming")
+    assert client.post(f"/deployments/{uuid.uuid4()}/pause_deployment")[0] == 404
+
+
+def test_pause_and_resume_flip_a_single_schedules_active_flag(quiet_client):
+    """Prefect 2.20 keeps the one schedule of an older-style deployment in step with pause / resume."""
+    client = quiet_client
+    dep = new_deployment(client, schedule={"interval": 3600})
+    client.ok("POST", f"/deployments/{dep['id']}/pause_deployment")
+    (schedule,) = client.ok("GET", f"/deployments/{dep['id']}")["schedules"]
+    assert schedule["active"] is False
+    client.ok("POST", f"/deployments/{dep['id']}/resume_deployment")
+    (schedule,) = client.ok("GET", f"/deployments/{dep['id']}")["schedules"]
+    assert schedule["active"] is True
+    # The legacy spellings do the same.
+    client.ok("POST", f"/deployments/{dep['id']}/set_schedule_inactive")
+    read = client.ok("GET", f"/deployments/{dep['id']}")
+    assert read["paused"] is True and read["is_schedule_active"] is False
+
+
+def test_pause_through_patch_paused(fast_client):
+    client = fast_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 600}}])
+    wait_until(lambda: runs_of(client, dep["id"]), what="scheduled runs")
+    status, body = client.patch(f"/deployments/{dep['id']}", {"paused": True})
+    assert status == 204, body
+    read = client.ok("GET", f"/deployments/{dep['id']}")
+    assert read["paused"] is True and read["is_schedule_active"] is False
+    time.sleep(1.0)
+    # Created runs before the pause may remain, but no new ones appear: the count is stable.
+    count = len(runs_of(client, dep["id"]))
+    time.sleep(1.0)
+    assert len(runs_of(client, dep["id"])) == count
+
+
+# --- parameter schemas -------------------------------------------------------------------------
+
+def test_parameter_openapi_schema_is_stored_and_returned(client):
+    dep = new_deployment(client, parameter_openapi_schema=PARAM_SCHEMA)
+    assert dep["parameter_openapi_schema"] == PARAM_SCHEMA
+    assert client.ok("GET", f"/deployments/{dep['id']}")["parameter_openapi_schema"] == PARAM_SCHEMA
+    assert dep["enforce_parameter_schema"] is False
+    # Not enforced: anything goes.
+    run = run_from(client, dep["id"], parameters={"x": "not an int"})
+    assert run["parameters"] == {"x": "not an int"}
+
+
+def test_enforced_schema_rejects_a_wrong_type(client):
+    dep = new_deployment(client, parameter_openapi_schema=PARAM_SCHEMA, enforce_parameter_schema=True)
+    assert dep["enforce_parameter_schema"] is True
+    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"x": "seven"}})
+    assert status == 422, body
+    assert any(loc[-1] == "x" for loc in locs(body)), body
+    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run",
+                               {"parameters": {"x": 1, "label": 5}})
+    assert status == 422, body
+    assert any(loc[-1] == "label" for loc in locs(body)), body
+    assert not any(loc[-1] == "x" for loc in locs(body)), body
+    # A valid run goes through, and no run was left behind by the refusals.
+    ok = run_from(client, dep["id"], parameters={"x": 7})
+    assert ok["parameters"] == {"x": 7}
+    assert [r["id"] for r in runs_of(client, dep["id"]) if not r["auto_scheduled"]] == [ok["id"]]
+
+
+def test_enforced_schema_rejects_a_missing_required_parameter(client):
+    dep = new_deployment(client, parameter_openapi_schema=PARAM_SCHEMA, enforce_parameter_schema=True)
+    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"label": "x"}})
+    assert status == 422, body
+    assert any(loc[-1] == "x" for loc in locs(body)), body
+    # A default on the deployment satisfies it.
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"parameters": {"x": 3}})
+    assert run_from(client, dep["id"], parameters={"label": "x"})["parameters"] == {"x": 3, "label": "x"}
+
+
+def test_enforcement_can_be_switched_off_per_run(client):
+    dep = new_deployment(client, parameter_openapi_schema=PARAM_SCHEMA, enforce_parameter_schema=True)
+    run = run_from(client, dep["id"], parameters={"x": "free text"}, enforce_parameter_schema=False)
+    assert run["parameters"] == {"x": "free text"}

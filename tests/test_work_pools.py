@@ -1,0 +1,452 @@
+"""Work pools, work queues and workers through real HTTP: pools with their default queue, queues with
+priorities, pauses and concurrency limits, `get_scheduled_flow_runs` as a worker polls it, worker
+heartbeats, the READY / NOT_READY / PAUSED statuses, and the older id-based `/work_queues/` routes."""
+
+import datetime as dt
+import time
+import uuid
+
+import pytest
+
+import prefectlite
+from helpers import Client
+
+
+def now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment):
+    return moment.isoformat()
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+POOL_FIELDS = {"id", "created", "updated", "name", "description", "type", "base_job_template", "is_paused",
+               "concurrency_limit", "default_queue_id", "status"}
+QUEUE_FIELDS = {"id", "created", "updated", "name", "description", "is_paused", "concurrency_limit", "priority",
+                "last_polled", "work_pool_id", "work_pool_name", "status", "filter"}
+
+
+@pytest.fixture
+def api(tmp_path):
+    """A server whose scheduler is off, so the only runs are the ones a test makes."""
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/pools.db", port=0,
+                           PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+        yield Client(api_url)
+
+
+def new_pool(api, name=None, **fields):
+    return api.ok("POST", "/work_pools/", {"name": name or unique("pool"), "type": "process", **fields})
+
+
+def new_queue(api, pool, name=None, **fields):
+    return api.ok("POST", f"/work_pools/{pool}/queues", {"name": name or unique("queue"), **fields})
+
+
+def new_deployment(api, pool, queue=None):
+    flow = api.ok("POST", "/flows/", {"name": unique("flow")})
+    body = {"name": unique("dep"), "flow_id": flow["id"], "work_pool_name": pool}
+    if queue:
+        body["work_queue_name"] = queue
+    return api.ok("POST", "/deployments/", body)
+
+
+def due_run(api, dep, queue=None, minutes_ago=1.0, minutes_ahead=None):
+    when = now() + (dt.timedelta(minutes=minutes_ahead) if minutes_ahead is not None
+                    else -dt.timedelta(minutes=minutes_ago))
+    body = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(when)}}}
+    if queue:
+        body["work_queue_name"] = queue
+    return api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", body)
+
+
+def set_state(api, run_id, state_type):
+    api.ok("POST", f"/flow_runs/{run_id}/set_state", {"state": {"type": state_type}, "force": True})
+
+
+def wait_for(read, done, timeout=5.0):
+    """read() until done(value), for at most `timeout` seconds; returns the last value read."""
+    deadline = time.monotonic() + timeout
+    value = read()
+    while not done(value) and time.monotonic() < deadline:
+        time.sleep(0.1)
+        value = read()
+    return value
+
+
+def poll(api, pool, **body):
+    offered = api.ok("POST", f"/work_pools/{pool}/get_scheduled_flow_runs", body)
+    for item in offered:
+        assert set(item) >= {"work_pool_id", "work_queue_id", "flow_run"}, item
+        assert item["flow_run"]["work_queue_id"] == item["work_queue_id"]
+    return offered
+
+
+def offered_ids(api, pool, **body):
+    return [item["flow_run"]["id"] for item in poll(api, pool, **body)]
+
+
+# --- pools -------------------------------------------------------------------------------------
+
+def test_create_pool_with_its_default_queue(api):
+    name = unique("pool")
+    template = {"job_configuration": {"command": "{{ command }}"},
+                "variables": {"type": "object", "properties": {"command": {"type": "string"}}}}
+    status, pool = api.post("/work_pools/", {"name": name, "type": "process", "description": "local processes",
+                                             "base_job_template": template})
+    assert status == 201, pool
+    assert POOL_FIELDS <= set(pool), POOL_FIELDS - set(pool)
+    assert (pool["name"], pool["type"], pool["description"]) == (name, "process", "local processes")
+    assert pool["base_job_template"] == template
+    assert pool["is_paused"] is False and pool["concurrency_limit"] is None
+    assert pool["status"] == "NOT_READY"
+    queues = api.ok("POST", f"/work_pools/{name}/queues/filter", {})
+    assert [q["name"] for q in queues] == ["default"]
+    default = queues[0]
+    assert default["id"] == pool["default_queue_id"]
+    assert QUEUE_FIELDS <= set(default), QUEUE_FIELDS - set(default)
+    assert default["work_pool_id"] == pool["id"] and default["work_pool_name"] == name
+    assert default["priority"] == 1
+    assert api.ok("GET", f"/work_pools/{name}/queues/default")["id"] == pool["default_queue_id"]
+
+
+def test_pool_defaults_and_conflicts(api):
+    name = unique("pool")
+    status, pool = api.post("/work_pools/", {"name": name})
+    assert status == 201, pool
+    assert pool["type"] == "prefect-agent" and pool["base_job_template"] == {}
+    status, body = api.post("/work_pools/", {"name": name, "type": "process"})
+    assert status == 409, body
+    status, body = api.post("/work_pools/", {"type": "process"})
+    assert status == 422, body
+    status, body = api.post("/work_pools/", {"name": "a/b"})
+    assert status == 422, body
+
+
+def test_read_update_delete_pool(api):
+    pool = new_pool(api)
+    name = pool["name"]
+    assert api.ok("GET", f"/work_pools/{name}")["id"] == pool["id"]
+    assert api.get(f"/work_pools/{unique('missing')}")[0] == 404
+    status, body = api.patch(f"/work_pools/{name}", {"description": "changed", "concurrency_limit": 3})
+    assert status == 204, body
+    read = api.ok("GET", f"/work_pools/{name}")
+    assert (read["description"], read["concurrency_limit"], read["type"]) == ("changed", 3, "process")
+    api.ok("PATCH", f"/work_pools/{name}", {"concurrency_limit": None})
+    assert api.ok("GET", f"/work_pools/{name}")["concurrency_limit"] is None
+    assert api.patch(f"/work_pools/{unique('missing')}", {"description": "x"})[0] == 404
+    assert api.patch(f"/work_pools/{name}", {"concurrency_limit": -1})[0] == 422
+    status, body = api.delete(f"/work_pools/{name}")
+    assert status == 204, body
+    assert api.get(f"/work_pools/{name}")[0] == 404
+    assert api.delete(f"/work_pools/{name}")[0] == 404
+    # Its queues went with it.
+    assert api.get(f"/work_queues/{pool['default_queue_id']}")[0] == 404
+
+
+def test_filter_and_count_pools(api):
+    a = new_pool(api, unique("alpha"))
+    b = new_pool(api, unique("beta"), type="kubernetes")
+    c = new_pool(api, unique("gamma"))
+    ids = [a["id"], b["id"], c["id"]]
+    mine = {"work_pools": {"id": {"any_": ids}}}
+    assert sorted(p["id"] for p in api.ok("POST", "/work_pools/filter", mine)) == sorted(ids)
+    assert api.ok("POST", "/work_pools/count", mine) == 3
+    by_name = api.ok("POST", "/work_pools/filter", {"work_pools": {"name": {"any_": [b["name"]]}}})
+    assert [p["id"] for p in by_name] == [b["id"]]
+    by_type = api.ok("POST", "/work_pools/filter", {"work_pools": {"id": {"any_": ids},
+                                                                   "type": {"any_": ["kubernetes"]}}})
+    assert [p["id"] for p in by_type] == [b["id"]]
+    assert api.ok("POST", "/work_pools/count", {"work_pools": {"name": {"any_": [unique("none")]}}}) == 0
+    page = api.ok("POST", "/work_pools/filter", {**mine, "limit": 2})
+    assert len(page) == 2
+
+
+# --- queues ------------------------------------------------------------------------------------
+
+def test_queue_create_read_update_delete(api):
+    pool = new_pool(api)["name"]
+    status, queue = api.post(f"/work_pools/{pool}/queues",
+                             {"name": "gpu", "description": "big jobs", "concurrency_limit": 2, "priority": 5})
+    assert status == 201, queue
+    assert QUEUE_FIELDS <= set(queue), QUEUE_FIELDS - set(queue)
+    assert (queue["name"], queue["description"], queue["concurrency_limit"], queue["priority"]) == (
+        "gpu", "big jobs", 2, 5)
+    assert queue["work_pool_name"] == pool and queue["is_paused"] is False
+    assert api.post(f"/work_pools/{pool}/queues", {"name": "gpu"})[0] == 409
+    assert api.post(f"/work_pools/{unique('missing')}/queues", {"name": "x"})[0] == 404
+    assert api.ok("GET", f"/work_pools/{pool}/queues/gpu")["id"] == queue["id"]
+    assert api.get(f"/work_pools/{pool}/queues/{unique('missing')}")[0] == 404
+
+    status, body = api.patch(f"/work_pools/{pool}/queues/gpu", {"description": "bigger jobs", "concurrency_limit": 4})
+    assert status == 204, body
+    read = api.ok("GET", f"/work_pools/{pool}/queues/gpu")
+    assert (read["description"], read["concurrency_limit"]) == ("bigger jobs", 4)
+    api.ok("PATCH", f"/work_pools/{pool}/queues/gpu", {"name": "gpu-2"})
+    assert api.get(f"/work_pools/{pool}/queues/gpu")[0] == 404
+    assert api.ok("GET", f"/work_pools/{pool}/queues/gpu-2")["id"] == queue["id"]
+
+    status, body = api.delete(f"/work_pools/{pool}/queues/gpu-2")
+    assert status == 204, body
+    assert api.get(f"/work_pools/{pool}/queues/gpu-2")[0] == 404
+    # The default queue stays: a pool always has one.
+    status, body = api.delete(f"/work_pools/{pool}/queues/default")
+    assert status >= 400, body
+    assert api.get(f"/work_pools/{pool}/queues/default")[0] == 200
+
+
+def test_queue_priorities(api):
+    pool = new_pool(api)["name"]
+    # Without a priority a queue goes last.
+    second = new_queue(api, pool, "second")
+    third = new_queue(api, pool, "third")
+    assert (second["priority"], third["priority"]) == (2, 3)
+    # Taking a priority that is in use moves the others down (Prefect keeps priorities distinct).
+    urgent = new_queue(api, pool, "urgent", priority=1)
+    assert urgent["priority"] == 1
+    queues = api.ok("POST", f"/work_pools/{pool}/queues/filter", {})
+    assert [q["name"] for q in queues][0] == "urgent", queues
+    priorities = [q["priority"] for q in queues]
+    assert len(set(priorities)) == len(priorities), f"two queues share a priority: {queues}"
+    assert priorities == sorted(priorities)
+    assert [q["name"] for q in queues] == ["urgent", "default", "second", "third"]
+
+
+def test_queue_validation(api):
+    pool = new_pool(api)["name"]
+    assert api.post(f"/work_pools/{pool}/queues", {"name": "q", "priority": 0})[0] == 422
+    assert api.post(f"/work_pools/{pool}/queues", {"name": "q", "concurrency_limit": -1})[0] == 422
+    assert api.post(f"/work_pools/{pool}/queues", {"priority": 3})[0] == 422
+
+
+# --- handing out runs --------------------------------------------------------------------------
+
+def test_get_scheduled_flow_runs_hands_out_due_runs(api):
+    pool = new_pool(api)
+    name = pool["name"]
+    dep = new_deployment(api, name)
+    first = due_run(api, dep, minutes_ago=5)
+    second = due_run(api, dep, minutes_ago=1)
+    future = due_run(api, dep, minutes_ahead=60)
+    running = due_run(api, dep, minutes_ago=10)
+    set_state(api, running["id"], "RUNNING")
+    other_pool = new_pool(api)["name"]
+    due_run(api, new_deployment(api, other_pool))
+
+    offered = poll(api, name, scheduled_before=iso(now()))
+    assert [o["flow_run"]["id"] for o in offered] == [first["id"], second["id"]]
+    assert all(o["work_pool_id"] == pool["id"] and o["work_queue_id"] == pool["default_queue_id"] for o in offered)
+    assert all(o["flow_run"]["state_type"] == "SCHEDULED" for o in offered)
+    # Looking further ahead finds the future run too.
+    assert offered_ids(api, name, scheduled_before=iso(now() + dt.timedelta(hours=2))) == [
+        first["id"], second["id"], future["id"]]
+    assert offered_ids(api, name, scheduled_before=iso(now()), limit=1) == [first["id"]]
+    assert offered_ids(api, name, scheduled_after=iso(now() - dt.timedelta(minutes=3)),
+                       scheduled_before=iso(now())) == [second["id"]]
+    assert api.post(f"/work_pools/{unique('missing')}/get_scheduled_flow_runs", {})[0] == 404
+
+
+def test_priority_order_and_work_queue_names(api):
+    name = new_pool(api)["name"]  # its default queue has priority 1
+    new_queue(api, name, "low", priority=10)
+    new_queue(api, name, "high", priority=2)
+    dep = new_deployment(api, name)
+    low_early = due_run(api, dep, queue="low", minutes_ago=30)
+    high_late = due_run(api, dep, queue="high", minutes_ago=1)
+    default_mid = due_run(api, dep, minutes_ago=10)
+    # The higher-priority queue is served first when not everything fits.
+    assert offered_ids(api, name, scheduled_before=iso(now()), limit=1) == [default_mid["id"]]
+    assert offered_ids(api, name, scheduled_before=iso(now()), limit=1,
+                       work_queue_names=["low", "high"]) == [high_late["id"]]
+    everything = offered_ids(api, name, scheduled_before=iso(now()))
+    assert sorted(everything) == sorted([low_early["id"], high_late["id"], default_mid["id"]])
+    # Only the named queues.
+    assert offered_ids(api, name, scheduled_before=iso(now()), work_queue_names=["low"]) == [low_early["id"]]
+    assert sorted(offered_ids(api, name, scheduled_before=iso(now()), work_queue_names=["low", "default"])) == sorted(
+        [low_early["id"], default_mid["id"]])
+
+
+def test_queue_concurrency_limit(api):
+    name = new_pool(api)["name"]
+    new_queue(api, name, "limited", concurrency_limit=1)
+    dep = new_deployment(api, name, queue="limited")
+    busy = due_run(api, dep, minutes_ago=5)
+    waiting = due_run(api, dep, minutes_ago=4)
+    other = due_run(api, dep, queue="default", minutes_ago=3)
+    assert sorted(offered_ids(api, name, scheduled_before=iso(now()))) == sorted([busy["id"], other["id"]])
+    set_state(api, busy["id"], "RUNNING")
+    assert offered_ids(api, name, scheduled_before=iso(now())) == [other["id"]], "the queue is full"
+    set_state(api, busy["id"], "COMPLETED")
+    assert waiting["id"] in offered_ids(api, name, scheduled_before=iso(now()))
+    # A limit of 0 hands out nothing from that queue.
+    api.ok("PATCH", f"/work_pools/{name}/queues/limited", {"concurrency_limit": 0})
+    assert offered_ids(api, name, scheduled_before=iso(now())) == [other["id"]]
+
+
+def test_pool_concurrency_limit(api):
+    name = new_pool(api, concurrency_limit=2)["name"]
+    new_queue(api, name, "other")
+    dep = new_deployment(api, name)
+    a = due_run(api, dep, minutes_ago=5)
+    b = due_run(api, dep, queue="other", minutes_ago=4)
+    c = due_run(api, dep, minutes_ago=3)
+    first = offered_ids(api, name, scheduled_before=iso(now()))
+    assert len(first) == 2 and a["id"] in first, first
+    set_state(api, a["id"], "RUNNING")
+    assert len(offered_ids(api, name, scheduled_before=iso(now()))) == 1
+    set_state(api, b["id"], "PENDING")
+    assert offered_ids(api, name, scheduled_before=iso(now())) == [], "the pool is full"
+    set_state(api, a["id"], "COMPLETED")
+    assert offered_ids(api, name, scheduled_before=iso(now())) == [c["id"]]
+
+
+def test_paused_pool_and_paused_queue_hand_out_nothing(api):
+    pool = new_pool(api)
+    name = pool["name"]
+    new_queue(api, name, "side")
+    dep = new_deployment(api, name)
+    main = due_run(api, dep, minutes_ago=2)
+    side = due_run(api, dep, queue="side", minutes_ago=1)
+    api.ok("PATCH", f"/work_pools/{name}/queues/side", {"is_paused": True})
+    assert api.ok("GET", f"/work_pools/{name}/queues/side")["status"] == "PAUSED"
+    assert offered_ids(api, name, scheduled_before=iso(now())) == [main["id"]]
+    api.ok("PATCH", f"/work_pools/{name}", {"is_paused": True})
+    paused = api.ok("GET", f"/work_pools/{name}")
+    assert paused["is_paused"] is True and paused["status"] == "PAUSED"
+    assert offered_ids(api, name, scheduled_before=iso(now())) == []
+    api.ok("PATCH", f"/work_pools/{name}", {"is_paused": False})
+    api.ok("PATCH", f"/work_pools/{name}/queues/side", {"is_paused": False})
+    assert sorted(offered_ids(api, name, scheduled_before=iso(now()))) == sorted([main["id"], side["id"]])
+
+
+# --- workers and statuses ----------------------------------------------------------------------
+
+def test_worker_heartbeats(api):
+    pool = new_pool(api)["name"]
+    assert api.ok("POST", f"/work_pools/{pool}/workers/filter", {}) == []
+    status, body = api.post(f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-1", "heartbeat_interval_seconds": 30})
+    assert status == 204, body
+    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-1", "heartbeat_interval_seconds": 30})
+    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-2"})
+    workers = api.ok("POST", f"/work_pools/{pool}/workers/filter", {})
+    assert sorted(w["name"] for w in workers) == ["worker-1", "worker-2"], "one row per worker name"
+    for worker in workers:
+        assert {"id", "created", "updated", "name", "work_pool_id", "last_heartbeat_time", "status",
+                "heartbeat_interval_seconds"} <= set(worker), worker
+        assert worker["status"] == "ONLINE"
+    assert {w["name"]: w["heartbeat_interval_seconds"] for w in workers}["worker-1"] == 30
+    assert api.post(f"/work_pools/{unique('missing')}/workers/heartbeat", {"name": "w"})[0] == 404
+    assert api.post(f"/work_pools/{pool}/workers/heartbeat", {})[0] == 422
+    status, body = api.delete(f"/work_pools/{pool}/workers/worker-2")
+    assert status == 204, body
+    assert [w["name"] for w in api.ok("POST", f"/work_pools/{pool}/workers/filter", {})] == ["worker-1"]
+    assert api.delete(f"/work_pools/{pool}/workers/worker-2")[0] == 404
+
+
+def test_workers_filter_by_status_online(api):
+    pool = new_pool(api)["name"]
+    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-1", "heartbeat_interval_seconds": 30})
+    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-2"})
+    online = api.ok("POST", f"/work_pools/{pool}/workers/filter", {"workers": {"status": {"any_": ["ONLINE"]}}})
+    assert sorted(w["name"] for w in online) == ["worker-1", "worker-2"]
+    assert all(w["status"] == "ONLINE" for w in online)
+    # (Prefect 2.20 itself ignores the status filter: asking for OFFLINE returns online workers too.)
+
+
+def test_pool_and_queue_status_follow_heartbeats_and_polls(api):
+    pool = new_pool(api)["name"]
+    new_queue(api, pool, "never-polled")
+    assert api.ok("GET", f"/work_pools/{pool}")["status"] == "NOT_READY"
+    assert api.ok("GET", f"/work_pools/{pool}/queues/default")["status"] == "NOT_READY"
+    # A worker's heartbeat makes the pool READY.
+    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "w1", "heartbeat_interval_seconds": 30})
+    assert api.ok("GET", f"/work_pools/{pool}")["status"] == "READY"
+    # A poll of one queue makes that queue READY and records when.
+    poll(api, pool, work_queue_names=["default"])
+    default = wait_for(lambda: api.ok("GET", f"/work_pools/{pool}/queues/default"),
+                       lambda q: q["status"] == "READY")  # (Prefect records a poll just after answering it)
+    assert default["status"] == "READY" and default["last_polled"] is not None
+    assert api.ok("GET", f"/work_pools/{pool}/queues/never-polled")["status"] == "NOT_READY"
+    # Paused wins over both.
+    api.ok("PATCH", f"/work_pools/{pool}/queues/default", {"is_paused": True})
+    assert api.ok("GET", f"/work_pools/{pool}/queues/default")["status"] == "PAUSED"
+    api.ok("PATCH", f"/work_pools/{pool}", {"is_paused": True})
+    assert api.ok("GET", f"/work_pools/{pool}")["status"] == "PAUSED"
+    listed = {p["name"]: p for p in api.ok("POST", "/work_pools/filter", {"work_pools": {"name": {"any_": [pool]}}})}
+    assert listed[pool]["status"] == "PAUSED"
+
+
+def test_a_worker_silent_for_three_intervals_is_offline(api):
+    pool = new_pool(api)["name"]
+    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "sleepy", "heartbeat_interval_seconds": 1})
+    (worker,) = api.ok("POST", f"/work_pools/{pool}/workers/filter", {})
+    assert worker["status"] == "ONLINE"
+    deadline = time.monotonic() + 15
+    while True:
+        (worker,) = api.ok("POST", f"/work_pools/{pool}/workers/filter", {})
+        if worker["status"] == "OFFLINE" or time.monotonic() > deadline:
+            break
+        time.sleep(0.25)
+    assert worker["status"] == "OFFLINE", worker
+
+
+# --- the older id-based queue routes ------------------------------------------------------------
+
+def test_older_work_queue_routes(api):
+    name = unique("legacy")
+    status, queue = api.post("/work_queues/", {"name": name, "description": "old style", "concurrency_limit": 5})
+    assert status == 201, queue
+    assert QUEUE_FIELDS <= set(queue), QUEUE_FIELDS - set(queue)
+    assert queue["work_pool_name"] == "default-agent-pool"
+    assert api.post("/work_queues/", {"name": name})[0] == 409
+    assert api.ok("GET", f"/work_queues/{queue['id']}")["name"] == name
+    assert api.ok("GET", f"/work_queues/name/{name}")["id"] == queue["id"]
+    assert api.get(f"/work_queues/name/{unique('missing')}")[0] == 404
+    assert api.get(f"/work_queues/{uuid.uuid4()}")[0] == 404
+
+    status, body = api.patch(f"/work_queues/{queue['id']}", {"description": "still old", "is_paused": True})
+    assert status == 204, body
+    read = api.ok("GET", f"/work_queues/{queue['id']}")
+    assert (read["description"], read["is_paused"], read["status"]) == ("still old", True, "PAUSED")
+    api.ok("PATCH", f"/work_queues/{queue['id']}", {"is_paused": False})
+
+    found = api.ok("POST", "/work_queues/filter", {"work_queues": {"name": {"any_": [name]}}})
+    assert [q["id"] for q in found] == [queue["id"]]
+
+    # Not polled yet: unhealthy. Polled (an agent's get_runs): healthy.
+    assert api.ok("GET", f"/work_queues/{queue['id']}/status")["healthy"] is False
+    assert api.ok("POST", f"/work_queues/{queue['id']}/get_runs", {"scheduled_before": iso(now())}) == []
+    health = api.ok("GET", f"/work_queues/{queue['id']}/status")
+    assert health["healthy"] is True and health["last_polled"] is not None
+    assert health["late_runs_count"] == 0
+    # A deployment on that queue (no pool named): its due runs come out of /work_queues/{id}/get_runs.
+    flow = api.ok("POST", "/flows/", {"name": unique("flow")})
+    dep = api.ok("POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "work_queue_name": name})
+    assert dep["work_queue_name"] == name
+    run = due_run(api, dep, minutes_ago=1)
+    assert run["work_queue_id"] == queue["id"]
+    runs = api.ok("POST", f"/work_queues/{queue['id']}/get_runs", {"scheduled_before": iso(now())})
+    assert [r["id"] for r in runs] == [run["id"]]
+
+    status, body = api.delete(f"/work_queues/{queue['id']}")
+    assert status == 204, body
+    assert api.get(f"/work_queues/{queue['id']}")[0] == 404
+    assert api.delete(f"/work_queues/{queue['id']}")[0] == 404
+
+
+def test_work_queue_status_counts_late_runs(api):
+    pool = new_pool(api)["name"]
+    dep = new_deployment(api, pool)
+    queue = api.ok("GET", f"/work_pools/{pool}/queues/default")
+    run = due_run(api, dep, minutes_ago=5)
+    api.ok("POST", f"/flow_runs/{run['id']}/set_state",
+           {"state": {"type": "SCHEDULED", "name": "Late",
+                      "state_details": {"scheduled_time": run["expected_start_time"]}}, "force": True})
+    poll(api, pool)
+    health = api.ok("GET", f"/work_queues/{queue['id']}/status")
+    assert health["late_runs_count"] == 1, health
+    assert health["healthy"] is False, "a queue with a late run is unhealthy (maximum_late_runs is 0)"
+    assert health["health_check_policy"] == {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}
