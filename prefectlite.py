@@ -313,6 +313,10 @@ class IntegrityViolation(DatabaseError):
     pass
 
 
+class DataRejected(DatabaseError):
+    """The database refused a value (too long, out of range, a NUL character): the client's input, a 422."""
+
+
 def _dict_row(cursor, row):
     return {col[0]: value for col, value in zip(cursor.description, row)}
 
@@ -453,6 +457,11 @@ class Database:
 
     def contains(self, column: str) -> str:
         return self.json_array_contains.format(col=column)
+
+    @contextlib.contextmanager
+    def unbounded_statements(self):
+        """Statements that may take long on purpose (migrations) are not cut off by the deadline."""
+        yield
 
     def close(self):
         pass
@@ -732,6 +741,9 @@ class PostgresDatabase(Database):
         self._psycopg = psycopg
         self._dict_row = dict_row
         self.conninfo = conninfo
+        self.statement_seconds = self.timeout + 5.0  # longer than any request's transaction should take
+        self._watchdog = _SocketWatchdog()
+        self._unbounded = threading.local()
         self._pool = queue.LifoQueue()
         self._closed = False
         conn = self._connect()
@@ -793,6 +805,8 @@ class PostgresDatabase(Database):
             return DatabaseUnavailable(f"PostgreSQL is unavailable: {lines[0] if lines else type(exc).__name__}")
         if isinstance(exc, psycopg.errors.SerializationFailure) or isinstance(exc, psycopg.errors.DeadlockDetected):
             return DatabaseUnavailable("the database is busy (serialization conflict)")
+        if isinstance(exc, psycopg.DataError):
+            return DataRejected(str(exc).strip().splitlines()[0])
         return None
 
     def _execute(self, conn, sql, params):
@@ -823,6 +837,10 @@ class PostgresDatabase(Database):
     @contextlib.contextmanager
     def write(self):
         conn = self._acquire()
+        # A database that stops answering (a cut network, a stuck proxy) must become a 503, not a hang:
+        # the watchdog ends a transaction that outlives its deadline (migrations are exempt).
+        bounded = not getattr(self._unbounded, "on", False)
+        token = self._watchdog.arm(conn, time.perf_counter() + self.statement_seconds) if bounded else None
         try:
             try:
                 with conn.transaction():
@@ -834,6 +852,8 @@ class PostgresDatabase(Database):
                     raise mapped from None
                 raise
         finally:
+            if token is not None:
+                self._watchdog.disarm(token)
             self._release(conn)
         _run_after_commit(tx)
 
@@ -843,6 +863,14 @@ class PostgresDatabase(Database):
         with self.write() as tx:
             for statement in split_sql_script(script):
                 tx.execute(statement)
+
+    @contextlib.contextmanager
+    def unbounded_statements(self):
+        self._unbounded.on = True
+        try:
+            yield
+        finally:
+            self._unbounded.on = False
 
     def table_names(self, tx) -> list[str]:
         rows = tx.query("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()")
@@ -899,6 +927,56 @@ class PostgresDatabase(Database):
                 break
             with contextlib.suppress(Exception):
                 conn.close()
+
+
+class _SocketWatchdog:
+    """Ends the connection of a statement that outlives its deadline (one thread for all connections).
+
+    The driver blocks in a socket read with no timeout of its own; shutting the socket down turns that
+    wait into an OperationalError, which becomes a 503 and a fresh connection next time.
+    """
+
+    def __init__(self):
+        self._lock = threading.Condition()
+        self._armed: dict = {}
+        self._counter = 0
+        self._thread = None
+
+    def arm(self, conn, deadline: float) -> int:
+        with self._lock:
+            self._counter += 1
+            self._armed[self._counter] = (deadline, conn)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._watch, name="prefectlite-db-watchdog", daemon=True)
+                self._thread.start()
+            return self._counter
+
+    def disarm(self, token: int):
+        with self._lock:
+            self._armed.pop(token, None)
+
+    def _watch(self):
+        while True:
+            with self._lock:
+                now = time.perf_counter()
+                expired = [(t, c) for t, (d, c) in self._armed.items() if d <= now]
+                for token, _conn in expired:
+                    self._armed.pop(token, None)
+                soonest = min((d for d, _c in self._armed.values()), default=now + 1.0)
+            for _token, conn in expired:
+                _shut_socket(conn)
+            with self._lock:
+                self._lock.wait(max(0.05, min(soonest - time.perf_counter(), 1.0)))
+
+
+def _shut_socket(conn):
+    with contextlib.suppress(Exception):
+        dup = socket.socket(fileno=os.dup(conn.fileno()))
+        try:
+            dup.shutdown(socket.SHUT_RDWR)
+        finally:
+            dup.close()
+        log.warning("a database statement outlived its deadline; its connection was closed")
 
 
 _MEMORY_SQLITE = re.compile(r"^(?:file:)?:memory:")
@@ -1001,7 +1079,7 @@ def _apply(db: Database, revision: Revision, direction: str, new_revision: str |
         raise ConfigurationError(f"migration {revision.id} has no {direction} script for {db.dialect}")
     statements = split_sql_script(script.read_text(encoding="utf-8"))
     expected_before = revision.id if direction == "down" else _previous_id(revision.id)
-    with db.write() as tx:
+    with db.unbounded_statements(), db.write() as tx:
         if db.migration_lock:
             tx.execute(db.migration_lock)  # two servers migrating at once: one waits for the other
         tx.execute("CREATE TABLE IF NOT EXISTS prefectlite_version (revision VARCHAR(32) NOT NULL)")
@@ -1160,7 +1238,8 @@ def parse_datetime(value, loc=("body",)) -> str:
 
 
 def iso(moment: _dt.datetime) -> str:
-    return moment.astimezone(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f+00:00")
+    # isoformat pads years to four digits (strftime's %Y writes year 1 as "1", which sorts and parses wrong)
+    return moment.astimezone(_dt.timezone.utc).isoformat(timespec="microseconds")
 
 
 def utcnow() -> _dt.datetime:
@@ -1294,9 +1373,13 @@ def _validate_kind(kind, value, loc):
             raise ValidationFailed([_error(loc, "integer out of range (64-bit)", "value_error.number.out_of_range")])
         return int(value)
     if kind == "float":
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        try:
+            number = None if isinstance(value, bool) else float(value) if isinstance(value, (int, float)) else None
+        except OverflowError:  # an integer beyond any float
+            number = None
+        if number is None or not math.isfinite(number):
             raise ValidationFailed([_error(loc, "value is not a valid float", "type_error.float")])
-        return float(value)
+        return number
     if kind == "bool":
         if isinstance(value, bool):
             return value
@@ -6618,6 +6701,10 @@ def error_reply(exc: Exception, req: Request | None) -> tuple[int, object, dict]
         return 409, {"detail": exc.detail}, {}
     if isinstance(exc, IntegrityViolation):
         return 409, {"detail": "The request conflicts with existing data (a unique or reference constraint)."}, {}
+    if isinstance(exc, DataRejected):
+        return 422, {"exception_message": "Invalid request received.",
+                     "exception_detail": [_error(("body",), f"the database refused a value: {exc}", "value_error.database")],
+                     "request_body": None}, {}
     if isinstance(exc, DatabaseUnavailable):
         return 503, {"detail": f"Service unavailable: {exc}", "reason": str(exc)}, {"Retry-After": "1"}
     if isinstance(exc, HTTPError):
