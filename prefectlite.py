@@ -5336,6 +5336,12 @@ class Request:
         raise ValidationFailed([_error(("query", name), "value could not be parsed to a boolean", "type_error.bool")])
 
 
+def sent_fields(req) -> dict:
+    """The validated fields the client actually sent: a PATCH changes those and nothing else."""
+    sent = req.body_dict()
+    return {k: v for k, v in req.data.items() if k in sent}
+
+
 def body(schema):
     """Mark a handler with the schema of its request body (validation, defaults and OpenAPI)."""
     def mark(handler):
@@ -5472,7 +5478,7 @@ def read_flow_run(app, req):
 
 @body(FlowRunUpdate)
 def update_flow_run(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True)
         update_row(tx, "flow_run", req.uuid(), {**changes, "updated": now_iso()})
@@ -5575,7 +5581,7 @@ def read_task_run(app, req):
 
 @body(TaskRunUpdate)
 def update_task_run(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         require_row(tx, "task_run", req.uuid(), "Task run")
         update_row(tx, "task_run", req.uuid(), {**changes, "updated": now_iso()})
@@ -5639,7 +5645,7 @@ def update_block_type(app, req):
             # differs from its own before saving a block; refusing would break `.save()`, so the
             # request is acknowledged and nothing changes.
             return 204, NO_CONTENT
-        changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+        changes = sent_fields(req)
         update_row(tx, "block_type", req.uuid(), {**changes, "updated": now_iso()})
     return 204, NO_CONTENT
 
@@ -5819,7 +5825,7 @@ def read_variable(app, req):
 
 @body(VariableUpdate)
 def update_variable(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     _check_variable_value(changes)
     with app.db.write() as tx:
         row = _variable_row(tx, req, lock=True)
@@ -5855,7 +5861,7 @@ def read_artifact(app, req):
 
 @body(ArtifactUpdate)
 def update_artifact(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         require_row(tx, "artifact", req.uuid(), "Artifact", lock=True)
         update_row(tx, "artifact", req.uuid(), {**changes, "updated": now_iso()})
@@ -5977,7 +5983,7 @@ def read_global_limit(app, req):
 
 @body(ConcurrencyLimitV2Update)
 def update_global_limit(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         row = _global_limit_row(tx, req.params["id_or_name"], lock=True)
         update_row(tx, "concurrency_limit_v2", row["id"], {**changes, "updated": now_iso()})
@@ -6181,7 +6187,7 @@ def read_work_pool(app, req):
 
 @body(WorkPoolUpdate)
 def update_work_pool(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
         update_row(tx, "work_pool", pool["id"], {**changes, "updated": now_iso()})
@@ -6241,7 +6247,7 @@ def read_pool_queue(app, req):
 
 @body(WorkQueueUpdate)
 def update_pool_queue(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         _pool, row = _pool_queue(tx, req, lock=True)
         update_row(tx, "work_queue", row["id"], {**changes, "updated": now_iso()})
@@ -6318,7 +6324,7 @@ def read_work_queue_by_name(app, req):
 
 @body(WorkQueueUpdate)
 def update_work_queue(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     with app.db.write() as tx:
         require_row(tx, "work_queue", req.uuid(), "Work queue", lock=True)
         update_row(tx, "work_queue", req.uuid(), {**changes, "updated": now_iso()})
@@ -6382,7 +6388,7 @@ def read_notification_policy(app, req):
 
 @body(NotificationPolicyUpdate)
 def update_notification_policy(app, req):
-    changes = {k: v for k, v in req.data.items() if k in req.body_dict()}
+    changes = sent_fields(req)
     check_message_template(changes.get("message_template"))
     with app.db.write() as tx:
         require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy", lock=True)
