@@ -1934,22 +1934,33 @@ def page_limit(body: dict, settings: Settings) -> int:
     return cap if limit is None else min(limit, cap)
 
 
-def query_filtered(tx, table: str, body: dict, settings: Settings, extra_where: str = "", extra_params=()):
+def _where_with(tx, table, body, extra_where, extra_params):
     where, params = build_where(tx, table, body)
     if extra_where:
         where = f"({where}) AND ({extra_where})"
         params = [*params, *extra_params]
+    return where, params
+
+
+def filtered_query(tx, table: str, body: dict, settings: Settings, extra_where: str = "", extra_params=()):
+    """The SQL and parameters of a filter route's page (also what the query-plan tests explain)."""
+    where, params = _where_with(tx, table, body, extra_where, extra_params)
     sql = (f"SELECT {table}.* FROM {table} WHERE {where} ORDER BY {order_by(table, body.get('sort'))} "
            f"LIMIT ? OFFSET ?")
-    return tx.query(sql, (*params, page_limit(body, settings), body.get("offset") or 0))
+    return sql, (*params, page_limit(body, settings), body.get("offset") or 0)
+
+
+def count_query(tx, table: str, body: dict, extra_where: str = "", extra_params=()):
+    where, params = _where_with(tx, table, body, extra_where, extra_params)
+    return f"SELECT COUNT(*) AS n FROM {table} WHERE {where}", params
+
+
+def query_filtered(tx, table: str, body: dict, settings: Settings, extra_where: str = "", extra_params=()):
+    return tx.query(*filtered_query(tx, table, body, settings, extra_where, extra_params))
 
 
 def count_filtered(tx, table: str, body: dict, extra_where: str = "", extra_params=()) -> int:
-    where, params = build_where(tx, table, body)
-    if extra_where:
-        where = f"({where}) AND ({extra_where})"
-        params = [*params, *extra_params]
-    return int(tx.scalar(f"SELECT COUNT(*) AS n FROM {table} WHERE {where}", params))
+    return int(tx.scalar(*count_query(tx, table, body, extra_where, extra_params)))
 
 
 # --- 6. Orchestration ---
