@@ -8,6 +8,7 @@ problem is a failure.
 """
 
 import ast
+import re
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import prefectlite
 from helpers import ROOT, free_port, wait_for_health
 
 MODULE = ROOT / "prefectlite.py"
@@ -198,3 +200,17 @@ def test_pip_install_gives_a_working_command(tmp_path):
             if server.poll() is None:
                 server.kill()
                 server.wait(30)
+
+
+def test_readme_lists_every_setting():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    missing = [name for name in prefectlite.SETTINGS if f"`{name}`" not in readme]
+    assert not missing, f"settings missing from README.md's table: {missing}"
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    command = re.search(r"^(python3 -m pytest \S+)", readme, re.M)
+    assert command, "README.md gives no test command"
+    ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()]
+    assert command.group(1) in ci_lines, (command.group(1), ci_lines[-3:])
