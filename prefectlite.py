@@ -2694,7 +2694,8 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
 
 # Blocks: types, schemas, documents. Secret fields (the schema's `secret_fields`) are masked on read.
 
-SECRET_MASK = "**********"
+SECRET_MASK = "********"  # what Prefect 2.20 shows for a secret; clients send it back to mean "unchanged"
+_SECRET_MASKS = (SECRET_MASK, "**********")  # an older spelling of ours is understood too
 
 BlockTypeCreate = Schema("BlockTypeCreate", {
     "name": Field("str", required=True, nullable=False, max_length=255),
@@ -2791,7 +2792,7 @@ def _restore_masked(new, old):
         return new
     out = {}
     for key, value in new.items():
-        if value == SECRET_MASK and key in old:
+        if value in _SECRET_MASKS and key in old:
             out[key] = old[key]
         elif isinstance(value, dict):
             out[key] = _restore_masked(value, old.get(key))

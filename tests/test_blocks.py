@@ -15,7 +15,7 @@ import pytest
 import prefectlite
 from helpers import Client
 
-MASK = "**********"
+MASK = prefectlite.SECRET_MASK  # Prefect 2.20's "********"
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -605,6 +605,11 @@ def test_sending_the_mask_back_keeps_the_stored_secret(client):
                                                                   "merge_existing_data": False})
     assert status == 204, body
     assert read_document(client, doc["id"], True)["data"] == {"username": "loader", "password": "hunter2", "port": 1}
+    # Prefect's mask and our older ten-star spelling both mean "unchanged"
+    for mask in ("********", "**********"):
+        status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {"password": mask}})
+        assert status == 204, body
+        assert read_document(client, doc["id"], True)["data"]["password"] == "hunter2"
     # a real new value replaces it
     status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {"password": "n3w"}})
     assert status == 204, body

@@ -27,7 +27,7 @@ from fake_receivers import HTTPReceiver, SMTPReceiver
 
 import prefectlite
 
-MASK = "**********"
+MASK = prefectlite.SECRET_MASK  # Prefect 2.20's "********"
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 ALL_SLUGS = ("slack-webhook", "ms-teams-webhook", "opsgenie-webhook", "pager-duty-webhook", "twilio-sms",
