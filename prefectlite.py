@@ -3,6 +3,7 @@
 
 One module, Python >= 3.11 standard library only. Point the unmodified ``prefect`` SDK at it with
 ``PREFECT_API_URL=http://127.0.0.1:4200/api``. Storage is SQLite (file or in-memory) or PostgreSQL.
+Prefect 3 SDKs work too: they report task runs as events over a WebSocket (sections 7 and 10).
 
 The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this map:
 
@@ -12,14 +13,15 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
   4. Schemas         -- declarative body schemas: validation, defaults, 422 details, OpenAPI
   5. Records         -- rows <-> API objects, the filter language, sorting
   6. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
-  7. Domain          -- flows, runs, logs, blocks, variables, artifacts, limits, work pools, schedules,
-                        deployments, notifications (destinations, queue, senders), retention
+  7. Domain          -- flows, runs, logs, events (and the task-run recorder), blocks, variables, artifacts,
+                        limits, work pools, schedules, deployments, notifications, retention
   8. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
-                        clean-up, notification sender, retention
+                        clean-up, notification sender, retention, event retention
   9. HTTP API        -- the handlers, metrics, the route table, the one place that turns errors into HTTP
- 10. Server          -- the bounded-pool HTTP/1.1 server, access control, static UI, ``serve()``
- 11. CLI             -- start, config, profile, database, deployment, flow-run, work-pool, notification
- 12. Main
+ 10. WebSockets      -- RFC 6455 framing, and /api/events/in and /api/events/out for Prefect 3 clients
+ 11. Server          -- the bounded-pool HTTP/1.1 server, access control, static UI, ``serve()``
+ 12. CLI             -- start, config, profile, database, deployment, flow-run, work-pool, notification
+ 13. Main
 """
 
 from __future__ import annotations
@@ -64,6 +66,9 @@ from pathlib import Path
 __version__ = "0.1.0"
 API_VERSION = "0.8.4"  # the API version Prefect 2.20 clients send in X-PREFECT-API-VERSION
 PREFECT_SERVER_VERSION = "2.20.27"  # what /admin/version reports: the Prefect 2 server release we emulate
+# What a Prefect 3 client's version check (GET /admin/version) is told when it does not name its own
+# version: the 3.x release our conformance suite runs. The check refuses a server of another major.
+PREFECT3_SERVER_VERSION = "3.9.1"
 
 __all__ = [
     "serve",
@@ -124,6 +129,9 @@ SETTINGS = {
         _spec("PREFECT_SERVER_CORS_ALLOWED_HEADERS", "*", str, "comma-separated headers allowed by CORS"),
         _spec("PREFECT_SERVER_WORKERS", 64, int, "request worker threads (the bound on concurrent connections)"),
         _spec("PREFECT_SERVER_MAX_BODY_BYTES", 50_000_000, int, "largest request body accepted (413 above)"),
+        _spec("PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES", 1_500_000, int,
+              "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009"),
+        _spec("PREFECT_SERVER_EVENTS_RETENTION_DAYS", 7.0, float, "days events are kept (0: forever); task runs stay"),
         _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request"),
         _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept"),
         _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes"),
@@ -440,6 +448,8 @@ class Database:
     for_update = ""  # row lock on a SELECT inside a write transaction
     skip_locked = ""  # claim rows another transaction holds? skip them
     json_array_contains = ""  # SQL for "JSON array column {col} contains the value ?"
+    json_text = ""  # SQL for "the text of one key of JSON object column {col}", the key path being a parameter
+    json_label_path = ""  # that parameter for the key {label}
     migration_lock = ""  # statement that serialises migrations across processes
     seconds_between = ""  # SQL for the seconds from timestamp text {b} to {a}
     floor = ""  # SQL for the integer floor of a non-negative number {x}
@@ -473,6 +483,8 @@ class SqliteDatabase(Database):
     seconds_between = "((julianday({a}) - julianday({b})) * 86400.0)"
     floor = "CAST({x} AS INTEGER)"  # truncation is the floor for the non-negative values we pass
     json_array_contains = "EXISTS (SELECT 1 FROM json_each({col}) WHERE json_each.value = ?)"
+    json_text = "json_extract({col}, ?)"
+    json_label_path = '$."{label}"'  # quoted: labels have dots in them (prefect.resource.name)
     min_version = (3, 24, 0)
 
     def __init__(self, url, path, settings=None):
@@ -725,6 +737,8 @@ class PostgresDatabase(Database):
     for_update = " FOR UPDATE"
     skip_locked = " SKIP LOCKED"
     json_array_contains = "jsonb_exists(({col})::jsonb, ?)"  # jsonb_exists: the `?` operator, spelled safely
+    json_text = "(({col})::jsonb ->> ?)"
+    json_label_path = "{label}"
     min_server_version = 130000
     migration_lock = "SELECT pg_advisory_xact_lock(7270701)"
 
@@ -1565,6 +1579,10 @@ JSON_COLUMNS = {
     "concurrency_limit": ("active_slots",),
     "flow_run_notification_policy": ("state_names", "tags"),
     "saved_search": ("filters",),
+    "events": ("resource", "related_resource_ids", "related", "payload"),
+    "event_resources": ("resource",),
+    "configuration": ("value",),
+    "concurrency_lease": ("limit_ids", "holder"),
 }
 BOOL_COLUMNS = {
     "flow_run": ("auto_scheduled",),
@@ -2051,9 +2069,19 @@ def prevent_duplicate_transition(ctx: Transition):
 
 
 def prevent_pending_transitions(ctx: Transition):
+    if _is_pending_substate(ctx):
+        # Prefect 3 runners move a flow run on through named Pending states (Pending -> Submitting);
+        # a second submitter proposing plain "Pending" is still turned away.
+        ctx.proposed["state_details"]["scheduled_time"] = ctx.initial["state_details"].get("scheduled_time")
+        return None
     if ctx.proposed["type"] == "PENDING" and ctx.initial_type in ("PENDING", "RUNNING", "CANCELLING", "CANCELLED"):
         return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to a PENDING state.")
     return None
+
+
+def _is_pending_substate(ctx: Transition) -> bool:
+    return (ctx.kind == "flow" and ctx.initial_type == "PENDING" and ctx.proposed["type"] == "PENDING"
+            and ctx.proposed["name"] != "Pending" and ctx.proposed["name"] != ctx.initial["name"])
 
 
 def prevent_leaving_terminal_states(ctx: Transition):
@@ -2598,6 +2626,718 @@ def create_logs(tx, logs: list[dict]) -> int:
     return len(rows)
 
 
+# Events: what Prefect 3 clients report over /api/events/in (task runs among them), stored with one
+# row per involved resource (event_resources) so filters on related resources stay indexable.
+
+EVENT_NAME_MAX_LENGTH = 1024  # Prefect's PREFECT_SERVER_EVENTS_MAXIMUM_EVENT_NAME_LENGTH
+EVENT_MAX_RELATED = 500  # Prefect's PREFECT_EVENTS_MAXIMUM_RELATED_RESOURCES
+EVENT_MAX_LABELS = 500  # Prefect's maximum labels per resource
+EVENT_PAGE_SIZE = 50  # Prefect's INTERACTIVE_PAGE_SIZE: the default and largest page of /events/filter
+EVENT_DEFAULT_LOOKBACK_DAYS = 180  # a filter without `occurred.since` starts this many days before today
+EVENT_COUNT_MAX_BUCKETS = 1000
+# Time buckets of /events/count-by/time are counted from here (Prefect's PIVOT_DATETIME, a Monday).
+EVENT_COUNT_PIVOT = _dt.datetime(2024, 4, 1, tzinfo=_dt.timezone.utc)
+EVENT_TIME_UNITS = {"week": _dt.timedelta(days=7), "day": _dt.timedelta(days=1), "hour": _dt.timedelta(hours=1),
+                    "minute": _dt.timedelta(minutes=1), "second": _dt.timedelta(seconds=1)}
+EVENT_COUNTABLES = ("day", "time", "event", "resource")
+
+EventCreate = Schema("Event", {
+    "occurred": Field("datetime", required=True, nullable=False),
+    "event": Field("str", required=True, nullable=False, max_length=EVENT_NAME_MAX_LENGTH),
+    "resource": Field("object", required=True, nullable=False),
+    "related": Field(ListOf("object", max_items=EVENT_MAX_RELATED), default=list, nullable=False),
+    "payload": Field("object", default=dict, nullable=False),
+    "id": Field("uuid", required=True, nullable=False),
+    "follows": Field("uuid"),
+})
+_STRS = ListOf("str")
+EventOccurredFilter = Schema("EventOccurredFilter", {"since": Field("datetime"), "until": Field("datetime")})
+EventNameFilter = Schema("EventNameFilter", {
+    "prefix": Field(_STRS), "exclude_prefix": Field(_STRS), "name": Field(_STRS), "exclude_name": Field(_STRS)})
+EventResourceFilter = Schema("EventResourceFilter", {
+    "id": Field(_STRS), "id_prefix": Field(_STRS), "labels": Field("object"),
+    "distinct": Field("bool", default=False, nullable=False)})
+EventRelatedFilter = Schema("EventRelatedFilter", {
+    "id": Field(_STRS), "role": Field(_STRS), "resources_in_roles": Field(ListOf(_STRS)), "labels": Field("object")})
+EventAnyResourceFilter = Schema("EventAnyResourceFilter", {
+    "id": Field(_STRS), "id_prefix": Field(_STRS), "labels": Field("object")})
+EventIDFilter = Schema("EventIDFilter", {"id": Field(ListOf("uuid"))})
+EventTextFilter = Schema("EventTextFilter", {"query": Field("str", required=True, nullable=False, max_length=200)})
+EventFilter = Schema("EventFilter", {
+    "occurred": Field(EventOccurredFilter, default=dict, nullable=False),
+    "event": Field(EventNameFilter), "resource": Field(EventResourceFilter),
+    "related": Field("any", description="an EventRelatedFilter or a list of them (all must match)"),
+    "any_resource": Field("any", description="an EventAnyResourceFilter or a list of them (all must match)"),
+    "id": Field(EventIDFilter, default=dict, nullable=False), "text": Field(EventTextFilter),
+    "order": Field(Enum("EventOrder", ("ASC", "DESC")), default="DESC", nullable=False),
+})
+EventFilterBody = Schema("Body_read_events", {
+    "filter": Field(EventFilter),
+    # More than a page is capped rather than refused: Prefect 3's client asks for 100 by default.
+    "limit": Field("int", default=EVENT_PAGE_SIZE, nullable=False, minimum=0),
+})
+EventCountBody = Schema("Body_count_events", {
+    "filter": Field(EventFilter, required=True, nullable=False),
+    "time_unit": Field(Enum("TimeUnit", tuple(EVENT_TIME_UNITS)), default="day", nullable=False),
+    "time_interval": Field("float", default=1.0, nullable=False, minimum=0.01),
+})
+
+
+def _validate_labels(value, loc) -> dict:
+    """A ResourceSpecification: label -> glob pattern or list of them ('!' negates)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    out = {}
+    for label, patterns in value.items():
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        out[label] = _validate_kind(_STRS, patterns, (*loc, label))
+    return out
+
+
+def _filter_list(schema: Schema, value, loc) -> list[dict]:
+    """`related` and `any_resource` take one filter or a list of them; either way: all must match."""
+    if value is None:
+        return []
+    items = value if isinstance(value, list) else [value]
+    out = []
+    for i, item in enumerate(items):
+        here = (*loc, i) if isinstance(value, list) else loc
+        out.append(schema.validate(item, here))
+        out[-1]["labels"] = _validate_labels(out[-1].get("labels"), (*here, "labels"))
+    return out
+
+
+def normalize_event_filter(flt: dict | None, loc=("body", "filter"), until: _dt.timedelta = _dt.timedelta(0)) -> dict:
+    """A validated EventFilter with its defaults fixed: the time window is pinned now (so the pages of one
+    query and a page token's later pages all see the same window), ending `until` from now by default."""
+    flt = EventFilter.validate(flt or {}, loc)
+    now = utcnow()
+    start_of_today = now.replace(hour=0, minute=0, second=0, microsecond=0)
+    occurred = flt["occurred"]
+    occurred["since"] = occurred.get("since") or iso(start_of_today - _dt.timedelta(days=EVENT_DEFAULT_LOOKBACK_DAYS))
+    occurred["until"] = occurred.get("until") or iso(now + until)
+    if flt["resource"]:
+        flt["resource"]["labels"] = _validate_labels(flt["resource"].get("labels"), (*loc, "resource", "labels"))
+    flt["related"] = _filter_list(EventRelatedFilter, flt["related"], (*loc, "related"))
+    flt["any_resource"] = _filter_list(EventAnyResourceFilter, flt["any_resource"], (*loc, "any_resource"))
+    for related in flt["related"]:
+        if any(len(pair) != 2 for pair in related.get("resources_in_roles") or ()):
+            raise ValidationFailed([_error((*loc, "related", "resources_in_roles"),
+                                           "expected [resource id, role] pairs", "value_error")])
+    return flt
+
+
+def _like_literal(text: str) -> str:
+    """Text matched literally by LIKE ... ESCAPE '\\' (event names and id prefixes are not globs)."""
+    return text.translate(str.maketrans({"\\": "\\\\", "%": "\\%", "_": "\\_"}))
+
+
+def _like_pattern(glob: str) -> str:
+    """A label glob (* and ?) as a LIKE pattern with backslash escapes."""
+    return glob.translate(str.maketrans({"*": "%", "?": "_", "\\": "\\\\", "%": "\\%", "_": "\\_"}))
+
+
+def _glob_clause(column: str, patterns: list[str], column_params: tuple = ()) -> tuple[str, list]:
+    """Any of the patterns matches (a leading '!' negates one): Prefect's label matching. `column` may
+    hold placeholders of its own (`column_params`), repeated for each pattern."""
+    if not patterns:
+        return "1=0", []  # an empty list of values matches nothing
+    clauses, params = [], []
+    for pattern in patterns:
+        negated = pattern.startswith("!")
+        clauses.append(f"{column} {'NOT ' if negated else ''}LIKE ? ESCAPE '\\'")
+        params += [*column_params, _like_pattern(pattern.removeprefix("!"))]
+    return "(" + " OR ".join(clauses) + ")", params
+
+
+def _label_clauses(tx, alias: str, labels: dict, role_column: bool) -> tuple[list[str], list]:
+    """Conditions on one event_resources row from a ResourceSpecification."""
+    labels = dict(labels)
+    clauses, params = [], []
+    ids = labels.pop("prefect.resource.id", None)
+    if ids is not None:
+        sql, args = _glob_clause(f"{alias}.resource_id", ids)
+        clauses.append(sql)
+        params += args
+    roles = labels.pop("prefect.resource.role", None) if role_column else None
+    if roles is not None:
+        clauses.append(f"{alias}.resource_role IN ({', '.join('?' for _ in roles) or 'NULL'})")
+        params += roles
+    for label, patterns in labels.items():
+        if '"' in label:  # no label of Prefect's has one, and it would end the JSON path's quoting
+            clauses.append("1=0")
+            continue
+        column = tx.db.json_text.format(col=f"{alias}.resource")
+        sql, args = _glob_clause(column, patterns, (tx.db.json_label_path.format(label=label),))
+        clauses.append(sql)
+        params += args
+    return clauses, params
+
+
+def _resources_exist(clauses: list[str], params: list, since: str, until: str) -> tuple[str, list]:
+    where = " AND ".join(["er.event_id = events.id", "er.occurred >= ?", "er.occurred <= ?", *clauses])
+    return f"EXISTS (SELECT 1 FROM event_resources er WHERE {where})", [since, until, *params]
+
+
+def parse_text_query(query: str) -> tuple[list[str], list[str], list[str]]:
+    """Prefect's search syntax: words or "quoted phrases"; -word or !word excludes, +word is required."""
+    include, exclude, required = [], [], []
+    i, n = 0, len(query)
+    while i < n:
+        if query[i].isspace():
+            i += 1
+            continue
+        prefix = None
+        if query[i] in "-!+":
+            if i + 1 < n and not query[i + 1].isspace():
+                prefix = query[i]
+            i += 1
+            if prefix is None:
+                continue
+        if i < n and query[i] == '"':
+            end = i + 1
+            while end < n and query[end] != '"':
+                end += 2 if query[end] == "\\" and end + 1 < n else 1
+            term = query[i + 1:end].replace('\\"', '"').replace("\\\\", "\\")
+            i = end + 1
+        else:
+            end = i
+            while end < n and not query[end].isspace() and query[end] != '"':
+                end += 1
+            term, i = query[i:end], end
+        if term.strip():
+            (exclude if prefix in ("-", "!") else required if prefix == "+" else include).append(term)
+    return include, exclude, required
+
+
+def compile_event_filter(tx, flt: dict) -> tuple[str, list]:
+    """WHERE clause on `events` for a normalized EventFilter."""
+    since, until = flt["occurred"]["since"], flt["occurred"]["until"]
+    clauses, params = ["events.occurred >= ?", "events.occurred <= ?"], [since, until]
+
+    def add(sql, args=()):
+        clauses.append(sql)
+        params.extend(args)
+
+    name = flt.get("event") or {}
+    if name.get("prefix"):
+        add("(" + " OR ".join("events.event LIKE ? ESCAPE '\\'" for _ in name["prefix"]) + ")",
+            [_like_literal(p) + "%" for p in name["prefix"]])
+    for prefix in name.get("exclude_prefix") or ():
+        add("events.event NOT LIKE ? ESCAPE '\\'", [_like_literal(prefix) + "%"])
+    if name.get("name"):
+        add(f"events.event IN ({', '.join('?' for _ in name['name'])})", name["name"])
+    if name.get("exclude_name"):
+        add(f"events.event NOT IN ({', '.join('?' for _ in name['exclude_name'])})", name["exclude_name"])
+    resource = flt.get("resource") or {}
+    if resource.get("id"):
+        add(f"events.resource_id IN ({', '.join('?' for _ in resource['id'])})", resource["id"])
+    if resource.get("id_prefix"):
+        add("(" + " OR ".join("events.resource_id LIKE ? ESCAPE '\\'" for _ in resource["id_prefix"]) + ")",
+            [_like_literal(p) + "%" for p in resource["id_prefix"]])
+    if resource.get("labels"):
+        sql, args = _label_clauses(tx, "er", resource["labels"], role_column=False)
+        add(*_resources_exist(["er.resource_role = ''", *sql], args, since, until))
+    for related in flt["related"]:
+        sql, args = _related_clauses(tx, related)
+        if sql:
+            add(*_resources_exist(sql, args, since, until))
+    for any_resource in flt["any_resource"]:
+        sql, args = _any_resource_clauses(tx, any_resource)
+        if sql:
+            add(*_resources_exist(sql, args, since, until))
+    ids = (flt.get("id") or {}).get("id")
+    if ids:
+        add(f"events.id IN ({', '.join('?' for _ in ids)})", ids)
+    text = (flt.get("text") or {}).get("query", "")
+    if text.strip():
+        sql, args = _text_clauses(tx, text)
+        add(sql, args)
+    return " AND ".join(clauses), params
+
+
+def _related_clauses(tx, related: dict) -> tuple[list[str], list]:
+    clauses, params = [], []
+    if related.get("id"):
+        clauses.append(f"er.resource_id IN ({', '.join('?' for _ in related['id'])})")
+        params += related["id"]
+    if related.get("role"):
+        clauses.append(f"er.resource_role IN ({', '.join('?' for _ in related['role'])})")
+        params += related["role"]
+    if related.get("resources_in_roles"):
+        clauses.append("(" + " OR ".join("(er.resource_id = ? AND er.resource_role = ?)"
+                                         for _ in related["resources_in_roles"]) + ")")
+        params += [value for pair in related["resources_in_roles"] for value in pair]
+    if related.get("labels"):
+        sql, args = _label_clauses(tx, "er", related["labels"], role_column=True)
+        clauses += sql
+        params += args
+    if clauses and not related.get("role"):
+        clauses.append("er.resource_role != ''")  # a related-resource filter never matches the primary resource
+    return clauses, params
+
+
+def _any_resource_clauses(tx, flt: dict) -> tuple[list[str], list]:
+    clauses, params = [], []
+    if flt.get("id"):
+        clauses.append(f"er.resource_id IN ({', '.join('?' for _ in flt['id'])})")
+        params += flt["id"]
+    if flt.get("id_prefix"):
+        clauses.append("(" + " OR ".join("er.resource_id LIKE ? ESCAPE '\\'" for _ in flt["id_prefix"]) + ")")
+        params += [_like_literal(p) + "%" for p in flt["id_prefix"]]
+    if flt.get("labels"):
+        sql, args = _label_clauses(tx, "er", flt["labels"], role_column=True)
+        clauses += sql
+        params += args
+    return clauses, params
+
+
+def _text_clauses(tx, query: str) -> tuple[str, list]:
+    include, exclude, required = parse_text_query(query)
+    text = "LOWER(events.event || ' ' || events.resource || ' ' || events.related || ' ' || events.payload)"
+    clauses, params = [], []
+    if include:
+        clauses.append("(" + " OR ".join(f"{text} LIKE ? ESCAPE '\\'" for _ in include) + ")")
+        params += [f"%{_like_literal(t.lower())}%" for t in include]
+    for term in exclude:
+        clauses.append(f"{text} NOT LIKE ? ESCAPE '\\'")
+        params.append(f"%{_like_literal(term.lower())}%")
+    for term in required:
+        clauses.append(f"{text} LIKE ? ESCAPE '\\'")
+        params.append(f"%{_like_literal(term.lower())}%")
+    return ("(" + " AND ".join(clauses) + ")" if clauses else "1=1"), params
+
+
+def validate_event(data, loc=("event",)) -> dict:
+    """An incoming Event (the client's view) in our canonical form; ValidationFailed when it is not one."""
+    event = EventCreate.validate(data, loc)
+    event["resource"] = _validate_resource(event["resource"], (*loc, "resource"), related=False)
+    event["related"] = [_validate_resource(r, (*loc, "related", i), related=True) for i, r in enumerate(event["related"])]
+    return event
+
+
+def _validate_resource(labels: dict, loc, related: bool) -> dict:
+    if len(labels) > EVENT_MAX_LABELS:
+        raise ValidationFailed([_error(loc, f"at most {EVENT_MAX_LABELS} labels per resource", "value_error")])
+    for key, value in labels.items():
+        if not isinstance(value, str):
+            raise ValidationFailed([_error((*loc, key), "str type expected", "type_error.str")])
+    required = ("prefect.resource.id", "prefect.resource.role") if related else ("prefect.resource.id",)
+    for key in required:
+        if not labels.get(key):
+            raise ValidationFailed([_error(loc, f"resources must have a non-empty {key} label", "value_error")])
+    return labels
+
+
+def event_out(row: dict) -> dict:
+    """A stored event as Prefect 3 shows it (a ReceivedEvent)."""
+    event = decode_row("events", row)
+    return {"occurred": event["occurred"], "event": event["event"], "resource": event["resource"],
+            "related": event["related"], "payload": event["payload"], "id": event["id"],
+            "follows": event["follows"], "received": event["received"]}
+
+
+EVENT_SINKS: list = []  # (database, callable(events)) pairs: running servers' live feeds (the /events/out hub)
+
+
+def store_events(tx, events: list[dict]) -> list[dict]:
+    """Store validated events (an id already stored is a resend: skipped), record the task runs they
+    describe, and hand the new ones to live subscribers once the transaction commits."""
+    received = now_iso()
+    stored = []
+    for event in events:
+        resources = [("", event["resource"]), *((r["prefect.resource.role"], r) for r in event["related"])]
+        inserted = insert_row(tx, "events", {
+            "id": event["id"], "occurred": event["occurred"], "received": received, "event": event["event"],
+            "resource_id": event["resource"]["prefect.resource.id"], "resource": event["resource"],
+            "related_resource_ids": [r["prefect.resource.id"] for r in event["related"]],
+            "related": event["related"], "payload": event["payload"], "follows": event.get("follows"),
+        }, on_conflict="ON CONFLICT DO NOTHING")
+        if not inserted:
+            continue
+        tx.executemany(
+            "INSERT INTO event_resources (event_id, occurred, resource_id, resource_role, resource) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+            [(event["id"], event["occurred"], labels["prefect.resource.id"], role,
+              dumps({k: v for k, v in labels.items() if k not in ("prefect.resource.id", "prefect.resource.role")}))
+             for role, labels in resources])
+        stored.append({**event, "received": received})
+        record_task_run_event(tx, event)
+    if stored:
+        for db, sink in EVENT_SINKS:
+            if db is tx.db:
+                tx.after_commit.append(functools.partial(sink, [dict(e) for e in stored]))
+    return stored
+
+
+def _event_ids_in_order(tx, flt: dict) -> list[dict]:
+    where, params = compile_event_filter(tx, flt)
+    direction = "ASC" if flt["order"] == "ASC" else "DESC"
+    rows = tx.query(f"SELECT events.id, events.resource_id FROM events WHERE {where} "
+                    f"ORDER BY events.occurred {direction}, events.id {direction}", params)
+    return _distinct_resources(rows) if (flt.get("resource") or {}).get("distinct") else rows
+
+
+def _distinct_resources(rows: list[dict]) -> list[dict]:
+    """`resource.distinct`: only the first event (in the query's order) of each resource."""
+    seen, out = set(), []
+    for row in rows:
+        if row["resource_id"] not in seen:
+            seen.add(row["resource_id"])
+            out.append(row)
+    return out
+
+
+def read_events_page(tx, flt: dict, limit: int, offset: int = 0) -> tuple[list[dict], int]:
+    """One page of matching events and how many match in all."""
+    if (flt.get("resource") or {}).get("distinct"):
+        ordered = _event_ids_in_order(tx, flt)
+        total, ids = len(ordered), [r["id"] for r in ordered[offset:offset + limit]]
+        if not ids:
+            return [], total
+        rows = {r["id"]: r for r in tx.query(
+            f"SELECT * FROM events WHERE id IN ({', '.join('?' for _ in ids)})", ids)}
+        return [event_out(rows[i]) for i in ids if i in rows], total
+    where, params = compile_event_filter(tx, flt)
+    total = int(tx.scalar(f"SELECT COUNT(*) AS n FROM events WHERE {where}", params))
+    direction = "ASC" if flt["order"] == "ASC" else "DESC"
+    rows = tx.query(f"SELECT events.* FROM events WHERE {where} ORDER BY events.occurred {direction}, "
+                    f"events.id {direction} LIMIT ? OFFSET ?", (*params, limit, offset))
+    return [event_out(r) for r in rows], total
+
+
+def matching_event_ids(tx, flt: dict, ids: list[str]) -> set[str]:
+    """Which of these (just stored) events a subscriber's filter lets through: the same SQL as queries."""
+    if not ids:
+        return set()
+    where, params = compile_event_filter(tx, flt)
+    marks = ", ".join("?" for _ in ids)
+    return {r["id"] for r in tx.query(f"SELECT events.id FROM events WHERE {where} AND events.id IN ({marks})",
+                                      (*params, *ids))}
+
+
+def event_page_token(flt: dict, total: int, limit: int, offset: int) -> str | None:
+    """The opaque token of the page after [offset, offset + limit), or None when that was the last."""
+    if offset + limit >= total:
+        return None
+    state = {"filter": flt, "count": total, "page_size": limit, "offset": offset + limit}
+    return base64.urlsafe_b64encode(dumps(state).encode()).decode()
+
+
+def parse_event_page_token(token: str) -> tuple[dict, int, int]:
+    """(filter, limit, offset) from a page token; ValueError for anything we did not make."""
+    try:
+        state = json.loads(base64.urlsafe_b64decode(token.encode()))
+        flt = normalize_event_filter(state["filter"])
+        limit, offset = int(state["page_size"]), int(state["offset"])
+    except (ValueError, KeyError, TypeError, ValidationFailed):  # binascii.Error is a ValueError
+        raise ValueError("invalid page token") from None
+    if not 0 <= limit <= EVENT_PAGE_SIZE or offset < 0:
+        raise ValueError("invalid page token")
+    return flt, limit, offset
+
+
+def count_events(tx, flt: dict, countable: str, time_unit: str, interval: float) -> list[dict]:
+    """Prefect's /events/count-by/{countable}: counts per event name, per resource, or per time bucket."""
+    if countable in ("day", "time"):
+        unit, interval = ("day", 1.0) if countable == "day" else (time_unit, interval)
+        return _count_events_by_time(tx, flt, unit, interval)
+    where, params = compile_event_filter(tx, flt)
+    column = "events.event" if countable == "event" else "events.resource_id"
+    rows = tx.query(f"SELECT {column} AS value, COUNT(*) AS n, MIN(events.occurred) AS start_time, "
+                    f"MAX(events.occurred) AS end_time FROM events WHERE {where} GROUP BY {column}", params)
+    counts = []
+    for row in rows:
+        label = row["value"]
+        if countable == "resource":  # the resource's name as of its latest event
+            latest = tx.query_one(f"SELECT resource FROM events WHERE {where} AND events.resource_id = ? "
+                                  "ORDER BY occurred DESC LIMIT 1", (*params, row["value"]))
+            labels = json.loads(latest["resource"]) if latest else {}
+            label = labels.get("prefect.resource.name") or labels.get("prefect.name") or row["value"]
+        counts.append({"value": row["value"], "label": label, "count": int(row["n"]),
+                       "start_time": row["start_time"], "end_time": row["end_time"]})
+    counts.sort(key=lambda c: (-c["count"], c["label"]))
+    return counts
+
+
+def _end_of_period(moment: _dt.datetime, unit: str) -> _dt.datetime:
+    last = {"second": {"microsecond": 999999},
+            "minute": {"second": 59, "microsecond": 999999},
+            "hour": {"minute": 59, "second": 59, "microsecond": 999999}}.get(unit)
+    if last is not None:
+        return moment.replace(**last)
+    end = moment.replace(hour=23, minute=59, second=59, microsecond=999999)
+    return end + _dt.timedelta(days=6 - moment.weekday()) if unit == "week" else end  # weeks end on Sunday
+
+
+def _count_events_by_time(tx, flt: dict, unit: str, interval: float) -> list[dict]:
+    """Every bucket from the one holding `since` to the one holding `until` (or the end of the current
+    period), zeros included; buckets are counted from EVENT_COUNT_PIVOT."""
+    delta = EVENT_TIME_UNITS[unit] * interval
+    since, until = from_iso(flt["occurred"]["since"]), from_iso(flt["occurred"]["until"])
+    buckets = math.ceil((until - since) / delta)
+    if buckets > EVENT_COUNT_MAX_BUCKETS:
+        raise ValidationFailed([_error(("body", "time_interval"),
+                                       f"The given interval would create {buckets} buckets, which is too many. Please "
+                                       "increase the interval or reduce the time range to produce "
+                                       f"{EVENT_COUNT_MAX_BUCKETS} buckets or fewer.", "value_error")])
+    now = utcnow()
+    end = _end_of_period(now, unit) if until > now else until
+    first = math.floor((since - EVENT_COUNT_PIVOT) / delta)
+    spans, start = [], EVENT_COUNT_PIVOT + delta * first
+    while start < end:
+        spans.append([start, start + delta - _ONE_MICROSECOND, 0])
+        start += delta
+    where, params = compile_event_filter(tx, flt)
+    for row in tx.query(f"SELECT events.occurred FROM events WHERE {where}", params):
+        index = math.floor((from_iso(row["occurred"]) - EVENT_COUNT_PIVOT) / delta) - first
+        if 0 <= index < len(spans):
+            spans[index][2] += 1
+    return [{"value": str(i), "label": begin.isoformat(), "count": n, "start_time": iso(begin), "end_time": iso(finish)}
+            for i, (begin, finish, n) in enumerate(spans)]
+
+
+def prune_events(db: Database, older_than: _dt.timedelta, batch_size: int = 1000,
+                 stop: threading.Event | None = None) -> int:
+    """Delete events that occurred before now - older_than (their resource rows cascade); short batches."""
+    horizon = iso(utcnow() - older_than)
+    removed = 0
+    with db.read() as tx:  # most passes find nothing: no write transaction for them
+        if tx.query_one("SELECT id FROM events WHERE occurred < ? LIMIT 1", (horizon,)) is None:
+            return 0
+    while not (stop and stop.is_set()):
+        with db.write() as tx:
+            ids = [r["id"] for r in tx.query("SELECT id FROM events WHERE occurred < ? ORDER BY occurred LIMIT ?",
+                                             (horizon, batch_size))]
+            if not ids:
+                break
+            marks = ", ".join("?" for _ in ids)
+            tx.execute(f"DELETE FROM event_resources WHERE event_id IN ({marks})", ids)
+            tx.execute(f"DELETE FROM events WHERE id IN ({marks})", ids)
+            removed += len(ids)
+    return removed
+
+
+# The task-run recorder: Prefect 3 clients orchestrate task runs themselves and only report each state
+# as a prefect.task-run.<State> event. Each such event becomes a task_run_state row (its id is the
+# event's id, so a resent event adds nothing) and, unless the run already has a newer state, the run's
+# current state and fields: events may arrive twice or out of order, the run never goes back in time.
+
+TASK_RUN_EVENT_FIELDS = {  # payload.task_run field -> how we store it
+    "name": "str", "task_key": "str", "dynamic_key": "str", "cache_key": "str", "cache_expiration": "datetime",
+    "task_version": "str", "empirical_policy": "object", "tags": "list", "task_inputs": "object",
+    "run_count": "int", "flow_run_run_count": "int", "expected_start_time": "datetime",
+    "next_scheduled_start_time": "datetime", "start_time": "datetime", "end_time": "datetime",
+    "total_run_time": "seconds",
+}
+_ISO_DURATION = re.compile(r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+
+
+def _seconds(value) -> float:
+    """A duration as seconds: a number, or ISO 8601 text such as PT1.5S (how pydantic writes a timedelta)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    match = _ISO_DURATION.match(value.strip()) if isinstance(value, str) else None
+    if not match:
+        raise ValueError(f"not a duration: {value!r}")
+    days, hours, minutes, seconds = (float(part or 0) for part in match.groups())
+    return days * 86400 + hours * 3600 + minutes * 60 + seconds
+
+
+def _task_run_columns(fields: dict) -> dict:
+    """The task_run columns an event's payload.task_run sets (fields it leaves out keep their values)."""
+    out = {}
+    for name, kind in TASK_RUN_EVENT_FIELDS.items():
+        if name not in fields:
+            continue
+        value = fields[name]
+        if value is None:
+            out[name] = None
+        elif kind == "datetime":
+            out[name] = parse_datetime(value, ("payload", "task_run", name))
+        elif kind == "seconds":
+            out[name] = _seconds(value)
+        elif kind == "int":
+            out[name] = int(value)
+        elif kind == "list":
+            out[name] = [str(v) for v in value]
+        elif kind == "object":
+            out[name] = dict(value)
+        else:
+            out[name] = str(value)
+    if "empirical_policy" in out:
+        out["empirical_policy"] = _task_run_policy(out["empirical_policy"])
+    return out
+
+
+def _prefect_object_id(resource_id: str | None, kind: str) -> str | None:
+    """The UUID in a resource id such as prefect.task-run.<uuid>, or None."""
+    prefix = f"{kind}."
+    if not resource_id or not resource_id.startswith(prefix):
+        return None
+    try:
+        return parse_uuid(resource_id[len(prefix):])
+    except ValidationFailed:
+        return None
+
+
+def record_task_run_event(tx, event: dict) -> dict | None:
+    """Turn a client's prefect.task-run.* event into task run rows; returns the task run, or None when
+    the event is not one the recorder takes (or describes a run of a flow run we do not have)."""
+    resource = event["resource"]
+    if not event["event"].startswith("prefect.task-run.") or resource.get("prefect.orchestration") != "client":
+        return None
+    task_run_id = _prefect_object_id(resource.get("prefect.resource.id"), "prefect.task-run")
+    payload = event["payload"]
+    if task_run_id is None or not isinstance(payload.get("validated_state"), dict) \
+            or not isinstance(payload.get("task_run"), dict):
+        log.warning("task run event %s lacks a task run id, validated_state or task_run; not recorded", event["id"])
+        return None
+    flow_run_resource = next((r for r in event["related"] if r["prefect.resource.role"] == "flow-run"), None)
+    flow_run_id = _prefect_object_id(flow_run_resource and flow_run_resource["prefect.resource.id"], "prefect.flow-run")
+    if flow_run_id is not None and read_row(tx, "flow_run", flow_run_id) is None:
+        log.info("task run event %s belongs to flow run %s, which does not exist; not recorded", event["id"], flow_run_id)
+        return None
+    try:
+        columns = _task_run_columns(payload["task_run"])
+        state = _event_state(payload["validated_state"], event, flow_run_id)
+    except (ValueError, TypeError, AttributeError, ValidationFailed) as exc:
+        log.warning("task run event %s has a malformed payload (%s); not recorded", event["id"], exc)
+        return None
+    run = _find_task_run(tx, task_run_id, flow_run_id, columns)
+    created = run is None
+    if created:
+        run = _insert_event_task_run(tx, task_run_id, flow_run_id, columns, state)
+        created = run["state_id"] == state["id"]  # not when another writer created the row meanwhile
+    state["state_details"]["task_run_id"] = run["id"]
+    if not insert_row(tx, "task_run_state", {
+            "id": state["id"], "created": now_iso(), "task_run_id": run["id"], "type": state["type"],
+            "name": state["name"], "timestamp": state["timestamp"], "message": state["message"],
+            "data": state["data"], "state_details": state["state_details"]}, on_conflict="ON CONFLICT DO NOTHING"):
+        return run  # this state is recorded already: the event was sent twice
+    newer = created or run["state_timestamp"] is None or run["state_timestamp"] < state["timestamp"]
+    if newer and not created:
+        changes = {**columns, "state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
+                   "state_timestamp": state["timestamp"], "state": state, "updated": now_iso()}
+        update_row(tx, "task_run", run["id"], changes)
+        run.update(encode_values("task_run", changes))
+    if newer:
+        for listener in STATE_LISTENERS:
+            listener(tx, "task", decode_row("task_run", run), state)
+    return run
+
+
+def _event_state(validated: dict, event: dict, flow_run_id: str | None) -> dict:
+    """The state an event reports, with the event's id and time (as Prefect 3's recorder does)."""
+    state_type = validated.get("type")
+    if state_type not in STATE_TYPES:
+        raise ValueError(f"unknown state type {state_type!r}")
+    state = make_state({"type": state_type, "name": validated.get("name"), "message": validated.get("message"),
+                        "data": validated.get("data"), "state_details": dict(validated.get("state_details") or {})},
+                       flow_run_id, None, event["occurred"])
+    state["id"] = event["id"]
+    return state
+
+
+def _find_task_run(tx, task_run_id: str, flow_run_id: str | None, columns: dict) -> dict | None:
+    """The run this event is about: by id, else by its natural key (a run first created over REST)."""
+    row = read_row(tx, "task_run", task_run_id, lock=True)
+    if row is None and flow_run_id is not None and columns.get("task_key") is not None \
+            and columns.get("dynamic_key") is not None:
+        row = tx.query_one(f"SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?"
+                           f"{tx.db.for_update}", (flow_run_id, columns["task_key"], columns["dynamic_key"]))
+    return row
+
+
+def _insert_event_task_run(tx, task_run_id: str, flow_run_id: str | None, columns: dict, state: dict) -> dict:
+    now = now_iso()
+    values = {
+        "id": task_run_id, "created": now, "updated": now, "flow_run_id": flow_run_id,
+        "name": columns.get("name") or columns.get("task_key") or "task-run", "task_key": columns.get("task_key") or "",
+        "dynamic_key": columns.get("dynamic_key") or "", "empirical_policy": _task_run_policy(None), "tags": [],
+        "task_inputs": {}, "run_count": 0, "flow_run_run_count": 0, "total_run_time": 0.0,
+        "expected_start_time": state["timestamp"],
+    }
+    values.update({k: v for k, v in columns.items() if v is not None or k not in values})
+    values.update({"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
+                   "state_timestamp": state["timestamp"], "state": state})
+    insert_row(tx, "task_run", values, on_conflict="ON CONFLICT DO NOTHING")
+    # Another writer may have created it meanwhile (PostgreSQL): then this event updates that row.
+    return _find_task_run(tx, task_run_id, flow_run_id, columns)
+
+
+# Flow-run events: every flow run state we record is also an event (prefect.flow-run.<State>), as the
+# Prefect 3 server emits, so subscribers and event queries see flow runs next to their task runs.
+
+def emit_flow_run_state_event(tx, kind: str, run: dict, state: dict):
+    """A state listener: store a prefect.flow-run.<State name> event for a flow run's new state."""
+    if kind != "flow":
+        return
+    initial = tx.query_one("SELECT type, name, message FROM flow_run_state WHERE flow_run_id = ? AND id != ? "
+                           "ORDER BY timestamp DESC LIMIT 1", (run["id"], state["id"]))
+    resource = {"prefect.resource.id": f"prefect.flow-run.{run['id']}", "prefect.resource.name": run.get("name") or "",
+                "prefect.run-count": str(run.get("run_count") or 0), "prefect.state-message": state.get("message") or "",
+                "prefect.state-name": state["name"], "prefect.state-timestamp": state["timestamp"],
+                "prefect.state-type": state["type"]}
+    related = []
+    flow = tx.query_one("SELECT id, name FROM flow WHERE id = ?", (run["flow_id"],))
+    if flow is not None:
+        related.append({"prefect.resource.id": f"prefect.flow.{flow['id']}", "prefect.resource.role": "flow",
+                        "prefect.resource.name": flow["name"]})
+    if run.get("deployment_id"):
+        deployment = tx.query_one("SELECT id, name FROM deployment WHERE id = ?", (run["deployment_id"],))
+        if deployment is not None:
+            related.append({"prefect.resource.id": f"prefect.deployment.{deployment['id']}",
+                            "prefect.resource.role": "deployment", "prefect.resource.name": deployment["name"]})
+    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+                for tag in sorted(run.get("tags") or [])]
+    validated = {"type": state["type"], "name": state["name"], "message": state.get("message"),
+                 "state_details": {k: v for k, v in (state.get("state_details") or {}).items()
+                                   if v is not None and k not in ("flow_run_id", "task_run_id")}}
+    payload = {"intended": {"from": initial["type"] if initial else None, "to": state["type"]},
+               "initial_state": ({"type": initial["type"], "name": initial["name"], "message": initial.get("message")}
+                                 if initial else None),
+               "validated_state": validated}
+    store_events(tx, [{"id": new_id(), "occurred": state["timestamp"], "event": f"prefect.flow-run.{state['name']}",
+                       "resource": resource, "related": related, "payload": payload, "follows": None}])
+
+
+STATE_LISTENERS.append(emit_flow_run_state_event)
+
+
+# Server configuration (Prefect 3's `configuration` table): for now the default result storage block.
+
+RESULT_STORAGE_KEY = "server-default-result-storage"
+ResultStorageUpdate = Schema("ServerDefaultResultStorageUpdate", {
+    "default_result_storage_block_id": Field("uuid", required=True, nullable=False)})
+
+
+def read_configuration(tx, key: str):
+    row = tx.query_one("SELECT value FROM configuration WHERE key = ?", (key,))
+    return None if row is None else json.loads(row["value"])
+
+
+def write_configuration(tx, key: str, value):
+    now = now_iso()
+    if not update_row(tx, "configuration", key, {"value": value, "updated": now}, key="key"):
+        insert_row(tx, "configuration", {"key": key, "value": value, "created": now, "updated": now})
+
+
+def set_default_result_storage(tx, block_document_id: str):
+    """Only a block that can write results (capability write-path) may be the default result storage."""
+    row = tx.query_one("SELECT s.capabilities FROM block_document d JOIN block_schema s ON s.id = d.block_schema_id "
+                       "WHERE d.id = ?", (block_document_id,))
+    if row is None:
+        raise NotFound(f"Block document {block_document_id} not found.")
+    if "write-path" not in json.loads(row["capabilities"] or "[]"):
+        raise ValidationFailed([_error(("body", "default_result_storage_block_id"),
+                                       f"Block document {block_document_id} cannot be used for result storage.",
+                                       "value_error")])
+    write_configuration(tx, RESULT_STORAGE_KEY, {"default_result_storage_block_id": block_document_id})
+
+
 # Graphs and history
 
 def flow_run_graph(tx, run_id: str) -> list[dict]:
@@ -3040,6 +3780,67 @@ def change_global_slots(tx, names: list[str], slots: int, mode: str, increment: 
                     lim["avg_slot_occupancy_seconds"] * 0.8 + (occupancy_seconds / max(slots, 1)) * 0.2, 6)
             update_row(tx, "concurrency_limit_v2", lim["id"], changes)
     return [{"id": lim["id"], "name": lim["name"], "limit": lim["limit"]} for lim in limits]
+
+
+# Concurrency leases (Prefect 3): slots taken with a lease are given back when the holder says so, or
+# by the LeaseRepossessor once the lease expires unrenewed (a crashed client cannot keep them forever).
+
+LEASE_MIN_SECONDS, LEASE_MAX_SECONDS = 60, 86400
+LeaseHolder = Schema("ConcurrencyLeaseHolder", {
+    "type": Field(Enum("ConcurrencyLeaseHolderType", ("flow_run", "task_run", "deployment")), required=True,
+                  nullable=False),
+    "id": Field("uuid", required=True, nullable=False),
+})
+ConcurrencyLeaseBody = Schema("Body_increment_with_lease", {
+    "names": Field(ListOf("str"), required=True, nullable=False),
+    "slots": Field("int", required=True, nullable=False, minimum=1),
+    "mode": Field(Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False),
+    "lease_duration": Field("float", default=300.0, nullable=False, minimum=LEASE_MIN_SECONDS,
+                            maximum=LEASE_MAX_SECONDS),
+    "holder": Field(LeaseHolder),
+})
+LeaseIdBody = Schema("Body_decrement_with_lease", {"lease_id": Field("uuid", required=True, nullable=False)})
+LeaseRenewBody = Schema("Body_renew_lease", {
+    "lease_duration": Field("float", default=300.0, nullable=False, minimum=LEASE_MIN_SECONDS,
+                            maximum=LEASE_MAX_SECONDS)})
+
+
+def create_lease(tx, limits: list[dict], slots: int, seconds: float, holder: dict | None) -> str:
+    now = utcnow()
+    lease_id = new_id()
+    insert_row(tx, "concurrency_lease", {
+        "id": lease_id, "created": iso(now), "expiration": iso(now + _dt.timedelta(seconds=seconds)),
+        "limit_ids": [limit["id"] for limit in limits], "slots": slots, "holder": holder})
+    return lease_id
+
+
+def renew_lease(tx, lease_id: str, seconds: float) -> bool:
+    """False when the lease is gone (released, or expired and repossessed)."""
+    now = utcnow()
+    return bool(tx.execute("UPDATE concurrency_lease SET expiration = ? WHERE id = ? AND expiration > ?",
+                           (iso(now + _dt.timedelta(seconds=seconds)), lease_id, iso(now))).rowcount)
+
+
+def release_lease(tx, lease_id: str) -> bool:
+    """Give the lease's slots back (the time held counts toward the limits' average occupancy)."""
+    row = tx.query_one(f"SELECT * FROM concurrency_lease WHERE id = ?{tx.db.for_update}", (lease_id,))
+    if row is None:
+        return False
+    lease = decode_row("concurrency_lease", row)
+    tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (lease_id,))
+    if lease["limit_ids"]:
+        marks = ", ".join("?" for _ in lease["limit_ids"])
+        names = [r["name"] for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})",
+                                             tuple(lease["limit_ids"]))]
+        held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
+        change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
+    return True
+
+
+def repossess_expired_leases(tx, limit: int = 100) -> int:
+    expired = tx.query("SELECT id FROM concurrency_lease WHERE expiration <= ? ORDER BY expiration LIMIT ?",
+                       (now_iso(), limit))
+    return sum(release_lease(tx, row["id"]) for row in expired)
 
 
 # Saved searches
@@ -5238,6 +6039,40 @@ class Retention(Service):
             log.info("retention removed %s", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 
 
+class LeaseRepossessor(Service):
+    """Gives back the slots of concurrency leases that expired unrenewed (their holder is gone)."""
+
+    name = "lease-repossessor"
+
+    def run_once(self):
+        with self.app.db.read() as tx:  # most passes find nothing: no write transaction for them
+            if tx.query_one("SELECT id FROM concurrency_lease WHERE expiration <= ? LIMIT 1", (now_iso(),)) is None:
+                return
+        with self.app.db.write() as tx:
+            repossessed = repossess_expired_leases(tx)
+        if repossessed:
+            log.info("repossessed %d expired concurrency leases", repossessed)
+
+
+LEASE_REPOSSESSOR_LOOP_SECONDS = 15.0
+
+
+class EventRetention(Service):
+    """Deletes events older than PREFECT_SERVER_EVENTS_RETENTION_DAYS (the task runs they made stay)."""
+
+    name = "event-retention"
+
+    def run_once(self):
+        days = self.app.settings["PREFECT_SERVER_EVENTS_RETENTION_DAYS"]
+        if days > 0:
+            removed = prune_events(self.app.db, _dt.timedelta(days=days), stop=self._stop)
+            if removed:
+                log.info("event retention removed %d events", removed)
+
+
+EVENT_RETENTION_LOOP_SECONDS = 3600.0
+
+
 def build_services(app) -> list[Service]:
     s = app.settings
     services = []
@@ -5251,6 +6086,9 @@ def build_services(app) -> list[Service]:
         services.append(NotificationSender(app, s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS"]))
     if s["PREFECT_SERVER_SERVICES_RETENTION_ENABLED"]:
         services.append(Retention(app, s["PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS"]))
+    services.append(LeaseRepossessor(app, LEASE_REPOSSESSOR_LOOP_SECONDS))
+    if s["PREFECT_SERVER_EVENTS_RETENTION_DAYS"] > 0:
+        services.append(EventRetention(app, EVENT_RETENTION_LOOP_SECONDS))
     return services
 
 
@@ -5386,8 +6224,22 @@ def read_server_version(app, req):
     return 200, PREFECT_SERVER_VERSION
 
 
+_PREFECT_CLIENT_AGENT = re.compile(r"^prefect/(\d+)\.(\d+)\.(\d+)")
+
+
 def read_api_version(app, req):
-    """The Prefect server version this server stands in for: the SDK compares its major part with its own."""
+    """The Prefect server version this server stands in for: a Prefect 3 client refuses a server whose
+    answer has another major version than its own. Prefect 2 and 3 clients both send
+    X-PREFECT-API-VERSION: 0.8.4, so that header cannot tell them apart; their User-Agent can: a 3.x
+    PrefectClient sends "prefect/3.9.1 (API 0.8.4)" and is told its own version, and the 3.x WebSocket
+    clients check first with a bare httpx client ("python-httpx/...", no API-version header) and are told
+    PREFECT3_SERVER_VERSION. Any other caller gets the Prefect 2 server version."""
+    agent = req.headers.get("User-Agent") or ""
+    client = _PREFECT_CLIENT_AGENT.match(agent)
+    if client and client.group(1) == "3":
+        return 200, ".".join(client.groups())
+    if agent.startswith("python-httpx/") and req.headers.get("X-PREFECT-API-VERSION") is None:
+        return 200, PREFECT3_SERVER_VERSION
     return 200, PREFECT_SERVER_VERSION
 
 
@@ -5621,6 +6473,83 @@ def create_logs_handler(app, req):
     with app.db.write() as tx:
         create_logs(tx, req.data)
     return 201, None
+
+
+# Handlers: events (Prefect 3)
+
+def _next_page_url(req: Request, token: str | None) -> str | None:
+    if token is None:
+        return None
+    host = req.headers.get("Host") or "localhost"
+    scheme = "https" if (req.headers.get("X-Forwarded-Proto") or "").lower() == "https" else "http"
+    return f"{scheme}://{host}/api/events/filter/next?page-token={urllib.parse.quote(token)}"
+
+
+def _event_page(req: Request, events: list[dict], total: int, token: str | None) -> dict:
+    return {"events": events, "total": total, "next_page": _next_page_url(req, token)}
+
+
+@body(EventFilterBody)
+def read_events_handler(app, req):
+    flt = normalize_event_filter(req.body_dict().get("filter"))
+    limit = min(req.data["limit"], EVENT_PAGE_SIZE)
+    with app.db.read() as tx:
+        events, total = read_events_page(tx, flt, limit)
+    return 200, _event_page(req, events, total, event_page_token(flt, total, limit, 0))
+
+
+def read_events_next_page(app, req):
+    token = req.arg("page-token")
+    if not token:
+        raise ValidationFailed([_error(("query", "page-token"), "field required", "value_error.missing")])
+    try:
+        flt, limit, offset = parse_event_page_token(token)
+    except ValueError:
+        raise HTTPError(403, "Forbidden") from None
+    with app.db.read() as tx:
+        events, total = read_events_page(tx, flt, limit, offset)
+    return 200, _event_page(req, events, total, event_page_token(flt, total, limit, offset))
+
+
+@body(EventCountBody)
+def count_events_handler(app, req):
+    countable = req.params["countable"]
+    if countable not in EVENT_COUNTABLES:
+        allowed = ", ".join(repr(c) for c in EVENT_COUNTABLES)
+        raise ValidationFailed([_error(("path", "countable"), f"value is not a valid enumeration member; permitted: "
+                                                              f"{allowed}", "type_error.enum")])
+    flt = normalize_event_filter(req.body_dict().get("filter"))
+    with app.db.read() as tx:
+        return 200, count_events(tx, flt, countable, req.data["time_unit"], req.data["time_interval"])
+
+
+@body(ListOf(EventCreate))
+def create_events_handler(app, req):
+    """POST /events: a batch of events over plain HTTP (what Prefect 3's ephemeral clients use)."""
+    events = [validate_event(e, ("body", i)) for i, e in enumerate(req.json())]
+    with app.db.write() as tx:
+        store_events(tx, events)
+    return 204, NO_CONTENT
+
+
+# Handlers: server configuration (Prefect 3)
+
+def read_result_storage(app, req):
+    with app.db.read() as tx:
+        return 200, read_configuration(tx, RESULT_STORAGE_KEY) or {"default_result_storage_block_id": None}
+
+
+@body(ResultStorageUpdate)
+def update_result_storage(app, req):
+    with app.db.write() as tx:
+        set_default_result_storage(tx, req.data["default_result_storage_block_id"])
+        return 200, read_configuration(tx, RESULT_STORAGE_KEY)
+
+
+def clear_result_storage(app, req):
+    with app.db.write() as tx:
+        tx.execute("DELETE FROM configuration WHERE key = ?", (RESULT_STORAGE_KEY,))
+    return 204, NO_CONTENT
 
 
 # Handlers: blocks
@@ -6035,6 +6964,48 @@ def decrement_global_limits(app, req):
     with app.db.write() as tx:
         return 200, change_global_slots(tx, req.data["names"], req.data["slots"], req.data["mode"], increment=False,
                                         occupancy_seconds=req.data.get("occupancy_seconds"))
+
+
+def _locked_reply(tx, names: list[str]):
+    """423 with Prefect's Retry-After: about one average occupancy of the fullest limit."""
+    marks = ", ".join("?" for _ in names)
+    wait = tx.scalar(f"SELECT MAX(avg_slot_occupancy_seconds) FROM concurrency_limit_v2 WHERE name IN ({marks})",
+                     tuple(names)) or 1.0
+    return HTTPError(423, "Concurrency limit is full; retry later.", {"Retry-After": f"{max(float(wait), 0.1):.2f}"})
+
+
+@body(ConcurrencyLeaseBody)
+def increment_global_limits_with_lease(app, req):
+    """Prefect 3 takes slots with a lease; a name without a limit (every task tag: "tag:<tag>") takes none."""
+    data = req.data
+    if not data["names"]:
+        raise ValidationFailed([_error(("body", "names"), "ensure this value has at least 1 items",
+                                       "value_error.list.min_items")])
+    with app.db.write() as tx:
+        taken = change_global_slots(tx, data["names"], data["slots"], data["mode"], increment=True)
+        if taken is None:
+            locked = _locked_reply(tx, data["names"])
+        else:
+            lease_id = create_lease(tx, taken, data["slots"], data["lease_duration"], data.get("holder"))
+    if taken is None:  # the denial is recorded (denied_slots) once the transaction above commits
+        raise locked
+    return 200, {"lease_id": lease_id, "limits": taken}
+
+
+@body(LeaseIdBody)
+def decrement_global_limits_with_lease(app, req):
+    with app.db.write() as tx:
+        release_lease(tx, req.data["lease_id"])  # an unknown lease (already given back) is fine
+    return 204, NO_CONTENT
+
+
+@body(LeaseRenewBody)
+def renew_concurrency_lease(app, req):
+    with app.db.write() as tx:
+        renewed = renew_lease(tx, parse_uuid(req.params["lease_id"], ("path", "lease_id")), req.data["lease_duration"])
+    if not renewed:
+        raise HTTPError(410, "Lease not found - it may have expired or been revoked")
+    return 204, NO_CONTENT
 
 
 # Handlers: saved searches
@@ -6566,6 +7537,9 @@ ROUTES = [
     ("GET", "/version", read_server_version),
     ("GET", "/admin/version", read_api_version),
     ("GET", "/admin/settings", read_admin_settings),
+    ("GET", "/admin/storage", read_result_storage),
+    ("PUT", "/admin/storage", update_result_storage),
+    ("DELETE", "/admin/storage", clear_result_storage),
     ("GET", "/csrf-token", read_csrf_token),
     ("POST", "/flows/", create_flow_handler),
     ("POST", "/flows/filter", read_flows_filtered),
@@ -6599,6 +7573,10 @@ ROUTES = [
     ("GET", "/task_run_states/{id}", read_task_run_state),
     ("POST", "/logs/", create_logs_handler),
     ("POST", "/logs/filter", read_logs_filtered),
+    ("POST", "/events", create_events_handler),
+    ("POST", "/events/filter", read_events_handler),
+    ("GET", "/events/filter/next", read_events_next_page),
+    ("POST", "/events/count-by/{countable}", count_events_handler),
     ("POST", "/block_types/", create_block_type_handler),
     ("POST", "/block_types/filter", read_block_types_filtered),
     ("GET", "/block_types/slug/{slug}", read_block_type_by_slug),
@@ -6648,6 +7626,9 @@ ROUTES = [
     ("POST", "/v2/concurrency_limits/filter", read_global_limits_filtered),
     ("POST", "/v2/concurrency_limits/increment", increment_global_limits),
     ("POST", "/v2/concurrency_limits/decrement", decrement_global_limits),
+    ("POST", "/v2/concurrency_limits/increment-with-lease", increment_global_limits_with_lease),
+    ("POST", "/v2/concurrency_limits/decrement-with-lease", decrement_global_limits_with_lease),
+    ("POST", "/v2/concurrency_limits/leases/{lease_id}/renew", renew_concurrency_lease),
     ("GET", "/v2/concurrency_limits/{id_or_name}", read_global_limit),
     ("PATCH", "/v2/concurrency_limits/{id_or_name}", update_global_limit),
     ("DELETE", "/v2/concurrency_limits/{id_or_name}", delete_global_limit),
@@ -6837,7 +7818,474 @@ META_ROUTES = [
 ]
 
 
-# --- 10. Server ---
+# --- 10. WebSockets ---
+# Owns RFC 6455 on top of the HTTP server: the opening handshake, frames (client frames must be
+# masked, server frames never are), fragmented messages, ping/pong, close codes and a size limit;
+# then the two endpoints Prefect 3 clients use: /api/events/in (clients report events, task runs
+# among them) and /api/events/out (subscribers send a filter, then receive matching events).
+# A WebSocket keeps its pool worker until it closes; PooledHTTPServer.stop wakes it like any
+# keep-alive connection (its socket is shut down for reading, which our reads see as the end).
+
+WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
+WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
+WS_CLOSE_NORMAL = 1000
+WS_CLOSE_GOING_AWAY = 1001
+WS_CLOSE_PROTOCOL_ERROR = 1002
+WS_CLOSE_UNSUPPORTED_DATA = 1003
+WS_CLOSE_INVALID_DATA = 1007  # e.g. a text message that is not UTF-8
+WS_CLOSE_POLICY_VIOLATION = 1008
+WS_CLOSE_TOO_BIG = 1009
+WS_CLOSE_INTERNAL_ERROR = 1011
+WS_CLOSE_TRY_AGAIN_LATER = 1013
+_WS_CONTROL_OPCODES = (WS_CLOSE, WS_PING, WS_PONG)
+_WS_KNOWN_OPCODES = (WS_CONTINUATION, WS_TEXT, WS_BINARY, *_WS_CONTROL_OPCODES)
+WS_MAX_CONTROL_PAYLOAD = 125
+# A peer that sends nothing for this long is gone (Prefect's client library pings every 20 s).
+WEBSOCKET_IDLE_SECONDS = 120.0
+WEBSOCKET_PATHS = ("/api/events/in", "/api/events/out")
+
+
+class WebSocketClosed(Exception):
+    """The connection is closed: by the peer (its close code), by us after a protocol error, or gone."""
+
+    def __init__(self, code: int | None = None, reason: str = ""):
+        super().__init__(f"{code} {reason}".strip())
+        self.code = code
+        self.reason = reason
+
+
+class WebSocketProtocolError(Exception):
+    """The peer broke the protocol; we close with `code`."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+def websocket_accept_key(key: str) -> str:
+    """Sec-WebSocket-Accept for a client's Sec-WebSocket-Key."""
+    return base64.b64encode(hashlib.sha1((key + WEBSOCKET_GUID).encode("ascii")).digest()).decode("ascii")
+
+
+def _header_tokens(headers, name: str) -> list[str]:
+    return [token.strip().lower() for value in headers.get_all(name, []) for token in value.split(",") if token.strip()]
+
+
+def is_websocket_upgrade(headers) -> bool:
+    return "websocket" in _header_tokens(headers, "Upgrade")
+
+
+def websocket_handshake_problem(method: str, headers) -> tuple[int, str] | None:
+    """(status, detail) when an upgrade request is not a valid opening handshake (RFC 6455, 4.2.1)."""
+    if method != "GET":
+        return 405, "WebSocket upgrades must use GET"
+    if "upgrade" not in _header_tokens(headers, "Connection"):
+        return 400, "Connection: Upgrade is required"
+    if headers.get("Sec-WebSocket-Version", "").strip() != "13":
+        return 426, "Unsupported WebSocket version; use 13"
+    try:
+        key = base64.b64decode(headers.get("Sec-WebSocket-Key", "").strip(), validate=True)
+    except ValueError:
+        key = b""
+    if len(key) != 16:
+        return 400, "Sec-WebSocket-Key must be 16 base64-encoded bytes"
+    return None
+
+
+def encode_frame(opcode: int, payload: bytes, fin: bool = True, mask: bytes | None = None) -> bytes:
+    """One frame. Servers never mask; `mask` (4 bytes) is for clients, such as tests."""
+    head = bytearray([(0x80 if fin else 0) | opcode])
+    mask_bit = 0x80 if mask is not None else 0
+    length = len(payload)
+    if length < 126:
+        head.append(mask_bit | length)
+    elif length < 1 << 16:
+        head.append(mask_bit | 126)
+        head += length.to_bytes(2, "big")
+    else:
+        head.append(mask_bit | 127)
+        head += length.to_bytes(8, "big")
+    if mask is None:
+        return bytes(head) + payload
+    return bytes(head) + mask + _apply_mask(payload, mask)
+
+
+def _apply_mask(data: bytes, mask: bytes) -> bytes:
+    """XOR with the repeating 4-byte key, done on one big integer rather than byte by byte."""
+    if not data:
+        return b""
+    repeated = (mask * (len(data) // 4 + 1))[:len(data)]
+    return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(data), "big")
+
+
+def close_payload(code: int, reason: str = "") -> bytes:
+    """The code and as much of the reason as fits a control frame, never cut inside a UTF-8 character."""
+    text = reason.encode("utf-8")[:WS_MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
+    return code.to_bytes(2, "big") + text.encode("utf-8")
+
+
+def _valid_close_code(code: int) -> bool:
+    """Codes a peer may send (RFC 6455, 7.4): 1000-1003, 1007-1011, 3000-4999."""
+    return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999
+
+
+def _read_exactly(rfile, n: int) -> bytes:
+    data = rfile.read(n) if n else b""
+    if len(data) != n:
+        raise WebSocketClosed(None, "connection lost")
+    return data
+
+
+def read_frame(rfile, max_payload: int, require_mask: bool = True) -> tuple[bool, int, bytes]:
+    """Read one frame: (fin, opcode, unmasked payload); WebSocketProtocolError when it breaks the rules."""
+    first, second = _read_exactly(rfile, 2)
+    fin, opcode, masked, length = bool(first & 0x80), first & 0x0F, bool(second & 0x80), second & 0x7F
+    if first & 0x70:
+        raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
+    if opcode not in _WS_KNOWN_OPCODES:
+        raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, f"unknown opcode {opcode:#x}")
+    if opcode in _WS_CONTROL_OPCODES and (not fin or length > WS_MAX_CONTROL_PAYLOAD):
+        raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "control frames must be whole and at most 125 bytes")
+    if require_mask and not masked:
+        raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "client frames must be masked")
+    if length == 126:
+        length = int.from_bytes(_read_exactly(rfile, 2), "big")
+    elif length == 127:
+        length = int.from_bytes(_read_exactly(rfile, 8), "big")
+        if length >> 63:
+            raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "frame length has its high bit set")
+    if length > max_payload:
+        raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, f"message larger than {max_payload} bytes")
+    mask = _read_exactly(rfile, 4) if masked else None
+    payload = _read_exactly(rfile, length)
+    return fin, opcode, (_apply_mask(payload, mask) if mask else payload)
+
+
+class WebSocket:
+    """One server-side connection after the handshake: whole messages in, frames out.
+
+    receive() answers pings and close frames itself and returns the next text (str) or binary
+    (bytes) message; it raises WebSocketClosed once the connection is over. Sends are serialised
+    by a lock, so a second thread (the /events/out pusher) may send while another reads.
+    """
+
+    def __init__(self, rfile, wfile, max_message_bytes: int, subprotocol: str | None = None, peer: str = "?"):
+        self.rfile = rfile
+        self.wfile = wfile
+        self.max_message_bytes = max_message_bytes
+        self.subprotocol = subprotocol
+        self.peer = peer
+        self.closed = False
+        self.close_code: int | None = None
+        self._send_lock = threading.Lock()
+        self._close_sent = False
+
+    def _send_frame(self, opcode: int, payload: bytes):
+        with self._send_lock:
+            if self._close_sent:
+                raise WebSocketClosed(self.close_code, "already closing")
+            if opcode == WS_CLOSE:
+                self._close_sent = True
+            try:
+                self.wfile.write(encode_frame(opcode, payload))
+                self.wfile.flush()
+            except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
+                self.closed = True
+                raise WebSocketClosed(None, f"connection lost: {exc}") from None
+
+    def send_text(self, text: str):
+        self._send_frame(WS_TEXT, text.encode("utf-8"))
+
+    def send_json(self, value):
+        self.send_text(dumps(value))
+
+    def ping(self, data: bytes = b""):
+        self._send_frame(WS_PING, data)
+
+    def close(self, code: int = WS_CLOSE_NORMAL, reason: str = ""):
+        """Send our close frame, unless one was sent already; the connection is over for us either way."""
+        self.closed = True
+        if self._close_sent:
+            return
+        if self.close_code is None:
+            self.close_code = code
+        with contextlib.suppress(WebSocketClosed):
+            self._send_frame(WS_CLOSE, close_payload(code, reason))
+
+    def receive(self) -> str | bytes:
+        """The next whole message; control frames in between are handled here."""
+        if self.closed:
+            raise WebSocketClosed(self.close_code, "closed")
+        opcode, parts, size = None, [], 0
+        while True:
+            try:
+                fin, frame_opcode, payload = read_frame(self.rfile, self.max_message_bytes - size)
+            except WebSocketProtocolError as exc:
+                self.close(exc.code, exc.reason)
+                raise WebSocketClosed(exc.code, exc.reason) from None
+            except (OSError, ValueError) as exc:  # a timeout, a reset, or the file closed on shutdown
+                self.closed = True
+                raise WebSocketClosed(None, f"connection lost: {exc}") from None
+            except WebSocketClosed:
+                self.closed = True
+                raise
+            if frame_opcode in _WS_CONTROL_OPCODES:
+                self._control(frame_opcode, payload)
+                continue
+            if (frame_opcode == WS_CONTINUATION) == (opcode is None):
+                reason = "continuation frame without a message" if opcode is None else "new message inside a fragmented one"
+                self.close(WS_CLOSE_PROTOCOL_ERROR, reason)
+                raise WebSocketClosed(WS_CLOSE_PROTOCOL_ERROR, reason)
+            opcode = frame_opcode if opcode is None else opcode
+            parts.append(payload)
+            size += len(payload)
+            if fin:
+                return self._message(opcode, b"".join(parts))
+
+    def _message(self, opcode: int, data: bytes) -> str | bytes:
+        if opcode == WS_BINARY:
+            return data
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            self.close(WS_CLOSE_INVALID_DATA, "text message is not valid UTF-8")
+            raise WebSocketClosed(WS_CLOSE_INVALID_DATA, "text message is not valid UTF-8") from None
+
+    def _control(self, opcode: int, payload: bytes):
+        if opcode == WS_PING:
+            with contextlib.suppress(WebSocketClosed):  # a ping after our close frame needs no pong
+                self._send_frame(WS_PONG, payload)
+            return
+        if opcode == WS_PONG:
+            return
+        code, reason = self._parse_close(payload)
+        self.close_code = code
+        self.close(code if code not in (None, 1005) else WS_CLOSE_NORMAL)  # echo the close, then we are done
+        raise WebSocketClosed(code, reason)
+
+    def _parse_close(self, payload: bytes) -> tuple[int | None, str]:
+        if not payload:
+            return 1005, ""  # "no status received" (never sent on the wire)
+        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
+        try:
+            reason = payload[2:].decode("utf-8")
+        except UnicodeDecodeError:
+            self.close(WS_CLOSE_INVALID_DATA, "close reason is not valid UTF-8")
+            raise WebSocketClosed(WS_CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
+        if code is None or not _valid_close_code(code):
+            self.close(WS_CLOSE_PROTOCOL_ERROR, "invalid close code")
+            raise WebSocketClosed(WS_CLOSE_PROTOCOL_ERROR, "invalid close code")
+        return code, reason
+
+    def receive_json(self):
+        """The next message as JSON; a message that is not JSON closes the connection (1003)."""
+        message = self.receive()
+        try:
+            return json.loads(message)
+        except (ValueError, RecursionError):
+            self.close(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message")
+            raise WebSocketClosed(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message") from None
+
+
+class EventHub:
+    """Live fan-out of committed events to the /events/out subscribers of one server."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subscribers: list[queue.Queue] = []
+
+    def subscribe(self) -> queue.Queue:
+        inbox = queue.Queue(maxsize=EVENT_SUBSCRIBER_BACKLOG)
+        with self._lock:
+            self._subscribers.append(inbox)
+        return inbox
+
+    def unsubscribe(self, inbox: queue.Queue):
+        with self._lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(inbox)
+
+    def publish(self, events: list[dict]):
+        with self._lock:
+            inboxes = list(self._subscribers)
+        for inbox in inboxes:
+            for event in events:
+                try:
+                    inbox.put_nowait(event)
+                except queue.Full:  # a subscriber this far behind is cut off rather than slowing the rest
+                    _overflow(inbox)
+                    break
+
+
+EVENT_SUBSCRIBER_BACKLOG = 10_000  # events queued for one slow subscriber before it is disconnected
+_INBOX_OVERFLOWED = "overflowed"  # the marker a subscriber finds in its inbox when it fell too far behind
+_INBOX_CLOSED = "closed"  # its reader saw the connection end
+
+
+def _overflow(inbox: queue.Queue):
+    with contextlib.suppress(queue.Empty):
+        while True:
+            inbox.get_nowait()
+    with contextlib.suppress(queue.Full):
+        inbox.put_nowait(_INBOX_OVERFLOWED)
+
+
+# The event endpoints. Prefect 3 clients ask for the "prefect" subprotocol and then authenticate in
+# band: {"type": "auth", "token": <PREFECT_API_AUTH_STRING or null>} -> {"type": "auth_success"}.
+# (Its subscriber sends no Authorization header, so these paths are exempt from HTTP basic auth and
+# the token is what protects them.) A client without the subprotocol is served without the message
+# exchange, but only while the server has no auth string, as Prefect's server does.
+
+EVENTS_OUT_BACKFILL_SECONDS = 15 * 60  # a subscriber's backfill reaches back at most this far (Prefect's default)
+EVENTS_OUT_BACKFILL_PAGE = 250
+
+
+def websocket_subprotocol_problem(settings: Settings, headers) -> tuple[str | None, str | None]:
+    """(subprotocol to accept, refusal detail): the refusal when auth is on and the client would skip it."""
+    offered = _header_tokens(headers, "Sec-WebSocket-Protocol")
+    if "prefect" in offered:
+        return "prefect", None
+    if settings["PREFECT_SERVER_API_AUTH_STRING"]:
+        return None, "'prefect' subprotocol required when auth is configured"
+    return None, None
+
+
+def authenticate_websocket(app, ws: WebSocket) -> bool:
+    """The in-band auth exchange; False (after closing with 1008) when it fails."""
+    if ws.subprotocol != "prefect":
+        return True
+    message = ws.receive_json()
+    if not isinstance(message, dict) or message.get("type") != "auth":
+        ws.close(WS_CLOSE_POLICY_VIOLATION, "Expected 'auth' message")
+        return False
+    expected = app.settings["PREFECT_SERVER_API_AUTH_STRING"]
+    if expected:
+        token = message.get("token")
+        if not isinstance(token, str) or not token:
+            ws.close(WS_CLOSE_POLICY_VIOLATION, "Auth required but no token provided")
+            return False
+        if not secrets.compare_digest(token.encode(), expected.encode()):
+            ws.close(WS_CLOSE_POLICY_VIOLATION, "Invalid token")
+            return False
+    ws.send_json({"type": "auth_success"})
+    return True
+
+
+def serve_events_in(app, ws: WebSocket):
+    """Each message is one event: stored (task runs recorded) before the next frame is read, so the
+    pong that answers a client's checkpoint ping confirms every event sent before it."""
+    if not authenticate_websocket(app, ws):
+        return
+    while True:
+        message = ws.receive()
+        try:
+            event = validate_event(json.loads(message))
+        except (ValueError, RecursionError, ValidationFailed) as exc:
+            # A client would resend the same bad event on every reconnect: drop it, keep the connection.
+            log.warning("ignoring an invalid event from %s: %s", ws.peer, str(exc)[:500])
+            continue
+        try:
+            with app.db.write() as tx:
+                store_events(tx, [event])
+        except DatabaseUnavailable as exc:
+            # Closing unconfirmed makes the client reconnect and resend what it has not had confirmed.
+            ws.close(WS_CLOSE_TRY_AGAIN_LATER, f"database unavailable: {exc}"[:120])
+            return
+
+
+def serve_events_out(app, ws: WebSocket):
+    """A subscriber: one filter message, then the recent matching events (unless backfill is false),
+    then matching events as they are stored, oldest first. A reader thread answers pings and notices
+    the close while this thread pushes."""
+    if not authenticate_websocket(app, ws):
+        return
+    message = ws.receive_json()
+    if not isinstance(message, dict) or message.get("type") != "filter":
+        ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
+        return
+    try:
+        # A subscription without an end streams on (Prefect's client always sends until = now + 1 year).
+        flt = normalize_event_filter(message.get("filter"), loc=("filter",), until=_dt.timedelta(days=365))
+    except ValidationFailed as exc:
+        ws.close(WS_CLOSE_PROTOCOL_ERROR, f"Invalid filter: {exc}"[:120])
+        return
+    earliest = iso(utcnow() - _dt.timedelta(seconds=EVENTS_OUT_BACKFILL_SECONDS))
+    flt["occurred"]["since"] = max(flt["occurred"]["since"], earliest)
+    flt["order"] = "ASC"
+    inbox = app.events.subscribe()  # before the backfill, so that nothing falls between the two
+    reader = threading.Thread(target=_drain_subscriber, args=(ws, inbox), name="prefectlite-events-out", daemon=True)
+    reader.start()
+    try:
+        sent = _backfill(app, ws, flt) if message.get("backfill", True) is not False else set()
+        _push_live_events(app, ws, flt, inbox, sent)
+    finally:
+        app.events.unsubscribe(inbox)
+        ws.close(WS_CLOSE_GOING_AWAY if app.stopping.is_set() else WS_CLOSE_NORMAL)
+
+
+def _drain_subscriber(ws: WebSocket, inbox: queue.Queue):
+    """Subscribers send nothing after their filter; reading still answers pings and sees the close."""
+    try:
+        while True:
+            ws.receive()
+    except WebSocketClosed:
+        pass
+    finally:
+        with contextlib.suppress(queue.Full):
+            inbox.put_nowait(_INBOX_CLOSED)
+
+
+def _backfill(app, ws: WebSocket, flt: dict) -> set:
+    sent, offset = set(), 0
+    while True:
+        with app.db.read() as tx:
+            events, total = read_events_page(tx, flt, EVENTS_OUT_BACKFILL_PAGE, offset)
+        for event in events:
+            ws.send_json({"type": "event", "event": event})
+            sent.add(event["id"])
+        offset += len(events)
+        if not events or offset >= total:
+            return sent
+
+
+def _push_live_events(app, ws: WebSocket, flt: dict, inbox: queue.Queue, already_sent: set):
+    while not ws.closed:
+        try:
+            batch = [inbox.get(timeout=0.5)]
+        except queue.Empty:
+            if app.stopping.is_set():
+                return
+            continue
+        with contextlib.suppress(queue.Empty):
+            while len(batch) < EVENTS_OUT_BACKFILL_PAGE:
+                batch.append(inbox.get_nowait())
+        if _INBOX_CLOSED in batch:
+            return
+        if _INBOX_OVERFLOWED in batch:
+            ws.close(WS_CLOSE_TRY_AGAIN_LATER, "subscriber fell too far behind; reconnect to backfill")
+            return
+        events = []
+        for event in batch:
+            if event["id"] in already_sent:  # stored while we backfilled: sent already
+                already_sent.discard(event["id"])
+            else:
+                events.append(event)
+        with app.db.read() as tx:
+            wanted = matching_event_ids(tx, flt, [e["id"] for e in events])
+        for event in events:
+            if event["id"] in wanted:
+                ws.send_json({"type": "event", "event": _received_event(event)})
+
+
+def _received_event(event: dict) -> dict:
+    return {key: event.get(key) for key in ("occurred", "event", "resource", "related", "payload", "id", "follows",
+                                            "received")}
+
+
+WEBSOCKET_ENDPOINTS = {"/api/events/in": serve_events_in, "/api/events/out": serve_events_out}
+
+
+# --- 11. Server ---
 # Owns the process side: the App (settings + database + services), the HTTP/1.1 keep-alive server
 # with a bounded pool of worker threads, access control, static UI files, and serve() for embedding.
 
@@ -6856,6 +8304,7 @@ class App:
         self.openapi = openapi_document(self.routes)
         self.stopping = threading.Event()
         self.metrics = Metrics()
+        self.events = EventHub()
         self.services = build_services(self)
         self.running_url: str | None = None
         try:
@@ -6872,12 +8321,15 @@ class App:
                 service.wake()
 
     def start_services(self):
+        EVENT_SINKS.append((self.db, self.events.publish))
         for service in self.services:
             service.start()
             if isinstance(service, NotificationSender):
                 NOTIFICATION_WAKERS.append(service.wake)
 
     def stop_services(self):
+        with contextlib.suppress(ValueError):
+            EVENT_SINKS.remove((self.db, self.events.publish))
         for service in self.services:
             with contextlib.suppress(ValueError):
                 NOTIFICATION_WAKERS.remove(service.wake)
@@ -7095,6 +8547,9 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         path = urllib.parse.urlsplit(self.path).path
         try:
             extra = {**cors_headers(app.settings, self.headers.get("Origin")), "X-Request-ID": request_id}
+            if path in WEBSOCKET_ENDPOINTS and is_websocket_upgrade(self.headers):
+                self._serve_websocket(path, extra)  # authenticated in band, not by HTTP basic auth
+                return
             status, payload, headers = self._respond(app)
             if app.stopping.is_set():
                 self.close_connection = True
@@ -7133,6 +8588,44 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         if headers.get("ETag") and self.headers.get("If-None-Match") == headers["ETag"]:
             return 304, NO_CONTENT, headers
         return status, payload, headers
+
+    def _serve_websocket(self, path: str, extra: dict):
+        """The opening handshake, then the connection belongs to the endpoint until it closes."""
+        app = self.server.app
+        self.close_connection = True  # no HTTP request follows a WebSocket on this connection
+        problem = websocket_handshake_problem(self.command, self.headers)
+        subprotocol, refusal = websocket_subprotocol_problem(app.settings, self.headers)
+        if problem is None and refusal:
+            problem = (403, refusal)
+        if problem is not None:
+            status, detail = problem
+            headers = {**extra, "Sec-WebSocket-Version": "13"} if status == 426 else extra
+            self._send(status, {"detail": detail}, headers)
+            return
+        self.send_response(101)
+        self.send_header("Upgrade", "websocket")
+        self.send_header("Connection", "Upgrade")
+        self.send_header("Sec-WebSocket-Accept", websocket_accept_key(self.headers["Sec-WebSocket-Key"].strip()))
+        if subprotocol:
+            self.send_header("Sec-WebSocket-Protocol", subprotocol)
+        self.send_header("X-Request-ID", extra["X-Request-ID"])
+        self.end_headers()
+        self.wfile.flush()
+        self.connection.settimeout(WEBSOCKET_IDLE_SECONDS)
+        ws = WebSocket(self.rfile, self.wfile, app.settings["PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES"], subprotocol,
+                       peer=self.address_string())
+        log.info("WebSocket %s opened by %s", path, ws.peer)
+        try:
+            WEBSOCKET_ENDPOINTS[path](app, ws)
+        except WebSocketClosed:
+            if app.stopping.is_set():  # our reads ended because the server is stopping: say so
+                ws.close(WS_CLOSE_GOING_AWAY, "server shutting down")
+        except DatabaseUnavailable as exc:
+            ws.close(WS_CLOSE_TRY_AGAIN_LATER, f"database unavailable: {exc}"[:120])
+        except Exception:  # noqa: BLE001 - one broken endpoint call must not take the worker down
+            log.exception("WebSocket %s failed", path)
+            ws.close(WS_CLOSE_INTERNAL_ERROR, "internal server error")
+        log.info("WebSocket %s from %s closed (%s)", path, ws.peer, ws.close_code)
 
     def _send(self, status, payload, headers):
         if payload is NO_CONTENT or status in (204, 304):
@@ -7278,7 +8771,7 @@ def serve(database: str | None = None, host: str = "127.0.0.1", port: int = 0, *
         running.stop()
 
 
-# --- 11. CLI ---
+# --- 12. CLI ---
 # Owns the command line: `start` (also `server start`), `config`, `profile`, `database`, `version`.
 # Every failure a person can cause is one line on stderr and a non-zero exit, never a traceback.
 
@@ -7796,7 +9289,7 @@ def run_cli(argv: list[str], out=None) -> int:
         return 130
 
 
-# --- 12. Main ---
+# --- 13. Main ---
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(sys.argv[1:] if argv is None else argv)

@@ -1,0 +1,485 @@
+"""WebSockets (section 10): RFC 6455 handshake and framing, checked with a raw socket client written
+here (masking, fragmentation, ping/pong, close codes, the size limit), then the Prefect 3 event
+endpoints' in-band auth, /events/in storing and /events/out streaming, and shutdown with sockets open."""
+
+import base64
+import hashlib
+import json
+import os
+import socket
+import struct
+import threading
+import time
+import urllib.parse
+import uuid
+
+import pytest
+
+from helpers import Client
+
+import prefectlite
+
+RFC_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+# ---------------------------------------------------------------------------------------------
+# a raw client: nothing of prefectlite's WebSocket code is used to talk to the server
+
+class RawWebSocket:
+    def __init__(self, api_url, path="/events/in", protocols=("prefect",), headers=None, timeout=10.0):
+        parts = urllib.parse.urlsplit(api_url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {parts.path}{path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", "Upgrade: websocket",
+                 "Connection: Upgrade", f"Sec-WebSocket-Key: {self.key}", "Sec-WebSocket-Version: 13"]
+        if protocols:
+            lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        head = self._read_until(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines if h)}
+        if self.status != 101:  # read the HTTP error body
+            length = int(self.headers.get("content-length", "0"))
+            self.body = json.loads(self._read_exactly(length)) if length else None
+
+    def _read_until(self, marker):
+        while marker not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    def _read_exactly(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"connection ended with {len(self.buffer)} of {n} bytes")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def send_frame(self, opcode, payload=b"", fin=True, masked=True, rsv=0):
+        if isinstance(payload, str):
+            payload = payload.encode()
+        head = bytes([(0x80 if fin else 0) | rsv | opcode])
+        length = len(payload)
+        mask_bit = 0x80 if masked else 0
+        if length < 126:
+            head += bytes([mask_bit | length])
+        elif length < 65536:
+            head += bytes([mask_bit | 126]) + struct.pack(">H", length)
+        else:
+            head += bytes([mask_bit | 127]) + struct.pack(">Q", length)
+        if masked:
+            key = os.urandom(4)
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            head += key
+        self.sock.sendall(head + payload)
+
+    def send_text(self, text, **kw):
+        self.send_frame(0x1, text, **kw)
+
+    def send_json(self, value):
+        self.send_text(json.dumps(value))
+
+    def recv_frame(self):
+        first, second = self._read_exactly(2)
+        assert second & 0x80 == 0, "server frames must not be masked"
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", self._read_exactly(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", self._read_exactly(8))[0]
+        return bool(first & 0x80), first & 0x0F, self._read_exactly(length)
+
+    def recv_json(self):
+        fin, opcode, payload = self.recv_frame()
+        assert (fin, opcode) == (True, 0x1), (fin, opcode, payload)
+        return json.loads(payload)
+
+    def expect_close(self):
+        """Read until the server's close frame: (code, reason)."""
+        while True:
+            _fin, opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+                return code, payload[2:].decode()
+
+    def at_eof(self, timeout=5.0):
+        self.sock.settimeout(timeout)
+        try:
+            return self.buffer == b"" and self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def authenticate(self, token=None):
+        self.send_json({"type": "auth", "token": token})
+        assert self.recv_json() == {"type": "auth_success"}
+        return self
+
+    def close(self):
+        self.sock.close()
+
+
+def event(name="test.thing.happened", resource_id=None, occurred=None, **extra):
+    body = {"id": str(uuid.uuid4()), "occurred": occurred or prefectlite.now_iso(), "event": name,
+            "resource": {"prefect.resource.id": resource_id or f"test.resource.{uuid.uuid4()}"},
+            "related": [], "payload": {}}
+    body.update(extra)
+    return body
+
+
+def wait_for_events(client, count, flt=None, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while True:
+        page = client.ok("POST", "/events/filter", {"filter": flt or {}})
+        if page["total"] >= count or time.monotonic() > deadline:
+            return page
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def small_server(tmp_path):
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/ws.db", PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES=4096) as api:
+        yield api
+
+
+# ---------------------------------------------------------------------------------------------
+# the handshake
+
+def test_accept_key_is_the_rfc_example():
+    assert prefectlite.websocket_accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
+
+
+def test_handshake_answers_101_with_accept_key_and_subprotocol(server):
+    ws = RawWebSocket(server)
+    try:
+        assert ws.status == 101
+        assert ws.headers["upgrade"].lower() == "websocket"
+        assert "upgrade" in ws.headers["connection"].lower()
+        expected = base64.b64encode(hashlib.sha1((ws.key + RFC_GUID).encode()).digest()).decode()
+        assert ws.headers["sec-websocket-accept"] == expected
+        assert ws.headers["sec-websocket-protocol"] == "prefect"
+    finally:
+        ws.close()
+
+
+def test_handshake_without_subprotocol_is_accepted_without_one_when_auth_is_off(server):
+    ws = RawWebSocket(server, protocols=())
+    try:
+        assert ws.status == 101 and "sec-websocket-protocol" not in ws.headers
+        ws.send_json(event())  # legacy mode: no auth message, events straight away
+        assert wait_for_events(Client(server), 1)["total"] == 1
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("change, status", [
+    ({"Sec-WebSocket-Version": "8"}, 426),
+    ({"Sec-WebSocket-Key": "too-short"}, 400),
+    ({"Connection": "keep-alive"}, 400),
+])
+def test_bad_handshakes_get_an_http_error(server, change, status):
+    parts = urllib.parse.urlsplit(server)
+    headers = {"Host": "x", "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
+               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), **change}
+    with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
+        sock.sendall((f"GET {parts.path}/events/in HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                      + "\r\n").encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(4096)
+    assert reply.split()[1] == str(status).encode()
+    if status == 426:
+        assert b"Sec-WebSocket-Version: 13" in reply
+
+
+def test_other_paths_are_not_websockets(server):
+    ws = RawWebSocket(server, path="/health")
+    assert ws.status == 200 and ws.body is True  # an ordinary request, the Upgrade header ignored
+    ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# framing
+
+def test_masked_text_frames_carry_the_auth_exchange_and_events(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.authenticate()
+        sent = event(name="test.masked")
+        ws.send_json(sent)
+        page = wait_for_events(Client(server), 1)
+        assert [e["id"] for e in page["events"]] == [sent["id"]]
+        assert page["events"][0]["event"] == "test.masked"
+    finally:
+        ws.close()
+
+
+def test_fragmented_message_with_a_ping_in_between(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.authenticate()
+        text = json.dumps(event(name="test.fragmented", payload={"blob": "x" * 300}))
+        third = len(text) // 3
+        ws.send_frame(0x1, text[:third], fin=False)
+        ws.send_frame(0x9, b"mid")  # control frames may come between fragments
+        assert ws.recv_frame() == (True, 0xA, b"mid")
+        ws.send_frame(0x0, text[third:2 * third], fin=False)
+        ws.send_frame(0x0, text[2 * third:], fin=True)
+        page = wait_for_events(Client(server), 1)
+        assert page["events"][0]["event"] == "test.fragmented"
+        assert page["events"][0]["payload"] == {"blob": "x" * 300}
+    finally:
+        ws.close()
+
+
+def test_ping_gets_a_pong_with_the_same_payload(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.send_frame(0x9, b"are you there?")
+        assert ws.recv_frame() == (True, 0xA, b"are you there?")
+    finally:
+        ws.close()
+
+
+def test_long_message_lengths_16_and_64_bit(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.authenticate()
+        medium = event(name="test.medium", payload={"blob": "m" * 1000})  # 16-bit length
+        large = event(name="test.large", payload={"blob": "l" * 70_000})  # 64-bit length
+        ws.send_json(medium)
+        ws.send_json(large)
+        page = wait_for_events(Client(server), 2)
+        assert {e["event"] for e in page["events"]} == {"test.medium", "test.large"}
+    finally:
+        ws.close()
+
+
+def test_unmasked_client_frame_closes_with_1002(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.send_frame(0x1, "hello", masked=False)
+        assert ws.expect_close()[0] == 1002
+        assert ws.at_eof()
+    finally:
+        ws.close()
+
+
+@pytest.mark.parametrize("frames", [
+    [(0x0, b"no message started", True)],  # a continuation without a first fragment
+    [(0x1, b"first", False), (0x1, b"second", True)],  # a new message inside a fragmented one
+    [(0x3, b"reserved opcode", True)],
+    [(0x9, b"p" * 126, True)],  # a control frame longer than 125 bytes
+    [(0x9, b"fragmented ping", False)],
+])
+def test_protocol_errors_close_with_1002(server, frames):
+    ws = RawWebSocket(server)
+    try:
+        for opcode, payload, fin in frames:
+            ws.send_frame(opcode, payload, fin=fin)
+        assert ws.expect_close()[0] == 1002
+    finally:
+        ws.close()
+
+
+def test_reserved_bits_close_with_1002(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.send_frame(0x1, "compressed?", rsv=0x40)
+        assert ws.expect_close()[0] == 1002
+    finally:
+        ws.close()
+
+
+def test_oversize_message_closes_with_1009(small_server):
+    ws = RawWebSocket(small_server)
+    try:
+        ws.authenticate()
+        ws.send_text("x" * 5000)
+        assert ws.expect_close()[0] == 1009
+    finally:
+        ws.close()
+
+
+def test_oversize_fragmented_message_closes_with_1009(small_server):
+    ws = RawWebSocket(small_server)
+    try:
+        ws.authenticate()
+        for _ in range(4):
+            ws.send_frame(0x1 if _ == 0 else 0x0, "y" * 1500, fin=False)
+        assert ws.expect_close()[0] == 1009
+    finally:
+        ws.close()
+
+
+def test_invalid_utf8_closes_with_1007(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.send_frame(0x1, b'{"type": "auth", "token": "\xff\xfe"}')
+        assert ws.expect_close()[0] == 1007
+    finally:
+        ws.close()
+
+
+def test_clean_close_is_echoed_then_the_connection_ends(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.authenticate()
+        ws.send_frame(0x8, struct.pack(">H", 1000) + b"bye")
+        assert ws.expect_close()[0] == 1000
+        assert ws.at_eof()
+    finally:
+        ws.close()
+    assert Client(server).get("/health") == (200, True)  # the worker is free again
+
+
+def test_invalid_event_is_skipped_and_the_connection_stays(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.authenticate()
+        ws.send_json({"event": "no id, resource or time"})
+        ws.send_text("not json at all")
+        good = event(name="test.after-bad-ones")
+        ws.send_json(good)
+        ws.send_frame(0x9, b"checkpoint")  # the pong comes after the events before it were stored
+        assert ws.recv_frame() == (True, 0xA, b"checkpoint")
+        page = Client(server).ok("POST", "/events/filter", {})
+        assert [e["id"] for e in page["events"]] == [good["id"]]
+    finally:
+        ws.close()
+
+
+def test_a_resent_event_is_stored_once(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.authenticate()
+        same = event(name="test.resent")
+        ws.send_json(same)
+        ws.send_json(same)
+        ws.send_frame(0x9, b"sync")
+        assert ws.recv_frame()[1] == 0xA
+        assert Client(server).ok("POST", "/events/filter", {})["total"] == 1
+    finally:
+        ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# in-band auth (the Prefect 3 client's handshake)
+
+@pytest.fixture
+def auth_server(tmp_path):
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/auth.db",
+                           PREFECT_SERVER_API_AUTH_STRING="admin:pa55") as api:
+        yield api
+
+
+def test_auth_token_is_checked(auth_server):
+    ws = RawWebSocket(auth_server)  # no Authorization header: the subscriber never sends one
+    try:
+        assert ws.status == 101
+        ws.authenticate("admin:pa55")
+    finally:
+        ws.close()
+    for token, reason in (("admin:wrong", "Invalid token"), (None, "Auth required but no token provided")):
+        ws = RawWebSocket(auth_server)
+        try:
+            ws.send_json({"type": "auth", "token": token})
+            assert ws.expect_close() == (1008, reason)
+        finally:
+            ws.close()
+
+
+def test_without_the_prefect_subprotocol_auth_cannot_be_skipped(auth_server):
+    ws = RawWebSocket(auth_server, protocols=())
+    assert ws.status == 403
+    ws.close()
+
+
+def test_first_message_must_be_auth(server):
+    ws = RawWebSocket(server)
+    try:
+        ws.send_json(event())
+        assert ws.expect_close() == (1008, "Expected 'auth' message")
+    finally:
+        ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# /events/out
+
+def test_subscriber_gets_backfill_then_live_events_that_match_its_filter(server):
+    client = Client(server)
+    client.ok("POST", "/events", [event(name="test.sub.before"), event(name="other.before")])
+    sub = RawWebSocket(server, path="/events/out").authenticate()
+    pub = RawWebSocket(server).authenticate()
+    try:
+        sub.send_json({"type": "filter", "filter": {"event": {"prefix": ["test.sub."]}}})
+        first = sub.recv_json()
+        assert first["type"] == "event" and first["event"]["event"] == "test.sub.before"
+        pub.send_json(event(name="other.live"))
+        pub.send_json(event(name="test.sub.live", payload={"n": 1}))
+        live = sub.recv_json()["event"]
+        assert live["event"] == "test.sub.live" and live["payload"] == {"n": 1} and live["received"]
+        sub.send_frame(0x9, b"still there")  # the pusher and the reader share the socket
+        assert sub.recv_frame() == (True, 0xA, b"still there")
+    finally:
+        pub.close()
+        sub.close()
+
+
+def test_subscriber_without_backfill_sees_only_new_events(server):
+    client = Client(server)
+    client.ok("POST", "/events", [event(name="test.old")])
+    sub = RawWebSocket(server, path="/events/out").authenticate()
+    try:
+        sub.send_json({"type": "filter", "filter": {}, "backfill": False})
+        time.sleep(0.2)
+        client.ok("POST", "/events", [event(name="test.new")])
+        assert sub.recv_json()["event"]["event"] == "test.new"
+    finally:
+        sub.close()
+
+
+def test_subscriber_must_send_a_filter(server):
+    sub = RawWebSocket(server, path="/events/out").authenticate()
+    try:
+        sub.send_json({"type": "subscribe"})
+        assert sub.expect_close() == (1002, "Expected 'filter' message")
+    finally:
+        sub.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# shutdown
+
+def test_open_websockets_do_not_block_shutdown(tmp_path):
+    context = prefectlite.serve(database=f"sqlite:///{tmp_path}/stop.db")
+    api = context.__enter__()
+    idle_in = RawWebSocket(api).authenticate()
+    idle_out = RawWebSocket(api, path="/events/out").authenticate()
+    idle_out.send_json({"type": "filter", "filter": {}})
+    stopped = threading.Event()
+
+    def stop():
+        context.__exit__(None, None, None)
+        stopped.set()
+
+    started = time.monotonic()
+    threading.Thread(target=stop, daemon=True).start()
+    try:
+        assert stopped.wait(8), "server.stop() hung on open WebSockets"
+        assert time.monotonic() - started < 8
+        for ws in (idle_in, idle_out):
+            code, _ = ws.expect_close()
+            assert code == 1001
+    finally:
+        idle_in.close()
+        idle_out.close()
