@@ -1,12 +1,12 @@
-"""Build (once, cached) a virtualenv holding the real Prefect 2.20 SDK.
+"""Build (once, cached) a virtualenv holding a real Prefect SDK: 2.20 here, 3.9 in prefect3_venv.py.
 
 Usage:
     python tests/compat/prefect_venv.py      # builds if needed, prints the venv's python path
     from prefect_venv import ensure_prefect_venv; python = ensure_prefect_venv()
 
-The venv lives at ${PREFECTLITE_CACHE_DIR:-~/.cache/prefectlite}/venv-prefect-2.20.
+The venv lives at ${PREFECTLITE_CACHE_DIR:-~/.cache/prefectlite}/venv-prefect-2.20 (3.9: venv-prefect-3.9).
 It is built in a temporary sibling directory and renamed into place only once
-`python -c "import prefect"` reports a 2.20 version, so a half-built venv is never
+`python -c "import prefect"` reports the expected version, so a half-built venv is never
 taken as ready. A cached venv is verified the same way on every call; a broken one
 is moved aside and rebuilt. Concurrent builders are serialised with a lock file.
 
@@ -15,6 +15,7 @@ Only the standard library is used (this runs before anything is installed).
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import os
 import shutil
@@ -23,14 +24,21 @@ import sys
 import time
 from pathlib import Path
 
-PREFECT_REQUIREMENT = "prefect==2.20.*"
-# Extra pins for transitive dependencies, added whenever a newest release breaks
-# prefect 2.20. None are needed as of prefect 2.20.27 (its own metadata already caps
-# websockets<14, pydantic<2.13, sqlalchemy<2.0.36, typer<0.24, click<8.4, ...):
-# the suite passes with the newest versions those caps allow.
-EXTRA_PINS: list[str] = []
+@dataclasses.dataclass(frozen=True)
+class Sdk:
+    requirement: str  # what pip installs
+    version_prefix: str  # what `prefect.__version__` must start with
+    venv_name: str
+    # Extra pins for transitive dependencies, added whenever a newest release breaks the SDK.
+    extra_pins: tuple = ()
+    # Some packages ship files for newer Pythons that never compile here (3.9's `whenever`).
+    compile_errors_fatal: bool = True
 
-VENV_NAME = "venv-prefect-2.20"
+
+# None needed as of prefect 2.20.27: its own metadata already caps websockets<14, pydantic<2.13,
+# sqlalchemy<2.0.36, typer<0.24, click<8.4, ...; the suite passes with the newest those caps allow.
+PREFECT2 = Sdk("prefect==2.20.*", "2.20.", "venv-prefect-2.20")
+
 READY_MARKER = ".prefectlite-venv-ready"
 INSTALL_TIMEOUT = 600  # seconds for one pip attempt
 VERIFY_TIMEOUT = 120
@@ -47,8 +55,8 @@ def cache_dir() -> Path:
     return Path("~/.cache/prefectlite").expanduser()
 
 
-def venv_dir() -> Path:
-    return cache_dir() / VENV_NAME
+def venv_dir(sdk: Sdk = PREFECT2) -> Path:
+    return cache_dir() / sdk.venv_name
 
 
 def _python_in(venv: Path) -> Path:
@@ -64,7 +72,7 @@ def _clean_env() -> dict:
     return env
 
 
-def verify(python: Path) -> str:
+def verify(python: Path, sdk: Sdk = PREFECT2) -> str:
     """Return prefect's version from that python, or raise VenvError."""
     if not python.exists():
         raise VenvError(f"{python} does not exist")
@@ -80,7 +88,7 @@ def verify(python: Path) -> str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise VenvError(f"cannot run {python}: {exc}") from exc
     version = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
-    if proc.returncode != 0 or not version.startswith("2.20."):
+    if proc.returncode != 0 or not version.startswith(sdk.version_prefix):
         raise VenvError(
             f"`{python} -c 'import prefect'` failed (exit {proc.returncode}, "
             f"version {version!r}):\n{proc.stderr[-3000:]}"
@@ -88,11 +96,11 @@ def verify(python: Path) -> str:
     return version
 
 
-def _is_ready(venv: Path) -> bool:
+def _is_ready(venv: Path, sdk: Sdk) -> bool:
     if not (venv / READY_MARKER).exists():
         return False
     try:
-        verify(_python_in(venv))
+        verify(_python_in(venv), sdk)
     except VenvError as exc:
         print(f"[prefect_venv] cached venv at {venv} is broken: {exc}", file=sys.stderr)
         return False
@@ -114,7 +122,7 @@ def _rewrite_paths(bin_dir: Path, old: str, new: str) -> None:
             os.chmod(f, mode)
 
 
-def _run(cmd: list, log, timeout: int) -> None:
+def _run(cmd: list, log, timeout: int, check: bool = True) -> None:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     try:
@@ -123,11 +131,13 @@ def _run(cmd: list, log, timeout: int) -> None:
         )
     except subprocess.TimeoutExpired as exc:
         raise VenvError(f"timed out after {timeout}s: {' '.join(cmd)}") from exc
-    if proc.returncode != 0:
+    if proc.returncode != 0 and not check:
+        log.write(f"(exit {proc.returncode} ignored)\n")
+    elif proc.returncode != 0:
         raise VenvError(f"exit {proc.returncode}: {' '.join(cmd)}")
 
 
-def _build(final: Path) -> None:
+def _build(final: Path, sdk: Sdk) -> None:
     parent = final.parent
     tmp = parent / f"{final.name}.tmp-{os.getpid()}-{int(time.time())}"
     log_path = parent / f"{final.name}.build.log"
@@ -138,7 +148,7 @@ def _build(final: Path) -> None:
             _run([sys.executable, "-m", "venv", "--prompt", final.name, str(tmp)], log, 300)
             py = str(_python_in(tmp))
             install = [py, "-m", "pip", "install", "--no-compile", "--disable-pip-version-check",
-                       PREFECT_REQUIREMENT, *EXTRA_PINS]
+                       sdk.requirement, *sdk.extra_pins]
             try:
                 _run(install, log, INSTALL_TIMEOUT)
             except VenvError as exc:  # a registry hiccup: try once more
@@ -152,8 +162,9 @@ def _build(final: Path) -> None:
                  str(tmp / "lib")],
                 log,
                 600,
+                check=sdk.compile_errors_fatal,
             )
-            version = verify(_python_in(tmp))
+            version = verify(_python_in(tmp), sdk)
             log.write(f"verified prefect {version}\n")
             (tmp / READY_MARKER).write_text(
                 f"prefect {version}\nbuilt {time.strftime('%Y-%m-%dT%H:%M:%S')}\n",
@@ -178,32 +189,36 @@ def _build(final: Path) -> None:
     )
 
 
-def ensure_prefect_venv() -> str:
+def ensure_venv(sdk: Sdk) -> str:
     """Return the path of the venv's python, building the venv first if needed."""
-    final = venv_dir()
-    if _is_ready(final):
+    final = venv_dir(sdk)
+    if _is_ready(final, sdk):
         return str(_python_in(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f"{final.name}.lock"
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # another builder may be at work: wait for it
         try:
-            if not _is_ready(final):
+            if not _is_ready(final, sdk):
                 # Holding the lock, no other builder is at work: any temp dir is a
                 # leftover of a killed build.
                 for stale in final.parent.glob(f"{final.name}.tmp-*"):
                     shutil.rmtree(stale, ignore_errors=True)
-                _build(final)
+                _build(final, sdk)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
     return str(_python_in(final))
 
 
-def main() -> int:
+def ensure_prefect_venv() -> str:
+    return ensure_venv(PREFECT2)
+
+
+def main(sdk: Sdk = PREFECT2) -> int:
     try:
-        print(ensure_prefect_venv())
+        print(ensure_venv(sdk))
     except VenvError as exc:
-        print(f"[prefect_venv] cannot build the prefect venv: {exc}", file=sys.stderr)
+        print(f"[prefect_venv] cannot build the {sdk.requirement} venv: {exc}", file=sys.stderr)
         return 1
     return 0
 
