@@ -6,6 +6,7 @@ would pick whichever pytest loaded last.
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -96,3 +97,62 @@ def wait_for_health(url, timeout=15.0):
         except OSError:
             time.sleep(0.05)
     return False
+
+
+def clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
+    env.update(extra)
+    return env
+
+
+class ServerProcess:
+    """`python prefectlite.py [server] start` in a subprocess; output goes to files (no pipe can fill up)."""
+
+    def __init__(self, tmp_path, env, *extra_args, port=None, command=("start",), extra=()):
+        self.port = port or free_port()
+        self.out_path = tmp_path / f"server-{self.port}.out"
+        self.err_path = tmp_path / f"server-{self.port}.err"
+        self._out = open(self.out_path, "w")
+        self._err = open(self.err_path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "prefectlite.py"), *command, "--host", "127.0.0.1", "--port", str(self.port),
+             *extra_args, *extra],
+            env=clean_env(**env), stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_url = f"{self.url}/api"
+
+    def wait_ready(self):
+        if not wait_for_health(self.api_url, timeout=30):
+            self.kill()
+            raise AssertionError(f"server did not become healthy: {self.stderr()}")
+        deadline = time.monotonic() + 30  # the banner is printed right after the port opens
+        while "Press Ctrl+C" not in self.stdout() and time.monotonic() < deadline and self.proc.poll() is None:
+            time.sleep(0.05)
+
+    def stop(self, signum=signal.SIGTERM):
+        self.proc.send_signal(signum)
+        try:
+            return self.proc.wait(30)
+        finally:
+            self._close_files()
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self._close_files()
+
+    def _close_files(self):
+        self._out.close()
+        self._err.close()
+
+    def stdout(self):
+        if not self._out.closed:
+            self._out.flush()
+        return self.out_path.read_text()
+
+    def stderr(self):
+        if not self._err.closed:
+            self._err.flush()
+        return self.err_path.read_text()
