@@ -4,6 +4,7 @@ A uniquely named module: several conftest.py files exist below tests/, and `from
 would pick whichever pytest loaded last.
 """
 
+import contextlib
 import json
 import os
 import signal
@@ -156,3 +157,21 @@ class ServerProcess:
         if not self._err.closed:
             self._err.flush()
         return self.err_path.read_text()
+
+
+@contextlib.contextmanager
+def database_outage(dbname):
+    """Refuse new connections to one database and end the ones it has; undone on leaving the block."""
+    admin, why = _postgres_admin_connect()
+    if admin is None:
+        import pytest  # only tests call this
+
+        pytest.skip(why)
+    try:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
+        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                      "AND pid <> pg_backend_pid()", (dbname,))
+        yield
+    finally:
+        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
+        admin.close()

@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from helpers import ROOT, Client, _postgres_admin_connect, free_port, wait_for_health
+from helpers import Client, ROOT, database_outage, free_port, wait_for_health
 from fake_receivers import HTTPReceiver
 
 REQUEST_TIMEOUT = 20.0  # seconds any single client request may take before the test calls it a hang
@@ -337,21 +337,6 @@ def test_kill_9_under_write_load_loses_no_acknowledged_run(tmp_path, servers):
 def _is_503_with_reason(status, payload):
     return status == 503 and isinstance(payload, dict) and bool(payload.get("detail")) and bool(payload.get("reason"))
 
-
-@contextlib.contextmanager
-def database_outage(dbname):
-    """Refuse new connections to one database and end the ones it has; undone on leaving the block."""
-    admin, why = _postgres_admin_connect()
-    if admin is None:
-        pytest.skip(why)
-    try:
-        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                      "AND pid <> pg_backend_pid()", (dbname,))
-        yield
-    finally:
-        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-        admin.close()
 
 
 def test_postgres_outage_is_503_with_a_reason_and_recovers_without_restart(servers, postgres_url):

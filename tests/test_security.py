@@ -6,7 +6,6 @@ Complements tests/test_http.py (basic auth basics, CORS basics), which is not re
 """
 
 import base64
-import contextlib
 import datetime as dt
 import http.client
 import json
@@ -22,7 +21,7 @@ import uuid
 
 import pytest
 
-from helpers import ROOT, _postgres_admin_connect, free_port, run_cli, wait_for_health
+from helpers import ROOT, database_outage, free_port, run_cli, wait_for_health
 
 TIMEOUT = 20.0
 
@@ -380,19 +379,6 @@ def test_an_open_bind_with_auth_does_not_warn(servers):
 
 # --- secrets never in logs, error bodies or settings ------------------------------------------
 
-@contextlib.contextmanager
-def unavailable(dbname):
-    admin, why = _postgres_admin_connect()
-    if admin is None:
-        pytest.skip(why)
-    try:
-        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                      "AND pid <> pg_backend_pid()", (dbname,))
-        yield
-    finally:
-        admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
-        admin.close()
 
 
 def _with_password(url, password):
@@ -495,7 +481,7 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
     call("GET", "/ui-settings", expect=(200,))
     call("GET", "/api/ready", expect=(200,))
     # the database goes away: the 503s name a reason but not the password
-    with unavailable(postgres_url.rsplit("/", 1)[1]):
+    with database_outage(postgres_url.rsplit("/", 1)[1]):
         deadline = time.monotonic() + 30
         while call("POST", "/api/flows/count", {}) is not None and bodies[-1][2] != 503:
             assert time.monotonic() < deadline, "no 503 while the database was away"
