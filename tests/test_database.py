@@ -417,3 +417,109 @@ def test_postgres_integrity_violation_is_mapped(postgres_url, tmp_path):
 
 def test_module_file_is_the_one_under_test():
     assert prefectlite.__file__ == str(ROOT / "prefectlite.py")
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON written by the database (run_json_select) is the object run_out builds in Python
+
+_NOW = "2026-03-01T12:00:00.250000+00:00"
+
+
+def _run_rows():
+    """Runs in every situation the computed fields distinguish, with awkward values in the other columns."""
+    base = {"run_count": 1, "total_run_time": 0.0, "empirical_policy": {"retries": 0}, "tags": ["a", "ü"]}
+    return [
+        {"name": "running", "state_type": "RUNNING", "state_name": "Running",
+         "state_timestamp": "2026-03-01T11:58:29.750001+00:00", "total_run_time": 12.25,
+         "expected_start_time": "2026-03-01T11:58:00.000000+00:00", "start_time": "2026-03-01T11:58:29.750001+00:00"},
+        {"name": "running-without-timestamp", "state_type": "RUNNING", "state_name": "Running", "total_run_time": 3.5,
+         "expected_start_time": "2026-03-01T11:00:00.000000+00:00"},
+        {"name": "late-scheduled", "state_type": "SCHEDULED", "state_name": "Late",
+         "expected_start_time": "2026-02-28T23:59:59.999999+00:00"},
+        {"name": "future-scheduled", "state_type": "SCHEDULED", "state_name": "Scheduled",
+         "expected_start_time": "2026-03-02T00:00:00.000000+00:00"},
+        {"name": "pending", "state_type": "PENDING", "state_name": "Pending",
+         "expected_start_time": "2026-03-01T11:59:59.000001+00:00"},
+        {"name": "paused", "state_type": "PAUSED", "state_name": "Suspended",
+         "expected_start_time": "2026-03-01T10:00:00.000000+00:00"},
+        {"name": "completed-late", "state_type": "COMPLETED", "state_name": "Completed", "total_run_time": 1.000001,
+         "expected_start_time": "2026-03-01T09:00:00.000000+00:00", "start_time": "2026-03-01T09:00:07.123456+00:00",
+         "end_time": "2026-03-01T09:00:08.123457+00:00"},
+        {"name": "completed-early", "state_type": "COMPLETED", "state_name": "Completed",
+         "expected_start_time": "2026-03-01T09:00:00.000000+00:00", "start_time": "2026-03-01T08:59:00.000000+00:00"},
+        {"name": "crashed-never-started", "state_type": "CRASHED", "state_name": "Crashed",
+         "expected_start_time": "2026-03-01T08:00:00.000000+00:00"},
+        {"name": "no-state", "expected_start_time": "2025-12-31T23:00:00.000000+00:00"},
+        {"name": "no-state-no-time"},
+        {"name": "ancient", "state_type": "SCHEDULED", "state_name": "Scheduled",
+         "expected_start_time": "0001-01-01T00:00:00.000000+00:00"},
+        {"name": "quote \" back\\slash 名前", "state_type": "FAILED", "state_name": "Failed",
+         "expected_start_time": "2026-03-01T07:00:00.000000+00:00", "start_time": "2026-03-01T07:00:00.000000+00:00"},
+    ], base
+
+
+def _insert_runs(db):
+    rows, base = _run_rows()
+    flow_id, ids = str(uuid.uuid4()), []
+    with db.write() as tx:
+        prefectlite.insert_row(tx, "flow", {"id": flow_id, "created": _NOW, "updated": _NOW, "name": "f", "tags": []})
+        for i, extra in enumerate(rows):
+            run_id = str(uuid.uuid4())
+            ids.append(run_id)
+            state = {"type": extra["state_type"], "name": extra["state_name"]} if extra.get("state_type") else None
+            prefectlite.insert_row(tx, "flow_run", {
+                **base, "id": run_id, "created": _NOW, "updated": _NOW, "flow_id": flow_id, "state": state,
+                "parameters": {"x": [1, 2.5, None, {"deep": "ß"}]}, "context": {}, "labels": {"k": "v"},
+                "job_variables": {}, "auto_scheduled": i % 2 == 0, "created_by": None if i % 3 else {"id": "u"},
+                **extra})
+            prefectlite.insert_row(tx, "task_run", {
+                **base, "id": str(uuid.uuid4()), "created": _NOW, "updated": _NOW, "flow_run_id": run_id,
+                "task_key": "k", "dynamic_key": str(i), "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]},
+                "state": state, **extra})
+    return ids
+
+
+def _same_json(a, b) -> bool:
+    """Equal as JSON values; numbers to within 1e-9 (SQLite prints floats with 15 digits)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(map(_same_json, a, b))
+    numbers = (int, float)
+    if isinstance(a, numbers) and isinstance(b, numbers) and not isinstance(a, bool) and not isinstance(b, bool):
+        return abs(a - b) <= 1e-9
+    return type(a) is type(b) and a == b
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_run_json_written_by_the_database_equals_run_out(dialect, tmp_path, request):
+    url = f"sqlite:///{tmp_path}/json.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    db = _open_migrated(url, tmp_path)
+    try:
+        _insert_runs(db)
+        with db.read() as tx:
+            for table in ("flow_run", "task_run"):
+                select, params = prefectlite.run_json_select(tx, table, _NOW)
+                docs = {r["id"]: json.loads(r["doc"]) for r in
+                        tx.query(f"SELECT {table}.id AS id, {select} FROM {table}", params)}
+                rows = tx.query(f"SELECT * FROM {table}")
+                assert len(rows) == len(docs) == len(_run_rows()[0])
+                for row in rows:
+                    expected = prefectlite.run_out(table, row, _NOW)
+                    assert _same_json(docs[row["id"]], expected), (row["name"], docs[row["id"]], expected)
+        # spot checks, so that both sides being wrong the same way would still fail
+        with db.read() as tx:
+            select, params = prefectlite.run_json_select(tx, "flow_run", _NOW)
+            by_name = {d["name"]: d for d in (json.loads(r["doc"]) for r in
+                                                tx.query(f"SELECT {select} FROM flow_run", params))}
+        assert by_name["running"]["estimated_run_time"] == pytest.approx(12.25 + 90.499999)
+        assert by_name["late-scheduled"]["estimated_start_time_delta"] == pytest.approx(43200.250001)
+        assert by_name["completed-late"]["estimated_start_time_delta"] == pytest.approx(7.123456)
+        assert by_name["completed-early"]["estimated_start_time_delta"] == 0
+        assert by_name["crashed-never-started"]["estimated_start_time_delta"] == 0
+        assert by_name["future-scheduled"]["estimated_start_time_delta"] == 0
+        assert by_name["running"]["auto_scheduled"] is True and by_name["running-without-timestamp"]["auto_scheduled"] is False
+        assert by_name["running"]["parameters"] == {"x": [1, 2.5, None, {"deep": "ß"}]}
+        assert "labels" not in by_name["running"] and "state_timestamp" not in by_name["running"]
+    finally:
+        db.close()
