@@ -135,6 +135,9 @@ SETTINGS = {
         _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request"),
         _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept"),
         _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes"),
+        _spec("PREFECT_SERVER_READ_CACHE_SECONDS", 2.0, float,
+              "seconds an answer of a run listing, count or history may be reused for the same request while this "
+              "process wrote nothing (0: off); bounds how stale it is when another replica wrote"),
         _spec("PREFECT_LOGGING_SERVER_LEVEL", "WARNING", str, "server log level"),
         _spec("PREFECT_UI_ENABLED", True, bool, "serve the web UI at /"),
         _spec("PREFECT_UI_API_URL", "", str, "API URL the UI calls (default: /api on the same origin)"),
@@ -466,7 +469,13 @@ class Database:
         self.timeout = float(settings["PREFECT_API_DATABASE_TIMEOUT"]) if settings else 10.0
         self.query_seconds = 0.0  # total time spent in the database, for metrics
         self.query_count = 0
+        self.changes = 0  # write transactions this process committed: cached reads older than this are stale
+        self._changes_lock = threading.Lock()
         self._columns: dict[str, tuple[str, ...]] = {}
+
+    def _count_change(self):
+        with self._changes_lock:
+            self.changes += 1
 
     def column_names(self, tx, table: str) -> tuple[str, ...]:
         """The table's columns in schema order, as the migrations made them (cached until a migration)."""
@@ -599,8 +608,11 @@ class SqliteDatabase(Database):
                 raise mapped from exc
             raise
 
-    @contextlib.contextmanager
     def write(self):
+        return self._on_the_writer(writing=True)
+
+    @contextlib.contextmanager
+    def _on_the_writer(self, writing: bool):
         if not self._write_lock.acquire(timeout=self.timeout):
             raise DatabaseUnavailable("the database is busy")
         try:
@@ -621,6 +633,8 @@ class SqliteDatabase(Database):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise self._map_error(exc) or exc
+            if writing:
+                self._count_change()
         finally:
             self._write_lock.release()
         _run_after_commit(tx)
@@ -628,7 +642,7 @@ class SqliteDatabase(Database):
     @contextlib.contextmanager
     def read(self):
         if self.memory:  # one shared connection: readers take the writer's lock
-            with self.write() as tx:
+            with self._on_the_writer(writing=False) as tx:
                 yield tx
             return
         if self._closed:
@@ -883,8 +897,14 @@ class PostgresDatabase(Database):
                 raise mapped from None
             raise
 
-    @contextlib.contextmanager
     def write(self):
+        return self._transaction(writing=True)
+
+    def read(self):  # READ COMMITTED snapshots per statement are fine for our reads
+        return self._transaction(writing=False)
+
+    @contextlib.contextmanager
+    def _transaction(self, writing: bool):
         conn = self._acquire()
         # A database that stops answering (a cut network, a stuck proxy) must become a 503, not a hang:
         # the watchdog ends a transaction that outlives its deadline (migrations are exempt).
@@ -895,6 +915,8 @@ class PostgresDatabase(Database):
                 with conn.transaction():
                     tx = Transaction(self, conn)
                     yield tx
+                if writing:
+                    self._count_change()
             except self._psycopg.Error as exc:
                 mapped = self._map_error(exc)
                 if mapped is not None:
@@ -905,8 +927,6 @@ class PostgresDatabase(Database):
                 self._watchdog.disarm(token)
             self._release(conn)
         _run_after_commit(tx)
-
-    read = write  # READ COMMITTED snapshots per statement are fine for our reads
 
     def run_script(self, script: str):
         with self.write() as tx:
@@ -6259,6 +6279,73 @@ def sent_fields(req) -> dict:
     return {k: v for k, v in req.data.items() if k in sent}
 
 
+class ReadCache:
+    """Answers of the run listings and the dashboard's counts and history, for identical requests.
+
+    An answer is reused only while this process has committed no write since it was computed
+    (`Database.changes`; so a client always reads its own writes) and for at most `max_age` seconds,
+    which bounds how stale it can be when another process wrote (a second replica on PostgreSQL) and
+    how far the live estimates in it (a running run's run time) may lag. Only answers of the latest
+    generation are kept, up to `max_bytes`.
+    """
+
+    def __init__(self, max_age: float, max_bytes: int = 8_000_000):
+        self.max_age = max_age
+        self.max_bytes = max_bytes
+        self._lock = threading.Lock()
+        self._entries: dict = {}  # key -> (monotonic time stored, RawBody), oldest first
+        self._generation = -1
+        self._bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def get(self, key, generation: int) -> RawBody | None:
+        if self.max_age <= 0:
+            return None
+        with self._lock:
+            entry = self._entries.get(key) if generation == self._generation else None
+            if entry is None or time.monotonic() - entry[0] > self.max_age:
+                self.misses += 1
+                return None
+            self.hits += 1
+            return entry[1]
+
+    def put(self, key, generation: int, answer: RawBody):
+        if self.max_age <= 0 or len(answer.data) > self.max_bytes // 8:
+            return
+        with self._lock:
+            if generation < self._generation:
+                return  # computed before a write that a newer answer already reflects
+            if generation > self._generation:
+                self._entries.clear()
+                self._bytes, self._generation = 0, generation
+            old = self._entries.pop(key, None)
+            self._bytes += len(answer.data) - (len(old[1].data) if old else 0)
+            self._entries[key] = (time.monotonic(), answer)
+            while self._bytes > self.max_bytes:
+                oldest = next(iter(self._entries))
+                self._bytes -= len(self._entries.pop(oldest)[1].data)
+
+
+def _cached(handler):
+    """Serve a read handler's 200 answers from app.read_cache (see ReadCache)."""
+
+    @functools.wraps(handler)
+    def cached(app, req):
+        key, generation = (req.path, req.raw_body), app.db.changes
+        answer = app.read_cache.get(key, generation)
+        if answer is not None:
+            return 200, answer
+        status, payload = handler(app, req)
+        if status == 200:
+            if not isinstance(payload, RawBody):
+                payload = RawBody(dumps(payload).encode(), "application/json")
+            app.read_cache.put(key, generation, payload)
+        return status, payload
+
+    return cached
+
+
 def body(schema):
     """Mark a handler with the schema of its request body (validation, defaults and OpenAPI)."""
     def mark(handler):
@@ -6387,6 +6474,8 @@ def _filter_handler(table, out, filters, json_select=None):
 
     read_filtered.__name__ = f"read_{table}s_filtered"
     count.__name__ = f"count_{table}s"
+    if json_select is not None:  # runs: the UI's run lists and dashboard counts, polled by every open page
+        return _cached(read_filtered), _cached(count)
     return read_filtered, count
 
 
@@ -6468,12 +6557,14 @@ HistoryBody = Schema("Body_history", {
 })
 
 
+@_cached
 @body(HistoryBody)
 def flow_run_history(app, req):
     with app.db.read() as tx:
         return 200, run_history(tx, "flow_run", req.data)
 
 
+@_cached
 @body(HistoryBody)
 def task_run_history(app, req):
     with app.db.read() as tx:
@@ -7591,6 +7682,10 @@ def render_metrics(app) -> str:
     _metric(lines, "prefectlite_database_query_seconds_total", "counter", "Time spent in database statements.",
             [({}, round(app.db.query_seconds, 6))])
     _metric(lines, "prefectlite_database_queries_total", "counter", "Database statements run.", [({}, app.db.query_count)])
+    _metric(lines, "prefectlite_read_cache_hits_total", "counter",
+            "Run listing, count and history requests answered from the read cache.", [({}, app.read_cache.hits)])
+    _metric(lines, "prefectlite_read_cache_misses_total", "counter",
+            "Run listing, count and history requests the read cache could not answer.", [({}, app.read_cache.misses)])
     _metric(lines, "prefectlite_process_resident_memory_bytes", "gauge", "Resident memory of this process.",
             [({}, resident_memory_bytes())])
     return "\n".join(lines) + "\n"
@@ -8377,6 +8472,7 @@ class App:
         self.openapi = openapi_document(self.routes)
         self.stopping = threading.Event()
         self.metrics = Metrics()
+        self.read_cache = ReadCache(settings["PREFECT_SERVER_READ_CACHE_SECONDS"])
         self.events = EventHub()
         self.services = build_services(self)
         self.running_url: str | None = None

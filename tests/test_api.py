@@ -5,6 +5,7 @@ import base64
 import datetime as dt
 import random
 import re
+import time
 import urllib.request
 import uuid
 
@@ -742,6 +743,86 @@ def test_limit_defaults_to_and_is_capped_at_200_and_offset_pages(client):
     assert [f["name"] for f in page] == ["flow-010", "flow-011", "flow-012"]
     assert client.ok("POST", "/flows/filter", {"limit": 0}) == []
     assert client.ok("POST", "/flows/filter", {"offset": 10_000}) == []
+
+
+# --- the read cache ----------------------------------------------------------------------------
+
+def _cache_counts(api_url):
+    status, _, body = get_raw(api_url + "/metrics")
+    assert status == 200, body
+    text = body.decode()
+    return tuple(int(re.search(rf"^prefectlite_read_cache_{kind}_total (\d+)", text, re.M).group(1))
+                 for kind in ("hits", "misses"))
+
+
+def test_read_cache_answers_repeats_and_never_hides_this_servers_writes(tmp_path):
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/c.db", PREFECT_SERVER_METRICS_ENABLED=True,
+                           PREFECT_SERVER_READ_CACHE_SECONDS=600) as api_url:
+        client = Client(api_url)
+        flow = new_flow(client)
+        window = {"history_start": iso(T0), "history_end": iso(at(60)), "history_interval_seconds": 600}
+        count = {"flow_runs": {"flow_id": {"any_": [flow["id"]]}}}
+        listing = {**count, "sort": "EXPECTED_START_TIME_DESC"}
+        assert client.ok("POST", "/flow_runs/count", count) == 0
+        assert client.ok("POST", "/flow_runs/filter", listing) == []
+        hits, misses = _cache_counts(api_url)
+        assert client.ok("POST", "/flow_runs/count", count) == 0
+        assert client.ok("POST", "/flow_runs/filter", listing) == []
+        assert _cache_counts(api_url) == (hits + 2, misses)
+        for minute in (5, 15, 25):  # every write is seen by the very next read
+            run = new_flow_run(client, flow["id"], scheduled=at(minute))
+            assert client.ok("POST", "/flow_runs/count", count) == (minute + 5) // 10
+            assert client.ok("POST", "/flow_runs/filter", listing)[0]["id"] == run["id"]
+            buckets = client.ok("POST", "/flow_runs/history", {**window, **count})
+            assert sum(s["count_runs"] for b in buckets for s in b["states"]) == (minute + 5) // 10
+            set_state(client, "flow", run["id"], "COMPLETED")
+            assert client.ok("POST", "/flow_runs/filter", listing)[0]["state_type"] == "COMPLETED"
+            assert client.ok("POST", "/task_runs/count", {}) == 0
+        # a different body is a different answer; a bad body is never cached
+        assert client.ok("POST", "/flow_runs/count", {}) == 3
+        for _ in range(2):
+            status, body = client.post("/flow_runs/count", {"flow_runs": {"id": {"any_": ["not-a-uuid"]}}})
+            assert status == 422, body
+
+
+def test_read_cache_bounds_how_stale_another_process_writes_can_be(tmp_path):
+    url = f"sqlite:///{tmp_path}/shared.db"
+    max_age = 3.0
+    with prefectlite.serve(database=url, PREFECT_SERVER_READ_CACHE_SECONDS=max_age) as cached_url, \
+            prefectlite.serve(database=url, PREFECT_SERVER_READ_CACHE_SECONDS=0) as uncached_url:
+        cached, uncached = Client(cached_url), Client(uncached_url)
+        flow = new_flow(cached)
+        body = {"flow_runs": {"flow_id": {"any_": [flow["id"]]}}}
+        assert cached.ok("POST", "/flow_runs/count", body) == 0
+        stored = time.monotonic()
+        new_flow_run(uncached, flow["id"])  # written by the other server: this one's cache does not know
+        assert uncached.ok("POST", "/flow_runs/count", body) == 1  # with the cache off: always fresh
+        seen = cached.ok("POST", "/flow_runs/count", body)
+        if time.monotonic() - stored < max_age:
+            assert seen == 0  # still the cached answer, as documented
+        time.sleep(max(0.0, stored + max_age + 0.2 - time.monotonic()))
+        assert cached.ok("POST", "/flow_runs/count", body) == 1
+
+
+def test_read_cache_keeps_the_latest_generation_within_its_byte_budget():
+    cache = prefectlite.ReadCache(max_age=60, max_bytes=800)
+    answer = lambda n: prefectlite.RawBody(b"x" * n, "application/json")  # noqa: E731
+    cache.put("a", 1, answer(90))
+    cache.put("b", 1, answer(90))
+    assert cache.get("a", 1).data == b"x" * 90 and cache.get("a", 2) is None  # a write happened: stale
+    cache.put("c", 0, answer(90))  # computed before the write that generation 1 reflects: dropped
+    assert cache.get("c", 0) is None and cache.get("c", 1) is None
+    cache.put("too-big", 1, answer(101))  # more than an eighth of the budget: never kept
+    assert cache.get("too-big", 1) is None
+    for i in range(10):
+        cache.put(f"k{i}", 1, answer(100))
+    kept = [k for k in ("a", "b", *(f"k{i}" for i in range(10))) if cache.get(k, 1) is not None]
+    assert kept == [f"k{i}" for i in range(2, 10)]  # the oldest went first, 800 bytes kept
+    cache.put("new", 2, answer(10))
+    assert cache.get("k9", 2) is None and cache.get("new", 2).data == b"x" * 10
+    off = prefectlite.ReadCache(max_age=0)
+    off.put("a", 1, answer(1))
+    assert off.get("a", 1) is None
 
 
 # --- meta routes -------------------------------------------------------------------------------
