@@ -3491,8 +3491,8 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
                                        "too many buckets (at most 500); use a larger interval", "value_error")])
     where, params = build_where(tx, table, body)
     db, t = tx.db, table
-    # Bucketing and sums happen in the database, over one index (migration 0005) and with exact
-    # arithmetic, a run at a bucket's first microsecond is in that bucket: one row per (bucket, state).
+    # Bucketing and sums happen in the database, from one covering index (migration 0005), in exact
+    # arithmetic (a run at a bucket's first microsecond belongs to it): one row per (bucket, state).
     # The sums are of the same estimates a run shows (run_json_select).
     offset = db.seconds_between.format(a=f"{t}.expected_start_time", b="?")
     run_time, lateness = _run_estimates_sql(db, t)

@@ -1,5 +1,3 @@
--- 0005: back to the single-column expected_start_time indexes
+-- 0005: back to the single-column expected_start_time index
 CREATE INDEX ix_flow_run__expected_start_time ON flow_run (expected_start_time);
 DROP INDEX ix_flow_run__expected_start_time_history;
-CREATE INDEX ix_task_run__expected_start_time ON task_run (expected_start_time);
-DROP INDEX ix_task_run__expected_start_time_history;

@@ -422,7 +422,7 @@ def parse_orch_status(data: bytes):
 
 def build_command(template: str, port: int, home: str, prefectlite: str = DEFAULT_PREFECTLITE) -> str:
     return template.format(port=port, home=home, python=sys.executable, prefectlite=prefectlite,
-                           db=os.path.join(home, "prefect.db"))
+                           repo=os.path.dirname(os.path.abspath(prefectlite)), db=os.path.join(home, "prefect.db"))
 
 
 def server_env(home: str, extra: dict | None = None) -> dict:

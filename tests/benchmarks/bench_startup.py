@@ -5,7 +5,8 @@
     fresh PREFECT_HOME (so a new SQLite file) each time, poll /api/health every 2 ms, stop the server, repeat
     --repeat times (default 5); min/median/max. Any template with {port} works, e.g. the reference server:
         --command '/tmp/benchvenv/bin/prefect server start --host 127.0.0.1 --port {port}'
-    Placeholders: {port}, {home} (the fresh PREFECT_HOME), {db} ({home}/prefect.db), {python}, {prefectlite}.
+    Placeholders: {port}, {home} (the fresh PREFECT_HOME), {db} ({home}/prefect.db), {python}, {prefectlite},
+    {repo} (the folder holding prefectlite.py).
 (b) in-process mode: in a fresh interpreter, `import prefectlite` then, --repeat times,
         with prefectlite.serve(database="sqlite:///:memory:", port=0) as url: ...
     timing the entry into the context (the server is then ready) and the first 200 on {url}/health.

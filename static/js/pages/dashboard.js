@@ -29,7 +29,9 @@ export default async function dashboard(ctx, root) {
       section('Work pool health', poolsEl, { id: 'pool-health' })));
 
   const { seconds, buckets } = WINDOWS[win];
-  const now = new Date();
+  // The window ends at the next whole minute: every viewer in that minute asks the same questions,
+  // which the server's read cache answers once (while nothing was written).
+  const now = new Date(Math.ceil(Date.now() / 60000) * 60000);
   const since = new Date(now.getTime() - seconds * 1000).toISOString();
   const timeFilter = { expected_start_time: { after_: since } };
 
