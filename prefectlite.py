@@ -6240,7 +6240,8 @@ class Request:
                     self._json = json.loads(self.raw_body)
                 except (ValueError, RecursionError) as exc:
                     raise ValidationFailed([_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
-                if not _json_depth_ok(self._json):
+                brackets = self.raw_body.count(b"[") + self.raw_body.count(b"{")  # a bound on the depth
+                if brackets > _MAX_DEPTH and not _json_depth_ok(self._json):
                     raise ValidationFailed([_error(("body",), f"JSON nested deeper than {_MAX_DEPTH} levels", "value_error.jsondecode")])
                 if _SURROGATE_ESCAPE.search(self.raw_body) and not _encodable(self._json):
                     raise ValidationFailed([_error(("body",), "string with an unpaired UTF-16 surrogate", "value_error.str")])
@@ -7859,19 +7860,24 @@ def _compile_route(pattern: str):
     return re.compile(f"^{regex}/?$")
 
 
+def _route_key(path: str) -> tuple[str, int]:
+    segments = path.strip("/").split("/")
+    return segments[0], len(segments)
+
+
 def route_index(routes) -> dict:
-    """Routes grouped by their first path segment, so a request is matched against a handful, not all."""
+    """Routes grouped by first path segment and number of segments (a parameter is one segment), so a
+    request is matched against a handful, not all."""
     index: dict = {}
     for route in routes:
-        first = route[3].strip("/").split("/", 1)[0]
-        index.setdefault(first, []).append(route)
+        index.setdefault(_route_key(route[3]), []).append(route)
     return index
 
 
 def match_route(index: dict, method: str, path: str):
     """Return (handler, path parameters, route pattern) or raise 404/405."""
     allowed = []
-    for route_method, regex, handler, pattern in index.get(path.strip("/").split("/", 1)[0], ()):
+    for route_method, regex, handler, pattern in index.get(_route_key(path), ()):
         found = regex.match(path)
         if found:
             if route_method == method:
@@ -8636,6 +8642,81 @@ def _is_loopback(address: str) -> bool:
     return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
 
+_MAX_HEADER_LINE = 65536
+_MAX_HEADERS = 100
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+class RequestHeaders:
+    """A request's header fields, with the lookups of email.message.Message that we use (get, get_all,
+    [], in; case-insensitive, the first of repeated fields wins), parsed without the email package."""
+
+    def __init__(self, fields: list[tuple[str, str]]):
+        self._fields = fields
+        self._first: dict[str, str] = {}
+        for name, value in fields:
+            self._first.setdefault(name.lower(), value)
+
+    def get(self, name: str, default=None):
+        return self._first.get(name.lower(), default)
+
+    def get_all(self, name: str, default=None):
+        name = name.lower()
+        found = [value for key, value in self._fields if key.lower() == name]
+        return found or default
+
+    def __getitem__(self, name: str):
+        return self._first.get(name.lower())
+
+    def __contains__(self, name) -> bool:
+        return isinstance(name, str) and name.lower() in self._first
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._fields)
+
+
+class _BadHeaders(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def read_request_headers(rfile) -> RequestHeaders:
+    """Header lines up to the empty line. http.server hands them to the email package's parser, which
+    took a third of a small request's time; these are the limits it applies (431 beyond them)."""
+    fields: list[list[str]] = []
+    while True:
+        line = rfile.readline(_MAX_HEADER_LINE + 1)
+        if len(line) > _MAX_HEADER_LINE:
+            raise _BadHeaders(431, "Line too long")
+        if line in (b"\r\n", b"\n", b""):
+            return RequestHeaders([(name, value) for name, value in fields])
+        if len(fields) >= _MAX_HEADERS:
+            raise _BadHeaders(431, "Too many headers")
+        text = line.decode("iso-8859-1").rstrip("\r\n")
+        if text[:1] in (" ", "\t"):  # an obsolete folded continuation: one space, as RFC 9112 allows
+            if not fields:
+                raise _BadHeaders(400, "Header continuation without a header")
+            fields[-1][1] = f"{fields[-1][1]} {text.strip()}"
+            continue
+        name, colon, value = text.partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            raise _BadHeaders(400, "Malformed header line")
+        fields.append([name, value.strip(" \t")])
+
+
+_REQUEST_ID_FORM = re.compile(r"[\w.-]{1,64}")
+
+
+def _split_target(target: str) -> tuple[str, str]:
+    """The path and query of a request target; urlsplit only for what is not a plain /path?query."""
+    if target.startswith("/") and "#" not in target:
+        path, _, query = target.partition("?")
+        return path, query
+    split = urllib.parse.urlsplit(target)
+    return split.path, split.query
+
+
 class _RequestHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = f"prefectlite/{__version__}"
@@ -8664,6 +8745,45 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         if self.request_version == "HTTP/0.9":  # the request line was unreadable: answer in HTTP/1.1 anyway
             self.request_version = "HTTP/1.1"
         self._send(code, {"detail": message or http.HTTPStatus(code).phrase}, {})
+
+    def parse_request(self):
+        """The request line and headers, as http.server reads them, but with read_request_headers."""
+        self.command = None
+        self.request_version = self.default_request_version
+        self.close_connection = True
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if not words:
+            return False
+        if len(words) != 3:
+            self.send_error(400, f"Bad request syntax ({self.requestline[:100]!r})")
+            return False
+        command, path, version = words
+        match = re.fullmatch(r"HTTP/(\d{1,10})\.(\d{1,10})", version)
+        if not match:
+            self.send_error(400, f"Bad request version ({version[:20]!r})")
+            return False
+        number = (int(match.group(1)), int(match.group(2)))
+        if number >= (2, 0):
+            self.send_error(505, f"Invalid HTTP version ({version[5:][:20]})")
+            return False
+        self.request_version = version
+        self.close_connection = number < (1, 1)
+        # "//host/x" would read as a URL without a scheme to some clients: one leading slash only
+        self.command, self.path = command, "/" + path.lstrip("/") if path.startswith("//") else path
+        try:
+            self.headers = read_request_headers(self.rfile)
+        except _BadHeaders as exc:
+            self.send_error(exc.status, str(exc))
+            return False
+        connection = self.headers.get("Connection", "").lower()
+        if connection == "close":
+            self.close_connection = True
+        elif connection == "keep-alive":
+            self.close_connection = False
+        if self.headers.get("Expect", "").lower() == "100-continue" and number >= (1, 1):
+            return self.handle_expect_100()
+        return True
 
     def handle_expect_100(self):
         """The 100 Continue must leave now, not wait in our response buffer."""
@@ -8697,6 +8817,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         if length is None:
             return b""
+        if len(set(self.headers.get_all("Content-Length"))) > 1:  # which one? a smuggling attempt
+            raise HTTPError(400, "Conflicting Content-Length headers")
         if not length.isdigit():
             raise HTTPError(400, "Invalid Content-Length")
         if int(length) > limit:
@@ -8711,15 +8833,15 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         app = self.server.app
         started = time.perf_counter()
         given = self.headers.get("X-Request-ID") or ""
-        request_id = given if re.fullmatch(r"[\w.-]{1,64}", given) else uuid.uuid4().hex[:16]
+        request_id = given if _REQUEST_ID_FORM.fullmatch(given) else secrets.token_hex(8)
         REQUEST_ID.set(request_id)
-        path = urllib.parse.urlsplit(self.path).path
+        path, query = _split_target(self.path)
         try:
             extra = {**cors_headers(app.settings, self.headers.get("Origin")), "X-Request-ID": request_id}
             if path in WEBSOCKET_ENDPOINTS and is_websocket_upgrade(self.headers):
                 self._serve_websocket(path, extra)  # authenticated in band, not by HTTP basic auth
                 return
-            status, payload, headers = self._respond(app)
+            status, payload, headers = self._respond(app, path, query)
             if app.stopping.is_set():
                 self.close_connection = True
             self._send(status, payload, {**extra, **headers})
@@ -8727,9 +8849,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         finally:
             REQUEST_ID.set(None)
 
-    def _respond(self, app) -> tuple[int, object, dict]:
-        split = urllib.parse.urlsplit(self.path)
-        path = split.path
+    def _respond(self, app, path: str, query: str) -> tuple[int, object, dict]:
         try:
             raw = self._read_body()
         except HTTPError as exc:
@@ -8745,8 +8865,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         if path not in _AUTH_EXEMPT and not check_basic_auth(app.settings, self.headers.get("Authorization")):
             return 401, {"detail": "Unauthorized"}, {"WWW-Authenticate": 'Basic realm="prefectlite"'}
         if path == "/api" or path.startswith("/api/"):
-            query = urllib.parse.parse_qs(split.query, keep_blank_values=True)
-            req = Request(app, "GET" if self.command == "HEAD" else self.command, path[4:] or "/", query,
+            params = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
+            req = Request(app, "GET" if self.command == "HEAD" else self.command, path[4:] or "/", params,
                           self.headers, raw)
             return handle_api_request(app, req)
         if self.command not in ("GET", "HEAD"):
