@@ -2029,6 +2029,12 @@ def filtered_query(tx, table: str, body: dict, settings: Settings, extra_where: 
     return sql, (*column_params, *params, page_limit(body, settings), body.get("offset") or 0)
 
 
+def json_page_query(tx, table: str, body: dict, settings: Settings, json_select: tuple[str, tuple]):
+    """A filter route's page as one JSON array text, from a `doc` column of JSON objects (run_json_select)."""
+    sql, params = filtered_query(tx, table, body, settings, select=json_select)
+    return f"SELECT {tx.db.json_array_agg.format(x='doc')} FROM ({sql}) AS page", params
+
+
 def count_query(tx, table: str, body: dict, extra_where: str = "", extra_params=()):
     where, params = _where_with(tx, table, body, extra_where, extra_params)
     return f"SELECT COUNT(*) AS n FROM {table} WHERE {where}", params
@@ -3477,6 +3483,25 @@ def flow_run_graph_v2(tx, run_id: str) -> dict:
             "states": [{"id": s["id"], "timestamp": s["timestamp"], "type": s["type"], "name": s["name"]} for s in states]}
 
 
+def history_query(tx, table: str, body: dict, start: _dt.datetime, end: _dt.datetime, step: float):
+    """SQL and parameters of run_history's counts and sums per (bucket, state)."""
+    where, params = build_where(tx, table, body)
+    db, t = tx.db, table
+    # Bucketing and sums happen in the database, from one covering index (migration 0005), in exact
+    # arithmetic (a run at a bucket's first microsecond belongs to it): one row per (bucket, state).
+    # The sums are of the same estimates a run shows (run_json_select).
+    offset = db.seconds_between.format(a=f"{t}.expected_start_time", b="?")
+    run_time, lateness = _run_estimates_sql(db, t)
+    now = now_iso()
+    sql = (
+        f"SELECT {db.floor.format(x=f'({offset}) / ?')} AS bucket, {t}.state_type AS state_type, "
+        f"{t}.state_name AS state_name, COUNT(*) AS n, SUM({run_time}) AS run_time, SUM({lateness}) AS lateness "
+        f"FROM {t} WHERE {where} AND {t}.expected_start_time >= ? AND {t}.expected_start_time < ? "
+        f"GROUP BY 1, {t}.state_type, {t}.state_name")
+    estimates = (now,) * (run_time.count("?") + lateness.count("?"))
+    return sql, ((iso(start),) * offset.count("?") + (step,) + estimates + (*params, iso(start), iso(end)))
+
+
 def run_history(tx, table: str, body: dict) -> list[dict]:
     """Counts of runs by state per time bucket, for the dashboard's bar chart."""
     start, end = from_iso(body["history_start"]), from_iso(body["history_end"])
@@ -3489,22 +3514,7 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     if (end - start).total_seconds() / step > 500:
         raise ValidationFailed([_error(("body", "history_interval_seconds"),
                                        "too many buckets (at most 500); use a larger interval", "value_error")])
-    where, params = build_where(tx, table, body)
-    db, t = tx.db, table
-    # Bucketing and sums happen in the database, from one covering index (migration 0005), in exact
-    # arithmetic (a run at a bucket's first microsecond belongs to it): one row per (bucket, state).
-    # The sums are of the same estimates a run shows (run_json_select).
-    offset = db.seconds_between.format(a=f"{t}.expected_start_time", b="?")
-    run_time, lateness = _run_estimates_sql(db, t)
-    now = now_iso()
-    rows = tx.query(
-        f"SELECT {db.floor.format(x=f'({offset}) / ?')} AS bucket, {t}.state_type AS state_type, "
-        f"{t}.state_name AS state_name, COUNT(*) AS n, SUM({run_time}) AS run_time, SUM({lateness}) AS lateness "
-        f"FROM {t} WHERE {where} AND {t}.expected_start_time >= ? AND {t}.expected_start_time < ? "
-        f"GROUP BY 1, {t}.state_type, {t}.state_name",
-        ((iso(start),) * offset.count("?") + (step,) + (now,) * (run_time.count("?") + lateness.count("?"))
-         + (*params, iso(start), iso(end))),
-    )
+    rows = tx.query(*history_query(tx, table, body, start, end, step))
     buckets = []
     moment = start
     while moment < end:
@@ -6461,9 +6471,7 @@ def _filter_handler(table, out, filters, json_select=None):
     def read_filtered(app, req):
         with app.db.read() as tx:
             if json_select is not None:
-                select = json_select(tx, table, now_iso())
-                sql, params = filtered_query(tx, table, req.data, app.settings, select=select)
-                page = tx.scalar(f"SELECT {tx.db.json_array_agg.format(x='doc')} FROM ({sql}) AS page", params)
+                page = tx.scalar(*json_page_query(tx, table, req.data, app.settings, json_select(tx, table, now_iso())))
                 return 200, RawBody(page.encode(), "application/json")
             rows = query_filtered(tx, table, req.data, app.settings)
         return 200, [out(row) for row in rows]

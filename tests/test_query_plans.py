@@ -76,6 +76,28 @@ def test_flow_run_filters_use_an_index(db, name):
     assert_indexed(plan(db, sql, params), "flow_run", search=selective)
 
 
+def test_the_json_page_the_route_runs_uses_the_same_index(db):
+    # the route wraps the page query: the database writes each run's JSON and the page as one text
+    settings = prefectlite.load_settings(env={})
+    body = {"flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}}}, "sort": NEWEST, "limit": 8}
+    with db.read() as tx:
+        select = prefectlite.run_json_select(tx, "flow_run", prefectlite.now_iso())
+        sql, params = prefectlite.json_page_query(tx, "flow_run", body, settings, select)
+        plain_sql, plain_params = prefectlite.filtered_query(tx, "flow_run", body, settings)
+    lines = plan(db, sql, params)
+    assert_indexed(lines, "flow_run")
+    uses = lambda ls: sorted(w for line in ls for w in line.split() if w.startswith("ix_"))  # noqa: E731
+    assert uses(lines) == uses(plan(db, plain_sql, plain_params)), lines
+
+
+def test_the_dashboard_history_reads_only_its_covering_index(db):
+    body = {"flow_runs": {}}
+    with db.read() as tx:
+        sql, params = prefectlite.history_query(tx, "flow_run", body, NOW - dt.timedelta(days=1), NOW, 3600.0)
+    lines = plan(db, sql, params)
+    assert any("COVERING INDEX ix_flow_run__expected_start_time_history" in line for line in lines), lines
+
+
 def test_dashboard_counts_use_an_index(db):
     body = {"flow_runs": {"state": {"type": {"any_": ["FAILED"]}}, "expected_start_time": {"after_": DAY_AGO}}}
     with db.read() as tx:
