@@ -455,7 +455,6 @@ class Database:
     json_label_path = ""  # that parameter for the key {label}
     migration_lock = ""  # statement that serialises migrations across processes
     seconds_between = ""  # SQL for the seconds from timestamp text {b} to {a}
-    floor = ""  # SQL for the integer floor of a non-negative number {x}
     greatest = ""  # SQL for the larger of two numbers {a} and {b}
     round6 = ""  # SQL for the number {x} rounded to 6 decimal places, as a float
     json_object = ""  # SQL building a JSON object, as text, from {pairs} ('key', value, ...)
@@ -512,7 +511,6 @@ class SqliteDatabase(Database):
     seconds_between = ("((CAST(strftime('%s', substr({a}, 1, 19)) AS INTEGER)"
                        " - CAST(strftime('%s', substr({b}, 1, 19)) AS INTEGER)) * 1000000"
                        " + CAST(substr({a}, 21, 6) AS INTEGER) - CAST(substr({b}, 21, 6) AS INTEGER)) / 1000000.0")
-    floor = "CAST({x} AS INTEGER)"  # truncation is the floor for the non-negative values we pass
     greatest = "max({a}, {b})"
     round6 = "round({x}, 6)"
     json_object = "json_object({pairs})"
@@ -776,7 +774,6 @@ class PostgresDatabase(Database):
     dialect = "postgresql"
     ilike = "ILIKE"
     seconds_between = "EXTRACT(EPOCH FROM (({a})::timestamptz - ({b})::timestamptz))"
-    floor = "CAST(FLOOR({x}) AS INTEGER)"
     greatest = "GREATEST({a}, {b})"
     round6 = "ROUND(({x})::numeric, 6)::float8"
     json_object = "json_build_object({pairs})::text"  # at most 50 pairs (100 arguments)
@@ -3483,23 +3480,35 @@ def flow_run_graph_v2(tx, run_id: str) -> dict:
             "states": [{"id": s["id"], "timestamp": s["timestamp"], "type": s["type"], "name": s["name"]} for s in states]}
 
 
-def history_query(tx, table: str, body: dict, start: _dt.datetime, end: _dt.datetime, step: float):
-    """SQL and parameters of run_history's counts and sums per (bucket, state)."""
+def history_query(tx, table: str, body: dict, starts: list[str], end: str):
+    """SQL and parameters of run_history's counts and sums per (bucket, state), for buckets that begin
+    at `starts` (ISO texts, ascending) and end at the next start or `end`."""
     where, params = build_where(tx, table, body)
     db, t = tx.db, table
-    # Bucketing and sums happen in the database, from one covering index (migration 0005), in exact
-    # arithmetic (a run at a bucket's first microsecond belongs to it): one row per (bucket, state).
-    # The sums are of the same estimates a run shows (run_json_select).
-    offset = db.seconds_between.format(a=f"{t}.expected_start_time", b="?")
+    # Counted and summed in the database, from one covering index (migration 0005): one row per (bucket,
+    # state). A run's bucket is found by comparing its time with the buckets' edges (our timestamps are
+    # one fixed-width format, so text order is time order): exact at every edge, and half the cost of
+    # time arithmetic on every row. The sums are of the same estimates a run shows (run_json_select).
+    bucket, edges = _bucket_sql(f"{t}.expected_start_time", starts[1:])
     run_time, lateness = _run_estimates_sql(db, t)
-    now = now_iso()
     sql = (
-        f"SELECT {db.floor.format(x=f'({offset}) / ?')} AS bucket, {t}.state_type AS state_type, "
-        f"{t}.state_name AS state_name, COUNT(*) AS n, SUM({run_time}) AS run_time, SUM({lateness}) AS lateness "
+        f"SELECT {bucket} AS bucket, {t}.state_type AS state_type, {t}.state_name AS state_name, COUNT(*) AS n, "
+        f"SUM({run_time}) AS run_time, SUM({lateness}) AS lateness "
         f"FROM {t} WHERE {where} AND {t}.expected_start_time >= ? AND {t}.expected_start_time < ? "
         f"GROUP BY 1, {t}.state_type, {t}.state_name")
-    estimates = (now,) * (run_time.count("?") + lateness.count("?"))
-    return sql, ((iso(start),) * offset.count("?") + (step,) + estimates + (*params, iso(start), iso(end)))
+    estimates = (now_iso(),) * (run_time.count("?") + lateness.count("?"))
+    return sql, (*edges, *estimates, *params, starts[0], end)
+
+
+def _bucket_sql(column: str, edges: list[str]) -> tuple[str, list[str]]:
+    """SQL for the number of `edges` (ascending) at or below `column`: a balanced tree of comparisons."""
+    if not edges:
+        return "0", []
+    middle = len(edges) // 2
+    below, below_edges = _bucket_sql(column, edges[:middle])
+    above, above_edges = _bucket_sql(column, edges[middle + 1:])
+    above = f"{middle + 1} + {above}" if above != "0" else str(middle + 1)
+    return f"CASE WHEN {column} < ? THEN {below} ELSE {above} END", [edges[middle], *below_edges, *above_edges]
 
 
 def run_history(tx, table: str, body: dict) -> list[dict]:
@@ -3514,13 +3523,14 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     if (end - start).total_seconds() / step > 500:
         raise ValidationFailed([_error(("body", "history_interval_seconds"),
                                        "too many buckets (at most 500); use a larger interval", "value_error")])
-    rows = tx.query(*history_query(tx, table, body, start, end, step))
-    buckets = []
+    starts = []
     moment = start
     while moment < end:
-        buckets.append({"interval_start": iso(moment), "interval_end": iso(min(moment + _dt.timedelta(seconds=step), end)),
-                        "states": []})
+        starts.append(moment)
         moment += _dt.timedelta(seconds=step)
+    buckets = [{"interval_start": iso(first), "interval_end": iso(min(first + _dt.timedelta(seconds=step), end)),
+                "states": []} for first in starts]
+    rows = tx.query(*history_query(tx, table, body, [b["interval_start"] for b in buckets], iso(end))) if starts else []
     for row in rows:
         index = int(row["bucket"])
         if 0 <= index < len(buckets):

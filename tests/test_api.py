@@ -2,6 +2,7 @@
 language, the meta routes, CSRF and the OpenAPI document."""
 
 import base64
+import bisect
 import datetime as dt
 import random
 import re
@@ -249,6 +250,34 @@ def test_history_buckets_are_exact_at_their_edges_and_sum_the_runs_estimates(dia
             assert shown > 3600
             assert bucket["states"][0]["sum_estimated_lateness"] == pytest.approx(shown, abs=30)
             assert bucket["states"][0]["sum_estimated_run_time"] == 0
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_history_puts_every_run_in_the_bucket_its_time_falls_in(dialect, tmp_path, request):
+    # odd bucket sizes and counts; runs at edges, a microsecond either side of them, and at random
+    url = f"sqlite:///{tmp_path}/buckets.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    start, step, count = dt.datetime(2025, 3, 1, 0, 0, 0, 250000, tzinfo=dt.timezone.utc), 97.3, 37
+    end = start + dt.timedelta(seconds=step * count - 5)
+    rng = random.Random(11)
+    micro = dt.timedelta(microseconds=1)
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        flow = new_flow(client)
+        window = {"history_start": iso(start), "history_end": iso(end), "history_interval_seconds": step}
+        edges = [parse(b["interval_start"]) for b in client.ok("POST", "/flow_runs/history", window)]
+        assert len(edges) == count
+        times = [start - micro, end, end - micro, *(rng.choice(edges) + rng.choice([-micro, 0 * micro, micro])
+                                                   for _ in range(30)),
+                 *(start + dt.timedelta(seconds=rng.uniform(0, step * count)) for _ in range(30))]
+        for when in times:
+            new_flow_run(client, flow["id"], scheduled=when)
+        buckets = client.ok("POST", "/flow_runs/history", {**window, "flow_runs": {"flow_id": {"any_": [flow["id"]]}}})
+        got = [sum(s["count_runs"] for s in b["states"]) for b in buckets]
+        expected = [0] * count
+        for when in times:
+            if start <= when < end:
+                expected[bisect.bisect_right(edges, when) - 1] += 1
+        assert got == expected
 
 
 def test_task_run_history_buckets(client):

@@ -93,7 +93,8 @@ def test_the_json_page_the_route_runs_uses_the_same_index(db):
 def test_the_dashboard_history_reads_only_its_covering_index(db):
     body = {"flow_runs": {}}
     with db.read() as tx:
-        sql, params = prefectlite.history_query(tx, "flow_run", body, NOW - dt.timedelta(days=1), NOW, 3600.0)
+        starts = [(NOW - dt.timedelta(hours=h)).isoformat(timespec="microseconds") for h in range(24, 0, -1)]
+        sql, params = prefectlite.history_query(tx, "flow_run", body, starts, NOW.isoformat(timespec="microseconds"))
     lines = plan(db, sql, params)
     assert any("COVERING INDEX ix_flow_run__expected_start_time_history" in line for line in lines), lines
 
