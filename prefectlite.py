@@ -8755,7 +8755,8 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         self.server.track(self.connection, False)
 
     def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
-        log.debug("%s %s", self.address_string(), format % args)
+        if log.isEnabledFor(logging.DEBUG):  # called for every response: format nothing unless it is shown
+            log.debug("%s %s", self.address_string(), format % args)
 
     def send_error(self, code, message=None, explain=None):
         """Errors the base class raises itself (bad request line, huge headers) are JSON too."""
