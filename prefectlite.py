@@ -507,7 +507,7 @@ class SqliteDatabase(Database):
     dialect = "sqlite"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
     # Exact to the microsecond, for the one timestamp format we store (iso(): "YYYY-MM-DDTHH:MM:SS.ffffff+00:00");
-    # julianday() keeps milliseconds only and its day fractions are off by ~50 µs near a bucket's edge.
+    # julianday() keeps milliseconds only, and a difference of two of its day fractions is off by ~50 µs.
     seconds_between = ("((CAST(strftime('%s', substr({a}, 1, 19)) AS INTEGER)"
                        " - CAST(strftime('%s', substr({b}, 1, 19)) AS INTEGER)) * 1000000"
                        " + CAST(substr({a}, 21, 6) AS INTEGER) - CAST(substr({b}, 21, 6) AS INTEGER)) / 1000000.0")
