@@ -5,6 +5,7 @@ would pick whichever pytest loaded last.
 """
 
 import contextlib
+import datetime as dt
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+import uuid
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -175,3 +177,35 @@ def database_outage(dbname):
     finally:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
         admin.close()
+
+
+# Times, names and polling, as every test module needs them
+
+def now():
+    return dt.datetime.now(dt.timezone.utc)
+
+
+def iso(moment):
+    return moment.isoformat()
+
+
+def parse(text):
+    """An API datetime as an aware datetime (naive means UTC)."""
+    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
+
+
+def unique(prefix):
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
+    """A bounded poll: the predicate's first truthy value, or a failure after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)

@@ -13,25 +13,12 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, iso, now, parse
 
 TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def now():
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def iso(moment):
-    return moment.isoformat()
-
-
-def parse(text):
-    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-
 
 T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 

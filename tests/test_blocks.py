@@ -13,16 +13,12 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, unique
 
 MASK = prefectlite.SECRET_MASK  # Prefect 2.20's "********"
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
 
 def new_block_type(client, slug=None, **fields):
     slug = slug or unique("type")

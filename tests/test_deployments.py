@@ -10,27 +10,10 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, iso, now, parse, unique, wait_until
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def now():
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def iso(moment):
-    return moment.isoformat()
-
-
-def parse(text):
-    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
 
 def new_flow(client, name=None):
     return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": []})
@@ -51,17 +34,6 @@ def runs_of(client, dep_id, **flow_run_filter):
                       "sort": "EXPECTED_START_TIME_ASC"})
     assert all(r["deployment_id"] == dep_id for r in runs), runs
     return runs
-
-
-def wait_until(predicate, timeout=15.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def locs(payload):

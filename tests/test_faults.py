@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from helpers import Client, ROOT, database_outage, free_port, wait_for_health
+from helpers import ROOT, Client, database_outage, free_port, wait_for_health, wait_until
 from fake_receivers import HTTPReceiver
 
 REQUEST_TIMEOUT = 20.0  # seconds any single client request may take before the test calls it a hang
@@ -269,18 +269,6 @@ class WriteLoad:
             if not isinstance(result, dict) or result.get("status") != "ACCEPT":
                 self.not_accepted.append((run_id, result))
         return True
-
-
-def wait_until(predicate, timeout, what):
-    """A bounded poll: the predicate's truthy value, or an AssertionError after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-        time.sleep(0.1)
 
 
 def assert_complete_runs(client, run_ids):

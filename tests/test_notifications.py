@@ -22,7 +22,7 @@ import uuid
 
 import pytest
 
-from helpers import ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import ROOT, Client, free_port, run_cli, wait_for_health, wait_until
 from fake_receivers import HTTPReceiver, SMTPReceiver
 
 import prefectlite
@@ -99,17 +99,6 @@ def fail_run(client, message="Flow run encountered an exception: boom", **run_fi
 
 def queue(client, status=None):
     return client.ok("GET", "/flow_run_notification_queue/" + (f"?status={status}" if status else ""))
-
-
-def wait_until(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def wait_queue_empty(client, timeout=30.0):

@@ -5,13 +5,11 @@ expirations, cancellation clean-up, two servers sharing one PostgreSQL database,
 import contextlib
 import datetime as dt
 import threading
-import time
-import uuid
 
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, iso, now, parse, unique, wait_until
 
 FAST = {
     "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": 0.2,
@@ -23,34 +21,6 @@ FAST = {
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def now():
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def iso(moment):
-    return moment.isoformat()
-
-
-def parse(text):
-    moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=dt.timezone.utc)
-
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def wait_until(predicate, timeout=20.0, interval=0.1, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
-
 
 @contextlib.contextmanager
 def running_server(database, **settings):
@@ -73,7 +43,7 @@ def wait_passes(server, cls, n=3, timeout=20.0):
     svc = service(server, cls)
     target = svc.passes + n + 1  # +1: the pass under way may have read the database before our change
     svc.wake()
-    wait_until(lambda: svc.passes >= target, timeout, 0.02, f"{n} passes of the {svc.name} service")
+    wait_until(lambda: svc.passes >= target, timeout, f"{n} passes of the {svc.name} service", interval=0.02)
     assert svc.last_error is None, f"the {svc.name} service failed: {svc.last_error}"
 
 

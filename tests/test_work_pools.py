@@ -9,19 +9,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
-
-
-def now():
-    return dt.datetime.now(dt.timezone.utc)
-
-
-def iso(moment):
-    return moment.isoformat()
-
-
-def unique(prefix):
-    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+from helpers import Client, iso, now, unique
 
 
 POOL_FIELDS = {"id", "created", "updated", "name", "description", "type", "base_job_template", "is_paused",

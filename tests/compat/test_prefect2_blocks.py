@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios"
 
@@ -75,17 +77,6 @@ def assert_completed(run, what="run"):
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), (
         f"{what} {run.get('name')} is {run['state_type']}/{run['state_name']}: "
         f"{(run.get('state') or {}).get('message')}")
-
-
-def wait_until(predicate, timeout, interval=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def is_masked(value) -> bool:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
+
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 PREFECTLITE = REPO_ROOT / "prefectlite.py"
@@ -68,17 +70,6 @@ class _Api:
 
 def token() -> str:
     return uuid.uuid4().hex[:8]
-
-
-def wait_until(predicate, timeout, interval=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def alive(script, what):

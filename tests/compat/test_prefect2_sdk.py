@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios"
 # <repo>/../shared/reference/prefect2-scenarios
@@ -112,17 +114,6 @@ def the_log(logs, message) -> dict:
 
 def state_seq(states) -> list:
     return [(s["type"], s["name"]) for s in states]
-
-
-def wait_until(predicate, timeout, interval=0.5, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def parse_time(value) -> datetime:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
+
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios3"
 sys.path.insert(0, str(HERE))
@@ -94,17 +96,6 @@ def assert_no_lost_events(proc):
     for marker in ("may be lost", "Unable to connect to", "EventsWorker' failed", "incompatible versions"):
         assert marker not in proc.stderr and marker not in proc.stdout, (
             f"the SDK reported {marker!r}:\n{proc.stderr[-6000:]}")
-
-
-def wait_until(predicate, timeout, interval=0.25, what="condition"):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(interval)
 
 
 def get_flow_run(api, flow_run_id) -> dict:
