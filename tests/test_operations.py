@@ -1390,3 +1390,15 @@ def test_default_server_logs_are_text(tmp_path):
             json.loads(line)
     assert any(generated in line and "/api/flows/" in line and "INFO" in line for line in lines), text
     assert any(given in line and "/api/hello" in line for line in lines), text
+
+
+def test_latency_histogram_counts_each_observation_in_every_bucket_it_fits_and_at_its_bound():
+    metrics = prefectlite.Metrics()
+    for seconds in (0.001, 0.0011, 0.004, 0.05, 20.0):  # 0.001 and 0.05 sit exactly on a bucket's bound
+        metrics.observe("POST", "/flow_runs/", 201, seconds)
+    requests, latency = metrics.snapshot()
+    assert requests == {("POST", "/flow_runs/", "201"): 5}
+    cumulative = dict(zip(prefectlite.Metrics.buckets, latency[("POST", "/flow_runs/")]))
+    assert cumulative[0.001] == 1 and cumulative[0.0025] == 2 and cumulative[0.005] == 3
+    assert cumulative[0.025] == 3 and cumulative[0.05] == 4 and cumulative[10.0] == 4
+    assert latency[("POST", "/flow_runs/")][-2:] == [pytest.approx(20.0561), 5]  # sum and count (+Inf)

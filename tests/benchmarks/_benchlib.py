@@ -81,13 +81,11 @@ def port_in_use(host: str, port: int) -> bool:
 
 # --------------------------------------------------------------------------- HTTP client
 
-_STALE_ERRORS = (
-    http.client.RemoteDisconnected,
-    http.client.BadStatusLine,
-    ConnectionResetError,
-    BrokenPipeError,
-    ConnectionAbortedError,
-)
+class _Stale(Exception):
+    """The server closed the connection before answering (an idle keep-alive connection it timed out)."""
+
+
+_STALE_ERRORS = (_Stale, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
 
 
 class Client:
@@ -97,55 +95,122 @@ class Client:
     exception, body is then the exception text. A request that fails because the server closed an idle
     keep-alive connection before answering is retried once on a new connection (counted in
     `reconnects`, not as an error).
+
+    HTTP/1.1 is spoken directly on the socket (one sendall per request; Content-Length or chunked
+    bodies, gzip): http.client parses every response's headers with the email package, which cost more
+    CPU than a small request costs the server and made the load generator, not the server, the limit.
     """
 
     def __init__(self, target: Target, timeout: float = 60.0, gzip_ok: bool = True):
         self.target = target
         self.timeout = timeout
-        self.conn: http.client.HTTPConnection | None = None
+        self.sock: socket.socket | None = None
+        self.buf = b""
         self.reconnects = 0
         self.connects = 0
         self.last_failed = False  # the last request ended in an exception (refused, reset, timeout)
-        self.headers = dict(SDK_HEADERS)
+        headers = dict(SDK_HEADERS)
         if gzip_ok:
-            self.headers["Accept-Encoding"] = "gzip"
+            headers["Accept-Encoding"] = "gzip"
+        headers["Host"] = f"{target.host}:{target.port}"
+        self.header_block = "".join(f"{k}: {v}\r\n" for k, v in headers.items()).encode("latin-1")
 
     def _connect(self):
-        self.conn = http.client.HTTPConnection(self.target.host, self.target.port, timeout=self.timeout)
-        self.conn.connect()
+        self.sock = socket.create_connection((self.target.host, self.target.port), timeout=self.timeout)
         try:
-            self.conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass
+        self.buf = b""
         self.connects += 1
 
     def close(self):
-        if self.conn is not None:
+        if self.sock is not None:
             try:
-                self.conn.close()
+                self.sock.close()
             except Exception:
                 pass
-            self.conn = None
+            self.sock = None
+
+    def _fill(self, got_nothing_yet: bool = False):
+        chunk = self.sock.recv(262144)
+        if not chunk:
+            if got_nothing_yet:
+                raise _Stale("server closed the connection before answering")
+            raise ConnectionResetError("server closed the connection mid-response")
+        self.buf += chunk
+
+    def _read_line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\r\n")
+            if end >= 0:
+                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                return line
+            self._fill()
+
+    def _read_exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        data, self.buf = self.buf[:n], self.buf[n:]
+        return data
+
+    def _read_response(self, method: str):
+        while b"\r\n\r\n" not in self.buf:
+            self._fill(got_nothing_yet=not self.buf)
+        head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+        lines = head.decode("latin-1").split("\r\n")
+        version, status_text = lines[0].split(" ", 2)[:2]
+        status = int(status_text)
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if status in (100, 101) or (100 <= status < 200):
+            return self._read_response(method)  # an interim answer: the real one follows
+        if method == "HEAD" or status in (204, 304):
+            data = b""
+        elif headers.get("transfer-encoding", "").lower() == "chunked":
+            parts = []
+            while True:
+                size = int(self._read_line().split(b";")[0].strip() or b"0", 16)
+                if size == 0:
+                    while self._read_line():  # trailers, up to the empty line
+                        pass
+                    break
+                parts.append(self._read_exact(size))
+                self._read_line()
+            data = b"".join(parts)
+        elif "content-length" in headers:
+            data = self._read_exact(int(headers["content-length"]))
+        else:  # delimited by the end of the connection
+            while True:
+                try:
+                    self._fill()
+                except ConnectionResetError:
+                    break
+            data, self.buf = self.buf, b""
+            headers["connection"] = "close"
+        if headers.get("content-encoding", "").lower() == "gzip":
+            data = gzip.decompress(data)
+        will_close = headers.get("connection", "").lower() == "close" or version == "HTTP/1.0"
+        return status, data, will_close
 
     def request(self, method: str, path: str, body: bytes | None = None):
-        url = self.target.base + path
-        headers = self.headers
+        head = f"{method} {self.target.base}{path} HTTP/1.1\r\n".encode("latin-1") + self.header_block
         if body is not None:
-            headers = dict(headers)
-            headers["Content-Type"] = "application/json"
+            head += b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+            message = head + body
+        else:
+            message = head + (b"Content-Length: 0\r\n\r\n" if method in ("POST", "PUT", "PATCH") else b"\r\n")
         t0 = time.perf_counter()
         for attempt in (0, 1):
-            fresh = self.conn is None
+            fresh = self.sock is None
             try:
                 if fresh:
                     self._connect()
-                self.conn.request(method, url, body=body, headers=headers)
-                resp = self.conn.getresponse()
-                data = resp.read()
-                status = resp.status
-                if resp.getheader("Content-Encoding", "").lower() == "gzip":
-                    data = gzip.decompress(data)
-                if resp.will_close:
+                self.sock.sendall(message)
+                status, data, will_close = self._read_response(method)
+                if will_close:
                     self.close()
                 self.last_failed = False
                 return status, data, time.perf_counter() - t0
@@ -158,7 +223,7 @@ class Client:
                     continue
                 self.last_failed = True
                 return None, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - t0
-            except Exception as exc:  # timeout, refused, ...
+            except Exception as exc:  # timeout, refused, a malformed answer, ...
                 self.close()
                 self.last_failed = True
                 return None, f"{type(exc).__name__}: {exc}".encode(), time.perf_counter() - t0
