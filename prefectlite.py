@@ -35,6 +35,7 @@ import contextvars
 import dataclasses
 import datetime as _dt
 import difflib
+import email.utils
 import functools
 import gzip
 import hashlib
@@ -8890,12 +8891,24 @@ class _BadHeaders(Exception):
         self.status = status
 
 
+def _header_lines(rfile):
+    """The raw header lines, the empty line last. When the whole block is in the read buffer already (as
+    it is for all but huge or trickling requests) it is taken in one read instead of a readline per line."""
+    peeked = rfile.peek(8192)
+    end = peeked.find(b"\r\n\r\n")
+    if end > 0 and not peeked.startswith(b"\r\n") and peeked.count(b"\n", 0, end) == peeked.count(b"\r\n", 0, end):
+        yield from rfile.read(end + 4)[:end].split(b"\r\n")
+        yield b"\r\n"
+        return
+    while True:
+        yield rfile.readline(_MAX_HEADER_LINE + 1)
+
+
 def read_request_headers(rfile) -> RequestHeaders:
     """Header lines up to the empty line. http.server hands them to the email package's parser, which
     took a third of a small request's time; these are the limits it applies (431 beyond them)."""
     fields: list[list[str]] = []
-    while True:
-        line = rfile.readline(_MAX_HEADER_LINE + 1)
+    for line in _header_lines(rfile):
         if len(line) > _MAX_HEADER_LINE:
             raise _BadHeaders(431, "Line too long")
         if line in (b"\r\n", b"\n", b""):
@@ -8915,6 +8928,15 @@ def read_request_headers(rfile) -> RequestHeaders:
 
 
 _REQUEST_ID_FORM = re.compile(r"[\w.-]{1,64}")
+_DATE_HEADER = (0, "")  # (second, its HTTP date): one formatting per second, not per response
+
+
+def _http_date() -> str:
+    global _DATE_HEADER
+    second = int(time.time())
+    if _DATE_HEADER[0] != second:
+        _DATE_HEADER = (second, email.utils.formatdate(second, usegmt=True))
+    return _DATE_HEADER[1]
 
 
 def _split_target(target: str) -> tuple[str, str]:
@@ -9137,17 +9159,23 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
                 and not _is_loopback(self.client_address[0])):  # over loopback compression only costs CPU
             data = gzip.compress(data, compresslevel=1)
             headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+        # The head in one piece, as send_response/send_header/end_headers would write it (they format and
+        # encode each line apart, and the Date header anew for every response)
+        head = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}\r\n"
+                f"Server: {self.version_string()}\r\nDate: {_http_date()}\r\n"]
+        if ctype:
+            head.append(f"Content-Type: {ctype}\r\n")
+        if status != 304:
+            head.append(f"Content-Length: {len(data)}\r\n")
+        for key, value in headers.items():
+            head.append(f"{key}: {value}\r\n")
+        if self.close_connection:
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        if log.isEnabledFor(logging.DEBUG):
+            self.log_request(status)
         try:
-            self.send_response(status)
-            if ctype:
-                self.send_header("Content-Type", ctype)
-            if status != 304:
-                self.send_header("Content-Length", str(len(data)))
-            for key, value in headers.items():
-                self.send_header(key, value)
-            if self.close_connection:
-                self.send_header("Connection", "close")
-            self.end_headers()
+            self.wfile.write("".join(head).encode("latin-1", "strict"))
             if self.command != "HEAD" and data:
                 self.wfile.write(data)
         except OSError:
