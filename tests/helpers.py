@@ -28,16 +28,17 @@ POSTGRES_URL = os.environ.get("PREFECTLITE_TEST_POSTGRES_URL", "postgresql://pos
 class Client:
     """A tiny JSON client over urllib, so tests speak HTTP exactly as any client would."""
 
-    def __init__(self, api_url, headers=None):
+    def __init__(self, api_url, headers=None, timeout=30.0):
         self.api_url = api_url.rstrip("/")
         self.headers = headers or {}
+        self.timeout = timeout  # seconds for one request; a test that must not hang uses a short one
 
     def request(self, method, path, body=None, headers=None, raw=None):
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(self.api_url + path, data=data, method=method,
                                      headers={"Content-Type": "application/json", **self.headers, **(headers or {})})
         try:
-            with urllib.request.urlopen(req, timeout=30) as resp:
+            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read()
                 return resp.status, (json.loads(text) if text else None)
         except urllib.error.HTTPError as exc:

@@ -2,18 +2,20 @@
 files and malformed requests. Real sockets against a real server; nothing may answer 500."""
 
 import base64
+import contextlib
 import gzip
 import http.client
 import json
 import re
 import socket
+import threading
 import urllib.parse
 import uuid
 
 import pytest
 
 import prefectlite
-from helpers import Client, ROOT
+from helpers import Client, ROOT, wait_until
 
 
 # --- helpers -----------------------------------------------------------------------------------
@@ -620,6 +622,69 @@ def test_a_silent_client_does_not_block_others(server):
         idle.sendall(b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{")
         for _ in range(5):
             assert Client(server).get("/health") == (200, True)
+
+
+def test_a_write_that_trickles_in_does_not_hold_up_other_writes(server):
+    with socket.create_connection(host_port(server), timeout=10) as slow:
+        slow.sendall(b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 50\r\n\r\n{")
+        writer = Client(server, timeout=5)
+        for i in range(5):
+            status, flow = writer.post("/flows/", {"name": f"beside-a-slow-writer-{i}"})
+            assert status == 201, flow
+
+
+def test_a_client_that_does_not_read_its_answers_does_not_hold_up_other_writes(server):
+    """Small pipelined writes with big answers (runs of a deployment with 1 MB of default parameters) on a
+    socket that is never read: the server's sends block, and everyone else's writes must go on (they would
+    wait for the 15 s send timeout otherwise)."""
+    client = Client(server, timeout=5)
+    flow = client.ok("POST", "/flows/", {"name": "unread"})
+    deployment = client.ok("POST", "/deployments/", {"name": "big", "flow_id": flow["id"],
+                                                      "parameters": {"blob": "x" * 1_000_000}})
+    request = (b"POST /api/deployments/%s/create_flow_run HTTP/1.1\r\nHost: x\r\n"
+               b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % deployment["id"].encode())
+    stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answers pile up
+    stuck.connect(host_port(server))
+    sender = threading.Thread(target=lambda: _send_quietly(stuck, request * 40), daemon=True)
+    sender.start()
+    try:
+        counts = []
+
+        def server_stuck_sending():  # its runs stop growing: the server waits to send it an answer
+            status, count = client.post("/flow_runs/count", {"flows": {"id": {"any_": [flow["id"]]}}})
+            counts.append(count)
+            return status == 200 and count >= 1 and counts[-4:] == [count] * 4
+        wait_until(server_stuck_sending, 30, "the server to be stuck on the unread client", interval=0.3)
+        assert counts[-1] < 40
+        for i in range(5):
+            status, other = client.post("/flows/", {"name": f"beside-an-unread-client-{i}"})
+            assert status == 201, other
+    finally:
+        stuck.close()
+
+
+def _send_quietly(sock, data):
+    with contextlib.suppress(OSError):
+        sock.sendall(data)
+
+
+def test_the_write_turnstile_lets_threads_through_in_the_order_they_came():
+    turnstile = prefectlite._Turnstile()
+    order, threads = [], []
+    turnstile.__enter__()
+    for i in range(6):
+        thread = threading.Thread(target=lambda i=i: (turnstile.__enter__(), order.append(i), turnstile.__exit__()))
+        thread.start()
+        threads.append(thread)
+        wait_until(lambda: len(turnstile._waiting) == i + 1, 10, f"thread {i} to queue")
+    turnstile.__exit__()
+    for thread in threads:
+        thread.join(10)
+    assert order == list(range(6))
+    with turnstile:  # free again
+        assert turnstile._busy
 
 
 # --- nothing answers 500 -----------------------------------------------------------------------
