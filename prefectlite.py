@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import argparse
 import base64
-import collections
 import bisect
 import calendar
+import collections
 import contextlib
 import contextvars
 import dataclasses
@@ -507,16 +507,6 @@ class Database:
         pass
 
 
-class _CommitGroup:
-    """Write transactions of several requests that one COMMIT makes durable (SqliteDatabase)."""
-
-    def __init__(self):
-        self.members = 0  # writers whose work is in the transaction
-        self.started = time.perf_counter()
-        self.committed = threading.Event()
-        self.error: str | None = None  # why the group's work was lost, when it was
-
-
 class _WalCheckpointer:
     """Copies the WAL back into the database file from a thread of its own.
 
@@ -553,8 +543,8 @@ class _WalCheckpointer:
                 conn = conn or self.db._connect()
                 self._checkpoint(conn)
                 self.runs += 1
-            except (sqlite3.Error, ConfigurationError) as exc:  # a full disk, say: the WAL keeps the data; try again later
-                log.debug("WAL checkpoint failed: %s", exc)
+            except (sqlite3.Error, ConfigurationError) as exc:  # a full disk, say: the WAL keeps the data
+                log.debug("WAL checkpoint failed (tried again later): %s", exc)
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -567,7 +557,6 @@ class _WalCheckpointer:
         if not db._write_lock.acquire(timeout=db.timeout):
             return
         try:
-            db._commit_open_group()
             conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
         finally:
             db._write_lock.release()
@@ -597,8 +586,6 @@ class SqliteDatabase(Database):
     json_text = "json_extract({col}, ?)"
     json_label_path = '$."{label}"'  # quoted: labels have dots in them (prefect.resource.name)
     min_version = (3, 24, 0)
-    group_commit_limit = 16  # writers sharing one COMMIT, at most
-    group_commit_seconds = 0.02  # and for at most this long since the first of them began
 
     def __init__(self, url, path, settings=None):
         super().__init__(url, settings)
@@ -611,10 +598,6 @@ class SqliteDatabase(Database):
         # One writer at a time within the process (SQLite has one writer anyway); waiting on this
         # lock instead of on SQLite's busy handler keeps "database is locked" away from clients.
         self._write_lock = threading.RLock() if self.memory else threading.Lock()
-        self._queued = 0  # threads waiting for the write lock: a finished writer leaves its transaction to them
-        self._queued_lock = threading.Lock()
-        self._group: _CommitGroup | None = None  # the open write transaction, when writers share one
-        self._group_limit = 1 if self.memory else self.group_commit_limit
         self._checkpointer: _WalCheckpointer | None = None
         self._readers = queue.LifoQueue()
         self._all = []
@@ -695,120 +678,35 @@ class SqliteDatabase(Database):
 
     @contextlib.contextmanager
     def _on_the_writer(self, writing: bool):
-        """A write transaction on the one writer connection; the caller is answered after it commits.
-
-        Group commit: a writer that finishes while others wait for the lock leaves the transaction open
-        for them (its work kept behind a savepoint boundary) and waits; the last of the group commits
-        for all. A COMMIT writes every page the transaction changed to the WAL, and most of a request's
-        pages (table tails, time-ordered indexes, the header page) are the same as its neighbours':
-        one commit for several requests writes them once. A lone writer commits at once, as before.
-        """
-        with self._queued_lock:
-            self._queued += 1
-        try:
-            acquired = self._write_lock.acquire(timeout=self.timeout)
-        finally:
-            with self._queued_lock:
-                self._queued -= 1
-        if not acquired:
+        if not self._write_lock.acquire(timeout=self.timeout):
             raise DatabaseUnavailable("the database is busy")
-        tx = failure = None
         try:
             if self._closed:
                 raise DatabaseUnavailable("the server is shutting down")
             conn = self._writer
-            group = self._group
-            if group is None:
-                self._execute(conn, "BEGIN IMMEDIATE", ())
-                group = self._group = _CommitGroup()
-            elif group.members:
-                self._execute(conn, "SAVEPOINT writer", ())
-            first = not group.members
+            self._execute(conn, "BEGIN IMMEDIATE", ())
             tx = Transaction(self, conn)
             try:
                 yield tx
-                if not first:
-                    self._execute(conn, "RELEASE writer", ())
-                group.members += 1
-            except BaseException as exc:
-                failure = exc
-                self._undo_member(conn, group, first)
-            must_wait = self._hand_over_or_commit(group)
+            except BaseException:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise
+            try:
+                conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                with contextlib.suppress(sqlite3.Error):
+                    conn.execute("ROLLBACK")
+                raise self._map_error(exc) or exc
+            if writing:
+                self._count_change()
+            if not self.memory:
+                if self._checkpointer is None:
+                    self._checkpointer = _WalCheckpointer(self)
+                self._checkpointer.note_commit()
         finally:
             self._write_lock.release()
-        if failure is not None:
-            raise failure
-        if must_wait:
-            self._wait_for_commit(group)
-        if group.error:
-            raise DatabaseUnavailable(group.error)
-        if writing:
-            self._count_change()
         _run_after_commit(tx)
-
-    def _undo_member(self, conn, group: _CommitGroup, first: bool):
-        """Take back one writer's work, and only its own: the group's earlier members stay."""
-        if conn.in_transaction:
-            if not first:
-                try:
-                    conn.execute("ROLLBACK TO writer")
-                    conn.execute("RELEASE writer")
-                    return
-                except sqlite3.Error:
-                    pass  # the savepoint cannot be undone: nothing of this group is kept
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-        # Rolled back whole, by us or by SQLite itself (an I/O error, a full disk): the group's writers learn it
-        self._end_group(group, "the write was rolled back: the database failed" if group.members else None)
-
-    def _hand_over_or_commit(self, group: _CommitGroup) -> bool:
-        """With the write lock held: leave the open transaction to a waiting writer (True: wait for its
-        commit) or commit it now. A group is bounded in members and age, so no one waits long."""
-        if self._group is not group:
-            return False  # already ended (rolled back)
-        if (self._queued and group.members < self._group_limit
-                and time.perf_counter() - group.started < self.group_commit_seconds):
-            return True
-        self._commit_group()
-        return False
-
-    def _commit_group(self):
-        group, conn = self._group, self._writer
-        try:
-            conn.execute("COMMIT")
-        except sqlite3.Error as exc:
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-            mapped = self._map_error(exc)
-            self._end_group(group, str(mapped) if mapped else f"the commit failed: {exc}")
-            return
-        self._end_group(group, None)
-        if not self.memory:
-            if self._checkpointer is None:
-                self._checkpointer = _WalCheckpointer(self)
-            self._checkpointer.note_commit()
-
-    def _end_group(self, group: _CommitGroup, error: str | None):
-        if self._group is group:
-            self._group = None
-        group.error = error
-        group.committed.set()
-
-    def _wait_for_commit(self, group: _CommitGroup):
-        """Wait for the group's last writer to commit. Should the writers that were waiting have given up
-        instead (a lock timeout), commit the group ourselves."""
-        while not group.committed.wait(0.25):
-            if self._write_lock.acquire(timeout=self.timeout):
-                try:
-                    if self._group is group:
-                        self._commit_group()
-                finally:
-                    self._write_lock.release()
-
-    def _commit_open_group(self):
-        """With the write lock held, before anything that must not run inside a transaction."""
-        if self._group is not None:
-            self._commit_group()
 
     @contextlib.contextmanager
     def read(self):
@@ -859,7 +757,6 @@ class SqliteDatabase(Database):
     def vacuum(self):
         """Rewrite the file without free pages, then fold the WAL back in (VACUUM cannot run in a transaction)."""
         with self._write_lock:
-            self._commit_open_group()
             try:
                 self._writer.execute("VACUUM")
                 if not self.memory:
@@ -936,8 +833,6 @@ class SqliteDatabase(Database):
         if self._checkpointer is not None:
             self._checkpointer.stop()
         with self._write_lock:
-            with contextlib.suppress(DatabaseError, sqlite3.Error):
-                self._commit_open_group()
             for conn in self._all:
                 with contextlib.suppress(Exception):
                     conn.close()

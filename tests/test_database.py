@@ -10,7 +10,6 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
@@ -203,145 +202,18 @@ def test_503_from_lock_carries_retry_after_header(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# SQLite: group commit and the WAL checkpointer
+# SQLite: the WAL checkpointer
 
 def _scratch_sqlite(tmp_path):
-    db = prefectlite.open_database(f"sqlite:///{tmp_path / 'group.db'}", _load(tmp_path))
+    db = prefectlite.open_database(f"sqlite:///{tmp_path / 'scratch.db'}", _load(tmp_path))
     with db.write() as tx:
         tx.execute("CREATE TABLE item (name TEXT PRIMARY KEY, payload BLOB)")
     return db
 
 
-def _committed_names(tmp_path):
-    """What another connection sees: only committed rows."""
-    other = sqlite3.connect(tmp_path / "group.db")
-    try:
-        return {row[0] for row in other.execute("SELECT name FROM item")}
-    finally:
-        other.close()
-
-
-def _writers_queued_behind(db, tmp_path, first_body, later_bodies, group_seconds=60.0):
-    """Open a write transaction and keep it open until every later writer waits for the write lock; then
-    run `first_body` in it and let everyone go. Each writer that is answered without an error checks at
-    once that its row is committed (visible to another connection). Returns {name: None | exception} and
-    the statements the writer connection ran."""
-    statements, results, lock = [], {}, threading.Lock()
-    db.group_commit_seconds = group_seconds  # the first writer is held open on purpose, far longer than 20 ms
-    db._writer.set_trace_callback(statements.append)
-    release = threading.Event()
-
-    def write(name, body, hold=False):
-        try:
-            with db.write() as tx:
-                if hold:
-                    release.wait(30)
-                body(tx)
-            outcome = None if name in _committed_names(tmp_path) else AssertionError(f"{name} answered uncommitted")
-        except Exception as exc:  # noqa: BLE001 - the test looks at it
-            outcome = exc
-        with lock:
-            results[name] = outcome
-
-    first = threading.Thread(target=write, args=("first", first_body, True))
-    first.start()
-    wait_until(lambda: db._group is not None, 10, "the first writer to be inside its transaction")
-    others = [threading.Thread(target=write, args=(name, body)) for name, body in later_bodies.items()]
-    for thread in others:
-        thread.start()
-    wait_until(lambda: db._queued == len(others), 10, "every later writer to wait for the lock")
-    release.set()
-    for thread in [first, *others]:
-        thread.join(30)
-    db._writer.set_trace_callback(None)
-    return results, statements
-
-
-def _insert(name):
-    return lambda tx: tx.execute("INSERT INTO item (name) VALUES (?)", (name,))
-
-
-def test_writers_waiting_for_the_lock_share_one_commit_and_are_answered_after_it(tmp_path):
-    db = _scratch_sqlite(tmp_path)
-    try:
-        later = {f"w{i}": _insert(f"w{i}") for i in range(5)}
-        results, statements = _writers_queued_behind(db, tmp_path, _insert("first"), later)
-        assert results == {"first": None, **{name: None for name in later}}
-        assert _committed_names(tmp_path) == {"first", *later}
-        # one BEGIN and one COMMIT for all six writers; the five that joined each had a savepoint
-        assert statements.count("BEGIN IMMEDIATE") == 1, statements
-        assert statements.count("COMMIT") == 1, statements
-        assert statements.count("SAVEPOINT writer") == 5
-    finally:
-        db.close()
-
-
-def test_a_group_older_than_its_time_bound_commits_without_waiting_for_more_writers(tmp_path):
-    db = _scratch_sqlite(tmp_path)
-    try:
-        def slow_first(tx):
-            time.sleep(prefectlite.SqliteDatabase.group_commit_seconds * 3)
-            tx.execute("INSERT INTO item (name) VALUES ('first')")
-
-        later = {"a": _insert("a"), "b": _insert("b")}
-        results, statements = _writers_queued_behind(db, tmp_path, slow_first, later,
-                                                     group_seconds=prefectlite.SqliteDatabase.group_commit_seconds)
-        assert all(outcome is None for outcome in results.values()), results
-        assert _committed_names(tmp_path) == {"first", "a", "b"}
-        # the first writer was held open for longer than the bound: it committed alone, at once
-        assert statements[:3] == ["BEGIN IMMEDIATE", "INSERT INTO item (name) VALUES ('first')", "COMMIT"]
-    finally:
-        db.close()
-
-
-def test_a_writer_that_fails_inside_a_group_takes_back_only_its_own_work(tmp_path):
-    db = _scratch_sqlite(tmp_path)
-
-    def failing(tx):
-        tx.execute("INSERT INTO item (name) VALUES ('failing')")
-        tx.execute("INSERT INTO item (name) VALUES ('first')")  # a unique violation: the API's 409
-
-    try:
-        results, statements = _writers_queued_behind(
-            db, tmp_path, _insert("first"), {"before": _insert("before"), "failing": failing, "after": _insert("after")})
-        assert isinstance(results["failing"], prefectlite.IntegrityViolation)
-        assert results["first"] is None and results["before"] is None and results["after"] is None
-        assert _committed_names(tmp_path) == {"first", "before", "after"}
-        assert "ROLLBACK TO writer" in statements and "ROLLBACK" not in statements
-    finally:
-        db.close()
-
-
-def test_the_first_writer_failing_rolls_back_alone_and_the_waiting_writers_go_on(tmp_path):
-    db = _scratch_sqlite(tmp_path)
-
-    def first_fails(tx):
-        tx.execute("INSERT INTO item (name) VALUES ('first')")
-        raise prefectlite.HTTPError(404, "Flow run not found")
-
-    try:
-        results, _ = _writers_queued_behind(db, tmp_path, first_fails, {"a": _insert("a"), "b": _insert("b")})
-        assert isinstance(results["first"], prefectlite.HTTPError)
-        assert results["a"] is None and results["b"] is None
-        assert _committed_names(tmp_path) == {"a", "b"}
-    finally:
-        db.close()
-
-
-def test_a_lone_writer_commits_at_once(tmp_path):
-    db = _scratch_sqlite(tmp_path)
-    try:
-        with db.write() as tx:
-            tx.execute("INSERT INTO item (name) VALUES ('alone')")
-        assert _committed_names(tmp_path) == {"alone"}
-        assert db._group is None
-    finally:
-        db.close()
-
-
 def test_the_wal_is_copied_back_by_a_checkpointer_thread_and_stays_small(tmp_path):
     db = _scratch_sqlite(tmp_path)
-    wal = tmp_path / "group.db-wal"
+    wal = tmp_path / "scratch.db-wal"
     try:
         with db.read() as tx:  # no request's COMMIT stops for a checkpoint
             assert tx.scalar("PRAGMA wal_autocheckpoint") == 0
@@ -360,21 +232,21 @@ def test_the_wal_is_copied_back_by_a_checkpointer_thread_and_stays_small(tmp_pat
     finally:
         db.close()
     assert not checkpointer.thread.is_alive()  # close() stops it
-    other = sqlite3.connect(tmp_path / "group.db")
+    other = sqlite3.connect(tmp_path / "scratch.db")
     try:
         assert other.execute("SELECT COUNT(*) FROM item").fetchone()[0] == 3000
     finally:
         other.close()
 
 
-def test_an_in_memory_database_has_no_checkpointer_and_commits_each_writer(tmp_path):
+def test_an_in_memory_database_has_no_checkpointer(tmp_path):
     db = prefectlite.open_database("sqlite:///:memory:", _load(tmp_path))
     try:
         for i in range(150):
             with db.write() as tx:
                 tx.execute("CREATE TABLE IF NOT EXISTS item (name TEXT)")
                 tx.execute("INSERT INTO item VALUES (?)", (str(i),))
-        assert db._checkpointer is None and db._group is None
+        assert db._checkpointer is None
     finally:
         db.close()
 
