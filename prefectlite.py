@@ -9380,11 +9380,26 @@ def cmd_start(args, out) -> int:
     print(f"  UI:  http://{shown}:{running.port}/", file=out)
     print(f"  API: http://{shown}:{running.port}/api", file=out)
     print("Press Ctrl+C to stop.", file=out, flush=True)
+    if __name__ == "__main__" and __spec__ is None:
+        # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
+        # most of an idle server) until the script's top level returns. So return now and wait in a
+        # non-daemon thread, which the interpreter waits for before it exits; the main thread still runs
+        # the signal handlers. (`python -m prefectlite` and the installed command import the module:
+        # nothing to free there.)
+        threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
+        return 0
+    _serve_until(stop, running, out)
+    return 0
+
+
+def _serve_until(stop: threading.Event, running, out):
+    trimmed = False
     while not stop.wait(0.5):
-        pass
+        if not trimmed:  # by now the script's syntax tree is freed too (see cmd_start)
+            _release_freed_memory()
+            trimmed = True
     running.stop()
     print("stopped", file=out, flush=True)
-    return 0
 
 
 class _RequestIdFilter(logging.Filter):
