@@ -418,6 +418,7 @@ class Transaction:
         self.db = db
         self.conn = conn
         self.after_commit: list = []  # callables run once the transaction has committed
+        self.memo: dict = {}  # rows read in this transaction by code that would otherwise read them twice
 
     def execute(self, sql, params=()):
         cur = self.db._execute(self.conn, sql, params)
@@ -2175,6 +2176,7 @@ class Outcome:
     reason: str | None = None
     delay_seconds: int | None = None
     written: bool = False  # a new state row was recorded (the API answers 201 then, 200 otherwise)
+    run: dict | None = None  # the run as orchestrated: decoded, with what the new state changed
 
     def details(self) -> dict:
         if self.status == "ACCEPT":
@@ -2258,10 +2260,20 @@ def cancel_runs_without_infrastructure(ctx: Transition):
     return None
 
 
+def _flow_run_brief(tx: Transaction, flow_run_id: str) -> dict | None:
+    """A task run's flow run: its state type and run count, read once per transaction (a task run
+    entering RUNNING needs both, in a rule and in the bookkeeping)."""
+    key = ("flow_run_brief", flow_run_id)
+    if key not in tx.memo:
+        tx.memo[key] = tx.query_one("SELECT state_type, run_count FROM flow_run WHERE id = ?", (flow_run_id,))
+    return tx.memo[key]
+
+
 def prevent_running_tasks_in_stopped_flows(ctx: Transition):
     if ctx.kind != "task" or ctx.proposed["type"] != "RUNNING" or not ctx.run.get("flow_run_id"):
         return None
-    flow_state = ctx.tx.scalar("SELECT state_type FROM flow_run WHERE id = ?", (ctx.run["flow_run_id"],))
+    flow_run = _flow_run_brief(ctx.tx, ctx.run["flow_run_id"])
+    flow_state = flow_run["state_type"] if flow_run else None
     if flow_state == "PAUSED":
         return _reject(ctx, "PAUSED", "NotReady",
                        "The flow is paused, new tasks can execute after resuming flow run execution.")
@@ -2471,7 +2483,8 @@ def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, st
     changes = _run_timing(run, initial, state)
     changes.update(extra)
     if kind == "task" and state["type"] == "RUNNING" and run.get("flow_run_id"):
-        changes["flow_run_run_count"] = tx.scalar("SELECT run_count FROM flow_run WHERE id = ?", (run["flow_run_id"],)) or 0
+        flow_run = _flow_run_brief(tx, run["flow_run_id"])
+        changes["flow_run_run_count"] = (flow_run["run_count"] if flow_run else 0) or 0
     changes.update({"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
                     "state_timestamp": state["timestamp"], "state": state, "updated": state["timestamp"]})
     update_row(tx, table, run["id"], changes)
@@ -2536,6 +2549,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
         outcome.written = False
         if outcome.status == "WAIT" and initial is not None:
             outcome.state = {**initial, "data": None}
+    outcome.run = run
     return outcome
 
 
@@ -2638,6 +2652,13 @@ def _run_estimates_sql(db, t: str) -> tuple[str, str]:
              f"WHEN {t}.state_type IS NULL OR {t}.state_type IN ('SCHEDULED', 'PENDING', 'PAUSED') "
              f"THEN {seconds('?', f'{t}.expected_start_time')} ELSE 0 END")
     return run_time, db.greatest.format(a=delta, b="0")
+
+
+def decoded_run_out(table: str, run: dict) -> dict:
+    """run_out for a run already decoded (as orchestrate leaves it): no second read of the row."""
+    out = {key: value for key, value in run.items() if key not in HIDDEN_COLUMNS.get(table, ())}
+    out.update(_computed_run_fields(run))
+    return out
 
 
 def flow_run_out(row):
@@ -2784,8 +2805,8 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
         )
         return task_run_out(row), False
     proposed = data.get("state") or {"type": "PENDING", "state_details": {}}
-    orchestrate(tx, "task", tx.query_one("SELECT * FROM task_run WHERE id = ?", (run_id,)), proposed, force=True)
-    return task_run_out(tx.query_one("SELECT * FROM task_run WHERE id = ?", (run_id,))), True
+    outcome = orchestrate(tx, "task", tx.query_one("SELECT * FROM task_run WHERE id = ?", (run_id,)), proposed, force=True)
+    return decoded_run_out("task_run", outcome.run), True
 
 
 # Logs
@@ -8886,6 +8907,8 @@ def _whole_request_buffered(rfile) -> bool:
         return False
     found = _CONTENT_LENGTH.search(head)
     return len(buffered) - (end + 4) >= (int(found.group(1)) if found else 0)
+
+
 _DATE_HEADER = (0, "")  # (second, its HTTP date): one formatting per second, not per response
 
 
@@ -9029,6 +9052,7 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
 
     def _send_staged_now(self):
         """In the turnstile: send what the socket takes without waiting (nearly always all of it)."""
+        self.wfile.flush()  # empty here (every answer is staged); were it not, its bytes must go first
         data = b"".join(self._staged)
         timeout = self.connection.gettimeout()
         self.connection.setblocking(False)

@@ -363,6 +363,26 @@ def test_create_task_run_is_idempotent(client):
     assert status == 201 and elsewhere["id"] != first["id"]
 
 
+def test_a_created_task_run_is_answered_as_it_reads_back(client):
+    """The create answer is built from the run as orchestrated, not read again: it must equal a read."""
+    run = new_flow_run(client)
+    client.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})
+    bodies = [{"flow_run_id": run["id"], "task_key": "plain", "dynamic_key": "0"},
+              {"flow_run_id": run["id"], "task_key": "running", "dynamic_key": "0", "name": "r", "tags": ["a", "b"],
+               "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]}, "cache_key": "k",
+               "empirical_policy": {"retries": 2, "retry_delay": 3}, "state": {"type": "RUNNING"}},
+              {"task_key": "no-flow-run", "dynamic_key": "0", "state": {"type": "SCHEDULED", "state_details": {
+                  "scheduled_time": "2030-01-01T00:00:00+00:00"}}}]
+    for body in bodies:
+        status, created = client.post("/task_runs/", body)
+        assert status == 201, created
+        read = client.ok("GET", f"/task_runs/{created['id']}")
+        for key in ("estimated_start_time_delta", "estimated_run_time"):  # they follow the clock
+            created.pop(key), read.pop(key)
+        assert created == read
+        assert list(created) == list(read)  # the same fields in the same order
+
+
 def test_read_filter_count_delete_task_runs(client):
     run = new_flow_run(client)
     tasks = [new_task_run(client, run["id"], task_key="map", dynamic_key=str(i), tags=["m"] if i % 2 else [])
