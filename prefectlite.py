@@ -9397,7 +9397,6 @@ def cmd_start(args, out) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):  # before the port opens: a signal at any moment stops cleanly
         signal.signal(signum, lambda *_: stop.set())
     running = start_server(settings, host, port)
-    _release_freed_memory()
     shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
     dialect = running.app.db.dialect
     print(f"prefectlite {__version__} is ready ({dialect} database)", file=out)
@@ -9419,7 +9418,7 @@ def cmd_start(args, out) -> int:
 def _serve_until(stop: threading.Event, running, out):
     trimmed = False
     while not stop.wait(0.5):
-        if not trimmed:  # by now the script's syntax tree is freed too (see cmd_start)
+        if not trimmed:  # once, when start-up's garbage (and a script's syntax tree, see cmd_start) is freed
             _release_freed_memory()
             trimmed = True
     running.stop()
