@@ -129,3 +129,14 @@ def test_a_filter_without_an_index_would_be_caught(db):
         sql, params = prefectlite.count_query(tx, "flow_run", {"flow_runs": {"flow_version": {"any_": ["x"]}}})
     with pytest.raises(AssertionError, match="full table scan"):
         assert_indexed(plan(db, sql, params), "flow_run", search=True)
+
+
+def test_a_flow_runs_task_runs_are_found_by_the_unique_index_alone(db):
+    # migration 0006 dropped the single-column index on task_run.flow_run_id: the unique
+    # (flow_run_id, task_key, dynamic_key) index serves the run graph's lookup, one index fewer to write
+    with db.read() as tx:
+        indexes = {row["name"] for row in tx.query("SELECT name FROM sqlite_master WHERE type = 'index' "
+                                                   "AND tbl_name = 'task_run'")}
+    assert "ix_task_run__flow_run_id" not in indexes
+    lines = plan(db, "SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (ONE,))
+    assert any("uq_task_run__flow_run_id_task_key_dynamic_key" in line for line in lines), lines
