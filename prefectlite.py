@@ -8875,61 +8875,31 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*(?:\r\n
 
 
 class _Turnstile:
-    """Runs jobs one at a time, in the order they came, and mostly in one thread.
-
-    The thread whose job runs first (the leader) goes on to run the jobs queued behind it, each
-    waiter sleeping until its job is done: the leader keeps the GIL and its caches warm instead of
-    handing both to another thread at every job. (Handing the turn over per job left the turnstile
-    empty 12% of the time: the next thread had to wake and win the GIL first.) After `batch` jobs
-    the lead passes to the next waiter, so the leader's own connection waits no longer than that.
-    A plain Lock would let a newcomer barge past sleeping threads: a long latency tail."""
-
-    batch = 8
+    """One thread at a time, in the order they came. (A plain Lock lets a newcomer barge past threads
+    asleep on it, and the unlucky ones wait through many turns: a long latency tail.)"""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._waiting: collections.deque = collections.deque()  # [job, done lock, error, leads now]
+        self._waiting: collections.deque = collections.deque()
         self._busy = False
 
-    def run(self, job):
-        """Run job() in its turn, in this thread or the leader's; its exception is raised here."""
+    def __enter__(self):
         with self._lock:
-            if self._busy:
-                slot = [job, threading.Lock(), None, False]
-                slot[1].acquire()
-                self._waiting.append(slot)
-            else:
-                self._busy = slot = True
-        if slot is not True:
-            slot[1].acquire()  # released when the leader has run our job, or passes the lead to us
-            if not slot[3]:
-                if slot[2] is not None:
-                    raise slot[2]
-                return
-        try:
-            job()
-        finally:
-            self._run_waiting()
+            if not self._busy:
+                self._busy = True
+                return self
+            turn = threading.Lock()
+            turn.acquire()
+            self._waiting.append(turn)
+        turn.acquire()  # released by the thread before us: the turn passes straight to us
+        return self
 
-    def _run_waiting(self):
-        for _ in range(self.batch):
-            with self._lock:
-                if not self._waiting:
-                    self._busy = False
-                    return
-                slot = self._waiting.popleft()
-            try:
-                slot[0]()
-            except BaseException as exc:  # it belongs to the waiter's request: raised in its own thread
-                slot[2] = exc
-            slot[1].release()
+    def __exit__(self, *exc):
         with self._lock:
-            if not self._waiting:
+            if self._waiting:
+                self._waiting.popleft().release()
+            else:
                 self._busy = False
-                return
-            slot = self._waiting.popleft()
-        slot[3] = True  # the next waiter leads: it runs its own job, then those behind it
-        slot[1].release()
 
 
 def _writes(method: str, handler) -> bool:
@@ -9097,18 +9067,14 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
                        and _whole_request_buffered(self.rfile))
             self._staged = []
             self._body_buffered = in_turn  # then reading it takes no time limit of its own
-            if in_turn:  # maybe in another thread: the turnstile's leader answers queued requests
-                self.server.write_turnstile.run(self._answer_in_turn)
-            else:
+            with self.server.write_turnstile if in_turn else contextlib.nullcontext():
                 self._answer()
+                if in_turn:
+                    self._send_staged_now()
             self._write_staged()
         except TimeoutError as exc:  # a read or a write timed out: drop the connection
             self.log_error("Request timed out: %r", exc)
             self.close_connection = True
-
-    def _answer_in_turn(self):
-        self._answer()
-        self._send_staged_now()
 
     def _send_staged_now(self):
         """In the turnstile: send what the socket takes without waiting (nearly always all of it)."""

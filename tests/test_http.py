@@ -670,64 +670,21 @@ def _send_quietly(sock, data):
         sock.sendall(data)
 
 
-def test_the_write_turnstile_runs_jobs_one_at_a_time_in_the_order_they_came():
+def test_the_write_turnstile_lets_threads_through_in_the_order_they_came():
     turnstile = prefectlite._Turnstile()
-    order, threads, running = [], [], []
-    release_first = threading.Event()
-
-    def job(i):
-        running.append(i)
-        assert len(running) == 1, running  # never two at once
-        if i == "first":
-            release_first.wait(10)
-        order.append(i)
-        running.remove(i)
-
-    first = threading.Thread(target=turnstile.run, args=(lambda: job("first"),))
-    first.start()
-    wait_until(lambda: running == ["first"], 10, "the first job to run")
-    for i in range(20):  # more than a batch: the lead passes on to a waiter on the way
-        thread = threading.Thread(target=turnstile.run, args=(lambda i=i: job(i),))
+    order, threads = [], []
+    turnstile.__enter__()
+    for i in range(6):
+        thread = threading.Thread(target=lambda i=i: (turnstile.__enter__(), order.append(i), turnstile.__exit__()))
         thread.start()
         threads.append(thread)
         wait_until(lambda: len(turnstile._waiting) == i + 1, 10, f"thread {i} to queue")
-    release_first.set()
-    for thread in [first, *threads]:
+    turnstile.__exit__()
+    for thread in threads:
         thread.join(10)
-        assert not thread.is_alive()
-    assert order == ["first", *range(20)]
-    assert not turnstile._busy and not turnstile._waiting  # free again
-    turnstile.run(lambda: order.append("again"))
-    assert order[-1] == "again"
-
-
-def test_a_job_run_by_the_turnstiles_leader_raises_its_error_in_its_own_thread():
-    turnstile = prefectlite._Turnstile()
-    hold = threading.Event()
-    errors, ran_in = [], {}
-
-    def failing():
-        ran_in["failing"] = threading.current_thread().name
-        raise TimeoutError("the waiter's own error")
-
-    def waiter():
-        try:
-            turnstile.run(failing)
-        except TimeoutError as exc:
-            errors.append((threading.current_thread().name, str(exc)))
-
-    leader = threading.Thread(target=turnstile.run, args=(lambda: hold.wait(10),), name="leader")
-    leader.start()
-    wait_until(lambda: turnstile._busy, 10, "the leader to start")
-    other = threading.Thread(target=waiter, name="waiter")
-    other.start()
-    wait_until(lambda: len(turnstile._waiting) == 1, 10, "the waiter to queue")
-    hold.set()
-    leader.join(10)
-    other.join(10)
-    assert ran_in["failing"] == "leader"  # run by the leader ...
-    assert errors == [("waiter", "the waiter's own error")]  # ... raised where it belongs
-    assert not turnstile._busy
+    assert order == list(range(6))
+    with turnstile:  # free again
+        assert turnstile._busy
 
 
 # --- nothing answers 500 -----------------------------------------------------------------------
