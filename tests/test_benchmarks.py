@@ -48,3 +48,4 @@ def test_ab_script_compares_builds(tmp_path):
     report = _run("bench_ab.py", "--builds", str(ROOT), "--clients", "2", "--duration", "1", "--rounds", "1")
     [runs] = report["results"].values()
     assert len(runs) == 1 and runs[0]["errors"] == 0 and runs[0]["req_per_s"] > 0
+    assert runs[0]["server_cpu_us_per_req"] > 0  # the server process was found and its CPU read
