@@ -2747,8 +2747,8 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
         return flow_run_out(row), False
     proposed = data.get("state") or {"type": "PENDING", "state_details": {}}
     row = tx.query_one("SELECT * FROM flow_run WHERE id = ?", (run_id,))
-    orchestrate(tx, "flow", row, proposed, force=True)
-    return flow_run_out(tx.query_one("SELECT * FROM flow_run WHERE id = ?", (run_id,))), True
+    outcome = orchestrate(tx, "flow", row, proposed, force=True)
+    return decoded_run_out("flow_run", outcome.run), True  # as it reads back, without reading it
 
 
 def _flow_run_policy(policy: dict | None) -> dict:

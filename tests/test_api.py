@@ -383,6 +383,28 @@ def test_a_created_task_run_is_answered_as_it_reads_back(client):
         assert list(created) == list(read)  # the same fields in the same order
 
 
+def test_a_created_flow_run_is_answered_as_it_reads_back(client):
+    """The create answer is built from the run as orchestrated, not read again: it must equal a read."""
+    flow = client.ok("POST", "/flows/", {"name": f"reads-back-{uuid.uuid4().hex[:8]}"})
+    parent = new_flow_run(client)
+    task = client.ok("POST", "/task_runs/", {"flow_run_id": parent["id"], "task_key": "sub", "dynamic_key": "0"})
+    bodies = [{"flow_id": flow["id"]},
+              {"flow_id": flow["id"], "name": "n", "tags": ["a", "b"], "parameters": {"x": [1, {"y": None}]},
+               "idempotency_key": "k", "empirical_policy": {"retries": 2, "retry_delay": 3},
+               "state": {"type": "RUNNING", "message": "go"}},
+              {"flow_id": flow["id"], "parent_task_run_id": task["id"], "state": {"type": "RUNNING"}},  # a subflow
+              {"flow_id": flow["id"], "state": {"type": "SCHEDULED", "state_details": {
+                  "scheduled_time": "2030-01-01T00:00:00+00:00"}}}]
+    for body in bodies:
+        status, created = client.post("/flow_runs/", body)
+        assert status == 201, created
+        read = client.ok("GET", f"/flow_runs/{created['id']}")
+        for key in ("estimated_start_time_delta", "estimated_run_time"):  # they follow the clock
+            created.pop(key), read.pop(key)
+        assert created == read
+        assert list(created) == list(read)  # the same fields in the same order
+
+
 def test_read_filter_count_delete_task_runs(client):
     run = new_flow_run(client)
     tasks = [new_task_run(client, run["id"], task_key="map", dynamic_key=str(i), tags=["m"] if i % 2 else [])
