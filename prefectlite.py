@@ -518,16 +518,18 @@ class _WalCheckpointer:
     """
 
     every = 100  # commits between checkpoints (~1,400 pages of the write load); and at least once a second
-    # WAL frames (pages) above which a checkpoint makes the WAL start over: below it, the WAL is left to
-    # grow. Starting over needs a moment without writers (see _checkpoint): 4-8 ms of blocked writes.
-    # Done every 100 commits that was 8% of the write load's time; at 4,096 frames (16 MB) it is ~2%.
-    # When writes pause, a pass catches up by itself and the next write starts the WAL over anyway.
+    # WAL frames (pages) above which the WAL is made to start over; below it, the WAL is left to grow.
+    # Starting over needs every frame copied, and writers keep adding frames while a pass runs: the
+    # writer copies the few left right after a commit (see copy_the_rest), 4-8 ms with the fsyncs. Done
+    # every 100 commits, that pause was 8% of the write load's time; at 4,096 frames (16 MB) ~2%. When
+    # writes pause, a pass catches up by itself and the next write starts the WAL over anyway.
     restart_frames = 4096
 
     def __init__(self, db: SqliteDatabase):
         self.db = db
         self.commits = 0
         self.runs = 0  # checkpoints done
+        self.restart_due = False  # the WAL is large: the next writer copies the rest (copy_the_rest)
         self.due = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="prefectlite-wal-checkpoint", daemon=True)
@@ -543,7 +545,7 @@ class _WalCheckpointer:
         while not self.stopping:
             self.due.wait(1.0)
             self.due.clear()
-            if self.stopping or not self.commits:
+            if self.stopping or not self.commits or self.restart_due:  # the next writer copies the rest
                 continue
             self.commits = 0
             try:
@@ -558,17 +560,17 @@ class _WalCheckpointer:
 
     def _checkpoint(self, conn):
         # The bulk of the copying, beside the writers. It answers with the frames in the WAL ("log").
-        if conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"] < self.restart_frames:
-            return
-        # The WAL starts over (instead of growing) only once all of it is copied: the frames written
-        # meanwhile are copied while writers wait a moment.
-        db = self.db
-        if not db._write_lock.acquire(timeout=db.timeout):
-            return
-        try:
-            conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        finally:
-            db._write_lock.release()
+        self.restart_due = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"] >= self.restart_frames
+
+    def copy_the_rest(self, writer):
+        """Called by a writer right after its COMMIT, holding the write lock: copy the frames written
+        since the last pass, so that the next write starts the WAL over. (This thread waiting for the
+        lock instead could wait long: a busy writer takes the lock straight back.)"""
+        with contextlib.suppress(sqlite3.Error):  # a full disk, say: the WAL keeps the data
+            done = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            # Busy: this thread's pass is running; the next commit tries again (a busy answer costs
+            # nothing). Otherwise once per pass, even if readers kept some frames from being copied.
+            self.restart_due = bool(done["busy"])
 
     def stop(self):
         self.stopping = True
@@ -635,7 +637,8 @@ class SqliteDatabase(Database):
                 # only an OS crash or power loss may lose the last commits.
                 conn.execute("PRAGMA synchronous = NORMAL")
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-                # Checkpoints run in a thread of their own (_WalCheckpointer), not inside some request's COMMIT
+                # Checkpoints run in a thread of their own (_WalCheckpointer), not inside some request's
+                # COMMIT (but for the few frames left when the WAL is made to start over)
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {exc}") from None
@@ -714,6 +717,8 @@ class SqliteDatabase(Database):
                 if self._checkpointer is None:
                     self._checkpointer = _WalCheckpointer(self)
                 self._checkpointer.note_commit()
+                if self._checkpointer.restart_due:
+                    self._checkpointer.copy_the_rest(conn)
         finally:
             self._write_lock.release()
         _run_after_commit(tx)
