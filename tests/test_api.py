@@ -363,6 +363,17 @@ def test_create_task_run_is_idempotent(client):
     assert status == 201 and elsewhere["id"] != first["id"]
 
 
+def assert_created_as_it_reads_back(client, collection, bodies):
+    for body in bodies:
+        status, created = client.post(collection, body)
+        assert status == 201, created
+        read = client.ok("GET", f"{collection}{created['id']}")
+        for key in ("estimated_start_time_delta", "estimated_run_time"):  # they follow the clock
+            created.pop(key), read.pop(key)
+        assert created == read
+        assert list(created) == list(read)  # the same fields in the same order
+
+
 def test_a_created_task_run_is_answered_as_it_reads_back(client):
     """The create answer is built from the run as orchestrated, not read again: it must equal a read."""
     run = new_flow_run(client)
@@ -373,14 +384,7 @@ def test_a_created_task_run_is_answered_as_it_reads_back(client):
                "empirical_policy": {"retries": 2, "retry_delay": 3}, "state": {"type": "RUNNING"}},
               {"task_key": "no-flow-run", "dynamic_key": "0", "state": {"type": "SCHEDULED", "state_details": {
                   "scheduled_time": "2030-01-01T00:00:00+00:00"}}}]
-    for body in bodies:
-        status, created = client.post("/task_runs/", body)
-        assert status == 201, created
-        read = client.ok("GET", f"/task_runs/{created['id']}")
-        for key in ("estimated_start_time_delta", "estimated_run_time"):  # they follow the clock
-            created.pop(key), read.pop(key)
-        assert created == read
-        assert list(created) == list(read)  # the same fields in the same order
+    assert_created_as_it_reads_back(client, "/task_runs/", bodies)
 
 
 def test_a_created_flow_run_is_answered_as_it_reads_back(client):
@@ -395,14 +399,7 @@ def test_a_created_flow_run_is_answered_as_it_reads_back(client):
               {"flow_id": flow["id"], "parent_task_run_id": task["id"], "state": {"type": "RUNNING"}},  # a subflow
               {"flow_id": flow["id"], "state": {"type": "SCHEDULED", "state_details": {
                   "scheduled_time": "2030-01-01T00:00:00+00:00"}}}]
-    for body in bodies:
-        status, created = client.post("/flow_runs/", body)
-        assert status == 201, created
-        read = client.ok("GET", f"/flow_runs/{created['id']}")
-        for key in ("estimated_start_time_delta", "estimated_run_time"):  # they follow the clock
-            created.pop(key), read.pop(key)
-        assert created == read
-        assert list(created) == list(read)  # the same fields in the same order
+    assert_created_as_it_reads_back(client, "/flow_runs/", bodies)
 
 
 def test_read_filter_count_delete_task_runs(client):

@@ -253,7 +253,7 @@ def test_writers_copy_wal_frames_only_when_the_wal_is_to_start_over(tmp_path, mo
             with db.write() as tx:
                 tx.execute("INSERT INTO item (name, payload) VALUES (?, ?)", (f"r{i}", b"x" * 8000))
         wait_until(lambda: db._checkpointer.runs >= 1, 10, "a checkpoint beside the writers")
-        assert calls == []  # every frame was copied by the checkpointer's thread; no writer waited for it
+        assert calls == []  # the checkpointer's thread did the copying; no writer stopped for it
         monkeypatch.setattr(db._checkpointer, "restart_frames", 100)
         for i in range(400, 800):
             with db.write() as tx:
