@@ -9419,6 +9419,27 @@ def _confirm(question: str, yes: bool) -> None:
         raise ConfigurationError("aborted (nothing changed); pass -y to skip this question")
 
 
+@contextlib.contextmanager
+def _stop_signals_blocked(signals):
+    """Threads started in the block do not take `signals`; the calling thread gets them after the block.
+
+    Python runs a signal handler in the main thread only, once that thread wakes up. The kernel hands a
+    process's signal to any thread that does not block it: had a worker taken SIGTERM, a main thread
+    asleep without a time limit (a script's, in the interpreter's wait for non-daemon threads, see
+    cmd_start) never ran the handler, and the server did not stop. A thread inherits its creator's mask,
+    so every thread the server starts, and those they start, leave the signals to the main thread; one
+    that arrives inside the block waits for it (no signal is lost).
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, and no such hand-off either
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def cmd_start(args, out) -> int:
     settings = load_settings()
     host = args.host or settings["PREFECT_SERVER_API_HOST"]
@@ -9427,23 +9448,25 @@ def cmd_start(args, out) -> int:
         print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
               "anyone who can reach this machine can use the API", file=sys.stderr)
     stop = threading.Event()
-    for signum in (signal.SIGINT, signal.SIGTERM):  # before the port opens: a signal at any moment stops cleanly
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    for signum in stop_signals:  # before the port opens: a signal at any moment stops cleanly
         signal.signal(signum, lambda *_: stop.set())
-    running = start_server(settings, host, port)
-    shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
-    dialect = running.app.db.dialect
-    print(f"prefectlite {__version__} is ready ({dialect} database)", file=out)
-    print(f"  UI:  http://{shown}:{running.port}/", file=out)
-    print(f"  API: http://{shown}:{running.port}/api", file=out)
-    print("Press Ctrl+C to stop.", file=out, flush=True)
-    if __name__ == "__main__" and __spec__ is None:
-        # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
-        # most of an idle server) until the script's top level returns. So return now and wait in a
-        # non-daemon thread, which the interpreter waits for before it exits; the main thread still runs
-        # the signal handlers. (`python -m prefectlite` and the installed command import the module:
-        # nothing to free there.)
-        threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
-        return 0
+    with _stop_signals_blocked(stop_signals):
+        running = start_server(settings, host, port)
+        shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
+        dialect = running.app.db.dialect
+        print(f"prefectlite {__version__} is ready ({dialect} database)", file=out)
+        print(f"  UI:  http://{shown}:{running.port}/", file=out)
+        print(f"  API: http://{shown}:{running.port}/api", file=out)
+        print("Press Ctrl+C to stop.", file=out, flush=True)
+        if __name__ == "__main__" and __spec__ is None:
+            # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
+            # most of an idle server) until the script's top level returns. So return now and wait in a
+            # non-daemon thread, which the interpreter waits for before it exits; the main thread still runs
+            # the signal handlers. (`python -m prefectlite` and the installed command import the module:
+            # nothing to free there.)
+            threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
+            return 0
     _serve_until(stop, running, out)
     return 0
 

@@ -215,6 +215,51 @@ def test_signal_as_soon_as_the_server_answers_exits_0(tmp_path, signum):
     assert "Traceback" not in server.stderr()
 
 
+def _blocked_signals(pid, tid):
+    """The signals a thread of process `pid` blocks, from Linux's /proc (SigBlk is a hex bit mask)."""
+    status = open(f"/proc/{pid}/task/{tid}/status").read()
+    mask = int(re.search(r"^SigBlk:\s*([0-9a-f]+)$", status, re.M).group(1), 16)
+    return {signum for signum in (signal.SIGINT, signal.SIGTERM) if mask & (1 << (signum - 1))}
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="reads thread signal masks from Linux's /proc")
+@pytest.mark.parametrize("launch", ["script", "module"])
+def test_stop_signals_reach_the_main_thread_only(tmp_path, launch):
+    """The kernel gives a process's SIGTERM to any thread that does not block it, but Python runs the
+    handler in the main thread only, once that wakes. A script's main thread sleeps with no time limit
+    (cmd_start), so a signal taken by a worker thread left the server running: every other thread must
+    block SIGINT and SIGTERM, including worker threads started later, under load."""
+    port = free_port()
+    if launch == "script":
+        argv = [sys.executable, str(ROOT / "prefectlite.py")]
+    else:
+        argv = [sys.executable, "-m", "prefectlite"]
+    env = clean_env(**home_env(tmp_path), PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([*argv, "start", "--port", str(port)], env=env, cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    try:
+        api_url = f"http://127.0.0.1:{port}/api"
+        assert wait_for_health(api_url, timeout=30)
+        threads = [threading.Thread(target=lambda: [Client(api_url).ok("POST", "/flows/", {"name": f"f{i}"})
+                                                    for i in range(5)]) for _ in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        tids = sorted(int(tid) for tid in os.listdir(f"/proc/{proc.pid}/task"))
+        assert len(tids) > 3, tids  # the accept thread, services, workers started by the load
+        assert _blocked_signals(proc.pid, proc.pid) == set()
+        assert {tid: _blocked_signals(proc.pid, tid) for tid in tids if tid != proc.pid} == {
+            tid: {signal.SIGINT, signal.SIGTERM} for tid in tids if tid != proc.pid}
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0 and out.rstrip().endswith("stopped"), out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=30)
+
+
 def test_port_already_in_use_is_one_line_error(tmp_path):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
