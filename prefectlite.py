@@ -2502,27 +2502,38 @@ def _run_timing(run: dict, initial: dict | None, state: dict) -> dict:
     return changes
 
 
+def _state_history_row(table: str, run_id: str, state: dict) -> dict:
+    return {"id": state["id"], "created": state["timestamp"], f"{table}_id": run_id, "type": state["type"],
+            "name": state["name"], "timestamp": state["timestamp"], "message": state["message"],
+            "data": state["data"], "state_details": state["state_details"]}
+
+
+def _current_state_columns(state: dict) -> dict:
+    return {"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
+            "state_timestamp": state["timestamp"], "state": state, "updated": state["timestamp"]}
+
+
 def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, state: dict, extra: dict):
     """Record `state` as the run's current state: history row, run row, and what follows from it."""
     table = "flow_run" if kind == "flow" else "task_run"
-    insert_row(tx, f"{table}_state", {
-        "id": state["id"], "created": state["timestamp"], f"{table}_id": run["id"], "type": state["type"],
-        "name": state["name"], "timestamp": state["timestamp"], "message": state["message"],
-        "data": state["data"], "state_details": state["state_details"],
-    })
+    insert_row(tx, f"{table}_state", _state_history_row(table, run["id"], state))
     changes = _run_timing(run, initial, state)
     changes.update(extra)
     if kind == "task" and state["type"] == "RUNNING" and run.get("flow_run_id"):
         flow_run = _flow_run_brief(tx, run["flow_run_id"])
         changes["flow_run_run_count"] = (flow_run["run_count"] if flow_run else 0) or 0
-    changes.update({"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
-                    "state_timestamp": state["timestamp"], "state": state, "updated": state["timestamp"]})
+    changes.update(_current_state_columns(state))
     update_row(tx, table, run["id"], changes)
+    _follow_state(tx, kind, run, initial, state)
+    run.update(changes)
+
+
+def _follow_state(tx: Transaction, kind: str, run: dict, initial: dict | None, state: dict):
+    """What a recorded state sets off beyond the run's own row."""
     if kind == "task":
         _after_task_state(tx, run, initial, state)
     elif run.get("parent_task_run_id"):
         _mirror_state_on_parent_task(tx, run, state)
-    run.update(changes)
 
 
 def _mirror_state_on_parent_task(tx: Transaction, run: dict, state: dict):
@@ -2557,7 +2568,7 @@ def release_task_concurrency_slots(tx: Transaction, run: dict):
             update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now_iso()})
 
 
-STATE_LISTENERS: list = []  # functions(tx, kind, run, state) called in the transaction that records a state
+STATE_LISTENERS: list = []  # functions(tx, kind, run, initial, state) called in the transaction that records a state
 
 
 def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool) -> Outcome:
@@ -2573,7 +2584,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
         _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
         for listener in STATE_LISTENERS:
-            listener(tx, kind, run, outcome.state)
+            listener(tx, kind, run, initial, outcome.state)
         outcome.written = True
     else:
         outcome.written = False
@@ -2581,6 +2592,29 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
             outcome.state = {**initial, "data": None}
     outcome.run = run
     return outcome
+
+
+def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict) -> Outcome | None:
+    """Insert a new run already in its first state, forced (as Prefect does with a run's first state);
+    None when a run with the same unique key exists (nothing written then).
+
+    One INSERT instead of an INSERT and an UPDATE: the indexes on the state's columns are written
+    once, never first with NULLs. `values` must hold what _run_timing reads (run_count, total_run_time)
+    and, for a task run, flow_run_run_count.
+    """
+    table = "flow_run" if kind == "flow" else "task_run"
+    flow_run_id = values["id"] if kind == "flow" else values.get("flow_run_id")
+    state = make_state(proposed, flow_run_id, values["id"] if kind == "task" else None, now_iso())
+    values.update(_run_timing(values, None, state))
+    values.update(_current_state_columns(state))
+    if not insert_row(tx, table, values, on_conflict="ON CONFLICT DO NOTHING"):
+        return None
+    insert_row(tx, f"{table}_state", _state_history_row(table, values["id"], state))
+    run = decode_row(table, read_row(tx, table, values["id"]))  # with the columns' defaults, in their order
+    _follow_state(tx, kind, run, None, state)
+    for listener in STATE_LISTENERS:
+        listener(tx, kind, run, None, state)
+    return Outcome("ACCEPT", state, written=True, run=run)
 
 
 # --- 7. Domain ---
@@ -2748,13 +2782,11 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
         "expected_start_time": now, "run_count": 0, "total_run_time": 0.0, "auto_scheduled": False,
     }
     values.update(extra or {})
-    if not insert_row(tx, "flow_run", values, on_conflict="ON CONFLICT DO NOTHING"):
+    outcome = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
+    if outcome is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
         return flow_run_out(row), False
-    proposed = data.get("state") or {"type": "PENDING", "state_details": {}}
-    row = tx.query_one("SELECT * FROM flow_run WHERE id = ?", (run_id,))
-    outcome = orchestrate(tx, "flow", row, proposed, force=True)
-    return decoded_run_out("flow_run", outcome.run), True  # as it reads back, without reading it
+    return decoded_run_out("flow_run", outcome.run), True
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -2808,13 +2840,7 @@ def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
 def create_task_run(tx, data: dict) -> tuple[dict, bool]:
     flow_run_id = data.get("flow_run_id")
     flow_run_count = 0
-    if flow_run_id is not None:
-        row = tx.query_one(
-            "SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?",
-            (flow_run_id, data["task_key"], data["dynamic_key"]),
-        )
-        if row is not None:
-            return task_run_out(row), False
+    if flow_run_id is not None:  # (a task run created before is found by the INSERT's unique key below)
         flow_run_count = tx.scalar("SELECT run_count FROM flow_run WHERE id = ?", (flow_run_id,))
         if flow_run_count is None:
             raise NotFound("Flow run not found")
@@ -2828,15 +2854,13 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
         "tags": data.get("tags") or [], "task_inputs": data.get("task_inputs") or {}, "run_count": 0,
         "flow_run_run_count": flow_run_count, "expected_start_time": now, "total_run_time": 0.0,
     }
-    if not insert_row(tx, "task_run", values, on_conflict="ON CONFLICT DO NOTHING"):
+    outcome = insert_run_in_state(tx, "task", values, data.get("state") or {"type": "PENDING", "state_details": {}})
+    if outcome is None:
         row = tx.query_one(
             "SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?",
             (flow_run_id, data["task_key"], data["dynamic_key"]),
         )
         return task_run_out(row), False
-    proposed = data.get("state") or {"type": "PENDING", "state_details": {}}
-    row = tx.query_one("SELECT * FROM task_run WHERE id = ?", (run_id,))
-    outcome = orchestrate(tx, "task", row, proposed, force=True)
     return decoded_run_out("task_run", outcome.run), True
 
 
@@ -3445,14 +3469,15 @@ def record_task_run_event(tx, event: dict) -> dict | None:
             "data": state["data"], "state_details": state["state_details"]}, on_conflict="ON CONFLICT DO NOTHING"):
         return run  # this state is recorded already: the event was sent twice
     newer = created or run["state_timestamp"] is None or run["state_timestamp"] < state["timestamp"]
+    initial = None
     if newer and not created:
-        changes = {**columns, "state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
-                   "state_timestamp": state["timestamp"], "state": state, "updated": now_iso()}
+        initial = decode_row("task_run", {"state": run["state"]})["state"]
+        changes = {**columns, **_current_state_columns(state), "updated": now_iso()}
         update_row(tx, "task_run", run["id"], changes)
         run.update(encode_values("task_run", changes))
     if newer:
         for listener in STATE_LISTENERS:
-            listener(tx, "task", decode_row("task_run", run), state)
+            listener(tx, "task", decode_row("task_run", run), initial, state)
     return run
 
 
@@ -3498,12 +3523,10 @@ def _insert_event_task_run(tx, task_run_id: str, flow_run_id: str | None, column
 # Flow-run events: every flow run state we record is also an event (prefect.flow-run.<State>), as the
 # Prefect 3 server emits, so subscribers and event queries see flow runs next to their task runs.
 
-def emit_flow_run_state_event(tx, kind: str, run: dict, state: dict):
+def emit_flow_run_state_event(tx, kind: str, run: dict, initial: dict | None, state: dict):
     """A state listener: store a prefect.flow-run.<State name> event for a flow run's new state."""
     if kind != "flow":
         return
-    initial = tx.query_one("SELECT type, name, message FROM flow_run_state WHERE flow_run_id = ? AND id != ? "
-                           "ORDER BY timestamp DESC LIMIT 1", (run["id"], state["id"]))
     resource = {"prefect.resource.id": f"prefect.flow-run.{run['id']}", "prefect.resource.name": run.get("name") or "",
                 "prefect.run-count": str(run.get("run_count") or 0), "prefect.state-message": state.get("message") or "",
                 "prefect.state-name": state["name"], "prefect.state-timestamp": state["timestamp"],
@@ -5732,7 +5755,7 @@ def _notify_capable(tx, block_document_id: str):
                                        "value_error")])
 
 
-def enqueue_notifications(tx, kind: str, run: dict, state: dict):
+def enqueue_notifications(tx, kind: str, run: dict, initial: dict | None, state: dict):
     """A state listener: queue a row for each active policy matching the state name and the run's tags."""
     if kind != "flow":
         return
