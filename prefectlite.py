@@ -9442,6 +9442,21 @@ def _confirm(question: str, yes: bool) -> None:
         raise ConfigurationError("aborted (nothing changed); pass -y to skip this question")
 
 
+def _stop_signal_handler(stop: threading.Event):
+    """The first SIGINT or SIGTERM stops the server gently: requests in flight are finished. A second one
+    (someone who will not wait) ends the process at once, with exit status 128 + the signal; what was
+    committed stays committed, requests still in flight get no answer and their writes roll back."""
+
+    def on_stop_signal(signum, frame):
+        if stop.is_set():
+            # os.write, not print: the main thread may be inside a print to the same stream
+            os.write(2, b"prefectlite: stopped at once (second signal); requests in flight were dropped\n")
+            os._exit(128 + signum)
+        stop.set()
+
+    return on_stop_signal
+
+
 @contextlib.contextmanager
 def _stop_signals_blocked(signals):
     """Threads started in the block do not take `signals`; the calling thread gets them after the block.
@@ -9473,7 +9488,7 @@ def cmd_start(args, out) -> int:
     stop = threading.Event()
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     for signum in stop_signals:  # before the port opens: a signal at any moment stops cleanly
-        signal.signal(signum, lambda *_: stop.set())
+        signal.signal(signum, _stop_signal_handler(stop))
     with _stop_signals_blocked(stop_signals):
         running = start_server(settings, host, port)
         shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
@@ -9500,6 +9515,7 @@ def _serve_until(stop: threading.Event, running, out):
         if not trimmed:  # once, when start-up's garbage (and a script's syntax tree, see cmd_start) is freed
             _release_freed_memory()
             trimmed = True
+    print("stopping: finishing requests in flight (Ctrl+C again to stop at once)", file=out, flush=True)
     running.stop()
     print("stopped", file=out, flush=True)
 

@@ -186,6 +186,54 @@ def test_signal_finishes_in_flight_request_closes_database_and_exits_0(tmp_path,
     assert sorted(_flows(db_path)) == ["before", "in-flight"]
 
 
+def test_a_second_signal_stops_at_once(tmp_path, started):
+    """The first signal waits for the requests in flight; someone who will not wait signals again and
+    the process ends at once (128 + the signal). Committed writes stay; the dropped one rolled back."""
+    env = home_env(tmp_path, PREFECT_API_DATABASE_TIMEOUT="60")
+    db_path = tmp_path / "home" / "prefectlite.db"
+    server = started(env)
+    client = Client(server.api_url)
+    client.ok("POST", "/flows/", {"name": "before"})
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        writer = threading.Thread(target=lambda: _swallow(lambda: client.post("/flows/", {"name": "dropped"})),
+                                  daemon=True)
+        writer.start()
+        assert wait_for_health(server.api_url)
+        time.sleep(0.5)  # the write is waiting for the lock inside the server
+        server.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        while "stopping" not in server.stdout() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "Ctrl+C again" in server.stdout()
+        assert server.proc.poll() is None, "the first signal must wait for the request in flight"
+        started_at = time.monotonic()
+        server.proc.send_signal(signal.SIGINT)
+        assert server.proc.wait(10) == 128 + signal.SIGINT
+        assert time.monotonic() - started_at < 5
+    finally:
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        holder.wait(30)
+    assert "stopped at once" in server.stderr()
+    assert "Traceback" not in server.stderr()
+    assert _flows(db_path) == ["before"]
+    conn = sqlite3.connect(db_path)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    finally:
+        conn.close()
+
+
+def _swallow(call):
+    try:
+        call()
+    except Exception:  # noqa: BLE001 - the connection is cut when the server stops at once
+        pass
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
 def test_signal_on_an_idle_server_exits_0_and_stops_listening(tmp_path, started, signum):
     server = started(home_env(tmp_path))
