@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 import uuid
@@ -309,6 +310,65 @@ def test_concurrent_writers_from_two_servers_on_one_file(tmp_path):
             thread.join(180)
         assert results == {"a": [], "b": []}
         assert Client(first).ok("POST", "/flow_runs/count", {}) == 128
+
+
+_TURN_HOLDER = r"""
+import fcntl, sys
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("holding", flush=True)
+sys.stdin.readline()
+"""
+
+
+def _hold_the_writers_turn(db_path):
+    """Another process in the middle of a write, as another server on the file would be."""
+    holder = subprocess.Popen([sys.executable, "-c", _TURN_HOLDER, f"{db_path}.write-lock"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "holding"
+    return holder
+
+
+def test_servers_on_one_file_take_turns_to_write_and_a_wait_ends_in_503(tmp_path):
+    """Every server on a SQLite file writes in its turn on <db>.write-lock. A write that cannot get
+    its turn within the database timeout is a 503 with a reason (never a hang); reads do not wait."""
+    db_path = tmp_path / "shared.db"
+    with prefectlite.serve(database=f"sqlite:///{db_path}", port=0, PREFECT_API_DATABASE_TIMEOUT=1) as api_url:
+        client = Client(api_url)
+        client.ok("POST", "/flows/", {"name": "before"})
+        holder = _hold_the_writers_turn(db_path)
+        try:
+            started = time.monotonic()
+            status, body = client.post("/flows/", {"name": "waiting"})
+            waited = time.monotonic() - started
+            assert status == 503, (status, body)
+            assert "busy" in body["detail"]
+            assert 0.9 <= waited < 10
+            started = time.monotonic()
+            assert client.ok("POST", "/flows/count", {}) == 1  # a read does not wait for the turn
+            assert time.monotonic() - started < 0.9
+        finally:
+            holder.stdin.close()
+            holder.wait(30)
+        client.ok("POST", "/flows/", {"name": "after"})
+        assert sorted(f["name"] for f in client.ok("POST", "/flows/filter", {})) == ["after", "before"]
+
+
+def test_the_writers_turn_of_a_process_killed_mid_write_is_free_again(tmp_path):
+    db_path = tmp_path / "shared.db"
+    with prefectlite.serve(database=f"sqlite:///{db_path}", port=0, PREFECT_API_DATABASE_TIMEOUT=20) as api_url:
+        client = Client(api_url)
+        holder = _hold_the_writers_turn(db_path)
+        result = {}
+        writer = threading.Thread(target=lambda: result.update(reply=client.post("/flows/", {"name": "waited"})))
+        writer.start()
+        time.sleep(0.5)
+        assert "reply" not in result, "the write did not wait for its turn"
+        holder.kill()
+        holder.wait(30)
+        writer.join(30)
+        assert result["reply"][0] == 201, result
+        assert [f["name"] for f in client.ok("POST", "/flows/filter", {})] == ["waited"]
 
 
 def test_many_concurrent_writer_threads_produce_no_errors_postgres(postgres_url):
