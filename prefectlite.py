@@ -19,7 +19,8 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
                         clean-up, notification sender, retention, event retention
   9. HTTP API        -- the handlers, metrics, the route table, the one place that turns errors into HTTP
  10. WebSockets      -- RFC 6455 framing, and /api/events/in and /api/events/out for Prefect 3 clients
- 11. Server          -- the bounded-pool HTTP/1.1 server, access control, static UI, ``serve()``
+ 11. Server          -- the bounded-pool HTTP/1.1 server, access control, static UI, ``serve()``,
+                        several processes on one port
  12. CLI             -- start, config, profile, database, deployment, flow-run, work-pool, notification
  13. Main
 """
@@ -132,6 +133,7 @@ SETTINGS = {
         _spec("PREFECT_SERVER_CORS_ALLOWED_METHODS", "*", str, "comma-separated methods allowed by CORS"),
         _spec("PREFECT_SERVER_CORS_ALLOWED_HEADERS", "*", str, "comma-separated headers allowed by CORS"),
         _spec("PREFECT_SERVER_WORKERS", 64, int, "request worker threads (the bound on concurrent connections)"),
+        _spec("PREFECT_SERVER_PROCESSES", 1, int, "processes serving the API on one port (more use more cores; POSIX)"),
         _spec("PREFECT_SERVER_MAX_BODY_BYTES", 50_000_000, int, "largest request body accepted (413 above)"),
         _spec("PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES", 1_500_000, int,
               "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009"),
@@ -141,7 +143,7 @@ SETTINGS = {
         _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes"),
         _spec("PREFECT_SERVER_READ_CACHE_SECONDS", 2.0, float,
               "seconds an answer of a run listing, count or history may be reused for the same request while this "
-              "process wrote nothing (0: off); bounds how stale it is when another replica wrote"),
+              "server wrote nothing (0: off); bounds how stale it is when another replica wrote"),
         _spec("PREFECT_LOGGING_SERVER_LEVEL", "WARNING", str, "server log level"),
         _spec("PREFECT_UI_ENABLED", True, bool, "serve the web UI at /"),
         _spec("PREFECT_UI_API_URL", "", str, "API URL the UI calls (default: /api on the same origin)"),
@@ -476,11 +478,18 @@ class Database:
         self.query_count = 0
         self.changes = 0  # write transactions this process committed: cached reads older than this are stale
         self._changes_lock = threading.Lock()
+        self.process_group = None  # the _ProcessGroup of `start --processes N`: they count writes together
         self._columns: dict[str, tuple[str, ...]] = {}
 
     def _count_change(self):
         with self._changes_lock:
             self.changes += 1
+            if self.process_group is not None:
+                self.process_group.count_changes(self.changes)
+
+    def generation(self) -> int:
+        """Changes so far: this process's commits, or those of all the server's processes."""
+        return self.changes if self.process_group is None else self.process_group.total_changes()
 
     def column_names(self, tx, table: str) -> tuple[str, ...]:
         """The table's columns in schema order, as the migrations made them (cached until a migration)."""
@@ -816,13 +825,16 @@ class SqliteDatabase(Database):
             return
         import fcntl  # POSIX only; imported here so the module still imports elsewhere
 
-        self._lock_file = open(self.path + ".lock", "a+")  # noqa: SIM115 - held for the server's life
-        fcntl.flock(self._lock_file, fcntl.LOCK_SH)
-        # Writers of all servers on this file take turns on a lock of their own (_take_turn_among_servers).
-        # (Not a byte range of <db>.lock: on the BSDs flock and fcntl locks of one file can meet.)
-        self._flock = fcntl.flock
-        self._flock_exclusive_now, self._flock_unlock = fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN
-        self._turn_file = open(self.path + ".write-lock", "a+")  # noqa: SIM115 - held for the server's life
+        try:
+            self._lock_file = open(self.path + ".lock", "a+")  # noqa: SIM115 - held for the server's life
+            fcntl.flock(self._lock_file, fcntl.LOCK_SH)
+            # Writers of all servers on this file take turns on a lock of their own (_take_turn_among_servers).
+            # (Not a byte range of <db>.lock: on the BSDs flock and fcntl locks of one file can meet.)
+            self._flock = fcntl.flock
+            self._flock_exclusive_now, self._flock_unlock = fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN
+            self._turn_file = open(self.path + ".write-lock", "a+")  # noqa: SIM115 - held for the server's life
+        except OSError as exc:
+            raise ConfigurationError(f"cannot open the lock files beside {self.path}: {exc.strerror or exc}") from None
 
     def restore(self, source: str) -> str:
         """Replace the database file with a backup, after checking it; only while no server uses it."""
@@ -6500,10 +6512,10 @@ def sent_fields(req) -> dict:
 class ReadCache:
     """Answers of the run listings and the dashboard's counts and history, for identical requests.
 
-    An answer is reused only while this process has committed no write since it was computed
-    (`Database.changes`; so a client always reads its own writes) and for at most `max_age` seconds,
-    which bounds how stale it can be when another process wrote (a second replica on PostgreSQL) and
-    how far the live estimates in it (a running run's run time) may lag. Only answers of the latest
+    An answer is reused only while the server has committed no write since it was computed
+    (`Database.generation`, counted over all its processes; so a client always reads its own writes)
+    and for at most `max_age` seconds, which bounds how stale it can be when another server wrote (a
+    second replica on PostgreSQL) and how far the live estimates in it (a running run's run time) may lag. Only answers of the latest
     generation are kept, up to `max_bytes`.
     """
 
@@ -6550,7 +6562,7 @@ def _cached(handler):
 
     @functools.wraps(handler)
     def cached(app, req):
-        key, generation = (req.path, req.raw_body), app.db.changes
+        key, generation = (req.path, req.raw_body), app.db.generation()
         answer = app.read_cache.get(key, generation)
         if answer is not None:
             return 200, answer
@@ -8484,21 +8496,35 @@ class WebSocket:
 
 
 class EventHub:
-    """Live fan-out of committed events to the /events/out subscribers of one server."""
+    """Live fan-out of committed events to the /events/out subscribers of one server process."""
 
     def __init__(self):
         self._lock = threading.Lock()
         self._subscribers: list[queue.Queue] = []
+        self.on_count = None  # called with the number of subscribers when it changes (_ProcessGroup)
 
     def subscribe(self) -> queue.Queue:
         inbox = queue.Queue(maxsize=EVENT_SUBSCRIBER_BACKLOG)
         with self._lock:
             self._subscribers.append(inbox)
+            self._counted()
         return inbox
 
     def unsubscribe(self, inbox: queue.Queue):
         with self._lock, contextlib.suppress(ValueError):
             self._subscribers.remove(inbox)
+            self._counted()
+
+    def _counted(self):
+        if self.on_count is not None:
+            self.on_count(len(self._subscribers))
+
+    def cut_off_everyone(self):
+        """Events meant for our subscribers were lost on the way: they reconnect, and backfill."""
+        with self._lock:
+            inboxes = list(self._subscribers)
+        for inbox in inboxes:
+            _overflow(inbox)
 
     def publish(self, events: list[dict]):
         with self._lock:
@@ -8682,7 +8708,8 @@ WEBSOCKET_ENDPOINTS = {"/api/events/in": serve_events_in, "/api/events/out": ser
 
 # --- 11. Server ---
 # Owns the process side: the App (settings + database + services), the HTTP/1.1 keep-alive server
-# with a bounded pool of worker threads, access control, static UI files, and serve() for embedding.
+# with a bounded pool of worker threads, access control, static UI files, serve() for embedding, and
+# what the processes of `start --processes N` share (_ProcessGroup).
 
 _WRITE_METHODS = ("POST", "PUT", "PATCH", "DELETE")
 _AUTH_EXEMPT = ("/api/health", "/api/ready")
@@ -8691,9 +8718,10 @@ _AUTH_EXEMPT = ("/api/health", "/api/ready")
 class App:
     """Everything one running server needs: settings, database, routes, background services."""
 
-    def __init__(self, settings: Settings, db: Database):
+    def __init__(self, settings: Settings, db: Database, services: bool = True):
         self.settings = settings
         self.db = db
+        self.process_group = None  # set in each process of `start --processes N` (_ProcessGroup.join)
         self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
         self.route_index = route_index(self.routes)
         self.openapi = openapi_document(self.routes)
@@ -8701,7 +8729,7 @@ class App:
         self.metrics = Metrics()
         self.read_cache = ReadCache(settings["PREFECT_SERVER_READ_CACHE_SECONDS"])
         self.events = EventHub()
-        self.services = build_services(self)
+        self.services = build_services(self) if services else []
         self.running_url: str | None = None
         try:
             self.static_dir = resource_dir("static")
@@ -8715,6 +8743,9 @@ class App:
         for service in self.services:
             if service.name == name:
                 service.wake()
+                return
+        if self.process_group is not None:  # the server's first process runs the services
+            self.process_group.wake_services(name)
 
     def start_services(self):
         EVENT_SINKS.append((self.db, self.events.publish))
@@ -8737,7 +8768,7 @@ class App:
         self.db.close()
 
 
-def create_app(settings: Settings) -> App:
+def create_app(settings: Settings, services: bool = True) -> App:
     """Open the database, migrate (or refuse when behind and migrations on start are off)."""
     db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
     try:
@@ -8753,7 +8784,7 @@ def create_app(settings: Settings) -> App:
     except BaseException:
         db.close()
         raise
-    return App(settings, db)
+    return App(settings, db, services)
 
 
 def check_basic_auth(settings: Settings, header: str | None) -> bool:
@@ -9336,7 +9367,7 @@ class PooledHTTPServer(http.server.HTTPServer):
     allow_reuse_address = True
     request_queue_size = 128
 
-    def __init__(self, address, app: App):
+    def __init__(self, listening: socket.socket, app: App):
         self.app = app
         self.max_workers = max(1, app.settings["PREFECT_SERVER_WORKERS"])
         self._queue = queue.Queue()
@@ -9345,7 +9376,11 @@ class PooledHTTPServer(http.server.HTTPServer):
         self._lock = threading.Lock()
         self._connections: set = set()
         self.write_turnstile = _Turnstile()
-        super().__init__(address, _RequestHandler)
+        super().__init__(listening.getsockname()[:2], _RequestHandler, bind_and_activate=False)
+        self.socket.close()  # the one socketserver made: we serve on `listening` (see open_listener)
+        self.socket = listening
+        self.server_address = listening.getsockname()
+        self.server_name, self.server_port = self.server_address[:2]
 
     def track(self, conn, open_: bool):
         with self._lock:
@@ -9410,18 +9445,43 @@ class RunningServer:
         self.app.close()
 
 
-def start_server(settings: Settings, host: str | None = None, port: int | None = None) -> RunningServer:
-    app = create_app(settings)
-    host = host or settings["PREFECT_SERVER_API_HOST"]
-    port = settings["PREFECT_SERVER_API_PORT"] if port is None else port
+def open_listener(host: str, port: int) -> socket.socket:
+    """The server's listening socket. Non-blocking: when several processes share it (start --processes),
+    the ones that lose the race for a connection must not sit in accept() (stop() could not wake them)."""
+    sock = socket.socket(PooledHTTPServer.address_family, socket.SOCK_STREAM)
     try:
-        httpd = PooledHTTPServer((host, port), app)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(PooledHTTPServer.request_queue_size)
+        sock.setblocking(False)
     except OSError as exc:
-        app.close()
+        sock.close()
         if exc.errno in (98, 48, 10048):
             raise ConfigurationError(f"port {port} on {host} is already in use") from None
         raise ConfigurationError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    app.db.hold_server_lock()
+    return sock
+
+
+def start_server(settings: Settings, host: str | None = None, port: int | None = None, *,
+                 listening: socket.socket | None = None, services: bool = True, process_group=None) -> RunningServer:
+    """Serve in background threads. `listening`, `services` and `process_group`: for one process of
+    `start --processes N` (the socket they share; only the first runs the services)."""
+    host = host or settings["PREFECT_SERVER_API_HOST"]
+    port = settings["PREFECT_SERVER_API_PORT"] if port is None else port
+    app = create_app(settings, services)
+    try:
+        httpd = PooledHTTPServer(listening or open_listener(host, port), app)
+    except ConfigurationError:
+        app.close()
+        raise
+    try:
+        app.db.hold_server_lock()
+    except ConfigurationError:
+        httpd.server_close()
+        app.close()
+        raise
+    if process_group is not None:
+        process_group.join(app)
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="prefectlite-accept",
                               daemon=True)
     thread.start()
@@ -9460,6 +9520,128 @@ def serve(database: str | None = None, host: str = "127.0.0.1", port: int = 0, *
         running.stop()
 
 
+# Several processes on one port (`start --processes N`). The GIL lets one process use about one core;
+# forked processes sharing the listening socket use more. They share the database (SQLite writers take
+# turns on <db>.write-lock, see SqliteDatabase), and through a _ProcessGroup what else must look like
+# one server: the read cache sees every process's writes, /events/out subscribers get events stored by
+# any process, and services (run by the first process only) are woken by any.
+
+class _ProcessGroup:
+    """What the processes of one `prefectlite start --processes N` share, made before they are forked:
+    a little shared memory (per process: writes committed, live event subscribers, notes it missed) and
+    a datagram socket per process on which the others leave it notes: ids of events they stored, for
+    its subscribers, and names of services to wake (process 0 runs the services)."""
+
+    _CHANGES, _SUBSCRIBERS, _MISSED = range(3)  # the counters of a process, at index * 3 + counter
+    _IDS_PER_NOTE = 1000  # a note of event ids stays well inside a datagram (36 bytes an id)
+
+    def __init__(self, count: int):
+        import mmap  # only here: a one-process server never needs it
+
+        self.count = count
+        self.index = 0
+        self._memory = mmap.mmap(-1, count * 3 * 8)  # anonymous: shared with the processes forked after
+        self._counters = memoryview(self._memory).cast("Q")
+        self._inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(count)]
+        self._app: App | None = None
+
+    def _at(self, index: int, counter: int) -> int:
+        return index * 3 + counter
+
+    def join(self, app: App):
+        """In process `self.index`, before it serves: connect its app to the others."""
+        self._app = app
+        app.process_group = app.db.process_group = self
+        # A process started again after a crash counts on from its predecessor: the sum never goes back
+        # to a value some cache answer was stored under.
+        app.db.changes = self._counters[self._at(self.index, self._CHANGES)]
+        self._counters[self._at(self.index, self._SUBSCRIBERS)] = 0
+        app.events.on_count = self._count_subscribers
+        EVENT_SINKS.append((app.db, self._relay_events))
+        if not app.services:
+            NOTIFICATION_WAKERS.append(functools.partial(self.wake_services, "notifications"))
+        threading.Thread(target=self._read_notes, name="prefectlite-notes", daemon=True).start()
+
+    def count_changes(self, changes: int):
+        self._counters[self._at(self.index, self._CHANGES)] = changes
+
+    def total_changes(self) -> int:
+        counters = self._counters
+        return sum(counters[self._at(i, self._CHANGES)] for i in range(self.count))
+
+    def _count_subscribers(self, subscribers: int):
+        self._counters[self._at(self.index, self._SUBSCRIBERS)] = subscribers
+
+    def wake_services(self, name: str):
+        if self.index != 0:
+            self._send(0, {"wake": name})
+
+    def _relay_events(self, events: list[dict]):
+        """After a commit: tell every other process that has subscribers which events were stored."""
+        ids = [event["id"] for event in events]
+        for other in range(self.count):
+            if other != self.index and self._counters[self._at(other, self._SUBSCRIBERS)]:
+                for start in range(0, len(ids), self._IDS_PER_NOTE):
+                    if not self._send(other, {"events": ids[start:start + self._IDS_PER_NOTE]}):
+                        self._counters[self._at(other, self._MISSED)] += 1
+
+    def _send(self, to: int, note: dict) -> bool:
+        try:  # never wait: a process too busy to read its notes must not slow the writer down
+            self._inboxes[to][1].send(dumps(note).encode(), socket.MSG_DONTWAIT)
+            return True
+        except OSError:
+            return False
+
+    def _read_notes(self):
+        inbox = self._inboxes[self.index][0]
+        inbox.settimeout(0.5)
+        missed_at = self._at(self.index, self._MISSED)
+        missed = self._counters[missed_at]
+        while not self._app.stopping.is_set():
+            if self._counters[missed_at] != missed:  # events for our subscribers were lost on the way
+                missed = self._counters[missed_at]
+                self._app.events.cut_off_everyone()
+            try:
+                note = json.loads(inbox.recv(65536))
+            except (TimeoutError, ValueError):
+                continue
+            except OSError:
+                return
+            if "wake" in note:
+                self._app.wake(str(note["wake"]))
+            elif "events" in note:
+                self._publish_stored_events([str(i) for i in note["events"]])
+
+    def _publish_stored_events(self, ids: list[str]):
+        try:
+            with self._app.db.read() as tx:
+                rows = tx.query(f"SELECT * FROM events WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+        except DatabaseError:
+            self._app.events.cut_off_everyone()
+            return
+        stored = {row["id"]: event_out(row) for row in rows}
+        self._app.events.publish([stored[i] for i in ids if i in stored])
+
+
+def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, group: _ProcessGroup, index: int) -> int:
+    """The life of one forked process of `start --processes N`: serve until SIGTERM or SIGINT."""
+    stop = threading.Event()
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    for signum in stop_signals:
+        signal.signal(signum, lambda *_: stop.set())
+    group.index = index
+    try:
+        with _stop_signals_blocked(stop_signals):
+            running = start_server(settings, listening=listening, services=index == 0, process_group=group)
+    except (ConfigurationError, DatabaseError) as exc:
+        print(f"prefectlite: error: process {index}: {exc}", file=sys.stderr, flush=True)
+        return 1
+    while not stop.wait(0.5):
+        pass
+    running.stop()
+    return 0
+
+
 # --- 12. CLI ---
 # Owns the command line: `start` (also `server start`), `config`, `profile`, `database`, `version`.
 # Every failure a person can cause is one line on stderr and a non-zero exit, never a traceback.
@@ -9480,13 +9662,16 @@ def _confirm(question: str, yes: bool) -> None:
         raise ConfigurationError("aborted (nothing changed); pass -y to skip this question")
 
 
-def _stop_signal_handler(stop: threading.Event):
+def _stop_signal_handler(stop: threading.Event, before_exit=None):
     """The first SIGINT or SIGTERM stops the server gently: requests in flight are finished. A second one
     (someone who will not wait) ends the process at once, with exit status 128 + the signal; what was
-    committed stays committed, requests still in flight get no answer and their writes roll back."""
+    committed stays committed, requests still in flight get no answer and their writes roll back.
+    `before_exit`: what must go too (the processes of `start --processes`)."""
 
     def on_stop_signal(signum, frame):
         if stop.is_set():
+            if before_exit is not None:
+                before_exit()
             # os.write, not print: the main thread may be inside a print to the same stream
             os.write(2, b"prefectlite: stopped at once (second signal); requests in flight were dropped\n")
             os._exit(128 + signum)
@@ -9516,25 +9701,34 @@ def _stop_signals_blocked(signals):
         signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
+def _print_ready(out, host: str, port: int, dialect: str, processes: int = 1):
+    shown = "localhost" if host in ("0.0.0.0", "::") else host
+    several = f", {processes} processes" if processes > 1 else ""
+    print(f"prefectlite {__version__} is ready ({dialect} database{several})", file=out)
+    print(f"  UI:  http://{shown}:{port}/", file=out)
+    print(f"  API: http://{shown}:{port}/api", file=out)
+    print("Press Ctrl+C to stop.", file=out, flush=True)
+
+
 def cmd_start(args, out) -> int:
     settings = load_settings()
     host = args.host or settings["PREFECT_SERVER_API_HOST"]
     port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
+    processes = settings["PREFECT_SERVER_PROCESSES"] if args.processes is None else args.processes
+    if not 1 <= processes <= MAX_PROCESSES:
+        raise ConfigurationError(f"--processes must be between 1 and {MAX_PROCESSES}, got {processes}")
     if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
         print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
               "anyone who can reach this machine can use the API", file=sys.stderr)
+    if processes > 1:
+        return _start_processes(settings, host, port, processes, out)
     stop = threading.Event()
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     for signum in stop_signals:  # before the port opens: a signal at any moment stops cleanly
         signal.signal(signum, _stop_signal_handler(stop))
     with _stop_signals_blocked(stop_signals):
         running = start_server(settings, host, port)
-        shown = "localhost" if running.host in ("0.0.0.0", "::") else running.host
-        dialect = running.app.db.dialect
-        print(f"prefectlite {__version__} is ready ({dialect} database)", file=out)
-        print(f"  UI:  http://{shown}:{running.port}/", file=out)
-        print(f"  API: http://{shown}:{running.port}/api", file=out)
-        print("Press Ctrl+C to stop.", file=out, flush=True)
+        _print_ready(out, running.host, running.port, running.app.db.dialect)
         if __name__ == "__main__" and __spec__ is None:
             # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
             # most of an idle server) until the script's top level returns. So return now and wait in a
@@ -9556,6 +9750,110 @@ def _serve_until(stop: threading.Event, running, out):
     print("stopping: finishing requests in flight (Ctrl+C again to stop at once)", file=out, flush=True)
     running.stop()
     print("stopped", file=out, flush=True)
+
+
+MAX_PROCESSES = 64
+_QUICK_EXIT_SECONDS = 5.0  # a process that ends sooner than this after it started has "crashed at start"
+_QUICK_EXITS_TO_GIVE_UP = 3
+
+
+def _start_processes(settings: Settings, host: str, port: int, count: int, out) -> int:
+    """`start --processes N`: migrate, open the port, fork N serving processes and look after them.
+
+    This process starts no thread (forking one that has threads can leave the child holding locks that
+    nobody will release), so it can start a process again whenever one dies: a crashed one is replaced;
+    one that keeps ending within seconds of its start stops the server (exit 1).
+    """
+    if not hasattr(os, "fork"):
+        raise ConfigurationError("--processes needs fork() (Linux, macOS); use one process here")
+    children: dict[int, int] = {}  # pid -> index
+
+    def kill_all():
+        for pid in list(children):
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):  # before anything starts: a signal at any moment stops cleanly
+        signal.signal(signum, _stop_signal_handler(stop, before_exit=kill_all))
+    app = create_app(settings, services=False)  # migrate once, before any process serves
+    dialect, in_memory = app.db.dialect, getattr(app.db, "memory", False)
+    app.close()
+    if in_memory:
+        raise ConfigurationError("--processes needs a database they can share: a SQLite file or PostgreSQL, "
+                                 "not an in-memory database")
+    listening = open_listener(host, port)
+    group = _ProcessGroup(count)
+    started_at: dict[int, float] = {}
+    quick_exits = collections.Counter()
+
+    def start(index: int):
+        pid = os.fork()
+        if pid == 0:  # the child: serve, then leave without running the parent's exit handlers
+            code = 1
+            try:
+                code = _serve_as_one_of_processes(settings, listening, group, index)
+            except BaseException:  # a bug: say where, as an uncaught exception would
+                sys.excepthook(*sys.exc_info())
+            finally:
+                with contextlib.suppress(Exception):
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                os._exit(code)
+        children[pid] = index
+        started_at[index] = time.monotonic()
+
+    failed = False
+    for index in range(count):
+        start(index)
+    _print_ready(out, host, listening.getsockname()[1], dialect, count)
+    while not stop.wait(0.2) and not failed:
+        for index, status in _ended_children(children):
+            if stop.is_set():
+                break
+            code = os.waitstatus_to_exitcode(status)
+            how = f"killed by signal {-code}" if code < 0 else f"exit status {code}"
+            quick = time.monotonic() - started_at[index] < _QUICK_EXIT_SECONDS
+            quick_exits[index] = quick_exits[index] + 1 if quick else 0
+            if quick_exits[index] >= _QUICK_EXITS_TO_GIVE_UP:
+                print(f"prefectlite: error: process {index} ended {quick_exits[index]} times right after starting "
+                      f"({how}); stopping the server", file=sys.stderr, flush=True)
+                failed = True
+                break
+            print(f"prefectlite: process {index} ended ({how}); starting it again", file=sys.stderr, flush=True)
+            start(index)
+    if not failed:
+        print("stopping: finishing requests in flight (Ctrl+C again to stop at once)", file=out, flush=True)
+    for pid in list(children):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while children and time.monotonic() < deadline:
+        _ended_children(children)
+        time.sleep(0.05)
+    kill_all()
+    while children:
+        _ended_children(children)
+        time.sleep(0.05)
+    listening.close()
+    print("stopped", file=out, flush=True)
+    return 1 if failed else 0
+
+
+def _ended_children(children: dict[int, int]) -> list[tuple[int, int]]:
+    """(index, wait status) of each child that has ended, taken out of `children` (pid -> index)."""
+    ended = []
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            break
+        if pid == 0:
+            break
+        if pid in children:
+            ended.append((children.pop(pid), status))
+    return ended
 
 
 class _RequestIdFilter(logging.Filter):
@@ -9948,6 +10246,7 @@ def build_parser() -> argparse.ArgumentParser:
     start = sub.add_parser("start", help="start the server (API at /api, UI at /)")
     start.add_argument("--host")
     start.add_argument("--port", type=int)
+    start.add_argument("--processes", type=int, help="processes serving the port (default 1; more use more cores)")
     start.set_defaults(func=cmd_start)
 
     config = sub.add_parser("config", help="view and change settings of the active profile")

@@ -4,16 +4,19 @@ A uniquely named module: several conftest.py files exist below tests/, and `from
 would pick whichever pytest loaded last.
 """
 
+import base64
 import contextlib
 import datetime as dt
 import json
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -210,3 +213,116 @@ def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
         time.sleep(interval)
+
+
+# A raw WebSocket client: nothing of prefectlite's WebSocket code is used to talk to the server.
+
+class RawWebSocket:
+    def __init__(self, api_url, path="/events/in", protocols=("prefect",), headers=None, timeout=10.0):
+        parts = urllib.parse.urlsplit(api_url)
+        self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
+        self.key = base64.b64encode(os.urandom(16)).decode()
+        lines = [f"GET {parts.path}{path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", "Upgrade: websocket",
+                 "Connection: Upgrade", f"Sec-WebSocket-Key: {self.key}", "Sec-WebSocket-Version: 13"]
+        if protocols:
+            lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
+        for name, value in (headers or {}).items():
+            lines.append(f"{name}: {value}")
+        self.sock.sendall(("\r\n".join(lines) + "\r\n\r\n").encode())
+        self.buffer = b""
+        head = self._read_until(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        self.status = int(status_line.split()[1])
+        self.headers = {k.strip().lower(): v.strip() for k, v in (h.split(":", 1) for h in header_lines if h)}
+        if self.status != 101:  # read the HTTP error body
+            length = int(self.headers.get("content-length", "0"))
+            self.body = json.loads(self._read_exactly(length)) if length else None
+
+    def _read_until(self, marker):
+        while marker not in self.buffer:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed during the handshake")
+            self.buffer += chunk
+        head, _, self.buffer = self.buffer.partition(marker)
+        return head
+
+    def _read_exactly(self, n):
+        while len(self.buffer) < n:
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError(f"connection ended with {len(self.buffer)} of {n} bytes")
+            self.buffer += chunk
+        data, self.buffer = self.buffer[:n], self.buffer[n:]
+        return data
+
+    def send_frame(self, opcode, payload=b"", fin=True, masked=True, rsv=0):
+        if isinstance(payload, str):
+            payload = payload.encode()
+        head = bytes([(0x80 if fin else 0) | rsv | opcode])
+        length = len(payload)
+        mask_bit = 0x80 if masked else 0
+        if length < 126:
+            head += bytes([mask_bit | length])
+        elif length < 65536:
+            head += bytes([mask_bit | 126]) + struct.pack(">H", length)
+        else:
+            head += bytes([mask_bit | 127]) + struct.pack(">Q", length)
+        if masked:
+            key = os.urandom(4)
+            payload = bytes(b ^ key[i % 4] for i, b in enumerate(payload))
+            head += key
+        self.sock.sendall(head + payload)
+
+    def send_text(self, text, **kw):
+        self.send_frame(0x1, text, **kw)
+
+    def send_json(self, value):
+        self.send_text(json.dumps(value))
+
+    def recv_frame(self):
+        first, second = self._read_exactly(2)
+        assert second & 0x80 == 0, "server frames must not be masked"
+        length = second & 0x7F
+        if length == 126:
+            length = struct.unpack(">H", self._read_exactly(2))[0]
+        elif length == 127:
+            length = struct.unpack(">Q", self._read_exactly(8))[0]
+        return bool(first & 0x80), first & 0x0F, self._read_exactly(length)
+
+    def recv_json(self):
+        fin, opcode, payload = self.recv_frame()
+        assert (fin, opcode) == (True, 0x1), (fin, opcode, payload)
+        return json.loads(payload)
+
+    def expect_close(self):
+        """Read until the server's close frame: (code, reason)."""
+        while True:
+            _fin, opcode, payload = self.recv_frame()
+            if opcode == 0x8:
+                code = struct.unpack(">H", payload[:2])[0] if len(payload) >= 2 else None
+                return code, payload[2:].decode()
+
+    def at_eof(self, timeout=5.0):
+        self.sock.settimeout(timeout)
+        try:
+            return self.buffer == b"" and self.sock.recv(1) == b""
+        except OSError:
+            return True
+
+    def authenticate(self, token=None):
+        self.send_json({"type": "auth", "token": token})
+        assert self.recv_json() == {"type": "auth_success"}
+        return self
+
+    def close(self):
+        self.sock.close()
+
+
+def event(name="test.thing.happened", resource_id=None, occurred=None, **extra):
+    body = {"id": str(uuid.uuid4()), "occurred": occurred or iso(now()), "event": name,
+            "resource": {"prefect.resource.id": resource_id or f"test.resource.{uuid.uuid4()}"},
+            "related": [], "payload": {}}
+    body.update(extra)
+    return body
+

@@ -319,6 +319,16 @@ def test_port_already_in_use_is_one_line_error(tmp_path):
     assert str(port) in line
 
 
+def test_lock_files_that_cannot_be_opened_are_a_one_line_error(tmp_path):
+    home = tmp_path / "home"
+    (home / "prefectlite.db.write-lock").mkdir(parents=True)
+    proc = run_cli("start", "--port", "0", env=home_env(tmp_path), input_text="", timeout=60)
+    assert proc.returncode == 1
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "cannot open the lock files" in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
 # ---------------------------------------------------------------------------------------------
 # config
 
