@@ -45,7 +45,10 @@ def test_read_load_script_seeds_and_queries_without_errors(tmp_path):
 
 
 def test_ab_script_compares_builds(tmp_path):
-    report = _run("bench_ab.py", "--builds", str(ROOT), "--clients", "2", "--duration", "1", "--rounds", "1")
-    [runs] = report["results"].values()
-    assert len(runs) == 1 and runs[0]["errors"] == 0 and runs[0]["req_per_s"] > 0
-    assert runs[0]["server_cpu_us_per_req"] > 0  # the server process was found and its CPU read
+    """Two builds alternated: here the same folder, once as one process and once with --processes 2."""
+    two = f"{ROOT}::--processes 2"
+    report = _run("bench_ab.py", "--builds", f"{ROOT},{two}", "--clients", "2", "--duration", "1", "--rounds", "1")
+    assert set(report["results"]) == {str(ROOT), two}
+    for runs in report["results"].values():
+        assert len(runs) == 1 and runs[0]["errors"] == 0 and runs[0]["req_per_s"] > 0
+        assert runs[0]["server_cpu_us_per_req"] > 0  # the server's processes were found and their CPU read

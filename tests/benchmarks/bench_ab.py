@@ -9,6 +9,9 @@ commit before the change, and the working tree):
     git worktree add /tmp/before HEAD~1
     python tests/benchmarks/bench_ab.py --builds /tmp/before,. --clients 8 --duration 6 --rounds 4
 
+A build may carry arguments for `start` after `::`, e.g. one process against two of the same build:
+`--builds '.,.::--processes 2'`.
+
 Every run starts `python -m prefectlite start` from the build's folder on a free loopback port with a fresh
 PREFECT_HOME, runs bench_write_load.py against it, and stops it. Besides req/s and p99 it prints the
 server's CPU time per request (from /proc), which varies less than throughput on a noisy machine.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -29,7 +33,8 @@ import _benchlib as B  # noqa: E402
 def one_run(build: str, clients: int, duration: float) -> dict:
     port = B.free_port()
     home = B.fresh_home()
-    command = f"cd {os.path.abspath(build)} && exec {sys.executable} -m prefectlite start --port {port}"
+    folder, _, extra = build.partition("::")
+    command = f"cd {shlex.quote(os.path.abspath(folder))} && exec {sys.executable} -m prefectlite start --port {port} {extra}"
     proc = B.start_server(command, home, log_path=os.path.join(home, "server.log"))
     try:
         if not B.wait_health("127.0.0.1", port, "/api", 30.0, proc):
@@ -48,7 +53,8 @@ def one_run(build: str, clients: int, duration: float) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--builds", required=True, help="comma-separated folders that hold prefectlite.py")
+    parser.add_argument("--builds", required=True,
+                        help="comma-separated folders that hold prefectlite.py, each optionally ::START_ARGS")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--duration", type=float, default=6.0)
     parser.add_argument("--rounds", type=int, default=3)
