@@ -6515,8 +6515,8 @@ class ReadCache:
     An answer is reused only while the server has committed no write since it was computed
     (`Database.generation`, counted over all its processes; so a client always reads its own writes)
     and for at most `max_age` seconds, which bounds how stale it can be when another server wrote (a
-    second replica on PostgreSQL) and how far the live estimates in it (a running run's run time) may lag. Only answers of the latest
-    generation are kept, up to `max_bytes`.
+    second replica on PostgreSQL) and how far the live estimates in it (a running run's run time) may
+    lag. Only answers of the latest generation are kept, up to `max_bytes`.
     """
 
     def __init__(self, max_age: float, max_bytes: int = 8_000_000):
@@ -9364,7 +9364,6 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
 class PooledHTTPServer(http.server.HTTPServer):
     """HTTP server whose connections are served by a bounded pool of threads (started on demand)."""
 
-    allow_reuse_address = True
     request_queue_size = 128
 
     def __init__(self, listening: socket.socket, app: App):
@@ -9710,48 +9709,6 @@ def _print_ready(out, host: str, port: int, dialect: str, processes: int = 1):
     print("Press Ctrl+C to stop.", file=out, flush=True)
 
 
-def cmd_start(args, out) -> int:
-    settings = load_settings()
-    host = args.host or settings["PREFECT_SERVER_API_HOST"]
-    port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
-    processes = settings["PREFECT_SERVER_PROCESSES"] if args.processes is None else args.processes
-    if not 1 <= processes <= MAX_PROCESSES:
-        raise ConfigurationError(f"--processes must be between 1 and {MAX_PROCESSES}, got {processes}")
-    if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
-        print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
-              "anyone who can reach this machine can use the API", file=sys.stderr)
-    if processes > 1:
-        return _start_processes(settings, host, port, processes, out)
-    stop = threading.Event()
-    stop_signals = {signal.SIGINT, signal.SIGTERM}
-    for signum in stop_signals:  # before the port opens: a signal at any moment stops cleanly
-        signal.signal(signum, _stop_signal_handler(stop))
-    with _stop_signals_blocked(stop_signals):
-        running = start_server(settings, host, port)
-        _print_ready(out, running.host, running.port, running.app.db.dialect)
-        if __name__ == "__main__" and __spec__ is None:
-            # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
-            # most of an idle server) until the script's top level returns. So return now and wait in a
-            # non-daemon thread, which the interpreter waits for before it exits; the main thread still runs
-            # the signal handlers. (`python -m prefectlite` and the installed command import the module:
-            # nothing to free there.)
-            threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
-            return 0
-    _serve_until(stop, running, out)
-    return 0
-
-
-def _serve_until(stop: threading.Event, running, out):
-    trimmed = False
-    while not stop.wait(0.5):
-        if not trimmed:  # once, when start-up's garbage (and a script's syntax tree, see cmd_start) is freed
-            _release_freed_memory()
-            trimmed = True
-    print("stopping: finishing requests in flight (Ctrl+C again to stop at once)", file=out, flush=True)
-    running.stop()
-    print("stopped", file=out, flush=True)
-
-
 MAX_PROCESSES = 64
 _QUICK_EXIT_SECONDS = 5.0  # a process that ends sooner than this after it started has "crashed at start"
 _QUICK_EXITS_TO_GIVE_UP = 3
@@ -9854,6 +9811,48 @@ def _ended_children(children: dict[int, int]) -> list[tuple[int, int]]:
         if pid in children:
             ended.append((children.pop(pid), status))
     return ended
+
+
+def cmd_start(args, out) -> int:
+    settings = load_settings()
+    host = args.host or settings["PREFECT_SERVER_API_HOST"]
+    port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
+    processes = settings["PREFECT_SERVER_PROCESSES"] if args.processes is None else args.processes
+    if not 1 <= processes <= MAX_PROCESSES:
+        raise ConfigurationError(f"--processes must be between 1 and {MAX_PROCESSES}, got {processes}")
+    if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
+        print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
+              "anyone who can reach this machine can use the API", file=sys.stderr)
+    if processes > 1:
+        return _start_processes(settings, host, port, processes, out)
+    stop = threading.Event()
+    stop_signals = {signal.SIGINT, signal.SIGTERM}
+    for signum in stop_signals:  # before the port opens: a signal at any moment stops cleanly
+        signal.signal(signum, _stop_signal_handler(stop))
+    with _stop_signals_blocked(stop_signals):
+        running = start_server(settings, host, port)
+        _print_ready(out, running.host, running.port, running.app.db.dialect)
+        if __name__ == "__main__" and __spec__ is None:
+            # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
+            # most of an idle server) until the script's top level returns. So return now and wait in a
+            # non-daemon thread, which the interpreter waits for before it exits; the main thread still runs
+            # the signal handlers. (`python -m prefectlite` and the installed command import the module:
+            # nothing to free there.)
+            threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
+            return 0
+    _serve_until(stop, running, out)
+    return 0
+
+
+def _serve_until(stop: threading.Event, running, out):
+    trimmed = False
+    while not stop.wait(0.5):
+        if not trimmed:  # once, when start-up's garbage (and a script's syntax tree, see cmd_start) is freed
+            _release_freed_memory()
+            trimmed = True
+    print("stopping: finishing requests in flight (Ctrl+C again to stop at once)", file=out, flush=True)
+    running.stop()
+    print("stopped", file=out, flush=True)
 
 
 class _RequestIdFilter(logging.Filter):
