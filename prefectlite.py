@@ -9635,6 +9635,7 @@ def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, gro
     except (ConfigurationError, DatabaseError) as exc:
         print(f"prefectlite: error: process {index}: {exc}", file=sys.stderr, flush=True)
         return 1
+    _release_freed_memory()
     while not stop.wait(0.5):
         pass
     running.stop()
@@ -9741,6 +9742,7 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
                                  "not an in-memory database")
     listening = open_listener(host, port)
     group = _ProcessGroup(count)
+    _release_freed_memory()  # start-up's garbage, before every process inherits the heap
     started_at: dict[int, float] = {}
     quick_exits = collections.Counter()
 
