@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import Client, ServerProcess, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios"
@@ -818,3 +818,27 @@ def test_tag_concurrency_limit_serialises_task_runs(run_flow_script, compat_serv
         assert after["active_slots"] == [], after
     finally:
         api("DELETE", f"/concurrency_limits/tag/{tag}")
+
+
+# --------------------------------------------------------------------------- several server processes
+
+
+def test_flows_run_against_a_server_of_two_processes(run_flow_script, tmp_path):
+    """`prefectlite start --processes 2` behind the SDK: its connections land on both processes, and
+    flows with tasks, retries, a subflow, submitted and cached tasks end as they do against one."""
+    server = ServerProcess(tmp_path, {"PREFECT_HOME": str(tmp_path / "home")}, "--processes", "2")
+    try:
+        server.wait_ready()
+        client = Client(server.api_url)
+        for name, args in (("s01_three_tasks.py", []), ("s02_task_retries.py", []),
+                           ("s03_cache.py", [uuid.uuid4().hex]), ("s04_subflow.py", []), ("s06_submit.py", [])):
+            result = script_result(run_flow_script(scenario(name), server.api_url, args=args))
+            for run_id in result.get("flow_run_ids") or [result["flow_run_id"]]:
+                run = client.ok("GET", f"/flow_runs/{run_id}")
+                assert run["state_type"] == "COMPLETED", (name, run["state"])
+                tasks = client.ok("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}}})
+                assert tasks and all(t["state_type"] == "COMPLETED" for t in tasks), (name, tasks)
+        assert server.stop() == 0, server.stderr()
+        assert "Traceback" not in server.stderr()
+    finally:
+        server.kill()
