@@ -340,13 +340,11 @@ def test_servers_on_one_file_take_turns_to_write_and_a_wait_ends_in_503(tmp_path
         try:
             started = time.monotonic()
             status, body = client.post("/flows/", {"name": "waiting"})
-            waited = time.monotonic() - started
             assert status == 503, (status, body)
             assert "busy" in body["detail"]
-            assert 0.9 <= waited < 10
-            started = time.monotonic()
-            assert client.ok("POST", "/flows/count", {}) == 1  # a read does not wait for the turn
-            assert time.monotonic() - started < 0.9
+            assert time.monotonic() - started >= 0.9  # it waited for its turn until the timeout
+            # a read does not wait for the turn (it would be a 503 too: the turn stays taken)
+            assert client.ok("POST", "/flows/count", {}) == 1
         finally:
             holder.stdin.close()
             holder.wait(30)
