@@ -3,7 +3,8 @@ share the port and the database and still behave as one server: no errors under 
 a client reads its own writes whichever process answers, live event subscribers get events stored
 through any process, services (run by the first process) are woken by any, a crashed process is
 replaced, and the whole group stops on one signal. Every server is a real `python prefectlite.py
-start` on a free loopback port; requests open a new connection each, so they land on every process."""
+start` on a free loopback port. Where it matters which process answers, a keep-alive connection is
+pinned to a chosen process (the server side of its socket is found in /proc)."""
 
 import contextlib
 import http.client
@@ -39,17 +40,9 @@ def processes(tmp_path):
     yield start
     for server in servers:
         for pid in children(server.proc.pid):
-            with _gone():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         server.kill()
-
-
-class _gone:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, kind, value, tb):
-        return kind is ProcessLookupError
 
 
 def children(pid):
