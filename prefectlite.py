@@ -9636,8 +9636,12 @@ def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, gro
         print(f"prefectlite: error: process {index}: {exc}", file=sys.stderr, flush=True)
         return 1
     _release_freed_memory()
+    supervisor = os.getppid()
     while not stop.wait(0.5):
-        pass
+        if os.getppid() != supervisor:  # it was killed (-9): do not serve on, holding the port, unsupervised
+            print(f"prefectlite: process {index}: the supervising process is gone; stopping",
+                  file=sys.stderr, flush=True)
+            break
     running.stop()
     return 0
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -244,6 +245,20 @@ def test_a_crashed_process_is_replaced_and_one_signal_stops_them_all(processes):
     for pid in pids:
         assert not os.path.exists(f"/proc/{pid}") or "zombie" in open(f"/proc/{pid}/status").read().lower()
     assert "Traceback" not in server.stderr()
+
+
+def test_the_processes_stop_when_their_supervisor_is_killed(processes):
+    """kill -9 of the supervising process: the serving processes notice and stop (and free the port)
+    rather than serve on unsupervised."""
+    server = processes(2)
+    pids = children(server.proc.pid)
+    server.proc.kill()
+    server.proc.wait(30)
+    wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in pids), 30, "the orphans to stop")
+    with socket.socket() as sock:  # the port is free again
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", server.port))
+    assert "the supervising process is gone" in server.stderr()
 
 
 def test_a_second_signal_stops_every_process_at_once(processes):
