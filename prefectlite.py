@@ -9622,8 +9622,10 @@ class _ProcessGroup:
         self._app.events.publish([stored[i] for i in ids if i in stored])
 
 
-def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, group: _ProcessGroup, index: int) -> int:
-    """The life of one forked process of `start --processes N`: serve until SIGTERM or SIGINT."""
+def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, group: _ProcessGroup, index: int,
+                               supervisor: int) -> int:
+    """The life of one forked process of `start --processes N`: serve until SIGTERM or SIGINT, or until
+    the `supervisor` process is gone."""
     stop = threading.Event()
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     for signum in stop_signals:
@@ -9636,7 +9638,6 @@ def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, gro
         print(f"prefectlite: error: process {index}: {exc}", file=sys.stderr, flush=True)
         return 1
     _release_freed_memory()
-    supervisor = os.getppid()
     while not stop.wait(0.5):
         if os.getppid() != supervisor:  # it was killed (-9): do not serve on, holding the port, unsupervised
             print(f"prefectlite: process {index}: the supervising process is gone; stopping",
@@ -9746,6 +9747,7 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
                                  "not an in-memory database")
     listening = open_listener(host, port)
     group = _ProcessGroup(count)
+    supervisor = os.getpid()  # (what the processes compare their parent with: they stop when it is gone)
     _release_freed_memory()  # start-up's garbage, before every process inherits the heap
     started_at: dict[int, float] = {}
     quick_exits = collections.Counter()
@@ -9755,7 +9757,7 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
         if pid == 0:  # the child: serve, then leave without running the parent's exit handlers
             code = 1
             try:
-                code = _serve_as_one_of_processes(settings, listening, group, index)
+                code = _serve_as_one_of_processes(settings, listening, group, index, supervisor)
             except BaseException:  # a bug: say where, as an uncaught exception would
                 sys.excepthook(*sys.exc_info())
             finally:
