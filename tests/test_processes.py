@@ -36,11 +36,12 @@ def processes(tmp_path):
         servers.append(server)
         server.wait_ready()
         wait_until(lambda: len(children(server.proc.pid)) == count, 30, f"{count} serving processes")
+        server.first_pids = children(server.proc.pid)  # still known once the supervisor is gone
         return server
 
     yield start
     for server in servers:
-        for pid in children(server.proc.pid):
+        for pid in set(children(server.proc.pid) + server.first_pids):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         server.kill()
