@@ -107,10 +107,12 @@ class SettingSpec:
     kind: type  # str, int, float or bool
     help: str
     secret: bool = False
+    minimum: float | None = None  # the smallest value that makes sense (a number setting); None: any
+    maximum: float | None = None
 
 
-def _spec(name, default, kind, help, secret=False):
-    return SettingSpec(name, default, kind, help, secret)
+def _spec(name, default, kind, help, secret=False, minimum=None, maximum=None):
+    return SettingSpec(name, default, kind, help, secret, minimum, maximum)
 
 
 SETTINGS = {
@@ -123,56 +125,70 @@ SETTINGS = {
         _spec("PREFECT_API_DATABASE_ECHO", False, bool, "log every SQL statement"),
         _spec("PREFECT_API_DATABASE_MIGRATE_ON_START", True, bool, "apply pending migrations on start"),
         _spec("PREFECT_API_DATABASE_PASSWORD", "", str, "password for a database URL that has none", secret=True),
-        _spec("PREFECT_API_DATABASE_TIMEOUT", 10.0, float, "seconds to wait for a busy or unreachable database"),
+        _spec("PREFECT_API_DATABASE_TIMEOUT", 10.0, float, "seconds to wait for a busy or unreachable database",
+              minimum=0),
         _spec("PREFECT_SERVER_API_HOST", "127.0.0.1", str, "address to bind"),
-        _spec("PREFECT_SERVER_API_PORT", 4200, int, "port to bind"),
+        _spec("PREFECT_SERVER_API_PORT", 4200, int, "port to bind (0: any free port)", minimum=0, maximum=65535),
         _spec("PREFECT_SERVER_API_AUTH_STRING", "", str, "user:password for HTTP basic auth", secret=True),
         _spec("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", False, bool, "require CSRF tokens on writes"),
-        _spec("PREFECT_SERVER_CSRF_TOKEN_EXPIRATION", 3600.0, float, "seconds a CSRF token lives"),
+        _spec("PREFECT_SERVER_CSRF_TOKEN_EXPIRATION", 3600.0, float, "seconds a CSRF token lives", minimum=1),
         _spec("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "*", str, "comma-separated origins allowed by CORS"),
         _spec("PREFECT_SERVER_CORS_ALLOWED_METHODS", "*", str, "comma-separated methods allowed by CORS"),
         _spec("PREFECT_SERVER_CORS_ALLOWED_HEADERS", "*", str, "comma-separated headers allowed by CORS"),
-        _spec("PREFECT_SERVER_WORKERS", 64, int, "request worker threads (the bound on concurrent connections)"),
-        _spec("PREFECT_SERVER_PROCESSES", 1, int, "processes serving the API on one port (more use more cores; POSIX)"),
-        _spec("PREFECT_SERVER_MAX_BODY_BYTES", 50_000_000, int, "largest request body accepted (413 above)"),
+        _spec("PREFECT_SERVER_WORKERS", 64, int, "request worker threads (the bound on concurrent connections)",
+              minimum=1, maximum=10_000),
+        _spec("PREFECT_SERVER_PROCESSES", 1, int, "processes serving the API on one port (more use more cores; POSIX)",
+              minimum=1, maximum=64),
+        _spec("PREFECT_SERVER_MAX_BODY_BYTES", 50_000_000, int, "largest request body accepted (413 above)",
+              minimum=1),
         _spec("PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES", 1_500_000, int,
-              "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009"),
-        _spec("PREFECT_SERVER_EVENTS_RETENTION_DAYS", 7.0, float, "days events are kept (0: forever); task runs stay"),
-        _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request"),
-        _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept"),
-        _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes"),
+              "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009", minimum=1),
+        _spec("PREFECT_SERVER_EVENTS_RETENTION_DAYS", 7.0, float, "days events are kept (0: forever); task runs stay",
+              minimum=0),
+        _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request", minimum=0.01),
+        _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept", minimum=0.01),
+        _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes", minimum=1),
         _spec("PREFECT_SERVER_READ_CACHE_SECONDS", 2.0, float,
               "seconds an answer of a run listing, count or history may be reused for the same request while this "
-              "server wrote nothing (0: off); bounds how stale it is when another replica wrote"),
+              "server wrote nothing (0: off); bounds how stale it is when another replica wrote", minimum=0),
         _spec("PREFECT_LOGGING_SERVER_LEVEL", "WARNING", str, "server log level"),
         _spec("PREFECT_UI_ENABLED", True, bool, "serve the web UI at /"),
         _spec("PREFECT_UI_API_URL", "", str, "API URL the UI calls (default: /api on the same origin)"),
         _spec("PREFECT_UI_SERVE_BASE", "/", str, "path prefix the UI is served under"),
         _spec("PREFECT_UI_URL", "", str, "public URL of the UI, for links in notifications"),
         _spec("PREFECT_API_SERVICES_SCHEDULER_ENABLED", True, bool, "create runs for deployment schedules"),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", 60.0, float, "seconds between scheduler passes"),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS", 3, int, "runs kept scheduled ahead per schedule, at least"),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS", 100, int, "runs kept scheduled ahead per schedule, at most"),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME", 3600.0, float, "seconds scheduled ahead, at least"),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", 8_640_000.0, float, "seconds scheduled ahead, at most"),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", 60.0, float, "seconds between scheduler passes", minimum=0.01),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS", 3, int, "runs kept scheduled ahead per schedule, at least",
+              minimum=0),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS", 100, int, "runs kept scheduled ahead per schedule, at most",
+              minimum=0),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME", 3600.0, float, "seconds scheduled ahead, at least",
+              minimum=0),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", 8_640_000.0, float, "seconds scheduled ahead, at most",
+              minimum=0),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_ENABLED", True, bool, "mark overdue scheduled runs Late"),
-        _spec("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", 5.0, float, "seconds between late-run passes"),
-        _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time"),
-        _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes"),
-        _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups"),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", 5.0, float, "seconds between late-run passes", minimum=0.01),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time",
+              minimum=0),
+        _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes",
+              minimum=0.01),
+        _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
+              minimum=0.01),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
-              "seconds between queue checks (the sender is also woken by each state change)"),
-        _spec("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", 5, int, "sending attempts before a notification is kept as FAILED"),
-        _spec("PREFECT_NOTIFICATIONS_RETRY_SECONDS", 2.0, float, "first retry delay; doubles with each attempt"),
-        _spec("PREFECT_NOTIFICATIONS_TIMEOUT", 10.0, float, "seconds to wait for a destination to answer"),
+              "seconds between queue checks (the sender is also woken by each state change)", minimum=0.01),
+        _spec("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", 5, int, "sending attempts before a notification is kept as FAILED",
+              minimum=1),
+        _spec("PREFECT_NOTIFICATIONS_RETRY_SECONDS", 2.0, float, "first retry delay; doubles with each attempt", minimum=0),
+        _spec("PREFECT_NOTIFICATIONS_TIMEOUT", 10.0, float, "seconds to wait for a destination to answer", minimum=0.01),
         _spec("PREFECT_NOTIFICATIONS_OPSGENIE_URL", "", str, "Opsgenie API base URL (default by region)"),
         _spec("PREFECT_NOTIFICATIONS_PAGERDUTY_URL", "", str, "PagerDuty Events API base URL (default by region)"),
         _spec("PREFECT_NOTIFICATIONS_TWILIO_URL", "", str, "Twilio API base URL"),
         _spec("PREFECT_SERVER_SERVICES_RETENTION_ENABLED", False, bool, "delete old terminal flow runs"),
-        _spec("PREFECT_SERVER_SERVICES_RETENTION_DAYS", 30.0, float, "age (days after they ended) at which runs go"),
-        _spec("PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE", 200, int, "flow runs deleted per transaction"),
-        _spec("PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS", 3600.0, float, "seconds between retention passes"),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_DAYS", 30.0, float, "age (days after they ended) at which runs go",
+              minimum=0),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE", 200, int, "flow runs deleted per transaction", minimum=1),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS", 3600.0, float, "seconds between retention passes", minimum=0.01),
         _spec("PREFECT_SERVER_METRICS_ENABLED", False, bool, "serve Prometheus metrics at /api/metrics"),
         _spec("PREFECT_LOGGING_SERVER_FORMAT", "text", str, "server log format: text or json (one object per line)"),
     ]
@@ -204,9 +220,16 @@ def _convert_setting(name, raw):
     if spec.kind is bool:
         return raw if isinstance(raw, bool) else _parse_bool(name, raw)
     try:
-        return spec.kind(raw)
+        value = spec.kind(raw)
     except (TypeError, ValueError):
         raise ConfigurationError(f"{name}: expected {spec.kind.__name__}, got {raw!r}") from None
+    if spec.kind is float and not math.isfinite(value):
+        raise ConfigurationError(f"{name}: expected a finite number, got {raw!r}")
+    if spec.minimum is not None and value < spec.minimum:
+        raise ConfigurationError(f"{name}: must be at least {spec.minimum:g}, got {raw!r}")
+    if spec.maximum is not None and value > spec.maximum:
+        raise ConfigurationError(f"{name}: must be at most {spec.maximum:g}, got {raw!r}")
+    return value
 
 
 def check_setting_name(name: str) -> None:
@@ -486,6 +509,14 @@ class Database:
             self.changes += 1
             if self.process_group is not None:
                 self.process_group.count_changes(self.changes)
+
+    def count_changes_in(self, process_group, changes: int):
+        """Count committed writes together with `process_group`'s other processes, going on from `changes`
+        (what this process's predecessor had counted): their sum never goes back to a value some cached
+        answer was stored under."""
+        with self._changes_lock:
+            self.changes = changes
+            self.process_group = process_group
 
     def generation(self) -> int:
         """Changes so far: this process's commits, or those of all the server's processes."""
@@ -2644,9 +2675,9 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     return outcome
 
 
-def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict) -> Outcome | None:
-    """Insert a new run already in its first state, forced (as Prefect does with a run's first state);
-    None when a run with the same unique key exists (nothing written then).
+def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict) -> dict | None:
+    """Insert a new run already in its first state, forced (as Prefect does with a run's first state),
+    and return it decoded; None when a run with the same unique key exists (nothing written then).
 
     One INSERT instead of an INSERT and an UPDATE: the indexes on the state's columns are written
     once, never first with NULLs. `values` must hold what _run_timing reads (run_count, total_run_time)
@@ -2664,7 +2695,7 @@ def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict
     _follow_state(tx, kind, run, None, state)
     for listener in STATE_LISTENERS:
         listener(tx, kind, run, None, state)
-    return Outcome("ACCEPT", state, written=True, run=run)
+    return run
 
 
 # --- 7. Domain ---
@@ -2832,11 +2863,11 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
         "expected_start_time": now, "run_count": 0, "total_run_time": 0.0, "auto_scheduled": False,
     }
     values.update(extra or {})
-    outcome = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
-    if outcome is None:
+    run = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
+    if run is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
         return flow_run_out(row), False
-    return decoded_run_out("flow_run", outcome.run), True
+    return decoded_run_out("flow_run", run), True
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -2904,14 +2935,14 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
         "tags": data.get("tags") or [], "task_inputs": data.get("task_inputs") or {}, "run_count": 0,
         "flow_run_run_count": flow_run_count, "expected_start_time": now, "total_run_time": 0.0,
     }
-    outcome = insert_run_in_state(tx, "task", values, data.get("state") or {"type": "PENDING", "state_details": {}})
-    if outcome is None:
+    run = insert_run_in_state(tx, "task", values, data.get("state") or {"type": "PENDING", "state_details": {}})
+    if run is None:
         row = tx.query_one(
             "SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?",
             (flow_run_id, data["task_key"], data["dynamic_key"]),
         )
         return task_run_out(row), False
-    return decoded_run_out("task_run", outcome.run), True
+    return decoded_run_out("task_run", run), True
 
 
 # Logs
@@ -9550,10 +9581,8 @@ class _ProcessGroup:
     def join(self, app: App):
         """In process `self.index`, before it serves: connect its app to the others."""
         self._app = app
-        app.process_group = app.db.process_group = self
-        # A process started again after a crash counts on from its predecessor: the sum never goes back
-        # to a value some cache answer was stored under.
-        app.db.changes = self._counters[self._at(self.index, self._CHANGES)]
+        app.process_group = self
+        app.db.count_changes_in(self, self._counters[self._at(self.index, self._CHANGES)])
         self._counters[self._at(self.index, self._SUBSCRIBERS)] = 0
         app.events.on_count = self._count_subscribers
         EVENT_SINKS.append((app.db, self._relay_events))
@@ -9715,7 +9744,6 @@ def _print_ready(out, host: str, port: int, dialect: str, processes: int = 1):
     print("Press Ctrl+C to stop.", file=out, flush=True)
 
 
-MAX_PROCESSES = 64
 _QUICK_EXIT_SECONDS = 5.0  # a process that ends sooner than this after it started has "crashed at start"
 _QUICK_EXITS_TO_GIVE_UP = 3
 
@@ -9821,13 +9849,20 @@ def _ended_children(children: dict[int, int]) -> list[tuple[int, int]]:
     return ended
 
 
+def _flag_in_range(flag: str, value: int) -> int:
+    """A `start` flag that stands for a setting (--port, --processes) holds to the setting's range."""
+    spec = SETTINGS[{"--port": "PREFECT_SERVER_API_PORT", "--processes": "PREFECT_SERVER_PROCESSES"}[flag]]
+    if not spec.minimum <= value <= spec.maximum:
+        raise ConfigurationError(f"{flag} must be between {spec.minimum:g} and {spec.maximum:g}, got {value}")
+    return value
+
+
 def cmd_start(args, out) -> int:
     settings = load_settings()
     host = args.host or settings["PREFECT_SERVER_API_HOST"]
-    port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else args.port
-    processes = settings["PREFECT_SERVER_PROCESSES"] if args.processes is None else args.processes
-    if not 1 <= processes <= MAX_PROCESSES:
-        raise ConfigurationError(f"--processes must be between 1 and {MAX_PROCESSES}, got {processes}")
+    port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else _flag_in_range("--port", args.port)
+    processes = (settings["PREFECT_SERVER_PROCESSES"] if args.processes is None
+                 else _flag_in_range("--processes", args.processes))
     if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
         print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
               "anyone who can reach this machine can use the API", file=sys.stderr)

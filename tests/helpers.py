@@ -183,6 +183,57 @@ def database_outage(dbname):
         admin.close()
 
 
+# Another process holding a write lock, as a second server on the same SQLite file would
+
+SQLITE_WRITE_HOLDER = r"""
+import sqlite3, sys
+conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+conn.execute("BEGIN IMMEDIATE")
+conn.execute("INSERT INTO flow (id, created, updated, name) VALUES ('held-id', 'x', 'x', 'held-by-other-process')")
+print("locked", flush=True)
+sys.stdin.readline()
+conn.execute("ROLLBACK")
+conn.close()
+print("released", flush=True)
+"""
+
+# The writers' turn of the servers on one SQLite file (<db>.write-lock), taken as another server takes it.
+WRITERS_TURN_HOLDER = r"""
+import fcntl, sys
+lock = open(sys.argv[1], "a+")
+fcntl.flock(lock, fcntl.LOCK_EX)
+print("locked", flush=True)
+sys.stdin.readline()
+lock.close()
+print("released", flush=True)
+"""
+
+
+class LockHolder:
+    """Another process holding a write lock on `path` until told to let go (or killed): SQLite's own
+    lock in the middle of a write by default, or with `script=WRITERS_TURN_HOLDER` the servers' turn."""
+
+    def __init__(self, path, script=SQLITE_WRITE_HOLDER):
+        self.proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline()
+        if line.strip() != "locked":
+            self.proc.kill()
+            raise AssertionError(f"lock holder did not get the lock: {line!r} {self.proc.stderr.read()}")
+
+    def release(self):
+        if self.proc.poll() is None:
+            self.proc.stdin.write("\n")
+            self.proc.stdin.flush()
+            assert self.proc.stdout.readline().strip() == "released"
+        self.proc.wait(30)
+
+    def kill(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+
+
 # Times, names and polling, as every test module needs them
 
 def now():

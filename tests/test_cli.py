@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from helpers import Client, ROOT, ServerProcess, clean_env, free_port, run_cli, wait_for_health
+from helpers import Client, LockHolder, ROOT, ServerProcess, clean_env, free_port, run_cli, wait_for_health
 
 import prefectlite
 
@@ -130,18 +130,6 @@ def test_start_on_postgres(tmp_path, started, postgres_url):
     assert current(home_env(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=postgres_url)) == revision_ids()[-1]
 
 
-_HOLDER = r"""
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-conn.execute("BEGIN IMMEDIATE")
-print("locked", flush=True)
-sys.stdin.readline()
-conn.execute("ROLLBACK")
-conn.close()
-print("released", flush=True)
-"""
-
-
 @contextlib.contextmanager
 def _a_write_in_flight(tmp_path, started, name):
     """A server with one flow ("before") and a write of flow `name` waiting inside it for the database,
@@ -150,8 +138,7 @@ def _a_write_in_flight(tmp_path, started, name):
     server = started(home_env(tmp_path, PREFECT_API_DATABASE_TIMEOUT="60"))
     client = Client(server.api_url)
     client.ok("POST", "/flows/", {"name": "before"})
-    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(db_path)], stdin=subprocess.PIPE,
-                              stdout=subprocess.PIPE, text=True)
+    holder = LockHolder(db_path)
     result = {}
 
     def write():
@@ -162,7 +149,6 @@ def _a_write_in_flight(tmp_path, started, name):
 
     writer = threading.Thread(target=write, daemon=True)
     try:
-        assert holder.stdout.readline().strip() == "locked"
         writer.start()
         # a later connection served means the earlier one was accepted; then give the worker a moment
         assert wait_for_health(server.api_url)
@@ -170,9 +156,7 @@ def _a_write_in_flight(tmp_path, started, name):
         assert "reply" not in result, f"the write did not wait for the lock: {result}"
         yield server, db_path, result
     finally:
-        holder.stdin.write("\n")
-        holder.stdin.flush()
-        holder.wait(30)
+        holder.release()
         writer.join(60)
         assert not writer.is_alive()
 

@@ -7,8 +7,6 @@ and the throwaway PostgreSQL database of the `postgres_url` fixture.
 
 import json
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 import urllib.error
@@ -17,7 +15,7 @@ import uuid
 
 import pytest
 
-from helpers import Client, ROOT, wait_until
+from helpers import Client, LockHolder, ROOT, WRITERS_TURN_HOLDER, wait_until
 
 import prefectlite
 from prefectlite import translate_placeholders
@@ -73,43 +71,6 @@ def _run_writers(client, threads, per_thread, shared_name=None):
         worker.join(120)
     assert not any(worker.is_alive() for worker in workers), "writer threads hung"
     return failures
-
-
-_HOLDER = r"""
-import sqlite3, sys
-conn = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
-conn.execute("BEGIN IMMEDIATE")
-conn.execute("INSERT INTO flow (id, created, updated, name) VALUES ('held-id', 'x', 'x', 'held-by-other-process')")
-print("locked", flush=True)
-sys.stdin.readline()
-conn.execute("ROLLBACK")
-conn.close()
-print("released", flush=True)
-"""
-
-
-class LockHolder:
-    """Another process holding SQLite's write lock on a file until told to let go."""
-
-    def __init__(self, path):
-        self.proc = subprocess.Popen([sys.executable, "-c", _HOLDER, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline()
-        if line.strip() != "locked":
-            self.proc.kill()
-            raise AssertionError(f"lock holder did not get the lock: {line!r} {self.proc.stderr.read()}")
-
-    def release(self):
-        if self.proc.poll() is None:
-            self.proc.stdin.write("\n")
-            self.proc.stdin.flush()
-            assert self.proc.stdout.readline().strip() == "released"
-        self.proc.wait(30)
-
-    def kill(self):
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -312,23 +273,6 @@ def test_concurrent_writers_from_two_servers_on_one_file(tmp_path):
         assert Client(first).ok("POST", "/flow_runs/count", {}) == 128
 
 
-_TURN_HOLDER = r"""
-import fcntl, sys
-lock = open(sys.argv[1], "a+")
-fcntl.flock(lock, fcntl.LOCK_EX)
-print("holding", flush=True)
-sys.stdin.readline()
-"""
-
-
-def _hold_the_writers_turn(db_path):
-    """Another process in the middle of a write, as another server on the file would be."""
-    holder = subprocess.Popen([sys.executable, "-c", _TURN_HOLDER, f"{db_path}.write-lock"],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert holder.stdout.readline().strip() == "holding"
-    return holder
-
-
 def test_servers_on_one_file_take_turns_to_write_and_a_wait_ends_in_503(tmp_path):
     """Every server on a SQLite file writes in its turn on <db>.write-lock. A write that cannot get
     its turn within the database timeout is a 503 with a reason (never a hang); reads do not wait."""
@@ -336,7 +280,7 @@ def test_servers_on_one_file_take_turns_to_write_and_a_wait_ends_in_503(tmp_path
     with prefectlite.serve(database=f"sqlite:///{db_path}", port=0, PREFECT_API_DATABASE_TIMEOUT=1) as api_url:
         client = Client(api_url)
         client.ok("POST", "/flows/", {"name": "before"})
-        holder = _hold_the_writers_turn(db_path)
+        holder = LockHolder(f"{db_path}.write-lock", script=WRITERS_TURN_HOLDER)
         try:
             started = time.monotonic()
             status, body = client.post("/flows/", {"name": "waiting"})
@@ -346,8 +290,7 @@ def test_servers_on_one_file_take_turns_to_write_and_a_wait_ends_in_503(tmp_path
             # a read does not wait for the turn (it would be a 503 too: the turn stays taken)
             assert client.ok("POST", "/flows/count", {}) == 1
         finally:
-            holder.stdin.close()
-            holder.wait(30)
+            holder.release()
         client.ok("POST", "/flows/", {"name": "after"})
         assert sorted(f["name"] for f in client.ok("POST", "/flows/filter", {})) == ["after", "before"]
 
@@ -356,14 +299,13 @@ def test_the_writers_turn_of_a_process_killed_mid_write_is_free_again(tmp_path):
     db_path = tmp_path / "shared.db"
     with prefectlite.serve(database=f"sqlite:///{db_path}", port=0, PREFECT_API_DATABASE_TIMEOUT=20) as api_url:
         client = Client(api_url)
-        holder = _hold_the_writers_turn(db_path)
+        holder = LockHolder(f"{db_path}.write-lock", script=WRITERS_TURN_HOLDER)
         result = {}
         writer = threading.Thread(target=lambda: result.update(reply=client.post("/flows/", {"name": "waited"})))
         writer.start()
         time.sleep(0.5)
         assert "reply" not in result, "the write did not wait for its turn"
         holder.kill()
-        holder.wait(30)
         writer.join(30)
         assert result["reply"][0] == 201, result
         assert [f["name"] for f in client.ok("POST", "/flows/filter", {})] == ["waited"]

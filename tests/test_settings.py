@@ -142,6 +142,48 @@ def test_badly_typed_value_is_a_configuration_error(tmp_path, name, value):
         load_settings(env={"PREFECT_HOME": str(tmp_path), name: value})
 
 
+@pytest.mark.parametrize("name, value, problem", [
+    ("PREFECT_SERVER_WORKERS", "0", "at least 1"),
+    ("PREFECT_SERVER_PROCESSES", "65", "at most 64"),
+    ("PREFECT_SERVER_API_PORT", "70000", "at most 65535"),
+    ("PREFECT_SERVER_MAX_BODY_BYTES", "-5", "at least 1"),
+    ("PREFECT_API_DATABASE_TIMEOUT", "-1", "at least 0"),
+    ("PREFECT_API_DATABASE_TIMEOUT", "nan", "finite"),
+    ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "0", "at least 0.01"),  # 0 would spin
+    ("PREFECT_API_DEFAULT_LIMIT", "0", "at least 1"),
+])
+def test_a_value_out_of_its_range_is_a_configuration_error_naming_it(tmp_path, name, value, problem):
+    for source in ({"env": {name: value}}, {"overrides": {name: value}}):
+        with pytest.raises(ConfigurationError) as info:
+            load_settings(env={"PREFECT_HOME": str(tmp_path), **source.get("env", {})},
+                          overrides=source.get("overrides"))
+        assert name in str(info.value) and problem in str(info.value) and repr(value) in str(info.value)
+
+
+def test_the_ends_of_a_range_are_accepted(tmp_path):
+    settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_API_PORT": "0",
+                                  "PREFECT_SERVER_PROCESSES": "64", "PREFECT_SERVER_READ_CACHE_SECONDS": "0"})
+    assert (settings["PREFECT_SERVER_API_PORT"], settings["PREFECT_SERVER_PROCESSES"]) == (0, 64)
+    assert settings["PREFECT_SERVER_READ_CACHE_SECONDS"] == 0.0
+
+
+def test_config_set_refuses_a_value_out_of_range_and_writes_nothing(tmp_path):
+    line = assert_one_line_error(run_cli("config", "set", "PREFECT_SERVER_PROCESSES=0", env={"PREFECT_HOME": str(tmp_path)}))
+    assert "PREFECT_SERVER_PROCESSES" in line and "at least 1" in line
+    assert not (tmp_path / "profiles.toml").exists()
+
+
+def test_a_value_out_of_range_in_the_profile_stops_start_with_one_line(tmp_path):
+    (tmp_path / "profiles.toml").write_text('active = "default"\n[profiles.default]\nPREFECT_SERVER_WORKERS = "0"\n')
+    line = assert_one_line_error(run_cli("start", "--port", "0", env={"PREFECT_HOME": str(tmp_path)}, input_text=""))
+    assert "PREFECT_SERVER_WORKERS" in line and "at least 1" in line
+
+
+def test_start_port_flag_out_of_range_is_one_line(tmp_path):
+    line = assert_one_line_error(run_cli("start", "--port", "70000", env={"PREFECT_HOME": str(tmp_path)}, input_text=""))
+    assert "--port" in line and "65535" in line
+
+
 # ---------------------------------------------------------------------------------------------
 # unknown keys
 
