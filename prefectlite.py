@@ -1834,6 +1834,24 @@ dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _json_text = json.JSONDecoder().decode  # stored JSON (str) -> value
 
 
+def _not_a_json_number(text: str):
+    raise ValueError(f"{text} is not a JSON number (numbers must be finite)")
+
+
+def _finite_float(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):  # 1e400
+        _not_a_json_number(text)
+    return number
+
+
+def loads(text: str | bytes):
+    """What a client sent, as JSON (RFC 8259). Python's json also takes NaN, Infinity and numbers too
+    large for a float; stored in a JSON column, such a value would make every later read of the row fail
+    (SQLite's and PostgreSQL's JSON refuse it), so they are refused here, where the client hears why."""
+    return json.loads(text, parse_constant=_not_a_json_number, parse_float=_finite_float)
+
+
 def decode_row(table: str, row: dict | None) -> dict | None:
     """A row as the API shows it: JSON columns parsed, booleans as booleans, private columns dropped."""
     if row is None:
@@ -3361,7 +3379,7 @@ def event_page_token(flt: dict, total: int, limit: int, offset: int) -> str | No
 def parse_event_page_token(token: str) -> tuple[dict, int, int]:
     """(filter, limit, offset) from a page token; ValueError for anything we did not make."""
     try:
-        state = json.loads(base64.urlsafe_b64decode(token.encode()))
+        state = loads(base64.urlsafe_b64decode(token.encode()))
         flt = normalize_event_filter(state["filter"])
         limit, offset = int(state["page_size"]), int(state["offset"])
     except (ValueError, KeyError, TypeError, ValidationFailed):  # binascii.Error is a ValueError
@@ -6497,7 +6515,7 @@ class Request:
                 self._json = None
             else:
                 try:
-                    self._json = json.loads(self.raw_body)
+                    self._json = loads(self.raw_body)
                 except (ValueError, RecursionError) as exc:
                     raise ValidationFailed([_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
                 brackets = self.raw_body.count(b"[") + self.raw_body.count(b"{")  # a bound on the depth
@@ -8170,7 +8188,7 @@ def error_reply(exc: Exception, req: Request | None) -> tuple[int, object, dict]
         if req is not None and req.raw_body:
             body_text = req.raw_body[:2000].decode("utf-8", "replace")
             with contextlib.suppress(Exception):
-                body_text = json.loads(body_text)
+                body_text = loads(body_text)
         return 422, {"exception_message": "Invalid request received.", "exception_detail": exc.errors,
                      "request_body": body_text}, {}
     if isinstance(exc, NotFound):
@@ -8520,7 +8538,7 @@ class WebSocket:
         """The next message as JSON; a message that is not JSON closes the connection (1003)."""
         message = self.receive()
         try:
-            return json.loads(message)
+            return loads(message)
         except (ValueError, RecursionError):
             self.close(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message")
             raise WebSocketClosed(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message") from None
@@ -8631,7 +8649,7 @@ def serve_events_in(app, ws: WebSocket):
     while True:
         message = ws.receive()
         try:
-            event = validate_event(json.loads(message))
+            event = validate_event(loads(message))
         except (ValueError, RecursionError, ValidationFailed) as exc:
             # A client would resend the same bad event on every reconnect: drop it, keep the connection.
             log.warning("ignoring an invalid event from %s: %s", ws.peer, str(exc)[:500])
@@ -10192,7 +10210,7 @@ def cmd_deployment(args, out) -> int:
             raise ConfigurationError(f"--param expects KEY=VALUE, got {item!r}")
         key, raw = item.split("=", 1)
         try:
-            params[key] = json.loads(raw)
+            params[key] = loads(raw)
         except ValueError:
             params[key] = raw  # not JSON: a plain string
     dep = api_call("GET", f"/deployments/name/{urllib.parse.quote(flow_name)}/{urllib.parse.quote(dep_name)}")

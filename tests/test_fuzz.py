@@ -448,6 +448,36 @@ def test_a_huge_occupancy_is_not_500(seeded, route):
                                                              "occupancy_seconds": 10 ** 400})
 
 
+def _strict_json(data: bytes):
+    """JSON as RFC 8259 has it: NaN and Infinity, which Python's json would read, are an error."""
+    def refuse(token):
+        raise ValueError(f"{token} in an answer")
+    return json.loads(data, parse_constant=refuse)
+
+
+@pytest.mark.parametrize("token", ["NaN", "Infinity", "-Infinity", "1e400", "-1e999"])
+def test_a_number_json_has_not_is_refused_and_never_stored(seeded, token):
+    """Python's json reads NaN, Infinity and 1e400 (as inf); SQLite's and PostgreSQL's JSON do not. The
+    fuzz (seed 13) once stored -Infinity in a task run's task_inputs, and from then on every task run
+    listing was a 503: one bad request may not break every later read."""
+    c, flow, _, _ = seeded
+    cases = [
+        ("/api/task_runs/", '{"task_key": "k", "dynamic_key": "0", "task_inputs": {"x": [{"y": %s}]}}' % token),
+        ("/api/flow_runs/", '{"flow_id": "%s", "parameters": {"p": %s}}' % (flow["id"], token)),
+        ("/api/artifacts/", '{"key": "non-finite", "type": "table", "data": {"cell": %s}}' % token),
+    ]
+    for path, raw in cases:
+        status, headers, data = c.request("POST", path, raw.encode())
+        assert status == 422, (path, status, data[:300])
+        payload = _strict_json(data)  # the echoed request body holds no NaN either
+        assert payload["exception_detail"][0]["loc"] == ["body"], payload
+        assert "finite" in payload["exception_detail"][0]["msg"], payload
+    for listing in ("/api/task_runs/filter", "/api/flow_runs/filter", "/api/artifacts/filter"):
+        status, _, data = c.request("POST", listing, b"{}")
+        assert status == 200, (listing, status, data[:300])
+        assert all(row.get("task_key") != "k" and row.get("key") != "non-finite" for row in _strict_json(data))
+
+
 EXTREMES = ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"]
 
 
