@@ -700,6 +700,8 @@ class SqliteDatabase(Database):
         ):
             reason = "the database is busy" if ("locked" in text or "busy" in text) else text
             return DatabaseUnavailable(reason)
+        if isinstance(exc, sqlite3.OperationalError) and "pattern too complex" in text:
+            return DataRejected("a LIKE pattern longer than SQLite takes (50,000 bytes): a filter text is too long")
         if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
             return DatabaseUnavailable(f"the database file is unreadable: {text}")
         return None

@@ -448,6 +448,21 @@ def test_a_huge_occupancy_is_not_500(seeded, route):
                                                              "occupancy_seconds": 10 ** 400})
 
 
+def test_filter_texts_longer_than_a_like_pattern_may_be_are_not_500(seeded):
+    """SQLite refuses a LIKE pattern over 50,000 bytes (the fuzz, seed 22: an event filter's id_prefix)."""
+    c, *_ = seeded
+    long = "p" * 60_000
+    _all_not_5xx(c, [
+        ("POST", "/events/filter", {"filter": {"resource": {"id_prefix": [long]}}}),
+        ("POST", "/events/filter", {"filter": {"event": {"prefix": [long]}}}),
+        ("POST", "/events/filter", {"filter": {"resource": {"labels": {"x": [long + "*"]}}}}),
+        ("POST", "/flows/filter", {"flows": {"name": {"like_": long}}}),
+        ("POST", "/flow_runs/filter", {"flow_runs": {"name": {"like_": long}}}),
+        ("POST", "/deployments/filter", {"deployments": {"name": {"like_": long}}}),
+        ("POST", "/block_documents/filter", {"block_documents": {"name": {"like_": long}}}),
+    ])
+
+
 def _strict_json(data: bytes):
     """JSON as RFC 8259 has it: NaN and Infinity, which Python's json would read, are an error."""
     def refuse(token):
