@@ -690,6 +690,15 @@ class SqliteDatabase(Database):
     def server_version(self) -> str:
         return sqlite3.sqlite_version
 
+    # SQLite's limits that a request's size can reach (a long filter text, thousands of tags): the
+    # client's to change, so a 422 that says which, never a 500.
+    _limits_a_request_can_reach = (
+        ("pattern too complex", "a filter text longer than SQLite's LIKE takes (50,000 bytes)"),
+        ("Expression tree is too large", "a filter with more terms than SQLite takes (about 1,000 tags, say)"),
+        ("too many SQL variables", "a request with more values than SQLite takes in one query"),
+        ("too many terms in compound SELECT", "a filter with more terms than SQLite takes"),
+    )
+
     def _map_error(self, exc):
         text = str(exc)
         if isinstance(exc, sqlite3.IntegrityError):
@@ -700,8 +709,9 @@ class SqliteDatabase(Database):
         ):
             reason = "the database is busy" if ("locked" in text or "busy" in text) else text
             return DatabaseUnavailable(reason)
-        if isinstance(exc, sqlite3.OperationalError) and "pattern too complex" in text:
-            return DataRejected("a LIKE pattern longer than SQLite takes (50,000 bytes): a filter text is too long")
+        for limit, reason in self._limits_a_request_can_reach:
+            if isinstance(exc, sqlite3.OperationalError) and limit in text:
+                return DataRejected(reason)
         if isinstance(exc, sqlite3.DatabaseError) and ("malformed" in text or "not a database" in text):
             return DatabaseUnavailable(f"the database file is unreadable: {text}")
         return None
@@ -1028,10 +1038,20 @@ class PostgresDatabase(Database):
         with self.read() as tx:
             return tx.scalar("SHOW server_version")
 
+    max_parameters = 65535  # the protocol's limit on the values of one statement
+
+    def _check_parameter_count(self, count: int):
+        """psycopg refuses more values than the protocol carries before sending anything, as an
+        OperationalError that would read as 'unavailable' (503, retried for ever): it is the request's."""
+        if count > self.max_parameters:
+            raise DataRejected(f"a request with more values than PostgreSQL takes in one query ({self.max_parameters:,})")
+
     def _map_error(self, exc):
         psycopg = self._psycopg
         if isinstance(exc, psycopg.errors.IntegrityError):
             return IntegrityViolation(str(exc).splitlines()[0])
+        if (getattr(exc, "sqlstate", None) or "").startswith("54"):  # program limit exceeded: too complex, too big
+            return DataRejected(str(exc).strip().splitlines()[0])
         if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
             lines = str(exc).strip().splitlines()
             return DatabaseUnavailable(f"PostgreSQL is unavailable: {lines[0] if lines else type(exc).__name__}")
@@ -1043,6 +1063,7 @@ class PostgresDatabase(Database):
 
     def _execute(self, conn, sql, params):
         self._log_sql(sql, params)
+        self._check_parameter_count(len(params or ()))
         started = time.perf_counter()
         try:
             return conn.execute(translate_placeholders(sql) if params else sql, params or None)
@@ -1057,6 +1078,7 @@ class PostgresDatabase(Database):
 
     def _executemany(self, conn, sql, rows):
         self._log_sql(sql, ())
+        self._check_parameter_count(max((len(row) for row in rows), default=0))
         try:
             with conn.cursor() as cur:
                 cur.executemany(translate_placeholders(sql), rows)
