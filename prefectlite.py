@@ -4263,19 +4263,23 @@ WorkPoolUpdate = Schema("WorkPoolUpdate", {
     "description": Field("str"), "is_paused": Field("bool", nullable=False),
     "base_job_template": Field("object", nullable=False), "concurrency_limit": Field("int", minimum=0),
 })
+# Far below the column's 32-bit limit: a new queue takes the highest priority + 1, and inserting a queue
+# moves those at and below it down by one; neither may overflow.
+MAX_QUEUE_PRIORITY = 1_000_000_000
+
 WorkQueueCreate = Schema("WorkQueueCreate", {
     "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
     "description": Field("str", default="", nullable=False),
     "is_paused": Field("bool", default=False, nullable=False),
     "concurrency_limit": Field("int", minimum=0),
-    "priority": Field("int", minimum=1),
+    "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY),
     "filter": Field("object"),
     "work_pool_name": Field("str"),
 })
 WorkQueueUpdate = Schema("WorkQueueUpdate", {
     "name": Field("str", nullable=False, max_length=255, pattern=r"[^/%&><]+"), "description": Field("str"),
     "is_paused": Field("bool", nullable=False), "concurrency_limit": Field("int", minimum=0),
-    "priority": Field("int", minimum=1), "last_polled": Field("datetime"),
+    "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY), "last_polled": Field("datetime"),
 })
 WorkerHeartbeat = Schema("Body_worker_heartbeat", {
     "name": Field("str", required=True, nullable=False, max_length=255),

@@ -441,6 +441,21 @@ def test_integers_beyond_the_column_range_are_not_500(seeded):
     ])
 
 
+def test_a_huge_queue_priority_is_refused_and_never_breaks_the_next_queue(seeded):
+    """The fuzz (seed 59, 100 per operation) made a queue with priority 2**63 - 1; the next queue created
+    without a priority takes the highest + 1, which no longer fit an integer: a 500 for a good request."""
+    c, *_ = seeded
+    for priority in (2 ** 63 - 1, 2 ** 31, 1_000_000_001):
+        status, payload = _not_5xx(c, "POST", "/work_queues/", {"name": f"q-{priority}", "priority": priority})
+        assert status == 422 and payload["exception_detail"][0]["loc"] == ["body", "priority"], payload
+    status, top = _not_5xx(c, "POST", "/work_queues/", {"name": "q-top", "priority": 1_000_000_000})
+    assert status == 201, top
+    status, following = _not_5xx(c, "POST", "/work_queues/", {"name": "q-following"})
+    assert status == 201 and following["priority"] == 1_000_000_001, following
+    status, payload = _not_5xx(c, "PATCH", f"/work_queues/{top['id']}", {"priority": 2 ** 63 - 1})
+    assert status == 422, payload
+
+
 @pytest.mark.parametrize("route", ["increment", "decrement"])
 def test_a_huge_occupancy_is_not_500(seeded, route):
     c, *_ = seeded
