@@ -4159,8 +4159,9 @@ def change_global_slots(tx, names: list[str], slots: int, mode: str, increment: 
                                                              "for rate limiting.", "value_error")])
         full = [lim for lim in limits if _decayed_slots(lim, now) + slots > lim["limit"]]
         if full:
-            for lim in full:
-                tx.execute("UPDATE concurrency_limit_v2 SET denied_slots = denied_slots + ? WHERE id = ?", (slots, lim["id"]))
+            for lim in full:  # counted here, saturating: in SQL an overflow is a float (SQLite) or an error
+                most = max(lim["denied_slots"], 2 ** 31 - 1)  # PostgreSQL's INTEGER, or more already stored
+                update_row(tx, "concurrency_limit_v2", lim["id"], {"denied_slots": min(lim["denied_slots"] + slots, most)})
             return None
         for lim in limits:
             update_row(tx, "concurrency_limit_v2", lim["id"], {"active_slots": _decayed_slots(lim, now) + slots,

@@ -456,6 +456,19 @@ def test_a_huge_queue_priority_is_refused_and_never_breaks_the_next_queue(seeded
     assert status == 422, payload
 
 
+def test_denied_slots_count_up_to_a_limit_and_stay_an_integer(seeded):
+    """Each refused increment adds its slots to denied_slots; that count saturates instead of becoming a
+    float (SQLite's overflow in SQL) or an error (PostgreSQL's INTEGER)."""
+    c, *_ = seeded
+    status, lim = _not_5xx(c, "POST", "/v2/concurrency_limits/", {"name": "full", "limit": 1, "denied_slots": 2 ** 31 - 5})
+    assert status == 201, lim
+    for _ in range(3):
+        status, _ = _not_5xx(c, "POST", "/v2/concurrency_limits/increment", {"names": ["full"], "slots": 2 ** 30})
+        assert status == 423
+    status, after = _not_5xx(c, "GET", f"/v2/concurrency_limits/{lim['id']}")
+    assert after["denied_slots"] == 2 ** 31 - 1 and isinstance(after["denied_slots"], int), after
+
+
 @pytest.mark.parametrize("route", ["increment", "decrement"])
 def test_a_huge_occupancy_is_not_500(seeded, route):
     c, *_ = seeded
