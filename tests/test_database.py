@@ -118,6 +118,20 @@ def test_sqlite_foreign_key_cascade_through_the_api(client):
     assert status == 404  # ON DELETE CASCADE ran: foreign keys are on in the server's connections
 
 
+@pytest.mark.parametrize("setting, level", [(None, 1), ("normal", 1), ("FULL", 2)])
+def test_sqlite_synchronous_follows_its_setting_on_every_connection(tmp_path, setting, level):
+    """NORMAL (1, the default, as Prefect's): a commit survives kill -9; FULL (2): a power loss too."""
+    env = {} if setting is None else {"PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS": setting}
+    db = _open_migrated(f"sqlite:///{tmp_path / 'sync.db'}", tmp_path, **env)
+    try:
+        with db.write() as tx:
+            assert tx.scalar("PRAGMA synchronous") == level
+        with db.read() as tx:
+            assert tx.scalar("PRAGMA synchronous") == level
+    finally:
+        db.close()
+
+
 # ---------------------------------------------------------------------------------------------
 # "database is locked" never reaches a client
 

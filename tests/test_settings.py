@@ -160,6 +160,29 @@ def test_a_value_out_of_its_range_is_a_configuration_error_naming_it(tmp_path, n
         assert name in str(info.value) and problem in str(info.value) and repr(value) in str(info.value)
 
 
+@pytest.mark.parametrize("name, value, stored", [
+    ("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "FULL", "full"),
+    ("PREFECT_LOGGING_SERVER_LEVEL", "debug", "DEBUG"),
+    ("PREFECT_LOGGING_SERVER_FORMAT", " JSON ", "json"),
+])
+def test_a_choice_is_taken_in_any_case(tmp_path, name, value, stored):
+    assert load_settings(env={"PREFECT_HOME": str(tmp_path), name: value})[name] == stored
+
+
+@pytest.mark.parametrize("name, value", [
+    ("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "off"),
+    ("PREFECT_LOGGING_SERVER_LEVEL", "loud"),
+    ("PREFECT_LOGGING_SERVER_FORMAT", "xml"),
+])
+def test_a_value_that_is_not_one_of_the_choices_is_refused_naming_them(tmp_path, name, value):
+    with pytest.raises(ConfigurationError) as info:
+        load_settings(env={"PREFECT_HOME": str(tmp_path), name: value})
+    message = str(info.value)
+    assert name in message and repr(value) in message and "must be one of" in message
+    line = assert_one_line_error(run_cli("config", "set", f"{name}={value}", env={"PREFECT_HOME": str(tmp_path)}))
+    assert name in line and not (tmp_path / "profiles.toml").exists()
+
+
 def test_the_ends_of_a_range_are_accepted(tmp_path):
     settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_API_PORT": "0",
                                   "PREFECT_SERVER_PROCESSES": "64", "PREFECT_SERVER_READ_CACHE_SECONDS": "0"})
