@@ -3807,6 +3807,14 @@ def _bucket_sql(column: str, edges: list[str]) -> tuple[str, list[str]]:
     return f"CASE WHEN {column} < ? THEN {below} ELSE {above} END", [edges[middle], *below_edges, *above_edges]
 
 
+def _step_toward(moment: _dt.datetime, seconds: float, end: _dt.datetime) -> _dt.datetime:
+    """`seconds` after `moment`, but not past `end` (nor past the calendar's last day, year 9999)."""
+    try:
+        return min(moment + _dt.timedelta(seconds=seconds), end)
+    except OverflowError:
+        return end
+
+
 def run_history(tx, table: str, body: dict) -> list[dict]:
     """Counts of runs by state per time bucket, for the dashboard's bar chart."""
     start, end = from_iso(body["history_start"]), from_iso(body["history_end"])
@@ -3823,9 +3831,9 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     moment = start
     while moment < end:
         starts.append(moment)
-        moment += _dt.timedelta(seconds=step)
-    buckets = [{"interval_start": iso(first), "interval_end": iso(min(first + _dt.timedelta(seconds=step), end)),
-                "states": []} for first in starts]
+        moment = _step_toward(moment, step, end)
+    buckets = [{"interval_start": iso(first), "interval_end": iso(_step_toward(first, step, end)), "states": []}
+               for first in starts]
     rows = tx.query(*history_query(tx, table, body, [b["interval_start"] for b in buckets], iso(end))) if starts else []
     for row in rows:
         index = int(row["bucket"])

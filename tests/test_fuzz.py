@@ -549,6 +549,18 @@ def test_history_over_extreme_dates_is_not_500(seeded, moment):
                      for history in ("/flow_runs/history", "/task_runs/history")])
 
 
+def test_history_buckets_that_would_end_past_the_year_9999_end_at_the_history_end(seeded):
+    """The fuzz (seed 69): 68-year buckets from 2030 to 9999-12-31 stepped past the calendar (a 500)."""
+    c, *_ = seeded
+    for history in ("/flow_runs/history", "/task_runs/history"):
+        status, buckets = _not_5xx(c, "POST", history, {"history_start": "2030-01-01T00:00:00Z",
+                                                        "history_end": "9999-12-31T23:59:59.999999Z",
+                                                        "history_interval_seconds": 2 ** 31})
+        assert status == 200 and len(buckets) == 118, (status, str(buckets)[:200])
+        assert buckets[-1]["interval_end"].startswith("9999-12-31T23:59:59.999999")
+        assert all(a["interval_end"] == b["interval_start"] for a, b in zip(buckets, buckets[1:]))
+
+
 @pytest.mark.parametrize("moment", EXTREMES)
 def test_an_extreme_date_once_accepted_never_breaks_later_reads(seeded, moment):
     c, flow, run, _ = seeded
