@@ -2509,16 +2509,23 @@ def handle_pausing_flows(ctx: Transition):
     return None
 
 
+_LONGEST_RETRY_DELAY = 3.2e9  # seconds, about a century: a retry scheduled later would pass the year 9999
+
+
 def _retry_delay(policy: dict, run_count: int) -> float:
+    """The seconds to wait before retry `run_count`, from the client's policy (whatever it holds)."""
     delay = policy.get("retry_delay")
     if delay is None:
         delay = policy.get("retry_delay_seconds") or 0
     if isinstance(delay, list):
         delay = delay[min(max(run_count - 1, 0), len(delay) - 1)] if delay else 0
     try:
-        return max(float(delay or 0), 0.0)
+        seconds = float(delay or 0)
     except (TypeError, ValueError):
         return 0.0
+    except OverflowError:  # an integer beyond any float
+        seconds = _LONGEST_RETRY_DELAY if delay > 0 else 0.0
+    return min(max(seconds, 0.0), _LONGEST_RETRY_DELAY)
 
 
 def retry_failed_runs(ctx: Transition):

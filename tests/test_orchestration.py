@@ -325,6 +325,21 @@ def test_task_run_scheduled_in_the_future_waits(client):
 
 # --- task retries ------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("delay", [1e12, 10 ** 400, [1e15, 5]], ids=["1e12", "10**400", "list"])
+def test_a_retry_delay_past_the_calendar_waits_a_century_not_a_500(client, delay):
+    """A retry scheduled 1e12 s ahead would fall after the year 9999 (a 500 before): it waits the
+    longest delay there is, about a century."""
+    flow_run = running_flow_run(client, empirical_policy={"retries": 2, "retry_delay": delay})
+    task = running_task_run(client, flow_run["id"], empirical_policy={"retries": 2, "retry_delay": delay})
+    for kind, run_id in (("task", task["id"]), ("flow", flow_run["id"])):
+        status, result = propose(client, kind, run_id, "FAILED")
+        assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+        retry_at = parse(result["state"]["state_details"]["scheduled_time"])
+        wait = (retry_at - parse(result["state"]["timestamp"])).total_seconds()
+        assert wait == pytest.approx(prefectlite._LONGEST_RETRY_DELAY, abs=1), wait
+
+
+
 def test_task_retries_follow_the_empirical_policy(client):
     flow_run = running_flow_run(client)
     task = new_task_run(client, flow_run["id"], empirical_policy={"retries": 2, "retry_delay": 1})
