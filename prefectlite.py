@@ -116,6 +116,8 @@ def _spec(name, default, kind, help, secret=False, minimum=None, maximum=None, c
     return SettingSpec(name, default, kind, help, secret, minimum, maximum, choices)
 
 
+_A_DAY, _A_YEAR, _A_CENTURY = 86_400, 31_536_000, 3.2e9  # seconds: the longest times settings may name
+
 SETTINGS = {
     s.name: s
     for s in [
@@ -127,7 +129,7 @@ SETTINGS = {
         _spec("PREFECT_API_DATABASE_MIGRATE_ON_START", True, bool, "apply pending migrations on start"),
         _spec("PREFECT_API_DATABASE_PASSWORD", "", str, "password for a database URL that has none", secret=True),
         _spec("PREFECT_API_DATABASE_TIMEOUT", 10.0, float, "seconds to wait for a busy or unreachable database",
-              minimum=0),
+              minimum=0, maximum=_A_DAY),
         _spec("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "normal", str,
               "normal: a commit survives a crash of the server (kill -9), not of the machine; full: also a power "
               "loss or OS crash, at about a quarter fewer writes per second", choices=("normal", "full")),
@@ -135,7 +137,8 @@ SETTINGS = {
         _spec("PREFECT_SERVER_API_PORT", 4200, int, "port to bind (0: any free port)", minimum=0, maximum=65535),
         _spec("PREFECT_SERVER_API_AUTH_STRING", "", str, "user:password for HTTP basic auth", secret=True),
         _spec("PREFECT_SERVER_CSRF_PROTECTION_ENABLED", False, bool, "require CSRF tokens on writes"),
-        _spec("PREFECT_SERVER_CSRF_TOKEN_EXPIRATION", 3600.0, float, "seconds a CSRF token lives", minimum=1),
+        _spec("PREFECT_SERVER_CSRF_TOKEN_EXPIRATION", 3600.0, float, "seconds a CSRF token lives",
+              minimum=1, maximum=_A_CENTURY),
         _spec("PREFECT_SERVER_CORS_ALLOWED_ORIGINS", "*", str, "comma-separated origins allowed by CORS"),
         _spec("PREFECT_SERVER_CORS_ALLOWED_METHODS", "*", str, "comma-separated methods allowed by CORS"),
         _spec("PREFECT_SERVER_CORS_ALLOWED_HEADERS", "*", str, "comma-separated headers allowed by CORS"),
@@ -144,17 +147,22 @@ SETTINGS = {
         _spec("PREFECT_SERVER_PROCESSES", 1, int, "processes serving the API on one port (more use more cores; POSIX)",
               minimum=1, maximum=64),
         _spec("PREFECT_SERVER_MAX_BODY_BYTES", 50_000_000, int, "largest request body accepted (413 above)",
-              minimum=1),
+              minimum=1, maximum=2 ** 31 - 1),
         _spec("PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES", 1_500_000, int,
-              "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009", minimum=1),
+              "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009",
+              minimum=1, maximum=2 ** 31 - 1),
         _spec("PREFECT_SERVER_EVENTS_RETENTION_DAYS", 7.0, float, "days events are kept (0: forever); task runs stay",
-              minimum=0),
-        _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request", minimum=0.01),
-        _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept", minimum=0.01),
-        _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes", minimum=1),
+              minimum=0, maximum=36_500),
+        _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request",
+              minimum=0.01, maximum=_A_DAY),
+        _spec("PREFECT_SERVER_KEEPALIVE_TIMEOUT", 15.0, float, "seconds an idle keep-alive connection is kept",
+              minimum=0.01, maximum=_A_DAY),
+        _spec("PREFECT_API_DEFAULT_LIMIT", 200, int, "default and largest page size of filter routes",
+              minimum=1, maximum=100_000),
         _spec("PREFECT_SERVER_READ_CACHE_SECONDS", 2.0, float,
               "seconds an answer of a run listing, count or history may be reused for the same request while this "
-              "server wrote nothing (0: off); bounds how stale it is when another replica wrote", minimum=0),
+              "server wrote nothing (0: off); bounds how stale it is when another replica wrote",
+              minimum=0, maximum=_A_DAY),
         _spec("PREFECT_LOGGING_SERVER_LEVEL", "WARNING", str, "server log level",
               choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")),
         _spec("PREFECT_UI_ENABLED", True, bool, "serve the web UI at /"),
@@ -162,38 +170,45 @@ SETTINGS = {
         _spec("PREFECT_UI_SERVE_BASE", "/", str, "path prefix the UI is served under"),
         _spec("PREFECT_UI_URL", "", str, "public URL of the UI, for links in notifications"),
         _spec("PREFECT_API_SERVICES_SCHEDULER_ENABLED", True, bool, "create runs for deployment schedules"),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", 60.0, float, "seconds between scheduler passes", minimum=0.01),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS", 60.0, float, "seconds between scheduler passes",
+              minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS", 3, int, "runs kept scheduled ahead per schedule, at least",
-              minimum=0),
+              minimum=0, maximum=100_000),
         _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS", 100, int, "runs kept scheduled ahead per schedule, at most",
-              minimum=0),
+              minimum=0, maximum=100_000),
         _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME", 3600.0, float, "seconds scheduled ahead, at least",
-              minimum=0),
+              minimum=0, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", 8_640_000.0, float, "seconds scheduled ahead, at most",
-              minimum=0),
+              minimum=0, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_ENABLED", True, bool, "mark overdue scheduled runs Late"),
-        _spec("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", 5.0, float, "seconds between late-run passes", minimum=0.01),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", 5.0, float, "seconds between late-run passes",
+              minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time",
-              minimum=0),
+              minimum=0, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes",
-              minimum=0.01),
+              minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
-              minimum=0.01),
+              minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
-              "seconds between queue checks (the sender is also woken by each state change)", minimum=0.01),
+              "seconds between queue checks (the sender is also woken by each state change)",
+              minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", 5, int, "sending attempts before a notification is kept as FAILED",
-              minimum=1),
-        _spec("PREFECT_NOTIFICATIONS_RETRY_SECONDS", 2.0, float, "first retry delay; doubles with each attempt", minimum=0),
-        _spec("PREFECT_NOTIFICATIONS_TIMEOUT", 10.0, float, "seconds to wait for a destination to answer", minimum=0.01),
+              minimum=1, maximum=100),
+        _spec("PREFECT_NOTIFICATIONS_RETRY_SECONDS", 2.0, float, "first retry delay; doubles with each attempt",
+              minimum=0, maximum=_A_DAY),
+        _spec("PREFECT_NOTIFICATIONS_TIMEOUT", 10.0, float, "seconds to wait for a destination to answer",
+              minimum=0.01, maximum=3600),
         _spec("PREFECT_NOTIFICATIONS_OPSGENIE_URL", "", str, "Opsgenie API base URL (default by region)"),
         _spec("PREFECT_NOTIFICATIONS_PAGERDUTY_URL", "", str, "PagerDuty Events API base URL (default by region)"),
         _spec("PREFECT_NOTIFICATIONS_TWILIO_URL", "", str, "Twilio API base URL"),
         _spec("PREFECT_SERVER_SERVICES_RETENTION_ENABLED", False, bool, "delete old terminal flow runs"),
         _spec("PREFECT_SERVER_SERVICES_RETENTION_DAYS", 30.0, float, "age (days after they ended) at which runs go",
-              minimum=0),
-        _spec("PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE", 200, int, "flow runs deleted per transaction", minimum=1),
-        _spec("PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS", 3600.0, float, "seconds between retention passes", minimum=0.01),
+              minimum=0, maximum=36_500),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE", 200, int, "flow runs deleted per transaction",
+              minimum=1, maximum=100_000),
+        _spec("PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS", 3600.0, float, "seconds between retention passes",
+              minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_SERVER_METRICS_ENABLED", False, bool, "serve Prometheus metrics at /api/metrics"),
         _spec("PREFECT_LOGGING_SERVER_FORMAT", "text", str, "server log format: text or json (one object per line)",
               choices=("text", "json")),
@@ -221,6 +236,10 @@ def _parse_bool(name, text):
     raise ConfigurationError(f"{name}: expected true or false, got {text!r}")
 
 
+def _plain_number(number: float) -> str:
+    return str(int(number)) if float(number).is_integer() else f"{number:g}"
+
+
 def _convert_setting(name, raw):
     spec = SETTINGS[name]
     if spec.kind is bool:
@@ -237,9 +256,9 @@ def _convert_setting(name, raw):
     if spec.kind is float and not math.isfinite(value):
         raise ConfigurationError(f"{name}: expected a finite number, got {raw!r}")
     if spec.minimum is not None and value < spec.minimum:
-        raise ConfigurationError(f"{name}: must be at least {spec.minimum:g}, got {raw!r}")
+        raise ConfigurationError(f"{name}: must be at least {_plain_number(spec.minimum)}, got {raw!r}")
     if spec.maximum is not None and value > spec.maximum:
-        raise ConfigurationError(f"{name}: must be at most {spec.maximum:g}, got {raw!r}")
+        raise ConfigurationError(f"{name}: must be at most {_plain_number(spec.maximum)}, got {raw!r}")
     return value
 
 
@@ -2509,7 +2528,7 @@ def handle_pausing_flows(ctx: Transition):
     return None
 
 
-_LONGEST_RETRY_DELAY = 3.2e9  # seconds, about a century: a retry scheduled later would pass the year 9999
+_LONGEST_RETRY_DELAY = _A_CENTURY  # a retry scheduled later could fall after the year 9999
 
 
 def _retry_delay(policy: dict, run_count: int) -> float:
@@ -3826,7 +3845,7 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     """Counts of runs by state per time bucket, for the dashboard's bar chart."""
     start, end = from_iso(body["history_start"]), from_iso(body["history_end"])
     step = body["history_interval_seconds"]
-    if not 0 < step <= 3.2e9:  # a positive interval of at most about a century
+    if not 0 < step <= _A_CENTURY:
         raise ValidationFailed([_error(("body", "history_interval_seconds"),
                                        "must be positive and at most 3.2e9 seconds", "value_error")])
     if end < start:
@@ -6434,7 +6453,8 @@ class NotificationSender(Service):
             deliver(settings, slug, data, subject, body)
         except NotificationFailed as exc:
             failed = attempts >= settings["PREFECT_NOTIFICATIONS_MAX_ATTEMPTS"]
-            delay = settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (attempts - 1)
+            # doubling, but at most a week apart (and never past the calendar's end)
+            delay = min(settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (attempts - 1), 7 * _A_DAY)
             log.warning("notification %s via %s failed (attempt %d): %s%s", row["id"], slug, attempts, exc,
                         "; giving up" if failed else f"; retrying in {delay:g}s")
             with self.app.db.write() as tx:
@@ -9929,7 +9949,8 @@ def _flag_in_range(flag: str, value: int) -> int:
     """A `start` flag that stands for a setting (--port, --processes) holds to the setting's range."""
     spec = SETTINGS[{"--port": "PREFECT_SERVER_API_PORT", "--processes": "PREFECT_SERVER_PROCESSES"}[flag]]
     if not spec.minimum <= value <= spec.maximum:
-        raise ConfigurationError(f"{flag} must be between {spec.minimum:g} and {spec.maximum:g}, got {value}")
+        raise ConfigurationError(f"{flag} must be between {_plain_number(spec.minimum)} and "
+                                 f"{_plain_number(spec.maximum)}, got {value}")
     return value
 
 

@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -592,6 +593,24 @@ def test_kept_as_failed_after_max_attempts(tmp_path):
         assert [r["id"] for r in queue(client)] == [row["id"]]
         assert queue(client, "PENDING") == []
         assert client.get("/flow_run_notification_queue/?status=failed")[1][0]["id"] == row["id"]
+
+
+def test_the_backoff_stops_doubling_at_a_week(tmp_path):
+    """After many failed attempts the doubled delay (0.1 s * 2**80) would pass the calendar's end: the
+    sender stopped with an OverflowError and the row stayed SENDING. It waits a week at most."""
+    with HTTPReceiver(status=500) as hook, running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=100,
+                                                   PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1) as (client, api):
+        block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
+        new_policy(client, block["id"])
+        fail_run(client)
+        hook.wait_for(1, timeout=20)
+        with contextlib.closing(sqlite3.connect(tmp_path / "notifications.db", timeout=30)) as db, db:
+            db.execute("UPDATE flow_run_notification_queue SET attempts = 80")  # as after 80 failures
+        hits = len(hook.hits)
+        hook.wait_for(hits + 1, timeout=20)
+        row = wait_until(lambda: [r for r in queue(client, "PENDING") if r["attempts"] >= 81], what="attempt 81 recorded")[0]
+        wait = (dt.datetime.fromisoformat(row["next_attempt_at"]) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+        assert 7 * 86400 - 60 < wait <= 7 * 86400, wait
 
 
 def test_queue_survives_a_restart(tmp_path):

@@ -151,6 +151,11 @@ def test_badly_typed_value_is_a_configuration_error(tmp_path, name, value):
     ("PREFECT_API_DATABASE_TIMEOUT", "nan", "finite"),
     ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "0", "at least 0.01"),  # 0 would spin
     ("PREFECT_API_DEFAULT_LIMIT", "0", "at least 1"),
+    # past these, a service's date arithmetic or wait would overflow
+    ("PREFECT_SERVER_SERVICES_RETENTION_DAYS", "1e9", "at most 36500"),
+    ("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", "1e12", "at most 3200000000"),
+    ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "1e12", "at most 31536000"),
+    ("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", "1000", "at most 100"),
 ])
 def test_a_value_out_of_its_range_is_a_configuration_error_naming_it(tmp_path, name, value, problem):
     for source in ({"env": {name: value}}, {"overrides": {name: value}}):
