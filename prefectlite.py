@@ -2985,17 +2985,71 @@ def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
     if details.get("pause_timeout") and from_iso(details["pause_timeout"]) < utcnow():
         return orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
                                              "state_details": {}}, force=True)
-    if run_input:
-        now = now_iso()
-        for key, value in run_input.items():
-            insert_row(tx, "flow_run_input", {"id": new_id(), "created": now, "updated": now, "flow_run_id": run_id,
-                                              "key": str(key), "value": dumps(value), "sender": None},
-                       on_conflict="ON CONFLICT DO NOTHING")
+    keyset = details.get("run_input_keyset") or None  # {"schema": key, "response": key, ...}: input awaited
+    if keyset:
+        run_input = run_input or {}
+        problem = _run_input_problem(tx, run_id, keyset, run_input)
+        if problem:
+            return Outcome("REJECT", state, problem)
     if details.get("pause_reschedule"):
         proposed = {"type": "SCHEDULED", "name": "Resuming", "state_details": {"scheduled_time": now_iso()}}
     else:
         proposed = {"type": "RUNNING", "state_details": {}}
-    return orchestrate(tx, "flow", row, proposed, force=True)
+    outcome = orchestrate(tx, "flow", row, proposed, force=True)
+    if keyset and run_input and outcome.status == "ACCEPT":  # the answer the paused flow reads back
+        create_flow_run_input(tx, run_id, keyset["response"], dumps(run_input), None)
+    return outcome
+
+
+def _run_input_problem(tx, run_id: str, keyset: dict, run_input: dict) -> str | None:
+    """Why `run_input` cannot resume a run paused with wait_for_input (checked against the JSON schema
+    the paused flow stored under keyset["schema"]), or None."""
+    schema_text = tx.scalar("SELECT value FROM flow_run_input WHERE flow_run_id = ? AND key = ?",
+                            (run_id, keyset.get("schema")))
+    if schema_text is None:
+        return "Run input schema not found."
+    try:
+        schema = json.loads(schema_text)
+    except ValueError:
+        return "Run input schema is not valid JSON."
+    errors = validate_parameters(schema if isinstance(schema, dict) else {}, run_input)
+    return f"Reason: {errors[0]['msg']}" if errors else None
+
+
+# Flow run inputs: text values sent to a run, keyed (pause_flow_run(wait_for_input=...), send_input and
+# receive_input in the SDK). A resume's run_input is stored here too (resume_flow_run).
+
+def create_flow_run_input(tx, run_id: str, key: str, value: str, sender: str | None) -> None:
+    require_row(tx, "flow_run", run_id, "Flow run")
+    now = now_iso()
+    if not insert_row(tx, "flow_run_input", {"id": new_id(), "created": now, "updated": now, "flow_run_id": run_id,
+                                             "key": key, "value": value, "sender": sender},
+                      on_conflict="ON CONFLICT DO NOTHING"):
+        raise Conflict("A flow run input with this key already exists.")
+
+
+def filter_flow_run_inputs(tx, run_id: str, prefix: str, limit: int, exclude_keys: list[str]) -> list[dict]:
+    """The run's inputs whose key starts with `prefix` (exactly: not LIKE, which SQLite folds to lower
+    case), but for `exclude_keys`, oldest first."""
+    sql = ("SELECT id, created, updated, flow_run_id, key, value, sender FROM flow_run_input "
+           "WHERE flow_run_id = ? AND substr(key, 1, ?) = ?")
+    params = [run_id, len(prefix), prefix]
+    if exclude_keys:
+        sql += f" AND key NOT IN ({', '.join('?' for _ in exclude_keys)})"
+        params += exclude_keys
+    return tx.query(sql + " ORDER BY created, id LIMIT ?", (*params, limit))
+
+
+def read_flow_run_input(tx, run_id: str, key: str) -> str:
+    value = tx.scalar("SELECT value FROM flow_run_input WHERE flow_run_id = ? AND key = ?", (run_id, key))
+    if value is None:
+        raise NotFound("Flow run input not found")
+    return value
+
+
+def delete_flow_run_input(tx, run_id: str, key: str) -> None:
+    if not tx.execute("DELETE FROM flow_run_input WHERE flow_run_id = ? AND key = ?", (run_id, key)).rowcount:
+        raise NotFound("Flow run input not found")
 
 
 # Task runs
@@ -6894,6 +6948,45 @@ def resume_flow_run_handler(app, req):
     return _orchestration_reply(outcome)
 
 
+FlowRunInputCreate = Schema("Body_create_flow_run_input_flow_runs__id__input_post", {
+    "key": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]*", max_length=255),
+    "value": Field("str", required=True, nullable=False),
+    "sender": Field("str", max_length=255),
+})
+FlowRunInputFilter = Schema("Body_filter_flow_run_input_flow_runs__id__input_filter_post", {
+    "prefix": Field("str", required=True, nullable=False),
+    "limit": Field("int", default=1, nullable=False, minimum=0),
+    "exclude_keys": Field(ListOf("str"), default=list, nullable=False),
+})
+
+
+@body(FlowRunInputCreate)
+def create_flow_run_input_handler(app, req):
+    with app.db.write() as tx:
+        create_flow_run_input(tx, req.uuid(), req.data["key"], req.data["value"], req.data.get("sender"))
+    return 201, None
+
+
+@body(FlowRunInputFilter)
+def filter_flow_run_inputs_handler(app, req):
+    with app.db.read() as tx:
+        return 200, filter_flow_run_inputs(tx, req.uuid(), req.data["prefix"], req.data["limit"],
+                                           req.data["exclude_keys"])
+
+
+def read_flow_run_input_handler(app, req):
+    """The value as the client stored it: plain text (the SDK stores JSON text and parses it itself)."""
+    with app.db.read() as tx:
+        value = read_flow_run_input(tx, req.uuid(), req.params["key"])
+    return 200, RawBody(value.encode(), "text/plain; charset=utf-8")
+
+
+def delete_flow_run_input_handler(app, req):
+    with app.db.write() as tx:
+        delete_flow_run_input(tx, req.uuid(), req.params["key"])
+    return 204, NO_CONTENT
+
+
 def read_flow_run_graph(app, req):
     with app.db.read() as tx:
         return 200, flow_run_graph(tx, req.uuid())
@@ -8086,6 +8179,10 @@ ROUTES = [
     ("DELETE", "/flow_runs/{id}", delete_flow_run),
     ("POST", "/flow_runs/{id}/set_state", set_flow_run_state),
     ("POST", "/flow_runs/{id}/resume", resume_flow_run_handler),
+    ("POST", "/flow_runs/{id}/input", create_flow_run_input_handler),
+    ("POST", "/flow_runs/{id}/input/filter", filter_flow_run_inputs_handler),
+    ("GET", "/flow_runs/{id}/input/{key}", read_flow_run_input_handler),
+    ("DELETE", "/flow_runs/{id}/input/{key}", delete_flow_run_input_handler),
     ("GET", "/flow_runs/{id}/graph", read_flow_run_graph),
     ("GET", "/flow_runs/{id}/graph-v2", read_flow_run_graph_v2),
     ("GET", "/flow_run_states/", read_flow_run_states),

@@ -8,6 +8,7 @@ rejection that keeps the current state).
 
 import datetime as dt
 import time
+import urllib.request
 import uuid
 
 import pytest
@@ -628,6 +629,79 @@ def test_resume_after_the_pause_timed_out_fails_the_run(client):
     assert result["state"]["type"] == "FAILED", result
     assert status == 201, (status, result)
     assert read(client, "flow", run["id"])["state_type"] == "FAILED"
+
+
+# --- flow run inputs (send_input / receive_input, pause_flow_run(wait_for_input=...)) -----------------
+
+def _paused_for_input(client, schema):
+    """A run paused as the SDK pauses for input: its schema stored under the keyset's schema key."""
+    run = running_flow_run(client)
+    keyset = {"description": "paused-1-description", "response": "paused-1-response", "schema": "paused-1-schema"}
+    if schema is not None:
+        client.ok("POST", f"/flow_runs/{run['id']}/input", {"key": "paused-1-schema", "value": schema}, expect=(201,))
+    flow_state(client, run["id"], "PAUSED", pause_timeout=iso(now() + dt.timedelta(hours=1)), run_input_keyset=keyset)
+    return run
+
+
+def test_flow_run_inputs_are_created_once_filtered_by_exact_prefix_read_as_text_and_deleted(client):
+    run = running_flow_run(client)
+    base = f"/flow_runs/{run['id']}/input"
+    for key, value, sender in (("greeting-1", '"hello"', "me"), ("greeting-2", '"again"', None), ("other", "42", None)):
+        assert client.post(base, {"key": key, "value": value, "sender": sender}) == (201, None)
+    status, body = client.post(base, {"key": "greeting-1", "value": "x"})
+    assert status == 409 and body["detail"] == "A flow run input with this key already exists."
+    assert client.post(f"/flow_runs/{uuid.uuid4()}/input", {"key": "k", "value": "x"})[0] == 404
+    status, body = client.post(base, {"key": "Not_Allowed", "value": "x"})
+    assert status == 422 and body["exception_detail"][0]["loc"] == ["body", "key"], body
+
+    found = client.ok("POST", f"{base}/filter", {"prefix": "greeting-", "limit": 5}, expect=(200,))
+    assert [(i["key"], i["value"], i["sender"]) for i in found] == [("greeting-1", '"hello"', "me"),
+                                                                  ("greeting-2", '"again"', None)]
+    assert {"id", "created", "updated", "flow_run_id"} <= set(found[0]) and found[0]["flow_run_id"] == run["id"]
+    assert [i["key"] for i in client.ok("POST", f"{base}/filter", {"prefix": "greeting-"}, expect=(200,))] == ["greeting-1"]
+    assert [i["key"] for i in client.ok("POST", f"{base}/filter", {"prefix": "greeting-", "limit": 5,
+                                                                    "exclude_keys": ["greeting-1"]}, expect=(200,))] == ["greeting-2"]
+    for literal in ("GREETING-", "greeting_", "%"):  # exact: neither case-folded nor a LIKE pattern
+        assert client.ok("POST", f"{base}/filter", {"prefix": literal, "limit": 5}, expect=(200,)) == []
+
+    with urllib.request.urlopen(client.api_url + f"{base}/greeting-1") as answer:
+        assert answer.headers["Content-Type"].startswith("text/plain")
+        assert answer.read() == b'"hello"'  # the stored text itself, not a JSON string of it
+    assert client.request("DELETE", f"{base}/greeting-1")[0] == 204
+    assert client.get(f"{base}/greeting-1") == (404, {"detail": "Flow run input not found"})
+    assert client.request("DELETE", f"{base}/greeting-1")[0] == 404
+    assert client.request("DELETE", f"/flow_runs/{run['id']}")[0] == 204  # inputs go with their run
+    assert client.ok("POST", f"{base}/filter", {"prefix": "", "limit": 5}, expect=(200,)) == []
+
+
+def test_resume_with_input_is_checked_against_the_stored_schema_and_the_answer_stored(client):
+    schema = '{"type": "object", "properties": {"approved": {"type": "boolean"}}, "required": ["approved"]}'
+    run = _paused_for_input(client, schema)
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {"run_input": {"approved": "yes"}})
+    assert result["status"] == "REJECT" and result["state"]["type"] == "PAUSED", result
+    assert result["details"]["reason"].startswith("Reason: 'yes' is not valid") and "boolean" in result["details"]["reason"]
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {})  # awaited input is required
+    assert result["details"]["reason"] == "Reason: 'approved' is a required property", result
+    assert read(client, "flow", run["id"])["state_type"] == "PAUSED"
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {"run_input": {"approved": True}})
+    assert_accepted(status, result, "RUNNING")
+    assert client.get(f"/flow_runs/{run['id']}/input/paused-1-response") == (200, {"approved": True})
+
+
+@pytest.mark.parametrize("schema, reason", [(None, "Run input schema not found."),
+                                            ("not json", "Run input schema is not valid JSON.")])
+def test_resume_with_input_needs_a_readable_schema(client, schema, reason):
+    run = _paused_for_input(client, schema)
+    status, result = client.post(f"/flow_runs/{run['id']}/resume", {"run_input": {"approved": True}})
+    assert (result["status"], result["details"]["reason"]) == ("REJECT", reason), result
+    assert read(client, "flow", run["id"])["state_type"] == "PAUSED"
+
+
+def test_resume_of_a_run_not_waiting_for_input_ignores_an_input(client):
+    run = running_flow_run(client)
+    flow_state(client, run["id"], "PAUSED", pause_timeout=iso(now() + dt.timedelta(hours=1)))
+    assert_accepted(*client.post(f"/flow_runs/{run['id']}/resume", {"run_input": {"approved": True}}), "RUNNING")
+    assert client.ok("POST", f"/flow_runs/{run['id']}/input/filter", {"prefix": "", "limit": 5}, expect=(200,)) == []
 
 
 def test_a_timed_out_pause_cannot_be_left_for_running(client):

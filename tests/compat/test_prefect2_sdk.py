@@ -615,6 +615,49 @@ def test_pause_and_resume(start_script, compat_server, api, tmp_path):
     assert messages.index("pausing now") < messages.index("resumed, continuing")
 
 
+def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_server, api, tmp_path):
+    """send_input/receive_input (POST /flow_runs/{id}/input, .../input/filter, GET .../input/{key}) and
+    pause_flow_run(wait_for_input=...): the resume is checked against the schema the flow stored and
+    its answer stored under the key the flow reads back."""
+    id_file = tmp_path / "flow_run_id.txt"
+    script = start_script(scenario("s14_wait_for_input.py"), compat_server, args=[id_file])
+
+    def paused_run():
+        if script.proc.poll() is not None:
+            script.wait(check=True)
+            pytest.fail(f"the script exited ({script.proc.returncode}) before it paused")
+        if not (id_file.exists() and id_file.read_text().strip()):
+            return None
+        run = get_flow_run(api, id_file.read_text().strip())
+        return run if run["state_type"] == "PAUSED" else None
+
+    run = wait_until(paused_run, 60, interval=0.3, what="the flow to pause for input")
+    run_id = run["id"]
+    keyset = run["state"]["state_details"]["run_input_keyset"]
+    assert keyset and keyset["schema"] and keyset["response"], run["state"]
+    status, schema = api("GET", f"/flow_runs/{run_id}/input/{keyset['schema']}")
+    assert status == 200 and "approved" in schema["properties"], schema
+
+    # an answer that does not fit the schema is refused and the run stays paused
+    status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"note": "no verdict"}})
+    assert body["status"] == "REJECT", body
+    assert body["details"]["reason"] == "Reason: 'approved' is a required property", body
+    assert get_flow_run(api, run_id)["state_type"] == "PAUSED"
+
+    status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"approved": True, "note": "ship it"}})
+    assert status in (200, 201) and body["status"] == "ACCEPT", (status, body)
+    proc = script.wait(check=True)
+    result = script_result(proc)
+    assert result["flow_run_id"] == run_id
+    # without a sender, the SDK names the flow run it sends from
+    assert result["result"] == {"received": [["first message", "compat-test"],
+                                             ["second message", f"prefect.flow-run.{run_id}"]],
+                                "approved": True, "note": "ship it"}
+    assert_completed(get_flow_run(api, run_id), "flow run")
+    stored = api.ok("POST", f"/flow_runs/{run_id}/input/filter", {"prefix": "", "limit": 10}, expect=200)
+    assert keyset["response"] in {i["key"] for i in stored}
+
+
 def test_flow_retries(run_flow_script, compat_server, api):
     proc = run_flow_script(scenario("s10_flow_retries.py"), compat_server)
     run_id = script_result(proc)["flow_run_id"]
