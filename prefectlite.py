@@ -3887,6 +3887,9 @@ def _bucket_sql(column: str, edges: list[str]) -> tuple[str, list[str]]:
     return f"CASE WHEN {column} < ? THEN {below} ELSE {above} END", [edges[middle], *below_edges, *above_edges]
 
 
+_LAST_MOMENT = _dt.datetime.max.replace(tzinfo=_dt.timezone.utc)
+
+
 def _step_toward(moment: _dt.datetime, seconds: float, end: _dt.datetime) -> _dt.datetime:
     """`seconds` after `moment`, but not past `end` (nor past the calendar's last day, year 9999)."""
     try:
@@ -6329,18 +6332,26 @@ def _schedule_idempotency_key(deployment_id: str, moment: str) -> str:
     return f"scheduled {deployment_id} {moment}"
 
 
-def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime) -> int:
-    """Keep each active schedule of a deployment filled ahead; returns how many runs were created."""
-    min_runs = settings["PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS"]
-    max_runs = settings["PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS"]
-    min_until = now + _dt.timedelta(seconds=settings["PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME"])
-    max_until = now + _dt.timedelta(seconds=settings["PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME"])
+def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime, start=None, end=None,
+                             min_time: float | None = None, min_runs: int | None = None,
+                             max_runs: int | None = None) -> int:
+    """Keep each active schedule of a deployment filled ahead; returns how many runs were created.
+
+    From `start` (now) to before `end` (now + the longest time scheduled ahead): at least `min_runs` runs
+    and up to `start` + `min_time`, at most `max_runs` (the scheduler's settings where not given)."""
+    start = start or now
+    min_runs = settings["PREFECT_API_SERVICES_SCHEDULER_MIN_RUNS"] if min_runs is None else min_runs
+    max_runs = settings["PREFECT_API_SERVICES_SCHEDULER_MAX_RUNS"] if max_runs is None else max_runs
+    if min_time is None:
+        min_time = settings["PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME"]
+    max_until = end or _step_toward(now, settings["PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME"], _LAST_MOMENT)
+    min_until = _step_toward(start, min_time, _LAST_MOMENT)
     created = 0
     for schedule in dep["schedules"]:
         if not schedule["active"]:
             continue
         limit = min(schedule.get("max_scheduled_runs") or max_runs, max_runs)
-        times = next_fire_times(schedule["schedule"], now, max_until, limit)
+        times = next_fire_times(schedule["schedule"], start, max_until, limit)
         wanted = [t for i, t in enumerate(times) if i < min_runs or t <= min_until]
         for moment in wanted:
             when = iso(moment)
@@ -7757,6 +7768,52 @@ def create_deployment_schedules(app, req):
     return 201, [decode_row("deployment_schedule", r) for r in rows]
 
 
+DeploymentScheduleUpdate = Schema("DeploymentScheduleUpdate", {
+    "schedule": Field("object"), "active": Field("bool"), "max_active_runs": Field("int", minimum=1),
+    "max_scheduled_runs": Field("int", minimum=1), "catchup": Field("bool"),
+})
+
+
+@body(DeploymentScheduleUpdate)
+def update_deployment_schedule(app, req):
+    """Change one schedule (e.g. `prefect deployment schedule pause`); its runs not yet started go, the
+    scheduler makes them again from the schedule as it now is."""
+    changes = {k: v for k, v in sent_fields(req).items() if v is not None or k in ("max_active_runs", "max_scheduled_runs")}
+    if changes.get("schedule") is not None:
+        changes["schedule"] = normalise_schedule(changes["schedule"], ("body", "schedule"))
+    with app.db.write() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
+        owner = tx.scalar("SELECT deployment_id FROM deployment_schedule WHERE id = ?", (req.uuid("schedule_id"),))
+        if owner != req.uuid():
+            raise NotFound("Schedule not found")
+        update_row(tx, "deployment_schedule", req.uuid("schedule_id"), {**changes, "updated": now_iso()})
+        _drop_future_auto_runs(tx, req.uuid())
+    app.wake("scheduler")
+    return 204, NO_CONTENT
+
+
+ScheduleDeploymentBody = Schema("Body_schedule_deployment_deployments__id__schedule_post", {
+    "start_time": Field("datetime"), "end_time": Field("datetime"),
+    "min_time": Field("float", minimum=0, maximum=_A_CENTURY),
+    "min_runs": Field("int", minimum=0, maximum=100_000), "max_runs": Field("int", minimum=0, maximum=100_000),
+})
+
+
+@body(ScheduleDeploymentBody)
+def schedule_deployment(app, req):
+    """Runs for the deployment's active schedules now, between start_time and end_time (a backfill when
+    they lie in the past); the scheduler's settings where the body is silent."""
+    data = req.data
+    with app.db.write() as tx:
+        row = require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
+        schedule_deployment_runs(tx, deployment_out(tx, row), app.settings, utcnow(),
+                                 start=from_iso(data["start_time"]) if data.get("start_time") else None,
+                                 end=from_iso(data["end_time"]) if data.get("end_time") else None,
+                                 min_time=data.get("min_time"), min_runs=data.get("min_runs"),
+                                 max_runs=data.get("max_runs"))
+    return 200, None
+
+
 def delete_deployment_schedule(app, req):
     with app.db.write() as tx:
         if not tx.execute("DELETE FROM deployment_schedule WHERE id = ? AND deployment_id = ?",
@@ -8277,7 +8334,9 @@ ROUTES = [
     ("POST", "/deployments/{id}/set_schedule_inactive", pause_deployment),
     ("GET", "/deployments/{id}/schedules", read_deployment_schedules),
     ("POST", "/deployments/{id}/schedules", create_deployment_schedules),
+    ("PATCH", "/deployments/{id}/schedules/{schedule_id}", update_deployment_schedule),
     ("DELETE", "/deployments/{id}/schedules/{schedule_id}", delete_deployment_schedule),
+    ("POST", "/deployments/{id}/schedule", schedule_deployment),
     ("POST", "/work_pools/", create_work_pool_handler),
     ("POST", "/work_pools/filter", read_work_pools_filtered),
     ("POST", "/work_pools/count", count_work_pools),

@@ -353,6 +353,57 @@ def test_schedules_added_and_deleted_through_their_routes(quiet_client):
     assert client.delete(f"/deployments/{dep['id']}/schedules/{cron[0]['id']}")[0] == 404
 
 
+def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_again(quiet_client):
+    """PATCH /deployments/{id}/schedules/{schedule_id} (the SDK's update_deployment_schedule, e.g.
+    `prefect deployment schedule pause`): only what was sent changes; auto-scheduled runs not started
+    yet are dropped, for the scheduler to make from the schedule as it now is."""
+    client = quiet_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}, {"schedule": {"cron": "0 9 * * *"}}])
+    hourly, daily = sorted(client.ok("GET", f"/deployments/{dep['id']}/schedules"), key=lambda s: "cron" in s["schedule"])
+    client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 3})
+    assert len(runs_of(client, dep["id"])) == 6
+    assert client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"active": False}) == (204, None)
+    after = {s["id"]: s for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")}
+    assert after[hourly["id"]]["active"] is False and after[hourly["id"]]["schedule"]["interval"] == 3600
+    assert after[daily["id"]] == daily
+    assert runs_of(client, dep["id"]) == []
+    client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 3})
+    assert len(runs_of(client, dep["id"])) == 3  # the paused schedule makes none
+
+    status, _ = client.patch(f"/deployments/{dep['id']}/schedules/{daily['id']}", {"schedule": {"interval": 120}})
+    assert status == 204
+    changed = {s["id"]: s for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")}[daily["id"]]
+    assert changed["schedule"]["interval"] == 120 and changed["active"] is True
+    status, body = client.patch(f"/deployments/{dep['id']}/schedules/{daily['id']}", {"schedule": {"interval": -1}})
+    assert status == 422 and ("body", "schedule", "interval") in locs(body), body
+    other = new_deployment(client)
+    assert client.patch(f"/deployments/{other['id']}/schedules/{daily['id']}", {"active": False})[0] == 404
+    assert client.patch(f"/deployments/{uuid.uuid4()}/schedules/{daily['id']}", {"active": False})[0] == 404
+
+
+def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(quiet_client):
+    """POST /deployments/{id}/schedule: the fewest runs from start_time that reach start_time + min_time
+    and min_runs, before end_time and at most max_runs; idempotent (the same times make no second run)."""
+    client = quiet_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600, "anchor_date": "2020-01-01T00:00:00Z"}}])
+    start = {"start_time": "2020-01-01T00:00:00Z", "max_runs": 100}
+    client.ok("POST", f"/deployments/{dep['id']}/schedule", {**start, "min_runs": 2, "min_time": 0})
+    assert len(runs_of(client, dep["id"])) == 2
+    body = {**start, "end_time": "2020-01-01T05:30:00Z", "min_time": 86400}
+    assert client.post(f"/deployments/{dep['id']}/schedule", body) == (200, None)
+    times = [r["expected_start_time"][:19] for r in runs_of(client, dep["id"])]
+    assert times == [f"2020-01-01T0{h}:00:00" for h in range(6)]  # 00:00 to 05:00, none at or after the end
+    assert all(r["state_type"] == "SCHEDULED" and r["auto_scheduled"] for r in runs_of(client, dep["id"]))
+    client.post(f"/deployments/{dep['id']}/schedule", body)
+    assert len(runs_of(client, dep["id"])) == 6
+    client.post(f"/deployments/{dep['id']}/schedule", {**body, "end_time": "2020-02-01T00:00:00Z", "max_runs": 2,
+                                                       "min_runs": 0, "min_time": 0})
+    assert len(runs_of(client, dep["id"])) == 6  # the first two hours: there already
+    assert client.post(f"/deployments/{uuid.uuid4()}/schedule", {})[0] == 404
+    status, body = client.post(f"/deployments/{dep['id']}/schedule", {"max_runs": -1})
+    assert status == 422 and ("body", "max_runs") in locs(body), body
+
+
 @pytest.mark.parametrize("schedule, field", [
     ({"interval": -5}, "interval"),
     ({"interval": 0}, "interval"),
