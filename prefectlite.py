@@ -2168,6 +2168,8 @@ def _compile_ops(tx, table, column, kind, ops, loc):
                 items = [bool(i) for i in items]
             clauses.append(f"{col} IN ({marks})" if op == "any_" else f"({col} IS NULL OR {col} NOT IN ({marks}))")
             params += items
+        elif op in ("like_", "startswith_") and kind != "str":  # text matching on a number or time
+            raise ValidationFailed([_error(here, f"{op} applies to text fields only", "value_error.extra")])
         elif op == "like_":
             clauses.append(f"{col} {tx.db.ilike} ?")
             params.append(f"%{_coerce(value, 'str', here)}%")

@@ -508,6 +508,17 @@ def test_filters_with_more_values_than_a_query_takes_are_not_5xx(seeded):
     ])
 
 
+@pytest.mark.parametrize("op", ["like_", "startswith_"])
+def test_text_matching_on_a_number_field_is_422_naming_it(seeded, op):
+    """The fuzz (seed 88, 150 per operation): startswith_ on the logs' level was a 500 on PostgreSQL
+    (no ILIKE for integers); like_ and startswith_ apply to text fields only."""
+    c, *_ = seeded
+    status, payload = _not_5xx(c, "POST", "/logs/filter", {"logs": {"level": {op: "1"}}})
+    assert status == 422 and payload["exception_detail"][0]["loc"] == ["body", "logs", "level", op], payload
+    status, _ = _not_5xx(c, "POST", "/flow_runs/filter", {"flow_runs": {"name": {op: "fo"}}})
+    assert status == 200
+
+
 def _strict_json(data: bytes):
     """JSON as RFC 8259 has it: NaN and Infinity, which Python's json would read, are an error."""
     def refuse(token):
