@@ -6632,6 +6632,19 @@ class RawBody:
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")  # only bodies with such escapes need the full check
+_NON_FINITE_HINT = re.compile(rb"NaN|Infinity|[eE][+]?[0-9]{3}")  # only bodies that may hold one are walked
+
+
+def _non_finite_at(value, path=()) -> tuple | None:
+    """The path to the first number JSON cannot hold (NaN, Infinity, or beyond a float: 1e400), or None."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite_at(item, (*path, key))
+        if found is not None:
+            return found
+    return None
 
 
 def _encodable(value) -> bool:
@@ -6660,12 +6673,16 @@ class Request:
                 self._json = None
             else:
                 try:
-                    self._json = loads(self.raw_body)
+                    self._json = json.loads(self.raw_body)
                 except (ValueError, RecursionError) as exc:
                     raise ValidationFailed([_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
                 brackets = self.raw_body.count(b"[") + self.raw_body.count(b"{")  # a bound on the depth
                 if brackets > _MAX_DEPTH and not _json_depth_ok(self._json):
                     raise ValidationFailed([_error(("body",), f"JSON nested deeper than {_MAX_DEPTH} levels", "value_error.jsondecode")])
+                where = _non_finite_at(self._json) if _NON_FINITE_HINT.search(self.raw_body) else None
+                if where is not None:  # see loads(): never stored; named where it is, as a field's error
+                    raise ValidationFailed([_error(("body", *where), "value is not a finite number (NaN and "
+                                                   "Infinity are not JSON)", "value_error.number.not_finite")])
                 if _SURROGATE_ESCAPE.search(self.raw_body) and not _encodable(self._json):
                     raise ValidationFailed([_error(("body",), "string with an unpaired UTF-16 surrogate", "value_error.str")])
         return self._json

@@ -533,15 +533,16 @@ def test_a_number_json_has_not_is_refused_and_never_stored(seeded, token):
     listing was a 503: one bad request may not break every later read."""
     c, flow, _, _ = seeded
     cases = [
-        ("/api/task_runs/", '{"task_key": "k", "dynamic_key": "0", "task_inputs": {"x": [{"y": %s}]}}' % token),
-        ("/api/flow_runs/", '{"flow_id": "%s", "parameters": {"p": %s}}' % (flow["id"], token)),
-        ("/api/artifacts/", '{"key": "non-finite", "type": "table", "data": {"cell": %s}}' % token),
+        ("/api/task_runs/", '{"task_key": "k", "dynamic_key": "0", "task_inputs": {"x": [{"y": %s}]}}' % token,
+         ["body", "task_inputs", "x", 0, "y"]),
+        ("/api/flow_runs/", '{"flow_id": "%s", "parameters": {"p": %s}}' % (flow["id"], token), ["body", "parameters", "p"]),
+        ("/api/artifacts/", '{"key": "non-finite", "type": "table", "data": {"cell": %s}}' % token, ["body", "data", "cell"]),
     ]
-    for path, raw in cases:
+    for path, raw, where in cases:
         status, headers, data = c.request("POST", path, raw.encode())
         assert status == 422, (path, status, data[:300])
         payload = _strict_json(data)  # the echoed request body holds no NaN either
-        assert payload["exception_detail"][0]["loc"] == ["body"], payload
+        assert payload["exception_detail"][0]["loc"] == where, payload  # named where it is
         assert "finite" in payload["exception_detail"][0]["msg"], payload
     for listing in ("/api/task_runs/filter", "/api/flow_runs/filter", "/api/artifacts/filter"):
         status, _, data = c.request("POST", listing, b"{}")
