@@ -1905,7 +1905,8 @@ def _finite_float(text: str) -> float:
 def loads(text: str | bytes):
     """What a client sent, as JSON (RFC 8259). Python's json also takes NaN, Infinity and numbers too
     large for a float; stored in a JSON column, such a value would make every later read of the row fail
-    (SQLite's and PostgreSQL's JSON refuse it), so they are refused here, where the client hears why."""
+    (SQLite's and PostgreSQL's JSON refuse it), so they are refused here, where the client hears why.
+    (A request body is checked after parsing instead, to name the field: Request.json.)"""
     return json.loads(text, parse_constant=_not_a_json_number, parse_float=_finite_float)
 
 
@@ -2987,7 +2988,7 @@ def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
     if details.get("pause_timeout") and from_iso(details["pause_timeout"]) < utcnow():
         return orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
                                              "state_details": {}}, force=True)
-    keyset = details.get("run_input_keyset") or None  # {"schema": key, "response": key, ...}: input awaited
+    keyset = details.get("run_input_keyset")  # {"schema": key, "response": key, ...}: an input is awaited
     if keyset:
         run_input = run_input or {}
         problem = _run_input_problem(tx, run_id, keyset, run_input)
