@@ -368,6 +368,24 @@ def test_prefect_flow_run_cancel_of_a_run_not_started_cancels_it(run_flow_script
         after["state_type"], after["state_name"])
 
 
+def test_prefect_deployment_schedule_pause_and_resume(run_flow_script, compat_server, api):
+    """`prefect deployment schedule pause|resume` (the SDK's update_deployment_schedule: PATCH
+    /deployments/{id}/schedules/{schedule_id}) flips that schedule's active flag and nothing else."""
+    flow_name = f"compat-schedules-{token()}"
+    flow = api.ok("POST", "/flows/", {"name": flow_name}, expect=(200, 201))
+    dep = api.ok("POST", "/deployments/", {"name": "twice", "flow_id": flow["id"], "schedules": [
+        {"schedule": {"interval": 3600}}, {"schedule": {"cron": "0 9 * * *"}}]}, expect=(200, 201))
+    hourly, daily = sorted(api.ok("GET", f"/deployments/{dep['id']}/schedules", expect=(200,)),
+                           key=lambda s: "cron" in s["schedule"])
+    for action, active in (("pause", False), ("resume", True)):
+        proc = run_flow_script(prefect_cli("deployment", "schedule", action, f"{flow_name}/twice", hourly["id"]),
+                               compat_server, timeout=120)
+        assert action in proc.stdout.lower(), proc.stdout
+        now = {s["id"]: s for s in api.ok("GET", f"/deployments/{dep['id']}/schedules", expect=(200,))}
+        assert now[hourly["id"]]["active"] is active and now[hourly["id"]]["schedule"] == hourly["schedule"]
+        assert now[daily["id"]]["active"] is True
+
+
 # --------------------------------------------------------------------------- scheduler and late runs
 
 
