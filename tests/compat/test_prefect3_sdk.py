@@ -490,6 +490,33 @@ def _new_webhook_block(api, url):
         "data": {"name": "p3", "url": url, "json_data": {"text": "{{body}}"}}}, expect=(200, 201))
 
 
+def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_server, api, tmp_path):
+    """The 3.x SDK's send_input/receive_input and pause_flow_run(wait_for_input=...), running the very
+    script the 2.20 test runs (tests/compat/scenarios/s14_wait_for_input.py): the same routes serve both."""
+    id_file = tmp_path / "flow_run_id.txt"
+    script = start_script(SCENARIOS_DIR.parent / "scenarios" / "s14_wait_for_input.py", compat_server, args=[id_file])
+
+    def paused_run():
+        if script.proc.poll() is not None:
+            script.wait(check=True)
+            pytest.fail(f"the script exited ({script.proc.returncode}) before it paused")
+        if not (id_file.exists() and id_file.read_text().strip()):
+            return None
+        run = get_flow_run(api, id_file.read_text().strip())
+        return run if run["state_type"] == "PAUSED" else None
+
+    run = wait_until(paused_run, 90, interval=0.3, what="the flow to pause for input")
+    run_id = run["id"]
+    status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"note": "no verdict"}})
+    assert body["status"] == "REJECT", body
+    status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"approved": False, "note": "not yet"}})
+    assert body["status"] == "ACCEPT", (status, body)
+    result = script_result(script.wait(check=True))
+    assert result["result"] == {"received": [["first message", "compat-test"],
+                                             ["second message", f"prefect.flow-run.{run_id}"]],
+                                "approved": False, "note": "not yet"}
+
+
 def test_notification_policies_fire_for_prefect3_flow_runs(run_flow_script, compat_server, api):
     if os.environ.get("PREFECTLITE_COMPAT_REFERENCE") == "1":
         pytest.skip("Prefect 3's own server has automations instead of notification policies")
