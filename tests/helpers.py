@@ -266,6 +266,24 @@ def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
         time.sleep(interval)
 
 
+def wait_for_pause(script, id_file, api, timeout):
+    """The flow run whose id a compat scenario script writes to `id_file`, once it is PAUSED (read with
+    `api`, the compat suite's callable client); fails at once if the script exits before that."""
+
+    def paused():
+        if script.proc.poll() is not None:
+            script.wait(check=True)
+            raise AssertionError(f"the script exited ({script.proc.returncode}) before it paused")
+        run_id = id_file.read_text().strip() if id_file.exists() else ""
+        if not run_id:
+            return None
+        status, run = api("GET", f"/flow_runs/{run_id}")
+        assert status == 200, (status, run)
+        return run if run["state_type"] == "PAUSED" else None
+
+    return wait_until(paused, timeout, interval=0.3, what="the flow to pause")
+
+
 # A raw WebSocket client: nothing of prefectlite's WebSocket code is used to talk to the server.
 
 class RawWebSocket:

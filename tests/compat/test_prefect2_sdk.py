@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Client, ServerProcess, wait_until
+from helpers import Client, ServerProcess, wait_for_pause, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios"
@@ -622,16 +622,7 @@ def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_ser
     id_file = tmp_path / "flow_run_id.txt"
     script = start_script(scenario("s14_wait_for_input.py"), compat_server, args=[id_file])
 
-    def paused_run():
-        if script.proc.poll() is not None:
-            script.wait(check=True)
-            pytest.fail(f"the script exited ({script.proc.returncode}) before it paused")
-        if not (id_file.exists() and id_file.read_text().strip()):
-            return None
-        run = get_flow_run(api, id_file.read_text().strip())
-        return run if run["state_type"] == "PAUSED" else None
-
-    run = wait_until(paused_run, 60, interval=0.3, what="the flow to pause for input")
+    run = wait_for_pause(script, id_file, api, 60)
     run_id = run["id"]
     keyset = run["state"]["state_details"]["run_input_keyset"]
     assert keyset and keyset["schema"] and keyset["response"], run["state"]

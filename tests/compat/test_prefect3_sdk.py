@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import wait_for_pause, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios3"
@@ -496,16 +496,7 @@ def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_ser
     id_file = tmp_path / "flow_run_id.txt"
     script = start_script(SCENARIOS_DIR.parent / "scenarios" / "s14_wait_for_input.py", compat_server, args=[id_file])
 
-    def paused_run():
-        if script.proc.poll() is not None:
-            script.wait(check=True)
-            pytest.fail(f"the script exited ({script.proc.returncode}) before it paused")
-        if not (id_file.exists() and id_file.read_text().strip()):
-            return None
-        run = get_flow_run(api, id_file.read_text().strip())
-        return run if run["state_type"] == "PAUSED" else None
-
-    run = wait_until(paused_run, 90, interval=0.3, what="the flow to pause for input")
+    run = wait_for_pause(script, id_file, api, 90)
     run_id = run["id"]
     status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"note": "no verdict"}})
     assert body["status"] == "REJECT", body
