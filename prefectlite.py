@@ -38,10 +38,11 @@ import dataclasses
 import datetime as _dt
 import difflib
 import email.utils
+import errno
 import functools
 import gzip
 import hashlib
-import http.server
+import http
 import itertools
 import json
 import logging
@@ -52,6 +53,7 @@ import queue
 import random
 import re
 import secrets
+import select
 import shutil
 import signal
 import socket
@@ -8529,12 +8531,12 @@ META_ROUTES = [
 
 
 # --- 10. WebSockets ---
-# Owns RFC 6455 on top of the HTTP server: the opening handshake, frames (client frames must be
-# masked, server frames never are), fragmented messages, ping/pong, close codes and a size limit;
-# then the two endpoints Prefect 3 clients use: /api/events/in (clients report events, task runs
-# among them) and /api/events/out (subscribers send a filter, then receive matching events).
-# A WebSocket keeps its pool worker until it closes; PooledHTTPServer.stop wakes it like any
-# keep-alive connection (its socket is shut down for reading, which our reads see as the end).
+# Owns RFC 6455 as the connection loop (section 12) speaks it: the opening handshake's checks, frames
+# parsed from a buffer and encoded for sending, whole messages assembled under a size and a frame limit,
+# close codes; and the two endpoints Prefect 3 clients use, written as message handlers:
+# /api/events/in (clients report events, task runs among them) and /api/events/out (subscribers send a
+# filter, then receive matching events). The loop reads the frames and answers pings and closes itself;
+# whole data messages go to a worker thread, one batch at a time per connection, in the order sent.
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -8550,18 +8552,18 @@ WS_CLOSE_TRY_AGAIN_LATER = 1013
 _WS_CONTROL_OPCODES = (WS_CLOSE, WS_PING, WS_PONG)
 _WS_KNOWN_OPCODES = (WS_CONTINUATION, WS_TEXT, WS_BINARY, *_WS_CONTROL_OPCODES)
 WS_MAX_CONTROL_PAYLOAD = 125
+# A message in more frames than this is refused (1009): ten million empty continuation frames cost a
+# core 13 s and 77 MB before there was a limit. Prefect's client sends each message in one frame.
+WS_MAX_FRAMES_PER_MESSAGE = 1_000
 # A peer that sends nothing for this long is gone (Prefect's client library pings every 20 s).
 WEBSOCKET_IDLE_SECONDS = 120.0
-WEBSOCKET_PATHS = ("/api/events/in", "/api/events/out")
+# A client of the "prefect" subprotocol sends its auth message at once; one that has not within this
+# long is closed (1008) rather than kept open unauthenticated.
+WEBSOCKET_AUTH_SECONDS = 5.0
 
 
 class WebSocketClosed(Exception):
-    """The connection is closed: by the peer (its close code), by us after a protocol error, or gone."""
-
-    def __init__(self, code: int | None = None, reason: str = ""):
-        super().__init__(f"{code} {reason}".strip())
-        self.code = code
-        self.reason = reason
+    """The connection is closed: by the peer, by us after a protocol error, or gone."""
 
 
 class WebSocketProtocolError(Exception):
@@ -8579,7 +8581,8 @@ def websocket_accept_key(key: str) -> str:
 
 
 def _header_tokens(headers, name: str) -> list[str]:
-    return [token.strip().lower() for value in headers.get_all(name, []) for token in value.split(",") if token.strip()]
+    values = headers.get_all(name, [])
+    return [token.strip().lower() for value in values for token in value.split(",") if token.strip()]
 
 
 def is_websocket_upgrade(headers) -> bool:
@@ -8640,16 +8643,26 @@ def _valid_close_code(code: int) -> bool:
     return code in (1000, 1001, 1002, 1003) or 1007 <= code <= 1011 or 3000 <= code <= 4999
 
 
-def _read_exactly(rfile, n: int) -> bytes:
-    data = rfile.read(n) if n else b""
-    if len(data) != n:
-        raise WebSocketClosed(None, "connection lost")
-    return data
+def parse_close_payload(payload: bytes) -> tuple[int, str]:
+    """A peer's close frame: (code, reason); 1005 ("no status") for an empty one."""
+    if not payload:
+        return 1005, ""
+    code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else 0
+    if not _valid_close_code(code):
+        raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "invalid close code")
+    try:
+        return code, payload[2:].decode("utf-8")
+    except UnicodeDecodeError:
+        raise WebSocketProtocolError(WS_CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
 
 
-def read_frame(rfile, max_payload: int, require_mask: bool = True) -> tuple[bool, int, bytes]:
-    """Read one frame: (fin, opcode, unmasked payload); WebSocketProtocolError when it breaks the rules."""
-    first, second = _read_exactly(rfile, 2)
+def parse_frame(buffer, max_payload: int, require_mask: bool = True) -> tuple[bool, int, bytes, int] | None:
+    """The frame at the start of `buffer`: (fin, opcode, unmasked payload, bytes it takes), or None while
+    it has not all arrived. WebSocketProtocolError as soon as its header breaks a rule, or announces more
+    than `max_payload` bytes: an oversized frame is refused before it is buffered."""
+    if len(buffer) < 2:
+        return None
+    first, second = buffer[0], buffer[1]
     fin, opcode, masked, length = bool(first & 0x80), first & 0x0F, bool(second & 0x80), second & 0x7F
     if first & 0x70:
         raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "reserved bits set without a negotiated extension")
@@ -8659,199 +8672,76 @@ def read_frame(rfile, max_payload: int, require_mask: bool = True) -> tuple[bool
         raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "control frames must be whole and at most 125 bytes")
     if require_mask and not masked:
         raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "client frames must be masked")
-    if length == 126:
-        length = int.from_bytes(_read_exactly(rfile, 2), "big")
-    elif length == 127:
-        length = int.from_bytes(_read_exactly(rfile, 8), "big")
+    at = 2
+    if length >= 126:
+        width = 2 if length == 126 else 8
+        if len(buffer) < 2 + width:
+            return None
+        length, at = int.from_bytes(buffer[2:2 + width], "big"), 2 + width
         if length >> 63:
             raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "frame length has its high bit set")
-    if length > max_payload:
-        raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, f"message larger than {max_payload} bytes")
-    mask = _read_exactly(rfile, 4) if masked else None
-    payload = _read_exactly(rfile, length)
-    return fin, opcode, (_apply_mask(payload, mask) if mask else payload)
+    if length > max_payload and opcode not in _WS_CONTROL_OPCODES:
+        raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, "message too big")
+    end = at + (4 if masked else 0) + length
+    if len(buffer) < end:
+        return None
+    payload = bytes(buffer[end - length:end])
+    if masked:
+        payload = _apply_mask(payload, bytes(buffer[at:at + 4]))
+    return fin, opcode, payload, end
 
 
-class WebSocket:
-    """One server-side connection after the handshake: whole messages in, frames out.
+class MessageAssembler:
+    """Data frames into whole messages, within a size (bytes) and a frame-count limit."""
 
-    receive() answers pings and close frames itself and returns the next text (str) or binary
-    (bytes) message; it raises WebSocketClosed once the connection is over. Sends are serialised
-    by a lock, so a second thread (the /events/out pusher) may send while another reads.
-    """
+    __slots__ = ("max_bytes", "opcode", "parts", "size")
 
-    def __init__(self, rfile, wfile, max_message_bytes: int, subprotocol: str | None = None, peer: str = "?"):
-        self.rfile = rfile
-        self.wfile = wfile
-        self.max_message_bytes = max_message_bytes
-        self.subprotocol = subprotocol
-        self.peer = peer
-        self.closed = False
-        self.close_code: int | None = None
-        self._send_lock = threading.Lock()
-        self._close_sent = False
+    def __init__(self, max_bytes: int):
+        self.max_bytes = max_bytes
+        self.opcode: int | None = None
+        self.parts: list[bytes] = []
+        self.size = 0
 
-    def _send_frame(self, opcode: int, payload: bytes):
-        with self._send_lock:
-            if self._close_sent:
-                raise WebSocketClosed(self.close_code, "already closing")
-            if opcode == WS_CLOSE:
-                self._close_sent = True
-            try:
-                self.wfile.write(encode_frame(opcode, payload))
-                self.wfile.flush()
-            except (OSError, ValueError) as exc:  # ValueError: the file was closed under us
-                self.closed = True
-                raise WebSocketClosed(None, f"connection lost: {exc}") from None
+    def room(self) -> int:
+        """How many more payload bytes the message being assembled may take."""
+        return self.max_bytes - self.size
 
-    def send_text(self, text: str):
-        self._send_frame(WS_TEXT, text.encode("utf-8"))
-
-    def send_json(self, value):
-        self.send_text(dumps(value))
-
-    def ping(self, data: bytes = b""):
-        self._send_frame(WS_PING, data)
-
-    def close(self, code: int = WS_CLOSE_NORMAL, reason: str = ""):
-        """Send our close frame, unless one was sent already; the connection is over for us either way."""
-        self.closed = True
-        if self._close_sent:
-            return
-        if self.close_code is None:
-            self.close_code = code
-        with contextlib.suppress(WebSocketClosed):
-            self._send_frame(WS_CLOSE, close_payload(code, reason))
-
-    def receive(self) -> str | bytes:
-        """The next whole message; control frames in between are handled here."""
-        if self.closed:
-            raise WebSocketClosed(self.close_code, "closed")
-        opcode, parts, size = None, [], 0
-        while True:
-            try:
-                fin, frame_opcode, payload = read_frame(self.rfile, self.max_message_bytes - size)
-            except WebSocketProtocolError as exc:
-                self.close(exc.code, exc.reason)
-                raise WebSocketClosed(exc.code, exc.reason) from None
-            except (OSError, ValueError) as exc:  # a timeout, a reset, or the file closed on shutdown
-                self.closed = True
-                raise WebSocketClosed(None, f"connection lost: {exc}") from None
-            except WebSocketClosed:
-                self.closed = True
-                raise
-            if frame_opcode in _WS_CONTROL_OPCODES:
-                self._control(frame_opcode, payload)
-                continue
-            if (frame_opcode == WS_CONTINUATION) == (opcode is None):
-                reason = "continuation frame without a message" if opcode is None else "new message inside a fragmented one"
-                self.close(WS_CLOSE_PROTOCOL_ERROR, reason)
-                raise WebSocketClosed(WS_CLOSE_PROTOCOL_ERROR, reason)
-            opcode = frame_opcode if opcode is None else opcode
-            parts.append(payload)
-            size += len(payload)
-            if fin:
-                return self._message(opcode, b"".join(parts))
-
-    def _message(self, opcode: int, data: bytes) -> str | bytes:
+    def add(self, fin: bool, opcode: int, payload: bytes) -> str | bytes | None:
+        """The whole message once its last frame is added (text decoded), else None."""
+        if (opcode == WS_CONTINUATION) == (self.opcode is None):
+            reason = "continuation frame without a message" if self.opcode is None else "new message inside a fragmented one"
+            raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, reason)
+        if len(self.parts) >= WS_MAX_FRAMES_PER_MESSAGE:
+            raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, f"message in more than {WS_MAX_FRAMES_PER_MESSAGE} frames")
+        self.opcode = opcode if self.opcode is None else self.opcode
+        self.parts.append(payload)
+        self.size += len(payload)
+        if self.size > self.max_bytes:
+            raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, f"message larger than {self.max_bytes} bytes")
+        if not fin:
+            return None
+        data, opcode = b"".join(self.parts), self.opcode
+        self.opcode, self.parts, self.size = None, [], 0
         if opcode == WS_BINARY:
             return data
         try:
             return data.decode("utf-8")
         except UnicodeDecodeError:
-            self.close(WS_CLOSE_INVALID_DATA, "text message is not valid UTF-8")
-            raise WebSocketClosed(WS_CLOSE_INVALID_DATA, "text message is not valid UTF-8") from None
-
-    def _control(self, opcode: int, payload: bytes):
-        if opcode == WS_PING:
-            with contextlib.suppress(WebSocketClosed):  # a ping after our close frame needs no pong
-                self._send_frame(WS_PONG, payload)
-            return
-        if opcode == WS_PONG:
-            return
-        code, reason = self._parse_close(payload)
-        self.close_code = code
-        self.close(code if code not in (None, 1005) else WS_CLOSE_NORMAL)  # echo the close, then we are done
-        raise WebSocketClosed(code, reason)
-
-    def _parse_close(self, payload: bytes) -> tuple[int | None, str]:
-        if not payload:
-            return 1005, ""  # "no status received" (never sent on the wire)
-        code = int.from_bytes(payload[:2], "big") if len(payload) >= 2 else None
-        try:
-            reason = payload[2:].decode("utf-8")
-        except UnicodeDecodeError:
-            self.close(WS_CLOSE_INVALID_DATA, "close reason is not valid UTF-8")
-            raise WebSocketClosed(WS_CLOSE_INVALID_DATA, "close reason is not valid UTF-8") from None
-        if code is None or not _valid_close_code(code):
-            self.close(WS_CLOSE_PROTOCOL_ERROR, "invalid close code")
-            raise WebSocketClosed(WS_CLOSE_PROTOCOL_ERROR, "invalid close code")
-        return code, reason
-
-    def receive_json(self):
-        """The next message as JSON; a message that is not JSON closes the connection (1003)."""
-        message = self.receive()
-        try:
-            return loads(message)
-        except (ValueError, RecursionError):
-            self.close(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message")
-            raise WebSocketClosed(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message") from None
+            raise WebSocketProtocolError(WS_CLOSE_INVALID_DATA, "text message is not valid UTF-8") from None
 
 
-class EventHub:
-    """Live fan-out of committed events to the /events/out subscribers of one server process."""
-
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._subscribers: list[queue.Queue] = []
-        self.on_count = None  # called with the number of subscribers when it changes (_ProcessGroup)
-
-    def subscribe(self) -> queue.Queue:
-        inbox = queue.Queue(maxsize=EVENT_SUBSCRIBER_BACKLOG)
-        with self._lock:
-            self._subscribers.append(inbox)
-            self._counted()
-        return inbox
-
-    def unsubscribe(self, inbox: queue.Queue):
-        with self._lock, contextlib.suppress(ValueError):
-            self._subscribers.remove(inbox)
-            self._counted()
-
-    def _counted(self):
-        if self.on_count is not None:
-            self.on_count(len(self._subscribers))
-
-    def cut_off_everyone(self):
-        """Events meant for our subscribers were lost on the way: they reconnect, and backfill."""
-        with self._lock:
-            inboxes = list(self._subscribers)
-        for inbox in inboxes:
-            _overflow(inbox)
-
-    def publish(self, events: list[dict]):
-        with self._lock:
-            inboxes = list(self._subscribers)
-        for inbox in inboxes:
-            for event in events:
-                try:
-                    inbox.put_nowait(event)
-                except queue.Full:  # a subscriber this far behind is cut off rather than slowing the rest
-                    _overflow(inbox)
-                    break
-
-
-EVENT_SUBSCRIBER_BACKLOG = 10_000  # events queued for one slow subscriber before it is disconnected
-_INBOX_OVERFLOWED = "overflowed"  # the marker a subscriber finds in its inbox when it fell too far behind
-_INBOX_CLOSED = "closed"  # its reader saw the connection end
-
-
-def _overflow(inbox: queue.Queue):
-    with contextlib.suppress(queue.Empty):
-        while True:
-            inbox.get_nowait()
-    with contextlib.suppress(queue.Full):
-        inbox.put_nowait(_INBOX_OVERFLOWED)
+def websocket_origin_allowed(settings: Settings, headers) -> bool:
+    """A browser names the page that opens a WebSocket in Origin, and nothing else stops a page of any
+    site from opening one (the same-origin policy does not cover them): it must be this server's own
+    origin or one that CORS allows. Clients that are not browsers send no Origin."""
+    origin = headers.get("Origin")
+    if not origin:
+        return True
+    allowed = [o.strip() for o in settings["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"].split(",") if o.strip()]
+    if "*" in allowed or origin in allowed:
+        return True
+    host = (headers.get("Host") or "").strip().lower()
+    return bool(host) and urllib.parse.urlsplit(origin.strip().lower()).netloc == host
 
 
 # The event endpoints. Prefect 3 clients ask for the "prefect" subprotocol and then authenticate in
@@ -8859,9 +8749,16 @@ def _overflow(inbox: queue.Queue):
 # (Its subscriber sends no Authorization header, so these paths are exempt from HTTP basic auth and
 # the token is what protects them.) A client without the subprotocol is served without the message
 # exchange, but only while the server has no auth string, as Prefect's server does.
+#
+# An endpoint is made per connection with the server's App and `ws`, the connection as the loop gives it:
+# ws.send_json(value), ws.close(code, reason), ws.run_soon(fn) (fn on a worker thread, after the
+# handlers already queued for this connection), ws.subprotocol, ws.peer. The loop calls receive(messages)
+# on a worker thread with every whole message that arrived in a row, never two calls at once, and
+# closed() once the connection is over.
 
 EVENTS_OUT_BACKFILL_SECONDS = 15 * 60  # a subscriber's backfill reaches back at most this far (Prefect's default)
 EVENTS_OUT_BACKFILL_PAGE = 250
+EVENT_SUBSCRIBER_BACKLOG = 10_000  # events waiting for one subscriber before it is cut off (it may backfill)
 
 
 def websocket_subprotocol_problem(settings: Settings, headers) -> tuple[str | None, str | None]:
@@ -8874,11 +8771,18 @@ def websocket_subprotocol_problem(settings: Settings, headers) -> tuple[str | No
     return None, None
 
 
-def authenticate_websocket(app, ws: WebSocket) -> bool:
-    """The in-band auth exchange; False (after closing with 1008) when it fails."""
-    if ws.subprotocol != "prefect":
-        return True
-    message = ws.receive_json()
+def _json_message(ws, message):
+    """A message as JSON; one that is not JSON closes the connection (1003) and gives None."""
+    try:
+        return loads(message)
+    except (ValueError, RecursionError):
+        ws.close(WS_CLOSE_UNSUPPORTED_DATA, "expected a JSON message")
+        return None
+
+
+def authenticate_websocket(app, ws, message) -> bool:
+    """The in-band auth exchange, given the first message; False (after closing with 1008) when it fails."""
+    message = _json_message(ws, message)
     if not isinstance(message, dict) or message.get("type") != "auth":
         ws.close(WS_CLOSE_POLICY_VIOLATION, "Expected 'auth' message")
         return False
@@ -8895,110 +8799,164 @@ def authenticate_websocket(app, ws: WebSocket) -> bool:
     return True
 
 
-def serve_events_in(app, ws: WebSocket):
-    """Each message is one event: stored (task runs recorded) before the next frame is read, so the
-    pong that answers a client's checkpoint ping confirms every event sent before it."""
-    if not authenticate_websocket(app, ws):
-        return
-    while True:
-        message = ws.receive()
+class EventsIn:
+    """/api/events/in: each message is one event. The events of a batch are stored (their task runs
+    recorded) before the loop reads the next frame, so the pong that answers a client's checkpoint ping
+    confirms every event sent before it."""
+
+    def __init__(self, app, ws):
+        self.app, self.ws = app, ws
+        self.authenticated = ws.subprotocol != "prefect"
+
+    def receive(self, messages: list):
+        events = []
+        for message in messages:
+            if not self.authenticated:
+                self.authenticated = authenticate_websocket(self.app, self.ws, message)
+                if not self.authenticated:
+                    return
+                continue
+            try:
+                events.append(validate_event(loads(message)))
+            except (ValueError, RecursionError, ValidationFailed) as exc:
+                # A client would resend the same bad event on every reconnect: drop it, keep the connection.
+                log.warning("ignoring an invalid event from %s: %s", self.ws.peer, str(exc)[:500])
+        if events:
+            self._store(events)
+
+    def _store(self, events: list[dict]):
         try:
-            event = validate_event(loads(message))
-        except (ValueError, RecursionError, ValidationFailed) as exc:
-            # A client would resend the same bad event on every reconnect: drop it, keep the connection.
-            log.warning("ignoring an invalid event from %s: %s", ws.peer, str(exc)[:500])
-            continue
-        try:
-            with app.db.write() as tx:
-                store_events(tx, [event])
-        except DatabaseUnavailable as exc:
-            # Closing unconfirmed makes the client reconnect and resend what it has not had confirmed.
-            ws.close(WS_CLOSE_TRY_AGAIN_LATER, f"database unavailable: {exc}"[:120])
-            return
+            with self.app.db.write() as tx:
+                store_events(tx, events)
+        except DatabaseUnavailable:
+            raise  # the loop closes with 1013: the client reconnects and resends what was not confirmed
+        except DatabaseError:
+            if len(events) == 1:
+                raise
+            for event in events:  # one event the database refuses must not take its neighbours with it
+                self._store([event])
 
-
-def serve_events_out(app, ws: WebSocket):
-    """A subscriber: one filter message, then the recent matching events (unless backfill is false),
-    then matching events as they are stored, oldest first. A reader thread answers pings and notices
-    the close while this thread pushes."""
-    if not authenticate_websocket(app, ws):
-        return
-    message = ws.receive_json()
-    if not isinstance(message, dict) or message.get("type") != "filter":
-        ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
-        return
-    try:
-        # A subscription without an end streams on (Prefect's client always sends until = now + 1 year).
-        flt = normalize_event_filter(message.get("filter"), loc=("filter",), until=_dt.timedelta(days=365))
-    except ValidationFailed as exc:
-        ws.close(WS_CLOSE_PROTOCOL_ERROR, f"Invalid filter: {exc}"[:120])
-        return
-    earliest = iso(utcnow() - _dt.timedelta(seconds=EVENTS_OUT_BACKFILL_SECONDS))
-    flt["occurred"]["since"] = max(flt["occurred"]["since"], earliest)
-    flt["order"] = "ASC"
-    inbox = app.events.subscribe()  # before the backfill, so that nothing falls between the two
-    reader = threading.Thread(target=_drain_subscriber, args=(ws, inbox), name="prefectlite-events-out", daemon=True)
-    reader.start()
-    try:
-        sent = _backfill(app, ws, flt) if message.get("backfill", True) is not False else set()
-        _push_live_events(app, ws, flt, inbox, sent)
-    finally:
-        app.events.unsubscribe(inbox)
-        ws.close(WS_CLOSE_GOING_AWAY if app.stopping.is_set() else WS_CLOSE_NORMAL)
-
-
-def _drain_subscriber(ws: WebSocket, inbox: queue.Queue):
-    """Subscribers send nothing after their filter; reading still answers pings and sees the close."""
-    try:
-        while True:
-            ws.receive()
-    except WebSocketClosed:
+    def closed(self):
         pass
-    finally:
-        with contextlib.suppress(queue.Full):
-            inbox.put_nowait(_INBOX_CLOSED)
 
 
-def _backfill(app, ws: WebSocket, flt: dict) -> set:
-    sent, offset = set(), 0
-    while True:
-        with app.db.read() as tx:
-            events, total = read_events_page(tx, flt, EVENTS_OUT_BACKFILL_PAGE, offset)
-        for event in events:
-            ws.send_json({"type": "event", "event": event})
-            sent.add(event["id"])
-        offset += len(events)
-        if not events or offset >= total:
-            return sent
+class EventsOut:
+    """/api/events/out: a subscriber sends one filter message and then receives the recent matching
+    events (unless backfill is false) and the matching events stored from then on, oldest first.
 
+    Committed events reach deliver() on the committing thread; they wait here and a worker sends them
+    (one flush at a time per subscriber). A subscriber whose backlog grows past EVENT_SUBSCRIBER_BACKLOG
+    is closed with 1013: it reconnects and backfills rather than slow the writers down."""
 
-def _push_live_events(app, ws: WebSocket, flt: dict, inbox: queue.Queue, already_sent: set):
-    while not ws.closed:
+    def __init__(self, app, ws):
+        self.app, self.ws = app, ws
+        self.authenticated = ws.subprotocol != "prefect"
+        self.filter: dict | None = None
+        self._lock = threading.Lock()
+        self._pending: collections.deque = collections.deque()
+        self._flushing = False  # a worker is sending (or the backfill runs): deliver() only queues
+        self._sent: set = set()  # ids sent by the backfill, which live events may repeat
+        self._over = False
+
+    def receive(self, messages: list):
+        for message in messages:
+            if not self.authenticated:
+                self.authenticated = authenticate_websocket(self.app, self.ws, message)
+                if not self.authenticated:
+                    return
+            elif self.filter is None:
+                if not self._subscribe(message):
+                    return
+            # anything a subscriber sends after its filter is ignored
+
+    def _subscribe(self, message) -> bool:
+        message = _json_message(self.ws, message)
+        if message is None:
+            return False
+        if not isinstance(message, dict) or message.get("type") != "filter":
+            self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
+            return False
         try:
-            batch = [inbox.get(timeout=0.5)]
-        except queue.Empty:
-            if app.stopping.is_set():
+            # A subscription without an end streams on (Prefect's client always sends until = now + 1 year).
+            flt = normalize_event_filter(message.get("filter"), loc=("filter",), until=_dt.timedelta(days=365))
+        except ValidationFailed as exc:
+            self.ws.close(WS_CLOSE_PROTOCOL_ERROR, f"Invalid filter: {exc}"[:120])
+            return False
+        earliest = iso(utcnow() - _dt.timedelta(seconds=EVENTS_OUT_BACKFILL_SECONDS))
+        flt["occurred"]["since"] = max(flt["occurred"]["since"], earliest)
+        flt["order"] = "ASC"
+        self.filter = flt
+        self._flushing = True  # until the backfill is sent: what is stored meanwhile waits in _pending
+        self.app.events.subscribe(self)  # before the backfill, so that nothing falls between the two
+        if message.get("backfill", True) is not False:
+            self._backfill()
+        self.ws.run_soon(self._flush)
+        return True
+
+    def _backfill(self):
+        offset = 0
+        while True:
+            with self.app.db.read() as tx:
+                events, total = read_events_page(tx, self.filter, EVENTS_OUT_BACKFILL_PAGE, offset)
+            for event in events:
+                self.ws.send_json({"type": "event", "event": event})
+                self._sent.add(event["id"])
+            offset += len(events)
+            if not events or offset >= total:
                 return
-            continue
-        with contextlib.suppress(queue.Empty):
-            while len(batch) < EVENTS_OUT_BACKFILL_PAGE:
-                batch.append(inbox.get_nowait())
-        if _INBOX_CLOSED in batch:
-            return
-        if _INBOX_OVERFLOWED in batch:
-            ws.close(WS_CLOSE_TRY_AGAIN_LATER, "subscriber fell too far behind; reconnect to backfill")
-            return
+
+    def deliver(self, events: list[dict]):
+        """On the thread that committed `events`: queue them, and have a worker send them."""
+        with self._lock:
+            if self._over:
+                return
+            self._pending.extend(events)
+            if len(self._pending) > EVENT_SUBSCRIBER_BACKLOG:
+                self._cut_off_locked()
+                return
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self.ws.run_soon(self._flush)
+
+    def cut_off(self):
+        """Events meant for this subscriber were lost on the way: it reconnects, and backfills."""
+        with self._lock:
+            self._cut_off_locked()
+
+    def _cut_off_locked(self):
+        self._over = True
+        self._pending.clear()
+        self.ws.close(WS_CLOSE_TRY_AGAIN_LATER, "subscriber fell too far behind; reconnect to backfill")
+
+    def _flush(self):
+        while True:
+            with self._lock:
+                if self._over or not self._pending:
+                    self._flushing = False
+                    return
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), EVENTS_OUT_BACKFILL_PAGE))]
+            self._send_matching(batch)
+
+    def _send_matching(self, batch: list[dict]):
         events = []
         for event in batch:
-            if event["id"] in already_sent:  # stored while we backfilled: sent already
-                already_sent.discard(event["id"])
+            if event["id"] in self._sent:  # stored while we backfilled: sent already
+                self._sent.discard(event["id"])
             else:
                 events.append(event)
-        with app.db.read() as tx:
-            wanted = matching_event_ids(tx, flt, [e["id"] for e in events])
+        with self.app.db.read() as tx:
+            wanted = matching_event_ids(tx, self.filter, [e["id"] for e in events])
         for event in events:
             if event["id"] in wanted:
-                ws.send_json({"type": "event", "event": _received_event(event)})
+                self.ws.send_json({"type": "event", "event": _received_event(event)})
+
+    def closed(self):
+        with self._lock:
+            self._over = True
+            self._pending.clear()
+        if self.filter is not None:
+            self.app.events.unsubscribe(self)
 
 
 def _received_event(event: dict) -> dict:
@@ -9006,7 +8964,43 @@ def _received_event(event: dict) -> dict:
                                             "received")}
 
 
-WEBSOCKET_ENDPOINTS = {"/api/events/in": serve_events_in, "/api/events/out": serve_events_out}
+class EventHub:
+    """Live fan-out of committed events to the /events/out subscribers of one server process."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._subscribers: list[EventsOut] = []
+        self.on_count = None  # called with the number of subscribers when it changes (_ProcessGroup)
+
+    def subscribe(self, subscriber: EventsOut):
+        with self._lock:
+            self._subscribers.append(subscriber)
+            self._counted()
+
+    def unsubscribe(self, subscriber: EventsOut):
+        with self._lock, contextlib.suppress(ValueError):
+            self._subscribers.remove(subscriber)
+            self._counted()
+
+    def _counted(self):
+        if self.on_count is not None:
+            self.on_count(len(self._subscribers))
+
+    def cut_off_everyone(self):
+        """Events meant for our subscribers were lost on the way: they reconnect, and backfill."""
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.cut_off()
+
+    def publish(self, events: list[dict]):
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for subscriber in subscribers:
+            subscriber.deliver(events)
+
+
+WEBSOCKET_ENDPOINTS = {"/api/events/in": EventsIn, "/api/events/out": EventsOut}
 
 
 # --- 11. Server ---
@@ -9197,11 +9191,6 @@ def _is_loopback(address: str) -> bool:
     return address.startswith("127.") or address in ("::1", "::ffff:127.0.0.1")
 
 
-_MAX_HEADER_LINE = 65536
-_MAX_HEADERS = 100
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
-
-
 class RequestHeaders:
     """A request's header fields, with the lookups of email.message.Message that we use (get, get_all,
     [], in; case-insensitive, the first of repeated fields wins), parsed without the email package."""
@@ -9228,48 +9217,6 @@ class RequestHeaders:
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
-
-
-class _BadHeaders(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-
-
-def _header_lines(rfile):
-    """The raw header lines, the empty line last. When the whole block is in the read buffer already (as
-    it is for all but huge or trickling requests) it is taken in one read instead of a readline per line."""
-    peeked = rfile.peek(8192)
-    end = peeked.find(b"\r\n\r\n")
-    if end > 0 and not peeked.startswith(b"\r\n") and peeked.count(b"\n", 0, end) == peeked.count(b"\r\n", 0, end):
-        yield from rfile.read(end + 4)[:end].split(b"\r\n")
-        yield b"\r\n"
-        return
-    while True:
-        yield rfile.readline(_MAX_HEADER_LINE + 1)
-
-
-def read_request_headers(rfile) -> RequestHeaders:
-    """Header lines up to the empty line. http.server hands them to the email package's parser, which
-    took a third of a small request's time; these are the limits it applies (431 beyond them)."""
-    fields: list[list[str]] = []
-    for line in _header_lines(rfile):
-        if len(line) > _MAX_HEADER_LINE:
-            raise _BadHeaders(431, "Line too long")
-        if line in (b"\r\n", b"\n", b""):
-            return RequestHeaders([(name, value) for name, value in fields])
-        if len(fields) >= _MAX_HEADERS:
-            raise _BadHeaders(431, "Too many headers")
-        text = line.decode("iso-8859-1").rstrip("\r\n")
-        if text[:1] in (" ", "\t"):  # an obsolete folded continuation: one space, as RFC 9112 allows
-            if not fields:
-                raise _BadHeaders(400, "Header continuation without a header")
-            fields[-1][1] = f"{fields[-1][1]} {text.strip()}"
-            continue
-        name, colon, value = text.partition(":")
-        if not colon or not _HEADER_NAME.fullmatch(name):
-            raise _BadHeaders(400, "Malformed header line")
-        fields.append([name, value.strip(" \t")])
 
 
 _REQUEST_ID_FORM = re.compile(r"[\w.-]{1,64}")
@@ -9311,30 +9258,6 @@ def _writes(method: str, handler) -> bool:
     return method in _WRITE_METHODS and not name.startswith(("read_", "count_")) and not name.endswith("_history")
 
 
-def is_write_request(app: App, method: str, target: str) -> bool:
-    """From the request line alone: an API call that will write."""
-    if method not in _WRITE_METHODS or not target.startswith("/api/"):
-        return False
-    try:
-        handler = match_route(app.route_index, method, _split_target(target)[0][4:])[0]
-    except HTTPError:
-        return False
-    return _writes(method, handler)
-
-
-def _whole_request_buffered(rfile) -> bool:
-    """Are the headers and the whole body (by Content-Length) in the read buffer already?"""
-    buffered = rfile.peek(8192)
-    end = buffered.find(b"\r\n\r\n")
-    if end < 0:
-        return False
-    head = b"\r\n" + buffered[:end].lower()
-    if b"\r\ntransfer-encoding:" in head or b"\r\nexpect:" in head:
-        return False
-    found = _CONTENT_LENGTH.search(head)
-    return len(buffered) - (end + 4) >= (int(found.group(1)) if found else 0)
-
-
 _DATE_HEADER = (0, "")  # (second, its HTTP date): one formatting per second, not per response
 
 
@@ -9355,406 +9278,1070 @@ def _split_target(target: str) -> tuple[str, str]:
     return split.path, split.query
 
 
-class _RequestHandler(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    server_version = f"prefectlite/{__version__}"
-    sys_version = ""
-    # Buffer the response so headers and body leave in one segment (flushed after each request);
-    # with TCP_NODELAY this avoids the 40 ms Nagle / delayed-ACK stall of a two-part write.
-    wbufsize = 64 * 1024
+class HttpRequest:
+    """One request as the connection loop parsed it (section 12); `body` is filled once it has arrived."""
 
-    def setup(self):
-        self.timeout = self.server.app.settings["PREFECT_SERVER_KEEPALIVE_TIMEOUT"]
-        self._staged: list[bytes] = []  # the answer, until handle_one_request writes it
-        self._body_buffered = False  # the request's body is in the read buffer already
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.track(self.connection, True)
+    __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive", "peer")
 
-    def finish(self):
-        with contextlib.suppress(OSError):
-            super().finish()
-        self.server.track(self.connection, False)
-
-    def log_message(self, format, *args):  # noqa: A002 - BaseHTTPRequestHandler's signature
-        if log.isEnabledFor(logging.DEBUG):  # called for every response: format nothing unless it is shown
-            log.debug("%s %s", self.address_string(), format % args)
-
-    def send_error(self, code, message=None, explain=None):
-        """Errors the base class raises itself (bad request line, huge headers) are JSON too."""
-        self.close_connection = True
-        if self.request_version == "HTTP/0.9":  # the request line was unreadable: answer in HTTP/1.1 anyway
-            self.request_version = "HTTP/1.1"
-        self._send(code, {"detail": message or http.HTTPStatus(code).phrase}, {})
-
-    def parse_request(self):
-        """The request line and headers, as http.server reads them, but with read_request_headers."""
-        self.command = None
-        self.request_version = self.default_request_version
-        self.close_connection = True
-        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
-        words = self.requestline.split()
-        if not words:
-            return False
-        if len(words) != 3:
-            self.send_error(400, f"Bad request syntax ({self.requestline[:100]!r})")
-            return False
-        command, path, version = words
-        match = re.fullmatch(r"HTTP/(\d{1,10})\.(\d{1,10})", version)
-        if not match:
-            self.send_error(400, f"Bad request version ({version[:20]!r})")
-            return False
-        number = (int(match.group(1)), int(match.group(2)))
-        if number >= (2, 0):
-            self.send_error(505, f"Invalid HTTP version ({version[5:][:20]})")
-            return False
-        self.request_version = version
-        self.close_connection = number < (1, 1)
+    def __init__(self, method: str, target: str, version: tuple[int, int], headers: RequestHeaders, peer: str):
+        self.method = method
         # "//host/x" would read as a URL without a scheme to some clients: one leading slash only
-        self.command, self.path = command, "/" + path.lstrip("/") if path.startswith("//") else path
-        try:
-            self.headers = read_request_headers(self.rfile)
-        except _BadHeaders as exc:
-            self.send_error(exc.status, str(exc))
-            return False
-        connection = self.headers.get("Connection", "").lower()
-        if connection == "close":
-            self.close_connection = True
-        elif connection == "keep-alive":
-            self.close_connection = False
-        if self.headers.get("Expect", "").lower() == "100-continue" and number >= (1, 1):
-            return self.handle_expect_100()
-        return True
+        self.target = "/" + target.lstrip("/") if target.startswith("//") else target
+        self.path, self.query = _split_target(self.target)
+        self.version = version
+        self.headers = headers
+        self.body = b""
+        self.peer = peer
+        connection = headers.get("Connection", "").lower()
+        self.keep_alive = connection == "keep-alive" if version < (1, 1) else connection != "close"
 
-    def handle_expect_100(self):
-        """The 100 Continue must leave now, not wait in our response buffer."""
-        self.send_response_only(http.HTTPStatus.CONTINUE)
-        self.end_headers()
-        self.wfile.flush()
-        return True
 
-    def do_GET(self):
-        self._handle()
+def is_write_request(app: App, method: str, path: str) -> bool:
+    """An API call that will write: it is answered in the write turnstile on SQLite."""
+    if method not in _WRITE_METHODS or not path.startswith("/api/"):
+        return False
+    try:
+        handler = match_route(app.route_index, method, path[4:])[0]
+    except HTTPError:
+        return False
+    return _writes(method, handler)
 
-    do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = do_GET
 
-    def handle_one_request(self):
-        """As http.server's, except that a write request that arrived whole is parsed, handled and its
-        answer written out in the server's write turnstile, one such request at a time.
+def auth_refusal(app: App, req: HttpRequest) -> bytes | None:
+    """The 401 for a request that lacks the server's basic auth, decided from its head alone (its body
+    is never read). Preflights, health and readiness pass (and WebSocket upgrades, which authenticate in
+    band, never get here)."""
+    if (req.method == "OPTIONS" or req.path in _AUTH_EXEMPT
+            or check_basic_auth(app.settings, req.headers.get("Authorization"))):
+        return None
+    req.keep_alive = False
+    request_id = request_id_of(req)
+    headers = {**cors_headers(app.settings, req.headers.get("Origin")), "X-Request-ID": request_id,
+               "WWW-Authenticate": 'Basic realm="prefectlite"'}
+    token = REQUEST_ID.set(request_id)
+    try:
+        log.info("%s %s 401 (no valid credentials)", req.method, req.path)
+    finally:
+        REQUEST_ID.reset(token)
+    return render_response(req, 401, {"detail": "Unauthorized"}, headers)
 
-        The GIL runs one thread's Python at a time anyway. Eight writers interleaved there hand the GIL
-        over at every SQLite call and socket operation, and each waits to get it back: 18 context
-        switches per request, CPU per request 0.5 ms at one client but 0.72 ms at eight. In the
-        turnstile the writer that has the database keeps the GIL to itself. A request that is still
-        arriving stays outside (it must not hold the others up), and so do reads, which spend their
-        time in the database with the GIL released. Only what the socket takes at once is sent in the
-        turnstile, the rest after it: a client slow to read its answers holds up no one else.
-        On PostgreSQL (not one_writer) writers run side by side: their time is spent waiting on the
-        network with the GIL released, and queueing them measured 867 -> 552 req/s at 8 clients.
-        """
-        try:
-            self.raw_requestline = self.rfile.readline(65537)
-            if len(self.raw_requestline) > 65536:
-                self.requestline = self.request_version = self.command = ""
-                self.send_error(http.HTTPStatus.REQUEST_URI_TOO_LONG)
-                self._write_staged()
-                return
-            if not self.raw_requestline:
-                self.close_connection = True
-                return
-            words = self.raw_requestline.split(None, 2)
-            app = self.server.app
-            in_turn = (app.db.one_writer and len(words) == 3
-                       and is_write_request(app, words[0].decode("latin-1"), words[1].decode("latin-1"))
-                       and _whole_request_buffered(self.rfile))
-            self._staged = []
-            self._body_buffered = in_turn  # then reading it takes no time limit of its own
-            with self.server.write_turnstile if in_turn else contextlib.nullcontext():
-                self._answer()
-                if in_turn:
-                    self._send_staged_now()
-            self._write_staged()
-        except TimeoutError as exc:  # a read or a write timed out: drop the connection
-            self.log_error("Request timed out: %r", exc)
-            self.close_connection = True
 
-    def _send_staged_now(self):
-        """In the turnstile: send what the socket takes without waiting (nearly always all of it)."""
-        self.wfile.flush()  # empty here (every answer is staged); were it not, its bytes must go first
-        data = b"".join(self._staged)
-        try:
-            # setup() gives every connection a time limit, so the socket is non-blocking underneath
-            # (Python waits in poll): one write, not poll + send, nor two ioctls to switch it and back.
-            sent = os.write(self.connection.fileno(), data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError:
-            self.close_connection = True
-            sent = len(data)
-        self._staged = [data[sent:]] if sent < len(data) else []
+def request_id_of(req: HttpRequest) -> str:
+    """The client's X-Request-ID when it is a sane one, else a new one."""
+    given = req.headers.get("X-Request-ID") or ""
+    return given if _REQUEST_ID_FORM.fullmatch(given) else _random_bytes(8).hex()
 
-    def _write_staged(self):
-        try:
-            for part in self._staged:
-                self.wfile.write(part)
-            self.wfile.flush()
-        except OSError:
-            self.close_connection = True
-        self._staged = []
 
-    def _answer(self):
-        if not self.parse_request():
-            return  # the error answer is written already
-        method = getattr(self, f"do_{self.command}", None)
-        if method is None:
-            self.send_error(http.HTTPStatus.NOT_IMPLEMENTED, f"Unsupported method ({self.command!r})")
-            return
-        method()
-
-    def _read_body(self) -> bytes | None:
-        limit = self.server.app.settings["PREFECT_SERVER_MAX_BODY_BYTES"]
-        if not self._body_buffered:  # each settimeout is a system call: only when the socket is read
-            self.connection.settimeout(self.server.app.settings["PREFECT_SERVER_REQUEST_TIMEOUT"])
-        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            chunks, total = [], 0
-            while True:
-                line = self.rfile.readline(1024)
-                size = int(line.split(b";")[0].strip() or b"0", 16)
-                if size == 0:
-                    self.rfile.readline(1024)
-                    break
-                total += size
-                if total > limit:
-                    raise HTTPError(413, f"Request body larger than {limit} bytes")
-                chunks.append(self.rfile.read(size))
-                self.rfile.readline(1024)
-            return b"".join(chunks)
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return b""
-        if len(set(self.headers.get_all("Content-Length"))) > 1:  # which one? a smuggling attempt
-            raise HTTPError(400, "Conflicting Content-Length headers")
-        if not length.isdigit():
-            raise HTTPError(400, "Invalid Content-Length")
-        if int(length) > limit:
-            raise HTTPError(413, f"Request body larger than {limit} bytes")
-        data = self.rfile.read(int(length))
-        if len(data) != int(length):
-            raise HTTPError(400, "Incomplete request body")
-        return data
-
-    def _handle(self):
-        """Answer one request: every response carries a request id and gets one access-log line."""
-        app = self.server.app
-        started = time.perf_counter()
-        given = self.headers.get("X-Request-ID") or ""
-        request_id = given if _REQUEST_ID_FORM.fullmatch(given) else _random_bytes(8).hex()
-        REQUEST_ID.set(request_id)
-        path, query = _split_target(self.path)
-        try:
-            extra = {**cors_headers(app.settings, self.headers.get("Origin")), "X-Request-ID": request_id}
-            if path in WEBSOCKET_ENDPOINTS and is_websocket_upgrade(self.headers):
-                self._serve_websocket(path, extra)  # authenticated in band, not by HTTP basic auth
-                return
-            status, payload, headers = self._respond(app, path, query)
-            if app.stopping.is_set():
-                self.close_connection = True
-            self._send(status, payload, {**extra, **headers})
-            log.info("%s %s %d %.1fms", self.command, path, status, (time.perf_counter() - started) * 1000)
-        finally:
-            REQUEST_ID.set(None)
-
-    def _respond(self, app, path: str, query: str) -> tuple[int, object, dict]:
-        try:
-            raw = self._read_body()
-        except HTTPError as exc:
-            self.close_connection = True
-            return exc.status, {"detail": exc.detail}, {}
-        except (ValueError, OSError):
-            self.close_connection = True
-            return 400, {"detail": "Malformed or too slow request body"}, {}
-        finally:
-            if not self._body_buffered:
-                self.connection.settimeout(app.settings["PREFECT_SERVER_KEEPALIVE_TIMEOUT"])
-        if self.command == "OPTIONS":
-            return 204, NO_CONTENT, {}
-        if path not in _AUTH_EXEMPT and not check_basic_auth(app.settings, self.headers.get("Authorization")):
-            return 401, {"detail": "Unauthorized"}, {"WWW-Authenticate": 'Basic realm="prefectlite"'}
-        if path == "/api" or path.startswith("/api/"):
-            params = urllib.parse.parse_qs(query, keep_blank_values=True) if query else {}
-            req = Request(app, "GET" if self.command == "HEAD" else self.command, path[4:] or "/", params,
-                          self.headers, raw)
-            return handle_api_request(app, req)
-        if self.command not in ("GET", "HEAD"):
-            return 405, {"detail": "Method Not Allowed"}, {}
-        status, payload, headers = static_file(app, path)
-        if payload is None:
-            return status, {"detail": "Not Found"}, headers
-        if headers.get("ETag") and self.headers.get("If-None-Match") == headers["ETag"]:
-            return 304, NO_CONTENT, headers
-        return status, payload, headers
-
-    def _serve_websocket(self, path: str, extra: dict):
-        """The opening handshake, then the connection belongs to the endpoint until it closes."""
-        app = self.server.app
-        self.close_connection = True  # no HTTP request follows a WebSocket on this connection
-        problem = websocket_handshake_problem(self.command, self.headers)
-        subprotocol, refusal = websocket_subprotocol_problem(app.settings, self.headers)
-        if problem is None and refusal:
-            problem = (403, refusal)
-        if problem is not None:
-            status, detail = problem
-            headers = {**extra, "Sec-WebSocket-Version": "13"} if status == 426 else extra
-            self._send(status, {"detail": detail}, headers)
-            return
-        self.send_response(101)
-        self.send_header("Upgrade", "websocket")
-        self.send_header("Connection", "Upgrade")
-        self.send_header("Sec-WebSocket-Accept", websocket_accept_key(self.headers["Sec-WebSocket-Key"].strip()))
-        if subprotocol:
-            self.send_header("Sec-WebSocket-Protocol", subprotocol)
-        self.send_header("X-Request-ID", extra["X-Request-ID"])
-        self.end_headers()
-        self.wfile.flush()
-        self.connection.settimeout(WEBSOCKET_IDLE_SECONDS)
-        ws = WebSocket(self.rfile, self.wfile, app.settings["PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES"], subprotocol,
-                       peer=self.address_string())
-        log.info("WebSocket %s opened by %s", path, ws.peer)
-        try:
-            WEBSOCKET_ENDPOINTS[path](app, ws)
-        except WebSocketClosed:
-            if app.stopping.is_set():  # our reads ended because the server is stopping: say so
-                ws.close(WS_CLOSE_GOING_AWAY, "server shutting down")
-        except DatabaseUnavailable as exc:
-            ws.close(WS_CLOSE_TRY_AGAIN_LATER, f"database unavailable: {exc}"[:120])
-        except Exception:  # noqa: BLE001 - one broken endpoint call must not take the worker down
-            log.exception("WebSocket %s failed", path)
-            ws.close(WS_CLOSE_INTERNAL_ERROR, "internal server error")
-        log.info("WebSocket %s from %s closed (%s)", path, ws.peer, ws.close_code)
-
-    def _send(self, status, payload, headers):
-        if payload is NO_CONTENT or status in (204, 304):
-            data, ctype = b"", None
-        elif isinstance(payload, RawBody):
-            data, ctype = payload.data, payload.content_type
-        else:
-            data, ctype = dumps(payload).encode("utf-8", "replace"), "application/json"
-        if (data and len(data) > 4096 and "gzip" in (self.headers.get("Accept-Encoding") or "")
-                and not _is_loopback(self.client_address[0])):  # over loopback compression only costs CPU
-            data = gzip.compress(data, compresslevel=1)
-            headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
-        # The head in one piece, as send_response/send_header/end_headers would write it (they format and
-        # encode each line apart, and the Date header anew for every response)
-        head = [f"{self.protocol_version} {status} {self.responses.get(status, ('',))[0]}\r\n"
-                f"Server: {self.version_string()}\r\nDate: {_http_date()}\r\n"]
-        if ctype:
-            head.append(f"Content-Type: {ctype}\r\n")
-        if status != 304:
-            head.append(f"Content-Length: {len(data)}\r\n")
-        for key, value in headers.items():
-            head.append(f"{key}: {value}\r\n")
-        if self.close_connection:
-            head.append("Connection: close\r\n")
-        head.append("\r\n")
+def answer_request(app: App, req: HttpRequest) -> bytes:
+    """Answer one whole request: the response's bytes. Every response carries a request id and gets one
+    access-log line."""
+    started = time.perf_counter()
+    request_id = request_id_of(req)
+    REQUEST_ID.set(request_id)
+    try:
+        extra = {**cors_headers(app.settings, req.headers.get("Origin")), "X-Request-ID": request_id}
+        status, payload, headers = _respond(app, req)
+        if app.stopping.is_set():
+            req.keep_alive = False
+        data = render_response(req, status, payload, {**extra, **headers})
+        log.info("%s %s %d %.1fms", req.method, req.path, status, (time.perf_counter() - started) * 1000)
         if log.isEnabledFor(logging.DEBUG):
-            self.log_request(status)
-        # Staged, and written once the request has left the write turnstile (handle_one_request)
-        self._staged.append("".join(head).encode("latin-1", "strict"))
-        if self.command != "HEAD" and data:
-            self._staged.append(data)
+            log.debug('%s "%s %s HTTP/%d.%d" %d %d', req.peer, req.method, req.target, *req.version, status, len(data))
+        return data
+    finally:
+        REQUEST_ID.set(None)
 
 
-class PooledHTTPServer(http.server.HTTPServer):
-    """HTTP server whose connections are served by a bounded pool of threads (started on demand)."""
+def _respond(app: App, req: HttpRequest) -> tuple[int, object, dict]:
+    if req.method == "OPTIONS":
+        return 204, NO_CONTENT, {}
+    path = req.path
+    if path == "/api" or path.startswith("/api/"):
+        params = urllib.parse.parse_qs(req.query, keep_blank_values=True) if req.query else {}
+        api_req = Request(app, "GET" if req.method == "HEAD" else req.method, path[4:] or "/", params, req.headers,
+                          req.body)
+        return handle_api_request(app, api_req)
+    if req.method not in ("GET", "HEAD"):
+        return 405, {"detail": "Method Not Allowed"}, {}
+    status, payload, headers = static_file(app, path)
+    if payload is None:
+        return status, {"detail": "Not Found"}, headers
+    if headers.get("ETag") and req.headers.get("If-None-Match") == headers["ETag"]:
+        return 304, NO_CONTENT, headers
+    return status, payload, headers
 
-    request_queue_size = 128
 
-    def __init__(self, listening: socket.socket, app: App):
-        self.app = app
-        self.max_workers = max(1, app.settings["PREFECT_SERVER_WORKERS"])
-        self._queue = queue.Queue()
-        self._workers: list[threading.Thread] = []
+SERVER_HEADER = f"prefectlite/{__version__}"
+_REASON_PHRASES = {status.value: status.phrase for status in http.HTTPStatus}
+
+
+def render_response(req: HttpRequest | None, status: int, payload, headers: dict) -> bytes:
+    """Status line, headers and body in one piece (one send, no Nagle stall between them). Without a
+    request (its head was unreadable) the answer is HTTP/1.1 and closes the connection."""
+    if payload is NO_CONTENT or status in (204, 304):
+        data, ctype = b"", None
+    elif isinstance(payload, RawBody):
+        data, ctype = payload.data, payload.content_type
+    else:
+        data, ctype = dumps(payload).encode("utf-8", "replace"), "application/json"
+    if (req is not None and data and len(data) > 4096 and "gzip" in (req.headers.get("Accept-Encoding") or "")
+            and not _is_loopback(req.peer)):  # over loopback compression only costs CPU
+        data = gzip.compress(data, compresslevel=1)
+        headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
+    head = [f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}\r\nServer: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"]
+    if ctype:
+        head.append(f"Content-Type: {ctype}\r\n")
+    if status != 304:
+        head.append(f"Content-Length: {len(data)}\r\n")
+    for key, value in headers.items():
+        head.append(f"{key}: {value}\r\n")
+    if req is None or not req.keep_alive:
+        head.append("Connection: close\r\n")
+    head.append("\r\n")
+    if req is not None and req.method == "HEAD" or not data:
+        return "".join(head).encode("latin-1", "replace")
+    return "".join(head).encode("latin-1", "replace") + data
+
+
+def websocket_refusal(app: App, req: HttpRequest) -> tuple[int, str, dict] | None:
+    """Why an upgrade to a WebSocket is refused (status, detail, headers), or None to accept it."""
+    problem = websocket_handshake_problem(req.method, req.headers)
+    if problem is not None:
+        status, detail = problem
+        return status, detail, ({"Sec-WebSocket-Version": "13"} if status == 426 else {})
+    if not websocket_origin_allowed(app.settings, req.headers):
+        return 403, "WebSocket from an origin this server does not allow", {}
+    refusal = websocket_subprotocol_problem(app.settings, req.headers)[1]
+    if refusal:
+        return 403, refusal, {}
+    return None
+
+
+def websocket_acceptance(req: HttpRequest, subprotocol: str | None, request_id: str) -> bytes:
+    """The 101 that opens a WebSocket."""
+    lines = ["HTTP/1.1 101 Switching Protocols", f"Server: {SERVER_HEADER}", f"Date: {_http_date()}",
+             "Upgrade: websocket", "Connection: Upgrade",
+             f"Sec-WebSocket-Accept: {websocket_accept_key(req.headers['Sec-WebSocket-Key'].strip())}"]
+    if subprotocol:
+        lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
+    lines.append(f"X-Request-ID: {request_id}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+# --- 12. Connections ---
+# Owns every socket of a running server: one thread runs an event loop that accepts connections, reads
+# and parses HTTP/1.1 requests (strictly, RFC 9112), enforces one deadline per request, refuses a
+# request that lacks auth before its body is read, and frames WebSocket messages; complete requests and
+# whole messages go to a bounded pool of worker threads, which do the database work and send the
+# answer. Idle keep-alive connections, slow senders and open WebSockets wait in the loop, holding no
+# thread, so thousands of them cost memory only.
+#
+# Why `select.epoll` and not asyncio: a connection's work runs on a worker thread, which re-arms the
+# connection itself when it is done (a one-shot registration, re-armed with one epoll_ctl), so the
+# loop is not woken once more per request; asyncio would need call_soon_threadsafe for that, a wake-up
+# and a Future per request (see tests/benchmarks/README.md for the figures). Elsewhere than Linux the
+# same loop runs on `selectors`, which has no one-shot mode: workers hand re-arming to the loop.
+
+_IDLE, _HEAD, _BODY, _BUSY, _WEBSOCKET, _CLOSING = range(6)  # what a connection is doing
+_REQUEST_LINE_MAX = 65_536  # bytes: 414 beyond
+_HEADER_SECTION_MAX = 65_536  # bytes of header lines after the request line: 431 beyond
+_MAX_HEADERS = 100
+_CHUNK_LINE_MAX = 4_096
+_RECV_BYTES = 65_536
+_LINGER_SECONDS = 2.0  # after a closing answer, how long a client may go on sending before we hang up
+_LINGER_BYTES = 1 << 20  # ... and how much of it we read and drop (so it gets our answer, not a reset)
+_WS_OUTBOX_MAX = 16 << 20  # bytes queued for a WebSocket client that does not read: closed beyond
+_SWEEP_SECONDS = 0.25  # how often deadlines are checked
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+_CONTENT_LENGTH_FORM = re.compile(r"[0-9]{1,18}")
+_CHUNK_SIZE_LINE = re.compile(rb"([0-9A-Fa-f]{1,16})[ \t]*(?:;[^\r\n]*)?")
+_HTTP_VERSION = re.compile(r"HTTP/([0-9])\.([0-9])")
+_SUPPORTED_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+class BadRequest(Exception):
+    """A request the loop will not hand on: answered with `status` and closed."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _take_line(buffer: bytearray, limit: int, what: str) -> bytes | None:
+    """The first line of `buffer` (LF or CRLF ended), taken off it; None until it has all arrived."""
+    end = buffer.find(b"\n", 0, limit + 2)
+    if end < 0:
+        if len(buffer) > limit + 1:
+            raise BadRequest(400, f"{what} too long")
+        return None
+    line = bytes(buffer[:end])
+    del buffer[:end + 1]
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    if b"\r" in line:
+        raise BadRequest(400, f"Bare CR in {what.lower()}")
+    return line
+
+
+def _head_end(buffer: bytearray) -> int:
+    """Where the request head ends (just past its empty line), or -1 while it has not all arrived."""
+    crlf = buffer.find(b"\r\n\r\n")
+    if crlf >= 0 and buffer.find(b"\n\n", 0, crlf) < 0 and buffer.find(b"\n\r\n", 0, crlf) < 0:
+        return crlf + 4  # the usual case: CRLF throughout
+    ends = [i + n for i, n in ((buffer.find(b"\n\n"), 2), (buffer.find(b"\n\r\n"), 3)) if i >= 0]
+    return min(ends) if ends else -1
+
+
+def _head_too_big(buffer: bytearray) -> BadRequest | None:
+    """An unfinished head past the limits: the request line, one header line, or all of them."""
+    line_end = buffer.find(b"\n")
+    if line_end < 0 and len(buffer) > _REQUEST_LINE_MAX:
+        return BadRequest(414, "Request-URI Too Long")
+    if len(buffer) - max(line_end, 0) > _HEADER_SECTION_MAX:
+        longest = max((len(line) for line in bytes(buffer[line_end + 1:]).split(b"\n")), default=0)
+        return BadRequest(431, "Line too long" if longest > 65_536 else "Header section too large")
+    return None
+
+
+def parse_request_head(head: bytes, peer: str) -> HttpRequest:
+    """The request line and header fields of one request (its head, up to the empty line)."""
+    if b"\r" in head and head.count(b"\r") != head.count(b"\r\n"):
+        raise BadRequest(400, "Bare CR in the request head")
+    lines = head.decode("iso-8859-1").replace("\r\n", "\n").split("\n")
+    while lines and lines[-1] == "":
+        lines.pop()
+    request_line = lines[0] if lines else ""
+    if len(request_line) > _REQUEST_LINE_MAX:
+        raise BadRequest(414, "Request-URI Too Long")
+    words = request_line.split()
+    if len(words) != 3:
+        raise BadRequest(400, f"Bad request syntax ({request_line[:100]!r})")
+    method, target, version_text = words
+    found = _HTTP_VERSION.fullmatch(version_text)
+    if not found:
+        raise BadRequest(400, f"Bad request version ({version_text[:20]!r})")
+    version = (int(found.group(1)), int(found.group(2)))
+    if version >= (2, 0):
+        raise BadRequest(505, f"Invalid HTTP version ({version_text[5:][:20]})")
+    if method not in _SUPPORTED_METHODS:
+        raise BadRequest(501, f"Unsupported method ({method[:20]!r})")
+    if sum(len(line) + 1 for line in lines[1:]) > _HEADER_SECTION_MAX:
+        too_long = any(len(line) > 65_536 for line in lines[1:])
+        raise BadRequest(431, "Line too long" if too_long else "Header section too large")
+    return HttpRequest(method, target, version, RequestHeaders(_header_fields(lines[1:])), peer)
+
+
+def _header_fields(lines: list[str]) -> list[tuple[str, str]]:
+    if len(lines) > _MAX_HEADERS:
+        raise BadRequest(431, "Too many headers")
+    fields = []
+    for line in lines:
+        if len(line) > 65_536:
+            raise BadRequest(431, "Line too long")
+        if line[:1] in (" ", "\t"):  # RFC 9112, 5.2: a server must refuse obsolete line folding or unfold it
+            raise BadRequest(400, "Obsolete line folding (a header continued on the next line) is not accepted")
+        name, colon, value = line.partition(":")
+        if not colon or not _HEADER_NAME.fullmatch(name):
+            raise BadRequest(400, "Malformed header line")
+        value = value.strip(" \t")
+        if "\x00" in value:
+            raise BadRequest(400, "Invalid character in a header value")
+        fields.append((name, value))
+    return fields
+
+
+def body_framing(req: HttpRequest, limit: int) -> int | None:
+    """How the body is delimited: its length, or None when chunked. RFC 9112, 6: what could be read two
+    ways (both framings, a coding other than chunked alone, differing lengths) is refused, never guessed."""
+    codings = req.headers.get_all("Transfer-Encoding")
+    lengths = req.headers.get_all("Content-Length")
+    if codings:
+        if lengths:
+            raise BadRequest(400, "Content-Length and Transfer-Encoding together")
+        if len(codings) != 1 or codings[0].strip().lower() != "chunked":
+            raise BadRequest(400, "Unsupported Transfer-Encoding (only chunked alone is accepted)")
+        if req.version < (1, 1):
+            raise BadRequest(400, "Transfer-Encoding in an HTTP/1.0 request")
+        return None
+    if not lengths:
+        return 0
+    values = {value.strip() for value in lengths}
+    if len(values) > 1:
+        raise BadRequest(400, "Conflicting Content-Length headers")
+    value = values.pop()
+    if not _CONTENT_LENGTH_FORM.fullmatch(value):
+        raise BadRequest(400, "Invalid Content-Length")
+    if int(value) > limit:
+        raise BadRequest(413, f"Request body larger than {limit} bytes")
+    return int(value)
+
+
+class ChunkedBody:
+    """A chunked body, decoded as its bytes arrive (RFC 9112, 7.1); trailer fields are read and dropped."""
+
+    __slots__ = ("limit", "parts", "size", "remaining", "phase", "trailer_bytes")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.remaining = 0
+        self.phase = "size"
+        self.trailer_bytes = 0
+
+    def feed(self, buffer: bytearray) -> bytes | None:
+        """Take what it can off `buffer`; the whole body once its last chunk and trailer are in."""
+        while True:
+            if self.phase == "data":
+                take = min(self.remaining, len(buffer))
+                if take == 0:
+                    return None
+                self.parts.append(bytes(buffer[:take]))
+                del buffer[:take]
+                self.remaining -= take
+                if self.remaining:
+                    return None
+                self.phase = "data-end"
+                continue
+            line = _take_line(buffer, _CHUNK_LINE_MAX if self.phase != "trailer" else 65_536, "Chunk line")
+            if line is None:
+                return None
+            if self.phase == "size":
+                self._start_chunk(line)
+            elif self.phase == "data-end":
+                if line:
+                    raise BadRequest(400, "Chunk data longer than its size")
+                self.phase = "size"
+            elif not line:  # the empty line after the trailer
+                return b"".join(self.parts)
+            else:
+                self.trailer_bytes += len(line)
+                if self.trailer_bytes > _HEADER_SECTION_MAX:
+                    raise BadRequest(431, "Trailer section too large")
+
+    def _start_chunk(self, line: bytes):
+        found = _CHUNK_SIZE_LINE.fullmatch(line)
+        if not found:
+            raise BadRequest(400, "Malformed chunk size")
+        size = int(found.group(1), 16)
+        if size == 0:
+            self.phase = "trailer"
+            return
+        self.size += size
+        if self.size > self.limit:
+            raise BadRequest(413, f"Request body larger than {self.limit} bytes")
+        self.remaining, self.phase = size, "data"
+
+
+class Connection:
+    """One client socket and what the loop knows of it. The loop alone reads it and closes it; a worker
+    sends on it and re-arms it (under `lock`, which also guards `outbox` and `state`)."""
+
+    __slots__ = ("sock", "peer", "inbox", "outbox", "lock", "state", "deadline", "request", "expected", "chunked",
+                 "websocket", "assembler", "last_read", "stalled_since", "closed", "lingered", "close_when_sent")
+
+    def __init__(self, sock: socket.socket, peer: str, now: float, idle_seconds: float):
+        self.sock = sock
+        self.peer = peer
+        self.inbox = bytearray()  # received, not yet parsed
+        self.outbox = bytearray()  # to send, what the socket did not take at once
+        self.lock = threading.Lock()
+        self.state = _IDLE
+        self.deadline = now + idle_seconds  # of the state it is in (none while _BUSY)
+        self.request: HttpRequest | None = None
+        self.expected = 0  # body bytes, for a Content-Length body
+        self.chunked: ChunkedBody | None = None
+        self.websocket: ServerWebSocket | None = None
+        self.assembler: MessageAssembler | None = None
+        self.last_read = now
+        self.stalled_since: float | None = None  # since when the outbox has not moved
+        self.closed = False
+        self.lingered = 0  # bytes read and dropped while closing
+        self.close_when_sent = False
+
+
+class _OneShotPoller:
+    """epoll with one-shot registrations: a connection fires once, then stays quiet until re-armed. A
+    worker re-arms the connection it finished with by itself (epoll_ctl is safe from any thread)."""
+
+    threadsafe_arm = True
+
+    def __init__(self):
+        self._epoll = select.epoll()
+        self._targets: dict[int, object] = {}
+
+    def add_listener(self, sock, target, exclusive: bool = False):
+        """`exclusive`: of the processes sharing a listening socket, one is woken per connection."""
+        self._targets[sock.fileno()] = target
+        try:
+            self._epoll.register(sock.fileno(), select.EPOLLIN | (getattr(select, "EPOLLEXCLUSIVE", 0) if exclusive else 0))
+        except OSError:  # a kernel older than 4.5 has no EPOLLEXCLUSIVE
+            self._epoll.register(sock.fileno(), select.EPOLLIN)
+
+    def remove_listener(self, sock):
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            self._epoll.unregister(sock.fileno())
+            del self._targets[sock.fileno()]
+
+    def add(self, conn: Connection):
+        self._targets[conn.sock.fileno()] = conn
+        self._epoll.register(conn.sock.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+
+    def arm(self, conn: Connection, read: bool, write: bool):
+        events = (select.EPOLLIN if read else 0) | (select.EPOLLOUT if write else 0)
+        if events:
+            with contextlib.suppress(OSError):  # closed under us: nothing to arm
+                self._epoll.modify(conn.sock.fileno(), events | select.EPOLLONESHOT)
+
+    def remove(self, conn: Connection, fd: int):
+        self._targets.pop(fd, None)
+        with contextlib.suppress(OSError, ValueError):
+            self._epoll.unregister(fd)
+
+    def poll(self, timeout: float) -> list[tuple[object, bool, bool]]:
+        ready = []
+        for fd, events in self._epoll.poll(timeout):
+            target = self._targets.get(fd)
+            if target is not None:
+                broken = bool(events & (select.EPOLLERR | select.EPOLLHUP))
+                ready.append((target, bool(events & select.EPOLLIN) or broken, bool(events & select.EPOLLOUT)))
+        return ready
+
+    def close(self):
+        self._epoll.close()
+
+
+class _SelectorPoller:
+    """The same one-shot behaviour on `selectors` (no epoll: macOS, BSD): a connection is unregistered
+    when it fires and registered again when armed. Only the loop thread may call arm()."""
+
+    threadsafe_arm = False
+
+    def __init__(self):
+        import selectors  # only here: Linux uses epoll
+        self._selectors = selectors
+        self._selector = selectors.DefaultSelector()
+
+    def add_listener(self, sock, target, exclusive: bool = False):
+        self._selector.register(sock, self._selectors.EVENT_READ, target)
+
+    def remove_listener(self, sock):
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(sock)
+
+    def add(self, conn: Connection):
+        self.arm(conn, True, False)
+
+    def arm(self, conn: Connection, read: bool, write: bool):
+        events = (self._selectors.EVENT_READ if read else 0) | (self._selectors.EVENT_WRITE if write else 0)
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(conn.sock)
+        if events:
+            with contextlib.suppress(ValueError, OSError):
+                self._selector.register(conn.sock, events, conn)
+
+    def remove(self, conn: Connection, fd: int):
+        with contextlib.suppress(KeyError, ValueError, OSError):
+            self._selector.unregister(fd)
+
+    def poll(self, timeout: float) -> list[tuple[object, bool, bool]]:
+        ready = []
+        for key, events in self._selector.select(timeout):
+            if isinstance(key.data, Connection):
+                self.arm(key.data, False, False)
+            ready.append((key.data, bool(events & self._selectors.EVENT_READ),
+                          bool(events & self._selectors.EVENT_WRITE)))
+        return ready
+
+    def close(self):
+        self._selector.close()
+
+
+class WorkerPool:
+    """A bounded pool of threads, started on demand, that run what the loop hands them in order."""
+
+    def __init__(self, size: int, name: str):
+        self.size = max(1, size)
+        self.name = name
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
         self._idle = 0
         self._lock = threading.Lock()
-        self._connections: set = set()
-        self.write_turnstile = _Turnstile()
-        super().__init__(listening.getsockname()[:2], _RequestHandler, bind_and_activate=False)
-        self.socket.close()  # the one socketserver made: we serve on `listening` (see open_listener)
-        self.socket = listening
-        self.server_address = listening.getsockname()
-        self.server_name, self.server_port = self.server_address[:2]
 
-    def track(self, conn, open_: bool):
+    def submit(self, fn, *args):
         with self._lock:
-            (self._connections.add if open_ else self._connections.discard)(conn)
-
-    def process_request(self, request, client_address):
-        with self._lock:
-            if self._idle == 0 and len(self._workers) < self.max_workers:
-                worker = threading.Thread(target=self._work, name=f"prefectlite-http-{len(self._workers)}", daemon=True)
-                self._workers.append(worker)
-                worker.start()
-            else:
-                self._idle -= 1 if self._idle else 0
-        self._queue.put((request, client_address))
+            if self._idle == 0 and len(self._threads) < self.size:
+                thread = threading.Thread(target=self._work, name=f"{self.name}-{len(self._threads)}", daemon=True)
+                self._threads.append(thread)
+                thread.start()
+            elif self._idle:
+                self._idle -= 1
+        self._queue.put((fn, args))
 
     def _work(self):
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            request, client_address = item
+            fn, args = item
             try:
-                self.finish_request(request, client_address)
-            except Exception:  # noqa: BLE001 - a broken connection must not kill the worker
-                log.debug("connection from %s ended with an error", client_address, exc_info=True)
-            finally:
-                self.shutdown_request(request)
-                with self._lock:
-                    self._idle += 1
+                fn(*args)
+            except Exception:  # noqa: BLE001 - what a task did not catch must not kill its worker
+                log.exception("a worker task failed")
+            with self._lock:
+                self._idle += 1
 
-    def stop(self, timeout: float = 10.0):
-        """Stop accepting, let in-flight requests finish, close idle keep-alive connections."""
-        self.app.stopping.set()
-        self.shutdown()
-        with self._lock:
-            for conn in list(self._connections):
-                with contextlib.suppress(OSError):
-                    conn.shutdown(socket.SHUT_RD)  # wakes workers waiting for a next request
-        for _ in self._workers:
+    def stop(self, deadline: float):
+        for _ in self._threads:
             self._queue.put(None)
-        deadline = time.monotonic() + timeout
-        for worker in self._workers:
-            worker.join(max(0.0, deadline - time.monotonic()))
-        self.server_close()
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
+
+class ServerWebSocket:
+    """A WebSocket connection as an endpoint sees it (section 10): sends and closes from any thread."""
+
+    def __init__(self, loop: ConnectionLoop, conn: Connection, subprotocol: str | None):
+        self.loop = loop
+        self.conn = conn
+        self.subprotocol = subprotocol
+        self.peer = conn.peer
+        self.endpoint = None
+        self.authenticated = subprotocol != "prefect"
+
+    def send_json(self, value):
+        self.send_text(dumps(value))
+
+    def send_text(self, text: str):
+        if len(self.conn.outbox) > _WS_OUTBOX_MAX:
+            self.close(WS_CLOSE_TRY_AGAIN_LATER, "client too slow to read; reconnect")
+            return
+        self.loop.send(self.conn, encode_frame(WS_TEXT, text.encode("utf-8")))
+
+    def close(self, code: int = WS_CLOSE_NORMAL, reason: str = ""):
+        self.loop.close_websocket(self.conn, code, reason)
+
+    def run_soon(self, fn):
+        self.loop.pool.submit(self.loop.run_websocket_task, self.conn, fn)
+
+
+class ConnectionLoop:
+    """The event loop of one server process: see the section's opening."""
+
+    def __init__(self, app: App, listening: socket.socket, use_epoll: bool | None = None):
+        self.app = app
+        self.listening = listening
+        settings = app.settings
+        self.request_seconds = settings["PREFECT_SERVER_REQUEST_TIMEOUT"]
+        self.idle_seconds = settings["PREFECT_SERVER_KEEPALIVE_TIMEOUT"]
+        self.body_limit = settings["PREFECT_SERVER_MAX_BODY_BYTES"]
+        self.pool = WorkerPool(settings["PREFECT_SERVER_WORKERS"], "prefectlite-worker")
+        self.write_turnstile = _Turnstile()
+        use_epoll = hasattr(select, "epoll") if use_epoll is None else use_epoll
+        self.poller = _OneShotPoller() if use_epoll else _SelectorPoller()
+        self.connections: dict[int, Connection] = {}  # by file descriptor; the loop thread's alone
+        self._calls: collections.deque = collections.deque()  # (fn, args) for the loop thread to run
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._woken = False
+        self._accept_paused_until = 0.0
+        self._stop_deadline: float | None = None
+        self._loop_thread: threading.Thread | None = None
+        self.server_address = listening.getsockname()
+        self.poller.add_listener(listening, "listener", exclusive=True)
+        self.poller.add_listener(self._wake_r, "wake")
+
+    # --- the loop thread ---
+
+    def run(self):
+        self._loop_thread = threading.current_thread()
+        next_sweep = time.monotonic() + _SWEEP_SECONDS
+        while True:
+            for target, readable, writable in self.poller.poll(max(0.0, next_sweep - time.monotonic())):
+                if target == "listener":
+                    self._accept()
+                elif target == "wake":
+                    self._run_calls()
+                else:
+                    self._on_ready(target, readable, writable)
+            now = time.monotonic()
+            if now >= next_sweep:
+                next_sweep = now + _SWEEP_SECONDS
+                self._sweep(now)
+                if self._stop_deadline is not None and (not self.connections or now > self._stop_deadline):
+                    break
+        self._close_everything()
+
+    def _accept(self):
+        for _ in range(64):  # then let the connections we have take their turn
+            try:
+                sock, address = self.listening.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    log.warning("cannot accept more connections (%s); pausing 100 ms", exc.strerror)
+                    self.poller.remove_listener(self.listening)
+                    self._accept_paused_until = time.monotonic() + 0.1
+                    return
+                continue  # e.g. ECONNABORTED: that client gave up already
+            sock.setblocking(False)
+            if sock.family in (socket.AF_INET, socket.AF_INET6):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = Connection(sock, str(address[0]) if isinstance(address, tuple) else "local",
+                              time.monotonic(), self.idle_seconds)
+            self.connections[sock.fileno()] = conn
+            self.poller.add(conn)
+
+    def _run_calls(self):
+        self._woken = False
+        with contextlib.suppress(OSError):
+            while self._wake_r.recv(4096):
+                pass
+        while self._calls:
+            fn, args = self._calls.popleft()
+            fn(*args)
+
+    def call_soon(self, fn, *args):
+        """Have the loop thread run fn(*args) (from any thread)."""
+        self._calls.append((fn, args))
+        if not self._woken:
+            self._woken = True
+            with contextlib.suppress(OSError):
+                self._wake_w.send(b"x")
+
+    def _on_ready(self, conn: Connection, readable: bool, writable: bool):
+        if conn.closed:
+            return
+        if writable:
+            self._flush(conn)
+            if conn.state == _IDLE and conn.inbox and not conn.outbox and not conn.closed:
+                self.advance(conn)  # a pipelined request waited for the answer before it to leave
+        if readable and not conn.closed:
+            self._read(conn)
+        if not conn.closed:
+            self.arm(conn)
+
+    def _read(self, conn: Connection):
+        try:
+            data = conn.sock.recv(_RECV_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            if conn.state in (_HEAD, _BODY):  # the client stopped sending half way: say so before closing
+                self._refuse(conn, 400, "Incomplete request: the client stopped sending")
+            else:
+                self._close(conn)
+            return
+        conn.last_read = time.monotonic()
+        if conn.state == _CLOSING:
+            conn.lingered += len(data)
+            if conn.lingered > _LINGER_BYTES:
+                self._close(conn)
+            return
+        conn.inbox += data
+        self.advance(conn)
+
+    def advance(self, conn: Connection):
+        """Parse what has arrived, as far as it goes; hand on what is complete."""
+        try:
+            if conn.state == _WEBSOCKET:
+                self._advance_websocket(conn)
+            elif conn.state in (_IDLE, _HEAD):
+                self._advance_head(conn)
+            elif conn.state == _BODY:
+                self._advance_body(conn)
+        except BadRequest as exc:
+            self._refuse(conn, exc.status, exc.detail)
+
+    def _advance_head(self, conn: Connection):
+        if conn.state == _IDLE:
+            while conn.inbox[:1] in (b"\r", b"\n") and conn.inbox[:2] in (b"\r\n", b"\n", b"\n\r", b"\r"):
+                del conn.inbox[:2 if conn.inbox[:2] == b"\r\n" else 1]  # RFC 9112, 2.2: empty lines before a request
+            if not conn.inbox:
+                return
+            conn.state, conn.deadline = _HEAD, time.monotonic() + self.request_seconds
+        end = _head_end(conn.inbox)
+        if end < 0:
+            too_big = _head_too_big(conn.inbox)
+            if too_big is not None:
+                raise too_big
+            return
+        head = bytes(conn.inbox[:end])
+        del conn.inbox[:end]
+        req = conn.request = parse_request_head(head, conn.peer)
+        if req.path in WEBSOCKET_ENDPOINTS and is_websocket_upgrade(req.headers):
+            self._upgrade(conn, req)
+            return
+        framing = body_framing(req, self.body_limit)
+        refusal = auth_refusal(self.app, req)
+        if refusal is not None:
+            self._answer_and_close(conn, refusal)
+            return
+        conn.state = _BODY
+        conn.expected, conn.chunked = (0, ChunkedBody(self.body_limit)) if framing is None else (framing, None)
+        if req.headers.get("Expect", "").lower() == "100-continue" and req.version >= (1, 1) and (
+                framing is None or len(conn.inbox) < framing):
+            self.send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
+        self._advance_body(conn)
+
+    def _advance_body(self, conn: Connection):
+        req = conn.request
+        if conn.chunked is not None:
+            body = conn.chunked.feed(conn.inbox)
+            if body is None:
+                return
+            req.body, conn.chunked = body, None
+        elif len(conn.inbox) >= conn.expected:
+            req.body = bytes(conn.inbox[:conn.expected])
+            del conn.inbox[:conn.expected]
+        else:
+            return
+        conn.state = _BUSY
+        self.pool.submit(self._serve_request, conn, req)
+
+    def _refuse(self, conn: Connection, status: int, detail: str):
+        """A request we will not serve: a JSON error, and the connection closes."""
+        self._answer_and_close(conn, render_response(None, status, {"detail": detail}, {}))
+
+    def _answer_and_close(self, conn: Connection, data: bytes):
+        conn.inbox.clear()
+        with conn.lock:
+            conn.state, conn.deadline = _CLOSING, time.monotonic() + _LINGER_SECONDS
+            conn.close_when_sent = True
+        self.send(conn, data)
+        self._flush(conn)  # when it is all sent: half-close at once (a client reading to the end sees it)
+
+    def _upgrade(self, conn: Connection, req: HttpRequest):
+        refusal = websocket_refusal(self.app, req)
+        if refusal is not None:
+            status, detail, headers = refusal
+            req.keep_alive = False
+            self._answer_and_close(conn, render_response(req, status, {"detail": detail}, headers))
+            return
+        request_id = request_id_of(req)
+        subprotocol = websocket_subprotocol_problem(self.app.settings, req.headers)[0]
+        ws = ServerWebSocket(self, conn, subprotocol)
+        ws.endpoint = WEBSOCKET_ENDPOINTS[req.path](self.app, ws)
+        conn.websocket = ws
+        conn.assembler = MessageAssembler(self.app.settings["PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES"])
+        conn.state = _WEBSOCKET
+        conn.deadline = time.monotonic() + (WEBSOCKET_AUTH_SECONDS if not ws.authenticated else WEBSOCKET_IDLE_SECONDS)
+        self.send(conn, websocket_acceptance(req, subprotocol, request_id))
+        log.info("WebSocket %s opened by %s", req.path, conn.peer)
+        self._advance_websocket(conn)
+
+    def _advance_websocket(self, conn: Connection):
+        """Frames in the order sent: control frames answered here, data messages handed to a worker in
+        batches; a control frame after data waits until the data before it has been handled."""
+        messages = []
+        while conn.state == _WEBSOCKET:
+            try:
+                frame = parse_frame(conn.inbox, conn.assembler.room())
+                if frame is None:
+                    break
+                fin, opcode, payload, used = frame
+                if opcode in _WS_CONTROL_OPCODES and messages:
+                    break
+                del conn.inbox[:used]
+                if opcode in _WS_CONTROL_OPCODES:
+                    self._control_frame(conn, opcode, payload)
+                    continue
+                message = conn.assembler.add(fin, opcode, payload)
+            except WebSocketProtocolError as exc:
+                self.close_websocket(conn, exc.code, exc.reason)
+                return
+            if message is not None:
+                messages.append(message)
+        if messages and conn.state == _WEBSOCKET:
+            conn.state = _BUSY
+            self.pool.submit(self._serve_messages, conn, messages)
+
+    def _control_frame(self, conn: Connection, opcode: int, payload: bytes):
+        if opcode == WS_PING:
+            self.send(conn, encode_frame(WS_PONG, payload))
+        elif opcode == WS_CLOSE:
+            code, _reason = parse_close_payload(payload)
+            self.close_websocket(conn, WS_CLOSE_NORMAL if code == 1005 else code, "")
+
+    def _flush(self, conn: Connection):
+        """Send what waits in the outbox; a connection that is closing is shut once it is all sent."""
+        with conn.lock:
+            if conn.outbox:
+                try:
+                    sent = conn.sock.send(conn.outbox)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:
+                    conn.outbox.clear()
+                    sent = -1
+                if sent > 0:
+                    del conn.outbox[:sent]
+                    conn.stalled_since = time.monotonic() if conn.outbox else None
+                if sent < 0:
+                    conn.close_when_sent = True
+            done = conn.close_when_sent and not conn.outbox
+        if done:
+            self._shut(conn)
+
+    def _shut(self, conn: Connection):
+        """Our side is said: half-close, and linger a moment for the client to read it and hang up."""
+        with contextlib.suppress(OSError):
+            conn.sock.shutdown(socket.SHUT_WR)
+        conn.close_when_sent = False
+        conn.state, conn.deadline = _CLOSING, min(conn.deadline, time.monotonic() + _LINGER_SECONDS)
+
+    def _sweep(self, now: float):
+        if self._accept_paused_until and now >= self._accept_paused_until and self._stop_deadline is None:
+            self._accept_paused_until = 0.0
+            self.poller.add_listener(self.listening, "listener", exclusive=True)
+        for conn in list(self.connections.values()):
+            if conn.state != _BUSY and now > conn.deadline:
+                self._expire(conn, now)
+            elif conn.stalled_since is not None and now - conn.stalled_since > self.request_seconds:
+                self._close(conn)  # it reads nothing of what we send
+
+    def _expire(self, conn: Connection, now: float):
+        if conn.state == _HEAD or conn.state == _BODY:
+            self._refuse(conn, 408, "Request timed out")
+        elif conn.state == _WEBSOCKET:
+            if not conn.websocket.authenticated:
+                self.close_websocket(conn, WS_CLOSE_POLICY_VIOLATION, "Authentication timed out")
+            elif now - conn.last_read > WEBSOCKET_IDLE_SECONDS:
+                self.close_websocket(conn, WS_CLOSE_GOING_AWAY, "idle")
+            else:
+                conn.deadline = conn.last_read + WEBSOCKET_IDLE_SECONDS
+        else:
+            self._close(conn)
+        if not conn.closed:
+            self.arm(conn)
+
+    def _close(self, conn: Connection):
+        """Only on the loop thread: forget the connection and close its socket."""
+        with conn.lock:
+            if conn.closed:
+                return
+            conn.closed = True
+            fd = conn.sock.fileno()
+            self.poller.remove(conn, fd)
+            self.connections.pop(fd, None)
+            conn.sock.close()
+        if conn.websocket is not None:
+            log.info("WebSocket from %s closed", conn.peer)
+            with contextlib.suppress(Exception):
+                conn.websocket.endpoint.closed()
+
+    def _close_everything(self):
+        for conn in list(self.connections.values()):
+            self._close(conn)
+        self.poller.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    # --- any thread ---
+
+    def arm(self, conn: Connection):
+        """Wait for the connection to be writable while its outbox holds something, and readable unless a
+        worker has it or (between requests) until its last answer has left: a client that sends requests
+        but reads no answers gets no more of them answered (its answers would pile up in our memory)."""
+        if not self.poller.threadsafe_arm and threading.current_thread() is not self._loop_thread:
+            self.call_soon(self.arm, conn)
+            return
+        with conn.lock:
+            if not conn.closed:
+                read = conn.state != _BUSY and not (conn.state == _IDLE and conn.outbox)
+                self.poller.arm(conn, read, bool(conn.outbox))
+
+    def send(self, conn: Connection, data: bytes):
+        """Send now what the socket takes; the rest waits in the outbox for the loop to send."""
+        rearm = False
+        with conn.lock:
+            if conn.closed:
+                return
+            if not conn.outbox:
+                try:
+                    sent = conn.sock.send(data)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError:  # the peer is gone: the loop sees it on its next read
+                    sent = len(data)
+                data = data[sent:]
+            if data:
+                rearm = not conn.outbox
+                conn.outbox += data
+                conn.stalled_since = conn.stalled_since or time.monotonic()
+        if rearm and threading.current_thread() is not self._loop_thread:
+            self.arm(conn)
+
+    def _serve_request(self, conn: Connection, req: HttpRequest):
+        """On a worker: answer one request, send it, and give the connection back to the loop. On SQLite a
+        write is answered in the write turnstile (see _Turnstile), and sent there too when the socket
+        takes it at once (nearly always): a client slow to read holds up no other writer."""
+        app = self.app
+        in_turn = app.db.one_writer and is_write_request(app, req.method, req.path)
+        try:
+            with self.write_turnstile if in_turn else contextlib.nullcontext():
+                try:
+                    data = answer_request(app, req)
+                except Exception:  # noqa: BLE001 - a bug of ours answers 500 rather than leave the client hanging
+                    log.exception("answering %s %s failed", req.method, req.path)
+                    req.keep_alive = False
+                    data = render_response(req, 500, {"detail": "Internal server error"}, {})
+                self.send(conn, data)
+        finally:
+            self._request_done(conn, req.keep_alive)
+
+    def _request_done(self, conn: Connection, keep_alive: bool):
+        with conn.lock:
+            if conn.closed:
+                return
+            if not keep_alive or self._stop_deadline is not None:
+                conn.state, conn.deadline = _CLOSING, time.monotonic() + self.request_seconds
+                conn.close_when_sent = True
+                pipelined = False
+            else:
+                conn.state, conn.deadline = _IDLE, time.monotonic() + self.idle_seconds
+                pipelined = bool(conn.inbox) and not conn.outbox
+                conn.request = None
+        if conn.close_when_sent and not conn.outbox:
+            self.call_soon(self._shut_if_open, conn)
+        elif pipelined:  # the next request is here already: the loop parses it
+            self.call_soon(self.advance_and_arm, conn)
+        else:
+            self.arm(conn)
+
+    def _shut_if_open(self, conn: Connection):
+        if not conn.closed:
+            self._shut(conn)
+            self.arm(conn)
+
+    def advance_and_arm(self, conn: Connection):
+        if not conn.closed:
+            self.advance(conn)
+            if not conn.closed:
+                self.arm(conn)
+
+    def _serve_messages(self, conn: Connection, messages: list):
+        """On a worker: a batch of a WebSocket's messages, then back to the loop for more frames."""
+        self.run_websocket_task(conn, lambda: conn.websocket.endpoint.receive(messages))
+        with conn.lock:
+            if conn.closed or conn.state != _BUSY:
+                return
+            conn.state = _WEBSOCKET
+            conn.websocket.authenticated = getattr(conn.websocket.endpoint, "authenticated", True)
+            conn.deadline = conn.last_read + (WEBSOCKET_IDLE_SECONDS if conn.websocket.authenticated
+                                              else WEBSOCKET_AUTH_SECONDS)
+        if conn.inbox:
+            self.call_soon(self.advance_and_arm, conn)
+        else:
+            self.arm(conn)
+
+    def run_websocket_task(self, conn: Connection, fn):
+        in_turn = self.app.db.one_writer and isinstance(conn.websocket.endpoint, EventsIn)
+        try:
+            with self.write_turnstile if in_turn else contextlib.nullcontext():
+                fn()
+        except DatabaseUnavailable as exc:
+            self.close_websocket(conn, WS_CLOSE_TRY_AGAIN_LATER, f"database unavailable: {exc}"[:120])
+        except Exception:  # noqa: BLE001 - one broken endpoint call must not take the worker down
+            log.exception("WebSocket task for %s failed", conn.peer)
+            self.close_websocket(conn, WS_CLOSE_INTERNAL_ERROR, "internal server error")
+
+    def close_websocket(self, conn: Connection, code: int, reason: str):
+        """Send our close frame (once) and close once it is sent; from any thread."""
+        with conn.lock:
+            if conn.closed or conn.state == _CLOSING:
+                return
+            conn.state, conn.deadline = _CLOSING, time.monotonic() + _LINGER_SECONDS
+            conn.close_when_sent = True
+        self.send(conn, encode_frame(WS_CLOSE, close_payload(code, reason)))
+        if threading.current_thread() is self._loop_thread:
+            self._flush_and_arm(conn)
+        else:
+            self.call_soon(self._flush_and_arm, conn)
+
+    def _flush_and_arm(self, conn: Connection):
+        if not conn.closed:
+            self._flush(conn)
+            if not conn.closed:
+                self.arm(conn)
+
+    def stop(self, timeout: float):
+        """Stop accepting; idle connections close, WebSockets are told the server is going away (1001),
+        requests in flight are answered (with Connection: close); then the loop ends."""
+        self.call_soon(self._begin_stop, timeout)
+
+    def _begin_stop(self, timeout: float):
+        self._stop_deadline = time.monotonic() + timeout
+        self.poller.remove_listener(self.listening)
+        for conn in list(self.connections.values()):
+            if conn.state in (_IDLE, _HEAD, _BODY):
+                self._close(conn)
+            elif conn.state == _WEBSOCKET:
+                self.close_websocket(conn, WS_CLOSE_GOING_AWAY, "server shutting down")
+            elif conn.state == _BUSY and conn.websocket is not None:
+                self.close_websocket(conn, WS_CLOSE_GOING_AWAY, "server shutting down")
+
+
+# --- 13. Serving ---
+# Owns a server's life: start_server (the loop on its thread, the services), RunningServer.stop, serve()
+# for embedding, the listening socket, and the processes of `start --processes N` (_ProcessGroup).
 
 class RunningServer:
-    def __init__(self, app: App, httpd: PooledHTTPServer, thread: threading.Thread):
+    """A server serving on its loop thread: its URLs, and stop()."""
+
+    def __init__(self, app: App, loop: ConnectionLoop, thread: threading.Thread):
         self.app = app
-        self.httpd = httpd
+        self.loop = loop
         self.thread = thread
-        host, port = httpd.server_address[:2]
+        host, port = loop.server_address[:2]
         self.host = host
         self.port = port
-        self.url = f"http://{host}:{port}"
+        self.url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
         self.api_url = f"{self.url}/api"
         app.running_url = self.url
 
-    def stop(self):
-        self.httpd.stop()
-        self.thread.join(5)
+    def stop(self, timeout: float = 10.0):
+        """Stop accepting, answer the requests in flight, close every connection, stop the services."""
+        deadline = time.monotonic() + timeout
+        self.app.stopping.set()
+        self.loop.stop(timeout)
+        self.thread.join(max(0.0, deadline - time.monotonic()) + 1.0)
+        self.loop.pool.stop(deadline)
+        self.loop.listening.close()
         self.app.close()
+
+
+_LISTEN_BACKLOG = 1024  # connections the kernel holds for us between two accepts (capped by somaxconn)
+
+
+def raise_open_files_limit() -> None:
+    """Every connection is a file descriptor: take the soft limit up to the hard one (often 1,024 -> 524,288),
+    as a server that holds thousands of connections must. POSIX; a no-op where it is not allowed."""
+    try:
+        import resource  # only here: POSIX, and only for a server
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            log.info("open files limit raised from %d to %d", soft, hard)
+    except (ImportError, ValueError, OSError):
+        pass
 
 
 def open_listener(host: str, port: int) -> socket.socket:
     """The server's listening socket. Non-blocking: when several processes share it (start --processes),
     the ones that lose the race for a connection must not sit in accept() (stop() could not wake them)."""
-    sock = socket.socket(PooledHTTPServer.address_family, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
-        sock.listen(PooledHTTPServer.request_queue_size)
+        sock.listen(_LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -9770,24 +10357,25 @@ def start_server(settings: Settings, host: str | None = None, port: int | None =
     `start --processes N` (the socket they share; only the first runs the services)."""
     host = host or settings["PREFECT_SERVER_API_HOST"]
     port = settings["PREFECT_SERVER_API_PORT"] if port is None else port
+    raise_open_files_limit()
     app = create_app(settings, services)
     try:
-        httpd = PooledHTTPServer(listening or open_listener(host, port), app)
+        listening = listening or open_listener(host, port)
     except ConfigurationError:
         app.close()
         raise
     try:
         app.db.hold_server_lock()
     except ConfigurationError:
-        httpd.server_close()
+        listening.close()
         app.close()
         raise
     if process_group is not None:
         process_group.join(app)
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="prefectlite-accept",
-                              daemon=True)
+    loop = ConnectionLoop(app, listening)
+    thread = threading.Thread(target=loop.run, name="prefectlite-loop", daemon=True)
     thread.start()
-    running = RunningServer(app, httpd, thread)  # knows our URL before a service renders a link with it
+    running = RunningServer(app, loop, thread)  # knows our URL before a service renders a link with it
     app.start_services()
     return running
 
@@ -9948,7 +10536,7 @@ def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, gro
     return 0
 
 
-# --- 12. CLI ---
+# --- 14. CLI ---
 # Owns the command line: `start` (also `server start`), `config`, `profile`, `database`, `version`.
 # Every failure a person can cause is one line on stderr and a non-zero exit, never a traceback.
 
@@ -10646,7 +11234,7 @@ def run_cli(argv: list[str], out=None) -> int:
         return 130
 
 
-# --- 13. Main ---
+# --- 15. Main ---
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(sys.argv[1:] if argv is None else argv)

@@ -589,13 +589,17 @@ def test_malformed_requests_get_a_proper_answer(server, request_bytes):
     assert Client(server).get("/health") == (200, True)  # and the server is still fine
 
 
+OBS_FOLD = "Obsolete line folding (a header continued on the next line) is not accepted"  # RFC 9112, 5.2
+
+
 @pytest.mark.parametrize("request_bytes, status, detail", [
     (b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431, "Line too long"),
     (b"GET /api/health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n", 431,
      "Too many headers"),
     (b"GET /api/health HTTP/1.1\r\nNoColonHere\r\n\r\n", 400, "Malformed header line"),
     (b"GET /api/health HTTP/1.1\r\nBad Name: v\r\n\r\n", 400, "Malformed header line"),
-    (b"GET /api/health HTTP/1.1\r\n Folded: first\r\n\r\n", 400, "Header continuation without a header"),
+    (b"GET /api/health HTTP/1.1\r\n Folded: first\r\n\r\n", 400, OBS_FOLD),
+    (b"GET /api/health HTTP/1.1\r\nX-Note: first\r\n\t second\r\n\r\n", 400, OBS_FOLD),
     (b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\n{}", 400,
      "Conflicting Content-Length headers"),
     (b"GET /api/health HTTP/2.0\r\nHost: x\r\n\r\n", 505, "Invalid HTTP version (2.0)"),
@@ -607,9 +611,9 @@ def test_header_and_request_line_errors_are_named(server, request_bytes, status,
     assert headers.get("content-type", "").startswith("application/json")
 
 
-def test_header_names_are_case_insensitive_and_folded_values_joined(server):
+def test_header_names_are_case_insensitive(server):
     data = raw_exchange(server, b"GET /api/health HTTP/1.1\r\nhost: x\r\nx-REQUEST-id: my-id.1\r\n"
-                                b"X-Note: first\r\n\t second\r\nConnection: close\r\n\r\n")
+                                b"Connection: close\r\n\r\n")
     status, headers, body = parse_raw_response(data)
     assert (status, json.loads(body), headers["x-request-id"]) == (200, True, "my-id.1")
     same = prefectlite.RequestHeaders([("X-Note", "first second"), ("x-note", "again")])
