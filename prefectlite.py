@@ -9088,10 +9088,11 @@ def check_basic_auth(settings: Settings, header: str | None) -> bool:
     expected = settings["PREFECT_SERVER_API_AUTH_STRING"]
     if not expected:
         return True
-    if not header or not header.startswith("Basic "):
+    scheme, _, credentials = (header or "").strip().partition(" ")
+    if scheme.lower() != "basic":  # RFC 9110, 11.1: the scheme is case-insensitive
         return False
     try:
-        given = base64.b64decode(header[6:].strip(), validate=True).decode("utf-8")
+        given = base64.b64decode(credentials.strip(), validate=True).decode("utf-8")
     except (ValueError, UnicodeDecodeError):
         return False
     return secrets.compare_digest(given.encode(), expected.encode())
@@ -9173,10 +9174,14 @@ def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
     relative = urllib.parse.unquote(path).lstrip("/")
     if "\x00" in relative:
         return 404, None, {}
-    target = (root / relative).resolve() if relative else root / "index.html"
+    try:
+        target = (root / relative).resolve() if relative else root / "index.html"
+        is_file = target.is_relative_to(root.resolve()) and target.is_file()
+    except (OSError, ValueError):  # e.g. a segment longer than file names may be (255 bytes): no file
+        target, is_file = root, False
     if not target.is_relative_to(root.resolve()):
         return 404, None, {}
-    if not target.is_file():
+    if not is_file:
         if "." in relative.rsplit("/", 1)[-1]:  # a missing asset is a 404, not the index page
             return 404, None, {}
         target = root / "index.html"
