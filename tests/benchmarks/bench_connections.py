@@ -186,7 +186,7 @@ def measured_phase(port: int, proc, args, crowd: Crowd | None) -> dict:
 
     def watch_memory():
         while not stop.is_set():
-            peak["rss_mb"] = max(peak["rss_mb"], B.tree_memory(proc.pid)["rss_kb"] / 1024)
+            peak["rss_mb"] = max(peak["rss_mb"], B.tree_memory(proc.pid)["rss_mb"])
             stop.wait(0.5)
 
     threads = [threading.Thread(target=health_prober, args=("127.0.0.1", port, stop, latencies, failures)),
