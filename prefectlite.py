@@ -4378,7 +4378,7 @@ MAX_QUEUE_PRIORITY = 1_000_000_000
 
 WorkQueueCreate = Schema("WorkQueueCreate", {
     "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
-    "description": Field("str", default="", nullable=False),
+    "description": Field("str", default=""),  # null is taken as "" (the 2.20 SDK sends null when not given)
     "is_paused": Field("bool", default=False, nullable=False),
     "concurrency_limit": Field("int", minimum=0),
     "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY),
@@ -6817,7 +6817,8 @@ def read_hello(app, req):
 
 
 def read_server_version(app, req):
-    return 200, PREFECT_SERVER_VERSION
+    """GET /version: the REST API's version, as Prefect answers it (not the server release: /admin/version)."""
+    return 200, API_VERSION
 
 
 _PREFECT_CLIENT_AGENT = re.compile(r"^prefect/(\d+)\.(\d+)\.(\d+)")
@@ -8228,6 +8229,11 @@ def read_metrics(app, req):
     return 200, RawBody(render_metrics(app).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
+def read_automations_related_to(app, req):
+    """No automations are kept yet, so none relates to any resource; the 3.x CLI's `deployment inspect` asks."""
+    return 200, []
+
+
 # The route table: every API route, in one place. Paths are relative to /api.
 ROUTES = [
     ("GET", "/health", read_health),
@@ -8236,6 +8242,7 @@ ROUTES = [
     ("GET", "/version", read_server_version),
     ("GET", "/admin/version", read_api_version),
     ("GET", "/admin/settings", read_admin_settings),
+    ("GET", "/automations/related-to/{resource_id}", read_automations_related_to),
     ("GET", "/admin/storage", read_result_storage),
     ("PUT", "/admin/storage", update_result_storage),
     ("DELETE", "/admin/storage", clear_result_storage),
