@@ -5717,18 +5717,34 @@ def _drop_future_auto_runs(tx, deployment_id: str):
 
 
 def _schedules_from(data: dict, sent: dict) -> list[dict] | None:
-    if "schedules" in sent and data.get("schedules") is not None:
+    """The deployment's schedules as the body sets them, None when it leaves them alone. The 2.20 SDK's
+    create_deployment(schedule=...) sends `"schedules": []` beside the older single `schedule`: as in
+    Prefect, an empty list gives way to that schedule."""
+    if data.get("schedules"):
         return data["schedules"]
-    if "schedule" in sent:  # the older single-schedule field
-        if data.get("schedule") is None:
-            return []
+    if data.get("schedule") is not None:
         return [{"schedule": data["schedule"], "active": data.get("is_schedule_active", True) is not False}]
+    if "schedules" in sent or "schedule" in sent:
+        return []
     return None
+
+
+def _merge_job_variables(data: dict, sent: dict) -> dict:
+    """One value for the job variables, whichever name the client used: 2.20 SDKs send `infra_overrides`,
+    3.x ones `job_variables` (Prefect 2.20 renamed the field and reads the old name as the new one).
+    Both columns then hold it; returns `sent` with the merged field marked as sent."""
+    if data.get("infra_overrides") is not None and not data.get("job_variables"):
+        data["job_variables"] = data["infra_overrides"]
+    if data.get("job_variables") is not None:
+        data["infra_overrides"] = data["job_variables"]
+        return {**sent, "job_variables": data["job_variables"], "infra_overrides": data["job_variables"]}
+    return sent
 
 
 def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     """Create a deployment, or update the one with the same flow and name."""
     require_row(tx, "flow", data["flow_id"], "Flow")
+    sent = _merge_job_variables(data, sent)
     queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name"))
     now = now_iso()
     values = {k: data[k] for k in ("version", "description", "path", "entrypoint", "manifest_path",
@@ -5743,6 +5759,8 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     if data.get("is_schedule_active") is not None:
         values["is_schedule_active"] = data["is_schedule_active"]
         values.setdefault("paused", not data["is_schedule_active"])
+    elif data.get("paused") is not None:  # 2.20: a paused deployment's schedule is not active
+        values["is_schedule_active"] = not data["paused"]
     values["work_queue_id"] = queue_row["id"] if queue_row else None
     values["work_queue_name"] = queue_row["name"] if queue_row else data.get("work_queue_name")
     existing = tx.query_one(f"SELECT * FROM deployment WHERE flow_id = ? AND name = ?{tx.db.for_update}",
@@ -5762,6 +5780,7 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
 
 def update_deployment(tx, dep_id: str, data: dict, sent: dict):
     row = require_row(tx, "deployment", dep_id, "Deployment", lock=True)
+    sent = _merge_job_variables(data, sent)
     changes = {k: data[k] for k in sent if k in data and k not in ("schedule", "schedules", "work_pool_name",
                                                                      "work_queue_name", "is_schedule_active")}
     if "paused" in changes and changes["paused"] is not None:
@@ -5773,7 +5792,8 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name") or row["work_queue_name"])
         changes["work_queue_id"] = queue_row["id"] if queue_row else None
         changes["work_queue_name"] = queue_row["name"] if queue_row else None
-    changes = {k: v for k, v in changes.items() if not (v is None and k in ("paused", "enforce_parameter_schema", "parameters", "tags"))}
+    changes = {k: v for k, v in changes.items() if not (v is None and k in (
+        "paused", "enforce_parameter_schema", "parameters", "tags", "job_variables", "infra_overrides"))}
     update_row(tx, "deployment", dep_id, {**changes, "updated": now_iso()})
     schedules = _schedules_from(data, sent)
     if schedules is not None:
@@ -6824,6 +6844,13 @@ def read_server_version(app, req):
 _PREFECT_CLIENT_AGENT = re.compile(r"^prefect/(\d+)\.(\d+)\.(\d+)")
 
 
+def client_major(req) -> int:
+    """The Prefect major version whose shapes a caller reads: 3 for a 3.x SDK (its User-Agent says so,
+    see read_api_version), 2 for everyone else (2.x SDKs, the UI, curl), as the server is a 2.20 one."""
+    found = _PREFECT_CLIENT_AGENT.match(req.headers.get("User-Agent") or "")
+    return 3 if found and found.group(1) == "3" else 2
+
+
 def read_api_version(app, req):
     """The Prefect server version this server stands in for: a Prefect 3 client refuses a server whose
     answer has another major version than its own. Prefect 2 and 3 clients both send
@@ -7684,17 +7711,45 @@ read_saved_searches_filtered, _count_saved_searches = _filter_handler(
 
 # Handlers: deployments
 
+# The fields of a deployment answer, per client major version. 2.20 SDKs in test mode (PREFECT_TEST_MODE=1,
+# which users' own test suites set) refuse a field their schema lacks, so they get exactly the 2.20
+# contract's DeploymentResponse; 3.x SDKs get their DeploymentResponse's (they ignore others).
+DEPLOYMENT_FIELDS_2 = (
+    "id", "created", "updated", "name", "version", "description", "flow_id", "schedule", "is_schedule_active",
+    "paused", "schedules", "job_variables", "infra_overrides", "parameters", "pull_steps", "tags",
+    "work_queue_name", "last_polled", "parameter_openapi_schema", "path", "entrypoint", "manifest_path",
+    "storage_document_id", "infrastructure_document_id", "created_by", "updated_by", "enforce_parameter_schema",
+    "work_pool_name", "status",
+)
+DEPLOYMENT_FIELDS_3 = (
+    "id", "created", "updated", "name", "version", "description", "flow_id", "concurrency_limit", "paused",
+    "schedules", "job_variables", "parameters", "pull_steps", "tags", "work_queue_name", "last_polled",
+    "parameter_openapi_schema", "path", "entrypoint", "storage_document_id", "infrastructure_document_id",
+    "created_by", "updated_by", "work_queue_id", "enforce_parameter_schema", "work_pool_name", "status",
+)
+
+
+def deployment_for_client(req, dep: dict) -> dict:
+    """A deployment in the shape of the caller's major version. Job variables are one value: a 2.20
+    client reads them as `infra_overrides` beside `"job_variables": null` (as Prefect 2.20 answers: its
+    SDK refuses both set and different), a 3.x client as `job_variables`."""
+    job_variables = dep.get("job_variables") or dep.get("infra_overrides") or {}
+    if client_major(req) == 3:
+        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables}
+    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables}
+
 @body(DeploymentCreate)
 def create_deployment_handler(app, req):
     with app.db.write() as tx:
         dep, _created = upsert_deployment(tx, req.data, req.body_dict())
     app.wake("scheduler")
-    return 201, dep
+    return 201, deployment_for_client(req, dep)
 
 
 def read_deployment(app, req):
     with app.db.read() as tx:
-        return 200, deployment_out(tx, require_row(tx, "deployment", req.uuid(), "Deployment"))
+        row = require_row(tx, "deployment", req.uuid(), "Deployment")
+        return 200, deployment_for_client(req, deployment_out(tx, row))
 
 
 def read_deployment_by_name(app, req):
@@ -7703,7 +7758,7 @@ def read_deployment_by_name(app, req):
                            (req.params["flow_name"], req.params["deployment_name"]))
         if row is None:
             raise NotFound("Deployment not found")
-        return 200, deployment_out(tx, row)
+        return 200, deployment_for_client(req, deployment_out(tx, row))
 
 
 @body(DeploymentUpdate)
@@ -7761,7 +7816,8 @@ def read_scheduled_runs_for_deployments(app, req):
 @body(filter_body_schema("deployment", _RUN_FILTERS))
 def read_deployments_filtered(app, req):
     with app.db.read() as tx:
-        return 200, [deployment_out(tx, r) for r in query_filtered(tx, "deployment", req.data, app.settings)]
+        rows = query_filtered(tx, "deployment", req.data, app.settings)
+        return 200, [deployment_for_client(req, deployment_out(tx, r)) for r in rows]
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
