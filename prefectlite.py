@@ -2392,12 +2392,18 @@ class Transition:
         return self.initial["type"] if self.initial else None
 
 
+def _state_task_run_id(kind: str, run: dict) -> str | None:
+    """The task run a run's states name: a task run's own id; for a subflow run, the task run standing
+    for it in its parent (Prefect's UpdateSubflowStateDetails: the SDK reads a subflow's result through it)."""
+    return run["id"] if kind == "task" else run.get("parent_task_run_id")
+
+
 def _reject(ctx: Transition, state_type: str, name: str, reason: str, **details) -> Outcome:
     proposed = {"type": state_type, "name": name, "message": ctx.proposed.get("message"),
                 "data": ctx.proposed.get("data"), "state_details": {**ctx.proposed["state_details"], **details}}
     flow_run_id = ctx.run["id"] if ctx.kind == "flow" else ctx.run["flow_run_id"]
-    task_run_id = ctx.run["id"] if ctx.kind == "task" else None
-    return Outcome("REJECT", make_state(proposed, flow_run_id, task_run_id, iso(ctx.now)), reason)
+    state = make_state(proposed, flow_run_id, _state_task_run_id(ctx.kind, ctx.run), iso(ctx.now))
+    return Outcome("REJECT", state, reason)
 
 
 def prevent_duplicate_transition(ctx: Transition):
@@ -2554,7 +2560,9 @@ def retry_failed_runs(ctx: Transition):
     """A failing run with retries left goes to AwaitingRetry, scheduled after the retry delay."""
     if ctx.proposed["type"] != "FAILED" or ctx.initial_type != "RUNNING":
         return None
-    if ctx.proposed["state_details"].get("retriable") is False:
+    # A task's retry_condition_fn says no with retriable=false. Only tasks: the 3.9 SDK marks every failed
+    # flow state retriable=false, and Prefect retries the flow all the same.
+    if ctx.kind == "task" and ctx.proposed["state_details"].get("retriable") is False:
         return None
     policy = ctx.run.get("empirical_policy") or {}
     retries = policy.get("retries") or policy.get("max_retries") or 0
@@ -2578,7 +2586,16 @@ def _schedule_failed_tasks_for_retry(ctx: Transition):
         state = make_state({"type": "SCHEDULED", "name": "AwaitingRetry",
                             "state_details": {"scheduled_time": iso(ctx.now)}},
                            ctx.run["id"], task["id"], iso(ctx.now))
-        _write_state(ctx.tx, "task", task, task.get("state"), state, {})
+        _write_state(ctx.tx, "task", task, task.get("state"), state, {"run_count": 0})  # see reset_task_retries
+
+
+def reset_task_retries(ctx: Transition):
+    """A task run leaving a terminal state for a non-final one starts its retries afresh (Prefect resets
+    its run count): on a flow's next attempt a task that used up its retries has them all again. Last of
+    the task rules, so only an accepted transition resets it."""
+    if ctx.kind == "task" and ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] not in TERMINAL_STATES:
+        ctx.updates["run_count"] = 0
+    return None
 
 
 def rename_retrying(ctx: Transition):
@@ -2631,7 +2648,7 @@ FLOW_RUN_RULES = (
 TASK_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
     prevent_running_tasks_in_stopped_flows, retrieve_cached_state, wait_for_scheduled_time,
-    retry_failed_runs, rename_retrying, copy_scheduled_time, secure_task_concurrency_slots,
+    retry_failed_runs, rename_retrying, copy_scheduled_time, secure_task_concurrency_slots, reset_task_retries,
 )
 
 
@@ -2742,8 +2759,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
     now = utcnow()
     flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
-    task_run_id = run["id"] if kind == "task" else None
-    state = make_state(proposed, flow_run_id, task_run_id, iso(now))
+    state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")
     ctx = Transition(kind, tx, run, initial, state, now)
     outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
@@ -2770,7 +2786,7 @@ def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict
     """
     table = "flow_run" if kind == "flow" else "task_run"
     flow_run_id = values["id"] if kind == "flow" else values.get("flow_run_id")
-    state = make_state(proposed, flow_run_id, values["id"] if kind == "task" else None, now_iso())
+    state = make_state(proposed, flow_run_id, _state_task_run_id(kind, values), now_iso())
     values.update(_run_timing(values, None, state))
     values.update(_current_state_columns(state))
     if not insert_row(tx, table, values, on_conflict="ON CONFLICT DO NOTHING"):
