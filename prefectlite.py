@@ -3986,8 +3986,50 @@ BlockDocumentUpdate = Schema("BlockDocumentUpdate", {
 
 
 def block_schema_checksum(fields: dict) -> str:
-    """The SDK's checksum when it sends none: sha256 of the canonical JSON of the fields."""
-    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """A schema's checksum as the SDK computes it (Block._calculate_schema_checksum, 2.20 and 3.x), which
+    it never sends but looks schemas up by: sha256 of `[[fields], {}]` (its hash_objects(fields) payload)
+    dumped by json.dumps with sorted keys and default spacing, the fields without any `secret_fields`
+    and with only the definitions that are not blocks (none at all rather than an empty dict)."""
+    hashed = _without_key(fields, "secret_fields")
+    if hashed.get("definitions"):
+        definitions = hashed["definitions"] if isinstance(hashed["definitions"], dict) else {}
+        kept = _non_block_definitions(hashed, definitions, set())
+        if kept:
+            hashed["definitions"] = kept
+        else:
+            hashed.pop("definitions")
+    return "sha256:" + hashlib.sha256(json.dumps([[hashed], {}], sort_keys=True).encode()).hexdigest()
+
+
+def _without_key(value, key: str):
+    if not isinstance(value, dict):
+        return value
+    return {k: _without_key(v, key) for k, v in value.items() if k != key}
+
+
+def _references(value) -> list[str]:
+    """Every "$ref" string anywhere inside `value`."""
+    if isinstance(value, dict):
+        found = [value["$ref"]] if value.get("$ref") else []
+        return found + [ref for v in value.values() for ref in _references(v)]
+    if isinstance(value, list):
+        return [ref for item in value for ref in _references(item)]
+    return []
+
+
+def _non_block_definitions(schema: dict, definitions: dict, seen: set) -> dict:
+    """The definitions `schema` refers to, directly or through them, that are not blocks themselves.
+    `seen` stops a definition that refers back to itself (the SDK would recurse forever; we answer)."""
+    kept = {}
+    for ref in _references(schema):
+        key = ref.replace("#/definitions/", "") if isinstance(ref, str) else None
+        found = definitions.get(key) if key is not None else None
+        if isinstance(found, dict) and found.get("block_type_slug") is None:
+            kept[key] = found
+            if key not in seen:
+                seen.add(key)
+                kept.update(_non_block_definitions(found, definitions, seen))
+    return kept
 
 
 def block_type_out(row) -> dict:
