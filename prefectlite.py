@@ -5758,14 +5758,22 @@ def deployment_out(tx, row) -> dict:
 
 def _replace_schedules(tx, deployment_id: str, schedules: list[dict]):
     tx.execute("DELETE FROM deployment_schedule WHERE deployment_id = ?", (deployment_id,))
+    _add_schedules(tx, deployment_id, schedules, ("body", "schedules"))
+
+
+def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) -> list[str]:
+    """Insert `schedules` beside the deployment's others; returns their new ids."""
     now = now_iso()
+    ids = []
     for i, item in enumerate(schedules):
+        ids.append(new_id())
         insert_row(tx, "deployment_schedule", {
-            "id": new_id(), "created": now, "updated": now, "deployment_id": deployment_id,
-            "schedule": normalise_schedule(item["schedule"], ("body", "schedules", i, "schedule")),
+            "id": ids[-1], "created": now, "updated": now, "deployment_id": deployment_id,
+            "schedule": normalise_schedule(item["schedule"], (*loc, i, "schedule")),
             "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
             "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False)})
     _drop_future_auto_runs(tx, deployment_id)
+    return ids
 
 
 def _drop_future_auto_runs(tx, deployment_id: str):
@@ -7893,14 +7901,13 @@ def read_deployment_schedules(app, req):
 
 @body(ListOf(DeploymentScheduleCreate))
 def create_deployment_schedules(app, req):
+    """Add schedules to a deployment; the answer is the new ones only, and the others keep their ids."""
     with app.db.write() as tx:
         require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        existing = [decode_row("deployment_schedule", r) for r in
-                    tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ?", (req.uuid(),))]
-        _replace_schedules(tx, req.uuid(), existing + req.data)
-        rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
+        ids = _add_schedules(tx, req.uuid(), req.data, ("body",))
+        created = [decode_row("deployment_schedule", read_row(tx, "deployment_schedule", i)) for i in ids]
     app.wake("scheduler")
-    return 201, [decode_row("deployment_schedule", r) for r in rows]
+    return 201, created
 
 
 DeploymentScheduleUpdate = Schema("DeploymentScheduleUpdate", {

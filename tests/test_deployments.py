@@ -405,6 +405,22 @@ def test_schedules_added_and_deleted_through_their_routes(quiet_client):
     assert client.delete(f"/deployments/{dep['id']}/schedules/{cron[0]['id']}")[0] == 404
 
 
+def test_adding_schedules_answers_the_new_ones_and_keeps_the_others(quiet_client):
+    """Prefect answers POST /deployments/{id}/schedules with the schedules it created; the deployment's
+    other schedules stay as they were, ids included (they were re-created under new ids here)."""
+    client = quiet_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}])
+    kept = dep["schedules"][0]["id"]
+    status, added = client.post(f"/deployments/{dep['id']}/schedules",
+                                [{"schedule": {"cron": "0 * * * *"}}, {"schedule": {"interval": 60}, "active": False}])
+    assert status == 201, added
+    assert [("cron" in s["schedule"], s["active"]) for s in added] == [(True, True), (False, False)]
+    listed = {s["id"] for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")}
+    assert listed == {kept, *(s["id"] for s in added)}
+    status, body = client.post(f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": -1}}])
+    assert status == 422 and body["exception_detail"][0]["loc"][:2] == ["body", 0], body
+
+
 def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_again(quiet_client):
     """PATCH /deployments/{id}/schedules/{schedule_id} (the SDK's update_deployment_schedule, e.g.
     `prefect deployment schedule pause`): only what was sent changes; auto-scheduled runs not started
