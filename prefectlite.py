@@ -2151,7 +2151,8 @@ def _compile_ops(tx, table, column, kind, ops, loc):
             continue
         if kind == "tags" and op in ("all_", "any_"):
             tags = _coerce_list(value, "str", here)
-            if not tags:
+            if not tags:  # as Prefect: having any of no tags matches nothing, having all of them everything
+                clauses.append("1=0" if op == "any_" else "1=1")
                 continue
             joiner = " AND " if op == "all_" else " OR "
             clauses.append("(" + joiner.join(tx.db.contains(col) for _ in tags) + ")")
@@ -7019,7 +7020,18 @@ read_flow_runs_filtered, count_flow_runs = _filter_handler(
     "flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
 read_task_runs_filtered, count_task_runs = _filter_handler(
     "task_run", task_run_out, _RUN_FILTERS, run_json_select)
-read_logs_filtered, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
+_read_logs_page, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
+
+
+@body(_read_logs_page.body_schema)
+def read_logs_filtered(app, req):
+    """Logs are refused, not cut short, past the page size (Prefect's `le` on `limit`): the 2.20 CLI's
+    `flow-run logs --num-logs 500` pages on when told so, and would stop at 200 on a clamped answer."""
+    most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+    if req.data.get("limit") is not None and req.data["limit"] > most:
+        raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
+                                       "value_error.number.not_le")])
+    return _read_logs_page(app, req)
 
 
 # Handlers: flow runs
@@ -7049,6 +7061,7 @@ def delete_flow_run(app, req):
     with app.db.write() as tx:
         if not tx.execute("DELETE FROM flow_run WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Flow run not found")
+        tx.execute("DELETE FROM log WHERE flow_run_id = ?", (req.uuid(),))  # as Prefect: its logs go with it
     return 204, NO_CONTENT
 
 

@@ -529,6 +529,20 @@ def test_log_sort_and_paging(client, logs):
     assert len(default) == 200 and default[0]["message"] == "line 000"
 
 
+def test_a_log_page_past_the_limit_is_refused_not_cut_short(client, logs):
+    """Prefect answers a `limit` above PREFECT_API_DEFAULT_LIMIT (200) with a 422; a clamped answer made
+    the 2.20 CLI's `flow-run logs --num-logs 500` stop at 200 lines."""
+    status, body = client.post("/logs/filter", {"limit": 201})
+    assert status == 422 and body["exception_detail"][0]["loc"] == ["body", "limit"], body
+    assert len(client.ok("POST", "/logs/filter", {"limit": 200})) == 200
+
+
+def test_deleting_a_flow_run_deletes_its_logs(client, logs):
+    assert client.delete(f"/flow_runs/{logs['first']}")[0] == 204
+    assert all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["first"]]}}}) == []
+    assert len(all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["second"]]}}})) == 250
+
+
 def test_logs_batch_validation_names_the_entry(client):
     status, body = client.post("/logs/", [{"name": "x", "level": 20, "message": "ok", "timestamp": iso(T0)},
                                           {"name": "x", "level": "loud", "message": "bad", "timestamp": iso(T0)}])
@@ -611,6 +625,8 @@ def test_filter_tags_all_and_any(client, runs):
     assert names_for(client, runs, {"flow_runs": {"tags": {"any_": ["a", "zzz"]}}}) == ["alpha"]
     assert names_for(client, runs, {"flow_runs": {"tags": {"any_": ["a", "b"]}}}) == ["alpha", "beta"]
     assert names_for(client, runs, {"flow_runs": {"tags": {"all_": []}}}) == ["alpha", "beta", "gamma"]
+    # any of no tags: none (as Prefect; it matched every run here)
+    assert names_for(client, runs, {"flow_runs": {"tags": {"any_": []}}}) == []
 
 
 def test_filter_tag_values_are_matched_exactly(client):
