@@ -2153,7 +2153,8 @@ def _compile_ops(tx, table, column, kind, ops, loc):
             continue
         if kind == "tags" and op in ("all_", "any_"):
             tags = _coerce_list(value, "str", here)
-            if not tags:
+            if not tags:  # as Prefect: having any of no tags matches nothing, having all of them everything
+                clauses.append("1=0" if op == "any_" else "1=1")
                 continue
             joiner = " AND " if op == "all_" else " OR "
             clauses.append("(" + joiner.join(tx.db.contains(col) for _ in tags) + ")")
@@ -2394,12 +2395,18 @@ class Transition:
         return self.initial["type"] if self.initial else None
 
 
+def _state_task_run_id(kind: str, run: dict) -> str | None:
+    """The task run a run's states name: a task run's own id; for a subflow run, the task run standing
+    for it in its parent (Prefect's UpdateSubflowStateDetails: the SDK reads a subflow's result through it)."""
+    return run["id"] if kind == "task" else run.get("parent_task_run_id")
+
+
 def _reject(ctx: Transition, state_type: str, name: str, reason: str, **details) -> Outcome:
     proposed = {"type": state_type, "name": name, "message": ctx.proposed.get("message"),
                 "data": ctx.proposed.get("data"), "state_details": {**ctx.proposed["state_details"], **details}}
     flow_run_id = ctx.run["id"] if ctx.kind == "flow" else ctx.run["flow_run_id"]
-    task_run_id = ctx.run["id"] if ctx.kind == "task" else None
-    return Outcome("REJECT", make_state(proposed, flow_run_id, task_run_id, iso(ctx.now)), reason)
+    state = make_state(proposed, flow_run_id, _state_task_run_id(ctx.kind, ctx.run), iso(ctx.now))
+    return Outcome("REJECT", state, reason)
 
 
 def prevent_duplicate_transition(ctx: Transition):
@@ -2556,7 +2563,9 @@ def retry_failed_runs(ctx: Transition):
     """A failing run with retries left goes to AwaitingRetry, scheduled after the retry delay."""
     if ctx.proposed["type"] != "FAILED" or ctx.initial_type != "RUNNING":
         return None
-    if ctx.proposed["state_details"].get("retriable") is False:
+    # A task's retry_condition_fn says no with retriable=false. Only tasks: the 3.9 SDK marks every failed
+    # flow state retriable=false, and Prefect retries the flow all the same.
+    if ctx.kind == "task" and ctx.proposed["state_details"].get("retriable") is False:
         return None
     policy = ctx.run.get("empirical_policy") or {}
     retries = policy.get("retries") or policy.get("max_retries") or 0
@@ -2580,7 +2589,16 @@ def _schedule_failed_tasks_for_retry(ctx: Transition):
         state = make_state({"type": "SCHEDULED", "name": "AwaitingRetry",
                             "state_details": {"scheduled_time": iso(ctx.now)}},
                            ctx.run["id"], task["id"], iso(ctx.now))
-        _write_state(ctx.tx, "task", task, task.get("state"), state, {})
+        _write_state(ctx.tx, "task", task, task.get("state"), state, {"run_count": 0})  # see reset_task_retries
+
+
+def reset_task_retries(ctx: Transition):
+    """A task run leaving a terminal state for a non-final one starts its retries afresh (Prefect resets
+    its run count): on a flow's next attempt a task that used up its retries has them all again. Last of
+    the task rules, so only an accepted transition resets it."""
+    if ctx.kind == "task" and ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] not in TERMINAL_STATES:
+        ctx.updates["run_count"] = 0
+    return None
 
 
 def rename_retrying(ctx: Transition):
@@ -2633,7 +2651,7 @@ FLOW_RUN_RULES = (
 TASK_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
     prevent_running_tasks_in_stopped_flows, retrieve_cached_state, wait_for_scheduled_time,
-    retry_failed_runs, rename_retrying, copy_scheduled_time, secure_task_concurrency_slots,
+    retry_failed_runs, rename_retrying, copy_scheduled_time, secure_task_concurrency_slots, reset_task_retries,
 )
 
 
@@ -2744,8 +2762,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
     now = utcnow()
     flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
-    task_run_id = run["id"] if kind == "task" else None
-    state = make_state(proposed, flow_run_id, task_run_id, iso(now))
+    state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")
     ctx = Transition(kind, tx, run, initial, state, now)
     outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
@@ -2772,7 +2789,7 @@ def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict
     """
     table = "flow_run" if kind == "flow" else "task_run"
     flow_run_id = values["id"] if kind == "flow" else values.get("flow_run_id")
-    state = make_state(proposed, flow_run_id, values["id"] if kind == "task" else None, now_iso())
+    state = make_state(proposed, flow_run_id, _state_task_run_id(kind, values), now_iso())
     values.update(_run_timing(values, None, state))
     values.update(_current_state_columns(state))
     if not insert_row(tx, table, values, on_conflict="ON CONFLICT DO NOTHING"):
@@ -3972,8 +3989,50 @@ BlockDocumentUpdate = Schema("BlockDocumentUpdate", {
 
 
 def block_schema_checksum(fields: dict) -> str:
-    """The SDK's checksum when it sends none: sha256 of the canonical JSON of the fields."""
-    return "sha256:" + hashlib.sha256(json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+    """A schema's checksum as the SDK computes it (Block._calculate_schema_checksum, 2.20 and 3.x), which
+    it never sends but looks schemas up by: sha256 of `[[fields], {}]` (its hash_objects(fields) payload)
+    dumped by json.dumps with sorted keys and default spacing, the fields without any `secret_fields`
+    and with only the definitions that are not blocks (none at all rather than an empty dict)."""
+    hashed = _without_key(fields, "secret_fields")
+    if hashed.get("definitions"):
+        definitions = hashed["definitions"] if isinstance(hashed["definitions"], dict) else {}
+        kept = _non_block_definitions(hashed, definitions, set())
+        if kept:
+            hashed["definitions"] = kept
+        else:
+            hashed.pop("definitions")
+    return "sha256:" + hashlib.sha256(json.dumps([[hashed], {}], sort_keys=True).encode()).hexdigest()
+
+
+def _without_key(value, key: str):
+    if not isinstance(value, dict):
+        return value
+    return {k: _without_key(v, key) for k, v in value.items() if k != key}
+
+
+def _references(value) -> list[str]:
+    """Every "$ref" string anywhere inside `value`."""
+    if isinstance(value, dict):
+        found = [value["$ref"]] if value.get("$ref") else []
+        return found + [ref for v in value.values() for ref in _references(v)]
+    if isinstance(value, list):
+        return [ref for item in value for ref in _references(item)]
+    return []
+
+
+def _non_block_definitions(schema: dict, definitions: dict, seen: set) -> dict:
+    """The definitions `schema` refers to, directly or through them, that are not blocks themselves.
+    `seen` stops a definition that refers back to itself (the SDK would recurse forever; we answer)."""
+    kept = {}
+    for ref in _references(schema):
+        key = ref.replace("#/definitions/", "") if isinstance(ref, str) else None
+        found = definitions.get(key) if key is not None else None
+        if isinstance(found, dict) and found.get("block_type_slug") is None:
+            kept[key] = found
+            if key not in seen:
+                seen.add(key)
+                kept.update(_non_block_definitions(found, definitions, seen))
+    return kept
 
 
 def block_type_out(row) -> dict:
@@ -4380,7 +4439,7 @@ MAX_QUEUE_PRIORITY = 1_000_000_000
 
 WorkQueueCreate = Schema("WorkQueueCreate", {
     "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
-    "description": Field("str", default="", nullable=False),
+    "description": Field("str", default=""),  # null is taken as "" (the 2.20 SDK sends null when not given)
     "is_paused": Field("bool", default=False, nullable=False),
     "concurrency_limit": Field("int", minimum=0),
     "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY),
@@ -5702,14 +5761,22 @@ def deployment_out(tx, row) -> dict:
 
 def _replace_schedules(tx, deployment_id: str, schedules: list[dict]):
     tx.execute("DELETE FROM deployment_schedule WHERE deployment_id = ?", (deployment_id,))
+    _add_schedules(tx, deployment_id, schedules, ("body", "schedules"))
+
+
+def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) -> list[str]:
+    """Insert `schedules` beside the deployment's others; returns their new ids."""
     now = now_iso()
+    ids = []
     for i, item in enumerate(schedules):
+        ids.append(new_id())
         insert_row(tx, "deployment_schedule", {
-            "id": new_id(), "created": now, "updated": now, "deployment_id": deployment_id,
-            "schedule": normalise_schedule(item["schedule"], ("body", "schedules", i, "schedule")),
+            "id": ids[-1], "created": now, "updated": now, "deployment_id": deployment_id,
+            "schedule": normalise_schedule(item["schedule"], (*loc, i, "schedule")),
             "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
             "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False)})
     _drop_future_auto_runs(tx, deployment_id)
+    return ids
 
 
 def _drop_future_auto_runs(tx, deployment_id: str):
@@ -5719,18 +5786,34 @@ def _drop_future_auto_runs(tx, deployment_id: str):
 
 
 def _schedules_from(data: dict, sent: dict) -> list[dict] | None:
-    if "schedules" in sent and data.get("schedules") is not None:
+    """The deployment's schedules as the body sets them, None when it leaves them alone. The 2.20 SDK's
+    create_deployment(schedule=...) sends `"schedules": []` beside the older single `schedule`: as in
+    Prefect, an empty list gives way to that schedule."""
+    if data.get("schedules"):
         return data["schedules"]
-    if "schedule" in sent:  # the older single-schedule field
-        if data.get("schedule") is None:
-            return []
+    if data.get("schedule") is not None:
         return [{"schedule": data["schedule"], "active": data.get("is_schedule_active", True) is not False}]
+    if "schedules" in sent or "schedule" in sent:
+        return []
     return None
+
+
+def _merge_job_variables(data: dict, sent: dict) -> dict:
+    """One value for the job variables, whichever name the client used: 2.20 SDKs send `infra_overrides`,
+    3.x ones `job_variables` (Prefect 2.20 renamed the field and reads the old name as the new one).
+    Both columns then hold it; returns `sent` with the merged field marked as sent."""
+    if data.get("infra_overrides") is not None and not data.get("job_variables"):
+        data["job_variables"] = data["infra_overrides"]
+    if data.get("job_variables") is not None:
+        data["infra_overrides"] = data["job_variables"]
+        return {**sent, "job_variables": data["job_variables"], "infra_overrides": data["job_variables"]}
+    return sent
 
 
 def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     """Create a deployment, or update the one with the same flow and name."""
     require_row(tx, "flow", data["flow_id"], "Flow")
+    sent = _merge_job_variables(data, sent)
     queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name"))
     now = now_iso()
     values = {k: data[k] for k in ("version", "description", "path", "entrypoint", "manifest_path",
@@ -5745,6 +5828,8 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     if data.get("is_schedule_active") is not None:
         values["is_schedule_active"] = data["is_schedule_active"]
         values.setdefault("paused", not data["is_schedule_active"])
+    elif data.get("paused") is not None:  # 2.20: a paused deployment's schedule is not active
+        values["is_schedule_active"] = not data["paused"]
     values["work_queue_id"] = queue_row["id"] if queue_row else None
     values["work_queue_name"] = queue_row["name"] if queue_row else data.get("work_queue_name")
     existing = tx.query_one(f"SELECT * FROM deployment WHERE flow_id = ? AND name = ?{tx.db.for_update}",
@@ -5764,6 +5849,7 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
 
 def update_deployment(tx, dep_id: str, data: dict, sent: dict):
     row = require_row(tx, "deployment", dep_id, "Deployment", lock=True)
+    sent = _merge_job_variables(data, sent)
     changes = {k: data[k] for k in sent if k in data and k not in ("schedule", "schedules", "work_pool_name",
                                                                      "work_queue_name", "is_schedule_active")}
     if "paused" in changes and changes["paused"] is not None:
@@ -5775,7 +5861,8 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name") or row["work_queue_name"])
         changes["work_queue_id"] = queue_row["id"] if queue_row else None
         changes["work_queue_name"] = queue_row["name"] if queue_row else None
-    changes = {k: v for k, v in changes.items() if not (v is None and k in ("paused", "enforce_parameter_schema", "parameters", "tags"))}
+    changes = {k: v for k, v in changes.items() if not (v is None and k in (
+        "paused", "enforce_parameter_schema", "parameters", "tags", "job_variables", "infra_overrides"))}
     update_row(tx, "deployment", dep_id, {**changes, "updated": now_iso()})
     schedules = _schedules_from(data, sent)
     if schedules is not None:
@@ -6819,10 +6906,18 @@ def read_hello(app, req):
 
 
 def read_server_version(app, req):
-    return 200, PREFECT_SERVER_VERSION
+    """GET /version: the REST API's version, as Prefect answers it (not the server release: /admin/version)."""
+    return 200, API_VERSION
 
 
 _PREFECT_CLIENT_AGENT = re.compile(r"^prefect/(\d+)\.(\d+)\.(\d+)")
+
+
+def client_major(req) -> int:
+    """The Prefect major version whose shapes a caller reads: 3 for a 3.x SDK (its User-Agent says so,
+    see read_api_version), 2 for everyone else (2.x SDKs, the UI, curl), as the server is a 2.20 one."""
+    found = _PREFECT_CLIENT_AGENT.match(req.headers.get("User-Agent") or "")
+    return 3 if found and found.group(1) == "3" else 2
 
 
 def read_api_version(app, req):
@@ -6927,7 +7022,18 @@ read_flow_runs_filtered, count_flow_runs = _filter_handler(
     "flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
 read_task_runs_filtered, count_task_runs = _filter_handler(
     "task_run", task_run_out, _RUN_FILTERS, run_json_select)
-read_logs_filtered, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
+_read_logs_page, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
+
+
+@body(_read_logs_page.body_schema)
+def read_logs_filtered(app, req):
+    """Logs are refused, not cut short, past the page size (Prefect's `le` on `limit`): the 2.20 CLI's
+    `flow-run logs --num-logs 500` pages on when told so, and would stop at 200 on a clamped answer."""
+    most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+    if req.data.get("limit") is not None and req.data["limit"] > most:
+        raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
+                                       "value_error.number.not_le")])
+    return _read_logs_page(app, req)
 
 
 # Handlers: flow runs
@@ -6957,6 +7063,7 @@ def delete_flow_run(app, req):
     with app.db.write() as tx:
         if not tx.execute("DELETE FROM flow_run WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Flow run not found")
+        tx.execute("DELETE FROM log WHERE flow_run_id = ?", (req.uuid(),))  # as Prefect: its logs go with it
     return 204, NO_CONTENT
 
 
@@ -7685,17 +7792,45 @@ read_saved_searches_filtered, _count_saved_searches = _filter_handler(
 
 # Handlers: deployments
 
+# The fields of a deployment answer, per client major version. 2.20 SDKs in test mode (PREFECT_TEST_MODE=1,
+# which users' own test suites set) refuse a field their schema lacks, so they get exactly the 2.20
+# contract's DeploymentResponse; 3.x SDKs get their DeploymentResponse's (they ignore others).
+DEPLOYMENT_FIELDS_2 = (
+    "id", "created", "updated", "name", "version", "description", "flow_id", "schedule", "is_schedule_active",
+    "paused", "schedules", "job_variables", "infra_overrides", "parameters", "pull_steps", "tags",
+    "work_queue_name", "last_polled", "parameter_openapi_schema", "path", "entrypoint", "manifest_path",
+    "storage_document_id", "infrastructure_document_id", "created_by", "updated_by", "enforce_parameter_schema",
+    "work_pool_name", "status",
+)
+DEPLOYMENT_FIELDS_3 = (
+    "id", "created", "updated", "name", "version", "description", "flow_id", "concurrency_limit", "paused",
+    "schedules", "job_variables", "parameters", "pull_steps", "tags", "work_queue_name", "last_polled",
+    "parameter_openapi_schema", "path", "entrypoint", "storage_document_id", "infrastructure_document_id",
+    "created_by", "updated_by", "work_queue_id", "enforce_parameter_schema", "work_pool_name", "status",
+)
+
+
+def deployment_for_client(req, dep: dict) -> dict:
+    """A deployment in the shape of the caller's major version. Job variables are one value: a 2.20
+    client reads them as `infra_overrides` beside `"job_variables": null` (as Prefect 2.20 answers: its
+    SDK refuses both set and different), a 3.x client as `job_variables`."""
+    job_variables = dep.get("job_variables") or dep.get("infra_overrides") or {}
+    if client_major(req) == 3:
+        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables}
+    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables}
+
 @body(DeploymentCreate)
 def create_deployment_handler(app, req):
     with app.db.write() as tx:
         dep, _created = upsert_deployment(tx, req.data, req.body_dict())
     app.wake("scheduler")
-    return 201, dep
+    return 201, deployment_for_client(req, dep)
 
 
 def read_deployment(app, req):
     with app.db.read() as tx:
-        return 200, deployment_out(tx, require_row(tx, "deployment", req.uuid(), "Deployment"))
+        row = require_row(tx, "deployment", req.uuid(), "Deployment")
+        return 200, deployment_for_client(req, deployment_out(tx, row))
 
 
 def read_deployment_by_name(app, req):
@@ -7704,7 +7839,7 @@ def read_deployment_by_name(app, req):
                            (req.params["flow_name"], req.params["deployment_name"]))
         if row is None:
             raise NotFound("Deployment not found")
-        return 200, deployment_out(tx, row)
+        return 200, deployment_for_client(req, deployment_out(tx, row))
 
 
 @body(DeploymentUpdate)
@@ -7762,7 +7897,8 @@ def read_scheduled_runs_for_deployments(app, req):
 @body(filter_body_schema("deployment", _RUN_FILTERS))
 def read_deployments_filtered(app, req):
     with app.db.read() as tx:
-        return 200, [deployment_out(tx, r) for r in query_filtered(tx, "deployment", req.data, app.settings)]
+        rows = query_filtered(tx, "deployment", req.data, app.settings)
+        return 200, [deployment_for_client(req, deployment_out(tx, r)) for r in rows]
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
@@ -7780,14 +7916,13 @@ def read_deployment_schedules(app, req):
 
 @body(ListOf(DeploymentScheduleCreate))
 def create_deployment_schedules(app, req):
+    """Add schedules to a deployment; the answer is the new ones only, and the others keep their ids."""
     with app.db.write() as tx:
         require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        existing = [decode_row("deployment_schedule", r) for r in
-                    tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ?", (req.uuid(),))]
-        _replace_schedules(tx, req.uuid(), existing + req.data)
-        rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
+        ids = _add_schedules(tx, req.uuid(), req.data, ("body",))
+        created = [decode_row("deployment_schedule", read_row(tx, "deployment_schedule", i)) for i in ids]
     app.wake("scheduler")
-    return 201, [decode_row("deployment_schedule", r) for r in rows]
+    return 201, created
 
 
 DeploymentScheduleUpdate = Schema("DeploymentScheduleUpdate", {
@@ -8230,6 +8365,11 @@ def read_metrics(app, req):
     return 200, RawBody(render_metrics(app).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
+def read_automations_related_to(app, req):
+    """No automations are kept yet, so none relates to any resource; the 3.x CLI's `deployment inspect` asks."""
+    return 200, []
+
+
 # The route table: every API route, in one place. Paths are relative to /api.
 ROUTES = [
     ("GET", "/health", read_health),
@@ -8238,6 +8378,7 @@ ROUTES = [
     ("GET", "/version", read_server_version),
     ("GET", "/admin/version", read_api_version),
     ("GET", "/admin/settings", read_admin_settings),
+    ("GET", "/automations/related-to/{resource_id}", read_automations_related_to),
     ("GET", "/admin/storage", read_result_storage),
     ("PUT", "/admin/storage", update_result_storage),
     ("DELETE", "/admin/storage", clear_result_storage),

@@ -529,6 +529,20 @@ def test_log_sort_and_paging(client, logs):
     assert len(default) == 200 and default[0]["message"] == "line 000"
 
 
+def test_a_log_page_past_the_limit_is_refused_not_cut_short(client, logs):
+    """Prefect answers a `limit` above PREFECT_API_DEFAULT_LIMIT (200) with a 422; a clamped answer made
+    the 2.20 CLI's `flow-run logs --num-logs 500` stop at 200 lines."""
+    status, body = client.post("/logs/filter", {"limit": 201})
+    assert status == 422 and body["exception_detail"][0]["loc"] == ["body", "limit"], body
+    assert len(client.ok("POST", "/logs/filter", {"limit": 200})) == 200
+
+
+def test_deleting_a_flow_run_deletes_its_logs(client, logs):
+    assert client.delete(f"/flow_runs/{logs['first']}")[0] == 204
+    assert all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["first"]]}}}) == []
+    assert len(all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["second"]]}}})) == 250
+
+
 def test_logs_batch_validation_names_the_entry(client):
     status, body = client.post("/logs/", [{"name": "x", "level": 20, "message": "ok", "timestamp": iso(T0)},
                                           {"name": "x", "level": "loud", "message": "bad", "timestamp": iso(T0)}])
@@ -611,6 +625,8 @@ def test_filter_tags_all_and_any(client, runs):
     assert names_for(client, runs, {"flow_runs": {"tags": {"any_": ["a", "zzz"]}}}) == ["alpha"]
     assert names_for(client, runs, {"flow_runs": {"tags": {"any_": ["a", "b"]}}}) == ["alpha", "beta"]
     assert names_for(client, runs, {"flow_runs": {"tags": {"all_": []}}}) == ["alpha", "beta", "gamma"]
+    # any of no tags: none (as Prefect; it matched every run here)
+    assert names_for(client, runs, {"flow_runs": {"tags": {"any_": []}}}) == []
 
 
 def test_filter_tag_values_are_matched_exactly(client):
@@ -886,8 +902,7 @@ def test_read_cache_keeps_the_latest_generation_within_its_byte_budget():
 
 def test_health_and_versions(client):
     assert client.get("/health") == (200, True)
-    status, version = client.get("/version")
-    assert status == 200 and isinstance(version, str) and version
+    assert client.get("/version") == (200, prefectlite.API_VERSION) == (200, "0.8.4")  # the API's, as Prefect
     assert client.get("/admin/version") == (200, prefectlite.PREFECT_SERVER_VERSION)
     assert prefectlite.PREFECT_SERVER_VERSION.startswith("2.")  # the 2.x SDK compares the major version
 
@@ -964,13 +979,19 @@ def test_openapi_lists_every_route(client, server):
 NOT_SERVED = {
     ("POST", "/automations/"), ("GET", "/automations/{id}"), ("PUT", "/automations/{id}"),
     ("PATCH", "/automations/{id}"), ("DELETE", "/automations/{id}"), ("POST", "/automations/filter"),
-    ("POST", "/automations/count"), ("GET", "/automations/related-to/{resource_id}"),
+    ("POST", "/automations/count"),
     ("DELETE", "/automations/owned-by/{resource_id}"),
     ("POST", "/ui/flow_runs/history"), ("POST", "/ui/task_runs/count"), ("POST", "/ui/task_runs/dashboard/counts"),
     ("POST", "/ui/schemas/validate"), ("POST", "/flow_runs/lateness"), ("POST", "/templates/validate"),
     ("GET", "/collections/views/{view}"), ("GET", "/deployments/{id}/work_queue_check"),
     ("POST", "/admin/database/clear"), ("POST", "/admin/database/create"), ("POST", "/admin/database/drop"),
 }
+
+
+def test_automations_related_to_a_resource_are_none_yet(client):
+    """The 3.x CLI's `prefect deployment inspect` asks for them; without automations the answer is empty."""
+    resource = f"prefect.deployment.{uuid.uuid4()}"
+    assert client.get(f"/automations/related-to/{resource}") == (200, [])
 
 
 def test_every_route_of_the_2_20_contract_is_served_but_the_documented_few():

@@ -254,6 +254,45 @@ def test_block_schema_create_is_idempotent_by_checksum_and_version(client):
     assert sorted(s["id"] for s in schemas) == sorted([first["id"], other["id"], computed["id"]])
 
 
+# A schema as the SDK registers it (it sends no checksum) and the checksum the 2.20 and 3.9 SDKs compute for
+# it (Block._calculate_schema_checksum, run once on both): secret_fields and the definitions of blocks
+# (Creds) or of nothing referred to (Unused) do not count; the text is json.dumps with default spacing.
+SDK_SHAPED_FIELDS = {
+    "title": "Warehouse", "description": "A warehouse connection.", "type": "object",
+    "properties": {
+        "dsn": {"title": "Dsn", "type": "string"},
+        "password": {"title": "Password", "type": "string", "writeOnly": True, "format": "password"},
+        "options": {"$ref": "#/definitions/Options"}, "creds": {"$ref": "#/definitions/Creds"},
+        "label": {"title": "Label", "type": "string", "default": "café"},
+    },
+    "required": ["dsn", "password"], "block_type_slug": "warehouse", "secret_fields": ["password", "creds.token"],
+    "block_schema_references": {"creds": {"block_type_slug": "creds", "block_schema_checksum": "sha256:abc"}},
+    "definitions": {
+        "Options": {"title": "Options", "type": "object",
+                    "properties": {"retries": {"type": "integer", "default": 3}}},
+        "Creds": {"title": "Creds", "type": "object", "block_type_slug": "creds", "secret_fields": ["token"],
+                  "properties": {"token": {"type": "string"}}},
+        "Unused": {"title": "Unused", "type": "object"},
+    },
+}
+SDK_CHECKSUM = "sha256:b63ef4594c92f452cd2f0ab9e8a99e49abaf978d68fe5b9cee5857d0aa048b06"
+PLAIN_SDK_CHECKSUM = "sha256:ab3630947c264c1e99ed85d995693f0b7c1c3c0c42251a57dc045a8804b82fb7"
+
+
+def test_block_schema_checksum_is_the_sdks_so_it_finds_the_schema_by_it(client):
+    """The SDK registers a schema without a checksum and looks it up by its own: a different checksum
+    here (compact JSON, secret_fields hashed) made every lookup a 404 and every registration a new row."""
+    bt = new_block_type(client)
+    schema = new_block_schema(client, bt, fields=SDK_SHAPED_FIELDS)
+    assert schema["checksum"] == SDK_CHECKSUM
+    assert client.ok("GET", f"/block_schemas/checksum/{SDK_CHECKSUM}")["id"] == schema["id"]
+    plain = {"title": "Plain", "type": "object", "properties": {}, "secret_fields": []}
+    assert new_block_schema(client, bt, fields=plain)["checksum"] == PLAIN_SDK_CHECKSUM
+    looping = {"properties": {"a": {"$ref": "#/definitions/A"}},
+               "definitions": {"A": {"properties": {"b": {"$ref": "#/definitions/A"}}}}}
+    assert new_block_schema(client, bt, fields=looping)["checksum"].startswith("sha256:")  # no 500
+
+
 def test_block_schema_read_by_checksum_with_and_without_version(client):
     bt = new_block_type(client)
     checksum = "sha256:" + uuid.uuid4().hex * 2

@@ -99,6 +99,58 @@ def test_create_returns_the_2_20_shape(client):
     assert dep["status"] in ("NOT_READY", "READY")
 
 
+PREFECT3_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}  # what the 3.9 SDK's PrefectClient sends
+
+
+def test_job_variables_are_one_value_in_each_majors_shape(client):
+    """The 2.20 SDK sends job variables as `infra_overrides` and refuses an answer where `job_variables`
+    is set and differs (read_deployment, `prefect deployment ls` and workers broke); Prefect 2.20
+    answers them as `infra_overrides` beside `"job_variables": null`. A 3.x SDK reads `job_variables`."""
+    dep = new_deployment(client, infra_overrides={"image": "etl:2"})
+    assert (dep["infra_overrides"], dep["job_variables"]) == ({"image": "etl:2"}, None)
+    as_3x = client.request("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)[1]
+    assert as_3x["job_variables"] == {"image": "etl:2"} and "infra_overrides" not in as_3x
+    from_3x = client.request("POST", "/deployments/", {"name": unique("dep"), "flow_id": dep["flow_id"],
+                                                       "job_variables": {"cpu": 2}}, headers=PREFECT3_AGENT)[1]
+    assert from_3x["job_variables"] == {"cpu": 2}
+    listed = client.ok("POST", "/deployments/filter", {"deployments": {"id": {"any_": [from_3x["id"]]}}})
+    assert [(d["infra_overrides"], d["job_variables"]) for d in listed] == [({"cpu": 2}, None)]
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"infra_overrides": {"image": "etl:3"}})
+    assert client.ok("GET", f"/deployments/{dep['id']}")["infra_overrides"] == {"image": "etl:3"}
+
+
+def test_answers_hold_only_the_fields_of_the_callers_major(client):
+    """With PREFECT_TEST_MODE=1 the 2.20 SDK refuses a field its schema lacks (`concurrency_limit`
+    broke users' test suites): 2.x callers get exactly the 2.20 contract's fields."""
+    dep = new_deployment(client)
+    flow_name = client.ok("GET", f"/flows/{dep['flow_id']}")["name"]
+    by_name = client.ok("GET", f"/deployments/name/{flow_name}/{dep['name']}")
+    expected = DEPLOYMENT_FIELDS | {"job_variables"}  # the 2.20 contract's DeploymentResponse
+    for answer in (dep, client.ok("GET", f"/deployments/{dep['id']}"), by_name):
+        assert set(answer) == expected, set(answer) ^ expected
+    as_3x = client.request("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)[1]
+    assert {"concurrency_limit", "work_queue_id"} <= set(as_3x)
+    assert not {"infra_overrides", "schedule", "is_schedule_active", "manifest_path"} & set(as_3x)
+
+
+def test_paused_on_create_makes_the_schedule_inactive(client):
+    """2.20 semantics: `is_schedule_active` is the opposite of `paused`, whichever of the two was sent."""
+    dep = new_deployment(client, paused=True)
+    assert (dep["paused"], dep["is_schedule_active"]) == (True, False)
+    again = new_deployment(client, flow_id=dep["flow_id"], name=dep["name"], paused=False)
+    assert (again["paused"], again["is_schedule_active"]) == (False, True)
+
+
+def test_an_empty_schedules_list_gives_way_to_the_older_schedule_field(quiet_client):
+    """The 2.20 SDK's create_deployment(schedule=...) sends `"schedules": []` beside `"schedule": {...}`:
+    Prefect builds the deployment's schedule from `schedule` (it was dropped here)."""
+    dep = new_deployment(quiet_client, schedules=[], schedule={"interval": 600})
+    assert [s["schedule"]["interval"] for s in dep["schedules"]] == [600]
+    assert dep["schedule"]["interval"] == 600 and dep["schedules"][0]["active"] is True
+    none = new_deployment(quiet_client, schedules=[], schedule=None)
+    assert none["schedules"] == [] and none["schedule"] is None
+
+
 def test_create_twice_is_create_or_update_by_flow_and_name(client):
     flow = new_flow(client)
     first = new_deployment(client, flow["id"], name="same", description="one", tags=["a"])
@@ -351,6 +403,22 @@ def test_schedules_added_and_deleted_through_their_routes(quiet_client):
     assert status == 204, body
     assert [s["schedule"].get("interval") for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")] == [3600]
     assert client.delete(f"/deployments/{dep['id']}/schedules/{cron[0]['id']}")[0] == 404
+
+
+def test_adding_schedules_answers_the_new_ones_and_keeps_the_others(quiet_client):
+    """Prefect answers POST /deployments/{id}/schedules with the schedules it created; the deployment's
+    other schedules stay as they were, ids included (they were re-created under new ids here)."""
+    client = quiet_client
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}])
+    kept = dep["schedules"][0]["id"]
+    status, added = client.post(f"/deployments/{dep['id']}/schedules",
+                                [{"schedule": {"cron": "0 * * * *"}}, {"schedule": {"interval": 60}, "active": False}])
+    assert status == 201, added
+    assert [("cron" in s["schedule"], s["active"]) for s in added] == [(True, True), (False, False)]
+    listed = {s["id"] for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")}
+    assert listed == {kept, *(s["id"] for s in added)}
+    status, body = client.post(f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": -1}}])
+    assert status == 422 and body["exception_detail"][0]["loc"][:2] == ["body", 0], body
 
 
 def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_again(quiet_client):

@@ -439,6 +439,68 @@ def test_flow_retries_reschedule_the_flow_and_its_failed_tasks(client):
     assert final["state_type"] == "FAILED" and final["run_count"] == 2
 
 
+def test_a_task_that_used_up_its_retries_has_them_again_on_the_flows_next_attempt(client):
+    """Prefect resets a task run's run count when it leaves a terminal state: on the flow's second
+    attempt, a task that exhausted its retries fails into AwaitingRetry again (was: accepted as FAILED,
+    so the flow failed where Prefect's succeeds)."""
+    flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    task = new_task_run(client, flow_run["id"], empirical_policy={"retries": 1, "retry_delay": 0})
+    for attempt in (1, 2):
+        assert_accepted(*task_state(client, task["id"], "RUNNING"), "RUNNING")
+        status, result = task_state(client, task["id"], "FAILED")
+        if attempt == 1:
+            assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+    assert_accepted(status, result, "FAILED")
+    assert read(client, "task", task["id"])["run_count"] == 2
+
+    assert_rejected_into(*flow_state(client, flow_run["id"], "FAILED"), "SCHEDULED", "AwaitingRetry", "Retrying")
+    assert read(client, "task", task["id"])["run_count"] == 0
+    assert_accepted(*flow_state(client, flow_run["id"], "RUNNING"), "RUNNING")
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_accepted(status, result, "RUNNING")
+    assert read(client, "task", task["id"])["run_count"] == 1
+    assert_rejected_into(*task_state(client, task["id"], "FAILED"), "SCHEDULED", "AwaitingRetry", "Retrying")
+
+
+@pytest.mark.parametrize("terminal", TERMINAL)
+def test_a_task_leaving_a_terminal_state_starts_its_run_count_afresh(client, terminal):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"], empirical_policy={"retries": 1, "retry_delay": 0})
+    propose(client, "task", task["id"], terminal, force=True)
+    assert read(client, "task", task["id"])["run_count"] == 1
+    assert_accepted(*task_state(client, task["id"], "SCHEDULED", name="AwaitingRetry", scheduled_time=iso(now())),
+                    "SCHEDULED")
+    assert read(client, "task", task["id"])["run_count"] == 0
+
+
+def test_a_flow_failure_marked_not_retriable_is_retried_all_the_same(client):
+    """The 3.9 SDK sends every failed flow state with retriable=false; Prefect checks that for task runs
+    only, so @flow(retries=N) retries (it never did with the 3.9 SDK here)."""
+    run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    status, result = flow_state(client, run["id"], "FAILED", retriable=False)
+    assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+
+
+# --- subflows ----------------------------------------------------------------------------------
+
+def test_a_subflows_states_name_its_parent_task_run(client):
+    """Prefect fills state_details.task_run_id of a subflow run's states with its parent_task_run_id;
+    the 2.20 SDK reads a subflow's result through it (it asked for GET /task_runs/None here)."""
+    parent = running_flow_run(client)
+    stand_in = running_task_run(client, parent["id"])
+    child = new_flow_run(client, parent_task_run_id=stand_in["id"])
+    assert child["state"]["state_details"]["task_run_id"] == stand_in["id"]
+    for state_type in ("RUNNING", "COMPLETED"):
+        status, result = flow_state(client, child["id"], state_type)
+        assert_accepted(status, result, state_type)
+        assert result["state"]["state_details"]["task_run_id"] == stand_in["id"]
+        assert result["state"]["state_details"]["flow_run_id"] == child["id"]
+    assert {s["state_details"]["task_run_id"] for s in states_of(client, "flow", child["id"])} == {stand_in["id"]}
+    assert read(client, "flow", parent["id"])["state"]["state_details"]["task_run_id"] is None
+    mirrored = read(client, "task", stand_in["id"])["state"]
+    assert (mirrored["type"], mirrored["state_details"]["child_flow_run_id"]) == ("COMPLETED", child["id"])
+
+
 def test_flow_without_retries_fails_at_once(client):
     run = running_flow_run(client)
     assert_accepted(*flow_state(client, run["id"], "FAILED"), "FAILED")

@@ -210,6 +210,21 @@ def test_queue_validation(api):
     assert api.post(f"/work_pools/{pool}/queues", {"priority": 3})[0] == 422
 
 
+def test_queue_description_null_is_taken_as_empty(api):
+    """The 2.20 SDK's create_work_queue() and `prefect work-queue create NAME` send description null;
+    Prefect creates the queue with "" (a 422 here made both fail)."""
+    pool = new_pool(api)["name"]
+    status, queue = api.post(f"/work_pools/{pool}/queues", {"name": "q", "description": None})
+    assert (status, queue["description"]) == (201, ""), queue
+    status, legacy = api.post("/work_queues/", {"name": unique("legacy"), "description": None})
+    assert (status, legacy["description"]) == (201, ""), legacy
+    missing = unique("missing")
+    for path, body in ((f"/work_pools/{missing}/queues", {"name": "q"}),
+                       ("/work_queues/", {"name": "q", "work_pool_name": missing})):
+        status, answer = api.post(path, {**body, "description": None})
+        assert status == 404 and missing in answer["detail"], (path, status, answer)
+
+
 # --- handing out runs --------------------------------------------------------------------------
 
 def test_get_scheduled_flow_runs_hands_out_due_runs(api):

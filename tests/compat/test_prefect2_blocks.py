@@ -514,3 +514,12 @@ def test_slack_notification_on_failed_flow(start_script, compat_server, api, web
                         api("DELETE", f"/flow_run_notification_policies/{p['id']}")
         else:
             api("DELETE", f"/flow_run_notification_policies/{policy_id}")
+
+
+def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
+    """The SDK sends no checksum when it registers a schema and looks schemas up by the one it computes
+    (secret_fields left out, default JSON spacing): both lookups were 404s here."""
+    found = script_result(run_flow_script(scenario("b09_schema_checksum.py"), compat_server))
+    for name in ("CompatChecksumInner", "CompatChecksumStore"):
+        assert found[name].get("server") == found[name]["sdk"], found[name]
+

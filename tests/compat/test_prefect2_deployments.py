@@ -536,3 +536,16 @@ def test_scheduled_deployment_runs_are_created_and_go_late(run_flow_script, fast
     late_ids = {r["id"] for r in late}
     assert late_ids <= {row[0] for row in seen}, (late_ids, seen)
     assert all(row[1] == "SCHEDULED" and row[2] == "Late" for row in seen), seen
+
+
+def test_client_reads_deployments_made_the_older_ways_in_test_mode(run_flow_script, compat_server, api):
+    """create_deployment(infra_overrides=..., schedule=..., paused=True) and reading it back with
+    PREFECT_TEST_MODE=1: the SDK refused the answers (job_variables {} beside infra_overrides, an extra
+    concurrency_limit field) and the schedule was dropped (`"schedules": []` won over `schedule`)."""
+    scenarios = HERE / "scenarios"
+    result = script_result(run_flow_script(scenarios / "s17_deployment_reads.py", compat_server, args=[token()]))
+    assert result["job_variables"] == result["infra_overrides"] == {"image": "etl:2"}
+    assert result["by_name"] == result["id"] and result["listed"] is True
+    assert result["schedule_intervals"] == [3600.0]
+    assert (result["paused"], result["is_schedule_active"]) == (True, False)
+

@@ -489,6 +489,18 @@ def test_subflow_parent_links(run_flow_script, compat_server, api):
     assert sorted(r["id"] for r in found) == sorted(children)
 
 
+def test_a_subflows_state_passed_into_a_task(run_flow_script, compat_server, api):
+    """The subflow's states name the task run standing for it in the parent (state_details.task_run_id):
+    the SDK records the task's input through it (it crashed asking for GET /task_runs/None)."""
+    result = script_result(run_flow_script(scenario("s15_subflow_result_into_task.py"), compat_server))
+    assert result["value"] == 41
+    child = get_flow_run(api, result["child_flow_run_id"])
+    assert result["child_task_run_id"] == child["parent_task_run_id"] != "None"
+    assert {s["state_details"]["task_run_id"] for s in flow_run_states(api, child["id"])} == {
+        child["parent_task_run_id"]}
+    assert_completed(get_flow_run(api, result["flow_run_id"]), "parent flow run")
+
+
 def test_task_map_ten_items(run_flow_script, compat_server, api):
     proc = run_flow_script(scenario("s05_map.py"), compat_server)
     run_id = script_result(proc)["flow_run_id"]
@@ -669,6 +681,19 @@ def test_flow_retries(run_flow_script, compat_server, api):
     logs = logs_of(api, run_id, ["flow attempt 1", "flow attempt 2"])
     messages = [log["message"] for log in logs]
     assert messages.index("flow attempt 1") < messages.index("flow attempt 2")
+
+
+def test_a_flow_retry_gives_a_task_its_retries_again(run_flow_script, compat_server, api):
+    """On the flow's second attempt the task that used up its retries is retried again (Prefect resets
+    its run count on leaving Failed), so the fourth call succeeds and the flow completes."""
+    result = script_result(run_flow_script(scenario("s16_flow_retry_resets_task_retries.py"), compat_server))
+    assert (result["completed"], result["calls"]) == (True, 4), result
+    run = get_flow_run(api, result["flow_run_id"])
+    assert_completed(run, "flow run")
+    (task_run,) = task_runs_of(api, run["id"])
+    assert_completed(task_run, "task run")
+    retries = [s["name"] for s in task_run_states(api, task_run["id"]) if s["name"] == "AwaitingRetry"]
+    assert len(retries) == 3, retries  # once per attempt of the task's own, once for the flow's retry
 
 
 def test_async_flow_gathering_twenty_tasks(run_flow_script, compat_server, api):

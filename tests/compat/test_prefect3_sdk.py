@@ -343,6 +343,35 @@ def test_subflows_link_to_their_parent_task_runs(run_flow_script, compat_server,
         assert_task_run_like_2x(api, tr)
 
 
+def test_a_subflows_state_passed_into_a_task(run_flow_script, compat_server, api):
+    """The 2.20 test's script (tests/compat/scenarios/s15_subflow_result_into_task.py) under the 3.9 SDK:
+    the subflow's states name the task run standing for it in the parent."""
+    proc = run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "s15_subflow_result_into_task.py", compat_server)
+    result = script_result(proc)
+    assert result["value"] == 41
+    child = get_flow_run(api, result["child_flow_run_id"])
+    assert result["child_task_run_id"] == child["parent_task_run_id"] != "None"
+    assert {s["state_details"]["task_run_id"] for s in flow_run_states(api, child["id"])} == {
+        child["parent_task_run_id"]}
+
+
+def test_flow_retries(run_flow_script, compat_server, api):
+    """@flow(retries=1): the 3.9 SDK's Failed state says retriable=false, yet the flow is retried."""
+    result = script_result(run_flow_script(scenario("p11_flow_retries.py"), compat_server))
+    assert (result["completed"], result["attempts"]) == (True, 2), result
+    run = get_flow_run(api, result["flow_run_id"])
+    assert_completed(run, "flow run")
+    assert run["run_count"] == 2
+    assert [s["name"] for s in flow_run_states(api, run["id"])][-3:] == ["AwaitingRetry", "Running", "Completed"]
+
+
+def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
+    """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
+    found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
+    for name in ("CompatChecksumInner", "CompatChecksumStore"):
+        assert found[name].get("server") == found[name]["sdk"], found[name]
+
+
 def test_task_map(run_flow_script, compat_server, api):
     proc = run_flow_script(scenario("p05_map.py"), compat_server)
     assert_no_lost_events(proc)
