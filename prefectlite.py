@@ -1027,9 +1027,10 @@ class _ConnectionPool:
 
     overflow_idle_seconds = 2.0
 
-    def __init__(self, connect, close, size: int, overflow: int, timeout: float):
+    def __init__(self, connect, close, still_open, size: int, overflow: int, timeout: float):
         self._connect = connect  # opens one connection, or raises DatabaseUnavailable
         self._close_connection = close
+        self._still_open = still_open  # False: an idle connection the server has ended meanwhile
         self.size = size
         self.limit = size + overflow
         self.timeout = timeout
@@ -1051,9 +1052,17 @@ class _ConnectionPool:
                 self._waiters.append(waiter)
         if grant is None:
             grant = self._wait(waiter)
-        conn = self._open_in_slot() if grant is _OPEN_ONE else grant
+        conn = self._open_in_slot() if grant is _OPEN_ONE else self._still_open_or_replaced(grant)
         self._held.count = held + 1
         return conn
+
+    def _still_open_or_replaced(self, conn):
+        """An idle connection, or a new one in its slot if the server ended it meanwhile (a restart): the
+        request would otherwise be a 503 on it."""
+        if self._still_open(conn):
+            return conn
+        self._close_connection(conn)
+        return self._open_in_slot()
 
     def _grant_now(self, nested: bool):
         """Under the lock: an idle connection, a free slot (_OPEN_ONE), or None (wait in line)."""
@@ -1197,7 +1206,8 @@ class PostgresDatabase(Database):
         self._unbounded = threading.local()
         size, overflow = (settings[name] if settings else SETTINGS[name].default
                           for name in ("PREFECT_API_DATABASE_POOL_SIZE", "PREFECT_API_DATABASE_MAX_OVERFLOW"))
-        self._pool = _ConnectionPool(self._connect, self._close_connection, size, overflow, self.timeout)
+        self._pool = _ConnectionPool(self._connect, self._close_connection, self._still_open, size, overflow,
+                                     self.timeout)
         conn = self._acquire()
         try:
             version = conn.info.server_version
@@ -1229,6 +1239,16 @@ class PostgresDatabase(Database):
                 "the pg_trgm extension is missing and we may not create it; an administrator must run "
                 "CREATE EXTENSION pg_trgm (name searches will be slower without it)"
             )
+
+    def _still_open(self, conn) -> bool:
+        """Has the server ended this idle connection (a restart, pg_terminate_backend)? Then its last message
+        and the end of the stream wait on the socket: read them without waiting (~1 µs when nothing came)."""
+        try:
+            for _ in range(2):  # the first read takes the server's last message, the second meets the end
+                conn.pgconn.consume_input()
+        except self._psycopg.OperationalError:
+            return False
+        return not conn.closed
 
     @staticmethod
     def _close_connection(conn):

@@ -67,6 +67,21 @@ def start(tmp_path, postgres_url):
         server.stop()
 
 
+@pytest.fixture
+def open_db(tmp_path, postgres_url):
+    """open_db(**settings): a PostgresDatabase on the test's database, closed at the end."""
+    opened = []
+
+    def open_one(**values):
+        db = prefectlite.open_database(postgres_url, _settings(tmp_path, postgres_url, **values))
+        opened.append(db)
+        return db
+
+    yield open_one
+    for db in opened:
+        db.close()
+
+
 TEST_SESSION = "prefectlite-test"  # the application_name of this module's own sessions
 
 
@@ -173,42 +188,53 @@ def test_a_request_that_gets_no_connection_in_time_is_a_503_that_says_why(start,
     assert [status for status, _ in holder.join()] == [200]
 
 
-def test_a_broken_connection_frees_its_slot(start, admin):
+def _end_sessions(admin, pids):
+    """pg_terminate_backend, waiting (up to 10 s) until each session is gone."""
+    for pid in pids:
+        assert admin.execute("SELECT pg_terminate_backend(%s, 10000)", (pid,)).fetchone()[0]
+
+
+def _server_pids(admin):
+    return [row[0] for row in admin.execute(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name <> %s "
+        "AND backend_type = 'client backend'", (TEST_SESSION,)).fetchall()]
+
+
+def test_an_idle_connection_the_server_ended_is_replaced_before_use(start, admin):
+    """PostgreSQL restarted, or an administrator ended the sessions: the next request gets a new connection
+    in the dead one's place, not a 503."""
     server = start(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
                    PREFECT_API_DATABASE_TIMEOUT=5)
     client = Client(server.api_url, timeout=60)
     assert client.post("/flows/", {"name": "before"})[0] == 201
-    admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() "
-                  "AND pid <> pg_backend_pid()")
-    status, body = client.post("/flows/", {"name": "on-the-dead-connection"})
-    assert status == 503 and "PostgreSQL is unavailable" in body["reason"], (status, body)
-    # were the dead connection still counted, this would wait 5 s and be told all connections are busy
+    before = _server_pids(admin)
+    _end_sessions(admin, before)
     assert client.post("/flows/", {"name": "after"})[0] == 201
-    assert server.app.db.pool_counts()["open"] == 1
+    after = _server_pids(admin)
+    assert len(after) == 1 and after != before and server.app.db.pool_counts()["open"] == 1
+
+
+def test_a_connection_broken_in_use_is_a_503_and_frees_its_slot(open_db, admin):
+    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
+                 PREFECT_API_DATABASE_TIMEOUT=5)
+    with pytest.raises(prefectlite.DatabaseUnavailable, match="PostgreSQL is unavailable"):
+        with db.read() as tx:
+            _end_sessions(admin, [tx.scalar("SELECT pg_backend_pid()")])
+            tx.scalar("SELECT 1")
+    assert db.pool_counts()["open"] == 0  # closed, its slot free: were it still counted, this would wait 5 s
+    with db.read() as tx:  # and then be told the one connection is busy
+        assert tx.scalar("SELECT 1") == 1
+    assert db.pool_counts()["open"] == 1
 
 
 # ---------------------------------------------------------------------------------------------
 # the pool itself
 
-@pytest.fixture
-def open_db(tmp_path, postgres_url):
-    opened = []
-
-    def open_one(**values):
-        db = prefectlite.open_database(postgres_url, _settings(tmp_path, postgres_url, **values))
-        opened.append(db)
-        return db
-
-    yield open_one
-    for db in opened:
-        db.close()
-
-
 def test_a_thread_holding_a_connection_never_waits_for_a_second(open_db, admin):
     """Two threads each hold one of the two connections, then each opens a read inside its transaction
     (as a service or a handler may): waiting for a free connection would be waiting for each other."""
     db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=1,
-                 PREFECT_API_DATABASE_TIMEOUT=60)
+                 PREFECT_API_DATABASE_TIMEOUT=2)  # a wait for the second would end in a 503 after 2 s
     both_hold = threading.Barrier(2, timeout=60)
     results, errors = [], []
 
