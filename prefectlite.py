@@ -130,8 +130,16 @@ SETTINGS = {
         _spec("PREFECT_API_DATABASE_ECHO", False, bool, "log every SQL statement"),
         _spec("PREFECT_API_DATABASE_MIGRATE_ON_START", True, bool, "apply pending migrations on start"),
         _spec("PREFECT_API_DATABASE_PASSWORD", "", str, "password for a database URL that has none", secret=True),
-        _spec("PREFECT_API_DATABASE_TIMEOUT", 10.0, float, "seconds to wait for a busy or unreachable database",
+        _spec("PREFECT_API_DATABASE_TIMEOUT", 10.0, float,
+              "seconds to wait for a busy or unreachable database (on PostgreSQL, also for a free connection)",
               minimum=0, maximum=_A_DAY),
+        # PostgreSQL: each server process holds at most POOL_SIZE + MAX_OVERFLOW connections, POOL_SIZE when idle
+        _spec("PREFECT_API_DATABASE_POOL_SIZE", 5, int,
+              "PostgreSQL connections a server process keeps open while idle (per process of --processes)",
+              minimum=1, maximum=10_000),
+        _spec("PREFECT_API_DATABASE_MAX_OVERFLOW", 10, int,
+              "PostgreSQL connections a server process may open beyond POOL_SIZE under load, closed when idle",
+              minimum=0, maximum=10_000),
         _spec("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "normal", str,
               "normal: a commit survives a crash of the server (kill -9), not of the machine; full: also a power "
               "loss or OS crash, at about a quarter fewer writes per second", choices=("normal", "full")),
@@ -987,6 +995,183 @@ class SqliteDatabase(Database):
             self._lock_file = None
 
 
+class _PoolWaiter:
+    """A request waiting for a connection: given one (or leave to open one) by whoever frees it."""
+
+    def __init__(self):
+        self.grant = None  # a connection, _OPEN_ONE or _POOL_CLOSED, set under the pool's lock
+        self.granted = threading.Event()
+
+    def give(self, grant):
+        self.grant = grant
+        self.granted.set()
+
+
+_OPEN_ONE = object()  # a grant: a slot is free, open a connection in it
+_POOL_CLOSED = object()  # a grant: the server is shutting down
+
+
+class _ConnectionPool:
+    """At most `size + overflow` connections of one server process, one per transaction.
+
+    A transaction that finds none free waits its turn (first come, first served: a freed connection is
+    handed to the longest waiter, never to a newcomer) up to `timeout`, then DatabaseUnavailable (a 503
+    with the reason). Connections are opened when first needed; broken ones are closed and free their slot.
+
+    Beyond `size`, connections are closed once idle for `overflow_idle_seconds`, not at once: opening one
+    costs ~4 ms (about a whole write request), so under a load just above `size` closing each one given
+    back would add that to every request; after a burst the server is back to `size` within seconds.
+
+    A thread that already holds a connection (a read opened inside a transaction) never waits: if the
+    pool is exhausted it gets one beyond the limit. Otherwise N such threads holding all N connections
+    would each wait for a second one that only they can free, until the timeout.
+    """
+
+    overflow_idle_seconds = 2.0
+
+    def __init__(self, connect, close, still_open, size: int, overflow: int, timeout: float):
+        self._connect = connect  # opens one connection, or raises DatabaseUnavailable
+        self._close_connection = close
+        self._still_open = still_open  # False: an idle connection the server has ended meanwhile
+        self.size = size
+        self.limit = size + overflow
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._idle: list = []  # [connection, idle since]: the last given back is the first taken (LIFO)
+        self._open = 0  # connections open or being opened, counted before connecting so the limit holds
+        self._waiters: collections.deque[_PoolWaiter] = collections.deque()
+        self._held = threading.local()  # how many connections the current thread holds
+        self._closed = False
+        self._reaper: threading.Thread | None = None
+        self._reaper_wake = threading.Condition(self._lock)
+
+    def acquire(self):
+        held = getattr(self._held, "count", 0)
+        with self._lock:
+            grant = self._grant_now(nested=held > 0)
+            if grant is None:
+                waiter = _PoolWaiter()
+                self._waiters.append(waiter)
+        if grant is None:
+            grant = self._wait(waiter)
+        conn = self._open_in_slot() if grant is _OPEN_ONE else self._still_open_or_replaced(grant)
+        self._held.count = held + 1
+        return conn
+
+    def _still_open_or_replaced(self, conn):
+        """An idle connection, or a new one in its slot if the server ended it meanwhile (a restart): the
+        request would otherwise be a 503 on it."""
+        if self._still_open(conn):
+            return conn
+        self._close_connection(conn)
+        return self._open_in_slot()
+
+    def _grant_now(self, nested: bool):
+        """Under the lock: an idle connection, a free slot (_OPEN_ONE), or None (wait in line)."""
+        if self._closed:
+            raise DatabaseUnavailable("the server is shutting down")
+        if self._idle and (nested or not self._waiters):
+            return self._idle.pop()[0]
+        if nested or (self._open < self.limit and not self._waiters):
+            self._open += 1
+            return _OPEN_ONE
+        return None
+
+    def _wait(self, waiter: _PoolWaiter):
+        waiter.granted.wait(self.timeout)
+        with self._lock:
+            if waiter.grant is None:  # nothing was handed over in time (checked under the lock: no race)
+                self._waiters.remove(waiter)
+                raise DatabaseUnavailable(self._busy_reason())
+        if waiter.grant is _POOL_CLOSED:
+            raise DatabaseUnavailable("the server is shutting down")
+        return waiter.grant
+
+    def _busy_reason(self) -> str:
+        which = "the one database connection" if self.limit == 1 else f"all {self.limit} database connections"
+        return (f"{which} of this server {'is' if self.limit == 1 else 'are'} busy "
+                f"(waited {_plain_number(self.timeout)} s for one)")
+
+    def _open_in_slot(self):
+        try:
+            return self._connect()
+        except BaseException:
+            self._forget_one()  # the slot is free again: the next in line may try
+            raise
+
+    def give_back(self, conn, reusable: bool):
+        """Return `conn`; one that is not `reusable` (broken, mid-transaction) is closed, freeing its slot."""
+        self._held.count = max(0, getattr(self._held, "count", 0) - 1)
+        with self._lock:
+            keep = reusable and not self._closed and self._open <= self.limit
+            if keep and self._waiters:
+                self._waiters.popleft().give(conn)
+                return
+            if keep:
+                self._idle.append([conn, time.monotonic()])
+                if self._open > self.size:
+                    self._wake_reaper()
+                return
+        self._close_connection(conn)
+        self._forget_one()
+
+    def _forget_one(self):
+        """A connection was closed (or never opened): its slot goes to the first in line, if any."""
+        with self._lock:
+            self._open -= 1
+            if self._waiters and self._open < self.limit and not self._closed:
+                self._open += 1
+                self._waiters.popleft().give(_OPEN_ONE)
+
+    def _wake_reaper(self):
+        """Under the lock: make sure the thread that closes idle overflow connections is watching."""
+        if self._reaper is None:
+            self._reaper = threading.Thread(target=self._reap, name="prefectlite-db-pool", daemon=True)
+            self._reaper.start()
+        self._reaper_wake.notify()
+
+    def _reap(self):
+        while True:
+            with self._lock:
+                expired, wait = self._expired_overflow(time.monotonic())
+                if not expired:
+                    if self._closed:
+                        return
+                    self._reaper_wake.wait(wait)
+                    continue
+            for conn in expired:
+                self._close_connection(conn)
+
+    def _expired_overflow(self, now: float) -> tuple[list, float | None]:
+        """Under the lock: take out the idle connections beyond `size` idle for long enough (the longest
+        idle first); return them and how long until the next one expires (None: nothing to watch)."""
+        expired = []
+        while self._open > self.size and self._idle and self._idle[0][1] + self.overflow_idle_seconds <= now:
+            expired.append(self._idle.pop(0)[0])
+            self._open -= 1
+        if expired or self._open <= self.size or not self._idle:
+            return expired, None
+        return expired, self._idle[0][1] + self.overflow_idle_seconds - now
+
+    def counts(self) -> dict:
+        """Connections open (or being opened) and idle, and transactions waiting for one."""
+        with self._lock:
+            return {"open": self._open, "idle": len(self._idle), "waiting": len(self._waiters), "limit": self.limit}
+
+    def close(self):
+        """Close the idle connections and refuse new requests; those in use are closed as they come back."""
+        with self._lock:
+            self._closed = True
+            idle = [conn for conn, _since in self._idle]
+            self._open -= len(idle)
+            self._idle.clear()
+            while self._waiters:
+                self._waiters.popleft().give(_POOL_CLOSED)
+            self._reaper_wake.notify()
+        for conn in idle:
+            self._close_connection(conn)
+
+
 class PostgresDatabase(Database):
     dialect = "postgresql"
     ilike = "ILIKE"
@@ -1021,9 +1206,11 @@ class PostgresDatabase(Database):
         self.statement_seconds = self.timeout + 5.0  # longer than any request's transaction should take
         self._watchdog = _SocketWatchdog()
         self._unbounded = threading.local()
-        self._pool = queue.LifoQueue()
-        self._closed = False
-        conn = self._connect()
+        size, overflow = (settings[name] if settings else SETTINGS[name].default
+                          for name in ("PREFECT_API_DATABASE_POOL_SIZE", "PREFECT_API_DATABASE_MAX_OVERFLOW"))
+        self._pool = _ConnectionPool(self._connect, self._close_connection, self._still_open, size, overflow,
+                                     self.timeout)
+        conn = self._acquire()
         try:
             version = conn.info.server_version
             if version < self.min_server_version:
@@ -1037,9 +1224,10 @@ class PostgresDatabase(Database):
     def _connect(self):
         psycopg = self._psycopg
         try:
-            return psycopg.connect(
-                **self.conninfo, row_factory=self._dict_row, connect_timeout=max(1, int(self.timeout))
-            )
+            # application_name: pg_stat_activity tells which server process holds which connections
+            return psycopg.connect(**self.conninfo, row_factory=self._dict_row,
+                                   connect_timeout=max(1, int(self.timeout)),
+                                   application_name=f"prefectlite[{os.getpid()}]")
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
             raise DatabaseUnavailable(f"cannot reach PostgreSQL: {first}") from None
@@ -1054,20 +1242,32 @@ class PostgresDatabase(Database):
                 "CREATE EXTENSION pg_trgm (name searches will be slower without it)"
             )
 
+    def _still_open(self, conn) -> bool:
+        """Has the server ended this idle connection (a restart, pg_terminate_backend)? Then its last message
+        and the end of the stream wait on the socket: read them without waiting (~1 µs when nothing came)."""
+        try:
+            for _ in range(2):  # the first read takes the server's last message, the second meets the end
+                conn.pgconn.consume_input()
+        except self._psycopg.OperationalError:
+            return False
+        return not conn.closed
+
+    @staticmethod
+    def _close_connection(conn):
+        with contextlib.suppress(Exception):
+            conn.close()
+
     def _release(self, conn):
-        if self._closed or conn.closed or conn.info.transaction_status != 0:  # 0 = IDLE
-            with contextlib.suppress(Exception):
-                conn.close()
-            return
-        self._pool.put(conn)
+        # Broken (the watchdog shut it, the server ended it), left mid-transaction or in autocommit (a
+        # failed vacuum): closed rather than handed to the next request.
+        reusable = not conn.closed and conn.info.transaction_status == 0 and not conn.autocommit  # 0 = IDLE
+        self._pool.give_back(conn, reusable)
 
     def _acquire(self):
-        if self._closed:
-            raise DatabaseUnavailable("the server is shutting down")
-        try:
-            return self._pool.get_nowait()
-        except queue.Empty:
-            return self._connect()
+        return self._pool.acquire()
+
+    def pool_counts(self) -> dict:
+        return self._pool.counts()
 
     def server_version(self) -> str:
         with self.read() as tx:
@@ -1189,14 +1389,15 @@ class PostgresDatabase(Database):
             return int(tx.scalar("SELECT pg_database_size(current_database())"))
 
     def vacuum(self):
-        conn = self._connect()  # VACUUM must run outside a transaction
+        conn = self._acquire()  # one of the pool's: a vacuum counts against the limit like any transaction
         try:
-            conn.autocommit = True
+            conn.autocommit = True  # VACUUM must run outside a transaction
             conn.execute("VACUUM ANALYZE")
+            conn.autocommit = False
         except self._psycopg.Error as exc:
             raise self._map_error(exc) or DatabaseUnavailable(str(exc).splitlines()[0]) from None
         finally:
-            conn.close()
+            self._release(conn)
 
     def hold_server_lock(self):
         pass  # several servers may share one PostgreSQL database
@@ -1214,14 +1415,7 @@ class PostgresDatabase(Database):
                 f"  restore: {secret}pg_restore --clean --if-exists {where} --dbname {info['dbname']} {target}")
 
     def close(self):
-        self._closed = True
-        while True:
-            try:
-                conn = self._pool.get_nowait()
-            except queue.Empty:
-                break
-            with contextlib.suppress(Exception):
-                conn.close()
+        self._pool.close()
 
 
 class _SocketWatchdog:

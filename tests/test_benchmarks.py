@@ -3,8 +3,11 @@ correctly (their own client), count what they did and report no errors. No figur
 is measured by running the scripts by hand (tests/benchmarks/README.md)."""
 
 import json
+import shutil
 import subprocess
 import sys
+
+import pytest
 
 import prefectlite
 from helpers import ROOT, Client
@@ -52,3 +55,16 @@ def test_ab_script_compares_builds(tmp_path):
     for runs in report["results"].values():
         assert len(runs) == 1 and runs[0]["errors"] == 0 and runs[0]["req_per_s"] > 0
         assert runs[0]["server_cpu_us_per_req"] > 0  # the server's processes were found and their CPU read
+
+
+def test_pg_servers_script_runs_two_servers_on_one_postgres_within_their_pools(postgres_url):
+    if shutil.which("psql") is None:
+        pytest.skip("psql is not installed")
+    psql = f"psql {postgres_url} -c 'select 1'"
+    report = _run("bench_pg_servers.py", "--postgres-url", postgres_url, "--psql", psql, "--clients", "3",
+                  "--duration", "1", "--pool-size", "1", "--max-overflow", "1", timeout=180)
+    assert report["ok"] and len(report["servers"]) == 2
+    for server in report["servers"]:
+        assert server["errors"] == {} and server["requests"] > 0
+        assert server["most_connections"] <= 2 and server["idle_connections"] <= 1
+    assert report["psql_during"]["refused"] == 0 and report["psql_after"]["connected"]

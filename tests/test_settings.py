@@ -136,6 +136,7 @@ def test_values_are_converted_to_their_types(tmp_path):
 @pytest.mark.parametrize("name, value", [
     ("PREFECT_SERVER_API_PORT", "not-a-number"),
     ("PREFECT_API_DATABASE_ECHO", "maybe"),
+    ("PREFECT_API_DATABASE_POOL_SIZE", "2.5"),
 ])
 def test_badly_typed_value_is_a_configuration_error(tmp_path, name, value):
     with pytest.raises(ConfigurationError):
@@ -156,6 +157,8 @@ def test_badly_typed_value_is_a_configuration_error(tmp_path, name, value):
     ("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", "1e12", "at most 3200000000"),
     ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "1e12", "at most 31536000"),
     ("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", "1000", "at most 100"),
+    ("PREFECT_API_DATABASE_POOL_SIZE", "0", "at least 1"),  # no connection at all: every request a 503
+    ("PREFECT_API_DATABASE_MAX_OVERFLOW", "-1", "at least 0"),  # SQLAlchemy's "no limit": we have none
 ])
 def test_a_value_out_of_its_range_is_a_configuration_error_naming_it(tmp_path, name, value, problem):
     for source in ({"env": {name: value}}, {"overrides": {name: value}}):
@@ -186,6 +189,14 @@ def test_a_value_that_is_not_one_of_the_choices_is_refused_naming_them(tmp_path,
     assert name in message and repr(value) in message and "must be one of" in message
     line = assert_one_line_error(run_cli("config", "set", f"{name}={value}", env={"PREFECT_HOME": str(tmp_path)}))
     assert name in line and not (tmp_path / "profiles.toml").exists()
+
+
+def test_the_postgres_pool_settings_have_prefects_names_and_defaults(tmp_path):
+    settings = load_settings(env={"PREFECT_HOME": str(tmp_path)})
+    assert (settings["PREFECT_API_DATABASE_POOL_SIZE"], settings["PREFECT_API_DATABASE_MAX_OVERFLOW"]) == (5, 10)
+    settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_API_DATABASE_POOL_SIZE": "1",
+                                  "PREFECT_API_DATABASE_MAX_OVERFLOW": "0"})
+    assert (settings["PREFECT_API_DATABASE_POOL_SIZE"], settings["PREFECT_API_DATABASE_MAX_OVERFLOW"]) == (1, 0)
 
 
 def test_the_ends_of_a_range_are_accepted(tmp_path):

@@ -36,8 +36,10 @@ OPS = ["flow_create", "flow_run_create", "flow_run_set_state", "task_run_create"
 
 
 class Level:
-    def __init__(self, clients: int, duration: float | None, runs: int | None, max_time: float, args):
+    def __init__(self, clients: int, duration: float | None, runs: int | None, max_time: float, args,
+                 stats_class=B.Stats):
         self.clients = clients
+        self.stats_class = stats_class  # how answers are counted (bench_pg_servers tells 503s apart)
         self.deadline = None
         self.duration = duration
         self.runs = runs
@@ -58,7 +60,7 @@ class Level:
 
 def client_thread(level: Level, idx: int, target: B.Target, ack_file):
     args = level.args
-    st = B.Stats(max_samples=args.error_samples)
+    st = level.stats_class(max_samples=args.error_samples)
     level.stats[idx] = st
     cli = B.Client(target, timeout=args.timeout, gzip_ok=not args.no_gzip)
     flow_body = B.flow_create_body(args.flow_name)
@@ -167,10 +169,10 @@ def run_once(level, idx, cli, st, call, flow_id, n_logs, ack_file) -> bool:
     return True
 
 
-def run_level(target: B.Target, clients: int, args, ack_file) -> dict:
+def run_level(target: B.Target, clients: int, args, ack_file, stats_class=B.Stats) -> dict:
     duration = args.duration if args.runs is None else None
-    level = Level(clients, duration, args.runs, args.max_time, args)
-    level.stats = [B.Stats(max_samples=args.error_samples) for _ in range(clients)]
+    level = Level(clients, duration, args.runs, args.max_time, args, stats_class)
+    level.stats = [stats_class(max_samples=args.error_samples) for _ in range(clients)]
     threads = [threading.Thread(target=client_thread, args=(level, i, target, ack_file), daemon=True)
                for i in range(clients)]
     for t in threads:
@@ -184,7 +186,7 @@ def run_level(target: B.Target, clients: int, args, ack_file) -> dict:
         t.join(timeout=max(0.0, level.deadline - time.perf_counter()) + args.timeout + 5)
     elapsed = time.perf_counter() - t0
     cpu = B.client_cpu_seconds() - cpu0
-    total = B.Stats(max_samples=args.error_samples)
+    total = stats_class(max_samples=args.error_samples)
     for s in level.stats:
         total.merge(s)
     lat = total.all_latencies()
