@@ -10297,19 +10297,31 @@ class ConnectionLoop:
         next_sweep = time.monotonic() + _SWEEP_SECONDS
         while True:
             for target, readable, writable in self.poller.poll(max(0.0, next_sweep - time.monotonic())):
-                if target == "listener":
-                    self._accept()
-                elif target == "wake":
-                    self._run_calls()
-                else:
-                    self._on_ready(target, readable, writable)
+                self._guarded(target, readable, writable)
             now = time.monotonic()
             if now >= next_sweep:
                 next_sweep = now + _SWEEP_SECONDS
-                self._sweep(now)
+                self._guarded("sweep", now, False)
             if self._stop_deadline is not None and (not self.connections or now > self._stop_deadline):
                 break
         self._close_everything()
+
+    def _guarded(self, target, readable, writable):
+        """One step of the loop; a bug met in it costs that connection, never the loop (and every client)."""
+        try:
+            if target == "listener":
+                self._accept()
+            elif target == "wake":
+                self._run_calls()
+            elif target == "sweep":
+                self._sweep(readable)
+            else:
+                self._on_ready(target, readable, writable)
+        except Exception:  # noqa: BLE001 - logged; the loop must go on
+            log.exception("the connection loop failed on %s", getattr(target, "peer", target))
+            if isinstance(target, Connection):
+                with contextlib.suppress(Exception):
+                    self._close(target)
 
     def _accept(self):
         for _ in range(64):  # then let the connections we have take their turn
@@ -10339,7 +10351,10 @@ class ConnectionLoop:
                 pass
         while self._calls:
             fn, args = self._calls.popleft()
-            fn(*args)
+            try:
+                fn(*args)
+            except Exception:  # noqa: BLE001 - as in _guarded: one call's bug, not the loop's end
+                log.exception("a call on the connection loop failed")
 
     def call_soon(self, fn, *args):
         """Have the loop thread run fn(*args) (from any thread)."""
