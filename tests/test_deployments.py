@@ -426,7 +426,8 @@ def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_aga
     `prefect deployment schedule pause`): only what was sent changes; auto-scheduled runs not started
     yet are dropped, for the scheduler to make from the schedule as it now is."""
     client = quiet_client
-    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}, {"schedule": {"cron": "0 9 * * *"}}])
+    # at 09:30, not 09:00: a daily run at the hour would be the hourly schedule's run of that hour (one run a time)
+    dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}, {"schedule": {"cron": "30 9 * * *"}}])
     hourly, daily = sorted(client.ok("GET", f"/deployments/{dep['id']}/schedules"), key=lambda s: "cron" in s["schedule"])
     client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 3})
     assert len(runs_of(client, dep["id"])) == 6

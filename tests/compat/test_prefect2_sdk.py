@@ -801,7 +801,7 @@ commands = [
     ["flow-run", "inspect", run_id],
     ["flow-run", "logs", run_id],
     ["flow-run", "ls", "--limit", "50"],
-    ["flow", "ls"],
+    ["flow", "ls", "--limit", "200"],  # the default 15 newest: the shared server holds more flows than that
     ["block", "ls"],
     ["block", "type", "ls"],
     ["variable", "ls"],
@@ -850,7 +850,7 @@ def test_cli_read_commands(run_flow_script, compat_server, api):
     logs_out = sections[f"flow-run logs {run_id}"][1]
     assert "fetched 4 numbers" in logs_out and "total is 20" in logs_out
     assert run["name"] in sections["flow-run ls --limit 50"][1]
-    assert "compat-three-tasks" in sections["flow ls"][1]
+    assert "compat-three-tasks" in sections["flow ls --limit 200"][1]
 
 
 def test_tag_concurrency_limit_serialises_task_runs(run_flow_script, compat_server, api):
