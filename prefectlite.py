@@ -1851,9 +1851,9 @@ JSON_COLUMNS = {
     "flow_run_state": ("data", "state_details"),
     "task_run_state": ("data", "state_details"),
     "deployment": ("parameters", "tags", "labels", "parameter_openapi_schema", "pull_steps", "job_variables",
-                   "infra_overrides", "created_by", "updated_by"),
-    "deployment_schedule": ("schedule",),
-    "work_pool": ("base_job_template",),
+                   "infra_overrides", "created_by", "updated_by", "concurrency_options"),
+    "deployment_schedule": ("schedule", "parameters"),
+    "work_pool": ("base_job_template", "storage_configuration"),
     "work_queue": ("filter",),
     "block_schema": ("fields", "capabilities"),
     "block_document": ("data",),
@@ -5700,7 +5700,21 @@ DeploymentScheduleCreate = Schema("DeploymentScheduleCreate", {
     "max_active_runs": Field("int", minimum=1),
     "max_scheduled_runs": Field("int", minimum=1),
     "catchup": Field("bool", default=False, nullable=False),
+    # Prefect 3: parameter overrides for the schedule's runs, and a name unique within the deployment
+    # (`replaces`, a deploy-time rename directive, is accepted and not stored, as in Prefect)
+    "parameters": Field("object", default=dict, nullable=False),
+    "slug": Field("str", max_length=255), "replaces": Field("str"),
 })
+# The fields of a deployment schedule a 2.20 client reads: its SDK in test mode refuses any other.
+DEPLOYMENT_SCHEDULE_FIELDS_2 = ("id", "created", "updated", "deployment_id", "schedule", "active",
+                                "max_active_runs", "max_scheduled_runs", "catchup")
+
+
+def schedule_for_client(major: int, schedule: dict) -> dict:
+    """A deployment schedule in the shape of a client major version (3.x also reads slug and parameters)."""
+    if major == 3:
+        return schedule
+    return {k: schedule.get(k) for k in DEPLOYMENT_SCHEDULE_FIELDS_2}
 _DEPLOYMENT_FIELDS = {
     "version": Field("str"), "description": Field("str"),
     "schedule": Field("object"), "is_schedule_active": Field("bool"),
@@ -5762,8 +5776,24 @@ def _replace_schedules(tx, deployment_id: str, schedules: list[dict]):
     _add_schedules(tx, deployment_id, schedules, ("body", "schedules"))
 
 
+SLUG_TAKEN = "Schedule slugs must be unique within a deployment."
+
+
+def _require_free_slugs(tx, deployment_id: str, slugs: list, except_id: str | None = None):
+    """Prefect answers 409 for a slug another schedule of the deployment has (checked before writing:
+    on PostgreSQL a violated unique index would end the transaction)."""
+    slugs = [slug for slug in slugs if slug is not None]
+    if len(set(slugs)) < len(slugs):
+        raise Conflict(SLUG_TAKEN)
+    for slug in slugs:
+        if tx.scalar("SELECT id FROM deployment_schedule WHERE deployment_id = ? AND slug = ? AND id != ?",
+                     (deployment_id, slug, except_id or "")):
+            raise Conflict(SLUG_TAKEN)
+
+
 def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) -> list[str]:
     """Insert `schedules` beside the deployment's others; returns their new ids."""
+    _require_free_slugs(tx, deployment_id, [item.get("slug") for item in schedules])
     now = now_iso()
     ids = []
     for i, item in enumerate(schedules):
@@ -5772,7 +5802,8 @@ def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) ->
             "id": ids[-1], "created": now, "updated": now, "deployment_id": deployment_id,
             "schedule": normalise_schedule(item["schedule"], (*loc, i, "schedule")),
             "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
-            "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False)})
+            "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False),
+            "parameters": item.get("parameters") or {}, "slug": item.get("slug")})
     _drop_future_auto_runs(tx, deployment_id)
     return ids
 
@@ -6417,9 +6448,22 @@ class Service:
         return self.interval
 
 
-def _schedule_idempotency_key(deployment_id: str, moment: str) -> str:
-    """One run per deployment and moment, even when two of its schedules coincide (Prefect's key)."""
+def _schedule_idempotency_key(deployment_id: str, moment: str, schedule: dict) -> str:
+    """One run per deployment and moment, even when two of its schedules coincide (Prefect 2.20's key).
+    A schedule with parameters of its own makes runs unlike the others': its key names it (as Prefect 3's
+    does), so a coinciding schedule does not swallow its run."""
+    if schedule.get("parameters"):
+        return f"scheduled {deployment_id} {schedule['id']} {moment}"
     return f"scheduled {deployment_id} {moment}"
+
+
+_SCHEDULE_KIND_NAMES = {"interval": "IntervalSchedule", "cron": "CronSchedule", "rrule": "RRuleSchedule"}
+
+
+def _made_by_schedule(schedule: dict) -> dict:
+    """A scheduled run's `created_by`, as Prefect 3 fills it: the schedule, shown by its slug or its kind."""
+    kind = next((name for key, name in _SCHEDULE_KIND_NAMES.items() if key in (schedule["schedule"] or {})), None)
+    return {"id": schedule["id"], "type": "SCHEDULE", "display_value": schedule.get("slug") or kind}
 
 
 def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime, start=None, end=None,
@@ -6443,14 +6487,16 @@ def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetim
         limit = min(schedule.get("max_scheduled_runs") or max_runs, max_runs)
         times = next_fire_times(schedule["schedule"], start, max_until, limit)
         wanted = [t for i, t in enumerate(times) if i < min_runs or t <= min_until]
+        parameters = {**(dep.get("parameters") or {}), **(schedule.get("parameters") or {})}
         for moment in wanted:
             when = iso(moment)
-            key = _schedule_idempotency_key(dep["id"], when)
-            data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": dep.get("parameters") or {},
+            key = _schedule_idempotency_key(dep["id"], when, schedule)
+            data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": parameters,
                     "tags": list(dep.get("tags") or []), "idempotency_key": key, "context": {},
                     "empirical_policy": {}, "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}}
             extra = {"auto_scheduled": True, "deployment_version": dep.get("version"),
-                     "work_queue_id": dep.get("work_queue_id"), "work_queue_name": dep.get("work_queue_name")}
+                     "work_queue_id": dep.get("work_queue_id"), "work_queue_name": dep.get("work_queue_name"),
+                     "created_by": _made_by_schedule(schedule)}
             _run, was_new = create_flow_run(tx, data, extra)
             created += was_new
     return created
@@ -7813,9 +7859,12 @@ def deployment_for_client(req, dep: dict) -> dict:
     client reads them as `infra_overrides` beside `"job_variables": null` (as Prefect 2.20 answers: its
     SDK refuses both set and different), a 3.x client as `job_variables`."""
     job_variables = dep.get("job_variables") or dep.get("infra_overrides") or {}
+    schedules = [schedule_for_client(client_major(req), s) for s in dep.get("schedules") or []]
     if client_major(req) == 3:
-        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables}
-    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables}
+        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables, "schedules": schedules}
+    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables,
+            "schedules": schedules}
+
 
 @body(DeploymentCreate)
 def create_deployment_handler(app, req):
@@ -7909,7 +7958,7 @@ def read_deployment_schedules(app, req):
     with app.db.read() as tx:
         require_row(tx, "deployment", req.uuid(), "Deployment")
         rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
-        return 200, [decode_row("deployment_schedule", r) for r in rows]
+        return 200, [schedule_for_client(client_major(req), decode_row("deployment_schedule", r)) for r in rows]
 
 
 @body(ListOf(DeploymentScheduleCreate))
@@ -7920,12 +7969,13 @@ def create_deployment_schedules(app, req):
         ids = _add_schedules(tx, req.uuid(), req.data, ("body",))
         created = [decode_row("deployment_schedule", read_row(tx, "deployment_schedule", i)) for i in ids]
     app.wake("scheduler")
-    return 201, created
+    return 201, [schedule_for_client(client_major(req), schedule) for schedule in created]
 
 
 DeploymentScheduleUpdate = Schema("DeploymentScheduleUpdate", {
     "schedule": Field("object"), "active": Field("bool"), "max_active_runs": Field("int", minimum=1),
     "max_scheduled_runs": Field("int", minimum=1), "catchup": Field("bool"),
+    "parameters": Field("object"), "slug": Field("str", max_length=255), "replaces": Field("str"),
 })
 
 
@@ -7934,6 +7984,7 @@ def update_deployment_schedule(app, req):
     """Change one schedule (e.g. `prefect deployment schedule pause`); its runs not yet started go, the
     scheduler makes them again from the schedule as it now is."""
     changes = {k: v for k, v in sent_fields(req).items() if v is not None or k in ("max_active_runs", "max_scheduled_runs")}
+    changes.pop("replaces", None)  # a deploy-time directive, never stored
     if changes.get("schedule") is not None:
         changes["schedule"] = normalise_schedule(changes["schedule"], ("body", "schedule"))
     with app.db.write() as tx:
@@ -7941,6 +7992,7 @@ def update_deployment_schedule(app, req):
         owner = tx.scalar("SELECT deployment_id FROM deployment_schedule WHERE id = ?", (req.uuid("schedule_id"),))
         if owner != req.uuid():
             raise NotFound("Schedule not found")
+        _require_free_slugs(tx, req.uuid(), [changes.get("slug")], except_id=req.uuid("schedule_id"))
         update_row(tx, "deployment_schedule", req.uuid("schedule_id"), {**changes, "updated": now_iso()})
         _drop_future_auto_runs(tx, req.uuid())
     app.wake("scheduler")

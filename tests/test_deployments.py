@@ -19,9 +19,10 @@ def new_flow(client, name=None):
     return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": []})
 
 
-def new_deployment(client, flow_id=None, name=None, **fields):
+def new_deployment(client, flow_id=None, name=None, headers=None, **fields):
     flow_id = flow_id or new_flow(client)["id"]
-    return client.ok("POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields})
+    return client.ok("POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields},
+                     headers=headers)
 
 
 def run_from(client, dep_id, expect=(200, 201), **body):
@@ -447,6 +448,53 @@ def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_aga
     other = new_deployment(client)
     assert client.patch(f"/deployments/{other['id']}/schedules/{daily['id']}", {"active": False})[0] == 404
     assert client.patch(f"/deployments/{uuid.uuid4()}/schedules/{daily['id']}", {"active": False})[0] == 404
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def quiet_any_db(request, tmp_path):
+    """A server whose scheduler is off, on SQLite, then on PostgreSQL."""
+    url = f"sqlite:///{tmp_path}/quiet.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+        yield Client(api_url)
+
+
+def test_a_schedules_slug_and_parameters_are_kept_changed_and_given_to_its_runs(quiet_any_db):
+    """Prefect 3 schedules carry a slug and parameter overrides (PATCH with them answered 204 and changed
+    nothing); the scheduler merges a schedule's parameters over the deployment's. 2.20 clients, which
+    refuse fields their schema lacks, read schedules without them."""
+    client = quiet_any_db
+    dep = new_deployment(client, parameters={"x": 1, "y": 2}, headers=PREFECT3_AGENT,
+                         schedules=[{"schedule": {"interval": 3600}, "slug": "hourly", "parameters": {"y": 3}}])
+    hourly = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)[0]
+    assert (hourly["slug"], hourly["parameters"]) == ("hourly", {"y": 3})
+    assert client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}",
+                        {"slug": "every-hour", "parameters": {"y": 4}}, headers=PREFECT3_AGENT) == (204, None)
+    changed = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)[0]
+    assert (changed["slug"], changed["parameters"], changed["active"]) == ("every-hour", {"y": 4}, True)
+    client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 2})
+    runs = runs_of(client, dep["id"])
+    assert [r["parameters"] for r in runs] == [{"x": 1, "y": 4}] * 2
+    assert runs[0]["created_by"] == {"id": hourly["id"], "type": "SCHEDULE", "display_value": "every-hour"}
+
+    added = client.ok("POST", f"/deployments/{dep['id']}/schedules", [
+        {"schedule": {"interval": 60}, "slug": "minutely"}], headers=PREFECT3_AGENT)
+    assert [(s["slug"], s["parameters"]) for s in added] == [("minutely", {})]
+    status, body = client.post(f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": 60}, "slug": "minutely"}])
+    assert status == 409 and "unique" in body["detail"], body
+    status, body = client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"slug": "minutely"})
+    assert status == 409, body
+    status, body = client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"parameters": [1]})
+    assert status == 422 and ("body", "parameters") in locs(body), body
+
+    as_2x = client.ok("GET", f"/deployments/{dep['id']}")
+    assert all(set(s) == SCHEDULE_FIELDS_2 for s in as_2x["schedules"]), as_2x["schedules"]
+    assert all(set(s) == SCHEDULE_FIELDS_2 for s in client.ok("GET", f"/deployments/{dep['id']}/schedules"))
+    as_3x = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)
+    assert sorted(s["slug"] for s in as_3x["schedules"]) == ["every-hour", "minutely"]
+
+
+SCHEDULE_FIELDS_2 = {"id", "created", "updated", "deployment_id", "schedule", "active", "max_active_runs",
+                     "max_scheduled_runs", "catchup"}  # the 2.20 contract's DeploymentSchedule
 
 
 def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(quiet_client):
