@@ -2431,7 +2431,11 @@ def _is_pending_substate(ctx: Transition) -> bool:
 
 
 def prevent_leaving_terminal_states(ctx: Transition):
-    """Terminal states are final; only a retry (back to SCHEDULED) may leave them."""
+    """Terminal states are final; only a retry (back to SCHEDULED) may leave them. A failed flow run also
+    takes another Failed (as in Prefect): a process blocked in a pause that timed out finds its run failed
+    by the pause-expiration service, and its own Failed must not be refused."""
+    if ctx.kind == "flow" and ctx.initial_type == "FAILED" and ctx.proposed["type"] == "FAILED":
+        return None
     if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
         return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
                                        f"{ctx.proposed['type']}: it has already terminated.")
@@ -2522,18 +2526,28 @@ def expire_pauses(ctx: Transition):
 
 
 def handle_pausing_flows(ctx: Transition):
+    """As Prefect: a pause that cannot happen leaves the run as it is (REJECT into the current state: the
+    SDK carries on past a keyed pause that already fired); only a run that will be rescheduled may be
+    suspended, so a subflow or a run without a deployment is aborted."""
     if ctx.kind != "flow" or ctx.proposed["type"] != "PAUSED":
         return None
+    verb = "suspend" if ctx.proposed.get("name") == "Suspended" else "pause"
+    if ctx.initial is None:
+        return Outcome("ABORT", reason=f"Cannot {verb} flows with no state.")
     if ctx.initial_type != "RUNNING":
-        return Outcome("ABORT", reason="Cannot pause flows that are not currently running.")
+        return Outcome("REJECT", ctx.initial, f"Cannot {verb} flows that are not currently running.")
     key = ctx.proposed["state_details"].get("pause_key")
     policy = dict(ctx.run.get("empirical_policy") or {})
     keys = list(policy.get("pause_keys") or [])
+    if key is not None and key in keys:
+        return Outcome("REJECT", ctx.initial, f"This {verb} has already fired.")
+    if ctx.proposed["state_details"].get("pause_reschedule"):
+        if ctx.run.get("parent_task_run_id"):
+            return Outcome("ABORT", reason=f"Cannot {verb} subflows.")
+        if not ctx.run.get("deployment_id"):
+            return Outcome("ABORT", reason=f"Cannot {verb} flows without a deployment.")
     if key is not None:
-        if key in keys:
-            return Outcome("ABORT", reason="This pause has already fired.")
-        keys.append(key)
-        policy["pause_keys"] = keys
+        policy["pause_keys"] = [*keys, key]
         ctx.updates["empirical_policy"] = policy
     return None
 

@@ -365,6 +365,27 @@ def test_flow_retries(run_flow_script, compat_server, api):
     assert [s["name"] for s in flow_run_states(api, run["id"])][-3:] == ["AwaitingRetry", "Running", "Completed"]
 
 
+def test_a_sync_flow_whose_pause_timed_out_ends_failed(run_flow_script, compat_server, api):
+    """The server's pause-expiration service fails the run while the SDK sleeps; the flow's own Failed
+    proposal is then accepted (it was aborted, and the SDK raised Abort)."""
+    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server, args=["sync-timeout"]))
+    assert result["type"] == "FAILED", result
+    assert get_flow_run(api, result["flow_run_id"])["state_type"] == "FAILED"
+
+
+def test_suspending_a_run_without_a_deployment_is_refused(run_flow_script, compat_server):
+    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server,
+                                           args=["suspend-without-deployment"]))
+    assert "Cannot suspend flows without a deployment." in result["result"], result
+
+
+def test_a_resumed_flow_passes_a_pause_whose_key_already_fired(run_flow_script, compat_server, api):
+    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server,
+                                           args=["resume-repeated-key"]))
+    assert (result["type"], result["tasks_run"]) == ("COMPLETED", 5), result
+    assert_completed(get_flow_run(api, result["flow_run_id"]), "flow run")
+
+
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
     """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
     found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
