@@ -4440,11 +4440,35 @@ WorkPoolCreate = Schema("WorkPoolCreate", {
     "base_job_template": Field("object", default=dict, nullable=False),
     "is_paused": Field("bool", default=False, nullable=False),
     "concurrency_limit": Field("int", minimum=0),
+    "storage_configuration": Field("object", default=dict, nullable=False),
 })
 WorkPoolUpdate = Schema("WorkPoolUpdate", {
     "description": Field("str"), "is_paused": Field("bool", nullable=False),
     "base_job_template": Field("object", nullable=False), "concurrency_limit": Field("int", minimum=0),
+    "storage_configuration": Field("object"),
 })
+# Prefect 3's WorkPoolStorageConfiguration: where a pool's workers upload and run flow code bundles, and
+# its default result storage. Its only fields; Prefect refuses others.
+_STORAGE_STEP_KEYS = ("bundle_upload_step", "bundle_execution_step")
+STORAGE_CONFIGURATION_KEYS = (*_STORAGE_STEP_KEYS, "default_result_storage_block_id")
+
+
+def storage_configuration(value: dict) -> dict:
+    """A pool's storage configuration with every field, or a 422 naming the field that is wrong."""
+    loc = ("body", "storage_configuration")
+    errors = [_error((*loc, key), "extra fields not permitted", "value_error.extra")
+              for key in value if key not in STORAGE_CONFIGURATION_KEYS]
+    errors += [_error((*loc, key), "value is not a valid dict", "type_error.dict")
+               for key in _STORAGE_STEP_KEYS if value.get(key) is not None and not isinstance(value[key], dict)]
+    block_id = value.get("default_result_storage_block_id")
+    if block_id is not None:
+        try:
+            block_id = parse_uuid(block_id, (*loc, "default_result_storage_block_id"))
+        except ValidationFailed as exc:
+            errors += exc.errors
+    if errors:
+        raise ValidationFailed(errors)
+    return {**{key: value.get(key) for key in _STORAGE_STEP_KEYS}, "default_result_storage_block_id": block_id}
 # Far below the column's 32-bit limit: a new queue takes the highest priority + 1, and inserting a queue
 # moves those at and below it down by one; neither may overflow.
 MAX_QUEUE_PRIORITY = 1_000_000_000
@@ -4478,7 +4502,15 @@ ScheduledRunsForPool = Schema("Body_get_scheduled_flow_runs_for_pool", {
 def work_pool_out(tx, row) -> dict:
     pool = decode_row("work_pool", row)
     pool["status"] = work_pool_status(tx, pool)
+    pool["storage_configuration"] = storage_configuration(pool.get("storage_configuration") or {})
     return pool
+
+
+def work_pool_for_client(req, pool: dict) -> dict:
+    """A 2.20 client in test mode refuses fields its WorkPool lacks: only 3.x clients read the storage."""
+    if client_major(req) == 3:
+        return pool
+    return {k: v for k, v in pool.items() if k != "storage_configuration"}
 
 
 def work_pool_status(tx, pool: dict) -> str:
@@ -4529,7 +4561,8 @@ def create_work_pool(tx, data: dict) -> dict:
     if not insert_row(tx, "work_pool", {"id": pool_id, "created": now, "updated": now, "name": data["name"],
                                         "description": data.get("description"), "type": data["type"],
                                         "base_job_template": data["base_job_template"], "is_paused": data["is_paused"],
-                                        "concurrency_limit": data.get("concurrency_limit"), "default_queue_id": None},
+                                        "concurrency_limit": data.get("concurrency_limit"), "default_queue_id": None,
+                                        "storage_configuration": storage_configuration(data.get("storage_configuration") or {})},
                       on_conflict="ON CONFLICT DO NOTHING"):
         raise Conflict(f'A work pool named "{data["name"]}" already exists.')
     insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": "default",
@@ -8050,17 +8083,21 @@ def delete_deployment_schedule(app, req):
 @body(WorkPoolCreate)
 def create_work_pool_handler(app, req):
     with app.db.write() as tx:
-        return 201, create_work_pool(tx, req.data)
+        return 201, work_pool_for_client(req, create_work_pool(tx, req.data))
 
 
 def read_work_pool(app, req):
     with app.db.read() as tx:
-        return 200, work_pool_out(tx, read_pool_by_name(tx, req.params["name"]))
+        return 200, work_pool_for_client(req, work_pool_out(tx, read_pool_by_name(tx, req.params["name"])))
 
 
 @body(WorkPoolUpdate)
 def update_work_pool(app, req):
     changes = sent_fields(req)
+    if changes.get("storage_configuration") is not None:
+        changes["storage_configuration"] = storage_configuration(changes["storage_configuration"])
+    else:  # null leaves it as it is
+        changes.pop("storage_configuration", None)
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
         update_row(tx, "work_pool", pool["id"], {**changes, "updated": now_iso()})
@@ -8080,7 +8117,7 @@ def read_work_pools_filtered(app, req):
         where, params = build_where(tx, "work_pool", req.data)
         rows = tx.query(f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
                         (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
-        return 200, [work_pool_out(tx, r) for r in rows]
+        return 200, [work_pool_for_client(req, work_pool_out(tx, r)) for r in rows]
 
 
 @body(filter_body_schema("work_pool", ("work_pools",)))
@@ -8184,6 +8221,85 @@ def create_work_queue_handler(app, req):
 def read_work_queue(app, req):
     with app.db.read() as tx:
         return 200, work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
+
+
+# Slots (Prefect 3's `prefect work-pool slots`): the flow runs that hold a pool's or a queue's concurrency
+# slots, as Prefect counts them. A pool counts its queues' Pending and Running runs (what its limit
+# holds back); a queue also counts Cancelling ones, and the runs named after it that no queue id claims.
+_POOL_SLOT_HOLDERS = ("FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+                      "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING')")
+_QUEUE_SLOT_HOLDERS = ("FROM flow_run fr WHERE (fr.work_queue_id = ? OR (fr.work_queue_id IS NULL AND "
+                       "fr.work_queue_name = ?)) AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')")
+ConcurrencyStatusBody = Schema("Body_read_concurrency_status", {
+    "page": Field("int", default=1, nullable=False, minimum=1),
+    "limit": Field("int", minimum=0),
+    "flow_run_limit": Field("int", default=10, nullable=False, minimum=0, maximum=200),
+})
+
+
+def _status_page_size(app, data: dict) -> int:
+    """The page size: the server's default when not sent, and never past it (Prefect answers 422)."""
+    most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+    if data.get("limit") is not None and data["limit"] > most:
+        raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
+                                       "value_error.number.not_le")])
+    return most if data.get("limit") is None else data["limit"]
+
+
+def _slot_summary(row: dict, now: str) -> dict:
+    """A flow run holding a slot (Prefect's FlowRunSlotSummary; the time in its state in seconds)."""
+    return {"id": row["id"], "name": row["name"], "state_type": row["state_type"], "state_name": row["state_name"],
+            "start_time": row["start_time"], "state_timestamp": row["state_timestamp"],
+            "time_in_current_state": _seconds_between(now, row["state_timestamp"]) if row["state_timestamp"] else None}
+
+
+def _paged(answer: dict, count: int, limit: int, page: int) -> dict:
+    pages = (count + limit - 1) // limit if limit > 0 else 0
+    return {**answer, "count": count, "limit": limit, "pages": pages, "page": page}
+
+
+_SLOT_SUMMARY_COLUMNS = "fr.id, fr.name, fr.state_type, fr.state_name, fr.start_time, fr.state_timestamp"
+
+
+@body(ConcurrencyStatusBody)
+def read_work_pool_concurrency_status(app, req):
+    """The pool's slot holders by queue: a page of its queues (by priority), each with up to
+    `flow_run_limit` of its runs."""
+    limit, page, per_queue = _status_page_size(app, req.data), req.data["page"], req.data["flow_run_limit"]
+    now = now_iso()
+    with app.db.read() as tx:
+        pool = read_pool_by_name(tx, req.params["name"])
+        queue_count = tx.scalar("SELECT COUNT(*) FROM work_queue WHERE work_pool_id = ?", (pool["id"],))
+        queues = tx.query("SELECT id, name, concurrency_limit FROM work_queue WHERE work_pool_id = ? "
+                          "ORDER BY priority, id LIMIT ? OFFSET ?", (pool["id"], limit, (page - 1) * limit))
+        busy = {r["work_queue_id"]: r["n"] for r in tx.query(
+            f"SELECT fr.work_queue_id, COUNT(*) AS n {_POOL_SLOT_HOLDERS} GROUP BY fr.work_queue_id", (pool["id"],))}
+        details = []
+        for queue in queues:
+            runs = tx.query(f"SELECT {_SLOT_SUMMARY_COLUMNS} FROM flow_run fr WHERE fr.work_queue_id = ? "
+                            "AND fr.state_type IN ('PENDING', 'RUNNING') ORDER BY fr.id LIMIT ?", (queue["id"], per_queue))
+            details.append({"queue_id": queue["id"], "queue_name": queue["name"],
+                            "active_slots": busy.get(queue["id"], 0), "concurrency_limit": queue["concurrency_limit"],
+                            "flow_runs": [_slot_summary(r, now) for r in runs],
+                            "flow_run_count": busy.get(queue["id"], 0)})
+    answer = {"active_slots": sum(busy.values()), "concurrency_limit": pool["concurrency_limit"], "queues": details}
+    return 200, _paged(answer, queue_count, limit, page)
+
+
+@body(ConcurrencyStatusBody)
+def read_work_queue_concurrency_status(app, req):
+    """The queue's slot holders, a page of them; `active_slots` counts them all."""
+    limit, page = _status_page_size(app, req.data), req.data["page"]
+    now = now_iso()
+    with app.db.read() as tx:
+        queue = require_row(tx, "work_queue", req.uuid(), "Work queue")
+        params = (queue["id"], queue["name"])
+        count = tx.scalar(f"SELECT COUNT(*) {_QUEUE_SLOT_HOLDERS}", params)
+        runs = tx.query(f"SELECT {_SLOT_SUMMARY_COLUMNS} {_QUEUE_SLOT_HOLDERS} ORDER BY fr.id LIMIT ? OFFSET ?",
+                        (*params, limit, (page - 1) * limit))
+    answer = {"active_slots": count, "concurrency_limit": queue["concurrency_limit"],
+              "flow_runs": [_slot_summary(r, now) for r in runs]}
+    return 200, _paged(answer, count, limit, page)
 
 
 def read_work_queue_by_name(app, req):
@@ -8568,6 +8684,7 @@ ROUTES = [
     ("POST", "/work_pools/filter", read_work_pools_filtered),
     ("POST", "/work_pools/count", count_work_pools),
     ("GET", "/work_pools/{name}", read_work_pool),
+    ("POST", "/work_pools/{name}/concurrency_status", read_work_pool_concurrency_status),
     ("PATCH", "/work_pools/{name}", update_work_pool),
     ("DELETE", "/work_pools/{name}", delete_work_pool),
     ("POST", "/work_pools/{name}/get_scheduled_flow_runs", read_scheduled_runs_for_pool),
@@ -8583,6 +8700,7 @@ ROUTES = [
     ("POST", "/work_queues/filter", read_work_queues_filtered),
     ("GET", "/work_queues/name/{name}", read_work_queue_by_name),
     ("GET", "/work_queues/{id}", read_work_queue),
+    ("POST", "/work_queues/{id}/concurrency_status", read_work_queue_concurrency_status),
     ("PATCH", "/work_queues/{id}", update_work_queue),
     ("DELETE", "/work_queues/{id}", delete_work_queue),
     ("POST", "/work_queues/{id}/get_runs", read_work_queue_runs),

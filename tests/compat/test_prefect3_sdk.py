@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -384,6 +385,32 @@ def test_a_resumed_flow_passes_a_pause_whose_key_already_fired(run_flow_script, 
                                            args=["resume-repeated-key"]))
     assert (result["type"], result["tasks_run"]) == ("COMPLETED", 5), result
     assert_completed(get_flow_run(api, result["flow_run_id"]), "flow run")
+
+
+def test_prefect_work_pool_and_work_queue_slots(prefect3_python, compat_server, api, tmp_path):
+    """`prefect work-pool slots` and `prefect work-queue slots` (3.x) read which runs hold the slots
+    ("Work pool not found!" here before: the routes were 404s)."""
+    pool = f"p3-slots-{uuid.uuid4().hex[:8]}"
+    api.ok("POST", "/work_pools/", {"name": pool, "type": "process", "concurrency_limit": 2})
+    flow = api.ok("POST", "/flows/", {"name": "p3-slots"})
+    dep = api.ok("POST", "/deployments/", {"name": pool, "flow_id": flow["id"], "work_pool_name": pool})
+    run = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {})
+    api.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}, "force": True})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_API_URL": compat_server, "PREFECT_HOME": str(tmp_path / "cli-home")})
+
+    def cli(*args):
+        proc = subprocess.run([prefect3_cli(prefect3_python), *args, "-o", "json"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return json.loads(proc.stdout)
+
+    by_pool = cli("work-pool", "slots", pool)
+    assert (by_pool["active_slots"], by_pool["concurrency_limit"]) == (1, 2), by_pool
+    [queue] = by_pool["queues"]
+    assert [r["id"] for r in queue["flow_runs"]] == [run["id"]] and queue["queue_name"] == "default"
+    by_queue = cli("work-queue", "slots", "default", "--pool", pool)
+    assert [r["id"] for r in by_queue["flow_runs"]] == [run["id"]], by_queue
 
 
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
