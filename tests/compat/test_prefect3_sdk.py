@@ -509,7 +509,6 @@ def test_global_concurrency_limit(run_flow_script, start_script, compat_server, 
 
 
 def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_server, api, tmp_path):
-    import subprocess
 
     serve = start_script(scenario("p09_serve.py"), compat_server, timeout=180)
 
