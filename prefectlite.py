@@ -2688,6 +2688,8 @@ def _run_timing(run: dict, initial: dict | None, state: dict) -> dict:
             changes["start_time"] = now
     if state["type"] in TERMINAL_STATES:
         changes["end_time"] = now
+        if not run.get("start_time"):  # a run that ends before it ran (failed parameter validation)
+            changes["start_time"] = now  # starts when it ends, as in Prefect 3's SetEndTime
     elif run.get("end_time"):
         changes["end_time"] = None
     scheduled = state["state_details"].get("scheduled_time")

@@ -968,6 +968,23 @@ def test_a_new_flow_run_has_not_started(client):
 
 
 @pytest.mark.parametrize("kind", ["flow", "task"])
+def test_a_run_that_ends_before_it_ran_starts_when_it_ends(client, kind):
+    """A flow whose parameters fail validation goes Pending -> Failed: Prefect 3 sets its start_time to
+    its end_time (it stayed null here); a run that did run keeps its first start."""
+    flow_run = running_flow_run(client)
+    run = new_task_run(client, flow_run["id"]) if kind == "task" else new_flow_run(client)
+    propose(client, kind, run["id"], "PENDING")
+    assert_accepted(*propose(client, kind, run["id"], "FAILED", message="Validation of flow parameters failed"),
+                    "FAILED")
+    ended = read(client, kind, run["id"])
+    assert ended["start_time"] is not None and ended["start_time"] == ended["end_time"], ended
+    assert ended["run_count"] == 0
+    started = read(client, "flow", flow_run["id"])["start_time"]
+    flow_state(client, flow_run["id"], "COMPLETED")
+    assert read(client, "flow", flow_run["id"])["start_time"] == started
+
+
+@pytest.mark.parametrize("kind", ["flow", "task"])
 def test_run_count_start_end_and_run_times(client, kind):
     flow_run = new_flow_run(client)
     if kind == "task":

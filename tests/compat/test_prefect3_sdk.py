@@ -413,6 +413,17 @@ def test_prefect_work_pool_and_work_queue_slots(prefect3_python, compat_server, 
     assert [r["id"] for r in by_queue["flow_runs"]] == [run["id"]], by_queue
 
 
+def test_a_run_failing_parameter_validation_starts_when_it_ends(run_flow_script, compat_server, api):
+    result = script_result(run_flow_script(scenario("p13_param_validation.py"), compat_server))
+    assert result["type"] == "FAILED", result
+    run = get_flow_run(api, result["flow_run_id"])
+    assert run["start_time"] is not None and parse_time(run["start_time"]) == parse_time(run["end_time"]), run
+
+
+def parse_time(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
     """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
     found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
