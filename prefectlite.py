@@ -5275,7 +5275,7 @@ def _rrule_dtstart(head, value, default_tz):
         key, _, param_value = parameter.partition("=")
         key = key.upper()
         if key == "TZID":
-            tz = _schedule_zone(param_value, field="rrule", what="DTSTART TZID")
+            tz = _rrule_tzid_zone(param_value, default_tz)
         elif key == "VALUE" and param_value.upper() in ("DATE", "DATE-TIME"):
             continue
         else:
@@ -5286,6 +5286,16 @@ def _rrule_dtstart(head, value, default_tz):
             raise _rrule_error("DTSTART cannot have both TZID and a trailing 'Z'")
         tz = _UTC
     return tz, moment
+
+
+def _rrule_tzid_zone(name, default_tz):
+    """DTSTART's TZID zone. A name no IANA zone has (old aliases such as "US-Eastern", which Prefect's own
+    CLI tests send) is no error: Prefect accepts any TZID and times the rule in the schedule's timezone,
+    so that is the zone then."""
+    try:
+        return _schedule_zone(name, field="rrule", what="DTSTART TZID")
+    except ScheduleError:
+        return default_tz
 
 
 def _rrule_moment(value, what):

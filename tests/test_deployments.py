@@ -493,6 +493,16 @@ def test_a_schedules_slug_and_parameters_are_kept_changed_and_given_to_its_runs(
     assert sorted(s["slug"] for s in as_3x["schedules"]) == ["every-hour", "minutely"]
 
 
+def test_an_rrule_whose_dtstart_tzid_is_no_iana_zone_is_accepted(quiet_client):
+    """`prefect deployment schedule create --rrule "DTSTART;TZID=US-Eastern:..." --timezone Asia/Seoul`
+    (a Prefect CLI test) was a 422 here; Prefect accepts it and the explicit timezone is the schedule's."""
+    rule = "DTSTART;TZID=US-Eastern:19970902T090000\nRRULE:FREQ=DAILY;COUNT=10"
+    dep = new_deployment(quiet_client)
+    [created] = quiet_client.ok("POST", f"/deployments/{dep['id']}/schedules",
+                                [{"schedule": {"rrule": rule, "timezone": "Asia/Seoul"}}])
+    assert created["schedule"] == {"rrule": rule, "timezone": "Asia/Seoul"}
+
+
 SCHEDULE_FIELDS_2 = {"id", "created", "updated", "deployment_id", "schedule", "active", "max_active_runs",
                      "max_scheduled_runs", "catchup"}  # the 2.20 contract's DeploymentSchedule
 
