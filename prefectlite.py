@@ -5787,7 +5787,14 @@ _DEPLOYMENT_FIELDS = {
     "parameter_openapi_schema": Field("object"), "pull_steps": Field(ListOf("object")),
     "enforce_parameter_schema": Field("bool"),
     "job_variables": Field("object"), "infra_overrides": Field("object"),
+    # Prefect 3: how many of the deployment's runs may be active at once (kept as the global concurrency
+    # limit `deployment:{id}`), or an existing global limit to use; and what a run finding no slot does
+    "concurrency_limit": Field("int", minimum=1), "global_concurrency_limit_id": Field("uuid"),
+    "concurrency_options": Field("object"),
 }
+_CONCURRENCY_FIELDS = ("concurrency_limit", "global_concurrency_limit_id", "concurrency_options")
+COLLISION_STRATEGIES = ("ENQUEUE", "CANCEL_NEW")
+GRACE_PERIOD_RANGE = (60, 86400)  # seconds a submitted run has to start before its slot is taken back
 DeploymentCreate = Schema("DeploymentCreate", {
     "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
     "flow_id": Field("uuid", required=True, nullable=False),
@@ -5821,6 +5828,7 @@ def deployment_out(tx, row) -> dict:
                  tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
     dep["schedules"] = schedules
     dep["schedule"] = schedules[0]["schedule"] if schedules else None
+    dep["global_concurrency_limit"] = deployment_global_limit(tx, dep)
     dep["work_pool_name"] = None
     if dep.get("work_queue_id"):
         found = tx.query_one("SELECT wp.name AS pool, wq.name AS queue FROM work_queue wq JOIN work_pool wp "
@@ -5886,6 +5894,78 @@ def _schedules_from(data: dict, sent: dict) -> list[dict] | None:
     return None
 
 
+def concurrency_options(value: dict | None) -> dict | None:
+    """Prefect 3's ConcurrencyOptions, or a 422 naming the field that is wrong."""
+    if value is None:
+        return None
+    loc = ("body", "concurrency_options")
+    strategy, grace = value.get("collision_strategy"), value.get("grace_period_seconds")
+    errors = [_error((*loc, key), "extra fields not permitted", "value_error.extra")
+              for key in value if key not in ("collision_strategy", "grace_period_seconds")]
+    if strategy not in COLLISION_STRATEGIES:
+        errors.append(_error((*loc, "collision_strategy"), f"value is not one of {list(COLLISION_STRATEGIES)}",
+                             "type_error.enum"))
+    low, high = GRACE_PERIOD_RANGE
+    if grace is not None and (type(grace) is not int or not low <= grace <= high):
+        errors.append(_error((*loc, "grace_period_seconds"), f"ensure this value is an integer from {low} to {high}",
+                             "value_error.number"))
+    if errors:
+        raise ValidationFailed(errors)
+    return {"collision_strategy": strategy, "grace_period_seconds": grace}
+
+
+def set_deployment_concurrency(tx, dep_id: str, data: dict, sent: dict):
+    """A deployment's concurrency, as Prefect 3 keeps it: `concurrency_limit` N makes (or changes) the
+    global limit `deployment:{id}` and links it, null removes it; `global_concurrency_limit_id` links an
+    existing global limit instead."""
+    if data.get("concurrency_limit") is not None and data.get("global_concurrency_limit_id") is not None:
+        raise ValidationFailed([_error(("body", "global_concurrency_limit_id"),
+                                       "cannot set both concurrency_limit and global_concurrency_limit_id",
+                                       "value_error")])
+    changes = {}
+    if "concurrency_options" in sent:
+        changes["concurrency_options"] = concurrency_options(data.get("concurrency_options"))
+    if "global_concurrency_limit_id" in sent:
+        limit_id = data.get("global_concurrency_limit_id")
+        if limit_id is not None:
+            require_row(tx, "concurrency_limit_v2", limit_id, "Concurrency limit")
+        changes["concurrency_limit_id"] = limit_id
+    if "concurrency_limit" in sent:
+        changes["concurrency_limit_id"] = _deployment_limit(tx, dep_id, data.get("concurrency_limit"))
+        changes["concurrency_limit"] = data.get("concurrency_limit")
+    if changes:
+        update_row(tx, "deployment", dep_id, changes)
+
+
+def _deployment_limit(tx, dep_id: str, limit: int | None) -> str | None:
+    """The id of the deployment's own global limit set to `limit` (made when missing); None deletes it."""
+    name = f"deployment:{dep_id}"
+    row = tx.query_one(f"SELECT id FROM concurrency_limit_v2 WHERE name = ?{tx.db.for_update}", (name,))
+    if limit is None:
+        if row:
+            tx.execute("DELETE FROM concurrency_limit_v2 WHERE id = ?", (row["id"],))
+        return None
+    if row:
+        update_row(tx, "concurrency_limit_v2", row["id"], {"limit": limit, "updated": now_iso()})
+        return row["id"]
+    limit_id, now = new_id(), now_iso()
+    insert_row(tx, "concurrency_limit_v2", {"id": limit_id, "created": now, "updated": now, "name": name,
+                                            "limit": limit, "active": True})
+    return limit_id
+
+
+def deployment_global_limit(tx, dep: dict) -> dict | None:
+    """The global limit a deployment's runs take a slot of (Prefect's GlobalConcurrencyLimitResponse)."""
+    if not dep.get("concurrency_limit_id"):
+        return None
+    row = read_row(tx, "concurrency_limit_v2", dep["concurrency_limit_id"])
+    if row is None:  # deleted through the limits API
+        return None
+    limit = decode_row("concurrency_limit_v2", row)
+    return {k: limit[k] for k in ("id", "created", "updated", "active", "name", "limit", "active_slots",
+                                  "slot_decay_per_second")}
+
+
 def _merge_job_variables(data: dict, sent: dict) -> dict:
     """One value for the job variables, whichever name the client used: 2.20 SDKs send `infra_overrides`,
     3.x ones `job_variables` (Prefect 2.20 renamed the field and reads the old name as the new one).
@@ -5929,6 +6009,7 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     else:
         dep_id = existing["id"]
         update_row(tx, "deployment", dep_id, {**values, "updated": now})
+    set_deployment_concurrency(tx, dep_id, data, sent)
     schedules = _schedules_from(data, sent)
     if schedules is not None:
         _replace_schedules(tx, dep_id, schedules)
@@ -5939,7 +6020,9 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
     row = require_row(tx, "deployment", dep_id, "Deployment", lock=True)
     sent = _merge_job_variables(data, sent)
     changes = {k: data[k] for k in sent if k in data and k not in ("schedule", "schedules", "work_pool_name",
-                                                                     "work_queue_name", "is_schedule_active")}
+                                                                     "work_queue_name", "is_schedule_active",
+                                                                     *_CONCURRENCY_FIELDS)}
+    set_deployment_concurrency(tx, dep_id, data, sent)
     if "paused" in changes and changes["paused"] is not None:
         changes["is_schedule_active"] = not changes["paused"]
     if data.get("is_schedule_active") is not None:
@@ -7910,6 +7993,7 @@ DEPLOYMENT_FIELDS_3 = (
     "schedules", "job_variables", "parameters", "pull_steps", "tags", "work_queue_name", "last_polled",
     "parameter_openapi_schema", "path", "entrypoint", "storage_document_id", "infrastructure_document_id",
     "created_by", "updated_by", "work_queue_id", "enforce_parameter_schema", "work_pool_name", "status",
+    "global_concurrency_limit", "concurrency_options",
 )
 
 
@@ -7919,8 +8003,9 @@ def deployment_for_client(req, dep: dict) -> dict:
     SDK refuses both set and different), a 3.x client as `job_variables`."""
     job_variables = dep.get("job_variables") or dep.get("infra_overrides") or {}
     schedules = [schedule_for_client(client_major(req), s) for s in dep.get("schedules") or []]
-    if client_major(req) == 3:
-        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables, "schedules": schedules}
+    if client_major(req) == 3:  # `concurrency_limit` is always null: Prefect 3 answers the limit in full instead
+        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables, "schedules": schedules,
+                "concurrency_limit": None}
     return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables,
             "schedules": schedules}
 
@@ -7962,6 +8047,7 @@ def delete_deployment(app, req):
         # its runs that have not started go too: no worker should pick up a run of a deleted deployment
         tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (req.uuid(),))
         tx.execute("DELETE FROM deployment WHERE id = ?", (req.uuid(),))
+        _deployment_limit(tx, req.uuid(), None)  # its own limit goes with it, as in Prefect
     return 204, NO_CONTENT
 
 

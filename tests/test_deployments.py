@@ -134,6 +134,46 @@ def test_answers_hold_only_the_fields_of_the_callers_major(client):
     assert not {"infra_overrides", "schedule", "is_schedule_active", "manifest_path"} & set(as_3x)
 
 
+def test_a_deployment_concurrency_limit_is_a_global_limit_named_after_it(client):
+    """Prefect 3 (`serve()`/`deploy(concurrency_limit=3)`) keeps a deployment's limit as the global
+    concurrency limit `deployment:{id}` and answers it in full as `global_concurrency_limit` (it was
+    dropped here); null removes it, as does deleting the deployment."""
+    dep = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=3,
+                         concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    limit = dep["global_concurrency_limit"]
+    assert (limit["name"], limit["limit"], limit["active"], limit["active_slots"]) == (f"deployment:{dep['id']}", 3,
+                                                                                     True, 0)
+    assert dep["concurrency_limit"] is None  # Prefect 3 answers null there
+    assert dep["concurrency_options"] == {"collision_strategy": "CANCEL_NEW", "grace_period_seconds": None}
+    assert client.ok("GET", f"/v2/concurrency_limits/deployment:{dep['id']}")["id"] == limit["id"]
+    assert "global_concurrency_limit" not in client.ok("GET", f"/deployments/{dep['id']}")  # not a 2.20 field
+
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"concurrency_limit": 5}, headers=PREFECT3_AGENT)
+    again = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)["global_concurrency_limit"]
+    assert (again["id"], again["limit"]) == (limit["id"], 5)
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"concurrency_limit": None}, headers=PREFECT3_AGENT)
+    assert client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)["global_concurrency_limit"] is None
+    assert client.get(f"/v2/concurrency_limits/deployment:{dep['id']}")[0] == 404
+
+    shared = client.ok("POST", "/v2/concurrency_limits/", {"name": unique("shared"), "limit": 2})
+    linked = new_deployment(client, headers=PREFECT3_AGENT, global_concurrency_limit_id=shared["id"])
+    assert linked["global_concurrency_limit"]["id"] == shared["id"]
+    owned = new_deployment(client, concurrency_limit=1)
+    client.ok("DELETE", f"/deployments/{owned['id']}")
+    assert client.get(f"/v2/concurrency_limits/deployment:{owned['id']}")[0] == 404
+
+    flow_id = dep["flow_id"]
+    for body, field in (({"concurrency_limit": 0}, ["body", "concurrency_limit"]),
+                        ({"concurrency_options": {"collision_strategy": "WAIT"}},
+                         ["body", "concurrency_options", "collision_strategy"]),
+                        ({"concurrency_options": {"collision_strategy": "ENQUEUE", "grace_period_seconds": 5}},
+                         ["body", "concurrency_options", "grace_period_seconds"]),
+                        ({"concurrency_limit": 1, "global_concurrency_limit_id": shared["id"]},
+                         ["body", "global_concurrency_limit_id"])):
+        status, answer = client.post("/deployments/", {"name": unique("dep"), "flow_id": flow_id, **body})
+        assert status == 422 and field in [e["loc"] for e in answer["exception_detail"]], answer
+
+
 def test_paused_on_create_makes_the_schedule_inactive(client):
     """2.20 semantics: `is_schedule_active` is the opposite of `paused`, whichever of the two was sent."""
     dep = new_deployment(client, paused=True)

@@ -424,6 +424,15 @@ def parse_time(text):
     return datetime.fromisoformat(text.replace("Z", "+00:00"))
 
 
+def test_a_deployment_concurrency_limit_reads_back(run_flow_script, compat_server):
+    """to_deployment(concurrency_limit=...).apply(), as serve() and deploy() do: the SDK reads back the
+    deployment's global limit `deployment:{id}` (it read none here)."""
+    name = f"p3-limited-{uuid.uuid4().hex[:8]}"
+    result = script_result(run_flow_script(scenario("p14_deployment_concurrency.py"), compat_server, args=[name]))
+    assert (result["limit"], result["strategy"]) == (3, "CANCEL_NEW"), result
+    assert result["name"] == f"deployment:{result['deployment_id']}"
+
+
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
     """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
     found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
