@@ -2049,9 +2049,9 @@ JSON_COLUMNS = {
     "flow_run_state": ("data", "state_details"),
     "task_run_state": ("data", "state_details"),
     "deployment": ("parameters", "tags", "labels", "parameter_openapi_schema", "pull_steps", "job_variables",
-                   "infra_overrides", "created_by", "updated_by"),
-    "deployment_schedule": ("schedule",),
-    "work_pool": ("base_job_template",),
+                   "infra_overrides", "created_by", "updated_by", "concurrency_options"),
+    "deployment_schedule": ("schedule", "parameters"),
+    "work_pool": ("base_job_template", "storage_configuration"),
     "work_queue": ("filter",),
     "block_schema": ("fields", "capabilities"),
     "block_document": ("data",),
@@ -2629,7 +2629,11 @@ def _is_pending_substate(ctx: Transition) -> bool:
 
 
 def prevent_leaving_terminal_states(ctx: Transition):
-    """Terminal states are final; only a retry (back to SCHEDULED) may leave them."""
+    """Terminal states are final; only a retry (back to SCHEDULED) may leave them. A failed flow run also
+    takes another Failed (as in Prefect): a process blocked in a pause that timed out finds its run failed
+    by the pause-expiration service, and its own Failed must not be refused."""
+    if ctx.kind == "flow" and ctx.initial_type == "FAILED" and ctx.proposed["type"] == "FAILED":
+        return None
     if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
         return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
                                        f"{ctx.proposed['type']}: it has already terminated.")
@@ -2720,18 +2724,28 @@ def expire_pauses(ctx: Transition):
 
 
 def handle_pausing_flows(ctx: Transition):
+    """As Prefect: a pause that cannot happen leaves the run as it is (REJECT into the current state: the
+    SDK carries on past a keyed pause that already fired); only a run that will be rescheduled may be
+    suspended, so a subflow or a run without a deployment is aborted."""
     if ctx.kind != "flow" or ctx.proposed["type"] != "PAUSED":
         return None
+    verb = "suspend" if ctx.proposed.get("name") == "Suspended" else "pause"
+    if ctx.initial is None:
+        return Outcome("ABORT", reason=f"Cannot {verb} flows with no state.")
     if ctx.initial_type != "RUNNING":
-        return Outcome("ABORT", reason="Cannot pause flows that are not currently running.")
+        return Outcome("REJECT", ctx.initial, f"Cannot {verb} flows that are not currently running.")
     key = ctx.proposed["state_details"].get("pause_key")
     policy = dict(ctx.run.get("empirical_policy") or {})
     keys = list(policy.get("pause_keys") or [])
+    if key is not None and key in keys:
+        return Outcome("REJECT", ctx.initial, f"This {verb} has already fired.")
+    if ctx.proposed["state_details"].get("pause_reschedule"):
+        if ctx.run.get("parent_task_run_id"):
+            return Outcome("ABORT", reason=f"Cannot {verb} subflows.")
+        if not ctx.run.get("deployment_id"):
+            return Outcome("ABORT", reason=f"Cannot {verb} flows without a deployment.")
     if key is not None:
-        if key in keys:
-            return Outcome("ABORT", reason="This pause has already fired.")
-        keys.append(key)
-        policy["pause_keys"] = keys
+        policy["pause_keys"] = [*keys, key]
         ctx.updates["empirical_policy"] = policy
     return None
 
@@ -2872,6 +2886,8 @@ def _run_timing(run: dict, initial: dict | None, state: dict) -> dict:
             changes["start_time"] = now
     if state["type"] in TERMINAL_STATES:
         changes["end_time"] = now
+        if not run.get("start_time"):  # a run that ends before it ran (failed parameter validation)
+            changes["start_time"] = now  # starts when it ends, as in Prefect 3's SetEndTime
     elif run.get("end_time"):
         changes["end_time"] = None
     scheduled = state["state_details"].get("scheduled_time")
@@ -4624,11 +4640,35 @@ WorkPoolCreate = Schema("WorkPoolCreate", {
     "base_job_template": Field("object", default=dict, nullable=False),
     "is_paused": Field("bool", default=False, nullable=False),
     "concurrency_limit": Field("int", minimum=0),
+    "storage_configuration": Field("object", default=dict, nullable=False),
 })
 WorkPoolUpdate = Schema("WorkPoolUpdate", {
     "description": Field("str"), "is_paused": Field("bool", nullable=False),
     "base_job_template": Field("object", nullable=False), "concurrency_limit": Field("int", minimum=0),
+    "storage_configuration": Field("object"),
 })
+# Prefect 3's WorkPoolStorageConfiguration: where a pool's workers upload and run flow code bundles, and
+# its default result storage. Its only fields; Prefect refuses others.
+_STORAGE_STEP_KEYS = ("bundle_upload_step", "bundle_execution_step")
+STORAGE_CONFIGURATION_KEYS = (*_STORAGE_STEP_KEYS, "default_result_storage_block_id")
+
+
+def storage_configuration(value: dict) -> dict:
+    """A pool's storage configuration with every field, or a 422 naming the field that is wrong."""
+    loc = ("body", "storage_configuration")
+    errors = [_error((*loc, key), "extra fields not permitted", "value_error.extra")
+              for key in value if key not in STORAGE_CONFIGURATION_KEYS]
+    errors += [_error((*loc, key), "value is not a valid dict", "type_error.dict")
+               for key in _STORAGE_STEP_KEYS if value.get(key) is not None and not isinstance(value[key], dict)]
+    block_id = value.get("default_result_storage_block_id")
+    if block_id is not None:
+        try:
+            block_id = parse_uuid(block_id, (*loc, "default_result_storage_block_id"))
+        except ValidationFailed as exc:
+            errors += exc.errors
+    if errors:
+        raise ValidationFailed(errors)
+    return {**{key: value.get(key) for key in _STORAGE_STEP_KEYS}, "default_result_storage_block_id": block_id}
 # Far below the column's 32-bit limit: a new queue takes the highest priority + 1, and inserting a queue
 # moves those at and below it down by one; neither may overflow.
 MAX_QUEUE_PRIORITY = 1_000_000_000
@@ -4662,7 +4702,15 @@ ScheduledRunsForPool = Schema("Body_get_scheduled_flow_runs_for_pool", {
 def work_pool_out(tx, row) -> dict:
     pool = decode_row("work_pool", row)
     pool["status"] = work_pool_status(tx, pool)
+    pool["storage_configuration"] = storage_configuration(pool.get("storage_configuration") or {})
     return pool
+
+
+def work_pool_for_client(req, pool: dict) -> dict:
+    """A 2.20 client in test mode refuses fields its WorkPool lacks: only 3.x clients read the storage."""
+    if client_major(req) == 3:
+        return pool
+    return {k: v for k, v in pool.items() if k != "storage_configuration"}
 
 
 def work_pool_status(tx, pool: dict) -> str:
@@ -4713,7 +4761,8 @@ def create_work_pool(tx, data: dict) -> dict:
     if not insert_row(tx, "work_pool", {"id": pool_id, "created": now, "updated": now, "name": data["name"],
                                         "description": data.get("description"), "type": data["type"],
                                         "base_job_template": data["base_job_template"], "is_paused": data["is_paused"],
-                                        "concurrency_limit": data.get("concurrency_limit"), "default_queue_id": None},
+                                        "concurrency_limit": data.get("concurrency_limit"), "default_queue_id": None,
+                                        "storage_configuration": storage_configuration(data.get("storage_configuration") or {})},
                       on_conflict="ON CONFLICT DO NOTHING"):
         raise Conflict(f'A work pool named "{data["name"]}" already exists.')
     insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": "default",
@@ -5424,7 +5473,7 @@ def _rrule_dtstart(head, value, default_tz):
         key, _, param_value = parameter.partition("=")
         key = key.upper()
         if key == "TZID":
-            tz = _schedule_zone(param_value, field="rrule", what="DTSTART TZID")
+            tz = _rrule_tzid_zone(param_value, default_tz)
         elif key == "VALUE" and param_value.upper() in ("DATE", "DATE-TIME"):
             continue
         else:
@@ -5435,6 +5484,16 @@ def _rrule_dtstart(head, value, default_tz):
             raise _rrule_error("DTSTART cannot have both TZID and a trailing 'Z'")
         tz = _UTC
     return tz, moment
+
+
+def _rrule_tzid_zone(name, default_tz):
+    """DTSTART's TZID zone. A name no IANA zone has (old aliases such as "US-Eastern", which Prefect's own
+    CLI tests send) is no error: Prefect accepts any TZID and times the rule in the schedule's timezone,
+    so that is the zone then."""
+    try:
+        return _schedule_zone(name, field="rrule", what="DTSTART TZID")
+    except ScheduleError:
+        return default_tz
 
 
 def _rrule_moment(value, what):
@@ -5898,7 +5957,21 @@ DeploymentScheduleCreate = Schema("DeploymentScheduleCreate", {
     "max_active_runs": Field("int", minimum=1),
     "max_scheduled_runs": Field("int", minimum=1),
     "catchup": Field("bool", default=False, nullable=False),
+    # Prefect 3: parameter overrides for the schedule's runs, and a name unique within the deployment
+    # (`replaces`, a deploy-time rename directive, is accepted and not stored, as in Prefect)
+    "parameters": Field("object", default=dict, nullable=False),
+    "slug": Field("str", max_length=255), "replaces": Field("str"),
 })
+# The fields of a deployment schedule a 2.20 client reads: its SDK in test mode refuses any other.
+DEPLOYMENT_SCHEDULE_FIELDS_2 = ("id", "created", "updated", "deployment_id", "schedule", "active",
+                                "max_active_runs", "max_scheduled_runs", "catchup")
+
+
+def schedule_for_client(major: int, schedule: dict) -> dict:
+    """A deployment schedule in the shape of a client major version (3.x also reads slug and parameters)."""
+    if major == 3:
+        return schedule
+    return {k: schedule.get(k) for k in DEPLOYMENT_SCHEDULE_FIELDS_2}
 _DEPLOYMENT_FIELDS = {
     "version": Field("str"), "description": Field("str"),
     "schedule": Field("object"), "is_schedule_active": Field("bool"),
@@ -5912,7 +5985,14 @@ _DEPLOYMENT_FIELDS = {
     "parameter_openapi_schema": Field("object"), "pull_steps": Field(ListOf("object")),
     "enforce_parameter_schema": Field("bool"),
     "job_variables": Field("object"), "infra_overrides": Field("object"),
+    # Prefect 3: how many of the deployment's runs may be active at once (kept as the global concurrency
+    # limit `deployment:{id}`), or an existing global limit to use; and what a run finding no slot does
+    "concurrency_limit": Field("int", minimum=1), "global_concurrency_limit_id": Field("uuid"),
+    "concurrency_options": Field("object"),
 }
+_CONCURRENCY_FIELDS = ("concurrency_limit", "global_concurrency_limit_id", "concurrency_options")
+COLLISION_STRATEGIES = ("ENQUEUE", "CANCEL_NEW")
+GRACE_PERIOD_RANGE = (60, 86400)  # seconds a submitted run has to start before its slot is taken back
 DeploymentCreate = Schema("DeploymentCreate", {
     "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
     "flow_id": Field("uuid", required=True, nullable=False),
@@ -5946,6 +6026,7 @@ def deployment_out(tx, row) -> dict:
                  tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
     dep["schedules"] = schedules
     dep["schedule"] = schedules[0]["schedule"] if schedules else None
+    dep["global_concurrency_limit"] = deployment_global_limit(tx, dep)
     dep["work_pool_name"] = None
     if dep.get("work_queue_id"):
         found = tx.query_one("SELECT wp.name AS pool, wq.name AS queue FROM work_queue wq JOIN work_pool wp "
@@ -5960,8 +6041,24 @@ def _replace_schedules(tx, deployment_id: str, schedules: list[dict]):
     _add_schedules(tx, deployment_id, schedules, ("body", "schedules"))
 
 
+SLUG_TAKEN = "Schedule slugs must be unique within a deployment."
+
+
+def _require_free_slugs(tx, deployment_id: str, slugs: list, except_id: str | None = None):
+    """Prefect answers 409 for a slug another schedule of the deployment has (checked before writing:
+    on PostgreSQL a violated unique index would end the transaction)."""
+    slugs = [slug for slug in slugs if slug is not None]
+    if len(set(slugs)) < len(slugs):
+        raise Conflict(SLUG_TAKEN)
+    for slug in slugs:
+        if tx.scalar("SELECT id FROM deployment_schedule WHERE deployment_id = ? AND slug = ? AND id != ?",
+                     (deployment_id, slug, except_id or "")):
+            raise Conflict(SLUG_TAKEN)
+
+
 def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) -> list[str]:
     """Insert `schedules` beside the deployment's others; returns their new ids."""
+    _require_free_slugs(tx, deployment_id, [item.get("slug") for item in schedules])
     now = now_iso()
     ids = []
     for i, item in enumerate(schedules):
@@ -5970,7 +6067,8 @@ def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) ->
             "id": ids[-1], "created": now, "updated": now, "deployment_id": deployment_id,
             "schedule": normalise_schedule(item["schedule"], (*loc, i, "schedule")),
             "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
-            "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False)})
+            "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False),
+            "parameters": item.get("parameters") or {}, "slug": item.get("slug")})
     _drop_future_auto_runs(tx, deployment_id)
     return ids
 
@@ -5992,6 +6090,78 @@ def _schedules_from(data: dict, sent: dict) -> list[dict] | None:
     if "schedules" in sent or "schedule" in sent:
         return []
     return None
+
+
+def concurrency_options(value: dict | None) -> dict | None:
+    """Prefect 3's ConcurrencyOptions, or a 422 naming the field that is wrong."""
+    if value is None:
+        return None
+    loc = ("body", "concurrency_options")
+    strategy, grace = value.get("collision_strategy"), value.get("grace_period_seconds")
+    errors = [_error((*loc, key), "extra fields not permitted", "value_error.extra")
+              for key in value if key not in ("collision_strategy", "grace_period_seconds")]
+    if strategy not in COLLISION_STRATEGIES:
+        errors.append(_error((*loc, "collision_strategy"), f"value is not one of {list(COLLISION_STRATEGIES)}",
+                             "type_error.enum"))
+    low, high = GRACE_PERIOD_RANGE
+    if grace is not None and (type(grace) is not int or not low <= grace <= high):
+        errors.append(_error((*loc, "grace_period_seconds"), f"ensure this value is an integer from {low} to {high}",
+                             "value_error.number"))
+    if errors:
+        raise ValidationFailed(errors)
+    return {"collision_strategy": strategy, "grace_period_seconds": grace}
+
+
+def set_deployment_concurrency(tx, dep_id: str, data: dict, sent: dict):
+    """A deployment's concurrency, as Prefect 3 keeps it: `concurrency_limit` N makes (or changes) the
+    global limit `deployment:{id}` and links it, null removes it; `global_concurrency_limit_id` links an
+    existing global limit instead."""
+    if data.get("concurrency_limit") is not None and data.get("global_concurrency_limit_id") is not None:
+        raise ValidationFailed([_error(("body", "global_concurrency_limit_id"),
+                                       "cannot set both concurrency_limit and global_concurrency_limit_id",
+                                       "value_error")])
+    changes = {}
+    if "concurrency_options" in sent:
+        changes["concurrency_options"] = concurrency_options(data.get("concurrency_options"))
+    if "global_concurrency_limit_id" in sent:
+        limit_id = data.get("global_concurrency_limit_id")
+        if limit_id is not None:
+            require_row(tx, "concurrency_limit_v2", limit_id, "Concurrency limit")
+        changes["concurrency_limit_id"] = limit_id
+    if "concurrency_limit" in sent:
+        changes["concurrency_limit_id"] = _deployment_limit(tx, dep_id, data.get("concurrency_limit"))
+        changes["concurrency_limit"] = data.get("concurrency_limit")
+    if changes:
+        update_row(tx, "deployment", dep_id, changes)
+
+
+def _deployment_limit(tx, dep_id: str, limit: int | None) -> str | None:
+    """The id of the deployment's own global limit set to `limit` (made when missing); None deletes it."""
+    name = f"deployment:{dep_id}"
+    row = tx.query_one(f"SELECT id FROM concurrency_limit_v2 WHERE name = ?{tx.db.for_update}", (name,))
+    if limit is None:
+        if row:
+            tx.execute("DELETE FROM concurrency_limit_v2 WHERE id = ?", (row["id"],))
+        return None
+    if row:
+        update_row(tx, "concurrency_limit_v2", row["id"], {"limit": limit, "updated": now_iso()})
+        return row["id"]
+    limit_id, now = new_id(), now_iso()
+    insert_row(tx, "concurrency_limit_v2", {"id": limit_id, "created": now, "updated": now, "name": name,
+                                            "limit": limit, "active": True})
+    return limit_id
+
+
+def deployment_global_limit(tx, dep: dict) -> dict | None:
+    """The global limit a deployment's runs take a slot of (Prefect's GlobalConcurrencyLimitResponse)."""
+    if not dep.get("concurrency_limit_id"):
+        return None
+    row = read_row(tx, "concurrency_limit_v2", dep["concurrency_limit_id"])
+    if row is None:  # deleted through the limits API
+        return None
+    limit = decode_row("concurrency_limit_v2", row)
+    return {k: limit[k] for k in ("id", "created", "updated", "active", "name", "limit", "active_slots",
+                                  "slot_decay_per_second")}
 
 
 def _merge_job_variables(data: dict, sent: dict) -> dict:
@@ -6037,6 +6207,7 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     else:
         dep_id = existing["id"]
         update_row(tx, "deployment", dep_id, {**values, "updated": now})
+    set_deployment_concurrency(tx, dep_id, data, sent)
     schedules = _schedules_from(data, sent)
     if schedules is not None:
         _replace_schedules(tx, dep_id, schedules)
@@ -6047,7 +6218,9 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
     row = require_row(tx, "deployment", dep_id, "Deployment", lock=True)
     sent = _merge_job_variables(data, sent)
     changes = {k: data[k] for k in sent if k in data and k not in ("schedule", "schedules", "work_pool_name",
-                                                                     "work_queue_name", "is_schedule_active")}
+                                                                     "work_queue_name", "is_schedule_active",
+                                                                     *_CONCURRENCY_FIELDS)}
+    set_deployment_concurrency(tx, dep_id, data, sent)
     if "paused" in changes and changes["paused"] is not None:
         changes["is_schedule_active"] = not changes["paused"]
     if data.get("is_schedule_active") is not None:
@@ -6615,9 +6788,22 @@ class Service:
         return self.interval
 
 
-def _schedule_idempotency_key(deployment_id: str, moment: str) -> str:
-    """One run per deployment and moment, even when two of its schedules coincide (Prefect's key)."""
+def _schedule_idempotency_key(deployment_id: str, moment: str, schedule: dict) -> str:
+    """One run per deployment and moment, even when two of its schedules coincide (Prefect 2.20's key).
+    A schedule with parameters of its own makes runs unlike the others': its key names it (as Prefect 3's
+    does), so a coinciding schedule does not swallow its run."""
+    if schedule.get("parameters"):
+        return f"scheduled {deployment_id} {schedule['id']} {moment}"
     return f"scheduled {deployment_id} {moment}"
+
+
+_SCHEDULE_KIND_NAMES = {"interval": "IntervalSchedule", "cron": "CronSchedule", "rrule": "RRuleSchedule"}
+
+
+def _made_by_schedule(schedule: dict) -> dict:
+    """A scheduled run's `created_by`, as Prefect 3 fills it: the schedule, shown by its slug or its kind."""
+    kind = next((name for key, name in _SCHEDULE_KIND_NAMES.items() if key in (schedule["schedule"] or {})), None)
+    return {"id": schedule["id"], "type": "SCHEDULE", "display_value": schedule.get("slug") or kind}
 
 
 def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime, start=None, end=None,
@@ -6641,14 +6827,16 @@ def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetim
         limit = min(schedule.get("max_scheduled_runs") or max_runs, max_runs)
         times = next_fire_times(schedule["schedule"], start, max_until, limit)
         wanted = [t for i, t in enumerate(times) if i < min_runs or t <= min_until]
+        parameters = {**(dep.get("parameters") or {}), **(schedule.get("parameters") or {})}
         for moment in wanted:
             when = iso(moment)
-            key = _schedule_idempotency_key(dep["id"], when)
-            data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": dep.get("parameters") or {},
+            key = _schedule_idempotency_key(dep["id"], when, schedule)
+            data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": parameters,
                     "tags": list(dep.get("tags") or []), "idempotency_key": key, "context": {},
                     "empirical_policy": {}, "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}}
             extra = {"auto_scheduled": True, "deployment_version": dep.get("version"),
-                     "work_queue_id": dep.get("work_queue_id"), "work_queue_name": dep.get("work_queue_name")}
+                     "work_queue_id": dep.get("work_queue_id"), "work_queue_name": dep.get("work_queue_name"),
+                     "created_by": _made_by_schedule(schedule)}
             _run, was_new = create_flow_run(tx, data, extra)
             created += was_new
     return created
@@ -8003,6 +8191,7 @@ DEPLOYMENT_FIELDS_3 = (
     "schedules", "job_variables", "parameters", "pull_steps", "tags", "work_queue_name", "last_polled",
     "parameter_openapi_schema", "path", "entrypoint", "storage_document_id", "infrastructure_document_id",
     "created_by", "updated_by", "work_queue_id", "enforce_parameter_schema", "work_pool_name", "status",
+    "global_concurrency_limit", "concurrency_options",
 )
 
 
@@ -8011,9 +8200,13 @@ def deployment_for_client(req, dep: dict) -> dict:
     client reads them as `infra_overrides` beside `"job_variables": null` (as Prefect 2.20 answers: its
     SDK refuses both set and different), a 3.x client as `job_variables`."""
     job_variables = dep.get("job_variables") or dep.get("infra_overrides") or {}
-    if client_major(req) == 3:
-        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables}
-    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables}
+    schedules = [schedule_for_client(client_major(req), s) for s in dep.get("schedules") or []]
+    if client_major(req) == 3:  # `concurrency_limit` is always null: Prefect 3 answers the limit in full instead
+        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables, "schedules": schedules,
+                "concurrency_limit": None}
+    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables,
+            "schedules": schedules}
+
 
 @body(DeploymentCreate)
 def create_deployment_handler(app, req):
@@ -8052,6 +8245,7 @@ def delete_deployment(app, req):
         # its runs that have not started go too: no worker should pick up a run of a deleted deployment
         tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (req.uuid(),))
         tx.execute("DELETE FROM deployment WHERE id = ?", (req.uuid(),))
+        _deployment_limit(tx, req.uuid(), None)  # its own limit goes with it, as in Prefect
     return 204, NO_CONTENT
 
 
@@ -8107,7 +8301,7 @@ def read_deployment_schedules(app, req):
     with app.db.read() as tx:
         require_row(tx, "deployment", req.uuid(), "Deployment")
         rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
-        return 200, [decode_row("deployment_schedule", r) for r in rows]
+        return 200, [schedule_for_client(client_major(req), decode_row("deployment_schedule", r)) for r in rows]
 
 
 @body(ListOf(DeploymentScheduleCreate))
@@ -8118,12 +8312,13 @@ def create_deployment_schedules(app, req):
         ids = _add_schedules(tx, req.uuid(), req.data, ("body",))
         created = [decode_row("deployment_schedule", read_row(tx, "deployment_schedule", i)) for i in ids]
     app.wake("scheduler")
-    return 201, created
+    return 201, [schedule_for_client(client_major(req), schedule) for schedule in created]
 
 
 DeploymentScheduleUpdate = Schema("DeploymentScheduleUpdate", {
     "schedule": Field("object"), "active": Field("bool"), "max_active_runs": Field("int", minimum=1),
     "max_scheduled_runs": Field("int", minimum=1), "catchup": Field("bool"),
+    "parameters": Field("object"), "slug": Field("str", max_length=255), "replaces": Field("str"),
 })
 
 
@@ -8132,6 +8327,7 @@ def update_deployment_schedule(app, req):
     """Change one schedule (e.g. `prefect deployment schedule pause`); its runs not yet started go, the
     scheduler makes them again from the schedule as it now is."""
     changes = {k: v for k, v in sent_fields(req).items() if v is not None or k in ("max_active_runs", "max_scheduled_runs")}
+    changes.pop("replaces", None)  # a deploy-time directive, never stored
     if changes.get("schedule") is not None:
         changes["schedule"] = normalise_schedule(changes["schedule"], ("body", "schedule"))
     with app.db.write() as tx:
@@ -8139,6 +8335,7 @@ def update_deployment_schedule(app, req):
         owner = tx.scalar("SELECT deployment_id FROM deployment_schedule WHERE id = ?", (req.uuid("schedule_id"),))
         if owner != req.uuid():
             raise NotFound("Schedule not found")
+        _require_free_slugs(tx, req.uuid(), [changes.get("slug")], except_id=req.uuid("schedule_id"))
         update_row(tx, "deployment_schedule", req.uuid("schedule_id"), {**changes, "updated": now_iso()})
         _drop_future_auto_runs(tx, req.uuid())
     app.wake("scheduler")
@@ -8182,17 +8379,21 @@ def delete_deployment_schedule(app, req):
 @body(WorkPoolCreate)
 def create_work_pool_handler(app, req):
     with app.db.write() as tx:
-        return 201, create_work_pool(tx, req.data)
+        return 201, work_pool_for_client(req, create_work_pool(tx, req.data))
 
 
 def read_work_pool(app, req):
     with app.db.read() as tx:
-        return 200, work_pool_out(tx, read_pool_by_name(tx, req.params["name"]))
+        return 200, work_pool_for_client(req, work_pool_out(tx, read_pool_by_name(tx, req.params["name"])))
 
 
 @body(WorkPoolUpdate)
 def update_work_pool(app, req):
     changes = sent_fields(req)
+    if changes.get("storage_configuration") is not None:
+        changes["storage_configuration"] = storage_configuration(changes["storage_configuration"])
+    else:  # null leaves it as it is
+        changes.pop("storage_configuration", None)
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
         update_row(tx, "work_pool", pool["id"], {**changes, "updated": now_iso()})
@@ -8212,7 +8413,7 @@ def read_work_pools_filtered(app, req):
         where, params = build_where(tx, "work_pool", req.data)
         rows = tx.query(f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
                         (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
-        return 200, [work_pool_out(tx, r) for r in rows]
+        return 200, [work_pool_for_client(req, work_pool_out(tx, r)) for r in rows]
 
 
 @body(filter_body_schema("work_pool", ("work_pools",)))
@@ -8316,6 +8517,85 @@ def create_work_queue_handler(app, req):
 def read_work_queue(app, req):
     with app.db.read() as tx:
         return 200, work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
+
+
+# Slots (Prefect 3's `prefect work-pool slots`): the flow runs that hold a pool's or a queue's concurrency
+# slots, as Prefect counts them. A pool counts its queues' Pending and Running runs (what its limit
+# holds back); a queue also counts Cancelling ones, and the runs named after it that no queue id claims.
+_POOL_SLOT_HOLDERS = ("FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+                      "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING')")
+_QUEUE_SLOT_HOLDERS = ("FROM flow_run fr WHERE (fr.work_queue_id = ? OR (fr.work_queue_id IS NULL AND "
+                       "fr.work_queue_name = ?)) AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')")
+ConcurrencyStatusBody = Schema("Body_read_concurrency_status", {
+    "page": Field("int", default=1, nullable=False, minimum=1),
+    "limit": Field("int", minimum=0),
+    "flow_run_limit": Field("int", default=10, nullable=False, minimum=0, maximum=200),
+})
+
+
+def _status_page_size(app, data: dict) -> int:
+    """The page size: the server's default when not sent, and never past it (Prefect answers 422)."""
+    most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+    if data.get("limit") is not None and data["limit"] > most:
+        raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
+                                       "value_error.number.not_le")])
+    return most if data.get("limit") is None else data["limit"]
+
+
+def _slot_summary(row: dict, now: str) -> dict:
+    """A flow run holding a slot (Prefect's FlowRunSlotSummary; the time in its state in seconds)."""
+    return {"id": row["id"], "name": row["name"], "state_type": row["state_type"], "state_name": row["state_name"],
+            "start_time": row["start_time"], "state_timestamp": row["state_timestamp"],
+            "time_in_current_state": _seconds_between(now, row["state_timestamp"]) if row["state_timestamp"] else None}
+
+
+def _paged(answer: dict, count: int, limit: int, page: int) -> dict:
+    pages = (count + limit - 1) // limit if limit > 0 else 0
+    return {**answer, "count": count, "limit": limit, "pages": pages, "page": page}
+
+
+_SLOT_SUMMARY_COLUMNS = "fr.id, fr.name, fr.state_type, fr.state_name, fr.start_time, fr.state_timestamp"
+
+
+@body(ConcurrencyStatusBody)
+def read_work_pool_concurrency_status(app, req):
+    """The pool's slot holders by queue: a page of its queues (by priority), each with up to
+    `flow_run_limit` of its runs."""
+    limit, page, per_queue = _status_page_size(app, req.data), req.data["page"], req.data["flow_run_limit"]
+    now = now_iso()
+    with app.db.read() as tx:
+        pool = read_pool_by_name(tx, req.params["name"])
+        queue_count = tx.scalar("SELECT COUNT(*) FROM work_queue WHERE work_pool_id = ?", (pool["id"],))
+        queues = tx.query("SELECT id, name, concurrency_limit FROM work_queue WHERE work_pool_id = ? "
+                          "ORDER BY priority, id LIMIT ? OFFSET ?", (pool["id"], limit, (page - 1) * limit))
+        busy = {r["work_queue_id"]: r["n"] for r in tx.query(
+            f"SELECT fr.work_queue_id, COUNT(*) AS n {_POOL_SLOT_HOLDERS} GROUP BY fr.work_queue_id", (pool["id"],))}
+        details = []
+        for queue in queues:
+            runs = tx.query(f"SELECT {_SLOT_SUMMARY_COLUMNS} FROM flow_run fr WHERE fr.work_queue_id = ? "
+                            "AND fr.state_type IN ('PENDING', 'RUNNING') ORDER BY fr.id LIMIT ?", (queue["id"], per_queue))
+            details.append({"queue_id": queue["id"], "queue_name": queue["name"],
+                            "active_slots": busy.get(queue["id"], 0), "concurrency_limit": queue["concurrency_limit"],
+                            "flow_runs": [_slot_summary(r, now) for r in runs],
+                            "flow_run_count": busy.get(queue["id"], 0)})
+    answer = {"active_slots": sum(busy.values()), "concurrency_limit": pool["concurrency_limit"], "queues": details}
+    return 200, _paged(answer, queue_count, limit, page)
+
+
+@body(ConcurrencyStatusBody)
+def read_work_queue_concurrency_status(app, req):
+    """The queue's slot holders, a page of them; `active_slots` counts them all."""
+    limit, page = _status_page_size(app, req.data), req.data["page"]
+    now = now_iso()
+    with app.db.read() as tx:
+        queue = require_row(tx, "work_queue", req.uuid(), "Work queue")
+        params = (queue["id"], queue["name"])
+        count = tx.scalar(f"SELECT COUNT(*) {_QUEUE_SLOT_HOLDERS}", params)
+        runs = tx.query(f"SELECT {_SLOT_SUMMARY_COLUMNS} {_QUEUE_SLOT_HOLDERS} ORDER BY fr.id LIMIT ? OFFSET ?",
+                        (*params, limit, (page - 1) * limit))
+    answer = {"active_slots": count, "concurrency_limit": queue["concurrency_limit"],
+              "flow_runs": [_slot_summary(r, now) for r in runs]}
+    return 200, _paged(answer, count, limit, page)
 
 
 def read_work_queue_by_name(app, req):
@@ -8700,6 +8980,7 @@ ROUTES = [
     ("POST", "/work_pools/filter", read_work_pools_filtered),
     ("POST", "/work_pools/count", count_work_pools),
     ("GET", "/work_pools/{name}", read_work_pool),
+    ("POST", "/work_pools/{name}/concurrency_status", read_work_pool_concurrency_status),
     ("PATCH", "/work_pools/{name}", update_work_pool),
     ("DELETE", "/work_pools/{name}", delete_work_pool),
     ("POST", "/work_pools/{name}/get_scheduled_flow_runs", read_scheduled_runs_for_pool),
@@ -8715,6 +8996,7 @@ ROUTES = [
     ("POST", "/work_queues/filter", read_work_queues_filtered),
     ("GET", "/work_queues/name/{name}", read_work_queue_by_name),
     ("GET", "/work_queues/{id}", read_work_queue),
+    ("POST", "/work_queues/{id}/concurrency_status", read_work_queue_concurrency_status),
     ("PATCH", "/work_queues/{id}", update_work_queue),
     ("DELETE", "/work_queues/{id}", delete_work_queue),
     ("POST", "/work_queues/{id}/get_runs", read_work_queue_runs),

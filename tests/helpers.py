@@ -63,8 +63,8 @@ class Client:
     def delete(self, path, **kw):
         return self.request("DELETE", path, **kw)
 
-    def ok(self, method, path, body=None, expect=(200, 201, 204)):
-        status, payload = self.request(method, path, body)
+    def ok(self, method, path, body=None, expect=(200, 201, 204), headers=None):
+        status, payload = self.request(method, path, body, headers=headers)
         assert status in expect, (method, path, status, payload)
         return payload
 

@@ -19,9 +19,10 @@ def new_flow(client, name=None):
     return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": []})
 
 
-def new_deployment(client, flow_id=None, name=None, **fields):
+def new_deployment(client, flow_id=None, name=None, headers=None, **fields):
     flow_id = flow_id or new_flow(client)["id"]
-    return client.ok("POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields})
+    return client.ok("POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields},
+                     headers=headers)
 
 
 def run_from(client, dep_id, expect=(200, 201), **body):
@@ -131,6 +132,46 @@ def test_answers_hold_only_the_fields_of_the_callers_major(client):
     as_3x = client.request("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)[1]
     assert {"concurrency_limit", "work_queue_id"} <= set(as_3x)
     assert not {"infra_overrides", "schedule", "is_schedule_active", "manifest_path"} & set(as_3x)
+
+
+def test_a_deployment_concurrency_limit_is_a_global_limit_named_after_it(client):
+    """Prefect 3 (`serve()`/`deploy(concurrency_limit=3)`) keeps a deployment's limit as the global
+    concurrency limit `deployment:{id}` and answers it in full as `global_concurrency_limit` (it was
+    dropped here); null removes it, as does deleting the deployment."""
+    dep = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=3,
+                         concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    limit = dep["global_concurrency_limit"]
+    assert (limit["name"], limit["limit"], limit["active"], limit["active_slots"]) == (f"deployment:{dep['id']}", 3,
+                                                                                     True, 0)
+    assert dep["concurrency_limit"] is None  # Prefect 3 answers null there
+    assert dep["concurrency_options"] == {"collision_strategy": "CANCEL_NEW", "grace_period_seconds": None}
+    assert client.ok("GET", f"/v2/concurrency_limits/deployment:{dep['id']}")["id"] == limit["id"]
+    assert "global_concurrency_limit" not in client.ok("GET", f"/deployments/{dep['id']}")  # not a 2.20 field
+
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"concurrency_limit": 5}, headers=PREFECT3_AGENT)
+    again = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)["global_concurrency_limit"]
+    assert (again["id"], again["limit"]) == (limit["id"], 5)
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"concurrency_limit": None}, headers=PREFECT3_AGENT)
+    assert client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)["global_concurrency_limit"] is None
+    assert client.get(f"/v2/concurrency_limits/deployment:{dep['id']}")[0] == 404
+
+    shared = client.ok("POST", "/v2/concurrency_limits/", {"name": unique("shared"), "limit": 2})
+    linked = new_deployment(client, headers=PREFECT3_AGENT, global_concurrency_limit_id=shared["id"])
+    assert linked["global_concurrency_limit"]["id"] == shared["id"]
+    owned = new_deployment(client, concurrency_limit=1)
+    client.ok("DELETE", f"/deployments/{owned['id']}")
+    assert client.get(f"/v2/concurrency_limits/deployment:{owned['id']}")[0] == 404
+
+    flow_id = dep["flow_id"]
+    for body, field in (({"concurrency_limit": 0}, ["body", "concurrency_limit"]),
+                        ({"concurrency_options": {"collision_strategy": "WAIT"}},
+                         ["body", "concurrency_options", "collision_strategy"]),
+                        ({"concurrency_options": {"collision_strategy": "ENQUEUE", "grace_period_seconds": 5}},
+                         ["body", "concurrency_options", "grace_period_seconds"]),
+                        ({"concurrency_limit": 1, "global_concurrency_limit_id": shared["id"]},
+                         ["body", "global_concurrency_limit_id"])):
+        status, answer = client.post("/deployments/", {"name": unique("dep"), "flow_id": flow_id, **body})
+        assert status == 422 and field in [e["loc"] for e in answer["exception_detail"]], answer
 
 
 def test_paused_on_create_makes_the_schedule_inactive(client):
@@ -448,6 +489,63 @@ def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_aga
     other = new_deployment(client)
     assert client.patch(f"/deployments/{other['id']}/schedules/{daily['id']}", {"active": False})[0] == 404
     assert client.patch(f"/deployments/{uuid.uuid4()}/schedules/{daily['id']}", {"active": False})[0] == 404
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def quiet_any_db(request, tmp_path):
+    """A server whose scheduler is off, on SQLite, then on PostgreSQL."""
+    url = f"sqlite:///{tmp_path}/quiet.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+        yield Client(api_url)
+
+
+def test_a_schedules_slug_and_parameters_are_kept_changed_and_given_to_its_runs(quiet_any_db):
+    """Prefect 3 schedules carry a slug and parameter overrides (PATCH with them answered 204 and changed
+    nothing); the scheduler merges a schedule's parameters over the deployment's. 2.20 clients, which
+    refuse fields their schema lacks, read schedules without them."""
+    client = quiet_any_db
+    dep = new_deployment(client, parameters={"x": 1, "y": 2}, headers=PREFECT3_AGENT,
+                         schedules=[{"schedule": {"interval": 3600}, "slug": "hourly", "parameters": {"y": 3}}])
+    hourly = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)[0]
+    assert (hourly["slug"], hourly["parameters"]) == ("hourly", {"y": 3})
+    assert client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}",
+                        {"slug": "every-hour", "parameters": {"y": 4}}, headers=PREFECT3_AGENT) == (204, None)
+    changed = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)[0]
+    assert (changed["slug"], changed["parameters"], changed["active"]) == ("every-hour", {"y": 4}, True)
+    client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 2})
+    runs = runs_of(client, dep["id"])
+    assert [r["parameters"] for r in runs] == [{"x": 1, "y": 4}] * 2
+    assert runs[0]["created_by"] == {"id": hourly["id"], "type": "SCHEDULE", "display_value": "every-hour"}
+
+    added = client.ok("POST", f"/deployments/{dep['id']}/schedules", [
+        {"schedule": {"interval": 60}, "slug": "minutely"}], headers=PREFECT3_AGENT)
+    assert [(s["slug"], s["parameters"]) for s in added] == [("minutely", {})]
+    status, body = client.post(f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": 60}, "slug": "minutely"}])
+    assert status == 409 and "unique" in body["detail"], body
+    status, body = client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"slug": "minutely"})
+    assert status == 409, body
+    status, body = client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"parameters": [1]})
+    assert status == 422 and ("body", "parameters") in locs(body), body
+
+    as_2x = client.ok("GET", f"/deployments/{dep['id']}")
+    assert all(set(s) == SCHEDULE_FIELDS_2 for s in as_2x["schedules"]), as_2x["schedules"]
+    assert all(set(s) == SCHEDULE_FIELDS_2 for s in client.ok("GET", f"/deployments/{dep['id']}/schedules"))
+    as_3x = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)
+    assert sorted(s["slug"] for s in as_3x["schedules"]) == ["every-hour", "minutely"]
+
+
+def test_an_rrule_whose_dtstart_tzid_is_no_iana_zone_is_accepted(quiet_client):
+    """`prefect deployment schedule create --rrule "DTSTART;TZID=US-Eastern:..." --timezone Asia/Seoul`
+    (a Prefect CLI test) was a 422 here; Prefect accepts it and the explicit timezone is the schedule's."""
+    rule = "DTSTART;TZID=US-Eastern:19970902T090000\nRRULE:FREQ=DAILY;COUNT=10"
+    dep = new_deployment(quiet_client)
+    [created] = quiet_client.ok("POST", f"/deployments/{dep['id']}/schedules",
+                                [{"schedule": {"rrule": rule, "timezone": "Asia/Seoul"}}])
+    assert created["schedule"] == {"rrule": rule, "timezone": "Asia/Seoul"}
+
+
+SCHEDULE_FIELDS_2 = {"id", "created", "updated", "deployment_id", "schedule", "active", "max_active_runs",
+                     "max_scheduled_runs", "catchup"}  # the 2.20 contract's DeploymentSchedule
 
 
 def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(quiet_client):

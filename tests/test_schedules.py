@@ -219,7 +219,6 @@ def test_bad_shapes(schedule, field, words):
         ("RRULE:FREQ=DAILY;WKST=XY", ["WKST"]),
         ("DTSTART:2026-01-01\nRRULE:FREQ=DAILY", ["DTSTART", "2026-01-01"]),
         ("DTSTART:20260230T000000\nRRULE:FREQ=DAILY", ["not a valid date"]),
-        ("DTSTART;TZID=Europe/Atlantis:20260101T000000\nRRULE:FREQ=DAILY", ["TZID", "Atlantis"]),
         ("DTSTART:20260101T000000", ["no RRULE"]),
         (
             "DTSTART:20260101T000100\nRRULE:FREQ=HOURLY;INTERVAL=2;BYHOUR=1",
@@ -775,6 +774,17 @@ def test_rrule_tzid_overrides_schedule_timezone_default():
         utc(2026, 3, 8, 13),
         utc(2026, 3, 9, 13),
     ]
+
+
+def test_rrule_tzid_naming_no_known_zone_falls_back_to_schedule_timezone():
+    """Prefect accepts any TZID (its CLI tests send "US-Eastern") and times the rule in the schedule's
+    timezone; such a rule was refused here."""
+    for timezone, hour in (("Asia/Seoul", 0), (None, 9)):
+        schedule = {"rrule": "DTSTART;TZID=US-Eastern:19970902T090000\nRRULE:FREQ=DAILY;COUNT=10"}
+        if timezone:
+            schedule["timezone"] = timezone
+        assert validate_schedule(schedule)["timezone"] == (timezone or "UTC")
+        assert fires(schedule, utc(1997, 1, 1), n=1) == [utc(1997, 9, 2, hour)]
 
 
 def test_rrule_utc_dtstart_ignores_schedule_timezone():

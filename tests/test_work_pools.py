@@ -453,3 +453,82 @@ def test_work_queue_status_counts_late_runs(api):
     assert health["late_runs_count"] == 1, health
     assert health["healthy"] is False, "a queue with a late run is unhealthy (maximum_late_runs is 0)"
     assert health["health_check_policy"] == {"maximum_late_runs": 0, "maximum_seconds_since_last_polled": 60}
+
+
+# --- Prefect 3: slots and storage --------------------------------------------------------------
+
+PREFECT3_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}  # what the 3.9 SDK's PrefectClient sends
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def any_api(request, tmp_path):
+    """As `api`, on SQLite, then on PostgreSQL."""
+    url = f"sqlite:///{tmp_path}/pools.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+        yield Client(api_url)
+
+
+def test_concurrency_status_names_the_runs_holding_a_pools_and_a_queues_slots(any_api):
+    """POST /work_pools/{name}/concurrency_status and /work_queues/{id}/concurrency_status (Prefect 3's
+    `prefect work-pool slots`; 404s here before): Pending and Running runs hold a pool's slots, a queue's
+    also Cancelling ones; queues and runs come a page at a time."""
+    api = any_api
+    name = new_pool(api, concurrency_limit=3)["name"]
+    other = new_queue(api, name, "other", concurrency_limit=1)
+    dep = new_deployment(api, name)
+    pending, running, cancelling, done = (due_run(api, dep) for _ in range(4))
+    elsewhere = due_run(api, dep, queue="other")
+    for run, state in ((pending, "PENDING"), (running, "RUNNING"), (cancelling, "CANCELLING"), (done, "COMPLETED"),
+                       (elsewhere, "RUNNING")):
+        set_state(api, run["id"], state)
+
+    pool = api.ok("POST", f"/work_pools/{name}/concurrency_status", {"flow_run_limit": 1})
+    assert (pool["active_slots"], pool["concurrency_limit"]) == (3, 3)
+    assert (pool["count"], pool["limit"], pool["pages"], pool["page"]) == (2, 200, 1, 1)
+    by_name = {q["queue_name"]: q for q in pool["queues"]}
+    assert [q["queue_name"] for q in pool["queues"]] == ["default", "other"]  # by priority
+    default = by_name["default"]
+    assert (default["active_slots"], default["flow_run_count"], default["concurrency_limit"]) == (2, 2, None)
+    assert len(default["flow_runs"]) == 1 and default["flow_runs"][0]["id"] in (pending["id"], running["id"])
+    held = default["flow_runs"][0]
+    assert set(held) == {"id", "name", "state_type", "state_name", "start_time", "state_timestamp",
+                         "time_in_current_state"}
+    assert held["time_in_current_state"] >= 0
+    assert (by_name["other"]["queue_id"], by_name["other"]["concurrency_limit"]) == (other["id"], 1)
+    assert api.ok("POST", f"/work_pools/{name}/concurrency_status", {"limit": 1, "page": 2})["queues"][0][
+        "queue_name"] == "other"
+
+    queue = api.ok("POST", f"/work_queues/{default['queue_id']}/concurrency_status", {"limit": 2})
+    assert (queue["active_slots"], queue["count"], queue["pages"]) == (3, 3, 2)
+    assert {r["id"] for r in queue["flow_runs"]} < {pending["id"], running["id"], cancelling["id"]}
+    rest = api.ok("POST", f"/work_queues/{default['queue_id']}/concurrency_status", {"limit": 2, "page": 2})
+    assert len(rest["flow_runs"]) == 1
+
+    assert api.post("/work_pools/no-such-pool/concurrency_status", {})[0] == 404
+    assert api.post(f"/work_queues/{uuid.uuid4()}/concurrency_status", {})[0] == 404
+    for body, field in (({"limit": 201}, "limit"), ({"page": 0}, "page"), ({"flow_run_limit": 201}, "flow_run_limit")):
+        status, answer = api.post(f"/work_pools/{name}/concurrency_status", body)
+        assert status == 422 and ["body", field] in [e["loc"] for e in answer["exception_detail"]], answer
+
+
+def test_a_pools_storage_configuration_is_kept(any_api):
+    """Prefect 3 pools carry where workers upload and run code bundles (it was dropped here); 2.20
+    clients, which refuse fields their WorkPool lacks, do not read it."""
+    api = any_api
+    upload = {"prefect_aws.experimental.bundles.upload": {"bucket": "flows"}}
+    pool = api.ok("POST", "/work_pools/", {"name": unique("pool"), "type": "process",
+                                           "storage_configuration": {"bundle_upload_step": upload}},
+                  headers=PREFECT3_AGENT)
+    assert pool["storage_configuration"] == {"bundle_upload_step": upload, "bundle_execution_step": None,
+                                             "default_result_storage_block_id": None}
+    block_id = str(uuid.uuid4())
+    api.ok("PATCH", f"/work_pools/{pool['name']}", {"storage_configuration": {"default_result_storage_block_id": block_id}})
+    read = api.ok("GET", f"/work_pools/{pool['name']}", headers=PREFECT3_AGENT)
+    assert read["storage_configuration"]["default_result_storage_block_id"] == block_id
+    assert read["storage_configuration"]["bundle_upload_step"] is None  # the whole value is replaced, as in Prefect
+    assert "storage_configuration" not in api.ok("GET", f"/work_pools/{pool['name']}")
+    status, body = api.patch(f"/work_pools/{pool['name']}", {"storage_configuration": {"bucket": "x"}})
+    assert status == 422 and body["exception_detail"][0]["loc"] == ["body", "storage_configuration", "bucket"], body
+    status, body = api.patch(f"/work_pools/{pool['name']}",
+                             {"storage_configuration": {"default_result_storage_block_id": "nope"}})
+    assert status == 422, body

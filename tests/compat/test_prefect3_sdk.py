@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 import uuid
@@ -365,6 +366,73 @@ def test_flow_retries(run_flow_script, compat_server, api):
     assert [s["name"] for s in flow_run_states(api, run["id"])][-3:] == ["AwaitingRetry", "Running", "Completed"]
 
 
+def test_a_sync_flow_whose_pause_timed_out_ends_failed(run_flow_script, compat_server, api):
+    """The server's pause-expiration service fails the run while the SDK sleeps; the flow's own Failed
+    proposal is then accepted (it was aborted, and the SDK raised Abort)."""
+    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server, args=["sync-timeout"]))
+    assert result["type"] == "FAILED", result
+    assert get_flow_run(api, result["flow_run_id"])["state_type"] == "FAILED"
+
+
+def test_suspending_a_run_without_a_deployment_is_refused(run_flow_script, compat_server):
+    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server,
+                                           args=["suspend-without-deployment"]))
+    assert "Cannot suspend flows without a deployment." in result["result"], result
+
+
+def test_a_resumed_flow_passes_a_pause_whose_key_already_fired(run_flow_script, compat_server, api):
+    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server,
+                                           args=["resume-repeated-key"]))
+    assert (result["type"], result["tasks_run"]) == ("COMPLETED", 5), result
+    assert_completed(get_flow_run(api, result["flow_run_id"]), "flow run")
+
+
+def test_prefect_work_pool_and_work_queue_slots(prefect3_python, compat_server, api, tmp_path):
+    """`prefect work-pool slots` and `prefect work-queue slots` (3.x) read which runs hold the slots
+    ("Work pool not found!" here before: the routes were 404s)."""
+    pool = f"p3-slots-{uuid.uuid4().hex[:8]}"
+    api.ok("POST", "/work_pools/", {"name": pool, "type": "process", "concurrency_limit": 2})
+    flow = api.ok("POST", "/flows/", {"name": "p3-slots"})
+    dep = api.ok("POST", "/deployments/", {"name": pool, "flow_id": flow["id"], "work_pool_name": pool})
+    run = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {})
+    api.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}, "force": True})
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+    env.update({"PREFECT_API_URL": compat_server, "PREFECT_HOME": str(tmp_path / "cli-home")})
+
+    def cli(*args):
+        proc = subprocess.run([prefect3_cli(prefect3_python), *args, "-o", "json"], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        return json.loads(proc.stdout)
+
+    by_pool = cli("work-pool", "slots", pool)
+    assert (by_pool["active_slots"], by_pool["concurrency_limit"]) == (1, 2), by_pool
+    [queue] = by_pool["queues"]
+    assert [r["id"] for r in queue["flow_runs"]] == [run["id"]] and queue["queue_name"] == "default"
+    by_queue = cli("work-queue", "slots", "default", "--pool", pool)
+    assert [r["id"] for r in by_queue["flow_runs"]] == [run["id"]], by_queue
+
+
+def test_a_run_failing_parameter_validation_starts_when_it_ends(run_flow_script, compat_server, api):
+    result = script_result(run_flow_script(scenario("p13_param_validation.py"), compat_server))
+    assert result["type"] == "FAILED", result
+    run = get_flow_run(api, result["flow_run_id"])
+    assert run["start_time"] is not None and parse_time(run["start_time"]) == parse_time(run["end_time"]), run
+
+
+def parse_time(text):
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def test_a_deployment_concurrency_limit_reads_back(run_flow_script, compat_server):
+    """to_deployment(concurrency_limit=...).apply(), as serve() and deploy() do: the SDK reads back the
+    deployment's global limit `deployment:{id}` (it read none here)."""
+    name = f"p3-limited-{uuid.uuid4().hex[:8]}"
+    result = script_result(run_flow_script(scenario("p14_deployment_concurrency.py"), compat_server, args=[name]))
+    assert (result["limit"], result["strategy"]) == (3, "CANCEL_NEW"), result
+    assert result["name"] == f"deployment:{result['deployment_id']}"
+
+
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
     """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
     found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
@@ -461,7 +529,6 @@ def test_global_concurrency_limit(run_flow_script, start_script, compat_server, 
 
 
 def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_server, api, tmp_path):
-    import subprocess
 
     serve = start_script(scenario("p09_serve.py"), compat_server, timeout=180)
 
