@@ -11014,26 +11014,27 @@ _PREFECT_WORKERS = (("prefect.logging.handlers", "APILogWorker"), ("prefect.even
 
 
 @contextlib.contextmanager
-def prefect_test_harness(**settings):
+def prefect_test_harness(*, flow_heartbeats: bool = False, **settings):
     """Serve an in-memory database for the `with` block and point the Prefect SDK at it; yields the API URL.
 
     >>> with prefect_test_harness() as api_url: my_flow()   # the run is stored here, not in Prefect's own
     A drop-in for prefect.testing.utilities.prefect_test_harness, for the 2.20 and 3.x SDKs (imported here
     when installed). Without prefect installed it still serves and yields the URL. Keyword arguments are
-    server settings, as for serve().
+    server settings, as for serve(). The 3.x SDK's flow-run heartbeats are off unless `flow_heartbeats`:
+    they detect crashed runs, and the end of every flow waits up to 1 s for their thread (its 1 s naps).
     """
-    with _harness(**settings) as running:
+    with _harness(flow_heartbeats=flow_heartbeats, **settings) as running:
         yield running.api_url
 
 
 @contextlib.contextmanager
-def _harness(**settings):
+def _harness(*, flow_heartbeats: bool = False, **settings):
     """prefect_test_harness(), yielding the RunningServer (the pytest plugin cleans its database)."""
     overrides = {"PREFECT_API_DATABASE_CONNECTION_URL": "sqlite:///:memory:", **settings}
     prefect = _prefect_sdk()  # before the environment changes: an SDK imported now must not keep our URL
     running = start_server(load_settings(overrides=overrides), "127.0.0.1", 0)
     try:
-        with _environment_pointing_at(running.api_url), _prefect_pointing_at(prefect, running.api_url):
+        with _environment_pointing_at(running.api_url), _prefect_pointing_at(prefect, running.api_url, flow_heartbeats):
             yield running
     finally:
         running.stop()
@@ -11068,16 +11069,19 @@ def _environment_pointing_at(api_url: str):
 
 
 @contextlib.contextmanager
-def _prefect_pointing_at(prefect, api_url: str):
+def _prefect_pointing_at(prefect, api_url: str, flow_heartbeats: bool):
     """Prefect's settings context says PREFECT_API_URL is ours (2.20 and 3.x spell it alike); on the way out
     the SDK's workers deliver what they hold while we still serve, then the settings are restored."""
     if prefect is None:
         yield
         return
     settings = prefect.settings
+    updates = {settings.PREFECT_API_URL: api_url}
+    heartbeats = getattr(settings, "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", None)  # 3.x; 2.20 flows send none
+    if heartbeats is not None and not flow_heartbeats:
+        updates[heartbeats] = None
     with contextlib.ExitStack() as stack:
-        stack.enter_context(settings.temporary_settings(
-            updates={settings.PREFECT_API_URL: api_url}, restore_defaults={settings.PREFECT_API_KEY}))
+        stack.enter_context(settings.temporary_settings(updates=updates, restore_defaults={settings.PREFECT_API_KEY}))
         # 3.x: contexts copied before this one (an IsolatedAsyncioTestCase's, made at collection) fall back
         # to a process-global settings context, which Prefect's own harness replaces too. 2.20 has none.
         global_context = getattr(prefect.context, "_temporary_global_settings_context", None)
