@@ -11200,6 +11200,15 @@ def _pytest_fixtures():
             prefectlite_fresh_database.restore()
             return prefect_server
 
+        @pytest.hookimpl(trylast=True)
+        def pytest_unconfigure(self, config):
+            """Every test is done: move what the process holds out of the garbage collector's sight. With
+            the SDK loaded, pytest's last full collections and the interpreter's own at exit took 1-2.5 s
+            (measured, 2.20 and 3.9); frozen, ~0.1 s. Only cycles left unreachable now go uncollected."""
+            import gc  # only here: the one use
+
+            gc.freeze()
+
     return PrefectliteFixtures()
 
 

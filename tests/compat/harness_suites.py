@@ -21,14 +21,16 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _LENT = ("pytest", "_pytest", "pluggy", "iniconfig", "py")  # what pytest imports that the venvs lack
 
-# The suite's tests each record when they finished: the process's exit is measured from the last.
+# The suite's tests each record when their call ended: the process's exit is measured from the last, so
+# it takes in the session's teardown (the harness stopping) and the interpreter's exit.
 CONFTEST_COMMON = '''
 import os, time
 import pytest
 
-def pytest_runtest_logfinish(nodeid, location):
-    with open(os.environ["HARNESS_SUITE_TIMES"], "a") as f:
-        f.write(f"{time.time()}\\n")
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        with open(os.environ["HARNESS_SUITE_TIMES"], "a") as f:
+            f.write(f"{time.time()}\\n")
 '''
 
 # Ours: the plugin (-p prefectlite) gives the session fixture; every test starts from an empty database.
