@@ -11157,7 +11157,8 @@ class _FreshDatabase:
 
 # The pytest plugin. Registered as a `pytest11` entry point, so pytest loads this module for everyone who
 # installs the package: it does nothing until asked for, by `-p prefectlite`, by the ini option
-# `prefectlite = true`, or by naming it in `pytest_plugins` where the package is not installed.
+# `prefectlite = true`, or by naming it in `pytest_plugins` where the package is not installed. Asked for,
+# it gives the fixtures, and freezes the garbage collector once every test is done (a prompt exit).
 
 def pytest_addoption(parser):
     parser.addini("prefectlite", type="bool", default=False,
