@@ -7,8 +7,10 @@ never a timing bound.
 
 import base64
 import contextlib
+import datetime as dt
 import json
 import os
+import select
 import socket
 import threading
 import time
@@ -17,7 +19,7 @@ import urllib.parse
 import pytest
 
 import prefectlite
-from helpers import Client, RawWebSocket, event, wait_until
+from helpers import Client, RawWebSocket, event, iso, now, wait_until
 
 AUTH = "admin:pw"
 
@@ -31,10 +33,11 @@ def connect(api_url, timeout=10.0):
     return socket.create_connection(host_port(api_url), timeout=timeout)
 
 
-def read_response(sock, timeout=10.0):
-    """(status, headers, body) of one response on `sock`, read by its Content-Length."""
+def read_response(sock, timeout=10.0, leftover=None):
+    """(status, headers, body) of one response on `sock`, read by its Content-Length. Pass the same
+    `leftover` bytearray to read several pipelined answers: what one read took of the next is kept there."""
     sock.settimeout(timeout)
-    data = b""
+    data = bytes(leftover or b"")
     while b"\r\n\r\n" not in data:
         chunk = sock.recv(65536)
         if not chunk:
@@ -49,6 +52,8 @@ def read_response(sock, timeout=10.0):
         if not chunk:
             raise EOFError("closed inside a body")
         rest += chunk
+    if leftover is not None:
+        leftover[:] = rest[length:]
     return int(status_line.split()[1]), headers, rest[:length]
 
 
@@ -340,3 +345,199 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit():
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (hard if hard != resource.RLIM_INFINITY else 1 << 20)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# --- found by attacking the loop (a second pair of eyes) ---------------------------------------------
+
+def test_pipelined_requests_from_many_clients_never_wedge_the_loop(server):
+    """A worker's wake-up of the loop could be lost for good (the flag was cleared before the wake socket
+    was drained): from then on pipelined requests and closes waited for ever. 8 clients, 2,400 rounds."""
+    failures = []
+
+    def client():
+        for _ in range(300):
+            with connect(server, timeout=10) as sock:
+                sock.sendall(b"GET /api/hello HTTP/1.1\r\nHost: x\r\n\r\n" * 2)
+                leftover = bytearray()
+                try:
+                    assert [read_response(sock, leftover=leftover)[0] for _ in range(2)] == [200, 200]
+                except (OSError, EOFError, AssertionError) as exc:
+                    failures.append(repr(exc))
+                    return
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not failures, failures[:3]
+    assert Client(server, timeout=5).get("/health") == (200, True)
+
+
+@pytest.mark.parametrize("raw", [
+    b"GET http://[/ HTTP/1.1\r\nHost: x\r\n\r\n",  # urlsplit refuses it: once an exception that ended the loop
+    b"GET\xa0/api/health\xa0HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /api/health  HTTP/1.1\r\nHost: x\r\n\r\n",
+    b"GET /api/health HTTP/1.1\r\n\r\n",
+    b"GET /api/health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+    b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Bell: a\x07b\r\n\r\n",
+    b"\r\n" * 40 + b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
+], ids=["unparseable target", "nbsp separators", "two spaces", "no host", "two hosts", "control character",
+        "a flood of empty lines"])
+def test_what_could_be_read_two_ways_is_400(server, raw):
+    with connect(server) as sock:
+        sock.sendall(raw)
+        status, headers, body = read_response(sock)
+        assert (status, headers["connection"]) == (400, "close") and json.loads(body)["detail"]
+    assert Client(server, timeout=5).get("/health") == (200, True)
+
+
+def test_an_unknown_expectation_is_417_and_connection_tokens_are_read_as_a_list(server):
+    with connect(server) as sock:
+        sock.sendall(b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nExpect: the-unexpected\r\nContent-Length: 2\r\n\r\n{}")
+        assert read_response(sock)[0] == 417
+    with connect(server) as sock:
+        sock.sendall(b"GET /api/health HTTP/1.1\r\nHost: x\r\nConnection: close, te\r\nTE: trailers\r\n\r\n")
+        status, headers, _ = read_response(sock)
+        assert (status, headers["connection"]) == (200, "close") and closed_by_server(sock)
+
+
+def test_a_preflight_with_a_body_is_not_exempt_from_auth(start):
+    """OPTIONS (and health, ready) pass without credentials, but only without a body: 10 preflights with
+    45 MB bodies once made the server read 450 MB before answering 204."""
+    api = start(PREFECT_SERVER_API_AUTH_STRING=AUTH)
+    with connect(api) as sock:
+        sock.sendall(b"OPTIONS /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 45000000\r\n\r\n{")
+        assert read_response(sock)[0] == 401
+    with connect(api) as sock:
+        sock.sendall(b"OPTIONS /api/flows/ HTTP/1.1\r\nHost: x\r\nOrigin: http://a.example\r\n"
+                     b"Access-Control-Request-Method: POST\r\n\r\n")
+        assert read_response(sock)[0] == 204
+
+
+def test_a_websocket_upgrade_with_a_body_is_refused(server):
+    key = base64.b64encode(os.urandom(16)).decode()
+    with connect(server) as sock:
+        sock.sendall(f"GET /api/events/in HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nContent-Length: 6\r\n\r\n".encode()
+                     + b"\x89\x80\x00\x00\x00\x00")
+        assert read_response(sock)[0] == 400
+
+
+def test_a_slow_reader_gets_its_whole_answer(start):
+    """The keep-alive clock once started when an answer was queued, not when it had left: a client
+    reading a 12 MB answer slowly got part of it and then the end of the connection."""
+    api = start(PREFECT_SERVER_KEEPALIVE_TIMEOUT=0.5)
+    client = Client(api)
+    flow = client.ok("POST", "/flows/", {"name": "slow-reader"})
+    deployment = client.ok("POST", "/deployments/", {"name": "big", "flow_id": flow["id"],
+                                                      "parameters": {"blob": "x" * 12_000_000}})
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    sock.connect(host_port(api))
+    with sock:
+        sock.sendall(f"GET /api/deployments/{deployment['id']} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        sock.settimeout(10)
+        received, started = b"", time.monotonic()
+        while time.monotonic() - started < 1.5:  # the client's pace: about 1.5 s for the first part
+            received += sock.recv(16384)
+            time.sleep(0.01)
+        status, _headers, body = read_response(_Prefixed(sock, received), timeout=30)
+        assert status == 200 and len(json.loads(body)["parameters"]["blob"]) == 12_000_000
+
+
+class _Prefixed:
+    """A socket whose first bytes were read already."""
+
+    def __init__(self, sock, head):
+        self.sock, self.head = sock, head
+
+    def settimeout(self, timeout):
+        self.sock.settimeout(timeout)
+
+    def recv(self, n):
+        if self.head:
+            data, self.head = self.head[:n], self.head[n:]
+            return data
+        return self.sock.recv(n)
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="reads the resident size from /proc")
+def test_a_client_that_reads_no_pongs_stops_being_read(server):
+    """Pongs queued for a client that never reads once grew the server by hundreds of MB: past a limit
+    the connection is not read until its answers leave. (The server runs in this process: its growth is
+    ours.) 4 s of pings as fast as the server takes them."""
+    ws = RawWebSocket(server).authenticate()
+    ping = b"\x89\xfd\x00\x00\x00\x00" + b"p" * 125  # a masked ping (all-zero mask) of 125 bytes
+    burst = ping * 512
+    before, sent = rss_mb(), 0
+    ws.sock.setblocking(False)
+    deadline = time.monotonic() + 4
+    try:
+        pending = memoryview(burst)
+        while time.monotonic() < deadline and sent < 400_000_000:
+            try:
+                taken = ws.sock.send(pending)
+            except BlockingIOError:
+                select.select([], [ws.sock], [], 0.05)
+                continue
+            sent += taken
+            pending = pending[taken:] or memoryview(burst)  # whole frames only: never a cut one restarted
+        grown = rss_mb() - before
+    finally:
+        ws.close()
+    assert sent > 1_000_000, f"only {sent} bytes of pings taken: the test shows nothing"
+    assert grown < 40, f"the server grew {grown:.0f} MB for {sent / 1e6:.0f} MB of pings it did not answer"
+    assert Client(server, timeout=5).get("/health") == (200, True)
+
+
+def test_a_websocket_message_must_arrive_whole_within_the_request_timeout(start):
+    """A message begun and never finished, kept alive by pings, once held its buffer for ever."""
+    api = start(PREFECT_SERVER_REQUEST_TIMEOUT=1.0)
+    ws = RawWebSocket(api, timeout=10).authenticate()
+    stop = threading.Event()
+
+    def keep_pinging():  # every 0.1 s for at most 5 s: the server ends it long before
+        for _ in range(50):
+            if stop.wait(0.1):
+                return
+            try:
+                ws.send_frame(0x9, b"alive")
+            except OSError:
+                return
+
+    pinger = threading.Thread(target=keep_pinging, daemon=True)
+    try:
+        ws.send_frame(0x1, b'{"partial": ', fin=False)
+        pinger.start()
+        assert ws.expect_close() == (1008, "message not sent whole in time")
+    finally:
+        stop.set()
+        pinger.join(10)
+        ws.close()
+
+
+def test_a_subscriber_is_sent_the_newest_thousand_events_of_the_window(server):
+    """The backfill once read every event of the last 15 minutes, page by page, even for a subscriber
+    already gone: the newest EVENTS_OUT_BACKFILL_MAX, oldest first, in one query."""
+    sender = RawWebSocket(server).authenticate()
+    base = now() - dt.timedelta(seconds=60)
+    names = [f"test.backfill.{i:04d}" for i in range(1_050)]
+    for i, name in enumerate(names):
+        sender.send_json(event(name, occurred=iso(base + dt.timedelta(milliseconds=10 * i))))
+    client = Client(server)
+    wait_until(lambda: client.post("/events/filter", {"filter": {"event": {"prefix": ["test.backfill."]}}})[1]
+               ["total"] == 1_050, 30, "the events to be stored")
+    sender.close()
+    sub = RawWebSocket(server, path="/events/out").authenticate()
+    try:
+        sub.send_json({"type": "filter", "filter": {"event": {"prefix": ["test.backfill."]}}})
+        got = [sub.recv_json()["event"]["event"] for _ in range(prefectlite.EVENTS_OUT_BACKFILL_MAX)]
+        assert got == names[-prefectlite.EVENTS_OUT_BACKFILL_MAX:]
+    finally:
+        sub.close()
