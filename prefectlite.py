@@ -10434,13 +10434,11 @@ class _OneShotPoller:
         self._epoll = select.epoll()
         self._targets: dict[int, object] = {}
 
-    def add_listener(self, sock, target, exclusive: bool = False):
-        """`exclusive`: of the processes sharing a listening socket, one is woken per connection."""
+    def add_listener(self, sock, target):
+        """Level-triggered, as every process sharing the port must hear of a connection: EPOLLEXCLUSIVE
+        woke one, and the same one, so that another process of `start --processes 2` got none of 100."""
         self._targets[sock.fileno()] = target
-        try:
-            self._epoll.register(sock.fileno(), select.EPOLLIN | (getattr(select, "EPOLLEXCLUSIVE", 0) if exclusive else 0))
-        except OSError:  # a kernel older than 4.5 has no EPOLLEXCLUSIVE
-            self._epoll.register(sock.fileno(), select.EPOLLIN)
+        self._epoll.register(sock.fileno(), select.EPOLLIN)
 
     def remove_listener(self, sock):
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -10486,7 +10484,7 @@ class _SelectorPoller:
         self._selectors = selectors
         self._selector = selectors.DefaultSelector()
 
-    def add_listener(self, sock, target, exclusive: bool = False):
+    def add_listener(self, sock, target):
         self._selector.register(sock, self._selectors.EVENT_READ, target)
 
     def remove_listener(self, sock):
@@ -10618,7 +10616,7 @@ class ConnectionLoop:
         self._stop_deadline: float | None = None
         self._loop_thread: threading.Thread | None = None
         self.server_address = listening.getsockname()
-        self.poller.add_listener(listening, "listener", exclusive=True)
+        self.poller.add_listener(listening, "listener")
         self.poller.add_listener(self._wake_r, "wake")
 
     # --- the loop thread ---
@@ -10918,7 +10916,7 @@ class ConnectionLoop:
     def _sweep(self, now: float):
         if self._accept_paused_until and now >= self._accept_paused_until and self._stop_deadline is None:
             self._accept_paused_until = 0.0
-            self.poller.add_listener(self.listening, "listener", exclusive=True)
+            self.poller.add_listener(self.listening, "listener")
         for conn in list(self.connections.values()):
             if conn.stalled_since is not None and now - conn.stalled_since > self.request_seconds:
                 self._close(conn)  # it reads nothing of what we send
