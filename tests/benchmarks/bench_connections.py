@@ -178,6 +178,18 @@ def write_load(port: int, clients: int, duration: float) -> dict:
     return json.loads(out.stdout)["levels"][0]
 
 
+def stored_events(port: int, sent: int, wait: float = 10.0) -> int:
+    """How many of the crowd's events the server holds, once the last ones in flight are in (or `wait` s)."""
+    target, deadline, count = B.Target(f"http://127.0.0.1:{port}/api"), time.monotonic() + wait, 0
+    while True:
+        _, rows = B.get_json(target, "POST", "/events/count-by/event",
+                             {"filter": {"event": {"name": ["bench.crowd.beat"]}}})
+        count = sum(row.get("count", 0) for row in rows) if isinstance(rows, list) else 0
+        if count >= sent or time.monotonic() > deadline:
+            return count
+        time.sleep(0.2)
+
+
 def measured_phase(port: int, proc, args, crowd: Crowd | None) -> dict:
     stop = threading.Event()
     latencies: list[float] = []
@@ -239,13 +251,11 @@ def main(argv=None):
         crowd.open()
         B.log(f"opened in {time.monotonic() - opened:.1f} s; phase 2: the same load beside them")
         beside = measured_phase(port, proc, args, crowd)
-        _, stored = B.get_json(B.Target(f"http://127.0.0.1:{port}/api"), "POST", "/events/count-by/event",
-                               {"filter": {"event": {"name": ["bench.crowd.beat"]}}})
+        stored_count = stored_events(port, crowd.events_sent)
     finally:
         if crowd is not None:
             crowd.close()
         B.stop_server(proc)
-    stored_count = sum(row.get("count", 0) for row in stored) if isinstance(stored, list) else stored
     print(f"{args.clients}-client write load, {args.duration:g} s per phase; crowd: {args.websockets} WebSockets "
           f"(an event each every {args.event_every:g} s), {args.idle} idle keep-alive, {args.slow} slow senders")
     rows = [[name, r["write_req_per_s"], r["write_p99_ms"], r["write_errors"], r["health_p99_ms"], r["health_failures"],
