@@ -10,8 +10,8 @@ What it changes in Prefect's suite, and why:
 - It replaces four of the suite's fixtures by registering, after Prefect's `tests/conftest.py`, a second
   fixture module under a conftest name in the same directory (pytest lets the last one registered for a
   directory win): `clear_db` empties the server through its REST API before each test, `hosted_api_server`
-  answers the server's URL instead of starting Prefect's, and `safety_check_settings` no longer insists that
-  no API URL is set.
+  answers the server's URL instead of starting Prefect's, `safety_check_settings` no longer insists that
+  no API URL is set, and `setup_db`/`database_engine` no longer build Prefect's local database.
 - It skips the tests that need Prefect's own database session or in-process app (they would read or write
   a database our server never sees): those using the fixtures `session`, `client`, `app` (directly or through
   the ORM-built object fixtures such as `flow_run` or `deployment`, which all take `session`), or `db`.
@@ -78,6 +78,8 @@ def _register_fixture_overrides(config) -> None:
     module.clear_db = _clear_db_fixture()
     module.hosted_api_server = _hosted_api_server_fixture()
     module.safety_check_settings = _safety_check_settings_fixture()
+    module.database_engine = _database_engine_fixture()
+    module.setup_db = _setup_db_fixture()
     config.pluginmanager.register(module, name=str(tests_dir / "prefectlite_overrides_conftest.py"))
 
 
@@ -110,6 +112,24 @@ def _safety_check_settings_fixture():
         yield
 
     return safety_check_settings
+
+
+def _database_engine_fixture():
+    @pytest.fixture(scope="session", autouse=True, name="database_engine")
+    def database_engine():
+        """No engine on Prefect's local database: the tests that would use it are skipped."""
+        yield None
+
+    return database_engine
+
+
+def _setup_db_fixture():
+    @pytest.fixture(scope="session", autouse=True, name="setup_db")
+    def setup_db():
+        """Prefect's runs its migrations on a local SQLite file (tens of seconds) that no remaining test reads."""
+        yield
+
+    return setup_db
 
 
 # --------------------------------------------------------------------------- emptying the server

@@ -11,6 +11,7 @@ need. Only the standard library is used (this runs before anything is installed)
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from pathlib import Path
 
@@ -23,22 +24,24 @@ from prefect_venv import Sdk, VenvError, ensure_venv  # noqa: E402
 # (pydantic); the test tools are pinned to the versions the suite supports (requirements-dev.txt):
 # pytest-asyncio 0.23 cannot override the suite's session event loop; anyio 4.8+ emits warnings the
 # suite's `filterwarnings = error` turns into failures; `worker_id` (pytest-xdist) is a fixture the
-# suite's conftest requests even without -n.
-PREFECT2_TESTS = Sdk(
-    "prefect==2.20.25",
-    "2.20.25",
-    "venv-prefect-2.20.25-tests",
-    extra_pins=(
-        "pydantic<2.13",
-        "anyio<4.8",
-        "pytest>=8,<9",
-        "pytest-asyncio>=0.21,<0.22",
-        "pytest-timeout",
-        "pytest-env",
-        "pytest-xdist<3.9",
-        "respx",
-    ),
+# suite's conftest requests even without -n; pytest refuses to start without boto3, whose warning class
+# setup.cfg's filterwarnings names.
+REQUIREMENT = "prefect==2.20.25"
+PINS = (
+    "pydantic<2.13",
+    "anyio<4.8",
+    "pytest>=8,<9",
+    "pytest-asyncio>=0.21,<0.22",
+    "pytest-timeout",
+    "pytest-env",
+    "pytest-xdist<3.9",
+    "respx",
+    "boto3",
 )
+# The venv's name carries a digest of what it holds: changing the pins builds a new venv instead of
+# reusing one that verifies (it imports prefect 2.20.25) but lacks a test tool.
+_DIGEST = hashlib.sha256("\n".join((REQUIREMENT, *PINS)).encode()).hexdigest()[:8]
+PREFECT2_TESTS = Sdk(REQUIREMENT, "2.20.25", f"venv-prefect-2.20.25-tests-{_DIGEST}", extra_pins=PINS)
 
 
 def ensure_prefect_tests_venv() -> str:
