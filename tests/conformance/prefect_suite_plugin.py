@@ -231,15 +231,17 @@ def needs_prefects_database(item) -> str | None:
 
 
 class ResultWriter:
-    """One JSON object per finished test: its node id and outcome (passed, failed, error, skipped, xfailed)."""
+    """One JSON object per finished test: node id, outcome (passed, failed, error, skipped, xfailed), seconds."""
 
     def __init__(self, path: str):
         self.file = open(path, "a", encoding="utf-8")
         self.outcomes = {}
         self.messages = {}
+        self.durations = {}
 
     def record(self, report) -> None:
         nodeid = report.nodeid
+        self.durations[nodeid] = self.durations.get(nodeid, 0.0) + report.duration
         if report.when == "call":
             if hasattr(report, "wasxfail"):
                 outcome = "xfailed" if report.skipped else "failed"
@@ -256,7 +258,8 @@ class ResultWriter:
             self._write(nodeid)
 
     def _write(self, nodeid: str) -> None:
-        entry = {"nodeid": nodeid, "outcome": self.outcomes.pop(nodeid, "error")}
+        entry = {"nodeid": nodeid, "outcome": self.outcomes.pop(nodeid, "error"),
+                 "seconds": round(self.durations.pop(nodeid, 0.0), 3)}
         message = self.messages.pop(nodeid, None)
         if message:
             entry["message"] = message

@@ -45,7 +45,7 @@ import prefect_tests_venv  # noqa: E402
 
 # The README's files (reference/prefect-tests/README.md): the SDK's client, flows, tasks and the API-using
 # CLI commands, every one of which talks to a server.
-SELECTION = (
+README_FILES = (
     "tests/client/test_prefect_client.py",
     "tests/test_flows.py",
     "tests/test_tasks.py",
@@ -70,6 +70,39 @@ SELECTION = (
     "tests/cli/test_work_queues.py",
     "tests/cli/test_global_concurrency_limit.py",
 )
+# Beyond the README's files: the rest of the suite's client-facing files, whose tests run flows, tasks,
+# deployments, workers, agents or CLI commands through the API (files testing only client-side code, or
+# only Prefect's server, are left out).
+EXTENSION = (
+    "tests/test_engine.py",
+    "tests/test_new_flow_engine.py",
+    "tests/test_new_task_engine.py",
+    "tests/test_background_tasks.py",
+    "tests/test_task_server.py",
+    "tests/test_futures.py",
+    "tests/test_context.py",
+    "tests/test_log_prints.py",
+    "tests/agent",
+    "tests/blocks/test_system.py",
+    "tests/cli/deployment",
+    "tests/cli/test_deploy.py",
+    "tests/cli/test_flow.py",
+    "tests/cli/test_worker.py",
+    "tests/cli/test_agent.py",
+    "tests/cli/test_start_agent.py",
+    "tests/cli/test_events.py",
+    "tests/deployment/test_steps.py",
+    "tests/runtime",
+    "tests/results",
+    "tests/infrastructure/test_process.py",
+    "tests/runner/test_submit.py",
+    "tests/runner/test_webserver.py",
+    "tests/workers/test_process_worker.py",
+    "tests/workers/test_block_worker.py",
+    "tests/input/test_actions.py",
+    "tests/public",
+)
+SELECTION = README_FILES + EXTENSION
 # Logs cannot be deleted through the API, so a file asserting on the whole log table gets a fresh server.
 FRESH_SERVER_FILES = ("tests/test_logging.py",)
 
