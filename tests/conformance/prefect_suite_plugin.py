@@ -17,7 +17,11 @@ What it changes in Prefect's suite, and why:
   the ORM-built object fixtures such as `flow_run` or `deployment`, which all take `session`), or `db`.
 - It writes each test's outcome, one JSON object a line, to $PREFECTLITE_CONFORMANCE_RESULTS.
 
-Environment: PREFECTLITE_CONFORMANCE_API_URL (http://127.0.0.1:PORT/api), PREFECTLITE_CONFORMANCE_RESULTS.
+- It deselects the tests named in $PREFECTLITE_CONFORMANCE_DONE (one node id a line): run.py resumes a run
+  that died or hung that way, without the tests already run.
+
+Environment: PREFECTLITE_CONFORMANCE_API_URL (http://127.0.0.1:PORT/api), PREFECTLITE_CONFORMANCE_RESULTS,
+PREFECTLITE_CONFORMANCE_DONE (optional).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import pytest
 
 API_URL_VAR = "PREFECTLITE_CONFORMANCE_API_URL"
 RESULTS_VAR = "PREFECTLITE_CONFORMANCE_RESULTS"
+DONE_VAR = "PREFECTLITE_CONFORMANCE_DONE"
 
 # Fixtures that hand a test Prefect's own database or in-process app. `client` is the suite's ASGI client
 # of an in-process app (`prefect_client` is the SDK's client and goes over HTTP).
@@ -203,10 +208,23 @@ def _request(conn, method: str, path: str, body=None):
 
 @pytest.hookimpl(trylast=True)
 def pytest_collection_modifyitems(session, config, items):
+    deselect_done(config, items)
     for item in items:
         reason = needs_prefects_database(item)
         if reason:
             item.add_marker(pytest.mark.skip(reason=f"prefectlite conformance: {reason}"))
+
+
+def deselect_done(config, items) -> None:
+    path = os.environ.get(DONE_VAR)
+    if not path or not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        done = {line.strip() for line in f if line.strip()}
+    dropped = [item for item in items if item.nodeid in done]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = [item for item in items if item.nodeid not in done]
 
 
 def needs_prefects_database(item) -> str | None:
@@ -238,6 +256,11 @@ class ResultWriter:
         self.outcomes = {}
         self.messages = {}
         self.durations = {}
+
+    def started(self, nodeid: str) -> None:
+        """A line before each test: if the run dies or hangs in it, run.py knows which test that was."""
+        self.file.write(json.dumps({"nodeid": nodeid, "started": True}) + "\n")
+        self.file.flush()
 
     def record(self, report) -> None:
         nodeid = report.nodeid
@@ -281,6 +304,11 @@ def pytest_configure(config):
     path = os.environ.get(RESULTS_VAR)
     if path and _WRITER is None:
         _WRITER = ResultWriter(path)
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _WRITER is not None:
+        _WRITER.started(nodeid)
 
 
 def pytest_runtest_logreport(report):

@@ -82,32 +82,32 @@ EXTENSION = (
     "tests/test_futures.py",
     "tests/test_context.py",
     "tests/test_log_prints.py",
-    "tests/agent",
     "tests/blocks/test_system.py",
-    "tests/cli/deployment",
-    "tests/cli/test_deploy.py",
     "tests/cli/test_flow.py",
     "tests/cli/test_worker.py",
-    "tests/cli/test_agent.py",
-    "tests/cli/test_start_agent.py",
     "tests/cli/test_events.py",
-    "tests/deployment/test_steps.py",
     "tests/runtime",
     "tests/results",
     "tests/infrastructure/test_process.py",
     "tests/runner/test_submit.py",
-    "tests/runner/test_webserver.py",
     "tests/workers/test_process_worker.py",
     "tests/workers/test_block_worker.py",
     "tests/input/test_actions.py",
     "tests/public",
 )
+# Client-facing too, but left out for CI's time (about 700 more tests, most of them slow deployment builds):
+# tests/agent, tests/cli/deployment, tests/cli/test_deploy.py, tests/cli/test_agent.py,
+# tests/cli/test_start_agent.py, tests/deployment/test_steps.py, tests/runner/test_webserver.py.
 SELECTION = README_FILES + EXTENSION
 # Logs cannot be deleted through the API, so a file asserting on the whole log table gets a fresh server.
 FRESH_SERVER_FILES = ("tests/test_logging.py",)
 
 PER_TEST_TIMEOUT = 60  # seconds (pytest-timeout): one hung test must not stall CI
+# pytest-timeout's signal cannot interrupt every hang (one test of test_engine.py outlived it by minutes):
+# a run whose results file has not grown for this long is stopped, and resumed after the hung test.
+STALL_TIMEOUT = 3 * PER_TEST_TIMEOUT
 RUN_TIMEOUT = 40 * 60  # seconds for one pytest run of Prefect's suite
+MAX_RESUMES = 10
 SERVER_START_TIMEOUT = 30.0
 REFERENCE_START_TIMEOUT = 120.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -267,12 +267,17 @@ def pytest_command(python: str, files: list) -> list:
         "nice", "-n", "19", python, "-m", "pytest",
         "-p", "prefect_suite_plugin", "-p", "no:cacheprovider",
         "-o", "addopts=", "-q", "--no-header", "-rN",
+        # Python's own traceback format: pytest's parses test sources and crashed the whole run once
+        # ("AST constructor recursion depth mismatch") on a failing test of test_new_flow_engine.py.
+        "--tb=native",
+        "--continue-on-collection-errors",  # one file that fails to import must not cancel the others
         f"--timeout={PER_TEST_TIMEOUT}",
         *files,
     ]
 
 
 def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path) -> int:
+    """Run pytest on the files; its exit status, or -1 if it ran past RUN_TIMEOUT or stalled and was stopped."""
     env = env_without_prefect()
     env.update({
         "PATH": f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}",  # the suite's CLI tests run `prefect`
@@ -280,17 +285,38 @@ def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results
         "PYTHONDONTWRITEBYTECODE": "1",
         "PREFECTLITE_CONFORMANCE_API_URL": api_url,
         "PREFECTLITE_CONFORMANCE_RESULTS": str(results),
+        "PREFECTLITE_CONFORMANCE_DONE": str(done_path(results)),
     })
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(pytest_command(python, files), env=env, cwd=str(suite_copy), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
-            return proc.wait(timeout=RUN_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            log.write(f"\n[conformance] run stopped after {RUN_TIMEOUT}s\n".encode())
-            return -1
+            return watch(proc, results, log)
         finally:
             stop_process_group(proc, 5)
+
+
+def watch(proc: subprocess.Popen, results: Path, log) -> int:
+    """Wait for pytest; stop it when it runs past RUN_TIMEOUT or its results stop growing for STALL_TIMEOUT."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    last_size, last_growth = -1, time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=5)  # the poll interval of the watch, not a guess at how long pytest takes
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        size = results.stat().st_size if results.exists() else 0
+        if size != last_size:
+            last_size, last_growth = size, now
+        if now > deadline or now - last_growth > STALL_TIMEOUT:
+            why = "ran past its deadline" if now > deadline else f"made no progress for {STALL_TIMEOUT}s"
+            log.write(f"\n[conformance] pytest {why}: stopped\n".encode())
+            return -1
+
+
+def done_path(results: Path) -> Path:
+    return results.with_name(results.name + ".done")
 
 
 def batches(files: list, fresh_files=FRESH_SERVER_FILES) -> list:
@@ -308,15 +334,46 @@ def run_selection(python: str, start_server, files: list, workdir: Path, log_pat
     for batch in batches(files, fresh_files):
         server = start_server(workdir)
         try:
-            code = run_pytest(python, suite_copy, server.api_url, batch, results_path, log_path)
+            run_batch(python, suite_copy, server.api_url, batch, results_path, log_path)
         finally:
             server.stop()
-        if code not in (0, 1):  # 1: some tests failed; anything else: pytest itself did not finish
-            print(f"[conformance] pytest exited {code} for {batch}; log: {log_path}", file=sys.stderr)
     results = read_results(results_path)
     if not results:
         raise HarnessError(f"the suite produced no results; log tail:\n{tail(log_path)}")
     return results
+
+
+def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path) -> None:
+    """Run the batch; if pytest dies or hangs (not: tests fail), record the test it was in as an error and
+    run the rest of the batch again without the tests already done."""
+    for _ in range(MAX_RESUMES + 1):
+        code = run_pytest(python, suite_copy, api_url, batch, results_path, log_path)
+        if code in (0, 1, 5):  # 1: some tests failed; 5: none collected
+            return
+        culprit = unfinished_test(results_path)
+        print(f"[conformance] pytest exited {code} in {culprit}; log: {log_path}", file=sys.stderr)
+        if culprit is None:  # died before or between tests: resuming would do the same again
+            return
+        record_error(results_path, culprit, f"the run died or hung in this test (pytest exit {code}); resumed after it")
+        done_path(results_path).write_text("".join(f"{n}\n" for n in read_results(results_path)), encoding="utf-8")
+
+
+def unfinished_test(path: Path) -> str | None:
+    """The test the results file says started last and has no outcome."""
+    last_started = None
+    finished = set()
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else ():
+        entry = json.loads(line)
+        if entry.get("started"):
+            last_started = entry["nodeid"]
+        else:
+            finished.add(entry["nodeid"])
+    return last_started if last_started not in finished else None
+
+
+def record_error(path: Path, nodeid: str, message: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"nodeid": nodeid, "outcome": "error", "message": message}) + "\n")
 
 
 def read_results(path: Path) -> dict:
@@ -324,7 +381,8 @@ def read_results(path: Path) -> dict:
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
-            results[entry["nodeid"]] = entry
+            if not entry.get("started"):  # a test's start marker, followed by its outcome unless it hung
+                results[entry["nodeid"]] = entry
     return results
 
 
