@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import types
 from pathlib import Path
@@ -47,6 +48,15 @@ IN_PROCESS_FIXTURES = frozenset({
 # The suite's autouse session fixtures that build Prefect's (unused, local) database: every test has them
 # and `db` in its closure, harmlessly; any other fixture or a test itself taking `db` uses that database.
 DB_SETUP_FIXTURES = frozenset({"db", "database_engine", "setup_db", "clear_db"})
+
+# Some tests are parametrized with the API URL, so their node ids hold the server's port: the results name
+# it 127.0.0.1:PORT, for ids that stay the same from run to run.
+_LOOPBACK_PORT = re.compile(r"127\.0\.0\.1:\d+")
+
+
+def stable_id(nodeid: str) -> str:
+    return _LOOPBACK_PORT.sub("127.0.0.1:PORT", nodeid)
+
 
 _SETTINGS_CONTEXT = None  # kept referenced: the context manager must outlive pytest_sessionstart
 
@@ -221,10 +231,10 @@ def deselect_done(config, items) -> None:
         return
     with open(path, encoding="utf-8") as f:
         done = {line.strip() for line in f if line.strip()}
-    dropped = [item for item in items if item.nodeid in done]
+    dropped = [item for item in items if stable_id(item.nodeid) in done]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-        items[:] = [item for item in items if item.nodeid not in done]
+        items[:] = [item for item in items if stable_id(item.nodeid) not in done]
 
 
 def needs_prefects_database(item) -> str | None:
@@ -259,7 +269,7 @@ class ResultWriter:
 
     def started(self, nodeid: str) -> None:
         """A line before each test: if the run dies or hangs in it, run.py knows which test that was."""
-        self.file.write(json.dumps({"nodeid": nodeid, "started": True}) + "\n")
+        self.file.write(json.dumps({"nodeid": stable_id(nodeid), "started": True}) + "\n")
         self.file.flush()
 
     def record(self, report) -> None:
@@ -281,7 +291,7 @@ class ResultWriter:
             self._write(nodeid)
 
     def _write(self, nodeid: str) -> None:
-        entry = {"nodeid": nodeid, "outcome": self.outcomes.pop(nodeid, "error"),
+        entry = {"nodeid": stable_id(nodeid), "outcome": self.outcomes.pop(nodeid, "error"),
                  "seconds": round(self.durations.pop(nodeid, 0.0), 3)}
         message = self.messages.pop(nodeid, None)
         if message:
@@ -304,6 +314,15 @@ def pytest_configure(config):
     path = os.environ.get(RESULTS_VAR)
     if path and _WRITER is None:
         _WRITER = ResultWriter(path)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session, exitstatus):
+    """A last line: pytest has finished. Threads a test left behind can keep the process from exiting for
+    good (a run against Prefect's server did, after its summary); run.py stops it then, with this status."""
+    if _WRITER is not None:
+        _WRITER.file.write(json.dumps({"session_finished": True, "exitstatus": int(exitstatus)}) + "\n")
+        _WRITER.file.flush()
 
 
 def pytest_runtest_logstart(nodeid, location):

@@ -105,9 +105,10 @@ FRESH_SERVER_FILES = ("tests/test_logging.py",)
 PER_TEST_TIMEOUT = 60  # seconds (pytest-timeout): one hung test must not stall CI
 # pytest-timeout's signal cannot interrupt every hang (one test of test_engine.py outlived it by minutes):
 # a run whose results file has not grown for this long is stopped, and resumed after the hung test.
-STALL_TIMEOUT = 3 * PER_TEST_TIMEOUT
+STALL_TIMEOUT = PER_TEST_TIMEOUT + 60
 RUN_TIMEOUT = 40 * 60  # seconds for one pytest run of Prefect's suite
 MAX_RESUMES = 10
+EXIT_GRACE = 30  # seconds a pytest that has finished its session gets to exit before it is stopped
 SERVER_START_TIMEOUT = 30.0
 REFERENCE_START_TIMEOUT = 120.0
 SERVER_STOP_TIMEOUT = 10.0
@@ -192,7 +193,10 @@ def start_prefectlite(workdir: Path) -> Server:
 
 
 def start_prefect_server(workdir: Path, python: str) -> Server:
-    """`prefect server start` from the test venv, configured as the suite's test profile configures it."""
+    """`prefect server start` from the test venv, configured as the suite's test profile configures it.
+
+    (Not the triggers service: the profile leaves it on, and Prefect 2.20 serves /automations only with it.)
+    """
     home = Path(tempfile.mkdtemp(prefix="prefect-server-", dir=workdir))
     port = free_port()
     env = env_without_prefect()
@@ -208,7 +212,6 @@ def start_prefect_server(workdir: Path, python: str) -> Server:
         "PREFECT_API_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
         "PREFECT_API_SERVICES_FOREMAN_ENABLED": "false",
         "PREFECT_API_SERVICES_EVENT_PERSISTER_ENABLED": "false",
-        "PREFECT_API_SERVICES_TRIGGERS_ENABLED": "false",
         "PREFECT_EXPERIMENTAL_EVENTS": "true",
         "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "false",
     })
@@ -297,7 +300,8 @@ def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results
 
 
 def watch(proc: subprocess.Popen, results: Path, log) -> int:
-    """Wait for pytest; stop it when it runs past RUN_TIMEOUT or its results stop growing for STALL_TIMEOUT."""
+    """Wait for pytest; stop it when it runs past RUN_TIMEOUT, its results stop growing for STALL_TIMEOUT, or it
+    does not exit within EXIT_GRACE of finishing its session (then its session's exit status counts)."""
     deadline = time.monotonic() + RUN_TIMEOUT
     last_size, last_growth = -1, time.monotonic()
     while True:
@@ -309,10 +313,26 @@ def watch(proc: subprocess.Popen, results: Path, log) -> int:
         size = results.stat().st_size if results.exists() else 0
         if size != last_size:
             last_size, last_growth = size, now
+        finished = session_exit_status(results)
+        if finished is not None and now - last_growth > EXIT_GRACE:
+            log.write(f"\n[conformance] pytest finished but did not exit within {EXIT_GRACE}s: stopped\n".encode())
+            return finished
         if now > deadline or now - last_growth > STALL_TIMEOUT:
             why = "ran past its deadline" if now > deadline else f"made no progress for {STALL_TIMEOUT}s"
             log.write(f"\n[conformance] pytest {why}: stopped\n".encode())
             return -1
+
+
+def session_exit_status(results: Path) -> int | None:
+    """The exit status pytest's session ended with, if the last line of the results says it has ended."""
+    try:
+        with open(results, "rb") as f:
+            f.seek(max(0, results.stat().st_size - 200))
+            last = f.read().decode("utf-8", "replace").strip().splitlines()[-1]
+        entry = json.loads(last)
+    except (OSError, IndexError, ValueError):
+        return None
+    return entry.get("exitstatus") if entry.get("session_finished") else None
 
 
 def done_path(results: Path) -> Path:
@@ -366,7 +386,7 @@ def unfinished_test(path: Path) -> str | None:
         entry = json.loads(line)
         if entry.get("started"):
             last_started = entry["nodeid"]
-        else:
+        elif "outcome" in entry:
             finished.add(entry["nodeid"])
     return last_started if last_started not in finished else None
 
@@ -381,7 +401,7 @@ def read_results(path: Path) -> dict:
     if path.exists():
         for line in path.read_text(encoding="utf-8").splitlines():
             entry = json.loads(line)
-            if not entry.get("started"):  # a test's start marker, followed by its outcome unless it hung
+            if "outcome" in entry:  # not a test's start marker, nor the session's end
                 results[entry["nodeid"]] = entry
     return results
 
@@ -405,11 +425,13 @@ def read_baseline(path: Path = BASELINE) -> set:
             if line.strip() and not line.startswith("#")}
 
 
-def write_baseline(nodeids: set, total: int, path: Path = BASELINE) -> None:
+def write_baseline(results: dict, path: Path = BASELINE) -> None:
+    nodeids = passing(results)
+    runnable = sum(1 for entry in results.values() if entry["outcome"] != "skipped")
     header = (
         "# Tests of Prefect 2.20.25's own suite (tests/conformance/run.py's selection) that pass against\n"
-        f"# Prefect 2.20.25's own server ({len(nodeids)} of {total} run). Regenerate: "
-        "python tests/conformance/run.py --reference\n"
+        f"# Prefect 2.20.25's own server: {len(nodeids)} of {runnable} runnable ({len(results)} collected).\n"
+        "# Regenerate: python tests/conformance/run.py --reference\n"
     )
     path.write_text(header + "".join(f"{n}\n" for n in sorted(nodeids)), encoding="utf-8")
 
@@ -510,14 +532,19 @@ def run_against(which: str, files: list | None = None, workdir: Path | None = No
 MAX_RETRIES = 150  # more failures than this are no flakes: do not spend the time
 
 
+def pytest_arg(nodeid: str) -> str:
+    """A node id pytest can select: one whose parameters held the server's port (stable_id) runs all of them."""
+    return nodeid.split("[")[0] if "127.0.0.1:PORT" in nodeid else nodeid
+
+
 def retry_failures(python: str, start_server, results: dict, baseline: set, workdir: Path) -> None:
     failed = sorted(n for n in baseline if n in results and results[n]["outcome"] != PASSED)
     if not failed or len(failed) > MAX_RETRIES:
         return
     retry_dir = workdir / "retry"
     retry_dir.mkdir()
-    retried = run_selection(python, start_server, failed, retry_dir, retry_dir / "pytest.log",
-                            fresh_files=())
+    retried = run_selection(python, start_server, sorted({pytest_arg(n) for n in failed}), retry_dir,
+                            retry_dir / "pytest.log", fresh_files=())
     for nodeid, entry in retried.items():
         if nodeid in results and entry["outcome"] == PASSED:
             results[nodeid] = {**entry, "flaky": True, "first": results[nodeid]}
@@ -554,7 +581,7 @@ def main(argv=None) -> int:
         if args.files:
             print("[conformance] a partial reference run does not rewrite the baseline", file=sys.stderr)
         else:
-            write_baseline(passing(results), len(results))
+            write_baseline(results)
         print(f"Prefect's server: {counts(results)} in {elapsed:.0f}s")
         return 0
     comparison = compare(baseline, results, known, args.files)
