@@ -35,7 +35,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
-REFERENCE_TESTS = REPO_ROOT.parent / "shared" / "reference" / "prefect-tests"
+# Where Prefect's suites are (../shared/reference/prefect-tests beside the repository, or another copy).
+REFERENCE_TESTS = Path(os.environ.get("PREFECTLITE_PREFECT_TESTS_DIR")
+                       or REPO_ROOT.parent / "shared" / "reference" / "prefect-tests")
 SUITE = REFERENCE_TESTS / "2.20.25"
 BASELINE = HERE / "prefect-2.20-passing.txt"
 KNOWN_DIFFERENCES = HERE / "known-differences.txt"

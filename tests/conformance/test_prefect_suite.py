@@ -1,7 +1,7 @@
 """Prefect 2.20.25's own test suite, run against prefectlite, passes every test it passes on Prefect's own server.
 
-The suite is test input at ../shared/reference/prefect-tests (not in a user's clone: then this skips, unless
-PREFECTLITE_REQUIRE_CONFORMANCE=1, as in CI, which makes its absence a failure). run.py does the work: it runs
+The suite is test input at ../shared/reference/prefect-tests (or $PREFECTLITE_PREFECT_TESTS_DIR; not in a user's
+clone: then this skips, unless PREFECTLITE_REQUIRE_CONFORMANCE=1, as in CI, which makes its absence a failure). run.py does the work: it runs
 the suite in its own venv as subprocesses (prefect is never imported here) against a prefectlite server it
 starts, and compares with prefect-2.20-passing.txt (regenerate: `python tests/conformance/run.py --reference`).
 A test that passes there but not here fails this module unless known-differences.txt says why.
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def _load_harness():
     """run.py under its own module name: `run` is too common a name to put on sys.path."""
     spec = importlib.util.spec_from_file_location("prefectlite_conformance_run", HERE / "run.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
