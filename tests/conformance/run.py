@@ -1,0 +1,596 @@
+"""Run Prefect 2.20.25's own test suite against a server and compare with the tests that pass on Prefect's own.
+
+Usage:
+    python tests/conformance/run.py               # against prefectlite: lists what passes on Prefect's
+                                                  # server but not on ours (minus known-differences.txt)
+    python tests/conformance/run.py --reference   # against Prefect's own server (`prefect server start`):
+                                                  # rewrites prefect-2.20-passing.txt
+    python tests/conformance/run.py -k FILES...   # only these files of the selection (e.g. tests/test_states.py)
+
+The suite (../shared/reference/prefect-tests/2.20.25, Apache-2.0) is test input: it is copied to a scratch
+directory and run there by the Prefect test venv (prefect_tests_venv.py) with prefect_suite_plugin.py loaded,
+which points it at the server started here (see that plugin for what it changes). Each Prefect test run is a
+subprocess under `nice -n 19`, never an import into this process; only the standard library is used here.
+
+Exit status: 0 when every test of the baseline passes or is a known difference, 1 otherwise, 2 on a harness
+error (no suite, a server that does not start, a run that produced no results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO_ROOT = HERE.parents[1]
+# Where Prefect's suites are (../shared/reference/prefect-tests beside the repository, or another copy).
+REFERENCE_TESTS = Path(os.environ.get("PREFECTLITE_PREFECT_TESTS_DIR")
+                       or REPO_ROOT.parent / "shared" / "reference" / "prefect-tests")
+SUITE = REFERENCE_TESTS / "2.20.25"
+BASELINE = HERE / "prefect-2.20-passing.txt"
+KNOWN_DIFFERENCES = HERE / "known-differences.txt"
+
+sys.path.insert(0, str(HERE))
+import prefect_tests_venv  # noqa: E402
+
+# The README's files (reference/prefect-tests/README.md): the SDK's client, flows, tasks and the API-using
+# CLI commands, every one of which talks to a server.
+README_FILES = (
+    "tests/client/test_prefect_client.py",
+    "tests/test_flows.py",
+    "tests/test_tasks.py",
+    "tests/test_states.py",
+    "tests/test_variables.py",
+    "tests/test_artifacts.py",
+    "tests/test_automations.py",
+    "tests/test_deployments.py",
+    "tests/test_flow_runs.py",
+    "tests/test_logging.py",
+    "tests/client/api/test_flow_runs.py",
+    "tests/blocks/test_core.py",
+    "tests/concurrency",
+    "tests/input/test_run_input.py",
+    "tests/runner/test_runner.py",
+    "tests/workers/test_base_worker.py",
+    "tests/cli/test_variable.py",
+    "tests/cli/test_artifact.py",
+    "tests/cli/test_block.py",
+    "tests/cli/test_flow_run.py",
+    "tests/cli/test_work_pool.py",
+    "tests/cli/test_work_queues.py",
+    "tests/cli/test_global_concurrency_limit.py",
+)
+# Beyond the README's files: the rest of the suite's client-facing files, whose tests run flows, tasks,
+# deployments, workers, agents or CLI commands through the API (files testing only client-side code, or
+# only Prefect's server, are left out).
+EXTENSION = (
+    "tests/test_engine.py",
+    "tests/test_new_flow_engine.py",
+    "tests/test_new_task_engine.py",
+    "tests/test_background_tasks.py",
+    "tests/test_task_server.py",
+    "tests/test_futures.py",
+    "tests/test_context.py",
+    "tests/test_log_prints.py",
+    "tests/blocks/test_system.py",
+    "tests/cli/test_flow.py",
+    "tests/cli/test_worker.py",
+    "tests/cli/test_events.py",
+    "tests/runtime",
+    "tests/results",
+    "tests/infrastructure/test_process.py",
+    "tests/runner/test_submit.py",
+    "tests/workers/test_process_worker.py",
+    "tests/workers/test_block_worker.py",
+    "tests/input/test_actions.py",
+    "tests/public",
+)
+# Client-facing too, but left out for CI's time (about 700 more tests, most of them slow deployment builds):
+# tests/agent, tests/cli/deployment, tests/cli/test_deploy.py, tests/cli/test_agent.py,
+# tests/cli/test_start_agent.py, tests/deployment/test_steps.py, tests/runner/test_webserver.py.
+SELECTION = README_FILES + EXTENSION
+# Logs cannot be deleted through the API, so a file asserting on the whole log table gets a fresh server.
+FRESH_SERVER_FILES = ("tests/test_logging.py",)
+
+PER_TEST_TIMEOUT = 60  # seconds (pytest-timeout): one hung test must not stall CI
+# pytest-timeout's signal cannot interrupt every hang (one test of test_engine.py outlived it by minutes):
+# a run whose results file has not grown for this long is stopped, and resumed after the hung test.
+STALL_TIMEOUT = PER_TEST_TIMEOUT + 60
+RUN_TIMEOUT = 40 * 60  # seconds for one pytest run of Prefect's suite
+MAX_RESUMES = 10
+EXIT_GRACE = 30  # seconds a pytest that has finished its session gets to exit before it is stopped
+SERVER_START_TIMEOUT = 30.0
+REFERENCE_START_TIMEOUT = 120.0
+SERVER_STOP_TIMEOUT = 10.0
+PASSED = "passed"
+
+
+class HarnessError(RuntimeError):
+    """The harness could not run the suite (as opposed to tests failing)."""
+
+
+# --------------------------------------------------------------------------- servers
+
+
+@dataclasses.dataclass
+class Server:
+    api_url: str
+    proc: subprocess.Popen
+    log_path: Path
+
+    def stop(self) -> None:
+        stop_process_group(self.proc, SERVER_STOP_TIMEOUT)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(server: Server, timeout: float) -> None:
+    """Poll GET /health until it answers 200, the process dies, or the deadline passes."""
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise HarnessError(f"the server exited ({server.proc.returncode}) before it was healthy:\n"
+                               f"{tail(server.log_path)}")
+        try:
+            with urllib.request.urlopen(server.api_url + "/health", timeout=2) as resp:
+                if resp.status == 200:
+                    return
+                last = f"status {resp.status}"
+        except (OSError, ValueError) as exc:
+            last = repr(exc)
+        time.sleep(0.1)  # a poll interval, bounded by the deadline above
+    server.stop()
+    raise HarnessError(f"GET {server.api_url}/health not 200 within {timeout:.0f}s ({last}):\n{tail(server.log_path)}")
+
+
+def env_without_prefect() -> dict:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "PREFECTLITE_"))}
+    for name in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"):
+        env.pop(name, None)
+    return env
+
+
+def launch(cmd: list, env: dict, home: Path, port: int, name: str) -> Server:
+    log_path = home / f"{name}.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(["nice", "-n", "19", *cmd], env=env, cwd=str(home), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    return Server(f"http://127.0.0.1:{port}/api", proc, log_path)
+
+
+def start_prefectlite(workdir: Path) -> Server:
+    """`python prefectlite.py start` with a fresh PREFECT_HOME and the services Prefect's tests turn off, off."""
+    home = Path(tempfile.mkdtemp(prefix="prefectlite-", dir=workdir))
+    port = free_port()
+    env = env_without_prefect()
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_API_SERVICES_LATE_RUNS_ENABLED": "false",
+        "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PYTHONUNBUFFERED": "1",
+    })
+    cmd = [sys.executable, str(REPO_ROOT / "prefectlite.py"), "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = launch(cmd, env, home, port, "prefectlite")
+    wait_healthy(server, SERVER_START_TIMEOUT)
+    return server
+
+
+def start_prefect_server(workdir: Path, python: str) -> Server:
+    """`prefect server start` from the test venv, configured as the suite's test profile configures it.
+
+    (Not the triggers service: the profile leaves it on, and Prefect 2.20 serves /automations only with it.)
+    """
+    home = Path(tempfile.mkdtemp(prefix="prefect-server-", dir=workdir))
+    port = free_port()
+    env = env_without_prefect()
+    env.update({
+        "PREFECT_HOME": str(home),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_UI_ENABLED": "false",
+        "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+        "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
+        "PREFECT_API_SERVICES_LATE_RUNS_ENABLED": "false",
+        "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED": "false",
+        "PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
+        "PREFECT_API_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
+        "PREFECT_API_SERVICES_FOREMAN_ENABLED": "false",
+        "PREFECT_API_SERVICES_EVENT_PERSISTER_ENABLED": "false",
+        "PREFECT_EXPERIMENTAL_EVENTS": "true",
+        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "false",
+    })
+    cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    server = launch(cmd, env, home, port, "prefect-server")
+    wait_healthy(server, REFERENCE_START_TIMEOUT)
+    return server
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the group the process leads (uvicorn children, flow subprocesses), then SIGKILL after grace."""
+    if proc.poll() is None:
+        signal_group(proc, signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    signal_group(proc, signal.SIGKILL)  # whatever of the group is left
+    proc.wait(timeout=30)
+
+
+def signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)  # the process was started with start_new_session: it leads its group
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def tail(path: Path, limit: int = 4000) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")[-limit:]
+    except OSError:
+        return ""
+
+
+# --------------------------------------------------------------------------- running Prefect's suite
+
+
+def suite_available() -> bool:
+    return (SUITE / "tests" / "conftest.py").is_file()
+
+
+def scratch_copy(workdir: Path) -> Path:
+    """Copy the suite to a scratch directory: its tests write files beside themselves and a .pytest_cache."""
+    dest = workdir / "prefect-2.20.25"
+    dest.mkdir()
+    for name in ("tests", "flows"):
+        if (SUITE / name).is_dir():
+            shutil.copytree(SUITE / name, dest / name, symlinks=True)
+    shutil.copy2(SUITE / "setup.cfg", dest / "setup.cfg")
+    return dest
+
+
+def pytest_command(python: str, files: list) -> list:
+    return [
+        "nice", "-n", "19", python, "-m", "pytest",
+        "-p", "prefect_suite_plugin", "-p", "no:cacheprovider",
+        "-o", "addopts=", "-q", "--no-header", "-rN",
+        # Python's own traceback format: pytest's parses test sources and crashed the whole run once
+        # ("AST constructor recursion depth mismatch") on a failing test of test_new_flow_engine.py.
+        "--tb=native",
+        "--continue-on-collection-errors",  # one file that fails to import must not cancel the others
+        f"--timeout={PER_TEST_TIMEOUT}",
+        *files,
+    ]
+
+
+def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path) -> int:
+    """Run pytest on the files; its exit status, or -1 if it ran past RUN_TIMEOUT or stalled and was stopped."""
+    env = env_without_prefect()
+    env.update({
+        "PATH": f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}",  # the suite's CLI tests run `prefect`
+        "PYTHONPATH": str(HERE),  # for -p prefect_suite_plugin
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "PREFECTLITE_CONFORMANCE_API_URL": api_url,
+        "PREFECTLITE_CONFORMANCE_RESULTS": str(results),
+        "PREFECTLITE_CONFORMANCE_DONE": str(done_path(results)),
+    })
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(pytest_command(python, files), env=env, cwd=str(suite_copy), stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            return watch(proc, results, log)
+        finally:
+            stop_process_group(proc, 5)
+
+
+def watch(proc: subprocess.Popen, results: Path, log) -> int:
+    """Wait for pytest; stop it when it runs past RUN_TIMEOUT, its results stop growing for STALL_TIMEOUT, or it
+    does not exit within EXIT_GRACE of finishing its session (then its session's exit status counts)."""
+    deadline = time.monotonic() + RUN_TIMEOUT
+    last_size, last_growth = -1, time.monotonic()
+    while True:
+        try:
+            return proc.wait(timeout=5)  # the poll interval of the watch, not a guess at how long pytest takes
+        except subprocess.TimeoutExpired:
+            pass
+        now = time.monotonic()
+        size = results.stat().st_size if results.exists() else 0
+        if size != last_size:
+            last_size, last_growth = size, now
+        finished = session_exit_status(results)
+        if finished is not None and now - last_growth > EXIT_GRACE:
+            log.write(f"\n[conformance] pytest finished but did not exit within {EXIT_GRACE}s: stopped\n".encode())
+            return finished
+        if now > deadline or now - last_growth > STALL_TIMEOUT:
+            why = "ran past its deadline" if now > deadline else f"made no progress for {STALL_TIMEOUT}s"
+            log.write(f"\n[conformance] pytest {why}: stopped\n".encode())
+            return -1
+
+
+def session_exit_status(results: Path) -> int | None:
+    """The exit status pytest's session ended with, if the last line of the results says it has ended."""
+    try:
+        with open(results, "rb") as f:
+            f.seek(max(0, results.stat().st_size - 200))
+            last = f.read().decode("utf-8", "replace").strip().splitlines()[-1]
+        entry = json.loads(last)
+    except (OSError, IndexError, ValueError):
+        return None
+    return entry.get("exitstatus") if entry.get("session_finished") else None
+
+
+def done_path(results: Path) -> Path:
+    return results.with_name(results.name + ".done")
+
+
+def batches(files: list, fresh_files=FRESH_SERVER_FILES) -> list:
+    """Files that need a fresh server run alone; the rest together, on one server."""
+    shared = [f for f in files if f not in fresh_files]
+    alone = [[f] for f in files if f in fresh_files]
+    return ([shared] if shared else []) + alone
+
+
+def run_selection(python: str, start_server, files: list, workdir: Path, log_path: Path,
+                  fresh_files=FRESH_SERVER_FILES) -> dict:
+    """Run the files (or node ids) against servers from start_server(workdir); answer {nodeid: result entry}."""
+    suite_copy = scratch_copy(workdir)
+    results_path = workdir / "results.jsonl"
+    for batch in batches(files, fresh_files):
+        server = start_server(workdir)
+        try:
+            run_batch(python, suite_copy, server.api_url, batch, results_path, log_path)
+        finally:
+            server.stop()
+    results = read_results(results_path)
+    if not results:
+        raise HarnessError(f"the suite produced no results; log tail:\n{tail(log_path)}")
+    return results
+
+
+def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path) -> None:
+    """Run the batch; if pytest dies or hangs (not: tests fail), record the test it was in as an error and
+    run the rest of the batch again without the tests already done."""
+    for _ in range(MAX_RESUMES + 1):
+        code = run_pytest(python, suite_copy, api_url, batch, results_path, log_path)
+        if code in (0, 1, 5):  # 1: some tests failed; 5: none collected
+            return
+        culprit = unfinished_test(results_path)
+        print(f"[conformance] pytest exited {code} in {culprit}; log: {log_path}", file=sys.stderr)
+        if culprit is None:  # died before or between tests: resuming would do the same again
+            return
+        record_error(results_path, culprit, f"the run died or hung in this test (pytest exit {code}); resumed after it")
+        done_path(results_path).write_text("".join(f"{n}\n" for n in read_results(results_path)), encoding="utf-8")
+
+
+def unfinished_test(path: Path) -> str | None:
+    """The test the results file says started last and has no outcome."""
+    last_started = None
+    finished = set()
+    for line in path.read_text(encoding="utf-8").splitlines() if path.exists() else ():
+        entry = json.loads(line)
+        if entry.get("started"):
+            last_started = entry["nodeid"]
+        elif "outcome" in entry:
+            finished.add(entry["nodeid"])
+    return last_started if last_started not in finished else None
+
+
+def record_error(path: Path, nodeid: str, message: str) -> None:
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(json.dumps({"nodeid": nodeid, "outcome": "error", "message": message}) + "\n")
+
+
+def read_results(path: Path) -> dict:
+    results = {}
+    if path.exists():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            entry = json.loads(line)
+            if "outcome" in entry:  # not a test's start marker, nor the session's end
+                results[entry["nodeid"]] = entry
+    return results
+
+
+def passing(results: dict) -> set:
+    return {nodeid for nodeid, entry in results.items() if entry["outcome"] == PASSED}
+
+
+def counts(results: dict) -> dict:
+    tally = {}
+    for entry in results.values():
+        tally[entry["outcome"]] = tally.get(entry["outcome"], 0) + 1
+    return tally
+
+
+# --------------------------------------------------------------------------- baseline and known differences
+
+
+def read_baseline(path: Path = BASELINE) -> set:
+    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and not line.startswith("#")}
+
+
+def write_baseline(results: dict, path: Path = BASELINE) -> None:
+    nodeids = passing(results)
+    runnable = sum(1 for entry in results.values() if entry["outcome"] != "skipped")
+    header = (
+        "# Tests of Prefect 2.20.25's own suite (tests/conformance/run.py's selection) that pass against\n"
+        f"# Prefect 2.20.25's own server: {len(nodeids)} of {runnable} runnable ({len(results)} collected).\n"
+        "# Regenerate: python tests/conformance/run.py --reference\n"
+    )
+    path.write_text(header + "".join(f"{n}\n" for n in sorted(nodeids)), encoding="utf-8")
+
+
+def read_known_differences(path: Path = KNOWN_DIFFERENCES) -> dict:
+    """{nodeid: why}: lines `NODEID  # why`; a line without a reason is an error (each must say why)."""
+    known = {}
+    if not path.exists():
+        return known
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip() or line.startswith("#"):
+            continue
+        nodeid, sep, why = line.partition("  # ")
+        if not sep or not why.strip():
+            raise HarnessError(f"{path.name}:{number}: no reason given (`NODEID  # why`): {line!r}")
+        known[nodeid.strip()] = why.strip()
+    return known
+
+
+@dataclasses.dataclass
+class Comparison:
+    missing: list  # pass on Prefect's server, not on ours, not known
+    known: list  # pass on Prefect's server, not on ours, known (with why)
+    fixed: list  # known differences that pass on ours now (the line can go)
+    extra: list  # pass on ours, not on Prefect's server
+
+
+def compare(baseline: set, results: dict, known: dict, files: list | None = None) -> Comparison:
+    if files:  # a partial run: compare only the baseline's tests of those files
+        baseline = {n for n in baseline if any(in_path(n, f) for f in files)}
+    ours = passing(results)
+    failing = sorted(baseline - ours)
+    return Comparison(
+        missing=[n for n in failing if n not in known],
+        known=[n for n in failing if n in known],
+        fixed=sorted(n for n in known if n in ours),
+        extra=sorted(ours - baseline),
+    )
+
+
+def in_path(nodeid: str, path: str) -> bool:
+    return nodeid.split("::")[0] == path or nodeid.startswith(path.rstrip("/") + "/")
+
+
+def describe_failure(nodeid: str, results: dict) -> str:
+    entry = results.get(nodeid)
+    if entry is None:
+        return f"{nodeid}  (not run: missing from the results)"
+    message = entry.get("message", "").strip().splitlines()
+    return f"{nodeid}  ({entry['outcome']}: {message[0][:200] if message else ''})"
+
+
+def report(comparison: Comparison, results: dict, known: dict) -> str:
+    flaky = sorted(n for n, entry in results.items() if entry.get("flaky"))
+    lines = [f"outcomes on prefectlite: {counts(results)}"]
+    if flaky:
+        lines.append(f"{len(flaky)} passed only when run again: " + ", ".join(flaky))
+    if comparison.missing:
+        lines.append(f"{len(comparison.missing)} tests pass on Prefect's server but not on prefectlite:")
+        lines += ["  " + describe_failure(n, results) for n in comparison.missing]
+    if comparison.known:
+        lines.append(f"{len(comparison.known)} known differences (known-differences.txt) still differ")
+    if comparison.fixed:
+        lines.append(f"{len(comparison.fixed)} known differences pass now (remove their lines):")
+        lines += [f"  {n}" for n in comparison.fixed]
+    if comparison.extra:
+        lines.append(f"{len(comparison.extra)} tests pass on prefectlite but not on Prefect's server")
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def run_against(which: str, files: list | None = None, workdir: Path | None = None,
+                retry_baseline: set | None = None) -> dict:
+    """Run the selection (or some of its files) against prefectlite or Prefect ('reference'); {nodeid: entry}.
+
+    With retry_baseline, the tests of that set that did not pass are run once more on a fresh server, and an
+    entry that passes then is kept as passed with "flaky": true: Prefect's suite has timing-dependent tests,
+    and two shared cores make them fail now and then on any server.
+    """
+    if not suite_available():
+        raise HarnessError(f"Prefect's 2.20.25 suite is not at {SUITE}")
+    python = prefect_tests_venv.ensure_prefect_tests_venv()
+    own_workdir = workdir is None
+    workdir = Path(tempfile.mkdtemp(prefix="prefectlite-conformance-")) if own_workdir else workdir
+    start = (lambda w: start_prefect_server(w, python)) if which == "reference" else start_prefectlite
+    try:
+        results = run_selection(python, start, list(files or SELECTION), workdir, workdir / "pytest.log")
+        if retry_baseline:
+            retry_failures(python, start, results, retry_baseline, workdir)
+        return results
+    finally:
+        if own_workdir and not os.environ.get("PREFECTLITE_CONFORMANCE_KEEP"):
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+MAX_RETRIES = 150  # more failures than this are no flakes: do not spend the time
+
+
+def pytest_arg(nodeid: str) -> str:
+    """A node id pytest can select: one whose parameters held the server's port (stable_id) runs all of them."""
+    return nodeid.split("[")[0] if "127.0.0.1:PORT" in nodeid else nodeid
+
+
+def retry_failures(python: str, start_server, results: dict, baseline: set, workdir: Path) -> None:
+    failed = sorted(n for n in baseline if n in results and results[n]["outcome"] != PASSED)
+    if not failed or len(failed) > MAX_RETRIES:
+        return
+    retry_dir = workdir / "retry"
+    retry_dir.mkdir()
+    retried = run_selection(python, start_server, sorted({pytest_arg(n) for n in failed}), retry_dir,
+                            retry_dir / "pytest.log", fresh_files=())
+    for nodeid, entry in retried.items():
+        if nodeid in results and entry["outcome"] == PASSED:
+            results[nodeid] = {**entry, "flaky": True, "first": results[nodeid]}
+
+
+def exit_on_sigterm() -> None:
+    """A SIGTERM (CI's or a user's kill) unwinds like Ctrl-C, so the servers and pytest runs are stopped."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+
+
+def main(argv=None) -> int:
+    exit_on_sigterm()
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--reference", action="store_true", help="run against Prefect's server, write the baseline")
+    parser.add_argument("-k", "--files", nargs="+", help="only these files or directories of the selection")
+    parser.add_argument("--workdir", type=Path, help="keep the scratch copy, logs and results here")
+    parser.add_argument("--results", type=Path, help="also write the raw results (JSON) here")
+    args = parser.parse_args(argv)
+    if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    try:
+        known = read_known_differences()
+        baseline = None if args.reference else read_baseline()
+        results = run_against("reference" if args.reference else "prefectlite", args.files, args.workdir,
+                              retry_baseline=baseline)
+    except (HarnessError, prefect_tests_venv.VenvError) as exc:
+        print(f"[conformance] {exc}", file=sys.stderr)
+        return 2
+    if args.results:
+        args.results.write_text(json.dumps(results, indent=1, sort_keys=True), encoding="utf-8")
+    elapsed = time.monotonic() - started
+    if args.reference:
+        if args.files:
+            print("[conformance] a partial reference run does not rewrite the baseline", file=sys.stderr)
+        else:
+            write_baseline(results)
+        print(f"Prefect's server: {counts(results)} in {elapsed:.0f}s")
+        return 0
+    comparison = compare(baseline, results, known, args.files)
+    print(report(comparison, results, known))
+    print(f"wall time {elapsed:.0f}s")
+    return 1 if comparison.missing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
