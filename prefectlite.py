@@ -2374,9 +2374,10 @@ def _compile_ops(tx, table, column, kind, ops, loc):
         elif op == "like_":
             clauses.append(f"{col} {tx.db.ilike} ?")
             params.append(f"%{_coerce(value, 'str', here)}%")
-        elif op == "startswith_":
-            clauses.append(f"{col} {tx.db.ilike} ?")
-            params.append(f"{_coerce(value, 'str', here)}%")
+        elif op == "startswith_":  # one prefix, or (work queue names) a list of them, any of which may match
+            prefixes = _coerce_list(value, "str", here) if isinstance(value, list) else [_coerce(value, "str", here)]
+            clauses.append("(" + " OR ".join(f"{col} {tx.db.ilike} ?" for _ in prefixes) + ")" if prefixes else "1=0")
+            params += [f"{prefix}%" for prefix in prefixes]
         elif op in ("before_", "after_", "ge_", "le_", "gt_", "lt_", "eq_", "ne_"):
             sym = {"before_": "<=", "after_": ">=", "ge_": ">=", "le_": "<=", "gt_": ">", "lt_": "<",
                    "eq_": "=", "ne_": "!="}[op]

@@ -418,6 +418,11 @@ def test_older_work_queue_routes(api):
 
     found = api.ok("POST", "/work_queues/filter", {"work_queues": {"name": {"any_": [name]}}})
     assert [q["id"] for q in found] == [queue["id"]]
+    # startswith_ takes a list of prefixes for queue names (the SDK's match_work_queues sends one)
+    for prefixes, expected in (([name[:6], "no-such-prefix"], [queue["id"]]), (["no-such-prefix"], []), ([], [])):
+        found = api.ok("POST", "/work_queues/filter", {"work_queues": {"name": {"startswith_": prefixes},
+                                                                       "id": {"any_": [queue["id"]]}}})
+        assert [q["id"] for q in found] == expected, prefixes
 
     # Not polled yet: unhealthy. Polled (an agent's get_runs): healthy.
     assert api.ok("GET", f"/work_queues/{queue['id']}/status")["healthy"] is False
