@@ -9330,7 +9330,8 @@ class MessageAssembler:
     def add(self, fin: bool, opcode: int, payload: bytes) -> str | bytes | None:
         """The whole message once its last frame is added (text decoded), else None."""
         if (opcode == WS_CONTINUATION) == (self.opcode is None):
-            reason = "continuation frame without a message" if self.opcode is None else "new message inside a fragmented one"
+            reason = ("continuation frame without a message" if self.opcode is None
+                      else "new message inside a fragmented one")
             raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, reason)
         if len(self.parts) >= WS_MAX_FRAMES_PER_MESSAGE:
             raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, f"message in more than {WS_MAX_FRAMES_PER_MESSAGE} frames")
@@ -10131,7 +10132,8 @@ def render_response(req: HttpRequest | None, status: int, payload, headers: dict
             and not _is_loopback(req.peer)):  # over loopback compression only costs CPU
         data = gzip.compress(data, compresslevel=1)
         headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
-    head = [f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}\r\nServer: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"]
+    head = [f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}\r\n"
+            f"Server: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"]
     if ctype:
         head.append(f"Content-Type: {ctype}\r\n")
     if status != 304:
