@@ -10398,8 +10398,9 @@ class ChunkedBody:
 
 
 class Connection:
-    """One client socket and what the loop knows of it. The loop alone reads it and closes it; a worker
-    sends on it and re-arms it (under `lock`, which also guards `outbox` and `state`)."""
+    """One client socket and what the loop knows of it. The loop reads it and alone closes it; a worker
+    sends on it and re-arms it (under `lock`, which also guards `outbox` and `state`), and while it has
+    the connection (_BUSY, when the loop never reads it) may read the client's next request itself."""
 
     __slots__ = ("sock", "peer", "inbox", "outbox", "lock", "state", "deadline", "request", "expected", "chunked",
                  "websocket", "assembler", "last_read", "stalled_since", "closed", "lingered", "close_when_sent",
