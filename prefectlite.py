@@ -10249,7 +10249,7 @@ def update_automation_handler(app, req):
     data = validate_automation(req.data, req.body_dict(), AutomationUpdate)
     with app.db.write() as tx:
         _check_action_targets(tx, data)
-        update_automation(tx, req.uuid(), {k: data[k] for k in AUTOMATION_FIELDS})
+        update_automation(tx, _automation_id(req), {k: data[k] for k in AUTOMATION_FIELDS})
     return 204, NO_CONTENT
 
 
@@ -10257,18 +10257,26 @@ def update_automation_handler(app, req):
 def patch_automation(app, req):
     _no_unknown_fields(req.body_dict(), AutomationPartialUpdate, ("body",))
     with app.db.write() as tx:
-        update_automation(tx, req.uuid(), {"enabled": req.data["enabled"]})
+        update_automation(tx, _automation_id(req), {"enabled": req.data["enabled"]})
     return 204, NO_CONTENT
+
+
+def _automation_id(req) -> str:
+    """Prefect's automation routes take only a UUID (`{id:uuid}`): another path is not found, not a 422."""
+    try:
+        return req.uuid()
+    except ValidationFailed:
+        raise NotFound("Not Found") from None
 
 
 def read_automation(app, req):
     with app.db.read() as tx:
-        return 200, automation_out(require_row(tx, "automation", req.uuid(), "Automation"))
+        return 200, automation_out(require_row(tx, "automation", _automation_id(req), "Automation"))
 
 
 def delete_automation_handler(app, req):
     with app.db.write() as tx:
-        if not delete_automation(tx, req.uuid()):
+        if not delete_automation(tx, _automation_id(req)):
             raise NotFound("Automation not found")
     return 204, NO_CONTENT
 
@@ -10298,8 +10306,8 @@ def delete_automations_owned_by(app, req):
 def read_automation_history(app, req):
     """The actions an automation ran, newest first, with their outcome (our extension, for the UI)."""
     with app.db.read() as tx:
-        require_row(tx, "automation", req.uuid(), "Automation")
-        return 200, automation_action_history(tx, req.uuid())
+        require_row(tx, "automation", _automation_id(req), "Automation")
+        return 200, automation_action_history(tx, _automation_id(req))
 
 
 # The route table: every API route, in one place. Paths are relative to /api.

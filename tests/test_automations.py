@@ -294,3 +294,10 @@ def test_template_renderer(template, expected):
 def test_template_renderer_refuses_what_it_does_not_support(template):
     with pytest.raises(prefectlite.TemplateError):
         prefectlite.parse_template(template)
+
+
+def test_a_path_that_is_not_an_id_is_not_found(tmp_path):
+    """Prefect routes automations by `{id:uuid}`: 2.20's Automation.enable() relies on a 404 for another path."""
+    with running(f"sqlite:///{tmp_path}/a.db") as client:
+        assert client.patch("/automations/asd", {"enabled": True})[0] == 404
+        assert client.get("/automations/asd")[0] == 404
