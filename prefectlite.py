@@ -7393,8 +7393,13 @@ def check_template(text: str, loc) -> None:
         raise ValidationFailed([_error(loc, f"{text[:80]!r} is not a valid template: {exc}", "value_error")]) from None
 
 
+def _maybe_template(text) -> bool:
+    return isinstance(text, str) and ("{{" in text or "{%" in text)
+
+
 def _jinja_values(value, path=()):
-    """(path, template) of each `{"__prefect_kind": "jinja", "template": ...}` in run-deployment parameters."""
+    """(path, template) of each template in run-deployment parameters: `{"__prefect_kind": "jinja", ...}`
+    values and plain strings with template syntax (Prefect's "v1" templates)."""
     if isinstance(value, dict):
         if value.get("__prefect_kind") == "jinja" and isinstance(value.get("template"), str):
             yield path, value["template"]
@@ -7404,25 +7409,44 @@ def _jinja_values(value, path=()):
     elif isinstance(value, list):
         for i, item in enumerate(value):
             yield from _jinja_values(item, (*path, i))
+    elif _maybe_template(value):
+        yield path, value
+
+
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(.*)\}\}\s*$", re.DOTALL)
 
 
 def hydrate(value, context: dict):
-    """Prefect's hydration of run-deployment parameters: jinja templates rendered (a result that is JSON
-    becomes that value), json values parsed, everything else as it is."""
+    """Prefect's hydration of run-deployment parameters and job variables: a `jinja` value renders to a
+    string, a `json` value is parsed, a `none` value is its inner value; a plain string that is one
+    {{ expression }} keeps the expression's type, one with text around it renders to a string."""
     if isinstance(value, dict):
         kind = value.get("__prefect_kind")
+        if kind is None:
+            return {k: hydrate(v, context) for k, v in value.items()}
         if kind == "jinja":
-            rendered = render_template(value.get("template") or "", context)
-            with contextlib.suppress(ValueError):
-                return loads(rendered)
-            return rendered
+            return render_template(value.get("template") or "", context)
         if kind == "json":
-            return loads(value["value"]) if isinstance(value.get("value"), str) else value.get("value")
+            inner = hydrate(value["value"], context) if isinstance(value.get("value"), dict) else value.get("value")
+            if not isinstance(inner, str):
+                return inner
+            try:
+                return loads(inner)
+            except ValueError as exc:
+                raise TemplateError(f"invalid JSON: {exc}") from None
         if kind == "none":
-            return None
-        return {k: hydrate(v, context) for k, v in value.items()}
+            return hydrate(value.get("value"), context)
+        if kind == "workspace_variable":
+            raise TemplateError("workspace variables in parameters are not supported by this server")
+        return value.get("value")
     if isinstance(value, list):
         return [hydrate(v, context) for v in value]
+    if _maybe_template(value):
+        single = _SINGLE_EXPRESSION.match(value)
+        if single and value.count("{{") == 1:
+            result = _Expression(single.group(1)).evaluate(context)
+            return None if result is UNDEFINED else result
+        return render_template(value, context)
     return value
 
 

@@ -301,3 +301,12 @@ def test_a_path_that_is_not_an_id_is_not_found(tmp_path):
     with running(f"sqlite:///{tmp_path}/a.db") as client:
         assert client.patch("/automations/asd", {"enabled": True})[0] == 404
         assert client.get("/automations/asd")[0] == 404
+
+
+def test_run_deployment_parameters_hydrate_as_prefect_does():
+    context = {"event": {"payload": {"n": 3, "name": "etl"}}}
+    parameters = {"typed": "{{ event.payload.n }}", "text": "run {{ event.payload.name }}",
+                  "jinja": {"__prefect_kind": "jinja", "template": "{{ event.payload.n }}"},
+                  "json": {"__prefect_kind": "json", "value": '{"a": [1]}'}, "nested": {"plain": "as is"}}
+    assert prefectlite.hydrate(parameters, context) == {
+        "typed": 3, "text": "run etl", "jinja": "3", "json": {"a": [1]}, "nested": {"plain": "as is"}}
