@@ -7556,13 +7556,19 @@ def _react(tx, automation: dict, trigger: dict, event: dict) -> None:
 
 
 def _ensure_bucket(tx, automation, trigger, key, start, end, last_event, count=0) -> dict:
-    """The open bucket for a trigger and key, made if there is none; locked, so replicas count in turn."""
-    now = now_iso()
-    insert_row(tx, "automation_bucket", {
-        "automation_id": automation["id"], "trigger_id": trigger["id"], "bucketing_key": key, "created": now,
-        "updated": now, "start_time": iso(start), "end_time": iso(end), "count": count,
-        "last_event": last_event, "triggering_labels": {}}, on_conflict="ON CONFLICT DO NOTHING")
-    return _read_bucket(tx, automation["id"], trigger["id"], key)
+    """The open bucket for a trigger and key, made if there is none; locked, so replicas count in turn.
+    (A bucket another replica deleted while this one waited for its lock is made again.)"""
+    for _attempt in range(5):
+        now = now_iso()
+        insert_row(tx, "automation_bucket", {
+            "automation_id": automation["id"], "trigger_id": trigger["id"], "bucketing_key": key,
+            "posture": trigger["posture"], "created": now,
+            "updated": now, "start_time": iso(start), "end_time": iso(end), "count": count,
+            "last_event": last_event, "triggering_labels": {}}, on_conflict="ON CONFLICT DO NOTHING")
+        bucket = _read_bucket(tx, automation["id"], trigger["id"], key)
+        if bucket is not None:
+            return bucket
+    raise DatabaseUnavailable("an automation bucket kept being removed by another server; try again")
 
 
 def _read_bucket(tx, automation_id: str, trigger_id: str, key: str) -> dict | None:
@@ -7581,7 +7587,8 @@ def _start_new_bucket(tx, bucket: dict, start, end, count: int, triggered_at: st
     now = now_iso()
     insert_row(tx, "automation_bucket", {
         "automation_id": bucket["automation_id"], "trigger_id": bucket["trigger_id"],
-        "bucketing_key": bucket["bucketing_key"], "created": now, "updated": now, "start_time": iso(start),
+        "bucketing_key": bucket["bucketing_key"], "posture": bucket["posture"], "created": now, "updated": now,
+        "start_time": iso(start),
         "end_time": iso(end), "count": count, "last_event": None, "triggering_labels": {},
         "triggered_at": triggered_at})
 
@@ -7636,13 +7643,13 @@ def _start_proactive_buckets(tx, automation: dict, now: _dt.datetime) -> None:
 
 
 def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -> int:
-    """Close the windows of proactive triggers that ended: each fires if too few events came. Returns how
-    many buckets were evaluated."""
+    """Close the windows of proactive triggers that ended: each fires if too few events came. (A reactive
+    window that ended waits for the next event, which opens the next window.) Returns how many were closed."""
     now = now or utcnow()
     with db.read() as tx:
         due = tx.query("SELECT b.automation_id, b.trigger_id, b.bucketing_key FROM automation_bucket b "
-                       "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.end_time <= ? "
-                       "ORDER BY b.end_time LIMIT 500", (True, iso(now)))
+                       "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive' "
+                       "AND b.end_time <= ? ORDER BY b.end_time LIMIT 500", (True, iso(now)))
     for row in due:
         with db.write() as tx:
             automation_row = read_row(tx, "automation", row["automation_id"])
@@ -8375,7 +8382,8 @@ class AutomationActor(Service):
                 due = [tx.scalar("SELECT MIN(next_attempt_at) FROM automation_action_queue "
                                  "WHERE status IN ('PENDING', 'RUNNING')"),
                        tx.scalar("SELECT MIN(b.end_time) FROM automation_bucket b JOIN automation a "
-                                 "ON a.id = b.automation_id WHERE a.enabled = ?", (True,))]
+                                 "ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive'",
+                                 (True,))]
         except DatabaseError:
             return self.interval
         waits = [(from_iso(d) - utcnow()).total_seconds() for d in due if d is not None]

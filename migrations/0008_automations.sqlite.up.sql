@@ -33,6 +33,7 @@ CREATE TABLE automation_bucket (
     automation_id VARCHAR(36) NOT NULL REFERENCES automation (id) ON DELETE CASCADE,
     trigger_id VARCHAR(36) NOT NULL,
     bucketing_key TEXT NOT NULL,
+    posture VARCHAR(20) NOT NULL,
     created VARCHAR(40) NOT NULL,
     updated VARCHAR(40) NOT NULL,
     start_time VARCHAR(40) NOT NULL,
@@ -43,7 +44,7 @@ CREATE TABLE automation_bucket (
     triggered_at VARCHAR(40),
     PRIMARY KEY (automation_id, trigger_id, bucketing_key)
 );
-CREATE INDEX ix_automation_bucket__end_time ON automation_bucket (end_time);
+CREATE INDEX ix_automation_bucket__posture__end_time ON automation_bucket (posture, end_time);
 
 -- Firings of a compound or sequence trigger's children, kept until the parent fires or its window ends.
 CREATE TABLE automation_child_firing (

@@ -310,3 +310,57 @@ def test_run_deployment_parameters_hydrate_as_prefect_does():
                   "json": {"__prefect_kind": "json", "value": '{"a": [1]}'}, "nested": {"plain": "as is"}}
     assert prefectlite.hydrate(parameters, context) == {
         "typed": 3, "text": "run etl", "jinja": "3", "json": {"a": [1]}, "nested": {"plain": "as is"}}
+
+
+def test_two_replicas_on_postgresql_fire_each_action_once(postgres_url):
+    """Two servers on one database, events posted to both at once: every pair of events fires once, and each
+    firing's webhook is called once (replicas count in one bucket and claim each action before acting)."""
+    import threading
+    with HTTPReceiver() as hook, running(postgres_url) as first, running(postgres_url) as second:
+        block_doc = new_block(first, "custom-webhook", {"name": "hook", "url": hook.url + "/in"})
+        auto = first.ok("POST", "/automations/", automation_body(
+            trigger=reactive(["replica.ping"], threshold=2),
+            actions=[{"type": "call-webhook", "block_document_id": block_doc["id"],
+                      "payload": '{"event": "{{ event.id }}"}'}]), expect=(201,))
+        errors = []
+
+        def post(client):
+            try:
+                for _ in range(10):
+                    client.ok("POST", "/events", [event("replica.ping")])
+            except Exception as exc:  # noqa: BLE001 - reported by the main thread
+                errors.append(exc)
+
+        threads = [threading.Thread(target=post, args=(c,)) for c in (first, second)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not errors, errors
+        fired = wait_until(lambda: len(events_named(first, "prefect.automation.triggered")) == 10 and
+                           events_named(first, "prefect.automation.triggered"), what="ten firings")
+        hits = hook.wait_for(10)
+        def completed():
+            done = [h for h in second.ok("GET", f"/automations/{auto['id']}/history") if h["status"] == "COMPLETED"]
+            return len(done) == 10 and done
+
+        history = wait_until(completed, what="ten completed actions")
+        assert len(fired) == 10 and len(history) == 10
+        assert all(h["attempts"] == 1 for h in history)
+        assert len({json.loads(h.body)["event"] for h in hook.hits}) == len(hook.hits) == 10, hits
+
+
+def test_closing_proactive_windows_leaves_reactive_counts_alone(tmp_path):
+    """The service's pass over ended windows once swept a reactive trigger's half-counted bucket."""
+    url = f"sqlite:///{tmp_path}/a.db"
+    with running(url) as client:
+        client.ok("POST", "/automations/", automation_body(trigger=reactive(["half.counted"], threshold=2)),
+                  expect=(201,))
+        client.ok("POST", "/events", [event("half.counted")])
+        db = prefectlite.open_database(url)
+        try:
+            prefectlite.evaluate_proactive_triggers(db)
+        finally:
+            db.close()
+        client.ok("POST", "/events", [event("half.counted")])
+        wait_until(lambda: events_named(client, "prefect.automation.triggered"), what="the firing")
