@@ -10258,29 +10258,25 @@ def read_metrics(app, req):
 
 # Handlers: automations
 
+def _automation_id(req) -> str:
+    """Prefect's automation routes take only a UUID (`{id:uuid}`): another path is not found, not a 422."""
+    try:
+        return req.uuid()
+    except ValidationFailed:
+        raise NotFound("Not Found") from None
+
+
 @body(AutomationCreate)
 def create_automation_handler(app, req):
     data = validate_automation(req.data, req.body_dict(), AutomationCreate)
     with app.db.write() as tx:
-        _check_action_targets(tx, data)
         return 201, create_automation(tx, data, data.get("owner_resource"))
-
-
-def _check_action_targets(tx, data: dict) -> None:
-    """A notification's or webhook's block must exist (a 422 naming the action, not a failure at firing time)."""
-    for key in ("actions", "actions_on_trigger", "actions_on_resolve"):
-        for i, action in enumerate(data[key]):
-            if action["type"] in ("send-notification", "call-webhook") and tx.query_one(
-                    "SELECT id FROM block_document WHERE id = ?", (action["block_document_id"],)) is None:
-                raise ValidationFailed([_error(("body", key, i, "block_document_id"), "block document not found",
-                                                   "value_error")])
 
 
 @body(AutomationUpdate)
 def update_automation_handler(app, req):
     data = validate_automation(req.data, req.body_dict(), AutomationUpdate)
     with app.db.write() as tx:
-        _check_action_targets(tx, data)
         update_automation(tx, _automation_id(req), {k: data[k] for k in AUTOMATION_FIELDS})
     return 204, NO_CONTENT
 
@@ -10291,14 +10287,6 @@ def patch_automation(app, req):
     with app.db.write() as tx:
         update_automation(tx, _automation_id(req), {"enabled": req.data["enabled"]})
     return 204, NO_CONTENT
-
-
-def _automation_id(req) -> str:
-    """Prefect's automation routes take only a UUID (`{id:uuid}`): another path is not found, not a 422."""
-    try:
-        return req.uuid()
-    except ValidationFailed:
-        raise NotFound("Not Found") from None
 
 
 def read_automation(app, req):

@@ -118,7 +118,7 @@ def test_owned_and_related_automations(tmp_path):
      ["body", "actions", 0, "work_pool_id"]),
     ({"actions": [{"type": "send-notification", "block_document_id": str(uuid.uuid4()), "body": "{{ oops"}]},
      ["body", "actions", 0, "body"]),
-    ({"actions": [{"type": "send-notification", "block_document_id": str(uuid.uuid4()), "body": "hi"}]},
+    ({"actions": [{"type": "send-notification", "block_document_id": "not-a-uuid", "body": "hi"}]},
      ["body", "actions", 0, "block_document_id"]),
     ({"colour": "red"}, ["body", "colour"]),
 ])

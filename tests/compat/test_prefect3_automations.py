@@ -209,3 +209,10 @@ def test_serve_with_a_deployment_event_trigger(start_script, compat_server, api)
     assert run["parameters"] == {"who": "order-1"}
     serve.terminate()
     api.ok("DELETE", f"/automations/{auto['id']}", expect=204)
+
+
+def test_every_trigger_and_action_round_trips_through_the_client(run_flow_script, compat_server):
+    """What the 3.9 client sends (triggers nested in compound and sequence triggers, every action) is what it
+    reads back."""
+    result = script_result(run_flow_script(scenario("p17_automation_round_trips.py"), compat_server))
+    assert result["mismatches"] == [] and result["created"] == 26, result
