@@ -14,9 +14,9 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
   5. Records         -- rows <-> API objects, the filter language, sorting
   6. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
   7. Domain          -- flows, runs, logs, events (and the task-run recorder), blocks, variables, artifacts,
-                        limits, work pools, schedules, deployments, notifications, retention
+                        limits, work pools, schedules, deployments, notifications, retention, automations
   8. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
-                        clean-up, notification sender, retention, event retention
+                        clean-up, notification sender, retention, event retention, automations
   9. HTTP API        -- the handlers, metrics, the route table, the one place that turns errors into HTTP
  10. WebSockets      -- RFC 6455 framing, and /api/events/in and /api/events/out for Prefect 3 clients
  11. Server          -- the App, access control, static UI, answering one parsed request
