@@ -7716,7 +7716,8 @@ def _composite_firing(firings: list[dict]) -> dict:
             "triggering_firings": [f["id"] for f in firings]}
 
 
-def _automation_event(tx, automation: dict, name: str, related=(), payload=None) -> dict:
+def _automation_event(tx, automation: dict, name: str, related=(), payload=None, occurred: str | None = None,
+                      follows: str | None = None) -> dict:
     """Store one of an automation's own events (prefect.automation.*) and return it."""
     trigger = automation["trigger"]
     resource = {"prefect.resource.id": f"prefect.automation.{automation['id']}",
@@ -7725,8 +7726,8 @@ def _automation_event(tx, automation: dict, name: str, related=(), payload=None)
         resource["prefect.trigger-type"] = trigger["type"]
     if trigger["type"] == "event":
         resource["prefect.posture"] = trigger["posture"]
-    event = {"id": new_id(), "occurred": now_iso(), "event": name, "resource": resource, "related": list(related),
-             "payload": payload or {}, "follows": None}
+    event = {"id": new_id(), "occurred": occurred or now_iso(), "event": name, "resource": resource,
+             "related": list(related), "payload": payload or {}, "follows": follows}
     store_events(tx, [event])
     return event
 
@@ -8015,13 +8016,22 @@ def finish_automation_action(tx, row: dict, error: str | None, details: dict, re
     automation_row = read_row(tx, "automation", row["automation_id"])
     if automation_row is None:
         return
-    action = json.loads(row["action"])
-    payload = {"action_index": row["action_index"], "action_type": action["type"], "invocation": row["id"], **details}
-    if error:
-        payload["reason"] = error
-    _automation_event(tx, automation_out(automation_row),
+    action, context = json.loads(row["action"]), json.loads(row["context"])
+    automation = automation_out(automation_row)
+    related = list(related)
+    if context.get("automation_event_id"):
+        related.append({"prefect.resource.id": f"prefect.event.{context['automation_event_id']}",
+                        "prefect.resource.role": "automation-triggered-event"})
+    if context.get("triggering_event"):
+        related.append({"prefect.resource.id": f"prefect.event.{context['triggering_event']['id']}",
+                        "prefect.resource.role": "triggering-event"})
+    details_of_action = {"action_index": row["action_index"], "action_type": action["type"], "invocation": row["id"]}
+    triggered = _automation_event(tx, automation, "prefect.automation.action.triggered", related, details_of_action,
+                                  occurred=context.get("triggered"))
+    payload = {**details_of_action, **details, **({"reason": error} if error else {})}
+    _automation_event(tx, automation,
                       "prefect.automation.action.failed" if error else "prefect.automation.action.executed",
-                      related, payload)
+                      related, payload, follows=triggered["id"])
 
 
 def automation_action_history(tx, automation_id: str, limit: int = 50) -> list[dict]:

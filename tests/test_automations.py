@@ -154,6 +154,11 @@ def test_reactive_trigger_fires_on_a_posted_event_and_records_its_events(databas
                               what="the executed event")
         assert executed[0]["payload"]["action_type"] == "do-nothing"
         assert executed[0]["resource"]["prefect.trigger-type"] == "event"
+        [action_triggered] = events_named(client, "prefect.automation.action.triggered", auto_resource)
+        assert executed[0]["follows"] == action_triggered["id"]
+        roles = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in executed[0]["related"]}
+        assert roles == {"automation-triggered-event": f"prefect.event.{triggered[0]['id']}",
+                         "triggering-event": f"prefect.event.{triggered[0]['payload']['triggering_event']['id']}"}
         history = client.ok("GET", f"/automations/{auto['id']}/history")
         assert [h["status"] for h in history] == ["COMPLETED"]
 
