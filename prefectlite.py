@@ -6762,7 +6762,6 @@ AUTOMATION_HISTORY_DAYS = 7  # done and failed actions stay this long, for the a
 _AUTOMATION_DEPTH = contextvars.ContextVar("automation_depth", default=0)
 TRIGGER_TYPES = ("event", "compound", "sequence")
 _ACTION_SOURCE = Field(Enum("ActionSource", ("selected", "inferred")), default="selected", nullable=False)
-_STATE_ACTION = {}  # the flow-run actions that only need the run: no fields of their own
 ACTION_SCHEMAS = {
     "do-nothing": Schema("DoNothing", {}),
     "run-deployment": Schema("RunDeployment", {
@@ -6851,7 +6850,8 @@ def _label_set(value, loc) -> list[str]:
 def validate_trigger(data, loc=("body", "trigger"), depth: int = 0) -> dict:
     """A trigger in our canonical form, with a fresh id (the server assigns trigger ids, as Prefect's does)."""
     if depth > AUTOMATION_MAX_TRIGGER_DEPTH:
-        raise ValidationFailed([_error(loc, f"triggers nest at most {AUTOMATION_MAX_TRIGGER_DEPTH} deep", "value_error")])
+        raise ValidationFailed([_error(loc, f"triggers nest at most {AUTOMATION_MAX_TRIGGER_DEPTH} deep",
+                                       "value_error")])
     if not isinstance(data, dict):
         raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
     kind = data.get("type", "event")
@@ -7077,7 +7077,8 @@ def automations_related_to(tx, resource_id: str) -> list[dict]:
 
 def delete_automations_owned_by_resource(tx, resource_id: str) -> int:
     ids = [r["automation_id"] for r in tx.query(
-        "SELECT automation_id FROM automation_related_resource WHERE resource_id = ? AND automation_owned_by_resource = ?",
+        "SELECT automation_id FROM automation_related_resource "
+        "WHERE resource_id = ? AND automation_owned_by_resource = ?",
         (resource_id, True))]
     return sum(delete_automation(tx, automation_id) for automation_id in ids)
 
@@ -7452,20 +7453,19 @@ def hydrate(value, context: dict):
 
 # Trigger evaluation, in the transaction that stores the events.
 
+def _event_name_matches(name: str, pattern: str) -> bool:
+    """A trailing * matches any rest (event names and label values); otherwise the whole text must match."""
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
 def _label_matches(value: str | None, patterns) -> bool:
     """Prefect's label matching: any pattern matches; '*' is a wildcard, a leading '!' negates."""
     value = value or ""
     positive = [p for p in _patterns(patterns) if not p.startswith("!")]
     negative = [p[1:] for p in _patterns(patterns) if p.startswith("!")]
-    if any(fnmatch_like(value, p) for p in negative):
+    if any(_event_name_matches(value, p) for p in negative):
         return False
-    return not positive or any(fnmatch_like(value, p) for p in positive)
-
-
-def fnmatch_like(value: str, pattern: str) -> bool:
-    if pattern.endswith("*"):
-        return value.startswith(pattern[:-1])
-    return value == pattern
+    return not positive or any(_event_name_matches(value, p) for p in positive)
 
 
 def _spec_matches(spec: dict, resource: dict) -> bool:
@@ -7483,10 +7483,6 @@ def trigger_covers(trigger: dict, event: dict) -> bool:
             return False
     names = trigger["expect"] + trigger["after"]
     return not trigger["expect"] or any(_event_name_matches(event["event"], n) for n in names)
-
-
-def _event_name_matches(name: str, pattern: str) -> bool:
-    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
 
 
 def _expects(trigger: dict, name: str) -> bool:
@@ -7800,13 +7796,21 @@ def _target_id(action: dict, field: str, kind: str, context: dict, what: str) ->
     return found
 
 
+def _inferred_flow_run(context: dict) -> str:
+    """Flow-run actions always act on the flow run the triggering event names."""
+    found = _first_resource_id(context.get("triggering_event"), "prefect.flow-run")
+    if not found:
+        raise ActionFailed("No flow run could be inferred")
+    return found
+
+
 def template_context(tx, automation: dict, context: dict, ui_url: str) -> dict:
     """What templates see: the event, the automation, the triggering labels and the Prefect objects the
     event names (flow_run, flow, deployment, work_pool, work_queue), as the API shows them."""
     event = context.get("triggering_event")
-    values = {"event": _event_for_template(event) if event else UNDEFINED, "automation": automation, "labels": context.get("triggering_labels") or {},
-              "firing": context, "__ui_url__": ui_url}
-    loaders = {"flow_run": ("prefect.flow-run", "flow_run", lambda r: decode_run_for_template(r)),
+    values = {"event": _event_for_template(event) if event else UNDEFINED, "automation": automation,
+              "labels": context.get("triggering_labels") or {}, "firing": context, "__ui_url__": ui_url}
+    loaders = {"flow_run": ("prefect.flow-run", "flow_run", flow_run_out),
                "flow": ("prefect.flow", "flow", lambda r: decode_row("flow", r)),
                "deployment": ("prefect.deployment", "deployment", lambda r: decode_row("deployment", r)),
                "work_pool": ("prefect.work-pool", "work_pool", lambda r: decode_row("work_pool", r)),
@@ -7826,10 +7830,6 @@ def _event_for_template(event: dict) -> dict:
                  "role": labels.get("prefect.resource.role")}
         return {**{k: v for k, v in short.items() if v is not None}, **labels}
     return {**event, "resource": resource(event["resource"]), "related": [resource(r) for r in event["related"]]}
-
-
-def decode_run_for_template(row: dict) -> dict:
-    return flow_run_out(row)
 
 
 def _run_deployment(tx, action, context, automation, settings, ui_url, action_id):
@@ -7867,7 +7867,7 @@ def _set_deployment_paused(paused: bool):
 
 def _flow_run_state(make_state):
     def act(tx, action, context, automation, settings, ui_url, action_id):
-        run_id = _target_id(action, "", "prefect.flow-run", context, "flow run")
+        run_id = _inferred_flow_run(context)
         row = read_row(tx, "flow_run", run_id, lock=True)
         if row is None:
             raise ActionFailed(f"Flow run {run_id} not found")
@@ -7897,7 +7897,7 @@ def _changed_state(action, automation, row):
 
 
 def _resume_flow_run(tx, action, context, automation, settings, ui_url, action_id):
-    run_id = _target_id(action, "", "prefect.flow-run", context, "flow run")
+    run_id = _inferred_flow_run(context)
     outcome = resume_flow_run(tx, run_id, None)
     if outcome.status != "ACCEPT":
         raise ActionFailed(f"The flow run could not be resumed: {outcome.details().get('reason')}")
@@ -7905,7 +7905,7 @@ def _resume_flow_run(tx, action, context, automation, settings, ui_url, action_i
 
 
 def _delete_flow_run(tx, action, context, automation, settings, ui_url, action_id):
-    run_id = _target_id(action, "", "prefect.flow-run", context, "flow run")
+    run_id = _inferred_flow_run(context)
     if not tx.execute("DELETE FROM flow_run WHERE id = ?", (run_id,)).rowcount:
         raise ActionFailed(f"Flow run {run_id} not found")
     tx.execute("DELETE FROM log WHERE flow_run_id = ?", (run_id,))
@@ -7970,7 +7970,6 @@ def call_webhook(slug: str, data: dict, payload: str, settings: Settings) -> Non
         body = loads(payload) if payload.strip() else None
     except ValueError:
         headers.setdefault("Content-Type", "text/plain; charset=utf-8")
-        body = None
         try:
             _http_send(method, url, settings["PREFECT_NOTIFICATIONS_TIMEOUT"], raw=payload.encode(), headers=headers)
         except NotificationFailed as exc:

@@ -169,6 +169,8 @@ def test_a_proactive_trigger_fires_when_no_run_completes_and_resolves_when_one_d
             assert json.loads(missing.body) == {"state": "missing"}
             assert missing.at - started >= 9.0, "fired before its 10 s window ended"
             assert events_of(api, "prefect.automation.triggered", resource)
+            if os.environ.get("PREFECTLITE_COMPAT_REFERENCE") == "1":
+                return  # Prefect's open-source server never resolves an event trigger (Prefect Cloud does)
             result = script_result(run_flow_script(scenario("p15_automations.py"), compat_server, args=["etl", tag]))
             resolved = wait_until(lambda: events_of(api, "prefect.automation.resolved", resource), 30,
                                   what="the automation resolved")
