@@ -10275,10 +10275,22 @@ def _automation_id(req) -> str:
         raise NotFound("Not Found") from None
 
 
+def _require_job_variables_deployment(tx, data: dict, creating: bool) -> None:
+    """As Prefect's server: a run-deployment action with job variables names a deployment that exists (404)."""
+    for action in data["actions"]:
+        if action["type"] != "run-deployment" or not action.get("deployment_id"):
+            continue
+        if action.get("job_variables") is None or (creating and action["job_variables"] == {}):
+            continue
+        if read_row(tx, "deployment", action["deployment_id"]) is None:
+            raise NotFound("Deployment not found.")
+
+
 @body(AutomationCreate)
 def create_automation_handler(app, req):
     data = validate_automation(req.data, req.body_dict(), AutomationCreate)
     with app.db.write() as tx:
+        _require_job_variables_deployment(tx, data, creating=True)
         return 201, create_automation(tx, data, data.get("owner_resource"))
 
 
@@ -10286,6 +10298,7 @@ def create_automation_handler(app, req):
 def update_automation_handler(app, req):
     data = validate_automation(req.data, req.body_dict(), AutomationUpdate)
     with app.db.write() as tx:
+        _require_job_variables_deployment(tx, data, creating=False)
         update_automation(tx, _automation_id(req), {k: data[k] for k in AUTOMATION_FIELDS})
     return 204, NO_CONTENT
 

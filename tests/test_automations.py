@@ -130,6 +130,15 @@ def test_bad_bodies_are_422s_naming_the_field(tmp_path, change, field):
         assert field in [e["loc"] for e in payload["exception_detail"]], payload
 
 
+def test_job_variables_need_a_deployment_that_exists(tmp_path):
+    """Prefect's server looks the deployment up when a run-deployment action has job variables."""
+    with running(f"sqlite:///{tmp_path}/a.db") as client:
+        action = {"type": "run-deployment", "source": "selected", "deployment_id": str(uuid.uuid4())}
+        assert client.post("/automations/", automation_body(actions=[action]))[0] == 201
+        status, payload = client.post("/automations/", automation_body(actions=[{**action, "job_variables": {"a": 1}}]))
+        assert (status, payload) == (404, {"detail": "Deployment not found."})
+
+
 def test_run_deployment_loops_are_refused(tmp_path):
     with running(f"sqlite:///{tmp_path}/a.db") as client:
         body = automation_body(trigger=reactive(["prefect.flow-run.Running"]),

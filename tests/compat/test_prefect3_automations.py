@@ -103,6 +103,14 @@ def test_prefect_automation_cli(prefect3_python, compat_server, api, tmp_path):
     assert api("GET", f"/automations/{created['id']}")[0] == 404
 
 
+# Under PREFECTLITE_COMPAT_REFERENCE=1 (Prefect's own 3.9 server) the local receivers hear nothing: Prefect
+# sends Slack through apprise, which wants a hooks.slack.com address, and its call-webhook wants the SDK's
+# `webhook` block type; so the delivery tests run against prefectlite only.
+reference_cannot_deliver = pytest.mark.skipif(os.environ.get("PREFECTLITE_COMPAT_REFERENCE") == "1",
+                                              reason="Prefect's server does not deliver to the local receivers")
+
+
+@reference_cannot_deliver
 def test_a_failing_tagged_flow_notifies_slack_within_a_second(run_flow_script, compat_server, api):
     tag = f"nightly-{uuid.uuid4().hex[:8]}"
     with HTTPReceiver() as slack:
@@ -150,8 +158,10 @@ def test_a_completed_etl_runs_the_report_deployment_with_templated_parameters(ru
         api.ok("DELETE", f"/automations/{auto['id']}", expect=204)
 
 
+@reference_cannot_deliver
 def test_a_proactive_trigger_fires_when_no_run_completes_and_resolves_when_one_does(run_flow_script, compat_server,
                                                                                     api):
+    """Resolution is ours (and Prefect Cloud's): Prefect's open-source server never resolves an event trigger."""
     tag = f"hourly-{uuid.uuid4().hex[:8]}"
     with HTTPReceiver() as hook:
         hook_block = block(api, "custom-webhook", {"name": "watch", "url": hook.url + "/watch"})
@@ -169,8 +179,6 @@ def test_a_proactive_trigger_fires_when_no_run_completes_and_resolves_when_one_d
             assert json.loads(missing.body) == {"state": "missing"}
             assert missing.at - started >= 9.0, "fired before its 10 s window ended"
             assert events_of(api, "prefect.automation.triggered", resource)
-            if os.environ.get("PREFECTLITE_COMPAT_REFERENCE") == "1":
-                return  # Prefect's open-source server never resolves an event trigger (Prefect Cloud does)
             result = script_result(run_flow_script(scenario("p15_automations.py"), compat_server, args=["etl", tag]))
             resolved = wait_until(lambda: events_of(api, "prefect.automation.resolved", resource), 30,
                                   what="the automation resolved")

@@ -30,8 +30,7 @@ TRIGGERS = [
 ]
 ACTIONS = [
     DoNothing(), RunDeployment(source="inferred"),
-    RunDeployment(source="selected", deployment_id=uuid4(), parameters={"x": "{{ event.id }}"},
-                  job_variables={"image": "etl:2"}),
+    RunDeployment(source="selected", deployment_id=uuid4(), parameters={"x": "{{ event.id }}"}),
     PauseDeployment(source="inferred"), PauseDeployment(source="selected", deployment_id=uuid4()),
     ResumeDeployment(source="selected", deployment_id=uuid4()), ResumeFlowRun(),
     ChangeFlowRunState(state="RUNNING", name="Runnin'", message="I'm running!"), CancelFlowRun(), DeleteFlowRun(),
