@@ -378,3 +378,49 @@ def test_closing_proactive_windows_leaves_reactive_counts_alone(tmp_path):
             db.close()
         client.ok("POST", "/events", [event("half.counted")])
         wait_until(lambda: events_named(client, "prefect.automation.triggered"), what="the firing")
+
+
+def test_more_actions_on_runs_queues_deployments_and_automations(tmp_path):
+    with running(f"sqlite:///{tmp_path}/a.db") as client:
+        pool = client.ok("POST", "/work_pools/", {"name": unique("pool"), "type": "process"}, expect=(201,))
+        queue = client.ok("POST", f"/work_pools/{pool['name']}/queues", {"name": "q2"}, expect=(201,))
+        flow = client.ok("POST", "/flows/", {"name": unique("flow")}, expect=(200, 201))
+        dep = client.ok("POST", "/deployments/", {"name": "d", "flow_id": flow["id"], "paused": True},
+                        expect=(200, 201))
+        target = client.ok("POST", "/automations/", automation_body(name="target"), expect=(201,))
+
+        def run_in(state):
+            return client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "state": {"type": state}}, expect=(201,))
+
+        def when(name, *actions):
+            client.ok("POST", "/automations/", automation_body(trigger=reactive([name]), actions=list(actions)),
+                      expect=(201,))
+
+        when("set.state", {"type": "change-flow-run-state", "state": "FAILED", "name": "Gave up", "message": "no"})
+        when("suspend", {"type": "suspend-flow-run"})
+        when("resume", {"type": "resume-flow-run"})
+        when("delete", {"type": "delete-flow-run"})
+        when("others", {"type": "pause-work-queue", "source": "selected", "work_queue_id": queue["id"]},
+             {"type": "resume-deployment", "source": "selected", "deployment_id": dep["id"]},
+             {"type": "pause-automation", "source": "inferred"})
+        changed, suspended, doomed = run_in("RUNNING"), run_in("RUNNING"), run_in("COMPLETED")
+
+        def post(name, resource_id):
+            client.ok("POST", "/events", [event(name, resource_id=resource_id)])
+
+        post("set.state", f"prefect.flow-run.{changed['id']}")
+        post("suspend", f"prefect.flow-run.{suspended['id']}")
+        post("delete", f"prefect.flow-run.{doomed['id']}")
+        post("others", f"prefect.automation.{target['id']}")
+        state = wait_until(lambda: (s := client.ok("GET", f"/flow_runs/{changed['id']}")["state"])["type"] == "FAILED"
+                           and s, what="the state change")
+        assert (state["name"], state["message"]) == ("Gave up", "no")
+        wait_until(lambda: client.ok("GET", f"/flow_runs/{suspended['id']}")["state"]["name"] == "Suspended",
+                   what="the suspension")
+        post("resume", f"prefect.flow-run.{suspended['id']}")
+        wait_until(lambda: client.ok("GET", f"/flow_runs/{suspended['id']}")["state"]["type"] == "SCHEDULED",
+                   what="the resumption")
+        wait_until(lambda: client.get(f"/flow_runs/{doomed['id']}")[0] == 404, what="the deletion")
+        wait_until(lambda: client.ok("GET", f"/automations/{target['id']}")["enabled"] is False, what="the pause")
+        assert client.ok("GET", f"/work_queues/{queue['id']}")["is_paused"] is True
+        assert client.ok("GET", f"/deployments/{dep['id']}")["paused"] is False
