@@ -8400,14 +8400,21 @@ class AutomationActor(Service):
 
     def run_once(self):
         evaluate_proactive_triggers(self.app.db)
-        while not self._stop.is_set():
+        horizon = iso(utcnow() - _dt.timedelta(days=AUTOMATION_HISTORY_DAYS))
+        with self.app.db.read() as tx:  # most passes find nothing: no write transaction for them
+            due = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') "
+                               "AND next_attempt_at <= ? LIMIT 1", (now_iso(),))
+            old = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
+                               "AND updated < ? LIMIT 1", (horizon,))
+        while due and not self._stop.is_set():
             row = self._claim()
             if row is None:
                 break
             self._run(row)
-        with self.app.db.write() as tx:
-            tx.execute("DELETE FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') AND updated < ?",
-                       (iso(utcnow() - _dt.timedelta(days=AUTOMATION_HISTORY_DAYS)),))
+        if old:
+            with self.app.db.write() as tx:
+                tx.execute("DELETE FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
+                           "AND updated < ?", (horizon,))
 
     def _claim(self) -> dict | None:
         db, now = self.app.db, utcnow()
