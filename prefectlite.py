@@ -7625,8 +7625,8 @@ def evaluate_bucket(tx, automation: dict, trigger: dict, bucket: dict, now: _dt.
     if within.total_seconds() == 0:
         return
     next_start = max(end, now)
-    _start_new_bucket(tx, bucket, next_start, next_start + within, count,
-                      fired_at if not reactive else None)
+    resolvable = not reactive and trigger["id"] == automation["trigger"]["id"]  # a child's firing is its parent's
+    _start_new_bucket(tx, bucket, next_start, next_start + within, count, fired_at if resolvable else None)
 
 
 def _start_proactive_buckets(tx, automation: dict, now: _dt.datetime) -> None:
