@@ -424,3 +424,23 @@ def test_more_actions_on_runs_queues_deployments_and_automations(tmp_path):
         wait_until(lambda: client.ok("GET", f"/automations/{target['id']}")["enabled"] is False, what="the pause")
         assert client.ok("GET", f"/work_queues/{queue['id']}")["is_paused"] is True
         assert client.ok("GET", f"/deployments/{dep['id']}")["paused"] is False
+
+
+def test_a_proactive_child_fires_its_compound_parent_but_does_not_resolve_it(tmp_path):
+    url = f"sqlite:///{tmp_path}/a.db"
+    with running(url, PREFECT_API_SERVICES_TRIGGERS_ENABLED=False) as client:
+        child = {"type": "event", "posture": "Proactive", "expect": ["heart.beat"], "threshold": 1, "within": 3600}
+        auto = client.ok("POST", "/automations/", automation_body(
+            trigger={"type": "compound", "require": "any", "triggers": [child]},
+            actions_on_resolve=[{"type": "do-nothing"}]), expect=(201,))
+        db = prefectlite.open_database(url)
+        try:
+            with db.write() as tx:  # the child's hour passes without a heartbeat
+                tx.execute("UPDATE automation_bucket SET end_time = ?", (prefectlite.now_iso(),))
+            assert prefectlite.evaluate_proactive_triggers(db) == 1
+        finally:
+            db.close()
+        resource = f"prefect.automation.{auto['id']}"
+        assert len(events_named(client, "prefect.automation.triggered", resource)) == 1
+        client.ok("POST", "/events", [event("heart.beat")])
+        assert events_named(client, "prefect.automation.resolved", resource) == []
