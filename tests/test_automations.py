@@ -444,3 +444,21 @@ def test_a_proactive_child_fires_its_compound_parent_but_does_not_resolve_it(tmp
         assert len(events_named(client, "prefect.automation.triggered", resource)) == 1
         client.ok("POST", "/events", [event("heart.beat")])
         assert events_named(client, "prefect.automation.resolved", resource) == []
+
+
+def test_with_several_processes_a_firing_wakes_the_process_that_runs_the_service(tmp_path):
+    """Only the first of `start --processes 2` runs the automations service; an event stored by the other
+    wakes it (the service's own loop is an hour here, so only the wake can run the actions)."""
+    from helpers import ServerProcess
+    server = ServerProcess(tmp_path, {"PREFECT_HOME": str(tmp_path / "home"),
+                                      "PREFECT_API_SERVICES_TRIGGERS_LOOP_SECONDS": "3600"}, "--processes", "2")
+    try:
+        server.wait_ready()
+        client = Client(server.api_url)
+        client.ok("POST", "/automations/", automation_body(trigger=reactive(["mp.ping"])), expect=(201,))
+        for _ in range(6):  # spread over both processes by the kernel
+            client.ok("POST", "/events", [event("mp.ping")])
+        wait_until(lambda: len(events_named(client, "prefect.automation.action.executed")) == 6,
+                   what="six actions run")
+    finally:
+        server.stop()
