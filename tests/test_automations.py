@@ -462,3 +462,25 @@ def test_with_several_processes_a_firing_wakes_the_process_that_runs_the_service
                    what="six actions run")
     finally:
         server.stop()
+
+
+def test_action_history_is_kept_a_week(tmp_path):
+    url = f"sqlite:///{tmp_path}/a.db"
+    with running(url) as client:
+        auto = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
+        client.ok("POST", "/events", [event("go.now")])
+        wait_until(lambda: client.ok("GET", f"/automations/{auto['id']}/history"), what="the action's history")
+        db = prefectlite.open_database(url)
+        try:
+            with db.write() as tx:  # the action ran eight days ago
+                tx.execute("UPDATE automation_action_queue SET updated = ?",
+                           (prefectlite.iso(prefectlite.utcnow() - prefectlite._dt.timedelta(days=8)),))
+        finally:
+            db.close()
+        client.ok("POST", "/events", [event("go.now")])  # a new one, kept
+
+        def only_the_new_one():
+            history = client.ok("GET", f"/automations/{auto['id']}/history")
+            return [h["status"] for h in history] == ["COMPLETED"] and history
+
+        wait_until(only_the_new_one, what="the old history pruned, the new kept")
