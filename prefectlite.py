@@ -14,9 +14,9 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
   5. Records         -- rows <-> API objects, the filter language, sorting
   6. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
   7. Domain          -- flows, runs, logs, events (and the task-run recorder), blocks, variables, artifacts,
-                        limits, work pools, schedules, deployments, notifications, retention
+                        limits, work pools, schedules, deployments, notifications, retention, automations
   8. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
-                        clean-up, notification sender, retention, event retention
+                        clean-up, notification sender, retention, event retention, automations
   9. HTTP API        -- the handlers, metrics, the route table, the one place that turns errors into HTTP
  10. WebSockets      -- RFC 6455 framing, and /api/events/in and /api/events/out for Prefect 3 clients
  11. Server          -- the App, access control, static UI, answering one parsed request
@@ -205,6 +205,10 @@ SETTINGS = {
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
               "seconds between queue checks (the sender is also woken by each state change)",
+              minimum=0.01, maximum=_A_YEAR),
+        _spec("PREFECT_API_SERVICES_TRIGGERS_ENABLED", True, bool, "run automations' actions and proactive triggers"),
+        _spec("PREFECT_API_SERVICES_TRIGGERS_LOOP_SECONDS", 5.0, float,
+              "longest sleep of the automations service (woken by each firing and each window's end)",
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", 5, int, "sending attempts before a notification is kept as FAILED",
               minimum=1, maximum=100),
@@ -2065,6 +2069,9 @@ JSON_COLUMNS = {
     "event_resources": ("resource",),
     "configuration": ("value",),
     "concurrency_lease": ("limit_ids", "holder"),
+    "automation": ("tags", "trigger", "actions", "actions_on_trigger", "actions_on_resolve"),
+    "automation_bucket": ("last_event", "triggering_labels"),
+    "automation_action_queue": ("action", "context"),
 }
 BOOL_COLUMNS = {
     "flow_run": ("auto_scheduled",),
@@ -2076,6 +2083,7 @@ BOOL_COLUMNS = {
     "block_document": ("is_anonymous",),
     "concurrency_limit_v2": ("active",),
     "flow_run_notification_policy": ("is_active",),
+    "automation": ("enabled",),
 }
 HIDDEN_COLUMNS = {  # stored for our own use, not part of the Prefect 2.20 response shapes
     "flow": ("labels",),
@@ -3644,6 +3652,7 @@ def event_out(row: dict) -> dict:
 
 
 EVENT_SINKS: list = []  # (database, callable(events)) pairs: running servers' live feeds (the /events/out hub)
+STORED_EVENT_LISTENERS: list = []  # functions(tx, events) called with the newly stored events (automations)
 
 
 def store_events(tx, events: list[dict]) -> list[dict]:
@@ -3670,6 +3679,8 @@ def store_events(tx, events: list[dict]) -> list[dict]:
         stored.append({**event, "received": received})
         record_task_run_event(tx, event)
     if stored:
+        for listener in STORED_EVENT_LISTENERS:
+            listener(tx, stored)
         for db, sink in EVENT_SINKS:
             if db is tx.db:
                 tx.after_commit.append(functools.partial(sink, [dict(e) for e in stored]))
@@ -6509,7 +6520,8 @@ class NotificationFailed(Exception):
     pass
 
 
-def _http_send(method: str, url: str, timeout: float, json_body=None, form=None, headers=None, params=None):
+def _http_send(method: str, url: str, timeout: float, json_body=None, form=None, headers=None, params=None,
+               raw: bytes | None = None):
     if params:
         url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params, doseq=True)
     headers = dict(headers or {})
@@ -6520,6 +6532,8 @@ def _http_send(method: str, url: str, timeout: float, json_body=None, form=None,
     elif form is not None:
         data = urllib.parse.urlencode(form, doseq=True).encode()
         headers.setdefault("Content-Type", "application/x-www-form-urlencoded")
+    elif raw is not None:
+        data = raw
     headers.setdefault("User-Agent", f"prefectlite/{__version__}")
     if not url.lower().startswith(("http://", "https://")):
         raise NotificationFailed("the URL does not start with http:// or https://")  # the URL itself may be secret
@@ -6731,6 +6745,1300 @@ def parse_age(text: str) -> _dt.timedelta:
         raise ConfigurationError(f"cannot read the age {text!r}; use e.g. 30d, 12h, 90m or 2w")
     value, unit = float(match.group(1)), match.group(2)
     return _dt.timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
+
+
+# Automations: rules that watch the event stream (triggers) and act on it (actions), as Prefect 3 and the
+# Prefect 2.20 server define them. Owns the automation tables (migration 0008): the automations and the
+# resources they relate to, each trigger's durable buckets (a window's count survives a restart and is
+# shared by replicas), the child firings of compound and sequence triggers, and the queue of actions a
+# firing owes. Triggers are evaluated in the transaction that stores an event; the AutomationActor
+# service (section 8) runs the queued actions (one replica claims each) and evaluates proactive triggers.
+
+AUTOMATION_MAX_TRIGGER_DEPTH = 10  # compound triggers nest; deeper bodies are refused
+AUTOMATION_MAX_EVENT_DEPTH = 3  # an automation's own events may trigger automations, this many levels deep
+AUTOMATION_PROACTIVE_MIN_WITHIN = 10.0  # seconds: Prefect's minimum window for a proactive trigger
+AUTOMATION_LOOKBACK = _dt.timedelta(minutes=15)  # a first bucket also counts events this much older (as Prefect)
+AUTOMATION_HISTORY_DAYS = 7  # done and failed actions stay this long, for the action history
+_AUTOMATION_DEPTH = contextvars.ContextVar("automation_depth", default=0)
+TRIGGER_TYPES = ("event", "compound", "sequence")
+_ACTION_SOURCE = Field(Enum("ActionSource", ("selected", "inferred")), default="selected", nullable=False)
+ACTION_SCHEMAS = {
+    "do-nothing": Schema("DoNothing", {}),
+    "run-deployment": Schema("RunDeployment", {
+        "source": _ACTION_SOURCE, "deployment_id": Field("uuid"), "parameters": Field("object"),
+        "job_variables": Field("object"), "schedule_after": Field("any")}),
+    "pause-deployment": Schema("PauseDeployment", {"source": _ACTION_SOURCE, "deployment_id": Field("uuid")}),
+    "resume-deployment": Schema("ResumeDeployment", {"source": _ACTION_SOURCE, "deployment_id": Field("uuid")}),
+    "cancel-flow-run": Schema("CancelFlowRun", {}),
+    "suspend-flow-run": Schema("SuspendFlowRun", {}),
+    "resume-flow-run": Schema("ResumeFlowRun", {}),
+    "delete-flow-run": Schema("DeleteFlowRun", {}),
+    "change-flow-run-state": Schema("ChangeFlowRunState", {
+        "name": Field("str"), "state": Field(StateType, required=True, nullable=False), "message": Field("str"),
+        "force": Field("bool")}),
+    "send-notification": Schema("SendNotification", {
+        "block_document_id": Field("uuid", required=True, nullable=False),
+        "subject": Field("str", default="Prefect automated notification", nullable=False),
+        "body": Field("str", required=True, nullable=False)}),
+    "call-webhook": Schema("CallWebhook", {
+        "block_document_id": Field("uuid", required=True, nullable=False), "payload": Field("any", default="")}),
+    "pause-work-pool": Schema("PauseWorkPool", {"source": _ACTION_SOURCE, "work_pool_id": Field("uuid")}),
+    "resume-work-pool": Schema("ResumeWorkPool", {"source": _ACTION_SOURCE, "work_pool_id": Field("uuid")}),
+    "pause-work-queue": Schema("PauseWorkQueue", {"source": _ACTION_SOURCE, "work_queue_id": Field("uuid")}),
+    "resume-work-queue": Schema("ResumeWorkQueue", {"source": _ACTION_SOURCE, "work_queue_id": Field("uuid")}),
+    "pause-automation": Schema("PauseAutomation", {"source": _ACTION_SOURCE, "automation_id": Field("uuid")}),
+    "resume-automation": Schema("ResumeAutomation", {"source": _ACTION_SOURCE, "automation_id": Field("uuid")}),
+}
+_ACTION_TARGET_FIELDS = ("deployment_id", "work_pool_id", "work_queue_id", "automation_id")
+AUTOMATION_FIELDS = {
+    "name": Field("str", required=True, nullable=False, max_length=5000),
+    "description": Field("str", default="", nullable=False),
+    "enabled": Field("bool", default=True, nullable=False),
+    "tags": Field(ListOf("str"), default=list, nullable=False),
+    "trigger": Field("object", required=True, nullable=False,
+                     description="an EventTrigger, CompoundTrigger or SequenceTrigger"),
+    "actions": Field(ListOf("object"), required=True, nullable=False),
+    "actions_on_trigger": Field(ListOf("object"), default=list, nullable=False),
+    "actions_on_resolve": Field(ListOf("object"), default=list, nullable=False),
+}
+AutomationCreate = Schema("AutomationCreate", {**AUTOMATION_FIELDS, "owner_resource": Field("str")})
+AutomationUpdate = Schema("AutomationUpdate", AUTOMATION_FIELDS)
+AutomationPartialUpdate = Schema("AutomationPartialUpdate", {"enabled": Field("bool", default=True, nullable=False)})
+AutomationFilterBody = Schema("Body_read_automations", {
+    "sort": Field(Enum("AutomationSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_ASC", "NAME_DESC")),
+                  default="NAME_ASC"),
+    "limit": Field("int", minimum=0), "offset": Field("int", default=0, minimum=0),
+    "automations": Field("object", description="an AutomationFilter: name.any_, created.before_, tags"),
+})
+
+
+def _no_unknown_fields(data: dict, schema: Schema, loc) -> None:
+    """Prefect's automation bodies forbid fields they do not define (a misspelt field is an error)."""
+    unknown = [key for key in data if key not in schema.fields]
+    if unknown:
+        raise ValidationFailed([_error((*loc, key), "extra fields not permitted", "value_error.extra")
+                                for key in unknown])
+
+
+def _seconds_field(value, loc) -> float:
+    """A timedelta as clients send it: seconds (Prefect 2) or ISO 8601 (Prefect 3's JSON), never negative."""
+    try:
+        seconds = _seconds(value) if isinstance(value, str) else _validate_kind("float", value, loc)
+    except (ValueError, TypeError):
+        raise ValidationFailed([_error(loc, "invalid duration", "type_error.duration")]) from None
+    if seconds < 0:
+        raise ValidationFailed([_error(loc, "The minimum within is 0 seconds", "value_error")])
+    return seconds
+
+
+def _resource_spec(value, loc) -> dict:
+    """A ResourceSpecification (label -> value or list of values), kept as sent."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    for label, patterns in value.items():
+        if not isinstance(patterns, str):
+            _validate_kind(_STRS, patterns, (*loc, label))
+    return value
+
+
+def _label_set(value, loc) -> list[str]:
+    return sorted(set(_validate_kind(_STRS, value, loc))) if value is not None else []
+
+
+def validate_trigger(data, loc=("body", "trigger"), depth: int = 0) -> dict:
+    """A trigger in our canonical form, with a fresh id (the server assigns trigger ids, as Prefect's does)."""
+    if depth > AUTOMATION_MAX_TRIGGER_DEPTH:
+        raise ValidationFailed([_error(loc, f"triggers nest at most {AUTOMATION_MAX_TRIGGER_DEPTH} deep",
+                                       "value_error")])
+    if not isinstance(data, dict):
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    kind = data.get("type", "event")
+    if kind not in TRIGGER_TYPES:
+        raise ValidationFailed([_error((*loc, "type"), f"unsupported trigger type {kind!r}; this server evaluates "
+                                       f"{', '.join(TRIGGER_TYPES)} triggers", "value_error.const")])
+    if kind == "event":
+        return _validate_event_trigger(data, loc)
+    triggers = data.get("triggers")
+    if not isinstance(triggers, list) or not triggers:
+        raise ValidationFailed([_error((*loc, "triggers"), "a non-empty list of triggers is required",
+                                       "value_error.missing" if triggers is None else "type_error.list")])
+    out = {"type": kind, "id": new_id(),
+           "triggers": [validate_trigger(t, (*loc, "triggers", i), depth + 1) for i, t in enumerate(triggers)],
+           "within": None if data.get("within") is None else _seconds_field(data["within"], (*loc, "within"))}
+    if kind == "compound":
+        require = data.get("require")
+        if require not in ("any", "all") and (isinstance(require, bool) or not isinstance(require, int)):
+            raise ValidationFailed([_error((*loc, "require"), "require must be 'any', 'all' or a number of triggers",
+                                           "value_error.missing" if require is None else "type_error")])
+        if isinstance(require, int) and not 1 <= require <= len(triggers):
+            raise ValidationFailed([_error((*loc, "require"), "required must be at least 1 and at most the number "
+                                           "of triggers", "value_error")])
+        out["require"] = require
+    return out
+
+
+def _validate_event_trigger(data: dict, loc) -> dict:
+    posture = data.get("posture")
+    if posture not in ("Reactive", "Proactive"):
+        raise ValidationFailed([_error((*loc, "posture"), "posture must be 'Reactive' or 'Proactive' (metric "
+                                       "triggers are not evaluated by this server)",
+                                       "value_error.missing" if posture is None else "value_error.const")])
+    threshold = _validate_kind("int", data.get("threshold", 1), (*loc, "threshold"))
+    within = _seconds_field(data.get("within", 0) or 0, (*loc, "within"))
+    if posture == "Proactive":
+        if within == 0:
+            within = AUTOMATION_PROACTIVE_MIN_WITHIN
+        elif within < AUTOMATION_PROACTIVE_MIN_WITHIN:
+            raise ValidationFailed([_error((*loc, "within"), "The minimum within for Proactive triggers is 10 seconds",
+                                           "value_error")])
+    match_related = data.get("match_related")
+    if isinstance(match_related, list):  # Prefect 3: every one of several related specifications must match
+        match_related = [_resource_spec(m, (*loc, "match_related", i)) for i, m in enumerate(match_related)]
+    else:
+        match_related = _resource_spec(match_related, (*loc, "match_related"))
+    return {"type": "event", "id": new_id(), "match": _resource_spec(data.get("match"), (*loc, "match")),
+            "match_related": match_related, "after": _label_set(data.get("after"), (*loc, "after")),
+            "expect": _label_set(data.get("expect"), (*loc, "expect")),
+            "for_each": _label_set(data.get("for_each"), (*loc, "for_each")),
+            "posture": posture, "threshold": threshold, "within": within}
+
+
+def all_triggers(trigger: dict) -> list[dict]:
+    """The trigger and every trigger nested in it, parents first."""
+    out = [trigger]
+    for child in trigger.get("triggers") or ():
+        out += all_triggers(child)
+    return out
+
+
+def validate_action(data, loc) -> dict:
+    if not isinstance(data, dict):
+        raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+    kind = data.get("type")
+    schema = ACTION_SCHEMAS.get(kind)
+    if schema is None:
+        raise ValidationFailed([_error((*loc, "type"), f"unknown action type {kind!r}; one of "
+                                       f"{', '.join(ACTION_SCHEMAS)}", "value_error.const")])
+    action = schema.validate(data, loc)
+    for target in _ACTION_TARGET_FIELDS:
+        if target in schema.fields and (action["source"] == "selected") != bool(action.get(target)):
+            problem = "not allowed" if action.get(target) else "required"
+            raise ValidationFailed([_error((*loc, target), f"{target} is {problem}", "value_error")])
+    if kind == "call-webhook" and not isinstance(action["payload"], str):
+        action["payload"] = json.dumps(action["payload"], indent=2)  # older UIs sent {"message": ...}
+    for field in ("subject", "body", "payload"):
+        if isinstance(action.get(field), str):
+            check_template(action[field], (*loc, field))
+    for field in ("parameters", "job_variables"):
+        for path, template in _jinja_values(action.get(field) or {}):
+            check_template(template, (*loc, field, *path))
+    return {"type": kind, **{k: v for k, v in action.items() if v is not None}}
+
+
+def validate_automation(data: dict, sent: dict, schema: Schema) -> dict:
+    """The trigger and actions of a create or update body, checked (422s name the field)."""
+    _no_unknown_fields(sent, schema, ("body",))
+    out = dict(data)
+    out["trigger"] = validate_trigger(data["trigger"])
+    for key in ("actions", "actions_on_trigger", "actions_on_resolve"):
+        out[key] = [validate_action(a, ("body", key, i)) for i, a in enumerate(data[key] or [])]
+    _refuse_run_deployment_loops(out)
+    return out
+
+
+_LOOPING_EVENTS = {"prefect.flow-run.Scheduled", "prefect.flow-run.Pending", "prefect.flow-run.Running",
+                   "prefect.flow-run.*"}
+
+
+def _refuse_run_deployment_loops(automation: dict) -> None:
+    """Prefect's guard: running a deployment on every flow run's Scheduled/Pending/Running runs forever."""
+    trigger = automation["trigger"]
+    if not automation["enabled"] or trigger["type"] != "event" or trigger["posture"] != "Reactive":
+        return
+    if not _LOOPING_EVENTS & set(trigger["expect"]):
+        return
+    unfiltered = all(not spec or set(spec) <= {"prefect.resource.id"} and
+                     all(p in ("prefect.flow-run.*", "*") for p in _patterns(spec.get("prefect.resource.id", "*")))
+                     for spec in (trigger["match"], *(trigger["match_related"] if isinstance(
+                         trigger["match_related"], list) else [trigger["match_related"]])))
+    for i, action in enumerate(automation["actions"]):
+        if action["type"] != "run-deployment":
+            continue
+        if action["source"] == "inferred" or unfiltered:
+            raise ValidationFailed([_error(("body", "actions", i), "Running a deployment from a flow run state change "
+                                           "event may lead to an infinite loop of flow runs. Choose a specific "
+                                           "deployment and add filtering labels to the trigger's match or "
+                                           "match_related.", "value_error")])
+
+
+def _patterns(value) -> list[str]:
+    return [value] if isinstance(value, str) else list(value)
+
+
+def automation_out(row: dict) -> dict:
+    a = decode_row("automation", row)
+    return {"id": a["id"], "created": a["created"], "updated": a["updated"], "name": a["name"],
+            "description": a["description"], "enabled": a["enabled"], "tags": a["tags"], "trigger": a["trigger"],
+            "actions": a["actions"], "actions_on_trigger": a["actions_on_trigger"],
+            "actions_on_resolve": a["actions_on_resolve"]}
+
+
+def create_automation(tx, data: dict, owner_resource: str | None = None) -> dict:
+    now, automation_id = now_iso(), new_id()
+    insert_row(tx, "automation", {"id": automation_id, "created": now, "updated": now,
+                                  **{k: data[k] for k in AUTOMATION_FIELDS}})
+    if owner_resource:
+        insert_row(tx, "automation_related_resource", {
+            "id": new_id(), "created": now, "updated": now, "automation_id": automation_id,
+            "resource_id": owner_resource, "automation_owned_by_resource": True})
+    automation = automation_out(read_row(tx, "automation", automation_id))
+    _start_proactive_buckets(tx, automation, utcnow())
+    return automation
+
+
+def update_automation(tx, automation_id: str, changes: dict) -> None:
+    """Replace or patch an automation; its triggers start counting afresh (their buckets go)."""
+    require_row(tx, "automation", automation_id, "Automation", lock=True)
+    update_row(tx, "automation", automation_id, {**changes, "updated": now_iso()})
+    _forget_trigger_state(tx, automation_id)
+    automation = automation_out(read_row(tx, "automation", automation_id))
+    if automation["enabled"]:
+        _start_proactive_buckets(tx, automation, utcnow())
+
+
+def _forget_trigger_state(tx, automation_id: str) -> None:
+    tx.execute("DELETE FROM automation_bucket WHERE automation_id = ?", (automation_id,))
+    tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ?", (automation_id,))
+
+
+def delete_automation(tx, automation_id: str) -> bool:
+    _forget_trigger_state(tx, automation_id)
+    tx.execute("DELETE FROM automation_related_resource WHERE automation_id = ?", (automation_id,))
+    return bool(tx.execute("DELETE FROM automation WHERE id = ?", (automation_id,)).rowcount)
+
+
+def read_automations(tx, body: dict) -> list[dict]:
+    where, params = _automation_filter(body.get("automations") or {})
+    order = {"CREATED_DESC": "created DESC", "UPDATED_DESC": "updated DESC", "NAME_ASC": "name ASC",
+             "NAME_DESC": "name DESC"}[body.get("sort") or "NAME_ASC"]
+    sql = f"SELECT * FROM automation WHERE {where} ORDER BY {order}, id"
+    if body.get("limit") is not None:
+        sql, params = sql + " LIMIT ?", [*params, body["limit"]]
+    elif body.get("offset"):
+        sql, params = sql + " LIMIT ?", [*params, 2 ** 62]
+    if body.get("offset"):
+        sql, params = sql + " OFFSET ?", [*params, body["offset"]]
+    return [automation_out(row) for row in tx.query(sql, params)]
+
+
+def _automation_filter(flt: dict) -> tuple[str, list]:
+    if not isinstance(flt, dict):
+        raise ValidationFailed([_error(("body", "automations"), "value is not a valid dict", "type_error.dict")])
+    clauses, params = [], []
+    names = (flt.get("name") or {}).get("any_")
+    if names is not None:
+        names = _validate_kind(_STRS, names, ("body", "automations", "name", "any_"))
+        clauses.append(f"name IN ({', '.join('?' for _ in names) or 'NULL'})")
+        params += names
+    ids = (flt.get("id") or {}).get("any_")
+    if ids is not None:
+        ids = _validate_kind(ListOf("uuid"), ids, ("body", "automations", "id", "any_"))
+        clauses.append(f"id IN ({', '.join('?' for _ in ids) or 'NULL'})")
+        params += ids
+    before = (flt.get("created") or {}).get("before_")
+    if before is not None:
+        clauses.append("created <= ?")
+        params.append(parse_datetime(before, ("body", "automations", "created", "before_")))
+    for tag in (flt.get("tags") or {}).get("all_") or ():
+        clauses.append("tags LIKE ? ESCAPE '\\'")
+        params.append("%" + _like_literal(dumps(tag)) + "%")
+    joiner = " OR " if flt.get("operator") == "or_" else " AND "
+    return ("(" + joiner.join(clauses) + ")") if clauses else "1=1", params
+
+
+def automations_related_to(tx, resource_id: str) -> list[dict]:
+    """Automations related to a resource: those it owns, and those whose actions name it."""
+    rows = tx.query("SELECT a.* FROM automation a JOIN automation_related_resource r ON r.automation_id = a.id "
+                    "WHERE r.resource_id = ? ORDER BY a.name, a.id", (resource_id,))
+    found = {row["id"]: automation_out(row) for row in rows}
+    kind, _, object_id = resource_id.rpartition(".")
+    field = {"prefect.deployment": "deployment_id", "prefect.work-pool": "work_pool_id",
+             "prefect.work-queue": "work_queue_id", "prefect.automation": "automation_id"}.get(kind)
+    if field and object_id:
+        for row in tx.query("SELECT * FROM automation WHERE actions LIKE ? ESCAPE '\\' ORDER BY name, id",
+                            ("%" + _like_literal(object_id) + "%",)):
+            automation = automation_out(row)
+            if any(a.get(field) == object_id for a in automation["actions"]):
+                found.setdefault(automation["id"], automation)
+    return list(found.values())
+
+
+def delete_automations_owned_by_resource(tx, resource_id: str) -> int:
+    ids = [r["automation_id"] for r in tx.query(
+        "SELECT automation_id FROM automation_related_resource "
+        "WHERE resource_id = ? AND automation_owned_by_resource = ?",
+        (resource_id, True))]
+    return sum(delete_automation(tx, automation_id) for automation_id in ids)
+
+
+# Templates: the Jinja subset Prefect's docs show ({{ flow_run.name }}, {{ event.resource.id }}, filters
+# such as default and upper, {% if %} and {% for %}), rendered over plain data only: no attribute of a
+# Python object is reachable and nothing is called but the filters below, so a template cannot run code.
+
+class TemplateError(ValueError):
+    pass
+
+
+_TEMPLATE_TAG = re.compile(r"\{\{(.*?)\}\}|\{%-?(.*?)-?%\}|\{#.*?#\}", re.DOTALL)
+_TEMPLATE_TOKEN = re.compile(r"\s*(?:(\d+\.\d+|\d+)|('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|"
+                             r"(==|!=|<=|>=|<|>|\||\.|\(|\)|\[|\]|,)|([A-Za-z_][A-Za-z0-9_]*))")
+
+
+class _Undefined:
+    """A missing name or key: renders as nothing, is false, and `default` replaces it."""
+
+    def __str__(self):
+        return ""
+
+    def __bool__(self):
+        return False
+
+
+UNDEFINED = _Undefined()
+
+
+def _tokens(text: str) -> list:
+    out, pos = [], 0
+    while pos < len(text):
+        if text[pos:].strip() == "":
+            break
+        found = _TEMPLATE_TOKEN.match(text, pos)
+        if not found:
+            raise TemplateError(f"unexpected {text[pos:].strip()[:20]!r}")
+        number, literal, op, name = found.groups()
+        if number is not None:
+            out.append(("lit", float(number) if "." in number else int(number)))
+        elif literal is not None:
+            out.append(("lit", literal[1:-1].encode().decode("unicode_escape")))
+        elif op is not None:
+            out.append(("op", op))
+        else:
+            out.append(("lit", {"true": True, "false": False, "none": None}[name.lower()])
+                       if name.lower() in ("true", "false", "none") else ("name", name))
+        pos = found.end()
+    return out
+
+
+class _Expression:
+    """A parsed expression: or / and / not / comparisons / filters / names, keys, indexes and literals."""
+
+    def __init__(self, text: str):
+        self.tokens, self.pos = _tokens(text), 0
+        if not self.tokens:
+            raise TemplateError("empty expression")
+        self.tree = self._or()
+        if self.pos != len(self.tokens):
+            raise TemplateError(f"unexpected {self.tokens[self.pos][1]!r}")
+
+    def _peek(self, *wanted):
+        token = self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
+        return token if not wanted or token[1] in wanted else None
+
+    def _take(self, value=None):
+        token = self._peek()
+        if token[0] is None or (value is not None and token[1] != value):
+            raise TemplateError(f"expected {value!r}" if value else "unexpected end of expression")
+        self.pos += 1
+        return token
+
+    def _or(self):
+        node = self._and()
+        while self._peek("or"):
+            self.pos += 1
+            node = ("or", node, self._and())
+        return node
+
+    def _and(self):
+        node = self._not()
+        while self._peek("and"):
+            self.pos += 1
+            node = ("and", node, self._not())
+        return node
+
+    def _not(self):
+        if self._peek("not"):
+            self.pos += 1
+            return ("not", self._not())
+        return self._compare()
+
+    def _compare(self):
+        node = self._filtered()
+        token = self._peek("==", "!=", "<", ">", "<=", ">=", "in", "not")
+        if token:
+            self.pos += 1
+            op = token[1]
+            if op == "not":
+                self._take("in")
+                op = "not in"
+            node = ("cmp", op, node, self._filtered())
+        return node
+
+    def _filtered(self):
+        node = self._primary()
+        while self._peek("|"):
+            self.pos += 1
+            name = self._take()
+            if name[0] != "name" or name[1] not in TEMPLATE_FILTERS:
+                raise TemplateError(f"unknown filter {name[1]!r}")
+            args = []
+            if self._peek("("):
+                self.pos += 1
+                while not self._peek(")"):
+                    args.append(self._or())
+                    if not self._peek(")"):
+                        self._take(",")
+                self._take(")")
+            node = ("filter", name[1], node, args)
+        return node
+
+    def _primary(self):
+        kind, value = self._take()
+        if kind == "lit":
+            node = ("lit", value)
+        elif kind == "name":
+            node = ("name", value)
+        elif value == "(":
+            node = self._or()
+            self._take(")")
+        else:
+            raise TemplateError(f"unexpected {value!r}")
+        while self._peek(".", "["):
+            if self._take()[1] == ".":
+                attr = self._take()
+                if attr[0] != "name" and not isinstance(attr[1], int):
+                    raise TemplateError("expected a name after '.'")
+                node = ("get", node, ("lit", attr[1]))
+            else:
+                node = ("get", node, self._or())
+                self._take("]")
+        return node
+
+    def evaluate(self, context: dict):
+        return _evaluate(self.tree, context)
+
+
+_COMPARISONS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
+                ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
+                "in": lambda a, b: a in b, "not in": lambda a, b: a not in b}
+
+
+def _evaluate(node, context):
+    kind = node[0]
+    if kind == "lit":
+        return node[1]
+    if kind == "name":
+        return context.get(node[1], UNDEFINED)
+    if kind == "get":
+        return _template_get(_evaluate(node[1], context), _evaluate(node[2], context))
+    if kind == "or":
+        return _evaluate(node[1], context) or _evaluate(node[2], context)
+    if kind == "and":
+        return _evaluate(node[1], context) and _evaluate(node[2], context)
+    if kind == "not":
+        return not _evaluate(node[1], context)
+    if kind == "cmp":
+        try:
+            return _COMPARISONS[node[1]](_evaluate(node[2], context), _evaluate(node[3], context))
+        except TypeError:
+            return False
+    value = _evaluate(node[2], context)
+    return TEMPLATE_FILTERS[node[1]](context, value, *(_evaluate(a, context) for a in node[3]))
+
+
+def _template_get(value, key):
+    """Only keys of dicts and indexes of lists: never a Python attribute."""
+    if isinstance(value, dict):
+        return value.get(key, UNDEFINED)
+    if isinstance(value, list) and isinstance(key, int) and -len(value) <= key < len(value):
+        return value[key]
+    return UNDEFINED
+
+
+def _template_str(value) -> str:
+    if value is None or value is UNDEFINED:
+        return ""
+    if isinstance(value, bool):
+        return "True" if value else "False"
+    if isinstance(value, (dict, list)):
+        return dumps(value)
+    return str(value)
+
+
+def _ui_url(context, value, *_):
+    """The UI's page for a flow run, deployment, flow, work pool or automation (Prefect's ui_url filter)."""
+    if not isinstance(value, dict) or "id" not in value:
+        return ""
+    kind = value.get("__kind__", "flow-run")
+    return f"{context.get('__ui_url__', '').rstrip('/')}/#/{kind}s/{value['id']}"
+
+
+TEMPLATE_FILTERS = {
+    "default": lambda _c, v, fallback="", boolean=False: fallback if v is UNDEFINED or (boolean and not v) else v,
+    "d": lambda _c, v, fallback="", boolean=False: fallback if v is UNDEFINED or (boolean and not v) else v,
+    "upper": lambda _c, v: _template_str(v).upper(), "lower": lambda _c, v: _template_str(v).lower(),
+    "title": lambda _c, v: _template_str(v).title(), "capitalize": lambda _c, v: _template_str(v).capitalize(),
+    "trim": lambda _c, v: _template_str(v).strip(), "string": lambda _c, v: _template_str(v),
+    "length": lambda _c, v: len(v) if isinstance(v, (str, list, dict)) else 0,
+    "count": lambda _c, v: len(v) if isinstance(v, (str, list, dict)) else 0,
+    "tojson": lambda _c, v: dumps(None if v is UNDEFINED else v),
+    "replace": lambda _c, v, old, new: _template_str(v).replace(_template_str(old), _template_str(new)),
+    "join": lambda _c, v, sep="": _template_str(sep).join(_template_str(x) for x in v) if isinstance(v, list) else "",
+    "first": lambda _c, v: v[0] if isinstance(v, list) and v else UNDEFINED,
+    "last": lambda _c, v: v[-1] if isinstance(v, list) and v else UNDEFINED,
+    "int": lambda _c, v: int(v) if isinstance(v, (int, float)) or (isinstance(v, str) and v.strip().isdigit()) else 0,
+    "ui_url": _ui_url,
+}
+
+
+def parse_template(text: str) -> list:
+    """A template as a tree: text, ("out", expr), ("if", [(expr, body)...], else body), ("for", name, expr, body)."""
+    root: list = []
+    stack = [("root", root)]
+    pos = 0
+    for found in _TEMPLATE_TAG.finditer(text):
+        if found.start() > pos:
+            stack[-1][1].append(text[pos:found.start()])
+        pos = found.end()
+        output, statement = found.group(1), found.group(2)
+        if output is not None:
+            stack[-1][1].append(("out", _Expression(output)))
+        elif statement is not None:
+            _template_statement(statement.strip(), stack)
+    if len(stack) > 1:
+        raise TemplateError(f"unclosed {{% {stack[-1][0]} %}}")
+    if pos < len(text):
+        root.append(text[pos:])
+    if any(isinstance(n, str) and ("{{" in n or "{%" in n) for n in _template_texts(root)):
+        raise TemplateError("a tag is not closed")
+    return root
+
+
+def _template_texts(nodes: list):
+    for node in nodes:
+        if isinstance(node, str):
+            yield node
+        elif node[0] == "if":
+            for _expr, body in node[1]:
+                yield from _template_texts(body)
+            yield from _template_texts(node[2] or [])
+        elif node[0] == "for":
+            yield from _template_texts(node[3])
+
+
+def _template_statement(statement: str, stack: list) -> None:
+    word, _, rest = statement.partition(" ")
+    if word == "if":
+        node = ["if", [(_Expression(rest), [])], None]
+        stack[-1][1].append(node)
+        stack.append(("if", node[1][0][1], node))
+    elif word in ("elif", "else"):
+        if stack[-1][0] != "if":
+            raise TemplateError(f"{{% {word} %}} outside {{% if %}}")
+        node = stack.pop()[2]
+        body: list = []
+        if word == "elif":
+            node[1].append((_Expression(rest), body))
+        else:
+            node[2] = body
+        stack.append(("if", body, node))
+    elif word == "for":
+        found = re.fullmatch(r"([A-Za-z_][A-Za-z0-9_]*)\s+in\s+(.+)", rest.strip(), re.DOTALL)
+        if not found:
+            raise TemplateError("expected {% for name in expression %}")
+        node = ["for", found.group(1), _Expression(found.group(2)), []]
+        stack[-1][1].append(node)
+        stack.append(("for", node[3], node))
+    elif word in ("endif", "endfor"):
+        if stack[-1][0] != word[3:]:
+            raise TemplateError(f"unexpected {{% {word} %}}")
+        stack.pop()
+    else:
+        raise TemplateError(f"unsupported statement {{% {word} %}}")
+
+
+def render_template(text: str, context: dict) -> str:
+    return "".join(_render_nodes(parse_template(text), context))
+
+
+def _render_nodes(nodes: list, context: dict):
+    for node in nodes:
+        if isinstance(node, str):
+            yield node
+        elif node[0] == "out":
+            yield _template_str(node[1].evaluate(context))
+        elif node[0] == "if":
+            body = next((b for expr, b in node[1] if expr.evaluate(context)), node[2] or [])
+            yield from _render_nodes(body, context)
+        else:
+            items = node[2].evaluate(context)
+            for item in (items if isinstance(items, list) else list(items) if isinstance(items, dict) else []):
+                yield from _render_nodes(node[3], {**context, node[1]: item})
+
+
+def check_template(text: str, loc) -> None:
+    try:
+        parse_template(text)
+    except TemplateError as exc:
+        raise ValidationFailed([_error(loc, f"{text[:80]!r} is not a valid template: {exc}", "value_error")]) from None
+
+
+def _maybe_template(text) -> bool:
+    return isinstance(text, str) and ("{{" in text or "{%" in text)
+
+
+def _jinja_values(value, path=()):
+    """(path, template) of each template in run-deployment parameters: `{"__prefect_kind": "jinja", ...}`
+    values and plain strings with template syntax (Prefect's "v1" templates)."""
+    if isinstance(value, dict):
+        if value.get("__prefect_kind") == "jinja" and isinstance(value.get("template"), str):
+            yield path, value["template"]
+            return
+        for key, item in value.items():
+            yield from _jinja_values(item, (*path, key))
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            yield from _jinja_values(item, (*path, i))
+    elif _maybe_template(value):
+        yield path, value
+
+
+_SINGLE_EXPRESSION = re.compile(r"^\s*\{\{(.*)\}\}\s*$", re.DOTALL)
+
+
+def hydrate(value, context: dict):
+    """Prefect's hydration of run-deployment parameters and job variables: a `jinja` value renders to a
+    string, a `json` value is parsed, a `none` value is its inner value; a plain string that is one
+    {{ expression }} keeps the expression's type, one with text around it renders to a string."""
+    if isinstance(value, dict):
+        kind = value.get("__prefect_kind")
+        if kind is None:
+            return {k: hydrate(v, context) for k, v in value.items()}
+        if kind == "jinja":
+            return render_template(value.get("template") or "", context)
+        if kind == "json":
+            inner = hydrate(value["value"], context) if isinstance(value.get("value"), dict) else value.get("value")
+            if not isinstance(inner, str):
+                return inner
+            try:
+                return loads(inner)
+            except ValueError as exc:
+                raise TemplateError(f"invalid JSON: {exc}") from None
+        if kind == "none":
+            return hydrate(value.get("value"), context)
+        if kind == "workspace_variable":
+            raise TemplateError("workspace variables in parameters are not supported by this server")
+        return value.get("value")
+    if isinstance(value, list):
+        return [hydrate(v, context) for v in value]
+    if _maybe_template(value):
+        single = _SINGLE_EXPRESSION.match(value)
+        if single and value.count("{{") == 1:
+            result = _Expression(single.group(1)).evaluate(context)
+            return None if result is UNDEFINED else result
+        return render_template(value, context)
+    return value
+
+
+# Trigger evaluation, in the transaction that stores the events.
+
+def _event_name_matches(name: str, pattern: str) -> bool:
+    """A trailing * matches any rest (event names and label values); otherwise the whole text must match."""
+    return name.startswith(pattern[:-1]) if pattern.endswith("*") else name == pattern
+
+
+def _label_matches(value: str | None, patterns) -> bool:
+    """Prefect's label matching: any pattern matches; '*' is a wildcard, a leading '!' negates."""
+    value = value or ""
+    positive = [p for p in _patterns(patterns) if not p.startswith("!")]
+    negative = [p[1:] for p in _patterns(patterns) if p.startswith("!")]
+    if any(_event_name_matches(value, p) for p in negative):
+        return False
+    return not positive or any(_event_name_matches(value, p) for p in positive)
+
+
+def _spec_matches(spec: dict, resource: dict) -> bool:
+    return all(_label_matches(resource.get(label), patterns) for label, patterns in spec.items())
+
+
+def trigger_covers(trigger: dict, event: dict) -> bool:
+    """The event concerns this trigger: its resource matches `match`, a related resource matches each
+    `match_related`, and its name is expected or starts the trigger (`after`)."""
+    if not _spec_matches(trigger["match"], event["resource"]):
+        return False
+    related = trigger["match_related"]
+    for spec in (related if isinstance(related, list) else [related]):
+        if spec and not any(_spec_matches(spec, r) for r in event["related"]):
+            return False
+    names = trigger["expect"] + trigger["after"]
+    return not trigger["expect"] or any(_event_name_matches(event["event"], n) for n in names)
+
+
+def _expects(trigger: dict, name: str) -> bool:
+    return not trigger["expect"] or any(_event_name_matches(name, p) for p in trigger["expect"])
+
+
+def _starts_after(trigger: dict, name: str) -> bool:
+    return any(_event_name_matches(name, p) for p in trigger["after"])
+
+
+def _find_label(event: dict, label: str) -> str:
+    """A label of the event's resource, or `related:<role>:<label>` of its first related resource in a role."""
+    if label.startswith("related:"):
+        _, role, name = (label.split(":", 2) + ["", ""])[:3]
+        for related in event["related"]:
+            if related.get("prefect.resource.role") == role:
+                return related.get(name) or ""
+        return ""
+    return event["resource"].get(label) or ""
+
+
+def _bucketing_key(trigger: dict, event: dict | None) -> str:
+    return dumps([_find_label(event, label) if event else "" for label in trigger["for_each"]])
+
+
+def enabled_automations(tx) -> list[dict]:
+    return [automation_out(r) for r in tx.query("SELECT * FROM automation WHERE enabled = ?", (True,))]
+
+
+def evaluate_automations(tx, events: list[dict]) -> None:
+    """A stored-event listener: count each event in the buckets of the event triggers it concerns, and
+    fire those that reach their threshold. An automation's own events are evaluated too, a few levels deep."""
+    depth = _AUTOMATION_DEPTH.get()
+    if depth >= AUTOMATION_MAX_EVENT_DEPTH:
+        return
+    automations = enabled_automations(tx)
+    if not automations:
+        return
+    token = _AUTOMATION_DEPTH.set(depth + 1)
+    try:
+        for event in events:
+            for automation in automations:
+                for trigger in all_triggers(automation["trigger"]):
+                    if trigger["type"] == "event" and trigger_covers(trigger, event):
+                        _react(tx, automation, trigger, event)
+    finally:
+        _AUTOMATION_DEPTH.reset(token)
+
+
+def _react(tx, automation: dict, trigger: dict, event: dict) -> None:
+    occurred, within = from_iso(event["occurred"]), _dt.timedelta(seconds=trigger["within"])
+    key, name = _bucketing_key(trigger, event), event["event"]
+    bucket = None
+    if trigger["after"] and _starts_after(trigger, name):
+        # an event both starting and expected starts its window at -1, so it does not count itself
+        bucket = _ensure_bucket(tx, automation, trigger, key, occurred, occurred + within, event,
+                                -1 if _expects(trigger, name) else 0)
+    if bucket is None and not trigger["after"] and _expects(trigger, name):
+        bucket = _ensure_bucket(tx, automation, trigger, key, occurred - AUTOMATION_LOOKBACK, occurred + within, event)
+    if not _expects(trigger, name):
+        return
+    if bucket is None:
+        bucket = _read_bucket(tx, automation["id"], trigger["id"], key)
+        if bucket is None:
+            return
+    evaluate_bucket(tx, automation, trigger, bucket, occurred, event)
+
+
+def _ensure_bucket(tx, automation, trigger, key, start, end, last_event, count=0) -> dict:
+    """The open bucket for a trigger and key, made if there is none; locked, so replicas count in turn.
+    (A bucket another replica deleted while this one waited for its lock is made again.)"""
+    for _attempt in range(5):
+        now = now_iso()
+        insert_row(tx, "automation_bucket", {
+            "automation_id": automation["id"], "trigger_id": trigger["id"], "bucketing_key": key,
+            "posture": trigger["posture"], "created": now,
+            "updated": now, "start_time": iso(start), "end_time": iso(end), "count": count,
+            "last_event": last_event, "triggering_labels": {}}, on_conflict="ON CONFLICT DO NOTHING")
+        bucket = _read_bucket(tx, automation["id"], trigger["id"], key)
+        if bucket is not None:
+            return bucket
+    raise DatabaseUnavailable("an automation bucket kept being removed by another server; try again")
+
+
+def _read_bucket(tx, automation_id: str, trigger_id: str, key: str) -> dict | None:
+    row = tx.query_one("SELECT * FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND "
+                       f"bucketing_key = ?{tx.db.for_update}", (automation_id, trigger_id, key))
+    return decode_row("automation_bucket", row)
+
+
+def _remove_bucket(tx, bucket: dict) -> None:
+    tx.execute("DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
+               (bucket["automation_id"], bucket["trigger_id"], bucket["bucketing_key"]))
+
+
+def _start_new_bucket(tx, bucket: dict, start, end, count: int, triggered_at: str | None) -> None:
+    _remove_bucket(tx, bucket)
+    now = now_iso()
+    insert_row(tx, "automation_bucket", {
+        "automation_id": bucket["automation_id"], "trigger_id": bucket["trigger_id"],
+        "bucketing_key": bucket["bucketing_key"], "posture": bucket["posture"], "created": now, "updated": now,
+        "start_time": iso(start),
+        "end_time": iso(end), "count": count, "last_event": None, "triggering_labels": {},
+        "triggered_at": triggered_at})
+
+
+def evaluate_bucket(tx, automation: dict, trigger: dict, bucket: dict, now: _dt.datetime, event: dict | None):
+    """Prefect's evaluation of one bucket: spend the event's count in the open window, fire a reactive
+    trigger as soon as it reaches its threshold and a proactive one when its window closes short of it,
+    then open the next window. A proactive trigger that fired resolves when an expected event comes."""
+    start, end = from_iso(bucket["start_time"]), from_iso(bucket["end_time"])
+    within = _dt.timedelta(seconds=trigger["within"])
+    reactive = trigger["posture"] == "Reactive"
+    count = 1 if event else 0
+    if now < start:
+        return  # an older, out-of-order event, or one for a window that already fired
+    if event and bucket["triggered_at"] and not reactive:
+        _resolve(tx, automation, trigger, bucket, event)
+        bucket["triggered_at"] = None
+    if count and ((reactive and within.total_seconds() == 0) or start <= now < end):
+        bucket["count"] += count
+        bucket["last_event"] = event
+        tx.execute("UPDATE automation_bucket SET count = ?, last_event = ?, triggered_at = ?, updated = ? "
+                   "WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
+                   (bucket["count"], dumps(event), bucket["triggered_at"], now_iso(), bucket["automation_id"],
+                    bucket["trigger_id"], bucket["bucketing_key"]))
+        count = 0
+    meets = bucket["count"] >= trigger["threshold"] if reactive else bucket["count"] < trigger["threshold"]
+    fired_at = None
+    if (reactive or end <= now) and meets:
+        labels = dict(zip(trigger["for_each"], json.loads(bucket["bucketing_key"])))
+        fired_at = fire_trigger(tx, automation, trigger, {"triggering_labels": labels,
+                                                          "triggering_event": event or bucket["last_event"]})
+        _remove_bucket(tx, bucket)
+    elif now < end:
+        return
+    if trigger["after"]:
+        _remove_bucket(tx, bucket)
+        return
+    if within.total_seconds() == 0:
+        return
+    next_start = max(end, now)
+    resolvable = not reactive and trigger["id"] == automation["trigger"]["id"]  # a child's firing is its parent's
+    _start_new_bucket(tx, bucket, next_start, next_start + within, count, fired_at if resolvable else None)
+
+
+def _start_proactive_buckets(tx, automation: dict, now: _dt.datetime) -> None:
+    """A proactive trigger without `after` watches from now on (one window per for_each key once events come)."""
+    for trigger in all_triggers(automation["trigger"]):
+        if trigger["type"] == "event" and trigger["posture"] == "Proactive" and not trigger["after"] \
+                and not trigger["for_each"]:
+            _ensure_bucket(tx, automation, trigger, _bucketing_key(trigger, None), now,
+                           now + _dt.timedelta(seconds=trigger["within"]), None)
+
+
+def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -> int:
+    """Close the windows of proactive triggers that ended: each fires if too few events came. (A reactive
+    window that ended waits for the next event, which opens the next window.) Returns how many were closed."""
+    now = now or utcnow()
+    with db.read() as tx:
+        due = tx.query("SELECT b.automation_id, b.trigger_id, b.bucketing_key FROM automation_bucket b "
+                       "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive' "
+                       "AND b.end_time <= ? ORDER BY b.end_time LIMIT 500", (True, iso(now)))
+    for row in due:
+        with db.write() as tx:
+            automation_row = read_row(tx, "automation", row["automation_id"])
+            bucket = _read_bucket(tx, row["automation_id"], row["trigger_id"], row["bucketing_key"])
+            if automation_row is None or bucket is None or from_iso(bucket["end_time"]) > now:
+                continue  # another replica closed it first
+            automation = automation_out(automation_row)
+            trigger = next((t for t in all_triggers(automation["trigger"]) if t["id"] == row["trigger_id"]), None)
+            if trigger is None or trigger["type"] != "event" or trigger["posture"] != "Proactive":
+                _remove_bucket(tx, bucket)
+                continue
+            evaluate_bucket(tx, automation, trigger, bucket, now, None)
+    return len(due)
+
+
+def _parent_of(trigger: dict, child_id: str) -> dict | None:
+    for child in trigger.get("triggers") or ():
+        if child["id"] == child_id:
+            return trigger
+        found = _parent_of(child, child_id)
+        if found is not None:
+            return found
+    return None
+
+
+def fire_trigger(tx, automation: dict, trigger: dict, firing: dict) -> str:
+    """A trigger fired: act when it is the automation's own trigger, else tell its compound or sequence parent."""
+    firing = {"id": new_id(), "trigger_id": trigger["id"], "triggered": now_iso(), **firing}
+    if trigger["id"] == automation["trigger"]["id"]:
+        _act(tx, automation, trigger, firing, "triggered")
+        return firing["triggered"]
+    parent = _parent_of(automation["trigger"], trigger["id"])
+    needed = {"any": 1, "all": len(parent["triggers"])}.get(parent.get("require"), parent.get("require"))
+    if parent["type"] == "compound" and needed == 1:
+        fire_trigger(tx, automation, parent, _composite_firing([firing]))
+        return firing["triggered"]
+    if parent.get("within"):
+        horizon = iso(from_iso(firing["triggered"]) - _dt.timedelta(seconds=parent["within"]))
+        tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? "
+                   "AND triggered < ?", (automation["id"], parent["id"], horizon))
+    tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? AND "
+               "child_trigger_id = ?", (automation["id"], parent["id"], trigger["id"]))
+    insert_row(tx, "automation_child_firing", {"automation_id": automation["id"], "parent_trigger_id": parent["id"],
+                                               "child_trigger_id": trigger["id"], "triggered": firing["triggered"],
+                                               "firing": dumps(firing)})
+    rows = tx.query("SELECT * FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? "
+                    "ORDER BY triggered, child_trigger_id", (automation["id"], parent["id"]))
+    firings = [json.loads(r["firing"]) for r in rows]
+    if parent["type"] == "compound":
+        ready = len(firings) >= needed
+    else:
+        order = [f["trigger_id"] for f in firings]
+        ready = order == [t["id"] for t in parent["triggers"]]
+    if ready:
+        tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ?",
+                   (automation["id"], parent["id"]))
+        fire_trigger(tx, automation, parent, _composite_firing(firings))
+    return firing["triggered"]
+
+
+def _composite_firing(firings: list[dict]) -> dict:
+    last = firings[-1]
+    return {"triggering_labels": last.get("triggering_labels") or {}, "triggering_event": last.get("triggering_event"),
+            "triggering_firings": [f["id"] for f in firings]}
+
+
+def _automation_event(tx, automation: dict, name: str, related=(), payload=None, occurred: str | None = None,
+                      follows: str | None = None) -> dict:
+    """Store one of an automation's own events (prefect.automation.*) and return it."""
+    trigger = automation["trigger"]
+    resource = {"prefect.resource.id": f"prefect.automation.{automation['id']}",
+                "prefect.resource.name": automation["name"]}
+    if name.startswith("prefect.automation.action."):
+        resource["prefect.trigger-type"] = trigger["type"]
+    if trigger["type"] == "event":
+        resource["prefect.posture"] = trigger["posture"]
+    event = {"id": new_id(), "occurred": occurred or now_iso(), "event": name, "resource": resource,
+             "related": list(related), "payload": payload or {}, "follows": follows}
+    store_events(tx, [event])
+    return event
+
+
+def _state_change_event(tx, automation: dict, state: str, firing: dict) -> dict:
+    triggering = firing.get("triggering_event")
+    related = [{"prefect.resource.id": f"prefect.event.{triggering['id']}",
+                "prefect.resource.role": "triggering-event"}] if triggering else []
+    return _automation_event(tx, automation, f"prefect.automation.{state}", related,
+                             {"triggering_labels": firing.get("triggering_labels") or {},
+                              "triggering_event": triggering})
+
+
+def _act(tx, automation: dict, trigger: dict, firing: dict, state: str) -> None:
+    """Record the trigger's state change as an event and queue the actions it owes (run by AutomationActor)."""
+    log.info("automation %s (%r) %s", automation["id"], automation["name"], state)
+    change = _state_change_event(tx, automation, state, firing)
+    if state == "triggered":
+        owed = [(firing.get("triggering_event"), a) for a in automation["actions"]]
+        owed += [(change, a) for a in automation["actions_on_trigger"]]
+    else:
+        owed = [(change, a) for a in automation["actions_on_resolve"]]
+    now = now_iso()
+    for index, (triggering_event, action) in enumerate(owed):
+        context = {"triggering_event": triggering_event, "triggering_labels": firing.get("triggering_labels") or {},
+                   "automation_event_id": change["id"], "triggered": firing["triggered"]}
+        insert_row(tx, "automation_action_queue", {
+            "id": new_id(), "created": now, "updated": now, "automation_id": automation["id"],
+            "firing_id": f"{firing['id']}:{state}", "action_index": index, "action": action, "context": context,
+            "status": "PENDING", "attempts": 0, "next_attempt_at": now}, on_conflict="ON CONFLICT DO NOTHING")
+    if owed and AUTOMATION_WAKERS:
+        tx.after_commit.extend(AUTOMATION_WAKERS)
+
+
+def _resolve(tx, automation: dict, trigger: dict, bucket: dict, event: dict) -> None:
+    labels = dict(zip(trigger["for_each"], json.loads(bucket["bucketing_key"])))
+    firing = {"id": new_id(), "trigger_id": trigger["id"], "triggered": now_iso(), "triggering_labels": labels,
+              "triggering_event": event}
+    _act(tx, automation, trigger, firing, "resolved")
+
+
+AUTOMATION_WAKERS: list = []  # callables that wake the AutomationActor (set by running servers)
+STORED_EVENT_LISTENERS.append(evaluate_automations)
+
+
+# Actions: what a queued firing does. Each takes the action, its context and the database; raises
+# ActionFailed with a reason a person can act on; returns details for the executed event's payload.
+
+class ActionFailed(Exception):
+    pass
+
+
+def _first_resource_id(event: dict | None, kind: str) -> str | None:
+    """The id of the first resource of a kind (prefect.flow-run, ...) the event names, primary first."""
+    if not event:
+        return None
+    for resource in (event["resource"], *event["related"]):
+        found = _prefect_object_id(resource.get("prefect.resource.id"), kind)
+        if found:
+            return found
+    return None
+
+
+def _target_id(action: dict, field: str, kind: str, context: dict, what: str) -> str:
+    if action.get("source", "selected") == "selected" and action.get(field):
+        return action[field]
+    found = _first_resource_id(context.get("triggering_event"), kind)
+    if not found:
+        raise ActionFailed(f"No {what} could be inferred")
+    return found
+
+
+def _inferred_flow_run(context: dict) -> str:
+    """Flow-run actions always act on the flow run the triggering event names."""
+    found = _first_resource_id(context.get("triggering_event"), "prefect.flow-run")
+    if not found:
+        raise ActionFailed("No flow run could be inferred")
+    return found
+
+
+def template_context(tx, automation: dict, context: dict, ui_url: str) -> dict:
+    """What templates see: the event, the automation, the triggering labels and the Prefect objects the
+    event names (flow_run, flow, deployment, work_pool, work_queue), as the API shows them."""
+    event = context.get("triggering_event")
+    values = {"event": _event_for_template(event) if event else UNDEFINED, "automation": automation,
+              "labels": context.get("triggering_labels") or {}, "firing": context, "__ui_url__": ui_url}
+    loaders = {"flow_run": ("prefect.flow-run", "flow_run", flow_run_out),
+               "flow": ("prefect.flow", "flow", lambda r: decode_row("flow", r)),
+               "deployment": ("prefect.deployment", "deployment", lambda r: decode_row("deployment", r)),
+               "work_pool": ("prefect.work-pool", "work_pool", lambda r: decode_row("work_pool", r)),
+               "work_queue": ("prefect.work-queue", "work_queue", lambda r: decode_row("work_queue", r))}
+    for name, (kind, table, decode) in loaders.items():
+        object_id = _first_resource_id(event, kind)
+        row = read_row(tx, table, object_id) if object_id and _UUID_RE.match(object_id) else None
+        if row is not None:
+            values[name] = {**decode(row), "__kind__": kind.removeprefix("prefect.")}
+    return values
+
+
+def _event_for_template(event: dict) -> dict:
+    """An event as Prefect's templates see it: resources also answer .id, .name and .role."""
+    def resource(labels):
+        short = {"id": labels.get("prefect.resource.id"), "name": labels.get("prefect.resource.name"),
+                 "role": labels.get("prefect.resource.role")}
+        return {**{k: v for k, v in short.items() if v is not None}, **labels}
+    return {**event, "resource": resource(event["resource"]), "related": [resource(r) for r in event["related"]]}
+
+
+def _run_deployment(tx, action, context, automation, settings, ui_url, action_id):
+    dep_id = _target_id(action, "deployment_id", "prefect.deployment", context, "deployment")
+    values = template_context(tx, automation, context, ui_url)
+    try:
+        parameters = hydrate(action.get("parameters") or {}, values)
+        job_variables = hydrate(action.get("job_variables") or {}, values)
+    except TemplateError as exc:
+        raise ActionFailed(f"Unable to render the parameters: {exc}") from None
+    try:
+        run, _ = create_deployment_flow_run(tx, dep_id, {
+            "parameters": parameters, "job_variables": job_variables, "idempotency_key": f"automation {action_id}",
+            "tags": []})
+    except NotFound:
+        raise ActionFailed(f"Deployment {dep_id} not found") from None
+    except ValidationFailed as exc:
+        raise ActionFailed(f"The parameters do not fit the deployment: {exc}") from None
+    tx.execute("UPDATE flow_run SET created_by = ? WHERE id = ? AND created_by IS NULL",
+               (dumps({"id": automation["id"], "type": "AUTOMATION", "display_value": automation["name"]}), run["id"]))
+    return {"flow_run_id": run["id"]}, [{"prefect.resource.id": f"prefect.flow-run.{run['id']}",
+                                         "prefect.resource.role": "flow-run", "prefect.resource.name": run["name"]}]
+
+
+def _set_deployment_paused(paused: bool):
+    def act(tx, action, context, automation, settings, ui_url, action_id):
+        dep_id = _target_id(action, "deployment_id", "prefect.deployment", context, "deployment")
+        try:
+            update_deployment(tx, dep_id, {"paused": paused}, {"paused": paused})
+        except NotFound:
+            raise ActionFailed(f"Deployment {dep_id} not found") from None
+        return {}, [{"prefect.resource.id": f"prefect.deployment.{dep_id}", "prefect.resource.role": "target"}]
+    return act
+
+
+def _flow_run_state(make_state):
+    def act(tx, action, context, automation, settings, ui_url, action_id):
+        run_id = _inferred_flow_run(context)
+        row = read_row(tx, "flow_run", run_id, lock=True)
+        if row is None:
+            raise ActionFailed(f"Flow run {run_id} not found")
+        proposed, force = make_state(action, automation, row)
+        outcome = orchestrate(tx, "flow", row, proposed, force=force)
+        if outcome.status != "ACCEPT":
+            raise ActionFailed(f"The state change was {outcome.status.lower()}ed: {outcome.details().get('reason')}")
+        return {}, [{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "target"}]
+    return act
+
+
+def _cancelling(action, automation, row):
+    return {"type": "CANCELLING", "name": "Cancelling", "message": f"Cancelled by Automation {automation['id']}",
+            "state_details": {}}, True
+
+
+def _suspended(action, automation, row):
+    timeout = iso(utcnow() + _dt.timedelta(hours=1))
+    return {"type": "PAUSED", "name": "Suspended", "message": f"Suspended by Automation {automation['id']}",
+            "state_details": {"pause_timeout": timeout, "pause_reschedule": True}}, True
+
+
+def _changed_state(action, automation, row):
+    return {"type": action["state"], "name": action.get("name"),
+            "message": action.get("message") or f"State changed by Automation {automation['id']}",
+            "state_details": {}}, bool(action.get("force", True))
+
+
+def _resume_flow_run(tx, action, context, automation, settings, ui_url, action_id):
+    run_id = _inferred_flow_run(context)
+    outcome = resume_flow_run(tx, run_id, None)
+    if outcome.status != "ACCEPT":
+        raise ActionFailed(f"The flow run could not be resumed: {outcome.details().get('reason')}")
+    return {}, [{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "target"}]
+
+
+def _delete_flow_run(tx, action, context, automation, settings, ui_url, action_id):
+    run_id = _inferred_flow_run(context)
+    if not tx.execute("DELETE FROM flow_run WHERE id = ?", (run_id,)).rowcount:
+        raise ActionFailed(f"Flow run {run_id} not found")
+    tx.execute("DELETE FROM log WHERE flow_run_id = ?", (run_id,))
+    return {}, []
+
+
+def _set_paused(table: str, field: str, kind: str, column: str, paused: bool):
+    def act(tx, action, context, automation, settings, ui_url, action_id):
+        target = _target_id(action, field, kind, context, kind.removeprefix("prefect.").replace("-", " "))
+        values = {column: not paused if column == "enabled" else paused, "updated": now_iso()}
+        if not update_row(tx, table, target, values):
+            raise ActionFailed(f"{kind.removeprefix('prefect.').replace('-', ' ').capitalize()} {target} not found")
+        if table == "automation":
+            _forget_trigger_state(tx, target)
+            if not paused:
+                _start_proactive_buckets(tx, automation_out(read_row(tx, "automation", target)), utcnow())
+        return {}, [{"prefect.resource.id": f"{kind}.{target}", "prefect.resource.role": "target"}]
+    return act
+
+
+def _notification_block(tx, block_document_id: str) -> tuple[str, dict]:
+    row = tx.query_one("SELECT * FROM block_document WHERE id = ?", (block_document_id,))
+    if row is None:
+        raise ActionFailed(f"Block document {block_document_id} not found")
+    full = block_document_out(tx, row, include_secrets=True)
+    return full["block_type"]["slug"], full["data"]
+
+
+def _render(template: str, values: dict, what: str) -> str:
+    try:
+        return render_template(template, values)
+    except TemplateError as exc:
+        raise ActionFailed(f"Unable to render the {what}: {exc}") from None
+
+
+def prepare_automation_action(tx, row: dict, settings: Settings, ui_url: str):
+    """What an action needs outside the transaction (a notification's or webhook's rendered message and
+    destination), or None when it acts inside the database only."""
+    action, context = json.loads(row["action"]), json.loads(row["context"])
+    automation_row = read_row(tx, "automation", row["automation_id"])
+    automation = automation_out(automation_row) if automation_row else {"id": row["automation_id"], "name": ""}
+    if action["type"] == "send-notification":
+        slug, data = _notification_block(tx, action["block_document_id"])
+        values = template_context(tx, automation, context, ui_url)
+        return ("notify", slug, data, _render(action.get("subject") or "", values, "subject"),
+                _render(action["body"], values, "body"))
+    if action["type"] == "call-webhook":
+        slug, data = _notification_block(tx, action["block_document_id"])
+        values = template_context(tx, automation, context, ui_url)
+        return ("webhook", slug, data, _render(action.get("payload") or "", values, "payload"))
+    return None
+
+
+def call_webhook(slug: str, data: dict, payload: str, settings: Settings) -> None:
+    """POST (or the block's method) the rendered payload: JSON when it parses as JSON, else text."""
+    url = data.get("url")
+    if not url:
+        raise ActionFailed(f"the {slug} block has no url")
+    headers = dict(data.get("headers") or {})
+    method = (data.get("method") or "POST").upper()
+    try:
+        body = loads(payload) if payload.strip() else None
+    except ValueError:
+        headers.setdefault("Content-Type", "text/plain; charset=utf-8")
+        try:
+            _http_send(method, url, settings["PREFECT_NOTIFICATIONS_TIMEOUT"], raw=payload.encode(), headers=headers)
+        except NotificationFailed as exc:
+            raise ActionFailed(str(exc)) from None
+        return
+    try:
+        _http_send(method, url, settings["PREFECT_NOTIFICATIONS_TIMEOUT"], json_body=body, headers=headers)
+    except NotificationFailed as exc:
+        raise ActionFailed(str(exc)) from None
+
+
+ACTIONS_IN_DATABASE = {  # type -> function(tx, action, context, automation, settings, ui_url, action id)
+    "do-nothing": lambda *args: ({}, []),
+    "run-deployment": _run_deployment,
+    "pause-deployment": _set_deployment_paused(True),
+    "resume-deployment": _set_deployment_paused(False),
+    "cancel-flow-run": _flow_run_state(_cancelling),
+    "suspend-flow-run": _flow_run_state(_suspended),
+    "change-flow-run-state": _flow_run_state(_changed_state),
+    "resume-flow-run": _resume_flow_run,
+    "delete-flow-run": _delete_flow_run,
+    "pause-work-pool": _set_paused("work_pool", "work_pool_id", "prefect.work-pool", "is_paused", True),
+    "resume-work-pool": _set_paused("work_pool", "work_pool_id", "prefect.work-pool", "is_paused", False),
+    "pause-work-queue": _set_paused("work_queue", "work_queue_id", "prefect.work-queue", "is_paused", True),
+    "resume-work-queue": _set_paused("work_queue", "work_queue_id", "prefect.work-queue", "is_paused", False),
+    "pause-automation": _set_paused("automation", "automation_id", "prefect.automation", "enabled", True),
+    "resume-automation": _set_paused("automation", "automation_id", "prefect.automation", "enabled", False),
+}
+
+
+def act_in_database(tx, row: dict, settings: Settings, ui_url: str) -> tuple[dict, list]:
+    action, context = json.loads(row["action"]), json.loads(row["context"])
+    automation_row = read_row(tx, "automation", row["automation_id"])
+    automation = automation_out(automation_row) if automation_row else {"id": row["automation_id"], "name": ""}
+    return ACTIONS_IN_DATABASE[action["type"]](tx, action, context, automation, settings, ui_url, row["id"])
+
+
+def finish_automation_action(tx, row: dict, error: str | None, details: dict, related: list) -> None:
+    """Record the outcome: the queue row becomes the action's history, and the automation's
+    prefect.automation.action.executed (or .failed) event is stored."""
+    tx.execute("UPDATE automation_action_queue SET status = ?, last_error = ?, updated = ? WHERE id = ?",
+               ("FAILED" if error else "COMPLETED", error, now_iso(), row["id"]))
+    automation_row = read_row(tx, "automation", row["automation_id"])
+    if automation_row is None:
+        return
+    action, context = json.loads(row["action"]), json.loads(row["context"])
+    automation = automation_out(automation_row)
+    related = list(related)
+    if context.get("automation_event_id"):
+        related.append({"prefect.resource.id": f"prefect.event.{context['automation_event_id']}",
+                        "prefect.resource.role": "automation-triggered-event"})
+    if context.get("triggering_event"):
+        related.append({"prefect.resource.id": f"prefect.event.{context['triggering_event']['id']}",
+                        "prefect.resource.role": "triggering-event"})
+    details_of_action = {"action_index": row["action_index"], "action_type": action["type"], "invocation": row["id"]}
+    triggered = _automation_event(tx, automation, "prefect.automation.action.triggered", related, details_of_action,
+                                  occurred=context.get("triggered"))
+    payload = {**details_of_action, **details, **({"reason": error} if error else {})}
+    _automation_event(tx, automation,
+                      "prefect.automation.action.failed" if error else "prefect.automation.action.executed",
+                      related, payload, follows=triggered["id"])
+
+
+def automation_action_history(tx, automation_id: str, limit: int = 50) -> list[dict]:
+    rows = tx.query("SELECT * FROM automation_action_queue WHERE automation_id = ? ORDER BY created DESC, "
+                    "action_index LIMIT ?", (automation_id, limit))
+    return [{"id": r["id"], "created": r["created"], "updated": r["updated"], "status": r["status"],
+             "attempts": r["attempts"], "action": json.loads(r["action"]), "error": r["last_error"]} for r in rows]
+
 
 
 # --- 8. Services ---
@@ -7063,6 +8371,125 @@ class EventRetention(Service):
 EVENT_RETENTION_LOOP_SECONDS = 3600.0
 
 
+class AutomationActor(Service):
+    """Runs the actions automations owe and closes the windows of proactive triggers as they end.
+
+    An action is claimed in its own short transaction (SKIP LOCKED on PostgreSQL) before it runs, so two
+    replicas never run the same one; actions on the database then run in one transaction with their
+    record, notifications and webhooks are sent outside it and retried with backoff when they fail.
+    """
+
+    name = "automations"
+    lease_seconds = 120.0
+    ran = 0
+    failures = 0
+
+    def _next_wait(self) -> float:
+        """Sleep until a proactive window ends or a retry is due (or the loop interval), not a fixed poll."""
+        try:
+            with self.app.db.read() as tx:
+                due = [tx.scalar("SELECT MIN(next_attempt_at) FROM automation_action_queue "
+                                 "WHERE status IN ('PENDING', 'RUNNING')"),
+                       tx.scalar("SELECT MIN(b.end_time) FROM automation_bucket b JOIN automation a "
+                                 "ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive'",
+                                 (True,))]
+        except DatabaseError:
+            return self.interval
+        waits = [(from_iso(d) - utcnow()).total_seconds() for d in due if d is not None]
+        return min([self.interval, *[max(w, 0.01) for w in waits]])
+
+    def run_once(self):
+        evaluate_proactive_triggers(self.app.db)
+        horizon = iso(utcnow() - _dt.timedelta(days=AUTOMATION_HISTORY_DAYS))
+        with self.app.db.read() as tx:  # most passes find nothing: no write transaction for them
+            due = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') "
+                               "AND next_attempt_at <= ? LIMIT 1", (now_iso(),))
+            old = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
+                               "AND updated < ? LIMIT 1", (horizon,))
+        while due and not self._stop.is_set():
+            row = self._claim()
+            if row is None:
+                break
+            self._run(row)
+        if old:
+            with self.app.db.write() as tx:
+                tx.execute("DELETE FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
+                           "AND updated < ?", (horizon,))
+
+    def _claim(self) -> dict | None:
+        db, now = self.app.db, utcnow()
+        with db.write() as tx:
+            row = tx.query_one(
+                "SELECT * FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') AND next_attempt_at <= ? "
+                f"ORDER BY next_attempt_at, created, action_index LIMIT 1{db.for_update}{db.skip_locked}", (iso(now),))
+            if row is None:
+                return None
+            tx.execute("UPDATE automation_action_queue SET status = 'RUNNING', attempts = attempts + 1, "
+                       "next_attempt_at = ?, updated = ? WHERE id = ?",
+                       (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]))
+        return {**row, "attempts": row["attempts"] + 1}
+
+    def _run(self, row: dict):
+        settings, ui_url = self.app.settings, self.app.public_url()
+        try:
+            with self.app.db.read() as tx:
+                prepared = prepare_automation_action(tx, row, settings, ui_url)
+        except ActionFailed as exc:
+            return self._finish(row, str(exc))
+        if prepared is None:
+            return self._act_in_database(row)
+        try:
+            if prepared[0] == "notify":
+                _kind, slug, data, subject, body = prepared
+                try:
+                    deliver(settings, slug, data, subject, body)
+                except NotificationFailed as exc:
+                    raise ActionFailed(str(exc)) from None
+            else:
+                _kind, slug, data, payload = prepared
+                call_webhook(slug, data, payload, settings)
+        except ActionFailed as exc:
+            if row["attempts"] < settings["PREFECT_NOTIFICATIONS_MAX_ATTEMPTS"]:
+                return self._retry(row, str(exc))
+            return self._finish(row, str(exc))
+        self._finish(row, None)
+
+    def _act_in_database(self, row: dict):
+        with self.app.db.write() as tx:
+            current = tx.query_one(f"SELECT status FROM automation_action_queue WHERE id = ?{tx.db.for_update}",
+                                   (row["id"],))
+            if current is None or current["status"] != "RUNNING":
+                return
+            try:
+                details, related = act_in_database(tx, row, self.app.settings, self.app.public_url())
+                error = None
+            except ActionFailed as exc:
+                details, related, error = {}, [], str(exc)
+            finish_automation_action(tx, row, error, details, related)
+        self._count(row, error)
+
+    def _finish(self, row: dict, error: str | None):
+        with self.app.db.write() as tx:
+            finish_automation_action(tx, row, error, {}, [])
+        self._count(row, error)
+
+    def _count(self, row: dict, error: str | None):
+        if error:
+            self.failures += 1
+            log.warning("automation %s action %d failed: %s", row["automation_id"], row["action_index"], error)
+        else:
+            self.ran += 1
+
+    def _retry(self, row: dict, error: str):
+        delay = min(self.app.settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (row["attempts"] - 1), _A_DAY)
+        log.warning("automation %s action %d failed (attempt %d): %s; retrying in %gs", row["automation_id"],
+                    row["action_index"], row["attempts"], error, delay)
+        with self.app.db.write() as tx:
+            tx.execute("UPDATE automation_action_queue SET status = 'PENDING', next_attempt_at = ?, last_error = ?, "
+                       "updated = ? WHERE id = ?",
+                       (iso(utcnow() + _dt.timedelta(seconds=delay)), error[:1000], now_iso(), row["id"]))
+
+
 def build_services(app) -> list[Service]:
     s = app.settings
     services = []
@@ -7074,6 +8501,8 @@ def build_services(app) -> list[Service]:
     services.append(CancellationCleanup(app, s["PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS"]))
     if s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED"]:
         services.append(NotificationSender(app, s["PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS"]))
+    if s["PREFECT_API_SERVICES_TRIGGERS_ENABLED"]:
+        services.append(AutomationActor(app, s["PREFECT_API_SERVICES_TRIGGERS_LOOP_SECONDS"]))
     if s["PREFECT_SERVER_SERVICES_RETENTION_ENABLED"]:
         services.append(Retention(app, s["PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS"]))
     services.append(LeaseRepossessor(app, LEASE_REPOSSESSOR_LOOP_SECONDS))
@@ -8843,9 +10272,91 @@ def read_metrics(app, req):
     return 200, RawBody(render_metrics(app).encode(), "text/plain; version=0.0.4; charset=utf-8")
 
 
+# Handlers: automations
+
+def _automation_id(req) -> str:
+    """Prefect's automation routes take only a UUID (`{id:uuid}`): another path is not found, not a 422."""
+    try:
+        return req.uuid()
+    except ValidationFailed:
+        raise NotFound("Not Found") from None
+
+
+def _require_job_variables_deployment(tx, data: dict, creating: bool) -> None:
+    """As Prefect's server: a run-deployment action with job variables names a deployment that exists (404)."""
+    for action in data["actions"]:
+        if action["type"] != "run-deployment" or not action.get("deployment_id"):
+            continue
+        if action.get("job_variables") is None or (creating and action["job_variables"] == {}):
+            continue
+        if read_row(tx, "deployment", action["deployment_id"]) is None:
+            raise NotFound("Deployment not found.")
+
+
+@body(AutomationCreate)
+def create_automation_handler(app, req):
+    data = validate_automation(req.data, req.body_dict(), AutomationCreate)
+    with app.db.write() as tx:
+        _require_job_variables_deployment(tx, data, creating=True)
+        return 201, create_automation(tx, data, data.get("owner_resource"))
+
+
+@body(AutomationUpdate)
+def update_automation_handler(app, req):
+    data = validate_automation(req.data, req.body_dict(), AutomationUpdate)
+    with app.db.write() as tx:
+        _require_job_variables_deployment(tx, data, creating=False)
+        update_automation(tx, _automation_id(req), {k: data[k] for k in AUTOMATION_FIELDS})
+    return 204, NO_CONTENT
+
+
+@body(AutomationPartialUpdate)
+def patch_automation(app, req):
+    _no_unknown_fields(req.body_dict(), AutomationPartialUpdate, ("body",))
+    with app.db.write() as tx:
+        update_automation(tx, _automation_id(req), {"enabled": req.data["enabled"]})
+    return 204, NO_CONTENT
+
+
+def read_automation(app, req):
+    with app.db.read() as tx:
+        return 200, automation_out(require_row(tx, "automation", _automation_id(req), "Automation"))
+
+
+def delete_automation_handler(app, req):
+    with app.db.write() as tx:
+        if not delete_automation(tx, _automation_id(req)):
+            raise NotFound("Automation not found")
+    return 204, NO_CONTENT
+
+
+@body(AutomationFilterBody)
+def read_automations_filtered(app, req):
+    with app.db.read() as tx:
+        return 200, read_automations(tx, req.data)
+
+
+def count_automations(app, req):
+    with app.db.read() as tx:
+        return 200, tx.scalar("SELECT COUNT(*) FROM automation")
+
+
 def read_automations_related_to(app, req):
-    """No automations are kept yet, so none relates to any resource; the 3.x CLI's `deployment inspect` asks."""
-    return 200, []
+    with app.db.read() as tx:
+        return 200, automations_related_to(tx, req.params["resource_id"])
+
+
+def delete_automations_owned_by(app, req):
+    with app.db.write() as tx:
+        delete_automations_owned_by_resource(tx, req.params["resource_id"])
+    return 202, None
+
+
+def read_automation_history(app, req):
+    """The actions an automation ran, newest first, with their outcome (our extension, for the UI)."""
+    with app.db.read() as tx:
+        require_row(tx, "automation", _automation_id(req), "Automation")
+        return 200, automation_action_history(tx, _automation_id(req))
 
 
 # The route table: every API route, in one place. Paths are relative to /api.
@@ -8856,7 +10367,16 @@ ROUTES = [
     ("GET", "/version", read_server_version),
     ("GET", "/admin/version", read_api_version),
     ("GET", "/admin/settings", read_admin_settings),
+    ("POST", "/automations/", create_automation_handler),
+    ("POST", "/automations/filter", read_automations_filtered),
+    ("POST", "/automations/count", count_automations),
     ("GET", "/automations/related-to/{resource_id}", read_automations_related_to),
+    ("DELETE", "/automations/owned-by/{resource_id}", delete_automations_owned_by),
+    ("GET", "/automations/{id}", read_automation),
+    ("GET", "/automations/{id}/history", read_automation_history),
+    ("PUT", "/automations/{id}", update_automation_handler),
+    ("PATCH", "/automations/{id}", patch_automation),
+    ("DELETE", "/automations/{id}", delete_automation_handler),
     ("GET", "/admin/storage", read_result_storage),
     ("PUT", "/admin/storage", update_result_storage),
     ("DELETE", "/admin/storage", clear_result_storage),
@@ -9814,6 +11334,8 @@ class App:
             service.start()
             if isinstance(service, NotificationSender):
                 NOTIFICATION_WAKERS.append(service.wake)
+            if isinstance(service, AutomationActor):
+                AUTOMATION_WAKERS.append(service.wake)
 
     def stop_services(self):
         with contextlib.suppress(ValueError):
@@ -9821,6 +11343,8 @@ class App:
         for service in self.services:
             with contextlib.suppress(ValueError):
                 NOTIFICATION_WAKERS.remove(service.wake)
+            with contextlib.suppress(ValueError):
+                AUTOMATION_WAKERS.remove(service.wake)
             service.stop()
 
     def close(self):
@@ -11326,6 +12850,7 @@ class _ProcessGroup:
         EVENT_SINKS.append((app.db, self._relay_events))
         if not app.services:
             NOTIFICATION_WAKERS.append(functools.partial(self.wake_services, "notifications"))
+            AUTOMATION_WAKERS.append(functools.partial(self.wake_services, "automations"))
         threading.Thread(target=self._read_notes, name="prefectlite-notes", daemon=True).start()
 
     def count_changes(self, changes: int):

@@ -21,6 +21,7 @@ class Hit:
     headers: dict  # lower-cased names
     body: bytes
     status: int = 0  # what the receiver answered
+    at: float = dataclasses.field(default_factory=time.time)  # when it arrived (wall clock, seconds)
 
     @property
     def route(self) -> str:

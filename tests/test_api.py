@@ -977,10 +977,6 @@ def test_openapi_lists_every_route(client, server):
 
 # The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 API is not served" says.
 NOT_SERVED = {
-    ("POST", "/automations/"), ("GET", "/automations/{id}"), ("PUT", "/automations/{id}"),
-    ("PATCH", "/automations/{id}"), ("DELETE", "/automations/{id}"), ("POST", "/automations/filter"),
-    ("POST", "/automations/count"),
-    ("DELETE", "/automations/owned-by/{resource_id}"),
     ("POST", "/ui/flow_runs/history"), ("POST", "/ui/task_runs/count"), ("POST", "/ui/task_runs/dashboard/counts"),
     ("POST", "/ui/schemas/validate"), ("POST", "/flow_runs/lateness"), ("POST", "/templates/validate"),
     ("GET", "/collections/views/{view}"), ("GET", "/deployments/{id}/work_queue_check"),
@@ -988,8 +984,8 @@ NOT_SERVED = {
 }
 
 
-def test_automations_related_to_a_resource_are_none_yet(client):
-    """The 3.x CLI's `prefect deployment inspect` asks for them; without automations the answer is empty."""
+def test_automations_related_to_an_unknown_resource_are_none(client):
+    """The 3.x CLI's `prefect deployment inspect` asks for them; a resource no automation names has none."""
     resource = f"prefect.deployment.{uuid.uuid4()}"
     assert client.get(f"/automations/related-to/{resource}") == (200, [])
 

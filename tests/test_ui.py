@@ -923,6 +923,68 @@ def test_notifications_send_test(ui, api, data, webhook, receiver):
         api.ok("DELETE", f"/flow_run_notification_policies/{p['id']}")
 
 
+def automations(api):
+    return api.post("/automations/filter", {})
+
+
+def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, receiver):
+    """The Automations page: a sentence per automation, created with the form; it fires (last fired, the
+    action history), pauses, resumes, is edited and deleted, each checked through the API."""
+    for a in automations(api):
+        api.ok("DELETE", f"/automations/{a['id']}")
+    ui.open("automations")
+    ui.wait_text("main .empty-state", "No automations yet")
+    ui.click(".page-header button", "Create automation")
+    ui.wait_text("main form h2", "Create Automation")
+    ui.type("#auto-name", "page-on-failure")
+    ui.type("#auto-tags", "nightly-ui")
+    ui.choose("#auto-block", "my-slack-webhook")
+    ui.type("#auto-body", "{{ flow_run.name }} is {{ flow_run.state.name }}")
+    ui.click("form.automation-form button[type=submit]", "Create automation")
+    sentence = "When a run of any flow with nightly-ui tag enters a failed state, send a notification to my-slack-webhook"
+    ui.wait_text("main .automation-sentence", sentence)
+    ui.wait_text("main .automation-last", "Never fired")
+    [a] = automations(api)
+    assert a["name"] == "page-on-failure" and a["enabled"] is True
+    assert a["trigger"]["expect"] == ["prefect.flow-run.Failed"] and a["trigger"]["posture"] == "Reactive"
+    assert a["actions"][0]["block_document_id"] == webhook["id"]
+    # it fires for a failed run with the tag
+    before = len(receiver.messages)
+    flow = api.post("/flows/", {"name": "ui-automated"})
+    api.post("/flow_runs/", {"flow_id": flow["id"], "name": "ui-failing-run", "tags": ["nightly-ui"],
+                             "state": {"type": "FAILED", "name": "Failed"}})
+    deadline = time.monotonic() + 15
+    while len(receiver.messages) == before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert "ui-failing-run is Failed" in receiver.messages[before][1]
+    ui.open("automations")
+    ui.wait_text("main .automation-last", "Last fired")
+    ui.click("main .automation summary", "Action history")
+    ui.wait_text("main .automation-history", "completed")
+    # pause, resume
+    ui.click("main .automation button", "Pause")
+    ui.wait_text("main .automation .pill", "Paused")
+    assert automations(api)[0]["enabled"] is False
+    ui.click("main .automation button", "Resume")
+    ui.wait_text("main .automation .pill", "Active")
+    assert automations(api)[0]["enabled"] is True
+    # edit: crashed runs too, any tag
+    ui.click("main .automation button", "Edit")
+    ui.wait_text("main form h2", "Edit Automation")
+    ui.click("form.automation-form input[value=Crashed]")
+    ui.type("#auto-tags", "")
+    ui.click("form.automation-form button[type=submit]", "Save automation")
+    ui.wait_text("main .automation-sentence",
+                 "When a run of any flow enters a failed or crashed state, send a notification to my-slack-webhook")
+    [a] = automations(api)
+    assert a["trigger"]["expect"] == ["prefect.flow-run.Crashed", "prefect.flow-run.Failed"]
+    # delete
+    ui.click("main .automation button", "Delete")
+    ui.confirm("Delete")
+    ui.wait_text("main .empty-state", "No automations yet")
+    assert automations(api) == []
+
+
 # ---------------------------------------------------------------- about, routing, layout, requests
 
 def test_about_page_shows_server_versions(ui, api):

@@ -12,6 +12,7 @@ import variablesPage from './pages/variables.js';
 import artifactsPage from './pages/artifacts.js';
 import concurrencyPage from './pages/concurrency.js';
 import notificationsPage from './pages/notifications.js';
+import automationsPage from './pages/automations.js';
 import aboutPage from './pages/about.js';
 
 const routes = [
@@ -31,6 +32,7 @@ const routes = [
   [/^artifacts$/, 'artifacts', artifactsPage],
   [/^concurrency-limits$/, 'concurrency-limits', concurrencyPage],
   [/^notifications$/, 'notifications', notificationsPage],
+  [/^automations$/, 'automations', automationsPage],
   [/^about$/, 'about', aboutPage],
 ];
 
