@@ -9947,14 +9947,40 @@ def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
     if not target.is_relative_to(root.resolve()):
         return 404, None, {}
     if not is_file:
-        if "." in relative.rsplit("/", 1)[-1]:  # a missing asset is a 404, not the index page
+        if _names_an_asset(root, relative):  # a missing asset is a 404, not the index page
             return 404, None, {}
-        target = root / "index.html"
+        return _index_page(root, relative)
     data = target.read_bytes()
     ctype = _CONTENT_TYPES.get(target.suffix, mimetypes.guess_type(target.name)[0] or "application/octet-stream")
     stat = target.stat()
     etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
     return 200, RawBody(data, ctype), {"Cache-Control": "no-cache", "ETag": etag}
+
+
+def _names_an_asset(root: Path, relative: str) -> bool:
+    """A path the UI's pages never use: a file name at the top (favicon.ico) or anything in an asset folder
+    (js/, css/). Deeper page paths may end in a name with a dot (/work-pools/work-pool/pool.v2)."""
+    first, _, rest = relative.partition("/")
+    if not rest:
+        return "." in first
+    try:
+        return (root / first).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+_INDEX_BASE = b'<base href="./">'
+
+
+def _index_page(root: Path, relative: str) -> tuple[int, RawBody, dict]:
+    """index.html for a page path (the UI routes on the client), its <base> pointing back at the UI's root
+    by a relative path, so that its assets load from any depth, also behind a proxy that adds a prefix."""
+    index = root / "index.html"
+    depth = relative.count("/")
+    data = index.read_bytes().replace(_INDEX_BASE, f'<base href="{"../" * depth or "./"}">'.encode(), 1)
+    stat = index.stat()
+    etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}-{depth}"'
+    return 200, RawBody(data, "text/html; charset=utf-8"), {"Cache-Control": "no-cache", "ETag": etag}
 
 
 def _is_loopback(address: str) -> bool:

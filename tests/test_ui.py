@@ -99,7 +99,7 @@ class UI:
     def open(self, route, ready=True):
         # A full load every time: proves deep links work and resets the page's resource log.
         self.b.get("about:blank")
-        self.b.get(f"{self.base}/#/{route}")
+        self.b.get(f"{self.base}/{route}")
         if ready:
             self.wait_ready()
 
@@ -161,8 +161,10 @@ class UI:
             "return [...document.querySelectorAll(arguments[0])].filter(e => e.getClientRects().length)"
             ".map(r => [...r.cells].map(c => c.innerText.trim()))", css)
 
-    def hash(self):
-        return self.b.execute("return decodeURIComponent(location.hash)")
+    def route(self):
+        """The page's route: its path below the UI's root and its query, decoded."""
+        return self.b.execute("const root = new URL(document.baseURI).pathname;"
+                              "return decodeURIComponent(location.pathname.slice(root.length) + location.search)")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -325,7 +327,7 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
     # the window picker reloads the counts for the past hour
     ui.click("main .segmented button", "Past hour")
     ui.wait_text("#run-counts", "Total runs")
-    assert "window=1h" in ui.hash()
+    assert "window=1h" in ui.route()
     ui.wait_text(".card-head h2", "Past hour")
 
 
@@ -344,7 +346,7 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     ui.wait_text(".pager-info", f"26–{min(50, total)} of {total}")
     page2 = [r[0] for r in ui.rows("main tr.run-row")]
     assert page2 and not set(page2) & set(page1)
-    assert "page=2" in ui.hash()
+    assert "page=2" in ui.route()
 
     # state filter from the dropdown
     ui.click("summary[aria-label='Filter by state']")
@@ -353,7 +355,7 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     rows = ui.rows("main tr.run-row")
     assert sorted(r[0] for r in rows) == ["act-failed", "etl-failed-1"]
     assert all("Failed" in r[3] for r in rows)
-    assert "state=FAILED" in ui.hash()
+    assert "state=FAILED" in ui.route()
 
     # a deep link with filters reproduces the same view after a reload
     ui.open("flow-runs?state=CRASHED,FAILED")
@@ -373,7 +375,7 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     ui.choose("#filter-flow", "reporter")
     ui.wait_text(".pager-info", "of 1")
     assert [r[0] for r in ui.rows("main tr.run-row")] == ["child-report"]
-    assert f"flow={data['flows']['reporter']['id']}" in ui.hash()
+    assert f"flow={data['flows']['reporter']['id']}" in ui.route()
 
     # time range: nothing ran in the year 2000
     ui.open("flow-runs?range=custom&from=2000-01-01T00:00:00.000Z&to=2000-01-02T00:00:00.000Z")
@@ -406,7 +408,7 @@ def test_flow_runs_list_asks_for_one_page_only(ui, api, data):
 
 def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api, data):
     main = data["main"]
-    ui.open(f"flow-runs/{main['id']}")
+    ui.open(f"flow-runs/flow-run/{main['id']}")
     assert ui.texts(".page-header h1") == ["etl-running"]
     assert "Running" in ui.text(".page-header .state-badge")
     summary = ui.text("main .kv")
@@ -420,7 +422,7 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     assert "extract-0" in ui.texts("#panel-logs .log-line")[2]  # the task run that wrote it
     ui.choose("#log-level", "Error and above")
     ui.b.wait(lambda: ui.texts("#panel-logs .log-line .log-level") == ["ERROR", "CRITICAL"], 10, "only error logs")
-    assert "level=40" in ui.hash()
+    assert "level=40" in ui.route()
     # task runs: table and timeline
     ui.click("button[role=tab]", "Task runs (3)")
     rows = ui.rows("#panel-task-runs tr.task-row")
@@ -441,13 +443,13 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     assert len(history) == len(api_states) >= 2
     assert history[0] == "Pending" and history[-1] == "Running"
     # the child links back to its parent
-    ui.open(f"flow-runs/{data['runs']['child-report']['id']}")
+    ui.open(f"flow-runs/flow-run/{data['runs']['child-report']['id']}")
     ui.wait_text("main .kv", "etl-running")
 
 
 def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
     run = data["runs"]["live-run"]
-    ui.open(f"flow-runs/{run['id']}")
+    ui.open(f"flow-runs/flow-run/{run['id']}")
     ui.wait_text("#panel-logs", "No logs")
     assert ui.texts("#panel-logs .live") == ["Live: following new logs"]
     api.post("/logs/", [{"name": "test", "level": 20, "message": "fresh line from the test", "timestamp": now_utc().isoformat(),
@@ -469,28 +471,28 @@ def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
 def test_flow_run_actions_cancel_retry_delete(ui, api, data):
     runs = data["runs"]
     # cancelling a running run asks it to stop
-    ui.open(f"flow-runs/{runs['act-running']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-running']['id']}")
     ui.click(".page-header button", "Cancel")
     ui.confirm("Cancel run")
     ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-running']['id']}")["state_type"] == "CANCELLING", 10, "CANCELLING")
     ui.wait_text(".page-header .state-badge", "Cancelling")
     # cancelling a run that is not running cancels it outright
-    ui.open(f"flow-runs/{runs['act-scheduled']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-scheduled']['id']}")
     ui.click(".page-header button", "Cancel")
     ui.confirm("Cancel run")
     ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-scheduled']['id']}")["state_type"] == "CANCELLED", 10, "CANCELLED")
     ui.wait_text(".page-header .state-badge", "Cancelled")
     # retrying a failed run schedules it again
-    ui.open(f"flow-runs/{runs['act-failed']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-failed']['id']}")
     assert ui.texts(".page-header button") == ["Retry", "Delete"]
     ui.click(".page-header button", "Retry")
     ui.confirm("Retry")
     ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-failed']['id']}")["state_type"] == "SCHEDULED", 10, "SCHEDULED")
     # deleting goes back to the list and the run is gone
-    ui.open(f"flow-runs/{runs['act-delete']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-delete']['id']}")
     ui.click(".page-header button", "Delete")
     ui.confirm("Delete")
-    ui.b.wait(lambda: ui.hash() == "#/flow-runs", 10, "the flow runs list")
+    ui.b.wait(lambda: ui.route() == "flow-runs", 10, "the flow runs list")
     assert api.request("GET", f"/flow_runs/{runs['act-delete']['id']}")[0] == 404
     ui.wait_ready()
     assert "act-delete" not in ui.text("main")
@@ -500,7 +502,7 @@ def test_api_errors_are_shown_in_words(ui, api, data):
     missing = str(uuid.uuid4())
     status, body = api.request("GET", f"/flow_runs/{missing}")
     assert status == 404
-    ui.open(f"flow-runs/{missing}")
+    ui.open(f"flow-runs/flow-run/{missing}")
     ui.wait_text("main .error-box", "Error 404")
     assert body["detail"] in ui.text("main .error-box")
     ui.open("no-such-page")
@@ -519,7 +521,7 @@ def test_flows_list_and_flow_detail(ui, api, data):
     ui.wait_text(".page-header h1", "reporter")
     ui.wait_ready()
     assert [r[0] for r in ui.rows("#flow-runs tr.run-row")] == ["child-report"]
-    ui.open(f"flows/{data['flows']['bulk-flow']['id']}")
+    ui.open(f"flows/flow/{data['flows']['bulk-flow']['id']}")
     ui.wait_text("#flow-runs .pager-info", "1–15 of 30")
 
 
@@ -527,7 +529,7 @@ def test_flow_detail_lists_its_deployments(ui, api, data):
     require_api(api, "POST", "/deployments/filter")
     flow = data["flows"]["daily-etl"]
     api.post("/deployments/", {"name": "etl-deploy-a", "flow_id": flow["id"]})
-    ui.open(f"flows/{flow['id']}")
+    ui.open(f"flows/flow/{flow['id']}")
     ui.wait_text("#flow-deployments", "etl-deploy-a")
 
 
@@ -552,8 +554,8 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     ui.type("dialog[open] #param-limit", "5")
     ui.type("dialog[open] #run-tags", "manual")
     ui.click("dialog[open] button[type=submit]", "Run")
-    ui.b.wait(lambda: ui.hash().startswith("#/flow-runs/"), 10, "the new flow run page")
-    run_id = ui.hash().split("/")[-1]
+    ui.b.wait(lambda: ui.route().startswith("flow-runs/flow-run/"), 10, "the new flow run page")
+    run_id = ui.route().split("/")[-1]
     run = api.get(f"/flow_runs/{run_id}")
     assert run["deployment_id"] == dep["id"]
     assert run["parameters"] == {"date": "2024-01-01", "limit": 5}
@@ -568,7 +570,7 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     names = [r[0] for r in ui.rows("main tr.run-row")]
     assert run["name"] in names and len(names) == expected
     # pause and resume
-    ui.open(f"deployments/{dep['id']}")
+    ui.open(f"deployments/deployment/{dep['id']}")
     ui.click(".page-header button", "Pause")
     ui.b.wait(lambda: api.get(f"/deployments/{dep['id']}")["paused"] is True, 10, "paused")
     ui.wait_text(".page-header .actions button", "Resume")
@@ -623,7 +625,7 @@ CREDS_FIELDS = {
 def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     require_api(api, "POST", "/block_types/filter")
     register_block_type(api, "ui-test-credentials", "UI Test Credentials", CREDS_FIELDS)
-    ui.open("blocks?tab=catalog")
+    ui.open("blocks/catalog")
     ui.type("#catalog-search", "UI Test")
     ui.click(".catalog-item[data-slug=ui-test-credentials] a", "Create")
     ui.wait_text(".page-header h1", "New UI Test Credentials block")
@@ -634,8 +636,8 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     ui.type("#block-password", "hunter2")
     ui.type("#block-port", "6543")
     ui.click("main button[type=submit]", "Create block")
-    ui.b.wait(lambda: ui.hash().startswith("#/blocks/") and "new" not in ui.hash(), 10, "the block page")
-    block_id = ui.hash().split("/")[-1]
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    block_id = ui.route().split("/")[-1]
     ui.wait_text(".page-header h1", "warehouse-login")
     ui.wait_ready()
     values = dict(ui.b.execute("return [...document.querySelectorAll('.block-value')].map(e => [e.dataset.field, e.innerText])"))
@@ -656,10 +658,10 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     # listed, then deleted
     ui.open("blocks")
     assert ["warehouse-login", "UI Test Credentials"] in [r[:2] for r in ui.rows()]
-    ui.open(f"blocks/{block_id}")
+    ui.open(f"blocks/block/{block_id}")
     ui.click(".page-header button", "Delete")
     ui.confirm("Delete")
-    ui.b.wait(lambda: ui.hash() == "#/blocks", 10, "the blocks list")
+    ui.b.wait(lambda: ui.route() == "blocks", 10, "the blocks list")
     assert api.request("GET", f"/block_documents/{block_id}")[0] == 404
 
 
@@ -715,7 +717,7 @@ def test_flow_run_artifacts_render_markdown_safely(ui, api, data):
     api.post("/artifacts/", {"key": "numbers", "type": "table", "flow_run_id": main["id"],
                              "data": json.dumps([{"a": 1, "b": 2}, {"a": 3, "b": 4}])})
     api.post("/artifacts/", {"key": "dash", "type": "link", "flow_run_id": main["id"], "data": "[dashboard](https://dash.example.com/)"})
-    ui.open(f"flow-runs/{main['id']}?tab=artifacts")
+    ui.open(f"flow-runs/flow-run/{main['id']}?tab=artifacts")
     ui.wait_text("#panel-artifacts h1", "Daily report")
     md = "#panel-artifacts article[data-type=markdown] .markdown"
     assert ui.texts(f"{md} strong") == ["1,234"] and ui.texts(f"{md} em") == ["3 s"]
@@ -744,11 +746,18 @@ def test_artifacts_page_shows_latest_per_key(ui, api, data):
     ui.wait_text("main .artifact-key", "summary")
     keys = ui.texts("main .artifact-key")
     assert keys.count("summary") == 1
-    ui.click("details[data-key=summary] summary")
-    ui.wait_text("details[data-key=summary] .markdown strong", "new version")
-    assert "etl-completed-1" in ui.text("details[data-key=summary] summary")
+    # open, with the run and its flow named
+    ui.wait_text("article[data-key=summary] .markdown strong", "new version")
+    head = ui.text("article[data-key=summary] .artifact-head")
+    assert "etl-completed-1" in head and "daily-etl" in head
     ui.click("main .segmented button", "All artifacts")
     ui.b.wait(lambda: ui.texts("main .artifact-key").count("summary") == 2, 10, "both versions")
+    # the key's own page lists its versions, newest first
+    ui.click("article[data-key=summary] a.artifact-key")
+    ui.b.wait(lambda: ui.route() == "artifacts/key/summary", 10, "the key's page")
+    ui.wait_text(".page-header h1", "summary")
+    ui.b.wait(lambda: len(ui.texts("main article.artifact-item")) == 2, 10, "two versions")
+    assert "new version" in ui.texts("main article.artifact-item .markdown")[0]
 
 
 # ---------------------------------------------------------------- concurrency limits
@@ -937,7 +946,7 @@ def test_about_page_shows_server_versions(ui, api):
 
 def test_every_route_renders_after_a_reload(ui, api, data):
     main = data["main"]
-    ui.open(f"flow-runs/{main['id']}?tab=parameters")
+    ui.open(f"flow-runs/flow-run/{main['id']}?tab=parameters")
     ui.b.refresh()
     ui.wait_ready()
     assert ui.texts(".page-header h1") == ["etl-running"]
@@ -950,17 +959,18 @@ def test_every_route_renders_after_a_reload(ui, api, data):
         assert ui.texts(".page-header h1") == [title], route
         assert ui.texts("#nav a.active") == [ui.texts(f"#nav a[data-nav='{route}']")[0]]
     ui.b.get(ui.base + "/")
-    ui.b.wait(lambda: ui.hash() == "#/dashboard", 10, "the default route")
+    ui.b.wait(lambda: ui.route() == "dashboard", 10, "the default route")
 
 
 def all_routes(api, data):
     main = data["main"]
-    routes = ["dashboard", "flow-runs", f"flow-runs/{main['id']}", f"flow-runs/{main['id']}?tab=artifacts", "flows",
-              f"flows/{data['flows']['daily-etl']['id']}", "deployments", "work-pools", "blocks", "blocks?tab=catalog",
+    routes = ["dashboard", "flow-runs", f"flow-runs/flow-run/{main['id']}", f"runs/flow-run/{main['id']}?tab=artifacts",
+              f"runs/task-run/{data['tasks']['extract']['id']}", "flows", f"flows/flow/{data['flows']['daily-etl']['id']}",
+              "deployments", "work-pools", "blocks", "blocks/catalog",
               "variables", "artifacts", "concurrency-limits", "notifications", "about"]
-    for method, path, route_of in (("POST", "/deployments/filter", lambda x: f"deployments/{x['id']}"),
-                                   ("POST", "/work_pools/filter", lambda x: f"work-pools/{x['name']}"),
-                                   ("POST", "/block_documents/filter", lambda x: f"blocks/{x['id']}")):
+    for method, path, route_of in (("POST", "/deployments/filter", lambda x: f"deployments/deployment/{x['id']}"),
+                                   ("POST", "/work_pools/filter", lambda x: f"work-pools/work-pool/{x['name']}"),
+                                   ("POST", "/block_documents/filter", lambda x: f"blocks/block/{x['id']}")):
         status, items = api.request(method, path, {"limit": 1})
         if status == 200 and items:
             routes.append(route_of(items[0]))
@@ -988,7 +998,7 @@ def test_narrow_window_layout(ui, api, data):
         assert ui.texts("#nav a") == []  # the menu is folded away
         ui.click("button.nav-toggle", "Menu")
         ui.click("#nav a", "Flows")
-        ui.b.wait(lambda: ui.hash() == "#/flows", 10, "the flows page")
+        ui.b.wait(lambda: ui.route() == "flows", 10, "the flows page")
         ui.wait_ready()
         assert ui.texts(".page-header h1") == ["Flows"]
         assert ui.texts("#nav a") == []
@@ -999,7 +1009,7 @@ def test_narrow_window_layout(ui, api, data):
 def test_times_are_shown_in_the_browser_time_zone(ui, api, data):
     assert ui.b.execute("return new Date().getTimezoneOffset()") == -330  # the browser is at UTC+05:30
     run = data["runs"]["etl-completed-1"]
-    ui.open(f"flow-runs/{run['id']}")
+    ui.open(f"flow-runs/flow-run/{run['id']}")
     shown = ui.b.execute("return document.querySelector('main .kv time').innerText")
     utc = datetime.datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
     local = utc.astimezone(datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
@@ -1063,7 +1073,7 @@ def test_ui_served_under_a_serve_base(browser, tmp_path):
         ui = UI(browser, api_url[: -len("/api")] + "/ui")
         ui.open("flows")
         assert [r[0] for r in ui.rows()] == ["under-ui-base"]
-        ui.open(f"flows/{flow['id']}")
+        ui.open(f"flows/flow/{flow['id']}")
         assert ui.texts(".page-header h1") == ["under-ui-base"]
 
 
@@ -1104,7 +1114,7 @@ def test_ui_works_behind_a_path_prefix(ui, api, data):
     thread.start()
     try:
         prefixed = UI(ui.b, f"http://127.0.0.1:{proxy.server_address[1]}/prefix")
-        prefixed.open(f"flow-runs/{data['main']['id']}")
+        prefixed.open(f"flow-runs/flow-run/{data['main']['id']}")
         assert prefixed.texts(".page-header h1") == ["etl-running"]
         prefixed.open("flow-runs?q=etl-comp")
         prefixed.wait_text(".pager-info", "of 3")

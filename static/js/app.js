@@ -13,36 +13,34 @@ import artifactsPage from './pages/artifacts.js';
 import concurrencyPage from './pages/concurrency.js';
 import notificationsPage from './pages/notifications.js';
 import aboutPage from './pages/about.js';
+import { initRoot, onNavigate, currentRoute, legacyRoute, navigate, replaceRoute, interceptLinks } from './router.js';
 
+// Path patterns as Prefect's UI has them (2.x: flow-runs/..., 3.x: runs/...), in one table. navKey marks the menu
+// entry that stays highlighted.
 const routes = [
   [/^dashboard$/, 'dashboard', dashboard],
-  [/^flow-runs$/, 'flow-runs', flowRunsPage],
-  [/^flow-runs\/([^/]+)$/, 'flow-runs', flowRunDetail],
+  [/^(?:flow-runs|runs)$/, 'flow-runs', flowRunsPage],
+  [/^(?:flow-runs|runs)\/flow-run\/([^/]+)$/, 'flow-runs', flowRunDetail],
   [/^flows$/, 'flows', flowsPage],
-  [/^flows\/([^/]+)$/, 'flows', flowDetail],
+  [/^flows\/flow\/([^/]+)$/, 'flows', flowDetail],
   [/^deployments$/, 'deployments', deploymentsPage],
-  [/^deployments\/([^/]+)$/, 'deployments', deploymentDetail],
+  [/^deployments\/deployment\/([^/]+)$/, 'deployments', deploymentDetail],
   [/^work-pools$/, 'work-pools', workPoolsPage],
-  [/^work-pools\/([^/]+)$/, 'work-pools', workPoolDetail],
+  [/^work-pools\/work-pool\/([^/]+)(?:\/queue\/[^/]+)?$/, 'work-pools', workPoolDetail],
   [/^blocks$/, 'blocks', blocksPage],
-  [/^blocks\/new$/, 'blocks', blockCreate],
-  [/^blocks\/([^/]+)$/, 'blocks', blockDetail],
+  [/^blocks\/catalog$/, 'blocks', (ctx, root) => blocksPage(ctx, root, 'catalog')],
+  [/^blocks\/catalog\/([^/]+)(?:\/create)?$/, 'blocks', blockCreate],
+  [/^blocks\/block\/([^/]+)$/, 'blocks', blockDetail],
+  [/^blocks\/block\/([^/]+)\/edit$/, 'blocks', (ctx, root, id) => blockDetail(ctx, root, id, true)],
   [/^variables$/, 'variables', variablesPage],
   [/^artifacts$/, 'artifacts', artifactsPage],
-  [/^concurrency-limits$/, 'concurrency-limits', concurrencyPage],
-  [/^notifications$/, 'notifications', notificationsPage],
-  [/^about$/, 'about', aboutPage],
+  [/^artifacts\/(artifact|key)\/([^/]+)$/, 'artifacts', artifactsPage],
+  [/^concurrency-limits(?:\/concurrency-limit\/[^/]+)?$/, 'concurrency-limits', concurrencyPage],
+  [/^notifications(?:\/create)?$/, 'notifications', notificationsPage],
+  [/^(?:about|settings)$/, 'about', aboutPage],
 ];
 
 let current = null;
-
-function parseHash() {
-  const raw = location.hash.replace(/^#\/?/, '');
-  const q = raw.indexOf('?');
-  const path = (q >= 0 ? raw.slice(0, q) : raw).replace(/\/+$/, '') || 'dashboard';
-  const params = new URLSearchParams(q >= 0 ? raw.slice(q + 1) : '');
-  return { path, params };
-}
 
 function makeContext(path, params) {
   const timers = new Set();
@@ -51,11 +49,10 @@ function makeContext(path, params) {
     path,
     params,
     alive: true,
-    // Updates the query part of the hash without re-rendering the page.
+    // Updates the query part of the URL without re-rendering the page.
     setParams(next) {
       const qs = next.toString();
-      const url = `#/${path}${qs ? '?' + qs : ''}`;
-      history.replaceState(null, '', url);
+      replaceRoute(`${path}${qs ? '?' + qs : ''}`);
       ctx.params = new URLSearchParams(qs);
     },
     every(ms, fn) {
@@ -80,8 +77,12 @@ function makeContext(path, params) {
 }
 
 async function render() {
-  const { path, params } = parseHash();
+  const { path, params } = currentRoute();
+  const moved = legacyRoute(path, params);
+  if (moved) { navigate(moved, { replace: true }); return; }
   if (current) current.dispose();
+  // A dialog belongs to the page that opened it.
+  for (const d of document.querySelectorAll('dialog[open]')) d.close();
   const main = document.getElementById('main');
   const root = h('div', { class: 'page' });
   replace(main, root);
@@ -104,7 +105,7 @@ async function render() {
   if (!page) {
     document.title = 'Not found · prefectlite';
     replace(root, h('div', { class: 'page-header' }, h('h1', null, 'Page not found')),
-      h('p', null, `There is no page at “#/${path}”. `, h('a', { href: '#/dashboard' }, 'Go to the dashboard')));
+      h('p', null, `There is no page at “/${path}”. `, h('a', { href: 'dashboard' }, 'Go to the dashboard')));
     return;
   }
   try {
@@ -118,6 +119,7 @@ async function render() {
 }
 
 async function start() {
+  initRoot();
   const toggle = document.querySelector('.nav-toggle');
   toggle.addEventListener('click', () => {
     const nav = document.getElementById('nav');
@@ -137,9 +139,11 @@ async function start() {
     replace(document.getElementById('main'), h('div', { class: 'page' }, h('h1', null, 'prefectlite'), errorBox(err, () => location.reload())));
     return;
   }
-  window.addEventListener('hashchange', render);
-  if (!location.hash || location.hash === '#' || location.hash === '#/') history.replaceState(null, '', '#/dashboard');
-  render();
+  onNavigate(render);
+  interceptLinks();
+  // Links of the hash-routed UI (#/flow-runs/<id>) still lead to their page.
+  window.addEventListener('hashchange', () => { if (location.hash.startsWith('#/')) navigate(location.hash.slice(2), { replace: true }); });
+  if (location.hash.startsWith('#/')) navigate(location.hash.slice(2), { replace: true }); else render();
 }
 
 start();

@@ -3,6 +3,7 @@ import { h, replace } from './dom.js';
 import { api, byIds } from './api.js';
 import { stateBadge, tagList, timeCell, table, pager, emptyState, errorBox, loading } from './ui.js';
 import { fmtDuration, runDuration } from './format.js';
+import { paths } from './router.js';
 
 export async function runMeta(runs) {
   // Names are a nicety: a failed lookup leaves the ids unnamed rather than hiding the runs.
@@ -15,9 +16,9 @@ export async function runMeta(runs) {
 
 export function runsTable(runs, { flows = new Map(), deployments = new Map(), hideFlow = false, hideDeployment = false } = {}) {
   const cols = [
-    { label: 'Run', render: (r) => h('a', { href: `#/flow-runs/${r.id}`, class: 'run-link' }, r.name || r.id) },
-    hideFlow ? null : { label: 'Flow', className: 'hide-sm', render: (r) => { const f = flows.get(r.flow_id); return f ? h('a', { href: `#/flows/${f.id}` }, f.name) : h('span', { class: 'muted' }, '—'); } },
-    hideDeployment ? null : { label: 'Deployment', className: 'hide-sm', render: (r) => { const d = deployments.get(r.deployment_id); return d ? h('a', { href: `#/deployments/${d.id}` }, d.name) : h('span', { class: 'muted' }, '—'); } },
+    { label: 'Run', render: (r) => h('a', { href: paths.flowRun(r.id), class: 'run-link' }, r.name || r.id) },
+    hideFlow ? null : { label: 'Flow', className: 'hide-sm', render: (r) => { const f = flows.get(r.flow_id); return f ? h('a', { href: paths.flow(f.id) }, f.name) : h('span', { class: 'muted' }, '—'); } },
+    hideDeployment ? null : { label: 'Deployment', className: 'hide-sm', render: (r) => { const d = deployments.get(r.deployment_id); return d ? h('a', { href: paths.deployment(d.id) }, d.name) : h('span', { class: 'muted' }, '—'); } },
     { label: 'State', render: (r) => stateBadge(r.state_type, r.state_name) },
     { label: 'Start', render: (r) => timeCell(r.start_time || r.expected_start_time) },
     { label: 'Duration', className: 'hide-sm', render: (r) => fmtDuration(runDuration(r)) },

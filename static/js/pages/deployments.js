@@ -5,6 +5,7 @@ import { runsBrowser } from '../runs.js';
 import { scheduleSummary } from './flows.js';
 import { schemaForm } from '../schemaform.js';
 import { describeSchedule } from '../format.js';
+import { paths, navigate } from '../router.js';
 
 function statusPill(d) {
   return h('span', { class: `pill ${d.paused ? 'pill-paused' : 'pill-ready'}` }, d.paused ? 'Paused' : 'Active');
@@ -45,7 +46,7 @@ export function openRunDialog(d) {
       const run = await api.post(`/deployments/${d.id}/create_flow_run`, body);
       m.close();
       toast(`Flow run “${run.name}” created`, 'success');
-      location.hash = `#/flow-runs/${run.id}`;
+      navigate(paths.flowRun(run.id));
     } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }
   } },
   hasProps ? h('fieldset', null, h('legend', null, 'Parameters'), form.el) : field('Parameters (JSON)', raw, { help: 'Overrides merged over the deployment’s defaults.' }),
@@ -74,8 +75,8 @@ export async function deploymentsPage(ctx, root) {
       const flows = await byIds('/flows/filter', 'flows', deps.map((d) => d.flow_id));
       if (!ctx.alive) return;
       replace(list, h('div', { class: 'card flush' }, table([
-        { label: 'Deployment', render: (d) => h('a', { href: `#/deployments/${d.id}` }, d.name) },
-        { label: 'Flow', className: 'hide-sm', render: (d) => (flows.get(d.flow_id) ? h('a', { href: `#/flows/${d.flow_id}` }, flows.get(d.flow_id).name) : '—') },
+        { label: 'Deployment', render: (d) => h('a', { href: paths.deployment(d.id) }, d.name) },
+        { label: 'Flow', className: 'hide-sm', render: (d) => (flows.get(d.flow_id) ? h('a', { href: paths.flow(d.flow_id) }, flows.get(d.flow_id).name) : '—') },
         { label: 'Schedule', className: 'hide-sm', render: (d) => scheduleSummary(d) },
         { label: 'Status', render: (d) => statusPill(d) },
         { label: 'Work pool', className: 'hide-md', render: (d) => d.work_pool_name || h('span', { class: 'muted' }, '—') },
@@ -100,20 +101,20 @@ export async function deploymentDetail(ctx, root, id) {
   const delBtn = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
     if (!await confirmDialog('Delete deployment', `Delete the deployment “${d.name}”? Its runs are kept.`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(delBtn, () => api.del(`/deployments/${d.id}`), 'Deployment deleted');
-    location.hash = '#/deployments';
+    navigate('deployments');
   } }, 'Delete');
   const schedules = (d.schedules || []);
   replace(root,
     pageHeader(d.name, {
-      crumbs: [{ label: 'Deployments', href: '#/deployments' }, flow ? { label: flow.name, href: `#/flows/${flow.id}` } : { label: 'flow' }],
+      crumbs: [{ label: 'Deployments', href: 'deployments' }, flow ? { label: flow.name, href: paths.flow(flow.id) } : { label: 'flow' }],
       badge: statusPill(d), actions: [runBtn, pauseBtn, delBtn],
       subtitle: d.description || null,
     }),
     h('div', { class: 'card' }, keyValues([
-      ['Flow', flow ? h('a', { href: `#/flows/${flow.id}` }, flow.name) : d.flow_id],
+      ['Flow', flow ? h('a', { href: paths.flow(flow.id) }, flow.name) : d.flow_id],
       ['Status', statusPill(d)],
       ['Schedule', scheduleSummary(d)],
-      ['Work pool', d.work_pool_name ? h('a', { href: `#/work-pools/${encodeURIComponent(d.work_pool_name)}` }, `${d.work_pool_name}${d.work_queue_name ? ' / ' + d.work_queue_name : ''}`) : h('span', { class: 'muted' }, 'None')],
+      ['Work pool', d.work_pool_name ? h('a', { href: paths.workPool(d.work_pool_name) }, `${d.work_pool_name}${d.work_queue_name ? ' / ' + d.work_queue_name : ''}`) : h('span', { class: 'muted' }, 'None')],
       ['Version', d.version || '—'],
       ['Entrypoint', d.entrypoint ? h('code', null, d.entrypoint) : '—'],
       ['Last polled', timeCell(d.last_polled)],

@@ -5,6 +5,7 @@ import { taskGantt } from '../charts.js';
 import { renderArtifact } from '../artifact.js';
 import { runsTable, runMeta } from '../runs.js';
 import { fmtDuration, runDuration, isTerminal, fmtDateTime, fmtRelative } from '../format.js';
+import { paths, navigate } from '../router.js';
 
 const LEVELS = [[0, 'All levels'], [10, 'Debug and above'], [20, 'Info and above'], [30, 'Warning and above'], [40, 'Error and above'], [50, 'Critical only']];
 const LEVEL_NAMES = { 10: 'DEBUG', 20: 'INFO', 30: 'WARNING', 40: 'ERROR', 50: 'CRITICAL' };
@@ -60,20 +61,20 @@ export default async function flowRunDetail(ctx, root, id) {
     if (terminal) actions.push(h('button', { type: 'button', class: 'btn', onclick: (e) => retryRun(e.currentTarget) }, 'Retry'));
     actions.push(h('button', { type: 'button', class: 'btn btn-danger', onclick: (e) => deleteRun(e.currentTarget) }, 'Delete'));
     replace(headerEl, pageHeader(run.name, {
-      crumbs: [{ label: 'Flow runs', href: '#/flow-runs' }, flow ? { label: flow.name, href: `#/flows/${flow.id}` } : { label: 'Unknown flow' }],
+      crumbs: [{ label: 'Flow runs', href: 'flow-runs' }, flow ? { label: flow.name, href: paths.flow(flow.id) } : { label: 'Unknown flow' }],
       badge: h('span', { class: 'run-state' }, stateBadge(run.state_type, run.state_name)),
       actions,
     }));
     replace(summaryEl, h('div', { class: 'card' }, keyValues([
       ['State', h('span', null, stateBadge(run.state_type, run.state_name), run.state && run.state.message ? h('span', { class: 'state-message inline' }, ` ${run.state.message}`) : null)],
-      ['Flow', flow ? h('a', { href: `#/flows/${flow.id}` }, flow.name) : run.flow_id],
-      ['Deployment', deployment ? h('a', { href: `#/deployments/${deployment.id}` }, deployment.name) : h('span', { class: 'muted' }, 'None (ad hoc run)')],
+      ['Flow', flow ? h('a', { href: paths.flow(flow.id) }, flow.name) : run.flow_id],
+      ['Deployment', deployment ? h('a', { href: paths.deployment(deployment.id) }, deployment.name) : h('span', { class: 'muted' }, 'None (ad hoc run)')],
       ['Expected start', timeCell(run.expected_start_time)],
       ['Started', timeCell(run.start_time)],
       ['Ended', timeCell(run.end_time)],
       ['Duration', fmtDuration(runDuration(run))],
       ['Run count', String(run.run_count ?? 0)],
-      run.work_pool_name ? ['Work pool', h('a', { href: `#/work-pools/${encodeURIComponent(run.work_pool_name)}` }, `${run.work_pool_name}${run.work_queue_name ? ' / ' + run.work_queue_name : ''}`)] : null,
+      run.work_pool_name ? ['Work pool', h('a', { href: paths.workPool(run.work_pool_name) }, `${run.work_pool_name}${run.work_queue_name ? ' / ' + run.work_queue_name : ''}`)] : null,
       ['Tags', tagList(run.tags)],
       run.parent_task_run_id ? ['Parent run', parentEl] : null,
       ['Run ID', h('code', null, run.id)],
@@ -83,7 +84,7 @@ export default async function flowRunDetail(ctx, root, id) {
   if (run.parent_task_run_id) {
     api.get(`/task_runs/${run.parent_task_run_id}`).then(async (tr) => {
       const parent = await api.get(`/flow_runs/${tr.flow_run_id}`);
-      replace(parentEl, h('a', { href: `#/flow-runs/${parent.id}` }, parent.name), h('span', { class: 'muted' }, ` (task ${tr.name})`));
+      replace(parentEl, h('a', { href: paths.flowRun(parent.id) }, parent.name), h('span', { class: 'muted' }, ` (task ${tr.name})`));
       parentEl.classList.remove('muted');
     }).catch((err) => replace(parentEl, `unavailable (${err.message})`));
   }
@@ -112,7 +113,7 @@ export default async function flowRunDetail(ctx, root, id) {
   async function deleteRun(btn) {
     if (!await confirmDialog('Delete flow run', `Delete “${run.name}” with its task runs and logs? This cannot be undone.`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(btn, () => api.del(`/flow_runs/${run.id}`), 'Flow run deleted');
-    location.hash = '#/flow-runs';
+    navigate('flow-runs');
   }
 
   // ---- logs

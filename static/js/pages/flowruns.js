@@ -3,6 +3,7 @@ import { api } from '../api.js';
 import { pageHeader, errorBox, emptyState, loading, pager, parseTags } from '../ui.js';
 import { runsTable, runMeta } from '../runs.js';
 import { STATE_TYPES, stateName, fmtNumber } from '../format.js';
+import { navigate } from '../router.js';
 
 const RANGES = {
   '': 'Any time', '1h': 'Past hour', '24h': 'Past 24 hours', '7d': 'Past 7 days', '30d': 'Past 30 days', custom: 'Custom range…',
@@ -57,7 +58,7 @@ export async function flowRunsPage(ctx, root) {
   const customRange = h('div', { class: 'custom-range' }, h('label', { for: 'filter-from' }, 'From'), fromIn, h('label', { for: 'filter-to' }, 'To'), toIn);
   const sortSel = h('select', { id: 'filter-sort', onchange: () => update() }, Object.entries(SORTS).map(([k, v]) => h('option', { value: k, selected: (p.get('sort') || 'EXPECTED_START_TIME_DESC') === k }, v)));
   const sizeSel = h('select', { id: 'filter-size', onchange: () => update() }, [25, 50, 100].map((n) => h('option', { value: n, selected: String(n) === (p.get('size') || '25') }, `${n} per page`)));
-  const clearAll = () => { if (location.hash === '#/flow-runs') ctx.rerender(); else location.hash = '#/flow-runs'; };
+  const clearAll = () => navigate(ctx.path);
   const clearBtn = h('button', { type: 'button', class: 'btn btn-ghost', onclick: clearAll }, 'Clear filters');
   const countEl = h('span', { class: 'muted' });
   const results = h('div', { class: 'results' }, loading());

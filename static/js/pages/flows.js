@@ -3,6 +3,7 @@ import { api } from '../api.js';
 import { pageHeader, section, errorBox, emptyState, loading, tagList, timeCell, table, pager, keyValues, confirmDialog, runAction } from '../ui.js';
 import { runsBrowser } from '../runs.js';
 import { describeSchedule } from '../format.js';
+import { paths, navigate } from '../router.js';
 
 export async function flowsPage(ctx, root) {
   document.title = 'Flows · prefectlite';
@@ -32,7 +33,7 @@ export async function flowsPage(ctx, root) {
       const depCount = new Map();
       for (const d of deps || []) depCount.set(d.flow_id, (depCount.get(d.flow_id) || 0) + 1);
       replace(list, h('div', { class: 'card flush' }, table([
-        { label: 'Flow', render: (f) => h('a', { href: `#/flows/${f.id}` }, f.name) },
+        { label: 'Flow', render: (f) => h('a', { href: paths.flow(f.id) }, f.name) },
         { label: 'Deployments', render: (f) => (deps ? String(depCount.get(f.id) || 0) : '—') },
         { label: 'Created', className: 'hide-sm', render: (f) => timeCell(f.created) },
         { label: 'Tags', className: 'hide-md', render: (f) => tagList(f.tags) },
@@ -50,10 +51,10 @@ export async function flowDetail(ctx, root, id) {
   const del = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
     if (!await confirmDialog('Delete flow', `Delete the flow “${flow.name}” and its deployments?`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(del, () => api.del(`/flows/${flow.id}`), 'Flow deleted');
-    location.hash = '#/flows';
+    navigate('flows');
   } }, 'Delete');
   replace(root,
-    pageHeader(flow.name, { crumbs: [{ label: 'Flows', href: '#/flows' }, { label: flow.name }], actions: [del] }),
+    pageHeader(flow.name, { crumbs: [{ label: 'Flows', href: 'flows' }, { label: flow.name }], actions: [del] }),
     h('div', { class: 'card' }, keyValues([['Flow ID', h('code', null, flow.id)], ['Created', timeCell(flow.created)], ['Tags', tagList(flow.tags)]])),
     section('Runs', runsBrowser(ctx, { flows: { id: { any_: [flow.id] } } }, { pageSize: 15, hideFlow: true, emptyText: 'This flow has no runs yet.' }), { id: 'flow-runs' }),
     section('Deployments', depsEl, { id: 'flow-deployments' }));
@@ -61,7 +62,7 @@ export async function flowDetail(ctx, root, id) {
     const deps = await api.post('/deployments/filter', { flows: { id: { any_: [flow.id] } }, sort: 'NAME_ASC', limit: 200 });
     if (!ctx.alive) return;
     replace(depsEl, deps.length ? table([
-      { label: 'Deployment', render: (d) => h('a', { href: `#/deployments/${d.id}` }, d.name) },
+      { label: 'Deployment', render: (d) => h('a', { href: paths.deployment(d.id) }, d.name) },
       { label: 'Schedule', render: (d) => scheduleSummary(d) },
       { label: 'Status', render: (d) => h('span', { class: `pill ${d.paused ? 'pill-paused' : 'pill-ready'}` }, d.paused ? 'Paused' : 'Active') },
       { label: 'Work pool', className: 'hide-sm', render: (d) => d.work_pool_name || '—' },

@@ -2,6 +2,7 @@ import { h, replace } from '../dom.js';
 import { api } from '../api.js';
 import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, runAction, modal, field, formError, toast, confirmDialog } from '../ui.js';
 import { fmtRelative } from '../format.js';
+import { paths, navigate } from '../router.js';
 
 function statusPill(status, paused) {
   const s = paused ? 'PAUSED' : (status || 'NOT_READY');
@@ -34,7 +35,7 @@ export async function workPoolsPage(ctx, root) {
     const workers = await Promise.all(pools.map((p) => api.post(`/work_pools/${encodeURIComponent(p.name)}/workers/filter`, { limit: 200 }).catch(() => null)));
     if (!ctx.alive) return;
     replace(list, h('div', { class: 'card flush' }, table([
-      { label: 'Work pool', render: (p) => h('a', { href: `#/work-pools/${encodeURIComponent(p.name)}` }, p.name) },
+      { label: 'Work pool', render: (p) => h('a', { href: paths.workPool(p.name) }, p.name) },
       { label: 'Type', render: (p) => p.type },
       { label: 'Status', render: (p) => statusPill(p.status, p.is_paused) },
       { label: 'Workers', render: (p) => { const ws = workers[pools.indexOf(p)]; return ws ? `${ws.filter((w) => w.status === 'ONLINE').length} online / ${ws.length}` : '—'; } },
@@ -56,10 +57,10 @@ export async function workPoolDetail(ctx, root, name) {
   const delBtn = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
     if (!await confirmDialog('Delete work pool', `Delete the work pool “${pool.name}”?`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(delBtn, () => api.del(`/work_pools/${encodeURIComponent(pool.name)}`), 'Work pool deleted');
-    location.hash = '#/work-pools';
+    navigate('work-pools');
   } }, 'Delete');
   replace(root,
-    pageHeader(pool.name, { crumbs: [{ label: 'Work pools', href: '#/work-pools' }, { label: pool.name }], badge: statusPill(pool.status, pool.is_paused), actions: [pauseBtn, delBtn], subtitle: pool.description || null }),
+    pageHeader(pool.name, { crumbs: [{ label: 'Work pools', href: 'work-pools' }, { label: pool.name }], badge: statusPill(pool.status, pool.is_paused), actions: [pauseBtn, delBtn], subtitle: pool.description || null }),
     h('div', { class: 'card' }, keyValues([
       ['Type', pool.type], ['Status', statusPill(pool.status, pool.is_paused)],
       ['Concurrency limit', pool.concurrency_limit === null || pool.concurrency_limit === undefined ? 'Unlimited' : String(pool.concurrency_limit)],
