@@ -12,6 +12,7 @@ import datetime
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -19,6 +20,7 @@ import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -424,11 +426,10 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     ui.b.wait(lambda: ui.texts("#panel-logs .log-line .log-level") == ["ERROR", "CRITICAL"], 10, "only error logs")
     assert "level=40" in ui.route()
     # task runs: table and timeline
-    ui.click("button[role=tab]", "Task runs (3)")
+    # task runs: extract-0 stands for the subflow child-report (its parent task run), so it is no task of this run
+    ui.click("button[role=tab]", "Task runs (2)")
     rows = ui.rows("#panel-task-runs tr.task-row")
-    assert [(r[0], r[1]) for r in rows] == [("extract-0", "Completed"), ("transform-0", "Failed"), ("load-0", "Running")]
-    bars = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs svg rect.gantt-bar')].map(r => r.dataset.task)")
-    assert bars == ["extract-0", "transform-0", "load-0"]
+    assert [(r[0], r[1]) for r in rows] == [("transform-0", "Failed"), ("load-0", "Running")]
     # subflow runs
     ui.click("button[role=tab]", "Subflow runs (1)")
     assert [r[0] for r in ui.rows("#panel-subflow-runs tr.run-row")] == ["child-report"]
@@ -445,6 +446,102 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     # the child links back to its parent
     ui.open(f"flow-runs/flow-run/{data['runs']['child-report']['id']}")
     ui.wait_text("main .kv", "etl-running")
+
+
+def test_task_run_page_and_links_both_ways(ui, api, data):
+    extract = data["tasks"]["extract"]
+    main = api.post("/flow_runs/", {"flow_id": data["flows"]["daily-etl"]["id"], "name": "task-page-run", "state": {"type": "RUNNING"}})
+    expires = (now_utc() + datetime.timedelta(days=2)).isoformat()
+    t = api.post("/task_runs/", {
+        "flow_run_id": main["id"], "task_key": "publish", "dynamic_key": "0", "name": "publish-0", "tags": ["outbound"],
+        "cache_key": "publish-2024-02-01", "cache_expiration": expires,
+        "empirical_policy": {"retries": 3, "retry_delay": 10},
+        "task_inputs": {"rows": [{"input_type": "task_run", "id": extract["id"]}], "batch": [{"input_type": "parameter", "name": "batch_size"}]},
+        "state": {"type": "PENDING"}})
+    api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "RUNNING"}})
+    api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "COMPLETED", "message": "published"}, "force": True})
+    api.post("/logs/", [{"name": "prefect.task_runs", "level": 20, "message": "publishing 500 rows", "timestamp": now_utc().isoformat(),
+                         "flow_run_id": main["id"], "task_run_id": t["id"]}])
+    api.post("/artifacts/", {"key": "publish-report", "type": "markdown", "data": "**done**", "flow_run_id": main["id"],
+                             "task_run_id": t["id"]})
+    # from the flow run's task list to the task run's page
+    ui.open(f"flow-runs/flow-run/{main['id']}?tab=task-runs")
+    ui.click("#panel-task-runs a.task-name", "publish-0")
+    ui.b.wait(lambda: ui.route() == f"runs/task-run/{t['id']}", 10, "the task run page")
+    ui.wait_ready()
+    assert ui.texts(".page-header h1") == ["publish-0"]
+    assert "Completed" in ui.text(".page-header .state-badge")
+    assert ui.texts("main .cache-key") == ["publish-2024-02-01"]
+    assert "in 2 d" in ui.text("main .cache-expiration")
+    assert ui.texts("main .task-retries") == ["Up to 3 retries, waiting 10s"]
+    assert "outbound" in ui.text("main .kv")
+    ui.wait_text("#panel-logs .log-line .log-msg", "publishing 500 rows")
+    assert ui.texts("#panel-logs .log-line .log-msg") == ["publishing 500 rows"]
+    ui.click("button[role=tab]", "Inputs")
+    ui.wait_text("#panel-inputs", "extract-0")
+    inputs = dict((r[0], r[1]) for r in ui.rows("#panel-inputs tr.input-row"))
+    assert inputs["rows"].startswith("result of extract-0") and inputs["batch"] == "flow parameter batch_size"
+    assert ui.texts("#panel-inputs .upstream-list a") == ["extract-0"]
+    ui.click("button[role=tab]", "State history")
+    ui.wait_text("#panel-state-history", "Completed")
+    assert ui.texts("#panel-state-history .timeline-item .state-badge") == ["Pending", "Running", "Completed"]
+    ui.click("button[role=tab]", "Artifacts (1)")
+    ui.wait_text("#panel-artifacts .markdown strong", "done")
+    # an upstream task run is one click away, and so is the flow run
+    ui.click("main .kv a.flow-run-link", "task-page-run")
+    ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "back on the flow run")
+    ui.wait_ready()
+    # the subflow's parent task run names its subflow
+    ui.open(f"runs/task-run/{extract['id']}")
+    ui.wait_text("main .kv", "child-report")
+
+
+def test_logs_read_to_the_millisecond_search_and_download(ui, api, data):
+    main = data["main"]
+    ui.open(f"flow-runs/flow-run/{main['id']}")
+    ui.wait_text("#panel-logs .log-line", "critical disk failure")
+    times = ui.texts("#panel-logs .log-line .log-time")
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", t) for t in times), times
+    assert len(set(times)) == len(times)  # 10 ms apart, told apart
+    assert ui.texts("#panel-logs .log-line .log-source")[0] == "prefect.flow_runs"  # the logger's whole name
+    every = len(ui.texts("#panel-logs .log-line"))
+    ui.type("#log-search", "ROW 4")
+    ui.b.wait(lambda: ui.texts("#panel-logs .log-line .log-msg") == ["log line 4: row 42 rejected"], 10, "only the line with 'row 4'")
+    ui.type("#log-search", "")
+    ui.b.wait(lambda: len(ui.texts("#panel-logs .log-line")) == every, 10, "every line again")
+    # the download holds every line, built from the API in bounded pages
+    ui.b.execute("window.__blobs = []; const c = URL.createObjectURL;"
+                 "URL.createObjectURL = (b) => { window.__blobs.push(b); return c(b); };")
+    ui.click("#panel-logs button", "Download")
+    ui.b.wait(lambda: ui.b.execute("return window.__blobs.length"), 10, "the download")
+    text = ui.b.execute_async("const done = arguments[arguments.length - 1]; window.__blobs[0].text().then(done);")
+    assert text.count("\n") == every and "CRITICAL" in text and "critical disk failure" in text
+
+
+def test_old_hash_links_lead_to_their_pages(ui, api, data):
+    main = data["main"]
+    for old, route in ((f"#/flow-runs/{main['id']}", f"flow-runs/flow-run/{main['id']}"),
+                       ("#/flow-runs?state=FAILED", "flow-runs?state=FAILED"),
+                       (f"#/flows/{data['flows']['reporter']['id']}", f"flows/flow/{data['flows']['reporter']['id']}"),
+                       ("#/blocks?tab=catalog", "blocks/catalog"), ("#/dashboard", "dashboard")):
+        ui.b.get("about:blank")
+        ui.b.get(f"{ui.base}/{old}")
+        ui.b.wait(lambda: ui.route() == route, 10, f"{old} to lead to {route}")
+        ui.wait_ready()
+        assert ui.b.execute("return location.hash") == ""
+        assert "Page not found" not in ui.text(".page-header")
+    # and the short paths of those links too
+    ui.open(f"flow-runs/{main['id']}")
+    ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "the canonical path")
+    assert ui.texts(".page-header h1") == ["etl-running"]
+    # links change the page without loading it again; Back goes back
+    ui.b.execute("window.__same_document = true")
+    ui.click("main .kv a", "daily-etl")
+    ui.b.wait(lambda: ui.route().startswith("flows/flow/"), 10, "the flow page")
+    assert ui.b.execute("return window.__same_document") is True
+    ui.b.execute("history.back()")
+    ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "back on the run")
+    ui.wait_text(".page-header h1", "etl-running")
 
 
 def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
@@ -979,12 +1076,14 @@ def all_routes(api, data):
 
 def test_no_page_requests_anything_outside_the_server(ui, api, data):
     origin = ui.base
+    ui.b.console_errors()  # drained: only this test's pages count
     for route in all_routes(api, data):
         ui.open(route)
         time.sleep(0.3)
         urls = ui.b.execute("return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]")
         outside = [u for u in urls if not u.startswith(origin + "/")]
         assert outside == [], (route, outside)
+        assert ui.b.console_errors() == [], route
         assert len(urls) > 4, route  # the page did load its scripts and call the API
 
 
@@ -1123,3 +1222,164 @@ def test_ui_works_behind_a_path_prefix(ui, api, data):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+# ---------------------------------------------------------------- every link the SDKs and the CLI print
+
+SDK_LINKS_SCRIPT = '''
+import sys
+
+from prefect import flow, task
+from prefect.runtime import flow_run as current_flow_run, task_run as current_task_run
+
+suffix = sys.argv[1]
+
+
+@task
+def double(x: int) -> int:
+    url = getattr(current_task_run, "ui_url", None)  # 3.x only
+    if url:
+        print(f"task run link: {url}", flush=True)
+    return x * 2
+
+
+@flow(name=f"linked-flow-{suffix}")
+def linked(x: int = 1):
+    print(f"flow run link: {current_flow_run.ui_url}", flush=True)
+    return double(double(x))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[2]
+    if mode == "run":
+        linked()
+    elif mode == "serve":
+        linked.serve(name="linked-dep")
+    elif mode == "objects":  # links the 3.x SDK makes (url_for) for objects no command prints
+        from prefect.blocks.system import Secret
+        from prefect.client.orchestration import get_client
+        from prefect.utilities.urls import url_for
+        doc_id = Secret(value="not-shown").save(f"linked-secret-{suffix}", overwrite=True)
+        print("block link:", url_for("block-document", obj_id=doc_id))
+        with get_client(sync_client=True) as client:
+            limit_id = client.create_concurrency_limit(tag=f"linked-{suffix}", concurrency_limit=2)
+            print("limit link:", url_for("concurrency-limit", obj_id=limit_id))
+            queue = client.read_work_queue_by_name("default", work_pool_name=f"linked-pool-{suffix}")
+            print("queue link:", url_for("work-queue", obj_id=queue.id))
+'''
+
+
+def sdk_pythons():
+    """The Prefect SDK venvs of tests/compat (2.20, 3.9); skipped (failed under PREFECTLITE_REQUIRE_COMPAT=1)
+    when one cannot be built."""
+    sys.path.insert(0, str(HERE / "compat"))
+    import prefect3_venv
+    import prefect_venv
+    pythons = {}
+    for sdk, ensure in (("2.20", prefect_venv.ensure_prefect_venv), ("3.9", prefect3_venv.ensure_prefect3_venv)):
+        try:
+            pythons[sdk] = ensure()
+        except Exception as exc:  # noqa: BLE001 - no SDK, nothing to collect links from
+            if os.environ.get("PREFECTLITE_REQUIRE_COMPAT") == "1":
+                pytest.fail(f"cannot build the prefect {sdk} venv: {exc}")
+            pytest.skip(f"cannot build the prefect {sdk} venv: {exc}")
+    return pythons
+
+
+def collect_printed_links(python, api_url, home, suffix, script):
+    """Everything a new user does that makes the SDK or the `prefect` CLI print a UI link; the output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), COLUMNS="400", PYTHONUNBUFFERED="1")
+    prefect = str(Path(python).parent / "prefect")
+    out = []
+
+    def run(*cmd):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=Path(script).parent)
+        assert proc.returncode == 0, (cmd, proc.stdout[-3000:], proc.stderr[-3000:])
+        out.append(proc.stdout + proc.stderr)
+
+    run(python, script, suffix, "run")
+    run(prefect, "work-pool", "create", f"linked-pool-{suffix}", "--type", "process")
+    run(prefect, "block", "create", "slack-webhook")
+    # flow.serve prints its deployment's link, then serves until stopped
+    serve = subprocess.Popen([python, script, suffix, "serve"], env=env, cwd=Path(script).parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        served = []
+        deadline = time.monotonic() + 120
+        for line in serve.stdout:  # ends when the process does
+            served.append(line)
+            if "/deployments/deployment/" in line or time.monotonic() > deadline:
+                break
+        out.append("".join(served))
+        assert any("/deployments/deployment/" in line for line in served), "".join(served)[-3000:]
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait(5)
+    run(prefect, "deployment", "run", f"linked-flow-{suffix}/linked-dep")
+    if suffix == "39":
+        run(python, script, suffix, "objects")
+    return "\n".join(out)
+
+
+def expected_page(api, route):
+    """What the page of a printed link must show (its h1 and a CSS selector of the object), from the API."""
+    kind, _, key = route.rpartition("/")
+    if kind in ("flow-runs/flow-run", "runs/flow-run"):
+        return api.get(f"/flow_runs/{key}")["name"], None
+    if kind in ("flow-runs/task-run", "runs/task-run"):
+        return api.get(f"/task_runs/{key}")["name"], None
+    if kind == "deployments/deployment":
+        return api.get(f"/deployments/{key}")["name"], None
+    if kind == "work-pools/work-pool":
+        return api.get(f"/work_pools/{urllib.parse.quote(key)}")["name"], None
+    if kind == "work-queues/work-queue":
+        return api.get(f"/work_queues/{key}")["work_pool_name"], None
+    if kind == "blocks/block":
+        return api.get(f"/block_documents/{key}")["name"], None
+    if kind == "concurrency-limits/concurrency-limit":
+        return "Concurrency limits", "tr.selected"
+    if route.startswith("blocks/catalog/") and route.endswith("/create"):
+        return f"New {api.get('/block_types/slug/' + route.split('/')[2])['name']} block", None
+    if route == "deployments":
+        return "Deployments", None
+    raise AssertionError(f"a printed link of an unknown shape: {route}")
+
+
+def test_every_link_the_sdks_and_cli_print_opens_its_page(browser, tmp_path):
+    pythons = sdk_pythons()
+    script = tmp_path / "sdk_links.py"
+    script.write_text(SDK_LINKS_SCRIPT)
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/links.db", port=0) as api_url:
+        root = api_url[: -len("/api")]
+        printed = ""
+        for sdk, python in pythons.items():
+            home = tmp_path / f"home-{sdk}"
+            home.mkdir()
+            printed += collect_printed_links(python, api_url, home, sdk.replace(".", ""), str(script))
+        # the SDKs derive the UI's address from PREFECT_API_URL by dropping /api: this server's root
+        links = sorted(set(re.findall(re.escape(root) + r"/[^\s\[\]\"'<>]*[^\s\[\]\"'<>.,)]", printed)))
+        routes = [link[len(root) + 1:] for link in links]
+        shapes = {re.sub(r"/[^/]+$", "/*", r) for r in routes}
+        assert {"flow-runs/flow-run/*", "runs/flow-run/*", "runs/task-run/*", "deployments/deployment/*",
+                "work-pools/work-pool/*", "blocks/catalog/slack-webhook/*", "blocks/block/*",
+                "concurrency-limits/concurrency-limit/*", "work-queues/work-queue/*"} <= shapes, shapes
+        api = Api(api_url)
+        ui = UI(browser, root)
+        for link, route in zip(links, routes):
+            title, marker = expected_page(api, route)
+            browser.get("about:blank")
+            browser.get(link)
+            ui.wait_ready()
+            ui.b.wait(lambda: ui.texts(".page-header h1") == [title], 10, f"{title!r} as the title of {link}")
+            styled = ui.b.execute("return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
+                                  " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'")
+            assert styled, link
+            assert ui.texts("main .error-box") == [], link
+            assert browser.console_errors() == [], link
+            if marker:
+                ui.el(marker)

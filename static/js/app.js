@@ -4,9 +4,10 @@ import { errorBox, toast } from './ui.js';
 import dashboard from './pages/dashboard.js';
 import { flowRunsPage } from './pages/flowruns.js';
 import flowRunDetail from './pages/flowrun.js';
+import taskRunDetail from './pages/taskrun.js';
 import { flowsPage, flowDetail } from './pages/flows.js';
 import { deploymentsPage, deploymentDetail } from './pages/deployments.js';
-import { workPoolsPage, workPoolDetail } from './pages/workpools.js';
+import { workPoolsPage, workPoolDetail, workQueuePage } from './pages/workpools.js';
 import { blocksPage, blockDetail, blockCreate } from './pages/blocks.js';
 import variablesPage from './pages/variables.js';
 import artifactsPage from './pages/artifacts.js';
@@ -21,21 +22,23 @@ const routes = [
   [/^dashboard$/, 'dashboard', dashboard],
   [/^(?:flow-runs|runs)$/, 'flow-runs', flowRunsPage],
   [/^(?:flow-runs|runs)\/flow-run\/([^/]+)$/, 'flow-runs', flowRunDetail],
+  [/^(?:flow-runs|runs)\/task-run\/([^/]+)$/, 'flow-runs', taskRunDetail],
   [/^flows$/, 'flows', flowsPage],
   [/^flows\/flow\/([^/]+)$/, 'flows', flowDetail],
   [/^deployments$/, 'deployments', deploymentsPage],
   [/^deployments\/deployment\/([^/]+)$/, 'deployments', deploymentDetail],
   [/^work-pools$/, 'work-pools', workPoolsPage],
-  [/^work-pools\/work-pool\/([^/]+)(?:\/queue\/[^/]+)?$/, 'work-pools', workPoolDetail],
+  [/^work-pools\/work-pool\/([^/]+)(?:\/(?:queue|worker)\/[^/]+)?$/, 'work-pools', workPoolDetail],
+  [/^work-queues\/work-queue\/([^/]+)$/, 'work-pools', workQueuePage],
   [/^blocks$/, 'blocks', blocksPage],
-  [/^blocks\/catalog$/, 'blocks', (ctx, root) => blocksPage(ctx, root, 'catalog')],
-  [/^blocks\/catalog\/([^/]+)(?:\/create)?$/, 'blocks', blockCreate],
+  [/^(?:settings\/)?blocks\/catalog$/, 'blocks', (ctx, root) => blocksPage(ctx, root, 'catalog')],
+  [/^(?:settings\/)?blocks\/catalog\/([^/]+)(?:\/create)?$/, 'blocks', blockCreate],
   [/^blocks\/block\/([^/]+)$/, 'blocks', blockDetail],
   [/^blocks\/block\/([^/]+)\/edit$/, 'blocks', (ctx, root, id) => blockDetail(ctx, root, id, true)],
   [/^variables$/, 'variables', variablesPage],
   [/^artifacts$/, 'artifacts', artifactsPage],
   [/^artifacts\/(artifact|key)\/([^/]+)$/, 'artifacts', artifactsPage],
-  [/^concurrency-limits(?:\/concurrency-limit\/[^/]+)?$/, 'concurrency-limits', concurrencyPage],
+  [/^concurrency-limits(?:\/concurrency-limit\/([^/]+))?$/, 'concurrency-limits', concurrencyPage],
   [/^notifications(?:\/create)?$/, 'notifications', notificationsPage],
   [/^(?:about|settings)$/, 'about', aboutPage],
 ];

@@ -92,3 +92,13 @@ export async function workPoolDetail(ctx, root, name) {
     }).catch((err) => replace(workersEl, errorBox(err))),
   ]);
 }
+
+// work-queues/work-queue/<id> (a link Prefect's SDK makes): the queue's pool, with its queues.
+export async function workQueuePage(ctx, root, id) {
+  const q = await api.get(`/work_queues/${encodeURIComponent(id)}`);
+  if (!ctx.alive) return;
+  if (q.work_pool_name) { navigate(paths.workPool(q.work_pool_name), { replace: true }); return; }
+  document.title = `${q.name} · Work queue · prefectlite`;
+  replace(root, pageHeader(q.name, { crumbs: [{ label: 'Work pools', href: 'work-pools' }, { label: 'Work queue' }] }),
+    section('Work queue', keyValues([['Priority', String(q.priority ?? '—')], ['Paused', q.is_paused ? 'Yes' : 'No'], ['Work queue ID', h('code', null, q.id)]])));
+}
