@@ -307,14 +307,15 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
     ui.open("dashboard")
     ui.wait_text("#run-counts", "Total runs")
     since = (now_utc() - datetime.timedelta(hours=24)).isoformat()
-    total = count_runs(api, expected_start_time={"after_": since})
-    failed = count_runs(api, expected_start_time={"after_": since}, state={"type": {"any_": ["FAILED"]}})
+    due = {"after_": since, "before_": now_utc().isoformat()}
+    total = count_runs(api, expected_start_time=due)
+    failed = count_runs(api, expected_start_time=due, state={"type": {"any_": ["FAILED"]}})
     assert total >= 42 and failed >= 2
     cards = dict(ui.b.execute("return [...document.querySelectorAll('#run-counts .stat')]"
                               ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"))
     assert cards["ALL"] == f"{total:,}"
     assert cards["FAILED"] == f"{failed:,}"
-    assert cards["RUNNING"] == f"{count_runs(api, expected_start_time={'after_': since}, state={'type': {'any_': ['RUNNING']}}):,}"
+    assert cards["RUNNING"] == f"{count_runs(api, expected_start_time=due, state={'type': {'any_': ['RUNNING']}}):,}"
     # the chart: stacked bars coloured by state whose counts add up to the runs of the window
     bars = ui.b.execute("return [...document.querySelectorAll('#run-chart svg rect.bar')].map(r => [r.dataset.state, +r.dataset.count])")
     assert {"COMPLETED", "FAILED", "RUNNING", "CRASHED"} <= {s for s, _ in bars}
@@ -336,13 +337,14 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
 # ---------------------------------------------------------------- flow runs list
 
 def test_flow_runs_list_paginates_and_filters(ui, api, data):
-    total = count_runs(api)
+    total = count_runs(api, expected_start_time={"before_": now_utc().isoformat()})
     ui.open("flow-runs")
     ui.wait_text(".pager-info", f"of {total}")
     page1 = [r[0] for r in ui.rows("main tr.run-row")]
     assert len(page1) == 25
     assert ui.texts(".pager-info") == [f"1–25 of {total}"]
-    newest = api.post("/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 25})
+    newest = api.post("/flow_runs/filter", {"flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+                                            "sort": "EXPECTED_START_TIME_DESC", "limit": 25})
     assert page1 == [r["name"] for r in newest]
     ui.click("main .pager button", "Next ›")
     ui.wait_text(".pager-info", f"26–{min(50, total)} of {total}")
@@ -385,6 +387,94 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     assert ui.rows("main tr.run-row") == []
     ui.open("flow-runs?range=1h&q=bulk-")
     ui.wait_text(".pager-info", "of 30")
+
+
+@pytest.fixture(scope="module")
+def timeline(api, data):
+    """The future and the overdue: a deployment with 30 runs scheduled from tomorrow on, and 3 Late runs."""
+    flow = api.post("/flows/", {"name": "scheduled-report"})
+    dep = api.post("/deployments/", {"name": "nightly-report", "flow_id": flow["id"]})
+    start = now_utc() + datetime.timedelta(days=1)
+    future = [api.post("/flow_runs/", {"flow_id": flow["id"], "deployment_id": dep["id"], "name": f"future-{i:02d}",
+                                       "state": {"type": "SCHEDULED", "name": "Scheduled",
+                                                 "state_details": {"scheduled_time": (start + datetime.timedelta(hours=i)).isoformat()}}})
+              for i in range(30)]
+    late = []
+    for i in range(3):
+        r = api.post("/flow_runs/", {"flow_id": flow["id"], "deployment_id": dep["id"], "name": f"overdue-{i}",
+                                     "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {
+                                         "scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()}}})
+        set_state(api, r["id"], "SCHEDULED", force=True, name="Late",
+                  state_details={"scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()})
+        late.append(api.get(f"/flow_runs/{r['id']}"))
+    assert all(r["state_name"] == "Late" for r in late)
+    return {"deployment": dep, "future": future, "late": late}
+
+
+def test_the_present_is_not_buried_under_the_future(ui, api, data, timeline):
+    now = now_utc().isoformat()
+    due = count_runs(api, expected_start_time={"before_": now})
+    assert count_runs(api) == due + 30
+    ui.open("flow-runs")
+    ui.wait_text(".pager-info", f"of {due}")
+    names = [r[0] for r in ui.rows("main tr.run-row")]
+    assert not any(n.startswith("future-") for n in names)
+    # Upcoming: the deployment's next five runs, soonest first, and how many there are
+    ui.click("main .segmented a", "Upcoming")
+    ui.b.wait(lambda: ui.route() == "flow-runs/upcoming", 10, "the upcoming view")
+    ui.wait_text("main .upcoming", "nightly-report")
+    card = f"main .upcoming[data-deployment='{timeline['deployment']['id']}']"
+    assert ui.texts(f"{card} .upcoming-run .run-link") == [f"future-{i:02d}" for i in range(5)]
+    assert ui.texts(f"{card} .upcoming-count") == ["30 upcoming"]
+    # the deployment's page: its past and its future apart
+    ui.open(f"deployments/deployment/{timeline['deployment']['id']}")
+    ui.wait_text("#deployment-upcoming", "future-00")
+    assert [r[0] for r in ui.rows("#deployment-upcoming tr.run-row")] == [f"future-{i:02d}" for i in range(5)]
+    ui.wait_text("#deployment-runs", "overdue-0")
+    assert not any(r[0].startswith("future-") for r in ui.rows("#deployment-runs tr.run-row"))
+
+
+def test_late_runs_have_their_own_count_colour_and_filter(ui, api, data, timeline):
+    ui.open("dashboard")
+    ui.wait_text("#run-counts", "Late")
+    cards = dict(ui.b.execute("return [...document.querySelectorAll('#run-counts .stat')]"
+                              ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"))
+    since = (now_utc() - datetime.timedelta(hours=24)).isoformat()
+    due = {"after_": since, "before_": now_utc().isoformat()}
+    assert cards["LATE"] == "3"
+    scheduled = count_runs(api, expected_start_time=due, state={"type": {"any_": ["SCHEDULED"]}})
+    assert cards["SCHEDULED"] == f"{scheduled - 3:,}"
+    assert cards["UPCOMING"] == "30"
+    assert cards["ALL"] == f"{count_runs(api, expected_start_time=due):,}"
+    late_bars = ui.b.execute("return [...document.querySelectorAll('#run-chart rect.bar[data-state=LATE]')].map(r => +r.dataset.count)")
+    assert sum(late_bars) == 3
+    assert "Late" in ui.text("#run-chart .legend")
+    # a Late run is drawn in a colour of its own
+    ui.click("#run-counts .stat[data-state=LATE]")
+    ui.b.wait(lambda: ui.route() == "flow-runs?range=24h&state=Late", 10, "the Late runs")
+    ui.wait_text(".pager-info", "of 3")
+    assert sorted(r[0] for r in ui.rows("main tr.run-row")) == ["overdue-0", "overdue-1", "overdue-2"]
+    colours = ui.b.execute("return [...document.querySelectorAll('main tr.run-row .state-badge')].map(b => getComputedStyle(b).getPropertyValue('--state'))")
+    ui.open("flow-runs?state=SCHEDULED&q=act-")
+    scheduled_colour = ui.b.execute("return getComputedStyle(document.querySelector('main tr.run-row .state-badge')).getPropertyValue('--state')")
+    assert set(colours) != {scheduled_colour} and len(set(colours)) == 1
+    # state names and types in the URL, in any case; names and types together mean either
+    ui.open("flow-runs?state=late")
+    ui.wait_text(".pager-info", "of 3")
+    ui.open("flow-runs?state=Failed")
+    failed = count_runs(api, state={"type": {"any_": ["FAILED"]}}, expected_start_time={"before_": now_utc().isoformat()})
+    ui.wait_text(".pager-info", f"of {failed}")
+    assert all("Failed" in r[3] for r in ui.rows("main tr.run-row"))
+    assert ui.b.execute("return document.querySelector('.dropdown-body input[value=FAILED]').checked") is True
+    ui.open("flow-runs?state=failed,LATE")
+    ui.wait_text(".pager-info", f"of {failed + 3}")
+    assert ui.b.execute("return document.querySelector('.dropdown-body input[value=Late]').checked") is True
+    # the dropdown offers the names
+    ui.open("flow-runs")
+    ui.click("summary[aria-label='Filter by state']")
+    ui.click(".dropdown-body input[value=Late]")
+    ui.wait_text(".pager-info", "of 3")
+    assert "state=Late" in ui.route()
 
 
 def test_flow_runs_list_asks_for_one_page_only(ui, api, data):
@@ -610,9 +700,13 @@ def test_api_errors_are_shown_in_words(ui, api, data):
 
 def test_flows_list_and_flow_detail(ui, api, data):
     ui.open("flows")
-    names = [r[0] for r in ui.rows()]
+    names = [r[0] for r in ui.rows() if r[0] != "scheduled-report"]  # the timeline fixture's flow, when it ran
     assert names == ["bulk-flow", "daily-etl", "reporter"]
-    ui.type("#flow-search", "rep")
+    # each flow's last run (due up to now) with its state
+    last = {r[0]: r[2] for r in ui.rows()}
+    assert last["bulk-flow"].startswith("bulk-29") and "Completed" in last["bulk-flow"]
+    assert last["reporter"].startswith("child-report")
+    ui.type("#flow-search", "reporte")
     ui.b.wait(lambda: [r[0] for r in ui.rows()] == ["reporter"], 10, "the search to narrow the list")
     ui.click("main a", "reporter")
     ui.wait_text(".page-header h1", "reporter")
@@ -659,13 +753,19 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     assert "manual" in run["tags"]
     ui.wait_ready()
     assert "nightly" in ui.text("main .kv")
-    # the list for the deployment holds the manual run and the runs the scheduler made for its schedule
-    expected = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}}})
-    assert expected >= 2, "the scheduler fills the hourly schedule ahead"
+    # the list for the deployment holds the manual run, due now; the runs the scheduler made ahead for its
+    # schedule are upcoming, on the deployment's page and in the Upcoming view
+    scheduled = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                              "flow_runs": {"expected_start_time": {"after_": now_utc().isoformat()}}})
+    assert scheduled >= 1, "the scheduler fills the hourly schedule ahead"
+    expected = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                             "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}}})
     ui.open(f"flow-runs?deployment={dep['id']}")
     ui.wait_text(".pager-info", f"of {expected}")
     names = [r[0] for r in ui.rows("main tr.run-row")]
     assert run["name"] in names and len(names) == expected
+    ui.open(f"deployments/deployment/{dep['id']}")
+    ui.b.wait(lambda: len(ui.rows("#deployment-upcoming tr.run-row")) == min(5, scheduled), 10, "the upcoming runs")
     # pause and resume
     ui.open(f"deployments/deployment/{dep['id']}")
     ui.click(".page-header button", "Pause")

@@ -5,6 +5,7 @@ import dashboard from './pages/dashboard.js';
 import { flowRunsPage } from './pages/flowruns.js';
 import flowRunDetail from './pages/flowrun.js';
 import taskRunDetail from './pages/taskrun.js';
+import upcomingPage from './pages/upcoming.js';
 import { flowsPage, flowDetail } from './pages/flows.js';
 import { deploymentsPage, deploymentDetail } from './pages/deployments.js';
 import { workPoolsPage, workPoolDetail, workQueuePage } from './pages/workpools.js';
@@ -21,6 +22,7 @@ import { initRoot, onNavigate, currentRoute, legacyRoute, navigate, replaceRoute
 const routes = [
   [/^dashboard$/, 'dashboard', dashboard],
   [/^(?:flow-runs|runs)$/, 'flow-runs', flowRunsPage],
+  [/^(?:flow-runs|runs)\/upcoming$/, 'flow-runs', upcomingPage],
   [/^(?:flow-runs|runs)\/flow-run\/([^/]+)$/, 'flow-runs', flowRunDetail],
   [/^(?:flow-runs|runs)\/task-run\/([^/]+)$/, 'flow-runs', taskRunDetail],
   [/^flows$/, 'flows', flowsPage],

@@ -5,6 +5,28 @@ export const STATE_COLORS = {
   CANCELLING: '#7d8796', COMPLETED: '#23945a', FAILED: '#d23b3b', CRASHED: '#e06a2c', CANCELLED: '#596273',
 };
 
+// State names that are not a type's own name (Prefect's Late, AwaitingRetry, ...), with their type.
+export const STATE_NAMES = {
+  Late: 'SCHEDULED', AwaitingRetry: 'SCHEDULED', AwaitingConcurrencySlot: 'SCHEDULED', Retrying: 'RUNNING',
+  TimedOut: 'FAILED', Cached: 'COMPLETED', Suspended: 'PAUSED',
+};
+// A state drawn in a colour of its own, not its type's: Late runs are overdue, not merely scheduled.
+export const NAME_COLORS = { Late: '#a3367a' };
+
+export function stateColor(type, name) {
+  return NAME_COLORS[name] || STATE_COLORS[type] || '#8c96a8';
+}
+
+// A state token of a URL or filter (`FAILED`, `failed`, `Late`, `late`) as a type or a name; null if neither.
+export function parseStateToken(token) {
+  const t = String(token || '').trim();
+  if (!t) return null;
+  const type = STATE_TYPES.find((x) => x === t.toUpperCase());
+  if (type) return { type };
+  const name = Object.keys(STATE_NAMES).find((x) => x.toLowerCase() === t.toLowerCase());
+  return name ? { name } : null;
+}
+
 export function stateName(type) {
   if (!type) return 'Unknown';
   return type.charAt(0) + type.slice(1).toLowerCase();

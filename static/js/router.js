@@ -43,7 +43,7 @@ export const paths = {
 
 // Links of the hash-routed UI (#/flow-runs/<id>, ...) and their short path forms, in today's shapes.
 const LEGACY = [
-  [/^flow-runs\/(?!flow-run$|task-run$)([^/]+)$/, (id) => paths.flowRun(id)],
+  [/^flow-runs\/(?!flow-run$|task-run$|upcoming$)([^/]+)$/, (id) => paths.flowRun(id)],
   [/^flows\/(?!flow$)([^/]+)$/, (id) => paths.flow(id)],
   [/^deployments\/(?!deployment$)([^/]+)$/, (id) => paths.deployment(id)],
   [/^work-pools\/(?!work-pool$)([^/]+)$/, (name) => paths.workPool(name)],

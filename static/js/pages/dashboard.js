@@ -2,7 +2,7 @@ import { h, replace } from '../dom.js';
 import { api, byIds } from '../api.js';
 import { pageHeader, section, errorBox, emptyState, loading, stateBadge, timeCell } from '../ui.js';
 import { runHistoryChart } from '../charts.js';
-import { STATE_COLORS, stateName, fmtNumber, fmtRelative } from '../format.js';
+import { STATE_COLORS, NAME_COLORS, stateName, fmtNumber, fmtRelative } from '../format.js';
 import { paths, navigate } from '../router.js';
 
 const WINDOWS = {
@@ -10,7 +10,17 @@ const WINDOWS = {
   '24h': { label: 'Past 24 hours', seconds: 86400, buckets: 24 },
   '7d': { label: 'Past 7 days', seconds: 7 * 86400, buckets: 28 },
 };
-const CARD_STATES = ['COMPLETED', 'FAILED', 'CRASHED', 'RUNNING', 'SCHEDULED', 'PENDING', 'CANCELLED', 'PAUSED', 'CANCELLING'];
+// A card per state type, and Late on its own: a Late run is overdue, not merely Scheduled (that card counts the
+// others). Each card: [key, label, colour, run filter's state, link's state parameter].
+const CARDS = [
+  ['COMPLETED'], ['FAILED'], ['CRASHED'], ['RUNNING'],
+  ['LATE', 'Late', NAME_COLORS.Late, { name: { any_: ['Late'] } }, 'Late'],
+  ['SCHEDULED', 'Scheduled', STATE_COLORS.SCHEDULED, { type: { any_: ['SCHEDULED'] }, name: { not_any_: ['Late'] } }, 'SCHEDULED'],
+  ['PENDING'], ['CANCELLED'], ['PAUSED'], ['CANCELLING'],
+].map(([key, label, color, state, param]) => ({
+  key, label: label || stateName(key), color: color || STATE_COLORS[key], state: state || { type: { any_: [key] } }, param: param || key,
+}));
+const ALWAYS_SHOWN = new Set(['COMPLETED', 'FAILED', 'RUNNING', 'LATE']);
 
 export default async function dashboard(ctx, root) {
   document.title = 'Dashboard · prefectlite';
@@ -34,19 +44,23 @@ export default async function dashboard(ctx, root) {
   // which the server's read cache answers once (while nothing was written).
   const now = new Date(Math.ceil(Date.now() / 60000) * 60000);
   const since = new Date(now.getTime() - seconds * 1000).toISOString();
-  const timeFilter = { expected_start_time: { after_: since } };
+  // Runs due in the window up to now: runs scheduled for later are not the present (Upcoming shows them).
+  const timeFilter = { expected_start_time: { after_: since, before_: now.toISOString() } };
 
   const loadCounts = async () => {
     try {
-      const [total, ...counts] = await Promise.all([
+      const upcomingFilter = { expected_start_time: { after_: now.toISOString() }, state: { type: { any_: ['SCHEDULED'] } } };
+      const [total, upcoming, ...counts] = await Promise.all([
         api.post('/flow_runs/count', { flow_runs: timeFilter }),
-        ...CARD_STATES.map((t) => api.post('/flow_runs/count', { flow_runs: { ...timeFilter, state: { type: { any_: [t] } } } })),
+        api.post('/flow_runs/count', { flow_runs: upcomingFilter }),
+        ...CARDS.map((c) => api.post('/flow_runs/count', { flow_runs: { ...timeFilter, state: c.state } })),
       ]);
       if (!ctx.alive) return;
-      const card = (label, n, color, state) => h('a', { class: 'stat', href: `flow-runs?range=${win}${state ? '&state=' + state : ''}`, style: color ? { '--state': color } : null, dataset: { state: state || 'ALL' } },
+      const card = (label, n, color, key, href) => h('a', { class: 'stat', href, style: color ? { '--state': color } : null, dataset: { state: key } },
         h('span', { class: 'stat-value' }, fmtNumber(n)), h('span', { class: 'stat-label' }, label));
-      const cards = [card('Total runs', total, null, null)];
-      CARD_STATES.forEach((t, i) => { if (counts[i] || ['COMPLETED', 'FAILED', 'RUNNING', 'SCHEDULED'].includes(t)) cards.push(card(stateName(t), counts[i], STATE_COLORS[t], t)); });
+      const cards = [card('Total runs', total, null, 'ALL', `flow-runs?range=${win}`)];
+      CARDS.forEach((c, i) => { if (counts[i] || ALWAYS_SHOWN.has(c.key)) cards.push(card(c.label, counts[i], c.color, c.key, `flow-runs?range=${win}&state=${c.param}`)); });
+      cards.push(card('Upcoming', upcoming, null, 'UPCOMING', 'flow-runs/upcoming'));
       replace(countsEl, cards);
     } catch (err) { replace(countsEl, errorBox(err, loadCounts)); }
   };
