@@ -198,6 +198,8 @@ SETTINGS = {
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time",
               minimum=0, maximum=_A_CENTURY),
+        _spec("PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS", 60.0, float,
+              "a deployment not polled for this long is NOT_READY", minimum=0.01, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes",
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
@@ -4835,6 +4837,7 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
         queues = [q for q in queues if q["name"] in data["work_queue_names"]]
     for q in queues:
         update_row(tx, "work_queue", q["id"], {"last_polled": now})
+    mark_deployments_polled(tx, "work_queue_id", [q["id"] for q in queues], now)
     if pool["is_paused"]:
         return []
     pool_room = None
@@ -6022,8 +6025,25 @@ def normalise_schedule(schedule: dict, loc) -> dict:
         raise ValidationFailed([_error((*loc, exc.field), exc.message, "value_error.schedule")]) from None
 
 
-def deployment_out(tx, row) -> dict:
+def mark_deployments_polled(tx, column: str, values: list, now: str):
+    """A runner's poll (by deployment id) or a worker's (by work queue id) says its deployments are served,
+    as Prefect's mark_deployments_ready does. Readiness is read from last_polled (deployment_status)."""
+    if values:
+        marks = ", ".join("?" for _ in values)
+        tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})", (now, *values))
+
+
+def deployment_status(dep: dict, timeout_seconds: float) -> str:
+    """READY while something polled it within the timeout (Prefect's foreman turns it NOT_READY after)."""
+    polled = dep.get("last_polled")
+    fresh = polled and from_iso(polled) >= utcnow() - _dt.timedelta(seconds=timeout_seconds)
+    return "READY" if fresh else "NOT_READY"
+
+
+def deployment_out(tx, row, settings: Settings | None = None) -> dict:
     dep = decode_row("deployment", row)
+    timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"] if settings else 60.0  # its default
+    dep["status"] = deployment_status(dep, timeout)
     schedules = [decode_row("deployment_schedule", r) for r in
                  tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
     dep["schedules"] = schedules
@@ -6313,7 +6333,7 @@ def scheduled_runs_for_deployments(tx, data: dict, settings: Settings) -> list[d
         return []
     now = now_iso()
     marks = ", ".join("?" for _ in ids)
-    tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE id IN ({marks})", (now, *ids))
+    mark_deployments_polled(tx, "id", ids, now)
     rows = tx.query(f"SELECT * FROM flow_run WHERE deployment_id IN ({marks}) AND state_type = 'SCHEDULED' "
                     f"AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time, id LIMIT ?",
                     (*ids, data.get("scheduled_before") or now, page_limit(data, settings)))
@@ -7177,6 +7197,19 @@ class Request:
     def arg(self, name, default=None):
         values = self.query.get(name)
         return values[0] if values else default
+
+    def int_arg(self, name, default: int, minimum: int, maximum: int) -> int:
+        value = self.arg(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValidationFailed([_error(("query", name), "value is not a valid integer", "type_error.integer")]) from None
+        if not minimum <= number <= maximum:
+            raise ValidationFailed([_error(("query", name), f"ensure this value is between {minimum} and {maximum}",
+                                           "value_error.number.not_in_range")])
+        return number
 
     def bool_arg(self, name, default=False) -> bool:
         value = self.arg(name)
@@ -8221,7 +8254,7 @@ def create_deployment_handler(app, req):
 def read_deployment(app, req):
     with app.db.read() as tx:
         row = require_row(tx, "deployment", req.uuid(), "Deployment")
-        return 200, deployment_for_client(req, deployment_out(tx, row))
+        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings))
 
 
 def read_deployment_by_name(app, req):
@@ -8230,7 +8263,7 @@ def read_deployment_by_name(app, req):
                            (req.params["flow_name"], req.params["deployment_name"]))
         if row is None:
             raise NotFound("Deployment not found")
-        return 200, deployment_for_client(req, deployment_out(tx, row))
+        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings))
 
 
 @body(DeploymentUpdate)
@@ -8290,7 +8323,7 @@ def read_scheduled_runs_for_deployments(app, req):
 def read_deployments_filtered(app, req):
     with app.db.read() as tx:
         rows = query_filtered(tx, "deployment", req.data, app.settings)
-        return 200, [deployment_for_client(req, deployment_out(tx, r)) for r in rows]
+        return 200, [deployment_for_client(req, deployment_out(tx, r, app.settings)) for r in rows]
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
@@ -8304,6 +8337,19 @@ def read_deployment_schedules(app, req):
         require_row(tx, "deployment", req.uuid(), "Deployment")
         rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
         return 200, [schedule_for_client(client_major(req), decode_row("deployment_schedule", r)) for r in rows]
+
+
+def read_next_schedule_times(app, req):
+    """Each schedule's next fire times from now (prefectlite's own read, for the UI: Prefect's computes them in
+    the browser). Inactive schedules too: the UI says they are off."""
+    count = req.int_arg("count", 5, 1, 50)
+    with app.db.read() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment")
+        rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
+        schedules = [decode_row("deployment_schedule", r) for r in rows]
+    start = utcnow()
+    return 200, [{"schedule_id": s["id"], "active": s.get("active", True),
+                  "times": [iso(t) for t in next_fire_times(s["schedule"], start, n=count)]} for s in schedules]
 
 
 @body(ListOf(DeploymentScheduleCreate))
@@ -8974,6 +9020,7 @@ ROUTES = [
     ("POST", "/deployments/{id}/set_schedule_active", resume_deployment),
     ("POST", "/deployments/{id}/set_schedule_inactive", pause_deployment),
     ("GET", "/deployments/{id}/schedules", read_deployment_schedules),
+    ("GET", "/deployments/{id}/next_schedule_times", read_next_schedule_times),
     ("POST", "/deployments/{id}/schedules", create_deployment_schedules),
     ("PATCH", "/deployments/{id}/schedules/{schedule_id}", update_deployment_schedule),
     ("DELETE", "/deployments/{id}/schedules/{schedule_id}", delete_deployment_schedule),

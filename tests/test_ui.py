@@ -736,7 +736,7 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
         "schedules": [{"schedule": {"interval": 3600}, "active": True}], "tags": ["prod"]})
     ui.open("deployments")
     row = next(r for r in ui.rows() if r[0] == "nightly")
-    assert row[1] == "daily-etl" and "Every hour" in row[2] and row[3] == "Active"
+    assert row[1] == "daily-etl" and "Every hour" in row[2] and row[3] == "Not ready"
     ui.click("main a", "nightly")
     ui.wait_text(".page-header h1", "nightly")
     ui.wait_ready()
@@ -775,6 +775,28 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     ui.click(".page-header button", "Resume")
     ui.b.wait(lambda: api.get(f"/deployments/{dep['id']}")["paused"] is False, 10, "resumed")
     ui.wait_text(".page-header .actions button", "Pause")
+
+
+def test_deployment_readiness_and_schedules_in_words(ui, api, data):
+    """Ready / Not ready as the server derives it from polls; schedules as sentences with their next five times."""
+    pool = api.post("/work_pools/", {"name": "ready-pool", "type": "process"})
+    dep = api.post("/deployments/", {
+        "name": "morning", "flow_id": data["flows"]["daily-etl"]["id"], "work_pool_name": pool["name"],
+        "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}, "active": False}]})
+    ui.open(f"deployments/deployment/{dep['id']}")
+    assert ui.texts(".page-header .deployment-status") == ["Not ready"]
+    ui.wait_text("#deployment-schedules .schedule-sentence", "Every day at 06:00, Europe/Berlin")
+    shown = ui.b.execute("return [...document.querySelectorAll('#deployment-schedules .next-times time')].map(t => t.dateTime)")
+    [expected] = api.get(f"/deployments/{dep['id']}/next_schedule_times?count=5")
+    assert shown == expected["times"] and len(shown) == 5
+    # a worker polls the pool: the deployment is Ready
+    api.post(f"/work_pools/{pool['name']}/get_scheduled_flow_runs", {})
+    ui.open(f"deployments/deployment/{dep['id']}")
+    assert ui.texts(".page-header .deployment-status") == ["Ready"]
+    assert "ago" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title") or \
+        "just now" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title")
+    ui.open("deployments")
+    assert next(r for r in ui.rows() if r[0] == "morning")[3] == "Ready"
 
 
 # ---------------------------------------------------------------- work pools

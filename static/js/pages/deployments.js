@@ -4,11 +4,15 @@ import { pageHeader, section, errorBox, emptyState, loading, tagList, timeCell, 
 import { runsBrowser } from '../runs.js';
 import { scheduleSummary } from './flows.js';
 import { schemaForm } from '../schemaform.js';
-import { describeSchedule } from '../format.js';
+import { describeSchedule, fmtRelative } from '../format.js';
 import { paths, navigate } from '../router.js';
 
+// Paused, or Ready / Not ready as the server derives it from the last poll of a worker or runner serving it.
 function statusPill(d) {
-  return h('span', { class: `pill ${d.paused ? 'pill-paused' : 'pill-ready'}` }, d.paused ? 'Paused' : 'Active');
+  if (d.paused) return h('span', { class: 'pill pill-paused deployment-status' }, 'Paused');
+  const ready = d.status === 'READY';
+  const why = d.last_polled ? `Last polled ${fmtRelative(d.last_polled)}` : 'Never polled by a worker or runner';
+  return h('span', { class: `pill ${ready ? 'pill-ready' : 'pill-not_ready'} deployment-status`, title: why }, ready ? 'Ready' : 'Not ready');
 }
 
 async function togglePause(d, btn) {
@@ -104,6 +108,20 @@ export async function deploymentDetail(ctx, root, id) {
     navigate('deployments');
   } }, 'Delete');
   const schedules = (d.schedules || []);
+  const schedulesEl = h('div', null, loading());
+  const nextTimes = new Map();
+  const renderSchedules = () => replace(schedulesEl, table([
+    { label: 'Schedule', render: (s) => h('span', { class: 'schedule-sentence' }, describeSchedule(s.schedule)) },
+    { label: 'Active', render: (s) => (s.active === false ? 'No' : 'Yes') },
+    { label: 'Next five times', render: (s) => (nextTimes.has(s.id)
+      ? h('ol', { class: 'next-times' }, nextTimes.get(s.id).map((t) => h('li', null, timeCell(t))))
+      : h('span', { class: 'muted' }, '—')) },
+  ], schedules, { caption: 'Schedules', rowClass: () => 'schedule-row' }));
+  if (schedules.length) {
+    api.get(`/deployments/${d.id}/next_schedule_times?count=5`).then((all) => {
+      for (const a of all) nextTimes.set(a.schedule_id, a.times);
+    }).catch(() => {}).finally(() => { if (ctx.alive) renderSchedules(); });
+  }
   replace(root,
     pageHeader(d.name, {
       crumbs: [{ label: 'Deployments', href: 'deployments' }, flow ? { label: flow.name, href: paths.flow(flow.id) } : { label: 'flow' }],
@@ -122,11 +140,7 @@ export async function deploymentDetail(ctx, root, id) {
       ['Created', timeCell(d.created)],
       ['Deployment ID', h('code', null, d.id)],
     ])),
-    schedules.length ? section('Schedules', table([
-      { label: 'Schedule', render: (s) => describeSchedule(s.schedule) },
-      { label: 'Active', render: (s) => (s.active === false ? 'No' : 'Yes') },
-      { label: 'Timezone', render: (s) => s.schedule.timezone || 'UTC' },
-    ], schedules, { caption: 'Schedules' })) : null,
+    schedules.length ? section('Schedules', schedulesEl, { id: 'deployment-schedules' }) : null,
     section('Default parameters', Object.keys(d.parameters || {}).length ? jsonBlock(d.parameters) : emptyState('No default parameters', 'Runs use the flow’s own defaults.')),
     section('Upcoming runs', runsBrowser(ctx, { deployments: { id: { any_: [d.id] } } }, { pageSize: 5, hideDeployment: true, upcoming: true, emptyText: 'No run of this deployment is scheduled.' }), { id: 'deployment-upcoming' }),
     section('Runs', runsBrowser(ctx, { deployments: { id: { any_: [d.id] } } }, { pageSize: 15, hideDeployment: true, emptyText: 'This deployment has no runs yet.' }), { id: 'deployment-runs' }));
