@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -214,9 +215,13 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uiserver")
-    with prefectlite.serve(database=f"sqlite:///{tmp}/ui.db", port=0) as api_url:
+def ui_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("uiserver") / "ui.db"
+
+
+@pytest.fixture(scope="module")
+def server(ui_db):
+    with prefectlite.serve(database=f"sqlite:///{ui_db}", port=0) as api_url:
         yield api_url
 
 
@@ -634,6 +639,96 @@ def test_old_hash_links_lead_to_their_pages(ui, api, data):
     ui.wait_text(".page-header h1", "etl-running")
 
 
+def make_task(api, db, run_id, name, start, seconds, *, inputs=None, retry_at=None):
+    """A completed task run that ran from `start` for `seconds` (with retry_at: failed once at retry_at[0] and ran
+    again from retry_at[1]). The server stamps states with its own clock, so the times are then moved back in
+    the database: a run of minutes without waiting minutes."""
+    t = api.post("/task_runs/", {"flow_run_id": run_id, "task_key": name.split("-")[0], "dynamic_key": name, "name": name,
+                                 "task_inputs": inputs or {}, "state": {"type": "PENDING"}})
+    path = [("RUNNING", None, start)]
+    if retry_at:
+        path += [("SCHEDULED", "AwaitingRetry", retry_at[0]), ("RUNNING", "Retrying", retry_at[1])]
+    end = start + datetime.timedelta(seconds=seconds)
+    path.append(("COMPLETED", None, end))
+    for state_type, state_name, _ in path:
+        state = {"type": state_type, **({"name": state_name} if state_name else {})}
+        api.post(f"/task_runs/{t['id']}/set_state", {"state": state, "force": True})
+    ran = (retry_at[0] - start + end - retry_at[1]).total_seconds() if retry_at else seconds
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE task_run SET expected_start_time = ?, start_time = ?, end_time = ?, total_run_time = ? WHERE id = ?",
+                  ((start - datetime.timedelta(seconds=1)).isoformat(), start.isoformat(), end.isoformat(), ran, t["id"]))
+        ids = [r[0] for r in c.execute("SELECT id FROM task_run_state WHERE task_run_id = ? ORDER BY timestamp", (t["id"],))]
+        stamps = [start - datetime.timedelta(seconds=1)] + [at for _, _, at in path]
+        for state_id, at in zip(ids, stamps):
+            c.execute("UPDATE task_run_state SET timestamp = ? WHERE id = ?", (at.isoformat(), state_id))
+    return api.get(f"/task_runs/{t['id']}")
+
+
+def test_run_graph_at_twenty_tasks_edges_retries_and_durations(ui, api, data, ui_db):
+    flow = api.post("/flows/", {"name": "graph-flow"})
+    run = api.post("/flow_runs/", {"flow_id": flow["id"], "name": "graph-20", "state": {"type": "RUNNING"}})
+    base = now_utc() - datetime.timedelta(minutes=10)
+    tasks = [make_task(api, ui_db, run["id"], f"map-{i:02d}", base + datetime.timedelta(seconds=5 * i), 3 + i) for i in range(18)]
+    joined = make_task(api, ui_db, run["id"], "join-0", base + datetime.timedelta(seconds=130), 4,
+                       inputs={"parts": [{"input_type": "task_run", "id": t["id"]} for t in tasks[:3]]})
+    retried = make_task(api, ui_db, run["id"], "flaky-0", base + datetime.timedelta(seconds=140), 30,
+                        retry_at=(base + datetime.timedelta(seconds=145), base + datetime.timedelta(seconds=160)))
+    set_state(api, run["id"], "COMPLETED", force=True)
+    ui.open(f"flow-runs/flow-run/{run['id']}?tab=task-runs")
+    ui.b.wait(lambda: len(ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar')")) == 20, 10, "20 bars")
+    # readable: labels at a normal size, the whole name
+    sizes = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs .graph-label')].map(e => parseFloat(getComputedStyle(e).fontSize))")
+    assert len(sizes) == 20 and min(sizes) >= 12
+    assert "map-00" in ui.texts("#panel-task-runs .graph-label")
+    # edges from task_inputs
+    edges = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs path.graph-edge')].map(e => [e.dataset.from, e.dataset.to])")
+    assert sorted(edges) == sorted([t["id"], joined["id"]] for t in tasks[:3])
+    # the retried task: two attempts drawn
+    attempts = ui.b.execute("return document.querySelectorAll(`#panel-task-runs rect.graph-attempt`).length")
+    assert attempts == 2 and api.get(f"/task_runs/{retried['id']}")["run_count"] == 2
+    # durations agree with the table
+    table = {r[0]: r[3] for r in ui.rows("#panel-task-runs tr.task-row")}
+    bars = dict(ui.b.execute("return [...document.querySelectorAll('#panel-task-runs rect.graph-bar')].map(r => [r.dataset.id, r.dataset.duration])"))
+    names = {t["id"]: t["name"] for t in tasks + [joined, retried]}
+    assert {names[i]: d for i, d in bars.items()} == {n: table[n] for n in names.values()}
+    # the axis reads clock times, in order
+    ticks = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs .graph-tick')].map(t => [+t.dataset.ms, t.textContent])")
+    assert len(ticks) >= 3 and [ms for ms, _ in ticks] == sorted(ms for ms, _ in ticks)
+    assert all(re.fullmatch(r"\d\d:\d\d(:\d\d)?", text) for _, text in ticks), ticks
+    # a bar leads to its task run
+    ui.click("#panel-task-runs .graph-label", "join-0")
+    ui.b.wait(lambda: ui.route() == f"runs/task-run/{joined['id']}", 10, "the task run page")
+
+
+def test_run_graph_at_a_thousand_tasks_draws_only_what_is_in_view(ui, api, data):
+    flow = api.post("/flows/", {"name": "graph-flow"})
+    run = api.post("/flow_runs/", {"flow_id": flow["id"], "name": "graph-1000", "state": {"type": "COMPLETED"}})
+    base = now_utc() - datetime.timedelta(hours=1)
+    for chunk in range(10):  # the API takes one task run per request: 1,000 requests, bounded
+        for i in range(chunk * 100, chunk * 100 + 100):
+            start = base + datetime.timedelta(seconds=3 * i)
+            api.post("/task_runs/", {"flow_run_id": run["id"], "task_key": "item", "dynamic_key": str(i), "name": f"item-{i:04d}",
+                                     "state": {"type": "COMPLETED", "timestamp": start.isoformat()}})
+    ui.open(f"flow-runs/flow-run/{run['id']}?tab=task-runs")
+    ui.wait_text("#panel-task-runs .graph-count", "1,000 runs")
+    drawn = ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar').length")
+    assert 10 <= drawn <= 40, drawn
+    # scrolled to the end, the last rows are drawn (and the first are gone)
+    ui.b.execute("const v = document.querySelector('#panel-task-runs .graph-viewport'); v.scrollTop = v.scrollHeight;")
+    ui.b.wait(lambda: "item-0999" in ui.texts("#panel-task-runs .graph-label"), 10, "the last row")
+    assert "item-0000" not in ui.texts("#panel-task-runs .graph-label")
+    # zoom in: the drawing is wider than the view, and still only the visible part is drawn
+    before = ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth")
+    for _ in range(3):
+        ui.click("#panel-task-runs button[aria-label='Zoom in']")
+    ui.b.wait(lambda: ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth") >= 7 * before, 10,
+              "an 8x wider drawing")
+    assert ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar').length") <= 40
+    # the page asked for the task runs in bounded pages only
+    bodies = ui.b.execute("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert bodies  # the page loaded through the API
+
+
 def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
     run = data["runs"]["live-run"]
     ui.open(f"flow-runs/flow-run/{run['id']}")
@@ -700,12 +795,15 @@ def test_api_errors_are_shown_in_words(ui, api, data):
 
 def test_flows_list_and_flow_detail(ui, api, data):
     ui.open("flows")
-    names = [r[0] for r in ui.rows() if r[0] != "scheduled-report"]  # the timeline fixture's flow, when it ran
+    names = [r[0] for r in ui.rows() if r[0] not in ("scheduled-report", "graph-flow")]  # other tests' flows, if run
     assert names == ["bulk-flow", "daily-etl", "reporter"]
     # each flow's last run (due up to now) with its state
     last = {r[0]: r[2] for r in ui.rows()}
-    assert last["bulk-flow"].startswith("bulk-29") and "Completed" in last["bulk-flow"]
-    assert last["reporter"].startswith("child-report")
+    for name in ("bulk-flow", "reporter"):
+        [newest] = api.post("/flow_runs/filter", {"flows": {"id": {"any_": [data["flows"][name]["id"]]}}, "limit": 1,
+                                                  "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+                                                  "sort": "EXPECTED_START_TIME_DESC"})
+        assert last[name].startswith(newest["name"]) and newest["state_name"] in last[name], (name, last[name])
     ui.type("#flow-search", "reporte")
     ui.b.wait(lambda: [r[0] for r in ui.rows()] == ["reporter"], 10, "the search to narrow the list")
     ui.click("main a", "reporter")

@@ -5,6 +5,7 @@ import { renderArtifact } from '../artifact.js';
 import { runsTable, runMeta } from '../runs.js';
 import { fmtDuration, runDuration, isTerminal, fmtRelative } from '../format.js';
 import { logViewer } from '../logs.js';
+import { runGraph } from '../graph.js';
 import { paths, navigate } from '../router.js';
 
 const POLL_MS = 2000;
@@ -113,6 +114,7 @@ export default async function flowRunDetail(ctx, root, id) {
   let taskRuns = [];
   const TASK_PAGE = 50;
   let taskOffset = 0;
+  const graph = runGraph(ctx, run);
   const ownTasks = { task_runs: { flow_run_id: { any_: [run.id] }, subflow_runs: { exists_: false } } };
   async function loadTaskRuns() {
     try {
@@ -126,6 +128,8 @@ export default async function flowRunDetail(ctx, root, id) {
       tabList.button('task-runs').textContent = `Task runs (${total})`;
       if (!total) { replace(taskEl, emptyState('No task runs', 'This flow run has not created any task run.')); return; }
       replace(taskEl,
+        h('h3', { class: 'sub' }, 'Run graph'),
+        graph.el,
         h('h3', { class: 'sub' }, 'Task runs'),
         table([
           { label: 'Task run', render: (t) => h('a', { class: 'task-name', href: paths.taskRun(t.id) }, t.name) },
@@ -202,8 +206,12 @@ export default async function flowRunDetail(ctx, root, id) {
     renderHeader();
     renderParams();
     await Promise.all([loadTaskRuns(), loadSubflows(), loadHistory(), loadArtifacts(), logView.tail()]);
+    // The graph reads every task run: redrawn every few polls while the run is live, and once at its end.
+    refreshes++;
+    if (refreshes % 5 === 0 || isTerminal(run.state_type)) graph.reload();
     startPolling();
   }
+  let refreshes = 0;
   let stopPoll = null;
   function startPolling() {
     const live = !isTerminal(run.state_type);
