@@ -6691,7 +6691,22 @@ def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
     full = block_document_out(tx, doc, include_secrets=True)
     subject, body = render_notification(decode_row("flow_run_notification_policy", policy),
                                         notification_context(tx, policy, state, base_url))
-    return full["block_type"]["slug"], full["data"], subject, body
+    about = {"flow_run_notification_policy_id": policy["id"], "flow_run_id": state["flow_run_id"],
+             "state_name": state["name"], "destination": f"{doc['name']} ({full['block_type']['name']})"}
+    return full["block_type"]["slug"], full["data"], subject, body, about
+
+
+NOTIFICATION_DELIVERIES_KEPT = 1000  # per policy: the history stays bounded
+
+
+def record_delivery(tx, about: dict, attempt: int, status: str, error: str | None = None):
+    """One attempt to deliver a notification: SENT, RETRYING (failed, tried again later) or FAILED (given up)."""
+    policy_id = about["flow_run_notification_policy_id"]
+    insert_row(tx, "flow_run_notification_delivery", {"id": new_id(), "created": now_iso(), **about, "attempt": attempt,
+                                                      "status": status, "error": error})
+    tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? AND id NOT IN "
+               "(SELECT id FROM (SELECT id FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? "
+               "ORDER BY created DESC LIMIT ?) kept)", (policy_id, policy_id, NOTIFICATION_DELIVERIES_KEPT))
 
 
 # Retention: old terminal runs go, with everything that hangs off them, a small batch per transaction.
@@ -7009,7 +7024,7 @@ class NotificationSender(Service):
         return row, prepared
 
     def _send(self, row, prepared):
-        slug, data, subject, body = prepared
+        slug, data, subject, body, about = prepared
         settings = self.app.settings
         attempts = row["attempts"] + 1
         try:
@@ -7025,10 +7040,12 @@ class NotificationSender(Service):
                            "updated = ? WHERE id = ?",
                            ("FAILED" if failed else "PENDING", iso(utcnow() + _dt.timedelta(seconds=delay)),
                             str(exc)[:1000], now_iso(), row["id"]))
+                record_delivery(tx, about, attempts, "FAILED" if failed else "RETRYING", str(exc)[:1000])
             self.failures += 1
             return
         with self.app.db.write() as tx:
             tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
+            record_delivery(tx, about, attempts, "SENT")
         self.sent += 1
         log.info("notification %s sent via %s", row["id"], slug)
 
@@ -8736,6 +8753,7 @@ def delete_notification_policy(app, req):
         if not tx.execute("DELETE FROM flow_run_notification_policy WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Flow run notification policy not found")
         tx.execute("DELETE FROM flow_run_notification_queue WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
+        tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
     return 204, NO_CONTENT
 
 
@@ -8763,6 +8781,17 @@ def send_test_notification(app, req):
     except NotificationFailed as exc:
         raise HTTPError(502, f"the destination did not accept the test message: {exc}") from None
     return 200, {"sent": True}
+
+
+def read_notification_deliveries(app, req):
+    """A policy's delivery attempts, newest first (our extension: Prefect keeps none), a page at a time."""
+    limit = req.int_arg("limit", 20, 1, 200)
+    offset = req.int_arg("offset", 0, 0, NOTIFICATION_DELIVERIES_KEPT)
+    with app.db.read() as tx:
+        require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy")
+        rows = tx.query("SELECT * FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? "
+                        "ORDER BY created DESC, id LIMIT ? OFFSET ?", (req.uuid(), limit, offset))
+    return 200, rows
 
 
 def read_notification_queue(app, req):
@@ -9057,6 +9086,7 @@ ROUTES = [
     ("DELETE", "/flow_run_notification_policies/{id}", delete_notification_policy),
     ("POST", "/flow_run_notification_policies/{id}/test", send_test_notification),
     ("GET", "/flow_run_notification_queue/", read_notification_queue),
+    ("GET", "/flow_run_notification_policies/{id}/deliveries", read_notification_deliveries),
     ("POST", "/block_types/install_system_block_types", install_system_block_types),
 ]
 

@@ -1249,6 +1249,28 @@ def test_notifications_send_test(ui, api, data, webhook, receiver):
         api.ok("DELETE", f"/flow_run_notification_policies/{p['id']}")
 
 
+def test_notification_delivery_history(ui, api, data, webhook, receiver):
+    p = api.post("/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": ["history"], "block_document_id": webhook["id"]})
+    try:
+        run = api.post("/flow_runs/", {"flow_id": data["flows"]["daily-etl"]["id"], "name": "notify-me", "tags": ["history"],
+                                       "state": {"type": "RUNNING"}})
+        set_state(api, run["id"], "FAILED", "it broke", force=True)
+        deliveries = lambda: api.get(f"/flow_run_notification_policies/{p['id']}/deliveries")  # noqa: E731
+        [sent] = ui.b.wait(deliveries, 20, "the notification to be delivered")
+        ui.open("notifications")
+        card = f"main .policy[data-id='{p['id']}']"
+        ui.wait_text(f"{card} .policy-sentence", "send a notification to my-slack-webhook (Slack Webhook)")
+        ui.click(f"{card} details.deliveries summary")
+        ui.wait_text(f"{card} tr.delivery-row", "Sent")
+        [row] = ui.rows(f"{card} tr.delivery-row")
+        assert row[1] == "Failed" and row[2] == "my-slack-webhook (Slack Webhook)" and row[3] == "1"
+        ui.click(f"{card} tr.delivery-row a", "Failed")
+        ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{run['id']}", 10, "the run that was notified about")
+        assert sent["status"] == "SENT"
+    finally:
+        api.ok("DELETE", f"/flow_run_notification_policies/{p['id']}")
+
+
 # ---------------------------------------------------------------- about, routing, layout, requests
 
 def test_about_page_shows_server_versions(ui, api):
