@@ -83,7 +83,7 @@ export function runGraph(ctx, run) {
     const index = new Map(nodes.map((n, i) => [n.id, i]));
     const t0 = Math.min(...nodes.map((n) => n.start));
     const t1 = Math.max(...nodes.map((n) => n.end ?? (n.run.state_type === 'RUNNING' ? now : n.start)), t0 + 1);
-    const span = t1 - t0;
+    const span = (t1 - t0) * 1.08; // room after the last bar for its duration
     const labels = h('div', { class: 'graph-labels' });
     const spacer = h('div', { class: 'graph-spacer' });
     const canvas = svg('svg', { class: 'graph-canvas', role: 'img', 'aria-label': `Run graph of ${nodes.length} runs` });

@@ -80,8 +80,9 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
     state_sql = "INSERT INTO flow_run_state (id, created, flow_run_id, type, name, timestamp, state_details) VALUES (?, ?, ?, ?, ?, ?, ?)"
     batch, states = [], []
     for i in range(flow_runs):
-        future = i >= flow_runs * 0.97
-        offset = (i / flow_runs) * horizon if not future else horizon + rnd.random() * 7 * 86400
+        past = int(flow_runs * 0.97)
+        future = i >= past
+        offset = (i / max(1, past)) * horizon if not future else horizon + rnd.random() * 7 * 86400
         expected = now - timedelta(seconds=horizon) + timedelta(seconds=offset)
         dep_id, flow_id, _ = dep_rows[i % deployments] if i % 4 else (None, flow_ids[i % flows], None)
         if future:
