@@ -875,6 +875,17 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     ui.wait_text(".page-header .actions button", "Pause")
 
 
+def test_a_dialog_closes_when_the_page_changes(ui, api, data):
+    dep = api.post("/deployments/", {"name": "dialog-dep", "flow_id": data["flows"]["daily-etl"]["id"]})
+    ui.open("deployments")
+    ui.open(f"deployments/deployment/{dep['id']}")
+    ui.click(".page-header button", "Run")
+    ui.el("dialog[open]")
+    ui.b.execute("history.back()")
+    ui.b.wait(lambda: ui.route() == "deployments", 10, "the deployments list")
+    ui.b.wait(lambda: not ui.b.execute("return !!document.querySelector('dialog[open]')"), 5, "the dialog to close")
+
+
 def test_deployment_readiness_and_schedules_in_words(ui, api, data):
     """Ready / Not ready as the server derives it from polls; schedules as sentences with their next five times."""
     pool = api.post("/work_pools/", {"name": "ready-pool", "type": "process"})
