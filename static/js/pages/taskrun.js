@@ -53,7 +53,9 @@ export default async function taskRunDetail(ctx, root, id) {
 
   const headerEl = h('div');
   const summaryEl = h('div');
-  const logView = logViewer(ctx, { filter: { task_run_id: { any_: [tr.id] } }, label: 'Task run logs', fileName: `${tr.name}.log` });
+  // The flow run narrows the search to its logs first (logs are indexed by flow run and time).
+  const logFilter = tr.flow_run_id ? { flow_run_id: { any_: [tr.flow_run_id] }, task_run_id: { any_: [tr.id] } } : { task_run_id: { any_: [tr.id] } };
+  const logView = logViewer(ctx, { filter: logFilter, label: 'Task run logs', fileName: `${tr.name}.log` });
   const inputsEl = h('div', null, loading());
   const historyEl = h('div', null, loading());
   const artifactsEl = h('div', null, loading());
