@@ -141,22 +141,27 @@ export async function flowRunsPage(ctx, root) {
     const filter = buildRunFilter(params);
     results.setAttribute('aria-busy', 'true');
     try {
-      const [runs, total] = await Promise.all([
-        api.post('/flow_runs/filter', { ...filter, sort: sortSel.value, limit, offset }),
-        api.post('/flow_runs/count', filter),
-      ]);
+      // The rows show as soon as they come; the count (a longer query over many runs) fills the pager after.
+      const counting = api.post('/flow_runs/count', filter);
+      counting.catch(() => {});
+      const runs = await api.post('/flow_runs/filter', { ...filter, sort: sortSel.value, limit, offset });
       if (my !== seq || !ctx.alive) return;
       const meta = await runMeta(runs);
       if (my !== seq || !ctx.alive) return;
-      countEl.textContent = `${fmtNumber(total)} run${total === 1 ? '' : 's'}`;
       const filtered = [...params.keys()].some((k) => !['page', 'size', 'sort'].includes(k));
-      if (!runs.length) {
+      if (!runs.length && offset === 0) {
+        countEl.textContent = '0 runs';
         replace(results, filtered ? emptyState('No matching flow runs', 'No flow run matches these filters.', clearBtn.cloneNode(true)) : emptyState('No flow runs yet', 'Flow runs appear here once a flow runs against this server.'));
         if (filtered) results.querySelector('button').addEventListener('click', clearAll);
-      } else {
-        replace(results, h('div', { class: 'card flush' }, runsTable(runs, meta)),
-          pager({ offset, limit, total, onChange: (o) => { offset = o; update(true); root.scrollIntoView?.(); } }));
+        return;
       }
+      const pagerEl = h('div', { class: 'pager' }, h('span', { class: 'muted pager-info' }, `${fmtNumber(offset + 1)}–${fmtNumber(offset + runs.length)} of …`));
+      replace(results, h('div', { class: 'card flush' }, runsTable(runs, meta)), pagerEl);
+      results.removeAttribute('aria-busy');
+      const total = await counting;
+      if (my !== seq || !ctx.alive) return;
+      countEl.textContent = `${fmtNumber(total)} run${total === 1 ? '' : 's'}`;
+      pagerEl.replaceWith(pager({ offset, limit, total, onChange: (o) => { offset = o; update(true); root.scrollIntoView?.(); } }));
     } catch (err) {
       if (my === seq && ctx.alive) replace(results, errorBox(err, load));
     } finally {
