@@ -931,6 +931,31 @@ def test_work_pools_show_status_queues_and_workers(ui, api, data):
     assert "1 of 1 worker online" in ui.text("#pool-health")
 
 
+def test_work_pool_form_offers_types_and_the_process_template(ui, api, data):
+    ui.open("work-pools")
+    ui.click(".page-header button", "+ Work pool")
+    ui.type("dialog[open] #pool-name", "form-pool")
+    assert ui.b.execute("return document.querySelector('#pool-type').value") == "process"
+    template = json.loads(ui.b.execute("return document.querySelector('#pool-template').value"))
+    assert template["job_configuration"]["command"] == "{{ command }}"
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.b.wait(lambda: api.request("GET", "/work_pools/form-pool")[0] == 200, 10, "the pool")
+    pool = api.get("/work_pools/form-pool")
+    assert pool["type"] == "process" and pool["base_job_template"] == template
+    # another type: no template unless one is pasted; a template that is not JSON is refused in words
+    ui.click(".page-header button", "+ Work pool")
+    ui.type("dialog[open] #pool-name", "form-docker")
+    ui.choose("#pool-type", "Docker")
+    assert ui.b.execute("return document.querySelector('#pool-template').value") == ""
+    ui.type("dialog[open] #pool-template", "{not json")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "not JSON")
+    ui.type("dialog[open] #pool-template", "")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.b.wait(lambda: api.request("GET", "/work_pools/form-docker")[0] == 200, 10, "the docker pool")
+    assert api.get("/work_pools/form-docker")["type"] == "docker"
+
+
 # ---------------------------------------------------------------- blocks
 
 def register_block_type(api, slug, name, fields, capabilities=()):
