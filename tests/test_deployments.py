@@ -764,12 +764,14 @@ def test_next_schedule_times_of_each_schedule(quiet_client):
                                              "active": False}])
     answer = client.ok("GET", f"/deployments/{dep['id']}/next_schedule_times?count=5")
     assert [a["schedule_id"] for a in answer] == [s["id"] for s in dep["schedules"]]
-    cron_times = [parse(t) for t in answer[0]["times"]]
+    by_kind = {("cron" if "cron" in s["schedule"] else "interval"): a for s, a in zip(dep["schedules"], answer)}
+    assert by_kind["cron"]["active"] is True and by_kind["interval"]["active"] is False
+    cron_times = [parse(t) for t in by_kind["cron"]["times"]]
     assert len(cron_times) == 5 and cron_times == sorted(cron_times) and cron_times[0] > now()
     berlin = [t.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")) for t in cron_times]
-    assert all((t.hour, t.minute) == (6, 0) for t in berlin)
+    assert all((t.hour, t.minute) == (6, 0) for t in berlin), berlin
     assert [(b - a).days for a, b in zip(berlin, berlin[1:])] == [1, 1, 1, 1]
-    interval_times = [parse(t) for t in answer[1]["times"]]
+    interval_times = [parse(t) for t in by_kind["interval"]["times"]]
     assert [(b - a).total_seconds() for a, b in zip(interval_times, interval_times[1:])] == [900.0] * 4
     assert client.request("GET", f"/deployments/{dep['id']}/next_schedule_times?count=x")[0] == 422
     assert client.request("GET", f"/deployments/{dep['id']}/next_schedule_times?count=500")[0] == 422
