@@ -6030,7 +6030,8 @@ def mark_deployments_polled(tx, column: str, values: list, now: str):
     as Prefect's mark_deployments_ready does. Readiness is read from last_polled (deployment_status)."""
     if values:
         marks = ", ".join("?" for _ in values)
-        tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})", (now, *values))
+        tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})",
+                   (now, *values))
 
 
 def deployment_status(dep: dict, timeout_seconds: float) -> str:
@@ -6042,7 +6043,9 @@ def deployment_status(dep: dict, timeout_seconds: float) -> str:
 
 def deployment_out(tx, row, settings: Settings | None = None) -> dict:
     dep = decode_row("deployment", row)
-    timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"] if settings else 60.0  # its default
+    timeout = 60.0  # the setting's default, for callers that only want the other fields
+    if settings:
+        timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"]
     dep["status"] = deployment_status(dep, timeout)
     schedules = [decode_row("deployment_schedule", r) for r in
                  tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
@@ -6705,8 +6708,9 @@ def record_delivery(tx, about: dict, attempt: int, status: str, error: str | Non
     insert_row(tx, "flow_run_notification_delivery", {"id": new_id(), "created": now_iso(), **about, "attempt": attempt,
                                                       "status": status, "error": error})
     tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? AND id NOT IN "
-               "(SELECT id FROM (SELECT id FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? "
-               "ORDER BY created DESC LIMIT ?) kept)", (policy_id, policy_id, NOTIFICATION_DELIVERIES_KEPT))
+               "(SELECT id FROM (SELECT id FROM flow_run_notification_delivery "
+               "WHERE flow_run_notification_policy_id = ? ORDER BY created DESC LIMIT ?) kept)",
+               (policy_id, policy_id, NOTIFICATION_DELIVERIES_KEPT))
 
 
 # Retention: old terminal runs go, with everything that hangs off them, a small batch per transaction.
@@ -7222,7 +7226,8 @@ class Request:
         try:
             number = int(value)
         except ValueError:
-            raise ValidationFailed([_error(("query", name), "value is not a valid integer", "type_error.integer")]) from None
+            raise ValidationFailed([_error(("query", name), "value is not a valid integer",
+                                           "type_error.integer")]) from None
         if not minimum <= number <= maximum:
             raise ValidationFailed([_error(("query", name), f"ensure this value is between {minimum} and {maximum}",
                                            "value_error.number.not_in_range")])
@@ -8753,7 +8758,8 @@ def delete_notification_policy(app, req):
         if not tx.execute("DELETE FROM flow_run_notification_policy WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Flow run notification policy not found")
         tx.execute("DELETE FROM flow_run_notification_queue WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
-        tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
+        tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ?",
+                   (req.uuid(),))
     return 204, NO_CONTENT
 
 
