@@ -198,6 +198,8 @@ SETTINGS = {
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time",
               minimum=0, maximum=_A_CENTURY),
+        _spec("PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS", 60.0, float,
+              "a deployment not polled for this long is NOT_READY", minimum=0.01, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes",
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
@@ -4846,6 +4848,7 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
         queues = [q for q in queues if q["name"] in data["work_queue_names"]]
     for q in queues:
         update_row(tx, "work_queue", q["id"], {"last_polled": now})
+    mark_deployments_polled(tx, "work_queue_id", [q["id"] for q in queues], now)
     if pool["is_paused"]:
         return []
     pool_room = None
@@ -6033,8 +6036,28 @@ def normalise_schedule(schedule: dict, loc) -> dict:
         raise ValidationFailed([_error((*loc, exc.field), exc.message, "value_error.schedule")]) from None
 
 
-def deployment_out(tx, row) -> dict:
+def mark_deployments_polled(tx, column: str, values: list, now: str):
+    """A runner's poll (by deployment id) or a worker's (by work queue id) says its deployments are served,
+    as Prefect's mark_deployments_ready does. Readiness is read from last_polled (deployment_status)."""
+    if values:
+        marks = ", ".join("?" for _ in values)
+        tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})",
+                   (now, *values))
+
+
+def deployment_status(dep: dict, timeout_seconds: float) -> str:
+    """READY while something polled it within the timeout (Prefect's foreman turns it NOT_READY after)."""
+    polled = dep.get("last_polled")
+    fresh = polled and from_iso(polled) >= utcnow() - _dt.timedelta(seconds=timeout_seconds)
+    return "READY" if fresh else "NOT_READY"
+
+
+def deployment_out(tx, row, settings: Settings | None = None) -> dict:
     dep = decode_row("deployment", row)
+    timeout = 60.0  # the setting's default, for callers that only want the other fields
+    if settings:
+        timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"]
+    dep["status"] = deployment_status(dep, timeout)
     schedules = [decode_row("deployment_schedule", r) for r in
                  tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
     dep["schedules"] = schedules
@@ -6324,7 +6347,7 @@ def scheduled_runs_for_deployments(tx, data: dict, settings: Settings) -> list[d
         return []
     now = now_iso()
     marks = ", ".join("?" for _ in ids)
-    tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE id IN ({marks})", (now, *ids))
+    mark_deployments_polled(tx, "id", ids, now)
     rows = tx.query(f"SELECT * FROM flow_run WHERE deployment_id IN ({marks}) AND state_type = 'SCHEDULED' "
                     f"AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time, id LIMIT ?",
                     (*ids, data.get("scheduled_before") or now, page_limit(data, settings)))
@@ -6685,7 +6708,23 @@ def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
     full = block_document_out(tx, doc, include_secrets=True)
     subject, body = render_notification(decode_row("flow_run_notification_policy", policy),
                                         notification_context(tx, policy, state, base_url))
-    return full["block_type"]["slug"], full["data"], subject, body
+    about = {"flow_run_notification_policy_id": policy["id"], "flow_run_id": state["flow_run_id"],
+             "state_name": state["name"], "destination": f"{doc['name']} ({full['block_type']['name']})"}
+    return full["block_type"]["slug"], full["data"], subject, body, about
+
+
+NOTIFICATION_DELIVERIES_KEPT = 1000  # per policy: the history stays bounded
+
+
+def record_delivery(tx, about: dict, attempt: int, status: str, error: str | None = None):
+    """One attempt to deliver a notification: SENT, RETRYING (failed, tried again later) or FAILED (given up)."""
+    policy_id = about["flow_run_notification_policy_id"]
+    insert_row(tx, "flow_run_notification_delivery", {"id": new_id(), "created": now_iso(), **about, "attempt": attempt,
+                                                      "status": status, "error": error})
+    tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? AND id NOT IN "
+               "(SELECT id FROM (SELECT id FROM flow_run_notification_delivery "
+               "WHERE flow_run_notification_policy_id = ? ORDER BY created DESC LIMIT ?) kept)",
+               (policy_id, policy_id, NOTIFICATION_DELIVERIES_KEPT))
 
 
 # Retention: old terminal runs go, with everything that hangs off them, a small batch per transaction.
@@ -8297,7 +8336,7 @@ class NotificationSender(Service):
         return row, prepared
 
     def _send(self, row, prepared):
-        slug, data, subject, body = prepared
+        slug, data, subject, body, about = prepared
         settings = self.app.settings
         attempts = row["attempts"] + 1
         try:
@@ -8313,10 +8352,12 @@ class NotificationSender(Service):
                            "updated = ? WHERE id = ?",
                            ("FAILED" if failed else "PENDING", iso(utcnow() + _dt.timedelta(seconds=delay)),
                             str(exc)[:1000], now_iso(), row["id"]))
+                record_delivery(tx, about, attempts, "FAILED" if failed else "RETRYING", str(exc)[:1000])
             self.failures += 1
             return
         with self.app.db.write() as tx:
             tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
+            record_delivery(tx, about, attempts, "SENT")
         self.sent += 1
         log.info("notification %s sent via %s", row["id"], slug)
 
@@ -8606,6 +8647,20 @@ class Request:
     def arg(self, name, default=None):
         values = self.query.get(name)
         return values[0] if values else default
+
+    def int_arg(self, name, default: int, minimum: int, maximum: int) -> int:
+        value = self.arg(name)
+        if value is None:
+            return default
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValidationFailed([_error(("query", name), "value is not a valid integer",
+                                           "type_error.integer")]) from None
+        if not minimum <= number <= maximum:
+            raise ValidationFailed([_error(("query", name), f"ensure this value is between {minimum} and {maximum}",
+                                           "value_error.number.not_in_range")])
+        return number
 
     def bool_arg(self, name, default=False) -> bool:
         value = self.arg(name)
@@ -9650,7 +9705,7 @@ def create_deployment_handler(app, req):
 def read_deployment(app, req):
     with app.db.read() as tx:
         row = require_row(tx, "deployment", req.uuid(), "Deployment")
-        return 200, deployment_for_client(req, deployment_out(tx, row))
+        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings))
 
 
 def read_deployment_by_name(app, req):
@@ -9659,7 +9714,7 @@ def read_deployment_by_name(app, req):
                            (req.params["flow_name"], req.params["deployment_name"]))
         if row is None:
             raise NotFound("Deployment not found")
-        return 200, deployment_for_client(req, deployment_out(tx, row))
+        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings))
 
 
 @body(DeploymentUpdate)
@@ -9719,7 +9774,7 @@ def read_scheduled_runs_for_deployments(app, req):
 def read_deployments_filtered(app, req):
     with app.db.read() as tx:
         rows = query_filtered(tx, "deployment", req.data, app.settings)
-        return 200, [deployment_for_client(req, deployment_out(tx, r)) for r in rows]
+        return 200, [deployment_for_client(req, deployment_out(tx, r, app.settings)) for r in rows]
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
@@ -9733,6 +9788,19 @@ def read_deployment_schedules(app, req):
         require_row(tx, "deployment", req.uuid(), "Deployment")
         rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
         return 200, [schedule_for_client(client_major(req), decode_row("deployment_schedule", r)) for r in rows]
+
+
+def read_next_schedule_times(app, req):
+    """Each schedule's next fire times from now (prefectlite's own read, for the UI: Prefect's computes them in
+    the browser). Inactive schedules too: the UI says they are off."""
+    count = req.int_arg("count", 5, 1, 50)
+    with app.db.read() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment")
+        rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
+        schedules = [decode_row("deployment_schedule", r) for r in rows]
+    start = utcnow()
+    return 200, [{"schedule_id": s["id"], "active": s.get("active", True),
+                  "times": [iso(t) for t in next_fire_times(s["schedule"], start, n=count)]} for s in schedules]
 
 
 @body(ListOf(DeploymentScheduleCreate))
@@ -10119,6 +10187,8 @@ def delete_notification_policy(app, req):
         if not tx.execute("DELETE FROM flow_run_notification_policy WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Flow run notification policy not found")
         tx.execute("DELETE FROM flow_run_notification_queue WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
+        tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ?",
+                   (req.uuid(),))
     return 204, NO_CONTENT
 
 
@@ -10146,6 +10216,17 @@ def send_test_notification(app, req):
     except NotificationFailed as exc:
         raise HTTPError(502, f"the destination did not accept the test message: {exc}") from None
     return 200, {"sent": True}
+
+
+def read_notification_deliveries(app, req):
+    """A policy's delivery attempts, newest first (our extension: Prefect keeps none), a page at a time."""
+    limit = req.int_arg("limit", 20, 1, 200)
+    offset = req.int_arg("offset", 0, 0, NOTIFICATION_DELIVERIES_KEPT)
+    with app.db.read() as tx:
+        require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy")
+        rows = tx.query("SELECT * FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? "
+                        "ORDER BY created DESC, id LIMIT ? OFFSET ?", (req.uuid(), limit, offset))
+    return 200, rows
 
 
 def read_notification_queue(app, req):
@@ -10494,6 +10575,7 @@ ROUTES = [
     ("POST", "/deployments/{id}/set_schedule_active", resume_deployment),
     ("POST", "/deployments/{id}/set_schedule_inactive", pause_deployment),
     ("GET", "/deployments/{id}/schedules", read_deployment_schedules),
+    ("GET", "/deployments/{id}/next_schedule_times", read_next_schedule_times),
     ("POST", "/deployments/{id}/schedules", create_deployment_schedules),
     ("PATCH", "/deployments/{id}/schedules/{schedule_id}", update_deployment_schedule),
     ("DELETE", "/deployments/{id}/schedules/{schedule_id}", delete_deployment_schedule),
@@ -10530,6 +10612,7 @@ ROUTES = [
     ("DELETE", "/flow_run_notification_policies/{id}", delete_notification_policy),
     ("POST", "/flow_run_notification_policies/{id}/test", send_test_notification),
     ("GET", "/flow_run_notification_queue/", read_notification_queue),
+    ("GET", "/flow_run_notification_policies/{id}/deliveries", read_notification_deliveries),
     ("POST", "/block_types/install_system_block_types", install_system_block_types),
 ]
 
@@ -11471,14 +11554,40 @@ def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
     if not target.is_relative_to(root.resolve()):
         return 404, None, {}
     if not is_file:
-        if "." in relative.rsplit("/", 1)[-1]:  # a missing asset is a 404, not the index page
+        if _names_an_asset(root, relative):  # a missing asset is a 404, not the index page
             return 404, None, {}
-        target = root / "index.html"
+        return _index_page(root, relative)
     data = target.read_bytes()
     ctype = _CONTENT_TYPES.get(target.suffix, mimetypes.guess_type(target.name)[0] or "application/octet-stream")
     stat = target.stat()
     etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
     return 200, RawBody(data, ctype), {"Cache-Control": "no-cache", "ETag": etag}
+
+
+def _names_an_asset(root: Path, relative: str) -> bool:
+    """A path the UI's pages never use: a file name at the top (favicon.ico) or anything in an asset folder
+    (js/, css/). Deeper page paths may end in a name with a dot (/work-pools/work-pool/pool.v2)."""
+    first, _, rest = relative.partition("/")
+    if not rest:
+        return "." in first
+    try:
+        return (root / first).is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+_INDEX_BASE = b'<base href="./">'
+
+
+def _index_page(root: Path, relative: str) -> tuple[int, RawBody, dict]:
+    """index.html for a page path (the UI routes on the client), its <base> pointing back at the UI's root
+    by a relative path, so that its assets load from any depth, also behind a proxy that adds a prefix."""
+    index = root / "index.html"
+    depth = relative.count("/")
+    data = index.read_bytes().replace(_INDEX_BASE, f'<base href="{"../" * depth or "./"}">'.encode(), 1)
+    stat = index.stat()
+    etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}-{depth}"'
+    return 200, RawBody(data, "text/html; charset=utf-8"), {"Cache-Control": "no-cache", "ETag": etag}
 
 
 def _is_loopback(address: str) -> bool:

@@ -704,3 +704,75 @@ def test_enforcement_can_be_switched_off_per_run(client):
     dep = new_deployment(client, parameter_openapi_schema=PARAM_SCHEMA, enforce_parameter_schema=True)
     run = run_from(client, dep["id"], parameters={"x": "free text"}, enforce_parameter_schema=False)
     assert run["parameters"] == {"x": "free text"}
+
+
+# --- readiness -----------------------------------------------------------------------------------
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def short_poll_timeout(request, tmp_path):
+    """A server whose deployments turn NOT_READY 1 s after their last poll (Prefect's foreman timeout; 60 s
+    by default), on SQLite, then on PostgreSQL."""
+    url = f"sqlite:///{tmp_path}/ready.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
+                           PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS=1) as api_url:
+        yield Client(api_url)
+
+
+def test_a_workers_poll_makes_its_deployments_ready_until_polls_stop(short_poll_timeout):
+    """As Prefect: a worker polling its pool (or one of its queues) marks the deployments of the polled queues
+    as polled; a deployment not polled within the timeout is NOT_READY."""
+    client = short_poll_timeout
+    pool = unique("pool")
+    client.ok("POST", "/work_pools/", {"name": pool, "type": "process"})
+    client.ok("POST", f"/work_pools/{pool}/queues/", {"name": "other"})
+    served = new_deployment(client, work_pool_name=pool)
+    elsewhere = new_deployment(client, work_pool_name=pool, work_queue_name="other")
+    assert client.ok("GET", f"/deployments/{served['id']}")["status"] == "NOT_READY"
+    assert served["last_polled"] is None
+    client.ok("POST", f"/work_pools/{pool}/get_scheduled_flow_runs", {"work_queue_names": ["default"]})
+    polled = client.ok("GET", f"/deployments/{served['id']}")
+    assert polled["status"] == "READY" and polled["last_polled"] is not None
+    assert client.ok("GET", f"/deployments/{elsewhere['id']}")["last_polled"] is None, "its queue was not polled"
+    listed = client.ok("POST", "/deployments/filter", {"deployments": {"id": {"any_": [served["id"]]}}})
+    assert [d["status"] for d in listed] == ["READY"]
+    # the worker stops polling: the deployment turns NOT_READY once the timeout has passed
+    wait_until(lambda: client.ok("GET", f"/deployments/{served['id']}")["status"] == "NOT_READY", timeout=10,
+               what="the deployment to turn NOT_READY")
+    # the older per-queue poll counts as well
+    queue = client.ok("GET", f"/work_pools/{pool}/queues/other")
+    client.ok("POST", f"/work_queues/{queue['id']}/get_runs", {})
+    assert client.ok("GET", f"/deployments/{elsewhere['id']}")["status"] == "READY"
+
+
+def test_a_stopped_runners_deployments_turn_not_ready(short_poll_timeout):
+    """flow.serve() polls /deployments/get_scheduled_flow_runs for its deployments; once it stops, they turn
+    NOT_READY (they stayed READY for good before)."""
+    client = short_poll_timeout
+    dep = new_deployment(client)
+    client.ok("POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})
+    assert client.ok("GET", f"/deployments/{dep['id']}")["status"] == "READY"
+    wait_until(lambda: client.ok("GET", f"/deployments/{dep['id']}")["status"] == "NOT_READY", timeout=10,
+               what="the served deployment to turn NOT_READY")
+
+
+def test_next_schedule_times_of_each_schedule(quiet_client):
+    """The UI shows a schedule's next five times (prefectlite's own read; Prefect's UI computes them itself)."""
+    client = quiet_client
+    daily = {"cron": "0 6 * * *", "timezone": "Europe/Berlin", "day_or": True}
+    dep = new_deployment(client, schedules=[{"schedule": daily, "active": True},
+                                            {"schedule": {"interval": 900.0, "anchor_date": "2030-01-01T00:00:00+00:00"},
+                                             "active": False}])
+    answer = client.ok("GET", f"/deployments/{dep['id']}/next_schedule_times?count=5")
+    assert [a["schedule_id"] for a in answer] == [s["id"] for s in dep["schedules"]]
+    by_kind = {("cron" if "cron" in s["schedule"] else "interval"): a for s, a in zip(dep["schedules"], answer)}
+    assert by_kind["cron"]["active"] is True and by_kind["interval"]["active"] is False
+    cron_times = [parse(t) for t in by_kind["cron"]["times"]]
+    assert len(cron_times) == 5 and cron_times == sorted(cron_times) and cron_times[0] > now()
+    berlin = [t.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")) for t in cron_times]
+    assert all((t.hour, t.minute) == (6, 0) for t in berlin), berlin
+    assert [(b - a).days for a, b in zip(berlin, berlin[1:])] == [1, 1, 1, 1]
+    interval_times = [parse(t) for t in by_kind["interval"]["times"]]
+    assert [(b - a).total_seconds() for a, b in zip(interval_times, interval_times[1:])] == [900.0] * 4
+    assert client.request("GET", f"/deployments/{dep['id']}/next_schedule_times?count=x")[0] == 422
+    assert client.request("GET", f"/deployments/{dep['id']}/next_schedule_times?count=500")[0] == 422
+    assert client.request("GET", f"/deployments/{uuid.uuid4()}/next_schedule_times")[0] == 404

@@ -495,7 +495,7 @@ def test_root_serves_html(server):
 def test_client_side_routes_serve_the_index(server):
     status, headers, body = fetch(server, "GET", "/flow-runs/some-id")
     assert status == 200 and headers["content-type"].startswith("text/html")
-    assert body == fetch(server, "GET", "/")[2]
+    assert body == fetch(server, "GET", "/")[2].replace(b'<base href="./">', b'<base href="../">')
 
 
 def test_a_missing_asset_is_404(server):
@@ -531,8 +531,27 @@ def test_path_traversal_never_leaks_files_outside_static(server, path):
         assert secret not in body, (path, secret)
     if status == 200:
         index = (ROOT / "static" / "index.html")
-        if index.is_file():
-            assert body == index.read_bytes(), path  # nothing but the UI's own page
+        if index.is_file():  # nothing but the UI's own page (its <base> written for the path's depth)
+            assert re.sub(rb'<base href="(\.\./)*(\./)?">', b'<base href="./">', body) == index.read_bytes(), path
+
+
+@pytest.mark.parametrize("path, base", [
+    ("/", "./"), ("/flows", "./"), ("/flows/", "../"), ("/flow-runs/flow-run/0a1b", "../../"),
+    ("/runs/task-run/0a1b", "../../"), ("/work-pools/work-pool/pool.v2", "../../"),
+    ("/blocks/catalog/slack-webhook/create", "../../../"),
+])
+def test_page_paths_answer_the_index_with_a_base_back_to_the_root(server, path, base):
+    """The UI routes on paths (as Prefect's UI does): each page path gets index.html, whose <base> leads back
+    to the root by a relative path, so its assets load from any depth and behind a prefixing proxy."""
+    status, headers, body = fetch(server, "GET", path)
+    assert status == 200 and headers["content-type"].startswith("text/html")
+    assert f'<base href="{base}">'.encode() in body
+    assert b'href="css/app.css"' in body
+
+
+@pytest.mark.parametrize("path", ["/js/missing.js", "/css/missing.css", "/favicon.ico", "/js/pages/missing.js"])
+def test_missing_assets_are_404_not_the_index(server, path):
+    assert_json_error(*fetch(server, "GET", path), expected_status=404)
 
 
 def test_static_files_are_served_with_their_type(server):

@@ -915,3 +915,32 @@ def test_cli_notification_commands(tmp_path):
         result = run_cli("notification", "create", "--state", "Failed", "--block", "slack-webhook/nope", env=env)
         assert result.returncode != 0
         assert "Traceback" not in result.stderr
+
+
+# --- delivery history ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
+def test_each_delivery_attempt_is_kept_per_policy(tmp_path, request, dialect):
+    """Every attempt (time, destination, status or error, attempt number) is kept per policy, newest first:
+    an operator sees what was sent where. Prefect keeps none."""
+    database = request.getfixturevalue("postgres_url") if dialect == "postgres" else None
+    with HTTPReceiver(script=[500]) as hook, running(tmp_path, database=database,
+                                                     PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=5) as (client, api):
+        block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"}, name=f"ops-{uuid.uuid4().hex[:6]}")
+        policy = new_policy(client, block["id"])
+        other = new_policy(client, block["id"], states=("Crashed",))
+        run, _state = fail_run(client)
+        hook.wait_for(1, accepted=True)
+        wait_queue_empty(client)
+        history = client.ok("GET", f"/flow_run_notification_policies/{policy['id']}/deliveries")
+        assert [(d["attempt"], d["status"]) for d in history] == [(2, "SENT"), (1, "RETRYING")]
+        assert "500" in history[1]["error"] and history[0]["error"] is None
+        assert all(d["destination"] == f"{block['name']} (Slack Webhook)" for d in history)
+        assert all(d["flow_run_id"] == run["id"] and d["state_name"] == "Failed" for d in history)
+        assert history[0]["created"] >= history[1]["created"]
+        assert client.ok("GET", f"/flow_run_notification_policies/{other['id']}/deliveries") == []
+        page = client.ok("GET", f"/flow_run_notification_policies/{policy['id']}/deliveries?limit=1&offset=1")
+        assert [d["id"] for d in page] == [history[1]["id"]]
+        assert client.get(f"/flow_run_notification_policies/{policy['id']}/deliveries?limit=0")[0] == 422
+        assert client.get(f"/flow_run_notification_policies/{uuid.uuid4()}/deliveries")[0] == 404
+        client.ok("DELETE", f"/flow_run_notification_policies/{policy['id']}")

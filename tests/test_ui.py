@@ -12,13 +12,16 @@ import datetime
 import http.server
 import json
 import os
+import re
 import shutil
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -99,7 +102,7 @@ class UI:
     def open(self, route, ready=True):
         # A full load every time: proves deep links work and resets the page's resource log.
         self.b.get("about:blank")
-        self.b.get(f"{self.base}/#/{route}")
+        self.b.get(f"{self.base}/{route}")
         if ready:
             self.wait_ready()
 
@@ -161,8 +164,10 @@ class UI:
             "return [...document.querySelectorAll(arguments[0])].filter(e => e.getClientRects().length)"
             ".map(r => [...r.cells].map(c => c.innerText.trim()))", css)
 
-    def hash(self):
-        return self.b.execute("return decodeURIComponent(location.hash)")
+    def route(self):
+        """The page's route: its path below the UI's root and its query, decoded."""
+        return self.b.execute("const root = new URL(document.baseURI).pathname;"
+                              "return decodeURIComponent(location.pathname.slice(root.length) + location.search)")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -210,9 +215,13 @@ def browser(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("uiserver")
-    with prefectlite.serve(database=f"sqlite:///{tmp}/ui.db", port=0) as api_url:
+def ui_db(tmp_path_factory):
+    return tmp_path_factory.mktemp("uiserver") / "ui.db"
+
+
+@pytest.fixture(scope="module")
+def server(ui_db):
+    with prefectlite.serve(database=f"sqlite:///{ui_db}", port=0) as api_url:
         yield api_url
 
 
@@ -303,14 +312,15 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
     ui.open("dashboard")
     ui.wait_text("#run-counts", "Total runs")
     since = (now_utc() - datetime.timedelta(hours=24)).isoformat()
-    total = count_runs(api, expected_start_time={"after_": since})
-    failed = count_runs(api, expected_start_time={"after_": since}, state={"type": {"any_": ["FAILED"]}})
+    due = {"after_": since, "before_": now_utc().isoformat()}
+    total = count_runs(api, expected_start_time=due)
+    failed = count_runs(api, expected_start_time=due, state={"type": {"any_": ["FAILED"]}})
     assert total >= 42 and failed >= 2
     cards = dict(ui.b.execute("return [...document.querySelectorAll('#run-counts .stat')]"
                               ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"))
     assert cards["ALL"] == f"{total:,}"
     assert cards["FAILED"] == f"{failed:,}"
-    assert cards["RUNNING"] == f"{count_runs(api, expected_start_time={'after_': since}, state={'type': {'any_': ['RUNNING']}}):,}"
+    assert cards["RUNNING"] == f"{count_runs(api, expected_start_time=due, state={'type': {'any_': ['RUNNING']}}):,}"
     # the chart: stacked bars coloured by state whose counts add up to the runs of the window
     bars = ui.b.execute("return [...document.querySelectorAll('#run-chart svg rect.bar')].map(r => [r.dataset.state, +r.dataset.count])")
     assert {"COMPLETED", "FAILED", "RUNNING", "CRASHED"} <= {s for s, _ in bars}
@@ -325,26 +335,27 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
     # the window picker reloads the counts for the past hour
     ui.click("main .segmented button", "Past hour")
     ui.wait_text("#run-counts", "Total runs")
-    assert "window=1h" in ui.hash()
+    assert "window=1h" in ui.route()
     ui.wait_text(".card-head h2", "Past hour")
 
 
 # ---------------------------------------------------------------- flow runs list
 
 def test_flow_runs_list_paginates_and_filters(ui, api, data):
-    total = count_runs(api)
+    total = count_runs(api, expected_start_time={"before_": now_utc().isoformat()})
     ui.open("flow-runs")
     ui.wait_text(".pager-info", f"of {total}")
     page1 = [r[0] for r in ui.rows("main tr.run-row")]
     assert len(page1) == 25
     assert ui.texts(".pager-info") == [f"1–25 of {total}"]
-    newest = api.post("/flow_runs/filter", {"sort": "EXPECTED_START_TIME_DESC", "limit": 25})
+    newest = api.post("/flow_runs/filter", {"flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+                                            "sort": "EXPECTED_START_TIME_DESC", "limit": 25})
     assert page1 == [r["name"] for r in newest]
     ui.click("main .pager button", "Next ›")
     ui.wait_text(".pager-info", f"26–{min(50, total)} of {total}")
     page2 = [r[0] for r in ui.rows("main tr.run-row")]
     assert page2 and not set(page2) & set(page1)
-    assert "page=2" in ui.hash()
+    assert "page=2" in ui.route()
 
     # state filter from the dropdown
     ui.click("summary[aria-label='Filter by state']")
@@ -353,7 +364,7 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     rows = ui.rows("main tr.run-row")
     assert sorted(r[0] for r in rows) == ["act-failed", "etl-failed-1"]
     assert all("Failed" in r[3] for r in rows)
-    assert "state=FAILED" in ui.hash()
+    assert "state=FAILED" in ui.route()
 
     # a deep link with filters reproduces the same view after a reload
     ui.open("flow-runs?state=CRASHED,FAILED")
@@ -373,7 +384,7 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     ui.choose("#filter-flow", "reporter")
     ui.wait_text(".pager-info", "of 1")
     assert [r[0] for r in ui.rows("main tr.run-row")] == ["child-report"]
-    assert f"flow={data['flows']['reporter']['id']}" in ui.hash()
+    assert f"flow={data['flows']['reporter']['id']}" in ui.route()
 
     # time range: nothing ran in the year 2000
     ui.open("flow-runs?range=custom&from=2000-01-01T00:00:00.000Z&to=2000-01-02T00:00:00.000Z")
@@ -381,6 +392,94 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     assert ui.rows("main tr.run-row") == []
     ui.open("flow-runs?range=1h&q=bulk-")
     ui.wait_text(".pager-info", "of 30")
+
+
+@pytest.fixture(scope="module")
+def timeline(api, data):
+    """The future and the overdue: a deployment with 30 runs scheduled from tomorrow on, and 3 Late runs."""
+    flow = api.post("/flows/", {"name": "scheduled-report"})
+    dep = api.post("/deployments/", {"name": "nightly-report", "flow_id": flow["id"]})
+    start = now_utc() + datetime.timedelta(days=1)
+    future = [api.post("/flow_runs/", {"flow_id": flow["id"], "deployment_id": dep["id"], "name": f"future-{i:02d}",
+                                       "state": {"type": "SCHEDULED", "name": "Scheduled",
+                                                 "state_details": {"scheduled_time": (start + datetime.timedelta(hours=i)).isoformat()}}})
+              for i in range(30)]
+    late = []
+    for i in range(3):
+        r = api.post("/flow_runs/", {"flow_id": flow["id"], "deployment_id": dep["id"], "name": f"overdue-{i}",
+                                     "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {
+                                         "scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()}}})
+        set_state(api, r["id"], "SCHEDULED", force=True, name="Late",
+                  state_details={"scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()})
+        late.append(api.get(f"/flow_runs/{r['id']}"))
+    assert all(r["state_name"] == "Late" for r in late)
+    return {"deployment": dep, "future": future, "late": late}
+
+
+def test_the_present_is_not_buried_under_the_future(ui, api, data, timeline):
+    now = now_utc().isoformat()
+    due = count_runs(api, expected_start_time={"before_": now})
+    assert count_runs(api) == due + 30
+    ui.open("flow-runs")
+    ui.wait_text(".pager-info", f"of {due}")
+    names = [r[0] for r in ui.rows("main tr.run-row")]
+    assert not any(n.startswith("future-") for n in names)
+    # Upcoming: the deployment's next five runs, soonest first, and how many there are
+    ui.click("main .segmented a", "Upcoming")
+    ui.b.wait(lambda: ui.route() == "flow-runs/upcoming", 10, "the upcoming view")
+    ui.wait_text("main .upcoming", "nightly-report")
+    card = f"main .upcoming[data-deployment='{timeline['deployment']['id']}']"
+    assert ui.texts(f"{card} .upcoming-run .run-link") == [f"future-{i:02d}" for i in range(5)]
+    assert ui.texts(f"{card} .upcoming-count") == ["30 upcoming"]
+    # the deployment's page: its past and its future apart
+    ui.open(f"deployments/deployment/{timeline['deployment']['id']}")
+    ui.wait_text("#deployment-upcoming", "future-00")
+    assert [r[0] for r in ui.rows("#deployment-upcoming tr.run-row")] == [f"future-{i:02d}" for i in range(5)]
+    ui.wait_text("#deployment-runs", "overdue-0")
+    assert not any(r[0].startswith("future-") for r in ui.rows("#deployment-runs tr.run-row"))
+
+
+def test_late_runs_have_their_own_count_colour_and_filter(ui, api, data, timeline):
+    ui.open("dashboard")
+    ui.wait_text("#run-counts", "Late")
+    cards = dict(ui.b.execute("return [...document.querySelectorAll('#run-counts .stat')]"
+                              ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"))
+    since = (now_utc() - datetime.timedelta(hours=24)).isoformat()
+    due = {"after_": since, "before_": now_utc().isoformat()}
+    assert cards["LATE"] == "3"
+    scheduled = count_runs(api, expected_start_time=due, state={"type": {"any_": ["SCHEDULED"]}})
+    assert cards["SCHEDULED"] == f"{scheduled - 3:,}"
+    assert cards["UPCOMING"] == "30"
+    assert cards["ALL"] == f"{count_runs(api, expected_start_time=due):,}"
+    late_bars = ui.b.execute("return [...document.querySelectorAll('#run-chart rect.bar[data-state=LATE]')].map(r => +r.dataset.count)")
+    assert sum(late_bars) == 3
+    assert "Late" in ui.text("#run-chart .legend")
+    # a Late run is drawn in a colour of its own
+    ui.click("#run-counts .stat[data-state=LATE]")
+    ui.b.wait(lambda: ui.route() == "flow-runs?range=24h&state=Late", 10, "the Late runs")
+    ui.wait_text(".pager-info", "of 3")
+    assert sorted(r[0] for r in ui.rows("main tr.run-row")) == ["overdue-0", "overdue-1", "overdue-2"]
+    colours = ui.b.execute("return [...document.querySelectorAll('main tr.run-row .state-badge')].map(b => getComputedStyle(b).getPropertyValue('--state'))")
+    ui.open("flow-runs?state=SCHEDULED&q=act-")
+    scheduled_colour = ui.b.execute("return getComputedStyle(document.querySelector('main tr.run-row .state-badge')).getPropertyValue('--state')")
+    assert set(colours) != {scheduled_colour} and len(set(colours)) == 1
+    # state names and types in the URL, in any case; names and types together mean either
+    ui.open("flow-runs?state=late")
+    ui.wait_text(".pager-info", "of 3")
+    ui.open("flow-runs?state=Failed")
+    failed = count_runs(api, state={"type": {"any_": ["FAILED"]}}, expected_start_time={"before_": now_utc().isoformat()})
+    ui.wait_text(".pager-info", f"of {failed}")
+    assert all("Failed" in r[3] for r in ui.rows("main tr.run-row"))
+    assert ui.b.execute("return document.querySelector('.dropdown-body input[value=FAILED]').checked") is True
+    ui.open("flow-runs?state=failed,LATE")
+    ui.wait_text(".pager-info", f"of {failed + 3}")
+    assert ui.b.execute("return document.querySelector('.dropdown-body input[value=Late]').checked") is True
+    # the dropdown offers the names
+    ui.open("flow-runs")
+    ui.click("summary[aria-label='Filter by state']")
+    ui.click(".dropdown-body input[value=Late]")
+    ui.wait_text(".pager-info", "of 3")
+    assert "state=Late" in ui.route()
 
 
 def test_flow_runs_list_asks_for_one_page_only(ui, api, data):
@@ -406,7 +505,7 @@ def test_flow_runs_list_asks_for_one_page_only(ui, api, data):
 
 def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api, data):
     main = data["main"]
-    ui.open(f"flow-runs/{main['id']}")
+    ui.open(f"flow-runs/flow-run/{main['id']}")
     assert ui.texts(".page-header h1") == ["etl-running"]
     assert "Running" in ui.text(".page-header .state-badge")
     summary = ui.text("main .kv")
@@ -420,13 +519,12 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     assert "extract-0" in ui.texts("#panel-logs .log-line")[2]  # the task run that wrote it
     ui.choose("#log-level", "Error and above")
     ui.b.wait(lambda: ui.texts("#panel-logs .log-line .log-level") == ["ERROR", "CRITICAL"], 10, "only error logs")
-    assert "level=40" in ui.hash()
+    assert "level=40" in ui.route()
     # task runs: table and timeline
-    ui.click("button[role=tab]", "Task runs (3)")
+    # task runs: extract-0 stands for the subflow child-report (its parent task run), so it is no task of this run
+    ui.click("button[role=tab]", "Task runs (2)")
     rows = ui.rows("#panel-task-runs tr.task-row")
-    assert [(r[0], r[1]) for r in rows] == [("extract-0", "Completed"), ("transform-0", "Failed"), ("load-0", "Running")]
-    bars = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs svg rect.gantt-bar')].map(r => r.dataset.task)")
-    assert bars == ["extract-0", "transform-0", "load-0"]
+    assert [(r[0], r[1]) for r in rows] == [("transform-0", "Failed"), ("load-0", "Running")]
     # subflow runs
     ui.click("button[role=tab]", "Subflow runs (1)")
     assert [r[0] for r in ui.rows("#panel-subflow-runs tr.run-row")] == ["child-report"]
@@ -441,13 +539,199 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     assert len(history) == len(api_states) >= 2
     assert history[0] == "Pending" and history[-1] == "Running"
     # the child links back to its parent
-    ui.open(f"flow-runs/{data['runs']['child-report']['id']}")
+    ui.open(f"flow-runs/flow-run/{data['runs']['child-report']['id']}")
     ui.wait_text("main .kv", "etl-running")
+
+
+def test_task_run_page_and_links_both_ways(ui, api, data):
+    extract = data["tasks"]["extract"]
+    main = api.post("/flow_runs/", {"flow_id": data["flows"]["daily-etl"]["id"], "name": "task-page-run", "state": {"type": "RUNNING"}})
+    expires = (now_utc() + datetime.timedelta(days=2)).isoformat()
+    t = api.post("/task_runs/", {
+        "flow_run_id": main["id"], "task_key": "publish", "dynamic_key": "0", "name": "publish-0", "tags": ["outbound"],
+        "cache_key": "publish-2024-02-01", "cache_expiration": expires,
+        "empirical_policy": {"retries": 3, "retry_delay": 10},
+        "task_inputs": {"rows": [{"input_type": "task_run", "id": extract["id"]}], "batch": [{"input_type": "parameter", "name": "batch_size"}]},
+        "state": {"type": "PENDING"}})
+    api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "RUNNING"}})
+    api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "COMPLETED", "message": "published"}, "force": True})
+    api.post("/logs/", [{"name": "prefect.task_runs", "level": 20, "message": "publishing 500 rows", "timestamp": now_utc().isoformat(),
+                         "flow_run_id": main["id"], "task_run_id": t["id"]}])
+    api.post("/artifacts/", {"key": "publish-report", "type": "markdown", "data": "**done**", "flow_run_id": main["id"],
+                             "task_run_id": t["id"]})
+    # from the flow run's task list to the task run's page
+    ui.open(f"flow-runs/flow-run/{main['id']}?tab=task-runs")
+    ui.click("#panel-task-runs a.task-name", "publish-0")
+    ui.b.wait(lambda: ui.route() == f"runs/task-run/{t['id']}", 10, "the task run page")
+    ui.wait_ready()
+    assert ui.texts(".page-header h1") == ["publish-0"]
+    assert "Completed" in ui.text(".page-header .state-badge")
+    assert ui.texts("main .cache-key") == ["publish-2024-02-01"]
+    assert "in 2 d" in ui.text("main .cache-expiration")
+    assert ui.texts("main .task-retries") == ["Up to 3 retries, waiting 10s"]
+    assert "outbound" in ui.text("main .kv")
+    ui.wait_text("#panel-logs .log-line .log-msg", "publishing 500 rows")
+    assert ui.texts("#panel-logs .log-line .log-msg") == ["publishing 500 rows"]
+    ui.click("button[role=tab]", "Inputs")
+    ui.wait_text("#panel-inputs", "extract-0")
+    inputs = dict((r[0], r[1]) for r in ui.rows("#panel-inputs tr.input-row"))
+    assert inputs["rows"].startswith("result of extract-0") and inputs["batch"] == "flow parameter batch_size"
+    assert ui.texts("#panel-inputs .upstream-list a") == ["extract-0"]
+    ui.click("button[role=tab]", "State history")
+    ui.wait_text("#panel-state-history", "Completed")
+    assert ui.texts("#panel-state-history .timeline-item .state-badge") == ["Pending", "Running", "Completed"]
+    ui.click("button[role=tab]", "Artifacts (1)")
+    ui.wait_text("#panel-artifacts .markdown strong", "done")
+    # an upstream task run is one click away, and so is the flow run
+    ui.click("main .kv a.flow-run-link", "task-page-run")
+    ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "back on the flow run")
+    ui.wait_ready()
+    # the subflow's parent task run names its subflow
+    ui.open(f"runs/task-run/{extract['id']}")
+    ui.wait_text("main .kv", "child-report")
+
+
+def test_logs_read_to_the_millisecond_search_and_download(ui, api, data):
+    main = data["main"]
+    ui.open(f"flow-runs/flow-run/{main['id']}")
+    ui.wait_text("#panel-logs .log-line", "critical disk failure")
+    times = ui.texts("#panel-logs .log-line .log-time")
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d\.\d{3}", t) for t in times), times
+    assert len(set(times)) == len(times)  # 10 ms apart, told apart
+    assert ui.texts("#panel-logs .log-line .log-source")[0] == "prefect.flow_runs"  # the logger's whole name
+    every = len(ui.texts("#panel-logs .log-line"))
+    ui.type("#log-search", "ROW 4")
+    ui.b.wait(lambda: ui.texts("#panel-logs .log-line .log-msg") == ["log line 4: row 42 rejected"], 10, "only the line with 'row 4'")
+    ui.type("#log-search", "")
+    ui.b.wait(lambda: len(ui.texts("#panel-logs .log-line")) == every, 10, "every line again")
+    # the download holds every line, built from the API in bounded pages
+    ui.b.execute("window.__blobs = []; const c = URL.createObjectURL;"
+                 "URL.createObjectURL = (b) => { window.__blobs.push(b); return c(b); };")
+    ui.click("#panel-logs button", "Download")
+    ui.b.wait(lambda: ui.b.execute("return window.__blobs.length"), 10, "the download")
+    text = ui.b.execute_async("const done = arguments[arguments.length - 1]; window.__blobs[0].text().then(done);")
+    assert text.count("\n") == every and "CRITICAL" in text and "critical disk failure" in text
+
+
+def test_old_hash_links_lead_to_their_pages(ui, api, data):
+    main = data["main"]
+    for old, route in ((f"#/flow-runs/{main['id']}", f"flow-runs/flow-run/{main['id']}"),
+                       ("#/flow-runs?state=FAILED", "flow-runs?state=FAILED"),
+                       (f"#/flows/{data['flows']['reporter']['id']}", f"flows/flow/{data['flows']['reporter']['id']}"),
+                       ("#/blocks?tab=catalog", "blocks/catalog"), ("#/dashboard", "dashboard")):
+        ui.b.get("about:blank")
+        ui.b.get(f"{ui.base}/{old}")
+        ui.b.wait(lambda: ui.route() == route, 10, f"{old} to lead to {route}")
+        ui.wait_ready()
+        assert ui.b.execute("return location.hash") == ""
+        assert "Page not found" not in ui.text(".page-header")
+    # and the short paths of those links too
+    ui.open(f"flow-runs/{main['id']}")
+    ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "the canonical path")
+    assert ui.texts(".page-header h1") == ["etl-running"]
+    # links change the page without loading it again; Back goes back
+    ui.b.execute("window.__same_document = true")
+    ui.click("main .kv a", "daily-etl")
+    ui.b.wait(lambda: ui.route().startswith("flows/flow/"), 10, "the flow page")
+    assert ui.b.execute("return window.__same_document") is True
+    ui.b.execute("history.back()")
+    ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "back on the run")
+    ui.wait_text(".page-header h1", "etl-running")
+
+
+def make_task(api, db, run_id, name, start, seconds, *, inputs=None, retry_at=None):
+    """A completed task run that ran from `start` for `seconds` (with retry_at: failed once at retry_at[0] and ran
+    again from retry_at[1]). The server stamps states with its own clock, so the times are then moved back in
+    the database: a run of minutes without waiting minutes."""
+    t = api.post("/task_runs/", {"flow_run_id": run_id, "task_key": name.split("-")[0], "dynamic_key": name, "name": name,
+                                 "task_inputs": inputs or {}, "state": {"type": "PENDING"}})
+    path = [("RUNNING", None, start)]
+    if retry_at:
+        path += [("SCHEDULED", "AwaitingRetry", retry_at[0]), ("RUNNING", "Retrying", retry_at[1])]
+    end = start + datetime.timedelta(seconds=seconds)
+    path.append(("COMPLETED", None, end))
+    for state_type, state_name, _ in path:
+        state = {"type": state_type, **({"name": state_name} if state_name else {})}
+        api.post(f"/task_runs/{t['id']}/set_state", {"state": state, "force": True})
+    ran = (retry_at[0] - start + end - retry_at[1]).total_seconds() if retry_at else seconds
+    with sqlite3.connect(db) as c:
+        c.execute("UPDATE task_run SET expected_start_time = ?, start_time = ?, end_time = ?, total_run_time = ? WHERE id = ?",
+                  ((start - datetime.timedelta(seconds=1)).isoformat(), start.isoformat(), end.isoformat(), ran, t["id"]))
+        ids = [r[0] for r in c.execute("SELECT id FROM task_run_state WHERE task_run_id = ? ORDER BY timestamp", (t["id"],))]
+        stamps = [start - datetime.timedelta(seconds=1)] + [at for _, _, at in path]
+        for state_id, at in zip(ids, stamps):
+            c.execute("UPDATE task_run_state SET timestamp = ? WHERE id = ?", (at.isoformat(), state_id))
+    return api.get(f"/task_runs/{t['id']}")
+
+
+def test_run_graph_at_twenty_tasks_edges_retries_and_durations(ui, api, data, ui_db):
+    flow = api.post("/flows/", {"name": "graph-flow"})
+    run = api.post("/flow_runs/", {"flow_id": flow["id"], "name": "graph-20", "state": {"type": "RUNNING"}})
+    base = now_utc() - datetime.timedelta(minutes=10)
+    tasks = [make_task(api, ui_db, run["id"], f"map-{i:02d}", base + datetime.timedelta(seconds=5 * i), 3 + i) for i in range(18)]
+    joined = make_task(api, ui_db, run["id"], "join-0", base + datetime.timedelta(seconds=130), 4,
+                       inputs={"parts": [{"input_type": "task_run", "id": t["id"]} for t in tasks[:3]]})
+    retried = make_task(api, ui_db, run["id"], "flaky-0", base + datetime.timedelta(seconds=140), 30,
+                        retry_at=(base + datetime.timedelta(seconds=145), base + datetime.timedelta(seconds=160)))
+    set_state(api, run["id"], "COMPLETED", force=True)
+    ui.open(f"flow-runs/flow-run/{run['id']}?tab=task-runs")
+    ui.b.wait(lambda: len(ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar')")) == 20, 10, "20 bars")
+    # readable: labels at a normal size, the whole name
+    sizes = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs .graph-label')].map(e => parseFloat(getComputedStyle(e).fontSize))")
+    assert len(sizes) == 20 and min(sizes) >= 12
+    assert "map-00" in ui.texts("#panel-task-runs .graph-label")
+    # edges from task_inputs
+    edges = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs path.graph-edge')].map(e => [e.dataset.from, e.dataset.to])")
+    assert sorted(edges) == sorted([t["id"], joined["id"]] for t in tasks[:3])
+    # the retried task: two attempts drawn
+    attempts = ui.b.execute("return document.querySelectorAll(`#panel-task-runs rect.graph-attempt`).length")
+    assert attempts == 2 and api.get(f"/task_runs/{retried['id']}")["run_count"] == 2
+    # durations agree with the table
+    table = {r[0]: r[3] for r in ui.rows("#panel-task-runs tr.task-row")}
+    bars = dict(ui.b.execute("return [...document.querySelectorAll('#panel-task-runs rect.graph-bar')].map(r => [r.dataset.id, r.dataset.duration])"))
+    names = {t["id"]: t["name"] for t in tasks + [joined, retried]}
+    assert {names[i]: d for i, d in bars.items()} == {n: table[n] for n in names.values()}
+    # the axis reads clock times, in order
+    ticks = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs .graph-tick')].map(t => [+t.dataset.ms, t.textContent])")
+    assert len(ticks) >= 3 and [ms for ms, _ in ticks] == sorted(ms for ms, _ in ticks)
+    assert all(re.fullmatch(r"\d\d:\d\d(:\d\d)?", text) for _, text in ticks), ticks
+    # a bar leads to its task run
+    ui.click("#panel-task-runs .graph-label", "join-0")
+    ui.b.wait(lambda: ui.route() == f"runs/task-run/{joined['id']}", 10, "the task run page")
+
+
+def test_run_graph_at_a_thousand_tasks_draws_only_what_is_in_view(ui, api, data):
+    flow = api.post("/flows/", {"name": "graph-flow"})
+    run = api.post("/flow_runs/", {"flow_id": flow["id"], "name": "graph-1000", "state": {"type": "COMPLETED"}})
+    base = now_utc() - datetime.timedelta(hours=1)
+    for chunk in range(10):  # the API takes one task run per request: 1,000 requests, bounded
+        for i in range(chunk * 100, chunk * 100 + 100):
+            start = base + datetime.timedelta(seconds=3 * i)
+            api.post("/task_runs/", {"flow_run_id": run["id"], "task_key": "item", "dynamic_key": str(i), "name": f"item-{i:04d}",
+                                     "state": {"type": "COMPLETED", "timestamp": start.isoformat()}})
+    ui.open(f"flow-runs/flow-run/{run['id']}?tab=task-runs")
+    ui.wait_text("#panel-task-runs .graph-count", "1,000 runs")
+    drawn = ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar').length")
+    assert 10 <= drawn <= 40, drawn
+    # scrolled to the end, the last rows are drawn (and the first are gone)
+    ui.b.execute("const v = document.querySelector('#panel-task-runs .graph-viewport'); v.scrollTop = v.scrollHeight;")
+    ui.b.wait(lambda: "item-0999" in ui.texts("#panel-task-runs .graph-label"), 10, "the last row")
+    assert "item-0000" not in ui.texts("#panel-task-runs .graph-label")
+    # zoom in: the drawing is wider than the view, and still only the visible part is drawn
+    before = ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth")
+    for _ in range(3):
+        ui.click("#panel-task-runs button[aria-label='Zoom in']")
+    ui.b.wait(lambda: ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth") >= 7 * before, 10,
+              "an 8x wider drawing")
+    assert ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar').length") <= 40
+    # the page asked for the task runs in bounded pages only
+    bodies = ui.b.execute("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert bodies  # the page loaded through the API
 
 
 def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
     run = data["runs"]["live-run"]
-    ui.open(f"flow-runs/{run['id']}")
+    ui.open(f"flow-runs/flow-run/{run['id']}")
     ui.wait_text("#panel-logs", "No logs")
     assert ui.texts("#panel-logs .live") == ["Live: following new logs"]
     api.post("/logs/", [{"name": "test", "level": 20, "message": "fresh line from the test", "timestamp": now_utc().isoformat(),
@@ -469,28 +753,28 @@ def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
 def test_flow_run_actions_cancel_retry_delete(ui, api, data):
     runs = data["runs"]
     # cancelling a running run asks it to stop
-    ui.open(f"flow-runs/{runs['act-running']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-running']['id']}")
     ui.click(".page-header button", "Cancel")
     ui.confirm("Cancel run")
     ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-running']['id']}")["state_type"] == "CANCELLING", 10, "CANCELLING")
     ui.wait_text(".page-header .state-badge", "Cancelling")
     # cancelling a run that is not running cancels it outright
-    ui.open(f"flow-runs/{runs['act-scheduled']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-scheduled']['id']}")
     ui.click(".page-header button", "Cancel")
     ui.confirm("Cancel run")
     ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-scheduled']['id']}")["state_type"] == "CANCELLED", 10, "CANCELLED")
     ui.wait_text(".page-header .state-badge", "Cancelled")
     # retrying a failed run schedules it again
-    ui.open(f"flow-runs/{runs['act-failed']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-failed']['id']}")
     assert ui.texts(".page-header button") == ["Retry", "Delete"]
     ui.click(".page-header button", "Retry")
     ui.confirm("Retry")
     ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-failed']['id']}")["state_type"] == "SCHEDULED", 10, "SCHEDULED")
     # deleting goes back to the list and the run is gone
-    ui.open(f"flow-runs/{runs['act-delete']['id']}")
+    ui.open(f"flow-runs/flow-run/{runs['act-delete']['id']}")
     ui.click(".page-header button", "Delete")
     ui.confirm("Delete")
-    ui.b.wait(lambda: ui.hash() == "#/flow-runs", 10, "the flow runs list")
+    ui.b.wait(lambda: ui.route() == "flow-runs", 10, "the flow runs list")
     assert api.request("GET", f"/flow_runs/{runs['act-delete']['id']}")[0] == 404
     ui.wait_ready()
     assert "act-delete" not in ui.text("main")
@@ -500,7 +784,7 @@ def test_api_errors_are_shown_in_words(ui, api, data):
     missing = str(uuid.uuid4())
     status, body = api.request("GET", f"/flow_runs/{missing}")
     assert status == 404
-    ui.open(f"flow-runs/{missing}")
+    ui.open(f"flow-runs/flow-run/{missing}")
     ui.wait_text("main .error-box", "Error 404")
     assert body["detail"] in ui.text("main .error-box")
     ui.open("no-such-page")
@@ -511,15 +795,22 @@ def test_api_errors_are_shown_in_words(ui, api, data):
 
 def test_flows_list_and_flow_detail(ui, api, data):
     ui.open("flows")
-    names = [r[0] for r in ui.rows()]
+    names = [r[0] for r in ui.rows() if r[0] not in ("scheduled-report", "graph-flow")]  # other tests' flows, if run
     assert names == ["bulk-flow", "daily-etl", "reporter"]
-    ui.type("#flow-search", "rep")
+    # each flow's last run (due up to now) with its state
+    last = {r[0]: r[2] for r in ui.rows()}
+    for name in ("bulk-flow", "reporter"):
+        [newest] = api.post("/flow_runs/filter", {"flows": {"id": {"any_": [data["flows"][name]["id"]]}}, "limit": 1,
+                                                  "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+                                                  "sort": "EXPECTED_START_TIME_DESC"})
+        assert last[name].startswith(newest["name"]) and newest["state_name"] in last[name], (name, last[name])
+    ui.type("#flow-search", "reporte")
     ui.b.wait(lambda: [r[0] for r in ui.rows()] == ["reporter"], 10, "the search to narrow the list")
     ui.click("main a", "reporter")
     ui.wait_text(".page-header h1", "reporter")
     ui.wait_ready()
     assert [r[0] for r in ui.rows("#flow-runs tr.run-row")] == ["child-report"]
-    ui.open(f"flows/{data['flows']['bulk-flow']['id']}")
+    ui.open(f"flows/flow/{data['flows']['bulk-flow']['id']}")
     ui.wait_text("#flow-runs .pager-info", "1–15 of 30")
 
 
@@ -527,7 +818,7 @@ def test_flow_detail_lists_its_deployments(ui, api, data):
     require_api(api, "POST", "/deployments/filter")
     flow = data["flows"]["daily-etl"]
     api.post("/deployments/", {"name": "etl-deploy-a", "flow_id": flow["id"]})
-    ui.open(f"flows/{flow['id']}")
+    ui.open(f"flows/flow/{flow['id']}")
     ui.wait_text("#flow-deployments", "etl-deploy-a")
 
 
@@ -543,7 +834,7 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
         "schedules": [{"schedule": {"interval": 3600}, "active": True}], "tags": ["prod"]})
     ui.open("deployments")
     row = next(r for r in ui.rows() if r[0] == "nightly")
-    assert row[1] == "daily-etl" and "Every hour" in row[2] and row[3] == "Active"
+    assert row[1] == "daily-etl" and "Every hour" in row[2] and row[3] == "Not ready"
     ui.click("main a", "nightly")
     ui.wait_text(".page-header h1", "nightly")
     ui.wait_ready()
@@ -552,23 +843,29 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     ui.type("dialog[open] #param-limit", "5")
     ui.type("dialog[open] #run-tags", "manual")
     ui.click("dialog[open] button[type=submit]", "Run")
-    ui.b.wait(lambda: ui.hash().startswith("#/flow-runs/"), 10, "the new flow run page")
-    run_id = ui.hash().split("/")[-1]
+    ui.b.wait(lambda: ui.route().startswith("flow-runs/flow-run/"), 10, "the new flow run page")
+    run_id = ui.route().split("/")[-1]
     run = api.get(f"/flow_runs/{run_id}")
     assert run["deployment_id"] == dep["id"]
     assert run["parameters"] == {"date": "2024-01-01", "limit": 5}
     assert "manual" in run["tags"]
     ui.wait_ready()
     assert "nightly" in ui.text("main .kv")
-    # the list for the deployment holds the manual run and the runs the scheduler made for its schedule
-    expected = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}}})
-    assert expected >= 2, "the scheduler fills the hourly schedule ahead"
+    # the list for the deployment holds the manual run, due now; the runs the scheduler made ahead for its
+    # schedule are upcoming, on the deployment's page and in the Upcoming view
+    scheduled = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                              "flow_runs": {"expected_start_time": {"after_": now_utc().isoformat()}}})
+    assert scheduled >= 1, "the scheduler fills the hourly schedule ahead"
+    expected = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}},
+                                             "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}}})
     ui.open(f"flow-runs?deployment={dep['id']}")
     ui.wait_text(".pager-info", f"of {expected}")
     names = [r[0] for r in ui.rows("main tr.run-row")]
     assert run["name"] in names and len(names) == expected
+    ui.open(f"deployments/deployment/{dep['id']}")
+    ui.b.wait(lambda: len(ui.rows("#deployment-upcoming tr.run-row")) == min(5, scheduled), 10, "the upcoming runs")
     # pause and resume
-    ui.open(f"deployments/{dep['id']}")
+    ui.open(f"deployments/deployment/{dep['id']}")
     ui.click(".page-header button", "Pause")
     ui.b.wait(lambda: api.get(f"/deployments/{dep['id']}")["paused"] is True, 10, "paused")
     ui.wait_text(".page-header .actions button", "Resume")
@@ -576,6 +873,39 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     ui.click(".page-header button", "Resume")
     ui.b.wait(lambda: api.get(f"/deployments/{dep['id']}")["paused"] is False, 10, "resumed")
     ui.wait_text(".page-header .actions button", "Pause")
+
+
+def test_a_dialog_closes_when_the_page_changes(ui, api, data):
+    dep = api.post("/deployments/", {"name": "dialog-dep", "flow_id": data["flows"]["daily-etl"]["id"]})
+    ui.open("deployments")
+    ui.open(f"deployments/deployment/{dep['id']}")
+    ui.click(".page-header button", "Run")
+    ui.el("dialog[open]")
+    ui.b.execute("history.back()")
+    ui.b.wait(lambda: ui.route() == "deployments", 10, "the deployments list")
+    ui.b.wait(lambda: not ui.b.execute("return !!document.querySelector('dialog[open]')"), 5, "the dialog to close")
+
+
+def test_deployment_readiness_and_schedules_in_words(ui, api, data):
+    """Ready / Not ready as the server derives it from polls; schedules as sentences with their next five times."""
+    pool = api.post("/work_pools/", {"name": "ready-pool", "type": "process"})
+    dep = api.post("/deployments/", {
+        "name": "morning", "flow_id": data["flows"]["daily-etl"]["id"], "work_pool_name": pool["name"],
+        "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}, "active": False}]})
+    ui.open(f"deployments/deployment/{dep['id']}")
+    assert ui.texts(".page-header .deployment-status") == ["Not ready"]
+    ui.wait_text("#deployment-schedules .schedule-sentence", "Every day at 06:00, Europe/Berlin")
+    shown = ui.b.execute("return [...document.querySelectorAll('#deployment-schedules .next-times time')].map(t => t.dateTime)")
+    [expected] = api.get(f"/deployments/{dep['id']}/next_schedule_times?count=5")
+    assert shown == expected["times"] and len(shown) == 5
+    # a worker polls the pool: the deployment is Ready
+    api.post(f"/work_pools/{pool['name']}/get_scheduled_flow_runs", {})
+    ui.open(f"deployments/deployment/{dep['id']}")
+    assert ui.texts(".page-header .deployment-status") == ["Ready"]
+    assert "ago" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title") or \
+        "just now" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title")
+    ui.open("deployments")
+    assert next(r for r in ui.rows() if r[0] == "morning")[3] == "Ready"
 
 
 # ---------------------------------------------------------------- work pools
@@ -601,6 +931,31 @@ def test_work_pools_show_status_queues_and_workers(ui, api, data):
     assert "1 of 1 worker online" in ui.text("#pool-health")
 
 
+def test_work_pool_form_offers_types_and_the_process_template(ui, api, data):
+    ui.open("work-pools")
+    ui.click(".page-header button", "+ Work pool")
+    ui.type("dialog[open] #pool-name", "form-pool")
+    assert ui.b.execute("return document.querySelector('#pool-type').value") == "process"
+    template = json.loads(ui.b.execute("return document.querySelector('#pool-template').value"))
+    assert template["job_configuration"]["command"] == "{{ command }}"
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.b.wait(lambda: api.request("GET", "/work_pools/form-pool")[0] == 200, 10, "the pool")
+    pool = api.get("/work_pools/form-pool")
+    assert pool["type"] == "process" and pool["base_job_template"] == template
+    # another type: no template unless one is pasted; a template that is not JSON is refused in words
+    ui.click(".page-header button", "+ Work pool")
+    ui.type("dialog[open] #pool-name", "form-docker")
+    ui.choose("#pool-type", "Docker")
+    assert ui.b.execute("return document.querySelector('#pool-template').value") == ""
+    ui.type("dialog[open] #pool-template", "{not json")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "not JSON")
+    ui.type("dialog[open] #pool-template", "")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.b.wait(lambda: api.request("GET", "/work_pools/form-docker")[0] == 200, 10, "the docker pool")
+    assert api.get("/work_pools/form-docker")["type"] == "docker"
+
+
 # ---------------------------------------------------------------- blocks
 
 def register_block_type(api, slug, name, fields, capabilities=()):
@@ -623,7 +978,7 @@ CREDS_FIELDS = {
 def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     require_api(api, "POST", "/block_types/filter")
     register_block_type(api, "ui-test-credentials", "UI Test Credentials", CREDS_FIELDS)
-    ui.open("blocks?tab=catalog")
+    ui.open("blocks/catalog")
     ui.type("#catalog-search", "UI Test")
     ui.click(".catalog-item[data-slug=ui-test-credentials] a", "Create")
     ui.wait_text(".page-header h1", "New UI Test Credentials block")
@@ -634,8 +989,8 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     ui.type("#block-password", "hunter2")
     ui.type("#block-port", "6543")
     ui.click("main button[type=submit]", "Create block")
-    ui.b.wait(lambda: ui.hash().startswith("#/blocks/") and "new" not in ui.hash(), 10, "the block page")
-    block_id = ui.hash().split("/")[-1]
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    block_id = ui.route().split("/")[-1]
     ui.wait_text(".page-header h1", "warehouse-login")
     ui.wait_ready()
     values = dict(ui.b.execute("return [...document.querySelectorAll('.block-value')].map(e => [e.dataset.field, e.innerText])"))
@@ -656,10 +1011,10 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     # listed, then deleted
     ui.open("blocks")
     assert ["warehouse-login", "UI Test Credentials"] in [r[:2] for r in ui.rows()]
-    ui.open(f"blocks/{block_id}")
+    ui.open(f"blocks/block/{block_id}")
     ui.click(".page-header button", "Delete")
     ui.confirm("Delete")
-    ui.b.wait(lambda: ui.hash() == "#/blocks", 10, "the blocks list")
+    ui.b.wait(lambda: ui.route() == "blocks", 10, "the blocks list")
     assert api.request("GET", f"/block_documents/{block_id}")[0] == 404
 
 
@@ -715,7 +1070,7 @@ def test_flow_run_artifacts_render_markdown_safely(ui, api, data):
     api.post("/artifacts/", {"key": "numbers", "type": "table", "flow_run_id": main["id"],
                              "data": json.dumps([{"a": 1, "b": 2}, {"a": 3, "b": 4}])})
     api.post("/artifacts/", {"key": "dash", "type": "link", "flow_run_id": main["id"], "data": "[dashboard](https://dash.example.com/)"})
-    ui.open(f"flow-runs/{main['id']}?tab=artifacts")
+    ui.open(f"flow-runs/flow-run/{main['id']}?tab=artifacts")
     ui.wait_text("#panel-artifacts h1", "Daily report")
     md = "#panel-artifacts article[data-type=markdown] .markdown"
     assert ui.texts(f"{md} strong") == ["1,234"] and ui.texts(f"{md} em") == ["3 s"]
@@ -744,11 +1099,18 @@ def test_artifacts_page_shows_latest_per_key(ui, api, data):
     ui.wait_text("main .artifact-key", "summary")
     keys = ui.texts("main .artifact-key")
     assert keys.count("summary") == 1
-    ui.click("details[data-key=summary] summary")
-    ui.wait_text("details[data-key=summary] .markdown strong", "new version")
-    assert "etl-completed-1" in ui.text("details[data-key=summary] summary")
+    # open, with the run and its flow named
+    ui.wait_text("article[data-key=summary] .markdown strong", "new version")
+    head = ui.text("article[data-key=summary] .artifact-head")
+    assert "etl-completed-1" in head and "daily-etl" in head
     ui.click("main .segmented button", "All artifacts")
     ui.b.wait(lambda: ui.texts("main .artifact-key").count("summary") == 2, 10, "both versions")
+    # the key's own page lists its versions, newest first
+    ui.click("article[data-key=summary] a.artifact-key")
+    ui.b.wait(lambda: ui.route() == "artifacts/key/summary", 10, "the key's page")
+    ui.wait_text(".page-header h1", "summary")
+    ui.b.wait(lambda: len(ui.texts("main article.artifact-item")) == 2, 10, "two versions")
+    assert "new version" in ui.texts("main article.artifact-item .markdown")[0]
 
 
 # ---------------------------------------------------------------- concurrency limits
@@ -985,6 +1347,28 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
     assert automations(api) == []
 
 
+def test_notification_delivery_history(ui, api, data, webhook, receiver):
+    p = api.post("/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": ["history"], "block_document_id": webhook["id"]})
+    try:
+        run = api.post("/flow_runs/", {"flow_id": data["flows"]["daily-etl"]["id"], "name": "notify-me", "tags": ["history"],
+                                       "state": {"type": "RUNNING"}})
+        set_state(api, run["id"], "FAILED", "it broke", force=True)
+        deliveries = lambda: api.get(f"/flow_run_notification_policies/{p['id']}/deliveries")  # noqa: E731
+        [sent] = ui.b.wait(deliveries, 20, "the notification to be delivered")
+        ui.open("notifications")
+        card = f"main .policy[data-id='{p['id']}']"
+        ui.wait_text(f"{card} .policy-sentence", "send a notification to my-slack-webhook (Slack Webhook)")
+        ui.click(f"{card} details.deliveries summary")
+        ui.wait_text(f"{card} tr.delivery-row", "Sent")
+        [row] = ui.rows(f"{card} tr.delivery-row")
+        assert row[1] == "Failed" and row[2] == "my-slack-webhook (Slack Webhook)" and row[3] == "1"
+        ui.click(f"{card} tr.delivery-row a", "Failed")
+        ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{run['id']}", 10, "the run that was notified about")
+        assert sent["status"] == "SENT"
+    finally:
+        api.ok("DELETE", f"/flow_run_notification_policies/{p['id']}")
+
+
 # ---------------------------------------------------------------- about, routing, layout, requests
 
 def test_about_page_shows_server_versions(ui, api):
@@ -999,7 +1383,7 @@ def test_about_page_shows_server_versions(ui, api):
 
 def test_every_route_renders_after_a_reload(ui, api, data):
     main = data["main"]
-    ui.open(f"flow-runs/{main['id']}?tab=parameters")
+    ui.open(f"flow-runs/flow-run/{main['id']}?tab=parameters")
     ui.b.refresh()
     ui.wait_ready()
     assert ui.texts(".page-header h1") == ["etl-running"]
@@ -1012,17 +1396,18 @@ def test_every_route_renders_after_a_reload(ui, api, data):
         assert ui.texts(".page-header h1") == [title], route
         assert ui.texts("#nav a.active") == [ui.texts(f"#nav a[data-nav='{route}']")[0]]
     ui.b.get(ui.base + "/")
-    ui.b.wait(lambda: ui.hash() == "#/dashboard", 10, "the default route")
+    ui.b.wait(lambda: ui.route() == "dashboard", 10, "the default route")
 
 
 def all_routes(api, data):
     main = data["main"]
-    routes = ["dashboard", "flow-runs", f"flow-runs/{main['id']}", f"flow-runs/{main['id']}?tab=artifacts", "flows",
-              f"flows/{data['flows']['daily-etl']['id']}", "deployments", "work-pools", "blocks", "blocks?tab=catalog",
+    routes = ["dashboard", "flow-runs", f"flow-runs/flow-run/{main['id']}", f"runs/flow-run/{main['id']}?tab=artifacts",
+              f"runs/task-run/{data['tasks']['extract']['id']}", "flows", f"flows/flow/{data['flows']['daily-etl']['id']}",
+              "deployments", "work-pools", "blocks", "blocks/catalog",
               "variables", "artifacts", "concurrency-limits", "notifications", "about"]
-    for method, path, route_of in (("POST", "/deployments/filter", lambda x: f"deployments/{x['id']}"),
-                                   ("POST", "/work_pools/filter", lambda x: f"work-pools/{x['name']}"),
-                                   ("POST", "/block_documents/filter", lambda x: f"blocks/{x['id']}")):
+    for method, path, route_of in (("POST", "/deployments/filter", lambda x: f"deployments/deployment/{x['id']}"),
+                                   ("POST", "/work_pools/filter", lambda x: f"work-pools/work-pool/{x['name']}"),
+                                   ("POST", "/block_documents/filter", lambda x: f"blocks/block/{x['id']}")):
         status, items = api.request(method, path, {"limit": 1})
         if status == 200 and items:
             routes.append(route_of(items[0]))
@@ -1031,12 +1416,14 @@ def all_routes(api, data):
 
 def test_no_page_requests_anything_outside_the_server(ui, api, data):
     origin = ui.base
+    ui.b.console_errors()  # drained: only this test's pages count
     for route in all_routes(api, data):
         ui.open(route)
         time.sleep(0.3)
         urls = ui.b.execute("return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]")
         outside = [u for u in urls if not u.startswith(origin + "/")]
         assert outside == [], (route, outside)
+        assert ui.b.console_errors() == [], route
         assert len(urls) > 4, route  # the page did load its scripts and call the API
 
 
@@ -1050,7 +1437,7 @@ def test_narrow_window_layout(ui, api, data):
         assert ui.texts("#nav a") == []  # the menu is folded away
         ui.click("button.nav-toggle", "Menu")
         ui.click("#nav a", "Flows")
-        ui.b.wait(lambda: ui.hash() == "#/flows", 10, "the flows page")
+        ui.b.wait(lambda: ui.route() == "flows", 10, "the flows page")
         ui.wait_ready()
         assert ui.texts(".page-header h1") == ["Flows"]
         assert ui.texts("#nav a") == []
@@ -1061,7 +1448,7 @@ def test_narrow_window_layout(ui, api, data):
 def test_times_are_shown_in_the_browser_time_zone(ui, api, data):
     assert ui.b.execute("return new Date().getTimezoneOffset()") == -330  # the browser is at UTC+05:30
     run = data["runs"]["etl-completed-1"]
-    ui.open(f"flow-runs/{run['id']}")
+    ui.open(f"flow-runs/flow-run/{run['id']}")
     shown = ui.b.execute("return document.querySelector('main .kv time').innerText")
     utc = datetime.datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
     local = utc.astimezone(datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
@@ -1125,7 +1512,7 @@ def test_ui_served_under_a_serve_base(browser, tmp_path):
         ui = UI(browser, api_url[: -len("/api")] + "/ui")
         ui.open("flows")
         assert [r[0] for r in ui.rows()] == ["under-ui-base"]
-        ui.open(f"flows/{flow['id']}")
+        ui.open(f"flows/flow/{flow['id']}")
         assert ui.texts(".page-header h1") == ["under-ui-base"]
 
 
@@ -1166,7 +1553,7 @@ def test_ui_works_behind_a_path_prefix(ui, api, data):
     thread.start()
     try:
         prefixed = UI(ui.b, f"http://127.0.0.1:{proxy.server_address[1]}/prefix")
-        prefixed.open(f"flow-runs/{data['main']['id']}")
+        prefixed.open(f"flow-runs/flow-run/{data['main']['id']}")
         assert prefixed.texts(".page-header h1") == ["etl-running"]
         prefixed.open("flow-runs?q=etl-comp")
         prefixed.wait_text(".pager-info", "of 3")
@@ -1175,3 +1562,164 @@ def test_ui_works_behind_a_path_prefix(ui, api, data):
     finally:
         proxy.shutdown()
         proxy.server_close()
+
+
+# ---------------------------------------------------------------- every link the SDKs and the CLI print
+
+SDK_LINKS_SCRIPT = '''
+import sys
+
+from prefect import flow, task
+from prefect.runtime import flow_run as current_flow_run, task_run as current_task_run
+
+suffix = sys.argv[1]
+
+
+@task
+def double(x: int) -> int:
+    url = getattr(current_task_run, "ui_url", None)  # 3.x only
+    if url:
+        print(f"task run link: {url}", flush=True)
+    return x * 2
+
+
+@flow(name=f"linked-flow-{suffix}")
+def linked(x: int = 1):
+    print(f"flow run link: {current_flow_run.ui_url}", flush=True)
+    return double(double(x))
+
+
+if __name__ == "__main__":
+    mode = sys.argv[2]
+    if mode == "run":
+        linked()
+    elif mode == "serve":
+        linked.serve(name="linked-dep")
+    elif mode == "objects":  # links the 3.x SDK makes (url_for) for objects no command prints
+        from prefect.blocks.system import Secret
+        from prefect.client.orchestration import get_client
+        from prefect.utilities.urls import url_for
+        doc_id = Secret(value="not-shown").save(f"linked-secret-{suffix}", overwrite=True)
+        print("block link:", url_for("block-document", obj_id=doc_id))
+        with get_client(sync_client=True) as client:
+            limit_id = client.create_concurrency_limit(tag=f"linked-{suffix}", concurrency_limit=2)
+            print("limit link:", url_for("concurrency-limit", obj_id=limit_id))
+            queue = client.read_work_queue_by_name("default", work_pool_name=f"linked-pool-{suffix}")
+            print("queue link:", url_for("work-queue", obj_id=queue.id))
+'''
+
+
+def sdk_pythons():
+    """The Prefect SDK venvs of tests/compat (2.20, 3.9); skipped (failed under PREFECTLITE_REQUIRE_COMPAT=1)
+    when one cannot be built."""
+    sys.path.insert(0, str(HERE / "compat"))
+    import prefect3_venv
+    import prefect_venv
+    pythons = {}
+    for sdk, ensure in (("2.20", prefect_venv.ensure_prefect_venv), ("3.9", prefect3_venv.ensure_prefect3_venv)):
+        try:
+            pythons[sdk] = ensure()
+        except Exception as exc:  # noqa: BLE001 - no SDK, nothing to collect links from
+            if os.environ.get("PREFECTLITE_REQUIRE_COMPAT") == "1":
+                pytest.fail(f"cannot build the prefect {sdk} venv: {exc}")
+            pytest.skip(f"cannot build the prefect {sdk} venv: {exc}")
+    return pythons
+
+
+def collect_printed_links(python, api_url, home, suffix, script):
+    """Everything a new user does that makes the SDK or the `prefect` CLI print a UI link; the output."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), COLUMNS="400", PYTHONUNBUFFERED="1")
+    prefect = str(Path(python).parent / "prefect")
+    out = []
+
+    def run(*cmd):
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180, cwd=Path(script).parent)
+        assert proc.returncode == 0, (cmd, proc.stdout[-3000:], proc.stderr[-3000:])
+        out.append(proc.stdout + proc.stderr)
+
+    run(python, script, suffix, "run")
+    run(prefect, "work-pool", "create", f"linked-pool-{suffix}", "--type", "process")
+    run(prefect, "block", "create", "slack-webhook")
+    # flow.serve prints its deployment's link, then serves until stopped
+    serve = subprocess.Popen([python, script, suffix, "serve"], env=env, cwd=Path(script).parent, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        served = []
+        deadline = time.monotonic() + 120
+        for line in serve.stdout:  # ends when the process does
+            served.append(line)
+            if "/deployments/deployment/" in line or time.monotonic() > deadline:
+                break
+        out.append("".join(served))
+        assert any("/deployments/deployment/" in line for line in served), "".join(served)[-3000:]
+    finally:
+        serve.terminate()
+        try:
+            serve.wait(20)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait(5)
+    run(prefect, "deployment", "run", f"linked-flow-{suffix}/linked-dep")
+    if suffix == "39":
+        run(python, script, suffix, "objects")
+    return "\n".join(out)
+
+
+def expected_page(api, route):
+    """What the page of a printed link must show (its h1 and a CSS selector of the object), from the API."""
+    kind, _, key = route.rpartition("/")
+    if kind in ("flow-runs/flow-run", "runs/flow-run"):
+        return api.get(f"/flow_runs/{key}")["name"], None
+    if kind in ("flow-runs/task-run", "runs/task-run"):
+        return api.get(f"/task_runs/{key}")["name"], None
+    if kind == "deployments/deployment":
+        return api.get(f"/deployments/{key}")["name"], None
+    if kind == "work-pools/work-pool":
+        return api.get(f"/work_pools/{urllib.parse.quote(key)}")["name"], None
+    if kind == "work-queues/work-queue":
+        return api.get(f"/work_queues/{key}")["work_pool_name"], None
+    if kind == "blocks/block":
+        return api.get(f"/block_documents/{key}")["name"], None
+    if kind == "concurrency-limits/concurrency-limit":
+        return "Concurrency limits", "tr.selected"
+    if route.startswith("blocks/catalog/") and route.endswith("/create"):
+        return f"New {api.get('/block_types/slug/' + route.split('/')[2])['name']} block", None
+    if route == "deployments":
+        return "Deployments", None
+    raise AssertionError(f"a printed link of an unknown shape: {route}")
+
+
+def test_every_link_the_sdks_and_cli_print_opens_its_page(browser, tmp_path):
+    pythons = sdk_pythons()
+    script = tmp_path / "sdk_links.py"
+    script.write_text(SDK_LINKS_SCRIPT)
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/links.db", port=0) as api_url:
+        root = api_url[: -len("/api")]
+        printed = ""
+        for sdk, python in pythons.items():
+            home = tmp_path / f"home-{sdk}"
+            home.mkdir()
+            printed += collect_printed_links(python, api_url, home, sdk.replace(".", ""), str(script))
+        # the SDKs derive the UI's address from PREFECT_API_URL by dropping /api: this server's root
+        links = sorted(set(re.findall(re.escape(root) + r"/[^\s\[\]\"'<>]*[^\s\[\]\"'<>.,)]", printed)))
+        routes = [link[len(root) + 1:] for link in links]
+        shapes = {re.sub(r"/[^/]+$", "/*", r) for r in routes}
+        assert {"flow-runs/flow-run/*", "runs/flow-run/*", "runs/task-run/*", "deployments/deployment/*",
+                "work-pools/work-pool/*", "blocks/catalog/slack-webhook/*", "blocks/block/*",
+                "concurrency-limits/concurrency-limit/*", "work-queues/work-queue/*"} <= shapes, shapes
+        api = Api(api_url)
+        ui = UI(browser, root)
+        for link, route in zip(links, routes):
+            title, marker = expected_page(api, route)
+            browser.get("about:blank")
+            browser.get(link)
+            ui.wait_ready()
+            ui.b.wait(lambda: ui.texts(".page-header h1") == [title], 10, f"{title!r} as the title of {link}")
+            styled = ui.b.execute("return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
+                                  " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'")
+            assert styled, link
+            assert ui.texts("main .error-box") == [], link
+            assert browser.console_errors() == [], link
+            if marker:
+                ui.el(marker)

@@ -62,7 +62,8 @@ class Element:
 class Browser:
     def __init__(self, driver_url, binary="/usr/bin/chromium", user_data_dir=None):
         args = CHROME_ARGS + ([f"--user-data-dir={user_data_dir}"] if user_data_dir else [])
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": binary, "args": args}}}}
+        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": binary, "args": args},
+                                                 "goog:loggingPrefs": {"browser": "ALL"}}}}
         value = _call("POST", f"{driver_url}/session", caps, timeout=120)
         self.url = f"{driver_url}/session/{value['sessionId']}"
 
@@ -84,6 +85,14 @@ class Browser:
 
     def execute(self, script, *args):
         return _call("POST", f"{self.url}/execute/sync", {"script": script, "args": list(args)})
+
+    def execute_async(self, script, *args):
+        return _call("POST", f"{self.url}/execute/async", {"script": script, "args": list(args)})
+
+    def console_errors(self):
+        """The browser console's errors since the last call (chromedriver's log endpoint drains them)."""
+        entries = _call("POST", f"{self.url}/se/log", {"type": "browser"}) or []
+        return [e["message"] for e in entries if e.get("level") == "SEVERE"]
 
     def set_window_size(self, width, height):
         _call("POST", f"{self.url}/window/rect", {"width": width, "height": height})

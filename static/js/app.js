@@ -4,9 +4,11 @@ import { errorBox, toast } from './ui.js';
 import dashboard from './pages/dashboard.js';
 import { flowRunsPage } from './pages/flowruns.js';
 import flowRunDetail from './pages/flowrun.js';
+import taskRunDetail from './pages/taskrun.js';
+import upcomingPage from './pages/upcoming.js';
 import { flowsPage, flowDetail } from './pages/flows.js';
 import { deploymentsPage, deploymentDetail } from './pages/deployments.js';
-import { workPoolsPage, workPoolDetail } from './pages/workpools.js';
+import { workPoolsPage, workPoolDetail, workQueuePage } from './pages/workpools.js';
 import { blocksPage, blockDetail, blockCreate } from './pages/blocks.js';
 import variablesPage from './pages/variables.js';
 import artifactsPage from './pages/artifacts.js';
@@ -14,37 +16,38 @@ import concurrencyPage from './pages/concurrency.js';
 import notificationsPage from './pages/notifications.js';
 import automationsPage from './pages/automations.js';
 import aboutPage from './pages/about.js';
+import { initRoot, onNavigate, currentRoute, legacyRoute, navigate, replaceRoute, interceptLinks } from './router.js';
 
+// Path patterns as Prefect's UI has them (2.x: flow-runs/..., 3.x: runs/...), in one table. navKey marks the menu
+// entry that stays highlighted.
 const routes = [
   [/^dashboard$/, 'dashboard', dashboard],
-  [/^flow-runs$/, 'flow-runs', flowRunsPage],
-  [/^flow-runs\/([^/]+)$/, 'flow-runs', flowRunDetail],
+  [/^(?:flow-runs|runs)$/, 'flow-runs', flowRunsPage],
+  [/^(?:flow-runs|runs)\/upcoming$/, 'flow-runs', upcomingPage],
+  [/^(?:flow-runs|runs)\/flow-run\/([^/]+)$/, 'flow-runs', flowRunDetail],
+  [/^(?:flow-runs|runs)\/task-run\/([^/]+)$/, 'flow-runs', taskRunDetail],
   [/^flows$/, 'flows', flowsPage],
-  [/^flows\/([^/]+)$/, 'flows', flowDetail],
+  [/^flows\/flow\/([^/]+)$/, 'flows', flowDetail],
   [/^deployments$/, 'deployments', deploymentsPage],
-  [/^deployments\/([^/]+)$/, 'deployments', deploymentDetail],
+  [/^deployments\/deployment\/([^/]+)$/, 'deployments', deploymentDetail],
   [/^work-pools$/, 'work-pools', workPoolsPage],
-  [/^work-pools\/([^/]+)$/, 'work-pools', workPoolDetail],
+  [/^work-pools\/work-pool\/([^/]+)(?:\/(?:queue|worker)\/[^/]+)?$/, 'work-pools', workPoolDetail],
+  [/^work-queues\/work-queue\/([^/]+)$/, 'work-pools', workQueuePage],
   [/^blocks$/, 'blocks', blocksPage],
-  [/^blocks\/new$/, 'blocks', blockCreate],
-  [/^blocks\/([^/]+)$/, 'blocks', blockDetail],
+  [/^(?:settings\/)?blocks\/catalog$/, 'blocks', (ctx, root) => blocksPage(ctx, root, 'catalog')],
+  [/^(?:settings\/)?blocks\/catalog\/([^/]+)(?:\/create)?$/, 'blocks', blockCreate],
+  [/^blocks\/block\/([^/]+)$/, 'blocks', blockDetail],
+  [/^blocks\/block\/([^/]+)\/edit$/, 'blocks', (ctx, root, id) => blockDetail(ctx, root, id, true)],
   [/^variables$/, 'variables', variablesPage],
   [/^artifacts$/, 'artifacts', artifactsPage],
-  [/^concurrency-limits$/, 'concurrency-limits', concurrencyPage],
-  [/^notifications$/, 'notifications', notificationsPage],
+  [/^artifacts\/(artifact|key)\/([^/]+)$/, 'artifacts', artifactsPage],
+  [/^concurrency-limits(?:\/concurrency-limit\/([^/]+))?$/, 'concurrency-limits', concurrencyPage],
   [/^automations$/, 'automations', automationsPage],
-  [/^about$/, 'about', aboutPage],
+  [/^notifications(?:\/create)?$/, 'notifications', notificationsPage],
+  [/^(?:about|settings)$/, 'about', aboutPage],
 ];
 
 let current = null;
-
-function parseHash() {
-  const raw = location.hash.replace(/^#\/?/, '');
-  const q = raw.indexOf('?');
-  const path = (q >= 0 ? raw.slice(0, q) : raw).replace(/\/+$/, '') || 'dashboard';
-  const params = new URLSearchParams(q >= 0 ? raw.slice(q + 1) : '');
-  return { path, params };
-}
 
 function makeContext(path, params) {
   const timers = new Set();
@@ -53,11 +56,10 @@ function makeContext(path, params) {
     path,
     params,
     alive: true,
-    // Updates the query part of the hash without re-rendering the page.
+    // Updates the query part of the URL without re-rendering the page.
     setParams(next) {
       const qs = next.toString();
-      const url = `#/${path}${qs ? '?' + qs : ''}`;
-      history.replaceState(null, '', url);
+      replaceRoute(`${path}${qs ? '?' + qs : ''}`);
       ctx.params = new URLSearchParams(qs);
     },
     every(ms, fn) {
@@ -82,8 +84,12 @@ function makeContext(path, params) {
 }
 
 async function render() {
-  const { path, params } = parseHash();
+  const { path, params } = currentRoute();
+  const moved = legacyRoute(path, params);
+  if (moved) { navigate(moved, { replace: true }); return; }
   if (current) current.dispose();
+  // A dialog belongs to the page that opened it.
+  for (const d of document.querySelectorAll('dialog[open]')) d.close();
   const main = document.getElementById('main');
   const root = h('div', { class: 'page' });
   replace(main, root);
@@ -106,7 +112,7 @@ async function render() {
   if (!page) {
     document.title = 'Not found · prefectlite';
     replace(root, h('div', { class: 'page-header' }, h('h1', null, 'Page not found')),
-      h('p', null, `There is no page at “#/${path}”. `, h('a', { href: '#/dashboard' }, 'Go to the dashboard')));
+      h('p', null, `There is no page at “/${path}”. `, h('a', { href: 'dashboard' }, 'Go to the dashboard')));
     return;
   }
   try {
@@ -120,6 +126,7 @@ async function render() {
 }
 
 async function start() {
+  initRoot();
   const toggle = document.querySelector('.nav-toggle');
   toggle.addEventListener('click', () => {
     const nav = document.getElementById('nav');
@@ -139,9 +146,11 @@ async function start() {
     replace(document.getElementById('main'), h('div', { class: 'page' }, h('h1', null, 'prefectlite'), errorBox(err, () => location.reload())));
     return;
   }
-  window.addEventListener('hashchange', render);
-  if (!location.hash || location.hash === '#' || location.hash === '#/') history.replaceState(null, '', '#/dashboard');
-  render();
+  onNavigate(render);
+  interceptLinks();
+  // Links of the hash-routed UI (#/flow-runs/<id>) still lead to their page.
+  window.addEventListener('hashchange', () => { if (location.hash.startsWith('#/')) navigate(location.hash.slice(2), { replace: true }); });
+  if (location.hash.startsWith('#/')) navigate(location.hash.slice(2), { replace: true }); else render();
 }
 
 start();

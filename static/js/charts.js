@@ -1,8 +1,33 @@
 // Inline SVG charts, drawn by hand.
 import { h, svg } from './dom.js';
-import { STATE_COLORS, STATE_TYPES, stateName, fmtTimeShort, fmtDateShort, fmtDateTime, fmtDuration, parseTime } from './format.js';
+import { STATE_COLORS, NAME_COLORS, stateName, fmtTimeShort, fmtDateShort, fmtDateTime, fmtDuration, parseTime } from './format.js';
 
-const ORDER = ['COMPLETED', 'RUNNING', 'SCHEDULED', 'PENDING', 'PAUSED', 'CANCELLING', 'CANCELLED', 'CRASHED', 'FAILED'];
+const ORDER = ['COMPLETED', 'RUNNING', 'SCHEDULED', 'LATE', 'PENDING', 'PAUSED', 'CANCELLING', 'CANCELLED', 'CRASHED', 'FAILED'];
+// Late runs are drawn apart from the other Scheduled ones.
+const colorOf = (key) => (key === 'LATE' ? NAME_COLORS.Late : STATE_COLORS[key]);
+const labelOf = (key) => (key === 'LATE' ? 'Late' : stateName(key));
+const dayOf = (d) => `${d.getFullYear()}-${d.getMonth()}-${d.getDate()}`;
+
+// Axis labels: over days, one at each day's first bucket (no day skipped); within a day or two, a time every few
+// buckets, with its date where the day changes.
+function axisLabels(buckets) {
+  const n = buckets.length;
+  const spanMs = n ? buckets[n - 1].end - buckets[0].start : 0;
+  const labels = new Map();
+  if (spanMs > 2 * 86400000) {
+    buckets.forEach((b, i) => { if (i === 0 || dayOf(b.start) !== dayOf(buckets[i - 1].start)) labels.set(i, fmtDateShort(b.start)); });
+    return labels;
+  }
+  const every = Math.max(1, Math.ceil(n / 6));
+  let lastDay = null;
+  buckets.forEach((b, i) => {
+    if (i % every) return;
+    const day = dayOf(b.start);
+    labels.set(i, day !== lastDay ? `${fmtDateShort(b.start)} ${fmtTimeShort(b.start)}` : fmtTimeShort(b.start));
+    lastDay = day;
+  });
+  return labels;
+}
 
 // history: [{interval_start, interval_end, states: [{state_type, state_name, count_runs}]}]
 export function runHistoryChart(history, { width = 820, height = 220 } = {}) {
@@ -11,7 +36,10 @@ export function runHistoryChart(history, { width = 820, height = 220 } = {}) {
   const ih = height - pad.t - pad.b;
   const buckets = history.map((b) => {
     const counts = {};
-    for (const s of b.states || []) counts[s.state_type] = (counts[s.state_type] || 0) + (s.count_runs || 0);
+    for (const s of b.states || []) {
+      const key = s.state_name === 'Late' ? 'LATE' : s.state_type;
+      counts[key] = (counts[key] || 0) + (s.count_runs || 0);
+    }
     return { start: parseTime(b.interval_start), end: parseTime(b.interval_end), counts, total: Object.values(counts).reduce((a, c) => a + c, 0) };
   });
   const max = Math.max(1, ...buckets.map((b) => b.total));
@@ -19,8 +47,7 @@ export function runHistoryChart(history, { width = 820, height = 220 } = {}) {
   const n = Math.max(1, buckets.length);
   const bw = iw / n;
   const gap = Math.min(4, bw * 0.2);
-  const spanMs = buckets.length ? buckets[buckets.length - 1].end - buckets[0].start : 0;
-  const label = (d) => (spanMs > 2 * 86400000 ? fmtDateShort(d) : fmtTimeShort(d));
+  const labels = axisLabels(buckets);
   const parts = [];
   for (let k = 0; k <= 4; k++) {
     const v = Math.round((niceMax * k) / 4);
@@ -38,19 +65,18 @@ export function runHistoryChart(history, { width = 820, height = 220 } = {}) {
       if (!c) continue;
       const bh = (ih * c) / niceMax;
       y -= bh;
-      tip.push(`${stateName(t)}: ${c}`);
-      parts.push(svg('rect', { x, y, width: Math.max(1, bw - gap), height: bh, fill: STATE_COLORS[t], class: 'bar', 'data-state': t, 'data-count': c },
-        svg('title', null, `${stateName(t)}: ${c} (${fmtTimeShort(b.start)}–${fmtTimeShort(b.end)})`)));
+      tip.push(`${labelOf(t)}: ${c}`);
+      parts.push(svg('rect', { x, y, width: Math.max(1, bw - gap), height: bh, fill: colorOf(t), class: 'bar', 'data-state': t, 'data-count': c },
+        svg('title', null, `${labelOf(t)}: ${c} (${fmtTimeShort(b.start)}–${fmtTimeShort(b.end)})`)));
     }
     parts.push(svg('rect', { x: pad.l + idx * bw, y: pad.t, width: bw, height: ih, fill: 'transparent', class: 'hover' }, svg('title', null, tip.join('\n'))));
-    const every = Math.ceil(n / 6);
-    if (idx % every === 0) parts.push(svg('text', { x: pad.l + idx * bw + bw / 2, y: height - 10, 'text-anchor': 'middle', class: 'axis' }, label(b.start)));
+    if (labels.has(idx)) parts.push(svg('text', { x: pad.l + idx * bw + bw / 2, y: height - 10, 'text-anchor': 'middle', class: 'axis' }, labels.get(idx)));
   });
-  const present = STATE_TYPES.filter((t) => buckets.some((b) => b.counts[t]));
+  const present = ORDER.filter((t) => buckets.some((b) => b.counts[t]));
   return h('figure', { class: 'chart' },
     svg('svg', { viewBox: `0 0 ${width} ${height}`, width: '100%', role: 'img', 'aria-label': `Flow runs over time: ${buckets.reduce((a, b) => a + b.total, 0)} runs` }, parts),
     h('figcaption', { class: 'legend' }, present.length ? present.map((t) => h('span', { class: 'legend-item' },
-      h('span', { class: 'swatch', style: { background: STATE_COLORS[t] } }), stateName(t))) : h('span', { class: 'muted' }, 'No runs in this period')));
+      h('span', { class: 'swatch', style: { background: colorOf(t) } }), labelOf(t))) : h('span', { class: 'muted' }, 'No runs in this period')));
 }
 
 // Gantt-like timeline of task runs.

@@ -5,6 +5,28 @@ export const STATE_COLORS = {
   CANCELLING: '#7d8796', COMPLETED: '#23945a', FAILED: '#d23b3b', CRASHED: '#e06a2c', CANCELLED: '#596273',
 };
 
+// State names that are not a type's own name (Prefect's Late, AwaitingRetry, ...), with their type.
+export const STATE_NAMES = {
+  Late: 'SCHEDULED', AwaitingRetry: 'SCHEDULED', AwaitingConcurrencySlot: 'SCHEDULED', Retrying: 'RUNNING',
+  TimedOut: 'FAILED', Cached: 'COMPLETED', Suspended: 'PAUSED',
+};
+// A state drawn in a colour of its own, not its type's: Late runs are overdue, not merely scheduled.
+export const NAME_COLORS = { Late: '#a3367a' };
+
+export function stateColor(type, name) {
+  return NAME_COLORS[name] || STATE_COLORS[type] || '#8c96a8';
+}
+
+// A state token of a URL or filter (`FAILED`, `failed`, `Late`, `late`) as a type or a name; null if neither.
+export function parseStateToken(token) {
+  const t = String(token || '').trim();
+  if (!t) return null;
+  const type = STATE_TYPES.find((x) => x === t.toUpperCase());
+  if (type) return { type };
+  const name = Object.keys(STATE_NAMES).find((x) => x.toLowerCase() === t.toLowerCase());
+  return name ? { name } : null;
+}
+
 export function stateName(type) {
   if (!type) return 'Unknown';
   return type.charAt(0) + type.slice(1).toLowerCase();
@@ -75,18 +97,84 @@ export function plural(n, word, many) {
 
 export function fmtNumber(n) { return Number(n || 0).toLocaleString(); }
 
+const WEEKDAYS = ['Sunday', 'Monday', 'Tuesday', 'Wednesday', 'Thursday', 'Friday', 'Saturday'];
+const MONTHS = ['January', 'February', 'March', 'April', 'May', 'June', 'July', 'August', 'September', 'October', 'November', 'December'];
+const two = (n) => String(n).padStart(2, '0');
+const ordinal = (n) => `${n}${[11, 12, 13].includes(n % 100) ? 'th' : ({ 1: 'st', 2: 'nd', 3: 'rd' }[n % 10] || 'th')}`;
+
+// The wall-clock time of an instant in a time zone, as HH:MM.
+function wallTime(iso, timeZone) {
+  const d = parseTime(iso);
+  if (!d) return null;
+  try {
+    return new Intl.DateTimeFormat('en-GB', { hour: '2-digit', minute: '2-digit', hourCycle: 'h23', timeZone: timeZone || 'UTC' }).format(d);
+  } catch { return null; }
+}
+
+function cronList(field, names) {
+  const parts = field.split(',');
+  if (!parts.every((p) => /^\d+(-\d+)?$/.test(p))) return null;
+  const words = parts.map((p) => {
+    const [a, b] = p.split('-').map(Number);
+    const name = (n) => (names ? names[n % names.length] : String(n));
+    if (names && (a >= names.length + 1 || (b !== undefined && b > names.length))) return null;
+    return b === undefined ? name(a) : `${name(a)} to ${name(b)}`;
+  });
+  return words.includes(null) ? null : words.join(', ').replace(/, ([^,]*)$/, ' and $1');
+}
+
+// A cron expression as a sentence for the shapes people write; null for the others (shown as written).
+function cronSentence(expr) {
+  const f = String(expr).trim().split(/\s+/);
+  if (f.length !== 5) return null;
+  const [min, hour, dom, mon, dow] = f;
+  const num = (x) => /^\d+$/.test(x);
+  const step = (x) => (/^\*\/(\d+)$/.exec(x) || [])[1];
+  if (min === '*' && hour === '*' && dom === '*' && mon === '*' && dow === '*') return 'every minute';
+  if (step(min) && hour === '*' && dom === '*' && mon === '*' && dow === '*') return `every ${step(min)} minutes`;
+  if (num(min) && hour === '*' && dom === '*' && mon === '*' && dow === '*') return `every hour at ${two(min)} minutes past`;
+  if (num(min) && step(hour) && dom === '*' && mon === '*' && dow === '*') return `every ${step(hour)} hours at ${two(min)} minutes past`;
+  if (!num(min) || !/^\d+(,\d+)*$/.test(hour)) return null;
+  const at = `at ${hour.split(',').map((hh) => `${two(hh)}:${two(min)}`).join(', ').replace(/, ([^,]*)$/, ' and $1')}`;
+  if (dom === '*' && mon === '*' && dow === '*') return `every day ${at}`;
+  if (dom === '*' && mon === '*') {
+    if (dow === '1-5') return `every weekday (Monday to Friday) ${at}`;
+    const days = cronList(dow, WEEKDAYS);
+    return days ? `every ${days} ${at}` : null;
+  }
+  if (dow === '*' && /^\d+(,\d+)*$/.test(dom)) {
+    const days = dom.split(',').map((d) => ordinal(Number(d))).join(', ').replace(/, ([^,]*)$/, ' and $1');
+    if (mon === '*') return `on the ${days} of every month ${at}`;
+    const months = cronList(mon, [null, ...MONTHS.slice(0, 11)].map((m, i) => (i === 0 ? 'December' : MONTHS[i - 1])));
+    return months ? `on the ${days} of ${months} ${at}` : null;
+  }
+  return null;
+}
+
+// A schedule as a sentence: "Every day at 06:00, Europe/Berlin", "Every 15 minutes", "Every Monday at 09:00, UTC".
 export function describeSchedule(sched) {
   if (!sched) return 'No schedule';
-  const tz = sched.timezone ? ` (${sched.timezone})` : '';
+  const tz = sched.timezone || 'UTC';
+  const cap = (t) => t.charAt(0).toUpperCase() + t.slice(1);
   if (sched.interval !== undefined) {
     const s = Number(sched.interval);
     const units = [[86400 * 7, 'week'], [86400, 'day'], [3600, 'hour'], [60, 'minute'], [1, 'second']];
+    let text = `every ${fmtDuration(s)}`;
     for (const [n, u] of units) {
-      if (s >= n && s % n === 0) { const k = s / n; return `Every ${k === 1 ? '' : k + ' '}${u}${k === 1 ? '' : 's'}`; }
+      if (s >= n && s % n === 0) { const k = s / n; text = `every ${k === 1 ? '' : k + ' '}${u}${k === 1 ? '' : 's'}`; break; }
     }
-    return `Every ${fmtDuration(s)}`;
+    // Intervals of whole days keep the anchor's wall-clock time (the scheduler steps the local clock).
+    const time = s % 86400 === 0 && sched.anchor_date ? wallTime(sched.anchor_date, tz) : null;
+    if (time && s === 86400 * 7) {
+      const day = new Intl.DateTimeFormat('en-GB', { weekday: 'long', timeZone: tz }).format(parseTime(sched.anchor_date));
+      return cap(`every ${day} at ${time}, ${tz}`);
+    }
+    return cap(time ? `${text} at ${time}, ${tz}` : text);
   }
-  if (sched.cron !== undefined) return `Cron “${sched.cron}”${tz}`;
-  if (sched.rrule !== undefined) return `RRule “${sched.rrule}”${tz}`;
+  if (sched.cron !== undefined) {
+    const sentence = cronSentence(sched.cron);
+    return sentence ? cap(`${sentence}, ${tz}`) : `Cron “${sched.cron}”, ${tz}`;
+  }
+  if (sched.rrule !== undefined) return `RRule “${sched.rrule}”, ${tz}`;
   return JSON.stringify(sched);
 }

@@ -1,11 +1,11 @@
 // Shared UI pieces: badges, tables, pagers, dialogs, toasts, error and empty states.
 import { h, replace } from './dom.js';
 import { errorText } from './api.js';
-import { STATE_COLORS, stateName, fmtDateTime, fmtRelative } from './format.js';
+import { stateColor, stateName, fmtDateTime, fmtRelative } from './format.js';
 
 export function stateBadge(type, name) {
-  const color = STATE_COLORS[type] || '#8c96a8';
-  return h('span', { class: 'state-badge', style: { '--state': color }, dataset: { state: type || '' }, title: type ? stateName(type) : 'Unknown' },
+  const color = stateColor(type, name);
+  return h('span', { class: 'state-badge', style: { '--state': color }, dataset: { state: type || '', name: name || '' }, title: type ? stateName(type) : 'Unknown' },
     h('span', { class: 'dot', 'aria-hidden': 'true' }), name || stateName(type));
 }
 

@@ -2,6 +2,7 @@ import { h, replace } from '../dom.js';
 import { api } from '../api.js';
 import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, tabs, confirmDialog, runAction, toast, field, formError } from '../ui.js';
 import { schemaForm, displayValue } from '../schemaform.js';
+import { paths, navigate, replaceRoute } from '../router.js';
 
 export async function latestSchema(blockTypeId) {
   const schemas = await api.post('/block_schemas/filter', { block_schemas: { block_type_id: { any_: [blockTypeId] } }, limit: 1 });
@@ -47,20 +48,20 @@ export async function createBlockDocument(form) {
   return api.post('/block_documents/', { name, block_type_id: form.blockType.id, block_schema_id: form.schema.id, data });
 }
 
-export async function blocksPage(ctx, root) {
+export async function blocksPage(ctx, root, tab) {
   document.title = 'Blocks · prefectlite';
   const docsEl = h('div', null, loading());
   const catEl = h('div', null, loading());
   const t = tabs([
     { id: 'documents', label: 'Your blocks', content: docsEl },
     { id: 'catalog', label: 'Catalogue', content: catEl },
-  ], ctx.params.get('tab') || 'documents', (id) => ctx.setParams(new URLSearchParams(id === 'catalog' ? 'tab=catalog' : '')));
+  ], tab || (ctx.params.get('tab') === 'catalog' ? 'catalog' : 'documents'), (id) => replaceRoute(id === 'catalog' ? 'blocks/catalog' : 'blocks'));
   replace(root, pageHeader('Blocks', { actions: [h('button', { type: 'button', class: 'btn btn-primary', onclick: () => t.select('catalog') }, '+ Add block')] }), h('div', { class: 'card' }, t.el));
   await Promise.all([
     api.post('/block_documents/filter', { sort: 'NAME_ASC', limit: 200 }).then((docs) => {
       if (!ctx.alive) return;
       replace(docsEl, docs.length ? table([
-        { label: 'Name', render: (d) => h('a', { href: `#/blocks/${d.id}` }, d.name) },
+        { label: 'Name', render: (d) => h('a', { href: paths.block(d.id) }, d.name) },
         { label: 'Type', render: (d) => (d.block_type ? d.block_type.name : d.block_type_name || '—') },
         { label: 'Created', className: 'hide-sm', render: (d) => timeCell(d.created) },
       ], docs, { caption: 'Block documents' }) : emptyState('No blocks yet', 'Pick a block type in the catalogue to create one.', h('button', { type: 'button', class: 'btn', onclick: () => t.select('catalog') }, 'Open the catalogue')));
@@ -75,16 +76,15 @@ export async function blocksPage(ctx, root) {
       const grid = h('div', { class: 'catalog' }, types.map((bt) => h('div', { class: 'catalog-item', dataset: { name: bt.name.toLowerCase(), slug: bt.slug } },
         h('div', { class: 'avatar', 'aria-hidden': 'true' }, bt.name.slice(0, 2)),
         h('div', { class: 'catalog-text' }, h('h3', null, bt.name), h('p', { class: 'muted small' }, bt.description ? bt.description.split('\n')[0].slice(0, 140) : bt.slug)),
-        h('a', { class: 'btn btn-small', href: `#/blocks/new?type=${encodeURIComponent(bt.slug)}`, 'aria-label': `Create ${bt.name} block` }, 'Create'))));
+        h('a', { class: 'btn btn-small', href: paths.blockCreate(bt.slug), 'aria-label': `Create ${bt.name} block` }, 'Create'))));
       replace(catEl, types.length ? [h('div', { class: 'toolbar' }, h('label', { for: 'catalog-search', class: 'sr-only' }, 'Filter block types'), search), grid]
         : emptyState('No block types', 'The server has no block type registered.'));
     }).catch((err) => replace(catEl, errorBox(err))),
   ]);
 }
 
-export async function blockCreate(ctx, root) {
-  const slug = ctx.params.get('type');
-  if (!slug) { location.hash = '#/blocks?tab=catalog'; return; }
+export async function blockCreate(ctx, root, slug) {
+  if (!slug) { navigate('blocks/catalog'); return; }
   const bt = await api.get(`/block_types/slug/${encodeURIComponent(slug)}`);
   const schema = await latestSchema(bt.id);
   if (!ctx.alive) return;
@@ -94,27 +94,26 @@ export async function blockCreate(ctx, root) {
   const err = h('div');
   const submit = h('button', { type: 'submit', class: 'btn btn-primary' }, 'Create block');
   replace(root,
-    pageHeader(`New ${bt.name} block`, { crumbs: [{ label: 'Blocks', href: '#/blocks' }, { label: 'Catalogue', href: '#/blocks?tab=catalog' }, { label: bt.name }] }),
+    pageHeader(`New ${bt.name} block`, { crumbs: [{ label: 'Blocks', href: 'blocks' }, { label: 'Catalogue', href: 'blocks/catalog' }, { label: bt.name }] }),
     h('form', { class: 'card form', onsubmit: async (e) => {
       e.preventDefault();
       submit.disabled = true;
       try {
         const doc = await createBlockDocument(form);
         toast(`Block “${doc.name}” created`, 'success');
-        location.hash = `#/blocks/${doc.id}`;
+        navigate(paths.block(doc.id));
       } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }
-    } }, form.el, err, h('div', { class: 'form-actions' }, h('a', { class: 'btn', href: '#/blocks?tab=catalog' }, 'Cancel'), submit)));
+    } }, form.el, err, h('div', { class: 'form-actions' }, h('a', { class: 'btn', href: 'blocks/catalog' }, 'Cancel'), submit)));
 }
 
-export async function blockDetail(ctx, root, id) {
+export async function blockDetail(ctx, root, id, editing = false) {
   const doc = await api.get(`/block_documents/${encodeURIComponent(id)}`);
   if (!ctx.alive) return;
   const bt = doc.block_type || await api.get(`/block_types/${doc.block_type_id}`);
   const schema = doc.block_schema || await api.get(`/block_schemas/${doc.block_schema_id}`);
   if (!ctx.alive) return;
   document.title = `${doc.name} · Block · prefectlite`;
-  const editing = ctx.params.get('edit') === '1';
-  const crumbs = [{ label: 'Blocks', href: '#/blocks' }, { label: bt.name }];
+  const crumbs = [{ label: 'Blocks', href: 'blocks' }, { label: bt.name }];
   const fields = (schema && schema.fields) || {};
   if (editing) {
     const form = await blockDocumentForm(bt, schema, { doc, idPrefix: 'block' });
@@ -129,21 +128,21 @@ export async function blockDetail(ctx, root, id) {
         try {
           await api.patch(`/block_documents/${doc.id}`, { data, merge_existing_data: true });
           toast(`Block “${doc.name}” saved`, 'success');
-          location.hash = `#/blocks/${doc.id}`;
+          navigate(paths.block(doc.id));
         } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }
-      } }, form.el, err, h('div', { class: 'form-actions' }, h('a', { class: 'btn', href: `#/blocks/${doc.id}` }, 'Cancel'), submit)));
+      } }, form.el, err, h('div', { class: 'form-actions' }, h('a', { class: 'btn', href: paths.block(doc.id) }, 'Cancel'), submit)));
     return;
   }
   const delBtn = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
     if (!await confirmDialog('Delete block', `Delete the block “${doc.name}”?`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(delBtn, () => api.del(`/block_documents/${doc.id}`), 'Block deleted');
-    location.hash = '#/blocks';
+    navigate('blocks');
   } }, 'Delete');
   const data = doc.data || {};
   const keys = [...new Set([...Object.keys(fields.properties || {}), ...Object.keys(data)])];
   replace(root,
     pageHeader(doc.name, { crumbs, badge: h('span', { class: 'pill' }, bt.name),
-      actions: [h('a', { class: 'btn', href: `#/blocks/${doc.id}?edit=1` }, 'Edit'), delBtn] }),
+      actions: [h('a', { class: 'btn', href: paths.blockEdit(doc.id) }, 'Edit'), delBtn] }),
     section('Values', keys.length ? keyValues(keys.map((k) => {
       const title = (fields.properties && fields.properties[k] && fields.properties[k].title) || k;
       const v = displayValue(k, data[k], fields);

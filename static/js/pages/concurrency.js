@@ -40,7 +40,8 @@ function v2Dialog(existing, onDone) {
   h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, existing ? 'Save' : 'Create'))));
 }
 
-export default async function concurrencyPage(ctx, root) {
+// concurrency-limits/concurrency-limit/<id> (a link the SDK makes) marks that limit's row.
+export default async function concurrencyPage(ctx, root, selectedId) {
   document.title = 'Concurrency limits · prefectlite';
   const v1El = h('div', null, loading());
   const v2El = h('div', null, loading());
@@ -64,7 +65,7 @@ export default async function concurrencyPage(ctx, root) {
             await runAction(e.target, () => api.del(`/concurrency_limits/tag/${encodeURIComponent(l.tag)}`), `Limit for “${l.tag}” deleted`);
             loadV1();
           } }, 'Delete')) },
-      ], limits, { caption: 'Task run tag limits', rowClass: () => 'tag-limit-row' }) : emptyState('No tag limits', 'Limit how many task runs with a given tag run at once.'));
+      ], limits, { caption: 'Task run tag limits', rowClass: (l) => (l.id === selectedId ? 'tag-limit-row selected' : 'tag-limit-row') }) : emptyState('No tag limits', 'Limit how many task runs with a given tag run at once.'));
     } catch (err) { replace(v1El, errorBox(err, loadV1)); }
   }
   async function loadV2() {
@@ -84,7 +85,7 @@ export default async function concurrencyPage(ctx, root) {
             await runAction(e.target, () => api.del(`/v2/concurrency_limits/${l.id}`), `Limit “${l.name}” deleted`);
             loadV2();
           } }, 'Delete')) },
-      ], limits, { caption: 'Global concurrency limits', rowClass: () => 'global-limit-row' }) : emptyState('No global limits', 'Global limits cap any work that asks for a named slot.'));
+      ], limits, { caption: 'Global concurrency limits', rowClass: (l) => (l.id === selectedId ? 'global-limit-row selected' : 'global-limit-row') }) : emptyState('No global limits', 'Global limits cap any work that asks for a named slot.'));
     } catch (err) { replace(v2El, errorBox(err, loadV2)); }
   }
   await Promise.all([loadV1(), loadV2()]);

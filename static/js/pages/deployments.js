@@ -4,10 +4,15 @@ import { pageHeader, section, errorBox, emptyState, loading, tagList, timeCell, 
 import { runsBrowser } from '../runs.js';
 import { scheduleSummary } from './flows.js';
 import { schemaForm } from '../schemaform.js';
-import { describeSchedule } from '../format.js';
+import { describeSchedule, fmtRelative } from '../format.js';
+import { paths, navigate } from '../router.js';
 
+// Paused, or Ready / Not ready as the server derives it from the last poll of a worker or runner serving it.
 function statusPill(d) {
-  return h('span', { class: `pill ${d.paused ? 'pill-paused' : 'pill-ready'}` }, d.paused ? 'Paused' : 'Active');
+  if (d.paused) return h('span', { class: 'pill pill-paused deployment-status' }, 'Paused');
+  const ready = d.status === 'READY';
+  const why = d.last_polled ? `Last polled ${fmtRelative(d.last_polled)}` : 'Never polled by a worker or runner';
+  return h('span', { class: `pill ${ready ? 'pill-ready' : 'pill-not_ready'} deployment-status`, title: why }, ready ? 'Ready' : 'Not ready');
 }
 
 async function togglePause(d, btn) {
@@ -45,7 +50,7 @@ export function openRunDialog(d) {
       const run = await api.post(`/deployments/${d.id}/create_flow_run`, body);
       m.close();
       toast(`Flow run “${run.name}” created`, 'success');
-      location.hash = `#/flow-runs/${run.id}`;
+      navigate(paths.flowRun(run.id));
     } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }
   } },
   hasProps ? h('fieldset', null, h('legend', null, 'Parameters'), form.el) : field('Parameters (JSON)', raw, { help: 'Overrides merged over the deployment’s defaults.' }),
@@ -74,8 +79,8 @@ export async function deploymentsPage(ctx, root) {
       const flows = await byIds('/flows/filter', 'flows', deps.map((d) => d.flow_id));
       if (!ctx.alive) return;
       replace(list, h('div', { class: 'card flush' }, table([
-        { label: 'Deployment', render: (d) => h('a', { href: `#/deployments/${d.id}` }, d.name) },
-        { label: 'Flow', className: 'hide-sm', render: (d) => (flows.get(d.flow_id) ? h('a', { href: `#/flows/${d.flow_id}` }, flows.get(d.flow_id).name) : '—') },
+        { label: 'Deployment', render: (d) => h('a', { href: paths.deployment(d.id) }, d.name) },
+        { label: 'Flow', className: 'hide-sm', render: (d) => (flows.get(d.flow_id) ? h('a', { href: paths.flow(d.flow_id) }, flows.get(d.flow_id).name) : '—') },
         { label: 'Schedule', className: 'hide-sm', render: (d) => scheduleSummary(d) },
         { label: 'Status', render: (d) => statusPill(d) },
         { label: 'Work pool', className: 'hide-md', render: (d) => d.work_pool_name || h('span', { class: 'muted' }, '—') },
@@ -100,20 +105,34 @@ export async function deploymentDetail(ctx, root, id) {
   const delBtn = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
     if (!await confirmDialog('Delete deployment', `Delete the deployment “${d.name}”? Its runs are kept.`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(delBtn, () => api.del(`/deployments/${d.id}`), 'Deployment deleted');
-    location.hash = '#/deployments';
+    navigate('deployments');
   } }, 'Delete');
   const schedules = (d.schedules || []);
+  const schedulesEl = h('div', null, loading());
+  const nextTimes = new Map();
+  const renderSchedules = () => replace(schedulesEl, table([
+    { label: 'Schedule', render: (s) => h('span', { class: 'schedule-sentence' }, describeSchedule(s.schedule)) },
+    { label: 'Active', render: (s) => (s.active === false ? 'No' : 'Yes') },
+    { label: 'Next five times', render: (s) => (nextTimes.has(s.id)
+      ? h('ol', { class: 'next-times' }, nextTimes.get(s.id).map((t) => h('li', null, timeCell(t))))
+      : h('span', { class: 'muted' }, '—')) },
+  ], schedules, { caption: 'Schedules', rowClass: () => 'schedule-row' }));
+  if (schedules.length) {
+    api.get(`/deployments/${d.id}/next_schedule_times?count=5`).then((all) => {
+      for (const a of all) nextTimes.set(a.schedule_id, a.times);
+    }).catch(() => {}).finally(() => { if (ctx.alive) renderSchedules(); });
+  }
   replace(root,
     pageHeader(d.name, {
-      crumbs: [{ label: 'Deployments', href: '#/deployments' }, flow ? { label: flow.name, href: `#/flows/${flow.id}` } : { label: 'flow' }],
+      crumbs: [{ label: 'Deployments', href: 'deployments' }, flow ? { label: flow.name, href: paths.flow(flow.id) } : { label: 'flow' }],
       badge: statusPill(d), actions: [runBtn, pauseBtn, delBtn],
       subtitle: d.description || null,
     }),
     h('div', { class: 'card' }, keyValues([
-      ['Flow', flow ? h('a', { href: `#/flows/${flow.id}` }, flow.name) : d.flow_id],
+      ['Flow', flow ? h('a', { href: paths.flow(flow.id) }, flow.name) : d.flow_id],
       ['Status', statusPill(d)],
       ['Schedule', scheduleSummary(d)],
-      ['Work pool', d.work_pool_name ? h('a', { href: `#/work-pools/${encodeURIComponent(d.work_pool_name)}` }, `${d.work_pool_name}${d.work_queue_name ? ' / ' + d.work_queue_name : ''}`) : h('span', { class: 'muted' }, 'None')],
+      ['Work pool', d.work_pool_name ? h('a', { href: paths.workPool(d.work_pool_name) }, `${d.work_pool_name}${d.work_queue_name ? ' / ' + d.work_queue_name : ''}`) : h('span', { class: 'muted' }, 'None')],
       ['Version', d.version || '—'],
       ['Entrypoint', d.entrypoint ? h('code', null, d.entrypoint) : '—'],
       ['Last polled', timeCell(d.last_polled)],
@@ -121,11 +140,8 @@ export async function deploymentDetail(ctx, root, id) {
       ['Created', timeCell(d.created)],
       ['Deployment ID', h('code', null, d.id)],
     ])),
-    schedules.length ? section('Schedules', table([
-      { label: 'Schedule', render: (s) => describeSchedule(s.schedule) },
-      { label: 'Active', render: (s) => (s.active === false ? 'No' : 'Yes') },
-      { label: 'Timezone', render: (s) => s.schedule.timezone || 'UTC' },
-    ], schedules, { caption: 'Schedules' })) : null,
+    schedules.length ? section('Schedules', schedulesEl, { id: 'deployment-schedules' }) : null,
     section('Default parameters', Object.keys(d.parameters || {}).length ? jsonBlock(d.parameters) : emptyState('No default parameters', 'Runs use the flow’s own defaults.')),
-    section('Runs', runsBrowser(ctx, { deployments: { id: { any_: [d.id] } } }, { pageSize: 15, hideDeployment: true, emptyText: 'This deployment has no runs yet.' }), { id: 'deployment-runs' }));
+    section('Upcoming runs', runsBrowser(ctx, { flow_runs: { deployment_id: { any_: [d.id] } } }, { pageSize: 5, hideDeployment: true, upcoming: true, emptyText: 'No run of this deployment is scheduled.' }), { id: 'deployment-upcoming' }),
+    section('Runs', runsBrowser(ctx, { flow_runs: { deployment_id: { any_: [d.id] } } }, { pageSize: 15, hideDeployment: true, emptyText: 'This deployment has no runs yet.' }), { id: 'deployment-runs' }));
 }

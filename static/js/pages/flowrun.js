@@ -1,18 +1,14 @@
 import { h, replace } from '../dom.js';
 import { api } from '../api.js';
-import { pageHeader, errorBox, emptyState, loading, stateBadge, tagList, timeCell, table, keyValues, jsonBlock, tabs, confirmDialog, runAction, toast } from '../ui.js';
-import { taskGantt } from '../charts.js';
+import { pageHeader, errorBox, emptyState, loading, stateBadge, tagList, timeCell, table, keyValues, jsonBlock, tabs, confirmDialog, runAction, toast, pager } from '../ui.js';
 import { renderArtifact } from '../artifact.js';
 import { runsTable, runMeta } from '../runs.js';
-import { fmtDuration, runDuration, isTerminal, fmtDateTime, fmtRelative } from '../format.js';
+import { fmtDuration, runDuration, isTerminal, fmtRelative } from '../format.js';
+import { logViewer } from '../logs.js';
+import { runGraph } from '../graph.js';
+import { paths, navigate } from '../router.js';
 
-const LEVELS = [[0, 'All levels'], [10, 'Debug and above'], [20, 'Info and above'], [30, 'Warning and above'], [40, 'Error and above'], [50, 'Critical only']];
-const LEVEL_NAMES = { 10: 'DEBUG', 20: 'INFO', 30: 'WARNING', 40: 'ERROR', 50: 'CRITICAL' };
 const POLL_MS = 2000;
-
-function levelName(n) {
-  return LEVEL_NAMES[n] || (n >= 50 ? 'CRITICAL' : n >= 40 ? 'ERROR' : n >= 30 ? 'WARNING' : n >= 20 ? 'INFO' : 'DEBUG');
-}
 
 export default async function flowRunDetail(ctx, root, id) {
   replace(root, loading());
@@ -27,10 +23,8 @@ export default async function flowRunDetail(ctx, root, id) {
 
   const headerEl = h('div');
   const summaryEl = h('div');
-  const logsEl = h('div', { class: 'logs', role: 'log', 'aria-label': 'Flow run logs', tabindex: '0' });
-  const liveEl = h('span', { class: 'live', hidden: true }, h('span', { class: 'pulse', 'aria-hidden': 'true' }), 'Live: following new logs');
-  const levelSel = h('select', { id: 'log-level', onchange: () => reloadLogs() }, LEVELS.map(([v, l]) => h('option', { value: v, selected: String(v) === (ctx.params.get('level') || '0') }, l)));
-  const moreBtn = h('button', { type: 'button', class: 'btn', hidden: true, onclick: () => loadMoreLogs() }, 'Load more logs');
+  const taskNames = new Map();
+  const logView = logViewer(ctx, { filter: { flow_run_id: { any_: [run.id] } }, label: 'Flow run logs', fileName: `${run.name}.log`, taskNames });
   const taskEl = h('div', null, loading());
   const subflowEl = h('div', null, loading());
   const artifactsEl = h('div', null, loading());
@@ -38,7 +32,7 @@ export default async function flowRunDetail(ctx, root, id) {
   const historyEl = h('div', null, loading());
 
   const tabList = tabs([
-    { id: 'logs', label: 'Logs', content: h('div', null, h('div', { class: 'toolbar' }, h('label', { for: 'log-level' }, 'Level'), levelSel, liveEl), logsEl, moreBtn) },
+    { id: 'logs', label: 'Logs', content: logView.el },
     { id: 'task-runs', label: 'Task runs', content: taskEl },
     { id: 'subflow-runs', label: 'Subflow runs', content: subflowEl },
     { id: 'artifacts', label: 'Artifacts', content: artifactsEl },
@@ -60,20 +54,20 @@ export default async function flowRunDetail(ctx, root, id) {
     if (terminal) actions.push(h('button', { type: 'button', class: 'btn', onclick: (e) => retryRun(e.currentTarget) }, 'Retry'));
     actions.push(h('button', { type: 'button', class: 'btn btn-danger', onclick: (e) => deleteRun(e.currentTarget) }, 'Delete'));
     replace(headerEl, pageHeader(run.name, {
-      crumbs: [{ label: 'Flow runs', href: '#/flow-runs' }, flow ? { label: flow.name, href: `#/flows/${flow.id}` } : { label: 'Unknown flow' }],
+      crumbs: [{ label: 'Flow runs', href: 'flow-runs' }, flow ? { label: flow.name, href: paths.flow(flow.id) } : { label: 'Unknown flow' }],
       badge: h('span', { class: 'run-state' }, stateBadge(run.state_type, run.state_name)),
       actions,
     }));
     replace(summaryEl, h('div', { class: 'card' }, keyValues([
       ['State', h('span', null, stateBadge(run.state_type, run.state_name), run.state && run.state.message ? h('span', { class: 'state-message inline' }, ` ${run.state.message}`) : null)],
-      ['Flow', flow ? h('a', { href: `#/flows/${flow.id}` }, flow.name) : run.flow_id],
-      ['Deployment', deployment ? h('a', { href: `#/deployments/${deployment.id}` }, deployment.name) : h('span', { class: 'muted' }, 'None (ad hoc run)')],
+      ['Flow', flow ? h('a', { href: paths.flow(flow.id) }, flow.name) : run.flow_id],
+      ['Deployment', deployment ? h('a', { href: paths.deployment(deployment.id) }, deployment.name) : h('span', { class: 'muted' }, 'None (ad hoc run)')],
       ['Expected start', timeCell(run.expected_start_time)],
       ['Started', timeCell(run.start_time)],
       ['Ended', timeCell(run.end_time)],
       ['Duration', fmtDuration(runDuration(run))],
       ['Run count', String(run.run_count ?? 0)],
-      run.work_pool_name ? ['Work pool', h('a', { href: `#/work-pools/${encodeURIComponent(run.work_pool_name)}` }, `${run.work_pool_name}${run.work_queue_name ? ' / ' + run.work_queue_name : ''}`)] : null,
+      run.work_pool_name ? ['Work pool', h('a', { href: paths.workPool(run.work_pool_name) }, `${run.work_pool_name}${run.work_queue_name ? ' / ' + run.work_queue_name : ''}`)] : null,
       ['Tags', tagList(run.tags)],
       run.parent_task_run_id ? ['Parent run', parentEl] : null,
       ['Run ID', h('code', null, run.id)],
@@ -83,7 +77,7 @@ export default async function flowRunDetail(ctx, root, id) {
   if (run.parent_task_run_id) {
     api.get(`/task_runs/${run.parent_task_run_id}`).then(async (tr) => {
       const parent = await api.get(`/flow_runs/${tr.flow_run_id}`);
-      replace(parentEl, h('a', { href: `#/flow-runs/${parent.id}` }, parent.name), h('span', { class: 'muted' }, ` (task ${tr.name})`));
+      replace(parentEl, h('a', { href: paths.flowRun(parent.id) }, parent.name), h('span', { class: 'muted' }, ` (task ${tr.name})`));
       parentEl.classList.remove('muted');
     }).catch((err) => replace(parentEl, `unavailable (${err.message})`));
   }
@@ -112,109 +106,47 @@ export default async function flowRunDetail(ctx, root, id) {
   async function deleteRun(btn) {
     if (!await confirmDialog('Delete flow run', `Delete “${run.name}” with its task runs and logs? This cannot be undone.`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(btn, () => api.del(`/flow_runs/${run.id}`), 'Flow run deleted');
-    location.hash = '#/flow-runs';
+    navigate('flow-runs');
   }
 
-  // ---- logs
-  let logs = [];
-  const seen = new Set();
-  let logOffset = 0;
-  const LOG_PAGE = 200;
-  let taskNames = new Map();
-
-  function logLine(l) {
-    const lvl = levelName(l.level);
-    const task = l.task_run_id ? taskNames.get(l.task_run_id) : null;
-    return h('div', { class: `log-line level-${lvl.toLowerCase()}`, dataset: { level: lvl } },
-      h('time', { class: 'log-time', datetime: l.timestamp, title: fmtDateTime(l.timestamp) }, new Date(l.timestamp).toLocaleTimeString()),
-      h('span', { class: 'log-level' }, lvl),
-      h('span', { class: 'log-source muted' }, task || l.name || ''),
-      h('span', { class: 'log-msg' }, l.message));
-  }
-  function logFilter(extra = {}) {
-    const f = { flow_run_id: { any_: [run.id] }, ...extra };
-    const lvl = Number(levelSel.value);
-    if (lvl > 0) f.level = { ge_: lvl };
-    return f;
-  }
-  function appendLogs(batch) {
-    const atBottom = logsEl.scrollTop + logsEl.clientHeight >= logsEl.scrollHeight - 30;
-    const empty = logsEl.querySelector('.empty-state');
-    let added = 0;
-    for (const l of batch) {
-      const key = l.id || `${l.timestamp}|${l.message}`;
-      if (seen.has(key)) continue;
-      seen.add(key);
-      if (empty && empty.isConnected) empty.remove();
-      logs.push(l);
-      logsEl.appendChild(logLine(l));
-      added++;
-    }
-    if (added && atBottom) logsEl.scrollTop = logsEl.scrollHeight;
-    if (!logs.length && !logsEl.querySelector('.empty-state')) {
-      logsEl.appendChild(emptyState('No logs', Number(levelSel.value) > 0 ? 'No log at this level or above.' : 'This run has not written any log yet.'));
-    }
-  }
-  async function reloadLogs() {
-    const n = new URLSearchParams(ctx.params);
-    if (levelSel.value === '0') n.delete('level'); else n.set('level', levelSel.value);
-    ctx.setParams(n);
-    logs = []; seen.clear(); logOffset = 0;
-    replace(logsEl, loading('Loading logs…'));
-    try {
-      const batch = await api.post('/logs/filter', { logs: logFilter(), sort: 'TIMESTAMP_ASC', limit: LOG_PAGE, offset: 0 });
-      if (!ctx.alive) return;
-      replace(logsEl);
-      logOffset = batch.length;
-      moreBtn.hidden = batch.length < LOG_PAGE;
-      appendLogs(batch);
-    } catch (err) { replace(logsEl, errorBox(err, reloadLogs)); }
-  }
-  async function loadMoreLogs() {
-    try {
-      const batch = await api.post('/logs/filter', { logs: logFilter(), sort: 'TIMESTAMP_ASC', limit: LOG_PAGE, offset: logOffset });
-      logOffset += batch.length;
-      moreBtn.hidden = batch.length < LOG_PAGE;
-      appendLogs(batch);
-    } catch (err) { toast(err.message, 'error'); }
-  }
-  async function tailLogs() {
-    if (!moreBtn.hidden) return; // still paging through older logs
-    const last = logs.length ? logs[logs.length - 1].timestamp : null;
-    const batch = await api.post('/logs/filter', { logs: logFilter(last ? { timestamp: { after_: last } } : {}), sort: 'TIMESTAMP_ASC', limit: LOG_PAGE });
-    if (!ctx.alive) return;
-    appendLogs(batch);
-  }
-
-  // ---- task runs, subflows
+  // ---- task runs, subflows. A subflow's run has a task run of its own in the parent (its "parent task run");
+  // that one is the subflow, not a task, and is counted under subflows only.
   let taskRuns = [];
+  const TASK_PAGE = 50;
+  let taskOffset = 0;
+  const graph = runGraph(ctx, run);
+  const ownTasks = { task_runs: { flow_run_id: { any_: [run.id] }, subflow_runs: { exists_: false } } };
   async function loadTaskRuns() {
     try {
-      taskRuns = await api.post('/task_runs/filter', { task_runs: { flow_run_id: { any_: [run.id] } }, sort: 'EXPECTED_START_TIME_ASC', limit: 200 });
+      const [page, total] = await Promise.all([
+        api.post('/task_runs/filter', { ...ownTasks, sort: 'EXPECTED_START_TIME_ASC', limit: TASK_PAGE, offset: taskOffset }),
+        api.post('/task_runs/count', ownTasks),
+      ]);
       if (!ctx.alive) return;
-      taskNames = new Map(taskRuns.map((t) => [t.id, t.name]));
-      tabList.button('task-runs').textContent = `Task runs (${taskRuns.length}${taskRuns.length === 200 ? '+' : ''})`;
-      if (!taskRuns.length) { replace(taskEl, emptyState('No task runs', 'This flow run has not created any task run.')); return; }
+      taskRuns = page;
+      for (const t of page) taskNames.set(t.id, t.name);
+      tabList.button('task-runs').textContent = `Task runs (${total})`;
+      if (!total) { replace(taskEl, emptyState('No task runs', 'This flow run has not created any task run.')); return; }
       replace(taskEl,
-        h('h3', { class: 'sub' }, 'Timeline'),
-        taskGantt(taskRuns),
+        h('h3', { class: 'sub' }, 'Run graph'),
+        graph.el,
         h('h3', { class: 'sub' }, 'Task runs'),
         table([
-          { label: 'Task run', render: (t) => h('span', { class: 'task-name' }, t.name) },
+          { label: 'Task run', render: (t) => h('a', { class: 'task-name', href: paths.taskRun(t.id) }, t.name) },
           { label: 'State', render: (t) => stateBadge(t.state_type, t.state_name) },
           { label: 'Start', render: (t) => timeCell(t.start_time) },
           { label: 'Duration', render: (t) => fmtDuration(runDuration(t)) },
           { label: 'Runs', className: 'hide-sm', render: (t) => String(t.run_count ?? 0) },
           { label: 'Tags', className: 'hide-md', render: (t) => tagList(t.tags) },
-        ], taskRuns, { caption: 'Task runs', rowClass: () => 'task-row' }));
+        ], taskRuns, { caption: 'Task runs', rowClass: () => 'task-row' }),
+        total > TASK_PAGE ? pager({ offset: taskOffset, limit: TASK_PAGE, total, onChange: (o) => { taskOffset = o; loadTaskRuns(); } }) : null);
     } catch (err) { replace(taskEl, errorBox(err, loadTaskRuns)); }
   }
   async function loadSubflows() {
     try {
-      const ids = taskRuns.map((t) => t.id);
-      const subs = ids.length ? await api.post('/flow_runs/filter', { flow_runs: { parent_task_run_id: { any_: ids } }, sort: 'EXPECTED_START_TIME_ASC', limit: 200 }) : [];
+      const subs = await api.post('/flow_runs/filter', { flow_runs: { parent_flow_run_id: { any_: [run.id] } }, sort: 'EXPECTED_START_TIME_ASC', limit: 200 });
       if (!ctx.alive) return;
-      tabList.button('subflow-runs').textContent = `Subflow runs (${subs.length})`;
+      tabList.button('subflow-runs').textContent = `Subflow runs (${subs.length}${subs.length === 200 ? '+' : ''})`;
       if (!subs.length) { replace(subflowEl, emptyState('No subflow runs', 'This flow run did not start other flows.')); return; }
       const meta = await runMeta(subs);
       if (!ctx.alive) return;
@@ -273,13 +205,17 @@ export default async function flowRunDetail(ctx, root, id) {
     if (!ctx.alive) return;
     renderHeader();
     renderParams();
-    await Promise.all([loadTaskRuns().then(loadSubflows), loadHistory(), loadArtifacts(), tailLogs()]);
+    await Promise.all([loadTaskRuns(), loadSubflows(), loadHistory(), loadArtifacts(), logView.tail()]);
+    // The graph reads every task run: redrawn every few polls while the run is live, and once at its end.
+    refreshes++;
+    if (refreshes % 5 === 0 || isTerminal(run.state_type)) graph.reload();
     startPolling();
   }
+  let refreshes = 0;
   let stopPoll = null;
   function startPolling() {
     const live = !isTerminal(run.state_type);
-    liveEl.hidden = !live;
+    logView.setLive(live);
     if (live && !stopPoll) {
       stopPoll = ctx.every(POLL_MS, async () => {
         if (polling) return;
@@ -292,6 +228,6 @@ export default async function flowRunDetail(ctx, root, id) {
   renderHeader();
   renderParams();
   await loadTaskRuns();
-  await Promise.all([reloadLogs(), loadSubflows(), loadArtifacts(), loadHistory()]);
+  await Promise.all([logView.reload(), loadSubflows(), loadArtifacts(), loadHistory()]);
   startPolling();
 }

@@ -2,10 +2,11 @@ import { h, replace, debounce } from '../dom.js';
 import { api } from '../api.js';
 import { pageHeader, errorBox, emptyState, loading, pager, parseTags } from '../ui.js';
 import { runsTable, runMeta } from '../runs.js';
-import { STATE_TYPES, stateName, fmtNumber } from '../format.js';
+import { STATE_TYPES, STATE_NAMES, stateName, fmtNumber, parseStateToken } from '../format.js';
+import { navigate } from '../router.js';
 
 const RANGES = {
-  '': 'Any time', '1h': 'Past hour', '24h': 'Past 24 hours', '7d': 'Past 7 days', '30d': 'Past 30 days', custom: 'Custom range…',
+  '': 'Up to now', '1h': 'Past hour', '24h': 'Past 24 hours', '7d': 'Past 7 days', '30d': 'Past 30 days', custom: 'Custom range…',
 };
 const RANGE_SECONDS = { '1h': 3600, '24h': 86400, '7d': 7 * 86400, '30d': 30 * 86400 };
 const SORTS = { EXPECTED_START_TIME_DESC: 'Newest first', EXPECTED_START_TIME_ASC: 'Oldest first', NAME_ASC: 'Name A–Z', NAME_DESC: 'Name Z–A' };
@@ -18,21 +19,42 @@ function toLocalInput(iso) {
   return `${d.getFullYear()}-${p(d.getMonth() + 1)}-${p(d.getDate())}T${p(d.getHours())}:${p(d.getMinutes())}`;
 }
 
-export function buildRunFilter(params) {
+// state=FAILED,Late (any case): types and names, either matching.
+export function stateFilter(tokens) {
+  const types = [];
+  const names = [];
+  for (const token of tokens) {
+    const parsed = parseStateToken(token);
+    if (parsed && parsed.type) types.push(parsed.type);
+    else if (parsed && parsed.name) names.push(parsed.name);
+  }
+  if (types.length && names.length) return { operator: 'or_', type: { any_: types }, name: { any_: names } };
+  if (types.length) return { type: { any_: types } };
+  if (names.length) return { name: { any_: names } };
+  return null;
+}
+
+export function stateTokens(params) {
+  return (params.get('state') || '').split(',').map(parseStateToken).filter(Boolean).map((p) => p.type || p.name);
+}
+
+// The runs a list shows: those due up to now (the future has its own view, Upcoming), narrowed by the filters.
+export function buildRunFilter(params, now = new Date()) {
   const fr = {};
-  const states = (params.get('state') || '').split(',').filter((s) => STATE_TYPES.includes(s));
-  if (states.length) fr.state = { type: { any_: states } };
+  const state = stateFilter(stateTokens(params));
+  if (state) fr.state = state;
   const q = params.get('q');
   if (q) fr.name = { like_: q };
   const tags = parseTags(params.get('tags'));
   if (tags.length) fr.tags = { all_: tags };
   const range = params.get('range') || '';
-  if (RANGE_SECONDS[range]) fr.expected_start_time = { after_: new Date(Date.now() - RANGE_SECONDS[range] * 1000).toISOString() };
+  fr.expected_start_time = { before_: now.toISOString() };
+  if (RANGE_SECONDS[range]) fr.expected_start_time.after_ = new Date(now.getTime() - RANGE_SECONDS[range] * 1000).toISOString();
   if (range === 'custom') {
     const t = {};
     if (params.get('from')) t.after_ = new Date(params.get('from')).toISOString();
     if (params.get('to')) t.before_ = new Date(params.get('to')).toISOString();
-    if (Object.keys(t).length) fr.expected_start_time = t;
+    fr.expected_start_time = t;
   }
   const body = { flow_runs: fr };
   if (params.get('flow')) body.flows = { id: { any_: [params.get('flow')] } };
@@ -40,13 +62,22 @@ export function buildRunFilter(params) {
   return body;
 }
 
+export function viewSwitch(active) {
+  return h('div', { class: 'segmented', role: 'group', 'aria-label': 'Which runs' },
+    h('a', { href: 'flow-runs', class: active === 'past' ? 'active' : null, 'aria-current': active === 'past' ? 'page' : null }, 'Past and present'),
+    h('a', { href: 'flow-runs/upcoming', class: active === 'upcoming' ? 'active' : null, 'aria-current': active === 'upcoming' ? 'page' : null }, 'Upcoming'));
+}
+
 export async function flowRunsPage(ctx, root) {
   document.title = 'Flow runs · prefectlite';
   const p = ctx.params;
-  const selected = new Set((p.get('state') || '').split(',').filter(Boolean));
-  const stateBoxes = STATE_TYPES.map((t) => h('label', { class: 'check' }, h('input', { type: 'checkbox', value: t, checked: selected.has(t), onchange: () => update() }), ' ', stateName(t)));
+  const selected = new Set(stateTokens(p));
+  const box = (value, label) => h('label', { class: 'check' }, h('input', { type: 'checkbox', value, checked: selected.has(value), onchange: () => update() }), ' ', label);
+  const stateBoxes = [...STATE_TYPES.map((t) => box(t, stateName(t))), ...Object.keys(STATE_NAMES).map((n) => box(n, n))];
   const stateSummary = h('span', null);
-  const stateMenu = h('details', { class: 'dropdown' }, h('summary', { class: 'btn', 'aria-label': 'Filter by state' }, stateSummary), h('div', { class: 'dropdown-body' }, stateBoxes));
+  const stateMenu = h('details', { class: 'dropdown' }, h('summary', { class: 'btn', 'aria-label': 'Filter by state' }, stateSummary),
+    h('div', { class: 'dropdown-body' }, h('p', { class: 'dropdown-title muted small' }, 'Types'), stateBoxes.slice(0, STATE_TYPES.length),
+      h('p', { class: 'dropdown-title muted small' }, 'Names'), stateBoxes.slice(STATE_TYPES.length)));
   const flowSel = h('select', { id: 'filter-flow', onchange: () => update() }, h('option', { value: '' }, 'All flows'));
   const depSel = h('select', { id: 'filter-deployment', onchange: () => update() }, h('option', { value: '' }, 'All deployments'));
   const tagsIn = h('input', { id: 'filter-tags', type: 'text', placeholder: 'tag-a, tag-b', value: p.get('tags') || '', oninput: debounce(() => update(), 350) });
@@ -57,14 +88,14 @@ export async function flowRunsPage(ctx, root) {
   const customRange = h('div', { class: 'custom-range' }, h('label', { for: 'filter-from' }, 'From'), fromIn, h('label', { for: 'filter-to' }, 'To'), toIn);
   const sortSel = h('select', { id: 'filter-sort', onchange: () => update() }, Object.entries(SORTS).map(([k, v]) => h('option', { value: k, selected: (p.get('sort') || 'EXPECTED_START_TIME_DESC') === k }, v)));
   const sizeSel = h('select', { id: 'filter-size', onchange: () => update() }, [25, 50, 100].map((n) => h('option', { value: n, selected: String(n) === (p.get('size') || '25') }, `${n} per page`)));
-  const clearAll = () => { if (location.hash === '#/flow-runs') ctx.rerender(); else location.hash = '#/flow-runs'; };
+  const clearAll = () => navigate(ctx.path);
   const clearBtn = h('button', { type: 'button', class: 'btn btn-ghost', onclick: clearAll }, 'Clear filters');
   const countEl = h('span', { class: 'muted' });
   const results = h('div', { class: 'results' }, loading());
   const lbl = (text, input) => h('div', { class: 'filter' }, h('label', { for: input.id }, text), input);
 
   replace(root,
-    pageHeader('Flow runs', { badge: countEl }),
+    pageHeader('Flow runs', { badge: countEl, actions: [viewSwitch('past')] }),
     h('form', { class: 'filters card', role: 'search', 'aria-label': 'Flow run filters', onsubmit: (e) => { e.preventDefault(); update(); } },
       lbl('Name', searchIn),
       h('div', { class: 'filter' }, h('span', { class: 'filter-label' }, 'State'), stateMenu),
@@ -103,29 +134,34 @@ export async function flowRunsPage(ctx, root) {
   async function load() {
     const my = ++seq;
     const params = ctx.params;
-    const states = params.get('state') ? params.get('state').split(',') : [];
-    stateSummary.textContent = states.length ? states.map(stateName).join(', ') : 'All';
+    const states = stateTokens(params);
+    stateSummary.textContent = states.length ? states.map((t) => (STATE_TYPES.includes(t) ? stateName(t) : t)).join(', ') : 'All';
     customRange.hidden = rangeSel.value !== 'custom';
     const limit = Number(sizeSel.value);
     const filter = buildRunFilter(params);
     results.setAttribute('aria-busy', 'true');
     try {
-      const [runs, total] = await Promise.all([
-        api.post('/flow_runs/filter', { ...filter, sort: sortSel.value, limit, offset }),
-        api.post('/flow_runs/count', filter),
-      ]);
+      // The rows show as soon as they come; the count (a longer query over many runs) fills the pager after.
+      const counting = api.post('/flow_runs/count', filter);
+      counting.catch(() => {});
+      const runs = await api.post('/flow_runs/filter', { ...filter, sort: sortSel.value, limit, offset });
       if (my !== seq || !ctx.alive) return;
       const meta = await runMeta(runs);
       if (my !== seq || !ctx.alive) return;
-      countEl.textContent = `${fmtNumber(total)} run${total === 1 ? '' : 's'}`;
       const filtered = [...params.keys()].some((k) => !['page', 'size', 'sort'].includes(k));
-      if (!runs.length) {
+      if (!runs.length && offset === 0) {
+        countEl.textContent = '0 runs';
         replace(results, filtered ? emptyState('No matching flow runs', 'No flow run matches these filters.', clearBtn.cloneNode(true)) : emptyState('No flow runs yet', 'Flow runs appear here once a flow runs against this server.'));
         if (filtered) results.querySelector('button').addEventListener('click', clearAll);
-      } else {
-        replace(results, h('div', { class: 'card flush' }, runsTable(runs, meta)),
-          pager({ offset, limit, total, onChange: (o) => { offset = o; update(true); root.scrollIntoView?.(); } }));
+        return;
       }
+      const pagerEl = h('div', { class: 'pager' }, h('span', { class: 'muted pager-info' }, `${fmtNumber(offset + 1)}–${fmtNumber(offset + runs.length)} of …`));
+      replace(results, h('div', { class: 'card flush' }, runsTable(runs, meta)), pagerEl);
+      results.removeAttribute('aria-busy');
+      const total = await counting;
+      if (my !== seq || !ctx.alive) return;
+      countEl.textContent = `${fmtNumber(total)} run${total === 1 ? '' : 's'}`;
+      pagerEl.replaceWith(pager({ offset, limit, total, onChange: (o) => { offset = o; update(true); root.scrollIntoView?.(); } }));
     } catch (err) {
       if (my === seq && ctx.alive) replace(results, errorBox(err, load));
     } finally {

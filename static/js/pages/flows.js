@@ -1,8 +1,9 @@
 import { h, replace, debounce } from '../dom.js';
 import { api } from '../api.js';
-import { pageHeader, section, errorBox, emptyState, loading, tagList, timeCell, table, pager, keyValues, confirmDialog, runAction } from '../ui.js';
+import { pageHeader, section, errorBox, emptyState, loading, tagList, timeCell, table, pager, keyValues, confirmDialog, runAction, stateBadge } from '../ui.js';
 import { runsBrowser } from '../runs.js';
-import { describeSchedule } from '../format.js';
+import { describeSchedule, fmtRelative } from '../format.js';
+import { paths, navigate } from '../router.js';
 
 export async function flowsPage(ctx, root) {
   document.title = 'Flows · prefectlite';
@@ -12,7 +13,7 @@ export async function flowsPage(ctx, root) {
   replace(root, pageHeader('Flows', { badge: countEl }),
     h('div', { class: 'toolbar' }, h('label', { for: 'flow-search', class: 'sr-only' }, 'Search flows'), search), list);
   let offset = 0;
-  const limit = 50;
+  const limit = 25;
   async function load() {
     const filter = search.value.trim() ? { flows: { name: { like_: search.value.trim() } } } : {};
     try {
@@ -26,17 +27,33 @@ export async function flowsPage(ctx, root) {
         replace(list, filter.flows ? emptyState('No matching flows', `No flow name contains “${search.value}”.`) : emptyState('No flows yet', 'Flows appear here the first time they run against this server.'));
         return;
       }
-      // Deployment counts are secondary: if they cannot be read the list still shows.
-      const deps = await api.post('/deployments/filter', { flows: { id: { any_: flows.map((f) => f.id) } }, limit: 200 }).catch(() => null);
+      // Deployment counts and last runs are secondary: if they cannot be read the list still shows. One small
+      // query per flow of the page (bounded by the page size) finds its last run due up to now.
+      const now = new Date().toISOString();
+      const [deps, lastRuns] = await Promise.all([
+        api.post('/deployments/filter', { flows: { id: { any_: flows.map((f) => f.id) } }, limit: 200 }).catch(() => null),
+        Promise.all(flows.map((f) => api.post('/flow_runs/filter', {
+          flows: { id: { any_: [f.id] } }, flow_runs: { expected_start_time: { before_: now } }, sort: 'EXPECTED_START_TIME_DESC', limit: 1,
+        }).then((r) => r[0] || null).catch(() => undefined))),
+      ]);
       if (!ctx.alive) return;
       const depCount = new Map();
       for (const d of deps || []) depCount.set(d.flow_id, (depCount.get(d.flow_id) || 0) + 1);
+      const lastRun = new Map(flows.map((f, i) => [f.id, lastRuns[i]]));
+      const anyTags = flows.some((f) => (f.tags || []).length);
       replace(list, h('div', { class: 'card flush' }, table([
-        { label: 'Flow', render: (f) => h('a', { href: `#/flows/${f.id}` }, f.name) },
+        { label: 'Flow', render: (f) => h('a', { href: paths.flow(f.id) }, f.name) },
         { label: 'Deployments', render: (f) => (deps ? String(depCount.get(f.id) || 0) : '—') },
+        { label: 'Last run', render: (f) => {
+          const r = lastRun.get(f.id);
+          if (r === undefined) return h('span', { class: 'muted' }, '—');
+          if (!r) return h('span', { class: 'muted' }, 'Never run');
+          return h('span', { class: 'last-run' }, h('a', { href: paths.flowRun(r.id), class: 'run-link' }, r.name), ' ', stateBadge(r.state_type, r.state_name), ' ',
+            h('span', { class: 'muted small' }, fmtRelative(r.start_time || r.expected_start_time)));
+        } },
         { label: 'Created', className: 'hide-sm', render: (f) => timeCell(f.created) },
-        { label: 'Tags', className: 'hide-md', render: (f) => tagList(f.tags) },
-      ], flows, { caption: 'Flows' })), total > limit ? pager({ offset, limit, total, onChange: (o) => { offset = o; load(); } }) : null);
+        anyTags ? { label: 'Tags', className: 'hide-md', render: (f) => tagList(f.tags) } : null,
+      ].filter(Boolean), flows, { caption: 'Flows' })), total > limit ? pager({ offset, limit, total, onChange: (o) => { offset = o; load(); } }) : null);
     } catch (err) { replace(list, errorBox(err, load)); }
   }
   await load();
@@ -50,10 +67,10 @@ export async function flowDetail(ctx, root, id) {
   const del = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
     if (!await confirmDialog('Delete flow', `Delete the flow “${flow.name}” and its deployments?`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(del, () => api.del(`/flows/${flow.id}`), 'Flow deleted');
-    location.hash = '#/flows';
+    navigate('flows');
   } }, 'Delete');
   replace(root,
-    pageHeader(flow.name, { crumbs: [{ label: 'Flows', href: '#/flows' }, { label: flow.name }], actions: [del] }),
+    pageHeader(flow.name, { crumbs: [{ label: 'Flows', href: 'flows' }, { label: flow.name }], actions: [del] }),
     h('div', { class: 'card' }, keyValues([['Flow ID', h('code', null, flow.id)], ['Created', timeCell(flow.created)], ['Tags', tagList(flow.tags)]])),
     section('Runs', runsBrowser(ctx, { flows: { id: { any_: [flow.id] } } }, { pageSize: 15, hideFlow: true, emptyText: 'This flow has no runs yet.' }), { id: 'flow-runs' }),
     section('Deployments', depsEl, { id: 'flow-deployments' }));
@@ -61,7 +78,7 @@ export async function flowDetail(ctx, root, id) {
     const deps = await api.post('/deployments/filter', { flows: { id: { any_: [flow.id] } }, sort: 'NAME_ASC', limit: 200 });
     if (!ctx.alive) return;
     replace(depsEl, deps.length ? table([
-      { label: 'Deployment', render: (d) => h('a', { href: `#/deployments/${d.id}` }, d.name) },
+      { label: 'Deployment', render: (d) => h('a', { href: paths.deployment(d.id) }, d.name) },
       { label: 'Schedule', render: (d) => scheduleSummary(d) },
       { label: 'Status', render: (d) => h('span', { class: `pill ${d.paused ? 'pill-paused' : 'pill-ready'}` }, d.paused ? 'Paused' : 'Active') },
       { label: 'Work pool', className: 'hide-sm', render: (d) => d.work_pool_name || '—' },

@@ -1,6 +1,7 @@
 import { h, replace } from '../dom.js';
 import { api, byIds } from '../api.js';
-import { pageHeader, errorBox, emptyState, loading, confirmDialog, runAction, toast, field, formError, parseTags } from '../ui.js';
+import { pageHeader, errorBox, emptyState, loading, confirmDialog, runAction, toast, field, formError, parseTags, table, timeCell } from '../ui.js';
+import { paths } from '../router.js';
 import { blockDocumentForm, latestSchema, createBlockDocument } from './blocks.js';
 
 const STATE_NAMES = ['Scheduled', 'Late', 'Pending', 'Running', 'Retrying', 'Paused', 'Completed', 'Failed', 'Crashed', 'Cancelling', 'Cancelled', 'TimedOut'];
@@ -10,7 +11,7 @@ function joinOr(items) {
   return `${items.slice(0, -1).join(', ')} or ${items[items.length - 1]}`;
 }
 
-// "If a run of any flow with daily-etl tag enters a failed state, send a notification to my-slack-webhook"
+// "If a run of any flow with daily-etl tag enters a failed state, send a notification to my-slack-webhook (Slack Webhook)"
 export function policySentence(p, blockName) {
   const tags = p.tags || [];
   const states = (p.state_names || []).map((s) => s.toLowerCase());
@@ -19,11 +20,41 @@ export function policySentence(p, blockName) {
   return `If a run of any flow${tagPart} enters ${statePart}, send a notification to ${blockName || 'an unknown block'}`;
 }
 
+// The policy's delivery attempts (newest first, a page at a time), read when opened.
+function deliveryHistory(ctx, policy) {
+  const PAGE = 10;
+  const body = h('div', { class: 'deliveries-body' });
+  let offset = 0;
+  async function load() {
+    replace(body, loading());
+    try {
+      const rows = await api.get(`/flow_run_notification_policies/${policy.id}/deliveries?limit=${PAGE + 1}&offset=${offset}`);
+      if (!ctx.alive) return;
+      const more = rows.length > PAGE;
+      const shown = rows.slice(0, PAGE);
+      if (!shown.length && !offset) { replace(body, h('p', { class: 'muted' }, 'Nothing sent yet.')); return; }
+      replace(body, table([
+        { label: 'Time', render: (d) => timeCell(d.created) },
+        { label: 'Run', render: (d) => (d.flow_run_id ? h('a', { href: paths.flowRun(d.flow_run_id) }, d.state_name || 'run') : '—') },
+        { label: 'Destination', className: 'hide-sm', render: (d) => d.destination },
+        { label: 'Attempt', render: (d) => String(d.attempt) },
+        { label: 'Result', render: (d) => h('span', null, h('span', { class: `pill ${d.status === 'SENT' ? 'pill-ready' : d.status === 'FAILED' ? 'pill-failed' : 'pill-paused'}` },
+          { SENT: 'Sent', RETRYING: 'Failed, retrying', FAILED: 'Failed, given up' }[d.status] || d.status),
+          d.error ? h('span', { class: 'muted small delivery-error' }, ` ${d.error}`) : null) },
+      ], shown, { caption: 'Delivery history', rowClass: () => 'delivery-row' }),
+      h('div', { class: 'pager' },
+        h('button', { type: 'button', class: 'btn btn-small', disabled: offset === 0, onclick: () => { offset = Math.max(0, offset - PAGE); load(); } }, '‹ Newer'),
+        h('button', { type: 'button', class: 'btn btn-small', disabled: !more, onclick: () => { offset += PAGE; load(); } }, 'Older ›')));
+    } catch (err) { replace(body, errorBox(err, load)); }
+  }
+  return h('details', { class: 'deliveries', ontoggle: (e) => { if (e.target.open) load(); } }, h('summary', null, 'Delivery history'), body);
+}
+
 export default async function notificationsPage(ctx, root) {
   document.title = 'Notifications · prefectlite';
   const formHolder = h('div');
   const list = h('div', null, loading());
-  const addBtn = h('button', { type: 'button', class: 'btn btn-primary btn-icon', 'aria-label': 'Create notification', title: 'Create notification', onclick: () => openForm(null) }, '+');
+  const addBtn = h('button', { type: 'button', class: 'btn btn-primary btn-plus', onclick: () => openForm(null) }, 'Create notification');
   replace(root, pageHeader('Notifications', { actions: [addBtn], subtitle: 'Get told when flow runs enter a state you care about.' }), formHolder, list);
 
   let notifyDocs = [];
@@ -44,9 +75,10 @@ export default async function notificationsPage(ctx, root) {
       if (!ctx.alive) return;
       replace(list, h('ul', { class: 'policy-list' }, policies.map((p) => {
         const block = blocks.get(p.block_document_id);
+        const blockName = block && `${block.name}${block.block_type ? ` (${block.block_type.name})` : ''}`;
         const active = p.is_active !== false;
         return h('li', { class: `card policy ${active ? '' : 'policy-paused'}`, dataset: { id: p.id } },
-          h('p', { class: 'policy-sentence' }, policySentence(p, block && block.name)),
+          h('p', { class: 'policy-sentence' }, policySentence(p, blockName)),
           h('div', { class: 'policy-foot' },
             h('span', { class: `pill ${active ? 'pill-ready' : 'pill-paused'}` }, active ? 'Active' : 'Paused'),
             h('div', { class: 'row-actions' },
@@ -60,7 +92,8 @@ export default async function notificationsPage(ctx, root) {
                 if (!await confirmDialog('Delete notification', `Delete this notification? “${policySentence(p, block && block.name)}”`, { confirmLabel: 'Delete', danger: true })) return;
                 await runAction(e.target, () => api.del(`/flow_run_notification_policies/${p.id}`), 'Notification deleted');
                 load();
-              } }, 'Delete'))));
+              } }, 'Delete'))),
+          deliveryHistory(ctx, p));
       })));
     } catch (err) { replace(list, errorBox(err, load)); }
   }
@@ -123,16 +156,18 @@ export default async function notificationsPage(ctx, root) {
       submit.disabled = true;
       try {
         let blockId = blockSel.value;
+        let created = null;
         if (blockId === '__new__') {
           if (!newBlockForm) throw new Error('Choose a block type for the new block.');
           const doc = await createBlockDocument(newBlockForm);
           blockId = doc.id;
-          toast(`Block “${doc.name}” created`, 'success');
+          created = doc.name;
         }
         const body = { state_names: states, tags: parseTags(tagsIn.value), block_document_id: blockId, message_template: template.value.trim() || null };
         if (policy) await api.patch(`/flow_run_notification_policies/${policy.id}`, body);
         else await api.post('/flow_run_notification_policies/', { ...body, is_active: true });
-        toast(policy ? 'Notification saved' : 'Notification created', 'success');
+        // one toast per action
+        toast(`${policy ? 'Notification saved' : 'Notification created'}${created ? ` with the new block “${created}”` : ''}`, 'success');
         replace(formHolder);
         load();
       } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }

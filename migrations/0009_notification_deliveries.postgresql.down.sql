@@ -1,0 +1,2 @@
+-- 0009: back to no delivery history
+DROP TABLE flow_run_notification_delivery;
