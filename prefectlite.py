@@ -593,27 +593,41 @@ class Database:
 
 
 class _WalCheckpointer:
-    """Copies the WAL back into the database file from a thread of its own.
+    """Copies the WAL back into the database file from a thread of its own, and makes it start over.
 
     SQLite's automatic checkpoint runs inside the COMMIT of whichever request crosses its threshold:
     that request waits for the copy and two fsyncs (5-10 ms here, every ~70 writes). A PASSIVE
     checkpoint from another connection runs beside the writer instead, with the GIL released.
+
+    A PASSIVE checkpoint alone never bounds the WAL: it cannot copy past the snapshot of a reader, and
+    the WAL starts over only when a writer finds every frame copied and no reader in the WAL. Readers
+    that overlap writes (a soak of 2 writers and 4 readers) always leave a few frames: 225 MB of WAL in
+    20 s. So once the WAL is large, the next writer, right after its commit and still in its turn, runs
+    a RESTART checkpoint: it copies the frames written since this thread's pass and waits for the readers
+    still in the WAL, but only `reader_wait_ms` (readers that begin meanwhile read the database file and
+    are not waited for); if they are not done, the next pass tries again. When nothing has been written
+    for a pass, this thread takes the writers' turn for a TRUNCATE checkpoint that empties the file.
     """
 
     every = 100  # commits between checkpoints (~1,400 pages of the write load); and at least once a second
     # WAL frames (pages) above which the WAL is made to start over; below it, the WAL is left to grow.
-    # Starting over needs every frame copied, and writers keep adding frames while a pass runs: the
-    # writer copies the few left right after a commit (see copy_the_rest), 4-8 ms with the fsyncs. Done
-    # every 100 commits (~1,400 frames), that pause took 8% of the write load's time; at 4,096 frames it
-    # comes about a third as often. When writes pause, a pass catches up by itself and the next write
-    # starts the WAL over anyway.
+    # Every restart holds the writers for a few ms (the last frames, two fsyncs): every 100 commits
+    # (~1,400 frames) that took 8% of the write load's time; at 4,096 frames it comes a third as often.
     restart_frames = 4096
+    file_bytes_kept = 16 * 1024 * 1024  # journal_size_limit: about restart_frames pages of 4 KB
+    reader_wait_ms = 5  # how long a restart waits for readers still in the WAL (then tried again later)
+    writer_tries = 3  # writers that try in turn before the next pass
+    quiet_turn_wait_seconds = 0.05  # how long a quiet pass waits for the writers' turn (then tried again)
 
     def __init__(self, db: SqliteDatabase):
         self.db = db
         self.commits = 0
         self.runs = 0  # checkpoints done
-        self.restart_due = False  # the WAL is large: the next writer copies the rest (copy_the_rest)
+        self.restarts = 0  # times the WAL was made to start over (RESTART or TRUNCATE done)
+        self.restart_due = False  # the WAL is large: the next writer makes it start over (restart_in_turn)
+        self.restart_tries = 0  # writers that found readers in the WAL since it was found large
+        self.emptied = False  # the WAL file was truncated and nothing committed since
+        self.longest_hold = 0.0  # seconds: the longest a restart kept this process's writers waiting
         self.due = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="prefectlite-wal-checkpoint", daemon=True)
@@ -621,6 +635,7 @@ class _WalCheckpointer:
 
     def note_commit(self):
         self.commits += 1
+        self.emptied = False
         if self.commits >= self.every:
             self.due.set()
 
@@ -629,14 +644,20 @@ class _WalCheckpointer:
         while not self.stopping:
             self.due.wait(1.0)
             self.due.clear()
-            if self.stopping or not self.commits or self.restart_due:  # the next writer copies the rest
+            if self.stopping:
+                break
+            seen = self.commits
+            self.commits -= seen
+            quiet = not seen
+            if (quiet and self.emptied) or (self.restart_due and not quiet):  # a writer makes the WAL start over
                 continue
-            self.commits = 0
             try:
-                conn = conn or self.db._connect()
-                self._checkpoint(conn)
-                self.runs += 1
-            except (sqlite3.Error, ConfigurationError) as exc:  # a full disk, say: the WAL keeps the data
+                if quiet:
+                    self._empty_when_quiet()
+                else:
+                    conn = conn or self.db._connect()
+                    self._checkpoint(conn)
+            except (sqlite3.Error, ConfigurationError, DatabaseError) as exc:  # a full disk: the WAL keeps the data
                 log.debug("WAL checkpoint failed (tried again later): %s", exc)
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -644,17 +665,58 @@ class _WalCheckpointer:
 
     def _checkpoint(self, conn):
         # The bulk of the copying, beside the writers. It answers with the frames in the WAL ("log").
-        self.restart_due = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"] >= self.restart_frames
+        frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"]
+        self.runs += 1
+        self.restart_due = frames >= self.restart_frames
 
-    def copy_the_rest(self, writer):
-        """Called by a writer right after its COMMIT, holding the write lock: copy the frames written
-        since the last pass, so that the next write starts the WAL over. (This thread waiting for the
-        lock instead could wait long: a busy writer takes the lock straight back.)"""
-        with contextlib.suppress(sqlite3.Error):  # a full disk, say: the WAL keeps the data
-            done = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            # Busy: this thread's pass is running; the next commit tries again (a busy answer costs
-            # nothing). Otherwise once per pass, even if readers kept some frames from being copied.
-            self.restart_due = bool(done["busy"])
+    def restart_in_turn(self, writer):
+        """Called by a writer right after its COMMIT, in its turn: make the WAL start over. (This thread
+        waiting for the writers' turn instead could wait long: a busy writer takes the lock straight back.)"""
+        restarted = False
+        try:
+            restarted = self._checkpoint_in_turn(writer, "RESTART")
+        except sqlite3.Error as exc:  # a full disk, say: the WAL keeps the data
+            log.debug("WAL restart failed (tried again later): %s", exc)
+        finally:
+            # Readers still in the WAL: the next few writers try again (what they find to copy is what they
+            # wrote); then the next pass looks again (not sooner: its PASSIVE checkpoint would race this)
+            self.restart_tries = 0 if restarted else self.restart_tries + 1
+            self.restart_due = not restarted and self.restart_tries < self.writer_tries
+            if not self.restart_due:
+                self.restart_tries = 0
+
+    def _empty_when_quiet(self):
+        """Nothing was committed for a pass: take the writers' turn and empty the WAL file (TRUNCATE)."""
+        db = self.db
+        if not db._write_lock.acquire(timeout=self.quiet_turn_wait_seconds):
+            return
+        in_turn = False
+        try:
+            if db._closed:
+                return
+            if db._turn_file is not None:  # the writers of other servers on this file wait too
+                db._take_turn_among_servers(time.monotonic() + self.quiet_turn_wait_seconds)
+                in_turn = True
+            self.emptied = self._checkpoint_in_turn(db._writer, "TRUNCATE")
+            self.restart_due = False
+        finally:
+            if in_turn:
+                db._flock(db._turn_file, db._flock_unlock)
+            db._write_lock.release()
+
+    def _checkpoint_in_turn(self, writer, mode: str) -> bool:
+        """Run a RESTART or TRUNCATE checkpoint on the writer's connection, in the writers' turn, waiting
+        for readers at most reader_wait_ms; True when the WAL started over."""
+        started = time.perf_counter()
+        writer.execute(f"PRAGMA busy_timeout = {self.reader_wait_ms}")
+        try:
+            done = writer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        finally:
+            writer.execute(f"PRAGMA busy_timeout = {int(self.db.timeout * 1000)}")
+        self.longest_hold = max(self.longest_hold, time.perf_counter() - started)
+        self.runs += 1
+        self.restarts += not done["busy"]
+        return not done["busy"]
 
     def stop(self):
         self.stopping = True
@@ -725,9 +787,11 @@ class SqliteDatabase(Database):
                 # the WAL at every commit: measured 23-27% fewer write requests a second.
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-                # Checkpoints run in a thread of their own (_WalCheckpointer), not inside some request's
-                # COMMIT (but for the few frames left when the WAL is made to start over)
+                # Checkpoints run in a thread of their own (_WalCheckpointer), not inside some request's COMMIT
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                # Once the WAL has started over, the first commit cuts the file back to this size (SQLite
+                # otherwise keeps the file as large as it ever grew, for ever)
+                conn.execute(f"PRAGMA journal_size_limit = {_WalCheckpointer.file_bytes_kept}")
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {exc}") from None
         self._all.append(conn)
@@ -845,7 +909,7 @@ class SqliteDatabase(Database):
                     self._checkpointer = _WalCheckpointer(self)
                 self._checkpointer.note_commit()
                 if self._checkpointer.restart_due:
-                    self._checkpointer.copy_the_rest(conn)
+                    self._checkpointer.restart_in_turn(conn)
         finally:
             if in_turn:
                 self._flock(turn_file, self._flock_unlock)
