@@ -374,7 +374,16 @@ def load_settings(env=None, overrides=None) -> Settings:
 
 
 def mask_url_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)([^@]*)(@)", r"\1********\3", str(url))
+    """The URL with its password shown as ********. The password is everything between the first ':' of
+    the user info and the last '@' (a password may hold '@' and ':', as `postgres:p@ss:w@host/db`); a
+    URL without user info (sqlite:///path) or with an empty password is shown as it is."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, max(at, 0))
+    if not sep or rest.startswith("/") or at < 0 or colon < 0 or colon + 1 == at:
+        return text
+    return f"{scheme}://{rest[:colon + 1]}********{rest[at:]}"
 
 
 # --- 2. Database ---
