@@ -367,6 +367,7 @@ def load_settings(env=None, overrides=None) -> Settings:
         else:
             values[name], sources[name] = spec.default, "default"
     values["PREFECT_HOME"] = str(home)
+    sources["PREFECT_HOME"] = "env" if env.get("PREFECT_HOME") else "default"  # never a profile: it holds them
     values["PREFECT_API_DATABASE_CONNECTION_URL"] = values["PREFECT_API_DATABASE_CONNECTION_URL"].replace(
         "${PREFECT_HOME}", str(home)
     )
@@ -12000,7 +12001,8 @@ def cmd_config_view(args, out) -> int:
     print(f"PREFECT_PROFILE={settings.profile!r}", file=out)
     for name, value in settings.masked().items():
         source = settings.sources[name]
-        if source == "default" and not args.show_defaults:
+        # with the sources, PREFECT_HOME always: an exported one (Prefect's own) moves the default database
+        if source == "default" and not args.show_defaults and not (args.show_sources and name == "PREFECT_HOME"):
             continue
         suffix = f" (from {source})" if args.show_sources else ""
         print(f"{name}={value!r}{suffix}", file=out)
@@ -12048,13 +12050,78 @@ def cmd_profile(args, out) -> int:
 
 
 @contextlib.contextmanager
-def _cli_database():
-    settings = load_settings()
+def _cli_database(settings: Settings | None = None):
+    settings = settings or load_settings()
     db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
     try:
         yield db
     finally:
         db.close()
+
+
+_SOURCE_WORDS = {"env": "the environment", "profile": "profile {profile!r}", "default": "the default",
+                 "override": "the caller"}
+
+
+def _database_origin(settings: Settings) -> str:
+    """Where the database URL came from, for a person who did not expect this database."""
+    name = "PREFECT_API_DATABASE_CONNECTION_URL"
+    said = _SOURCE_WORDS[settings.sources[name]].format(profile=settings.profile)
+    if settings.sources[name] != "default":
+        return f"{name} from {said}"
+    home_said = _SOURCE_WORDS[settings.sources["PREFECT_HOME"]].format(profile=settings.profile)
+    return f"the default {name}, under PREFECT_HOME={settings['PREFECT_HOME']} from {home_said}"
+
+
+def _sqlite_file(settings: Settings) -> str | None:
+    """The path of the SQLite database file the settings name (None: PostgreSQL or in memory)."""
+    kind, target = parse_database_url(settings["PREFECT_API_DATABASE_CONNECTION_URL"],
+                                      settings["PREFECT_API_DATABASE_PASSWORD"])
+    return target if kind == "sqlite" and target != ":memory:" else None
+
+
+def _sqlite_file_missing(settings: Settings) -> str | None:
+    """The path of a SQLite database file the settings name that does not exist (opening it would create it)."""
+    path = _sqlite_file(settings)
+    return path if path is not None and not os.path.isfile(path) else None
+
+
+def _has_our_schema_read_only(path: str) -> bool:
+    """Looked at without changing a byte (opening it as a database would put it in WAL mode)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'prefectlite_version'").fetchone() is not None
+    except sqlite3.Error:  # not a database at all
+        return False
+
+
+def _existing_database(settings: Settings, action: str) -> Database:
+    """The database the settings name, refused (one line, nothing created or changed) when there is no file
+    or no schema of ours there: with a PREFECT_HOME exported for Prefect itself, `current` answered "base"
+    for a new empty file it had just created, and `backup` copied that."""
+    missing = _sqlite_file_missing(settings)
+    if missing is not None:
+        raise ConfigurationError(f"database {action}: there is no database file at {missing} "
+                                 f"({_database_origin(settings)}); nothing was created "
+                                 "(`prefectlite database upgrade` creates one)")
+    path = _sqlite_file(settings)
+    if path is not None and not _has_our_schema_read_only(path):
+        raise ConfigurationError(f"database {action}: {path} has no prefectlite schema "
+                                 f"({_database_origin(settings)}); `prefectlite database upgrade` creates it")
+    db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
+    try:
+        if current_revision(db) is None:
+            raise ConfigurationError(f"database {action}: {_where(db)} has no prefectlite schema "
+                                     f"({_database_origin(settings)}); `prefectlite database upgrade` creates it")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+# Commands that act on a database that must already be there: they never create one
+_ACTIONS_ON_AN_EXISTING_DATABASE = {"current", "downgrade", "prune", "vacuum", "backup", "restore"}
 
 
 def _where(db: Database) -> str:
@@ -12063,19 +12130,24 @@ def _where(db: Database) -> str:
 
 def cmd_database(args, out) -> int:
     action = args.action
+    settings = load_settings()
     if action == "history":
         current = None
         with contextlib.suppress(ConfigurationError, DatabaseError):
-            with _cli_database() as db:
-                current = current_revision(db)
+            if _sqlite_file_missing(settings) is None:  # no file: no current revision, and none created
+                with _cli_database(settings) as db:
+                    current = current_revision(db)
         for rev in list_revisions():
             marker = " (current)" if rev.id == current else ""
             print(f"{rev.id}  {rev.name}: {rev.description}{marker}", file=out)
         return 0
-    with _cli_database() as db:
+    if action in _ACTIONS_ON_AN_EXISTING_DATABASE:
+        opened = contextlib.closing(_existing_database(settings, action))
+    else:
+        opened = _cli_database(settings)
+    with opened as db:
         if action == "current":
-            current = current_revision(db)
-            print(current or "base (empty database)", file=out)
+            print(current_revision(db), file=out)
         elif action == "upgrade":
             _confirm(f"Upgrade the database at {_where(db)}?", args.yes)
             applied = migrate(db, args.revision)
