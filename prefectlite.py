@@ -12243,11 +12243,35 @@ def api_call(method: str, path: str, body=None, settings: Settings | None = None
     return json.loads(text) if text else None
 
 
+# C0 and C1 control characters, DEL, and the bidi marks, overrides and isolates that reorder what follows
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """API data as a terminal may show it: control characters written out (\\x1b, \\u202e), so that a flow
+    run named with escape sequences cannot retitle, recolour or clear the operator's terminal."""
+    return _TERMINAL_CONTROLS.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def local_time(timestamp: str | None) -> str:
+    """An API timestamp as this machine's local time to the second (2026-12-06 03:30:48); '' for none."""
+    if not timestamp:
+        return ""
+    try:
+        moment = _dt.datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return printable(timestamp)
+    if moment.tzinfo is None:  # the API's times are UTC
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _print_table(out, headers: list[str], rows: list[list], empty: str):
     if not rows:
         print(empty, file=out)
         return
-    cells = [[str("" if v is None else v) for v in row] for row in rows]
+    cells = [[printable("" if v is None else v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
     for row in cells:
@@ -12302,8 +12326,8 @@ def cmd_flow_run(args, out) -> int:
                                            "name": {"any_": [s.title() for s in states]}}}
         runs = api_call("POST", "/flow_runs/filter", body)
         flows = {f["id"]: f["name"] for f in api_call("POST", "/flows/filter", {})}
-        rows = [[r["id"], flows.get(r["flow_id"], "?"), r["name"], r["state_name"], r["start_time"] or r["expected_start_time"]]
-                for r in runs]
+        rows = [[r["id"], flows.get(r["flow_id"], "?"), r["name"], r["state_name"],
+                 local_time(r["start_time"] or r["expected_start_time"])] for r in runs]
         _print_table(out, ["ID", "FLOW", "NAME", "STATE", "WHEN"], rows, "No flow runs.")
         return 0
     run_id = parse_uuid_cli(args.id)
@@ -12314,7 +12338,7 @@ def cmd_flow_run(args, out) -> int:
     target = "CANCELLING" if run["state_type"] == "RUNNING" else "CANCELLED"
     result = api_call("POST", f"/flow_runs/{run_id}/set_state",
                       {"state": {"type": target, "message": "Cancelled from the command line."}, "force": True})
-    print(f"Flow run {run['name']!r} is {result['state']['name']}.", file=out)
+    print(f"Flow run {run['name']!r} is {printable(result['state']['name'])}.", file=out)
     return 0
 
 
@@ -12458,8 +12482,8 @@ def run_cli(argv: list[str], out=None) -> int:
         args = build_parser().parse_args(fixed)
         configure_logging(load_settings())
         return args.func(args, out)
-    except (ConfigurationError, DatabaseError) as exc:
-        print(f"prefectlite: error: {exc}", file=sys.stderr)
+    except (ConfigurationError, DatabaseError) as exc:  # may quote API data (a server's detail): escaped
+        print(f"prefectlite: error: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
