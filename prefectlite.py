@@ -63,6 +63,7 @@ import socket
 import sqlite3
 import string
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -734,6 +735,18 @@ class _WalCheckpointer:
         self.thread.join(timeout=10)
 
 
+def _sync_file_and_folder(path: str) -> None:
+    """Make a file and its name in its folder durable (fsync both)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    with contextlib.suppress(OSError):  # some systems cannot open a folder for fsync
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
 class SqliteDatabase(Database):
     dialect = "sqlite"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
@@ -1033,26 +1046,49 @@ class SqliteDatabase(Database):
         return f"Restored {self.path} from {source} (schema revision {revision})."
 
     def backup(self, target: str) -> str:
-        """A consistent copy while writers go on: SQLite's online backup API, page by page."""
+        """A consistent copy while writers go on, that writers cannot starve and that is never left half
+        written under the target's name.
+
+        SQLite's online backup copied 256 pages a step and started over whenever another connection wrote
+        between steps: under 20 writes/s a 342 MB database never finished. One step copies every page
+        inside one read transaction (a snapshot; writers go on beside it in WAL mode). The copy is written
+        to a temporary name beside the target, checked (PRAGMA integrity_check), synced, and only then
+        linked under the target's name, which is never overwritten."""
         if os.path.exists(target):
             raise ConfigurationError(f"{target} already exists; choose a new file")
+        folder, name = os.path.split(os.path.abspath(target))
+        try:
+            handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+            os.close(handle)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write a backup in {folder}: {exc.strerror or exc}") from None
         source = self._writer if self.memory else self._connect()
         try:
-            dest = sqlite3.connect(target)
+            with contextlib.closing(sqlite3.connect(partial)) as dest:
+                source.backup(dest, pages=-1)  # -1: all pages in one step, from one snapshot
+                verdict = dest.execute("PRAGMA integrity_check").fetchone()[0]
+            if verdict != "ok":
+                raise ConfigurationError(f"backup to {target} failed: the copy fails SQLite's integrity check: "
+                                         f"{verdict}")
+            _sync_file_and_folder(partial)
             try:
-                source.backup(dest, pages=256)
-            finally:
-                dest.close()
+                os.link(partial, target)  # unlike a rename, never replaces a file made there meanwhile
+            except FileExistsError:
+                raise ConfigurationError(f"{target} already exists; choose a new file") from None
+            _sync_file_and_folder(target)
         except sqlite3.Error as exc:
-            with contextlib.suppress(OSError):
-                os.remove(target)
             raise ConfigurationError(f"backup to {target} failed: {exc}") from None
+        except OSError as exc:
+            raise ConfigurationError(f"backup to {target} failed: {exc.strerror or exc}") from None
         finally:
+            for leftover in (partial, partial + "-journal"):
+                with contextlib.suppress(OSError):
+                    os.remove(leftover)
             if source is not self._writer:
                 source.close()
                 with contextlib.suppress(ValueError):
                     self._all.remove(source)
-        return f"Backed up {self.path} to {target} ({os.path.getsize(target)} bytes)."
+        return f"Backed up {self.path} to {target} ({os.path.getsize(target)} bytes, integrity checked)."
 
     def close(self):
         self._closed = True
