@@ -57,6 +57,7 @@ import random
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
@@ -1515,17 +1516,66 @@ class PostgresDatabase(Database):
     def hold_server_lock(self):
         pass  # several servers may share one PostgreSQL database
 
+    def _client_command(self, tool: str, *args: str) -> str:
+        """A PostgreSQL client command for this database, the password shown masked (a person runs it)."""
+        info = self.conninfo
+        secret = "PGPASSWORD=******** " if info.get("password") else ""
+        where = (f"--host {shlex.quote(info['host'])} --port {info['port']} "
+                 f"--username {shlex.quote(info.get('user') or 'postgres')} --dbname {shlex.quote(info['dbname'])}")
+        return f"{secret}{tool} {' '.join(args[:-1])} {where} {args[-1]}".replace("  ", " ")
+
     def restore(self, source: str) -> str:
-        return self.backup(source)
+        """Restoring replaces what servers may be using: said, with the command, never done behind a back."""
+        raise ConfigurationError("prefectlite does not restore PostgreSQL databases itself; with every server "
+                                 "stopped, run: " + self._client_command("pg_restore", "--clean", "--if-exists",
+                                                                        shlex.quote(source)))
 
     def backup(self, target: str) -> str:
-        """PostgreSQL has its own tools: say exactly what to run rather than pretend to copy."""
+        """PostgreSQL's own tool makes the copy: pg_dump when it is on PATH (the password in its environment,
+        never on its command line), to a temporary name linked under the target's once complete. Without
+        pg_dump, no pretending: an error that gives the command to run."""
+        if os.path.exists(target):
+            raise ConfigurationError(f"{target} already exists; choose a new file")
+        pg_dump = shutil.which("pg_dump")
+        if pg_dump is None:
+            raise ConfigurationError("pg_dump is not on PATH, so no backup was made; install PostgreSQL's client "
+                                     "tools and run: " + self._client_command("pg_dump", "--format=custom",
+                                                                              f"--file {shlex.quote(target)}"))
         info = self.conninfo
-        where = f"--host {info['host']} --port {info['port']} --username {info.get('user') or 'postgres'}"
-        secret = "PGPASSWORD=******** " if info.get("password") else ""
-        return (f"prefectlite does not copy PostgreSQL databases itself; PostgreSQL's tools do it consistently:\n"
-                f"  backup:  {secret}pg_dump --format=custom {where} --dbname {info['dbname']} --file {target}\n"
-                f"  restore: {secret}pg_restore --clean --if-exists {where} --dbname {info['dbname']} {target}")
+        folder, name = os.path.split(os.path.abspath(target))
+        try:
+            handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+            os.close(handle)
+        except OSError as exc:
+            raise ConfigurationError(f"cannot write a backup in {folder}: {exc.strerror or exc}") from None
+        import subprocess  # only here: no server needs it (and the import costs every start-up)
+
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        if info.get("password"):
+            env["PGPASSWORD"] = info["password"]
+        try:
+            done = subprocess.run([pg_dump, "--format=custom", "--host", info["host"], "--port", str(info["port"]),
+                                   "--username", info.get("user") or "postgres", "--dbname", info["dbname"],
+                                   "--file", partial], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+                raise ConfigurationError(f"pg_dump failed, so no backup was made: {said}")
+            _sync_file_and_folder(partial)
+            try:
+                os.link(partial, target)  # never replaces a file made there meanwhile
+            except FileExistsError:
+                raise ConfigurationError(f"{target} already exists; choose a new file") from None
+            _sync_file_and_folder(target)
+        except OSError as exc:
+            raise ConfigurationError(f"backup to {target} failed: {exc.strerror or exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+        return (f"Backed up PostgreSQL database {info['dbname']} to {target} with pg_dump "
+                f"({os.path.getsize(target)} bytes).\n"
+                f"  restore (every server stopped): "
+                + self._client_command("pg_restore", "--clean", "--if-exists", shlex.quote(target)))
 
     def close(self):
         self._pool.close()

@@ -123,7 +123,8 @@ def main(argv=None):
     results = []
     for round_no in range(args.rounds):
         for build in args.builds.split(","):
-            B.log(f"round {round_no + 1}: {build}, {args.writers} writers + {args.readers} readers, {args.duration:g} s")
+            B.log(f"round {round_no + 1}: {build}, {args.writers} writers + {args.readers} readers, "
+                  f"{args.duration:g} s")
             results.append(one_run(build, args))
     if args.json:
         print(json.dumps(results, indent=2))
