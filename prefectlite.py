@@ -736,6 +736,18 @@ class _WalCheckpointer:
         self.thread.join(timeout=10)
 
 
+def _partial_file_beside(target: str) -> str:
+    """A new empty file beside `target` for a backup being written (`.NAME.XXXX.partial`): a copy that is
+    interrupted is never found under the target's name, and a retry does not meet it."""
+    folder, name = os.path.split(os.path.abspath(target))
+    try:
+        handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write a backup in {folder}: {exc.strerror or exc}") from None
+    os.close(handle)
+    return partial
+
+
 def _sync_file_and_folder(path: str) -> None:
     """Make a file and its name in its folder durable (fsync both)."""
     with open(path, "rb") as handle:
@@ -746,6 +758,17 @@ def _sync_file_and_folder(path: str) -> None:
             os.fsync(folder)
         finally:
             os.close(folder)
+
+
+def _publish_complete_copy(partial: str, target: str) -> None:
+    """Give a complete, synced copy the target's name; unlike a rename, a link never replaces a file made
+    there meanwhile. (The caller removes `partial`.)"""
+    _sync_file_and_folder(partial)
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        raise ConfigurationError(f"{target} already exists; choose a new file") from None
+    _sync_file_and_folder(target)
 
 
 class SqliteDatabase(Database):
@@ -1057,12 +1080,7 @@ class SqliteDatabase(Database):
         linked under the target's name, which is never overwritten."""
         if os.path.exists(target):
             raise ConfigurationError(f"{target} already exists; choose a new file")
-        folder, name = os.path.split(os.path.abspath(target))
-        try:
-            handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
-            os.close(handle)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot write a backup in {folder}: {exc.strerror or exc}") from None
+        partial = _partial_file_beside(target)
         source = self._writer if self.memory else self._connect()
         try:
             with contextlib.closing(sqlite3.connect(partial)) as dest:
@@ -1071,12 +1089,7 @@ class SqliteDatabase(Database):
             if verdict != "ok":
                 raise ConfigurationError(f"backup to {target} failed: the copy fails SQLite's integrity check: "
                                          f"{verdict}")
-            _sync_file_and_folder(partial)
-            try:
-                os.link(partial, target)  # unlike a rename, never replaces a file made there meanwhile
-            except FileExistsError:
-                raise ConfigurationError(f"{target} already exists; choose a new file") from None
-            _sync_file_and_folder(target)
+            _publish_complete_copy(partial, target)
         except sqlite3.Error as exc:
             raise ConfigurationError(f"backup to {target} failed: {exc}") from None
         except OSError as exc:
@@ -1516,18 +1529,18 @@ class PostgresDatabase(Database):
     def hold_server_lock(self):
         pass  # several servers may share one PostgreSQL database
 
-    def _client_command(self, tool: str, *args: str) -> str:
+    def _client_command(self, tool: str, options: str, last: str) -> str:
         """A PostgreSQL client command for this database, the password shown masked (a person runs it)."""
         info = self.conninfo
         secret = "PGPASSWORD=******** " if info.get("password") else ""
         where = (f"--host {shlex.quote(info['host'])} --port {info['port']} "
                  f"--username {shlex.quote(info.get('user') or 'postgres')} --dbname {shlex.quote(info['dbname'])}")
-        return f"{secret}{tool} {' '.join(args[:-1])} {where} {args[-1]}".replace("  ", " ")
+        return f"{secret}{tool} {options} {where} {last}"
 
     def restore(self, source: str) -> str:
         """Restoring replaces what servers may be using: said, with the command, never done behind a back."""
         raise ConfigurationError("prefectlite does not restore PostgreSQL databases itself; with every server "
-                                 "stopped, run: " + self._client_command("pg_restore", "--clean", "--if-exists",
+                                 "stopped, run: " + self._client_command("pg_restore", "--clean --if-exists",
                                                                         shlex.quote(source)))
 
     def backup(self, target: str) -> str:
@@ -1542,12 +1555,7 @@ class PostgresDatabase(Database):
                                      "tools and run: " + self._client_command("pg_dump", "--format=custom",
                                                                               f"--file {shlex.quote(target)}"))
         info = self.conninfo
-        folder, name = os.path.split(os.path.abspath(target))
-        try:
-            handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
-            os.close(handle)
-        except OSError as exc:
-            raise ConfigurationError(f"cannot write a backup in {folder}: {exc.strerror or exc}") from None
+        partial = _partial_file_beside(target)
         import subprocess  # only here: no server needs it (and the import costs every start-up)
 
         env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
@@ -1561,12 +1569,7 @@ class PostgresDatabase(Database):
             if done.returncode != 0:
                 said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
                 raise ConfigurationError(f"pg_dump failed, so no backup was made: {said}")
-            _sync_file_and_folder(partial)
-            try:
-                os.link(partial, target)  # never replaces a file made there meanwhile
-            except FileExistsError:
-                raise ConfigurationError(f"{target} already exists; choose a new file") from None
-            _sync_file_and_folder(target)
+            _publish_complete_copy(partial, target)
         except OSError as exc:
             raise ConfigurationError(f"backup to {target} failed: {exc.strerror or exc}") from None
         finally:
@@ -1575,7 +1578,7 @@ class PostgresDatabase(Database):
         return (f"Backed up PostgreSQL database {info['dbname']} to {target} with pg_dump "
                 f"({os.path.getsize(target)} bytes).\n"
                 f"  restore (every server stopped): "
-                + self._client_command("pg_restore", "--clean", "--if-exists", shlex.quote(target)))
+                + self._client_command("pg_restore", "--clean --if-exists", shlex.quote(target)))
 
     def close(self):
         self._pool.close()

@@ -956,7 +956,9 @@ def test_a_killed_backup_leaves_nothing_under_the_target_name_and_a_retry_works(
         proc.send_signal(signal.SIGSTOP)
         assert proc.poll() is None, proc.communicate()
         assert not target.exists() and not (folder / "copy.db-journal").exists()
-        assert all(p.name.endswith(".partial") for p in folder.iterdir()), list(folder.iterdir())
+        # only the temporary file (and its journal while it is written), under a name of its own
+        assert all(p.name.startswith(".copy.db.") and ".partial" in p.name for p in folder.iterdir()), \
+            list(folder.iterdir())
     finally:
         proc.kill()
         proc.communicate()
