@@ -12286,8 +12286,14 @@ def cmd_version(args, out) -> int:
     print(f"prefectlite: {__version__}", file=out)
     print(f"API version (Prefect 2): {API_VERSION}", file=out)
     print(f"Python: {sys.version.split()[0]}", file=out)
+    missing = None
+    with contextlib.suppress(ConfigurationError):  # a bad URL: said below
+        missing = _sqlite_file_missing(settings)
+    if missing is not None:  # not created just to tell its version
+        print(f"Database: sqlite {sqlite3.sqlite_version} (no database file at {missing})", file=out)
+        return 0
     try:
-        with _cli_database() as db:
+        with _cli_database(settings) as db:
             print(f"Database: {db.dialect} {db.server_version()}", file=out)
     except (ConfigurationError, DatabaseError) as exc:
         print(f"Database: {settings['PREFECT_API_DATABASE_CONNECTION_URL'].split(':', 1)[0]} (unavailable: {exc})", file=out)

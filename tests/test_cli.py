@@ -541,6 +541,8 @@ def test_version_sqlite(tmp_path):
     assert "0.8.4" in proc.stdout
     assert "sqlite" in proc.stdout.lower()
     assert sqlite3.sqlite_version in proc.stdout
+    assert "no database file" in proc.stdout
+    assert not (tmp_path / "home" / "prefectlite.db").exists()  # not created to tell a version
 
 
 def test_version_postgres(tmp_path, postgres_url):
