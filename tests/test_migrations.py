@@ -44,6 +44,7 @@ def assert_one_line_error(proc):
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, proc.stderr
+    return lines[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -224,7 +225,9 @@ def test_cli_upgrade_downgrade_current_history(db_url, tmp_path):
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.strip()
 
-    assert "base" in current()
+    # nothing there yet (no SQLite file; an empty PostgreSQL database): refused, not "base"
+    line = assert_one_line_error(run_cli("database", "current", env=env))
+    assert "no database file" in line or "no prefectlite schema" in line, line
     proc = run_cli("database", "upgrade", "-y", "-r", ids[0], env=env)
     assert proc.returncode == 0, proc.stderr
     assert current() == ids[0]
