@@ -57,12 +57,14 @@ import random
 import re
 import secrets
 import select
+import shlex
 import shutil
 import signal
 import socket
 import sqlite3
 import string
 import sys
+import tempfile
 import threading
 import time
 import tomllib
@@ -373,6 +375,7 @@ def load_settings(env=None, overrides=None) -> Settings:
         else:
             values[name], sources[name] = spec.default, "default"
     values["PREFECT_HOME"] = str(home)
+    sources["PREFECT_HOME"] = "env" if env.get("PREFECT_HOME") else "default"  # never a profile: it holds them
     values["PREFECT_API_DATABASE_CONNECTION_URL"] = values["PREFECT_API_DATABASE_CONNECTION_URL"].replace(
         "${PREFECT_HOME}", str(home)
     )
@@ -380,7 +383,16 @@ def load_settings(env=None, overrides=None) -> Settings:
 
 
 def mask_url_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]*:)([^@]*)(@)", r"\1********\3", str(url))
+    """The URL with its password shown as ********. The password is everything between the first ':' of
+    the user info and the last '@' (a password may hold '@' and ':', as `postgres:p@ss:w@host/db`); a
+    URL without user info (sqlite:///path) or with an empty password is shown as it is."""
+    text = str(url)
+    scheme, sep, rest = text.partition("://")
+    at = rest.rfind("@")
+    colon = rest.find(":", 0, max(at, 0))
+    if not sep or rest.startswith("/") or at < 0 or colon < 0 or colon + 1 == at:
+        return text
+    return f"{scheme}://{rest[:colon + 1]}********{rest[at:]}"
 
 
 # --- 2. Database ---
@@ -599,27 +611,46 @@ class Database:
 
 
 class _WalCheckpointer:
-    """Copies the WAL back into the database file from a thread of its own.
+    """Copies the WAL back into the database file from a thread of its own, and makes it start over.
 
     SQLite's automatic checkpoint runs inside the COMMIT of whichever request crosses its threshold:
     that request waits for the copy and two fsyncs (5-10 ms here, every ~70 writes). A PASSIVE
     checkpoint from another connection runs beside the writer instead, with the GIL released.
+
+    A PASSIVE checkpoint alone never bounds the WAL: it cannot copy past the snapshot of a reader, and
+    the WAL starts over only when a writer finds every frame copied and no reader in the WAL; and SQLite
+    keeps the file as large as it ever grew. Readers that overlap writes (a soak of 2 writers and 4
+    readers) always leave a few frames: 225 MB of WAL in 20 s. So once the WAL is large, the next few
+    writers, right after their commit and still in their turn (no new frames meanwhile), run a RESTART
+    checkpoint: it copies the frames written since this thread's pass and waits for the readers still in
+    the WAL, but only `reader_wait_ms` (readers that begin once all is copied read the database file and
+    are not waited for). `journal_size_limit` then cuts the file back. When nothing has been written for
+    a pass, this thread takes the writers' turn for a TRUNCATE checkpoint (the same bounded wait) that
+    empties the file.
     """
 
     every = 100  # commits between checkpoints (~1,400 pages of the write load); and at least once a second
     # WAL frames (pages) above which the WAL is made to start over; below it, the WAL is left to grow.
-    # Starting over needs every frame copied, and writers keep adding frames while a pass runs: the
-    # writer copies the few left right after a commit (see copy_the_rest), 4-8 ms with the fsyncs. Done
-    # every 100 commits (~1,400 frames), that pause took 8% of the write load's time; at 4,096 frames it
-    # comes about a third as often. When writes pause, a pass catches up by itself and the next write
-    # starts the WAL over anyway.
+    # Every restart holds the writers for a few ms (the last frames, two fsyncs): every 100 commits
+    # (~1,400 frames) that took 8% of the write load's time; at 4,096 frames it comes a third as often.
     restart_frames = 4096
+    file_bytes_kept = 16 * 1024 * 1024  # journal_size_limit: about restart_frames pages of 4 KB
+    # How long a restart waits for readers still in the WAL (then tried again later). Without any wait
+    # the WAL was not bounded at all (a test's 36 MB of writes made a 52-63 MB WAL): some reader is always
+    # in it. SQLite's busy handler sleeps 1, 2, 2 ms for it; on a crowded machine a sleep lasts longer.
+    reader_wait_ms = 5
+    writer_tries = 3  # writers that try in turn before the next pass
+    quiet_turn_wait_seconds = 0.05  # how long a quiet pass waits for the writers' turn (then tried again)
 
     def __init__(self, db: SqliteDatabase):
         self.db = db
         self.commits = 0
         self.runs = 0  # checkpoints done
-        self.restart_due = False  # the WAL is large: the next writer copies the rest (copy_the_rest)
+        self.restarts = 0  # times the WAL was made to start over (RESTART or TRUNCATE done)
+        self.restart_due = False  # the WAL is large: the next writer makes it start over (restart_in_turn)
+        self.restart_tries = 0  # writers that found readers in the WAL since it was found large
+        self.emptied = False  # the WAL file was truncated and nothing committed since
+        self.longest_hold = 0.0  # seconds: the longest a restart kept this process's writers waiting
         self.due = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="prefectlite-wal-checkpoint", daemon=True)
@@ -627,6 +658,7 @@ class _WalCheckpointer:
 
     def note_commit(self):
         self.commits += 1
+        self.emptied = False
         if self.commits >= self.every:
             self.due.set()
 
@@ -635,14 +667,20 @@ class _WalCheckpointer:
         while not self.stopping:
             self.due.wait(1.0)
             self.due.clear()
-            if self.stopping or not self.commits or self.restart_due:  # the next writer copies the rest
+            if self.stopping:
+                break
+            seen = self.commits
+            self.commits -= seen
+            quiet = not seen
+            if (quiet and self.emptied) or (self.restart_due and not quiet):  # a writer makes the WAL start over
                 continue
-            self.commits = 0
             try:
-                conn = conn or self.db._connect()
-                self._checkpoint(conn)
-                self.runs += 1
-            except (sqlite3.Error, ConfigurationError) as exc:  # a full disk, say: the WAL keeps the data
+                if quiet:
+                    self._empty_when_quiet()
+                else:
+                    conn = conn or self.db._connect()
+                    self._checkpoint(conn)
+            except (sqlite3.Error, ConfigurationError, DatabaseError) as exc:  # a full disk: the WAL keeps the data
                 log.debug("WAL checkpoint failed (tried again later): %s", exc)
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
@@ -650,22 +688,98 @@ class _WalCheckpointer:
 
     def _checkpoint(self, conn):
         # The bulk of the copying, beside the writers. It answers with the frames in the WAL ("log").
-        self.restart_due = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"] >= self.restart_frames
+        frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"]
+        self.runs += 1
+        self.restart_due = frames >= self.restart_frames
 
-    def copy_the_rest(self, writer):
-        """Called by a writer right after its COMMIT, holding the write lock: copy the frames written
-        since the last pass, so that the next write starts the WAL over. (This thread waiting for the
-        lock instead could wait long: a busy writer takes the lock straight back.)"""
-        with contextlib.suppress(sqlite3.Error):  # a full disk, say: the WAL keeps the data
-            done = writer.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-            # Busy: this thread's pass is running; the next commit tries again (a busy answer costs
-            # nothing). Otherwise once per pass, even if readers kept some frames from being copied.
-            self.restart_due = bool(done["busy"])
+    def restart_in_turn(self, writer):
+        """Called by a writer right after its COMMIT, in its turn: make the WAL start over. (This thread
+        waiting for the writers' turn instead could wait long: a busy writer takes the lock straight back.)"""
+        restarted = False
+        try:
+            restarted = self._checkpoint_in_turn(writer, "RESTART")
+        except sqlite3.Error as exc:  # a full disk, say: the WAL keeps the data
+            log.debug("WAL restart failed (tried again later): %s", exc)
+        finally:
+            # Readers still in the WAL: the next few writers try again (what they find to copy is what they
+            # wrote); then the next pass looks again (not sooner: its PASSIVE checkpoint would race this)
+            self.restart_tries = 0 if restarted else self.restart_tries + 1
+            self.restart_due = not restarted and self.restart_tries < self.writer_tries
+            if not self.restart_due:
+                self.restart_tries = 0
+
+    def _empty_when_quiet(self):
+        """Nothing was committed for a pass: take the writers' turn and empty the WAL file (TRUNCATE)."""
+        db = self.db
+        if not db._write_lock.acquire(timeout=self.quiet_turn_wait_seconds):
+            return
+        in_turn = False
+        try:
+            if db._closed:
+                return
+            if db._turn_file is not None:  # the writers of other servers on this file wait too
+                db._take_turn_among_servers(time.monotonic() + self.quiet_turn_wait_seconds)
+                in_turn = True
+            self.emptied = self._checkpoint_in_turn(db._writer, "TRUNCATE")
+            self.restart_due = False
+        finally:
+            if in_turn:
+                db._flock(db._turn_file, db._flock_unlock)
+            db._write_lock.release()
+
+    def _checkpoint_in_turn(self, writer, mode: str) -> bool:
+        """Run a RESTART or TRUNCATE checkpoint on the writer's connection, in the writers' turn, waiting
+        for readers at most reader_wait_ms; True when the WAL started over."""
+        started = time.perf_counter()
+        writer.execute(f"PRAGMA busy_timeout = {self.reader_wait_ms}")
+        try:
+            done = writer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
+        finally:
+            writer.execute(f"PRAGMA busy_timeout = {int(self.db.timeout * 1000)}")
+        self.longest_hold = max(self.longest_hold, time.perf_counter() - started)
+        self.runs += 1
+        self.restarts += not done["busy"]
+        return not done["busy"]
 
     def stop(self):
         self.stopping = True
         self.due.set()
         self.thread.join(timeout=10)
+
+
+def _partial_file_beside(target: str) -> str:
+    """A new empty file beside `target` for a backup being written (`.NAME.XXXX.partial`): a copy that is
+    interrupted is never found under the target's name, and a retry does not meet it."""
+    folder, name = os.path.split(os.path.abspath(target))
+    try:
+        handle, partial = tempfile.mkstemp(prefix=f".{name}.", suffix=".partial", dir=folder)
+    except OSError as exc:
+        raise ConfigurationError(f"cannot write a backup in {folder}: {exc.strerror or exc}") from None
+    os.close(handle)
+    return partial
+
+
+def _sync_file_and_folder(path: str) -> None:
+    """Make a file and its name in its folder durable (fsync both)."""
+    with open(path, "rb") as handle:
+        os.fsync(handle.fileno())
+    with contextlib.suppress(OSError):  # some systems cannot open a folder for fsync
+        folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(folder)
+        finally:
+            os.close(folder)
+
+
+def _publish_complete_copy(partial: str, target: str) -> None:
+    """Give a complete, synced copy the target's name; unlike a rename, a link never replaces a file made
+    there meanwhile. (The caller removes `partial`.)"""
+    _sync_file_and_folder(partial)
+    try:
+        os.link(partial, target)
+    except FileExistsError:
+        raise ConfigurationError(f"{target} already exists; choose a new file") from None
+    _sync_file_and_folder(target)
 
 
 class SqliteDatabase(Database):
@@ -731,9 +845,11 @@ class SqliteDatabase(Database):
                 # the WAL at every commit: measured 23-27% fewer write requests a second.
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
-                # Checkpoints run in a thread of their own (_WalCheckpointer), not inside some request's
-                # COMMIT (but for the few frames left when the WAL is made to start over)
+                # Checkpoints run in a thread of their own (_WalCheckpointer), not inside some request's COMMIT
                 conn.execute("PRAGMA wal_autocheckpoint = 0")
+                # Once the WAL has started over, the first commit cuts the file back to this size (SQLite
+                # otherwise keeps the file as large as it ever grew, for ever)
+                conn.execute(f"PRAGMA journal_size_limit = {_WalCheckpointer.file_bytes_kept}")
         except sqlite3.Error as exc:
             raise ConfigurationError(f"cannot open SQLite database {self.path}: {exc}") from None
         self._all.append(conn)
@@ -851,7 +967,7 @@ class SqliteDatabase(Database):
                     self._checkpointer = _WalCheckpointer(self)
                 self._checkpointer.note_commit()
                 if self._checkpointer.restart_due:
-                    self._checkpointer.copy_the_rest(conn)
+                    self._checkpointer.restart_in_turn(conn)
         finally:
             if in_turn:
                 self._flock(turn_file, self._flock_unlock)
@@ -965,26 +1081,39 @@ class SqliteDatabase(Database):
         return f"Restored {self.path} from {source} (schema revision {revision})."
 
     def backup(self, target: str) -> str:
-        """A consistent copy while writers go on: SQLite's online backup API, page by page."""
+        """A consistent copy while writers go on, that writers cannot starve and that is never left half
+        written under the target's name.
+
+        SQLite's online backup copied 256 pages a step and started over whenever another connection wrote
+        between steps: under 20 writes/s a 342 MB database never finished. One step copies every page
+        inside one read transaction (a snapshot; writers go on beside it in WAL mode). The copy is written
+        to a temporary name beside the target, checked (PRAGMA integrity_check), synced, and only then
+        linked under the target's name, which is never overwritten."""
         if os.path.exists(target):
             raise ConfigurationError(f"{target} already exists; choose a new file")
+        partial = _partial_file_beside(target)
         source = self._writer if self.memory else self._connect()
         try:
-            dest = sqlite3.connect(target)
-            try:
-                source.backup(dest, pages=256)
-            finally:
-                dest.close()
+            with contextlib.closing(sqlite3.connect(partial)) as dest:
+                source.backup(dest, pages=-1)  # -1: all pages in one step, from one snapshot
+                verdict = dest.execute("PRAGMA integrity_check").fetchone()[0]
+            if verdict != "ok":
+                raise ConfigurationError(f"backup to {target} failed: the copy fails SQLite's integrity check: "
+                                         f"{verdict}")
+            _publish_complete_copy(partial, target)
         except sqlite3.Error as exc:
-            with contextlib.suppress(OSError):
-                os.remove(target)
             raise ConfigurationError(f"backup to {target} failed: {exc}") from None
+        except OSError as exc:
+            raise ConfigurationError(f"backup to {target} failed: {exc.strerror or exc}") from None
         finally:
+            for leftover in (partial, partial + "-journal"):
+                with contextlib.suppress(OSError):
+                    os.remove(leftover)
             if source is not self._writer:
                 source.close()
                 with contextlib.suppress(ValueError):
                     self._all.remove(source)
-        return f"Backed up {self.path} to {target} ({os.path.getsize(target)} bytes)."
+        return f"Backed up {self.path} to {target} ({os.path.getsize(target)} bytes, integrity checked)."
 
     def close(self):
         self._closed = True
@@ -1411,17 +1540,56 @@ class PostgresDatabase(Database):
     def hold_server_lock(self):
         pass  # several servers may share one PostgreSQL database
 
+    def _client_command(self, tool: str, options: str, last: str) -> str:
+        """A PostgreSQL client command for this database, the password shown masked (a person runs it)."""
+        info = self.conninfo
+        secret = "PGPASSWORD=******** " if info.get("password") else ""
+        where = (f"--host {shlex.quote(info['host'])} --port {info['port']} "
+                 f"--username {shlex.quote(info.get('user') or 'postgres')} --dbname {shlex.quote(info['dbname'])}")
+        return f"{secret}{tool} {options} {where} {last}"
+
     def restore(self, source: str) -> str:
-        return self.backup(source)
+        """Restoring replaces what servers may be using: said, with the command, never done behind a back."""
+        raise ConfigurationError("prefectlite does not restore PostgreSQL databases itself; with every server "
+                                 "stopped, run: " + self._client_command("pg_restore", "--clean --if-exists",
+                                                                        shlex.quote(source)))
 
     def backup(self, target: str) -> str:
-        """PostgreSQL has its own tools: say exactly what to run rather than pretend to copy."""
+        """PostgreSQL's own tool makes the copy: pg_dump when it is on PATH (the password in its environment,
+        never on its command line), to a temporary name linked under the target's once complete. Without
+        pg_dump, no pretending: an error that gives the command to run."""
+        if os.path.exists(target):
+            raise ConfigurationError(f"{target} already exists; choose a new file")
+        pg_dump = shutil.which("pg_dump")
+        if pg_dump is None:
+            raise ConfigurationError("pg_dump is not on PATH, so no backup was made; install PostgreSQL's client "
+                                     "tools and run: " + self._client_command("pg_dump", "--format=custom",
+                                                                              f"--file {shlex.quote(target)}"))
         info = self.conninfo
-        where = f"--host {info['host']} --port {info['port']} --username {info.get('user') or 'postgres'}"
-        secret = "PGPASSWORD=******** " if info.get("password") else ""
-        return (f"prefectlite does not copy PostgreSQL databases itself; PostgreSQL's tools do it consistently:\n"
-                f"  backup:  {secret}pg_dump --format=custom {where} --dbname {info['dbname']} --file {target}\n"
-                f"  restore: {secret}pg_restore --clean --if-exists {where} --dbname {info['dbname']} {target}")
+        partial = _partial_file_beside(target)
+        import subprocess  # only here: no server needs it (and the import costs every start-up)
+
+        env = {k: v for k, v in os.environ.items() if k != "PGPASSWORD"}
+        if info.get("password"):
+            env["PGPASSWORD"] = info["password"]
+        try:
+            done = subprocess.run([pg_dump, "--format=custom", "--host", info["host"], "--port", str(info["port"]),
+                                   "--username", info.get("user") or "postgres", "--dbname", info["dbname"],
+                                   "--file", partial], env=env, stdin=subprocess.DEVNULL, capture_output=True,
+                                  text=True)
+            if done.returncode != 0:
+                said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+                raise ConfigurationError(f"pg_dump failed, so no backup was made: {said}")
+            _publish_complete_copy(partial, target)
+        except OSError as exc:
+            raise ConfigurationError(f"backup to {target} failed: {exc.strerror or exc}") from None
+        finally:
+            with contextlib.suppress(OSError):
+                os.remove(partial)
+        return (f"Backed up PostgreSQL database {info['dbname']} to {target} with pg_dump "
+                f"({os.path.getsize(target)} bytes).\n"
+                f"  restore (every server stopped): "
+                + self._client_command("pg_restore", "--clean --if-exists", shlex.quote(target)))
 
     def close(self):
         self._pool.close()
@@ -13561,7 +13729,8 @@ def cmd_config_view(args, out) -> int:
     print(f"PREFECT_PROFILE={settings.profile!r}", file=out)
     for name, value in settings.masked().items():
         source = settings.sources[name]
-        if source == "default" and not args.show_defaults:
+        # with the sources, PREFECT_HOME always: an exported one (Prefect's own) moves the default database
+        if source == "default" and not args.show_defaults and not (args.show_sources and name == "PREFECT_HOME"):
             continue
         suffix = f" (from {source})" if args.show_sources else ""
         print(f"{name}={value!r}{suffix}", file=out)
@@ -13609,13 +13778,78 @@ def cmd_profile(args, out) -> int:
 
 
 @contextlib.contextmanager
-def _cli_database():
-    settings = load_settings()
+def _cli_database(settings: Settings | None = None):
+    settings = settings or load_settings()
     db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
     try:
         yield db
     finally:
         db.close()
+
+
+_SOURCE_WORDS = {"env": "the environment", "profile": "profile {profile!r}", "default": "the default",
+                 "override": "the caller"}
+
+
+def _database_origin(settings: Settings) -> str:
+    """Where the database URL came from, for a person who did not expect this database."""
+    name = "PREFECT_API_DATABASE_CONNECTION_URL"
+    said = _SOURCE_WORDS[settings.sources[name]].format(profile=settings.profile)
+    if settings.sources[name] != "default":
+        return f"{name} from {said}"
+    home_said = _SOURCE_WORDS[settings.sources["PREFECT_HOME"]].format(profile=settings.profile)
+    return f"the default {name}, under PREFECT_HOME={settings['PREFECT_HOME']} from {home_said}"
+
+
+def _sqlite_file(settings: Settings) -> str | None:
+    """The path of the SQLite database file the settings name (None: PostgreSQL or in memory)."""
+    kind, target = parse_database_url(settings["PREFECT_API_DATABASE_CONNECTION_URL"],
+                                      settings["PREFECT_API_DATABASE_PASSWORD"])
+    return target if kind == "sqlite" and target != ":memory:" else None
+
+
+def _sqlite_file_missing(settings: Settings) -> str | None:
+    """The path of a SQLite database file the settings name that does not exist (opening it would create it)."""
+    path = _sqlite_file(settings)
+    return path if path is not None and not os.path.isfile(path) else None
+
+
+def _has_our_schema_read_only(path: str) -> bool:
+    """Looked at without changing a byte (opening it as a database would put it in WAL mode)."""
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
+            return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
+                                "AND name = 'prefectlite_version'").fetchone() is not None
+    except sqlite3.Error:  # not a database at all
+        return False
+
+
+def _existing_database(settings: Settings, action: str) -> Database:
+    """The database the settings name, refused (one line, nothing created or changed) when there is no file
+    or no schema of ours there: with a PREFECT_HOME exported for Prefect itself, `current` answered "base"
+    for a new empty file it had just created, and `backup` copied that."""
+    missing = _sqlite_file_missing(settings)
+    if missing is not None:
+        raise ConfigurationError(f"database {action}: there is no database file at {missing} "
+                                 f"({_database_origin(settings)}); nothing was created "
+                                 "(`prefectlite database upgrade` creates one)")
+    path = _sqlite_file(settings)
+    if path is not None and not _has_our_schema_read_only(path):
+        raise ConfigurationError(f"database {action}: {path} has no prefectlite schema "
+                                 f"({_database_origin(settings)}); `prefectlite database upgrade` creates it")
+    db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
+    try:
+        if current_revision(db) is None:
+            raise ConfigurationError(f"database {action}: {_where(db)} has no prefectlite schema "
+                                     f"({_database_origin(settings)}); `prefectlite database upgrade` creates it")
+    except BaseException:
+        db.close()
+        raise
+    return db
+
+
+# Commands that act on a database that must already be there: they never create one
+_ACTIONS_ON_AN_EXISTING_DATABASE = {"current", "downgrade", "prune", "vacuum", "backup", "restore"}
 
 
 def _where(db: Database) -> str:
@@ -13624,19 +13858,24 @@ def _where(db: Database) -> str:
 
 def cmd_database(args, out) -> int:
     action = args.action
+    settings = load_settings()
     if action == "history":
         current = None
         with contextlib.suppress(ConfigurationError, DatabaseError):
-            with _cli_database() as db:
-                current = current_revision(db)
+            if _sqlite_file_missing(settings) is None:  # no file: no current revision, and none created
+                with _cli_database(settings) as db:
+                    current = current_revision(db)
         for rev in list_revisions():
             marker = " (current)" if rev.id == current else ""
             print(f"{rev.id}  {rev.name}: {rev.description}{marker}", file=out)
         return 0
-    with _cli_database() as db:
+    if action in _ACTIONS_ON_AN_EXISTING_DATABASE:
+        opened = contextlib.closing(_existing_database(settings, action))
+    else:
+        opened = _cli_database(settings)
+    with opened as db:
         if action == "current":
-            current = current_revision(db)
-            print(current or "base (empty database)", file=out)
+            print(current_revision(db), file=out)
         elif action == "upgrade":
             _confirm(f"Upgrade the database at {_where(db)}?", args.yes)
             applied = migrate(db, args.revision)
@@ -13686,8 +13925,14 @@ def cmd_version(args, out) -> int:
     print(f"prefectlite: {__version__}", file=out)
     print(f"API version (Prefect 2): {API_VERSION}", file=out)
     print(f"Python: {sys.version.split()[0]}", file=out)
+    missing = None
+    with contextlib.suppress(ConfigurationError):  # a bad URL: said below
+        missing = _sqlite_file_missing(settings)
+    if missing is not None:  # not created just to tell its version
+        print(f"Database: sqlite {sqlite3.sqlite_version} (no database file at {missing})", file=out)
+        return 0
     try:
-        with _cli_database() as db:
+        with _cli_database(settings) as db:
             print(f"Database: {db.dialect} {db.server_version()}", file=out)
     except (ConfigurationError, DatabaseError) as exc:
         print(f"Database: {settings['PREFECT_API_DATABASE_CONNECTION_URL'].split(':', 1)[0]} (unavailable: {exc})", file=out)
@@ -13732,11 +13977,35 @@ def api_call(method: str, path: str, body=None, settings: Settings | None = None
     return json.loads(text) if text else None
 
 
+# C0 and C1 control characters, DEL, and the bidi marks, overrides and isolates that reorder what follows
+_TERMINAL_CONTROLS = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def printable(text) -> str:
+    """API data as a terminal may show it: control characters written out (\\x1b, \\u202e), so that a flow
+    run named with escape sequences cannot retitle, recolour or clear the operator's terminal."""
+    return _TERMINAL_CONTROLS.sub(
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
+
+
+def local_time(timestamp: str | None) -> str:
+    """An API timestamp as this machine's local time to the second (2026-12-06 03:30:48); '' for none."""
+    if not timestamp:
+        return ""
+    try:
+        moment = _dt.datetime.fromisoformat(timestamp)
+    except (TypeError, ValueError):
+        return printable(timestamp)
+    if moment.tzinfo is None:  # the API's times are UTC
+        moment = moment.replace(tzinfo=_dt.timezone.utc)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _print_table(out, headers: list[str], rows: list[list], empty: str):
     if not rows:
         print(empty, file=out)
         return
-    cells = [[str("" if v is None else v) for v in row] for row in rows]
+    cells = [[printable("" if v is None else v) for v in row] for row in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
     print("  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(), file=out)
     for row in cells:
@@ -13791,8 +14060,8 @@ def cmd_flow_run(args, out) -> int:
                                            "name": {"any_": [s.title() for s in states]}}}
         runs = api_call("POST", "/flow_runs/filter", body)
         flows = {f["id"]: f["name"] for f in api_call("POST", "/flows/filter", {})}
-        rows = [[r["id"], flows.get(r["flow_id"], "?"), r["name"], r["state_name"], r["start_time"] or r["expected_start_time"]]
-                for r in runs]
+        rows = [[r["id"], flows.get(r["flow_id"], "?"), r["name"], r["state_name"],
+                 local_time(r["start_time"] or r["expected_start_time"])] for r in runs]
         _print_table(out, ["ID", "FLOW", "NAME", "STATE", "WHEN"], rows, "No flow runs.")
         return 0
     run_id = parse_uuid_cli(args.id)
@@ -13803,7 +14072,7 @@ def cmd_flow_run(args, out) -> int:
     target = "CANCELLING" if run["state_type"] == "RUNNING" else "CANCELLED"
     result = api_call("POST", f"/flow_runs/{run_id}/set_state",
                       {"state": {"type": target, "message": "Cancelled from the command line."}, "force": True})
-    print(f"Flow run {run['name']!r} is {result['state']['name']}.", file=out)
+    print(f"Flow run {run['name']!r} is {printable(result['state']['name'])}.", file=out)
     return 0
 
 
@@ -13947,8 +14216,8 @@ def run_cli(argv: list[str], out=None) -> int:
         args = build_parser().parse_args(fixed)
         configure_logging(load_settings())
         return args.func(args, out)
-    except (ConfigurationError, DatabaseError) as exc:
-        print(f"prefectlite: error: {exc}", file=sys.stderr)
+    except (ConfigurationError, DatabaseError) as exc:  # may quote API data (a server's detail): escaped
+        print(f"prefectlite: error: {printable(exc)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -499,7 +499,7 @@ def test_database_commands_proceed_when_the_answer_is_yes(tmp_path, action):
         assert current(env) == ids[-1]
         assert _flows(path) == []
     elif action == "downgrade":
-        assert current(env) == (ids[-2] if len(ids) > 1 else "base (empty database)")
+        assert current(env) == ids[-2]
     else:
         assert current(env) == ids[-1]
         assert _flows(path) == ["keep-me"]
@@ -517,7 +517,7 @@ def test_database_reset_y_empties_and_stays_at_head(tmp_path):
 def test_database_upgrade_to_a_revision_and_history(tmp_path):
     env = home_env(tmp_path)
     ids = revision_ids()
-    assert "base" in current(env)
+    assert "no database file" in assert_one_line_error(run_cli("database", "current", env=env))
     assert run_cli("database", "upgrade", "-y", "-r", ids[0], env=env, input_text="").returncode == 0
     assert current(env) == ids[0]
     history = run_cli("database", "history", env=env, input_text="")
@@ -528,7 +528,7 @@ def test_database_upgrade_to_a_revision_and_history(tmp_path):
     assert run_cli("database", "upgrade", "-y", env=env, input_text="").returncode == 0
     assert current(env) == ids[-1]
     assert run_cli("database", "downgrade", "-y", "-r", "base", env=env, input_text="").returncode == 0
-    assert "base" in current(env)
+    assert "no prefectlite schema" in assert_one_line_error(run_cli("database", "current", env=env))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -541,6 +541,8 @@ def test_version_sqlite(tmp_path):
     assert "0.8.4" in proc.stdout
     assert "sqlite" in proc.stdout.lower()
     assert sqlite3.sqlite_version in proc.stdout
+    assert "no database file" in proc.stdout
+    assert not (tmp_path / "home" / "prefectlite.db").exists()  # not created to tell a version
 
 
 def test_version_postgres(tmp_path, postgres_url):
@@ -619,7 +621,86 @@ def test_bad_or_unreachable_database_url_is_one_line(tmp_path, seeded_home, url,
 def test_downgrade_below_base_on_an_empty_database(tmp_path):
     env = home_env(tmp_path)
     assert_one_line_error(run_cli("database", "downgrade", "-y", env=env, input_text=""))
-    assert "base" in current(env)
+    assert not (tmp_path / "home" / "prefectlite.db").exists()
+
+
+# Database commands never guess: with a PREFECT_HOME exported for a Prefect installation, `current` said
+# "base" and created an empty prefectlite.db there, `backup` copied that, `prune` ended in a traceback.
+
+_ON_AN_EXISTING_DATABASE = [("current",), ("backup", "{tmp}/copy.db"), ("prune", "--older-than", "30d", "--dry-run"),
+                            ("vacuum",), ("restore", "{tmp}/copy.db", "-y"), ("downgrade", "-y")]
+
+
+def _prefect_installation(tmp_path):
+    """A PREFECT_HOME as Prefect itself leaves it: its profiles and its own database, no prefectlite.db."""
+    home = tmp_path / "dot-prefect"
+    home.mkdir()
+    (home / "profiles.toml").write_text('active = "ephemeral"\n\n[profiles.ephemeral]\n'
+                                        'PREFECT_API_URL = "http://127.0.0.1:4200/api"\n')
+    conn = sqlite3.connect(home / "prefect.db")
+    conn.execute("CREATE TABLE flow_run (id TEXT PRIMARY KEY)")
+    conn.commit()
+    conn.close()
+    return home
+
+
+@pytest.mark.parametrize("args", _ON_AN_EXISTING_DATABASE, ids=lambda a: a[0])
+def test_database_commands_refuse_a_missing_file_naming_it_and_prefect_home_from_the_environment(tmp_path, args):
+    home = _prefect_installation(tmp_path)
+    (tmp_path / "copy.db").write_bytes(b"")  # restore's source: the refusal comes before it is read
+    before = sorted(p.name for p in home.iterdir())
+    proc = run_cli("database", *(a.format(tmp=tmp_path) for a in args), env={"PREFECT_HOME": str(home)},
+                   input_text="")
+    line = assert_one_line_error(proc)
+    assert proc.returncode == 1
+    assert str(home / "prefectlite.db") in line, line
+    assert f"PREFECT_HOME={home} from the environment" in line, line
+    assert sorted(p.name for p in home.iterdir()) == before  # no file created
+    assert (tmp_path / "copy.db").read_bytes() == b""
+
+
+@pytest.mark.parametrize("args", _ON_AN_EXISTING_DATABASE, ids=lambda a: a[0])
+def test_database_commands_refuse_a_file_without_our_schema_and_change_nothing(tmp_path, args):
+    home = _prefect_installation(tmp_path)
+    url = f"sqlite:///{home / 'prefect.db'}"  # Prefect's own database, named by the environment
+    before = (home / "prefect.db").read_bytes()
+    proc = run_cli("database", *(a.format(tmp=tmp_path) for a in args),
+                   env={"PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url}, input_text="")
+    line = assert_one_line_error(proc)
+    assert str(home / "prefect.db") in line and "no prefectlite schema" in line, line
+    assert "PREFECT_API_DATABASE_CONNECTION_URL from the environment" in line, line
+    assert (home / "prefect.db").read_bytes() == before
+    assert not (tmp_path / "copy.db").exists()
+
+
+def test_a_missing_database_named_by_a_profile_says_which_profile(tmp_path):
+    env = home_env(tmp_path)
+    target = tmp_path / "elsewhere" / "x.db"
+    assert run_cli("config", "set", f"PREFECT_API_DATABASE_CONNECTION_URL=sqlite:///{target}", env=env).returncode == 0
+    line = assert_one_line_error(run_cli("database", "current", env=env))
+    assert str(target) in line and "PREFECT_API_DATABASE_CONNECTION_URL from profile 'default'" in line, line
+    assert not target.parent.exists()
+    # the default URL under the default PREFECT_HOME: said so
+    env = {"HOME": str(tmp_path / "user")}
+    line = assert_one_line_error(run_cli("database", "current", env=env))
+    assert str(tmp_path / "user" / ".prefectlite" / "prefectlite.db") in line
+    assert "the default PREFECT_API_DATABASE_CONNECTION_URL" in line and "from the default" in line, line
+
+
+def test_upgrade_and_reset_still_create_the_database(tmp_path):
+    for action in ("upgrade", "reset"):
+        env = home_env(tmp_path / action)
+        proc = run_cli("database", action, "-y", env=env)
+        assert proc.returncode == 0, proc.stderr
+        assert current(env) == revision_ids()[-1]
+
+
+def test_config_view_show_sources_says_where_prefect_home_came_from(tmp_path):
+    exported = _view({"PREFECT_HOME": str(tmp_path / "h")}, "--show-sources")
+    assert _line(exported, "PREFECT_HOME") == f"PREFECT_HOME={str(tmp_path / 'h')!r} (from env)"
+    default = _view({"HOME": str(tmp_path / "user")}, "--show-sources")
+    assert _line(default, "PREFECT_HOME") == f"PREFECT_HOME={str(tmp_path / 'user' / '.prefectlite')!r} (from default)"
+    assert _line(_view({"HOME": str(tmp_path / "user")}), "PREFECT_HOME") is None  # without --show-sources, as before
 
 
 def test_corrupt_profiles_toml_is_one_line(tmp_path):

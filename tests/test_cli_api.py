@@ -20,8 +20,8 @@ def cli(server, tmp_path):
     """cli(*args) -> CompletedProcess of `prefectlite ARGS` pointed at the test server."""
     env = {"PREFECT_API_URL": server, "PREFECT_HOME": str(tmp_path / "home")}
 
-    def run(*args, expect_ok=True):
-        proc = run_cli(*args, env=env, timeout=60)
+    def run(*args, expect_ok=True, **extra_env):
+        proc = run_cli(*args, env={**env, **extra_env}, timeout=60)
         if expect_ok:
             assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
             assert "Traceback" not in proc.stderr, proc.stderr
@@ -144,6 +144,34 @@ def test_flow_run_ls_and_state_filter(cli, client):
     assert set(UUID_RE.findall(both)) == {runs["COMPLETED"]["id"], runs["RUNNING"]["id"]}
     limited = cli("flow-run", "ls", "--limit", "2").stdout
     assert len(set(UUID_RE.findall(limited))) == 2
+
+
+HOSTILE = "\x1b]0;pwned\x07\x1b[2J\x1b[31mred\r\u202eevil\x9b"  # retitle, clear, colour, overwrite, reorder
+
+
+def test_flow_run_ls_escapes_control_characters_from_the_api(cli, client):
+    flow = client.ok("POST", "/flows/", {"name": unique("flow") + HOSTILE})
+    run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "name": "run" + HOSTILE})
+    set_state(client, run["id"], "RUNNING", name="Running" + HOSTILE)
+    out = cli("flow-run", "ls").stdout
+    for char in "\x1b\x07\r\u202e\x9b":
+        assert char not in out, repr(out)
+    escaped = "\\x1b]0;pwned\\x07\\x1b[2J\\x1b[31mred\\x0d\\u202eevil\\x9b"
+    assert "run" + escaped in out and flow["name"].split("\x1b")[0] + escaped in out and "Running" + escaped in out
+    cancelled = cli("flow-run", "cancel", run["id"]).stdout
+    assert "\x1b" not in cancelled and "\u202e" not in cancelled, repr(cancelled)
+
+
+def test_flow_run_ls_shows_local_times_to_the_second(cli, client):
+    flow = client.ok("POST", "/flows/", {"name": unique("timed")})
+    run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "name": "at-a-known-time", "state": {
+        "type": "SCHEDULED", "state_details": {"scheduled_time": "2026-12-06T03:30:48.123456+00:00"}}})
+    assert run["expected_start_time"].startswith("2026-12-06T03:30:48.123456")
+    for zone, shown in [("UTC", "2026-12-06 03:30:48"), ("Asia/Kolkata", "2026-12-06 09:00:48"),
+                        ("America/New_York", "2026-12-05 22:30:48")]:
+        line = next(line for line in cli("flow-run", "ls", TZ=zone).stdout.splitlines() if run["id"] in line)
+        assert line.rstrip().endswith(shown), (zone, line)
+        assert ".123456" not in line and "T03:30" not in line
 
 
 def test_flow_run_cancel(cli, client):

@@ -854,8 +854,7 @@ def test_backup_refuses_to_overwrite_an_existing_file(tmp_path):
 SECRET = "s3cr3t-Pa55word"
 
 
-@pytest.mark.parametrize("how", ["url", "setting"])
-def test_postgres_backup_prints_working_commands_with_the_password_masked(tmp_path, postgres_url, how):
+def _postgres_env(tmp_path, postgres_url, how):
     base, name = postgres_url.rsplit("/", 1)
     user_host = base.split("://", 1)[1]
     user, host = user_host.split("@", 1)
@@ -863,44 +862,115 @@ def test_postgres_backup_prints_working_commands_with_the_password_masked(tmp_pa
         url, extra = f"postgresql://{user}:{SECRET}@{host}/{name}", {}
     else:
         url, extra = postgres_url, {"PREFECT_API_DATABASE_PASSWORD": SECRET}
-    env = home_env(tmp_path, url, **extra)
+    return home_env(tmp_path, url, **extra)
+
+
+def _run_printed(command):
+    """Run a command the CLI printed, with the real password in place of the mask."""
+    words = shlex.split(command)
+    run_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    while "=" in words[0]:
+        key, value = words.pop(0).split("=", 1)
+        run_env[key] = SECRET if set(value) == {"*"} else value
+    return subprocess.run(words, env=run_env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("how", ["url", "setting"])
+def test_postgres_backup_runs_pg_dump_and_prints_a_working_restore_command(tmp_path, postgres_url, how):
+    env = _postgres_env(tmp_path, postgres_url, how)
     with prefectlite.serve(database=postgres_url, port=0) as api_url:
         kept = Client(api_url).ok("POST", "/flows/", {"name": "in-the-dump"})
-    dump = tmp_path / "prefect.dump"
+    dump = tmp_path / "dumps" / "prefect.dump"
+    dump.parent.mkdir()
 
     proc = run_cli("database", "backup", str(dump), env=env)
     assert proc.returncode == 0, proc.stderr
-    out = proc.stdout
-    assert SECRET not in out and SECRET not in proc.stderr
-    assert "********" in out
-    dump_line = next(line for line in out.splitlines() if "pg_dump" in line)
-    restore_line = next(line for line in out.splitlines() if "pg_restore" in line)
-    assert str(dump) in dump_line and str(dump) in restore_line
-    assert not dump.exists(), "prefectlite does not copy PostgreSQL itself"
-
-    proc = run_cli("database", "restore", str(tmp_path / "x.dump"), "-y", env=env)
     assert SECRET not in proc.stdout and SECRET not in proc.stderr
+    assert dump.stat().st_size > 0 and "pg_dump" in proc.stdout
+    assert sorted(p.name for p in dump.parent.iterdir()) == ["prefect.dump"]  # no temporary file left
+    restore_line = next(line for line in proc.stdout.splitlines() if "pg_restore" in line)
+    assert "********" in restore_line and str(dump) in restore_line
+    again = run_cli("database", "backup", str(dump), env=env)
+    assert "already exists" in assert_one_line_error(again)
 
-    # the printed commands work once the real password is put in place of the mask
-    def run_printed(line):
-        words = shlex.split(line.split(":", 1)[1] if line.strip().startswith(("backup:", "restore:")) else line)
-        run_env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        while "=" in words[0]:
-            key, value = words.pop(0).split("=", 1)
-            run_env[key] = SECRET if set(value) == {"*"} else value
-        return subprocess.run(words, env=run_env, capture_output=True, text=True, timeout=120)
+    # `database restore` does not pretend: it says what to run, the password masked
+    proc = run_cli("database", "restore", str(dump), "-y", env=env)
+    line = assert_one_line_error(proc)
+    assert "pg_restore" in line and SECRET not in line and SECRET not in proc.stdout
 
-    done = run_printed(dump_line)
-    assert done.returncode == 0, done.stderr
-    assert dump.stat().st_size > 0
     with prefectlite.serve(database=postgres_url, port=0) as api_url:
         Client(api_url).ok("POST", "/flows/", {"name": "after-the-dump"})
-    done = run_printed(restore_line)
+    done = _run_printed(restore_line.split(":", 1)[1])
     assert done.returncode == 0, done.stderr
     with prefectlite.serve(database=postgres_url, port=0) as api_url:
         client = Client(api_url)
         assert client.ok("GET", "/flows/name/in-the-dump")["id"] == kept["id"]
         assert client.get("/flows/name/after-the-dump")[0] == 404
+
+
+def test_postgres_backup_without_pg_dump_says_so_and_gives_the_command(tmp_path, postgres_url):
+    env = _postgres_env(tmp_path, postgres_url, "url")
+    with prefectlite.serve(database=postgres_url, port=0):  # the schema in place
+        pass
+    empty_path = tmp_path / "no-tools"
+    empty_path.mkdir()
+    dump = tmp_path / "prefect.dump"
+    proc = run_cli("database", "backup", str(dump), env={**env, "PATH": str(empty_path)})
+    line = assert_one_line_error(proc)
+    assert "pg_dump is not on PATH" in line and "no backup was made" in line, line
+    assert SECRET not in line and "********" in line
+    assert not dump.exists()
+    done = _run_printed(line.split("run: ", 1)[1])  # the command given works
+    assert done.returncode == 0, done.stderr
+    assert dump.stat().st_size > 0
+
+
+def _sqlite_with_ballast(tmp_path, megabytes):
+    """A migrated database with `megabytes` MB of log rows: a copy that takes a moment."""
+    url = f"sqlite:///{tmp_path}/big/prefect.db"
+    with prefectlite.serve(database=url, port=0):
+        pass
+    conn = sqlite3.connect(tmp_path / "big" / "prefect.db")
+    now = db_iso(utcnow())
+    for _ in range(megabytes):
+        conn.executemany("INSERT INTO log (id, created, updated, name, level, message, timestamp) "
+                         "VALUES (?, ?, ?, 'ballast', 20, ?, ?)",
+                         [(str(uuid.uuid4()), now, now, "x" * 1000, now) for _ in range(1000)])
+    conn.commit()
+    conn.close()
+    return url
+
+
+def test_a_killed_backup_leaves_nothing_under_the_target_name_and_a_retry_works(tmp_path):
+    url = _sqlite_with_ballast(tmp_path, 150)
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    target = folder / "copy.db"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "prefectlite.py"), "database", "backup", str(target)],
+                            env={**env, **home_env(tmp_path, url)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # stopped the moment its temporary file appears, then killed: the copy is under way
+        wait_until(lambda: proc.poll() is not None or any(folder.iterdir()), "the backup to start writing",
+                   interval=0.001)
+        proc.send_signal(signal.SIGSTOP)
+        assert proc.poll() is None, proc.communicate()
+        assert not target.exists() and not (folder / "copy.db-journal").exists()
+        # only the temporary file (and its journal while it is written), under a name of its own
+        assert all(p.name.startswith(".copy.db.") and ".partial" in p.name for p in folder.iterdir()), \
+            list(folder.iterdir())
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert not target.exists()
+    retry = run_cli("database", "backup", str(target), env=home_env(tmp_path, url), timeout=300)
+    assert retry.returncode == 0, retry.stderr
+    conn = sqlite3.connect(f"file:{target}?mode=ro", uri=True)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM log WHERE name = 'ballast'").fetchone()[0] == 150_000
+    finally:
+        conn.close()
+    assert "integrity checked" in retry.stdout
 
 
 # ---------------------------------------------------------------------------------------------

@@ -378,7 +378,9 @@ def test_start_refuses_an_empty_database_when_migrate_on_start_is_false(tmp_path
     proc = run_cli("start", "--host", "127.0.0.1", "--port", str(free_port()), env=env, timeout=60)
     line = assert_one_line_error(proc)
     assert "database upgrade" in line
-    assert "base" in _current({"PREFECT_HOME": str(tmp_path)})
+    # nothing was migrated: `database current` finds no schema there (and says so rather than "base")
+    current = run_cli("database", "current", env={"PREFECT_HOME": str(tmp_path)})
+    assert "no prefectlite schema" in assert_one_line_error(current)
 
 
 def test_start_with_migrate_on_start_false_and_a_current_schema_serves(tmp_path):
@@ -442,3 +444,42 @@ def test_echo_logs_sql_when_embedded(caplog):
         with prefectlite.serve(database="sqlite:///:memory:", port=0, PREFECT_API_DATABASE_ECHO=True) as api_url:
             Client(api_url).ok("POST", "/flows/", {"name": "echo-embedded"})
     assert any("INSERT INTO flow" in record.getMessage() for record in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------------
+# a database URL's password is never shown
+
+@pytest.mark.parametrize("url, shown", [
+    ("postgresql://postgres:p@ssSECRETtail@host/db", "postgresql://postgres:********@host/db"),
+    ("postgresql://postgres:pa:ssSECRET:tail@host:5433/db", "postgresql://postgres:********@host:5433/db"),
+    ("postgresql://postgres:p:@ss@SECRET@host/db", "postgresql://postgres:********@host/db"),
+    ("postgresql+asyncpg://postgres:p%40ssSECRET@host/db", "postgresql+asyncpg://postgres:********@host/db"),
+    ("postgresql://postgres:@host/db", "postgresql://postgres:@host/db"),  # empty: nothing to hide
+    ("postgresql://postgres@host:5432/db", "postgresql://postgres@host:5432/db"),
+    ("postgresql://host/db", "postgresql://host/db"),
+    ("sqlite:////var/lib/a:b@c.db", "sqlite:////var/lib/a:b@c.db"),  # a path, no user info
+    ("sqlite:///:memory:", "sqlite:///:memory:"),
+])
+def test_the_password_of_a_database_url_is_masked_from_the_user_info(url, shown):
+    assert prefectlite.mask_url_password(url) == shown
+
+
+@pytest.mark.parametrize("password", ["p@ssSECRETtail", "pa:ssSECRET:t@il", "p%40ssSECRET"])
+def test_config_view_and_the_start_up_error_mask_a_password_with_at_and_colon(tmp_path, password):
+    # a port that is not a number: the start-up error names the URL, masked
+    url = f"postgresql://postgres:{password}@127.0.0.1:notaport/db"
+    env = clean_env(PREFECT_HOME=str(tmp_path), PREFECT_API_DATABASE_CONNECTION_URL=url)
+    view = run_cli("config", "view", env=env)
+    assert view.returncode == 0, view.stderr
+    assert "postgres:********@127.0.0.1:notaport/db" in view.stdout
+    start = run_cli("start", "--port", "0", env=env, timeout=60)
+    assert start.returncode != 0
+    assert "postgres:********@127.0.0.1:notaport/db" in start.stderr
+    for output in (view.stdout, view.stderr, start.stdout, start.stderr):
+        assert "SECRET" not in output and password not in output, output
+
+
+def test_admin_settings_mask_a_password_with_an_at_sign(tmp_path):
+    settings = load_settings(env={"PREFECT_HOME": str(tmp_path),
+                                  "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql://u:p@ssSECRET@h/db"})
+    assert settings.masked()["PREFECT_API_DATABASE_CONNECTION_URL"] == "postgresql://u:********@h/db"
