@@ -508,6 +508,23 @@ class Transaction:
         return self.db._executemany(self.conn, sql, rows)
 
 
+class DatabaseHooks:
+    """What a database's committed writes call beyond the database, owned by that Database (reached as
+    tx.db.hooks): two servers in one process each have their own, so neither wakes nor feeds the other.
+
+    state_listeners: functions(tx, kind, run, initial, state), called in the transaction that records a state
+    event_sinks: callables(events), given the events a transaction stored once it commits (live feeds)
+    notification_wakers: callables run once a transaction has queued a notification (wake the sender)
+    """
+
+    domain_state_listeners: tuple = ()  # what every database calls on a state: set once by section 7
+
+    def __init__(self):
+        self.state_listeners: list = list(self.domain_state_listeners)
+        self.event_sinks: list = []
+        self.notification_wakers: list = []
+
+
 def _run_after_commit(tx: Transaction):
     for callback in tx.after_commit:
         try:
@@ -546,6 +563,7 @@ class Database:
         self._changes_lock = threading.Lock()
         self.process_group = None  # the _ProcessGroup of `start --processes N`: they count writes together
         self._columns: dict[str, tuple[str, ...]] = {}
+        self.hooks = DatabaseHooks()
 
     def _count_change(self):
         with self._changes_lock:
@@ -2968,9 +2986,6 @@ def release_task_concurrency_slots(tx: Transaction, run: dict):
             update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now_iso()})
 
 
-STATE_LISTENERS: list = []  # functions(tx, kind, run, initial, state) called in the transaction that records a state
-
-
 def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool) -> Outcome:
     """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into."""
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
@@ -2982,7 +2997,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
     if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
         _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
-        for listener in STATE_LISTENERS:
+        for listener in tx.db.hooks.state_listeners:
             listener(tx, kind, run, initial, outcome.state)
         outcome.written = True
     else:
@@ -3011,7 +3026,7 @@ def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict
     insert_row(tx, f"{table}_state", _state_history_row(table, values["id"], state))
     run = decode_row(table, read_row(tx, table, values["id"]))  # with the columns' defaults, in their order
     _follow_state(tx, kind, run, None, state)
-    for listener in STATE_LISTENERS:
+    for listener in tx.db.hooks.state_listeners:
         listener(tx, kind, run, None, state)
     return run
 
@@ -3643,9 +3658,6 @@ def event_out(row: dict) -> dict:
             "follows": event["follows"], "received": event["received"]}
 
 
-EVENT_SINKS: list = []  # (database, callable(events)) pairs: running servers' live feeds (the /events/out hub)
-
-
 def store_events(tx, events: list[dict]) -> list[dict]:
     """Store validated events (an id already stored is a resend: skipped), record the task runs they
     describe, and hand the new ones to live subscribers once the transaction commits."""
@@ -3670,9 +3682,8 @@ def store_events(tx, events: list[dict]) -> list[dict]:
         stored.append({**event, "received": received})
         record_task_run_event(tx, event)
     if stored:
-        for db, sink in EVENT_SINKS:
-            if db is tx.db:
-                tx.after_commit.append(functools.partial(sink, [dict(e) for e in stored]))
+        for sink in tx.db.hooks.event_sinks:
+            tx.after_commit.append(functools.partial(sink, [dict(e) for e in stored]))
     return stored
 
 
@@ -3929,7 +3940,7 @@ def record_task_run_event(tx, event: dict) -> dict | None:
         update_row(tx, "task_run", run["id"], changes)
         run.update(encode_values("task_run", changes))
     if newer:
-        for listener in STATE_LISTENERS:
+        for listener in tx.db.hooks.state_listeners:
             listener(tx, "task", decode_row("task_run", run), initial, state)
     return run
 
@@ -4005,9 +4016,6 @@ def emit_flow_run_state_event(tx, kind: str, run: dict, initial: dict | None, st
                "validated_state": validated}
     store_events(tx, [{"id": new_id(), "occurred": state["timestamp"], "event": f"prefect.flow-run.{state['name']}",
                        "resource": resource, "related": related, "payload": payload, "follows": None}])
-
-
-STATE_LISTENERS.append(emit_flow_run_state_event)
 
 
 # Server configuration (Prefect 3's `configuration` table): for now the default result storage block.
@@ -6470,12 +6478,11 @@ def enqueue_notifications(tx, kind: str, run: dict, initial: dict | None, state:
             "flow_run_notification_policy_id": policy["id"], "flow_run_state_id": state["id"],
             "status": "PENDING", "attempts": 0, "next_attempt_at": state["timestamp"]})
         queued += 1
-    if queued and NOTIFICATION_WAKERS:
-        tx.after_commit.extend(NOTIFICATION_WAKERS)
+    if queued:
+        tx.after_commit.extend(tx.db.hooks.notification_wakers)
 
 
-NOTIFICATION_WAKERS: list = []  # callables that wake the sender (set by running servers)
-STATE_LISTENERS.append(enqueue_notifications)
+DatabaseHooks.domain_state_listeners = (emit_flow_run_state_event, enqueue_notifications)
 
 
 def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> dict:
@@ -8821,6 +8828,8 @@ def render_metrics(app) -> str:
     sender = next((s for s in app.services if isinstance(s, NotificationSender)), None)
     _metric(lines, "prefectlite_notifications_sent_total", "counter", "Notifications delivered by this process.",
             [({}, sender.sent if sender else 0)])
+    _metric(lines, "prefectlite_service_passes_total", "counter", "Passes each background service of this process made.",
+            [({"service": s.name}, s.passes) for s in app.services])
     scheduler = next((s for s in app.services if isinstance(s, Scheduler)), None)
     lag = time.monotonic() - scheduler.last_pass_at if scheduler and scheduler.last_pass_at else 0.0
     _metric(lines, "prefectlite_scheduler_lag_seconds", "gauge", "Seconds since the scheduler last finished a pass.",
@@ -9809,18 +9818,20 @@ class App:
             self.process_group.wake_services(name)
 
     def start_services(self):
-        EVENT_SINKS.append((self.db, self.events.publish))
+        hooks = self.db.hooks
+        hooks.event_sinks.append(self.events.publish)
         for service in self.services:
             service.start()
             if isinstance(service, NotificationSender):
-                NOTIFICATION_WAKERS.append(service.wake)
+                hooks.notification_wakers.append(service.wake)
 
     def stop_services(self):
+        hooks = self.db.hooks
         with contextlib.suppress(ValueError):
-            EVENT_SINKS.remove((self.db, self.events.publish))
+            hooks.event_sinks.remove(self.events.publish)
         for service in self.services:
             with contextlib.suppress(ValueError):
-                NOTIFICATION_WAKERS.remove(service.wake)
+                hooks.notification_wakers.remove(service.wake)
             service.stop()
 
     def close(self):
@@ -11323,9 +11334,9 @@ class _ProcessGroup:
         app.db.count_changes_in(self, self._counters[self._at(self.index, self._CHANGES)])
         self._counters[self._at(self.index, self._SUBSCRIBERS)] = 0
         app.events.on_count = self._count_subscribers
-        EVENT_SINKS.append((app.db, self._relay_events))
+        app.db.hooks.event_sinks.append(self._relay_events)
         if not app.services:
-            NOTIFICATION_WAKERS.append(functools.partial(self.wake_services, "notifications"))
+            app.db.hooks.notification_wakers.append(functools.partial(self.wake_services, "notifications"))
         threading.Thread(target=self._read_notes, name="prefectlite-notes", daemon=True).start()
 
     def count_changes(self, changes: int):
