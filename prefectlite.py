@@ -533,6 +533,32 @@ def _run_after_commit(tx: Transaction):
             log.exception("after-commit hook failed")
 
 
+class _DriverErrors:
+    """A `with` block in which the driver's errors become ours (the database's _map_error). One way to
+    chain: `from` the driver's error, so a traceback still shows what the driver said. An error that maps
+    to nothing goes up as it is, or as `unmapped` (with its first line) where no driver error may get out.
+    A class, not a generator: every statement runs inside one (0.2 µs here against a generator's 0.9)."""
+
+    __slots__ = ("db", "unmapped")
+
+    def __init__(self, db, unmapped: type | None = None):
+        self.db = db
+        self.unmapped = unmapped
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if exc is None or not isinstance(exc, self.db.driver_error):
+            return False
+        mapped = self.db._map_error(exc)
+        if mapped is None and self.unmapped is not None:
+            mapped = self.unmapped(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        if mapped is None:
+            return False
+        raise mapped from exc
+
+
 class Database:
     """What every dialect shares. Subclasses set the dialect data and the connection handling."""
 
@@ -564,6 +590,7 @@ class Database:
         self.process_group = None  # the _ProcessGroup of `start --processes N`: they count writes together
         self._columns: dict[str, tuple[str, ...]] = {}
         self.hooks = DatabaseHooks()
+        self._driver_errors = _DriverErrors(self)  # reused: every statement passes through it
 
     def _count_change(self):
         with self._changes_lock:
@@ -600,6 +627,16 @@ class Database:
 
     def contains(self, column: str) -> str:
         return self.json_array_contains.format(col=column)
+
+    driver_error: type = Exception  # the driver's base exception class (sqlite3.Error, psycopg.Error)
+
+    def _map_error(self, exc):
+        """The exception of ours a driver error means, or None when it means none (each dialect says)."""
+        return None
+
+    def driver_errors(self, unmapped: type | None = None) -> _DriverErrors:
+        """`with db.driver_errors():` the one place driver errors become ours (see _DriverErrors)."""
+        return self._driver_errors if unmapped is None else _DriverErrors(self, unmapped)
 
     @contextlib.contextmanager
     def unbounded_statements(self):
@@ -681,6 +718,7 @@ class _WalCheckpointer:
 
 
 class SqliteDatabase(Database):
+    driver_error = sqlite3.Error
     dialect = "sqlite"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
     # Exact to the microsecond, for the one timestamp format we store (iso(): "YYYY-MM-DDTHH:MM:SS.ffffff+00:00");
@@ -784,25 +822,16 @@ class SqliteDatabase(Database):
         self._log_sql(sql, params)
         started = time.perf_counter()
         try:
-            return conn.execute(sql, params)
-        except sqlite3.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from exc
-            raise
+            with self.driver_errors():
+                return conn.execute(sql, params)
         finally:
             self.query_seconds += time.perf_counter() - started
             self.query_count += 1
 
     def _executemany(self, conn, sql, rows):
         self._log_sql(sql, ())
-        try:
+        with self.driver_errors():
             return conn.executemany(sql, rows)
-        except sqlite3.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from exc
-            raise
 
     def write(self):
         return self._on_the_writer(writing=True)
@@ -850,12 +879,13 @@ class SqliteDatabase(Database):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise self._map_error(exc) or exc
+            with self.driver_errors():
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
             if writing:
                 self._count_change()
             if not self.memory:
@@ -918,13 +948,10 @@ class SqliteDatabase(Database):
 
     def vacuum(self):
         """Rewrite the file without free pages, then fold the WAL back in (VACUUM cannot run in a transaction)."""
-        with self._write_lock:
-            try:
-                self._writer.execute("VACUUM")
-                if not self.memory:
-                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                raise self._map_error(exc) or DatabaseUnavailable(str(exc)) from None
+        with self._write_lock, self.driver_errors(unmapped=DatabaseUnavailable):
+            self._writer.execute("VACUUM")
+            if not self.memory:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def hold_server_lock(self):
         """A running server holds a shared lock on <db>.lock, so `database restore` can tell it is there."""
@@ -1222,6 +1249,7 @@ class PostgresDatabase(Database):
                 "(or pip install 'psycopg[binary]')"
             ) from None
         self._psycopg = psycopg
+        self.driver_error = psycopg.Error
         self._dict_row = dict_row
         self.conninfo = conninfo
         self.statement_seconds = self.timeout + 5.0  # longer than any request's transaction should take
@@ -1322,12 +1350,8 @@ class PostgresDatabase(Database):
         self._check_parameter_count(len(params or ()))
         started = time.perf_counter()
         try:
-            return conn.execute(translate_placeholders(sql) if params else sql, params or None)
-        except self._psycopg.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from None
-            raise
+            with self.driver_errors():
+                return conn.execute(translate_placeholders(sql) if params else sql, params or None)
         finally:
             self.query_seconds += time.perf_counter() - started
             self.query_count += 1
@@ -1335,14 +1359,8 @@ class PostgresDatabase(Database):
     def _executemany(self, conn, sql, rows):
         self._log_sql(sql, ())
         self._check_parameter_count(max((len(row) for row in rows), default=0))
-        try:
-            with conn.cursor() as cur:
-                cur.executemany(translate_placeholders(sql), rows)
-        except self._psycopg.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from None
-            raise
+        with self.driver_errors(), conn.cursor() as cur:
+            cur.executemany(translate_placeholders(sql), rows)
 
     def write(self):
         return self._transaction(writing=True)
@@ -1358,17 +1376,12 @@ class PostgresDatabase(Database):
         bounded = not getattr(self._unbounded, "on", False)
         token = self._watchdog.arm(conn, time.perf_counter() + self.statement_seconds) if bounded else None
         try:
-            try:
+            with self.driver_errors():
                 with conn.transaction():
                     tx = Transaction(self, conn)
                     yield tx
                 if writing:
                     self._count_change()
-            except self._psycopg.Error as exc:
-                mapped = self._map_error(exc)
-                if mapped is not None:
-                    raise mapped from None
-                raise
         finally:
             if token is not None:
                 self._watchdog.disarm(token)
@@ -1412,11 +1425,10 @@ class PostgresDatabase(Database):
     def vacuum(self):
         conn = self._acquire()  # one of the pool's: a vacuum counts against the limit like any transaction
         try:
-            conn.autocommit = True  # VACUUM must run outside a transaction
-            conn.execute("VACUUM ANALYZE")
-            conn.autocommit = False
-        except self._psycopg.Error as exc:
-            raise self._map_error(exc) or DatabaseUnavailable(str(exc).splitlines()[0]) from None
+            with self.driver_errors(unmapped=DatabaseUnavailable):
+                conn.autocommit = True  # VACUUM must run outside a transaction
+                conn.execute("VACUUM ANALYZE")
+                conn.autocommit = False
         finally:
             self._release(conn)
 

@@ -506,6 +506,32 @@ def test_postgres_integrity_violation_is_mapped(postgres_url, tmp_path):
         db.close()
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_driver_errors_become_ours_chained_from_the_drivers(dialect, tmp_path, request):
+    """One mapper (Database.driver_errors) for statements, batches and commits: a constraint is an
+    IntegrityViolation, an error that means none of ours goes up as the driver's, and ours always
+    carry the driver's error as their cause."""
+    url = f"sqlite:///{tmp_path}/errors.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    db = _open_migrated(url, tmp_path)
+    orphan = "INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)"
+    try:
+        for write in (lambda tx: tx.execute(orphan, (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))),
+                      lambda tx: tx.executemany(orphan, [(str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))])):
+            if dialect == "sqlite":  # SQLite checks deferred foreign keys at COMMIT: the commit's error
+                write = (lambda w: lambda tx: (tx.execute("PRAGMA defer_foreign_keys = ON"), w(tx)))(write)
+            with pytest.raises(prefectlite.IntegrityViolation) as caught:
+                with db.write() as tx:
+                    write(tx)
+            assert isinstance(caught.value.__cause__, db.driver_error), caught.value.__cause__
+        with pytest.raises(db.driver_error):  # a mistake of ours in SQL is no client's fault: not mapped
+            with db.read() as tx:
+                tx.query("SELECT no_such_column FROM flow")
+        with db.read() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM flow_run") == 0
+    finally:
+        db.close()
+
+
 def test_module_file_is_the_one_under_test():
     assert prefectlite.__file__ == str(ROOT / "prefectlite.py")
 
