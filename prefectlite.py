@@ -404,77 +404,34 @@ def _dict_row(cursor, row):
     return {col[0]: value for col, value in zip(cursor.description, row)}
 
 
+# What a placeholder, a `%` or a `;` means depends on where it is: the pieces of SQL text that are not plain
+# code (quoted text, "identifiers", -- and /* */ comments, $tag$ dollar quotes $tag$, each whole, unterminated
+# ones to the end) and the three characters outside them. One lexer, for both uses below.
+_SQL_LEXEME = re.compile(r"""'(?:[^']+|'')*'?|"(?:[^"]+|"")*"?|--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"""
+                         r"""|(\$\w*\$)[\s\S]*?(?:\1|\Z)|[?%;]""")
+
+
 def translate_placeholders(sql: str, style: str = "%s") -> str:
     """Turn qmark `?` placeholders into `style`, skipping quoted text and comments; escape `%`.
 
-    A small tokenizer, never a blind replace: '?' inside 'a string', "an identifier", a -- comment,
-    a /* comment */ or a $$dollar quote$$ is left alone.
+    Never a blind replace: '?' inside 'a string', "an identifier", a -- comment, a /* comment */ or a
+    $$dollar quote$$ is left alone.
     """
-    out, i, n = [], 0, len(sql)
-    while i < n:
-        ch = sql[i]
-        if ch in ("'", '"'):
-            end = i + 1
-            while end < n:
-                if sql[end] == ch:
-                    if end + 1 < n and sql[end + 1] == ch:  # doubled quote inside a literal
-                        end += 2
-                        continue
-                    break
-                end += 1
-            out.append(sql[i:end + 1].replace("%", "%%"))
-            i = end + 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            end = n if end < 0 else end
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif ch == "$" and re.match(r"\$\w*\$", sql[i:]):
-            tag = re.match(r"\$\w*\$", sql[i:]).group(0)
-            end = sql.find(tag, i + len(tag))
-            end = n if end < 0 else end + len(tag)
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif ch == "?":
-            out.append(style)
-            i += 1
-        elif ch == "%":
-            out.append("%%")
-            i += 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+
+    def translated(lexeme: re.Match) -> str:
+        text = lexeme.group()
+        return style if text == "?" else text.replace("%", "%%")
+
+    return _SQL_LEXEME.sub(translated, sql)
 
 
 def split_sql_script(script: str) -> list[str]:
     """Split a migration script into statements at top-level semicolons (quotes and comments respected)."""
-    statements, start, i, n = [], 0, 0, len(script)
-    while i < n:
-        ch = script[i]
-        if ch in ("'", '"'):
-            i = script.find(ch, i + 1)
-            i = n if i < 0 else i + 1
-        elif script.startswith("--", i):
-            i = script.find("\n", i)
-            i = n if i < 0 else i
-        elif script.startswith("/*", i):
-            i = script.find("*/", i + 2)
-            i = n if i < 0 else i + 2
-        elif ch == "$" and re.match(r"\$\w*\$", script[i:]):
-            tag = re.match(r"\$\w*\$", script[i:]).group(0)
-            i = script.find(tag, i + len(tag))
-            i = n if i < 0 else i + len(tag)
-        elif ch == ";":
-            statements.append(script[start:i])
-            start = i = i + 1
-        else:
-            i += 1
+    statements, start = [], 0
+    for lexeme in _SQL_LEXEME.finditer(script):
+        if lexeme.group() == ";":
+            statements.append(script[start:lexeme.start()])
+            start = lexeme.end()
     statements.append(script[start:])
     return [s.strip() for s in statements if re.sub(r"--[^\n]*", "", s).strip()]
 
@@ -1860,16 +1817,12 @@ def _kind_openapi(kind) -> dict:
         return dict(simple[kind])
     if isinstance(kind, ListOf):
         return {"type": "array", "items": _kind_openapi(kind.item)}
-    if isinstance(kind, Enum):
-        return {"$ref": f"#/components/schemas/{kind.name}"}
-    return {"$ref": f"#/components/schemas/{kind.name}"}
+    return {"$ref": f"#/components/schemas/{kind.name}"}  # an Enum or a Schema: each is a component
 
 
 def _validate_value(field: Field, value, loc):
     if value is None:
-        if field.nullable and not field.required:
-            return None
-        if field.nullable and field.required:
+        if field.nullable:  # required or not: a required nullable field may be sent as null
             return None
         raise ValidationFailed([_error(loc, "none is not an allowed value", "type_error.none.not_allowed")])
     value = _validate_kind(field.kind, value, loc)
