@@ -11708,7 +11708,7 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
             code = 1
             try:
                 code = _serve_as_one_of_processes(settings, listening, group, index, supervisor)
-            except BaseException:  # a bug: say where, as an uncaught exception would
+            except BaseException:  # noqa: BLE001 - a bug: say where, as an uncaught exception would
                 sys.excepthook(*sys.exc_info())
             finally:
                 with contextlib.suppress(Exception):

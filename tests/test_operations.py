@@ -1194,7 +1194,7 @@ def test_metrics_in_the_prometheus_text_format(tmp_path):
         flow = new_flow(client)
         finals = ["COMPLETED", "COMPLETED", "FAILED", "RUNNING"]
         runs = []
-        for final in finals:
+        for _ in finals:
             run = new_flow_run(client, flow["id"])
             set_state(client, "flow", run["id"], "RUNNING")
             runs.append(run)
@@ -1291,7 +1291,7 @@ def test_two_servers_in_one_process_neither_wakes_nor_feeds_the_other(tmp_path):
             prefectlite.serve(database=f"sqlite:///{tmp_path}/a.db", **asleep) as api_a, \
             prefectlite.serve(database=f"sqlite:///{tmp_path}/b.db", **asleep) as api_b:
         servers = {api_a: (Client(api_a), hook_a), api_b: (Client(api_b), hook_b)}
-        for api, (client, hook) in servers.items():
+        for client, hook in servers.values():
             client.ok("POST", "/flow_run_notification_policies/", {
                 "state_names": ["Failed"], "tags": [], "block_document_id": _slack_webhook(client, hook.url)["id"]})
         # each sender made its first pass and now sleeps for an hour unless woken

@@ -420,10 +420,6 @@ def test_a_run_failing_parameter_validation_starts_when_it_ends(run_flow_script,
     assert run["start_time"] is not None and parse_time(run["start_time"]) == parse_time(run["end_time"]), run
 
 
-def parse_time(text):
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def test_a_deployment_concurrency_limit_reads_back(run_flow_script, compat_server):
     """to_deployment(concurrency_limit=...).apply(), as serve() and deploy() do: the SDK reads back the
     deployment's global limit `deployment:{id}` (it read none here)."""
