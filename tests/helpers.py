@@ -254,6 +254,25 @@ def unique(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+# Records every test module makes through the API
+
+def new_flow(client, name=None, tags=None):
+    """A flow with a unique name (or `name`)."""
+    return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": list(tags or [])})
+
+
+def new_flow_run(client, flow_id=None, *, state=None, scheduled=None, **fields):
+    """A flow run of `flow_id` (or of a new flow); `scheduled`: a datetime to put it SCHEDULED for."""
+    body = {"flow_id": flow_id or new_flow(client)["id"], **fields}
+    if scheduled is not None:
+        state = {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}}
+    if state is not None:
+        body["state"] = state
+    if "tags" in body:
+        body["tags"] = list(body["tags"])
+    return client.ok("POST", "/flow_runs/", body)
+
+
 def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
     """A bounded poll: the predicate's first truthy value, or a failure after `timeout` seconds."""
     deadline = time.monotonic() + timeout

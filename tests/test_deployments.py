@@ -10,14 +10,10 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client, iso, now, parse, unique, wait_until
+from helpers import Client, iso, new_flow, now, parse, unique, wait_until
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def new_flow(client, name=None):
-    return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": []})
-
 
 def new_deployment(client, flow_id=None, name=None, headers=None, **fields):
     flow_id = flow_id or new_flow(client)["id"]

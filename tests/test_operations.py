@@ -28,7 +28,7 @@ import uuid
 
 import pytest
 
-from helpers import POSTGRES_URL, ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import POSTGRES_URL, ROOT, Client, free_port, new_flow, new_flow_run, run_cli, wait_for_health
 
 import prefectlite
 
@@ -122,14 +122,6 @@ def captured_log():
 
 
 # --- API data ---------------------------------------------------------------------------------
-
-def new_flow(client):
-    return client.ok("POST", "/flows/", {"name": f"flow-{uuid.uuid4().hex[:10]}"})
-
-
-def new_flow_run(client, flow_id, **fields):
-    return client.ok("POST", "/flow_runs/", {"flow_id": flow_id, **fields})
-
 
 def set_state(client, kind, run_id, state_type):
     result = client.ok("POST", f"/{kind}_runs/{run_id}/set_state", {"state": {"type": state_type}, "force": True})

@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import prefectlite
-from helpers import Client, iso, now, parse, unique, wait_until
+from helpers import Client, iso, new_flow, now, parse, unique, wait_until
 
 FAST = {
     "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": 0.2,
@@ -56,10 +56,6 @@ def srv(tmp_path):
 @pytest.fixture
 def api(srv):
     return Client(srv.api_url)
-
-
-def new_flow(api):
-    return api.ok("POST", "/flows/", {"name": unique("flow")})
 
 
 def new_deployment(api, schedules, flow_id=None, **fields):
