@@ -2951,10 +2951,12 @@ def release_task_concurrency_slots(tx: Transaction, run: dict):
             update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now_iso()})
 
 
-def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool) -> Outcome:
-    """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into."""
+def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool,
+                now: _dt.datetime | None = None) -> Outcome:
+    """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into.
+    `now`: the time the rules judge by and the state is stamped with (the clock's, unless a test says)."""
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
-    now = utcnow()
+    now = now or utcnow()
     flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
     state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")

@@ -73,6 +73,13 @@ def postgres_url(_migrated_postgres_template):
         yield url
 
 
+@pytest.fixture(scope="module")
+def module_postgres_url(_migrated_postgres_template):
+    """postgres_url shared by a module's tests: for tests that only read what the module's fixture wrote."""
+    with _throwaway_postgres(template=_migrated_postgres_template) as url:
+        yield url
+
+
 @pytest.fixture
 def empty_postgres_url():
     """A throwaway PostgreSQL database with nothing in it: for tests of migrating and of a first start."""
