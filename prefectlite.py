@@ -1552,12 +1552,12 @@ def current_revision(db: Database) -> str | None:
         return tx.scalar("SELECT revision FROM prefectlite_version")
 
 
-def _apply(db: Database, revision: Revision, direction: str, new_revision: str | None):
+def _apply(db: Database, revision: Revision, direction: str, expected_before: str | None, new_revision: str | None):
+    """Run one revision's script from `expected_before` to `new_revision`; False if the schema was elsewhere."""
     script = revision.scripts.get((db.dialect, direction))
     if script is None:
         raise ConfigurationError(f"migration {revision.id} has no {direction} script for {db.dialect}")
     statements = split_sql_script(script.read_text(encoding="utf-8"))
-    expected_before = revision.id if direction == "down" else _previous_id(revision.id)
     with db.unbounded_statements(), db.write() as tx:
         if db.migration_lock:
             tx.execute(db.migration_lock)  # two servers migrating at once: one waits for the other
@@ -1574,12 +1574,6 @@ def _apply(db: Database, revision: Revision, direction: str, new_revision: str |
         else:
             tx.execute("INSERT INTO prefectlite_version (revision) VALUES (?)", (new_revision,))
     return True
-
-
-def _previous_id(rev_id: str) -> str | None:
-    ids = [r.id for r in list_revisions()]
-    i = ids.index(rev_id)
-    return ids[i - 1] if i > 0 else None
 
 
 def _resolve_revision(target: str, revisions: list[Revision]) -> str:
@@ -1601,9 +1595,9 @@ def migrate(db: Database, target: str | None = None) -> list[str]:
     if current is not None and ids.index(goal) < ids.index(current):
         raise ConfigurationError(f"the database is at {current}, newer than {goal}; use `database downgrade`")
     applied = []
-    for revision in revisions[start:ids.index(goal) + 1]:
-        if _apply(db, revision, "up", revision.id):
-            applied.append(revision.id)
+    for i in range(start, ids.index(goal) + 1):  # each from the one before it (listed once, not per step)
+        if _apply(db, revisions[i], "up", ids[i - 1] if i > 0 else None, ids[i]):
+            applied.append(ids[i])
     return applied
 
 
@@ -1631,7 +1625,7 @@ def downgrade(db: Database, target: str) -> list[str]:
             raise ConfigurationError(f"{target} is newer than the current revision {current}; use `database upgrade`")
     undone = []
     for i in range(here, goal, -1):
-        if _apply(db, revisions[i], "down", ids[i - 1] if i > 0 else None):
+        if _apply(db, revisions[i], "down", ids[i], ids[i - 1] if i > 0 else None):
             undone.append(ids[i])
     return undone
 
