@@ -315,6 +315,22 @@ def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
         time.sleep(interval)
 
 
+def service_passes(api_url, service):
+    """How many passes a server's background service has made (its /metrics: metrics must be on)."""
+    with urllib.request.urlopen(api_url.rstrip("/") + "/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    wanted = f'prefectlite_service_passes_total{{service="{service}"}} '
+    return next(int(float(line[len(wanted):])) for line in text.splitlines() if line.startswith(wanted))
+
+
+def wait_for_passes(api_url, service, passes=2, timeout=30.0):
+    """Wait until `service` has made `passes` more passes: with 2, at least one whole pass began after
+    this call (the one under way may have begun before it). What a pass would do, it has done then."""
+    start = service_passes(api_url, service)
+    wait_until(lambda: service_passes(api_url, service) >= start + passes, timeout, f"{passes} {service} passes",
+               interval=0.02)
+
+
 def wait_for_pause(script, id_file, api, timeout):
     """The flow run whose id a compat scenario script writes to `id_file`, once it is PAUSED (read with
     `api`, the compat suite's callable client); fails at once if the script exits before that."""
