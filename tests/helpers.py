@@ -349,6 +349,19 @@ def wait_for_pause(script, id_file, api, timeout):
     return wait_until(paused, timeout, interval=0.3, what="the flow to pause")
 
 
+def wait_for_input_schema(api, run, timeout=60):
+    """The run input schema a flow paused with wait_for_input stores: the SDK stores it only after its
+    Paused state was accepted, so a test that saw the pause waits for it (with `api`, as wait_for_pause)."""
+    keyset = run["state"]["state_details"]["run_input_keyset"]
+    assert keyset and keyset["schema"] and keyset["response"], run["state"]
+
+    def stored():
+        status, schema = api("GET", f"/flow_runs/{run['id']}/input/{keyset['schema']}")
+        return schema if status == 200 else None
+
+    return wait_until(stored, timeout, interval=0.2, what="the run input schema to be stored")
+
+
 # A raw WebSocket client: nothing of prefectlite's WebSocket code is used to talk to the server.
 
 class RawWebSocket:
