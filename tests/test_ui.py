@@ -37,6 +37,9 @@ CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shuti
 CHROMEDRIVER = shutil.which("chromedriver")
 BROWSER_TZ = "Asia/Kolkata"  # UTC+05:30, no daylight saving time
 
+# One pytest-xdist worker runs this whole file, in order: its tests share a module's browser, server and data.
+pytestmark = pytest.mark.xdist_group("ui")
+
 
 # ---------------------------------------------------------------- helpers
 
