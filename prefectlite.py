@@ -378,8 +378,9 @@ def mask_url_password(url: str) -> str:
 
 
 # --- 2. Database ---
-# Owns connections, transactions and every SQL dialect difference. Dialect differences are data
-# (class attributes of SqliteDatabase / PostgresDatabase); driver errors become our own exceptions:
+# Owns connections, transactions, every SQL dialect difference, and the hooks a database's writes call
+# (DatabaseHooks: each Database its own). Dialect differences are data (class attributes of SqliteDatabase
+# / PostgresDatabase); driver errors become our own exceptions, in one place (Database.driver_errors):
 # DatabaseUnavailable (busy, locked, unreachable: the API answers 503 and the SDK retries) and
 # IntegrityViolation (a unique or foreign key constraint: the API answers 409).
 
