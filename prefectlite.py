@@ -8790,7 +8790,7 @@ def render_metrics(app) -> str:
     sender = next((s for s in app.services if isinstance(s, NotificationSender)), None)
     _metric(lines, "prefectlite_notifications_sent_total", "counter", "Notifications delivered by this process.",
             [({}, sender.sent if sender else 0)])
-    _metric(lines, "prefectlite_service_passes_total", "counter", "Passes each background service of this process made.",
+    _metric(lines, "prefectlite_service_passes_total", "counter", "Passes each background service made here.",
             [({"service": s.name}, s.passes) for s in app.services])
     scheduler = next((s for s in app.services if isinstance(s, Scheduler)), None)
     lag = time.monotonic() - scheduler.last_pass_at if scheduler and scheduler.last_pass_at else 0.0

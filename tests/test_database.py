@@ -628,8 +628,9 @@ def test_run_estimates_in_python_and_in_sql_agree(dialect, tmp_path, request):
                 assert len(rows) == len(_run_rows()[0])
                 for row in rows:
                     python = prefectlite._computed_run_fields(row, _NOW)
-                    assert abs(float(row["sql_run_time"]) - python["estimated_run_time"]) <= 1e-6, (table, row["name"])
-                    assert abs(float(row["sql_delta"]) - python["estimated_start_time_delta"]) <= 1e-6, (table, row["name"])
+                    case = (table, row["name"])
+                    assert abs(float(row["sql_run_time"]) - python["estimated_run_time"]) <= 1e-6, case
+                    assert abs(float(row["sql_delta"]) - python["estimated_start_time_delta"]) <= 1e-6, case
     finally:
         db.close()
 
