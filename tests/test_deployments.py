@@ -68,7 +68,8 @@ def quiet_client(tmp_path):
 @pytest.fixture
 def fast_client(tmp_path):
     """A server whose scheduler passes every 0.2 s."""
-    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "fast.db"), port=0, PREFECT_SERVER_METRICS_ENABLED=True,
+    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "fast.db"), port=0,
+                           PREFECT_SERVER_METRICS_ENABLED=True,  # its passes are counted: wait_for_passes
                            PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.2) as api_url:
         yield Client(api_url)
 
