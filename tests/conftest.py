@@ -12,7 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prefectlite  # noqa: E402
 from helpers import (  # noqa: E402,F401 - re-exported for tests that import them from conftest
-    POSTGRES_URL, ROOT, Client, _postgres_admin_connect, free_port, migrated_sqlite_url, run_cli, wait_for_health,
+    POSTGRES_URL, ROOT, Client, RefusingPort, _postgres_admin_connect, free_port, migrated_sqlite_url, run_cli,
+    wait_for_health,
 )
 
 collect_ignore = ["benchmarks"]  # benchmark scripts are run by hand, never collected
@@ -24,6 +25,14 @@ def server(tmp_path):
     its API URL."""
     with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "test.db"), port=0) as api_url:
         yield api_url
+
+
+@pytest.fixture
+def refusing_port():
+    """A RefusingPort, held for the test (or until it releases it)."""
+    port = RefusingPort()
+    yield port
+    port.release()
 
 
 @pytest.fixture

@@ -105,6 +105,21 @@ def migrated_sqlite_url(path) -> str:
     return f"sqlite:///{path}"
 
 
+class RefusingPort:
+    """A loopback port that refuses connections and that nobody else (another test, another pytest-xdist
+    worker) can take while it is held: bound, never listening. free_port()'s port is anyone's to take next,
+    so a server retrying a delivery there may reach another test's receiver."""
+
+    def __init__(self):
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+
+    def release(self):
+        """Let the port go: for a test that listens on it itself now."""
+        self._sock.close()
+
+
 def _postgres_admin_connect():
     try:
         import psycopg

@@ -609,9 +609,9 @@ def test_the_backoff_stops_doubling_at_a_week(tmp_path):
         assert 7 * 86400 - 60 < wait <= 7 * 86400, wait
 
 
-def test_queue_survives_a_restart(tmp_path):
+def test_queue_survives_a_restart(tmp_path, refusing_port):
     db = f"sqlite:///{tmp_path}/restart.db"
-    port = free_port()  # nothing listens there until the second server runs
+    port = refusing_port.port  # nothing listens there until the second server runs
     with running(tmp_path, database=db, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=50) as (client, first_api):
         block = new_block(client, "slack-webhook", {"url": f"http://127.0.0.1:{port}/hook"})
         new_policy(client, block["id"])
@@ -619,6 +619,7 @@ def test_queue_survives_a_restart(tmp_path):
         rows = wait_until(lambda: [r for r in queue(client) if r["attempts"] >= 1 and r["last_error"]],
                           what="a failed first attempt")
         assert rows[0]["status"] == "PENDING"
+    refusing_port.release()
     with HTTPReceiver(port=port) as hook, running(tmp_path, database=db) as (client, second_api):
         [hit] = hook.wait_for(1, accepted=True)
         wait_queue_empty(client)  # a row leaves the queue only after its send was answered: no send is left
@@ -766,12 +767,12 @@ def test_masked_values_sent_back_keep_the_stored_secret(tmp_path):
     assert "text" in hit.json()
 
 
-def test_secrets_never_appear_in_the_server_log(tmp_path):
+def test_secrets_never_appear_in_the_server_log(tmp_path, refusing_port):
     secrets = ["SLACKSECRETPATH", "TEAMSSECRETPATH", "OPSGENIESECRETKEY", "PDROUTINGSECRETKEY", "PDAPISECRETKEY",
                "TWILIOSECRETTOKEN", "WEBHOOKSECRETTOKEN", "SMTPSECRETPASSWORD"]
     ok, broken = HTTPReceiver(), HTTPReceiver(status=500)
     smtp = SMTPReceiver()
-    dead_port = free_port()
+    dead_port = refusing_port.port
     server = None
     try:
         env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/s.db",
@@ -844,7 +845,7 @@ def test_a_mistyped_secret_url_is_not_logged(tmp_path):
 
 # --- the test route ----------------------------------------------------------------------------------
 
-def test_send_a_test_notification(tmp_path):
+def test_send_a_test_notification(tmp_path, refusing_port):
     with HTTPReceiver() as good, HTTPReceiver(status=500) as bad, running(tmp_path) as (client, api):
         good_block = new_block(client, "slack-webhook", {"url": good.url + "/hook"})
         bad_block = new_block(client, "slack-webhook", {"url": bad.url + "/hook"})
@@ -859,7 +860,7 @@ def test_send_a_test_notification(tmp_path):
         assert status == 502, body
         assert "500" in json.dumps(body)  # the reason
 
-        dead_block = new_block(client, "slack-webhook", {"url": f"http://127.0.0.1:{free_port()}/hook"})
+        dead_block = new_block(client, "slack-webhook", {"url": f"http://127.0.0.1:{refusing_port.port}/hook"})
         dead = new_policy(client, dead_block["id"])
         status, body = client.post(f"/flow_run_notification_policies/{dead['id']}/test")
         assert status == 502, body

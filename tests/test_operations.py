@@ -1174,9 +1174,9 @@ def scrape(api_url):
     return parse_prometheus(body)
 
 
-def test_metrics_in_the_prometheus_text_format(tmp_path):
+def test_metrics_in_the_prometheus_text_format(tmp_path, refusing_port):
     url = f"sqlite:///{tmp_path}/prefect.db"
-    closed_port = free_port()  # nothing listens there: every delivery fails
+    closed_port = refusing_port.port  # nothing listens there: every delivery fails
     with prefectlite.serve(database=url, port=0, PREFECT_SERVER_METRICS_ENABLED=True,
                            PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED=False) as api_url:
         client = Client(api_url)
