@@ -396,8 +396,9 @@ def mask_url_password(url: str) -> str:
 
 
 # --- 2. Database ---
-# Owns connections, transactions and every SQL dialect difference. Dialect differences are data
-# (class attributes of SqliteDatabase / PostgresDatabase); driver errors become our own exceptions:
+# Owns connections, transactions, every SQL dialect difference, and the hooks a database's writes call
+# (DatabaseHooks: each Database its own). Dialect differences are data (class attributes of SqliteDatabase
+# / PostgresDatabase); driver errors become our own exceptions, in one place (Database.driver_errors):
 # DatabaseUnavailable (busy, locked, unreachable: the API answers 503 and the SDK retries) and
 # IntegrityViolation (a unique or foreign key constraint: the API answers 409).
 
@@ -422,77 +423,34 @@ def _dict_row(cursor, row):
     return {col[0]: value for col, value in zip(cursor.description, row)}
 
 
+# What a placeholder, a `%` or a `;` means depends on where it is: the pieces of SQL text that are not plain
+# code (quoted text, "identifiers", -- and /* */ comments, $tag$ dollar quotes $tag$, each whole, unterminated
+# ones to the end) and the three characters outside them. One lexer, for both uses below.
+_SQL_LEXEME = re.compile(r"""'(?:[^']+|'')*'?|"(?:[^"]+|"")*"?|--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"""
+                         r"""|(\$\w*\$)[\s\S]*?(?:\1|\Z)|[?%;]""")
+
+
 def translate_placeholders(sql: str, style: str = "%s") -> str:
     """Turn qmark `?` placeholders into `style`, skipping quoted text and comments; escape `%`.
 
-    A small tokenizer, never a blind replace: '?' inside 'a string', "an identifier", a -- comment,
-    a /* comment */ or a $$dollar quote$$ is left alone.
+    Never a blind replace: '?' inside 'a string', "an identifier", a -- comment, a /* comment */ or a
+    $$dollar quote$$ is left alone.
     """
-    out, i, n = [], 0, len(sql)
-    while i < n:
-        ch = sql[i]
-        if ch in ("'", '"'):
-            end = i + 1
-            while end < n:
-                if sql[end] == ch:
-                    if end + 1 < n and sql[end + 1] == ch:  # doubled quote inside a literal
-                        end += 2
-                        continue
-                    break
-                end += 1
-            out.append(sql[i:end + 1].replace("%", "%%"))
-            i = end + 1
-        elif sql.startswith("--", i):
-            end = sql.find("\n", i)
-            end = n if end < 0 else end
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif sql.startswith("/*", i):
-            end = sql.find("*/", i + 2)
-            end = n if end < 0 else end + 2
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif ch == "$" and re.match(r"\$\w*\$", sql[i:]):
-            tag = re.match(r"\$\w*\$", sql[i:]).group(0)
-            end = sql.find(tag, i + len(tag))
-            end = n if end < 0 else end + len(tag)
-            out.append(sql[i:end].replace("%", "%%"))
-            i = end
-        elif ch == "?":
-            out.append(style)
-            i += 1
-        elif ch == "%":
-            out.append("%%")
-            i += 1
-        else:
-            out.append(ch)
-            i += 1
-    return "".join(out)
+
+    def translated(lexeme: re.Match) -> str:
+        text = lexeme.group()
+        return style if text == "?" else text.replace("%", "%%")
+
+    return _SQL_LEXEME.sub(translated, sql)
 
 
 def split_sql_script(script: str) -> list[str]:
     """Split a migration script into statements at top-level semicolons (quotes and comments respected)."""
-    statements, start, i, n = [], 0, 0, len(script)
-    while i < n:
-        ch = script[i]
-        if ch in ("'", '"'):
-            i = script.find(ch, i + 1)
-            i = n if i < 0 else i + 1
-        elif script.startswith("--", i):
-            i = script.find("\n", i)
-            i = n if i < 0 else i
-        elif script.startswith("/*", i):
-            i = script.find("*/", i + 2)
-            i = n if i < 0 else i + 2
-        elif ch == "$" and re.match(r"\$\w*\$", script[i:]):
-            tag = re.match(r"\$\w*\$", script[i:]).group(0)
-            i = script.find(tag, i + len(tag))
-            i = n if i < 0 else i + len(tag)
-        elif ch == ";":
-            statements.append(script[start:i])
-            start = i = i + 1
-        else:
-            i += 1
+    statements, start = [], 0
+    for lexeme in _SQL_LEXEME.finditer(script):
+        if lexeme.group() == ";":
+            statements.append(script[start:lexeme.start()])
+            start = lexeme.end()
     statements.append(script[start:])
     return [s.strip() for s in statements if re.sub(r"--[^\n]*", "", s).strip()]
 
@@ -526,12 +484,60 @@ class Transaction:
         return self.db._executemany(self.conn, sql, rows)
 
 
+class DatabaseHooks:
+    """What a database's committed writes call beyond the database, owned by that Database (reached as
+    tx.db.hooks): two servers in one process each have their own, so neither wakes nor feeds the other.
+
+    state_listeners: functions(tx, kind, run, initial, state), called in the transaction that records a state
+    event_sinks: callables(events), given the events a transaction stored once it commits (live feeds)
+    notification_wakers: callables run once a transaction has queued a notification (wake the sender)
+    stored_event_listeners: functions(tx, events), called in the transaction that stores new events
+    automation_wakers: callables run once a transaction has queued an automation's action (wake the actor)
+    """
+
+    domain_state_listeners: tuple = ()  # what every database calls on a state: set once by the domain
+    domain_stored_event_listeners: tuple = ()  # what every database calls on new events: set by automations
+
+    def __init__(self):
+        self.state_listeners: list = list(self.domain_state_listeners)
+        self.stored_event_listeners: list = list(self.domain_stored_event_listeners)
+        self.event_sinks: list = []
+        self.notification_wakers: list = []
+        self.automation_wakers: list = []
+
+
 def _run_after_commit(tx: Transaction):
     for callback in tx.after_commit:
         try:
             callback()
         except Exception:  # noqa: BLE001 - the commit stands; a failed hook is only logged
             log.exception("after-commit hook failed")
+
+
+class _DriverErrors:
+    """A `with` block in which the driver's errors become ours (the database's _map_error). One way to
+    chain: `from` the driver's error, so a traceback still shows what the driver said. An error that maps
+    to nothing goes up as it is, or as `unmapped` (with its first line) where no driver error may get out.
+    A class, not a generator: every statement runs inside one (0.2 µs here against a generator's 0.9)."""
+
+    __slots__ = ("db", "unmapped")
+
+    def __init__(self, db, unmapped: type | None = None):
+        self.db = db
+        self.unmapped = unmapped
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, traceback):
+        if exc is None or not isinstance(exc, self.db.driver_error):
+            return False
+        mapped = self.db._map_error(exc)
+        if mapped is None and self.unmapped is not None:
+            mapped = self.unmapped(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        if mapped is None:
+            return False
+        raise mapped from exc
 
 
 class Database:
@@ -564,6 +570,8 @@ class Database:
         self._changes_lock = threading.Lock()
         self.process_group = None  # the _ProcessGroup of `start --processes N`: they count writes together
         self._columns: dict[str, tuple[str, ...]] = {}
+        self.hooks = DatabaseHooks()
+        self._driver_errors = _DriverErrors(self)  # reused: every statement passes through it
 
     def _count_change(self):
         with self._changes_lock:
@@ -600,6 +608,16 @@ class Database:
 
     def contains(self, column: str) -> str:
         return self.json_array_contains.format(col=column)
+
+    driver_error: type = Exception  # the driver's base exception class (sqlite3.Error, psycopg.Error)
+
+    def _map_error(self, exc):
+        """The exception of ours a driver error means, or None when it means none (each dialect says)."""
+        return None
+
+    def driver_errors(self, unmapped: type | None = None) -> _DriverErrors:
+        """`with db.driver_errors():` the one place driver errors become ours (see _DriverErrors)."""
+        return self._driver_errors if unmapped is None else _DriverErrors(self, unmapped)
 
     @contextlib.contextmanager
     def unbounded_statements(self):
@@ -783,6 +801,7 @@ def _publish_complete_copy(partial: str, target: str) -> None:
 
 
 class SqliteDatabase(Database):
+    driver_error = sqlite3.Error
     dialect = "sqlite"
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
     # Exact to the microsecond, for the one timestamp format we store (iso(): "YYYY-MM-DDTHH:MM:SS.ffffff+00:00");
@@ -888,25 +907,16 @@ class SqliteDatabase(Database):
         self._log_sql(sql, params)
         started = time.perf_counter()
         try:
-            return conn.execute(sql, params)
-        except sqlite3.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from exc
-            raise
+            with self.driver_errors():
+                return conn.execute(sql, params)
         finally:
             self.query_seconds += time.perf_counter() - started
             self.query_count += 1
 
     def _executemany(self, conn, sql, rows):
         self._log_sql(sql, ())
-        try:
+        with self.driver_errors():
             return conn.executemany(sql, rows)
-        except sqlite3.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from exc
-            raise
 
     def write(self):
         return self._on_the_writer(writing=True)
@@ -954,12 +964,13 @@ class SqliteDatabase(Database):
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
-            try:
-                conn.execute("COMMIT")
-            except sqlite3.Error as exc:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise self._map_error(exc) or exc
+            with self.driver_errors():
+                try:
+                    conn.execute("COMMIT")
+                except sqlite3.Error:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
             if writing:
                 self._count_change()
             if not self.memory:
@@ -1022,13 +1033,10 @@ class SqliteDatabase(Database):
 
     def vacuum(self):
         """Rewrite the file without free pages, then fold the WAL back in (VACUUM cannot run in a transaction)."""
-        with self._write_lock:
-            try:
-                self._writer.execute("VACUUM")
-                if not self.memory:
-                    self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            except sqlite3.Error as exc:
-                raise self._map_error(exc) or DatabaseUnavailable(str(exc)) from None
+        with self._write_lock, self.driver_errors(unmapped=DatabaseUnavailable):
+            self._writer.execute("VACUUM")
+            if not self.memory:
+                self._writer.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def hold_server_lock(self):
         """A running server holds a shared lock on <db>.lock, so `database restore` can tell it is there."""
@@ -1339,6 +1347,7 @@ class PostgresDatabase(Database):
                 "(or pip install 'psycopg[binary]')"
             ) from None
         self._psycopg = psycopg
+        self.driver_error = psycopg.Error
         self._dict_row = dict_row
         self.conninfo = conninfo
         self.statement_seconds = self.timeout + 5.0  # longer than any request's transaction should take
@@ -1439,12 +1448,8 @@ class PostgresDatabase(Database):
         self._check_parameter_count(len(params or ()))
         started = time.perf_counter()
         try:
-            return conn.execute(translate_placeholders(sql) if params else sql, params or None)
-        except self._psycopg.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from None
-            raise
+            with self.driver_errors():
+                return conn.execute(translate_placeholders(sql) if params else sql, params or None)
         finally:
             self.query_seconds += time.perf_counter() - started
             self.query_count += 1
@@ -1452,14 +1457,8 @@ class PostgresDatabase(Database):
     def _executemany(self, conn, sql, rows):
         self._log_sql(sql, ())
         self._check_parameter_count(max((len(row) for row in rows), default=0))
-        try:
-            with conn.cursor() as cur:
-                cur.executemany(translate_placeholders(sql), rows)
-        except self._psycopg.Error as exc:
-            mapped = self._map_error(exc)
-            if mapped is not None:
-                raise mapped from None
-            raise
+        with self.driver_errors(), conn.cursor() as cur:
+            cur.executemany(translate_placeholders(sql), rows)
 
     def write(self):
         return self._transaction(writing=True)
@@ -1475,17 +1474,12 @@ class PostgresDatabase(Database):
         bounded = not getattr(self._unbounded, "on", False)
         token = self._watchdog.arm(conn, time.perf_counter() + self.statement_seconds) if bounded else None
         try:
-            try:
+            with self.driver_errors():
                 with conn.transaction():
                     tx = Transaction(self, conn)
                     yield tx
                 if writing:
                     self._count_change()
-            except self._psycopg.Error as exc:
-                mapped = self._map_error(exc)
-                if mapped is not None:
-                    raise mapped from None
-                raise
         finally:
             if token is not None:
                 self._watchdog.disarm(token)
@@ -1529,11 +1523,10 @@ class PostgresDatabase(Database):
     def vacuum(self):
         conn = self._acquire()  # one of the pool's: a vacuum counts against the limit like any transaction
         try:
-            conn.autocommit = True  # VACUUM must run outside a transaction
-            conn.execute("VACUUM ANALYZE")
-            conn.autocommit = False
-        except self._psycopg.Error as exc:
-            raise self._map_error(exc) or DatabaseUnavailable(str(exc).splitlines()[0]) from None
+            with self.driver_errors(unmapped=DatabaseUnavailable):
+                conn.autocommit = True  # VACUUM must run outside a transaction
+                conn.execute("VACUUM ANALYZE")
+                conn.autocommit = False
         finally:
             self._release(conn)
 
@@ -1739,12 +1732,12 @@ def current_revision(db: Database) -> str | None:
         return tx.scalar("SELECT revision FROM prefectlite_version")
 
 
-def _apply(db: Database, revision: Revision, direction: str, new_revision: str | None):
+def _apply(db: Database, revision: Revision, direction: str, expected_before: str | None, new_revision: str | None):
+    """Run one revision's script from `expected_before` to `new_revision`; False if the schema was elsewhere."""
     script = revision.scripts.get((db.dialect, direction))
     if script is None:
         raise ConfigurationError(f"migration {revision.id} has no {direction} script for {db.dialect}")
     statements = split_sql_script(script.read_text(encoding="utf-8"))
-    expected_before = revision.id if direction == "down" else _previous_id(revision.id)
     with db.unbounded_statements(), db.write() as tx:
         if db.migration_lock:
             tx.execute(db.migration_lock)  # two servers migrating at once: one waits for the other
@@ -1761,12 +1754,6 @@ def _apply(db: Database, revision: Revision, direction: str, new_revision: str |
         else:
             tx.execute("INSERT INTO prefectlite_version (revision) VALUES (?)", (new_revision,))
     return True
-
-
-def _previous_id(rev_id: str) -> str | None:
-    ids = [r.id for r in list_revisions()]
-    i = ids.index(rev_id)
-    return ids[i - 1] if i > 0 else None
 
 
 def _resolve_revision(target: str, revisions: list[Revision]) -> str:
@@ -1788,9 +1775,9 @@ def migrate(db: Database, target: str | None = None) -> list[str]:
     if current is not None and ids.index(goal) < ids.index(current):
         raise ConfigurationError(f"the database is at {current}, newer than {goal}; use `database downgrade`")
     applied = []
-    for revision in revisions[start:ids.index(goal) + 1]:
-        if _apply(db, revision, "up", revision.id):
-            applied.append(revision.id)
+    for i in range(start, ids.index(goal) + 1):  # each from the one before it (listed once, not per step)
+        if _apply(db, revisions[i], "up", ids[i - 1] if i > 0 else None, ids[i]):
+            applied.append(ids[i])
     return applied
 
 
@@ -1818,7 +1805,7 @@ def downgrade(db: Database, target: str) -> list[str]:
             raise ConfigurationError(f"{target} is newer than the current revision {current}; use `database upgrade`")
     undone = []
     for i in range(here, goal, -1):
-        if _apply(db, revisions[i], "down", ids[i - 1] if i > 0 else None):
+        if _apply(db, revisions[i], "down", ids[i], ids[i - 1] if i > 0 else None):
             undone.append(ids[i])
     return undone
 
@@ -2004,16 +1991,12 @@ def _kind_openapi(kind) -> dict:
         return dict(simple[kind])
     if isinstance(kind, ListOf):
         return {"type": "array", "items": _kind_openapi(kind.item)}
-    if isinstance(kind, Enum):
-        return {"$ref": f"#/components/schemas/{kind.name}"}
-    return {"$ref": f"#/components/schemas/{kind.name}"}
+    return {"$ref": f"#/components/schemas/{kind.name}"}  # an Enum or a Schema: each is a component
 
 
 def _validate_value(field: Field, value, loc):
     if value is None:
-        if field.nullable and not field.required:
-            return None
-        if field.nullable and field.required:
+        if field.nullable:  # required or not: a required nullable field may be sent as null
             return None
         raise ValidationFailed([_error(loc, "none is not an allowed value", "type_error.none.not_allowed")])
     value = _validate_kind(field.kind, value, loc)
@@ -3146,13 +3129,12 @@ def release_task_concurrency_slots(tx: Transaction, run: dict):
             update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now_iso()})
 
 
-STATE_LISTENERS: list = []  # functions(tx, kind, run, initial, state) called in the transaction that records a state
-
-
-def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool) -> Outcome:
-    """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into."""
+def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool,
+                now: _dt.datetime | None = None) -> Outcome:
+    """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into.
+    `now`: the time the rules judge by and the state is stamped with (the clock's, unless a test says)."""
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
-    now = utcnow()
+    now = now or utcnow()
     flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
     state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")
@@ -3160,7 +3142,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
     if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
         _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
-        for listener in STATE_LISTENERS:
+        for listener in tx.db.hooks.state_listeners:
             listener(tx, kind, run, initial, outcome.state)
         outcome.written = True
     else:
@@ -3189,7 +3171,7 @@ def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict
     insert_row(tx, f"{table}_state", _state_history_row(table, values["id"], state))
     run = decode_row(table, read_row(tx, table, values["id"]))  # with the columns' defaults, in their order
     _follow_state(tx, kind, run, None, state)
-    for listener in STATE_LISTENERS:
+    for listener in tx.db.hooks.state_listeners:
         listener(tx, kind, run, None, state)
     return run
 
@@ -3821,10 +3803,6 @@ def event_out(row: dict) -> dict:
             "follows": event["follows"], "received": event["received"]}
 
 
-EVENT_SINKS: list = []  # (database, callable(events)) pairs: running servers' live feeds (the /events/out hub)
-STORED_EVENT_LISTENERS: list = []  # functions(tx, events) called with the newly stored events (automations)
-
-
 def store_events(tx, events: list[dict]) -> list[dict]:
     """Store validated events (an id already stored is a resend: skipped), record the task runs they
     describe, and hand the new ones to live subscribers once the transaction commits."""
@@ -3849,11 +3827,10 @@ def store_events(tx, events: list[dict]) -> list[dict]:
         stored.append({**event, "received": received})
         record_task_run_event(tx, event)
     if stored:
-        for listener in STORED_EVENT_LISTENERS:
+        for listener in tx.db.hooks.stored_event_listeners:
             listener(tx, stored)
-        for db, sink in EVENT_SINKS:
-            if db is tx.db:
-                tx.after_commit.append(functools.partial(sink, [dict(e) for e in stored]))
+        for sink in tx.db.hooks.event_sinks:
+            tx.after_commit.append(functools.partial(sink, [dict(e) for e in stored]))
     return stored
 
 
@@ -4110,7 +4087,7 @@ def record_task_run_event(tx, event: dict) -> dict | None:
         update_row(tx, "task_run", run["id"], changes)
         run.update(encode_values("task_run", changes))
     if newer:
-        for listener in STATE_LISTENERS:
+        for listener in tx.db.hooks.state_listeners:
             listener(tx, "task", decode_row("task_run", run), initial, state)
     return run
 
@@ -4186,9 +4163,6 @@ def emit_flow_run_state_event(tx, kind: str, run: dict, initial: dict | None, st
                "validated_state": validated}
     store_events(tx, [{"id": new_id(), "occurred": state["timestamp"], "event": f"prefect.flow-run.{state['name']}",
                        "resource": resource, "related": related, "payload": payload, "follows": None}])
-
-
-STATE_LISTENERS.append(emit_flow_run_state_event)
 
 
 # Server configuration (Prefect 3's `configuration` table): for now the default result storage block.
@@ -6672,12 +6646,11 @@ def enqueue_notifications(tx, kind: str, run: dict, initial: dict | None, state:
             "flow_run_notification_policy_id": policy["id"], "flow_run_state_id": state["id"],
             "status": "PENDING", "attempts": 0, "next_attempt_at": state["timestamp"]})
         queued += 1
-    if queued and NOTIFICATION_WAKERS:
-        tx.after_commit.extend(NOTIFICATION_WAKERS)
+    if queued:
+        tx.after_commit.extend(tx.db.hooks.notification_wakers)
 
 
-NOTIFICATION_WAKERS: list = []  # callables that wake the sender (set by running servers)
-STATE_LISTENERS.append(enqueue_notifications)
+DatabaseHooks.domain_state_listeners = (emit_flow_run_state_event, enqueue_notifications)
 
 
 def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> dict:
@@ -7961,8 +7934,8 @@ def _act(tx, automation: dict, trigger: dict, firing: dict, state: str) -> None:
             "id": new_id(), "created": now, "updated": now, "automation_id": automation["id"],
             "firing_id": f"{firing['id']}:{state}", "action_index": index, "action": action, "context": context,
             "status": "PENDING", "attempts": 0, "next_attempt_at": now}, on_conflict="ON CONFLICT DO NOTHING")
-    if owed and AUTOMATION_WAKERS:
-        tx.after_commit.extend(AUTOMATION_WAKERS)
+    if owed and tx.db.hooks.automation_wakers:
+        tx.after_commit.extend(tx.db.hooks.automation_wakers)
 
 
 def _resolve(tx, automation: dict, trigger: dict, bucket: dict, event: dict) -> None:
@@ -7972,8 +7945,7 @@ def _resolve(tx, automation: dict, trigger: dict, bucket: dict, event: dict) -> 
     _act(tx, automation, trigger, firing, "resolved")
 
 
-AUTOMATION_WAKERS: list = []  # callables that wake the AutomationActor (set by running servers)
-STORED_EVENT_LISTENERS.append(evaluate_automations)
+DatabaseHooks.domain_stored_event_listeners = (evaluate_automations,)
 
 
 # Actions: what a queued firing does. Each takes the action, its context and the database; raises
@@ -10499,6 +10471,8 @@ def render_metrics(app) -> str:
     sender = next((s for s in app.services if isinstance(s, NotificationSender)), None)
     _metric(lines, "prefectlite_notifications_sent_total", "counter", "Notifications delivered by this process.",
             [({}, sender.sent if sender else 0)])
+    _metric(lines, "prefectlite_service_passes_total", "counter", "Passes each background service made here.",
+            [({"service": s.name}, s.passes) for s in app.services])
     scheduler = next((s for s in app.services if isinstance(s, Scheduler)), None)
     lag = time.monotonic() - scheduler.last_pass_at if scheduler and scheduler.last_pass_at else 0.0
     _metric(lines, "prefectlite_scheduler_lag_seconds", "gauge", "Seconds since the scheduler last finished a pass.",
@@ -11580,22 +11554,24 @@ class App:
             self.process_group.wake_services(name)
 
     def start_services(self):
-        EVENT_SINKS.append((self.db, self.events.publish))
+        hooks = self.db.hooks
+        hooks.event_sinks.append(self.events.publish)
         for service in self.services:
             service.start()
             if isinstance(service, NotificationSender):
-                NOTIFICATION_WAKERS.append(service.wake)
+                hooks.notification_wakers.append(service.wake)
             if isinstance(service, AutomationActor):
-                AUTOMATION_WAKERS.append(service.wake)
+                hooks.automation_wakers.append(service.wake)
 
     def stop_services(self):
+        hooks = self.db.hooks
         with contextlib.suppress(ValueError):
-            EVENT_SINKS.remove((self.db, self.events.publish))
+            hooks.event_sinks.remove(self.events.publish)
         for service in self.services:
             with contextlib.suppress(ValueError):
-                NOTIFICATION_WAKERS.remove(service.wake)
+                hooks.notification_wakers.remove(service.wake)
             with contextlib.suppress(ValueError):
-                AUTOMATION_WAKERS.remove(service.wake)
+                hooks.automation_wakers.remove(service.wake)
             service.stop()
 
     def close(self):
@@ -13124,10 +13100,10 @@ class _ProcessGroup:
         app.db.count_changes_in(self, self._counters[self._at(self.index, self._CHANGES)])
         self._counters[self._at(self.index, self._SUBSCRIBERS)] = 0
         app.events.on_count = self._count_subscribers
-        EVENT_SINKS.append((app.db, self._relay_events))
+        app.db.hooks.event_sinks.append(self._relay_events)
         if not app.services:
-            NOTIFICATION_WAKERS.append(functools.partial(self.wake_services, "notifications"))
-            AUTOMATION_WAKERS.append(functools.partial(self.wake_services, "automations"))
+            app.db.hooks.notification_wakers.append(functools.partial(self.wake_services, "notifications"))
+            app.db.hooks.automation_wakers.append(functools.partial(self.wake_services, "automations"))
         threading.Thread(target=self._read_notes, name="prefectlite-notes", daemon=True).start()
 
     def count_changes(self, changes: int):
@@ -13534,7 +13510,7 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
             code = 1
             try:
                 code = _serve_as_one_of_processes(settings, listening, group, index, supervisor)
-            except BaseException:  # a bug: say where, as an uncaught exception would
+            except BaseException:  # noqa: BLE001 - a bug: say where, as an uncaught exception would
                 sys.excepthook(*sys.exc_info())
             finally:
                 with contextlib.suppress(Exception):

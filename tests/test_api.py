@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import ROOT, Client, iso, now, parse
+from helpers import ROOT, Client, iso, new_flow, new_flow_run, now, parse
 
 TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
 
@@ -27,18 +27,6 @@ T0 = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
 def at(minutes):
     return T0 + dt.timedelta(minutes=minutes)
-
-
-def new_flow(client, name=None, tags=None):
-    return client.ok("POST", "/flows/", {"name": name or f"flow-{uuid.uuid4().hex[:10]}", "tags": tags or []})
-
-
-def new_flow_run(client, flow_id=None, scheduled=None, **fields):
-    flow_id = flow_id or new_flow(client)["id"]
-    body = {"flow_id": flow_id, **fields}
-    if scheduled is not None:
-        body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}}
-    return client.ok("POST", "/flow_runs/", body)
 
 
 def new_task_run(client, flow_run_id, task_key=None, dynamic_key="0", scheduled=None, **fields):

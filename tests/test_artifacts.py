@@ -13,18 +13,13 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, new_flow_run
 
 
 # --- helpers -----------------------------------------------------------------------------------
 
 def unique_key(prefix="report"):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
-
-
-def new_flow_run(client, tags=()):
-    flow = client.ok("POST", "/flows/", {"name": f"flow-{uuid.uuid4().hex[:8]}"})
-    return client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "tags": list(tags)})
 
 
 def new_task_run(client, flow_run_id):

@@ -6,7 +6,7 @@ import re
 import uuid
 
 import pytest
-from helpers import free_port, run_cli
+from helpers import run_cli
 
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
@@ -225,8 +225,8 @@ def test_work_pool_ls(cli, client):
 @pytest.mark.parametrize("args", [("deployment", "ls"), ("deployment", "run", "a/b"), ("flow-run", "ls"),
                                   ("flow-run", "cancel", "00000000-0000-0000-0000-000000000001"),
                                   ("work-pool", "ls")])
-def test_unreachable_server_is_a_one_line_error(args, tmp_path):
-    url = f"http://127.0.0.1:{free_port()}/api"
+def test_unreachable_server_is_a_one_line_error(args, tmp_path, refusing_port):
+    url = f"http://127.0.0.1:{refusing_port.port}/api"
     proc = run_cli(*args, env={"PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path)}, timeout=60)
     line = assert_one_line_error(proc)
     assert url.rsplit("/api", 1)[0] in line or "reach" in line, line

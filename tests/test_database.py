@@ -471,6 +471,21 @@ def test_translate_placeholders_custom_style():
     assert translate_placeholders("a = ? AND b = '?'", style=":p") == "a = :p AND b = '?'"
 
 
+@pytest.mark.parametrize("script, expected", [
+    ("CREATE TABLE a (x int); CREATE TABLE b (y int);", ["CREATE TABLE a (x int)", "CREATE TABLE b (y int)"]),
+    ("INSERT INTO a VALUES ('x;y'); SELECT 1", ["INSERT INTO a VALUES ('x;y')", "SELECT 1"]),
+    ('SELECT "odd;col" FROM t; SELECT 2', ['SELECT "odd;col" FROM t', "SELECT 2"]),
+    ("SELECT 1; -- a comment; not a statement\n", ["SELECT 1"]),
+    ("SELECT 1 /* a; b */; SELECT 2", ["SELECT 1 /* a; b */", "SELECT 2"]),
+    ("DO $body$ BEGIN PERFORM 1; END $body$; SELECT 3", ["DO $body$ BEGIN PERFORM 1; END $body$", "SELECT 3"]),
+    ("SELECT 'it''s; here'; SELECT 4", ["SELECT 'it''s; here'", "SELECT 4"]),
+    ("", []),
+])
+def test_split_sql_script_splits_at_top_level_semicolons_only(script, expected):
+    """The same lexer as translate_placeholders: quotes, comments and dollar quotes are kept whole."""
+    assert prefectlite.split_sql_script(script) == expected
+
+
 def test_translate_placeholders_counts_match_real_parameters():
     sql = "SELECT '?', \"?\", $$?$$ /* ? */ , ? -- ?\n, ?"
     assert translate_placeholders(sql).count("%s") == 2
@@ -523,6 +538,32 @@ def test_postgres_integrity_violation_is_mapped(postgres_url, tmp_path):
                 tx.execute("INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
                            (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4())))
         # the pool is healthy afterwards
+        with db.read() as tx:
+            assert tx.scalar("SELECT COUNT(*) FROM flow_run") == 0
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_driver_errors_become_ours_chained_from_the_drivers(dialect, tmp_path, request):
+    """One mapper (Database.driver_errors) for statements, batches and commits: a constraint is an
+    IntegrityViolation, an error that means none of ours goes up as the driver's, and ours always
+    carry the driver's error as their cause."""
+    url = f"sqlite:///{tmp_path}/errors.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    db = _open_migrated(url, tmp_path)
+    orphan = "INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)"
+    try:
+        for write in (lambda tx: tx.execute(orphan, (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))),
+                      lambda tx: tx.executemany(orphan, [(str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))])):
+            if dialect == "sqlite":  # SQLite checks deferred foreign keys at COMMIT: the commit's error
+                write = (lambda w: lambda tx: (tx.execute("PRAGMA defer_foreign_keys = ON"), w(tx)))(write)
+            with pytest.raises(prefectlite.IntegrityViolation) as caught:
+                with db.write() as tx:
+                    write(tx)
+            assert isinstance(caught.value.__cause__, db.driver_error), caught.value.__cause__
+        with pytest.raises(db.driver_error):  # a mistake of ours in SQL is no client's fault: not mapped
+            with db.read() as tx:
+                tx.query("SELECT no_such_column FROM flow")
         with db.read() as tx:
             assert tx.scalar("SELECT COUNT(*) FROM flow_run") == 0
     finally:
@@ -591,6 +632,30 @@ def _insert_runs(db):
                 "task_key": "k", "dynamic_key": str(i), "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]},
                 "state": state, **extra})
     return ids
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_run_estimates_in_python_and_in_sql_agree(dialect, tmp_path, request):
+    """The estimates exist twice: _computed_run_fields (a run read or written one at a time) and
+    _run_estimates_sql (run listings and the history's sums, computed by the database). On every case
+    of the table (_run_rows), unrounded as the history sums them, the two give the same seconds."""
+    url = f"sqlite:///{tmp_path}/estimates.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    db = _open_migrated(url, tmp_path)
+    try:
+        _insert_runs(db)
+        with db.read() as tx:
+            for table in ("flow_run", "task_run"):
+                run_time, delta = prefectlite._run_estimates_sql(db, table)
+                sql = f"SELECT {table}.*, {run_time} AS sql_run_time, {delta} AS sql_delta FROM {table}"
+                rows = tx.query(sql, (_NOW,) * (run_time.count("?") + delta.count("?")))
+                assert len(rows) == len(_run_rows()[0])
+                for row in rows:
+                    python = prefectlite._computed_run_fields(row, _NOW)
+                    case = (table, row["name"])
+                    assert abs(float(row["sql_run_time"]) - python["estimated_run_time"]) <= 1e-6, case
+                    assert abs(float(row["sql_delta"]) - python["estimated_start_time_delta"]) <= 1e-6, case
+    finally:
+        db.close()
 
 
 def _same_json(a, b) -> bool:

@@ -4,20 +4,15 @@ idempotency, work queues); get_scheduled_flow_runs; the `schedules` list next to
 `is_schedule_active` fields; pause / resume; parameter schemas and their enforcement; schedule validation."""
 
 import datetime as dt
-import time
 import uuid
 
 import pytest
 
 import prefectlite
-from helpers import Client, iso, now, parse, unique, wait_until
+from helpers import Client, iso, migrated_sqlite_url, new_flow, now, parse, unique, wait_for_passes, wait_until
 
 
 # --- helpers -----------------------------------------------------------------------------------
-
-def new_flow(client, name=None):
-    return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": []})
-
 
 def new_deployment(client, flow_id=None, name=None, headers=None, **fields):
     flow_id = flow_id or new_flow(client)["id"]
@@ -73,7 +68,8 @@ def quiet_client(tmp_path):
 @pytest.fixture
 def fast_client(tmp_path):
     """A server whose scheduler passes every 0.2 s."""
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/fast.db", port=0,
+    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "fast.db"), port=0,
+                           PREFECT_SERVER_METRICS_ENABLED=True,  # its passes are counted: wait_for_passes
                            PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.2) as api_url:
         yield Client(api_url)
 
@@ -618,7 +614,7 @@ def test_pause_and_resume(fast_client):
     # Its future auto-scheduled runs are gone; the hand-made run stays.
     remaining = runs_of(client, dep["id"])
     assert [r["id"] for r in remaining] == [manual["id"]], remaining
-    time.sleep(1.0)  # several scheduler passes (0.2 s apart)
+    wait_for_passes(client.api_url, "scheduler")  # a whole pass since the pause
     assert [r["id"] for r in runs_of(client, dep["id"])] == [manual["id"]], "a paused deployment got new runs"
 
     status, body = client.post(f"/deployments/{dep['id']}/resume_deployment")
@@ -654,10 +650,10 @@ def test_pause_through_patch_paused(fast_client):
     assert status == 204, body
     read = client.ok("GET", f"/deployments/{dep['id']}")
     assert read["paused"] is True and read["is_schedule_active"] is False
-    time.sleep(1.0)
+    wait_for_passes(client.api_url, "scheduler")  # a whole pass since the pause
     # Created runs before the pause may remain, but no new ones appear: the count is stable.
     count = len(runs_of(client, dep["id"]))
-    time.sleep(1.0)
+    wait_for_passes(client.api_url, "scheduler")
     assert len(runs_of(client, dep["id"])) == count
 
 

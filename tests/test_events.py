@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from helpers import Client
+from helpers import Client, new_flow_run
 
 import prefectlite
 
@@ -219,11 +219,6 @@ def test_count_by_rejects_bad_parameters(api):
 
 # ---------------------------------------------------------------------------------------------
 # the task-run recorder
-
-def new_flow_run(api, name="recorded", tags=()):
-    flow = api.ok("POST", "/flows/", {"name": f"{name}-{uuid.uuid4().hex[:6]}"})
-    return api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "tags": list(tags)})
-
 
 def task_event(flow_run, task_run_id, state_type, name, occurred, run_count=0, **task_fields):
     fields = {"name": "work-abc", "task_key": "work-1234", "dynamic_key": "0", "empirical_policy": {"retries": 1},

@@ -24,7 +24,7 @@ import uuid
 
 import pytest
 
-from helpers import ROOT, Client, database_outage, free_port, wait_for_health, wait_until
+from helpers import ROOT, Client, database_outage, free_port, wait_for_health, wait_for_passes, wait_until
 from fake_receivers import HTTPReceiver
 
 REQUEST_TIMEOUT = 20.0  # seconds any single client request may take before the test calls it a hang
@@ -713,7 +713,8 @@ def test_two_servers_share_one_postgres_database(servers, postgres_url):
             names.append(run["name"])
         hook.wait_for(12, timeout=60)
         wait_until(lambda: a.client.ok("GET", "/flow_run_notification_queue/") == [], 60, "the queue to drain")
-        time.sleep(2)  # several more sender passes on both servers; nothing more may arrive
+        for server in (a, b):  # a whole pass more of each sender: a duplicate under way has arrived by then
+            wait_for_passes(server.api_url, "notifications", timeout=60)
         texts = [hit.json()["text"] for hit in hook.hits]
         assert len(texts) == 12, [t[:80] for t in texts]
         for name in names:

@@ -16,7 +16,7 @@ import prefectlite
 def db_url(request, tmp_path):
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/migrations.db"
-    return request.getfixturevalue("postgres_url")
+    return request.getfixturevalue("empty_postgres_url")  # migrating is what these tests do
 
 
 @pytest.fixture

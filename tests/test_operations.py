@@ -28,7 +28,7 @@ import uuid
 
 import pytest
 
-from helpers import POSTGRES_URL, ROOT, Client, free_port, run_cli, wait_for_health
+from helpers import POSTGRES_URL, ROOT, Client, free_port, new_flow, new_flow_run, run_cli, wait_for_health
 
 import prefectlite
 
@@ -122,14 +122,6 @@ def captured_log():
 
 
 # --- API data ---------------------------------------------------------------------------------
-
-def new_flow(client):
-    return client.ok("POST", "/flows/", {"name": f"flow-{uuid.uuid4().hex[:10]}"})
-
-
-def new_flow_run(client, flow_id, **fields):
-    return client.ok("POST", "/flow_runs/", {"flow_id": flow_id, **fields})
-
 
 def set_state(client, kind, run_id, state_type):
     result = client.ok("POST", f"/{kind}_runs/{run_id}/set_state", {"state": {"type": state_type}, "force": True})
@@ -1252,9 +1244,9 @@ def scrape(api_url):
     return parse_prometheus(body)
 
 
-def test_metrics_in_the_prometheus_text_format(tmp_path):
+def test_metrics_in_the_prometheus_text_format(tmp_path, refusing_port):
     url = f"sqlite:///{tmp_path}/prefect.db"
-    closed_port = free_port()  # nothing listens there: every delivery fails
+    closed_port = refusing_port.port  # nothing listens there: every delivery fails
     with prefectlite.serve(database=url, port=0, PREFECT_SERVER_METRICS_ENABLED=True,
                            PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED=False) as api_url:
         client = Client(api_url)
@@ -1264,7 +1256,7 @@ def test_metrics_in_the_prometheus_text_format(tmp_path):
         flow = new_flow(client)
         finals = ["COMPLETED", "COMPLETED", "FAILED", "RUNNING"]
         runs = []
-        for final in finals:
+        for _ in finals:
             run = new_flow_run(client, flow["id"])
             set_state(client, "flow", run["id"], "RUNNING")
             runs.append(run)
@@ -1313,6 +1305,9 @@ def test_metrics_in_the_prometheus_text_format(tmp_path):
         family_of(first, "prefectlite_notifications_failed", "gauge")
         assert sample(first, "prefectlite_notifications_failed") == 0
 
+        family_of(first, "prefectlite_service_passes_total", "counter")
+        assert sample(first, "prefectlite_service_passes_total", service="scheduler") >= 1
+        assert sample(first, "prefectlite_service_passes_total", service="notifications") is None  # turned off
         family_of(first, "prefectlite_scheduler_lag_seconds", "gauge")
         assert sample(first, "prefectlite_scheduler_lag_seconds") >= 0
         family_of(first, "prefectlite_database_query_seconds_total", "counter")
@@ -1340,6 +1335,51 @@ def test_metrics_in_the_prometheus_text_format(tmp_path):
         assert sample(third, "prefectlite_notifications_failed") == 1
         assert sample(third, "prefectlite_notification_queue_depth") == 0
         assert sample(third, "prefectlite_flow_runs", state_type="COMPLETED") == 2
+
+
+def _passes(api_url, service):
+    return sample(scrape(api_url), "prefectlite_service_passes_total", service=service)
+
+
+def test_two_servers_in_one_process_neither_wakes_nor_feeds_the_other(tmp_path):
+    """Each database owns its hooks (DatabaseHooks): a state change on one server wakes that server's
+    notification sender only, and an event stored by one reaches only that server's live feeds. (With the
+    hooks in module-level lists, one server's notification woke every server's sender.)"""
+    from fake_receivers import HTTPReceiver
+    from helpers import RawWebSocket, event
+
+    asleep = {"PREFECT_SERVER_METRICS_ENABLED": True, "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": 3600}
+    with HTTPReceiver() as hook_a, HTTPReceiver() as hook_b, \
+            prefectlite.serve(database=f"sqlite:///{tmp_path}/a.db", **asleep) as api_a, \
+            prefectlite.serve(database=f"sqlite:///{tmp_path}/b.db", **asleep) as api_b:
+        servers = {api_a: (Client(api_a), hook_a), api_b: (Client(api_b), hook_b)}
+        for client, hook in servers.values():
+            client.ok("POST", "/flow_run_notification_policies/", {
+                "state_names": ["Failed"], "tags": [], "block_document_id": _slack_webhook(client, hook.url)["id"]})
+        # each sender made its first pass and now sleeps for an hour unless woken
+        for api in servers:
+            wait_until(lambda: _passes(api, "notifications") >= 1, "the sender's first pass")
+        for api, other in ((api_a, api_b), (api_b, api_a)):
+            client, hook = servers[api]
+            mine, theirs = _passes(api, "notifications"), _passes(other, "notifications")
+            run = new_flow_run(client, new_flow(client)["id"])
+            set_state(client, "flow", run["id"], "FAILED")
+            hook.wait_for(1, accepted=True)  # woken: not an hour later
+            wait_until(lambda: _passes(api, "notifications") > mine, "the woken sender's pass to end")
+            assert _passes(other, "notifications") == theirs, "the other server's sender was woken too"
+        assert len(hook_a.hits) == len(hook_b.hits) == 1
+
+        # live feeds: server B's subscriber, once subscribed (its backfill arrived), gets B's events only
+        Client(api_b).ok("POST", "/events", [event(name="test.b.before")])
+        feed = RawWebSocket(api_b, path="/events/out").authenticate()
+        try:
+            feed.send_json({"type": "filter", "filter": {"event": {"prefix": ["test."]}}})
+            assert feed.recv_json()["event"]["event"] == "test.b.before"
+            Client(api_a).ok("POST", "/events", [event(name="test.a.only")])  # published at once, if at all
+            Client(api_b).ok("POST", "/events", [event(name="test.b.after")])
+            assert feed.recv_json()["event"]["event"] == "test.b.after"
+        finally:
+            feed.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,6 +13,8 @@ import uuid
 
 import pytest
 
+from helpers import new_flow, new_flow_run
+
 import prefectlite
 
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
@@ -39,18 +41,6 @@ def sleep_until(moment, margin=0.05):
     delay = (moment - now()).total_seconds() + margin
     if delay > 0:
         time.sleep(delay)
-
-
-def new_flow(client, name=None):
-    return client.ok("POST", "/flows/", {"name": name or f"flow-{uuid.uuid4().hex[:10]}"})
-
-
-def new_flow_run(client, flow_id=None, state=None, **fields):
-    flow_id = flow_id or new_flow(client)["id"]
-    body = {"flow_id": flow_id, **fields}
-    if state is not None:
-        body["state"] = state
-    return client.ok("POST", "/flow_runs/", body)
 
 
 def new_task_run(client, flow_run_id, task_key=None, dynamic_key="0", state=None, **fields):

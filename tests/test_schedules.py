@@ -779,11 +779,11 @@ def test_rrule_tzid_overrides_schedule_timezone_default():
 def test_rrule_tzid_naming_no_known_zone_falls_back_to_schedule_timezone():
     """Prefect accepts any TZID (its CLI tests send "US-Eastern") and times the rule in the schedule's
     timezone; such a rule was refused here."""
-    for timezone, hour in (("Asia/Seoul", 0), (None, 9)):
+    for zone, hour in (("Asia/Seoul", 0), (None, 9)):
         schedule = {"rrule": "DTSTART;TZID=US-Eastern:19970902T090000\nRRULE:FREQ=DAILY;COUNT=10"}
-        if timezone:
-            schedule["timezone"] = timezone
-        assert validate_schedule(schedule)["timezone"] == (timezone or "UTC")
+        if zone:
+            schedule["timezone"] = zone
+        assert validate_schedule(schedule)["timezone"] == (zone or "UTC")
         assert fires(schedule, utc(1997, 1, 1), n=1) == [utc(1997, 9, 2, hour)]
 
 

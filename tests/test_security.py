@@ -388,7 +388,7 @@ def _with_password(url, password):
 
 
 @pytest.mark.parametrize("password_in", ["url", "setting"])
-def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url, password_in):
+def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url, password_in, refusing_port):
     """The test database trusts local connections, so the password is sent but not checked."""
     secrets = {
         "auth": "AUTH-secret-b7e1",
@@ -461,7 +461,7 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
     call("POST", "/api/variables/", {"name": "api_key", "value": secrets["variable"]}, expect=(409,))
     call("POST", "/api/variables/filter", {"variables": {"name": {"any_": ["api_key"]}}}, expect=(200,))
     # a notification that cannot be delivered: its failure is logged and kept, the URL must not be
-    dead = block("slack-webhook", {"url": f"http://127.0.0.1:{free_port()}/services/{secrets['dead']}"})
+    dead = block("slack-webhook", {"url": f"http://127.0.0.1:{refusing_port.port}/services/{secrets['dead']}"})
     call("POST", "/api/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [],
                                                           "block_document_id": dead["id"]}, expect=(201,))
     flow = call("POST", "/api/flows/", {"name": "secretive"}, expect=(201,))

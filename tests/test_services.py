@@ -9,7 +9,7 @@ import threading
 import pytest
 
 import prefectlite
-from helpers import Client, iso, now, parse, unique, wait_until
+from helpers import Client, iso, new_flow, now, parse, unique, wait_until
 
 FAST = {
     "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": 0.2,
@@ -56,10 +56,6 @@ def srv(tmp_path):
 @pytest.fixture
 def api(srv):
     return Client(srv.api_url)
-
-
-def new_flow(api):
-    return api.ok("POST", "/flows/", {"name": unique("flow")})
 
 
 def new_deployment(api, schedules, flow_id=None, **fields):
@@ -155,8 +151,11 @@ def test_scheduler_respects_max_scheduled_runs_and_the_100_run_cap(srv, api):
     minutely = new_deployment(api, [{"schedule": {"interval": 10}}])
     wait_until(lambda: len(auto_runs(api, minutely["id"])) >= 100, what="100 runs of a 10-second schedule")
     wait_passes(srv, prefectlite.Scheduler)
-    # An hour of a 10-second schedule would be 360 runs: Prefect keeps at most 100.
-    assert len(auto_runs(api, minutely["id"])) == 100
+    # An hour of a 10-second schedule would be 360 runs: Prefect keeps at most 100 ahead. (On a slow machine
+    # the first may be due by now, and a pass then adds one at the end: count those still ahead.)
+    runs = auto_runs(api, minutely["id"])
+    ahead = [r for r in runs if parse(r["expected_start_time"]) > now()]
+    assert len(ahead) <= 100 <= len(runs) <= 100 + 6, (len(ahead), len(runs))
     # max_scheduled_runs caps below the hour's 6.
     assert len(auto_runs(api, capped["id"])) == 4
 

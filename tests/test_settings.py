@@ -235,11 +235,6 @@ def test_unknown_key_is_rejected_with_the_closest_valid_names():
     assert "PREFECT_SERVER_API_PORT" in str(info.value)
 
 
-def test_every_known_key_is_accepted():
-    for name in prefectlite.SETTINGS:
-        prefectlite.check_setting_name(name)
-
-
 def test_cli_unknown_key_names_the_closest_and_writes_nothing(tmp_path):
     proc = run_cli("config", "set", "PREFECT_API_DATABASE_CONECTION_URL=sqlite:///x.db",
                    env={"PREFECT_HOME": str(tmp_path)})

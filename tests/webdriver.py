@@ -104,7 +104,7 @@ class Browser:
     def quit(self):
         try:
             _call("DELETE", self.url, timeout=20)
-        except Exception:
+        except Exception:  # noqa: BLE001 - the browser may be gone already
             pass
 
     def wait(self, condition, timeout=10, message="condition"):

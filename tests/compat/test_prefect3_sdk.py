@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for_pause, wait_until
+from helpers import wait_for_input_schema, wait_for_pause, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios3"
@@ -420,10 +420,6 @@ def test_a_run_failing_parameter_validation_starts_when_it_ends(run_flow_script,
     assert run["start_time"] is not None and parse_time(run["start_time"]) == parse_time(run["end_time"]), run
 
 
-def parse_time(text):
-    return datetime.fromisoformat(text.replace("Z", "+00:00"))
-
-
 def test_a_deployment_concurrency_limit_reads_back(run_flow_script, compat_server):
     """to_deployment(concurrency_limit=...).apply(), as serve() and deploy() do: the SDK reads back the
     deployment's global limit `deployment:{id}` (it read none here)."""
@@ -594,6 +590,7 @@ def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_ser
 
     run = wait_for_pause(script, id_file, api, 90)
     run_id = run["id"]
+    wait_for_input_schema(api, run)  # else the answer below is refused for want of a schema, not for its fit
     status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"note": "no verdict"}})
     assert body["status"] == "REJECT", body
     status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"approved": False, "note": "not yet"}})

@@ -14,7 +14,7 @@ def echo(value):
 
 
 @flow(name="compat-tags-params")
-def tagged(count: int, label: str, options: dict, items: list = [1, 2]):
+def tagged(count: int, label: str, options: dict, items: list = [1, 2]):  # noqa: B006 - as users write it
     return echo(f"{label}x{count}")
 
 
