@@ -13591,6 +13591,10 @@ def cmd_start(args, out) -> int:
     if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
         print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
               "anyone who can reach this machine can use the API", file=sys.stderr)
+    if hasattr(signal, "pthread_sigmask"):
+        # A signal mask survives fork and exec: a parent that blocked these while it started us (a test
+        # runner's worker did) would leave a server that never hears them.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
     if processes > 1:
         return _start_processes(settings, host, port, processes, out)
     stop = threading.Event()

@@ -160,7 +160,7 @@ def clean_env(**extra):
 class ServerProcess:
     """`python prefectlite.py [server] start` in a subprocess; output goes to files (no pipe can fill up)."""
 
-    def __init__(self, tmp_path, env, *extra_args, port=None, command=("start",), extra=()):
+    def __init__(self, tmp_path, env, *extra_args, port=None, command=("start",), extra=(), blocked_signals=()):
         self.port = port or free_port()
         self.out_path = tmp_path / f"server-{self.port}.out"
         self.err_path = tmp_path / f"server-{self.port}.err"
@@ -170,6 +170,8 @@ class ServerProcess:
             [sys.executable, str(ROOT / "prefectlite.py"), *command, "--host", "127.0.0.1", "--port", str(self.port),
              *extra_args, *extra],
             env=clean_env(**env), stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+            # a parent that blocks signals hands its mask down (kept across fork and exec)
+            preexec_fn=(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, blocked_signals)) if blocked_signals else None,
         )
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_url = f"{self.url}/api"

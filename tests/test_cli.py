@@ -227,6 +227,19 @@ def test_signal_as_soon_as_the_server_answers_exits_0(tmp_path, signum):
     assert "Traceback" not in server.stderr()
 
 
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_server_whose_parent_blocks_the_stop_signals_still_stops_on_them(tmp_path, signum):
+    """A signal mask is inherited across fork and exec: a supervisor (or a test runner's worker) that
+    blocks SIGTERM while it starts the server must not make a server that never hears it."""
+    server = ServerProcess(tmp_path, home_env(tmp_path), blocked_signals={signal.SIGINT, signal.SIGTERM})
+    try:
+        server.wait_ready()
+        code = server.stop(signum)
+    finally:
+        server.kill()
+    assert code == 0, (code, server.stderr())
+
+
 def _blocked_signals(pid, tid):
     """The signals a thread of process `pid` blocks, from Linux's /proc (SigBlk is a hex bit mask)."""
     status = open(f"/proc/{pid}/task/{tid}/status").read()
