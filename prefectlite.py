@@ -4582,13 +4582,61 @@ LeaseRenewBody = Schema("Body_renew_lease", {
                             maximum=LEASE_MAX_SECONDS)})
 
 
-def create_lease(tx, limits: list[dict], slots: int, seconds: float, holder: dict | None) -> str:
+def create_lease(tx, limits: list[dict], slots: int, seconds: float, holder: dict | None,
+                 tag_limits: tuple = ()) -> str:
+    """A lease on the global limits' slots, and on the tag limits' (their ids listed alike; the holder, or the
+    lease when there is none, goes into each tag limit's active_slots)."""
     now = utcnow()
     lease_id = new_id()
     insert_row(tx, "concurrency_lease", {
         "id": lease_id, "created": iso(now), "expiration": iso(now + _dt.timedelta(seconds=seconds)),
-        "limit_ids": [limit["id"] for limit in limits], "slots": slots, "holder": holder})
+        "limit_ids": [limit["id"] for limit in (*limits, *tag_limits)], "slots": slots, "holder": holder})
+    slot = (holder or {}).get("id") or lease_id
+    for limit in tag_limits:
+        update_row(tx, "concurrency_limit", limit["id"], {"active_slots": [*limit["active_slots"], slot],
+                                                          "updated": iso(now)})
     return lease_id
+
+
+# Prefect 3 keeps a tag's limit as the global limit `tag:NAME`, and its tasks take their tags' slots from those
+# with leases. Here a tag limit is still the v1 row (Prefect 2 clients' tasks are limited by the server's
+# orchestration rule): a `tag:NAME` no global limit of that name covers takes its slot from the v1 row.
+TAG_LIMIT_PREFIX = "tag:"
+
+
+def tag_limits_behind(tx, names: list[str]) -> list[dict]:
+    """The v1 tag limits (locked, decoded) standing for those of the names no global limit covers."""
+    tags = [name[len(TAG_LIMIT_PREFIX):] for name in names if name.startswith(TAG_LIMIT_PREFIX)]
+    if not tags:
+        return []
+    marks = ", ".join("?" for _ in tags)
+    covered = {row["name"] for row in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE name IN ({marks})",
+                                               tuple(TAG_LIMIT_PREFIX + tag for tag in tags))}
+    tags = [tag for tag in tags if TAG_LIMIT_PREFIX + tag not in covered]
+    if not tags:
+        return []
+    marks = ", ".join("?" for _ in tags)
+    rows = tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}",
+                    tuple(tags))
+    return [decode_row("concurrency_limit", row) for row in rows]
+
+
+def tag_limits_full(limits: list[dict], slots: int) -> bool:
+    return any(len(limit["active_slots"]) + slots > limit["concurrency_limit"] for limit in limits)
+
+
+def as_global_limit(tag_limit: dict) -> dict:
+    """A tag limit as a lease answer lists it (Prefect 3's shape: the global limit it is there)."""
+    return {"id": tag_limit["id"], "name": TAG_LIMIT_PREFIX + tag_limit["tag"], "limit": tag_limit["concurrency_limit"]}
+
+
+def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
+    marks = ", ".join("?" for _ in limit_ids)
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}){tx.db.for_update}", tuple(limit_ids)):
+        limit = decode_row("concurrency_limit", row)
+        if slot in limit["active_slots"]:
+            update_row(tx, "concurrency_limit", limit["id"],
+                       {"active_slots": [s for s in limit["active_slots"] if s != slot], "updated": now_iso()})
 
 
 def renew_lease(tx, lease_id: str, seconds: float) -> bool:
@@ -4611,6 +4659,7 @@ def release_lease(tx, lease_id: str) -> bool:
                                              tuple(lease["limit_ids"]))]
         held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
         change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
+        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
     return True
 
 
@@ -8114,20 +8163,23 @@ def _locked_reply(tx, names: list[str]):
 
 @body(ConcurrencyLeaseBody)
 def increment_global_limits_with_lease(app, req):
-    """Prefect 3 takes slots with a lease; a name without a limit (every task tag: "tag:<tag>") takes none."""
+    """Prefect 3 takes slots with a lease; a name without a limit takes none (a task's "tag:<tag>" takes the
+    tag's v1 limit, if it has one: tag_limits_behind)."""
     data = req.data
     if not data["names"]:
         raise ValidationFailed([_error(("body", "names"), "ensure this value has at least 1 items",
                                        "value_error.list.min_items")])
     with app.db.write() as tx:
-        taken = change_global_slots(tx, data["names"], data["slots"], data["mode"], increment=True)
+        tag_limits = tag_limits_behind(tx, data["names"])
+        full = tag_limits_full(tag_limits, data["slots"])
+        taken = None if full else change_global_slots(tx, data["names"], data["slots"], data["mode"], increment=True)
         if taken is None:
             locked = _locked_reply(tx, data["names"])
         else:
-            lease_id = create_lease(tx, taken, data["slots"], data["lease_duration"], data.get("holder"))
+            lease_id = create_lease(tx, taken, data["slots"], data["lease_duration"], data.get("holder"), tag_limits)
     if taken is None:  # the denial is recorded (denied_slots) once the transaction above commits
         raise locked
-    return 200, {"lease_id": lease_id, "limits": taken}
+    return 200, {"lease_id": lease_id, "limits": taken + [as_global_limit(limit) for limit in tag_limits]}
 
 
 @body(LeaseIdBody)

@@ -528,6 +528,29 @@ def test_global_concurrency_limit(run_flow_script, start_script, compat_server, 
         assert after["denied_slots"] > 0
 
 
+def test_a_tag_concurrency_limit_holds_back_the_second_task(run_flow_script, compat_server, api):
+    """Cause 11 of issue 23: a limit made the v1 way (as `prefect concurrency-limit create TAG 1` makes it)
+    limits 3.9 tasks, which take their tag's slot as a lease on `tag:TAG`: of two submitted tasks with the tag,
+    the second starts once the first has ended (the 2.20 scenario s13, unchanged)."""
+    tag = f"p3-limit-{uuid.uuid4().hex[:12]}"
+    api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 1}, expect=(200, 201))
+    try:
+        proc = run_flow_script(HERE / "scenarios" / "s13_tag_concurrency.py", compat_server, args=[tag], timeout=150)
+        assert_no_lost_events(proc)
+        run_id = script_result(proc)["flow_run_id"]
+        assert_completed(get_flow_run(api, run_id), "flow run")
+        first, second = sorted(settled_task_runs(api, run_id, 2), key=lambda tr: tr["start_time"])
+        for tr in (first, second):
+            assert_completed(tr, "task run")
+            assert tag in tr["tags"]
+        assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
+            "two task runs ran at once under a concurrency limit of 1: "
+            f"{first['start_time']}..{first['end_time']} and {second['start_time']}..{second['end_time']}")
+        assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == []
+    finally:
+        api("DELETE", f"/concurrency_limits/tag/{tag}")
+
+
 def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_server, api, tmp_path):
 
     serve = start_script(scenario("p09_serve.py"), compat_server, timeout=180)
