@@ -2854,11 +2854,113 @@ def secure_task_concurrency_slots(ctx: Transition):
     return None
 
 
+# Deployment concurrency limits (Prefect 3): a deployment's limit is the global limit `deployment:{id}`. A run
+# takes a slot on its way to PENDING (so a worker provisions nothing without one), under a lease whose id its
+# states carry in state_details; the runner renews the lease while the run runs; leaving RUNNING gives it back.
+DEPLOYMENT_SLOT_WAIT_SECONDS = 30  # Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS
+DEPLOYMENT_LEASE_SECONDS = 300  # ...SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION: until the runner renews
+LEASE_DETAIL = "deployment_concurrency_lease_id"
+HOLDING_STATES = ("PENDING", "RUNNING", "CANCELLING")  # the states a run holds its deployment's slot in
+
+
+def _deployment_limit_of(tx: Transaction, run: dict) -> tuple[dict, dict] | None:
+    """(the run's deployment, its global limit), when the run's deployment has one."""
+    if not run.get("deployment_id"):
+        return None
+    row = tx.query_one("SELECT id, concurrency_limit_id, concurrency_options FROM deployment WHERE id = ?",
+                       (run["deployment_id"],))
+    if row is None or not row["concurrency_limit_id"]:
+        return None
+    limit = read_row(tx, "concurrency_limit_v2", row["concurrency_limit_id"])
+    if limit is None:
+        return None
+    return decode_row("deployment", row), decode_row("concurrency_limit_v2", limit)
+
+
+def _deployment_lease_seconds(dep: dict) -> float:
+    return (dep.get("concurrency_options") or {}).get("grace_period_seconds") or DEPLOYMENT_LEASE_SECONDS
+
+
+def _cancel_for_want_of_a_slot(ctx: Transition, reason: str, message: str) -> Outcome:
+    outcome = _reject(ctx, "CANCELLED", "Cancelled", reason, **{LEASE_DETAIL: None})
+    outcome.state["message"] = message
+    return outcome
+
+
+def secure_deployment_concurrency_slots(ctx: Transition):
+    """A run of a limited deployment goes PENDING only with a slot; without one it waits (ENQUEUE: rescheduled
+    as AwaitingConcurrencySlot) or is cancelled (CANCEL_NEW). Last of the flow rules: a slot is taken only for
+    a transition that is accepted."""
+    if ctx.kind != "flow" or ctx.proposed["type"] != "PENDING" or ctx.initial_type in HOLDING_STATES:
+        return None
+    found = _deployment_limit_of(ctx.tx, ctx.run)
+    if found is None:
+        return None
+    dep, limit = found
+    if limit["limit"] == 0:
+        return Outcome("ABORT", reason="The deployment concurrency limit is 0. The flow will deadlock if submitted "
+                                       "again.")
+    taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
+    if taken is not None:
+        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
+                                                                   None)
+        return None
+    reason = "Deployment concurrency limit reached."
+    if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
+        return _cancel_for_want_of_a_slot(ctx, reason, reason)
+    wait_until = ctx.now + _dt.timedelta(seconds=DEPLOYMENT_SLOT_WAIT_SECONDS)
+    return _reject(ctx, "SCHEDULED", "AwaitingConcurrencySlot", reason, scheduled_time=iso(wait_until))
+
+
+def keep_deployment_lease_at_running(ctx: Transition):
+    """PENDING → RUNNING carries the lease on and renews it; a lease lost meanwhile (expired while the worker
+    provisioned) is taken anew if a slot is free, else the run is cancelled: it cannot wait any more."""
+    if ctx.kind != "flow" or ctx.initial_type != "PENDING" or ctx.proposed["type"] != "RUNNING":
+        return None
+    lease_id = ctx.initial["state_details"].get(LEASE_DETAIL)
+    ctx.proposed["state_details"][LEASE_DETAIL] = lease_id
+    found = _deployment_limit_of(ctx.tx, ctx.run) if lease_id else None
+    if found is None:
+        return None
+    dep, limit = found
+    if renew_lease(ctx.tx, lease_id, _deployment_lease_seconds(dep)):
+        return None
+    taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
+    if taken is not None:
+        holder = {"type": "flow_run", "id": ctx.run["id"]}
+        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
+                                                                   holder)
+        return None
+    return _cancel_for_want_of_a_slot(ctx, "Deployment concurrency limit reached after lease expiry.",
+                                      "Deployment concurrency slot lost during provisioning - no slots available to "
+                                      "continue execution")
+
+
+def carry_deployment_lease(initial: dict | None, state: dict, changes: dict) -> None:
+    """A run keeps its lease into the states it holds its slot in, and into a retry the server scheduled in the
+    same process (the engine keeps renewing the lease through the retry delay)."""
+    lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
+    if not lease_id or state["state_details"].get(LEASE_DETAIL):
+        return
+    in_process_retry = (state["name"] == "AwaitingRetry"
+                        and (changes.get("empirical_policy") or {}).get("retry_type") == "in_process")
+    if state["type"] in HOLDING_STATES or in_process_retry:
+        state["state_details"][LEASE_DETAIL] = lease_id
+
+
+def release_deployment_slot(tx: Transaction, initial: dict | None, state: dict) -> None:
+    """A state that does not carry the run's lease on gives its slot back (a lease already repossessed, as
+    expired, gave it back then)."""
+    lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
+    if lease_id and state["state_details"].get(LEASE_DETAIL) != lease_id:
+        release_lease(tx, lease_id)
+
+
 FLOW_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
     only_cancel_cancelling_runs, cancel_runs_without_infrastructure,
     expire_pauses, handle_pausing_flows, wait_for_scheduled_time, retry_failed_runs, rename_retrying,
-    copy_scheduled_time,
+    copy_scheduled_time, keep_deployment_lease_at_running, secure_deployment_concurrency_slots,
 )
 TASK_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
@@ -2916,6 +3018,8 @@ def _current_state_columns(state: dict) -> dict:
 def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, state: dict, extra: dict):
     """Record `state` as the run's current state: history row, run row, and what follows from it."""
     table = "flow_run" if kind == "flow" else "task_run"
+    if kind == "flow":
+        carry_deployment_lease(initial, state, extra)
     insert_row(tx, f"{table}_state", _state_history_row(table, run["id"], state))
     changes = _run_timing(run, initial, state)
     changes.update(extra)
@@ -2932,7 +3036,9 @@ def _follow_state(tx: Transaction, kind: str, run: dict, initial: dict | None, s
     """What a recorded state sets off beyond the run's own row."""
     if kind == "task":
         _after_task_state(tx, run, initial, state)
-    elif run.get("parent_task_run_id"):
+        return
+    release_deployment_slot(tx, initial, state)
+    if run.get("parent_task_run_id"):
         _mirror_state_on_parent_task(tx, run, state)
 
 
