@@ -433,6 +433,43 @@ def test_a_deployment_concurrency_limit_reads_back(run_flow_script, compat_serve
     assert result["name"] == f"deployment:{result['deployment_id']}"
 
 
+def test_a_served_deployments_concurrency_limit_runs_its_runs_one_at_a_time(start_script, compat_server, api):
+    """Cause 14 of issue 23 (enforcement): serve(global_limit=1) and two runs at once: the second is held
+    back (AwaitingConcurrencySlot) until the first has given its slot back, and then runs."""
+    name = f"p3-one-{uuid.uuid4().hex[:8]}"
+    serve = start_script(scenario("p15_deployment_concurrency_serve.py"), compat_server, args=[name], timeout=240)
+
+    def served(path):
+        def found():
+            if serve.proc.poll() is not None:
+                out, err = serve.output()
+                pytest.fail(f"serve() exited with {serve.proc.returncode}\n{out[-3000:]}\n{err[-6000:]}")
+            status, body = api("GET", path)
+            return body if status == 200 else None
+        return found
+
+    dep = wait_until(served(f"/deployments/name/p3-one-at-a-time/{name}"), 60, what=f"deployment {name}")
+    runs = [api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {}, expect=(200, 201)) for _ in range(2)]
+
+    def both_finished():
+        served("/health")()
+        found = [get_flow_run(api, run["id"]) for run in runs]
+        return found if all(run["state_type"] in TERMINAL for run in found) else None
+
+    finished = wait_until(both_finished, 180, interval=1, what="both runs of the limited deployment to finish")
+    for run in finished:
+        assert_completed(run, "flow run")
+    first, second = sorted(finished, key=lambda run: run["start_time"])
+    assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
+        f"two runs ran at once under a limit of 1: {first['start_time']}..{first['end_time']} and "
+        f"{second['start_time']}..{second['end_time']}")
+    held_back = [name for run in finished for _type, name in state_seq(flow_run_states(api, run["id"]))]
+    assert "AwaitingConcurrencySlot" in held_back, held_back
+    limit = api.ok("GET", f"/v2/concurrency_limits/deployment:{dep['id']}", expect=200)
+    assert limit["active_slots"] == 0, limit
+    serve.terminate()
+
+
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
     """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
     found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
