@@ -2587,6 +2587,7 @@ class Transition:
     proposed: dict  # the state about to be written (rules may rename it)
     now: _dt.datetime
     updates: dict = dataclasses.field(default_factory=dict)  # extra column changes for the run row
+    client_major: int = 2  # the Prefect major version of the client proposing the state (see client_major)
 
     @property
     def initial_type(self):
@@ -2785,13 +2786,15 @@ def retry_failed_runs(ctx: Transition):
         return None
     scheduled = ctx.now + _dt.timedelta(seconds=_retry_delay(policy, ctx.run["run_count"]))
     if ctx.kind == "flow":
-        _schedule_failed_tasks_for_retry(ctx)
+        if ctx.client_major < 3:
+            _schedule_failed_tasks_for_retry(ctx)
         ctx.updates["empirical_policy"] = {**policy, "retry_type": "in_process"}
     return _reject(ctx, "SCHEDULED", "AwaitingRetry", "Retrying", scheduled_time=iso(scheduled))
 
 
 def _schedule_failed_tasks_for_retry(ctx: Transition):
-    """A retried flow runs its failed tasks again: they go back to AwaitingRetry."""
+    """A retried flow runs its failed tasks again: they go back to AwaitingRetry. Not a 3.x client's: its
+    retry makes new task runs (reported by events), and the failed ones would stay AwaitingRetry for good."""
     rows = ctx.tx.query(
         "SELECT * FROM task_run WHERE flow_run_id = ? AND state_type IN ('FAILED', 'CRASHED', 'CANCELLED')",
         (ctx.run["id"],),
@@ -3077,14 +3080,15 @@ def release_task_concurrency_slots(tx: Transaction, run: dict):
 STATE_LISTENERS: list = []  # functions(tx, kind, run, initial, state) called in the transaction that records a state
 
 
-def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool) -> Outcome:
+def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool,
+                client_major: int = 2) -> Outcome:
     """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into."""
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
     now = utcnow()
     flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
     state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")
-    ctx = Transition(kind, tx, run, initial, state, now)
+    ctx = Transition(kind, tx, run, initial, state, now, client_major=client_major)
     outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
     if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
         _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
@@ -3307,12 +3311,12 @@ def _task_run_policy(policy: dict | None) -> dict:
     return out
 
 
-def set_run_state(tx, kind: str, run_id: str, proposed: dict, force: bool) -> Outcome:
+def set_run_state(tx, kind: str, run_id: str, proposed: dict, force: bool, client_major: int = 2) -> Outcome:
     table = "flow_run" if kind == "flow" else "task_run"
     row = read_row(tx, table, run_id, lock=True)
     if row is None:
         raise NotFound(f"{'Flow' if kind == 'flow' else 'Task'} run not found")
-    return orchestrate(tx, kind, row, proposed, force)
+    return orchestrate(tx, kind, row, proposed, force, client_major)
 
 
 def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
@@ -7616,7 +7620,7 @@ def _orchestration_reply(outcome: Outcome):
 @body(SetStateBody)
 def set_flow_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"])
+        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"], client_major(req))
     return _orchestration_reply(outcome)
 
 

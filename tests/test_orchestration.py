@@ -447,6 +447,18 @@ def test_flow_retries_reschedule_the_flow_and_its_failed_tasks(client):
     assert final["state_type"] == "FAILED" and final["run_count"] == 2
 
 
+def test_a_3x_clients_flow_retry_leaves_its_failed_task_runs_be(client):
+    """A 3.x client's flow retry makes new task runs (reported by events): the failed ones of the first attempt
+    stay Failed (they were put back to AwaitingRetry, as for 2.x clients, and stayed there for good)."""
+    flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    failed_task = running_task_run(client, flow_run["id"])
+    assert_accepted(*task_state(client, failed_task["id"], "FAILED"), "FAILED")
+    status, result = client.post(f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "FAILED"}},
+                                 headers={"User-Agent": "prefect/3.9.1 (API 0.8.4)"})
+    assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+    assert read(client, "task", failed_task["id"])["state_type"] == "FAILED"
+
+
 def test_a_task_that_used_up_its_retries_has_them_again_on_the_flows_next_attempt(client):
     """Prefect resets a task run's run count when it leaves a terminal state: on the flow's second
     attempt, a task that exhausted its retries fails into AwaitingRetry again (was: accepted as FAILED,

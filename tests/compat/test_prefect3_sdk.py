@@ -682,3 +682,88 @@ def test_notification_policies_fire_for_prefect3_flow_runs(run_flow_script, comp
             assert f"p3-failing/{run['name']} is Failed: {run['state']['message']}" in texts, texts
         finally:
             api.ok("PATCH", f"/flow_run_notification_policies/{policy['id']}", {"is_active": False}, expect=204)
+
+
+# --------------------------------------------------------------------------- the 2.20 scenarios under 3.9
+# Every 2.20 scenario (scenarios/) whose APIs exist in 3.x runs unchanged under the 3.9 SDK too: each script
+# asserts its own outcome (it exits non-zero otherwise) and prints the flow runs it made, which must end as
+# the script expects, their task runs recorded and settled. The 2.20 tests check the details of each; the 3.x
+# ones above check 3.x's details of the same behaviours. Not here, because 3.x removed their APIs:
+SCENARIOS_2_NOT_IN_3 = {
+    "b08_notification.py": "flow run notification policies (create_flow_run_notification_policy): Prefect 3 "
+                           "replaced them with automations",
+    "s17_deployment_reads.py": "create_deployment(infra_overrides=..., schedule=...): the 2.x ways of making a "
+                               "deployment, gone from the 3.x client",
+    "b02_system_blocks.py": "the JSON block (prefect.blocks.system.JSON): removed in 3.x",
+    "b03_nested_block.py": "prefect._internal.pydantic.HAS_PYDANTIC_V2: a 2.x internal, gone in 3.x",
+    "b04_variables.py": "variables.get() and Variable.get() answering a Variable: 3.x's Variable.get answers the value",
+    "s12_variables.py": "Variable.get() answering a Variable (.value): 3.x's answers the value",
+    "s06_submit.py": "asserts the 2.x ConcurrentTaskRunner (3.x's default is the ThreadPoolTaskRunner); it fails on "
+                     "Prefect 3.9's own server too",
+}
+SCENARIOS_2_ELSEWHERE = {  # run under 3.9 by their own tests above
+    "b09_schema_checksum.py": "test_the_sdk_finds_its_block_schemas_by_its_own_checksum",
+    "s13_tag_concurrency.py": "test_a_tag_concurrency_limit_holds_back_the_second_task",
+    "s15_subflow_result_into_task.py": "test_a_subflows_state_passed_into_a_task",
+}
+SCENARIOS_2 = sorted(path.name for path in (HERE / "scenarios").glob("[bs][0-9]*.py")
+                     if path.name not in SCENARIOS_2_NOT_IN_3 and path.name not in SCENARIOS_2_ELSEWHERE)
+FAILING_SCENARIOS_2 = {"s07_fail.py"}  # its flow fails, as it means to
+
+
+def _prepare_scenario_2(name: str, token: str, api) -> list:
+    """What the 2.20 test creates first; the argv lists of the script's invocations, in order."""
+    if name == "b04_variables.py":
+        api.ok("POST", "/variables/", {"name": f"compat_bvar_{token}", "value": "api-value"}, expect=(200, 201))
+    if name == "s12_variables.py":
+        api.ok("POST", "/variables/", {"name": f"compat_var_{token}", "value": "from-the-api", "tags": ["compat"]},
+               expect=(200, 201))
+    if name == "b06_tag_limit.py":
+        api.ok("POST", "/concurrency_limits/", {"tag": "limited", "concurrency_limit": 1}, expect=(200, 201))
+    if name == "b07_global_concurrency.py":
+        api.ok("POST", "/v2/concurrency_limits/", {"name": f"db-{token}", "limit": 1}, expect=(200, 201))
+        return [[f"db-{token}"]]
+    if name in ("b02_system_blocks.py", "b03_nested_block.py"):
+        return [["save", token], ["load", token]]
+    if name == "b01_persisted_cache.py":
+        return [[token], [token]]
+    if name in ("b04_variables.py", "b05_artifacts.py", "s03_cache.py", "s08_tags_params.py", "s12_variables.py"):
+        return [[token]]
+    return [[]]
+
+
+def _resume_when_paused(script, id_file, api, run_input=None) -> None:
+    run = wait_for_pause(script, id_file, api, 60)
+    body = {"run_input": run_input} if run_input is not None else {}
+    assert api.ok("POST", f"/flow_runs/{run['id']}/resume", body, expect=(200, 201))["status"] == "ACCEPT"
+
+
+@pytest.mark.parametrize("name", SCENARIOS_2)
+def test_the_2_20_scenario_runs_under_the_3_9_sdk(name, start_script, compat_server, api, tmp_path):
+    token = uuid.uuid4().hex[:12]
+    results = []
+    try:
+        for args in _prepare_scenario_2(name, token, api):
+            if name in ("s09_pause.py", "s14_wait_for_input.py"):  # the test resumes the flow, as the 2.20 one does
+                id_file = tmp_path / "flow_run_id.txt"
+                script = start_script(HERE / "scenarios" / name, compat_server, args=[id_file], timeout=150)
+                _resume_when_paused(script, id_file, api,
+                                    {"approved": True, "note": "ship it"} if name == "s14_wait_for_input.py" else None)
+                proc = script.wait(check=True)
+            else:
+                proc = start_script(HERE / "scenarios" / name, compat_server, args=args, timeout=150).wait(check=True)
+            assert_no_lost_events(proc)
+            results.append(script_result(proc))
+    finally:
+        if name == "b06_tag_limit.py":
+            api("DELETE", "/concurrency_limits/tag/limited")
+    run_ids = [run_id for result in results
+               for run_id in (result.get("flow_run_ids") or [result.get("flow_run_id")]) if run_id]
+    for run_id in run_ids:
+        run = get_flow_run(api, run_id)
+        expected = "FAILED" if name in FAILING_SCENARIOS_2 else "COMPLETED"
+        assert run["state_type"] == expected, (name, run["state"])
+        for tr in task_runs_of(api, run_id):
+            wait_until(lambda: api.ok("GET", f"/task_runs/{tr['id']}", expect=200)["state_type"] in TERMINAL, 15,
+                       what=f"task run {tr['id']} to settle")
+
