@@ -24,7 +24,8 @@ What it changes in Prefect's suite, and why:
 - It deselects the tests named in $PREFECTLITE_CONFORMANCE_DONE (one node id a line): run.py resumes a run
   that died or hung that way, without the tests already run.
 
-Environment: PREFECTLITE_CONFORMANCE_API_URL (http://127.0.0.1:PORT/api), PREFECTLITE_CONFORMANCE_RESULTS,
+Environment: PREFECTLITE_CONFORMANCE_API_URL (http://127.0.0.1:PORT/api; under pytest-xdist one per worker,
+comma-separated), PREFECTLITE_CONFORMANCE_RESULTS,
 PREFECTLITE_CONFORMANCE_DONE (optional).
 """
 
@@ -66,10 +67,13 @@ _SETTINGS_CONTEXT = None  # kept referenced: the context manager must outlive py
 
 
 def api_url() -> str:
-    url = os.environ.get(API_URL_VAR, "").rstrip("/")
-    if not url:
+    """The server under test; with pytest-xdist, one server per worker (the variable lists them, comma-separated):
+    a test emptying its server then cannot empty another worker's under a running test."""
+    urls = [url.strip().rstrip("/") for url in os.environ.get(API_URL_VAR, "").split(",") if url.strip()]
+    if not urls:
         raise pytest.UsageError(f"{API_URL_VAR} must name the server under test (http://127.0.0.1:PORT/api)")
-    return url
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    return urls[int(worker[2:]) % len(urls)] if worker[2:].isdigit() else urls[0]
 
 
 # --------------------------------------------------------------------------- session set-up

@@ -156,6 +156,9 @@ EXTENSION_3 = (
     "tests/cli/test_flow.py",
 )
 SELECTION_3 = README_FILES_3 + EXTENSION_3
+# Two pytest-xdist workers (Prefect's own CI runs this suite under xdist): one after the other, the selection's
+# ~3,900 tests take about an hour here, past CI's budget (tests/benchmarks/README.md has the figures).
+WORKERS_3 = int(os.environ.get("PREFECTLITE_CONFORMANCE_WORKERS", "2"))
 # Like 2.20's: logs cannot be deleted through the API.
 FRESH_SERVER_FILES_3 = ("tests/test_logging.py",)
 
@@ -190,6 +193,7 @@ class Suite:
     venv_error: type
     copied: tuple  # what of the suite's directory the scratch copy needs
     reference_env: tuple  # (name, value): how Prefect's server is configured as the suite's test profile does
+    workers: int = 1  # pytest-xdist workers, each with a server of its own (the selection's first run only)
 
     @property
     def path(self) -> Path:
@@ -225,7 +229,8 @@ PREFECT_2 = Suite("2.20", "2.20.25", "2.20.25", SELECTION, FRESH_SERVER_FILES, H
                   prefect_tests_venv.VenvError, ("tests", "flows", "setup.cfg"), REFERENCE_ENV_2)
 PREFECT_3 = Suite("3.x", "3.8.4.dev6", "3.9.1", SELECTION_3, FRESH_SERVER_FILES_3, HERE / "prefect-3.x-passing.txt",
                   HERE / "known-differences-3.x.txt", prefect3_tests_venv.ensure_prefect3_tests_venv,
-                  prefect3_tests_venv.VenvError, ("tests", "pyproject.toml"), REFERENCE_ENV_3)
+                  prefect3_tests_venv.VenvError, ("tests", "pyproject.toml"), REFERENCE_ENV_3,
+                  workers=WORKERS_3)
 SUITES = {suite.name: suite for suite in (PREFECT_2, PREFECT_3)}
 
 
@@ -367,7 +372,7 @@ def scratch_copy(workdir: Path, suite: Suite = PREFECT_2) -> Path:
     return dest
 
 
-def pytest_command(python: str, files: list) -> list:
+def pytest_command(python: str, files: list, workers: int = 1) -> list:
     return [
         "nice", "-n", "19", python, "-m", "pytest",
         "-p", "prefect_suite_plugin", "-p", "no:cacheprovider",
@@ -377,11 +382,13 @@ def pytest_command(python: str, files: list) -> list:
         "--tb=native",
         "--continue-on-collection-errors",  # one file that fails to import must not cancel the others
         f"--timeout={PER_TEST_TIMEOUT}",
+        *(("-n", str(workers)) if workers > 1 else ()),
         *files,
     ]
 
 
-def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path) -> int:
+def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path,
+               workers: int = 1) -> int:
     """Run pytest on the files; its exit status, or -1 if it ran past RUN_TIMEOUT or stalled and was stopped."""
     env = env_without_prefect()
     env.update({
@@ -393,7 +400,7 @@ def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results
         "PREFECTLITE_CONFORMANCE_DONE": str(done_path(results)),
     })
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(pytest_command(python, files), env=env, cwd=str(suite_copy), stdout=log,
+        proc = subprocess.Popen(pytest_command(python, files, workers), env=env, cwd=str(suite_copy), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             return watch(proc, results, log)
@@ -449,27 +456,32 @@ def batches(files: list, fresh_files=FRESH_SERVER_FILES) -> list:
 
 
 def run_selection(python: str, start_server, files: list, workdir: Path, log_path: Path,
-                  fresh_files=FRESH_SERVER_FILES, suite: Suite = PREFECT_2) -> dict:
+                  fresh_files=FRESH_SERVER_FILES, suite: Suite = PREFECT_2, workers: int = 1) -> dict:
     """Run the files (or node ids) against servers from start_server(workdir); answer {nodeid: result entry}."""
     suite_copy = scratch_copy(workdir, suite)
     results_path = workdir / "results.jsonl"
     for batch in batches(files, fresh_files):
-        server = start_server(workdir)
+        servers = []
         try:
-            run_batch(python, suite_copy, server.api_url, batch, results_path, log_path)
+            for _ in range(workers):
+                servers.append(start_server(workdir))
+            api_urls = ",".join(server.api_url for server in servers)
+            run_batch(python, suite_copy, api_urls, batch, results_path, log_path, workers)
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
     results = read_results(results_path)
     if not results:
         raise HarnessError(f"the suite produced no results; log tail:\n{tail(log_path)}")
     return results
 
 
-def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path) -> None:
+def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path,
+              workers: int = 1) -> None:
     """Run the batch; if pytest dies or hangs (not: tests fail), record the test it was in as an error and
     run the rest of the batch again without the tests already done."""
     for _ in range(MAX_RESUMES + 1):
-        code = run_pytest(python, suite_copy, api_url, batch, results_path, log_path)
+        code = run_pytest(python, suite_copy, api_url, batch, results_path, log_path, workers)
         if code in (0, 1, 5):  # 1: some tests failed; 5: none collected
             return
         culprit = unfinished_test(results_path)
@@ -626,7 +638,7 @@ def run_against(which: str, files: list | None = None, workdir: Path | None = No
     start = (lambda w: start_prefect_server(w, python, suite)) if which == "reference" else start_prefectlite
     try:
         results = run_selection(python, start, list(files or suite.selection), workdir, workdir / "pytest.log",
-                                suite.fresh_files, suite)
+                                suite.fresh_files, suite, suite.workers)
         if retry_baseline:
             retry_failures(python, start, results, retry_baseline, workdir, suite)
         return results
