@@ -2631,12 +2631,37 @@ def _is_pending_substate(ctx: Transition) -> bool:
             and ctx.proposed["name"] != "Pending" and ctx.proposed["name"] != ctx.initial["name"])
 
 
+def _persisted_result(data) -> bool:
+    return isinstance(data, dict) and data.get("type") != "unpersisted"
+
+
+def handle_flow_terminal_state_transitions(ctx: Transition):
+    """A flow run leaves a terminal state as Prefect's HandleFlowTerminalStateTransitions lets it: a rerun (a
+    parent flow's retry runs its subflows again) but not into CANCELLING, PAUSED or CRASHED, not away from a
+    Completed state whose result is persisted, not back to SCHEDULED without a deployment. Leaving for a
+    non-final state forgets the run's pauses. (A process blocked in a pause that timed out finds its run
+    failed by the pause-expiration service: its own Failed is accepted too.)"""
+    proposed = ctx.proposed["type"]
+    if proposed in ("CANCELLING", "PAUSED", "CRASHED"):
+        return Outcome("ABORT", reason=f"Run is already in terminal state {ctx.initial_type}.")
+    kept_result = ctx.initial_type == "COMPLETED" and _persisted_result(ctx.initial.get("data"))
+    if kept_result and (proposed not in TERMINAL_STATES
+                        or proposed == "COMPLETED" and not _persisted_result(ctx.proposed.get("data"))):
+        return Outcome("REJECT", ctx.initial, "Run is already COMPLETED.")
+    if proposed == "SCHEDULED" and not ctx.run.get("deployment_id"):
+        return Outcome("ABORT", reason="Cannot reschedule a run without an associated deployment.")
+    if proposed not in TERMINAL_STATES:
+        policy = ctx.run.get("empirical_policy") or {}
+        ctx.updates["empirical_policy"] = {**policy, "resuming": False, "pause_keys": [],
+                                           "retry_type": "reschedule" if proposed == "SCHEDULED" else None}
+    return None
+
+
 def prevent_leaving_terminal_states(ctx: Transition):
-    """Terminal states are final; only a retry (back to SCHEDULED) may leave them. A failed flow run also
-    takes another Failed (as in Prefect): a process blocked in a pause that timed out finds its run failed
-    by the pause-expiration service, and its own Failed must not be refused."""
-    if ctx.kind == "flow" and ctx.initial_type == "FAILED" and ctx.proposed["type"] == "FAILED":
-        return None
+    """A task run's terminal states are final; only a retry (back to SCHEDULED) may leave them. Flow runs:
+    handle_flow_terminal_state_transitions."""
+    if ctx.kind == "flow" and ctx.initial_type in TERMINAL_STATES:
+        return handle_flow_terminal_state_transitions(ctx)
     if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
         return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
                                        f"{ctx.proposed['type']}: it has already terminated.")
