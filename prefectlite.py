@@ -7598,8 +7598,11 @@ _read_logs_page, _count_logs = _filter_handler("log", lambda r: decode_row("log"
 @body(_read_logs_page.body_schema)
 def read_logs_filtered(app, req):
     """Logs are refused, not cut short, past the page size (Prefect's `le` on `limit`): the 2.20 CLI's
-    `flow-run logs --num-logs 500` pages on when told so, and would stop at 200 on a clamped answer."""
+    `flow-run logs --num-logs 500` pages on when told so, and would stop at 200 on a clamped answer. Prefect 3
+    refuses it in its own words, which the 3.9 CLI looks for before it pages on by itself."""
     most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+    if req.data.get("limit") is not None and req.data["limit"] > most and client_major(req) == 3:
+        raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
     if req.data.get("limit") is not None and req.data["limit"] > most:
         raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
                                        "value_error.number.not_le")])
