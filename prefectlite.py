@@ -2748,6 +2748,7 @@ class Transition:
     proposed: dict  # the state about to be written (rules may rename it)
     now: _dt.datetime
     updates: dict = dataclasses.field(default_factory=dict)  # extra column changes for the run row
+    client_major: int = 2  # the Prefect major version of the client proposing the state (see client_major)
 
     @property
     def initial_type(self):
@@ -2791,12 +2792,37 @@ def _is_pending_substate(ctx: Transition) -> bool:
             and ctx.proposed["name"] != "Pending" and ctx.proposed["name"] != ctx.initial["name"])
 
 
+def _persisted_result(data) -> bool:
+    return isinstance(data, dict) and data.get("type") != "unpersisted"
+
+
+def handle_flow_terminal_state_transitions(ctx: Transition):
+    """A flow run leaves a terminal state as Prefect's HandleFlowTerminalStateTransitions lets it: a rerun (a
+    parent flow's retry runs its subflows again) but not into CANCELLING, PAUSED or CRASHED, not away from a
+    Completed state whose result is persisted, not back to SCHEDULED without a deployment. Leaving for a
+    non-final state forgets the run's pauses. (A process blocked in a pause that timed out finds its run
+    failed by the pause-expiration service: its own Failed is accepted too.)"""
+    proposed = ctx.proposed["type"]
+    if proposed in ("CANCELLING", "PAUSED", "CRASHED"):
+        return Outcome("ABORT", reason=f"Run is already in terminal state {ctx.initial_type}.")
+    kept_result = ctx.initial_type == "COMPLETED" and _persisted_result(ctx.initial.get("data"))
+    if kept_result and (proposed not in TERMINAL_STATES
+                        or proposed == "COMPLETED" and not _persisted_result(ctx.proposed.get("data"))):
+        return Outcome("REJECT", ctx.initial, "Run is already COMPLETED.")
+    if proposed == "SCHEDULED" and not ctx.run.get("deployment_id"):
+        return Outcome("ABORT", reason="Cannot reschedule a run without an associated deployment.")
+    if proposed not in TERMINAL_STATES:
+        policy = ctx.run.get("empirical_policy") or {}
+        ctx.updates["empirical_policy"] = {**policy, "resuming": False, "pause_keys": [],
+                                           "retry_type": "reschedule" if proposed == "SCHEDULED" else None}
+    return None
+
+
 def prevent_leaving_terminal_states(ctx: Transition):
-    """Terminal states are final; only a retry (back to SCHEDULED) may leave them. A failed flow run also
-    takes another Failed (as in Prefect): a process blocked in a pause that timed out finds its run failed
-    by the pause-expiration service, and its own Failed must not be refused."""
-    if ctx.kind == "flow" and ctx.initial_type == "FAILED" and ctx.proposed["type"] == "FAILED":
-        return None
+    """A task run's terminal states are final; only a retry (back to SCHEDULED) may leave them. Flow runs:
+    handle_flow_terminal_state_transitions."""
+    if ctx.kind == "flow" and ctx.initial_type in TERMINAL_STATES:
+        return handle_flow_terminal_state_transitions(ctx)
     if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
         return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
                                        f"{ctx.proposed['type']}: it has already terminated.")
@@ -2946,13 +2972,15 @@ def retry_failed_runs(ctx: Transition):
         return None
     scheduled = ctx.now + _dt.timedelta(seconds=_retry_delay(policy, ctx.run["run_count"]))
     if ctx.kind == "flow":
-        _schedule_failed_tasks_for_retry(ctx)
+        if ctx.client_major < 3:
+            _schedule_failed_tasks_for_retry(ctx)
         ctx.updates["empirical_policy"] = {**policy, "retry_type": "in_process"}
     return _reject(ctx, "SCHEDULED", "AwaitingRetry", "Retrying", scheduled_time=iso(scheduled))
 
 
 def _schedule_failed_tasks_for_retry(ctx: Transition):
-    """A retried flow runs its failed tasks again: they go back to AwaitingRetry."""
+    """A retried flow runs its failed tasks again: they go back to AwaitingRetry. Not a 3.x client's: its
+    retry makes new task runs (reported by events), and the failed ones would stay AwaitingRetry for good."""
     rows = ctx.tx.query(
         "SELECT * FROM task_run WHERE flow_run_id = ? AND state_type IN ('FAILED', 'CRASHED', 'CANCELLED')",
         (ctx.run["id"],),
@@ -3015,11 +3043,113 @@ def secure_task_concurrency_slots(ctx: Transition):
     return None
 
 
+# Deployment concurrency limits (Prefect 3): a deployment's limit is the global limit `deployment:{id}`. A run
+# takes a slot on its way to PENDING (so a worker provisions nothing without one), under a lease whose id its
+# states carry in state_details; the runner renews the lease while the run runs; leaving RUNNING gives it back.
+DEPLOYMENT_SLOT_WAIT_SECONDS = 30  # Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS
+DEPLOYMENT_LEASE_SECONDS = 300  # ...SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION: until the runner renews
+LEASE_DETAIL = "deployment_concurrency_lease_id"
+HOLDING_STATES = ("PENDING", "RUNNING", "CANCELLING")  # the states a run holds its deployment's slot in
+
+
+def _deployment_limit_of(tx: Transaction, run: dict) -> tuple[dict, dict] | None:
+    """(the run's deployment, its global limit), when the run's deployment has one."""
+    if not run.get("deployment_id"):
+        return None
+    row = tx.query_one("SELECT id, concurrency_limit_id, concurrency_options FROM deployment WHERE id = ?",
+                       (run["deployment_id"],))
+    if row is None or not row["concurrency_limit_id"]:
+        return None
+    limit = read_row(tx, "concurrency_limit_v2", row["concurrency_limit_id"])
+    if limit is None:
+        return None
+    return decode_row("deployment", row), decode_row("concurrency_limit_v2", limit)
+
+
+def _deployment_lease_seconds(dep: dict) -> float:
+    return (dep.get("concurrency_options") or {}).get("grace_period_seconds") or DEPLOYMENT_LEASE_SECONDS
+
+
+def _cancel_for_want_of_a_slot(ctx: Transition, reason: str, message: str) -> Outcome:
+    outcome = _reject(ctx, "CANCELLED", "Cancelled", reason, **{LEASE_DETAIL: None})
+    outcome.state["message"] = message
+    return outcome
+
+
+def secure_deployment_concurrency_slots(ctx: Transition):
+    """A run of a limited deployment goes PENDING only with a slot; without one it waits (ENQUEUE: rescheduled
+    as AwaitingConcurrencySlot) or is cancelled (CANCEL_NEW). Last of the flow rules: a slot is taken only for
+    a transition that is accepted."""
+    if ctx.kind != "flow" or ctx.proposed["type"] != "PENDING" or ctx.initial_type in HOLDING_STATES:
+        return None
+    found = _deployment_limit_of(ctx.tx, ctx.run)
+    if found is None:
+        return None
+    dep, limit = found
+    if limit["limit"] == 0:
+        return Outcome("ABORT", reason="The deployment concurrency limit is 0. The flow will deadlock if submitted "
+                                       "again.")
+    taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
+    if taken is not None:
+        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
+                                                                   None)
+        return None
+    reason = "Deployment concurrency limit reached."
+    if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
+        return _cancel_for_want_of_a_slot(ctx, reason, reason)
+    wait_until = ctx.now + _dt.timedelta(seconds=DEPLOYMENT_SLOT_WAIT_SECONDS)
+    return _reject(ctx, "SCHEDULED", "AwaitingConcurrencySlot", reason, scheduled_time=iso(wait_until))
+
+
+def keep_deployment_lease_at_running(ctx: Transition):
+    """PENDING → RUNNING carries the lease on and renews it; a lease lost meanwhile (expired while the worker
+    provisioned) is taken anew if a slot is free, else the run is cancelled: it cannot wait any more."""
+    if ctx.kind != "flow" or ctx.initial_type != "PENDING" or ctx.proposed["type"] != "RUNNING":
+        return None
+    lease_id = ctx.initial["state_details"].get(LEASE_DETAIL)
+    ctx.proposed["state_details"][LEASE_DETAIL] = lease_id
+    found = _deployment_limit_of(ctx.tx, ctx.run) if lease_id else None
+    if found is None:
+        return None
+    dep, limit = found
+    if renew_lease(ctx.tx, lease_id, _deployment_lease_seconds(dep)):
+        return None
+    taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
+    if taken is not None:
+        holder = {"type": "flow_run", "id": ctx.run["id"]}
+        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
+                                                                   holder)
+        return None
+    return _cancel_for_want_of_a_slot(ctx, "Deployment concurrency limit reached after lease expiry.",
+                                      "Deployment concurrency slot lost during provisioning - no slots available to "
+                                      "continue execution")
+
+
+def carry_deployment_lease(initial: dict | None, state: dict, changes: dict) -> None:
+    """A run keeps its lease into the states it holds its slot in, and into a retry the server scheduled in the
+    same process (the engine keeps renewing the lease through the retry delay)."""
+    lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
+    if not lease_id or state["state_details"].get(LEASE_DETAIL):
+        return
+    in_process_retry = (state["name"] == "AwaitingRetry"
+                        and (changes.get("empirical_policy") or {}).get("retry_type") == "in_process")
+    if state["type"] in HOLDING_STATES or in_process_retry:
+        state["state_details"][LEASE_DETAIL] = lease_id
+
+
+def release_deployment_slot(tx: Transaction, initial: dict | None, state: dict) -> None:
+    """A state that does not carry the run's lease on gives its slot back (a lease already repossessed, as
+    expired, gave it back then)."""
+    lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
+    if lease_id and state["state_details"].get(LEASE_DETAIL) != lease_id:
+        release_lease(tx, lease_id)
+
+
 FLOW_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
     only_cancel_cancelling_runs, cancel_runs_without_infrastructure,
     expire_pauses, handle_pausing_flows, wait_for_scheduled_time, retry_failed_runs, rename_retrying,
-    copy_scheduled_time,
+    copy_scheduled_time, keep_deployment_lease_at_running, secure_deployment_concurrency_slots,
 )
 TASK_RUN_RULES = (
     prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
@@ -3077,6 +3207,8 @@ def _current_state_columns(state: dict) -> dict:
 def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, state: dict, extra: dict):
     """Record `state` as the run's current state: history row, run row, and what follows from it."""
     table = "flow_run" if kind == "flow" else "task_run"
+    if kind == "flow":
+        carry_deployment_lease(initial, state, extra)
     insert_row(tx, f"{table}_state", _state_history_row(table, run["id"], state))
     changes = _run_timing(run, initial, state)
     changes.update(extra)
@@ -3093,7 +3225,9 @@ def _follow_state(tx: Transaction, kind: str, run: dict, initial: dict | None, s
     """What a recorded state sets off beyond the run's own row."""
     if kind == "task":
         _after_task_state(tx, run, initial, state)
-    elif run.get("parent_task_run_id"):
+        return
+    release_deployment_slot(tx, initial, state)
+    if run.get("parent_task_run_id"):
         _mirror_state_on_parent_task(tx, run, state)
 
 
@@ -3130,7 +3264,7 @@ def release_task_concurrency_slots(tx: Transaction, run: dict):
 
 
 def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool,
-                now: _dt.datetime | None = None) -> Outcome:
+                client_major: int = 2, now: _dt.datetime | None = None) -> Outcome:
     """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into.
     `now`: the time the rules judge by and the state is stamped with (the clock's, unless a test says)."""
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
@@ -3138,7 +3272,7 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     flow_run_id = run["id"] if kind == "flow" else run.get("flow_run_id")
     state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")
-    ctx = Transition(kind, tx, run, initial, state, now)
+    ctx = Transition(kind, tx, run, initial, state, now, client_major=client_major)
     outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
     if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
         _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
@@ -3361,12 +3495,12 @@ def _task_run_policy(policy: dict | None) -> dict:
     return out
 
 
-def set_run_state(tx, kind: str, run_id: str, proposed: dict, force: bool) -> Outcome:
+def set_run_state(tx, kind: str, run_id: str, proposed: dict, force: bool, client_major: int = 2) -> Outcome:
     table = "flow_run" if kind == "flow" else "task_run"
     row = read_row(tx, table, run_id, lock=True)
     if row is None:
         raise NotFound(f"{'Flow' if kind == 'flow' else 'Task'} run not found")
-    return orchestrate(tx, kind, row, proposed, force)
+    return orchestrate(tx, kind, row, proposed, force, client_major)
 
 
 def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
@@ -4737,13 +4871,61 @@ LeaseRenewBody = Schema("Body_renew_lease", {
                             maximum=LEASE_MAX_SECONDS)})
 
 
-def create_lease(tx, limits: list[dict], slots: int, seconds: float, holder: dict | None) -> str:
+def create_lease(tx, limits: list[dict], slots: int, seconds: float, holder: dict | None,
+                 tag_limits: tuple = ()) -> str:
+    """A lease on the global limits' slots, and on the tag limits' (their ids listed alike; the holder, or the
+    lease when there is none, goes into each tag limit's active_slots)."""
     now = utcnow()
     lease_id = new_id()
     insert_row(tx, "concurrency_lease", {
         "id": lease_id, "created": iso(now), "expiration": iso(now + _dt.timedelta(seconds=seconds)),
-        "limit_ids": [limit["id"] for limit in limits], "slots": slots, "holder": holder})
+        "limit_ids": [limit["id"] for limit in (*limits, *tag_limits)], "slots": slots, "holder": holder})
+    slot = (holder or {}).get("id") or lease_id
+    for limit in tag_limits:
+        update_row(tx, "concurrency_limit", limit["id"], {"active_slots": [*limit["active_slots"], slot],
+                                                          "updated": iso(now)})
     return lease_id
+
+
+# Prefect 3 keeps a tag's limit as the global limit `tag:NAME`, and its tasks take their tags' slots from those
+# with leases. Here a tag limit is still the v1 row (Prefect 2 clients' tasks are limited by the server's
+# orchestration rule): a `tag:NAME` no global limit of that name covers takes its slot from the v1 row.
+TAG_LIMIT_PREFIX = "tag:"
+
+
+def tag_limits_behind(tx, names: list[str]) -> list[dict]:
+    """The v1 tag limits (locked, decoded) standing for those of the names no global limit covers."""
+    tags = [name[len(TAG_LIMIT_PREFIX):] for name in names if name.startswith(TAG_LIMIT_PREFIX)]
+    if not tags:
+        return []
+    marks = ", ".join("?" for _ in tags)
+    covered = {row["name"] for row in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE name IN ({marks})",
+                                               tuple(TAG_LIMIT_PREFIX + tag for tag in tags))}
+    tags = [tag for tag in tags if TAG_LIMIT_PREFIX + tag not in covered]
+    if not tags:
+        return []
+    marks = ", ".join("?" for _ in tags)
+    rows = tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}",
+                    tuple(tags))
+    return [decode_row("concurrency_limit", row) for row in rows]
+
+
+def tag_limits_full(limits: list[dict], slots: int) -> bool:
+    return any(len(limit["active_slots"]) + slots > limit["concurrency_limit"] for limit in limits)
+
+
+def as_global_limit(tag_limit: dict) -> dict:
+    """A tag limit as a lease answer lists it (Prefect 3's shape: the global limit it is there)."""
+    return {"id": tag_limit["id"], "name": TAG_LIMIT_PREFIX + tag_limit["tag"], "limit": tag_limit["concurrency_limit"]}
+
+
+def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
+    marks = ", ".join("?" for _ in limit_ids)
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}){tx.db.for_update}", tuple(limit_ids)):
+        limit = decode_row("concurrency_limit", row)
+        if slot in limit["active_slots"]:
+            update_row(tx, "concurrency_limit", limit["id"],
+                       {"active_slots": [s for s in limit["active_slots"] if s != slot], "updated": now_iso()})
 
 
 def renew_lease(tx, lease_id: str, seconds: float) -> bool:
@@ -4766,6 +4948,7 @@ def release_lease(tx, lease_id: str) -> bool:
                                              tuple(lease["limit_ids"]))]
         held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
         change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
+        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
     return True
 
 
@@ -9038,8 +9221,11 @@ _read_logs_page, _count_logs = _filter_handler("log", lambda r: decode_row("log"
 @body(_read_logs_page.body_schema)
 def read_logs_filtered(app, req):
     """Logs are refused, not cut short, past the page size (Prefect's `le` on `limit`): the 2.20 CLI's
-    `flow-run logs --num-logs 500` pages on when told so, and would stop at 200 on a clamped answer."""
+    `flow-run logs --num-logs 500` pages on when told so, and would stop at 200 on a clamped answer. Prefect 3
+    refuses it in its own words, which the 3.9 CLI looks for before it pages on by itself."""
     most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+    if req.data.get("limit") is not None and req.data["limit"] > most and client_major(req) == 3:
+        raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
     if req.data.get("limit") is not None and req.data["limit"] > most:
         raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
                                        "value_error.number.not_le")])
@@ -9085,7 +9271,7 @@ def _orchestration_reply(outcome: Outcome):
 @body(SetStateBody)
 def set_flow_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"])
+        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"], client_major(req))
     return _orchestration_reply(outcome)
 
 
@@ -9738,20 +9924,23 @@ def _locked_reply(tx, names: list[str]):
 
 @body(ConcurrencyLeaseBody)
 def increment_global_limits_with_lease(app, req):
-    """Prefect 3 takes slots with a lease; a name without a limit (every task tag: "tag:<tag>") takes none."""
+    """Prefect 3 takes slots with a lease; a name without a limit takes none (a task's "tag:<tag>" takes the
+    tag's v1 limit, if it has one: tag_limits_behind)."""
     data = req.data
     if not data["names"]:
         raise ValidationFailed([_error(("body", "names"), "ensure this value has at least 1 items",
                                        "value_error.list.min_items")])
     with app.db.write() as tx:
-        taken = change_global_slots(tx, data["names"], data["slots"], data["mode"], increment=True)
+        tag_limits = tag_limits_behind(tx, data["names"])
+        full = tag_limits_full(tag_limits, data["slots"])
+        taken = None if full else change_global_slots(tx, data["names"], data["slots"], data["mode"], increment=True)
         if taken is None:
             locked = _locked_reply(tx, data["names"])
         else:
-            lease_id = create_lease(tx, taken, data["slots"], data["lease_duration"], data.get("holder"))
+            lease_id = create_lease(tx, taken, data["slots"], data["lease_duration"], data.get("holder"), tag_limits)
     if taken is None:  # the denial is recorded (denied_slots) once the transaction above commits
         raise locked
-    return 200, {"lease_id": lease_id, "limits": taken}
+    return 200, {"lease_id": lease_id, "limits": taken + [as_global_limit(limit) for limit in tag_limits]}
 
 
 @body(LeaseIdBody)

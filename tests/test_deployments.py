@@ -772,3 +772,55 @@ def test_next_schedule_times_of_each_schedule(quiet_client):
     assert client.request("GET", f"/deployments/{dep['id']}/next_schedule_times?count=x")[0] == 422
     assert client.request("GET", f"/deployments/{dep['id']}/next_schedule_times?count=500")[0] == 422
     assert client.request("GET", f"/deployments/{uuid.uuid4()}/next_schedule_times")[0] == 404
+
+
+def propose(client, run_id, state_type, name=None, **details):
+    state = {"type": state_type, "name": name, "state_details": details}
+    return client.ok("POST", f"/flow_runs/{run_id}/set_state", {"state": state}, headers=PREFECT3_AGENT)
+
+
+def test_a_deployment_concurrency_limit_holds_runs_back_with_leases(quiet_any_db):
+    """Cause 14 of issue 23 (enforcement), as Prefect 3.9 does it: a run of a deployment with a concurrency
+    limit takes a slot of `deployment:{id}` on its way to PENDING, under a lease (its id in the state's details,
+    carried to RUNNING, renewed by the runner); over the limit, ENQUEUE reschedules it as AwaitingConcurrencySlot
+    and CANCEL_NEW cancels it; leaving RUNNING gives the slot back."""
+    client = quiet_any_db
+    dep = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=1)
+    limit_name = f"deployment:{dep['id']}"
+    first, second = run_from(client, dep["id"]), run_from(client, dep["id"])
+
+    pending = propose(client, first["id"], "PENDING")
+    assert pending["status"] == "ACCEPT", pending
+    lease_id = pending["state"]["state_details"]["deployment_concurrency_lease_id"]
+    assert lease_id
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 1
+    assert client.request("POST", f"/v2/concurrency_limits/leases/{lease_id}/renew", {"lease_duration": 60})[0] == 204
+
+    waiting = propose(client, second["id"], "PENDING")
+    assert waiting["status"] == "REJECT", waiting
+    assert (waiting["state"]["type"], waiting["state"]["name"]) == ("SCHEDULED", "AwaitingConcurrencySlot")
+    assert parse(waiting["state"]["state_details"]["scheduled_time"]) > now()
+    assert client.ok("GET", f"/flow_runs/{second['id']}")["state_name"] == "AwaitingConcurrencySlot"
+
+    running = propose(client, first["id"], "RUNNING")
+    assert running["status"] == "ACCEPT", running
+    assert running["state"]["state_details"]["deployment_concurrency_lease_id"] == lease_id
+    assert propose(client, first["id"], "COMPLETED")["status"] == "ACCEPT"
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 0
+    assert client.request("POST", f"/v2/concurrency_limits/leases/{lease_id}/renew", {"lease_duration": 60})[0] == 410
+
+    assert propose(client, second["id"], "PENDING")["status"] == "ACCEPT"
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 1
+
+    client.ok("PATCH", f"/deployments/{dep['id']}", {"concurrency_options": {"collision_strategy": "CANCEL_NEW"}},
+              headers=PREFECT3_AGENT, expect=(204,))
+    third = run_from(client, dep["id"])
+    cancelled = propose(client, third["id"], "PENDING")
+    assert cancelled["status"] == "REJECT", cancelled
+    assert cancelled["state"]["type"] == "CANCELLED"
+    assert cancelled["state"]["message"] == "Deployment concurrency limit reached."
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 1
+
+    # A run that crashes out of PENDING gives its slot back too.
+    assert propose(client, second["id"], "CRASHED")["status"] == "ACCEPT"
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 0

@@ -398,6 +398,37 @@ def test_concurrency_leases(api):
     assert second["lease_id"]
 
 
+def test_a_tag_limit_limits_prefect3_task_runs_through_leases(api):
+    """Cause 11 of issue 23: Prefect 3 tasks take their tags' slots as leases on `tag:NAME` (Prefect 3 keeps a
+    tag limit as that global limit): a limit made the v1 way (`prefect concurrency-limit create TAG 1`) holds
+    the second task back, lists the task run holding its slot, and frees it with the lease."""
+    limit = api.ok("POST", "/concurrency_limits/", {"tag": "db", "concurrency_limit": 1})
+    first_run, second_run = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def take(run_id):
+        return api.post("/v2/concurrency_limits/increment-with-lease",
+                        {"names": ["tag:db", "tag:unlimited"], "slots": 1, "lease_duration": 60,
+                         "holder": {"type": "task_run", "id": run_id}})
+
+    status, first = take(first_run)
+    assert status == 200, first
+    assert first["limits"] == [{"id": limit["id"], "name": "tag:db", "limit": 1}]
+    assert api.ok("GET", "/concurrency_limits/tag/db")["active_slots"] == [first_run]
+    assert take(second_run)[0] == 423
+    assert api.ok("GET", "/concurrency_limits/tag/db")["active_slots"] == [first_run]
+    assert api.request("POST", "/v2/concurrency_limits/decrement-with-lease", {"lease_id": first["lease_id"]})[0] == 204
+    assert api.ok("GET", "/concurrency_limits/tag/db")["active_slots"] == []
+    status, second = take(second_run)
+    assert status == 200, second
+    assert api.ok("GET", "/concurrency_limits/tag/db")["active_slots"] == [second_run]
+
+    # A global limit named tag:db is the tag's limit where there is one (Prefect 3 has only those).
+    api.ok("POST", "/v2/concurrency_limits/", {"name": "tag:db", "limit": 5})
+    status, third = take(str(uuid.uuid4()))
+    assert status == 200 and [lim["name"] for lim in third["limits"]] == ["tag:db"] and third["limits"][0]["limit"] == 5
+    assert api.ok("GET", "/concurrency_limits/tag/db")["active_slots"] == [second_run]
+
+
 def test_expired_leases_are_repossessed(tmp_path):
     with prefectlite.serve(database=f"sqlite:///{tmp_path}/lease.db") as url:
         api = Client(url)

@@ -188,6 +188,42 @@ def test_pending_is_aborted_from_pending_running_cancelling_and_cancelled(client
     assert len(states_of(client, kind, run["id"])) == len(before)
 
 
+@pytest.mark.parametrize("terminal", ["COMPLETED", "FAILED", "CRASHED"])
+@pytest.mark.parametrize("proposed", ["RUNNING", "PENDING", "COMPLETED", "FAILED"])
+def test_a_terminal_flow_run_may_be_run_again(client, terminal, proposed):
+    """As Prefect's HandleFlowTerminalStateTransitions lets it (a parent flow's retry runs its finished subflows
+    again: the 3.x SDK proposes RUNNING for them, which was aborted as "already terminated"); leaving for a
+    non-final state forgets the run's pauses."""
+    flow_run = running_flow_run(client)
+    propose(client, "flow", flow_run["id"], terminal, force=True)
+    status, result = flow_state(client, flow_run["id"], proposed)
+    assert_accepted(status, result, proposed)
+    if proposed in ("RUNNING", "PENDING"):
+        policy = read(client, "flow", flow_run["id"])["empirical_policy"]
+        assert (policy["resuming"], policy["pause_keys"], policy["retry_type"]) == (False, [], None)
+
+
+def test_a_completed_flow_run_with_a_persisted_result_stays_completed(client):
+    flow_run = running_flow_run(client)
+    persisted = {"type": "reference", "serializer_type": "json", "storage_block_id": None, "storage_key": "k"}
+    propose(client, "flow", flow_run["id"], "COMPLETED", data=persisted, force=True)
+    status, result = flow_state(client, flow_run["id"], "RUNNING")
+    assert result["status"] == "REJECT" and result["state"]["type"] == "COMPLETED", result
+    assert result["details"]["reason"] == "Run is already COMPLETED."
+    assert read(client, "flow", flow_run["id"])["state_type"] == "COMPLETED"
+    unpersisted = {"type": "unpersisted"}
+    assert flow_state(client, flow_run["id"], "COMPLETED", data=unpersisted)[1]["status"] == "REJECT"
+
+
+@pytest.mark.parametrize("terminal", TERMINAL)
+def test_a_terminal_flow_run_without_a_deployment_cannot_be_rescheduled(client, terminal):
+    flow_run = running_flow_run(client)
+    propose(client, "flow", flow_run["id"], terminal, force=True)
+    status, result = flow_state(client, flow_run["id"], "SCHEDULED", scheduled_time=iso(now()))
+    assert_aborted(status, result)
+    assert result["details"]["reason"] == "Cannot reschedule a run without an associated deployment."
+
+
 def test_pending_is_accepted_from_scheduled(client):
     run = new_flow_run(client, state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(now())}})
     status, result = flow_state(client, run["id"], "PENDING")
@@ -196,12 +232,14 @@ def test_pending_is_accepted_from_scheduled(client):
 
 # --- terminal states ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind", ["flow", "task"])
+# A flow run may leave a terminal state for another (test_a_terminal_flow_run_may_be_run_again), not for these.
+LEAVING_TERMINAL = [("task", proposed) for proposed in ("RUNNING", "PENDING", "COMPLETED", "FAILED", "PAUSED",
+                                                        "CANCELLING")] + [("flow", "PAUSED"), ("flow", "CANCELLING")]
+
+
+@pytest.mark.parametrize("kind, proposed", LEAVING_TERMINAL)
 @pytest.mark.parametrize("terminal", TERMINAL)
-@pytest.mark.parametrize("proposed", ["RUNNING", "PENDING", "COMPLETED", "FAILED", "PAUSED", "CANCELLING"])
 def test_terminal_states_cannot_be_left(client, kind, terminal, proposed):
-    if (kind, terminal, proposed) == ("flow", "FAILED", "FAILED"):
-        pytest.skip("a failed flow run takes another Failed: see test_a_flow_failed_after_its_pause_timed_out...")
     flow_run = running_flow_run(client)
     run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
     propose(client, kind, run["id"], terminal, force=True)
@@ -217,7 +255,10 @@ def test_terminal_states_cannot_be_left(client, kind, terminal, proposed):
 @pytest.mark.parametrize("kind", ["flow", "task"])
 @pytest.mark.parametrize("terminal", TERMINAL)
 def test_terminal_state_may_go_back_to_scheduled_for_a_retry(client, kind, terminal):
-    flow_run = running_flow_run(client)
+    """(A flow run only with a deployment: test_a_terminal_flow_run_without_a_deployment_cannot_be_rescheduled.)"""
+    flow = new_flow(client)
+    deployment = client.ok("POST", "/deployments/", {"name": f"dep-{uuid.uuid4().hex[:8]}", "flow_id": flow["id"]})
+    flow_run = running_flow_run(client, flow_id=flow["id"], deployment_id=deployment["id"])
     run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
     propose(client, kind, run["id"], terminal, force=True)
 
@@ -435,6 +476,18 @@ def test_flow_retries_reschedule_the_flow_and_its_failed_tasks(client):
     assert_accepted(status, result, "FAILED")
     final = read(client, "flow", flow_run["id"])
     assert final["state_type"] == "FAILED" and final["run_count"] == 2
+
+
+def test_a_3x_clients_flow_retry_leaves_its_failed_task_runs_be(client):
+    """A 3.x client's flow retry makes new task runs (reported by events): the failed ones of the first attempt
+    stay Failed (they were put back to AwaitingRetry, as for 2.x clients, and stayed there for good)."""
+    flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
+    failed_task = running_task_run(client, flow_run["id"])
+    assert_accepted(*task_state(client, failed_task["id"], "FAILED"), "FAILED")
+    status, result = client.post(f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "FAILED"}},
+                                 headers={"User-Agent": "prefect/3.9.1 (API 0.8.4)"})
+    assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
+    assert read(client, "task", failed_task["id"])["state_type"] == "FAILED"
 
 
 def test_a_task_that_used_up_its_retries_has_them_again_on_the_flows_next_attempt(client):

@@ -429,6 +429,43 @@ def test_a_deployment_concurrency_limit_reads_back(run_flow_script, compat_serve
     assert result["name"] == f"deployment:{result['deployment_id']}"
 
 
+def test_a_served_deployments_concurrency_limit_runs_its_runs_one_at_a_time(start_script, compat_server, api):
+    """Cause 14 of issue 23 (enforcement): serve(global_limit=1) and two runs at once: the second is held
+    back (AwaitingConcurrencySlot) until the first has given its slot back, and then runs."""
+    name = f"p3-one-{uuid.uuid4().hex[:8]}"
+    serve = start_script(scenario("p15_deployment_concurrency_serve.py"), compat_server, args=[name], timeout=240)
+
+    def served(path):
+        def found():
+            if serve.proc.poll() is not None:
+                out, err = serve.output()
+                pytest.fail(f"serve() exited with {serve.proc.returncode}\n{out[-3000:]}\n{err[-6000:]}")
+            status, body = api("GET", path)
+            return body if status == 200 else None
+        return found
+
+    dep = wait_until(served(f"/deployments/name/p3-one-at-a-time/{name}"), 60, what=f"deployment {name}")
+    runs = [api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {}, expect=(200, 201)) for _ in range(2)]
+
+    def both_finished():
+        served("/health")()
+        found = [get_flow_run(api, run["id"]) for run in runs]
+        return found if all(run["state_type"] in TERMINAL for run in found) else None
+
+    finished = wait_until(both_finished, 180, interval=1, what="both runs of the limited deployment to finish")
+    for run in finished:
+        assert_completed(run, "flow run")
+    first, second = sorted(finished, key=lambda run: run["start_time"])
+    assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
+        f"two runs ran at once under a limit of 1: {first['start_time']}..{first['end_time']} and "
+        f"{second['start_time']}..{second['end_time']}")
+    held_back = [name for run in finished for _type, name in state_seq(flow_run_states(api, run["id"]))]
+    assert "AwaitingConcurrencySlot" in held_back, held_back
+    limit = api.ok("GET", f"/v2/concurrency_limits/deployment:{dep['id']}", expect=200)
+    assert limit["active_slots"] == 0, limit
+    serve.terminate()
+
+
 def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, compat_server):
     """The 2.20 test's script (scenarios/b09_schema_checksum.py) under the 3.9 SDK."""
     found = script_result(run_flow_script(SCENARIOS_DIR.parent / "scenarios" / "b09_schema_checksum.py", compat_server))
@@ -522,6 +559,29 @@ def test_global_concurrency_limit(run_flow_script, start_script, compat_server, 
     assert after["active_slots"] == 1  # nothing taken, nothing given back
     if "denied_slots" in after:  # ours shows the denials; Prefect 3's server does not
         assert after["denied_slots"] > 0
+
+
+def test_a_tag_concurrency_limit_holds_back_the_second_task(run_flow_script, compat_server, api):
+    """Cause 11 of issue 23: a limit made the v1 way (as `prefect concurrency-limit create TAG 1` makes it)
+    limits 3.9 tasks, which take their tag's slot as a lease on `tag:TAG`: of two submitted tasks with the tag,
+    the second starts once the first has ended (the 2.20 scenario s13, unchanged)."""
+    tag = f"p3-limit-{uuid.uuid4().hex[:12]}"
+    api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 1}, expect=(200, 201))
+    try:
+        proc = run_flow_script(HERE / "scenarios" / "s13_tag_concurrency.py", compat_server, args=[tag], timeout=150)
+        assert_no_lost_events(proc)
+        run_id = script_result(proc)["flow_run_id"]
+        assert_completed(get_flow_run(api, run_id), "flow run")
+        first, second = sorted(settled_task_runs(api, run_id, 2), key=lambda tr: tr["start_time"])
+        for tr in (first, second):
+            assert_completed(tr, "task run")
+            assert tag in tr["tags"]
+        assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
+            "two task runs ran at once under a concurrency limit of 1: "
+            f"{first['start_time']}..{first['end_time']} and {second['start_time']}..{second['end_time']}")
+        assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == []
+    finally:
+        api("DELETE", f"/concurrency_limits/tag/{tag}")
 
 
 def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_server, api, tmp_path):
@@ -619,3 +679,88 @@ def test_notification_policies_fire_for_prefect3_flow_runs(run_flow_script, comp
             assert f"p3-failing/{run['name']} is Failed: {run['state']['message']}" in texts, texts
         finally:
             api.ok("PATCH", f"/flow_run_notification_policies/{policy['id']}", {"is_active": False}, expect=204)
+
+
+# --------------------------------------------------------------------------- the 2.20 scenarios under 3.9
+# Every 2.20 scenario (scenarios/) whose APIs exist in 3.x runs unchanged under the 3.9 SDK too: each script
+# asserts its own outcome (it exits non-zero otherwise) and prints the flow runs it made, which must end as
+# the script expects, their task runs recorded and settled. The 2.20 tests check the details of each; the 3.x
+# ones above check 3.x's details of the same behaviours. Not here, because 3.x removed their APIs:
+SCENARIOS_2_NOT_IN_3 = {
+    "b08_notification.py": "flow run notification policies (create_flow_run_notification_policy): Prefect 3 "
+                           "replaced them with automations",
+    "s17_deployment_reads.py": "create_deployment(infra_overrides=..., schedule=...): the 2.x ways of making a "
+                               "deployment, gone from the 3.x client",
+    "b02_system_blocks.py": "the JSON block (prefect.blocks.system.JSON): removed in 3.x",
+    "b03_nested_block.py": "prefect._internal.pydantic.HAS_PYDANTIC_V2: a 2.x internal, gone in 3.x",
+    "b04_variables.py": "variables.get() and Variable.get() answering a Variable: 3.x's Variable.get answers the value",
+    "s12_variables.py": "Variable.get() answering a Variable (.value): 3.x's answers the value",
+    "s06_submit.py": "asserts the 2.x ConcurrentTaskRunner (3.x's default is the ThreadPoolTaskRunner); it fails on "
+                     "Prefect 3.9's own server too",
+}
+SCENARIOS_2_ELSEWHERE = {  # run under 3.9 by their own tests above
+    "b09_schema_checksum.py": "test_the_sdk_finds_its_block_schemas_by_its_own_checksum",
+    "s13_tag_concurrency.py": "test_a_tag_concurrency_limit_holds_back_the_second_task",
+    "s15_subflow_result_into_task.py": "test_a_subflows_state_passed_into_a_task",
+}
+SCENARIOS_2 = sorted(path.name for path in (HERE / "scenarios").glob("[bs][0-9]*.py")
+                     if path.name not in SCENARIOS_2_NOT_IN_3 and path.name not in SCENARIOS_2_ELSEWHERE)
+FAILING_SCENARIOS_2 = {"s07_fail.py"}  # its flow fails, as it means to
+
+
+def _prepare_scenario_2(name: str, token: str, api) -> list:
+    """What the 2.20 test creates first; the argv lists of the script's invocations, in order."""
+    if name == "b04_variables.py":
+        api.ok("POST", "/variables/", {"name": f"compat_bvar_{token}", "value": "api-value"}, expect=(200, 201))
+    if name == "s12_variables.py":
+        api.ok("POST", "/variables/", {"name": f"compat_var_{token}", "value": "from-the-api", "tags": ["compat"]},
+               expect=(200, 201))
+    if name == "b06_tag_limit.py":
+        api.ok("POST", "/concurrency_limits/", {"tag": "limited", "concurrency_limit": 1}, expect=(200, 201))
+    if name == "b07_global_concurrency.py":
+        api.ok("POST", "/v2/concurrency_limits/", {"name": f"db-{token}", "limit": 1}, expect=(200, 201))
+        return [[f"db-{token}"]]
+    if name in ("b02_system_blocks.py", "b03_nested_block.py"):
+        return [["save", token], ["load", token]]
+    if name == "b01_persisted_cache.py":
+        return [[token], [token]]
+    if name in ("b04_variables.py", "b05_artifacts.py", "s03_cache.py", "s08_tags_params.py", "s12_variables.py"):
+        return [[token]]
+    return [[]]
+
+
+def _resume_when_paused(script, id_file, api, run_input=None) -> None:
+    run = wait_for_pause(script, id_file, api, 60)
+    body = {"run_input": run_input} if run_input is not None else {}
+    assert api.ok("POST", f"/flow_runs/{run['id']}/resume", body, expect=(200, 201))["status"] == "ACCEPT"
+
+
+@pytest.mark.parametrize("name", SCENARIOS_2)
+def test_the_2_20_scenario_runs_under_the_3_9_sdk(name, start_script, compat_server, api, tmp_path):
+    token = uuid.uuid4().hex[:12]
+    results = []
+    try:
+        for args in _prepare_scenario_2(name, token, api):
+            if name in ("s09_pause.py", "s14_wait_for_input.py"):  # the test resumes the flow, as the 2.20 one does
+                id_file = tmp_path / "flow_run_id.txt"
+                script = start_script(HERE / "scenarios" / name, compat_server, args=[id_file], timeout=150)
+                _resume_when_paused(script, id_file, api,
+                                    {"approved": True, "note": "ship it"} if name == "s14_wait_for_input.py" else None)
+                proc = script.wait(check=True)
+            else:
+                proc = start_script(HERE / "scenarios" / name, compat_server, args=args, timeout=150).wait(check=True)
+            assert_no_lost_events(proc)
+            results.append(script_result(proc))
+    finally:
+        if name == "b06_tag_limit.py":
+            api("DELETE", "/concurrency_limits/tag/limited")
+    run_ids = [run_id for result in results
+               for run_id in (result.get("flow_run_ids") or [result.get("flow_run_id")]) if run_id]
+    for run_id in run_ids:
+        run = get_flow_run(api, run_id)
+        expected = "FAILED" if name in FAILING_SCENARIOS_2 else "COMPLETED"
+        assert run["state_type"] == expected, (name, run["state"])
+        for tr in task_runs_of(api, run_id):
+            wait_until(lambda: api.ok("GET", f"/task_runs/{tr['id']}", expect=200)["state_type"] in TERMINAL, 15,
+                       what=f"task run {tr['id']} to settle")
+

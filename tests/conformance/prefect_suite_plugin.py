@@ -1,4 +1,4 @@
-"""A pytest plugin that points Prefect 2.20's own test suite at an external server (tests/conformance).
+"""A pytest plugin that points Prefect's own test suite (2.20 or 3.x) at an external server (tests/conformance).
 
 Loaded with `-p prefect_suite_plugin` into the pytest of the Prefect test venv (never into ours), by run.py.
 It needs that venv's `prefect` and `pytest`; the rest is the standard library.
@@ -16,11 +16,16 @@ What it changes in Prefect's suite, and why:
   a database our server never sees): those using the fixtures `session`, `client`, `app` (directly or through
   the ORM-built object fixtures such as `flow_run` or `deployment`, which all take `session`), or `db`.
 - It writes each test's outcome, one JSON object a line, to $PREFECTLITE_CONFORMANCE_RESULTS.
+- Under Prefect 3 (whose SDK reports task runs only as events): the suite's `events_pipeline` fixtures record
+  events in memory and feed them to Prefect's in-process task-run recorder; the overrides forward them over
+  the WebSocket /api/events/in of the server under test instead, then wait (with a deadline) until the server
+  shows each task run in the state of its latest event, as the in-process recorder would have on return.
 
 - It deselects the tests named in $PREFECTLITE_CONFORMANCE_DONE (one node id a line): run.py resumes a run
   that died or hung that way, without the tests already run.
 
-Environment: PREFECTLITE_CONFORMANCE_API_URL (http://127.0.0.1:PORT/api), PREFECTLITE_CONFORMANCE_RESULTS,
+Environment: PREFECTLITE_CONFORMANCE_API_URL (http://127.0.0.1:PORT/api; under pytest-xdist one per worker,
+comma-separated), PREFECTLITE_CONFORMANCE_RESULTS,
 PREFECTLITE_CONFORMANCE_DONE (optional).
 """
 
@@ -62,10 +67,13 @@ _SETTINGS_CONTEXT = None  # kept referenced: the context manager must outlive py
 
 
 def api_url() -> str:
-    url = os.environ.get(API_URL_VAR, "").rstrip("/")
-    if not url:
+    """The server under test; with pytest-xdist, one server per worker (the variable lists them, comma-separated):
+    a test emptying its server then cannot empty another worker's under a running test."""
+    urls = [url.strip().rstrip("/") for url in os.environ.get(API_URL_VAR, "").split(",") if url.strip()]
+    if not urls:
         raise pytest.UsageError(f"{API_URL_VAR} must name the server under test (http://127.0.0.1:PORT/api)")
-    return url
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")  # gw0, gw1, ...
+    return urls[int(worker[2:]) % len(urls)] if worker[2:].isdigit() else urls[0]
 
 
 # --------------------------------------------------------------------------- session set-up
@@ -95,7 +103,32 @@ def _register_fixture_overrides(config) -> None:
     module.safety_check_settings = _safety_check_settings_fixture()
     module.database_engine = _database_engine_fixture()
     module.setup_db = _setup_db_fixture()
-    config.pluginmanager.register(module, name=str(tests_dir / "prefectlite_overrides_conftest.py"))
+    if _prefect_major() >= 3:
+        module.events_pipeline = _events_pipeline_fixture()
+        module.emitting_events_pipeline = _emitting_events_pipeline_fixture()
+    fixture_manager = config.pluginmanager.get_plugin("funcmanage")
+    if hasattr(fixture_manager, "_pending_conftests"):
+        # pytest >= 9.1 defers a conftest's fixtures until its directory is collected, one conftest per
+        # directory: a second one registered for tests/ would replace Prefect's. They are added after it there.
+        global _DEFERRED_OVERRIDES
+        _DEFERRED_OVERRIDES = (tests_dir, module)
+    else:
+        config.pluginmanager.register(module, name=str(tests_dir / "prefectlite_overrides_conftest.py"))
+
+
+_DEFERRED_OVERRIDES = None  # (directory, fixture module) for pytest >= 9.1
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_make_collect_report(collector):
+    """Outermost wrapper: by the time this resumes, pytest has parsed the directory's conftest (pytest >= 9.1),
+    so fixtures parsed now for the same directory come later and take precedence."""
+    report = yield
+    if _DEFERRED_OVERRIDES is not None and isinstance(collector, pytest.Directory):
+        directory, module = _DEFERRED_OVERRIDES
+        if collector.path == directory:
+            collector.session._fixturemanager.parsefactories(holder=module, node=collector)
+    return report
 
 
 # The fixtures are built by functions so that they exist only in the overriding module (a fixture at this
@@ -145,6 +178,120 @@ def _setup_db_fixture():
         yield
 
     return setup_db
+
+
+def _prefect_major() -> int:
+    import prefect
+
+    return int(prefect.__version__.split(".")[0])
+
+
+# --------------------------------------------------------------------------- Prefect 3: events to the server
+
+TASK_RUN_EVENT = "prefect.task-run."
+TASK_RUN_RESOURCE = "prefect.task-run."
+RECORD_TIMEOUT = 10.0  # seconds the server gets to show a forwarded task run's state (Prefect's own default)
+RECORD_POLL = 0.05
+
+
+def _events_pipeline_fixture():
+    @pytest.fixture(name="events_pipeline")
+    async def events_pipeline(asserting_events_worker):
+        """Prefect's fixture hands the worker's in-memory events to its in-process recorder: here, to the server."""
+        yield _forwarding_pipeline(asserting_events_worker, forward=True)
+
+    return events_pipeline
+
+
+def _emitting_events_pipeline_fixture():
+    @pytest.fixture(name="emitting_events_pipeline")
+    async def emitting_events_pipeline(asserting_and_emitting_events_worker):
+        """This worker's client has already sent its events to the server: only wait for them to be recorded."""
+        yield _forwarding_pipeline(asserting_and_emitting_events_worker, forward=False)
+
+    return emitting_events_pipeline
+
+
+def _forwarding_pipeline(worker, forward: bool):
+    import asyncio
+
+    from prefect._internal.compatibility.async_dispatch import async_dispatch
+    from prefect.utilities.asyncutils import run_coro_as_sync
+
+    class ForwardingEventsPipeline:
+        """What the suite calls on Prefect's EventsPipeline (process_events), done against the server under test."""
+
+        async def aprocess_events(self, dequeue_events: bool = True, min_events: int = 0, timeout: int = 10):
+            if min_events:
+                deadline = asyncio.get_running_loop().time() + timeout
+                while len(worker._client.events) < min_events:
+                    if asyncio.get_running_loop().time() > deadline:
+                        raise TimeoutError(f"Timed out waiting for {min_events} events after {timeout} seconds. "
+                                           f"Only observed {len(worker._client.events)} events.")
+                    await asyncio.sleep(0.1)
+            else:
+                worker.wait_until_empty()
+            events = worker._client.pop_events() if dequeue_events else list(worker._client.events)
+            if forward:
+                await send_events(events)
+            await wait_until_recorded(events)
+
+        @async_dispatch(aprocess_events)
+        def process_events(self, dequeue_events: bool = True, min_events: int = 0, timeout: int = 10):
+            return run_coro_as_sync(self.aprocess_events(dequeue_events=dequeue_events, min_events=min_events,
+                                                         timeout=timeout))
+
+    return ForwardingEventsPipeline()
+
+
+async def send_events(events: list) -> None:
+    """Over /api/events/in with Prefect's own client; its checkpoint after the last one confirms receipt."""
+    if not events:
+        return
+    from prefect.events.clients import PrefectEventsClient
+
+    async with PrefectEventsClient(api_url=api_url(), checkpoint_every=len(events)) as client:
+        for event in events:
+            await client.emit(event)
+
+
+def latest_task_run_states(events: list) -> dict:
+    """{task run id: the state name of its latest (by occurrence) task-run event}."""
+    latest = {}
+    for event in events:
+        resource_id = event.resource.get("prefect.resource.id", "")
+        if event.event.startswith(TASK_RUN_EVENT) and resource_id.startswith(TASK_RUN_RESOURCE):
+            run_id = resource_id[len(TASK_RUN_RESOURCE):]
+            if run_id not in latest or event.occurred >= latest[run_id][0]:
+                latest[run_id] = (event.occurred, event.event[len(TASK_RUN_EVENT):])
+    return {run_id: name for run_id, (_, name) in latest.items()}
+
+
+async def wait_until_recorded(events: list) -> None:
+    """Poll GET /task_runs/{id} until each shows its latest event's state name, or RECORD_TIMEOUT passes (then
+    the test goes on and asserts what it asserts)."""
+    import asyncio
+    import http.client
+    import urllib.parse
+
+    pending = latest_task_run_states(events)
+    if not pending:
+        return
+    parts = urllib.parse.urlsplit(api_url())
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + RECORD_TIMEOUT
+    conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=10)
+    try:
+        while pending and loop.time() < deadline:
+            for run_id, name in list(pending.items()):
+                status, run = await loop.run_in_executor(None, _request, conn, "GET",
+                                                         f"{parts.path}/task_runs/{run_id}")
+                if status == 200 and isinstance(run, dict) and (run.get("state") or {}).get("name") == name:
+                    del pending[run_id]
+            if pending:
+                await asyncio.sleep(RECORD_POLL)
+    finally:
+        conn.close()
 
 
 # --------------------------------------------------------------------------- emptying the server
@@ -312,6 +459,8 @@ _WRITER = None
 def pytest_configure(config):
     global _WRITER
     path = os.environ.get(RESULTS_VAR)
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller records every worker's reports
+        return
     if path and _WRITER is None:
         _WRITER = ResultWriter(path)
 

@@ -1,4 +1,5 @@
-"""Run Prefect 2.20.25's own test suite against a server and compare with the tests that pass on Prefect's own.
+"""Run Prefect's own test suite (2.20.25, or 3.x with the 3.9.1 SDK) against a server and compare with the tests
+that pass on Prefect's own.
 
 Usage:
     python tests/conformance/run.py               # against prefectlite: lists what passes on Prefect's
@@ -6,11 +7,15 @@ Usage:
     python tests/conformance/run.py --reference   # against Prefect's own server (`prefect server start`):
                                                   # rewrites prefect-2.20-passing.txt
     python tests/conformance/run.py -k FILES...   # only these files of the selection (e.g. tests/test_states.py)
+    python tests/conformance/run.py --suite 3.x [--reference] [-k FILES...]
+                                                  # the same with Prefect's 3.x suite (3.8.4.dev6) and 3.9.1
+                                                  # (prefect-3.x-passing.txt, known-differences-3.x.txt)
 
-The suite (../shared/reference/prefect-tests/2.20.25, Apache-2.0) is test input: it is copied to a scratch
-directory and run there by the Prefect test venv (prefect_tests_venv.py) with prefect_suite_plugin.py loaded,
-which points it at the server started here (see that plugin for what it changes). Each Prefect test run is a
-subprocess under `nice -n 19`, never an import into this process; only the standard library is used here.
+The suites (../shared/reference/prefect-tests/2.20.25 and 3.8.4.dev6, Apache-2.0) are test input: one is copied
+to a scratch directory and run there by its Prefect test venv (prefect_tests_venv.py, prefect3_tests_venv.py)
+with prefect_suite_plugin.py loaded, which points it at the server started here (see that plugin for what it
+changes). Each Prefect test run is a subprocess under `nice -n 19`, never an import into this process; only the
+standard library is used here.
 
 Exit status: 0 when every test of the baseline passes or is a known difference, 1 otherwise, 2 on a harness
 error (no suite, a server that does not start, a run that produced no results).
@@ -43,6 +48,7 @@ BASELINE = HERE / "prefect-2.20-passing.txt"
 KNOWN_DIFFERENCES = HERE / "known-differences.txt"
 
 sys.path.insert(0, str(HERE))
+import prefect3_tests_venv  # noqa: E402
 import prefect_tests_venv  # noqa: E402
 
 # The README's files (reference/prefect-tests/README.md): the SDK's client, flows, tasks and the API-using
@@ -104,6 +110,58 @@ SELECTION = README_FILES + EXTENSION
 # Logs cannot be deleted through the API, so a file asserting on the whole log table gets a fresh server.
 FRESH_SERVER_FILES = ("tests/test_logging.py",)
 
+# --------------------------------------------------------------------------- Prefect's 3.x suite
+
+# The README's files (reference/prefect-tests/README.md, the 3.x part): both engines, flows, tasks, the client,
+# the events client, blocks, concurrency, input, the runner, variables, artifacts, automations, and the CLI
+# commands that talk to the API.
+README_FILES_3 = (
+    "tests/test_flows.py",
+    "tests/test_tasks.py",
+    "tests/test_flow_engine.py",
+    "tests/test_task_engine.py",
+    "tests/client/test_prefect_client.py",
+    "tests/events/client",
+    "tests/blocks/test_core.py",
+    "tests/concurrency",
+    "tests/input",
+    "tests/runner",
+    "tests/test_variables.py",
+    "tests/test_artifacts.py",
+    "tests/test_automations.py",
+    "tests/cli/test_variable.py",
+    "tests/cli/test_artifact.py",
+    "tests/cli/test_block.py",
+    "tests/cli/test_flow_run.py",
+    "tests/cli/test_task_run.py",
+    "tests/cli/test_work_pool.py",
+    "tests/cli/test_work_queues.py",
+    "tests/cli/test_global_concurrency_limit.py",
+    "tests/cli/deployment",
+)
+# Beyond the README's files: other client-facing files whose tests run flows, tasks, deployments or CLI commands
+# through the API. (Left out for CI's time: tests/cli/test_deploy.py and tests/cli/deploy, deployment builds
+# that take minutes each; tests/workers, whose process worker runs each flow in a new interpreter.)
+EXTENSION_3 = (
+    "tests/test_flow_runs.py",
+    "tests/test_task_runs.py",
+    "tests/test_states.py",
+    "tests/test_futures.py",
+    "tests/test_background_tasks.py",
+    "tests/test_task_worker.py",
+    "tests/test_context.py",
+    "tests/test_log_prints.py",
+    "tests/test_waiters.py",
+    "tests/cli/test_events.py",
+    "tests/cli/test_flow.py",
+)
+SELECTION_3 = README_FILES_3 + EXTENSION_3
+# Two pytest-xdist workers (Prefect's own CI runs this suite under xdist): one after the other, the selection's
+# ~3,900 tests take about an hour here, past CI's budget (tests/benchmarks/README.md has the figures).
+WORKERS_3 = int(os.environ.get("PREFECTLITE_CONFORMANCE_WORKERS", "2"))
+# Like 2.20's: logs cannot be deleted through the API.
+FRESH_SERVER_FILES_3 = ("tests/test_logging.py",)
+
 PER_TEST_TIMEOUT = 60  # seconds (pytest-timeout): one hung test must not stall CI
 # pytest-timeout's signal cannot interrupt every hang (one test of test_engine.py outlived it by minutes):
 # a run whose results file has not grown for this long is stopped, and resumed after the hung test.
@@ -119,6 +177,61 @@ PASSED = "passed"
 
 class HarnessError(RuntimeError):
     """The harness could not run the suite (as opposed to tests failing)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    """One of Prefect's suites: where it is, what of it runs, with which venv, compared with which lists."""
+    name: str  # the --suite value
+    version: str  # Prefect's release (or snapshot) the tests are from
+    sdk: str  # the Prefect release that runs them (and whose server is the baseline)
+    selection: tuple
+    fresh_files: tuple
+    baseline: Path
+    known_differences: Path
+    ensure_venv: object  # () -> the venv's python
+    venv_error: type
+    copied: tuple  # what of the suite's directory the scratch copy needs
+    reference_env: tuple  # (name, value): how Prefect's server is configured as the suite's test profile does
+    workers: int = 1  # pytest-xdist workers, each with a server of its own (the selection's first run only)
+
+    @property
+    def path(self) -> Path:
+        return REFERENCE_TESTS / self.version
+
+
+# Prefect 2.20: the triggers service stays on (the profile leaves it on, and 2.20 serves /automations only with
+# it); the event persister is off.
+REFERENCE_ENV_2 = (
+    ("PREFECT_API_SERVICES_SCHEDULER_ENABLED", "false"),
+    ("PREFECT_API_SERVICES_LATE_RUNS_ENABLED", "false"),
+    ("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", "false"),
+    ("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_ENABLED", "false"),
+    ("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_ENABLED", "false"),
+    ("PREFECT_API_SERVICES_FOREMAN_ENABLED", "false"),
+    ("PREFECT_API_SERVICES_EVENT_PERSISTER_ENABLED", "false"),
+    ("PREFECT_EXPERIMENTAL_EVENTS", "true"),
+)
+# Prefect 3.9: the same services off, but the task-run recorder and the event persister on, since the harness
+# forwards the suite's task-run events to the server (prefect_suite_plugin.py) instead of to an in-process one.
+REFERENCE_ENV_3 = (
+    ("PREFECT_SERVER_SERVICES_SCHEDULER_ENABLED", "false"),
+    ("PREFECT_SERVER_SERVICES_LATE_RUNS_ENABLED", "false"),
+    ("PREFECT_SERVER_SERVICES_PAUSE_EXPIRATIONS_ENABLED", "false"),
+    ("PREFECT_SERVER_SERVICES_CANCELLATION_CLEANUP_ENABLED", "false"),
+    ("PREFECT_SERVER_SERVICES_FOREMAN_ENABLED", "false"),
+    ("PREFECT_SERVER_SERVICES_TASK_RUN_RECORDER_ENABLED", "true"),
+    ("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "true"),
+)
+
+PREFECT_2 = Suite("2.20", "2.20.25", "2.20.25", SELECTION, FRESH_SERVER_FILES, HERE / "prefect-2.20-passing.txt",
+                  HERE / "known-differences.txt", prefect_tests_venv.ensure_prefect_tests_venv,
+                  prefect_tests_venv.VenvError, ("tests", "flows", "setup.cfg"), REFERENCE_ENV_2)
+PREFECT_3 = Suite("3.x", "3.8.4.dev6", "3.9.1", SELECTION_3, FRESH_SERVER_FILES_3, HERE / "prefect-3.x-passing.txt",
+                  HERE / "known-differences-3.x.txt", prefect3_tests_venv.ensure_prefect3_tests_venv,
+                  prefect3_tests_venv.VenvError, ("tests", "pyproject.toml"), REFERENCE_ENV_3,
+                  workers=WORKERS_3)
+SUITES = {suite.name: suite for suite in (PREFECT_2, PREFECT_3)}
 
 
 # --------------------------------------------------------------------------- servers
@@ -194,11 +307,8 @@ def start_prefectlite(workdir: Path) -> Server:
     return server
 
 
-def start_prefect_server(workdir: Path, python: str) -> Server:
-    """`prefect server start` from the test venv, configured as the suite's test profile configures it.
-
-    (Not the triggers service: the profile leaves it on, and Prefect 2.20 serves /automations only with it.)
-    """
+def start_prefect_server(workdir: Path, python: str, suite: Suite = PREFECT_2) -> Server:
+    """`prefect server start` from the test venv, configured as the suite's test profile configures it."""
     home = Path(tempfile.mkdtemp(prefix="prefect-server-", dir=workdir))
     port = free_port()
     env = env_without_prefect()
@@ -207,15 +317,8 @@ def start_prefect_server(workdir: Path, python: str) -> Server:
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
-        "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_API_SERVICES_LATE_RUNS_ENABLED": "false",
-        "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED": "false",
-        "PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_ENABLED": "false",
-        "PREFECT_API_SERVICES_CANCELLATION_CLEANUP_ENABLED": "false",
-        "PREFECT_API_SERVICES_FOREMAN_ENABLED": "false",
-        "PREFECT_API_SERVICES_EVENT_PERSISTER_ENABLED": "false",
-        "PREFECT_EXPERIMENTAL_EVENTS": "true",
         "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "false",
+        **dict(suite.reference_env),
     })
     cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     server = launch(cmd, env, home, port, "prefect-server")
@@ -252,22 +355,24 @@ def tail(path: Path, limit: int = 4000) -> str:
 # --------------------------------------------------------------------------- running Prefect's suite
 
 
-def suite_available() -> bool:
-    return (SUITE / "tests" / "conftest.py").is_file()
+def suite_available(suite: Suite = PREFECT_2) -> bool:
+    return (suite.path / "tests" / "conftest.py").is_file()
 
 
-def scratch_copy(workdir: Path) -> Path:
+def scratch_copy(workdir: Path, suite: Suite = PREFECT_2) -> Path:
     """Copy the suite to a scratch directory: its tests write files beside themselves and a .pytest_cache."""
-    dest = workdir / "prefect-2.20.25"
+    dest = workdir / f"prefect-{suite.version}"
     dest.mkdir()
-    for name in ("tests", "flows"):
-        if (SUITE / name).is_dir():
-            shutil.copytree(SUITE / name, dest / name, symlinks=True)
-    shutil.copy2(SUITE / "setup.cfg", dest / "setup.cfg")
+    for name in suite.copied:
+        source = suite.path / name
+        if source.is_dir():
+            shutil.copytree(source, dest / name, symlinks=True)
+        elif source.is_file():
+            shutil.copy2(source, dest / name)
     return dest
 
 
-def pytest_command(python: str, files: list) -> list:
+def pytest_command(python: str, files: list, workers: int = 1) -> list:
     return [
         "nice", "-n", "19", python, "-m", "pytest",
         "-p", "prefect_suite_plugin", "-p", "no:cacheprovider",
@@ -277,11 +382,13 @@ def pytest_command(python: str, files: list) -> list:
         "--tb=native",
         "--continue-on-collection-errors",  # one file that fails to import must not cancel the others
         f"--timeout={PER_TEST_TIMEOUT}",
+        *(("-n", str(workers)) if workers > 1 else ()),
         *files,
     ]
 
 
-def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path) -> int:
+def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path,
+               workers: int = 1) -> int:
     """Run pytest on the files; its exit status, or -1 if it ran past RUN_TIMEOUT or stalled and was stopped."""
     env = env_without_prefect()
     env.update({
@@ -293,7 +400,7 @@ def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results
         "PREFECTLITE_CONFORMANCE_DONE": str(done_path(results)),
     })
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(pytest_command(python, files), env=env, cwd=str(suite_copy), stdout=log,
+        proc = subprocess.Popen(pytest_command(python, files, workers), env=env, cwd=str(suite_copy), stdout=log,
                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         try:
             return watch(proc, results, log)
@@ -349,27 +456,32 @@ def batches(files: list, fresh_files=FRESH_SERVER_FILES) -> list:
 
 
 def run_selection(python: str, start_server, files: list, workdir: Path, log_path: Path,
-                  fresh_files=FRESH_SERVER_FILES) -> dict:
+                  fresh_files=FRESH_SERVER_FILES, suite: Suite = PREFECT_2, workers: int = 1) -> dict:
     """Run the files (or node ids) against servers from start_server(workdir); answer {nodeid: result entry}."""
-    suite_copy = scratch_copy(workdir)
+    suite_copy = scratch_copy(workdir, suite)
     results_path = workdir / "results.jsonl"
     for batch in batches(files, fresh_files):
-        server = start_server(workdir)
+        servers = []
         try:
-            run_batch(python, suite_copy, server.api_url, batch, results_path, log_path)
+            for _ in range(workers):
+                servers.append(start_server(workdir))
+            api_urls = ",".join(server.api_url for server in servers)
+            run_batch(python, suite_copy, api_urls, batch, results_path, log_path, workers)
         finally:
-            server.stop()
+            for server in servers:
+                server.stop()
     results = read_results(results_path)
     if not results:
         raise HarnessError(f"the suite produced no results; log tail:\n{tail(log_path)}")
     return results
 
 
-def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path) -> None:
+def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path,
+              workers: int = 1) -> None:
     """Run the batch; if pytest dies or hangs (not: tests fail), record the test it was in as an error and
     run the rest of the batch again without the tests already done."""
     for _ in range(MAX_RESUMES + 1):
-        code = run_pytest(python, suite_copy, api_url, batch, results_path, log_path)
+        code = run_pytest(python, suite_copy, api_url, batch, results_path, log_path, workers)
         if code in (0, 1, 5):  # 1: some tests failed; 5: none collected
             return
         culprit = unfinished_test(results_path)
@@ -427,14 +539,17 @@ def read_baseline(path: Path = BASELINE) -> set:
             if line.strip() and not line.startswith("#")}
 
 
-def write_baseline(results: dict, path: Path = BASELINE) -> None:
+def write_baseline(results: dict, suite: Suite = PREFECT_2) -> None:
     nodeids = passing(results)
     runnable = sum(1 for entry in results.values() if entry["outcome"] != "skipped")
+    option = "" if suite is PREFECT_2 else f" --suite {suite.name}"
     header = (
-        "# Tests of Prefect 2.20.25's own suite (tests/conformance/run.py's selection) that pass against\n"
-        f"# Prefect 2.20.25's own server: {len(nodeids)} of {runnable} runnable ({len(results)} collected).\n"
-        "# Regenerate: python tests/conformance/run.py --reference\n"
+        f"# Tests of Prefect {suite.version}'s own suite (tests/conformance/run.py's selection), run by the\n"
+        f"# {suite.sdk} SDK, that pass against Prefect {suite.sdk}'s own server: {len(nodeids)} of {runnable}\n"
+        f"# runnable ({len(results)} collected).\n"
+        f"# Regenerate: python tests/conformance/run.py{option} --reference\n"
     )
+    path = suite.baseline
     path.write_text(header + "".join(f"{n}\n" for n in sorted(nodeids)), encoding="utf-8")
 
 
@@ -508,23 +623,24 @@ def report(comparison: Comparison, results: dict, known: dict) -> str:
 
 
 def run_against(which: str, files: list | None = None, workdir: Path | None = None,
-                retry_baseline: set | None = None) -> dict:
+                retry_baseline: set | None = None, suite: Suite = PREFECT_2) -> dict:
     """Run the selection (or some of its files) against prefectlite or Prefect ('reference'); {nodeid: entry}.
 
     With retry_baseline, the tests of that set that did not pass are run once more on a fresh server, and an
     entry that passes then is kept as passed with "flaky": true: Prefect's suite has timing-dependent tests,
     and two shared cores make them fail now and then on any server.
     """
-    if not suite_available():
-        raise HarnessError(f"Prefect's 2.20.25 suite is not at {SUITE}")
-    python = prefect_tests_venv.ensure_prefect_tests_venv()
+    if not suite_available(suite):
+        raise HarnessError(f"Prefect's {suite.version} suite is not at {suite.path}")
+    python = suite.ensure_venv()
     own_workdir = workdir is None
     workdir = Path(tempfile.mkdtemp(prefix="prefectlite-conformance-")) if own_workdir else workdir
-    start = (lambda w: start_prefect_server(w, python)) if which == "reference" else start_prefectlite
+    start = (lambda w: start_prefect_server(w, python, suite)) if which == "reference" else start_prefectlite
     try:
-        results = run_selection(python, start, list(files or SELECTION), workdir, workdir / "pytest.log")
+        results = run_selection(python, start, list(files or suite.selection), workdir, workdir / "pytest.log",
+                                suite.fresh_files, suite, suite.workers)
         if retry_baseline:
-            retry_failures(python, start, results, retry_baseline, workdir)
+            retry_failures(python, start, results, retry_baseline, workdir, suite)
         return results
     finally:
         if own_workdir and not os.environ.get("PREFECTLITE_CONFORMANCE_KEEP"):
@@ -539,14 +655,15 @@ def pytest_arg(nodeid: str) -> str:
     return nodeid.split("[")[0] if "127.0.0.1:PORT" in nodeid else nodeid
 
 
-def retry_failures(python: str, start_server, results: dict, baseline: set, workdir: Path) -> None:
+def retry_failures(python: str, start_server, results: dict, baseline: set, workdir: Path,
+                   suite: Suite = PREFECT_2) -> None:
     failed = sorted(n for n in baseline if n in results and results[n]["outcome"] != PASSED)
     if not failed or len(failed) > MAX_RETRIES:
         return
     retry_dir = workdir / "retry"
     retry_dir.mkdir()
     retried = run_selection(python, start_server, sorted({pytest_arg(n) for n in failed}), retry_dir,
-                            retry_dir / "pytest.log", fresh_files=())
+                            retry_dir / "pytest.log", fresh_files=(), suite=suite)
     for nodeid, entry in retried.items():
         if nodeid in results and entry["outcome"] == PASSED:
             results[nodeid] = {**entry, "flaky": True, "first": results[nodeid]}
@@ -560,6 +677,7 @@ def exit_on_sigterm() -> None:
 def main(argv=None) -> int:
     exit_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--suite", choices=sorted(SUITES), default=PREFECT_2.name, help="which of Prefect's suites")
     parser.add_argument("--reference", action="store_true", help="run against Prefect's server, write the baseline")
     parser.add_argument("-k", "--files", nargs="+", help="only these files or directories of the selection")
     parser.add_argument("--workdir", type=Path, help="keep the scratch copy, logs and results here")
@@ -568,12 +686,13 @@ def main(argv=None) -> int:
     if args.workdir:
         args.workdir.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
+    suite = SUITES[args.suite]
     try:
-        known = read_known_differences()
-        baseline = None if args.reference else read_baseline()
+        known = read_known_differences(suite.known_differences)
+        baseline = None if args.reference else read_baseline(suite.baseline)
         results = run_against("reference" if args.reference else "prefectlite", args.files, args.workdir,
-                              retry_baseline=baseline)
-    except (HarnessError, prefect_tests_venv.VenvError) as exc:
+                              retry_baseline=baseline, suite=suite)
+    except (HarnessError, suite.venv_error) as exc:
         print(f"[conformance] {exc}", file=sys.stderr)
         return 2
     if args.results:
@@ -583,7 +702,7 @@ def main(argv=None) -> int:
         if args.files:
             print("[conformance] a partial reference run does not rewrite the baseline", file=sys.stderr)
         else:
-            write_baseline(results)
+            write_baseline(results, suite)
         print(f"Prefect's server: {counts(results)} in {elapsed:.0f}s")
         return 0
     comparison = compare(baseline, results, known, args.files)

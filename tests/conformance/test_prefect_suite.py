@@ -1,10 +1,12 @@
-"""Prefect 2.20.25's own test suite, run against prefectlite, passes every test it passes on Prefect's own server.
+"""Prefect's own test suites, run against prefectlite, pass every test they pass on Prefect's own server: 2.20.25's,
+and the 3.x one (3.8.4.dev6) run by the 3.9.1 SDK.
 
-The suite is test input at ../shared/reference/prefect-tests (or $PREFECTLITE_PREFECT_TESTS_DIR; not in a user's
-clone: then this skips, unless PREFECTLITE_REQUIRE_CONFORMANCE=1, as in CI, which makes its absence a failure). run.py does the work: it runs
-the suite in its own venv as subprocesses (prefect is never imported here) against a prefectlite server it
-starts, and compares with prefect-2.20-passing.txt (regenerate: `python tests/conformance/run.py --reference`).
-A test that passes there but not here fails this module unless known-differences.txt says why.
+The suites are test input at ../shared/reference/prefect-tests (or $PREFECTLITE_PREFECT_TESTS_DIR; not in a user's
+clone: then this skips, unless PREFECTLITE_REQUIRE_CONFORMANCE=1, as in CI, which makes its absence a failure).
+run.py does the work: it runs a suite in its own venv as subprocesses (prefect is never imported here) against a
+prefectlite server it starts, and compares with prefect-2.20-passing.txt or prefect-3.x-passing.txt (regenerate:
+`python tests/conformance/run.py [--suite 3.x] --reference`). A test that passes there but not here fails this
+module unless known-differences.txt (known-differences-3.x.txt) says why.
 """
 
 from __future__ import annotations
@@ -39,35 +41,43 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
+@pytest.fixture(scope="module", params=[harness.PREFECT_2, harness.PREFECT_3], ids=lambda suite: suite.name)
+def suite(request):
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def prefect_suite_results() -> dict:
-    """One run of the whole selection against prefectlite (about ten minutes), shared by this module's tests."""
-    if not harness.suite_available():
-        unavailable(f"Prefect's test suite is not at {harness.SUITE}")
+def prefect_suite_results(suite) -> dict:
+    """One run of the suite's whole selection against prefectlite (2.20: about twenty minutes in CI; 3.x: see
+    tests/benchmarks/README.md), shared by this module's tests."""
+    if not harness.suite_available(suite):
+        unavailable(f"Prefect's {suite.version} test suite is not at {suite.path}")
     try:
-        harness.prefect_tests_venv.ensure_prefect_tests_venv()
-    except harness.prefect_tests_venv.VenvError as exc:
-        unavailable(f"cannot build the Prefect 2.20.25 test venv: {exc}")
+        suite.ensure_venv()
+    except suite.venv_error as exc:
+        unavailable(f"cannot build the Prefect {suite.sdk} test venv: {exc}")
     started = time.monotonic()
     try:
-        results = harness.run_against("prefectlite", retry_baseline=harness.read_baseline())
+        results = harness.run_against("prefectlite", retry_baseline=harness.read_baseline(suite.baseline),
+                                      suite=suite)
     except harness.HarnessError as exc:
         pytest.fail(f"the conformance harness could not run Prefect's suite: {exc}")
-    print(f"[conformance] Prefect's 2.20.25 suite against prefectlite: {harness.counts(results)} "
+    print(f"[conformance] Prefect's {suite.version} suite against prefectlite: {harness.counts(results)} "
           f"in {time.monotonic() - started:.0f}s")
     return results
 
 
-def test_known_differences_each_say_why_and_name_a_baseline_test():
-    known = harness.read_known_differences()  # raises on a line without a reason
-    baseline = harness.read_baseline()
+def test_known_differences_each_say_why_and_name_a_baseline_test(suite):
+    known = harness.read_known_differences(suite.known_differences)  # raises on a line without a reason
+    baseline = harness.read_baseline(suite.baseline)
     stale = sorted(n for n in known if n not in baseline)
-    assert not stale, "known-differences.txt names tests that do not pass on Prefect's server:\n" + "\n".join(stale)
+    assert not stale, (f"{suite.known_differences.name} names tests that do not pass on Prefect's server:\n"
+                       + "\n".join(stale))
 
 
-def test_every_test_passing_on_prefects_server_passes_on_prefectlite(prefect_suite_results):
-    known = harness.read_known_differences()
-    comparison = harness.compare(harness.read_baseline(), prefect_suite_results, known)
+def test_every_test_passing_on_prefects_server_passes_on_prefectlite(suite, prefect_suite_results):
+    known = harness.read_known_differences(suite.known_differences)
+    comparison = harness.compare(harness.read_baseline(suite.baseline), prefect_suite_results, known)
     message = harness.report(comparison, prefect_suite_results, known)
     print(message)
     assert not comparison.missing, message
