@@ -1,4 +1,4 @@
-"""The orchestration rules (section 6) as functions, without HTTP: each rule is given a Transition at a
+"""The orchestration rules (section 7) as functions, without HTTP: each rule is given a Transition at a
 time the test chooses (the rules' clock is `Transition.now`; `orchestrate(..., now=...)` sets it for a
 whole proposal), so waits, retries and pause expiry are checked at exact moments, never by sleeping.
 
@@ -67,15 +67,29 @@ def test_only_a_run_about_to_run_waits_for_its_scheduled_time():
     ("COMPLETED", "RUNNING", False),
     ("CANCELLED", "PENDING", False),
     ("CRASHED", "COMPLETED", False),
-    ("COMPLETED", "SCHEDULED", True),  # a retry or a re-run
-    ("FAILED", "FAILED", True),  # a flow's own Failed after the pause service failed it
+    ("FAILED", "FAILED", False),
+    ("COMPLETED", "SCHEDULED", True),  # a retry
     ("RUNNING", "COMPLETED", True),
 ])
-def test_terminal_states_are_left_only_for_scheduled(initial, proposed, allowed):
-    outcome = prefectlite.prevent_leaving_terminal_states(transition(state(initial), proposal(proposed)))
+def test_a_task_runs_terminal_states_are_left_only_for_scheduled(initial, proposed, allowed):
+    outcome = prefectlite.prevent_leaving_terminal_states(transition(state(initial), proposal(proposed), kind="task"))
     assert (outcome is None) == allowed
     if not allowed:
         assert outcome.status == "ABORT" and "has already terminated" in outcome.reason
+
+
+@pytest.mark.parametrize("initial, proposed, run, expected", [
+    ("COMPLETED", "RUNNING", {}, None),  # a parent flow's retry runs its finished subflow again
+    ("FAILED", "FAILED", {}, None),  # a flow's own Failed after the pause service failed it
+    ("COMPLETED", "CANCELLING", {}, "ABORT"),
+    ("FAILED", "CRASHED", {}, "ABORT"),
+    ("CANCELLED", "PAUSED", {}, "ABORT"),
+    ("COMPLETED", "SCHEDULED", {}, "ABORT"),  # no deployment to run it again
+    ("COMPLETED", "SCHEDULED", {"deployment_id": "deployment-id"}, None),
+])
+def test_a_flow_run_leaves_terminal_states_as_prefect_lets_it(initial, proposed, run, expected):
+    outcome = prefectlite.prevent_leaving_terminal_states(transition(state(initial), proposal(proposed), **run))
+    assert (outcome and outcome.status) == expected, outcome
 
 
 def test_a_repeated_transition_id_is_rejected_into_the_current_state():
