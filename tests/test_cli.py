@@ -1,4 +1,4 @@
-"""The command line (section 10), run for real in subprocesses: start / server start and signals,
+"""The command line (section 24), run for real in subprocesses: start / server start and signals,
 config, profile, database, version, and every kind of bad input (one line on stderr, non-zero exit,
 no traceback, nothing changed). Every subprocess gets its own PREFECT_HOME under tmp_path."""
 

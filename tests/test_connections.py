@@ -1,4 +1,4 @@
-"""The connection loop (section 12): what a slow, busy or hostile client can and cannot do to the others.
+"""The connection loop (section 22): what a slow, busy or hostile client can and cannot do to the others.
 
 Each test here reproduces one way the old front end (a thread per connection on http.server) gave way,
 with raw sockets against a real server; the outcome (an answer, a status, a close code) shows the fix,

@@ -1,4 +1,4 @@
-"""Events and what Prefect 3 clients need besides (section 7): storing events, the EventFilter language
+"""Events and what Prefect 3 clients need besides (section 9): storing events, the EventFilter language
 of /events/filter, paging, /events/count-by, the task-run recorder (order and idempotency), flow-run
 events, the version check, /admin/storage and concurrency leases. Over HTTP, on SQLite and PostgreSQL."""
 

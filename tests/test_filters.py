@@ -1,4 +1,4 @@
-"""The filter compiler (section 5: build_where, compile_filter) without HTTP: a table of filter bodies,
+"""The filter compiler (section 6: build_where, compile_filter) without HTTP: a table of filter bodies,
 each compiled and run on a real database holding a few known rows, against the names it must select;
 and the 422 details of bad filters, naming the field. Both dialects (SQLite, PostgreSQL): the compiler
 writes each one's SQL (tags as JSON, case-insensitive LIKE).

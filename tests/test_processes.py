@@ -1,4 +1,4 @@
-"""`prefectlite start --processes N` (section 11, "Several processes on one port"): forked processes
+"""`prefectlite start --processes N` (section 23, "Several processes on one port"): forked processes
 share the port and the database and still behave as one server: no errors under concurrent writes,
 a client reads its own writes whichever process answers, live event subscribers get events stored
 through any process, services (run by the first process) are woken by any, a crashed process is
