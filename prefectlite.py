@@ -58,6 +58,7 @@ import functools
 import gzip
 import hashlib
 import http
+import http.client
 import itertools
 import json
 import logging
@@ -6882,9 +6883,18 @@ def check_message_template(template: str | None):
     if not template:
         return
     try:
-        names = {field for _text, field, _spec, _conv in string.Formatter().parse(template) if field is not None}
+        fields = [(field, spec, conv) for _text, field, spec, conv in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as exc:
         raise ValidationFailed([_error(("body", "message_template"), f"invalid template: {exc}", "value_error")]) from None
+    # str.format fills the template, so a format spec or conversion ("{flow_run_name:d}") could fail or blow up
+    # (":>2000000000") at every send: placeholders are bare names
+    for field, spec, conv in fields:
+        if spec or conv:
+            raise ValidationFailed([_error(("body", "message_template"),
+                                           f"placeholder {{{field}}} has a format spec or conversion; "
+                                           "use the bare name", "value_error")])
+    names = {field for field, _spec, _conv in fields}
     unknown = sorted(n for n in names if n not in NOTIFICATION_PLACEHOLDERS)
     if unknown:
         raise ValidationFailed([_error(("body", "message_template"),
@@ -6944,9 +6954,18 @@ def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> di
     }
 
 
+class NotificationFailed(Exception):
+    pass
+
+
 def render_notification(policy: dict, context: dict) -> tuple[str, str]:
     template = policy.get("message_template") or DEFAULT_NOTIFICATION_TEMPLATE
-    body = template.format(**{k: ("" if v is None else v) for k, v in context.items()})
+    try:
+        body = template.format(**{k: ("" if v is None else v) for k, v in context.items()})
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError, MemoryError) as exc:
+        # a template stored before check_message_template refused it: this send can never succeed
+        raise NotificationFailed(f"the message template cannot be rendered: {type(exc).__name__}: {exc}"[:300]) \
+            from None
     subject = f"Prefect flow run notification: {context['flow_name']}/{context['flow_run_name']} " \
               f"entered {context['flow_run_state_name']}"
     return subject, body
@@ -6954,10 +6973,6 @@ def render_notification(policy: dict, context: dict) -> tuple[str, str]:
 
 # Notification senders: the standard library only (urllib, smtplib). Each service's base URL can be
 # pointed elsewhere (Opsgenie EU, a company proxy, a local fake in tests) through a setting.
-
-class NotificationFailed(Exception):
-    pass
-
 
 def _http_send(method: str, url: str, timeout: float, json_body=None, form=None, headers=None, params=None,
                raw: bytes | None = None):
@@ -6976,16 +6991,23 @@ def _http_send(method: str, url: str, timeout: float, json_body=None, form=None,
     headers.setdefault("User-Agent", f"prefectlite/{__version__}")
     if not url.lower().startswith(("http://", "https://")):
         raise NotificationFailed("the URL does not start with http:// or https://")  # the URL itself may be secret
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    host = urllib.parse.urlsplit(url).hostname
     try:
+        host = urllib.parse.urlsplit(url).hostname or "the destination"
+    except ValueError:
+        host = "the destination"
+    try:
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             resp.read()
     except urllib.error.HTTPError as exc:
         raise NotificationFailed(f"HTTP {exc.code} from {host}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise NotificationFailed(f"cannot reach {host}: {reason}") from None
+    except (http.client.InvalidURL, ValueError):  # their messages quote the URL, whose path may be the secret
+        raise NotificationFailed(f"cannot send to {host}: the URL is not valid") from None
+    except http.client.HTTPException as exc:
+        raise NotificationFailed(f"bad answer from {host}: {type(exc).__name__}") from None
 
 
 def _basic(user: str, password: str) -> str:
@@ -8694,7 +8716,13 @@ class NotificationSender(Service):
             tx.execute("UPDATE flow_run_notification_queue SET status = 'SENDING', attempts = attempts + 1, "
                        "next_attempt_at = ?, updated = ? WHERE id = ?",
                        (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]))
-            prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
+            try:
+                prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
+            except NotificationFailed as exc:  # it cannot render: give up now, retrying would fail alike
+                log.warning("notification %s cannot be sent; giving up: %s", row["id"], exc)
+                tx.execute("UPDATE flow_run_notification_queue SET status = 'FAILED', last_error = ?, updated = ? "
+                           "WHERE id = ?", (str(exc)[:1000], iso(now), row["id"]))
+                return True
             if prepared is None:  # the policy, state or destination is gone: nothing to send
                 tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
                 return True
@@ -10585,8 +10613,8 @@ def send_test_notification(app, req):
                    "flow_run_state_timestamp": utcnow().strftime("%y-%m-%d %H:%M:%S %Z"),
                    "flow_run_state_message": "This is a test notification from prefectlite.",
                    "flow_run_url": f"{app.public_url().rstrip('/')}/#/notifications"})
-    subject, body = render_notification(policy, sample)
     try:
+        subject, body = render_notification(policy, sample)
         deliver(app.settings, full["block_type"]["slug"], full["data"], "[test] " + subject, body)
     except NotificationFailed as exc:
         raise HTTPError(502, f"the destination did not accept the test message: {exc}") from None
