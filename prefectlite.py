@@ -3792,6 +3792,7 @@ STATE_DETAIL_DEFAULTS = {
     "pause_reschedule": False, "pause_key": None, "run_input_keyset": None, "refresh_cache": None,
     "retriable": None, "transition_id": None, "task_parameters_id": None,
 }
+LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
 TASK_TAG_LIMIT_WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
 
 
@@ -3805,6 +3806,8 @@ def make_state(proposed: dict, flow_run_id: str | None, task_run_id: str | None,
     for key in ("scheduled_time", "cache_expiration", "pause_timeout"):
         if details.get(key) is not None:
             details[key] = parse_datetime(details[key], ("body", "state", "state_details", key))
+    if details.get(LEASE_DETAIL) is not None:  # bound as an id later: text, nothing else
+        details[LEASE_DETAIL] = parse_uuid(details[LEASE_DETAIL], ("body", "state", "state_details", LEASE_DETAIL))
     details["flow_run_id"] = flow_run_id
     if task_run_id is not None:
         details["task_run_id"] = task_run_id
@@ -4147,7 +4150,6 @@ def secure_task_concurrency_slots(ctx: Transition):
 # states carry in state_details; the runner renews the lease while the run runs; leaving RUNNING gives it back.
 DEPLOYMENT_SLOT_WAIT_SECONDS = 30  # Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS
 DEPLOYMENT_LEASE_SECONDS = 300  # ...SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION: until the runner renews
-LEASE_DETAIL = "deployment_concurrency_lease_id"
 HOLDING_STATES = ("PENDING", "RUNNING", "CANCELLING")  # the states a run holds its deployment's slot in
 
 
@@ -4163,6 +4165,20 @@ def _deployment_limit_of(tx: Transaction, run: dict) -> tuple[dict, dict] | None
     if limit is None:
         return None
     return decode_row("deployment", row), decode_row("concurrency_limit_v2", limit)
+
+
+def _own_lease_id(tx: Transaction, state: dict | None) -> str | None:
+    """The lease id a state carries, unless it is not text or names a lease another run holds (a client
+    writes state_details: it must not renew or give back another run's slot). A lease that is gone counts as
+    the run's own: keep_deployment_lease_at_running then takes a new slot."""
+    lease_id = state["state_details"].get(LEASE_DETAIL) if state else None
+    if not isinstance(lease_id, str):
+        return None
+    row = tx.query_one("SELECT * FROM concurrency_lease WHERE id = ?", (lease_id,))
+    if row is None:
+        return lease_id
+    holder = decode_row("concurrency_lease", row)["holder"] or {}
+    return lease_id if holder.get("id") == state["state_details"].get("flow_run_id") else None
 
 
 def _deployment_lease_seconds(dep: dict) -> float:
@@ -4190,8 +4206,9 @@ def secure_deployment_concurrency_slots(ctx: Transition):
                                        "again.")
     taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
     if taken is not None:
+        holder = {"type": "flow_run", "id": ctx.run["id"]}
         ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
-                                                                   None)
+                                                                   holder)
         return None
     reason = "Deployment concurrency limit reached."
     if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
@@ -4205,7 +4222,7 @@ def keep_deployment_lease_at_running(ctx: Transition):
     provisioned) is taken anew if a slot is free, else the run is cancelled: it cannot wait any more."""
     if ctx.kind != "flow" or ctx.initial_type != "PENDING" or ctx.proposed["type"] != "RUNNING":
         return None
-    lease_id = ctx.initial["state_details"].get(LEASE_DETAIL)
+    lease_id = _own_lease_id(ctx.tx, ctx.initial)
     ctx.proposed["state_details"][LEASE_DETAIL] = lease_id
     found = _deployment_limit_of(ctx.tx, ctx.run) if lease_id else None
     if found is None:
@@ -4239,7 +4256,7 @@ def carry_deployment_lease(initial: dict | None, state: dict, changes: dict) -> 
 def release_deployment_slot(tx: Transaction, initial: dict | None, state: dict) -> None:
     """A state that does not carry the run's lease on gives its slot back (a lease already repossessed, as
     expired, gave it back then)."""
-    lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
+    lease_id = _own_lease_id(tx, initial)
     if lease_id and state["state_details"].get(LEASE_DETAIL) != lease_id:
         release_lease(tx, lease_id)
 
@@ -4355,7 +4372,8 @@ def _after_task_state(tx: Transaction, run: dict, initial: dict | None, state: d
 
 def release_task_concurrency_slots(tx: Transaction, run: dict):
     marks = ", ".join("?" for _ in run["tags"])
-    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}){tx.db.for_update}", tuple(run["tags"])):
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}",
+                        tuple(run["tags"])):  # locked in tag order, as every locker of v1 limits: no deadlock
         limit = decode_row("concurrency_limit", row)
         if run["id"] in limit["active_slots"]:
             slots = [s for s in limit["active_slots"] if s != run["id"]]
@@ -6090,7 +6108,8 @@ def as_global_limit(tag_limit: dict) -> dict:
 
 def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
     marks = ", ".join("?" for _ in limit_ids)
-    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}){tx.db.for_update}", tuple(limit_ids)):
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}) ORDER BY tag{tx.db.for_update}",
+                        tuple(limit_ids)):
         limit = decode_row("concurrency_limit", row)
         if slot in limit["active_slots"]:
             update_row(tx, "concurrency_limit", limit["id"],
@@ -6112,12 +6131,14 @@ def release_lease(tx, lease_id: str) -> bool:
     lease = decode_row("concurrency_lease", row)
     tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (lease_id,))
     if lease["limit_ids"]:
+        # Locks in the order increment-with-lease takes them (v1 tag limits by tag, then v2 limits by name; both
+        # unique): taken the other way round, a release and an increment could deadlock on PostgreSQL.
+        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
         marks = ", ".join("?" for _ in lease["limit_ids"])
         names = [r["name"] for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})",
                                              tuple(lease["limit_ids"]))]
         held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
         change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
-        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
     return True
 
 

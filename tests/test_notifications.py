@@ -886,7 +886,8 @@ def test_a_url_with_a_space_fails_without_logging_its_secret(tmp_path):
     naming the host only, and neither the log, the test route's answer nor the queue shows the path."""
     server = None
     try:
-        env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/u.db",
+        env = {"PREFECT_HOME": str(tmp_path / "home"),
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/u.db",
                "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG", "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "1"}
         server = ServerProcess(tmp_path, env, "spaced")
         client = Client(server.api_url)
