@@ -253,6 +253,8 @@ def test_a_stored_template_that_cannot_render_fails_its_row_once(tmp_path):
         assert row["attempts"] == 1
         assert "template" in row["last_error"]
         wait_until(lambda: len(queue(client)) == 1, timeout=20, what="only the FAILED row left")
+        status, body = client.post(f"/flow_run_notification_policies/{broken['id']}/test")
+        assert status == 502 and "template" in json.dumps(body), body
 
 
 # --- one test per channel: the exact request each service expects -------------------------------------
