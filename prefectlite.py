@@ -58,6 +58,7 @@ import functools
 import gzip
 import hashlib
 import http
+import http.client
 import itertools
 import json
 import logging
@@ -3791,6 +3792,7 @@ STATE_DETAIL_DEFAULTS = {
     "pause_reschedule": False, "pause_key": None, "run_input_keyset": None, "refresh_cache": None,
     "retriable": None, "transition_id": None, "task_parameters_id": None,
 }
+LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
 TASK_TAG_LIMIT_WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
 
 
@@ -3804,6 +3806,8 @@ def make_state(proposed: dict, flow_run_id: str | None, task_run_id: str | None,
     for key in ("scheduled_time", "cache_expiration", "pause_timeout"):
         if details.get(key) is not None:
             details[key] = parse_datetime(details[key], ("body", "state", "state_details", key))
+    if details.get(LEASE_DETAIL) is not None:  # bound as an id later: text, nothing else
+        details[LEASE_DETAIL] = parse_uuid(details[LEASE_DETAIL], ("body", "state", "state_details", LEASE_DETAIL))
     details["flow_run_id"] = flow_run_id
     if task_run_id is not None:
         details["task_run_id"] = task_run_id
@@ -4146,7 +4150,6 @@ def secure_task_concurrency_slots(ctx: Transition):
 # states carry in state_details; the runner renews the lease while the run runs; leaving RUNNING gives it back.
 DEPLOYMENT_SLOT_WAIT_SECONDS = 30  # Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS
 DEPLOYMENT_LEASE_SECONDS = 300  # ...SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION: until the runner renews
-LEASE_DETAIL = "deployment_concurrency_lease_id"
 HOLDING_STATES = ("PENDING", "RUNNING", "CANCELLING")  # the states a run holds its deployment's slot in
 
 
@@ -4162,6 +4165,20 @@ def _deployment_limit_of(tx: Transaction, run: dict) -> tuple[dict, dict] | None
     if limit is None:
         return None
     return decode_row("deployment", row), decode_row("concurrency_limit_v2", limit)
+
+
+def _own_lease_id(tx: Transaction, state: dict | None) -> str | None:
+    """The lease id a state carries, unless it is not text or names a lease another run holds (a client
+    writes state_details: it must not renew or give back another run's slot). A lease that is gone counts as
+    the run's own: keep_deployment_lease_at_running then takes a new slot."""
+    lease_id = state["state_details"].get(LEASE_DETAIL) if state else None
+    if not isinstance(lease_id, str):
+        return None
+    row = tx.query_one("SELECT * FROM concurrency_lease WHERE id = ?", (lease_id,))
+    if row is None:
+        return lease_id
+    holder = decode_row("concurrency_lease", row)["holder"] or {}
+    return lease_id if holder.get("id") == state["state_details"].get("flow_run_id") else None
 
 
 def _deployment_lease_seconds(dep: dict) -> float:
@@ -4189,8 +4206,9 @@ def secure_deployment_concurrency_slots(ctx: Transition):
                                        "again.")
     taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
     if taken is not None:
+        holder = {"type": "flow_run", "id": ctx.run["id"]}
         ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
-                                                                   None)
+                                                                   holder)
         return None
     reason = "Deployment concurrency limit reached."
     if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
@@ -4204,7 +4222,7 @@ def keep_deployment_lease_at_running(ctx: Transition):
     provisioned) is taken anew if a slot is free, else the run is cancelled: it cannot wait any more."""
     if ctx.kind != "flow" or ctx.initial_type != "PENDING" or ctx.proposed["type"] != "RUNNING":
         return None
-    lease_id = ctx.initial["state_details"].get(LEASE_DETAIL)
+    lease_id = _own_lease_id(ctx.tx, ctx.initial)
     ctx.proposed["state_details"][LEASE_DETAIL] = lease_id
     found = _deployment_limit_of(ctx.tx, ctx.run) if lease_id else None
     if found is None:
@@ -4238,7 +4256,7 @@ def carry_deployment_lease(initial: dict | None, state: dict, changes: dict) -> 
 def release_deployment_slot(tx: Transaction, initial: dict | None, state: dict) -> None:
     """A state that does not carry the run's lease on gives its slot back (a lease already repossessed, as
     expired, gave it back then)."""
-    lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
+    lease_id = _own_lease_id(tx, initial)
     if lease_id and state["state_details"].get(LEASE_DETAIL) != lease_id:
         release_lease(tx, lease_id)
 
@@ -4354,7 +4372,8 @@ def _after_task_state(tx: Transaction, run: dict, initial: dict | None, state: d
 
 def release_task_concurrency_slots(tx: Transaction, run: dict):
     marks = ", ".join("?" for _ in run["tags"])
-    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}){tx.db.for_update}", tuple(run["tags"])):
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}",
+                        tuple(run["tags"])):  # locked in tag order, as every locker of v1 limits: no deadlock
         limit = decode_row("concurrency_limit", row)
         if run["id"] in limit["active_slots"]:
             slots = [s for s in limit["active_slots"] if s != run["id"]]
@@ -6089,7 +6108,8 @@ def as_global_limit(tag_limit: dict) -> dict:
 
 def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
     marks = ", ".join("?" for _ in limit_ids)
-    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}){tx.db.for_update}", tuple(limit_ids)):
+    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}) ORDER BY tag{tx.db.for_update}",
+                        tuple(limit_ids)):
         limit = decode_row("concurrency_limit", row)
         if slot in limit["active_slots"]:
             update_row(tx, "concurrency_limit", limit["id"],
@@ -6111,12 +6131,14 @@ def release_lease(tx, lease_id: str) -> bool:
     lease = decode_row("concurrency_lease", row)
     tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (lease_id,))
     if lease["limit_ids"]:
+        # Locks in the order increment-with-lease takes them (v1 tag limits by tag, then v2 limits by name; both
+        # unique): taken the other way round, a release and an increment could deadlock on PostgreSQL.
+        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
         marks = ", ".join("?" for _ in lease["limit_ids"])
         names = [r["name"] for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})",
                                              tuple(lease["limit_ids"]))]
         held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
         change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
-        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
     return True
 
 
@@ -6882,9 +6904,18 @@ def check_message_template(template: str | None):
     if not template:
         return
     try:
-        names = {field for _text, field, _spec, _conv in string.Formatter().parse(template) if field is not None}
+        fields = [(field, spec, conv) for _text, field, spec, conv in string.Formatter().parse(template)
+                  if field is not None]
     except ValueError as exc:
         raise ValidationFailed([_error(("body", "message_template"), f"invalid template: {exc}", "value_error")]) from None
+    # str.format fills the template, so a format spec or conversion ("{flow_run_name:d}") could fail or blow up
+    # (":>2000000000") at every send: placeholders are bare names
+    for field, spec, conv in fields:
+        if spec or conv:
+            raise ValidationFailed([_error(("body", "message_template"),
+                                           f"placeholder {{{field}}} has a format spec or conversion; "
+                                           "use the bare name", "value_error")])
+    names = {field for field, _spec, _conv in fields}
     unknown = sorted(n for n in names if n not in NOTIFICATION_PLACEHOLDERS)
     if unknown:
         raise ValidationFailed([_error(("body", "message_template"),
@@ -6944,9 +6975,18 @@ def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> di
     }
 
 
+class NotificationFailed(Exception):
+    pass
+
+
 def render_notification(policy: dict, context: dict) -> tuple[str, str]:
     template = policy.get("message_template") or DEFAULT_NOTIFICATION_TEMPLATE
-    body = template.format(**{k: ("" if v is None else v) for k, v in context.items()})
+    try:
+        body = template.format(**{k: ("" if v is None else v) for k, v in context.items()})
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError, MemoryError) as exc:
+        # a template stored before check_message_template refused it: this send can never succeed
+        raise NotificationFailed(f"the message template cannot be rendered: {type(exc).__name__}: {exc}"[:300]) \
+            from None
     subject = f"Prefect flow run notification: {context['flow_name']}/{context['flow_run_name']} " \
               f"entered {context['flow_run_state_name']}"
     return subject, body
@@ -6954,10 +6994,6 @@ def render_notification(policy: dict, context: dict) -> tuple[str, str]:
 
 # Notification senders: the standard library only (urllib, smtplib). Each service's base URL can be
 # pointed elsewhere (Opsgenie EU, a company proxy, a local fake in tests) through a setting.
-
-class NotificationFailed(Exception):
-    pass
-
 
 def _http_send(method: str, url: str, timeout: float, json_body=None, form=None, headers=None, params=None,
                raw: bytes | None = None):
@@ -6976,16 +7012,23 @@ def _http_send(method: str, url: str, timeout: float, json_body=None, form=None,
     headers.setdefault("User-Agent", f"prefectlite/{__version__}")
     if not url.lower().startswith(("http://", "https://")):
         raise NotificationFailed("the URL does not start with http:// or https://")  # the URL itself may be secret
-    request = urllib.request.Request(url, data=data, method=method, headers=headers)
-    host = urllib.parse.urlsplit(url).hostname
     try:
+        host = urllib.parse.urlsplit(url).hostname or "the destination"
+    except ValueError:
+        host = "the destination"
+    try:
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=timeout) as resp:
             resp.read()
     except urllib.error.HTTPError as exc:
         raise NotificationFailed(f"HTTP {exc.code} from {host}") from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError) as exc:
         reason = getattr(exc, "reason", exc)
         raise NotificationFailed(f"cannot reach {host}: {reason}") from None
+    except (http.client.InvalidURL, ValueError):  # their messages quote the URL, whose path may be the secret
+        raise NotificationFailed(f"cannot send to {host}: the URL is not valid") from None
+    except http.client.HTTPException as exc:
+        raise NotificationFailed(f"bad answer from {host}: {type(exc).__name__}") from None
 
 
 def _basic(user: str, password: str) -> str:
@@ -8694,7 +8737,13 @@ class NotificationSender(Service):
             tx.execute("UPDATE flow_run_notification_queue SET status = 'SENDING', attempts = attempts + 1, "
                        "next_attempt_at = ?, updated = ? WHERE id = ?",
                        (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]))
-            prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
+            try:
+                prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
+            except NotificationFailed as exc:  # it cannot render: give up now, retrying would fail alike
+                log.warning("notification %s cannot be sent; giving up: %s", row["id"], exc)
+                tx.execute("UPDATE flow_run_notification_queue SET status = 'FAILED', last_error = ?, updated = ? "
+                           "WHERE id = ?", (str(exc)[:1000], iso(now), row["id"]))
+                return True
             if prepared is None:  # the policy, state or destination is gone: nothing to send
                 tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
                 return True
@@ -10585,8 +10634,8 @@ def send_test_notification(app, req):
                    "flow_run_state_timestamp": utcnow().strftime("%y-%m-%d %H:%M:%S %Z"),
                    "flow_run_state_message": "This is a test notification from prefectlite.",
                    "flow_run_url": f"{app.public_url().rstrip('/')}/#/notifications"})
-    subject, body = render_notification(policy, sample)
     try:
+        subject, body = render_notification(policy, sample)
         deliver(app.settings, full["block_type"]["slug"], full["data"], "[test] " + subject, body)
     except NotificationFailed as exc:
         raise HTTPError(502, f"the destination did not accept the test message: {exc}") from None

@@ -4,6 +4,7 @@ idempotency, work queues); get_scheduled_flow_runs; the `schedules` list next to
 `is_schedule_active` fields; pause / resume; parameter schemas and their enforcement; schedule validation."""
 
 import datetime as dt
+import json
 import uuid
 
 import pytest
@@ -823,4 +824,39 @@ def test_a_deployment_concurrency_limit_holds_runs_back_with_leases(quiet_any_db
 
     # A run that crashes out of PENDING gives its slot back too.
     assert propose(client, second["id"], "CRASHED")["status"] == "ACCEPT"
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 0
+
+
+@pytest.mark.parametrize("bad", [{"x": 1}, "not-a-lease", 42])
+def test_a_deployment_lease_id_that_is_not_a_uuid_is_422(quiet_client, bad):
+    """A lease id sent as an object was stored, then every later state change of the run failed binding it (500):
+    the run could never leave RUNNING."""
+    client = quiet_client
+    dep = new_deployment(client, headers=PREFECT3_AGENT)
+    run = run_from(client, dep["id"])
+    state = {"type": "PENDING", "state_details": {"deployment_concurrency_lease_id": bad}}
+    status, body = client.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": state},
+                                  headers=PREFECT3_AGENT)
+    assert status == 422, body
+    assert "deployment_concurrency_lease_id" in json.dumps(body)
+    assert propose(client, run["id"], "PENDING")["status"] == "ACCEPT"
+    assert propose(client, run["id"], "RUNNING")["status"] == "ACCEPT"
+    assert propose(client, run["id"], "COMPLETED")["status"] == "ACCEPT"
+
+
+def test_a_run_cannot_give_back_another_runs_deployment_slot(quiet_any_db):
+    """A run's states name its lease; a run naming another run's lease neither renews nor releases it."""
+    client = quiet_any_db
+    limited = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=1)
+    limit_name = f"deployment:{limited['id']}"
+    holder = run_from(client, limited["id"])
+    lease_id = propose(client, holder["id"], "PENDING")["state"]["state_details"]["deployment_concurrency_lease_id"]
+    other = run_from(client, new_deployment(client, headers=PREFECT3_AGENT)["id"])
+    assert propose(client, other["id"], "PENDING", deployment_concurrency_lease_id=lease_id)["status"] == "ACCEPT"
+    assert propose(client, other["id"], "RUNNING")["status"] == "ACCEPT"
+    assert propose(client, other["id"], "CRASHED")["status"] == "ACCEPT"
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 1
+    assert client.request("POST", f"/v2/concurrency_limits/leases/{lease_id}/renew", {"lease_duration": 60})[0] == 204
+    assert propose(client, holder["id"], "RUNNING")["status"] == "ACCEPT"
+    assert propose(client, holder["id"], "COMPLETED")["status"] == "ACCEPT"
     assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 0

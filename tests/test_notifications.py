@@ -217,6 +217,46 @@ def test_unknown_template_placeholder_is_422_naming_it(tmp_path):
         assert client.ok("GET", f"/flow_run_notification_policies/{policy['id']}")["message_template"] == good
 
 
+@pytest.mark.parametrize("template", ["{flow_run_name:d}", "{flow_run_name:>2000000000}", "{flow_name!r}",
+                                      "{flow_name:{flow_run_name}}"])
+def test_a_placeholder_with_a_format_spec_or_conversion_is_422(tmp_path, template):
+    """Prefect fills the template with str.format; a format spec ("{flow_run_name:d}") made rendering raise in
+    the sender, which retried the row in a tight loop. Placeholders are bare names."""
+    with running(tmp_path) as (client, _api), HTTPReceiver() as hook:
+        block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
+        status, body = client.post("/flow_run_notification_policies/", {
+            "state_names": ["Failed"], "tags": [], "block_document_id": block["id"], "message_template": template})
+        assert status == 422, body
+        assert "message_template" in json.dumps(body)
+        policy = new_policy(client, block["id"], message_template="{flow_name}")
+        status, body = client.patch(f"/flow_run_notification_policies/{policy['id']}", {"message_template": template})
+        assert status == 422, body
+        assert "message_template" in json.dumps(body)
+        assert client.ok("GET", f"/flow_run_notification_policies/{policy['id']}")["message_template"] == "{flow_name}"
+
+
+def test_a_stored_template_that_cannot_render_fails_its_row_once(tmp_path):
+    """A template stored before templates were checked this strictly: its row is given up (FAILED, with the
+    reason) at the first attempt, not rolled back and retried in a loop that blocks every other notification."""
+    with HTTPReceiver() as hook, running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=5) as (client, _api):
+        block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
+        broken = new_policy(client, block["id"], message_template="{flow_name}")
+        with contextlib.closing(sqlite3.connect(tmp_path / "notifications.db")) as db, db:
+            db.execute("UPDATE flow_run_notification_policy SET message_template = ? WHERE id = ?",
+                       ("{flow_run_name:d}", broken["id"]))
+        new_policy(client, block["id"], message_template="fine: {flow_run_name}")
+        run, _state = fail_run(client)
+        [hit] = hook.wait_for(1, accepted=True)
+        assert hit.json()["text"].endswith(f"fine: {run['name']}")
+        [row] = wait_until(lambda: queue(client, "FAILED"), timeout=20, what="the unrenderable row FAILED")
+        assert row["flow_run_notification_policy_id"] == broken["id"]
+        assert row["attempts"] == 1
+        assert "template" in row["last_error"]
+        wait_until(lambda: len(queue(client)) == 1, timeout=20, what="only the FAILED row left")
+        status, body = client.post(f"/flow_run_notification_policies/{broken['id']}/test")
+        assert status == 502 and "template" in json.dumps(body), body
+
+
 # --- one test per channel: the exact request each service expects -------------------------------------
 
 def test_slack_webhook_request(tmp_path):
@@ -841,6 +881,32 @@ def test_a_mistyped_secret_url_is_not_logged(tmp_path):
     assert rows[0]["last_error"]
     assert "MISTYPEDSECRET" not in server.log(), "the secret URL is in the server log"
     assert "MISTYPEDSECRET" not in json.dumps(rows), "the secret URL is readable in the queue's last_error"
+
+
+def test_a_url_with_a_space_fails_without_logging_its_secret(tmp_path):
+    """http.client refuses a URL with a space (InvalidURL, quoting the URL): the send fails like any other,
+    naming the host only, and neither the log, the test route's answer nor the queue shows the path."""
+    server = None
+    try:
+        env = {"PREFECT_HOME": str(tmp_path / "home"),
+               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/u.db",
+               "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG", "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "1"}
+        server = ServerProcess(tmp_path, env, "spaced")
+        client = Client(server.api_url)
+        block = new_block(client, "slack-webhook", {"url": "http://127.0.0.1:9/services/T0/B0/SPACEDSECRET TOKEN"})
+        policy = new_policy(client, block["id"])
+        status, body = client.post(f"/flow_run_notification_policies/{policy['id']}/test")
+        assert status == 502, body
+        assert "127.0.0.1" in json.dumps(body)
+        fail_run(client)
+        rows = wait_until(lambda: queue(client, "FAILED"), timeout=20, what="the FAILED row")
+    finally:
+        if server is not None:
+            server.stop()
+    assert "127.0.0.1" in rows[0]["last_error"]
+    text = json.dumps([body, rows]) + server.log()
+    assert "SPACEDSECRET" not in text, "the secret URL leaked"
+    assert "Traceback" not in server.log()
 
 
 # --- the test route ----------------------------------------------------------------------------------
