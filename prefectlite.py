@@ -8182,18 +8182,30 @@ def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -
                        "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive' "
                        "AND b.end_time <= ? ORDER BY b.end_time LIMIT 500", (True, iso(now)))
     for row in due:
-        with db.write() as tx:
-            automation_row = read_row(tx, "automation", row["automation_id"])
-            bucket = _read_bucket(tx, row["automation_id"], row["trigger_id"], row["bucketing_key"])
-            if automation_row is None or bucket is None or from_iso(bucket["end_time"]) > now:
-                continue  # another replica closed it first
-            automation = automation_out(automation_row)
-            trigger = next((t for t in all_triggers(automation["trigger"]) if t["id"] == row["trigger_id"]), None)
-            if trigger is None or trigger["type"] != "event" or trigger["posture"] != "Proactive":
-                _remove_bucket(tx, bucket)
-                continue
-            evaluate_bucket(tx, automation, trigger, bucket, now, None)
+        try:
+            _close_proactive_window(db, row, now)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad stored automation must not stop the others' windows
+            _skip_automation({"id": row["automation_id"]}, exc)
+            with db.write() as tx:  # its window goes, or it would fail first on every pass
+                tx.execute("DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? "
+                           "AND bucketing_key = ?", (row["automation_id"], row["trigger_id"], row["bucketing_key"]))
     return len(due)
+
+
+def _close_proactive_window(db: Database, row: dict, now: _dt.datetime) -> None:
+    with db.write() as tx:
+        automation_row = read_row(tx, "automation", row["automation_id"])
+        bucket = _read_bucket(tx, row["automation_id"], row["trigger_id"], row["bucketing_key"])
+        if automation_row is None or bucket is None or from_iso(bucket["end_time"]) > now:
+            return  # another replica closed it first
+        automation = automation_out(automation_row)
+        trigger = next((t for t in all_triggers(automation["trigger"]) if t["id"] == row["trigger_id"]), None)
+        if trigger is None or trigger["type"] != "event" or trigger["posture"] != "Proactive":
+            _remove_bucket(tx, bucket)
+            return
+        evaluate_bucket(tx, automation, trigger, bucket, now, None)
 
 
 def _parent_of(trigger: dict, child_id: str) -> dict | None:

@@ -183,6 +183,26 @@ def test_a_bad_stored_automation_never_breaks_event_storage(database):
         assert events_named(client, "prefect.automation.triggered", f"prefect.automation.{bad['id']}") == []
 
 
+def test_a_bad_stored_proactive_automation_does_not_stop_the_others(tmp_path):
+    url = f"sqlite:///{tmp_path}/a.db"
+    proactive = {"type": "event", "posture": "Proactive", "expect": ["never.happens"], "threshold": 1, "within": 60}
+    with running(url) as client:
+        bad = client.ok("POST", "/automations/", automation_body(trigger=proactive), expect=(201,))
+        good = client.ok("POST", "/automations/", automation_body(trigger=proactive), expect=(201,))
+        store_directly(url, "automation", bad["id"], {"trigger": {**bad["trigger"], "within": 1e300}})
+        db = prefectlite.open_database(url)
+        try:
+            with db.write() as tx:  # both windows ended, the bad one first
+                for auto, minutes in ((bad, 2), (good, 1)):
+                    tx.execute("UPDATE automation_bucket SET end_time = ? WHERE automation_id = ?", (
+                        prefectlite.iso(prefectlite.utcnow() - prefectlite._dt.timedelta(minutes=minutes)),
+                        auto["id"]))
+        finally:
+            db.close()
+        wait_until(lambda: events_named(client, "prefect.automation.triggered", f"prefect.automation.{good['id']}"),
+                   what="the good automation's window closed and fired")
+
+
 def test_an_action_that_fails_unexpectedly_is_recorded_as_failed(tmp_path):
     url = f"sqlite:///{tmp_path}/a.db"
     with running(url) as client:
