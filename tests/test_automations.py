@@ -170,8 +170,8 @@ def store_directly(url, table, row_id, values):
 
 def test_a_bad_stored_automation_never_breaks_event_storage(database):
     with running(database) as client:
-        bad = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"], within=30)),
-                        expect=(201,))
+        bad = client.ok("POST", "/automations/", automation_body(
+            trigger=reactive(["go.now", "prefect.flow-run.*"], within=30)), expect=(201,))
         good = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
         store_directly(database, "automation", bad["id"], {"trigger": {**bad["trigger"], "within": 1e300}})
         client.ok("POST", "/events", [event("go.now")])
@@ -181,6 +181,10 @@ def test_a_bad_stored_automation_never_breaks_event_storage(database):
                            what="the good automation fired twice")
         assert fired
         assert events_named(client, "prefect.automation.triggered", f"prefect.automation.{bad['id']}") == []
+        flow = client.ok("POST", "/flows/", {"name": unique("flow")})
+        run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
+        status, payload = client.post(f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})
+        assert status in (200, 201) and payload["status"] == "ACCEPT", payload
 
 
 def test_a_bad_stored_proactive_automation_does_not_stop_the_others(tmp_path):
