@@ -7197,6 +7197,32 @@ class TemplateError(ValueError):
     pass
 
 
+# A template is data a client sends, so rendering one has a budget: output characters and loop iterations per
+# render (replace and join grow text, nested loops multiply), and how deep expressions and tags nest.
+TEMPLATE_MAX_OUTPUT = 100_000
+TEMPLATE_MAX_LOOPS = 10_000
+TEMPLATE_MAX_DEPTH = 50
+_TEMPLATE_BUDGET = contextvars.ContextVar("template_budget", default=None)  # [characters, iterations] spent
+
+
+def _spend_template_budget(characters: int = 0, iterations: int = 0) -> None:
+    budget = _TEMPLATE_BUDGET.get()
+    if budget is None:
+        return
+    budget[0] += characters
+    budget[1] += iterations
+    if budget[0] > TEMPLATE_MAX_OUTPUT:
+        raise TemplateError(f"the template renders more than {TEMPLATE_MAX_OUTPUT} characters")
+    if budget[1] > TEMPLATE_MAX_LOOPS:
+        raise TemplateError(f"the template loops more than {TEMPLATE_MAX_LOOPS} times")
+
+
+def _capped_text(text: str) -> str:
+    if len(text) > TEMPLATE_MAX_OUTPUT:
+        raise TemplateError(f"a filter made more than {TEMPLATE_MAX_OUTPUT} characters")
+    return text
+
+
 _TEMPLATE_TAG = re.compile(r"\{\{(.*?)\}\}|\{%-?(.*?)-?%\}|\{#.*?#\}", re.DOTALL)
 _TEMPLATE_TOKEN = re.compile(r"\s*(?:(\d+\.\d+|\d+)|('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|"
                              r"(==|!=|<=|>=|<|>|\||\.|\(|\)|\[|\]|,)|([A-Za-z_][A-Za-z0-9_]*))")
@@ -7225,9 +7251,9 @@ def _tokens(text: str) -> list:
             raise TemplateError(f"unexpected {text[pos:].strip()[:20]!r}")
         number, literal, op, name = found.groups()
         if number is not None:
-            out.append(("lit", float(number) if "." in number else int(number)))
+            out.append(("lit", _number_literal(number)))
         elif literal is not None:
-            out.append(("lit", literal[1:-1].encode().decode("unicode_escape")))
+            out.append(("lit", _string_literal(literal)))
         elif op is not None:
             out.append(("op", op))
         else:
@@ -7237,16 +7263,43 @@ def _tokens(text: str) -> list:
     return out
 
 
+def _number_literal(text: str):
+    try:
+        return float(text) if "." in text else int(text)
+    except ValueError:  # more digits than Python converts
+        raise TemplateError(f"the number {text[:20]}... is too long") from None
+
+
+def _string_literal(text: str) -> str:
+    try:
+        return text[1:-1].encode().decode("unicode_escape")
+    except UnicodeDecodeError as exc:
+        raise TemplateError(f"invalid escape in {text[:20]!r}: {exc.reason}") from None
+
+
+def _tree_depth(node) -> int:
+    """How deep an expression tree nests (evaluating it recurses this deep), without recursing."""
+    deepest, stack = 0, [(node, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        stack += [(child, depth + 1) for child in node[1:] if isinstance(child, tuple)]
+        stack += [(arg, depth + 1) for child in node[1:] if isinstance(child, list) for arg in child]
+    return deepest
+
+
 class _Expression:
     """A parsed expression: or / and / not / comparisons / filters / names, keys, indexes and literals."""
 
     def __init__(self, text: str):
-        self.tokens, self.pos = _tokens(text), 0
+        self.tokens, self.pos, self.depth = _tokens(text), 0, 0
         if not self.tokens:
             raise TemplateError("empty expression")
         self.tree = self._or()
         if self.pos != len(self.tokens):
             raise TemplateError(f"unexpected {self.tokens[self.pos][1]!r}")
+        if _tree_depth(self.tree) > 2 * TEMPLATE_MAX_DEPTH:
+            raise TemplateError(f"the expression nests more than {2 * TEMPLATE_MAX_DEPTH} deep")
 
     def _peek(self, *wanted):
         token = self.tokens[self.pos] if self.pos < len(self.tokens) else (None, None)
@@ -7274,10 +7327,17 @@ class _Expression:
         return node
 
     def _not(self):
-        if self._peek("not"):
-            self.pos += 1
-            return ("not", self._not())
-        return self._compare()
+        # every nesting (not, parentheses, keys, filter arguments) passes here: parsing recurses no deeper
+        self.depth += 1
+        if self.depth > TEMPLATE_MAX_DEPTH:
+            raise TemplateError(f"the expression nests more than {TEMPLATE_MAX_DEPTH} deep")
+        try:
+            if self._peek("not"):
+                self.pos += 1
+                return ("not", self._not())
+            return self._compare()
+        finally:
+            self.depth -= 1
 
     def _compare(self):
         node = self._filtered()
@@ -7390,6 +7450,26 @@ def _ui_url(context, value, *_):
     return f"{context.get('__ui_url__', '').rstrip('/')}/#/{kind}s/{value['id']}"
 
 
+def _template_replace(value, old, new) -> str:
+    text, old, new = _template_str(value), _template_str(old), _template_str(new)
+    grows = (len(new) - len(old)) * (text.count(old) if old else len(text) + 1)
+    if len(text) + grows > TEMPLATE_MAX_OUTPUT:  # refused before it is made: replace can grow text a lot
+        raise TemplateError(f"replace would make more than {TEMPLATE_MAX_OUTPUT} characters")
+    return text.replace(old, new)
+
+
+def _template_int(value) -> int:
+    """Jinja's int filter: a number, or a string of decimal digits; anything else is 0."""
+    try:
+        if isinstance(value, (int, float)):
+            return int(value)
+        if isinstance(value, str) and value.strip().isdecimal():
+            return int(value.strip())
+    except (ValueError, OverflowError):  # inf, nan, more digits than Python converts
+        pass
+    return 0
+
+
 TEMPLATE_FILTERS = {
     "default": lambda _c, v, fallback="", boolean=False: fallback if v is UNDEFINED or (boolean and not v) else v,
     "d": lambda _c, v, fallback="", boolean=False: fallback if v is UNDEFINED or (boolean and not v) else v,
@@ -7399,11 +7479,12 @@ TEMPLATE_FILTERS = {
     "length": lambda _c, v: len(v) if isinstance(v, (str, list, dict)) else 0,
     "count": lambda _c, v: len(v) if isinstance(v, (str, list, dict)) else 0,
     "tojson": lambda _c, v: dumps(None if v is UNDEFINED else v),
-    "replace": lambda _c, v, old, new: _template_str(v).replace(_template_str(old), _template_str(new)),
-    "join": lambda _c, v, sep="": _template_str(sep).join(_template_str(x) for x in v) if isinstance(v, list) else "",
+    "replace": lambda _c, v, old, new: _template_replace(v, old, new),
+    "join": lambda _c, v, sep="": _capped_text(_template_str(sep).join(_template_str(x) for x in v))
+    if isinstance(v, list) else "",
     "first": lambda _c, v: v[0] if isinstance(v, list) and v else UNDEFINED,
     "last": lambda _c, v: v[-1] if isinstance(v, list) and v else UNDEFINED,
-    "int": lambda _c, v: int(v) if isinstance(v, (int, float)) or (isinstance(v, str) and v.strip().isdigit()) else 0,
+    "int": lambda _c, v: _template_int(v),
     "ui_url": _ui_url,
 }
 
@@ -7414,6 +7495,8 @@ def parse_template(text: str) -> list:
     stack = [("root", root)]
     pos = 0
     for found in _TEMPLATE_TAG.finditer(text):
+        if len(stack) > TEMPLATE_MAX_DEPTH:
+            raise TemplateError(f"tags nest more than {TEMPLATE_MAX_DEPTH} deep")
         if found.start() > pos:
             stack[-1][1].append(text[pos:found.start()])
         pos = found.end()
@@ -7475,28 +7558,36 @@ def _template_statement(statement: str, stack: list) -> None:
 
 
 def render_template(text: str, context: dict) -> str:
-    return "".join(_render_nodes(parse_template(text), context))
+    token = _TEMPLATE_BUDGET.set([0, 0])
+    try:
+        return "".join(_render_nodes(parse_template(text), context))
+    finally:
+        _TEMPLATE_BUDGET.reset(token)
 
 
 def _render_nodes(nodes: list, context: dict):
     for node in nodes:
         if isinstance(node, str):
+            _spend_template_budget(len(node))
             yield node
         elif node[0] == "out":
-            yield _template_str(node[1].evaluate(context))
+            text = _template_str(node[1].evaluate(context))
+            _spend_template_budget(len(text))
+            yield text
         elif node[0] == "if":
             body = next((b for expr, b in node[1] if expr.evaluate(context)), node[2] or [])
             yield from _render_nodes(body, context)
         else:
             items = node[2].evaluate(context)
             for item in (items if isinstance(items, list) else list(items) if isinstance(items, dict) else []):
+                _spend_template_budget(iterations=1)
                 yield from _render_nodes(node[3], {**context, node[1]: item})
 
 
 def check_template(text: str, loc) -> None:
     try:
         parse_template(text)
-    except TemplateError as exc:
+    except (TemplateError, ValueError, RecursionError) as exc:  # the parser's own limits are TemplateErrors
         raise ValidationFailed([_error(loc, f"{text[:80]!r} is not a valid template: {exc}", "value_error")]) from None
 
 
@@ -7570,6 +7661,7 @@ def hydrate(value, context: dict):
 AUTOMATION_MAX_TRIGGER_DEPTH = 10  # compound triggers nest; deeper bodies are refused
 AUTOMATION_MAX_EVENT_DEPTH = 3  # an automation's own events may trigger automations, this many levels deep
 AUTOMATION_PROACTIVE_MIN_WITHIN = 10.0  # seconds: Prefect's minimum window for a proactive trigger
+AUTOMATION_MAX_WITHIN = 365 * 86400.0  # seconds: a longer window would overflow the dates a bucket stores
 AUTOMATION_LOOKBACK = _dt.timedelta(minutes=15)  # a first bucket also counts events this much older (as Prefect)
 AUTOMATION_HISTORY_DAYS = 7  # done and failed actions stay this long, for the action history
 _AUTOMATION_DEPTH = contextvars.ContextVar("automation_depth", default=0)
@@ -7637,10 +7729,13 @@ def _seconds_field(value, loc) -> float:
     """A timedelta as clients send it: seconds (Prefect 2) or ISO 8601 (Prefect 3's JSON), never negative."""
     try:
         seconds = _seconds(value) if isinstance(value, str) else _validate_kind("float", value, loc)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):
         raise ValidationFailed([_error(loc, "invalid duration", "type_error.duration")]) from None
     if seconds < 0:
         raise ValidationFailed([_error(loc, "The minimum within is 0 seconds", "value_error")])
+    if not seconds <= AUTOMATION_MAX_WITHIN:
+        raise ValidationFailed([_error(loc, f"The maximum within is {AUTOMATION_MAX_WITHIN:.0f} seconds (365 days)",
+                                       "value_error")])
     return seconds
 
 
@@ -7730,7 +7825,7 @@ def validate_action(data, loc) -> dict:
     if not isinstance(data, dict):
         raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
     kind = data.get("type")
-    schema = ACTION_SCHEMAS.get(kind)
+    schema = ACTION_SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema is None:
         raise ValidationFailed([_error((*loc, "type"), f"unknown action type {kind!r}; one of "
                                        f"{', '.join(ACTION_SCHEMAS)}", "value_error.const")])
@@ -7850,6 +7945,10 @@ def _automation_filter(flt: dict) -> tuple[str, list]:
     if not isinstance(flt, dict):
         raise ValidationFailed([_error(("body", "automations"), "value is not a valid dict", "type_error.dict")])
     clauses, params = [], []
+    for key in ("name", "id", "created", "tags"):
+        if flt.get(key) is not None and not isinstance(flt[key], dict):
+            raise ValidationFailed([_error(("body", "automations", key), "value is not a valid dict",
+                                           "type_error.dict")])
     names = (flt.get("name") or {}).get("any_")
     if names is not None:
         names = _validate_kind(_STRS, names, ("body", "automations", "name", "any_"))
@@ -7864,7 +7963,8 @@ def _automation_filter(flt: dict) -> tuple[str, list]:
     if before is not None:
         clauses.append("created <= ?")
         params.append(parse_datetime(before, ("body", "automations", "created", "before_")))
-    for tag in (flt.get("tags") or {}).get("all_") or ():
+    tags = (flt.get("tags") or {}).get("all_")
+    for tag in _validate_kind(_STRS, tags, ("body", "automations", "tags", "all_")) if tags is not None else ():
         clauses.append("tags LIKE ? ESCAPE '\\'")
         params.append("%" + _like_literal(dumps(tag)) + "%")
     joiner = " OR " if flt.get("operator") == "or_" else " AND "
@@ -7958,7 +8058,8 @@ def _bucketing_key(trigger: dict, event: dict | None) -> str:
 
 
 def enabled_automations(tx) -> list[dict]:
-    return [automation_out(r) for r in tx.query("SELECT * FROM automation WHERE enabled = ?", (True,))]
+    # in id order, so replicas evaluating the same event lock buckets in the same order (no deadlock)
+    return [automation_out(r) for r in tx.query("SELECT * FROM automation WHERE enabled = ? ORDER BY id", (True,))]
 
 
 def evaluate_automations(tx, events: list[dict]) -> None:
@@ -7974,11 +8075,39 @@ def evaluate_automations(tx, events: list[dict]) -> None:
     try:
         for event in events:
             for automation in automations:
-                for trigger in all_triggers(automation["trigger"]):
-                    if trigger["type"] == "event" and trigger_covers(trigger, event):
-                        _react(tx, automation, trigger, event)
+                _evaluate_automation(tx, automation, event)
     finally:
         _AUTOMATION_DEPTH.reset(token)
+
+
+def _evaluate_automation(tx, automation: dict, event: dict) -> None:
+    """One automation's triggers over one event, in a savepoint: an automation that fails (stored before a
+    check that now refuses it) is logged and skipped, and never fails the write that stores the event."""
+    try:
+        covering = [t for t in all_triggers(automation["trigger"])
+                    if t["type"] == "event" and trigger_covers(t, event)]
+    except Exception as exc:  # noqa: BLE001 - nothing written yet: skip the automation
+        return _skip_automation(automation, exc)
+    if not covering:
+        return None
+    after_commit = len(tx.after_commit)
+    tx.execute("SAVEPOINT automation_evaluation")
+    try:
+        for trigger in covering:
+            _react(tx, automation, trigger, event)
+    except DatabaseUnavailable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - undo its writes and skip it
+        tx.execute("ROLLBACK TO SAVEPOINT automation_evaluation")
+        del tx.after_commit[after_commit:]
+        tx.memo.clear()
+        _skip_automation(automation, exc)
+    tx.execute("RELEASE SAVEPOINT automation_evaluation")
+    return None
+
+
+def _skip_automation(automation: dict, exc: Exception) -> None:
+    log.error("automation %s could not be evaluated (%s); skipped", automation["id"], type(exc).__name__)
 
 
 def _react(tx, automation: dict, trigger: dict, event: dict) -> None:
@@ -8096,18 +8225,30 @@ def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -
                        "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive' "
                        "AND b.end_time <= ? ORDER BY b.end_time LIMIT 500", (True, iso(now)))
     for row in due:
-        with db.write() as tx:
-            automation_row = read_row(tx, "automation", row["automation_id"])
-            bucket = _read_bucket(tx, row["automation_id"], row["trigger_id"], row["bucketing_key"])
-            if automation_row is None or bucket is None or from_iso(bucket["end_time"]) > now:
-                continue  # another replica closed it first
-            automation = automation_out(automation_row)
-            trigger = next((t for t in all_triggers(automation["trigger"]) if t["id"] == row["trigger_id"]), None)
-            if trigger is None or trigger["type"] != "event" or trigger["posture"] != "Proactive":
-                _remove_bucket(tx, bucket)
-                continue
-            evaluate_bucket(tx, automation, trigger, bucket, now, None)
+        try:
+            _close_proactive_window(db, row, now)
+        except DatabaseError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - one bad stored automation must not stop the others' windows
+            _skip_automation({"id": row["automation_id"]}, exc)
+            with db.write() as tx:  # its window goes, or it would fail first on every pass
+                tx.execute("DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? "
+                           "AND bucketing_key = ?", (row["automation_id"], row["trigger_id"], row["bucketing_key"]))
     return len(due)
+
+
+def _close_proactive_window(db: Database, row: dict, now: _dt.datetime) -> None:
+    with db.write() as tx:
+        automation_row = read_row(tx, "automation", row["automation_id"])
+        bucket = _read_bucket(tx, row["automation_id"], row["trigger_id"], row["bucketing_key"])
+        if automation_row is None or bucket is None or from_iso(bucket["end_time"]) > now:
+            return  # another replica closed it first
+        automation = automation_out(automation_row)
+        trigger = next((t for t in all_triggers(automation["trigger"]) if t["id"] == row["trigger_id"]), None)
+        if trigger is None or trigger["type"] != "event" or trigger["posture"] != "Proactive":
+            _remove_bucket(tx, bucket)
+            return
+        evaluate_bucket(tx, automation, trigger, bucket, now, None)
 
 
 def _parent_of(trigger: dict, child_id: str) -> dict | None:
@@ -8865,6 +9006,10 @@ class AutomationActor(Service):
             row = self._claim()
             if row is None:
                 break
+            if row["attempts"] > self.app.settings["PREFECT_NOTIFICATIONS_MAX_ATTEMPTS"]:
+                # its runs so far never finished it (the process ended mid-action): give up, as for failures
+                self._finish(row, f"the action did not finish in {row['attempts'] - 1} attempts")
+                continue
             self._run(row)
         if old:
             with self.app.db.write() as tx:
@@ -8885,6 +9030,17 @@ class AutomationActor(Service):
         return {**row, "attempts": row["attempts"] + 1}
 
     def _run(self, row: dict):
+        try:
+            self._run_action(row)
+        except DatabaseError:
+            raise  # the row stays claimed; it is tried again when its lease ends
+        except Exception as exc:  # noqa: BLE001 - a bug in one action must not leave it RUNNING forever
+            # the type only: an exception's text may hold a webhook URL or other secret
+            log.error("automation action %s (%s) failed unexpectedly: %s", row["id"],
+                      json.loads(row["action"]).get("type"), type(exc).__name__)
+            self._finish(row, f"the action failed unexpectedly ({type(exc).__name__})")
+
+    def _run_action(self, row: dict):
         settings, ui_url = self.app.settings, self.app.public_url()
         try:
             with self.app.db.read() as tx:

@@ -105,6 +105,12 @@ def test_owned_and_related_automations(tmp_path):
         assert client.ok("POST", "/automations/count") == 1
 
 
+# templates the parser once crashed on (RecursionError, ValueError, UnicodeDecodeError): now TemplateErrors
+BAD_TEMPLATES = ["{{ " + "(" * 1200 + "1" + ")" * 1200 + " }}", "{{ " + "not " * 1200 + "x }}",
+                 "{% if x %}" * 1200 + "{% endif %}" * 1200, "{{ " + "9" * 5000 + " }}", "{{ '\\x' }}",
+                 "{{ '\\N' }}", "{{ x" + " | upper" * 1200 + " }}", "{{ x" + ".y" * 1200 + " }}"]
+
+
 @pytest.mark.parametrize("change, field", [
     ({"name": None}, ["body", "name"]),
     ({"trigger": {"type": "event", "posture": "Sideways"}}, ["body", "trigger", "posture"]),
@@ -121,6 +127,17 @@ def test_owned_and_related_automations(tmp_path):
     ({"actions": [{"type": "send-notification", "block_document_id": "not-a-uuid", "body": "hi"}]},
      ["body", "actions", 0, "block_document_id"]),
     ({"colour": "red"}, ["body", "colour"]),
+    # windows so long that storing an event the trigger counts would overflow its dates
+    ({"trigger": reactive(["a"], within=1e300)}, ["body", "trigger", "within"]),
+    ({"trigger": reactive(["a"], within="P99999999D")}, ["body", "trigger", "within"]),
+    ({"trigger": {"type": "event", "posture": "Proactive", "within": 1e300}}, ["body", "trigger", "within"]),
+    ({"trigger": {"type": "compound", "require": "any", "within": 1e300, "triggers": [reactive(["a"])]}},
+     ["body", "trigger", "within"]),
+    ({"trigger": {"type": "sequence", "triggers": [reactive(["a"], within=400 * 86400)]}},
+     ["body", "trigger", "triggers", 0, "within"]),
+    ({"actions": [{"type": ["x"]}]}, ["body", "actions", 0, "type"]),
+    *[({"actions": [{"type": "send-notification", "block_document_id": str(uuid.uuid4()), "body": template}]},
+       ["body", "actions", 0, "body"]) for template in BAD_TEMPLATES],
 ])
 def test_bad_bodies_are_422s_naming_the_field(tmp_path, change, field):
     with running(f"sqlite:///{tmp_path}/a.db") as client:
@@ -128,6 +145,92 @@ def test_bad_bodies_are_422s_naming_the_field(tmp_path, change, field):
         status, payload = client.post("/automations/", body)
         assert status == 422, payload
         assert field in [e["loc"] for e in payload["exception_detail"]], payload
+
+
+@pytest.mark.parametrize("flt, field", [
+    ({"name": "x"}, ["body", "automations", "name"]), ({"created": "x"}, ["body", "automations", "created"]),
+    ({"tags": {"all_": 5}}, ["body", "automations", "tags", "all_"]), ({"id": []}, ["body", "automations", "id"]),
+])
+def test_bad_automation_filters_are_422s_naming_the_field(tmp_path, flt, field):
+    with running(f"sqlite:///{tmp_path}/a.db") as client:
+        status, payload = client.post("/automations/filter", {"automations": flt})
+        assert status == 422, payload
+        assert field in [e["loc"] for e in payload["exception_detail"]], payload
+
+
+def store_directly(url, table, row_id, values):
+    """Change a stored row as no API call can now: data stored before a check that now refuses it."""
+    db = prefectlite.open_database(url)
+    try:
+        with db.write() as tx:
+            prefectlite.update_row(tx, table, row_id, values)
+    finally:
+        db.close()
+
+
+def test_a_bad_stored_automation_never_breaks_event_storage(database):
+    with running(database) as client:
+        bad = client.ok("POST", "/automations/", automation_body(
+            trigger=reactive(["go.now", "prefect.flow-run.*"], within=30)), expect=(201,))
+        good = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
+        store_directly(database, "automation", bad["id"], {"trigger": {**bad["trigger"], "within": 1e300}})
+        client.ok("POST", "/events", [event("go.now")])
+        client.ok("POST", "/events", [event("go.now")])
+        fired = wait_until(lambda: len(events_named(client, "prefect.automation.triggered",
+                                                    f"prefect.automation.{good['id']}")) == 2 or None,
+                           what="the good automation fired twice")
+        assert fired
+        assert events_named(client, "prefect.automation.triggered", f"prefect.automation.{bad['id']}") == []
+        flow = client.ok("POST", "/flows/", {"name": unique("flow")})
+        run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
+        status, payload = client.post(f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})
+        assert status in (200, 201) and payload["status"] == "ACCEPT", payload
+
+
+def test_a_bad_stored_proactive_automation_does_not_stop_the_others(tmp_path):
+    url = f"sqlite:///{tmp_path}/a.db"
+    proactive = {"type": "event", "posture": "Proactive", "expect": ["never.happens"], "threshold": 1, "within": 60}
+    with running(url) as client:
+        bad = client.ok("POST", "/automations/", automation_body(trigger=proactive), expect=(201,))
+        good = client.ok("POST", "/automations/", automation_body(trigger=proactive), expect=(201,))
+        store_directly(url, "automation", bad["id"], {"trigger": {**bad["trigger"], "within": 1e300}})
+        db = prefectlite.open_database(url)
+        try:
+            with db.write() as tx:  # both windows ended, the bad one first
+                for auto, minutes in ((bad, 2), (good, 1)):
+                    tx.execute("UPDATE automation_bucket SET end_time = ? WHERE automation_id = ?", (
+                        prefectlite.iso(prefectlite.utcnow() - prefectlite._dt.timedelta(minutes=minutes)),
+                        auto["id"]))
+        finally:
+            db.close()
+        wait_until(lambda: events_named(client, "prefect.automation.triggered", f"prefect.automation.{good['id']}"),
+                   what="the good automation's window closed and fired")
+
+
+def test_an_action_that_fails_unexpectedly_is_recorded_as_failed(tmp_path):
+    url = f"sqlite:///{tmp_path}/a.db"
+    with running(url) as client:
+        auto = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
+        store_directly(url, "automation", auto["id"], {"actions": [{"type": "send-notification"}]})  # no block
+        client.ok("POST", "/events", [event("go.now")])
+        failed = wait_until(lambda: events_named(client, "prefect.automation.action.failed"), what="the failure")
+        assert failed[0]["payload"]["reason"] == "the action failed unexpectedly (KeyError)"
+        assert [h["status"] for h in client.ok("GET", f"/automations/{auto['id']}/history")] == ["FAILED"]
+
+
+def test_an_action_claimed_more_than_the_maximum_attempts_fails(tmp_path):
+    """A row left RUNNING (its process ended mid-action) is claimed again when its lease ends, not forever."""
+    url = f"sqlite:///{tmp_path}/a.db"
+    with running(url, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=3) as client:
+        auto = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
+        client.ok("POST", "/events", [event("go.now")])
+        [done] = wait_until(lambda: client.ok("GET", f"/automations/{auto['id']}/history"), what="the action run")
+        past = prefectlite.iso(prefectlite.utcnow() - prefectlite._dt.timedelta(minutes=5))
+        store_directly(url, "automation_action_queue", done["id"],
+                       {"status": "RUNNING", "attempts": 3, "next_attempt_at": past})
+        failed = wait_until(lambda: events_named(client, "prefect.automation.action.failed"), what="the failure")
+        assert failed[0]["payload"]["reason"] == "the action did not finish in 3 attempts"
+        assert [h["status"] for h in client.ok("GET", f"/automations/{auto['id']}/history")] == ["FAILED"]
 
 
 def test_job_variables_need_a_deployment_that_exists(tmp_path):
@@ -304,10 +407,26 @@ def test_template_renderer(template, expected):
     assert prefectlite.render_template(template, {"a": {"b": 1}, "s": "hi", "xs": [1, 2]}) == expected
 
 
-@pytest.mark.parametrize("template", ["{{ x", "{% if x %}", "{{ x | system }}", "{% import os %}", "{{ x() }}"])
+@pytest.mark.parametrize("template", ["{{ x", "{% if x %}", "{{ x | system }}", "{% import os %}", "{{ x() }}",
+                                      *BAD_TEMPLATES])
 def test_template_renderer_refuses_what_it_does_not_support(template):
     with pytest.raises(prefectlite.TemplateError):
         prefectlite.parse_template(template)
+
+
+@pytest.mark.parametrize("template", [
+    "{{ 'a'" + " | replace('a', 'aaaaaaaaaa')" * 8 + " }}",  # 10**8 characters
+    "{{ xs | join(big) }}", "{% for x in xs %}{{ big }}{% endfor %}",
+    "{% for a in xs %}{% for b in xs %}{% for c in xs %}{% endfor %}{% endfor %}{% endfor %}",  # 200**3 loops
+])
+def test_rendering_has_a_budget(template):
+    with pytest.raises(prefectlite.TemplateError):
+        prefectlite.render_template(template, {"xs": list(range(200)), "big": "b" * 1000})
+
+
+def test_the_int_filter_takes_decimal_digits_only():
+    assert prefectlite.render_template("{{ s | int }} {{ d | int }} {{ f | int }} {{ n | int }}",
+                                       {"s": "\u00b2", "d": " 42 ", "f": float("inf"), "n": 7.9}) == "0 42 0 7"
 
 
 def test_a_path_that_is_not_an_id_is_not_found(tmp_path):
