@@ -4223,7 +4223,8 @@ def keep_deployment_lease_at_running(ctx: Transition):
     if ctx.kind != "flow" or ctx.initial_type != "PENDING" or ctx.proposed["type"] != "RUNNING":
         return None
     lease_id = _own_lease_id(ctx.tx, ctx.initial)
-    ctx.proposed["state_details"][LEASE_DETAIL] = lease_id
+    if lease_id or LEASE_DETAIL in ctx.proposed["state_details"]:  # never added to a run without a lease: a 2.x
+        ctx.proposed["state_details"][LEASE_DETAIL] = lease_id     # SDK in test mode refuses an unknown detail
     found = _deployment_limit_of(ctx.tx, ctx.run) if lease_id else None
     if found is None:
         return None

@@ -780,6 +780,20 @@ def propose(client, run_id, state_type, name=None, **details):
     return client.ok("POST", f"/flow_runs/{run_id}/set_state", {"state": state}, headers=PREFECT3_AGENT)
 
 
+def test_a_run_without_a_deployment_limit_never_carries_a_lease_detail(quiet_any_db):
+    """A 2.20 SDK in test mode refuses any state detail it does not know: a run of a deployment without a
+    concurrency limit goes PENDING and RUNNING without a `deployment_concurrency_lease_id` key (it crashed the
+    2.20 runner: "extra fields not permitted")."""
+    client = quiet_any_db
+    dep = new_deployment(client)
+    run = run_from(client, dep["id"])
+    for state_type in ("PENDING", "RUNNING", "COMPLETED"):
+        answer = client.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": state_type}})
+        assert answer["status"] == "ACCEPT", answer
+        assert "deployment_concurrency_lease_id" not in answer["state"]["state_details"], state_type
+    assert "deployment_concurrency_lease_id" not in client.ok("GET", f"/flow_runs/{run['id']}")["state"]["state_details"]
+
+
 def test_a_deployment_concurrency_limit_holds_runs_back_with_leases(quiet_any_db):
     """Cause 14 of issue 23 (enforcement), as Prefect 3.9 does it: a run of a deployment with a concurrency
     limit takes a slot of `deployment:{id}` on its way to PENDING, under a lease (its id in the state's details,
