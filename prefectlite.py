@@ -14046,19 +14046,31 @@ def cmd_start(args, out) -> int:
     stop_signals = {signal.SIGINT, signal.SIGTERM}
     for signum in stop_signals:  # before the port opens: a signal at any moment stops cleanly
         signal.signal(signum, _stop_signal_handler(stop))
+    as_script = __name__ == "__main__" and __spec__ is None and hasattr(signal, "sigwait")
     with _stop_signals_blocked(stop_signals):
         running = start_server(settings, host, port)
         _print_ready(out, running.host, running.port, running.app.db.dialect)
-        if __name__ == "__main__" and __spec__ is None:
+        if as_script:
             # Run as a script (`python prefectlite.py start`): CPython keeps the script's syntax tree (~24 MB,
             # most of an idle server) until the script's top level returns. So return now and wait in a
-            # non-daemon thread, which the interpreter waits for before it exits; the main thread still runs
-            # the signal handlers. (`python -m prefectlite` and the installed command import the module:
-            # nothing to free there.)
+            # non-daemon thread, which the interpreter waits for before it exits. The main thread then sits in
+            # that wait, where a signal that came just before it began was never handled (1 hang in 25 under
+            # load): so every thread keeps the signals blocked and one thread takes them with sigwait().
+            # (`python -m prefectlite` and the installed command import the module: nothing to free there.)
             threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
-            return 0
+            threading.Thread(target=_take_stop_signals, args=(stop_signals, _stop_signal_handler(stop)),
+                             name="prefectlite-signals", daemon=True).start()
+    if as_script:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
+        return 0
     _serve_until(stop, running, out)
     return 0
+
+
+def _take_stop_signals(signals, on_signal):
+    """Take the stop signals as they come (every thread blocks them) and hand each to `on_signal`."""
+    while True:
+        on_signal(signal.sigwait(signals), None)
 
 
 def _serve_until(stop: threading.Event, running, out):
