@@ -1279,13 +1279,15 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
         api.ok("DELETE", f"/automations/{a['id']}")
     ui.open("automations")
     ui.wait_text("main .empty-state", "No automations yet")
-    ui.click(".page-header button", "Create automation")
-    ui.wait_text("main form h2", "Create Automation")
+    ui.click(".page-header a", "Create automation")
+    ui.b.wait(lambda: ui.route() == "automations/create", 10, "the create page")
+    ui.wait_text(".page-header h1", "Create automation")
     ui.type("#auto-name", "page-on-failure")
     ui.type("#auto-tags", "nightly-ui")
     ui.choose("#auto-block", "my-slack-webhook")
     ui.type("#auto-body", "{{ flow_run.name }} is {{ flow_run.state.name }}")
     ui.click("form.automation-form button[type=submit]", "Create automation")
+    ui.b.wait(lambda: ui.route() == "automations", 10, "the list again")
     sentence = "When a run of any flow with nightly-ui tag enters a failed state, send a notification to my-slack-webhook"
     ui.wait_text("main .automation-sentence", sentence)
     ui.wait_text("main .automation-last", "Never fired")
@@ -1314,20 +1316,104 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
     ui.wait_text("main .automation .pill", "Active")
     assert automations(api)[0]["enabled"] is True
     # edit: crashed runs too, any tag
-    ui.click("main .automation button", "Edit")
-    ui.wait_text("main form h2", "Edit Automation")
+    ui.click("main .automation a", "Edit")
+    ui.b.wait(lambda: ui.route() == f"automations/automation/{a['id']}/edit", 10, "the edit page")
+    ui.wait_text(".page-header h1", "Edit automation")
     ui.click("form.automation-form input[value=Crashed]")
     ui.type("#auto-tags", "")
     ui.click("form.automation-form button[type=submit]", "Save automation")
+    ui.b.wait(lambda: ui.route() == f"automations/automation/{a['id']}", 10, "the automation's page")
     ui.wait_text("main .automation-sentence",
                  "When a run of any flow enters a failed or crashed state, send a notification to my-slack-webhook")
     [a] = automations(api)
     assert a["trigger"]["expect"] == ["prefect.flow-run.Crashed", "prefect.flow-run.Failed"]
-    # delete
-    ui.click("main .automation button", "Delete")
+    # delete, from its page
+    ui.click(".page-header button", "Delete")
     ui.confirm("Delete")
+    ui.b.wait(lambda: ui.route() == "automations", 10, "the list after deleting")
     ui.wait_text("main .empty-state", "No automations yet")
     assert automations(api) == []
+
+
+def page_is_styled(ui):
+    """The stylesheet loaded (by its absolute path) and applies."""
+    return ui.b.execute("return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
+                        " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'")
+
+
+def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
+    """Automations and events answer at the paths of Prefect's UI (and of url_for in the 3.x SDK): the list, create,
+    an automation and its edit form; the events and one event by its day and id. Each opens styled, showing its
+    object; links between them use those paths, and the old hash link of an automation still leads there."""
+    auto = api.post("/automations/", {"name": "paths-automation", "description": "", "enabled": True,
+                                      "trigger": {"type": "event", "posture": "Reactive",
+                                                  "expect": ["prefect.flow-run.Crashed"], "threshold": 1, "within": 0},
+                                      "actions": [{"type": "do-nothing"}]})
+    main = data["main"]
+    ev_id = str(uuid.uuid4())
+    occurred = now_utc()
+    api.ok("POST", "/events", [{"id": ev_id, "occurred": occurred.isoformat(), "event": "ui.paths.happened",
+                                "resource": {"prefect.resource.id": f"prefect.flow-run.{main['id']}",
+                                             "prefect.resource.name": main["name"]},
+                                "related": [{"prefect.resource.id": f"prefect.automation.{auto['id']}",
+                                             "prefect.resource.role": "automation",
+                                             "prefect.resource.name": "paths-automation"}],
+                                "payload": {"answer": 42}}])
+    event_route = f"events/event/{occurred.strftime('%Y-%m-%d')}/{ev_id}"
+    try:
+        pages = [("automations", "Automations", f"main .automation[data-id='{auto['id']}'] .automation-name a"),
+                 ("automations/create", "Create automation", "form.automation-form #auto-name"),
+                 (f"automations/automation/{auto['id']}", "paths-automation", "main .automation-sentence"),
+                 (f"automations/automation/{auto['id']}/edit", "Edit automation", "form.automation-form #auto-name"),
+                 ("events", "Events", f"main a.event-link[href$='{ev_id}']"),
+                 (event_route, "ui.paths.happened", "main .event-resource a")]
+        ui.b.console_errors()
+        for route, title, marker in pages:
+            ui.open(route)
+            ui.b.wait(lambda: ui.texts(".page-header h1") == [title], 10, f"{title!r} as the title of {route}")
+            ui.el(marker)
+            assert page_is_styled(ui), route
+            assert ui.texts("main .error-box") == [], route
+            assert ui.texts("#nav a.active") == ["Events" if route.startswith("events") else "Automations"], route
+            assert ui.b.console_errors() == [], route
+            if route.endswith("/edit"):
+                assert ui.b.execute("return document.getElementById('auto-name').value") == "paths-automation"
+        # the event's page shows its payload and related automation; its resource links to the flow run
+        ui.open(event_route)
+        assert '"answer": 42' in ui.text("main")
+        ui.click("main tr.related-row a", "paths-automation")
+        ui.b.wait(lambda: ui.route() == f"automations/automation/{auto['id']}", 10, "the automation's page")
+        # the automation's page lists the event, by Prefect's path
+        ui.wait_ready()
+        ui.click("main a.event-link", "ui.paths.happened")
+        ui.b.wait(lambda: ui.route() == event_route, 10, "the event's page")
+        ui.wait_ready()
+        ui.click("main .event-resource a", main["name"])
+        ui.b.wait(lambda: ui.route() == f"flow-runs/flow-run/{main['id']}", 10, "the event's flow run")
+        # from the list: name to page, Edit to the form; the events list to the event
+        ui.open("automations")
+        ui.click(f"main .automation[data-id='{auto['id']}'] .automation-name a", "paths-automation")
+        ui.b.wait(lambda: ui.route() == f"automations/automation/{auto['id']}", 10, "the automation's page")
+        ui.open("events")
+        ui.click(f"main a.event-link[href$='{ev_id}']")
+        ui.b.wait(lambda: ui.route() == event_route, 10, "the event's page from the list")
+        # an event that is not there, and a date that is not one, say so
+        ui.open(f"events/event/{occurred.strftime('%Y-%m-%d')}/{uuid.uuid4()}")
+        assert ui.texts(".page-header h1") == ["Event not found"]
+        ui.open(f"events/event/yesterday/{ev_id}")
+        assert ui.texts(".page-header h1") == ["Event not found"]
+        assert "“yesterday” is not a date" in ui.text("main")
+        assert ui.b.console_errors() == []
+        # old hash links of the automations page
+        for old, route in ((f"#/automations/{auto['id']}", f"automations/automation/{auto['id']}"),
+                           ("#/automations", "automations")):
+            ui.b.get("about:blank")
+            ui.b.get(f"{ui.base}/{old}")
+            ui.b.wait(lambda: ui.route() == route, 10, f"{old} to lead to {route}")
+            ui.wait_ready()
+            assert "Page not found" not in ui.text(".page-header")
+    finally:
+        api.ok("DELETE", f"/automations/{auto['id']}")
 
 
 def test_notification_delivery_history(ui, api, data, webhook, receiver):

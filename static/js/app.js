@@ -14,7 +14,8 @@ import variablesPage from './pages/variables.js';
 import artifactsPage from './pages/artifacts.js';
 import concurrencyPage from './pages/concurrency.js';
 import notificationsPage from './pages/notifications.js';
-import automationsPage from './pages/automations.js';
+import { automationsPage, automationDetail, automationEdit } from './pages/automations.js';
+import { eventsPage, eventDetail } from './pages/events.js';
 import aboutPage from './pages/about.js';
 import { initRoot, onNavigate, currentRoute, legacyRoute, navigate, replaceRoute, interceptLinks } from './router.js';
 
@@ -43,6 +44,11 @@ const routes = [
   [/^artifacts\/(artifact|key)\/([^/]+)$/, 'artifacts', artifactsPage],
   [/^concurrency-limits(?:\/concurrency-limit\/([^/]+))?$/, 'concurrency-limits', concurrencyPage],
   [/^automations$/, 'automations', automationsPage],
+  [/^automations\/create$/, 'automations', (ctx, root) => automationEdit(ctx, root, null)],
+  [/^automations\/automation\/([^/]+)$/, 'automations', automationDetail],
+  [/^automations\/automation\/([^/]+)\/edit$/, 'automations', automationEdit],
+  [/^events$/, 'events', eventsPage],
+  [/^events\/event\/([^/]+)\/([^/]+)$/, 'events', eventDetail],
   [/^notifications(?:\/create)?$/, 'notifications', notificationsPage],
   [/^(?:about|settings)$/, 'about', aboutPage],
 ];

@@ -39,6 +39,11 @@ export const paths = {
   block: (id) => `blocks/block/${encodeURIComponent(id)}`,
   blockEdit: (id) => `blocks/block/${encodeURIComponent(id)}/edit`,
   blockCreate: (slug) => `blocks/catalog/${encodeURIComponent(slug)}/create`,
+  automation: (id) => `automations/automation/${encodeURIComponent(id)}`,
+  automationEdit: (id) => `automations/automation/${encodeURIComponent(id)}/edit`,
+  automationCreate: () => 'automations/create',
+  // an event by the day it occurred (UTC) and its id, as Prefect's UI and url_for() have it
+  event: (ev) => `events/event/${new Date(ev.occurred).toISOString().slice(0, 10)}/${encodeURIComponent(ev.id)}`,
 };
 
 // Links of the hash-routed UI (#/flow-runs/<id>, ...) and their short path forms, in today's shapes.
@@ -48,11 +53,13 @@ const LEGACY = [
   [/^deployments\/(?!deployment$)([^/]+)$/, (id) => paths.deployment(id)],
   [/^work-pools\/(?!work-pool$)([^/]+)$/, (name) => paths.workPool(name)],
   [/^blocks\/(?!block$|catalog$|new$)([^/]+)$/, (id) => paths.block(id)],
+  [/^automations\/(?!automation$|create$)([^/]+)$/, (id) => paths.automation(id)],
 ];
 
 // The current-day route for an old one, or null when it is current already.
 export function legacyRoute(path, params) {
   if (path === '') return 'dashboard' + (params.toString() ? `?${params}` : '');
+  if (path === 'automations/new') return paths.automationCreate();
   if (path === 'blocks/new') {
     const slug = params.get('type');
     return slug ? paths.blockCreate(slug) : 'blocks/catalog';

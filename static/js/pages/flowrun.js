@@ -1,9 +1,9 @@
 import { h, replace } from '../dom.js';
 import { api } from '../api.js';
 import { pageHeader, errorBox, emptyState, loading, stateBadge, tagList, timeCell, table, keyValues, jsonBlock, tabs, confirmDialog, runAction, toast, pager } from '../ui.js';
-import { renderArtifact } from '../artifact.js';
+import { stateTimeline, artifactCards } from '../runparts.js';
 import { runsTable, runMeta } from '../runs.js';
-import { fmtDuration, runDuration, isTerminal, fmtRelative } from '../format.js';
+import { fmtDuration, runDuration, isTerminal } from '../format.js';
 import { logViewer } from '../logs.js';
 import { runGraph } from '../graph.js';
 import { paths, navigate } from '../router.js';
@@ -160,15 +160,7 @@ export default async function flowRunDetail(ctx, root, id) {
       const arts = await api.post('/artifacts/filter', { artifacts: { flow_run_id: { any_: [run.id] } }, sort: 'CREATED_DESC', limit: 100 });
       if (!ctx.alive) return;
       tabList.button('artifacts').textContent = `Artifacts (${arts.length})`;
-      if (!arts.length) { replace(artifactsEl, emptyState('No artifacts', 'This flow run has not created any artifact.')); return; }
-      replace(artifactsEl, arts.map((a) => h('article', { class: 'artifact', dataset: { type: a.type || '' } },
-        h('header', { class: 'artifact-head' },
-          h('h3', null, a.key || 'Unnamed artifact'),
-          h('span', { class: 'pill' }, a.type || 'unknown'),
-          a.task_run_id && taskNames.get(a.task_run_id) ? h('span', { class: 'muted small' }, `from ${taskNames.get(a.task_run_id)}`) : null,
-          h('span', { class: 'muted small' }, fmtRelative(a.created))),
-        a.description ? h('p', { class: 'muted' }, a.description) : null,
-        h('div', { class: 'artifact-body' }, renderArtifact(a)))));
+      replace(artifactsEl, artifactCards(arts, 'flow run', taskNames));
     } catch (err) { replace(artifactsEl, errorBox(err, loadArtifacts)); }
   }
 
@@ -181,15 +173,7 @@ export default async function flowRunDetail(ctx, root, id) {
     try {
       const states = await api.get(`/flow_run_states/?flow_run_id=${encodeURIComponent(run.id)}`);
       if (!ctx.alive) return;
-      states.sort((a, b) => new Date(a.timestamp) - new Date(b.timestamp));
-      if (!states.length) { replace(historyEl, emptyState('No state history', 'No state was recorded for this run.')); return; }
-      replace(historyEl, h('ol', { class: 'timeline' }, states.map((s, i) => {
-        const next = states[i + 1];
-        const dur = next ? (new Date(next.timestamp) - new Date(s.timestamp)) / 1000 : null;
-        return h('li', { class: 'timeline-item', style: { '--state': `var(--st-${(s.type || '').toLowerCase()})` } },
-          h('div', { class: 'timeline-head' }, stateBadge(s.type, s.name), timeCell(s.timestamp), dur !== null ? h('span', { class: 'muted small' }, ` for ${fmtDuration(dur)}`) : null),
-          s.message ? h('p', { class: 'state-message' }, s.message) : null);
-      })));
+      replace(historyEl, stateTimeline(states, 'run'));
     } catch (err) { replace(historyEl, errorBox(err, loadHistory)); }
   }
 

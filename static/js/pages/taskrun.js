@@ -3,8 +3,8 @@
 // flow run and to any subflow it stands for.
 import { h, replace } from '../dom.js';
 import { api, byIds } from '../api.js';
-import { pageHeader, errorBox, emptyState, loading, stateBadge, tagList, timeCell, keyValues, jsonBlock, tabs, table, toast } from '../ui.js';
-import { renderArtifact } from '../artifact.js';
+import { pageHeader, errorBox, emptyState, loading, stateBadge, tagList, timeCell, keyValues, tabs, table, toast } from '../ui.js';
+import { stateTimeline, artifactCards } from '../runparts.js';
 import { fmtDuration, runDuration, isTerminal, fmtRelative } from '../format.js';
 import { logViewer } from '../logs.js';
 import { paths } from '../router.js';
@@ -119,15 +119,7 @@ export default async function taskRunDetail(ctx, root, id) {
     try {
       const states = await api.get(`/task_run_states/?task_run_id=${encodeURIComponent(tr.id)}`);
       if (!ctx.alive) return;
-      states.sort((a, b) => new Date(a.timestamp) - new Date(b.timestamp));
-      if (!states.length) { replace(historyEl, emptyState('No state history', 'No state was recorded for this task run.')); return; }
-      replace(historyEl, h('ol', { class: 'timeline' }, states.map((s, i) => {
-        const next = states[i + 1];
-        const dur = next ? (new Date(next.timestamp) - new Date(s.timestamp)) / 1000 : null;
-        return h('li', { class: 'timeline-item', style: { '--state': `var(--st-${(s.type || '').toLowerCase()})` } },
-          h('div', { class: 'timeline-head' }, stateBadge(s.type, s.name), timeCell(s.timestamp), dur !== null ? h('span', { class: 'muted small' }, ` for ${fmtDuration(dur)}`) : null),
-          s.message ? h('p', { class: 'state-message' }, s.message) : null);
-      })));
+      replace(historyEl, stateTimeline(states, 'task run'));
     } catch (err) { replace(historyEl, errorBox(err, loadHistory)); }
   }
 
@@ -136,12 +128,7 @@ export default async function taskRunDetail(ctx, root, id) {
       const arts = await api.post('/artifacts/filter', { artifacts: { task_run_id: { any_: [tr.id] } }, sort: 'CREATED_DESC', limit: 50 });
       if (!ctx.alive) return;
       tabList.button('artifacts').textContent = `Artifacts (${arts.length})`;
-      if (!arts.length) { replace(artifactsEl, emptyState('No artifacts', 'This task run has not created any artifact.')); return; }
-      replace(artifactsEl, arts.map((a) => h('article', { class: 'artifact', dataset: { type: a.type || '' } },
-        h('header', { class: 'artifact-head' }, h('h3', null, a.key || 'Unnamed artifact'), h('span', { class: 'pill' }, a.type || 'unknown'),
-          h('span', { class: 'muted small' }, fmtRelative(a.created))),
-        a.description ? h('p', { class: 'muted' }, a.description) : null,
-        h('div', { class: 'artifact-body' }, renderArtifact(a)))));
+      replace(artifactsEl, artifactCards(arts, 'task run'));
     } catch (err) { replace(artifactsEl, errorBox(err, loadArtifacts)); }
   }
 
