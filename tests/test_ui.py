@@ -1459,7 +1459,8 @@ def test_every_route_renders_after_a_reload(ui, api, data):
     assert json.loads(ui.text("#panel-parameters pre"))["batch_size"] == 500
     titles = {"dashboard": "Dashboard", "flow-runs": "Flow runs", "flows": "Flows", "deployments": "Deployments",
               "work-pools": "Work pools", "blocks": "Blocks", "variables": "Variables", "artifacts": "Artifacts",
-              "concurrency-limits": "Concurrency limits", "notifications": "Notifications", "about": "About"}
+              "concurrency-limits": "Concurrency limits", "notifications": "Notifications", "automations": "Automations",
+              "events": "Events", "about": "About"}
     for route, title in titles.items():
         ui.open(route)
         assert ui.texts(".page-header h1") == [title], route
@@ -1473,7 +1474,8 @@ def all_routes(api, data):
     routes = ["dashboard", "flow-runs", f"flow-runs/flow-run/{main['id']}", f"runs/flow-run/{main['id']}?tab=artifacts",
               f"runs/task-run/{data['tasks']['extract']['id']}", "flows", f"flows/flow/{data['flows']['daily-etl']['id']}",
               "deployments", "work-pools", "blocks", "blocks/catalog",
-              "variables", "artifacts", "concurrency-limits", "notifications", "about"]
+              "variables", "artifacts", "concurrency-limits", "notifications", "automations", "automations/create",
+              "events", "about"]
     for method, path, route_of in (("POST", "/deployments/filter", lambda x: f"deployments/deployment/{x['id']}"),
                                    ("POST", "/work_pools/filter", lambda x: f"work-pools/work-pool/{x['name']}"),
                                    ("POST", "/block_documents/filter", lambda x: f"blocks/block/{x['id']}")):
