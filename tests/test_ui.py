@@ -1516,6 +1516,67 @@ def test_narrow_window_layout(ui, api, data):
         ui.b.set_window_size(1280, 900)
 
 
+# What a person would call broken on a phone, found by the screenshot review at 390 px: anything drawn past the
+# screen's right edge that no scrolling box holds, a tab cut off, a date and time broken over more than two lines.
+PHONE_DEFECTS_JS = """
+const vw = document.documentElement.clientWidth, out = [];
+if (document.documentElement.scrollWidth > window.innerWidth) out.push('page ' + document.documentElement.scrollWidth);
+const held = (e) => { for (let p = e.parentElement; p; p = p.parentElement) {
+  if (/(auto|scroll|hidden)/.test(getComputedStyle(p).overflowX) && p.getBoundingClientRect().right <= vw + 1) return true; }
+  return false; };
+const name = (e) => e.tagName.toLowerCase() + (typeof e.className === 'string' && e.className ? '.' + e.className.trim().split(/ +/).join('.') : '');
+for (const e of document.querySelectorAll('main *, dialog *')) {
+  const r = e.getBoundingClientRect();
+  if (r.width && r.right > vw + 1 && e.checkVisibility() && !held(e)) out.push('past the edge: ' + name(e) + ' ' + Math.round(r.right));
+}
+for (const t of document.querySelectorAll('.tabs [role=tab]')) {
+  const r = t.getBoundingClientRect(), bar = t.parentElement.getBoundingClientRect();
+  if (r.width && (r.right > bar.right + 1 || r.left < bar.left - 1)) out.push('tab cut off: ' + t.innerText);
+}
+for (const t of document.querySelectorAll('main td time')) {
+  const lines = Math.round(t.getBoundingClientRect().height / parseFloat(getComputedStyle(t).lineHeight));
+  if (lines > 2) { out.push('a time over ' + lines + ' lines: ' + t.innerText.replace(/\\s+/g, ' ')); break; }
+}
+return out.slice(0, 6);
+"""
+
+
+def test_every_page_fits_a_phone(ui, api, data):
+    """At 390x844 (a phone) every page, the run dialog and the open state filter stay on the screen: nothing runs
+    past its right edge unless a scrolling box holds it, every tab can be seen, a time breaks only between its date
+    and its time."""
+    auto = api.post("/automations/", {"name": "phone-automation", "description": "", "enabled": True,
+                                      "trigger": {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Failed"],
+                                                  "threshold": 1, "within": 0}, "actions": [{"type": "do-nothing"}]})
+    ev = {"id": str(uuid.uuid4()), "occurred": now_utc().isoformat(), "event": "phone.check", "payload": {},
+          "resource": {"prefect.resource.id": f"prefect.automation.{auto['id']}", "prefect.resource.name": auto["name"]}}
+    api.ok("POST", "/events", [ev])
+    routes = all_routes(api, data) + [f"automations/automation/{auto['id']}", f"automations/automation/{auto['id']}/edit",
+                                      f"events/event/{ev['occurred'][:10]}/{ev['id']}",
+                                      f"flow-runs/flow-run/{data['main']['id']}?tab=task-runs", "flow-runs?state=Late"]
+    try:
+        ui.b.set_window_size(390, 844)
+        ui.b.wait(lambda: ui.b.execute("return window.innerWidth") == 390, 10, "a 390 px wide viewport")
+        found = {}
+        for route in routes:
+            ui.open(route)
+            found[route] = ui.b.execute(PHONE_DEFECTS_JS)
+        ui.open("flow-runs")
+        ui.click("main details.dropdown summary")
+        found["flow-runs, the state filter open"] = ui.b.execute(PHONE_DEFECTS_JS)
+        ui.b.execute("document.querySelector('details.dropdown').open = false")
+        dep = api.post("/deployments/", {"name": "phone-dep", "flow_id": data["flows"]["daily-etl"]["id"],
+                                         "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}}]})
+        ui.open(f"deployments/deployment/{dep['id']}")
+        ui.click(".page-header button", "Run")
+        ui.el("dialog[open]")
+        found["the run dialog"] = ui.b.execute(PHONE_DEFECTS_JS)
+        assert {route: defects for route, defects in found.items() if defects} == {}
+    finally:
+        ui.b.set_window_size(1280, 900)
+        api.ok("DELETE", f"/automations/{auto['id']}")
+
+
 def test_times_are_shown_in_the_browser_time_zone(ui, api, data):
     assert ui.b.execute("return new Date().getTimezoneOffset()") == -330  # the browser is at UTC+05:30
     run = data["runs"]["etl-completed-1"]

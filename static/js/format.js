@@ -49,6 +49,18 @@ export function fmtDateTime(iso) {
   return d ? dtf.format(d) : '—';
 }
 
+// fmtDateTime's text in two parts, its date and its time ('Dec 6, 2026,' and '1:33:54 PM' in English), so that a
+// narrow column breaks the line between them and nowhere else.
+export function fmtDateTimeParts(iso) {
+  const d = parseTime(iso);
+  if (!d) return ['—', ''];
+  const parts = dtf.formatToParts(d);
+  const at = parts.findIndex((p) => p.type === 'hour');
+  if (at <= 0) return [dtf.format(d), ''];
+  const join = (ps) => ps.map((p) => p.value).join('');
+  return [join(parts.slice(0, at)).trimEnd(), join(parts.slice(at))];
+}
+
 export function fmtTimeShort(d) { return tf.format(d); }
 export function fmtDateShort(d) { return df.format(d); }
 

@@ -1,7 +1,7 @@
 // Shared UI pieces: badges, tables, pagers, dialogs, toasts, error and empty states.
 import { h, replace } from './dom.js';
 import { errorText } from './api.js';
-import { stateColor, stateName, fmtDateTime, fmtRelative } from './format.js';
+import { stateColor, stateName, fmtDateTimeParts, fmtRelative } from './format.js';
 
 export function stateBadge(type, name) {
   const color = stateColor(type, name);
@@ -16,7 +16,8 @@ export function tagList(tags) {
 
 export function timeCell(iso) {
   if (!iso) return h('span', { class: 'muted' }, '—');
-  return h('time', { datetime: iso, title: fmtRelative(iso) }, fmtDateTime(iso));
+  const [date, time] = fmtDateTimeParts(iso);
+  return h('time', { datetime: iso, title: fmtRelative(iso) }, h('span', { class: 'dt-part' }, date), time ? [' ', h('span', { class: 'dt-part' }, time)] : null);
 }
 
 export function pageHeader(title, { subtitle, crumbs, actions, badge } = {}) {

@@ -143,5 +143,5 @@ export async function deploymentDetail(ctx, root, id) {
     schedules.length ? section('Schedules', schedulesEl, { id: 'deployment-schedules' }) : null,
     section('Default parameters', Object.keys(d.parameters || {}).length ? jsonBlock(d.parameters) : emptyState('No default parameters', 'Runs use the flow’s own defaults.')),
     section('Upcoming runs', runsBrowser(ctx, { flow_runs: { deployment_id: { any_: [d.id] } } }, { pageSize: 5, hideDeployment: true, upcoming: true, emptyText: 'No run of this deployment is scheduled.' }), { id: 'deployment-upcoming' }),
-    section('Runs', runsBrowser(ctx, { flow_runs: { deployment_id: { any_: [d.id] } } }, { pageSize: 15, hideDeployment: true, emptyText: 'This deployment has no runs yet.' }), { id: 'deployment-runs' }));
+    section('Runs', runsBrowser(ctx, { flow_runs: { deployment_id: { any_: [d.id] } } }, { pageSize: 15, hideDeployment: true, emptyText: 'No run of this deployment was due up to now (its scheduled runs are under Upcoming runs).' }), { id: 'deployment-runs' }));
 }

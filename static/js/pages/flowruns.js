@@ -78,6 +78,14 @@ export async function flowRunsPage(ctx, root) {
   const stateMenu = h('details', { class: 'dropdown' }, h('summary', { class: 'btn', 'aria-label': 'Filter by state' }, stateSummary),
     h('div', { class: 'dropdown-body' }, h('p', { class: 'dropdown-title muted small' }, 'Types'), stateBoxes.slice(0, STATE_TYPES.length),
       h('p', { class: 'dropdown-title muted small' }, 'Names'), stateBoxes.slice(STATE_TYPES.length)));
+  // Opened near the screen's right edge (the right column of a phone's filters), the menu moves left to stay on it.
+  stateMenu.addEventListener('toggle', () => {
+    const body = stateMenu.querySelector('.dropdown-body');
+    body.style.left = '';
+    if (!stateMenu.open) return;
+    const over = body.getBoundingClientRect().right - (document.documentElement.clientWidth - 8);
+    if (over > 0) body.style.left = `${-over}px`;
+  });
   const flowSel = h('select', { id: 'filter-flow', onchange: () => update() }, h('option', { value: '' }, 'All flows'));
   const depSel = h('select', { id: 'filter-deployment', onchange: () => update() }, h('option', { value: '' }, 'All deployments'));
   const tagsIn = h('input', { id: 'filter-tags', type: 'text', placeholder: 'tag-a, tag-b', value: p.get('tags') || '', oninput: debounce(() => update(), 350) });

@@ -72,7 +72,7 @@ export async function flowDetail(ctx, root, id) {
   replace(root,
     pageHeader(flow.name, { crumbs: [{ label: 'Flows', href: 'flows' }, { label: flow.name }], actions: [del] }),
     h('div', { class: 'card' }, keyValues([['Flow ID', h('code', null, flow.id)], ['Created', timeCell(flow.created)], ['Tags', tagList(flow.tags)]])),
-    section('Runs', runsBrowser(ctx, { flows: { id: { any_: [flow.id] } } }, { pageSize: 15, hideFlow: true, emptyText: 'This flow has no runs yet.' }), { id: 'flow-runs' }),
+    section('Runs', runsBrowser(ctx, { flows: { id: { any_: [flow.id] } } }, { pageSize: 15, hideFlow: true, emptyText: 'No run of this flow was due up to now.' }), { id: 'flow-runs' }),
     section('Deployments', depsEl, { id: 'flow-deployments' }));
   try {
     const deps = await api.post('/deployments/filter', { flows: { id: { any_: [flow.id] } }, sort: 'NAME_ASC', limit: 200 });

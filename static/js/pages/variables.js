@@ -51,7 +51,7 @@ export default async function variablesPage(ctx, root) {
       }
       replace(list, h('div', { class: 'card flush' }, table([
         { label: 'Name', render: (v) => h('span', { class: 'var-name' }, v.name) },
-        { label: 'Value', render: (v) => h('code', { class: 'var-value' }, typeof v.value === 'string' ? v.value : JSON.stringify(v.value)) },
+        { label: 'Value', render: (v) => h('code', { class: 'var-value', title: typeof v.value === 'string' ? v.value : JSON.stringify(v.value) }, typeof v.value === 'string' ? v.value : JSON.stringify(v.value)) },
         { label: 'Tags', className: 'hide-sm', render: (v) => tagList(v.tags) },
         { label: 'Updated', className: 'hide-md', render: (v) => timeCell(v.updated) },
         { label: 'Actions', render: (v) => h('div', { class: 'row-actions' },
