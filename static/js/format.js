@@ -49,16 +49,10 @@ export function fmtDateTime(iso) {
   return d ? dtf.format(d) : '—';
 }
 
-// fmtDateTime's text in two parts, its date and its time ('Dec 6, 2026,' and '1:33:54 PM' in English), so that a
-// narrow column breaks the line between them and nowhere else.
+// fmtDateTime's text as its parts (Intl's: month, literal, day, ..., hour, ...), for a cell that lays them out.
 export function fmtDateTimeParts(iso) {
   const d = parseTime(iso);
-  if (!d) return ['—', ''];
-  const parts = dtf.formatToParts(d);
-  const at = parts.findIndex((p) => p.type === 'hour');
-  if (at <= 0) return [dtf.format(d), ''];
-  const join = (ps) => ps.map((p) => p.value).join('');
-  return [join(parts.slice(0, at)).trimEnd(), join(parts.slice(at))];
+  return d ? dtf.formatToParts(d) : null;
 }
 
 export function fmtTimeShort(d) { return tf.format(d); }

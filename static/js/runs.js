@@ -21,7 +21,8 @@ export function runsTable(runs, { flows = new Map(), deployments = new Map(), hi
     hideDeployment ? null : { label: 'Deployment', className: 'hide-sm', render: (r) => { const d = deployments.get(r.deployment_id); return d ? h('a', { href: paths.deployment(d.id) }, d.name) : h('span', { class: 'muted' }, '—'); } },
     { label: 'State', render: (r) => stateBadge(r.state_type, r.state_name) },
     { label: 'Start', render: (r) => h('span', null, timeCell(r.start_time || r.expected_start_time), !r.start_time && r.expected_start_time ? h('span', { class: 'muted small' }, ` (${fmtRelative(r.expected_start_time)})`) : null) },
-    { label: 'Duration', className: 'hide-sm', render: (r) => fmtDuration(runDuration(r)) },
+    // a run that never started has no duration (not "0ms"): a scheduled one's is in the future
+    { label: 'Duration', className: 'hide-sm', render: (r) => (r.start_time || r.total_run_time ? fmtDuration(runDuration(r)) : h('span', { class: 'muted' }, '—')) },
     { label: 'Tags', className: 'hide-md', render: (r) => tagList(r.tags) },
   ].filter(Boolean);
   return table(cols, runs, { caption: 'Flow runs', rowClass: () => 'run-row' });

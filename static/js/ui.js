@@ -1,7 +1,7 @@
 // Shared UI pieces: badges, tables, pagers, dialogs, toasts, error and empty states.
 import { h, replace } from './dom.js';
 import { errorText } from './api.js';
-import { stateColor, stateName, fmtDateTimeParts, fmtRelative } from './format.js';
+import { stateColor, stateName, fmtDateTimeParts, fmtRelative, parseTime } from './format.js';
 
 export function stateBadge(type, name) {
   const color = stateColor(type, name);
@@ -16,8 +16,20 @@ export function tagList(tags) {
 
 export function timeCell(iso) {
   if (!iso) return h('span', { class: 'muted' }, '—');
-  const [date, time] = fmtDateTimeParts(iso);
-  return h('time', { datetime: iso, title: fmtRelative(iso) }, h('span', { class: 'dt-part' }, date), time ? [' ', h('span', { class: 'dt-part' }, time)] : null);
+  const parts = fmtDateTimeParts(iso);
+  const at = parts ? parts.findIndex((p) => p.type === 'hour') : -1;
+  if (at <= 0) return h('time', { datetime: iso, title: fmtRelative(iso) }, parts ? parts.map((p) => p.value).join('') : iso);
+  // The date and the time each stay on one line (a narrow column breaks between them), and this year's dates
+  // can drop their year where room is short (phones' tables, by CSS).
+  const thisYear = parseTime(iso).getFullYear() === new Date().getFullYear();
+  const y = parts.findIndex((p) => p.type === 'year');
+  const last = parts[at - 1].value;
+  const dateNodes = parts.slice(0, at).map((p, i) => {
+    const value = i === at - 1 ? last.trimEnd() : p.value;
+    return thisYear && (i === y || (i === y - 1 && p.type === 'literal')) ? h('span', { class: 'dt-year' }, value) : value;
+  });
+  return h('time', { datetime: iso, title: fmtRelative(iso) }, h('span', { class: 'dt-part' }, dateNodes),
+    last.slice(last.trimEnd().length) || ' ', h('span', { class: 'dt-part' }, parts.slice(at).map((p) => p.value).join('')));
 }
 
 export function pageHeader(title, { subtitle, crumbs, actions, badge } = {}) {

@@ -174,7 +174,7 @@ export async function automationDetail(ctx, root, id) {
   ];
   replace(root,
     pageHeader(a.name, { crumbs: [{ label: 'Automations', href: 'automations' }], badge: statusPill(a), actions }),
-    h('div', { class: `card policy automation ${a.enabled ? '' : 'policy-paused'}`, dataset: { id: a.id } },
+    h('div', { class: 'card automation-summary', dataset: { id: a.id } },
       a.description ? h('p', null, a.description) : null,
       h('p', { class: 'policy-sentence automation-sentence' }, automationSentence(a, names)),
       lastFired(history)),
