@@ -117,7 +117,7 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
            " total_run_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
     batch = []
     task_ids = []
-    per_run = max(1, task_runs // max(1, len(ran_runs)))
+    per_run = max(1, -(-task_runs // max(1, len(ran_runs))))  # rounded up: exactly task_runs in all
     made = 0
     for run_id, expected, _ in ran_runs:
         for k in range(per_run):
@@ -142,7 +142,7 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
 
     sql = "INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id, task_run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
     batch = []
-    per_run = max(1, logs // max(1, len(task_ids)))
+    per_run = max(1, -(-logs // max(1, len(task_ids))))  # rounded up: exactly logs in all
     made = 0
     for tid, run_id, start in task_ids:
         for k in range(per_run):
