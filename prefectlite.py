@@ -6968,7 +6968,7 @@ def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> di
         "flow_run_notification_policy_id": policy["id"], "flow_id": run.get("flow_id") if run else None,
         "flow_name": flow["name"] if flow else "(deleted)", "flow_run_id": state_row["flow_run_id"],
         "flow_run_name": run.get("name") if run else "(deleted)",
-        "flow_run_url": f"{base_url.rstrip('/')}/#/flow-runs/{state_row['flow_run_id']}",
+        "flow_run_url": ui_page_url(base_url, "flow-run", {"id": state_row["flow_run_id"]}),
         "flow_run_parameters": dumps(run.get("parameters") if run else {}),
         "flow_run_state_type": state_row["type"], "flow_run_state_name": state_row["name"],
         "flow_run_state_timestamp": moment.strftime("%y-%m-%d %H:%M:%S %Z"),
@@ -7154,6 +7154,22 @@ def public_ui_url(settings: Settings, running_url: str | None) -> str:
     if api:
         return re.sub(r"/api/?$", "", api)
     return running_url or f"http://{settings['PREFECT_SERVER_API_HOST']}:{settings['PREFECT_SERVER_API_PORT']}"
+
+
+# The UI's page of an object, at the path Prefect's UI uses (our UI answers the 2.20 and 3.x shapes alike).
+_UI_PAGES = {"flow-run": ("flow-runs/flow-run", "id"), "task-run": ("runs/task-run", "id"), "flow": ("flows/flow", "id"),
+             "deployment": ("deployments/deployment", "id"), "work-pool": ("work-pools/work-pool", "name"),
+             "automation": ("automations/automation", "id"), "block-document": ("blocks/block", "id")}
+
+
+def ui_page_url(base_url: str, kind: str, obj: dict) -> str:
+    """The UI's page of a flow run, task run, flow, deployment, work pool, automation or block; the UI's root
+    for a kind without a page of its own (a work queue)."""
+    root = base_url.rstrip("/")
+    page, key = _UI_PAGES.get(kind, (None, None))
+    if page is None or not obj.get(key):
+        return f"{root}/"
+    return f"{root}/{page}/{urllib.parse.quote(str(obj[key]), safe='')}"
 
 
 def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
@@ -7447,8 +7463,8 @@ def _ui_url(context, value, *_):
     """The UI's page for a flow run, deployment, flow, work pool or automation (Prefect's ui_url filter)."""
     if not isinstance(value, dict) or "id" not in value:
         return ""
-    kind = value.get("__kind__", "flow-run")
-    return f"{context.get('__ui_url__', '').rstrip('/')}/#/{kind}s/{value['id']}"
+    kind = value.get("__kind__") or ("automation" if "trigger" in value else "flow-run")
+    return ui_page_url(context.get("__ui_url__", ""), kind, value)
 
 
 def _template_replace(value, old, new) -> str:
@@ -10790,7 +10806,7 @@ def send_test_notification(app, req):
                    "flow_run_state_type": "COMPLETED", "flow_run_notification_policy_id": policy["id"],
                    "flow_run_state_timestamp": utcnow().strftime("%y-%m-%d %H:%M:%S %Z"),
                    "flow_run_state_message": "This is a test notification from prefectlite.",
-                   "flow_run_url": f"{app.public_url().rstrip('/')}/#/notifications"})
+                   "flow_run_url": f"{app.public_url().rstrip('/')}/notifications"})
     try:
         subject, body = render_notification(policy, sample)
         deliver(app.settings, full["block_type"]["slug"], full["data"], "[test] " + subject, body)

@@ -424,6 +424,19 @@ def test_rendering_has_a_budget(template):
         prefectlite.render_template(template, {"xs": list(range(200)), "big": "b" * 1000})
 
 
+@pytest.mark.parametrize("value, expected", [
+    ({"id": "r1", "__kind__": "flow-run"}, "flow-runs/flow-run/r1"), ({"id": "r1"}, "flow-runs/flow-run/r1"),
+    ({"id": "t1", "__kind__": "task-run"}, "runs/task-run/t1"), ({"id": "f1", "__kind__": "flow"}, "flows/flow/f1"),
+    ({"id": "d1", "__kind__": "deployment"}, "deployments/deployment/d1"),
+    ({"id": "p1", "name": "my pool", "__kind__": "work-pool"}, "work-pools/work-pool/my%20pool"),
+    ({"id": "a1", "trigger": {}}, "automations/automation/a1"), ({"id": "q1", "__kind__": "work-queue"}, ""),
+])
+def test_the_ui_url_filter_gives_the_page_at_the_path_prefects_ui_uses(value, expected):
+    # the paths the UI answers (tests/test_ui.py opens each); never the hash routes the UI only redirects from
+    rendered = prefectlite.render_template("{{ x | ui_url }}", {"__ui_url__": "http://ui.example/", "x": value})
+    assert rendered == f"http://ui.example/{expected}"
+
+
 def test_the_int_filter_takes_decimal_digits_only():
     assert prefectlite.render_template("{{ s | int }} {{ d | int }} {{ f | int }} {{ n | int }}",
                                        {"s": "\u00b2", "d": " 42 ", "f": float("inf"), "n": 7.9}) == "0 42 0 7"

@@ -116,7 +116,7 @@ def sentence(run, state, flow_name="daily-etl"):
 
 def assert_default_message(text, api_url, run, state):
     assert sentence(run, state) in text, text
-    assert f"{server_root(api_url)}/#/flow-runs/{run['id']}" in text, text
+    assert f"{server_root(api_url)}/flow-runs/flow-run/{run['id']}" in text, text
     assert state["message"] in text, text
 
 
@@ -289,7 +289,7 @@ def test_teams_message_card_request(tmp_path):
         assert "schema.org/extensions" in card["@context"]
         assert card.get("summary")  # Teams requires a summary or a text
         assert sentence(run, state) in card["text"]
-        assert f"{server_root(api)}/#/flow-runs/{run['id']}" in card["text"]
+        assert f"{server_root(api)}/flow-runs/flow-run/{run['id']}" in card["text"]
         assert state["message"] in card["text"]
 
 
@@ -311,7 +311,7 @@ def test_opsgenie_alert_request(tmp_path):
     alert = hit.json()
     assert alert["message"] and len(alert["message"]) <= 130  # Opsgenie's limit
     assert sentence(run, state) in alert["description"]
-    assert f"/#/flow-runs/{run['id']}" in alert["description"]
+    assert f"/flow-runs/flow-run/{run['id']}" in alert["description"]
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
     assert sorted(alert["responders"], key=key) == sorted([
         {"type": "user", "username": "ann@example.com"}, {"type": "team", "name": "ops"},
@@ -448,8 +448,8 @@ def test_default_message_links_to_the_run_in_our_ui(tmp_path):
                          r"\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC\.", text), text
         assert sentence(run, state) in text
         assert "Task 'load' failed: disk full" in text
-        links = re.findall(r"https?://\S+/#/flow-runs/" + run["id"], text)
-        assert links == [f"{server_root(api)}/#/flow-runs/{run['id']}"], text
+        links = re.findall(r"https?://\S+/flow-runs/flow-run/" + run["id"], text)
+        assert links == [f"{server_root(api)}/flow-runs/flow-run/{run['id']}"], text
         with urllib.request.urlopen(links[0], timeout=10) as resp:  # the UI answers at that address
             assert resp.status == 200
             assert b"<html" in resp.read().lower()
@@ -466,7 +466,7 @@ def test_link_uses_configured_public_url(tmp_path, setting, value, expected_root
         new_policy(client, block["id"])
         run, _state = fail_run(client)
         [hit] = hook.wait_for(1)
-        assert f"{expected_root}/#/flow-runs/{run['id']}" in hit.json()["body"]
+        assert f"{expected_root}/flow-runs/flow-run/{run['id']}" in hit.json()["body"]
 
 
 def test_message_template_placeholders_are_filled(tmp_path):
@@ -484,7 +484,7 @@ def test_message_template_placeholders_are_filled(tmp_path):
     moment = dt.datetime.fromisoformat(state["timestamp"].replace("Z", "+00:00")).astimezone(dt.timezone.utc)
     assert parts[:10] == ["daily-etl", "wise-walrus", run["id"], run["flow_id"], "Failed", "FAILED",
                           moment.strftime("%y-%m-%d %H:%M:%S") + " UTC", "it broke",
-                          f"{server_root(api)}/#/flow-runs/{run['id']}", policy["id"]]
+                          f"{server_root(api)}/flow-runs/flow-run/{run['id']}", policy["id"]]
     assert json.loads(parts[10]) == params
 
 
@@ -666,7 +666,7 @@ def test_queue_survives_a_restart(tmp_path, refusing_port):
         assert len(hook.hits) == 1
     text = hit.json()["text"]
     assert sentence(run, state) in text
-    assert f"{server_root(second_api)}/#/flow-runs/{run['id']}" in text  # a link that works now
+    assert f"{server_root(second_api)}/flow-runs/flow-run/{run['id']}" in text  # a link that works now
 
 
 def test_hanging_receiver_does_not_slow_state_changes(tmp_path):
