@@ -869,6 +869,34 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     ui.wait_text(".page-header .actions button", "Pause")
 
 
+RRULE_SENTENCES = [
+    ("FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=9;BYMINUTE=0", "Every Monday and Wednesday at 09:00, UTC"),
+    ("RRULE:FREQ=DAILY;INTERVAL=2;COUNT=10", "Every 2 days, 10 times, UTC"),
+    ("DTSTART;TZID=America/New_York:20250101T090000\nRRULE:FREQ=MONTHLY;BYDAY=-1FR;BYHOUR=17",
+     "Every month on the last Friday at 17:00, America/New_York"),
+    ("FREQ=YEARLY;BYMONTH=1,7;BYMONTHDAY=1", "Every year on the 1st in January and July, UTC"),
+    ("FREQ=DAILY;BYDAY=MO,TU,WE,TH,FR;BYHOUR=6,18;UNTIL=20271231T000000Z",
+     "Every weekday (Monday to Friday) at 06:00 and 18:00, until 2027-12-31, UTC"),
+    ("FREQ=HOURLY;BYMINUTE=15,45", "Every hour at 15 and 45 minutes past, UTC"),
+    ("FREQ=WEEKLY;INTERVAL=2;BYDAY=TU", "Every 2 weeks on Tuesday, UTC"),
+    ("FREQ=DAILY;BYSETPOS=1", "RRule \u201cFREQ=DAILY;BYSETPOS=1\u201d, UTC"),  # a part it has no words for
+]
+
+
+def test_rrule_schedules_read_as_sentences(ui, api, data):
+    """The flow and deployment pages' schedule sentences, for the RRULE shapes people write; the rest as written."""
+    ui.open("flows")
+    said = ui.b.execute_async(
+        "const done = arguments[arguments.length - 1];"
+        "import(document.baseURI + 'js/format.js').then((m) => done(arguments[0].map("
+        "(r) => m.describeSchedule({rrule: r, timezone: 'UTC'}))));", [rule for rule, _ in RRULE_SENTENCES])
+    assert said == [sentence for _, sentence in RRULE_SENTENCES]
+    dep = api.post("/deployments/", {"name": "rrule-dep", "flow_id": data["flows"]["daily-etl"]["id"],
+                                     "schedules": [{"schedule": {"rrule": RRULE_SENTENCES[0][0]}}]})
+    ui.open(f"deployments/deployment/{dep['id']}")
+    ui.wait_text("#deployment-schedules .schedule-sentence", RRULE_SENTENCES[0][1])
+
+
 def test_a_dialog_closes_when_the_page_changes(ui, api, data):
     dep = api.post("/deployments/", {"name": "dialog-dep", "flow_id": data["flows"]["daily-etl"]["id"]})
     ui.open("deployments")

@@ -157,6 +157,74 @@ function cronSentence(expr) {
   return null;
 }
 
+const RRULE_DAYS = { MO: 'Monday', TU: 'Tuesday', WE: 'Wednesday', TH: 'Thursday', FR: 'Friday', SA: 'Saturday', SU: 'Sunday' };
+const RRULE_UNITS = { YEARLY: 'year', MONTHLY: 'month', WEEKLY: 'week', DAILY: 'day', HOURLY: 'hour', MINUTELY: 'minute' };
+const andList = (words) => words.join(', ').replace(/, ([^,]*)$/, ' and $1');
+const numbers = (text) => (/^-?\d+(,-?\d+)*$/.test(text) ? text.split(',').map(Number) : null);
+
+function rruleDays(byday) {
+  const days = byday.split(',').map((d) => /^([+-]?\d{1,2})?(MO|TU|WE|TH|FR|SA|SU)$/.exec(d));
+  if (days.includes(null)) return null;
+  if (days.every((m) => !m[1]) && byday === 'MO,TU,WE,TH,FR') return 'on weekdays (Monday to Friday)';
+  return 'on ' + andList(days.map(([, n, d]) => {
+    if (!n) return RRULE_DAYS[d];
+    return `the ${Number(n) === -1 ? 'last' : ordinal(Number(n))} ${RRULE_DAYS[d]}`;
+  }));
+}
+
+// An RRULE (RFC 5545) as a sentence for the parts people write (FREQ, INTERVAL, BYDAY, BYMONTHDAY, BYMONTH,
+// BYHOUR, BYMINUTE, COUNT, UNTIL); null for anything else (shown as written). The time zone comes back too:
+// a DTSTART;TZID=... names it.
+export function rruleSentence(text) {
+  const lines = String(text).trim().split(/\s*\n\s*/);
+  const rules = lines.filter((l) => !/^DTSTART/i.test(l));
+  const start = lines.find((l) => /^DTSTART/i.test(l));
+  if (rules.length !== 1) return null;
+  const parts = {};
+  for (const item of rules[0].replace(/^RRULE:/i, '').split(';')) {
+    const [key, value] = item.split('=');
+    if (!key || value === undefined) return null;
+    parts[key.toUpperCase()] = value.toUpperCase();
+  }
+  const known = ['FREQ', 'INTERVAL', 'BYDAY', 'BYMONTHDAY', 'BYMONTH', 'BYHOUR', 'BYMINUTE', 'COUNT', 'UNTIL', 'WKST'];
+  const unit = RRULE_UNITS[parts.FREQ];
+  if (!unit || Object.keys(parts).some((k) => !known.includes(k))) return null;
+  const every = Number(parts.INTERVAL || 1);
+  if (!Number.isInteger(every) || every < 1) return null;
+  const words = [every === 1 ? `every ${unit}` : `every ${every} ${unit}s`];
+  if (parts.BYDAY) {
+    const days = rruleDays(parts.BYDAY);
+    if (!days) return null;
+    // "every Monday and Wednesday", "every weekday (Monday to Friday)" where the rule reads so
+    if (every === 1 && ['day', 'week'].includes(unit) && !/\d/.test(parts.BYDAY)) {
+      words[0] = 'every ' + days.replace(/^on /, '').replace(/^weekdays/, 'weekday');
+    } else words.push(days);
+  }
+  if (parts.BYMONTHDAY) {
+    const days = numbers(parts.BYMONTHDAY);
+    if (!days) return null;
+    words.push('on the ' + andList(days.map((d) => (d === -1 ? 'last day' : ordinal(d)))));
+  }
+  if (parts.BYMONTH) {
+    const months = numbers(parts.BYMONTH);
+    if (!months || months.some((m) => m < 1 || m > 12)) return null;
+    words.push('in ' + andList(months.map((m) => MONTHS[m - 1])));
+  }
+  const hours = parts.BYHOUR ? numbers(parts.BYHOUR) : null;
+  const minutes = parts.BYMINUTE ? numbers(parts.BYMINUTE) : null;
+  if ((parts.BYHOUR && !hours) || (parts.BYMINUTE && !minutes)) return null;
+  if (hours) words.push('at ' + andList(hours.flatMap((hh) => (minutes || [0]).map((mm) => `${two(hh)}:${two(mm)}`))));
+  else if (minutes) words.push(`at ${andList(minutes.map(String))} minutes past`);
+  if (parts.COUNT) words.push(`${Number(parts.COUNT)} times`);
+  if (parts.UNTIL) {
+    const m = /^(\d{4})(\d{2})(\d{2})/.exec(parts.UNTIL);
+    if (!m) return null;
+    words.push(`until ${m[1]}-${m[2]}-${m[3]}`);
+  }
+  const zone = start && /TZID=([^:;]+)/i.exec(start);
+  return { sentence: words.join(' ').replace(/ (\d+ times|until)/, ', $1'), timezone: zone ? zone[1] : null };
+}
+
 // A schedule as a sentence: "Every day at 06:00, Europe/Berlin", "Every 15 minutes", "Every Monday at 09:00, UTC".
 export function describeSchedule(sched) {
   if (!sched) return 'No schedule';
@@ -181,6 +249,9 @@ export function describeSchedule(sched) {
     const sentence = cronSentence(sched.cron);
     return sentence ? cap(`${sentence}, ${tz}`) : `Cron “${sched.cron}”, ${tz}`;
   }
-  if (sched.rrule !== undefined) return `RRule “${sched.rrule}”, ${tz}`;
+  if (sched.rrule !== undefined) {
+    const rule = rruleSentence(sched.rrule);
+    return rule ? cap(`${rule.sentence}, ${rule.timezone || tz}`) : `RRule “${sched.rrule}”, ${tz}`;
+  }
   return JSON.stringify(sched);
 }
