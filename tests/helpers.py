@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -335,9 +336,13 @@ def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
 def service_passes(api_url, service):
     """How many passes a server's background service has made (its /metrics: metrics must be on)."""
     with urllib.request.urlopen(api_url.rstrip("/") + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+        return service_passes_in(resp.read().decode(), service)
+
+
+def service_passes_in(metrics_text, service):
+    """The passes of `service` that a /metrics answer counts."""
     wanted = f'prefectlite_service_passes_total{{service="{service}"}} '
-    return next(int(float(line[len(wanted):])) for line in text.splitlines() if line.startswith(wanted))
+    return next(int(float(line[len(wanted):])) for line in metrics_text.splitlines() if line.startswith(wanted))
 
 
 def wait_for_passes(api_url, service, passes=2, timeout=30.0):
@@ -346,6 +351,20 @@ def wait_for_passes(api_url, service, passes=2, timeout=30.0):
     start = service_passes(api_url, service)
     wait_until(lambda: service_passes(api_url, service) >= start + passes, timeout, f"{passes} {service} passes",
                interval=0.02)
+
+
+def wait_subscribed(sub, probe, timeout=15.0):
+    """Once an /events/out subscriber's filter is read, the first event it gets (a RawWebSocket `sub`).
+    The protocol acknowledges no filter, so `probe()` stores an event the filter matches, again until one
+    arrives; more probes may follow it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe()
+        readable, _, _ = select.select([sub.sock], [], [], 0.2)
+        if readable or sub.buffer:
+            return sub.recv_json()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for the subscriber's first event")
 
 
 def wait_for_pause(script, id_file, api, timeout):

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, wait_until
 
 WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
 
@@ -453,11 +453,11 @@ def test_tag_limit_holds_under_churn(any_db):
                 with lock:
                     state["waits"] += 1
                 assert time.monotonic() < deadline, "never got a slot"
-                time.sleep(0.005)
+                time.sleep(0.005)  # a retry's back-off, as a client's
             with lock:
                 state["holding"] += 1
                 state["max"] = max(state["max"], state["holding"])
-            time.sleep(0.002)
+            time.sleep(0.002)  # by design: hold the slot a moment, so that holders overlap
             with lock:  # counted out before giving the slot back, so the count never exceeds the server's
                 state["holding"] -= 1
             status, result = propose(local, task["id"], "COMPLETED")
@@ -658,17 +658,14 @@ def test_slot_decay_gives_rate_limited_slots_back(client):
         assert status == 423, body
         denied += 1
         assert time.monotonic() < deadline, "slots never decayed"
-        time.sleep(0.02)
+        time.sleep(0.02)  # a poll's interval: the loop counts the refusals, so it is not wait_until
     assert global_limit(client, "per-second")["active_slots"] == 2
 
 
 def test_slot_decay_also_frees_concurrency_slots_nobody_gave_back(client):
     new_global(client, name="leaky", limit=1, slot_decay_per_second=20.0)
     assert increment(client, ["leaky"], slots=1)[0] == 200
-    deadline = time.monotonic() + 30
-    while increment(client, ["leaky"], slots=1)[0] != 200:
-        assert time.monotonic() < deadline, "slots never decayed"
-        time.sleep(0.02)
+    wait_until(lambda: increment(client, ["leaky"], slots=1)[0] == 200, 30, "the slot to decay", interval=0.02)
 
 
 def test_concurrent_increments_never_exceed_a_global_limit(any_db):
@@ -713,7 +710,7 @@ def test_global_limit_holds_under_churn(any_db):
                     break
                 assert status == 423, body
                 assert time.monotonic() < deadline, "never got a slot"
-                time.sleep(0.002)
+                time.sleep(0.002)  # a retry's back-off, as a client's
             with lock:
                 state["holding"] += 1
                 state["max"] = max(state["max"], state["holding"])
