@@ -6272,10 +6272,13 @@ def work_queue_out(tx, row, pool_name: str | None = None) -> dict:
     return queue_
 
 
-def worker_out(row) -> dict:
+def worker_out(row, now: _dt.datetime) -> dict:
+    """A worker as the API shows it: ONLINE at `now` (the server's clock's time) unless it missed
+    WORKER_OFFLINE_AFTER_HEARTBEATS heartbeats."""
     worker = decode_row("worker", row)
     interval = worker.get("heartbeat_interval_seconds") or DEFAULT_HEARTBEAT_SECONDS
-    alive = from_iso(worker["last_heartbeat_time"]) >= utcnow() - _dt.timedelta(seconds=interval * WORKER_OFFLINE_AFTER_HEARTBEATS)
+    silent = _dt.timedelta(seconds=interval * WORKER_OFFLINE_AFTER_HEARTBEATS)
+    alive = from_iso(worker["last_heartbeat_time"]) >= now - silent
     worker["status"] = "ONLINE" if alive else "OFFLINE"
     return worker
 
@@ -6341,8 +6344,8 @@ def create_work_queue(tx, pool: dict, data: dict) -> dict:
     return read_row(tx, "work_queue", queue_id)
 
 
-def worker_heartbeat(tx, pool: dict, data: dict):
-    now = now_iso()
+def worker_heartbeat(tx, pool: dict, data: dict, now: _dt.datetime):
+    now = iso(now)
     row = tx.query_one("SELECT id FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], data["name"]))
     if row is None:
         insert_row(tx, "worker", {"id": new_id(), "created": now, "updated": now, "name": data["name"],
@@ -10572,7 +10575,7 @@ def read_pool_queues_filtered(app, req):
 @body(WorkerHeartbeat)
 def worker_heartbeat_handler(app, req):
     with app.db.write() as tx:
-        worker_heartbeat(tx, read_pool_by_name(tx, req.params["work_pool_name"]), req.data)
+        worker_heartbeat(tx, read_pool_by_name(tx, req.params["work_pool_name"]), req.data, app.clock())
     return 204, NO_CONTENT
 
 
@@ -10582,7 +10585,7 @@ def read_workers_filtered(app, req):
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
         rows = tx.query("SELECT * FROM worker WHERE work_pool_id = ? ORDER BY last_heartbeat_time DESC LIMIT ? OFFSET ?",
                         (pool["id"], page_limit(req.data, app.settings), req.data["offset"] or 0))
-        return 200, [worker_out(r) for r in rows]
+        return 200, [worker_out(r, app.clock()) for r in rows]
 
 
 def delete_worker(app, req):

@@ -302,6 +302,37 @@ def unique(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+# Time as a test sets it, and requests answered without a socket
+
+T0 = dt.datetime(2030, 6, 1, 12, 5, 0, tzinfo=dt.timezone.utc)  # a moment no test runs at: only a Clock says it
+TICK = dt.timedelta(microseconds=1)  # the finest step a stored time has
+
+
+class Clock:
+    """What an App asks for the time (App.clock, handed to prefectlite.create_app): the moment a test set."""
+
+    def __init__(self, moment):
+        self.moment = moment
+
+    def __call__(self):
+        return self.moment
+
+
+def answer(app, method, path, body=None):
+    """One API request answered by `app` in this process (its route table and handlers, no socket, no
+    thread): the payload of a 2xx answer, as JSON would carry it."""
+    import prefectlite  # only when a test asks: helpers is imported before ROOT is on sys.path elsewhere
+
+    raw = b"" if body is None else json.dumps(body).encode()
+    path, _, query = path.partition("?")
+    req = prefectlite.Request(app, method, path, urllib.parse.parse_qs(query), prefectlite.RequestHeaders([]), raw)
+    status, payload, _headers = prefectlite.handle_api_request(app, req)
+    assert status in (200, 201, 204), (method, path, status, payload)
+    if isinstance(payload, prefectlite.RawBody):  # JSON a handler wrote itself (a large list of runs)
+        return json.loads(payload.data)
+    return payload
+
+
 # Records every test module makes through the API
 
 def new_flow(client, name=None, tags=None):

@@ -5,14 +5,12 @@ clean-up, two servers sharing one PostgreSQL database, and a clean stop."""
 
 import contextlib
 import datetime as dt
-import json
 import threading
-import urllib.parse
 
 import pytest
 
 import prefectlite
-from helpers import Client, iso, migrated_sqlite_url, new_flow, now, parse, unique, wait_until
+from helpers import T0, TICK, Client, answer, iso, new_flow, now, parse, unique, wait_until
 
 FAST = {
     "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": 0.2,
@@ -101,75 +99,24 @@ def get_run(api, run_id):
 
 # --- one pass at a chosen time: the App's clock ------------------------------------------------
 
-T0 = dt.datetime(2030, 6, 1, 12, 5, 0, tzinfo=dt.timezone.utc)  # a moment no test runs at: only the clock says it
-TICK = dt.timedelta(microseconds=1)  # the finest step a stored time has
-
-
-class Clock:
-    """What the App asks for the time (App.clock): the moment the test set."""
-
-    def __init__(self, moment):
-        self.moment = moment
-
-    def __call__(self):
-        return self.moment
-
-
-@pytest.fixture
-def clock():
-    return Clock(T0)
-
-
-@pytest.fixture
-def make_app(tmp_path, clock):
-    """An App on a migrated SQLite file whose services are built but never started (no threads): a test
-    runs their passes itself. Settings as keyword arguments."""
-    apps = []
-
-    def make(**settings):
-        url = migrated_sqlite_url(tmp_path / f"app-{len(apps)}.db")
-        app = prefectlite.create_app(
-            prefectlite.load_settings(overrides={**settings, "PREFECT_API_DATABASE_CONNECTION_URL": url}), clock=clock)
-        apps.append(app)
-        return app
-
-    yield make
-    for app in apps:
-        app.close()
-
-
-@pytest.fixture
-def app(make_app):
-    return make_app()
-
-
-def call(app, method, path, body=None):
-    """One API request answered in this process (the handlers and the route table, no socket)."""
-    raw = b"" if body is None else json.dumps(body).encode()
-    path, _, query = path.partition("?")
-    req = prefectlite.Request(app, method, path, urllib.parse.parse_qs(query), prefectlite.RequestHeaders([]), raw)
-    status, payload, _headers = prefectlite.handle_api_request(app, req)
-    assert status in (200, 201, 204), (method, path, status, payload)
-    if isinstance(payload, prefectlite.RawBody):  # JSON a handler wrote itself (a large list of runs)
-        return json.loads(payload.data)
-    return payload
+# The fixtures `clock` (at helpers.T0), `make_app` and `app` (conftest.py): an App whose services never start.
 
 
 def scheduled_run(app, moment):
-    flow = call(app, "POST", "/flows/", {"name": unique("flow")})
-    return call(app, "POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    return answer(app, "POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
         "type": "SCHEDULED", "state_details": {"scheduled_time": prefectlite.iso(moment)}}})
 
 
 def deployment(app, schedules, **fields):
-    flow = call(app, "POST", "/flows/", {"name": unique("flow")})
-    return call(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": schedules,
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    return answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": schedules,
                                                **fields})
 
 
 def deployment_runs(app, dep_id):
     body = {"deployments": {"id": {"any_": [dep_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
-    return call(app, "POST", "/flow_runs/filter", body)
+    return answer(app, "POST", "/flow_runs/filter", body)
 
 
 def test_a_run_becomes_late_exactly_when_its_time_and_the_setting_have_passed(make_app):
@@ -179,14 +126,14 @@ def test_a_run_becomes_late_exactly_when_its_time_and_the_setting_have_passed(ma
     due = T0 - dt.timedelta(minutes=10)
     run = scheduled_run(app, due)
     late_runs.run_once(T0 - TICK)
-    assert call(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Scheduled", "Late before its time"
+    assert answer(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Scheduled", "Late before its time"
     late_runs.run_once(T0)
-    late = call(app, "GET", f"/flow_runs/{run['id']}")
+    late = answer(app, "GET", f"/flow_runs/{run['id']}")
     assert (late["state_type"], late["state_name"]) == ("SCHEDULED", "Late")
     assert parse(late["state"]["timestamp"]) == T0, "the Late state is stamped with the pass's time"
     assert parse(late["state"]["state_details"]["scheduled_time"]) == due
     late_runs.run_once(T0 + dt.timedelta(hours=1))
-    history = call(app, "GET", f"/flow_run_states/?flow_run_id={run['id']}")
+    history = answer(app, "GET", f"/flow_run_states/?flow_run_id={run['id']}")
     assert [s["name"] for s in history].count("Late") == 1, "a Late run is not marked again"
 
 
@@ -196,34 +143,34 @@ def test_a_deployment_turns_not_ready_when_its_last_poll_is_older_than_the_setti
     dep = deployment(app, [])
 
     def status():
-        (listed,) = call(app, "POST", "/deployments/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
-        read = call(app, "GET", f"/deployments/{dep['id']}")
+        (listed,) = answer(app, "POST", "/deployments/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
+        read = answer(app, "GET", f"/deployments/{dep['id']}")
         assert listed["status"] == read["status"]
         return read["status"]
 
     assert status() == "NOT_READY", "never polled"
-    call(app, "POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})  # a runner polls
-    assert parse(call(app, "GET", f"/deployments/{dep['id']}")["last_polled"]) == T0
+    answer(app, "POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})  # a runner polls
+    assert parse(answer(app, "GET", f"/deployments/{dep['id']}")["last_polled"]) == T0
     assert status() == "READY"
     clock.moment = T0 + timeout
     assert status() == "READY"
     clock.moment = T0 + timeout + TICK
     assert status() == "NOT_READY"
-    call(app, "POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})
+    answer(app, "POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})
     assert status() == "READY", "a poll makes it ready again"
 
 
 def test_an_expired_pause_fails_the_run_only_after_its_timeout(app):
     pauses = service(app, prefectlite.PauseExpirations)
-    flow = call(app, "POST", "/flows/", {"name": unique("flow")})
-    run = call(app, "POST", "/flow_runs/", {"flow_id": flow["id"]})
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    run = answer(app, "POST", "/flow_runs/", {"flow_id": flow["id"]})
     for state_type, details in (("RUNNING", {}), ("PAUSED", {"pause_timeout": prefectlite.iso(T0), "pause_key": "p"})):
-        call(app, "POST", f"/flow_runs/{run['id']}/set_state",
+        answer(app, "POST", f"/flow_runs/{run['id']}/set_state",
              {"state": {"type": state_type, "state_details": details}, "force": True})
     pauses.run_once(T0)
-    assert call(app, "GET", f"/flow_runs/{run['id']}")["state_type"] == "PAUSED", "failed at its timeout"
+    assert answer(app, "GET", f"/flow_runs/{run['id']}")["state_type"] == "PAUSED", "failed at its timeout"
     pauses.run_once(T0 + TICK)
-    failed = call(app, "GET", f"/flow_runs/{run['id']}")
+    failed = answer(app, "GET", f"/flow_runs/{run['id']}")
     assert failed["state_type"] == "FAILED" and parse(failed["state"]["timestamp"]) == T0 + TICK
 
 
@@ -235,7 +182,7 @@ def test_a_services_loop_hands_each_pass_the_apps_clock(app, clock):
     clock.moment = T0 + dt.timedelta(hours=1)
     late_runs.start()
     try:
-        wait_until(lambda: call(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Late",
+        wait_until(lambda: answer(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Late",
                    what="the late-runs thread's pass")
     finally:
         late_runs.stop()
@@ -308,8 +255,8 @@ def test_a_schedule_starting_beyond_100_days_gets_no_runs(app):
 
 def test_the_scheduler_is_idempotent(app):
     scheduler = service(app, prefectlite.Scheduler)
-    flow = call(app, "POST", "/flows/", {"name": unique("flow")})
-    deps = [call(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": [
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    deps = [answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": [
         {"schedule": {"interval": 600}}, {"schedule": {"cron": "5 4 * * *"}}]}) for _ in range(3)]
     scheduler.run_once(T0)
     first = {d["id"]: deployment_runs(app, d["id"]) for d in deps}
