@@ -11984,7 +11984,6 @@ class App:
         self.process_group = None  # set in each process of `start --processes N` (_ProcessGroup.join)
         self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
         self.route_index = route_index(self.routes)
-        self.openapi = openapi_document(self.routes)
         self.stopping = threading.Event()
         self.metrics = Metrics()
         self.read_cache = ReadCache(settings["PREFECT_SERVER_READ_CACHE_SECONDS"])
@@ -11997,6 +11996,12 @@ class App:
             self.static_dir = resource_dir("static")
         except ConfigurationError:
             self.static_dir = None
+
+    @functools.cached_property
+    def openapi(self) -> dict:
+        """The OpenAPI document, made when first asked for: making it is most of an App's construction
+        (~6-30 ms, more on a busy machine), and most servers (each test's) never serve it."""
+        return openapi_document(self.routes)
 
     def write_guard(self):
         """What a write holds while it writes: on SQLite (one writer at a time anyway) the turnstile."""

@@ -95,12 +95,15 @@ def _throwaway_postgres(template=None):
 
 @pytest.fixture(scope="session")
 def _migrated_postgres_template():
-    """A PostgreSQL database migrated once per test process, never served: the template `postgres_url`
-    copies (CREATE DATABASE ... TEMPLATE, ~0.1-0.3 s, against ~0.6-1 s to migrate a new database)."""
+    """A PostgreSQL database migrated once per test process, with the built-in block types, never served:
+    the template `postgres_url` copies (CREATE DATABASE ... TEMPLATE, ~0.1-0.3 s, against ~0.6-1 s to
+    migrate a new database)."""
     with _throwaway_postgres() as url:
         db = prefectlite.open_database(url)
         try:
             prefectlite.migrate(db)
+            with db.write() as tx:
+                prefectlite.install_builtin_block_types(tx)
         finally:
             db.close()  # a template may have no connections while it is copied
         yield url.rsplit("/", 1)[1]
