@@ -99,7 +99,8 @@ def get_run(api, run_id):
 
 # --- one pass at a chosen time: the App's clock ------------------------------------------------
 
-# The fixtures `clock` (at helpers.T0), `make_app` and `app` (conftest.py): an App whose services never start.
+# The fixtures `clock` (at helpers.T0), `make_app` and `app` (conftest.py): an App whose services never start;
+# a test runs one pass at the moment it names (service.run_once(moment)) and asks the App with helpers.answer.
 
 
 def scheduled_run(app, moment):
@@ -110,8 +111,8 @@ def scheduled_run(app, moment):
 
 def deployment(app, schedules, **fields):
     flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
-    return answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": schedules,
-                                               **fields})
+    return answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"],
+                                                 "schedules": schedules, **fields})
 
 
 def deployment_runs(app, dep_id):
