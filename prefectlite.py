@@ -220,6 +220,8 @@ SETTINGS = {
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
               minimum=0.01, maximum=_A_YEAR),
+        _spec("PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", 30, int,
+              "seconds a task run waiting for a tag's concurrency slot is told to wait", minimum=0, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
               "seconds between queue checks (the sender is also woken by each state change)",
@@ -578,6 +580,8 @@ class Database:
         self.url = url
         self.echo = bool(settings and settings["PREFECT_API_DATABASE_ECHO"])
         self.timeout = float(settings["PREFECT_API_DATABASE_TIMEOUT"]) if settings else 10.0
+        # what the orchestration rules (section 7) need of the settings: they are handed a transaction only
+        self.tag_slot_wait_seconds = settings["PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS"] if settings else 30
         self.query_seconds = 0.0  # total time spent in the database, for metrics
         self.query_count = 0
         self.changes = 0  # write transactions this process committed: cached reads older than this are stale
@@ -3794,7 +3798,6 @@ STATE_DETAIL_DEFAULTS = {
     "retriable": None, "transition_id": None, "task_parameters_id": None,
 }
 LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
-TASK_TAG_LIMIT_WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
 
 
 def default_state_name(state_type: str) -> str:
@@ -4138,7 +4141,7 @@ def secure_task_concurrency_slots(ctx: Transition):
         slots = limit["active_slots"]
         if ctx.run["id"] not in slots and len(slots) >= limit["concurrency_limit"]:
             return Outcome("WAIT", reason=f"Concurrency limit for the {limit['tag']} tag has been reached",
-                           delay_seconds=TASK_TAG_LIMIT_WAIT_SECONDS)
+                           delay_seconds=ctx.tx.db.tag_slot_wait_seconds)
     for limit in limits:
         if ctx.run["id"] not in limit["active_slots"]:
             update_row(ctx.tx, "concurrency_limit", limit["id"],

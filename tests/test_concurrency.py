@@ -69,10 +69,10 @@ def assert_accepted(status, result, state_type="RUNNING"):
     assert (status, result["status"], result["state"]["type"]) == (201, "ACCEPT", state_type), (status, result)
 
 
-def assert_waits(status, result):
+def assert_waits(status, result, delay=WAIT_SECONDS):
     assert (status, result["status"]) == (200, "WAIT"), (status, result)
     assert result["details"]["type"] == "wait_details", result
-    assert result["details"]["delay_seconds"] == WAIT_SECONDS, result
+    assert result["details"]["delay_seconds"] == delay, result
     return result
 
 
@@ -246,6 +246,20 @@ def test_deleting_a_tag_limit_lifts_the_limit(client):
     assert_waits(*propose(client, second["id"], "RUNNING"))
     client.ok("DELETE", f"/concurrency_limits/tag/{tag}")
     assert_accepted(*propose(client, second["id"], "RUNNING"))
+
+
+def test_the_wait_a_task_is_told_is_a_setting(tmp_path):
+    """Prefect 2's PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS (30 by default, as every test above
+    sees): the SDK sleeps that long before it proposes RUNNING again."""
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/wait.db", port=0,
+                           PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS=2) as api_url:
+        client = Client(api_url)
+        tag = unique()
+        set_tag_limit(client, tag, 1)
+        run = running_flow_run(client)
+        first, second = (new_task_run(client, run["id"], [tag]) for _ in range(2))
+        assert_accepted(*propose(client, first["id"], "RUNNING"))
+        assert_waits(*propose(client, second["id"], "RUNNING"), delay=2)
 
 
 def test_tag_limit_reset_frees_all_slots(client):

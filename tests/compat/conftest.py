@@ -264,6 +264,11 @@ class CompatServer:
 
 _SERVER: CompatServer | None = None
 
+# Settings both servers (ours and, with PREFECTLITE_COMPAT_REFERENCE=1, Prefect's) run the suite with:
+# a task waiting for a tag's concurrency slot retries after 1 s, not the default 30 (each tag-limit test
+# waited that long once, ~30 s of the suite's time each; the SDK sleeps what the server says).
+SERVER_SETTINGS = {"PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+
 
 @pytest.fixture(scope="session")
 def compat_server_handle(request, tmp_path_factory):
@@ -282,6 +287,7 @@ def compat_server_handle(request, tmp_path_factory):
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
+            **SERVER_SETTINGS,
         })
         stderr_path = home / "server.stderr"
         cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
@@ -311,6 +317,7 @@ def compat_server_handle(request, tmp_path_factory):
         env["PREFECT_HOME"] = str(home)
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite:///{home}/compat.db"
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(SERVER_SETTINGS)
         stderr_path = home / "server.stderr"
         stdout_path = home / "server.stdout"
         cmd = [sys.executable, str(script), "start", "--host", "127.0.0.1", "--port", str(port)]
