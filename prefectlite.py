@@ -222,6 +222,9 @@ SETTINGS = {
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", 30, int,
               "seconds a task run waiting for a tag's concurrency slot is told to wait", minimum=0, maximum=_A_YEAR),
+        _spec("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", 30.0, float,
+              "seconds a deployment's run that found no concurrency slot is put back (AwaitingConcurrencySlot)",
+              minimum=0, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
               "seconds between queue checks (the sender is also woken by each state change)",
@@ -582,6 +585,8 @@ class Database:
         self.timeout = float(settings["PREFECT_API_DATABASE_TIMEOUT"]) if settings else 10.0
         # what the orchestration rules (section 7) need of the settings: they are handed a transaction only
         self.tag_slot_wait_seconds = settings["PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS"] if settings else 30
+        self.deployment_slot_wait_seconds = (settings["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]
+                                             if settings else 30.0)
         self.query_seconds = 0.0  # total time spent in the database, for metrics
         self.query_count = 0
         self.changes = 0  # write transactions this process committed: cached reads older than this are stale
@@ -4152,7 +4157,6 @@ def secure_task_concurrency_slots(ctx: Transition):
 # Deployment concurrency limits (Prefect 3): a deployment's limit is the global limit `deployment:{id}`. A run
 # takes a slot on its way to PENDING (so a worker provisions nothing without one), under a lease whose id its
 # states carry in state_details; the runner renews the lease while the run runs; leaving RUNNING gives it back.
-DEPLOYMENT_SLOT_WAIT_SECONDS = 30  # Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS
 DEPLOYMENT_LEASE_SECONDS = 300  # ...SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION: until the runner renews
 HOLDING_STATES = ("PENDING", "RUNNING", "CANCELLING")  # the states a run holds its deployment's slot in
 
@@ -4217,7 +4221,7 @@ def secure_deployment_concurrency_slots(ctx: Transition):
     reason = "Deployment concurrency limit reached."
     if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
         return _cancel_for_want_of_a_slot(ctx, reason, reason)
-    wait_until = ctx.now + _dt.timedelta(seconds=DEPLOYMENT_SLOT_WAIT_SECONDS)
+    wait_until = ctx.now + _dt.timedelta(seconds=ctx.tx.db.deployment_slot_wait_seconds)
     return _reject(ctx, "SCHEDULED", "AwaitingConcurrencySlot", reason, scheduled_time=iso(wait_until))
 
 

@@ -265,9 +265,11 @@ class CompatServer:
 _SERVER: CompatServer | None = None
 
 # Settings both servers (ours and, with PREFECTLITE_COMPAT_REFERENCE=1, Prefect's) run the suite with:
-# a task waiting for a tag's concurrency slot retries after 1 s, not the default 30 (each tag-limit test
-# waited that long once, ~30 s of the suite's time each; the SDK sleeps what the server says).
-SERVER_SETTINGS = {"PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+# a task waiting for a tag's concurrency slot retries after 1 s, and a deployment's run that found no slot
+# is put back 1 s, not the default 30 (each concurrency-limit test waited that long once, ~30 s of the
+# suite's time each; the SDK sleeps what the server says, the runner picks the run up when it is due).
+SERVER_SETTINGS = {"PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
 
 
 @pytest.fixture(scope="session")
