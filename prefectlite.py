@@ -25,7 +25,8 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
  14. Automations     -- automations: tables, validation, API operations, history
  15. Triggers and actions -- triggers evaluated as events are stored; what a firing does
  16. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
-                        clean-up, notification sender, retention, event retention, automations
+                        clean-up, notification sender, retention, event retention, automations; each
+                        pass is handed its time by the App's clock (App.clock), so a test picks it
  17. HTTP API        -- Request, bodies, HTTPError, the read cache; the handlers of runs, logs and events
  18. Resource handlers -- the handlers of blocks ... notification policies and automations
  19. Routes          -- metrics, the route table, route matching, the one place that turns errors into
@@ -219,6 +220,11 @@ SETTINGS = {
               minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
               minimum=0.01, maximum=_A_YEAR),
+        _spec("PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", 30, int,
+              "seconds a task run waiting for a tag's concurrency slot is told to wait", minimum=0, maximum=_A_YEAR),
+        _spec("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", 30.0, float,
+              "seconds a deployment's run that found no concurrency slot is put back (AwaitingConcurrencySlot)",
+              minimum=0, maximum=_A_YEAR),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED", True, bool, "send flow run notifications"),
         _spec("PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS", 2.0, float,
               "seconds between queue checks (the sender is also woken by each state change)",
@@ -577,6 +583,10 @@ class Database:
         self.url = url
         self.echo = bool(settings and settings["PREFECT_API_DATABASE_ECHO"])
         self.timeout = float(settings["PREFECT_API_DATABASE_TIMEOUT"]) if settings else 10.0
+        # what the orchestration rules (section 7) need of the settings: they are handed a transaction only
+        self.tag_slot_wait_seconds = settings["PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS"] if settings else 30
+        self.deployment_slot_wait_seconds = (settings["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]
+                                             if settings else 30.0)
         self.query_seconds = 0.0  # total time spent in the database, for metrics
         self.query_count = 0
         self.changes = 0  # write transactions this process committed: cached reads older than this are stale
@@ -3793,7 +3803,6 @@ STATE_DETAIL_DEFAULTS = {
     "retriable": None, "transition_id": None, "task_parameters_id": None,
 }
 LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
-TASK_TAG_LIMIT_WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
 
 
 def default_state_name(state_type: str) -> str:
@@ -4137,7 +4146,7 @@ def secure_task_concurrency_slots(ctx: Transition):
         slots = limit["active_slots"]
         if ctx.run["id"] not in slots and len(slots) >= limit["concurrency_limit"]:
             return Outcome("WAIT", reason=f"Concurrency limit for the {limit['tag']} tag has been reached",
-                           delay_seconds=TASK_TAG_LIMIT_WAIT_SECONDS)
+                           delay_seconds=ctx.tx.db.tag_slot_wait_seconds)
     for limit in limits:
         if ctx.run["id"] not in limit["active_slots"]:
             update_row(ctx.tx, "concurrency_limit", limit["id"],
@@ -4148,7 +4157,6 @@ def secure_task_concurrency_slots(ctx: Transition):
 # Deployment concurrency limits (Prefect 3): a deployment's limit is the global limit `deployment:{id}`. A run
 # takes a slot on its way to PENDING (so a worker provisions nothing without one), under a lease whose id its
 # states carry in state_details; the runner renews the lease while the run runs; leaving RUNNING gives it back.
-DEPLOYMENT_SLOT_WAIT_SECONDS = 30  # Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS
 DEPLOYMENT_LEASE_SECONDS = 300  # ...SERVER_CONCURRENCY_INITIAL_DEPLOYMENT_LEASE_DURATION: until the runner renews
 HOLDING_STATES = ("PENDING", "RUNNING", "CANCELLING")  # the states a run holds its deployment's slot in
 
@@ -4213,7 +4221,7 @@ def secure_deployment_concurrency_slots(ctx: Transition):
     reason = "Deployment concurrency limit reached."
     if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
         return _cancel_for_want_of_a_slot(ctx, reason, reason)
-    wait_until = ctx.now + _dt.timedelta(seconds=DEPLOYMENT_SLOT_WAIT_SECONDS)
+    wait_until = ctx.now + _dt.timedelta(seconds=ctx.tx.db.deployment_slot_wait_seconds)
     return _reject(ctx, "SCHEDULED", "AwaitingConcurrencySlot", reason, scheduled_time=iso(wait_until))
 
 
@@ -4872,10 +4880,10 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
 # Retention: old terminal runs go, with everything that hangs off them, a small batch per transaction.
 
 def prune_flow_runs(db: Database, older_than: _dt.timedelta, batch_size: int = 200, dry_run: bool = False,
-                    stop: threading.Event | None = None) -> dict:
+                    stop: threading.Event | None = None, now: _dt.datetime | None = None) -> dict:
     """Delete terminal flow runs that ended before now - older_than, with their task runs, states, logs
     and artifacts. Each batch is one short write transaction, so the API never waits long."""
-    horizon = iso(utcnow() - older_than)
+    horizon = iso((now or utcnow()) - older_than)
     terminal = ", ".join(f"'{t}'" for t in TERMINAL_STATES)
     select = f"SELECT id FROM flow_run WHERE state_type IN ({terminal}) AND end_time < ?"
     counts = dict.fromkeys(("flow_runs", "task_runs", "flow_run_states", "task_run_states", "logs", "artifacts"), 0)
@@ -5404,9 +5412,9 @@ def _count_events_by_time(tx, flt: dict, unit: str, interval: float) -> list[dic
 
 
 def prune_events(db: Database, older_than: _dt.timedelta, batch_size: int = 1000,
-                 stop: threading.Event | None = None) -> int:
+                 stop: threading.Event | None = None, now: _dt.datetime | None = None) -> int:
     """Delete events that occurred before now - older_than (their resource rows cascade); short batches."""
-    horizon = iso(utcnow() - older_than)
+    horizon = iso((now or utcnow()) - older_than)
     removed = 0
     with db.read() as tx:  # most passes find nothing: no write transaction for them
         if tx.query_one("SELECT id FROM events WHERE occurred < ? LIMIT 1", (horizon,)) is None:
@@ -6143,9 +6151,9 @@ def release_lease(tx, lease_id: str) -> bool:
     return True
 
 
-def repossess_expired_leases(tx, limit: int = 100) -> int:
+def repossess_expired_leases(tx, limit: int = 100, now: _dt.datetime | None = None) -> int:
     expired = tx.query("SELECT id FROM concurrency_lease WHERE expiration <= ? ORDER BY expiration LIMIT ?",
-                       (now_iso(), limit))
+                       (iso(now or utcnow()), limit))
     return sum(release_lease(tx, row["id"]) for row in expired)
 
 
@@ -6271,10 +6279,13 @@ def work_queue_out(tx, row, pool_name: str | None = None) -> dict:
     return queue_
 
 
-def worker_out(row) -> dict:
+def worker_out(row, now: _dt.datetime) -> dict:
+    """A worker as the API shows it: ONLINE at `now` (the server's clock's time) unless it missed
+    WORKER_OFFLINE_AFTER_HEARTBEATS heartbeats."""
     worker = decode_row("worker", row)
     interval = worker.get("heartbeat_interval_seconds") or DEFAULT_HEARTBEAT_SECONDS
-    alive = from_iso(worker["last_heartbeat_time"]) >= utcnow() - _dt.timedelta(seconds=interval * WORKER_OFFLINE_AFTER_HEARTBEATS)
+    silent = _dt.timedelta(seconds=interval * WORKER_OFFLINE_AFTER_HEARTBEATS)
+    alive = from_iso(worker["last_heartbeat_time"]) >= now - silent
     worker["status"] = "ONLINE" if alive else "OFFLINE"
     return worker
 
@@ -6340,8 +6351,8 @@ def create_work_queue(tx, pool: dict, data: dict) -> dict:
     return read_row(tx, "work_queue", queue_id)
 
 
-def worker_heartbeat(tx, pool: dict, data: dict):
-    now = now_iso()
+def worker_heartbeat(tx, pool: dict, data: dict, now: _dt.datetime):
+    now = iso(now)
     row = tx.query_one("SELECT id FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], data["name"]))
     if row is None:
         insert_row(tx, "worker", {"id": new_id(), "created": now, "updated": now, "name": data["name"],
@@ -6481,19 +6492,21 @@ def mark_deployments_polled(tx, column: str, values: list, now: str):
                    (now, *values))
 
 
-def deployment_status(dep: dict, timeout_seconds: float) -> str:
-    """READY while something polled it within the timeout (Prefect's foreman turns it NOT_READY after)."""
+def deployment_status(dep: dict, timeout_seconds: float, now: _dt.datetime) -> str:
+    """READY while something polled it within the timeout before `now` (Prefect's foreman turns it
+    NOT_READY after); derived when read, so no service has to catch up with the clock."""
     polled = dep.get("last_polled")
-    fresh = polled and from_iso(polled) >= utcnow() - _dt.timedelta(seconds=timeout_seconds)
+    fresh = polled and from_iso(polled) >= now - _dt.timedelta(seconds=timeout_seconds)
     return "READY" if fresh else "NOT_READY"
 
 
-def deployment_out(tx, row, settings: Settings | None = None) -> dict:
+def deployment_out(tx, row, settings: Settings | None = None, now: _dt.datetime | None = None) -> dict:
+    """A deployment as the API shows it; its status as at `now` (the server's clock's time)."""
     dep = decode_row("deployment", row)
     timeout = 60.0  # the setting's default, for callers that only want the other fields
     if settings:
         timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"]
-    dep["status"] = deployment_status(dep, timeout)
+    dep["status"] = deployment_status(dep, timeout, now or utcnow())
     schedules = [decode_row("deployment_schedule", r) for r in
                  tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
     dep["schedules"] = schedules
@@ -6777,11 +6790,12 @@ def create_deployment_flow_run(tx, dep_id: str, data: dict) -> tuple[dict, bool]
     return create_flow_run(tx, run_data, extra)
 
 
-def scheduled_runs_for_deployments(tx, data: dict, settings: Settings) -> list[dict]:
+def scheduled_runs_for_deployments(tx, data: dict, settings: Settings, now: _dt.datetime | None = None) -> list[dict]:
+    """A runner's poll: the deployments' runs due by `now` (the server's clock's time); marks them polled."""
     ids = data["deployment_ids"]
     if not ids:
         return []
-    now = now_iso()
+    now = iso(now or utcnow())
     marks = ", ".join("?" for _ in ids)
     mark_deployments_polled(tx, "id", ids, now)
     rows = tx.query(f"SELECT * FROM flow_run WHERE deployment_id IN ({marks}) AND state_type = 'SCHEDULED' "
@@ -8653,7 +8667,10 @@ def automation_action_history(tx, automation_id: str, limit: int = 50) -> list[d
 
 
 class Service:
-    """A loop in a thread: run_once() every `interval` seconds, or sooner after wake()."""
+    """A loop in a thread: run_once(now) every `interval` seconds, or sooner after wake().
+
+    Each pass is handed its time from the App's clock (app.clock), and judges by it alone: a test runs one
+    pass at the moment it chooses (service.run_once(moment)), with no thread and no waiting."""
 
     name = "service"
 
@@ -8683,7 +8700,7 @@ class Service:
     def _loop(self):
         while not self._stop.is_set():
             try:
-                self.run_once()
+                self.run_once(self.app.clock())
                 self.last_error = None
             except DatabaseUnavailable as exc:  # transient: try again next pass
                 self.last_error = str(exc)
@@ -8696,7 +8713,7 @@ class Service:
             self._wake.wait(self._next_wait())
             self._wake.clear()
 
-    def run_once(self):
+    def run_once(self, now: _dt.datetime):
         raise NotImplementedError
 
     def _next_wait(self) -> float:
@@ -8760,8 +8777,7 @@ def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetim
 class Scheduler(Service):
     name = "scheduler"
 
-    def run_once(self):
-        now = utcnow()
+    def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:
             ids = [r["id"] for r in tx.query(
                 "SELECT d.id FROM deployment d WHERE d.paused = ? AND EXISTS (SELECT 1 FROM deployment_schedule s "
@@ -8780,8 +8796,8 @@ class LateRuns(Service):
 
     name = "late-runs"
 
-    def run_once(self):
-        horizon = iso(utcnow() - _dt.timedelta(seconds=self.app.settings["PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS"]))
+    def run_once(self, now: _dt.datetime):
+        horizon = iso(now - _dt.timedelta(seconds=self.app.settings["PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS"]))
         with self.app.db.read() as tx:
             ids = [r["id"] for r in tx.query(
                 "SELECT id FROM flow_run WHERE state_type = 'SCHEDULED' AND state_name != 'Late' "
@@ -8794,7 +8810,7 @@ class LateRuns(Service):
                 details = json.loads(row["state"])["state_details"]
                 orchestrate(tx, "flow", row, {"type": "SCHEDULED", "name": "Late",
                                               "state_details": {"scheduled_time": details.get("scheduled_time")}},
-                            force=True)
+                            force=True, now=now)
 
 
 class PauseExpirations(Service):
@@ -8802,19 +8818,18 @@ class PauseExpirations(Service):
 
     name = "pause-expirations"
 
-    def run_once(self):
-        now = now_iso()
+    def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:
             rows = tx.query("SELECT id, state FROM flow_run WHERE state_type = 'PAUSED'")
         expired = [r["id"] for r in rows
-                   if (json.loads(r["state"])["state_details"].get("pause_timeout") or "9999") < now]
+                   if (json.loads(r["state"])["state_details"].get("pause_timeout") or "9999") < iso(now)]
         for run_id in expired:
             with self.app.db.write() as tx:
                 row = read_row(tx, "flow_run", run_id, lock=True)
                 if row is None or row["state_type"] != "PAUSED":
                     continue
                 orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
-                                              "state_details": {}}, force=True)
+                                              "state_details": {}}, force=True, now=now)
 
 
 class CancellationCleanup(Service):
@@ -8823,7 +8838,7 @@ class CancellationCleanup(Service):
 
     name = "cancellation-cleanup"
 
-    def run_once(self):
+    def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:
             orphans = [r["id"] for r in tx.query(
                 "SELECT id FROM flow_run WHERE state_type = 'CANCELLING' AND deployment_id IS NULL "
@@ -8840,7 +8855,7 @@ class CancellationCleanup(Service):
                 row = read_row(tx, "task_run", task_id, lock=True)
                 if row is not None and row["state_type"] not in TERMINAL_STATES:
                     orchestrate(tx, "task", row, {"type": "CANCELLED", "message": "The flow run was cancelled.",
-                                                  "state_details": {}}, force=True)
+                                                  "state_details": {}}, force=True, now=now)
         for run_id in orphans + children:
             with self.app.db.write() as tx:
                 row = read_row(tx, "flow_run", run_id, lock=True)
@@ -8849,7 +8864,7 @@ class CancellationCleanup(Service):
                 target = "CANCELLED" if row["state_type"] == "CANCELLING" or row["deployment_id"] is None else "CANCELLING"
                 orchestrate(tx, "flow", row, {"type": target, "message": "The parent flow run was cancelled."
                                               if run_id in children else "Cancelled: no infrastructure to stop.",
-                                              "state_details": {}}, force=True)
+                                              "state_details": {}}, force=True, now=now)
 
 
 class NotificationSender(Service):
@@ -8873,18 +8888,19 @@ class NotificationSender(Service):
             return self.interval
         if due is None:
             return self.interval
-        return min(self.interval, max((from_iso(due) - utcnow()).total_seconds(), 0.01))
+        return min(self.interval, max((from_iso(due) - self.app.clock()).total_seconds(), 0.01))
 
-    def run_once(self):
+    def run_once(self, now: _dt.datetime):
         while not self._stop.is_set():
-            claimed = self._claim()
+            claimed = self._claim(now)
             if claimed is None:
                 return
             if claimed is not True:
                 self._send(*claimed)
+            now = self.app.clock()  # a send takes time: the next claim judges by the clock's time after it
 
-    def _claim(self):
-        db, now = self.app.db, utcnow()
+    def _claim(self, now: _dt.datetime):
+        db = self.app.db
         with db.write() as tx:
             row = tx.query_one(
                 "SELECT * FROM flow_run_notification_queue WHERE status IN ('PENDING', 'SENDING') "
@@ -8919,11 +8935,12 @@ class NotificationSender(Service):
             delay = min(settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (attempts - 1), 7 * _A_DAY)
             log.warning("notification %s via %s failed (attempt %d): %s%s", row["id"], slug, attempts, exc,
                         "; giving up" if failed else f"; retrying in {delay:g}s")
+            now = self.app.clock()  # after the attempt, which took time
             with self.app.db.write() as tx:
                 tx.execute("UPDATE flow_run_notification_queue SET status = ?, next_attempt_at = ?, last_error = ?, "
                            "updated = ? WHERE id = ?",
-                           ("FAILED" if failed else "PENDING", iso(utcnow() + _dt.timedelta(seconds=delay)),
-                            str(exc)[:1000], now_iso(), row["id"]))
+                           ("FAILED" if failed else "PENDING", iso(now + _dt.timedelta(seconds=delay)),
+                            str(exc)[:1000], iso(now), row["id"]))
                 record_delivery(tx, about, attempts, "FAILED" if failed else "RETRYING", str(exc)[:1000])
             self.failures += 1
             return
@@ -8942,10 +8959,10 @@ class Retention(Service):
 
     name = "retention"
 
-    def run_once(self):
+    def run_once(self, now: _dt.datetime):
         s = self.app.settings
         counts = prune_flow_runs(self.app.db, _dt.timedelta(days=s["PREFECT_SERVER_SERVICES_RETENTION_DAYS"]),
-                                 s["PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE"], stop=self._stop)
+                                 s["PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE"], stop=self._stop, now=now)
         if counts["flow_runs"]:
             log.info("retention removed %s", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 
@@ -8955,12 +8972,12 @@ class LeaseRepossessor(Service):
 
     name = "lease-repossessor"
 
-    def run_once(self):
+    def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:  # most passes find nothing: no write transaction for them
-            if tx.query_one("SELECT id FROM concurrency_lease WHERE expiration <= ? LIMIT 1", (now_iso(),)) is None:
+            if tx.query_one("SELECT id FROM concurrency_lease WHERE expiration <= ? LIMIT 1", (iso(now),)) is None:
                 return
         with self.app.db.write() as tx:
-            repossessed = repossess_expired_leases(tx)
+            repossessed = repossess_expired_leases(tx, now=now)
         if repossessed:
             log.info("repossessed %d expired concurrency leases", repossessed)
 
@@ -8973,10 +8990,10 @@ class EventRetention(Service):
 
     name = "event-retention"
 
-    def run_once(self):
+    def run_once(self, now: _dt.datetime):
         days = self.app.settings["PREFECT_SERVER_EVENTS_RETENTION_DAYS"]
         if days > 0:
-            removed = prune_events(self.app.db, _dt.timedelta(days=days), stop=self._stop)
+            removed = prune_events(self.app.db, _dt.timedelta(days=days), stop=self._stop, now=now)
             if removed:
                 log.info("event retention removed %d events", removed)
 
@@ -9008,15 +9025,16 @@ class AutomationActor(Service):
                                  (True,))]
         except DatabaseError:
             return self.interval
-        waits = [(from_iso(d) - utcnow()).total_seconds() for d in due if d is not None]
+        now = self.app.clock()
+        waits = [(from_iso(d) - now).total_seconds() for d in due if d is not None]
         return min([self.interval, *[max(w, 0.01) for w in waits]])
 
-    def run_once(self):
-        evaluate_proactive_triggers(self.app.db)
-        horizon = iso(utcnow() - _dt.timedelta(days=AUTOMATION_HISTORY_DAYS))
+    def run_once(self, now: _dt.datetime):
+        evaluate_proactive_triggers(self.app.db, now)
+        horizon = iso(now - _dt.timedelta(days=AUTOMATION_HISTORY_DAYS))
         with self.app.db.read() as tx:  # most passes find nothing: no write transaction for them
             due = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') "
-                               "AND next_attempt_at <= ? LIMIT 1", (now_iso(),))
+                               "AND next_attempt_at <= ? LIMIT 1", (iso(now),))
             old = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
                                "AND updated < ? LIMIT 1", (horizon,))
         while due and not self._stop.is_set():
@@ -9034,7 +9052,7 @@ class AutomationActor(Service):
                            "AND updated < ?", (horizon,))
 
     def _claim(self) -> dict | None:
-        db, now = self.app.db, utcnow()
+        db, now = self.app.db, self.app.clock()  # each claim after the actions before it, which took time
         with db.write() as tx:
             row = tx.query_one(
                 "SELECT * FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') AND next_attempt_at <= ? "
@@ -9112,10 +9130,11 @@ class AutomationActor(Service):
         delay = min(self.app.settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (row["attempts"] - 1), _A_DAY)
         log.warning("automation %s action %d failed (attempt %d): %s; retrying in %gs", row["automation_id"],
                     row["action_index"], row["attempts"], error, delay)
+        now = self.app.clock()
         with self.app.db.write() as tx:
             tx.execute("UPDATE automation_action_queue SET status = 'PENDING', next_attempt_at = ?, last_error = ?, "
                        "updated = ? WHERE id = ?",
-                       (iso(utcnow() + _dt.timedelta(seconds=delay)), error[:1000], now_iso(), row["id"]))
+                       (iso(now + _dt.timedelta(seconds=delay)), error[:1000], iso(now), row["id"]))
 
 
 def build_services(app) -> list[Service]:
@@ -10302,7 +10321,7 @@ def create_deployment_handler(app, req):
 def read_deployment(app, req):
     with app.db.read() as tx:
         row = require_row(tx, "deployment", req.uuid(), "Deployment")
-        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings))
+        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings, app.clock()))
 
 
 def read_deployment_by_name(app, req):
@@ -10311,7 +10330,7 @@ def read_deployment_by_name(app, req):
                            (req.params["flow_name"], req.params["deployment_name"]))
         if row is None:
             raise NotFound("Deployment not found")
-        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings))
+        return 200, deployment_for_client(req, deployment_out(tx, row, app.settings, app.clock()))
 
 
 @body(DeploymentUpdate)
@@ -10364,14 +10383,14 @@ def create_deployment_flow_run_handler(app, req):
 @body(ScheduledRunsForDeployments)
 def read_scheduled_runs_for_deployments(app, req):
     with app.db.write() as tx:
-        return 200, scheduled_runs_for_deployments(tx, req.data, app.settings)
+        return 200, scheduled_runs_for_deployments(tx, req.data, app.settings, app.clock())
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
 def read_deployments_filtered(app, req):
     with app.db.read() as tx:
-        rows = query_filtered(tx, "deployment", req.data, app.settings)
-        return 200, [deployment_for_client(req, deployment_out(tx, r, app.settings)) for r in rows]
+        rows, now = query_filtered(tx, "deployment", req.data, app.settings), app.clock()
+        return 200, [deployment_for_client(req, deployment_out(tx, r, app.settings, now)) for r in rows]
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
@@ -10452,7 +10471,7 @@ def schedule_deployment(app, req):
     data = req.data
     with app.db.write() as tx:
         row = require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        schedule_deployment_runs(tx, deployment_out(tx, row), app.settings, utcnow(),
+        schedule_deployment_runs(tx, deployment_out(tx, row), app.settings, app.clock(),
                                  start=from_iso(data["start_time"]) if data.get("start_time") else None,
                                  end=from_iso(data["end_time"]) if data.get("end_time") else None,
                                  min_time=data.get("min_time"), min_runs=data.get("min_runs"),
@@ -10579,7 +10598,7 @@ def read_pool_queues_filtered(app, req):
 @body(WorkerHeartbeat)
 def worker_heartbeat_handler(app, req):
     with app.db.write() as tx:
-        worker_heartbeat(tx, read_pool_by_name(tx, req.params["work_pool_name"]), req.data)
+        worker_heartbeat(tx, read_pool_by_name(tx, req.params["work_pool_name"]), req.data, app.clock())
     return 204, NO_CONTENT
 
 
@@ -10589,7 +10608,7 @@ def read_workers_filtered(app, req):
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
         rows = tx.query("SELECT * FROM worker WHERE work_pool_id = ? ORDER BY last_heartbeat_time DESC LIMIT ? OFFSET ?",
                         (pool["id"], page_limit(req.data, app.settings), req.data["offset"] or 0))
-        return 200, [worker_out(r) for r in rows]
+        return 200, [worker_out(r, app.clock()) for r in rows]
 
 
 def delete_worker(app, req):
@@ -11979,13 +11998,15 @@ class _Turnstile:
 class App:
     """Everything one running server needs: settings, database, routes, background services."""
 
-    def __init__(self, settings: Settings, db: Database, services: bool = True):
+    def __init__(self, settings: Settings, db: Database, services: bool = True, clock=utcnow):
         self.settings = settings
         self.db = db
+        # What time it is for the services' passes and the statuses derived from time (a deployment's
+        # readiness): a callable returning an aware datetime, the real UTC clock unless a test hands another.
+        self.clock = clock
         self.process_group = None  # set in each process of `start --processes N` (_ProcessGroup.join)
         self.routes = [(m, _compile_route(p), h, p) for m, p, h in ROUTES + META_ROUTES]
         self.route_index = route_index(self.routes)
-        self.openapi = openapi_document(self.routes)
         self.stopping = threading.Event()
         self.metrics = Metrics()
         self.read_cache = ReadCache(settings["PREFECT_SERVER_READ_CACHE_SECONDS"])
@@ -11998,6 +12019,12 @@ class App:
             self.static_dir = resource_dir("static")
         except ConfigurationError:
             self.static_dir = None
+
+    @functools.cached_property
+    def openapi(self) -> dict:
+        """The OpenAPI document, made when first asked for: making it is most of an App's construction
+        (~6-30 ms, more on a busy machine), and most servers (each test's) never serve it."""
+        return openapi_document(self.routes)
 
     def write_guard(self):
         """What a write holds while it writes: on SQLite (one writer at a time anyway) the turnstile."""
@@ -12042,8 +12069,9 @@ class App:
         self.db.close()
 
 
-def create_app(settings: Settings, services: bool = True) -> App:
-    """Open the database, migrate (or refuse when behind and migrations on start are off)."""
+def create_app(settings: Settings, services: bool = True, clock=utcnow) -> App:
+    """Open the database, migrate (or refuse when behind and migrations on start are off). `clock`: the
+    App's (see App.clock)."""
     db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
     try:
         if settings["PREFECT_API_DATABASE_MIGRATE_ON_START"]:
@@ -12058,7 +12086,7 @@ def create_app(settings: Settings, services: bool = True) -> App:
     except BaseException:
         db.close()
         raise
-    return App(settings, db, services)
+    return App(settings, db, services, clock)
 
 
 def check_basic_auth(settings: Settings, header: str | None) -> bool:

@@ -12,8 +12,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prefectlite  # noqa: E402
 from helpers import (  # noqa: E402,F401 - re-exported for tests that import them from conftest
-    POSTGRES_URL, ROOT, Client, RefusingPort, _postgres_admin_connect, free_port, migrated_sqlite_url, run_cli,
-    wait_for_health,
+    POSTGRES_URL, ROOT, T0, Client, Clock, RefusingPort, _postgres_admin_connect, free_port, migrated_sqlite_url,
+    run_cli, wait_for_health,
 )
 
 collect_ignore = ["benchmarks"]  # benchmark scripts are run by hand, never collected
@@ -25,6 +25,37 @@ def server(tmp_path):
     its API URL."""
     with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "test.db"), port=0) as api_url:
         yield api_url
+
+
+@pytest.fixture
+def clock():
+    """A Clock at helpers.T0: the time of the Apps `make_app` makes; a test moves it (clock.moment = ...)."""
+    return Clock(T0)
+
+
+@pytest.fixture
+def make_app(tmp_path, clock):
+    """make_app(**settings): an App on a migrated SQLite file, its clock `clock`, whose services are built but
+    never started (no threads): a test runs their passes itself (service.run_once(moment)) and asks it with
+    helpers.answer(app, ...)."""
+    apps = []
+
+    def make(**settings):
+        url = migrated_sqlite_url(tmp_path / f"app-{len(apps)}.db")
+        overrides = {**settings, "PREFECT_API_DATABASE_CONNECTION_URL": url}
+        app = prefectlite.create_app(prefectlite.load_settings(overrides=overrides), clock=clock)
+        apps.append(app)
+        return app
+
+    yield make
+    for app in apps:
+        app.close()
+
+
+@pytest.fixture
+def app(make_app):
+    """make_app() with the default settings."""
+    return make_app()
 
 
 @pytest.fixture
@@ -64,12 +95,15 @@ def _throwaway_postgres(template=None):
 
 @pytest.fixture(scope="session")
 def _migrated_postgres_template():
-    """A PostgreSQL database migrated once per test process, never served: the template `postgres_url`
-    copies (CREATE DATABASE ... TEMPLATE, ~0.1-0.3 s, against ~0.6-1 s to migrate a new database)."""
+    """A PostgreSQL database migrated once per test process, with the built-in block types, never served:
+    the template `postgres_url` copies (CREATE DATABASE ... TEMPLATE, ~0.1-0.3 s, against ~0.6-1 s to
+    migrate a new database)."""
     with _throwaway_postgres() as url:
         db = prefectlite.open_database(url)
         try:
             prefectlite.migrate(db)
+            with db.write() as tx:
+                prefectlite.install_builtin_block_types(tx)
         finally:
             db.close()  # a template may have no connections while it is copied
         yield url.rsplit("/", 1)[1]

@@ -10,6 +10,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -84,9 +85,10 @@ _sqlite_template: Path | None = None
 
 
 def migrated_sqlite_url(path) -> str:
-    """A SQLite database at `path` (a new file) with every migration applied, as a server's first start
-    leaves it; its URL. A copy of one template migrated once per test process: ~1 ms, against ~40-50 ms
-    (more on a busy machine) for each server to migrate a new file. For tests of storage, not of migrating."""
+    """A SQLite database at `path` (a new file) with every migration applied and the built-in block types,
+    as a server's first start leaves it; its URL. A copy of one template made once per test process: ~1 ms,
+    against ~40-50 ms (more on a busy machine) for each server to migrate a new file, and ~20 ms to write
+    the block types (a server finds them there and only checks them). For tests of storage, not of migrating."""
     global _sqlite_template
     import prefectlite  # only when a test asks: helpers is imported before ROOT is on sys.path elsewhere
 
@@ -98,6 +100,8 @@ def migrated_sqlite_url(path) -> str:
             db = prefectlite.open_database(f"sqlite:///{template}")
             try:
                 prefectlite.migrate(db)
+                with db.write() as tx:
+                    prefectlite.install_builtin_block_types(tx)
             finally:
                 db.close()  # the last connection folds the WAL in: the one file is the whole database
             _sqlite_template = template
@@ -131,11 +135,33 @@ def _postgres_admin_connect():
         return None, f"PostgreSQL unreachable at {POSTGRES_URL}: {exc}"
 
 
+_compiled_lock = threading.Lock()
+_compiled = False
+
+# The installed `prefectlite` command (pyproject's [project.scripts]: prefectlite:main), run from ROOT.
+CLI_COMMAND = f"import sys; sys.path.insert(0, {str(ROOT)!r}); import prefectlite; sys.exit(prefectlite.main())"
+
+
+def _compile_once():
+    """Write prefectlite's bytecode once per test process, so that each CLI process imports it instead of
+    compiling the whole module (~0.2 s idle, about half of a short command; a script is always compiled,
+    and PYTHONDONTWRITEBYTECODE, where set, stops the import from writing it)."""
+    global _compiled
+    import py_compile  # only when a test runs the CLI
+
+    with _compiled_lock:
+        if not _compiled:
+            py_compile.compile(str(ROOT / "prefectlite.py"), doraise=True)
+            _compiled = True
+
+
 def run_cli(*args, env=None, input_text=None, timeout=60):
-    """Run `python prefectlite.py ARGS` in a subprocess; returns CompletedProcess."""
+    """Run the `prefectlite ARGS` command in a subprocess, as `pip install .` installs it (the same main()
+    as `python prefectlite.py ARGS`, which ServerProcess runs); returns CompletedProcess."""
+    _compile_once()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, str(ROOT / "prefectlite.py"), *args], env=full_env, input=input_text,
+    return subprocess.run([sys.executable, "-c", CLI_COMMAND, *args], env=full_env, input=input_text,
                           capture_output=True, text=True, timeout=timeout)
 
 
@@ -301,6 +327,37 @@ def unique(prefix):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
+# Time as a test sets it, and requests answered without a socket
+
+T0 = dt.datetime(2030, 6, 1, 12, 5, 0, tzinfo=dt.timezone.utc)  # a moment no test runs at: only a Clock says it
+TICK = dt.timedelta(microseconds=1)  # the finest step a stored time has
+
+
+class Clock:
+    """What an App asks for the time (App.clock, handed to prefectlite.create_app): the moment a test set."""
+
+    def __init__(self, moment):
+        self.moment = moment
+
+    def __call__(self):
+        return self.moment
+
+
+def answer(app, method, path, body=None):
+    """One API request answered by `app` in this process (its route table and handlers, no socket, no
+    thread): the payload of a 2xx answer, as JSON would carry it."""
+    import prefectlite  # only when a test asks: helpers is imported before ROOT is on sys.path elsewhere
+
+    raw = b"" if body is None else json.dumps(body).encode()
+    path, _, query = path.partition("?")
+    req = prefectlite.Request(app, method, path, urllib.parse.parse_qs(query), prefectlite.RequestHeaders([]), raw)
+    status, payload, _headers = prefectlite.handle_api_request(app, req)
+    assert status in (200, 201, 204), (method, path, status, payload)
+    if isinstance(payload, prefectlite.RawBody):  # JSON a handler wrote itself (a large list of runs)
+        return json.loads(payload.data)
+    return payload
+
+
 # Records every test module makes through the API
 
 def new_flow(client, name=None, tags=None):
@@ -335,9 +392,13 @@ def wait_until(predicate, timeout=30.0, what="condition", interval=0.1):
 def service_passes(api_url, service):
     """How many passes a server's background service has made (its /metrics: metrics must be on)."""
     with urllib.request.urlopen(api_url.rstrip("/") + "/metrics", timeout=30) as resp:
-        text = resp.read().decode()
+        return service_passes_in(resp.read().decode(), service)
+
+
+def service_passes_in(metrics_text, service):
+    """The passes of `service` that a /metrics answer counts."""
     wanted = f'prefectlite_service_passes_total{{service="{service}"}} '
-    return next(int(float(line[len(wanted):])) for line in text.splitlines() if line.startswith(wanted))
+    return next(int(float(line[len(wanted):])) for line in metrics_text.splitlines() if line.startswith(wanted))
 
 
 def wait_for_passes(api_url, service, passes=2, timeout=30.0):
@@ -346,6 +407,20 @@ def wait_for_passes(api_url, service, passes=2, timeout=30.0):
     start = service_passes(api_url, service)
     wait_until(lambda: service_passes(api_url, service) >= start + passes, timeout, f"{passes} {service} passes",
                interval=0.02)
+
+
+def wait_subscribed(sub, probe, timeout=15.0):
+    """Once an /events/out subscriber's filter is read, the first event it gets (a RawWebSocket `sub`).
+    The protocol acknowledges no filter, so `probe()` stores an event the filter matches, again until one
+    arrives; more probes may follow it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        probe()
+        readable, _, _ = select.select([sub.sock], [], [], 0.2)
+        if readable or sub.buffer:
+            return sub.recv_json()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for the subscriber's first event")
 
 
 def wait_for_pause(script, id_file, api, timeout):

@@ -21,7 +21,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client
+from helpers import Client, wait_until
 
 WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's slot
 
@@ -69,10 +69,10 @@ def assert_accepted(status, result, state_type="RUNNING"):
     assert (status, result["status"], result["state"]["type"]) == (201, "ACCEPT", state_type), (status, result)
 
 
-def assert_waits(status, result):
+def assert_waits(status, result, delay=WAIT_SECONDS):
     assert (status, result["status"]) == (200, "WAIT"), (status, result)
     assert result["details"]["type"] == "wait_details", result
-    assert result["details"]["delay_seconds"] == WAIT_SECONDS, result
+    assert result["details"]["delay_seconds"] == delay, result
     return result
 
 
@@ -246,6 +246,20 @@ def test_deleting_a_tag_limit_lifts_the_limit(client):
     assert_waits(*propose(client, second["id"], "RUNNING"))
     client.ok("DELETE", f"/concurrency_limits/tag/{tag}")
     assert_accepted(*propose(client, second["id"], "RUNNING"))
+
+
+def test_the_wait_a_task_is_told_is_a_setting(tmp_path):
+    """Prefect 2's PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS (30 by default, as every test above
+    sees): the SDK sleeps that long before it proposes RUNNING again."""
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/wait.db", port=0,
+                           PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS=2) as api_url:
+        client = Client(api_url)
+        tag = unique()
+        set_tag_limit(client, tag, 1)
+        run = running_flow_run(client)
+        first, second = (new_task_run(client, run["id"], [tag]) for _ in range(2))
+        assert_accepted(*propose(client, first["id"], "RUNNING"))
+        assert_waits(*propose(client, second["id"], "RUNNING"), delay=2)
 
 
 def test_tag_limit_reset_frees_all_slots(client):
@@ -453,11 +467,11 @@ def test_tag_limit_holds_under_churn(any_db):
                 with lock:
                     state["waits"] += 1
                 assert time.monotonic() < deadline, "never got a slot"
-                time.sleep(0.005)
+                time.sleep(0.005)  # a retry's back-off, as a client's
             with lock:
                 state["holding"] += 1
                 state["max"] = max(state["max"], state["holding"])
-            time.sleep(0.002)
+            time.sleep(0.002)  # by design: hold the slot a moment, so that holders overlap
             with lock:  # counted out before giving the slot back, so the count never exceeds the server's
                 state["holding"] -= 1
             status, result = propose(local, task["id"], "COMPLETED")
@@ -658,17 +672,14 @@ def test_slot_decay_gives_rate_limited_slots_back(client):
         assert status == 423, body
         denied += 1
         assert time.monotonic() < deadline, "slots never decayed"
-        time.sleep(0.02)
+        time.sleep(0.02)  # a poll's interval: the loop counts the refusals, so it is not wait_until
     assert global_limit(client, "per-second")["active_slots"] == 2
 
 
 def test_slot_decay_also_frees_concurrency_slots_nobody_gave_back(client):
     new_global(client, name="leaky", limit=1, slot_decay_per_second=20.0)
     assert increment(client, ["leaky"], slots=1)[0] == 200
-    deadline = time.monotonic() + 30
-    while increment(client, ["leaky"], slots=1)[0] != 200:
-        assert time.monotonic() < deadline, "slots never decayed"
-        time.sleep(0.02)
+    wait_until(lambda: increment(client, ["leaky"], slots=1)[0] == 200, 30, "the slot to decay", interval=0.02)
 
 
 def test_concurrent_increments_never_exceed_a_global_limit(any_db):
@@ -713,7 +724,7 @@ def test_global_limit_holds_under_churn(any_db):
                     break
                 assert status == 423, body
                 assert time.monotonic() < deadline, "never got a slot"
-                time.sleep(0.002)
+                time.sleep(0.002)  # a retry's back-off, as a client's
             with lock:
                 state["holding"] += 1
                 state["max"] = max(state["max"], state["holding"])

@@ -340,7 +340,7 @@ def test_the_writers_turn_of_a_process_killed_mid_write_is_free_again(tmp_path):
         result = {}
         writer = threading.Thread(target=lambda: result.update(reply=client.post("/flows/", {"name": "waited"})))
         writer.start()
-        time.sleep(0.5)
+        time.sleep(0.5)  # by design: nothing may happen in this window (no event says "waiting for the turn")
         assert "reply" not in result, "the write did not wait for its turn"
         holder.kill()
         writer.join(30)

@@ -794,6 +794,20 @@ def test_a_run_without_a_deployment_limit_never_carries_a_lease_detail(quiet_any
     assert "deployment_concurrency_lease_id" not in client.ok("GET", f"/flow_runs/{run['id']}")["state"]["state_details"]
 
 
+def test_how_long_a_run_without_a_slot_is_put_back_is_a_setting(tmp_path):
+    """Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS (30 by default)."""
+    with prefectlite.serve(database=f"sqlite:///{tmp_path}/wait.db", port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
+                           PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=7) as api_url:
+        client = Client(api_url)
+        dep = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=1)
+        first, second = run_from(client, dep["id"]), run_from(client, dep["id"])
+        assert propose(client, first["id"], "PENDING")["status"] == "ACCEPT"
+        waiting = propose(client, second["id"], "PENDING")["state"]
+        assert waiting["name"] == "AwaitingConcurrencySlot", waiting
+        put_back = parse(waiting["state_details"]["scheduled_time"]) - parse(waiting["timestamp"])
+        assert put_back == dt.timedelta(seconds=7), put_back
+
+
 def test_a_deployment_concurrency_limit_holds_runs_back_with_leases(quiet_any_db):
     """Cause 14 of issue 23 (enforcement), as Prefect 3.9 does it: a run of a deployment with a concurrency
     limit takes a slot of `deployment:{id}` on its way to PENDING, under a lease (its id in the state's details,

@@ -21,13 +21,13 @@ import sqlite3
 import subprocess
 import sys
 import threading
-import time
 import urllib.error
 import urllib.request
 import uuid
 
 import pytest
 
+import helpers
 from helpers import POSTGRES_URL, ROOT, Client, free_port, new_flow, new_flow_run, run_cli, wait_for_health
 
 import prefectlite
@@ -48,13 +48,8 @@ def db_iso(moment):
 
 
 def wait_until(predicate, what, timeout=WAIT, interval=0.05):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = predicate()
-        if result:
-            return result
-        time.sleep(interval)
-    raise AssertionError(f"timed out waiting for {what}")
+    """helpers.wait_until, with this module's argument order and timeout."""
+    return helpers.wait_until(predicate, timeout, what, interval)
 
 
 def home_env(tmp_path, url, **extra):

@@ -1042,7 +1042,7 @@ def test_run_count_start_end_and_run_times(client, kind):
     assert parse(started["start_time"]) == parse(running["state"]["timestamp"])
     assert started["end_time"] is None
 
-    time.sleep(0.3)
+    time.sleep(0.3)  # by design: run time the server's clock measures (test_rules.py checks it at set times)
     midway = read(client, kind, run["id"])
     assert midway["total_run_time"] == 0  # accumulated only when RUNNING ends
     assert midway["estimated_run_time"] >= 0.3  # but estimated while it runs
@@ -1061,7 +1061,7 @@ def test_run_count_start_end_and_run_times(client, kind):
 def test_total_run_time_adds_up_over_retries_and_start_time_is_the_first(client):
     run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
     first_start = run["start_time"]
-    time.sleep(0.2)
+    time.sleep(0.2)  # by design, as the three below: spans of the server's clock, RUNNING or not
     status, retry = flow_state(client, run["id"], "FAILED")
     assert retry["status"] == "REJECT"
     after_first = read(client, "flow", run["id"])

@@ -14,12 +14,11 @@ import re
 import signal
 import socket
 import threading
-import time
 
 import pytest
 
 from fake_receivers import HTTPReceiver
-from helpers import Client, RawWebSocket, ServerProcess, run_cli, wait_until
+from helpers import Client, RawWebSocket, ServerProcess, run_cli, service_passes_in, wait_subscribed, wait_until
 
 
 def home_env(tmp_path, **extra):
@@ -112,6 +111,23 @@ def served_by(server, pid, connect):
     raise AssertionError(f"no connection of 100 went to process {pid}")
 
 
+def new_run(conn, flow):
+    return conn.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})["id"]
+
+
+def notification_passes(server, pid):
+    """The passes the notification sender of process `pid` made (its /metrics)."""
+    conn = served_by(server, pid, lambda: Conn(server.port))
+    try:
+        conn.http.request("GET", "/api/metrics")
+        response = conn.http.getresponse()
+        text = response.read().decode()
+        assert response.status == 200, text
+    finally:
+        conn.close()
+    return service_passes_in(text, "notifications")
+
+
 def _write_from_threads(api_url, threads=8, runs_each=10):
     errors = []
 
@@ -186,15 +202,20 @@ def test_live_event_subscribers_get_events_stored_through_any_process(processes)
         try:
             sub.authenticate()
             sub.send_json({"type": "filter", "filter": {"event": {"prefix": ["prefect.flow-run."]}}, "backfill": False})
-            time.sleep(0.5)  # the filter is read
             flow = writer.ok("POST", "/flows/", {"name": "watched"}, expect=(200, 201))
-            runs = {writer.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})["id"] for _ in range(5)}
+            probes = set()  # runs made until the subscriber got one: proof that its filter was read
             sub.sock.settimeout(15)
+            got = wait_subscribed(sub, lambda: probes.add(new_run(writer, flow)))
+            runs = {new_run(writer, flow) for _ in range(5)}
             seen = set()
-            while seen != runs:
-                event = sub.recv_json()["event"]
+            event = got["event"]
+            while True:
                 assert event["event"] == "prefect.flow-run.Pending", event
                 seen.add(event["resource"]["prefect.resource.id"].rsplit(".", 1)[1])
+                if runs <= seen:
+                    break
+                event = sub.recv_json()["event"]
+            assert seen <= runs | probes, "an event of a run written by neither"
         finally:
             sub.close()
             writer.close()
@@ -204,7 +225,8 @@ def test_services_run_in_one_process_and_any_process_wakes_them(processes):
     """A Failed state set through any process is notified once, long before the sender's own
     60-second loop would have found it: the process that recorded it woke the first process."""
     with HTTPReceiver() as hook:
-        server = processes(2, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS="60")
+        server = processes(2, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS="60",
+                           PREFECT_SERVER_METRICS_ENABLED="true")
         client = Client(server.api_url)
         block_type = client.ok("GET", "/block_types/slug/slack-webhook")
         schema = client.ok("POST", "/block_schemas/filter",
@@ -214,8 +236,9 @@ def test_services_run_in_one_process_and_any_process_wakes_them(processes):
             "data": {"url": hook.url + "/services/T/B/x"}})
         client.ok("POST", "/flow_run_notification_policies/",
                   {"state_names": ["Failed"], "tags": [], "block_document_id": block["id"]})
-        time.sleep(1)  # the sender's first pass (at its start) is over: from now on only a wake-up is prompt
-        second = children(server.proc.pid)[1]  # process 1: it runs no services
+        first, second = children(server.proc.pid)  # process 0 runs the services, process 1 none
+        # the sender's first pass (at its start) is over: from now on only a wake-up is prompt
+        wait_until(lambda: notification_passes(server, first) >= 1, 30, "the sender's first pass")
         conn = served_by(server, second, lambda: Conn(server.port))
         try:
             flow = conn.ok("POST", "/flows/", {"name": "failing"})

@@ -15,13 +15,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.parse
 import uuid
 
 import pytest
 
-from helpers import ROOT, database_outage, free_port, run_cli, wait_for_health
+from helpers import ROOT, database_outage, free_port, run_cli, wait_for_health, wait_until
 
 TIMEOUT = 20.0
 
@@ -269,7 +268,8 @@ def test_an_expired_csrf_token_is_refused(servers):
     assert fetch(server.url, "POST", "/api/flows/", {"name": "in-time"}, headers)[0] == 201
     expires = issued["expiration"].replace("Z", "+00:00")
     left = (dt.datetime.fromisoformat(expires) - dt.datetime.now(dt.timezone.utc)).total_seconds()
-    time.sleep(max(0.0, left) + 1.0)
+    wait_until(lambda: fetch(server.url, "POST", "/api/flows/", {"name": "too-late"}, headers)[0] == 403,
+               max(0.0, left) + 30, "the token to expire", interval=0.2)
     assert_403(server, "POST", "/api/flows/", {"name": "too-late"}, headers)
     assert fetch(server.url, "POST", "/api/flows/", {"name": "fresh"},
                  csrf_headers(csrf_token(server, "short-lived")["token"], "short-lived"))[0] == 201
@@ -467,10 +467,8 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
     flow = call("POST", "/api/flows/", {"name": "secretive"}, expect=(201,))
     run = call("POST", "/api/flow_runs/", {"flow_id": flow["id"]}, expect=(201,))
     call("POST", f"/api/flow_runs/{run['id']}/set_state", {"state": {"type": "FAILED"}, "force": True}, expect=(201,))
-    deadline = time.monotonic() + 60
-    while not call("GET", "/api/flow_run_notification_queue/?status=FAILED", expect=(200,)):
-        assert time.monotonic() < deadline, "the undeliverable notification never ended FAILED"
-        time.sleep(0.2)
+    wait_until(lambda: call("GET", "/api/flow_run_notification_queue/?status=FAILED", expect=(200,)), 60,
+               "the undeliverable notification to end FAILED", interval=0.2)
     # wrong credentials, and settings, metrics, the UI's settings
     fetch(server.url, "GET", "/api/flows/count", headers={"Authorization": basic("admin:" + secrets["auth"][:-1])})
     settings_view = call("GET", "/api/admin/settings", expect=(200,))
@@ -482,16 +480,12 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
     call("GET", "/api/ready", expect=(200,))
     # the database goes away: the 503s name a reason but not the password
     with database_outage(postgres_url.rsplit("/", 1)[1]):
-        deadline = time.monotonic() + 30
-        while call("POST", "/api/flows/count", {}) is not None and bodies[-1][2] != 503:
-            assert time.monotonic() < deadline, "no 503 while the database was away"
-            time.sleep(0.2)
+        wait_until(lambda: call("POST", "/api/flows/count", {}) is None or bodies[-1][2] == 503, 30,
+                   "a 503 while the database is away", interval=0.2)
         call("POST", "/api/flows/", {"name": "during"}, expect=(503,))
         call("GET", "/api/ready", expect=(503,))
-    deadline = time.monotonic() + 60
-    while fetch(server.url, "POST", "/api/flows/count", {}, good)[0] != 200:
-        assert time.monotonic() < deadline, "the server did not recover"
-        time.sleep(0.2)
+    wait_until(lambda: fetch(server.url, "POST", "/api/flows/count", {}, good)[0] == 200, 60,
+               "the server to recover", interval=0.2)
     assert server.stop() == 0
     logs = server.stdout() + server.stderr()
 

@@ -1,6 +1,7 @@
-"""The background services of a real server, observed through its API: the scheduler (Prefect's
-defaults: at least 3 runs, up to 100, within 100 days, at least an hour ahead), late runs, pause
-expirations, cancellation clean-up, two servers sharing one PostgreSQL database, and a clean stop."""
+"""The background services: one pass at a time the test chooses (the App's clock, no thread, no HTTP),
+and a real server's services observed through its API: the scheduler (Prefect's defaults: at least 3
+runs, up to 100, within 100 days, at least an hour ahead), late runs, pause expirations, cancellation
+clean-up, two servers sharing one PostgreSQL database, and a clean stop."""
 
 import contextlib
 import datetime as dt
@@ -9,7 +10,7 @@ import threading
 import pytest
 
 import prefectlite
-from helpers import Client, iso, new_flow, now, parse, unique, wait_until
+from helpers import T0, TICK, Client, answer, iso, new_flow, now, parse, unique, wait_until
 
 FAST = {
     "PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": 0.2,
@@ -33,8 +34,9 @@ def running_server(database, **settings):
         server.stop()
 
 
-def service(server, cls):
-    (found,) = [s for s in server.app.services if isinstance(s, cls)]
+def service(server_or_app, cls):
+    app = getattr(server_or_app, "app", server_or_app)
+    (found,) = [s for s in app.services if isinstance(s, cls)]
     return found
 
 
@@ -95,25 +97,126 @@ def get_run(api, run_id):
     return api.ok("GET", f"/flow_runs/{run_id}")
 
 
+# --- one pass at a chosen time: the App's clock ------------------------------------------------
+
+# The fixtures `clock` (at helpers.T0), `make_app` and `app` (conftest.py): an App whose services never start;
+# a test runs one pass at the moment it names (service.run_once(moment)) and asks the App with helpers.answer.
+
+
+def scheduled_run(app, moment):
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    return answer(app, "POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
+        "type": "SCHEDULED", "state_details": {"scheduled_time": prefectlite.iso(moment)}}})
+
+
+def deployment(app, schedules, **fields):
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    return answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"],
+                                                 "schedules": schedules, **fields})
+
+
+def deployment_runs(app, dep_id):
+    body = {"deployments": {"id": {"any_": [dep_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200}
+    return answer(app, "POST", "/flow_runs/filter", body)
+
+
+def test_a_run_becomes_late_exactly_when_its_time_and_the_setting_have_passed(make_app):
+    """Prefect's late-runs service marks a run whose next scheduled start is at or before now - the setting."""
+    app = make_app(PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS=600)
+    late_runs = service(app, prefectlite.LateRuns)
+    due = T0 - dt.timedelta(minutes=10)
+    run = scheduled_run(app, due)
+    late_runs.run_once(T0 - TICK)
+    assert answer(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Scheduled", "Late before its time"
+    late_runs.run_once(T0)
+    late = answer(app, "GET", f"/flow_runs/{run['id']}")
+    assert (late["state_type"], late["state_name"]) == ("SCHEDULED", "Late")
+    assert parse(late["state"]["timestamp"]) == T0, "the Late state is stamped with the pass's time"
+    assert parse(late["state"]["state_details"]["scheduled_time"]) == due
+    late_runs.run_once(T0 + dt.timedelta(hours=1))
+    history = answer(app, "GET", f"/flow_run_states/?flow_run_id={run['id']}")
+    assert [s["name"] for s in history].count("Late") == 1, "a Late run is not marked again"
+
+
+def test_a_deployment_turns_not_ready_when_its_last_poll_is_older_than_the_setting(app, clock):
+    """Readiness is derived from last_polled at the App's clock's time (Prefect's foreman's setting)."""
+    timeout = dt.timedelta(seconds=app.settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"])
+    dep = deployment(app, [])
+
+    def status():
+        (listed,) = answer(app, "POST", "/deployments/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
+        read = answer(app, "GET", f"/deployments/{dep['id']}")
+        assert listed["status"] == read["status"]
+        return read["status"]
+
+    assert status() == "NOT_READY", "never polled"
+    answer(app, "POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})  # a runner polls
+    assert parse(answer(app, "GET", f"/deployments/{dep['id']}")["last_polled"]) == T0
+    assert status() == "READY"
+    clock.moment = T0 + timeout
+    assert status() == "READY"
+    clock.moment = T0 + timeout + TICK
+    assert status() == "NOT_READY"
+    answer(app, "POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})
+    assert status() == "READY", "a poll makes it ready again"
+
+
+def test_an_expired_pause_fails_the_run_only_after_its_timeout(app):
+    pauses = service(app, prefectlite.PauseExpirations)
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    run = answer(app, "POST", "/flow_runs/", {"flow_id": flow["id"]})
+    for state_type, details in (("RUNNING", {}), ("PAUSED", {"pause_timeout": prefectlite.iso(T0), "pause_key": "p"})):
+        answer(app, "POST", f"/flow_runs/{run['id']}/set_state",
+             {"state": {"type": state_type, "state_details": details}, "force": True})
+    pauses.run_once(T0)
+    assert answer(app, "GET", f"/flow_runs/{run['id']}")["state_type"] == "PAUSED", "failed at its timeout"
+    pauses.run_once(T0 + TICK)
+    failed = answer(app, "GET", f"/flow_runs/{run['id']}")
+    assert failed["state_type"] == "FAILED" and parse(failed["state"]["timestamp"]) == T0 + TICK
+
+
+def test_a_services_loop_hands_each_pass_the_apps_clock(app, clock):
+    """The thread asks the App's clock, not the machine's: a run due in 2030 is Late once the clock says
+    it is past then."""
+    late_runs = service(app, prefectlite.LateRuns)
+    run = scheduled_run(app, T0)
+    clock.moment = T0 + dt.timedelta(hours=1)
+    late_runs.start()
+    try:
+        wait_until(lambda: answer(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Late",
+                   what="the late-runs thread's pass")
+    finally:
+        late_runs.stop()
+
+
 # --- the scheduler -----------------------------------------------------------------------------
 
-def test_interval_schedule_is_filled_an_hour_ahead(srv, api):
-    dep = new_deployment(api, [{"schedule": {"interval": 600}, "active": True}], parameters={"x": 1},
-                         tags=["nightly"])
-    before = now()
-    wait_until(lambda: len(auto_runs(api, dep["id"])) >= 6, what="6 runs of a 10-minute schedule")
-    wait_passes(srv, prefectlite.Scheduler)
-    runs = auto_runs(api, dep["id"])
-    assert_no_duplicates(runs)
-    times = starts(runs)
-    # 10 minutes apart, on the interval's grid (anchored at 2020-01-01 by default), in the future, and
-    # covering at least the next hour: 6 or 7 runs, no more (fewer than 3 would be too few too).
-    assert 6 <= len(runs) <= 7, times
-    assert all(b - a == dt.timedelta(minutes=10) for a, b in zip(times, times[1:])), times
-    assert all(t.minute % 10 == 0 and t.second == 0 and t.microsecond == 0 for t in times), times
-    assert times[0] >= before - dt.timedelta(seconds=1)
-    assert times[0] <= before + dt.timedelta(minutes=10)
-    assert times[-1] >= before + dt.timedelta(minutes=50)
+def test_the_scheduler_fills_the_days_after_its_now(make_app):
+    """From the pass's time: every fire time within the minimum scheduled time (here 5 days) ahead."""
+    app = make_app(PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME=5 * 86400)
+    scheduler = service(app, prefectlite.Scheduler)
+    dep = deployment(app, [{"schedule": {"cron": "0 4 * * *", "timezone": "UTC"}}], parameters={"x": 1})
+    scheduler.run_once(T0)
+    days = [T0.replace(hour=4, minute=0) + dt.timedelta(days=d) for d in range(1, 6)]  # 06-02 ... 06-06 04:00
+    runs = deployment_runs(app, dep["id"])
+    assert starts(runs) == days
+    assert all(r["auto_scheduled"] and r["parameters"] == {"x": 1} and r["state_name"] == "Scheduled" for r in runs)
+    assert scheduler.created == 5
+    scheduler.run_once(T0)
+    assert scheduler.created == 0, "a second pass at the same time makes nothing"
+    scheduler.run_once(T0 + dt.timedelta(days=1))  # a day later: the sixth day is within reach
+    assert starts(deployment_runs(app, dep["id"])) == [*days, days[-1] + dt.timedelta(days=1)]
+    assert scheduler.created == 1
+
+
+def test_an_interval_schedule_is_filled_exactly_an_hour_ahead(app):
+    """Prefect's defaults: at least 3 runs and at least an hour ahead; 10-minute runs on the grid anchored
+    at 2020-01-01: from 12:05, 12:10 through 13:00 (13:05 is past the hour), six runs."""
+    scheduler = service(app, prefectlite.Scheduler)
+    dep = deployment(app, [{"schedule": {"interval": 600}}], parameters={"x": 1}, tags=["nightly"])
+    scheduler.run_once(T0)
+    runs = deployment_runs(app, dep["id"])
+    assert starts(runs) == [T0.replace(minute=10) + dt.timedelta(minutes=10 * i) for i in range(6)]
     for run in runs:
         assert run["state_type"] == "SCHEDULED" and run["state_name"] == "Scheduled"
         assert run["flow_id"] == dep["flow_id"]
@@ -124,88 +227,80 @@ def test_interval_schedule_is_filled_an_hour_ahead(srv, api):
         assert parse(run["next_scheduled_start_time"]) == parse(run["expected_start_time"])
 
 
-def test_daily_cron_gets_three_runs(srv, api):
-    dep = new_deployment(api, [{"schedule": {"cron": "0 4 * * *", "timezone": "UTC"}}])
-    wait_until(lambda: len(auto_runs(api, dep["id"])) >= 3, what="3 runs of a daily cron")
-    wait_passes(srv, prefectlite.Scheduler)
-    runs = auto_runs(api, dep["id"])
-    times = starts(runs)
-    assert len(runs) == 3, times
-    assert all((t.hour, t.minute, t.second) == (4, 0, 0) for t in times), times
-    assert all(b - a == dt.timedelta(days=1) for a, b in zip(times, times[1:])), times
-    assert times[0] > now() - dt.timedelta(seconds=5)
+def test_a_daily_cron_gets_three_runs(app):
+    scheduler = service(app, prefectlite.Scheduler)
+    dep = deployment(app, [{"schedule": {"cron": "0 4 * * *", "timezone": "UTC"}}])
+    scheduler.run_once(T0)
+    assert starts(deployment_runs(app, dep["id"])) == [T0.replace(hour=4, minute=0) + dt.timedelta(days=d)
+                                                       for d in (1, 2, 3)]
 
 
-def test_rrule_with_count_two_gets_two_runs(srv, api):
-    start = (now() + dt.timedelta(days=1)).replace(microsecond=0)
-    rrule = f"DTSTART:{start.strftime('%Y%m%dT%H%M%SZ')}\nRRULE:FREQ=DAILY;COUNT=2"
-    dep = new_deployment(api, [{"schedule": {"rrule": rrule}}])
-    wait_until(lambda: len(auto_runs(api, dep["id"])) >= 2, what="2 runs of an rrule with COUNT=2")
-    wait_passes(srv, prefectlite.Scheduler)
-    times = starts(auto_runs(api, dep["id"]))
-    assert times == [start, start + dt.timedelta(days=1)]
+def test_an_rrule_with_count_two_gets_two_runs(app):
+    scheduler = service(app, prefectlite.Scheduler)
+    start = T0 + dt.timedelta(days=1)
+    dep = deployment(app, [{"schedule": {"rrule": f"DTSTART:{start.strftime('%Y%m%dT%H%M%SZ')}\n"
+                                                  "RRULE:FREQ=DAILY;COUNT=2"}}])
+    scheduler.run_once(T0)
+    assert starts(deployment_runs(app, dep["id"])) == [start, start + dt.timedelta(days=1)]
 
 
-def test_scheduler_respects_max_scheduled_runs_and_the_100_run_cap(srv, api):
-    capped = new_deployment(api, [{"schedule": {"interval": 600}, "max_scheduled_runs": 4}])
-    minutely = new_deployment(api, [{"schedule": {"interval": 10}}])
-    wait_until(lambda: len(auto_runs(api, minutely["id"])) >= 100, what="100 runs of a 10-second schedule")
-    wait_passes(srv, prefectlite.Scheduler)
-    # An hour of a 10-second schedule would be 360 runs: Prefect keeps at most 100 ahead. (On a slow machine
-    # the first may be due by now, and a pass then adds one at the end: count those still ahead.)
-    runs = auto_runs(api, minutely["id"])
-    ahead = [r for r in runs if parse(r["expected_start_time"]) > now()]
-    assert len(ahead) <= 100 <= len(runs) <= 100 + 6, (len(ahead), len(runs))
-    # max_scheduled_runs caps below the hour's 6.
-    assert len(auto_runs(api, capped["id"])) == 4
+def test_a_schedule_starting_beyond_100_days_gets_no_runs(app):
+    scheduler = service(app, prefectlite.Scheduler)
+    far = T0 + dt.timedelta(days=100, seconds=1)
+    dep = deployment(app, [{"schedule": {"rrule": f"DTSTART:{far.strftime('%Y%m%dT%H%M%SZ')}\nRRULE:FREQ=DAILY"}}])
+    scheduler.run_once(T0)
+    assert deployment_runs(app, dep["id"]) == []
+    scheduler.run_once(T0 + dt.timedelta(seconds=2))  # less than 100 days ahead now: in reach
+    assert starts(deployment_runs(app, dep["id"])) == [far]
 
 
-def test_schedule_starting_beyond_100_days_gets_no_runs(srv, api):
-    far = (now() + dt.timedelta(days=150)).replace(microsecond=0)
-    rrule = f"DTSTART:{far.strftime('%Y%m%dT%H%M%SZ')}\nRRULE:FREQ=DAILY"
-    dep = new_deployment(api, [{"schedule": {"rrule": rrule}}])
-    wait_passes(srv, prefectlite.Scheduler)
-    assert auto_runs(api, dep["id"]) == []
+def test_the_scheduler_is_idempotent(app):
+    scheduler = service(app, prefectlite.Scheduler)
+    flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
+    deps = [answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": [
+        {"schedule": {"interval": 600}}, {"schedule": {"cron": "5 4 * * *"}}]}) for _ in range(3)]
+    scheduler.run_once(T0)
+    first = {d["id"]: deployment_runs(app, d["id"]) for d in deps}
+    assert all(len(runs) == 6 + 3 for runs in first.values())  # the interval's hour, the daily cron's 3
+    for _ in range(2):
+        scheduler.run_once(T0)
+        assert scheduler.created == 0
+    assert {d["id"]: deployment_runs(app, d["id"]) for d in deps} == first
 
 
-def test_scheduler_is_idempotent(srv, api):
-    flow = new_flow(api)
-    deps = [new_deployment(api, [{"schedule": {"interval": 600}},
-                                 {"schedule": {"cron": "5 4 * * *"}}], flow_id=flow["id"])
-            for _ in range(3)]
-    wait_until(lambda: all(len(auto_runs(api, d["id"])) >= 9 for d in deps), what="runs of every schedule")
-    counts = {d["id"]: len(auto_runs(api, d["id"])) for d in deps}
-    for _ in range(3):
-        wait_passes(srv, prefectlite.Scheduler, n=2)
-        for dep in deps:
-            runs = auto_runs(api, dep["id"])
-            assert_no_duplicates(runs)
-            assert len(runs) == counts[dep["id"]], "a later pass added runs"
-    for dep in deps:
-        assert 9 <= counts[dep["id"]] <= 10  # 6 or 7 of the interval, 3 of the daily cron
-
-
-def test_coinciding_schedules_make_one_run_per_moment(srv, api):
+def test_coinciding_schedules_make_one_run_per_moment(app):
     """Prefect keys a scheduled run by deployment and moment, so two schedules firing at the same time
     make one run, not two."""
-    dep = new_deployment(api, [{"schedule": {"interval": 600}}, {"schedule": {"cron": "0,30 * * * *"}}])
-    wait_until(lambda: len(auto_runs(api, dep["id"])) >= 6, what="scheduled runs")
-    wait_passes(srv, prefectlite.Scheduler)
-    runs = auto_runs(api, dep["id"])
-    assert_no_duplicates(runs)
+    scheduler = service(app, prefectlite.Scheduler)
+    dep = deployment(app, [{"schedule": {"interval": 600}}, {"schedule": {"cron": "0,30 * * * *"}}])
+    scheduler.run_once(T0)
+    # 12:10 ... 13:00 every 10 minutes; the cron's 12:30, 13:00 coincide; its third, 13:30, is its own
+    expected = [T0.replace(minute=10) + dt.timedelta(minutes=10 * i) for i in range(6)]
+    assert starts(deployment_runs(app, dep["id"])) == [*expected, T0.replace(hour=13, minute=30)]
 
 
-def test_inactive_schedule_and_paused_deployment_create_nothing(srv, api):
-    inactive = new_deployment(api, [{"schedule": {"interval": 600}, "active": False}])
-    paused = new_deployment(api, [{"schedule": {"interval": 600}, "active": True}], paused=True)
-    mixed = new_deployment(api, [{"schedule": {"interval": 600}, "active": False},
-                                 {"schedule": {"cron": "0 4 * * *"}, "active": True}])
-    wait_until(lambda: len(auto_runs(api, mixed["id"])) >= 3, what="runs of the active schedule")
-    wait_passes(srv, prefectlite.Scheduler)
-    assert runs_of(api, inactive["id"]) == []
-    assert runs_of(api, paused["id"]) == []
-    times = starts(auto_runs(api, mixed["id"]))
-    assert len(times) == 3 and all(t.hour == 4 and t.minute == 0 for t in times), times
+def test_an_inactive_schedule_and_a_paused_deployment_create_nothing(app):
+    scheduler = service(app, prefectlite.Scheduler)
+    inactive = deployment(app, [{"schedule": {"interval": 600}, "active": False}])
+    paused = deployment(app, [{"schedule": {"interval": 600}, "active": True}], paused=True)
+    mixed = deployment(app, [{"schedule": {"interval": 600}, "active": False},
+                             {"schedule": {"cron": "0 4 * * *"}, "active": True}])
+    scheduler.run_once(T0)
+    assert deployment_runs(app, inactive["id"]) == []
+    assert deployment_runs(app, paused["id"]) == []
+    assert starts(deployment_runs(app, mixed["id"])) == [T0.replace(hour=4, minute=0) + dt.timedelta(days=d)
+                                                         for d in (1, 2, 3)]
+
+
+
+def test_the_scheduler_keeps_at_most_100_runs_and_max_scheduled_runs(app):
+    scheduler = service(app, prefectlite.Scheduler)
+    every_10s = deployment(app, [{"schedule": {"interval": 10}}])  # an hour of it would be 360 runs
+    capped = deployment(app, [{"schedule": {"interval": 600}, "max_scheduled_runs": 4}])  # below the hour's 6
+    scheduler.run_once(T0)
+    runs = starts(deployment_runs(app, every_10s["id"]))
+    assert runs == [T0 + dt.timedelta(seconds=10 * i) for i in range(100)]
+    assert len(deployment_runs(app, capped["id"])) == 4
 
 
 def test_schedule_change_replaces_the_runs_not_yet_started(srv, api):
@@ -299,27 +394,16 @@ def test_overdue_scheduled_runs_become_late(srv, api):
     assert result["status"] == "ACCEPT", result
 
 
-def test_a_run_becomes_late_only_after_the_setting(tmp_path):
-    with running_server(f"sqlite:///{tmp_path}/late.db", PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS=3600) as srv:
-        api = Client(srv.api_url)
-        flow = new_flow(api)
-        run = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
-            "type": "SCHEDULED", "state_details": {"scheduled_time": iso(now() - dt.timedelta(minutes=5))}}})
-        wait_passes(srv, prefectlite.LateRuns)
-        assert get_run(api, run["id"])["state_name"] == "Scheduled", "late before the setting's hour passed"
-
-
-def test_scheduled_deployment_runs_go_late_when_nobody_runs_them(tmp_path):
-    with running_server(f"sqlite:///{tmp_path}/late-dep.db") as srv:
-        api = Client(srv.api_url)
-        dep = new_deployment(api, [{"schedule": {"interval": 1}}])
-
-        def some_late():
-            late = [r for r in runs_of(api, dep["id"]) if r["state_name"] == "Late"]
-            return late or None
-
-        late = wait_until(some_late, what="a Late run of the 1-second schedule")
-        assert all(r["state_type"] == "SCHEDULED" and r["auto_scheduled"] for r in late)
+def test_scheduled_deployment_runs_go_late_when_nobody_runs_them(make_app):
+    """The scheduler's runs, left alone, go Late one by one as the clock passes their times."""
+    app = make_app(PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS=15)
+    dep = deployment(app, [{"schedule": {"interval": 60}}])
+    service(app, prefectlite.Scheduler).run_once(T0)
+    runs = deployment_runs(app, dep["id"])
+    assert parse(runs[0]["expected_start_time"]) == T0  # a fire time at the pass's time is made too
+    service(app, prefectlite.LateRuns).run_once(T0.replace(minute=7, second=15))  # 12:05 ... 12:07 are 15 s late
+    late = [r["state_name"] == "Late" for r in deployment_runs(app, dep["id"])]
+    assert late == [True] * 3 + [False] * (len(runs) - 3)
 
 
 # --- pause expirations -------------------------------------------------------------------------

@@ -33,6 +33,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import prefectlite  # noqa: E402
+from helpers import wait_until  # noqa: E402
 from webdriver import ELEMENT, Browser, Element  # noqa: E402
 
 ARTIFACTS = HERE / "ui_artifacts"
@@ -279,7 +280,7 @@ def data(api):
                                      "state": {"type": "PENDING"}})
         api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "RUNNING"}})
         if final:
-            time.sleep(0.05)
+            time.sleep(0.05)  # by design: a run time the page shows as more than zero
             api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": final}, "force": True})
         tasks[key] = t
     run("child-report", flow="reporter", parent=tasks["extract"]["id"])
@@ -739,7 +740,7 @@ def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
     # polling stopped: a later log only shows after a reload
     api.post("/logs/", [{"name": "test", "level": 20, "message": "written after the end", "timestamp": now_utc().isoformat(),
                          "flow_run_id": run["id"], "task_run_id": None}])
-    time.sleep(3)
+    time.sleep(3)  # by design: nothing may show in this window, several of the page's polls long
     assert "written after the end" not in ui.text("#panel-logs")
     ui.b.refresh()
     ui.wait_ready()
@@ -1110,7 +1111,7 @@ def test_flow_run_artifacts_render_markdown_safely(ui, api, data):
 def test_artifacts_page_shows_latest_per_key(ui, api, data):
     run = data["runs"]["etl-completed-1"]
     api.post("/artifacts/", {"key": "summary", "type": "markdown", "data": "old version", "flow_run_id": run["id"]})
-    time.sleep(0.05)
+    time.sleep(0.05)  # by design: a later created time, so which one is latest is not a tie
     api.post("/artifacts/", {"key": "summary", "type": "markdown", "data": "**new version**", "flow_run_id": run["id"]})
     ui.open("artifacts")
     ui.wait_text("main .artifact-key", "summary")
@@ -1328,9 +1329,7 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
     flow = api.post("/flows/", {"name": "ui-automated"})
     api.post("/flow_runs/", {"flow_id": flow["id"], "name": "ui-failing-run", "tags": ["nightly-ui"],
                              "state": {"type": "FAILED", "name": "Failed"}})
-    deadline = time.monotonic() + 15
-    while len(receiver.messages) == before and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_until(lambda: len(receiver.messages) > before, 15, "the automation's message")
     assert "ui-failing-run is Failed" in receiver.messages[before][1]
     ui.open("automations")
     ui.wait_text("main .automation-last", "Last fired")
@@ -1518,7 +1517,7 @@ def test_no_page_requests_anything_outside_the_server(ui, api, data):
     ui.b.console_errors()  # drained: only this test's pages count
     for route in all_routes(api, data):
         ui.open(route)
-        time.sleep(0.3)
+        time.sleep(0.3)  # by design: requests a page makes late must have had their chance to go out
         urls = ui.b.execute("return [location.href, ...performance.getEntriesByType('resource').map(e => e.name)]")
         outside = [u for u in urls if not u.startswith(origin + "/")]
         assert outside == [], (route, outside)

@@ -14,7 +14,7 @@ import urllib.parse
 
 import pytest
 
-from helpers import Client, RawWebSocket, event
+from helpers import Client, RawWebSocket, event, wait_subscribed
 
 import prefectlite
 
@@ -329,9 +329,12 @@ def test_subscriber_without_backfill_sees_only_new_events(server):
     sub = RawWebSocket(server, path="/events/out").authenticate()
     try:
         sub.send_json({"type": "filter", "filter": {}, "backfill": False})
-        time.sleep(0.2)
+        probe = wait_subscribed(sub, lambda: client.ok("POST", "/events", [event(name="test.probe")]))
+        names = [probe["event"]["event"]]
         client.ok("POST", "/events", [event(name="test.new")])
-        assert sub.recv_json()["event"]["event"] == "test.new"
+        while names[-1] != "test.new":
+            names.append(sub.recv_json()["event"]["event"])
+        assert set(names) == {"test.probe", "test.new"}, names  # and never test.old
     finally:
         sub.close()
 

@@ -9,7 +9,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import Client, iso, now, unique
+from helpers import T0, TICK, Client, answer, iso, now, parse, unique
 
 
 POOL_FIELDS = {"id", "created", "updated", "name", "description", "type", "base_job_template", "is_paused",
@@ -382,18 +382,21 @@ def test_pool_and_queue_status_follow_heartbeats_and_polls(api):
     assert listed[pool]["status"] == "PAUSED"
 
 
-def test_a_worker_silent_for_three_intervals_is_offline(api):
-    pool = new_pool(api)["name"]
-    api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "sleepy", "heartbeat_interval_seconds": 1})
-    (worker,) = api.ok("POST", f"/work_pools/{pool}/workers/filter", {})
-    assert worker["status"] == "ONLINE"
-    deadline = time.monotonic() + 15
-    while True:
-        (worker,) = api.ok("POST", f"/work_pools/{pool}/workers/filter", {})
-        if worker["status"] == "OFFLINE" or time.monotonic() > deadline:
-            break
-        time.sleep(0.25)
-    assert worker["status"] == "OFFLINE", worker
+def test_a_worker_silent_for_three_intervals_is_offline(app, clock):
+    """At the App's clock's time (no waiting): ONLINE through three intervals after its heartbeat, then OFFLINE."""
+    pool = answer(app, "POST", "/work_pools/", {"name": unique("pool"), "type": "process"})["name"]
+    answer(app, "POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "sleepy", "heartbeat_interval_seconds": 10})
+
+    def status():
+        (worker,) = answer(app, "POST", f"/work_pools/{pool}/workers/filter", {})
+        assert parse(worker["last_heartbeat_time"]) == T0
+        return worker["status"]
+
+    assert status() == "ONLINE"
+    clock.moment = T0 + dt.timedelta(seconds=30)
+    assert status() == "ONLINE"
+    clock.moment += TICK
+    assert status() == "OFFLINE"
 
 
 # --- the older id-based queue routes ------------------------------------------------------------

@@ -264,6 +264,13 @@ class CompatServer:
 
 _SERVER: CompatServer | None = None
 
+# Settings both servers (ours and, with PREFECTLITE_COMPAT_REFERENCE=1, Prefect's) run the suite with:
+# a task waiting for a tag's concurrency slot retries after 1 s, and a deployment's run that found no slot
+# is put back 1 s, not the default 30 (each concurrency-limit test waited that long once, ~30 s of the
+# suite's time each; the SDK sleeps what the server says, the runner picks the run up when it is due).
+SERVER_SETTINGS = {"PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+
 
 @pytest.fixture(scope="session")
 def compat_server_handle(request, tmp_path_factory):
@@ -282,6 +289,7 @@ def compat_server_handle(request, tmp_path_factory):
             "PREFECT_HOME": str(home),
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
+            **SERVER_SETTINGS,
         })
         stderr_path = home / "server.stderr"
         cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
@@ -311,6 +319,7 @@ def compat_server_handle(request, tmp_path_factory):
         env["PREFECT_HOME"] = str(home)
         env["PREFECT_API_DATABASE_CONNECTION_URL"] = f"sqlite:///{home}/compat.db"
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(SERVER_SETTINGS)
         stderr_path = home / "server.stderr"
         stdout_path = home / "server.stdout"
         cmd = [sys.executable, str(script), "start", "--host", "127.0.0.1", "--port", str(port)]

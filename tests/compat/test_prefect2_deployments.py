@@ -302,7 +302,15 @@ def test_paused_pool_gets_nothing_run_until_resumed(run_flow_script, start_scrip
     # The worker polls (it heartbeats), but a paused pool hands nothing out.
     wait_until(lambda: alive(worker, "prefect worker start") or api.ok(
         "POST", f"/work_pools/{process_pool}/workers/filter", {}, expect=(200,)), 60, what="the worker's heartbeat")
-    time.sleep(5)  # several polls (1 s apart)
+    # Several polls (1 s apart): each one stamps the pool's queues' last_polled, even while it is paused.
+    polls = set()
+
+    def polled_three_times():
+        for queue in api.ok("POST", f"/work_pools/{process_pool}/queues/filter", {}, expect=(200,)):
+            polls.add(queue["last_polled"])
+        return len(polls - {None}) >= 3
+
+    wait_until(polled_three_times, 60, interval=0.2, what="three polls of the paused pool")
     assert get_run(api, run["id"])["state_type"] == "SCHEDULED"
     api.ok("PATCH", f"/work_pools/{process_pool}", {"is_paused": False}, expect=(204,))
     finished = wait_for_state(api, run["id"], TERMINAL, 180, watch=[(worker, "prefect worker start")])

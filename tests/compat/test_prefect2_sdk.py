@@ -600,7 +600,7 @@ def test_pause_and_resume(start_script, compat_server, api, tmp_path):
     run = wait_until(paused, 30, interval=0.3, what=f"flow run {run_id} to be PAUSED")
     assert run["state_name"] == "Paused"
     assert run["state"]["state_details"]["pause_timeout"], run["state"]
-    time.sleep(2)
+    time.sleep(2)  # by design: the script must not go on in this window
     assert script.proc.poll() is None, "the script did not wait while paused"
     assert get_flow_run(api, run_id)["state_type"] == "PAUSED"
 
