@@ -73,7 +73,7 @@ def pages(ids):
         ("flow run, task runs", f"flow-runs/flow-run/{ids['flow_run']}?tab=task-runs"),
         ("task run", f"runs/task-run/{ids['task_run']}"), ("work pools", "work-pools"), ("blocks", "blocks"),
         ("variables", "variables"), ("artifacts", "artifacts"), ("concurrency", "concurrency-limits"),
-        ("notifications", "notifications"),
+        ("notifications", "notifications"), ("automations", "automations"), ("events", "events"),
     ]
 
 
