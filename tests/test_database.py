@@ -278,7 +278,7 @@ def test_a_long_reader_never_holds_the_writers_and_the_wal_starts_over_once_it_e
     that could wait for a reader; the WAL starts over as soon as the long reader ends."""
     monkeypatch.setattr(prefectlite._WalCheckpointer, "restart_frames", 64)
     # the long reader ends the drain below, not the clock
-    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 120.0, raising=False)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 120.0)
     db = _scratch_sqlite(tmp_path)
     phase = ["before"]
     statements = []  # what ran on the writers' connection, and whether the long reader was in the WAL
@@ -345,7 +345,8 @@ def test_a_long_reader_never_holds_the_writers_and_the_wal_starts_over_once_it_e
 
 def test_a_drain_that_a_reader_outlasts_is_given_up_and_holds_new_readers_only_briefly(tmp_path, monkeypatch):
     monkeypatch.setattr(prefectlite._WalCheckpointer, "restart_frames", 64)
-    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 0.05, raising=False)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 0.05)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_pause_seconds", 120.0)
     db = _scratch_sqlite(tmp_path)
     holding, release = threading.Event(), threading.Event()
     late_reader_saw = []
@@ -370,7 +371,14 @@ def test_a_drain_that_a_reader_outlasts_is_given_up_and_holds_new_readers_only_b
         with db.read() as tx:  # the drain is given up: this read goes in while the long one still reads
             late_reader_saw.append((release.is_set(), tx.scalar("SELECT COUNT(*) FROM item")))
         assert late_reader_saw == [(False, 151)]
-        assert checkpointer.drains_given_up >= 1 and checkpointer.restarts == 0
+        assert checkpointer.drains_given_up == checkpointer.drains == 1 and checkpointer.restarts == 0
+        # and the next drain waits drain_pause_seconds: the passes meanwhile find the WAL large and begin none
+        runs = checkpointer.runs
+        for i in range(151, 301):
+            with db.write() as tx:
+                tx.execute("INSERT INTO item (name, payload) VALUES (?, ?)", (f"r{i}", b"x" * 8000))
+        wait_until(lambda: checkpointer.runs > runs, 30, "a checkpoint pass after the writes")
+        assert checkpointer.drains == 1
     finally:
         release.set()
         long_reader.join(30)
