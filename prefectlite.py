@@ -659,15 +659,23 @@ class _WalCheckpointer:
     checkpoint from another connection runs beside the writer instead, with the GIL released.
 
     A PASSIVE checkpoint alone never bounds the WAL: it cannot copy past the snapshot of a reader, and
-    the WAL starts over only when a writer finds every frame copied and no reader in the WAL; and SQLite
-    keeps the file as large as it ever grew. Readers that overlap writes (a soak of 2 writers and 4
-    readers) always leave a few frames: 225 MB of WAL in 20 s. So once the WAL is large, the next few
-    writers, right after their commit and still in their turn (no new frames meanwhile), run a RESTART
-    checkpoint: it copies the frames written since this thread's pass and waits for the readers still in
-    the WAL, but only `reader_wait_ms` (readers that begin once all is copied read the database file and
-    are not waited for). `journal_size_limit` then cuts the file back. When nothing has been written for
-    a pass, this thread takes the writers' turn for a TRUNCATE checkpoint (the same bounded wait) that
-    empties the file.
+    the WAL starts over only when every frame is copied and no reader is in the WAL; and SQLite keeps the
+    file as large as it ever grew. Readers that overlap writes (a soak of 2 writers and 4 readers) always
+    leave a few frames: 225 MB of WAL in 20 s. Waiting for them in the writers' turn (a RESTART checkpoint
+    with a busy timeout) held the writers: read transactions that each scan a table (> 5 ms) were always
+    in the WAL, no restart succeeded, the WAL reached 67 MB and a failed try held writers 170 ms.
+
+    So the waiting is done by readers, never by writers. Once the WAL is large, this database drains
+    its readers: read transactions that begin wait (at most `drain_wait_seconds`), those in progress
+    finish; when none is left, the next writer right after its commit (or this thread, in the writers'
+    turn, when no writer comes) runs a RESTART checkpoint that does not wait: it copies the frames written
+    since this thread's PASSIVE pass, finds no reader, and the WAL starts over (`journal_size_limit` then
+    cuts the file back). Before that, this thread's PASSIVE pass copies what the readers' snapshots held
+    back, so the writers are held only for the last frames and two fsyncs. A reader of another process (or
+    a backup) still in the WAL makes the restart fail at once; after a few tries the drain is given up and
+    none begins for `drain_pause_seconds`. (The other processes of one server are not held at this door:
+    there the tries after the first wait a few ms for their readers, as before.) When nothing has been written for a pass, this thread takes the
+    writers' turn for a TRUNCATE checkpoint (not waiting either) that empties the file.
     """
 
     every = 100  # commits between checkpoints (~1,400 pages of the write load); and at least once a second
@@ -676,22 +684,37 @@ class _WalCheckpointer:
     # (~1,400 frames) that took 8% of the write load's time; at 4,096 frames it comes a third as often.
     restart_frames = 4096
     file_bytes_kept = 16 * 1024 * 1024  # journal_size_limit: about restart_frames pages of 4 KB
-    # How long a restart waits for readers still in the WAL (then tried again later). Without any wait
-    # the WAL was not bounded at all (a test's 36 MB of writes made a 52-63 MB WAL): some reader is always
-    # in it. SQLite's busy handler sleeps 1, 2, 2 ms for it; on a crowded machine a sleep lasts longer.
-    reader_wait_ms = 5
-    writer_tries = 3  # writers that try in turn before the next pass
-    quiet_turn_wait_seconds = 0.05  # how long a quiet pass waits for the writers' turn (then tried again)
+    # How long read transactions that begin during a drain wait for those in the WAL to finish (then the
+    # drain is given up and tried again at the next pass): a few of the server's longest reads.
+    drain_wait_seconds = 0.25
+    # After a drain given up (a reader longer than the wait, or one of another process), the next waits
+    # this long: readers are held at most a fifth of the time when something outlasts every drain.
+    drain_pause_seconds = 1.0
+    writer_tries = 3  # restarts tried (each failing at once) before a drain is given up
+    # Readers of the other processes of `start --processes 2` are not held at this door: once one of them
+    # made a restart fail, the next tries wait for them this long, as before the door (without it the WAL
+    # reached 98.5 MB under 2 writers + 4 readers on 2 processes, against 24.9 MB with it).
+    other_process_reader_wait_ms = 5
+    quiet_turn_wait_seconds = 0.05  # how long this thread waits for the writers' turn (then tried again)
 
     def __init__(self, db: SqliteDatabase):
         self.db = db
         self.commits = 0
         self.runs = 0  # checkpoints done
         self.restarts = 0  # times the WAL was made to start over (RESTART or TRUNCATE done)
-        self.restart_due = False  # the WAL is large: the next writer makes it start over (restart_in_turn)
-        self.restart_tries = 0  # writers that found readers in the WAL since it was found large
+        self.restart_tries = 0  # restarts tried in the current drain
         self.emptied = False  # the WAL file was truncated and nothing committed since
-        self.longest_hold = 0.0  # seconds: the longest a restart kept this process's writers waiting
+        self.longest_hold = 0.0  # seconds: the longest a checkpoint in the writers' turn kept writers waiting
+        self.gate = threading.Condition()  # guards reading and the drain
+        self.reading = 0  # read transactions of this database in progress
+        self.waiting = 0  # read transactions held at the door by a drain, now
+        self.draining = False  # the WAL is large: read transactions that begin wait until it starts over
+        self.drain_deadline = 0.0
+        self.copied = False  # this thread's PASSIVE of the drain is done: a restart has only the last frames to copy
+        self.next_drain = 0.0  # after a drain given up, none before this (monotonic) time
+        self.drains = 0  # drains begun
+        self.drains_given_up = 0  # drains ended without a restart (a reader stayed, another process's)
+        self.busy_tries = 0  # checkpoints in the writers' turn that found a reader in the WAL
         self.due = threading.Event()
         self.stopping = False
         self.thread = threading.Thread(target=self._loop, name="prefectlite-wal-checkpoint", daemon=True)
@@ -703,26 +726,84 @@ class _WalCheckpointer:
         if self.commits >= self.every:
             self.due.set()
 
+    # Read transactions: counted, and held at the door while a drain is on.
+
+    def reader_enters(self, nested: bool):
+        """A read transaction begins. One begun inside another of the same thread (or inside its write)
+        is never held: the transaction it is in would wait for itself."""
+        with self.gate:
+            if self.draining and not nested:
+                self.waiting += 1
+                try:
+                    self._wait_for_the_restart()
+                finally:
+                    self.waiting -= 1
+            self.reading += 1
+
+    def reader_leaves(self):
+        with self.gate:
+            self.reading -= 1
+            if self.draining and not self.reading:
+                self.due.set()  # drained: this thread restarts the WAL if no writer does first
+
+    def _wait_for_the_restart(self):
+        while self.draining:
+            left = self.drain_deadline - time.monotonic()
+            if left <= 0:
+                self._end_drain(restarted=False)
+                return
+            self.gate.wait(left)
+
+    def _begin_drain(self):
+        with self.gate:
+            if self.draining:
+                return
+            self.draining = True
+            self.drain_deadline = time.monotonic() + self.drain_wait_seconds
+            self.restart_tries = 0
+            self.copied = False
+            self.drains += 1
+            drained = not self.reading
+        if drained:
+            self.due.set()
+
+    def _end_drain(self, restarted: bool):
+        """With the gate held."""
+        if self.draining:
+            self.draining = False
+            if not restarted:
+                self.drains_given_up += 1
+                self.next_drain = time.monotonic() + self.drain_pause_seconds
+            self.gate.notify_all()
+
+    def drained(self) -> bool:
+        return self.draining and not self.reading
+
+    # The checkpoints.
+
     def _loop(self):
         conn = None
         while not self.stopping:
-            self.due.wait(1.0)
+            self.due.wait(0.01 if self.draining else 1.0)  # a drain holds readers: look again soon
             self.due.clear()
             if self.stopping:
                 break
-            seen = self.commits
-            self.commits -= seen
-            quiet = not seen
-            if (quiet and self.emptied) or (self.restart_due and not quiet):  # a writer makes the WAL start over
-                continue
             try:
-                if quiet:
-                    self._empty_when_quiet()
-                else:
-                    conn = conn or self.db._connect()
-                    self._checkpoint(conn)
+                conn = conn or self.db._connect()
+                if self.draining:
+                    self._restart_once_drained(conn)
+                    continue
+                seen = self.commits
+                self.commits -= seen
+                if not seen:
+                    if not self.emptied:
+                        self.emptied = self._in_the_writers_turn("TRUNCATE") or False
+                    continue
+                self._checkpoint(conn)
             except (sqlite3.Error, ConfigurationError, DatabaseError) as exc:  # a full disk: the WAL keeps the data
                 log.debug("WAL checkpoint failed (tried again later): %s", exc)
+                with self.gate:
+                    self._end_drain(restarted=False)
         if conn is not None:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
@@ -731,48 +812,74 @@ class _WalCheckpointer:
         # The bulk of the copying, beside the writers. It answers with the frames in the WAL ("log").
         frames = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()["log"]
         self.runs += 1
-        self.restart_due = frames >= self.restart_frames
+        if frames >= self.restart_frames and time.monotonic() >= self.next_drain:
+            self._begin_drain()
 
-    def restart_in_turn(self, writer):
-        """Called by a writer right after its COMMIT, in its turn: make the WAL start over. (This thread
-        waiting for the writers' turn instead could wait long: a busy writer takes the lock straight back.)"""
+    def _restart_once_drained(self, conn):
+        """This thread, during a drain: once no reader is left, copy what the last pass could not (the
+        readers' snapshots held it back) beside the writers, so that the restart in their turn has only the
+        frames written meanwhile to copy; then take the writers' turn (a writer that commits meanwhile
+        restarts the WAL itself). Past the deadline, give the drain up."""
+        if self.drained():
+            if not self.copied:  # (a writer's RESTART now would meet this one and fail: writers wait for it)
+                conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                self.copied = True
+            self._in_the_writers_turn("RESTART", only_drained=True)
+        elif time.monotonic() >= self.drain_deadline:
+            with self.gate:
+                self._end_drain(restarted=False)
+
+    def after_commit(self, writer):
+        """Called by a writer right after its COMMIT, in its turn, during a drain: once no reader is left,
+        make the WAL start over. (This thread waiting for the writers' turn instead could wait long: a busy
+        writer takes the lock straight back.)"""
+        if self.drained() and self.copied:
+            self._restart(writer)
+        elif time.monotonic() >= self.drain_deadline:
+            with self.gate:
+                self._end_drain(restarted=False)
+
+    def _restart(self, writer):
         restarted = False
+        wait_ms = self.other_process_reader_wait_ms if self.restart_tries and self.db.process_group else 0
         try:
-            restarted = self._checkpoint_in_turn(writer, "RESTART")
+            restarted = self._checkpoint_in_turn(writer, "RESTART", wait_ms)
         except sqlite3.Error as exc:  # a full disk, say: the WAL keeps the data
             log.debug("WAL restart failed (tried again later): %s", exc)
         finally:
-            # Readers still in the WAL: the next few writers try again (what they find to copy is what they
-            # wrote); then the next pass looks again (not sooner: its PASSIVE checkpoint would race this)
-            self.restart_tries = 0 if restarted else self.restart_tries + 1
-            self.restart_due = not restarted and self.restart_tries < self.writer_tries
-            if not self.restart_due:
-                self.restart_tries = 0
+            with self.gate:
+                self.restart_tries += 1
+                if restarted or self.restart_tries >= self.writer_tries:
+                    self._end_drain(restarted)
 
-    def _empty_when_quiet(self):
-        """Nothing was committed for a pass: take the writers' turn and empty the WAL file (TRUNCATE)."""
+    def _in_the_writers_turn(self, mode: str, only_drained: bool = False) -> bool | None:
+        """Take the writers' turn (waiting briefly) and checkpoint there: TRUNCATE when quiet, RESTART
+        once drained. None when the turn was not had."""
         db = self.db
         if not db._write_lock.acquire(timeout=self.quiet_turn_wait_seconds):
-            return
+            return None
         in_turn = False
         try:
-            if db._closed:
-                return
+            if db._closed or (only_drained and not self.drained()):  # a writer restarted it meanwhile
+                return None
             if db._turn_file is not None:  # the writers of other servers on this file wait too
                 db._take_turn_among_servers(time.monotonic() + self.quiet_turn_wait_seconds)
                 in_turn = True
-            self.emptied = self._checkpoint_in_turn(db._writer, "TRUNCATE")
-            self.restart_due = False
+            if mode == "RESTART":
+                self._restart(db._writer)
+                return None
+            return self._checkpoint_in_turn(db._writer, mode)
         finally:
             if in_turn:
                 db._flock(db._turn_file, db._flock_unlock)
             db._write_lock.release()
 
-    def _checkpoint_in_turn(self, writer, mode: str) -> bool:
-        """Run a RESTART or TRUNCATE checkpoint on the writer's connection, in the writers' turn, waiting
-        for readers at most reader_wait_ms; True when the WAL started over."""
+    def _checkpoint_in_turn(self, writer, mode: str, wait_ms: int = 0) -> bool:
+        """Run a RESTART or TRUNCATE checkpoint on the writer's connection, in the writers' turn, without
+        waiting for readers (no busy timeout, but for other_process_reader_wait_ms); True when the WAL
+        started over."""
         started = time.perf_counter()
-        writer.execute(f"PRAGMA busy_timeout = {self.reader_wait_ms}")
+        writer.execute(f"PRAGMA busy_timeout = {wait_ms}")
         try:
             done = writer.execute(f"PRAGMA wal_checkpoint({mode})").fetchone()
         finally:
@@ -780,10 +887,13 @@ class _WalCheckpointer:
         self.longest_hold = max(self.longest_hold, time.perf_counter() - started)
         self.runs += 1
         self.restarts += not done["busy"]
+        self.busy_tries += bool(done["busy"])
         return not done["busy"]
 
     def stop(self):
         self.stopping = True
+        with self.gate:
+            self._end_drain(restarted=False)
         self.due.set()
         self.thread.join(timeout=10)
 
@@ -859,6 +969,8 @@ class SqliteDatabase(Database):
         # lock instead of on SQLite's busy handler keeps "database is locked" away from clients.
         self._write_lock = threading.RLock() if self.memory else threading.Lock()
         self._checkpointer: _WalCheckpointer | None = None
+        # Transactions each thread has open here: a read begun inside one is never held by a drain
+        self._open_here = threading.local()
         self._readers = queue.LifoQueue()
         self._all = []
         self._closed = False
@@ -981,12 +1093,16 @@ class SqliteDatabase(Database):
             conn = self._writer
             self._execute(conn, "BEGIN IMMEDIATE", ())
             tx = Transaction(self, conn)
+            here = self._open_here
+            here.count = getattr(here, "count", 0) + 1
             try:
                 yield tx
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):
                     conn.execute("ROLLBACK")
                 raise
+            finally:
+                here.count -= 1
             with self.driver_errors():
                 try:
                     conn.execute("COMMIT")
@@ -1000,8 +1116,8 @@ class SqliteDatabase(Database):
                 if self._checkpointer is None:
                     self._checkpointer = _WalCheckpointer(self)
                 self._checkpointer.note_commit()
-                if self._checkpointer.restart_due:
-                    self._checkpointer.restart_in_turn(conn)
+                if self._checkpointer.draining:
+                    self._checkpointer.after_commit(conn)
         finally:
             if in_turn:
                 self._flock(turn_file, self._flock_unlock)
@@ -1016,19 +1132,29 @@ class SqliteDatabase(Database):
             return
         if self._closed:
             raise DatabaseUnavailable("the server is shutting down")
+        checkpointer, here = self._checkpointer, self._open_here
+        nested = getattr(here, "count", 0)
+        if checkpointer is not None:  # counted; held while the WAL is being made to start over
+            checkpointer.reader_enters(nested=bool(nested))
+        here.count = nested + 1
         try:
-            conn = self._readers.get_nowait()
-        except queue.Empty:
-            conn = self._connect()
-        try:
-            self._execute(conn, "BEGIN", ())
             try:
-                yield Transaction(self, conn)
+                conn = self._readers.get_nowait()
+            except queue.Empty:
+                conn = self._connect()
+            try:
+                self._execute(conn, "BEGIN", ())
+                try:
+                    yield Transaction(self, conn)
+                finally:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("COMMIT")
             finally:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("COMMIT")
+                self._readers.put(conn)
         finally:
-            self._readers.put(conn)
+            here.count = nested
+            if checkpointer is not None:
+                checkpointer.reader_leaves()
 
     def run_script(self, script: str):
         """Run a migration script in one transaction (SQLite DDL is transactional)."""

@@ -265,6 +265,171 @@ def test_the_wal_stays_bounded_while_reads_overlap_writes_and_is_emptied_when_qu
         db.close()
 
 
+def _restart_wanted(checkpointer) -> bool:
+    """The checkpointer found the WAL large and wants it to start over (a drain on; before it: the flag that
+    sent the next writers to wait for the readers)."""
+    return getattr(checkpointer, "draining", False) or getattr(checkpointer, "restart_due", False)
+
+
+def test_a_long_reader_never_holds_the_writers_and_the_wal_starts_over_once_it_ends(tmp_path, monkeypatch):
+    """A read transaction still in the WAL (a long scan) kept the restart from succeeding, and the restart
+    waited for it in the writers' turn, holding them (up to 170 ms, and it failed). Now the waiting is
+    the readers': those that begin meanwhile wait, the writers commit on, never running a checkpoint
+    that could wait for a reader; the WAL starts over as soon as the long reader ends."""
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "restart_frames", 64)
+    # the long reader ends the drain below, not the clock
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 120.0)
+    db = _scratch_sqlite(tmp_path)
+    phase = ["before"]
+    statements = []  # what ran on the writers' connection, and whether the long reader was in the WAL
+    db._writer.set_trace_callback(lambda sql: statements.append((phase[0], sql)))
+    holding, release = threading.Event(), threading.Event()
+    late_reader_saw = []
+
+    def long_read():
+        with db.read() as tx:
+            tx.scalar("SELECT COUNT(*) FROM item")  # its snapshot: the WAL as it is now
+            holding.set()
+            release.wait(60)
+
+    def late_read():
+        with db.read() as tx:
+            late_reader_saw.append((release.is_set(), db._checkpointer.restarts))
+            tx.scalar("SELECT COUNT(*) FROM item")
+
+    def write(i):
+        with db.write() as tx:
+            tx.execute("INSERT INTO item (name, payload) VALUES (?, ?)", (f"r{i}", b"x" * 8000))
+
+    long_reader = threading.Thread(target=long_read, daemon=True)
+    late_reader = threading.Thread(target=late_read, daemon=True)
+    try:
+        write(0)
+        long_reader.start()
+        assert holding.wait(30)
+        phase[0] = "long reader in the WAL"
+        for i in range(1, 151):  # ~450 frames, more than one pass's worth of commits
+            write(i)
+        checkpointer = db._checkpointer
+        wait_until(lambda: _restart_wanted(checkpointer), 30, "the checkpointer to find the WAL large")
+        for i in range(151, 171):  # the writers go on: each commit completes while the reader holds on
+            write(i)
+        with db.write(), db.read() as nested:  # a read inside a transaction is never held
+            assert nested.scalar("SELECT COUNT(*) FROM item") == 171
+        assert holding.is_set() and not release.is_set() and long_reader.is_alive()
+        held = [sql for when, sql in statements if when == phase[0] and "wal_checkpoint" in sql]
+        assert not held, f"a checkpoint that waits for readers ran in the writers' turn while one read: {held}"
+        late_reader.start()  # a read that begins now waits for the restart
+        wait_until(lambda: checkpointer.waiting == 1, 30, "the late reader to wait at the door")
+        assert checkpointer.restarts == 0 and checkpointer.draining
+        phase[0] = "after the long reader"
+        release.set()
+        long_reader.join(30)
+        wait_until(lambda: checkpointer.restarts >= 1, 30, "the WAL to start over once the reader ended")
+        late_reader.join(30)
+        [(after_the_reader, restarts)] = late_reader_saw
+        assert after_the_reader and restarts >= 1  # it got in only after the reader, once the WAL started over
+        write(171)  # the first commit after the restart writes at the WAL's start
+        with sqlite3.connect(tmp_path / "scratch.db") as other:
+            assert other.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()[1] < 64
+    finally:
+        release.set()
+        db._writer.set_trace_callback(None)
+        db.close()
+    checkpoints = [(when, sql) for when, sql in statements if "wal_checkpoint" in sql]
+    assert checkpoints[0][1] == "PRAGMA wal_checkpoint(RESTART)"
+    for checkpoint in checkpoints:  # and none waited for a reader: no busy timeout while it ran
+        before = statements[statements.index(checkpoint) - 1][1]
+        assert before == "PRAGMA busy_timeout = 0", before
+
+
+def test_a_drain_that_a_reader_outlasts_is_given_up_and_holds_new_readers_only_briefly(tmp_path, monkeypatch):
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "restart_frames", 64)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 0.05)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_pause_seconds", 120.0)
+    db = _scratch_sqlite(tmp_path)
+    holding, release = threading.Event(), threading.Event()
+    late_reader_saw = []
+
+    def long_read():
+        with db.read() as tx:
+            tx.scalar("SELECT COUNT(*) FROM item")
+            holding.set()
+            release.wait(60)
+
+    long_reader = threading.Thread(target=long_read, daemon=True)
+    try:
+        with db.write() as tx:
+            tx.execute("INSERT INTO item (name, payload) VALUES ('r0', x'00')")
+        long_reader.start()
+        assert holding.wait(30)
+        for i in range(1, 151):
+            with db.write() as tx:
+                tx.execute("INSERT INTO item (name, payload) VALUES (?, ?)", (f"r{i}", b"x" * 8000))
+        checkpointer = db._checkpointer
+        wait_until(lambda: checkpointer.drains >= 1, 30, "a drain to begin")
+        with db.read() as tx:  # the drain is given up: this read goes in while the long one still reads
+            late_reader_saw.append((release.is_set(), tx.scalar("SELECT COUNT(*) FROM item")))
+        assert late_reader_saw == [(False, 151)]
+        assert checkpointer.drains_given_up == checkpointer.drains == 1 and checkpointer.restarts == 0
+        # and the next drain waits drain_pause_seconds: the passes meanwhile find the WAL large and begin none
+        runs = checkpointer.runs
+        for i in range(151, 301):
+            with db.write() as tx:
+                tx.execute("INSERT INTO item (name, payload) VALUES (?, ?)", (f"r{i}", b"x" * 8000))
+        wait_until(lambda: checkpointer.runs > runs, 30, "a checkpoint pass after the writes")
+        assert checkpointer.drains == 1
+    finally:
+        release.set()
+        long_reader.join(30)
+        db.close()
+
+
+class _OtherProcesses:
+    """What a database of `start --processes N` is given to count its writes with the others (a stand-in:
+    the one thing looked at here is that there is a group)."""
+
+    def count_changes(self, changes):
+        pass
+
+    def total_changes(self):
+        return 0
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_reader_outside_the_door_makes_the_restart_fail_at_once_and_waits_only_with_other_processes(
+        tmp_path, monkeypatch, processes):
+    """A reader this database does not hold at its door (another process's) is never waited for by the
+    writers of a single-process server; in a server of several processes, whose readers are the others',
+    the tries after the first wait a few ms for them (as before the door: without it, 98.5 MB of WAL)."""
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "restart_frames", 64)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_wait_seconds", 120.0)
+    monkeypatch.setattr(prefectlite._WalCheckpointer, "drain_pause_seconds", 120.0)
+    db = _scratch_sqlite(tmp_path)
+    if processes > 1:
+        db.count_changes_in(_OtherProcesses(), db.changes)
+    statements = []
+    db._writer.set_trace_callback(statements.append)
+    outside = sqlite3.connect(tmp_path / "scratch.db", isolation_level=None)
+    try:
+        outside.execute("BEGIN")
+        outside.execute("SELECT COUNT(*) FROM item").fetchone()  # a snapshot in the WAL, held
+        for i in range(150):
+            with db.write() as tx:
+                tx.execute("INSERT INTO item (name, payload) VALUES (?, ?)", (f"r{i}", b"x" * 8000))
+        checkpointer = db._checkpointer
+        wait_until(lambda: checkpointer.drains_given_up >= 1, 30, "the drain to be given up")
+        assert checkpointer.restarts == 0 and checkpointer.busy_tries >= checkpointer.writer_tries
+    finally:
+        outside.close()
+        db._writer.set_trace_callback(None)
+        db.close()
+    waits = [statements[i - 1] for i, sql in enumerate(statements) if sql == "PRAGMA wal_checkpoint(RESTART)"]
+    other_wait = f"PRAGMA busy_timeout = {prefectlite._WalCheckpointer.other_process_reader_wait_ms}"
+    expected = ["PRAGMA busy_timeout = 0"] + [other_wait if processes > 1 else "PRAGMA busy_timeout = 0"] * 2
+    assert waits == expected
+
+
 def test_an_in_memory_database_has_no_checkpointer(tmp_path):
     db = prefectlite.open_database("sqlite:///:memory:", _load(tmp_path))
     try:

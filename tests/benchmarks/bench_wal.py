@@ -60,7 +60,8 @@ def one_run(build: str, args) -> dict:
     command = (f"cd {shlex.quote(os.path.abspath(build))} && exec {sys.executable} -m prefectlite start "
                f"--port {port}")
     proc = B.start_server(command, home, log_path=os.path.join(home, "server.log"),
-                          env_extra={"PREFECT_SERVER_READ_CACHE_SECONDS": "0"})
+                          env_extra={"PREFECT_SERVER_READ_CACHE_SECONDS": "0",
+                                     "PREFECT_SERVER_PROCESSES": str(args.processes)})
     try:
         if not B.wait_health("127.0.0.1", port, "/api", 30.0, proc):
             raise SystemExit(f"{build}: the server did not answer; see {home}/server.log")
@@ -114,12 +115,15 @@ def main(argv=None):
     parser.add_argument("--duration", type=float, default=60.0, help="seconds of load (at most 600)")
     parser.add_argument("--idle", type=float, default=10.0, help="seconds of quiet before the last measure")
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--processes", type=int, default=1, help="the server's processes (start --processes N)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if not (0 < args.duration <= 600 and 0 <= args.idle <= 600 and 1 <= args.rounds <= 10):
         parser.error("--duration 0-600 s, --idle 0-600 s, --rounds 1-10")
     if not (1 <= args.writers <= 64 and 0 <= args.readers <= 64):
         parser.error("--writers 1-64, --readers 0-64")
+    if not 1 <= args.processes <= 8:
+        parser.error("--processes 1-8")
     results = []
     for round_no in range(args.rounds):
         for build in args.builds.split(","):

@@ -4,8 +4,9 @@
 Imports prefectlite.py from `--build` (a folder), opens a fresh SQLite file in a temporary folder, and for
 `--duration` s (20) runs `--writers` (2) threads inserting 1.5 KB rows one transaction each (with a 1 ms pause
 between, as a server's requests leave gaps) beside `--readers` (4) threads reading (the newest 50 rows and a
-count, one transaction each). Prints the writes and their p50/p99/max latency, the largest WAL, the WAL after
-`--idle` s (10) of quiet, and, for a build that records them, the checkpointer's restarts and longest hold.
+count, one transaction each). Prints the writes and their p50/p99/max latency, the reads and theirs, the
+largest WAL, the WAL after `--idle` s (10) of quiet, and, for a build that records them, the checkpointer's
+restarts, longest hold and drains.
 
     python tests/benchmarks/bench_wal_hold.py --build /tmp/before && python tests/benchmarks/bench_wal_hold.py
 """
@@ -39,6 +40,7 @@ def main(argv=None):
         tx.execute("CREATE TABLE item (id INTEGER PRIMARY KEY, k TEXT, payload BLOB)")
     stop = threading.Event()
     latencies: list[float] = []
+    read_latencies: list[float] = []
     largest = 0
 
     def write(n):
@@ -53,9 +55,11 @@ def main(argv=None):
 
     def read():
         while not stop.is_set():
+            started = time.perf_counter()
             with db.read() as tx:
                 tx.query("SELECT id, k FROM item ORDER BY id DESC LIMIT 50")
                 tx.scalar("SELECT COUNT(*) FROM item")
+            read_latencies.append(time.perf_counter() - started)
 
     threads = [threading.Thread(target=write, args=(n,)) for n in range(args.writers)]
     threads += [threading.Thread(target=read) for _ in range(args.readers)]
@@ -69,6 +73,7 @@ def main(argv=None):
     for thread in threads:
         thread.join(60)
     latencies.sort()
+    read_latencies = sorted(read_latencies) or [0.0]
     time.sleep(args.idle)  # the quiet time is what is measured
     idle = os.path.getsize(wal) if os.path.exists(wal) else 0
     checkpointer = db._checkpointer
@@ -76,7 +81,10 @@ def main(argv=None):
     print(f"build {args.build}: {len(latencies)} writes, p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, "
           f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms, max {latencies[-1] * 1e3:.1f} ms; "
           f"WAL largest {largest / 1e6:.1f} MB, after {args.idle:g} s idle {idle / 1e6:.1f} MB; restarts "
-          f"{getattr(checkpointer, 'restarts', '-')}, longest hold {'-' if hold is None else f'{hold * 1e3:.1f} ms'}")
+          f"{getattr(checkpointer, 'restarts', '-')}, longest hold {'-' if hold is None else f'{hold * 1e3:.1f} ms'}; "
+          f"{len(read_latencies)} reads, p50 {read_latencies[len(read_latencies) // 2] * 1e3:.1f} ms, "
+          f"p99 {read_latencies[int(len(read_latencies) * 0.99)] * 1e3:.1f} ms, max {read_latencies[-1] * 1e3:.1f} ms; "
+          f"drains {getattr(checkpointer, 'drains', '-')} (given up {getattr(checkpointer, 'drains_given_up', '-')})")
     db.close()
     return 0
 
