@@ -6160,6 +6160,31 @@ SavedSearchCreate = Schema("SavedSearchCreate", {
 # Work pools, work queues and workers. Status is derived from heartbeats and polls, not stored guesses.
 
 DEFAULT_AGENT_POOL = "default-agent-pool"
+
+# The worker types clients may find, by the package that provides each: GET /collections/views/
+# aggregate-worker-metadata. Prefect's server fetches this from its collections registry, or when it cannot
+# reach it serves a catalogue bundled with it; we serve the same packages and types, offline, with no
+# base job templates (a client uses the template of a worker it has installed). `prefect worker start`
+# reads the package of a pool's type here, to offer installing it.
+WORKER_TYPE_CATALOGUE = {
+    "prefect": {"process": "Process", "prefect-agent": "Prefect Agent"},
+    "prefect-aws": {"ecs": "AWS Elastic Container Service"},
+    "prefect-azure": {"azure-container-instance": "Azure Container Instances"},
+    "prefect-docker": {"docker": "Docker"},
+    "prefect-gcp": {"cloud-run": "Google Cloud Run", "cloud-run-v2": "Google Cloud Run V2",
+                    "vertex-ai": "Google Vertex AI"},
+    "prefect-kubernetes": {"kubernetes": "Kubernetes"},
+}
+COLLECTION_VIEWS = ("aggregate-block-metadata", "aggregate-flow-metadata", "aggregate-worker-metadata", "demo-flows")
+
+
+def worker_type_metadata() -> dict:
+    return {package: {kind: {"type": kind, "display_name": name, "install_command": f"pip install {package}",
+                             "description": f"Runs flows with the {name} worker of {package}.",
+                             "documentation_url": "https://docs.prefect.io/", "logo_url": None,
+                             "default_base_job_configuration": {}}
+                      for kind, name in types.items()}
+            for package, types in WORKER_TYPE_CATALOGUE.items()}
 WORKER_OFFLINE_AFTER_HEARTBEATS = 3  # a worker is OFFLINE after missing this many heartbeat intervals
 DEFAULT_HEARTBEAT_SECONDS = 30
 QUEUE_READY_POLL_SECONDS = 60  # a queue polled within this window is READY
@@ -10456,6 +10481,16 @@ def delete_deployment_schedule(app, req):
 
 # Handlers: work pools, queues, workers
 
+def read_collection_view(app, req):
+    """Only the worker types are known offline (as on Prefect's server without its registry)."""
+    view = req.params["view"]
+    if view not in COLLECTION_VIEWS:
+        raise HTTPError(404, f"View {view} not found in registry")
+    if view != "aggregate-worker-metadata":
+        raise HTTPError(404, f"Requested content missing for view {view}")
+    return 200, worker_type_metadata()
+
+
 @body(WorkPoolCreate)
 def create_work_pool_handler(app, req):
     with app.db.write() as tx:
@@ -11167,6 +11202,7 @@ ROUTES = [
     ("PATCH", "/deployments/{id}/schedules/{schedule_id}", update_deployment_schedule),
     ("DELETE", "/deployments/{id}/schedules/{schedule_id}", delete_deployment_schedule),
     ("POST", "/deployments/{id}/schedule", schedule_deployment),
+    ("GET", "/collections/views/{view}", read_collection_view),
     ("POST", "/work_pools/", create_work_pool_handler),
     ("POST", "/work_pools/filter", read_work_pools_filtered),
     ("POST", "/work_pools/count", count_work_pools),
