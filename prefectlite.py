@@ -3963,9 +3963,13 @@ def prevent_running_tasks_in_stopped_flows(ctx: Transition):
         return None
     flow_run = _flow_run_brief(ctx.tx, ctx.run["flow_run_id"])
     flow_state = flow_run["state_type"] if flow_run else None
-    if flow_state == "PAUSED":
+    if flow_state == "PAUSED":  # the task pauses as its flow did: a rescheduled pause ends the task's process too
+        details = decode_row("flow_run", ctx.tx.query_one("SELECT state FROM flow_run WHERE id = ?",
+                                                          (ctx.run["flow_run_id"],)))["state"]["state_details"]
         return _reject(ctx, "PAUSED", "NotReady",
-                       "The flow is paused, new tasks can execute after resuming flow run execution.")
+                       "The flow is paused, new tasks can execute after resuming flow run execution.",
+                       pause_timeout=details.get("pause_timeout"),
+                       pause_reschedule=bool(details.get("pause_reschedule")))
     if flow_state != "RUNNING":
         return Outcome("ABORT", reason="The enclosing flow must be running to begin task execution.")
     return None
@@ -4005,13 +4009,20 @@ def wait_for_scheduled_time(ctx: Transition):
 
 
 def expire_pauses(ctx: Transition):
-    """A paused flow whose pause timed out cannot resume: it fails."""
-    if ctx.kind != "flow" or ctx.initial_type != "PAUSED" or ctx.proposed["type"] in TERMINAL_STATES:
+    """A paused flow whose pause timed out cannot resume: whatever it proposes (its own Failed too, as a
+    process blocked in the pause does when it gives up) becomes a Failed state without a result, so the SDK
+    raises a FailedRun. Cancelling still reaches the process (Prefect 3)."""
+    if ctx.kind != "flow" or ctx.initial_type != "PAUSED" or ctx.proposed["type"] == "CANCELLING":
         return None
     timeout = ctx.initial["state_details"].get("pause_timeout")
-    if timeout and from_iso(timeout) < ctx.now:
-        return _reject(ctx, "FAILED", "Failed", "The flow was paused and never resumed.")
-    return None
+    if not timeout or from_iso(timeout) >= ctx.now:
+        return None
+    name = (ctx.proposed.get("name") or ctx.proposed["type"]).lower()
+    failed = {"type": "FAILED", "name": "Failed", "message": f"The flow was {name} and never resumed.",
+              "state_details": {}}
+    verb = "suspend" if ctx.proposed.get("name") == "Suspended" else "pause"
+    return Outcome("REJECT", make_state(failed, ctx.run["id"], ctx.run.get("parent_task_run_id"), iso(ctx.now)),
+                   f"The flow run {verb} has timed out and can no longer resume.")
 
 
 def handle_pausing_flows(ctx: Transition):
