@@ -12133,6 +12133,8 @@ class TaskRunDispatcher:
                     self._dispatch(ready)
                 except DatabaseError as exc:  # e.g. the database restarting: the next round tries again
                     log.warning("dispatching background task runs failed: %s", exc)
+                except Exception:  # noqa: BLE001 - the dispatcher must outlive one bad round
+                    log.exception("dispatching background task runs failed")
 
     def _dispatch(self, ready: list[TaskRunSubscriber]):
         keys = sorted({key for subscriber in ready for key in subscriber.keys})
