@@ -387,6 +387,15 @@ def test_task_worker_gets_its_keys_scheduled_background_runs_from_before_and_aft
 
 
 def test_each_run_goes_to_one_worker_and_an_unacknowledged_one_to_the_next(server):
+    one_worker_each_and_unacknowledged_to_the_next(server)
+
+
+def test_task_workers_are_served_on_postgresql(postgres_url):
+    with prefectlite.serve(database=postgres_url, port=0) as api:
+        one_worker_each_and_unacknowledged_to_the_next(api)
+
+
+def one_worker_each_and_unacknowledged_to_the_next(server):
     client = Client(server)
     first = background_run(client, "k")
     a = task_worker(server, "k", client_id="a")
