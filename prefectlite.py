@@ -4098,9 +4098,13 @@ def prevent_running_tasks_in_stopped_flows(ctx: Transition):
         return None
     flow_run = _flow_run_brief(ctx.tx, ctx.run["flow_run_id"])
     flow_state = flow_run["state_type"] if flow_run else None
-    if flow_state == "PAUSED":
+    if flow_state == "PAUSED":  # the task pauses as its flow did: a rescheduled pause ends the task's process too
+        details = decode_row("flow_run", ctx.tx.query_one("SELECT state FROM flow_run WHERE id = ?",
+                                                          (ctx.run["flow_run_id"],)))["state"]["state_details"]
         return _reject(ctx, "PAUSED", "NotReady",
-                       "The flow is paused, new tasks can execute after resuming flow run execution.")
+                       "The flow is paused, new tasks can execute after resuming flow run execution.",
+                       pause_timeout=details.get("pause_timeout"),
+                       pause_reschedule=bool(details.get("pause_reschedule")))
     if flow_state != "RUNNING":
         return Outcome("ABORT", reason="The enclosing flow must be running to begin task execution.")
     return None
@@ -4140,13 +4144,20 @@ def wait_for_scheduled_time(ctx: Transition):
 
 
 def expire_pauses(ctx: Transition):
-    """A paused flow whose pause timed out cannot resume: it fails."""
-    if ctx.kind != "flow" or ctx.initial_type != "PAUSED" or ctx.proposed["type"] in TERMINAL_STATES:
+    """A paused flow whose pause timed out cannot resume: whatever it proposes (its own Failed too, as a
+    process blocked in the pause does when it gives up) becomes a Failed state without a result, so the SDK
+    raises a FailedRun. Cancelling still reaches the process (Prefect 3)."""
+    if ctx.kind != "flow" or ctx.initial_type != "PAUSED" or ctx.proposed["type"] == "CANCELLING":
         return None
     timeout = ctx.initial["state_details"].get("pause_timeout")
-    if timeout and from_iso(timeout) < ctx.now:
-        return _reject(ctx, "FAILED", "Failed", "The flow was paused and never resumed.")
-    return None
+    if not timeout or from_iso(timeout) >= ctx.now:
+        return None
+    name = (ctx.proposed.get("name") or ctx.proposed["type"]).lower()
+    failed = {"type": "FAILED", "name": "Failed", "message": f"The flow was {name} and never resumed.",
+              "state_details": {}}
+    verb = "suspend" if ctx.proposed.get("name") == "Suspended" else "pause"
+    return Outcome("REJECT", make_state(failed, ctx.run["id"], ctx.run.get("parent_task_run_id"), iso(ctx.now)),
+                   f"The flow run {verb} has timed out and can no longer resume.")
 
 
 def handle_pausing_flows(ctx: Transition):
@@ -6294,6 +6305,31 @@ SavedSearchCreate = Schema("SavedSearchCreate", {
 # Work pools, work queues and workers. Status is derived from heartbeats and polls, not stored guesses.
 
 DEFAULT_AGENT_POOL = "default-agent-pool"
+
+# The worker types clients may find, by the package that provides each: GET /collections/views/
+# aggregate-worker-metadata. Prefect's server fetches this from its collections registry, or when it cannot
+# reach it serves a catalogue bundled with it; we serve the same packages and types, offline, with no
+# base job templates (a client uses the template of a worker it has installed). `prefect worker start`
+# reads the package of a pool's type here, to offer installing it.
+WORKER_TYPE_CATALOGUE = {
+    "prefect": {"process": "Process", "prefect-agent": "Prefect Agent"},
+    "prefect-aws": {"ecs": "AWS Elastic Container Service"},
+    "prefect-azure": {"azure-container-instance": "Azure Container Instances"},
+    "prefect-docker": {"docker": "Docker"},
+    "prefect-gcp": {"cloud-run": "Google Cloud Run", "cloud-run-v2": "Google Cloud Run V2",
+                    "vertex-ai": "Google Vertex AI"},
+    "prefect-kubernetes": {"kubernetes": "Kubernetes"},
+}
+COLLECTION_VIEWS = ("aggregate-block-metadata", "aggregate-flow-metadata", "aggregate-worker-metadata", "demo-flows")
+
+
+def worker_type_metadata() -> dict:
+    return {package: {kind: {"type": kind, "display_name": name, "install_command": f"pip install {package}",
+                             "description": f"Runs flows with the {name} worker of {package}.",
+                             "documentation_url": "https://docs.prefect.io/", "logo_url": None,
+                             "default_base_job_configuration": {}}
+                      for kind, name in types.items()}
+            for package, types in WORKER_TYPE_CATALOGUE.items()}
 WORKER_OFFLINE_AFTER_HEARTBEATS = 3  # a worker is OFFLINE after missing this many heartbeat intervals
 DEFAULT_HEARTBEAT_SECONDS = 30
 QUEUE_READY_POLL_SECONDS = 60  # a queue polled within this window is READY
@@ -10617,6 +10653,16 @@ def delete_deployment_schedule(app, req):
 
 # Handlers: work pools, queues, workers
 
+def read_collection_view(app, req):
+    """Only the worker types are known offline (as on Prefect's server without its registry)."""
+    view = req.params["view"]
+    if view not in COLLECTION_VIEWS:
+        raise HTTPError(404, f"View {view} not found in registry")
+    if view != "aggregate-worker-metadata":
+        raise HTTPError(404, f"Requested content missing for view {view}")
+    return 200, worker_type_metadata()
+
+
 @body(WorkPoolCreate)
 def create_work_pool_handler(app, req):
     with app.db.write() as tx:
@@ -11328,6 +11374,7 @@ ROUTES = [
     ("PATCH", "/deployments/{id}/schedules/{schedule_id}", update_deployment_schedule),
     ("DELETE", "/deployments/{id}/schedules/{schedule_id}", delete_deployment_schedule),
     ("POST", "/deployments/{id}/schedule", schedule_deployment),
+    ("GET", "/collections/views/{view}", read_collection_view),
     ("POST", "/work_pools/", create_work_pool_handler),
     ("POST", "/work_pools/filter", read_work_pools_filtered),
     ("POST", "/work_pools/count", count_work_pools),
@@ -11505,9 +11552,10 @@ META_ROUTES = [
 # --- 20. WebSockets ---
 # Owns RFC 6455 as the connection loop (section 22) speaks it: the opening handshake's checks, frames
 # parsed from a buffer and encoded for sending, whole messages assembled under a size and a frame limit,
-# close codes; and the two endpoints Prefect 3 clients use, written as message handlers:
-# /api/events/in (clients report events, task runs among them) and /api/events/out (subscribers send a
-# filter, then receive matching events). The loop reads the frames and answers pings and closes itself;
+# close codes; and the endpoints Prefect clients use, written as message handlers:
+# /api/events/in (clients report events, task runs among them), /api/events/out (subscribers send a
+# filter, then receive matching events) and /api/task_runs/subscriptions/scheduled (task workers receive
+# background task runs). The loop reads the frames and answers pings and closes itself;
 # whole data messages go to a worker thread, one batch at a time per connection, in the order sent.
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
@@ -12081,7 +12129,232 @@ class EventHub:
             subscriber.deliver(events)
 
 
-WEBSOCKET_ENDPOINTS = {"/api/events/in": EventsIn, "/api/events/out": EventsOut}
+# Background task runs for task workers: /api/task_runs/subscriptions/scheduled. A task worker
+# authenticates as on /events/out, sends {"type": "subscribe", "keys": [task keys], "client_id": ...} and is
+# then sent, one at a time, a scheduled background task run (no flow run) of one of its keys as a JSON
+# TaskRun; it answers each with {"type": "ack"} before it is sent the next ({"type": "quit"} ends it).
+# A 3.x client marks the runs meant for task workers with state_details.deferred; a 2.x client (whose
+# states have no such field) gets every scheduled task run without a flow run, as Prefect 2.20 did.
+# Each run is delivered to one subscriber of this server process (a claim held here, per scheduled state,
+# so a run scheduled again is delivered again); a run whose subscriber hangs up before it acks is
+# delivered to the next one. Runs scheduled before anyone subscribed wait in the database meanwhile.
+
+TASK_SUBSCRIPTION_PROTOCOL_ERROR = 4001  # Prefect's close code for a subscriber that breaks the protocol
+# How often the dispatcher looks for scheduled runs it was not told about (written by another process of
+# the server, or another server on the same database); runs written here wake it at once.
+TASK_DISPATCH_POLL_SECONDS = 2.0
+TASK_DISPATCH_PAGE = 100
+
+
+def is_deliverable_task_run(run: dict) -> bool:
+    """A scheduled background task run that a task worker should run (see above)."""
+    state = run.get("state") or {}
+    if run.get("flow_run_id") is not None or state.get("type") != "SCHEDULED":
+        return False
+    return (state.get("state_details") or {}).get("deferred", True) is not False
+
+
+class TaskRunSubscriber:
+    """/api/task_runs/subscriptions/scheduled: one task worker's connection. It parses what the worker
+    sends on the loop (nothing here waits or reads the database); the App's TaskRunDispatcher sends."""
+
+    runs_on_loop = True
+
+    def __init__(self, app, ws):
+        self.app, self.ws = app, ws
+        self.authenticated = ws.subprotocol != "prefect"
+        self.keys: tuple = ()
+        self.client_id = None
+        self.awaiting: str | None = None  # the run sent and not acknowledged yet (set by the dispatcher)
+        self.over = False
+
+    def receive(self, messages: list) -> bool:
+        for message in messages:
+            if self.over:
+                break
+            if not self.authenticated:
+                self.authenticated = authenticate_websocket(self.app, self.ws, message)
+                if not self.authenticated:
+                    break
+            elif not self.keys:
+                self._subscribe(message)
+            else:
+                self._acknowledge(message)
+        return True
+
+    def _refuse(self, reason: str):
+        self.over = True
+        self.ws.close(TASK_SUBSCRIPTION_PROTOCOL_ERROR, f"Protocol violation: {reason}")
+
+    def _subscribe(self, message):
+        message = _json_message(self.ws, message)
+        if not isinstance(message, dict) or message.get("type") != "subscribe":
+            self._refuse("expected 'subscribe' message")
+            return
+        keys = message.get("keys")
+        if not isinstance(keys, list) or not keys or not all(isinstance(key, str) for key in keys):
+            self._refuse("expected 'keys' in subscribe message")
+            return
+        if not message.get("client_id"):
+            self._refuse("expected 'client_id' in subscribe message")
+            return
+        self.keys, self.client_id = tuple(dict.fromkeys(keys)), str(message["client_id"])
+        log.info("task worker %r subscribed to task keys %s", self.client_id, list(self.keys))
+        self.app.task_dispatcher.subscribe(self)
+
+    def _acknowledge(self, message):
+        message = _json_message(self.ws, message)
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "quit":
+            self.over = True
+            self.ws.close(WS_CLOSE_NORMAL, "")
+        elif kind != "ack":
+            self._refuse("expected 'ack' message")
+        else:
+            self.app.task_dispatcher.acknowledged(self)
+
+    def closed(self):
+        self.over = True
+        if self.keys:
+            self.app.task_dispatcher.unsubscribe(self)
+
+
+class TaskRunDispatcher:
+    """Hands scheduled background task runs to the task workers subscribed to this server process, on a
+    thread of its own (started by the first subscriber): woken when a run is scheduled here, when a worker
+    acknowledges or leaves, and every TASK_DISPATCH_POLL_SECONDS while anyone is subscribed."""
+
+    def __init__(self, db):
+        self.db = db
+        self._wake = threading.Condition()
+        self._subscribers: list[TaskRunSubscriber] = []
+        self._claims: dict[str, tuple[str, TaskRunSubscriber]] = {}  # run id -> (its state id, subscriber)
+        self._woken = False
+        self._closed = False
+        self._thread: threading.Thread | None = None
+
+    def on_state(self, tx, kind: str, run: dict, _initial, state: dict):
+        """A state listener (DatabaseHooks): a run scheduled for a task worker wakes us once it commits."""
+        if kind == "task" and state["type"] == "SCHEDULED" and run.get("flow_run_id") is None:
+            tx.after_commit.append(self.wake)
+
+    def wake(self):
+        with self._wake:
+            self._woken = True
+            self._wake.notify()
+
+    def subscribe(self, subscriber: TaskRunSubscriber):
+        with self._wake:
+            if self._closed:
+                subscriber.ws.close(WS_CLOSE_GOING_AWAY, "server shutting down")
+                return
+            self._subscribers.append(subscriber)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._dispatch_forever, name="prefectlite-task-runs",
+                                                daemon=True)
+                self._thread.start()
+            self._woken = True
+            self._wake.notify()
+
+    def acknowledged(self, subscriber: TaskRunSubscriber):
+        with self._wake:
+            subscriber.awaiting = None
+            self._woken = True
+            self._wake.notify()
+
+    def unsubscribe(self, subscriber: TaskRunSubscriber):
+        """A worker left: the run it had not acknowledged goes to the next one."""
+        with self._wake:
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(subscriber)
+            if subscriber.awaiting is not None:
+                self._claims.pop(subscriber.awaiting, None)
+                subscriber.awaiting = None
+            self._woken = True
+            self._wake.notify()
+
+    def close(self):
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def _dispatch_forever(self):
+        while True:
+            with self._wake:
+                if not self._woken and not self._closed:
+                    self._wake.wait(TASK_DISPATCH_POLL_SECONDS)
+                self._woken = False
+                if self._closed:
+                    return
+                ready = [s for s in self._subscribers if s.awaiting is None and not s.over]
+            if ready:
+                try:
+                    self._dispatch(ready)
+                except DatabaseError as exc:  # e.g. the database restarting: the next round tries again
+                    log.warning("dispatching background task runs failed: %s", exc)
+                except Exception:  # noqa: BLE001 - the dispatcher must outlive one bad round
+                    log.exception("dispatching background task runs failed")
+
+    def _dispatch(self, ready: list[TaskRunSubscriber]):
+        keys = sorted({key for subscriber in ready for key in subscriber.keys})
+        with self.db.read() as tx:
+            self._forget_stale_claims(tx)
+            candidates = self._scheduled_runs(tx, keys)
+        for run in candidates:
+            subscriber = self._claim(run, ready)
+            if subscriber is not None:
+                subscriber.ws.send_json(task_run_out(run))
+                ready.remove(subscriber)
+                if not ready:
+                    return
+
+    def _scheduled_runs(self, tx, keys: list[str]) -> list[dict]:
+        """The oldest scheduled background runs of these keys that nobody here holds a claim on."""
+        runs = []
+        for start in range(0, len(keys), TASK_DISPATCH_PAGE):
+            chunk = keys[start:start + TASK_DISPATCH_PAGE]
+            marks = ", ".join("?" * len(chunk))
+            with self._wake:
+                claimed = len(self._claims)
+            rows = tx.query(f"SELECT * FROM task_run WHERE flow_run_id IS NULL AND state_type = 'SCHEDULED' "
+                            f"AND task_key IN ({marks}) ORDER BY expected_start_time, id LIMIT ?",
+                            (*chunk, TASK_DISPATCH_PAGE + claimed))
+            runs.extend(row for row in rows if is_deliverable_task_run(decode_row("task_run", row)))
+        runs.sort(key=lambda row: (row["expected_start_time"] or "", row["id"]))
+        return runs
+
+    def _claim(self, row: dict, ready: list[TaskRunSubscriber]) -> TaskRunSubscriber | None:
+        with self._wake:
+            held = self._claims.get(row["id"])
+            if held is not None and held[0] == row["state_id"]:
+                return None
+            for subscriber in ready:
+                if row["task_key"] in subscriber.keys and subscriber.awaiting is None and not subscriber.over:
+                    self._claims[row["id"]] = (row["state_id"], subscriber)
+                    subscriber.awaiting = row["id"]
+                    return subscriber
+        return None
+
+    def _forget_stale_claims(self, tx):
+        """Claims on runs that have left the state they were delivered in are not needed any more."""
+        with self._wake:
+            held = dict(self._claims)
+        ids = list(held)
+        for start in range(0, len(ids), 500):
+            chunk = ids[start:start + 500]
+            rows = tx.query(f"SELECT id, state_id FROM task_run WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
+            current = {row["id"]: row["state_id"] for row in rows}
+            with self._wake:
+                for run_id in chunk:
+                    claim = self._claims.get(run_id)
+                    if claim is not None and claim[1].awaiting != run_id and current.get(run_id) != claim[0]:
+                        del self._claims[run_id]
+
+
+WEBSOCKET_ENDPOINTS = {"/api/events/in": EventsIn, "/api/events/out": EventsOut,
+                       "/api/task_runs/subscriptions/scheduled": TaskRunSubscriber}
 
 
 # --- 21. Server ---
@@ -12139,6 +12412,8 @@ class App:
         self.events = EventHub()
         self.write_turnstile = _Turnstile()  # SQLite writers take turns in it (see ConnectionLoop._serve_request)
         self.event_intake = EventIntake(db, self.write_guard)
+        self.task_dispatcher = TaskRunDispatcher(db)
+        db.hooks.state_listeners.append(self.task_dispatcher.on_state)
         self.services = build_services(self) if services else []
         self.running_url: str | None = None
         try:
@@ -12192,6 +12467,9 @@ class App:
         self.stopping.set()
         self.stop_services()
         self.event_intake.close()
+        self.task_dispatcher.close()
+        with contextlib.suppress(ValueError):
+            self.db.hooks.state_listeners.remove(self.task_dispatcher.on_state)
         self.db.close()
 
 

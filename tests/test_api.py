@@ -971,7 +971,7 @@ def test_openapi_lists_every_route(client, server):
 NOT_SERVED = {
     ("POST", "/ui/flow_runs/history"), ("POST", "/ui/task_runs/count"), ("POST", "/ui/task_runs/dashboard/counts"),
     ("POST", "/ui/schemas/validate"), ("POST", "/flow_runs/lateness"), ("POST", "/templates/validate"),
-    ("GET", "/collections/views/{view}"), ("GET", "/deployments/{id}/work_queue_check"),
+    ("GET", "/deployments/{id}/work_queue_check"),
     ("POST", "/admin/database/clear"), ("POST", "/admin/database/create"), ("POST", "/admin/database/drop"),
 }
 
@@ -980,6 +980,18 @@ def test_automations_related_to_an_unknown_resource_are_none(client):
     """The 3.x CLI's `prefect deployment inspect` asks for them; a resource no automation names has none."""
     resource = f"prefect.deployment.{uuid.uuid4()}"
     assert client.get(f"/automations/related-to/{resource}") == (200, [])
+
+
+def test_the_worker_type_catalogue_names_each_types_package(client):
+    """`prefect worker start` reads which package provides a pool's worker type, to offer installing it."""
+    status, catalogue = client.get("/collections/views/aggregate-worker-metadata")
+    assert status == 200
+    types = {kind: package for package, kinds in catalogue.items() for kind in kinds}
+    assert types["kubernetes"] == "prefect-kubernetes" and types["process"] == "prefect"
+    assert types["ecs"] == "prefect-aws" and types["docker"] == "prefect-docker"
+    assert catalogue["prefect-kubernetes"]["kubernetes"]["type"] == "kubernetes"
+    assert client.get("/collections/views/nope") == (404, {"detail": "View nope not found in registry"})
+    assert client.get("/collections/views/demo-flows")[0] == 404  # known, but not kept offline
 
 
 def test_every_route_of_the_2_20_contract_is_served_but_the_documented_few():

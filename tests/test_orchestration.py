@@ -661,6 +661,22 @@ def test_a_task_in_a_paused_flow_is_put_in_paused_not_ready(client):
     assert (stored["state_type"], stored["state_name"]) == ("PAUSED", "NotReady")
 
 
+def test_a_task_in_a_flow_paused_for_rescheduling_pauses_the_same_way(client):
+    """Its NotReady state carries the flow's pause timeout and reschedule flag: the 2.20 engine ends the
+    task's process on a rescheduled pause, and waited for a resume that never came here."""
+    flow_run = running_deployment_run(client)
+    task = new_task_run(client, flow_run["id"])
+    timeout = iso(now() + dt.timedelta(hours=1))
+    assert_accepted(*flow_state(client, flow_run["id"], "PAUSED", pause_reschedule=True, pause_timeout=timeout),
+                    "PAUSED")
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert_rejected_into(status, result, "PAUSED", "NotReady",
+                         "The flow is paused, new tasks can execute after resuming flow run execution.")
+    details = result["state"]["state_details"]
+    assert details["pause_reschedule"] is True and details["pause_timeout"] == read(
+        client, "flow", flow_run["id"])["state"]["state_details"]["pause_timeout"]
+
+
 def test_a_task_without_a_flow_run_may_run(client):
     status, task = client.post("/task_runs/", {"task_key": "free", "dynamic_key": "0"})
     assert status == 201, task
@@ -743,6 +759,22 @@ def test_a_flow_failed_after_its_pause_timed_out_takes_its_own_failed_state(clie
     status, result = flow_state(client, run["id"], "FAILED", message="Flow run was paused and never resumed.")
     assert_accepted(status, result, "FAILED")
     assert read(client, "flow", run["id"])["state"]["message"] == "Flow run was paused and never resumed."
+
+
+def test_a_flow_whose_pause_timed_out_proposing_failed_gets_a_failed_state_without_its_result(client):
+    """A flow blocked in a pause that timed out raises FlowPauseTimeout and proposes its Failed while still
+    Paused: Prefect answers with a Failed state of its own (no result), so the SDK raises FailedRun. The
+    proposal was accepted here with the exception as its result, which the SDK raised instead."""
+    run = running_flow_run(client)
+    past = iso(now() - dt.timedelta(seconds=1))
+    assert_accepted(*flow_state(client, run["id"], "PAUSED", pause_timeout=past), "PAUSED")
+    data = {"type": "unpersisted"}
+    status, result = flow_state(client, run["id"], "FAILED", data=data, message="FlowPauseTimeout")
+    assert_rejected_into(status, result, "FAILED", "Failed",
+                         "The flow run pause has timed out and can no longer resume.")
+    assert result["state"]["message"] == "The flow was failed and never resumed."
+    assert result["state"]["data"] is None
+    assert read(client, "flow", run["id"])["state"]["message"] == "The flow was failed and never resumed."
 
 
 def test_resume_of_a_run_that_is_not_paused_aborts(client):

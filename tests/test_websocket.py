@@ -349,6 +349,93 @@ def test_subscriber_must_send_a_filter(server):
 
 
 # ---------------------------------------------------------------------------------------------
+# /task_runs/subscriptions/scheduled (task workers)
+
+SUBSCRIPTIONS = "/task_runs/subscriptions/scheduled"
+
+
+def background_run(client, task_key, deferred=True, flow_run_id=None):
+    """A task run as the 3.x SDK's task.delay() creates it: Scheduled, deferred, no flow run."""
+    body = {"task_key": task_key, "dynamic_key": os.urandom(4).hex(), "flow_run_id": flow_run_id,
+            "state": {"type": "SCHEDULED", "state_details": {"deferred": deferred}}}
+    return client.ok("POST", "/task_runs/", body)["id"]
+
+
+def task_worker(server, *keys, client_id="worker"):
+    ws = RawWebSocket(server, path=SUBSCRIPTIONS).authenticate()
+    ws.send_json({"type": "subscribe", "keys": list(keys), "client_id": client_id})
+    return ws
+
+
+def test_task_worker_gets_its_keys_scheduled_background_runs_from_before_and_after_it_subscribed(server):
+    client = Client(server)
+    flow_run = client.ok("POST", "/flow_runs/", {"flow_id": client.ok("POST", "/flows/", {"name": "f"})["id"]})
+    background_run(client, "other-key")
+    background_run(client, "mine", deferred=False)  # a 3.x run that is not meant for a task worker
+    background_run(client, "mine", flow_run_id=flow_run["id"])  # a flow's own task run
+    before = background_run(client, "mine")
+    ws = task_worker(server, "mine", "also-mine")
+    try:
+        sent = ws.recv_json()
+        assert sent["id"] == before and sent["task_key"] == "mine" and sent["flow_run_id"] is None
+        assert sent["state"]["type"] == "SCHEDULED" and sent["state"]["state_details"]["deferred"] is True
+        ws.send_json({"type": "ack"})
+        after = background_run(client, "also-mine")
+        assert ws.recv_json()["id"] == after  # and none of the three that are not its runs came first
+        ws.send_json({"type": "ack"})
+        ws.send_json({"type": "quit"})
+        assert ws.expect_close()[0] == 1000
+    finally:
+        ws.close()
+
+
+def test_each_run_goes_to_one_worker_and_an_unacknowledged_one_to_the_next(server):
+    one_worker_each_and_unacknowledged_to_the_next(server)
+
+
+def test_task_workers_are_served_on_postgresql(postgres_url):
+    with prefectlite.serve(database=postgres_url, port=0) as api:
+        one_worker_each_and_unacknowledged_to_the_next(api)
+
+
+def one_worker_each_and_unacknowledged_to_the_next(server):
+    client = Client(server)
+    first = background_run(client, "k")
+    a = task_worker(server, "k", client_id="a")
+    b = None
+    try:
+        assert a.recv_json()["id"] == first  # not acknowledged: a holds it
+        b = task_worker(server, "k", client_id="b")
+        second = background_run(client, "k")
+        assert b.recv_json()["id"] == second  # a waits for its ack; the first is a's, not b's
+        b.send_json({"type": "ack"})
+        a.close()  # gone without acknowledging the first run
+        assert b.recv_json()["id"] == first
+        b.send_json({"type": "ack"})
+        client.ok("POST", f"/task_runs/{first}/set_state", {"state": {"type": "PENDING"}})
+        third = background_run(client, "k")
+        assert b.recv_json()["id"] == third  # the acknowledged second run was not sent again
+    finally:
+        a.close()
+        if b is not None:
+            b.close()
+
+
+@pytest.mark.parametrize("message, reason", [
+    ({"type": "filter"}, "Protocol violation: expected 'subscribe' message"),
+    ({"type": "subscribe", "keys": [], "client_id": "c"}, "Protocol violation: expected 'keys' in subscribe message"),
+    ({"type": "subscribe", "keys": ["k"]}, "Protocol violation: expected 'client_id' in subscribe message"),
+])
+def test_task_worker_must_subscribe_with_keys_and_a_client_id(server, message, reason):
+    ws = RawWebSocket(server, path=SUBSCRIPTIONS).authenticate()
+    try:
+        ws.send_json(message)
+        assert ws.expect_close() == (4001, reason)
+    finally:
+        ws.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # shutdown
 
 def test_open_websockets_do_not_block_shutdown(tmp_path):

@@ -387,6 +387,34 @@ def test_a_resumed_flow_passes_a_pause_whose_key_already_fired(run_flow_script, 
     assert_completed(get_flow_run(api, result["flow_run_id"]), "flow run")
 
 
+def test_task_workers_run_delayed_tasks_each_once(run_flow_script, start_script, compat_server, api, tmp_path):
+    """Runs delayed before any worker listens, and after: two task workers share them, each run once."""
+    storage = str(tmp_path / "results")
+    before = script_result(run_flow_script(scenario("p18_task_worker.py"), compat_server,
+                                           args=["submit", storage, "4"]))
+    workers = [start_script(scenario("p18_task_worker.py"), compat_server, args=["worker", storage], timeout=180)
+               for _ in range(2)]
+    after = script_result(run_flow_script(scenario("p18_task_worker.py"), compat_server,
+                                          args=["submit", storage, "3"]))
+    ids = before["task_run_ids"] + after["task_run_ids"]
+
+    def all_done():
+        runs = api.ok("POST", "/task_runs/filter", {"task_runs": {"id": {"any_": ids}}}, expect=200)
+        return runs if len(runs) == len(ids) and all(r["state_type"] in TERMINAL for r in runs) else None
+
+    try:
+        runs = wait_until(all_done, 90, what=f"{len(ids)} delayed task runs run by the task workers")
+    finally:
+        for worker in workers:
+            worker.terminate()
+    for run in runs:
+        assert_completed(run, "task run")
+        assert run["flow_run_id"] is None and run["task_key"] == before["task_key"]
+        states = state_seq(task_run_states(api, run["id"]))
+        assert states[0] == ("SCHEDULED", "Scheduled"), states
+        assert [s for s in states if s[0] == "RUNNING"] == [("RUNNING", "Running")], states  # delivered once
+
+
 def test_prefect_work_pool_and_work_queue_slots(prefect3_python, compat_server, api, tmp_path):
     """`prefect work-pool slots` and `prefect work-queue slots` (3.x) read which runs hold the slots
     ("Work pool not found!" here before: the routes were 404s)."""
