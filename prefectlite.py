@@ -3,42 +3,47 @@
 
 One module, Python >= 3.11 standard library only. Point the unmodified ``prefect`` SDK at it with
 ``PREFECT_API_URL=http://127.0.0.1:4200/api``. Storage is SQLite (file or in-memory) or PostgreSQL.
-Prefect 3 SDKs work too: they report task runs as events over a WebSocket (sections 9 and 20).
+Prefect 3 SDKs work too: they report task runs as events over a WebSocket (sections 11 and 23).
 
 The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this map:
 
   1. Settings        -- setting names, defaults, profiles.toml, precedence env > profile > default
-  2. Database        -- one small interface over sqlite3 / a DB-API PostgreSQL driver; dialects as data,
-                        each database's hooks, one driver-error mapper, the WAL checkpointer, backups
-  3. Migrations      -- versioned hand-written SQL in migrations/, applied up and down
-  4. Schemas         -- declarative body schemas: validation, defaults, 422 details, OpenAPI
-  5. Calendar        -- interval, cron and RRULE schedules: validation and fire times (uses nothing later)
-  6. Records         -- rows <-> API objects, the filter language, sorting
-  7. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
-  8. Runs            -- flows, flow runs, task runs, inputs, logs, graphs and history, retention
-  9. Events          -- Prefect 3 events: storage and queries, the task-run recorder, flow-run state events
- 10. Resources       -- configuration, blocks, variables, artifacts, concurrency limits and leases, saved
+  2. Database        -- one small interface over sqlite3 / a DB-API PostgreSQL driver: transactions, dialects
+                        as data, each database's hooks, one driver-error mapper
+  3. SQLite          -- the writer and readers, PRAGMAs, the WAL checkpointer, backups that finish
+  4. PostgreSQL      -- the bounded connection pool, the socket watchdog, opening a database from its URL
+  5. Migrations      -- versioned hand-written SQL in migrations/, applied up and down
+  6. Schemas         -- declarative body schemas: validation, defaults, 422 details, OpenAPI
+  7. Calendar        -- interval, cron and RRULE schedules: validation and fire times (uses nothing later)
+  8. Records         -- rows <-> API objects, the filter language, sorting
+  9. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
+ 10. Runs            -- flows, flow runs, task runs, inputs, logs, graphs and history, retention
+ 11. Events          -- Prefect 3 events: storage and queries, the task-run recorder, flow-run state events
+ 12. Resources       -- configuration, blocks, variables, artifacts, concurrency limits and leases, saved
                         searches, work pools, queues and workers
- 11. Deployments     -- deployments, their schedules, the runs the scheduler makes from them
- 12. Notifications   -- flow run notification policies, the durable queue, the senders
- 13. Templates       -- the safe renderer of the Jinja subset automation actions are written in
- 14. Automations     -- automations: tables, validation, API operations, history
- 15. Triggers and actions -- triggers evaluated as events are stored; what a firing does
- 16. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
+ 13. Deployments     -- deployments, their schedules, the runs the scheduler makes from them
+ 14. Notifications   -- flow run notification policies, the durable queue, the senders
+ 15. Templates       -- the safe renderer of the Jinja subset automation actions are written in
+ 16. Automations     -- automations: tables, validation, API operations, history
+ 17. Triggers and actions -- triggers evaluated as events are stored; what a firing does
+ 18. Services        -- background loops: scheduler, late runs, pause expirations, cancellation
                         clean-up, notification sender, retention, event retention, automations; each
                         pass is handed its time by the App's clock (App.clock), so a test picks it
- 17. HTTP API        -- Request, bodies, HTTPError, the read cache; the handlers of runs, logs and events
- 18. Resource handlers -- the handlers of blocks ... notification policies and automations
- 19. Routes          -- metrics, the route table, route matching, the one place that turns errors into
+ 19. HTTP API        -- Request, bodies, HTTPError, the read cache; the handlers of runs, logs and events
+ 20. Resource handlers -- the handlers of blocks, variables, artifacts, concurrency limits, saved searches
+ 21. Deployment and work handlers -- deployments, schedules, work pools, queues, workers, notification
+                        policies, automations
+ 22. Routes          -- metrics, the route table, route matching, the one place that turns errors into
                         HTTP answers, the OpenAPI document
- 20. WebSockets      -- RFC 6455 framing, and /api/events/in and /api/events/out for Prefect 3 clients
- 21. Server          -- the App, access control, static UI, answering one parsed request
- 22. Connections     -- the event loop that owns every socket: strict HTTP/1.1, deadlines, WebSocket
+ 23. WebSockets      -- RFC 6455 framing; /api/events/in, /api/events/out and the task workers'
+                        /api/task_runs/subscriptions/scheduled for Prefect 3 clients
+ 24. Server          -- the App, access control, static UI, answering one parsed request
+ 25. Connections     -- the event loop that owns every socket: strict HTTP/1.1, deadlines, WebSocket
                         frames, and the bounded pool of worker threads that do the database work
- 23. Serving         -- start and stop a server, ``serve()``, several processes on one port,
+ 26. Serving         -- start and stop a server, ``serve()``, several processes on one port,
                         ``prefect_test_harness()`` and the pytest plugin (``-p prefectlite``) for test suites
- 24. CLI             -- start, config, profile, database, deployment, flow-run, work-pool, notification
- 25. Main
+ 27. CLI             -- start, config, profile, database, deployment, flow-run, work-pool, notification
+ 28. Main
 """
 
 from __future__ import annotations
@@ -139,6 +144,7 @@ def _spec(name, default, kind, help, secret=False, minimum=None, maximum=None, c
 
 _A_DAY, _A_YEAR, _A_CENTURY = 86_400, 31_536_000, 3.2e9  # seconds: the longest times settings may name
 
+# fmt: off
 SETTINGS = {
     s.name: s
     for s in [
@@ -207,19 +213,19 @@ SETTINGS = {
               minimum=0, maximum=100_000),
         _spec("PREFECT_API_SERVICES_SCHEDULER_MIN_SCHEDULED_TIME", 3600.0, float, "seconds scheduled ahead, at least",
               minimum=0, maximum=_A_CENTURY),
-        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", 8_640_000.0, float, "seconds scheduled ahead, at most",
-              minimum=0, maximum=_A_CENTURY),
+        _spec("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", 8_640_000.0, float,
+              "seconds scheduled ahead, at most", minimum=0, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_ENABLED", True, bool, "mark overdue scheduled runs Late"),
         _spec("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", 5.0, float, "seconds between late-run passes",
               minimum=0.01, maximum=_A_YEAR),
-        _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float, "a scheduled run is Late this long after its time",
-              minimum=0, maximum=_A_CENTURY),
+        _spec("PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS", 15.0, float,
+              "a scheduled run is Late this long after its time", minimum=0, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS", 60.0, float,
               "a deployment not polled for this long is NOT_READY", minimum=0.01, maximum=_A_CENTURY),
         _spec("PREFECT_API_SERVICES_PAUSE_EXPIRATIONS_LOOP_SECONDS", 5.0, float, "seconds between pause-timeout passes",
               minimum=0.01, maximum=_A_YEAR),
-        _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float, "seconds between cancellation clean-ups",
-              minimum=0.01, maximum=_A_YEAR),
+        _spec("PREFECT_API_SERVICES_CANCELLATION_CLEANUP_LOOP_SECONDS", 20.0, float,
+              "seconds between cancellation clean-ups", minimum=0.01, maximum=_A_YEAR),
         _spec("PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS", 30, int,
               "seconds a task run waiting for a tag's concurrency slot is told to wait", minimum=0, maximum=_A_YEAR),
         _spec("PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS", 30.0, float,
@@ -254,6 +260,7 @@ SETTINGS = {
               choices=("text", "json")),
     ]
 }
+# fmt: on
 
 _SETTING_SOURCES = ("env", "profile", "default")
 
@@ -411,13 +418,14 @@ def mask_url_password(url: str) -> str:
     colon = rest.find(":", 0, max(at, 0))
     if not sep or rest.startswith("/") or at < 0 or colon < 0 or colon + 1 == at:
         return text
-    return f"{scheme}://{rest[:colon + 1]}********{rest[at:]}"
+    return f"{scheme}://{rest[: colon + 1]}********{rest[at:]}"
 
 
 # --- 2. Database ---
-# Owns connections, transactions, every SQL dialect difference, and the hooks a database's writes call
-# (DatabaseHooks: each Database its own). Dialect differences are data (class attributes of SqliteDatabase
-# / PostgresDatabase); driver errors become our own exceptions, in one place (Database.driver_errors):
+# Owns what every database has: transactions, the SQL lexer, and the hooks a database's writes call
+# (DatabaseHooks: each Database its own); sections 3 and 4 are the two kinds. Dialect differences are data
+# (class attributes of SqliteDatabase / PostgresDatabase); driver errors become our own exceptions, in one
+# place (Database.driver_errors):
 # DatabaseUnavailable (busy, locked, unreachable: the API answers 503 and the SDK retries) and
 # IntegrityViolation (a unique or foreign key constraint: the API answers 409).
 
@@ -445,8 +453,10 @@ def _dict_row(cursor, row):
 # What a placeholder, a `%` or a `;` means depends on where it is: the pieces of SQL text that are not plain
 # code (quoted text, "identifiers", -- and /* */ comments, $tag$ dollar quotes $tag$, each whole, unterminated
 # ones to the end) and the three characters outside them. One lexer, for both uses below.
-_SQL_LEXEME = re.compile(r"""'(?:[^']+|'')*'?|"(?:[^"]+|"")*"?|--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"""
-                         r"""|(\$\w*\$)[\s\S]*?(?:\1|\Z)|[?%;]""")
+_SQL_LEXEME = re.compile(
+    r"""'(?:[^']+|'')*'?|"(?:[^"]+|"")*"?|--[^\n]*|/\*[\s\S]*?(?:\*/|\Z)"""
+    r"""|(\$\w*\$)[\s\S]*?(?:\1|\Z)|[?%;]"""
+)
 
 
 def translate_placeholders(sql: str, style: str = "%s") -> str:
@@ -468,7 +478,7 @@ def split_sql_script(script: str) -> list[str]:
     statements, start = [], 0
     for lexeme in _SQL_LEXEME.finditer(script):
         if lexeme.group() == ";":
-            statements.append(script[start:lexeme.start()])
+            statements.append(script[start : lexeme.start()])
             start = lexeme.end()
     statements.append(script[start:])
     return [s.strip() for s in statements if re.sub(r"--[^\n]*", "", s).strip()]
@@ -583,10 +593,11 @@ class Database:
         self.url = url
         self.echo = bool(settings and settings["PREFECT_API_DATABASE_ECHO"])
         self.timeout = float(settings["PREFECT_API_DATABASE_TIMEOUT"]) if settings else 10.0
-        # what the orchestration rules (section 7) need of the settings: they are handed a transaction only
+        # what the orchestration rules (section 9) need of the settings: they are handed a transaction only
         self.tag_slot_wait_seconds = settings["PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS"] if settings else 30
-        self.deployment_slot_wait_seconds = (settings["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"]
-                                             if settings else 30.0)
+        self.deployment_slot_wait_seconds = (
+            settings["PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS"] if settings else 30.0
+        )
         self.query_seconds = 0.0  # total time spent in the database, for metrics
         self.query_count = 0
         self.changes = 0  # write transactions this process committed: cached reads older than this are stale
@@ -651,6 +662,11 @@ class Database:
         pass
 
 
+# --- 3. SQLite ---
+# Owns the SQLite database: one writer connection and pooled readers, its PRAGMAs, the WAL checkpointer that
+# keeps the WAL bounded, and backups that publish only a complete, checked copy under the target's name.
+
+
 class _WalCheckpointer:
     """Copies the WAL back into the database file from a thread of its own, and makes it start over.
 
@@ -674,8 +690,9 @@ class _WalCheckpointer:
     back, so the writers are held only for the last frames and two fsyncs. A reader of another process (or
     a backup) still in the WAL makes the restart fail at once; after a few tries the drain is given up and
     none begins for `drain_pause_seconds`. (The other processes of one server are not held at this door:
-    there the tries after the first wait a few ms for their readers, as before.) When nothing has been written for a pass, this thread takes the
-    writers' turn for a TRUNCATE checkpoint (not waiting either) that empties the file.
+    there the tries after the first wait a few ms for their readers, as before.) When nothing has been written
+    for a pass, this thread takes the writers' turn for a TRUNCATE checkpoint (not waiting either) that empties
+    the file.
     """
 
     every = 100  # commits between checkpoints (~1,400 pages of the write load); and at least once a second
@@ -939,9 +956,11 @@ class SqliteDatabase(Database):
     ilike = "LIKE"  # SQLite's LIKE is case-insensitive for ASCII already
     # Exact to the microsecond, for the one timestamp format we store (iso(): "YYYY-MM-DDTHH:MM:SS.ffffff+00:00");
     # julianday() keeps milliseconds only, and a difference of two of its day fractions is off by ~50 µs.
-    seconds_between = ("((CAST(strftime('%s', substr({a}, 1, 19)) AS INTEGER)"
-                       " - CAST(strftime('%s', substr({b}, 1, 19)) AS INTEGER)) * 1000000"
-                       " + CAST(substr({a}, 21, 6) AS INTEGER) - CAST(substr({b}, 21, 6) AS INTEGER)) / 1000000.0")
+    seconds_between = (
+        "((CAST(strftime('%s', substr({a}, 1, 19)) AS INTEGER)"
+        " - CAST(strftime('%s', substr({b}, 1, 19)) AS INTEGER)) * 1000000"
+        " + CAST(substr({a}, 21, 6) AS INTEGER) - CAST(substr({b}, 21, 6) AS INTEGER)) / 1000000.0"
+    )
     greatest = "max({a}, {b})"
     round6 = "round({x}, 6)"
     json_object = "json_object({pairs})"
@@ -958,13 +977,12 @@ class SqliteDatabase(Database):
     def __init__(self, url, path, settings=None):
         super().__init__(url, settings)
         if sqlite3.sqlite_version_info < self.min_version:
-            raise ConfigurationError(
-                f"SQLite {sqlite3.sqlite_version} is too old; prefectlite needs 3.24 or newer"
-            )
+            raise ConfigurationError(f"SQLite {sqlite3.sqlite_version} is too old; prefectlite needs 3.24 or newer")
         self.path = path
         self.memory = path == ":memory:"
         self.synchronous = {"normal": "NORMAL", "full": "FULL"}[
-            settings["PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS"] if settings else "normal"]
+            settings["PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS"] if settings else "normal"
+        ]
         # One writer at a time within the process (SQLite has one writer anyway); waiting on this
         # lock instead of on SQLite's busy handler keeps "database is locked" away from clients.
         self._write_lock = threading.RLock() if self.memory else threading.Lock()
@@ -987,9 +1005,7 @@ class SqliteDatabase(Database):
 
     def _connect(self):
         try:
-            conn = sqlite3.connect(
-                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
-            )
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             conn.row_factory = _dict_row
             conn.execute("PRAGMA foreign_keys = ON")
             if not self.memory:
@@ -1026,8 +1042,12 @@ class SqliteDatabase(Database):
         if isinstance(exc, sqlite3.IntegrityError):
             return IntegrityViolation(text)
         if isinstance(exc, sqlite3.OperationalError) and (
-            "locked" in text or "busy" in text or "disk I/O" in text or "readonly" in text
-            or "unable to open" in text or "full" in text
+            "locked" in text
+            or "busy" in text
+            or "disk I/O" in text
+            or "readonly" in text
+            or "unable to open" in text
+            or "full" in text
         ):
             reason = "the database is busy" if ("locked" in text or "busy" in text) else text
             return DatabaseUnavailable(reason)
@@ -1170,8 +1190,7 @@ class SqliteDatabase(Database):
         """Every table, column, index of ours: used to compare schemas in tests."""
         with self.read() as tx:
             rows = tx.query(
-                "SELECT type, name, tbl_name, sql FROM sqlite_master "
-                "WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
+                "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY type, name"
             )
         return [(r["type"], r["name"], r["tbl_name"], " ".join((r["sql"] or "").split())) for r in rows]
 
@@ -1255,8 +1274,9 @@ class SqliteDatabase(Database):
                 source.backup(dest, pages=-1)  # -1: all pages in one step, from one snapshot
                 verdict = dest.execute("PRAGMA integrity_check").fetchone()[0]
             if verdict != "ok":
-                raise ConfigurationError(f"backup to {target} failed: the copy fails SQLite's integrity check: "
-                                         f"{verdict}")
+                raise ConfigurationError(
+                    f"backup to {target} failed: the copy fails SQLite's integrity check: {verdict}"
+                )
             _publish_complete_copy(partial, target)
         except sqlite3.Error as exc:
             raise ConfigurationError(f"backup to {target} failed: {exc}") from None
@@ -1288,6 +1308,11 @@ class SqliteDatabase(Database):
         if lock_file is not None:  # releases the shared lock: `database restore` may now proceed
             lock_file.close()
             self._lock_file = None
+
+
+# --- 4. PostgreSQL ---
+# Owns the PostgreSQL database: a bounded pool of driver connections (FIFO waiters, a 503 after the timeout),
+# the dialect's differences as data, the socket watchdog; and, last, opening either kind from its URL.
 
 
 class _PoolWaiter:
@@ -1384,8 +1409,10 @@ class _ConnectionPool:
 
     def _busy_reason(self) -> str:
         which = "the one database connection" if self.limit == 1 else f"all {self.limit} database connections"
-        return (f"{which} of this server {'is' if self.limit == 1 else 'are'} busy "
-                f"(waited {_plain_number(self.timeout)} s for one)")
+        return (
+            f"{which} of this server {'is' if self.limit == 1 else 'are'} busy "
+            f"(waited {_plain_number(self.timeout)} s for one)"
+        )
 
     def _open_in_slot(self):
         try:
@@ -1502,17 +1529,18 @@ class PostgresDatabase(Database):
         self.statement_seconds = self.timeout + 5.0  # longer than any request's transaction should take
         self._watchdog = _SocketWatchdog()
         self._unbounded = threading.local()
-        size, overflow = (settings[name] if settings else SETTINGS[name].default
-                          for name in ("PREFECT_API_DATABASE_POOL_SIZE", "PREFECT_API_DATABASE_MAX_OVERFLOW"))
-        self._pool = _ConnectionPool(self._connect, self._close_connection, self._still_open, size, overflow,
-                                     self.timeout)
+        size, overflow = (
+            settings[name] if settings else SETTINGS[name].default
+            for name in ("PREFECT_API_DATABASE_POOL_SIZE", "PREFECT_API_DATABASE_MAX_OVERFLOW")
+        )
+        self._pool = _ConnectionPool(
+            self._connect, self._close_connection, self._still_open, size, overflow, self.timeout
+        )
         conn = self._acquire()
         try:
             version = conn.info.server_version
             if version < self.min_server_version:
-                raise ConfigurationError(
-                    f"PostgreSQL {version // 10000} is too old; prefectlite needs 13 or newer"
-                )
+                raise ConfigurationError(f"PostgreSQL {version // 10000} is too old; prefectlite needs 13 or newer")
             self._ensure_trgm(conn)
         finally:
             self._release(conn)
@@ -1521,9 +1549,12 @@ class PostgresDatabase(Database):
         psycopg = self._psycopg
         try:
             # application_name: pg_stat_activity tells which server process holds which connections
-            return psycopg.connect(**self.conninfo, row_factory=self._dict_row,
-                                   connect_timeout=max(1, int(self.timeout)),
-                                   application_name=f"prefectlite[{os.getpid()}]")
+            return psycopg.connect(
+                **self.conninfo,
+                row_factory=self._dict_row,
+                connect_timeout=max(1, int(self.timeout)),
+                application_name=f"prefectlite[{os.getpid()}]",
+            )
         except psycopg.OperationalError as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else "connection failed"
             raise DatabaseUnavailable(f"cannot reach PostgreSQL: {first}") from None
@@ -1575,7 +1606,9 @@ class PostgresDatabase(Database):
         """psycopg refuses more values than the protocol carries before sending anything, as an
         OperationalError that would read as 'unavailable' (503, retried for ever): it is the request's."""
         if count > self.max_parameters:
-            raise DataRejected(f"a request with more values than PostgreSQL takes in one query ({self.max_parameters:,})")
+            raise DataRejected(
+                f"a request with more values than PostgreSQL takes in one query ({self.max_parameters:,})"
+            )
 
     def _map_error(self, exc):
         psycopg = self._psycopg
@@ -1686,15 +1719,18 @@ class PostgresDatabase(Database):
         """A PostgreSQL client command for this database, the password shown masked (a person runs it)."""
         info = self.conninfo
         secret = "PGPASSWORD=******** " if info.get("password") else ""
-        where = (f"--host {shlex.quote(info['host'])} --port {info['port']} "
-                 f"--username {shlex.quote(info.get('user') or 'postgres')} --dbname {shlex.quote(info['dbname'])}")
+        where = (
+            f"--host {shlex.quote(info['host'])} --port {info['port']} "
+            f"--username {shlex.quote(info.get('user') or 'postgres')} --dbname {shlex.quote(info['dbname'])}"
+        )
         return f"{secret}{tool} {options} {where} {last}"
 
     def restore(self, source: str) -> str:
         """Restoring replaces what servers may be using: said, with the command, never done behind a back."""
-        raise ConfigurationError("prefectlite does not restore PostgreSQL databases itself; with every server "
-                                 "stopped, run: " + self._client_command("pg_restore", "--clean --if-exists",
-                                                                        shlex.quote(source)))
+        raise ConfigurationError(
+            "prefectlite does not restore PostgreSQL databases itself; with every server "
+            "stopped, run: " + self._client_command("pg_restore", "--clean --if-exists", shlex.quote(source))
+        )
 
     def backup(self, target: str) -> str:
         """PostgreSQL's own tool makes the copy: pg_dump when it is on PATH (the password in its environment,
@@ -1704,9 +1740,10 @@ class PostgresDatabase(Database):
             raise ConfigurationError(f"{target} already exists; choose a new file")
         pg_dump = shutil.which("pg_dump")
         if pg_dump is None:
-            raise ConfigurationError("pg_dump is not on PATH, so no backup was made; install PostgreSQL's client "
-                                     "tools and run: " + self._client_command("pg_dump", "--format=custom",
-                                                                              f"--file {shlex.quote(target)}"))
+            raise ConfigurationError(
+                "pg_dump is not on PATH, so no backup was made; install PostgreSQL's client "
+                "tools and run: " + self._client_command("pg_dump", "--format=custom", f"--file {shlex.quote(target)}")
+            )
         info = self.conninfo
         partial = _partial_file_beside(target)
         import subprocess  # only here: no server needs it (and the import costs every start-up)
@@ -1715,10 +1752,26 @@ class PostgresDatabase(Database):
         if info.get("password"):
             env["PGPASSWORD"] = info["password"]
         try:
-            done = subprocess.run([pg_dump, "--format=custom", "--host", info["host"], "--port", str(info["port"]),
-                                   "--username", info.get("user") or "postgres", "--dbname", info["dbname"],
-                                   "--file", partial], env=env, stdin=subprocess.DEVNULL, capture_output=True,
-                                  text=True)
+            done = subprocess.run(
+                [
+                    pg_dump,
+                    "--format=custom",
+                    "--host",
+                    info["host"],
+                    "--port",
+                    str(info["port"]),
+                    "--username",
+                    info.get("user") or "postgres",
+                    "--dbname",
+                    info["dbname"],
+                    "--file",
+                    partial,
+                ],
+                env=env,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+            )
             if done.returncode != 0:
                 said = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
                 raise ConfigurationError(f"pg_dump failed, so no backup was made: {said}")
@@ -1728,10 +1781,12 @@ class PostgresDatabase(Database):
         finally:
             with contextlib.suppress(OSError):
                 os.remove(partial)
-        return (f"Backed up PostgreSQL database {info['dbname']} to {target} with pg_dump "
-                f"({os.path.getsize(target)} bytes).\n"
-                f"  restore (every server stopped): "
-                + self._client_command("pg_restore", "--clean --if-exists", shlex.quote(target)))
+        return (
+            f"Backed up PostgreSQL database {info['dbname']} to {target} with pg_dump "
+            f"({os.path.getsize(target)} bytes).\n"
+            f"  restore (every server stopped): "
+            + self._client_command("pg_restore", "--clean --if-exists", shlex.quote(target))
+        )
 
     def close(self):
         self._pool.close()
@@ -1795,7 +1850,9 @@ def parse_database_url(url: str, password: str = "") -> tuple[str, object]:
     url = (url or "").strip()
     match = re.match(r"^([a-z][a-z0-9]*)(\+[a-z0-9_]+)?://(.*)$", url, re.I)
     if not match:
-        raise ConfigurationError(f"malformed database URL {mask_url_password(url)!r}; expected sqlite:///path or postgresql://...")
+        raise ConfigurationError(
+            f"malformed database URL {mask_url_password(url)!r}; expected sqlite:///path or postgresql://..."
+        )
     scheme, rest = match.group(1).lower(), match.group(3)
     if scheme == "sqlite":
         if not rest.startswith("/"):
@@ -1818,8 +1875,12 @@ def parse_database_url(url: str, password: str = "") -> tuple[str, object]:
         secret = urllib.parse.unquote(parts.password or "")
         if not secret or secret == "${PREFECT_API_DATABASE_PASSWORD}":
             secret = password
-        conninfo = {"host": parts.hostname, "port": port, "dbname": dbname,
-                    "user": urllib.parse.unquote(parts.username or "") or None}
+        conninfo = {
+            "host": parts.hostname,
+            "port": port,
+            "dbname": dbname,
+            "user": urllib.parse.unquote(parts.username or "") or None,
+        }
         if secret:
             conninfo["password"] = secret
         return "postgresql", conninfo
@@ -1834,7 +1895,7 @@ def open_database(url: str, settings: Settings | None = None) -> Database:
     return PostgresDatabase(url, target, settings)
 
 
-# --- 3. Migrations ---
+# --- 5. Migrations ---
 # Owns the schema's history: migrations/NNNN_name.<dialect>.<up|down>.sql, applied in order, one
 # transaction per revision; the database records its revision in prefectlite_version.
 
@@ -1971,7 +2032,7 @@ def schema_is_current(db: Database) -> bool:
     return current_revision(db) == revisions[-1].id
 
 
-# --- 4. Schemas ---
+# --- 6. Schemas ---
 # Owns the declarative description of every request body: one Schema drives validation, defaults,
 # the 422 details (Prefect's shape: loc / msg / type) and the OpenAPI document, so they cannot drift.
 
@@ -2030,7 +2091,9 @@ def parse_datetime(value, loc=("body",)) -> str:
     """Accept ISO 8601 (naive means UTC); return our canonical UTC text, which sorts as time does."""
     if isinstance(value, str):
         try:
-            moment = _dt.datetime.fromisoformat(value.strip().replace(" ", "T", 1) if "T" not in value else value.strip())
+            moment = _dt.datetime.fromisoformat(
+                value.strip().replace(" ", "T", 1) if "T" not in value else value.strip()
+            )
         except ValueError:
             moment = None
         if moment is not None:
@@ -2061,7 +2124,7 @@ def from_iso(text: str | None) -> _dt.datetime | None:
 
 
 _MAX_DEPTH = 64  # deeper JSON is refused before it can exhaust the stack
-_INT64 = 2 ** 63
+_INT64 = 2**63
 
 
 def _json_depth_ok(value, depth=0) -> bool:
@@ -2114,7 +2177,12 @@ class Schema:
                 prop["description"] = field.description
             if field.default is not None and not callable(field.default):
                 prop["default"] = field.default
-            for key, attr in (("minimum", "minimum"), ("maximum", "maximum"), ("maxLength", "max_length"), ("pattern", "pattern")):
+            for key, attr in (
+                ("minimum", "minimum"),
+                ("maximum", "maximum"),
+                ("maxLength", "max_length"),
+                ("pattern", "pattern"),
+            ):
                 if getattr(field, attr) is not None:
                     prop[key] = getattr(field, attr)
             if field.nullable and not field.required:
@@ -2132,9 +2200,14 @@ class Schema:
 
 def _kind_openapi(kind) -> dict:
     simple = {
-        "str": {"type": "string"}, "int": {"type": "integer"}, "float": {"type": "number"},
-        "bool": {"type": "boolean"}, "uuid": {"type": "string", "format": "uuid"},
-        "datetime": {"type": "string", "format": "date-time"}, "object": {"type": "object"}, "any": {},
+        "str": {"type": "string"},
+        "int": {"type": "integer"},
+        "float": {"type": "number"},
+        "bool": {"type": "boolean"},
+        "uuid": {"type": "string", "format": "uuid"},
+        "datetime": {"type": "string", "format": "date-time"},
+        "object": {"type": "object"},
+        "any": {},
     }
     if isinstance(kind, str):
         return dict(simple[kind])
@@ -2150,11 +2223,27 @@ def _validate_value(field: Field, value, loc):
         raise ValidationFailed([_error(loc, "none is not an allowed value", "type_error.none.not_allowed")])
     value = _validate_kind(field.kind, value, loc)
     if field.minimum is not None and value < field.minimum:
-        raise ValidationFailed([_error(loc, f"ensure this value is greater than or equal to {field.minimum:g}", "value_error.number.not_ge")])
+        raise ValidationFailed(
+            [
+                _error(
+                    loc, f"ensure this value is greater than or equal to {field.minimum:g}", "value_error.number.not_ge"
+                )
+            ]
+        )
     if field.maximum is not None and value > field.maximum:
-        raise ValidationFailed([_error(loc, f"ensure this value is less than or equal to {field.maximum:g}", "value_error.number.not_le")])
+        raise ValidationFailed(
+            [_error(loc, f"ensure this value is less than or equal to {field.maximum:g}", "value_error.number.not_le")]
+        )
     if field.max_length is not None and len(value) > field.max_length:
-        raise ValidationFailed([_error(loc, f"ensure this value has at most {field.max_length} characters", "value_error.any_str.max_length")])
+        raise ValidationFailed(
+            [
+                _error(
+                    loc,
+                    f"ensure this value has at most {field.max_length} characters",
+                    "value_error.any_str.max_length",
+                )
+            ]
+        )
     if field.pattern is not None and not re.fullmatch(field.pattern, value):
         raise ValidationFailed([_error(loc, f'string does not match regex "{field.pattern}"', "value_error.str.regex")])
     return value
@@ -2168,8 +2257,11 @@ def _validate_kind(kind, value, loc):
             return value
         raise ValidationFailed([_error(loc, "str type expected", "type_error.str")])
     if kind == "int":
-        if (isinstance(value, bool) or not isinstance(value, (int, float))
-                or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))
+        ):
             raise ValidationFailed([_error(loc, "value is not a valid integer", "type_error.integer")])
         if not -_INT64 <= value < _INT64:  # what both databases can store
             raise ValidationFailed([_error(loc, "integer out of range (64-bit)", "value_error.number.out_of_range")])
@@ -2198,9 +2290,13 @@ def _validate_kind(kind, value, loc):
         if not isinstance(value, list):
             raise ValidationFailed([_error(loc, "value is not a valid list", "type_error.list")])
         if len(value) < kind.min_items:
-            raise ValidationFailed([_error(loc, f"ensure this value has at least {kind.min_items} items", "value_error.list.min_items")])
+            raise ValidationFailed(
+                [_error(loc, f"ensure this value has at least {kind.min_items} items", "value_error.list.min_items")]
+            )
         if kind.max_items is not None and len(value) > kind.max_items:
-            raise ValidationFailed([_error(loc, f"ensure this value has at most {kind.max_items} items", "value_error.list.max_items")])
+            raise ValidationFailed(
+                [_error(loc, f"ensure this value has at most {kind.max_items} items", "value_error.list.max_items")]
+            )
         out, errors = [], []
         for i, item in enumerate(value):
             try:
@@ -2214,7 +2310,9 @@ def _validate_kind(kind, value, loc):
         if value in kind.values:
             return value
         allowed = ", ".join(repr(v) for v in kind.values)
-        raise ValidationFailed([_error(loc, f"value is not a valid enumeration member; permitted: {allowed}", "type_error.enum")])
+        raise ValidationFailed(
+            [_error(loc, f"value is not a valid enumeration member; permitted: {allowed}", "type_error.enum")]
+        )
     if isinstance(kind, Schema):
         return kind.validate(value, loc)
     raise TypeError(kind)
@@ -2226,78 +2324,98 @@ StateType = Enum("StateType", STATE_TYPES)
 _TAGS = Field(ListOf("str"), default=list, nullable=False)
 _NAME = Field("str", required=True, nullable=False, max_length=5000)
 
-StateCreate = Schema("StateCreate", {
-    "type": Field(StateType, required=True, nullable=False),
-    "name": Field("str"),
-    "message": Field("str"),
-    "data": Field("any"),
-    "state_details": Field("object", default=dict),
-    "timestamp": Field("datetime"),
-}, "A proposed state.")
+StateCreate = Schema(
+    "StateCreate",
+    {
+        "type": Field(StateType, required=True, nullable=False),
+        "name": Field("str"),
+        "message": Field("str"),
+        "data": Field("any"),
+        "state_details": Field("object", default=dict),
+        "timestamp": Field("datetime"),
+    },
+    "A proposed state.",
+)
 
-SetStateBody = Schema("Body_set_state", {
-    "state": Field(StateCreate, required=True, nullable=False),
-    "force": Field("bool", default=False, nullable=False),
-})
+SetStateBody = Schema(
+    "Body_set_state",
+    {
+        "state": Field(StateCreate, required=True, nullable=False),
+        "force": Field("bool", default=False, nullable=False),
+    },
+)
 
 FlowCreate = Schema("FlowCreate", {"name": _NAME, "tags": _TAGS, "labels": Field("object", default=dict)})
 FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS})
 
-FlowRunCreate = Schema("FlowRunCreate", {
-    "flow_id": Field("uuid", required=True, nullable=False),
-    "name": Field("str", max_length=5000),
-    "state": Field(StateCreate),
-    "deployment_id": Field("uuid"),
-    "flow_version": Field("str"),
-    "parameters": Field("object", default=dict, nullable=False),
-    "context": Field("object", default=dict, nullable=False),
-    "parent_task_run_id": Field("uuid"),
-    "infrastructure_document_id": Field("uuid"),
-    "empirical_policy": Field("object", default=dict, nullable=False),
-    "tags": _TAGS,
-    "labels": Field("object", default=dict),
-    "idempotency_key": Field("str", max_length=5000),
-    "work_pool_name": Field("str"),
-    "work_queue_name": Field("str"),
-    "job_variables": Field("object", default=dict),
-})
+FlowRunCreate = Schema(
+    "FlowRunCreate",
+    {
+        "flow_id": Field("uuid", required=True, nullable=False),
+        "name": Field("str", max_length=5000),
+        "state": Field(StateCreate),
+        "deployment_id": Field("uuid"),
+        "flow_version": Field("str"),
+        "parameters": Field("object", default=dict, nullable=False),
+        "context": Field("object", default=dict, nullable=False),
+        "parent_task_run_id": Field("uuid"),
+        "infrastructure_document_id": Field("uuid"),
+        "empirical_policy": Field("object", default=dict, nullable=False),
+        "tags": _TAGS,
+        "labels": Field("object", default=dict),
+        "idempotency_key": Field("str", max_length=5000),
+        "work_pool_name": Field("str"),
+        "work_queue_name": Field("str"),
+        "job_variables": Field("object", default=dict),
+    },
+)
 
-FlowRunUpdate = Schema("FlowRunUpdate", {
-    "name": Field("str", nullable=False, max_length=5000),
-    "flow_version": Field("str"),
-    "parameters": Field("object", nullable=False),
-    "empirical_policy": Field("object", nullable=False),
-    "tags": Field(ListOf("str"), nullable=False),
-    "infrastructure_pid": Field("str"),
-    "job_variables": Field("object"),
-})
+FlowRunUpdate = Schema(
+    "FlowRunUpdate",
+    {
+        "name": Field("str", nullable=False, max_length=5000),
+        "flow_version": Field("str"),
+        "parameters": Field("object", nullable=False),
+        "empirical_policy": Field("object", nullable=False),
+        "tags": Field(ListOf("str"), nullable=False),
+        "infrastructure_pid": Field("str"),
+        "job_variables": Field("object"),
+    },
+)
 
-TaskRunCreate = Schema("TaskRunCreate", {
-    "name": Field("str", max_length=5000),
-    "flow_run_id": Field("uuid"),
-    "task_key": Field("str", required=True, nullable=False, max_length=2000),
-    "dynamic_key": Field("str", required=True, nullable=False, max_length=2000),
-    "cache_key": Field("str"),
-    "cache_expiration": Field("datetime"),
-    "task_version": Field("str"),
-    "empirical_policy": Field("object", default=dict, nullable=False),
-    "tags": _TAGS,
-    "task_inputs": Field("object", default=dict, nullable=False),
-    "state": Field(StateCreate),
-})
+TaskRunCreate = Schema(
+    "TaskRunCreate",
+    {
+        "name": Field("str", max_length=5000),
+        "flow_run_id": Field("uuid"),
+        "task_key": Field("str", required=True, nullable=False, max_length=2000),
+        "dynamic_key": Field("str", required=True, nullable=False, max_length=2000),
+        "cache_key": Field("str"),
+        "cache_expiration": Field("datetime"),
+        "task_version": Field("str"),
+        "empirical_policy": Field("object", default=dict, nullable=False),
+        "tags": _TAGS,
+        "task_inputs": Field("object", default=dict, nullable=False),
+        "state": Field(StateCreate),
+    },
+)
 
 TaskRunUpdate = Schema("TaskRunUpdate", {"name": Field("str", nullable=False, max_length=5000)})
 
-LogCreate = Schema("LogCreate", {
-    "name": Field("str", required=True, nullable=False),
-    "level": Field("int", required=True, nullable=False),
-    "message": Field("str", required=True, nullable=False),
-    "timestamp": Field("datetime", required=True, nullable=False),
-    "flow_run_id": Field("uuid"),
-    "task_run_id": Field("uuid"),
-})
+LogCreate = Schema(
+    "LogCreate",
+    {
+        "name": Field("str", required=True, nullable=False),
+        "level": Field("int", required=True, nullable=False),
+        "message": Field("str", required=True, nullable=False),
+        "timestamp": Field("datetime", required=True, nullable=False),
+        "flow_run_id": Field("uuid"),
+        "task_run_id": Field("uuid"),
+    },
+)
 LogBatch = ListOf(LogCreate)
 
+# fmt: off
 _SORTS = {
     "flow_run": Enum("FlowRunSort", ("ID_DESC", "START_TIME_ASC", "START_TIME_DESC", "EXPECTED_START_TIME_ASC",
                                      "EXPECTED_START_TIME_DESC", "NAME_ASC", "NAME_DESC",
@@ -2311,12 +2429,22 @@ _SORTS = {
     "variable": Enum("VariableSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_DESC", "NAME_ASC")),
     "block_document": Enum("BlockDocumentSort", ("NAME_DESC", "NAME_ASC", "BLOCK_TYPE_AND_NAME_ASC")),
 }
-_DEFAULT_SORT = {"flow_run": "ID_DESC", "task_run": "ID_DESC", "flow": "NAME_ASC", "log": "TIMESTAMP_ASC",
-                 "deployment": "NAME_ASC", "artifact": "ID_DESC", "variable": "NAME_ASC",
-                 "block_document": "NAME_ASC"}
+# fmt: on
+_DEFAULT_SORT = {
+    "flow_run": "ID_DESC",
+    "task_run": "ID_DESC",
+    "flow": "NAME_ASC",
+    "log": "TIMESTAMP_ASC",
+    "deployment": "NAME_ASC",
+    "artifact": "ID_DESC",
+    "variable": "NAME_ASC",
+    "block_document": "NAME_ASC",
+}
+# fmt: off
 _FILTER_KEYS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues",
                 "work_queues", "logs", "artifacts", "variables", "block_types", "block_schemas",
                 "block_documents", "flow_run_notification_policy_filter", "saved_searches", "concurrency_limits")
+# fmt: on
 
 
 def filter_body_schema(table: str, filters: tuple) -> Schema:
@@ -2331,7 +2459,7 @@ def filter_body_schema(table: str, filters: tuple) -> Schema:
     return Schema(f"Body_filter_{table}_{'_'.join(filters)}", fields)
 
 
-# --- 5. Calendar ---
+# --- 7. Calendar ---
 # Owns schedules: validation and fire times of interval, cron and RRULE schedules as Prefect
 # clients send them, computed with zoneinfo alone. It uses nothing defined after it.
 
@@ -2353,7 +2481,6 @@ def filter_body_schema(table: str, filters: tuple) -> Schema:
 # Intervals shorter than a day count elapsed time (hourly = every real hour);
 # intervals of a day or more step the local wall clock, like pendulum's
 # add(days=...), so a daily 09:00 stays 09:00 local across DST.
-
 
 
 MAX_FIRE_TIMES = 1000  # cap when only `end` is given (Prefect's MAX_ITERATIONS)
@@ -2405,6 +2532,7 @@ def next_fire_times(schedule, start, end=None, n=None):
 
 # Schedules, shared helpers.
 
+
 def _schedule_utc(moment, name):
     if not isinstance(moment, _dt.datetime) or moment.utcoffset() is None:
         raise ValueError(f"{name} must be a timezone-aware datetime")
@@ -2434,8 +2562,7 @@ def _schedule_zone(name, field="timezone", what="timezone"):
                 return _UTC
     raise ScheduleError(
         field,
-        f"unknown {what} {_schedule_quote(name)}; "
-        'use an IANA name such as "America/New_York"',
+        f'unknown {what} {_schedule_quote(name)}; use an IANA name such as "America/New_York"',
     )
 
 
@@ -2540,9 +2667,7 @@ _SCHEDULE_KEYS = {
 
 def _compile_schedule(schedule):
     if not isinstance(schedule, dict):
-        raise ScheduleError(
-            "schedule", "must be an object with one of 'interval', 'cron' or 'rrule'"
-        )
+        raise ScheduleError("schedule", "must be an object with one of 'interval', 'cron' or 'rrule'")
     kinds = [kind for kind in _SCHEDULE_KEYS if kind in schedule]
     if len(kinds) != 1:
         found = ", ".join(repr(kind) for kind in kinds) or "none"
@@ -2554,13 +2679,12 @@ def _compile_schedule(schedule):
     for key in schedule:
         if key not in _SCHEDULE_KEYS[kind]:
             allowed = ", ".join(_SCHEDULE_KEYS[kind])
-            raise ScheduleError(
-                str(key), f"unexpected field for a {kind} schedule (allowed: {allowed})"
-            )
+            raise ScheduleError(str(key), f"unexpected field for a {kind} schedule (allowed: {allowed})")
     return _SCHEDULE_COMPILERS[kind](schedule)
 
 
 # Schedules, interval.
+
 
 def _compile_interval(schedule):
     step = _interval_step(schedule["interval"])
@@ -2582,9 +2706,7 @@ def _interval_step(value):
         except ValueError:
             seconds = None
     if isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise ScheduleError(
-            "interval", f"must be a number of seconds, got {_schedule_quote(value)}"
-        )
+        raise ScheduleError("interval", f"must be a number of seconds, got {_schedule_quote(value)}")
     if not math.isfinite(seconds):
         raise ScheduleError("interval", f"must be a finite number of seconds, got {value}")
     try:
@@ -2592,9 +2714,7 @@ def _interval_step(value):
     except OverflowError:
         raise ScheduleError("interval", f"{value} seconds is too large") from None
     if step <= _dt.timedelta(0):
-        raise ScheduleError(
-            "interval", f"must be positive (at least one microsecond), got {value}"
-        )
+        raise ScheduleError("interval", f"must be positive (at least one microsecond), got {value}")
     return step
 
 
@@ -2605,9 +2725,7 @@ def _interval_anchor(value, tz):
         try:
             value = _dt.datetime.fromisoformat(value.strip())
         except ValueError:
-            raise ScheduleError(
-                "anchor_date", f"{_schedule_quote(value)} is not an ISO 8601 date-time"
-            ) from None
+            raise ScheduleError("anchor_date", f"{_schedule_quote(value)} is not an ISO 8601 date-time") from None
     if not isinstance(value, _dt.datetime):
         raise ScheduleError("anchor_date", "must be an ISO 8601 date-time string")
     if value.utcoffset() is None:
@@ -2668,10 +2786,10 @@ _CRON_MACROS = {
     "@midnight": "0 0 * * *",
     "@hourly": "0 * * * *",
 }
-_CRON_MONTH_NAMES = {name: number for number, name in enumerate(
-    "JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), start=1)}
-_CRON_DAY_NAMES = {name: number for number, name in enumerate(
-    "SUN MON TUE WED THU FRI SAT".split())}
+_CRON_MONTH_NAMES = {
+    name: number for number, name in enumerate("JAN FEB MAR APR MAY JUN JUL AUG SEP OCT NOV DEC".split(), start=1)
+}
+_CRON_DAY_NAMES = {name: number for number, name in enumerate("SUN MON TUE WED THU FRI SAT".split())}
 _CRON_ITEM = re.compile(r"^(?:(\*)|([A-Z0-9]+)(?:-([A-Z0-9]+))?)(?:/([0-9]+))?$")
 _CRON_NTH = re.compile(r"^([A-Z0-9]+)#([0-9]+)$")
 
@@ -2698,9 +2816,7 @@ def _parse_cron(expression, day_or):
     if text.startswith("@"):
         if text.lower() not in _CRON_MACROS:
             supported = ", ".join(_CRON_MACROS)
-            raise ScheduleError(
-                "cron", f"unsupported macro {_schedule_quote(text)} (supported: {supported})"
-            )
+            raise ScheduleError("cron", f"unsupported macro {_schedule_quote(text)} (supported: {supported})")
         text = _CRON_MACROS[text.lower()]
     fields = text.upper().split()
     if len(fields) != 5:
@@ -2713,9 +2829,7 @@ def _parse_cron(expression, day_or):
     hours, _ = _cron_field(fields[1], "hour", 0, 23)
     days, last_day = _cron_field(fields[2], "day-of-month", 1, 31, allow_last=True)
     months, _ = _cron_field(fields[3], "month", 1, 12, names=_CRON_MONTH_NAMES)
-    weekdays, nth = _cron_field(
-        fields[4], "day-of-week", 0, 7, names=_CRON_DAY_NAMES, allow_nth=True
-    )
+    weekdays, nth = _cron_field(fields[4], "day-of-week", 0, 7, names=_CRON_DAY_NAMES, allow_nth=True)
     if 7 in weekdays:  # 7 is another name for Sunday
         weekdays = (weekdays - {7}) | {0}
     nth = frozenset((0 if day == 7 else day, k) for day, k in nth)
@@ -2749,9 +2863,7 @@ def _cron_field(text, name, low, high, names=None, allow_last=False, allow_nth=F
             day = _cron_value(nth.group(1), name, low, high, names)
             k = int(nth.group(2))
             if not 1 <= k <= 5:
-                raise ScheduleError(
-                    "cron", f"{_schedule_quote(item)} in {name}: '#' must be 1 to 5"
-                )
+                raise ScheduleError("cron", f"{_schedule_quote(item)} in {name}: '#' must be 1 to 5")
             specials.add((day, k))
             continue
         values |= _cron_item(item, name, low, high, names)
@@ -2766,9 +2878,7 @@ def _cron_item(item, name, low, high, names):
     if step is not None:
         step = int(step)
         if step == 0:
-            raise ScheduleError(
-                "cron", f"{_schedule_quote(item)} in {name}: step must be at least 1"
-            )
+            raise ScheduleError("cron", f"{_schedule_quote(item)} in {name}: step must be at least 1")
     if star:
         begin, finish = low, high
     else:
@@ -2778,9 +2888,7 @@ def _cron_item(item, name, low, high, names):
         if last is not None:
             finish = _cron_value(last, name, low, high, names)
         if begin > finish:
-            raise ScheduleError(
-                "cron", f"{_schedule_quote(item)} in {name}: range start is after its end"
-            )
+            raise ScheduleError("cron", f"{_schedule_quote(item)} in {name}: range start is after its end")
     return set(range(begin, finish + 1, step or 1))
 
 
@@ -2807,10 +2915,7 @@ def _cron_item_problem(item, name, names=None):
     if "W" in item and name == "day-of-month":
         return f"nearest-weekday ('W') is not supported: {_schedule_quote(item)} in {name}"
     if "L" in item:
-        return (
-            f"'L' is only supported on its own in day-of-month: "
-            f"{_schedule_quote(item)} in {name}"
-        )
+        return f"'L' is only supported on its own in day-of-month: {_schedule_quote(item)} in {name}"
     if "#" in item:
         return f"'#' is only supported in day-of-week, as DAY#N: {_schedule_quote(item)} in {name}"
     hint = f" (names allowed: {', '.join(names)})" if names else ""
@@ -2820,9 +2925,7 @@ def _cron_item_problem(item, name, names=None):
 def _cron_day_matches(spec, day):
     if spec["dom_any"] and spec["dow_any"]:
         return True
-    dom = day.day in spec["days"] or (
-        spec["last_day"] and day.day == _days_in_month(day.year, day.month)
-    )
+    dom = day.day in spec["days"] or (spec["last_day"] and day.day == _days_in_month(day.year, day.month))
     weekday = (day.weekday() + 1) % 7  # cron counts from Sunday = 0
     dow = weekday in spec["weekdays"] or (weekday, (day.day - 1) // 7 + 1) in spec["nth"]
     if spec["dom_any"]:
@@ -2890,9 +2993,7 @@ def _compile_rrule(schedule):
     if not isinstance(text, str) or not text.strip():
         raise ScheduleError("rrule", "must be a non-empty RRULE string")
     if len(text) > MAX_RRULE_LENGTH:
-        raise ScheduleError(
-            "rrule", f"is {len(text)} characters long; at most {MAX_RRULE_LENGTH} are allowed"
-        )
+        raise ScheduleError("rrule", f"is {len(text)} characters long; at most {MAX_RRULE_LENGTH} are allowed")
     name, tz = _schedule_optional_zone(schedule)
     rule = _parse_rrule(text, tz)
     return {"rrule": text, "timezone": name or "UTC"}, "rrule", rule
@@ -2921,9 +3022,7 @@ def _parse_rrule(text, default_tz):
         elif prop in _RRULE_UNSUPPORTED_LINES:
             raise _rrule_error(f"{prop} is not supported")
         else:
-            raise _rrule_error(
-                f"unknown property {_schedule_quote(prop)}; expected DTSTART or RRULE"
-            )
+            raise _rrule_error(f"unknown property {_schedule_quote(prop)}; expected DTSTART or RRULE")
     if rule_line is None:
         raise _rrule_error("no RRULE found (expected e.g. 'RRULE:FREQ=DAILY')")
     tz, dtstart = default_tz, _dt.datetime(2020, 1, 1)
@@ -2968,8 +3067,7 @@ def _rrule_moment(value, what):
     match = _RRULE_MOMENT.match(value.upper())
     if not match:
         raise _rrule_error(
-            f"{what} {_schedule_quote(value)} must look like "
-            "20260101T090000, 20260101T090000Z or 20260101"
+            f"{what} {_schedule_quote(value)} must look like 20260101T090000, 20260101T090000Z or 20260101"
         )
     parts = [int(part) for part in match.groups()[:6] if part is not None]
     try:
@@ -3032,6 +3130,7 @@ def _rrule_read_positive(key):
         if len(number) != 1:
             raise _rrule_error(f"{key} takes a single integer")
         return number[0]
+
     return read
 
 
@@ -3055,17 +3154,12 @@ def _rrule_read_byday(value, rule):
             plain.add(weekday)
             continue
         if rule["freq"] not in ("MONTHLY", "YEARLY"):
-            raise _rrule_error(
-                f"BYDAY ordinal {_schedule_quote(item)} is only supported "
-                "with FREQ=MONTHLY or YEARLY"
-            )
+            raise _rrule_error(f"BYDAY ordinal {_schedule_quote(item)} is only supported with FREQ=MONTHLY or YEARLY")
         nth.add((int(ordinal), weekday))
     if plain and nth:
         # RFC 5545 would take the union, but dateutil (so Prefect) requires
         # both; rather than pick one silently, refuse the mix
-        raise _rrule_error(
-            f"BYDAY={value} mixes weekdays with and without ordinals; use separate schedules"
-        )
+        raise _rrule_error(f"BYDAY={value} mixes weekdays with and without ordinals; use separate schedules")
     return frozenset(plain), frozenset(nth)
 
 
@@ -3081,13 +3175,11 @@ _RRULE_READERS = {
     "COUNT": _rrule_read_positive("COUNT"),
     "UNTIL": _rrule_read_until,
     "BYMONTH": lambda value, _rule: frozenset(_rrule_int_list(value, "BYMONTH", 1, 12)),
-    "BYMONTHDAY": lambda value, _rule: frozenset(
-        _rrule_int_list(value, "BYMONTHDAY", 1, 31, allow_negative=True)),
+    "BYMONTHDAY": lambda value, _rule: frozenset(_rrule_int_list(value, "BYMONTHDAY", 1, 31, allow_negative=True)),
     "BYDAY": _rrule_read_byday,
     "BYHOUR": lambda value, _rule: tuple(sorted(set(_rrule_int_list(value, "BYHOUR", 0, 23)))),
     "BYMINUTE": lambda value, _rule: tuple(sorted(set(_rrule_int_list(value, "BYMINUTE", 0, 59)))),
-    "BYSETPOS": lambda value, _rule: tuple(
-        _rrule_int_list(value, "BYSETPOS", 1, 366, allow_negative=True)),
+    "BYSETPOS": lambda value, _rule: tuple(_rrule_int_list(value, "BYSETPOS", 1, 366, allow_negative=True)),
     "WKST": _rrule_read_wkst,
 }
 
@@ -3111,10 +3203,7 @@ def _rrule_defaults(rule):
     limit = 53 if rule["ordinal_scope"] == "year" else 5
     for ordinal, _weekday in (rule["byday"] or ((), ()))[1]:
         if not 1 <= abs(ordinal) <= limit:
-            raise _rrule_error(
-                f"BYDAY ordinal {ordinal} is out of range ±1..{limit}"
-                f" within a {rule['ordinal_scope']}"
-            )
+            raise _rrule_error(f"BYDAY ordinal {ordinal} is out of range ±1..{limit} within a {rule['ordinal_scope']}")
     sub_daily = freq in ("HOURLY", "MINUTELY")
     if rule["byhour"] is None and not sub_daily:
         rule["byhour"] = (start.hour,)
@@ -3220,6 +3309,7 @@ def _rrule_day_matches(rule, day):
 # A period is one FREQ unit (a year, month, week, day, hour or minute), numbered
 # so that consecutive units differ by one; INTERVAL=n keeps every n-th unit.
 
+
 def _rrule_unit_of(rule, moment):
     freq = rule["freq"]
     if freq == "YEARLY":
@@ -3263,9 +3353,7 @@ def _rrule_period_days(rule, begin):
         candidates = [first + _dt.timedelta(days=i) for i in range((begin.date() - first).days + 7)]
     else:
         months = [begin.month] if freq == "MONTHLY" else sorted(rule["bymonth"] or range(1, 13))
-        candidates = [
-            day for month in months for day in _rrule_month_candidates(rule, begin.year, month)
-        ]
+        candidates = [day for month in months for day in _rrule_month_candidates(rule, begin.year, month)]
     return [day for day in candidates if _rrule_day_matches(rule, day)]
 
 
@@ -3417,7 +3505,7 @@ _SCHEDULE_FIRE_TIMES = {
 }
 
 
-# --- 6. Records ---
+# --- 8. Records ---
 # Owns the mapping between rows and API objects (JSON and boolean columns, computed fields) and the
 # filter language of the SDK and UI (any_, not_any_, like_, before_, after_, is_null_, all_, ge_, ...,
 # operator and_/or_, nesting, cross-object filters), compiled to parametrised SQL.
@@ -3441,8 +3529,18 @@ JSON_COLUMNS = {
     "task_run": ("empirical_policy", "tags", "task_inputs", "state"),
     "flow_run_state": ("data", "state_details"),
     "task_run_state": ("data", "state_details"),
-    "deployment": ("parameters", "tags", "labels", "parameter_openapi_schema", "pull_steps", "job_variables",
-                   "infra_overrides", "created_by", "updated_by", "concurrency_options"),
+    "deployment": (
+        "parameters",
+        "tags",
+        "labels",
+        "parameter_openapi_schema",
+        "pull_steps",
+        "job_variables",
+        "infra_overrides",
+        "created_by",
+        "updated_by",
+        "concurrency_options",
+    ),
     "deployment_schedule": ("schedule", "parameters"),
     "work_pool": ("base_job_template", "storage_configuration"),
     "work_queue": ("filter",),
@@ -3576,7 +3674,7 @@ def _random_bytes(n: int) -> bytes:
             pool, used = os.urandom(max(4096, n)), 0
             _RANDOM_POOL[0] = pool
         _RANDOM_POOL[1] = used + n
-        return pool[used:used + n]
+        return pool[used : used + n]
 
 
 def new_id() -> str:
@@ -3589,8 +3687,17 @@ def new_id() -> str:
 
 
 # The filter language. FILTERS maps a body key to (table, {field: column | nested spec | function}).
-_DATETIME_COLUMNS = {"created", "updated", "start_time", "end_time", "expected_start_time",
-                     "next_scheduled_start_time", "timestamp", "last_heartbeat_time", "last_polled"}
+_DATETIME_COLUMNS = {
+    "created",
+    "updated",
+    "start_time",
+    "end_time",
+    "expected_start_time",
+    "next_scheduled_start_time",
+    "timestamp",
+    "last_heartbeat_time",
+    "last_polled",
+}
 _INT_COLUMNS = {"level", "run_count", "concurrency_limit", "priority"}
 
 
@@ -3613,8 +3720,10 @@ def _filter_parent_flow_run(tx, table, ops, loc):
     if ids is None:
         return "1=1", []
     marks = ", ".join("?" for _ in ids) or "NULL"
-    return (f"{table}.parent_task_run_id IN (SELECT task_run.id FROM task_run WHERE task_run.flow_run_id IN ({marks}))",
-            ids)
+    return (
+        f"{table}.parent_task_run_id IN (SELECT task_run.id FROM task_run WHERE task_run.flow_run_id IN ({marks}))",
+        ids,
+    )
 
 
 def _filter_subflow_runs(tx, table, ops, loc):
@@ -3643,6 +3752,7 @@ def _filter_block_capabilities(tx, table, ops, loc):
 
 
 _STATE_SPEC = {"type": "state_type", "name": "state_name"}
+# fmt: off
 FILTERS = {
     "flows": ("flow", {"id": "id", "name": "name", "tags": "tags", "deployment": _filter_flow_deployment}),
     "flow_runs": ("flow_run", {
@@ -3675,6 +3785,7 @@ FILTERS = {
     "saved_searches": ("saved_search", {"id": "id", "name": "name"}),
     "concurrency_limits": ("concurrency_limit_v2", {"id": "id", "name": "name"}),
 }
+# fmt: on
 
 # How a filter on table B narrows a query on table A: "{}" is B's condition.
 RELATIONS = {
@@ -3682,33 +3793,47 @@ RELATIONS = {
     ("flow_run", "task_run"): "flow_run.id IN (SELECT task_run.flow_run_id FROM task_run WHERE {})",
     ("flow_run", "deployment"): "flow_run.deployment_id IN (SELECT deployment.id FROM deployment WHERE {})",
     ("flow_run", "work_queue"): "flow_run.work_queue_id IN (SELECT work_queue.id FROM work_queue WHERE {})",
-    ("flow_run", "work_pool"): ("flow_run.work_queue_id IN (SELECT work_queue.id FROM work_queue JOIN work_pool "
-                                "ON work_pool.id = work_queue.work_pool_id WHERE {})"),
+    ("flow_run", "work_pool"): (
+        "flow_run.work_queue_id IN (SELECT work_queue.id FROM work_queue JOIN work_pool "
+        "ON work_pool.id = work_queue.work_pool_id WHERE {})"
+    ),
     ("task_run", "flow_run"): "task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run WHERE {})",
-    ("task_run", "flow"): ("task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run JOIN flow "
-                           "ON flow.id = flow_run.flow_id WHERE {})"),
-    ("task_run", "deployment"): ("task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run JOIN deployment "
-                                 "ON deployment.id = flow_run.deployment_id WHERE {})"),
+    ("task_run", "flow"): (
+        "task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run JOIN flow ON flow.id = flow_run.flow_id WHERE {})"
+    ),
+    ("task_run", "deployment"): (
+        "task_run.flow_run_id IN (SELECT flow_run.id FROM flow_run JOIN deployment "
+        "ON deployment.id = flow_run.deployment_id WHERE {})"
+    ),
     ("flow", "flow_run"): "flow.id IN (SELECT flow_run.flow_id FROM flow_run WHERE {})",
-    ("flow", "task_run"): ("flow.id IN (SELECT flow_run.flow_id FROM flow_run JOIN task_run "
-                           "ON task_run.flow_run_id = flow_run.id WHERE {})"),
+    ("flow", "task_run"): (
+        "flow.id IN (SELECT flow_run.flow_id FROM flow_run JOIN task_run "
+        "ON task_run.flow_run_id = flow_run.id WHERE {})"
+    ),
     ("flow", "deployment"): "flow.id IN (SELECT deployment.flow_id FROM deployment WHERE {})",
-    ("flow", "work_pool"): ("flow.id IN (SELECT deployment.flow_id FROM deployment JOIN work_queue ON "
-                            "work_queue.id = deployment.work_queue_id JOIN work_pool ON "
-                            "work_pool.id = work_queue.work_pool_id WHERE {})"),
+    ("flow", "work_pool"): (
+        "flow.id IN (SELECT deployment.flow_id FROM deployment JOIN work_queue ON "
+        "work_queue.id = deployment.work_queue_id JOIN work_pool ON "
+        "work_pool.id = work_queue.work_pool_id WHERE {})"
+    ),
     ("deployment", "flow"): "deployment.flow_id IN (SELECT flow.id FROM flow WHERE {})",
     ("deployment", "flow_run"): "deployment.id IN (SELECT flow_run.deployment_id FROM flow_run WHERE {})",
-    ("deployment", "task_run"): ("deployment.id IN (SELECT flow_run.deployment_id FROM flow_run JOIN task_run "
-                                 "ON task_run.flow_run_id = flow_run.id WHERE {})"),
-    ("deployment", "work_pool"): ("deployment.work_queue_id IN (SELECT work_queue.id FROM work_queue JOIN work_pool "
-                                  "ON work_pool.id = work_queue.work_pool_id WHERE {})"),
+    ("deployment", "task_run"): (
+        "deployment.id IN (SELECT flow_run.deployment_id FROM flow_run JOIN task_run "
+        "ON task_run.flow_run_id = flow_run.id WHERE {})"
+    ),
+    ("deployment", "work_pool"): (
+        "deployment.work_queue_id IN (SELECT work_queue.id FROM work_queue JOIN work_pool "
+        "ON work_pool.id = work_queue.work_pool_id WHERE {})"
+    ),
     ("deployment", "work_queue"): "deployment.work_queue_id IN (SELECT work_queue.id FROM work_queue WHERE {})",
     ("work_queue", "work_pool"): "work_queue.work_pool_id IN (SELECT work_pool.id FROM work_pool WHERE {})",
     ("artifact", "flow_run"): "artifact.flow_run_id IN (SELECT flow_run.id FROM flow_run WHERE {})",
     ("artifact", "task_run"): "artifact.task_run_id IN (SELECT task_run.id FROM task_run WHERE {})",
     ("block_document", "block_type"): "block_document.block_type_id IN (SELECT block_type.id FROM block_type WHERE {})",
-    ("block_document", "block_schema"): ("block_document.block_schema_id IN (SELECT block_schema.id FROM block_schema "
-                                         "WHERE {})"),
+    ("block_document", "block_schema"): (
+        "block_document.block_schema_id IN (SELECT block_schema.id FROM block_schema WHERE {})"
+    ),
     ("block_schema", "block_type"): "block_schema.block_type_id IN (SELECT block_type.id FROM block_type WHERE {})",
     ("block_type", "block_schema"): "block_type.id IN (SELECT block_schema.block_type_id FROM block_schema WHERE {})",
 }
@@ -3775,8 +3900,16 @@ def _compile_ops(tx, table, column, kind, ops, loc):
             clauses.append("(" + " OR ".join(f"{col} {tx.db.ilike} ?" for _ in prefixes) + ")" if prefixes else "1=0")
             params += [f"{prefix}%" for prefix in prefixes]
         elif op in ("before_", "after_", "ge_", "le_", "gt_", "lt_", "eq_", "ne_"):
-            sym = {"before_": "<=", "after_": ">=", "ge_": ">=", "le_": "<=", "gt_": ">", "lt_": "<",
-                   "eq_": "=", "ne_": "!="}[op]
+            sym = {
+                "before_": "<=",
+                "after_": ">=",
+                "ge_": ">=",
+                "le_": "<=",
+                "gt_": ">",
+                "lt_": "<",
+                "eq_": "=",
+                "ne_": "!=",
+            }[op]
             clauses.append(f"{col} {sym} ?")
             params.append(_coerce(value, kind if kind != "tags" else "str", here))
         elif op == "is_null_":
@@ -3796,7 +3929,15 @@ def compile_filter(tx, table, spec, flt, loc) -> tuple[str, list]:
         raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
     operator = flt.get("operator", "and_")
     if operator not in ("and_", "or_"):
-        raise ValidationFailed([_error((*loc, "operator"), "value is not a valid enumeration member; permitted: 'and_', 'or_'", "type_error.enum")])
+        raise ValidationFailed(
+            [
+                _error(
+                    (*loc, "operator"),
+                    "value is not a valid enumeration member; permitted: 'and_', 'or_'",
+                    "type_error.enum",
+                )
+            ]
+        )
     clauses, params = [], []
     for key, value in flt.items():
         if key == "operator" or value is None:
@@ -3884,16 +4025,22 @@ def _where_with(tx, table, body, extra_where, extra_params):
     return where, params
 
 
-def filtered_query(tx, table: str, body: dict, settings: Settings, extra_where: str = "", extra_params=(),
-                   select: tuple[str, tuple] | None = None):
+def filtered_query(
+    tx,
+    table: str,
+    body: dict,
+    settings: Settings,
+    extra_where: str = "",
+    extra_params=(),
+    select: tuple[str, tuple] | None = None,
+):
     """The SQL and parameters of a filter route's page (also what the query-plan tests explain).
 
     `select` is (SQL, parameters) of what to select instead of the table's columns.
     """
     where, params = _where_with(tx, table, body, extra_where, extra_params)
     columns, column_params = select or (f"{table}.*", ())
-    sql = (f"SELECT {columns} FROM {table} WHERE {where} ORDER BY {order_by(table, body.get('sort'))} "
-           f"LIMIT ? OFFSET ?")
+    sql = f"SELECT {columns} FROM {table} WHERE {where} ORDER BY {order_by(table, body.get('sort'))} LIMIT ? OFFSET ?"
     return sql, (*column_params, *params, page_limit(body, settings), body.get("offset") or 0)
 
 
@@ -3916,17 +4063,28 @@ def count_filtered(tx, table: str, body: dict, extra_where: str = "", extra_para
     return int(tx.scalar(*count_query(tx, table, body, extra_where, extra_params)))
 
 
-# --- 7. Orchestration ---
+# --- 9. Orchestration ---
 # Owns states and the rules every proposed state goes through. A rule looks at the transition and
 # either lets it continue (None) or answers REJECT (with the state to take instead), WAIT (retry after
 # a delay) or ABORT (with a reason). `force=true` skips the rules; the bookkeeping (run counts, times,
 # cache entries, concurrency slots) always runs.
 
 STATE_DETAIL_DEFAULTS = {
-    "flow_run_id": None, "task_run_id": None, "child_flow_run_id": None, "scheduled_time": None,
-    "cache_key": None, "cache_expiration": None, "untrackable_result": False, "pause_timeout": None,
-    "pause_reschedule": False, "pause_key": None, "run_input_keyset": None, "refresh_cache": None,
-    "retriable": None, "transition_id": None, "task_parameters_id": None,
+    "flow_run_id": None,
+    "task_run_id": None,
+    "child_flow_run_id": None,
+    "scheduled_time": None,
+    "cache_key": None,
+    "cache_expiration": None,
+    "untrackable_result": False,
+    "pause_timeout": None,
+    "pause_reschedule": False,
+    "pause_key": None,
+    "run_input_keyset": None,
+    "refresh_cache": None,
+    "retriable": None,
+    "transition_id": None,
+    "task_parameters_id": None,
 }
 LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
 
@@ -3999,8 +4157,13 @@ def _state_task_run_id(kind: str, run: dict) -> str | None:
 
 
 def _reject(ctx: Transition, state_type: str, name: str, reason: str, **details) -> Outcome:
-    proposed = {"type": state_type, "name": name, "message": ctx.proposed.get("message"),
-                "data": ctx.proposed.get("data"), "state_details": {**ctx.proposed["state_details"], **details}}
+    proposed = {
+        "type": state_type,
+        "name": name,
+        "message": ctx.proposed.get("message"),
+        "data": ctx.proposed.get("data"),
+        "state_details": {**ctx.proposed["state_details"], **details},
+    }
     flow_run_id = ctx.run["id"] if ctx.kind == "flow" else ctx.run["flow_run_id"]
     state = make_state(proposed, flow_run_id, _state_task_run_id(ctx.kind, ctx.run), iso(ctx.now))
     return Outcome("REJECT", state, reason)
@@ -4020,13 +4183,20 @@ def prevent_pending_transitions(ctx: Transition):
         ctx.proposed["state_details"]["scheduled_time"] = ctx.initial["state_details"].get("scheduled_time")
         return None
     if ctx.proposed["type"] == "PENDING" and ctx.initial_type in ("PENDING", "RUNNING", "CANCELLING", "CANCELLED"):
-        return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to a PENDING state.")
+        return Outcome(
+            "ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to a PENDING state."
+        )
     return None
 
 
 def _is_pending_substate(ctx: Transition) -> bool:
-    return (ctx.kind == "flow" and ctx.initial_type == "PENDING" and ctx.proposed["type"] == "PENDING"
-            and ctx.proposed["name"] != "Pending" and ctx.proposed["name"] != ctx.initial["name"])
+    return (
+        ctx.kind == "flow"
+        and ctx.initial_type == "PENDING"
+        and ctx.proposed["type"] == "PENDING"
+        and ctx.proposed["name"] != "Pending"
+        and ctx.proposed["name"] != ctx.initial["name"]
+    )
 
 
 def _persisted_result(data) -> bool:
@@ -4043,15 +4213,20 @@ def handle_flow_terminal_state_transitions(ctx: Transition):
     if proposed in ("CANCELLING", "PAUSED", "CRASHED"):
         return Outcome("ABORT", reason=f"Run is already in terminal state {ctx.initial_type}.")
     kept_result = ctx.initial_type == "COMPLETED" and _persisted_result(ctx.initial.get("data"))
-    if kept_result and (proposed not in TERMINAL_STATES
-                        or proposed == "COMPLETED" and not _persisted_result(ctx.proposed.get("data"))):
+    if kept_result and (
+        proposed not in TERMINAL_STATES or proposed == "COMPLETED" and not _persisted_result(ctx.proposed.get("data"))
+    ):
         return Outcome("REJECT", ctx.initial, "Run is already COMPLETED.")
     if proposed == "SCHEDULED" and not ctx.run.get("deployment_id"):
         return Outcome("ABORT", reason="Cannot reschedule a run without an associated deployment.")
     if proposed not in TERMINAL_STATES:
         policy = ctx.run.get("empirical_policy") or {}
-        ctx.updates["empirical_policy"] = {**policy, "resuming": False, "pause_keys": [],
-                                           "retry_type": "reschedule" if proposed == "SCHEDULED" else None}
+        ctx.updates["empirical_policy"] = {
+            **policy,
+            "resuming": False,
+            "pause_keys": [],
+            "retry_type": "reschedule" if proposed == "SCHEDULED" else None,
+        }
     return None
 
 
@@ -4061,15 +4236,20 @@ def prevent_leaving_terminal_states(ctx: Transition):
     if ctx.kind == "flow" and ctx.initial_type in TERMINAL_STATES:
         return handle_flow_terminal_state_transitions(ctx)
     if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
-        return Outcome("ABORT", reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
-                                       f"{ctx.proposed['type']}: it has already terminated.")
+        return Outcome(
+            "ABORT",
+            reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
+            f"{ctx.proposed['type']}: it has already terminated.",
+        )
     return None
 
 
 def only_cancel_cancelling_runs(ctx: Transition):
     """A cancelling run can only end Cancelled: its runner reporting it crashed or failed is not the outcome."""
     if ctx.kind == "flow" and ctx.initial_type == "CANCELLING" and ctx.proposed["type"] != "CANCELLED":
-        return Outcome("REJECT", ctx.initial, "Cannot transition flows that are cancelling to a state other than Cancelled.")
+        return Outcome(
+            "REJECT", ctx.initial, "Cannot transition flows that are cancelling to a state other than Cancelled."
+        )
     return None
 
 
@@ -4099,12 +4279,17 @@ def prevent_running_tasks_in_stopped_flows(ctx: Transition):
     flow_run = _flow_run_brief(ctx.tx, ctx.run["flow_run_id"])
     flow_state = flow_run["state_type"] if flow_run else None
     if flow_state == "PAUSED":  # the task pauses as its flow did: a rescheduled pause ends the task's process too
-        details = decode_row("flow_run", ctx.tx.query_one("SELECT state FROM flow_run WHERE id = ?",
-                                                          (ctx.run["flow_run_id"],)))["state"]["state_details"]
-        return _reject(ctx, "PAUSED", "NotReady",
-                       "The flow is paused, new tasks can execute after resuming flow run execution.",
-                       pause_timeout=details.get("pause_timeout"),
-                       pause_reschedule=bool(details.get("pause_reschedule")))
+        details = decode_row(
+            "flow_run", ctx.tx.query_one("SELECT state FROM flow_run WHERE id = ?", (ctx.run["flow_run_id"],))
+        )["state"]["state_details"]
+        return _reject(
+            ctx,
+            "PAUSED",
+            "NotReady",
+            "The flow is paused, new tasks can execute after resuming flow run execution.",
+            pause_timeout=details.get("pause_timeout"),
+            pause_reschedule=bool(details.get("pause_reschedule")),
+        )
     if flow_state != "RUNNING":
         return Outcome("ABORT", reason="The enclosing flow must be running to begin task execution.")
     return None
@@ -4124,8 +4309,14 @@ def retrieve_cached_state(ctx: Transition):
     if row is None:
         return None
     cached = decode_row("task_run_state", row)
-    outcome = _reject(ctx, "COMPLETED", "Cached", "Retrieved state from cache",
-                      cache_key=key, cache_expiration=cached["state_details"].get("cache_expiration"))
+    outcome = _reject(
+        ctx,
+        "COMPLETED",
+        "Cached",
+        "Retrieved state from cache",
+        cache_key=key,
+        cache_expiration=cached["state_details"].get("cache_expiration"),
+    )
     outcome.state["data"] = cached["data"]
     outcome.state["message"] = cached.get("message")
     return outcome
@@ -4153,11 +4344,18 @@ def expire_pauses(ctx: Transition):
     if not timeout or from_iso(timeout) >= ctx.now:
         return None
     name = (ctx.proposed.get("name") or ctx.proposed["type"]).lower()
-    failed = {"type": "FAILED", "name": "Failed", "message": f"The flow was {name} and never resumed.",
-              "state_details": {}}
+    failed = {
+        "type": "FAILED",
+        "name": "Failed",
+        "message": f"The flow was {name} and never resumed.",
+        "state_details": {},
+    }
     verb = "suspend" if ctx.proposed.get("name") == "Suspended" else "pause"
-    return Outcome("REJECT", make_state(failed, ctx.run["id"], ctx.run.get("parent_task_run_id"), iso(ctx.now)),
-                   f"The flow run {verb} has timed out and can no longer resume.")
+    return Outcome(
+        "REJECT",
+        make_state(failed, ctx.run["id"], ctx.run.get("parent_task_run_id"), iso(ctx.now)),
+        f"The flow run {verb} has timed out and can no longer resume.",
+    )
 
 
 def handle_pausing_flows(ctx: Transition):
@@ -4235,9 +4433,12 @@ def _schedule_failed_tasks_for_retry(ctx: Transition):
     )
     for row in rows:
         task = decode_row("task_run", row)
-        state = make_state({"type": "SCHEDULED", "name": "AwaitingRetry",
-                            "state_details": {"scheduled_time": iso(ctx.now)}},
-                           ctx.run["id"], task["id"], iso(ctx.now))
+        state = make_state(
+            {"type": "SCHEDULED", "name": "AwaitingRetry", "state_details": {"scheduled_time": iso(ctx.now)}},
+            ctx.run["id"],
+            task["id"],
+            iso(ctx.now),
+        )
         _write_state(ctx.tx, "task", task, task.get("state"), state, {"run_count": 0})  # see reset_task_retries
 
 
@@ -4252,8 +4453,12 @@ def reset_task_retries(ctx: Transition):
 
 def rename_retrying(ctx: Transition):
     """A task run back from AwaitingRetry runs as "Retrying" (a retried flow run stays "Running", as in Prefect)."""
-    if (ctx.kind == "task" and ctx.proposed["type"] == "RUNNING" and ctx.initial_type == "SCHEDULED"
-            and ctx.initial["name"] == "AwaitingRetry"):
+    if (
+        ctx.kind == "task"
+        and ctx.proposed["type"] == "RUNNING"
+        and ctx.initial_type == "SCHEDULED"
+        and ctx.initial["name"] == "AwaitingRetry"
+    ):
         ctx.proposed["name"] = "Retrying"
     return None
 
@@ -4278,16 +4483,26 @@ def secure_task_concurrency_slots(ctx: Transition):
     limits = [decode_row("concurrency_limit", row) for row in limits]
     for limit in limits:
         if limit["concurrency_limit"] == 0:
-            return Outcome("ABORT", reason=f"The concurrency limit on tag {limit['tag']!r} is 0 and will deadlock "
-                                           "if the task tries to run again.")
+            return Outcome(
+                "ABORT",
+                reason=f"The concurrency limit on tag {limit['tag']!r} is 0 and will deadlock "
+                "if the task tries to run again.",
+            )
         slots = limit["active_slots"]
         if ctx.run["id"] not in slots and len(slots) >= limit["concurrency_limit"]:
-            return Outcome("WAIT", reason=f"Concurrency limit for the {limit['tag']} tag has been reached",
-                           delay_seconds=ctx.tx.db.tag_slot_wait_seconds)
+            return Outcome(
+                "WAIT",
+                reason=f"Concurrency limit for the {limit['tag']} tag has been reached",
+                delay_seconds=ctx.tx.db.tag_slot_wait_seconds,
+            )
     for limit in limits:
         if ctx.run["id"] not in limit["active_slots"]:
-            update_row(ctx.tx, "concurrency_limit", limit["id"],
-                       {"active_slots": [*limit["active_slots"], ctx.run["id"]], "updated": iso(ctx.now)})
+            update_row(
+                ctx.tx,
+                "concurrency_limit",
+                limit["id"],
+                {"active_slots": [*limit["active_slots"], ctx.run["id"]], "updated": iso(ctx.now)},
+            )
     return None
 
 
@@ -4302,8 +4517,9 @@ def _deployment_limit_of(tx: Transaction, run: dict) -> tuple[dict, dict] | None
     """(the run's deployment, its global limit), when the run's deployment has one."""
     if not run.get("deployment_id"):
         return None
-    row = tx.query_one("SELECT id, concurrency_limit_id, concurrency_options FROM deployment WHERE id = ?",
-                       (run["deployment_id"],))
+    row = tx.query_one(
+        "SELECT id, concurrency_limit_id, concurrency_options FROM deployment WHERE id = ?", (run["deployment_id"],)
+    )
     if row is None or not row["concurrency_limit_id"]:
         return None
     limit = read_row(tx, "concurrency_limit_v2", row["concurrency_limit_id"])
@@ -4347,13 +4563,15 @@ def secure_deployment_concurrency_slots(ctx: Transition):
         return None
     dep, limit = found
     if limit["limit"] == 0:
-        return Outcome("ABORT", reason="The deployment concurrency limit is 0. The flow will deadlock if submitted "
-                                       "again.")
+        return Outcome(
+            "ABORT", reason="The deployment concurrency limit is 0. The flow will deadlock if submitted again."
+        )
     taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
     if taken is not None:
         holder = {"type": "flow_run", "id": ctx.run["id"]}
-        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
-                                                                   holder)
+        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(
+            ctx.tx, taken, 1, _deployment_lease_seconds(dep), holder
+        )
         return None
     reason = "Deployment concurrency limit reached."
     if (dep.get("concurrency_options") or {}).get("collision_strategy") == "CANCEL_NEW":
@@ -4369,7 +4587,7 @@ def keep_deployment_lease_at_running(ctx: Transition):
         return None
     lease_id = _own_lease_id(ctx.tx, ctx.initial)
     if lease_id or LEASE_DETAIL in ctx.proposed["state_details"]:  # never added to a run without a lease: a 2.x
-        ctx.proposed["state_details"][LEASE_DETAIL] = lease_id     # SDK in test mode refuses an unknown detail
+        ctx.proposed["state_details"][LEASE_DETAIL] = lease_id  # SDK in test mode refuses an unknown detail
     found = _deployment_limit_of(ctx.tx, ctx.run) if lease_id else None
     if found is None:
         return None
@@ -4379,12 +4597,15 @@ def keep_deployment_lease_at_running(ctx: Transition):
     taken = change_global_slots(ctx.tx, [limit["name"]], 1, "concurrency", increment=True)
     if taken is not None:
         holder = {"type": "flow_run", "id": ctx.run["id"]}
-        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(ctx.tx, taken, 1, _deployment_lease_seconds(dep),
-                                                                   holder)
+        ctx.proposed["state_details"][LEASE_DETAIL] = create_lease(
+            ctx.tx, taken, 1, _deployment_lease_seconds(dep), holder
+        )
         return None
-    return _cancel_for_want_of_a_slot(ctx, "Deployment concurrency limit reached after lease expiry.",
-                                      "Deployment concurrency slot lost during provisioning - no slots available to "
-                                      "continue execution")
+    return _cancel_for_want_of_a_slot(
+        ctx,
+        "Deployment concurrency limit reached after lease expiry.",
+        "Deployment concurrency slot lost during provisioning - no slots available to continue execution",
+    )
 
 
 def carry_deployment_lease(initial: dict | None, state: dict, changes: dict) -> None:
@@ -4393,8 +4614,9 @@ def carry_deployment_lease(initial: dict | None, state: dict, changes: dict) -> 
     lease_id = initial["state_details"].get(LEASE_DETAIL) if initial else None
     if not lease_id or state["state_details"].get(LEASE_DETAIL):
         return
-    in_process_retry = (state["name"] == "AwaitingRetry"
-                        and (changes.get("empirical_policy") or {}).get("retry_type") == "in_process")
+    in_process_retry = (
+        state["name"] == "AwaitingRetry" and (changes.get("empirical_policy") or {}).get("retry_type") == "in_process"
+    )
     if state["type"] in HOLDING_STATES or in_process_retry:
         state["state_details"][LEASE_DETAIL] = lease_id
 
@@ -4408,15 +4630,32 @@ def release_deployment_slot(tx: Transaction, initial: dict | None, state: dict) 
 
 
 FLOW_RUN_RULES = (
-    prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
-    only_cancel_cancelling_runs, cancel_runs_without_infrastructure,
-    expire_pauses, handle_pausing_flows, wait_for_scheduled_time, retry_failed_runs, rename_retrying,
-    copy_scheduled_time, keep_deployment_lease_at_running, secure_deployment_concurrency_slots,
+    prevent_duplicate_transition,
+    prevent_pending_transitions,
+    prevent_leaving_terminal_states,
+    only_cancel_cancelling_runs,
+    cancel_runs_without_infrastructure,
+    expire_pauses,
+    handle_pausing_flows,
+    wait_for_scheduled_time,
+    retry_failed_runs,
+    rename_retrying,
+    copy_scheduled_time,
+    keep_deployment_lease_at_running,
+    secure_deployment_concurrency_slots,
 )
 TASK_RUN_RULES = (
-    prevent_duplicate_transition, prevent_pending_transitions, prevent_leaving_terminal_states,
-    prevent_running_tasks_in_stopped_flows, retrieve_cached_state, wait_for_scheduled_time,
-    retry_failed_runs, rename_retrying, copy_scheduled_time, secure_task_concurrency_slots, reset_task_retries,
+    prevent_duplicate_transition,
+    prevent_pending_transitions,
+    prevent_leaving_terminal_states,
+    prevent_running_tasks_in_stopped_flows,
+    retrieve_cached_state,
+    wait_for_scheduled_time,
+    retry_failed_runs,
+    rename_retrying,
+    copy_scheduled_time,
+    secure_task_concurrency_slots,
+    reset_task_retries,
 )
 
 
@@ -4456,14 +4695,28 @@ def _run_timing(run: dict, initial: dict | None, state: dict) -> dict:
 
 
 def _state_history_row(table: str, run_id: str, state: dict) -> dict:
-    return {"id": state["id"], "created": state["timestamp"], f"{table}_id": run_id, "type": state["type"],
-            "name": state["name"], "timestamp": state["timestamp"], "message": state["message"],
-            "data": state["data"], "state_details": state["state_details"]}
+    return {
+        "id": state["id"],
+        "created": state["timestamp"],
+        f"{table}_id": run_id,
+        "type": state["type"],
+        "name": state["name"],
+        "timestamp": state["timestamp"],
+        "message": state["message"],
+        "data": state["data"],
+        "state_details": state["state_details"],
+    }
 
 
 def _current_state_columns(state: dict) -> dict:
-    return {"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
-            "state_timestamp": state["timestamp"], "state": state, "updated": state["timestamp"]}
+    return {
+        "state_id": state["id"],
+        "state_type": state["type"],
+        "state_name": state["name"],
+        "state_timestamp": state["timestamp"],
+        "state": state,
+        "updated": state["timestamp"],
+    }
 
 
 def _write_state(tx: Transaction, kind: str, run: dict, initial: dict | None, state: dict, extra: dict):
@@ -4499,35 +4752,58 @@ def _mirror_state_on_parent_task(tx: Transaction, run: dict, state: dict):
     if task is None:
         return
     task = decode_row("task_run", task)
-    copy = make_state({"type": state["type"], "name": state["name"], "message": state["message"],
-                       "state_details": {"child_flow_run_id": run["id"]}},
-                      task.get("flow_run_id"), task["id"], state["timestamp"])
+    copy = make_state(
+        {
+            "type": state["type"],
+            "name": state["name"],
+            "message": state["message"],
+            "state_details": {"child_flow_run_id": run["id"]},
+        },
+        task.get("flow_run_id"),
+        task["id"],
+        state["timestamp"],
+    )
     _write_state(tx, "task", task, task.get("state"), copy, {})
 
 
 def _after_task_state(tx: Transaction, run: dict, initial: dict | None, state: dict):
     details = state["state_details"]
     if state["type"] == "COMPLETED" and details.get("cache_key") and state["name"] != "Cached":
-        insert_row(tx, "task_run_state_cache", {
-            "id": new_id(), "created": state["timestamp"], "cache_key": details["cache_key"],
-            "cache_expiration": details.get("cache_expiration"), "task_run_state_id": state["id"],
-        })
+        insert_row(
+            tx,
+            "task_run_state_cache",
+            {
+                "id": new_id(),
+                "created": state["timestamp"],
+                "cache_key": details["cache_key"],
+                "cache_expiration": details.get("cache_expiration"),
+                "task_run_state_id": state["id"],
+            },
+        )
     if initial and initial["type"] == "RUNNING" and state["type"] != "RUNNING" and run.get("tags"):
         release_task_concurrency_slots(tx, run)
 
 
 def release_task_concurrency_slots(tx: Transaction, run: dict):
     marks = ", ".join("?" for _ in run["tags"])
-    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}",
-                        tuple(run["tags"])):  # locked in tag order, as every locker of v1 limits: no deadlock
+    for row in tx.query(
+        f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(run["tags"])
+    ):  # locked in tag order, as every locker of v1 limits: no deadlock
         limit = decode_row("concurrency_limit", row)
         if run["id"] in limit["active_slots"]:
             slots = [s for s in limit["active_slots"] if s != run["id"]]
             update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now_iso()})
 
 
-def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force: bool,
-                client_major: int = 2, now: _dt.datetime | None = None) -> Outcome:
+def orchestrate(
+    tx: Transaction,
+    kind: str,
+    run_row: dict,
+    proposed: dict,
+    force: bool,
+    client_major: int = 2,
+    now: _dt.datetime | None = None,
+) -> Outcome:
     """Propose `proposed` (a validated StateCreate) for a run; write it if accepted or rejected-into.
     `now`: the time the rules judge by and the state is stamped with (the clock's, unless a test says)."""
     run = decode_row("flow_run" if kind == "flow" else "task_run", run_row)
@@ -4536,7 +4812,9 @@ def orchestrate(tx: Transaction, kind: str, run_row: dict, proposed: dict, force
     state = make_state(proposed, flow_run_id, _state_task_run_id(kind, run), iso(now))
     initial = run.get("state")
     ctx = Transition(kind, tx, run, initial, state, now, client_major=client_major)
-    outcome = Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
+    outcome = (
+        Outcome("ACCEPT", state) if force else run_rules(ctx, FLOW_RUN_RULES if kind == "flow" else TASK_RUN_RULES)
+    )
     if outcome.status == "ACCEPT" or (outcome.status == "REJECT" and outcome.state is not initial):
         _write_state(tx, kind, run, initial, outcome.state, ctx.updates)
         for listener in tx.db.hooks.state_listeners:
@@ -4573,10 +4851,11 @@ def insert_run_in_state(tx: Transaction, kind: str, values: dict, proposed: dict
     return run
 
 
-# --- 8. Runs ---
+# --- 10. Runs ---
 # Owns what the API does with flows, flow runs, task runs, states and logs: one short transaction per
 # operation, idempotent creates, computed run fields. Every function takes an open Transaction.
 
+# fmt: off
 _ADJECTIVES = (
     "able", "amber", "ancient", "brave", "bright", "calm", "clever", "cosmic", "crimson", "curious", "daring",
     "dapper", "eager", "electric", "emerald", "fancy", "fearless", "fluffy", "fuzzy", "gentle", "giant",
@@ -4585,6 +4864,8 @@ _ADJECTIVES = (
     "quiet", "rapid", "rustic", "sandy", "shiny", "silent", "silver", "smart", "snowy", "spicy", "steady",
     "stellar", "sunny", "swift", "tidy", "tranquil", "vivid", "warm", "wise", "witty", "zealous",
 )
+# fmt: on
+# fmt: off
 _ANIMALS = (
     "albatross", "alpaca", "antelope", "badger", "beaver", "bison", "bobcat", "buffalo", "camel", "caribou",
     "cheetah", "cobra", "condor", "coyote", "crane", "dingo", "dolphin", "eagle", "falcon", "ferret", "finch",
@@ -4593,6 +4874,7 @@ _ANIMALS = (
     "otter", "panda", "panther", "parrot", "pelican", "penguin", "puffin", "quail", "raccoon", "raven",
     "salmon", "seal", "sparrow", "stork", "taipan", "tapir", "tiger", "toucan", "walrus", "wombat", "zebra",
 )
+# fmt: on
 
 
 def generate_run_name() -> str:
@@ -4617,8 +4899,10 @@ def _computed_run_fields(row: dict, now: str | None = None) -> dict:
         delta = _seconds_between(now, expected)
     else:
         delta = 0.0
-    return {"estimated_run_time": round((row.get("total_run_time") or 0.0) + max(extra, 0.0), 6),
-            "estimated_start_time_delta": round(max(delta, 0.0), 6)}
+    return {
+        "estimated_run_time": round((row.get("total_run_time") or 0.0) + max(extra, 0.0), 6),
+        "estimated_start_time_delta": round(max(delta, 0.0), 6),
+    }
 
 
 def run_out(table: str, row: dict, now: str | None = None) -> dict:
@@ -4666,11 +4950,15 @@ def _run_estimates_sql(db, t: str) -> tuple[str, str]:
         return f"COALESCE({db.seconds_between.format(a=later, b=earlier)}, 0)"
 
     running = db.greatest.format(a=seconds("?", f"{t}.state_timestamp"), b="0")
-    run_time = (f"COALESCE({t}.total_run_time, 0) + CASE WHEN {t}.state_type = 'RUNNING' AND "
-                f"{t}.state_timestamp IS NOT NULL THEN {running} ELSE 0 END")
-    delta = (f"CASE WHEN {t}.start_time IS NOT NULL THEN {seconds(f'{t}.start_time', f'{t}.expected_start_time')} "
-             f"WHEN {t}.state_type IS NULL OR {t}.state_type IN ('SCHEDULED', 'PENDING', 'PAUSED') "
-             f"THEN {seconds('?', f'{t}.expected_start_time')} ELSE 0 END")
+    run_time = (
+        f"COALESCE({t}.total_run_time, 0) + CASE WHEN {t}.state_type = 'RUNNING' AND "
+        f"{t}.state_timestamp IS NOT NULL THEN {running} ELSE 0 END"
+    )
+    delta = (
+        f"CASE WHEN {t}.start_time IS NOT NULL THEN {seconds(f'{t}.start_time', f'{t}.expected_start_time')} "
+        f"WHEN {t}.state_type IS NULL OR {t}.state_type IN ('SCHEDULED', 'PENDING', 'PAUSED') "
+        f"THEN {seconds('?', f'{t}.expected_start_time')} ELSE 0 END"
+    )
     return run_time, db.greatest.format(a=delta, b="0")
 
 
@@ -4698,11 +4986,22 @@ def state_out(table: str, row: dict) -> dict:
 
 # Flows
 
+
 def create_flow(tx, data: dict) -> tuple[dict, bool]:
     now = now_iso()
-    inserted = insert_row(tx, "flow", {"id": new_id(), "created": now, "updated": now, "name": data["name"],
-                                       "tags": data["tags"], "labels": data.get("labels") or {}},
-                          on_conflict="ON CONFLICT DO NOTHING")
+    inserted = insert_row(
+        tx,
+        "flow",
+        {
+            "id": new_id(),
+            "created": now,
+            "updated": now,
+            "name": data["name"],
+            "tags": data["tags"],
+            "labels": data.get("labels") or {},
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    )
     row = tx.query_one("SELECT * FROM flow WHERE name = ?", (data["name"],))
     return decode_row("flow", row), bool(inserted)
 
@@ -4716,6 +5015,7 @@ def read_flow_by_name(tx, name: str) -> dict:
 
 # Flow runs
 
+
 def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bool]:
     """Create a run (or return the one with the same idempotency key). Its first state is forced."""
     if read_row(tx, "flow", data["flow_id"]) is None:
@@ -4728,14 +5028,27 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
     now = now_iso()
     run_id = new_id()
     values = {
-        "id": run_id, "created": now, "updated": now, "name": data.get("name") or generate_run_name(),
-        "flow_id": data["flow_id"], "deployment_id": data.get("deployment_id"), "flow_version": data.get("flow_version"),
-        "parameters": data.get("parameters") or {}, "idempotency_key": key, "context": data.get("context") or {},
-        "empirical_policy": _flow_run_policy(data.get("empirical_policy")), "tags": data.get("tags") or [],
-        "labels": data.get("labels") or {}, "parent_task_run_id": data.get("parent_task_run_id"),
+        "id": run_id,
+        "created": now,
+        "updated": now,
+        "name": data.get("name") or generate_run_name(),
+        "flow_id": data["flow_id"],
+        "deployment_id": data.get("deployment_id"),
+        "flow_version": data.get("flow_version"),
+        "parameters": data.get("parameters") or {},
+        "idempotency_key": key,
+        "context": data.get("context") or {},
+        "empirical_policy": _flow_run_policy(data.get("empirical_policy")),
+        "tags": data.get("tags") or [],
+        "labels": data.get("labels") or {},
+        "parent_task_run_id": data.get("parent_task_run_id"),
         "infrastructure_document_id": data.get("infrastructure_document_id"),
-        "job_variables": data.get("job_variables") or {}, "work_queue_name": data.get("work_queue_name"),
-        "expected_start_time": now, "run_count": 0, "total_run_time": 0.0, "auto_scheduled": False,
+        "job_variables": data.get("job_variables") or {},
+        "work_queue_name": data.get("work_queue_name"),
+        "expected_start_time": now,
+        "run_count": 0,
+        "total_run_time": 0.0,
+        "auto_scheduled": False,
     }
     values.update(extra or {})
     run = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
@@ -4746,8 +5059,15 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
-    out = {"max_retries": 0, "retry_delay_seconds": 0.0, "retries": None, "retry_delay": None,
-           "pause_keys": [], "resuming": False, "retry_type": None}
+    out = {
+        "max_retries": 0,
+        "retry_delay_seconds": 0.0,
+        "retries": None,
+        "retry_delay": None,
+        "pause_keys": [],
+        "resuming": False,
+        "retry_type": None,
+    }
     out.update(policy or {})
     return out
 
@@ -4776,8 +5096,13 @@ def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
         return Outcome("ABORT", None, "Cannot resume a flow run that is not paused.")
     details = state.get("state_details") or {}
     if details.get("pause_timeout") and from_iso(details["pause_timeout"]) < utcnow():
-        return orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
-                                             "state_details": {}}, force=True)
+        return orchestrate(
+            tx,
+            "flow",
+            row,
+            {"type": "FAILED", "message": "The flow was paused and never resumed.", "state_details": {}},
+            force=True,
+        )
     keyset = details.get("run_input_keyset")  # {"schema": key, "response": key, ...}: an input is awaited
     if keyset:
         run_input = run_input or {}
@@ -4797,8 +5122,9 @@ def resume_flow_run(tx, run_id: str, run_input: dict | None) -> Outcome:
 def _run_input_problem(tx, run_id: str, keyset: dict, run_input: dict) -> str | None:
     """Why `run_input` cannot resume a run paused with wait_for_input (checked against the JSON schema
     the paused flow stored under keyset["schema"]), or None."""
-    schema_text = tx.scalar("SELECT value FROM flow_run_input WHERE flow_run_id = ? AND key = ?",
-                            (run_id, keyset.get("schema")))
+    schema_text = tx.scalar(
+        "SELECT value FROM flow_run_input WHERE flow_run_id = ? AND key = ?", (run_id, keyset.get("schema"))
+    )
     if schema_text is None:
         return "Run input schema not found."
     try:
@@ -4812,20 +5138,34 @@ def _run_input_problem(tx, run_id: str, keyset: dict, run_input: dict) -> str | 
 # Flow run inputs: text values sent to a run, keyed (pause_flow_run(wait_for_input=...), send_input and
 # receive_input in the SDK). A resume's run_input is stored here too (resume_flow_run).
 
+
 def create_flow_run_input(tx, run_id: str, key: str, value: str, sender: str | None) -> None:
     require_row(tx, "flow_run", run_id, "Flow run")
     now = now_iso()
-    if not insert_row(tx, "flow_run_input", {"id": new_id(), "created": now, "updated": now, "flow_run_id": run_id,
-                                             "key": key, "value": value, "sender": sender},
-                      on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx,
+        "flow_run_input",
+        {
+            "id": new_id(),
+            "created": now,
+            "updated": now,
+            "flow_run_id": run_id,
+            "key": key,
+            "value": value,
+            "sender": sender,
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    ):
         raise Conflict("A flow run input with this key already exists.")
 
 
 def filter_flow_run_inputs(tx, run_id: str, prefix: str, limit: int, exclude_keys: list[str]) -> list[dict]:
     """The run's inputs whose key starts with `prefix` (exactly: not LIKE, which SQLite folds to lower
     case), but for `exclude_keys`, oldest first."""
-    sql = ("SELECT id, created, updated, flow_run_id, key, value, sender FROM flow_run_input "
-           "WHERE flow_run_id = ? AND substr(key, 1, ?) = ?")
+    sql = (
+        "SELECT id, created, updated, flow_run_id, key, value, sender FROM flow_run_input "
+        "WHERE flow_run_id = ? AND substr(key, 1, ?) = ?"
+    )
     params = [run_id, len(prefix), prefix]
     if exclude_keys:
         sql += f" AND key NOT IN ({', '.join('?' for _ in exclude_keys)})"
@@ -4847,6 +5187,7 @@ def delete_flow_run_input(tx, run_id: str, key: str) -> None:
 
 # Task runs
 
+
 def create_task_run(tx, data: dict) -> tuple[dict, bool]:
     flow_run_id = data.get("flow_run_id")
     flow_run_count = 0
@@ -4857,12 +5198,23 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
     now = now_iso()
     run_id = new_id()
     values = {
-        "id": run_id, "created": now, "updated": now, "name": data.get("name") or generate_run_name(),
-        "flow_run_id": flow_run_id, "task_key": data["task_key"], "dynamic_key": data["dynamic_key"],
-        "cache_key": data.get("cache_key"), "cache_expiration": data.get("cache_expiration"),
-        "task_version": data.get("task_version"), "empirical_policy": _task_run_policy(data.get("empirical_policy")),
-        "tags": data.get("tags") or [], "task_inputs": data.get("task_inputs") or {}, "run_count": 0,
-        "flow_run_run_count": flow_run_count, "expected_start_time": now, "total_run_time": 0.0,
+        "id": run_id,
+        "created": now,
+        "updated": now,
+        "name": data.get("name") or generate_run_name(),
+        "flow_run_id": flow_run_id,
+        "task_key": data["task_key"],
+        "dynamic_key": data["dynamic_key"],
+        "cache_key": data.get("cache_key"),
+        "cache_expiration": data.get("cache_expiration"),
+        "task_version": data.get("task_version"),
+        "empirical_policy": _task_run_policy(data.get("empirical_policy")),
+        "tags": data.get("tags") or [],
+        "task_inputs": data.get("task_inputs") or {},
+        "run_count": 0,
+        "flow_run_run_count": flow_run_count,
+        "expected_start_time": now,
+        "total_run_time": 0.0,
     }
     run = insert_run_in_state(tx, "task", values, data.get("state") or {"type": "PENDING", "state_details": {}})
     if run is None:
@@ -4876,19 +5228,34 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
 
 # Logs
 
+
 def create_logs(tx, logs: list[dict]) -> int:
     now = now_iso()
-    rows = [(new_id(), now, now, entry["name"], entry["level"], entry["message"], entry["timestamp"],
-             entry.get("flow_run_id"), entry.get("task_run_id")) for entry in logs]
+    rows = [
+        (
+            new_id(),
+            now,
+            now,
+            entry["name"],
+            entry["level"],
+            entry["message"],
+            entry["timestamp"],
+            entry.get("flow_run_id"),
+            entry.get("task_run_id"),
+        )
+        for entry in logs
+    ]
     if rows:
         tx.executemany(
             "INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id, task_run_id) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
     return len(rows)
 
 
-
 # Graphs and history
+
 
 def flow_run_graph(tx, run_id: str) -> list[dict]:
     require_row(tx, "flow_run", run_id, "Flow run")
@@ -4896,25 +5263,43 @@ def flow_run_graph(tx, run_id: str) -> list[dict]:
     out = []
     for row in rows:
         task = task_run_out(row)
-        upstream = [ref for refs in (task.get("task_inputs") or {}).values() for ref in (refs or [])
-                    if isinstance(ref, dict) and ref.get("input_type") in ("task_run", "parameter", "constant")
-                    and ref.get("id")]
-        out.append({
-            "id": task["id"], "name": task["name"], "upstream_dependencies": upstream, "state": task["state"],
-            "expected_start_time": task["expected_start_time"], "start_time": task["start_time"],
-            "end_time": task["end_time"], "total_run_time": task["total_run_time"],
-            "estimated_run_time": task["estimated_run_time"], "untrackable_result": False,
-        })
+        upstream = [
+            ref
+            for refs in (task.get("task_inputs") or {}).values()
+            for ref in (refs or [])
+            if isinstance(ref, dict)
+            and ref.get("input_type") in ("task_run", "parameter", "constant")
+            and ref.get("id")
+        ]
+        out.append(
+            {
+                "id": task["id"],
+                "name": task["name"],
+                "upstream_dependencies": upstream,
+                "state": task["state"],
+                "expected_start_time": task["expected_start_time"],
+                "start_time": task["start_time"],
+                "end_time": task["end_time"],
+                "total_run_time": task["total_run_time"],
+                "estimated_run_time": task["estimated_run_time"],
+                "untrackable_result": False,
+            }
+        )
     return out
 
 
 def flow_run_graph_v2(tx, run_id: str) -> dict:
     run = flow_run_out(require_row(tx, "flow_run", run_id, "Flow run"))
-    tasks = [task_run_out(r) for r in tx.query("SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (run_id,))]
+    tasks = [
+        task_run_out(r)
+        for r in tx.query("SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (run_id,))
+    ]
     subflows = {}
     if tasks:
         marks = ", ".join("?" for _ in tasks)
-        for row in tx.query(f"SELECT * FROM flow_run WHERE parent_task_run_id IN ({marks})", tuple(t["id"] for t in tasks)):
+        for row in tx.query(
+            f"SELECT * FROM flow_run WHERE parent_task_run_id IN ({marks})", tuple(t["id"] for t in tasks)
+        ):
             sub = flow_run_out(row)
             subflows[sub["parent_task_run_id"]] = sub
     nodes, children = {}, {}
@@ -4922,21 +5307,40 @@ def flow_run_graph_v2(tx, run_id: str) -> dict:
         sub = subflows.get(task["id"])
         node_id, kind, label = (sub["id"], "flow-run", sub["name"]) if sub else (task["id"], "task-run", task["name"])
         source = sub or task
-        parents = [{"kind": "task-run", "id": ref["id"]} for refs in (task.get("task_inputs") or {}).values()
-                   for ref in (refs or []) if isinstance(ref, dict) and ref.get("input_type") == "task_run"]
-        nodes[node_id] = {"kind": kind, "id": node_id, "label": label, "state_type": source["state_type"],
-                          "start_time": source["start_time"] or source["expected_start_time"],
-                          "end_time": source["end_time"], "parents": parents, "children": [], "artifacts": []}
+        parents = [
+            {"kind": "task-run", "id": ref["id"]}
+            for refs in (task.get("task_inputs") or {}).values()
+            for ref in (refs or [])
+            if isinstance(ref, dict) and ref.get("input_type") == "task_run"
+        ]
+        nodes[node_id] = {
+            "kind": kind,
+            "id": node_id,
+            "label": label,
+            "state_type": source["state_type"],
+            "start_time": source["start_time"] or source["expected_start_time"],
+            "end_time": source["end_time"],
+            "parents": parents,
+            "children": [],
+            "artifacts": [],
+        }
         for parent in parents:
             children.setdefault(parent["id"], []).append({"kind": kind, "id": node_id})
     for node_id, node in nodes.items():
         node["children"] = children.get(node_id, [])
     roots = [node_id for node_id, node in nodes.items() if not node["parents"]]
-    states = [state_out("flow_run_state", r) for r in
-              tx.query("SELECT * FROM flow_run_state WHERE flow_run_id = ? ORDER BY timestamp", (run_id,))]
-    return {"start_time": run["start_time"] or run["expected_start_time"], "end_time": run["end_time"],
-            "root_node_ids": roots, "nodes": [[k, v] for k, v in nodes.items()], "artifacts": [],
-            "states": [{"id": s["id"], "timestamp": s["timestamp"], "type": s["type"], "name": s["name"]} for s in states]}
+    states = [
+        state_out("flow_run_state", r)
+        for r in tx.query("SELECT * FROM flow_run_state WHERE flow_run_id = ? ORDER BY timestamp", (run_id,))
+    ]
+    return {
+        "start_time": run["start_time"] or run["expected_start_time"],
+        "end_time": run["end_time"],
+        "root_node_ids": roots,
+        "nodes": [[k, v] for k, v in nodes.items()],
+        "artifacts": [],
+        "states": [{"id": s["id"], "timestamp": s["timestamp"], "type": s["type"], "name": s["name"]} for s in states],
+    }
 
 
 def history_query(tx, table: str, body: dict, starts: list[str], end: str):
@@ -4954,7 +5358,8 @@ def history_query(tx, table: str, body: dict, starts: list[str], end: str):
         f"SELECT {bucket} AS bucket, {t}.state_type AS state_type, {t}.state_name AS state_name, COUNT(*) AS n, "
         f"SUM({run_time}) AS run_time, SUM({lateness}) AS lateness "
         f"FROM {t} WHERE {where} AND {t}.expected_start_time >= ? AND {t}.expected_start_time < ? "
-        f"GROUP BY 1, {t}.state_type, {t}.state_name")
+        f"GROUP BY 1, {t}.state_type, {t}.state_name"
+    )
     estimates = (now_iso(),) * (run_time.count("?") + lateness.count("?"))
     return sql, (*edges, *estimates, *params, starts[0], end)
 
@@ -4965,7 +5370,7 @@ def _bucket_sql(column: str, edges: list[str]) -> tuple[str, list[str]]:
         return "0", []
     middle = len(edges) // 2
     below, below_edges = _bucket_sql(column, edges[:middle])
-    above, above_edges = _bucket_sql(column, edges[middle + 1:])
+    above, above_edges = _bucket_sql(column, edges[middle + 1 :])
     above = f"{middle + 1} + {above}" if above != "0" else str(middle + 1)
     return f"CASE WHEN {column} < ? THEN {below} ELSE {above} END", [edges[middle], *below_edges, *above_edges]
 
@@ -4986,38 +5391,59 @@ def run_history(tx, table: str, body: dict) -> list[dict]:
     start, end = from_iso(body["history_start"]), from_iso(body["history_end"])
     step = body["history_interval_seconds"]
     if not 0 < step <= _A_CENTURY:
-        raise ValidationFailed([_error(("body", "history_interval_seconds"),
-                                       "must be positive and at most 3.2e9 seconds", "value_error")])
+        raise ValidationFailed(
+            [_error(("body", "history_interval_seconds"), "must be positive and at most 3.2e9 seconds", "value_error")]
+        )
     if end < start:
         raise ValidationFailed([_error(("body", "history_end"), "must not be before history_start", "value_error")])
     if (end - start).total_seconds() / step > 500:
-        raise ValidationFailed([_error(("body", "history_interval_seconds"),
-                                       "too many buckets (at most 500); use a larger interval", "value_error")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "history_interval_seconds"),
+                    "too many buckets (at most 500); use a larger interval",
+                    "value_error",
+                )
+            ]
+        )
     starts = []
     moment = start
     while moment < end:
         starts.append(moment)
         moment = _step_toward(moment, step, end)
-    buckets = [{"interval_start": iso(first), "interval_end": iso(_step_toward(first, step, end)), "states": []}
-               for first in starts]
+    buckets = [
+        {"interval_start": iso(first), "interval_end": iso(_step_toward(first, step, end)), "states": []}
+        for first in starts
+    ]
     rows = tx.query(*history_query(tx, table, body, [b["interval_start"] for b in buckets], iso(end))) if starts else []
     for row in rows:
         index = int(row["bucket"])
         if 0 <= index < len(buckets):
-            buckets[index]["states"].append({
-                "state_type": row["state_type"], "state_name": row["state_name"], "count_runs": int(row["n"]),
-                "sum_estimated_run_time": float(row["run_time"] or 0.0),
-                "sum_estimated_lateness": float(row["lateness"] or 0.0)})
+            buckets[index]["states"].append(
+                {
+                    "state_type": row["state_type"],
+                    "state_name": row["state_name"],
+                    "count_runs": int(row["n"]),
+                    "sum_estimated_run_time": float(row["run_time"] or 0.0),
+                    "sum_estimated_lateness": float(row["lateness"] or 0.0),
+                }
+            )
     for bucket in buckets:
         bucket["states"].sort(key=lambda s: (s["state_type"] or "", s["state_name"] or ""))
     return buckets
 
 
-
 # Retention: old terminal runs go, with everything that hangs off them, a small batch per transaction.
 
-def prune_flow_runs(db: Database, older_than: _dt.timedelta, batch_size: int = 200, dry_run: bool = False,
-                    stop: threading.Event | None = None, now: _dt.datetime | None = None) -> dict:
+
+def prune_flow_runs(
+    db: Database,
+    older_than: _dt.timedelta,
+    batch_size: int = 200,
+    dry_run: bool = False,
+    stop: threading.Event | None = None,
+    now: _dt.datetime | None = None,
+) -> dict:
     """Delete terminal flow runs that ended before now - older_than, with their task runs, states, logs
     and artifacts. Each batch is one short write transaction, so the API never waits long."""
     horizon = iso((now or utcnow()) - older_than)
@@ -5028,8 +5454,10 @@ def prune_flow_runs(db: Database, older_than: _dt.timedelta, batch_size: int = 2
         "flow_runs": "SELECT COUNT(*) FROM flow_run WHERE id IN ({ids})",
         "task_runs": "SELECT COUNT(*) FROM task_run WHERE flow_run_id IN ({ids})",
         "flow_run_states": "SELECT COUNT(*) FROM flow_run_state WHERE flow_run_id IN ({ids})",
-        "task_run_states": ("SELECT COUNT(*) FROM task_run_state WHERE task_run_id IN "
-                            "(SELECT id FROM task_run WHERE flow_run_id IN ({ids}))"),
+        "task_run_states": (
+            "SELECT COUNT(*) FROM task_run_state WHERE task_run_id IN "
+            "(SELECT id FROM task_run WHERE flow_run_id IN ({ids}))"
+        ),
         "logs": "SELECT COUNT(*) FROM log WHERE flow_run_id IN ({ids})",
         "artifacts": "SELECT COUNT(*) FROM artifact WHERE flow_run_id IN ({ids})",
     }
@@ -5047,8 +5475,12 @@ def prune_flow_runs(db: Database, older_than: _dt.timedelta, batch_size: int = 2
             for key, sql in counting.items():
                 counts[key] += int(tx.scalar(sql.format(ids=marks), ids))
             tx.execute(f"DELETE FROM log WHERE flow_run_id IN ({marks})", ids)
-            keys = [r["key"] for r in tx.query(f"SELECT DISTINCT key FROM artifact WHERE flow_run_id IN ({marks}) "
-                                               "AND key IS NOT NULL", ids)]
+            keys = [
+                r["key"]
+                for r in tx.query(
+                    f"SELECT DISTINCT key FROM artifact WHERE flow_run_id IN ({marks}) AND key IS NOT NULL", ids
+                )
+            ]
             tx.execute(f"DELETE FROM artifact WHERE flow_run_id IN ({marks})", ids)
             _repoint_artifact_keys(tx, keys)
             tx.execute(f"DELETE FROM flow_run WHERE id IN ({marks})", ids)  # states and task runs cascade
@@ -5073,7 +5505,7 @@ def parse_age(text: str) -> _dt.timedelta:
     return _dt.timedelta(seconds=value * {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit])
 
 
-# --- 9. Events ---
+# --- 11. Events ---
 # Owns Prefect 3 events: storing and querying them, the task-run recorder that turns task-run
 # events into task runs, and the flow-run state events the server emits itself.
 
@@ -5088,50 +5520,80 @@ EVENT_DEFAULT_LOOKBACK_DAYS = 180  # a filter without `occurred.since` starts th
 EVENT_COUNT_MAX_BUCKETS = 1000
 # Time buckets of /events/count-by/time are counted from here (Prefect's PIVOT_DATETIME, a Monday).
 EVENT_COUNT_PIVOT = _dt.datetime(2024, 4, 1, tzinfo=_dt.timezone.utc)
-EVENT_TIME_UNITS = {"week": _dt.timedelta(days=7), "day": _dt.timedelta(days=1), "hour": _dt.timedelta(hours=1),
-                    "minute": _dt.timedelta(minutes=1), "second": _dt.timedelta(seconds=1)}
+EVENT_TIME_UNITS = {
+    "week": _dt.timedelta(days=7),
+    "day": _dt.timedelta(days=1),
+    "hour": _dt.timedelta(hours=1),
+    "minute": _dt.timedelta(minutes=1),
+    "second": _dt.timedelta(seconds=1),
+}
 EVENT_COUNTABLES = ("day", "time", "event", "resource")
 
-EventCreate = Schema("Event", {
-    "occurred": Field("datetime", required=True, nullable=False),
-    "event": Field("str", required=True, nullable=False, max_length=EVENT_NAME_MAX_LENGTH),
-    "resource": Field("object", required=True, nullable=False),
-    "related": Field(ListOf("object", max_items=EVENT_MAX_RELATED), default=list, nullable=False),
-    "payload": Field("object", default=dict, nullable=False),
-    "id": Field("uuid", required=True, nullable=False),
-    "follows": Field("uuid"),
-})
+EventCreate = Schema(
+    "Event",
+    {
+        "occurred": Field("datetime", required=True, nullable=False),
+        "event": Field("str", required=True, nullable=False, max_length=EVENT_NAME_MAX_LENGTH),
+        "resource": Field("object", required=True, nullable=False),
+        "related": Field(ListOf("object", max_items=EVENT_MAX_RELATED), default=list, nullable=False),
+        "payload": Field("object", default=dict, nullable=False),
+        "id": Field("uuid", required=True, nullable=False),
+        "follows": Field("uuid"),
+    },
+)
 _STRS = ListOf("str")
 EventOccurredFilter = Schema("EventOccurredFilter", {"since": Field("datetime"), "until": Field("datetime")})
-EventNameFilter = Schema("EventNameFilter", {
-    "prefix": Field(_STRS), "exclude_prefix": Field(_STRS), "name": Field(_STRS), "exclude_name": Field(_STRS)})
-EventResourceFilter = Schema("EventResourceFilter", {
-    "id": Field(_STRS), "id_prefix": Field(_STRS), "labels": Field("object"),
-    "distinct": Field("bool", default=False, nullable=False)})
-EventRelatedFilter = Schema("EventRelatedFilter", {
-    "id": Field(_STRS), "role": Field(_STRS), "resources_in_roles": Field(ListOf(_STRS)), "labels": Field("object")})
-EventAnyResourceFilter = Schema("EventAnyResourceFilter", {
-    "id": Field(_STRS), "id_prefix": Field(_STRS), "labels": Field("object")})
+EventNameFilter = Schema(
+    "EventNameFilter",
+    {"prefix": Field(_STRS), "exclude_prefix": Field(_STRS), "name": Field(_STRS), "exclude_name": Field(_STRS)},
+)
+EventResourceFilter = Schema(
+    "EventResourceFilter",
+    {
+        "id": Field(_STRS),
+        "id_prefix": Field(_STRS),
+        "labels": Field("object"),
+        "distinct": Field("bool", default=False, nullable=False),
+    },
+)
+EventRelatedFilter = Schema(
+    "EventRelatedFilter",
+    {"id": Field(_STRS), "role": Field(_STRS), "resources_in_roles": Field(ListOf(_STRS)), "labels": Field("object")},
+)
+EventAnyResourceFilter = Schema(
+    "EventAnyResourceFilter", {"id": Field(_STRS), "id_prefix": Field(_STRS), "labels": Field("object")}
+)
 EventIDFilter = Schema("EventIDFilter", {"id": Field(ListOf("uuid"))})
 EventTextFilter = Schema("EventTextFilter", {"query": Field("str", required=True, nullable=False, max_length=200)})
-EventFilter = Schema("EventFilter", {
-    "occurred": Field(EventOccurredFilter, default=dict, nullable=False),
-    "event": Field(EventNameFilter), "resource": Field(EventResourceFilter),
-    "related": Field("any", description="an EventRelatedFilter or a list of them (all must match)"),
-    "any_resource": Field("any", description="an EventAnyResourceFilter or a list of them (all must match)"),
-    "id": Field(EventIDFilter, default=dict, nullable=False), "text": Field(EventTextFilter),
-    "order": Field(Enum("EventOrder", ("ASC", "DESC")), default="DESC", nullable=False),
-})
-EventFilterBody = Schema("Body_read_events", {
-    "filter": Field(EventFilter),
-    # More than a page is capped rather than refused: Prefect 3's client asks for 100 by default.
-    "limit": Field("int", default=EVENT_PAGE_SIZE, nullable=False, minimum=0),
-})
-EventCountBody = Schema("Body_count_events", {
-    "filter": Field(EventFilter, required=True, nullable=False),
-    "time_unit": Field(Enum("TimeUnit", tuple(EVENT_TIME_UNITS)), default="day", nullable=False),
-    "time_interval": Field("float", default=1.0, nullable=False, minimum=0.01),
-})
+EventFilter = Schema(
+    "EventFilter",
+    {
+        "occurred": Field(EventOccurredFilter, default=dict, nullable=False),
+        "event": Field(EventNameFilter),
+        "resource": Field(EventResourceFilter),
+        "related": Field("any", description="an EventRelatedFilter or a list of them (all must match)"),
+        "any_resource": Field("any", description="an EventAnyResourceFilter or a list of them (all must match)"),
+        "id": Field(EventIDFilter, default=dict, nullable=False),
+        "text": Field(EventTextFilter),
+        "order": Field(Enum("EventOrder", ("ASC", "DESC")), default="DESC", nullable=False),
+    },
+)
+EventFilterBody = Schema(
+    "Body_read_events",
+    {
+        "filter": Field(EventFilter),
+        # More than a page is capped rather than refused: Prefect 3's client asks for 100 by default.
+        "limit": Field("int", default=EVENT_PAGE_SIZE, nullable=False, minimum=0),
+    },
+)
+EventCountBody = Schema(
+    "Body_count_events",
+    {
+        "filter": Field(EventFilter, required=True, nullable=False),
+        "time_unit": Field(Enum("TimeUnit", tuple(EVENT_TIME_UNITS)), default="day", nullable=False),
+        "time_interval": Field("float", default=1.0, nullable=False, minimum=0.01),
+    },
+)
 
 
 def _validate_labels(value, loc) -> dict:
@@ -5175,8 +5637,9 @@ def normalize_event_filter(flt: dict | None, loc=("body", "filter"), until: _dt.
     flt["any_resource"] = _filter_list(EventAnyResourceFilter, flt["any_resource"], (*loc, "any_resource"))
     for related in flt["related"]:
         if any(len(pair) != 2 for pair in related.get("resources_in_roles") or ()):
-            raise ValidationFailed([_error((*loc, "related", "resources_in_roles"),
-                                           "expected [resource id, role] pairs", "value_error")])
+            raise ValidationFailed(
+                [_error((*loc, "related", "resources_in_roles"), "expected [resource id, role] pairs", "value_error")]
+            )
     return flt
 
 
@@ -5251,7 +5714,7 @@ def parse_text_query(query: str) -> tuple[list[str], list[str], list[str]]:
             end = i + 1
             while end < n and query[end] != '"':
                 end += 2 if query[end] == "\\" and end + 1 < n else 1
-            term = query[i + 1:end].replace('\\"', '"').replace("\\\\", "\\")
+            term = query[i + 1 : end].replace('\\"', '"').replace("\\\\", "\\")
             i = end + 1
         else:
             end = i
@@ -5274,8 +5737,10 @@ def compile_event_filter(tx, flt: dict) -> tuple[str, list]:
 
     name = flt.get("event") or {}
     if name.get("prefix"):
-        add("(" + " OR ".join("events.event LIKE ? ESCAPE '\\'" for _ in name["prefix"]) + ")",
-            [_like_literal(p) + "%" for p in name["prefix"]])
+        add(
+            "(" + " OR ".join("events.event LIKE ? ESCAPE '\\'" for _ in name["prefix"]) + ")",
+            [_like_literal(p) + "%" for p in name["prefix"]],
+        )
     for prefix in name.get("exclude_prefix") or ():
         add("events.event NOT LIKE ? ESCAPE '\\'", [_like_literal(prefix) + "%"])
     if name.get("name"):
@@ -5286,8 +5751,10 @@ def compile_event_filter(tx, flt: dict) -> tuple[str, list]:
     if resource.get("id"):
         add(f"events.resource_id IN ({', '.join('?' for _ in resource['id'])})", resource["id"])
     if resource.get("id_prefix"):
-        add("(" + " OR ".join("events.resource_id LIKE ? ESCAPE '\\'" for _ in resource["id_prefix"]) + ")",
-            [_like_literal(p) + "%" for p in resource["id_prefix"]])
+        add(
+            "(" + " OR ".join("events.resource_id LIKE ? ESCAPE '\\'" for _ in resource["id_prefix"]) + ")",
+            [_like_literal(p) + "%" for p in resource["id_prefix"]],
+        )
     if resource.get("labels"):
         sql, args = _label_clauses(tx, "er", resource["labels"], role_column=False)
         add(*_resources_exist(["er.resource_role = ''", *sql], args, since, until))
@@ -5318,8 +5785,11 @@ def _related_clauses(tx, related: dict) -> tuple[list[str], list]:
         clauses.append(f"er.resource_role IN ({', '.join('?' for _ in related['role'])})")
         params += related["role"]
     if related.get("resources_in_roles"):
-        clauses.append("(" + " OR ".join("(er.resource_id = ? AND er.resource_role = ?)"
-                                         for _ in related["resources_in_roles"]) + ")")
+        clauses.append(
+            "("
+            + " OR ".join("(er.resource_id = ? AND er.resource_role = ?)" for _ in related["resources_in_roles"])
+            + ")"
+        )
         params += [value for pair in related["resources_in_roles"] for value in pair]
     if related.get("labels"):
         sql, args = _label_clauses(tx, "er", related["labels"], role_column=True)
@@ -5365,7 +5835,9 @@ def validate_event(data, loc=("event",)) -> dict:
     """An incoming Event (the client's view) in our canonical form; ValidationFailed when it is not one."""
     event = EventCreate.validate(data, loc)
     event["resource"] = _validate_resource(event["resource"], (*loc, "resource"), related=False)
-    event["related"] = [_validate_resource(r, (*loc, "related", i), related=True) for i, r in enumerate(event["related"])]
+    event["related"] = [
+        _validate_resource(r, (*loc, "related", i), related=True) for i, r in enumerate(event["related"])
+    ]
     return event
 
 
@@ -5385,9 +5857,16 @@ def _validate_resource(labels: dict, loc, related: bool) -> dict:
 def event_out(row: dict) -> dict:
     """A stored event as Prefect 3 shows it (a ReceivedEvent)."""
     event = decode_row("events", row)
-    return {"occurred": event["occurred"], "event": event["event"], "resource": event["resource"],
-            "related": event["related"], "payload": event["payload"], "id": event["id"],
-            "follows": event["follows"], "received": event["received"]}
+    return {
+        "occurred": event["occurred"],
+        "event": event["event"],
+        "resource": event["resource"],
+        "related": event["related"],
+        "payload": event["payload"],
+        "id": event["id"],
+        "follows": event["follows"],
+        "received": event["received"],
+    }
 
 
 def store_events(tx, events: list[dict]) -> list[dict]:
@@ -5397,20 +5876,41 @@ def store_events(tx, events: list[dict]) -> list[dict]:
     stored = []
     for event in events:
         resources = [("", event["resource"]), *((r["prefect.resource.role"], r) for r in event["related"])]
-        inserted = insert_row(tx, "events", {
-            "id": event["id"], "occurred": event["occurred"], "received": received, "event": event["event"],
-            "resource_id": event["resource"]["prefect.resource.id"], "resource": event["resource"],
-            "related_resource_ids": [r["prefect.resource.id"] for r in event["related"]],
-            "related": event["related"], "payload": event["payload"], "follows": event.get("follows"),
-        }, on_conflict="ON CONFLICT DO NOTHING")
+        inserted = insert_row(
+            tx,
+            "events",
+            {
+                "id": event["id"],
+                "occurred": event["occurred"],
+                "received": received,
+                "event": event["event"],
+                "resource_id": event["resource"]["prefect.resource.id"],
+                "resource": event["resource"],
+                "related_resource_ids": [r["prefect.resource.id"] for r in event["related"]],
+                "related": event["related"],
+                "payload": event["payload"],
+                "follows": event.get("follows"),
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
         if not inserted:
             continue
         tx.executemany(
             "INSERT INTO event_resources (event_id, occurred, resource_id, resource_role, resource) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-            [(event["id"], event["occurred"], labels["prefect.resource.id"], role,
-              dumps({k: v for k, v in labels.items() if k not in ("prefect.resource.id", "prefect.resource.role")}))
-             for role, labels in resources])
+            [
+                (
+                    event["id"],
+                    event["occurred"],
+                    labels["prefect.resource.id"],
+                    role,
+                    dumps(
+                        {k: v for k, v in labels.items() if k not in ("prefect.resource.id", "prefect.resource.role")}
+                    ),
+                )
+                for role, labels in resources
+            ],
+        )
         stored.append({**event, "received": received})
         record_task_run_event(tx, event)
     if stored:
@@ -5424,8 +5924,11 @@ def store_events(tx, events: list[dict]) -> list[dict]:
 def _event_ids_in_order(tx, flt: dict) -> list[dict]:
     where, params = compile_event_filter(tx, flt)
     direction = "ASC" if flt["order"] == "ASC" else "DESC"
-    rows = tx.query(f"SELECT events.id, events.resource_id FROM events WHERE {where} "
-                    f"ORDER BY events.occurred {direction}, events.id {direction}", params)
+    rows = tx.query(
+        f"SELECT events.id, events.resource_id FROM events WHERE {where} "
+        f"ORDER BY events.occurred {direction}, events.id {direction}",
+        params,
+    )
     return _distinct_resources(rows) if (flt.get("resource") or {}).get("distinct") else rows
 
 
@@ -5443,17 +5946,19 @@ def read_events_page(tx, flt: dict, limit: int, offset: int = 0) -> tuple[list[d
     """One page of matching events and how many match in all."""
     if (flt.get("resource") or {}).get("distinct"):
         ordered = _event_ids_in_order(tx, flt)
-        total, ids = len(ordered), [r["id"] for r in ordered[offset:offset + limit]]
+        total, ids = len(ordered), [r["id"] for r in ordered[offset : offset + limit]]
         if not ids:
             return [], total
-        rows = {r["id"]: r for r in tx.query(
-            f"SELECT * FROM events WHERE id IN ({', '.join('?' for _ in ids)})", ids)}
+        rows = {r["id"]: r for r in tx.query(f"SELECT * FROM events WHERE id IN ({', '.join('?' for _ in ids)})", ids)}
         return [event_out(rows[i]) for i in ids if i in rows], total
     where, params = compile_event_filter(tx, flt)
     total = int(tx.scalar(f"SELECT COUNT(*) AS n FROM events WHERE {where}", params))
     direction = "ASC" if flt["order"] == "ASC" else "DESC"
-    rows = tx.query(f"SELECT events.* FROM events WHERE {where} ORDER BY events.occurred {direction}, "
-                    f"events.id {direction} LIMIT ? OFFSET ?", (*params, limit, offset))
+    rows = tx.query(
+        f"SELECT events.* FROM events WHERE {where} ORDER BY events.occurred {direction}, "
+        f"events.id {direction} LIMIT ? OFFSET ?",
+        (*params, limit, offset),
+    )
     return [event_out(r) for r in rows], total
 
 
@@ -5463,8 +5968,10 @@ def matching_event_ids(tx, flt: dict, ids: list[str]) -> set[str]:
         return set()
     where, params = compile_event_filter(tx, flt)
     marks = ", ".join("?" for _ in ids)
-    return {r["id"] for r in tx.query(f"SELECT events.id FROM events WHERE {where} AND events.id IN ({marks})",
-                                      (*params, *ids))}
+    return {
+        r["id"]
+        for r in tx.query(f"SELECT events.id FROM events WHERE {where} AND events.id IN ({marks})", (*params, *ids))
+    }
 
 
 def event_page_token(flt: dict, total: int, limit: int, offset: int) -> str | None:
@@ -5495,26 +6002,40 @@ def count_events(tx, flt: dict, countable: str, time_unit: str, interval: float)
         return _count_events_by_time(tx, flt, unit, interval)
     where, params = compile_event_filter(tx, flt)
     column = "events.event" if countable == "event" else "events.resource_id"
-    rows = tx.query(f"SELECT {column} AS value, COUNT(*) AS n, MIN(events.occurred) AS start_time, "
-                    f"MAX(events.occurred) AS end_time FROM events WHERE {where} GROUP BY {column}", params)
+    rows = tx.query(
+        f"SELECT {column} AS value, COUNT(*) AS n, MIN(events.occurred) AS start_time, "
+        f"MAX(events.occurred) AS end_time FROM events WHERE {where} GROUP BY {column}",
+        params,
+    )
     counts = []
     for row in rows:
         label = row["value"]
         if countable == "resource":  # the resource's name as of its latest event
-            latest = tx.query_one(f"SELECT resource FROM events WHERE {where} AND events.resource_id = ? "
-                                  "ORDER BY occurred DESC LIMIT 1", (*params, row["value"]))
+            latest = tx.query_one(
+                f"SELECT resource FROM events WHERE {where} AND events.resource_id = ? ORDER BY occurred DESC LIMIT 1",
+                (*params, row["value"]),
+            )
             labels = json.loads(latest["resource"]) if latest else {}
             label = labels.get("prefect.resource.name") or labels.get("prefect.name") or row["value"]
-        counts.append({"value": row["value"], "label": label, "count": int(row["n"]),
-                       "start_time": row["start_time"], "end_time": row["end_time"]})
+        counts.append(
+            {
+                "value": row["value"],
+                "label": label,
+                "count": int(row["n"]),
+                "start_time": row["start_time"],
+                "end_time": row["end_time"],
+            }
+        )
     counts.sort(key=lambda c: (-c["count"], c["label"]))
     return counts
 
 
 def _end_of_period(moment: _dt.datetime, unit: str) -> _dt.datetime:
-    last = {"second": {"microsecond": 999999},
-            "minute": {"second": 59, "microsecond": 999999},
-            "hour": {"minute": 59, "second": 59, "microsecond": 999999}}.get(unit)
+    last = {
+        "second": {"microsecond": 999999},
+        "minute": {"second": 59, "microsecond": 999999},
+        "hour": {"minute": 59, "second": 59, "microsecond": 999999},
+    }.get(unit)
     if last is not None:
         return moment.replace(**last)
     end = moment.replace(hour=23, minute=59, second=59, microsecond=999999)
@@ -5528,10 +6049,17 @@ def _count_events_by_time(tx, flt: dict, unit: str, interval: float) -> list[dic
     since, until = from_iso(flt["occurred"]["since"]), from_iso(flt["occurred"]["until"])
     buckets = math.ceil((until - since) / delta)
     if buckets > EVENT_COUNT_MAX_BUCKETS:
-        raise ValidationFailed([_error(("body", "time_interval"),
-                                       f"The given interval would create {buckets} buckets, which is too many. Please "
-                                       "increase the interval or reduce the time range to produce "
-                                       f"{EVENT_COUNT_MAX_BUCKETS} buckets or fewer.", "value_error")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "time_interval"),
+                    f"The given interval would create {buckets} buckets, which is too many. Please "
+                    "increase the interval or reduce the time range to produce "
+                    f"{EVENT_COUNT_MAX_BUCKETS} buckets or fewer.",
+                    "value_error",
+                )
+            ]
+        )
     now = utcnow()
     end = _end_of_period(now, unit) if until > now else until
     first = math.floor((since - EVENT_COUNT_PIVOT) / delta)
@@ -5544,12 +6072,19 @@ def _count_events_by_time(tx, flt: dict, unit: str, interval: float) -> list[dic
         index = math.floor((from_iso(row["occurred"]) - EVENT_COUNT_PIVOT) / delta) - first
         if 0 <= index < len(spans):
             spans[index][2] += 1
-    return [{"value": str(i), "label": begin.isoformat(), "count": n, "start_time": iso(begin), "end_time": iso(finish)}
-            for i, (begin, finish, n) in enumerate(spans)]
+    return [
+        {"value": str(i), "label": begin.isoformat(), "count": n, "start_time": iso(begin), "end_time": iso(finish)}
+        for i, (begin, finish, n) in enumerate(spans)
+    ]
 
 
-def prune_events(db: Database, older_than: _dt.timedelta, batch_size: int = 1000,
-                 stop: threading.Event | None = None, now: _dt.datetime | None = None) -> int:
+def prune_events(
+    db: Database,
+    older_than: _dt.timedelta,
+    batch_size: int = 1000,
+    stop: threading.Event | None = None,
+    now: _dt.datetime | None = None,
+) -> int:
     """Delete events that occurred before now - older_than (their resource rows cascade); short batches."""
     horizon = iso((now or utcnow()) - older_than)
     removed = 0
@@ -5558,8 +6093,12 @@ def prune_events(db: Database, older_than: _dt.timedelta, batch_size: int = 1000
             return 0
     while not (stop and stop.is_set()):
         with db.write() as tx:
-            ids = [r["id"] for r in tx.query("SELECT id FROM events WHERE occurred < ? ORDER BY occurred LIMIT ?",
-                                             (horizon, batch_size))]
+            ids = [
+                r["id"]
+                for r in tx.query(
+                    "SELECT id FROM events WHERE occurred < ? ORDER BY occurred LIMIT ?", (horizon, batch_size)
+                )
+            ]
             if not ids:
                 break
             marks = ", ".join("?" for _ in ids)
@@ -5575,13 +6114,26 @@ def prune_events(db: Database, older_than: _dt.timedelta, batch_size: int = 1000
 # current state and fields: events may arrive twice or out of order, the run never goes back in time.
 
 TASK_RUN_EVENT_FIELDS = {  # payload.task_run field -> how we store it
-    "name": "str", "task_key": "str", "dynamic_key": "str", "cache_key": "str", "cache_expiration": "datetime",
-    "task_version": "str", "empirical_policy": "object", "tags": "list", "task_inputs": "object",
-    "run_count": "int", "flow_run_run_count": "int", "expected_start_time": "datetime",
-    "next_scheduled_start_time": "datetime", "start_time": "datetime", "end_time": "datetime",
+    "name": "str",
+    "task_key": "str",
+    "dynamic_key": "str",
+    "cache_key": "str",
+    "cache_expiration": "datetime",
+    "task_version": "str",
+    "empirical_policy": "object",
+    "tags": "list",
+    "task_inputs": "object",
+    "run_count": "int",
+    "flow_run_run_count": "int",
+    "expected_start_time": "datetime",
+    "next_scheduled_start_time": "datetime",
+    "start_time": "datetime",
+    "end_time": "datetime",
     "total_run_time": "seconds",
 }
-_ISO_DURATION = re.compile(r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$")
+_ISO_DURATION = re.compile(
+    r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
+)
 
 
 def _seconds(value) -> float:
@@ -5627,7 +6179,7 @@ def _prefect_object_id(resource_id: str | None, kind: str) -> str | None:
     if not resource_id or not resource_id.startswith(prefix):
         return None
     try:
-        return parse_uuid(resource_id[len(prefix):])
+        return parse_uuid(resource_id[len(prefix) :])
     except ValidationFailed:
         return None
 
@@ -5640,14 +6192,19 @@ def record_task_run_event(tx, event: dict) -> dict | None:
         return None
     task_run_id = _prefect_object_id(resource.get("prefect.resource.id"), "prefect.task-run")
     payload = event["payload"]
-    if task_run_id is None or not isinstance(payload.get("validated_state"), dict) \
-            or not isinstance(payload.get("task_run"), dict):
+    if (
+        task_run_id is None
+        or not isinstance(payload.get("validated_state"), dict)
+        or not isinstance(payload.get("task_run"), dict)
+    ):
         log.warning("task run event %s lacks a task run id, validated_state or task_run; not recorded", event["id"])
         return None
     flow_run_resource = next((r for r in event["related"] if r["prefect.resource.role"] == "flow-run"), None)
     flow_run_id = _prefect_object_id(flow_run_resource and flow_run_resource["prefect.resource.id"], "prefect.flow-run")
     if flow_run_id is not None and read_row(tx, "flow_run", flow_run_id) is None:
-        log.info("task run event %s belongs to flow run %s, which does not exist; not recorded", event["id"], flow_run_id)
+        log.info(
+            "task run event %s belongs to flow run %s, which does not exist; not recorded", event["id"], flow_run_id
+        )
         return None
     try:
         columns = _task_run_columns(payload["task_run"])
@@ -5661,10 +6218,22 @@ def record_task_run_event(tx, event: dict) -> dict | None:
         run = _insert_event_task_run(tx, task_run_id, flow_run_id, columns, state)
         created = run["state_id"] == state["id"]  # not when another writer created the row meanwhile
     state["state_details"]["task_run_id"] = run["id"]
-    if not insert_row(tx, "task_run_state", {
-            "id": state["id"], "created": now_iso(), "task_run_id": run["id"], "type": state["type"],
-            "name": state["name"], "timestamp": state["timestamp"], "message": state["message"],
-            "data": state["data"], "state_details": state["state_details"]}, on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx,
+        "task_run_state",
+        {
+            "id": state["id"],
+            "created": now_iso(),
+            "task_run_id": run["id"],
+            "type": state["type"],
+            "name": state["name"],
+            "timestamp": state["timestamp"],
+            "message": state["message"],
+            "data": state["data"],
+            "state_details": state["state_details"],
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    ):
         return run  # this state is recorded already: the event was sent twice
     newer = created or run["state_timestamp"] is None or run["state_timestamp"] < state["timestamp"]
     initial = None
@@ -5684,9 +6253,18 @@ def _event_state(validated: dict, event: dict, flow_run_id: str | None) -> dict:
     state_type = validated.get("type")
     if state_type not in STATE_TYPES:
         raise ValueError(f"unknown state type {state_type!r}")
-    state = make_state({"type": state_type, "name": validated.get("name"), "message": validated.get("message"),
-                        "data": validated.get("data"), "state_details": dict(validated.get("state_details") or {})},
-                       flow_run_id, None, event["occurred"])
+    state = make_state(
+        {
+            "type": state_type,
+            "name": validated.get("name"),
+            "message": validated.get("message"),
+            "data": validated.get("data"),
+            "state_details": dict(validated.get("state_details") or {}),
+        },
+        flow_run_id,
+        None,
+        event["occurred"],
+    )
     state["id"] = event["id"]
     return state
 
@@ -5694,25 +6272,47 @@ def _event_state(validated: dict, event: dict, flow_run_id: str | None) -> dict:
 def _find_task_run(tx, task_run_id: str, flow_run_id: str | None, columns: dict) -> dict | None:
     """The run this event is about: by id, else by its natural key (a run first created over REST)."""
     row = read_row(tx, "task_run", task_run_id, lock=True)
-    if row is None and flow_run_id is not None and columns.get("task_key") is not None \
-            and columns.get("dynamic_key") is not None:
-        row = tx.query_one(f"SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?"
-                           f"{tx.db.for_update}", (flow_run_id, columns["task_key"], columns["dynamic_key"]))
+    if (
+        row is None
+        and flow_run_id is not None
+        and columns.get("task_key") is not None
+        and columns.get("dynamic_key") is not None
+    ):
+        row = tx.query_one(
+            f"SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?{tx.db.for_update}",
+            (flow_run_id, columns["task_key"], columns["dynamic_key"]),
+        )
     return row
 
 
 def _insert_event_task_run(tx, task_run_id: str, flow_run_id: str | None, columns: dict, state: dict) -> dict:
     now = now_iso()
     values = {
-        "id": task_run_id, "created": now, "updated": now, "flow_run_id": flow_run_id,
-        "name": columns.get("name") or columns.get("task_key") or "task-run", "task_key": columns.get("task_key") or "",
-        "dynamic_key": columns.get("dynamic_key") or "", "empirical_policy": _task_run_policy(None), "tags": [],
-        "task_inputs": {}, "run_count": 0, "flow_run_run_count": 0, "total_run_time": 0.0,
+        "id": task_run_id,
+        "created": now,
+        "updated": now,
+        "flow_run_id": flow_run_id,
+        "name": columns.get("name") or columns.get("task_key") or "task-run",
+        "task_key": columns.get("task_key") or "",
+        "dynamic_key": columns.get("dynamic_key") or "",
+        "empirical_policy": _task_run_policy(None),
+        "tags": [],
+        "task_inputs": {},
+        "run_count": 0,
+        "flow_run_run_count": 0,
+        "total_run_time": 0.0,
         "expected_start_time": state["timestamp"],
     }
     values.update({k: v for k, v in columns.items() if v is not None or k not in values})
-    values.update({"state_id": state["id"], "state_type": state["type"], "state_name": state["name"],
-                   "state_timestamp": state["timestamp"], "state": state})
+    values.update(
+        {
+            "state_id": state["id"],
+            "state_type": state["type"],
+            "state_name": state["name"],
+            "state_timestamp": state["timestamp"],
+            "state": state,
+        }
+    )
     insert_row(tx, "task_run", values, on_conflict="ON CONFLICT DO NOTHING")
     # Another writer may have created it meanwhile (PostgreSQL): then this event updates that row.
     return _find_task_run(tx, task_run_id, flow_run_id, columns)
@@ -5721,46 +6321,88 @@ def _insert_event_task_run(tx, task_run_id: str, flow_run_id: str | None, column
 # Flow-run events: every flow run state we record is also an event (prefect.flow-run.<State>), as the
 # Prefect 3 server emits, so subscribers and event queries see flow runs next to their task runs.
 
+
 def emit_flow_run_state_event(tx, kind: str, run: dict, initial: dict | None, state: dict):
     """A state listener: store a prefect.flow-run.<State name> event for a flow run's new state."""
     if kind != "flow":
         return
-    resource = {"prefect.resource.id": f"prefect.flow-run.{run['id']}", "prefect.resource.name": run.get("name") or "",
-                "prefect.run-count": str(run.get("run_count") or 0), "prefect.state-message": state.get("message") or "",
-                "prefect.state-name": state["name"], "prefect.state-timestamp": state["timestamp"],
-                "prefect.state-type": state["type"]}
+    resource = {
+        "prefect.resource.id": f"prefect.flow-run.{run['id']}",
+        "prefect.resource.name": run.get("name") or "",
+        "prefect.run-count": str(run.get("run_count") or 0),
+        "prefect.state-message": state.get("message") or "",
+        "prefect.state-name": state["name"],
+        "prefect.state-timestamp": state["timestamp"],
+        "prefect.state-type": state["type"],
+    }
     related = []
     flow = tx.query_one("SELECT id, name FROM flow WHERE id = ?", (run["flow_id"],))
     if flow is not None:
-        related.append({"prefect.resource.id": f"prefect.flow.{flow['id']}", "prefect.resource.role": "flow",
-                        "prefect.resource.name": flow["name"]})
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.flow.{flow['id']}",
+                "prefect.resource.role": "flow",
+                "prefect.resource.name": flow["name"],
+            }
+        )
     if run.get("deployment_id"):
         deployment = tx.query_one("SELECT id, name FROM deployment WHERE id = ?", (run["deployment_id"],))
         if deployment is not None:
-            related.append({"prefect.resource.id": f"prefect.deployment.{deployment['id']}",
-                            "prefect.resource.role": "deployment", "prefect.resource.name": deployment["name"]})
-    related += [{"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
-                for tag in sorted(run.get("tags") or [])]
-    validated = {"type": state["type"], "name": state["name"], "message": state.get("message"),
-                 "state_details": {k: v for k, v in (state.get("state_details") or {}).items()
-                                   if v is not None and k not in ("flow_run_id", "task_run_id")}}
-    payload = {"intended": {"from": initial["type"] if initial else None, "to": state["type"]},
-               "initial_state": ({"type": initial["type"], "name": initial["name"], "message": initial.get("message")}
-                                 if initial else None),
-               "validated_state": validated}
-    store_events(tx, [{"id": new_id(), "occurred": state["timestamp"], "event": f"prefect.flow-run.{state['name']}",
-                       "resource": resource, "related": related, "payload": payload, "follows": None}])
+            related.append(
+                {
+                    "prefect.resource.id": f"prefect.deployment.{deployment['id']}",
+                    "prefect.resource.role": "deployment",
+                    "prefect.resource.name": deployment["name"],
+                }
+            )
+    related += [
+        {"prefect.resource.id": f"prefect.tag.{tag}", "prefect.resource.role": "tag"}
+        for tag in sorted(run.get("tags") or [])
+    ]
+    validated = {
+        "type": state["type"],
+        "name": state["name"],
+        "message": state.get("message"),
+        "state_details": {
+            k: v
+            for k, v in (state.get("state_details") or {}).items()
+            if v is not None and k not in ("flow_run_id", "task_run_id")
+        },
+    }
+    payload = {
+        "intended": {"from": initial["type"] if initial else None, "to": state["type"]},
+        "initial_state": (
+            {"type": initial["type"], "name": initial["name"], "message": initial.get("message")} if initial else None
+        ),
+        "validated_state": validated,
+    }
+    store_events(
+        tx,
+        [
+            {
+                "id": new_id(),
+                "occurred": state["timestamp"],
+                "event": f"prefect.flow-run.{state['name']}",
+                "resource": resource,
+                "related": related,
+                "payload": payload,
+                "follows": None,
+            }
+        ],
+    )
 
 
-# --- 10. Resources ---
+# --- 12. Resources ---
 # Owns what flows use besides runs: blocks, variables, artifacts, concurrency limits and
 # leases, saved searches, work pools, queues and workers, and the server's configuration.
 
 # Server configuration (Prefect 3's `configuration` table): for now the default result storage block.
 
 RESULT_STORAGE_KEY = "server-default-result-storage"
-ResultStorageUpdate = Schema("ServerDefaultResultStorageUpdate", {
-    "default_result_storage_block_id": Field("uuid", required=True, nullable=False)})
+ResultStorageUpdate = Schema(
+    "ServerDefaultResultStorageUpdate",
+    {"default_result_storage_block_id": Field("uuid", required=True, nullable=False)},
+)
 
 
 def read_configuration(tx, key: str):
@@ -5776,16 +6418,23 @@ def write_configuration(tx, key: str, value):
 
 def set_default_result_storage(tx, block_document_id: str):
     """Only a block that can write results (capability write-path) may be the default result storage."""
-    row = tx.query_one("SELECT s.capabilities FROM block_document d JOIN block_schema s ON s.id = d.block_schema_id "
-                       "WHERE d.id = ?", (block_document_id,))
+    row = tx.query_one(
+        "SELECT s.capabilities FROM block_document d JOIN block_schema s ON s.id = d.block_schema_id WHERE d.id = ?",
+        (block_document_id,),
+    )
     if row is None:
         raise NotFound(f"Block document {block_document_id} not found.")
     if "write-path" not in json.loads(row["capabilities"] or "[]"):
-        raise ValidationFailed([_error(("body", "default_result_storage_block_id"),
-                                       f"Block document {block_document_id} cannot be used for result storage.",
-                                       "value_error")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "default_result_storage_block_id"),
+                    f"Block document {block_document_id} cannot be used for result storage.",
+                    "value_error",
+                )
+            ]
+        )
     write_configuration(tx, RESULT_STORAGE_KEY, {"default_result_storage_block_id": block_document_id})
-
 
 
 # Blocks: types, schemas, documents. Secret fields (the schema's `secret_fields`) are masked on read.
@@ -5793,35 +6442,54 @@ def set_default_result_storage(tx, block_document_id: str):
 SECRET_MASK = "********"  # what Prefect 2.20 shows for a secret; clients send it back to mean "unchanged"
 _SECRET_MASKS = (SECRET_MASK, "**********")  # an older spelling of ours is understood too
 
-BlockTypeCreate = Schema("BlockTypeCreate", {
-    "name": Field("str", required=True, nullable=False, max_length=255),
-    "slug": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]+", max_length=255),
-    "logo_url": Field("str"), "documentation_url": Field("str"), "description": Field("str"),
-    "code_example": Field("str"),
-})
-BlockTypeUpdate = Schema("BlockTypeUpdate", {
-    "logo_url": Field("str"), "documentation_url": Field("str"), "description": Field("str"),
-    "code_example": Field("str"),
-})
-BlockSchemaCreate = Schema("BlockSchemaCreate", {
-    "fields": Field("object", default=dict, nullable=False),
-    "block_type_id": Field("uuid", required=True, nullable=False),
-    "capabilities": Field(ListOf("str"), default=list, nullable=False),
-    "version": Field("str", default="non-versioned", nullable=False),
-    "checksum": Field("str"),
-})
-BlockDocumentCreate = Schema("BlockDocumentCreate", {
-    "name": Field("str", max_length=255, pattern=r"[a-z0-9-]+"),
-    "data": Field("object", default=dict, nullable=False),
-    "block_schema_id": Field("uuid", required=True, nullable=False),
-    "block_type_id": Field("uuid", required=True, nullable=False),
-    "is_anonymous": Field("bool", default=False, nullable=False),
-})
-BlockDocumentUpdate = Schema("BlockDocumentUpdate", {
-    "block_schema_id": Field("uuid"),
-    "data": Field("object", default=dict, nullable=False),
-    "merge_existing_data": Field("bool", default=True, nullable=False),
-})
+BlockTypeCreate = Schema(
+    "BlockTypeCreate",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255),
+        "slug": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]+", max_length=255),
+        "logo_url": Field("str"),
+        "documentation_url": Field("str"),
+        "description": Field("str"),
+        "code_example": Field("str"),
+    },
+)
+BlockTypeUpdate = Schema(
+    "BlockTypeUpdate",
+    {
+        "logo_url": Field("str"),
+        "documentation_url": Field("str"),
+        "description": Field("str"),
+        "code_example": Field("str"),
+    },
+)
+BlockSchemaCreate = Schema(
+    "BlockSchemaCreate",
+    {
+        "fields": Field("object", default=dict, nullable=False),
+        "block_type_id": Field("uuid", required=True, nullable=False),
+        "capabilities": Field(ListOf("str"), default=list, nullable=False),
+        "version": Field("str", default="non-versioned", nullable=False),
+        "checksum": Field("str"),
+    },
+)
+BlockDocumentCreate = Schema(
+    "BlockDocumentCreate",
+    {
+        "name": Field("str", max_length=255, pattern=r"[a-z0-9-]+"),
+        "data": Field("object", default=dict, nullable=False),
+        "block_schema_id": Field("uuid", required=True, nullable=False),
+        "block_type_id": Field("uuid", required=True, nullable=False),
+        "is_anonymous": Field("bool", default=False, nullable=False),
+    },
+)
+BlockDocumentUpdate = Schema(
+    "BlockDocumentUpdate",
+    {
+        "block_schema_id": Field("uuid"),
+        "data": Field("object", default=dict, nullable=False),
+        "merge_existing_data": Field("bool", default=True, nullable=False),
+    },
+)
 
 
 def block_schema_checksum(fields: dict) -> str:
@@ -5884,8 +6552,12 @@ def block_schema_out(tx, row) -> dict:
 def create_block_type(tx, data) -> dict:
     now = now_iso()
     row_id = new_id()
-    if not insert_row(tx, "block_type", {"id": row_id, "created": now, "updated": now, "is_protected": False, **data},
-                      on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx,
+        "block_type",
+        {"id": row_id, "created": now, "updated": now, "is_protected": False, **data},
+        on_conflict="ON CONFLICT DO NOTHING",
+    ):
         raise Conflict(f'Block type with slug "{data["slug"]}" already exists.')
     return block_type_out(read_row(tx, "block_type", row_id))
 
@@ -5893,14 +6565,27 @@ def create_block_type(tx, data) -> dict:
 def create_block_schema(tx, data) -> tuple[dict, bool]:
     require_row(tx, "block_type", data["block_type_id"], "Block type")
     checksum = data.get("checksum") or block_schema_checksum(data["fields"])
-    existing = tx.query_one("SELECT * FROM block_schema WHERE checksum = ? AND version = ?", (checksum, data["version"]))
+    existing = tx.query_one(
+        "SELECT * FROM block_schema WHERE checksum = ? AND version = ?", (checksum, data["version"])
+    )
     if existing is not None:
         return block_schema_out(tx, existing), False
     now = now_iso()
-    created = insert_row(tx, "block_schema", {"id": new_id(), "created": now, "updated": now, "checksum": checksum,
-                                              "fields": data["fields"], "block_type_id": data["block_type_id"],
-                                              "capabilities": data["capabilities"], "version": data["version"]},
-                         on_conflict="ON CONFLICT DO NOTHING")
+    created = insert_row(
+        tx,
+        "block_schema",
+        {
+            "id": new_id(),
+            "created": now,
+            "updated": now,
+            "checksum": checksum,
+            "fields": data["fields"],
+            "block_type_id": data["block_type_id"],
+            "capabilities": data["capabilities"],
+            "version": data["version"],
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    )
     row = tx.query_one("SELECT * FROM block_schema WHERE checksum = ? AND version = ?", (checksum, data["version"]))
     return block_schema_out(tx, row), bool(created)
 
@@ -5944,7 +6629,9 @@ def _split_references(data: dict) -> tuple[dict, dict]:
     plain, refs = {}, {}
     for key, value in data.items():
         if isinstance(value, dict) and isinstance(value.get("$ref"), dict) and value["$ref"].get("block_document_id"):
-            refs[key] = parse_uuid(value["$ref"]["block_document_id"], ("body", "data", key, "$ref", "block_document_id"))
+            refs[key] = parse_uuid(
+                value["$ref"]["block_document_id"], ("body", "data", key, "$ref", "block_document_id")
+            )
         else:
             plain[key] = value
     return plain, refs
@@ -5955,13 +6642,22 @@ def _write_references(tx, document_id: str, refs: dict, replace_all: bool = True
     if replace_all:
         tx.execute("DELETE FROM block_document_reference WHERE parent_block_document_id = ?", (document_id,))
     for name in refs if not replace_all else ():
-        tx.execute("DELETE FROM block_document_reference WHERE parent_block_document_id = ? AND name = ?",
-                   (document_id, name))
+        tx.execute(
+            "DELETE FROM block_document_reference WHERE parent_block_document_id = ? AND name = ?", (document_id, name)
+        )
     for name, ref_id in refs.items():
         require_row(tx, "block_document", ref_id, "Referenced block document")
-        insert_row(tx, "block_document_reference", {"id": new_id(), "created": now_iso(), "name": name,
-                                                     "parent_block_document_id": document_id,
-                                                     "reference_block_document_id": ref_id})
+        insert_row(
+            tx,
+            "block_document_reference",
+            {
+                "id": new_id(),
+                "created": now_iso(),
+                "name": name,
+                "parent_block_document_id": document_id,
+                "reference_block_document_id": ref_id,
+            },
+        )
 
 
 def block_document_out(tx, row, include_secrets: bool, depth: int = 0) -> dict:
@@ -5971,16 +6667,30 @@ def block_document_out(tx, row, include_secrets: bool, depth: int = 0) -> dict:
     references = {}
     if depth < 10:  # references form a tree; the bound only guards against a cycle written by hand
         for ref in tx.query("SELECT * FROM block_document_reference WHERE parent_block_document_id = ?", (doc["id"],)):
-            child = block_document_out(tx, require_row(tx, "block_document", ref["reference_block_document_id"],
-                                                       "Block document"), include_secrets, depth + 1)
+            child = block_document_out(
+                tx,
+                require_row(tx, "block_document", ref["reference_block_document_id"], "Block document"),
+                include_secrets,
+                depth + 1,
+            )
             data[ref["name"]] = child["data"]
-            references[ref["name"]] = {"block_document": {k: child[k] for k in (
-                "id", "name", "block_type", "is_anonymous", "block_document_references")}}
+            references[ref["name"]] = {
+                "block_document": {
+                    k: child[k] for k in ("id", "name", "block_type", "is_anonymous", "block_document_references")
+                }
+            }
     if not include_secrets:
         for path in _secret_paths(schema["fields"]):
             _mask_secrets(data, path)
-    doc.update({"data": data, "block_schema": schema, "block_type": schema["block_type"],
-                "block_type_name": schema["block_type"]["name"], "block_document_references": references})
+    doc.update(
+        {
+            "data": data,
+            "block_schema": schema,
+            "block_type": schema["block_type"],
+            "block_type_name": schema["block_type"]["name"],
+            "block_document_references": references,
+        }
+    )
     return doc
 
 
@@ -5990,15 +6700,28 @@ def create_block_document(tx, data) -> dict:
     name = data.get("name")
     if not name:
         if not data["is_anonymous"]:
-            raise ValidationFailed([_error(("body", "name"), "Names must be provided for block documents.", "value_error")])
+            raise ValidationFailed(
+                [_error(("body", "name"), "Names must be provided for block documents.", "value_error")]
+            )
         name = f"anonymous-{uuid.uuid4()}"
     plain, refs = _split_references(data["data"])
     now = now_iso()
     row_id = new_id()
-    if not insert_row(tx, "block_document", {"id": row_id, "created": now, "updated": now, "name": name, "data": plain,
-                                             "block_schema_id": data["block_schema_id"],
-                                             "block_type_id": data["block_type_id"], "is_anonymous": data["is_anonymous"]},
-                      on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx,
+        "block_document",
+        {
+            "id": row_id,
+            "created": now,
+            "updated": now,
+            "name": name,
+            "data": plain,
+            "block_schema_id": data["block_schema_id"],
+            "block_type_id": data["block_type_id"],
+            "is_anonymous": data["is_anonymous"],
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    ):
         raise Conflict("Block already exists")
     _write_references(tx, row_id, refs)
     return block_document_out(tx, read_row(tx, "block_document", row_id), include_secrets=False)
@@ -6022,43 +6745,66 @@ def update_block_document(tx, doc_id: str, data: dict, sent: dict):
 # Variables
 
 VARIABLE_NAME = r"[a-z0-9_-]+"
-VariableCreate = Schema("VariableCreate", {
-    "name": Field("str", required=True, nullable=False, max_length=255, pattern=VARIABLE_NAME),
-    "value": Field("any", required=True),
-    "tags": Field(ListOf("str"), default=list, nullable=False),
-})
-VariableUpdate = Schema("VariableUpdate", {
-    "name": Field("str", nullable=False, max_length=255, pattern=VARIABLE_NAME),
-    "value": Field("any"),
-    "tags": Field(ListOf("str"), nullable=False),
-})
+VariableCreate = Schema(
+    "VariableCreate",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255, pattern=VARIABLE_NAME),
+        "value": Field("any", required=True),
+        "tags": Field(ListOf("str"), default=list, nullable=False),
+    },
+)
+VariableUpdate = Schema(
+    "VariableUpdate",
+    {
+        "name": Field("str", nullable=False, max_length=255, pattern=VARIABLE_NAME),
+        "value": Field("any"),
+        "tags": Field(ListOf("str"), nullable=False),
+    },
+)
 MAX_VARIABLE_VALUE_BYTES = 5000  # Prefect's limit on a variable's value
 
 
 def _check_variable_value(data: dict):
     if "value" in data and len(dumps(data["value"]).encode()) > MAX_VARIABLE_VALUE_BYTES:
-        raise ValidationFailed([_error(("body", "value"), f"value must be at most {MAX_VARIABLE_VALUE_BYTES} bytes "
-                                                          "when encoded as JSON", "value_error.any_str.max_length")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "value"),
+                    f"value must be at most {MAX_VARIABLE_VALUE_BYTES} bytes when encoded as JSON",
+                    "value_error.any_str.max_length",
+                )
+            ]
+        )
 
 
 def create_variable(tx, data) -> dict:
     _check_variable_value(data)
     now = now_iso()
     row_id = new_id()
-    if not insert_row(tx, "variable", {"id": row_id, "created": now, "updated": now, **data},
-                      on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx, "variable", {"id": row_id, "created": now, "updated": now, **data}, on_conflict="ON CONFLICT DO NOTHING"
+    ):
         raise Conflict(f'A variable with the name "{data["name"]}" already exists.')
     return decode_row("variable", read_row(tx, "variable", row_id))
 
 
 # Artifacts: `artifact_collection` keeps the latest artifact per key, updated in the same transaction.
 
-ArtifactCreate = Schema("ArtifactCreate", {
-    "key": Field("str", max_length=255, pattern=r"[a-z0-9-]+"),
-    "type": Field("str"), "description": Field("str"), "data": Field("any"),
-    "metadata_": Field("object"), "flow_run_id": Field("uuid"), "task_run_id": Field("uuid"),
-})
-ArtifactUpdate = Schema("ArtifactUpdate", {"data": Field("any"), "description": Field("str"), "metadata_": Field("object")})
+ArtifactCreate = Schema(
+    "ArtifactCreate",
+    {
+        "key": Field("str", max_length=255, pattern=r"[a-z0-9-]+"),
+        "type": Field("str"),
+        "description": Field("str"),
+        "data": Field("any"),
+        "metadata_": Field("object"),
+        "flow_run_id": Field("uuid"),
+        "task_run_id": Field("uuid"),
+    },
+)
+ArtifactUpdate = Schema(
+    "ArtifactUpdate", {"data": Field("any"), "description": Field("str"), "metadata_": Field("object")}
+)
 
 
 def create_artifact(tx, data) -> dict:
@@ -6068,8 +6814,12 @@ def create_artifact(tx, data) -> dict:
         # Lock the key's collection row first and stamp the time after, so concurrent writers of one key
         # take turns and the newest artifact is always the one recorded as latest.
         stamp = now_iso()
-        insert_row(tx, "artifact_collection", {"id": new_id(), "created": stamp, "updated": stamp, "key": key,
-                                               "latest_id": row_id}, on_conflict="ON CONFLICT DO NOTHING")
+        insert_row(
+            tx,
+            "artifact_collection",
+            {"id": new_id(), "created": stamp, "updated": stamp, "key": key, "latest_id": row_id},
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
         tx.query_one(f"SELECT id FROM artifact_collection WHERE key = ?{tx.db.for_update}", (key,))
     now = now_iso()
     insert_row(tx, "artifact", {"id": row_id, "created": now, "updated": now, **data})
@@ -6081,8 +6831,15 @@ def create_artifact(tx, data) -> dict:
 def artifact_collection_out(tx, row) -> dict:
     latest = decode_row("artifact", read_row(tx, "artifact", row["latest_id"]))
     out = {k: latest[k] for k in ("type", "description", "data", "metadata_", "flow_run_id", "task_run_id")}
-    out.update({"id": row["id"], "created": row["created"], "updated": row["updated"], "key": row["key"],
-                "latest_id": row["latest_id"]})
+    out.update(
+        {
+            "id": row["id"],
+            "created": row["created"],
+            "updated": row["updated"],
+            "key": row["key"],
+            "latest_id": row["latest_id"],
+        }
+    )
     return out
 
 
@@ -6090,49 +6847,79 @@ def delete_artifact(tx, artifact_id: str):
     row = require_row(tx, "artifact", artifact_id, "Artifact", lock=True)
     tx.execute("DELETE FROM artifact WHERE id = ?", (artifact_id,))
     if row["key"]:  # the key's latest moves to the newest artifact left, or the key goes away
-        newest = tx.query_one("SELECT id FROM artifact WHERE key = ? ORDER BY created DESC, id DESC LIMIT 1", (row["key"],))
+        newest = tx.query_one(
+            "SELECT id FROM artifact WHERE key = ? ORDER BY created DESC, id DESC LIMIT 1", (row["key"],)
+        )
         if newest is None:
             tx.execute("DELETE FROM artifact_collection WHERE key = ?", (row["key"],))
         else:
-            tx.execute("UPDATE artifact_collection SET latest_id = ?, updated = ? WHERE key = ?",
-                       (newest["id"], now_iso(), row["key"]))
+            tx.execute(
+                "UPDATE artifact_collection SET latest_id = ?, updated = ? WHERE key = ?",
+                (newest["id"], now_iso(), row["key"]),
+            )
 
 
 # Concurrency limits: tag-based (v1, enforced in task orchestration) and global (v2).
 
-ConcurrencyLimitCreate = Schema("ConcurrencyLimitCreate", {
-    "tag": Field("str", required=True, nullable=False, max_length=255),
-    "concurrency_limit": Field("int", required=True, nullable=False, minimum=0),
-})
-ConcurrencyLimitV2Create = Schema("ConcurrencyLimitV2Create", {
-    "active": Field("bool", default=True, nullable=False),
-    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
-    "limit": Field("int", required=True, nullable=False, minimum=0),
-    "active_slots": Field("int", default=0, nullable=False, minimum=0),
-    "denied_slots": Field("int", default=0, nullable=False, minimum=0),
-    "slot_decay_per_second": Field("float", default=0.0, nullable=False, minimum=0),
-})
-ConcurrencyLimitV2Update = Schema("ConcurrencyLimitV2Update", {
-    "active": Field("bool", nullable=False), "name": Field("str", nullable=False, max_length=255),
-    "limit": Field("int", nullable=False, minimum=0), "active_slots": Field("int", nullable=False, minimum=0),
-    "denied_slots": Field("int", nullable=False, minimum=0),
-    "slot_decay_per_second": Field("float", nullable=False, minimum=0),
-})
-ConcurrencySlotsBody = Schema("Body_concurrency_slots", {
-    "names": Field(ListOf("str", min_items=1), required=True, nullable=False),
-    "slots": Field("int", required=True, nullable=False, minimum=1),
-    "mode": Field(Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False),
-    "occupancy_seconds": Field("float", minimum=0),
-    "create_if_missing": Field("bool"),
-})
+ConcurrencyLimitCreate = Schema(
+    "ConcurrencyLimitCreate",
+    {
+        "tag": Field("str", required=True, nullable=False, max_length=255),
+        "concurrency_limit": Field("int", required=True, nullable=False, minimum=0),
+    },
+)
+ConcurrencyLimitV2Create = Schema(
+    "ConcurrencyLimitV2Create",
+    {
+        "active": Field("bool", default=True, nullable=False),
+        "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+        "limit": Field("int", required=True, nullable=False, minimum=0),
+        "active_slots": Field("int", default=0, nullable=False, minimum=0),
+        "denied_slots": Field("int", default=0, nullable=False, minimum=0),
+        "slot_decay_per_second": Field("float", default=0.0, nullable=False, minimum=0),
+    },
+)
+ConcurrencyLimitV2Update = Schema(
+    "ConcurrencyLimitV2Update",
+    {
+        "active": Field("bool", nullable=False),
+        "name": Field("str", nullable=False, max_length=255),
+        "limit": Field("int", nullable=False, minimum=0),
+        "active_slots": Field("int", nullable=False, minimum=0),
+        "denied_slots": Field("int", nullable=False, minimum=0),
+        "slot_decay_per_second": Field("float", nullable=False, minimum=0),
+    },
+)
+ConcurrencySlotsBody = Schema(
+    "Body_concurrency_slots",
+    {
+        "names": Field(ListOf("str", min_items=1), required=True, nullable=False),
+        "slots": Field("int", required=True, nullable=False, minimum=1),
+        "mode": Field(
+            Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False
+        ),
+        "occupancy_seconds": Field("float", minimum=0),
+        "create_if_missing": Field("bool"),
+    },
+)
 
 
 def create_tag_limit(tx, data) -> tuple[dict, bool]:
     """Create-or-update by tag, as Prefect does; racing creates of one tag all succeed on one row."""
     now = now_iso()
-    created = insert_row(tx, "concurrency_limit", {"id": new_id(), "created": now, "updated": now, "tag": data["tag"],
-                                                   "concurrency_limit": data["concurrency_limit"], "active_slots": []},
-                         on_conflict="ON CONFLICT DO NOTHING")
+    created = insert_row(
+        tx,
+        "concurrency_limit",
+        {
+            "id": new_id(),
+            "created": now,
+            "updated": now,
+            "tag": data["tag"],
+            "concurrency_limit": data["concurrency_limit"],
+            "active_slots": [],
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    )
     row = tx.query_one(f"SELECT * FROM concurrency_limit WHERE tag = ?{tx.db.for_update}", (data["tag"],))
     if not created:
         update_row(tx, "concurrency_limit", row["id"], {"concurrency_limit": data["concurrency_limit"], "updated": now})
@@ -6148,35 +6935,52 @@ def _decayed_slots(limit: dict, now: _dt.datetime) -> int:
     return max(0, int(limit["active_slots"] - elapsed * decay))
 
 
-def change_global_slots(tx, names: list[str], slots: int, mode: str, increment: bool,
-                        occupancy_seconds: float | None = None) -> list[dict] | None:
+def change_global_slots(
+    tx, names: list[str], slots: int, mode: str, increment: bool, occupancy_seconds: float | None = None
+) -> list[dict] | None:
     """Take (or give back) `slots` on every named active limit; None when a limit has no room (all or nothing)."""
     if not names:
         return []
     marks = ", ".join("?" for _ in names)
-    rows = tx.query(f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) AND active = ? ORDER BY name"
-                    f"{tx.db.for_update}", (*names, True))
+    rows = tx.query(
+        f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) AND active = ? ORDER BY name{tx.db.for_update}",
+        (*names, True),
+    )
     limits = [decode_row("concurrency_limit_v2", r) for r in rows]
     now = utcnow()
     if increment:
         if mode == "rate_limit" and any(not lim["slot_decay_per_second"] for lim in limits):
-            raise ValidationFailed([_error(("body", "mode"), "Only concurrency limits with slot decay can be used "
-                                                             "for rate limiting.", "value_error")])
+            raise ValidationFailed(
+                [
+                    _error(
+                        ("body", "mode"),
+                        "Only concurrency limits with slot decay can be used for rate limiting.",
+                        "value_error",
+                    )
+                ]
+            )
         full = [lim for lim in limits if _decayed_slots(lim, now) + slots > lim["limit"]]
         if full:
             for lim in full:  # counted here, saturating: in SQL an overflow is a float (SQLite) or an error
-                most = max(lim["denied_slots"], 2 ** 31 - 1)  # PostgreSQL's INTEGER, or more already stored
-                update_row(tx, "concurrency_limit_v2", lim["id"], {"denied_slots": min(lim["denied_slots"] + slots, most)})
+                most = max(lim["denied_slots"], 2**31 - 1)  # PostgreSQL's INTEGER, or more already stored
+                update_row(
+                    tx, "concurrency_limit_v2", lim["id"], {"denied_slots": min(lim["denied_slots"] + slots, most)}
+                )
             return None
         for lim in limits:
-            update_row(tx, "concurrency_limit_v2", lim["id"], {"active_slots": _decayed_slots(lim, now) + slots,
-                                                             "denied_slots": 0, "updated": iso(now)})
+            update_row(
+                tx,
+                "concurrency_limit_v2",
+                lim["id"],
+                {"active_slots": _decayed_slots(lim, now) + slots, "denied_slots": 0, "updated": iso(now)},
+            )
     else:
         for lim in limits:
             changes = {"active_slots": max(0, _decayed_slots(lim, now) - slots), "updated": iso(now)}
             if occupancy_seconds is not None:  # a running average of how long slots are held
                 changes["avg_slot_occupancy_seconds"] = round(
-                    lim["avg_slot_occupancy_seconds"] * 0.8 + (occupancy_seconds / max(slots, 1)) * 0.2, 6)
+                    lim["avg_slot_occupancy_seconds"] * 0.8 + (occupancy_seconds / max(slots, 1)) * 0.2, 6
+                )
             update_row(tx, "concurrency_limit_v2", lim["id"], changes)
     return [{"id": lim["id"], "name": lim["name"], "limit": lim["limit"]} for lim in limits]
 
@@ -6185,38 +6989,64 @@ def change_global_slots(tx, names: list[str], slots: int, mode: str, increment: 
 # by the LeaseRepossessor once the lease expires unrenewed (a crashed client cannot keep them forever).
 
 LEASE_MIN_SECONDS, LEASE_MAX_SECONDS = 60, 86400
-LeaseHolder = Schema("ConcurrencyLeaseHolder", {
-    "type": Field(Enum("ConcurrencyLeaseHolderType", ("flow_run", "task_run", "deployment")), required=True,
-                  nullable=False),
-    "id": Field("uuid", required=True, nullable=False),
-})
-ConcurrencyLeaseBody = Schema("Body_increment_with_lease", {
-    "names": Field(ListOf("str"), required=True, nullable=False),
-    "slots": Field("int", required=True, nullable=False, minimum=1),
-    "mode": Field(Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False),
-    "lease_duration": Field("float", default=300.0, nullable=False, minimum=LEASE_MIN_SECONDS,
-                            maximum=LEASE_MAX_SECONDS),
-    "holder": Field(LeaseHolder),
-})
+LeaseHolder = Schema(
+    "ConcurrencyLeaseHolder",
+    {
+        "type": Field(
+            Enum("ConcurrencyLeaseHolderType", ("flow_run", "task_run", "deployment")), required=True, nullable=False
+        ),
+        "id": Field("uuid", required=True, nullable=False),
+    },
+)
+ConcurrencyLeaseBody = Schema(
+    "Body_increment_with_lease",
+    {
+        "names": Field(ListOf("str"), required=True, nullable=False),
+        "slots": Field("int", required=True, nullable=False, minimum=1),
+        "mode": Field(
+            Enum("ConcurrencyLimitMode", ("concurrency", "rate_limit")), default="concurrency", nullable=False
+        ),
+        "lease_duration": Field(
+            "float", default=300.0, nullable=False, minimum=LEASE_MIN_SECONDS, maximum=LEASE_MAX_SECONDS
+        ),
+        "holder": Field(LeaseHolder),
+    },
+)
 LeaseIdBody = Schema("Body_decrement_with_lease", {"lease_id": Field("uuid", required=True, nullable=False)})
-LeaseRenewBody = Schema("Body_renew_lease", {
-    "lease_duration": Field("float", default=300.0, nullable=False, minimum=LEASE_MIN_SECONDS,
-                            maximum=LEASE_MAX_SECONDS)})
+LeaseRenewBody = Schema(
+    "Body_renew_lease",
+    {
+        "lease_duration": Field(
+            "float", default=300.0, nullable=False, minimum=LEASE_MIN_SECONDS, maximum=LEASE_MAX_SECONDS
+        )
+    },
+)
 
 
-def create_lease(tx, limits: list[dict], slots: int, seconds: float, holder: dict | None,
-                 tag_limits: tuple = ()) -> str:
+def create_lease(
+    tx, limits: list[dict], slots: int, seconds: float, holder: dict | None, tag_limits: tuple = ()
+) -> str:
     """A lease on the global limits' slots, and on the tag limits' (their ids listed alike; the holder, or the
     lease when there is none, goes into each tag limit's active_slots)."""
     now = utcnow()
     lease_id = new_id()
-    insert_row(tx, "concurrency_lease", {
-        "id": lease_id, "created": iso(now), "expiration": iso(now + _dt.timedelta(seconds=seconds)),
-        "limit_ids": [limit["id"] for limit in (*limits, *tag_limits)], "slots": slots, "holder": holder})
+    insert_row(
+        tx,
+        "concurrency_lease",
+        {
+            "id": lease_id,
+            "created": iso(now),
+            "expiration": iso(now + _dt.timedelta(seconds=seconds)),
+            "limit_ids": [limit["id"] for limit in (*limits, *tag_limits)],
+            "slots": slots,
+            "holder": holder,
+        },
+    )
     slot = (holder or {}).get("id") or lease_id
     for limit in tag_limits:
-        update_row(tx, "concurrency_limit", limit["id"], {"active_slots": [*limit["active_slots"], slot],
-                                                          "updated": iso(now)})
+        update_row(
+            tx, "concurrency_limit", limit["id"], {"active_slots": [*limit["active_slots"], slot], "updated": iso(now)}
+        )
     return lease_id
 
 
@@ -6228,18 +7058,24 @@ TAG_LIMIT_PREFIX = "tag:"
 
 def tag_limits_behind(tx, names: list[str]) -> list[dict]:
     """The v1 tag limits (locked, decoded) standing for those of the names no global limit covers."""
-    tags = [name[len(TAG_LIMIT_PREFIX):] for name in names if name.startswith(TAG_LIMIT_PREFIX)]
+    tags = [name[len(TAG_LIMIT_PREFIX) :] for name in names if name.startswith(TAG_LIMIT_PREFIX)]
     if not tags:
         return []
     marks = ", ".join("?" for _ in tags)
-    covered = {row["name"] for row in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE name IN ({marks})",
-                                               tuple(TAG_LIMIT_PREFIX + tag for tag in tags))}
+    covered = {
+        row["name"]
+        for row in tx.query(
+            f"SELECT name FROM concurrency_limit_v2 WHERE name IN ({marks})",
+            tuple(TAG_LIMIT_PREFIX + tag for tag in tags),
+        )
+    }
     tags = [tag for tag in tags if TAG_LIMIT_PREFIX + tag not in covered]
     if not tags:
         return []
     marks = ", ".join("?" for _ in tags)
-    rows = tx.query(f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}",
-                    tuple(tags))
+    rows = tx.query(
+        f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(tags)
+    )
     return [decode_row("concurrency_limit", row) for row in rows]
 
 
@@ -6254,19 +7090,28 @@ def as_global_limit(tag_limit: dict) -> dict:
 
 def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
     marks = ", ".join("?" for _ in limit_ids)
-    for row in tx.query(f"SELECT * FROM concurrency_limit WHERE id IN ({marks}) ORDER BY tag{tx.db.for_update}",
-                        tuple(limit_ids)):
+    for row in tx.query(
+        f"SELECT * FROM concurrency_limit WHERE id IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(limit_ids)
+    ):
         limit = decode_row("concurrency_limit", row)
         if slot in limit["active_slots"]:
-            update_row(tx, "concurrency_limit", limit["id"],
-                       {"active_slots": [s for s in limit["active_slots"] if s != slot], "updated": now_iso()})
+            update_row(
+                tx,
+                "concurrency_limit",
+                limit["id"],
+                {"active_slots": [s for s in limit["active_slots"] if s != slot], "updated": now_iso()},
+            )
 
 
 def renew_lease(tx, lease_id: str, seconds: float) -> bool:
     """False when the lease is gone (released, or expired and repossessed)."""
     now = utcnow()
-    return bool(tx.execute("UPDATE concurrency_lease SET expiration = ? WHERE id = ? AND expiration > ?",
-                           (iso(now + _dt.timedelta(seconds=seconds)), lease_id, iso(now))).rowcount)
+    return bool(
+        tx.execute(
+            "UPDATE concurrency_lease SET expiration = ? WHERE id = ? AND expiration > ?",
+            (iso(now + _dt.timedelta(seconds=seconds)), lease_id, iso(now)),
+        ).rowcount
+    )
 
 
 def release_lease(tx, lease_id: str) -> bool:
@@ -6281,25 +7126,32 @@ def release_lease(tx, lease_id: str) -> bool:
         # unique): taken the other way round, a release and an increment could deadlock on PostgreSQL.
         release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
         marks = ", ".join("?" for _ in lease["limit_ids"])
-        names = [r["name"] for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})",
-                                             tuple(lease["limit_ids"]))]
+        names = [
+            r["name"]
+            for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})", tuple(lease["limit_ids"]))
+        ]
         held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
         change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
     return True
 
 
 def repossess_expired_leases(tx, limit: int = 100, now: _dt.datetime | None = None) -> int:
-    expired = tx.query("SELECT id FROM concurrency_lease WHERE expiration <= ? ORDER BY expiration LIMIT ?",
-                       (iso(now or utcnow()), limit))
+    expired = tx.query(
+        "SELECT id FROM concurrency_lease WHERE expiration <= ? ORDER BY expiration LIMIT ?",
+        (iso(now or utcnow()), limit),
+    )
     return sum(release_lease(tx, row["id"]) for row in expired)
 
 
 # Saved searches
 
-SavedSearchCreate = Schema("SavedSearchCreate", {
-    "name": Field("str", required=True, nullable=False, max_length=255),
-    "filters": Field(ListOf("object"), default=list, nullable=False),
-})
+SavedSearchCreate = Schema(
+    "SavedSearchCreate",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255),
+        "filters": Field(ListOf("object"), default=list, nullable=False),
+    },
+)
 
 
 # Work pools, work queues and workers. Status is derived from heartbeats and polls, not stored guesses.
@@ -6316,38 +7168,60 @@ WORKER_TYPE_CATALOGUE = {
     "prefect-aws": {"ecs": "AWS Elastic Container Service"},
     "prefect-azure": {"azure-container-instance": "Azure Container Instances"},
     "prefect-docker": {"docker": "Docker"},
-    "prefect-gcp": {"cloud-run": "Google Cloud Run", "cloud-run-v2": "Google Cloud Run V2",
-                    "vertex-ai": "Google Vertex AI"},
+    "prefect-gcp": {
+        "cloud-run": "Google Cloud Run",
+        "cloud-run-v2": "Google Cloud Run V2",
+        "vertex-ai": "Google Vertex AI",
+    },
     "prefect-kubernetes": {"kubernetes": "Kubernetes"},
 }
 COLLECTION_VIEWS = ("aggregate-block-metadata", "aggregate-flow-metadata", "aggregate-worker-metadata", "demo-flows")
 
 
 def worker_type_metadata() -> dict:
-    return {package: {kind: {"type": kind, "display_name": name, "install_command": f"pip install {package}",
-                             "description": f"Runs flows with the {name} worker of {package}.",
-                             "documentation_url": "https://docs.prefect.io/", "logo_url": None,
-                             "default_base_job_configuration": {}}
-                      for kind, name in types.items()}
-            for package, types in WORKER_TYPE_CATALOGUE.items()}
+    return {
+        package: {
+            kind: {
+                "type": kind,
+                "display_name": name,
+                "install_command": f"pip install {package}",
+                "description": f"Runs flows with the {name} worker of {package}.",
+                "documentation_url": "https://docs.prefect.io/",
+                "logo_url": None,
+                "default_base_job_configuration": {},
+            }
+            for kind, name in types.items()
+        }
+        for package, types in WORKER_TYPE_CATALOGUE.items()
+    }
+
+
 WORKER_OFFLINE_AFTER_HEARTBEATS = 3  # a worker is OFFLINE after missing this many heartbeat intervals
 DEFAULT_HEARTBEAT_SECONDS = 30
 QUEUE_READY_POLL_SECONDS = 60  # a queue polled within this window is READY
 
-WorkPoolCreate = Schema("WorkPoolCreate", {
-    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
-    "description": Field("str"),
-    "type": Field("str", default="prefect-agent", nullable=False),
-    "base_job_template": Field("object", default=dict, nullable=False),
-    "is_paused": Field("bool", default=False, nullable=False),
-    "concurrency_limit": Field("int", minimum=0),
-    "storage_configuration": Field("object", default=dict, nullable=False),
-})
-WorkPoolUpdate = Schema("WorkPoolUpdate", {
-    "description": Field("str"), "is_paused": Field("bool", nullable=False),
-    "base_job_template": Field("object", nullable=False), "concurrency_limit": Field("int", minimum=0),
-    "storage_configuration": Field("object"),
-})
+WorkPoolCreate = Schema(
+    "WorkPoolCreate",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+        "description": Field("str"),
+        "type": Field("str", default="prefect-agent", nullable=False),
+        "base_job_template": Field("object", default=dict, nullable=False),
+        "is_paused": Field("bool", default=False, nullable=False),
+        "concurrency_limit": Field("int", minimum=0),
+        "storage_configuration": Field("object", default=dict, nullable=False),
+    },
+)
+WorkPoolUpdate = Schema(
+    "WorkPoolUpdate",
+    {
+        "description": Field("str"),
+        "is_paused": Field("bool", nullable=False),
+        "base_job_template": Field("object", nullable=False),
+        "concurrency_limit": Field("int", minimum=0),
+        "storage_configuration": Field("object"),
+    },
+)
 # Prefect 3's WorkPoolStorageConfiguration: where a pool's workers upload and run flow code bundles, and
 # its default result storage. Its only fields; Prefect refuses others.
 _STORAGE_STEP_KEYS = ("bundle_upload_step", "bundle_execution_step")
@@ -6357,10 +7231,16 @@ STORAGE_CONFIGURATION_KEYS = (*_STORAGE_STEP_KEYS, "default_result_storage_block
 def storage_configuration(value: dict) -> dict:
     """A pool's storage configuration with every field, or a 422 naming the field that is wrong."""
     loc = ("body", "storage_configuration")
-    errors = [_error((*loc, key), "extra fields not permitted", "value_error.extra")
-              for key in value if key not in STORAGE_CONFIGURATION_KEYS]
-    errors += [_error((*loc, key), "value is not a valid dict", "type_error.dict")
-               for key in _STORAGE_STEP_KEYS if value.get(key) is not None and not isinstance(value[key], dict)]
+    errors = [
+        _error((*loc, key), "extra fields not permitted", "value_error.extra")
+        for key in value
+        if key not in STORAGE_CONFIGURATION_KEYS
+    ]
+    errors += [
+        _error((*loc, key), "value is not a valid dict", "type_error.dict")
+        for key in _STORAGE_STEP_KEYS
+        if value.get(key) is not None and not isinstance(value[key], dict)
+    ]
     block_id = value.get("default_result_storage_block_id")
     if block_id is not None:
         try:
@@ -6370,34 +7250,51 @@ def storage_configuration(value: dict) -> dict:
     if errors:
         raise ValidationFailed(errors)
     return {**{key: value.get(key) for key in _STORAGE_STEP_KEYS}, "default_result_storage_block_id": block_id}
+
+
 # Far below the column's 32-bit limit: a new queue takes the highest priority + 1, and inserting a queue
 # moves those at and below it down by one; neither may overflow.
 MAX_QUEUE_PRIORITY = 1_000_000_000
 
-WorkQueueCreate = Schema("WorkQueueCreate", {
-    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
-    "description": Field("str", default=""),  # null is taken as "" (the 2.20 SDK sends null when not given)
-    "is_paused": Field("bool", default=False, nullable=False),
-    "concurrency_limit": Field("int", minimum=0),
-    "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY),
-    "filter": Field("object"),
-    "work_pool_name": Field("str"),
-})
-WorkQueueUpdate = Schema("WorkQueueUpdate", {
-    "name": Field("str", nullable=False, max_length=255, pattern=r"[^/%&><]+"), "description": Field("str"),
-    "is_paused": Field("bool", nullable=False), "concurrency_limit": Field("int", minimum=0),
-    "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY), "last_polled": Field("datetime"),
-})
-WorkerHeartbeat = Schema("Body_worker_heartbeat", {
-    "name": Field("str", required=True, nullable=False, max_length=255),
-    "heartbeat_interval_seconds": Field("int", minimum=1),
-})
-ScheduledRunsForPool = Schema("Body_get_scheduled_flow_runs_for_pool", {
-    "work_queue_names": Field(ListOf("str")),
-    "scheduled_before": Field("datetime"),
-    "scheduled_after": Field("datetime"),
-    "limit": Field("int", minimum=0),
-})
+WorkQueueCreate = Schema(
+    "WorkQueueCreate",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+        "description": Field("str", default=""),  # null is taken as "" (the 2.20 SDK sends null when not given)
+        "is_paused": Field("bool", default=False, nullable=False),
+        "concurrency_limit": Field("int", minimum=0),
+        "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY),
+        "filter": Field("object"),
+        "work_pool_name": Field("str"),
+    },
+)
+WorkQueueUpdate = Schema(
+    "WorkQueueUpdate",
+    {
+        "name": Field("str", nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+        "description": Field("str"),
+        "is_paused": Field("bool", nullable=False),
+        "concurrency_limit": Field("int", minimum=0),
+        "priority": Field("int", minimum=1, maximum=MAX_QUEUE_PRIORITY),
+        "last_polled": Field("datetime"),
+    },
+)
+WorkerHeartbeat = Schema(
+    "Body_worker_heartbeat",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255),
+        "heartbeat_interval_seconds": Field("int", minimum=1),
+    },
+)
+ScheduledRunsForPool = Schema(
+    "Body_get_scheduled_flow_runs_for_pool",
+    {
+        "work_queue_names": Field(ListOf("str")),
+        "scheduled_before": Field("datetime"),
+        "scheduled_after": Field("datetime"),
+        "limit": Field("int", minimum=0),
+    },
+)
 
 
 def work_pool_out(tx, row) -> dict:
@@ -6418,12 +7315,15 @@ def work_pool_status(tx, pool: dict) -> str:
     if pool["is_paused"]:
         return "PAUSED"
     horizon = iso(utcnow() - _dt.timedelta(seconds=DEFAULT_HEARTBEAT_SECONDS * WORKER_OFFLINE_AFTER_HEARTBEATS))
-    online = tx.scalar("SELECT COUNT(*) FROM worker WHERE work_pool_id = ? AND last_heartbeat_time >= ?",
-                       (pool["id"], horizon))
+    online = tx.scalar(
+        "SELECT COUNT(*) FROM worker WHERE work_pool_id = ? AND last_heartbeat_time >= ?", (pool["id"], horizon)
+    )
     if online:
         return "READY"
     polled = iso(utcnow() - _dt.timedelta(seconds=QUEUE_READY_POLL_SECONDS))
-    recent = tx.scalar("SELECT COUNT(*) FROM work_queue WHERE work_pool_id = ? AND last_polled >= ?", (pool["id"], polled))
+    recent = tx.scalar(
+        "SELECT COUNT(*) FROM work_queue WHERE work_pool_id = ? AND last_polled >= ?", (pool["id"], polled)
+    )
     return "READY" if recent else "NOT_READY"
 
 
@@ -6436,7 +7336,9 @@ def work_queue_out(tx, row, pool_name: str | None = None) -> dict:
     if queue_["is_paused"] or pool_paused:
         queue_["status"] = "PAUSED"
     else:
-        fresh = queue_.get("last_polled") and from_iso(queue_["last_polled"]) >= utcnow() - _dt.timedelta(seconds=QUEUE_READY_POLL_SECONDS)
+        fresh = queue_.get("last_polled") and from_iso(queue_["last_polled"]) >= utcnow() - _dt.timedelta(
+            seconds=QUEUE_READY_POLL_SECONDS
+        )
         queue_["status"] = "READY" if fresh else "NOT_READY"
     return queue_
 
@@ -6462,16 +7364,39 @@ def read_pool_by_name(tx, name: str, lock=False) -> dict:
 def create_work_pool(tx, data: dict) -> dict:
     now = now_iso()
     pool_id, queue_id = new_id(), new_id()
-    if not insert_row(tx, "work_pool", {"id": pool_id, "created": now, "updated": now, "name": data["name"],
-                                        "description": data.get("description"), "type": data["type"],
-                                        "base_job_template": data["base_job_template"], "is_paused": data["is_paused"],
-                                        "concurrency_limit": data.get("concurrency_limit"), "default_queue_id": None,
-                                        "storage_configuration": storage_configuration(data.get("storage_configuration") or {})},
-                      on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx,
+        "work_pool",
+        {
+            "id": pool_id,
+            "created": now,
+            "updated": now,
+            "name": data["name"],
+            "description": data.get("description"),
+            "type": data["type"],
+            "base_job_template": data["base_job_template"],
+            "is_paused": data["is_paused"],
+            "concurrency_limit": data.get("concurrency_limit"),
+            "default_queue_id": None,
+            "storage_configuration": storage_configuration(data.get("storage_configuration") or {}),
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    ):
         raise Conflict(f'A work pool named "{data["name"]}" already exists.')
-    insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": "default",
-                                  "description": "The work pool's default queue.", "is_paused": False,
-                                  "priority": 1, "work_pool_id": pool_id})
+    insert_row(
+        tx,
+        "work_queue",
+        {
+            "id": queue_id,
+            "created": now,
+            "updated": now,
+            "name": "default",
+            "description": "The work pool's default queue.",
+            "is_paused": False,
+            "priority": 1,
+            "work_pool_id": pool_id,
+        },
+    )
     update_row(tx, "work_pool", pool_id, {"default_queue_id": queue_id})
     return work_pool_out(tx, read_row(tx, "work_pool", pool_id))
 
@@ -6483,8 +7408,16 @@ def ensure_work_queue(tx, pool_name: str | None, queue_name: str | None) -> dict
     if not pool_name:
         pool_name = DEFAULT_AGENT_POOL
         if tx.query_one("SELECT id FROM work_pool WHERE name = ?", (pool_name,)) is None:
-            create_work_pool(tx, {"name": pool_name, "type": "prefect-agent", "base_job_template": {},
-                                  "is_paused": False, "description": "Queues without a work pool."})
+            create_work_pool(
+                tx,
+                {
+                    "name": pool_name,
+                    "type": "prefect-agent",
+                    "base_job_template": {},
+                    "is_paused": False,
+                    "description": "Queues without a work pool.",
+                },
+            )
     pool = read_pool_by_name(tx, pool_name)
     if not queue_name:
         return read_row(tx, "work_queue", pool["default_queue_id"])
@@ -6500,15 +7433,28 @@ def create_work_queue(tx, pool: dict, data: dict) -> dict:
     if priority is None:
         priority = (tx.scalar("SELECT MAX(priority) FROM work_queue WHERE work_pool_id = ?", (pool["id"],)) or 0) + 1
     else:  # priorities stay distinct: the queues at and below this one move down
-        tx.execute("UPDATE work_queue SET priority = priority + 1 WHERE work_pool_id = ? AND priority >= ?",
-                   (pool["id"], priority))
+        tx.execute(
+            "UPDATE work_queue SET priority = priority + 1 WHERE work_pool_id = ? AND priority >= ?",
+            (pool["id"], priority),
+        )
     queue_id = new_id()
-    if not insert_row(tx, "work_queue", {"id": queue_id, "created": now, "updated": now, "name": data["name"],
-                                         "description": data.get("description") or "",
-                                         "is_paused": data.get("is_paused", False),
-                                         "concurrency_limit": data.get("concurrency_limit"), "priority": priority,
-                                         "work_pool_id": pool["id"], "filter": data.get("filter")},
-                      on_conflict="ON CONFLICT DO NOTHING"):
+    if not insert_row(
+        tx,
+        "work_queue",
+        {
+            "id": queue_id,
+            "created": now,
+            "updated": now,
+            "name": data["name"],
+            "description": data.get("description") or "",
+            "is_paused": data.get("is_paused", False),
+            "concurrency_limit": data.get("concurrency_limit"),
+            "priority": priority,
+            "work_pool_id": pool["id"],
+            "filter": data.get("filter"),
+        },
+        on_conflict="ON CONFLICT DO NOTHING",
+    ):
         raise Conflict(f'A work queue named "{data["name"]}" already exists in pool "{pool["name"]}".')
     return read_row(tx, "work_queue", queue_id)
 
@@ -6517,13 +7463,31 @@ def worker_heartbeat(tx, pool: dict, data: dict, now: _dt.datetime):
     now = iso(now)
     row = tx.query_one("SELECT id FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], data["name"]))
     if row is None:
-        insert_row(tx, "worker", {"id": new_id(), "created": now, "updated": now, "name": data["name"],
-                                  "work_pool_id": pool["id"], "last_heartbeat_time": now,
-                                  "heartbeat_interval_seconds": data.get("heartbeat_interval_seconds")},
-                   on_conflict="ON CONFLICT DO NOTHING")
+        insert_row(
+            tx,
+            "worker",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "name": data["name"],
+                "work_pool_id": pool["id"],
+                "last_heartbeat_time": now,
+                "heartbeat_interval_seconds": data.get("heartbeat_interval_seconds"),
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
     else:
-        update_row(tx, "worker", row["id"], {"last_heartbeat_time": now, "updated": now,
-                                             "heartbeat_interval_seconds": data.get("heartbeat_interval_seconds")})
+        update_row(
+            tx,
+            "worker",
+            row["id"],
+            {
+                "last_heartbeat_time": now,
+                "updated": now,
+                "heartbeat_interval_seconds": data.get("heartbeat_interval_seconds"),
+            },
+        )
 
 
 def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> list[dict]:
@@ -6531,8 +7495,10 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
     now = now_iso()
     before = data.get("scheduled_before") or now
     limit = page_limit(data, settings)
-    queues = [decode_row("work_queue", r) for r in
-              tx.query("SELECT * FROM work_queue WHERE work_pool_id = ? ORDER BY priority, name", (pool["id"],))]
+    queues = [
+        decode_row("work_queue", r)
+        for r in tx.query("SELECT * FROM work_queue WHERE work_pool_id = ? ORDER BY priority, name", (pool["id"],))
+    ]
     if data.get("work_queue_names"):
         queues = [q for q in queues if q["name"] in data["work_queue_names"]]
     for q in queues:
@@ -6542,9 +7508,11 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
         return []
     pool_room = None
     if pool["concurrency_limit"] is not None:
-        busy = tx.scalar("SELECT COUNT(*) FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
-                         "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')",
-                         (pool["id"],))
+        busy = tx.scalar(
+            "SELECT COUNT(*) FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+            "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')",
+            (pool["id"],),
+        )
         pool_room = max(pool["concurrency_limit"] - busy, 0)
     out = []
     for q in queues:
@@ -6552,15 +7520,20 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
             continue
         room = limit - len(out)
         if q["concurrency_limit"] is not None:
-            busy = tx.scalar("SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type IN "
-                             "('PENDING', 'RUNNING', 'CANCELLING')", (q["id"],))
+            busy = tx.scalar(
+                "SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type IN "
+                "('PENDING', 'RUNNING', 'CANCELLING')",
+                (q["id"],),
+            )
             room = min(room, max(q["concurrency_limit"] - busy, 0))
         if pool_room is not None:
             room = min(room, pool_room)
         if room <= 0:
             continue
-        sql = ("SELECT * FROM flow_run WHERE work_queue_id = ? AND state_type = 'SCHEDULED' "
-               "AND next_scheduled_start_time <= ?")
+        sql = (
+            "SELECT * FROM flow_run WHERE work_queue_id = ? AND state_type = 'SCHEDULED' "
+            "AND next_scheduled_start_time <= ?"
+        )
         params = [q["id"], before]
         if data.get("scheduled_after"):
             sql, params = sql + " AND next_scheduled_start_time >= ?", params + [data["scheduled_after"]]
@@ -6571,25 +7544,38 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
     return out
 
 
-# --- 11. Deployments ---
+# --- 13. Deployments ---
 # Owns deployments, their schedules and the runs the scheduler makes from them.
 
 # Deployments
 
-DeploymentScheduleCreate = Schema("DeploymentScheduleCreate", {
-    "schedule": Field("object", required=True, nullable=False),
-    "active": Field("bool", default=True, nullable=False),
-    "max_active_runs": Field("int", minimum=1),
-    "max_scheduled_runs": Field("int", minimum=1),
-    "catchup": Field("bool", default=False, nullable=False),
-    # Prefect 3: parameter overrides for the schedule's runs, and a name unique within the deployment
-    # (`replaces`, a deploy-time rename directive, is accepted and not stored, as in Prefect)
-    "parameters": Field("object", default=dict, nullable=False),
-    "slug": Field("str", max_length=255), "replaces": Field("str"),
-})
+DeploymentScheduleCreate = Schema(
+    "DeploymentScheduleCreate",
+    {
+        "schedule": Field("object", required=True, nullable=False),
+        "active": Field("bool", default=True, nullable=False),
+        "max_active_runs": Field("int", minimum=1),
+        "max_scheduled_runs": Field("int", minimum=1),
+        "catchup": Field("bool", default=False, nullable=False),
+        # Prefect 3: parameter overrides for the schedule's runs, and a name unique within the deployment
+        # (`replaces`, a deploy-time rename directive, is accepted and not stored, as in Prefect)
+        "parameters": Field("object", default=dict, nullable=False),
+        "slug": Field("str", max_length=255),
+        "replaces": Field("str"),
+    },
+)
 # The fields of a deployment schedule a 2.20 client reads: its SDK in test mode refuses any other.
-DEPLOYMENT_SCHEDULE_FIELDS_2 = ("id", "created", "updated", "deployment_id", "schedule", "active",
-                                "max_active_runs", "max_scheduled_runs", "catchup")
+DEPLOYMENT_SCHEDULE_FIELDS_2 = (
+    "id",
+    "created",
+    "updated",
+    "deployment_id",
+    "schedule",
+    "active",
+    "max_active_runs",
+    "max_scheduled_runs",
+    "catchup",
+)
 
 
 def schedule_for_client(major: int, schedule: dict) -> dict:
@@ -6597,45 +7583,73 @@ def schedule_for_client(major: int, schedule: dict) -> dict:
     if major == 3:
         return schedule
     return {k: schedule.get(k) for k in DEPLOYMENT_SCHEDULE_FIELDS_2}
+
+
 _DEPLOYMENT_FIELDS = {
-    "version": Field("str"), "description": Field("str"),
-    "schedule": Field("object"), "is_schedule_active": Field("bool"),
+    "version": Field("str"),
+    "description": Field("str"),
+    "schedule": Field("object"),
+    "is_schedule_active": Field("bool"),
     "paused": Field("bool"),
     "schedules": Field(ListOf(DeploymentScheduleCreate)),
     "parameters": Field("object", nullable=False),
     "tags": Field(ListOf("str"), nullable=False),
-    "work_queue_name": Field("str"), "work_pool_name": Field("str"),
-    "path": Field("str"), "entrypoint": Field("str"), "manifest_path": Field("str"),
-    "storage_document_id": Field("uuid"), "infrastructure_document_id": Field("uuid"),
-    "parameter_openapi_schema": Field("object"), "pull_steps": Field(ListOf("object")),
+    "work_queue_name": Field("str"),
+    "work_pool_name": Field("str"),
+    "path": Field("str"),
+    "entrypoint": Field("str"),
+    "manifest_path": Field("str"),
+    "storage_document_id": Field("uuid"),
+    "infrastructure_document_id": Field("uuid"),
+    "parameter_openapi_schema": Field("object"),
+    "pull_steps": Field(ListOf("object")),
     "enforce_parameter_schema": Field("bool"),
-    "job_variables": Field("object"), "infra_overrides": Field("object"),
+    "job_variables": Field("object"),
+    "infra_overrides": Field("object"),
     # Prefect 3: how many of the deployment's runs may be active at once (kept as the global concurrency
     # limit `deployment:{id}`), or an existing global limit to use; and what a run finding no slot does
-    "concurrency_limit": Field("int", minimum=1), "global_concurrency_limit_id": Field("uuid"),
+    "concurrency_limit": Field("int", minimum=1),
+    "global_concurrency_limit_id": Field("uuid"),
     "concurrency_options": Field("object"),
 }
 _CONCURRENCY_FIELDS = ("concurrency_limit", "global_concurrency_limit_id", "concurrency_options")
 COLLISION_STRATEGIES = ("ENQUEUE", "CANCEL_NEW")
 GRACE_PERIOD_RANGE = (60, 86400)  # seconds a submitted run has to start before its slot is taken back
-DeploymentCreate = Schema("DeploymentCreate", {
-    "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
-    "flow_id": Field("uuid", required=True, nullable=False),
-    **_DEPLOYMENT_FIELDS,
-})
+DeploymentCreate = Schema(
+    "DeploymentCreate",
+    {
+        "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
+        "flow_id": Field("uuid", required=True, nullable=False),
+        **_DEPLOYMENT_FIELDS,
+    },
+)
 DeploymentUpdate = Schema("DeploymentUpdate", dict(_DEPLOYMENT_FIELDS))
-DeploymentFlowRunCreate = Schema("DeploymentFlowRunCreate", {
-    "name": Field("str", max_length=5000), "parameters": Field("object", default=dict, nullable=False),
-    "context": Field("object", default=dict, nullable=False), "tags": Field(ListOf("str"), default=list, nullable=False),
-    "idempotency_key": Field("str"), "parent_task_run_id": Field("uuid"), "work_queue_name": Field("str"),
-    "job_variables": Field("object"), "state": Field(StateCreate), "empirical_policy": Field("object"),
-    "infrastructure_document_id": Field("uuid"), "enforce_parameter_schema": Field("bool"),
-})
-ScheduledRunsForDeployments = Schema("Body_get_scheduled_flow_runs_for_deployments", {
-    "deployment_ids": Field(ListOf("uuid"), required=True, nullable=False),
-    "scheduled_before": Field("datetime"),
-    "limit": Field("int", minimum=0),
-})
+DeploymentFlowRunCreate = Schema(
+    "DeploymentFlowRunCreate",
+    {
+        "name": Field("str", max_length=5000),
+        "parameters": Field("object", default=dict, nullable=False),
+        "context": Field("object", default=dict, nullable=False),
+        "tags": Field(ListOf("str"), default=list, nullable=False),
+        "idempotency_key": Field("str"),
+        "parent_task_run_id": Field("uuid"),
+        "work_queue_name": Field("str"),
+        "job_variables": Field("object"),
+        "state": Field(StateCreate),
+        "empirical_policy": Field("object"),
+        "infrastructure_document_id": Field("uuid"),
+        "enforce_parameter_schema": Field("bool"),
+    },
+)
+ScheduledRunsForDeployments = Schema(
+    "Body_get_scheduled_flow_runs_for_deployments",
+    {
+        "deployment_ids": Field(ListOf("uuid"), required=True, nullable=False),
+        "scheduled_before": Field("datetime"),
+        "limit": Field("int", minimum=0),
+    },
+)
+
 
 def normalise_schedule(schedule: dict, loc) -> dict:
     """A schedule as stored and returned; anything invalid or unsupported is a 422 that says so."""
@@ -6650,8 +7664,9 @@ def mark_deployments_polled(tx, column: str, values: list, now: str):
     as Prefect's mark_deployments_ready does. Readiness is read from last_polled (deployment_status)."""
     if values:
         marks = ", ".join("?" for _ in values)
-        tx.execute(f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})",
-                   (now, *values))
+        tx.execute(
+            f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})", (now, *values)
+        )
 
 
 def deployment_status(dep: dict, timeout_seconds: float, now: _dt.datetime) -> str:
@@ -6669,15 +7684,22 @@ def deployment_out(tx, row, settings: Settings | None = None, now: _dt.datetime 
     if settings:
         timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"]
     dep["status"] = deployment_status(dep, timeout, now or utcnow())
-    schedules = [decode_row("deployment_schedule", r) for r in
-                 tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],))]
+    schedules = [
+        decode_row("deployment_schedule", r)
+        for r in tx.query(
+            "SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (dep["id"],)
+        )
+    ]
     dep["schedules"] = schedules
     dep["schedule"] = schedules[0]["schedule"] if schedules else None
     dep["global_concurrency_limit"] = deployment_global_limit(tx, dep)
     dep["work_pool_name"] = None
     if dep.get("work_queue_id"):
-        found = tx.query_one("SELECT wp.name AS pool, wq.name AS queue FROM work_queue wq JOIN work_pool wp "
-                             "ON wp.id = wq.work_pool_id WHERE wq.id = ?", (dep["work_queue_id"],))
+        found = tx.query_one(
+            "SELECT wp.name AS pool, wq.name AS queue FROM work_queue wq JOIN work_pool wp "
+            "ON wp.id = wq.work_pool_id WHERE wq.id = ?",
+            (dep["work_queue_id"],),
+        )
         if found:
             dep["work_pool_name"], dep["work_queue_name"] = found["pool"], found["queue"]
     return dep
@@ -6698,8 +7720,10 @@ def _require_free_slugs(tx, deployment_id: str, slugs: list, except_id: str | No
     if len(set(slugs)) < len(slugs):
         raise Conflict(SLUG_TAKEN)
     for slug in slugs:
-        if tx.scalar("SELECT id FROM deployment_schedule WHERE deployment_id = ? AND slug = ? AND id != ?",
-                     (deployment_id, slug, except_id or "")):
+        if tx.scalar(
+            "SELECT id FROM deployment_schedule WHERE deployment_id = ? AND slug = ? AND id != ?",
+            (deployment_id, slug, except_id or ""),
+        ):
             raise Conflict(SLUG_TAKEN)
 
 
@@ -6710,20 +7734,34 @@ def _add_schedules(tx, deployment_id: str, schedules: list[dict], loc: tuple) ->
     ids = []
     for i, item in enumerate(schedules):
         ids.append(new_id())
-        insert_row(tx, "deployment_schedule", {
-            "id": ids[-1], "created": now, "updated": now, "deployment_id": deployment_id,
-            "schedule": normalise_schedule(item["schedule"], (*loc, i, "schedule")),
-            "active": item.get("active", True), "max_active_runs": item.get("max_active_runs"),
-            "max_scheduled_runs": item.get("max_scheduled_runs"), "catchup": item.get("catchup", False),
-            "parameters": item.get("parameters") or {}, "slug": item.get("slug")})
+        insert_row(
+            tx,
+            "deployment_schedule",
+            {
+                "id": ids[-1],
+                "created": now,
+                "updated": now,
+                "deployment_id": deployment_id,
+                "schedule": normalise_schedule(item["schedule"], (*loc, i, "schedule")),
+                "active": item.get("active", True),
+                "max_active_runs": item.get("max_active_runs"),
+                "max_scheduled_runs": item.get("max_scheduled_runs"),
+                "catchup": item.get("catchup", False),
+                "parameters": item.get("parameters") or {},
+                "slug": item.get("slug"),
+            },
+        )
     _drop_future_auto_runs(tx, deployment_id)
     return ids
 
 
 def _drop_future_auto_runs(tx, deployment_id: str):
     """A deployment change removes the auto-scheduled runs that have not started yet; the scheduler refills."""
-    tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
-               "AND start_time IS NULL", (deployment_id, True))
+    tx.execute(
+        "DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
+        "AND start_time IS NULL",
+        (deployment_id, True),
+    )
 
 
 def _schedules_from(data: dict, sent: dict) -> list[dict] | None:
@@ -6745,15 +7783,24 @@ def concurrency_options(value: dict | None) -> dict | None:
         return None
     loc = ("body", "concurrency_options")
     strategy, grace = value.get("collision_strategy"), value.get("grace_period_seconds")
-    errors = [_error((*loc, key), "extra fields not permitted", "value_error.extra")
-              for key in value if key not in ("collision_strategy", "grace_period_seconds")]
+    errors = [
+        _error((*loc, key), "extra fields not permitted", "value_error.extra")
+        for key in value
+        if key not in ("collision_strategy", "grace_period_seconds")
+    ]
     if strategy not in COLLISION_STRATEGIES:
-        errors.append(_error((*loc, "collision_strategy"), f"value is not one of {list(COLLISION_STRATEGIES)}",
-                             "type_error.enum"))
+        errors.append(
+            _error((*loc, "collision_strategy"), f"value is not one of {list(COLLISION_STRATEGIES)}", "type_error.enum")
+        )
     low, high = GRACE_PERIOD_RANGE
     if grace is not None and (type(grace) is not int or not low <= grace <= high):
-        errors.append(_error((*loc, "grace_period_seconds"), f"ensure this value is an integer from {low} to {high}",
-                             "value_error.number"))
+        errors.append(
+            _error(
+                (*loc, "grace_period_seconds"),
+                f"ensure this value is an integer from {low} to {high}",
+                "value_error.number",
+            )
+        )
     if errors:
         raise ValidationFailed(errors)
     return {"collision_strategy": strategy, "grace_period_seconds": grace}
@@ -6764,9 +7811,15 @@ def set_deployment_concurrency(tx, dep_id: str, data: dict, sent: dict):
     global limit `deployment:{id}` and links it, null removes it; `global_concurrency_limit_id` links an
     existing global limit instead."""
     if data.get("concurrency_limit") is not None and data.get("global_concurrency_limit_id") is not None:
-        raise ValidationFailed([_error(("body", "global_concurrency_limit_id"),
-                                       "cannot set both concurrency_limit and global_concurrency_limit_id",
-                                       "value_error")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "global_concurrency_limit_id"),
+                    "cannot set both concurrency_limit and global_concurrency_limit_id",
+                    "value_error",
+                )
+            ]
+        )
     changes = {}
     if "concurrency_options" in sent:
         changes["concurrency_options"] = concurrency_options(data.get("concurrency_options"))
@@ -6794,8 +7847,11 @@ def _deployment_limit(tx, dep_id: str, limit: int | None) -> str | None:
         update_row(tx, "concurrency_limit_v2", row["id"], {"limit": limit, "updated": now_iso()})
         return row["id"]
     limit_id, now = new_id(), now_iso()
-    insert_row(tx, "concurrency_limit_v2", {"id": limit_id, "created": now, "updated": now, "name": name,
-                                            "limit": limit, "active": True})
+    insert_row(
+        tx,
+        "concurrency_limit_v2",
+        {"id": limit_id, "created": now, "updated": now, "name": name, "limit": limit, "active": True},
+    )
     return limit_id
 
 
@@ -6807,8 +7863,10 @@ def deployment_global_limit(tx, dep: dict) -> dict | None:
     if row is None:  # deleted through the limits API
         return None
     limit = decode_row("concurrency_limit_v2", row)
-    return {k: limit[k] for k in ("id", "created", "updated", "active", "name", "limit", "active_slots",
-                                  "slot_decay_per_second")}
+    return {
+        k: limit[k]
+        for k in ("id", "created", "updated", "active", "name", "limit", "active_slots", "slot_decay_per_second")
+    }
 
 
 def _merge_job_variables(data: dict, sent: dict) -> dict:
@@ -6829,9 +7887,21 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     sent = _merge_job_variables(data, sent)
     queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name"))
     now = now_iso()
-    values = {k: data[k] for k in ("version", "description", "path", "entrypoint", "manifest_path",
-                                   "storage_document_id", "infrastructure_document_id", "parameter_openapi_schema",
-                                   "pull_steps") if k in sent}
+    values = {
+        k: data[k]
+        for k in (
+            "version",
+            "description",
+            "path",
+            "entrypoint",
+            "manifest_path",
+            "storage_document_id",
+            "infrastructure_document_id",
+            "parameter_openapi_schema",
+            "pull_steps",
+        )
+        if k in sent
+    }
     for key, default in (("parameters", {}), ("tags", []), ("job_variables", {}), ("infra_overrides", {})):
         if key in sent:
             values[key] = data[key] if data[key] is not None else default
@@ -6845,12 +7915,16 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
         values["is_schedule_active"] = not data["paused"]
     values["work_queue_id"] = queue_row["id"] if queue_row else None
     values["work_queue_name"] = queue_row["name"] if queue_row else data.get("work_queue_name")
-    existing = tx.query_one(f"SELECT * FROM deployment WHERE flow_id = ? AND name = ?{tx.db.for_update}",
-                            (data["flow_id"], data["name"]))
+    existing = tx.query_one(
+        f"SELECT * FROM deployment WHERE flow_id = ? AND name = ?{tx.db.for_update}", (data["flow_id"], data["name"])
+    )
     if existing is None:
         dep_id = new_id()
-        insert_row(tx, "deployment", {"id": dep_id, "created": now, "updated": now, "name": data["name"],
-                                      "flow_id": data["flow_id"], **values})
+        insert_row(
+            tx,
+            "deployment",
+            {"id": dep_id, "created": now, "updated": now, "name": data["name"], "flow_id": data["flow_id"], **values},
+        )
     else:
         dep_id = existing["id"]
         update_row(tx, "deployment", dep_id, {**values, "updated": now})
@@ -6864,9 +7938,20 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
 def update_deployment(tx, dep_id: str, data: dict, sent: dict):
     row = require_row(tx, "deployment", dep_id, "Deployment", lock=True)
     sent = _merge_job_variables(data, sent)
-    changes = {k: data[k] for k in sent if k in data and k not in ("schedule", "schedules", "work_pool_name",
-                                                                     "work_queue_name", "is_schedule_active",
-                                                                     *_CONCURRENCY_FIELDS)}
+    changes = {
+        k: data[k]
+        for k in sent
+        if k in data
+        and k
+        not in (
+            "schedule",
+            "schedules",
+            "work_pool_name",
+            "work_queue_name",
+            "is_schedule_active",
+            *_CONCURRENCY_FIELDS,
+        )
+    }
     set_deployment_concurrency(tx, dep_id, data, sent)
     if "paused" in changes and changes["paused"] is not None:
         changes["is_schedule_active"] = not changes["paused"]
@@ -6874,11 +7959,19 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         changes["is_schedule_active"] = data["is_schedule_active"]
         changes["paused"] = not data["is_schedule_active"]
     if "work_pool_name" in sent or "work_queue_name" in sent:
-        queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name") or row["work_queue_name"])
+        queue_row = ensure_work_queue(
+            tx, data.get("work_pool_name"), data.get("work_queue_name") or row["work_queue_name"]
+        )
         changes["work_queue_id"] = queue_row["id"] if queue_row else None
         changes["work_queue_name"] = queue_row["name"] if queue_row else None
-    changes = {k: v for k, v in changes.items() if not (v is None and k in (
-        "paused", "enforce_parameter_schema", "parameters", "tags", "job_variables", "infra_overrides"))}
+    changes = {
+        k: v
+        for k, v in changes.items()
+        if not (
+            v is None
+            and k in ("paused", "enforce_parameter_schema", "parameters", "tags", "job_variables", "infra_overrides")
+        )
+    }
     update_row(tx, "deployment", dep_id, {**changes, "updated": now_iso()})
     schedules = _schedules_from(data, sent)
     if schedules is not None:
@@ -6887,8 +7980,15 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         _drop_future_auto_runs(tx, dep_id)
 
 
-_JSON_TYPES = {"string": str, "integer": int, "number": (int, float), "boolean": bool, "array": list,
-               "object": dict, "null": type(None)}
+_JSON_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+    "null": type(None),
+}
 
 
 def validate_parameters(schema: dict, params: dict) -> list[dict]:
@@ -6897,7 +7997,9 @@ def validate_parameters(schema: dict, params: dict) -> list[dict]:
     props = (schema or {}).get("properties") or {}
     for name in (schema or {}).get("required") or []:
         if name not in params:
-            errors.append(_error(("body", "parameters", name), f"'{name}' is a required property", "value_error.missing"))
+            errors.append(
+                _error(("body", "parameters", name), f"'{name}' is a required property", "value_error.missing")
+            )
     for name, value in params.items():
         spec = props.get(name)
         if not isinstance(spec, dict):
@@ -6908,11 +8010,17 @@ def validate_parameters(schema: dict, params: dict) -> list[dict]:
             if isinstance(alt, dict) and alt.get("type") in _JSON_TYPES:
                 options.append(alt["type"])
         if options and not any(_json_type_ok(value, t) for t in options):
-            errors.append(_error(("body", "parameters", name),
-                                 f"{value!r} is not valid under any of the given schemas ({', '.join(options)})",
-                                 "value_error.parameter"))
+            errors.append(
+                _error(
+                    ("body", "parameters", name),
+                    f"{value!r} is not valid under any of the given schemas ({', '.join(options)})",
+                    "value_error.parameter",
+                )
+            )
         if "enum" in spec and value not in spec["enum"]:
-            errors.append(_error(("body", "parameters", name), f"{value!r} is not one of {spec['enum']}", "value_error.parameter"))
+            errors.append(
+                _error(("body", "parameters", name), f"{value!r} is not one of {spec['enum']}", "value_error.parameter")
+            )
     return errors
 
 
@@ -6934,21 +8042,33 @@ def create_deployment_flow_run(tx, dep_id: str, data: dict) -> tuple[dict, bool]
         errors = validate_parameters(dep["parameter_openapi_schema"], parameters)
         if errors:
             raise ValidationFailed(errors)
-    queue_row = ensure_work_queue(tx, dep["work_pool_name"], data.get("work_queue_name") or dep.get("work_queue_name")) \
-        if (dep.get("work_pool_name") or data.get("work_queue_name") or dep.get("work_queue_name")) else None
+    queue_row = (
+        ensure_work_queue(tx, dep["work_pool_name"], data.get("work_queue_name") or dep.get("work_queue_name"))
+        if (dep.get("work_pool_name") or data.get("work_queue_name") or dep.get("work_queue_name"))
+        else None
+    )
     state = data.get("state") or {"type": "SCHEDULED", "state_details": {"scheduled_time": now_iso()}}
     if state["type"] == "SCHEDULED" and not (state.get("state_details") or {}).get("scheduled_time"):
         state = {**state, "state_details": {**(state.get("state_details") or {}), "scheduled_time": now_iso()}}
-    run_data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "name": data.get("name"),
-                "parameters": parameters, "context": data.get("context") or {},
-                "tags": sorted(set(dep.get("tags") or []) | set(data.get("tags") or [])),
-                "idempotency_key": data.get("idempotency_key"), "parent_task_run_id": data.get("parent_task_run_id"),
-                "empirical_policy": data.get("empirical_policy") or {}, "state": state,
-                "job_variables": data.get("job_variables") or {},
-                "infrastructure_document_id": data.get("infrastructure_document_id") or dep.get("infrastructure_document_id")}
-    extra = {"deployment_version": dep.get("version"),
-             "work_queue_id": queue_row["id"] if queue_row else None,
-             "work_queue_name": queue_row["name"] if queue_row else None}
+    run_data = {
+        "flow_id": dep["flow_id"],
+        "deployment_id": dep["id"],
+        "name": data.get("name"),
+        "parameters": parameters,
+        "context": data.get("context") or {},
+        "tags": sorted(set(dep.get("tags") or []) | set(data.get("tags") or [])),
+        "idempotency_key": data.get("idempotency_key"),
+        "parent_task_run_id": data.get("parent_task_run_id"),
+        "empirical_policy": data.get("empirical_policy") or {},
+        "state": state,
+        "job_variables": data.get("job_variables") or {},
+        "infrastructure_document_id": data.get("infrastructure_document_id") or dep.get("infrastructure_document_id"),
+    }
+    extra = {
+        "deployment_version": dep.get("version"),
+        "work_queue_id": queue_row["id"] if queue_row else None,
+        "work_queue_name": queue_row["name"] if queue_row else None,
+    }
     return create_flow_run(tx, run_data, extra)
 
 
@@ -6960,19 +8080,22 @@ def scheduled_runs_for_deployments(tx, data: dict, settings: Settings, now: _dt.
     now = iso(now or utcnow())
     marks = ", ".join("?" for _ in ids)
     mark_deployments_polled(tx, "id", ids, now)
-    rows = tx.query(f"SELECT * FROM flow_run WHERE deployment_id IN ({marks}) AND state_type = 'SCHEDULED' "
-                    f"AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time, id LIMIT ?",
-                    (*ids, data.get("scheduled_before") or now, page_limit(data, settings)))
+    rows = tx.query(
+        f"SELECT * FROM flow_run WHERE deployment_id IN ({marks}) AND state_type = 'SCHEDULED' "
+        f"AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time, id LIMIT ?",
+        (*ids, data.get("scheduled_before") or now, page_limit(data, settings)),
+    )
     return [flow_run_out(r) for r in rows]
 
 
-# --- 12. Notifications ---
+# --- 14. Notifications ---
 # Owns flow run notification policies, the durable queue of messages they make, and
 # the senders that deliver them (standard library only).
 
 # Notifications: destinations are block documents of the types below (registered at start, protected);
 # a policy says which states of which runs go where. Rows are queued in the transaction that records
 # the state, so a state change and its notification are durable together.
+
 
 def _field(title, kind="string", secret=False, **extra):
     spec = {"title": title, "type": kind, **extra}
@@ -6982,11 +8105,19 @@ def _field(title, kind="string", secret=False, **extra):
 
 
 def _block_fields(title, description, properties, required, secret_fields):
-    return {"title": title, "description": description, "type": "object", "properties": properties,
-            "required": required, "secret_fields": secret_fields, "block_schema_references": {}}
+    return {
+        "title": title,
+        "description": description,
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "secret_fields": secret_fields,
+        "block_schema_references": {},
+    }
 
 
 _STR_LIST = {"type": "array", "items": {"type": "string"}}
+# fmt: off
 NOTIFICATION_BLOCK_TYPES = [
     ("slack-webhook", "Slack Webhook", "Posts a message to a Slack channel through an incoming webhook.",
      _block_fields("SlackWebhook", "Slack incoming webhook.",
@@ -7001,7 +8132,8 @@ NOTIFICATION_BLOCK_TYPES = [
          "target_schedule": {**_STR_LIST, "title": "Target schedules"},
          "target_escalation": {**_STR_LIST, "title": "Target escalations"},
          "region_name": _field("Region", enum=["us", "eu"], default="us"),
-         "tags": {**_STR_LIST, "title": "Tags"}, "priority": _field("Priority", enum=["P1", "P2", "P3", "P4", "P5"], default="P3"),
+         "tags": {**_STR_LIST, "title": "Tags"},
+         "priority": _field("Priority", enum=["P1", "P2", "P3", "P4", "P5"], default="P3"),
          "alias": _field("Alias"), "entity": _field("Entity"), "details": _field("Details", "object")},
          ["apikey"], ["apikey"])),
     ("pager-duty-webhook", "Pager Duty Webhook", "Triggers a PagerDuty event (Events API v2).",
@@ -7036,26 +8168,57 @@ NOTIFICATION_BLOCK_TYPES = [
          "from_address": _field("From address"), "to_addresses": {**_STR_LIST, "title": "To addresses"}},
          ["host", "from_address", "to_addresses"], ["password"])),
 ]
+# fmt: on
 
 
 def install_builtin_block_types(tx):
     """Register our notification destinations as protected block types with a schema each (idempotent)."""
     now = now_iso()
     for slug, name, description, fields in NOTIFICATION_BLOCK_TYPES:
-        insert_row(tx, "block_type", {"id": new_id(), "created": now, "updated": now, "name": name, "slug": slug,
-                                      "description": description, "is_protected": True},
-                   on_conflict="ON CONFLICT DO NOTHING")
+        insert_row(
+            tx,
+            "block_type",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "name": name,
+                "slug": slug,
+                "description": description,
+                "is_protected": True,
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
         type_id = tx.scalar("SELECT id FROM block_type WHERE slug = ?", (slug,))
         tx.execute("UPDATE block_type SET is_protected = ? WHERE id = ?", (True, type_id))
-        insert_row(tx, "block_schema", {"id": new_id(), "created": now, "updated": now,
-                                        "checksum": block_schema_checksum(fields), "fields": fields,
-                                        "block_type_id": type_id, "capabilities": ["notify"], "version": __version__},
-                   on_conflict="ON CONFLICT DO NOTHING")
+        insert_row(
+            tx,
+            "block_schema",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "checksum": block_schema_checksum(fields),
+                "fields": fields,
+                "block_type_id": type_id,
+                "capabilities": ["notify"],
+                "version": __version__,
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
 
 
 NOTIFICATION_PLACEHOLDERS = (
-    "flow_run_notification_policy_id", "flow_id", "flow_name", "flow_run_id", "flow_run_name", "flow_run_url",
-    "flow_run_parameters", "flow_run_state_type", "flow_run_state_name", "flow_run_state_timestamp",
+    "flow_run_notification_policy_id",
+    "flow_id",
+    "flow_name",
+    "flow_run_id",
+    "flow_run_name",
+    "flow_run_url",
+    "flow_run_parameters",
+    "flow_run_state_type",
+    "flow_run_state_name",
+    "flow_run_state_timestamp",
     "flow_run_state_message",
 )
 DEFAULT_NOTIFICATION_TEMPLATE = (
@@ -7063,51 +8226,77 @@ DEFAULT_NOTIFICATION_TEMPLATE = (
     "{flow_run_state_timestamp}.\n\nState message: {flow_run_state_message}\nFlow run: {flow_run_url}"
 )
 
-NotificationPolicyCreate = Schema("FlowRunNotificationPolicyCreate", {
-    "is_active": Field("bool", default=True, nullable=False),
-    "state_names": Field(ListOf("str"), required=True, nullable=False),
-    "tags": Field(ListOf("str"), required=True, nullable=False),
-    "block_document_id": Field("uuid", required=True, nullable=False),
-    "message_template": Field("str", max_length=10000),
-})
-NotificationPolicyUpdate = Schema("FlowRunNotificationPolicyUpdate", {
-    "is_active": Field("bool", nullable=False), "state_names": Field(ListOf("str"), nullable=False),
-    "tags": Field(ListOf("str"), nullable=False), "block_document_id": Field("uuid", nullable=False),
-    "message_template": Field("str", max_length=10000),
-})
+NotificationPolicyCreate = Schema(
+    "FlowRunNotificationPolicyCreate",
+    {
+        "is_active": Field("bool", default=True, nullable=False),
+        "state_names": Field(ListOf("str"), required=True, nullable=False),
+        "tags": Field(ListOf("str"), required=True, nullable=False),
+        "block_document_id": Field("uuid", required=True, nullable=False),
+        "message_template": Field("str", max_length=10000),
+    },
+)
+NotificationPolicyUpdate = Schema(
+    "FlowRunNotificationPolicyUpdate",
+    {
+        "is_active": Field("bool", nullable=False),
+        "state_names": Field(ListOf("str"), nullable=False),
+        "tags": Field(ListOf("str"), nullable=False),
+        "block_document_id": Field("uuid", nullable=False),
+        "message_template": Field("str", max_length=10000),
+    },
+)
 
 
 def check_message_template(template: str | None):
     if not template:
         return
     try:
-        fields = [(field, spec, conv) for _text, field, spec, conv in string.Formatter().parse(template)
-                  if field is not None]
+        fields = [
+            (field, spec, conv) for _text, field, spec, conv in string.Formatter().parse(template) if field is not None
+        ]
     except ValueError as exc:
-        raise ValidationFailed([_error(("body", "message_template"), f"invalid template: {exc}", "value_error")]) from None
+        raise ValidationFailed(
+            [_error(("body", "message_template"), f"invalid template: {exc}", "value_error")]
+        ) from None
     # str.format fills the template, so a format spec or conversion ("{flow_run_name:d}") could fail or blow up
     # (":>2000000000") at every send: placeholders are bare names
     for field, spec, conv in fields:
         if spec or conv:
-            raise ValidationFailed([_error(("body", "message_template"),
-                                           f"placeholder {{{field}}} has a format spec or conversion; "
-                                           "use the bare name", "value_error")])
+            raise ValidationFailed(
+                [
+                    _error(
+                        ("body", "message_template"),
+                        f"placeholder {{{field}}} has a format spec or conversion; use the bare name",
+                        "value_error",
+                    )
+                ]
+            )
     names = {field for field, _spec, _conv in fields}
     unknown = sorted(n for n in names if n not in NOTIFICATION_PLACEHOLDERS)
     if unknown:
-        raise ValidationFailed([_error(("body", "message_template"),
-                                       f"unknown placeholder {{{unknown[0]}}}; allowed: {', '.join(NOTIFICATION_PLACEHOLDERS)}",
-                                       "value_error")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "message_template"),
+                    f"unknown placeholder {{{unknown[0]}}}; allowed: {', '.join(NOTIFICATION_PLACEHOLDERS)}",
+                    "value_error",
+                )
+            ]
+        )
 
 
 def _notify_capable(tx, block_document_id: str):
-    row = tx.query_one("SELECT s.capabilities FROM block_document d JOIN block_schema s ON s.id = d.block_schema_id "
-                       "WHERE d.id = ?", (block_document_id,))
+    row = tx.query_one(
+        "SELECT s.capabilities FROM block_document d JOIN block_schema s ON s.id = d.block_schema_id WHERE d.id = ?",
+        (block_document_id,),
+    )
     if row is None:
         raise NotFound("Block document not found")
     if "notify" not in json.loads(row["capabilities"] or "[]"):
-        raise ValidationFailed([_error(("body", "block_document_id"), "the block document cannot send notifications",
-                                       "value_error")])
+        raise ValidationFailed(
+            [_error(("body", "block_document_id"), "the block document cannot send notifications", "value_error")]
+        )
 
 
 def enqueue_notifications(tx, kind: str, run: dict, initial: dict | None, state: dict):
@@ -7124,10 +8313,20 @@ def enqueue_notifications(tx, kind: str, run: dict, initial: dict | None, state:
             continue
         if wanted_tags and not wanted_tags & tags:
             continue
-        insert_row(tx, "flow_run_notification_queue", {
-            "id": new_id(), "created": state["timestamp"], "updated": state["timestamp"],
-            "flow_run_notification_policy_id": policy["id"], "flow_run_state_id": state["id"],
-            "status": "PENDING", "attempts": 0, "next_attempt_at": state["timestamp"]})
+        insert_row(
+            tx,
+            "flow_run_notification_queue",
+            {
+                "id": new_id(),
+                "created": state["timestamp"],
+                "updated": state["timestamp"],
+                "flow_run_notification_policy_id": policy["id"],
+                "flow_run_state_id": state["id"],
+                "status": "PENDING",
+                "attempts": 0,
+                "next_attempt_at": state["timestamp"],
+            },
+        )
         queued += 1
     if queued:
         tx.after_commit.extend(tx.db.hooks.notification_wakers)
@@ -7141,12 +8340,15 @@ def notification_context(tx, policy: dict, state_row: dict, base_url: str) -> di
     flow = decode_row("flow", read_row(tx, "flow", run["flow_id"])) if run else None
     moment = from_iso(state_row["timestamp"])
     return {
-        "flow_run_notification_policy_id": policy["id"], "flow_id": run.get("flow_id") if run else None,
-        "flow_name": flow["name"] if flow else "(deleted)", "flow_run_id": state_row["flow_run_id"],
+        "flow_run_notification_policy_id": policy["id"],
+        "flow_id": run.get("flow_id") if run else None,
+        "flow_name": flow["name"] if flow else "(deleted)",
+        "flow_run_id": state_row["flow_run_id"],
         "flow_run_name": run.get("name") if run else "(deleted)",
         "flow_run_url": ui_page_url(base_url, "flow-run", {"id": state_row["flow_run_id"]}),
         "flow_run_parameters": dumps(run.get("parameters") if run else {}),
-        "flow_run_state_type": state_row["type"], "flow_run_state_name": state_row["name"],
+        "flow_run_state_type": state_row["type"],
+        "flow_run_state_name": state_row["name"],
         "flow_run_state_timestamp": moment.strftime("%y-%m-%d %H:%M:%S %Z"),
         "flow_run_state_message": state_row.get("message") or "",
     }
@@ -7162,18 +8364,30 @@ def render_notification(policy: dict, context: dict) -> tuple[str, str]:
         body = template.format(**{k: ("" if v is None else v) for k, v in context.items()})
     except (ValueError, KeyError, IndexError, AttributeError, TypeError, OverflowError, MemoryError) as exc:
         # a template stored before check_message_template refused it: this send can never succeed
-        raise NotificationFailed(f"the message template cannot be rendered: {type(exc).__name__}: {exc}"[:300]) \
-            from None
-    subject = f"Prefect flow run notification: {context['flow_name']}/{context['flow_run_name']} " \
-              f"entered {context['flow_run_state_name']}"
+        raise NotificationFailed(
+            f"the message template cannot be rendered: {type(exc).__name__}: {exc}"[:300]
+        ) from None
+    subject = (
+        f"Prefect flow run notification: {context['flow_name']}/{context['flow_run_name']} "
+        f"entered {context['flow_run_state_name']}"
+    )
     return subject, body
 
 
 # Notification senders: the standard library only (urllib, smtplib). Each service's base URL can be
 # pointed elsewhere (Opsgenie EU, a company proxy, a local fake in tests) through a setting.
 
-def _http_send(method: str, url: str, timeout: float, json_body=None, form=None, headers=None, params=None,
-               raw: bytes | None = None):
+
+def _http_send(
+    method: str,
+    url: str,
+    timeout: float,
+    json_body=None,
+    form=None,
+    headers=None,
+    params=None,
+    raw: bytes | None = None,
+):
     if params:
         url += ("&" if "?" in url else "?") + urllib.parse.urlencode(params, doseq=True)
     headers = dict(headers or {})
@@ -7217,49 +8431,90 @@ def send_slack(data, subject, body, settings, timeout):
 
 
 def send_teams(data, subject, body, settings, timeout):
-    _http_send("POST", data["url"], timeout, json_body={
-        "@type": "MessageCard", "@context": "https://schema.org/extensions", "summary": subject,
-        "title": subject, "text": body.replace("\n", "<br>")})
+    _http_send(
+        "POST",
+        data["url"],
+        timeout,
+        json_body={
+            "@type": "MessageCard",
+            "@context": "https://schema.org/extensions",
+            "summary": subject,
+            "title": subject,
+            "text": body.replace("\n", "<br>"),
+        },
+    )
 
 
 def send_opsgenie(data, subject, body, settings, timeout):
     base = settings["PREFECT_NOTIFICATIONS_OPSGENIE_URL"] or (
-        "https://api.eu.opsgenie.com" if data.get("region_name") == "eu" else "https://api.opsgenie.com")
-    responders = ([{"type": "user", "username": u} for u in data.get("target_user") or []]
-                  + [{"type": "team", "name": t} for t in data.get("target_team") or []]
-                  + [{"type": "schedule", "name": s} for s in data.get("target_schedule") or []]
-                  + [{"type": "escalation", "name": e} for e in data.get("target_escalation") or []])
-    payload = {"message": subject[:130], "description": body, "responders": responders,
-               "tags": data.get("tags") or [], "priority": data.get("priority") or "P3"}
+        "https://api.eu.opsgenie.com" if data.get("region_name") == "eu" else "https://api.opsgenie.com"
+    )
+    responders = (
+        [{"type": "user", "username": u} for u in data.get("target_user") or []]
+        + [{"type": "team", "name": t} for t in data.get("target_team") or []]
+        + [{"type": "schedule", "name": s} for s in data.get("target_schedule") or []]
+        + [{"type": "escalation", "name": e} for e in data.get("target_escalation") or []]
+    )
+    payload = {
+        "message": subject[:130],
+        "description": body,
+        "responders": responders,
+        "tags": data.get("tags") or [],
+        "priority": data.get("priority") or "P3",
+    }
     for key in ("alias", "entity", "details"):
         if data.get(key):
             payload[key] = data[key]
-    _http_send("POST", base.rstrip("/") + "/v2/alerts", timeout, json_body=payload,
-               headers={"Authorization": f"GenieKey {data['apikey']}"})
+    _http_send(
+        "POST",
+        base.rstrip("/") + "/v2/alerts",
+        timeout,
+        json_body=payload,
+        headers={"Authorization": f"GenieKey {data['apikey']}"},
+    )
 
 
 def send_pagerduty(data, subject, body, settings, timeout):
     base = settings["PREFECT_NOTIFICATIONS_PAGERDUTY_URL"] or (
-        "https://events.eu.pagerduty.com" if data.get("region_name") == "eu" else "https://events.pagerduty.com")
-    payload = {"summary": subject[:1024], "source": data.get("source") or "Prefect", "severity": "info",
-               "custom_details": {**(data.get("custom_details") or {}), "body": body}}
+        "https://events.eu.pagerduty.com" if data.get("region_name") == "eu" else "https://events.pagerduty.com"
+    )
+    payload = {
+        "summary": subject[:1024],
+        "source": data.get("source") or "Prefect",
+        "severity": "info",
+        "custom_details": {**(data.get("custom_details") or {}), "body": body},
+    }
     for src, dst in (("component", "component"), ("group", "group"), ("class_id", "class")):
         if data.get(src):
             payload[dst] = data[src]
-    event = {"routing_key": data["integration_key"], "event_action": "trigger", "payload": payload,
-             "client": "prefectlite"}
+    event = {
+        "routing_key": data["integration_key"],
+        "event_action": "trigger",
+        "payload": payload,
+        "client": "prefectlite",
+    }
     if data.get("clickable_url"):
         event["client_url"] = data["clickable_url"]
-    _http_send("POST", base.rstrip("/") + "/v2/enqueue", timeout, json_body=event,
-               headers={"Authorization": f"Token token={data['api_key']}"} if data.get("api_key") else None)
+    _http_send(
+        "POST",
+        base.rstrip("/") + "/v2/enqueue",
+        timeout,
+        json_body=event,
+        headers={"Authorization": f"Token token={data['api_key']}"} if data.get("api_key") else None,
+    )
 
 
 def send_twilio(data, subject, body, settings, timeout):
     base = settings["PREFECT_NOTIFICATIONS_TWILIO_URL"] or "https://api.twilio.com"
     url = f"{base.rstrip('/')}/2010-04-01/Accounts/{urllib.parse.quote(data['account_sid'])}/Messages.json"
     for number in data.get("to_phone_numbers") or []:
-        _http_send("POST", url, timeout, form={"From": data["from_phone_number"], "To": number, "Body": body[:1600]},
-                   headers={"Authorization": _basic(data["account_sid"], data["auth_token"])})
+        _http_send(
+            "POST",
+            url,
+            timeout,
+            form={"From": data["from_phone_number"], "To": number, "Body": body[:1600]},
+            headers={"Authorization": _basic(data["account_sid"], data["auth_token"])},
+        )
 
 
 def _fill_placeholders(value, mapping: dict):
@@ -7277,16 +8532,21 @@ def send_custom_webhook(data, subject, body, settings, timeout):
     headers = _fill_placeholders(data.get("headers") or {}, mapping)
     if data.get("cookies"):
         headers["Cookie"] = "; ".join(f"{k}={v}" for k, v in _fill_placeholders(data["cookies"], mapping).items())
-    _http_send((data.get("method") or "POST").upper(), _fill_placeholders(data["url"], mapping),
-               float(data.get("timeout") or timeout),
-               json_body=_fill_placeholders(data["json_data"], mapping) if data.get("json_data") is not None else None,
-               form=_fill_placeholders(data["form_data"], mapping) if data.get("form_data") is not None else None,
-               headers=headers, params=_fill_placeholders(data.get("params") or {}, mapping))
+    _http_send(
+        (data.get("method") or "POST").upper(),
+        _fill_placeholders(data["url"], mapping),
+        float(data.get("timeout") or timeout),
+        json_body=_fill_placeholders(data["json_data"], mapping) if data.get("json_data") is not None else None,
+        form=_fill_placeholders(data["form_data"], mapping) if data.get("form_data") is not None else None,
+        headers=headers,
+        params=_fill_placeholders(data.get("params") or {}, mapping),
+    )
 
 
 def send_email(data, subject, body, settings, timeout):
     import email.message
     import smtplib
+
     message = email.message.EmailMessage()
     message["Subject"], message["From"] = subject, data["from_address"]
     message["To"] = ", ".join(data.get("to_addresses") or [])
@@ -7306,8 +8566,12 @@ def send_email(data, subject, body, settings, timeout):
 
 
 SENDERS = {
-    "slack-webhook": send_slack, "ms-teams-webhook": send_teams, "opsgenie-webhook": send_opsgenie,
-    "pager-duty-webhook": send_pagerduty, "twilio-sms": send_twilio, "custom-webhook": send_custom_webhook,
+    "slack-webhook": send_slack,
+    "ms-teams-webhook": send_teams,
+    "opsgenie-webhook": send_opsgenie,
+    "pager-duty-webhook": send_pagerduty,
+    "twilio-sms": send_twilio,
+    "custom-webhook": send_custom_webhook,
     "email-smtp": send_email,
 }
 
@@ -7333,9 +8597,15 @@ def public_ui_url(settings: Settings, running_url: str | None) -> str:
 
 
 # The UI's page of an object, at the path Prefect's UI uses (our UI answers the 2.20 and 3.x shapes alike).
-_UI_PAGES = {"flow-run": ("flow-runs/flow-run", "id"), "task-run": ("runs/task-run", "id"), "flow": ("flows/flow", "id"),
-             "deployment": ("deployments/deployment", "id"), "work-pool": ("work-pools/work-pool", "name"),
-             "automation": ("automations/automation", "id"), "block-document": ("blocks/block", "id")}
+_UI_PAGES = {
+    "flow-run": ("flow-runs/flow-run", "id"),
+    "task-run": ("runs/task-run", "id"),
+    "flow": ("flows/flow", "id"),
+    "deployment": ("deployments/deployment", "id"),
+    "work-pool": ("work-pools/work-pool", "name"),
+    "automation": ("automations/automation", "id"),
+    "block-document": ("blocks/block", "id"),
+}
 
 
 def ui_page_url(base_url: str, kind: str, obj: dict) -> str:
@@ -7350,7 +8620,9 @@ def ui_page_url(base_url: str, kind: str, obj: dict) -> str:
 
 def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
     """(slug, data, subject, body) for a queued row, or None when its policy or state is gone."""
-    policy = tx.query_one("SELECT * FROM flow_run_notification_policy WHERE id = ?", (row["flow_run_notification_policy_id"],))
+    policy = tx.query_one(
+        "SELECT * FROM flow_run_notification_policy WHERE id = ?", (row["flow_run_notification_policy_id"],)
+    )
     state = tx.query_one("SELECT * FROM flow_run_state WHERE id = ?", (row["flow_run_state_id"],))
     if policy is None or state is None:
         return None
@@ -7358,10 +8630,15 @@ def prepare_notification(tx, row: dict, settings: Settings, base_url: str):
     if doc is None:
         return None
     full = block_document_out(tx, doc, include_secrets=True)
-    subject, body = render_notification(decode_row("flow_run_notification_policy", policy),
-                                        notification_context(tx, policy, state, base_url))
-    about = {"flow_run_notification_policy_id": policy["id"], "flow_run_id": state["flow_run_id"],
-             "state_name": state["name"], "destination": f"{doc['name']} ({full['block_type']['name']})"}
+    subject, body = render_notification(
+        decode_row("flow_run_notification_policy", policy), notification_context(tx, policy, state, base_url)
+    )
+    about = {
+        "flow_run_notification_policy_id": policy["id"],
+        "flow_run_id": state["flow_run_id"],
+        "state_name": state["name"],
+        "destination": f"{doc['name']} ({full['block_type']['name']})",
+    }
     return full["block_type"]["slug"], full["data"], subject, body, about
 
 
@@ -7371,20 +8648,26 @@ NOTIFICATION_DELIVERIES_KEPT = 1000  # per policy: the history stays bounded
 def record_delivery(tx, about: dict, attempt: int, status: str, error: str | None = None):
     """One attempt to deliver a notification: SENT, RETRYING (failed, tried again later) or FAILED (given up)."""
     policy_id = about["flow_run_notification_policy_id"]
-    insert_row(tx, "flow_run_notification_delivery", {"id": new_id(), "created": now_iso(), **about, "attempt": attempt,
-                                                      "status": status, "error": error})
-    tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? AND id NOT IN "
-               "(SELECT id FROM (SELECT id FROM flow_run_notification_delivery "
-               "WHERE flow_run_notification_policy_id = ? ORDER BY created DESC LIMIT ?) kept)",
-               (policy_id, policy_id, NOTIFICATION_DELIVERIES_KEPT))
+    insert_row(
+        tx,
+        "flow_run_notification_delivery",
+        {"id": new_id(), "created": now_iso(), **about, "attempt": attempt, "status": status, "error": error},
+    )
+    tx.execute(
+        "DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? AND id NOT IN "
+        "(SELECT id FROM (SELECT id FROM flow_run_notification_delivery "
+        "WHERE flow_run_notification_policy_id = ? ORDER BY created DESC LIMIT ?) kept)",
+        (policy_id, policy_id, NOTIFICATION_DELIVERIES_KEPT),
+    )
 
 
-# --- 13. Templates ---
+# --- 15. Templates ---
 # Owns the safe renderer of the Jinja subset automation actions are written in.
 
 # Templates: the Jinja subset Prefect's docs show ({{ flow_run.name }}, {{ event.resource.id }}, filters
 # such as default and upper, {% if %} and {% for %}), rendered over plain data only: no attribute of a
 # Python object is reachable and nothing is called but the filters below, so a template cannot run code.
+
 
 class TemplateError(ValueError):
     pass
@@ -7417,8 +8700,10 @@ def _capped_text(text: str) -> str:
 
 
 _TEMPLATE_TAG = re.compile(r"\{\{(.*?)\}\}|\{%-?(.*?)-?%\}|\{#.*?#\}", re.DOTALL)
-_TEMPLATE_TOKEN = re.compile(r"\s*(?:(\d+\.\d+|\d+)|('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|"
-                             r"(==|!=|<=|>=|<|>|\||\.|\(|\)|\[|\]|,)|([A-Za-z_][A-Za-z0-9_]*))")
+_TEMPLATE_TOKEN = re.compile(
+    r"\s*(?:(\d+\.\d+|\d+)|('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\")|"
+    r"(==|!=|<=|>=|<|>|\||\.|\(|\)|\[|\]|,)|([A-Za-z_][A-Za-z0-9_]*))"
+)
 
 
 class _Undefined:
@@ -7450,8 +8735,11 @@ def _tokens(text: str) -> list:
         elif op is not None:
             out.append(("op", op))
         else:
-            out.append(("lit", {"true": True, "false": False, "none": None}[name.lower()])
-                       if name.lower() in ("true", "false", "none") else ("name", name))
+            out.append(
+                ("lit", {"true": True, "false": False, "none": None}[name.lower()])
+                if name.lower() in ("true", "false", "none")
+                else ("name", name)
+            )
         pos = found.end()
     return out
 
@@ -7588,9 +8876,16 @@ class _Expression:
         return _evaluate(self.tree, context)
 
 
-_COMPARISONS = {"==": lambda a, b: a == b, "!=": lambda a, b: a != b, "<": lambda a, b: a < b,
-                ">": lambda a, b: a > b, "<=": lambda a, b: a <= b, ">=": lambda a, b: a >= b,
-                "in": lambda a, b: a in b, "not in": lambda a, b: a not in b}
+_COMPARISONS = {
+    "==": lambda a, b: a == b,
+    "!=": lambda a, b: a != b,
+    "<": lambda a, b: a < b,
+    ">": lambda a, b: a > b,
+    "<=": lambda a, b: a <= b,
+    ">=": lambda a, b: a >= b,
+    "in": lambda a, b: a in b,
+    "not in": lambda a, b: a not in b,
+}
 
 
 def _evaluate(node, context):
@@ -7666,15 +8961,19 @@ def _template_int(value) -> int:
 TEMPLATE_FILTERS = {
     "default": lambda _c, v, fallback="", boolean=False: fallback if v is UNDEFINED or (boolean and not v) else v,
     "d": lambda _c, v, fallback="", boolean=False: fallback if v is UNDEFINED or (boolean and not v) else v,
-    "upper": lambda _c, v: _template_str(v).upper(), "lower": lambda _c, v: _template_str(v).lower(),
-    "title": lambda _c, v: _template_str(v).title(), "capitalize": lambda _c, v: _template_str(v).capitalize(),
-    "trim": lambda _c, v: _template_str(v).strip(), "string": lambda _c, v: _template_str(v),
+    "upper": lambda _c, v: _template_str(v).upper(),
+    "lower": lambda _c, v: _template_str(v).lower(),
+    "title": lambda _c, v: _template_str(v).title(),
+    "capitalize": lambda _c, v: _template_str(v).capitalize(),
+    "trim": lambda _c, v: _template_str(v).strip(),
+    "string": lambda _c, v: _template_str(v),
     "length": lambda _c, v: len(v) if isinstance(v, (str, list, dict)) else 0,
     "count": lambda _c, v: len(v) if isinstance(v, (str, list, dict)) else 0,
     "tojson": lambda _c, v: dumps(None if v is UNDEFINED else v),
     "replace": lambda _c, v, old, new: _template_replace(v, old, new),
-    "join": lambda _c, v, sep="": _capped_text(_template_str(sep).join(_template_str(x) for x in v))
-    if isinstance(v, list) else "",
+    "join": lambda _c, v, sep="": (
+        _capped_text(_template_str(sep).join(_template_str(x) for x in v)) if isinstance(v, list) else ""
+    ),
     "first": lambda _c, v: v[0] if isinstance(v, list) and v else UNDEFINED,
     "last": lambda _c, v: v[-1] if isinstance(v, list) and v else UNDEFINED,
     "int": lambda _c, v: _template_int(v),
@@ -7691,7 +8990,7 @@ def parse_template(text: str) -> list:
         if len(stack) > TEMPLATE_MAX_DEPTH:
             raise TemplateError(f"tags nest more than {TEMPLATE_MAX_DEPTH} deep")
         if found.start() > pos:
-            stack[-1][1].append(text[pos:found.start()])
+            stack[-1][1].append(text[pos : found.start()])
         pos = found.end()
         output, statement = found.group(1), found.group(2)
         if output is not None:
@@ -7772,7 +9071,7 @@ def _render_nodes(nodes: list, context: dict):
             yield from _render_nodes(body, context)
         else:
             items = node[2].evaluate(context)
-            for item in (items if isinstance(items, list) else list(items) if isinstance(items, dict) else []):
+            for item in items if isinstance(items, list) else list(items) if isinstance(items, dict) else []:
                 _spend_template_budget(iterations=1)
                 yield from _render_nodes(node[3], {**context, node[1]: item})
 
@@ -7841,7 +9140,7 @@ def hydrate(value, context: dict):
     return value
 
 
-# --- 14. Automations ---
+# --- 16. Automations ---
 # Owns automations: their tables, validation and API operations, and their history.
 
 # Automations: rules that watch the event stream (triggers) and act on it (actions), as Prefect 3 and the
@@ -7849,7 +9148,7 @@ def hydrate(value, context: dict):
 # resources they relate to, each trigger's durable buckets (a window's count survives a restart and is
 # shared by replicas), the child firings of compound and sequence triggers, and the queue of actions a
 # firing owes. Triggers are evaluated in the transaction that stores an event; the AutomationActor
-# service (section 16) runs the queued actions (one replica claims each) and evaluates proactive triggers.
+# service (section 18) runs the queued actions (one replica claims each) and evaluates proactive triggers.
 
 AUTOMATION_MAX_TRIGGER_DEPTH = 10  # compound triggers nest; deeper bodies are refused
 AUTOMATION_MAX_EVENT_DEPTH = 3  # an automation's own events may trigger automations, this many levels deep
@@ -7860,6 +9159,7 @@ AUTOMATION_HISTORY_DAYS = 7  # done and failed actions stay this long, for the a
 _AUTOMATION_DEPTH = contextvars.ContextVar("automation_depth", default=0)
 TRIGGER_TYPES = ("event", "compound", "sequence")
 _ACTION_SOURCE = Field(Enum("ActionSource", ("selected", "inferred")), default="selected", nullable=False)
+# fmt: off
 ACTION_SCHEMAS = {
     "do-nothing": Schema("DoNothing", {}),
     "run-deployment": Schema("RunDeployment", {
@@ -7887,14 +9187,16 @@ ACTION_SCHEMAS = {
     "pause-automation": Schema("PauseAutomation", {"source": _ACTION_SOURCE, "automation_id": Field("uuid")}),
     "resume-automation": Schema("ResumeAutomation", {"source": _ACTION_SOURCE, "automation_id": Field("uuid")}),
 }
+# fmt: on
 _ACTION_TARGET_FIELDS = ("deployment_id", "work_pool_id", "work_queue_id", "automation_id")
 AUTOMATION_FIELDS = {
     "name": Field("str", required=True, nullable=False, max_length=5000),
     "description": Field("str", default="", nullable=False),
     "enabled": Field("bool", default=True, nullable=False),
     "tags": Field(ListOf("str"), default=list, nullable=False),
-    "trigger": Field("object", required=True, nullable=False,
-                     description="an EventTrigger, CompoundTrigger or SequenceTrigger"),
+    "trigger": Field(
+        "object", required=True, nullable=False, description="an EventTrigger, CompoundTrigger or SequenceTrigger"
+    ),
     "actions": Field(ListOf("object"), required=True, nullable=False),
     "actions_on_trigger": Field(ListOf("object"), default=list, nullable=False),
     "actions_on_resolve": Field(ListOf("object"), default=list, nullable=False),
@@ -7902,20 +9204,26 @@ AUTOMATION_FIELDS = {
 AutomationCreate = Schema("AutomationCreate", {**AUTOMATION_FIELDS, "owner_resource": Field("str")})
 AutomationUpdate = Schema("AutomationUpdate", AUTOMATION_FIELDS)
 AutomationPartialUpdate = Schema("AutomationPartialUpdate", {"enabled": Field("bool", default=True, nullable=False)})
-AutomationFilterBody = Schema("Body_read_automations", {
-    "sort": Field(Enum("AutomationSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_ASC", "NAME_DESC")),
-                  default="NAME_ASC"),
-    "limit": Field("int", minimum=0), "offset": Field("int", default=0, minimum=0),
-    "automations": Field("object", description="an AutomationFilter: name.any_, created.before_, tags"),
-})
+AutomationFilterBody = Schema(
+    "Body_read_automations",
+    {
+        "sort": Field(
+            Enum("AutomationSort", ("CREATED_DESC", "UPDATED_DESC", "NAME_ASC", "NAME_DESC")), default="NAME_ASC"
+        ),
+        "limit": Field("int", minimum=0),
+        "offset": Field("int", default=0, minimum=0),
+        "automations": Field("object", description="an AutomationFilter: name.any_, created.before_, tags"),
+    },
+)
 
 
 def _no_unknown_fields(data: dict, schema: Schema, loc) -> None:
     """Prefect's automation bodies forbid fields they do not define (a misspelt field is an error)."""
     unknown = [key for key in data if key not in schema.fields]
     if unknown:
-        raise ValidationFailed([_error((*loc, key), "extra fields not permitted", "value_error.extra")
-                                for key in unknown])
+        raise ValidationFailed(
+            [_error((*loc, key), "extra fields not permitted", "value_error.extra") for key in unknown]
+        )
 
 
 def _seconds_field(value, loc) -> float:
@@ -7927,8 +9235,9 @@ def _seconds_field(value, loc) -> float:
     if seconds < 0:
         raise ValidationFailed([_error(loc, "The minimum within is 0 seconds", "value_error")])
     if not seconds <= AUTOMATION_MAX_WITHIN:
-        raise ValidationFailed([_error(loc, f"The maximum within is {AUTOMATION_MAX_WITHIN:.0f} seconds (365 days)",
-                                       "value_error")])
+        raise ValidationFailed(
+            [_error(loc, f"The maximum within is {AUTOMATION_MAX_WITHIN:.0f} seconds (365 days)", "value_error")]
+        )
     return seconds
 
 
@@ -7951,31 +9260,63 @@ def _label_set(value, loc) -> list[str]:
 def validate_trigger(data, loc=("body", "trigger"), depth: int = 0) -> dict:
     """A trigger in our canonical form, with a fresh id (the server assigns trigger ids, as Prefect's does)."""
     if depth > AUTOMATION_MAX_TRIGGER_DEPTH:
-        raise ValidationFailed([_error(loc, f"triggers nest at most {AUTOMATION_MAX_TRIGGER_DEPTH} deep",
-                                       "value_error")])
+        raise ValidationFailed(
+            [_error(loc, f"triggers nest at most {AUTOMATION_MAX_TRIGGER_DEPTH} deep", "value_error")]
+        )
     if not isinstance(data, dict):
         raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
     kind = data.get("type", "event")
     if kind not in TRIGGER_TYPES:
-        raise ValidationFailed([_error((*loc, "type"), f"unsupported trigger type {kind!r}; this server evaluates "
-                                       f"{', '.join(TRIGGER_TYPES)} triggers", "value_error.const")])
+        raise ValidationFailed(
+            [
+                _error(
+                    (*loc, "type"),
+                    f"unsupported trigger type {kind!r}; this server evaluates {', '.join(TRIGGER_TYPES)} triggers",
+                    "value_error.const",
+                )
+            ]
+        )
     if kind == "event":
         return _validate_event_trigger(data, loc)
     triggers = data.get("triggers")
     if not isinstance(triggers, list) or not triggers:
-        raise ValidationFailed([_error((*loc, "triggers"), "a non-empty list of triggers is required",
-                                       "value_error.missing" if triggers is None else "type_error.list")])
-    out = {"type": kind, "id": new_id(),
-           "triggers": [validate_trigger(t, (*loc, "triggers", i), depth + 1) for i, t in enumerate(triggers)],
-           "within": None if data.get("within") is None else _seconds_field(data["within"], (*loc, "within"))}
+        raise ValidationFailed(
+            [
+                _error(
+                    (*loc, "triggers"),
+                    "a non-empty list of triggers is required",
+                    "value_error.missing" if triggers is None else "type_error.list",
+                )
+            ]
+        )
+    out = {
+        "type": kind,
+        "id": new_id(),
+        "triggers": [validate_trigger(t, (*loc, "triggers", i), depth + 1) for i, t in enumerate(triggers)],
+        "within": None if data.get("within") is None else _seconds_field(data["within"], (*loc, "within")),
+    }
     if kind == "compound":
         require = data.get("require")
         if require not in ("any", "all") and (isinstance(require, bool) or not isinstance(require, int)):
-            raise ValidationFailed([_error((*loc, "require"), "require must be 'any', 'all' or a number of triggers",
-                                           "value_error.missing" if require is None else "type_error")])
+            raise ValidationFailed(
+                [
+                    _error(
+                        (*loc, "require"),
+                        "require must be 'any', 'all' or a number of triggers",
+                        "value_error.missing" if require is None else "type_error",
+                    )
+                ]
+            )
         if isinstance(require, int) and not 1 <= require <= len(triggers):
-            raise ValidationFailed([_error((*loc, "require"), "required must be at least 1 and at most the number "
-                                           "of triggers", "value_error")])
+            raise ValidationFailed(
+                [
+                    _error(
+                        (*loc, "require"),
+                        "required must be at least 1 and at most the number of triggers",
+                        "value_error",
+                    )
+                ]
+            )
         out["require"] = require
     return out
 
@@ -7983,27 +9324,41 @@ def validate_trigger(data, loc=("body", "trigger"), depth: int = 0) -> dict:
 def _validate_event_trigger(data: dict, loc) -> dict:
     posture = data.get("posture")
     if posture not in ("Reactive", "Proactive"):
-        raise ValidationFailed([_error((*loc, "posture"), "posture must be 'Reactive' or 'Proactive' (metric "
-                                       "triggers are not evaluated by this server)",
-                                       "value_error.missing" if posture is None else "value_error.const")])
+        raise ValidationFailed(
+            [
+                _error(
+                    (*loc, "posture"),
+                    "posture must be 'Reactive' or 'Proactive' (metric triggers are not evaluated by this server)",
+                    "value_error.missing" if posture is None else "value_error.const",
+                )
+            ]
+        )
     threshold = _validate_kind("int", data.get("threshold", 1), (*loc, "threshold"))
     within = _seconds_field(data.get("within", 0) or 0, (*loc, "within"))
     if posture == "Proactive":
         if within == 0:
             within = AUTOMATION_PROACTIVE_MIN_WITHIN
         elif within < AUTOMATION_PROACTIVE_MIN_WITHIN:
-            raise ValidationFailed([_error((*loc, "within"), "The minimum within for Proactive triggers is 10 seconds",
-                                           "value_error")])
+            raise ValidationFailed(
+                [_error((*loc, "within"), "The minimum within for Proactive triggers is 10 seconds", "value_error")]
+            )
     match_related = data.get("match_related")
     if isinstance(match_related, list):  # Prefect 3: every one of several related specifications must match
         match_related = [_resource_spec(m, (*loc, "match_related", i)) for i, m in enumerate(match_related)]
     else:
         match_related = _resource_spec(match_related, (*loc, "match_related"))
-    return {"type": "event", "id": new_id(), "match": _resource_spec(data.get("match"), (*loc, "match")),
-            "match_related": match_related, "after": _label_set(data.get("after"), (*loc, "after")),
-            "expect": _label_set(data.get("expect"), (*loc, "expect")),
-            "for_each": _label_set(data.get("for_each"), (*loc, "for_each")),
-            "posture": posture, "threshold": threshold, "within": within}
+    return {
+        "type": "event",
+        "id": new_id(),
+        "match": _resource_spec(data.get("match"), (*loc, "match")),
+        "match_related": match_related,
+        "after": _label_set(data.get("after"), (*loc, "after")),
+        "expect": _label_set(data.get("expect"), (*loc, "expect")),
+        "for_each": _label_set(data.get("for_each"), (*loc, "for_each")),
+        "posture": posture,
+        "threshold": threshold,
+        "within": within,
+    }
 
 
 def all_triggers(trigger: dict) -> list[dict]:
@@ -8020,8 +9375,15 @@ def validate_action(data, loc) -> dict:
     kind = data.get("type")
     schema = ACTION_SCHEMAS.get(kind) if isinstance(kind, str) else None
     if schema is None:
-        raise ValidationFailed([_error((*loc, "type"), f"unknown action type {kind!r}; one of "
-                                       f"{', '.join(ACTION_SCHEMAS)}", "value_error.const")])
+        raise ValidationFailed(
+            [
+                _error(
+                    (*loc, "type"),
+                    f"unknown action type {kind!r}; one of {', '.join(ACTION_SCHEMAS)}",
+                    "value_error.const",
+                )
+            ]
+        )
     action = schema.validate(data, loc)
     for target in _ACTION_TARGET_FIELDS:
         if target in schema.fields and (action["source"] == "selected") != bool(action.get(target)):
@@ -8049,8 +9411,12 @@ def validate_automation(data: dict, sent: dict, schema: Schema) -> dict:
     return out
 
 
-_LOOPING_EVENTS = {"prefect.flow-run.Scheduled", "prefect.flow-run.Pending", "prefect.flow-run.Running",
-                   "prefect.flow-run.*"}
+_LOOPING_EVENTS = {
+    "prefect.flow-run.Scheduled",
+    "prefect.flow-run.Pending",
+    "prefect.flow-run.Running",
+    "prefect.flow-run.*",
+}
 
 
 def _refuse_run_deployment_loops(automation: dict) -> None:
@@ -8060,18 +9426,31 @@ def _refuse_run_deployment_loops(automation: dict) -> None:
         return
     if not _LOOPING_EVENTS & set(trigger["expect"]):
         return
-    unfiltered = all(not spec or set(spec) <= {"prefect.resource.id"} and
-                     all(p in ("prefect.flow-run.*", "*") for p in _patterns(spec.get("prefect.resource.id", "*")))
-                     for spec in (trigger["match"], *(trigger["match_related"] if isinstance(
-                         trigger["match_related"], list) else [trigger["match_related"]])))
+    unfiltered = all(
+        not spec
+        or set(spec) <= {"prefect.resource.id"}
+        and all(p in ("prefect.flow-run.*", "*") for p in _patterns(spec.get("prefect.resource.id", "*")))
+        for spec in (
+            trigger["match"],
+            *(trigger["match_related"] if isinstance(trigger["match_related"], list) else [trigger["match_related"]]),
+        )
+    )
     for i, action in enumerate(automation["actions"]):
         if action["type"] != "run-deployment":
             continue
         if action["source"] == "inferred" or unfiltered:
-            raise ValidationFailed([_error(("body", "actions", i), "Running a deployment from a flow run state change "
-                                           "event may lead to an infinite loop of flow runs. Choose a specific "
-                                           "deployment and add filtering labels to the trigger's match or "
-                                           "match_related.", "value_error")])
+            raise ValidationFailed(
+                [
+                    _error(
+                        ("body", "actions", i),
+                        "Running a deployment from a flow run state change "
+                        "event may lead to an infinite loop of flow runs. Choose a specific "
+                        "deployment and add filtering labels to the trigger's match or "
+                        "match_related.",
+                        "value_error",
+                    )
+                ]
+            )
 
 
 def _patterns(value) -> list[str]:
@@ -8080,20 +9459,41 @@ def _patterns(value) -> list[str]:
 
 def automation_out(row: dict) -> dict:
     a = decode_row("automation", row)
-    return {"id": a["id"], "created": a["created"], "updated": a["updated"], "name": a["name"],
-            "description": a["description"], "enabled": a["enabled"], "tags": a["tags"], "trigger": a["trigger"],
-            "actions": a["actions"], "actions_on_trigger": a["actions_on_trigger"],
-            "actions_on_resolve": a["actions_on_resolve"]}
+    return {
+        "id": a["id"],
+        "created": a["created"],
+        "updated": a["updated"],
+        "name": a["name"],
+        "description": a["description"],
+        "enabled": a["enabled"],
+        "tags": a["tags"],
+        "trigger": a["trigger"],
+        "actions": a["actions"],
+        "actions_on_trigger": a["actions_on_trigger"],
+        "actions_on_resolve": a["actions_on_resolve"],
+    }
 
 
 def create_automation(tx, data: dict, owner_resource: str | None = None) -> dict:
     now, automation_id = now_iso(), new_id()
-    insert_row(tx, "automation", {"id": automation_id, "created": now, "updated": now,
-                                  **{k: data[k] for k in AUTOMATION_FIELDS}})
+    insert_row(
+        tx,
+        "automation",
+        {"id": automation_id, "created": now, "updated": now, **{k: data[k] for k in AUTOMATION_FIELDS}},
+    )
     if owner_resource:
-        insert_row(tx, "automation_related_resource", {
-            "id": new_id(), "created": now, "updated": now, "automation_id": automation_id,
-            "resource_id": owner_resource, "automation_owned_by_resource": True})
+        insert_row(
+            tx,
+            "automation_related_resource",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "automation_id": automation_id,
+                "resource_id": owner_resource,
+                "automation_owned_by_resource": True,
+            },
+        )
     automation = automation_out(read_row(tx, "automation", automation_id))
     _start_proactive_buckets(tx, automation, utcnow())
     return automation
@@ -8122,13 +9522,17 @@ def delete_automation(tx, automation_id: str) -> bool:
 
 def read_automations(tx, body: dict) -> list[dict]:
     where, params = _automation_filter(body.get("automations") or {})
-    order = {"CREATED_DESC": "created DESC", "UPDATED_DESC": "updated DESC", "NAME_ASC": "name ASC",
-             "NAME_DESC": "name DESC"}[body.get("sort") or "NAME_ASC"]
+    order = {
+        "CREATED_DESC": "created DESC",
+        "UPDATED_DESC": "updated DESC",
+        "NAME_ASC": "name ASC",
+        "NAME_DESC": "name DESC",
+    }[body.get("sort") or "NAME_ASC"]
     sql = f"SELECT * FROM automation WHERE {where} ORDER BY {order}, id"
     if body.get("limit") is not None:
         sql, params = sql + " LIMIT ?", [*params, body["limit"]]
     elif body.get("offset"):
-        sql, params = sql + " LIMIT ?", [*params, 2 ** 62]
+        sql, params = sql + " LIMIT ?", [*params, 2**62]
     if body.get("offset"):
         sql, params = sql + " OFFSET ?", [*params, body["offset"]]
     return [automation_out(row) for row in tx.query(sql, params)]
@@ -8140,8 +9544,9 @@ def _automation_filter(flt: dict) -> tuple[str, list]:
     clauses, params = [], []
     for key in ("name", "id", "created", "tags"):
         if flt.get(key) is not None and not isinstance(flt[key], dict):
-            raise ValidationFailed([_error(("body", "automations", key), "value is not a valid dict",
-                                           "type_error.dict")])
+            raise ValidationFailed(
+                [_error(("body", "automations", key), "value is not a valid dict", "type_error.dict")]
+            )
     names = (flt.get("name") or {}).get("any_")
     if names is not None:
         names = _validate_kind(_STRS, names, ("body", "automations", "name", "any_"))
@@ -8166,15 +9571,24 @@ def _automation_filter(flt: dict) -> tuple[str, list]:
 
 def automations_related_to(tx, resource_id: str) -> list[dict]:
     """Automations related to a resource: those it owns, and those whose actions name it."""
-    rows = tx.query("SELECT a.* FROM automation a JOIN automation_related_resource r ON r.automation_id = a.id "
-                    "WHERE r.resource_id = ? ORDER BY a.name, a.id", (resource_id,))
+    rows = tx.query(
+        "SELECT a.* FROM automation a JOIN automation_related_resource r ON r.automation_id = a.id "
+        "WHERE r.resource_id = ? ORDER BY a.name, a.id",
+        (resource_id,),
+    )
     found = {row["id"]: automation_out(row) for row in rows}
     kind, _, object_id = resource_id.rpartition(".")
-    field = {"prefect.deployment": "deployment_id", "prefect.work-pool": "work_pool_id",
-             "prefect.work-queue": "work_queue_id", "prefect.automation": "automation_id"}.get(kind)
+    field = {
+        "prefect.deployment": "deployment_id",
+        "prefect.work-pool": "work_pool_id",
+        "prefect.work-queue": "work_queue_id",
+        "prefect.automation": "automation_id",
+    }.get(kind)
     if field and object_id:
-        for row in tx.query("SELECT * FROM automation WHERE actions LIKE ? ESCAPE '\\' ORDER BY name, id",
-                            ("%" + _like_literal(object_id) + "%",)):
+        for row in tx.query(
+            "SELECT * FROM automation WHERE actions LIKE ? ESCAPE '\\' ORDER BY name, id",
+            ("%" + _like_literal(object_id) + "%",),
+        ):
             automation = automation_out(row)
             if any(a.get(field) == object_id for a in automation["actions"]):
                 found.setdefault(automation["id"], automation)
@@ -8182,18 +9596,23 @@ def automations_related_to(tx, resource_id: str) -> list[dict]:
 
 
 def delete_automations_owned_by_resource(tx, resource_id: str) -> int:
-    ids = [r["automation_id"] for r in tx.query(
-        "SELECT automation_id FROM automation_related_resource "
-        "WHERE resource_id = ? AND automation_owned_by_resource = ?",
-        (resource_id, True))]
+    ids = [
+        r["automation_id"]
+        for r in tx.query(
+            "SELECT automation_id FROM automation_related_resource "
+            "WHERE resource_id = ? AND automation_owned_by_resource = ?",
+            (resource_id, True),
+        )
+    ]
     return sum(delete_automation(tx, automation_id) for automation_id in ids)
 
 
-# --- 15. Triggers and actions ---
+# --- 17. Triggers and actions ---
 # Owns what automations do: triggers evaluated as events are stored, and the
 # actions a firing runs.
 
 # Trigger evaluation, in the transaction that stores the events.
+
 
 def _event_name_matches(name: str, pattern: str) -> bool:
     """A trailing * matches any rest (event names and label values); otherwise the whole text must match."""
@@ -8220,7 +9639,7 @@ def trigger_covers(trigger: dict, event: dict) -> bool:
     if not _spec_matches(trigger["match"], event["resource"]):
         return False
     related = trigger["match_related"]
-    for spec in (related if isinstance(related, list) else [related]):
+    for spec in related if isinstance(related, list) else [related]:
         if spec and not any(_spec_matches(spec, r) for r in event["related"]):
             return False
     names = trigger["expect"] + trigger["after"]
@@ -8277,8 +9696,7 @@ def _evaluate_automation(tx, automation: dict, event: dict) -> None:
     """One automation's triggers over one event, in a savepoint: an automation that fails (stored before a
     check that now refuses it) is logged and skipped, and never fails the write that stores the event."""
     try:
-        covering = [t for t in all_triggers(automation["trigger"])
-                    if t["type"] == "event" and trigger_covers(t, event)]
+        covering = [t for t in all_triggers(automation["trigger"]) if t["type"] == "event" and trigger_covers(t, event)]
     except Exception as exc:  # noqa: BLE001 - nothing written yet: skip the automation
         return _skip_automation(automation, exc)
     if not covering:
@@ -8309,8 +9727,9 @@ def _react(tx, automation: dict, trigger: dict, event: dict) -> None:
     bucket = None
     if trigger["after"] and _starts_after(trigger, name):
         # an event both starting and expected starts its window at -1, so it does not count itself
-        bucket = _ensure_bucket(tx, automation, trigger, key, occurred, occurred + within, event,
-                                -1 if _expects(trigger, name) else 0)
+        bucket = _ensure_bucket(
+            tx, automation, trigger, key, occurred, occurred + within, event, -1 if _expects(trigger, name) else 0
+        )
     if bucket is None and not trigger["after"] and _expects(trigger, name):
         bucket = _ensure_bucket(tx, automation, trigger, key, occurred - AUTOMATION_LOOKBACK, occurred + within, event)
     if not _expects(trigger, name):
@@ -8327,11 +9746,24 @@ def _ensure_bucket(tx, automation, trigger, key, start, end, last_event, count=0
     (A bucket another replica deleted while this one waited for its lock is made again.)"""
     for _attempt in range(5):
         now = now_iso()
-        insert_row(tx, "automation_bucket", {
-            "automation_id": automation["id"], "trigger_id": trigger["id"], "bucketing_key": key,
-            "posture": trigger["posture"], "created": now,
-            "updated": now, "start_time": iso(start), "end_time": iso(end), "count": count,
-            "last_event": last_event, "triggering_labels": {}}, on_conflict="ON CONFLICT DO NOTHING")
+        insert_row(
+            tx,
+            "automation_bucket",
+            {
+                "automation_id": automation["id"],
+                "trigger_id": trigger["id"],
+                "bucketing_key": key,
+                "posture": trigger["posture"],
+                "created": now,
+                "updated": now,
+                "start_time": iso(start),
+                "end_time": iso(end),
+                "count": count,
+                "last_event": last_event,
+                "triggering_labels": {},
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
         bucket = _read_bucket(tx, automation["id"], trigger["id"], key)
         if bucket is not None:
             return bucket
@@ -8339,25 +9771,42 @@ def _ensure_bucket(tx, automation, trigger, key, start, end, last_event, count=0
 
 
 def _read_bucket(tx, automation_id: str, trigger_id: str, key: str) -> dict | None:
-    row = tx.query_one("SELECT * FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND "
-                       f"bucketing_key = ?{tx.db.for_update}", (automation_id, trigger_id, key))
+    row = tx.query_one(
+        "SELECT * FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND "
+        f"bucketing_key = ?{tx.db.for_update}",
+        (automation_id, trigger_id, key),
+    )
     return decode_row("automation_bucket", row)
 
 
 def _remove_bucket(tx, bucket: dict) -> None:
-    tx.execute("DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
-               (bucket["automation_id"], bucket["trigger_id"], bucket["bucketing_key"]))
+    tx.execute(
+        "DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
+        (bucket["automation_id"], bucket["trigger_id"], bucket["bucketing_key"]),
+    )
 
 
 def _start_new_bucket(tx, bucket: dict, start, end, count: int, triggered_at: str | None) -> None:
     _remove_bucket(tx, bucket)
     now = now_iso()
-    insert_row(tx, "automation_bucket", {
-        "automation_id": bucket["automation_id"], "trigger_id": bucket["trigger_id"],
-        "bucketing_key": bucket["bucketing_key"], "posture": bucket["posture"], "created": now, "updated": now,
-        "start_time": iso(start),
-        "end_time": iso(end), "count": count, "last_event": None, "triggering_labels": {},
-        "triggered_at": triggered_at})
+    insert_row(
+        tx,
+        "automation_bucket",
+        {
+            "automation_id": bucket["automation_id"],
+            "trigger_id": bucket["trigger_id"],
+            "bucketing_key": bucket["bucketing_key"],
+            "posture": bucket["posture"],
+            "created": now,
+            "updated": now,
+            "start_time": iso(start),
+            "end_time": iso(end),
+            "count": count,
+            "last_event": None,
+            "triggering_labels": {},
+            "triggered_at": triggered_at,
+        },
+    )
 
 
 def evaluate_bucket(tx, automation: dict, trigger: dict, bucket: dict, now: _dt.datetime, event: dict | None):
@@ -8376,17 +9825,27 @@ def evaluate_bucket(tx, automation: dict, trigger: dict, bucket: dict, now: _dt.
     if count and ((reactive and within.total_seconds() == 0) or start <= now < end):
         bucket["count"] += count
         bucket["last_event"] = event
-        tx.execute("UPDATE automation_bucket SET count = ?, last_event = ?, triggered_at = ?, updated = ? "
-                   "WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
-                   (bucket["count"], dumps(event), bucket["triggered_at"], now_iso(), bucket["automation_id"],
-                    bucket["trigger_id"], bucket["bucketing_key"]))
+        tx.execute(
+            "UPDATE automation_bucket SET count = ?, last_event = ?, triggered_at = ?, updated = ? "
+            "WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
+            (
+                bucket["count"],
+                dumps(event),
+                bucket["triggered_at"],
+                now_iso(),
+                bucket["automation_id"],
+                bucket["trigger_id"],
+                bucket["bucketing_key"],
+            ),
+        )
         count = 0
     meets = bucket["count"] >= trigger["threshold"] if reactive else bucket["count"] < trigger["threshold"]
     fired_at = None
     if (reactive or end <= now) and meets:
         labels = dict(zip(trigger["for_each"], json.loads(bucket["bucketing_key"])))
-        fired_at = fire_trigger(tx, automation, trigger, {"triggering_labels": labels,
-                                                          "triggering_event": event or bucket["last_event"]})
+        fired_at = fire_trigger(
+            tx, automation, trigger, {"triggering_labels": labels, "triggering_event": event or bucket["last_event"]}
+        )
         _remove_bucket(tx, bucket)
     elif now < end:
         return
@@ -8403,10 +9862,21 @@ def evaluate_bucket(tx, automation: dict, trigger: dict, bucket: dict, now: _dt.
 def _start_proactive_buckets(tx, automation: dict, now: _dt.datetime) -> None:
     """A proactive trigger without `after` watches from now on (one window per for_each key once events come)."""
     for trigger in all_triggers(automation["trigger"]):
-        if trigger["type"] == "event" and trigger["posture"] == "Proactive" and not trigger["after"] \
-                and not trigger["for_each"]:
-            _ensure_bucket(tx, automation, trigger, _bucketing_key(trigger, None), now,
-                           now + _dt.timedelta(seconds=trigger["within"]), None)
+        if (
+            trigger["type"] == "event"
+            and trigger["posture"] == "Proactive"
+            and not trigger["after"]
+            and not trigger["for_each"]
+        ):
+            _ensure_bucket(
+                tx,
+                automation,
+                trigger,
+                _bucketing_key(trigger, None),
+                now,
+                now + _dt.timedelta(seconds=trigger["within"]),
+                None,
+            )
 
 
 def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -> int:
@@ -8414,9 +9884,12 @@ def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -
     window that ended waits for the next event, which opens the next window.) Returns how many were closed."""
     now = now or utcnow()
     with db.read() as tx:
-        due = tx.query("SELECT b.automation_id, b.trigger_id, b.bucketing_key FROM automation_bucket b "
-                       "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive' "
-                       "AND b.end_time <= ? ORDER BY b.end_time LIMIT 500", (True, iso(now)))
+        due = tx.query(
+            "SELECT b.automation_id, b.trigger_id, b.bucketing_key FROM automation_bucket b "
+            "JOIN automation a ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive' "
+            "AND b.end_time <= ? ORDER BY b.end_time LIMIT 500",
+            (True, iso(now)),
+        )
     for row in due:
         try:
             _close_proactive_window(db, row, now)
@@ -8425,8 +9898,10 @@ def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -
         except Exception as exc:  # noqa: BLE001 - one bad stored automation must not stop the others' windows
             _skip_automation({"id": row["automation_id"]}, exc)
             with db.write() as tx:  # its window goes, or it would fail first on every pass
-                tx.execute("DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? "
-                           "AND bucketing_key = ?", (row["automation_id"], row["trigger_id"], row["bucketing_key"]))
+                tx.execute(
+                    "DELETE FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND bucketing_key = ?",
+                    (row["automation_id"], row["trigger_id"], row["bucketing_key"]),
+                )
     return len(due)
 
 
@@ -8467,15 +9942,31 @@ def fire_trigger(tx, automation: dict, trigger: dict, firing: dict) -> str:
         return firing["triggered"]
     if parent.get("within"):
         horizon = iso(from_iso(firing["triggered"]) - _dt.timedelta(seconds=parent["within"]))
-        tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? "
-                   "AND triggered < ?", (automation["id"], parent["id"], horizon))
-    tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? AND "
-               "child_trigger_id = ?", (automation["id"], parent["id"], trigger["id"]))
-    insert_row(tx, "automation_child_firing", {"automation_id": automation["id"], "parent_trigger_id": parent["id"],
-                                               "child_trigger_id": trigger["id"], "triggered": firing["triggered"],
-                                               "firing": dumps(firing)})
-    rows = tx.query("SELECT * FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? "
-                    "ORDER BY triggered, child_trigger_id", (automation["id"], parent["id"]))
+        tx.execute(
+            "DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? AND triggered < ?",
+            (automation["id"], parent["id"], horizon),
+        )
+    tx.execute(
+        "DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? AND "
+        "child_trigger_id = ?",
+        (automation["id"], parent["id"], trigger["id"]),
+    )
+    insert_row(
+        tx,
+        "automation_child_firing",
+        {
+            "automation_id": automation["id"],
+            "parent_trigger_id": parent["id"],
+            "child_trigger_id": trigger["id"],
+            "triggered": firing["triggered"],
+            "firing": dumps(firing),
+        },
+    )
+    rows = tx.query(
+        "SELECT * FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ? "
+        "ORDER BY triggered, child_trigger_id",
+        (automation["id"], parent["id"]),
+    )
     firings = [json.loads(r["firing"]) for r in rows]
     if parent["type"] == "compound":
         ready = len(firings) >= needed
@@ -8483,41 +9974,63 @@ def fire_trigger(tx, automation: dict, trigger: dict, firing: dict) -> str:
         order = [f["trigger_id"] for f in firings]
         ready = order == [t["id"] for t in parent["triggers"]]
     if ready:
-        tx.execute("DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ?",
-                   (automation["id"], parent["id"]))
+        tx.execute(
+            "DELETE FROM automation_child_firing WHERE automation_id = ? AND parent_trigger_id = ?",
+            (automation["id"], parent["id"]),
+        )
         fire_trigger(tx, automation, parent, _composite_firing(firings))
     return firing["triggered"]
 
 
 def _composite_firing(firings: list[dict]) -> dict:
     last = firings[-1]
-    return {"triggering_labels": last.get("triggering_labels") or {}, "triggering_event": last.get("triggering_event"),
-            "triggering_firings": [f["id"] for f in firings]}
+    return {
+        "triggering_labels": last.get("triggering_labels") or {},
+        "triggering_event": last.get("triggering_event"),
+        "triggering_firings": [f["id"] for f in firings],
+    }
 
 
-def _automation_event(tx, automation: dict, name: str, related=(), payload=None, occurred: str | None = None,
-                      follows: str | None = None) -> dict:
+def _automation_event(
+    tx, automation: dict, name: str, related=(), payload=None, occurred: str | None = None, follows: str | None = None
+) -> dict:
     """Store one of an automation's own events (prefect.automation.*) and return it."""
     trigger = automation["trigger"]
-    resource = {"prefect.resource.id": f"prefect.automation.{automation['id']}",
-                "prefect.resource.name": automation["name"]}
+    resource = {
+        "prefect.resource.id": f"prefect.automation.{automation['id']}",
+        "prefect.resource.name": automation["name"],
+    }
     if name.startswith("prefect.automation.action."):
         resource["prefect.trigger-type"] = trigger["type"]
     if trigger["type"] == "event":
         resource["prefect.posture"] = trigger["posture"]
-    event = {"id": new_id(), "occurred": occurred or now_iso(), "event": name, "resource": resource,
-             "related": list(related), "payload": payload or {}, "follows": follows}
+    event = {
+        "id": new_id(),
+        "occurred": occurred or now_iso(),
+        "event": name,
+        "resource": resource,
+        "related": list(related),
+        "payload": payload or {},
+        "follows": follows,
+    }
     store_events(tx, [event])
     return event
 
 
 def _state_change_event(tx, automation: dict, state: str, firing: dict) -> dict:
     triggering = firing.get("triggering_event")
-    related = [{"prefect.resource.id": f"prefect.event.{triggering['id']}",
-                "prefect.resource.role": "triggering-event"}] if triggering else []
-    return _automation_event(tx, automation, f"prefect.automation.{state}", related,
-                             {"triggering_labels": firing.get("triggering_labels") or {},
-                              "triggering_event": triggering})
+    related = (
+        [{"prefect.resource.id": f"prefect.event.{triggering['id']}", "prefect.resource.role": "triggering-event"}]
+        if triggering
+        else []
+    )
+    return _automation_event(
+        tx,
+        automation,
+        f"prefect.automation.{state}",
+        related,
+        {"triggering_labels": firing.get("triggering_labels") or {}, "triggering_event": triggering},
+    )
 
 
 def _act(tx, automation: dict, trigger: dict, firing: dict, state: str) -> None:
@@ -8531,20 +10044,43 @@ def _act(tx, automation: dict, trigger: dict, firing: dict, state: str) -> None:
         owed = [(change, a) for a in automation["actions_on_resolve"]]
     now = now_iso()
     for index, (triggering_event, action) in enumerate(owed):
-        context = {"triggering_event": triggering_event, "triggering_labels": firing.get("triggering_labels") or {},
-                   "automation_event_id": change["id"], "triggered": firing["triggered"]}
-        insert_row(tx, "automation_action_queue", {
-            "id": new_id(), "created": now, "updated": now, "automation_id": automation["id"],
-            "firing_id": f"{firing['id']}:{state}", "action_index": index, "action": action, "context": context,
-            "status": "PENDING", "attempts": 0, "next_attempt_at": now}, on_conflict="ON CONFLICT DO NOTHING")
+        context = {
+            "triggering_event": triggering_event,
+            "triggering_labels": firing.get("triggering_labels") or {},
+            "automation_event_id": change["id"],
+            "triggered": firing["triggered"],
+        }
+        insert_row(
+            tx,
+            "automation_action_queue",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "automation_id": automation["id"],
+                "firing_id": f"{firing['id']}:{state}",
+                "action_index": index,
+                "action": action,
+                "context": context,
+                "status": "PENDING",
+                "attempts": 0,
+                "next_attempt_at": now,
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
     if owed and tx.db.hooks.automation_wakers:
         tx.after_commit.extend(tx.db.hooks.automation_wakers)
 
 
 def _resolve(tx, automation: dict, trigger: dict, bucket: dict, event: dict) -> None:
     labels = dict(zip(trigger["for_each"], json.loads(bucket["bucketing_key"])))
-    firing = {"id": new_id(), "trigger_id": trigger["id"], "triggered": now_iso(), "triggering_labels": labels,
-              "triggering_event": event}
+    firing = {
+        "id": new_id(),
+        "trigger_id": trigger["id"],
+        "triggered": now_iso(),
+        "triggering_labels": labels,
+        "triggering_event": event,
+    }
     _act(tx, automation, trigger, firing, "resolved")
 
 
@@ -8553,6 +10089,7 @@ DatabaseHooks.domain_stored_event_listeners = (evaluate_automations,)
 
 # Actions: what a queued firing does. Each takes the action, its context and the database; raises
 # ActionFailed with a reason a person can act on; returns details for the executed event's payload.
+
 
 class ActionFailed(Exception):
     pass
@@ -8590,13 +10127,20 @@ def template_context(tx, automation: dict, context: dict, ui_url: str) -> dict:
     """What templates see: the event, the automation, the triggering labels and the Prefect objects the
     event names (flow_run, flow, deployment, work_pool, work_queue), as the API shows them."""
     event = context.get("triggering_event")
-    values = {"event": _event_for_template(event) if event else UNDEFINED, "automation": automation,
-              "labels": context.get("triggering_labels") or {}, "firing": context, "__ui_url__": ui_url}
-    loaders = {"flow_run": ("prefect.flow-run", "flow_run", flow_run_out),
-               "flow": ("prefect.flow", "flow", lambda r: decode_row("flow", r)),
-               "deployment": ("prefect.deployment", "deployment", lambda r: decode_row("deployment", r)),
-               "work_pool": ("prefect.work-pool", "work_pool", lambda r: decode_row("work_pool", r)),
-               "work_queue": ("prefect.work-queue", "work_queue", lambda r: decode_row("work_queue", r))}
+    values = {
+        "event": _event_for_template(event) if event else UNDEFINED,
+        "automation": automation,
+        "labels": context.get("triggering_labels") or {},
+        "firing": context,
+        "__ui_url__": ui_url,
+    }
+    loaders = {
+        "flow_run": ("prefect.flow-run", "flow_run", flow_run_out),
+        "flow": ("prefect.flow", "flow", lambda r: decode_row("flow", r)),
+        "deployment": ("prefect.deployment", "deployment", lambda r: decode_row("deployment", r)),
+        "work_pool": ("prefect.work-pool", "work_pool", lambda r: decode_row("work_pool", r)),
+        "work_queue": ("prefect.work-queue", "work_queue", lambda r: decode_row("work_queue", r)),
+    }
     for name, (kind, table, decode) in loaders.items():
         object_id = _first_resource_id(event, kind)
         row = read_row(tx, table, object_id) if object_id and _UUID_RE.match(object_id) else None
@@ -8607,10 +10151,15 @@ def template_context(tx, automation: dict, context: dict, ui_url: str) -> dict:
 
 def _event_for_template(event: dict) -> dict:
     """An event as Prefect's templates see it: resources also answer .id, .name and .role."""
+
     def resource(labels):
-        short = {"id": labels.get("prefect.resource.id"), "name": labels.get("prefect.resource.name"),
-                 "role": labels.get("prefect.resource.role")}
+        short = {
+            "id": labels.get("prefect.resource.id"),
+            "name": labels.get("prefect.resource.name"),
+            "role": labels.get("prefect.resource.role"),
+        }
         return {**{k: v for k, v in short.items() if v is not None}, **labels}
+
     return {**event, "resource": resource(event["resource"]), "related": [resource(r) for r in event["related"]]}
 
 
@@ -8623,17 +10172,31 @@ def _run_deployment(tx, action, context, automation, settings, ui_url, action_id
     except TemplateError as exc:
         raise ActionFailed(f"Unable to render the parameters: {exc}") from None
     try:
-        run, _ = create_deployment_flow_run(tx, dep_id, {
-            "parameters": parameters, "job_variables": job_variables, "idempotency_key": f"automation {action_id}",
-            "tags": []})
+        run, _ = create_deployment_flow_run(
+            tx,
+            dep_id,
+            {
+                "parameters": parameters,
+                "job_variables": job_variables,
+                "idempotency_key": f"automation {action_id}",
+                "tags": [],
+            },
+        )
     except NotFound:
         raise ActionFailed(f"Deployment {dep_id} not found") from None
     except ValidationFailed as exc:
         raise ActionFailed(f"The parameters do not fit the deployment: {exc}") from None
-    tx.execute("UPDATE flow_run SET created_by = ? WHERE id = ? AND created_by IS NULL",
-               (dumps({"id": automation["id"], "type": "AUTOMATION", "display_value": automation["name"]}), run["id"]))
-    return {"flow_run_id": run["id"]}, [{"prefect.resource.id": f"prefect.flow-run.{run['id']}",
-                                         "prefect.resource.role": "flow-run", "prefect.resource.name": run["name"]}]
+    tx.execute(
+        "UPDATE flow_run SET created_by = ? WHERE id = ? AND created_by IS NULL",
+        (dumps({"id": automation["id"], "type": "AUTOMATION", "display_value": automation["name"]}), run["id"]),
+    )
+    return {"flow_run_id": run["id"]}, [
+        {
+            "prefect.resource.id": f"prefect.flow-run.{run['id']}",
+            "prefect.resource.role": "flow-run",
+            "prefect.resource.name": run["name"],
+        }
+    ]
 
 
 def _set_deployment_paused(paused: bool):
@@ -8644,6 +10207,7 @@ def _set_deployment_paused(paused: bool):
         except NotFound:
             raise ActionFailed(f"Deployment {dep_id} not found") from None
         return {}, [{"prefect.resource.id": f"prefect.deployment.{dep_id}", "prefect.resource.role": "target"}]
+
     return act
 
 
@@ -8658,24 +10222,36 @@ def _flow_run_state(make_state):
         if outcome.status != "ACCEPT":
             raise ActionFailed(f"The state change was {outcome.status.lower()}ed: {outcome.details().get('reason')}")
         return {}, [{"prefect.resource.id": f"prefect.flow-run.{run_id}", "prefect.resource.role": "target"}]
+
     return act
 
 
 def _cancelling(action, automation, row):
-    return {"type": "CANCELLING", "name": "Cancelling", "message": f"Cancelled by Automation {automation['id']}",
-            "state_details": {}}, True
+    return {
+        "type": "CANCELLING",
+        "name": "Cancelling",
+        "message": f"Cancelled by Automation {automation['id']}",
+        "state_details": {},
+    }, True
 
 
 def _suspended(action, automation, row):
     timeout = iso(utcnow() + _dt.timedelta(hours=1))
-    return {"type": "PAUSED", "name": "Suspended", "message": f"Suspended by Automation {automation['id']}",
-            "state_details": {"pause_timeout": timeout, "pause_reschedule": True}}, True
+    return {
+        "type": "PAUSED",
+        "name": "Suspended",
+        "message": f"Suspended by Automation {automation['id']}",
+        "state_details": {"pause_timeout": timeout, "pause_reschedule": True},
+    }, True
 
 
 def _changed_state(action, automation, row):
-    return {"type": action["state"], "name": action.get("name"),
-            "message": action.get("message") or f"State changed by Automation {automation['id']}",
-            "state_details": {}}, bool(action.get("force", True))
+    return {
+        "type": action["state"],
+        "name": action.get("name"),
+        "message": action.get("message") or f"State changed by Automation {automation['id']}",
+        "state_details": {},
+    }, bool(action.get("force", True))
 
 
 def _resume_flow_run(tx, action, context, automation, settings, ui_url, action_id):
@@ -8705,6 +10281,7 @@ def _set_paused(table: str, field: str, kind: str, column: str, paused: bool):
             if not paused:
                 _start_proactive_buckets(tx, automation_out(read_row(tx, "automation", target)), utcnow())
         return {}, [{"prefect.resource.id": f"{kind}.{target}", "prefect.resource.role": "target"}]
+
     return act
 
 
@@ -8732,8 +10309,13 @@ def prepare_automation_action(tx, row: dict, settings: Settings, ui_url: str):
     if action["type"] == "send-notification":
         slug, data = _notification_block(tx, action["block_document_id"])
         values = template_context(tx, automation, context, ui_url)
-        return ("notify", slug, data, _render(action.get("subject") or "", values, "subject"),
-                _render(action["body"], values, "body"))
+        return (
+            "notify",
+            slug,
+            data,
+            _render(action.get("subject") or "", values, "subject"),
+            _render(action["body"], values, "body"),
+        )
     if action["type"] == "call-webhook":
         slug, data = _notification_block(tx, action["block_document_id"])
         values = template_context(tx, automation, context, ui_url)
@@ -8792,8 +10374,10 @@ def act_in_database(tx, row: dict, settings: Settings, ui_url: str) -> tuple[dic
 def finish_automation_action(tx, row: dict, error: str | None, details: dict, related: list) -> None:
     """Record the outcome: the queue row becomes the action's history, and the automation's
     prefect.automation.action.executed (or .failed) event is stored."""
-    tx.execute("UPDATE automation_action_queue SET status = ?, last_error = ?, updated = ? WHERE id = ?",
-               ("FAILED" if error else "COMPLETED", error, now_iso(), row["id"]))
+    tx.execute(
+        "UPDATE automation_action_queue SET status = ?, last_error = ?, updated = ? WHERE id = ?",
+        ("FAILED" if error else "COMPLETED", error, now_iso(), row["id"]),
+    )
     automation_row = read_row(tx, "automation", row["automation_id"])
     if automation_row is None:
         return
@@ -8801,28 +10385,59 @@ def finish_automation_action(tx, row: dict, error: str | None, details: dict, re
     automation = automation_out(automation_row)
     related = list(related)
     if context.get("automation_event_id"):
-        related.append({"prefect.resource.id": f"prefect.event.{context['automation_event_id']}",
-                        "prefect.resource.role": "automation-triggered-event"})
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.event.{context['automation_event_id']}",
+                "prefect.resource.role": "automation-triggered-event",
+            }
+        )
     if context.get("triggering_event"):
-        related.append({"prefect.resource.id": f"prefect.event.{context['triggering_event']['id']}",
-                        "prefect.resource.role": "triggering-event"})
+        related.append(
+            {
+                "prefect.resource.id": f"prefect.event.{context['triggering_event']['id']}",
+                "prefect.resource.role": "triggering-event",
+            }
+        )
     details_of_action = {"action_index": row["action_index"], "action_type": action["type"], "invocation": row["id"]}
-    triggered = _automation_event(tx, automation, "prefect.automation.action.triggered", related, details_of_action,
-                                  occurred=context.get("triggered"))
+    triggered = _automation_event(
+        tx,
+        automation,
+        "prefect.automation.action.triggered",
+        related,
+        details_of_action,
+        occurred=context.get("triggered"),
+    )
     payload = {**details_of_action, **details, **({"reason": error} if error else {})}
-    _automation_event(tx, automation,
-                      "prefect.automation.action.failed" if error else "prefect.automation.action.executed",
-                      related, payload, follows=triggered["id"])
+    _automation_event(
+        tx,
+        automation,
+        "prefect.automation.action.failed" if error else "prefect.automation.action.executed",
+        related,
+        payload,
+        follows=triggered["id"],
+    )
 
 
 def automation_action_history(tx, automation_id: str, limit: int = 50) -> list[dict]:
-    rows = tx.query("SELECT * FROM automation_action_queue WHERE automation_id = ? ORDER BY created DESC, "
-                    "action_index LIMIT ?", (automation_id, limit))
-    return [{"id": r["id"], "created": r["created"], "updated": r["updated"], "status": r["status"],
-             "attempts": r["attempts"], "action": json.loads(r["action"]), "error": r["last_error"]} for r in rows]
+    rows = tx.query(
+        "SELECT * FROM automation_action_queue WHERE automation_id = ? ORDER BY created DESC, action_index LIMIT ?",
+        (automation_id, limit),
+    )
+    return [
+        {
+            "id": r["id"],
+            "created": r["created"],
+            "updated": r["updated"],
+            "status": r["status"],
+            "attempts": r["attempts"],
+            "action": json.loads(r["action"]),
+            "error": r["last_error"],
+        }
+        for r in rows
+    ]
 
 
-# --- 16. Services ---
+# --- 18. Services ---
 # Owns the background loops: each is a thread with its interval as a setting, woken early when there
 # is work, stopping cleanly on shutdown, and safe when several servers share one PostgreSQL database
 # (idempotency keys and row locks make a second replica's work a no-op, never a duplicate).
@@ -8900,9 +10515,17 @@ def _made_by_schedule(schedule: dict) -> dict:
     return {"id": schedule["id"], "type": "SCHEDULE", "display_value": schedule.get("slug") or kind}
 
 
-def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetime, start=None, end=None,
-                             min_time: float | None = None, min_runs: int | None = None,
-                             max_runs: int | None = None) -> int:
+def schedule_deployment_runs(
+    tx,
+    dep: dict,
+    settings: Settings,
+    now: _dt.datetime,
+    start=None,
+    end=None,
+    min_time: float | None = None,
+    min_runs: int | None = None,
+    max_runs: int | None = None,
+) -> int:
     """Keep each active schedule of a deployment filled ahead; returns how many runs were created.
 
     From `start` (now) to before `end` (now + the longest time scheduled ahead): at least `min_runs` runs
@@ -8925,12 +10548,23 @@ def schedule_deployment_runs(tx, dep: dict, settings: Settings, now: _dt.datetim
         for moment in wanted:
             when = iso(moment)
             key = _schedule_idempotency_key(dep["id"], when, schedule)
-            data = {"flow_id": dep["flow_id"], "deployment_id": dep["id"], "parameters": parameters,
-                    "tags": list(dep.get("tags") or []), "idempotency_key": key, "context": {},
-                    "empirical_policy": {}, "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}}}
-            extra = {"auto_scheduled": True, "deployment_version": dep.get("version"),
-                     "work_queue_id": dep.get("work_queue_id"), "work_queue_name": dep.get("work_queue_name"),
-                     "created_by": _made_by_schedule(schedule)}
+            data = {
+                "flow_id": dep["flow_id"],
+                "deployment_id": dep["id"],
+                "parameters": parameters,
+                "tags": list(dep.get("tags") or []),
+                "idempotency_key": key,
+                "context": {},
+                "empirical_policy": {},
+                "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": when}},
+            }
+            extra = {
+                "auto_scheduled": True,
+                "deployment_version": dep.get("version"),
+                "work_queue_id": dep.get("work_queue_id"),
+                "work_queue_name": dep.get("work_queue_name"),
+                "created_by": _made_by_schedule(schedule),
+            }
             _run, was_new = create_flow_run(tx, data, extra)
             created += was_new
     return created
@@ -8941,9 +10575,14 @@ class Scheduler(Service):
 
     def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:
-            ids = [r["id"] for r in tx.query(
-                "SELECT d.id FROM deployment d WHERE d.paused = ? AND EXISTS (SELECT 1 FROM deployment_schedule s "
-                "WHERE s.deployment_id = d.id AND s.active = ?)", (False, True))]
+            ids = [
+                r["id"]
+                for r in tx.query(
+                    "SELECT d.id FROM deployment d WHERE d.paused = ? AND EXISTS (SELECT 1 FROM deployment_schedule s "
+                    "WHERE s.deployment_id = d.id AND s.active = ?)",
+                    (False, True),
+                )
+            ]
         self.created = 0
         for dep_id in ids:
             with self.app.db.write() as tx:
@@ -8961,18 +10600,32 @@ class LateRuns(Service):
     def run_once(self, now: _dt.datetime):
         horizon = iso(now - _dt.timedelta(seconds=self.app.settings["PREFECT_API_SERVICES_LATE_RUNS_AFTER_SECONDS"]))
         with self.app.db.read() as tx:
-            ids = [r["id"] for r in tx.query(
-                "SELECT id FROM flow_run WHERE state_type = 'SCHEDULED' AND state_name != 'Late' "
-                "AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time LIMIT 500", (horizon,))]
+            ids = [
+                r["id"]
+                for r in tx.query(
+                    "SELECT id FROM flow_run WHERE state_type = 'SCHEDULED' AND state_name != 'Late' "
+                    "AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time LIMIT 500",
+                    (horizon,),
+                )
+            ]
         for run_id in ids:
             with self.app.db.write() as tx:
                 row = read_row(tx, "flow_run", run_id, lock=True)
                 if row is None or row["state_type"] != "SCHEDULED" or row["state_name"] == "Late":
                     continue
                 details = json.loads(row["state"])["state_details"]
-                orchestrate(tx, "flow", row, {"type": "SCHEDULED", "name": "Late",
-                                              "state_details": {"scheduled_time": details.get("scheduled_time")}},
-                            force=True, now=now)
+                orchestrate(
+                    tx,
+                    "flow",
+                    row,
+                    {
+                        "type": "SCHEDULED",
+                        "name": "Late",
+                        "state_details": {"scheduled_time": details.get("scheduled_time")},
+                    },
+                    force=True,
+                    now=now,
+                )
 
 
 class PauseExpirations(Service):
@@ -8983,15 +10636,22 @@ class PauseExpirations(Service):
     def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:
             rows = tx.query("SELECT id, state FROM flow_run WHERE state_type = 'PAUSED'")
-        expired = [r["id"] for r in rows
-                   if (json.loads(r["state"])["state_details"].get("pause_timeout") or "9999") < iso(now)]
+        expired = [
+            r["id"] for r in rows if (json.loads(r["state"])["state_details"].get("pause_timeout") or "9999") < iso(now)
+        ]
         for run_id in expired:
             with self.app.db.write() as tx:
                 row = read_row(tx, "flow_run", run_id, lock=True)
                 if row is None or row["state_type"] != "PAUSED":
                     continue
-                orchestrate(tx, "flow", row, {"type": "FAILED", "message": "The flow was paused and never resumed.",
-                                              "state_details": {}}, force=True, now=now)
+                orchestrate(
+                    tx,
+                    "flow",
+                    row,
+                    {"type": "FAILED", "message": "The flow was paused and never resumed.", "state_details": {}},
+                    force=True,
+                    now=now,
+                )
 
 
 class CancellationCleanup(Service):
@@ -9002,31 +10662,63 @@ class CancellationCleanup(Service):
 
     def run_once(self, now: _dt.datetime):
         with self.app.db.read() as tx:
-            orphans = [r["id"] for r in tx.query(
-                "SELECT id FROM flow_run WHERE state_type = 'CANCELLING' AND deployment_id IS NULL "
-                "AND infrastructure_pid IS NULL")]
-            children = [r["id"] for r in tx.query(
-                "SELECT child.id FROM flow_run child JOIN task_run t ON t.id = child.parent_task_run_id "
-                "JOIN flow_run parent ON parent.id = t.flow_run_id WHERE parent.state_type = 'CANCELLED' "
-                "AND child.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED', 'CANCELLING')")]
-            tasks = [r["id"] for r in tx.query(
-                "SELECT t.id FROM task_run t JOIN flow_run f ON f.id = t.flow_run_id WHERE f.state_type = 'CANCELLED' "
-                "AND t.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')")]
+            orphans = [
+                r["id"]
+                for r in tx.query(
+                    "SELECT id FROM flow_run WHERE state_type = 'CANCELLING' AND deployment_id IS NULL "
+                    "AND infrastructure_pid IS NULL"
+                )
+            ]
+            children = [
+                r["id"]
+                for r in tx.query(
+                    "SELECT child.id FROM flow_run child JOIN task_run t ON t.id = child.parent_task_run_id "
+                    "JOIN flow_run parent ON parent.id = t.flow_run_id WHERE parent.state_type = 'CANCELLED' "
+                    "AND child.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED', 'CANCELLING')"
+                )
+            ]
+            tasks = [
+                r["id"]
+                for r in tx.query(
+                    "SELECT t.id FROM task_run t JOIN flow_run f ON f.id = t.flow_run_id "
+                    "WHERE f.state_type = 'CANCELLED' "
+                    "AND t.state_type NOT IN ('COMPLETED', 'FAILED', 'CANCELLED', 'CRASHED')"
+                )
+            ]
         for task_id in tasks:
             with self.app.db.write() as tx:
                 row = read_row(tx, "task_run", task_id, lock=True)
                 if row is not None and row["state_type"] not in TERMINAL_STATES:
-                    orchestrate(tx, "task", row, {"type": "CANCELLED", "message": "The flow run was cancelled.",
-                                                  "state_details": {}}, force=True, now=now)
+                    orchestrate(
+                        tx,
+                        "task",
+                        row,
+                        {"type": "CANCELLED", "message": "The flow run was cancelled.", "state_details": {}},
+                        force=True,
+                        now=now,
+                    )
         for run_id in orphans + children:
             with self.app.db.write() as tx:
                 row = read_row(tx, "flow_run", run_id, lock=True)
                 if row is None or row["state_type"] in TERMINAL_STATES:
                     continue
-                target = "CANCELLED" if row["state_type"] == "CANCELLING" or row["deployment_id"] is None else "CANCELLING"
-                orchestrate(tx, "flow", row, {"type": target, "message": "The parent flow run was cancelled."
-                                              if run_id in children else "Cancelled: no infrastructure to stop.",
-                                              "state_details": {}}, force=True, now=now)
+                target = (
+                    "CANCELLED" if row["state_type"] == "CANCELLING" or row["deployment_id"] is None else "CANCELLING"
+                )
+                orchestrate(
+                    tx,
+                    "flow",
+                    row,
+                    {
+                        "type": target,
+                        "message": "The parent flow run was cancelled."
+                        if run_id in children
+                        else "Cancelled: no infrastructure to stop.",
+                        "state_details": {},
+                    },
+                    force=True,
+                    now=now,
+                )
 
 
 class NotificationSender(Service):
@@ -9044,8 +10736,10 @@ class NotificationSender(Service):
         """Sleep until the next retry is due (or the loop interval), not a fixed poll."""
         try:
             with self.app.db.read() as tx:
-                due = tx.scalar("SELECT MIN(next_attempt_at) FROM flow_run_notification_queue "
-                                "WHERE status IN ('PENDING', 'SENDING')")
+                due = tx.scalar(
+                    "SELECT MIN(next_attempt_at) FROM flow_run_notification_queue "
+                    "WHERE status IN ('PENDING', 'SENDING')"
+                )
         except DatabaseError:
             return self.interval
         if due is None:
@@ -9067,18 +10761,24 @@ class NotificationSender(Service):
             row = tx.query_one(
                 "SELECT * FROM flow_run_notification_queue WHERE status IN ('PENDING', 'SENDING') "
                 f"AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1{db.for_update}{db.skip_locked}",
-                (iso(now),))
+                (iso(now),),
+            )
             if row is None:
                 return None
-            tx.execute("UPDATE flow_run_notification_queue SET status = 'SENDING', attempts = attempts + 1, "
-                       "next_attempt_at = ?, updated = ? WHERE id = ?",
-                       (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]))
+            tx.execute(
+                "UPDATE flow_run_notification_queue SET status = 'SENDING', attempts = attempts + 1, "
+                "next_attempt_at = ?, updated = ? WHERE id = ?",
+                (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]),
+            )
             try:
                 prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
             except NotificationFailed as exc:  # it cannot render: give up now, retrying would fail alike
                 log.warning("notification %s cannot be sent; giving up: %s", row["id"], exc)
-                tx.execute("UPDATE flow_run_notification_queue SET status = 'FAILED', last_error = ?, updated = ? "
-                           "WHERE id = ?", (str(exc)[:1000], iso(now), row["id"]))
+                tx.execute(
+                    "UPDATE flow_run_notification_queue SET status = 'FAILED', last_error = ?, updated = ? "
+                    "WHERE id = ?",
+                    (str(exc)[:1000], iso(now), row["id"]),
+                )
                 return True
             if prepared is None:  # the policy, state or destination is gone: nothing to send
                 tx.execute("DELETE FROM flow_run_notification_queue WHERE id = ?", (row["id"],))
@@ -9095,14 +10795,27 @@ class NotificationSender(Service):
             failed = attempts >= settings["PREFECT_NOTIFICATIONS_MAX_ATTEMPTS"]
             # doubling, but at most a week apart (and never past the calendar's end)
             delay = min(settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (attempts - 1), 7 * _A_DAY)
-            log.warning("notification %s via %s failed (attempt %d): %s%s", row["id"], slug, attempts, exc,
-                        "; giving up" if failed else f"; retrying in {delay:g}s")
+            log.warning(
+                "notification %s via %s failed (attempt %d): %s%s",
+                row["id"],
+                slug,
+                attempts,
+                exc,
+                "; giving up" if failed else f"; retrying in {delay:g}s",
+            )
             now = self.app.clock()  # after the attempt, which took time
             with self.app.db.write() as tx:
-                tx.execute("UPDATE flow_run_notification_queue SET status = ?, next_attempt_at = ?, last_error = ?, "
-                           "updated = ? WHERE id = ?",
-                           ("FAILED" if failed else "PENDING", iso(now + _dt.timedelta(seconds=delay)),
-                            str(exc)[:1000], iso(now), row["id"]))
+                tx.execute(
+                    "UPDATE flow_run_notification_queue SET status = ?, next_attempt_at = ?, last_error = ?, "
+                    "updated = ? WHERE id = ?",
+                    (
+                        "FAILED" if failed else "PENDING",
+                        iso(now + _dt.timedelta(seconds=delay)),
+                        str(exc)[:1000],
+                        iso(now),
+                        row["id"],
+                    ),
+                )
                 record_delivery(tx, about, attempts, "FAILED" if failed else "RETRYING", str(exc)[:1000])
             self.failures += 1
             return
@@ -9123,8 +10836,13 @@ class Retention(Service):
 
     def run_once(self, now: _dt.datetime):
         s = self.app.settings
-        counts = prune_flow_runs(self.app.db, _dt.timedelta(days=s["PREFECT_SERVER_SERVICES_RETENTION_DAYS"]),
-                                 s["PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE"], stop=self._stop, now=now)
+        counts = prune_flow_runs(
+            self.app.db,
+            _dt.timedelta(days=s["PREFECT_SERVER_SERVICES_RETENTION_DAYS"]),
+            s["PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE"],
+            stop=self._stop,
+            now=now,
+        )
         if counts["flow_runs"]:
             log.info("retention removed %s", ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in counts.items()))
 
@@ -9180,11 +10898,17 @@ class AutomationActor(Service):
         """Sleep until a proactive window ends or a retry is due (or the loop interval), not a fixed poll."""
         try:
             with self.app.db.read() as tx:
-                due = [tx.scalar("SELECT MIN(next_attempt_at) FROM automation_action_queue "
-                                 "WHERE status IN ('PENDING', 'RUNNING')"),
-                       tx.scalar("SELECT MIN(b.end_time) FROM automation_bucket b JOIN automation a "
-                                 "ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive'",
-                                 (True,))]
+                due = [
+                    tx.scalar(
+                        "SELECT MIN(next_attempt_at) FROM automation_action_queue "
+                        "WHERE status IN ('PENDING', 'RUNNING')"
+                    ),
+                    tx.scalar(
+                        "SELECT MIN(b.end_time) FROM automation_bucket b JOIN automation a "
+                        "ON a.id = b.automation_id WHERE a.enabled = ? AND b.posture = 'Proactive'",
+                        (True,),
+                    ),
+                ]
         except DatabaseError:
             return self.interval
         now = self.app.clock()
@@ -9195,10 +10919,16 @@ class AutomationActor(Service):
         evaluate_proactive_triggers(self.app.db, now)
         horizon = iso(now - _dt.timedelta(days=AUTOMATION_HISTORY_DAYS))
         with self.app.db.read() as tx:  # most passes find nothing: no write transaction for them
-            due = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') "
-                               "AND next_attempt_at <= ? LIMIT 1", (iso(now),))
-            old = tx.query_one("SELECT id FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
-                               "AND updated < ? LIMIT 1", (horizon,))
+            due = tx.query_one(
+                "SELECT id FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') "
+                "AND next_attempt_at <= ? LIMIT 1",
+                (iso(now),),
+            )
+            old = tx.query_one(
+                "SELECT id FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
+                "AND updated < ? LIMIT 1",
+                (horizon,),
+            )
         while due and not self._stop.is_set():
             row = self._claim()
             if row is None:
@@ -9210,20 +10940,26 @@ class AutomationActor(Service):
             self._run(row)
         if old:
             with self.app.db.write() as tx:
-                tx.execute("DELETE FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') "
-                           "AND updated < ?", (horizon,))
+                tx.execute(
+                    "DELETE FROM automation_action_queue WHERE status IN ('COMPLETED', 'FAILED') AND updated < ?",
+                    (horizon,),
+                )
 
     def _claim(self) -> dict | None:
         db, now = self.app.db, self.app.clock()  # each claim after the actions before it, which took time
         with db.write() as tx:
             row = tx.query_one(
                 "SELECT * FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') AND next_attempt_at <= ? "
-                f"ORDER BY next_attempt_at, created, action_index LIMIT 1{db.for_update}{db.skip_locked}", (iso(now),))
+                f"ORDER BY next_attempt_at, created, action_index LIMIT 1{db.for_update}{db.skip_locked}",
+                (iso(now),),
+            )
             if row is None:
                 return None
-            tx.execute("UPDATE automation_action_queue SET status = 'RUNNING', attempts = attempts + 1, "
-                       "next_attempt_at = ?, updated = ? WHERE id = ?",
-                       (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]))
+            tx.execute(
+                "UPDATE automation_action_queue SET status = 'RUNNING', attempts = attempts + 1, "
+                "next_attempt_at = ?, updated = ? WHERE id = ?",
+                (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]),
+            )
         return {**row, "attempts": row["attempts"] + 1}
 
     def _run(self, row: dict):
@@ -9233,8 +10969,12 @@ class AutomationActor(Service):
             raise  # the row stays claimed; it is tried again when its lease ends
         except Exception as exc:  # noqa: BLE001 - a bug in one action must not leave it RUNNING forever
             # the type only: an exception's text may hold a webhook URL or other secret
-            log.error("automation action %s (%s) failed unexpectedly: %s", row["id"],
-                      json.loads(row["action"]).get("type"), type(exc).__name__)
+            log.error(
+                "automation action %s (%s) failed unexpectedly: %s",
+                row["id"],
+                json.loads(row["action"]).get("type"),
+                type(exc).__name__,
+            )
             self._finish(row, f"the action failed unexpectedly ({type(exc).__name__})")
 
     def _run_action(self, row: dict):
@@ -9264,8 +11004,9 @@ class AutomationActor(Service):
 
     def _act_in_database(self, row: dict):
         with self.app.db.write() as tx:
-            current = tx.query_one(f"SELECT status FROM automation_action_queue WHERE id = ?{tx.db.for_update}",
-                                   (row["id"],))
+            current = tx.query_one(
+                f"SELECT status FROM automation_action_queue WHERE id = ?{tx.db.for_update}", (row["id"],)
+            )
             if current is None or current["status"] != "RUNNING":
                 return
             try:
@@ -9290,13 +11031,21 @@ class AutomationActor(Service):
 
     def _retry(self, row: dict, error: str):
         delay = min(self.app.settings["PREFECT_NOTIFICATIONS_RETRY_SECONDS"] * 2 ** (row["attempts"] - 1), _A_DAY)
-        log.warning("automation %s action %d failed (attempt %d): %s; retrying in %gs", row["automation_id"],
-                    row["action_index"], row["attempts"], error, delay)
+        log.warning(
+            "automation %s action %d failed (attempt %d): %s; retrying in %gs",
+            row["automation_id"],
+            row["action_index"],
+            row["attempts"],
+            error,
+            delay,
+        )
         now = self.app.clock()
         with self.app.db.write() as tx:
-            tx.execute("UPDATE automation_action_queue SET status = 'PENDING', next_attempt_at = ?, last_error = ?, "
-                       "updated = ? WHERE id = ?",
-                       (iso(now + _dt.timedelta(seconds=delay)), error[:1000], iso(now), row["id"]))
+            tx.execute(
+                "UPDATE automation_action_queue SET status = 'PENDING', next_attempt_at = ?, last_error = ?, "
+                "updated = ? WHERE id = ?",
+                (iso(now + _dt.timedelta(seconds=delay)), error[:1000], iso(now), row["id"]),
+            )
 
 
 def build_services(app) -> list[Service]:
@@ -9320,7 +11069,7 @@ def build_services(app) -> list[Service]:
     return services
 
 
-# --- 17. HTTP API ---
+# --- 19. HTTP API ---
 # Owns what a handler is given and gives back (Request, bodies, HTTPError, the read cache) and the handlers
 # of the API's run side: meta, flows, flow runs, task runs, logs, events, the server's configuration.
 # Handlers are small: they validate, open one transaction, call the domain, and return (status, payload).
@@ -9389,16 +11138,29 @@ class Request:
                 try:
                     self._json = json.loads(self.raw_body)
                 except (ValueError, RecursionError) as exc:
-                    raise ValidationFailed([_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]) from None
+                    raise ValidationFailed(
+                        [_error(("body",), f"invalid JSON: {exc}", "value_error.jsondecode")]
+                    ) from None
                 brackets = self.raw_body.count(b"[") + self.raw_body.count(b"{")  # a bound on the depth
                 if brackets > _MAX_DEPTH and not _json_depth_ok(self._json):
-                    raise ValidationFailed([_error(("body",), f"JSON nested deeper than {_MAX_DEPTH} levels", "value_error.jsondecode")])
+                    raise ValidationFailed(
+                        [_error(("body",), f"JSON nested deeper than {_MAX_DEPTH} levels", "value_error.jsondecode")]
+                    )
                 where = _non_finite_at(self._json) if _NON_FINITE_HINT.search(self.raw_body) else None
                 if where is not None:  # see loads(): never stored; named where it is, as a field's error
-                    raise ValidationFailed([_error(("body", *where), "value is not a finite number (NaN and "
-                                                   "Infinity are not JSON)", "value_error.number.not_finite")])
+                    raise ValidationFailed(
+                        [
+                            _error(
+                                ("body", *where),
+                                "value is not a finite number (NaN and Infinity are not JSON)",
+                                "value_error.number.not_finite",
+                            )
+                        ]
+                    )
                 if _SURROGATE_ESCAPE.search(self.raw_body) and not _encodable(self._json):
-                    raise ValidationFailed([_error(("body",), "string with an unpaired UTF-16 surrogate", "value_error.str")])
+                    raise ValidationFailed(
+                        [_error(("body",), "string with an unpaired UTF-16 surrogate", "value_error.str")]
+                    )
         return self._json
 
     def body_dict(self) -> dict:
@@ -9423,11 +11185,19 @@ class Request:
         try:
             number = int(value)
         except ValueError:
-            raise ValidationFailed([_error(("query", name), "value is not a valid integer",
-                                           "type_error.integer")]) from None
+            raise ValidationFailed(
+                [_error(("query", name), "value is not a valid integer", "type_error.integer")]
+            ) from None
         if not minimum <= number <= maximum:
-            raise ValidationFailed([_error(("query", name), f"ensure this value is between {minimum} and {maximum}",
-                                           "value_error.number.not_in_range")])
+            raise ValidationFailed(
+                [
+                    _error(
+                        ("query", name),
+                        f"ensure this value is between {minimum} and {maximum}",
+                        "value_error.number.not_in_range",
+                    )
+                ]
+            )
         return number
 
     def bool_arg(self, name, default=False) -> bool:
@@ -9517,13 +11287,16 @@ def _cached(handler):
 
 def body(schema):
     """Mark a handler with the schema of its request body (validation, defaults and OpenAPI)."""
+
     def mark(handler):
         handler.body_schema = schema
         return handler
+
     return mark
 
 
 # Handlers: meta
+
 
 def read_health(app, req):
     return 200, True
@@ -9594,6 +11367,7 @@ def read_csrf_token(app, req):
 
 # Handlers: flows
 
+
 @body(FlowCreate)
 def create_flow_handler(app, req):
     with app.db.write() as tx:
@@ -9656,10 +11430,8 @@ def _filter_handler(table, out, filters, json_select=None):
 
 _RUN_FILTERS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues")
 read_flows_filtered, count_flows = _filter_handler("flow", lambda r: decode_row("flow", r), _RUN_FILTERS)
-read_flow_runs_filtered, count_flow_runs = _filter_handler(
-    "flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
-read_task_runs_filtered, count_task_runs = _filter_handler(
-    "task_run", task_run_out, _RUN_FILTERS, run_json_select)
+read_flow_runs_filtered, count_flow_runs = _filter_handler("flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
+read_task_runs_filtered, count_task_runs = _filter_handler("task_run", task_run_out, _RUN_FILTERS, run_json_select)
 _read_logs_page, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
 
 
@@ -9672,12 +11444,18 @@ def read_logs_filtered(app, req):
     if req.data.get("limit") is not None and req.data["limit"] > most and client_major(req) == 3:
         raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
     if req.data.get("limit") is not None and req.data["limit"] > most:
-        raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
-                                       "value_error.number.not_le")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "limit"), f"ensure this value is less than or equal to {most}", "value_error.number.not_le"
+                )
+            ]
+        )
     return _read_logs_page(app, req)
 
 
 # Handlers: flow runs
+
 
 @body(FlowRunCreate)
 def create_flow_run_handler(app, req):
@@ -9729,16 +11507,22 @@ def resume_flow_run_handler(app, req):
     return _orchestration_reply(outcome)
 
 
-FlowRunInputCreate = Schema("Body_create_flow_run_input_flow_runs__id__input_post", {
-    "key": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]*", max_length=255),
-    "value": Field("str", required=True, nullable=False),
-    "sender": Field("str", max_length=255),
-})
-FlowRunInputFilter = Schema("Body_filter_flow_run_input_flow_runs__id__input_filter_post", {
-    "prefix": Field("str", required=True, nullable=False),
-    "limit": Field("int", default=1, nullable=False, minimum=0),
-    "exclude_keys": Field(ListOf("str"), default=list, nullable=False),
-})
+FlowRunInputCreate = Schema(
+    "Body_create_flow_run_input_flow_runs__id__input_post",
+    {
+        "key": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]*", max_length=255),
+        "value": Field("str", required=True, nullable=False),
+        "sender": Field("str", max_length=255),
+    },
+)
+FlowRunInputFilter = Schema(
+    "Body_filter_flow_run_input_flow_runs__id__input_filter_post",
+    {
+        "prefix": Field("str", required=True, nullable=False),
+        "limit": Field("int", default=1, nullable=False, minimum=0),
+        "exclude_keys": Field(ListOf("str"), default=list, nullable=False),
+    },
+)
 
 
 @body(FlowRunInputCreate)
@@ -9751,8 +11535,9 @@ def create_flow_run_input_handler(app, req):
 @body(FlowRunInputFilter)
 def filter_flow_run_inputs_handler(app, req):
     with app.db.read() as tx:
-        return 200, filter_flow_run_inputs(tx, req.uuid(), req.data["prefix"], req.data["limit"],
-                                           req.data["exclude_keys"])
+        return 200, filter_flow_run_inputs(
+            tx, req.uuid(), req.data["prefix"], req.data["limit"], req.data["exclude_keys"]
+        )
 
 
 def read_flow_run_input_handler(app, req):
@@ -9778,12 +11563,15 @@ def read_flow_run_graph_v2(app, req):
         return 200, flow_run_graph_v2(tx, req.uuid())
 
 
-HistoryBody = Schema("Body_history", {
-    "history_start": Field("datetime", required=True, nullable=False),
-    "history_end": Field("datetime", required=True, nullable=False),
-    "history_interval_seconds": Field("float", required=True, nullable=False),
-    **{key: Field("object") for key in _RUN_FILTERS},
-})
+HistoryBody = Schema(
+    "Body_history",
+    {
+        "history_start": Field("datetime", required=True, nullable=False),
+        "history_end": Field("datetime", required=True, nullable=False),
+        "history_interval_seconds": Field("float", required=True, nullable=False),
+        **{key: Field("object") for key in _RUN_FILTERS},
+    },
+)
 
 
 @_cached
@@ -9824,6 +11612,7 @@ read_task_run_states, read_task_run_state = _read_states("task_run_state", "task
 
 # Handlers: task runs
 
+
 @body(TaskRunCreate)
 def create_task_run_handler(app, req):
     with app.db.write() as tx:
@@ -9861,6 +11650,7 @@ def set_task_run_state(app, req):
 
 # Handlers: logs
 
+
 @body(LogBatch)
 def create_logs_handler(app, req):
     with app.db.write() as tx:
@@ -9869,6 +11659,7 @@ def create_logs_handler(app, req):
 
 
 # Handlers: events (Prefect 3)
+
 
 def _next_page_url(req: Request, token: str | None) -> str | None:
     if token is None:
@@ -9909,8 +11700,15 @@ def count_events_handler(app, req):
     countable = req.params["countable"]
     if countable not in EVENT_COUNTABLES:
         allowed = ", ".join(repr(c) for c in EVENT_COUNTABLES)
-        raise ValidationFailed([_error(("path", "countable"), f"value is not a valid enumeration member; permitted: "
-                                                              f"{allowed}", "type_error.enum")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("path", "countable"),
+                    f"value is not a valid enumeration member; permitted: {allowed}",
+                    "type_error.enum",
+                )
+            ]
+        )
     flt = normalize_event_filter(req.body_dict().get("filter"))
     with app.db.read() as tx:
         return 200, count_events(tx, flt, countable, req.data["time_unit"], req.data["time_interval"])
@@ -9926,6 +11724,7 @@ def create_events_handler(app, req):
 
 
 # Handlers: server configuration (Prefect 3)
+
 
 def read_result_storage(app, req):
     with app.db.read() as tx:
@@ -9945,11 +11744,11 @@ def clear_result_storage(app, req):
     return 204, NO_CONTENT
 
 
-# --- 18. Resource handlers ---
-# Owns the HTTP handlers of blocks, variables, artifacts, concurrency limits, saved
-# searches, deployments, work pools, notification policies and automations.
+# --- 20. Resource handlers ---
+# Owns the HTTP handlers of blocks, variables, artifacts, concurrency limits and saved searches.
 
 # Handlers: blocks
+
 
 @body(BlockTypeCreate)
 def create_block_type_handler(app, req):
@@ -10004,8 +11803,10 @@ BlockTypeFilterBody = filter_body_schema("block_type", ("block_types", "block_sc
 def read_block_types_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "block_type", req.data)
-        rows = tx.query(f"SELECT block_type.* FROM block_type WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            f"SELECT block_type.* FROM block_type WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
+            (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [block_type_out(r) for r in rows]
 
 
@@ -10049,8 +11850,10 @@ BlockSchemaFilterBody = filter_body_schema("block_schema", ("block_schemas",))
 def read_block_schemas_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "block_schema", req.data)
-        rows = tx.query(f"SELECT block_schema.* FROM block_schema WHERE {where} ORDER BY created DESC LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            f"SELECT block_schema.* FROM block_schema WHERE {where} ORDER BY created DESC LIMIT ? OFFSET ?",
+            (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [block_schema_out(tx, r) for r in rows]
 
 
@@ -10088,10 +11891,13 @@ def delete_block_document(app, req):
     return 204, NO_CONTENT
 
 
-BlockDocumentFilterBody = Schema("Body_read_block_documents", {
-    **filter_body_schema("block_document", ("block_documents", "block_types", "block_schemas")).fields,
-    "include_secrets": Field("bool", default=False, nullable=False),
-})
+BlockDocumentFilterBody = Schema(
+    "Body_read_block_documents",
+    {
+        **filter_body_schema("block_document", ("block_documents", "block_types", "block_schemas")).fields,
+        "include_secrets": Field("bool", default=False, nullable=False),
+    },
+)
 
 
 def _block_documents_where(tx, data):
@@ -10107,9 +11913,11 @@ def _block_documents_where(tx, data):
 def read_block_documents_filtered(app, req):
     with app.db.read() as tx:
         where, params = _block_documents_where(tx, req.data)
-        rows = tx.query(f"SELECT block_document.* FROM block_document WHERE {where} "
-                        f"ORDER BY {order_by('block_document', req.data.get('sort'))} LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            f"SELECT block_document.* FROM block_document WHERE {where} "
+            f"ORDER BY {order_by('block_document', req.data.get('sort'))} LIMIT ? OFFSET ?",
+            (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [block_document_out(tx, r, req.data["include_secrets"]) for r in rows]
 
 
@@ -10123,22 +11931,27 @@ def count_block_documents(app, req):
 def read_block_documents_of_type(app, req):
     with app.db.read() as tx:
         block_type = _block_type_by_slug(tx, req.params["slug"])
-        rows = tx.query("SELECT * FROM block_document WHERE block_type_id = ? AND is_anonymous = ? ORDER BY name",
-                        (block_type["id"], False))
+        rows = tx.query(
+            "SELECT * FROM block_document WHERE block_type_id = ? AND is_anonymous = ? ORDER BY name",
+            (block_type["id"], False),
+        )
         return 200, [block_document_out(tx, r, req.bool_arg("include_secrets")) for r in rows]
 
 
 def read_block_document_by_name(app, req):
     with app.db.read() as tx:
         block_type = _block_type_by_slug(tx, req.params["slug"])
-        row = tx.query_one("SELECT * FROM block_document WHERE block_type_id = ? AND name = ?",
-                           (block_type["id"], req.params["block_document_name"]))
+        row = tx.query_one(
+            "SELECT * FROM block_document WHERE block_type_id = ? AND name = ?",
+            (block_type["id"], req.params["block_document_name"]),
+        )
         if row is None:
             raise NotFound("Block document not found")
         return 200, block_document_out(tx, row, req.bool_arg("include_secrets"))
 
 
 # Handlers: variables
+
 
 @body(VariableCreate)
 def create_variable_handler(app, req):
@@ -10148,7 +11961,9 @@ def create_variable_handler(app, req):
 
 def _variable_row(tx, req, lock=False):
     if "name" in req.params:
-        row = tx.query_one(f"SELECT * FROM variable WHERE name = ?{tx.db.for_update if lock else ''}", (req.params["name"],))
+        row = tx.query_one(
+            f"SELECT * FROM variable WHERE name = ?{tx.db.for_update if lock else ''}", (req.params["name"],)
+        )
     else:
         row = read_row(tx, "variable", req.uuid(), lock)
     if row is None:
@@ -10181,10 +11996,13 @@ def delete_variable(app, req):
     return 204, NO_CONTENT
 
 
-read_variables_filtered, count_variables = _filter_handler("variable", lambda r: decode_row("variable", r), ("variables",))
+read_variables_filtered, count_variables = _filter_handler(
+    "variable", lambda r: decode_row("variable", r), ("variables",)
+)
 
 
 # Handlers: artifacts
+
 
 @body(ArtifactCreate)
 def create_artifact_handler(app, req):
@@ -10221,7 +12039,9 @@ def read_latest_artifact(app, req):
 
 
 _ARTIFACT_FILTERS = ("artifacts", "flow_runs", "task_runs")
-read_artifacts_filtered, count_artifacts = _filter_handler("artifact", lambda r: decode_row("artifact", r), _ARTIFACT_FILTERS)
+read_artifacts_filtered, count_artifacts = _filter_handler(
+    "artifact", lambda r: decode_row("artifact", r), _ARTIFACT_FILTERS
+)
 ArtifactFilterBody = filter_body_schema("artifact", _ARTIFACT_FILTERS)
 _LATEST_ONLY = "artifact.id IN (SELECT latest_id FROM artifact_collection)"
 
@@ -10245,6 +12065,7 @@ def count_latest_artifacts(app, req):
 
 # Handlers: concurrency limits
 
+
 @body(ConcurrencyLimitCreate)
 def create_tag_limit_handler(app, req):
     with app.db.write() as tx:
@@ -10254,8 +12075,9 @@ def create_tag_limit_handler(app, req):
 
 def _tag_limit_row(tx, req, lock=False):
     if "tag" in req.params:
-        row = tx.query_one(f"SELECT * FROM concurrency_limit WHERE tag = ?{tx.db.for_update if lock else ''}",
-                           (req.params["tag"],))
+        row = tx.query_one(
+            f"SELECT * FROM concurrency_limit WHERE tag = ?{tx.db.for_update if lock else ''}", (req.params["tag"],)
+        )
     else:
         row = read_row(tx, "concurrency_limit", req.uuid(), lock)
     if row is None:
@@ -10287,8 +12109,10 @@ def reset_tag_limit(app, req):
 @body(filter_body_schema("concurrency_limit", ()))
 def read_tag_limits_filtered(app, req):
     with app.db.read() as tx:
-        rows = tx.query("SELECT * FROM concurrency_limit ORDER BY tag LIMIT ? OFFSET ?",
-                        (page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            "SELECT * FROM concurrency_limit ORDER BY tag LIMIT ? OFFSET ?",
+            (page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [decode_row("concurrency_limit", r) for r in rows]
 
 
@@ -10297,8 +12121,12 @@ def create_global_limit(app, req):
     now = now_iso()
     with app.db.write() as tx:
         row_id = new_id()
-        if not insert_row(tx, "concurrency_limit_v2", {"id": row_id, "created": now, "updated": now, **req.data},
-                          on_conflict="ON CONFLICT DO NOTHING"):
+        if not insert_row(
+            tx,
+            "concurrency_limit_v2",
+            {"id": row_id, "created": now, "updated": now, **req.data},
+            on_conflict="ON CONFLICT DO NOTHING",
+        ):
             raise Conflict(f'Concurrency limit with name "{req.data["name"]}" already exists.')
         return 201, decode_row("concurrency_limit_v2", read_row(tx, "concurrency_limit_v2", row_id))
 
@@ -10338,8 +12166,10 @@ def delete_global_limit(app, req):
 @body(filter_body_schema("concurrency_limit_v2", ()))
 def read_global_limits_filtered(app, req):
     with app.db.read() as tx:
-        rows = tx.query("SELECT * FROM concurrency_limit_v2 ORDER BY name LIMIT ? OFFSET ?",
-                        (page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            "SELECT * FROM concurrency_limit_v2 ORDER BY name LIMIT ? OFFSET ?",
+            (page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [decode_row("concurrency_limit_v2", r) for r in rows]
 
 
@@ -10349,8 +12179,13 @@ def increment_global_limits(app, req):
         taken = change_global_slots(tx, req.data["names"], req.data["slots"], req.data["mode"], increment=True)
         if taken is None:
             marks = ", ".join("?" for _ in req.data["names"])
-            wait = tx.scalar(f"SELECT MAX(avg_slot_occupancy_seconds) FROM concurrency_limit_v2 WHERE name IN ({marks})",
-                             tuple(req.data["names"])) or 1.0
+            wait = (
+                tx.scalar(
+                    f"SELECT MAX(avg_slot_occupancy_seconds) FROM concurrency_limit_v2 WHERE name IN ({marks})",
+                    tuple(req.data["names"]),
+                )
+                or 1.0
+            )
     if taken is None:  # the denial is recorded (denied_slots) once the transaction above commits
         raise HTTPError(423, "Concurrency limit is full; retry later.", {"Retry-After": f"{max(float(wait), 0.1):.2f}"})
     return 200, taken
@@ -10359,15 +12194,25 @@ def increment_global_limits(app, req):
 @body(ConcurrencySlotsBody)
 def decrement_global_limits(app, req):
     with app.db.write() as tx:
-        return 200, change_global_slots(tx, req.data["names"], req.data["slots"], req.data["mode"], increment=False,
-                                        occupancy_seconds=req.data.get("occupancy_seconds"))
+        return 200, change_global_slots(
+            tx,
+            req.data["names"],
+            req.data["slots"],
+            req.data["mode"],
+            increment=False,
+            occupancy_seconds=req.data.get("occupancy_seconds"),
+        )
 
 
 def _locked_reply(tx, names: list[str]):
     """423 with Prefect's Retry-After: about one average occupancy of the fullest limit."""
     marks = ", ".join("?" for _ in names)
-    wait = tx.scalar(f"SELECT MAX(avg_slot_occupancy_seconds) FROM concurrency_limit_v2 WHERE name IN ({marks})",
-                     tuple(names)) or 1.0
+    wait = (
+        tx.scalar(
+            f"SELECT MAX(avg_slot_occupancy_seconds) FROM concurrency_limit_v2 WHERE name IN ({marks})", tuple(names)
+        )
+        or 1.0
+    )
     return HTTPError(423, "Concurrency limit is full; retry later.", {"Retry-After": f"{max(float(wait), 0.1):.2f}"})
 
 
@@ -10377,8 +12222,9 @@ def increment_global_limits_with_lease(app, req):
     tag's v1 limit, if it has one: tag_limits_behind)."""
     data = req.data
     if not data["names"]:
-        raise ValidationFailed([_error(("body", "names"), "ensure this value has at least 1 items",
-                                       "value_error.list.min_items")])
+        raise ValidationFailed(
+            [_error(("body", "names"), "ensure this value has at least 1 items", "value_error.list.min_items")]
+        )
     with app.db.write() as tx:
         tag_limits = tag_limits_behind(tx, data["names"])
         full = tag_limits_full(tag_limits, data["slots"])
@@ -10410,12 +12256,17 @@ def renew_concurrency_lease(app, req):
 
 # Handlers: saved searches
 
+
 @body(SavedSearchCreate)
 def create_saved_search(app, req):
     now = now_iso()
     with app.db.write() as tx:
-        created = insert_row(tx, "saved_search", {"id": new_id(), "created": now, "updated": now, **req.data},
-                             on_conflict="ON CONFLICT DO NOTHING")
+        created = insert_row(
+            tx,
+            "saved_search",
+            {"id": new_id(), "created": now, "updated": now, **req.data},
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
         row = tx.query_one(f"SELECT * FROM saved_search WHERE name = ?{tx.db.for_update}", (req.data["name"],))
         if not created:
             update_row(tx, "saved_search", row["id"], {"filters": req.data["filters"], "updated": now})
@@ -10435,14 +12286,21 @@ def delete_saved_search(app, req):
 
 
 read_saved_searches_filtered, _count_saved_searches = _filter_handler(
-    "saved_search", lambda r: decode_row("saved_search", r), ("saved_searches",))
+    "saved_search", lambda r: decode_row("saved_search", r), ("saved_searches",)
+)
 
+
+# --- 21. Deployment and work handlers ---
+# Owns the HTTP handlers of deployments and their schedules, work pools, queues and workers, notification
+# policies and automations: each validates its body, calls the section that owns the data, and shapes the
+# answer for the client's major version.
 
 # Handlers: deployments
 
 # The fields of a deployment answer, per client major version. 2.20 SDKs in test mode (PREFECT_TEST_MODE=1,
 # which users' own test suites set) refuse a field their schema lacks, so they get exactly the 2.20
 # contract's DeploymentResponse; 3.x SDKs get their DeploymentResponse's (they ignore others).
+# fmt: off
 DEPLOYMENT_FIELDS_2 = (
     "id", "created", "updated", "name", "version", "description", "flow_id", "schedule", "is_schedule_active",
     "paused", "schedules", "job_variables", "infra_overrides", "parameters", "pull_steps", "tags",
@@ -10450,6 +12308,8 @@ DEPLOYMENT_FIELDS_2 = (
     "storage_document_id", "infrastructure_document_id", "created_by", "updated_by", "enforce_parameter_schema",
     "work_pool_name", "status",
 )
+# fmt: on
+# fmt: off
 DEPLOYMENT_FIELDS_3 = (
     "id", "created", "updated", "name", "version", "description", "flow_id", "concurrency_limit", "paused",
     "schedules", "job_variables", "parameters", "pull_steps", "tags", "work_queue_name", "last_polled",
@@ -10457,6 +12317,7 @@ DEPLOYMENT_FIELDS_3 = (
     "created_by", "updated_by", "work_queue_id", "enforce_parameter_schema", "work_pool_name", "status",
     "global_concurrency_limit", "concurrency_options",
 )
+# fmt: on
 
 
 def deployment_for_client(req, dep: dict) -> dict:
@@ -10466,10 +12327,18 @@ def deployment_for_client(req, dep: dict) -> dict:
     job_variables = dep.get("job_variables") or dep.get("infra_overrides") or {}
     schedules = [schedule_for_client(client_major(req), s) for s in dep.get("schedules") or []]
     if client_major(req) == 3:  # `concurrency_limit` is always null: Prefect 3 answers the limit in full instead
-        return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3}, "job_variables": job_variables, "schedules": schedules,
-                "concurrency_limit": None}
-    return {**{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2}, "job_variables": None, "infra_overrides": job_variables,
-            "schedules": schedules}
+        return {
+            **{k: dep.get(k) for k in DEPLOYMENT_FIELDS_3},
+            "job_variables": job_variables,
+            "schedules": schedules,
+            "concurrency_limit": None,
+        }
+    return {
+        **{k: dep.get(k) for k in DEPLOYMENT_FIELDS_2},
+        "job_variables": None,
+        "infra_overrides": job_variables,
+        "schedules": schedules,
+    }
 
 
 @body(DeploymentCreate)
@@ -10488,8 +12357,10 @@ def read_deployment(app, req):
 
 def read_deployment_by_name(app, req):
     with app.db.read() as tx:
-        row = tx.query_one("SELECT d.* FROM deployment d JOIN flow f ON f.id = d.flow_id WHERE f.name = ? AND d.name = ?",
-                           (req.params["flow_name"], req.params["deployment_name"]))
+        row = tx.query_one(
+            "SELECT d.* FROM deployment d JOIN flow f ON f.id = d.flow_id WHERE f.name = ? AND d.name = ?",
+            (req.params["flow_name"], req.params["deployment_name"]),
+        )
         if row is None:
             raise NotFound("Deployment not found")
         return 200, deployment_for_client(req, deployment_out(tx, row, app.settings, app.clock()))
@@ -10517,15 +12388,21 @@ def _set_deployment_paused(paused: bool):
     def handler(app, req):
         with app.db.write() as tx:
             require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-            update_row(tx, "deployment", req.uuid(), {"paused": paused, "is_schedule_active": not paused,
-                                                      "updated": now_iso()})
-            tx.execute("UPDATE deployment_schedule SET active = ?, updated = ? WHERE deployment_id = ?",
-                       (not paused, now_iso(), req.uuid()))
+            update_row(
+                tx, "deployment", req.uuid(), {"paused": paused, "is_schedule_active": not paused, "updated": now_iso()}
+            )
+            tx.execute(
+                "UPDATE deployment_schedule SET active = ?, updated = ? WHERE deployment_id = ?",
+                (not paused, now_iso(), req.uuid()),
+            )
             if paused:  # a paused deployment keeps no future auto-scheduled runs
-                tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' "
-                           "AND auto_scheduled = ?", (req.uuid(), True))
+                tx.execute(
+                    "DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED' AND auto_scheduled = ?",
+                    (req.uuid(), True),
+                )
         app.wake("scheduler")
         return 200, None
+
     return handler
 
 
@@ -10577,8 +12454,14 @@ def read_next_schedule_times(app, req):
         rows = tx.query("SELECT * FROM deployment_schedule WHERE deployment_id = ? ORDER BY created, id", (req.uuid(),))
         schedules = [decode_row("deployment_schedule", r) for r in rows]
     start = utcnow()
-    return 200, [{"schedule_id": s["id"], "active": s.get("active", True),
-                  "times": [iso(t) for t in next_fire_times(s["schedule"], start, n=count)]} for s in schedules]
+    return 200, [
+        {
+            "schedule_id": s["id"],
+            "active": s.get("active", True),
+            "times": [iso(t) for t in next_fire_times(s["schedule"], start, n=count)],
+        }
+        for s in schedules
+    ]
 
 
 @body(ListOf(DeploymentScheduleCreate))
@@ -10592,18 +12475,28 @@ def create_deployment_schedules(app, req):
     return 201, [schedule_for_client(client_major(req), schedule) for schedule in created]
 
 
-DeploymentScheduleUpdate = Schema("DeploymentScheduleUpdate", {
-    "schedule": Field("object"), "active": Field("bool"), "max_active_runs": Field("int", minimum=1),
-    "max_scheduled_runs": Field("int", minimum=1), "catchup": Field("bool"),
-    "parameters": Field("object"), "slug": Field("str", max_length=255), "replaces": Field("str"),
-})
+DeploymentScheduleUpdate = Schema(
+    "DeploymentScheduleUpdate",
+    {
+        "schedule": Field("object"),
+        "active": Field("bool"),
+        "max_active_runs": Field("int", minimum=1),
+        "max_scheduled_runs": Field("int", minimum=1),
+        "catchup": Field("bool"),
+        "parameters": Field("object"),
+        "slug": Field("str", max_length=255),
+        "replaces": Field("str"),
+    },
+)
 
 
 @body(DeploymentScheduleUpdate)
 def update_deployment_schedule(app, req):
     """Change one schedule (e.g. `prefect deployment schedule pause`); its runs not yet started go, the
     scheduler makes them again from the schedule as it now is."""
-    changes = {k: v for k, v in sent_fields(req).items() if v is not None or k in ("max_active_runs", "max_scheduled_runs")}
+    changes = {
+        k: v for k, v in sent_fields(req).items() if v is not None or k in ("max_active_runs", "max_scheduled_runs")
+    }
     changes.pop("replaces", None)  # a deploy-time directive, never stored
     if changes.get("schedule") is not None:
         changes["schedule"] = normalise_schedule(changes["schedule"], ("body", "schedule"))
@@ -10619,11 +12512,16 @@ def update_deployment_schedule(app, req):
     return 204, NO_CONTENT
 
 
-ScheduleDeploymentBody = Schema("Body_schedule_deployment_deployments__id__schedule_post", {
-    "start_time": Field("datetime"), "end_time": Field("datetime"),
-    "min_time": Field("float", minimum=0, maximum=_A_CENTURY),
-    "min_runs": Field("int", minimum=0, maximum=100_000), "max_runs": Field("int", minimum=0, maximum=100_000),
-})
+ScheduleDeploymentBody = Schema(
+    "Body_schedule_deployment_deployments__id__schedule_post",
+    {
+        "start_time": Field("datetime"),
+        "end_time": Field("datetime"),
+        "min_time": Field("float", minimum=0, maximum=_A_CENTURY),
+        "min_runs": Field("int", minimum=0, maximum=100_000),
+        "max_runs": Field("int", minimum=0, maximum=100_000),
+    },
+)
 
 
 @body(ScheduleDeploymentBody)
@@ -10633,25 +12531,36 @@ def schedule_deployment(app, req):
     data = req.data
     with app.db.write() as tx:
         row = require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        schedule_deployment_runs(tx, deployment_out(tx, row), app.settings, app.clock(),
-                                 start=from_iso(data["start_time"]) if data.get("start_time") else None,
-                                 end=from_iso(data["end_time"]) if data.get("end_time") else None,
-                                 min_time=data.get("min_time"), min_runs=data.get("min_runs"),
-                                 max_runs=data.get("max_runs"))
+        schedule_deployment_runs(
+            tx,
+            deployment_out(tx, row),
+            app.settings,
+            app.clock(),
+            start=from_iso(data["start_time"]) if data.get("start_time") else None,
+            end=from_iso(data["end_time"]) if data.get("end_time") else None,
+            min_time=data.get("min_time"),
+            min_runs=data.get("min_runs"),
+            max_runs=data.get("max_runs"),
+        )
     return 200, None
 
 
 def delete_deployment_schedule(app, req):
     with app.db.write() as tx:
-        if not tx.execute("DELETE FROM deployment_schedule WHERE id = ? AND deployment_id = ?",
-                          (req.uuid("schedule_id"), req.uuid())).rowcount:
+        if not tx.execute(
+            "DELETE FROM deployment_schedule WHERE id = ? AND deployment_id = ?", (req.uuid("schedule_id"), req.uuid())
+        ).rowcount:
             raise NotFound("Schedule not found")
-        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
-                   "AND start_time IS NULL", (req.uuid(), True))
+        tx.execute(
+            "DELETE FROM flow_run WHERE deployment_id = ? AND auto_scheduled = ? AND state_type = 'SCHEDULED' "
+            "AND start_time IS NULL",
+            (req.uuid(), True),
+        )
     return 204, NO_CONTENT
 
 
 # Handlers: work pools, queues, workers
+
 
 def read_collection_view(app, req):
     """Only the worker types are known offline (as on Prefect's server without its registry)."""
@@ -10698,8 +12607,10 @@ def delete_work_pool(app, req):
 def read_work_pools_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "work_pool", req.data)
-        rows = tx.query(f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
+            (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [work_pool_for_client(req, work_pool_out(tx, r)) for r in rows]
 
 
@@ -10725,8 +12636,10 @@ def create_pool_queue(app, req):
 
 def _pool_queue(tx, req, lock=False):
     pool = read_pool_by_name(tx, req.params["work_pool_name"])
-    row = tx.query_one(f"SELECT * FROM work_queue WHERE work_pool_id = ? AND name = ?{tx.db.for_update if lock else ''}",
-                       (pool["id"], req.params["name"]))
+    row = tx.query_one(
+        f"SELECT * FROM work_queue WHERE work_pool_id = ? AND name = ?{tx.db.for_update if lock else ''}",
+        (pool["id"], req.params["name"]),
+    )
     if row is None:
         raise NotFound(f'Work queue "{req.params["name"]}" not found in pool "{pool["name"]}".')
     return pool, row
@@ -10761,9 +12674,11 @@ def read_pool_queues_filtered(app, req):
     with app.db.read() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
         where, params = build_where(tx, "work_queue", req.data)
-        rows = tx.query(f"SELECT work_queue.* FROM work_queue WHERE work_pool_id = ? AND {where} "
-                        f"ORDER BY priority, name LIMIT ? OFFSET ?",
-                        (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            f"SELECT work_queue.* FROM work_queue WHERE work_pool_id = ? AND {where} "
+            f"ORDER BY priority, name LIMIT ? OFFSET ?",
+            (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [work_queue_out(tx, r, pool["name"]) for r in rows]
 
 
@@ -10778,15 +12693,19 @@ def worker_heartbeat_handler(app, req):
 def read_workers_filtered(app, req):
     with app.db.read() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
-        rows = tx.query("SELECT * FROM worker WHERE work_pool_id = ? ORDER BY last_heartbeat_time DESC LIMIT ? OFFSET ?",
-                        (pool["id"], page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            "SELECT * FROM worker WHERE work_pool_id = ? ORDER BY last_heartbeat_time DESC LIMIT ? OFFSET ?",
+            (pool["id"], page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [worker_out(r, app.clock()) for r in rows]
 
 
 def delete_worker(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
-        if not tx.execute("DELETE FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], req.params["name"])).rowcount:
+        if not tx.execute(
+            "DELETE FROM worker WHERE work_pool_id = ? AND name = ?", (pool["id"], req.params["name"])
+        ).rowcount:
             raise NotFound("Worker not found")
     return 204, NO_CONTENT
 
@@ -10809,31 +12728,49 @@ def read_work_queue(app, req):
 # Slots (Prefect 3's `prefect work-pool slots`): the flow runs that hold a pool's or a queue's concurrency
 # slots, as Prefect counts them. A pool counts its queues' Pending and Running runs (what its limit
 # holds back); a queue also counts Cancelling ones, and the runs named after it that no queue id claims.
-_POOL_SLOT_HOLDERS = ("FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
-                      "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING')")
-_QUEUE_SLOT_HOLDERS = ("FROM flow_run fr WHERE (fr.work_queue_id = ? OR (fr.work_queue_id IS NULL AND "
-                       "fr.work_queue_name = ?)) AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')")
-ConcurrencyStatusBody = Schema("Body_read_concurrency_status", {
-    "page": Field("int", default=1, nullable=False, minimum=1),
-    "limit": Field("int", minimum=0),
-    "flow_run_limit": Field("int", default=10, nullable=False, minimum=0, maximum=200),
-})
+_POOL_SLOT_HOLDERS = (
+    "FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+    "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING')"
+)
+_QUEUE_SLOT_HOLDERS = (
+    "FROM flow_run fr WHERE (fr.work_queue_id = ? OR (fr.work_queue_id IS NULL AND "
+    "fr.work_queue_name = ?)) AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')"
+)
+ConcurrencyStatusBody = Schema(
+    "Body_read_concurrency_status",
+    {
+        "page": Field("int", default=1, nullable=False, minimum=1),
+        "limit": Field("int", minimum=0),
+        "flow_run_limit": Field("int", default=10, nullable=False, minimum=0, maximum=200),
+    },
+)
 
 
 def _status_page_size(app, data: dict) -> int:
     """The page size: the server's default when not sent, and never past it (Prefect answers 422)."""
     most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
     if data.get("limit") is not None and data["limit"] > most:
-        raise ValidationFailed([_error(("body", "limit"), f"ensure this value is less than or equal to {most}",
-                                       "value_error.number.not_le")])
+        raise ValidationFailed(
+            [
+                _error(
+                    ("body", "limit"), f"ensure this value is less than or equal to {most}", "value_error.number.not_le"
+                )
+            ]
+        )
     return most if data.get("limit") is None else data["limit"]
 
 
 def _slot_summary(row: dict, now: str) -> dict:
     """A flow run holding a slot (Prefect's FlowRunSlotSummary; the time in its state in seconds)."""
-    return {"id": row["id"], "name": row["name"], "state_type": row["state_type"], "state_name": row["state_name"],
-            "start_time": row["start_time"], "state_timestamp": row["state_timestamp"],
-            "time_in_current_state": _seconds_between(now, row["state_timestamp"]) if row["state_timestamp"] else None}
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "state_type": row["state_type"],
+        "state_name": row["state_name"],
+        "start_time": row["start_time"],
+        "state_timestamp": row["state_timestamp"],
+        "time_in_current_state": _seconds_between(now, row["state_timestamp"]) if row["state_timestamp"] else None,
+    }
 
 
 def _paged(answer: dict, count: int, limit: int, page: int) -> dict:
@@ -10853,18 +12790,34 @@ def read_work_pool_concurrency_status(app, req):
     with app.db.read() as tx:
         pool = read_pool_by_name(tx, req.params["name"])
         queue_count = tx.scalar("SELECT COUNT(*) FROM work_queue WHERE work_pool_id = ?", (pool["id"],))
-        queues = tx.query("SELECT id, name, concurrency_limit FROM work_queue WHERE work_pool_id = ? "
-                          "ORDER BY priority, id LIMIT ? OFFSET ?", (pool["id"], limit, (page - 1) * limit))
-        busy = {r["work_queue_id"]: r["n"] for r in tx.query(
-            f"SELECT fr.work_queue_id, COUNT(*) AS n {_POOL_SLOT_HOLDERS} GROUP BY fr.work_queue_id", (pool["id"],))}
+        queues = tx.query(
+            "SELECT id, name, concurrency_limit FROM work_queue WHERE work_pool_id = ? "
+            "ORDER BY priority, id LIMIT ? OFFSET ?",
+            (pool["id"], limit, (page - 1) * limit),
+        )
+        busy = {
+            r["work_queue_id"]: r["n"]
+            for r in tx.query(
+                f"SELECT fr.work_queue_id, COUNT(*) AS n {_POOL_SLOT_HOLDERS} GROUP BY fr.work_queue_id", (pool["id"],)
+            )
+        }
         details = []
         for queue in queues:
-            runs = tx.query(f"SELECT {_SLOT_SUMMARY_COLUMNS} FROM flow_run fr WHERE fr.work_queue_id = ? "
-                            "AND fr.state_type IN ('PENDING', 'RUNNING') ORDER BY fr.id LIMIT ?", (queue["id"], per_queue))
-            details.append({"queue_id": queue["id"], "queue_name": queue["name"],
-                            "active_slots": busy.get(queue["id"], 0), "concurrency_limit": queue["concurrency_limit"],
-                            "flow_runs": [_slot_summary(r, now) for r in runs],
-                            "flow_run_count": busy.get(queue["id"], 0)})
+            runs = tx.query(
+                f"SELECT {_SLOT_SUMMARY_COLUMNS} FROM flow_run fr WHERE fr.work_queue_id = ? "
+                "AND fr.state_type IN ('PENDING', 'RUNNING') ORDER BY fr.id LIMIT ?",
+                (queue["id"], per_queue),
+            )
+            details.append(
+                {
+                    "queue_id": queue["id"],
+                    "queue_name": queue["name"],
+                    "active_slots": busy.get(queue["id"], 0),
+                    "concurrency_limit": queue["concurrency_limit"],
+                    "flow_runs": [_slot_summary(r, now) for r in runs],
+                    "flow_run_count": busy.get(queue["id"], 0),
+                }
+            )
     answer = {"active_slots": sum(busy.values()), "concurrency_limit": pool["concurrency_limit"], "queues": details}
     return 200, _paged(answer, queue_count, limit, page)
 
@@ -10878,17 +12831,25 @@ def read_work_queue_concurrency_status(app, req):
         queue = require_row(tx, "work_queue", req.uuid(), "Work queue")
         params = (queue["id"], queue["name"])
         count = tx.scalar(f"SELECT COUNT(*) {_QUEUE_SLOT_HOLDERS}", params)
-        runs = tx.query(f"SELECT {_SLOT_SUMMARY_COLUMNS} {_QUEUE_SLOT_HOLDERS} ORDER BY fr.id LIMIT ? OFFSET ?",
-                        (*params, limit, (page - 1) * limit))
-    answer = {"active_slots": count, "concurrency_limit": queue["concurrency_limit"],
-              "flow_runs": [_slot_summary(r, now) for r in runs]}
+        runs = tx.query(
+            f"SELECT {_SLOT_SUMMARY_COLUMNS} {_QUEUE_SLOT_HOLDERS} ORDER BY fr.id LIMIT ? OFFSET ?",
+            (*params, limit, (page - 1) * limit),
+        )
+    answer = {
+        "active_slots": count,
+        "concurrency_limit": queue["concurrency_limit"],
+        "flow_runs": [_slot_summary(r, now) for r in runs],
+    }
     return 200, _paged(answer, count, limit, page)
 
 
 def read_work_queue_by_name(app, req):
     with app.db.read() as tx:
-        row = tx.query_one("SELECT wq.* FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id "
-                           "WHERE wq.name = ? ORDER BY (wp.name = ?) DESC LIMIT 1", (req.params["name"], DEFAULT_AGENT_POOL))
+        row = tx.query_one(
+            "SELECT wq.* FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id "
+            "WHERE wq.name = ? ORDER BY (wp.name = ?) DESC LIMIT 1",
+            (req.params["name"], DEFAULT_AGENT_POOL),
+        )
         if row is None:
             raise NotFound("Work queue not found")
         return 200, work_queue_out(tx, row)
@@ -10914,20 +12875,32 @@ def delete_work_queue(app, req):
 def read_work_queues_filtered(app, req):
     with app.db.read() as tx:
         where, params = build_where(tx, "work_queue", req.data)
-        rows = tx.query(f"SELECT work_queue.* FROM work_queue WHERE {where} ORDER BY priority, name LIMIT ? OFFSET ?",
-                        (*params, page_limit(req.data, app.settings), req.data["offset"] or 0))
+        rows = tx.query(
+            f"SELECT work_queue.* FROM work_queue WHERE {where} ORDER BY priority, name LIMIT ? OFFSET ?",
+            (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
+        )
         return 200, [work_queue_out(tx, r) for r in rows]
 
 
 def read_work_queue_status(app, req):
     with app.db.read() as tx:
         queue_ = work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
-        late = int(tx.scalar("SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type = 'SCHEDULED' "
-                             "AND state_name = 'Late'", (queue_["id"],)))
-        return 200, {"healthy": queue_["status"] == "READY" and late == 0, "late_runs_count": late,
-                     "last_polled": queue_.get("last_polled"),
-                     "health_check_policy": {"maximum_late_runs": 0,
-                                             "maximum_seconds_since_last_polled": QUEUE_READY_POLL_SECONDS}}
+        late = int(
+            tx.scalar(
+                "SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type = 'SCHEDULED' "
+                "AND state_name = 'Late'",
+                (queue_["id"],),
+            )
+        )
+        return 200, {
+            "healthy": queue_["status"] == "READY" and late == 0,
+            "late_runs_count": late,
+            "last_polled": queue_.get("last_polled"),
+            "health_check_policy": {
+                "maximum_late_runs": 0,
+                "maximum_seconds_since_last_polled": QUEUE_READY_POLL_SECONDS,
+            },
+        }
 
 
 @body(Schema("Body_read_work_queue_runs", {"scheduled_before": Field("datetime"), "limit": Field("int", minimum=0)}))
@@ -10940,6 +12913,7 @@ def read_work_queue_runs(app, req):
 
 
 # Handlers: notification policies
+
 
 @body(NotificationPolicyCreate)
 def create_notification_policy(app, req):
@@ -10954,8 +12928,10 @@ def create_notification_policy(app, req):
 
 def read_notification_policy(app, req):
     with app.db.read() as tx:
-        return 200, decode_row("flow_run_notification_policy",
-                               require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy"))
+        return 200, decode_row(
+            "flow_run_notification_policy",
+            require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy"),
+        )
 
 
 @body(NotificationPolicyUpdate)
@@ -10975,29 +12951,41 @@ def delete_notification_policy(app, req):
         if not tx.execute("DELETE FROM flow_run_notification_policy WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Flow run notification policy not found")
         tx.execute("DELETE FROM flow_run_notification_queue WHERE flow_run_notification_policy_id = ?", (req.uuid(),))
-        tx.execute("DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ?",
-                   (req.uuid(),))
+        tx.execute(
+            "DELETE FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ?", (req.uuid(),)
+        )
     return 204, NO_CONTENT
 
 
 read_notification_policies_filtered, _count_policies = _filter_handler(
-    "flow_run_notification_policy", lambda r: decode_row("flow_run_notification_policy", r),
-    ("flow_run_notification_policy_filter",))
+    "flow_run_notification_policy",
+    lambda r: decode_row("flow_run_notification_policy", r),
+    ("flow_run_notification_policy_filter",),
+)
 
 
 def send_test_notification(app, req):
     """Send a sample message through a policy's destination now; 502 with the reason when it fails."""
     with app.db.read() as tx:
-        policy = decode_row("flow_run_notification_policy",
-                            require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy"))
+        policy = decode_row(
+            "flow_run_notification_policy",
+            require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy"),
+        )
         doc = require_row(tx, "block_document", policy["block_document_id"], "Block document")
         full = block_document_out(tx, doc, include_secrets=True)
     sample = {name: f"<{name}>" for name in NOTIFICATION_PLACEHOLDERS}
-    sample.update({"flow_name": "example-flow", "flow_run_name": "example-run", "flow_run_state_name": "Completed",
-                   "flow_run_state_type": "COMPLETED", "flow_run_notification_policy_id": policy["id"],
-                   "flow_run_state_timestamp": utcnow().strftime("%y-%m-%d %H:%M:%S %Z"),
-                   "flow_run_state_message": "This is a test notification from prefectlite.",
-                   "flow_run_url": f"{app.public_url().rstrip('/')}/notifications"})
+    sample.update(
+        {
+            "flow_name": "example-flow",
+            "flow_run_name": "example-run",
+            "flow_run_state_name": "Completed",
+            "flow_run_state_type": "COMPLETED",
+            "flow_run_notification_policy_id": policy["id"],
+            "flow_run_state_timestamp": utcnow().strftime("%y-%m-%d %H:%M:%S %Z"),
+            "flow_run_state_message": "This is a test notification from prefectlite.",
+            "flow_run_url": f"{app.public_url().rstrip('/')}/notifications",
+        }
+    )
     try:
         subject, body = render_notification(policy, sample)
         deliver(app.settings, full["block_type"]["slug"], full["data"], "[test] " + subject, body)
@@ -11012,8 +13000,11 @@ def read_notification_deliveries(app, req):
     offset = req.int_arg("offset", 0, 0, NOTIFICATION_DELIVERIES_KEPT)
     with app.db.read() as tx:
         require_row(tx, "flow_run_notification_policy", req.uuid(), "Flow run notification policy")
-        rows = tx.query("SELECT * FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? "
-                        "ORDER BY created DESC, id LIMIT ? OFFSET ?", (req.uuid(), limit, offset))
+        rows = tx.query(
+            "SELECT * FROM flow_run_notification_delivery WHERE flow_run_notification_policy_id = ? "
+            "ORDER BY created DESC, id LIMIT ? OFFSET ?",
+            (req.uuid(), limit, offset),
+        )
     return 200, rows
 
 
@@ -11035,6 +13026,7 @@ def install_system_block_types(app, req):
 
 
 # Handlers: automations
+
 
 def _automation_id(req) -> str:
     """Prefect's automation routes take only a UUID (`{id:uuid}`): another path is not found, not a 422."""
@@ -11121,11 +13113,12 @@ def read_automation_history(app, req):
         return 200, automation_action_history(tx, _automation_id(req))
 
 
-# --- 19. Routes ---
+# --- 22. Routes ---
 # Owns the route table, route matching, the one place that turns exceptions into HTTP
 # errors, metrics, and the OpenAPI document.
 
 # Metrics in the Prometheus text format (GET /api/metrics, off unless PREFECT_SERVER_METRICS_ENABLED).
+
 
 class Metrics:
     buckets = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -11153,7 +13146,7 @@ class Metrics:
         bucket (le), then the sum and the count, as the exposition format wants them."""
         with self._lock:
             requests = {(m, r, str(s)): n for (m, r, s), n in self.requests.items()}
-            latency = {k: list(itertools.accumulate(v[:len(self.buckets)])) + v[-2:] for k, v in self.latency.items()}
+            latency = {k: list(itertools.accumulate(v[: len(self.buckets)])) + v[-2:] for k, v in self.latency.items()}
         return requests, latency
 
 
@@ -11183,8 +13176,13 @@ def resident_memory_bytes() -> int:
 def render_metrics(app) -> str:
     requests, latency = app.metrics.snapshot()
     lines: list[str] = []
-    _metric(lines, "prefectlite_http_requests_total", "counter", "API requests by method, route and status.",
-            [({"method": m, "route": r, "status": s}, n) for (m, r, s), n in sorted(requests.items())])
+    _metric(
+        lines,
+        "prefectlite_http_requests_total",
+        "counter",
+        "API requests by method, route and status.",
+        [({"method": m, "route": r, "status": s}, n) for (m, r, s), n in sorted(requests.items())],
+    )
     lines.append("# HELP prefectlite_http_request_duration_seconds API request latency by method and route.")
     lines.append("# TYPE prefectlite_http_request_duration_seconds histogram")
     for (method, route), hist in sorted(latency.items()):
@@ -11198,33 +13196,90 @@ def render_metrics(app) -> str:
         flows = tx.query("SELECT state_type, COUNT(*) AS n FROM flow_run GROUP BY state_type")
         tasks = tx.query("SELECT state_type, COUNT(*) AS n FROM task_run GROUP BY state_type")
         queue_rows = tx.query("SELECT status, COUNT(*) AS n FROM flow_run_notification_queue GROUP BY status")
-    _metric(lines, "prefectlite_flow_runs", "gauge", "Flow runs by state type.",
-            [({"state_type": r["state_type"] or "NONE"}, r["n"]) for r in flows])
-    _metric(lines, "prefectlite_task_runs", "gauge", "Task runs by state type.",
-            [({"state_type": r["state_type"] or "NONE"}, r["n"]) for r in tasks])
+    _metric(
+        lines,
+        "prefectlite_flow_runs",
+        "gauge",
+        "Flow runs by state type.",
+        [({"state_type": r["state_type"] or "NONE"}, r["n"]) for r in flows],
+    )
+    _metric(
+        lines,
+        "prefectlite_task_runs",
+        "gauge",
+        "Task runs by state type.",
+        [({"state_type": r["state_type"] or "NONE"}, r["n"]) for r in tasks],
+    )
     by_status = {r["status"]: r["n"] for r in queue_rows}
-    _metric(lines, "prefectlite_notification_queue_depth", "gauge", "Notifications waiting to be sent.",
-            [({}, by_status.get("PENDING", 0) + by_status.get("SENDING", 0))])
-    _metric(lines, "prefectlite_notifications_failed", "gauge", "Notifications kept as failed after every attempt.",
-            [({}, by_status.get("FAILED", 0))])
+    _metric(
+        lines,
+        "prefectlite_notification_queue_depth",
+        "gauge",
+        "Notifications waiting to be sent.",
+        [({}, by_status.get("PENDING", 0) + by_status.get("SENDING", 0))],
+    )
+    _metric(
+        lines,
+        "prefectlite_notifications_failed",
+        "gauge",
+        "Notifications kept as failed after every attempt.",
+        [({}, by_status.get("FAILED", 0))],
+    )
     sender = next((s for s in app.services if isinstance(s, NotificationSender)), None)
-    _metric(lines, "prefectlite_notifications_sent_total", "counter", "Notifications delivered by this process.",
-            [({}, sender.sent if sender else 0)])
-    _metric(lines, "prefectlite_service_passes_total", "counter", "Passes each background service made here.",
-            [({"service": s.name}, s.passes) for s in app.services])
+    _metric(
+        lines,
+        "prefectlite_notifications_sent_total",
+        "counter",
+        "Notifications delivered by this process.",
+        [({}, sender.sent if sender else 0)],
+    )
+    _metric(
+        lines,
+        "prefectlite_service_passes_total",
+        "counter",
+        "Passes each background service made here.",
+        [({"service": s.name}, s.passes) for s in app.services],
+    )
     scheduler = next((s for s in app.services if isinstance(s, Scheduler)), None)
     lag = time.monotonic() - scheduler.last_pass_at if scheduler and scheduler.last_pass_at else 0.0
-    _metric(lines, "prefectlite_scheduler_lag_seconds", "gauge", "Seconds since the scheduler last finished a pass.",
-            [({}, round(lag, 3))])
-    _metric(lines, "prefectlite_database_query_seconds_total", "counter", "Time spent in database statements.",
-            [({}, round(app.db.query_seconds, 6))])
-    _metric(lines, "prefectlite_database_queries_total", "counter", "Database statements run.", [({}, app.db.query_count)])
-    _metric(lines, "prefectlite_read_cache_hits_total", "counter",
-            "Run listing, count and history requests answered from the read cache.", [({}, app.read_cache.hits)])
-    _metric(lines, "prefectlite_read_cache_misses_total", "counter",
-            "Run listing, count and history requests the read cache could not answer.", [({}, app.read_cache.misses)])
-    _metric(lines, "prefectlite_process_resident_memory_bytes", "gauge", "Resident memory of this process.",
-            [({}, resident_memory_bytes())])
+    _metric(
+        lines,
+        "prefectlite_scheduler_lag_seconds",
+        "gauge",
+        "Seconds since the scheduler last finished a pass.",
+        [({}, round(lag, 3))],
+    )
+    _metric(
+        lines,
+        "prefectlite_database_query_seconds_total",
+        "counter",
+        "Time spent in database statements.",
+        [({}, round(app.db.query_seconds, 6))],
+    )
+    _metric(
+        lines, "prefectlite_database_queries_total", "counter", "Database statements run.", [({}, app.db.query_count)]
+    )
+    _metric(
+        lines,
+        "prefectlite_read_cache_hits_total",
+        "counter",
+        "Run listing, count and history requests answered from the read cache.",
+        [({}, app.read_cache.hits)],
+    )
+    _metric(
+        lines,
+        "prefectlite_read_cache_misses_total",
+        "counter",
+        "Run listing, count and history requests the read cache could not answer.",
+        [({}, app.read_cache.misses)],
+    )
+    _metric(
+        lines,
+        "prefectlite_process_resident_memory_bytes",
+        "gauge",
+        "Resident memory of this process.",
+        [({}, resident_memory_bytes())],
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -11464,8 +13519,15 @@ def error_reply(exc: Exception, req: Request | None) -> tuple[int, object, dict]
             body_text = req.raw_body[:2000].decode("utf-8", "replace")
             with contextlib.suppress(Exception):
                 body_text = loads(body_text)
-        return 422, {"exception_message": "Invalid request received.", "exception_detail": exc.errors,
-                     "request_body": body_text}, {}
+        return (
+            422,
+            {
+                "exception_message": "Invalid request received.",
+                "exception_detail": exc.errors,
+                "request_body": body_text,
+            },
+            {},
+        )
     if isinstance(exc, NotFound):
         return 404, {"detail": exc.detail}, {}
     if isinstance(exc, Conflict):
@@ -11473,9 +13535,15 @@ def error_reply(exc: Exception, req: Request | None) -> tuple[int, object, dict]
     if isinstance(exc, IntegrityViolation):
         return 409, {"detail": "The request conflicts with existing data (a unique or reference constraint)."}, {}
     if isinstance(exc, DataRejected):
-        return 422, {"exception_message": "Invalid request received.",
-                     "exception_detail": [_error(("body",), f"the database refused a value: {exc}", "value_error.database")],
-                     "request_body": None}, {}
+        return (
+            422,
+            {
+                "exception_message": "Invalid request received.",
+                "exception_detail": [_error(("body",), f"the database refused a value: {exc}", "value_error.database")],
+                "request_body": None,
+            },
+            {},
+        )
     if isinstance(exc, DatabaseUnavailable):
         return 503, {"detail": f"Service unavailable: {exc}", "reason": str(exc)}, {"Retry-After": "1"}
     if isinstance(exc, HTTPError):
@@ -11492,14 +13560,22 @@ def openapi_document(routes) -> dict:
     """Our OpenAPI document, built from the route table and the body schemas."""
     paths = {}
     for method, _regex, handler, pattern in routes:
-        op = {"operationId": handler.__name__, "summary": _humanize(handler.__name__),
-              "responses": {"200": {"description": "Successful Response"},
-                            "422": {"description": "Validation Error"}}}
+        op = {
+            "operationId": handler.__name__,
+            "summary": _humanize(handler.__name__),
+            "responses": {"200": {"description": "Successful Response"}, "422": {"description": "Validation Error"}},
+        }
         params = re.findall(r"\{(\w+)\}", pattern)
         if params:
-            op["parameters"] = [{"name": p, "in": "path", "required": True,
-                                 "schema": {"type": "string", "format": "uuid"} if p == "id" else {"type": "string"}}
-                                for p in params]
+            op["parameters"] = [
+                {
+                    "name": p,
+                    "in": "path",
+                    "required": True,
+                    "schema": {"type": "string", "format": "uuid"} if p == "id" else {"type": "string"},
+                }
+                for p in params
+            ]
         schema = getattr(handler, "body_schema", None)
         if schema is not None:
             ref = _kind_openapi(schema)
@@ -11511,9 +13587,16 @@ def openapi_document(routes) -> dict:
             kind = field.kind.item if isinstance(field.kind, ListOf) else field.kind
             if isinstance(kind, Enum):
                 components[kind.name] = {"title": kind.name, "enum": list(kind.values), "type": "string"}
-    return {"openapi": "3.0.2", "info": {"title": "prefectlite", "version": __version__,
-                                         "description": f"Prefect 2 REST API (API version {API_VERSION})"},
-            "paths": paths, "components": {"schemas": components}}
+    return {
+        "openapi": "3.0.2",
+        "info": {
+            "title": "prefectlite",
+            "version": __version__,
+            "description": f"Prefect 2 REST API (API version {API_VERSION})",
+        },
+        "paths": paths,
+        "components": {"schemas": components},
+    }
 
 
 def read_openapi(app, req):
@@ -11524,22 +13607,39 @@ def read_docs(app, req):
     rows = []
     for path, ops in app.openapi["paths"].items():
         for method, op in ops.items():
-            body_ref = (op.get("requestBody", {}).get("content", {}).get("application/json", {})
-                        .get("schema", {}).get("$ref", "").rsplit("/", 1)[-1])
-            rows.append(f"<tr><td><code>{method.upper()}</code></td><td><code>{_html(path)}</code></td>"
-                        f"<td>{_html(op['summary'])}</td><td>{_html(body_ref)}</td></tr>")
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>prefectlite API</title>"
-            "<style>body{font:14px system-ui,sans-serif;margin:2em}td{padding:2px 10px;border-bottom:1px solid #eee}"
-            "</style></head><body><h1>prefectlite API</h1>"
-            f"<p>Prefect 2 REST API, version {API_VERSION}. Machine-readable: <a href='openapi.json'>openapi.json</a>.</p>"
-            "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Body</th></tr>" + "".join(rows) +
-            "</table></body></html>")
+            body_ref = (
+                op.get("requestBody", {})
+                .get("content", {})
+                .get("application/json", {})
+                .get("schema", {})
+                .get("$ref", "")
+                .rsplit("/", 1)[-1]
+            )
+            rows.append(
+                f"<tr><td><code>{method.upper()}</code></td><td><code>{_html(path)}</code></td>"
+                f"<td>{_html(op['summary'])}</td><td>{_html(body_ref)}</td></tr>"
+            )
+    page = (
+        "<!doctype html><html><head><meta charset='utf-8'><title>prefectlite API</title>"
+        "<style>body{font:14px system-ui,sans-serif;margin:2em}td{padding:2px 10px;border-bottom:1px solid #eee}"
+        "</style></head><body><h1>prefectlite API</h1>"
+        f"<p>Prefect 2 REST API, version {API_VERSION}. Machine-readable: <a href='openapi.json'>openapi.json</a>.</p>"
+        "<table><tr><th>Method</th><th>Path</th><th>What</th><th>Body</th></tr>"
+        + "".join(rows)
+        + "</table></body></html>"
+    )
     return 200, RawBody(page.encode("utf-8"), "text/html; charset=utf-8")
 
 
 def _html(text) -> str:
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace('"', "&quot;").replace("'", "&#39;"))
+    return (
+        str(text)
+        .replace("&", "&amp;")
+        .replace("<", "&lt;")
+        .replace(">", "&gt;")
+        .replace('"', "&quot;")
+        .replace("'", "&#39;")
+    )
 
 
 META_ROUTES = [
@@ -11549,8 +13649,8 @@ META_ROUTES = [
 ]
 
 
-# --- 20. WebSockets ---
-# Owns RFC 6455 as the connection loop (section 22) speaks it: the opening handshake's checks, frames
+# --- 23. WebSockets ---
+# Owns RFC 6455 as the connection loop (section 25) speaks it: the opening handshake's checks, frames
 # parsed from a buffer and encoded for sending, whole messages assembled under a size and a frame limit,
 # close codes; and the endpoints Prefect clients use, written as message handlers:
 # /api/events/in (clients report events, task runs among them), /api/events/out (subscribers send a
@@ -11648,13 +13748,13 @@ def _apply_mask(data: bytes, mask: bytes) -> bytes:
     """XOR with the repeating 4-byte key, done on one big integer rather than byte by byte."""
     if not data:
         return b""
-    repeated = (mask * (len(data) // 4 + 1))[:len(data)]
+    repeated = (mask * (len(data) // 4 + 1))[: len(data)]
     return (int.from_bytes(data, "big") ^ int.from_bytes(repeated, "big")).to_bytes(len(data), "big")
 
 
 def close_payload(code: int, reason: str = "") -> bytes:
     """The code and as much of the reason as fits a control frame, never cut inside a UTF-8 character."""
-    text = reason.encode("utf-8")[:WS_MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
+    text = reason.encode("utf-8")[: WS_MAX_CONTROL_PAYLOAD - 2].decode("utf-8", "ignore")
     return code.to_bytes(2, "big") + text.encode("utf-8")
 
 
@@ -11697,7 +13797,7 @@ def parse_frame(buffer, max_payload: int, require_mask: bool = True) -> tuple[bo
         width = 2 if length == 126 else 8
         if len(buffer) < 2 + width:
             return None
-        length, at = int.from_bytes(buffer[2:2 + width], "big"), 2 + width
+        length, at = int.from_bytes(buffer[2 : 2 + width], "big"), 2 + width
         if length >> 63:
             raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, "frame length has its high bit set")
     if length > max_payload and opcode not in _WS_CONTROL_OPCODES:
@@ -11705,9 +13805,9 @@ def parse_frame(buffer, max_payload: int, require_mask: bool = True) -> tuple[bo
     end = at + (4 if masked else 0) + length
     if len(buffer) < end:
         return None
-    payload = bytes(buffer[end - length:end])
+    payload = bytes(buffer[end - length : end])
     if masked:
-        payload = _apply_mask(payload, bytes(buffer[at:at + 4]))
+        payload = _apply_mask(payload, bytes(buffer[at : at + 4]))
     return fin, opcode, payload, end
 
 
@@ -11729,8 +13829,9 @@ class MessageAssembler:
     def add(self, fin: bool, opcode: int, payload: bytes) -> str | bytes | None:
         """The whole message once its last frame is added (text decoded), else None."""
         if (opcode == WS_CONTINUATION) == (self.opcode is None):
-            reason = ("continuation frame without a message" if self.opcode is None
-                      else "new message inside a fragmented one")
+            reason = (
+                "continuation frame without a message" if self.opcode is None else "new message inside a fragmented one"
+            )
             raise WebSocketProtocolError(WS_CLOSE_PROTOCOL_ERROR, reason)
         if len(self.parts) >= WS_MAX_FRAMES_PER_MESSAGE:
             raise WebSocketProtocolError(WS_CLOSE_TOO_BIG, f"message in more than {WS_MAX_FRAMES_PER_MESSAGE} frames")
@@ -12089,8 +14190,10 @@ class EventsOut:
 
 
 def _received_event(event: dict) -> dict:
-    return {key: event.get(key) for key in ("occurred", "event", "resource", "related", "payload", "id", "follows",
-                                            "received")}
+    return {
+        key: event.get(key)
+        for key in ("occurred", "event", "resource", "related", "payload", "id", "follows", "received")
+    }
 
 
 class EventHub:
@@ -12250,8 +14353,9 @@ class TaskRunDispatcher:
                 return
             self._subscribers.append(subscriber)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._dispatch_forever, name="prefectlite-task-runs",
-                                                daemon=True)
+                self._thread = threading.Thread(
+                    target=self._dispatch_forever, name="prefectlite-task-runs", daemon=True
+                )
                 self._thread.start()
             self._woken = True
             self._wake.notify()
@@ -12314,13 +14418,15 @@ class TaskRunDispatcher:
         """The oldest scheduled background runs of these keys that nobody here holds a claim on."""
         runs = []
         for start in range(0, len(keys), TASK_DISPATCH_PAGE):
-            chunk = keys[start:start + TASK_DISPATCH_PAGE]
+            chunk = keys[start : start + TASK_DISPATCH_PAGE]
             marks = ", ".join("?" * len(chunk))
             with self._wake:
                 claimed = len(self._claims)
-            rows = tx.query(f"SELECT * FROM task_run WHERE flow_run_id IS NULL AND state_type = 'SCHEDULED' "
-                            f"AND task_key IN ({marks}) ORDER BY expected_start_time, id LIMIT ?",
-                            (*chunk, TASK_DISPATCH_PAGE + claimed))
+            rows = tx.query(
+                f"SELECT * FROM task_run WHERE flow_run_id IS NULL AND state_type = 'SCHEDULED' "
+                f"AND task_key IN ({marks}) ORDER BY expected_start_time, id LIMIT ?",
+                (*chunk, TASK_DISPATCH_PAGE + claimed),
+            )
             runs.extend(row for row in rows if is_deliverable_task_run(decode_row("task_run", row)))
         runs.sort(key=lambda row: (row["expected_start_time"] or "", row["id"]))
         return runs
@@ -12343,7 +14449,7 @@ class TaskRunDispatcher:
             held = dict(self._claims)
         ids = list(held)
         for start in range(0, len(ids), 500):
-            chunk = ids[start:start + 500]
+            chunk = ids[start : start + 500]
             rows = tx.query(f"SELECT id, state_id FROM task_run WHERE id IN ({', '.join('?' * len(chunk))})", chunk)
             current = {row["id"]: row["state_id"] for row in rows}
             with self._wake:
@@ -12353,11 +14459,14 @@ class TaskRunDispatcher:
                         del self._claims[run_id]
 
 
-WEBSOCKET_ENDPOINTS = {"/api/events/in": EventsIn, "/api/events/out": EventsOut,
-                       "/api/task_runs/subscriptions/scheduled": TaskRunSubscriber}
+WEBSOCKET_ENDPOINTS = {
+    "/api/events/in": EventsIn,
+    "/api/events/out": EventsOut,
+    "/api/task_runs/subscriptions/scheduled": TaskRunSubscriber,
+}
 
 
-# --- 21. Server ---
+# --- 24. Server ---
 # Owns the process side: the App (settings + database + services), the HTTP/1.1 keep-alive server
 # with a bounded pool of worker threads, access control, static UI files, serve() for embedding, and
 # what the processes of `start --processes N` share (_ProcessGroup).
@@ -12525,10 +14634,14 @@ def cors_headers(settings: Settings, origin: str | None) -> dict:
     allowed = [o.strip() for o in settings["PREFECT_SERVER_CORS_ALLOWED_ORIGINS"].split(",") if o.strip()]
     if "*" not in allowed and origin not in allowed:
         return {}
-    return {"Access-Control-Allow-Origin": "*" if "*" in allowed else origin,
-            "Access-Control-Allow-Methods": settings["PREFECT_SERVER_CORS_ALLOWED_METHODS"].replace("*", "GET, POST, PUT, PATCH, DELETE, OPTIONS"),
-            "Access-Control-Allow-Headers": settings["PREFECT_SERVER_CORS_ALLOWED_HEADERS"],
-            "Vary": "Origin"}
+    return {
+        "Access-Control-Allow-Origin": "*" if "*" in allowed else origin,
+        "Access-Control-Allow-Methods": settings["PREFECT_SERVER_CORS_ALLOWED_METHODS"].replace(
+            "*", "GET, POST, PUT, PATCH, DELETE, OPTIONS"
+        ),
+        "Access-Control-Allow-Headers": settings["PREFECT_SERVER_CORS_ALLOWED_HEADERS"],
+        "Vary": "Origin",
+    }
 
 
 def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
@@ -12548,11 +14661,19 @@ def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
 
 def ui_settings(app: App) -> dict:
     api_url = app.settings["PREFECT_UI_API_URL"] or "/api"
-    return {"api_url": api_url, "serve_base": app.settings["PREFECT_UI_SERVE_BASE"],
-            "csrf_enabled": app.settings["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"],
-            "auth": "BASIC" if app.settings["PREFECT_SERVER_API_AUTH_STRING"] else None, "flags": [],
-            "server": {"name": "prefectlite", "version": __version__, "api_version": API_VERSION,
-                       "database": {"dialect": app.db.dialect, "version": _safe_db_version(app.db)}}}
+    return {
+        "api_url": api_url,
+        "serve_base": app.settings["PREFECT_UI_SERVE_BASE"],
+        "csrf_enabled": app.settings["PREFECT_SERVER_CSRF_PROTECTION_ENABLED"],
+        "auth": "BASIC" if app.settings["PREFECT_SERVER_API_AUTH_STRING"] else None,
+        "flags": [],
+        "server": {
+            "name": "prefectlite",
+            "version": __version__,
+            "api_version": API_VERSION,
+            "database": {"dialect": app.db.dialect, "version": _safe_db_version(app.db)},
+        },
+    }
 
 
 def _safe_db_version(db: Database) -> str | None:
@@ -12562,19 +14683,29 @@ def _safe_db_version(db: Database) -> str | None:
         return None
 
 
-_PLACEHOLDER_PAGE = (b"<!doctype html><html><head><meta charset='utf-8'><title>prefectlite</title></head>"
-                     b"<body><h1>prefectlite</h1><p>The API is at <a href='api/docs'>api/</a>.</p></body></html>")
-_CONTENT_TYPES = {".js": "text/javascript; charset=utf-8", ".mjs": "text/javascript; charset=utf-8",
-                  ".css": "text/css; charset=utf-8", ".html": "text/html; charset=utf-8",
-                  ".svg": "image/svg+xml", ".json": "application/json", ".png": "image/png",
-                  ".ico": "image/x-icon", ".woff2": "font/woff2", ".txt": "text/plain; charset=utf-8"}
+_PLACEHOLDER_PAGE = (
+    b"<!doctype html><html><head><meta charset='utf-8'><title>prefectlite</title></head>"
+    b"<body><h1>prefectlite</h1><p>The API is at <a href='api/docs'>api/</a>.</p></body></html>"
+)
+_CONTENT_TYPES = {
+    ".js": "text/javascript; charset=utf-8",
+    ".mjs": "text/javascript; charset=utf-8",
+    ".css": "text/css; charset=utf-8",
+    ".html": "text/html; charset=utf-8",
+    ".svg": "image/svg+xml",
+    ".json": "application/json",
+    ".png": "image/png",
+    ".ico": "image/x-icon",
+    ".woff2": "font/woff2",
+    ".txt": "text/plain; charset=utf-8",
+}
 
 
 def static_file(app: App, path: str) -> tuple[int, RawBody | None, dict]:
     """A file of the UI, or index.html for any other path (the UI routes on the client)."""
     base = app.settings["PREFECT_UI_SERVE_BASE"].rstrip("/")
     if base and path.startswith(base):
-        path = path[len(base):] or "/"
+        path = path[len(base) :] or "/"
     if path.rstrip("/") == "/ui-settings":
         return 200, RawBody(dumps(ui_settings(app)).encode(), "application/json"), {"Cache-Control": "no-cache"}
     root = app.static_dir
@@ -12691,7 +14822,7 @@ def _split_target(target: str) -> tuple[str, str]:
 
 
 class HttpRequest:
-    """One request as the connection loop parsed it (section 22); `body` is filled once it has arrived."""
+    """One request as the connection loop parsed it (section 25); `body` is filled once it has arrived."""
 
     __slots__ = ("method", "target", "path", "query", "version", "headers", "body", "keep_alive", "peer")
 
@@ -12730,8 +14861,11 @@ def auth_refusal(app: App, req: HttpRequest, has_body: bool, quiet: bool = False
         return b"401"
     req.keep_alive = False
     request_id = request_id_of(req)
-    headers = {**cors_headers(app.settings, req.headers.get("Origin")), "X-Request-ID": request_id,
-               "WWW-Authenticate": 'Basic realm="prefectlite"'}
+    headers = {
+        **cors_headers(app.settings, req.headers.get("Origin")),
+        "X-Request-ID": request_id,
+        "WWW-Authenticate": 'Basic realm="prefectlite"',
+    }
     token = REQUEST_ID.set(request_id)
     try:
         log.info("%s %s 401 (no valid credentials)", req.method, req.path)
@@ -12772,8 +14906,9 @@ def _respond(app: App, req: HttpRequest) -> tuple[int, object, dict]:
     path = req.path
     if path == "/api" or path.startswith("/api/"):
         params = urllib.parse.parse_qs(req.query, keep_blank_values=True) if req.query else {}
-        api_req = Request(app, "GET" if req.method == "HEAD" else req.method, path[4:] or "/", params, req.headers,
-                          req.body)
+        api_req = Request(
+            app, "GET" if req.method == "HEAD" else req.method, path[4:] or "/", params, req.headers, req.body
+        )
         return handle_api_request(app, api_req)
     if req.method not in ("GET", "HEAD"):
         return 405, {"detail": "Method Not Allowed"}, {}
@@ -12798,12 +14933,18 @@ def render_response(req: HttpRequest | None, status: int, payload, headers: dict
         data, ctype = payload.data, payload.content_type
     else:
         data, ctype = dumps(payload).encode("utf-8", "replace"), "application/json"
-    if (req is not None and data and len(data) > 4096 and "gzip" in (req.headers.get("Accept-Encoding") or "")
-            and not _is_loopback(req.peer)):  # over loopback compression only costs CPU
+    if (
+        req is not None
+        and data
+        and len(data) > 4096
+        and "gzip" in (req.headers.get("Accept-Encoding") or "")
+        and not _is_loopback(req.peer)
+    ):  # over loopback compression only costs CPU
         data = gzip.compress(data, compresslevel=1)
         headers = {**headers, "Content-Encoding": "gzip", "Vary": "Accept-Encoding"}
-    head = [f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}\r\n"
-            f"Server: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"]
+    head = [
+        f"HTTP/1.1 {status} {_REASON_PHRASES.get(status, '')}\r\nServer: {SERVER_HEADER}\r\nDate: {_http_date()}\r\n"
+    ]
     if ctype:
         head.append(f"Content-Type: {ctype}\r\n")
     if status != 304:
@@ -12834,16 +14975,21 @@ def websocket_refusal(app: App, req: HttpRequest) -> tuple[int, str, dict] | Non
 
 def websocket_acceptance(req: HttpRequest, subprotocol: str | None, request_id: str) -> bytes:
     """The 101 that opens a WebSocket."""
-    lines = ["HTTP/1.1 101 Switching Protocols", f"Server: {SERVER_HEADER}", f"Date: {_http_date()}",
-             "Upgrade: websocket", "Connection: Upgrade",
-             f"Sec-WebSocket-Accept: {websocket_accept_key(req.headers['Sec-WebSocket-Key'].strip())}"]
+    lines = [
+        "HTTP/1.1 101 Switching Protocols",
+        f"Server: {SERVER_HEADER}",
+        f"Date: {_http_date()}",
+        "Upgrade: websocket",
+        "Connection: Upgrade",
+        f"Sec-WebSocket-Accept: {websocket_accept_key(req.headers['Sec-WebSocket-Key'].strip())}",
+    ]
     if subprotocol:
         lines.append(f"Sec-WebSocket-Protocol: {subprotocol}")
     lines.append(f"X-Request-ID: {request_id}")
     return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
 
 
-# --- 22. Connections ---
+# --- 25. Connections ---
 # Owns every socket of a running server: one thread runs an event loop that accepts connections, reads
 # and parses HTTP/1.1 requests (strictly, RFC 9112), enforces one deadline per request, refuses a
 # request that lacks auth before its body is read, and frames WebSocket messages; complete requests and
@@ -12898,7 +15044,7 @@ def _take_line(buffer: bytearray, limit: int, what: str) -> bytes | None:
             raise BadRequest(400, f"{what} too long")
         return None
     line = bytes(buffer[:end])
-    del buffer[:end + 1]
+    del buffer[: end + 1]
     if line.endswith(b"\r"):
         line = line[:-1]
     if b"\r" in line:
@@ -12921,7 +15067,7 @@ def _head_too_big(buffer: bytearray) -> BadRequest | None:
     if line_end < 0 and len(buffer) > _REQUEST_LINE_MAX:
         return BadRequest(414, "Request-URI Too Long")
     if len(buffer) - max(line_end, 0) > _HEADER_SECTION_MAX:
-        longest = max((len(line) for line in bytes(buffer[line_end + 1:]).split(b"\n")), default=0)
+        longest = max((len(line) for line in bytes(buffer[line_end + 1 :]).split(b"\n")), default=0)
         return BadRequest(431, "Line too long" if longest > 65_536 else "Header section too large")
     return None
 
@@ -13072,9 +15218,27 @@ class Connection:
     sends on it and re-arms it (under `lock`, which also guards `outbox` and `state`), and while it has
     the connection (_BUSY, when the loop never reads it) may read the client's next request itself."""
 
-    __slots__ = ("sock", "peer", "inbox", "outbox", "lock", "state", "deadline", "request", "expected", "chunked",
-                 "websocket", "assembler", "last_read", "stalled_since", "closed", "lingered", "close_when_sent",
-                 "partial_since", "backlogged")
+    __slots__ = (
+        "sock",
+        "peer",
+        "inbox",
+        "outbox",
+        "lock",
+        "state",
+        "deadline",
+        "request",
+        "expected",
+        "chunked",
+        "websocket",
+        "assembler",
+        "last_read",
+        "stalled_since",
+        "closed",
+        "lingered",
+        "close_when_sent",
+        "partial_since",
+        "backlogged",
+    )
 
     def __init__(self, sock: socket.socket, peer: str, now: float, idle_seconds: float):
         self.sock = sock
@@ -13155,6 +15319,7 @@ class _SelectorPoller:
 
     def __init__(self):
         import selectors  # only here: Linux uses epoll
+
         self._selectors = selectors
         self._selector = selectors.DefaultSelector()
 
@@ -13185,8 +15350,9 @@ class _SelectorPoller:
         for key, events in self._selector.select(timeout):
             if isinstance(key.data, Connection):
                 self.arm(key.data, False, False)
-            ready.append((key.data, bool(events & self._selectors.EVENT_READ),
-                          bool(events & self._selectors.EVENT_WRITE)))
+            ready.append(
+                (key.data, bool(events & self._selectors.EVENT_READ), bool(events & self._selectors.EVENT_WRITE))
+            )
         return ready
 
     def close(self):
@@ -13235,7 +15401,7 @@ class WorkerPool:
 
 
 class ServerWebSocket:
-    """A WebSocket connection as an endpoint sees it (section 20): sends and closes from any thread."""
+    """A WebSocket connection as an endpoint sees it (section 23): sends and closes from any thread."""
 
     def __init__(self, loop: ConnectionLoop, conn: Connection, subprotocol: str | None):
         self.loop = loop
@@ -13342,8 +15508,9 @@ class ConnectionLoop:
             sock.setblocking(False)
             if sock.family in (socket.AF_INET, socket.AF_INET6):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            conn = Connection(sock, str(address[0]) if isinstance(address, tuple) else "local",
-                              time.monotonic(), self.idle_seconds)
+            conn = Connection(
+                sock, str(address[0]) if isinstance(address, tuple) else "local", time.monotonic(), self.idle_seconds
+            )
             self.connections[sock.fileno()] = conn
             self.poller.add(conn)
 
@@ -13449,8 +15616,11 @@ class ConnectionLoop:
             return
         conn.state = _BODY
         conn.expected, conn.chunked = (0, ChunkedBody(self.body_limit)) if framing is None else (framing, None)
-        if req.headers.get("Expect", "").lower() == "100-continue" and req.version >= (1, 1) and (
-                framing is None or len(conn.inbox) < framing):
+        if (
+            req.headers.get("Expect", "").lower() == "100-continue"
+            and req.version >= (1, 1)
+            and (framing is None or len(conn.inbox) < framing)
+        ):
             self.send(conn, b"HTTP/1.1 100 Continue\r\n\r\n")
         self._advance_body(conn)
 
@@ -13462,8 +15632,8 @@ class ConnectionLoop:
                 return
             req.body, conn.chunked = body, None
         elif len(conn.inbox) >= conn.expected:
-            req.body = bytes(conn.inbox[:conn.expected])
-            del conn.inbox[:conn.expected]
+            req.body = bytes(conn.inbox[: conn.expected])
+            del conn.inbox[: conn.expected]
         else:
             return
         conn.state = _BUSY
@@ -13648,8 +15818,12 @@ class ConnectionLoop:
             return
         with conn.lock:
             if not conn.closed:
-                read = (conn.state != _BUSY and not (conn.state == _IDLE and conn.outbox)
-                        and len(conn.outbox) < _READ_PAUSE_BYTES and not conn.backlogged)
+                read = (
+                    conn.state != _BUSY
+                    and not (conn.state == _IDLE and conn.outbox)
+                    and len(conn.outbox) < _READ_PAUSE_BYTES
+                    and not conn.backlogged
+                )
                 self.poller.arm(conn, read, bool(conn.outbox))
 
     def send(self, conn: Connection, data: bytes):
@@ -13704,8 +15878,13 @@ class ConnectionLoop:
         connection back would wake the loop, queue the request and wake a worker for it (measured: the
         write load's CPU per request at 8 clients, 645 -> N us). Only a plain request that arrives whole
         in that moment; anything else (a body still coming, chunks, an upgrade, bad input) is the loop's."""
-        if (not req.keep_alive or conn.outbox or self._stop_deadline is not None or conn.closed
-                or threading.current_thread() is self._loop_thread):
+        if (
+            not req.keep_alive
+            or conn.outbox
+            or self._stop_deadline is not None
+            or conn.closed
+            or threading.current_thread() is self._loop_thread
+        ):
             return None
         if not conn.inbox:
             poller = select.poll()
@@ -13732,11 +15911,16 @@ class ConnectionLoop:
             length = body_framing(req, self.body_limit)
         except BadRequest:
             return None  # the loop parses it again, and answers the error
-        if (length is None or len(conn.inbox) < end + length or req.headers.get("Expect")
-                or is_websocket_upgrade(req.headers) or auth_refusal(self.app, req, has_body=length != 0, quiet=True)):
+        if (
+            length is None
+            or len(conn.inbox) < end + length
+            or req.headers.get("Expect")
+            or is_websocket_upgrade(req.headers)
+            or auth_refusal(self.app, req, has_body=length != 0, quiet=True)
+        ):
             return None
-        req.body = bytes(conn.inbox[end:end + length])
-        del conn.inbox[:end + length]
+        req.body = bytes(conn.inbox[end : end + length])
+        del conn.inbox[: end + length]
         return req
 
     def _request_done(self, conn: Connection, keep_alive: bool):
@@ -13782,8 +15966,9 @@ class ConnectionLoop:
                 return
             conn.state = _WEBSOCKET
             conn.websocket.authenticated = getattr(conn.websocket.endpoint, "authenticated", True)
-            conn.deadline = conn.last_read + (WEBSOCKET_IDLE_SECONDS if conn.websocket.authenticated
-                                              else WEBSOCKET_AUTH_SECONDS)
+            conn.deadline = conn.last_read + (
+                WEBSOCKET_IDLE_SECONDS if conn.websocket.authenticated else WEBSOCKET_AUTH_SECONDS
+            )
         if conn.inbox:
             self.call_soon(self.advance_and_arm, conn)
         else:
@@ -13834,10 +16019,11 @@ class ConnectionLoop:
                 self.close_websocket(conn, WS_CLOSE_GOING_AWAY, "server shutting down")
 
 
-# --- 23. Serving ---
+# --- 26. Serving ---
 # Owns a server's life: start_server (the loop on its thread, the services), RunningServer.stop, serve()
 # for embedding, the listening socket, the processes of `start --processes N` (_ProcessGroup), and
 # prefect_test_harness() with the pytest plugin for a Prefect user's test suite.
+
 
 class RunningServer:
     """A server serving on its loop thread: its URLs, and stop()."""
@@ -13872,6 +16058,7 @@ def raise_open_files_limit() -> None:
     as a server that holds thousands of connections must. POSIX; a no-op where it is not allowed."""
     try:
         import resource  # only here: POSIX, and only for a server
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if hard == resource.RLIM_INFINITY:
             hard = 1 << 20
@@ -13899,8 +16086,15 @@ def open_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
-def start_server(settings: Settings, host: str | None = None, port: int | None = None, *,
-                 listening: socket.socket | None = None, services: bool = True, process_group=None) -> RunningServer:
+def start_server(
+    settings: Settings,
+    host: str | None = None,
+    port: int | None = None,
+    *,
+    listening: socket.socket | None = None,
+    services: bool = True,
+    process_group=None,
+) -> RunningServer:
     """Serve in background threads. `listening`, `services` and `process_group`: for one process of
     `start --processes N` (the socket they share; only the first runs the services)."""
     host = host or settings["PREFECT_SERVER_API_HOST"]
@@ -13936,6 +16130,7 @@ def _release_freed_memory() -> None:
     """
     try:
         import ctypes  # only here: the embedding API never needs it
+
         ctypes.CDLL(None).malloc_trim(0)
     except (ImportError, OSError, AttributeError):
         pass
@@ -13963,6 +16158,7 @@ def serve(database: str | None = None, host: str = "127.0.0.1", port: int = 0, *
 # turns on <db>.write-lock, see SqliteDatabase), and through a _ProcessGroup what else must look like
 # one server: the read cache sees every process's writes, /events/out subscribers get events stored by
 # any process, and services (run by the first process only) are woken by any.
+
 
 class _ProcessGroup:
     """What the processes of one `prefectlite start --processes N` share, made before they are forked:
@@ -14019,7 +16215,7 @@ class _ProcessGroup:
         for other in range(self.count):
             if other != self.index and self._counters[self._at(other, self._SUBSCRIBERS)]:
                 for start in range(0, len(ids), self._IDS_PER_NOTE):
-                    if not self._send(other, {"events": ids[start:start + self._IDS_PER_NOTE]}):
+                    if not self._send(other, {"events": ids[start : start + self._IDS_PER_NOTE]}):
                         self._counters[self._at(other, self._MISSED)] += 1
 
     def _send(self, to: int, note: dict) -> bool:
@@ -14060,8 +16256,9 @@ class _ProcessGroup:
         self._app.events.publish([stored[i] for i in ids if i in stored])
 
 
-def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, group: _ProcessGroup, index: int,
-                               supervisor: int) -> int:
+def _serve_as_one_of_processes(
+    settings: Settings, listening: socket.socket, group: _ProcessGroup, index: int, supervisor: int
+) -> int:
     """The life of one forked process of `start --processes N`: serve until SIGTERM or SIGINT, or until
     the `supervisor` process is gone."""
     stop = threading.Event()
@@ -14078,8 +16275,9 @@ def _serve_as_one_of_processes(settings: Settings, listening: socket.socket, gro
     _release_freed_memory()
     while not stop.wait(0.5):
         if os.getppid() != supervisor:  # it was killed (-9): do not serve on, holding the port, unsupervised
-            print(f"prefectlite: process {index}: the supervising process is gone; stopping",
-                  file=sys.stderr, flush=True)
+            print(
+                f"prefectlite: process {index}: the supervising process is gone; stopping", file=sys.stderr, flush=True
+            )
             break
     running.stop()
     return 0
@@ -14224,7 +16422,8 @@ class _FreshDatabase:
                     columns = list(rows[0])
                     tx.executemany(
                         f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' for _ in columns)})",
-                        [tuple(row[c] for c in columns) for row in rows])
+                        [tuple(row[c] for c in columns) for row in rows],
+                    )
 
     def _wait_for_stored_events(self) -> None:
         """Events the SDK sent before it was drained may still wait for the server's group commit: an empty
@@ -14240,9 +16439,14 @@ class _FreshDatabase:
 # `prefectlite = true`, or by naming it in `pytest_plugins` where the package is not installed. Asked for,
 # it gives the fixtures, and freezes the garbage collector once every test is done (a prompt exit).
 
+
 def pytest_addoption(parser):
-    parser.addini("prefectlite", type="bool", default=False,
-                  help="prefectlite: the prefect_server and prefect_clean_db fixtures (also: -p prefectlite)")
+    parser.addini(
+        "prefectlite",
+        type="bool",
+        default=False,
+        help="prefectlite: the prefect_server and prefect_clean_db fixtures (also: -p prefectlite)",
+    )
 
 
 def pytest_configure(config):
@@ -14293,9 +16497,10 @@ def _pytest_fixtures():
     return PrefectliteFixtures()
 
 
-# --- 24. CLI ---
+# --- 27. CLI ---
 # Owns the command line: `start` (also `server start`), `config`, `profile`, `database`, `version`.
 # Every failure a person can cause is one line on stderr and a non-zero exit, never a traceback.
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):
@@ -14388,8 +16593,9 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
     dialect, in_memory = app.db.dialect, getattr(app.db, "memory", False)
     app.close()
     if in_memory:
-        raise ConfigurationError("--processes needs a database they can share: a SQLite file or PostgreSQL, "
-                                 "not an in-memory database")
+        raise ConfigurationError(
+            "--processes needs a database they can share: a SQLite file or PostgreSQL, not an in-memory database"
+        )
     listening = open_listener(host, port)
     group = _ProcessGroup(count)
     supervisor = os.getpid()  # (what the processes compare their parent with: they stop when it is gone)
@@ -14426,8 +16632,12 @@ def _start_processes(settings: Settings, host: str, port: int, count: int, out) 
             quick = time.monotonic() - started_at[index] < _QUICK_EXIT_SECONDS
             quick_exits[index] = quick_exits[index] + 1 if quick else 0
             if quick_exits[index] >= _QUICK_EXITS_TO_GIVE_UP:
-                print(f"prefectlite: error: process {index} ended {quick_exits[index]} times right after starting "
-                      f"({how}); stopping the server", file=sys.stderr, flush=True)
+                print(
+                    f"prefectlite: error: process {index} ended {quick_exits[index]} times right after starting "
+                    f"({how}); stopping the server",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 failed = True
                 break
             print(f"prefectlite: process {index} ended ({how}); starting it again", file=sys.stderr, flush=True)
@@ -14470,8 +16680,9 @@ def _flag_in_range(flag: str, value: int) -> int:
     """A `start` flag that stands for a setting (--port, --processes) holds to the setting's range."""
     spec = SETTINGS[{"--port": "PREFECT_SERVER_API_PORT", "--processes": "PREFECT_SERVER_PROCESSES"}[flag]]
     if not spec.minimum <= value <= spec.maximum:
-        raise ConfigurationError(f"{flag} must be between {_plain_number(spec.minimum)} and "
-                                 f"{_plain_number(spec.maximum)}, got {value}")
+        raise ConfigurationError(
+            f"{flag} must be between {_plain_number(spec.minimum)} and {_plain_number(spec.maximum)}, got {value}"
+        )
     return value
 
 
@@ -14479,11 +16690,17 @@ def cmd_start(args, out) -> int:
     settings = load_settings()
     host = args.host or settings["PREFECT_SERVER_API_HOST"]
     port = settings["PREFECT_SERVER_API_PORT"] if args.port is None else _flag_in_range("--port", args.port)
-    processes = (settings["PREFECT_SERVER_PROCESSES"] if args.processes is None
-                 else _flag_in_range("--processes", args.processes))
+    processes = (
+        settings["PREFECT_SERVER_PROCESSES"]
+        if args.processes is None
+        else _flag_in_range("--processes", args.processes)
+    )
     if host in ("0.0.0.0", "::", "") and not settings["PREFECT_SERVER_API_AUTH_STRING"]:
-        print(f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
-              "anyone who can reach this machine can use the API", file=sys.stderr)
+        print(
+            f"warning: listening on all interfaces ({host}) without PREFECT_SERVER_API_AUTH_STRING: "
+            "anyone who can reach this machine can use the API",
+            file=sys.stderr,
+        )
     if hasattr(signal, "pthread_sigmask"):
         # A signal mask survives fork and exec: a parent that blocked these while it started us (a test
         # runner's worker did) would leave a server that never hears them.
@@ -14506,8 +16723,12 @@ def cmd_start(args, out) -> int:
             # load): so every thread keeps the signals blocked and one thread takes them with sigwait().
             # (`python -m prefectlite` and the installed command import the module: nothing to free there.)
             threading.Thread(target=_serve_until, args=(stop, running, out), name="prefectlite-main").start()
-            threading.Thread(target=_take_stop_signals, args=(stop_signals, _stop_signal_handler(stop)),
-                             name="prefectlite-signals", daemon=True).start()
+            threading.Thread(
+                target=_take_stop_signals,
+                args=(stop_signals, _stop_signal_handler(stop)),
+                name="prefectlite-signals",
+                daemon=True,
+            ).start()
     if as_script:
         signal.pthread_sigmask(signal.SIG_BLOCK, stop_signals)
         return 0
@@ -14542,9 +16763,13 @@ class JsonLogFormatter(logging.Formatter):
     """One JSON object per line, for log shippers."""
 
     def format(self, record):
-        entry = {"time": iso(_dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)), "level": record.levelname,
-                 "logger": record.name, "message": record.getMessage(),
-                 "request_id": getattr(record, "request_id", None)}
+        entry = {
+            "time": iso(_dt.datetime.fromtimestamp(record.created, _dt.timezone.utc)),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+            "request_id": getattr(record, "request_id", None),
+        }
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return dumps(entry)
@@ -14672,8 +16897,12 @@ def _cli_database(settings: Settings | None = None):
         db.close()
 
 
-_SOURCE_WORDS = {"env": "the environment", "profile": "profile {profile!r}", "default": "the default",
-                 "override": "the caller"}
+_SOURCE_WORDS = {
+    "env": "the environment",
+    "profile": "profile {profile!r}",
+    "default": "the default",
+    "override": "the caller",
+}
 
 
 def _database_origin(settings: Settings) -> str:
@@ -14688,8 +16917,9 @@ def _database_origin(settings: Settings) -> str:
 
 def _sqlite_file(settings: Settings) -> str | None:
     """The path of the SQLite database file the settings name (None: PostgreSQL or in memory)."""
-    kind, target = parse_database_url(settings["PREFECT_API_DATABASE_CONNECTION_URL"],
-                                      settings["PREFECT_API_DATABASE_PASSWORD"])
+    kind, target = parse_database_url(
+        settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings["PREFECT_API_DATABASE_PASSWORD"]
+    )
     return target if kind == "sqlite" and target != ":memory:" else None
 
 
@@ -14703,8 +16933,12 @@ def _has_our_schema_read_only(path: str) -> bool:
     """Looked at without changing a byte (opening it as a database would put it in WAL mode)."""
     try:
         with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as conn:
-            return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' "
-                                "AND name = 'prefectlite_version'").fetchone() is not None
+            return (
+                conn.execute(
+                    "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'prefectlite_version'"
+                ).fetchone()
+                is not None
+            )
     except sqlite3.Error:  # not a database at all
         return False
 
@@ -14715,18 +16949,24 @@ def _existing_database(settings: Settings, action: str) -> Database:
     for a new empty file it had just created, and `backup` copied that."""
     missing = _sqlite_file_missing(settings)
     if missing is not None:
-        raise ConfigurationError(f"database {action}: there is no database file at {missing} "
-                                 f"({_database_origin(settings)}); nothing was created "
-                                 "(`prefectlite database upgrade` creates one)")
+        raise ConfigurationError(
+            f"database {action}: there is no database file at {missing} "
+            f"({_database_origin(settings)}); nothing was created "
+            "(`prefectlite database upgrade` creates one)"
+        )
     path = _sqlite_file(settings)
     if path is not None and not _has_our_schema_read_only(path):
-        raise ConfigurationError(f"database {action}: {path} has no prefectlite schema "
-                                 f"({_database_origin(settings)}); `prefectlite database upgrade` creates it")
+        raise ConfigurationError(
+            f"database {action}: {path} has no prefectlite schema "
+            f"({_database_origin(settings)}); `prefectlite database upgrade` creates it"
+        )
     db = open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
     try:
         if current_revision(db) is None:
-            raise ConfigurationError(f"database {action}: {_where(db)} has no prefectlite schema "
-                                     f"({_database_origin(settings)}); `prefectlite database upgrade` creates it")
+            raise ConfigurationError(
+                f"database {action}: {_where(db)} has no prefectlite schema "
+                f"({_database_origin(settings)}); `prefectlite database upgrade` creates it"
+            )
     except BaseException:
         db.close()
         raise
@@ -14787,8 +17027,12 @@ def cmd_database(args, out) -> int:
                 raise ConfigurationError("--batch-size must be at least 1")
             counts = prune_flow_runs(db, age, args.batch_size, dry_run=args.dry_run)
             verb = "Would delete" if args.dry_run else "Deleted"
-            print(f"{verb} " + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items()) +
-                  f" (terminal flow runs that ended more than {args.older_than} ago).", file=out)
+            print(
+                f"{verb} "
+                + ", ".join(f"{n} {k.replace('_', ' ')}" for k, n in counts.items())
+                + f" (terminal flow runs that ended more than {args.older_than} ago).",
+                file=out,
+            )
         elif action == "vacuum":
             before = db.size_bytes()
             db.vacuum()
@@ -14820,12 +17064,16 @@ def cmd_version(args, out) -> int:
         with _cli_database(settings) as db:
             print(f"Database: {db.dialect} {db.server_version()}", file=out)
     except (ConfigurationError, DatabaseError) as exc:
-        print(f"Database: {settings['PREFECT_API_DATABASE_CONNECTION_URL'].split(':', 1)[0]} (unavailable: {exc})", file=out)
+        print(
+            f"Database: {settings['PREFECT_API_DATABASE_CONNECTION_URL'].split(':', 1)[0]} (unavailable: {exc})",
+            file=out,
+        )
     return 0
 
 
 # Commands that act on a running server through its API (as the `prefect` CLI does), so that they
 # go through orchestration and work against a remote server too.
+
 
 def _api_base(settings: Settings) -> str:
     url = settings["PREFECT_API_URL"]
@@ -14870,7 +17118,8 @@ def printable(text) -> str:
     """API data as a terminal may show it: control characters written out (\\x1b, \\u202e), so that a flow
     run named with escape sequences cannot retitle, recolour or clear the operator's terminal."""
     return _TERMINAL_CONTROLS.sub(
-        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text))
+        lambda m: f"\\x{ord(m.group()):02x}" if ord(m.group()) < 0x100 else f"\\u{ord(m.group()):04x}", str(text)
+    )
 
 
 def local_time(timestamp: str | None) -> str:
@@ -14913,9 +17162,18 @@ def cmd_deployment(args, out) -> int:
     if args.action == "ls":
         deployments = api_call("POST", "/deployments/filter", {"sort": "NAME_ASC"})
         flows = {f["id"]: f["name"] for f in api_call("POST", "/flows/filter", {})}
-        rows = [[f"{flows.get(d['flow_id'], '?')}/{d['name']}", d["id"],
-                 "; ".join(_schedule_summary(s["schedule"]) + ("" if s["active"] else " (inactive)") for s in d["schedules"]),
-                 "paused" if d["paused"] else "active", d.get("work_pool_name") or ""] for d in deployments]
+        rows = [
+            [
+                f"{flows.get(d['flow_id'], '?')}/{d['name']}",
+                d["id"],
+                "; ".join(
+                    _schedule_summary(s["schedule"]) + ("" if s["active"] else " (inactive)") for s in d["schedules"]
+                ),
+                "paused" if d["paused"] else "active",
+                d.get("work_pool_name") or "",
+            ]
+            for d in deployments
+        ]
         _print_table(out, ["NAME", "ID", "SCHEDULES", "STATUS", "WORK POOL"], rows, "No deployments.")
         return 0
     if not args.name or "/" not in args.name:
@@ -14941,12 +17199,25 @@ def cmd_flow_run(args, out) -> int:
         body = {"sort": "EXPECTED_START_TIME_DESC", "limit": args.limit}
         if args.state:
             states = [s for s in args.state]
-            body["flow_runs"] = {"state": {"operator": "or_", "type": {"any_": [s.upper() for s in states]},
-                                           "name": {"any_": [s.title() for s in states]}}}
+            body["flow_runs"] = {
+                "state": {
+                    "operator": "or_",
+                    "type": {"any_": [s.upper() for s in states]},
+                    "name": {"any_": [s.title() for s in states]},
+                }
+            }
         runs = api_call("POST", "/flow_runs/filter", body)
         flows = {f["id"]: f["name"] for f in api_call("POST", "/flows/filter", {})}
-        rows = [[r["id"], flows.get(r["flow_id"], "?"), r["name"], r["state_name"],
-                 local_time(r["start_time"] or r["expected_start_time"])] for r in runs]
+        rows = [
+            [
+                r["id"],
+                flows.get(r["flow_id"], "?"),
+                r["name"],
+                r["state_name"],
+                local_time(r["start_time"] or r["expected_start_time"]),
+            ]
+            for r in runs
+        ]
         _print_table(out, ["ID", "FLOW", "NAME", "STATE", "WHEN"], rows, "No flow runs.")
         return 0
     run_id = parse_uuid_cli(args.id)
@@ -14955,8 +17226,11 @@ def cmd_flow_run(args, out) -> int:
         raise ConfigurationError(f"flow run {run['name']!r} is already {run['state_name']}")
     # a running run needs its runner or worker to stop it (CANCELLING); one that never started ends now
     target = "CANCELLING" if run["state_type"] == "RUNNING" else "CANCELLED"
-    result = api_call("POST", f"/flow_runs/{run_id}/set_state",
-                      {"state": {"type": target, "message": "Cancelled from the command line."}, "force": True})
+    result = api_call(
+        "POST",
+        f"/flow_runs/{run_id}/set_state",
+        {"state": {"type": target, "message": "Cancelled from the command line."}, "force": True},
+    )
     print(f"Flow run {run['name']!r} is {printable(result['state']['name'])}.", file=out)
     return 0
 
@@ -14970,8 +17244,10 @@ def parse_uuid_cli(text: str) -> str:
 
 def cmd_work_pool(args, out) -> int:
     pools = api_call("POST", "/work_pools/filter", {})
-    rows = [[p["name"], p["type"], p["id"], p["status"], "" if p["concurrency_limit"] is None else p["concurrency_limit"]]
-            for p in pools]
+    rows = [
+        [p["name"], p["type"], p["id"], p["status"], "" if p["concurrency_limit"] is None else p["concurrency_limit"]]
+        for p in pools
+    ]
     _print_table(out, ["NAME", "TYPE", "ID", "STATUS", "CONCURRENCY LIMIT"], rows, "No work pools.")
     return 0
 
@@ -14980,7 +17256,8 @@ def _policy_sentence(policy: dict, block_names: dict) -> str:
     tags = ", ".join(policy["tags"])
     runs = f"any flow with {tags} tag{'s' if len(policy['tags']) > 1 else ''}" if tags else "any flow"
     states = " or ".join(s.lower() for s in policy["state_names"]) or "any"
-    return f"If a run of {runs} enters a {states} state, send a notification to {block_names.get(policy['block_document_id'], '?')}"
+    block_name = block_names.get(policy["block_document_id"], "?")
+    return f"If a run of {runs} enters a {states} state, send a notification to {block_name}"
 
 
 def cmd_notification(args, out) -> int:
@@ -14995,9 +17272,15 @@ def cmd_notification(args, out) -> int:
         if not args.block or "/" not in args.block:
             raise ConfigurationError("--block must be BLOCK_TYPE_SLUG/BLOCK_NAME, e.g. slack-webhook/my-hook")
         slug, name = args.block.split("/", 1)
-        doc = api_call("GET", f"/block_types/slug/{urllib.parse.quote(slug)}/block_documents/name/{urllib.parse.quote(name)}")
-        body = {"state_names": args.state or [], "tags": args.tag or [], "block_document_id": doc["id"],
-                "is_active": True}
+        doc = api_call(
+            "GET", f"/block_types/slug/{urllib.parse.quote(slug)}/block_documents/name/{urllib.parse.quote(name)}"
+        )
+        body = {
+            "state_names": args.state or [],
+            "tags": args.tag or [],
+            "block_document_id": doc["id"],
+            "is_active": True,
+        }
         if args.template:
             body["message_template"] = args.template
         if not body["state_names"]:
@@ -15045,8 +17328,10 @@ def build_parser() -> argparse.ArgumentParser:
     profile.set_defaults(func=cmd_profile)
 
     database = sub.add_parser("database", help="migrations: upgrade, downgrade, reset, current, history")
-    database.add_argument("action", choices=["reset", "upgrade", "downgrade", "current", "history", "prune",
-                                             "vacuum", "backup", "restore"])
+    database.add_argument(
+        "action",
+        choices=["reset", "upgrade", "downgrade", "current", "history", "prune", "vacuum", "backup", "restore"],
+    )
     database.add_argument("path", nargs="?", help="backup / restore: the backup file")
     database.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     database.add_argument("-r", "--revision", help="target revision (upgrade: an id; downgrade: -1, an id or base)")
@@ -15075,7 +17360,9 @@ def build_parser() -> argparse.ArgumentParser:
     notification = sub.add_parser("notification", help="flow run notification policies (through the API)")
     notification.add_argument("action", choices=["ls", "create", "pause", "resume", "delete"])
     notification.add_argument("id", nargs="?")
-    notification.add_argument("--state", action="append", help="a state name that triggers it, e.g. Failed (repeatable)")
+    notification.add_argument(
+        "--state", action="append", help="a state name that triggers it, e.g. Failed (repeatable)"
+    )
     notification.add_argument("--tag", action="append", help="only runs with this tag (repeatable; none = all runs)")
     notification.add_argument("--block", help="destination: BLOCK_TYPE_SLUG/BLOCK_NAME, e.g. slack-webhook/my-hook")
     notification.add_argument("--template", help="message template with {flow_name}, {flow_run_name}, ...")
@@ -15108,7 +17395,8 @@ def run_cli(argv: list[str], out=None) -> int:
         return 130
 
 
-# --- 25. Main ---
+# --- 28. Main ---
+
 
 def main(argv: list[str] | None = None) -> int:
     return run_cli(sys.argv[1:] if argv is None else argv)

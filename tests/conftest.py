@@ -12,8 +12,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import prefectlite  # noqa: E402
 from helpers import (  # noqa: E402,F401 - re-exported for tests that import them from conftest
-    POSTGRES_URL, ROOT, T0, Client, Clock, RefusingPort, _postgres_admin_connect, free_port, migrated_sqlite_url,
-    run_cli, wait_for_health,
+    POSTGRES_URL,
+    ROOT,
+    T0,
+    Client,
+    Clock,
+    RefusingPort,
+    _postgres_admin_connect,
+    free_port,
+    migrated_sqlite_url,
+    run_cli,
+    wait_for_health,
 )
 
 collect_ignore = ["benchmarks"]  # benchmark scripts are run by hand, never collected
@@ -128,5 +137,3 @@ def empty_postgres_url():
     """A throwaway PostgreSQL database with nothing in it: for tests of migrating and of a first start."""
     with _throwaway_postgres() as url:
         yield url
-
-

@@ -109,8 +109,7 @@ class HTTPReceiver:
         self._server = _HTTPServer(("127.0.0.1", port), Handler)
         self.port = self._server.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def hold(self):
@@ -131,8 +130,10 @@ class HTTPReceiver:
                     return list(self.hits)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise AssertionError(f"expected {count} {'accepted ' if accepted else ''}requests, "
-                                         f"got {len(hits)}: {[(h.method, h.path, h.status) for h in self.hits]}")
+                    raise AssertionError(
+                        f"expected {count} {'accepted ' if accepted else ''}requests, "
+                        f"got {len(hits)}: {[(h.method, h.path, h.status) for h in self.hits]}"
+                    )
                 self._cond.wait(min(left, 0.2))
 
     def accepted(self) -> list[Hit]:
@@ -265,8 +266,7 @@ class SMTPReceiver:
 
         self._server = _SMTPServer(("127.0.0.1", port), Handler)
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         self._thread.start()
 
     def wait_for(self, count: int, timeout: float = 30.0) -> list[Mail]:
@@ -295,5 +295,5 @@ def _address(line: str) -> str:
     """The address in `MAIL FROM:<a@b> SIZE=1` or `RCPT TO:<a@b>`."""
     rest = line.split(":", 1)[1].strip() if ":" in line else ""
     if rest.startswith("<"):
-        return rest[1:rest.index(">")] if ">" in rest else rest[1:]
+        return rest[1 : rest.index(">")] if ">" in rest else rest[1:]
     return rest.split(" ", 1)[0]

@@ -43,8 +43,12 @@ class Client:
 
     def request(self, method, path, body=None, headers=None, raw=None):
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        req = urllib.request.Request(self.api_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", **self.headers, **(headers or {})})
+        req = urllib.request.Request(
+            self.api_url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", **self.headers, **(headers or {})},
+        )
         try:
             with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                 text = resp.read()
@@ -161,8 +165,14 @@ def run_cli(*args, env=None, input_text=None, timeout=60):
     _compile_once()
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
     full_env.update(env or {})
-    return subprocess.run([sys.executable, "-c", CLI_COMMAND, *args], env=full_env, input=input_text,
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", CLI_COMMAND, *args],
+        env=full_env,
+        input=input_text,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def wait_for_health(url, timeout=15.0):
@@ -193,9 +203,21 @@ class ServerProcess:
         self._out = open(self.out_path, "w")
         self._err = open(self.err_path, "w")
         self.proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "prefectlite.py"), *command, "--host", "127.0.0.1", "--port", str(self.port),
-             *extra_args, *extra],
-            env=clean_env(**env), stdout=self._out, stderr=self._err, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                str(ROOT / "prefectlite.py"),
+                *command,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *extra_args,
+                *extra,
+            ],
+            env=clean_env(**env),
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
             # a parent that blocks signals hands its mask down (kept across fork and exec)
             preexec_fn=(lambda: signal.pthread_sigmask(signal.SIG_BLOCK, blocked_signals)) if blocked_signals else None,
         )
@@ -248,8 +270,10 @@ def database_outage(dbname):
         pytest.skip(why)
     try:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS false')
-        admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
-                      "AND pid <> pg_backend_pid()", (dbname,))
+        admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (dbname,),
+        )
         yield
     finally:
         admin.execute(f'ALTER DATABASE "{dbname}" ALLOW_CONNECTIONS true')
@@ -287,8 +311,13 @@ class LockHolder:
     lock in the middle of a write by default, or with `script=WRITERS_TURN_HOLDER` the servers' turn."""
 
     def __init__(self, path, script=SQLITE_WRITE_HOLDER):
-        self.proc = subprocess.Popen([sys.executable, "-c", script, str(path)], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(path)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         line = self.proc.stdout.readline()
         if line.strip() != "locked":
             self.proc.kill()
@@ -308,6 +337,7 @@ class LockHolder:
 
 
 # Times, names and polling, as every test module needs them
+
 
 def now():
     return dt.datetime.now(dt.timezone.utc)
@@ -360,6 +390,7 @@ def answer(app, method, path, body=None):
 
 # Records every test module makes through the API
 
+
 def new_flow(client, name=None, tags=None):
     """A flow with a unique name (or `name`)."""
     return client.ok("POST", "/flows/", {"name": name or unique("flow"), "tags": list(tags or [])})
@@ -398,15 +429,16 @@ def service_passes(api_url, service):
 def service_passes_in(metrics_text, service):
     """The passes of `service` that a /metrics answer counts."""
     wanted = f'prefectlite_service_passes_total{{service="{service}"}} '
-    return next(int(float(line[len(wanted):])) for line in metrics_text.splitlines() if line.startswith(wanted))
+    return next(int(float(line[len(wanted) :])) for line in metrics_text.splitlines() if line.startswith(wanted))
 
 
 def wait_for_passes(api_url, service, passes=2, timeout=30.0):
     """Wait until `service` has made `passes` more passes: with 2, at least one whole pass began after
     this call (the one under way may have begun before it). What a pass would do, it has done then."""
     start = service_passes(api_url, service)
-    wait_until(lambda: service_passes(api_url, service) >= start + passes, timeout, f"{passes} {service} passes",
-               interval=0.02)
+    wait_until(
+        lambda: service_passes(api_url, service) >= start + passes, timeout, f"{passes} {service} passes", interval=0.02
+    )
 
 
 def wait_subscribed(sub, probe, timeout=15.0):
@@ -456,13 +488,20 @@ def wait_for_input_schema(api, run, timeout=60):
 
 # A raw WebSocket client: nothing of prefectlite's WebSocket code is used to talk to the server.
 
+
 class RawWebSocket:
     def __init__(self, api_url, path="/events/in", protocols=("prefect",), headers=None, timeout=10.0):
         parts = urllib.parse.urlsplit(api_url)
         self.sock = socket.create_connection((parts.hostname, parts.port), timeout=timeout)
         self.key = base64.b64encode(os.urandom(16)).decode()
-        lines = [f"GET {parts.path}{path} HTTP/1.1", f"Host: {parts.hostname}:{parts.port}", "Upgrade: websocket",
-                 "Connection: Upgrade", f"Sec-WebSocket-Key: {self.key}", "Sec-WebSocket-Version: 13"]
+        lines = [
+            f"GET {parts.path}{path} HTTP/1.1",
+            f"Host: {parts.hostname}:{parts.port}",
+            "Upgrade: websocket",
+            "Connection: Upgrade",
+            f"Sec-WebSocket-Key: {self.key}",
+            "Sec-WebSocket-Version: 13",
+        ]
         if protocols:
             lines.append(f"Sec-WebSocket-Protocol: {', '.join(protocols)}")
         for name, value in (headers or {}).items():
@@ -559,9 +598,13 @@ class RawWebSocket:
 
 
 def event(name="test.thing.happened", resource_id=None, occurred=None, **extra):
-    body = {"id": str(uuid.uuid4()), "occurred": occurred or iso(now()), "event": name,
-            "resource": {"prefect.resource.id": resource_id or f"test.resource.{uuid.uuid4()}"},
-            "related": [], "payload": {}}
+    body = {
+        "id": str(uuid.uuid4()),
+        "occurred": occurred or iso(now()),
+        "event": name,
+        "resource": {"prefect.resource.id": resource_id or f"test.resource.{uuid.uuid4()}"},
+        "related": [],
+        "payload": {},
+    }
     body.update(extra)
     return body
-

@@ -30,16 +30,23 @@ def at(minutes):
 
 
 def new_task_run(client, flow_run_id, task_key=None, dynamic_key="0", scheduled=None, **fields):
-    body = {"flow_run_id": flow_run_id, "task_key": task_key or f"task-{uuid.uuid4().hex[:8]}",
-            "dynamic_key": dynamic_key, **fields}
+    body = {
+        "flow_run_id": flow_run_id,
+        "task_key": task_key or f"task-{uuid.uuid4().hex[:8]}",
+        "dynamic_key": dynamic_key,
+        **fields,
+    }
     if scheduled is not None:
         body["state"] = {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}}
     return client.ok("POST", "/task_runs/", body)
 
 
 def set_state(client, kind, run_id, state_type, force=True, **details):
-    return client.ok("POST", f"/{kind}_runs/{run_id}/set_state",
-                     {"state": {"type": state_type, "state_details": details}, "force": force})
+    return client.ok(
+        "POST",
+        f"/{kind}_runs/{run_id}/set_state",
+        {"state": {"type": state_type, "state_details": details}, "force": force},
+    )
 
 
 def ids(items):
@@ -62,6 +69,7 @@ def get_raw(url, headers=None):
 
 
 # --- flows -------------------------------------------------------------------------------------
+
 
 def test_create_flow_is_idempotent_by_name(client):
     status, first = client.post("/flows/", {"name": "etl", "tags": ["a"]})
@@ -114,6 +122,7 @@ def test_delete_flow(client):
 
 # --- flow runs ---------------------------------------------------------------------------------
 
+
 def test_flow_run_gets_a_two_word_name(client):
     names = {new_flow_run(client)["name"] for _ in range(5)}
     assert all(TWO_WORDS.match(name) for name in names), names
@@ -124,11 +133,20 @@ def test_flow_run_gets_a_two_word_name(client):
 
 def test_flow_run_create_returns_the_computed_fields(client):
     flow = new_flow(client)
-    status, run = client.post("/flow_runs/", {
-        "flow_id": flow["id"], "name": None, "parameters": {"x": 1}, "tags": ["t"], "flow_version": "1.0",
-        "context": {"k": "v"}, "empirical_policy": {"retries": 2}, "idempotency_key": None,
-        "state": {"type": "PENDING", "name": "Pending", "message": None, "state_details": {}, "data": None},
-    })
+    status, run = client.post(
+        "/flow_runs/",
+        {
+            "flow_id": flow["id"],
+            "name": None,
+            "parameters": {"x": 1},
+            "tags": ["t"],
+            "flow_version": "1.0",
+            "context": {"k": "v"},
+            "empirical_policy": {"retries": 2},
+            "idempotency_key": None,
+            "state": {"type": "PENDING", "name": "Pending", "message": None, "state_details": {}, "data": None},
+        },
+    )
     assert status == 201, run
     assert run["flow_id"] == flow["id"]
     assert run["parameters"] == {"x": 1} and run["tags"] == ["t"] and run["flow_version"] == "1.0"
@@ -184,8 +202,9 @@ def test_flow_run_history_buckets(client):
     new_flow_run(client, flow["id"], scheduled=at(300))  # outside the window
     set_state(client, "flow", early[0]["id"], "COMPLETED")
 
-    status, buckets = client.post("/flow_runs/history", {
-        "history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600})
+    status, buckets = client.post(
+        "/flow_runs/history", {"history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600}
+    )
     assert status == 200, buckets
     assert [parse(b["interval_start"]) for b in buckets] == [T0, at(60)]
     assert [parse(b["interval_end"]) for b in buckets] == [at(60), at(120)]
@@ -197,9 +216,15 @@ def test_flow_run_history_buckets(client):
         for state in bucket["states"]:
             assert {"sum_estimated_run_time", "sum_estimated_lateness"} <= set(state)
 
-    status, filtered = client.post("/flow_runs/history", {
-        "history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600,
-        "flow_runs": {"id": {"any_": [late["id"]]}}})
+    status, filtered = client.post(
+        "/flow_runs/history",
+        {
+            "history_start": iso(T0),
+            "history_end": iso(at(120)),
+            "history_interval_seconds": 3600,
+            "flow_runs": {"id": {"any_": [late["id"]]}},
+        },
+    )
     assert status == 200, filtered
     assert filtered[0]["states"] == []
     assert [s["count_runs"] for s in filtered[1]["states"]] == [1]
@@ -217,9 +242,15 @@ def test_history_buckets_are_exact_at_their_edges_and_sum_the_runs_estimates(dia
         first_of_second = new_flow_run(client, flow["id"], scheduled=start + dt.timedelta(hours=1))
         new_flow_run(client, flow["id"], scheduled=start + dt.timedelta(hours=2))  # the end is exclusive
         new_flow_run(client, flow["id"], scheduled=start - micro)  # before the start
-        buckets = client.ok("POST", "/flow_runs/history", {
-            "history_start": iso(start), "history_end": iso(start + dt.timedelta(hours=2)),
-            "history_interval_seconds": 3600})
+        buckets = client.ok(
+            "POST",
+            "/flow_runs/history",
+            {
+                "history_start": iso(start),
+                "history_end": iso(start + dt.timedelta(hours=2)),
+                "history_interval_seconds": 3600,
+            },
+        )
         assert [[s["count_runs"] for s in b["states"]] for b in buckets] == [[1], [1]]
         # a scheduled run that never started is late by now - expected, as the run itself shows
         for bucket, run in zip(buckets, (last_of_first, first_of_second)):
@@ -243,9 +274,13 @@ def test_history_puts_every_run_in_the_bucket_its_time_falls_in(dialect, tmp_pat
         window = {"history_start": iso(start), "history_end": iso(end), "history_interval_seconds": step}
         edges = [parse(b["interval_start"]) for b in client.ok("POST", "/flow_runs/history", window)]
         assert len(edges) == count
-        times = [start - micro, end, end - micro, *(rng.choice(edges) + rng.choice([-micro, 0 * micro, micro])
-                                                   for _ in range(30)),
-                 *(start + dt.timedelta(seconds=rng.uniform(0, step * count)) for _ in range(30))]
+        times = [
+            start - micro,
+            end,
+            end - micro,
+            *(rng.choice(edges) + rng.choice([-micro, 0 * micro, micro]) for _ in range(30)),
+            *(start + dt.timedelta(seconds=rng.uniform(0, step * count)) for _ in range(30)),
+        ]
         for when in times:
             new_flow_run(client, flow["id"], scheduled=when)
         buckets = client.ok("POST", "/flow_runs/history", {**window, "flow_runs": {"flow_id": {"any_": [flow["id"]]}}})
@@ -261,8 +296,9 @@ def test_task_run_history_buckets(client):
     run = new_flow_run(client)
     new_task_run(client, run["id"], scheduled=at(5))
     new_task_run(client, run["id"], scheduled=at(65))
-    status, buckets = client.post("/task_runs/history", {
-        "history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600})
+    status, buckets = client.post(
+        "/task_runs/history", {"history_start": iso(T0), "history_end": iso(at(120)), "history_interval_seconds": 3600}
+    )
     assert status == 200, buckets
     assert [sum(s["count_runs"] for s in b["states"]) for b in buckets] == [1, 1]
 
@@ -271,12 +307,24 @@ def _dag(client):
     run = new_flow_run(client)
     set_state(client, "flow", run["id"], "RUNNING")
     first = new_task_run(client, run["id"], task_key="extract")
-    second = new_task_run(client, run["id"], task_key="transform",
-                          task_inputs={"data": [{"input_type": "task_run", "id": first["id"]}],
-                                       "n": [{"input_type": "parameter", "name": "n"}]})
-    third = new_task_run(client, run["id"], task_key="load",
-                         task_inputs={"rows": [{"input_type": "task_run", "id": second["id"]}],
-                                      "raw": [{"input_type": "task_run", "id": first["id"]}]})
+    second = new_task_run(
+        client,
+        run["id"],
+        task_key="transform",
+        task_inputs={
+            "data": [{"input_type": "task_run", "id": first["id"]}],
+            "n": [{"input_type": "parameter", "name": "n"}],
+        },
+    )
+    third = new_task_run(
+        client,
+        run["id"],
+        task_key="load",
+        task_inputs={
+            "rows": [{"input_type": "task_run", "id": second["id"]}],
+            "raw": [{"input_type": "task_run", "id": first["id"]}],
+        },
+    )
     return run, first, second, third
 
 
@@ -286,8 +334,10 @@ def test_flow_run_graph_links_task_inputs(client):
     assert status == 200, graph
     nodes = {node["id"]: node for node in graph}
     assert set(nodes) == {first["id"], second["id"], third["id"]}
-    upstream = {node_id: {d["id"] for d in node["upstream_dependencies"] if d.get("input_type") == "task_run"}
-                for node_id, node in nodes.items()}
+    upstream = {
+        node_id: {d["id"] for d in node["upstream_dependencies"] if d.get("input_type") == "task_run"}
+        for node_id, node in nodes.items()
+    }
     assert upstream == {first["id"]: set(), second["id"]: {first["id"]}, third["id"]: {first["id"], second["id"]}}
     assert nodes[first["id"]]["state"]["type"] == "PENDING"
     assert client.get(f"/flow_runs/{uuid.uuid4()}/graph")[0] == 404
@@ -322,10 +372,12 @@ def test_subflow_is_linked_to_its_parent(client):
     unrelated = new_flow_run(client)
     assert child["parent_task_run_id"] == stand_in["id"]
 
-    assert filter_ids(client, "/flow_runs/filter",
-                      {"flow_runs": {"parent_flow_run_id": {"any_": [parent["id"]]}}}) == [child["id"]]
-    assert filter_ids(client, "/flow_runs/filter",
-                      {"flow_runs": {"parent_task_run_id": {"any_": [stand_in["id"]]}}}) == [child["id"]]
+    assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent["id"]]}}}) == [
+        child["id"]
+    ]
+    assert filter_ids(
+        client, "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"any_": [stand_in["id"]]}}}
+    ) == [child["id"]]
     top_level = filter_ids(client, "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"is_null_": True}}})
     assert sorted(top_level) == sorted([parent["id"], unrelated["id"]])
 
@@ -336,6 +388,7 @@ def test_subflow_is_linked_to_its_parent(client):
 
 
 # --- task runs ---------------------------------------------------------------------------------
+
 
 def test_create_task_run_is_idempotent(client):
     run = new_flow_run(client)
@@ -368,12 +421,25 @@ def test_a_created_task_run_is_answered_as_it_reads_back(client):
     """The create answer is built from the run as orchestrated, not read again: it must equal a read."""
     run = new_flow_run(client)
     client.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})
-    bodies = [{"flow_run_id": run["id"], "task_key": "plain", "dynamic_key": "0"},
-              {"flow_run_id": run["id"], "task_key": "running", "dynamic_key": "0", "name": "r", "tags": ["a", "b"],
-               "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]}, "cache_key": "k",
-               "empirical_policy": {"retries": 2, "retry_delay": 3}, "state": {"type": "RUNNING"}},
-              {"task_key": "no-flow-run", "dynamic_key": "0", "state": {"type": "SCHEDULED", "state_details": {
-                  "scheduled_time": "2030-01-01T00:00:00+00:00"}}}]
+    bodies = [
+        {"flow_run_id": run["id"], "task_key": "plain", "dynamic_key": "0"},
+        {
+            "flow_run_id": run["id"],
+            "task_key": "running",
+            "dynamic_key": "0",
+            "name": "r",
+            "tags": ["a", "b"],
+            "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]},
+            "cache_key": "k",
+            "empirical_policy": {"retries": 2, "retry_delay": 3},
+            "state": {"type": "RUNNING"},
+        },
+        {
+            "task_key": "no-flow-run",
+            "dynamic_key": "0",
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2030-01-01T00:00:00+00:00"}},
+        },
+    ]
     assert_created_as_it_reads_back(client, "/task_runs/", bodies)
 
 
@@ -382,25 +448,38 @@ def test_a_created_flow_run_is_answered_as_it_reads_back(client):
     flow = client.ok("POST", "/flows/", {"name": f"reads-back-{uuid.uuid4().hex[:8]}"})
     parent = new_flow_run(client)
     task = client.ok("POST", "/task_runs/", {"flow_run_id": parent["id"], "task_key": "sub", "dynamic_key": "0"})
-    bodies = [{"flow_id": flow["id"]},
-              {"flow_id": flow["id"], "name": "n", "tags": ["a", "b"], "parameters": {"x": [1, {"y": None}]},
-               "idempotency_key": "k", "empirical_policy": {"retries": 2, "retry_delay": 3},
-               "state": {"type": "RUNNING", "message": "go"}},
-              {"flow_id": flow["id"], "parent_task_run_id": task["id"], "state": {"type": "RUNNING"}},  # a subflow
-              {"flow_id": flow["id"], "state": {"type": "SCHEDULED", "state_details": {
-                  "scheduled_time": "2030-01-01T00:00:00+00:00"}}}]
+    bodies = [
+        {"flow_id": flow["id"]},
+        {
+            "flow_id": flow["id"],
+            "name": "n",
+            "tags": ["a", "b"],
+            "parameters": {"x": [1, {"y": None}]},
+            "idempotency_key": "k",
+            "empirical_policy": {"retries": 2, "retry_delay": 3},
+            "state": {"type": "RUNNING", "message": "go"},
+        },
+        {"flow_id": flow["id"], "parent_task_run_id": task["id"], "state": {"type": "RUNNING"}},  # a subflow
+        {
+            "flow_id": flow["id"],
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2030-01-01T00:00:00+00:00"}},
+        },
+    ]
     assert_created_as_it_reads_back(client, "/flow_runs/", bodies)
 
 
 def test_read_filter_count_delete_task_runs(client):
     run = new_flow_run(client)
-    tasks = [new_task_run(client, run["id"], task_key="map", dynamic_key=str(i), tags=["m"] if i % 2 else [])
-             for i in range(4)]
+    tasks = [
+        new_task_run(client, run["id"], task_key="map", dynamic_key=str(i), tags=["m"] if i % 2 else [])
+        for i in range(4)
+    ]
     assert client.ok("GET", f"/task_runs/{tasks[0]['id']}")["dynamic_key"] == "0"
     assert client.get(f"/task_runs/{uuid.uuid4()}")[0] == 404
     assert client.ok("POST", "/task_runs/count", {}) == 4
     assert sorted(filter_ids(client, "/task_runs/filter", {"task_runs": {"tags": {"all_": ["m"]}}})) == sorted(
-        [tasks[1]["id"], tasks[3]["id"]])
+        [tasks[1]["id"], tasks[3]["id"]]
+    )
     status, body = client.delete(f"/task_runs/{tasks[0]['id']}")
     assert status == 204, body
     assert client.get(f"/task_runs/{tasks[0]['id']}")[0] == 404
@@ -414,6 +493,7 @@ def test_task_run_of_unknown_flow_run_is_404(client):
 
 
 # --- states ------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["flow", "task"])
 def test_read_states_of_a_run(client, kind):
@@ -450,10 +530,17 @@ def logs(client):
     """500 log lines in one request: levels cycle 10..50, one second apart, two flow runs, half with a task run."""
     first, second = new_flow_run(client), new_flow_run(client)
     task = new_task_run(client, first["id"])
-    entries = [{"name": "prefect.flow_runs", "level": LEVELS[i % 5], "message": f"line {i:03d}",
-                "timestamp": iso(T0 + dt.timedelta(seconds=i)),
-                "flow_run_id": first["id"] if i < 250 else second["id"],
-                "task_run_id": task["id"] if i % 2 else None} for i in range(500)]
+    entries = [
+        {
+            "name": "prefect.flow_runs",
+            "level": LEVELS[i % 5],
+            "message": f"line {i:03d}",
+            "timestamp": iso(T0 + dt.timedelta(seconds=i)),
+            "flow_run_id": first["id"] if i < 250 else second["id"],
+            "task_run_id": task["id"] if i % 2 else None,
+        }
+        for i in range(500)
+    ]
     status, body = client.post("/logs/", entries)
     assert status == 201, body
     assert body is None
@@ -475,7 +562,9 @@ def test_logs_are_stored_as_sent(client, logs):
     assert len(stored) == 500
     assert [entry["message"] for entry in stored] == [e["message"] for e in logs["entries"]]
     first = stored[0]
-    assert {"id", "created", "updated", "name", "level", "message", "timestamp", "flow_run_id", "task_run_id"} <= set(first)
+    assert {"id", "created", "updated", "name", "level", "message", "timestamp", "flow_run_id", "task_run_id"} <= set(
+        first
+    )
     assert parse(first["timestamp"]) == T0 and first["level"] == 10
 
 
@@ -487,8 +576,17 @@ def test_log_filter_by_level(client, logs):
 
 
 def test_log_filter_by_timestamp(client, logs):
-    window = all_logs(client, {"logs": {"timestamp": {"after_": iso(T0 + dt.timedelta(seconds=100)),
-                                                      "before_": iso(T0 + dt.timedelta(seconds=199))}}})
+    window = all_logs(
+        client,
+        {
+            "logs": {
+                "timestamp": {
+                    "after_": iso(T0 + dt.timedelta(seconds=100)),
+                    "before_": iso(T0 + dt.timedelta(seconds=199)),
+                }
+            }
+        },
+    )
     assert [e["message"] for e in window] == [f"line {i:03d}" for i in range(100, 200)]
     assert len(all_logs(client, {"logs": {"timestamp": {"before_": iso(T0 + dt.timedelta(seconds=9))}}})) == 10
 
@@ -501,8 +599,10 @@ def test_log_filter_by_flow_run_and_task_run(client, logs):
     with_task = all_logs(client, {"logs": {"task_run_id": {"is_null_": False}}})
     assert len(with_task) == 250 and all(e["task_run_id"] == logs["task"] for e in with_task)
     assert len(all_logs(client, {"logs": {"task_run_id": {"any_": [logs["task"]]}}})) == 250
-    combined = all_logs(client, {"logs": {"flow_run_id": {"any_": [logs["second"]]},
-                                          "task_run_id": {"is_null_": True}, "level": {"ge_": 50}}})
+    combined = all_logs(
+        client,
+        {"logs": {"flow_run_id": {"any_": [logs["second"]]}, "task_run_id": {"is_null_": True}, "level": {"ge_": 50}}},
+    )
     assert len(combined) == 25
 
 
@@ -535,14 +635,20 @@ def test_deleting_a_flow_run_deletes_its_logs(client, logs):
 
 
 def test_logs_batch_validation_names_the_entry(client):
-    status, body = client.post("/logs/", [{"name": "x", "level": 20, "message": "ok", "timestamp": iso(T0)},
-                                          {"name": "x", "level": "loud", "message": "bad", "timestamp": iso(T0)}])
+    status, body = client.post(
+        "/logs/",
+        [
+            {"name": "x", "level": 20, "message": "ok", "timestamp": iso(T0)},
+            {"name": "x", "level": "loud", "message": "bad", "timestamp": iso(T0)},
+        ],
+    )
     assert status == 422, body
     assert ["body", 1, "level"] in [d["loc"] for d in body["exception_detail"]]
     assert all_logs(client, {}) == []  # nothing of a refused batch is stored
 
 
 # --- the filter language -----------------------------------------------------------------------
+
 
 @pytest.fixture
 def runs(client):
@@ -555,8 +661,10 @@ def runs(client):
     beta = new_flow_run(client, etl["id"], name="Beta-two", tags=["b"])
     set_state(client, "flow", beta["id"], "RUNNING")
     gamma = new_flow_run(client, report["id"], name="gamma-three", scheduled=at(60), idempotency_key="g")
-    runs = {name: client.ok("GET", f"/flow_runs/{run['id']}") for name, run in
-            (("alpha", alpha), ("beta", beta), ("gamma", gamma))}
+    runs = {
+        name: client.ok("GET", f"/flow_runs/{run['id']}")
+        for name, run in (("alpha", alpha), ("beta", beta), ("gamma", gamma))
+    }
     runs["etl"], runs["report"] = etl, report
     return runs
 
@@ -567,11 +675,17 @@ def names_for(client, runs, body, path="/flow_runs/filter"):
 
 
 def test_filter_any_and_not_any(client, runs):
-    assert names_for(client, runs, {"flow_runs": {"id": {"any_": [runs["alpha"]["id"], runs["gamma"]["id"]]}}}) == ["alpha", "gamma"]
+    assert names_for(client, runs, {"flow_runs": {"id": {"any_": [runs["alpha"]["id"], runs["gamma"]["id"]]}}}) == [
+        "alpha",
+        "gamma",
+    ]
     assert names_for(client, runs, {"flow_runs": {"id": {"not_any_": [runs["alpha"]["id"]]}}}) == ["beta", "gamma"]
     assert names_for(client, runs, {"flow_runs": {"name": {"any_": ["Beta-two"]}}}) == ["beta"]
     assert names_for(client, runs, {"flow_runs": {"id": {"any_": []}}}) == []
-    assert names_for(client, runs, {"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "RUNNING"]}}}}) == ["alpha", "beta"]
+    assert names_for(client, runs, {"flow_runs": {"state": {"type": {"any_": ["COMPLETED", "RUNNING"]}}}}) == [
+        "alpha",
+        "beta",
+    ]
     assert names_for(client, runs, {"flow_runs": {"state": {"type": {"not_any_": ["COMPLETED"]}}}}) == ["beta", "gamma"]
     assert names_for(client, runs, {"flow_runs": {"state": {"name": {"any_": ["Scheduled"]}}}}) == ["gamma"]
     assert names_for(client, runs, {"flow_runs": {"idempotency_key": {"any_": ["g"]}}}) == ["gamma"]
@@ -622,22 +736,34 @@ def test_filter_tags_all_and_any(client, runs):
 
 def test_filter_tag_values_are_matched_exactly(client):
     flow = new_flow(client)
-    runs = {"ab": new_flow_run(client, flow["id"], tags=["ab"]),
-            "a%": new_flow_run(client, flow["id"], tags=['a"b', "x,y"])}
+    runs = {
+        "ab": new_flow_run(client, flow["id"], tags=["ab"]),
+        "a%": new_flow_run(client, flow["id"], tags=['a"b', "x,y"]),
+    }
     assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["a"]}}}) == []
     assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ['a"b']}}}) == [runs["a%"]["id"]]
     assert filter_ids(client, "/flow_runs/filter", {"flow_runs": {"tags": {"all_": ["x,y"]}}}) == [runs["a%"]["id"]]
 
 
 def test_filter_operator_or_and_nesting(client, runs):
-    either = {"flow_runs": {"operator": "or_", "name": {"any_": ["alpha-one"]}, "state": {"type": {"any_": ["RUNNING"]}}}}
+    either = {
+        "flow_runs": {"operator": "or_", "name": {"any_": ["alpha-one"]}, "state": {"type": {"any_": ["RUNNING"]}}}
+    }
     assert names_for(client, runs, either) == ["alpha", "beta"]
-    both = {"flow_runs": {"operator": "and_", "name": {"any_": ["alpha-one"]}, "state": {"type": {"any_": ["RUNNING"]}}}}
+    both = {
+        "flow_runs": {"operator": "and_", "name": {"any_": ["alpha-one"]}, "state": {"type": {"any_": ["RUNNING"]}}}
+    }
     assert names_for(client, runs, both) == []
-    nested = {"flow_runs": {"tags": {"all_": ["b"]},
-                            "state": {"operator": "or_", "type": {"any_": ["COMPLETED"]}, "name": {"any_": ["Running"]}}}}
+    nested = {
+        "flow_runs": {
+            "tags": {"all_": ["b"]},
+            "state": {"operator": "or_", "type": {"any_": ["COMPLETED"]}, "name": {"any_": ["Running"]}},
+        }
+    }
     assert names_for(client, runs, nested) == ["alpha", "beta"]
-    nested_and = {"flow_runs": {"state": {"operator": "and_", "type": {"any_": ["COMPLETED"]}, "name": {"any_": ["Running"]}}}}
+    nested_and = {
+        "flow_runs": {"state": {"operator": "and_", "type": {"any_": ["COMPLETED"]}, "name": {"any_": ["Running"]}}}
+    }
     assert names_for(client, runs, nested_and) == []
     inner_or = {"flow_runs": {"tags": {"operator": "or_", "all_": ["a"], "is_null_": True}}}
     assert names_for(client, runs, inner_or) == ["alpha", "gamma"]
@@ -650,7 +776,9 @@ def test_filter_across_objects(client, runs):
 
     task = new_task_run(client, runs["beta"]["id"])
     new_task_run(client, runs["alpha"]["id"])
-    assert filter_ids(client, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs["beta"]["id"]]}}}) == [task["id"]]
+    assert filter_ids(client, "/task_runs/filter", {"flow_runs": {"id": {"any_": [runs["beta"]["id"]]}}}) == [
+        task["id"]
+    ]
     assert client.ok("POST", "/task_runs/count", {"flow_runs": {"id": {"any_": [runs["beta"]["id"]]}}}) == 1
     assert filter_ids(client, "/task_runs/filter", {"flows": {"name": {"any_": ["Report-Flow"]}}}) == []
 
@@ -673,6 +801,7 @@ def test_filter_unknown_field_is_422(client, runs):
 
 # sorting
 
+
 def _sorted_names(client, path, sort, body=None):
     status, items = client.post(path, {**(body or {}), "sort": sort})
     assert status == 200, (sort, items)
@@ -682,9 +811,11 @@ def _sorted_names(client, path, sort, body=None):
 def test_every_flow_run_sort(client):
     flow = new_flow(client)
     # expected / next scheduled start times: b-run 10, a-run 20, c-run 30 minutes after T0
-    scheduled = {"b-run": new_flow_run(client, flow["id"], name="b-run", scheduled=at(10)),
-                 "a-run": new_flow_run(client, flow["id"], name="a-run", scheduled=at(20)),
-                 "c-run": new_flow_run(client, flow["id"], name="c-run", scheduled=at(30))}
+    scheduled = {
+        "b-run": new_flow_run(client, flow["id"], name="b-run", scheduled=at(10)),
+        "a-run": new_flow_run(client, flow["id"], name="a-run", scheduled=at(20)),
+        "c-run": new_flow_run(client, flow["id"], name="c-run", scheduled=at(30)),
+    }
     only = {"flow_runs": {"id": {"any_": ids(scheduled.values())}}}
     path = "/flow_runs/filter"
     assert _sorted_names(client, path, "NAME_ASC", only) == ["a-run", "b-run", "c-run"]
@@ -719,8 +850,11 @@ def test_pages_of_many_runs_come_in_sort_order_and_match_single_reads(dialect, t
         random.Random(7).shuffle(minutes)
         made = [new_flow_run(client, flow["id"], name=f"run-{m:03d}", scheduled=at(m)) for m in minutes]
         only = {"flow_runs": {"id": {"any_": ids(made)}}}
-        for sort, expected in (("EXPECTED_START_TIME_DESC", sorted(minutes, reverse=True)),
-                               ("EXPECTED_START_TIME_ASC", sorted(minutes)), ("NAME_DESC", sorted(minutes, reverse=True))):
+        for sort, expected in (
+            ("EXPECTED_START_TIME_DESC", sorted(minutes, reverse=True)),
+            ("EXPECTED_START_TIME_ASC", sorted(minutes)),
+            ("NAME_DESC", sorted(minutes, reverse=True)),
+        ):
             names = []
             for offset in (0, 50, 100):
                 page = client.ok("POST", "/flow_runs/filter", {**only, "sort": sort, "limit": 50, "offset": offset})
@@ -744,17 +878,25 @@ def test_start_time_sorts_fall_back_to_the_expected_start_time(client):
     set_state(client, "flow", running["id"], "RUNNING")
     only = {"flow_runs": {"id": {"any_": [future["id"], past["id"], running["id"]]}}}
     assert _sorted_names(client, "/flow_runs/filter", "START_TIME_ASC", only) == [
-        "not-started-past", "started-now", "not-started-future"]
+        "not-started-past",
+        "started-now",
+        "not-started-future",
+    ]
     assert _sorted_names(client, "/flow_runs/filter", "START_TIME_DESC", only) == [
-        "not-started-future", "started-now", "not-started-past"]
+        "not-started-future",
+        "started-now",
+        "not-started-past",
+    ]
 
 
 def test_every_task_run_sort(client):
     run = new_flow_run(client)
     set_state(client, "flow", run["id"], "RUNNING")
-    tasks = {"b-task": new_task_run(client, run["id"], name="b-task", scheduled=at(10)),
-             "a-task": new_task_run(client, run["id"], name="a-task", scheduled=at(20)),
-             "c-task": new_task_run(client, run["id"], name="c-task", scheduled=at(30))}
+    tasks = {
+        "b-task": new_task_run(client, run["id"], name="b-task", scheduled=at(10)),
+        "a-task": new_task_run(client, run["id"], name="a-task", scheduled=at(20)),
+        "c-task": new_task_run(client, run["id"], name="c-task", scheduled=at(30)),
+    }
     path = "/task_runs/filter"
     assert _sorted_names(client, path, "NAME_ASC") == ["a-task", "b-task", "c-task"]
     assert _sorted_names(client, path, "NAME_DESC") == ["c-task", "b-task", "a-task"]
@@ -795,6 +937,7 @@ def test_unknown_sort_is_422(client):
 
 # paging
 
+
 def test_limit_defaults_to_and_is_capped_at_200_and_offset_pages(client):
     for i in range(205):
         client.ok("POST", "/flows/", {"name": f"flow-{i:03d}"})
@@ -802,7 +945,8 @@ def test_limit_defaults_to_and_is_capped_at_200_and_offset_pages(client):
     assert len(client.ok("POST", "/flows/filter", {})) == 200
     assert len(client.ok("POST", "/flows/filter", {"limit": 1000})) == 200
     assert [f["name"] for f in client.ok("POST", "/flows/filter", {"offset": 200})] == [
-        f"flow-{i:03d}" for i in range(200, 205)]
+        f"flow-{i:03d}" for i in range(200, 205)
+    ]
     page = client.ok("POST", "/flows/filter", {"limit": 3, "offset": 10})
     assert [f["name"] for f in page] == ["flow-010", "flow-011", "flow-012"]
     assert client.ok("POST", "/flows/filter", {"limit": 0}) == []
@@ -811,17 +955,23 @@ def test_limit_defaults_to_and_is_capped_at_200_and_offset_pages(client):
 
 # --- the read cache ----------------------------------------------------------------------------
 
+
 def _cache_counts(api_url):
     status, _, body = get_raw(api_url + "/metrics")
     assert status == 200, body
     text = body.decode()
-    return tuple(int(re.search(rf"^prefectlite_read_cache_{kind}_total (\d+)", text, re.M).group(1))
-                 for kind in ("hits", "misses"))
+    return tuple(
+        int(re.search(rf"^prefectlite_read_cache_{kind}_total (\d+)", text, re.M).group(1))
+        for kind in ("hits", "misses")
+    )
 
 
 def test_read_cache_answers_repeats_and_never_hides_this_servers_writes(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/c.db", PREFECT_SERVER_METRICS_ENABLED=True,
-                           PREFECT_SERVER_READ_CACHE_SECONDS=600) as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/c.db",
+        PREFECT_SERVER_METRICS_ENABLED=True,
+        PREFECT_SERVER_READ_CACHE_SECONDS=600,
+    ) as api_url:
         client = Client(api_url)
         flow = new_flow(client)
         window = {"history_start": iso(T0), "history_end": iso(at(60)), "history_interval_seconds": 600}
@@ -852,8 +1002,10 @@ def test_read_cache_answers_repeats_and_never_hides_this_servers_writes(tmp_path
 def test_read_cache_bounds_how_stale_another_process_writes_can_be(tmp_path):
     url = f"sqlite:///{tmp_path}/shared.db"
     max_age = 3.0
-    with prefectlite.serve(database=url, PREFECT_SERVER_READ_CACHE_SECONDS=max_age) as cached_url, \
-            prefectlite.serve(database=url, PREFECT_SERVER_READ_CACHE_SECONDS=0) as uncached_url:
+    with (
+        prefectlite.serve(database=url, PREFECT_SERVER_READ_CACHE_SECONDS=max_age) as cached_url,
+        prefectlite.serve(database=url, PREFECT_SERVER_READ_CACHE_SECONDS=0) as uncached_url,
+    ):
         cached, uncached = Client(cached_url), Client(uncached_url)
         flow = new_flow(cached)
         body = {"flow_runs": {"flow_id": {"any_": [flow["id"]]}}}
@@ -892,6 +1044,7 @@ def test_read_cache_keeps_the_latest_generation_within_its_byte_budget():
 
 # --- meta routes -------------------------------------------------------------------------------
 
+
 def test_health_and_versions(client):
     assert client.get("/health") == (200, True)
     assert client.get("/version") == (200, prefectlite.API_VERSION) == (200, "0.8.4")  # the API's, as Prefect
@@ -900,8 +1053,11 @@ def test_health_and_versions(client):
 
 
 def test_admin_settings_mask_secrets(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/s.db", PREFECT_SERVER_API_AUTH_STRING="admin:s3cr3t-pw",
-                           PREFECT_API_DATABASE_PASSWORD="db-hunter2") as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/s.db",
+        PREFECT_SERVER_API_AUTH_STRING="admin:s3cr3t-pw",
+        PREFECT_API_DATABASE_PASSWORD="db-hunter2",
+    ) as api_url:
         token = base64.b64encode(b"admin:s3cr3t-pw").decode()
         client = Client(api_url, headers={"Authorization": f"Basic {token}"})
         status, settings = client.get("/admin/settings")
@@ -921,8 +1077,9 @@ def test_csrf_token_route_when_protection_is_off(client):
 
 
 def test_csrf_protection(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/c.db",
-                           PREFECT_SERVER_CSRF_PROTECTION_ENABLED=True) as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/c.db", PREFECT_SERVER_CSRF_PROTECTION_ENABLED=True
+    ) as api_url:
         client = Client(api_url)
         assert client.get("/health") == (200, True)
         assert client.get("/csrf-token")[0] == 422  # the client id is required
@@ -934,11 +1091,17 @@ def test_csrf_protection(tmp_path):
         status, body = client.post("/flows/", {"name": "no-token"})
         assert status == 403, body
         assert "detail" in body
-        status, body = client.post("/flows/", {"name": "wrong-token"},
-                                   headers={"Prefect-Csrf-Token": "nope", "Prefect-Csrf-Client": "my-client"})
+        status, body = client.post(
+            "/flows/",
+            {"name": "wrong-token"},
+            headers={"Prefect-Csrf-Token": "nope", "Prefect-Csrf-Client": "my-client"},
+        )
         assert status == 403, body
-        status, body = client.post("/flows/", {"name": "wrong-client"},
-                                   headers={"Prefect-Csrf-Token": issued["token"], "Prefect-Csrf-Client": "other"})
+        status, body = client.post(
+            "/flows/",
+            {"name": "wrong-client"},
+            headers={"Prefect-Csrf-Token": issued["token"], "Prefect-Csrf-Client": "other"},
+        )
         assert status == 403, body
         good = {"Prefect-Csrf-Token": issued["token"], "Prefect-Csrf-Client": "my-client"}
         status, flow = client.post("/flows/", {"name": "with-token"}, headers=good)
@@ -958,8 +1121,7 @@ def test_openapi_lists_every_route(client, server):
     status, doc = client.get("/openapi.json")
     assert status == 200, doc
     assert doc["openapi"].startswith("3.")
-    missing = [(m, p) for m, p, _handler in prefectlite.ROUTES
-               if m.lower() not in doc["paths"].get("/api" + p, {})]
+    missing = [(m, p) for m, p, _handler in prefectlite.ROUTES if m.lower() not in doc["paths"].get("/api" + p, {})]
     assert missing == []
     create = doc["paths"]["/api/flows/"]["post"]
     ref = create["requestBody"]["content"]["application/json"]["schema"]["$ref"]
@@ -969,10 +1131,16 @@ def test_openapi_lists_every_route(client, server):
 
 # The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 API is not served" says.
 NOT_SERVED = {
-    ("POST", "/ui/flow_runs/history"), ("POST", "/ui/task_runs/count"), ("POST", "/ui/task_runs/dashboard/counts"),
-    ("POST", "/ui/schemas/validate"), ("POST", "/flow_runs/lateness"), ("POST", "/templates/validate"),
+    ("POST", "/ui/flow_runs/history"),
+    ("POST", "/ui/task_runs/count"),
+    ("POST", "/ui/task_runs/dashboard/counts"),
+    ("POST", "/ui/schemas/validate"),
+    ("POST", "/flow_runs/lateness"),
+    ("POST", "/templates/validate"),
     ("GET", "/deployments/{id}/work_queue_check"),
-    ("POST", "/admin/database/clear"), ("POST", "/admin/database/create"), ("POST", "/admin/database/drop"),
+    ("POST", "/admin/database/clear"),
+    ("POST", "/admin/database/create"),
+    ("POST", "/admin/database/drop"),
 }
 
 
@@ -1001,8 +1169,12 @@ def test_every_route_of_the_2_20_contract_is_served_but_the_documented_few():
     contract = json.loads(contract_file.read_text(encoding="utf-8"))
     shape = lambda path: re.sub(r"\{[^}]+\}", "{}", path)  # noqa: E731 - parameter names differ
     served = {(method, shape(path)) for method, path, _handler in prefectlite.ROUTES}
-    missing = {(method.upper(), path) for path, operations in contract["paths"].items() for method in operations
-               if (method.upper(), shape(path)) not in served}
+    missing = {
+        (method.upper(), path)
+        for path, operations in contract["paths"].items()
+        for method in operations
+        if (method.upper(), shape(path)) not in served
+    }
     assert missing == NOT_SERVED
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     assert f"served but these {len(NOT_SERVED)}," in readme

@@ -18,13 +18,15 @@ from helpers import Client, new_flow_run
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def unique_key(prefix="report"):
     return f"{prefix}-{uuid.uuid4().hex[:10]}"
 
 
 def new_task_run(client, flow_run_id):
-    return client.ok("POST", "/task_runs/", {"flow_run_id": flow_run_id, "task_key": f"t-{uuid.uuid4().hex[:8]}",
-                                             "dynamic_key": "0"})
+    return client.ok(
+        "POST", "/task_runs/", {"flow_run_id": flow_run_id, "task_key": f"t-{uuid.uuid4().hex[:8]}", "dynamic_key": "0"}
+    )
 
 
 def new_artifact(client, **fields):
@@ -48,10 +50,17 @@ def ids(items):
 
 # --- create and read ---------------------------------------------------------------------------
 
+
 def test_markdown_artifact_as_the_sdk_creates_it(client):
     run = new_flow_run(client)
-    body = {"key": "report", "type": "markdown", "description": None, "data": "# Hello\n\n*world*",
-            "flow_run_id": run["id"], "task_run_id": None}
+    body = {
+        "key": "report",
+        "type": "markdown",
+        "description": None,
+        "data": "# Hello\n\n*world*",
+        "flow_run_id": run["id"],
+        "task_run_id": None,
+    }
     art = new_artifact(client, **body)
     for field, value in body.items():
         assert art[field] == value, field
@@ -60,20 +69,30 @@ def test_markdown_artifact_as_the_sdk_creates_it(client):
     assert client.ok("GET", f"/artifacts/{art['id']}") == art
 
 
-@pytest.mark.parametrize("type_, data", [
-    ("table", '[{"a": 1, "b": 2}, {"a": 3, "b": 4}]'),
-    ("table", {"a": [1, 3], "b": [2, 4]}),
-    ("markdown", "[Prefect](https://www.prefect.io)"),  # what create_link_artifact sends
-    ("link", "https://example.com/dashboard"),
-    ("progress", 42.5),
-    ("result", {"type": "reference", "storage_key": "/tmp/results/abc", "serializer_type": "pickle"}),
-    ("image", "https://example.com/chart.png"),
-])
+@pytest.mark.parametrize(
+    "type_, data",
+    [
+        ("table", '[{"a": 1, "b": 2}, {"a": 3, "b": 4}]'),
+        ("table", {"a": [1, 3], "b": [2, 4]}),
+        ("markdown", "[Prefect](https://www.prefect.io)"),  # what create_link_artifact sends
+        ("link", "https://example.com/dashboard"),
+        ("progress", 42.5),
+        ("result", {"type": "reference", "storage_key": "/tmp/results/abc", "serializer_type": "pickle"}),
+        ("image", "https://example.com/chart.png"),
+    ],
+)
 def test_artifact_types_keep_their_data(client, type_, data):
     run = new_flow_run(client)
     task = new_task_run(client, run["id"])
-    art = new_artifact(client, key=unique_key(type_), type=type_, description=f"a {type_} artifact", data=data,
-                       flow_run_id=run["id"], task_run_id=task["id"])
+    art = new_artifact(
+        client,
+        key=unique_key(type_),
+        type=type_,
+        description=f"a {type_} artifact",
+        data=data,
+        flow_run_id=run["id"],
+        task_run_id=task["id"],
+    )
     read = client.ok("GET", f"/artifacts/{art['id']}")
     assert (read["type"], read["data"], read["description"]) == (type_, data, f"a {type_} artifact")
     assert (read["flow_run_id"], read["task_run_id"]) == (run["id"], task["id"])
@@ -108,6 +127,7 @@ def test_unknown_artifact_is_404(client):
 
 # --- filter and count --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def artifact_set(client):
     """Two flow runs (one tagged nightly), artifacts of a few keys and types."""
@@ -115,8 +135,9 @@ def artifact_set(client):
     adhoc = new_flow_run(client)
     task = new_task_run(client, nightly["id"])
     made = {
-        "sales-1": new_artifact(client, key="sales", type="table", data="[]", flow_run_id=nightly["id"],
-                                task_run_id=task["id"]),
+        "sales-1": new_artifact(
+            client, key="sales", type="table", data="[]", flow_run_id=nightly["id"], task_run_id=task["id"]
+        ),
         "sales-2": new_artifact(client, key="sales", type="table", data="[1]", flow_run_id=adhoc["id"]),
         "summary": new_artifact(client, key="summary", type="markdown", data="# s", flow_run_id=nightly["id"]),
         "progress": new_artifact(client, key="load-progress", type="progress", data=10.0, flow_run_id=adhoc["id"]),
@@ -140,12 +161,14 @@ def test_artifact_filter_by_key_type_and_flow_run(client, artifact_set):
     assert found({"artifacts": {"key": {"any_": ["sales"]}}}) == ids([a["sales-1"], a["sales-2"]])
     assert found({"artifacts": {"type": {"any_": ["markdown", "progress"]}}}) == ids([a["summary"], a["progress"]])
     assert found({"artifacts": {"type": {"not_any_": ["table", "result"]}}}) == ids([a["summary"], a["progress"]])
-    assert found({"artifacts": {"flow_run_id": {"any_": [nightly["id"]]}}}) == \
-        ids([a["sales-1"], a["summary"], a["nokey"]])
+    assert found({"artifacts": {"flow_run_id": {"any_": [nightly["id"]]}}}) == ids(
+        [a["sales-1"], a["summary"], a["nokey"]]
+    )
     assert found({"artifacts": {"task_run_id": {"any_": [artifact_set["task"]["id"]]}}}) == ids([a["sales-1"]])
     assert found({"artifacts": {"id": {"any_": [a["summary"]["id"]]}}}) == ids([a["summary"]])
-    assert found({"artifacts": {"key": {"any_": ["sales"]}, "flow_run_id": {"any_": [nightly["id"]]}}}) == \
-        ids([a["sales-1"]])
+    assert found({"artifacts": {"key": {"any_": ["sales"]}, "flow_run_id": {"any_": [nightly["id"]]}}}) == ids(
+        [a["sales-1"]]
+    )
     assert client.ok("POST", "/artifacts/count", {"artifacts": {"key": {"any_": ["sales"]}}}) == 2
     assert client.ok("POST", "/artifacts/count", {"artifacts": {"type": {"any_": ["result"]}}}) == 1
 
@@ -164,8 +187,9 @@ def test_artifact_filter_across_flow_runs_and_task_runs(client, artifact_set):
 def test_artifact_filter_sort_and_paging(client, artifact_set):
     by_key = client.ok("POST", "/artifacts/filter", {"sort": "KEY_ASC", "artifacts": {"key": {"is_null_": False}}})
     assert [x["key"] for x in by_key] == ["load-progress", "sales", "sales", "summary"]
-    by_key = client.ok("POST", "/artifacts/filter", {"sort": "KEY_DESC", "artifacts": {"key": {"is_null_": False}},
-                                                     "limit": 1})
+    by_key = client.ok(
+        "POST", "/artifacts/filter", {"sort": "KEY_DESC", "artifacts": {"key": {"is_null_": False}}, "limit": 1}
+    )
     assert [x["key"] for x in by_key] == ["summary"]
     newest = client.ok("POST", "/artifacts/filter", {"sort": "CREATED_DESC", "limit": 1})
     assert newest[0]["id"] == artifact_set["a"]["nokey"]["id"]
@@ -175,6 +199,7 @@ def test_artifact_filter_sort_and_paging(client, artifact_set):
 
 
 # --- update and delete -------------------------------------------------------------------------
+
 
 def test_artifact_update(client):
     art = new_artifact(client, key=unique_key(), type="progress", data=10.0, description="loading")
@@ -203,6 +228,7 @@ def test_artifact_delete(client):
 
 
 # --- latest per key ----------------------------------------------------------------------------
+
 
 def test_latest_artifact_follows_the_newest_of_a_key(client):
     key = unique_key()
@@ -239,8 +265,12 @@ def test_latest_filter_and_count_see_one_entry_per_key(client):
     assert client.ok("POST", "/artifacts/latest/count", {"artifacts": {"key": {"any_": [k1]}}}) == 1
     assert client.ok("POST", "/artifacts/latest/count", {"artifacts": {"type": {"any_": ["markdown"]}}}) == 1
     # the older artifact of k1 is not a "latest"
-    assert client.ok("POST", "/artifacts/latest/count", {"artifacts": {"type": {"any_": ["table"]},
-                                                                        "key": {"any_": [k1]}}}) == 1
+    assert (
+        client.ok(
+            "POST", "/artifacts/latest/count", {"artifacts": {"type": {"any_": ["table"]}, "key": {"any_": [k1]}}}
+        )
+        == 1
+    )
     by_run = client.ok("POST", "/artifacts/latest/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})
     assert [c["key"] for c in by_run] == [k1]
 

@@ -16,8 +16,9 @@ BENCH = ROOT / "tests" / "benchmarks"
 
 
 def _run(script, *args, timeout=120):
-    done = subprocess.run([sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True,
-                          timeout=timeout)
+    done = subprocess.run(
+        [sys.executable, str(BENCH / script), *args, "--json"], capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout)
 
@@ -61,8 +62,22 @@ def test_pg_servers_script_runs_two_servers_on_one_postgres_within_their_pools(p
     if shutil.which("psql") is None:
         pytest.skip("psql is not installed")
     psql = f"psql {postgres_url} -c 'select 1'"
-    report = _run("bench_pg_servers.py", "--postgres-url", postgres_url, "--psql", psql, "--clients", "3",
-                  "--duration", "1", "--pool-size", "1", "--max-overflow", "1", timeout=180)
+    report = _run(
+        "bench_pg_servers.py",
+        "--postgres-url",
+        postgres_url,
+        "--psql",
+        psql,
+        "--clients",
+        "3",
+        "--duration",
+        "1",
+        "--pool-size",
+        "1",
+        "--max-overflow",
+        "1",
+        timeout=180,
+    )
     assert report["ok"] and len(report["servers"]) == 2
     for server in report["servers"]:
         assert server["errors"] == {} and server["requests"] > 0

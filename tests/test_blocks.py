@@ -20,6 +20,7 @@ MASK = prefectlite.SECRET_MASK  # Prefect 2.20's "********"
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def new_block_type(client, slug=None, **fields):
     slug = slug or unique("type")
     body = {"name": fields.pop("name", slug.replace("-", " ").title()), "slug": slug, **fields}
@@ -30,17 +31,27 @@ def new_block_type(client, slug=None, **fields):
 
 def credentials_fields(slug, secret_fields=("password",), extra_properties=None):
     return {
-        "title": "Credentials", "type": "object", "block_type_slug": slug,
-        "properties": {"username": {"title": "Username", "type": "string"},
-                       "password": {"title": "Password", "type": "string", "writeOnly": True, "format": "password"},
-                       "port": {"title": "Port", "type": "integer"}, **(extra_properties or {})},
-        "required": ["username"], "secret_fields": list(secret_fields), "block_schema_references": {},
+        "title": "Credentials",
+        "type": "object",
+        "block_type_slug": slug,
+        "properties": {
+            "username": {"title": "Username", "type": "string"},
+            "password": {"title": "Password", "type": "string", "writeOnly": True, "format": "password"},
+            "port": {"title": "Port", "type": "integer"},
+            **(extra_properties or {}),
+        },
+        "required": ["username"],
+        "secret_fields": list(secret_fields),
+        "block_schema_references": {},
     }
 
 
 def new_block_schema(client, block_type, fields=None, capabilities=(), version=None, checksum=None, expect=201):
-    body = {"block_type_id": block_type["id"], "fields": fields if fields is not None else
-            credentials_fields(block_type["slug"]), "capabilities": list(capabilities)}
+    body = {
+        "block_type_id": block_type["id"],
+        "fields": fields if fields is not None else credentials_fields(block_type["slug"]),
+        "capabilities": list(capabilities),
+    }
     if version is not None:
         body["version"] = version
     if checksum is not None:
@@ -53,14 +64,20 @@ def new_block_schema(client, block_type, fields=None, capabilities=(), version=N
 def new_block_kind(client, fields=None, capabilities=(), slug=None):
     """A fresh block type and one schema for it."""
     bt = new_block_type(client, slug=slug)
-    schema = new_block_schema(client, bt, fields=fields if fields is not None else credentials_fields(bt["slug"]),
-                              capabilities=capabilities)
+    schema = new_block_schema(
+        client, bt, fields=fields if fields is not None else credentials_fields(bt["slug"]), capabilities=capabilities
+    )
     return bt, schema
 
 
 def new_document(client, bt, schema, name=None, data=None, is_anonymous=False, expect=201):
-    body = {"name": name, "data": data if data is not None else {}, "block_schema_id": schema["id"],
-            "block_type_id": bt["id"], "is_anonymous": is_anonymous}
+    body = {
+        "name": name,
+        "data": data if data is not None else {},
+        "block_schema_id": schema["id"],
+        "block_type_id": bt["id"],
+        "is_anonymous": is_anonymous,
+    }
     status, doc = client.post("/block_documents/", body)
     assert status == expect, (status, doc)
     return doc
@@ -77,10 +94,17 @@ def names(items):
 
 # --- block types -------------------------------------------------------------------------------
 
+
 def test_block_type_create_read_by_id_and_slug(client):
-    bt = new_block_type(client, slug=unique("warehouse"), name="Warehouse", description="Where data lives",
-                        logo_url="https://example.com/logo.png", documentation_url="https://example.com/docs",
-                        code_example="Warehouse.load('x')")
+    bt = new_block_type(
+        client,
+        slug=unique("warehouse"),
+        name="Warehouse",
+        description="Where data lives",
+        logo_url="https://example.com/logo.png",
+        documentation_url="https://example.com/docs",
+        code_example="Warehouse.load('x')",
+    )
     assert bt["is_protected"] is False
     assert bt["description"] == "Where data lives" and bt["code_example"] == "Warehouse.load('x')"
     assert {"id", "created", "updated", "name", "slug", "logo_url", "documentation_url"} <= set(bt)
@@ -130,8 +154,9 @@ def test_block_type_filter_by_name_and_slug(client):
 def test_block_type_filter_by_schema_capabilities(client):
     store, _ = new_block_kind(client, capabilities=["read-path", "write-path"])
     reader, _ = new_block_kind(client, capabilities=["read-path"])
-    found = client.ok("POST", "/block_types/filter",
-                      {"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}})
+    found = client.ok(
+        "POST", "/block_types/filter", {"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}}
+    )
     assert [t["slug"] for t in found] == [store["slug"]]
     found = client.ok("POST", "/block_types/filter", {"block_schemas": {"block_capabilities": {"all_": ["read-path"]}}})
     assert sorted(t["slug"] for t in found) == sorted([store["slug"], reader["slug"]])
@@ -139,8 +164,9 @@ def test_block_type_filter_by_schema_capabilities(client):
 
 def test_block_type_update_changes_only_the_fields_sent(client):
     bt = new_block_type(client, description="before", code_example="old example")
-    status, body = client.patch(f"/block_types/{bt['id']}", {"description": "after",
-                                                             "logo_url": "https://example.com/new.png"})
+    status, body = client.patch(
+        f"/block_types/{bt['id']}", {"description": "after", "logo_url": "https://example.com/new.png"}
+    )
     assert status == 204, body
     after = client.ok("GET", f"/block_types/{bt['id']}")
     assert after["description"] == "after"
@@ -190,9 +216,15 @@ def test_protected_block_type_cannot_be_deleted(client):
 
 def test_protected_block_type_patch_is_acknowledged_but_changes_nothing(client):
     slack = client.ok("GET", "/block_types/slug/slack-webhook")
-    status, body = client.patch(f"/block_types/{slack['id']}", {
-        "description": "The SDK's own description", "logo_url": "https://example.com/other.png",
-        "documentation_url": "https://example.com/other", "code_example": "SlackWebhook.load('x')"})
+    status, body = client.patch(
+        f"/block_types/{slack['id']}",
+        {
+            "description": "The SDK's own description",
+            "logo_url": "https://example.com/other.png",
+            "documentation_url": "https://example.com/other",
+            "code_example": "SlackWebhook.load('x')",
+        },
+    )
     assert status == 204, body
     assert client.ok("GET", f"/block_types/{slack['id']}") == slack
 
@@ -206,6 +238,7 @@ def test_install_system_block_types_is_idempotent(client):
 
 
 # --- block schemas -----------------------------------------------------------------------------
+
 
 def test_block_schema_create_and_read_by_id(client):
     bt = new_block_type(client)
@@ -247,8 +280,9 @@ def test_block_schema_create_is_idempotent_by_checksum_and_version(client):
     assert other["id"] != first["id"]
     # same fields without a checksum: the server computes one, the same each time
     computed = new_block_schema(client, bt, fields={"title": "X", "properties": {"a": {"type": "string"}}})
-    computed_again = new_block_schema(client, bt, fields={"title": "X", "properties": {"a": {"type": "string"}}},
-                                      expect=200)
+    computed_again = new_block_schema(
+        client, bt, fields={"title": "X", "properties": {"a": {"type": "string"}}}, expect=200
+    )
     assert computed_again["id"] == computed["id"]
     schemas = client.ok("POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}})
     assert sorted(s["id"] for s in schemas) == sorted([first["id"], other["id"], computed["id"]])
@@ -258,20 +292,29 @@ def test_block_schema_create_is_idempotent_by_checksum_and_version(client):
 # it (Block._calculate_schema_checksum, run once on both): secret_fields and the definitions of blocks
 # (Creds) or of nothing referred to (Unused) do not count; the text is json.dumps with default spacing.
 SDK_SHAPED_FIELDS = {
-    "title": "Warehouse", "description": "A warehouse connection.", "type": "object",
+    "title": "Warehouse",
+    "description": "A warehouse connection.",
+    "type": "object",
     "properties": {
         "dsn": {"title": "Dsn", "type": "string"},
         "password": {"title": "Password", "type": "string", "writeOnly": True, "format": "password"},
-        "options": {"$ref": "#/definitions/Options"}, "creds": {"$ref": "#/definitions/Creds"},
+        "options": {"$ref": "#/definitions/Options"},
+        "creds": {"$ref": "#/definitions/Creds"},
         "label": {"title": "Label", "type": "string", "default": "café"},
     },
-    "required": ["dsn", "password"], "block_type_slug": "warehouse", "secret_fields": ["password", "creds.token"],
+    "required": ["dsn", "password"],
+    "block_type_slug": "warehouse",
+    "secret_fields": ["password", "creds.token"],
     "block_schema_references": {"creds": {"block_type_slug": "creds", "block_schema_checksum": "sha256:abc"}},
     "definitions": {
-        "Options": {"title": "Options", "type": "object",
-                    "properties": {"retries": {"type": "integer", "default": 3}}},
-        "Creds": {"title": "Creds", "type": "object", "block_type_slug": "creds", "secret_fields": ["token"],
-                  "properties": {"token": {"type": "string"}}},
+        "Options": {"title": "Options", "type": "object", "properties": {"retries": {"type": "integer", "default": 3}}},
+        "Creds": {
+            "title": "Creds",
+            "type": "object",
+            "block_type_slug": "creds",
+            "secret_fields": ["token"],
+            "properties": {"token": {"type": "string"}},
+        },
         "Unused": {"title": "Unused", "type": "object"},
     },
 }
@@ -288,8 +331,10 @@ def test_block_schema_checksum_is_the_sdks_so_it_finds_the_schema_by_it(client):
     assert client.ok("GET", f"/block_schemas/checksum/{SDK_CHECKSUM}")["id"] == schema["id"]
     plain = {"title": "Plain", "type": "object", "properties": {}, "secret_fields": []}
     assert new_block_schema(client, bt, fields=plain)["checksum"] == PLAIN_SDK_CHECKSUM
-    looping = {"properties": {"a": {"$ref": "#/definitions/A"}},
-               "definitions": {"A": {"properties": {"b": {"$ref": "#/definitions/A"}}}}}
+    looping = {
+        "properties": {"a": {"$ref": "#/definitions/A"}},
+        "definitions": {"A": {"properties": {"b": {"$ref": "#/definitions/A"}}}},
+    }
     assert new_block_schema(client, bt, fields=looping)["checksum"].startswith("sha256:")  # no 500
 
 
@@ -323,8 +368,14 @@ def test_block_schema_filter_by_type_capabilities_and_version(client):
         return sorted(s["id"] for s in client.ok("POST", "/block_schemas/filter", body))
 
     assert ids({"block_schemas": {"block_type_id": {"any_": [bt_a["id"]]}}}) == sorted([a_rw["id"], a_r["id"]])
-    assert ids({"block_schemas": {"block_type_id": {"any_": [bt_a["id"], bt_b["id"]]},
-                                  "block_capabilities": {"all_": ["write-path"]}}}) == sorted([a_rw["id"], b_w["id"]])
+    assert ids(
+        {
+            "block_schemas": {
+                "block_type_id": {"any_": [bt_a["id"], bt_b["id"]]},
+                "block_capabilities": {"all_": ["write-path"]},
+            }
+        }
+    ) == sorted([a_rw["id"], b_w["id"]])
     assert ids({"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}}) == [a_rw["id"]]
     assert ids({"block_schemas": {"block_type_id": {"any_": [bt_a["id"]]}, "version": {"any_": ["2"]}}}) == [a_r["id"]]
     assert ids({"block_schemas": {"id": {"any_": [b_w["id"]]}}}) == [b_w["id"]]
@@ -355,6 +406,7 @@ def test_block_capabilities_lists_every_capability_once(client):
 
 # --- block documents ---------------------------------------------------------------------------
 
+
 def test_block_document_create_and_read_by_id(client):
     bt, schema = new_block_kind(client)
     doc = new_document(client, bt, schema, name="warehouse-login", data={"username": "etl", "port": 5432})
@@ -367,8 +419,9 @@ def test_block_document_create_and_read_by_id(client):
     assert doc["block_schema"]["id"] == schema["id"]
     assert doc["block_document_references"] == {}
     read = read_document(client, doc["id"])
-    assert {k: read[k] for k in ("id", "name", "data", "block_type_id", "block_schema_id", "is_anonymous")} == \
-           {k: doc[k] for k in ("id", "name", "data", "block_type_id", "block_schema_id", "is_anonymous")}
+    assert {k: read[k] for k in ("id", "name", "data", "block_type_id", "block_schema_id", "is_anonymous")} == {
+        k: doc[k] for k in ("id", "name", "data", "block_type_id", "block_schema_id", "is_anonymous")
+    }
 
 
 def test_block_document_read_by_type_slug_and_name(client):
@@ -390,14 +443,22 @@ def test_block_document_unknown_id_is_404(client):
 def test_block_document_duplicate_name_in_a_type_is_409(client):
     bt, schema = new_block_kind(client)
     new_document(client, bt, schema, name="db-password", data={"username": "a"})
-    status, body = client.post("/block_documents/", {"name": "db-password", "data": {"username": "b"},
-                                                     "block_schema_id": schema["id"], "block_type_id": bt["id"],
-                                                     "is_anonymous": False})
+    status, body = client.post(
+        "/block_documents/",
+        {
+            "name": "db-password",
+            "data": {"username": "b"},
+            "block_schema_id": schema["id"],
+            "block_type_id": bt["id"],
+            "is_anonymous": False,
+        },
+    )
     assert status == 409, body
     assert body == {"detail": "Block already exists"}
     # the first one is untouched
-    assert client.ok("GET", f"/block_types/slug/{bt['slug']}/block_documents/name/db-password")["data"] == \
-           {"username": "a"}
+    assert client.ok("GET", f"/block_types/slug/{bt['slug']}/block_documents/name/db-password")["data"] == {
+        "username": "a"
+    }
     # the same name in another type is fine
     other_bt, other_schema = new_block_kind(client)
     new_document(client, other_bt, other_schema, name="db-password", data={"username": "c"})
@@ -405,33 +466,51 @@ def test_block_document_duplicate_name_in_a_type_is_409(client):
 
 def test_block_document_needs_a_name_unless_anonymous(client):
     bt, schema = new_block_kind(client)
-    status, body = client.post("/block_documents/", {"data": {}, "block_schema_id": schema["id"],
-                                                     "block_type_id": bt["id"]})
+    status, body = client.post(
+        "/block_documents/", {"data": {}, "block_schema_id": schema["id"], "block_type_id": bt["id"]}
+    )
     assert status == 422, body
 
 
 def test_block_document_name_is_validated(client):
     bt, schema = new_block_kind(client)
-    status, body = client.post("/block_documents/", {"name": "Not Valid!", "data": {}, "block_schema_id": schema["id"],
-                                                     "block_type_id": bt["id"]})
+    status, body = client.post(
+        "/block_documents/",
+        {"name": "Not Valid!", "data": {}, "block_schema_id": schema["id"], "block_type_id": bt["id"]},
+    )
     assert status == 422, body
     assert any(err["loc"][-1] == "name" for err in body["exception_detail"]), body
 
 
 def test_block_document_with_unknown_schema_is_404(client):
     bt, _ = new_block_kind(client)
-    status, body = client.post("/block_documents/", {"name": "x", "data": {}, "block_schema_id": str(uuid.uuid4()),
-                                                     "block_type_id": bt["id"]})
+    status, body = client.post(
+        "/block_documents/", {"name": "x", "data": {}, "block_schema_id": str(uuid.uuid4()), "block_type_id": bt["id"]}
+    )
     assert status == 404, body
 
 
 def test_anonymous_block_document_gets_a_generated_name(client):
-    bt, schema = new_block_kind(client, fields={"title": "LocalFileSystem", "properties": {
-        "basepath": {"title": "Basepath", "type": "string"}}, "secret_fields": [], "block_schema_references": {}})
+    bt, schema = new_block_kind(
+        client,
+        fields={
+            "title": "LocalFileSystem",
+            "properties": {"basepath": {"title": "Basepath", "type": "string"}},
+            "secret_fields": [],
+            "block_schema_references": {},
+        },
+    )
     # as the SDK sends it when persisting results (c_cache trace)
-    status, doc = client.post("/block_documents/", {"name": None, "data": {"basepath": "~/.prefect/storage"},
-                                                    "block_schema_id": schema["id"], "block_type_id": bt["id"],
-                                                    "is_anonymous": True})
+    status, doc = client.post(
+        "/block_documents/",
+        {
+            "name": None,
+            "data": {"basepath": "~/.prefect/storage"},
+            "block_schema_id": schema["id"],
+            "block_type_id": bt["id"],
+            "is_anonymous": True,
+        },
+    )
     assert status == 201, doc
     assert doc["is_anonymous"] is True
     assert doc["name"].startswith("anonymous-") and len(doc["name"]) > len("anonymous-")
@@ -454,8 +533,9 @@ def test_anonymous_documents_are_hidden_from_filter_unless_asked(client):
     assert client.ok("POST", "/block_documents/count", asked) == 1
 
     either = {**by_type, "block_documents": {"is_anonymous": None}}
-    assert sorted(d["id"] for d in client.ok("POST", "/block_documents/filter", either)) == \
-           sorted([named["id"], anon["id"]])
+    assert sorted(d["id"] for d in client.ok("POST", "/block_documents/filter", either)) == sorted(
+        [named["id"], anon["id"]]
+    )
 
     # listing by type slug hides them too
     listed = client.ok("GET", f"/block_types/slug/{bt['slug']}/block_documents")
@@ -503,15 +583,21 @@ def test_block_document_filter_and_count(client):
     scope = {"block_documents": {"block_type_id": {"any_": mine}}}
     assert ids(scope) == sorted([d1["id"], d2["id"], d3["id"]])
     assert client.ok("POST", "/block_documents/count", scope) == 3
-    assert ids({"block_documents": {"block_type_id": {"any_": mine}, "name": {"any_": ["prod-db", "prod-bucket"]}}}) \
-        == sorted([d1["id"], d3["id"]])
-    assert ids({"block_documents": {"block_type_id": {"any_": mine}, "name": {"like_": "prod"}}}) == \
-        sorted([d1["id"], d3["id"]])
+    assert ids(
+        {"block_documents": {"block_type_id": {"any_": mine}, "name": {"any_": ["prod-db", "prod-bucket"]}}}
+    ) == sorted([d1["id"], d3["id"]])
+    assert ids({"block_documents": {"block_type_id": {"any_": mine}, "name": {"like_": "prod"}}}) == sorted(
+        [d1["id"], d3["id"]]
+    )
     assert ids({"block_documents": {"id": {"any_": [d2["id"]]}}}) == [d2["id"]]
     assert ids({"block_types": {"slug": {"any_": [other_bt["slug"]]}}}) == [d3["id"]]
     assert ids({"block_schemas": {"block_capabilities": {"all_": ["authenticate"]}}}) == sorted([d1["id"], d2["id"]])
-    assert client.ok("POST", "/block_documents/count",
-                     {"block_schemas": {"block_capabilities": {"all_": ["authenticate"]}}}) == 2
+    assert (
+        client.ok(
+            "POST", "/block_documents/count", {"block_schemas": {"block_capabilities": {"all_": ["authenticate"]}}}
+        )
+        == 2
+    )
     ordered = client.ok("POST", "/block_documents/filter", {**scope, "sort": "NAME_ASC"})
     assert names(ordered) == ["prod-bucket", "prod-db", "staging-db"]
     page = client.ok("POST", "/block_documents/filter", {**scope, "sort": "NAME_ASC", "limit": 1, "offset": 1})
@@ -524,8 +610,9 @@ def test_block_document_update_merges_by_default(client):
     status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {"port": 6543}})
     assert status == 204, body
     assert read_document(client, doc["id"], True)["data"] == {"username": "etl", "port": 6543}
-    status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {"password": "pw"},
-                                                                  "merge_existing_data": True})
+    status, body = client.patch(
+        f"/block_documents/{doc['id']}", {"data": {"password": "pw"}, "merge_existing_data": True}
+    )
     assert status == 204, body
     assert read_document(client, doc["id"], True)["data"] == {"username": "etl", "port": 6543, "password": "pw"}
 
@@ -533,8 +620,9 @@ def test_block_document_update_merges_by_default(client):
 def test_block_document_update_without_merge_replaces(client):
     bt, schema = new_block_kind(client)
     doc = new_document(client, bt, schema, name="replace-me", data={"username": "etl", "port": 5432, "password": "pw"})
-    status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {"username": "new"},
-                                                                  "merge_existing_data": False})
+    status, body = client.patch(
+        f"/block_documents/{doc['id']}", {"data": {"username": "new"}, "merge_existing_data": False}
+    )
     assert status == 204, body
     after = read_document(client, doc["id"], True)
     assert after["data"] == {"username": "new"}
@@ -545,10 +633,13 @@ def test_block_document_update_as_the_sdk_sends_it(client):
     """h_blocks_vars: after a 409 the SDK PATCHes {"data", "block_schema_id"} (merge by default)."""
     bt, schema = new_block_kind(client)
     doc = new_document(client, bt, schema, name="db-password", data={"username": "u", "password": "s3cr3t"})
-    newer = new_block_schema(client, bt, fields=credentials_fields(bt["slug"],
-                             extra_properties={"host": {"type": "string"}}), version="2")
-    status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {"username": "u", "password": "s3cr3t"},
-                                                                  "block_schema_id": newer["id"]})
+    newer = new_block_schema(
+        client, bt, fields=credentials_fields(bt["slug"], extra_properties={"host": {"type": "string"}}), version="2"
+    )
+    status, body = client.patch(
+        f"/block_documents/{doc['id']}",
+        {"data": {"username": "u", "password": "s3cr3t"}, "block_schema_id": newer["id"]},
+    )
     assert status == 204, body
     after = client.ok("GET", f"/block_types/slug/{bt['slug']}/block_documents/name/db-password?include_secrets=true")
     assert after["data"] == {"username": "u", "password": "s3cr3t"}
@@ -575,6 +666,7 @@ def test_block_document_delete(client):
 
 # --- secrets -----------------------------------------------------------------------------------
 
+
 def test_secret_fields_are_masked_on_every_read(client):
     bt, schema = new_block_kind(client)
     doc = new_document(client, bt, schema, name="login", data={"username": "etl", "password": "hunter2"})
@@ -595,8 +687,9 @@ def test_secret_fields_are_revealed_with_include_secrets(client):
     assert read_document(client, doc["id"], include_secrets=True)["data"] == {"username": "etl", "password": "hunter2"}
     by_name = client.ok("GET", f"/block_types/slug/{bt['slug']}/block_documents/name/login?include_secrets=true")
     assert by_name["data"]["password"] == "hunter2"
-    listed = client.ok("POST", "/block_documents/filter", {"block_types": {"slug": {"any_": [bt["slug"]]}},
-                                                           "include_secrets": True})
+    listed = client.ok(
+        "POST", "/block_documents/filter", {"block_types": {"slug": {"any_": [bt["slug"]]}}, "include_secrets": True}
+    )
     assert listed[0]["data"]["password"] == "hunter2"
 
 
@@ -608,16 +701,26 @@ def test_unset_secret_field_is_not_invented(client):
 
 def test_wildcard_secret_fields_mask_every_nested_value(client):
     bt = new_block_type(client)
-    fields = {"title": "Hook", "type": "object", "properties": {
-        "url": {"type": "string"}, "secrets": {"type": "object"}, "headers": {"type": "object"}},
-        "secret_fields": ["secrets.*", "headers.Authorization"], "block_schema_references": {}}
+    fields = {
+        "title": "Hook",
+        "type": "object",
+        "properties": {"url": {"type": "string"}, "secrets": {"type": "object"}, "headers": {"type": "object"}},
+        "secret_fields": ["secrets.*", "headers.Authorization"],
+        "block_schema_references": {},
+    }
     schema = new_block_schema(client, bt, fields=fields)
-    data = {"url": "https://example.com", "secrets": {"token": "t0k3n", "key": "k3y"},
-            "headers": {"Authorization": "Bearer abc", "Accept": "application/json"}}
+    data = {
+        "url": "https://example.com",
+        "secrets": {"token": "t0k3n", "key": "k3y"},
+        "headers": {"Authorization": "Bearer abc", "Accept": "application/json"},
+    }
     doc = new_document(client, bt, schema, name="hook", data=data)
     masked = read_document(client, doc["id"])["data"]
-    assert masked == {"url": "https://example.com", "secrets": {"token": MASK, "key": MASK},
-                      "headers": {"Authorization": MASK, "Accept": "application/json"}}
+    assert masked == {
+        "url": "https://example.com",
+        "secrets": {"token": MASK, "key": MASK},
+        "headers": {"Authorization": MASK, "Accept": "application/json"},
+    }
     assert read_document(client, doc["id"], include_secrets=True)["data"] == data
 
 
@@ -625,8 +728,13 @@ def test_builtin_custom_webhook_masks_its_secrets(client):
     bt = client.ok("GET", "/block_types/slug/custom-webhook")
     schema = client.ok("POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}})[0]
     assert schema["fields"]["secret_fields"] == ["secrets.*"]
-    doc = new_document(client, bt, schema, name="my-hook", data={
-        "name": "hook", "url": "https://example.com/{{token}}", "secrets": {"token": "s3cr3t"}})
+    doc = new_document(
+        client,
+        bt,
+        schema,
+        name="my-hook",
+        data={"name": "hook", "url": "https://example.com/{{token}}", "secrets": {"token": "s3cr3t"}},
+    )
     assert read_document(client, doc["id"])["data"]["secrets"] == {"token": MASK}
 
 
@@ -636,8 +744,9 @@ def test_sending_the_mask_back_keeps_the_stored_secret(client):
     shown = read_document(client, doc["id"])["data"]
     assert shown["password"] == MASK
     # the UI sends back what it was shown, with one field edited
-    status, body = client.patch(f"/block_documents/{doc['id']}", {"data": {**shown, "username": "loader"},
-                                                                  "merge_existing_data": False})
+    status, body = client.patch(
+        f"/block_documents/{doc['id']}", {"data": {**shown, "username": "loader"}, "merge_existing_data": False}
+    )
     assert status == 204, body
     assert read_document(client, doc["id"], True)["data"] == {"username": "loader", "password": "hunter2", "port": 1}
     # Prefect's mask and our older ten-star spelling both mean "unchanged"
@@ -653,8 +762,13 @@ def test_sending_the_mask_back_keeps_the_stored_secret(client):
 
 def test_sending_the_mask_back_for_a_nested_secret_keeps_it(client):
     bt = new_block_type(client)
-    fields = {"title": "Hook", "type": "object", "properties": {"secrets": {"type": "object"}},
-              "secret_fields": ["secrets.*"], "block_schema_references": {}}
+    fields = {
+        "title": "Hook",
+        "type": "object",
+        "properties": {"secrets": {"type": "object"}},
+        "secret_fields": ["secrets.*"],
+        "block_schema_references": {},
+    }
     schema = new_block_schema(client, bt, fields=fields)
     doc = new_document(client, bt, schema, name="hook", data={"url": "u", "secrets": {"a": "1", "b": "2"}})
     shown = read_document(client, doc["id"])["data"]
@@ -667,15 +781,21 @@ def test_sending_the_mask_back_for_a_nested_secret_keeps_it(client):
 
 # --- references between blocks -----------------------------------------------------------------
 
+
 def _nested_kinds(client):
     """A 'credentials' type and a 'warehouse' type whose `credentials` field is a credentials block."""
     creds_bt, creds_schema = new_block_kind(client)
     wh_bt = new_block_type(client)
-    wh_fields = {"title": "Warehouse", "type": "object", "block_type_slug": wh_bt["slug"],
-                 "properties": {"database": {"type": "string"}, "credentials": {"$ref": "#/definitions/Credentials"}},
-                 "secret_fields": ["credentials.password"],
-                 "block_schema_references": {"credentials": {"block_type_slug": creds_bt["slug"],
-                                                              "block_schema_checksum": creds_schema["checksum"]}}}
+    wh_fields = {
+        "title": "Warehouse",
+        "type": "object",
+        "block_type_slug": wh_bt["slug"],
+        "properties": {"database": {"type": "string"}, "credentials": {"$ref": "#/definitions/Credentials"}},
+        "secret_fields": ["credentials.password"],
+        "block_schema_references": {
+            "credentials": {"block_type_slug": creds_bt["slug"], "block_schema_checksum": creds_schema["checksum"]}
+        },
+    }
     wh_schema = new_block_schema(client, wh_bt, fields=wh_fields)
     return creds_bt, creds_schema, wh_bt, wh_schema
 
@@ -683,8 +803,13 @@ def _nested_kinds(client):
 def test_block_reference_is_stored_and_resolved_on_read(client):
     creds_bt, creds_schema, wh_bt, wh_schema = _nested_kinds(client)
     creds = new_document(client, creds_bt, creds_schema, name="prod-creds", data={"username": "etl", "password": "pw"})
-    wh = new_document(client, wh_bt, wh_schema, name="prod-warehouse", data={
-        "database": "analytics", "credentials": {"$ref": {"block_document_id": creds["id"]}}})
+    wh = new_document(
+        client,
+        wh_bt,
+        wh_schema,
+        name="prod-warehouse",
+        data={"database": "analytics", "credentials": {"$ref": {"block_document_id": creds["id"]}}},
+    )
 
     read = read_document(client, wh["id"], include_secrets=True)
     assert read["data"] == {"database": "analytics", "credentials": {"username": "etl", "password": "pw"}}
@@ -698,16 +823,22 @@ def test_block_reference_is_stored_and_resolved_on_read(client):
     read = read_document(client, wh["id"], include_secrets=True)
     assert read["data"]["credentials"] == {"username": "loader", "password": "pw"}
 
-    by_name = client.ok("GET", f"/block_types/slug/{wh_bt['slug']}/block_documents/name/prod-warehouse"
-                               "?include_secrets=true")
+    by_name = client.ok(
+        "GET", f"/block_types/slug/{wh_bt['slug']}/block_documents/name/prod-warehouse?include_secrets=true"
+    )
     assert by_name["data"]["credentials"]["username"] == "loader"
 
 
 def test_nested_block_secrets_are_masked(client):
     creds_bt, creds_schema, wh_bt, wh_schema = _nested_kinds(client)
     creds = new_document(client, creds_bt, creds_schema, name="creds", data={"username": "etl", "password": "pw"})
-    wh = new_document(client, wh_bt, wh_schema, name="wh", data={
-        "database": "analytics", "credentials": {"$ref": {"block_document_id": creds["id"]}}})
+    wh = new_document(
+        client,
+        wh_bt,
+        wh_schema,
+        name="wh",
+        data={"database": "analytics", "credentials": {"$ref": {"block_document_id": creds["id"]}}},
+    )
     masked = read_document(client, wh["id"])
     assert masked["data"]["credentials"] == {"username": "etl", "password": MASK}
     listed = client.ok("POST", "/block_documents/filter", {"block_types": {"slug": {"any_": [wh_bt["slug"]]}}})
@@ -717,8 +848,13 @@ def test_nested_block_secrets_are_masked(client):
 def test_block_reference_to_an_anonymous_block(client):
     creds_bt, creds_schema, wh_bt, wh_schema = _nested_kinds(client)
     anon = new_document(client, creds_bt, creds_schema, data={"username": "anon", "password": "pw"}, is_anonymous=True)
-    wh = new_document(client, wh_bt, wh_schema, name="wh", data={
-        "database": "db", "credentials": {"$ref": {"block_document_id": anon["id"]}}})
+    wh = new_document(
+        client,
+        wh_bt,
+        wh_schema,
+        name="wh",
+        data={"database": "db", "credentials": {"$ref": {"block_document_id": anon["id"]}}},
+    )
     read = read_document(client, wh["id"], include_secrets=True)
     assert read["data"]["credentials"] == {"username": "anon", "password": "pw"}
     assert read["block_document_references"]["credentials"]["block_document"]["is_anonymous"] is True
@@ -726,9 +862,15 @@ def test_block_reference_to_an_anonymous_block(client):
 
 def test_block_reference_to_an_unknown_document_is_refused(client):
     _, _, wh_bt, wh_schema = _nested_kinds(client)
-    status, body = client.post("/block_documents/", {
-        "name": "wh", "data": {"credentials": {"$ref": {"block_document_id": str(uuid.uuid4())}}},
-        "block_schema_id": wh_schema["id"], "block_type_id": wh_bt["id"]})
+    status, body = client.post(
+        "/block_documents/",
+        {
+            "name": "wh",
+            "data": {"credentials": {"$ref": {"block_document_id": str(uuid.uuid4())}}},
+            "block_schema_id": wh_schema["id"],
+            "block_type_id": wh_bt["id"],
+        },
+    )
     assert status in (404, 409, 422), body
     assert client.get(f"/block_types/slug/{wh_bt['slug']}/block_documents/name/wh")[0] == 404
 
@@ -737,10 +879,18 @@ def test_block_reference_can_be_replaced_by_an_update(client):
     creds_bt, creds_schema, wh_bt, wh_schema = _nested_kinds(client)
     first = new_document(client, creds_bt, creds_schema, name="first", data={"username": "one"})
     second = new_document(client, creds_bt, creds_schema, name="second", data={"username": "two"})
-    wh = new_document(client, wh_bt, wh_schema, name="wh", data={
-        "database": "db", "credentials": {"$ref": {"block_document_id": first["id"]}}})
-    client.ok("PATCH", f"/block_documents/{wh['id']}", {"data": {
-        "credentials": {"$ref": {"block_document_id": second["id"]}}}})
+    wh = new_document(
+        client,
+        wh_bt,
+        wh_schema,
+        name="wh",
+        data={"database": "db", "credentials": {"$ref": {"block_document_id": first["id"]}}},
+    )
+    client.ok(
+        "PATCH",
+        f"/block_documents/{wh['id']}",
+        {"data": {"credentials": {"$ref": {"block_document_id": second["id"]}}}},
+    )
     read = read_document(client, wh["id"], include_secrets=True)
     assert read["data"] == {"database": "db", "credentials": {"username": "two"}}
     assert read["block_document_references"]["credentials"]["block_document"]["id"] == second["id"]
@@ -750,22 +900,44 @@ def test_merging_one_reference_keeps_the_other_references(client):
     """A merge update that re-points one block field leaves the block's other references alone."""
     creds_bt, creds_schema = new_block_kind(client)
     pipeline_bt = new_block_type(client)
-    pipeline_schema = new_block_schema(client, pipeline_bt, fields={
-        "title": "Pipeline", "type": "object", "properties": {"source": {}, "target": {}, "label": {"type": "string"}},
-        "secret_fields": [], "block_schema_references": {}})
+    pipeline_schema = new_block_schema(
+        client,
+        pipeline_bt,
+        fields={
+            "title": "Pipeline",
+            "type": "object",
+            "properties": {"source": {}, "target": {}, "label": {"type": "string"}},
+            "secret_fields": [],
+            "block_schema_references": {},
+        },
+    )
     src = new_document(client, creds_bt, creds_schema, name="src", data={"username": "source-user"})
     dst = new_document(client, creds_bt, creds_schema, name="dst", data={"username": "target-user"})
     dst2 = new_document(client, creds_bt, creds_schema, name="dst2", data={"username": "target-user-2"})
-    pipe = new_document(client, pipeline_bt, pipeline_schema, name="pipe", data={
-        "label": "nightly", "source": {"$ref": {"block_document_id": src["id"]}},
-        "target": {"$ref": {"block_document_id": dst["id"]}}})
+    pipe = new_document(
+        client,
+        pipeline_bt,
+        pipeline_schema,
+        name="pipe",
+        data={
+            "label": "nightly",
+            "source": {"$ref": {"block_document_id": src["id"]}},
+            "target": {"$ref": {"block_document_id": dst["id"]}},
+        },
+    )
     assert set(read_document(client, pipe["id"])["block_document_references"]) == {"source", "target"}
 
-    client.ok("PATCH", f"/block_documents/{pipe['id']}", {"data": {
-        "target": {"$ref": {"block_document_id": dst2["id"]}}}, "merge_existing_data": True})
+    client.ok(
+        "PATCH",
+        f"/block_documents/{pipe['id']}",
+        {"data": {"target": {"$ref": {"block_document_id": dst2["id"]}}}, "merge_existing_data": True},
+    )
     read = read_document(client, pipe["id"], include_secrets=True)
-    assert read["data"] == {"label": "nightly", "source": {"username": "source-user"},
-                            "target": {"username": "target-user-2"}}
+    assert read["data"] == {
+        "label": "nightly",
+        "source": {"username": "source-user"},
+        "target": {"username": "target-user-2"},
+    }
     refs = read["block_document_references"]
     assert refs["source"]["block_document"]["id"] == src["id"]
     assert refs["target"]["block_document"]["id"] == dst2["id"]
@@ -774,8 +946,13 @@ def test_merging_one_reference_keeps_the_other_references(client):
 def test_merge_update_without_references_keeps_existing_references(client):
     creds_bt, creds_schema, wh_bt, wh_schema = _nested_kinds(client)
     creds = new_document(client, creds_bt, creds_schema, name="creds", data={"username": "etl"})
-    wh = new_document(client, wh_bt, wh_schema, name="wh", data={
-        "database": "a", "credentials": {"$ref": {"block_document_id": creds["id"]}}})
+    wh = new_document(
+        client,
+        wh_bt,
+        wh_schema,
+        name="wh",
+        data={"database": "a", "credentials": {"$ref": {"block_document_id": creds["id"]}}},
+    )
     client.ok("PATCH", f"/block_documents/{wh['id']}", {"data": {"database": "b"}})
     read = read_document(client, wh["id"], include_secrets=True)
     assert read["data"] == {"database": "b", "credentials": {"username": "etl"}}
@@ -783,6 +960,7 @@ def test_merge_update_without_references_keeps_existing_references(client):
 
 
 # --- concurrent registration (as parallel tasks of one flow do it) ------------------------------
+
 
 @pytest.fixture(params=["sqlite", "postgres"])
 def any_db(request, tmp_path):
@@ -818,8 +996,13 @@ def test_concurrent_registration_of_one_schema_yields_one_schema(any_db):
     bt = new_block_type(client)
     for race in range(5):
         checksum = "sha256:" + uuid.uuid4().hex * 2
-        body = {"block_type_id": bt["id"], "fields": credentials_fields(bt["slug"]), "capabilities": [],
-                "checksum": checksum, "version": "2.20.27"}
+        body = {
+            "block_type_id": bt["id"],
+            "fields": credentials_fields(bt["slug"]),
+            "capabilities": [],
+            "checksum": checksum,
+            "version": "2.20.27",
+        }
         results = _all_at_once(8, lambda n: Client(client.api_url).post("/block_schemas/", body))
         assert all(status in (200, 201) for status, _ in results), results
         assert len({schema["id"] for _, schema in results}) == 1
@@ -831,8 +1014,13 @@ def test_concurrent_registration_of_one_schema_yields_one_schema(any_db):
 def test_concurrent_saves_of_one_block_name_create_it_once(any_db):
     client = any_db
     bt, schema = new_block_kind(client)
-    body = {"name": "shared", "data": {"username": "u"}, "block_schema_id": schema["id"], "block_type_id": bt["id"],
-            "is_anonymous": False}
+    body = {
+        "name": "shared",
+        "data": {"username": "u"},
+        "block_schema_id": schema["id"],
+        "block_type_id": bt["id"],
+        "is_anonymous": False,
+    }
     results = _all_at_once(8, lambda n: Client(client.api_url).post("/block_documents/", body))
     assert sorted(status for status, _ in results) == [201] + [409] * 7, results
     assert all(body == {"detail": "Block already exists"} for status, body in results if status == 409), results

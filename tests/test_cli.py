@@ -1,4 +1,4 @@
-"""The command line (section 24), run for real in subprocesses: start / server start and signals,
+"""The command line (section 27), run for real in subprocesses: start / server start and signals,
 config, profile, database, version, and every kind of bad input (one line on stderr, non-zero exit,
 no traceback, nothing changed). Every subprocess gets its own PREFECT_HOME under tmp_path."""
 
@@ -17,13 +17,11 @@ import urllib.request
 
 import pytest
 
-from helpers import (Client, LockHolder, ROOT, ServerProcess, clean_env, free_port, run_cli, wait_for_health,
-                     wait_until)
+from helpers import Client, LockHolder, ROOT, ServerProcess, clean_env, free_port, run_cli, wait_for_health, wait_until
 
 import prefectlite
 
 UNREACHABLE = "postgresql://postgres@127.0.0.1:1/x"
-
 
 
 def home_env(tmp_path, **extra):
@@ -78,7 +76,6 @@ def snapshot(path):
     return out
 
 
-
 @pytest.fixture
 def started(tmp_path):
     servers = []
@@ -97,6 +94,7 @@ def started(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # start
 
+
 @pytest.mark.parametrize("command", [("start",), ("server", "start")])
 def test_start_prints_urls_and_answers_health(tmp_path, started, command):
     server = started(home_env(tmp_path), command=command)
@@ -110,8 +108,13 @@ def test_start_prints_urls_and_answers_health(tmp_path, started, command):
 def test_start_uses_the_port_setting(tmp_path):
     port = free_port()
     env = home_env(tmp_path, PREFECT_SERVER_API_PORT=str(port))
-    proc = subprocess.Popen([sys.executable, str(ROOT / "prefectlite.py"), "start"], env=clean_env(**env),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "prefectlite.py"), "start"],
+        env=clean_env(**env),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        stdin=subprocess.DEVNULL,
+    )
     try:
         assert wait_for_health(f"http://127.0.0.1:{port}/api", timeout=30)
         proc.send_signal(signal.SIGTERM)
@@ -261,13 +264,24 @@ def test_stop_signals_reach_the_main_thread_only(tmp_path, launch):
     else:
         argv = [sys.executable, "-m", "prefectlite"]
     env = clean_env(**home_env(tmp_path), PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([*argv, "start", "--port", str(port)], env=env, cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        [*argv, "start", "--port", str(port)],
+        env=env,
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         api_url = f"http://127.0.0.1:{port}/api"
         assert wait_for_health(api_url, timeout=30)
-        threads = [threading.Thread(target=lambda: [Client(api_url).ok("POST", "/flows/", {"name": f"f{i}"})
-                                                    for i in range(5)]) for _ in range(8)]
+        threads = [
+            threading.Thread(
+                target=lambda: [Client(api_url).ok("POST", "/flows/", {"name": f"f{i}"}) for i in range(5)]
+            )
+            for _ in range(8)
+        ]
         for thread in threads:
             thread.start()
         for thread in threads:
@@ -300,8 +314,9 @@ def test_port_already_in_use_is_one_line_error(tmp_path):
         sock.bind(("127.0.0.1", 0))
         sock.listen(1)
         port = sock.getsockname()[1]
-        proc = run_cli("start", "--host", "127.0.0.1", "--port", str(port), env=home_env(tmp_path),
-                       input_text="", timeout=60)
+        proc = run_cli(
+            "start", "--host", "127.0.0.1", "--port", str(port), env=home_env(tmp_path), input_text="", timeout=60
+        )
     line = assert_one_line_error(proc)
     assert str(port) in line
 
@@ -318,6 +333,7 @@ def test_lock_files_that_cannot_be_opened_are_a_one_line_error(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # config
+
 
 def _view(env, *flags):
     proc = run_cli("config", "view", *flags, env=env, input_text="")
@@ -346,8 +362,12 @@ def test_config_set_writes_profiles_toml_and_view_shows_it(tmp_path):
 
 def test_config_view_show_sources_names_env_profile_default(tmp_path):
     env = home_env(tmp_path)
-    assert run_cli("config", "set", "PREFECT_SERVER_API_PORT=4321", "PREFECT_API_DEFAULT_LIMIT=77",
-                   env=env, input_text="").returncode == 0
+    assert (
+        run_cli(
+            "config", "set", "PREFECT_SERVER_API_PORT=4321", "PREFECT_API_DEFAULT_LIMIT=77", env=env, input_text=""
+        ).returncode
+        == 0
+    )
     out = _view({**env, "PREFECT_API_DEFAULT_LIMIT": "88"}, "--show-sources", "--show-defaults")
     port = _line(out, "PREFECT_SERVER_API_PORT")
     assert "4321" in port and "profile" in port
@@ -367,8 +387,12 @@ def test_config_view_show_defaults(tmp_path):
 
 def test_config_unset(tmp_path):
     env = home_env(tmp_path)
-    assert run_cli("config", "set", "PREFECT_SERVER_API_PORT=4321", "PREFECT_API_DEFAULT_LIMIT=77",
-                   env=env, input_text="").returncode == 0
+    assert (
+        run_cli(
+            "config", "set", "PREFECT_SERVER_API_PORT=4321", "PREFECT_API_DEFAULT_LIMIT=77", env=env, input_text=""
+        ).returncode
+        == 0
+    )
     proc = run_cli("config", "unset", "PREFECT_SERVER_API_PORT", env=env, input_text="")
     assert proc.returncode == 0, proc.stderr
     data = tomllib.loads((tmp_path / "home" / "profiles.toml").read_text())
@@ -382,8 +406,12 @@ def test_config_unset(tmp_path):
 def test_config_set_database_url_is_used_by_database_commands(tmp_path):
     env = home_env(tmp_path)
     target = tmp_path / "elsewhere" / "custom.db"
-    assert run_cli("config", "set", f"PREFECT_API_DATABASE_CONNECTION_URL=sqlite:///{target}",
-                   env=env, input_text="").returncode == 0
+    assert (
+        run_cli(
+            "config", "set", f"PREFECT_API_DATABASE_CONNECTION_URL=sqlite:///{target}", env=env, input_text=""
+        ).returncode
+        == 0
+    )
     proc = run_cli("database", "upgrade", "-y", env=env, input_text="")
     assert proc.returncode == 0, proc.stderr
     assert target.is_file()
@@ -392,6 +420,7 @@ def test_config_set_database_url_is_used_by_database_commands(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # profile
+
 
 def _profiles(env):
     proc = run_cli("profile", "ls", env=env, input_text="")
@@ -428,7 +457,9 @@ def test_profile_lifecycle(tmp_path):
     assert "PREFECT_SERVER_API_PORT" not in data["profiles"].get("default", {})
 
     inspect_dev = run_cli("profile", "inspect", "dev", env=env, input_text="")
-    assert inspect_dev.returncode == 0 and "PREFECT_SERVER_API_PORT" in inspect_dev.stdout and "4555" in inspect_dev.stdout
+    assert (
+        inspect_dev.returncode == 0 and "PREFECT_SERVER_API_PORT" in inspect_dev.stdout and "4555" in inspect_dev.stdout
+    )
     inspect_active = run_cli("profile", "inspect", env=env, input_text="")
     assert inspect_active.returncode == 0 and "4555" in inspect_active.stdout
     inspect_default = run_cli("profile", "inspect", "default", env=env, input_text="")
@@ -454,14 +485,17 @@ def test_profile_settings_follow_the_active_profile(tmp_path):
     assert _line(_view(env), "PREFECT_API_DEFAULT_LIMIT") is None
 
 
-@pytest.mark.parametrize("args", [
-    ("profile", "use", "nope"),
-    ("profile", "delete", "nope"),
-    ("profile", "inspect", "nope"),
-    ("profile", "create", "default"),
-    ("profile", "create"),
-    ("profile", "frobnicate"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("profile", "use", "nope"),
+        ("profile", "delete", "nope"),
+        ("profile", "inspect", "nope"),
+        ("profile", "create", "default"),
+        ("profile", "create"),
+        ("profile", "frobnicate"),
+    ],
+)
 def test_profile_bad_input(tmp_path, args):
     env = home_env(tmp_path)
     assert run_cli("profile", "create", "keep", env=env, input_text="").returncode == 0
@@ -472,6 +506,7 @@ def test_profile_bad_input(tmp_path, args):
 
 # ---------------------------------------------------------------------------------------------
 # database commands and their confirmation
+
 
 def _seed(env, tmp_path):
     """Upgrade and store one flow through SQL; returns the database path."""
@@ -557,6 +592,7 @@ def test_database_upgrade_to_a_revision_and_history(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # version
 
+
 def test_version_sqlite(tmp_path):
     proc = run_cli("version", env=home_env(tmp_path), input_text="")
     assert proc.returncode == 0, proc.stderr
@@ -573,8 +609,7 @@ def test_version_postgres(tmp_path, postgres_url):
 
     with psycopg.connect(postgres_url) as conn:
         server_version = conn.execute("SHOW server_version").fetchone()[0]
-    proc = run_cli("version", env=home_env(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=postgres_url),
-                   input_text="")
+    proc = run_cli("version", env=home_env(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL=postgres_url), input_text="")
     assert proc.returncode == 0, proc.stderr
     assert prefectlite.__version__ in proc.stdout and "0.8.4" in proc.stdout
     assert "postgresql" in proc.stdout.lower()
@@ -583,6 +618,7 @@ def test_version_postgres(tmp_path, postgres_url):
 
 # ---------------------------------------------------------------------------------------------
 # bad input: one line on stderr, non-zero exit, no traceback, nothing changed
+
 
 @pytest.fixture
 def seeded_home(tmp_path):
@@ -593,25 +629,28 @@ def seeded_home(tmp_path):
     return env
 
 
-@pytest.mark.parametrize("args", [
-    ("config", "set", "PREFECT_API_DATABASE_CONECTION_URL=sqlite:///x.db"),
-    ("config", "set", "PREFECT_SERVER_API_PRT=1"),
-    ("config", "set", "PREFECT_API_DEFAULT_LIMIT=1", "NOT_A_SETTING=2"),
-    ("config", "unset", "PREFECT_SERVER_API_PRT"),
-    ("config", "set", "PREFECT_SERVER_API_PORT=abc"),
-    ("config", "set", "PREFECT_API_DATABASE_ECHO=maybe"),
-    ("config", "set", "NO_EQUALS_SIGN"),
-    ("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=not-a-url"),
-    ("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=mysql://u@h/db"),
-    ("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=postgresql://host-without-db"),
-    ("config", "unset", "PREFECT_SERVER_API_PORT"),  # not set in the profile
-    ("database", "upgrade", "-y", "-r", "9999"),
-    ("database", "downgrade", "-y", "-r", "9999"),
-    ("database", "downgrade", "-y", "-r", "-99"),
-    ("database", "frobnicate"),
-    ("frobnicate",),
-    (),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("config", "set", "PREFECT_API_DATABASE_CONECTION_URL=sqlite:///x.db"),
+        ("config", "set", "PREFECT_SERVER_API_PRT=1"),
+        ("config", "set", "PREFECT_API_DEFAULT_LIMIT=1", "NOT_A_SETTING=2"),
+        ("config", "unset", "PREFECT_SERVER_API_PRT"),
+        ("config", "set", "PREFECT_SERVER_API_PORT=abc"),
+        ("config", "set", "PREFECT_API_DATABASE_ECHO=maybe"),
+        ("config", "set", "NO_EQUALS_SIGN"),
+        ("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=not-a-url"),
+        ("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=mysql://u@h/db"),
+        ("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=postgresql://host-without-db"),
+        ("config", "unset", "PREFECT_SERVER_API_PORT"),  # not set in the profile
+        ("database", "upgrade", "-y", "-r", "9999"),
+        ("database", "downgrade", "-y", "-r", "9999"),
+        ("database", "downgrade", "-y", "-r", "-99"),
+        ("database", "frobnicate"),
+        ("frobnicate",),
+        (),
+    ],
+)
 def test_bad_input_is_one_line_and_changes_nothing(tmp_path, seeded_home, args):
     before = snapshot(tmp_path / "home")
     revision = current(seeded_home)
@@ -625,15 +664,19 @@ def test_bad_input_is_one_line_and_changes_nothing(tmp_path, seeded_home, args):
     assert _flows(tmp_path / "home" / "prefectlite.db") == ["keep-me"]
 
 
-@pytest.mark.parametrize("url", ["not-a-url", "sqlite://relative.db", "mysql://u@h/db", "postgresql://u@h:port/db",
-                                 UNREACHABLE])
-@pytest.mark.parametrize("args", [
-    ("database", "upgrade", "-y"),
-    ("database", "downgrade", "-y"),
-    ("database", "reset", "-y"),
-    ("database", "current"),
-    ("start", "--host", "127.0.0.1", "--port", "0"),
-])
+@pytest.mark.parametrize(
+    "url", ["not-a-url", "sqlite://relative.db", "mysql://u@h/db", "postgresql://u@h:port/db", UNREACHABLE]
+)
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("database", "upgrade", "-y"),
+        ("database", "downgrade", "-y"),
+        ("database", "reset", "-y"),
+        ("database", "current"),
+        ("start", "--host", "127.0.0.1", "--port", "0"),
+    ],
+)
 def test_bad_or_unreachable_database_url_is_one_line(tmp_path, seeded_home, url, args):
     before = snapshot(tmp_path / "home")
     proc = run_cli(*args, env={**seeded_home, "PREFECT_API_DATABASE_CONNECTION_URL": url}, input_text="", timeout=60)
@@ -650,16 +693,23 @@ def test_downgrade_below_base_on_an_empty_database(tmp_path):
 # Database commands never guess: with a PREFECT_HOME exported for a Prefect installation, `current` said
 # "base" and created an empty prefectlite.db there, `backup` copied that, `prune` ended in a traceback.
 
-_ON_AN_EXISTING_DATABASE = [("current",), ("backup", "{tmp}/copy.db"), ("prune", "--older-than", "30d", "--dry-run"),
-                            ("vacuum",), ("restore", "{tmp}/copy.db", "-y"), ("downgrade", "-y")]
+_ON_AN_EXISTING_DATABASE = [
+    ("current",),
+    ("backup", "{tmp}/copy.db"),
+    ("prune", "--older-than", "30d", "--dry-run"),
+    ("vacuum",),
+    ("restore", "{tmp}/copy.db", "-y"),
+    ("downgrade", "-y"),
+]
 
 
 def _prefect_installation(tmp_path):
     """A PREFECT_HOME as Prefect itself leaves it: its profiles and its own database, no prefectlite.db."""
     home = tmp_path / "dot-prefect"
     home.mkdir()
-    (home / "profiles.toml").write_text('active = "ephemeral"\n\n[profiles.ephemeral]\n'
-                                        'PREFECT_API_URL = "http://127.0.0.1:4200/api"\n')
+    (home / "profiles.toml").write_text(
+        'active = "ephemeral"\n\n[profiles.ephemeral]\nPREFECT_API_URL = "http://127.0.0.1:4200/api"\n'
+    )
     conn = sqlite3.connect(home / "prefect.db")
     conn.execute("CREATE TABLE flow_run (id TEXT PRIMARY KEY)")
     conn.commit()
@@ -672,8 +722,7 @@ def test_database_commands_refuse_a_missing_file_naming_it_and_prefect_home_from
     home = _prefect_installation(tmp_path)
     (tmp_path / "copy.db").write_bytes(b"")  # restore's source: the refusal comes before it is read
     before = sorted(p.name for p in home.iterdir())
-    proc = run_cli("database", *(a.format(tmp=tmp_path) for a in args), env={"PREFECT_HOME": str(home)},
-                   input_text="")
+    proc = run_cli("database", *(a.format(tmp=tmp_path) for a in args), env={"PREFECT_HOME": str(home)}, input_text="")
     line = assert_one_line_error(proc)
     assert proc.returncode == 1
     assert str(home / "prefectlite.db") in line, line
@@ -687,8 +736,12 @@ def test_database_commands_refuse_a_file_without_our_schema_and_change_nothing(t
     home = _prefect_installation(tmp_path)
     url = f"sqlite:///{home / 'prefect.db'}"  # Prefect's own database, named by the environment
     before = (home / "prefect.db").read_bytes()
-    proc = run_cli("database", *(a.format(tmp=tmp_path) for a in args),
-                   env={"PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url}, input_text="")
+    proc = run_cli(
+        "database",
+        *(a.format(tmp=tmp_path) for a in args),
+        env={"PREFECT_HOME": str(home), "PREFECT_API_DATABASE_CONNECTION_URL": url},
+        input_text="",
+    )
     line = assert_one_line_error(proc)
     assert str(home / "prefect.db") in line and "no prefectlite schema" in line, line
     assert "PREFECT_API_DATABASE_CONNECTION_URL from the environment" in line, line
@@ -731,8 +784,12 @@ def test_corrupt_profiles_toml_is_one_line(tmp_path):
     home.mkdir()
     (home / "profiles.toml").write_text("this is [not toml\n")
     before = snapshot(home)
-    for args in (("config", "view"), ("config", "set", "PREFECT_API_DEFAULT_LIMIT=1"), ("profile", "ls"),
-                 ("database", "upgrade", "-y")):
+    for args in (
+        ("config", "view"),
+        ("config", "set", "PREFECT_API_DEFAULT_LIMIT=1"),
+        ("profile", "ls"),
+        ("database", "upgrade", "-y"),
+    ):
         assert_one_line_error(run_cli(*args, env=home_env(tmp_path), input_text=""))
     assert snapshot(home) == before
 

@@ -52,15 +52,22 @@ def set_state(client, run_id, state_type, name=None):
 
 # --- deployment ls / run -----------------------------------------------------------------------
 
+
 def test_deployment_ls(cli, client):
     empty = cli("deployment", "ls")
     assert "No deployments" in empty.stdout
     pool = unique("pool")
     client.ok("POST", "/work_pools/", {"name": pool, "type": "process"})
-    flow, dep = new_deployment(client, flow_name="etl", name="nightly",
-                               schedules=[{"schedule": {"cron": "0 4 * * *"}, "active": True},
-                                          {"schedule": {"interval": 3600}, "active": False}],
-                               work_pool_name=pool)
+    flow, dep = new_deployment(
+        client,
+        flow_name="etl",
+        name="nightly",
+        schedules=[
+            {"schedule": {"cron": "0 4 * * *"}, "active": True},
+            {"schedule": {"interval": 3600}, "active": False},
+        ],
+        work_pool_name=pool,
+    )
     _, other = new_deployment(client, flow_name="reports", name="weekly")
     client.ok("POST", f"/deployments/{other['id']}/pause_deployment")
     out = cli("deployment", "ls").stdout
@@ -73,10 +80,20 @@ def test_deployment_ls(cli, client):
 
 
 def test_deployment_run_with_parameters(cli, client):
-    flow, dep = new_deployment(client, flow_name=unique("etl"), name="daily",
-                               parameters={"n": 1, "mode": "full", "keep": True})
-    proc = cli("deployment", "run", f"{flow['name']}/daily", "--param", "n=3", "--param", "label=hello world",
-               "--param", 'items=[1, 2]')
+    flow, dep = new_deployment(
+        client, flow_name=unique("etl"), name="daily", parameters={"n": 1, "mode": "full", "keep": True}
+    )
+    proc = cli(
+        "deployment",
+        "run",
+        f"{flow['name']}/daily",
+        "--param",
+        "n=3",
+        "--param",
+        "label=hello world",
+        "--param",
+        "items=[1, 2]",
+    )
     ids = UUID_RE.findall(proc.stdout)
     assert ids, proc.stdout
     run = client.ok("GET", f"/flow_runs/{ids[0]}")
@@ -101,21 +118,24 @@ def test_deployment_run_bad_input(cli, client):
     line = assert_one_line_error(cli("deployment", "run", f"{flow['name']}/no-such-deployment", expect_ok=False))
     assert "not found" in line.lower() or "404" in line
     assert_one_line_error(cli("deployment", "run", "no-slash-here", expect_ok=False))
-    assert_one_line_error(cli("deployment", "run", f"{flow['name']}/{dep['name']}", "--param", "novalue",
-                              expect_ok=False))
+    assert_one_line_error(
+        cli("deployment", "run", f"{flow['name']}/{dep['name']}", "--param", "novalue", expect_ok=False)
+    )
     assert client.ok("POST", "/flow_runs/count", {}) == 0, "a failed command created a run"
 
 
 def test_deployment_run_refused_by_the_parameter_schema(cli, client):
     schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
     flow, dep = new_deployment(client, parameter_openapi_schema=schema, enforce_parameter_schema=True)
-    line = assert_one_line_error(cli("deployment", "run", f"{flow['name']}/{dep['name']}", "--param", "n=abc",
-                                     expect_ok=False))
+    line = assert_one_line_error(
+        cli("deployment", "run", f"{flow['name']}/{dep['name']}", "--param", "n=abc", expect_ok=False)
+    )
     assert "422" in line and "abc" in line, line
     assert client.ok("POST", "/flow_runs/count", {}) == 0
 
 
 # --- flow-run ls / cancel ----------------------------------------------------------------------
+
 
 def test_flow_run_ls_and_state_filter(cli, client):
     assert "No flow runs" in cli("flow-run", "ls").stdout
@@ -164,11 +184,21 @@ def test_flow_run_ls_escapes_control_characters_from_the_api(cli, client):
 
 def test_flow_run_ls_shows_local_times_to_the_second(cli, client):
     flow = client.ok("POST", "/flows/", {"name": unique("timed")})
-    run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "name": "at-a-known-time", "state": {
-        "type": "SCHEDULED", "state_details": {"scheduled_time": "2026-12-06T03:30:48.123456+00:00"}}})
+    run = client.ok(
+        "POST",
+        "/flow_runs/",
+        {
+            "flow_id": flow["id"],
+            "name": "at-a-known-time",
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2026-12-06T03:30:48.123456+00:00"}},
+        },
+    )
     assert run["expected_start_time"].startswith("2026-12-06T03:30:48.123456")
-    for zone, shown in [("UTC", "2026-12-06 03:30:48"), ("Asia/Kolkata", "2026-12-06 09:00:48"),
-                        ("America/New_York", "2026-12-05 22:30:48")]:
+    for zone, shown in [
+        ("UTC", "2026-12-06 03:30:48"),
+        ("Asia/Kolkata", "2026-12-06 09:00:48"),
+        ("America/New_York", "2026-12-05 22:30:48"),
+    ]:
         line = next(line for line in cli("flow-run", "ls", TZ=zone).stdout.splitlines() if run["id"] in line)
         assert line.rstrip().endswith(shown), (zone, line)
         assert ".123456" not in line and "T03:30" not in line
@@ -208,6 +238,7 @@ def test_flow_run_cancel_bad_ids(cli):
 
 # --- work-pool ls ------------------------------------------------------------------------------
 
+
 def test_work_pool_ls(cli, client):
     assert "No work pools" in cli("work-pool", "ls").stdout
     name = unique("pool")
@@ -222,9 +253,17 @@ def test_work_pool_ls(cli, client):
 
 # --- an unreachable server ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("args", [("deployment", "ls"), ("deployment", "run", "a/b"), ("flow-run", "ls"),
-                                  ("flow-run", "cancel", "00000000-0000-0000-0000-000000000001"),
-                                  ("work-pool", "ls")])
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("deployment", "ls"),
+        ("deployment", "run", "a/b"),
+        ("flow-run", "ls"),
+        ("flow-run", "cancel", "00000000-0000-0000-0000-000000000001"),
+        ("work-pool", "ls"),
+    ],
+)
 def test_unreachable_server_is_a_one_line_error(args, tmp_path, refusing_port):
     url = f"http://127.0.0.1:{refusing_port.port}/api"
     proc = run_cli(*args, env={"PREFECT_API_URL": url, "PREFECT_HOME": str(tmp_path)}, timeout=60)

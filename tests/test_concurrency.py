@@ -28,14 +28,19 @@ WAIT_SECONDS = 30  # what the Prefect 2 server tells a task waiting for a tag's 
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def unique(prefix="tag"):
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
 
 def raw_post(api_url, path, body):
     """POST returning (status, headers, json) — for headers such as Retry-After."""
-    req = urllib.request.Request(api_url.rstrip("/") + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        api_url.rstrip("/") + path,
+        data=json.dumps(body).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             text = resp.read()
@@ -54,13 +59,17 @@ def running_flow_run(client):
 
 
 def new_task_run(client, flow_run_id, tags):
-    return client.ok("POST", "/task_runs/", {"flow_run_id": flow_run_id, "task_key": unique("task"),
-                                             "dynamic_key": "0", "tags": list(tags)})
+    return client.ok(
+        "POST",
+        "/task_runs/",
+        {"flow_run_id": flow_run_id, "task_key": unique("task"), "dynamic_key": "0", "tags": list(tags)},
+    )
 
 
 def propose(client, task_run_id, state_type, force=False, **state):
-    status, result = client.post(f"/task_runs/{task_run_id}/set_state",
-                                 {"state": {"type": state_type, **state}, "force": force})
+    status, result = client.post(
+        f"/task_runs/{task_run_id}/set_state", {"state": {"type": state_type, **state}, "force": force}
+    )
     assert status in (200, 201), (status, result)
     return status, result
 
@@ -142,6 +151,7 @@ def run_threads(count, target):
 
 # --- v1: the API -------------------------------------------------------------------------------
 
+
 def test_tag_limit_create_and_read_by_id_and_tag(client):
     status, limit = client.post("/concurrency_limits/", {"tag": "database", "concurrency_limit": 3})
     assert status in (200, 201), limit
@@ -191,8 +201,15 @@ def test_tag_limit_update_keeps_the_slots_taken(client):
     assert tag_limit(client, tag)["active_slots"] == [task["id"]]
 
 
-@pytest.mark.parametrize("body", [{"tag": "x", "concurrency_limit": -1}, {"tag": "x"}, {"concurrency_limit": 1},
-                                  {"tag": "x", "concurrency_limit": "many"}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"tag": "x", "concurrency_limit": -1},
+        {"tag": "x"},
+        {"concurrency_limit": 1},
+        {"tag": "x", "concurrency_limit": "many"},
+    ],
+)
 def test_tag_limit_create_is_validated(client, body):
     status, payload = client.post("/concurrency_limits/", body)
     assert status == 422, payload
@@ -251,8 +268,9 @@ def test_deleting_a_tag_limit_lifts_the_limit(client):
 def test_the_wait_a_task_is_told_is_a_setting(tmp_path):
     """Prefect 2's PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS (30 by default, as every test above
     sees): the SDK sleeps that long before it proposes RUNNING again."""
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/wait.db", port=0,
-                           PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS=2) as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/wait.db", port=0, PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS=2
+    ) as api_url:
         client = Client(api_url)
         tag = unique()
         set_tag_limit(client, tag, 1)
@@ -305,6 +323,7 @@ def test_tag_limit_reset_with_a_bad_slot_override_is_422(client):
 
 # --- v1: enforcement in task-run orchestration -------------------------------------------------
 
+
 def test_tag_limit_takes_slots_and_makes_others_wait(client):
     tag = unique()
     set_tag_limit(client, tag, 2)
@@ -328,10 +347,19 @@ def test_tag_limit_takes_slots_and_makes_others_wait(client):
     assert sorted(tag_limit(client, tag)["active_slots"]) == sorted([tasks[1]["id"], tasks[2]["id"]])
 
 
-@pytest.mark.parametrize("leave_to, force", [
-    ("COMPLETED", False), ("FAILED", False), ("CRASHED", False), ("CANCELLED", False), ("CANCELLING", False),
-    ("PAUSED", False), ("SCHEDULED", True), ("PENDING", True),
-])
+@pytest.mark.parametrize(
+    "leave_to, force",
+    [
+        ("COMPLETED", False),
+        ("FAILED", False),
+        ("CRASHED", False),
+        ("CANCELLED", False),
+        ("CANCELLING", False),
+        ("PAUSED", False),
+        ("SCHEDULED", True),
+        ("PENDING", True),
+    ],
+)
 def test_any_transition_out_of_running_gives_the_slot_back(client, leave_to, force):
     tag = unique()
     set_tag_limit(client, tag, 1)
@@ -436,8 +464,9 @@ def test_concurrent_proposals_never_exceed_a_tag_limit(any_db):
     assert len(accepted) == limit, outcomes
     assert sorted(s for s in outcomes.values() if s != "ACCEPT") == ["WAIT"] * (len(tasks) - limit)
     assert sorted(tag_limit(client, tag)["active_slots"]) == accepted
-    running = client.ok("POST", "/task_runs/filter", {"task_runs": {"tags": {"all_": [tag]},
-                                                                    "state": {"type": {"any_": ["RUNNING"]}}}})
+    running = client.ok(
+        "POST", "/task_runs/filter", {"task_runs": {"tags": {"all_": [tag]}, "state": {"type": {"any_": ["RUNNING"]}}}}
+    )
     assert sorted(t["id"] for t in running) == accepted
 
 
@@ -480,17 +509,25 @@ def test_tag_limit_holds_under_churn(any_db):
     run_threads(workers, work)
     assert 1 <= state["max"] <= limit, state
     assert tag_limit(client, tag)["active_slots"] == []
-    done = client.ok("POST", "/task_runs/count", {"task_runs": {"tags": {"all_": [tag]},
-                                                                "state": {"type": {"any_": ["COMPLETED"]}}}})
+    done = client.ok(
+        "POST", "/task_runs/count", {"task_runs": {"tags": {"all_": [tag]}, "state": {"type": {"any_": ["COMPLETED"]}}}}
+    )
     assert done == workers * per_worker
 
 
 # --- v2: the API -------------------------------------------------------------------------------
 
+
 def test_global_limit_create_and_read_by_id_and_name(client):
     limit = new_global(client, name="deploys", limit=4)
-    assert (limit["name"], limit["limit"], limit["active"], limit["active_slots"], limit["denied_slots"],
-            limit["slot_decay_per_second"]) == ("deploys", 4, True, 0, 0, 0)
+    assert (
+        limit["name"],
+        limit["limit"],
+        limit["active"],
+        limit["active_slots"],
+        limit["denied_slots"],
+        limit["slot_decay_per_second"],
+    ) == ("deploys", 4, True, 0, 0, 0)
     assert {"id", "created", "updated", "avg_slot_occupancy_seconds"} <= set(limit)
     assert global_limit(client, limit["id"]) == limit
     assert global_limit(client, "deploys") == limit
@@ -503,8 +540,16 @@ def test_global_limit_duplicate_name_is_409(client):
     assert global_limit(client, "only-one")["limit"] == 1
 
 
-@pytest.mark.parametrize("body", [{"name": "a/b", "limit": 1}, {"name": "x", "limit": -1}, {"limit": 1},
-                                  {"name": "x"}, {"name": "x", "limit": 1, "slot_decay_per_second": -1}])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": "a/b", "limit": 1},
+        {"name": "x", "limit": -1},
+        {"limit": 1},
+        {"name": "x"},
+        {"name": "x", "limit": 1, "slot_decay_per_second": -1},
+    ],
+)
 def test_global_limit_create_is_validated(client, body):
     status, payload = client.post("/v2/concurrency_limits/", body)
     assert status == 422, payload
@@ -555,6 +600,7 @@ def test_global_limit_filter(client):
 
 
 # --- v2: increment and decrement ---------------------------------------------------------------
+
 
 def test_increment_and_decrement_track_active_slots(client):
     limit = new_global(client, name="workers", limit=3)

@@ -1,4 +1,4 @@
-"""The connection loop (section 22): what a slow, busy or hostile client can and cannot do to the others.
+"""The connection loop (section 25): what a slow, busy or hostile client can and cannot do to the others.
 
 Each test here reproduces one way the old front end (a thread per connection on http.server) gave way,
 with raw sockets against a real server; the outcome (an answer, a status, a close code) shows the fix,
@@ -74,9 +74,11 @@ def closed_by_server(sock, timeout=10.0) -> bool:
 def start(tmp_path):
     """start(**settings) -> API URL of a server with those settings, stopped after the test."""
     with contextlib.ExitStack() as stack:
+
         def start_one(**settings):
             name = f"c{len(stack._exit_callbacks)}.db"
             return stack.enter_context(prefectlite.serve(database=f"sqlite:///{tmp_path}/{name}", **settings))
+
         yield start_one
 
 
@@ -88,12 +90,14 @@ def write_flow(api_url, name, timeout=5.0):
 
 # --- one slow client holds up no one ---------------------------------------------------------------
 
+
 def test_a_bare_lf_request_whose_body_trickles_does_not_stop_other_writes(server):
     """Bare-LF line endings and a body beginning with CRLFCRLF once passed for "arrived whole", and the
     body was then read inside the one-writer section: every other write waited on this client."""
     with connect(server) as slow:
-        slow.sendall(b"POST /api/flows/ HTTP/1.1\nHost: x\nContent-Type: application/json\n"
-                     b"Content-Length: 60\n\n\r\n\r\n{")
+        slow.sendall(
+            b"POST /api/flows/ HTTP/1.1\nHost: x\nContent-Type: application/json\nContent-Length: 60\n\n\r\n\r\n{"
+        )
         for i in range(5):
             write_flow(server, f"beside-a-bare-lf-trickle-{i}")
 
@@ -150,6 +154,7 @@ def test_more_waiting_connections_than_workers_do_not_stall_the_server(start, ki
 
 
 # --- bodies and framing ---------------------------------------------------------------------------
+
 
 def test_a_negative_chunk_size_is_refused_at_once(start):
     """`-1` was taken by int(line, 16), and the body then read to the end of the stream, past any limit."""
@@ -215,8 +220,10 @@ def test_an_unauthenticated_body_is_never_read(start):
     (the body used to be buffered whole first: 20 such clients, 933 MB)."""
     api = start(PREFECT_SERVER_API_AUTH_STRING=AUTH)
     with connect(api) as sock:
-        sock.sendall(b"POST /api/logs/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 47000000\r\n\r\n[")
+        sock.sendall(
+            b"POST /api/logs/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 47000000\r\n\r\n["
+        )
         status, headers, body = read_response(sock)
         assert (status, headers["connection"], json.loads(body)) == (401, "close", {"detail": "Unauthorized"})
         assert headers["www-authenticate"].startswith("Basic")
@@ -245,10 +252,10 @@ def test_a_long_ui_path_segment_gets_an_answer(server):
 
 # --- WebSockets --------------------------------------------------------------------------------------
 
+
 def test_a_websocket_from_a_page_of_another_origin_is_refused(start):
     """With CORS limited to one site, a page of another site opened /events/in and /events/out."""
-    api = start(PREFECT_SERVER_CORS_ALLOWED_ORIGINS="https://good.example",
-                PREFECT_SERVER_CSRF_PROTECTION_ENABLED=True)
+    api = start(PREFECT_SERVER_CORS_ALLOWED_ORIGINS="https://good.example", PREFECT_SERVER_CSRF_PROTECTION_ENABLED=True)
     for path in ("/events/in", "/events/out"):
         ws = RawWebSocket(api, path=path, headers={"Origin": "https://evil.example"})
         assert (ws.status, ws.body) == (403, {"detail": "WebSocket from an origin this server does not allow"})
@@ -296,8 +303,11 @@ def test_thousands_of_websockets_wait_without_threads(start):
         sockets[-1].send_json(event("test.last.one"))
         assert Client(api, timeout=5).get("/health") == (200, True)
         client = Client(api, timeout=5)
-        wait_until(lambda: client.post("/events/filter", {"filter": {"event": {"name": ["test.last.one"]}}})[1]
-                   ["total"] == 1, 15, "the event from the 300th WebSocket")
+        wait_until(
+            lambda: client.post("/events/filter", {"filter": {"event": {"name": ["test.last.one"]}}})[1]["total"] == 1,
+            15,
+            "the event from the 300th WebSocket",
+        )
         assert len(threading.enumerate()) < 60
     finally:
         for ws in sockets:
@@ -306,10 +316,13 @@ def test_thousands_of_websockets_wait_without_threads(start):
 
 # --- the loop itself -----------------------------------------------------------------------------
 
+
 def test_the_selectors_loop_serves_the_same(tmp_path):
     """Where there is no epoll (macOS, BSD) the loop runs on `selectors`, with workers handing re-arming
     to the loop: requests, keep-alive, a WebSocket and stop, on that path."""
-    settings = prefectlite.load_settings(overrides={"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/s.db"})
+    settings = prefectlite.load_settings(
+        overrides={"PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/s.db"}
+    )
     app = prefectlite.create_app(settings, services=False)
     listening = prefectlite.open_listener("127.0.0.1", 0)
     loop = prefectlite.ConnectionLoop(app, listening, use_epoll=False)
@@ -349,6 +362,7 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit():
 
 # --- found by attacking the loop (a second pair of eyes) ---------------------------------------------
 
+
 def test_pipelined_requests_from_many_clients_never_wedge_the_loop(server):
     """A worker's wake-up of the loop could be lost for good (the flag was cleared before the wake socket
     was drained): from then on pipelined requests and closes waited for ever. 8 clients, 2,400 rounds."""
@@ -374,16 +388,27 @@ def test_pipelined_requests_from_many_clients_never_wedge_the_loop(server):
     assert Client(server, timeout=5).get("/health") == (200, True)
 
 
-@pytest.mark.parametrize("raw", [
-    b"GET http://[/ HTTP/1.1\r\nHost: x\r\n\r\n",  # urlsplit refuses it: once an exception that ended the loop
-    b"GET\xa0/api/health\xa0HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/health  HTTP/1.1\r\nHost: x\r\n\r\n",
-    b"GET /api/health HTTP/1.1\r\n\r\n",
-    b"GET /api/health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
-    b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Bell: a\x07b\r\n\r\n",
-    b"\r\n" * 40 + b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
-], ids=["unparseable target", "nbsp separators", "two spaces", "no host", "two hosts", "control character",
-        "a flood of empty lines"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET http://[/ HTTP/1.1\r\nHost: x\r\n\r\n",  # urlsplit refuses it: once an exception that ended the loop
+        b"GET\xa0/api/health\xa0HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/health  HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /api/health HTTP/1.1\r\n\r\n",
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n",
+        b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Bell: a\x07b\r\n\r\n",
+        b"\r\n" * 40 + b"GET /api/health HTTP/1.1\r\nHost: x\r\n\r\n",
+    ],
+    ids=[
+        "unparseable target",
+        "nbsp separators",
+        "two spaces",
+        "no host",
+        "two hosts",
+        "control character",
+        "a flood of empty lines",
+    ],
+)
 def test_what_could_be_read_two_ways_is_400(server, raw):
     with connect(server) as sock:
         sock.sendall(raw)
@@ -410,17 +435,21 @@ def test_a_preflight_with_a_body_is_not_exempt_from_auth(start):
         sock.sendall(b"OPTIONS /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 45000000\r\n\r\n{")
         assert read_response(sock)[0] == 401
     with connect(api) as sock:
-        sock.sendall(b"OPTIONS /api/flows/ HTTP/1.1\r\nHost: x\r\nOrigin: http://a.example\r\n"
-                     b"Access-Control-Request-Method: POST\r\n\r\n")
+        sock.sendall(
+            b"OPTIONS /api/flows/ HTTP/1.1\r\nHost: x\r\nOrigin: http://a.example\r\n"
+            b"Access-Control-Request-Method: POST\r\n\r\n"
+        )
         assert read_response(sock)[0] == 204
 
 
 def test_a_websocket_upgrade_with_a_body_is_refused(server):
     key = base64.b64encode(os.urandom(16)).decode()
     with connect(server) as sock:
-        sock.sendall(f"GET /api/events/in HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                     f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nContent-Length: 6\r\n\r\n".encode()
-                     + b"\x89\x80\x00\x00\x00\x00")
+        sock.sendall(
+            f"GET /api/events/in HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\nContent-Length: 6\r\n\r\n".encode()
+            + b"\x89\x80\x00\x00\x00\x00"
+        )
         assert read_response(sock)[0] == 400
 
 
@@ -430,8 +459,9 @@ def test_a_slow_reader_gets_its_whole_answer(start):
     api = start(PREFECT_SERVER_KEEPALIVE_TIMEOUT=0.5)
     client = Client(api)
     flow = client.ok("POST", "/flows/", {"name": "slow-reader"})
-    deployment = client.ok("POST", "/deployments/", {"name": "big", "flow_id": flow["id"],
-                                                      "parameters": {"blob": "x" * 12_000_000}})
+    deployment = client.ok(
+        "POST", "/deployments/", {"name": "big", "flow_id": flow["id"], "parameters": {"blob": "x" * 12_000_000}}
+    )
     sock = socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
     sock.connect(host_port(api))
@@ -531,13 +561,18 @@ def test_a_subscriber_is_sent_the_newest_thousand_events_of_the_window(server):
     for i, name in enumerate(names):
         sender.send_json(event(name, occurred=iso(base + dt.timedelta(milliseconds=10 * i))))
     client = Client(server)
-    wait_until(lambda: client.post("/events/filter", {"filter": {"event": {"prefix": ["test.backfill."]}}})[1]
-               ["total"] == 1_050, 30, "the events to be stored")
+    wait_until(
+        lambda: (
+            client.post("/events/filter", {"filter": {"event": {"prefix": ["test.backfill."]}}})[1]["total"] == 1_050
+        ),
+        30,
+        "the events to be stored",
+    )
     sender.close()
     sub = RawWebSocket(server, path="/events/out").authenticate()
     try:
         sub.send_json({"type": "filter", "filter": {"event": {"prefix": ["test.backfill."]}}})
         got = [sub.recv_json()["event"]["event"] for _ in range(prefectlite.EVENTS_OUT_BACKFILL_MAX)]
-        assert got == names[-prefectlite.EVENTS_OUT_BACKFILL_MAX:]
+        assert got == names[-prefectlite.EVENTS_OUT_BACKFILL_MAX :]
     finally:
         sub.close()

@@ -24,6 +24,7 @@ from prefectlite import translate_placeholders
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+
 def _load(tmp_path, **env):
     """Settings resolved against a private PREFECT_HOME (never the real home)."""
     return prefectlite.load_settings(env={"PREFECT_HOME": str(tmp_path / "home"), **env})
@@ -55,8 +56,9 @@ def _run_writers(client, threads, per_thread, shared_name=None):
                     with lock:
                         failures.append(("flow_run", status, run))
                     continue
-                status, body = client.post(f"/flow_runs/{run['id']}/set_state",
-                                           {"state": {"type": "RUNNING"}, "force": True})
+                status, body = client.post(
+                    f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}, "force": True}
+                )
                 if status not in (200, 201):
                     with lock:
                         failures.append(("set_state", status, body))
@@ -75,6 +77,7 @@ def _run_writers(client, threads, per_thread, shared_name=None):
 
 # ---------------------------------------------------------------------------------------------
 # SQLite: WAL and foreign keys
+
 
 def test_sqlite_file_is_in_wal_mode_with_foreign_keys_on(tmp_path):
     path = tmp_path / "wal.db"
@@ -135,6 +138,7 @@ def test_sqlite_synchronous_follows_its_setting_on_every_connection(tmp_path, se
 # ---------------------------------------------------------------------------------------------
 # "database is locked" never reaches a client
 
+
 def test_write_lock_held_by_another_process_gives_503_with_json_reason(tmp_path):
     path = tmp_path / "locked.db"
     with prefectlite.serve(database=f"sqlite:///{path}", port=0, PREFECT_API_DATABASE_TIMEOUT=1) as api_url:
@@ -165,8 +169,12 @@ def test_503_from_lock_carries_retry_after_header(tmp_path):
     with prefectlite.serve(database=f"sqlite:///{path}", port=0, PREFECT_API_DATABASE_TIMEOUT=1) as api_url:
         holder = LockHolder(path)
         try:
-            req = urllib.request.Request(api_url + "/flows/", data=json.dumps({"name": "x"}).encode(), method="POST",
-                                         headers={"Content-Type": "application/json"})
+            req = urllib.request.Request(
+                api_url + "/flows/",
+                data=json.dumps({"name": "x"}).encode(),
+                method="POST",
+                headers={"Content-Type": "application/json"},
+            )
             with pytest.raises(urllib.error.HTTPError) as info:
                 urllib.request.urlopen(req, timeout=30)
             assert info.value.code == 503
@@ -179,6 +187,7 @@ def test_503_from_lock_carries_retry_after_header(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # SQLite: the WAL checkpointer
+
 
 def _scratch_sqlite(tmp_path):
     db = prefectlite.open_database(f"sqlite:///{tmp_path / 'scratch.db'}", _load(tmp_path))
@@ -398,7 +407,8 @@ class _OtherProcesses:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_reader_outside_the_door_makes_the_restart_fail_at_once_and_waits_only_with_other_processes(
-        tmp_path, monkeypatch, processes):
+    tmp_path, monkeypatch, processes
+):
     """A reader this database does not hold at its door (another process's) is never waited for by the
     writers of a single-process server; in a server of several processes, whose readers are the others',
     the tries after the first wait a few ms for them (as before the door: without it, 98.5 MB of WAL)."""
@@ -525,10 +535,14 @@ def test_many_concurrent_writer_threads_produce_no_errors_postgres(postgres_url)
 # ---------------------------------------------------------------------------------------------
 # the in-memory database is one database for every thread
 
-@pytest.mark.parametrize("url", [
-    "sqlite:///:memory:",
-    "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true&check_same_thread=false",
-])
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite:///:memory:",
+        "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true&check_same_thread=false",
+    ],
+)
 def test_in_memory_database_is_shared_by_all_threads(url):
     with prefectlite.serve(database=url, port=0) as api_url:
         client = Client(api_url)
@@ -578,6 +592,7 @@ def test_in_memory_database_shared_at_the_database_layer(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # embedding
 
+
 def test_serve_in_memory_yields_a_working_api_url():
     with prefectlite.serve(database="sqlite:///:memory:", port=0) as api_url:
         assert api_url.startswith("http://127.0.0.1:") and api_url.endswith("/api")
@@ -592,8 +607,10 @@ def test_serve_in_memory_yields_a_working_api_url():
 
 
 def test_two_embedded_in_memory_servers_are_independent():
-    with prefectlite.serve(database="sqlite:///:memory:", port=0) as a, \
-            prefectlite.serve(database="sqlite:///:memory:", port=0) as b:
+    with (
+        prefectlite.serve(database="sqlite:///:memory:", port=0) as a,
+        prefectlite.serve(database="sqlite:///:memory:", port=0) as b,
+    ):
         assert a != b
         Client(a).ok("POST", "/flows/", {"name": "only-in-a"})
         assert Client(b).ok("POST", "/flows/filter", {}) == []
@@ -611,23 +628,27 @@ def test_serve_on_a_file_keeps_data_across_restarts(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # translate_placeholders
 
-@pytest.mark.parametrize("sql, expected", [
-    ("SELECT * FROM t WHERE a = ? AND b = ?", "SELECT * FROM t WHERE a = %s AND b = %s"),
-    ("SELECT '?' FROM t WHERE a = ?", "SELECT '?' FROM t WHERE a = %s"),
-    ("SELECT 'it''s ?' , ?", "SELECT 'it''s ?' , %s"),
-    ('SELECT "odd?col" FROM t WHERE x = ?', 'SELECT "odd?col" FROM t WHERE x = %s'),
-    ("SELECT 1 -- is it? yes\nWHERE a = ?", "SELECT 1 -- is it? yes\nWHERE a = %s"),
-    ("SELECT 1 /* what? why? */ WHERE a = ?", "SELECT 1 /* what? why? */ WHERE a = %s"),
-    ("SELECT 1 /* multi\nline ? */, ?", "SELECT 1 /* multi\nline ? */, %s"),
-    ("SELECT $$ ? inside $$, ?", "SELECT $$ ? inside $$, %s"),
-    ("SELECT $tag$ ? 'x' $$ ? $tag$, ?", "SELECT $tag$ ? 'x' $$ ? $tag$, %s"),
-    ("SELECT 'a%b', ?", "SELECT 'a%%b', %s"),
-    ("SELECT x % 2 FROM t WHERE y LIKE ?", "SELECT x %% 2 FROM t WHERE y LIKE %s"),
-    ("SELECT 1", "SELECT 1"),
-    ("", ""),
-    ("?", "%s"),
-    ("SELECT '?", "SELECT '?"),  # unterminated literal: left alone, no crash
-])
+
+@pytest.mark.parametrize(
+    "sql, expected",
+    [
+        ("SELECT * FROM t WHERE a = ? AND b = ?", "SELECT * FROM t WHERE a = %s AND b = %s"),
+        ("SELECT '?' FROM t WHERE a = ?", "SELECT '?' FROM t WHERE a = %s"),
+        ("SELECT 'it''s ?' , ?", "SELECT 'it''s ?' , %s"),
+        ('SELECT "odd?col" FROM t WHERE x = ?', 'SELECT "odd?col" FROM t WHERE x = %s'),
+        ("SELECT 1 -- is it? yes\nWHERE a = ?", "SELECT 1 -- is it? yes\nWHERE a = %s"),
+        ("SELECT 1 /* what? why? */ WHERE a = ?", "SELECT 1 /* what? why? */ WHERE a = %s"),
+        ("SELECT 1 /* multi\nline ? */, ?", "SELECT 1 /* multi\nline ? */, %s"),
+        ("SELECT $$ ? inside $$, ?", "SELECT $$ ? inside $$, %s"),
+        ("SELECT $tag$ ? 'x' $$ ? $tag$, ?", "SELECT $tag$ ? 'x' $$ ? $tag$, %s"),
+        ("SELECT 'a%b', ?", "SELECT 'a%%b', %s"),
+        ("SELECT x % 2 FROM t WHERE y LIKE ?", "SELECT x %% 2 FROM t WHERE y LIKE %s"),
+        ("SELECT 1", "SELECT 1"),
+        ("", ""),
+        ("?", "%s"),
+        ("SELECT '?", "SELECT '?"),  # unterminated literal: left alone, no crash
+    ],
+)
 def test_translate_placeholders(sql, expected):
     assert translate_placeholders(sql) == expected
 
@@ -636,16 +657,19 @@ def test_translate_placeholders_custom_style():
     assert translate_placeholders("a = ? AND b = '?'", style=":p") == "a = :p AND b = '?'"
 
 
-@pytest.mark.parametrize("script, expected", [
-    ("CREATE TABLE a (x int); CREATE TABLE b (y int);", ["CREATE TABLE a (x int)", "CREATE TABLE b (y int)"]),
-    ("INSERT INTO a VALUES ('x;y'); SELECT 1", ["INSERT INTO a VALUES ('x;y')", "SELECT 1"]),
-    ('SELECT "odd;col" FROM t; SELECT 2', ['SELECT "odd;col" FROM t', "SELECT 2"]),
-    ("SELECT 1; -- a comment; not a statement\n", ["SELECT 1"]),
-    ("SELECT 1 /* a; b */; SELECT 2", ["SELECT 1 /* a; b */", "SELECT 2"]),
-    ("DO $body$ BEGIN PERFORM 1; END $body$; SELECT 3", ["DO $body$ BEGIN PERFORM 1; END $body$", "SELECT 3"]),
-    ("SELECT 'it''s; here'; SELECT 4", ["SELECT 'it''s; here'", "SELECT 4"]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "script, expected",
+    [
+        ("CREATE TABLE a (x int); CREATE TABLE b (y int);", ["CREATE TABLE a (x int)", "CREATE TABLE b (y int)"]),
+        ("INSERT INTO a VALUES ('x;y'); SELECT 1", ["INSERT INTO a VALUES ('x;y')", "SELECT 1"]),
+        ('SELECT "odd;col" FROM t; SELECT 2', ['SELECT "odd;col" FROM t', "SELECT 2"]),
+        ("SELECT 1; -- a comment; not a statement\n", ["SELECT 1"]),
+        ("SELECT 1 /* a; b */; SELECT 2", ["SELECT 1 /* a; b */", "SELECT 2"]),
+        ("DO $body$ BEGIN PERFORM 1; END $body$; SELECT 3", ["DO $body$ BEGIN PERFORM 1; END $body$", "SELECT 3"]),
+        ("SELECT 'it''s; here'; SELECT 4", ["SELECT 'it''s; here'", "SELECT 4"]),
+        ("", []),
+    ],
+)
 def test_split_sql_script_splits_at_top_level_semicolons_only(script, expected):
     """The same lexer as translate_placeholders: quotes, comments and dollar quotes are kept whole."""
     assert prefectlite.split_sql_script(script) == expected
@@ -673,8 +697,10 @@ def test_postgres_json_array_contains_uses_no_bare_question_mark(postgres_url, t
     db = _open_migrated(postgres_url, tmp_path)
     try:
         with db.write() as tx:
-            tx.execute("INSERT INTO flow (id, created, updated, name, tags) VALUES (?, ?, ?, ?, ?)",
-                       ("f1", "t", "t", "tagged", json.dumps(["a", "b?"])))
+            tx.execute(
+                "INSERT INTO flow (id, created, updated, name, tags) VALUES (?, ?, ?, ?, ?)",
+                ("f1", "t", "t", "tagged", json.dumps(["a", "b?"])),
+            )
         with db.read() as tx:
             rows = tx.query(f"SELECT name FROM flow WHERE {db.contains('tags')}", ("b?",))
         assert [r["name"] for r in rows] == ["tagged"]
@@ -684,6 +710,7 @@ def test_postgres_json_array_contains_uses_no_bare_question_mark(postgres_url, t
 
 # ---------------------------------------------------------------------------------------------
 # PostgreSQL basics
+
 
 def test_postgres_database_opens_and_reports_dialect(postgres_url, tmp_path):
     db = _open_migrated(postgres_url, tmp_path)
@@ -700,8 +727,10 @@ def test_postgres_integrity_violation_is_mapped(postgres_url, tmp_path):
     try:
         with pytest.raises(prefectlite.IntegrityViolation):
             with db.write() as tx:
-                tx.execute("INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
-                           (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4())))
+                tx.execute(
+                    "INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
+                    (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4())),
+                )
         # the pool is healthy afterwards
         with db.read() as tx:
             assert tx.scalar("SELECT COUNT(*) FROM flow_run") == 0
@@ -718,8 +747,10 @@ def test_driver_errors_become_ours_chained_from_the_drivers(dialect, tmp_path, r
     db = _open_migrated(url, tmp_path)
     orphan = "INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)"
     try:
-        for write in (lambda tx: tx.execute(orphan, (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))),
-                      lambda tx: tx.executemany(orphan, [(str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))])):
+        for write in (
+            lambda tx: tx.execute(orphan, (str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))),
+            lambda tx: tx.executemany(orphan, [(str(uuid.uuid4()), "t", "t", "orphan", str(uuid.uuid4()))]),
+        ):
             if dialect == "sqlite":  # SQLite checks deferred foreign keys at COMMIT: the commit's error
                 write = (lambda w: lambda tx: (tx.execute("PRAGMA defer_foreign_keys = ON"), w(tx)))(write)
             with pytest.raises(prefectlite.IntegrityViolation) as caught:
@@ -749,32 +780,83 @@ def _run_rows():
     """Runs in every situation the computed fields distinguish, with awkward values in the other columns."""
     base = {"run_count": 1, "total_run_time": 0.0, "empirical_policy": {"retries": 0}, "tags": ["a", "ü"]}
     return [
-        {"name": "running", "state_type": "RUNNING", "state_name": "Running",
-         "state_timestamp": "2026-03-01T11:58:29.750001+00:00", "total_run_time": 12.25,
-         "expected_start_time": "2026-03-01T11:58:00.000000+00:00", "start_time": "2026-03-01T11:58:29.750001+00:00"},
-        {"name": "running-without-timestamp", "state_type": "RUNNING", "state_name": "Running", "total_run_time": 3.5,
-         "expected_start_time": "2026-03-01T11:00:00.000000+00:00"},
-        {"name": "late-scheduled", "state_type": "SCHEDULED", "state_name": "Late",
-         "expected_start_time": "2026-02-28T23:59:59.999999+00:00"},
-        {"name": "future-scheduled", "state_type": "SCHEDULED", "state_name": "Scheduled",
-         "expected_start_time": "2026-03-02T00:00:00.000000+00:00"},
-        {"name": "pending", "state_type": "PENDING", "state_name": "Pending",
-         "expected_start_time": "2026-03-01T11:59:59.000001+00:00"},
-        {"name": "paused", "state_type": "PAUSED", "state_name": "Suspended",
-         "expected_start_time": "2026-03-01T10:00:00.000000+00:00"},
-        {"name": "completed-late", "state_type": "COMPLETED", "state_name": "Completed", "total_run_time": 1.000001,
-         "expected_start_time": "2026-03-01T09:00:00.000000+00:00", "start_time": "2026-03-01T09:00:07.123456+00:00",
-         "end_time": "2026-03-01T09:00:08.123457+00:00"},
-        {"name": "completed-early", "state_type": "COMPLETED", "state_name": "Completed",
-         "expected_start_time": "2026-03-01T09:00:00.000000+00:00", "start_time": "2026-03-01T08:59:00.000000+00:00"},
-        {"name": "crashed-never-started", "state_type": "CRASHED", "state_name": "Crashed",
-         "expected_start_time": "2026-03-01T08:00:00.000000+00:00"},
+        {
+            "name": "running",
+            "state_type": "RUNNING",
+            "state_name": "Running",
+            "state_timestamp": "2026-03-01T11:58:29.750001+00:00",
+            "total_run_time": 12.25,
+            "expected_start_time": "2026-03-01T11:58:00.000000+00:00",
+            "start_time": "2026-03-01T11:58:29.750001+00:00",
+        },
+        {
+            "name": "running-without-timestamp",
+            "state_type": "RUNNING",
+            "state_name": "Running",
+            "total_run_time": 3.5,
+            "expected_start_time": "2026-03-01T11:00:00.000000+00:00",
+        },
+        {
+            "name": "late-scheduled",
+            "state_type": "SCHEDULED",
+            "state_name": "Late",
+            "expected_start_time": "2026-02-28T23:59:59.999999+00:00",
+        },
+        {
+            "name": "future-scheduled",
+            "state_type": "SCHEDULED",
+            "state_name": "Scheduled",
+            "expected_start_time": "2026-03-02T00:00:00.000000+00:00",
+        },
+        {
+            "name": "pending",
+            "state_type": "PENDING",
+            "state_name": "Pending",
+            "expected_start_time": "2026-03-01T11:59:59.000001+00:00",
+        },
+        {
+            "name": "paused",
+            "state_type": "PAUSED",
+            "state_name": "Suspended",
+            "expected_start_time": "2026-03-01T10:00:00.000000+00:00",
+        },
+        {
+            "name": "completed-late",
+            "state_type": "COMPLETED",
+            "state_name": "Completed",
+            "total_run_time": 1.000001,
+            "expected_start_time": "2026-03-01T09:00:00.000000+00:00",
+            "start_time": "2026-03-01T09:00:07.123456+00:00",
+            "end_time": "2026-03-01T09:00:08.123457+00:00",
+        },
+        {
+            "name": "completed-early",
+            "state_type": "COMPLETED",
+            "state_name": "Completed",
+            "expected_start_time": "2026-03-01T09:00:00.000000+00:00",
+            "start_time": "2026-03-01T08:59:00.000000+00:00",
+        },
+        {
+            "name": "crashed-never-started",
+            "state_type": "CRASHED",
+            "state_name": "Crashed",
+            "expected_start_time": "2026-03-01T08:00:00.000000+00:00",
+        },
         {"name": "no-state", "expected_start_time": "2025-12-31T23:00:00.000000+00:00"},
         {"name": "no-state-no-time"},
-        {"name": "ancient", "state_type": "SCHEDULED", "state_name": "Scheduled",
-         "expected_start_time": "0001-01-01T00:00:00.000000+00:00"},
-        {"name": "quote \" back\\slash 名前", "state_type": "FAILED", "state_name": "Failed",
-         "expected_start_time": "2026-03-01T07:00:00.000000+00:00", "start_time": "2026-03-01T07:00:00.000000+00:00"},
+        {
+            "name": "ancient",
+            "state_type": "SCHEDULED",
+            "state_name": "Scheduled",
+            "expected_start_time": "0001-01-01T00:00:00.000000+00:00",
+        },
+        {
+            "name": 'quote " back\\slash 名前',
+            "state_type": "FAILED",
+            "state_name": "Failed",
+            "expected_start_time": "2026-03-01T07:00:00.000000+00:00",
+            "start_time": "2026-03-01T07:00:00.000000+00:00",
+        },
     ], base
 
 
@@ -787,15 +869,41 @@ def _insert_runs(db):
             run_id = str(uuid.uuid4())
             ids.append(run_id)
             state = {"type": extra["state_type"], "name": extra["state_name"]} if extra.get("state_type") else None
-            prefectlite.insert_row(tx, "flow_run", {
-                **base, "id": run_id, "created": _NOW, "updated": _NOW, "flow_id": flow_id, "state": state,
-                "parameters": {"x": [1, 2.5, None, {"deep": "ß"}]}, "context": {}, "labels": {"k": "v"},
-                "job_variables": {}, "auto_scheduled": i % 2 == 0, "created_by": None if i % 3 else {"id": "u"},
-                **extra})
-            prefectlite.insert_row(tx, "task_run", {
-                **base, "id": str(uuid.uuid4()), "created": _NOW, "updated": _NOW, "flow_run_id": run_id,
-                "task_key": "k", "dynamic_key": str(i), "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]},
-                "state": state, **extra})
+            prefectlite.insert_row(
+                tx,
+                "flow_run",
+                {
+                    **base,
+                    "id": run_id,
+                    "created": _NOW,
+                    "updated": _NOW,
+                    "flow_id": flow_id,
+                    "state": state,
+                    "parameters": {"x": [1, 2.5, None, {"deep": "ß"}]},
+                    "context": {},
+                    "labels": {"k": "v"},
+                    "job_variables": {},
+                    "auto_scheduled": i % 2 == 0,
+                    "created_by": None if i % 3 else {"id": "u"},
+                    **extra,
+                },
+            )
+            prefectlite.insert_row(
+                tx,
+                "task_run",
+                {
+                    **base,
+                    "id": str(uuid.uuid4()),
+                    "created": _NOW,
+                    "updated": _NOW,
+                    "flow_run_id": run_id,
+                    "task_key": "k",
+                    "dynamic_key": str(i),
+                    "task_inputs": {"x": [{"input_type": "parameter", "name": "x"}]},
+                    "state": state,
+                    **extra,
+                },
+            )
     return ids
 
 
@@ -844,8 +952,10 @@ def test_run_json_written_by_the_database_equals_run_out(dialect, tmp_path, requ
         with db.read() as tx:
             for table in ("flow_run", "task_run"):
                 select, params = prefectlite.run_json_select(tx, table, _NOW)
-                docs = {r["id"]: json.loads(r["doc"]) for r in
-                        tx.query(f"SELECT {table}.id AS id, {select} FROM {table}", params)}
+                docs = {
+                    r["id"]: json.loads(r["doc"])
+                    for r in tx.query(f"SELECT {table}.id AS id, {select} FROM {table}", params)
+                }
                 rows = tx.query(f"SELECT * FROM {table}")
                 assert len(rows) == len(docs) == len(_run_rows()[0])
                 for row in rows:
@@ -854,15 +964,19 @@ def test_run_json_written_by_the_database_equals_run_out(dialect, tmp_path, requ
         # spot checks, so that both sides being wrong the same way would still fail
         with db.read() as tx:
             select, params = prefectlite.run_json_select(tx, "flow_run", _NOW)
-            by_name = {d["name"]: d for d in (json.loads(r["doc"]) for r in
-                                                tx.query(f"SELECT {select} FROM flow_run", params))}
+            by_name = {
+                d["name"]: d for d in (json.loads(r["doc"]) for r in tx.query(f"SELECT {select} FROM flow_run", params))
+            }
         assert by_name["running"]["estimated_run_time"] == pytest.approx(12.25 + 90.499999)
         assert by_name["late-scheduled"]["estimated_start_time_delta"] == pytest.approx(43200.250001)
         assert by_name["completed-late"]["estimated_start_time_delta"] == pytest.approx(7.123456)
         assert by_name["completed-early"]["estimated_start_time_delta"] == 0
         assert by_name["crashed-never-started"]["estimated_start_time_delta"] == 0
         assert by_name["future-scheduled"]["estimated_start_time_delta"] == 0
-        assert by_name["running"]["auto_scheduled"] is True and by_name["running-without-timestamp"]["auto_scheduled"] is False
+        assert (
+            by_name["running"]["auto_scheduled"] is True
+            and by_name["running-without-timestamp"]["auto_scheduled"] is False
+        )
         assert by_name["running"]["parameters"] == {"x": [1, 2.5, None, {"deep": "ß"}]}
         assert "labels" not in by_name["running"] and "state_timestamp" not in by_name["running"]
     finally:

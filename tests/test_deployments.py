@@ -15,10 +15,12 @@ from helpers import Client, iso, migrated_sqlite_url, new_flow, now, parse, uniq
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def new_deployment(client, flow_id=None, name=None, headers=None, **fields):
     flow_id = flow_id or new_flow(client)["id"]
-    return client.ok("POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields},
-                     headers=headers)
+    return client.ok(
+        "POST", "/deployments/", {"name": name or unique("dep"), "flow_id": flow_id, **fields}, headers=headers
+    )
 
 
 def run_from(client, dep_id, expect=(200, 201), **body):
@@ -26,9 +28,15 @@ def run_from(client, dep_id, expect=(200, 201), **body):
 
 
 def runs_of(client, dep_id, **flow_run_filter):
-    runs = client.ok("POST", "/flow_runs/filter",
-                     {"deployments": {"id": {"any_": [dep_id]}}, "flow_runs": flow_run_filter or None,
-                      "sort": "EXPECTED_START_TIME_ASC"})
+    runs = client.ok(
+        "POST",
+        "/flow_runs/filter",
+        {
+            "deployments": {"id": {"any_": [dep_id]}},
+            "flow_runs": flow_run_filter or None,
+            "sort": "EXPECTED_START_TIME_ASC",
+        },
+    )
     assert all(r["deployment_id"] == dep_id for r in runs), runs
     return runs
 
@@ -42,14 +50,39 @@ def locs(payload):
 
 
 DEPLOYMENT_FIELDS = {
-    "id", "created", "updated", "name", "version", "description", "flow_id", "schedule", "is_schedule_active",
-    "paused", "schedules", "parameters", "tags", "work_queue_name", "last_polled", "parameter_openapi_schema",
-    "path", "pull_steps", "entrypoint", "manifest_path", "storage_document_id", "infrastructure_document_id",
-    "created_by", "updated_by", "work_pool_name", "status", "enforce_parameter_schema", "infra_overrides",
+    "id",
+    "created",
+    "updated",
+    "name",
+    "version",
+    "description",
+    "flow_id",
+    "schedule",
+    "is_schedule_active",
+    "paused",
+    "schedules",
+    "parameters",
+    "tags",
+    "work_queue_name",
+    "last_polled",
+    "parameter_openapi_schema",
+    "path",
+    "pull_steps",
+    "entrypoint",
+    "manifest_path",
+    "storage_document_id",
+    "infrastructure_document_id",
+    "created_by",
+    "updated_by",
+    "work_pool_name",
+    "status",
+    "enforce_parameter_schema",
+    "infra_overrides",
 }
 
 PARAM_SCHEMA = {
-    "title": "Parameters", "type": "object",
+    "title": "Parameters",
+    "type": "object",
     "properties": {
         "x": {"title": "x", "position": 0, "type": "integer"},
         "label": {"title": "label", "position": 1, "type": "string", "default": "hi"},
@@ -61,33 +94,54 @@ PARAM_SCHEMA = {
 @pytest.fixture
 def quiet_client(tmp_path):
     """A server whose scheduler is off: only the runs a test creates exist."""
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/quiet.db", port=0,
-                           PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/quiet.db", port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False
+    ) as api_url:
         yield Client(api_url)
 
 
 @pytest.fixture
 def fast_client(tmp_path):
     """A server whose scheduler passes every 0.2 s."""
-    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "fast.db"), port=0,
-                           PREFECT_SERVER_METRICS_ENABLED=True,  # its passes are counted: wait_for_passes
-                           PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.2) as api_url:
+    with prefectlite.serve(
+        database=migrated_sqlite_url(tmp_path / "fast.db"),
+        port=0,
+        PREFECT_SERVER_METRICS_ENABLED=True,  # its passes are counted: wait_for_passes
+        PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.2,
+    ) as api_url:
         yield Client(api_url)
 
 
 # --- create, read, update, delete --------------------------------------------------------------
 
+
 def test_create_returns_the_2_20_shape(client):
     flow = new_flow(client)
-    status, dep = client.post("/deployments/", {
-        "name": "nightly", "flow_id": flow["id"], "version": "v1", "description": "the nightly run",
-        "parameters": {"x": 1}, "tags": ["etl", "prod"], "path": "/srv/flows", "entrypoint": "etl.py:main",
-        "schedules": [], "enforce_parameter_schema": False, "infra_overrides": {}})
+    status, dep = client.post(
+        "/deployments/",
+        {
+            "name": "nightly",
+            "flow_id": flow["id"],
+            "version": "v1",
+            "description": "the nightly run",
+            "parameters": {"x": 1},
+            "tags": ["etl", "prod"],
+            "path": "/srv/flows",
+            "entrypoint": "etl.py:main",
+            "schedules": [],
+            "enforce_parameter_schema": False,
+            "infra_overrides": {},
+        },
+    )
     assert status == 201, dep
     assert DEPLOYMENT_FIELDS <= set(dep), DEPLOYMENT_FIELDS - set(dep)
     uuid.UUID(dep["id"])
     assert (dep["name"], dep["flow_id"], dep["version"], dep["description"]) == (
-        "nightly", flow["id"], "v1", "the nightly run")
+        "nightly",
+        flow["id"],
+        "v1",
+        "the nightly run",
+    )
     assert dep["parameters"] == {"x": 1}
     assert sorted(dep["tags"]) == ["etl", "prod"]
     assert (dep["path"], dep["entrypoint"]) == ("/srv/flows", "etl.py:main")
@@ -108,8 +162,12 @@ def test_job_variables_are_one_value_in_each_majors_shape(client):
     assert (dep["infra_overrides"], dep["job_variables"]) == ({"image": "etl:2"}, None)
     as_3x = client.request("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)[1]
     assert as_3x["job_variables"] == {"image": "etl:2"} and "infra_overrides" not in as_3x
-    from_3x = client.request("POST", "/deployments/", {"name": unique("dep"), "flow_id": dep["flow_id"],
-                                                       "job_variables": {"cpu": 2}}, headers=PREFECT3_AGENT)[1]
+    from_3x = client.request(
+        "POST",
+        "/deployments/",
+        {"name": unique("dep"), "flow_id": dep["flow_id"], "job_variables": {"cpu": 2}},
+        headers=PREFECT3_AGENT,
+    )[1]
     assert from_3x["job_variables"] == {"cpu": 2}
     listed = client.ok("POST", "/deployments/filter", {"deployments": {"id": {"any_": [from_3x["id"]]}}})
     assert [(d["infra_overrides"], d["job_variables"]) for d in listed] == [({"cpu": 2}, None)]
@@ -135,11 +193,16 @@ def test_a_deployment_concurrency_limit_is_a_global_limit_named_after_it(client)
     """Prefect 3 (`serve()`/`deploy(concurrency_limit=3)`) keeps a deployment's limit as the global
     concurrency limit `deployment:{id}` and answers it in full as `global_concurrency_limit` (it was
     dropped here); null removes it, as does deleting the deployment."""
-    dep = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=3,
-                         concurrency_options={"collision_strategy": "CANCEL_NEW"})
+    dep = new_deployment(
+        client, headers=PREFECT3_AGENT, concurrency_limit=3, concurrency_options={"collision_strategy": "CANCEL_NEW"}
+    )
     limit = dep["global_concurrency_limit"]
-    assert (limit["name"], limit["limit"], limit["active"], limit["active_slots"]) == (f"deployment:{dep['id']}", 3,
-                                                                                     True, 0)
+    assert (limit["name"], limit["limit"], limit["active"], limit["active_slots"]) == (
+        f"deployment:{dep['id']}",
+        3,
+        True,
+        0,
+    )
     assert dep["concurrency_limit"] is None  # Prefect 3 answers null there
     assert dep["concurrency_options"] == {"collision_strategy": "CANCEL_NEW", "grace_period_seconds": None}
     assert client.ok("GET", f"/v2/concurrency_limits/deployment:{dep['id']}")["id"] == limit["id"]
@@ -160,13 +223,21 @@ def test_a_deployment_concurrency_limit_is_a_global_limit_named_after_it(client)
     assert client.get(f"/v2/concurrency_limits/deployment:{owned['id']}")[0] == 404
 
     flow_id = dep["flow_id"]
-    for body, field in (({"concurrency_limit": 0}, ["body", "concurrency_limit"]),
-                        ({"concurrency_options": {"collision_strategy": "WAIT"}},
-                         ["body", "concurrency_options", "collision_strategy"]),
-                        ({"concurrency_options": {"collision_strategy": "ENQUEUE", "grace_period_seconds": 5}},
-                         ["body", "concurrency_options", "grace_period_seconds"]),
-                        ({"concurrency_limit": 1, "global_concurrency_limit_id": shared["id"]},
-                         ["body", "global_concurrency_limit_id"])):
+    for body, field in (
+        ({"concurrency_limit": 0}, ["body", "concurrency_limit"]),
+        (
+            {"concurrency_options": {"collision_strategy": "WAIT"}},
+            ["body", "concurrency_options", "collision_strategy"],
+        ),
+        (
+            {"concurrency_options": {"collision_strategy": "ENQUEUE", "grace_period_seconds": 5}},
+            ["body", "concurrency_options", "grace_period_seconds"],
+        ),
+        (
+            {"concurrency_limit": 1, "global_concurrency_limit_id": shared["id"]},
+            ["body", "global_concurrency_limit_id"],
+        ),
+    ):
         status, answer = client.post("/deployments/", {"name": unique("dep"), "flow_id": flow_id, **body})
         assert status == 422 and field in [e["loc"] for e in answer["exception_detail"]], answer
 
@@ -192,8 +263,9 @@ def test_an_empty_schedules_list_gives_way_to_the_older_schedule_field(quiet_cli
 def test_create_twice_is_create_or_update_by_flow_and_name(client):
     flow = new_flow(client)
     first = new_deployment(client, flow["id"], name="same", description="one", tags=["a"])
-    status, second = client.post("/deployments/", {"name": "same", "flow_id": flow["id"], "description": "two",
-                                                   "tags": ["b"]})
+    status, second = client.post(
+        "/deployments/", {"name": "same", "flow_id": flow["id"], "description": "two", "tags": ["b"]}
+    )
     assert status in (200, 201), second
     assert second["id"] == first["id"]
     assert second["description"] == "two" and second["tags"] == ["b"]
@@ -237,11 +309,14 @@ def test_filter_and_count(client):
     b1 = new_deployment(client, beta["id"], name="b1", tags=[tag])
     mine = {"deployments": {"tags": {"all_": [tag]}}}
     assert sorted(d["id"] for d in client.ok("POST", "/deployments/filter", mine)) == sorted(
-        [a1["id"], a2["id"], b1["id"]])
+        [a1["id"], a2["id"], b1["id"]]
+    )
     assert client.ok("POST", "/deployments/count", mine) == 3
     by_flow = client.ok("POST", "/deployments/filter", {**mine, "flows": {"name": {"any_": [alpha["name"]]}}})
     assert sorted(d["name"] for d in by_flow) == ["a1", "a2"]
-    by_name = client.ok("POST", "/deployments/filter", {"deployments": {"name": {"any_": ["b1"]}, "tags": {"all_": [tag]}}})
+    by_name = client.ok(
+        "POST", "/deployments/filter", {"deployments": {"name": {"any_": ["b1"]}, "tags": {"all_": [tag]}}}
+    )
     assert [d["id"] for d in by_name] == [b1["id"]]
     both_tags = client.ok("POST", "/deployments/filter", {"deployments": {"tags": {"all_": [tag, "extra"]}}})
     assert [d["id"] for d in both_tags] == [a2["id"]]
@@ -282,12 +357,16 @@ def test_delete(quiet_client):
 
 # --- flow runs from a deployment ---------------------------------------------------------------
 
+
 def test_create_flow_run_merges_parameters_and_tags(quiet_client):
     client = quiet_client
-    dep = new_deployment(client, parameters={"a": 1, "b": 2, "nested": {"k": "v"}}, tags=["dep-tag", "shared"],
-                         version="7")
-    status, run = client.post(f"/deployments/{dep['id']}/create_flow_run",
-                              {"parameters": {"b": 3, "c": [1, 2]}, "tags": ["run-tag", "shared"]})
+    dep = new_deployment(
+        client, parameters={"a": 1, "b": 2, "nested": {"k": "v"}}, tags=["dep-tag", "shared"], version="7"
+    )
+    status, run = client.post(
+        f"/deployments/{dep['id']}/create_flow_run",
+        {"parameters": {"b": 3, "c": [1, 2]}, "tags": ["run-tag", "shared"]},
+    )
     assert status == 201, run
     assert run["deployment_id"] == dep["id"] and run["flow_id"] == dep["flow_id"]
     assert run["parameters"] == {"a": 1, "b": 3, "nested": {"k": "v"}, "c": [1, 2]}
@@ -308,8 +387,12 @@ def test_create_flow_run_with_name_and_state(quiet_client):
     client = quiet_client
     dep = new_deployment(client)
     later = now() + dt.timedelta(hours=2)
-    run = run_from(client, dep["id"], name="my-named-run",
-                   state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(later)}})
+    run = run_from(
+        client,
+        dep["id"],
+        name="my-named-run",
+        state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(later)}},
+    )
     assert run["name"] == "my-named-run"
     assert abs((parse(run["expected_start_time"]) - later).total_seconds()) < 1
     assert abs((parse(run["next_scheduled_start_time"]) - later).total_seconds()) < 1
@@ -358,8 +441,9 @@ def test_create_flow_run_goes_to_the_deployments_work_queue(quiet_client):
 def test_create_with_unknown_work_pool_is_404(client):
     flow = new_flow(client)
     name = unique("nowhere")
-    status, body = client.post("/deployments/", {"name": name, "flow_id": flow["id"],
-                                                 "work_pool_name": unique("no-such-pool")})
+    status, body = client.post(
+        "/deployments/", {"name": name, "flow_id": flow["id"], "work_pool_name": unique("no-such-pool")}
+    )
     assert status == 404, body
     assert client.get(f"/deployments/name/{flow['name']}/{name}")[0] == 404
 
@@ -373,8 +457,11 @@ def test_get_scheduled_flow_runs_of_deployments(quiet_client):
     past = now() - dt.timedelta(minutes=5)
     due_a = run_from(client, dep_a["id"], state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(past)}})
     due_b = run_from(client, dep_b["id"])
-    future_a = run_from(client, dep_a["id"], state={"type": "SCHEDULED",
-                                                   "state_details": {"scheduled_time": iso(now() + dt.timedelta(hours=1))}})
+    future_a = run_from(
+        client,
+        dep_a["id"],
+        state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(now() + dt.timedelta(hours=1))}},
+    )
     pending_a = run_from(client, dep_a["id"], state={"type": "PENDING"})
     assert pending_a["state_type"] == "PENDING"
     run_from(client, dep_c["id"])  # another deployment: not asked for
@@ -382,8 +469,9 @@ def test_get_scheduled_flow_runs_of_deployments(quiet_client):
     runs = client.ok("POST", "/deployments/get_scheduled_flow_runs", body)
     assert [r["id"] for r in runs] == [due_a["id"], due_b["id"]], "only due SCHEDULED runs, soonest first"
     assert all(r["state_type"] == "SCHEDULED" for r in runs)
-    later = client.ok("POST", "/deployments/get_scheduled_flow_runs",
-                      {**body, "scheduled_before": iso(now() + dt.timedelta(hours=2))})
+    later = client.ok(
+        "POST", "/deployments/get_scheduled_flow_runs", {**body, "scheduled_before": iso(now() + dt.timedelta(hours=2))}
+    )
     assert [r["id"] for r in later] == [due_a["id"], due_b["id"], future_a["id"]]
     limited = client.ok("POST", "/deployments/get_scheduled_flow_runs", {**body, "limit": 1})
     assert [r["id"] for r in limited] == [due_a["id"]]
@@ -396,12 +484,12 @@ def test_get_scheduled_flow_runs_of_deployments(quiet_client):
 
 # --- schedules ---------------------------------------------------------------------------------
 
+
 def test_schedules_list_and_the_older_single_schedule_fields(quiet_client):
     client = quiet_client
     hourly = {"interval": 3600.0, "anchor_date": "2030-01-01T00:00:00+00:00", "timezone": "UTC"}
     daily = {"cron": "0 9 * * *", "timezone": "Europe/Berlin", "day_or": True}
-    dep = new_deployment(client, schedules=[{"schedule": hourly, "active": True},
-                                            {"schedule": daily, "active": False}])
+    dep = new_deployment(client, schedules=[{"schedule": hourly, "active": True}, {"schedule": daily, "active": False}])
     # (Prefect lists schedules newest-updated first; the order of schedules written together is not fixed.)
     by_kind = {("interval" if "interval" in s["schedule"] else "cron"): s for s in dep["schedules"]}
     assert len(dep["schedules"]) == 2 and set(by_kind) == {"interval", "cron"}, dep["schedules"]
@@ -417,7 +505,8 @@ def test_schedules_list_and_the_older_single_schedule_fields(quiet_client):
     listed = client.ok("GET", f"/deployments/{dep['id']}/schedules")
     assert [s["id"] for s in listed] == [s["id"] for s in dep["schedules"]]
     assert [s["id"] for s in client.ok("GET", f"/deployments/{dep['id']}")["schedules"]] == [
-        s["id"] for s in dep["schedules"]]
+        s["id"] for s in dep["schedules"]
+    ]
 
     # The older way of writing: `schedule` + `is_schedule_active`.
     old = new_deployment(client, schedule={"interval": 600}, is_schedule_active=False)
@@ -430,8 +519,9 @@ def test_schedules_list_and_the_older_single_schedule_fields(quiet_client):
 def test_schedules_added_and_deleted_through_their_routes(quiet_client):
     client = quiet_client
     dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}])
-    status, added = client.post(f"/deployments/{dep['id']}/schedules",
-                                [{"schedule": {"cron": "*/5 * * * *"}, "active": False}])
+    status, added = client.post(
+        f"/deployments/{dep['id']}/schedules", [{"schedule": {"cron": "*/5 * * * *"}, "active": False}]
+    )
     assert status == 201, added
     schedules = client.ok("GET", f"/deployments/{dep['id']}/schedules")
     assert len(schedules) == 2
@@ -449,8 +539,10 @@ def test_adding_schedules_answers_the_new_ones_and_keeps_the_others(quiet_client
     client = quiet_client
     dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}])
     kept = dep["schedules"][0]["id"]
-    status, added = client.post(f"/deployments/{dep['id']}/schedules",
-                                [{"schedule": {"cron": "0 * * * *"}}, {"schedule": {"interval": 60}, "active": False}])
+    status, added = client.post(
+        f"/deployments/{dep['id']}/schedules",
+        [{"schedule": {"cron": "0 * * * *"}}, {"schedule": {"interval": 60}, "active": False}],
+    )
     assert status == 201, added
     assert [("cron" in s["schedule"], s["active"]) for s in added] == [(True, True), (False, False)]
     listed = {s["id"] for s in client.ok("GET", f"/deployments/{dep['id']}/schedules")}
@@ -466,7 +558,9 @@ def test_a_schedule_is_changed_through_its_route_and_its_unstarted_runs_made_aga
     client = quiet_client
     # at 09:30, not 09:00: a daily run at the hour would be the hourly schedule's run of that hour (one run a time)
     dep = new_deployment(client, schedules=[{"schedule": {"interval": 3600}}, {"schedule": {"cron": "30 9 * * *"}}])
-    hourly, daily = sorted(client.ok("GET", f"/deployments/{dep['id']}/schedules"), key=lambda s: "cron" in s["schedule"])
+    hourly, daily = sorted(
+        client.ok("GET", f"/deployments/{dep['id']}/schedules"), key=lambda s: "cron" in s["schedule"]
+    )
     client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 3})
     assert len(runs_of(client, dep["id"])) == 6
     assert client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"active": False}) == (204, None)
@@ -501,12 +595,19 @@ def test_a_schedules_slug_and_parameters_are_kept_changed_and_given_to_its_runs(
     nothing); the scheduler merges a schedule's parameters over the deployment's. 2.20 clients, which
     refuse fields their schema lacks, read schedules without them."""
     client = quiet_any_db
-    dep = new_deployment(client, parameters={"x": 1, "y": 2}, headers=PREFECT3_AGENT,
-                         schedules=[{"schedule": {"interval": 3600}, "slug": "hourly", "parameters": {"y": 3}}])
+    dep = new_deployment(
+        client,
+        parameters={"x": 1, "y": 2},
+        headers=PREFECT3_AGENT,
+        schedules=[{"schedule": {"interval": 3600}, "slug": "hourly", "parameters": {"y": 3}}],
+    )
     hourly = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)[0]
     assert (hourly["slug"], hourly["parameters"]) == ("hourly", {"y": 3})
-    assert client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}",
-                        {"slug": "every-hour", "parameters": {"y": 4}}, headers=PREFECT3_AGENT) == (204, None)
+    assert client.patch(
+        f"/deployments/{dep['id']}/schedules/{hourly['id']}",
+        {"slug": "every-hour", "parameters": {"y": 4}},
+        headers=PREFECT3_AGENT,
+    ) == (204, None)
     changed = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)[0]
     assert (changed["slug"], changed["parameters"], changed["active"]) == ("every-hour", {"y": 4}, True)
     client.ok("POST", f"/deployments/{dep['id']}/schedule", {"max_runs": 2})
@@ -514,10 +615,16 @@ def test_a_schedules_slug_and_parameters_are_kept_changed_and_given_to_its_runs(
     assert [r["parameters"] for r in runs] == [{"x": 1, "y": 4}] * 2
     assert runs[0]["created_by"] == {"id": hourly["id"], "type": "SCHEDULE", "display_value": "every-hour"}
 
-    added = client.ok("POST", f"/deployments/{dep['id']}/schedules", [
-        {"schedule": {"interval": 60}, "slug": "minutely"}], headers=PREFECT3_AGENT)
+    added = client.ok(
+        "POST",
+        f"/deployments/{dep['id']}/schedules",
+        [{"schedule": {"interval": 60}, "slug": "minutely"}],
+        headers=PREFECT3_AGENT,
+    )
     assert [(s["slug"], s["parameters"]) for s in added] == [("minutely", {})]
-    status, body = client.post(f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": 60}, "slug": "minutely"}])
+    status, body = client.post(
+        f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": 60}, "slug": "minutely"}]
+    )
     assert status == 409 and "unique" in body["detail"], body
     status, body = client.patch(f"/deployments/{dep['id']}/schedules/{hourly['id']}", {"slug": "minutely"})
     assert status == 409, body
@@ -536,13 +643,23 @@ def test_an_rrule_whose_dtstart_tzid_is_no_iana_zone_is_accepted(quiet_client):
     (a Prefect CLI test) was a 422 here; Prefect accepts it and the explicit timezone is the schedule's."""
     rule = "DTSTART;TZID=US-Eastern:19970902T090000\nRRULE:FREQ=DAILY;COUNT=10"
     dep = new_deployment(quiet_client)
-    [created] = quiet_client.ok("POST", f"/deployments/{dep['id']}/schedules",
-                                [{"schedule": {"rrule": rule, "timezone": "Asia/Seoul"}}])
+    [created] = quiet_client.ok(
+        "POST", f"/deployments/{dep['id']}/schedules", [{"schedule": {"rrule": rule, "timezone": "Asia/Seoul"}}]
+    )
     assert created["schedule"] == {"rrule": rule, "timezone": "Asia/Seoul"}
 
 
-SCHEDULE_FIELDS_2 = {"id", "created", "updated", "deployment_id", "schedule", "active", "max_active_runs",
-                     "max_scheduled_runs", "catchup"}  # the 2.20 contract's DeploymentSchedule
+SCHEDULE_FIELDS_2 = {
+    "id",
+    "created",
+    "updated",
+    "deployment_id",
+    "schedule",
+    "active",
+    "max_active_runs",
+    "max_scheduled_runs",
+    "catchup",
+}  # the 2.20 contract's DeploymentSchedule
 
 
 def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(quiet_client):
@@ -560,31 +677,37 @@ def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(
     assert all(r["state_type"] == "SCHEDULED" and r["auto_scheduled"] for r in runs_of(client, dep["id"]))
     client.post(f"/deployments/{dep['id']}/schedule", body)
     assert len(runs_of(client, dep["id"])) == 6
-    client.post(f"/deployments/{dep['id']}/schedule", {**body, "end_time": "2020-02-01T00:00:00Z", "max_runs": 2,
-                                                       "min_runs": 0, "min_time": 0})
+    client.post(
+        f"/deployments/{dep['id']}/schedule",
+        {**body, "end_time": "2020-02-01T00:00:00Z", "max_runs": 2, "min_runs": 0, "min_time": 0},
+    )
     assert len(runs_of(client, dep["id"])) == 6  # the first two hours: there already
     assert client.post(f"/deployments/{uuid.uuid4()}/schedule", {})[0] == 404
     status, body = client.post(f"/deployments/{dep['id']}/schedule", {"max_runs": -1})
     assert status == 422 and ("body", "max_runs") in locs(body), body
 
 
-@pytest.mark.parametrize("schedule, field", [
-    ({"interval": -5}, "interval"),
-    ({"interval": 0}, "interval"),
-    ({"cron": "not a cron"}, "cron"),
-    ({"cron": "61 * * * *"}, "cron"),
-    ({"cron": "0 9 * * *", "timezone": "Mars/Olympus_Mons"}, "timezone"),
-    ({"rrule": "FREQ=SOMETIMES"}, "rrule"),
-    ({"interval": 60, "anchor_date": "yesterday-ish"}, "anchor_date"),
-    ({"interval": 60, "cron": "* * * * *"}, "schedule"),
-    ({"every": 60}, "schedule"),
-])
+@pytest.mark.parametrize(
+    "schedule, field",
+    [
+        ({"interval": -5}, "interval"),
+        ({"interval": 0}, "interval"),
+        ({"cron": "not a cron"}, "cron"),
+        ({"cron": "61 * * * *"}, "cron"),
+        ({"cron": "0 9 * * *", "timezone": "Mars/Olympus_Mons"}, "timezone"),
+        ({"rrule": "FREQ=SOMETIMES"}, "rrule"),
+        ({"interval": 60, "anchor_date": "yesterday-ish"}, "anchor_date"),
+        ({"interval": 60, "cron": "* * * * *"}, "schedule"),
+        ({"every": 60}, "schedule"),
+    ],
+)
 def test_invalid_schedules_are_422_naming_the_field(quiet_client, schedule, field):
     client = quiet_client
     flow = new_flow(client)
     name = unique("bad")
-    status, body = client.post("/deployments/", {"name": name, "flow_id": flow["id"],
-                                                 "schedules": [{"schedule": schedule}]})
+    status, body = client.post(
+        "/deployments/", {"name": name, "flow_id": flow["id"], "schedules": [{"schedule": schedule}]}
+    )
     assert status == 422, body
     assert any(loc[:2] == ("body", "schedules") and field in loc for loc in locs(body)), body
     # Nothing half-created.
@@ -601,6 +724,7 @@ def test_invalid_schedules_are_422_naming_the_field(quiet_client, schedule, fiel
 
 
 # --- pause and resume --------------------------------------------------------------------------
+
 
 def test_pause_and_resume(fast_client):
     client = fast_client
@@ -622,8 +746,9 @@ def test_pause_and_resume(fast_client):
     assert status in (200, 204), body
     resumed = client.ok("GET", f"/deployments/{dep['id']}")
     assert resumed["paused"] is False and resumed["is_schedule_active"] is True
-    wait_until(lambda: len([r for r in runs_of(client, dep["id"]) if r["auto_scheduled"]]) >= 6,
-               what="runs after resuming")
+    wait_until(
+        lambda: len([r for r in runs_of(client, dep["id"]) if r["auto_scheduled"]]) >= 6, what="runs after resuming"
+    )
     assert client.post(f"/deployments/{uuid.uuid4()}/pause_deployment")[0] == 404
 
 
@@ -660,6 +785,7 @@ def test_pause_through_patch_paused(fast_client):
 
 # --- parameter schemas -------------------------------------------------------------------------
 
+
 def test_parameter_openapi_schema_is_stored_and_returned(client):
     dep = new_deployment(client, parameter_openapi_schema=PARAM_SCHEMA)
     assert dep["parameter_openapi_schema"] == PARAM_SCHEMA
@@ -676,8 +802,7 @@ def test_enforced_schema_rejects_a_wrong_type(client):
     status, body = client.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"x": "seven"}})
     assert status == 422, body
     assert any(loc[-1] == "x" for loc in locs(body)), body
-    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run",
-                               {"parameters": {"x": 1, "label": 5}})
+    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"x": 1, "label": 5}})
     assert status == 422, body
     assert any(loc[-1] == "label" for loc in locs(body)), body
     assert not any(loc[-1] == "x" for loc in locs(body)), body
@@ -705,13 +830,18 @@ def test_enforcement_can_be_switched_off_per_run(client):
 
 # --- readiness -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(params=["sqlite", "postgres"])
 def short_poll_timeout(request, tmp_path):
     """A server whose deployments turn NOT_READY 1 s after their last poll (Prefect's foreman timeout; 60 s
     by default), on SQLite, then on PostgreSQL."""
     url = f"sqlite:///{tmp_path}/ready.db" if request.param == "sqlite" else request.getfixturevalue("postgres_url")
-    with prefectlite.serve(database=url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
-                           PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS=1) as api_url:
+    with prefectlite.serve(
+        database=url,
+        port=0,
+        PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
+        PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS=1,
+    ) as api_url:
         yield Client(api_url)
 
 
@@ -733,8 +863,11 @@ def test_a_workers_poll_makes_its_deployments_ready_until_polls_stop(short_poll_
     listed = client.ok("POST", "/deployments/filter", {"deployments": {"id": {"any_": [served["id"]]}}})
     assert [d["status"] for d in listed] == ["READY"]
     # the worker stops polling: the deployment turns NOT_READY once the timeout has passed
-    wait_until(lambda: client.ok("GET", f"/deployments/{served['id']}")["status"] == "NOT_READY", timeout=10,
-               what="the deployment to turn NOT_READY")
+    wait_until(
+        lambda: client.ok("GET", f"/deployments/{served['id']}")["status"] == "NOT_READY",
+        timeout=10,
+        what="the deployment to turn NOT_READY",
+    )
     # the older per-queue poll counts as well
     queue = client.ok("GET", f"/work_pools/{pool}/queues/other")
     client.ok("POST", f"/work_queues/{queue['id']}/get_runs", {})
@@ -748,17 +881,24 @@ def test_a_stopped_runners_deployments_turn_not_ready(short_poll_timeout):
     dep = new_deployment(client)
     client.ok("POST", "/deployments/get_scheduled_flow_runs", {"deployment_ids": [dep["id"]]})
     assert client.ok("GET", f"/deployments/{dep['id']}")["status"] == "READY"
-    wait_until(lambda: client.ok("GET", f"/deployments/{dep['id']}")["status"] == "NOT_READY", timeout=10,
-               what="the served deployment to turn NOT_READY")
+    wait_until(
+        lambda: client.ok("GET", f"/deployments/{dep['id']}")["status"] == "NOT_READY",
+        timeout=10,
+        what="the served deployment to turn NOT_READY",
+    )
 
 
 def test_next_schedule_times_of_each_schedule(quiet_client):
     """The UI shows a schedule's next five times (prefectlite's own read; Prefect's UI computes them itself)."""
     client = quiet_client
     daily = {"cron": "0 6 * * *", "timezone": "Europe/Berlin", "day_or": True}
-    dep = new_deployment(client, schedules=[{"schedule": daily, "active": True},
-                                            {"schedule": {"interval": 900.0, "anchor_date": "2030-01-01T00:00:00+00:00"},
-                                             "active": False}])
+    dep = new_deployment(
+        client,
+        schedules=[
+            {"schedule": daily, "active": True},
+            {"schedule": {"interval": 900.0, "anchor_date": "2030-01-01T00:00:00+00:00"}, "active": False},
+        ],
+    )
     answer = client.ok("GET", f"/deployments/{dep['id']}/next_schedule_times?count=5")
     assert [a["schedule_id"] for a in answer] == [s["id"] for s in dep["schedules"]]
     by_kind = {("cron" if "cron" in s["schedule"] else "interval"): a for s, a in zip(dep["schedules"], answer)}
@@ -791,13 +931,19 @@ def test_a_run_without_a_deployment_limit_never_carries_a_lease_detail(quiet_any
         answer = client.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": state_type}})
         assert answer["status"] == "ACCEPT", answer
         assert "deployment_concurrency_lease_id" not in answer["state"]["state_details"], state_type
-    assert "deployment_concurrency_lease_id" not in client.ok("GET", f"/flow_runs/{run['id']}")["state"]["state_details"]
+    assert (
+        "deployment_concurrency_lease_id" not in client.ok("GET", f"/flow_runs/{run['id']}")["state"]["state_details"]
+    )
 
 
 def test_how_long_a_run_without_a_slot_is_put_back_is_a_setting(tmp_path):
     """Prefect 3's PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS (30 by default)."""
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/wait.db", port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
-                           PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=7) as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/wait.db",
+        port=0,
+        PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
+        PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS=7,
+    ) as api_url:
         client = Client(api_url)
         dep = new_deployment(client, headers=PREFECT3_AGENT, concurrency_limit=1)
         first, second = run_from(client, dep["id"]), run_from(client, dep["id"])
@@ -841,8 +987,13 @@ def test_a_deployment_concurrency_limit_holds_runs_back_with_leases(quiet_any_db
     assert propose(client, second["id"], "PENDING")["status"] == "ACCEPT"
     assert client.ok("GET", f"/v2/concurrency_limits/{limit_name}")["active_slots"] == 1
 
-    client.ok("PATCH", f"/deployments/{dep['id']}", {"concurrency_options": {"collision_strategy": "CANCEL_NEW"}},
-              headers=PREFECT3_AGENT, expect=(204,))
+    client.ok(
+        "PATCH",
+        f"/deployments/{dep['id']}",
+        {"concurrency_options": {"collision_strategy": "CANCEL_NEW"}},
+        headers=PREFECT3_AGENT,
+        expect=(204,),
+    )
     third = run_from(client, dep["id"])
     cancelled = propose(client, third["id"], "PENDING")
     assert cancelled["status"] == "REJECT", cancelled
@@ -863,8 +1014,7 @@ def test_a_deployment_lease_id_that_is_not_a_uuid_is_422(quiet_client, bad):
     dep = new_deployment(client, headers=PREFECT3_AGENT)
     run = run_from(client, dep["id"])
     state = {"type": "PENDING", "state_details": {"deployment_concurrency_lease_id": bad}}
-    status, body = client.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": state},
-                                  headers=PREFECT3_AGENT)
+    status, body = client.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": state}, headers=PREFECT3_AGENT)
     assert status == 422, body
     assert "deployment_concurrency_lease_id" in json.dumps(body)
     assert propose(client, run["id"], "PENDING")["status"] == "ACCEPT"

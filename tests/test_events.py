@@ -1,4 +1,4 @@
-"""Events and what Prefect 3 clients need besides (section 9): storing events, the EventFilter language
+"""Events and what Prefect 3 clients need besides (section 11): storing events, the EventFilter language
 of /events/filter, paging, /events/count-by, the task-run recorder (order and idempotency), flow-run
 events, the version check, /admin/storage and concurrency leases. Over HTTP, on SQLite and PostgreSQL."""
 
@@ -30,9 +30,14 @@ def at(seconds_ago: float) -> str:
 
 
 def event(name, resource_id, occurred=None, related=(), payload=None, **labels):
-    return {"id": str(uuid.uuid4()), "occurred": occurred or at(0), "event": name,
-            "resource": {"prefect.resource.id": resource_id, **labels}, "related": list(related),
-            "payload": payload or {}}
+    return {
+        "id": str(uuid.uuid4()),
+        "occurred": occurred or at(0),
+        "event": name,
+        "resource": {"prefect.resource.id": resource_id, **labels},
+        "related": list(related),
+        "payload": payload or {},
+    }
 
 
 def related(resource_id, role, **labels):
@@ -59,9 +64,18 @@ def find(api, flt=None, limit=None):
 # ---------------------------------------------------------------------------------------------
 # storing and reading
 
+
 def test_events_round_trip_as_received_events(api):
-    [sent] = post(api, event("test.one", "test.thing.1", related=[related("test.other.1", "friend", color="red")],
-                             payload={"a": [1, 2]}, **{"prefect.resource.name": "one"}))
+    [sent] = post(
+        api,
+        event(
+            "test.one",
+            "test.thing.1",
+            related=[related("test.other.1", "friend", color="red")],
+            payload={"a": [1, 2]},
+            **{"prefect.resource.name": "one"},
+        ),
+    )
     page = find(api)
     assert page["total"] == 1 and page["next_page"] is None
     [got] = page["events"]
@@ -70,9 +84,12 @@ def test_events_round_trip_as_received_events(api):
 
 
 def test_invalid_events_are_422(api):
-    for bad in ({"id": "x"}, {**event("e", "r"), "resource": {"no": "id"}},
-                {**event("e", "r"), "related": [{"prefect.resource.id": "x"}]},
-                {**event("e", "r"), "resource": {"prefect.resource.id": "r", "n": 1}}):
+    for bad in (
+        {"id": "x"},
+        {**event("e", "r"), "resource": {"no": "id"}},
+        {**event("e", "r"), "related": [{"prefect.resource.id": "x"}]},
+        {**event("e", "r"), "resource": {"prefect.resource.id": "r", "n": 1}},
+    ):
         status, body = api.post("/events", [bad])
         assert status == 422, (bad, body)
     assert find(api)["total"] == 0
@@ -94,8 +111,12 @@ def test_occurred_window(api):
 
 
 def test_event_name_filters(api):
-    a, b, c = post(api, event("prefect.flow-run.Completed", "r.1"), event("prefect.task-run.Running", "r.2"),
-                   event("other.x_y", "r.3"))
+    a, b, c = post(
+        api,
+        event("prefect.flow-run.Completed", "r.1"),
+        event("prefect.task-run.Running", "r.2"),
+        event("other.x_y", "r.3"),
+    )
     assert set(ids(find(api, {"event": {"prefix": ["prefect."]}}))) == {a["id"], b["id"]}
     assert set(ids(find(api, {"event": {"exclude_prefix": ["prefect.task-run."]}}))) == {a["id"], c["id"]}
     assert ids(find(api, {"event": {"name": ["other.x_y"]}})) == [c["id"]]
@@ -104,21 +125,27 @@ def test_event_name_filters(api):
 
 
 def test_resource_filters(api):
-    a, b, c = post(api, event("e", "prefect.flow-run.1", **{"prefect.resource.name": "alpha"}),
-                   event("e", "prefect.flow-run.2", **{"prefect.resource.name": "beta"}),
-                   event("e", "prefect.task-run.3", **{"prefect.resource.name": "alphabet"}))
+    a, b, c = post(
+        api,
+        event("e", "prefect.flow-run.1", **{"prefect.resource.name": "alpha"}),
+        event("e", "prefect.flow-run.2", **{"prefect.resource.name": "beta"}),
+        event("e", "prefect.task-run.3", **{"prefect.resource.name": "alphabet"}),
+    )
     assert ids(find(api, {"resource": {"id": ["prefect.flow-run.2"]}})) == [b["id"]]
     assert set(ids(find(api, {"resource": {"id_prefix": ["prefect.flow-run."]}}))) == {a["id"], b["id"]}
     assert set(ids(find(api, {"resource": {"labels": {"prefect.resource.name": "alpha*"}}}))) == {a["id"], c["id"]}
     assert ids(find(api, {"resource": {"labels": {"prefect.resource.name": ["!alpha*"]}}})) == [b["id"]]
     assert set(ids(find(api, {"resource": {"labels": {"prefect.resource.id": "prefect.flow-run.*"}}}))) == {
-        a["id"], b["id"]}
+        a["id"],
+        b["id"],
+    }
     assert ids(find(api, {"resource": {"labels": {"prefect.resource.name": []}}})) == []
 
 
 def test_resource_distinct_keeps_one_event_per_resource(api):
-    first, _second, third = post(api, event("e", "r.1", occurred=at(30)), event("e", "r.1", occurred=at(20)),
-                                 event("e", "r.2", occurred=at(10)))
+    first, _second, third = post(
+        api, event("e", "r.1", occurred=at(30)), event("e", "r.1", occurred=at(20)), event("e", "r.2", occurred=at(10))
+    )
     page = find(api, {"resource": {"distinct": True}, "order": "ASC"})
     assert ids(page) == [first["id"], third["id"]] and page["total"] == 2
 
@@ -126,25 +153,40 @@ def test_resource_distinct_keeps_one_event_per_resource(api):
 def test_related_and_any_resource_filters(api):
     flow_run = related("prefect.flow-run.9", "flow-run", **{"prefect.resource.name": "nine"})
     tag = related("prefect.tag.nightly", "tag")
-    a, b, c = post(api, event("e", "prefect.task-run.1", related=[flow_run, tag]),
-                   event("e", "prefect.task-run.2", related=[tag]),
-                   event("e", "prefect.flow-run.9"))
+    a, b, c = post(
+        api,
+        event("e", "prefect.task-run.1", related=[flow_run, tag]),
+        event("e", "prefect.task-run.2", related=[tag]),
+        event("e", "prefect.flow-run.9"),
+    )
     assert set(ids(find(api, {"related": {"id": ["prefect.flow-run.9"]}}))) == {a["id"]}  # not the primary one
     assert set(ids(find(api, {"related": {"role": ["tag"]}}))) == {a["id"], b["id"]}
-    assert ids(find(api, {"related": {"resources_in_roles": [["prefect.tag.nightly", "tag"],
-                                                             ["prefect.flow-run.9", "nope"]]}})) != []
+    assert (
+        ids(
+            find(
+                api,
+                {"related": {"resources_in_roles": [["prefect.tag.nightly", "tag"], ["prefect.flow-run.9", "nope"]]}},
+            )
+        )
+        != []
+    )
     assert ids(find(api, {"related": [{"role": ["tag"]}, {"role": ["flow-run"]}]})) == [a["id"]]  # all must match
-    assert ids(find(api, {"related": {"labels": {"prefect.resource.name": "ni*",
-                                                 "prefect.resource.role": "flow-run"}}})) == [a["id"]]
+    assert ids(
+        find(api, {"related": {"labels": {"prefect.resource.name": "ni*", "prefect.resource.role": "flow-run"}}})
+    ) == [a["id"]]
     assert set(ids(find(api, {"any_resource": {"id": ["prefect.flow-run.9"]}}))) == {a["id"], c["id"]}
     assert set(ids(find(api, {"any_resource": {"id_prefix": ["prefect.tag."]}}))) == {a["id"], b["id"]}
     assert ids(find(api, {"any_resource": [{"id": ["prefect.flow-run.9"]}, {"id": ["prefect.tag.nightly"]}]})) == [
-        a["id"]]
+        a["id"]
+    ]
 
 
 def test_id_and_text_filters(api):
-    a, b = post(api, event("test.disk", "r.1", payload={"message": "disk full on /var"}),
-                event("test.net", "r.2", payload={"message": "connection timeout"}))
+    a, b = post(
+        api,
+        event("test.disk", "r.1", payload={"message": "disk full on /var"}),
+        event("test.net", "r.2", payload={"message": "connection timeout"}),
+    )
     assert ids(find(api, {"id": {"id": [b["id"]]}})) == [b["id"]]
     assert ids(find(api, {"text": {"query": "DISK"}})) == [a["id"]]
     assert set(ids(find(api, {"text": {"query": "disk connection"}}))) == {a["id"], b["id"]}  # OR
@@ -154,9 +196,13 @@ def test_id_and_text_filters(api):
 
 
 def test_bad_filters_are_422(api):
-    for body in ({"filter": {"order": "SIDEWAYS"}}, {"filter": {"occurred": {"since": "yesterday"}}},
-                 {"filter": {"event": {"prefix": "not-a-list"}}}, {"limit": -1},
-                 {"filter": {"text": {"query": "x" * 201}}}):
+    for body in (
+        {"filter": {"order": "SIDEWAYS"}},
+        {"filter": {"occurred": {"since": "yesterday"}}},
+        {"filter": {"event": {"prefix": "not-a-list"}}},
+        {"limit": -1},
+        {"filter": {"text": {"query": "x" * 201}}},
+    ):
         status, payload = api.post("/events/filter", body)
         assert status == 422, (body, payload)
 
@@ -180,11 +226,17 @@ def test_pages_follow_next_page_links(api):
 
 
 def test_count_by_event_and_resource(api):
-    post(api, event("test.a", "r.1", occurred=at(30), **{"prefect.resource.name": "old-name"}),
-         event("test.a", "r.1", occurred=at(20), **{"prefect.resource.name": "new-name"}),
-         event("test.b", "r.2", occurred=at(10)))
+    post(
+        api,
+        event("test.a", "r.1", occurred=at(30), **{"prefect.resource.name": "old-name"}),
+        event("test.a", "r.1", occurred=at(20), **{"prefect.resource.name": "new-name"}),
+        event("test.b", "r.2", occurred=at(10)),
+    )
     by_event = api.ok("POST", "/events/count-by/event", {"filter": {}})
-    assert [(c["value"], c["label"], c["count"]) for c in by_event] == [("test.a", "test.a", 2), ("test.b", "test.b", 1)]
+    assert [(c["value"], c["label"], c["count"]) for c in by_event] == [
+        ("test.a", "test.a", 2),
+        ("test.b", "test.b", 1),
+    ]
     by_resource = api.ok("POST", "/events/count-by/resource", {"filter": {}})
     assert [(c["value"], c["label"], c["count"]) for c in by_resource] == [("r.1", "new-name", 2), ("r.2", "r.2", 1)]
     assert by_resource[0]["start_time"] < by_resource[0]["end_time"]
@@ -193,12 +245,18 @@ def test_count_by_event_and_resource(api):
 def test_count_by_time_fills_every_bucket(api):
     now = prefectlite.utcnow()
     hour = now.replace(minute=0, second=0, microsecond=0)
-    post(api, event("e", "r", occurred=prefectlite.iso(hour - dt.timedelta(minutes=90))),
-         event("e", "r", occurred=prefectlite.iso(hour - dt.timedelta(minutes=80))),
-         event("e", "r", occurred=prefectlite.iso(hour - dt.timedelta(minutes=10))))
+    post(
+        api,
+        event("e", "r", occurred=prefectlite.iso(hour - dt.timedelta(minutes=90))),
+        event("e", "r", occurred=prefectlite.iso(hour - dt.timedelta(minutes=80))),
+        event("e", "r", occurred=prefectlite.iso(hour - dt.timedelta(minutes=10))),
+    )
     since = prefectlite.iso(hour - dt.timedelta(hours=3))
-    counts = api.ok("POST", "/events/count-by/time", {"filter": {"occurred": {"since": since}},
-                                                       "time_unit": "hour", "time_interval": 1})
+    counts = api.ok(
+        "POST",
+        "/events/count-by/time",
+        {"filter": {"occurred": {"since": since}}, "time_unit": "hour", "time_interval": 1},
+    )
     assert [c["value"] for c in counts] == [str(i) for i in range(len(counts))]
     starts = [prefectlite.from_iso(c["start_time"]) for c in counts]
     assert starts[0] == hour - dt.timedelta(hours=3)
@@ -220,18 +278,41 @@ def test_count_by_rejects_bad_parameters(api):
 # ---------------------------------------------------------------------------------------------
 # the task-run recorder
 
+
 def task_event(flow_run, task_run_id, state_type, name, occurred, run_count=0, **task_fields):
-    fields = {"name": "work-abc", "task_key": "work-1234", "dynamic_key": "0", "empirical_policy": {"retries": 1},
-              "tags": ["t1"], "labels": {}, "task_inputs": {"x": []}, "run_count": run_count,
-              "flow_run_run_count": 1, "expected_start_time": occurred, "total_run_time": "PT0.5S",
-              **task_fields}
+    fields = {
+        "name": "work-abc",
+        "task_key": "work-1234",
+        "dynamic_key": "0",
+        "empirical_policy": {"retries": 1},
+        "tags": ["t1"],
+        "labels": {},
+        "task_inputs": {"x": []},
+        "run_count": run_count,
+        "flow_run_run_count": 1,
+        "expected_start_time": occurred,
+        "total_run_time": "PT0.5S",
+        **task_fields,
+    }
     rel = [related(f"prefect.flow-run.{flow_run['id']}", "flow-run"), related("prefect.tag.t1", "tag")]
-    return event(f"prefect.task-run.{name}", f"prefect.task-run.{task_run_id}", occurred=occurred, related=rel,
-                 payload={"intended": {"from": None, "to": state_type},
-                          "validated_state": {"type": state_type, "name": name, "message": f"now {name}",
-                                              "state_details": {}, "data": None},
-                          "task_run": fields},
-                 **{"prefect.orchestration": "client", "prefect.resource.name": fields["name"]})
+    return event(
+        f"prefect.task-run.{name}",
+        f"prefect.task-run.{task_run_id}",
+        occurred=occurred,
+        related=rel,
+        payload={
+            "intended": {"from": None, "to": state_type},
+            "validated_state": {
+                "type": state_type,
+                "name": name,
+                "message": f"now {name}",
+                "state_details": {},
+                "data": None,
+            },
+            "task_run": fields,
+        },
+        **{"prefect.orchestration": "client", "prefect.resource.name": fields["name"]},
+    )
 
 
 def states_of(api, task_run_id):
@@ -246,7 +327,12 @@ def test_task_run_events_become_a_task_run_with_its_history(api):
     done = task_event(run, tr_id, "COMPLETED", "Completed", at(1), run_count=1, start_time=at(2), end_time=at(1))
     post(api, pending, running, done)
     tr = api.ok("GET", f"/task_runs/{tr_id}")
-    assert (tr["flow_run_id"], tr["name"], tr["task_key"], tr["dynamic_key"]) == (run["id"], "work-abc", "work-1234", "0")
+    assert (tr["flow_run_id"], tr["name"], tr["task_key"], tr["dynamic_key"]) == (
+        run["id"],
+        "work-abc",
+        "work-1234",
+        "0",
+    )
     assert (tr["state_type"], tr["state_name"], tr["state_id"]) == ("COMPLETED", "Completed", done["id"])
     assert tr["state"]["message"] == "now Completed" and tr["state"]["state_details"]["task_run_id"] == tr_id
     assert tr["state"]["state_details"]["flow_run_id"] == run["id"]
@@ -297,8 +383,11 @@ def test_recorder_itself_ignores_a_state_it_has(tmp_path):
 
 def test_recorder_finds_a_task_run_created_over_rest_by_its_natural_key(api):
     run = new_flow_run(api)
-    made = api.ok("POST", "/task_runs/", {"flow_run_id": run["id"], "task_key": "work-1234", "dynamic_key": "0",
-                                          "name": "work-abc"})
+    made = api.ok(
+        "POST",
+        "/task_runs/",
+        {"flow_run_id": run["id"], "task_key": "work-1234", "dynamic_key": "0", "name": "work-abc"},
+    )
     post(api, task_event(run, str(uuid.uuid4()), "RUNNING", "Running", at(0), run_count=1))
     tr = api.ok("GET", f"/task_runs/{made['id']}")
     assert tr["state_type"] == "RUNNING"
@@ -320,6 +409,7 @@ def test_events_the_recorder_does_not_take(api):
 # ---------------------------------------------------------------------------------------------
 # flow-run events
 
+
 def test_flow_run_states_are_events(api):
     run = new_flow_run(api, tags=["nightly"])
     api.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})
@@ -334,6 +424,7 @@ def test_flow_run_states_are_events(api):
 
 # ---------------------------------------------------------------------------------------------
 # the version check, /admin/storage, leases
+
 
 def version(api, headers):
     req = urllib.request.Request(api.api_url + "/admin/version", headers=headers)
@@ -357,17 +448,32 @@ def test_admin_storage(api):
     status, _ = api.request("PUT", "/admin/storage", {"default_result_storage_block_id": str(uuid.uuid4())})
     assert status == 404
     secret_type = api.ok("GET", "/block_types/slug/custom-webhook")
-    schema = api.ok("POST", "/block_schemas/filter",
-                    {"block_schemas": {"block_type_id": {"any_": [secret_type["id"]]}}})[0]
-    doc = api.ok("POST", "/block_documents/", {"name": "hook", "block_type_id": secret_type["id"],
-                                               "block_schema_id": schema["id"], "data": {"name": "x", "url": "http://x"}})
+    schema = api.ok(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [secret_type["id"]]}}}
+    )[0]
+    doc = api.ok(
+        "POST",
+        "/block_documents/",
+        {
+            "name": "hook",
+            "block_type_id": secret_type["id"],
+            "block_schema_id": schema["id"],
+            "data": {"name": "x", "url": "http://x"},
+        },
+    )
     status, body = api.request("PUT", "/admin/storage", {"default_result_storage_block_id": doc["id"]})
     assert status == 422, body  # a webhook cannot store results
     block_type = api.ok("POST", "/block_types/", {"name": "Local File System", "slug": "local-file-system"})
-    fs_schema = api.ok("POST", "/block_schemas/", {"block_type_id": block_type["id"], "fields": {"properties": {}},
-                                                   "capabilities": ["read-path", "write-path"]})
-    fs = api.ok("POST", "/block_documents/", {"name": "results", "block_type_id": block_type["id"],
-                                              "block_schema_id": fs_schema["id"], "data": {}})
+    fs_schema = api.ok(
+        "POST",
+        "/block_schemas/",
+        {"block_type_id": block_type["id"], "fields": {"properties": {}}, "capabilities": ["read-path", "write-path"]},
+    )
+    fs = api.ok(
+        "POST",
+        "/block_documents/",
+        {"name": "results", "block_type_id": block_type["id"], "block_schema_id": fs_schema["id"], "data": {}},
+    )
     status, body = api.request("PUT", "/admin/storage", {"default_result_storage_block_id": fs["id"]})
     assert (status, body) == (200, {"default_result_storage_block_id": fs["id"]})
     assert api.ok("GET", "/admin/storage") == {"default_result_storage_block_id": fs["id"]}
@@ -377,15 +483,22 @@ def test_admin_storage(api):
 
 def test_concurrency_leases(api):
     api.ok("POST", "/v2/concurrency_limits/", {"name": "db", "limit": 2})
-    body = {"names": ["db", "tag:nothing-limits-this"], "slots": 1, "lease_duration": 60,
-            "holder": {"type": "task_run", "id": str(uuid.uuid4())}}
+    body = {
+        "names": ["db", "tag:nothing-limits-this"],
+        "slots": 1,
+        "lease_duration": 60,
+        "holder": {"type": "task_run", "id": str(uuid.uuid4())},
+    }
     first = api.ok("POST", "/v2/concurrency_limits/increment-with-lease", body)
     assert [limit["name"] for limit in first["limits"]] == ["db"]
     second = api.ok("POST", "/v2/concurrency_limits/increment-with-lease", body)
     status, _ = api.post("/v2/concurrency_limits/increment-with-lease", body)
     assert status == 423
     assert api.ok("GET", "/v2/concurrency_limits/db")["active_slots"] == 2
-    assert api.request("POST", f"/v2/concurrency_limits/leases/{first['lease_id']}/renew", {"lease_duration": 120})[0] == 204
+    assert (
+        api.request("POST", f"/v2/concurrency_limits/leases/{first['lease_id']}/renew", {"lease_duration": 120})[0]
+        == 204
+    )
     assert api.request("POST", "/v2/concurrency_limits/decrement-with-lease", {"lease_id": first["lease_id"]})[0] == 204
     assert api.request("POST", "/v2/concurrency_limits/decrement-with-lease", {"lease_id": first["lease_id"]})[0] == 204
     assert api.ok("GET", "/v2/concurrency_limits/db")["active_slots"] == 1
@@ -393,8 +506,10 @@ def test_concurrency_leases(api):
     free = api.ok("POST", "/v2/concurrency_limits/increment-with-lease", {"names": ["tag:x"], "slots": 1})
     assert free["limits"] == [] and free["lease_id"]
     assert api.post("/v2/concurrency_limits/increment-with-lease", {"names": [], "slots": 1})[0] == 422
-    assert api.post("/v2/concurrency_limits/increment-with-lease", {"names": ["db"], "slots": 1,
-                                                                    "lease_duration": 5})[0] == 422
+    assert (
+        api.post("/v2/concurrency_limits/increment-with-lease", {"names": ["db"], "slots": 1, "lease_duration": 5})[0]
+        == 422
+    )
     assert second["lease_id"]
 
 
@@ -406,9 +521,15 @@ def test_a_tag_limit_limits_prefect3_task_runs_through_leases(api):
     first_run, second_run = str(uuid.uuid4()), str(uuid.uuid4())
 
     def take(run_id):
-        return api.post("/v2/concurrency_limits/increment-with-lease",
-                        {"names": ["tag:db", "tag:unlimited"], "slots": 1, "lease_duration": 60,
-                         "holder": {"type": "task_run", "id": run_id}})
+        return api.post(
+            "/v2/concurrency_limits/increment-with-lease",
+            {
+                "names": ["tag:db", "tag:unlimited"],
+                "slots": 1,
+                "lease_duration": 60,
+                "holder": {"type": "task_run", "id": run_id},
+            },
+        )
 
     status, first = take(first_run)
     assert status == 200, first

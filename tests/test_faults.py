@@ -32,6 +32,7 @@ REQUEST_TIMEOUT = 20.0  # seconds any single client request may take before the 
 
 # --- server processes --------------------------------------------------------------------------
 
+
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
     env.update({k: str(v) for k, v in extra.items()})
@@ -51,8 +52,20 @@ class ServerProcess:
         env = clean_env(PREFECT_HOME=home, PREFECT_API_DATABASE_CONNECTION_URL=database, **settings)
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
             self.proc = subprocess.Popen(
-                [sys.executable, str(ROOT / "prefectlite.py"), "start", "--host", "127.0.0.1", "--port", str(self.port)],
-                env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+                [
+                    sys.executable,
+                    str(ROOT / "prefectlite.py"),
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                env=env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         self.client = Client(self.api_url)
 
@@ -98,6 +111,7 @@ def servers(tmp_path):
 
 # --- a small HTTP client with a hard timeout -----------------------------------------------------
 
+
 class Conn:
     """One keep-alive connection, like one SDK client; every request has a timeout."""
 
@@ -140,8 +154,13 @@ def ts(offset=0.0):
 
 def state(state_type, **details):
     names = {"PENDING": "Pending", "RUNNING": "Running", "COMPLETED": "Completed", "FAILED": "Failed"}
-    return {"type": state_type, "name": names.get(state_type), "message": None, "data": None,
-            "state_details": {"transition_id": str(uuid.uuid4()), **details}}
+    return {
+        "type": state_type,
+        "name": names.get(state_type),
+        "message": None,
+        "data": None,
+        "state_details": {"transition_id": str(uuid.uuid4()), **details},
+    }
 
 
 class WriteLoad:
@@ -229,39 +248,83 @@ class WriteLoad:
 
     def _one_run(self, conn, flow_id):
         ok = lambda status: status is not None and 200 <= status < 300  # noqa: E731
-        status, run = self._call(conn, "POST", "/flow_runs/", {
-            "flow_id": flow_id, "name": None, "state": state("PENDING"), "parameters": {"n": 3}, "context": {},
-            "empirical_policy": {"retries": 0, "retry_delay": 0}, "tags": [], "idempotency_key": None})
+        status, run = self._call(
+            conn,
+            "POST",
+            "/flow_runs/",
+            {
+                "flow_id": flow_id,
+                "name": None,
+                "state": state("PENDING"),
+                "parameters": {"n": 3},
+                "context": {},
+                "empirical_policy": {"retries": 0, "retry_delay": 0},
+                "tags": [],
+                "idempotency_key": None,
+            },
+        )
         if not ok(status):
             return False
         run_id = run["id"]
-        status, _ = self._call(conn, "POST", f"/flow_runs/{run_id}/set_state",
-                               {"state": state("RUNNING", flow_run_id=run_id), "force": False})
+        status, _ = self._call(
+            conn,
+            "POST",
+            f"/flow_runs/{run_id}/set_state",
+            {"state": state("RUNNING", flow_run_id=run_id), "force": False},
+        )
         if not ok(status):
             return False
         task_ids, previous = [], None
         for name in ("extract", "transform", "load"):
             inputs = {"xs": [{"input_type": "task_run", "id": previous}]} if previous else {}
-            status, task = self._call(conn, "POST", "/task_runs/", {
-                "flow_run_id": run_id, "task_key": f"{name}-key", "dynamic_key": "0", "name": f"{name}-0",
-                "state": state("PENDING"), "tags": [], "task_inputs": inputs,
-                "empirical_policy": {"retries": 0, "retry_delay_seconds": 0}})
+            status, task = self._call(
+                conn,
+                "POST",
+                "/task_runs/",
+                {
+                    "flow_run_id": run_id,
+                    "task_key": f"{name}-key",
+                    "dynamic_key": "0",
+                    "name": f"{name}-0",
+                    "state": state("PENDING"),
+                    "tags": [],
+                    "task_inputs": inputs,
+                    "empirical_policy": {"retries": 0, "retry_delay_seconds": 0},
+                },
+            )
             if not ok(status):
                 return False
             for target in ("RUNNING", "COMPLETED"):
-                status, _ = self._call(conn, "POST", f"/task_runs/{task['id']}/set_state",
-                                       {"state": state(target, task_run_id=task["id"]), "force": False})
+                status, _ = self._call(
+                    conn,
+                    "POST",
+                    f"/task_runs/{task['id']}/set_state",
+                    {"state": state(target, task_run_id=task["id"]), "force": False},
+                )
                 if not ok(status):
                     return False
             task_ids.append(task["id"])
             previous = task["id"]
-        logs = [{"name": "prefect.flow_runs", "level": 20, "message": f"line {i}", "timestamp": ts(),
-                 "flow_run_id": run_id, "task_run_id": task_ids[i % 3] if i % 2 else None} for i in range(5)]
+        logs = [
+            {
+                "name": "prefect.flow_runs",
+                "level": 20,
+                "message": f"line {i}",
+                "timestamp": ts(),
+                "flow_run_id": run_id,
+                "task_run_id": task_ids[i % 3] if i % 2 else None,
+            }
+            for i in range(5)
+        ]
         status, _ = self._call(conn, "POST", "/logs/", logs)
         if not ok(status):
             return False
-        status, result = self._call(conn, "POST", f"/flow_runs/{run_id}/set_state",
-                                    {"state": state("COMPLETED", flow_run_id=run_id), "force": False})
+        status, result = self._call(
+            conn,
+            "POST",
+            f"/flow_runs/{run_id}/set_state",
+            {"state": state("COMPLETED", flow_run_id=run_id), "force": False},
+        )
         if not ok(status):
             return False
         with self.lock:
@@ -291,6 +354,7 @@ def assert_complete_runs(client, run_ids):
 
 
 # --- kill -9 during a write load ---------------------------------------------------------------
+
 
 def test_kill_9_under_write_load_loses_no_acknowledged_run(tmp_path, servers):
     db_path = tmp_path / "durable.db"
@@ -322,15 +386,19 @@ def test_kill_9_under_write_load_loses_no_acknowledged_run(tmp_path, servers):
 
 # --- PostgreSQL goes away and comes back -------------------------------------------------------
 
+
 def _is_503_with_reason(status, payload):
     return status == 503 and isinstance(payload, dict) and bool(payload.get("detail")) and bool(payload.get("reason"))
 
 
-
 def test_postgres_outage_is_503_with_a_reason_and_recovers_without_restart(servers, postgres_url):
     dbname = postgres_url.rsplit("/", 1)[1]
-    server = servers(postgres_url, PREFECT_API_DATABASE_TIMEOUT=3, PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=1,
-                     PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS=1)
+    server = servers(
+        postgres_url,
+        PREFECT_API_DATABASE_TIMEOUT=3,
+        PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=1,
+        PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS=1,
+    )
     pid = server.proc.pid
     conn = Conn(server.api_url)
     flow = conn.request("POST", "/flows/", {"name": "before-the-outage"})[1]
@@ -347,8 +415,11 @@ def test_postgres_outage_is_503_with_a_reason_and_recovers_without_restart(serve
                 "read run": conn.request("GET", f"/flow_runs/{run['id']}"),
                 "filter runs": conn.request("POST", "/flow_runs/filter", {"limit": 5}),
                 "set state": conn.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}}),
-                "write logs": conn.request("POST", "/logs/", [{"name": "n", "level": 20, "message": "m",
-                                                              "timestamp": ts(), "flow_run_id": run["id"]}]),
+                "write logs": conn.request(
+                    "POST",
+                    "/logs/",
+                    [{"name": "n", "level": 20, "message": "m", "timestamp": ts(), "flow_run_id": run["id"]}],
+                ),
                 "ready": conn.request("GET", "/ready"),
             }
             for what, (status, payload, headers) in down.items():
@@ -360,8 +431,11 @@ def test_postgres_outage_is_503_with_a_reason_and_recovers_without_restart(serve
             wait_until(lambda: load.statuses[503] > 0, 30, "the load to see a 503 too")
             acked_during = load.acked_count()
         # connections allowed again: the same process answers 2xx again, no restart
-        wait_until(lambda: conn.request("POST", "/flows/", {"name": "after-the-outage"})[0] in (200, 201), 60,
-                   "a 2xx after PostgreSQL came back")
+        wait_until(
+            lambda: conn.request("POST", "/flows/", {"name": "after-the-outage"})[0] in (200, 201),
+            60,
+            "a 2xx after PostgreSQL came back",
+        )
         wait_until(lambda: load.acked_count() >= acked_during + 10, 120, "the load to complete runs again")
     finally:
         load.stop()
@@ -460,26 +534,36 @@ def test_a_postgres_that_stops_answering_is_503_not_a_hang(servers, postgres_url
     parts = urllib.parse.urlsplit(postgres_url)
     proxy = FreezableProxy(parts.hostname, parts.port or 5432)
     try:
-        via_proxy = urllib.parse.urlunsplit(parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}"))
+        via_proxy = urllib.parse.urlunsplit(
+            parts._replace(netloc=f"{parts.username or 'postgres'}@127.0.0.1:{proxy.port}")
+        )
         server = servers(via_proxy, PREFECT_API_DATABASE_TIMEOUT=2)
         conn = Conn(server.api_url, timeout=30)
         flow = conn.request("POST", "/flows/", {"name": "partitioned"})[1]
         assert conn.request("POST", "/flow_runs/", {"flow_id": flow["id"]})[0] == 201
         proxy.freeze()
         answers = {}
-        for what, method, path, body in [("read", "GET", f"/flows/{flow['id']}", None),
-                                         ("write", "POST", "/flows/", {"name": "while-partitioned"}),
-                                         ("count", "POST", "/flow_runs/count", {})]:
+        for what, method, path, body in [
+            ("read", "GET", f"/flows/{flow['id']}", None),
+            ("write", "POST", "/flows/", {"name": "while-partitioned"}),
+            ("count", "POST", "/flow_runs/count", {}),
+        ]:
             try:
                 answers[what] = conn.request(method, path, body)[:2]
             except (OSError, http.client.HTTPException) as exc:
                 answers[what] = f"no answer within 30 s: {type(exc).__name__}"
         proxy.thaw()
-        wrong = {what: answer for what, answer in answers.items()
-                 if not (isinstance(answer, tuple) and _is_503_with_reason(*answer))}
+        wrong = {
+            what: answer
+            for what, answer in answers.items()
+            if not (isinstance(answer, tuple) and _is_503_with_reason(*answer))
+        }
         assert not wrong, f"while PostgreSQL did not answer: {wrong}"
-        wait_until(lambda: conn.request("POST", "/flows/", {"name": "healed"})[0] in (200, 201), 60,
-                   "a 2xx after the partition healed")
+        wait_until(
+            lambda: conn.request("POST", "/flows/", {"name": "healed"})[0] in (200, 201),
+            60,
+            "a 2xx after the partition healed",
+        )
         assert server.alive()
         conn.close()
     finally:
@@ -488,13 +572,15 @@ def test_a_postgres_that_stops_answering_is_503_not_a_hang(servers, postgres_url
 
 # --- a full disk and a read-only database file ---------------------------------------------------
 
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A 16 MB tmpfs, mounted for the test (needs root); unmounted afterwards."""
     mount_point = tmp_path / "disk"
     mount_point.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(mount_point)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip() or result.returncode}")
     try:
@@ -542,9 +628,20 @@ def test_a_full_disk_is_503_with_a_reason_and_recovers(servers, small_disk):
         big_line = "x" * 4000
         statuses = []
         for i in range(400):  # the WAL must grow: ~100 KB of log lines per request until the disk refuses
-            status, payload, _ = conn.request("POST", "/logs/", [
-                {"name": "n", "level": 20, "message": f"{i} {j} {big_line}", "timestamp": ts(), "flow_run_id": run["id"]}
-                for j in range(25)])
+            status, payload, _ = conn.request(
+                "POST",
+                "/logs/",
+                [
+                    {
+                        "name": "n",
+                        "level": 20,
+                        "message": f"{i} {j} {big_line}",
+                        "timestamp": ts(),
+                        "flow_run_id": run["id"],
+                    }
+                    for j in range(25)
+                ],
+            )
             statuses.append(status)
             if status == 503:
                 assert payload.get("detail") and payload.get("reason"), payload
@@ -553,9 +650,15 @@ def test_a_full_disk_is_503_with_a_reason_and_recovers(servers, small_disk):
         assert statuses[-1] == 503, f"the disk never filled up: {collections.Counter(statuses)}"
         assert_unavailable_not_crashed(server, conn, run["id"])
         filler.unlink()
-        wait_until(lambda: conn.request("POST", "/flows/", {"name": "space-again"})[0] in (200, 201), 30,
-                   "a 2xx once there is space again")
-        assert conn.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})[0] in (200, 201)
+        wait_until(
+            lambda: conn.request("POST", "/flows/", {"name": "space-again"})[0] in (200, 201),
+            30,
+            "a 2xx once there is space again",
+        )
+        assert conn.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})[0] in (
+            200,
+            201,
+        )
         assert server.alive()
     finally:
         conn.close()
@@ -590,8 +693,11 @@ def test_a_read_only_database_file_is_503_with_a_reason_and_recovers(tmp_path, s
         assert_unavailable_not_crashed(server, conn, run["id"])
         assert conn.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})[0] == 503
         _chattr("-i", *files)
-        wait_until(lambda: conn.request("POST", "/flows/", {"name": "writable-again"})[0] in (200, 201), 30,
-                   "a 2xx once the file is writable again")
+        wait_until(
+            lambda: conn.request("POST", "/flows/", {"name": "writable-again"})[0] in (200, 201),
+            30,
+            "a 2xx once the file is writable again",
+        )
         status, payload, _ = conn.request("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}})
         assert status in (200, 201) and payload["status"] == "ACCEPT", (status, payload)
         assert server.alive()
@@ -602,24 +708,40 @@ def test_a_read_only_database_file_is_503_with_a_reason_and_recovers(tmp_path, s
 
 # --- a notification receiver that hangs ----------------------------------------------------------
 
+
 def new_block(client, slug, data):
     block_type = client.ok("GET", f"/block_types/slug/{slug}")
-    schemas = client.ok("POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})
-    return client.ok("POST", "/block_documents/", {
-        "name": f"{slug}-{uuid.uuid4().hex[:8]}", "block_type_id": block_type["id"],
-        "block_schema_id": schemas[0]["id"], "data": data})
+    schemas = client.ok(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+    )
+    return client.ok(
+        "POST",
+        "/block_documents/",
+        {
+            "name": f"{slug}-{uuid.uuid4().hex[:8]}",
+            "block_type_id": block_type["id"],
+            "block_schema_id": schemas[0]["id"],
+            "data": data,
+        },
+    )
 
 
 def test_a_hanging_notification_receiver_does_not_slow_the_api(tmp_path, servers):
     with HTTPReceiver() as hook:
         hook.hold_timeout = 300
         hook.hold()
-        server = servers(f"sqlite:///{tmp_path}/notify.db", PREFECT_NOTIFICATIONS_TIMEOUT=300,
-                         PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.5)
+        server = servers(
+            f"sqlite:///{tmp_path}/notify.db",
+            PREFECT_NOTIFICATIONS_TIMEOUT=300,
+            PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.5,
+        )
         client = server.client
         block = new_block(client, "slack-webhook", {"url": hook.url + "/services/T/B/hang"})
-        client.ok("POST", "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [],
-                                                               "block_document_id": block["id"]})
+        client.ok(
+            "POST",
+            "/flow_run_notification_policies/",
+            {"state_names": ["Failed"], "tags": [], "block_document_id": block["id"]},
+        )
         flow = client.ok("POST", "/flows/", {"name": "hangs"})
         first = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
         client.ok("POST", f"/flow_runs/{first['id']}/set_state", {"state": {"type": "FAILED"}, "force": True})
@@ -627,11 +749,14 @@ def test_a_hanging_notification_receiver_does_not_slow_the_api(tmp_path, servers
         conn = Conn(server.api_url, timeout=REQUEST_TIMEOUT)
         try:
             for i in range(25):  # each of these also queues a notification behind the hanging one
-                status, run, _ = conn.request("POST", "/flow_runs/", {"flow_id": flow["id"], "name": f"while-hanging-{i}"})
+                status, run, _ = conn.request(
+                    "POST", "/flow_runs/", {"flow_id": flow["id"], "name": f"while-hanging-{i}"}
+                )
                 assert status == 201, (status, run)
                 for target in ("RUNNING", "FAILED"):
-                    status, result, _ = conn.request("POST", f"/flow_runs/{run['id']}/set_state",
-                                                     {"state": {"type": target}})
+                    status, result, _ = conn.request(
+                        "POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": target}}
+                    )
                     assert status in (200, 201) and result["status"] == "ACCEPT", (status, result)
             assert conn.request("POST", "/flow_runs/count", {})[:2] == (200, 26)
         finally:
@@ -645,6 +770,7 @@ def test_a_hanging_notification_receiver_does_not_slow_the_api(tmp_path, servers
 
 
 # --- two servers on one PostgreSQL database ------------------------------------------------------
+
 
 def _scheduler_passed(server):
     conn = Conn(server.api_url)
@@ -661,8 +787,12 @@ def _scheduler_passed(server):
 
 
 def test_two_servers_share_one_postgres_database(servers, postgres_url):
-    settings = dict(PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.5, PREFECT_SERVER_METRICS_ENABLED=True,
-                    PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.5, PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.2)
+    settings = dict(
+        PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS=0.5,
+        PREFECT_SERVER_METRICS_ENABLED=True,
+        PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.5,
+        PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.2,
+    )
     # both start at once: they race on the migrations too
     a = servers(postgres_url, name="replica-a", wait=False, **settings)
     b = servers(postgres_url, name="replica-b", wait=False, **settings)
@@ -682,8 +812,11 @@ def test_two_servers_share_one_postgres_database(servers, postgres_url):
 
     # a schedule created through one server, filled by both schedulers: no duplicates
     flow = a.client.ok("POST", "/flows/", {"name": "scheduled"})
-    deployment = a.client.ok("POST", "/deployments/", {
-        "name": "every-minute", "flow_id": flow["id"], "schedules": [{"schedule": {"interval": 60}, "active": True}]})
+    deployment = a.client.ok(
+        "POST",
+        "/deployments/",
+        {"name": "every-minute", "flow_id": flow["id"], "schedules": [{"schedule": {"interval": 60}, "active": True}]},
+    )
     wait_until(lambda: _scheduler_passed(a) and _scheduler_passed(b), 30, "both schedulers to run")
     runs_filter = {"flow_runs": {"deployment_id": {"any_": [deployment["id"]]}}}
 
@@ -692,8 +825,11 @@ def test_two_servers_share_one_postgres_database(servers, postgres_url):
 
     wait_until(lambda: count() >= 3, 30, "scheduled runs")
     seen = []  # stable over several passes of both schedulers
-    wait_until(lambda: seen.append(count()) or (len(seen) >= 8 and len(set(seen[-8:])) == 1), 60,
-               "the number of scheduled runs to settle")
+    wait_until(
+        lambda: seen.append(count()) or (len(seen) >= 8 and len(set(seen[-8:])) == 1),
+        60,
+        "the number of scheduled runs to settle",
+    )
     runs = a.client.ok("POST", "/flow_runs/filter", {**runs_filter, "limit": 200})
     times = [r["expected_start_time"] for r in runs]
     assert len(runs) == seen[-1]
@@ -703,12 +839,17 @@ def test_two_servers_share_one_postgres_database(servers, postgres_url):
     # a notification policy: each notification is sent once, whichever server queued it
     with HTTPReceiver() as hook:
         block = new_block(a.client, "slack-webhook", {"url": hook.url + "/services/T/B/once"})
-        a.client.ok("POST", "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [],
-                                                                 "block_document_id": block["id"]})
+        a.client.ok(
+            "POST",
+            "/flow_run_notification_policies/",
+            {"state_names": ["Failed"], "tags": [], "block_document_id": block["id"]},
+        )
         names = []
         for i in range(12):
             server = (a, b)[i % 2]
-            run = server.client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "name": f"fails-{i}-{uuid.uuid4().hex[:6]}"})
+            run = server.client.ok(
+                "POST", "/flow_runs/", {"flow_id": flow["id"], "name": f"fails-{i}-{uuid.uuid4().hex[:6]}"}
+            )
             server.client.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": "FAILED"}, "force": True})
             names.append(run["name"])
         hook.wait_for(12, timeout=60)

@@ -1,4 +1,4 @@
-"""The filter compiler (section 6: build_where, compile_filter) without HTTP: a table of filter bodies,
+"""The filter compiler (section 8: build_where, compile_filter) without HTTP: a table of filter bodies,
 each compiled and run on a real database holding a few known rows, against the names it must select;
 and the 422 details of bad filters, naming the field. Both dialects (SQLite, PostgreSQL): the compiler
 writes each one's SQL (tags as JSON, case-insensitive LIKE).
@@ -35,13 +35,36 @@ def db(request, tmp_path_factory):
         flows = {}
         for flow in ("etl", "report"):
             flows[flow] = prefectlite.new_id()
-            prefectlite.insert_row(tx, "flow", {"id": flows[flow], "created": T, "updated": T, "name": flow,
-                                                "tags": ["flow-tag"] if flow == "etl" else []})
+            prefectlite.insert_row(
+                tx,
+                "flow",
+                {
+                    "id": flows[flow],
+                    "created": T,
+                    "updated": T,
+                    "name": flow,
+                    "tags": ["flow-tag"] if flow == "etl" else [],
+                },
+            )
         for name, (tags, state_type, state_name, expected, flow) in RUNS.items():
-            prefectlite.insert_row(tx, "flow_run", {
-                "id": prefectlite.new_id(), "created": T, "updated": T, "name": name, "flow_id": flows[flow],
-                "tags": tags, "state_type": state_type, "state_name": state_name, "expected_start_time": expected,
-                "run_count": 0, "total_run_time": 0.0, "empirical_policy": {}})
+            prefectlite.insert_row(
+                tx,
+                "flow_run",
+                {
+                    "id": prefectlite.new_id(),
+                    "created": T,
+                    "updated": T,
+                    "name": name,
+                    "flow_id": flows[flow],
+                    "tags": tags,
+                    "state_type": state_type,
+                    "state_name": state_name,
+                    "expected_start_time": expected,
+                    "run_count": 0,
+                    "total_run_time": 0.0,
+                    "empirical_policy": {},
+                },
+            )
     yield database
     database.close()
 
@@ -52,28 +75,34 @@ def selected(db, body, table="flow_run"):
         return sorted(r["name"] for r in tx.query(f"SELECT {table}.name FROM {table} WHERE {where}", params))
 
 
-@pytest.mark.parametrize("body, names", [
-    ({}, ["Beta", "alpha", "delta_%", "gamma"]),
-    ({"flow_runs": {"name": {"any_": ["alpha", "gamma", "nobody"]}}}, ["alpha", "gamma"]),
-    ({"flow_runs": {"name": {"not_any_": ["alpha"]}}}, ["Beta", "delta_%", "gamma"]),
-    ({"flow_runs": {"name": {"any_": []}}}, []),  # any of nothing: nothing
-    ({"flow_runs": {"name": {"like_": "ET"}}}, ["Beta"]),  # case-insensitive
-    ({"flow_runs": {"name": {"startswith_": "al"}}}, ["alpha"]),
-    ({"flow_runs": {"name": {"startswith_": ["al", "ga"]}}}, ["alpha", "gamma"]),  # any of several prefixes
-    ({"flow_runs": {"tags": {"all_": ["a", "b"]}}}, ["alpha"]),
-    ({"flow_runs": {"tags": {"any_": ["a", "ü"]}}}, ["alpha", "delta_%"]),
-    ({"flow_runs": {"tags": {"all_": []}}}, ["Beta", "alpha", "delta_%", "gamma"]),  # all of nothing: everything
-    ({"flow_runs": {"tags": {"is_null_": True}}}, ["gamma"]),
-    ({"flow_runs": {"state": {"type": {"any_": ["RUNNING", "SCHEDULED"]}}}}, ["Beta", "gamma"]),
-    ({"flow_runs": {"state": {"name": {"any_": ["Late"]}}}}, ["gamma"]),
-    ({"flow_runs": {"expected_start_time": {"before_": "2026-03-01T11:00:00+00:00"}}}, ["Beta", "alpha"]),
-    ({"flow_runs": {"expected_start_time": {"after_": "2026-03-01T11:00:00.000001+00:00"}}}, ["gamma"]),
-    ({"flow_runs": {"expected_start_time": {"is_null_": True}}}, ["delta_%"]),
-    ({"flow_runs": {"operator": "or_", "name": {"any_": ["alpha"]}, "tags": {"any_": ["ü"]}}}, ["alpha", "delta_%"]),
-    ({"flow_runs": {"name": {"operator": "or_", "like_": "amm", "startswith_": "B"}}}, ["Beta", "gamma"]),
-    ({"flows": {"name": {"any_": ["etl"]}}}, ["Beta", "alpha"]),  # another table's filter: through the relation
-    ({"flows": {"tags": {"all_": ["flow-tag"]}}, "flow_runs": {"tags": {"any_": ["a"]}}}, ["alpha"]),
-])
+@pytest.mark.parametrize(
+    "body, names",
+    [
+        ({}, ["Beta", "alpha", "delta_%", "gamma"]),
+        ({"flow_runs": {"name": {"any_": ["alpha", "gamma", "nobody"]}}}, ["alpha", "gamma"]),
+        ({"flow_runs": {"name": {"not_any_": ["alpha"]}}}, ["Beta", "delta_%", "gamma"]),
+        ({"flow_runs": {"name": {"any_": []}}}, []),  # any of nothing: nothing
+        ({"flow_runs": {"name": {"like_": "ET"}}}, ["Beta"]),  # case-insensitive
+        ({"flow_runs": {"name": {"startswith_": "al"}}}, ["alpha"]),
+        ({"flow_runs": {"name": {"startswith_": ["al", "ga"]}}}, ["alpha", "gamma"]),  # any of several prefixes
+        ({"flow_runs": {"tags": {"all_": ["a", "b"]}}}, ["alpha"]),
+        ({"flow_runs": {"tags": {"any_": ["a", "ü"]}}}, ["alpha", "delta_%"]),
+        ({"flow_runs": {"tags": {"all_": []}}}, ["Beta", "alpha", "delta_%", "gamma"]),  # all of nothing: everything
+        ({"flow_runs": {"tags": {"is_null_": True}}}, ["gamma"]),
+        ({"flow_runs": {"state": {"type": {"any_": ["RUNNING", "SCHEDULED"]}}}}, ["Beta", "gamma"]),
+        ({"flow_runs": {"state": {"name": {"any_": ["Late"]}}}}, ["gamma"]),
+        ({"flow_runs": {"expected_start_time": {"before_": "2026-03-01T11:00:00+00:00"}}}, ["Beta", "alpha"]),
+        ({"flow_runs": {"expected_start_time": {"after_": "2026-03-01T11:00:00.000001+00:00"}}}, ["gamma"]),
+        ({"flow_runs": {"expected_start_time": {"is_null_": True}}}, ["delta_%"]),
+        (
+            {"flow_runs": {"operator": "or_", "name": {"any_": ["alpha"]}, "tags": {"any_": ["ü"]}}},
+            ["alpha", "delta_%"],
+        ),
+        ({"flow_runs": {"name": {"operator": "or_", "like_": "amm", "startswith_": "B"}}}, ["Beta", "gamma"]),
+        ({"flows": {"name": {"any_": ["etl"]}}}, ["Beta", "alpha"]),  # another table's filter: through the relation
+        ({"flows": {"tags": {"all_": ["flow-tag"]}}, "flow_runs": {"tags": {"any_": ["a"]}}}, ["alpha"]),
+    ],
+)
 def test_each_filter_selects_exactly_its_rows(db, body, names):
     assert selected(db, body) == names
 
@@ -89,15 +118,21 @@ def test_parameters_never_become_sql(db):
     assert selected(db, {"flow_runs": {"name": {"like_": hostile}}}) == []
 
 
-@pytest.mark.parametrize("body, loc, message", [
-    ({"flow_runs": {"nmae": {"any_": ["x"]}}}, ["body", "flow_runs", "nmae"], "extra fields not permitted"),
-    ({"flow_runs": {"name": {"near_": "x"}}}, ["body", "flow_runs", "name", "near_"], "unknown filter operator"),
-    ({"flow_runs": {"name": "alpha"}}, ["body", "flow_runs", "name"], "not a valid dict"),
-    ({"flow_runs": {"operator": "xor_"}}, ["body", "flow_runs", "operator"], "not a valid enumeration member"),
-    ({"flow_runs": {"expected_start_time": {"like_": "2026"}}}, ["body", "flow_runs", "expected_start_time", "like_"],
-     "applies to text fields only"),
-    ({"flow_runs": {"tags": {"any_": "a"}}}, ["body", "flow_runs", "tags", "any_"], "not a valid list"),
-])
+@pytest.mark.parametrize(
+    "body, loc, message",
+    [
+        ({"flow_runs": {"nmae": {"any_": ["x"]}}}, ["body", "flow_runs", "nmae"], "extra fields not permitted"),
+        ({"flow_runs": {"name": {"near_": "x"}}}, ["body", "flow_runs", "name", "near_"], "unknown filter operator"),
+        ({"flow_runs": {"name": "alpha"}}, ["body", "flow_runs", "name"], "not a valid dict"),
+        ({"flow_runs": {"operator": "xor_"}}, ["body", "flow_runs", "operator"], "not a valid enumeration member"),
+        (
+            {"flow_runs": {"expected_start_time": {"like_": "2026"}}},
+            ["body", "flow_runs", "expected_start_time", "like_"],
+            "applies to text fields only",
+        ),
+        ({"flow_runs": {"tags": {"any_": "a"}}}, ["body", "flow_runs", "tags", "any_"], "not a valid list"),
+    ],
+)
 def test_a_bad_filter_is_refused_naming_the_field(db, body, loc, message):
     with db.read() as tx, pytest.raises(prefectlite.ValidationFailed) as refused:
         prefectlite.build_where(tx, "flow_run", body)

@@ -32,24 +32,120 @@ TIMEOUT = 20.0
 
 # --- the generator -------------------------------------------------------------------------------
 
-UNICODE = ["ünïcødé", "名前", "🦄💥", "עברית", "\u202eevil", "a\u0301", "\u0000", "\ud800", "\udfff", "\ufeff",
-           "\n\r\t", "' OR 1=1 --", "\"; DROP TABLE flow; --", "%s%s%n", "{0}{name}", "${HOME}", "../../etc/passwd",
-           "<script>alert(1)</script>", "\\", "NULL", "null", "true", "", " ", "*", "%", "_", "?", "$1"]
-HUGE_INTS = [2 ** 31, 2 ** 31 - 1, -(2 ** 31), 2 ** 63, 2 ** 63 - 1, -(2 ** 63), -(2 ** 63) - 1, 2 ** 64, 10 ** 30,
-             -(10 ** 30), 10 ** 400]
+UNICODE = [
+    "ünïcødé",
+    "名前",
+    "🦄💥",
+    "עברית",
+    "\u202eevil",
+    "a\u0301",
+    "\u0000",
+    "\ud800",
+    "\udfff",
+    "\ufeff",
+    "\n\r\t",
+    "' OR 1=1 --",
+    '"; DROP TABLE flow; --',
+    "%s%s%n",
+    "{0}{name}",
+    "${HOME}",
+    "../../etc/passwd",
+    "<script>alert(1)</script>",
+    "\\",
+    "NULL",
+    "null",
+    "true",
+    "",
+    " ",
+    "*",
+    "%",
+    "_",
+    "?",
+    "$1",
+]
+HUGE_INTS = [2**31, 2**31 - 1, -(2**31), 2**63, 2**63 - 1, -(2**63), -(2**63) - 1, 2**64, 10**30, -(10**30), 10**400]
 FLOATS = [0.5, -0.0, 1e308, -1e308, 1e-320, 3.141592653589793, float("nan"), float("inf"), float("-inf")]
-DATES = ["2030-01-01T00:00:00Z", "2030-01-01T00:00:00+00:00", "1970-01-01T00:00:00Z", "0001-01-01T00:00:00Z",
-         "9999-12-31T23:59:59.999999Z", "2030-02-30T00:00:00Z", "2030-01-01", "2030-01-01T25:61:61Z", "yesterday",
-         "2030-01-01T00:00:00+14:00", "2030-01-01T00:00:00-12:00", "20300101T000000Z", "", "1e10"]
-FILTER_FIELDS = ["id", "name", "tags", "state", "type", "flow_id", "flow_run_id", "task_run_id", "deployment_id",
-                 "start_time", "end_time", "expected_start_time", "next_scheduled_start_time", "work_queue_name",
-                 "parent_task_run_id", "parent_flow_run_id", "subflow_runs", "level", "timestamp", "key", "slug",
-                 "is_active", "is_anonymous", "block_type_id", "block_capabilities", "version", "value", "paused",
-                 "deployment", "idempotency_key", "flow_version", "operator", "unknown_field"]
-FILTER_OPS = ["any_", "all_", "not_any_", "like_", "before_", "after_", "is_null_", "exists_", "ge_", "le_",
-              "startswith_", "eq_", "operator", "type", "name", "bogus_"]
-QUERY_KEYS = ["include_secrets", "limit", "offset", "status", "flow_run_id", "task_run_id", "client", "version",
-              "sort", "name"]
+DATES = [
+    "2030-01-01T00:00:00Z",
+    "2030-01-01T00:00:00+00:00",
+    "1970-01-01T00:00:00Z",
+    "0001-01-01T00:00:00Z",
+    "9999-12-31T23:59:59.999999Z",
+    "2030-02-30T00:00:00Z",
+    "2030-01-01",
+    "2030-01-01T25:61:61Z",
+    "yesterday",
+    "2030-01-01T00:00:00+14:00",
+    "2030-01-01T00:00:00-12:00",
+    "20300101T000000Z",
+    "",
+    "1e10",
+]
+FILTER_FIELDS = [
+    "id",
+    "name",
+    "tags",
+    "state",
+    "type",
+    "flow_id",
+    "flow_run_id",
+    "task_run_id",
+    "deployment_id",
+    "start_time",
+    "end_time",
+    "expected_start_time",
+    "next_scheduled_start_time",
+    "work_queue_name",
+    "parent_task_run_id",
+    "parent_flow_run_id",
+    "subflow_runs",
+    "level",
+    "timestamp",
+    "key",
+    "slug",
+    "is_active",
+    "is_anonymous",
+    "block_type_id",
+    "block_capabilities",
+    "version",
+    "value",
+    "paused",
+    "deployment",
+    "idempotency_key",
+    "flow_version",
+    "operator",
+    "unknown_field",
+]
+FILTER_OPS = [
+    "any_",
+    "all_",
+    "not_any_",
+    "like_",
+    "before_",
+    "after_",
+    "is_null_",
+    "exists_",
+    "ge_",
+    "le_",
+    "startswith_",
+    "eq_",
+    "operator",
+    "type",
+    "name",
+    "bogus_",
+]
+QUERY_KEYS = [
+    "include_secrets",
+    "limit",
+    "offset",
+    "status",
+    "flow_run_id",
+    "task_run_id",
+    "client",
+    "version",
+    "sort",
+    "name",
+]
 
 
 class Generator:
@@ -76,13 +172,30 @@ class Generator:
     def junk(self, depth=0):
         r = self.rng.random()
         if depth > 3 or r < 0.55:
-            return self.rng.choice([None, True, False, 0, -1, 1.5, "", [], {}, self.text(),
-                                    self.rng.choice(HUGE_INTS), self.rng.choice(FLOATS), self.rng.choice(UNICODE)])
+            return self.rng.choice(
+                [
+                    None,
+                    True,
+                    False,
+                    0,
+                    -1,
+                    1.5,
+                    "",
+                    [],
+                    {},
+                    self.text(),
+                    self.rng.choice(HUGE_INTS),
+                    self.rng.choice(FLOATS),
+                    self.rng.choice(UNICODE),
+                ]
+            )
         if r < 0.7:
             return [self.junk(depth + 1) for _ in range(self.rng.randint(0, 4))]
         if r < 0.85:
-            return {self.rng.choice(FILTER_FIELDS + ["type", "name", "x"]): self.junk(depth + 1)
-                    for _ in range(self.rng.randint(0, 4))}
+            return {
+                self.rng.choice(FILTER_FIELDS + ["type", "name", "x"]): self.junk(depth + 1)
+                for _ in range(self.rng.randint(0, 4))
+            }
         nested = self.junk(depth + 1)
         for _ in range(self.rng.choice([20, 60, 120])):
             nested = self.rng.choice([[nested], {"a": nested}])
@@ -99,19 +212,29 @@ class Generator:
             ops = {}
             for _ in range(self.rng.randint(1, 2)):
                 op = self.rng.choice(FILTER_OPS)
-                ops[op] = self.rng.choice([
-                    [self.uuid() for _ in range(self.rng.randint(0, 3))], [self.text()], self.text(),
-                    self.rng.choice(DATES), self.rng.choice([True, False, None]), self.rng.choice(HUGE_INTS),
-                    {"any_": [self.rng.choice(["COMPLETED", "FAILED", "BOGUS"])]}, self.rng.choice(["and_", "or_", "xor_"]),
-                    self.junk()])
+                ops[op] = self.rng.choice(
+                    [
+                        [self.uuid() for _ in range(self.rng.randint(0, 3))],
+                        [self.text()],
+                        self.text(),
+                        self.rng.choice(DATES),
+                        self.rng.choice([True, False, None]),
+                        self.rng.choice(HUGE_INTS),
+                        {"any_": [self.rng.choice(["COMPLETED", "FAILED", "BOGUS"])]},
+                        self.rng.choice(["and_", "or_", "xor_"]),
+                        self.junk(),
+                    ]
+                )
             out[field] = ops
         return out
 
     # from the schema
     def resolve(self, schema):
         while isinstance(schema, dict) and "$ref" in schema:
-            schema = {**self.components[schema["$ref"].rsplit("/", 1)[1]],
-                      **{k: v for k, v in schema.items() if k != "$ref"}}
+            schema = {
+                **self.components[schema["$ref"].rsplit("/", 1)[1]],
+                **{k: v for k, v in schema.items() if k != "$ref"},
+            }
         return schema or {}
 
     def instance(self, schema, depth=0):
@@ -129,8 +252,11 @@ class Generator:
                     return self.filter_object()
                 return {self.text()[:20]: self.junk() for _ in range(self.rng.randint(0, 3))}
             required = set(schema.get("required", []))
-            return {name: self.instance(sub, depth + 1) for name, sub in props.items()
-                    if name in required or self.rng.random() < 0.5}
+            return {
+                name: self.instance(sub, depth + 1)
+                for name, sub in props.items()
+                if name in required or self.rng.random() < 0.5
+            }
         if kind == "array":
             if depth > 4:
                 return []
@@ -188,7 +314,7 @@ class Generator:
         elif r < 0.65:
             value = "fuzz-" + self.uuid()[:8]
         elif r < 0.9:
-            value = self.rng.choice(UNICODE + ["..", ".", "-1", "0", str(2 ** 64), "1e400", "x" * 3000, "a/b", "a%2Fb"])
+            value = self.rng.choice(UNICODE + ["..", ".", "-1", "0", str(2**64), "1e400", "x" * 3000, "a/b", "a%2Fb"])
         else:
             value = self.rng.choice([self.uuid().upper(), self.uuid().replace("-", ""), "{" + self.uuid() + "}"])
         return urllib.parse.quote(value.encode("utf-8", "surrogatepass"), safe="")
@@ -196,11 +322,16 @@ class Generator:
     def query(self):
         if self.rng.random() < 0.7:
             return ""
-        pairs = [(self.rng.choice(QUERY_KEYS), self.rng.choice(["true", "false", "maybe", "-1", "", self.uuid(),
-                                                                 "%zz", str(2 ** 64), self.text()[:50]]))
-                 for _ in range(self.rng.randint(1, 3))]
-        return "?" + "&".join(f"{k}={urllib.parse.quote(v.encode('utf-8', 'surrogatepass'), safe='%')}"
-                              for k, v in pairs)
+        pairs = [
+            (
+                self.rng.choice(QUERY_KEYS),
+                self.rng.choice(["true", "false", "maybe", "-1", "", self.uuid(), "%zz", str(2**64), self.text()[:50]]),
+            )
+            for _ in range(self.rng.randint(1, 3))
+        ]
+        return "?" + "&".join(
+            f"{k}={urllib.parse.quote(v.encode('utf-8', 'surrogatepass'), safe='%')}" for k, v in pairs
+        )
 
 
 def encode(body):
@@ -211,6 +342,7 @@ def encode(body):
 
 
 # --- HTTP ---------------------------------------------------------------------------------------
+
 
 class Conn:
     def __init__(self, api_url):
@@ -246,30 +378,60 @@ class Conn:
 
 # --- seed rows and their snapshot ----------------------------------------------------------------
 
+
 def seed_rows(c):
     flow = c.json("POST", "/flows/", {"name": "seed-flow", "tags": ["seed"]})
-    run = c.json("POST", "/flow_runs/", {"flow_id": flow["id"], "name": "seed-run", "tags": ["seed"],
-                                         "parameters": {"x": 1}})
+    run = c.json(
+        "POST", "/flow_runs/", {"flow_id": flow["id"], "name": "seed-run", "tags": ["seed"], "parameters": {"x": 1}}
+    )
     task = c.json("POST", "/task_runs/", {"flow_run_id": run["id"], "task_key": "seed-task", "dynamic_key": "0"})
     for target in ("RUNNING", "COMPLETED"):
         c.json("POST", f"/task_runs/{task['id']}/set_state", {"state": {"type": target}})
         c.json("POST", f"/flow_runs/{run['id']}/set_state", {"state": {"type": target}})
-    c.json("POST", "/logs/", [{"name": "seed", "level": 20, "message": "seed line", "timestamp": "2030-01-01T00:00:00Z",
-                               "flow_run_id": run["id"], "task_run_id": task["id"]}])
+    c.json(
+        "POST",
+        "/logs/",
+        [
+            {
+                "name": "seed",
+                "level": 20,
+                "message": "seed line",
+                "timestamp": "2030-01-01T00:00:00Z",
+                "flow_run_id": run["id"],
+                "task_run_id": task["id"],
+            }
+        ],
+    )
     block_type = c.json("GET", "/block_types/slug/slack-webhook")
-    schema = c.json("POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})[0]
-    block = c.json("POST", "/block_documents/", {"name": "seed-block", "block_type_id": block_type["id"],
-                                                 "block_schema_id": schema["id"],
-                                                 "data": {"url": "http://127.0.0.1:9/seed-secret"}})
+    schema = c.json(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+    )[0]
+    block = c.json(
+        "POST",
+        "/block_documents/",
+        {
+            "name": "seed-block",
+            "block_type_id": block_type["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": "http://127.0.0.1:9/seed-secret"},
+        },
+    )
     variable = c.json("POST", "/variables/", {"name": "seed_variable", "value": {"seed": [1, 2]}, "tags": ["seed"]})
     c.json("POST", "/work_pools/", {"name": "seed-pool", "type": "process"})
-    deployment = c.json("POST", "/deployments/", {"name": "seed-deployment", "flow_id": flow["id"],
-                                                  "work_pool_name": "seed-pool", "parameters": {"x": 2}})
-    artifact = c.json("POST", "/artifacts/", {"key": "seed-artifact", "type": "markdown", "data": "# seed",
-                                              "flow_run_id": run["id"]})
+    deployment = c.json(
+        "POST",
+        "/deployments/",
+        {"name": "seed-deployment", "flow_id": flow["id"], "work_pool_name": "seed-pool", "parameters": {"x": 2}},
+    )
+    artifact = c.json(
+        "POST", "/artifacts/", {"key": "seed-artifact", "type": "markdown", "data": "# seed", "flow_run_id": run["id"]}
+    )
     limit = c.json("POST", "/v2/concurrency_limits/", {"name": "seed-limit", "limit": 3})
-    policy = c.json("POST", "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": ["seed"],
-                                                                  "block_document_id": block["id"], "is_active": False})
+    policy = c.json(
+        "POST",
+        "/flow_run_notification_policies/",
+        {"state_names": ["Failed"], "tags": ["seed"], "block_document_id": block["id"], "is_active": False},
+    )
     search = c.json("PUT", "/saved_searches/", {"name": "seed-search", "filters": []})
     return [
         ("GET", f"/flows/{flow['id']}", None),
@@ -296,6 +458,7 @@ def snapshot(c, reads):
 
 # --- the fuzz -----------------------------------------------------------------------------------
 
+
 @pytest.fixture(params=["sqlite", "postgresql"])
 def fuzz_server(request, tmp_path):
     if request.param == "sqlite":
@@ -315,8 +478,9 @@ def test_fuzz_every_operation(fuzz_server):
         assert snapshot(c, reads) == before, "the snapshot itself is not stable; the comparison would prove nothing"
         doc = c.json("GET", "/openapi.json")
         components = doc["components"]["schemas"]
-        operations = sorted((path, method.upper(), op) for path, ops in doc["paths"].items()
-                            for method, op in ops.items())
+        operations = sorted(
+            (path, method.upper(), op) for path, ops in doc["paths"].items() for method, op in ops.items()
+        )
         assert len(operations) > 100
         rng = random.Random(SEED)
         gen = Generator(rng, components)
@@ -346,7 +510,9 @@ def test_fuzz_every_operation(fuzz_server):
                 elif status >= 400:
                     try:
                         payload = json.loads(data)
-                        if not (isinstance(payload, dict) and (payload.get("detail") or payload.get("exception_detail"))):
+                        if not (
+                            isinstance(payload, dict) and (payload.get("detail") or payload.get("exception_detail"))
+                        ):
                             problem = f"{status} without a JSON reason: {data[:100]!r}"
                     except ValueError:
                         problem = f"{status} with a body that is not JSON: {data[:100]!r}"
@@ -363,11 +529,13 @@ def test_fuzz_every_operation(fuzz_server):
     report = "\n".join(" | ".join(map(str, f)) for f in failures[:40])
     assert not failures and not changed, (
         f"seed rows changed by unrelated requests: {changed}\n"
-        f"{len(failures)} of {sent} fuzzed requests failed (seed {SEED}); statuses {statuses}:\n{report}")
+        f"{len(failures)} of {sent} fuzzed requests failed (seed {SEED}); statuses {statuses}:\n{report}"
+    )
 
 
 # --- what the fuzz found, pinned as plain examples ------------------------------------------------
 # Each case is a minimal request the fuzz turned up; none may be a 5xx, on either database.
+
 
 def _not_5xx(c, method, path, body=None):
     status, headers, data = c.request(method, "/api" + path, encode(body))
@@ -423,36 +591,44 @@ def _all_not_5xx(c, cases):
 def test_strings_longer_than_their_columns_are_not_500(seeded):
     c, flow, run, _ = seeded
     long = "x" * 300
-    _all_not_5xx(c, [("POST", "/flows/", {"name": long}),
-                     ("POST", "/task_runs/", {"flow_run_id": run["id"], "task_key": long, "dynamic_key": "0"}),
-                     ("POST", "/artifacts/", {"key": "k", "type": long}),
-                     ("PATCH", f"/flow_runs/{run['id']}", {"name": "y" * 3000})])
+    _all_not_5xx(
+        c,
+        [
+            ("POST", "/flows/", {"name": long}),
+            ("POST", "/task_runs/", {"flow_run_id": run["id"], "task_key": long, "dynamic_key": "0"}),
+            ("POST", "/artifacts/", {"key": "k", "type": long}),
+            ("PATCH", f"/flow_runs/{run['id']}", {"name": "y" * 3000}),
+        ],
+    )
 
 
 def test_integers_beyond_the_column_range_are_not_500(seeded):
     c, flow, run, limit = seeded
-    _all_not_5xx(c, [
-        ("POST", "/logs/", [{"name": "n", "level": 2 ** 31, "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]),
-        ("POST", "/logs/", [{"name": "n", "level": -(2 ** 63), "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]),
-        ("POST", "/v2/concurrency_limits/", {"name": "big", "limit": 2 ** 31}),
-        ("PATCH", f"/v2/concurrency_limits/{limit['id']}", {"active_slots": 2 ** 63 - 1}),
-        ("POST", "/concurrency_limits/", {"tag": "t", "concurrency_limit": 2 ** 31}),
-        ("POST", "/work_pools/", {"name": "p", "concurrency_limit": 2 ** 31}),
-    ])
+    _all_not_5xx(
+        c,
+        [
+            ("POST", "/logs/", [{"name": "n", "level": 2**31, "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]),
+            ("POST", "/logs/", [{"name": "n", "level": -(2**63), "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]),
+            ("POST", "/v2/concurrency_limits/", {"name": "big", "limit": 2**31}),
+            ("PATCH", f"/v2/concurrency_limits/{limit['id']}", {"active_slots": 2**63 - 1}),
+            ("POST", "/concurrency_limits/", {"tag": "t", "concurrency_limit": 2**31}),
+            ("POST", "/work_pools/", {"name": "p", "concurrency_limit": 2**31}),
+        ],
+    )
 
 
 def test_a_huge_queue_priority_is_refused_and_never_breaks_the_next_queue(seeded):
     """The fuzz (seed 59, 100 per operation) made a queue with priority 2**63 - 1; the next queue created
     without a priority takes the highest + 1, which no longer fit an integer: a 500 for a good request."""
     c, *_ = seeded
-    for priority in (2 ** 63 - 1, 2 ** 31, 1_000_000_001):
+    for priority in (2**63 - 1, 2**31, 1_000_000_001):
         status, payload = _not_5xx(c, "POST", "/work_queues/", {"name": f"q-{priority}", "priority": priority})
         assert status == 422 and payload["exception_detail"][0]["loc"] == ["body", "priority"], payload
     status, top = _not_5xx(c, "POST", "/work_queues/", {"name": "q-top", "priority": 1_000_000_000})
     assert status == 201, top
     status, following = _not_5xx(c, "POST", "/work_queues/", {"name": "q-following"})
     assert status == 201 and following["priority"] == 1_000_000_001, following
-    status, payload = _not_5xx(c, "PATCH", f"/work_queues/{top['id']}", {"priority": 2 ** 63 - 1})
+    status, payload = _not_5xx(c, "PATCH", f"/work_queues/{top['id']}", {"priority": 2**63 - 1})
     assert status == 422, payload
 
 
@@ -460,35 +636,44 @@ def test_denied_slots_count_up_to_a_limit_and_stay_an_integer(seeded):
     """Each refused increment adds its slots to denied_slots; that count saturates instead of becoming a
     float (SQLite's overflow in SQL) or an error (PostgreSQL's INTEGER)."""
     c, *_ = seeded
-    status, lim = _not_5xx(c, "POST", "/v2/concurrency_limits/", {"name": "full", "limit": 1, "denied_slots": 2 ** 31 - 5})
+    status, lim = _not_5xx(
+        c, "POST", "/v2/concurrency_limits/", {"name": "full", "limit": 1, "denied_slots": 2**31 - 5}
+    )
     assert status == 201, lim
     for _ in range(3):
-        status, _ = _not_5xx(c, "POST", "/v2/concurrency_limits/increment", {"names": ["full"], "slots": 2 ** 30})
+        status, _ = _not_5xx(c, "POST", "/v2/concurrency_limits/increment", {"names": ["full"], "slots": 2**30})
         assert status == 423
     status, after = _not_5xx(c, "GET", f"/v2/concurrency_limits/{lim['id']}")
-    assert after["denied_slots"] == 2 ** 31 - 1 and isinstance(after["denied_slots"], int), after
+    assert after["denied_slots"] == 2**31 - 1 and isinstance(after["denied_slots"], int), after
 
 
 @pytest.mark.parametrize("route", ["increment", "decrement"])
 def test_a_huge_occupancy_is_not_500(seeded, route):
     c, *_ = seeded
-    _not_5xx(c, "POST", f"/v2/concurrency_limits/{route}", {"names": ["found-limit"], "slots": 1,
-                                                             "occupancy_seconds": 10 ** 400})
+    _not_5xx(
+        c,
+        "POST",
+        f"/v2/concurrency_limits/{route}",
+        {"names": ["found-limit"], "slots": 1, "occupancy_seconds": 10**400},
+    )
 
 
 def test_filter_texts_longer_than_a_like_pattern_may_be_are_not_500(seeded):
     """SQLite refuses a LIKE pattern over 50,000 bytes (the fuzz, seed 22: an event filter's id_prefix)."""
     c, *_ = seeded
     long = "p" * 60_000
-    _all_not_5xx(c, [
-        ("POST", "/events/filter", {"filter": {"resource": {"id_prefix": [long]}}}),
-        ("POST", "/events/filter", {"filter": {"event": {"prefix": [long]}}}),
-        ("POST", "/events/filter", {"filter": {"resource": {"labels": {"x": [long + "*"]}}}}),
-        ("POST", "/flows/filter", {"flows": {"name": {"like_": long}}}),
-        ("POST", "/flow_runs/filter", {"flow_runs": {"name": {"like_": long}}}),
-        ("POST", "/deployments/filter", {"deployments": {"name": {"like_": long}}}),
-        ("POST", "/block_documents/filter", {"block_documents": {"name": {"like_": long}}}),
-    ])
+    _all_not_5xx(
+        c,
+        [
+            ("POST", "/events/filter", {"filter": {"resource": {"id_prefix": [long]}}}),
+            ("POST", "/events/filter", {"filter": {"event": {"prefix": [long]}}}),
+            ("POST", "/events/filter", {"filter": {"resource": {"labels": {"x": [long + "*"]}}}}),
+            ("POST", "/flows/filter", {"flows": {"name": {"like_": long}}}),
+            ("POST", "/flow_runs/filter", {"flow_runs": {"name": {"like_": long}}}),
+            ("POST", "/deployments/filter", {"deployments": {"name": {"like_": long}}}),
+            ("POST", "/block_documents/filter", {"block_documents": {"name": {"like_": long}}}),
+        ],
+    )
 
 
 def test_filters_with_more_values_than_a_query_takes_are_not_5xx(seeded):
@@ -498,14 +683,17 @@ def test_filters_with_more_values_than_a_query_takes_are_not_5xx(seeded):
     c, *_ = seeded
     tags = [f"tag-{i}" for i in range(2_000)]
     ids = [str(uuid.UUID(int=i)) for i in range(70_000)]
-    _all_not_5xx(c, [
-        ("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"any_": tags}}}),
-        ("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": tags}}}),
-        ("POST", "/flows/filter", {"flows": {"id": {"any_": ids}}}),
-        ("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}}),
-        ("POST", "/events/filter", {"filter": {"resource": {"id": ids}}}),
-        ("POST", "/v2/concurrency_limits/increment", {"names": ids, "slots": 1}),
-    ])
+    _all_not_5xx(
+        c,
+        [
+            ("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"any_": tags}}}),
+            ("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": tags}}}),
+            ("POST", "/flows/filter", {"flows": {"id": {"any_": ids}}}),
+            ("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": ids}}}),
+            ("POST", "/events/filter", {"filter": {"resource": {"id": ids}}}),
+            ("POST", "/v2/concurrency_limits/increment", {"names": ids, "slots": 1}),
+        ],
+    )
 
 
 @pytest.mark.parametrize("op", ["like_", "startswith_"])
@@ -521,8 +709,10 @@ def test_text_matching_on_a_number_field_is_422_naming_it(seeded, op):
 
 def _strict_json(data: bytes):
     """JSON as RFC 8259 has it: NaN and Infinity, which Python's json would read, are an error."""
+
     def refuse(token):
         raise ValueError(f"{token} in an answer")
+
     return json.loads(data, parse_constant=refuse)
 
 
@@ -533,10 +723,21 @@ def test_a_number_json_has_not_is_refused_and_never_stored(seeded, token):
     listing was a 503: one bad request may not break every later read."""
     c, flow, _, _ = seeded
     cases = [
-        ("/api/task_runs/", '{"task_key": "k", "dynamic_key": "0", "task_inputs": {"x": [{"y": %s}]}}' % token,
-         ["body", "task_inputs", "x", 0, "y"]),
-        ("/api/flow_runs/", '{"flow_id": "%s", "parameters": {"p": %s}}' % (flow["id"], token), ["body", "parameters", "p"]),
-        ("/api/artifacts/", '{"key": "non-finite", "type": "table", "data": {"cell": %s}}' % token, ["body", "data", "cell"]),
+        (
+            "/api/task_runs/",
+            '{"task_key": "k", "dynamic_key": "0", "task_inputs": {"x": [{"y": %s}]}}' % token,
+            ["body", "task_inputs", "x", 0, "y"],
+        ),
+        (
+            "/api/flow_runs/",
+            '{"flow_id": "%s", "parameters": {"p": %s}}' % (flow["id"], token),
+            ["body", "parameters", "p"],
+        ),
+        (
+            "/api/artifacts/",
+            '{"key": "non-finite", "type": "table", "data": {"cell": %s}}' % token,
+            ["body", "data", "cell"],
+        ),
     ]
     for path, raw, where in cases:
         status, headers, data = c.request("POST", path, raw.encode())
@@ -556,18 +757,37 @@ EXTREMES = ["0001-01-01T00:00:00Z", "9999-12-31T23:59:59.999999Z"]
 @pytest.mark.parametrize("moment", EXTREMES)
 def test_history_over_extreme_dates_is_not_500(seeded, moment):
     c, *_ = seeded
-    _all_not_5xx(c, [("POST", history, {"history_start": moment, "history_end": "2030-01-01T00:00:00Z",
-                                        "history_interval_seconds": 86400 * 365})
-                     for history in ("/flow_runs/history", "/task_runs/history")])
+    _all_not_5xx(
+        c,
+        [
+            (
+                "POST",
+                history,
+                {
+                    "history_start": moment,
+                    "history_end": "2030-01-01T00:00:00Z",
+                    "history_interval_seconds": 86400 * 365,
+                },
+            )
+            for history in ("/flow_runs/history", "/task_runs/history")
+        ],
+    )
 
 
 def test_history_buckets_that_would_end_past_the_year_9999_end_at_the_history_end(seeded):
     """The fuzz (seed 69): 68-year buckets from 2030 to 9999-12-31 stepped past the calendar (a 500)."""
     c, *_ = seeded
     for history in ("/flow_runs/history", "/task_runs/history"):
-        status, buckets = _not_5xx(c, "POST", history, {"history_start": "2030-01-01T00:00:00Z",
-                                                        "history_end": "9999-12-31T23:59:59.999999Z",
-                                                        "history_interval_seconds": 2 ** 31})
+        status, buckets = _not_5xx(
+            c,
+            "POST",
+            history,
+            {
+                "history_start": "2030-01-01T00:00:00Z",
+                "history_end": "9999-12-31T23:59:59.999999Z",
+                "history_interval_seconds": 2**31,
+            },
+        )
         assert status == 200 and len(buckets) == 118, (status, str(buckets)[:200])
         assert buckets[-1]["interval_end"].startswith("9999-12-31T23:59:59.999999")
         assert all(a["interval_end"] == b["interval_start"] for a, b in zip(buckets, buckets[1:]))
@@ -576,10 +796,22 @@ def test_history_buckets_that_would_end_past_the_year_9999_end_at_the_history_en
 @pytest.mark.parametrize("moment", EXTREMES)
 def test_an_extreme_date_once_accepted_never_breaks_later_reads(seeded, moment):
     c, flow, run, _ = seeded
-    _not_5xx(c, "POST", f"/flow_runs/{run['id']}/set_state",
-             {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": moment}}, "force": True})
-    _not_5xx(c, "POST", "/logs/", [{"name": "n", "level": 20, "message": "m", "timestamp": moment,
-                                    "flow_run_id": run["id"]}])
+    _not_5xx(
+        c,
+        "POST",
+        f"/flow_runs/{run['id']}/set_state",
+        {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": moment}}, "force": True},
+    )
+    _not_5xx(
+        c, "POST", "/logs/", [{"name": "n", "level": 20, "message": "m", "timestamp": moment, "flow_run_id": run["id"]}]
+    )
     # whatever was accepted must stay readable: one odd row may not break every listing
-    _all_not_5xx(c, [("GET", f"/flow_runs/{run['id']}", None), ("POST", "/flow_runs/filter", {}),
-                     ("POST", "/logs/filter", {}), ("GET", f"/flow_run_states/?flow_run_id={run['id']}", None)])
+    _all_not_5xx(
+        c,
+        [
+            ("GET", f"/flow_runs/{run['id']}", None),
+            ("POST", "/flow_runs/filter", {}),
+            ("POST", "/logs/filter", {}),
+            ("GET", f"/flow_run_states/?flow_run_id={run['id']}", None),
+        ],
+    )

@@ -20,6 +20,7 @@ from helpers import Client, ROOT, wait_until
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def host_port(api_url):
     parts = urllib.parse.urlsplit(api_url)
     return parts.hostname, parts.port
@@ -110,6 +111,7 @@ def flow_run(client):
 
 # --- keep-alive and framing --------------------------------------------------------------------
 
+
 def test_keep_alive_serves_several_requests_on_one_connection(server):
     conn = http.client.HTTPConnection(*host_port(server), timeout=30)
     try:
@@ -146,9 +148,14 @@ def test_pipelined_requests_are_answered_in_order(server):
 def test_content_length_is_exact(server, client):
     for i in range(30):
         client.ok("POST", "/flows/", {"name": f"flow-{i}-ünïcødé-✓"})
-    for method, path, body in [("GET", "/api/health", None), ("POST", "/api/flows/filter", {}),
-                               ("GET", "/api/flows/name/" + urllib.parse.quote("flow-1-ünïcødé-✓"), None),
-                               ("GET", "/api/nope", None), ("POST", "/api/flows/", b"{bad"), ("GET", "/", None)]:
+    for method, path, body in [
+        ("GET", "/api/health", None),
+        ("POST", "/api/flows/filter", {}),
+        ("GET", "/api/flows/name/" + urllib.parse.quote("flow-1-ünïcødé-✓"), None),
+        ("GET", "/api/nope", None),
+        ("POST", "/api/flows/", b"{bad"),
+        ("GET", "/", None),
+    ]:
         status, headers, payload = fetch(server, method, path, body)
         assert status != 500
         assert int(headers["content-length"]) == len(payload), (method, path, headers)
@@ -169,8 +176,10 @@ def test_gzip_responses_have_the_compressed_length(server, client):
 
 def test_head_answers_headers_only_and_keeps_the_connection(server):
     with socket.create_connection(host_port(server), timeout=10) as sock:
-        sock.sendall(b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n"
-                     b"Connection: close\r\n\r\n")
+        sock.sendall(
+            b"HEAD /api/health HTTP/1.1\r\nHost: x\r\n\r\nGET /api/health HTTP/1.1\r\nHost: x\r\n"
+            b"Connection: close\r\n\r\n"
+        )
         with_half_close(sock)
         data = b""
         while chunk := sock.recv(65536):
@@ -185,8 +194,10 @@ def test_head_answers_headers_only_and_keeps_the_connection(server):
 def test_expect_100_continue_is_answered_before_the_body(server):
     body = json.dumps({"name": "expecting"}).encode()
     with socket.create_connection(host_port(server), timeout=5) as sock:
-        sock.sendall(b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+        sock.sendall(
+            b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
         try:
             interim = sock.recv(1000)
         except socket.timeout:
@@ -212,6 +223,7 @@ def test_no_content_answers_have_no_body(server, client):
 
 # --- JSON errors -------------------------------------------------------------------------------
 
+
 def test_unknown_route_is_a_json_404(server):
     for path in ("/api/no-such-thing", "/api/flows/a/b/c", "/api/flow_runs/x/unknown_action"):
         payload = assert_json_error(*fetch(server, "GET", path), expected_status=404)
@@ -234,27 +246,31 @@ def test_malformed_json_is_422(server):
 
 
 def test_wrong_types_name_the_field(server):
-    cases = [("/api/flows/", {"name": 5}, ["body", "name"]),
-             ("/api/flows/", {"name": "x", "tags": "not-a-list"}, ["body", "tags"]),
-             ("/api/flows/", {"name": "x", "tags": ["ok", 3]}, ["body", "tags", 1]),
-             ("/api/flows/", ["a", "list"], ["body"]),
-             ("/api/flows/filter", {"limit": "ten"}, ["body", "limit"]),
-             ("/api/flows/filter", {"limit": 1.5}, ["body", "limit"]),
-             ("/api/flows/filter", {"flows": "everything"}, ["body", "flows"]),
-             ("/api/logs/", {"not": "a list"}, ["body"])]
+    cases = [
+        ("/api/flows/", {"name": 5}, ["body", "name"]),
+        ("/api/flows/", {"name": "x", "tags": "not-a-list"}, ["body", "tags"]),
+        ("/api/flows/", {"name": "x", "tags": ["ok", 3]}, ["body", "tags", 1]),
+        ("/api/flows/", ["a", "list"], ["body"]),
+        ("/api/flows/filter", {"limit": "ten"}, ["body", "limit"]),
+        ("/api/flows/filter", {"limit": 1.5}, ["body", "limit"]),
+        ("/api/flows/filter", {"flows": "everything"}, ["body", "flows"]),
+        ("/api/logs/", {"not": "a list"}, ["body"]),
+    ]
     for path, body, loc in cases:
         payload = assert_json_error(*fetch(server, "POST", path, body), expected_status=422)
         assert_422_naming(payload, loc)
 
 
 def test_missing_required_fields_are_named(server, flow_run):
-    cases = [("/api/flows/", {}, ["body", "name"]),
-             ("/api/flow_runs/", {}, ["body", "flow_id"]),
-             ("/api/task_runs/", {"task_key": "k"}, ["body", "dynamic_key"]),
-             (f"/api/flow_runs/{flow_run['id']}/set_state", {}, ["body", "state"]),
-             (f"/api/flow_runs/{flow_run['id']}/set_state", {"state": {}}, ["body", "state", "type"]),
-             ("/api/logs/", [{"name": "n", "level": 10, "message": "m"}], ["body", 0, "timestamp"]),
-             ("/api/flow_runs/history", {"history_start": "2030-01-01T00:00:00Z"}, ["body", "history_end"])]
+    cases = [
+        ("/api/flows/", {}, ["body", "name"]),
+        ("/api/flow_runs/", {}, ["body", "flow_id"]),
+        ("/api/task_runs/", {"task_key": "k"}, ["body", "dynamic_key"]),
+        (f"/api/flow_runs/{flow_run['id']}/set_state", {}, ["body", "state"]),
+        (f"/api/flow_runs/{flow_run['id']}/set_state", {"state": {}}, ["body", "state", "type"]),
+        ("/api/logs/", [{"name": "n", "level": 10, "message": "m"}], ["body", 0, "timestamp"]),
+        ("/api/flow_runs/history", {"history_start": "2030-01-01T00:00:00Z"}, ["body", "history_end"]),
+    ]
     for path, body, loc in cases:
         payload = assert_json_error(*fetch(server, "POST", path, body), expected_status=422)
         assert_422_naming(payload, loc)
@@ -267,9 +283,12 @@ def test_an_empty_body_where_one_is_required_is_422(server):
 
 
 def test_invalid_uuids_are_named(server):
-    for method, path in [("GET", "/api/flows/not-a-uuid"), ("GET", "/api/flow_runs/1234"),
-                         ("DELETE", "/api/task_runs/zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"),
-                         ("POST", "/api/flow_runs/xyz/set_state")]:
+    for method, path in [
+        ("GET", "/api/flows/not-a-uuid"),
+        ("GET", "/api/flow_runs/1234"),
+        ("DELETE", "/api/task_runs/zzzzzzzz-zzzz-zzzz-zzzz-zzzzzzzzzzzz"),
+        ("POST", "/api/flow_runs/xyz/set_state"),
+    ]:
         body = {"state": {"type": "RUNNING"}} if method == "POST" else None
         payload = assert_json_error(*fetch(server, method, path, body), expected_status=422)
         assert_422_naming(payload, ["path", "id"])
@@ -277,37 +296,60 @@ def test_invalid_uuids_are_named(server):
     assert_422_naming(payload, ["body", "flow_id"])
     payload = assert_json_error(*fetch(server, "GET", "/api/flow_run_states/?flow_run_id=nope"), expected_status=422)
     assert_422_naming(payload, ["query", "flow_run_id"])
-    payload = assert_json_error(*fetch(server, "POST", "/api/flow_runs/filter",
-                                       {"flow_runs": {"id": {"any_": ["bad-id"]}}}), expected_status=422)
+    payload = assert_json_error(
+        *fetch(server, "POST", "/api/flow_runs/filter", {"flow_runs": {"id": {"any_": ["bad-id"]}}}),
+        expected_status=422,
+    )
     assert ["body", "flow_runs", "id", "any_", 0] in [d["loc"] for d in payload["exception_detail"]]
 
 
 def test_invalid_dates_are_named(server, flow_run):
-    payload = assert_json_error(*fetch(server, "POST", "/api/logs/", [
-        {"name": "n", "level": 10, "message": "m", "timestamp": "yesterday"}]), expected_status=422)
+    payload = assert_json_error(
+        *fetch(server, "POST", "/api/logs/", [{"name": "n", "level": 10, "message": "m", "timestamp": "yesterday"}]),
+        expected_status=422,
+    )
     assert_422_naming(payload, ["body", 0, "timestamp"])
-    payload = assert_json_error(*fetch(server, "POST", "/api/flow_runs/filter",
-                                       {"flow_runs": {"start_time": {"before_": "2030-13-45"}}}), expected_status=422)
+    payload = assert_json_error(
+        *fetch(server, "POST", "/api/flow_runs/filter", {"flow_runs": {"start_time": {"before_": "2030-13-45"}}}),
+        expected_status=422,
+    )
     assert ["body", "flow_runs", "start_time", "before_"] in [d["loc"] for d in payload["exception_detail"]]
-    payload = assert_json_error(*fetch(server, "POST", f"/api/flow_runs/{flow_run['id']}/set_state",
-                                       {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "soon"}}}),
-                                expected_status=422)
+    payload = assert_json_error(
+        *fetch(
+            server,
+            "POST",
+            f"/api/flow_runs/{flow_run['id']}/set_state",
+            {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "soon"}}},
+        ),
+        expected_status=422,
+    )
     locs = [d["loc"] for d in payload["exception_detail"]]
     assert any(loc[-1] == "scheduled_time" for loc in locs), locs
-    payload = assert_json_error(*fetch(server, "POST", "/api/flow_runs/history", {
-        "history_start": "not a date", "history_end": "2030-01-01T00:00:00Z", "history_interval_seconds": 60}),
-        expected_status=422)
+    payload = assert_json_error(
+        *fetch(
+            server,
+            "POST",
+            "/api/flow_runs/history",
+            {"history_start": "not a date", "history_end": "2030-01-01T00:00:00Z", "history_interval_seconds": 60},
+        ),
+        expected_status=422,
+    )
     assert_422_naming(payload, ["body", "history_start"])
 
 
 def test_unknown_enum_values_are_named(server, flow_run):
-    payload = assert_json_error(*fetch(server, "POST", f"/api/flow_runs/{flow_run['id']}/set_state",
-                                       {"state": {"type": "EXPLODED"}}), expected_status=422)
+    payload = assert_json_error(
+        *fetch(server, "POST", f"/api/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "EXPLODED"}}),
+        expected_status=422,
+    )
     assert_422_naming(payload, ["body", "state", "type"])
-    payload = assert_json_error(*fetch(server, "POST", "/api/flow_runs/filter", {"sort": "RANDOM"}), expected_status=422)
+    payload = assert_json_error(
+        *fetch(server, "POST", "/api/flow_runs/filter", {"sort": "RANDOM"}), expected_status=422
+    )
     assert_422_naming(payload, ["body", "sort"])
-    payload = assert_json_error(*fetch(server, "POST", "/api/flow_runs/filter",
-                                       {"flow_runs": {"operator": "xor_"}}), expected_status=422)
+    payload = assert_json_error(
+        *fetch(server, "POST", "/api/flow_runs/filter", {"flow_runs": {"operator": "xor_"}}), expected_status=422
+    )
     locs = [d["loc"] for d in payload["exception_detail"]]
     assert ["body", "flow_runs", "operator"] in locs, locs
 
@@ -322,9 +364,11 @@ def test_negative_limits_and_offsets_are_named(server):
 
 @pytest.mark.parametrize("depth", [100, 10_000, 200_000])
 def test_deeply_nested_json_is_422_not_500(server, depth):
-    for raw in (b"[" * depth + b"]" * depth,
-                b'{"name": "x", "tags": ' + b"[" * depth + b"]" * depth + b"}",
-                b'{"a":' * depth + b"1" + b"}" * depth):
+    for raw in (
+        b"[" * depth + b"]" * depth,
+        b'{"name": "x", "tags": ' + b"[" * depth + b"]" * depth + b"}",
+        b'{"a":' * depth + b"1" + b"}" * depth,
+    ):
         status, headers, body = fetch(server, "POST", "/api/flows/", raw)
         payload = assert_json_error(status, headers, body, expected_status=422)
         assert payload["exception_detail"][0]["loc"][0] == "body"
@@ -334,8 +378,9 @@ def test_deep_but_reasonable_parameters_are_accepted(server, flow_run):
     nested = {"level": 1}
     for _ in range(20):
         nested = {"child": nested}
-    status, _, body = fetch(server, "POST", "/api/flow_runs/",
-                            {"flow_id": flow_run["flow_id"], "parameters": {"config": nested}})
+    status, _, body = fetch(
+        server, "POST", "/api/flow_runs/", {"flow_id": flow_run["flow_id"], "parameters": {"config": nested}}
+    )
     assert status == 201, body
 
 
@@ -344,10 +389,16 @@ OUT_OF_RANGE = [
     ("/api/flows/filter", b'{"offset": 1e400}', ["body", "offset"]),
     ("/api/flows/filter", b'{"offset": 99999999999999999999999999}', ["body", "offset"]),
     ("/api/flows/filter", b'{"limit": NaN}', ["body", "limit"]),
-    ("/api/logs/", b'[{"name": "n", "level": 1e300, "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]',
-     ["body", 0, "level"]),
-    ("/api/logs/", b'[{"name": "n", "level": 99999999999999999999999999, "message": "m", '
-                   b'"timestamp": "2030-01-01T00:00:00Z"}]', ["body", 0, "level"]),
+    (
+        "/api/logs/",
+        b'[{"name": "n", "level": 1e300, "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]',
+        ["body", 0, "level"],
+    ),
+    (
+        "/api/logs/",
+        b'[{"name": "n", "level": 99999999999999999999999999, "message": "m", "timestamp": "2030-01-01T00:00:00Z"}]',
+        ["body", 0, "level"],
+    ),
 ]
 
 
@@ -360,17 +411,28 @@ def test_out_of_range_numbers_are_422_not_500(server, path, raw, loc):
 
 @pytest.mark.parametrize("seconds", [0, -60, 1e-9, 1e308])
 def test_history_with_absurd_intervals_is_not_500(server, seconds):
-    status, headers, body = fetch(server, "POST", "/api/flow_runs/history", {
-        "history_start": "2030-01-01T00:00:00Z", "history_end": "2030-01-02T00:00:00Z",
-        "history_interval_seconds": seconds})
+    status, headers, body = fetch(
+        server,
+        "POST",
+        "/api/flow_runs/history",
+        {
+            "history_start": "2030-01-01T00:00:00Z",
+            "history_end": "2030-01-02T00:00:00Z",
+            "history_interval_seconds": seconds,
+        },
+    )
     assert status in (200, 422), (seconds, status, body)
 
 
-@pytest.mark.parametrize("path, raw", [
-    ("/api/flows/", b'{"name": "\\ud800"}'),
-    ("/api/flows/filter", b'{"flows": {"name": {"any_": ["\\udfff"]}}}'),
-    ("/api/flow_runs/", b'{"flow_id": "not-a-uuid", "name": "\\ud800"}'),
-], ids=["create", "filter", "invalid-create"])
+@pytest.mark.parametrize(
+    "path, raw",
+    [
+        ("/api/flows/", b'{"name": "\\ud800"}'),
+        ("/api/flows/filter", b'{"flows": {"name": {"any_": ["\\udfff"]}}}'),
+        ("/api/flow_runs/", b'{"flow_id": "not-a-uuid", "name": "\\ud800"}'),
+    ],
+    ids=["create", "filter", "invalid-create"],
+)
 def test_lone_surrogates_in_json_strings_are_not_500(server, path, raw):
     try:
         status, headers, body = fetch(server, "POST", path, raw)
@@ -383,6 +445,7 @@ def test_lone_surrogates_in_json_strings_are_not_500(server, path, raw):
 
 # --- body size ---------------------------------------------------------------------------------
 
+
 def test_a_body_over_the_limit_is_413(tmp_path):
     with prefectlite.serve(database=f"sqlite:///{tmp_path}/b.db", PREFECT_SERVER_MAX_BODY_BYTES=1000) as api_url:
         small = {"name": "small", "tags": ["t" * 100]}
@@ -393,12 +456,17 @@ def test_a_body_over_the_limit_is_413(tmp_path):
         logs = [{"name": "n", "level": 20, "message": "m" * 100, "timestamp": "2030-01-01T00:00:00Z"}] * 20
         assert_json_error(*fetch(api_url, "POST", "/api/logs/", logs), expected_status=413)
         # a huge announced length is refused before anything is read
-        data = raw_exchange(api_url, b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                                     b"Content-Length: 1000000000000\r\n\r\n{")
+        data = raw_exchange(
+            api_url,
+            b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: 1000000000000\r\n\r\n{",
+        )
         status, headers, body = parse_raw_response(data)
         assert status == 413, data[:300]
-        chunked = (b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
-                   b"Content-Type: application/json\r\n\r\n" + b"800\r\n" + b"x" * 2048 + b"\r\n0\r\n\r\n")
+        chunked = (
+            b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Type: application/json\r\n\r\n" + b"800\r\n" + b"x" * 2048 + b"\r\n0\r\n\r\n"
+        )
         status, headers, body = parse_raw_response(raw_exchange(api_url, chunked))
         assert status == 413
         assert Client(api_url).get("/health") == (200, True)
@@ -406,9 +474,16 @@ def test_a_body_over_the_limit_is_413(tmp_path):
 
 def test_chunked_request_bodies_are_read(server):
     body = json.dumps({"name": "chunky"}).encode()
-    request = (b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
-               b"Content-Type: application/json\r\n\r\n"
-               + b"%x\r\n" % 5 + body[:5] + b"\r\n" + b"%x\r\n" % (len(body) - 5) + body[5:] + b"\r\n0\r\n\r\n")
+    request = (
+        b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n"
+        b"Content-Type: application/json\r\n\r\n"
+        + b"%x\r\n" % 5
+        + body[:5]
+        + b"\r\n"
+        + b"%x\r\n" % (len(body) - 5)
+        + body[5:]
+        + b"\r\n0\r\n\r\n"
+    )
     status, headers, payload = parse_raw_response(raw_exchange(server, request))
     assert status == 201, payload
     assert json.loads(payload)["name"] == "chunky"
@@ -416,11 +491,17 @@ def test_chunked_request_bodies_are_read(server):
 
 # --- basic auth --------------------------------------------------------------------------------
 
+
 def test_basic_auth(tmp_path):
     with prefectlite.serve(database=f"sqlite:///{tmp_path}/a.db", PREFECT_SERVER_API_AUTH_STRING="me:pw") as api_url:
-        for headers in ({}, {"Authorization": basic("me:wrong")}, {"Authorization": basic("you:pw")},
-                        {"Authorization": "Basic !!!not-base64!!!"}, {"Authorization": "Bearer me:pw"},
-                        {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()}):
+        for headers in (
+            {},
+            {"Authorization": basic("me:wrong")},
+            {"Authorization": basic("you:pw")},
+            {"Authorization": "Basic !!!not-base64!!!"},
+            {"Authorization": "Bearer me:pw"},
+            {"Authorization": "Basic " + base64.b64encode(b"\xff\xfe").decode()},
+        ):
             status, hdrs, body = fetch(api_url, "GET", "/api/flows/count", headers=headers)
             assert status == 401, (headers, status, body)
             assert hdrs.get("www-authenticate", "").lower().startswith("basic"), hdrs
@@ -443,13 +524,21 @@ def test_no_auth_required_when_no_auth_string_is_set(server):
 
 # --- CORS --------------------------------------------------------------------------------------
 
+
 def test_cors_headers_for_any_origin_by_default(server):
     status, headers, _ = fetch(server, "GET", "/api/health", headers={"Origin": "http://ui.example"})
     assert status == 200
     assert headers.get("access-control-allow-origin") in ("*", "http://ui.example")
-    status, headers, _ = fetch(server, "OPTIONS", "/api/flows/", headers={
-        "Origin": "http://ui.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "content-type"})
+    status, headers, _ = fetch(
+        server,
+        "OPTIONS",
+        "/api/flows/",
+        headers={
+            "Origin": "http://ui.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "content-type",
+        },
+    )
     assert 200 <= status < 300, status
     assert headers.get("access-control-allow-origin") in ("*", "http://ui.example")
     assert "POST" in headers.get("access-control-allow-methods", "")
@@ -458,8 +547,10 @@ def test_cors_headers_for_any_origin_by_default(server):
 
 
 def test_cors_only_for_allowed_origins(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/o.db",
-                           PREFECT_SERVER_CORS_ALLOWED_ORIGINS="http://good.example,http://also.example") as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/o.db",
+        PREFECT_SERVER_CORS_ALLOWED_ORIGINS="http://good.example,http://also.example",
+    ) as api_url:
         status, headers, _ = fetch(api_url, "GET", "/api/health", headers={"Origin": "http://good.example"})
         assert status == 200
         assert headers.get("access-control-allow-origin") == "http://good.example"
@@ -474,8 +565,12 @@ def test_cors_only_for_allowed_origins(tmp_path):
 
 def test_cors_preflight_needs_no_credentials(tmp_path):
     with prefectlite.serve(database=f"sqlite:///{tmp_path}/p.db", PREFECT_SERVER_API_AUTH_STRING="me:pw") as api_url:
-        status, headers, _ = fetch(api_url, "OPTIONS", "/api/flows/filter", headers={
-            "Origin": "http://ui.example", "Access-Control-Request-Method": "POST"})
+        status, headers, _ = fetch(
+            api_url,
+            "OPTIONS",
+            "/api/flows/filter",
+            headers={"Origin": "http://ui.example", "Access-Control-Request-Method": "POST"},
+        )
         assert 200 <= status < 300, status
         assert headers.get("access-control-allow-origin")
         status, headers, _ = fetch(api_url, "GET", "/api/flows/count", headers={"Origin": "http://ui.example"})
@@ -484,6 +579,7 @@ def test_cors_preflight_needs_no_credentials(tmp_path):
 
 
 # --- static files ------------------------------------------------------------------------------
+
 
 def test_root_serves_html(server):
     status, headers, body = fetch(server, "GET", "/")
@@ -511,18 +607,41 @@ def test_ui_settings_is_json(server):
     assert settings["csrf_enabled"] is False
 
 
-SECRETS_OUTSIDE_STATIC = (b"root:x:0:0", b"root:*:0:0", b"prefectlite: a self-hosted", b"import prefectlite",
-                          b"CREATE TABLE")
+SECRETS_OUTSIDE_STATIC = (
+    b"root:x:0:0",
+    b"root:*:0:0",
+    b"prefectlite: a self-hosted",
+    b"import prefectlite",
+    b"CREATE TABLE",
+)
 
 
-@pytest.mark.parametrize("path", [
-    "/../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/static/../prefectlite.py", "/../prefectlite.py",
-    "/%2e%2e/prefectlite.py", "/..%2fprefectlite.py", "/%2e%2e%2fprefectlite.py", "/js/../../prefectlite.py",
-    "/js/%2e%2e/%2e%2e/prefectlite.py", "/..%5cprefectlite.py", "/%2e%2e/migrations/0001_initial.sqlite.up.sql",
-    "/....//....//etc/passwd", "//etc/passwd", "/%252e%252e/prefectlite.py", "/..;/prefectlite.py",
-    "/ui-settings/../../prefectlite.py", "/%00", "/index.html%00.js", "/%2e%2e%00/prefectlite.py",
-    "/" + "../" * 20 + "etc/passwd", "/%c0%ae%c0%ae/prefectlite.py",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/../../etc/passwd",
+        "/%2e%2e/%2e%2e/etc/passwd",
+        "/static/../prefectlite.py",
+        "/../prefectlite.py",
+        "/%2e%2e/prefectlite.py",
+        "/..%2fprefectlite.py",
+        "/%2e%2e%2fprefectlite.py",
+        "/js/../../prefectlite.py",
+        "/js/%2e%2e/%2e%2e/prefectlite.py",
+        "/..%5cprefectlite.py",
+        "/%2e%2e/migrations/0001_initial.sqlite.up.sql",
+        "/....//....//etc/passwd",
+        "//etc/passwd",
+        "/%252e%252e/prefectlite.py",
+        "/..;/prefectlite.py",
+        "/ui-settings/../../prefectlite.py",
+        "/%00",
+        "/index.html%00.js",
+        "/%2e%2e%00/prefectlite.py",
+        "/" + "../" * 20 + "etc/passwd",
+        "/%c0%ae%c0%ae/prefectlite.py",
+    ],
+)
 def test_path_traversal_never_leaks_files_outside_static(server, path):
     request = f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode()
     status, headers, body = parse_raw_response(raw_exchange(server, request))
@@ -530,16 +649,23 @@ def test_path_traversal_never_leaks_files_outside_static(server, path):
     for secret in SECRETS_OUTSIDE_STATIC:
         assert secret not in body, (path, secret)
     if status == 200:
-        index = (ROOT / "static" / "index.html")
+        index = ROOT / "static" / "index.html"
         if index.is_file():  # nothing but the UI's own page (its <base> written for the path's depth)
             assert re.sub(rb'<base href="(\.\./)*(\./)?">', b'<base href="./">', body) == index.read_bytes(), path
 
 
-@pytest.mark.parametrize("path, base", [
-    ("/", "./"), ("/flows", "./"), ("/flows/", "../"), ("/flow-runs/flow-run/0a1b", "../../"),
-    ("/runs/task-run/0a1b", "../../"), ("/work-pools/work-pool/pool.v2", "../../"),
-    ("/blocks/catalog/slack-webhook/create", "../../../"),
-])
+@pytest.mark.parametrize(
+    "path, base",
+    [
+        ("/", "./"),
+        ("/flows", "./"),
+        ("/flows/", "../"),
+        ("/flow-runs/flow-run/0a1b", "../../"),
+        ("/runs/task-run/0a1b", "../../"),
+        ("/work-pools/work-pool/pool.v2", "../../"),
+        ("/blocks/catalog/slack-webhook/create", "../../../"),
+    ],
+)
 def test_page_paths_answer_the_index_with_a_base_back_to_the_root(server, path, base):
     """The UI routes on paths (as Prefect's UI does): each page path gets index.html, whose <base> leads back
     to the root by a relative path, so its assets load from any depth and behind a prefixing proxy."""
@@ -582,7 +708,7 @@ MALFORMED = [
     b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nnot-hex\r\n",
     b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nffffffffffffffffffff\r\n",
     b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n-5\r\n",
-    b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"name\"",
+    b'POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"name"',
     b"GET /api/flows/%zz HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /api/flows/name/%ff%fe HTTP/1.1\r\nHost: x\r\n\r\n",
     b"GET /api/health?%zz=%%%&a=\xff HTTP/1.1\r\nHost: x\r\n\r\n",
@@ -611,19 +737,28 @@ def test_malformed_requests_get_a_proper_answer(server, request_bytes):
 OBS_FOLD = "Obsolete line folding (a header continued on the next line) is not accepted"  # RFC 9112, 5.2
 
 
-@pytest.mark.parametrize("request_bytes, status, detail", [
-    (b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431, "Line too long"),
-    (b"GET /api/health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n", 431,
-     "Too many headers"),
-    (b"GET /api/health HTTP/1.1\r\nNoColonHere\r\n\r\n", 400, "Malformed header line"),
-    (b"GET /api/health HTTP/1.1\r\nBad Name: v\r\n\r\n", 400, "Malformed header line"),
-    (b"GET /api/health HTTP/1.1\r\n Folded: first\r\n\r\n", 400, OBS_FOLD),
-    (b"GET /api/health HTTP/1.1\r\nX-Note: first\r\n\t second\r\n\r\n", 400, OBS_FOLD),
-    (b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\n{}", 400,
-     "Conflicting Content-Length headers"),
-    (b"GET /api/health HTTP/2.0\r\nHost: x\r\n\r\n", 505, "Invalid HTTP version (2.0)"),
-    (b"GET /api/health\r\n\r\n", 400, "Bad request syntax ('GET /api/health')"),
-])
+@pytest.mark.parametrize(
+    "request_bytes, status, detail",
+    [
+        (b"GET /api/health HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * 70_000 + b"\r\n\r\n", 431, "Line too long"),
+        (
+            b"GET /api/health HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n",
+            431,
+            "Too many headers",
+        ),
+        (b"GET /api/health HTTP/1.1\r\nNoColonHere\r\n\r\n", 400, "Malformed header line"),
+        (b"GET /api/health HTTP/1.1\r\nBad Name: v\r\n\r\n", 400, "Malformed header line"),
+        (b"GET /api/health HTTP/1.1\r\n Folded: first\r\n\r\n", 400, OBS_FOLD),
+        (b"GET /api/health HTTP/1.1\r\nX-Note: first\r\n\t second\r\n\r\n", 400, OBS_FOLD),
+        (
+            b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 20\r\n\r\n{}",
+            400,
+            "Conflicting Content-Length headers",
+        ),
+        (b"GET /api/health HTTP/2.0\r\nHost: x\r\n\r\n", 505, "Invalid HTTP version (2.0)"),
+        (b"GET /api/health\r\n\r\n", 400, "Bad request syntax ('GET /api/health')"),
+    ],
+)
 def test_header_and_request_line_errors_are_named(server, request_bytes, status, detail):
     got, headers, body = parse_raw_response(raw_exchange(server, request_bytes))
     assert (got, json.loads(body)) == (status, {"detail": detail})
@@ -631,13 +766,19 @@ def test_header_and_request_line_errors_are_named(server, request_bytes, status,
 
 
 def test_header_names_are_case_insensitive(server):
-    data = raw_exchange(server, b"GET /api/health HTTP/1.1\r\nhost: x\r\nx-REQUEST-id: my-id.1\r\n"
-                                b"Connection: close\r\n\r\n")
+    data = raw_exchange(
+        server, b"GET /api/health HTTP/1.1\r\nhost: x\r\nx-REQUEST-id: my-id.1\r\nConnection: close\r\n\r\n"
+    )
     status, headers, body = parse_raw_response(data)
     assert (status, json.loads(body), headers["x-request-id"]) == (200, True, "my-id.1")
     same = prefectlite.RequestHeaders([("X-Note", "first second"), ("x-note", "again")])
     assert (same.get("x-NOTE"), same["X-Note"], same.get_all("X-NOTE"), "x-note" in same, same.get("nope", 1)) == (
-        "first second", "first second", ["first second", "again"], True, 1)
+        "first second",
+        "first second",
+        ["first second", "again"],
+        True,
+        1,
+    )
 
 
 def test_a_silent_client_does_not_block_others(server):
@@ -649,8 +790,9 @@ def test_a_silent_client_does_not_block_others(server):
 
 def test_a_write_that_trickles_in_does_not_hold_up_other_writes(server):
     with socket.create_connection(host_port(server), timeout=10) as slow:
-        slow.sendall(b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 50\r\n\r\n{")
+        slow.sendall(
+            b"POST /api/flows/ HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n{"
+        )
         writer = Client(server, timeout=5)
         for i in range(5):
             status, flow = writer.post("/flows/", {"name": f"beside-a-slow-writer-{i}"})
@@ -663,10 +805,13 @@ def test_a_client_that_does_not_read_its_answers_does_not_hold_up_other_writes(s
     wait for the 15 s send timeout otherwise)."""
     client = Client(server, timeout=5)
     flow = client.ok("POST", "/flows/", {"name": "unread"})
-    deployment = client.ok("POST", "/deployments/", {"name": "big", "flow_id": flow["id"],
-                                                      "parameters": {"blob": "x" * 1_000_000}})
-    request = (b"POST /api/deployments/%s/create_flow_run HTTP/1.1\r\nHost: x\r\n"
-               b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % deployment["id"].encode())
+    deployment = client.ok(
+        "POST", "/deployments/", {"name": "big", "flow_id": flow["id"], "parameters": {"blob": "x" * 1_000_000}}
+    )
+    request = (
+        b"POST /api/deployments/%s/create_flow_run HTTP/1.1\r\nHost: x\r\n"
+        b"Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}" % deployment["id"].encode()
+    )
     stuck = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a small window: the answers pile up
     stuck.connect(host_port(server))
@@ -679,6 +824,7 @@ def test_a_client_that_does_not_read_its_answers_does_not_hold_up_other_writes(s
             status, count = client.post("/flow_runs/count", {"flows": {"id": {"any_": [flow["id"]]}}})
             counts.append(count)
             return status == 200 and count >= 1 and counts[-4:] == [count] * 4
+
         wait_until(server_stuck_sending, 30, "the server to be stuck on the unread client", interval=0.3)
         assert counts[-1] < 40
         for i in range(5):
@@ -712,15 +858,28 @@ def test_the_write_turnstile_lets_threads_through_in_the_order_they_came():
 
 # --- nothing answers 500 -----------------------------------------------------------------------
 
-FUZZ_BODIES = [None, b"", b"{}", b"[]", b"null", b'"text"', b"123", b"true", b"{bad",
-               b'{"name": null, "flow_id": null, "state": null, "tags": null, "limit": null, "offset": null}',
-               b'{"name": 1, "tags": [1], "state": {"type": "RUNNING", "state_details": []}, "limit": "x"}',
-               b'{"state": {"type": "RUNNING", "state_details": {"scheduled_time": 5, "cache_key": []}}}',
-               b'{"flows": [], "flow_runs": "x", "task_runs": {"id": {"any_": "x"}}, "sort": 5}',
-               b'{"history_start": "2030-01-01", "history_end": "2029-01-01", "history_interval_seconds": 60}',
-               b'{"limit": -1, "offset": -1}', b'[{"name": "n"}]', b'{"value": {"nested": [1, {"x": null}]}}',
-               b'{"limit": 1e400, "offset": 1e400, "value": 1e400}', b'{"offset": 99999999999999999999999999}',
-               b'{"name": "\\ud800", "key": "\\udfff", "tag": "\\ud800"}']
+FUZZ_BODIES = [
+    None,
+    b"",
+    b"{}",
+    b"[]",
+    b"null",
+    b'"text"',
+    b"123",
+    b"true",
+    b"{bad",
+    b'{"name": null, "flow_id": null, "state": null, "tags": null, "limit": null, "offset": null}',
+    b'{"name": 1, "tags": [1], "state": {"type": "RUNNING", "state_details": []}, "limit": "x"}',
+    b'{"state": {"type": "RUNNING", "state_details": {"scheduled_time": 5, "cache_key": []}}}',
+    b'{"flows": [], "flow_runs": "x", "task_runs": {"id": {"any_": "x"}}, "sort": 5}',
+    b'{"history_start": "2030-01-01", "history_end": "2029-01-01", "history_interval_seconds": 60}',
+    b'{"limit": -1, "offset": -1}',
+    b'[{"name": "n"}]',
+    b'{"value": {"nested": [1, {"x": null}]}}',
+    b'{"limit": 1e400, "offset": 1e400, "value": 1e400}',
+    b'{"offset": 99999999999999999999999999}',
+    b'{"name": "\\ud800", "key": "\\udfff", "tag": "\\ud800"}',
+]
 
 
 def _fill(pattern, value):
@@ -734,7 +893,7 @@ def test_no_route_answers_500_to_odd_input(server, client, flow_run):
     failures = {}  # (method, route, body) -> what happened
     try:
         for method, pattern, _handler in prefectlite.ROUTES:
-            for value in (values if "{" in pattern else values[:1]):
+            for value in values if "{" in pattern else values[:1]:
                 path = "/api" + _fill(pattern, value)
                 for body in FUZZ_BODIES:
                     try:

@@ -1,4 +1,4 @@
-"""Migrations (section 3), on SQLite and PostgreSQL: every revision goes up, down and up again; the
+"""Migrations (section 5), on SQLite and PostgreSQL: every revision goes up, down and up again; the
 schema after `downgrade base` + `upgrade` equals a fresh one; data survives an upgrade; bad targets
 are a one-line CLI error that changes nothing."""
 
@@ -50,6 +50,7 @@ def assert_one_line_error(proc):
 # ---------------------------------------------------------------------------------------------
 # the migration files themselves
 
+
 def test_every_revision_has_up_and_down_scripts_for_both_dialects():
     revisions = prefectlite.list_revisions()
     assert revisions, "no migrations found"
@@ -60,7 +61,11 @@ def test_every_revision_has_up_and_down_scripts_for_both_dialects():
             for direction in ("up", "down"):
                 script = revision.scripts.get((dialect, direction))
                 assert script is not None and script.is_file(), (revision.id, dialect, direction)
-                assert prefectlite.split_sql_script(script.read_text(encoding="utf-8")), (revision.id, dialect, direction)
+                assert prefectlite.split_sql_script(script.read_text(encoding="utf-8")), (
+                    revision.id,
+                    dialect,
+                    direction,
+                )
 
 
 def test_revision_ids_are_consecutive():
@@ -70,6 +75,7 @@ def test_revision_ids_are_consecutive():
 
 # ---------------------------------------------------------------------------------------------
 # up, down, up again
+
 
 def test_every_revision_goes_up_down_and_up_again(db):
     ids = revision_ids()
@@ -137,17 +143,23 @@ def test_downgrade_to_a_named_revision(db):
 # ---------------------------------------------------------------------------------------------
 # data survives an upgrade
 
+
 def _insert_via_sql(db):
     flow_id, run_id, log_id = (str(uuid.uuid4()) for _ in range(3))
     stamp = "2024-05-01T12:00:00.000000+00:00"
     with db.write() as tx:
-        tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)",
-                   (flow_id, stamp, stamp, "kept-flow"))
-        tx.execute("INSERT INTO flow_run (id, created, updated, name, flow_id, parameters) VALUES (?, ?, ?, ?, ?, ?)",
-                   (run_id, stamp, stamp, "kept-run", flow_id, '{"x": 1}'))
-        tx.execute("INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id) "
-                   "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                   (log_id, stamp, stamp, "kept.logger", 20, "kept message", stamp, run_id))
+        tx.execute(
+            "INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "kept-flow")
+        )
+        tx.execute(
+            "INSERT INTO flow_run (id, created, updated, name, flow_id, parameters) VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, stamp, stamp, "kept-run", flow_id, '{"x": 1}'),
+        )
+        tx.execute(
+            "INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            (log_id, stamp, stamp, "kept.logger", 20, "kept message", stamp, run_id),
+        )
     return flow_id, run_id
 
 
@@ -193,6 +205,7 @@ def test_data_written_through_the_api_survives_downgrade_and_upgrade_of_the_last
 # ---------------------------------------------------------------------------------------------
 # bad targets: library level
 
+
 def test_unknown_revision_raises_and_changes_nothing(db):
     prefectlite.migrate(db, revision_ids()[0])
     before = db.schema_signature()
@@ -215,6 +228,7 @@ def test_downgrade_below_base_raises_and_changes_nothing(db):
 
 # ---------------------------------------------------------------------------------------------
 # the CLI on both dialects
+
 
 def test_cli_upgrade_downgrade_current_history(db_url, tmp_path):
     env = cli_env(tmp_path, db_url)
@@ -256,12 +270,15 @@ def test_cli_upgrade_downgrade_current_history(db_url, tmp_path):
     assert "no prefectlite schema" in assert_one_line_error(run_cli("database", "current", env=env))
 
 
-@pytest.mark.parametrize("args", [
-    ("database", "upgrade", "-y", "-r", "9999"),
-    ("database", "upgrade", "-y", "-r", "not-a-revision"),
-    ("database", "downgrade", "-y", "-r", "9999"),
-    ("database", "downgrade", "-y", "-r", "-99"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("database", "upgrade", "-y", "-r", "9999"),
+        ("database", "upgrade", "-y", "-r", "not-a-revision"),
+        ("database", "downgrade", "-y", "-r", "9999"),
+        ("database", "downgrade", "-y", "-r", "-99"),
+    ],
+)
 def test_cli_bad_target_is_one_line_error_and_changes_nothing(db_url, tmp_path, settings, args):
     env = cli_env(tmp_path, db_url)
     assert run_cli("database", "upgrade", "-y", env=env).returncode == 0

@@ -31,8 +31,15 @@ import prefectlite
 MASK = prefectlite.SECRET_MASK  # Prefect 2.20's "********"
 UUID_RE = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
-ALL_SLUGS = ("slack-webhook", "ms-teams-webhook", "opsgenie-webhook", "pager-duty-webhook", "twilio-sms",
-             "custom-webhook", "email-smtp")
+ALL_SLUGS = (
+    "slack-webhook",
+    "ms-teams-webhook",
+    "opsgenie-webhook",
+    "pager-duty-webhook",
+    "twilio-sms",
+    "custom-webhook",
+    "email-smtp",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -49,8 +56,11 @@ def isolated_settings(tmp_path, monkeypatch):
 @contextlib.contextmanager
 def running(tmp_path, database=None, **settings):
     """A real in-process server on a free port; yields (Client, api_url). Quick retries by default."""
-    options = {"PREFECT_NOTIFICATIONS_RETRY_SECONDS": 0.2, "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": 0.5,
-               **settings}
+    options = {
+        "PREFECT_NOTIFICATIONS_RETRY_SECONDS": 0.2,
+        "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": 0.5,
+        **settings,
+    }
     with prefectlite.serve(database=database or f"sqlite:///{tmp_path}/notifications.db", port=0, **options) as api:
         yield Client(api), api
 
@@ -61,25 +71,45 @@ def server_root(api_url):
 
 # --- helpers speaking the API ------------------------------------------------------------------------
 
+
 def new_block(client, slug, data, name=None):
     block_type = client.ok("GET", f"/block_types/slug/{slug}")
-    schemas = client.ok("POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})
+    schemas = client.ok(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+    )
     assert schemas, f"no block schema for {slug}"
-    return client.ok("POST", "/block_documents/", {
-        "name": name or f"{slug}-{uuid.uuid4().hex[:8]}", "block_type_id": block_type["id"],
-        "block_schema_id": schemas[0]["id"], "data": data})
+    return client.ok(
+        "POST",
+        "/block_documents/",
+        {
+            "name": name or f"{slug}-{uuid.uuid4().hex[:8]}",
+            "block_type_id": block_type["id"],
+            "block_schema_id": schemas[0]["id"],
+            "data": data,
+        },
+    )
 
 
 def new_policy(client, block_id, states=("Failed",), tags=(), **fields):
-    return client.ok("POST", "/flow_run_notification_policies/",
-                     {"state_names": list(states), "tags": list(tags), "block_document_id": block_id, **fields})
+    return client.ok(
+        "POST",
+        "/flow_run_notification_policies/",
+        {"state_names": list(states), "tags": list(tags), "block_document_id": block_id, **fields},
+    )
 
 
 def new_run(client, flow_name="daily-etl", run_name=None, tags=(), parameters=None):
     flow = client.ok("POST", "/flows/", {"name": flow_name}, expect=(200, 201))
-    return client.ok("POST", "/flow_runs/", {
-        "flow_id": flow["id"], "name": run_name or f"run-{uuid.uuid4().hex[:8]}", "tags": list(tags),
-        "parameters": parameters or {}})
+    return client.ok(
+        "POST",
+        "/flow_runs/",
+        {
+            "flow_id": flow["id"],
+            "name": run_name or f"run-{uuid.uuid4().hex[:8]}",
+            "tags": list(tags),
+            "parameters": parameters or {},
+        },
+    )
 
 
 def set_state(client, run_id, state_type, name=None, message=None):
@@ -110,8 +140,10 @@ def sentence(run, state, flow_name="daily-etl"):
     """The first sentence of the default message, e.g. 'The fuzzy-leopard run of the daily-etl flow entered
     a Failed state at 26-11-26 16:21:37 UTC.'"""
     moment = dt.datetime.fromisoformat(state["timestamp"].replace("Z", "+00:00")).astimezone(dt.timezone.utc)
-    return (f"The {run['name']} run of the {flow_name} flow entered a {state['name']} state at "
-            f"{moment.strftime('%y-%m-%d %H:%M:%S')} UTC.")
+    return (
+        f"The {run['name']} run of the {flow_name} flow entered a {state['name']} state at "
+        f"{moment.strftime('%y-%m-%d %H:%M:%S')} UTC."
+    )
 
 
 def assert_default_message(text, api_url, run, state):
@@ -122,29 +154,66 @@ def assert_default_message(text, api_url, run, state):
 
 # --- block types and policies ------------------------------------------------------------------------
 
+
 def test_notification_block_types_are_registered_protected_with_schemas(tmp_path):
     expected_secrets = {
-        "slack-webhook": {"url"}, "ms-teams-webhook": {"url"}, "opsgenie-webhook": {"apikey"},
-        "pager-duty-webhook": {"integration_key", "api_key"}, "twilio-sms": {"auth_token"},
-        "custom-webhook": {"secrets.*"}, "email-smtp": {"password"},
+        "slack-webhook": {"url"},
+        "ms-teams-webhook": {"url"},
+        "opsgenie-webhook": {"apikey"},
+        "pager-duty-webhook": {"integration_key", "api_key"},
+        "twilio-sms": {"auth_token"},
+        "custom-webhook": {"secrets.*"},
+        "email-smtp": {"password"},
     }
     expected_fields = {
-        "slack-webhook": {"url"}, "ms-teams-webhook": {"url"},
-        "opsgenie-webhook": {"apikey", "target_user", "target_team", "target_schedule", "target_escalation",
-                             "region_name", "tags", "priority", "alias", "entity", "details"},
-        "pager-duty-webhook": {"integration_key", "api_key", "source", "component", "group", "class_id",
-                               "region_name", "clickable_url", "custom_details"},
+        "slack-webhook": {"url"},
+        "ms-teams-webhook": {"url"},
+        "opsgenie-webhook": {
+            "apikey",
+            "target_user",
+            "target_team",
+            "target_schedule",
+            "target_escalation",
+            "region_name",
+            "tags",
+            "priority",
+            "alias",
+            "entity",
+            "details",
+        },
+        "pager-duty-webhook": {
+            "integration_key",
+            "api_key",
+            "source",
+            "component",
+            "group",
+            "class_id",
+            "region_name",
+            "clickable_url",
+            "custom_details",
+        },
         "twilio-sms": {"account_sid", "auth_token", "from_phone_number", "to_phone_numbers"},
-        "custom-webhook": {"name", "url", "method", "params", "json_data", "form_data", "headers", "cookies",
-                           "timeout", "secrets"},
+        "custom-webhook": {
+            "name",
+            "url",
+            "method",
+            "params",
+            "json_data",
+            "form_data",
+            "headers",
+            "cookies",
+            "timeout",
+            "secrets",
+        },
         "email-smtp": {"host", "port", "security", "username", "password", "from_address", "to_addresses"},
     }
     with running(tmp_path) as (client, _api):
         for slug in ALL_SLUGS:
             block_type = client.ok("GET", f"/block_types/slug/{slug}")
             assert block_type["is_protected"] is True, slug
-            schemas = client.ok("POST", "/block_schemas/filter",
-                                {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})
+            schemas = client.ok(
+                "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+            )
             assert len(schemas) == 1, (slug, schemas)
             fields = schemas[0]["fields"]
             assert expected_fields[slug] <= set(fields["properties"]), (slug, sorted(fields["properties"]))
@@ -158,8 +227,10 @@ def test_notification_block_types_are_registered_protected_with_schemas(tmp_path
 def test_policy_create_read_update_filter_delete(tmp_path):
     with running(tmp_path) as (client, _api), HTTPReceiver() as hook:
         block = new_block(client, "slack-webhook", {"url": hook.url + "/services/T/B/x"})
-        status, policy = client.post("/flow_run_notification_policies/", {
-            "state_names": ["Failed", "Crashed"], "tags": ["daily-etl"], "block_document_id": block["id"]})
+        status, policy = client.post(
+            "/flow_run_notification_policies/",
+            {"state_names": ["Failed", "Crashed"], "tags": ["daily-etl"], "block_document_id": block["id"]},
+        )
         assert status == 201, policy
         assert UUID_RE.fullmatch(policy["id"])
         assert policy["is_active"] is True  # the default
@@ -170,8 +241,10 @@ def test_policy_create_read_update_filter_delete(tmp_path):
         assert client.ok("GET", f"/flow_run_notification_policies/{policy['id']}") == policy
 
         template = "{flow_name} is {flow_run_state_name}"
-        status, _ = client.patch(f"/flow_run_notification_policies/{policy['id']}",
-                                 {"is_active": False, "message_template": template, "tags": []})
+        status, _ = client.patch(
+            f"/flow_run_notification_policies/{policy['id']}",
+            {"is_active": False, "message_template": template, "tags": []},
+        )
         assert status == 204
         updated = client.ok("GET", f"/flow_run_notification_policies/{policy['id']}")
         assert updated["is_active"] is False and updated["message_template"] == template and updated["tags"] == []
@@ -181,11 +254,17 @@ def test_policy_create_read_update_filter_delete(tmp_path):
         listed = client.ok("POST", "/flow_run_notification_policies/filter", {})
         assert {p["id"] for p in listed} == {policy["id"], other["id"]}
         # the Prefect client and UI filter with `flow_run_notification_policy_filter`
-        active = client.ok("POST", "/flow_run_notification_policies/filter",
-                           {"flow_run_notification_policy_filter": {"is_active": {"eq_": True}}})
+        active = client.ok(
+            "POST",
+            "/flow_run_notification_policies/filter",
+            {"flow_run_notification_policy_filter": {"is_active": {"eq_": True}}},
+        )
         assert [p["id"] for p in active] == [other["id"]]
-        paused = client.ok("POST", "/flow_run_notification_policies/filter",
-                           {"flow_run_notification_policy_filter": {"is_active": {"eq_": False}}})
+        paused = client.ok(
+            "POST",
+            "/flow_run_notification_policies/filter",
+            {"flow_run_notification_policy_filter": {"is_active": {"eq_": False}}},
+        )
         assert [p["id"] for p in paused] == [policy["id"]]
         assert len(client.ok("POST", "/flow_run_notification_policies/filter", {"limit": 1})) == 1
 
@@ -199,33 +278,45 @@ def test_policy_create_read_update_filter_delete(tmp_path):
 def test_unknown_template_placeholder_is_422_naming_it(tmp_path):
     with running(tmp_path) as (client, _api), HTTPReceiver() as hook:
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
-        status, body = client.post("/flow_run_notification_policies/", {
-            "state_names": ["Failed"], "tags": [], "block_document_id": block["id"],
-            "message_template": "{flow_name} failed; see {flow_run_link}"})
+        status, body = client.post(
+            "/flow_run_notification_policies/",
+            {
+                "state_names": ["Failed"],
+                "tags": [],
+                "block_document_id": block["id"],
+                "message_template": "{flow_name} failed; see {flow_run_link}",
+            },
+        )
         assert status == 422, body
         assert "flow_run_link" in json.dumps(body)
         assert client.ok("POST", "/flow_run_notification_policies/filter", {}) == []
 
-        good = ("{flow_name} {flow_run_name} {flow_run_id} {flow_id} {flow_run_state_name} {flow_run_state_type} "
-                "{flow_run_state_timestamp} {flow_run_state_message} {flow_run_url} {flow_run_parameters} "
-                "{flow_run_notification_policy_id}")
+        good = (
+            "{flow_name} {flow_run_name} {flow_run_id} {flow_id} {flow_run_state_name} {flow_run_state_type} "
+            "{flow_run_state_timestamp} {flow_run_state_message} {flow_run_url} {flow_run_parameters} "
+            "{flow_run_notification_policy_id}"
+        )
         policy = new_policy(client, block["id"], message_template=good)
-        status, body = client.patch(f"/flow_run_notification_policies/{policy['id']}",
-                                    {"message_template": "{flow_name} {nonsense_field}"})
+        status, body = client.patch(
+            f"/flow_run_notification_policies/{policy['id']}", {"message_template": "{flow_name} {nonsense_field}"}
+        )
         assert status == 422, body
         assert "nonsense_field" in json.dumps(body)
         assert client.ok("GET", f"/flow_run_notification_policies/{policy['id']}")["message_template"] == good
 
 
-@pytest.mark.parametrize("template", ["{flow_run_name:d}", "{flow_run_name:>2000000000}", "{flow_name!r}",
-                                      "{flow_name:{flow_run_name}}"])
+@pytest.mark.parametrize(
+    "template", ["{flow_run_name:d}", "{flow_run_name:>2000000000}", "{flow_name!r}", "{flow_name:{flow_run_name}}"]
+)
 def test_a_placeholder_with_a_format_spec_or_conversion_is_422(tmp_path, template):
     """Prefect fills the template with str.format; a format spec ("{flow_run_name:d}") made rendering raise in
     the sender, which retried the row in a tight loop. Placeholders are bare names."""
     with running(tmp_path) as (client, _api), HTTPReceiver() as hook:
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
-        status, body = client.post("/flow_run_notification_policies/", {
-            "state_names": ["Failed"], "tags": [], "block_document_id": block["id"], "message_template": template})
+        status, body = client.post(
+            "/flow_run_notification_policies/",
+            {"state_names": ["Failed"], "tags": [], "block_document_id": block["id"], "message_template": template},
+        )
         assert status == 422, body
         assert "message_template" in json.dumps(body)
         policy = new_policy(client, block["id"], message_template="{flow_name}")
@@ -242,8 +333,10 @@ def test_a_stored_template_that_cannot_render_fails_its_row_once(tmp_path):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
         broken = new_policy(client, block["id"], message_template="{flow_name}")
         with contextlib.closing(sqlite3.connect(tmp_path / "notifications.db")) as db, db:
-            db.execute("UPDATE flow_run_notification_policy SET message_template = ? WHERE id = ?",
-                       ("{flow_run_name:d}", broken["id"]))
+            db.execute(
+                "UPDATE flow_run_notification_policy SET message_template = ? WHERE id = ?",
+                ("{flow_run_name:d}", broken["id"]),
+            )
         new_policy(client, block["id"], message_template="fine: {flow_run_name}")
         run, _state = fail_run(client)
         [hit] = hook.wait_for(1, accepted=True)
@@ -258,6 +351,7 @@ def test_a_stored_template_that_cannot_render_fails_its_row_once(tmp_path):
 
 
 # --- one test per channel: the exact request each service expects -------------------------------------
+
 
 def test_slack_webhook_request(tmp_path):
     with HTTPReceiver() as slack, running(tmp_path) as (client, api):
@@ -296,11 +390,23 @@ def test_teams_message_card_request(tmp_path):
 def test_opsgenie_alert_request(tmp_path):
     with HTTPReceiver() as opsgenie:
         with running(tmp_path, PREFECT_NOTIFICATIONS_OPSGENIE_URL=opsgenie.url) as (client, api):
-            block = new_block(client, "opsgenie-webhook", {
-                "apikey": "0123-genie-key", "target_user": ["ann@example.com"], "target_team": ["ops"],
-                "target_schedule": ["weekend"], "target_escalation": ["managers"], "region_name": "us",
-                "tags": ["prefect", "etl"], "priority": "P1", "alias": "etl-alert", "entity": "warehouse",
-                "details": {"env": "prod"}})
+            block = new_block(
+                client,
+                "opsgenie-webhook",
+                {
+                    "apikey": "0123-genie-key",
+                    "target_user": ["ann@example.com"],
+                    "target_team": ["ops"],
+                    "target_schedule": ["weekend"],
+                    "target_escalation": ["managers"],
+                    "region_name": "us",
+                    "tags": ["prefect", "etl"],
+                    "priority": "P1",
+                    "alias": "etl-alert",
+                    "entity": "warehouse",
+                    "details": {"env": "prod"},
+                },
+            )
             new_policy(client, block["id"])
             run, state = fail_run(client, run_name="calm-heron")
             [hit] = opsgenie.wait_for(1)
@@ -313,9 +419,15 @@ def test_opsgenie_alert_request(tmp_path):
     assert sentence(run, state) in alert["description"]
     assert f"/flow-runs/flow-run/{run['id']}" in alert["description"]
     key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
-    assert sorted(alert["responders"], key=key) == sorted([
-        {"type": "user", "username": "ann@example.com"}, {"type": "team", "name": "ops"},
-        {"type": "schedule", "name": "weekend"}, {"type": "escalation", "name": "managers"}], key=key)
+    assert sorted(alert["responders"], key=key) == sorted(
+        [
+            {"type": "user", "username": "ann@example.com"},
+            {"type": "team", "name": "ops"},
+            {"type": "schedule", "name": "weekend"},
+            {"type": "escalation", "name": "managers"},
+        ],
+        key=key,
+    )
     assert alert["tags"] == ["prefect", "etl"]
     assert alert["priority"] == "P1"
     assert alert["alias"] == "etl-alert"
@@ -326,10 +438,20 @@ def test_opsgenie_alert_request(tmp_path):
 def test_pagerduty_event_request(tmp_path):
     with HTTPReceiver() as pagerduty:
         with running(tmp_path, PREFECT_NOTIFICATIONS_PAGERDUTY_URL=pagerduty.url) as (client, api):
-            block = new_block(client, "pager-duty-webhook", {
-                "integration_key": "R0UTINGKEY0123456789abcdef012345", "api_key": "pd-api-key",
-                "source": "prefect-prod", "component": "etl", "group": "data", "class_id": "batch",
-                "clickable_url": "https://runbooks.example.com/etl", "custom_details": {"team": "data"}})
+            block = new_block(
+                client,
+                "pager-duty-webhook",
+                {
+                    "integration_key": "R0UTINGKEY0123456789abcdef012345",
+                    "api_key": "pd-api-key",
+                    "source": "prefect-prod",
+                    "component": "etl",
+                    "group": "data",
+                    "class_id": "batch",
+                    "clickable_url": "https://runbooks.example.com/etl",
+                    "custom_details": {"team": "data"},
+                },
+            )
             new_policy(client, block["id"])
             run, state = fail_run(client, run_name="quiet-lynx")
             [hit] = pagerduty.wait_for(1)
@@ -354,9 +476,16 @@ def test_pagerduty_event_request(tmp_path):
 def test_twilio_sms_request_per_number(tmp_path):
     with HTTPReceiver(status=201) as twilio:
         with running(tmp_path, PREFECT_NOTIFICATIONS_TWILIO_URL=twilio.url) as (client, api):
-            block = new_block(client, "twilio-sms", {
-                "account_sid": "AC0123456789abcdef", "auth_token": "tw-auth-token",
-                "from_phone_number": "+15550001111", "to_phone_numbers": ["+15550002222", "+15550003333"]})
+            block = new_block(
+                client,
+                "twilio-sms",
+                {
+                    "account_sid": "AC0123456789abcdef",
+                    "auth_token": "tw-auth-token",
+                    "from_phone_number": "+15550001111",
+                    "to_phone_numbers": ["+15550002222", "+15550003333"],
+                },
+            )
             new_policy(client, block["id"])
             run, state = fail_run(client, run_name="lucky-crane")
             hits = twilio.wait_for(2)
@@ -376,15 +505,35 @@ def test_twilio_sms_request_per_number(tmp_path):
 
 def test_custom_webhook_fills_placeholders(tmp_path):
     with HTTPReceiver() as receiver, running(tmp_path) as (client, api):
-        json_block = new_block(client, "custom-webhook", {
-            "name": "json-hook", "url": receiver.url + "/hooks/{{token}}", "method": "POST",
-            "params": {"subject": "{{subject}}"},
-            "json_data": {"title": "{{subject}}", "message": "{{body}}", "static": 1, "nested": {"list": ["{{body}}"]}},
-            "headers": {"X-Token": "Bearer {{token}}"}, "cookies": {"session": "{{token}}"},
-            "secrets": {"token": "s3cr3t-t0ken"}})
-        form_block = new_block(client, "custom-webhook", {
-            "name": "form-hook", "url": receiver.url + "/form", "method": "PUT",
-            "form_data": {"text": "{{body}}", "kind": "prefect"}})
+        json_block = new_block(
+            client,
+            "custom-webhook",
+            {
+                "name": "json-hook",
+                "url": receiver.url + "/hooks/{{token}}",
+                "method": "POST",
+                "params": {"subject": "{{subject}}"},
+                "json_data": {
+                    "title": "{{subject}}",
+                    "message": "{{body}}",
+                    "static": 1,
+                    "nested": {"list": ["{{body}}"]},
+                },
+                "headers": {"X-Token": "Bearer {{token}}"},
+                "cookies": {"session": "{{token}}"},
+                "secrets": {"token": "s3cr3t-t0ken"},
+            },
+        )
+        form_block = new_block(
+            client,
+            "custom-webhook",
+            {
+                "name": "form-hook",
+                "url": receiver.url + "/form",
+                "method": "PUT",
+                "form_data": {"text": "{{body}}", "kind": "prefect"},
+            },
+        )
         new_policy(client, json_block["id"])
         new_policy(client, form_block["id"])
         run, state = fail_run(client, run_name="gentle-moose")
@@ -415,10 +564,19 @@ def test_custom_webhook_fills_placeholders(tmp_path):
 
 def test_email_smtp_message(tmp_path):
     with SMTPReceiver() as smtp, running(tmp_path) as (client, api):
-        block = new_block(client, "email-smtp", {
-            "host": "127.0.0.1", "port": smtp.port, "security": "none", "username": "mailer",
-            "password": "smtp-pass", "from_address": "prefect@example.com",
-            "to_addresses": ["ann@example.com", "bob@example.com"]})
+        block = new_block(
+            client,
+            "email-smtp",
+            {
+                "host": "127.0.0.1",
+                "port": smtp.port,
+                "security": "none",
+                "username": "mailer",
+                "password": "smtp-pass",
+                "from_address": "prefect@example.com",
+                "to_addresses": ["ann@example.com", "bob@example.com"],
+            },
+        )
         new_policy(client, block["id"])
         run, state = fail_run(client, run_name="sleepy-panda")
         [mail] = smtp.wait_for(1)
@@ -436,16 +594,21 @@ def test_email_smtp_message(tmp_path):
 
 # --- the message -------------------------------------------------------------------------------------
 
+
 def test_default_message_links_to_the_run_in_our_ui(tmp_path):
     with HTTPReceiver() as hook, running(tmp_path) as (client, api):
-        block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw",
-                                                      "json_data": {"body": "{{body}}"}})
+        block = new_block(
+            client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw", "json_data": {"body": "{{body}}"}}
+        )
         new_policy(client, block["id"])
         run, state = fail_run(client, run_name="fuzzy-leopard", message="Task 'load' failed: disk full")
         [hit] = hook.wait_for(1)
         text = hit.json()["body"]
-        assert re.search(r"The fuzzy-leopard run of the daily-etl flow entered a Failed state at "
-                         r"\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC\.", text), text
+        assert re.search(
+            r"The fuzzy-leopard run of the daily-etl flow entered a Failed state at "
+            r"\d\d-\d\d-\d\d \d\d:\d\d:\d\d UTC\.",
+            text,
+        ), text
         assert sentence(run, state) in text
         assert "Task 'load' failed: disk full" in text
         links = re.findall(r"https?://\S+/flow-runs/flow-run/" + run["id"], text)
@@ -455,14 +618,18 @@ def test_default_message_links_to_the_run_in_our_ui(tmp_path):
             assert b"<html" in resp.read().lower()
 
 
-@pytest.mark.parametrize("setting, value, expected_root", [
-    ("PREFECT_UI_URL", "https://prefect.example.com/ui", "https://prefect.example.com/ui"),
-    ("PREFECT_API_URL", "https://orchestrator.example.com:4200/api", "https://orchestrator.example.com:4200"),
-])
+@pytest.mark.parametrize(
+    "setting, value, expected_root",
+    [
+        ("PREFECT_UI_URL", "https://prefect.example.com/ui", "https://prefect.example.com/ui"),
+        ("PREFECT_API_URL", "https://orchestrator.example.com:4200/api", "https://orchestrator.example.com:4200"),
+    ],
+)
 def test_link_uses_configured_public_url(tmp_path, setting, value, expected_root):
     with HTTPReceiver() as hook, running(tmp_path, **{setting: value}) as (client, api):
-        block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw",
-                                                      "json_data": {"body": "{{body}}"}})
+        block = new_block(
+            client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw", "json_data": {"body": "{{body}}"}}
+        )
         new_policy(client, block["id"])
         run, _state = fail_run(client)
         [hit] = hook.wait_for(1)
@@ -470,30 +637,44 @@ def test_link_uses_configured_public_url(tmp_path, setting, value, expected_root
 
 
 def test_message_template_placeholders_are_filled(tmp_path):
-    template = ("{flow_name}|{flow_run_name}|{flow_run_id}|{flow_id}|{flow_run_state_name}|{flow_run_state_type}|"
-                "{flow_run_state_timestamp}|{flow_run_state_message}|{flow_run_url}|{flow_run_notification_policy_id}"
-                "|{flow_run_parameters}")
+    template = (
+        "{flow_name}|{flow_run_name}|{flow_run_id}|{flow_id}|{flow_run_state_name}|{flow_run_state_type}|"
+        "{flow_run_state_timestamp}|{flow_run_state_message}|{flow_run_url}|{flow_run_notification_policy_id}"
+        "|{flow_run_parameters}"
+    )
     with HTTPReceiver() as hook, running(tmp_path) as (client, api):
-        block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw",
-                                                      "json_data": {"body": "{{body}}"}})
+        block = new_block(
+            client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw", "json_data": {"body": "{{body}}"}}
+        )
         policy = new_policy(client, block["id"], message_template=template)
         params = {"day": "2026-11-26", "retries": 3}
         run, state = fail_run(client, run_name="wise-walrus", parameters=params, message="it broke")
         [hit] = hook.wait_for(1)
     parts = hit.json()["body"].split("|", 10)
     moment = dt.datetime.fromisoformat(state["timestamp"].replace("Z", "+00:00")).astimezone(dt.timezone.utc)
-    assert parts[:10] == ["daily-etl", "wise-walrus", run["id"], run["flow_id"], "Failed", "FAILED",
-                          moment.strftime("%y-%m-%d %H:%M:%S") + " UTC", "it broke",
-                          f"{server_root(api)}/flow-runs/flow-run/{run['id']}", policy["id"]]
+    assert parts[:10] == [
+        "daily-etl",
+        "wise-walrus",
+        run["id"],
+        run["flow_id"],
+        "Failed",
+        "FAILED",
+        moment.strftime("%y-%m-%d %H:%M:%S") + " UTC",
+        "it broke",
+        f"{server_root(api)}/flow-runs/flow-run/{run['id']}",
+        policy["id"],
+    ]
     assert json.loads(parts[10]) == params
 
 
 # --- which runs notify -------------------------------------------------------------------------------
 
+
 def test_state_names_select_which_states_notify(tmp_path):
     with HTTPReceiver() as hook, running(tmp_path) as (client, api):
-        block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw",
-                                                      "json_data": {"run": "{{body}}"}})
+        block = new_block(
+            client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw", "json_data": {"run": "{{body}}"}}
+        )
         new_policy(client, block["id"], states=["Failed", "Crashed"])
         quiet = new_run(client)
         for state_type in ("PENDING", "RUNNING", "COMPLETED", "CANCELLED"):
@@ -514,7 +695,10 @@ def test_state_names_select_which_states_notify(tmp_path):
 
 def test_state_names_match_the_state_name_not_its_type(tmp_path):
     """A Late run is SCHEDULED by type but named Late: a policy for "Scheduled" is not about it."""
-    with HTTPReceiver() as hook, running(tmp_path, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED=False) as (client, _):
+    with (
+        HTTPReceiver() as hook,
+        running(tmp_path, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED=False) as (client, _),
+    ):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
         scheduled_policy = new_policy(client, block["id"], states=["Scheduled"])
         late_policy = new_policy(client, block["id"], states=["Late"])
@@ -527,10 +711,12 @@ def test_state_names_match_the_state_name_not_its_type(tmp_path):
 
 def test_tags_select_which_runs_notify(tmp_path):
     with HTTPReceiver() as hook, running(tmp_path) as (client, api):
-        tagged = new_block(client, "custom-webhook", {"name": "tagged", "url": hook.url + "/tagged",
-                                                       "json_data": {"run": "{{body}}"}})
-        everyone = new_block(client, "custom-webhook", {"name": "all", "url": hook.url + "/all",
-                                                         "json_data": {"run": "{{body}}"}})
+        tagged = new_block(
+            client, "custom-webhook", {"name": "tagged", "url": hook.url + "/tagged", "json_data": {"run": "{{body}}"}}
+        )
+        everyone = new_block(
+            client, "custom-webhook", {"name": "all", "url": hook.url + "/all", "json_data": {"run": "{{body}}"}}
+        )
         new_policy(client, tagged["id"], tags=["daily-etl", "critical"])
         new_policy(client, everyone["id"], tags=[])
         match, _ = fail_run(client, tags=["daily-etl", "nightly"])
@@ -542,7 +728,9 @@ def test_tags_select_which_runs_notify(tmp_path):
         by_route = {}
         for hit in hook.hits:
             by_route.setdefault(hit.route, []).append(hit.json()["run"])
-    tagged_runs = sorted(r["id"] for r in (match, match_other, no_match, untagged) if any(r["id"] in b for b in by_route["/tagged"]))
+    tagged_runs = sorted(
+        r["id"] for r in (match, match_other, no_match, untagged) if any(r["id"] in b for b in by_route["/tagged"])
+    )
     assert tagged_runs == sorted([match["id"], match_other["id"]])
     assert len(by_route["/tagged"]) == 2
     assert len(by_route["/all"]) == 4
@@ -552,8 +740,9 @@ def test_tags_select_which_runs_notify(tmp_path):
 
 def test_inactive_policies_send_nothing(tmp_path):
     with HTTPReceiver() as hook, running(tmp_path) as (client, api):
-        block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw",
-                                                      "json_data": {"run": "{{body}}"}})
+        block = new_block(
+            client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw", "json_data": {"run": "{{body}}"}}
+        )
         created_paused = new_policy(client, block["id"], is_active=False)
         paused_later = new_policy(client, block["id"])
         assert client.patch(f"/flow_run_notification_policies/{paused_later['id']}", {"is_active": False})[0] == 204
@@ -583,8 +772,12 @@ def test_queue_row_is_written_with_the_state(tmp_path):
 
 # --- delivery: retries, failures, restarts, slow receivers, replicas ---------------------------------
 
+
 def test_retried_after_receiver_errors_then_delivered_once(tmp_path):
-    with HTTPReceiver(script=[500, 503]) as hook, running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=5) as (client, api):
+    with (
+        HTTPReceiver(script=[500, 503]) as hook,
+        running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=5) as (client, api),
+    ):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
         new_policy(client, block["id"])
         run, state = fail_run(client)
@@ -599,9 +792,14 @@ def test_retried_after_receiver_errors_then_delivered_once(tmp_path):
 
 def test_retries_follow_the_backoff_not_the_polling_interval(tmp_path):
     """The sender is woken by state changes and by its own retry timer, not by a slow poll."""
-    with HTTPReceiver(script=[500]) as hook, running(
-            tmp_path, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=3600,
-            PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.2) as (client, api):
+    with (
+        HTTPReceiver(script=[500]) as hook,
+        running(
+            tmp_path,
+            PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=3600,
+            PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.2,
+        ) as (client, api),
+    ):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
         new_policy(client, block["id"])
         fail_run(client)
@@ -611,8 +809,13 @@ def test_retries_follow_the_backoff_not_the_polling_interval(tmp_path):
 
 
 def test_kept_as_failed_after_max_attempts(tmp_path):
-    with HTTPReceiver(status=500) as hook, running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=3,
-                                                   PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1) as (client, api):
+    with (
+        HTTPReceiver(status=500) as hook,
+        running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=3, PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1) as (
+            client,
+            api,
+        ),
+    ):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
         policy = new_policy(client, block["id"])
         _run, state = fail_run(client)
@@ -634,8 +837,13 @@ def test_kept_as_failed_after_max_attempts(tmp_path):
 def test_the_backoff_stops_doubling_at_a_week(tmp_path):
     """After many failed attempts the doubled delay (0.1 s * 2**80) would pass the calendar's end: the
     sender stopped with an OverflowError and the row stayed SENDING. It waits a week at most."""
-    with HTTPReceiver(status=500) as hook, running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=100,
-                                                   PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1) as (client, api):
+    with (
+        HTTPReceiver(status=500) as hook,
+        running(tmp_path, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=100, PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1) as (
+            client,
+            api,
+        ),
+    ):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"})
         new_policy(client, block["id"])
         fail_run(client)
@@ -644,7 +852,9 @@ def test_the_backoff_stops_doubling_at_a_week(tmp_path):
             db.execute("UPDATE flow_run_notification_queue SET attempts = 80")  # as after 80 failures
         hits = len(hook.hits)
         hook.wait_for(hits + 1, timeout=20)
-        row = wait_until(lambda: [r for r in queue(client, "PENDING") if r["attempts"] >= 81], what="attempt 81 recorded")[0]
+        row = wait_until(
+            lambda: [r for r in queue(client, "PENDING") if r["attempts"] >= 81], what="attempt 81 recorded"
+        )[0]
         wait = (dt.datetime.fromisoformat(row["next_attempt_at"]) - dt.datetime.now(dt.timezone.utc)).total_seconds()
         assert 7 * 86400 - 60 < wait <= 7 * 86400, wait
 
@@ -656,8 +866,9 @@ def test_queue_survives_a_restart(tmp_path, refusing_port):
         block = new_block(client, "slack-webhook", {"url": f"http://127.0.0.1:{port}/hook"})
         new_policy(client, block["id"])
         run, state = fail_run(client, run_name="patient-yak")
-        rows = wait_until(lambda: [r for r in queue(client) if r["attempts"] >= 1 and r["last_error"]],
-                          what="a failed first attempt")
+        rows = wait_until(
+            lambda: [r for r in queue(client) if r["attempts"] >= 1 and r["last_error"]], what="a failed first attempt"
+        )
         assert rows[0]["status"] == "PENDING"
     refusing_port.release()
     with HTTPReceiver(port=port) as hook, running(tmp_path, database=db) as (client, second_api):
@@ -701,9 +912,13 @@ class ServerProcess:
         self._out = open(self.out_path, "w")  # noqa: SIM115
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
         full_env.update(env)
-        self.proc = subprocess.Popen([sys.executable, str(ROOT / "prefectlite.py"), "start", "--host", "127.0.0.1",
-                                      "--port", str(self.port)], env=full_env, stdout=self._out, stderr=self._err,
-                                     stdin=subprocess.DEVNULL)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "prefectlite.py"), "start", "--host", "127.0.0.1", "--port", str(self.port)],
+            env=full_env,
+            stdout=self._out,
+            stderr=self._err,
+            stdin=subprocess.DEVNULL,
+        )
         self.api_url = f"http://127.0.0.1:{self.port}/api"
         if not wait_for_health(self.api_url, timeout=60):
             self.stop()
@@ -725,17 +940,21 @@ class ServerProcess:
 
 
 def test_two_servers_on_one_postgres_send_each_notification_once(tmp_path, postgres_url):
-    env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url,
-           "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": "0.05",
-           "PREFECT_NOTIFICATIONS_RETRY_SECONDS": "0.2"}
+    env = {
+        "PREFECT_HOME": str(tmp_path / "home"),
+        "PREFECT_API_DATABASE_CONNECTION_URL": postgres_url,
+        "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": "0.05",
+        "PREFECT_NOTIFICATIONS_RETRY_SECONDS": "0.2",
+    }
     servers = []
     with HTTPReceiver(delay=0.02) as hook:
         try:
             servers.append(ServerProcess(tmp_path, env, "a"))
             servers.append(ServerProcess(tmp_path, env, "b"))
             client = Client(servers[0].api_url)
-            block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw",
-                                                          "json_data": {"run": "{{body}}"}})
+            block = new_block(
+                client, "custom-webhook", {"name": "raw", "url": hook.url + "/raw", "json_data": {"run": "{{body}}"}}
+            )
             new_policy(client, block["id"])
             runs = [fail_run(client)[0] for _ in range(40)]
             hook.wait_for(40, timeout=60)
@@ -753,23 +972,43 @@ def test_two_servers_on_one_postgres_send_each_notification_once(tmp_path, postg
 
 # --- secrets -----------------------------------------------------------------------------------------
 
+
 def test_secrets_are_masked_on_read(tmp_path):
     secrets = {
         "slack-webhook": ({"url": "https://hooks.slack.com/services/T0/B0/SLACKSECRET"}, {"url": MASK}),
         "ms-teams-webhook": ({"url": "https://example.webhook.office.com/TEAMSSECRET"}, {"url": MASK}),
         "opsgenie-webhook": ({"apikey": "OPSGENIESECRET", "priority": "P2"}, {"apikey": MASK, "priority": "P2"}),
-        "pager-duty-webhook": ({"integration_key": "PDROUTINGSECRET", "api_key": "PDAPISECRET", "source": "me"},
-                               {"integration_key": MASK, "api_key": MASK, "source": "me"}),
-        "twilio-sms": ({"account_sid": "AC1", "auth_token": "TWILIOSECRET", "from_phone_number": "+1555",
-                        "to_phone_numbers": ["+1666"]},
-                       {"account_sid": "AC1", "auth_token": MASK, "from_phone_number": "+1555",
-                        "to_phone_numbers": ["+1666"]}),
-        "custom-webhook": ({"name": "x", "url": "https://example.com/{{token}}", "secrets": {"token": "HOOKSECRET"}},
-                           {"name": "x", "url": "https://example.com/{{token}}", "secrets": {"token": MASK}}),
-        "email-smtp": ({"host": "smtp.example.com", "from_address": "a@example.com", "to_addresses": ["b@example.com"],
-                        "password": "SMTPSECRET"},
-                       {"host": "smtp.example.com", "from_address": "a@example.com", "to_addresses": ["b@example.com"],
-                        "password": MASK}),
+        "pager-duty-webhook": (
+            {"integration_key": "PDROUTINGSECRET", "api_key": "PDAPISECRET", "source": "me"},
+            {"integration_key": MASK, "api_key": MASK, "source": "me"},
+        ),
+        "twilio-sms": (
+            {
+                "account_sid": "AC1",
+                "auth_token": "TWILIOSECRET",
+                "from_phone_number": "+1555",
+                "to_phone_numbers": ["+1666"],
+            },
+            {"account_sid": "AC1", "auth_token": MASK, "from_phone_number": "+1555", "to_phone_numbers": ["+1666"]},
+        ),
+        "custom-webhook": (
+            {"name": "x", "url": "https://example.com/{{token}}", "secrets": {"token": "HOOKSECRET"}},
+            {"name": "x", "url": "https://example.com/{{token}}", "secrets": {"token": MASK}},
+        ),
+        "email-smtp": (
+            {
+                "host": "smtp.example.com",
+                "from_address": "a@example.com",
+                "to_addresses": ["b@example.com"],
+                "password": "SMTPSECRET",
+            },
+            {
+                "host": "smtp.example.com",
+                "from_address": "a@example.com",
+                "to_addresses": ["b@example.com"],
+                "password": MASK,
+            },
+        ),
     }
     with running(tmp_path) as (client, _api):
         for slug, (data, masked) in secrets.items():
@@ -792,10 +1031,17 @@ def test_secrets_are_masked_on_read(tmp_path):
 def test_masked_values_sent_back_keep_the_stored_secret(tmp_path):
     """The UI edits a block by sending its masked data back: the real secret must still be used."""
     with HTTPReceiver() as hook, running(tmp_path) as (client, _api):
-        block = new_block(client, "custom-webhook", {"name": "raw", "url": hook.url + "/hook",
-                                                      "headers": {"X-Token": "{{token}}"},
-                                                      "json_data": {"body": "{{body}}"},
-                                                      "secrets": {"token": "KEEPME"}})
+        block = new_block(
+            client,
+            "custom-webhook",
+            {
+                "name": "raw",
+                "url": hook.url + "/hook",
+                "headers": {"X-Token": "{{token}}"},
+                "json_data": {"body": "{{body}}"},
+                "secrets": {"token": "KEEPME"},
+            },
+        )
         data = client.ok("GET", f"/block_documents/{block['id']}")["data"]
         assert data["secrets"] == {"token": MASK}
         data["json_data"] = {"text": "{{body}}"}
@@ -808,47 +1054,96 @@ def test_masked_values_sent_back_keep_the_stored_secret(tmp_path):
 
 
 def test_secrets_never_appear_in_the_server_log(tmp_path, refusing_port):
-    secrets = ["SLACKSECRETPATH", "TEAMSSECRETPATH", "OPSGENIESECRETKEY", "PDROUTINGSECRETKEY", "PDAPISECRETKEY",
-               "TWILIOSECRETTOKEN", "WEBHOOKSECRETTOKEN", "SMTPSECRETPASSWORD"]
+    secrets = [
+        "SLACKSECRETPATH",
+        "TEAMSSECRETPATH",
+        "OPSGENIESECRETKEY",
+        "PDROUTINGSECRETKEY",
+        "PDAPISECRETKEY",
+        "TWILIOSECRETTOKEN",
+        "WEBHOOKSECRETTOKEN",
+        "SMTPSECRETPASSWORD",
+    ]
     ok, broken = HTTPReceiver(), HTTPReceiver(status=500)
     smtp = SMTPReceiver()
     dead_port = refusing_port.port
     server = None
     try:
-        env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/s.db",
-               "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG", "PREFECT_API_DATABASE_ECHO": "true",
-               "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "2", "PREFECT_NOTIFICATIONS_RETRY_SECONDS": "0.1",
-               "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": "0.2",
-               "PREFECT_NOTIFICATIONS_OPSGENIE_URL": broken.url, "PREFECT_NOTIFICATIONS_PAGERDUTY_URL": ok.url,
-               "PREFECT_NOTIFICATIONS_TWILIO_URL": f"http://127.0.0.1:{dead_port}"}
+        env = {
+            "PREFECT_HOME": str(tmp_path / "home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/s.db",
+            "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG",
+            "PREFECT_API_DATABASE_ECHO": "true",
+            "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "2",
+            "PREFECT_NOTIFICATIONS_RETRY_SECONDS": "0.1",
+            "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": "0.2",
+            "PREFECT_NOTIFICATIONS_OPSGENIE_URL": broken.url,
+            "PREFECT_NOTIFICATIONS_PAGERDUTY_URL": ok.url,
+            "PREFECT_NOTIFICATIONS_TWILIO_URL": f"http://127.0.0.1:{dead_port}",
+        }
         server = ServerProcess(tmp_path, env, "secrets")
         client = Client(server.api_url)
         blocks = [
             new_block(client, "slack-webhook", {"url": ok.url + "/services/SLACKSECRETPATH"}),
             new_block(client, "ms-teams-webhook", {"url": broken.url + "/TEAMSSECRETPATH"}),
             new_block(client, "opsgenie-webhook", {"apikey": "OPSGENIESECRETKEY"}),
-            new_block(client, "pager-duty-webhook", {"integration_key": "PDROUTINGSECRETKEY", "api_key": "PDAPISECRETKEY"}),
-            new_block(client, "twilio-sms", {"account_sid": "AC42", "auth_token": "TWILIOSECRETTOKEN",
-                                             "from_phone_number": "+15550001111", "to_phone_numbers": ["+15550002222"]}),
-            new_block(client, "custom-webhook", {"name": "hook", "url": broken.url + "/x/{{token}}",
-                                                 "headers": {"Authorization": "Bearer {{token}}"},
-                                                 "json_data": {"text": "{{body}}"},
-                                                 "secrets": {"token": "WEBHOOKSECRETTOKEN"}}),
-            new_block(client, "email-smtp", {"host": "127.0.0.1", "port": smtp.port, "security": "none",
-                                             "username": "mailer", "password": "SMTPSECRETPASSWORD",
-                                             "from_address": "p@example.com", "to_addresses": ["q@example.com"]}),
+            new_block(
+                client, "pager-duty-webhook", {"integration_key": "PDROUTINGSECRETKEY", "api_key": "PDAPISECRETKEY"}
+            ),
+            new_block(
+                client,
+                "twilio-sms",
+                {
+                    "account_sid": "AC42",
+                    "auth_token": "TWILIOSECRETTOKEN",
+                    "from_phone_number": "+15550001111",
+                    "to_phone_numbers": ["+15550002222"],
+                },
+            ),
+            new_block(
+                client,
+                "custom-webhook",
+                {
+                    "name": "hook",
+                    "url": broken.url + "/x/{{token}}",
+                    "headers": {"Authorization": "Bearer {{token}}"},
+                    "json_data": {"text": "{{body}}"},
+                    "secrets": {"token": "WEBHOOKSECRETTOKEN"},
+                },
+            ),
+            new_block(
+                client,
+                "email-smtp",
+                {
+                    "host": "127.0.0.1",
+                    "port": smtp.port,
+                    "security": "none",
+                    "username": "mailer",
+                    "password": "SMTPSECRETPASSWORD",
+                    "from_address": "p@example.com",
+                    "to_addresses": ["q@example.com"],
+                },
+            ),
         ]
         policies = [new_policy(client, b["id"]) for b in blocks]
         for policy in policies:  # the test route too: some succeed, some are refused
             assert client.post(f"/flow_run_notification_policies/{policy['id']}/test")[0] in (200, 502)
         fail_run(client)
         # slack, pagerduty, email deliver; teams, opsgenie, webhook (500) and twilio (unreachable) end FAILED
-        wait_until(lambda: len(queue(client, "FAILED")) == 4 and len(queue(client)) == 4, timeout=60,
-                   what="four FAILED rows and nothing else queued")
+        wait_until(
+            lambda: len(queue(client, "FAILED")) == 4 and len(queue(client)) == 4,
+            timeout=60,
+            what="four FAILED rows and nothing else queued",
+        )
         assert len(ok.accepted()) == 4  # slack and pagerduty: the test message and the real one
         assert len(smtp.wait_for(2)) == 2
-        api_text = json.dumps([queue(client), client.ok("POST", "/block_documents/filter", {}),
-                               client.ok("POST", "/flow_run_notification_policies/filter", {})])
+        api_text = json.dumps(
+            [
+                queue(client),
+                client.ok("POST", "/block_documents/filter", {}),
+                client.ok("POST", "/flow_run_notification_policies/filter", {}),
+            ]
+        )
     finally:
         if server is not None:
             server.stop()
@@ -867,8 +1162,12 @@ def test_a_mistyped_secret_url_is_not_logged(tmp_path):
     """A webhook URL typed without its scheme fails to send; the failure must not reveal the URL (the secret)."""
     server = None
     try:
-        env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/m.db",
-               "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG", "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "1"}
+        env = {
+            "PREFECT_HOME": str(tmp_path / "home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/m.db",
+            "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG",
+            "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "1",
+        }
         server = ServerProcess(tmp_path, env, "mistyped")
         client = Client(server.api_url)
         block = new_block(client, "slack-webhook", {"url": "hooks.slack.com/services/T0/B0/MISTYPEDSECRET"})
@@ -888,9 +1187,12 @@ def test_a_url_with_a_space_fails_without_logging_its_secret(tmp_path):
     naming the host only, and neither the log, the test route's answer nor the queue shows the path."""
     server = None
     try:
-        env = {"PREFECT_HOME": str(tmp_path / "home"),
-               "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/u.db",
-               "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG", "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "1"}
+        env = {
+            "PREFECT_HOME": str(tmp_path / "home"),
+            "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite:///{tmp_path}/u.db",
+            "PREFECT_LOGGING_SERVER_LEVEL": "DEBUG",
+            "PREFECT_NOTIFICATIONS_MAX_ATTEMPTS": "1",
+        }
         server = ServerProcess(tmp_path, env, "spaced")
         client = Client(server.api_url)
         block = new_block(client, "slack-webhook", {"url": "http://127.0.0.1:9/services/T0/B0/SPACEDSECRET TOKEN"})
@@ -910,6 +1212,7 @@ def test_a_url_with_a_space_fails_without_logging_its_secret(tmp_path):
 
 
 # --- the test route ----------------------------------------------------------------------------------
+
 
 def test_send_a_test_notification(tmp_path, refusing_port):
     with HTTPReceiver() as good, HTTPReceiver(status=500) as bad, running(tmp_path) as (client, api):
@@ -938,6 +1241,7 @@ def test_send_a_test_notification(tmp_path, refusing_port):
 
 # --- the CLI -----------------------------------------------------------------------------------------
 
+
 def test_cli_notification_commands(tmp_path):
     with HTTPReceiver() as slack, running(tmp_path) as (client, api):
         new_block(client, "slack-webhook", {"url": slack.url + "/services/cli"}, name="my-hook")
@@ -946,8 +1250,17 @@ def test_cli_notification_commands(tmp_path):
         result = run_cli("notification", "ls", env=env)
         assert result.returncode == 0, result.stderr
 
-        result = run_cli("notification", "create", "--state", "Failed", "--tag", "daily-etl",
-                         "--block", "slack-webhook/my-hook", env=env)
+        result = run_cli(
+            "notification",
+            "create",
+            "--state",
+            "Failed",
+            "--tag",
+            "daily-etl",
+            "--block",
+            "slack-webhook/my-hook",
+            env=env,
+        )
         assert result.returncode == 0, result.stderr
         [policy_id] = UUID_RE.findall(result.stdout)
         policy = client.ok("GET", f"/flow_run_notification_policies/{policy_id}")
@@ -981,13 +1294,16 @@ def test_cli_notification_commands(tmp_path):
 
 # --- delivery history ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgres"])
 def test_each_delivery_attempt_is_kept_per_policy(tmp_path, request, dialect):
     """Every attempt (time, destination, status or error, attempt number) is kept per policy, newest first:
     an operator sees what was sent where. Prefect keeps none."""
     database = request.getfixturevalue("postgres_url") if dialect == "postgres" else None
-    with HTTPReceiver(script=[500]) as hook, running(tmp_path, database=database,
-                                                     PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=5) as (client, api):
+    with (
+        HTTPReceiver(script=[500]) as hook,
+        running(tmp_path, database=database, PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=5) as (client, api),
+    ):
         block = new_block(client, "slack-webhook", {"url": hook.url + "/hook"}, name=f"ops-{uuid.uuid4().hex[:6]}")
         policy = new_policy(client, block["id"])
         other = new_policy(client, block["id"], states=("Crashed",))

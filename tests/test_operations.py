@@ -38,6 +38,7 @@ WAIT = 60.0  # generous upper bound for "eventually" conditions (a hang guard, n
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+
 def utcnow():
     return dt.datetime.now(dt.timezone.utc)
 
@@ -65,8 +66,10 @@ def assert_one_line_error(proc):
 
 
 def settings_for(tmp_path, url, **overrides):
-    return prefectlite.load_settings(env={"PREFECT_HOME": str(tmp_path / "home")},
-                                     overrides={"PREFECT_API_DATABASE_CONNECTION_URL": url, **overrides})
+    return prefectlite.load_settings(
+        env={"PREFECT_HOME": str(tmp_path / "home")},
+        overrides={"PREFECT_API_DATABASE_CONNECTION_URL": url, **overrides},
+    )
 
 
 @contextlib.contextmanager
@@ -97,7 +100,7 @@ def db_url(request, tmp_path):
 
 def sqlite_path(url):
     assert url.startswith("sqlite:///")
-    return url[len("sqlite:///"):]
+    return url[len("sqlite:///") :]
 
 
 @pytest.fixture
@@ -118,6 +121,7 @@ def captured_log():
 
 # --- API data ---------------------------------------------------------------------------------
 
+
 def set_state(client, kind, run_id, state_type):
     result = client.ok("POST", f"/{kind}_runs/{run_id}/set_state", {"state": {"type": state_type}, "force": True})
     assert result["status"] == "ACCEPT", result
@@ -125,21 +129,36 @@ def set_state(client, kind, run_id, state_type):
 
 
 def new_task_run(client, flow_run_id):
-    return client.ok("POST", "/task_runs/", {"flow_run_id": flow_run_id, "task_key": f"task-{uuid.uuid4().hex[:8]}",
-                                              "dynamic_key": "0"})
+    return client.ok(
+        "POST",
+        "/task_runs/",
+        {"flow_run_id": flow_run_id, "task_key": f"task-{uuid.uuid4().hex[:8]}", "dynamic_key": "0"},
+    )
 
 
 def post_logs(client, flow_run_id, count, task_run_id=None, size=20):
-    entries = [{"name": "prefect.flow_runs", "level": 20, "message": f"line {i} " + "x" * size,
-                "timestamp": db_iso(utcnow()), "flow_run_id": flow_run_id, "task_run_id": task_run_id}
-               for i in range(count)]
+    entries = [
+        {
+            "name": "prefect.flow_runs",
+            "level": 20,
+            "message": f"line {i} " + "x" * size,
+            "timestamp": db_iso(utcnow()),
+            "flow_run_id": flow_run_id,
+            "task_run_id": task_run_id,
+        }
+        for i in range(count)
+    ]
     status, body = client.post("/logs/", entries)
     assert status == 201, body
 
 
 def new_artifact(client, flow_run_id=None, task_run_id=None, key=None):
-    body = {"type": "markdown", "data": f"# report {uuid.uuid4().hex[:6]}", "flow_run_id": flow_run_id,
-            "task_run_id": task_run_id}
+    body = {
+        "type": "markdown",
+        "data": f"# report {uuid.uuid4().hex[:6]}",
+        "flow_run_id": flow_run_id,
+        "task_run_id": task_run_id,
+    }
     if key:
         body["key"] = key
     return client.ok("POST", "/artifacts/", body)
@@ -176,8 +195,13 @@ def build_history(client):
     # recent first, so that the old run's artifact is the newest of the shared key
     run("recent_completed", "COMPLETED", tasks=("COMPLETED",), artifact_keys=("shared-key",))
     run("recent_failed", "FAILED", logs=1)
-    run("old_completed", "COMPLETED", tasks=("COMPLETED", "FAILED"), logs=3,
-        artifact_keys=("shared-key", "old-only-key", None))
+    run(
+        "old_completed",
+        "COMPLETED",
+        tasks=("COMPLETED", "FAILED"),
+        logs=3,
+        artifact_keys=("shared-key", "old-only-key", None),
+    )
     run("old_failed", "FAILED", tasks=("FAILED",))
     run("old_cancelled", "CANCELLED", logs=1)
     run("old_crashed", "CRASHED", logs=1)
@@ -186,8 +210,18 @@ def build_history(client):
     run("old_cancelling", "CANCELLING", logs=1)
     run("old_pending", "PENDING", logs=1)
     # a log and an artifact that belong to no flow run at all
-    status, body = client.post("/logs/", [{"name": "prefect.server", "level": 30, "message": "no run",
-                                           "timestamp": db_iso(utcnow()), "flow_run_id": None}])
+    status, body = client.post(
+        "/logs/",
+        [
+            {
+                "name": "prefect.server",
+                "level": 30,
+                "message": "no run",
+                "timestamp": db_iso(utcnow()),
+                "flow_run_id": None,
+            }
+        ],
+    )
     assert status == 201, body
     new_artifact(client, key="free-key")
     return runs
@@ -204,8 +238,10 @@ def backdate(url, runs):
     old, recent = db_iso(utcnow() - dt.timedelta(days=40)), db_iso(utcnow() - dt.timedelta(days=20))
     with opened(url) as db, db.write() as tx:
         for role in OLD_TERMINAL + OLD_OTHER:
-            tx.execute("UPDATE flow_run SET end_time = ?, start_time = ?, created = ? WHERE id = ?",
-                       (old, old, old, runs[role]["id"]))
+            tx.execute(
+                "UPDATE flow_run SET end_time = ?, start_time = ?, created = ? WHERE id = ?",
+                (old, old, old, runs[role]["id"]),
+            )
         tx.execute("UPDATE flow_run SET end_time = ? WHERE id = ?", (recent, runs["recent_completed"]["id"]))
 
 
@@ -227,8 +263,10 @@ def owned_rows(url, flow_run_ids):
         "flow_run": f"SELECT id FROM flow_run WHERE id IN ({marks})",
         "task_run": f"SELECT id FROM task_run WHERE flow_run_id IN ({marks})",
         "flow_run_state": f"SELECT id FROM flow_run_state WHERE flow_run_id IN ({marks})",
-        "task_run_state": ("SELECT id FROM task_run_state WHERE task_run_id IN "
-                           f"(SELECT id FROM task_run WHERE flow_run_id IN ({marks}))"),
+        "task_run_state": (
+            "SELECT id FROM task_run_state WHERE task_run_id IN "
+            f"(SELECT id FROM task_run WHERE flow_run_id IN ({marks}))"
+        ),
         "log": f"SELECT id FROM log WHERE flow_run_id IN ({marks})",
         "artifact": f"SELECT id FROM artifact WHERE flow_run_id IN ({marks})",
     }
@@ -236,8 +274,14 @@ def owned_rows(url, flow_run_ids):
         return {table: {r["id"] for r in tx.query(sql, ids)} for table, sql in queries.items()}
 
 
-COUNT_WORDS = {"flow runs": "flow_run", "task runs": "task_run", "flow run states": "flow_run_state",
-               "task run states": "task_run_state", "logs": "log", "artifacts": "artifact"}
+COUNT_WORDS = {
+    "flow runs": "flow_run",
+    "task runs": "task_run",
+    "flow run states": "flow_run_state",
+    "task run states": "task_run_state",
+    "logs": "log",
+    "artifacts": "artifact",
+}
 
 
 def parse_counts(text):
@@ -256,7 +300,8 @@ def assert_exactly_removed(before, after, removed):
         expected = {k: v for k, v in before[table].items() if k not in gone}
         assert set(after[table]) == set(expected), (
             f"{table}: unexpectedly removed {sorted(set(expected) - set(after[table]))}, "
-            f"unexpectedly kept {sorted(set(after[table]) - set(expected))}")
+            f"unexpectedly kept {sorted(set(after[table]) - set(expected))}"
+        )
         for key, row in expected.items():
             assert after[table][key] == row, f"{table} row {key} changed"
 
@@ -268,6 +313,7 @@ def artifact_latest(url, key):
 
 # ---------------------------------------------------------------------------------------------
 # readiness
+
 
 def test_ready_when_database_answers_and_schema_is_current(client):
     assert client.get("/ready") == (200, {"status": "ready"})
@@ -317,8 +363,9 @@ def test_ready_is_503_while_the_sqlite_schema_is_behind_and_200_after_upgrade(tm
 
 
 def test_probes_need_no_credentials_when_auth_is_on(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/prefect.db", port=0,
-                           PREFECT_SERVER_API_AUTH_STRING="admin:pw") as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/prefect.db", port=0, PREFECT_SERVER_API_AUTH_STRING="admin:pw"
+    ) as api_url:
         client = Client(api_url)
         assert client.get("/flows/filter")[0] in (401, 405)
         assert client.post("/flows/filter")[0] == 401
@@ -328,6 +375,7 @@ def test_probes_need_no_credentials_when_auth_is_on(tmp_path):
 
 def _pg_admin():
     import psycopg
+
     return psycopg.connect(POSTGRES_URL, autocommit=True, connect_timeout=5)
 
 
@@ -382,21 +430,28 @@ def test_ready_is_503_while_the_postgres_schema_is_behind(tmp_path, postgres_url
 # ---------------------------------------------------------------------------------------------
 # retention: the service
 
+
 def test_retention_is_off_by_default(tmp_path):
     defaults = prefectlite.load_settings(env={"PREFECT_HOME": str(tmp_path / "home")})
     assert defaults["PREFECT_SERVER_SERVICES_RETENTION_ENABLED"] is False
     with running_server(tmp_path, f"sqlite:///{tmp_path}/prefect.db") as running:
         assert running.app.services, "the default services are running"
         assert not [s for s in running.app.services if isinstance(s, prefectlite.Retention)]
-    with running_server(tmp_path, f"sqlite:///{tmp_path}/prefect.db",
-                        PREFECT_SERVER_SERVICES_RETENTION_ENABLED=True) as running:
+    with running_server(
+        tmp_path, f"sqlite:///{tmp_path}/prefect.db", PREFECT_SERVER_SERVICES_RETENTION_ENABLED=True
+    ) as running:
         assert [s for s in running.app.services if isinstance(s, prefectlite.Retention)]
 
 
 def test_retention_service_deletes_only_old_terminal_runs_and_logs_it(tmp_path, db_url, captured_log):
-    with running_server(tmp_path, db_url, PREFECT_SERVER_SERVICES_RETENTION_ENABLED=True,
-                        PREFECT_SERVER_SERVICES_RETENTION_DAYS=30, PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE=2,
-                        PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS=0.1) as running:
+    with running_server(
+        tmp_path,
+        db_url,
+        PREFECT_SERVER_SERVICES_RETENTION_ENABLED=True,
+        PREFECT_SERVER_SERVICES_RETENTION_DAYS=30,
+        PREFECT_SERVER_SERVICES_RETENTION_BATCH_SIZE=2,
+        PREFECT_SERVER_SERVICES_RETENTION_LOOP_SECONDS=0.1,
+    ) as running:
         client = Client(running.api_url)
         runs = build_history(client)
         doomed = owned_rows(db_url, [runs[r]["id"] for r in OLD_TERMINAL])
@@ -406,8 +461,10 @@ def test_retention_service_deletes_only_old_terminal_runs_and_logs_it(tmp_path, 
         assert shared_latest_before == runs["old_completed"]["artifacts"][0]
 
         backdate(db_url, runs)
-        wait_until(lambda: all(client.get(f"/flow_runs/{runs[r]['id']}")[0] == 404 for r in OLD_TERMINAL),
-                   "the retention service to delete the old terminal runs")
+        wait_until(
+            lambda: all(client.get(f"/flow_runs/{runs[r]['id']}")[0] == 404 for r in OLD_TERMINAL),
+            "the retention service to delete the old terminal runs",
+        )
 
         after = owned_rows(db_url, [runs[r]["id"] for r in OLD_TERMINAL + OLD_OTHER + RECENT])
         for table in doomed:
@@ -444,9 +501,14 @@ def test_retention_service_deletes_only_old_terminal_runs_and_logs_it(tmp_path, 
 # ---------------------------------------------------------------------------------------------
 # retention: `database prune`
 
+
 def test_database_prune_dry_run_then_prune_removes_exactly_the_old_terminal_runs(tmp_path, db_url):
-    with prefectlite.serve(database=db_url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
-                           PREFECT_API_SERVICES_LATE_RUNS_ENABLED=False) as api_url:
+    with prefectlite.serve(
+        database=db_url,
+        port=0,
+        PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
+        PREFECT_API_SERVICES_LATE_RUNS_ENABLED=False,
+    ) as api_url:
         runs = build_history(Client(api_url))
     backdate(db_url, runs)
     env = home_env(tmp_path, db_url)
@@ -466,10 +528,13 @@ def test_database_prune_dry_run_then_prune_removes_exactly_the_old_terminal_runs
     after = table_rows(db_url)
     assert_exactly_removed(before, after, doomed)
     collections = {row["key"]: row["latest_id"] for row in after["artifact_collection"].values()}
-    assert collections == {"shared-key": runs["recent_completed"]["artifacts"][0],
-                           "running-key": runs["old_running"]["artifacts"][0],
-                           "free-key": next(iter(v["latest_id"] for v in before["artifact_collection"].values()
-                                                 if v["key"] == "free-key"))}
+    assert collections == {
+        "shared-key": runs["recent_completed"]["artifacts"][0],
+        "running-key": runs["old_running"]["artifacts"][0],
+        "free-key": next(
+            iter(v["latest_id"] for v in before["artifact_collection"].values() if v["key"] == "free-key")
+        ),
+    }
 
     # a second prune finds nothing more
     proc = run_cli("database", "prune", "--older-than", "30d", env=env)
@@ -481,8 +546,12 @@ def test_database_prune_dry_run_then_prune_removes_exactly_the_old_terminal_runs
     proc = run_cli("database", "prune", "--older-than", "2w", env=env)
     assert proc.returncode == 0, proc.stderr
     assert parse_counts(proc.stdout)["flow_run"] == 1, proc.stdout
-    with prefectlite.serve(database=db_url, port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
-                           PREFECT_API_SERVICES_LATE_RUNS_ENABLED=False) as api_url:
+    with prefectlite.serve(
+        database=db_url,
+        port=0,
+        PREFECT_API_SERVICES_SCHEDULER_ENABLED=False,
+        PREFECT_API_SERVICES_LATE_RUNS_ENABLED=False,
+    ) as api_url:
         client = Client(api_url)
         assert client.get(f"/flow_runs/{runs['recent_completed']['id']}")[0] == 404
         for role in OLD_OTHER + ("recent_failed",):
@@ -490,8 +559,9 @@ def test_database_prune_dry_run_then_prune_removes_exactly_the_old_terminal_runs
         assert client.get("/artifacts/shared-key/latest")[0] == 404
 
 
-@pytest.mark.parametrize("args", [(), ("--older-than", "30x"), ("--older-than", "thirty days"),
-                                  ("--older-than", "30d", "--batch-size", "0")])
+@pytest.mark.parametrize(
+    "args", [(), ("--older-than", "30x"), ("--older-than", "thirty days"), ("--older-than", "30d", "--batch-size", "0")]
+)
 def test_database_prune_bad_arguments_are_one_line_errors_and_change_nothing(tmp_path, args):
     url = f"sqlite:///{tmp_path}/prefect.db"
     with prefectlite.serve(database=url, port=0) as api_url:
@@ -505,6 +575,7 @@ def test_database_prune_bad_arguments_are_one_line_errors_and_change_nothing(tmp
 
 # ---------------------------------------------------------------------------------------------
 # vacuum
+
 
 def _sizes(text):
     match = re.search(r"(\d+) bytes before, (\d+) bytes after", text)
@@ -530,7 +601,9 @@ def test_sqlite_vacuum_reports_sizes_and_shrinks_after_a_prune(tmp_path):
         small = new_flow_run(client, flow["id"])
         post_logs(client, small["id"], 3)
     with opened(url) as db, db.write() as tx:
-        tx.execute("UPDATE flow_run SET end_time = ? WHERE id = ?", (db_iso(utcnow() - dt.timedelta(days=90)), big["id"]))
+        tx.execute(
+            "UPDATE flow_run SET end_time = ? WHERE id = ?", (db_iso(utcnow() - dt.timedelta(days=90)), big["id"])
+        )
     proc = run_cli("database", "prune", "--older-than", "30d", env=env)
     assert proc.returncode == 0, proc.stderr
     rows = table_rows(url)
@@ -581,11 +654,13 @@ def test_postgres_vacuum_reports_sizes(tmp_path, postgres_url):
     def vacuumed():
         with opened(postgres_url) as db, db.read() as tx:
             return tx.scalar("SELECT vacuum_count FROM pg_stat_user_tables WHERE relname = 'log'")
+
     wait_until(vacuumed, "pg_stat_user_tables to show the VACUUM of the log table")
 
 
 # ---------------------------------------------------------------------------------------------
 # backup and restore
+
 
 def _revision():
     return prefectlite.list_revisions()[-1].id
@@ -617,12 +692,23 @@ class WriteLoad:
                 status, run = self.client.post("/flow_runs/", {"flow_id": self.flow_id})
                 if status != 201:
                     raise AssertionError(("create", status, run))
-                status, body = self.client.post(f"/flow_runs/{run['id']}/set_state",
-                                                {"state": {"type": "RUNNING"}, "force": True})
+                status, body = self.client.post(
+                    f"/flow_runs/{run['id']}/set_state", {"state": {"type": "RUNNING"}, "force": True}
+                )
                 if status not in (200, 201):
                     raise AssertionError(("set_state", status, body))
-                status, body = self.client.post("/logs/", [{"name": "load", "level": 20, "message": f"run {run['id']}",
-                                                            "timestamp": db_iso(utcnow()), "flow_run_id": run["id"]}])
+                status, body = self.client.post(
+                    "/logs/",
+                    [
+                        {
+                            "name": "load",
+                            "level": 20,
+                            "message": f"run {run['id']}",
+                            "timestamp": db_iso(utcnow()),
+                            "flow_run_id": run["id"],
+                        }
+                    ],
+                )
                 if status != 201:
                     raise AssertionError(("logs", status, body))
             except Exception as exc:  # noqa: BLE001 - every failed write is a finding
@@ -920,9 +1006,11 @@ def _sqlite_with_ballast(tmp_path, megabytes):
     conn = sqlite3.connect(tmp_path / "big" / "prefect.db")
     now = db_iso(utcnow())
     for _ in range(megabytes):
-        conn.executemany("INSERT INTO log (id, created, updated, name, level, message, timestamp) "
-                         "VALUES (?, ?, ?, 'ballast', 20, ?, ?)",
-                         [(str(uuid.uuid4()), now, now, "x" * 1000, now) for _ in range(1000)])
+        conn.executemany(
+            "INSERT INTO log (id, created, updated, name, level, message, timestamp) "
+            "VALUES (?, ?, ?, 'ballast', 20, ?, ?)",
+            [(str(uuid.uuid4()), now, now, "x" * 1000, now) for _ in range(1000)],
+        )
     conn.commit()
     conn.close()
     return url
@@ -934,18 +1022,24 @@ def test_a_killed_backup_leaves_nothing_under_the_target_name_and_a_retry_works(
     folder.mkdir()
     target = folder / "copy.db"
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "prefectlite.py"), "database", "backup", str(target)],
-                            env={**env, **home_env(tmp_path, url)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "prefectlite.py"), "database", "backup", str(target)],
+        env={**env, **home_env(tmp_path, url)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         # stopped the moment its temporary file appears, then killed: the copy is under way
-        wait_until(lambda: proc.poll() is not None or any(folder.iterdir()), "the backup to start writing",
-                   interval=0.001)
+        wait_until(
+            lambda: proc.poll() is not None or any(folder.iterdir()), "the backup to start writing", interval=0.001
+        )
         proc.send_signal(signal.SIGSTOP)
         assert proc.poll() is None, proc.communicate()
         assert not target.exists() and not (folder / "copy.db-journal").exists()
         # only the temporary file (and its journal while it is written), under a name of its own
-        assert all(p.name.startswith(".copy.db.") and ".partial" in p.name for p in folder.iterdir()), \
-            list(folder.iterdir())
+        assert all(p.name.startswith(".copy.db.") and ".partial" in p.name for p in folder.iterdir()), list(
+            folder.iterdir()
+        )
     finally:
         proc.kill()
         proc.communicate()
@@ -1004,8 +1098,8 @@ def _parse_labels(line, i, where):
         if name in labels:
             raise ExpositionError(f"{where}: duplicate label {name}")
         i = match.end()
-        if line[i:i + 2] != '="':
-            raise ExpositionError(f"{where}: expected =\" after label {name}")
+        if line[i : i + 2] != '="':
+            raise ExpositionError(f'{where}: expected =" after label {name}')
         i += 2
         start = i
         while i < len(line) and line[i] != '"':
@@ -1090,8 +1184,14 @@ def parse_prometheus(text):
         else:
             for suffix in ("_bucket", "_sum", "_count"):
                 base = name[: -len(suffix)]
-                if name.endswith(suffix) and base in families and (
-                        families[base]["type"] == "histogram" or (families[base]["type"] == "summary" and suffix != "_bucket")):
+                if (
+                    name.endswith(suffix)
+                    and base in families
+                    and (
+                        families[base]["type"] == "histogram"
+                        or (families[base]["type"] == "summary" and suffix != "_bucket")
+                    )
+                ):
                     family_name = base
         if family_name is None:
             raise ExpositionError(f"{where}: no TYPE declared for the family of {name} before it")
@@ -1129,7 +1229,7 @@ def _check_histogram(name, samples):
             if "le" in labels:
                 raise ExpositionError(f"{name}: le on {sample_name}")
             rest = tuple(sorted(labels.items()))
-            kind = sample_name[len(name) + 1:]
+            kind = sample_name[len(name) + 1 :]
             series.setdefault(rest, {"buckets": []})[kind] = value
     for labels, data in series.items():
         buckets = data["buckets"]
@@ -1180,7 +1280,7 @@ g{x="y"} -Inf 1700000000000
 
 BAD_EXPOSITIONS = {
     "no TYPE": "a_total 1\n",
-    "TYPE after sample": "# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\na{x=\"1\"} 2\n",
+    "TYPE after sample": '# TYPE a gauge\na 1\n# TYPE b gauge\nb 1\na{x="1"} 2\n',
     "bad name": "# TYPE 1a gauge\n1a 1\n",
     "bad label escape": '# TYPE a gauge\na{x="\\q"} 1\n',
     "unquoted label": "# TYPE a gauge\na{x=1} 1\n",
@@ -1189,10 +1289,12 @@ BAD_EXPOSITIONS = {
     "duplicate sample": "# TYPE a gauge\na 1\na 2\n",
     "negative counter": "# TYPE a counter\na -1\n",
     "no newline at end": "# TYPE a gauge\na 1",
-    "not cumulative": '# TYPE h histogram\nh_bucket{le="1"} 2\nh_bucket{le="2"} 1\nh_bucket{le="+Inf"} 2\nh_sum 1\nh_count 2\n',
+    "not cumulative": '# TYPE h histogram\nh_bucket{le="1"} 2\nh_bucket{le="2"} 1\nh_bucket{le="+Inf"} 2\n'
+    "h_sum 1\nh_count 2\n",
     "inf != count": '# TYPE h histogram\nh_bucket{le="1"} 1\nh_bucket{le="+Inf"} 2\nh_sum 1\nh_count 3\n',
     "no +Inf": '# TYPE h histogram\nh_bucket{le="1"} 1\nh_sum 1\nh_count 1\n',
-    "unsorted le": '# TYPE h histogram\nh_bucket{le="2"} 1\nh_bucket{le="1"} 1\nh_bucket{le="+Inf"} 1\nh_sum 1\nh_count 1\n',
+    "unsorted le": '# TYPE h histogram\nh_bucket{le="2"} 1\nh_bucket{le="1"} 1\nh_bucket{le="+Inf"} 1\n'
+    "h_sum 1\nh_count 1\n",
     "second TYPE": "# TYPE a gauge\n# TYPE a counter\na 1\n",
 }
 
@@ -1225,10 +1327,19 @@ def test_metrics_are_404_when_off(server):
 
 def _slack_webhook(client, url):
     block_type = client.ok("GET", "/block_types/slug/slack-webhook")
-    [schema] = client.ok("POST", "/block_schemas/filter",
-                         {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}, "limit": 1})
-    return client.ok("POST", "/block_documents/", {"name": f"hook-{uuid.uuid4().hex[:6]}", "block_type_id": block_type["id"],
-                                                   "block_schema_id": schema["id"], "data": {"url": url}})
+    [schema] = client.ok(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}, "limit": 1}
+    )
+    return client.ok(
+        "POST",
+        "/block_documents/",
+        {
+            "name": f"hook-{uuid.uuid4().hex[:6]}",
+            "block_type_id": block_type["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": url},
+        },
+    )
 
 
 def scrape(api_url):
@@ -1242,12 +1353,19 @@ def scrape(api_url):
 def test_metrics_in_the_prometheus_text_format(tmp_path, refusing_port):
     url = f"sqlite:///{tmp_path}/prefect.db"
     closed_port = refusing_port.port  # nothing listens there: every delivery fails
-    with prefectlite.serve(database=url, port=0, PREFECT_SERVER_METRICS_ENABLED=True,
-                           PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED=False) as api_url:
+    with prefectlite.serve(
+        database=url,
+        port=0,
+        PREFECT_SERVER_METRICS_ENABLED=True,
+        PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED=False,
+    ) as api_url:
         client = Client(api_url)
         hook = _slack_webhook(client, f"http://127.0.0.1:{closed_port}/hook")
-        client.ok("POST", "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [],
-                                                               "block_document_id": hook["id"]})
+        client.ok(
+            "POST",
+            "/flow_run_notification_policies/",
+            {"state_names": ["Failed"], "tags": [], "block_document_id": hook["id"]},
+        )
         flow = new_flow(client)
         finals = ["COMPLETED", "COMPLETED", "FAILED", "RUNNING"]
         runs = []
@@ -1282,8 +1400,12 @@ def test_metrics_in_the_prometheus_text_format(tmp_path, refusing_port):
         assert sample(first, "prefectlite_http_requests_total", method="GET", route="unmatched", status="404") == 1
         family_of(first, "prefectlite_http_request_duration_seconds", "histogram")
         assert sample(first, "prefectlite_http_request_duration_seconds_count", method="GET", route="/flows/{id}") == 4
-        assert sample(first, "prefectlite_http_request_duration_seconds_bucket", method="GET", route="/flows/{id}",
-                      le="+Inf") == 4
+        assert (
+            sample(
+                first, "prefectlite_http_request_duration_seconds_bucket", method="GET", route="/flows/{id}", le="+Inf"
+            )
+            == 4
+        )
         assert sample(first, "prefectlite_http_request_duration_seconds_sum", method="GET", route="/flows/{id}") > 0
 
         family_of(first, "prefectlite_flow_runs", "gauge")
@@ -1320,12 +1442,15 @@ def test_metrics_in_the_prometheus_text_format(tmp_path, refusing_port):
         assert sample(second, "prefectlite_http_request_duration_seconds_count", method="GET", route="/metrics") == 1
 
     # the same database, now with the sender on: the one delivery fails and is kept as failed
-    with prefectlite.serve(database=url, port=0, PREFECT_SERVER_METRICS_ENABLED=True,
-                           PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=1,
-                           PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.1) as api_url:
+    with prefectlite.serve(
+        database=url,
+        port=0,
+        PREFECT_SERVER_METRICS_ENABLED=True,
+        PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=1,
+        PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.1,
+    ) as api_url:
         client = Client(api_url)
-        wait_until(lambda: client.ok("GET", "/flow_run_notification_queue/?status=FAILED"),
-                   "the notification to fail")
+        wait_until(lambda: client.ok("GET", "/flow_run_notification_queue/?status=FAILED"), "the notification to fail")
         third = scrape(api_url)
         assert sample(third, "prefectlite_notifications_failed") == 1
         assert sample(third, "prefectlite_notification_queue_depth") == 0
@@ -1344,13 +1469,19 @@ def test_two_servers_in_one_process_neither_wakes_nor_feeds_the_other(tmp_path):
     from helpers import RawWebSocket, event
 
     asleep = {"PREFECT_SERVER_METRICS_ENABLED": True, "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS": 3600}
-    with HTTPReceiver() as hook_a, HTTPReceiver() as hook_b, \
-            prefectlite.serve(database=f"sqlite:///{tmp_path}/a.db", **asleep) as api_a, \
-            prefectlite.serve(database=f"sqlite:///{tmp_path}/b.db", **asleep) as api_b:
+    with (
+        HTTPReceiver() as hook_a,
+        HTTPReceiver() as hook_b,
+        prefectlite.serve(database=f"sqlite:///{tmp_path}/a.db", **asleep) as api_a,
+        prefectlite.serve(database=f"sqlite:///{tmp_path}/b.db", **asleep) as api_b,
+    ):
         servers = {api_a: (Client(api_a), hook_a), api_b: (Client(api_b), hook_b)}
         for client, hook in servers.values():
-            client.ok("POST", "/flow_run_notification_policies/", {
-                "state_names": ["Failed"], "tags": [], "block_document_id": _slack_webhook(client, hook.url)["id"]})
+            client.ok(
+                "POST",
+                "/flow_run_notification_policies/",
+                {"state_names": ["Failed"], "tags": [], "block_document_id": _slack_webhook(client, hook.url)["id"]},
+            )
         # each sender made its first pass and now sleeps for an hour unless woken
         for api in servers:
             wait_until(lambda: _passes(api, "notifications") >= 1, "the sender's first pass")
@@ -1380,6 +1511,7 @@ def test_two_servers_in_one_process_neither_wakes_nor_feeds_the_other(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # server log format
 
+
 class ServerProcess:
     """`python prefectlite.py start` in a subprocess; output to files (no pipe can fill up)."""
 
@@ -1390,9 +1522,21 @@ class ServerProcess:
         full_env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
         full_env.update(env)
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "prefectlite.py"), "start", "--host", "127.0.0.1",
-                                          "--port", str(self.port)], env=full_env, stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    str(ROOT / "prefectlite.py"),
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.port),
+                ],
+                env=full_env,
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
         self.api_url = f"http://127.0.0.1:{self.port}/api"
 
     def wait_ready(self):
@@ -1459,9 +1603,16 @@ def test_every_response_request_id_is_in_the_json_log(tmp_path):
     """The request id exists to find a response's log line: responses the server answers before routing
     (401 without credentials, a CORS preflight, a bad X-Request-ID that is replaced) are logged too."""
     url = f"sqlite:///{tmp_path}/prefect.db"
-    server = ServerProcess(tmp_path, home_env(tmp_path, url, PREFECT_LOGGING_SERVER_LEVEL="INFO",
-                                              PREFECT_LOGGING_SERVER_FORMAT="json",
-                                              PREFECT_SERVER_API_AUTH_STRING="admin:pw"))
+    server = ServerProcess(
+        tmp_path,
+        home_env(
+            tmp_path,
+            url,
+            PREFECT_LOGGING_SERVER_LEVEL="INFO",
+            PREFECT_LOGGING_SERVER_FORMAT="json",
+            PREFECT_SERVER_API_AUTH_STRING="admin:pw",
+        ),
+    )
     try:
         server.wait_ready()
         status, bad_id_replaced = _request(server.api_url + "/health", {"X-Request-ID": "not a valid id!"})
@@ -1470,9 +1621,11 @@ def test_every_response_request_id_is_in_the_json_log(tmp_path):
         assert re.fullmatch(r"[\w.-]{1,64}", bad_id_replaced)
         status, unauthorized = _request(server.api_url + "/flows/filter")
         assert status == 401 and unauthorized
-        req = urllib.request.Request(server.api_url + "/flows/filter", method="OPTIONS",
-                                     headers={"Origin": "http://example.test",
-                                              "Access-Control-Request-Method": "POST"})
+        req = urllib.request.Request(
+            server.api_url + "/flows/filter",
+            method="OPTIONS",
+            headers={"Origin": "http://example.test", "Access-Control-Request-Method": "POST"},
+        )
         with urllib.request.urlopen(req, timeout=30) as resp:
             preflight = resp.headers.get("X-Request-ID")
         assert preflight
@@ -1480,9 +1633,15 @@ def test_every_response_request_id_is_in_the_json_log(tmp_path):
         assert server.stop() == 0
     entries = [json.loads(line) for line in server.err_path.read_text().splitlines() if line.strip()]
     logged = {e["request_id"] for e in entries}
-    missing = [f"{what} ({request_id})" for what, request_id in
-               (("GET with a replaced X-Request-ID", bad_id_replaced), ("401 without credentials", unauthorized),
-                ("OPTIONS preflight", preflight)) if request_id not in logged]
+    missing = [
+        f"{what} ({request_id})"
+        for what, request_id in (
+            ("GET with a replaced X-Request-ID", bad_id_replaced),
+            ("401 without credentials", unauthorized),
+            ("OPTIONS preflight", preflight),
+        )
+        if request_id not in logged
+    ]
     assert not missing, f"responses whose X-Request-ID is in no log line: {missing}"
 
 

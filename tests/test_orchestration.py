@@ -22,6 +22,7 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def now():
     return dt.datetime.now(dt.timezone.utc)
 
@@ -44,8 +45,12 @@ def sleep_until(moment, margin=0.05):
 
 
 def new_task_run(client, flow_run_id, task_key=None, dynamic_key="0", state=None, **fields):
-    body = {"flow_run_id": flow_run_id, "task_key": task_key or f"task-{uuid.uuid4().hex[:8]}",
-            "dynamic_key": dynamic_key, **fields}
+    body = {
+        "flow_run_id": flow_run_id,
+        "task_key": task_key or f"task-{uuid.uuid4().hex[:8]}",
+        "dynamic_key": dynamic_key,
+        **fields,
+    }
     if state is not None:
         body["state"] = state
     return client.ok("POST", "/task_runs/", body)
@@ -133,6 +138,7 @@ def assert_rejected_into(status, result, state_type, name, reason):
 
 # --- accept ------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("kind", ["flow", "task"])
 def test_accepted_transition_is_stored_as_the_current_state(client, kind):
     flow_run = new_flow_run(client)
@@ -173,6 +179,7 @@ def test_set_state_of_unknown_run_is_404(client, kind):
 
 
 # --- no duplicate PENDING ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["flow", "task"])
 @pytest.mark.parametrize("current", ["PENDING", "RUNNING", "CANCELLING", "CANCELLED"])
@@ -233,8 +240,9 @@ def test_pending_is_accepted_from_scheduled(client):
 # --- terminal states ---------------------------------------------------------------------------
 
 # A flow run may leave a terminal state for another (test_a_terminal_flow_run_may_be_run_again), not for these.
-LEAVING_TERMINAL = [("task", proposed) for proposed in ("RUNNING", "PENDING", "COMPLETED", "FAILED", "PAUSED",
-                                                        "CANCELLING")] + [("flow", "PAUSED"), ("flow", "CANCELLING")]
+LEAVING_TERMINAL = [
+    ("task", proposed) for proposed in ("RUNNING", "PENDING", "COMPLETED", "FAILED", "PAUSED", "CANCELLING")
+] + [("flow", "PAUSED"), ("flow", "CANCELLING")]
 
 
 @pytest.mark.parametrize("kind, proposed", LEAVING_TERMINAL)
@@ -262,8 +270,7 @@ def test_terminal_state_may_go_back_to_scheduled_for_a_retry(client, kind, termi
     run = flow_run if kind == "flow" else running_task_run(client, flow_run["id"])
     propose(client, kind, run["id"], terminal, force=True)
 
-    status, result = propose(client, kind, run["id"], "SCHEDULED", name="AwaitingRetry",
-                             scheduled_time=iso(now()))
+    status, result = propose(client, kind, run["id"], "SCHEDULED", name="AwaitingRetry", scheduled_time=iso(now()))
     assert_accepted(status, result, "SCHEDULED")
     after = read(client, kind, run["id"])
     assert after["state_type"] == "SCHEDULED"
@@ -292,6 +299,7 @@ def test_force_skips_every_rule(client):
 
 
 # --- duplicate transition ids ------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["flow", "task"])
 def test_a_repeated_transition_id_is_rejected(client, kind):
@@ -322,6 +330,7 @@ def test_a_different_transition_id_is_not_a_duplicate(client):
 
 
 # --- waiting for the scheduled time ------------------------------------------------------------
+
 
 def test_running_before_the_scheduled_time_waits(client):
     scheduled = now() + dt.timedelta(seconds=100)
@@ -357,15 +366,17 @@ def test_running_after_the_scheduled_time_is_accepted(client):
 def test_task_run_scheduled_in_the_future_waits(client):
     flow_run = running_flow_run(client)
     scheduled = now() + dt.timedelta(seconds=60)
-    task = new_task_run(client, flow_run["id"],
-                        state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}})
+    task = new_task_run(
+        client, flow_run["id"], state={"type": "SCHEDULED", "state_details": {"scheduled_time": iso(scheduled)}}
+    )
     status, result = task_state(client, task["id"], "RUNNING")
     assert 55 <= assert_waiting(status, result) <= 61
 
 
 # --- task retries ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("delay", [1e12, 10 ** 400, [1e15, 5]], ids=["1e12", "10**400", "list"])
+
+@pytest.mark.parametrize("delay", [1e12, 10**400, [1e15, 5]], ids=["1e12", "10**400", "list"])
 def test_a_retry_delay_past_the_calendar_waits_a_century_not_a_500(client, delay):
     """A retry scheduled 1e12 s ahead would fall after the year 9999 (a 500 before): it waits the
     longest delay there is, about a century."""
@@ -377,7 +388,6 @@ def test_a_retry_delay_past_the_calendar_waits_a_century_not_a_500(client, delay
         retry_at = parse(result["state"]["state_details"]["scheduled_time"])
         wait = (retry_at - parse(result["state"]["timestamp"])).total_seconds()
         assert wait == pytest.approx(prefectlite._LONGEST_RETRY_DELAY, abs=1), wait
-
 
 
 def test_task_retries_follow_the_empirical_policy(client):
@@ -416,9 +426,15 @@ def test_task_retries_follow_the_empirical_policy(client):
     assert final["state_type"] == "FAILED" and final["run_count"] == 3
     assert final["end_time"] is not None
     names = [(s["type"], s["name"]) for s in states_of(client, "task", task["id"])]
-    assert names == [("PENDING", "Pending"), ("RUNNING", "Running"), ("SCHEDULED", "AwaitingRetry"),
-                     ("RUNNING", "Retrying"), ("SCHEDULED", "AwaitingRetry"), ("RUNNING", "Retrying"),
-                     ("FAILED", "Failed")]
+    assert names == [
+        ("PENDING", "Pending"),
+        ("RUNNING", "Running"),
+        ("SCHEDULED", "AwaitingRetry"),
+        ("RUNNING", "Retrying"),
+        ("SCHEDULED", "AwaitingRetry"),
+        ("RUNNING", "Retrying"),
+        ("FAILED", "Failed"),
+    ]
 
 
 def test_task_without_retries_fails_at_once(client):
@@ -444,6 +460,7 @@ def test_retry_keeps_the_message_of_the_failure(client):
 
 
 # --- flow retries ------------------------------------------------------------------------------
+
 
 def test_flow_retries_reschedule_the_flow_and_its_failed_tasks(client):
     flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
@@ -484,8 +501,11 @@ def test_a_3x_clients_flow_retry_leaves_its_failed_task_runs_be(client):
     flow_run = running_flow_run(client, empirical_policy={"retries": 1, "retry_delay": 0})
     failed_task = running_task_run(client, flow_run["id"])
     assert_accepted(*task_state(client, failed_task["id"], "FAILED"), "FAILED")
-    status, result = client.post(f"/flow_runs/{flow_run['id']}/set_state", {"state": {"type": "FAILED"}},
-                                 headers={"User-Agent": "prefect/3.9.1 (API 0.8.4)"})
+    status, result = client.post(
+        f"/flow_runs/{flow_run['id']}/set_state",
+        {"state": {"type": "FAILED"}},
+        headers={"User-Agent": "prefect/3.9.1 (API 0.8.4)"},
+    )
     assert_rejected_into(status, result, "SCHEDULED", "AwaitingRetry", "Retrying")
     assert read(client, "task", failed_task["id"])["state_type"] == "FAILED"
 
@@ -519,8 +539,9 @@ def test_a_task_leaving_a_terminal_state_starts_its_run_count_afresh(client, ter
     task = running_task_run(client, flow_run["id"], empirical_policy={"retries": 1, "retry_delay": 0})
     propose(client, "task", task["id"], terminal, force=True)
     assert read(client, "task", task["id"])["run_count"] == 1
-    assert_accepted(*task_state(client, task["id"], "SCHEDULED", name="AwaitingRetry", scheduled_time=iso(now())),
-                    "SCHEDULED")
+    assert_accepted(
+        *task_state(client, task["id"], "SCHEDULED", name="AwaitingRetry", scheduled_time=iso(now())), "SCHEDULED"
+    )
     assert read(client, "task", task["id"])["run_count"] == 0
 
 
@@ -533,6 +554,7 @@ def test_a_flow_failure_marked_not_retriable_is_retried_all_the_same(client):
 
 
 # --- subflows ----------------------------------------------------------------------------------
+
 
 def test_a_subflows_states_name_its_parent_task_run(client):
     """Prefect fills state_details.task_run_id of a subflow run's states with its parent_task_run_id;
@@ -559,12 +581,19 @@ def test_flow_without_retries_fails_at_once(client):
 
 # --- task caching ------------------------------------------------------------------------------
 
+
 def completed_with_cache(client, cache_key, expiration, data=None):
     flow_run = running_flow_run(client)
     task = running_task_run(client, flow_run["id"])
     data = data or {"type": "reference", "storage_key": f"/results/{uuid.uuid4().hex}", "serializer_type": "json"}
-    status, result = task_state(client, task["id"], "COMPLETED", data=data, cache_key=cache_key,
-                                cache_expiration=iso(expiration) if expiration else None)
+    status, result = task_state(
+        client,
+        task["id"],
+        "COMPLETED",
+        data=data,
+        cache_key=cache_key,
+        cache_expiration=iso(expiration) if expiration else None,
+    )
     assert_accepted(status, result, "COMPLETED")
     return task, data
 
@@ -636,13 +665,19 @@ def test_the_newest_cache_entry_wins(client):
 
 # --- tasks inside flows that are not running ---------------------------------------------------
 
+
 @pytest.mark.parametrize("flow_state_type", ["PENDING", "SCHEDULED", "COMPLETED", "FAILED", "CANCELLED", "CANCELLING"])
 def test_a_task_may_not_run_in_a_flow_that_is_not_running(client, flow_state_type):
     flow_run = new_flow_run(client)
     task = new_task_run(client, flow_run["id"])
     if flow_state_type != "PENDING":
-        flow_state(client, flow_run["id"], flow_state_type, force=True,
-                   **({"scheduled_time": iso(now())} if flow_state_type == "SCHEDULED" else {}))
+        flow_state(
+            client,
+            flow_run["id"],
+            flow_state_type,
+            force=True,
+            **({"scheduled_time": iso(now())} if flow_state_type == "SCHEDULED" else {}),
+        )
     status, result = task_state(client, task["id"], "RUNNING")
     assert_aborted(status, result)
     assert "flow must be running" in result["details"]["reason"]
@@ -655,8 +690,13 @@ def test_a_task_in_a_paused_flow_is_put_in_paused_not_ready(client):
     assert_accepted(*flow_state(client, flow_run["id"], "PAUSED"), "PAUSED")
 
     status, result = task_state(client, task["id"], "RUNNING")
-    assert_rejected_into(status, result, "PAUSED", "NotReady",
-                         "The flow is paused, new tasks can execute after resuming flow run execution.")
+    assert_rejected_into(
+        status,
+        result,
+        "PAUSED",
+        "NotReady",
+        "The flow is paused, new tasks can execute after resuming flow run execution.",
+    )
     stored = read(client, "task", task["id"])
     assert (stored["state_type"], stored["state_name"]) == ("PAUSED", "NotReady")
 
@@ -667,14 +707,22 @@ def test_a_task_in_a_flow_paused_for_rescheduling_pauses_the_same_way(client):
     flow_run = running_deployment_run(client)
     task = new_task_run(client, flow_run["id"])
     timeout = iso(now() + dt.timedelta(hours=1))
-    assert_accepted(*flow_state(client, flow_run["id"], "PAUSED", pause_reschedule=True, pause_timeout=timeout),
-                    "PAUSED")
+    assert_accepted(
+        *flow_state(client, flow_run["id"], "PAUSED", pause_reschedule=True, pause_timeout=timeout), "PAUSED"
+    )
     status, result = task_state(client, task["id"], "RUNNING")
-    assert_rejected_into(status, result, "PAUSED", "NotReady",
-                         "The flow is paused, new tasks can execute after resuming flow run execution.")
+    assert_rejected_into(
+        status,
+        result,
+        "PAUSED",
+        "NotReady",
+        "The flow is paused, new tasks can execute after resuming flow run execution.",
+    )
     details = result["state"]["state_details"]
-    assert details["pause_reschedule"] is True and details["pause_timeout"] == read(
-        client, "flow", flow_run["id"])["state"]["state_details"]["pause_timeout"]
+    assert (
+        details["pause_reschedule"] is True
+        and details["pause_timeout"] == read(client, "flow", flow_run["id"])["state"]["state_details"]["pause_timeout"]
+    )
 
 
 def test_a_task_without_a_flow_run_may_run(client):
@@ -685,6 +733,7 @@ def test_a_task_without_a_flow_run_may_run(client):
 
 
 # --- pausing and resuming ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("current", ["PENDING", "SCHEDULED", "PAUSED"])
 def test_only_a_running_flow_may_pause(client, current):
@@ -770,8 +819,9 @@ def test_a_flow_whose_pause_timed_out_proposing_failed_gets_a_failed_state_witho
     assert_accepted(*flow_state(client, run["id"], "PAUSED", pause_timeout=past), "PAUSED")
     data = {"type": "unpersisted"}
     status, result = flow_state(client, run["id"], "FAILED", data=data, message="FlowPauseTimeout")
-    assert_rejected_into(status, result, "FAILED", "Failed",
-                         "The flow run pause has timed out and can no longer resume.")
+    assert_rejected_into(
+        status, result, "FAILED", "Failed", "The flow run pause has timed out and can no longer resume."
+    )
     assert result["state"]["message"] == "The flow was failed and never resumed."
     assert result["state"]["data"] is None
     assert read(client, "flow", run["id"])["state"]["message"] == "The flow was failed and never resumed."
@@ -799,8 +849,7 @@ def test_resume_puts_a_paused_run_back_to_running(client):
 
 def test_resume_of_a_run_paused_with_reschedule_schedules_it(client):
     run = running_deployment_run(client)  # only those may be suspended
-    flow_state(client, run["id"], "PAUSED", pause_reschedule=True,
-               pause_timeout=iso(now() + dt.timedelta(hours=1)))
+    flow_state(client, run["id"], "PAUSED", pause_reschedule=True, pause_timeout=iso(now() + dt.timedelta(hours=1)))
     status, result = client.post(f"/flow_runs/{run['id']}/resume", {})
     assert_accepted(status, result, "SCHEDULED")
     assert result["state"]["name"] == "Resuming"
@@ -820,6 +869,7 @@ def test_resume_after_the_pause_timed_out_fails_the_run(client):
 
 
 # --- flow run inputs (send_input / receive_input, pause_flow_run(wait_for_input=...)) -----------------
+
 
 def _paused_for_input(client, schema):
     """A run paused as the SDK pauses for input: its schema stored under the keyset's schema key."""
@@ -843,12 +893,20 @@ def test_flow_run_inputs_are_created_once_filtered_by_exact_prefix_read_as_text_
     assert status == 422 and body["exception_detail"][0]["loc"] == ["body", "key"], body
 
     found = client.ok("POST", f"{base}/filter", {"prefix": "greeting-", "limit": 5}, expect=(200,))
-    assert [(i["key"], i["value"], i["sender"]) for i in found] == [("greeting-1", '"hello"', "me"),
-                                                                  ("greeting-2", '"again"', None)]
+    assert [(i["key"], i["value"], i["sender"]) for i in found] == [
+        ("greeting-1", '"hello"', "me"),
+        ("greeting-2", '"again"', None),
+    ]
     assert {"id", "created", "updated", "flow_run_id"} <= set(found[0]) and found[0]["flow_run_id"] == run["id"]
-    assert [i["key"] for i in client.ok("POST", f"{base}/filter", {"prefix": "greeting-"}, expect=(200,))] == ["greeting-1"]
-    assert [i["key"] for i in client.ok("POST", f"{base}/filter", {"prefix": "greeting-", "limit": 5,
-                                                                    "exclude_keys": ["greeting-1"]}, expect=(200,))] == ["greeting-2"]
+    assert [i["key"] for i in client.ok("POST", f"{base}/filter", {"prefix": "greeting-"}, expect=(200,))] == [
+        "greeting-1"
+    ]
+    assert [
+        i["key"]
+        for i in client.ok(
+            "POST", f"{base}/filter", {"prefix": "greeting-", "limit": 5, "exclude_keys": ["greeting-1"]}, expect=(200,)
+        )
+    ] == ["greeting-2"]
     for literal in ("GREETING-", "greeting_", "%"):  # exact: neither case-folded nor a LIKE pattern
         assert client.ok("POST", f"{base}/filter", {"prefix": literal, "limit": 5}, expect=(200,)) == []
 
@@ -867,7 +925,10 @@ def test_resume_with_input_is_checked_against_the_stored_schema_and_the_answer_s
     run = _paused_for_input(client, schema)
     status, result = client.post(f"/flow_runs/{run['id']}/resume", {"run_input": {"approved": "yes"}})
     assert result["status"] == "REJECT" and result["state"]["type"] == "PAUSED", result
-    assert result["details"]["reason"].startswith("Reason: 'yes' is not valid") and "boolean" in result["details"]["reason"]
+    assert (
+        result["details"]["reason"].startswith("Reason: 'yes' is not valid")
+        and "boolean" in result["details"]["reason"]
+    )
     status, result = client.post(f"/flow_runs/{run['id']}/resume", {})  # awaited input is required
     assert result["details"]["reason"] == "Reason: 'approved' is a required property", result
     assert read(client, "flow", run["id"])["state_type"] == "PAUSED"
@@ -876,8 +937,9 @@ def test_resume_with_input_is_checked_against_the_stored_schema_and_the_answer_s
     assert client.get(f"/flow_runs/{run['id']}/input/paused-1-response") == (200, {"approved": True})
 
 
-@pytest.mark.parametrize("schema, reason", [(None, "Run input schema not found."),
-                                            ("not json", "Run input schema is not valid JSON.")])
+@pytest.mark.parametrize(
+    "schema, reason", [(None, "Run input schema not found."), ("not json", "Run input schema is not valid JSON.")]
+)
 def test_resume_with_input_needs_a_readable_schema(client, schema, reason):
     run = _paused_for_input(client, schema)
     status, result = client.post(f"/flow_runs/{run['id']}/resume", {"run_input": {"approved": True}})
@@ -905,6 +967,7 @@ def test_a_timed_out_pause_cannot_be_left_for_running(client):
 
 # --- cancellation ------------------------------------------------------------------------------
 
+
 def test_cancelling_then_cancelled_is_accepted(client):
     run = running_flow_run(client)
     assert_accepted(*flow_state(client, run["id"], "CANCELLING"), "CANCELLING")
@@ -925,6 +988,7 @@ def test_a_cancelling_task_run_is_cancelled(client):
 
 # --- tag concurrency limits --------------------------------------------------------------------
 
+
 def _has_route(method, path):
     return any(m == method and p == path for m, p, _ in prefectlite.ROUTES)
 
@@ -937,8 +1001,11 @@ def set_tag_limit(client, db_url, tag, limit):
     try:
         with db.write() as tx:
             stamp = iso(now())
-            tx.execute("INSERT INTO concurrency_limit (id, created, updated, tag, concurrency_limit, active_slots) "
-                       "VALUES (?, ?, ?, ?, ?, '[]')", (str(uuid.uuid4()), stamp, stamp, tag, limit))
+            tx.execute(
+                "INSERT INTO concurrency_limit (id, created, updated, tag, concurrency_limit, active_slots) "
+                "VALUES (?, ?, ?, ?, ?, '[]')",
+                (str(uuid.uuid4()), stamp, stamp, tag, limit),
+            )
     finally:
         db.close()
 
@@ -947,6 +1014,7 @@ def active_slots(client, db_url, tag):
     if _has_route("GET", "/concurrency_limits/tag/{tag}"):
         return client.ok("GET", f"/concurrency_limits/tag/{tag}")["active_slots"]
     import json
+
     db = prefectlite.open_database(db_url)
     try:
         with db.read() as tx:
@@ -1033,6 +1101,7 @@ def test_tasks_without_the_limited_tag_are_not_limited(client, db_url):
 
 # --- bookkeeping -------------------------------------------------------------------------------
 
+
 def test_a_new_flow_run_has_not_started(client):
     run = new_flow_run(client)
     assert run["run_count"] == 0
@@ -1049,8 +1118,9 @@ def test_a_run_that_ends_before_it_ran_starts_when_it_ends(client, kind):
     flow_run = running_flow_run(client)
     run = new_task_run(client, flow_run["id"]) if kind == "task" else new_flow_run(client)
     propose(client, kind, run["id"], "PENDING")
-    assert_accepted(*propose(client, kind, run["id"], "FAILED", message="Validation of flow parameters failed"),
-                    "FAILED")
+    assert_accepted(
+        *propose(client, kind, run["id"], "FAILED", message="Validation of flow parameters failed"), "FAILED"
+    )
     ended = read(client, kind, run["id"])
     assert ended["start_time"] is not None and ended["start_time"] == ended["end_time"], ended
     assert ended["run_count"] == 0
@@ -1107,8 +1177,11 @@ def test_total_run_time_adds_up_over_retries_and_start_time_is_the_first(client)
     assert final["run_count"] == 2
     assert final["start_time"] == first_start
     states = states_of(client, "flow", run["id"])
-    running_spans = [(parse(b["timestamp"]) - parse(a["timestamp"])).total_seconds()
-                     for a, b in zip(states, states[1:]) if a["type"] == "RUNNING"]
+    running_spans = [
+        (parse(b["timestamp"]) - parse(a["timestamp"])).total_seconds()
+        for a, b in zip(states, states[1:])
+        if a["type"] == "RUNNING"
+    ]
     assert len(running_spans) == 2
     assert final["total_run_time"] == pytest.approx(sum(running_spans), abs=1e-3)
 

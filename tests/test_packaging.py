@@ -85,9 +85,14 @@ def test_import_works_without_site_packages(tmp_path):
         "extra = sorted({m.split('.')[0] for m in sys.modules} - std); "
         "print(','.join(extra))"
     )
-    proc = subprocess.run([sys.executable, "-S", "-I", "-c", code, str(ROOT)], capture_output=True, text=True,
-                          timeout=60, cwd=tmp_path, env={"PREFECT_HOME": str(tmp_path / "home"),
-                                                         "PATH": os.environ.get("PATH", "")})
+    proc = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", code, str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env={"PREFECT_HOME": str(tmp_path / "home"), "PATH": os.environ.get("PATH", "")},
+    )
     assert proc.returncode == 0, proc.stderr
     extra = [m for m in proc.stdout.strip().split(",") if m and not m.startswith("_")]
     assert extra == [], f"importing prefectlite loaded non-stdlib modules: {extra}"
@@ -97,14 +102,21 @@ def test_sqlite_server_runs_without_site_packages(tmp_path):
     """The whole SQLite path (migrate + version) works with only the standard library available."""
     env = {"PREFECT_HOME": str(tmp_path / "home"), "PATH": os.environ.get("PATH", "")}
     for args in (["database", "upgrade", "-y"], ["version"]):
-        proc = subprocess.run([sys.executable, "-S", "-I", str(MODULE), *args], capture_output=True, text=True,
-                              timeout=60, cwd=tmp_path, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-S", "-I", str(MODULE), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tmp_path,
+            env=env,
+        )
         assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "home" / "prefectlite.db").is_file()
 
 
 # ---------------------------------------------------------------------------------------------
 # pip install .
+
 
 def _make_venv(path):
     try:
@@ -134,9 +146,14 @@ def test_pip_install_gives_a_working_command(tmp_path):
     bindir = _make_venv(venv_dir)
     python = bindir / "python"
 
-    proc = subprocess.run([str(python), "-m", "pip", "install", "--quiet", str(ROOT)],
-                          capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                          env=_venv_env(bindir, tmp_path / "pip-home"))
+    proc = subprocess.run(
+        [str(python), "-m", "pip", "install", "--quiet", str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env=_venv_env(bindir, tmp_path / "pip-home"),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
     command = bindir / "prefectlite"
@@ -148,8 +165,14 @@ def test_pip_install_gives_a_working_command(tmp_path):
     env = _venv_env(bindir, home)
 
     # the installed copy, not the checkout, is what runs
-    where = subprocess.run([str(python), "-c", "import prefectlite, sys; print(prefectlite.__file__)"],
-                           capture_output=True, text=True, timeout=60, cwd=elsewhere, env=env)
+    where = subprocess.run(
+        [str(python), "-c", "import prefectlite, sys; print(prefectlite.__file__)"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=elsewhere,
+        env=env,
+    )
     assert where.returncode == 0, where.stderr
     installed = Path(where.stdout.strip()).resolve()
     assert "site-packages" in installed.parts and venv_dir.resolve() in installed.parents, installed
@@ -158,25 +181,29 @@ def test_pip_install_gives_a_working_command(tmp_path):
     site_packages = installed.parent
     assert (site_packages / "prefectlite_data" / "migrations").is_dir()
     assert (site_packages / "prefectlite_data" / "static").is_dir()
-    assert sorted(p.name for p in (site_packages / "prefectlite_data" / "migrations").iterdir()
-                  if p.suffix == ".sql") == sorted(p.name for p in (ROOT / "migrations").iterdir() if p.suffix == ".sql")
+    assert sorted(
+        p.name for p in (site_packages / "prefectlite_data" / "migrations").iterdir() if p.suffix == ".sql"
+    ) == sorted(p.name for p in (ROOT / "migrations").iterdir() if p.suffix == ".sql")
     assert (site_packages / "prefectlite_data" / "static" / "index.html").is_file()
 
-    upgrade = subprocess.run([str(command), "database", "upgrade", "-y"], capture_output=True, text=True,
-                             timeout=120, cwd=elsewhere, env=env)
+    upgrade = subprocess.run(
+        [str(command), "database", "upgrade", "-y"], capture_output=True, text=True, timeout=120, cwd=elsewhere, env=env
+    )
     assert upgrade.returncode == 0, upgrade.stderr
     assert (home / "prefectlite.db").is_file()
 
-    version = subprocess.run([str(command), "version"], capture_output=True, text=True, timeout=120,
-                             cwd=elsewhere, env=env)
+    version = subprocess.run(
+        [str(command), "version"], capture_output=True, text=True, timeout=120, cwd=elsewhere, env=env
+    )
     assert version.returncode == 0, version.stderr
     import prefectlite
 
     assert prefectlite.__version__ in version.stdout and "0.8.4" in version.stdout
     assert "sqlite" in version.stdout.lower()
 
-    current = subprocess.run([str(command), "database", "current"], capture_output=True, text=True, timeout=120,
-                             cwd=elsewhere, env=env)
+    current = subprocess.run(
+        [str(command), "database", "current"], capture_output=True, text=True, timeout=120, cwd=elsewhere, env=env
+    )
     assert current.returncode == 0, current.stderr
     assert current.stdout.strip() == prefectlite.list_revisions()[-1].id
 
@@ -184,8 +211,14 @@ def test_pip_install_gives_a_working_command(tmp_path):
     port = free_port()
     log_path = tmp_path / "installed-server.log"
     with open(log_path, "w") as log:
-        server = subprocess.Popen([str(command), "start", "--host", "127.0.0.1", "--port", str(port)], cwd=elsewhere,
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        server = subprocess.Popen(
+            [str(command), "start", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=elsewhere,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             assert wait_for_health(f"http://127.0.0.1:{port}/api", timeout=60), log_path.read_text()
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=10) as resp:

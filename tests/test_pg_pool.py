@@ -20,6 +20,7 @@ import prefectlite
 # ---------------------------------------------------------------------------------------------
 # helpers
 
+
 def _settings(tmp_path, url, **values):
     env = {"PREFECT_HOME": str(tmp_path / "home"), "PREFECT_API_DATABASE_CONNECTION_URL": url}
     return prefectlite.load_settings(env=env, overrides={k: str(v) for k, v in values.items()})
@@ -87,14 +88,17 @@ TEST_SESSION = "prefectlite-test"  # the application_name of this module's own s
 
 def _server_connections(admin) -> int:
     """Sessions on the test's database but this module's own (counted so on servers that name theirs or not)."""
-    return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                         "AND application_name <> %s AND backend_type = 'client backend'",
-                         (TEST_SESSION,)).fetchone()[0]
+    return admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+        "AND application_name <> %s AND backend_type = 'client backend'",
+        (TEST_SESSION,),
+    ).fetchone()[0]
 
 
 def _waiting_on_a_lock(admin) -> int:
-    return admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
-                         "AND wait_event_type = 'Lock'").fetchone()[0]
+    return admin.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()[0]
 
 
 def _waiting_for_a_connection(db) -> int:
@@ -148,15 +152,20 @@ class Sampler:
 # ---------------------------------------------------------------------------------------------
 # a server under load
 
+
 def test_many_slow_requests_never_open_more_than_pool_size_plus_overflow(start, admin, postgres_url):
-    server = start(PREFECT_API_DATABASE_POOL_SIZE=2, PREFECT_API_DATABASE_MAX_OVERFLOW=1,
-                   PREFECT_API_DATABASE_TIMEOUT=60)
+    server = start(
+        PREFECT_API_DATABASE_POOL_SIZE=2, PREFECT_API_DATABASE_MAX_OVERFLOW=1, PREFECT_API_DATABASE_TIMEOUT=60
+    )
     sampler = Sampler(postgres_url)
     with flow_table_locked(postgres_url):
         requests = Requests(server.api_url, 12)
         # all 12 are in: those holding a connection wait for the lock, the others for a connection
-        wait_until(lambda: _waiting_on_a_lock(admin) + _waiting_for_a_connection(server.app.db) >= 12, 60,
-                   "12 requests waiting in PostgreSQL or for a connection")
+        wait_until(
+            lambda: _waiting_on_a_lock(admin) + _waiting_for_a_connection(server.app.db) >= 12,
+            60,
+            "12 requests waiting in PostgreSQL or for a connection",
+        )
         at_the_peak = _server_connections(admin)
     answers = requests.join()
     most = sampler.stop()
@@ -165,8 +174,9 @@ def test_many_slow_requests_never_open_more_than_pool_size_plus_overflow(start, 
 
 
 def test_the_idle_server_keeps_at_most_pool_size_connections(start, admin, postgres_url):
-    server = start(PREFECT_API_DATABASE_POOL_SIZE=2, PREFECT_API_DATABASE_MAX_OVERFLOW=3,
-                   PREFECT_API_DATABASE_TIMEOUT=60)
+    server = start(
+        PREFECT_API_DATABASE_POOL_SIZE=2, PREFECT_API_DATABASE_MAX_OVERFLOW=3, PREFECT_API_DATABASE_TIMEOUT=60
+    )
     with flow_table_locked(postgres_url):
         requests = Requests(server.api_url, 8)
         wait_until(lambda: _waiting_on_a_lock(admin) >= 5, 60, "5 requests holding a connection")
@@ -177,8 +187,9 @@ def test_the_idle_server_keeps_at_most_pool_size_connections(start, admin, postg
 
 
 def test_a_request_that_gets_no_connection_in_time_is_a_503_that_says_why(start, admin, postgres_url):
-    server = start(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
-                   PREFECT_API_DATABASE_TIMEOUT=0.5)
+    server = start(
+        PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0, PREFECT_API_DATABASE_TIMEOUT=0.5
+    )
     with flow_table_locked(postgres_url):
         holder = Requests(server.api_url, 1)  # takes the one connection, then waits for the lock
         wait_until(lambda: _waiting_on_a_lock(admin) == 1, 60, "a request holding the only connection")
@@ -195,16 +206,22 @@ def _end_sessions(admin, pids):
 
 
 def _server_pids(admin):
-    return [row[0] for row in admin.execute(
-        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name <> %s "
-        "AND backend_type = 'client backend'", (TEST_SESSION,)).fetchall()]
+    return [
+        row[0]
+        for row in admin.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND application_name <> %s "
+            "AND backend_type = 'client backend'",
+            (TEST_SESSION,),
+        ).fetchall()
+    ]
 
 
 def test_an_idle_connection_the_server_ended_is_replaced_before_use(start, admin):
     """PostgreSQL restarted, or an administrator ended the sessions: the next request gets a new connection
     in the dead one's place, not a 503."""
-    server = start(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
-                   PREFECT_API_DATABASE_TIMEOUT=5)
+    server = start(
+        PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0, PREFECT_API_DATABASE_TIMEOUT=5
+    )
     client = Client(server.api_url, timeout=60)
     assert client.post("/flows/", {"name": "before"})[0] == 201
     before = _server_pids(admin)
@@ -215,8 +232,7 @@ def test_an_idle_connection_the_server_ended_is_replaced_before_use(start, admin
 
 
 def test_a_connection_broken_in_use_is_a_503_and_frees_its_slot(open_db, admin):
-    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
-                 PREFECT_API_DATABASE_TIMEOUT=5)
+    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0, PREFECT_API_DATABASE_TIMEOUT=5)
     with pytest.raises(prefectlite.DatabaseUnavailable, match="PostgreSQL is unavailable"):
         with db.read() as tx:
             _end_sessions(admin, [tx.scalar("SELECT pg_backend_pid()")])
@@ -230,11 +246,13 @@ def test_a_connection_broken_in_use_is_a_503_and_frees_its_slot(open_db, admin):
 # ---------------------------------------------------------------------------------------------
 # the pool itself
 
+
 def test_a_thread_holding_a_connection_never_waits_for_a_second(open_db, admin):
     """Two threads each hold one of the two connections, then each opens a read inside its transaction
     (as a service or a handler may): waiting for a free connection would be waiting for each other."""
-    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=1,
-                 PREFECT_API_DATABASE_TIMEOUT=2)  # a wait for the second would end in a 503 after 2 s
+    db = open_db(
+        PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=1, PREFECT_API_DATABASE_TIMEOUT=2
+    )  # a wait for the second would end in a 503 after 2 s
     both_hold = threading.Barrier(2, timeout=60)
     results, errors = [], []
 
@@ -261,8 +279,7 @@ def test_a_thread_holding_a_connection_never_waits_for_a_second(open_db, admin):
 
 
 def test_waiters_are_served_first_come_first_served(open_db):
-    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
-                 PREFECT_API_DATABASE_TIMEOUT=60)
+    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0, PREFECT_API_DATABASE_TIMEOUT=60)
     served = []
 
     def wait_in_line(n):
@@ -291,8 +308,7 @@ def test_connections_are_opened_only_when_needed(open_db, admin):
 
 
 def test_a_closed_database_turns_its_waiters_away(open_db):
-    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0,
-                 PREFECT_API_DATABASE_TIMEOUT=60)
+    db = open_db(PREFECT_API_DATABASE_POOL_SIZE=1, PREFECT_API_DATABASE_MAX_OVERFLOW=0, PREFECT_API_DATABASE_TIMEOUT=60)
     errors = []
 
     def wait_in_line():

@@ -1,4 +1,4 @@
-"""`prefectlite start --processes N` (section 23, "Several processes on one port"): forked processes
+"""`prefectlite start --processes N` (section 26, "Several processes on one port"): forked processes
 share the port and the database and still behave as one server: no errors under concurrent writes,
 a client reads its own writes whichever process answers, live event subscribers get events stored
 through any process, services (run by the first process) are woken by any, a crashed process is
@@ -225,17 +225,29 @@ def test_services_run_in_one_process_and_any_process_wakes_them(processes):
     """A Failed state set through any process is notified once, long before the sender's own
     60-second loop would have found it: the process that recorded it woke the first process."""
     with HTTPReceiver() as hook:
-        server = processes(2, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS="60",
-                           PREFECT_SERVER_METRICS_ENABLED="true")
+        server = processes(
+            2, PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS="60", PREFECT_SERVER_METRICS_ENABLED="true"
+        )
         client = Client(server.api_url)
         block_type = client.ok("GET", "/block_types/slug/slack-webhook")
-        schema = client.ok("POST", "/block_schemas/filter",
-                           {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}})[0]
-        block = client.ok("POST", "/block_documents/", {
-            "name": "hook", "block_type_id": block_type["id"], "block_schema_id": schema["id"],
-            "data": {"url": hook.url + "/services/T/B/x"}})
-        client.ok("POST", "/flow_run_notification_policies/",
-                  {"state_names": ["Failed"], "tags": [], "block_document_id": block["id"]})
+        schema = client.ok(
+            "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+        )[0]
+        block = client.ok(
+            "POST",
+            "/block_documents/",
+            {
+                "name": "hook",
+                "block_type_id": block_type["id"],
+                "block_schema_id": schema["id"],
+                "data": {"url": hook.url + "/services/T/B/x"},
+            },
+        )
+        client.ok(
+            "POST",
+            "/flow_run_notification_policies/",
+            {"state_names": ["Failed"], "tags": [], "block_document_id": block["id"]},
+        )
         first, second = children(server.proc.pid)  # process 0 runs the services, process 1 none
         # the sender's first pass (at its start) is over: from now on only a wake-up is prompt
         wait_until(lambda: notification_passes(server, first) >= 1, 30, "the sender's first pass")
@@ -260,8 +272,11 @@ def test_a_crashed_process_is_replaced_and_one_signal_stops_them_all(processes):
     server = processes(2)
     first, second = children(server.proc.pid)
     os.kill(second, signal.SIGKILL)
-    wait_until(lambda: len(children(server.proc.pid)) == 2 and second not in children(server.proc.pid), 30,
-               "a new process in place of the killed one")
+    wait_until(
+        lambda: len(children(server.proc.pid)) == 2 and second not in children(server.proc.pid),
+        30,
+        "a new process in place of the killed one",
+    )
     assert re.search(r"process \d ended \(killed by signal 9\); starting it again", server.stderr())
     assert _write_from_threads(server.api_url, threads=4, runs_each=3) == []
     pids = children(server.proc.pid)
@@ -307,8 +322,14 @@ def test_a_bad_number_of_processes_is_a_one_line_error(tmp_path, value):
 
 
 def test_processes_cannot_share_an_in_memory_database(tmp_path):
-    proc = run_cli("start", "--processes", "2", env=home_env(tmp_path,
-                   PREFECT_API_DATABASE_CONNECTION_URL="sqlite:///:memory:"), input_text="", timeout=60)
+    proc = run_cli(
+        "start",
+        "--processes",
+        "2",
+        env=home_env(tmp_path, PREFECT_API_DATABASE_CONNECTION_URL="sqlite:///:memory:"),
+        input_text="",
+        timeout=60,
+    )
     assert proc.returncode != 0
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "in-memory" in lines[0], proc.stderr

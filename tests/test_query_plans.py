@@ -24,12 +24,28 @@ def db(tmp_path_factory):
         deployments = [str(prefectlite.uuid.uuid4()) for _ in range(40)]
         for i in range(1200):
             state = ["COMPLETED", "FAILED", "RUNNING", "SCHEDULED"][i % 4]
-            run, _ = prefectlite.create_flow_run(tx, {"flow_id": flows[i % 40]["id"], "tags": ["a"] if i % 2 else [],
-                                                      "state": {"type": state, "state_details": {}}},
-                                                 {"deployment_id": deployments[i % 40]})
+            run, _ = prefectlite.create_flow_run(
+                tx,
+                {
+                    "flow_id": flows[i % 40]["id"],
+                    "tags": ["a"] if i % 2 else [],
+                    "state": {"type": state, "state_details": {}},
+                },
+                {"deployment_id": deployments[i % 40]},
+            )
             prefectlite.create_task_run(tx, {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"})
-            prefectlite.create_logs(tx, [{"name": "x", "level": 20, "message": "m", "flow_run_id": run["id"],
-                                          "timestamp": prefectlite.now_iso()}])
+            prefectlite.create_logs(
+                tx,
+                [
+                    {
+                        "name": "x",
+                        "level": 20,
+                        "message": "m",
+                        "flow_run_id": run["id"],
+                        "timestamp": prefectlite.now_iso(),
+                    }
+                ],
+            )
         tx.execute("ANALYZE")
     yield db
     db.close()
@@ -61,9 +77,16 @@ FLOW_RUN_FILTERS = {
     "by time window": ({"flow_runs": {"expected_start_time": {"after_": DAY_AGO}}, "sort": NEWEST}, True),
     "by flow id": ({"flow_runs": {"flow_id": {"any_": [ONE]}}, "sort": NEWEST}, True),
     "by deployment": ({"flow_runs": {"deployment_id": {"any_": [ONE]}}, "sort": NEWEST}, True),
-    "scheduled, for workers": ({"flow_runs": {"state": {"type": {"any_": ["SCHEDULED"]}},
-                                              "next_scheduled_start_time": {"before_": NOW.isoformat()}},
-                                "sort": "NEXT_SCHEDULED_START_TIME_ASC"}, True),
+    "scheduled, for workers": (
+        {
+            "flow_runs": {
+                "state": {"type": {"any_": ["SCHEDULED"]}},
+                "next_scheduled_start_time": {"before_": NOW.isoformat()},
+            },
+            "sort": "NEXT_SCHEDULED_START_TIME_ASC",
+        },
+        True,
+    ),
 }
 
 
@@ -105,17 +128,22 @@ def test_dashboard_counts_use_an_index(db):
         sql, params = prefectlite.count_query(tx, "flow_run", body)
     lines = plan(db, sql, params)
     assert_indexed(lines, "flow_run", search=True)
-    assert any("ix_flow_run__state_type_expected_start_time" in line or "ix_flow_run__expected_start_time" in line
-               for line in lines), lines
+    assert any(
+        "ix_flow_run__state_type_expected_start_time" in line or "ix_flow_run__expected_start_time" in line
+        for line in lines
+    ), lines
 
 
-@pytest.mark.parametrize("table, body", [
-    ("task_run", {"task_runs": {"flow_run_id": {"any_": [ONE]}}}),
-    ("log", {"logs": {"flow_run_id": {"any_": [ONE]}}, "sort": "TIMESTAMP_ASC"}),
-    ("artifact", {"artifacts": {"flow_run_id": {"any_": [ONE]}}}),
-    ("deployment", {"deployments": {"flow_id": {"any_": [ONE]}}}),
-    ("flow_run", {"flow_runs": {"parent_task_run_id": {"any_": [ONE]}}}),
-])
+@pytest.mark.parametrize(
+    "table, body",
+    [
+        ("task_run", {"task_runs": {"flow_run_id": {"any_": [ONE]}}}),
+        ("log", {"logs": {"flow_run_id": {"any_": [ONE]}}, "sort": "TIMESTAMP_ASC"}),
+        ("artifact", {"artifacts": {"flow_run_id": {"any_": [ONE]}}}),
+        ("deployment", {"deployments": {"flow_id": {"any_": [ONE]}}}),
+        ("flow_run", {"flow_runs": {"parent_task_run_id": {"any_": [ONE]}}}),
+    ],
+)
 def test_detail_page_queries_use_an_index(db, table, body):
     settings = prefectlite.load_settings(env={})
     with db.read() as tx:
@@ -135,8 +163,10 @@ def test_a_flow_runs_task_runs_are_found_by_the_unique_index_alone(db):
     # migration 0006 dropped the single-column index on task_run.flow_run_id: the unique
     # (flow_run_id, task_key, dynamic_key) index serves the run graph's lookup, one index fewer to write
     with db.read() as tx:
-        indexes = {row["name"] for row in tx.query("SELECT name FROM sqlite_master WHERE type = 'index' "
-                                                   "AND tbl_name = 'task_run'")}
+        indexes = {
+            row["name"]
+            for row in tx.query("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'task_run'")
+        }
     assert "ix_task_run__flow_run_id" not in indexes
     lines = plan(db, "SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (ONE,))
     assert any("uq_task_run__flow_run_id_task_key_dynamic_key" in line for line in lines), lines

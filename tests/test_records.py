@@ -1,4 +1,4 @@
-"""Records (section 6): the ids the server makes for new rows."""
+"""Records (section 8): the ids the server makes for new rows."""
 
 import os
 import uuid

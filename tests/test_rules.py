@@ -1,4 +1,4 @@
-"""The orchestration rules (section 7) as functions, without HTTP: each rule is given a Transition at a
+"""The orchestration rules (section 9) as functions, without HTTP: each rule is given a Transition at a
 time the test chooses (the rules' clock is `Transition.now`; `orchestrate(..., now=...)` sets it for a
 whole proposal), so waits, retries and pause expiry are checked at exact moments, never by sleeping.
 
@@ -22,9 +22,15 @@ NOW = dt.datetime(2026, 3, 1, 12, 0, 0, 250000, tzinfo=dt.timezone.utc)
 def state(state_type, name=None, **details):
     """A state as stored on a run (what Transition.initial holds)."""
     full = {**prefectlite.STATE_DETAIL_DEFAULTS, **details}
-    return {"id": str(uuid.uuid4()), "type": state_type, "name": name or state_type.title(),
-            "timestamp": prefectlite.iso(NOW - dt.timedelta(minutes=1)), "message": None, "data": None,
-            "state_details": full}
+    return {
+        "id": str(uuid.uuid4()),
+        "type": state_type,
+        "name": name or state_type.title(),
+        "timestamp": prefectlite.iso(NOW - dt.timedelta(minutes=1)),
+        "message": None,
+        "data": None,
+        "state_details": full,
+    }
 
 
 def proposal(state_type, name=None, **details):
@@ -44,12 +50,16 @@ def at(seconds):
 
 # --- rules that look only at the transition ----------------------------------------------------
 
-@pytest.mark.parametrize("scheduled_in, expected", [
-    (0.0, None),  # due now: it may run
-    (-30.0, None),  # overdue
-    (0.25, ("WAIT", 1)),  # a quarter of a second ahead: wait a whole second (the delay is rounded up)
-    (90.0, ("WAIT", 90)),
-])
+
+@pytest.mark.parametrize(
+    "scheduled_in, expected",
+    [
+        (0.0, None),  # due now: it may run
+        (-30.0, None),  # overdue
+        (0.25, ("WAIT", 1)),  # a quarter of a second ahead: wait a whole second (the delay is rounded up)
+        (90.0, ("WAIT", 90)),
+    ],
+)
 def test_a_run_waits_for_its_scheduled_time(scheduled_in, expected):
     ctx = transition(state("SCHEDULED", scheduled_time=at(scheduled_in)), proposal("RUNNING"))
     outcome = prefectlite.wait_for_scheduled_time(ctx)
@@ -63,14 +73,17 @@ def test_only_a_run_about_to_run_waits_for_its_scheduled_time():
     assert prefectlite.wait_for_scheduled_time(transition(state("SCHEDULED"), proposal("RUNNING"))) is None
 
 
-@pytest.mark.parametrize("initial, proposed, allowed", [
-    ("COMPLETED", "RUNNING", False),
-    ("CANCELLED", "PENDING", False),
-    ("CRASHED", "COMPLETED", False),
-    ("FAILED", "FAILED", False),
-    ("COMPLETED", "SCHEDULED", True),  # a retry
-    ("RUNNING", "COMPLETED", True),
-])
+@pytest.mark.parametrize(
+    "initial, proposed, allowed",
+    [
+        ("COMPLETED", "RUNNING", False),
+        ("CANCELLED", "PENDING", False),
+        ("CRASHED", "COMPLETED", False),
+        ("FAILED", "FAILED", False),
+        ("COMPLETED", "SCHEDULED", True),  # a retry
+        ("RUNNING", "COMPLETED", True),
+    ],
+)
 def test_a_task_runs_terminal_states_are_left_only_for_scheduled(initial, proposed, allowed):
     outcome = prefectlite.prevent_leaving_terminal_states(transition(state(initial), proposal(proposed), kind="task"))
     assert (outcome is None) == allowed
@@ -78,15 +91,18 @@ def test_a_task_runs_terminal_states_are_left_only_for_scheduled(initial, propos
         assert outcome.status == "ABORT" and "has already terminated" in outcome.reason
 
 
-@pytest.mark.parametrize("initial, proposed, run, expected", [
-    ("COMPLETED", "RUNNING", {}, None),  # a parent flow's retry runs its finished subflow again
-    ("FAILED", "FAILED", {}, None),  # a flow's own Failed after the pause service failed it
-    ("COMPLETED", "CANCELLING", {}, "ABORT"),
-    ("FAILED", "CRASHED", {}, "ABORT"),
-    ("CANCELLED", "PAUSED", {}, "ABORT"),
-    ("COMPLETED", "SCHEDULED", {}, "ABORT"),  # no deployment to run it again
-    ("COMPLETED", "SCHEDULED", {"deployment_id": "deployment-id"}, None),
-])
+@pytest.mark.parametrize(
+    "initial, proposed, run, expected",
+    [
+        ("COMPLETED", "RUNNING", {}, None),  # a parent flow's retry runs its finished subflow again
+        ("FAILED", "FAILED", {}, None),  # a flow's own Failed after the pause service failed it
+        ("COMPLETED", "CANCELLING", {}, "ABORT"),
+        ("FAILED", "CRASHED", {}, "ABORT"),
+        ("CANCELLED", "PAUSED", {}, "ABORT"),
+        ("COMPLETED", "SCHEDULED", {}, "ABORT"),  # no deployment to run it again
+        ("COMPLETED", "SCHEDULED", {"deployment_id": "deployment-id"}, None),
+    ],
+)
 def test_a_flow_run_leaves_terminal_states_as_prefect_lets_it(initial, proposed, run, expected):
     outcome = prefectlite.prevent_leaving_terminal_states(transition(state(initial), proposal(proposed), **run))
     assert (outcome and outcome.status) == expected, outcome
@@ -122,13 +138,16 @@ def test_a_pause_that_timed_out_fails_at_exactly_its_timeout(timeout_in, fails):
         assert (outcome.status, outcome.state["type"], outcome.state["timestamp"]) == ("REJECT", "FAILED", at(0))
 
 
-@pytest.mark.parametrize("policy, run_count, retried_at", [
-    ({"retries": 2, "retry_delay": 10}, 1, 10.0),
-    ({"retries": 2, "retry_delay": [1, 5, 30]}, 2, 5.0),  # a list: one delay per retry
-    ({"retries": 2, "retry_delay": 10}, 3, None),  # no retries left
-    ({"max_retries": 1, "retry_delay_seconds": 2.5}, 1, 2.5),  # the names of older clients
-    ({}, 1, None),
-])
+@pytest.mark.parametrize(
+    "policy, run_count, retried_at",
+    [
+        ({"retries": 2, "retry_delay": 10}, 1, 10.0),
+        ({"retries": 2, "retry_delay": [1, 5, 30]}, 2, 5.0),  # a list: one delay per retry
+        ({"retries": 2, "retry_delay": 10}, 3, None),  # no retries left
+        ({"max_retries": 1, "retry_delay_seconds": 2.5}, 1, 2.5),  # the names of older clients
+        ({}, 1, None),
+    ],
+)
 def test_a_failing_task_run_with_retries_left_awaits_its_retry(policy, run_count, retried_at):
     ctx = transition(state("RUNNING"), proposal("FAILED"), kind="task", run_count=run_count, empirical_policy=policy)
     outcome = prefectlite.retry_failed_runs(ctx)
@@ -140,8 +159,9 @@ def test_a_failing_task_run_with_retries_left_awaits_its_retry(policy, run_count
 
 
 def test_a_task_its_retry_condition_refused_is_not_retried():
-    ctx = transition(state("RUNNING"), proposal("FAILED", retriable=False), kind="task", run_count=1,
-                     empirical_policy={"retries": 3})
+    ctx = transition(
+        state("RUNNING"), proposal("FAILED", retriable=False), kind="task", run_count=1, empirical_policy={"retries": 3}
+    )
     assert prefectlite.retry_failed_runs(ctx) is None
 
 
@@ -169,6 +189,7 @@ def test_the_first_rule_with_an_answer_decides():
 
 # --- the whole proposal, at a chosen time, on a real database ------------------------------------
 
+
 @pytest.fixture
 def db(tmp_path):
     database = prefectlite.open_database(migrated_sqlite_url(tmp_path / "rules.db"))
@@ -179,10 +200,21 @@ def db(tmp_path):
 def new_run(db, first_state):
     with db.write() as tx:
         flow_id = prefectlite.new_id()
-        prefectlite.insert_row(tx, "flow", {"id": flow_id, "created": at(-600), "updated": at(-600),
-                                            "name": f"flow-{flow_id[:8]}", "tags": []})
-        values = {"id": prefectlite.new_id(), "created": at(-600), "updated": at(-600), "flow_id": flow_id,
-                  "name": "rules", "run_count": 0, "total_run_time": 0.0, "empirical_policy": {}}
+        prefectlite.insert_row(
+            tx,
+            "flow",
+            {"id": flow_id, "created": at(-600), "updated": at(-600), "name": f"flow-{flow_id[:8]}", "tags": []},
+        )
+        values = {
+            "id": prefectlite.new_id(),
+            "created": at(-600),
+            "updated": at(-600),
+            "flow_id": flow_id,
+            "name": "rules",
+            "run_count": 0,
+            "total_run_time": 0.0,
+            "empirical_policy": {},
+        }
         return prefectlite.insert_run_in_state(tx, "flow", values, first_state)
 
 

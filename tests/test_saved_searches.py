@@ -105,8 +105,9 @@ def test_concurrent_puts_of_one_name_all_succeed_with_one_search(any_db):
         def go(n):
             local = Client(client.api_url)
             start.wait()
-            results.append(local.request("PUT", "/saved_searches/", {"name": name, "filters": [
-                {**FILTER_B, "value": f"etl-{n}"}]}))
+            results.append(
+                local.request("PUT", "/saved_searches/", {"name": name, "filters": [{**FILTER_B, "value": f"etl-{n}"}]})
+            )
 
         threads = [threading.Thread(target=go, args=(n,)) for n in range(8)]
         for t in threads:

@@ -38,6 +38,7 @@ def error_for(schedule):
 
 # --- validate_schedule: normalised output ---------------------------------
 
+
 def test_interval_defaults_like_prefect():
     assert validate_schedule({"interval": 3600}) == {
         "interval": 3600.0,
@@ -56,9 +57,10 @@ def test_interval_keeps_anchor_from_prefect_trace():
 
 
 def test_interval_z_suffix_and_naive_anchor_in_schedule_timezone():
-    assert validate_schedule({"interval": 60, "anchor_date": "2026-01-01T00:00:00Z"})[
-        "anchor_date"
-    ] == "2026-01-01T00:00:00+00:00"
+    assert (
+        validate_schedule({"interval": 60, "anchor_date": "2026-01-01T00:00:00Z"})["anchor_date"]
+        == "2026-01-01T00:00:00+00:00"
+    )
     normalised = validate_schedule(
         {"interval": 86400, "anchor_date": "2026-03-01T09:00:00", "timezone": "America/New_York"}
     )
@@ -80,9 +82,11 @@ def test_cron_defaults_keep_null_timezone_like_prefect():
         "timezone": None,
         "day_or": True,
     }
-    assert validate_schedule(
-        {"cron": "@daily", "timezone": "Europe/Berlin", "day_or": False}
-    ) == {"cron": "@daily", "timezone": "Europe/Berlin", "day_or": False}
+    assert validate_schedule({"cron": "@daily", "timezone": "Europe/Berlin", "day_or": False}) == {
+        "cron": "@daily",
+        "timezone": "Europe/Berlin",
+        "day_or": False,
+    }
 
 
 def test_rrule_timezone_defaults_to_utc():
@@ -104,6 +108,7 @@ def test_validation_is_idempotent(schedule):
 
 
 # --- validate_schedule: errors ----------------------------------------------
+
 
 @pytest.mark.parametrize(
     "cron, words",
@@ -248,6 +253,7 @@ def test_next_fire_times_validates_too():
 
 # --- next_fire_times: API contract ------------------------------------------
 
+
 def test_results_are_aware_utc():
     result = fires({"cron": "0 9 * * *", "timezone": "Europe/Berlin"}, utc(2026, 1, 1), n=2)
     assert result == [utc(2026, 1, 1, 8), utc(2026, 1, 2, 8)]
@@ -282,9 +288,7 @@ def test_n_and_end_together():
 
 
 def test_microseconds_in_start_round_up():
-    assert fires({"cron": "* * * * *"}, utc(2026, 1, 1, 0, 0, 0, 500), n=1) == [
-        utc(2026, 1, 1, 0, 1)
-    ]
+    assert fires({"cron": "* * * * *"}, utc(2026, 1, 1, 0, 0, 0, 500), n=1) == [utc(2026, 1, 1, 0, 1)]
 
 
 def test_degenerate_requests():
@@ -303,6 +307,7 @@ def test_end_only_is_capped():
 
 
 # --- cron --------------------------------------------------------------------
+
 
 def test_cron_weekdays_by_number_and_name():
     # 2026-05-15 is a Friday
@@ -447,6 +452,7 @@ def test_cron_that_never_fires_returns_empty_quickly(cron, day_or):
 # cron across DST: a missing local time fires at the first instant after the
 # gap; a repeated local time fires once, at its first occurrence.
 
+
 def test_cron_berlin_spring_gap():
     schedule = {"cron": "30 2 * * *", "timezone": "Europe/Berlin"}
     assert fires(schedule, utc(2026, 3, 27), n=4) == [
@@ -551,6 +557,7 @@ def test_cron_without_timezone_is_utc():
 
 
 # --- interval -----------------------------------------------------------------
+
 
 def test_interval_hourly_from_default_anchor():
     assert fires({"interval": 3600}, utc(2026, 5, 17, 13, 7), n=2) == [
@@ -689,6 +696,7 @@ def test_interval_over_a_day_steps_wall_clock_like_pendulum():
 
 # --- rrule --------------------------------------------------------------------
 
+
 def test_rrule_last_friday_of_month_in_berlin():
     schedule = {
         "rrule": "DTSTART:20260101T090000\nRRULE:FREQ=MONTHLY;BYDAY=-1FR",
@@ -705,9 +713,7 @@ def test_rrule_last_friday_of_month_in_berlin():
 
 
 def test_rrule_last_weekday_of_month_by_setpos():
-    schedule = {
-        "rrule": "DTSTART:20260101T090000\nRRULE:FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-1"
-    }
+    schedule = {"rrule": "DTSTART:20260101T090000\nRRULE:FREQ=MONTHLY;BYDAY=MO,TU,WE,TH,FR;BYSETPOS=-1"}
     assert fires(schedule, utc(2026, 1, 1), n=6) == [
         utc(2026, 1, 30, 9),  # Sat 31st -> Fri 30th
         utc(2026, 2, 27, 9),  # Sat 28th -> Fri 27th
@@ -755,10 +761,7 @@ def test_rrule_until_is_inclusive():
 
 
 def test_rrule_until_in_utc_with_tzid_dtstart():
-    schedule = {
-        "rrule": "DTSTART;TZID=Europe/Berlin:20260101T090000\n"
-        "RRULE:FREQ=DAILY;UNTIL=20260103T080000Z"
-    }
+    schedule = {"rrule": "DTSTART;TZID=Europe/Berlin:20260101T090000\nRRULE:FREQ=DAILY;UNTIL=20260103T080000Z"}
     assert fires(schedule, utc(2026, 1, 1), n=10) == [
         utc(2026, 1, 1, 8),
         utc(2026, 1, 2, 8),
@@ -800,9 +803,7 @@ def test_rrule_utc_dtstart_ignores_schedule_timezone():
     ]
 
 
-@pytest.mark.parametrize(
-    "text", ["RRULE:FREQ=DAILY;BYHOUR=9", "FREQ=DAILY;BYHOUR=9", "rrule:freq=daily;byhour=9"]
-)
+@pytest.mark.parametrize("text", ["RRULE:FREQ=DAILY;BYHOUR=9", "FREQ=DAILY;BYHOUR=9", "rrule:freq=daily;byhour=9"])
 def test_rrule_without_dtstart_starts_2020_in_schedule_timezone(text):
     schedule = {"rrule": text, "timezone": "Europe/Berlin"}
     assert fires(schedule, utc(2026, 3, 28), n=3) == [
@@ -912,6 +913,7 @@ def test_rrule_keeps_dtstart_seconds():
 
 # Examples from RFC 5545 section 3.8.5.3, with the RFC's own listed dates.
 
+
 def test_rfc5545_biweekly_wkst_matters():
     rule = "DTSTART:19970805T090000\nRRULE:FREQ=WEEKLY;INTERVAL=2;COUNT=4;BYDAY=TU,SU"
     monday = {"rrule": rule + ";WKST=MO"}
@@ -931,9 +933,7 @@ def test_rfc5545_biweekly_wkst_matters():
 
 
 def test_rfc5545_third_tue_wed_or_thu():
-    schedule = {
-        "rrule": "DTSTART:19970904T090000\nRRULE:FREQ=MONTHLY;COUNT=3;BYDAY=TU,WE,TH;BYSETPOS=3"
-    }
+    schedule = {"rrule": "DTSTART:19970904T090000\nRRULE:FREQ=MONTHLY;COUNT=3;BYDAY=TU,WE,TH;BYSETPOS=3"}
     assert fires(schedule, utc(1997, 9, 1), n=10) == [
         utc(1997, 9, 4, 9),
         utc(1997, 10, 7, 9),

@@ -27,6 +27,7 @@ TIMEOUT = 20.0
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 def clean_env(**extra):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
     env.update({k: str(v) for k, v in extra.items()})
@@ -46,9 +47,13 @@ class ServerProcess:
         if "--port" not in args and "PREFECT_SERVER_API_PORT" not in settings:
             args = (*args, "--port", str(self.port))
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.proc = subprocess.Popen([sys.executable, str(ROOT / "prefectlite.py"), "start", *args],
-                                         env=clean_env(PREFECT_HOME=home, **settings), stdout=out, stderr=err,
-                                         stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                [sys.executable, str(ROOT / "prefectlite.py"), "start", *args],
+                env=clean_env(PREFECT_HOME=home, **settings),
+                stdout=out,
+                stderr=err,
+                stdin=subprocess.DEVNULL,
+            )
         self.url = f"http://127.0.0.1:{self.port}"  # all traffic goes to loopback, whatever the bind address
         self.api_url = self.url + "/api"
 
@@ -145,21 +150,33 @@ def test_basic_auth_guards_every_api_route_and_the_ui(servers):
     operations = every_operation(server.url, good)
     assert len(operations) > 100
     guarded = [(m, p) for m, p in operations if p not in ("/api/health", "/api/ready")]
-    ui = [("GET", "/"), ("GET", "/ui-settings"), ("GET", "/flow-runs/some-id"), ("HEAD", "/"),
-          ("GET", "/index.html"), ("GET", "/favicon.svg")]
-    counts_before = {kind: fetch_json(server.url, "POST", f"/api/{kind}/count", {}, good)
-                     for kind in ("flows", "flow_runs", "deployments", "block_documents", "variables", "work_pools")}
+    ui = [
+        ("GET", "/"),
+        ("GET", "/ui-settings"),
+        ("GET", "/flow-runs/some-id"),
+        ("HEAD", "/"),
+        ("GET", "/index.html"),
+        ("GET", "/favicon.svg"),
+    ]
+    counts_before = {
+        kind: fetch_json(server.url, "POST", f"/api/{kind}/count", {}, good)
+        for kind in ("flows", "flow_runs", "deployments", "block_documents", "variables", "work_pools")
+    }
 
     leaks, wrong = [], []
     for method, pattern in guarded + ui:
         path = concrete(pattern)
         for label, headers in WRONG_CREDENTIALS.items():
-            status, hdrs, body = fetch(server.url, method, path, {"name": "sneaky"} if method != "GET" else None, headers)
+            status, hdrs, body = fetch(
+                server.url, method, path, {"name": "sneaky"} if method != "GET" else None, headers
+            )
             if status != 401 or not hdrs.get("www-authenticate", "").lower().startswith("basic"):
                 wrong.append((method, pattern, label, status))
             if b"pa55" in body or b"word-with-colon" in body:
                 leaks.append((method, pattern, label))
-    assert not wrong, f"{len(wrong)} requests without the right credentials were not a 401 with a challenge: {wrong[:20]}"
+    assert not wrong, (
+        f"{len(wrong)} requests without the right credentials were not a 401 with a challenge: {wrong[:20]}"
+    )
     assert not leaks, leaks[:10]
 
     # with the right credentials nothing is a 401
@@ -194,6 +211,7 @@ def test_a_refused_request_with_a_large_body_is_still_a_clean_401(servers):
 
 # --- CSRF ---------------------------------------------------------------------------------------
 
+
 def csrf_token(server, client_id, headers=None):
     payload = fetch_json(server.url, "GET", f"/api/csrf-token?client={urllib.parse.quote(client_id)}", headers=headers)
     assert payload["client"] == client_id and len(payload["token"]) >= 32, payload
@@ -221,10 +239,16 @@ def test_csrf_tokens_are_required_for_writes(servers):
     assert mine["token"] != theirs["token"]
 
     body = {"name": "csrf-flow"}
-    for headers in ({}, {"Prefect-Csrf-Token": mine["token"]}, {"Prefect-Csrf-Client": "browser-tab-1"},
-                    csrf_headers("0" * 64, "browser-tab-1"), csrf_headers(mine["token"], "browser-tab-2"),
-                    csrf_headers(theirs["token"], "browser-tab-1"), csrf_headers(mine["token"].upper(), "browser-tab-1"),
-                    csrf_headers(mine["token"], "")):
+    for headers in (
+        {},
+        {"Prefect-Csrf-Token": mine["token"]},
+        {"Prefect-Csrf-Client": "browser-tab-1"},
+        csrf_headers("0" * 64, "browser-tab-1"),
+        csrf_headers(mine["token"], "browser-tab-2"),
+        csrf_headers(theirs["token"], "browser-tab-1"),
+        csrf_headers(mine["token"].upper(), "browser-tab-1"),
+        csrf_headers(mine["token"], ""),
+    ):
         assert_403(server, "POST", "/api/flows/", body, headers)
 
     # reads need no token
@@ -268,11 +292,23 @@ def test_an_expired_csrf_token_is_refused(servers):
     assert fetch(server.url, "POST", "/api/flows/", {"name": "in-time"}, headers)[0] == 201
     expires = issued["expiration"].replace("Z", "+00:00")
     left = (dt.datetime.fromisoformat(expires) - dt.datetime.now(dt.timezone.utc)).total_seconds()
-    wait_until(lambda: fetch(server.url, "POST", "/api/flows/", {"name": "too-late"}, headers)[0] == 403,
-               max(0.0, left) + 30, "the token to expire", interval=0.2)
+    wait_until(
+        lambda: fetch(server.url, "POST", "/api/flows/", {"name": "too-late"}, headers)[0] == 403,
+        max(0.0, left) + 30,
+        "the token to expire",
+        interval=0.2,
+    )
     assert_403(server, "POST", "/api/flows/", {"name": "too-late"}, headers)
-    assert fetch(server.url, "POST", "/api/flows/", {"name": "fresh"},
-                 csrf_headers(csrf_token(server, "short-lived")["token"], "short-lived"))[0] == 201
+    assert (
+        fetch(
+            server.url,
+            "POST",
+            "/api/flows/",
+            {"name": "fresh"},
+            csrf_headers(csrf_token(server, "short-lived")["token"], "short-lived"),
+        )[0]
+        == 201
+    )
 
 
 def test_csrf_and_basic_auth_together(servers):
@@ -287,18 +323,30 @@ def test_csrf_and_basic_auth_together(servers):
 
 # --- CORS ---------------------------------------------------------------------------------------
 
+
 def test_cors_origins_from_the_environment(servers):
     server = servers(PREFECT_SERVER_CORS_ALLOWED_ORIGINS="https://a.example")
     allowed = {"Origin": "https://a.example"}
-    for method, path, body in [("GET", "/api/health", None), ("POST", "/api/flows/filter", {}),
-                               ("GET", "/api/no-such-route", None), ("POST", "/api/flows/", {"name": 5}),
-                               ("GET", "/", None), ("GET", "/ui-settings", None)]:
+    for method, path, body in [
+        ("GET", "/api/health", None),
+        ("POST", "/api/flows/filter", {}),
+        ("GET", "/api/no-such-route", None),
+        ("POST", "/api/flows/", {"name": 5}),
+        ("GET", "/", None),
+        ("GET", "/ui-settings", None),
+    ]:
         status, headers, _ = fetch(server.url, method, path, body, allowed)
         assert status < 500
         assert headers.get("access-control-allow-origin") == "https://a.example", (method, path, headers)
         assert "origin" in headers.get("vary", "").lower()
-    for origin in ("https://b.example", "https://a.example.evil.test", "http://a.example", "https://a.example:8443",
-                   "null", "*"):
+    for origin in (
+        "https://b.example",
+        "https://a.example.evil.test",
+        "http://a.example",
+        "https://a.example:8443",
+        "null",
+        "*",
+    ):
         status, headers, _ = fetch(server.url, "GET", "/api/health", headers={"Origin": origin})
         assert status == 200
         assert "access-control-allow-origin" not in headers, (origin, headers)
@@ -308,18 +356,29 @@ def test_cors_origins_from_the_environment(servers):
     assert 200 <= status < 300, status
     assert headers.get("access-control-allow-origin") == "https://a.example"
     assert "POST" in headers.get("access-control-allow-methods", "")
-    status, headers, _ = fetch(server.url, "OPTIONS", "/api/flows/", headers={"Origin": "https://b.example", **preflight})
+    status, headers, _ = fetch(
+        server.url, "OPTIONS", "/api/flows/", headers={"Origin": "https://b.example", **preflight}
+    )
     assert status < 500
     assert "access-control-allow-origin" not in headers
 
 
 def test_cors_methods_and_headers_from_the_environment(servers):
-    server = servers(PREFECT_SERVER_CORS_ALLOWED_ORIGINS="https://a.example,https://b.example",
-                     PREFECT_SERVER_CORS_ALLOWED_METHODS="GET,POST",
-                     PREFECT_SERVER_CORS_ALLOWED_HEADERS="content-type,x-custom-header")
-    status, headers, _ = fetch(server.url, "OPTIONS", "/api/flows/filter", headers={
-        "Origin": "https://b.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "x-custom-header"})
+    server = servers(
+        PREFECT_SERVER_CORS_ALLOWED_ORIGINS="https://a.example,https://b.example",
+        PREFECT_SERVER_CORS_ALLOWED_METHODS="GET,POST",
+        PREFECT_SERVER_CORS_ALLOWED_HEADERS="content-type,x-custom-header",
+    )
+    status, headers, _ = fetch(
+        server.url,
+        "OPTIONS",
+        "/api/flows/filter",
+        headers={
+            "Origin": "https://b.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "x-custom-header",
+        },
+    )
     assert 200 <= status < 300
     assert headers.get("access-control-allow-origin") == "https://b.example"
     methods = {m.strip().upper() for m in headers.get("access-control-allow-methods", "").split(",")}
@@ -328,6 +387,7 @@ def test_cors_methods_and_headers_from_the_environment(servers):
 
 
 # --- where the server listens --------------------------------------------------------------------
+
 
 def listening_addresses(port):
     result = subprocess.run(["ss", "-Hltn", f"sport = :{port}"], capture_output=True, text=True, timeout=30)
@@ -380,7 +440,6 @@ def test_an_open_bind_with_auth_does_not_warn(servers):
 # --- secrets never in logs, error bodies or settings ------------------------------------------
 
 
-
 def _with_password(url, password):
     parts = urllib.parse.urlsplit(url)
     user = parts.username or "postgres"
@@ -402,10 +461,15 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
         "variable": "VARIABLE-secret-value-12cd",
     }
     auth = f"admin:{secrets['auth']}"
-    settings = dict(PREFECT_SERVER_API_AUTH_STRING=auth, PREFECT_LOGGING_SERVER_LEVEL="DEBUG",
-                    PREFECT_API_DATABASE_ECHO="true", PREFECT_SERVER_METRICS_ENABLED="true",
-                    PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=2, PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1,
-                    PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.2)
+    settings = dict(
+        PREFECT_SERVER_API_AUTH_STRING=auth,
+        PREFECT_LOGGING_SERVER_LEVEL="DEBUG",
+        PREFECT_API_DATABASE_ECHO="true",
+        PREFECT_SERVER_METRICS_ENABLED="true",
+        PREFECT_NOTIFICATIONS_MAX_ATTEMPTS=2,
+        PREFECT_NOTIFICATIONS_RETRY_SECONDS=0.1,
+        PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_LOOP_SECONDS=0.2,
+    )
     if password_in == "url":
         settings["PREFECT_API_DATABASE_CONNECTION_URL"] = _with_password(postgres_url, secrets["db"])
     else:
@@ -424,37 +488,98 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
 
     def block(slug, data, name=None):
         block_type = call("GET", f"/api/block_types/slug/{slug}", expect=(200,))
-        schema = call("POST", "/api/block_schemas/filter",
-                      {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}, expect=(200,))[0]
-        return call("POST", "/api/block_documents/", {"name": name or f"{slug}-{uuid.uuid4().hex[:6]}", "data": data,
-                                                      "block_type_id": block_type["id"], "block_schema_id": schema["id"]},
-                    expect=(201,))
+        schema = call(
+            "POST",
+            "/api/block_schemas/filter",
+            {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}},
+            expect=(200,),
+        )[0]
+        return call(
+            "POST",
+            "/api/block_documents/",
+            {
+                "name": name or f"{slug}-{uuid.uuid4().hex[:6]}",
+                "data": data,
+                "block_type_id": block_type["id"],
+                "block_schema_id": schema["id"],
+            },
+            expect=(201,),
+        )
 
     # blocks with secret fields: built-in ones and one a client registers (as the SDK's Secret block does)
     slack = block("slack-webhook", {"url": f"https://hooks.slack.com/services/T0/B0/{secrets['slack']}"}, "slack-hook")
-    block("custom-webhook", {"name": "hook", "url": "https://example.invalid/hook",
-                             "json_data": {"text": "{{body}}", "auth": "{{token}}"}, "secrets": {"token": secrets["webhook"]}})
-    block("email-smtp", {"host": "127.0.0.1", "port": 1, "security": "none", "username": "mailer",
-                         "password": secrets["smtp"], "from_address": "a@b.c", "to_addresses": ["d@e.f"]})
+    block(
+        "custom-webhook",
+        {
+            "name": "hook",
+            "url": "https://example.invalid/hook",
+            "json_data": {"text": "{{body}}", "auth": "{{token}}"},
+            "secrets": {"token": secrets["webhook"]},
+        },
+    )
+    block(
+        "email-smtp",
+        {
+            "host": "127.0.0.1",
+            "port": 1,
+            "security": "none",
+            "username": "mailer",
+            "password": secrets["smtp"],
+            "from_address": "a@b.c",
+            "to_addresses": ["d@e.f"],
+        },
+    )
     own_type = call("POST", "/api/block_types/", {"name": "My Secret", "slug": "my-secret"}, expect=(201,))
-    own_schema = call("POST", "/api/block_schemas/", {"block_type_id": own_type["id"], "fields": {
-        "title": "MySecret", "type": "object", "secret_fields": ["value"], "block_schema_references": {},
-        "properties": {"value": {"title": "Value", "type": "string", "writeOnly": True, "format": "password"}},
-        "required": ["value"]}}, expect=(201,))
-    own = call("POST", "/api/block_documents/", {"name": "my-secret", "data": {"value": secrets["block"]},
-                                                 "block_type_id": own_type["id"], "block_schema_id": own_schema["id"]},
-               expect=(201,))
+    own_schema = call(
+        "POST",
+        "/api/block_schemas/",
+        {
+            "block_type_id": own_type["id"],
+            "fields": {
+                "title": "MySecret",
+                "type": "object",
+                "secret_fields": ["value"],
+                "block_schema_references": {},
+                "properties": {"value": {"title": "Value", "type": "string", "writeOnly": True, "format": "password"}},
+                "required": ["value"],
+            },
+        },
+        expect=(201,),
+    )
+    own = call(
+        "POST",
+        "/api/block_documents/",
+        {
+            "name": "my-secret",
+            "data": {"value": secrets["block"]},
+            "block_type_id": own_type["id"],
+            "block_schema_id": own_schema["id"],
+        },
+        expect=(201,),
+    )
     assert own["data"]["value"] != secrets["block"]
     # reading them back (without include_secrets), filtering, updating, a conflict, a missing one
     call("GET", f"/api/block_documents/{own['id']}", expect=(200,))
     call("POST", "/api/block_documents/filter", {}, expect=(200,))
     call("GET", "/api/block_types/slug/slack-webhook/block_documents", expect=(200,))
     call("GET", "/api/block_types/slug/slack-webhook/block_documents/name/slack-hook", expect=(200,))
-    call("PATCH", f"/api/block_documents/{slack['id']}",
-         {"data": {"url": f"https://hooks.slack.com/services/T0/B0/{secrets['slack2']}"}}, expect=(204,))
-    call("POST", "/api/block_documents/", {"name": "slack-hook", "data": {"url": secrets["slack"]},
-                                           "block_type_id": slack["block_type_id"],
-                                           "block_schema_id": slack["block_schema_id"]}, expect=(409,))
+    call(
+        "PATCH",
+        f"/api/block_documents/{slack['id']}",
+        {"data": {"url": f"https://hooks.slack.com/services/T0/B0/{secrets['slack2']}"}},
+        expect=(204,),
+    )
+    call(
+        "POST",
+        "/api/block_documents/",
+        {
+            "name": "slack-hook",
+            "data": {"url": secrets["slack"]},
+            "block_type_id": slack["block_type_id"],
+            "block_schema_id": slack["block_schema_id"],
+        },
+        expect=(409,),
+    )
     call("GET", f"/api/block_documents/{uuid.uuid4()}", expect=(404,))
     # a variable
     call("POST", "/api/variables/", {"name": "api_key", "value": secrets["variable"]}, expect=(201,))
@@ -462,13 +587,21 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
     call("POST", "/api/variables/filter", {"variables": {"name": {"any_": ["api_key"]}}}, expect=(200,))
     # a notification that cannot be delivered: its failure is logged and kept, the URL must not be
     dead = block("slack-webhook", {"url": f"http://127.0.0.1:{refusing_port.port}/services/{secrets['dead']}"})
-    call("POST", "/api/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [],
-                                                          "block_document_id": dead["id"]}, expect=(201,))
+    call(
+        "POST",
+        "/api/flow_run_notification_policies/",
+        {"state_names": ["Failed"], "tags": [], "block_document_id": dead["id"]},
+        expect=(201,),
+    )
     flow = call("POST", "/api/flows/", {"name": "secretive"}, expect=(201,))
     run = call("POST", "/api/flow_runs/", {"flow_id": flow["id"]}, expect=(201,))
     call("POST", f"/api/flow_runs/{run['id']}/set_state", {"state": {"type": "FAILED"}, "force": True}, expect=(201,))
-    wait_until(lambda: call("GET", "/api/flow_run_notification_queue/?status=FAILED", expect=(200,)), 60,
-               "the undeliverable notification to end FAILED", interval=0.2)
+    wait_until(
+        lambda: call("GET", "/api/flow_run_notification_queue/?status=FAILED", expect=(200,)),
+        60,
+        "the undeliverable notification to end FAILED",
+        interval=0.2,
+    )
     # wrong credentials, and settings, metrics, the UI's settings
     fetch(server.url, "GET", "/api/flows/count", headers={"Authorization": basic("admin:" + secrets["auth"][:-1])})
     settings_view = call("GET", "/api/admin/settings", expect=(200,))
@@ -480,16 +613,26 @@ def test_secrets_never_reach_logs_error_bodies_or_settings(servers, postgres_url
     call("GET", "/api/ready", expect=(200,))
     # the database goes away: the 503s name a reason but not the password
     with database_outage(postgres_url.rsplit("/", 1)[1]):
-        wait_until(lambda: call("POST", "/api/flows/count", {}) is None or bodies[-1][2] == 503, 30,
-                   "a 503 while the database is away", interval=0.2)
+        wait_until(
+            lambda: call("POST", "/api/flows/count", {}) is None or bodies[-1][2] == 503,
+            30,
+            "a 503 while the database is away",
+            interval=0.2,
+        )
         call("POST", "/api/flows/", {"name": "during"}, expect=(503,))
         call("GET", "/api/ready", expect=(503,))
-    wait_until(lambda: fetch(server.url, "POST", "/api/flows/count", {}, good)[0] == 200, 60,
-               "the server to recover", interval=0.2)
+    wait_until(
+        lambda: fetch(server.url, "POST", "/api/flows/count", {}, good)[0] == 200,
+        60,
+        "the server to recover",
+        interval=0.2,
+    )
     assert server.stop() == 0
     logs = server.stdout() + server.stderr()
 
-    assert "SQL " in logs and " DEBUG " in logs, "the server did not log at DEBUG with SQL echo; the test proves nothing"
+    assert "SQL " in logs and " DEBUG " in logs, (
+        "the server did not log at DEBUG with SQL echo; the test proves nothing"
+    )
     for name, secret in secrets.items():
         assert secret not in logs, f"the {name} secret is in the server's log"
         if name == "variable":
@@ -513,8 +656,12 @@ def test_the_command_line_never_prints_a_secret(tmp_path):
         return result
 
     dead_port = free_port()  # nothing listens there
-    cli("config", "set", f"PREFECT_SERVER_API_AUTH_STRING={auth}",
-        f"PREFECT_API_DATABASE_CONNECTION_URL=postgresql://postgres:{password}@127.0.0.1:{dead_port}/prefect")
+    cli(
+        "config",
+        "set",
+        f"PREFECT_SERVER_API_AUTH_STRING={auth}",
+        f"PREFECT_API_DATABASE_CONNECTION_URL=postgresql://postgres:{password}@127.0.0.1:{dead_port}/prefect",
+    )
     cli("config", "set", f"PREFECT_API_DATABASE_PASSWORD={setting_pw}")
     cli("config", "view", "--show-sources", "--show-defaults")
     cli("profile", "inspect")
@@ -522,8 +669,13 @@ def test_the_command_line_never_prints_a_secret(tmp_path):
     cli("start", "--port", str(free_port()), ok=False)  # the database is unreachable: one line, no secret
     cli("database", "current", ok=False)
     cli("database", "upgrade", "-y", ok=False)
-    cli("start", "--port", str(free_port()), ok=False,
-        extra={"PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql://postgres:{password}@127.0.0.1:notaport/x"})
+    cli(
+        "start",
+        "--port",
+        str(free_port()),
+        ok=False,
+        extra={"PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql://postgres:{password}@127.0.0.1:notaport/x"},
+    )
     for args, text in outputs:
         for secret in (auth.split(":", 1)[1], password, setting_pw):
             assert secret not in text, (args, secret, text[:500])

@@ -23,6 +23,7 @@ FAST = {
 
 # --- helpers -----------------------------------------------------------------------------------
 
+
 @contextlib.contextmanager
 def running_server(database, **settings):
     """A real server (prefectlite.start_server) whose services a test can watch pass by."""
@@ -62,8 +63,9 @@ def api(srv):
 
 def new_deployment(api, schedules, flow_id=None, **fields):
     flow_id = flow_id or new_flow(api)["id"]
-    return api.ok("POST", "/deployments/", {"name": unique("dep"), "flow_id": flow_id, "schedules": schedules,
-                                            **fields})
+    return api.ok(
+        "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow_id, "schedules": schedules, **fields}
+    )
 
 
 def runs_of(api, dep_id, state_types=None):
@@ -89,8 +91,11 @@ def assert_no_duplicates(runs):
 
 
 def set_state(api, run_id, state_type, **details):
-    return api.ok("POST", f"/flow_runs/{run_id}/set_state",
-                  {"state": {"type": state_type, "state_details": details}, "force": True})
+    return api.ok(
+        "POST",
+        f"/flow_runs/{run_id}/set_state",
+        {"state": {"type": state_type, "state_details": details}, "force": True},
+    )
 
 
 def get_run(api, run_id):
@@ -105,14 +110,22 @@ def get_run(api, run_id):
 
 def scheduled_run(app, moment):
     flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
-    return answer(app, "POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
-        "type": "SCHEDULED", "state_details": {"scheduled_time": prefectlite.iso(moment)}}})
+    return answer(
+        app,
+        "POST",
+        "/flow_runs/",
+        {
+            "flow_id": flow["id"],
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": prefectlite.iso(moment)}},
+        },
+    )
 
 
 def deployment(app, schedules, **fields):
     flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
-    return answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"],
-                                                 "schedules": schedules, **fields})
+    return answer(
+        app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": schedules, **fields}
+    )
 
 
 def deployment_runs(app, dep_id):
@@ -166,8 +179,12 @@ def test_an_expired_pause_fails_the_run_only_after_its_timeout(app):
     flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
     run = answer(app, "POST", "/flow_runs/", {"flow_id": flow["id"]})
     for state_type, details in (("RUNNING", {}), ("PAUSED", {"pause_timeout": prefectlite.iso(T0), "pause_key": "p"})):
-        answer(app, "POST", f"/flow_runs/{run['id']}/set_state",
-             {"state": {"type": state_type, "state_details": details}, "force": True})
+        answer(
+            app,
+            "POST",
+            f"/flow_runs/{run['id']}/set_state",
+            {"state": {"type": state_type, "state_details": details}, "force": True},
+        )
     pauses.run_once(T0)
     assert answer(app, "GET", f"/flow_runs/{run['id']}")["state_type"] == "PAUSED", "failed at its timeout"
     pauses.run_once(T0 + TICK)
@@ -183,13 +200,16 @@ def test_a_services_loop_hands_each_pass_the_apps_clock(app, clock):
     clock.moment = T0 + dt.timedelta(hours=1)
     late_runs.start()
     try:
-        wait_until(lambda: answer(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Late",
-                   what="the late-runs thread's pass")
+        wait_until(
+            lambda: answer(app, "GET", f"/flow_runs/{run['id']}")["state_name"] == "Late",
+            what="the late-runs thread's pass",
+        )
     finally:
         late_runs.stop()
 
 
 # --- the scheduler -----------------------------------------------------------------------------
+
 
 def test_the_scheduler_fills_the_days_after_its_now(make_app):
     """From the pass's time: every fire time within the minimum scheduled time (here 5 days) ahead."""
@@ -231,15 +251,17 @@ def test_a_daily_cron_gets_three_runs(app):
     scheduler = service(app, prefectlite.Scheduler)
     dep = deployment(app, [{"schedule": {"cron": "0 4 * * *", "timezone": "UTC"}}])
     scheduler.run_once(T0)
-    assert starts(deployment_runs(app, dep["id"])) == [T0.replace(hour=4, minute=0) + dt.timedelta(days=d)
-                                                       for d in (1, 2, 3)]
+    assert starts(deployment_runs(app, dep["id"])) == [
+        T0.replace(hour=4, minute=0) + dt.timedelta(days=d) for d in (1, 2, 3)
+    ]
 
 
 def test_an_rrule_with_count_two_gets_two_runs(app):
     scheduler = service(app, prefectlite.Scheduler)
     start = T0 + dt.timedelta(days=1)
-    dep = deployment(app, [{"schedule": {"rrule": f"DTSTART:{start.strftime('%Y%m%dT%H%M%SZ')}\n"
-                                                  "RRULE:FREQ=DAILY;COUNT=2"}}])
+    dep = deployment(
+        app, [{"schedule": {"rrule": f"DTSTART:{start.strftime('%Y%m%dT%H%M%SZ')}\nRRULE:FREQ=DAILY;COUNT=2"}}]
+    )
     scheduler.run_once(T0)
     assert starts(deployment_runs(app, dep["id"])) == [start, start + dt.timedelta(days=1)]
 
@@ -257,8 +279,19 @@ def test_a_schedule_starting_beyond_100_days_gets_no_runs(app):
 def test_the_scheduler_is_idempotent(app):
     scheduler = service(app, prefectlite.Scheduler)
     flow = answer(app, "POST", "/flows/", {"name": unique("flow")})
-    deps = [answer(app, "POST", "/deployments/", {"name": unique("dep"), "flow_id": flow["id"], "schedules": [
-        {"schedule": {"interval": 600}}, {"schedule": {"cron": "5 4 * * *"}}]}) for _ in range(3)]
+    deps = [
+        answer(
+            app,
+            "POST",
+            "/deployments/",
+            {
+                "name": unique("dep"),
+                "flow_id": flow["id"],
+                "schedules": [{"schedule": {"interval": 600}}, {"schedule": {"cron": "5 4 * * *"}}],
+            },
+        )
+        for _ in range(3)
+    ]
     scheduler.run_once(T0)
     first = {d["id"]: deployment_runs(app, d["id"]) for d in deps}
     assert all(len(runs) == 6 + 3 for runs in first.values())  # the interval's hour, the daily cron's 3
@@ -283,14 +316,15 @@ def test_an_inactive_schedule_and_a_paused_deployment_create_nothing(app):
     scheduler = service(app, prefectlite.Scheduler)
     inactive = deployment(app, [{"schedule": {"interval": 600}, "active": False}])
     paused = deployment(app, [{"schedule": {"interval": 600}, "active": True}], paused=True)
-    mixed = deployment(app, [{"schedule": {"interval": 600}, "active": False},
-                             {"schedule": {"cron": "0 4 * * *"}, "active": True}])
+    mixed = deployment(
+        app, [{"schedule": {"interval": 600}, "active": False}, {"schedule": {"cron": "0 4 * * *"}, "active": True}]
+    )
     scheduler.run_once(T0)
     assert deployment_runs(app, inactive["id"]) == []
     assert deployment_runs(app, paused["id"]) == []
-    assert starts(deployment_runs(app, mixed["id"])) == [T0.replace(hour=4, minute=0) + dt.timedelta(days=d)
-                                                         for d in (1, 2, 3)]
-
+    assert starts(deployment_runs(app, mixed["id"])) == [
+        T0.replace(hour=4, minute=0) + dt.timedelta(days=d) for d in (1, 2, 3)
+    ]
 
 
 def test_the_scheduler_keeps_at_most_100_runs_and_max_scheduled_runs(app):
@@ -310,9 +344,11 @@ def test_schedule_change_replaces_the_runs_not_yet_started(srv, api):
     # One auto-scheduled run has started, one run was made by hand.
     started = first[0]
     set_state(api, started["id"], "PENDING")
-    manual = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run",
-                    {"state": {"type": "SCHEDULED",
-                               "state_details": {"scheduled_time": iso(now() + dt.timedelta(minutes=7))}}})
+    manual = api.ok(
+        "POST",
+        f"/deployments/{dep['id']}/create_flow_run",
+        {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(now() + dt.timedelta(minutes=7))}}},
+    )
 
     status, body = api.patch(f"/deployments/{dep['id']}", {"schedules": [{"schedule": {"interval": 1800}}]})
     assert status == 204, body
@@ -370,17 +406,29 @@ def test_removing_every_schedule_removes_the_future_runs(srv, api):
 
 # --- late runs ---------------------------------------------------------------------------------
 
+
 def test_overdue_scheduled_runs_become_late(srv, api):
     flow = new_flow(api)
     overdue_at = now() - dt.timedelta(seconds=30)
-    overdue = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
-        "type": "SCHEDULED", "state_details": {"scheduled_time": iso(overdue_at)}}})
-    future = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "state": {
-        "type": "SCHEDULED", "state_details": {"scheduled_time": iso(now() + dt.timedelta(hours=1))}}})
+    overdue = api.ok(
+        "POST",
+        "/flow_runs/",
+        {"flow_id": flow["id"], "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(overdue_at)}}},
+    )
+    future = api.ok(
+        "POST",
+        "/flow_runs/",
+        {
+            "flow_id": flow["id"],
+            "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(now() + dt.timedelta(hours=1))}},
+        },
+    )
     pending = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "state": {"type": "PENDING"}})
 
-    late = wait_until(lambda: (lambda r: r if r["state_name"] == "Late" else None)(get_run(api, overdue["id"])),
-                      what="the overdue run to be Late")
+    late = wait_until(
+        lambda: (lambda r: r if r["state_name"] == "Late" else None)(get_run(api, overdue["id"])),
+        what="the overdue run to be Late",
+    )
     assert late["state_type"] == "SCHEDULED", "Late is a SCHEDULED state"
     assert parse(late["state"]["state_details"]["scheduled_time"]) == overdue_at
     assert parse(late["expected_start_time"]) == overdue_at
@@ -408,6 +456,7 @@ def test_scheduled_deployment_runs_go_late_when_nobody_runs_them(make_app):
 
 # --- pause expirations -------------------------------------------------------------------------
 
+
 def test_expired_pause_fails_the_run(srv, api):
     flow = new_flow(api)
     expired = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
@@ -419,8 +468,10 @@ def test_expired_pause_fails_the_run(srv, api):
     set_state(api, expired["id"], "PAUSED", pause_timeout=iso(passed), pause_key="p1")
     set_state(api, waiting["id"], "PAUSED", pause_timeout=iso(now() + dt.timedelta(hours=1)), pause_key="p1")
 
-    failed = wait_until(lambda: (lambda r: r if r["state_type"] == "FAILED" else None)(get_run(api, expired["id"])),
-                        what="the expired pause to fail")
+    failed = wait_until(
+        lambda: (lambda r: r if r["state_type"] == "FAILED" else None)(get_run(api, expired["id"])),
+        what="the expired pause to fail",
+    )
     assert failed["state_name"] == "Failed"
     assert failed["end_time"] is not None
     wait_passes(srv, prefectlite.PauseExpirations)
@@ -429,13 +480,16 @@ def test_expired_pause_fails_the_run(srv, api):
 
 # --- cancellation clean-up ---------------------------------------------------------------------
 
+
 def test_cancelling_run_without_deployment_ends_cancelled(srv, api):
     flow = new_flow(api)
     run = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
     set_state(api, run["id"], "RUNNING")
     set_state(api, run["id"], "CANCELLING")
-    done = wait_until(lambda: (lambda r: r if r["state_type"] == "CANCELLED" else None)(get_run(api, run["id"])),
-                      what="the CANCELLING run to be CANCELLED")
+    done = wait_until(
+        lambda: (lambda r: r if r["state_type"] == "CANCELLED" else None)(get_run(api, run["id"])),
+        what="the CANCELLING run to be CANCELLED",
+    )
     assert done["state_name"] == "Cancelled" and done["end_time"] is not None
 
     # A run of a deployment has infrastructure to stop: a worker or runner finishes its cancellation.
@@ -448,12 +502,10 @@ def test_cancelling_run_without_deployment_ends_cancelled(srv, api):
 
 
 def _subflow(api, parent_id, deployment=None):
-    task = api.ok("POST", "/task_runs/", {"flow_run_id": parent_id, "task_key": unique("subflow"),
-                                          "dynamic_key": "0"})
+    task = api.ok("POST", "/task_runs/", {"flow_run_id": parent_id, "task_key": unique("subflow"), "dynamic_key": "0"})
     body = {"flow_id": new_flow(api)["id"], "parent_task_run_id": task["id"]}
     if deployment:
-        child = api.ok("POST", f"/deployments/{deployment['id']}/create_flow_run",
-                       {"parent_task_run_id": task["id"]})
+        child = api.ok("POST", f"/deployments/{deployment['id']}/create_flow_run", {"parent_task_run_id": task["id"]})
     else:
         child = api.ok("POST", "/flow_runs/", body)
     set_state(api, child["id"], "RUNNING")
@@ -473,12 +525,16 @@ def test_subflows_of_a_cancelled_parent_are_cancelled(srv, api):
     set_state(api, other["id"], "RUNNING")
 
     set_state(api, parent["id"], "CANCELLED")
-    done = wait_until(lambda: (lambda r: r if r["state_type"] == "CANCELLED" else None)(get_run(api, child["id"])),
-                      what="the subflow to be cancelled")
+    done = wait_until(
+        lambda: (lambda r: r if r["state_type"] == "CANCELLED" else None)(get_run(api, child["id"])),
+        what="the subflow to be cancelled",
+    )
     assert done["state_name"] == "Cancelled"
     # A subflow with a deployment has its own infrastructure: it is asked to cancel.
-    wait_until(lambda: get_run(api, deployed_child["id"])["state_type"] in ("CANCELLING", "CANCELLED"),
-               what="the deployed subflow to be cancelling")
+    wait_until(
+        lambda: get_run(api, deployed_child["id"])["state_type"] in ("CANCELLING", "CANCELLED"),
+        what="the deployed subflow to be cancelling",
+    )
     wait_passes(srv, prefectlite.CancellationCleanup)
     assert get_run(api, finished_child["id"])["state_type"] == "COMPLETED"
     assert get_run(api, other["id"])["state_type"] == "RUNNING"
@@ -529,6 +585,7 @@ def test_cancelling_a_scheduled_run_without_infrastructure_cancels_it(srv, api):
 
 # --- replicas and shutdown ---------------------------------------------------------------------
 
+
 def test_two_servers_on_one_postgres_make_no_duplicate_runs(postgres_url):
     fast = {"PREFECT_API_SERVICES_SCHEDULER_LOOP_SECONDS": 0.05}
     with running_server(postgres_url, **fast) as one, running_server(postgres_url, **fast) as two:
@@ -537,8 +594,11 @@ def test_two_servers_on_one_postgres_make_no_duplicate_runs(postgres_url):
         deps = []
         for i in range(4):
             api = api_one if i % 2 else api_two
-            deps.append(new_deployment(api, [{"schedule": {"interval": 600}}, {"schedule": {"cron": "5 4 * * *"}}],
-                                       flow_id=flow["id"]))
+            deps.append(
+                new_deployment(
+                    api, [{"schedule": {"interval": 600}}, {"schedule": {"cron": "5 4 * * *"}}], flow_id=flow["id"]
+                )
+            )
         wait_until(lambda: all(len(auto_runs(api_two, d["id"])) >= 9 for d in deps), what="every deployment's runs")
         for _ in range(3):
             wait_passes(one, prefectlite.Scheduler, n=2)
@@ -549,7 +609,8 @@ def test_two_servers_on_one_postgres_make_no_duplicate_runs(postgres_url):
             assert 9 <= len(runs) <= 10, [r["expected_start_time"] for r in runs]
         # Both servers see the same runs.
         assert sorted(r["id"] for r in auto_runs(api_one, deps[0]["id"])) == sorted(
-            r["id"] for r in auto_runs(api_two, deps[0]["id"]))
+            r["id"] for r in auto_runs(api_two, deps[0]["id"])
+        )
 
 
 def test_services_stop_cleanly_on_shutdown(tmp_path):
@@ -559,11 +620,16 @@ def test_services_stop_cleanly_on_shutdown(tmp_path):
         new_deployment(api, [{"schedule": {"interval": 60}}])
         started = [t for t in set(threading.enumerate()) - before if t.name.startswith("prefectlite-")]
         names = {t.name for t in started}
-        assert {"prefectlite-scheduler", "prefectlite-late-runs", "prefectlite-pause-expirations",
-                "prefectlite-cancellation-cleanup"} <= names, names
+        assert {
+            "prefectlite-scheduler",
+            "prefectlite-late-runs",
+            "prefectlite-pause-expirations",
+            "prefectlite-cancellation-cleanup",
+        } <= names, names
         wait_until(lambda: api.ok("POST", "/flow_runs/count", {}) > 0, what="the scheduler at work")
     alive = [t.name for t in started if t.is_alive()]
     assert alive == [], f"threads still running after the server stopped: {alive}"
-    services_left = [t.name for t in threading.enumerate() if t not in before and t.is_alive()
-                     and t.name.startswith("prefectlite-")]
+    services_left = [
+        t.name for t in threading.enumerate() if t not in before and t.is_alive() and t.name.startswith("prefectlite-")
+    ]
     assert services_left == [], services_left

@@ -18,8 +18,6 @@ import prefectlite
 from prefectlite import ConfigurationError, load_settings, parse_database_url
 
 
-
-
 def assert_one_line_error(proc):
     assert proc.returncode != 0, (proc.stdout, proc.stderr)
     assert "Traceback" not in proc.stderr and "Traceback" not in proc.stdout
@@ -30,6 +28,7 @@ def assert_one_line_error(proc):
 
 # ---------------------------------------------------------------------------------------------
 # defaults and PREFECT_HOME
+
 
 def test_default_prefect_home_is_dot_prefectlite_never_dot_prefect():
     settings = load_settings(env={})  # reads ~/.prefectlite/profiles.toml if present, writes nothing
@@ -42,10 +41,18 @@ def test_default_prefect_home_is_dot_prefectlite_never_dot_prefect():
 
 def test_default_home_and_database_url_in_a_private_home(tmp_path):
     """With HOME pointing into tmp_path and no PREFECT_* variables: the defaults resolve under ~/.prefectlite."""
-    code = ("import prefectlite, json; s = prefectlite.load_settings(env={}); "
-            "print(json.dumps([s['PREFECT_HOME'], s['PREFECT_API_DATABASE_CONNECTION_URL']]))")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean_env(HOME=str(tmp_path)),
-                          capture_output=True, text=True, timeout=60)
+    code = (
+        "import prefectlite, json; s = prefectlite.load_settings(env={}); "
+        "print(json.dumps([s['PREFECT_HOME'], s['PREFECT_API_DATABASE_CONNECTION_URL']]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=clean_env(HOME=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     home, url = __import__("json").loads(proc.stdout)
     assert home == str(tmp_path / ".prefectlite")
@@ -53,8 +60,13 @@ def test_default_home_and_database_url_in_a_private_home(tmp_path):
 
 
 def test_default_database_file_is_created_under_dot_prefectlite(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "prefectlite.py"), "database", "upgrade", "-y"],
-                          env=clean_env(HOME=str(tmp_path)), capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "prefectlite.py"), "database", "upgrade", "-y"],
+        env=clean_env(HOME=str(tmp_path)),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / ".prefectlite" / "prefectlite.db").is_file()
     assert not (tmp_path / ".prefect").exists()
@@ -72,13 +84,19 @@ def test_default_database_url_follows_prefect_home(tmp_path):
 
 
 def test_spec_default_of_the_database_url():
-    assert prefectlite.SETTINGS["PREFECT_API_DATABASE_CONNECTION_URL"].default == \
-        "sqlite:///${PREFECT_HOME}/prefectlite.db"
+    assert (
+        prefectlite.SETTINGS["PREFECT_API_DATABASE_CONNECTION_URL"].default
+        == "sqlite:///${PREFECT_HOME}/prefectlite.db"
+    )
 
 
 def test_prefect_home_in_a_profile_value_is_expanded(tmp_path):
-    proc = run_cli("config", "set", "PREFECT_API_DATABASE_CONNECTION_URL=sqlite:///${PREFECT_HOME}/other.db",
-                   env={"PREFECT_HOME": str(tmp_path)})
+    proc = run_cli(
+        "config",
+        "set",
+        "PREFECT_API_DATABASE_CONNECTION_URL=sqlite:///${PREFECT_HOME}/other.db",
+        env={"PREFECT_HOME": str(tmp_path)},
+    )
     assert proc.returncode == 0, proc.stderr
     settings = load_settings(env={"PREFECT_HOME": str(tmp_path)})
     assert settings["PREFECT_API_DATABASE_CONNECTION_URL"] == f"sqlite:///{tmp_path}/other.db"
@@ -86,6 +104,7 @@ def test_prefect_home_in_a_profile_value_is_expanded(tmp_path):
 
 # ---------------------------------------------------------------------------------------------
 # precedence env > active profile > default
+
 
 def test_precedence_env_over_profile_over_default(tmp_path):
     home = {"PREFECT_HOME": str(tmp_path)}
@@ -124,64 +143,83 @@ def test_only_the_active_profile_counts(tmp_path):
 
 
 def test_values_are_converted_to_their_types(tmp_path):
-    settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_API_DATABASE_ECHO": "true",
-                                  "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
-                                  "PREFECT_API_DATABASE_TIMEOUT": "2.5", "PREFECT_SERVER_API_PORT": "1234"})
+    settings = load_settings(
+        env={
+            "PREFECT_HOME": str(tmp_path),
+            "PREFECT_API_DATABASE_ECHO": "true",
+            "PREFECT_API_DATABASE_MIGRATE_ON_START": "false",
+            "PREFECT_API_DATABASE_TIMEOUT": "2.5",
+            "PREFECT_SERVER_API_PORT": "1234",
+        }
+    )
     assert settings["PREFECT_API_DATABASE_ECHO"] is True
     assert settings["PREFECT_API_DATABASE_MIGRATE_ON_START"] is False
     assert settings["PREFECT_API_DATABASE_TIMEOUT"] == 2.5
     assert settings["PREFECT_SERVER_API_PORT"] == 1234
 
 
-@pytest.mark.parametrize("name, value", [
-    ("PREFECT_SERVER_API_PORT", "not-a-number"),
-    ("PREFECT_API_DATABASE_ECHO", "maybe"),
-    ("PREFECT_API_DATABASE_POOL_SIZE", "2.5"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PREFECT_SERVER_API_PORT", "not-a-number"),
+        ("PREFECT_API_DATABASE_ECHO", "maybe"),
+        ("PREFECT_API_DATABASE_POOL_SIZE", "2.5"),
+    ],
+)
 def test_badly_typed_value_is_a_configuration_error(tmp_path, name, value):
     with pytest.raises(ConfigurationError):
         load_settings(env={"PREFECT_HOME": str(tmp_path), name: value})
 
 
-@pytest.mark.parametrize("name, value, problem", [
-    ("PREFECT_SERVER_WORKERS", "0", "at least 1"),
-    ("PREFECT_SERVER_PROCESSES", "65", "at most 64"),
-    ("PREFECT_SERVER_API_PORT", "70000", "at most 65535"),
-    ("PREFECT_SERVER_MAX_BODY_BYTES", "-5", "at least 1"),
-    ("PREFECT_API_DATABASE_TIMEOUT", "-1", "at least 0"),
-    ("PREFECT_API_DATABASE_TIMEOUT", "nan", "finite"),
-    ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "0", "at least 0.01"),  # 0 would spin
-    ("PREFECT_API_DEFAULT_LIMIT", "0", "at least 1"),
-    # past these, a service's date arithmetic or wait would overflow
-    ("PREFECT_SERVER_SERVICES_RETENTION_DAYS", "1e9", "at most 36500"),
-    ("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", "1e12", "at most 3200000000"),
-    ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "1e12", "at most 31536000"),
-    ("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", "1000", "at most 100"),
-    ("PREFECT_API_DATABASE_POOL_SIZE", "0", "at least 1"),  # no connection at all: every request a 503
-    ("PREFECT_API_DATABASE_MAX_OVERFLOW", "-1", "at least 0"),  # SQLAlchemy's "no limit": we have none
-])
+@pytest.mark.parametrize(
+    "name, value, problem",
+    [
+        ("PREFECT_SERVER_WORKERS", "0", "at least 1"),
+        ("PREFECT_SERVER_PROCESSES", "65", "at most 64"),
+        ("PREFECT_SERVER_API_PORT", "70000", "at most 65535"),
+        ("PREFECT_SERVER_MAX_BODY_BYTES", "-5", "at least 1"),
+        ("PREFECT_API_DATABASE_TIMEOUT", "-1", "at least 0"),
+        ("PREFECT_API_DATABASE_TIMEOUT", "nan", "finite"),
+        ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "0", "at least 0.01"),  # 0 would spin
+        ("PREFECT_API_DEFAULT_LIMIT", "0", "at least 1"),
+        # past these, a service's date arithmetic or wait would overflow
+        ("PREFECT_SERVER_SERVICES_RETENTION_DAYS", "1e9", "at most 36500"),
+        ("PREFECT_API_SERVICES_SCHEDULER_MAX_SCHEDULED_TIME", "1e12", "at most 3200000000"),
+        ("PREFECT_API_SERVICES_LATE_RUNS_LOOP_SECONDS", "1e12", "at most 31536000"),
+        ("PREFECT_NOTIFICATIONS_MAX_ATTEMPTS", "1000", "at most 100"),
+        ("PREFECT_API_DATABASE_POOL_SIZE", "0", "at least 1"),  # no connection at all: every request a 503
+        ("PREFECT_API_DATABASE_MAX_OVERFLOW", "-1", "at least 0"),  # SQLAlchemy's "no limit": we have none
+    ],
+)
 def test_a_value_out_of_its_range_is_a_configuration_error_naming_it(tmp_path, name, value, problem):
     for source in ({"env": {name: value}}, {"overrides": {name: value}}):
         with pytest.raises(ConfigurationError) as info:
-            load_settings(env={"PREFECT_HOME": str(tmp_path), **source.get("env", {})},
-                          overrides=source.get("overrides"))
+            load_settings(
+                env={"PREFECT_HOME": str(tmp_path), **source.get("env", {})}, overrides=source.get("overrides")
+            )
         assert name in str(info.value) and problem in str(info.value) and repr(value) in str(info.value)
 
 
-@pytest.mark.parametrize("name, value, stored", [
-    ("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "FULL", "full"),
-    ("PREFECT_LOGGING_SERVER_LEVEL", "debug", "DEBUG"),
-    ("PREFECT_LOGGING_SERVER_FORMAT", " JSON ", "json"),
-])
+@pytest.mark.parametrize(
+    "name, value, stored",
+    [
+        ("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "FULL", "full"),
+        ("PREFECT_LOGGING_SERVER_LEVEL", "debug", "DEBUG"),
+        ("PREFECT_LOGGING_SERVER_FORMAT", " JSON ", "json"),
+    ],
+)
 def test_a_choice_is_taken_in_any_case(tmp_path, name, value, stored):
     assert load_settings(env={"PREFECT_HOME": str(tmp_path), name: value})[name] == stored
 
 
-@pytest.mark.parametrize("name, value", [
-    ("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "off"),
-    ("PREFECT_LOGGING_SERVER_LEVEL", "loud"),
-    ("PREFECT_LOGGING_SERVER_FORMAT", "xml"),
-])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("PREFECT_API_DATABASE_SQLITE_SYNCHRONOUS", "off"),
+        ("PREFECT_LOGGING_SERVER_LEVEL", "loud"),
+        ("PREFECT_LOGGING_SERVER_FORMAT", "xml"),
+    ],
+)
 def test_a_value_that_is_not_one_of_the_choices_is_refused_naming_them(tmp_path, name, value):
     with pytest.raises(ConfigurationError) as info:
         load_settings(env={"PREFECT_HOME": str(tmp_path), name: value})
@@ -194,20 +232,33 @@ def test_a_value_that_is_not_one_of_the_choices_is_refused_naming_them(tmp_path,
 def test_the_postgres_pool_settings_have_prefects_names_and_defaults(tmp_path):
     settings = load_settings(env={"PREFECT_HOME": str(tmp_path)})
     assert (settings["PREFECT_API_DATABASE_POOL_SIZE"], settings["PREFECT_API_DATABASE_MAX_OVERFLOW"]) == (5, 10)
-    settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_API_DATABASE_POOL_SIZE": "1",
-                                  "PREFECT_API_DATABASE_MAX_OVERFLOW": "0"})
+    settings = load_settings(
+        env={
+            "PREFECT_HOME": str(tmp_path),
+            "PREFECT_API_DATABASE_POOL_SIZE": "1",
+            "PREFECT_API_DATABASE_MAX_OVERFLOW": "0",
+        }
+    )
     assert (settings["PREFECT_API_DATABASE_POOL_SIZE"], settings["PREFECT_API_DATABASE_MAX_OVERFLOW"]) == (1, 0)
 
 
 def test_the_ends_of_a_range_are_accepted(tmp_path):
-    settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_SERVER_API_PORT": "0",
-                                  "PREFECT_SERVER_PROCESSES": "64", "PREFECT_SERVER_READ_CACHE_SECONDS": "0"})
+    settings = load_settings(
+        env={
+            "PREFECT_HOME": str(tmp_path),
+            "PREFECT_SERVER_API_PORT": "0",
+            "PREFECT_SERVER_PROCESSES": "64",
+            "PREFECT_SERVER_READ_CACHE_SECONDS": "0",
+        }
+    )
     assert (settings["PREFECT_SERVER_API_PORT"], settings["PREFECT_SERVER_PROCESSES"]) == (0, 64)
     assert settings["PREFECT_SERVER_READ_CACHE_SECONDS"] == 0.0
 
 
 def test_config_set_refuses_a_value_out_of_range_and_writes_nothing(tmp_path):
-    line = assert_one_line_error(run_cli("config", "set", "PREFECT_SERVER_PROCESSES=0", env={"PREFECT_HOME": str(tmp_path)}))
+    line = assert_one_line_error(
+        run_cli("config", "set", "PREFECT_SERVER_PROCESSES=0", env={"PREFECT_HOME": str(tmp_path)})
+    )
     assert "PREFECT_SERVER_PROCESSES" in line and "at least 1" in line
     assert not (tmp_path / "profiles.toml").exists()
 
@@ -219,12 +270,15 @@ def test_a_value_out_of_range_in_the_profile_stops_start_with_one_line(tmp_path)
 
 
 def test_start_port_flag_out_of_range_is_one_line(tmp_path):
-    line = assert_one_line_error(run_cli("start", "--port", "70000", env={"PREFECT_HOME": str(tmp_path)}, input_text=""))
+    line = assert_one_line_error(
+        run_cli("start", "--port", "70000", env={"PREFECT_HOME": str(tmp_path)}, input_text="")
+    )
     assert "--port" in line and "65535" in line
 
 
 # ---------------------------------------------------------------------------------------------
 # unknown keys
+
 
 def test_unknown_key_is_rejected_with_the_closest_valid_names():
     with pytest.raises(ConfigurationError) as info:
@@ -236,8 +290,9 @@ def test_unknown_key_is_rejected_with_the_closest_valid_names():
 
 
 def test_cli_unknown_key_names_the_closest_and_writes_nothing(tmp_path):
-    proc = run_cli("config", "set", "PREFECT_API_DATABASE_CONECTION_URL=sqlite:///x.db",
-                   env={"PREFECT_HOME": str(tmp_path)})
+    proc = run_cli(
+        "config", "set", "PREFECT_API_DATABASE_CONECTION_URL=sqlite:///x.db", env={"PREFECT_HOME": str(tmp_path)}
+    )
     line = assert_one_line_error(proc)
     assert "PREFECT_API_DATABASE_CONNECTION_URL" in line
     assert not (tmp_path / "profiles.toml").exists()
@@ -246,12 +301,16 @@ def test_cli_unknown_key_names_the_closest_and_writes_nothing(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # database URL forms
 
-@pytest.mark.parametrize("template, kind, target", [
-    ("sqlite:///{tmp}/plain.db", "sqlite", "{tmp}/plain.db"),
-    ("sqlite+aiosqlite:///{tmp}/aio.db", "sqlite", "{tmp}/aio.db"),
-    ("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true&check_same_thread=false", "sqlite", ":memory:"),
-    ("sqlite:///:memory:", "sqlite", ":memory:"),
-])
+
+@pytest.mark.parametrize(
+    "template, kind, target",
+    [
+        ("sqlite:///{tmp}/plain.db", "sqlite", "{tmp}/plain.db"),
+        ("sqlite+aiosqlite:///{tmp}/aio.db", "sqlite", "{tmp}/aio.db"),
+        ("sqlite+aiosqlite:///file::memory:?cache=shared&uri=true&check_same_thread=false", "sqlite", ":memory:"),
+        ("sqlite:///:memory:", "sqlite", ":memory:"),
+    ],
+)
 def test_sqlite_url_forms_parse_and_open(tmp_path, template, kind, target):
     url = template.format(tmp=tmp_path)
     assert parse_database_url(url) == (kind, target.format(tmp=tmp_path))
@@ -272,16 +331,27 @@ def test_relative_sqlite_path():
     assert parse_database_url("sqlite:///relative/dir/x.db") == ("sqlite", "relative/dir/x.db")
 
 
-@pytest.mark.parametrize("url, expected", [
-    ("postgresql://user:pw@db.example:5433/prefect",
-     {"host": "db.example", "port": 5433, "dbname": "prefect", "user": "user", "password": "pw"}),
-    ("postgresql+asyncpg://user:pw@db.example:5433/prefect",
-     {"host": "db.example", "port": 5433, "dbname": "prefect", "user": "user", "password": "pw"}),
-    ("postgresql+asyncpg://user:p%40ss@host/db",
-     {"host": "host", "port": 5432, "dbname": "db", "user": "user", "password": "p@ss"}),
-    ("postgresql://postgres@127.0.0.1/test",
-     {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": "postgres"}),
-])
+@pytest.mark.parametrize(
+    "url, expected",
+    [
+        (
+            "postgresql://user:pw@db.example:5433/prefect",
+            {"host": "db.example", "port": 5433, "dbname": "prefect", "user": "user", "password": "pw"},
+        ),
+        (
+            "postgresql+asyncpg://user:pw@db.example:5433/prefect",
+            {"host": "db.example", "port": 5433, "dbname": "prefect", "user": "user", "password": "pw"},
+        ),
+        (
+            "postgresql+asyncpg://user:p%40ss@host/db",
+            {"host": "host", "port": 5432, "dbname": "db", "user": "user", "password": "p@ss"},
+        ),
+        (
+            "postgresql://postgres@127.0.0.1/test",
+            {"host": "127.0.0.1", "port": 5432, "dbname": "test", "user": "postgres"},
+        ),
+    ],
+)
 def test_postgres_url_forms_parse(url, expected):
     kind, conninfo = parse_database_url(url)
     assert kind == "postgresql"
@@ -290,7 +360,7 @@ def test_postgres_url_forms_parse(url, expected):
 
 @pytest.mark.parametrize("scheme", ["postgresql", "postgresql+asyncpg"])
 def test_postgres_url_forms_connect(postgres_url, tmp_path, scheme):
-    url = scheme + postgres_url[postgres_url.index("://"):]
+    url = scheme + postgres_url[postgres_url.index("://") :]
     db = prefectlite.open_database(url, load_settings(env={"PREFECT_HOME": str(tmp_path)}))
     try:
         assert db.dialect == "postgresql"
@@ -300,15 +370,18 @@ def test_postgres_url_forms_connect(postgres_url, tmp_path, scheme):
         db.close()
 
 
-@pytest.mark.parametrize("url", [
-    "not a url",
-    "sqlite:/x.db",
-    "sqlite://x.db",
-    "mysql://user@host/db",
-    "postgresql://host-without-db",
-    "postgresql://user@host:notaport/db",
-    "",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not a url",
+        "sqlite:/x.db",
+        "sqlite://x.db",
+        "mysql://user@host/db",
+        "postgresql://host-without-db",
+        "postgresql://user@host:notaport/db",
+        "",
+    ],
+)
 def test_malformed_urls_are_configuration_errors(url):
     with pytest.raises(ConfigurationError):
         parse_database_url(url)
@@ -317,14 +390,16 @@ def test_malformed_urls_are_configuration_errors(url):
 # ---------------------------------------------------------------------------------------------
 # PREFECT_API_DATABASE_PASSWORD
 
+
 def test_password_setting_used_when_url_has_none(tmp_path):
     _, conninfo = parse_database_url("postgresql://app@db:5432/prefect", password="s3cret")
     assert conninfo["password"] == "s3cret"
 
 
 def test_password_setting_replaces_the_placeholder():
-    _, conninfo = parse_database_url("postgresql+asyncpg://app:${PREFECT_API_DATABASE_PASSWORD}@db:5432/prefect",
-                                     password="s3cret")
+    _, conninfo = parse_database_url(
+        "postgresql+asyncpg://app:${PREFECT_API_DATABASE_PASSWORD}@db:5432/prefect", password="s3cret"
+    )
     assert conninfo["password"] == "s3cret"
     assert conninfo["user"] == "app"
 
@@ -338,8 +413,13 @@ def test_password_from_the_environment_reaches_the_connection(postgres_url, tmp_
     rest = postgres_url.split("://", 1)[1]
     user, hostpart = rest.split("@", 1)
     url = f"postgresql+asyncpg://{user}:${{PREFECT_API_DATABASE_PASSWORD}}@{hostpart}"
-    settings = load_settings(env={"PREFECT_HOME": str(tmp_path), "PREFECT_API_DATABASE_CONNECTION_URL": url,
-                                  "PREFECT_API_DATABASE_PASSWORD": "from-env"})
+    settings = load_settings(
+        env={
+            "PREFECT_HOME": str(tmp_path),
+            "PREFECT_API_DATABASE_CONNECTION_URL": url,
+            "PREFECT_API_DATABASE_PASSWORD": "from-env",
+        }
+    )
     db = prefectlite.open_database(settings["PREFECT_API_DATABASE_CONNECTION_URL"], settings)
     try:
         assert db.conninfo["password"] == "from-env"
@@ -351,6 +431,7 @@ def test_password_from_the_environment_reaches_the_connection(postgres_url, tmp_
 # ---------------------------------------------------------------------------------------------
 # PREFECT_API_DATABASE_MIGRATE_ON_START
 
+
 def _current(env):
     proc = run_cli("database", "current", env=env)
     assert proc.returncode == 0, proc.stderr
@@ -361,8 +442,15 @@ def test_start_refuses_a_schema_behind_when_migrate_on_start_is_false(tmp_path):
     env = {"PREFECT_HOME": str(tmp_path)}
     first = prefectlite.list_revisions()[0].id
     assert run_cli("database", "upgrade", "-y", "-r", first, env=env).returncode == 0
-    proc = run_cli("start", "--host", "127.0.0.1", "--port", str(free_port()),
-                   env={**env, "PREFECT_API_DATABASE_MIGRATE_ON_START": "false"}, timeout=60)
+    proc = run_cli(
+        "start",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(free_port()),
+        env={**env, "PREFECT_API_DATABASE_MIGRATE_ON_START": "false"},
+        timeout=60,
+    )
     line = assert_one_line_error(proc)
     assert "database upgrade" in line
     assert _current(env) == first  # nothing migrated
@@ -411,6 +499,7 @@ def test_migrate_on_start_false_from_a_profile(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # PREFECT_API_DATABASE_ECHO
 
+
 def test_echo_logs_sql_of_the_started_server(tmp_path):
     env = {"PREFECT_HOME": str(tmp_path), "PREFECT_API_DATABASE_ECHO": "true"}
     server = ServerProcess(tmp_path, env)
@@ -444,17 +533,21 @@ def test_echo_logs_sql_when_embedded(caplog):
 # ---------------------------------------------------------------------------------------------
 # a database URL's password is never shown
 
-@pytest.mark.parametrize("url, shown", [
-    ("postgresql://postgres:p@ssSECRETtail@host/db", "postgresql://postgres:********@host/db"),
-    ("postgresql://postgres:pa:ssSECRET:tail@host:5433/db", "postgresql://postgres:********@host:5433/db"),
-    ("postgresql://postgres:p:@ss@SECRET@host/db", "postgresql://postgres:********@host/db"),
-    ("postgresql+asyncpg://postgres:p%40ssSECRET@host/db", "postgresql+asyncpg://postgres:********@host/db"),
-    ("postgresql://postgres:@host/db", "postgresql://postgres:@host/db"),  # empty: nothing to hide
-    ("postgresql://postgres@host:5432/db", "postgresql://postgres@host:5432/db"),
-    ("postgresql://host/db", "postgresql://host/db"),
-    ("sqlite:////var/lib/a:b@c.db", "sqlite:////var/lib/a:b@c.db"),  # a path, no user info
-    ("sqlite:///:memory:", "sqlite:///:memory:"),
-])
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("postgresql://postgres:p@ssSECRETtail@host/db", "postgresql://postgres:********@host/db"),
+        ("postgresql://postgres:pa:ssSECRET:tail@host:5433/db", "postgresql://postgres:********@host:5433/db"),
+        ("postgresql://postgres:p:@ss@SECRET@host/db", "postgresql://postgres:********@host/db"),
+        ("postgresql+asyncpg://postgres:p%40ssSECRET@host/db", "postgresql+asyncpg://postgres:********@host/db"),
+        ("postgresql://postgres:@host/db", "postgresql://postgres:@host/db"),  # empty: nothing to hide
+        ("postgresql://postgres@host:5432/db", "postgresql://postgres@host:5432/db"),
+        ("postgresql://host/db", "postgresql://host/db"),
+        ("sqlite:////var/lib/a:b@c.db", "sqlite:////var/lib/a:b@c.db"),  # a path, no user info
+        ("sqlite:///:memory:", "sqlite:///:memory:"),
+    ],
+)
 def test_the_password_of_a_database_url_is_masked_from_the_user_info(url, shown):
     assert prefectlite.mask_url_password(url) == shown
 
@@ -475,6 +568,7 @@ def test_config_view_and_the_start_up_error_mask_a_password_with_at_and_colon(tm
 
 
 def test_admin_settings_mask_a_password_with_an_at_sign(tmp_path):
-    settings = load_settings(env={"PREFECT_HOME": str(tmp_path),
-                                  "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql://u:p@ssSECRET@h/db"})
+    settings = load_settings(
+        env={"PREFECT_HOME": str(tmp_path), "PREFECT_API_DATABASE_CONNECTION_URL": "postgresql://u:p@ssSECRET@h/db"}
+    )
     assert settings.masked()["PREFECT_API_DATABASE_CONNECTION_URL"] == "postgresql://u:********@h/db"

@@ -47,6 +47,7 @@ pytestmark = pytest.mark.xdist_group("ui")
 
 # ---------------------------------------------------------------- helpers
 
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -65,7 +66,9 @@ class Api:
 
     def request(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.url + path, data=data, method=method, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"Content-Type": "application/json"}
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
                 text = r.read()
@@ -104,35 +107,49 @@ class UI:
             self.wait_ready()
 
     def wait_ready(self, timeout=15):
-        self.b.wait(lambda: self.b.execute(
-            "return !!document.querySelector('main .page > *') && !document.querySelector('main .loading, main [aria-busy=true]')"),
-            timeout, "the page to finish loading")
+        self.b.wait(
+            lambda: self.b.execute(
+                "return !!document.querySelector('main .page > *') && !document.querySelector('main .loading,"
+                " main [aria-busy=true]')"
+            ),
+            timeout,
+            "the page to finish loading",
+        )
 
     def texts(self, css):
         """innerText of the visible elements matching css."""
         return self.b.execute(
             "return [...document.querySelectorAll(arguments[0])].filter(e => e.getClientRects().length)"
-            ".map(e => e.innerText.trim())", css)
+            ".map(e => e.innerText.trim())",
+            css,
+        )
 
     def text(self, css="main"):
         return "\n".join(self.texts(css))
 
     def wait_text(self, css, needle, timeout=10):
-        return self.b.wait(lambda: any(needle in t for t in self.texts(css)) and self.texts(css), timeout,
-                           f"{needle!r} in {css}")
+        return self.b.wait(
+            lambda: any(needle in t for t in self.texts(css)) and self.texts(css), timeout, f"{needle!r} in {css}"
+        )
 
     def wait_gone(self, css, needle, timeout=10):
         self.b.wait(lambda: not any(needle in t for t in self.texts(css)), timeout, f"{needle!r} to leave {css}")
 
     def el(self, css, text=None, timeout=10, visible=True):
         """The first visible element matching css (whose trimmed text equals `text`, when given)."""
+
         def find():
             found = self.b.execute(
                 "const [css, text, visible] = arguments;"
                 "return [...document.querySelectorAll(css)].find(e => (!visible || e.getClientRects().length) &&"
-                " (text === null || (e.innerText || e.textContent).trim() === text || e.getAttribute('aria-label') === text)) || null;",
-                css, text, visible)
+                " (text === null || (e.innerText || e.textContent).trim() === text ||"
+                " e.getAttribute('aria-label') === text)) || null;",
+                css,
+                text,
+                visible,
+            )
             return Element(self.b, found[ELEMENT]) if found else None
+
         return self.b.wait(find, timeout, f"a visible {css}" + (f" reading {text!r}" if text else ""))
 
     def click(self, css, text=None):
@@ -148,26 +165,42 @@ class UI:
     def choose(self, select_css, label):
         self.el(select_css)
         self.el(f"{select_css} option", label, visible=False).click()  # WebDriver selects an option it clicks
-        self.b.wait(lambda: self.b.execute("const s = document.querySelector(arguments[0]);"
-                                           "return s.options[s.selectedIndex].textContent.trim()", select_css) == label,
-                    5, f"{label!r} to be selected")
+        self.b.wait(
+            lambda: (
+                self.b.execute(
+                    "const s = document.querySelector(arguments[0]);"
+                    "return s.options[s.selectedIndex].textContent.trim()",
+                    select_css,
+                )
+                == label
+            ),
+            5,
+            f"{label!r} to be selected",
+        )
 
     def confirm(self, label):
         self.click("dialog[open] button", label)
-        self.b.wait(lambda: not self.b.execute("return !!document.querySelector('dialog[open]')"), 5, "the dialog to close")
+        self.b.wait(
+            lambda: not self.b.execute("return !!document.querySelector('dialog[open]')"), 5, "the dialog to close"
+        )
 
     def rows(self, css="main tbody tr"):
         return self.b.execute(
             "return [...document.querySelectorAll(arguments[0])].filter(e => e.getClientRects().length)"
-            ".map(r => [...r.cells].map(c => c.innerText.trim()))", css)
+            ".map(r => [...r.cells].map(c => c.innerText.trim()))",
+            css,
+        )
 
     def route(self):
         """The page's route: its path below the UI's root and its query, decoded."""
-        return self.b.execute("const root = new URL(document.baseURI).pathname;"
-                              "return decodeURIComponent(location.pathname.slice(root.length) + location.search)")
+        return self.b.execute(
+            "const root = new URL(document.baseURI).pathname;"
+            "return decodeURIComponent(location.pathname.slice(root.length) + location.search)"
+        )
 
 
 # ---------------------------------------------------------------- fixtures
+
 
 @pytest.fixture(scope="module")
 def browser(tmp_path_factory):
@@ -258,9 +291,27 @@ def data(api):
     flows = {name: api.post("/flows/", {"name": name, "tags": []}) for name in ("daily-etl", "reporter", "bulk-flow")}
     runs = {}
 
-    def run(name, flow="daily-etl", path=("RUNNING", "COMPLETED"), tags=(), params=None, parent=None, message=None, first="PENDING"):
-        r = api.post("/flow_runs/", {"flow_id": flows[flow]["id"], "name": name, "tags": list(tags), "parameters": params or {},
-                                     "parent_task_run_id": parent, "state": {"type": first}})
+    def run(
+        name,
+        flow="daily-etl",
+        path=("RUNNING", "COMPLETED"),
+        tags=(),
+        params=None,
+        parent=None,
+        message=None,
+        first="PENDING",
+    ):
+        r = api.post(
+            "/flow_runs/",
+            {
+                "flow_id": flows[flow]["id"],
+                "name": name,
+                "tags": list(tags),
+                "parameters": params or {},
+                "parent_task_run_id": parent,
+                "state": {"type": first},
+            },
+        )
         for i, st in enumerate(path):
             set_state(api, r["id"], st, message if i == len(path) - 1 else None, force=st not in ("RUNNING",))
         runs[name] = api.get(f"/flow_runs/{r['id']}")
@@ -273,11 +324,21 @@ def data(api):
     run("etl-completed-3")
     run("etl-failed-1", path=("RUNNING", "FAILED"), tags=["nightly"], message="ValueError: bad row 42")
     run("etl-crashed-1", path=("RUNNING", "CRASHED"), message="Process exited with code 137")
-    main = run("etl-running", path=("RUNNING",), tags=["nightly", "prod"], params={"date": "2024-02-01", "batch_size": 500})
+    main = run(
+        "etl-running", path=("RUNNING",), tags=["nightly", "prod"], params={"date": "2024-02-01", "batch_size": 500}
+    )
     tasks = {}
     for key, final in (("extract", "COMPLETED"), ("transform", "FAILED"), ("load", None)):
-        t = api.post("/task_runs/", {"flow_run_id": main["id"], "task_key": key, "dynamic_key": "0", "name": f"{key}-0",
-                                     "state": {"type": "PENDING"}})
+        t = api.post(
+            "/task_runs/",
+            {
+                "flow_run_id": main["id"],
+                "task_key": key,
+                "dynamic_key": "0",
+                "name": f"{key}-0",
+                "state": {"type": "PENDING"},
+            },
+        )
         api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "RUNNING"}})
         if final:
             time.sleep(0.05)  # by design: a run time the page shows as more than zero
@@ -285,12 +346,28 @@ def data(api):
         tasks[key] = t
     run("child-report", flow="reporter", parent=tasks["extract"]["id"])
     base = now_utc()
-    levels = [(10, "debug detail"), (20, "starting extract"), (20, "extracted 1,234 rows"), (30, "slow query warning"),
-              (40, "row 42 rejected"), (50, "critical disk failure")]
-    api.post("/logs/", [{"name": "prefect.flow_runs", "level": lvl, "message": f"log line {i}: {msg}",
-                         "timestamp": (base + datetime.timedelta(milliseconds=10 * i)).isoformat(),
-                         "flow_run_id": main["id"], "task_run_id": tasks["extract"]["id"] if i == 2 else None}
-                        for i, (lvl, msg) in enumerate(levels)])
+    levels = [
+        (10, "debug detail"),
+        (20, "starting extract"),
+        (20, "extracted 1,234 rows"),
+        (30, "slow query warning"),
+        (40, "row 42 rejected"),
+        (50, "critical disk failure"),
+    ]
+    api.post(
+        "/logs/",
+        [
+            {
+                "name": "prefect.flow_runs",
+                "level": lvl,
+                "message": f"log line {i}: {msg}",
+                "timestamp": (base + datetime.timedelta(milliseconds=10 * i)).isoformat(),
+                "flow_run_id": main["id"],
+                "task_run_id": tasks["extract"]["id"] if i == 2 else None,
+            }
+            for i, (lvl, msg) in enumerate(levels)
+        ],
+    )
     run("live-run", path=("RUNNING",))
     run("act-running", path=("RUNNING",))
     run("act-scheduled", path=(), first="SCHEDULED")
@@ -305,6 +382,7 @@ def count_runs(api, **flow_runs):
 
 # ---------------------------------------------------------------- dashboard
 
+
 def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
     ui.open("dashboard")
     ui.wait_text("#run-counts", "Total runs")
@@ -313,13 +391,19 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
     total = count_runs(api, expected_start_time=due)
     failed = count_runs(api, expected_start_time=due, state={"type": {"any_": ["FAILED"]}})
     assert total >= 42 and failed >= 2
-    cards = dict(ui.b.execute("return [...document.querySelectorAll('#run-counts .stat')]"
-                              ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"))
+    cards = dict(
+        ui.b.execute(
+            "return [...document.querySelectorAll('#run-counts .stat')]"
+            ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"
+        )
+    )
     assert cards["ALL"] == f"{total:,}"
     assert cards["FAILED"] == f"{failed:,}"
     assert cards["RUNNING"] == f"{count_runs(api, expected_start_time=due, state={'type': {'any_': ['RUNNING']}}):,}"
     # the chart: stacked bars coloured by state whose counts add up to the runs of the window
-    bars = ui.b.execute("return [...document.querySelectorAll('#run-chart svg rect.bar')].map(r => [r.dataset.state, +r.dataset.count])")
+    bars = ui.b.execute(
+        "return [...document.querySelectorAll('#run-chart svg rect.bar')].map(r => [r.dataset.state, +r.dataset.count])"
+    )
     assert {"COMPLETED", "FAILED", "RUNNING", "CRASHED"} <= {s for s, _ in bars}
     assert sum(c for _, c in bars) == total
     assert sum(c for s, c in bars if s == "FAILED") == failed
@@ -338,6 +422,7 @@ def test_dashboard_counts_chart_and_recent_failures(ui, api, data):
 
 # ---------------------------------------------------------------- flow runs list
 
+
 def test_flow_runs_list_paginates_and_filters(ui, api, data):
     total = count_runs(api, expected_start_time={"before_": now_utc().isoformat()})
     ui.open("flow-runs")
@@ -345,8 +430,14 @@ def test_flow_runs_list_paginates_and_filters(ui, api, data):
     page1 = [r[0] for r in ui.rows("main tr.run-row")]
     assert len(page1) == 25
     assert ui.texts(".pager-info") == [f"1–25 of {total}"]
-    newest = api.post("/flow_runs/filter", {"flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
-                                            "sort": "EXPECTED_START_TIME_DESC", "limit": 25})
+    newest = api.post(
+        "/flow_runs/filter",
+        {
+            "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+            "sort": "EXPECTED_START_TIME_DESC",
+            "limit": 25,
+        },
+    )
     assert page1 == [r["name"] for r in newest]
     ui.click("main .pager button", "Next ›")
     ui.wait_text(".pager-info", f"26–{min(50, total)} of {total}")
@@ -397,17 +488,45 @@ def timeline(api, data):
     flow = api.post("/flows/", {"name": "scheduled-report"})
     dep = api.post("/deployments/", {"name": "nightly-report", "flow_id": flow["id"]})
     start = now_utc() + datetime.timedelta(days=1)
-    future = [api.post("/flow_runs/", {"flow_id": flow["id"], "deployment_id": dep["id"], "name": f"future-{i:02d}",
-                                       "state": {"type": "SCHEDULED", "name": "Scheduled",
-                                                 "state_details": {"scheduled_time": (start + datetime.timedelta(hours=i)).isoformat()}}})
-              for i in range(30)]
+    future = [
+        api.post(
+            "/flow_runs/",
+            {
+                "flow_id": flow["id"],
+                "deployment_id": dep["id"],
+                "name": f"future-{i:02d}",
+                "state": {
+                    "type": "SCHEDULED",
+                    "name": "Scheduled",
+                    "state_details": {"scheduled_time": (start + datetime.timedelta(hours=i)).isoformat()},
+                },
+            },
+        )
+        for i in range(30)
+    ]
     late = []
     for i in range(3):
-        r = api.post("/flow_runs/", {"flow_id": flow["id"], "deployment_id": dep["id"], "name": f"overdue-{i}",
-                                     "state": {"type": "SCHEDULED", "name": "Scheduled", "state_details": {
-                                         "scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()}}})
-        set_state(api, r["id"], "SCHEDULED", force=True, name="Late",
-                  state_details={"scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()})
+        r = api.post(
+            "/flow_runs/",
+            {
+                "flow_id": flow["id"],
+                "deployment_id": dep["id"],
+                "name": f"overdue-{i}",
+                "state": {
+                    "type": "SCHEDULED",
+                    "name": "Scheduled",
+                    "state_details": {"scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()},
+                },
+            },
+        )
+        set_state(
+            api,
+            r["id"],
+            "SCHEDULED",
+            force=True,
+            name="Late",
+            state_details={"scheduled_time": (now_utc() - datetime.timedelta(minutes=30 + i)).isoformat()},
+        )
         late.append(api.get(f"/flow_runs/{r['id']}"))
     assert all(r["state_name"] == "Late" for r in late)
     return {"deployment": dep, "future": future, "late": late}
@@ -439,8 +558,12 @@ def test_the_present_is_not_buried_under_the_future(ui, api, data, timeline):
 def test_late_runs_have_their_own_count_colour_and_filter(ui, api, data, timeline):
     ui.open("dashboard")
     ui.wait_text("#run-counts", "Late")
-    cards = dict(ui.b.execute("return [...document.querySelectorAll('#run-counts .stat')]"
-                              ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"))
+    cards = dict(
+        ui.b.execute(
+            "return [...document.querySelectorAll('#run-counts .stat')]"
+            ".map(c => [c.dataset.state, c.querySelector('.stat-value').innerText])"
+        )
+    )
     since = (now_utc() - datetime.timedelta(hours=24)).isoformat()
     due = {"after_": since, "before_": now_utc().isoformat()}
     assert cards["LATE"] == "3"
@@ -448,7 +571,9 @@ def test_late_runs_have_their_own_count_colour_and_filter(ui, api, data, timelin
     assert cards["SCHEDULED"] == f"{scheduled - 3:,}"
     assert cards["UPCOMING"] == "30"
     assert cards["ALL"] == f"{count_runs(api, expected_start_time=due):,}"
-    late_bars = ui.b.execute("return [...document.querySelectorAll('#run-chart rect.bar[data-state=LATE]')].map(r => +r.dataset.count)")
+    late_bars = ui.b.execute(
+        "return [...document.querySelectorAll('#run-chart rect.bar[data-state=LATE]')].map(r => +r.dataset.count)"
+    )
     assert sum(late_bars) == 3
     assert "Late" in ui.text("#run-chart .legend")
     # a Late run is drawn in a colour of its own
@@ -456,15 +581,22 @@ def test_late_runs_have_their_own_count_colour_and_filter(ui, api, data, timelin
     ui.b.wait(lambda: ui.route() == "flow-runs?range=24h&state=Late", 10, "the Late runs")
     ui.wait_text(".pager-info", "of 3")
     assert sorted(r[0] for r in ui.rows("main tr.run-row")) == ["overdue-0", "overdue-1", "overdue-2"]
-    colours = ui.b.execute("return [...document.querySelectorAll('main tr.run-row .state-badge')].map(b => getComputedStyle(b).getPropertyValue('--state'))")
+    colours = ui.b.execute(
+        "return [...document.querySelectorAll('main tr.run-row .state-badge')].map(b =>"
+        " getComputedStyle(b).getPropertyValue('--state'))"
+    )
     ui.open("flow-runs?state=SCHEDULED&q=act-")
-    scheduled_colour = ui.b.execute("return getComputedStyle(document.querySelector('main tr.run-row .state-badge')).getPropertyValue('--state')")
+    scheduled_colour = ui.b.execute(
+        "return getComputedStyle(document.querySelector('main tr.run-row .state-badge')).getPropertyValue('--state')"
+    )
     assert set(colours) != {scheduled_colour} and len(set(colours)) == 1
     # state names and types in the URL, in any case; names and types together mean either
     ui.open("flow-runs?state=late")
     ui.wait_text(".pager-info", "of 3")
     ui.open("flow-runs?state=Failed")
-    failed = count_runs(api, state={"type": {"any_": ["FAILED"]}}, expected_start_time={"before_": now_utc().isoformat()})
+    failed = count_runs(
+        api, state={"type": {"any_": ["FAILED"]}}, expected_start_time={"before_": now_utc().isoformat()}
+    )
     ui.wait_text(".pager-info", f"of {failed}")
     assert all("Failed" in r[3] for r in ui.rows("main tr.run-row"))
     assert ui.b.execute("return document.querySelector('.dropdown-body input[value=FAILED]').checked") is True
@@ -483,8 +615,10 @@ def test_flow_runs_list_asks_for_one_page_only(ui, api, data):
     """The list never fetches all runs: every run query carries a page-sized limit and an offset."""
     ui.open("flow-runs")
     ui.wait_text(".pager-info", "of")
-    ui.b.execute("window.__calls = []; const f = window.fetch;"
-                 "window.fetch = (url, init) => { window.__calls.push([String(url), init && init.body]); return f(url, init); };")
+    ui.b.execute(
+        "window.__calls = []; const f = window.fetch;"
+        "window.fetch = (url, init) => { window.__calls.push([String(url), init && init.body]); return f(url, init); };"
+    )
     ui.click("main .pager button", "Next ›")
     ui.wait_text(".pager-info", "26–")
     ui.type("#filter-search", "bulk")
@@ -500,6 +634,7 @@ def test_flow_runs_list_asks_for_one_page_only(ui, api, data):
 
 # ---------------------------------------------------------------- flow run detail
 
+
 def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api, data):
     main = data["main"]
     ui.open(f"flow-runs/flow-run/{main['id']}")
@@ -510,8 +645,19 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
     # logs (default tab), in order, with level names
     ui.wait_text("#panel-logs .log-line", "log line 5: critical disk failure")
     lines = ui.texts("#panel-logs .log-line .log-msg")
-    assert lines == [f"log line {i}: {m}" for i, m in enumerate(
-        ["debug detail", "starting extract", "extracted 1,234 rows", "slow query warning", "row 42 rejected", "critical disk failure"])]
+    assert lines == [
+        f"log line {i}: {m}"
+        for i, m in enumerate(
+            [
+                "debug detail",
+                "starting extract",
+                "extracted 1,234 rows",
+                "slow query warning",
+                "row 42 rejected",
+                "critical disk failure",
+            ]
+        )
+    ]
     assert ui.texts("#panel-logs .log-line .log-level") == ["DEBUG", "INFO", "INFO", "WARNING", "ERROR", "CRITICAL"]
     assert "extract-0" in ui.texts("#panel-logs .log-line")[2]  # the task run that wrote it
     ui.choose("#log-level", "Error and above")
@@ -542,20 +688,54 @@ def test_flow_run_detail_shows_state_tasks_subflows_logs_and_parameters(ui, api,
 
 def test_task_run_page_and_links_both_ways(ui, api, data):
     extract = data["tasks"]["extract"]
-    main = api.post("/flow_runs/", {"flow_id": data["flows"]["daily-etl"]["id"], "name": "task-page-run", "state": {"type": "RUNNING"}})
+    main = api.post(
+        "/flow_runs/",
+        {"flow_id": data["flows"]["daily-etl"]["id"], "name": "task-page-run", "state": {"type": "RUNNING"}},
+    )
     expires = (now_utc() + datetime.timedelta(days=2)).isoformat()
-    t = api.post("/task_runs/", {
-        "flow_run_id": main["id"], "task_key": "publish", "dynamic_key": "0", "name": "publish-0", "tags": ["outbound"],
-        "cache_key": "publish-2024-02-01", "cache_expiration": expires,
-        "empirical_policy": {"retries": 3, "retry_delay": 10},
-        "task_inputs": {"rows": [{"input_type": "task_run", "id": extract["id"]}], "batch": [{"input_type": "parameter", "name": "batch_size"}]},
-        "state": {"type": "PENDING"}})
+    t = api.post(
+        "/task_runs/",
+        {
+            "flow_run_id": main["id"],
+            "task_key": "publish",
+            "dynamic_key": "0",
+            "name": "publish-0",
+            "tags": ["outbound"],
+            "cache_key": "publish-2024-02-01",
+            "cache_expiration": expires,
+            "empirical_policy": {"retries": 3, "retry_delay": 10},
+            "task_inputs": {
+                "rows": [{"input_type": "task_run", "id": extract["id"]}],
+                "batch": [{"input_type": "parameter", "name": "batch_size"}],
+            },
+            "state": {"type": "PENDING"},
+        },
+    )
     api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "RUNNING"}})
     api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "COMPLETED", "message": "published"}, "force": True})
-    api.post("/logs/", [{"name": "prefect.task_runs", "level": 20, "message": "publishing 500 rows", "timestamp": now_utc().isoformat(),
-                         "flow_run_id": main["id"], "task_run_id": t["id"]}])
-    api.post("/artifacts/", {"key": "publish-report", "type": "markdown", "data": "**done**", "flow_run_id": main["id"],
-                             "task_run_id": t["id"]})
+    api.post(
+        "/logs/",
+        [
+            {
+                "name": "prefect.task_runs",
+                "level": 20,
+                "message": "publishing 500 rows",
+                "timestamp": now_utc().isoformat(),
+                "flow_run_id": main["id"],
+                "task_run_id": t["id"],
+            }
+        ],
+    )
+    api.post(
+        "/artifacts/",
+        {
+            "key": "publish-report",
+            "type": "markdown",
+            "data": "**done**",
+            "flow_run_id": main["id"],
+            "task_run_id": t["id"],
+        },
+    )
     # from the flow run's task list to the task run's page
     ui.open(f"flow-runs/flow-run/{main['id']}?tab=task-runs")
     ui.click("#panel-task-runs a.task-name", "publish-0")
@@ -598,12 +778,18 @@ def test_logs_read_to_the_millisecond_search_and_download(ui, api, data):
     assert ui.texts("#panel-logs .log-line .log-source")[0] == "prefect.flow_runs"  # the logger's whole name
     every = len(ui.texts("#panel-logs .log-line"))
     ui.type("#log-search", "ROW 4")
-    ui.b.wait(lambda: ui.texts("#panel-logs .log-line .log-msg") == ["log line 4: row 42 rejected"], 10, "only the line with 'row 4'")
+    ui.b.wait(
+        lambda: ui.texts("#panel-logs .log-line .log-msg") == ["log line 4: row 42 rejected"],
+        10,
+        "only the line with 'row 4'",
+    )
     ui.type("#log-search", "")
     ui.b.wait(lambda: len(ui.texts("#panel-logs .log-line")) == every, 10, "every line again")
     # the download holds every line, built from the API in bounded pages
-    ui.b.execute("window.__blobs = []; const c = URL.createObjectURL;"
-                 "URL.createObjectURL = (b) => { window.__blobs.push(b); return c(b); };")
+    ui.b.execute(
+        "window.__blobs = []; const c = URL.createObjectURL;"
+        "URL.createObjectURL = (b) => { window.__blobs.push(b); return c(b); };"
+    )
     ui.click("#panel-logs button", "Download")
     ui.b.wait(lambda: ui.b.execute("return window.__blobs.length"), 10, "the download")
     text = ui.b.execute_async("const done = arguments[arguments.length - 1]; window.__blobs[0].text().then(done);")
@@ -612,10 +798,13 @@ def test_logs_read_to_the_millisecond_search_and_download(ui, api, data):
 
 def test_old_hash_links_lead_to_their_pages(ui, api, data):
     main = data["main"]
-    for old, route in ((f"#/flow-runs/{main['id']}", f"flow-runs/flow-run/{main['id']}"),
-                       ("#/flow-runs?state=FAILED", "flow-runs?state=FAILED"),
-                       (f"#/flows/{data['flows']['reporter']['id']}", f"flows/flow/{data['flows']['reporter']['id']}"),
-                       ("#/blocks?tab=catalog", "blocks/catalog"), ("#/dashboard", "dashboard")):
+    for old, route in (
+        (f"#/flow-runs/{main['id']}", f"flow-runs/flow-run/{main['id']}"),
+        ("#/flow-runs?state=FAILED", "flow-runs?state=FAILED"),
+        (f"#/flows/{data['flows']['reporter']['id']}", f"flows/flow/{data['flows']['reporter']['id']}"),
+        ("#/blocks?tab=catalog", "blocks/catalog"),
+        ("#/dashboard", "dashboard"),
+    ):
         ui.b.get("about:blank")
         ui.b.get(f"{ui.base}/{old}")
         ui.b.wait(lambda: ui.route() == route, 10, f"{old} to lead to {route}")
@@ -640,8 +829,17 @@ def make_task(api, db, run_id, name, start, seconds, *, inputs=None, retry_at=No
     """A completed task run that ran from `start` for `seconds` (with retry_at: failed once at retry_at[0] and ran
     again from retry_at[1]). The server stamps states with its own clock, so the times are then moved back in
     the database: a run of minutes without waiting minutes."""
-    t = api.post("/task_runs/", {"flow_run_id": run_id, "task_key": name.split("-")[0], "dynamic_key": name, "name": name,
-                                 "task_inputs": inputs or {}, "state": {"type": "PENDING"}})
+    t = api.post(
+        "/task_runs/",
+        {
+            "flow_run_id": run_id,
+            "task_key": name.split("-")[0],
+            "dynamic_key": name,
+            "name": name,
+            "task_inputs": inputs or {},
+            "state": {"type": "PENDING"},
+        },
+    )
     path = [("RUNNING", None, start)]
     if retry_at:
         path += [("SCHEDULED", "AwaitingRetry", retry_at[0]), ("RUNNING", "Retrying", retry_at[1])]
@@ -652,9 +850,15 @@ def make_task(api, db, run_id, name, start, seconds, *, inputs=None, retry_at=No
         api.post(f"/task_runs/{t['id']}/set_state", {"state": state, "force": True})
     ran = (retry_at[0] - start + end - retry_at[1]).total_seconds() if retry_at else seconds
     with sqlite3.connect(db) as c:
-        c.execute("UPDATE task_run SET expected_start_time = ?, start_time = ?, end_time = ?, total_run_time = ? WHERE id = ?",
-                  ((start - datetime.timedelta(seconds=1)).isoformat(), start.isoformat(), end.isoformat(), ran, t["id"]))
-        ids = [r[0] for r in c.execute("SELECT id FROM task_run_state WHERE task_run_id = ? ORDER BY timestamp", (t["id"],))]
+        c.execute(
+            "UPDATE task_run SET expected_start_time = ?, start_time = ?, end_time = ?, total_run_time = ?"
+            " WHERE id = ?",
+            ((start - datetime.timedelta(seconds=1)).isoformat(), start.isoformat(), end.isoformat(), ran, t["id"]),
+        )
+        ids = [
+            r[0]
+            for r in c.execute("SELECT id FROM task_run_state WHERE task_run_id = ? ORDER BY timestamp", (t["id"],))
+        ]
         stamps = [start - datetime.timedelta(seconds=1)] + [at for _, _, at in path]
         for state_id, at in zip(ids, stamps):
             c.execute("UPDATE task_run_state SET timestamp = ? WHERE id = ?", (at.isoformat(), state_id))
@@ -665,31 +869,65 @@ def test_run_graph_at_twenty_tasks_edges_retries_and_durations(ui, api, data, ui
     flow = api.post("/flows/", {"name": "graph-flow"})
     run = api.post("/flow_runs/", {"flow_id": flow["id"], "name": "graph-20", "state": {"type": "RUNNING"}})
     base = now_utc() - datetime.timedelta(minutes=10)
-    tasks = [make_task(api, ui_db, run["id"], f"map-{i:02d}", base + datetime.timedelta(seconds=5 * i), 3 + i) for i in range(18)]
-    joined = make_task(api, ui_db, run["id"], "join-0", base + datetime.timedelta(seconds=130), 4,
-                       inputs={"parts": [{"input_type": "task_run", "id": t["id"]} for t in tasks[:3]]})
-    retried = make_task(api, ui_db, run["id"], "flaky-0", base + datetime.timedelta(seconds=140), 30,
-                        retry_at=(base + datetime.timedelta(seconds=145), base + datetime.timedelta(seconds=160)))
+    tasks = [
+        make_task(api, ui_db, run["id"], f"map-{i:02d}", base + datetime.timedelta(seconds=5 * i), 3 + i)
+        for i in range(18)
+    ]
+    joined = make_task(
+        api,
+        ui_db,
+        run["id"],
+        "join-0",
+        base + datetime.timedelta(seconds=130),
+        4,
+        inputs={"parts": [{"input_type": "task_run", "id": t["id"]} for t in tasks[:3]]},
+    )
+    retried = make_task(
+        api,
+        ui_db,
+        run["id"],
+        "flaky-0",
+        base + datetime.timedelta(seconds=140),
+        30,
+        retry_at=(base + datetime.timedelta(seconds=145), base + datetime.timedelta(seconds=160)),
+    )
     set_state(api, run["id"], "COMPLETED", force=True)
     ui.open(f"flow-runs/flow-run/{run['id']}?tab=task-runs")
-    ui.b.wait(lambda: len(ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar')")) == 20, 10, "20 bars")
+    ui.b.wait(
+        lambda: len(ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar')")) == 20,
+        10,
+        "20 bars",
+    )
     # readable: labels at a normal size, the whole name
-    sizes = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs .graph-label')].map(e => parseFloat(getComputedStyle(e).fontSize))")
+    sizes = ui.b.execute(
+        "return [...document.querySelectorAll('#panel-task-runs .graph-label')].map(e =>"
+        " parseFloat(getComputedStyle(e).fontSize))"
+    )
     assert len(sizes) == 20 and min(sizes) >= 12
     assert "map-00" in ui.texts("#panel-task-runs .graph-label")
     # edges from task_inputs
-    edges = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs path.graph-edge')].map(e => [e.dataset.from, e.dataset.to])")
+    edges = ui.b.execute(
+        "return [...document.querySelectorAll('#panel-task-runs path.graph-edge')].map(e => [e.dataset.from,"
+        " e.dataset.to])"
+    )
     assert sorted(edges) == sorted([t["id"], joined["id"]] for t in tasks[:3])
     # the retried task: two attempts drawn
     attempts = ui.b.execute("return document.querySelectorAll(`#panel-task-runs rect.graph-attempt`).length")
     assert attempts == 2 and api.get(f"/task_runs/{retried['id']}")["run_count"] == 2
     # durations agree with the table
     table = {r[0]: r[3] for r in ui.rows("#panel-task-runs tr.task-row")}
-    bars = dict(ui.b.execute("return [...document.querySelectorAll('#panel-task-runs rect.graph-bar')].map(r => [r.dataset.id, r.dataset.duration])"))
+    bars = dict(
+        ui.b.execute(
+            "return [...document.querySelectorAll('#panel-task-runs rect.graph-bar')].map(r => [r.dataset.id,"
+            " r.dataset.duration])"
+        )
+    )
     names = {t["id"]: t["name"] for t in tasks + [joined, retried]}
     assert {names[i]: d for i, d in bars.items()} == {n: table[n] for n in names.values()}
     # the axis reads clock times, in order
-    ticks = ui.b.execute("return [...document.querySelectorAll('#panel-task-runs .graph-tick')].map(t => [+t.dataset.ms, t.textContent])")
+    ticks = ui.b.execute(
+        "return [...document.querySelectorAll('#panel-task-runs .graph-tick')].map(t => [+t.dataset.ms, t.textContent])"
+    )
     assert len(ticks) >= 3 and [ms for ms, _ in ticks] == sorted(ms for ms, _ in ticks)
     assert all(re.fullmatch(r"\d\d:\d\d(:\d\d)?", text) for _, text in ticks), ticks
     # a bar leads to its task run
@@ -704,8 +942,16 @@ def test_run_graph_at_a_thousand_tasks_draws_only_what_is_in_view(ui, api, data)
     for chunk in range(10):  # the API takes one task run per request: 1,000 requests, bounded
         for i in range(chunk * 100, chunk * 100 + 100):
             start = base + datetime.timedelta(seconds=3 * i)
-            api.post("/task_runs/", {"flow_run_id": run["id"], "task_key": "item", "dynamic_key": str(i), "name": f"item-{i:04d}",
-                                     "state": {"type": "COMPLETED", "timestamp": start.isoformat()}})
+            api.post(
+                "/task_runs/",
+                {
+                    "flow_run_id": run["id"],
+                    "task_key": "item",
+                    "dynamic_key": str(i),
+                    "name": f"item-{i:04d}",
+                    "state": {"type": "COMPLETED", "timestamp": start.isoformat()},
+                },
+            )
     ui.open(f"flow-runs/flow-run/{run['id']}?tab=task-runs")
     ui.wait_text("#panel-task-runs .graph-count", "1,000 runs")
     drawn = ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar').length")
@@ -718,8 +964,13 @@ def test_run_graph_at_a_thousand_tasks_draws_only_what_is_in_view(ui, api, data)
     before = ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth")
     for _ in range(3):
         ui.click("#panel-task-runs button[aria-label='Zoom in']")
-    ui.b.wait(lambda: ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth") >= 7 * before, 10,
-              "an 8x wider drawing")
+    ui.b.wait(
+        lambda: (
+            ui.b.execute("return document.querySelector('#panel-task-runs .graph-spacer').offsetWidth") >= 7 * before
+        ),
+        10,
+        "an 8x wider drawing",
+    )
     assert ui.b.execute("return document.querySelectorAll('#panel-task-runs rect.graph-bar').length") <= 40
     # the page asked for the task runs in bounded pages only
     bodies = ui.b.execute("return performance.getEntriesByType('resource').map(e => e.name)")
@@ -731,15 +982,37 @@ def test_flow_run_logs_tail_live_until_the_run_ends(ui, api, data):
     ui.open(f"flow-runs/flow-run/{run['id']}")
     ui.wait_text("#panel-logs", "No logs")
     assert ui.texts("#panel-logs .live") == ["Live: following new logs"]
-    api.post("/logs/", [{"name": "test", "level": 20, "message": "fresh line from the test", "timestamp": now_utc().isoformat(),
-                         "flow_run_id": run["id"], "task_run_id": None}])
+    api.post(
+        "/logs/",
+        [
+            {
+                "name": "test",
+                "level": 20,
+                "message": "fresh line from the test",
+                "timestamp": now_utc().isoformat(),
+                "flow_run_id": run["id"],
+                "task_run_id": None,
+            }
+        ],
+    )
     ui.wait_text("#panel-logs .log-line", "fresh line from the test", timeout=10)
     set_state(api, run["id"], "COMPLETED", force=True)
     ui.wait_text(".page-header .state-badge", "Completed", timeout=10)
     ui.b.wait(lambda: ui.texts("#panel-logs .live") == [], 5, "the live marker to go away")
     # polling stopped: a later log only shows after a reload
-    api.post("/logs/", [{"name": "test", "level": 20, "message": "written after the end", "timestamp": now_utc().isoformat(),
-                         "flow_run_id": run["id"], "task_run_id": None}])
+    api.post(
+        "/logs/",
+        [
+            {
+                "name": "test",
+                "level": 20,
+                "message": "written after the end",
+                "timestamp": now_utc().isoformat(),
+                "flow_run_id": run["id"],
+                "task_run_id": None,
+            }
+        ],
+    )
     time.sleep(3)  # by design: nothing may show in this window, several of the page's polls long
     assert "written after the end" not in ui.text("#panel-logs")
     ui.b.refresh()
@@ -753,13 +1026,17 @@ def test_flow_run_actions_cancel_retry_delete(ui, api, data):
     ui.open(f"flow-runs/flow-run/{runs['act-running']['id']}")
     ui.click(".page-header button", "Cancel")
     ui.confirm("Cancel run")
-    ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-running']['id']}")["state_type"] == "CANCELLING", 10, "CANCELLING")
+    ui.b.wait(
+        lambda: api.get(f"/flow_runs/{runs['act-running']['id']}")["state_type"] == "CANCELLING", 10, "CANCELLING"
+    )
     ui.wait_text(".page-header .state-badge", "Cancelling")
     # cancelling a run that is not running cancels it outright
     ui.open(f"flow-runs/flow-run/{runs['act-scheduled']['id']}")
     ui.click(".page-header button", "Cancel")
     ui.confirm("Cancel run")
-    ui.b.wait(lambda: api.get(f"/flow_runs/{runs['act-scheduled']['id']}")["state_type"] == "CANCELLED", 10, "CANCELLED")
+    ui.b.wait(
+        lambda: api.get(f"/flow_runs/{runs['act-scheduled']['id']}")["state_type"] == "CANCELLED", 10, "CANCELLED"
+    )
     ui.wait_text(".page-header .state-badge", "Cancelled")
     # retrying a failed run schedules it again
     ui.open(f"flow-runs/flow-run/{runs['act-failed']['id']}")
@@ -790,6 +1067,7 @@ def test_api_errors_are_shown_in_words(ui, api, data):
 
 # ---------------------------------------------------------------- flows
 
+
 def test_flows_list_and_flow_detail(ui, api, data):
     ui.open("flows")
     names = [r[0] for r in ui.rows() if r[0] not in ("scheduled-report", "graph-flow")]  # other tests' flows, if run
@@ -797,9 +1075,15 @@ def test_flows_list_and_flow_detail(ui, api, data):
     # each flow's last run (due up to now) with its state
     last = {r[0]: r[2] for r in ui.rows()}
     for name in ("bulk-flow", "reporter"):
-        [newest] = api.post("/flow_runs/filter", {"flows": {"id": {"any_": [data["flows"][name]["id"]]}}, "limit": 1,
-                                                  "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
-                                                  "sort": "EXPECTED_START_TIME_DESC"})
+        [newest] = api.post(
+            "/flow_runs/filter",
+            {
+                "flows": {"id": {"any_": [data["flows"][name]["id"]]}},
+                "limit": 1,
+                "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+                "sort": "EXPECTED_START_TIME_DESC",
+            },
+        )
         assert last[name].startswith(newest["name"]) and newest["state_name"] in last[name], (name, last[name])
     ui.type("#flow-search", "reporte")
     ui.b.wait(lambda: [r[0] for r in ui.rows()] == ["reporter"], 10, "the search to narrow the list")
@@ -820,13 +1104,27 @@ def test_flow_detail_lists_its_deployments(ui, api, data):
 
 # ---------------------------------------------------------------- deployments
 
+
 def test_deployments_run_with_overrides_and_pause(ui, api, data):
     flow = data["flows"]["daily-etl"]
-    dep = api.post("/deployments/", {
-        "name": "nightly", "flow_id": flow["id"], "parameters": {"date": "2024-01-01", "limit": 10},
-        "parameter_openapi_schema": {"type": "object", "title": "Parameters", "properties": {
-            "date": {"type": "string", "title": "date"}, "limit": {"type": "integer", "title": "limit"}}},
-        "schedules": [{"schedule": {"interval": 3600}, "active": True}], "tags": ["prod"]})
+    dep = api.post(
+        "/deployments/",
+        {
+            "name": "nightly",
+            "flow_id": flow["id"],
+            "parameters": {"date": "2024-01-01", "limit": 10},
+            "parameter_openapi_schema": {
+                "type": "object",
+                "title": "Parameters",
+                "properties": {
+                    "date": {"type": "string", "title": "date"},
+                    "limit": {"type": "integer", "title": "limit"},
+                },
+            },
+            "schedules": [{"schedule": {"interval": 3600}, "active": True}],
+            "tags": ["prod"],
+        },
+    )
     ui.open("deployments")
     row = next(r for r in ui.rows() if r[0] == "nightly")
     assert row[1] == "daily-etl" and "Every hour" in row[2] and row[3] == "Not ready"
@@ -848,11 +1146,21 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
     assert "nightly" in ui.text("main .kv")
     # the list for the deployment holds the manual run, due now; the runs the scheduler made ahead for its
     # schedule are upcoming, on the deployment's page and in the Upcoming view
-    scheduled = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}},
-                                              "flow_runs": {"expected_start_time": {"after_": now_utc().isoformat()}}})
+    scheduled = api.post(
+        "/flow_runs/count",
+        {
+            "deployments": {"id": {"any_": [dep["id"]]}},
+            "flow_runs": {"expected_start_time": {"after_": now_utc().isoformat()}},
+        },
+    )
     assert scheduled >= 1, "the scheduler fills the hourly schedule ahead"
-    expected = api.post("/flow_runs/count", {"deployments": {"id": {"any_": [dep["id"]]}},
-                                             "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}}})
+    expected = api.post(
+        "/flow_runs/count",
+        {
+            "deployments": {"id": {"any_": [dep["id"]]}},
+            "flow_runs": {"expected_start_time": {"before_": now_utc().isoformat()}},
+        },
+    )
     ui.open(f"flow-runs?deployment={dep['id']}")
     ui.wait_text(".pager-info", f"of {expected}")
     names = [r[0] for r in ui.rows("main tr.run-row")]
@@ -873,11 +1181,15 @@ def test_deployments_run_with_overrides_and_pause(ui, api, data):
 RRULE_SENTENCES = [
     ("FREQ=WEEKLY;BYDAY=MO,WE;BYHOUR=9;BYMINUTE=0", "Every Monday and Wednesday at 09:00, UTC"),
     ("RRULE:FREQ=DAILY;INTERVAL=2;COUNT=10", "Every 2 days, 10 times, UTC"),
-    ("DTSTART;TZID=America/New_York:20250101T090000\nRRULE:FREQ=MONTHLY;BYDAY=-1FR;BYHOUR=17",
-     "Every month on the last Friday at 17:00, America/New_York"),
+    (
+        "DTSTART;TZID=America/New_York:20250101T090000\nRRULE:FREQ=MONTHLY;BYDAY=-1FR;BYHOUR=17",
+        "Every month on the last Friday at 17:00, America/New_York",
+    ),
     ("FREQ=YEARLY;BYMONTH=1,7;BYMONTHDAY=1", "Every year on the 1st in January and July, UTC"),
-    ("FREQ=DAILY;BYDAY=MO,TU,WE,TH,FR;BYHOUR=6,18;UNTIL=20271231T000000Z",
-     "Every weekday (Monday to Friday) at 06:00 and 18:00, until 2027-12-31, UTC"),
+    (
+        "FREQ=DAILY;BYDAY=MO,TU,WE,TH,FR;BYHOUR=6,18;UNTIL=20271231T000000Z",
+        "Every weekday (Monday to Friday) at 06:00 and 18:00, until 2027-12-31, UTC",
+    ),
     ("FREQ=HOURLY;BYMINUTE=15,45", "Every hour at 15 and 45 minutes past, UTC"),
     ("FREQ=WEEKLY;INTERVAL=2;BYDAY=TU", "Every 2 weeks on Tuesday, UTC"),
     ("FREQ=DAILY;BYSETPOS=1", "RRule \u201cFREQ=DAILY;BYSETPOS=1\u201d, UTC"),  # a part it has no words for
@@ -890,10 +1202,18 @@ def test_rrule_schedules_read_as_sentences(ui, api, data):
     said = ui.b.execute_async(
         "const done = arguments[arguments.length - 1];"
         "import(document.baseURI + 'js/format.js').then((m) => done(arguments[0].map("
-        "(r) => m.describeSchedule({rrule: r, timezone: 'UTC'}))));", [rule for rule, _ in RRULE_SENTENCES])
+        "(r) => m.describeSchedule({rrule: r, timezone: 'UTC'}))));",
+        [rule for rule, _ in RRULE_SENTENCES],
+    )
     assert said == [sentence for _, sentence in RRULE_SENTENCES]
-    dep = api.post("/deployments/", {"name": "rrule-dep", "flow_id": data["flows"]["daily-etl"]["id"],
-                                     "schedules": [{"schedule": {"rrule": RRULE_SENTENCES[0][0]}}]})
+    dep = api.post(
+        "/deployments/",
+        {
+            "name": "rrule-dep",
+            "flow_id": data["flows"]["daily-etl"]["id"],
+            "schedules": [{"schedule": {"rrule": RRULE_SENTENCES[0][0]}}],
+        },
+    )
     ui.open(f"deployments/deployment/{dep['id']}")
     ui.wait_text("#deployment-schedules .schedule-sentence", RRULE_SENTENCES[0][1])
 
@@ -912,26 +1232,36 @@ def test_a_dialog_closes_when_the_page_changes(ui, api, data):
 def test_deployment_readiness_and_schedules_in_words(ui, api, data):
     """Ready / Not ready as the server derives it from polls; schedules as sentences with their next five times."""
     pool = api.post("/work_pools/", {"name": "ready-pool", "type": "process"})
-    dep = api.post("/deployments/", {
-        "name": "morning", "flow_id": data["flows"]["daily-etl"]["id"], "work_pool_name": pool["name"],
-        "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}, "active": False}]})
+    dep = api.post(
+        "/deployments/",
+        {
+            "name": "morning",
+            "flow_id": data["flows"]["daily-etl"]["id"],
+            "work_pool_name": pool["name"],
+            "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}, "active": False}],
+        },
+    )
     ui.open(f"deployments/deployment/{dep['id']}")
     assert ui.texts(".page-header .deployment-status") == ["Not ready"]
     ui.wait_text("#deployment-schedules .schedule-sentence", "Every day at 06:00, Europe/Berlin")
-    shown = ui.b.execute("return [...document.querySelectorAll('#deployment-schedules .next-times time')].map(t => t.dateTime)")
+    shown = ui.b.execute(
+        "return [...document.querySelectorAll('#deployment-schedules .next-times time')].map(t => t.dateTime)"
+    )
     [expected] = api.get(f"/deployments/{dep['id']}/next_schedule_times?count=5")
     assert shown == expected["times"] and len(shown) == 5
     # a worker polls the pool: the deployment is Ready
     api.post(f"/work_pools/{pool['name']}/get_scheduled_flow_runs", {})
     ui.open(f"deployments/deployment/{dep['id']}")
     assert ui.texts(".page-header .deployment-status") == ["Ready"]
-    assert "ago" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title") or \
-        "just now" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title")
+    assert "ago" in ui.b.execute(
+        "return document.querySelector('.page-header .deployment-status').title"
+    ) or "just now" in ui.b.execute("return document.querySelector('.page-header .deployment-status').title")
     ui.open("deployments")
     assert next(r for r in ui.rows() if r[0] == "morning")[3] == "Ready"
 
 
 # ---------------------------------------------------------------- work pools
+
 
 def test_work_pools_show_status_queues_and_workers(ui, api, data):
     api.post("/work_pools/", {"name": "ui-pool", "type": "process"})
@@ -980,20 +1310,27 @@ def test_work_pool_form_offers_types_and_the_process_template(ui, api, data):
 
 # ---------------------------------------------------------------- blocks
 
+
 def register_block_type(api, slug, name, fields, capabilities=()):
     bt = api.post("/block_types/", {"name": name, "slug": slug})
-    schema = api.post("/block_schemas/", {"block_type_id": bt["id"], "fields": fields, "capabilities": list(capabilities)})
+    schema = api.post(
+        "/block_schemas/", {"block_type_id": bt["id"], "fields": fields, "capabilities": list(capabilities)}
+    )
     return bt, schema
 
 
 CREDS_FIELDS = {
-    "title": "UiTestCredentials", "type": "object", "block_type_slug": "ui-test-credentials",
+    "title": "UiTestCredentials",
+    "type": "object",
+    "block_type_slug": "ui-test-credentials",
     "properties": {
         "username": {"title": "Username", "type": "string"},
         "password": {"title": "Password", "type": "string", "format": "password", "writeOnly": True},
         "port": {"title": "Port", "type": "integer", "default": 5432},
     },
-    "required": ["username", "password"], "secret_fields": ["password"], "block_schema_references": {},
+    "required": ["username", "password"],
+    "secret_fields": ["password"],
+    "block_schema_references": {},
 }
 
 
@@ -1014,7 +1351,9 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     block_id = ui.route().split("/")[-1]
     ui.wait_text(".page-header h1", "warehouse-login")
     ui.wait_ready()
-    values = dict(ui.b.execute("return [...document.querySelectorAll('.block-value')].map(e => [e.dataset.field, e.innerText])"))
+    values = dict(
+        ui.b.execute("return [...document.querySelectorAll('.block-value')].map(e => [e.dataset.field, e.innerText])")
+    )
     assert values == {"username": "etl", "password": "********", "port": "6543"}
     assert "hunter2" not in ui.text("body")
     doc = api.get(f"/block_documents/{block_id}?include_secrets=true")
@@ -1040,6 +1379,7 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
 
 
 # ---------------------------------------------------------------- variables
+
 
 def test_variables_crud(ui, api, data):
     ui.open("variables")
@@ -1086,16 +1426,28 @@ Processed **1,234** rows in *3 s*, see [the docs](https://docs.example.com/x) or
 def test_flow_run_artifacts_render_markdown_safely(ui, api, data):
     main = data["main"]
     api.post("/artifacts/", {"key": "report", "type": "markdown", "data": MARKDOWN, "flow_run_id": main["id"]})
-    api.post("/artifacts/", {"key": "numbers", "type": "table", "flow_run_id": main["id"],
-                             "data": json.dumps([{"a": 1, "b": 2}, {"a": 3, "b": 4}])})
-    api.post("/artifacts/", {"key": "dash", "type": "link", "flow_run_id": main["id"], "data": "[dashboard](https://dash.example.com/)"})
+    api.post(
+        "/artifacts/",
+        {
+            "key": "numbers",
+            "type": "table",
+            "flow_run_id": main["id"],
+            "data": json.dumps([{"a": 1, "b": 2}, {"a": 3, "b": 4}]),
+        },
+    )
+    api.post(
+        "/artifacts/",
+        {"key": "dash", "type": "link", "flow_run_id": main["id"], "data": "[dashboard](https://dash.example.com/)"},
+    )
     ui.open(f"flow-runs/flow-run/{main['id']}?tab=artifacts")
     ui.wait_text("#panel-artifacts h1", "Daily report")
     md = "#panel-artifacts article[data-type=markdown] .markdown"
     assert ui.texts(f"{md} strong") == ["1,234"] and ui.texts(f"{md} em") == ["3 s"]
     assert ui.texts(f"{md} li") == ["extract ok", "load ok"]
     assert ui.rows(f"{md} tbody tr") == [["users", "10"]]
-    links = ui.b.execute(f"return [...document.querySelectorAll('{md} a')].map(a => [a.innerText, a.getAttribute('href')])")
+    links = ui.b.execute(
+        f"return [...document.querySelectorAll('{md} a')].map(a => [a.innerText, a.getAttribute('href')])"
+    )
     assert ["the docs", "https://docs.example.com/x"] in links
     assert not any(h.lower().startswith("javascript") for _, h in links)
     # raw HTML is shown as text, never inserted or run
@@ -1133,6 +1485,7 @@ def test_artifacts_page_shows_latest_per_key(ui, api, data):
 
 # ---------------------------------------------------------------- concurrency limits
 
+
 def test_concurrency_limits_tag_and_global(ui, api, data):
     ui.open("concurrency-limits")
     ui.click("#tag-limits button", "+ Tag limit")
@@ -1143,8 +1496,17 @@ def test_concurrency_limits_tag_and_global(ui, api, data):
     assert api.get("/concurrency_limits/tag/database")["concurrency_limit"] == 3
     assert "0 / 3" in ui.text("#tag-limits tr.tag-limit-row")
     # a running task run with the tag holds a slot
-    t = api.post("/task_runs/", {"flow_run_id": data["main"]["id"], "task_key": "query", "dynamic_key": "0", "name": "query-0",
-                                 "tags": ["database"], "state": {"type": "PENDING"}})
+    t = api.post(
+        "/task_runs/",
+        {
+            "flow_run_id": data["main"]["id"],
+            "task_key": "query",
+            "dynamic_key": "0",
+            "name": "query-0",
+            "tags": ["database"],
+            "state": {"type": "PENDING"},
+        },
+    )
     api.post(f"/task_runs/{t['id']}/set_state", {"state": {"type": "RUNNING"}})
     assert api.get("/concurrency_limits/tag/database")["active_slots"] == [t["id"]]
     ui.open("concurrency-limits")
@@ -1175,6 +1537,7 @@ def test_concurrency_limits_tag_and_global(ui, api, data):
 
 
 # ---------------------------------------------------------------- notifications
+
 
 class Receiver(http.server.ThreadingHTTPServer):
     """A local HTTP endpoint standing in for Slack: it records what it is sent."""
@@ -1213,8 +1576,15 @@ def webhook(api, receiver):
     """A Slack webhook block document (the system block type) that posts to the local receiver."""
     bt = api.ok("GET", "/block_types/slug/slack-webhook")
     [schema] = api.post("/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}, "limit": 1})
-    return api.post("/block_documents/", {"name": "my-slack-webhook", "block_type_id": bt["id"], "block_schema_id": schema["id"],
-                                          "data": {"url": receiver.url + "/hook"}})
+    return api.post(
+        "/block_documents/",
+        {
+            "name": "my-slack-webhook",
+            "block_type_id": bt["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": receiver.url + "/hook"},
+        },
+    )
 
 
 def policies(api):
@@ -1251,7 +1621,10 @@ def test_notifications_create_pause_edit_delete(ui, api, data, webhook):
     ui.click("form.notification-form input[value=Crashed]")
     ui.type("#notif-tags", "")
     ui.click("form.notification-form button[type=submit]", "Save notification")
-    ui.wait_text("main .policy-sentence", "If a run of any flow enters a failed or crashed state, send a notification to my-slack-webhook")
+    ui.wait_text(
+        "main .policy-sentence",
+        "If a run of any flow enters a failed or crashed state, send a notification to my-slack-webhook",
+    )
     [p] = policies(api)
     assert sorted(p["state_names"]) == ["Crashed", "Failed"] and p["tags"] == []
     # delete
@@ -1267,8 +1640,13 @@ def test_notifications_create_with_a_new_block(ui, api, data, webhook, receiver)
     ui.wait_text("main form h2", "Create Notification")
     ui.choose("#notif-block", "Create a new block…")
     ui.choose("#notif-block-type", "Slack Webhook")
-    ui.b.wait(lambda: ui.b.execute("return !document.querySelector('.new-block .loading') && !!document.querySelector('#newblock-url')"),
-              10, "the Slack Webhook fields")
+    ui.b.wait(
+        lambda: ui.b.execute(
+            "return !document.querySelector('.new-block .loading') && !!document.querySelector('#newblock-url')"
+        ),
+        10,
+        "the Slack Webhook fields",
+    )
     ui.type("#newblock-name", "ops-webhook")
     ui.type("#newblock-url", receiver.url + "/ops")
     ui.click("form.notification-form button[type=submit]", "Create notification")
@@ -1281,7 +1659,9 @@ def test_notifications_create_with_a_new_block(ui, api, data, webhook, receiver)
 
 
 def test_notifications_send_test(ui, api, data, webhook, receiver):
-    p = api.post("/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [], "block_document_id": webhook["id"]})
+    p = api.post(
+        "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [], "block_document_id": webhook["id"]}
+    )
     try:
         ui.open("notifications")
         before = len(receiver.messages)
@@ -1317,7 +1697,9 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
     ui.type("#auto-body", "{{ flow_run.name }} is {{ flow_run.state.name }}")
     ui.click("form.automation-form button[type=submit]", "Create automation")
     ui.b.wait(lambda: ui.route() == "automations", 10, "the list again")
-    sentence = "When a run of any flow with nightly-ui tag enters a failed state, send a notification to my-slack-webhook"
+    sentence = (
+        "When a run of any flow with nightly-ui tag enters a failed state, send a notification to my-slack-webhook"
+    )
     ui.wait_text("main .automation-sentence", sentence)
     ui.wait_text("main .automation-last", "Never fired")
     [a] = automations(api)
@@ -1327,8 +1709,15 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
     # it fires for a failed run with the tag
     before = len(receiver.messages)
     flow = api.post("/flows/", {"name": "ui-automated"})
-    api.post("/flow_runs/", {"flow_id": flow["id"], "name": "ui-failing-run", "tags": ["nightly-ui"],
-                             "state": {"type": "FAILED", "name": "Failed"}})
+    api.post(
+        "/flow_runs/",
+        {
+            "flow_id": flow["id"],
+            "name": "ui-failing-run",
+            "tags": ["nightly-ui"],
+            "state": {"type": "FAILED", "name": "Failed"},
+        },
+    )
     wait_until(lambda: len(receiver.messages) > before, 15, "the automation's message")
     assert "ui-failing-run is Failed" in receiver.messages[before][1]
     ui.open("automations")
@@ -1350,8 +1739,10 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
     ui.type("#auto-tags", "")
     ui.click("form.automation-form button[type=submit]", "Save automation")
     ui.b.wait(lambda: ui.route() == f"automations/automation/{a['id']}", 10, "the automation's page")
-    ui.wait_text("main .automation-sentence",
-                 "When a run of any flow enters a failed or crashed state, send a notification to my-slack-webhook")
+    ui.wait_text(
+        "main .automation-sentence",
+        "When a run of any flow enters a failed or crashed state, send a notification to my-slack-webhook",
+    )
     [a] = automations(api)
     assert a["trigger"]["expect"] == ["prefect.flow-run.Crashed", "prefect.flow-run.Failed"]
     # delete, from its page
@@ -1364,36 +1755,68 @@ def test_automations_create_fire_pause_edit_delete(ui, api, data, webhook, recei
 
 def page_is_styled(ui):
     """The stylesheet loaded (by its absolute path) and applies."""
-    return ui.b.execute("return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
-                        " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'")
+    return ui.b.execute(
+        "return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
+        " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'"
+    )
 
 
 def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
     """Automations and events answer at the paths of Prefect's UI (and of url_for in the 3.x SDK): the list, create,
     an automation and its edit form; the events and one event by its day and id. Each opens styled, showing its
     object; links between them use those paths, and the old hash link of an automation still leads there."""
-    auto = api.post("/automations/", {"name": "paths-automation", "description": "", "enabled": True,
-                                      "trigger": {"type": "event", "posture": "Reactive",
-                                                  "expect": ["prefect.flow-run.Crashed"], "threshold": 1, "within": 0},
-                                      "actions": [{"type": "do-nothing"}]})
+    auto = api.post(
+        "/automations/",
+        {
+            "name": "paths-automation",
+            "description": "",
+            "enabled": True,
+            "trigger": {
+                "type": "event",
+                "posture": "Reactive",
+                "expect": ["prefect.flow-run.Crashed"],
+                "threshold": 1,
+                "within": 0,
+            },
+            "actions": [{"type": "do-nothing"}],
+        },
+    )
     main = data["main"]
     ev_id = str(uuid.uuid4())
     occurred = now_utc()
-    api.ok("POST", "/events", [{"id": ev_id, "occurred": occurred.isoformat(), "event": "ui.paths.happened",
-                                "resource": {"prefect.resource.id": f"prefect.flow-run.{main['id']}",
-                                             "prefect.resource.name": main["name"]},
-                                "related": [{"prefect.resource.id": f"prefect.automation.{auto['id']}",
-                                             "prefect.resource.role": "automation",
-                                             "prefect.resource.name": "paths-automation"}],
-                                "payload": {"answer": 42}}])
+    api.ok(
+        "POST",
+        "/events",
+        [
+            {
+                "id": ev_id,
+                "occurred": occurred.isoformat(),
+                "event": "ui.paths.happened",
+                "resource": {
+                    "prefect.resource.id": f"prefect.flow-run.{main['id']}",
+                    "prefect.resource.name": main["name"],
+                },
+                "related": [
+                    {
+                        "prefect.resource.id": f"prefect.automation.{auto['id']}",
+                        "prefect.resource.role": "automation",
+                        "prefect.resource.name": "paths-automation",
+                    }
+                ],
+                "payload": {"answer": 42},
+            }
+        ],
+    )
     event_route = f"events/event/{occurred.strftime('%Y-%m-%d')}/{ev_id}"
     try:
-        pages = [("automations", "Automations", f"main .automation[data-id='{auto['id']}'] .automation-name a"),
-                 ("automations/create", "Create automation", "form.automation-form #auto-name"),
-                 (f"automations/automation/{auto['id']}", "paths-automation", "main .automation-sentence"),
-                 (f"automations/automation/{auto['id']}/edit", "Edit automation", "form.automation-form #auto-name"),
-                 ("events", "Events", f"main a.event-link[href$='{ev_id}']"),
-                 (event_route, "ui.paths.happened", "main .event-resource a")]
+        pages = [
+            ("automations", "Automations", f"main .automation[data-id='{auto['id']}'] .automation-name a"),
+            ("automations/create", "Create automation", "form.automation-form #auto-name"),
+            (f"automations/automation/{auto['id']}", "paths-automation", "main .automation-sentence"),
+            (f"automations/automation/{auto['id']}/edit", "Edit automation", "form.automation-form #auto-name"),
+            ("events", "Events", f"main a.event-link[href$='{ev_id}']"),
+            (event_route, "ui.paths.happened", "main .event-resource a"),
+        ]
         ui.b.console_errors()
         for route, title, marker in pages:
             ui.open(route)
@@ -1432,8 +1855,10 @@ def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
         assert "“yesterday” is not a date" in ui.text("main")
         assert ui.b.console_errors() == []
         # old hash links of the automations page
-        for old, route in ((f"#/automations/{auto['id']}", f"automations/automation/{auto['id']}"),
-                           ("#/automations", "automations")):
+        for old, route in (
+            (f"#/automations/{auto['id']}", f"automations/automation/{auto['id']}"),
+            ("#/automations", "automations"),
+        ):
             ui.b.get("about:blank")
             ui.b.get(f"{ui.base}/{old}")
             ui.b.wait(lambda: ui.route() == route, 10, f"{old} to lead to {route}")
@@ -1444,10 +1869,20 @@ def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
 
 
 def test_notification_delivery_history(ui, api, data, webhook, receiver):
-    p = api.post("/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": ["history"], "block_document_id": webhook["id"]})
+    p = api.post(
+        "/flow_run_notification_policies/",
+        {"state_names": ["Failed"], "tags": ["history"], "block_document_id": webhook["id"]},
+    )
     try:
-        run = api.post("/flow_runs/", {"flow_id": data["flows"]["daily-etl"]["id"], "name": "notify-me", "tags": ["history"],
-                                       "state": {"type": "RUNNING"}})
+        run = api.post(
+            "/flow_runs/",
+            {
+                "flow_id": data["flows"]["daily-etl"]["id"],
+                "name": "notify-me",
+                "tags": ["history"],
+                "state": {"type": "RUNNING"},
+            },
+        )
         set_state(api, run["id"], "FAILED", "it broke", force=True)
         deliveries = lambda: api.get(f"/flow_run_notification_policies/{p['id']}/deliveries")  # noqa: E731
         [sent] = ui.b.wait(deliveries, 20, "the notification to be delivered")
@@ -1467,6 +1902,7 @@ def test_notification_delivery_history(ui, api, data, webhook, receiver):
 
 # ---------------------------------------------------------------- about, routing, layout, requests
 
+
 def test_about_page_shows_server_versions(ui, api):
     with urllib.request.urlopen(ui.base + "/ui-settings") as r:
         settings = json.loads(r.read())
@@ -1484,10 +1920,21 @@ def test_every_route_renders_after_a_reload(ui, api, data):
     ui.wait_ready()
     assert ui.texts(".page-header h1") == ["etl-running"]
     assert json.loads(ui.text("#panel-parameters pre"))["batch_size"] == 500
-    titles = {"dashboard": "Dashboard", "flow-runs": "Flow runs", "flows": "Flows", "deployments": "Deployments",
-              "work-pools": "Work pools", "blocks": "Blocks", "variables": "Variables", "artifacts": "Artifacts",
-              "concurrency-limits": "Concurrency limits", "notifications": "Notifications", "automations": "Automations",
-              "events": "Events", "about": "About"}
+    titles = {
+        "dashboard": "Dashboard",
+        "flow-runs": "Flow runs",
+        "flows": "Flows",
+        "deployments": "Deployments",
+        "work-pools": "Work pools",
+        "blocks": "Blocks",
+        "variables": "Variables",
+        "artifacts": "Artifacts",
+        "concurrency-limits": "Concurrency limits",
+        "notifications": "Notifications",
+        "automations": "Automations",
+        "events": "Events",
+        "about": "About",
+    }
     for route, title in titles.items():
         ui.open(route)
         assert ui.texts(".page-header h1") == [title], route
@@ -1498,14 +1945,32 @@ def test_every_route_renders_after_a_reload(ui, api, data):
 
 def all_routes(api, data):
     main = data["main"]
-    routes = ["dashboard", "flow-runs", f"flow-runs/flow-run/{main['id']}", f"runs/flow-run/{main['id']}?tab=artifacts",
-              f"runs/task-run/{data['tasks']['extract']['id']}", "flows", f"flows/flow/{data['flows']['daily-etl']['id']}",
-              "deployments", "work-pools", "blocks", "blocks/catalog",
-              "variables", "artifacts", "concurrency-limits", "notifications", "automations", "automations/create",
-              "events", "about"]
-    for method, path, route_of in (("POST", "/deployments/filter", lambda x: f"deployments/deployment/{x['id']}"),
-                                   ("POST", "/work_pools/filter", lambda x: f"work-pools/work-pool/{x['name']}"),
-                                   ("POST", "/block_documents/filter", lambda x: f"blocks/block/{x['id']}")):
+    routes = [
+        "dashboard",
+        "flow-runs",
+        f"flow-runs/flow-run/{main['id']}",
+        f"runs/flow-run/{main['id']}?tab=artifacts",
+        f"runs/task-run/{data['tasks']['extract']['id']}",
+        "flows",
+        f"flows/flow/{data['flows']['daily-etl']['id']}",
+        "deployments",
+        "work-pools",
+        "blocks",
+        "blocks/catalog",
+        "variables",
+        "artifacts",
+        "concurrency-limits",
+        "notifications",
+        "automations",
+        "automations/create",
+        "events",
+        "about",
+    ]
+    for method, path, route_of in (
+        ("POST", "/deployments/filter", lambda x: f"deployments/deployment/{x['id']}"),
+        ("POST", "/work_pools/filter", lambda x: f"work-pools/work-pool/{x['name']}"),
+        ("POST", "/block_documents/filter", lambda x: f"blocks/block/{x['id']}"),
+    ):
         status, items = api.request(method, path, {"limit": 1})
         if status == 200 and items:
             routes.append(route_of(items[0]))
@@ -1530,7 +1995,9 @@ def test_narrow_window_layout(ui, api, data):
         ui.b.set_window_size(400, 850)
         for route in ("dashboard", "flow-runs", f"flow-runs/{data['main']['id']}", "flows"):
             ui.open(route)
-            overflow = ui.b.execute("return document.documentElement.scrollWidth - document.documentElement.clientWidth")
+            overflow = ui.b.execute(
+                "return document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
             assert overflow <= 1, (route, overflow)
         assert ui.texts("#nav a") == []  # the menu is folded away
         ui.click("button.nav-toggle", "Menu")
@@ -1549,12 +2016,16 @@ PHONE_DEFECTS_JS = """
 const vw = document.documentElement.clientWidth, out = [];
 if (document.documentElement.scrollWidth > window.innerWidth) out.push('page ' + document.documentElement.scrollWidth);
 const held = (e) => { for (let p = e.parentElement; p; p = p.parentElement) {
-  if (/(auto|scroll|hidden)/.test(getComputedStyle(p).overflowX) && p.getBoundingClientRect().right <= vw + 1) return true; }
+  if (/(auto|scroll|hidden)/.test(getComputedStyle(p).overflowX)
+      && p.getBoundingClientRect().right <= vw + 1) return true; }
   return false; };
-const name = (e) => e.tagName.toLowerCase() + (typeof e.className === 'string' && e.className ? '.' + e.className.trim().split(/ +/).join('.') : '');
+const name = (e) => e.tagName.toLowerCase()
+  + (typeof e.className === 'string' && e.className ? '.' + e.className.trim().split(/ +/).join('.') : '');
 for (const e of document.querySelectorAll('main *, dialog *')) {
   const r = e.getBoundingClientRect();
-  if (r.width && r.right > vw + 1 && e.checkVisibility() && !held(e)) out.push('past the edge: ' + name(e) + ' ' + Math.round(r.right));
+  if (r.width && r.right > vw + 1 && e.checkVisibility() && !held(e)) {
+    out.push('past the edge: ' + name(e) + ' ' + Math.round(r.right));
+  }
 }
 for (const t of document.querySelectorAll('.tabs [role=tab]')) {
   const r = t.getBoundingClientRect(), bar = t.parentElement.getBoundingClientRect();
@@ -1572,15 +2043,37 @@ def test_every_page_fits_a_phone(ui, api, data):
     """At 390x844 (a phone) every page, the run dialog and the open state filter stay on the screen: nothing runs
     past its right edge unless a scrolling box holds it, every tab can be seen, a time breaks only between its date
     and its time."""
-    auto = api.post("/automations/", {"name": "phone-automation", "description": "", "enabled": True,
-                                      "trigger": {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Failed"],
-                                                  "threshold": 1, "within": 0}, "actions": [{"type": "do-nothing"}]})
-    ev = {"id": str(uuid.uuid4()), "occurred": now_utc().isoformat(), "event": "phone.check", "payload": {},
-          "resource": {"prefect.resource.id": f"prefect.automation.{auto['id']}", "prefect.resource.name": auto["name"]}}
+    auto = api.post(
+        "/automations/",
+        {
+            "name": "phone-automation",
+            "description": "",
+            "enabled": True,
+            "trigger": {
+                "type": "event",
+                "posture": "Reactive",
+                "expect": ["prefect.flow-run.Failed"],
+                "threshold": 1,
+                "within": 0,
+            },
+            "actions": [{"type": "do-nothing"}],
+        },
+    )
+    ev = {
+        "id": str(uuid.uuid4()),
+        "occurred": now_utc().isoformat(),
+        "event": "phone.check",
+        "payload": {},
+        "resource": {"prefect.resource.id": f"prefect.automation.{auto['id']}", "prefect.resource.name": auto["name"]},
+    }
     api.ok("POST", "/events", [ev])
-    routes = all_routes(api, data) + [f"automations/automation/{auto['id']}", f"automations/automation/{auto['id']}/edit",
-                                      f"events/event/{ev['occurred'][:10]}/{ev['id']}",
-                                      f"flow-runs/flow-run/{data['main']['id']}?tab=task-runs", "flow-runs?state=Late"]
+    routes = all_routes(api, data) + [
+        f"automations/automation/{auto['id']}",
+        f"automations/automation/{auto['id']}/edit",
+        f"events/event/{ev['occurred'][:10]}/{ev['id']}",
+        f"flow-runs/flow-run/{data['main']['id']}?tab=task-runs",
+        "flow-runs?state=Late",
+    ]
     try:
         ui.b.set_window_size(390, 844)
         ui.b.wait(lambda: ui.b.execute("return window.innerWidth") == 390, 10, "a 390 px wide viewport")
@@ -1592,8 +2085,14 @@ def test_every_page_fits_a_phone(ui, api, data):
         ui.click("main details.dropdown summary")
         found["flow-runs, the state filter open"] = ui.b.execute(PHONE_DEFECTS_JS)
         ui.b.execute("document.querySelector('details.dropdown').open = false")
-        dep = api.post("/deployments/", {"name": "phone-dep", "flow_id": data["flows"]["daily-etl"]["id"],
-                                         "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}}]})
+        dep = api.post(
+            "/deployments/",
+            {
+                "name": "phone-dep",
+                "flow_id": data["flows"]["daily-etl"]["id"],
+                "schedules": [{"schedule": {"cron": "0 6 * * *", "timezone": "Europe/Berlin"}}],
+            },
+        )
         ui.open(f"deployments/deployment/{dep['id']}")
         ui.click(".page-header button", "Run")
         ui.el("dialog[open]")
@@ -1612,10 +2111,14 @@ def test_times_are_shown_in_the_browser_time_zone(ui, api, data):
     utc = datetime.datetime.fromisoformat(run["expected_start_time"].replace("Z", "+00:00"))
     local = utc.astimezone(datetime.timezone(datetime.timedelta(hours=5, minutes=30)))
     assert local.strftime(":%M:%S") in shown, (shown, local)
-    assert str(int(local.strftime("%I"))) + local.strftime(":%M:%S") in shown or local.strftime("%H:%M:%S") in shown, (shown, local)
+    assert str(int(local.strftime("%I"))) + local.strftime(":%M:%S") in shown or local.strftime("%H:%M:%S") in shown, (
+        shown,
+        local,
+    )
 
 
 # ---------------------------------------------------------------- empty server, path prefix
+
 
 @pytest.fixture(scope="module")
 def empty_server(tmp_path_factory):
@@ -1635,16 +2138,29 @@ def test_empty_states_on_a_fresh_server(browser, empty_server):
     assert ui.texts("#run-chart .legend") == ["No runs in this period"]
 
 
-@pytest.mark.parametrize("route, text", [
-    ("deployments", "No deployments yet"), ("work-pools", "No work pools"), ("blocks", "No blocks yet"),
-    ("variables", "No variables yet"), ("artifacts", "No artifacts yet"), ("concurrency-limits", "No tag limits"),
-    ("notifications", "No notifications yet"),
-])
+@pytest.mark.parametrize(
+    "route, text",
+    [
+        ("deployments", "No deployments yet"),
+        ("work-pools", "No work pools"),
+        ("blocks", "No blocks yet"),
+        ("variables", "No variables yet"),
+        ("artifacts", "No artifacts yet"),
+        ("concurrency-limits", "No tag limits"),
+        ("notifications", "No notifications yet"),
+    ],
+)
 def test_empty_states_of_the_other_lists(browser, empty_server, route, text):
     api = Api(empty_server)
-    path = {"deployments": "/deployments/filter", "work-pools": "/work_pools/filter", "blocks": "/block_documents/filter",
-            "variables": "/variables/filter", "artifacts": "/artifacts/latest/filter", "concurrency-limits": "/concurrency_limits/filter",
-            "notifications": "/flow_run_notification_policies/filter"}[route]
+    path = {
+        "deployments": "/deployments/filter",
+        "work-pools": "/work_pools/filter",
+        "blocks": "/block_documents/filter",
+        "variables": "/variables/filter",
+        "artifacts": "/artifacts/latest/filter",
+        "concurrency-limits": "/concurrency_limits/filter",
+        "notifications": "/flow_run_notification_policies/filter",
+    }[route]
     assert api.ok("POST", path, {}) == []  # the list the page reads is there, and empty
     ui = UI(browser, empty_server[: -len("/api")])
     ui.open(route)
@@ -1654,7 +2170,9 @@ def test_empty_states_of_the_other_lists(browser, empty_server, route, text):
 
 def test_ui_works_with_basic_auth(browser, tmp_path):
     """With PREFECT_SERVER_API_AUTH_STRING the browser asks for a login once and the UI keeps working."""
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/auth.db", port=0, PREFECT_SERVER_API_AUTH_STRING="me:s3cret") as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/auth.db", port=0, PREFECT_SERVER_API_AUTH_STRING="me:s3cret"
+    ) as api_url:
         status, _ = Api(api_url).request("POST", "/flows/filter", {})
         assert status == 401
         ui = UI(browser, api_url[: -len("/api")].replace("http://", "http://me:s3cret@"))
@@ -1689,8 +2207,12 @@ def _proxy_handler(upstream):
                 self.send_error(404)
                 return
             body = self.rfile.read(int(self.headers.get("Content-Length") or 0)) or None
-            req = urllib.request.Request(upstream + self.path[len("/prefix"):], data=body, method=self.command,
-                                         headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")})
+            req = urllib.request.Request(
+                upstream + self.path[len("/prefix") :],
+                data=body,
+                method=self.command,
+                headers={k: v for k, v in self.headers.items() if k.lower() in ("content-type", "accept")},
+            )
             try:
                 resp = urllib.request.urlopen(req, timeout=30)
             except urllib.error.HTTPError as e:
@@ -1703,6 +2225,7 @@ def _proxy_handler(upstream):
             self.wfile.write(data)
 
         do_GET = do_POST = do_PATCH = do_DELETE = do_PUT = _forward
+
     return Handler
 
 
@@ -1725,7 +2248,7 @@ def test_ui_works_behind_a_path_prefix(ui, api, data):
 
 # ---------------------------------------------------------------- every link the SDKs and the CLI print
 
-SDK_LINKS_SCRIPT = '''
+SDK_LINKS_SCRIPT = """
 import sys
 
 from prefect import flow, task
@@ -1765,7 +2288,7 @@ if __name__ == "__main__":
             print("limit link:", url_for("concurrency-limit", obj_id=limit_id))
             queue = client.read_work_queue_by_name("default", work_pool_name=f"linked-pool-{suffix}")
             print("queue link:", url_for("work-queue", obj_id=queue.id))
-'''
+"""
 
 
 def sdk_pythons():
@@ -1774,6 +2297,7 @@ def sdk_pythons():
     sys.path.insert(0, str(HERE / "compat"))
     import prefect3_venv
     import prefect_venv
+
     pythons = {}
     for sdk, ensure in (("2.20", prefect_venv.ensure_prefect_venv), ("3.9", prefect3_venv.ensure_prefect3_venv)):
         try:
@@ -1787,7 +2311,9 @@ def sdk_pythons():
 
 def collect_printed_links(python, api_url, home, suffix, script):
     """Everything a new user does that makes the SDK or the `prefect` CLI print a UI link; the output."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("PYTHONPATH", "VIRTUAL_ENV")
+    }
     env.update(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), COLUMNS="400", PYTHONUNBUFFERED="1")
     prefect = str(Path(python).parent / "prefect")
     out = []
@@ -1801,8 +2327,14 @@ def collect_printed_links(python, api_url, home, suffix, script):
     run(prefect, "work-pool", "create", f"linked-pool-{suffix}", "--type", "process")
     run(prefect, "block", "create", "slack-webhook")
     # flow.serve prints its deployment's link, then serves until stopped
-    serve = subprocess.Popen([python, script, suffix, "serve"], env=env, cwd=Path(script).parent, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
+    serve = subprocess.Popen(
+        [python, script, suffix, "serve"],
+        env=env,
+        cwd=Path(script).parent,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         served = []
         deadline = time.monotonic() + 120
@@ -1862,11 +2394,19 @@ def test_every_link_the_sdks_and_cli_print_opens_its_page(browser, tmp_path):
             printed += collect_printed_links(python, api_url, home, sdk.replace(".", ""), str(script))
         # the SDKs derive the UI's address from PREFECT_API_URL by dropping /api: this server's root
         links = sorted(set(re.findall(re.escape(root) + r"/[^\s\[\]\"'<>]*[^\s\[\]\"'<>.,)]", printed)))
-        routes = [link[len(root) + 1:] for link in links]
+        routes = [link[len(root) + 1 :] for link in links]
         shapes = {re.sub(r"/[^/]+$", "/*", r) for r in routes}
-        assert {"flow-runs/flow-run/*", "runs/flow-run/*", "runs/task-run/*", "deployments/deployment/*",
-                "work-pools/work-pool/*", "blocks/catalog/slack-webhook/*", "blocks/block/*",
-                "concurrency-limits/concurrency-limit/*", "work-queues/work-queue/*"} <= shapes, shapes
+        assert {
+            "flow-runs/flow-run/*",
+            "runs/flow-run/*",
+            "runs/task-run/*",
+            "deployments/deployment/*",
+            "work-pools/work-pool/*",
+            "blocks/catalog/slack-webhook/*",
+            "blocks/block/*",
+            "concurrency-limits/concurrency-limit/*",
+            "work-queues/work-queue/*",
+        } <= shapes, shapes
         api = Api(api_url)
         ui = UI(browser, root)
         for link, route in zip(links, routes):
@@ -1875,8 +2415,10 @@ def test_every_link_the_sdks_and_cli_print_opens_its_page(browser, tmp_path):
             browser.get(link)
             ui.wait_ready()
             ui.b.wait(lambda: ui.texts(".page-header h1") == [title], 10, f"{title!r} as the title of {link}")
-            styled = ui.b.execute("return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
-                                  " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'")
+            styled = ui.b.execute(
+                "return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
+                " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'"
+            )
             assert styled, link
             assert ui.texts("main .error-box") == [], link
             assert browser.console_errors() == [], link

@@ -33,6 +33,7 @@ def error_locs(body):
 
 # --- create and read ---------------------------------------------------------------------------
 
+
 def test_variable_create_and_read_by_id_and_name(client):
     var = new_variable(client, name="region", value="eu-west-1", tags=["infra", "aws"])
     assert var["name"] == "region" and var["value"] == "eu-west-1"
@@ -109,6 +110,7 @@ def test_variable_value_size_counts_bytes_not_characters(client):
 
 # --- filter and count --------------------------------------------------------------------------
 
+
 @pytest.fixture
 def some_variables(client):
     return {
@@ -130,8 +132,10 @@ def test_variable_filter_default_lists_all_sorted_by_name(client, some_variables
 
 def test_variable_filter_by_name(client, some_variables):
     assert sorted(_names(client, {"variables": {"name": {"like_": "db_"}}})) == ["db_host", "db_port"]
-    assert sorted(_names(client, {"variables": {"name": {"any_": ["api_url", "feature_x", "nope"]}}})) == \
-        ["api_url", "feature_x"]
+    assert sorted(_names(client, {"variables": {"name": {"any_": ["api_url", "feature_x", "nope"]}}})) == [
+        "api_url",
+        "feature_x",
+    ]
     assert client.ok("POST", "/variables/count", {"variables": {"name": {"like_": "db_"}}}) == 2
 
 
@@ -155,6 +159,7 @@ def test_variable_filter_with_or_operator(client, some_variables):
 
 
 # --- update ------------------------------------------------------------------------------------
+
 
 def test_variable_update_by_id(client):
     var = new_variable(client, name="retries", value=3, tags=["a"])
@@ -209,6 +214,7 @@ def test_variable_update_of_missing_variable_is_404(client):
 
 
 # --- delete ------------------------------------------------------------------------------------
+
 
 def test_variable_delete_by_id(client):
     var = new_variable(client)

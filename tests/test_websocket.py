@@ -1,4 +1,4 @@
-"""WebSockets (section 10): RFC 6455 handshake and framing, checked with a raw socket client written
+"""WebSockets (section 23): RFC 6455 handshake and framing, checked with a raw socket client written
 here (masking, fragmentation, ping/pong, close codes, the size limit), then the Prefect 3 event
 endpoints' in-band auth, /events/in storing and /events/out streaming, and shutdown with sockets open."""
 
@@ -32,12 +32,15 @@ def wait_for_events(client, count, flt=None, timeout=10.0):
 
 @pytest.fixture
 def small_server(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/ws.db", PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES=4096) as api:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/ws.db", PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES=4096
+    ) as api:
         yield api
 
 
 # ---------------------------------------------------------------------------------------------
 # the handshake
+
 
 def test_accept_key_is_the_rfc_example():
     assert prefectlite.websocket_accept_key("dGhlIHNhbXBsZSBub25jZQ==") == "s3pPLMBiTxaQ9kYGzzhZRbK+xOo="
@@ -66,18 +69,32 @@ def test_handshake_without_subprotocol_is_accepted_without_one_when_auth_is_off(
         ws.close()
 
 
-@pytest.mark.parametrize("change, status", [
-    ({"Sec-WebSocket-Version": "8"}, 426),
-    ({"Sec-WebSocket-Key": "too-short"}, 400),
-    ({"Connection": "keep-alive"}, 400),
-])
+@pytest.mark.parametrize(
+    "change, status",
+    [
+        ({"Sec-WebSocket-Version": "8"}, 426),
+        ({"Sec-WebSocket-Key": "too-short"}, 400),
+        ({"Connection": "keep-alive"}, 400),
+    ],
+)
 def test_bad_handshakes_get_an_http_error(server, change, status):
     parts = urllib.parse.urlsplit(server)
-    headers = {"Host": "x", "Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
-               "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(), **change}
+    headers = {
+        "Host": "x",
+        "Upgrade": "websocket",
+        "Connection": "Upgrade",
+        "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": base64.b64encode(os.urandom(16)).decode(),
+        **change,
+    }
     with socket.create_connection((parts.hostname, parts.port), timeout=10) as sock:
-        sock.sendall((f"GET {parts.path}/events/in HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
-                      + "\r\n").encode())
+        sock.sendall(
+            (
+                f"GET {parts.path}/events/in HTTP/1.1\r\n"
+                + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+                + "\r\n"
+            ).encode()
+        )
         reply = b""
         while b"\r\n\r\n" not in reply:
             reply += sock.recv(4096)
@@ -94,6 +111,7 @@ def test_other_paths_are_not_websockets(server):
 
 # ---------------------------------------------------------------------------------------------
 # framing
+
 
 def test_masked_text_frames_carry_the_auth_exchange_and_events(server):
     ws = RawWebSocket(server)
@@ -117,8 +135,8 @@ def test_fragmented_message_with_a_ping_in_between(server):
         ws.send_frame(0x1, text[:third], fin=False)
         ws.send_frame(0x9, b"mid")  # control frames may come between fragments
         assert ws.recv_frame() == (True, 0xA, b"mid")
-        ws.send_frame(0x0, text[third:2 * third], fin=False)
-        ws.send_frame(0x0, text[2 * third:], fin=True)
+        ws.send_frame(0x0, text[third : 2 * third], fin=False)
+        ws.send_frame(0x0, text[2 * third :], fin=True)
         page = wait_for_events(Client(server), 1)
         assert page["events"][0]["event"] == "test.fragmented"
         assert page["events"][0]["payload"] == {"blob": "x" * 300}
@@ -159,13 +177,16 @@ def test_unmasked_client_frame_closes_with_1002(server):
         ws.close()
 
 
-@pytest.mark.parametrize("frames", [
-    [(0x0, b"no message started", True)],  # a continuation without a first fragment
-    [(0x1, b"first", False), (0x1, b"second", True)],  # a new message inside a fragmented one
-    [(0x3, b"reserved opcode", True)],
-    [(0x9, b"p" * 126, True)],  # a control frame longer than 125 bytes
-    [(0x9, b"fragmented ping", False)],
-])
+@pytest.mark.parametrize(
+    "frames",
+    [
+        [(0x0, b"no message started", True)],  # a continuation without a first fragment
+        [(0x1, b"first", False), (0x1, b"second", True)],  # a new message inside a fragmented one
+        [(0x3, b"reserved opcode", True)],
+        [(0x9, b"p" * 126, True)],  # a control frame longer than 125 bytes
+        [(0x9, b"fragmented ping", False)],
+    ],
+)
 def test_protocol_errors_close_with_1002(server, frames):
     ws = RawWebSocket(server)
     try:
@@ -262,10 +283,12 @@ def test_a_resent_event_is_stored_once(server):
 # ---------------------------------------------------------------------------------------------
 # in-band auth (the Prefect 3 client's handshake)
 
+
 @pytest.fixture
 def auth_server(tmp_path):
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/auth.db",
-                           PREFECT_SERVER_API_AUTH_STRING="admin:pa55") as api:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/auth.db", PREFECT_SERVER_API_AUTH_STRING="admin:pa55"
+    ) as api:
         yield api
 
 
@@ -302,6 +325,7 @@ def test_first_message_must_be_auth(server):
 
 # ---------------------------------------------------------------------------------------------
 # /events/out
+
 
 def test_subscriber_gets_backfill_then_live_events_that_match_its_filter(server):
     client = Client(server)
@@ -356,8 +380,12 @@ SUBSCRIPTIONS = "/task_runs/subscriptions/scheduled"
 
 def background_run(client, task_key, deferred=True, flow_run_id=None):
     """A task run as the 3.x SDK's task.delay() creates it: Scheduled, deferred, no flow run."""
-    body = {"task_key": task_key, "dynamic_key": os.urandom(4).hex(), "flow_run_id": flow_run_id,
-            "state": {"type": "SCHEDULED", "state_details": {"deferred": deferred}}}
+    body = {
+        "task_key": task_key,
+        "dynamic_key": os.urandom(4).hex(),
+        "flow_run_id": flow_run_id,
+        "state": {"type": "SCHEDULED", "state_details": {"deferred": deferred}},
+    }
     return client.ok("POST", "/task_runs/", body)["id"]
 
 
@@ -421,11 +449,17 @@ def one_worker_each_and_unacknowledged_to_the_next(server):
             b.close()
 
 
-@pytest.mark.parametrize("message, reason", [
-    ({"type": "filter"}, "Protocol violation: expected 'subscribe' message"),
-    ({"type": "subscribe", "keys": [], "client_id": "c"}, "Protocol violation: expected 'keys' in subscribe message"),
-    ({"type": "subscribe", "keys": ["k"]}, "Protocol violation: expected 'client_id' in subscribe message"),
-])
+@pytest.mark.parametrize(
+    "message, reason",
+    [
+        ({"type": "filter"}, "Protocol violation: expected 'subscribe' message"),
+        (
+            {"type": "subscribe", "keys": [], "client_id": "c"},
+            "Protocol violation: expected 'keys' in subscribe message",
+        ),
+        ({"type": "subscribe", "keys": ["k"]}, "Protocol violation: expected 'client_id' in subscribe message"),
+    ],
+)
 def test_task_worker_must_subscribe_with_keys_and_a_client_id(server, message, reason):
     ws = RawWebSocket(server, path=SUBSCRIPTIONS).authenticate()
     try:
@@ -437,6 +471,7 @@ def test_task_worker_must_subscribe_with_keys_and_a_client_id(server, message, r
 
 # ---------------------------------------------------------------------------------------------
 # shutdown
+
 
 def test_open_websockets_do_not_block_shutdown(tmp_path):
     context = prefectlite.serve(database=f"sqlite:///{tmp_path}/stop.db")

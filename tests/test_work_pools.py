@@ -12,17 +12,42 @@ import prefectlite
 from helpers import T0, TICK, Client, answer, iso, now, parse, unique
 
 
-POOL_FIELDS = {"id", "created", "updated", "name", "description", "type", "base_job_template", "is_paused",
-               "concurrency_limit", "default_queue_id", "status"}
-QUEUE_FIELDS = {"id", "created", "updated", "name", "description", "is_paused", "concurrency_limit", "priority",
-                "last_polled", "work_pool_id", "work_pool_name", "status", "filter"}
+POOL_FIELDS = {
+    "id",
+    "created",
+    "updated",
+    "name",
+    "description",
+    "type",
+    "base_job_template",
+    "is_paused",
+    "concurrency_limit",
+    "default_queue_id",
+    "status",
+}
+QUEUE_FIELDS = {
+    "id",
+    "created",
+    "updated",
+    "name",
+    "description",
+    "is_paused",
+    "concurrency_limit",
+    "priority",
+    "last_polled",
+    "work_pool_id",
+    "work_pool_name",
+    "status",
+    "filter",
+}
 
 
 @pytest.fixture
 def api(tmp_path):
     """A server whose scheduler is off, so the only runs are the ones a test makes."""
-    with prefectlite.serve(database=f"sqlite:///{tmp_path}/pools.db", port=0,
-                           PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+    with prefectlite.serve(
+        database=f"sqlite:///{tmp_path}/pools.db", port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False
+    ) as api_url:
         yield Client(api_url)
 
 
@@ -43,8 +68,9 @@ def new_deployment(api, pool, queue=None):
 
 
 def due_run(api, dep, queue=None, minutes_ago=1.0, minutes_ahead=None):
-    when = now() + (dt.timedelta(minutes=minutes_ahead) if minutes_ahead is not None
-                    else -dt.timedelta(minutes=minutes_ago))
+    when = now() + (
+        dt.timedelta(minutes=minutes_ahead) if minutes_ahead is not None else -dt.timedelta(minutes=minutes_ago)
+    )
     body = {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(when)}}}
     if queue:
         body["work_queue_name"] = queue
@@ -79,12 +105,17 @@ def offered_ids(api, pool, **body):
 
 # --- pools -------------------------------------------------------------------------------------
 
+
 def test_create_pool_with_its_default_queue(api):
     name = unique("pool")
-    template = {"job_configuration": {"command": "{{ command }}"},
-                "variables": {"type": "object", "properties": {"command": {"type": "string"}}}}
-    status, pool = api.post("/work_pools/", {"name": name, "type": "process", "description": "local processes",
-                                             "base_job_template": template})
+    template = {
+        "job_configuration": {"command": "{{ command }}"},
+        "variables": {"type": "object", "properties": {"command": {"type": "string"}}},
+    }
+    status, pool = api.post(
+        "/work_pools/",
+        {"name": name, "type": "process", "description": "local processes", "base_job_template": template},
+    )
     assert status == 201, pool
     assert POOL_FIELDS <= set(pool), POOL_FIELDS - set(pool)
     assert (pool["name"], pool["type"], pool["description"]) == (name, "process", "local processes")
@@ -145,8 +176,9 @@ def test_filter_and_count_pools(api):
     assert api.ok("POST", "/work_pools/count", mine) == 3
     by_name = api.ok("POST", "/work_pools/filter", {"work_pools": {"name": {"any_": [b["name"]]}}})
     assert [p["id"] for p in by_name] == [b["id"]]
-    by_type = api.ok("POST", "/work_pools/filter", {"work_pools": {"id": {"any_": ids},
-                                                                   "type": {"any_": ["kubernetes"]}}})
+    by_type = api.ok(
+        "POST", "/work_pools/filter", {"work_pools": {"id": {"any_": ids}, "type": {"any_": ["kubernetes"]}}}
+    )
     assert [p["id"] for p in by_type] == [b["id"]]
     assert api.ok("POST", "/work_pools/count", {"work_pools": {"name": {"any_": [unique("none")]}}}) == 0
     page = api.ok("POST", "/work_pools/filter", {**mine, "limit": 2})
@@ -155,14 +187,20 @@ def test_filter_and_count_pools(api):
 
 # --- queues ------------------------------------------------------------------------------------
 
+
 def test_queue_create_read_update_delete(api):
     pool = new_pool(api)["name"]
-    status, queue = api.post(f"/work_pools/{pool}/queues",
-                             {"name": "gpu", "description": "big jobs", "concurrency_limit": 2, "priority": 5})
+    status, queue = api.post(
+        f"/work_pools/{pool}/queues", {"name": "gpu", "description": "big jobs", "concurrency_limit": 2, "priority": 5}
+    )
     assert status == 201, queue
     assert QUEUE_FIELDS <= set(queue), QUEUE_FIELDS - set(queue)
     assert (queue["name"], queue["description"], queue["concurrency_limit"], queue["priority"]) == (
-        "gpu", "big jobs", 2, 5)
+        "gpu",
+        "big jobs",
+        2,
+        5,
+    )
     assert queue["work_pool_name"] == pool and queue["is_paused"] is False
     assert api.post(f"/work_pools/{pool}/queues", {"name": "gpu"})[0] == 409
     assert api.post(f"/work_pools/{unique('missing')}/queues", {"name": "x"})[0] == 404
@@ -219,13 +257,16 @@ def test_queue_description_null_is_taken_as_empty(api):
     status, legacy = api.post("/work_queues/", {"name": unique("legacy"), "description": None})
     assert (status, legacy["description"]) == (201, ""), legacy
     missing = unique("missing")
-    for path, body in ((f"/work_pools/{missing}/queues", {"name": "q"}),
-                       ("/work_queues/", {"name": "q", "work_pool_name": missing})):
+    for path, body in (
+        (f"/work_pools/{missing}/queues", {"name": "q"}),
+        ("/work_queues/", {"name": "q", "work_pool_name": missing}),
+    ):
         status, answer = api.post(path, {**body, "description": None})
         assert status == 404 and missing in answer["detail"], (path, status, answer)
 
 
 # --- handing out runs --------------------------------------------------------------------------
+
 
 def test_get_scheduled_flow_runs_hands_out_due_runs(api):
     pool = new_pool(api)
@@ -245,10 +286,14 @@ def test_get_scheduled_flow_runs_hands_out_due_runs(api):
     assert all(o["flow_run"]["state_type"] == "SCHEDULED" for o in offered)
     # Looking further ahead finds the future run too.
     assert offered_ids(api, name, scheduled_before=iso(now() + dt.timedelta(hours=2))) == [
-        first["id"], second["id"], future["id"]]
+        first["id"],
+        second["id"],
+        future["id"],
+    ]
     assert offered_ids(api, name, scheduled_before=iso(now()), limit=1) == [first["id"]]
-    assert offered_ids(api, name, scheduled_after=iso(now() - dt.timedelta(minutes=3)),
-                       scheduled_before=iso(now())) == [second["id"]]
+    assert offered_ids(
+        api, name, scheduled_after=iso(now() - dt.timedelta(minutes=3)), scheduled_before=iso(now())
+    ) == [second["id"]]
     assert api.post(f"/work_pools/{unique('missing')}/get_scheduled_flow_runs", {})[0] == 404
 
 
@@ -262,14 +307,16 @@ def test_priority_order_and_work_queue_names(api):
     default_mid = due_run(api, dep, minutes_ago=10)
     # The higher-priority queue is served first when not everything fits.
     assert offered_ids(api, name, scheduled_before=iso(now()), limit=1) == [default_mid["id"]]
-    assert offered_ids(api, name, scheduled_before=iso(now()), limit=1,
-                       work_queue_names=["low", "high"]) == [high_late["id"]]
+    assert offered_ids(api, name, scheduled_before=iso(now()), limit=1, work_queue_names=["low", "high"]) == [
+        high_late["id"]
+    ]
     everything = offered_ids(api, name, scheduled_before=iso(now()))
     assert sorted(everything) == sorted([low_early["id"], high_late["id"], default_mid["id"]])
     # Only the named queues.
     assert offered_ids(api, name, scheduled_before=iso(now()), work_queue_names=["low"]) == [low_early["id"]]
     assert sorted(offered_ids(api, name, scheduled_before=iso(now()), work_queue_names=["low", "default"])) == sorted(
-        [low_early["id"], default_mid["id"]])
+        [low_early["id"], default_mid["id"]]
+    )
 
 
 def test_queue_concurrency_limit(api):
@@ -327,18 +374,29 @@ def test_paused_pool_and_paused_queue_hand_out_nothing(api):
 
 # --- workers and statuses ----------------------------------------------------------------------
 
+
 def test_worker_heartbeats(api):
     pool = new_pool(api)["name"]
     assert api.ok("POST", f"/work_pools/{pool}/workers/filter", {}) == []
-    status, body = api.post(f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-1", "heartbeat_interval_seconds": 30})
+    status, body = api.post(
+        f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-1", "heartbeat_interval_seconds": 30}
+    )
     assert status == 204, body
     api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-1", "heartbeat_interval_seconds": 30})
     api.ok("POST", f"/work_pools/{pool}/workers/heartbeat", {"name": "worker-2"})
     workers = api.ok("POST", f"/work_pools/{pool}/workers/filter", {})
     assert sorted(w["name"] for w in workers) == ["worker-1", "worker-2"], "one row per worker name"
     for worker in workers:
-        assert {"id", "created", "updated", "name", "work_pool_id", "last_heartbeat_time", "status",
-                "heartbeat_interval_seconds"} <= set(worker), worker
+        assert {
+            "id",
+            "created",
+            "updated",
+            "name",
+            "work_pool_id",
+            "last_heartbeat_time",
+            "status",
+            "heartbeat_interval_seconds",
+        } <= set(worker), worker
         assert worker["status"] == "ONLINE"
     assert {w["name"]: w["heartbeat_interval_seconds"] for w in workers}["worker-1"] == 30
     assert api.post(f"/work_pools/{unique('missing')}/workers/heartbeat", {"name": "w"})[0] == 404
@@ -369,8 +427,9 @@ def test_pool_and_queue_status_follow_heartbeats_and_polls(api):
     assert api.ok("GET", f"/work_pools/{pool}")["status"] == "READY"
     # A poll of one queue makes that queue READY and records when.
     poll(api, pool, work_queue_names=["default"])
-    default = wait_for(lambda: api.ok("GET", f"/work_pools/{pool}/queues/default"),
-                       lambda q: q["status"] == "READY")  # (Prefect records a poll just after answering it)
+    default = wait_for(
+        lambda: api.ok("GET", f"/work_pools/{pool}/queues/default"), lambda q: q["status"] == "READY"
+    )  # (Prefect records a poll just after answering it)
     assert default["status"] == "READY" and default["last_polled"] is not None
     assert api.ok("GET", f"/work_pools/{pool}/queues/never-polled")["status"] == "NOT_READY"
     # Paused wins over both.
@@ -401,6 +460,7 @@ def test_a_worker_silent_for_three_intervals_is_offline(app, clock):
 
 # --- the older id-based queue routes ------------------------------------------------------------
 
+
 def test_older_work_queue_routes(api):
     name = unique("legacy")
     status, queue = api.post("/work_queues/", {"name": name, "description": "old style", "concurrency_limit": 5})
@@ -423,8 +483,11 @@ def test_older_work_queue_routes(api):
     assert [q["id"] for q in found] == [queue["id"]]
     # startswith_ takes a list of prefixes for queue names (the SDK's match_work_queues sends one)
     for prefixes, expected in (([name[:6], "no-such-prefix"], [queue["id"]]), (["no-such-prefix"], []), ([], [])):
-        found = api.ok("POST", "/work_queues/filter", {"work_queues": {"name": {"startswith_": prefixes},
-                                                                       "id": {"any_": [queue["id"]]}}})
+        found = api.ok(
+            "POST",
+            "/work_queues/filter",
+            {"work_queues": {"name": {"startswith_": prefixes}, "id": {"any_": [queue["id"]]}}},
+        )
         assert [q["id"] for q in found] == expected, prefixes
 
     # Not polled yet: unhealthy. Polled (an agent's get_runs): healthy.
@@ -453,9 +516,18 @@ def test_work_queue_status_counts_late_runs(api):
     dep = new_deployment(api, pool)
     queue = api.ok("GET", f"/work_pools/{pool}/queues/default")
     run = due_run(api, dep, minutes_ago=5)
-    api.ok("POST", f"/flow_runs/{run['id']}/set_state",
-           {"state": {"type": "SCHEDULED", "name": "Late",
-                      "state_details": {"scheduled_time": run["expected_start_time"]}}, "force": True})
+    api.ok(
+        "POST",
+        f"/flow_runs/{run['id']}/set_state",
+        {
+            "state": {
+                "type": "SCHEDULED",
+                "name": "Late",
+                "state_details": {"scheduled_time": run["expected_start_time"]},
+            },
+            "force": True,
+        },
+    )
     poll(api, pool)
     health = api.ok("GET", f"/work_queues/{queue['id']}/status")
     assert health["late_runs_count"] == 1, health
@@ -486,8 +558,13 @@ def test_concurrency_status_names_the_runs_holding_a_pools_and_a_queues_slots(an
     dep = new_deployment(api, name)
     pending, running, cancelling, done = (due_run(api, dep) for _ in range(4))
     elsewhere = due_run(api, dep, queue="other")
-    for run, state in ((pending, "PENDING"), (running, "RUNNING"), (cancelling, "CANCELLING"), (done, "COMPLETED"),
-                       (elsewhere, "RUNNING")):
+    for run, state in (
+        (pending, "PENDING"),
+        (running, "RUNNING"),
+        (cancelling, "CANCELLING"),
+        (done, "COMPLETED"),
+        (elsewhere, "RUNNING"),
+    ):
         set_state(api, run["id"], state)
 
     pool = api.ok("POST", f"/work_pools/{name}/concurrency_status", {"flow_run_limit": 1})
@@ -499,12 +576,21 @@ def test_concurrency_status_names_the_runs_holding_a_pools_and_a_queues_slots(an
     assert (default["active_slots"], default["flow_run_count"], default["concurrency_limit"]) == (2, 2, None)
     assert len(default["flow_runs"]) == 1 and default["flow_runs"][0]["id"] in (pending["id"], running["id"])
     held = default["flow_runs"][0]
-    assert set(held) == {"id", "name", "state_type", "state_name", "start_time", "state_timestamp",
-                         "time_in_current_state"}
+    assert set(held) == {
+        "id",
+        "name",
+        "state_type",
+        "state_name",
+        "start_time",
+        "state_timestamp",
+        "time_in_current_state",
+    }
     assert held["time_in_current_state"] >= 0
     assert (by_name["other"]["queue_id"], by_name["other"]["concurrency_limit"]) == (other["id"], 1)
-    assert api.ok("POST", f"/work_pools/{name}/concurrency_status", {"limit": 1, "page": 2})["queues"][0][
-        "queue_name"] == "other"
+    assert (
+        api.ok("POST", f"/work_pools/{name}/concurrency_status", {"limit": 1, "page": 2})["queues"][0]["queue_name"]
+        == "other"
+    )
 
     queue = api.ok("POST", f"/work_queues/{default['queue_id']}/concurrency_status", {"limit": 2})
     assert (queue["active_slots"], queue["count"], queue["pages"]) == (3, 3, 2)
@@ -524,19 +610,28 @@ def test_a_pools_storage_configuration_is_kept(any_api):
     clients, which refuse fields their WorkPool lacks, do not read it."""
     api = any_api
     upload = {"prefect_aws.experimental.bundles.upload": {"bucket": "flows"}}
-    pool = api.ok("POST", "/work_pools/", {"name": unique("pool"), "type": "process",
-                                           "storage_configuration": {"bundle_upload_step": upload}},
-                  headers=PREFECT3_AGENT)
-    assert pool["storage_configuration"] == {"bundle_upload_step": upload, "bundle_execution_step": None,
-                                             "default_result_storage_block_id": None}
+    pool = api.ok(
+        "POST",
+        "/work_pools/",
+        {"name": unique("pool"), "type": "process", "storage_configuration": {"bundle_upload_step": upload}},
+        headers=PREFECT3_AGENT,
+    )
+    assert pool["storage_configuration"] == {
+        "bundle_upload_step": upload,
+        "bundle_execution_step": None,
+        "default_result_storage_block_id": None,
+    }
     block_id = str(uuid.uuid4())
-    api.ok("PATCH", f"/work_pools/{pool['name']}", {"storage_configuration": {"default_result_storage_block_id": block_id}})
+    api.ok(
+        "PATCH", f"/work_pools/{pool['name']}", {"storage_configuration": {"default_result_storage_block_id": block_id}}
+    )
     read = api.ok("GET", f"/work_pools/{pool['name']}", headers=PREFECT3_AGENT)
     assert read["storage_configuration"]["default_result_storage_block_id"] == block_id
     assert read["storage_configuration"]["bundle_upload_step"] is None  # the whole value is replaced, as in Prefect
     assert "storage_configuration" not in api.ok("GET", f"/work_pools/{pool['name']}")
     status, body = api.patch(f"/work_pools/{pool['name']}", {"storage_configuration": {"bucket": "x"}})
     assert status == 422 and body["exception_detail"][0]["loc"] == ["body", "storage_configuration", "bucket"], body
-    status, body = api.patch(f"/work_pools/{pool['name']}",
-                             {"storage_configuration": {"default_result_storage_block_id": "nope"}})
+    status, body = api.patch(
+        f"/work_pools/{pool['name']}", {"storage_configuration": {"default_result_storage_block_id": "nope"}}
+    )
     assert status == 422, body

@@ -1,4 +1,5 @@
 """A small W3C WebDriver client over urllib (for chromedriver + headless chromium)."""
+
 import base64
 import json
 import time
@@ -6,9 +7,18 @@ import urllib.error
 import urllib.request
 
 ELEMENT = "element-6066-11e4-a52e-4f735466cecf"
-CHROME_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-               "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
-               "--disable-dev-shm-usage", "--window-size=1280,900"]
+CHROME_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+    "--disable-quic",
+    "--disable-dev-shm-usage",
+    "--window-size=1280,900",
+]
 
 
 class WebDriverError(Exception):
@@ -53,17 +63,29 @@ class Element:
         return _call("GET", self._url(f"/property/{name}"))
 
     def find(self, css):
-        return Element(self.session, _call("POST", self._url("/element"), {"using": "css selector", "value": css})[ELEMENT])
+        return Element(
+            self.session, _call("POST", self._url("/element"), {"using": "css selector", "value": css})[ELEMENT]
+        )
 
     def find_all(self, css):
-        return [Element(self.session, e[ELEMENT]) for e in _call("POST", self._url("/elements"), {"using": "css selector", "value": css})]
+        return [
+            Element(self.session, e[ELEMENT])
+            for e in _call("POST", self._url("/elements"), {"using": "css selector", "value": css})
+        ]
 
 
 class Browser:
     def __init__(self, driver_url, binary="/usr/bin/chromium", user_data_dir=None):
         args = CHROME_ARGS + ([f"--user-data-dir={user_data_dir}"] if user_data_dir else [])
-        caps = {"capabilities": {"alwaysMatch": {"browserName": "chrome", "goog:chromeOptions": {"binary": binary, "args": args},
-                                                 "goog:loggingPrefs": {"browser": "ALL"}}}}
+        caps = {
+            "capabilities": {
+                "alwaysMatch": {
+                    "browserName": "chrome",
+                    "goog:chromeOptions": {"binary": binary, "args": args},
+                    "goog:loggingPrefs": {"browser": "ALL"},
+                }
+            }
+        }
         value = _call("POST", f"{driver_url}/session", caps, timeout=120)
         self.url = f"{driver_url}/session/{value['sessionId']}"
 
@@ -78,10 +100,15 @@ class Browser:
         return _call("GET", f"{self.url}/url")
 
     def find_all(self, css):
-        return [Element(self, e[ELEMENT]) for e in _call("POST", f"{self.url}/elements", {"using": "css selector", "value": css})]
+        return [
+            Element(self, e[ELEMENT])
+            for e in _call("POST", f"{self.url}/elements", {"using": "css selector", "value": css})
+        ]
 
     def find_xpath(self, xpath):
-        return [Element(self, e[ELEMENT]) for e in _call("POST", f"{self.url}/elements", {"using": "xpath", "value": xpath})]
+        return [
+            Element(self, e[ELEMENT]) for e in _call("POST", f"{self.url}/elements", {"using": "xpath", "value": xpath})
+        ]
 
     def execute(self, script, *args):
         return _call("POST", f"{self.url}/execute/sync", {"script": script, "args": list(args)})
@@ -119,5 +146,8 @@ class Browser:
             except WebDriverError as e:  # e.g. a stale element while the page re-renders
                 last_error = e
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out after {timeout}s waiting for {message}" + (f" (last error: {last_error})" if last_error else ""))
+                raise AssertionError(
+                    f"timed out after {timeout}s waiting for {message}"
+                    + (f" (last error: {last_error})" if last_error else "")
+                )
             time.sleep(0.1)

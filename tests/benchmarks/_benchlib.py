@@ -3,6 +3,7 @@
 Not a test module: tests/benchmarks/conftest.py keeps pytest from collecting anything here.
 Every script talks only to the server URL it is given, which must be on loopback.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -80,6 +81,7 @@ def port_in_use(host: str, port: int) -> bool:
 
 # --------------------------------------------------------------------------- HTTP client
 
+
 class _Stale(Exception):
     """The server closed the connection before answering (an idle keep-alive connection it timed out)."""
 
@@ -143,7 +145,7 @@ class Client:
         while True:
             end = self.buf.find(b"\r\n")
             if end >= 0:
-                line, self.buf = self.buf[:end], self.buf[end + 2:]
+                line, self.buf = self.buf[:end], self.buf[end + 2 :]
                 return line
             self._fill()
 
@@ -258,8 +260,14 @@ def health_once(host: str, port: int, base: str = "/api", timeout: float = 1.0) 
         return None
 
 
-def wait_health(host: str, port: int, base: str, deadline_s: float, proc: subprocess.Popen | None = None,
-                poll_interval: float = 0.002) -> float | None:
+def wait_health(
+    host: str,
+    port: int,
+    base: str,
+    deadline_s: float,
+    proc: subprocess.Popen | None = None,
+    poll_interval: float = 0.002,
+) -> float | None:
     """Poll GET {base}/health until a 200; return perf_counter() at that moment, or None on timeout/exit."""
     end = time.perf_counter() + deadline_s
     while time.perf_counter() < end:
@@ -299,14 +307,23 @@ class Stats:
         if status is not None and 200 <= status < 300:
             self.ok += 1
             return True
-        key = str(status) if status is not None else (body.decode(errors="replace").split(":")[0] if body else "exception")
+        key = (
+            str(status)
+            if status is not None
+            else (body.decode(errors="replace").split(":")[0] if body else "exception")
+        )
         self.errors[key] += 1
         if len(self.samples) < self.max_samples:
-            self.samples.append({
-                "op": op, "method": method, "path": path, "status": status,
-                "request": (req[:600].decode(errors="replace") if isinstance(req, (bytes, bytearray)) else req),
-                "response": (body[:800].decode(errors="replace") if isinstance(body, (bytes, bytearray)) else body),
-            })
+            self.samples.append(
+                {
+                    "op": op,
+                    "method": method,
+                    "path": path,
+                    "status": status,
+                    "request": (req[:600].decode(errors="replace") if isinstance(req, (bytes, bytearray)) else req),
+                    "response": (body[:800].decode(errors="replace") if isinstance(body, (bytes, bytearray)) else body),
+                }
+            )
         return False
 
     def error(self, key: str, sample: dict | None = None):
@@ -367,6 +384,7 @@ def log(msg: str):
 
 def client_cpu_seconds() -> float:
     import resource
+
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
 
@@ -378,60 +396,133 @@ def now_iso(dt: datetime | None = None) -> str:
     return (dt or datetime.now(timezone.utc)).isoformat()
 
 
-def state_details(flow_run_id=None, task_run_id=None, scheduled_time=None, transition_id=None,
-                  untrackable_result=False, refresh_cache=None):
+def state_details(
+    flow_run_id=None,
+    task_run_id=None,
+    scheduled_time=None,
+    transition_id=None,
+    untrackable_result=False,
+    refresh_cache=None,
+):
     return {
-        "flow_run_id": flow_run_id, "task_run_id": task_run_id, "child_flow_run_id": None,
-        "scheduled_time": scheduled_time, "cache_key": None, "cache_expiration": None,
-        "untrackable_result": untrackable_result, "pause_timeout": None, "pause_reschedule": False,
-        "pause_key": None, "run_input_keyset": None, "refresh_cache": refresh_cache, "retriable": None,
-        "transition_id": transition_id, "task_parameters_id": None,
+        "flow_run_id": flow_run_id,
+        "task_run_id": task_run_id,
+        "child_flow_run_id": None,
+        "scheduled_time": scheduled_time,
+        "cache_key": None,
+        "cache_expiration": None,
+        "untrackable_result": untrackable_result,
+        "pause_timeout": None,
+        "pause_reschedule": False,
+        "pause_key": None,
+        "run_input_keyset": None,
+        "refresh_cache": refresh_cache,
+        "retriable": None,
+        "transition_id": transition_id,
+        "task_parameters_id": None,
     }
 
 
-STATE_NAMES = {"PENDING": "Pending", "RUNNING": "Running", "COMPLETED": "Completed", "FAILED": "Failed",
-               "SCHEDULED": "Scheduled", "CANCELLED": "Cancelled", "CRASHED": "Crashed"}
+STATE_NAMES = {
+    "PENDING": "Pending",
+    "RUNNING": "Running",
+    "COMPLETED": "Completed",
+    "FAILED": "Failed",
+    "SCHEDULED": "Scheduled",
+    "CANCELLED": "Cancelled",
+    "CRASHED": "Crashed",
+}
 
 
 def result_data(kind="int"):
-    return {"type": "unpersisted", "artifact_type": "result",
-            "artifact_description": f"Unpersisted result of type `{kind}`"}
+    return {
+        "type": "unpersisted",
+        "artifact_type": "result",
+        "artifact_description": f"Unpersisted result of type `{kind}`",
+    }
 
 
 def flow_create_body(name: str) -> bytes:
     return json.dumps({"name": name, "tags": []}, separators=(",", ":")).encode()
 
 
-def flow_run_create_body(flow_id: str, state_type="PENDING", scheduled_time=None, tags=None,
-                         parameters=None, flow_version="13db9ab345c4bb1381ae8249c0a70d68") -> bytes:
-    st = {"type": state_type, "name": STATE_NAMES.get(state_type, state_type.title()), "message": None,
-          "state_details": state_details(scheduled_time=scheduled_time), "data": None}
-    return json.dumps({
-        "state": st, "name": None, "flow_id": flow_id, "deployment_id": None, "flow_version": flow_version,
-        "parameters": {"n": 3} if parameters is None else parameters, "context": {},
-        "parent_task_run_id": None, "infrastructure_document_id": None,
-        "empirical_policy": {"max_retries": 0, "retry_delay_seconds": 0, "retries": 0, "retry_delay": 0,
-                             "pause_keys": [], "resuming": False, "retry_type": None},
-        "tags": tags or [], "idempotency_key": None,
-    }, separators=(",", ":")).encode()
+def flow_run_create_body(
+    flow_id: str,
+    state_type="PENDING",
+    scheduled_time=None,
+    tags=None,
+    parameters=None,
+    flow_version="13db9ab345c4bb1381ae8249c0a70d68",
+) -> bytes:
+    st = {
+        "type": state_type,
+        "name": STATE_NAMES.get(state_type, state_type.title()),
+        "message": None,
+        "state_details": state_details(scheduled_time=scheduled_time),
+        "data": None,
+    }
+    return json.dumps(
+        {
+            "state": st,
+            "name": None,
+            "flow_id": flow_id,
+            "deployment_id": None,
+            "flow_version": flow_version,
+            "parameters": {"n": 3} if parameters is None else parameters,
+            "context": {},
+            "parent_task_run_id": None,
+            "infrastructure_document_id": None,
+            "empirical_policy": {
+                "max_retries": 0,
+                "retry_delay_seconds": 0,
+                "retries": 0,
+                "retry_delay": 0,
+                "pause_keys": [],
+                "resuming": False,
+                "retry_type": None,
+            },
+            "tags": tags or [],
+            "idempotency_key": None,
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def flow_run_set_state_body(flow_run_id: str, state_type: str, force=False, data=None) -> bytes:
-    st = {"type": state_type, "name": STATE_NAMES.get(state_type, state_type.title()), "message": None,
-          "state_details": state_details(flow_run_id=flow_run_id, transition_id=str(uuid.uuid4())),
-          "data": data}
+    st = {
+        "type": state_type,
+        "name": STATE_NAMES.get(state_type, state_type.title()),
+        "message": None,
+        "state_details": state_details(flow_run_id=flow_run_id, transition_id=str(uuid.uuid4())),
+        "data": data,
+    }
     return json.dumps({"state": st, "force": force}, separators=(",", ":")).encode()
 
 
 def task_run_create_body(flow_run_id: str, name: str, task_key: str, dynamic_key="0", task_inputs=None) -> bytes:
     st = {"type": "PENDING", "name": "Pending", "message": None, "state_details": state_details(), "data": None}
-    return json.dumps({
-        "state": st, "name": name, "flow_run_id": flow_run_id, "task_key": task_key, "dynamic_key": dynamic_key,
-        "cache_key": None, "cache_expiration": None, "task_version": None,
-        "empirical_policy": {"max_retries": 0, "retry_delay_seconds": 0, "retries": 0, "retry_delay": 0,
-                             "retry_jitter_factor": None},
-        "tags": [], "task_inputs": task_inputs or {},
-    }, separators=(",", ":")).encode()
+    return json.dumps(
+        {
+            "state": st,
+            "name": name,
+            "flow_run_id": flow_run_id,
+            "task_key": task_key,
+            "dynamic_key": dynamic_key,
+            "cache_key": None,
+            "cache_expiration": None,
+            "task_version": None,
+            "empirical_policy": {
+                "max_retries": 0,
+                "retry_delay_seconds": 0,
+                "retries": 0,
+                "retry_delay": 0,
+                "retry_jitter_factor": None,
+            },
+            "tags": [],
+            "task_inputs": task_inputs or {},
+        },
+        separators=(",", ":"),
+    ).encode()
 
 
 def task_run_set_state_body(task_run_id: str, state_type: str) -> bytes:
@@ -441,8 +532,13 @@ def task_run_set_state_body(task_run_id: str, state_type: str) -> bytes:
     else:
         sd = state_details(task_run_id=task_run_id, untrackable_result=True)
         data = result_data("list")
-    st = {"type": state_type, "name": STATE_NAMES.get(state_type, state_type.title()), "message": None,
-          "state_details": sd, "data": data}
+    st = {
+        "type": state_type,
+        "name": STATE_NAMES.get(state_type, state_type.title()),
+        "message": None,
+        "state_details": sd,
+        "data": data,
+    }
     return json.dumps({"state": st, "force": False}, separators=(",", ":")).encode()
 
 
@@ -452,15 +548,27 @@ def logs_body(flow_run_id: str, task_run_ids, n: int, start: datetime | None = N
     for i in range(n):
         tr = task_run_ids[i % len(task_run_ids)] if task_run_ids and i % 2 == 1 else None
         if tr is None:
-            out.append({"name": "prefect.flow_runs", "level": 20,
-                        "message": f"Created task run 'task-{i}-0' for task 'task-{i}'",
-                        "timestamp": (t + timedelta(microseconds=731 * i)).isoformat(),
-                        "flow_run_id": flow_run_id, "task_run_id": None})
+            out.append(
+                {
+                    "name": "prefect.flow_runs",
+                    "level": 20,
+                    "message": f"Created task run 'task-{i}-0' for task 'task-{i}'",
+                    "timestamp": (t + timedelta(microseconds=731 * i)).isoformat(),
+                    "flow_run_id": flow_run_id,
+                    "task_run_id": None,
+                }
+            )
         else:
-            out.append({"name": "prefect.task_runs", "level": 20 if i % 3 else 30,
-                        "message": "Finished in state Completed()" if i % 3 else f"loaded [{i}, {i * 10}, {i * 100}]",
-                        "timestamp": (t + timedelta(microseconds=731 * i)).isoformat(),
-                        "flow_run_id": flow_run_id, "task_run_id": tr})
+            out.append(
+                {
+                    "name": "prefect.task_runs",
+                    "level": 20 if i % 3 else 30,
+                    "message": "Finished in state Completed()" if i % 3 else f"loaded [{i}, {i * 10}, {i * 100}]",
+                    "timestamp": (t + timedelta(microseconds=731 * i)).isoformat(),
+                    "flow_run_id": flow_run_id,
+                    "task_run_id": tr,
+                }
+            )
     return json.dumps(out, separators=(",", ":")).encode()
 
 
@@ -485,8 +593,14 @@ def parse_orch_status(data: bytes):
 
 
 def build_command(template: str, port: int, home: str, prefectlite: str = DEFAULT_PREFECTLITE) -> str:
-    return template.format(port=port, home=home, python=sys.executable, prefectlite=prefectlite,
-                           repo=os.path.dirname(os.path.abspath(prefectlite)), db=os.path.join(home, "prefect.db"))
+    return template.format(
+        port=port,
+        home=home,
+        python=sys.executable,
+        prefectlite=prefectlite,
+        repo=os.path.dirname(os.path.abspath(prefectlite)),
+        db=os.path.join(home, "prefect.db"),
+    )
 
 
 def server_env(home: str, extra: dict | None = None) -> dict:
@@ -503,14 +617,23 @@ def server_env(home: str, extra: dict | None = None) -> dict:
     return env
 
 
-def start_server(command: str, home: str, log_path: str | None = None, env_extra: dict | None = None) -> subprocess.Popen:
+def start_server(
+    command: str, home: str, log_path: str | None = None, env_extra: dict | None = None
+) -> subprocess.Popen:
     """Start `command` (shell syntax) in its own session so its whole tree can be stopped."""
     if not any(op in command for op in ("&&", "||", ";", "|", "\n")) and not command.lstrip().startswith("exec "):
         command = "exec " + command  # no intermediate shell: the root pid is the server itself
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL
     try:
-        return subprocess.Popen(command, shell=True, env=server_env(home, env_extra), stdout=out,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            command,
+            shell=True,
+            env=server_env(home, env_extra),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     finally:
         if log_path:
             out.close()
@@ -572,7 +695,7 @@ def _children_map():
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
                 raw = f.read().decode(errors="replace")
-            ppid = int(raw[raw.rfind(")") + 2:].split()[1])
+            ppid = int(raw[raw.rfind(")") + 2 :].split()[1])
         except (OSError, ValueError, IndexError):
             continue
         kids.setdefault(ppid, []).append(int(name))
@@ -627,7 +750,7 @@ def tree_cpu_seconds(root: int) -> float:
         try:
             with open(f"/proc/{p}/stat", "rb") as f:
                 raw = f.read().decode(errors="replace")
-            fields = raw[raw.rfind(")") + 2:].split()
+            fields = raw[raw.rfind(")") + 2 :].split()
             total += int(fields[11]) + int(fields[12])  # utime, stime
         except (OSError, ValueError, IndexError):
             pass

@@ -12,6 +12,7 @@ the writes acknowledged during the backup, and leftovers.
 
     python tests/benchmarks/bench_backup.py --builds /tmp/before,. --rates 0,100 --size-mb 300 --timeout 60
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,14 @@ import _benchlib as B  # noqa: E402
 
 def build_database(folder: str, home: str, size_mb: int) -> str:
     env = B.server_env(home)
-    subprocess.run([sys.executable, "-m", "prefectlite", "database", "upgrade", "-y"], cwd=folder, env=env,
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-m", "prefectlite", "database", "upgrade", "-y"],
+        cwd=folder,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     path = os.path.join(home, "prefectlite.db")
     conn = sqlite3.connect(path)
     message = "x" * 1000
@@ -41,7 +48,8 @@ def build_database(folder: str, home: str, size_mb: int) -> str:
     for start in range(0, rows, 10_000):
         conn.executemany(
             "INSERT INTO log (id, created, updated, name, level, message, timestamp) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            [(str(uuid.uuid4()), now, now, "ballast", 20, message, now) for _ in range(min(10_000, rows - start))])
+            [(str(uuid.uuid4()), now, now, "ballast", 20, message, now) for _ in range(min(10_000, rows - start))],
+        )
         conn.commit()
     conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     conn.close()
@@ -76,14 +84,20 @@ def one_run(folder: str, home: str, rate: float, timeout: float, round_no: int) 
         if not B.wait_health("127.0.0.1", port, "/api", 60.0, proc):
             raise SystemExit(f"{folder}: the server did not answer; see {home}/server.log")
         if rate:
-            writer = threading.Thread(target=paced_writer, args=(B.Target(f"http://127.0.0.1:{port}/api"), rate,
-                                                                  stop, acked), daemon=True)
+            writer = threading.Thread(
+                target=paced_writer, args=(B.Target(f"http://127.0.0.1:{port}/api"), rate, stop, acked), daemon=True
+            )
             writer.start()
             time.sleep(1.0)  # the writes under way before the backup starts
         started = time.perf_counter()
-        backup = subprocess.Popen([sys.executable, "-m", "prefectlite", "database", "backup", target_file],
-                                  cwd=folder, env=B.server_env(home), stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True)
+        backup = subprocess.Popen(
+            [sys.executable, "-m", "prefectlite", "database", "backup", target_file],
+            cwd=folder,
+            env=B.server_env(home),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         try:
             out, err = backup.communicate(timeout=timeout)
             code = backup.returncode
@@ -103,9 +117,16 @@ def one_run(folder: str, home: str, rate: float, timeout: float, round_no: int) 
     size = os.path.getsize(target_file) if os.path.exists(target_file) else None
     for name in folder_files:  # the next run starts from an empty folder
         os.remove(os.path.join(os.path.dirname(target_file), name))
-    return {"build": folder, "writes_per_s": rate, "seconds": round(seconds, 2), "exit": code,
-            "copy_mb": None if size is None else round(size / 1e6, 1), "writes_during": during,
-            "leftovers": ",".join(leftovers) or "-", "error": (err or "").strip()[:120] or "-"}
+    return {
+        "build": folder,
+        "writes_per_s": rate,
+        "seconds": round(seconds, 2),
+        "exit": code,
+        "copy_mb": None if size is None else round(size / 1e6, 1),
+        "writes_during": during,
+        "leftovers": ",".join(leftovers) or "-",
+        "error": (err or "").strip()[:120] or "-",
+    }
 
 
 def main(argv=None):

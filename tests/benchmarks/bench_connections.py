@@ -13,6 +13,7 @@ events the server stored from the crowd.
 It starts `python prefectlite.py start` on a free loopback port with a fresh PREFECT_HOME, and stops it.
 The crowd is driven from one thread of this process with non-blocking sockets (no thread per socket).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,16 @@ def ws_frame(text: str) -> bytes:
 
 
 def event_json(i: int) -> str:
-    return json.dumps({"id": str(uuid.uuid4()), "occurred": B.now_iso(), "event": "bench.crowd.beat",
-                       "resource": {"prefect.resource.id": f"bench.crowd.{i}"}, "related": [], "payload": {}})
+    return json.dumps(
+        {
+            "id": str(uuid.uuid4()),
+            "occurred": B.now_iso(),
+            "event": "bench.crowd.beat",
+            "resource": {"prefect.resource.id": f"bench.crowd.{i}"},
+            "related": [],
+            "payload": {},
+        }
+    )
 
 
 class Crowd:
@@ -76,9 +85,11 @@ class Crowd:
 
     def open(self):
         key = base64.b64encode(os.urandom(16)).decode()
-        upgrade = (f"GET /api/events/in HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
-                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
-                   "Sec-WebSocket-Protocol: prefect\r\n\r\n").encode()
+        upgrade = (
+            f"GET /api/events/in HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nUpgrade: websocket\r\n"
+            f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n"
+            "Sec-WebSocket-Protocol: prefect\r\n\r\n"
+        ).encode()
         auth = ws_frame(json.dumps({"type": "auth", "token": None}))
         for _ in range(self.counts["websockets"]):
             sock = self._connect()
@@ -172,9 +183,22 @@ def health_prober(host: str, port: int, stop: threading.Event, latencies: list, 
 
 
 def write_load(port: int, clients: int, duration: float) -> dict:
-    out = subprocess.run([sys.executable, os.path.join(B.HERE, "bench_write_load.py"), "--url",
-                          f"http://127.0.0.1:{port}/api", "--clients", str(clients), "--duration", str(duration),
-                          "--json"], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(B.HERE, "bench_write_load.py"),
+            "--url",
+            f"http://127.0.0.1:{port}/api",
+            "--clients",
+            str(clients),
+            "--duration",
+            str(duration),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)["levels"][0]
 
 
@@ -182,8 +206,9 @@ def stored_events(port: int, sent: int, wait: float = 10.0) -> int:
     """How many of the crowd's events the server holds, once the last ones in flight are in (or `wait` s)."""
     target, deadline, count = B.Target(f"http://127.0.0.1:{port}/api"), time.monotonic() + wait, 0
     while True:
-        _, rows = B.get_json(target, "POST", "/events/count-by/event",
-                             {"filter": {"event": {"name": ["bench.crowd.beat"]}}})
+        _, rows = B.get_json(
+            target, "POST", "/events/count-by/event", {"filter": {"event": {"name": ["bench.crowd.beat"]}}}
+        )
         count = sum(row.get("count", 0) for row in rows) if isinstance(rows, list) else 0
         if count >= sent or time.monotonic() > deadline:
             return count
@@ -201,8 +226,10 @@ def measured_phase(port: int, proc, args, crowd: Crowd | None) -> dict:
             peak["rss_mb"] = max(peak["rss_mb"], B.tree_memory(proc.pid)["rss_mb"])
             stop.wait(0.5)
 
-    threads = [threading.Thread(target=health_prober, args=("127.0.0.1", port, stop, latencies, failures)),
-               threading.Thread(target=watch_memory)]
+    threads = [
+        threading.Thread(target=health_prober, args=("127.0.0.1", port, stop, latencies, failures)),
+        threading.Thread(target=watch_memory),
+    ]
     if crowd is not None:
         threads.append(threading.Thread(target=crowd.run, args=(args.duration + 5,)))
     for thread in threads:
@@ -216,9 +243,14 @@ def measured_phase(port: int, proc, args, crowd: Crowd | None) -> dict:
         for thread in threads:
             thread.join(30)
     latencies.sort()
-    return {"write_req_per_s": level["req_per_s"], "write_p99_ms": level["p99_ms"],
-            "write_errors": sum(level["errors"].values()), "health_p99_ms": round(B.pct(latencies, 99), 1),
-            "health_failures": len(failures), "peak_rss_mb": round(peak["rss_mb"], 1)}
+    return {
+        "write_req_per_s": level["req_per_s"],
+        "write_p99_ms": level["p99_ms"],
+        "write_errors": sum(level["errors"].values()),
+        "health_p99_ms": round(B.pct(latencies, 99), 1),
+        "health_failures": len(failures),
+        "peak_rss_mb": round(peak["rss_mb"], 1),
+    }
 
 
 def main(argv=None):
@@ -237,8 +269,12 @@ def main(argv=None):
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # this process holds the crowd's sockets
 
     port, home = B.free_port(), B.fresh_home()
-    proc = B.start_server(B.build_command(B.DEFAULT_COMMAND, port, home, args.prefectlite), home,
-                          log_path=os.path.join(home, "server.log"), env_extra={"PREFECT_LOGGING_SERVER_LEVEL": "WARNING"})
+    proc = B.start_server(
+        B.build_command(B.DEFAULT_COMMAND, port, home, args.prefectlite),
+        home,
+        log_path=os.path.join(home, "server.log"),
+        env_extra={"PREFECT_LOGGING_SERVER_LEVEL": "WARNING"},
+    )
     crowd = None
     try:
         if not B.wait_health("127.0.0.1", port, "/api", 30.0, proc):
@@ -256,15 +292,31 @@ def main(argv=None):
         if crowd is not None:
             crowd.close()
         B.stop_server(proc)
-    print(f"{args.clients}-client write load, {args.duration:g} s per phase; crowd: {args.websockets} WebSockets "
-          f"(an event each every {args.event_every:g} s), {args.idle} idle keep-alive, {args.slow} slow senders")
-    rows = [[name, r["write_req_per_s"], r["write_p99_ms"], r["write_errors"], r["health_p99_ms"], r["health_failures"],
-             r["peak_rss_mb"]] for name, r in (("alone", alone), ("beside the crowd", beside))]
-    B.print_table(["phase", "write req/s", "write p99 ms", "errors", "health p99 ms", "health fails", "peak RSS MB"], rows)
+    print(
+        f"{args.clients}-client write load, {args.duration:g} s per phase; crowd: {args.websockets} WebSockets "
+        f"(an event each every {args.event_every:g} s), {args.idle} idle keep-alive, {args.slow} slow senders"
+    )
+    rows = [
+        [
+            name,
+            r["write_req_per_s"],
+            r["write_p99_ms"],
+            r["write_errors"],
+            r["health_p99_ms"],
+            r["health_failures"],
+            r["peak_rss_mb"],
+        ]
+        for name, r in (("alone", alone), ("beside the crowd", beside))
+    ]
+    B.print_table(
+        ["phase", "write req/s", "write p99 ms", "errors", "health p99 ms", "health fails", "peak RSS MB"], rows
+    )
     ratio = beside["write_req_per_s"] / alone["write_req_per_s"] if alone["write_req_per_s"] else 0
-    print(f"write throughput beside the crowd: {100 * ratio:.0f}% of alone; crowd events sent "
-          f"{crowd.events_sent}, stored {stored_count}; slow senders restarted {crowd.slow_restarts}; "
-          f"crowd errors {crowd.errors}")
+    print(
+        f"write throughput beside the crowd: {100 * ratio:.0f}% of alone; crowd events sent "
+        f"{crowd.events_sent}, stored {stored_count}; slow senders restarted {crowd.slow_restarts}; "
+        f"crowd errors {crowd.errors}"
+    )
     return 0
 
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Why section 12's loop is `select.epoll` with one-shot registrations and not asyncio: the two designs
+"""Why section 25's loop is `select.epoll` with one-shot registrations and not asyncio: the two designs
 side by side, stripped to what differs.
 
 Both servers read requests in one loop thread and hand each whole request to a pool of worker threads
@@ -13,6 +13,7 @@ round trips (a trivial handler), and the memory of M idle connections.
 
     python tests/benchmarks/bench_loop_choice.py --clients 8 --duration 5 --idle 5000
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,8 @@ def serve_epoll(listening: socket.socket, workers: int, stop: threading.Event):
             if end < 0:
                 epoll.modify(fd, select.EPOLLIN | select.EPOLLONESHOT)
                 continue
-            request = bytes(buffer[:end + 4])
-            del buffer[:end + 4]
+            request = bytes(buffer[: end + 4])
+            del buffer[: end + 4]
             pool.submit(work, sock, request)
     pool.shutdown()
     for sock, _ in conns.values():
@@ -90,8 +91,8 @@ def serve_asyncio(listening: socket.socket, workers: int, stop: threading.Event)
             self.buffer += data
             end = self.buffer.find(b"\r\n\r\n")
             if end >= 0:
-                request = bytes(self.buffer[:end + 4])
-                del self.buffer[:end + 4]
+                request = bytes(self.buffer[: end + 4])
+                del self.buffer[: end + 4]
                 self.transport.pause_reading()  # one request at a time per connection, as prefectlite
                 future = asyncio.get_running_loop().run_in_executor(pool, handle, request)
                 future.add_done_callback(self.answered)
@@ -162,8 +163,11 @@ def measure(design, args) -> dict:
     server.join(10)
     listening.close()
     # the clients run in this process too: CPU per request is both sides', the same for both designs
-    return {"req_per_s": round(done / elapsed), "cpu_us_per_req": round(cpu / max(done, 1) * 1e6),
-            "idle_kb_each": round(grown * 1024 / max(args.idle, 1), 2)}
+    return {
+        "req_per_s": round(done / elapsed),
+        "cpu_us_per_req": round(cpu / max(done, 1) * 1e6),
+        "idle_kb_each": round(grown * 1024 / max(args.idle, 1), 2),
+    }
 
 
 DESIGNS = {"epoll": serve_epoll, "asyncio": serve_asyncio}
@@ -185,14 +189,37 @@ def main(argv=None):
     results = {name: [] for name in DESIGNS}
     for _ in range(args.rounds):  # interleaved, as bench_ab.py does
         for name in DESIGNS:
-            out = subprocess.run([sys.executable, __file__, "--one", name, "--clients", str(args.clients),
-                                  "--duration", str(args.duration), "--idle", str(args.idle)],
-                                 capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--one",
+                    name,
+                    "--clients",
+                    str(args.clients),
+                    "--duration",
+                    str(args.duration),
+                    "--idle",
+                    str(args.idle),
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results[name].append(json.loads(out.stdout))
-    rows = [[name, " ".join(str(r["req_per_s"]) for r in runs), " ".join(str(r["cpu_us_per_req"]) for r in runs),
-             " ".join(str(r["idle_kb_each"]) for r in runs)] for name, runs in results.items()]
-    print(f"{args.clients} keep-alive clients, {args.duration:g} s a run; {args.idle} idle connections; "
-          f"{args.rounds} rounds interleaved")
+    rows = [
+        [
+            name,
+            " ".join(str(r["req_per_s"]) for r in runs),
+            " ".join(str(r["cpu_us_per_req"]) for r in runs),
+            " ".join(str(r["idle_kb_each"]) for r in runs),
+        ]
+        for name, runs in results.items()
+    ]
+    print(
+        f"{args.clients} keep-alive clients, {args.duration:g} s a run; {args.idle} idle connections; "
+        f"{args.rounds} rounds interleaved"
+    )
     B.print_table(["design", "req/s per run", "CPU us/req (server + clients)", "KB per idle connection"], rows)
     return 0
 

@@ -18,6 +18,7 @@ running instead of starting one. Targets: < 40 MB idle, < 80 MB after.
     python tests/benchmarks/bench_memory.py --url http://127.0.0.1:4401/api --runs 600 \\
         --command '/tmp/benchvenv/bin/prefect server start --host 127.0.0.1 --port {port}'
 """
+
 from __future__ import annotations
 
 import argparse
@@ -67,8 +68,9 @@ def load(target: B.Target, args, sampler) -> dict:
             tids, prev, failed = [], None, False
             for name, key in tasks:
                 inputs = {"xs": [{"input_type": "task_run", "id": prev}]} if prev else {}
-                ok, data = call("task_run_create", "/task_runs/",
-                                B.task_run_create_body(fr, f"{name}-0", key, "0", inputs))
+                ok, data = call(
+                    "task_run_create", "/task_runs/", B.task_run_create_body(fr, f"{name}-0", key, "0", inputs)
+                )
                 tr = B.parse_id(data) if ok else None
                 if tr is None:
                     failed = True
@@ -76,8 +78,9 @@ def load(target: B.Target, args, sampler) -> dict:
                 done[idx][1] += 1
                 tids.append(tr)
                 for stype in ("RUNNING", "COMPLETED"):
-                    ok, _ = call("task_run_set_state", f"/task_runs/{tr}/set_state",
-                                 B.task_run_set_state_body(tr, stype))
+                    ok, _ = call(
+                        "task_run_set_state", f"/task_runs/{tr}/set_state", B.task_run_set_state_body(tr, stype)
+                    )
                     failed = failed or not ok
                 prev = tr
             if failed:
@@ -86,8 +89,11 @@ def load(target: B.Target, args, sampler) -> dict:
                 ok, _ = call("logs", "/logs/", B.logs_body(fr, tids, args.log_lines))
                 if ok:
                     done[idx][2] += args.log_lines
-            ok, _ = call("flow_run_set_state", f"/flow_runs/{fr}/set_state",
-                         B.flow_run_set_state_body(fr, "COMPLETED", data=B.result_data("int")))
+            ok, _ = call(
+                "flow_run_set_state",
+                f"/flow_runs/{fr}/set_state",
+                B.flow_run_set_state_body(fr, "COMPLETED", data=B.result_data("int")),
+            )
             if ok:
                 done[idx][0] += 1
         cli.close()
@@ -111,11 +117,18 @@ def load(target: B.Target, args, sampler) -> dict:
     for s in stats:
         total.merge(s)
     lat = total.all_latencies()
-    return {"runs_completed": sum(d[0] for d in done), "task_runs_created": sum(d[1] for d in done),
-            "log_lines_accepted": sum(d[2] for d in done), "elapsed_s": round(elapsed, 1),
-            "requests": total.count, "req_per_s": round(total.count / elapsed, 1) if elapsed else 0,
-            **B.summarize(lat), "errors": dict(total.errors), "error_samples": total.samples,
-            "timed_out": time.perf_counter() >= deadline}
+    return {
+        "runs_completed": sum(d[0] for d in done),
+        "task_runs_created": sum(d[1] for d in done),
+        "log_lines_accepted": sum(d[2] for d in done),
+        "elapsed_s": round(elapsed, 1),
+        "requests": total.count,
+        "req_per_s": round(total.count / elapsed, 1) if elapsed else 0,
+        **B.summarize(lat),
+        "errors": dict(total.errors),
+        "error_samples": total.samples,
+        "timed_out": time.perf_counter() >= deadline,
+    }
 
 
 def main(argv=None):
@@ -173,8 +186,10 @@ def main(argv=None):
             if m["rss_mb"] > peak["rss_mb"]:
                 peak.update(m)
 
-        B.log(f"loading {args.runs:,} runs x {args.tasks} tasks, {args.log_lines} log lines each, "
-              f"{args.clients} clients ...")
+        B.log(
+            f"loading {args.runs:,} runs x {args.tasks} tasks, {args.log_lines} log lines each, "
+            f"{args.clients} clients ..."
+        )
         loaded = load(target, args, sampler)
         time.sleep(args.settle)
         after = B.tree_memory(root)
@@ -186,29 +201,51 @@ def main(argv=None):
         if home and not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
 
-    out = {"benchmark": "memory", "url": args.url, "command": command, "pid": args.pid,
-           "idle": idle, "during_load_peak": peak, "after": after, "load": loaded,
-           "server_counts": {"flow_runs": fr_count, "task_runs": tr_count}, "argv": " ".join(sys.argv)}
+    out = {
+        "benchmark": "memory",
+        "url": args.url,
+        "command": command,
+        "pid": args.pid,
+        "idle": idle,
+        "during_load_peak": peak,
+        "after": after,
+        "load": loaded,
+        "server_counts": {"flow_runs": fr_count, "task_runs": tr_count},
+        "argv": " ".join(sys.argv),
+    }
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"memory of the server process tree ({command or 'pid %s' % args.pid})")
-    print(f"load: {loaded['runs_completed']:,} flow runs, {loaded['task_runs_created']:,} task runs, "
-          f"{loaded['log_lines_accepted']:,} log lines in {loaded['elapsed_s']} s "
-          f"({loaded['req_per_s']} req/s, p99 {loaded['p99_ms']} ms, errors {B.fmt_errors(Counter(loaded['errors']))}); "
-          f"server counts: {fr_count} flow runs, {tr_count} task runs")
-    B.print_table(["reading", "RSS MB (sum)", "processes", "sum VmHWM MB", "target"], [
-        ["idle", idle["rss_mb"], len(idle["processes"]), idle["hwm_mb"], "< 40 MB"],
-        ["during load (peak sample)", peak.get("rss_mb"), len(peak.get("processes", [])), peak.get("hwm_mb", ""), ""],
-        ["after load", after["rss_mb"], len(after["processes"]), after["hwm_mb"], "< 80 MB"],
-    ])
+    print(
+        f"load: {loaded['runs_completed']:,} flow runs, {loaded['task_runs_created']:,} task runs, "
+        f"{loaded['log_lines_accepted']:,} log lines in {loaded['elapsed_s']} s "
+        f"({loaded['req_per_s']} req/s, p99 {loaded['p99_ms']} ms, errors {B.fmt_errors(Counter(loaded['errors']))}); "
+        f"server counts: {fr_count} flow runs, {tr_count} task runs"
+    )
+    B.print_table(
+        ["reading", "RSS MB (sum)", "processes", "sum VmHWM MB", "target"],
+        [
+            ["idle", idle["rss_mb"], len(idle["processes"]), idle["hwm_mb"], "< 40 MB"],
+            [
+                "during load (peak sample)",
+                peak.get("rss_mb"),
+                len(peak.get("processes", [])),
+                peak.get("hwm_mb", ""),
+                "",
+            ],
+            ["after load", after["rss_mb"], len(after["processes"]), after["hwm_mb"], "< 80 MB"],
+        ],
+    )
     print("\nprocesses after load:")
     for p in after["processes"]:
         print(f"  {p['pid']:>7}  {p['rss_mb']:>7} MB  {p['cmd']}")
     if loaded["error_samples"]:
         print("\nfirst errors:")
         for s in loaded["error_samples"]:
-            print(f"  {s.get('method', '')} {s.get('path', '')} [{s.get('op')}] -> {s.get('status')}: {s.get('response')}")
+            print(
+                f"  {s.get('method', '')} {s.get('path', '')} [{s.get('op')}] -> {s.get('status')}: {s.get('response')}"
+            )
     return 0
 
 

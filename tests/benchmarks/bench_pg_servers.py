@@ -15,6 +15,7 @@ server must come down to at most POOL_SIZE connections (overflow ones close afte
 
 Exit status 1 when any of those fails.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -69,8 +70,9 @@ class Cluster:
 
     def connections(self) -> dict:
         """{application_name: count} of client sessions in the whole cluster."""
-        rows = self.admin.execute("SELECT application_name, count(*) FROM pg_stat_activity "
-                                  "WHERE backend_type = 'client backend' GROUP BY 1").fetchall()
+        rows = self.admin.execute(
+            "SELECT application_name, count(*) FROM pg_stat_activity WHERE backend_type = 'client backend' GROUP BY 1"
+        ).fetchall()
         return dict(rows)
 
     def psql_connects(self) -> tuple[bool, str]:
@@ -119,9 +121,11 @@ class Watcher:
 
 def start_servers(args, cluster: Cluster) -> list[tuple[subprocess.Popen, B.Target, str]]:
     servers = []
-    env = {"PREFECT_API_DATABASE_CONNECTION_URL": cluster.database_url,
-           "PREFECT_API_DATABASE_POOL_SIZE": str(args.pool_size),
-           "PREFECT_API_DATABASE_MAX_OVERFLOW": str(args.max_overflow)}
+    env = {
+        "PREFECT_API_DATABASE_CONNECTION_URL": cluster.database_url,
+        "PREFECT_API_DATABASE_POOL_SIZE": str(args.pool_size),
+        "PREFECT_API_DATABASE_MAX_OVERFLOW": str(args.max_overflow),
+    }
     for _ in range(args.servers):  # one after the other: the first one migrates the new database
         port = B.free_port()
         home = B.fresh_home()
@@ -134,8 +138,16 @@ def start_servers(args, cluster: Cluster) -> list[tuple[subprocess.Popen, B.Targ
 
 
 def run_load(args, targets: list[B.Target]) -> list[dict]:
-    load_args = argparse.Namespace(duration=args.duration, runs=None, max_time=args.duration, log_lines=5,
-                                   flow_name="bench-pg", timeout=60.0, no_gzip=False, error_samples=3)
+    load_args = argparse.Namespace(
+        duration=args.duration,
+        runs=None,
+        max_time=args.duration,
+        log_lines=5,
+        flow_name="bench-pg",
+        timeout=60.0,
+        no_gzip=False,
+        error_samples=3,
+    )
     results: list[dict | None] = [None] * len(targets)
 
     def one(i):
@@ -165,36 +177,91 @@ def summary(args, cluster, names, results, watcher, idle, settle_s, psql_after) 
     for name, r in zip(names, results):
         allowed = sum(n for kind, n in r["errors"].items() if kind.startswith(REASON_OK))
         others = {kind: n for kind, n in r["errors"].items() if not kind.startswith(REASON_OK)}
-        servers.append({"server": name, "requests": r["requests"], "req_per_s": r["req_per_s"],
-                        "runs_per_s": r["runs_per_s"], "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"],
-                        "max_ms": r["max_ms"], "answers_503_with_reason": allowed, "errors": others,
-                        "reasons": sorted(kind.split(": ", 1)[1] for kind in r["errors"] if kind.startswith(REASON_OK)),
-                        "error_samples": r["error_samples"], "most_connections": watcher.most[name],
-                        "idle_connections": idle[name]})
-    ok = (all(not s["errors"] and s["idle_connections"] <= args.pool_size for s in servers)
-          and watcher.psql_failed == 0 and psql_after[0])
-    return {"benchmark": "pg_servers", "servers": servers, "clients_per_server": args.clients,
-            "duration_s": args.duration, "pool_size": args.pool_size, "max_overflow": args.max_overflow,
-            "max_connections": cluster.max_connections, "most_connections_in_cluster": watcher.most_in_cluster,
-            "psql_during": {"connected": watcher.psql_ok, "refused": watcher.psql_failed,
-                            "first_refusal": watcher.psql_errors[0] if watcher.psql_errors else None},
-            "psql_after": {"connected": psql_after[0], "output": psql_after[1]},
-            "settled_after_s": round(settle_s, 1), "ok": ok}
+        servers.append(
+            {
+                "server": name,
+                "requests": r["requests"],
+                "req_per_s": r["req_per_s"],
+                "runs_per_s": r["runs_per_s"],
+                "p50_ms": r["p50_ms"],
+                "p99_ms": r["p99_ms"],
+                "max_ms": r["max_ms"],
+                "answers_503_with_reason": allowed,
+                "errors": others,
+                "reasons": sorted(kind.split(": ", 1)[1] for kind in r["errors"] if kind.startswith(REASON_OK)),
+                "error_samples": r["error_samples"],
+                "most_connections": watcher.most[name],
+                "idle_connections": idle[name],
+            }
+        )
+    ok = (
+        all(not s["errors"] and s["idle_connections"] <= args.pool_size for s in servers)
+        and watcher.psql_failed == 0
+        and psql_after[0]
+    )
+    return {
+        "benchmark": "pg_servers",
+        "servers": servers,
+        "clients_per_server": args.clients,
+        "duration_s": args.duration,
+        "pool_size": args.pool_size,
+        "max_overflow": args.max_overflow,
+        "max_connections": cluster.max_connections,
+        "most_connections_in_cluster": watcher.most_in_cluster,
+        "psql_during": {
+            "connected": watcher.psql_ok,
+            "refused": watcher.psql_failed,
+            "first_refusal": watcher.psql_errors[0] if watcher.psql_errors else None,
+        },
+        "psql_after": {"connected": psql_after[0], "output": psql_after[1]},
+        "settled_after_s": round(settle_s, 1),
+        "ok": ok,
+    }
 
 
 def print_summary(out: dict):
-    print(f"{len(out['servers'])} servers × {out['clients_per_server']} clients, write load for "
-          f"{out['duration_s']:g} s on one PostgreSQL database (max_connections {out['max_connections']}); "
-          f"POOL_SIZE {out['pool_size']}, MAX_OVERFLOW {out['max_overflow']}")
-    B.print_table(["server", "requests", "req/s", "runs/s", "p50 ms", "p99 ms", "max ms", "503+reason", "errors",
-                   "most conns", "idle conns"],
-                  [[s["server"], s["requests"], s["req_per_s"], s["runs_per_s"], s["p50_ms"], s["p99_ms"], s["max_ms"],
-                    s["answers_503_with_reason"], sum(s["errors"].values()), s["most_connections"],
-                    s["idle_connections"]] for s in out["servers"]])
+    print(
+        f"{len(out['servers'])} servers × {out['clients_per_server']} clients, write load for "
+        f"{out['duration_s']:g} s on one PostgreSQL database (max_connections {out['max_connections']}); "
+        f"POOL_SIZE {out['pool_size']}, MAX_OVERFLOW {out['max_overflow']}"
+    )
+    B.print_table(
+        [
+            "server",
+            "requests",
+            "req/s",
+            "runs/s",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "503+reason",
+            "errors",
+            "most conns",
+            "idle conns",
+        ],
+        [
+            [
+                s["server"],
+                s["requests"],
+                s["req_per_s"],
+                s["runs_per_s"],
+                s["p50_ms"],
+                s["p99_ms"],
+                s["max_ms"],
+                s["answers_503_with_reason"],
+                sum(s["errors"].values()),
+                s["most_connections"],
+                s["idle_connections"],
+            ]
+            for s in out["servers"]
+        ],
+    )
     during, after = out["psql_during"], out["psql_after"]
     print(f"most client connections in the cluster during the load: {out['most_connections_in_cluster']}")
-    print(f"psql during the load: {during['connected']} connected, {during['refused']} refused"
-          + (f" ({during['first_refusal']})" if during["first_refusal"] else ""))
+    print(
+        f"psql during the load: {during['connected']} connected, {during['refused']} refused"
+        + (f" ({during['first_refusal']})" if during["first_refusal"] else "")
+    )
     print(f"psql after the load: {'connected' if after['connected'] else 'refused: ' + after['output']}")
     print(f"idle servers at POOL_SIZE or below {out['settled_after_s']:.1f} s after the load")
     for s in out["servers"]:
@@ -203,16 +270,24 @@ def print_summary(out: dict):
         for kind, n in sorted(s["errors"].items()):
             print(f"  {s['server']}: error {n} × {kind}")
         for sample in s["error_samples"]:
-            print(f"  {s['server']} first errors: {sample.get('method')} {sample.get('path')} -> "
-                  f"{sample.get('status')}: {str(sample.get('response'))[:200]}")
+            print(
+                f"  {s['server']} first errors: {sample.get('method')} {sample.get('path')} -> "
+                f"{sample.get('status')}: {str(sample.get('response'))[:200]}"
+            )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/test",
-                    help="a database of the cluster to use; a fresh one is created beside it (default %(default)s)")
-    ap.add_argument("--psql", default="psql -h 127.0.0.1 -U postgres -d test -c 'select 1'",
-                    help="the command that must connect during and after the load")
+    ap.add_argument(
+        "--postgres-url",
+        default="postgresql://postgres@127.0.0.1:5432/test",
+        help="a database of the cluster to use; a fresh one is created beside it (default %(default)s)",
+    )
+    ap.add_argument(
+        "--psql",
+        default="psql -h 127.0.0.1 -U postgres -d test -c 'select 1'",
+        help="the command that must connect during and after the load",
+    )
     ap.add_argument("--servers", type=int, default=2)
     ap.add_argument("--clients", type=int, default=60, help="client threads per server (default 60)")
     ap.add_argument("--duration", type=float, default=20.0, help="seconds of load (default 20, at most 30)")

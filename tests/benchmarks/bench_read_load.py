@@ -14,6 +14,7 @@
 
     python tests/benchmarks/bench_read_load.py --url http://127.0.0.1:4200/api --seed 100000 --duration 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,8 +67,9 @@ def seed(target: B.Target, n: int, threads: int, args) -> dict:
             when = now - timedelta(seconds=r.random() * span)
             tags = r.sample(TAGS, r.randrange(3))
             flow_id = flow_ids[i % len(flow_ids)]
-            body = B.flow_run_create_body(flow_id, "SCHEDULED", scheduled_time=when.isoformat(), tags=tags,
-                                          parameters={"i": i})
+            body = B.flow_run_create_body(
+                flow_id, "SCHEDULED", scheduled_time=when.isoformat(), tags=tags, parameters={"i": i}
+            )
             status, data, secs = cli.request("POST", "/flow_runs/", body)
             if not st.add("seed_create", status, secs, "POST", "/flow_runs/", data, body):
                 cli.backoff()
@@ -103,11 +105,18 @@ def seed(target: B.Target, n: int, threads: int, args) -> dict:
     for s in stats:
         total.merge(s)
     lat = total.all_latencies()
-    return {"runs_requested": n, "runs_created": sum(created), "elapsed_s": round(elapsed, 1),
-            "runs_per_s": round(sum(created) / elapsed, 1) if elapsed else 0,
-            "requests": total.count, "req_per_s": round(total.count / elapsed, 1) if elapsed else 0,
-            **B.summarize(lat), "errors": dict(total.errors), "error_samples": total.samples,
-            "timed_out": time.perf_counter() >= deadline}
+    return {
+        "runs_requested": n,
+        "runs_created": sum(created),
+        "elapsed_s": round(elapsed, 1),
+        "runs_per_s": round(sum(created) / elapsed, 1) if elapsed else 0,
+        "requests": total.count,
+        "req_per_s": round(total.count / elapsed, 1) if elapsed else 0,
+        **B.summarize(lat),
+        "errors": dict(total.errors),
+        "error_samples": total.samples,
+        "timed_out": time.perf_counter() >= deadline,
+    }
 
 
 # --------------------------------------------------------------------------- queries
@@ -118,12 +127,23 @@ def query_bodies(window_hours: float, buckets: int) -> dict:
     start = now - timedelta(hours=window_hours)
     return {
         "filter": ("/flow_runs/filter", {"limit": 50, "sort": "EXPECTED_START_TIME_DESC"}),
-        "count": ("/flow_runs/count", {
-            "flow_runs": {"state": {"type": {"any_": ["FAILED", "CRASHED"]}},
-                          "expected_start_time": {"after_": start.isoformat()}}}),
-        "history": ("/flow_runs/history", {
-            "history_start": start.isoformat(), "history_end": now.isoformat(),
-            "history_interval_seconds": window_hours * 3600.0 / buckets}),
+        "count": (
+            "/flow_runs/count",
+            {
+                "flow_runs": {
+                    "state": {"type": {"any_": ["FAILED", "CRASHED"]}},
+                    "expected_start_time": {"after_": start.isoformat()},
+                }
+            },
+        ),
+        "history": (
+            "/flow_runs/history",
+            {
+                "history_start": start.isoformat(),
+                "history_end": now.isoformat(),
+                "history_interval_seconds": window_hours * 3600.0 / buckets,
+            },
+        ),
     }
 
 
@@ -185,11 +205,22 @@ def measure(target: B.Target, name: str, path: str, payload: dict, clients: int,
     for s in stats:
         total.merge(s)
     lat = total.all_latencies()
-    return {"query": name, "path": path, "body": payload, "clients": clients, "elapsed_s": round(elapsed, 2),
-            "requests": total.count, "req_per_s": round(total.count / elapsed, 1) if elapsed else 0,
-            **B.summarize(lat), "errors": dict(total.errors), "error_samples": total.samples,
-            "answer": check, "first_answer_ms": round(psecs * 1000, 1), "response_bytes": resp_bytes,
-            "client_cpu_pct": round(100 * cpu / elapsed) if elapsed else 0}
+    return {
+        "query": name,
+        "path": path,
+        "body": payload,
+        "clients": clients,
+        "elapsed_s": round(elapsed, 2),
+        "requests": total.count,
+        "req_per_s": round(total.count / elapsed, 1) if elapsed else 0,
+        **B.summarize(lat),
+        "errors": dict(total.errors),
+        "error_samples": total.samples,
+        "answer": check,
+        "first_answer_ms": round(psecs * 1000, 1),
+        "response_bytes": resp_bytes,
+        "client_cpu_pct": round(100 * cpu / elapsed) if elapsed else 0,
+    }
 
 
 def main(argv=None):
@@ -205,8 +236,12 @@ def main(argv=None):
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per query (default 10)")
     ap.add_argument("--max-requests", type=int, default=1_000_000, help="per-client request cap per query")
     ap.add_argument("--queries", default="filter,count,history", help="which queries, comma-separated")
-    ap.add_argument("--window-hours", type=float, default=24.0,
-                    help="dashboard time window for count/history (default 24 h, the UI's default)")
+    ap.add_argument(
+        "--window-hours",
+        type=float,
+        default=24.0,
+        help="dashboard time window for count/history (default 24 h, the UI's default)",
+    )
     ap.add_argument("--buckets", type=int, default=24, help="history buckets over the window (default 24)")
     ap.add_argument("--timeout", type=float, default=60.0)
     ap.add_argument("--no-gzip", action="store_true", help="do not send Accept-Encoding: gzip")
@@ -236,27 +271,65 @@ def main(argv=None):
         B.log(f"query {q}: {args.clients} clients, {args.duration:g}s ...")
         results.append(measure(target, q, path, payload, args.clients, args))
 
-    out = {"benchmark": "read_load", "url": args.url, "server_version": version, "seed": seeded,
-           "flow_runs_on_server": total_runs, "queries": results, "argv": " ".join(sys.argv)}
+    out = {
+        "benchmark": "read_load",
+        "url": args.url,
+        "server_version": version,
+        "seed": seeded,
+        "flow_runs_on_server": total_runs,
+        "queries": results,
+        "argv": " ".join(sys.argv),
+    }
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"read load against {args.url} (server version {version}); {total_runs} flow runs on the server")
     if seeded:
-        print(f"seeded {seeded['runs_created']:,}/{seeded['runs_requested']:,} runs in {seeded['elapsed_s']} s "
-              f"({seeded['runs_per_s']:,} runs/s, {seeded['req_per_s']:,} req/s, p99 {seeded['p99_ms']} ms, "
-              f"errors {B.fmt_errors(Counter(seeded['errors']))})")
-    B.print_table(["query", "clients", "requests", "req/s", "p50 ms", "p90 ms", "p99 ms", "max ms", "errors",
-                   "answer", "bytes", "bench cpu"],
-                  [[r["query"], r["clients"], r["requests"], r["req_per_s"], r["p50_ms"], r["p90_ms"], r["p99_ms"],
-                    r["max_ms"], B.fmt_errors(Counter(r["errors"])), r["answer"], r["response_bytes"],
-                    f"{r['client_cpu_pct']}%"] for r in results])
+        print(
+            f"seeded {seeded['runs_created']:,}/{seeded['runs_requested']:,} runs in {seeded['elapsed_s']} s "
+            f"({seeded['runs_per_s']:,} runs/s, {seeded['req_per_s']:,} req/s, p99 {seeded['p99_ms']} ms, "
+            f"errors {B.fmt_errors(Counter(seeded['errors']))})"
+        )
+    B.print_table(
+        [
+            "query",
+            "clients",
+            "requests",
+            "req/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "errors",
+            "answer",
+            "bytes",
+            "bench cpu",
+        ],
+        [
+            [
+                r["query"],
+                r["clients"],
+                r["requests"],
+                r["req_per_s"],
+                r["p50_ms"],
+                r["p90_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+                B.fmt_errors(Counter(r["errors"])),
+                r["answer"],
+                r["response_bytes"],
+                f"{r['client_cpu_pct']}%",
+            ]
+            for r in results
+        ],
+    )
     samples = (seeded["error_samples"] if seeded else []) + [s for r in results for s in r["error_samples"]]
     if samples:
         print("\nfirst errors:")
         for s in samples[: args.error_samples * 2]:
-            print(f"  {s.get('method', '')} {s.get('path', '')} [{s.get('op')}] -> {s.get('status')}: "
-                  f"{s.get('response')}")
+            print(
+                f"  {s.get('method', '')} {s.get('path', '')} [{s.get('op')}] -> {s.get('status')}: {s.get('response')}"
+            )
             if s.get("request"):
                 print(f"      request body: {s['request'][:300]}")
     return 0

@@ -15,6 +15,7 @@ Targets: (a) < 0.3 s, (b) < 0.05 s.
 
     python tests/benchmarks/bench_startup.py --url http://127.0.0.1:4200/api
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,8 +35,12 @@ def mmm(vals):
     vals = [v for v in vals if v is not None]
     if not vals:
         return {"min": None, "median": None, "max": None, "n": 0}
-    return {"min": round(min(vals), 4), "median": round(statistics.median(vals), 4), "max": round(max(vals), 4),
-            "n": len(vals)}
+    return {
+        "min": round(min(vals), 4),
+        "median": round(statistics.median(vals), 4),
+        "max": round(max(vals), 4),
+        "n": len(vals),
+    }
 
 
 def command_mode(args, target: B.Target) -> dict:
@@ -53,8 +58,11 @@ def command_mode(args, target: B.Target) -> dict:
         t_ok = B.wait_health(target.host, port, target.base, args.timeout, proc)
         entry = {"run": i + 1, "command": cmd}
         if t_ok is None:
-            entry["error"] = ("server exited with code %s" % proc.returncode) if proc.poll() is not None \
+            entry["error"] = (
+                ("server exited with code %s" % proc.returncode)
+                if proc.poll() is not None
                 else f"no 200 on /health within {args.timeout}s"
+            )
             try:
                 with open(logf, "rb") as f:
                     entry["log_tail"] = f.read()[-1500:].decode(errors="replace")
@@ -68,16 +76,22 @@ def command_mode(args, target: B.Target) -> dict:
             entry["db_files"] = sorted(f for f in os.listdir(home) if f.endswith(".db"))
         entry["stop_s"] = round(B.stop_server(proc), 3)
         runs.append(entry)
-        B.log(f"  run {i + 1}: " + (f"{entry['to_health_s'] * 1000:.1f} ms" if "to_health_s" in entry
-                                    else entry["error"]))
+        B.log(
+            f"  run {i + 1}: " + (f"{entry['to_health_s'] * 1000:.1f} ms" if "to_health_s" in entry else entry["error"])
+        )
         if not args.keep_home:
             shutil.rmtree(home, ignore_errors=True)
         B.wait_port_free(target.host, port, 15)
-    return {"mode": "command", "template": args.command, "runs": runs,
-            "to_health_s": mmm([r.get("to_health_s") for r in runs]),
-            "cpu_s": mmm([r.get("cpu_s") for r in runs]),
-            "stop_s": mmm([r.get("stop_s") for r in runs]), "failures": len(failures),
-            "load_avg_1m": os.getloadavg()[0]}
+    return {
+        "mode": "command",
+        "template": args.command,
+        "runs": runs,
+        "to_health_s": mmm([r.get("to_health_s") for r in runs]),
+        "cpu_s": mmm([r.get("cpu_s") for r in runs]),
+        "stop_s": mmm([r.get("stop_s") for r in runs]),
+        "failures": len(failures),
+        "load_avg_1m": os.getloadavg()[0],
+    }
 
 
 INPROC_WORKER = r"""
@@ -136,8 +150,13 @@ def inprocess_mode(args) -> dict:
     home = B.fresh_home()
     t0 = time.perf_counter()
     try:
-        cp = subprocess.run(cmd, capture_output=True, timeout=args.timeout + 10 * args.repeat,
-                            cwd=os.path.dirname(pl), env=B.server_env(home))
+        cp = subprocess.run(
+            cmd,
+            capture_output=True,
+            timeout=args.timeout + 10 * args.repeat,
+            cwd=os.path.dirname(pl),
+            env=B.server_env(home),
+        )
     except subprocess.TimeoutExpired:
         return {"mode": "inprocess", "error": "timed out"}
     finally:
@@ -146,20 +165,34 @@ def inprocess_mode(args) -> dict:
     wall = time.perf_counter() - t0
     out = cp.stdout.decode(errors="replace")
     if "@@RESULT@@" not in out:
-        return {"mode": "inprocess", "error": f"worker exited {cp.returncode}",
-                "stderr_tail": cp.stderr.decode(errors="replace")[-1500:]}
+        return {
+            "mode": "inprocess",
+            "error": f"worker exited {cp.returncode}",
+            "stderr_tail": cp.stderr.decode(errors="replace")[-1500:],
+        }
     res = json.loads(out.split("@@RESULT@@", 1)[1].strip().splitlines()[0])
     runs = res["runs"]
     for i, r in enumerate(runs):
-        B.log(f"  serve() {i + 1}: " + (f"enter {r['enter_s'] * 1000:.1f} ms, health {r['to_health_s'] * 1000:.1f} ms"
-                                        if r.get("to_health_s") is not None else r.get("error", str(r))))
-    return {"mode": "inprocess", "database": args.database, "import_s": round(res["import_s"], 4),
-            "enter_s": mmm([r.get("enter_s") for r in runs]),
-            "to_health_s": mmm([r.get("to_health_s") for r in runs]),
-            "exit_s": mmm([r.get("exit_s") for r in runs]),
-            "failures": sum(1 for r in runs if r.get("to_health_s") is None),
-            "worker_wall_s": round(wall, 3), "runs": runs,
-            "stderr_tail": cp.stderr.decode(errors="replace")[-800:] if cp.returncode else ""}
+        B.log(
+            f"  serve() {i + 1}: "
+            + (
+                f"enter {r['enter_s'] * 1000:.1f} ms, health {r['to_health_s'] * 1000:.1f} ms"
+                if r.get("to_health_s") is not None
+                else r.get("error", str(r))
+            )
+        )
+    return {
+        "mode": "inprocess",
+        "database": args.database,
+        "import_s": round(res["import_s"], 4),
+        "enter_s": mmm([r.get("enter_s") for r in runs]),
+        "to_health_s": mmm([r.get("to_health_s") for r in runs]),
+        "exit_s": mmm([r.get("exit_s") for r in runs]),
+        "failures": sum(1 for r in runs if r.get("to_health_s") is None),
+        "worker_wall_s": round(wall, 3),
+        "runs": runs,
+        "stderr_tail": cp.stderr.decode(errors="replace")[-800:] if cp.returncode else "",
+    }
 
 
 def ms(v):
@@ -168,10 +201,17 @@ def ms(v):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--url", default=B.DEFAULT_URL,
-                    help="where the launched server listens: host and port are taken from it (default %(default)s)")
-    ap.add_argument("--mode", choices=["command", "inprocess", "both"], default=None,
-                    help="default: both for prefectlite, command only when --command is given")
+    ap.add_argument(
+        "--url",
+        default=B.DEFAULT_URL,
+        help="where the launched server listens: host and port are taken from it (default %(default)s)",
+    )
+    ap.add_argument(
+        "--mode",
+        choices=["command", "inprocess", "both"],
+        default=None,
+        help="default: both for prefectlite, command only when --command is given",
+    )
     ap.add_argument("--command", default=None, help=f"command template (default {B.DEFAULT_COMMAND!r})")
     ap.add_argument("--prefectlite", default=B.DEFAULT_PREFECTLITE, help="path to prefectlite.py")
     ap.add_argument("--repeat", type=int, default=5, help="repetitions (default 5)")
@@ -205,8 +245,17 @@ def main(argv=None):
     for r in results:
         if r["mode"] == "command":
             h = r["to_health_s"]
-            rows.append(["start -> first 200 /health", h["n"], ms(h["min"]), ms(h["median"]), ms(h["max"]),
-                         r["failures"], "< 300"])
+            rows.append(
+                [
+                    "start -> first 200 /health",
+                    h["n"],
+                    ms(h["min"]),
+                    ms(h["median"]),
+                    ms(h["max"]),
+                    r["failures"],
+                    "< 300",
+                ]
+            )
             c = r["cpu_s"]
             rows.append(["  server CPU until ready", c["n"], ms(c["min"]), ms(c["median"]), ms(c["max"]), "", ""])
             s = r["stop_s"]
@@ -214,14 +263,26 @@ def main(argv=None):
         elif "error" in r:
             rows.append(["serve(): " + r["error"], 0, "-", "-", "-", "", "< 50"])
         else:
-            rows.append(["import prefectlite (once)", 1, ms(r["import_s"]), ms(r["import_s"]), ms(r["import_s"]),
-                         "", ""])
-            for key, label, tgt in (("enter_s", "serve() context entered", "< 50"),
-                                    ("to_health_s", "serve() -> first 200 /health", "< 50"),
-                                    ("exit_s", "  serve() context exit", "")):
+            rows.append(
+                ["import prefectlite (once)", 1, ms(r["import_s"]), ms(r["import_s"]), ms(r["import_s"]), "", ""]
+            )
+            for key, label, tgt in (
+                ("enter_s", "serve() context entered", "< 50"),
+                ("to_health_s", "serve() -> first 200 /health", "< 50"),
+                ("exit_s", "  serve() context exit", ""),
+            ):
                 v = r[key]
-                rows.append([label, v["n"], ms(v["min"]), ms(v["median"]), ms(v["max"]),
-                             r["failures"] if key == "to_health_s" else "", tgt])
+                rows.append(
+                    [
+                        label,
+                        v["n"],
+                        ms(v["min"]),
+                        ms(v["median"]),
+                        ms(v["max"]),
+                        r["failures"] if key == "to_health_s" else "",
+                        tgt,
+                    ]
+                )
     for r in results:
         if r["mode"] == "command":
             print(f"command: {r['template']}  (1-min load average {r['load_avg_1m']:.1f} on {os.cpu_count()} CPUs)")

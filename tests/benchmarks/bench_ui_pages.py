@@ -66,14 +66,26 @@ def sample_ids(db_path):
 
 def pages(ids):
     return [
-        ("dashboard", "dashboard"), ("flow runs", "flow-runs"), ("failed runs", "flow-runs?state=Failed"),
-        ("late runs, 7 days", "flow-runs?range=7d&state=Late"), ("upcoming", "flow-runs/upcoming"),
-        ("flows", "flows"), ("flow", f"flows/flow/{ids['flow']}"), ("deployments", "deployments"),
-        ("deployment", f"deployments/deployment/{ids['deployment']}"), ("flow run", f"flow-runs/flow-run/{ids['flow_run']}"),
+        ("dashboard", "dashboard"),
+        ("flow runs", "flow-runs"),
+        ("failed runs", "flow-runs?state=Failed"),
+        ("late runs, 7 days", "flow-runs?range=7d&state=Late"),
+        ("upcoming", "flow-runs/upcoming"),
+        ("flows", "flows"),
+        ("flow", f"flows/flow/{ids['flow']}"),
+        ("deployments", "deployments"),
+        ("deployment", f"deployments/deployment/{ids['deployment']}"),
+        ("flow run", f"flow-runs/flow-run/{ids['flow_run']}"),
         ("flow run, task runs", f"flow-runs/flow-run/{ids['flow_run']}?tab=task-runs"),
-        ("task run", f"runs/task-run/{ids['task_run']}"), ("work pools", "work-pools"), ("blocks", "blocks"),
-        ("variables", "variables"), ("artifacts", "artifacts"), ("concurrency", "concurrency-limits"),
-        ("notifications", "notifications"), ("automations", "automations"), ("events", "events"),
+        ("task run", f"runs/task-run/{ids['task_run']}"),
+        ("work pools", "work-pools"),
+        ("blocks", "blocks"),
+        ("variables", "variables"),
+        ("artifacts", "artifacts"),
+        ("concurrency", "concurrency-limits"),
+        ("notifications", "notifications"),
+        ("automations", "automations"),
+        ("events", "events"),
     ]
 
 
@@ -105,18 +117,28 @@ def main(argv=None):
     args = parser.parse_args(argv)
     ids = sample_ids(args.database)
     con = sqlite3.connect(args.database)
-    sizes = {t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in ("flow_run", "task_run", "log")}  # noqa: S608
+    tables = ("flow_run", "task_run", "log")
+    sizes = {t: con.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}  # noqa: S608
     con.close()
-    print(f"database {args.database}: {sizes['flow_run']:,} flow runs, {sizes['task_run']:,} task runs, {sizes['log']:,} log lines")
-    with tempfile.TemporaryDirectory() as tmp, \
-            prefectlite.serve(database=f"sqlite:///{args.database}", port=0,
-                              PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+    print(
+        f"database {args.database}: {sizes['flow_run']:,} flow runs, {sizes['task_run']:,} task runs, "
+        f"{sizes['log']:,} log lines"
+    )
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        prefectlite.serve(
+            database=f"sqlite:///{args.database}", port=0, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False
+        ) as api_url,
+    ):
         root = api_url[: -len("/api")]
         driver, browser = start_chromedriver(tmp)
         try:
             # every later page records its API calls from its first script on
-            _call("POST", f"{browser.url}/goog/cdp/execute",
-                  {"cmd": "Page.addScriptToEvaluateOnNewDocument", "params": {"source": RECORD_FETCH}})
+            _call(
+                "POST",
+                f"{browser.url}/goog/cdp/execute",
+                {"cmd": "Page.addScriptToEvaluateOnNewDocument", "params": {"source": RECORD_FETCH}},
+            )
             over = []
             unbounded = []
             for label, route in pages(ids):
@@ -134,10 +156,15 @@ def main(argv=None):
                 ok = median <= args.target_ms
                 if not ok:
                     over.append(label)
-                print(f"{label:24s} median {median:7.0f} ms   worst {worst:7.0f} ms   {'ok' if ok else 'OVER ' + str(int(args.target_ms))}",
-                      flush=True)
+                print(
+                    f"{label:24s} median {median:7.0f} ms   worst {worst:7.0f} ms   "
+                    f"{'ok' if ok else 'OVER ' + str(int(args.target_ms))}",
+                    flush=True,
+                )
             print(f"{len(over)} page(s) over {args.target_ms:.0f} ms" + (f": {', '.join(over)}" if over else ""))
-            print("every filter call carries a limit of at most 200" if not unbounded else f"unbounded calls: {unbounded}")
+            print(
+                "every filter call carries a limit of at most 200" if not unbounded else f"unbounded calls: {unbounded}"
+            )
         finally:
             browser.quit()
             driver.terminate()

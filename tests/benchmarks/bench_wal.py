@@ -13,6 +13,7 @@ req/s and p99, errors. Compare a build without the bounded WAL against one with 
     git show main:prefectlite.py > /tmp/before/prefectlite.py && cp -r migrations /tmp/before/
     python tests/benchmarks/bench_wal.py --builds /tmp/before,. --duration 60 --idle 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,19 +58,23 @@ def reader(target: B.Target, stats: B.Stats, stop: threading.Event):
 def one_run(build: str, args) -> dict:
     port = B.free_port()
     home = B.fresh_home("prefectlite-bench-wal-")
-    command = (f"cd {shlex.quote(os.path.abspath(build))} && exec {sys.executable} -m prefectlite start "
-               f"--port {port}")
-    proc = B.start_server(command, home, log_path=os.path.join(home, "server.log"),
-                          env_extra={"PREFECT_SERVER_READ_CACHE_SECONDS": "0",
-                                     "PREFECT_SERVER_PROCESSES": str(args.processes)})
+    command = f"cd {shlex.quote(os.path.abspath(build))} && exec {sys.executable} -m prefectlite start --port {port}"
+    proc = B.start_server(
+        command,
+        home,
+        log_path=os.path.join(home, "server.log"),
+        env_extra={"PREFECT_SERVER_READ_CACHE_SECONDS": "0", "PREFECT_SERVER_PROCESSES": str(args.processes)},
+    )
     try:
         if not B.wait_health("127.0.0.1", port, "/api", 30.0, proc):
             raise SystemExit(f"{build}: the server did not answer; see {home}/server.log")
         target = B.Target(f"http://127.0.0.1:{port}/api")
         stop = threading.Event()
         read_stats = [B.Stats() for _ in range(args.readers)]
-        readers = [threading.Thread(target=reader, args=(target, read_stats[i], stop), daemon=True)
-                   for i in range(args.readers)]
+        readers = [
+            threading.Thread(target=reader, args=(target, read_stats[i], stop), daemon=True)
+            for i in range(args.readers)
+        ]
         largest = [0]
 
         def sample():
@@ -77,8 +82,16 @@ def one_run(build: str, args) -> dict:
                 largest[0] = max(largest[0], wal_size(home))
 
         sampler = threading.Thread(target=sample, daemon=True)
-        load_args = argparse.Namespace(duration=args.duration, runs=None, max_time=args.duration, log_lines=5,
-                                       flow_name="bench-wal", timeout=60.0, no_gzip=False, error_samples=3)
+        load_args = argparse.Namespace(
+            duration=args.duration,
+            runs=None,
+            max_time=args.duration,
+            log_lines=5,
+            flow_name="bench-wal",
+            timeout=60.0,
+            no_gzip=False,
+            error_samples=3,
+        )
         started = time.perf_counter()
         for thread in [sampler, *readers]:
             thread.start()
@@ -95,12 +108,18 @@ def one_run(build: str, args) -> dict:
             reads.merge(s)
         read_lat = reads.all_latencies()
         return {
-            "build": build, "wal_max_mb": round(largest[0] / 1e6, 1), "wal_after_load_mb": round(after_load / 1e6, 1),
+            "build": build,
+            "wal_max_mb": round(largest[0] / 1e6, 1),
+            "wal_after_load_mb": round(after_load / 1e6, 1),
             "wal_idle_mb": round(wal_size(home) / 1e6, 2),
             "db_mb": round(os.path.getsize(os.path.join(home, "prefectlite.db")) / 1e6, 1),
-            "write_req_per_s": writes["req_per_s"], "write_p50_ms": writes["p50_ms"],
-            "write_p90_ms": writes["p90_ms"], "write_p99_ms": writes["p99_ms"], "write_max_ms": writes["max_ms"],
-            "read_req_per_s": round(reads.count / elapsed, 1), "read_p99_ms": B.summarize(read_lat)["p99_ms"],
+            "write_req_per_s": writes["req_per_s"],
+            "write_p50_ms": writes["p50_ms"],
+            "write_p90_ms": writes["p90_ms"],
+            "write_p99_ms": writes["p99_ms"],
+            "write_max_ms": writes["max_ms"],
+            "read_req_per_s": round(reads.count / elapsed, 1),
+            "read_p99_ms": B.summarize(read_lat)["p99_ms"],
             "errors": writes["error_count"] + sum(reads.errors.values()),
         }
     finally:
@@ -127,8 +146,9 @@ def main(argv=None):
     results = []
     for round_no in range(args.rounds):
         for build in args.builds.split(","):
-            B.log(f"round {round_no + 1}: {build}, {args.writers} writers + {args.readers} readers, "
-                  f"{args.duration:g} s")
+            B.log(
+                f"round {round_no + 1}: {build}, {args.writers} writers + {args.readers} readers, {args.duration:g} s"
+            )
             results.append(one_run(build, args))
     if args.json:
         print(json.dumps(results, indent=2))

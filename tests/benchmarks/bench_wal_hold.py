@@ -10,6 +10,7 @@ restarts, longest hold and drains.
 
     python tests/benchmarks/bench_wal_hold.py --build /tmp/before && python tests/benchmarks/bench_wal_hold.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -78,13 +79,15 @@ def main(argv=None):
     idle = os.path.getsize(wal) if os.path.exists(wal) else 0
     checkpointer = db._checkpointer
     hold = getattr(checkpointer, "longest_hold", None)
-    print(f"build {args.build}: {len(latencies)} writes, p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, "
-          f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms, max {latencies[-1] * 1e3:.1f} ms; "
-          f"WAL largest {largest / 1e6:.1f} MB, after {args.idle:g} s idle {idle / 1e6:.1f} MB; restarts "
-          f"{getattr(checkpointer, 'restarts', '-')}, longest hold {'-' if hold is None else f'{hold * 1e3:.1f} ms'}; "
-          f"{len(read_latencies)} reads, p50 {read_latencies[len(read_latencies) // 2] * 1e3:.1f} ms, "
-          f"p99 {read_latencies[int(len(read_latencies) * 0.99)] * 1e3:.1f} ms, max {read_latencies[-1] * 1e3:.1f} ms; "
-          f"drains {getattr(checkpointer, 'drains', '-')} (given up {getattr(checkpointer, 'drains_given_up', '-')})")
+    print(
+        f"build {args.build}: {len(latencies)} writes, p50 {latencies[len(latencies) // 2] * 1e3:.2f} ms, "
+        f"p99 {latencies[int(len(latencies) * 0.99)] * 1e3:.2f} ms, max {latencies[-1] * 1e3:.1f} ms; "
+        f"WAL largest {largest / 1e6:.1f} MB, after {args.idle:g} s idle {idle / 1e6:.1f} MB; restarts "
+        f"{getattr(checkpointer, 'restarts', '-')}, longest hold {'-' if hold is None else f'{hold * 1e3:.1f} ms'}; "
+        f"{len(read_latencies)} reads, p50 {read_latencies[len(read_latencies) // 2] * 1e3:.1f} ms, "
+        f"p99 {read_latencies[int(len(read_latencies) * 0.99)] * 1e3:.1f} ms, max {read_latencies[-1] * 1e3:.1f} ms; "
+        f"drains {getattr(checkpointer, 'drains', '-')} (given up {getattr(checkpointer, 'drains_given_up', '-')})"
+    )
     db.close()
     return 0
 

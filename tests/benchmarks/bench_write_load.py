@@ -17,6 +17,7 @@ than ACCEPT is reported separately ("not ACCEPT").
 
     python tests/benchmarks/bench_write_load.py --url http://127.0.0.1:4200/api --clients 1,8,32 --duration 10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,9 @@ OPS = ["flow_create", "flow_run_create", "flow_run_set_state", "task_run_create"
 
 
 class Level:
-    def __init__(self, clients: int, duration: float | None, runs: int | None, max_time: float, args,
-                 stats_class=B.Stats):
+    def __init__(
+        self, clients: int, duration: float | None, runs: int | None, max_time: float, args, stats_class=B.Stats
+    ):
         self.clients = clients
         self.stats_class = stats_class  # how answers are counted (bench_pg_servers tells 503s apart)
         self.deadline = None
@@ -117,8 +119,9 @@ def run_once(level, idx, cli, st, call, flow_id, n_logs, ack_file) -> bool:
         return False
     if check and level.stop_now():
         return False
-    ok, data = call("flow_run_set_state", "POST", f"/flow_runs/{fr}/set_state",
-                    B.flow_run_set_state_body(fr, "RUNNING"))
+    ok, data = call(
+        "flow_run_set_state", "POST", f"/flow_runs/{fr}/set_state", B.flow_run_set_state_body(fr, "RUNNING")
+    )
     if not ok:
         return False
     if B.parse_orch_status(data) != "ACCEPT":
@@ -129,8 +132,9 @@ def run_once(level, idx, cli, st, call, flow_id, n_logs, ack_file) -> bool:
         if check and level.stop_now():
             return False
         inputs = {"xs": [{"input_type": "task_run", "id": prev}]} if prev else {}
-        ok, data = call("task_run_create", "POST", "/task_runs/",
-                        B.task_run_create_body(fr, f"{name}-0", key, "0", inputs))
+        ok, data = call(
+            "task_run_create", "POST", "/task_runs/", B.task_run_create_body(fr, f"{name}-0", key, "0", inputs)
+        )
         if not ok:
             return False
         tr = B.parse_id(data)
@@ -141,8 +145,9 @@ def run_once(level, idx, cli, st, call, flow_id, n_logs, ack_file) -> bool:
         for stype in ("RUNNING", "COMPLETED"):
             if check and level.stop_now():
                 return False
-            ok, data = call("task_run_set_state", "POST", f"/task_runs/{tr}/set_state",
-                            B.task_run_set_state_body(tr, stype))
+            ok, data = call(
+                "task_run_set_state", "POST", f"/task_runs/{tr}/set_state", B.task_run_set_state_body(tr, stype)
+            )
             if not ok:
                 return False
             if B.parse_orch_status(data) != "ACCEPT":
@@ -155,8 +160,12 @@ def run_once(level, idx, cli, st, call, flow_id, n_logs, ack_file) -> bool:
         return False
     if check and level.stop_now():
         return False
-    ok, data = call("flow_run_set_state", "POST", f"/flow_runs/{fr}/set_state",
-                    B.flow_run_set_state_body(fr, "COMPLETED", data=B.result_data("int")))
+    ok, data = call(
+        "flow_run_set_state",
+        "POST",
+        f"/flow_runs/{fr}/set_state",
+        B.flow_run_set_state_body(fr, "COMPLETED", data=B.result_data("int")),
+    )
     if not ok:
         return False
     if B.parse_orch_status(data) != "ACCEPT":
@@ -172,8 +181,9 @@ def run_level(target: B.Target, clients: int, args, ack_file, stats_class=B.Stat
     duration = args.duration if args.runs is None else None
     level = Level(clients, duration, args.runs, args.max_time, args, stats_class)
     level.stats = [stats_class(max_samples=args.error_samples) for _ in range(clients)]
-    threads = [threading.Thread(target=client_thread, args=(level, i, target, ack_file), daemon=True)
-               for i in range(clients)]
+    threads = [
+        threading.Thread(target=client_thread, args=(level, i, target, ack_file), daemon=True) for i in range(clients)
+    ]
     for t in threads:
         t.start()
     cpu0 = B.client_cpu_seconds()
@@ -216,16 +226,21 @@ def main(argv=None):
     ap.add_argument("--url", default=B.DEFAULT_URL, help="API base URL (default %(default)s)")
     ap.add_argument("--clients", default="1,8,32", help="comma-separated client counts, one level each")
     ap.add_argument("--duration", type=float, default=10.0, help="seconds per level (default 10)")
-    ap.add_argument("--runs", type=int, default=None,
-                    help="instead of --duration: this many simulated runs per level (shared by the clients)")
+    ap.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="instead of --duration: this many simulated runs per level (shared by the clients)",
+    )
     ap.add_argument("--max-time", type=float, default=600.0, help="safety cap per level with --runs (s)")
     ap.add_argument("--log-lines", type=int, default=5, help="lines in the one POST /logs/ per run (default 5)")
     ap.add_argument("--flow-name", default="bench-etl")
     ap.add_argument("--timeout", type=float, default=60.0, help="per-request timeout (s)")
     ap.add_argument("--pause", type=float, default=1.0, help="seconds between levels")
     ap.add_argument("--no-gzip", action="store_true", help="do not send Accept-Encoding: gzip")
-    ap.add_argument("--ack-log", default=None,
-                    help="append the id of every flow run whose final set_state was answered 2xx")
+    ap.add_argument(
+        "--ack-log", default=None, help="append the id of every flow run whose final set_state was answered 2xx"
+    )
     ap.add_argument("--error-samples", type=int, default=5, help="error bodies to keep per level")
     ap.add_argument("--by-op", action="store_true", help="also print latencies per call type")
     ap.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
@@ -256,33 +271,74 @@ def main(argv=None):
         if ack_file:
             ack_file.close()
 
-    out = {"benchmark": "write_load", "url": args.url, "server_version": version, "calls_per_run": 13,
-           "log_lines_per_run": args.log_lines, "levels": results,
-           "argv": " ".join(sys.argv)}
+    out = {
+        "benchmark": "write_load",
+        "url": args.url,
+        "server_version": version,
+        "calls_per_run": 13,
+        "log_lines_per_run": args.log_lines,
+        "levels": results,
+        "argv": " ".join(sys.argv),
+    }
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    print(f"write load against {args.url} (server version {version}); 13 calls per run, "
-          f"{args.log_lines} log lines per run")
+    print(
+        f"write load against {args.url} (server version {version}); 13 calls per run, "
+        f"{args.log_lines} log lines per run"
+    )
     rows = []
     for r in results:
-        rows.append([r["clients"], r["elapsed_s"], r["requests"], r["req_per_s"], r["runs_per_s"],
-                     r["p50_ms"], r["p90_ms"], r["p99_ms"], r["max_ms"], B.fmt_errors(Counter(r["errors"])), r["not_accept"], r["reconnects"],
-                     f'{r["client_cpu_pct"]:.0f}%'])
-    B.print_table(["clients", "secs", "requests", "req/s", "runs/s", "p50 ms", "p90 ms", "p99 ms", "max ms",
-                   "errors", "not ACCEPT", "reconn", "bench cpu"], rows)
+        rows.append(
+            [
+                r["clients"],
+                r["elapsed_s"],
+                r["requests"],
+                r["req_per_s"],
+                r["runs_per_s"],
+                r["p50_ms"],
+                r["p90_ms"],
+                r["p99_ms"],
+                r["max_ms"],
+                B.fmt_errors(Counter(r["errors"])),
+                r["not_accept"],
+                r["reconnects"],
+                f"{r['client_cpu_pct']:.0f}%",
+            ]
+        )
+    B.print_table(
+        [
+            "clients",
+            "secs",
+            "requests",
+            "req/s",
+            "runs/s",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "max ms",
+            "errors",
+            "not ACCEPT",
+            "reconn",
+            "bench cpu",
+        ],
+        rows,
+    )
     if args.by_op:
         for r in results:
             print(f"\n{r['clients']} client(s), latency by call:")
-            B.print_table(["call", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"],
-                          [[op, v["n"], v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"]]
-                           for op, v in r["by_op"].items()])
+            B.print_table(
+                ["call", "n", "p50 ms", "p90 ms", "p99 ms", "max ms"],
+                [[op, v["n"], v["p50_ms"], v["p90_ms"], v["p99_ms"], v["max_ms"]] for op, v in r["by_op"].items()],
+            )
     for r in results:
         if r["error_samples"]:
             print(f"\nfirst errors at {r['clients']} client(s):")
             for s in r["error_samples"]:
-                print(f"  {s.get('method', '')} {s.get('path', '')} [{s.get('op')}] -> {s.get('status')}: "
-                      f"{s.get('response')}")
+                print(
+                    f"  {s.get('method', '')} {s.get('path', '')} [{s.get('op')}] -> {s.get('status')}: "
+                    f"{s.get('response')}"
+                )
                 if s.get("request"):
                     print(f"      request body: {s['request'][:300]}")
     return 0

@@ -23,9 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import prefectlite  # noqa: E402
 
 BATCH = 20_000
-STATES = [("COMPLETED", "Completed", 0.84), ("FAILED", "Failed", 0.07), ("CRASHED", "Crashed", 0.02),
-          ("SCHEDULED", "Late", 0.02), ("CANCELLED", "Cancelled", 0.02), ("RUNNING", "Running", 0.01),
-          ("COMPLETED", "Cached", 0.02)]
+STATES = [
+    ("COMPLETED", "Completed", 0.84),
+    ("FAILED", "Failed", 0.07),
+    ("CRASHED", "Crashed", 0.02),
+    ("SCHEDULED", "Late", 0.02),
+    ("CANCELLED", "Cancelled", 0.02),
+    ("RUNNING", "Running", 0.01),
+    ("COMPLETED", "Cached", 0.02),
+]
 LEVELS = [(20, 0.8), (10, 0.1), (30, 0.07), (40, 0.03)]
 
 
@@ -34,10 +40,25 @@ def iso(moment: datetime) -> str:
 
 
 def state_json(state_id, state_type, name, at, run_id, task_run_id=None):
-    details = {"flow_run_id": run_id, "task_run_id": task_run_id, "scheduled_time": None, "cache_key": None,
-               "cache_expiration": None}
-    return json.dumps({"id": state_id, "type": state_type, "name": name, "timestamp": at, "message": None, "data": None,
-                       "state_details": details}, separators=(",", ":"))
+    details = {
+        "flow_run_id": run_id,
+        "task_run_id": task_run_id,
+        "scheduled_time": None,
+        "cache_key": None,
+        "cache_expiration": None,
+    }
+    return json.dumps(
+        {
+            "id": state_id,
+            "type": state_type,
+            "name": name,
+            "timestamp": at,
+            "message": None,
+            "data": None,
+            "state_details": details,
+        },
+        separators=(",", ":"),
+    )
 
 
 def pick(weighted, rnd):
@@ -64,20 +85,29 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
     started = time.perf_counter()
 
     flow_ids = [str(uuid.uuid4()) for _ in range(flows)]
-    con.executemany("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)",
-                    [(f, iso(now), iso(now), f"flow-{i:03d}") for i, f in enumerate(flow_ids)])
+    con.executemany(
+        "INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)",
+        [(f, iso(now), iso(now), f"flow-{i:03d}") for i, f in enumerate(flow_ids)],
+    )
     dep_rows = [(str(uuid.uuid4()), flow_ids[i % flows], f"deployment-{i:03d}") for i in range(deployments)]
-    con.executemany("INSERT INTO deployment (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
-                    [(d, iso(now), iso(now), name, f) for d, f, name in dep_rows])
+    con.executemany(
+        "INSERT INTO deployment (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
+        [(d, iso(now), iso(now), name, f) for d, f, name in dep_rows],
+    )
     con.commit()
 
     # flow runs, oldest first; 3 % in the coming week (scheduled), the rest over the past 90 days
     horizon = 90 * 86400
     run_ids = []
-    sql = ("INSERT INTO flow_run (id, created, updated, name, flow_id, deployment_id, state_id, state_type, state_name,"
-           " state_timestamp, state, run_count, expected_start_time, next_scheduled_start_time, start_time, end_time,"
-           " total_run_time, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
-    state_sql = "INSERT INTO flow_run_state (id, created, flow_run_id, type, name, timestamp, state_details) VALUES (?, ?, ?, ?, ?, ?, ?)"
+    sql = (
+        "INSERT INTO flow_run (id, created, updated, name, flow_id, deployment_id, state_id, state_type, state_name,"
+        " state_timestamp, state, run_count, expected_start_time, next_scheduled_start_time, start_time, end_time,"
+        " total_run_time, tags) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
+    state_sql = (
+        "INSERT INTO flow_run_state (id, created, flow_run_id, type, name, timestamp, state_details)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?)"
+    )
     batch, states = [], []
     for i in range(flow_runs):
         past = int(flow_runs * 0.97)
@@ -95,10 +125,28 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
         start = iso(expected + timedelta(seconds=rnd.uniform(0, 5))) if ran else None
         end = iso(expected + timedelta(seconds=duration)) if ran and state_type != "RUNNING" else None
         at = end or start or iso(expected)
-        batch.append((run_id, iso(expected), at, f"run-{i:07d}", flow_id, dep_id, state_id, state_type, name, at,
-                      state_json(state_id, state_type, name, at, run_id), 1 if ran else 0, iso(expected),
-                      iso(expected) if state_type == "SCHEDULED" else None, start, end, duration if end else 0.0,
-                      '["scale"]' if i % 10 == 0 else "[]"))
+        batch.append(
+            (
+                run_id,
+                iso(expected),
+                at,
+                f"run-{i:07d}",
+                flow_id,
+                dep_id,
+                state_id,
+                state_type,
+                name,
+                at,
+                state_json(state_id, state_type, name, at, run_id),
+                1 if ran else 0,
+                iso(expected),
+                iso(expected) if state_type == "SCHEDULED" else None,
+                start,
+                end,
+                duration if end else 0.0,
+                '["scale"]' if i % 10 == 0 else "[]",
+            )
+        )
         states.append((state_id, at, run_id, state_type, name, at, "{}"))
         run_ids.append((run_id, expected, ran))
         if len(batch) >= BATCH:
@@ -112,9 +160,11 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
     print(f"{flow_runs:,} flow runs in {time.perf_counter() - started:.0f} s", flush=True)
 
     ran_runs = [r for r in run_ids if r[2]]
-    sql = ("INSERT INTO task_run (id, created, updated, name, flow_run_id, task_key, dynamic_key, state_id, state_type,"
-           " state_name, state_timestamp, state, run_count, flow_run_run_count, expected_start_time, start_time, end_time,"
-           " total_run_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+    sql = (
+        "INSERT INTO task_run (id, created, updated, name, flow_run_id, task_key, dynamic_key, state_id, state_type,"
+        " state_name, state_timestamp, state, run_count, flow_run_run_count, expected_start_time, start_time, end_time,"
+        " total_run_time) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
     batch = []
     task_ids = []
     per_run = max(1, -(-task_runs // max(1, len(ran_runs))))  # rounded up: exactly task_runs in all
@@ -126,9 +176,28 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
             tid, sid = str(uuid.uuid4()), str(uuid.uuid4())
             start = expected + timedelta(seconds=2 + k * 3)
             end = start + timedelta(seconds=rnd.uniform(0.1, 3))
-            batch.append((tid, iso(start), iso(end), f"task-{k}-{made % 1000}", run_id, f"task-{k}", str(made), sid,
-                          "COMPLETED", "Completed", iso(end), state_json(sid, "COMPLETED", "Completed", iso(end), run_id, tid),
-                          1, 1, iso(start), iso(start), iso(end), (end - start).total_seconds()))
+            batch.append(
+                (
+                    tid,
+                    iso(start),
+                    iso(end),
+                    f"task-{k}-{made % 1000}",
+                    run_id,
+                    f"task-{k}",
+                    str(made),
+                    sid,
+                    "COMPLETED",
+                    "Completed",
+                    iso(end),
+                    state_json(sid, "COMPLETED", "Completed", iso(end), run_id, tid),
+                    1,
+                    1,
+                    iso(start),
+                    iso(start),
+                    iso(end),
+                    (end - start).total_seconds(),
+                )
+            )
             if k == 0:
                 task_ids.append((tid, run_id, start))
             made += 1
@@ -140,7 +209,10 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
     con.commit()
     print(f"{made:,} task runs in {time.perf_counter() - started:.0f} s", flush=True)
 
-    sql = "INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id, task_run_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    sql = (
+        "INSERT INTO log (id, created, updated, name, level, message, timestamp, flow_run_id, task_run_id)"
+        " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    )
     batch = []
     per_run = max(1, -(-logs // max(1, len(task_ids))))  # rounded up: exactly logs in all
     made = 0
@@ -150,9 +222,19 @@ def seed(path: Path, flow_runs: int, task_runs: int, logs: int, flows: int, depl
                 break
             at = iso(start + timedelta(milliseconds=37 * k))
             level = pick(LEVELS, rnd)[0]
-            batch.append((str(uuid.uuid4()), at, at, "prefect.task_runs" if k % 2 else "prefect.flow_runs", level,
-                          f"log line {k} of {run_id[:8]}: processed {rnd.randint(1, 10_000)} rows", at, run_id,
-                          tid if k % 2 else None))
+            batch.append(
+                (
+                    str(uuid.uuid4()),
+                    at,
+                    at,
+                    "prefect.task_runs" if k % 2 else "prefect.flow_runs",
+                    level,
+                    f"log line {k} of {run_id[:8]}: processed {rnd.randint(1, 10_000)} rows",
+                    at,
+                    run_id,
+                    tid if k % 2 else None,
+                )
+            )
             made += 1
             if len(batch) >= BATCH:
                 con.executemany(sql, batch)

@@ -54,9 +54,7 @@ DEFAULT_SCRIPT_TIMEOUT = 120.0
 
 
 def pytest_configure(config):
-    config.addinivalue_line(
-        "markers", "compat: runs the real prefect 2.20 SDK against the server (tests/compat)"
-    )
+    config.addinivalue_line("markers", "compat: runs the real prefect 2.20 SDK against the server (tests/compat)")
 
 
 # --------------------------------------------------------------------------- venv
@@ -170,7 +168,8 @@ class _TraceProxy:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 headers = {
-                    k: v for k, v in self.headers.items()
+                    k: v
+                    for k, v in self.headers.items()
                     if k.lower() not in ("host", "connection", "keep-alive", "proxy-connection")
                 }
                 started = time.monotonic()
@@ -188,8 +187,7 @@ class _TraceProxy:
                 ms = (time.monotonic() - started) * 1000
                 self.send_response(status, reason)
                 for k, v in resp_headers:
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length",
-                                         "keep-alive"):
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "keep-alive"):
                         self.send_header(k, v)
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -201,12 +199,16 @@ class _TraceProxy:
                         shown = gzip.decompress(data)
                     except OSError:
                         pass
-                proxy.record({
-                    "method": self.command, "path": self.path, "status": status,
-                    "ms": round(ms, 1),
-                    "req": body.decode("utf-8", "replace")[:4000],
-                    "resp": shown.decode("utf-8", "replace")[:4000],
-                })
+                proxy.record(
+                    {
+                        "method": self.command,
+                        "path": self.path,
+                        "status": status,
+                        "ms": round(ms, 1),
+                        "req": body.decode("utf-8", "replace")[:4000],
+                        "resp": shown.decode("utf-8", "replace")[:4000],
+                    }
+                )
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = do_OPTIONS = _forward
 
@@ -268,8 +270,10 @@ _SERVER: CompatServer | None = None
 # a task waiting for a tag's concurrency slot retries after 1 s, and a deployment's run that found no slot
 # is put back 1 s, not the default 30 (each concurrency-limit test waited that long once, ~30 s of the
 # suite's time each; the SDK sleeps what the server says, the runner picks the run up when it is due).
-SERVER_SETTINGS = {"PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-                   "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1"}
+SERVER_SETTINGS = {
+    "PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+    "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+}
 
 
 @pytest.fixture(scope="session")
@@ -285,18 +289,20 @@ def compat_server_handle(request, tmp_path_factory):
         home = tmp_path_factory.mktemp("reference-server")
         port = _free_port()
         env = _env_without_prefect()
-        env.update({
-            "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_UI_ENABLED": "false",
-            **SERVER_SETTINGS,
-        })
+        env.update(
+            {
+                "PREFECT_HOME": str(home),
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "PREFECT_UI_ENABLED": "false",
+                **SERVER_SETTINGS,
+            }
+        )
         stderr_path = home / "server.stderr"
-        cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1",
-               "--port", str(port)]
+        cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
         with open(home / "server.stdout", "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(cmd, env=env, cwd=str(home), stdout=out, stderr=err,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd, env=env, cwd=str(home), stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True
+            )
         api_url = f"http://127.0.0.1:{port}/api"
         try:
             _wait_healthy(api_url, REFERENCE_START_TIMEOUT, proc)
@@ -324,9 +330,7 @@ def compat_server_handle(request, tmp_path_factory):
         stdout_path = home / "server.stdout"
         cmd = [sys.executable, str(script), "start", "--host", "127.0.0.1", "--port", str(port)]
         with open(stdout_path, "wb") as out, open(stderr_path, "wb") as err:
-            proc = subprocess.Popen(
-                cmd, env=env, cwd=str(home), stdout=out, stderr=err, stdin=subprocess.DEVNULL
-            )
+            proc = subprocess.Popen(cmd, env=env, cwd=str(home), stdout=out, stderr=err, stdin=subprocess.DEVNULL)
         api_url = f"http://127.0.0.1:{port}/api"
         try:
             _wait_healthy(api_url, SERVER_START_TIMEOUT, proc)
@@ -408,8 +412,10 @@ def _server_log_marker(request):
         server = request.getfixturevalue("compat_server_handle")
     if server is not None:
         if server.proc is not None and server.proc.poll() is not None:
-            pytest.fail(f"the server under test has died (exit code {server.proc.returncode}); "
-                        f"its stderr:\n{_tail(server.stderr_path)}")
+            pytest.fail(
+                f"the server under test has died (exit code {server.proc.returncode}); "
+                f"its stderr:\n{_tail(server.stderr_path)}"
+            )
         request.node._compat_stderr_offset = server.stderr_offset()
         if server.proxy:
             server.proxy.mark(f"test start: {request.node.nodeid}")
@@ -458,10 +464,7 @@ class FlowScript:
         out, err = self.output()
         result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)
         if check and (timed_out or self.proc.returncode != 0):
-            why = (
-                f"timed out after {self.timeout:.0f}s" if timed_out
-                else f"exited with code {self.proc.returncode}"
-            )
+            why = f"timed out after {self.timeout:.0f}s" if timed_out else f"exited with code {self.proc.returncode}"
             pytest.fail(
                 f"SDK script {self.script.name} {why} (workdir {self.workdir})\n"
                 f"--- stdout ---\n{out[-6000:]}\n--- stderr ---\n{err[-12000:]}",
@@ -505,15 +508,18 @@ def script_env(api_url: str, workdir: Path) -> dict:
     return env
 
 
-def start_flow_script(python: str, path_or_source, api_url: str, base_dir: Path,
-                      args=(), timeout: float = DEFAULT_SCRIPT_TIMEOUT) -> FlowScript:
+def start_flow_script(
+    python: str, path_or_source, api_url: str, base_dir: Path, args=(), timeout: float = DEFAULT_SCRIPT_TIMEOUT
+) -> FlowScript:
     """Start an SDK script in the background, in its own temp dir (copied there; cwd = that dir)."""
     base_dir.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="run-", dir=base_dir))
     (workdir / "prefect-home").mkdir()
     if isinstance(path_or_source, Path) or (
-        isinstance(path_or_source, str) and "\n" not in path_or_source
-        and path_or_source.endswith(".py") and Path(path_or_source).is_file()
+        isinstance(path_or_source, str)
+        and "\n" not in path_or_source
+        and path_or_source.endswith(".py")
+        and Path(path_or_source).is_file()
     ):
         src = Path(path_or_source)
         script = workdir / src.name
@@ -545,8 +551,7 @@ def start_script(prefect_python, _scripts_dir):
     started = []
 
     def start(path_or_source, api_url, args=(), timeout=DEFAULT_SCRIPT_TIMEOUT):
-        handle = start_flow_script(prefect_python, path_or_source, api_url, _scripts_dir,
-                                   args=args, timeout=timeout)
+        handle = start_flow_script(prefect_python, path_or_source, api_url, _scripts_dir, args=args, timeout=timeout)
         started.append(handle)
         return handle
 

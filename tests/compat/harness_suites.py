@@ -23,7 +23,7 @@ _LENT = ("pytest", "_pytest", "pluggy", "iniconfig", "py")  # what pytest import
 
 # The suite's tests each record when their call ended: the process's exit is measured from the last, so
 # it takes in the session's teardown (the harness stopping) and the interpreter's exit.
-CONFTEST_COMMON = '''
+CONFTEST_COMMON = """
 import os, time
 import pytest
 
@@ -31,27 +31,33 @@ def pytest_runtest_logreport(report):
     if report.when == "call":
         with open(os.environ["HARNESS_SUITE_TIMES"], "a") as f:
             f.write(f"{time.time()}\\n")
-'''
+"""
 
 # Ours: the plugin (-p prefectlite) gives the session fixture; every test starts from an empty database.
-CONFTEST_OURS = CONFTEST_COMMON + '''
+CONFTEST_OURS = (
+    CONFTEST_COMMON
+    + """
 @pytest.fixture(autouse=True)
 def _clean(prefect_clean_db):
     yield
-'''
+"""
+)
 
 # Prefect's own harness, as its documentation has users write it.
-CONFTEST_THEIRS = CONFTEST_COMMON + '''
+CONFTEST_THEIRS = (
+    CONFTEST_COMMON
+    + """
 from prefect.testing.utilities import prefect_test_harness
 
 @pytest.fixture(autouse=True, scope="session")
 def _harness():
     with prefect_test_harness():
         yield
-'''
+"""
+)
 
 # N tests, each running a one-task flow.
-FLOW_TESTS = '''
+FLOW_TESTS = """
 import pytest
 from prefect import flow, task
 
@@ -66,7 +72,7 @@ def one_task_flow(n):
 @pytest.mark.parametrize("n", range({count}))
 def test_flow(n):
     assert one_task_flow(n) == n + 1
-'''
+"""
 
 
 @dataclasses.dataclass
@@ -125,8 +131,9 @@ def run_suite(python: str, suite: Path, env: dict, args: list[str], timeout: flo
     env = {**env, "HARNESS_SUITE_TIMES": str(times)}
     command = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", *args, str(suite)]
     started = time.monotonic()
-    proc = subprocess.run(command, cwd=suite, env=env, capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        command, cwd=suite, env=env, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
     exited_at = time.time()
     wall = time.monotonic() - started
     ends = [float(line) for line in times.read_text().split()] if times.exists() else []

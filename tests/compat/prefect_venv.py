@@ -24,6 +24,7 @@ import sys
 import time
 from pathlib import Path
 
+
 @dataclasses.dataclass(frozen=True)
 class Sdk:
     requirement: str  # what pip installs
@@ -126,9 +127,7 @@ def _run(cmd: list, log, timeout: int, check: bool = True) -> None:
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
     try:
-        proc = subprocess.run(
-            cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_clean_env()
-        )
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, timeout=timeout, env=_clean_env())
     except subprocess.TimeoutExpired as exc:
         raise VenvError(f"timed out after {timeout}s: {' '.join(cmd)}") from exc
     if proc.returncode != 0 and not check:
@@ -147,8 +146,16 @@ def _build(final: Path, sdk: Sdk) -> None:
         with open(log_path, "w", encoding="utf-8") as log:
             _run([sys.executable, "-m", "venv", "--prompt", final.name, str(tmp)], log, 300)
             py = str(_python_in(tmp))
-            install = [py, "-m", "pip", "install", "--no-compile", "--disable-pip-version-check",
-                       sdk.requirement, *sdk.extra_pins]
+            install = [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "--no-compile",
+                "--disable-pip-version-check",
+                sdk.requirement,
+                *sdk.extra_pins,
+            ]
             try:
                 _run(install, log, INSTALL_TIMEOUT)
             except VenvError as exc:  # a registry hiccup: try once more
@@ -158,8 +165,7 @@ def _build(final: Path, sdk: Sdk) -> None:
             _rewrite_paths(tmp / "bin", str(tmp), str(final))
             # Byte-compile now, recording the final path in code objects (tracebacks).
             _run(
-                [py, "-m", "compileall", "-q", "-j", "0", "-s", str(tmp), "-p", str(final),
-                 str(tmp / "lib")],
+                [py, "-m", "compileall", "-q", "-j", "0", "-s", str(tmp), "-p", str(final), str(tmp / "lib")],
                 log,
                 600,
                 check=sdk.compile_errors_fatal,
@@ -184,9 +190,7 @@ def _build(final: Path, sdk: Sdk) -> None:
                 tail = ""
             raise VenvError(f"{exc}\n--- build log tail ({log_path}) ---\n{tail}") from None
         raise
-    print(
-        f"[prefect_venv] built {final} in {time.time() - started:.0f}s", file=sys.stderr
-    )
+    print(f"[prefect_venv] built {final} in {time.time() - started:.0f}s", file=sys.stderr)
 
 
 def ensure_venv(sdk: Sdk) -> str:

@@ -43,9 +43,11 @@ def script_result(proc, prefix="COMPAT_RESULT ") -> dict:
     """The JSON a scenario script prints after 'COMPAT_RESULT ' (its last such line)."""
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith(prefix):
-            return json.loads(line[len(prefix):])
-    pytest.fail(f"the script printed no {prefix.strip()} line\n--- stdout ---\n"
-                f"{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}")
+            return json.loads(line[len(prefix) :])
+    pytest.fail(
+        f"the script printed no {prefix.strip()} line\n--- stdout ---\n"
+        f"{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    )
 
 
 def get_flow_run(api, flow_run_id) -> dict:
@@ -55,8 +57,9 @@ def get_flow_run(api, flow_run_id) -> dict:
 
 
 def task_runs_of(api, flow_run_id) -> list:
-    runs = api.ok("POST", "/task_runs/filter",
-                  {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200)
+    runs = api.ok(
+        "POST", "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200
+    )
     assert isinstance(runs, list), runs
     for tr in runs:
         assert tr["flow_run_id"] == flow_run_id, f"a task run of another flow run: {tr}"
@@ -76,7 +79,8 @@ def parse_time(value) -> datetime:
 def assert_completed(run, what="run"):
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), (
         f"{what} {run.get('name')} is {run['state_type']}/{run['state_name']}: "
-        f"{(run.get('state') or {}).get('message')}")
+        f"{(run.get('state') or {}).get('message')}"
+    )
 
 
 def is_masked(value) -> bool:
@@ -91,8 +95,10 @@ def assert_prefect_mask(shown: dict):
     its own. The exact string matters: clients send the mask back to mean "keep the secret".
     """
     wrong = {where: value for where, value in shown.items() if value != SECRET_MASK}
-    assert not wrong, (f"secrets are masked as {wrong}; Prefect 2.20 masks every secret as "
-                       f"{SECRET_MASK!r} ({len(SECRET_MASK)} asterisks)")
+    assert not wrong, (
+        f"secrets are masked as {wrong}; Prefect 2.20 masks every secret as "
+        f"{SECRET_MASK!r} ({len(SECRET_MASK)} asterisks)"
+    )
 
 
 def running_interval(api, task_run) -> tuple[datetime, datetime]:
@@ -111,10 +117,10 @@ def test_persisted_result_cached_across_flow_runs(run_flow_script, compat_server
     """persist_result + task_input_hash: the second process's task run is Cached and its value
     is the one the first process computed, read back from the local-file-system block."""
     token = uuid.uuid4().hex[:12]
-    first = script_result(run_flow_script(scenario("b01_persisted_cache.py"), compat_server,
-                                          args=[token], timeout=120))
-    second = script_result(run_flow_script(scenario("b01_persisted_cache.py"), compat_server,
-                                           args=[token], timeout=120))
+    first = script_result(run_flow_script(scenario("b01_persisted_cache.py"), compat_server, args=[token], timeout=120))
+    second = script_result(
+        run_flow_script(scenario("b01_persisted_cache.py"), compat_server, args=[token], timeout=120)
+    )
     assert first["executed"] == 1, first
     assert second["executed"] == 0, f"the task body ran again in the second flow run: {second}"
     assert second["value"] == first["value"], (first["value"], second["value"])
@@ -128,7 +134,9 @@ def test_persisted_result_cached_across_flow_runs(run_flow_script, compat_server
         runs[which] = tr
     assert (runs["first"]["state_type"], runs["first"]["state_name"]) == ("COMPLETED", "Completed")
     assert (runs["second"]["state_type"], runs["second"]["state_name"]) == ("COMPLETED", "Cached"), (
-        runs["second"]["state_type"], runs["second"]["state_name"])
+        runs["second"]["state_type"],
+        runs["second"]["state_name"],
+    )
 
     # The cache key and expiration are recorded on the first run's Completed state.
     done = task_run_states(api, runs["first"]["id"])[-1]
@@ -150,9 +158,12 @@ def test_persisted_result_cached_across_flow_runs(run_flow_script, compat_server
     assert block["block_type"]["slug"] == "local-file-system", block["block_type"]
     basepath = block["data"]["basepath"]
     assert (Path(basepath) / ref["storage_key"]).is_file(), (basepath, ref["storage_key"])
-    found = api.ok("POST", "/block_documents/filter", {
-        "block_documents": {"is_anonymous": {"eq_": True}},
-        "block_types": {"slug": {"any_": ["local-file-system"]}}}, expect=200)
+    found = api.ok(
+        "POST",
+        "/block_documents/filter",
+        {"block_documents": {"is_anonymous": {"eq_": True}}, "block_types": {"slug": {"any_": ["local-file-system"]}}},
+        expect=200,
+    )
     assert ref["storage_block_id"] in [d["id"] for d in found], [d["id"] for d in found]
 
 
@@ -161,11 +172,13 @@ def test_persisted_result_cached_across_flow_runs(run_flow_script, compat_server
 
 def test_secret_json_string_blocks_round_trip(run_flow_script, compat_server, api):
     token = uuid.uuid4().hex[:12]
-    saved = script_result(run_flow_script(scenario("b02_system_blocks.py"), compat_server,
-                                          args=["save", token], timeout=90))
+    saved = script_result(
+        run_flow_script(scenario("b02_system_blocks.py"), compat_server, args=["save", token], timeout=90)
+    )
     assert saved["secret_again"] == saved["secret"], "overwrite=True made a new document"
-    loaded = script_result(run_flow_script(scenario("b02_system_blocks.py"), compat_server,
-                                           args=["load", token], timeout=90))
+    loaded = script_result(
+        run_flow_script(scenario("b02_system_blocks.py"), compat_server, args=["load", token], timeout=90)
+    )
     assert loaded == {
         "secret": f"rotated-{token}",
         "secret_repr_hides_value": True,
@@ -177,8 +190,9 @@ def test_secret_json_string_blocks_round_trip(run_flow_script, compat_server, ap
     secret = f"rotated-{token}"
     shown = api.ok("GET", base + "?include_secrets=true", expect=200)
     assert (shown["id"], shown["data"]) == (saved["secret"], {"value": secret}), shown
-    assert api.ok("GET", f"/block_documents/{saved['secret']}?include_secrets=true",
-                  expect=200)["data"] == {"value": secret}
+    assert api.ok("GET", f"/block_documents/{saved['secret']}?include_secrets=true", expect=200)["data"] == {
+        "value": secret
+    }
     masks = {}
     hidden = api.ok("GET", base, expect=200)
     assert hidden["id"] == saved["secret"]
@@ -190,24 +204,30 @@ def test_secret_json_string_blocks_round_trip(run_flow_script, compat_server, ap
     by_id = api.ok("GET", f"/block_documents/{saved['secret']}", expect=200)
     assert is_masked(by_id["data"]["value"]), by_id["data"]
     masks["GET by id"] = by_id["data"]["value"]
-    listed = api.ok("POST", "/block_documents/filter",
-                    {"block_documents": {"name": {"any_": [f"compat-secret-{token}"]}}}, expect=200)
+    listed = api.ok(
+        "POST",
+        "/block_documents/filter",
+        {"block_documents": {"name": {"any_": [f"compat-secret-{token}"]}}},
+        expect=200,
+    )
     assert [d["id"] for d in listed] == [saved["secret"]], listed
     assert is_masked(listed[0]["data"]["value"]), listed[0]["data"]
     masks["POST /block_documents/filter"] = listed[0]["data"]["value"]
 
     # Sending the masked value back (as the UI does after a read) keeps the stored secret.
-    api.ok("PATCH", f"/block_documents/{saved['secret']}",
-           {"data": {"value": hidden["data"]["value"]}, "merge_existing_data": True},
-           expect=(200, 204))
+    api.ok(
+        "PATCH",
+        f"/block_documents/{saved['secret']}",
+        {"data": {"value": hidden["data"]["value"]}, "merge_existing_data": True},
+        expect=(200, 204),
+    )
     assert api.ok("GET", base + "?include_secrets=true", expect=200)["data"] == {"value": secret}
 
     # JSON and String have no secret fields: shown as saved either way.
     js = api.ok("GET", f"/block_types/slug/json/block_documents/name/compat-json-{token}", expect=200)
     assert js["id"] == saved["json"]
     assert js["data"] == {"value": {"token": token, "n": [1, 2, 3], "nested": {"ok": True}}}
-    st = api.ok("GET", f"/block_types/slug/string/block_documents/name/compat-string-{token}",
-                expect=200)
+    st = api.ok("GET", f"/block_types/slug/string/block_documents/name/compat-string-{token}", expect=200)
     assert (st["id"], st["data"]) == (saved["string"], {"value": f"plain-{token}"})
     assert_prefect_mask(masks)
 
@@ -217,12 +237,19 @@ def test_secret_json_string_blocks_round_trip(run_flow_script, compat_server, ap
 
 def test_custom_block_with_nested_block_and_secret(run_flow_script, compat_server, api):
     token = uuid.uuid4().hex[:12]
-    saved = script_result(run_flow_script(scenario("b03_nested_block.py"), compat_server,
-                                          args=["save", token], timeout=90))
-    loaded = script_result(run_flow_script(scenario("b03_nested_block.py"), compat_server,
-                                           args=["load", token], timeout=90))
-    assert loaded == {"label": f"svc-{token}", "password": f"outer-pw-{token}",
-                      "host": "db.internal", "port": 6543, "token": f"inner-tok-{token}"}
+    saved = script_result(
+        run_flow_script(scenario("b03_nested_block.py"), compat_server, args=["save", token], timeout=90)
+    )
+    loaded = script_result(
+        run_flow_script(scenario("b03_nested_block.py"), compat_server, args=["load", token], timeout=90)
+    )
+    assert loaded == {
+        "label": f"svc-{token}",
+        "password": f"outer-pw-{token}",
+        "host": "db.internal",
+        "port": 6543,
+        "token": f"inner-tok-{token}",
+    }
 
     path = f"/block_types/slug/compat-service/block_documents/name/compat-service-{token}"
     doc = api.ok("GET", path, expect=200)
@@ -245,8 +272,9 @@ def test_custom_block_with_nested_block_and_secret(run_flow_script, compat_serve
 
     full = api.ok("GET", path + "?include_secrets=true", expect=200)
     assert full["data"]["password"] == f"outer-pw-{token}", full["data"]
-    assert full["data"]["database"] == {"host": "db.internal", "port": 6543,
-                                        "token": f"inner-tok-{token}"}, full["data"]
+    assert full["data"]["database"] == {"host": "db.internal", "port": 6543, "token": f"inner-tok-{token}"}, full[
+        "data"
+    ]
 
     inner = api.ok("GET", f"/block_documents/{nested['id']}", expect=200)
     assert inner["block_type"]["slug"] == "compat-database"
@@ -267,10 +295,8 @@ def test_custom_block_with_nested_block_and_secret(run_flow_script, compat_serve
 
 def test_variables_module(run_flow_script, compat_server, api):
     token = uuid.uuid4().hex[:12]
-    api.ok("POST", "/variables/", {"name": f"compat_bvar_{token}", "value": "api-value"},
-           expect=201)
-    got = script_result(run_flow_script(scenario("b04_variables.py"), compat_server, args=[token],
-                                        timeout=90))
+    api.ok("POST", "/variables/", {"name": f"compat_bvar_{token}", "value": "api-value"}, expect=201)
+    got = script_result(run_flow_script(scenario("b04_variables.py"), compat_server, args=[token], timeout=90))
     assert got == {
         "existing": "api-value",
         "missing": "the-default",
@@ -284,8 +310,7 @@ def test_variables_module(run_flow_script, compat_server, api):
     assert (var["name"], var["value"]) == (f"compat_bset_{token}", "second")
     status, body = api("GET", f"/variables/name/compat_bmissing_{token}")
     assert status == 404, (status, body)
-    found = api.ok("POST", "/variables/filter",
-                   {"variables": {"name": {"like_": f"compat_bset_{token}"}}}, expect=200)
+    found = api.ok("POST", "/variables/filter", {"variables": {"name": {"like_": f"compat_bset_{token}"}}}, expect=200)
     assert [v["value"] for v in found] == ["second"], found
 
 
@@ -294,8 +319,7 @@ def test_variables_module(run_flow_script, compat_server, api):
 
 def test_keyed_artifacts_latest(run_flow_script, compat_server, api):
     token = uuid.uuid4().hex[:12]
-    res = script_result(run_flow_script(scenario("b05_artifacts.py"), compat_server, args=[token],
-                                        timeout=120))
+    res = script_result(run_flow_script(scenario("b05_artifacts.py"), compat_server, args=[token], timeout=120))
     first_id, second_id = res["flow_run_ids"]
     for run_id in (first_id, second_id):
         assert_completed(get_flow_run(api, run_id), "flow run")
@@ -317,27 +341,27 @@ def test_keyed_artifacts_latest(run_flow_script, compat_server, api):
     lnk = api.ok("GET", f"/artifacts/{keys['link']}/latest", expect=200)["data"]
     assert lnk == f"[result 2](https://example.com/{token}/2)", lnk
 
-    every = api.ok("POST", "/artifacts/filter",
-                   {"artifacts": {"key": {"any_": list(keys.values())}}}, expect=200)
+    every = api.ok("POST", "/artifacts/filter", {"artifacts": {"key": {"any_": list(keys.values())}}}, expect=200)
     assert sorted((a["key"], a["flow_run_id"]) for a in every) == sorted(
-        (key, run_id) for key in keys.values() for run_id in (first_id, second_id))
+        (key, run_id) for key in keys.values() for run_id in (first_id, second_id)
+    )
 
-    collections = api.ok("POST", "/artifacts/latest/filter",
-                         {"artifacts": {"key": {"any_": list(keys.values())}}}, expect=200)
+    collections = api.ok(
+        "POST", "/artifacts/latest/filter", {"artifacts": {"key": {"any_": list(keys.values())}}}, expect=200
+    )
     assert sorted(c["key"] for c in collections) == sorted(keys.values()), collections
     second_ids = {a["key"]: a["id"] for a in every if a["flow_run_id"] == second_id}
     for c in collections:
         assert c["flow_run_id"] == second_id, c
         assert c["latest_id"] == second_ids[c["key"]], (c, second_ids)
-    count = api.ok("POST", "/artifacts/latest/count",
-                   {"artifacts": {"key": {"any_": list(keys.values())}}}, expect=200)
+    count = api.ok("POST", "/artifacts/latest/count", {"artifacts": {"key": {"any_": list(keys.values())}}}, expect=200)
     assert count == 3
 
 
 # --------------------------------------------------------------------------- 6. tag concurrency
 
 
-CLI_CREATE_LIMIT = '''
+CLI_CREATE_LIMIT = """
 import contextlib, os, sys
 os.environ["COLUMNS"] = "250"
 from prefect.cli import app
@@ -349,7 +373,7 @@ except SystemExit as exc:
     code = exc.code
 print(f"=== EXIT {code}", flush=True)
 sys.exit(code)
-'''
+"""
 
 
 def test_tag_concurrency_limit_from_cli(run_flow_script, compat_server, api):
@@ -371,7 +395,8 @@ def test_tag_concurrency_limit_from_cli(run_flow_script, compat_server, api):
         (a_start, a_end), (b_start, b_end) = sorted(running_interval(api, tr) for tr in trs)
         assert a_end <= b_start, (
             f"two task runs tagged 'limited' (limit 1) were RUNNING at once: "
-            f"{a_start.isoformat()}..{a_end.isoformat()} and {b_start.isoformat()}..{b_end.isoformat()}")
+            f"{a_start.isoformat()}..{a_end.isoformat()} and {b_start.isoformat()}..{b_end.isoformat()}"
+        )
         after = api.ok("GET", "/concurrency_limits/tag/limited", expect=200)
         assert after["active_slots"] == [], after
     finally:
@@ -383,24 +408,26 @@ def test_tag_concurrency_limit_from_cli(run_flow_script, compat_server, api):
 
 def test_global_concurrency_limit(run_flow_script, compat_server, api):
     api("DELETE", "/v2/concurrency_limits/db")  # a leftover of an earlier session
-    created = api.ok("POST", "/v2/concurrency_limits/", {"name": "db", "limit": 1},
-                     expect=(200, 201))
+    created = api.ok("POST", "/v2/concurrency_limits/", {"name": "db", "limit": 1}, expect=(200, 201))
     assert (created["name"], created["limit"], created["active_slots"]) == ("db", 1, 0), created
     try:
-        proc = run_flow_script(scenario("b07_global_concurrency.py"), compat_server,
-                               args=["db"], timeout=120)
+        proc = run_flow_script(scenario("b07_global_concurrency.py"), compat_server, args=["db"], timeout=120)
         run_id = script_result(proc)["flow_run_id"]
         assert_completed(get_flow_run(api, run_id), "flow run")
         trs = task_runs_of(api, run_id)
         assert sorted(tr["name"] for tr in trs) == ["critical-0", "critical-1"]
         for tr in trs:
             assert_completed(tr, "task run")
-        sections = [json.loads(line[len("COMPAT_SECTION "):])
-                    for line in proc.stdout.splitlines() if line.startswith("COMPAT_SECTION ")]
+        sections = [
+            json.loads(line[len("COMPAT_SECTION ") :])
+            for line in proc.stdout.splitlines()
+            if line.startswith("COMPAT_SECTION ")
+        ]
         assert sorted(s["i"] for s in sections) == [0, 1], proc.stdout[-3000:]
         first, second = sorted(sections, key=lambda s: s["start"])
         assert first["end"] <= second["start"], (
-            f"two critical sections under the global limit 'db' (limit 1) overlapped: {sections}")
+            f"two critical sections under the global limit 'db' (limit 1) overlapped: {sections}"
+        )
         after = api.ok("GET", "/v2/concurrency_limits/db", expect=200)
         assert (after["name"], after["limit"], after["active_slots"]) == ("db", 1, 0), after
     finally:
@@ -426,10 +453,14 @@ class _Receiver:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 with receiver.lock:
-                    receiver.requests.append({
-                        "method": self.command, "path": self.path,
-                        "content_type": self.headers.get("Content-Type"),
-                        "body": body.decode("utf-8", "replace")})
+                    receiver.requests.append(
+                        {
+                            "method": self.command,
+                            "path": self.path,
+                            "content_type": self.headers.get("Content-Type"),
+                            "body": body.decode("utf-8", "replace"),
+                        }
+                    )
                 self.send_response(200)
                 self.send_header("Content-Type", "text/plain")
                 self.send_header("Content-Length", "2")
@@ -462,14 +493,15 @@ def webhook_receiver():
 
 def test_slack_notification_on_failed_flow(start_script, compat_server, api, webhook_receiver):
     token = uuid.uuid4().hex[:12]
-    script = start_script(scenario("b08_notification.py"), compat_server,
-                          args=[webhook_receiver.url, token], timeout=120)
+    script = start_script(
+        scenario("b08_notification.py"), compat_server, args=[webhook_receiver.url, token], timeout=120
+    )
     policy_id = None
     try:
         proc = script.wait(check=False)
         for line in proc.stdout.splitlines():
             if line.startswith("COMPAT_POLICY "):
-                policy_id = json.loads(line[len("COMPAT_POLICY "):])["policy_id"]
+                policy_id = json.loads(line[len("COMPAT_POLICY ") :])["policy_id"]
         if proc.returncode != 0:
             script.wait(check=True)  # fails the test, showing the output
         res = script_result(proc)
@@ -478,8 +510,7 @@ def test_slack_notification_on_failed_flow(start_script, compat_server, api, web
         policy = api.ok("GET", f"/flow_run_notification_policies/{policy_id}", expect=200)
         assert (policy["is_active"], policy["tags"], policy["state_names"]) == (True, [], ["Failed"])
         assert policy["block_document_id"] == res["block_id"]
-        block = api.ok("GET", "/block_types/slug/slack-webhook/block_documents/name/my-hook",
-                       expect=200)
+        block = api.ok("GET", "/block_types/slug/slack-webhook/block_documents/name/my-hook", expect=200)
         assert block["id"] == res["block_id"]
         assert is_masked(block["data"]["url"]), block["data"]
 
@@ -492,8 +523,12 @@ def test_slack_notification_on_failed_flow(start_script, compat_server, api, web
             # https://hooks.slack.com/... URLs ("Unparseable URL http://127.0.0.1:.../hook"):
             # it cannot deliver to a local receiver, so there is nothing to compare here.
             pytest.skip("Prefect's own server cannot post a Slack notification to a local URL")
-        wait_until(lambda: webhook_receiver.snapshot(), 30, interval=0.25,
-                   what="the Slack webhook to receive the Failed notification")
+        wait_until(
+            lambda: webhook_receiver.snapshot(),
+            30,
+            interval=0.25,
+            what="the Slack webhook to receive the Failed notification",
+        )
         time.sleep(3)  # anything else that would arrive (a duplicate) arrives now
         got = webhook_receiver.snapshot()
         assert len(got) == 1, f"expected exactly one request, got {len(got)}: {got}"
@@ -522,4 +557,3 @@ def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, co
     found = script_result(run_flow_script(scenario("b09_schema_checksum.py"), compat_server))
     for name in ("CompatChecksumInner", "CompatChecksumStore"):
         assert found[name].get("server") == found[name]["sdk"], found[name]
-

@@ -48,8 +48,12 @@ class _Api:
 
     def __call__(self, method, path, body=None):
         data = None if body is None else json.dumps(body).encode()
-        req = urllib.request.Request(self.base_url + path, data=data, method=method,
-                                     headers={"Content-Type": "application/json", "Accept": "application/json"})
+        req = urllib.request.Request(
+            self.base_url + path,
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json", "Accept": "application/json"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=30) as resp:
                 status, raw = resp.status, resp.read()
@@ -63,8 +67,10 @@ class _Api:
     def ok(self, method, path, body=None, expect=(200, 201, 204)):
         status, payload = self(method, path, body)
         if status not in expect:
-            pytest.fail(f"{method} {path} answered {status}, expected {expect}\n"
-                        f"request body: {json.dumps(body)[:2000]}\nresponse: {str(payload)[:2000]}")
+            pytest.fail(
+                f"{method} {path} answered {status}, expected {expect}\n"
+                f"request body: {json.dumps(body)[:2000]}\nresponse: {str(payload)[:2000]}"
+            )
         return payload
 
 
@@ -76,8 +82,10 @@ def alive(script, what):
     """Fail (showing its output) if a background SDK process has exited."""
     if script.proc.poll() is not None:
         out, err = script.output()
-        pytest.fail(f"{what} exited with code {script.proc.returncode}\n--- stdout ---\n{out[-3000:]}\n"
-                    f"--- stderr ---\n{err[-6000:]}")
+        pytest.fail(
+            f"{what} exited with code {script.proc.returncode}\n--- stdout ---\n{out[-3000:]}\n"
+            f"--- stderr ---\n{err[-6000:]}"
+        )
 
 
 def script_output(script) -> str:
@@ -100,16 +108,24 @@ def prefectlite_cli(api_url, home, *args, timeout=60):
     """Our own CLI (`python prefectlite.py ARGS`) pointed at the server under test."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT")}
     env.update({"PREFECT_API_URL": api_url, "PREFECT_HOME": str(home)})
-    return subprocess.run([sys.executable, str(PREFECTLITE), *args], env=env, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, str(PREFECTLITE), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def script_result(proc) -> dict:
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("COMPAT_RESULT "):
-            return json.loads(line[len("COMPAT_RESULT "):])
-    pytest.fail(f"the script printed no COMPAT_RESULT line\n--- stdout ---\n{proc.stdout[-4000:]}\n"
-                f"--- stderr ---\n{proc.stderr[-4000:]}")
+            return json.loads(line[len("COMPAT_RESULT ") :])
+    pytest.fail(
+        f"the script printed no COMPAT_RESULT line\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+        f"--- stderr ---\n{proc.stderr[-4000:]}"
+    )
 
 
 def get_run(api, run_id) -> dict:
@@ -138,14 +154,14 @@ def wait_for_state(api, run_id, types, timeout, watch=(), what=None):
 
 
 def log_messages(api, run_id) -> list:
-    logs = api.ok("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200},
-                  expect=(200,))
+    logs = api.ok("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}}, "limit": 200}, expect=(200,))
     return [log["message"] for log in logs]
 
 
 def wait_for_log(api, run_id, message, timeout=30):
-    return wait_until(lambda: message in log_messages(api, run_id), timeout,
-                      what=f"log line {message!r} of flow run {run_id}")
+    return wait_until(
+        lambda: message in log_messages(api, run_id), timeout, what=f"log line {message!r} of flow run {run_id}"
+    )
 
 
 def state_names(api, run_id) -> list:
@@ -156,13 +172,14 @@ def state_names(api, run_id) -> list:
 def assert_completed(run):
     state = run.get("state") or {}
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), (
-        f"flow run {run['name']} is {run['state_type']}/{run['state_name']}: {state.get('message')}")
+        f"flow run {run['name']} is {run['state_type']}/{run['state_name']}: {state.get('message')}"
+    )
 
 
 # --------------------------------------------------------------------------- flow.serve + our CLI
 
 
-SERVED_FLOW = '''
+SERVED_FLOW = """
 import os
 os.environ["PREFECT_RUNNER_POLL_FREQUENCY"] = "1"
 from prefect import flow, get_run_logger
@@ -176,7 +193,7 @@ def greet(name: str = "nobody", times: int = 1):
 
 if __name__ == "__main__":
     greet.serve(name="{dep_name}", interval=3600, tags=["compat-serve"])
-'''
+"""
 
 
 def test_serve_registers_a_deployment_and_runs_a_run_made_by_our_cli(start_script, compat_server, api, tmp_path):
@@ -190,16 +207,26 @@ def test_serve_registers_a_deployment_and_runs_a_run_made_by_our_cli(start_scrip
     props = dep["parameter_openapi_schema"]["properties"]
     assert props["name"]["type"] == "string" and props["times"]["type"] == "integer"
 
-    proc = prefectlite_cli(compat_server, tmp_path / "home", "deployment", "run", f"{flow_name}/{dep_name}",
-                           "--param", "name=prefectlite", "--param", "times=3")
+    proc = prefectlite_cli(
+        compat_server,
+        tmp_path / "home",
+        "deployment",
+        "run",
+        f"{flow_name}/{dep_name}",
+        "--param",
+        "name=prefectlite",
+        "--param",
+        "times=3",
+    )
     assert proc.returncode == 0, (proc.stdout, proc.stderr)
     run_id = UUID_RE.findall(proc.stdout)[0]
     run = get_run(api, run_id)
     assert run["deployment_id"] == dep["id"]
     assert run["parameters"] == {"name": "prefectlite", "times": 3}
 
-    finished = wait_for_state(api, run_id, TERMINAL, 120, watch=[(serve, "flow.serve()")],
-                              what="the served run to finish")
+    finished = wait_for_state(
+        api, run_id, TERMINAL, 120, watch=[(serve, "flow.serve()")], what="the served run to finish"
+    )
     assert_completed(finished)
     assert finished["parameters"] == {"name": "prefectlite", "times": 3}
     assert finished["run_count"] == 1
@@ -214,7 +241,7 @@ def test_serve_registers_a_deployment_and_runs_a_run_made_by_our_cli(start_scrip
 # --------------------------------------------------------------------------- process work pool + worker
 
 
-POOL_FLOW = '''
+POOL_FLOW = """
 from prefect import flow, get_run_logger
 
 
@@ -222,9 +249,9 @@ from prefect import flow, get_run_logger
 def add(a: int = 1, b: int = 2):
     get_run_logger().info("sum is %s", a + b)
     return a + b
-'''
+"""
 
-DEPLOY_FROM_SOURCE = '''
+DEPLOY_FROM_SOURCE = """
 import json
 from prefect import flow
 
@@ -233,10 +260,13 @@ if __name__ == "__main__":
     dep_id = remote.deploy(name={dep_name!r}, work_pool_name={pool!r}, parameters={{"a": 5}},
                            print_next_steps=False, ignore_warnings=True)
     print("COMPAT_RESULT " + json.dumps({{"deployment_id": str(dep_id)}}))
-'''
+"""
 
-WORKER_ENV = {"PREFECT_WORKER_QUERY_SECONDS": "1", "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
-              "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+WORKER_ENV = {
+    "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_WORKER_HEARTBEAT_SECONDS": "5",
+    "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+}
 
 
 @pytest.fixture
@@ -250,14 +280,14 @@ def process_pool(run_flow_script, compat_server, api):
     return name
 
 
-def test_process_worker_runs_a_deployment(run_flow_script, start_script, compat_server, api, tmp_path,
-                                          process_pool):
+def test_process_worker_runs_a_deployment(run_flow_script, start_script, compat_server, api, tmp_path, process_pool):
     flow_name, dep_name = f"compat-pool-flow-{token()}", "from-source"
     source = tmp_path / "flows"
     source.mkdir()
     (source / "pool_flow.py").write_text(POOL_FLOW.format(flow_name=flow_name), encoding="utf-8")
-    proc = run_flow_script(DEPLOY_FROM_SOURCE.format(source=str(source), dep_name=dep_name, pool=process_pool),
-                           compat_server, timeout=120)
+    proc = run_flow_script(
+        DEPLOY_FROM_SOURCE.format(source=str(source), dep_name=dep_name, pool=process_pool), compat_server, timeout=120
+    )
     dep_id = script_result(proc)["deployment_id"]
     dep = api.ok("GET", f"/deployments/{dep_id}", expect=(200,))
     assert (dep["name"], dep["work_pool_name"], dep["entrypoint"]) == (dep_name, process_pool, "pool_flow.py:add")
@@ -267,13 +297,23 @@ def test_process_worker_runs_a_deployment(run_flow_script, start_script, compat_
     run = api.ok("POST", f"/deployments/{dep_id}/create_flow_run", {"parameters": {"b": 10}}, expect=(201,))
     assert run["work_queue_name"] == "default"
 
-    worker = start_script(prefect_cli("worker", "start", "--pool", process_pool, "--type", "process",
-                                      env=WORKER_ENV), compat_server, timeout=300)
-    finished = wait_for_state(api, run["id"], TERMINAL, 180, watch=[(worker, "prefect worker start")],
-                              what="the worker to run the deployment's flow run")
+    worker = start_script(
+        prefect_cli("worker", "start", "--pool", process_pool, "--type", "process", env=WORKER_ENV),
+        compat_server,
+        timeout=300,
+    )
+    finished = wait_for_state(
+        api,
+        run["id"],
+        TERMINAL,
+        180,
+        watch=[(worker, "prefect worker start")],
+        what="the worker to run the deployment's flow run",
+    )
     if finished["state_type"] != "COMPLETED":
-        pytest.fail(f"the run ended {finished['state_type']}: {finished['state'].get('message')}\n"
-                    f"{script_output(worker)}")
+        pytest.fail(
+            f"the run ended {finished['state_type']}: {finished['state'].get('message')}\n{script_output(worker)}"
+        )
     assert_completed(finished)
     assert finished["parameters"] == {"a": 5, "b": 10}
     wait_for_log(api, run["id"], "sum is 15")
@@ -286,22 +326,33 @@ def test_process_worker_runs_a_deployment(run_flow_script, start_script, compat_
     worker.terminate()
 
 
-def test_paused_pool_gets_nothing_run_until_resumed(run_flow_script, start_script, compat_server, api,
-                                                   tmp_path, process_pool):
+def test_paused_pool_gets_nothing_run_until_resumed(
+    run_flow_script, start_script, compat_server, api, tmp_path, process_pool
+):
     flow_name = f"compat-paused-pool-{token()}"
     source = tmp_path / "flows"
     source.mkdir()
     (source / "pool_flow.py").write_text(POOL_FLOW.format(flow_name=flow_name), encoding="utf-8")
-    proc = run_flow_script(DEPLOY_FROM_SOURCE.format(source=str(source), dep_name="paused", pool=process_pool),
-                           compat_server, timeout=120)
+    proc = run_flow_script(
+        DEPLOY_FROM_SOURCE.format(source=str(source), dep_name="paused", pool=process_pool), compat_server, timeout=120
+    )
     dep_id = script_result(proc)["deployment_id"]
     api.ok("PATCH", f"/work_pools/{process_pool}", {"is_paused": True}, expect=(204,))
     run = api.ok("POST", f"/deployments/{dep_id}/create_flow_run", {}, expect=(201,))
-    worker = start_script(prefect_cli("worker", "start", "--pool", process_pool, "--type", "process",
-                                      env=WORKER_ENV), compat_server, timeout=300)
+    worker = start_script(
+        prefect_cli("worker", "start", "--pool", process_pool, "--type", "process", env=WORKER_ENV),
+        compat_server,
+        timeout=300,
+    )
     # The worker polls (it heartbeats), but a paused pool hands nothing out.
-    wait_until(lambda: alive(worker, "prefect worker start") or api.ok(
-        "POST", f"/work_pools/{process_pool}/workers/filter", {}, expect=(200,)), 60, what="the worker's heartbeat")
+    wait_until(
+        lambda: (
+            alive(worker, "prefect worker start")
+            or api.ok("POST", f"/work_pools/{process_pool}/workers/filter", {}, expect=(200,))
+        ),
+        60,
+        what="the worker's heartbeat",
+    )
     # Several polls (1 s apart): each one stamps the pool's queues' last_polled, even while it is paused.
     polls = set()
 
@@ -321,7 +372,7 @@ def test_paused_pool_gets_nothing_run_until_resumed(run_flow_script, start_scrip
 # --------------------------------------------------------------------------- cancellation
 
 
-SLEEPY_FLOW = '''
+SLEEPY_FLOW = """
 import os
 os.environ["PREFECT_RUNNER_POLL_FREQUENCY"] = "1"
 import time
@@ -337,7 +388,7 @@ def sleepy(seconds: int = 300):
 
 if __name__ == "__main__":
     sleepy.serve(name="{dep_name}")
-'''
+"""
 
 
 def test_prefect_flow_run_cancel_stops_a_running_flow(start_script, run_flow_script, compat_server, api):
@@ -345,17 +396,22 @@ def test_prefect_flow_run_cancel_stops_a_running_flow(start_script, run_flow_scr
     serve = start_script(SLEEPY_FLOW.format(flow_name=flow_name, dep_name=dep_name), compat_server, timeout=300)
     dep = wait_for_deployment(api, flow_name, dep_name, serve)
     run = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {}, expect=(201,))
-    wait_for_state(api, run["id"], ("RUNNING",) + TERMINAL, 120, watch=[(serve, "flow.serve()")],
-                   what="the sleepy run to start")
+    wait_for_state(
+        api, run["id"], ("RUNNING",) + TERMINAL, 120, watch=[(serve, "flow.serve()")], what="the sleepy run to start"
+    )
     wait_for_log(api, run["id"], "going to sleep")
 
     proc = run_flow_script(prefect_cli("flow-run", "cancel", run["id"]), compat_server, timeout=120)
     assert "cancel" in proc.stdout.lower(), proc.stdout
 
-    finished = wait_for_state(api, run["id"], TERMINAL, 90, watch=[(serve, "flow.serve()")],
-                              what="the cancelled run to end")
+    finished = wait_for_state(
+        api, run["id"], TERMINAL, 90, watch=[(serve, "flow.serve()")], what="the cancelled run to end"
+    )
     assert (finished["state_type"], finished["state_name"]) == ("CANCELLED", "Cancelled"), (
-        finished["state_type"], finished["state_name"], finished["state"].get("message"))
+        finished["state_type"],
+        finished["state_name"],
+        finished["state"].get("message"),
+    )
     types = [t for t, _ in state_names(api, run["id"])]
     assert types[-2:] == ["CANCELLING", "CANCELLED"], types
     assert "woke up" not in log_messages(api, run["id"])
@@ -366,14 +422,19 @@ def test_prefect_flow_run_cancel_of_a_run_not_started_cancels_it(run_flow_script
     """Nothing runs it yet, so there is nothing to stop: the SDK's CANCELLING ends CANCELLED at once."""
     flow = api.ok("POST", "/flows/", {"name": f"compat-never-run-{token()}", "tags": []}, expect=(200, 201))
     dep = api.ok("POST", "/deployments/", {"name": "idle", "flow_id": flow["id"]}, expect=(200, 201))
-    run = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run",
-                 {"state": {"type": "SCHEDULED", "state_details": {
-                     "scheduled_time": "2099-01-01T00:00:00+00:00"}}}, expect=(201,))
+    run = api.ok(
+        "POST",
+        f"/deployments/{dep['id']}/create_flow_run",
+        {"state": {"type": "SCHEDULED", "state_details": {"scheduled_time": "2099-01-01T00:00:00+00:00"}}},
+        expect=(201,),
+    )
     proc = run_flow_script(prefect_cli("flow-run", "cancel", run["id"]), compat_server, timeout=120)
     assert "cancel" in proc.stdout.lower(), proc.stdout
     after = get_run(api, run["id"])
     assert (after["state_type"], after["state_name"]) == ("CANCELLED", "Cancelled"), (
-        after["state_type"], after["state_name"])
+        after["state_type"],
+        after["state_name"],
+    )
 
 
 def test_prefect_deployment_schedule_pause_and_resume(run_flow_script, compat_server, api):
@@ -381,13 +442,25 @@ def test_prefect_deployment_schedule_pause_and_resume(run_flow_script, compat_se
     /deployments/{id}/schedules/{schedule_id}) flips that schedule's active flag and nothing else."""
     flow_name = f"compat-schedules-{token()}"
     flow = api.ok("POST", "/flows/", {"name": flow_name}, expect=(200, 201))
-    dep = api.ok("POST", "/deployments/", {"name": "twice", "flow_id": flow["id"], "schedules": [
-        {"schedule": {"interval": 3600}}, {"schedule": {"cron": "0 9 * * *"}}]}, expect=(200, 201))
-    hourly, daily = sorted(api.ok("GET", f"/deployments/{dep['id']}/schedules", expect=(200,)),
-                           key=lambda s: "cron" in s["schedule"])
+    dep = api.ok(
+        "POST",
+        "/deployments/",
+        {
+            "name": "twice",
+            "flow_id": flow["id"],
+            "schedules": [{"schedule": {"interval": 3600}}, {"schedule": {"cron": "0 9 * * *"}}],
+        },
+        expect=(200, 201),
+    )
+    hourly, daily = sorted(
+        api.ok("GET", f"/deployments/{dep['id']}/schedules", expect=(200,)), key=lambda s: "cron" in s["schedule"]
+    )
     for action, active in (("pause", False), ("resume", True)):
-        proc = run_flow_script(prefect_cli("deployment", "schedule", action, f"{flow_name}/twice", hourly["id"]),
-                               compat_server, timeout=120)
+        proc = run_flow_script(
+            prefect_cli("deployment", "schedule", action, f"{flow_name}/twice", hourly["id"]),
+            compat_server,
+            timeout=120,
+        )
         assert action in proc.stdout.lower(), proc.stdout
         now = {s["id"]: s for s in api.ok("GET", f"/deployments/{dep['id']}/schedules", expect=(200,))}
         assert now[hourly["id"]]["active"] is active and now[hourly["id"]]["schedule"] == hourly["schedule"]
@@ -423,8 +496,10 @@ def _wait_healthy(api_url, proc, log_path, timeout):
             pass
         time.sleep(0.1)
     _stop(proc)
-    pytest.fail(f"the server with fast services did not start (exit {proc.returncode})\n"
-                f"{log_path.read_text(errors='replace')[-6000:]}")
+    pytest.fail(
+        f"the server with fast services did not start (exit {proc.returncode})\n"
+        f"{log_path.read_text(errors='replace')[-6000:]}"
+    )
 
 
 def _stop(proc):
@@ -472,8 +547,15 @@ def fast_services_server(request, tmp_path):
         start_timeout = 15
     log_path = home / "server.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, cwd=str(home), stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            cmd,
+            env=env,
+            cwd=str(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     api_url = f"http://127.0.0.1:{port}/api"
     try:
         _wait_healthy(api_url, proc, log_path, start_timeout)
@@ -482,7 +564,7 @@ def fast_services_server(request, tmp_path):
         _stop(proc)
 
 
-SCHEDULED_DEPLOYMENT = '''
+SCHEDULED_DEPLOYMENT = """
 import json
 from prefect import flow
 
@@ -495,9 +577,9 @@ def ticking():
 if __name__ == "__main__":
     dep_id = ticking.to_deployment(name="{dep_name}", interval=5, parameters={{}}).apply()
     print("COMPAT_RESULT " + json.dumps({{"deployment_id": str(dep_id)}}))
-'''
+"""
 
-READ_LATE_RUNS = '''
+READ_LATE_RUNS = """
 import json, sys
 from prefect import get_client
 from prefect.client.schemas.filters import (DeploymentFilter, DeploymentFilterId, FlowRunFilter,
@@ -510,22 +592,26 @@ with get_client(sync_client=True) as client:
     )
     print("COMPAT_RESULT " + json.dumps([[str(r.id), r.state.type.value, r.state.name,
                                           r.state.state_details.scheduled_time.isoformat()] for r in runs]))
-'''
+"""
 
 
 def test_scheduled_deployment_runs_are_created_and_go_late(run_flow_script, fast_services_server):
     api = _Api(fast_services_server)
     flow_name, dep_name = f"compat-ticking-{token()}", "every-5s"
-    proc = run_flow_script(SCHEDULED_DEPLOYMENT.format(flow_name=flow_name, dep_name=dep_name),
-                           fast_services_server, timeout=120)
+    proc = run_flow_script(
+        SCHEDULED_DEPLOYMENT.format(flow_name=flow_name, dep_name=dep_name), fast_services_server, timeout=120
+    )
     dep_id = script_result(proc)["deployment_id"]
     dep = api.ok("GET", f"/deployments/{dep_id}", expect=(200,))
     assert [s["schedule"]["interval"] for s in dep["schedules"]] == [5]
 
     def auto_runs():
-        runs = api.ok("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [dep_id]}},
-                                                    "sort": "EXPECTED_START_TIME_ASC", "limit": 200},
-                      expect=(200,))
+        runs = api.ok(
+            "POST",
+            "/flow_runs/filter",
+            {"deployments": {"id": {"any_": [dep_id]}}, "sort": "EXPECTED_START_TIME_ASC", "limit": 200},
+            expect=(200,),
+        )
         return [r for r in runs if r["auto_scheduled"]]
 
     runs = wait_until(lambda: len(auto_runs()) >= 3 and auto_runs(), 30, what="the scheduler's runs")
@@ -556,4 +642,3 @@ def test_client_reads_deployments_made_the_older_ways_in_test_mode(run_flow_scri
     assert result["by_name"] == result["id"] and result["listed"] is True
     assert result["schedule_intervals"] == [3600.0]
     assert (result["paused"], result["is_schedule_active"]) == (True, False)
-

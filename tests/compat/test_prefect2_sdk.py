@@ -36,7 +36,7 @@ def script_result(proc) -> dict:
     """The JSON a scenario script prints after 'COMPAT_RESULT '."""
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("COMPAT_RESULT "):
-            return json.loads(line[len("COMPAT_RESULT "):])
+            return json.loads(line[len("COMPAT_RESULT ") :])
     pytest.fail(f"the script printed no COMPAT_RESULT line\n--- stdout ---\n{proc.stdout[-4000:]}")
 
 
@@ -53,12 +53,14 @@ def get_task_run(api, task_run_id) -> dict:
 
 
 def task_runs_of(api, flow_run_id) -> list:
-    runs = api.ok("POST", "/task_runs/filter",
-                  {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200)
+    runs = api.ok(
+        "POST", "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200
+    )
     assert isinstance(runs, list), runs
     for tr in runs:
-        assert tr["flow_run_id"] == flow_run_id, ("task_runs/filter by flow_run_id returned a "
-                                                  f"task run of another flow run: {tr}")
+        assert tr["flow_run_id"] == flow_run_id, (
+            f"task_runs/filter by flow_run_id returned a task run of another flow run: {tr}"
+        )
     return runs
 
 
@@ -69,9 +71,12 @@ def by_name(task_runs) -> dict:
 
 
 def flow_run_ids_of(api, flow_name) -> set:
-    runs = api.ok("POST", "/flow_runs/filter",
-                  {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_DESC",
-                   "limit": 200}, expect=200)
+    runs = api.ok(
+        "POST",
+        "/flow_runs/filter",
+        {"flows": {"name": {"any_": [flow_name]}}, "sort": "EXPECTED_START_TIME_DESC", "limit": 200},
+        expect=200,
+    )
     assert isinstance(runs, list), runs
     return {r["id"] for r in runs}
 
@@ -92,8 +97,9 @@ def logs_of(api, flow_run_id, expect_messages=(), timeout=10.0) -> list:
     """Logs of a flow run; waits (briefly) until every expected message is among them."""
     deadline = time.monotonic() + timeout
     while True:
-        logs = api.ok("POST", "/logs/filter",
-                      {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200)
+        logs = api.ok(
+            "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200
+        )
         assert isinstance(logs, list), logs
         messages = [log["message"] for log in logs]
         missing = [m for m in expect_messages if m not in messages]
@@ -123,7 +129,8 @@ def parse_time(value) -> datetime:
 def assert_completed(run, what="run"):
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), (
         f"{what} {run.get('name')} is {run['state_type']}/{run['state_name']}: "
-        f"{(run.get('state') or {}).get('message')}")
+        f"{(run.get('state') or {}).get('message')}"
+    )
     assert run["state"]["type"] == "COMPLETED"
     assert run["state"]["id"] == run["state_id"]
     assert run["name"], run
@@ -138,8 +145,13 @@ def assert_completed(run, what="run"):
 
 def _reference_scripts():
     if not REFERENCE_SCENARIOS_DIR.is_dir():
-        return [pytest.param(None, id="reference-scenarios-missing", marks=pytest.mark.skip(
-            reason=f"reference scenarios folder {REFERENCE_SCENARIOS_DIR} is missing"))]
+        return [
+            pytest.param(
+                None,
+                id="reference-scenarios-missing",
+                marks=pytest.mark.skip(reason=f"reference scenarios folder {REFERENCE_SCENARIOS_DIR} is missing"),
+            )
+        ]
     return [pytest.param(p, id=p.name) for p in sorted(REFERENCE_SCENARIOS_DIR.glob("*.py"))]
 
 
@@ -227,8 +239,7 @@ def _check_f_fail(api, new):
 def _check_g_artifacts(api, new):
     (run_id,) = new["reporter"]
     assert_completed(get_flow_run(api, run_id), "flow run")
-    arts = api.ok("POST", "/artifacts/filter",
-                  {"artifacts": {"flow_run_id": {"any_": [run_id]}}}, expect=200)
+    arts = api.ok("POST", "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [run_id]}}}, expect=200)
     arts = {a["key"]: a for a in arts}
     assert set(arts) == {"report", "table"}
     assert arts["report"]["type"] == "markdown"
@@ -244,15 +255,14 @@ def _check_g_artifacts(api, new):
 def _check_h_blocks_vars(api, new):
     (run_id,) = new["configured"]
     assert_completed(get_flow_run(api, run_id), "flow run")
-    doc = api.ok("GET", "/block_types/slug/json/block_documents/name/settings?include_secrets=true",
-                 expect=200)
+    doc = api.ok("GET", "/block_types/slug/json/block_documents/name/settings?include_secrets=true", expect=200)
     assert doc["name"] == "settings"
     assert doc["data"] == {"value": {"a": 1}}
-    secret = api.ok("GET", "/block_types/slug/secret/block_documents/name/db-password"
-                    "?include_secrets=true", expect=200)
+    secret = api.ok("GET", "/block_types/slug/secret/block_documents/name/db-password?include_secrets=true", expect=200)
     assert secret["data"] == {"value": "s3cr3t"}
-    hidden = api.ok("GET", "/block_types/slug/secret/block_documents/name/db-password"
-                    "?include_secrets=false", expect=200)
+    hidden = api.ok(
+        "GET", "/block_types/slug/secret/block_documents/name/db-password?include_secrets=false", expect=200
+    )
     assert hidden["data"]["value"] != "s3cr3t", "a secret was returned without include_secrets"
     status, body = api("GET", "/variables/name/region")
     assert status == 404, (status, body)
@@ -301,8 +311,7 @@ def _run_serve_scenario(script, start_script, compat_server, api):
     flow = api.ok("GET", f"/flows/{dep['flow_id']}", expect=200)
     assert flow["name"] == "served"
 
-    run = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run",
-                 {"parameters": {"x": 5}}, expect=201)
+    run = api.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {"parameters": {"x": 5}}, expect=201)
     assert run["deployment_id"] == dep["id"]
     assert run["parameters"] == {"x": 5}
     assert run["state_type"] == "SCHEDULED"
@@ -347,13 +356,10 @@ def test_three_tasks_with_logs(run_flow_script, compat_server, api):
         assert_completed(tr, "task run")
         assert tr["run_count"] == 1
         assert tr["dynamic_key"] == "0"
-        assert [s["type"] for s in task_run_states(api, tr["id"])] == ["PENDING", "RUNNING",
-                                                                       "COMPLETED"]
+        assert [s["type"] for s in task_run_states(api, tr["id"])] == ["PENDING", "RUNNING", "COMPLETED"]
     # Data dependencies are recorded as task_inputs.
-    assert trs["double-0"]["task_inputs"]["xs"] == [{"input_type": "task_run",
-                                                     "id": trs["fetch-0"]["id"]}]
-    assert trs["total-0"]["task_inputs"]["xs"] == [{"input_type": "task_run",
-                                                    "id": trs["double-0"]["id"]}]
+    assert trs["double-0"]["task_inputs"]["xs"] == [{"input_type": "task_run", "id": trs["fetch-0"]["id"]}]
+    assert trs["total-0"]["task_inputs"]["xs"] == [{"input_type": "task_run", "id": trs["double-0"]["id"]}]
     assert trs["fetch-0"]["task_inputs"] == {"n": []}
     # GET /task_runs/{id} agrees with the filter.
     assert get_task_run(api, trs["total-0"]["id"])["name"] == "total-0"
@@ -375,13 +381,12 @@ def test_three_tasks_with_logs(run_flow_script, compat_server, api):
     order = [messages.index(m) for m in expected]
     assert order == sorted(order), messages
     # Filtering logs by task run and by level.
-    only_task = api.ok("POST", "/logs/filter",
-                       {"logs": {"task_run_id": {"any_": [trs["double-0"]["id"]]}}}, expect=200)
+    only_task = api.ok("POST", "/logs/filter", {"logs": {"task_run_id": {"any_": [trs["double-0"]["id"]]}}}, expect=200)
     assert "doubling [1, 2, 3, 4]" in [log["message"] for log in only_task]
     assert {log["task_run_id"] for log in only_task} == {trs["double-0"]["id"]}
-    errors = api.ok("POST", "/logs/filter",
-                    {"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": ERROR}}},
-                    expect=200)
+    errors = api.ok(
+        "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": ERROR}}}, expect=200
+    )
     assert [log["message"] for log in errors] == ["total is 20"]
 
 
@@ -408,8 +413,9 @@ def test_task_retries(run_flow_script, compat_server, api):
     assert "transient failure 1" in states[2]["message"]
     assert "transient failure 2" in states[4]["message"]
     for awaiting in (states[2], states[4]):  # retry_delay_seconds=1
-        delay = (parse_time(awaiting["state_details"]["scheduled_time"])
-                 - parse_time(awaiting["timestamp"])).total_seconds()
+        delay = (
+            parse_time(awaiting["state_details"]["scheduled_time"]) - parse_time(awaiting["timestamp"])
+        ).total_seconds()
         assert 0.5 <= delay <= 1.5, (delay, awaiting)
     logs = logs_of(api, run_id)
     errors = [log for log in logs if log["level"] == ERROR and log["task_run_id"] == tr["id"]]
@@ -431,10 +437,8 @@ def test_cache_key_fn_within_and_across_flow_runs(run_flow_script, compat_server
     trs2 = by_name(task_runs_of(api, second))
     assert set(trs1) == set(trs2) == {"expensive-0", "expensive-1"}
     # First flow run: computed once, then a cache hit.
-    assert (trs1["expensive-0"]["state_type"], trs1["expensive-0"]["state_name"]) == (
-        "COMPLETED", "Completed")
-    assert (trs1["expensive-1"]["state_type"], trs1["expensive-1"]["state_name"]) == (
-        "COMPLETED", "Cached")
+    assert (trs1["expensive-0"]["state_type"], trs1["expensive-0"]["state_name"]) == ("COMPLETED", "Completed")
+    assert (trs1["expensive-1"]["state_type"], trs1["expensive-1"]["state_name"]) == ("COMPLETED", "Cached")
     # Second flow run: both calls hit the cache written by the first run.
     for name in ("expensive-0", "expensive-1"):
         assert (trs2[name]["state_type"], trs2[name]["state_name"]) == ("COMPLETED", "Cached")
@@ -449,7 +453,9 @@ def test_cache_key_fn_within_and_across_flow_runs(run_flow_script, compat_server
         assert tr["state"]["data"] == original
     # History of a cache hit: proposed RUNNING was answered with the Cached state.
     assert state_seq(task_run_states(api, trs2["expensive-0"]["id"])) == [
-        ("PENDING", "Pending"), ("COMPLETED", "Cached")]
+        ("PENDING", "Pending"),
+        ("COMPLETED", "Cached"),
+    ]
 
 
 def test_subflow_parent_links(run_flow_script, compat_server, api):
@@ -474,8 +480,7 @@ def test_subflow_parent_links(run_flow_script, compat_server, api):
         assert stand_in["state"]["state_details"]["child_flow_run_id"] == child_id
         assert_completed(stand_in, "subflow task run")
         # The server mirrors the child flow run's states onto the task run standing for it.
-        mirrored = [(st["type"], st["state_details"]["child_flow_run_id"])
-                    for st in task_run_states(api, link)]
+        mirrored = [(st["type"], st["state_details"]["child_flow_run_id"]) for st in task_run_states(api, link)]
         assert ("RUNNING", child_id) in mirrored and mirrored[-1] == ("COMPLETED", child_id), mirrored
         (inner,) = task_runs_of(api, child_id)
         assert inner["name"] == "add_one-0"
@@ -484,8 +489,9 @@ def test_subflow_parent_links(run_flow_script, compat_server, api):
         assert child_flow["name"] == "compat-child"
     assert len(seen) == 2
     # The same link through the filter API.
-    found = api.ok("POST", "/flow_runs/filter",
-                   {"flow_runs": {"parent_task_run_id": {"any_": sorted(parent_trs)}}}, expect=200)
+    found = api.ok(
+        "POST", "/flow_runs/filter", {"flow_runs": {"parent_task_run_id": {"any_": sorted(parent_trs)}}}, expect=200
+    )
     assert sorted(r["id"] for r in found) == sorted(children)
 
 
@@ -497,7 +503,8 @@ def test_a_subflows_state_passed_into_a_task(run_flow_script, compat_server, api
     child = get_flow_run(api, result["child_flow_run_id"])
     assert result["child_task_run_id"] == child["parent_task_run_id"] != "None"
     assert {s["state_details"]["task_run_id"] for s in flow_run_states(api, child["id"])} == {
-        child["parent_task_run_id"]}
+        child["parent_task_run_id"]
+    }
     assert_completed(get_flow_run(api, result["flow_run_id"]), "parent flow run")
 
 
@@ -513,8 +520,7 @@ def test_task_map_ten_items(run_flow_script, compat_server, api):
     for tr in trs:
         assert_completed(tr, "mapped task run")
         assert tr["name"] == f"scale-{tr['dynamic_key']}"
-    count = api.ok("POST", "/task_runs/count",
-                   {"task_runs": {"flow_run_id": {"any_": [run_id]}}}, expect=200)
+    count = api.ok("POST", "/task_runs/count", {"task_runs": {"flow_run_id": {"any_": [run_id]}}}, expect=200)
     assert count == 10
 
 
@@ -541,17 +547,24 @@ def test_failing_flow(run_flow_script, compat_server, api):
     assert "ValueError" in run["state"]["message"]
     assert run["end_time"] is not None
     assert state_seq(flow_run_states(api, run_id)) == [
-        ("PENDING", "Pending"), ("RUNNING", "Running"), ("FAILED", "Failed")]
+        ("PENDING", "Pending"),
+        ("RUNNING", "Running"),
+        ("FAILED", "Failed"),
+    ]
     (tr,) = task_runs_of(api, run_id)
     assert tr["name"] == "validate-0"
     assert_completed(tr, "task run")
-    failed = api.ok("POST", "/flow_runs/filter",
-                    {"flow_runs": {"id": {"any_": [run_id]}, "state": {"type": {"any_": ["FAILED"]}}}},
-                    expect=200)
+    failed = api.ok(
+        "POST",
+        "/flow_runs/filter",
+        {"flow_runs": {"id": {"any_": [run_id]}, "state": {"type": {"any_": ["FAILED"]}}}},
+        expect=200,
+    )
     assert [r["id"] for r in failed] == [run_id]
     logs = logs_of(api, run_id)
-    assert any(log["level"] == ERROR and "compat failure: bad input 42" in log["message"]
-               for log in logs), [log["message"] for log in logs]
+    assert any(log["level"] == ERROR and "compat failure: bad input 42" in log["message"] for log in logs), [
+        log["message"] for log in logs
+    ]
 
 
 def test_tags_and_parameters(run_flow_script, compat_server, api):
@@ -561,18 +574,18 @@ def test_tags_and_parameters(run_flow_script, compat_server, api):
     run = get_flow_run(api, run_id)
     assert_completed(run, "flow run")
     assert sorted(run["tags"]) == sorted(["compat-ctx-tag", f"compat-run-{token}"])
-    assert run["parameters"] == {
-        "count": 7, "label": "hello", "options": {"a": [1, 2], "b": None}, "items": [1, 2]}
+    assert run["parameters"] == {"count": 7, "label": "hello", "options": {"a": [1, 2], "b": None}, "items": [1, 2]}
     (tr,) = task_runs_of(api, run_id)
     assert tr["name"] == "echo-0"
-    assert sorted(tr["tags"]) == sorted(["compat-ctx-tag", f"compat-run-{token}",
-                                         "compat-task-tag"])
-    tagged = api.ok("POST", "/flow_runs/filter",
-                    {"flow_runs": {"tags": {"all_": [f"compat-run-{token}"]}}}, expect=200)
+    assert sorted(tr["tags"]) == sorted(["compat-ctx-tag", f"compat-run-{token}", "compat-task-tag"])
+    tagged = api.ok("POST", "/flow_runs/filter", {"flow_runs": {"tags": {"all_": [f"compat-run-{token}"]}}}, expect=200)
     assert [r["id"] for r in tagged] == [run_id]
-    tagged_tasks = api.ok("POST", "/task_runs/filter",
-                          {"task_runs": {"tags": {"all_": ["compat-task-tag", f"compat-run-{token}"]}}},
-                          expect=200)
+    tagged_tasks = api.ok(
+        "POST",
+        "/task_runs/filter",
+        {"task_runs": {"tags": {"all_": ["compat-task-tag", f"compat-run-{token}"]}}},
+        expect=200,
+    )
     assert [t["id"] for t in tagged_tasks] == [tr["id"]]
 
 
@@ -652,9 +665,11 @@ def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_ser
     result = script_result(proc)
     assert result["flow_run_id"] == run_id
     # without a sender, the SDK names the flow run it sends from
-    assert result["result"] == {"received": [["first message", "compat-test"],
-                                             ["second message", f"prefect.flow-run.{run_id}"]],
-                                "approved": True, "note": "ship it"}
+    assert result["result"] == {
+        "received": [["first message", "compat-test"], ["second message", f"prefect.flow-run.{run_id}"]],
+        "approved": True,
+        "note": "ship it",
+    }
     assert_completed(get_flow_run(api, run_id), "flow run")
     stored = api.ok("POST", f"/flow_runs/{run_id}/input/filter", {"prefix": "", "limit": 10}, expect=200)
     assert keyset["response"] in {i["key"] for i in stored}
@@ -713,9 +728,9 @@ def test_async_flow_gathering_twenty_tasks(run_flow_script, compat_server, api):
 
 def test_variables(run_flow_script, compat_server, api):
     token = uuid.uuid4().hex[:12]
-    created = api.ok("POST", "/variables/",
-                     {"name": f"compat_var_{token}", "value": "from-the-api", "tags": ["compat"]},
-                     expect=201)
+    created = api.ok(
+        "POST", "/variables/", {"name": f"compat_var_{token}", "value": "from-the-api", "tags": ["compat"]}, expect=201
+    )
     assert created["name"] == f"compat_var_{token}" and created["value"] == "from-the-api"
     proc = run_flow_script(scenario("s12_variables.py"), compat_server, args=[token])
     assert_completed(get_flow_run(api, script_result(proc)["flow_run_id"]), "flow run")
@@ -723,13 +738,11 @@ def test_variables(run_flow_script, compat_server, api):
     assert var["value"] == "overwritten"
     status, body = api("GET", f"/variables/name/compat_missing_{token}")
     assert status == 404, (status, body)
-    found = api.ok("POST", "/variables/filter",
-                   {"variables": {"name": {"like_": token}}}, expect=200)
-    assert sorted(v["name"] for v in found) == sorted([f"compat_set_{token}",
-                                                       f"compat_var_{token}"])
+    found = api.ok("POST", "/variables/filter", {"variables": {"name": {"like_": token}}}, expect=200)
+    assert sorted(v["name"] for v in found) == sorted([f"compat_set_{token}", f"compat_var_{token}"])
 
 
-CLIENT_READS = '''
+CLIENT_READS = """
 import asyncio, json, sys
 from prefect import get_client
 from prefect.client.schemas.filters import (
@@ -769,7 +782,7 @@ async def main(run_id):
     }))
 
 asyncio.run(main(sys.argv[1]))
-'''
+"""
 
 
 def test_sdk_client_reads_back(run_flow_script, compat_server):
@@ -790,7 +803,7 @@ def test_sdk_client_reads_back(run_flow_script, compat_server):
     assert got["warning_messages"] == ["doubling [1, 2, 3, 4]", "total is 20"]
 
 
-CLI_READS = '''
+CLI_READS = """
 import contextlib, os, sys
 os.environ["COLUMNS"] = "250"  # wide rich tables: names are not cut
 from prefect.cli import app
@@ -817,16 +830,16 @@ for command in commands:
     except SystemExit as exc:
         code = exc.code
     print(f"=== EXIT {code}", flush=True)
-'''
+"""
 
 
 def _cli_sections(stdout: str) -> dict:
     sections, current, lines = {}, None, []
     for line in stdout.splitlines():
         if line.startswith("=== COMMAND "):
-            current, lines = line[len("=== COMMAND "):], []
+            current, lines = line[len("=== COMMAND ") :], []
         elif line.startswith("=== EXIT ") and current is not None:
-            sections[current] = (line[len("=== EXIT "):], "\n".join(lines))
+            sections[current] = (line[len("=== EXIT ") :], "\n".join(lines))
             current = None
         elif current is not None:
             lines.append(line)
@@ -843,7 +856,8 @@ def test_cli_read_commands(run_flow_script, compat_server, api):
     failed = {cmd: out for cmd, (code, out) in sections.items() if code != "0"}
     assert len(sections) == 10, proc.stdout[-3000:]
     assert not failed, "CLI commands failed:\n" + "\n".join(
-        f"--- prefect {cmd} ---\n{out[-2500:]}" for cmd, out in failed.items())
+        f"--- prefect {cmd} ---\n{out[-2500:]}" for cmd, out in failed.items()
+    )
     assert run_id in sections[f"flow-run inspect {run_id}"][1]
     assert "COMPLETED" in sections[f"flow-run inspect {run_id}"][1]
     logs_out = sections[f"flow-run logs {run_id}"][1]
@@ -854,12 +868,10 @@ def test_cli_read_commands(run_flow_script, compat_server, api):
 
 def test_tag_concurrency_limit_serialises_task_runs(run_flow_script, compat_server, api):
     tag = f"compat-limit-{uuid.uuid4().hex[:12]}"
-    limit = api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 1},
-                   expect=(200, 201))
+    limit = api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 1}, expect=(200, 201))
     assert limit["tag"] == tag and limit["concurrency_limit"] == 1
     try:
-        proc = run_flow_script(scenario("s13_tag_concurrency.py"), compat_server, args=[tag],
-                               timeout=150)
+        proc = run_flow_script(scenario("s13_tag_concurrency.py"), compat_server, args=[tag], timeout=150)
         run_id = script_result(proc)["flow_run_id"]
         assert_completed(get_flow_run(api, run_id), "flow run")
         trs = sorted(task_runs_of(api, run_id), key=lambda tr: tr["start_time"] or "")
@@ -871,7 +883,8 @@ def test_tag_concurrency_limit_serialises_task_runs(run_flow_script, compat_serv
         assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
             "two task runs ran at once under a concurrency limit of 1: "
             f"{first['start_time']}..{first['end_time']} and "
-            f"{second['start_time']}..{second['end_time']}")
+            f"{second['start_time']}..{second['end_time']}"
+        )
         after = api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)
         assert after["active_slots"] == [], after
     finally:
@@ -888,8 +901,13 @@ def test_flows_run_against_a_server_of_two_processes(run_flow_script, tmp_path):
     try:
         server.wait_ready()
         client = Client(server.api_url)
-        for name, args in (("s01_three_tasks.py", []), ("s02_task_retries.py", []),
-                           ("s03_cache.py", [uuid.uuid4().hex]), ("s04_subflow.py", []), ("s06_submit.py", [])):
+        for name, args in (
+            ("s01_three_tasks.py", []),
+            ("s02_task_retries.py", []),
+            ("s03_cache.py", [uuid.uuid4().hex]),
+            ("s04_subflow.py", []),
+            ("s06_submit.py", []),
+        ):
             result = script_result(run_flow_script(scenario(name), server.api_url, args=args))
             for run_id in result.get("flow_run_ids") or [result["flow_run_id"]]:
                 run = client.ok("GET", f"/flow_runs/{run_id}")

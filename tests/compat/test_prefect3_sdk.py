@@ -83,9 +83,11 @@ def script_result(proc) -> dict:
     """The JSON a scenario script prints after 'COMPAT_RESULT '."""
     for line in reversed(proc.stdout.splitlines()):
         if line.startswith("COMPAT_RESULT "):
-            return json.loads(line[len("COMPAT_RESULT "):])
-    pytest.fail(f"the script printed no COMPAT_RESULT line\n--- stdout ---\n{proc.stdout[-4000:]}\n"
-                f"--- stderr ---\n{proc.stderr[-6000:]}")
+            return json.loads(line[len("COMPAT_RESULT ") :])
+    pytest.fail(
+        f"the script printed no COMPAT_RESULT line\n--- stdout ---\n{proc.stdout[-4000:]}\n"
+        f"--- stderr ---\n{proc.stderr[-6000:]}"
+    )
 
 
 def scenario(name) -> Path:
@@ -96,7 +98,8 @@ def assert_no_lost_events(proc):
     """The SDK warns when it cannot stream events (and so task runs) to the server."""
     for marker in ("may be lost", "Unable to connect to", "EventsWorker' failed", "incompatible versions"):
         assert marker not in proc.stderr and marker not in proc.stdout, (
-            f"the SDK reported {marker!r}:\n{proc.stderr[-6000:]}")
+            f"the SDK reported {marker!r}:\n{proc.stderr[-6000:]}"
+        )
 
 
 def get_flow_run(api, flow_run_id) -> dict:
@@ -106,8 +109,9 @@ def get_flow_run(api, flow_run_id) -> dict:
 
 
 def task_runs_of(api, flow_run_id) -> list:
-    runs = api.ok("POST", "/task_runs/filter",
-                  {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200)
+    runs = api.ok(
+        "POST", "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200
+    )
     for tr in runs:
         assert tr["flow_run_id"] == flow_run_id, tr
     return runs
@@ -116,6 +120,7 @@ def task_runs_of(api, flow_run_id) -> list:
 def settled_task_runs(api, flow_run_id, count, timeout=15.0) -> list:
     """The flow run's task runs once `count` of them are terminal (events are recorded as they arrive;
     a script that exits has flushed them, but allow the server a moment)."""
+
     def ready():
         runs = task_runs_of(api, flow_run_id)
         done = [tr for tr in runs if tr["state_type"] in TERMINAL]
@@ -146,8 +151,9 @@ def task_name(tr) -> str:
 def logs_of(api, flow_run_id, expect_messages=(), timeout=15.0) -> list:
     deadline = time.monotonic() + timeout
     while True:
-        logs = api.ok("POST", "/logs/filter",
-                      {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200)
+        logs = api.ok(
+            "POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [flow_run_id]}}, "limit": 200}, expect=200
+        )
         messages = [log["message"] for log in logs]
         missing = [m for m in expect_messages if m not in messages]
         if not missing or time.monotonic() > deadline:
@@ -170,7 +176,8 @@ def parse_time(value) -> datetime:
 def assert_completed(run, what="run"):
     assert (run["state_type"], run["state_name"]) == ("COMPLETED", "Completed"), (
         f"{what} {run.get('name')} is {run['state_type']}/{run['state_name']}: "
-        f"{(run.get('state') or {}).get('message')}")
+        f"{(run.get('state') or {}).get('message')}"
+    )
     assert run["state"]["type"] == "COMPLETED" and run["state"]["id"] == run["state_id"]
     assert run["start_time"] and run["end_time"], (run["start_time"], run["end_time"])
     assert parse_time(run["end_time"]) >= parse_time(run["start_time"])
@@ -180,11 +187,34 @@ def assert_completed(run, what="run"):
 def assert_task_run_like_2x(api, tr):
     """A recorded task run has every field a 2.x task run has, its state history in order, and the
     current state equal to the newest one in the history."""
-    for key in ("id", "created", "updated", "name", "flow_run_id", "task_key", "dynamic_key", "cache_key",
-                "cache_expiration", "task_version", "empirical_policy", "tags", "task_inputs", "state_type",
-                "state_name", "run_count", "flow_run_run_count", "expected_start_time",
-                "next_scheduled_start_time", "start_time", "end_time", "total_run_time", "estimated_run_time",
-                "estimated_start_time_delta", "state", "state_id"):
+    for key in (
+        "id",
+        "created",
+        "updated",
+        "name",
+        "flow_run_id",
+        "task_key",
+        "dynamic_key",
+        "cache_key",
+        "cache_expiration",
+        "task_version",
+        "empirical_policy",
+        "tags",
+        "task_inputs",
+        "state_type",
+        "state_name",
+        "run_count",
+        "flow_run_run_count",
+        "expected_start_time",
+        "next_scheduled_start_time",
+        "start_time",
+        "end_time",
+        "total_run_time",
+        "estimated_run_time",
+        "estimated_start_time_delta",
+        "state",
+        "state_id",
+    ):
         assert key in tr, (key, tr)
     states = task_run_states(api, tr["id"])
     assert states, tr
@@ -200,10 +230,17 @@ def assert_task_run_like_2x(api, tr):
 def events_of(api, resource_id, prefix="prefect.", count=1, timeout=15.0) -> list:
     """Events about a resource, oldest first, once there are `count` (Prefect's own server stores
     events in batches, a moment after they arrive)."""
+
     def found():
-        page = api.ok("POST", "/events/filter", {"filter": {"any_resource": {"id": [resource_id]},
-                                                            "event": {"prefix": [prefix]}, "order": "ASC"},
-                                                 "limit": 50}, expect=200)
+        page = api.ok(
+            "POST",
+            "/events/filter",
+            {
+                "filter": {"any_resource": {"id": [resource_id]}, "event": {"prefix": [prefix]}, "order": "ASC"},
+                "limit": 50,
+            },
+            expect=200,
+        )
         return page["events"] if len(page["events"]) >= count else None
 
     return wait_until(found, timeout, what=f"{count} events of {resource_id}")
@@ -239,7 +276,10 @@ def test_tasks_with_logs_are_recorded_from_events(run_flow_script, compat_server
     assert_completed(run, "flow run")
     assert run["parameters"] == {"n": 4}
     assert state_seq(flow_run_states(api, run_id)) == [
-        ("PENDING", "Pending"), ("RUNNING", "Running"), ("COMPLETED", "Completed")]
+        ("PENDING", "Pending"),
+        ("RUNNING", "Running"),
+        ("COMPLETED", "Completed"),
+    ]
 
     trs = settled_task_runs(api, run_id, 3)
     assert sorted(task_name(tr) for tr in trs) == ["double", "fetch", "total"]
@@ -257,8 +297,17 @@ def test_tasks_with_logs_are_recorded_from_events(run_flow_script, compat_server
     graph = api.ok("GET", f"/flow_runs/{run_id}/graph", expect=200)
     assert {node["id"] for node in graph} == {tr["id"] for tr in trs}
 
-    logs = logs_of(api, run_id, ["fetched 4 numbers", "doubling [1, 2, 3, 4]", "total is 20",
-                                 "pipeline starting with n=4", "pipeline result 20"])
+    logs = logs_of(
+        api,
+        run_id,
+        [
+            "fetched 4 numbers",
+            "doubling [1, 2, 3, 4]",
+            "total is 20",
+            "pipeline starting with n=4",
+            "pipeline result 20",
+        ],
+    )
     log = the_log(logs, "doubling [1, 2, 3, 4]")
     assert (log["level"], log["task_run_id"]) == (WARNING, by_task["double"]["id"])
     log = the_log(logs, "total is 20")
@@ -268,15 +317,24 @@ def test_tasks_with_logs_are_recorded_from_events(run_flow_script, compat_server
 
     # the events themselves are readable, as the 3.x UI reads them
     events = events_of(api, f"prefect.task-run.{by_task['fetch']['id']}", "prefect.task-run.", count=3)
-    assert [e["event"] for e in events] == ["prefect.task-run.Pending", "prefect.task-run.Running",
-                                            "prefect.task-run.Completed"]
+    assert [e["event"] for e in events] == [
+        "prefect.task-run.Pending",
+        "prefect.task-run.Running",
+        "prefect.task-run.Completed",
+    ]
     related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in events[0]["related"]}
     assert related["flow-run"] == f"prefect.flow-run.{run_id}"
-    counts = api.ok("POST", "/events/count-by/event",
-                    {"filter": {"related": {"id": [f"prefect.flow-run.{run_id}"]},
-                                "event": {"prefix": ["prefect.task-run."]}}}, expect=200)
+    counts = api.ok(
+        "POST",
+        "/events/count-by/event",
+        {"filter": {"related": {"id": [f"prefect.flow-run.{run_id}"]}, "event": {"prefix": ["prefect.task-run."]}}},
+        expect=200,
+    )
     assert {c["value"]: c["count"] for c in counts} == {
-        "prefect.task-run.Pending": 3, "prefect.task-run.Running": 3, "prefect.task-run.Completed": 3}
+        "prefect.task-run.Pending": 3,
+        "prefect.task-run.Running": 3,
+        "prefect.task-run.Completed": 3,
+    }
 
 
 def test_sdk_reads_events_back_page_by_page(run_flow_script, compat_server, api):
@@ -289,8 +347,7 @@ def test_sdk_reads_events_back_page_by_page(run_flow_script, compat_server, api)
     assert len(result["names"]) == 9
     if os.environ.get("PREFECTLITE_COMPAT_REFERENCE") != "1":  # Prefect's server refuses limit=100 (422)
         assert result["default_limit_count"] == 9, result["default_limit_count"]
-    assert result["names"][:3] == ["prefect.task-run.Pending", "prefect.task-run.Running",
-                                   "prefect.task-run.Completed"]
+    assert result["names"][:3] == ["prefect.task-run.Pending", "prefect.task-run.Running", "prefect.task-run.Completed"]
 
 
 def test_task_retries(run_flow_script, compat_server, api):
@@ -305,8 +362,12 @@ def test_task_retries(run_flow_script, compat_server, api):
     assert tr["empirical_policy"]["retries"] == 2
     states = assert_task_run_like_2x(api, tr)
     assert state_seq(states) == [
-        ("PENDING", "Pending"), ("RUNNING", "Running"), ("RUNNING", "Retrying"), ("RUNNING", "Retrying"),
-        ("COMPLETED", "Completed")]
+        ("PENDING", "Pending"),
+        ("RUNNING", "Running"),
+        ("RUNNING", "Retrying"),
+        ("RUNNING", "Retrying"),
+        ("COMPLETED", "Completed"),
+    ]
 
 
 def test_cache_hits_within_and_across_flow_runs(run_flow_script, compat_server, api):
@@ -331,8 +392,9 @@ def test_subflows_link_to_their_parent_task_runs(run_flow_script, compat_server,
     assert_no_lost_events(proc)
     parent_id = script_result(proc)["flow_run_id"]
     assert_completed(get_flow_run(api, parent_id), "parent flow run")
-    children = api.ok("POST", "/flow_runs/filter",
-                      {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}}, expect=200)
+    children = api.ok(
+        "POST", "/flow_runs/filter", {"flow_runs": {"parent_flow_run_id": {"any_": [parent_id]}}}, expect=200
+    )
     assert len(children) == 2
     parent_task_ids = {tr["id"] for tr in task_runs_of(api, parent_id)}
     for child in children:
@@ -353,7 +415,8 @@ def test_a_subflows_state_passed_into_a_task(run_flow_script, compat_server, api
     child = get_flow_run(api, result["child_flow_run_id"])
     assert result["child_task_run_id"] == child["parent_task_run_id"] != "None"
     assert {s["state_details"]["task_run_id"] for s in flow_run_states(api, child["id"])} == {
-        child["parent_task_run_id"]}
+        child["parent_task_run_id"]
+    }
 
 
 def test_flow_retries(run_flow_script, compat_server, api):
@@ -375,14 +438,16 @@ def test_a_sync_flow_whose_pause_timed_out_ends_failed(run_flow_script, compat_s
 
 
 def test_suspending_a_run_without_a_deployment_is_refused(run_flow_script, compat_server):
-    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server,
-                                           args=["suspend-without-deployment"]))
+    result = script_result(
+        run_flow_script(scenario("p12_pause_suspend.py"), compat_server, args=["suspend-without-deployment"])
+    )
     assert "Cannot suspend flows without a deployment." in result["result"], result
 
 
 def test_a_resumed_flow_passes_a_pause_whose_key_already_fired(run_flow_script, compat_server, api):
-    result = script_result(run_flow_script(scenario("p12_pause_suspend.py"), compat_server,
-                                           args=["resume-repeated-key"]))
+    result = script_result(
+        run_flow_script(scenario("p12_pause_suspend.py"), compat_server, args=["resume-repeated-key"])
+    )
     assert (result["type"], result["tasks_run"]) == ("COMPLETED", 5), result
     assert_completed(get_flow_run(api, result["flow_run_id"]), "flow run")
 
@@ -390,12 +455,14 @@ def test_a_resumed_flow_passes_a_pause_whose_key_already_fired(run_flow_script, 
 def test_task_workers_run_delayed_tasks_each_once(run_flow_script, start_script, compat_server, api, tmp_path):
     """Runs delayed before any worker listens, and after: two task workers share them, each run once."""
     storage = str(tmp_path / "results")
-    before = script_result(run_flow_script(scenario("p18_task_worker.py"), compat_server,
-                                           args=["submit", storage, "4"]))
-    workers = [start_script(scenario("p18_task_worker.py"), compat_server, args=["worker", storage], timeout=180)
-               for _ in range(2)]
-    after = script_result(run_flow_script(scenario("p18_task_worker.py"), compat_server,
-                                          args=["submit", storage, "3"]))
+    before = script_result(
+        run_flow_script(scenario("p18_task_worker.py"), compat_server, args=["submit", storage, "4"])
+    )
+    workers = [
+        start_script(scenario("p18_task_worker.py"), compat_server, args=["worker", storage], timeout=180)
+        for _ in range(2)
+    ]
+    after = script_result(run_flow_script(scenario("p18_task_worker.py"), compat_server, args=["submit", storage, "3"]))
     ids = before["task_run_ids"] + after["task_run_ids"]
 
     def all_done():
@@ -428,8 +495,9 @@ def test_prefect_work_pool_and_work_queue_slots(prefect3_python, compat_server, 
     env.update({"PREFECT_API_URL": compat_server, "PREFECT_HOME": str(tmp_path / "cli-home")})
 
     def cli(*args):
-        proc = subprocess.run([prefect3_cli(prefect3_python), *args, "-o", "json"], env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [prefect3_cli(prefect3_python), *args, "-o", "json"], env=env, capture_output=True, text=True, timeout=120
+        )
         assert proc.returncode == 0, f"{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
         return json.loads(proc.stdout)
 
@@ -470,6 +538,7 @@ def test_a_served_deployments_concurrency_limit_runs_its_runs_one_at_a_time(star
                 pytest.fail(f"serve() exited with {serve.proc.returncode}\n{out[-3000:]}\n{err[-6000:]}")
             status, body = api("GET", path)
             return body if status == 200 else None
+
         return found
 
     dep = wait_until(served(f"/deployments/name/p3-one-at-a-time/{name}"), 60, what=f"deployment {name}")
@@ -486,7 +555,8 @@ def test_a_served_deployments_concurrency_limit_runs_its_runs_one_at_a_time(star
     first, second = sorted(finished, key=lambda run: run["start_time"])
     assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
         f"two runs ran at once under a limit of 1: {first['start_time']}..{first['end_time']} and "
-        f"{second['start_time']}..{second['end_time']}")
+        f"{second['start_time']}..{second['end_time']}"
+    )
     held_back = [name for run in finished for _type, name in state_seq(flow_run_states(api, run["id"]))]
     assert "AwaitingConcurrencySlot" in held_back, held_back
     limit = api.ok("GET", f"/v2/concurrency_limits/deployment:{dep['id']}", expect=200)
@@ -532,9 +602,12 @@ def test_failing_flow(run_flow_script, compat_server, api):
     assert tr["end_time"]
     states = assert_task_run_like_2x(api, tr)
     assert state_seq(states) == [("PENDING", "Pending"), ("RUNNING", "Running"), ("FAILED", "Failed")]
-    failed = api.ok("POST", "/task_runs/filter", {"flow_runs": {"id": {"any_": [run_id]}},
-                                                  "task_runs": {"state": {"type": {"any_": ["FAILED"]}}}},
-                    expect=200)
+    failed = api.ok(
+        "POST",
+        "/task_runs/filter",
+        {"flow_runs": {"id": {"any_": [run_id]}}, "task_runs": {"state": {"type": {"any_": ["FAILED"]}}}},
+        expect=200,
+    )
     assert [t["id"] for t in failed] == [tr["id"]]
 
 
@@ -557,11 +630,15 @@ def test_artifacts_variables_and_secret_blocks(run_flow_script, compat_server, a
     assert api.ok("GET", "/artifacts/p3-report/latest", expect=200)["flow_run_id"] == run_id
     variable = api.ok("GET", f"/variables/name/p3_region_{suffix}", expect=200)
     assert variable["value"] == "eu-west-1"
-    secret = api.ok("GET", f"/block_types/slug/secret/block_documents/name/p3-db-password-{suffix}"
-                    "?include_secrets=true", expect=200)
+    secret = api.ok(
+        "GET", f"/block_types/slug/secret/block_documents/name/p3-db-password-{suffix}?include_secrets=true", expect=200
+    )
     assert secret["data"] == {"value": "s3cr3t"}
-    hidden = api.ok("GET", f"/block_types/slug/secret/block_documents/name/p3-db-password-{suffix}"
-                    "?include_secrets=false", expect=200)
+    hidden = api.ok(
+        "GET",
+        f"/block_types/slug/secret/block_documents/name/p3-db-password-{suffix}?include_secrets=false",
+        expect=200,
+    )
     assert hidden["data"]["value"] != "s3cr3t"
 
 
@@ -606,7 +683,8 @@ def test_a_tag_concurrency_limit_holds_back_the_second_task(run_flow_script, com
             assert tag in tr["tags"]
         assert parse_time(first["end_time"]) <= parse_time(second["start_time"]), (
             "two task runs ran at once under a concurrency limit of 1: "
-            f"{first['start_time']}..{first['end_time']} and {second['start_time']}..{second['end_time']}")
+            f"{first['start_time']}..{first['end_time']} and {second['start_time']}..{second['end_time']}"
+        )
         assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == []
     finally:
         api("DELETE", f"/concurrency_limits/tag/{tag}")
@@ -628,8 +706,13 @@ def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
     env.update({"PREFECT_API_URL": compat_server, "PREFECT_HOME": str(tmp_path / "cli-home")})
-    cli = subprocess.run([prefect3_cli(prefect3_python), "deployment", "run", "p3-served/p3-served-deployment",
-                          "--param", "x=5"], env=env, capture_output=True, text=True, timeout=120)
+    cli = subprocess.run(
+        [prefect3_cli(prefect3_python), "deployment", "run", "p3-served/p3-served-deployment", "--param", "x=5"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert cli.returncode == 0, f"{cli.stdout[-3000:]}\n{cli.stderr[-3000:]}"
     runs = api.ok("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}}, expect=200)
     [run] = runs
@@ -662,12 +745,20 @@ def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_
 
 def _new_webhook_block(api, url):
     block_type = api.ok("GET", "/block_types/slug/custom-webhook", expect=200)
-    schemas = api.ok("POST", "/block_schemas/filter",
-                     {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}, expect=200)
-    return api.ok("POST", "/block_documents/", {
-        "name": f"p3-hook-{uuid.uuid4().hex[:8]}", "block_type_id": block_type["id"],
-        "block_schema_id": schemas[0]["id"],
-        "data": {"name": "p3", "url": url, "json_data": {"text": "{{body}}"}}}, expect=(200, 201))
+    schemas = api.ok(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}, expect=200
+    )
+    return api.ok(
+        "POST",
+        "/block_documents/",
+        {
+            "name": f"p3-hook-{uuid.uuid4().hex[:8]}",
+            "block_type_id": block_type["id"],
+            "block_schema_id": schemas[0]["id"],
+            "data": {"name": "p3", "url": url, "json_data": {"text": "{{body}}"}},
+        },
+        expect=(200, 201),
+    )
 
 
 def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_server, api, tmp_path):
@@ -684,9 +775,11 @@ def test_pause_waiting_for_input_and_send_receive_input(start_script, compat_ser
     status, body = api("POST", f"/flow_runs/{run_id}/resume", {"run_input": {"approved": False, "note": "not yet"}})
     assert body["status"] == "ACCEPT", (status, body)
     result = script_result(script.wait(check=True))
-    assert result["result"] == {"received": [["first message", "compat-test"],
-                                             ["second message", f"prefect.flow-run.{run_id}"]],
-                                "approved": False, "note": "not yet"}
+    assert result["result"] == {
+        "received": [["first message", "compat-test"], ["second message", f"prefect.flow-run.{run_id}"]],
+        "approved": False,
+        "note": "not yet",
+    }
 
 
 def test_notification_policies_fire_for_prefect3_flow_runs(run_flow_script, compat_server, api):
@@ -694,10 +787,17 @@ def test_notification_policies_fire_for_prefect3_flow_runs(run_flow_script, comp
         pytest.skip("Prefect 3's own server has automations instead of notification policies")
     with HTTPReceiver() as hook:
         block = _new_webhook_block(api, hook.url + "/p3")
-        policy = api.ok("POST", "/flow_run_notification_policies/", {
-            "state_names": ["Failed"], "tags": ["p3-nightly"], "block_document_id": block["id"],
-            "message_template": "{flow_name}/{flow_run_name} is {flow_run_state_name}: {flow_run_state_message}"},
-            expect=(200, 201))
+        policy = api.ok(
+            "POST",
+            "/flow_run_notification_policies/",
+            {
+                "state_names": ["Failed"],
+                "tags": ["p3-nightly"],
+                "block_document_id": block["id"],
+                "message_template": "{flow_name}/{flow_run_name} is {flow_run_state_name}: {flow_run_state_message}",
+            },
+            expect=(200, 201),
+        )
         try:
             proc = run_flow_script(scenario("p06_fail.py"), compat_server)
             run_id = script_result(proc)["flow_run_id"]
@@ -716,23 +816,26 @@ def test_notification_policies_fire_for_prefect3_flow_runs(run_flow_script, comp
 # ones above check 3.x's details of the same behaviours. Not here, because 3.x removed their APIs:
 SCENARIOS_2_NOT_IN_3 = {
     "b08_notification.py": "flow run notification policies (create_flow_run_notification_policy): Prefect 3 "
-                           "replaced them with automations",
+    "replaced them with automations",
     "s17_deployment_reads.py": "create_deployment(infra_overrides=..., schedule=...): the 2.x ways of making a "
-                               "deployment, gone from the 3.x client",
+    "deployment, gone from the 3.x client",
     "b02_system_blocks.py": "the JSON block (prefect.blocks.system.JSON): removed in 3.x",
     "b03_nested_block.py": "prefect._internal.pydantic.HAS_PYDANTIC_V2: a 2.x internal, gone in 3.x",
     "b04_variables.py": "variables.get() and Variable.get() answering a Variable: 3.x's Variable.get answers the value",
     "s12_variables.py": "Variable.get() answering a Variable (.value): 3.x's answers the value",
     "s06_submit.py": "asserts the 2.x ConcurrentTaskRunner (3.x's default is the ThreadPoolTaskRunner); it fails on "
-                     "Prefect 3.9's own server too",
+    "Prefect 3.9's own server too",
 }
 SCENARIOS_2_ELSEWHERE = {  # run under 3.9 by their own tests above
     "b09_schema_checksum.py": "test_the_sdk_finds_its_block_schemas_by_its_own_checksum",
     "s13_tag_concurrency.py": "test_a_tag_concurrency_limit_holds_back_the_second_task",
     "s15_subflow_result_into_task.py": "test_a_subflows_state_passed_into_a_task",
 }
-SCENARIOS_2 = sorted(path.name for path in (HERE / "scenarios").glob("[bs][0-9]*.py")
-                     if path.name not in SCENARIOS_2_NOT_IN_3 and path.name not in SCENARIOS_2_ELSEWHERE)
+SCENARIOS_2 = sorted(
+    path.name
+    for path in (HERE / "scenarios").glob("[bs][0-9]*.py")
+    if path.name not in SCENARIOS_2_NOT_IN_3 and path.name not in SCENARIOS_2_ELSEWHERE
+)
 FAILING_SCENARIOS_2 = {"s07_fail.py"}  # its flow fails, as it means to
 
 
@@ -741,8 +844,12 @@ def _prepare_scenario_2(name: str, token: str, api) -> list:
     if name == "b04_variables.py":
         api.ok("POST", "/variables/", {"name": f"compat_bvar_{token}", "value": "api-value"}, expect=(200, 201))
     if name == "s12_variables.py":
-        api.ok("POST", "/variables/", {"name": f"compat_var_{token}", "value": "from-the-api", "tags": ["compat"]},
-               expect=(200, 201))
+        api.ok(
+            "POST",
+            "/variables/",
+            {"name": f"compat_var_{token}", "value": "from-the-api", "tags": ["compat"]},
+            expect=(200, 201),
+        )
     if name == "b06_tag_limit.py":
         api.ok("POST", "/concurrency_limits/", {"tag": "limited", "concurrency_limit": 1}, expect=(200, 201))
     if name == "b07_global_concurrency.py":
@@ -772,8 +879,12 @@ def test_the_2_20_scenario_runs_under_the_3_9_sdk(name, start_script, compat_ser
             if name in ("s09_pause.py", "s14_wait_for_input.py"):  # the test resumes the flow, as the 2.20 one does
                 id_file = tmp_path / "flow_run_id.txt"
                 script = start_script(HERE / "scenarios" / name, compat_server, args=[id_file], timeout=150)
-                _resume_when_paused(script, id_file, api,
-                                    {"approved": True, "note": "ship it"} if name == "s14_wait_for_input.py" else None)
+                _resume_when_paused(
+                    script,
+                    id_file,
+                    api,
+                    {"approved": True, "note": "ship it"} if name == "s14_wait_for_input.py" else None,
+                )
                 proc = script.wait(check=True)
             else:
                 proc = start_script(HERE / "scenarios" / name, compat_server, args=args, timeout=150).wait(check=True)
@@ -782,13 +893,16 @@ def test_the_2_20_scenario_runs_under_the_3_9_sdk(name, start_script, compat_ser
     finally:
         if name == "b06_tag_limit.py":
             api("DELETE", "/concurrency_limits/tag/limited")
-    run_ids = [run_id for result in results
-               for run_id in (result.get("flow_run_ids") or [result.get("flow_run_id")]) if run_id]
+    run_ids = [
+        run_id for result in results for run_id in (result.get("flow_run_ids") or [result.get("flow_run_id")]) if run_id
+    ]
     for run_id in run_ids:
         run = get_flow_run(api, run_id)
         expected = "FAILED" if name in FAILING_SCENARIOS_2 else "COMPLETED"
         assert run["state_type"] == expected, (name, run["state"])
         for tr in task_runs_of(api, run_id):
-            wait_until(lambda: api.ok("GET", f"/task_runs/{tr['id']}", expect=200)["state_type"] in TERMINAL, 15,
-                       what=f"task run {tr['id']} to settle")
-
+            wait_until(
+                lambda: api.ok("GET", f"/task_runs/{tr['id']}", expect=200)["state_type"] in TERMINAL,
+                15,
+                what=f"task run {tr['id']} to settle",
+            )

@@ -83,7 +83,7 @@ print("HARNESS_LAST " + repr(time.time()), flush=True)
 '''
 
 # The plugin's fixtures in a user's suite: each test sees only what it ran itself.
-PLUGIN_SUITE = '''
+PLUGIN_SUITE = """
 import json, time, urllib.request
 import pytest
 from prefect import flow, task
@@ -120,7 +120,7 @@ def test_each_test_sees_only_its_own_runs(prefect_clean_db, n):
 def test_the_sdk_points_at_prefect_server(prefect_server):
     from prefect.settings import PREFECT_API_URL
     assert PREFECT_API_URL.value() == prefect_server
-'''
+"""
 
 
 @pytest.fixture(scope="module", params=sorted(SDKS))
@@ -151,8 +151,9 @@ def get_json(url: str):
 
 
 def post_json(url: str, body: dict):
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
-                                     headers={"Content-Type": "application/json"})
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), method="POST", headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=10) as response:
         return json.loads(response.read())
 
@@ -160,7 +161,7 @@ def post_json(url: str, body: dict):
 def line_after(output: str, marker: str) -> str:
     for line in output.splitlines():
         if line.startswith(marker + " "):
-            return line[len(marker) + 1:]
+            return line[len(marker) + 1 :]
     pytest.fail(f"no {marker} line in the output:\n{output[-6000:]}")
 
 
@@ -209,14 +210,27 @@ def test_the_entry_point_plugin_does_nothing_unless_asked_for(tmp_path):
     no_prefect_here()
     site = tmp_path / "site"
     write_fake_installation(site)
-    suite = harness_suites.write_suite(tmp_path / "suite", "", {"test_uses_it.py": (
-        "def test_uses_it(prefect_server):\n    assert prefect_server.startswith('http://127.0.0.1:')\n")})
+    suite = harness_suites.write_suite(
+        tmp_path / "suite",
+        "",
+        {
+            "test_uses_it.py": (
+                "def test_uses_it(prefect_server):\n    assert prefect_server.startswith('http://127.0.0.1:')\n"
+            )
+        },
+    )
     env = {k: v for k, v in os.environ.items() if k != "PYTEST_DISABLE_PLUGIN_AUTOLOAD"}
     env["PYTHONPATH"] = os.pathsep.join([str(site), str(harness_suites.REPO_ROOT)])
 
     def pytest_run(*args):
-        return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args, str(suite)],
-                              cwd=suite, env=env, capture_output=True, text=True, timeout=SCRIPT_TIMEOUT)
+        return subprocess.run(
+            [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *args, str(suite)],
+            cwd=suite,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=SCRIPT_TIMEOUT,
+        )
 
     plain = pytest_run()
     assert "prefectlite-fake" in plain.stdout, "the entry point was not loaded: the test proves nothing"
@@ -236,8 +250,15 @@ def test_flows_run_in_the_harness_reach_the_embedded_server(sdk_python, lent_pyt
     script.write_text(HARNESS_SCRIPT)
     env = harness_suites.venv_env(lent_pytest, tmp_path / "home")
     env["PREFECT_API_URL"] = DEAD_API_URL  # the SDK's setting before the harness: restored after it
-    proc = subprocess.run([sdk_python, str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                          timeout=SCRIPT_TIMEOUT, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [sdk_python, str(script)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SCRIPT_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
     exited_at = time.time()
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-6000:]

@@ -42,8 +42,9 @@ PINS = (
 )
 _DIGEST = hashlib.sha256("\n".join((REQUIREMENT, *PINS)).encode()).hexdigest()[:8]
 # `whenever` (a 3.9 dependency) ships a 3.12-only module that never compiles on 3.11: not fatal here.
-PREFECT3_TESTS = Sdk(REQUIREMENT, "3.9.1", f"venv-prefect-3.9.1-tests-{_DIGEST}", extra_pins=PINS,
-                     compile_errors_fatal=False)
+PREFECT3_TESTS = Sdk(
+    REQUIREMENT, "3.9.1", f"venv-prefect-3.9.1-tests-{_DIGEST}", extra_pins=PINS, compile_errors_fatal=False
+)
 
 
 def ensure_prefect3_tests_venv() -> str:

@@ -46,10 +46,17 @@ DONE_VAR = "PREFECTLITE_CONFORMANCE_DONE"
 
 # Fixtures that hand a test Prefect's own database or in-process app. `client` is the suite's ASGI client
 # of an in-process app (`prefect_client` is the SDK's client and goes over HTTP).
-IN_PROCESS_FIXTURES = frozenset({
-    "session", "app", "client", "client_with_unprotected_block_api", "client_without_exceptions",
-    "get_server_session", "print_query",
-})
+IN_PROCESS_FIXTURES = frozenset(
+    {
+        "session",
+        "app",
+        "client",
+        "client_with_unprotected_block_api",
+        "client_without_exceptions",
+        "get_server_session",
+        "print_query",
+    }
+)
 # The suite's autouse session fixtures that build Prefect's (unused, local) database: every test has them
 # and `db` in its closure, harmlessly; any other fixture or a test itself taking `db` uses that database.
 DB_SETUP_FIXTURES = frozenset({"db", "database_engine", "setup_db", "clear_db"})
@@ -133,6 +140,7 @@ def pytest_make_collect_report(collector):
 
 # The fixtures are built by functions so that they exist only in the overriding module (a fixture at this
 # plugin's top level would be registered globally under its own name as well).
+
 
 def _clear_db_fixture():
     @pytest.fixture(autouse=True, name="clear_db")
@@ -226,8 +234,10 @@ def _forwarding_pipeline(worker, forward: bool):
                 deadline = asyncio.get_running_loop().time() + timeout
                 while len(worker._client.events) < min_events:
                     if asyncio.get_running_loop().time() > deadline:
-                        raise TimeoutError(f"Timed out waiting for {min_events} events after {timeout} seconds. "
-                                           f"Only observed {len(worker._client.events)} events.")
+                        raise TimeoutError(
+                            f"Timed out waiting for {min_events} events after {timeout} seconds. "
+                            f"Only observed {len(worker._client.events)} events."
+                        )
                     await asyncio.sleep(0.1)
             else:
                 worker.wait_until_empty()
@@ -238,8 +248,9 @@ def _forwarding_pipeline(worker, forward: bool):
 
         @async_dispatch(aprocess_events)
         def process_events(self, dequeue_events: bool = True, min_events: int = 0, timeout: int = 10):
-            return run_coro_as_sync(self.aprocess_events(dequeue_events=dequeue_events, min_events=min_events,
-                                                         timeout=timeout))
+            return run_coro_as_sync(
+                self.aprocess_events(dequeue_events=dequeue_events, min_events=min_events, timeout=timeout)
+            )
 
     return ForwardingEventsPipeline()
 
@@ -261,9 +272,9 @@ def latest_task_run_states(events: list) -> dict:
     for event in events:
         resource_id = event.resource.get("prefect.resource.id", "")
         if event.event.startswith(TASK_RUN_EVENT) and resource_id.startswith(TASK_RUN_RESOURCE):
-            run_id = resource_id[len(TASK_RUN_RESOURCE):]
+            run_id = resource_id[len(TASK_RUN_RESOURCE) :]
             if run_id not in latest or event.occurred >= latest[run_id][0]:
-                latest[run_id] = (event.occurred, event.event[len(TASK_RUN_EVENT):])
+                latest[run_id] = (event.occurred, event.event[len(TASK_RUN_EVENT) :])
     return {run_id: name for run_id, (_, name) in latest.items()}
 
 
@@ -284,8 +295,9 @@ async def wait_until_recorded(events: list) -> None:
     try:
         while pending and loop.time() < deadline:
             for run_id, name in list(pending.items()):
-                status, run = await loop.run_in_executor(None, _request, conn, "GET",
-                                                         f"{parts.path}/task_runs/{run_id}")
+                status, run = await loop.run_in_executor(
+                    None, _request, conn, "GET", f"{parts.path}/task_runs/{run_id}"
+                )
                 if status == 200 and isinstance(run, dict) and (run.get("state") or {}).get("name") == name:
                     del pending[run_id]
             if pending:
@@ -438,8 +450,11 @@ class ResultWriter:
             self._write(nodeid)
 
     def _write(self, nodeid: str) -> None:
-        entry = {"nodeid": stable_id(nodeid), "outcome": self.outcomes.pop(nodeid, "error"),
-                 "seconds": round(self.durations.pop(nodeid, 0.0), 3)}
+        entry = {
+            "nodeid": stable_id(nodeid),
+            "outcome": self.outcomes.pop(nodeid, "error"),
+            "seconds": round(self.durations.pop(nodeid, 0.0), 3),
+        }
         message = self.messages.pop(nodeid, None)
         if message:
             entry["message"] = message

@@ -41,8 +41,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO_ROOT = HERE.parents[1]
 # Where Prefect's suites are (../shared/reference/prefect-tests beside the repository, or another copy).
-REFERENCE_TESTS = Path(os.environ.get("PREFECTLITE_PREFECT_TESTS_DIR")
-                       or REPO_ROOT.parent / "shared" / "reference" / "prefect-tests")
+REFERENCE_TESTS = Path(
+    os.environ.get("PREFECTLITE_PREFECT_TESTS_DIR") or REPO_ROOT.parent / "shared" / "reference" / "prefect-tests"
+)
 SUITE = REFERENCE_TESTS / "2.20.25"
 BASELINE = HERE / "prefect-2.20-passing.txt"
 KNOWN_DIFFERENCES = HERE / "known-differences.txt"
@@ -182,6 +183,7 @@ class HarnessError(RuntimeError):
 @dataclasses.dataclass(frozen=True)
 class Suite:
     """One of Prefect's suites: where it is, what of it runs, with which venv, compared with which lists."""
+
     name: str  # the --suite value
     version: str  # Prefect's release (or snapshot) the tests are from
     sdk: str  # the Prefect release that runs them (and whose server is the baseline)
@@ -224,13 +226,33 @@ REFERENCE_ENV_3 = (
     ("PREFECT_SERVER_SERVICES_EVENT_PERSISTER_ENABLED", "true"),
 )
 
-PREFECT_2 = Suite("2.20", "2.20.25", "2.20.25", SELECTION, FRESH_SERVER_FILES, HERE / "prefect-2.20-passing.txt",
-                  HERE / "known-differences.txt", prefect_tests_venv.ensure_prefect_tests_venv,
-                  prefect_tests_venv.VenvError, ("tests", "flows", "setup.cfg"), REFERENCE_ENV_2)
-PREFECT_3 = Suite("3.x", "3.8.4.dev6", "3.9.1", SELECTION_3, FRESH_SERVER_FILES_3, HERE / "prefect-3.x-passing.txt",
-                  HERE / "known-differences-3.x.txt", prefect3_tests_venv.ensure_prefect3_tests_venv,
-                  prefect3_tests_venv.VenvError, ("tests", "pyproject.toml"), REFERENCE_ENV_3,
-                  workers=WORKERS_3)
+PREFECT_2 = Suite(
+    "2.20",
+    "2.20.25",
+    "2.20.25",
+    SELECTION,
+    FRESH_SERVER_FILES,
+    HERE / "prefect-2.20-passing.txt",
+    HERE / "known-differences.txt",
+    prefect_tests_venv.ensure_prefect_tests_venv,
+    prefect_tests_venv.VenvError,
+    ("tests", "flows", "setup.cfg"),
+    REFERENCE_ENV_2,
+)
+PREFECT_3 = Suite(
+    "3.x",
+    "3.8.4.dev6",
+    "3.9.1",
+    SELECTION_3,
+    FRESH_SERVER_FILES_3,
+    HERE / "prefect-3.x-passing.txt",
+    HERE / "known-differences-3.x.txt",
+    prefect3_tests_venv.ensure_prefect3_tests_venv,
+    prefect3_tests_venv.VenvError,
+    ("tests", "pyproject.toml"),
+    REFERENCE_ENV_3,
+    workers=WORKERS_3,
+)
 SUITES = {suite.name: suite for suite in (PREFECT_2, PREFECT_3)}
 
 
@@ -259,8 +281,9 @@ def wait_healthy(server: Server, timeout: float) -> None:
     last = "no answer"
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
-            raise HarnessError(f"the server exited ({server.proc.returncode}) before it was healthy:\n"
-                               f"{tail(server.log_path)}")
+            raise HarnessError(
+                f"the server exited ({server.proc.returncode}) before it was healthy:\n{tail(server.log_path)}"
+            )
         try:
             with urllib.request.urlopen(server.api_url + "/health", timeout=2) as resp:
                 if resp.status == 200:
@@ -283,8 +306,15 @@ def env_without_prefect() -> dict:
 def launch(cmd: list, env: dict, home: Path, port: int, name: str) -> Server:
     log_path = home / f"{name}.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(["nice", "-n", "19", *cmd], env=env, cwd=str(home), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            ["nice", "-n", "19", *cmd],
+            env=env,
+            cwd=str(home),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return Server(f"http://127.0.0.1:{port}/api", proc, log_path)
 
 
@@ -293,14 +323,16 @@ def start_prefectlite(workdir: Path) -> Server:
     home = Path(tempfile.mkdtemp(prefix="prefectlite-", dir=workdir))
     port = free_port()
     env = env_without_prefect()
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
-        "PREFECT_API_SERVICES_LATE_RUNS_ENABLED": "false",
-        "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_API_SERVICES_SCHEDULER_ENABLED": "false",
+            "PREFECT_API_SERVICES_LATE_RUNS_ENABLED": "false",
+            "PREFECT_API_SERVICES_FLOW_RUN_NOTIFICATIONS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     cmd = [sys.executable, str(REPO_ROOT / "prefectlite.py"), "start", "--host", "127.0.0.1", "--port", str(port)]
     server = launch(cmd, env, home, port, "prefectlite")
     wait_healthy(server, SERVER_START_TIMEOUT)
@@ -312,14 +344,16 @@ def start_prefect_server(workdir: Path, python: str, suite: Suite = PREFECT_2) -
     home = Path(tempfile.mkdtemp(prefix="prefect-server-", dir=workdir))
     port = free_port()
     env = env_without_prefect()
-    env.update({
-        "PREFECT_HOME": str(home),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_UI_ENABLED": "false",
-        "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
-        "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "false",
-        **dict(suite.reference_env),
-    })
+    env.update(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+            "PREFECT_API_BLOCKS_REGISTER_ON_START": "false",
+            "PREFECT_SERVER_CSRF_PROTECTION_ENABLED": "false",
+            **dict(suite.reference_env),
+        }
+    )
     cmd = [str(Path(python).parent / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
     server = launch(cmd, env, home, port, "prefect-server")
     wait_healthy(server, REFERENCE_START_TIMEOUT)
@@ -374,9 +408,21 @@ def scratch_copy(workdir: Path, suite: Suite = PREFECT_2) -> Path:
 
 def pytest_command(python: str, files: list, workers: int = 1) -> list:
     return [
-        "nice", "-n", "19", python, "-m", "pytest",
-        "-p", "prefect_suite_plugin", "-p", "no:cacheprovider",
-        "-o", "addopts=", "-q", "--no-header", "-rN",
+        "nice",
+        "-n",
+        "19",
+        python,
+        "-m",
+        "pytest",
+        "-p",
+        "prefect_suite_plugin",
+        "-p",
+        "no:cacheprovider",
+        "-o",
+        "addopts=",
+        "-q",
+        "--no-header",
+        "-rN",
         # Python's own traceback format: pytest's parses test sources and crashed the whole run once
         # ("AST constructor recursion depth mismatch") on a failing test of test_new_flow_engine.py.
         "--tb=native",
@@ -387,21 +433,31 @@ def pytest_command(python: str, files: list, workers: int = 1) -> list:
     ]
 
 
-def run_pytest(python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path,
-               workers: int = 1) -> int:
+def run_pytest(
+    python: str, suite_copy: Path, api_url: str, files: list, results: Path, log_path: Path, workers: int = 1
+) -> int:
     """Run pytest on the files; its exit status, or -1 if it ran past RUN_TIMEOUT or stalled and was stopped."""
     env = env_without_prefect()
-    env.update({
-        "PATH": f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}",  # the suite's CLI tests run `prefect`
-        "PYTHONPATH": str(HERE),  # for -p prefect_suite_plugin
-        "PYTHONDONTWRITEBYTECODE": "1",
-        "PREFECTLITE_CONFORMANCE_API_URL": api_url,
-        "PREFECTLITE_CONFORMANCE_RESULTS": str(results),
-        "PREFECTLITE_CONFORMANCE_DONE": str(done_path(results)),
-    })
+    env.update(
+        {
+            "PATH": f"{Path(python).parent}{os.pathsep}{env.get('PATH', '')}",  # the suite's CLI tests run `prefect`
+            "PYTHONPATH": str(HERE),  # for -p prefect_suite_plugin
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "PREFECTLITE_CONFORMANCE_API_URL": api_url,
+            "PREFECTLITE_CONFORMANCE_RESULTS": str(results),
+            "PREFECTLITE_CONFORMANCE_DONE": str(done_path(results)),
+        }
+    )
     with open(log_path, "ab") as log:
-        proc = subprocess.Popen(pytest_command(python, files, workers), env=env, cwd=str(suite_copy), stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            pytest_command(python, files, workers),
+            env=env,
+            cwd=str(suite_copy),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             return watch(proc, results, log)
         finally:
@@ -455,8 +511,16 @@ def batches(files: list, fresh_files=FRESH_SERVER_FILES) -> list:
     return ([shared] if shared else []) + alone
 
 
-def run_selection(python: str, start_server, files: list, workdir: Path, log_path: Path,
-                  fresh_files=FRESH_SERVER_FILES, suite: Suite = PREFECT_2, workers: int = 1) -> dict:
+def run_selection(
+    python: str,
+    start_server,
+    files: list,
+    workdir: Path,
+    log_path: Path,
+    fresh_files=FRESH_SERVER_FILES,
+    suite: Suite = PREFECT_2,
+    workers: int = 1,
+) -> dict:
     """Run the files (or node ids) against servers from start_server(workdir); answer {nodeid: result entry}."""
     suite_copy = scratch_copy(workdir, suite)
     results_path = workdir / "results.jsonl"
@@ -476,8 +540,9 @@ def run_selection(python: str, start_server, files: list, workdir: Path, log_pat
     return results
 
 
-def run_batch(python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path,
-              workers: int = 1) -> None:
+def run_batch(
+    python: str, suite_copy: Path, api_url: str, batch: list, results_path: Path, log_path: Path, workers: int = 1
+) -> None:
     """Run the batch; if pytest dies or hangs (not: tests fail), record the test it was in as an error and
     run the rest of the batch again without the tests already done."""
     for _ in range(MAX_RESUMES + 1):
@@ -535,8 +600,11 @@ def counts(results: dict) -> dict:
 
 
 def read_baseline(path: Path = BASELINE) -> set:
-    return {line.strip() for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and not line.startswith("#")}
+    return {
+        line.strip()
+        for line in path.read_text(encoding="utf-8").splitlines()
+        if line.strip() and not line.startswith("#")
+    }
 
 
 def write_baseline(results: dict, suite: Suite = PREFECT_2) -> None:
@@ -622,8 +690,13 @@ def report(comparison: Comparison, results: dict, known: dict) -> str:
 # --------------------------------------------------------------------------- entry points
 
 
-def run_against(which: str, files: list | None = None, workdir: Path | None = None,
-                retry_baseline: set | None = None, suite: Suite = PREFECT_2) -> dict:
+def run_against(
+    which: str,
+    files: list | None = None,
+    workdir: Path | None = None,
+    retry_baseline: set | None = None,
+    suite: Suite = PREFECT_2,
+) -> dict:
     """Run the selection (or some of its files) against prefectlite or Prefect ('reference'); {nodeid: entry}.
 
     With retry_baseline, the tests of that set that did not pass are run once more on a fresh server, and an
@@ -637,8 +710,16 @@ def run_against(which: str, files: list | None = None, workdir: Path | None = No
     workdir = Path(tempfile.mkdtemp(prefix="prefectlite-conformance-")) if own_workdir else workdir
     start = (lambda w: start_prefect_server(w, python, suite)) if which == "reference" else start_prefectlite
     try:
-        results = run_selection(python, start, list(files or suite.selection), workdir, workdir / "pytest.log",
-                                suite.fresh_files, suite, suite.workers)
+        results = run_selection(
+            python,
+            start,
+            list(files or suite.selection),
+            workdir,
+            workdir / "pytest.log",
+            suite.fresh_files,
+            suite,
+            suite.workers,
+        )
         if retry_baseline:
             retry_failures(python, start, results, retry_baseline, workdir, suite)
         return results
@@ -655,15 +736,23 @@ def pytest_arg(nodeid: str) -> str:
     return nodeid.split("[")[0] if "127.0.0.1:PORT" in nodeid else nodeid
 
 
-def retry_failures(python: str, start_server, results: dict, baseline: set, workdir: Path,
-                   suite: Suite = PREFECT_2) -> None:
+def retry_failures(
+    python: str, start_server, results: dict, baseline: set, workdir: Path, suite: Suite = PREFECT_2
+) -> None:
     failed = sorted(n for n in baseline if n in results and results[n]["outcome"] != PASSED)
     if not failed or len(failed) > MAX_RETRIES:
         return
     retry_dir = workdir / "retry"
     retry_dir.mkdir()
-    retried = run_selection(python, start_server, sorted({pytest_arg(n) for n in failed}), retry_dir,
-                            retry_dir / "pytest.log", fresh_files=(), suite=suite)
+    retried = run_selection(
+        python,
+        start_server,
+        sorted({pytest_arg(n) for n in failed}),
+        retry_dir,
+        retry_dir / "pytest.log",
+        fresh_files=(),
+        suite=suite,
+    )
     for nodeid, entry in retried.items():
         if nodeid in results and entry["outcome"] == PASSED:
             results[nodeid] = {**entry, "flaky": True, "first": results[nodeid]}
@@ -690,8 +779,13 @@ def main(argv=None) -> int:
     try:
         known = read_known_differences(suite.known_differences)
         baseline = None if args.reference else read_baseline(suite.baseline)
-        results = run_against("reference" if args.reference else "prefectlite", args.files, args.workdir,
-                              retry_baseline=baseline, suite=suite)
+        results = run_against(
+            "reference" if args.reference else "prefectlite",
+            args.files,
+            args.workdir,
+            retry_baseline=baseline,
+            suite=suite,
+        )
     except (HarnessError, suite.venv_error) as exc:
         print(f"[conformance] {exc}", file=sys.stderr)
         return 2

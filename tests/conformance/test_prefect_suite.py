@@ -58,12 +58,13 @@ def prefect_suite_results(suite) -> dict:
         unavailable(f"cannot build the Prefect {suite.sdk} test venv: {exc}")
     started = time.monotonic()
     try:
-        results = harness.run_against("prefectlite", retry_baseline=harness.read_baseline(suite.baseline),
-                                      suite=suite)
+        results = harness.run_against("prefectlite", retry_baseline=harness.read_baseline(suite.baseline), suite=suite)
     except harness.HarnessError as exc:
         pytest.fail(f"the conformance harness could not run Prefect's suite: {exc}")
-    print(f"[conformance] Prefect's {suite.version} suite against prefectlite: {harness.counts(results)} "
-          f"in {time.monotonic() - started:.0f}s")
+    print(
+        f"[conformance] Prefect's {suite.version} suite against prefectlite: {harness.counts(results)} "
+        f"in {time.monotonic() - started:.0f}s"
+    )
     return results
 
 
@@ -71,8 +72,9 @@ def test_known_differences_each_say_why_and_name_a_baseline_test(suite):
     known = harness.read_known_differences(suite.known_differences)  # raises on a line without a reason
     baseline = harness.read_baseline(suite.baseline)
     stale = sorted(n for n in known if n not in baseline)
-    assert not stale, (f"{suite.known_differences.name} names tests that do not pass on Prefect's server:\n"
-                       + "\n".join(stale))
+    assert not stale, f"{suite.known_differences.name} names tests that do not pass on Prefect's server:\n" + "\n".join(
+        stale
+    )
 
 
 def test_every_test_passing_on_prefects_server_passes_on_prefectlite(suite, prefect_suite_results):

@@ -5,6 +5,7 @@ the first process computes (a fresh uuid4, so the value proves where it came fro
 persists the result; the second process's task run is a cache hit and loads that value from
 the persisted result (the local-file-system block the first process registered).
 """
+
 import json
 import sys
 import uuid
@@ -32,8 +33,13 @@ if __name__ == "__main__":
     state = persisted(token, return_state=True)
     value = state.result()
     assert value["token"] == token, value
-    print("COMPAT_RESULT " + json.dumps({
-        "flow_run_id": str(state.state_details.flow_run_id),
-        "value": value,
-        "executed": len(executions),
-    }))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps(
+            {
+                "flow_run_id": str(state.state_details.flow_run_id),
+                "value": value,
+                "executed": len(executions),
+            }
+        )
+    )

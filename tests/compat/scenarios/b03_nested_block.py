@@ -5,6 +5,7 @@ Both invocations define the same classes, so they agree on the block schemas. Th
 block is saved first under its own name: the SDK then stores the outer document's field as
 a reference ({"$ref": {"block_document_id": ...}}) instead of inlining its data.
 """
+
 import json
 import sys
 
@@ -37,17 +38,21 @@ name = f"compat-service-{token}"
 if mode == "save":
     database = CompatDatabase(host="db.internal", port=6543, token=SecretStr(f"inner-tok-{token}"))
     database_id = database.save(f"compat-database-{token}", overwrite=True)
-    service = CompatService(label=f"svc-{token}", password=SecretStr(f"outer-pw-{token}"),
-                            database=database)
+    service = CompatService(label=f"svc-{token}", password=SecretStr(f"outer-pw-{token}"), database=database)
     doc_id = service.save(name, overwrite=True)
     print("COMPAT_RESULT " + json.dumps({"id": str(doc_id), "database_id": str(database_id)}))
 else:
     service = CompatService.load(name)
     assert isinstance(service.database, CompatDatabase), type(service.database)
-    print("COMPAT_RESULT " + json.dumps({
-        "label": service.label,
-        "password": service.password.get_secret_value(),
-        "host": service.database.host,
-        "port": service.database.port,
-        "token": service.database.token.get_secret_value(),
-    }))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps(
+            {
+                "label": service.label,
+                "password": service.password.get_secret_value(),
+                "host": service.database.host,
+                "port": service.database.port,
+                "token": service.database.token.get_secret_value(),
+            }
+        )
+    )

@@ -2,6 +2,7 @@
 
 argv[1]: a token; the test created compat_bvar_<token> through the API.
 """
+
 import json
 import sys
 import warnings
@@ -24,12 +25,17 @@ except ValueError:
     refused = True
 read_back = variables.Variable.get(f"compat_bset_{token}")
 
-print("COMPAT_RESULT " + json.dumps({
-    "existing": existing,
-    "missing": missing,
-    "missing_none": missing_none,
-    "set_first": set_first.value,
-    "set_again": set_again.value,
-    "refused": refused,
-    "read_back": read_back.value,
-}))
+print(
+    "COMPAT_RESULT "
+    + json.dumps(
+        {
+            "existing": existing,
+            "missing": missing,
+            "missing_none": missing_none,
+            "set_first": set_first.value,
+            "set_again": set_again.value,
+            "refused": refused,
+            "read_back": read_back.value,
+        }
+    )
+)

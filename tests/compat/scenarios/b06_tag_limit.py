@@ -1,6 +1,7 @@
 """Two submitted tasks tagged `limited` (the test creates a tag concurrency limit of 1 with
 `prefect concurrency-limit create limited 1`). The second waits (WAIT: as long as the server's
 PREFECT_TASK_RUN_TAG_CONCURRENCY_SLOT_WAIT_SECONDS says, 30 s by default in 2.20)."""
+
 import json
 import time
 

@@ -1,5 +1,6 @@
 """Two concurrently submitted tasks each holding a slot of the global limit "db" (limit 1,
 created by the test) around a critical section; prints each section's start/end times."""
+
 import json
 import sys
 import time

@@ -1,6 +1,7 @@
 """The SDK registers a block type with a secret and a nested block, then looks each schema up by the
 checksum it computes itself (Block._calculate_schema_checksum); runs under the 2.20 and the 3.9 SDK.
 The lookups were 404s: the server hashed the fields another way."""
+
 import asyncio
 import json
 

@@ -1,4 +1,5 @@
 """Three tasks passing data, with get_run_logger logs at several levels."""
+
 import json
 
 from prefect import flow, get_run_logger, task

@@ -1,4 +1,5 @@
 """A task that fails twice, then succeeds on its third run."""
+
 import json
 
 from prefect import flow, task

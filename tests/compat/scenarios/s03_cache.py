@@ -2,6 +2,7 @@
 
 argv[1]: a token that makes the cache key unique to this test run.
 """
+
 import json
 import sys
 from datetime import timedelta
@@ -32,7 +33,12 @@ if __name__ == "__main__":
     second = cached_flow(token, return_state=True)
     assert first.result() == (42, 42) and second.result() == (42, 42)
     assert executions == [21], executions  # the body ran once: every other call hit the cache
-    print("COMPAT_RESULT " + json.dumps({
-        "flow_run_ids": [str(first.state_details.flow_run_id), str(second.state_details.flow_run_id)],
-        "cache_key": f"compat-cache-{token}-21",
-    }))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps(
+            {
+                "flow_run_ids": [str(first.state_details.flow_run_id), str(second.state_details.flow_run_id)],
+                "cache_key": f"compat-cache-{token}-21",
+            }
+        )
+    )

@@ -1,4 +1,5 @@
 """A parent flow calling a child flow twice."""
+
 import json
 
 from prefect import flow, task
@@ -27,5 +28,7 @@ def parent():
 if __name__ == "__main__":
     state = parent(return_state=True)
     assert state.result() == 13
-    print("COMPAT_RESULT " + json.dumps({
-        "flow_run_id": str(state.state_details.flow_run_id), "child_flow_run_ids": children}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "child_flow_run_ids": children})
+    )

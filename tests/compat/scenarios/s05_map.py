@@ -1,4 +1,5 @@
 """task.map over 10 items, with an unmapped argument."""
+
 import json
 
 from prefect import flow, task, unmapped

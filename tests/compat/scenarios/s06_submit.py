@@ -1,4 +1,5 @@
 """Tasks submitted with .submit() to the default task runner, one depending on two others."""
+
 import json
 import time
 

@@ -1,4 +1,5 @@
 """A flow that fails with an exception after one successful task."""
+
 import json
 
 from prefect import flow, task

@@ -2,6 +2,7 @@
 
 argv[1]: a token used for a tag unique to this test run.
 """
+
 import json
 import sys
 

@@ -2,6 +2,7 @@
 
 argv[1]: a file to which the flow run id is written once the flow runs.
 """
+
 import json
 import sys
 

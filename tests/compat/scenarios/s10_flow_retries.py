@@ -1,4 +1,5 @@
 """A flow with retries=1 whose first attempt fails."""
+
 import json
 
 from prefect import flow, get_run_logger

@@ -1,4 +1,5 @@
 """An async flow awaiting 20 async tasks at once (concurrent requests to the server)."""
+
 import asyncio
 import json
 

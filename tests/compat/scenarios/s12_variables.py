@@ -2,6 +2,7 @@
 
 argv[1]: a token; the test created the variable compat_var_<token> = "from-the-api".
 """
+
 import json
 import sys
 

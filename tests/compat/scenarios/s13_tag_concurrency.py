@@ -3,6 +3,7 @@
 argv[1]: the tag. The server makes the second task wait (WAIT, ~30 s in Prefect 2.20) until
 the first one has released its slot.
 """
+
 import json
 import sys
 import time

@@ -3,6 +3,7 @@
 
 argv[1]: a file to which the flow run id is written once the flow runs.
 """
+
 import json
 import sys
 
@@ -39,5 +40,6 @@ def waiting():
 if __name__ == "__main__":
     state = waiting(return_state=True)
     assert state.is_completed(), state
-    print("COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id),
-                                         "result": state.result()}))
+    print(
+        "COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "result": state.result()})
+    )

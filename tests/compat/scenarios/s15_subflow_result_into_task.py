@@ -3,6 +3,7 @@
 The SDK records the task's input as the subflow's parent task run, read from the subflow state's
 state_details.task_run_id; with it null, the SDK asked for GET /task_runs/None and the flow crashed.
 """
+
 import json
 
 from prefect import flow, task
@@ -28,5 +29,14 @@ if __name__ == "__main__":
     state = parent(return_state=True)
     assert state.is_completed(), state
     value, task_run_id, child_run_id = state.result()
-    print("COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "value": value,
-                                         "child_task_run_id": task_run_id, "child_flow_run_id": child_run_id}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps(
+            {
+                "flow_run_id": str(state.state_details.flow_run_id),
+                "value": value,
+                "child_task_run_id": task_run_id,
+                "child_flow_run_id": child_run_id,
+            }
+        )
+    )

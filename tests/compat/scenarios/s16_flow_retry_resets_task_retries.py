@@ -4,6 +4,7 @@ The task (retries=1) fails on its first three calls: calls 1 and 2 on the flow's
 task fails, so the flow fails and retries), call 3 on the second attempt, which the task retries once
 more, so call 4 succeeds and the flow completes.
 """
+
 import json
 
 from prefect import flow, task
@@ -26,5 +27,13 @@ def retried():
 
 if __name__ == "__main__":
     state = retried(return_state=True)
-    print("COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id),
-                                         "completed": state.is_completed(), "calls": calls["n"]}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps(
+            {
+                "flow_run_id": str(state.state_details.flow_run_id),
+                "completed": state.is_completed(),
+                "calls": calls["n"],
+            }
+        )
+    )

@@ -1,4 +1,5 @@
 """Three tasks passing data, logs at several levels, and a print() with log_prints=True."""
+
 import json
 
 from prefect import flow, get_run_logger, task

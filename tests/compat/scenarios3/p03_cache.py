@@ -1,4 +1,5 @@
 """Caching by input: the second call with the same input (and a second flow run) is a cache hit."""
+
 import json
 import sys
 from datetime import timedelta
@@ -27,5 +28,7 @@ if __name__ == "__main__":
     assert first.is_completed() and second.is_completed(), (first, second)
     assert first.result() == [30, 30] and second.result() == [30, 30]
     assert CALLS["n"] == 1, CALLS
-    print("COMPAT_RESULT " + json.dumps({"flow_run_ids": [str(first.state_details.flow_run_id),
-                                                          str(second.state_details.flow_run_id)]}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps({"flow_run_ids": [str(first.state_details.flow_run_id), str(second.state_details.flow_run_id)]})
+    )

@@ -1,4 +1,5 @@
 """A parent flow calling a child flow twice."""
+
 import json
 
 from prefect import flow, task

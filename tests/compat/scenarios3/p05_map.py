@@ -1,4 +1,5 @@
 """task.map over ten items, then a task that depends on all of them."""
+
 import json
 
 from prefect import flow, task

@@ -1,4 +1,5 @@
 """A flow whose task raises: the task and the flow end Failed."""
+
 import json
 
 from prefect import flow, tags, task

@@ -1,4 +1,5 @@
 """Artifacts (markdown, table), a variable and a Secret block, from inside a flow."""
+
 import json
 import sys
 

@@ -1,5 +1,6 @@
 """A global concurrency limit held around work in a task (prefect.concurrency); argv: the limit's name and,
 optionally, how many seconds to wait for a slot before giving up."""
+
 import json
 import sys
 

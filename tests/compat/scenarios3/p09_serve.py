@@ -1,4 +1,5 @@
 """flow.serve(): a deployment served by this process, run by `prefect deployment run`."""
+
 from prefect import flow, get_run_logger, task
 
 

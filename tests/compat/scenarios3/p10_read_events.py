@@ -1,4 +1,5 @@
 """Read a flow run's task-run events back with the SDK's own client, following next_page links."""
+
 import json
 import sys
 
@@ -7,8 +8,11 @@ from prefect.events.filters import EventFilter, EventNameFilter, EventOrder, Eve
 
 if __name__ == "__main__":
     flow_run_id = sys.argv[1]
-    flt = EventFilter(event=EventNameFilter(prefix=["prefect.task-run."]),
-                      related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]), order=EventOrder.ASC)
+    flt = EventFilter(
+        event=EventNameFilter(prefix=["prefect.task-run."]),
+        related=EventRelatedFilter(id=[f"prefect.flow-run.{flow_run_id}"]),
+        order=EventOrder.ASC,
+    )
     with get_client(sync_client=True) as client:
         page = client.read_events(filter=flt, limit=2)
         names, total, pages = [e.event for e in page.events], page.total, 1
@@ -20,5 +24,7 @@ if __name__ == "__main__":
             default_limit_count = len(client.read_events(filter=flt).events)
         except Exception as exc:  # noqa: BLE001
             default_limit_count = repr(exc)[:300]
-    print("COMPAT_RESULT " + json.dumps({"names": names, "total": total, "pages": pages,
-                                         "default_limit_count": default_limit_count}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps({"names": names, "total": total, "pages": pages, "default_limit_count": default_limit_count})
+    )

@@ -1,5 +1,6 @@
 """A 3.x flow with retries=1 whose first attempt fails. The 3.9 SDK proposes its Failed state with
 state_details.retriable=false; Prefect's server retries the flow all the same (the flag is for tasks)."""
+
 import json
 
 from prefect import flow, get_run_logger
@@ -18,5 +19,13 @@ def flaky_flow():
 
 if __name__ == "__main__":
     state = flaky_flow(return_state=True)
-    print("COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id),
-                                         "completed": state.is_completed(), "attempts": attempts["n"]}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps(
+            {
+                "flow_run_id": str(state.state_details.flow_run_id),
+                "completed": state.is_completed(),
+                "attempts": attempts["n"],
+            }
+        )
+    )

@@ -6,6 +6,7 @@
   reason (the server accepted the suspension here).
 - "resume-repeated-key": the flow pauses, is resumed, then passes a pause with the same key again,
   which Prefect rejects into Running so the flow runs all five tasks (it stopped after three here)."""
+
 import json
 import sys
 import threading

@@ -1,5 +1,6 @@
 """A 3.x flow called with a parameter that fails validation: the run goes Pending -> Failed without
 running. Prefect's server gives it a start_time equal to its end_time."""
+
 import json
 
 from prefect import flow
@@ -14,5 +15,6 @@ def typed(x: int):
 
 if __name__ == "__main__":
     state = run_flow(typed, parameters=get_call_parameters(typed.fn, (), {"x": "FAIL!"}), return_type="state")
-    print("COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id),
-                                         "type": state.type.value}))
+    print(
+        "COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "type": state.type.value})
+    )

@@ -1,5 +1,6 @@
 """Flows for the automation scenarios: `fail TAG` runs a failing flow tagged TAG; `etl TAG` runs a
 completing flow tagged TAG. Prints the flow run's id and its state's timestamp."""
+
 import json
 import sys
 
@@ -26,5 +27,7 @@ if __name__ == "__main__":
     with tags(tag):
         state = (failing if mode == "fail" else etl)(return_state=True)
     assert state.is_failed() if mode == "fail" else state.is_completed(), state
-    print("COMPAT_RESULT " + json.dumps({"flow_run_id": str(state.state_details.flow_run_id),
-                                         "timestamp": state.timestamp.isoformat()}))
+    print(
+        "COMPAT_RESULT "
+        + json.dumps({"flow_run_id": str(state.state_details.flow_run_id), "timestamp": state.timestamp.isoformat()})
+    )

@@ -1,5 +1,6 @@
 """serve(global_limit=1): a served deployment whose runs take a slot of its `deployment:{id}` limit, the
 runner renewing the lease while each runs; argv[1]: the deployment's name. The runner polls every second."""
+
 import os
 import sys
 import time

@@ -4,6 +4,7 @@ argv[1] picks the role, argv[2] is a result storage folder the roles share (the 
 run are stored there by the submitter and read by the worker):
 - "submit STORAGE N": delay N runs of `double`, print their ids and the task's key;
 - "worker STORAGE": serve `double` until killed."""
+
 import json
 import os
 import sys
@@ -23,8 +24,10 @@ def double(x: int) -> int:
 if __name__ == "__main__":
     if sys.argv[1] == "submit":
         futures = [double.delay(i) for i in range(int(sys.argv[3]))]
-        print("COMPAT_RESULT " + json.dumps({"task_key": double.task_key,
-                                              "task_run_ids": [str(f.task_run_id) for f in futures]}))
+        print(
+            "COMPAT_RESULT "
+            + json.dumps({"task_key": double.task_key, "task_run_ids": [str(f.task_run_id) for f in futures]})
+        )
     else:
         print(f"serving {double.task_key}", flush=True)
         serve(double)
