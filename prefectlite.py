@@ -2459,6 +2459,58 @@ def filter_body_schema(table: str, filters: tuple) -> Schema:
     return Schema(f"Body_filter_{table}_{'_'.join(filters)}", fields)
 
 
+_JSON_TYPES = {
+    "string": str,
+    "integer": int,
+    "number": (int, float),
+    "boolean": bool,
+    "array": list,
+    "object": dict,
+    "null": type(None),
+}
+
+
+def validate_parameters(schema: dict, params: dict) -> list[dict]:
+    """Check run parameters against the deployment's parameter_openapi_schema (the parts Prefect emits)."""
+    errors = []
+    props = (schema or {}).get("properties") or {}
+    for name in (schema or {}).get("required") or []:
+        if name not in params:
+            errors.append(
+                _error(("body", "parameters", name), f"'{name}' is a required property", "value_error.missing")
+            )
+    for name, value in params.items():
+        spec = props.get(name)
+        if not isinstance(spec, dict):
+            continue
+        types = spec.get("type")
+        options = [t for t in ([types] if isinstance(types, str) else (types or [])) if t in _JSON_TYPES]
+        for alt in spec.get("anyOf") or []:
+            if isinstance(alt, dict) and alt.get("type") in _JSON_TYPES:
+                options.append(alt["type"])
+        if options and not any(_json_type_ok(value, t) for t in options):
+            errors.append(
+                _error(
+                    ("body", "parameters", name),
+                    f"{value!r} is not valid under any of the given schemas ({', '.join(options)})",
+                    "value_error.parameter",
+                )
+            )
+        if "enum" in spec and value not in spec["enum"]:
+            errors.append(
+                _error(("body", "parameters", name), f"{value!r} is not one of {spec['enum']}", "value_error.parameter")
+            )
+    return errors
+
+
+def _json_type_ok(value, type_name: str) -> bool:
+    if type_name in ("integer", "number") and isinstance(value, bool):
+        return False
+    if type_name == "integer" and isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, _JSON_TYPES[type_name])
+
+
 # --- 7. Calendar ---
 # Owns schedules: validation and fire times of interval, cron and RRULE schedules as Prefect
 # clients send them, computed with zoneinfo alone. It uses nothing defined after it.
@@ -4061,6 +4113,16 @@ def query_filtered(tx, table: str, body: dict, settings: Settings, extra_where: 
 
 def count_filtered(tx, table: str, body: dict, extra_where: str = "", extra_params=()) -> int:
     return int(tx.scalar(*count_query(tx, table, body, extra_where, extra_params)))
+
+
+_PREFECT_CLIENT_AGENT = re.compile(r"^prefect/(\d+)\.(\d+)\.(\d+)")
+
+
+def client_major(req) -> int:
+    """The Prefect major version whose shapes a caller reads: 3 for a 3.x SDK (its User-Agent says so,
+    see read_api_version), 2 for everyone else (2.x SDKs, the UI, curl), as the server is a 2.20 one."""
+    found = _PREFECT_CLIENT_AGENT.match(req.headers.get("User-Agent") or "")
+    return 3 if found and found.group(1) == "3" else 2
 
 
 # --- 9. Orchestration ---
@@ -7544,6 +7606,16 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
     return out
 
 
+def mark_deployments_polled(tx, column: str, values: list, now: str):
+    """A runner's poll (by deployment id) or a worker's (by work queue id) says its deployments are served,
+    as Prefect's mark_deployments_ready does. Readiness is read from last_polled (deployment_status)."""
+    if values:
+        marks = ", ".join("?" for _ in values)
+        tx.execute(
+            f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})", (now, *values)
+        )
+
+
 # --- 13. Deployments ---
 # Owns deployments, their schedules and the runs the scheduler makes from them.
 
@@ -7657,16 +7729,6 @@ def normalise_schedule(schedule: dict, loc) -> dict:
         return validate_schedule(schedule)
     except ScheduleError as exc:
         raise ValidationFailed([_error((*loc, exc.field), exc.message, "value_error.schedule")]) from None
-
-
-def mark_deployments_polled(tx, column: str, values: list, now: str):
-    """A runner's poll (by deployment id) or a worker's (by work queue id) says its deployments are served,
-    as Prefect's mark_deployments_ready does. Readiness is read from last_polled (deployment_status)."""
-    if values:
-        marks = ", ".join("?" for _ in values)
-        tx.execute(
-            f"UPDATE deployment SET last_polled = ?, status = 'READY' WHERE {column} IN ({marks})", (now, *values)
-        )
 
 
 def deployment_status(dep: dict, timeout_seconds: float, now: _dt.datetime) -> str:
@@ -7978,58 +8040,6 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         _replace_schedules(tx, dep_id, schedules)
     else:  # parameters, tags or queue may have changed: future runs are made again from the new values
         _drop_future_auto_runs(tx, dep_id)
-
-
-_JSON_TYPES = {
-    "string": str,
-    "integer": int,
-    "number": (int, float),
-    "boolean": bool,
-    "array": list,
-    "object": dict,
-    "null": type(None),
-}
-
-
-def validate_parameters(schema: dict, params: dict) -> list[dict]:
-    """Check run parameters against the deployment's parameter_openapi_schema (the parts Prefect emits)."""
-    errors = []
-    props = (schema or {}).get("properties") or {}
-    for name in (schema or {}).get("required") or []:
-        if name not in params:
-            errors.append(
-                _error(("body", "parameters", name), f"'{name}' is a required property", "value_error.missing")
-            )
-    for name, value in params.items():
-        spec = props.get(name)
-        if not isinstance(spec, dict):
-            continue
-        types = spec.get("type")
-        options = [t for t in ([types] if isinstance(types, str) else (types or [])) if t in _JSON_TYPES]
-        for alt in spec.get("anyOf") or []:
-            if isinstance(alt, dict) and alt.get("type") in _JSON_TYPES:
-                options.append(alt["type"])
-        if options and not any(_json_type_ok(value, t) for t in options):
-            errors.append(
-                _error(
-                    ("body", "parameters", name),
-                    f"{value!r} is not valid under any of the given schemas ({', '.join(options)})",
-                    "value_error.parameter",
-                )
-            )
-        if "enum" in spec and value not in spec["enum"]:
-            errors.append(
-                _error(("body", "parameters", name), f"{value!r} is not one of {spec['enum']}", "value_error.parameter")
-            )
-    return errors
-
-
-def _json_type_ok(value, type_name: str) -> bool:
-    if type_name in ("integer", "number") and isinstance(value, bool):
-        return False
-    if type_name == "integer" and isinstance(value, float):
-        return value.is_integer()
-    return isinstance(value, _JSON_TYPES[type_name])
 
 
 def create_deployment_flow_run(tx, dep_id: str, data: dict) -> tuple[dict, bool]:
@@ -11319,16 +11329,6 @@ def read_hello(app, req):
 def read_server_version(app, req):
     """GET /version: the REST API's version, as Prefect answers it (not the server release: /admin/version)."""
     return 200, API_VERSION
-
-
-_PREFECT_CLIENT_AGENT = re.compile(r"^prefect/(\d+)\.(\d+)\.(\d+)")
-
-
-def client_major(req) -> int:
-    """The Prefect major version whose shapes a caller reads: 3 for a 3.x SDK (its User-Agent says so,
-    see read_api_version), 2 for everyone else (2.x SDKs, the UI, curl), as the server is a 2.20 one."""
-    found = _PREFECT_CLIENT_AGENT.match(req.headers.get("User-Agent") or "")
-    return 3 if found and found.group(1) == "3" else 2
 
 
 def read_api_version(app, req):
@@ -16256,6 +16256,27 @@ class _ProcessGroup:
         self._app.events.publish([stored[i] for i in ids if i in stored])
 
 
+@contextlib.contextmanager
+def _stop_signals_blocked(signals):
+    """Threads started in the block do not take `signals`; the calling thread gets them after the block.
+
+    Python runs a signal handler in the main thread only, once that thread wakes up. The kernel hands a
+    process's signal to any thread that does not block it: had a worker taken SIGTERM, a main thread
+    asleep without a time limit (a script's, in the interpreter's wait for non-daemon threads, see
+    cmd_start) never ran the handler, and the server did not stop. A thread inherits its creator's mask,
+    so every thread the server starts, and those they start, leave the signals to the main thread; one
+    that arrives inside the block waits for it (no signal is lost).
+    """
+    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, and no such hand-off either
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def _serve_as_one_of_processes(
     settings: Settings, listening: socket.socket, group: _ProcessGroup, index: int, supervisor: int
 ) -> int:
@@ -16534,27 +16555,6 @@ def _stop_signal_handler(stop: threading.Event, before_exit=None):
         stop.set()
 
     return on_stop_signal
-
-
-@contextlib.contextmanager
-def _stop_signals_blocked(signals):
-    """Threads started in the block do not take `signals`; the calling thread gets them after the block.
-
-    Python runs a signal handler in the main thread only, once that thread wakes up. The kernel hands a
-    process's signal to any thread that does not block it: had a worker taken SIGTERM, a main thread
-    asleep without a time limit (a script's, in the interpreter's wait for non-daemon threads, see
-    cmd_start) never ran the handler, and the server did not stop. A thread inherits its creator's mask,
-    so every thread the server starts, and those they start, leave the signals to the main thread; one
-    that arrives inside the block waits for it (no signal is lost).
-    """
-    if not hasattr(signal, "pthread_sigmask"):  # Windows: no signal masks, and no such hand-off either
-        yield
-        return
-    before = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _print_ready(out, host: str, port: int, dialect: str, processes: int = 1):
