@@ -4262,7 +4262,7 @@ def _is_pending_substate(ctx: Transition) -> bool:
 
 
 def _persisted_result(data) -> bool:
-    return isinstance(data, dict) and data.get("type") != "unpersisted"
+    return isinstance(data, dict) and bool(data) and data.get("type") != "unpersisted"
 
 
 def handle_flow_terminal_state_transitions(ctx: Transition):
@@ -4292,18 +4292,31 @@ def handle_flow_terminal_state_transitions(ctx: Transition):
     return None
 
 
-def prevent_leaving_terminal_states(ctx: Transition):
-    """A task run's terminal states are final; only a retry (back to SCHEDULED) may leave them. Flow runs:
-    handle_flow_terminal_state_transitions."""
-    if ctx.kind == "flow" and ctx.initial_type in TERMINAL_STATES:
-        return handle_flow_terminal_state_transitions(ctx)
-    if ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] != "SCHEDULED":
-        return Outcome(
-            "ABORT",
-            reason=f"This run is in a {ctx.initial_type} state and cannot transition to "
-            f"{ctx.proposed['type']}: it has already terminated.",
-        )
+def handle_task_terminal_state_transitions(ctx: Transition):
+    """A task run leaves a terminal state as Prefect's HandleTaskTerminalStateTransitions lets it (a flow's
+    retry runs its finished tasks again; a 2.20 task called inside a background task completes the outer run
+    first, without a result, and the outer task's own Completed follows): not into CANCELLING, PAUSED or
+    CRASHED, and not away from a Completed state whose result is persisted (the run stays as it is). A rerun
+    while the flow run is on a later attempt is named "Retrying"; reset_task_retries starts its retries afresh."""
+    proposed = ctx.proposed["type"]
+    if proposed in ("CANCELLING", "PAUSED", "CRASHED"):
+        return Outcome("ABORT", reason=f"Run is already {ctx.initial_type}.")
+    if ctx.initial_type == "COMPLETED" and _persisted_result(ctx.initial.get("data")):
+        return Outcome("REJECT", ctx.initial, "This run is already completed.")
+    if proposed == "RUNNING" and ctx.run.get("flow_run_id"):
+        flow_run = _flow_run_brief(ctx.tx, ctx.run["flow_run_id"])
+        if flow_run and (ctx.run.get("flow_run_run_count") or 0) < (flow_run["run_count"] or 0):
+            ctx.proposed["name"] = "Retrying"
     return None
+
+
+def prevent_leaving_terminal_states(ctx: Transition):
+    """Leaving a terminal state: handle_flow_terminal_state_transitions and handle_task_terminal_state_transitions."""
+    if ctx.initial_type not in TERMINAL_STATES:
+        return None
+    if ctx.kind == "flow":
+        return handle_flow_terminal_state_transitions(ctx)
+    return handle_task_terminal_state_transitions(ctx)
 
 
 def only_cancel_cancelling_runs(ctx: Transition):
@@ -4509,7 +4522,7 @@ def reset_task_retries(ctx: Transition):
     its run count): on a flow's next attempt a task that used up its retries has them all again. Last of
     the task rules, so only an accepted transition resets it."""
     if ctx.kind == "task" and ctx.initial_type in TERMINAL_STATES and ctx.proposed["type"] not in TERMINAL_STATES:
-        ctx.updates["run_count"] = 0
+        ctx.updates["run_count"] = 1 if ctx.proposed["type"] == "RUNNING" else 0  # RUNNING counts this attempt
     return None
 
 

@@ -210,6 +210,40 @@ def test_a_terminal_flow_run_may_be_run_again(client, terminal, proposed):
         assert (policy["resuming"], policy["pause_keys"], policy["retry_type"]) == (False, [], None)
 
 
+@pytest.mark.parametrize(
+    "terminal, proposed",
+    [
+        (terminal, proposed)
+        for terminal in ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+        for proposed in ("RUNNING", "PENDING", "COMPLETED", "FAILED")
+        if (terminal, proposed)
+        != ("CANCELLED", "PENDING")  # see test_pending_is_aborted_from_pending_running_cancelling_and_cancelled
+    ],
+)
+def test_a_terminal_task_run_may_be_run_again(client, terminal, proposed):
+    """As Prefect's HandleTaskTerminalStateTransitions lets it (2.20 and 3.x): a flow's retry runs its finished
+    tasks again, and a 2.20 task called inside a background task completes the outer task's run first (without
+    a result), then the outer task's own Completed follows. Leaving for a non-final state resets the retries."""
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"])
+    propose(client, "task", task["id"], terminal, force=True)
+    status, result = task_state(client, task["id"], proposed)
+    assert_accepted(status, result, proposed)
+    expected_count = {"RUNNING": 1, "PENDING": 0}.get(proposed, 1)
+    assert read(client, "task", task["id"])["run_count"] == expected_count
+
+
+def test_a_completed_task_run_with_a_persisted_result_stays_completed(client):
+    flow_run = running_flow_run(client)
+    task = running_task_run(client, flow_run["id"])
+    persisted = {"type": "reference", "serializer_type": "json", "storage_block_id": None, "storage_key": "k"}
+    propose(client, "task", task["id"], "COMPLETED", data=persisted, force=True)
+    status, result = task_state(client, task["id"], "RUNNING")
+    assert result["status"] == "REJECT" and result["state"]["type"] == "COMPLETED", result
+    assert result["details"]["reason"] == "This run is already completed."
+    assert read(client, "task", task["id"])["state_type"] == "COMPLETED"
+
+
 def test_a_completed_flow_run_with_a_persisted_result_stays_completed(client):
     flow_run = running_flow_run(client)
     persisted = {"type": "reference", "serializer_type": "json", "storage_block_id": None, "storage_key": "k"}
@@ -239,10 +273,9 @@ def test_pending_is_accepted_from_scheduled(client):
 
 # --- terminal states ---------------------------------------------------------------------------
 
-# A flow run may leave a terminal state for another (test_a_terminal_flow_run_may_be_run_again), not for these.
-LEAVING_TERMINAL = [
-    ("task", proposed) for proposed in ("RUNNING", "PENDING", "COMPLETED", "FAILED", "PAUSED", "CANCELLING")
-] + [("flow", "PAUSED"), ("flow", "CANCELLING")]
+# A run may leave a terminal state for another (test_a_terminal_flow_run_may_be_run_again,
+# test_a_terminal_task_run_may_be_run_again), not for these.
+LEAVING_TERMINAL = [(kind, proposed) for kind in ("flow", "task") for proposed in ("PAUSED", "CANCELLING", "CRASHED")]
 
 
 @pytest.mark.parametrize("kind, proposed", LEAVING_TERMINAL)

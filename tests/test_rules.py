@@ -73,22 +73,33 @@ def test_only_a_run_about_to_run_waits_for_its_scheduled_time():
     assert prefectlite.wait_for_scheduled_time(transition(state("SCHEDULED"), proposal("RUNNING"))) is None
 
 
+PERSISTED = {"type": "reference", "serializer_type": "json", "storage_block_id": None, "storage_key": "k"}
+
+
 @pytest.mark.parametrize(
-    "initial, proposed, allowed",
+    "initial, data, proposed, expected",
     [
-        ("COMPLETED", "RUNNING", False),
-        ("CANCELLED", "PENDING", False),
-        ("CRASHED", "COMPLETED", False),
-        ("FAILED", "FAILED", False),
-        ("COMPLETED", "SCHEDULED", True),  # a retry
-        ("RUNNING", "COMPLETED", True),
+        ("COMPLETED", None, "RUNNING", None),  # a flow's retry runs its finished task again
+        ("COMPLETED", {"type": "unpersisted"}, "COMPLETED", None),  # 2.20: a task called in a background task
+        ("COMPLETED", PERSISTED, "RUNNING", "REJECT"),  # its result is kept: it stays as it is
+        ("COMPLETED", PERSISTED, "COMPLETED", "REJECT"),
+        ("CANCELLED", None, "PENDING", None),
+        ("CRASHED", None, "COMPLETED", None),
+        ("FAILED", None, "FAILED", None),
+        ("COMPLETED", None, "SCHEDULED", None),  # a retry
+        ("FAILED", None, "CRASHED", "ABORT"),
+        ("COMPLETED", None, "CANCELLING", "ABORT"),
+        ("CANCELLED", None, "PAUSED", "ABORT"),
     ],
 )
-def test_a_task_runs_terminal_states_are_left_only_for_scheduled(initial, proposed, allowed):
-    outcome = prefectlite.prevent_leaving_terminal_states(transition(state(initial), proposal(proposed), kind="task"))
-    assert (outcome is None) == allowed
-    if not allowed:
-        assert outcome.status == "ABORT" and "has already terminated" in outcome.reason
+def test_a_task_run_leaves_terminal_states_as_prefect_lets_it(initial, data, proposed, expected):
+    """Prefect's HandleTaskTerminalStateTransitions (2.20 and 3.x alike)."""
+    left = {**state(initial), "data": data}
+    ctx = transition(left, proposal(proposed), kind="task", flow_run_id=None)
+    outcome = prefectlite.prevent_leaving_terminal_states(ctx)
+    assert (outcome and outcome.status) == expected, outcome
+    if expected == "REJECT":
+        assert outcome.state is left  # the run stays in its completed state
 
 
 @pytest.mark.parametrize(
@@ -242,3 +253,37 @@ def test_a_paused_flow_run_fails_once_its_pause_timed_out(db):
     assert propose(db, run, "PAUSED", NOW + dt.timedelta(seconds=60), pause_timeout=at(120)).status == "ACCEPT"
     after = propose(db, run, "RUNNING", NOW + dt.timedelta(seconds=121))
     assert (after.status, after.state["type"], after.written) == ("REJECT", "FAILED", True)
+
+
+def new_task_run(db, flow_run, first_state, **values):
+    with db.write() as tx:
+        row = {
+            "id": prefectlite.new_id(),
+            "created": at(-600),
+            "updated": at(-600),
+            "flow_run_id": flow_run["id"],
+            "name": "task",
+            "task_key": "task",
+            "dynamic_key": prefectlite.new_id(),
+            "run_count": 1,
+            "flow_run_run_count": 1,
+            "total_run_time": 0.0,
+            "empirical_policy": {},
+            **values,
+        }
+        return prefectlite.insert_run_in_state(tx, "task", row, first_state)
+
+
+def test_a_finished_task_runs_again_as_retrying_on_its_flows_next_attempt_with_its_retries_afresh(db):
+    """A flow retried: its task that failed on attempt 1 (retries used up) runs on attempt 2 as "Retrying",
+    with its run count reset (Prefect's HandleTaskTerminalStateTransitions)."""
+    flow_run = new_run(db, {"type": "RUNNING"})
+    with db.write() as tx:
+        prefectlite.update_row(tx, "flow_run", flow_run["id"], {"run_count": 2})
+    task = new_task_run(db, flow_run, {"type": "FAILED"}, run_count=3)
+    with db.write() as tx:
+        row = prefectlite.read_row(tx, "task_run", task["id"])
+        outcome = prefectlite.orchestrate(tx, "task", row, {"type": "RUNNING", "state_details": {}}, False, now=NOW)
+    assert (outcome.status, outcome.state["type"], outcome.state["name"]) == ("ACCEPT", "RUNNING", "Retrying")
+    with db.read() as tx:
+        assert prefectlite.read_row(tx, "task_run", task["id"])["run_count"] == 1  # reset, then this attempt
