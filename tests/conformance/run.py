@@ -658,6 +658,9 @@ def compare(baseline: set, results: dict, known: dict, files: list | None = None
 
 
 def in_path(nodeid: str, path: str) -> bool:
+    """Whether a test is in a selection's path: a file, a folder, or a node id (a class, a test, a parameter)."""
+    if "::" in path:
+        return nodeid == path or nodeid.startswith((path + "::", path + "["))
     return nodeid.split("::")[0] == path or nodeid.startswith(path.rstrip("/") + "/")
 
 

@@ -68,6 +68,20 @@ def prefect_suite_results(suite) -> dict:
     return results
 
 
+@pytest.mark.parametrize(
+    "path, inside, outside",
+    [
+        ("tests/test_a.py", "tests/test_a.py::T::test_x[1]", "tests/test_ab.py::test_y"),
+        ("tests/cli", "tests/cli/test_b.py::test_z", "tests/client/test_c.py::test_z"),
+        ("tests/test_a.py::T", "tests/test_a.py::T::test_x", "tests/test_a.py::Tother::test_x"),
+        ("tests/test_a.py::test_x", "tests/test_a.py::test_x[2]", "tests/test_a.py::test_xy"),
+    ],
+)
+def test_a_selection_by_file_folder_or_node_id_takes_its_baseline_tests(path, inside, outside):
+    """`run.py -k` with node ids compares with their baseline tests only (it called every one "extra")."""
+    assert harness.in_path(inside, path) and not harness.in_path(outside, path)
+
+
 def test_known_differences_each_say_why_and_name_a_baseline_test(suite):
     known = harness.read_known_differences(suite.known_differences)  # raises on a line without a reason
     baseline = harness.read_baseline(suite.baseline)
