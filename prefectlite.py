@@ -14249,25 +14249,54 @@ class EventHub:
 # authenticates as on /events/out, sends {"type": "subscribe", "keys": [task keys], "client_id": ...} and is
 # then sent, one at a time, a scheduled background task run (no flow run) of one of its keys as a JSON
 # TaskRun; it answers each with {"type": "ack"} before it is sent the next ({"type": "quit"} ends it).
-# A 3.x client marks the runs meant for task workers with state_details.deferred; a 2.x client (whose
-# states have no such field) gets every scheduled task run without a flow run, as Prefect 2.20 did.
-# Each run is delivered to one subscriber of this server process (a claim held here, per scheduled state,
-# so a run scheduled again is delivered again); a run whose subscriber hangs up before it acks is
-# delivered to the next one. Runs scheduled before anyone subscribed wait in the database meanwhile.
+# A 3.x client marks the runs meant for task workers with state_details.deferred (also a run delayed inside a
+# flow, which has a flow run); a 2.x client (whose states have no such field) gets every scheduled task run
+# without a flow run, as Prefect 2.20 did. Each run is delivered once per scheduled state, across every process
+# and replica on the database: the delivery is claimed by a row in concurrency_lease whose id is the state's
+# id (its INSERT succeeds once; the row goes when the run leaves that state, or expires after
+# TASK_DELIVERY_CLAIM_SECONDS: a worker that died holding it). A run whose subscriber hangs up before it acks
+# is delivered to the next one. Runs scheduled before anyone subscribed wait in the database meanwhile.
 
 TASK_SUBSCRIPTION_PROTOCOL_ERROR = 4001  # Prefect's close code for a subscriber that breaks the protocol
 # How often the dispatcher looks for scheduled runs it was not told about (written by another process of
 # the server, or another server on the same database); runs written here wake it at once.
 TASK_DISPATCH_POLL_SECONDS = 2.0
 TASK_DISPATCH_PAGE = 100
+TASK_DISPATCH_SCAN_PAGES = 10  # at most this many pages of a key chunk's scheduled runs read a round
+TASK_DELIVERY_CLAIM_SECONDS = 86_400.0
 
 
 def is_deliverable_task_run(run: dict) -> bool:
     """A scheduled background task run that a task worker should run (see above)."""
     state = run.get("state") or {}
-    if run.get("flow_run_id") is not None or state.get("type") != "SCHEDULED":
+    if state.get("type") != "SCHEDULED":
         return False
-    return (state.get("state_details") or {}).get("deferred", True) is not False
+    deferred = (state.get("state_details") or {}).get("deferred")
+    if deferred is not None:  # a 3.x state says so itself, whether or not a flow delayed it
+        return deferred is True
+    return run.get("flow_run_id") is None
+
+
+def claim_task_run_delivery(db: Database, row: dict, now: _dt.datetime) -> bool:
+    """Claim the delivery of a task run in its current scheduled state, for this process: True once per
+    state across every process and replica on the database (the row's id is the state's)."""
+    expiration = now + _dt.timedelta(seconds=TASK_DELIVERY_CLAIM_SECONDS)
+    holder = {"type": "task_run_delivery", "id": row["id"]}
+    try:
+        with db.write() as tx:
+            tx.execute(
+                "INSERT INTO concurrency_lease (id, created, expiration, limit_ids, slots, holder) "
+                "VALUES (?, ?, ?, '[]', 0, ?)",
+                (row["state_id"], iso(now), iso(expiration), dumps(holder)),
+            )
+    except IntegrityViolation:
+        return False
+    return True
+
+
+def release_task_run_delivery(tx, state_id: str) -> None:
+    """Forget a delivery claim: its run left the state, or its worker hung up before acknowledging it."""
+    tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (state_id,))
 
 
 class TaskRunSubscriber:
@@ -14326,7 +14355,7 @@ class TaskRunSubscriber:
             self.ws.close(WS_CLOSE_NORMAL, "")
         elif kind != "ack":
             self._refuse("expected 'ack' message")
-        else:
+        elif self.awaiting is not None:  # an ack with nothing sent is ignored (it would only wake the dispatcher)
             self.app.task_dispatcher.acknowledged(self)
 
     def closed(self):
@@ -14345,13 +14374,19 @@ class TaskRunDispatcher:
         self._wake = threading.Condition()
         self._subscribers: list[TaskRunSubscriber] = []
         self._claims: dict[str, tuple[str, TaskRunSubscriber]] = {}  # run id -> (its state id, subscriber)
+        self._released: list[str] = []  # state ids of claims to give back (the dispatcher's thread writes)
         self._woken = False
         self._closed = False
         self._thread: threading.Thread | None = None
 
-    def on_state(self, tx, kind: str, run: dict, _initial, state: dict):
-        """A state listener (DatabaseHooks): a run scheduled for a task worker wakes us once it commits."""
-        if kind == "task" and state["type"] == "SCHEDULED" and run.get("flow_run_id") is None:
+    def on_state(self, tx, kind: str, run: dict, initial, state: dict):
+        """A state listener (DatabaseHooks): a run scheduled for a task worker wakes us once it commits; a run
+        leaving a scheduled state drops that state's delivery claim."""
+        if kind != "task":
+            return
+        if initial and initial.get("type") == "SCHEDULED" and initial.get("id"):
+            release_task_run_delivery(tx, initial["id"])
+        if state["type"] == "SCHEDULED" and is_deliverable_task_run({**run, "state": state}):
             tx.after_commit.append(self.wake)
 
     def wake(self):
@@ -14385,7 +14420,9 @@ class TaskRunDispatcher:
             with contextlib.suppress(ValueError):
                 self._subscribers.remove(subscriber)
             if subscriber.awaiting is not None:
-                self._claims.pop(subscriber.awaiting, None)
+                claim = self._claims.pop(subscriber.awaiting, None)
+                if claim is not None:
+                    self._released.append(claim[0])
                 subscriber.awaiting = None
             self._woken = True
             self._wake.notify()
@@ -14406,6 +14443,13 @@ class TaskRunDispatcher:
                 if self._closed:
                     return
                 ready = [s for s in self._subscribers if s.awaiting is None and not s.over]
+                released, self._released = self._released, []
+            try:
+                self._give_back(released)
+            except DatabaseError as exc:  # kept for the next round
+                log.warning("giving back task run deliveries failed: %s", exc)
+                with self._wake:
+                    self._released.extend(released)
             if ready:
                 try:
                     self._dispatch(ready)
@@ -14413,6 +14457,12 @@ class TaskRunDispatcher:
                     log.warning("dispatching background task runs failed: %s", exc)
                 except Exception:  # noqa: BLE001 - the dispatcher must outlive one bad round
                     log.exception("dispatching background task runs failed")
+
+    def _give_back(self, state_ids: list[str]):
+        if state_ids:
+            with self.db.write() as tx:
+                for state_id in state_ids:
+                    release_task_run_delivery(tx, state_id)
 
     def _dispatch(self, ready: list[TaskRunSubscriber]):
         keys = sorted({key for subscriber in ready for key in subscriber.keys})
@@ -14428,19 +14478,24 @@ class TaskRunDispatcher:
                     return
 
     def _scheduled_runs(self, tx, keys: list[str]) -> list[dict]:
-        """The oldest scheduled background runs of these keys that nobody here holds a claim on."""
+        """The oldest deliverable scheduled runs of these keys whose delivery nobody has claimed: up to a page
+        of them per chunk of keys, reading past runs that are not for task workers (a flow's retries)."""
         runs = []
         for start in range(0, len(keys), TASK_DISPATCH_PAGE):
             chunk = keys[start : start + TASK_DISPATCH_PAGE]
             marks = ", ".join("?" * len(chunk))
-            with self._wake:
-                claimed = len(self._claims)
-            rows = tx.query(
-                f"SELECT * FROM task_run WHERE flow_run_id IS NULL AND state_type = 'SCHEDULED' "
-                f"AND task_key IN ({marks}) ORDER BY expected_start_time, id LIMIT ?",
-                (*chunk, TASK_DISPATCH_PAGE + claimed),
-            )
-            runs.extend(row for row in rows if is_deliverable_task_run(decode_row("task_run", row)))
+            found = []
+            for page in range(TASK_DISPATCH_SCAN_PAGES):
+                rows = tx.query(
+                    f"SELECT * FROM task_run t WHERE t.state_type = 'SCHEDULED' AND t.task_key IN ({marks}) "
+                    "AND NOT EXISTS (SELECT 1 FROM concurrency_lease l WHERE l.id = t.state_id) "
+                    "ORDER BY t.expected_start_time, t.id LIMIT ? OFFSET ?",
+                    (*chunk, TASK_DISPATCH_PAGE, page * TASK_DISPATCH_PAGE),
+                )
+                found.extend(row for row in rows if is_deliverable_task_run(decode_row("task_run", row)))
+                if len(rows) < TASK_DISPATCH_PAGE or len(found) >= TASK_DISPATCH_PAGE:
+                    break
+            runs.extend(found)
         runs.sort(key=lambda row: (row["expected_start_time"] or "", row["id"]))
         return runs
 
@@ -14449,12 +14504,24 @@ class TaskRunDispatcher:
             held = self._claims.get(row["id"])
             if held is not None and held[0] == row["state_id"]:
                 return None
-            for subscriber in ready:
-                if row["task_key"] in subscriber.keys and subscriber.awaiting is None and not subscriber.over:
-                    self._claims[row["id"]] = (row["state_id"], subscriber)
-                    subscriber.awaiting = row["id"]
-                    return subscriber
-        return None
+            subscriber = next(
+                (s for s in ready if row["task_key"] in s.keys and s.awaiting is None and not s.over), None
+            )
+            if subscriber is None:
+                return None
+            subscriber.awaiting = row["id"]  # held while the claim is written: no other run goes to it
+        if not claim_task_run_delivery(self.db, row, utcnow()):  # another process delivered it first
+            with self._wake:
+                subscriber.awaiting = None
+            return None
+        with self._wake:
+            if subscriber.over:  # it hung up meanwhile: give the claim back for the next one
+                subscriber.awaiting = None
+                self._released.append(row["state_id"])
+                self._woken = True
+                return None
+            self._claims[row["id"]] = (row["state_id"], subscriber)
+        return subscriber
 
     def _forget_stale_claims(self, tx):
         """Claims on runs that have left the state they were delivered in are not needed any more."""

@@ -14,7 +14,7 @@ import urllib.parse
 
 import pytest
 
-from helpers import Client, RawWebSocket, event, wait_subscribed
+from helpers import Client, RawWebSocket, event, migrated_sqlite_url, wait_subscribed, wait_until
 
 import prefectlite
 
@@ -400,7 +400,12 @@ def test_task_worker_gets_its_keys_scheduled_background_runs_from_before_and_aft
     flow_run = client.ok("POST", "/flow_runs/", {"flow_id": client.ok("POST", "/flows/", {"name": "f"})["id"]})
     background_run(client, "other-key")
     background_run(client, "mine", deferred=False)  # a 3.x run that is not meant for a task worker
-    background_run(client, "mine", flow_run_id=flow_run["id"])  # a flow's own task run
+    background_run(client, "mine", deferred=False, flow_run_id=flow_run["id"])  # a flow's own task run
+    client.ok(  # a 2.x flow's task run awaiting its retry: a 2.x state has no `deferred`
+        "POST",
+        "/task_runs/",
+        {"task_key": "mine", "dynamic_key": "2x", "flow_run_id": flow_run["id"], "state": {"type": "SCHEDULED"}},
+    )
     before = background_run(client, "mine")
     ws = task_worker(server, "mine", "also-mine")
     try:
@@ -415,6 +420,58 @@ def test_task_worker_gets_its_keys_scheduled_background_runs_from_before_and_aft
         assert ws.expect_close()[0] == 1000
     finally:
         ws.close()
+
+
+def test_a_run_delayed_inside_a_flow_goes_to_a_task_worker(server):
+    """3.x: task.delay() inside a flow makes a deferred run that has the flow's run as its flow run; Prefect's
+    server queues it for task workers all the same (it was never sent, and the flow waited for good)."""
+    client = Client(server)
+    flow_run = client.ok("POST", "/flow_runs/", {"flow_id": client.ok("POST", "/flows/", {"name": "f"})["id"]})
+    delayed = background_run(client, "in-flow", flow_run_id=flow_run["id"])
+    ws = task_worker(server, "in-flow")
+    try:
+        sent = ws.recv_json()
+        assert (sent["id"], sent["flow_run_id"]) == (delayed, flow_run["id"])
+    finally:
+        ws.close()
+
+
+def test_two_servers_on_one_database_deliver_each_run_once(tmp_path):
+    """Replicas (or `start --processes N`) each look for scheduled runs in the database; a run acknowledged by
+    one server's worker is still Scheduled while that worker is busy, and the other server must not send it
+    again. Each worker takes runs until its own last run arrives: runs come oldest first, so one sent twice
+    would come before it."""
+    url = migrated_sqlite_url(tmp_path / "shared.db")
+    with prefectlite.serve(database=url, port=0) as one, prefectlite.serve(database=url, port=0) as two:
+        workers = {
+            "a": task_worker(one, "k", "last-a", client_id="a"),
+            "b": task_worker(two, "k", "last-b", client_id="b"),
+        }
+        received = {"a": [], "b": []}
+
+        def take(name):
+            while True:
+                run = workers[name].recv_json()
+                received[name].append(run["task_key"] if run["task_key"].startswith("last") else run["id"])
+                workers[name].send_json({"type": "ack"})
+                if run["task_key"] == f"last-{name}":
+                    return
+
+        threads = [threading.Thread(target=take, args=(name,), daemon=True) for name in workers]
+        try:
+            for thread in threads:
+                thread.start()
+            runs = [background_run(Client(one if i % 2 else two), "k") for i in range(6)]
+            wait_until(lambda: len(received["a"]) + len(received["b"]) >= 6, what="six runs delivered")
+            background_run(Client(one), "last-b")  # each worker's last run, written through the other server
+            background_run(Client(two), "last-a")
+            for thread in threads:
+                thread.join(30)
+            got = [run for name in ("a", "b") for run in received[name] if not run.startswith("last")]
+            assert sorted(got) == sorted(runs), received  # each once
+        finally:
+            for ws in workers.values():
+                ws.close()
 
 
 def test_each_run_goes_to_one_worker_and_an_unacknowledged_one_to_the_next(server):
