@@ -10744,6 +10744,24 @@ class CancellationCleanup(Service):
                 )
 
 
+def claim_next_queued(tx, table: str, working: str, order: str, now: _dt.datetime, lease_seconds: float):
+    """The next due row of a durable queue (flow_run_notification_queue, automation_action_queue), claimed in
+    `tx`: status `working`, one more attempt, due again when the lease ends (its holder died). Another
+    replica's claim skips it (SKIP LOCKED). `table` and `order` are this module's constants, never input."""
+    db = tx.db
+    row = tx.query_one(
+        f"SELECT * FROM {table} WHERE status IN ('PENDING', ?) AND next_attempt_at <= ? "
+        f"ORDER BY {order} LIMIT 1{db.for_update}{db.skip_locked}",
+        (working, iso(now)),
+    )
+    if row is not None:
+        tx.execute(
+            f"UPDATE {table} SET status = ?, attempts = attempts + 1, next_attempt_at = ?, updated = ? WHERE id = ?",
+            (working, iso(now + _dt.timedelta(seconds=lease_seconds)), iso(now), row["id"]),
+        )
+    return row
+
+
 class NotificationSender(Service):
     """Drains the notification queue: claim a row, send it, delete it once the destination accepted it.
 
@@ -10779,20 +10797,12 @@ class NotificationSender(Service):
             now = self.app.clock()  # a send takes time: the next claim judges by the clock's time after it
 
     def _claim(self, now: _dt.datetime):
-        db = self.app.db
-        with db.write() as tx:
-            row = tx.query_one(
-                "SELECT * FROM flow_run_notification_queue WHERE status IN ('PENDING', 'SENDING') "
-                f"AND next_attempt_at <= ? ORDER BY next_attempt_at, id LIMIT 1{db.for_update}{db.skip_locked}",
-                (iso(now),),
+        with self.app.db.write() as tx:
+            row = claim_next_queued(
+                tx, "flow_run_notification_queue", "SENDING", "next_attempt_at, id", now, self.lease_seconds
             )
             if row is None:
                 return None
-            tx.execute(
-                "UPDATE flow_run_notification_queue SET status = 'SENDING', attempts = attempts + 1, "
-                "next_attempt_at = ?, updated = ? WHERE id = ?",
-                (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]),
-            )
             try:
                 prepared = prepare_notification(tx, row, self.app.settings, self.app.public_url())
             except NotificationFailed as exc:  # it cannot render: give up now, retrying would fail alike
@@ -10969,21 +10979,17 @@ class AutomationActor(Service):
                 )
 
     def _claim(self) -> dict | None:
-        db, now = self.app.db, self.app.clock()  # each claim after the actions before it, which took time
-        with db.write() as tx:
-            row = tx.query_one(
-                "SELECT * FROM automation_action_queue WHERE status IN ('PENDING', 'RUNNING') AND next_attempt_at <= ? "
-                f"ORDER BY next_attempt_at, created, action_index LIMIT 1{db.for_update}{db.skip_locked}",
-                (iso(now),),
+        now = self.app.clock()  # each claim after the actions before it, which took time
+        with self.app.db.write() as tx:
+            row = claim_next_queued(
+                tx,
+                "automation_action_queue",
+                "RUNNING",
+                "next_attempt_at, created, action_index",
+                now,
+                self.lease_seconds,
             )
-            if row is None:
-                return None
-            tx.execute(
-                "UPDATE automation_action_queue SET status = 'RUNNING', attempts = attempts + 1, "
-                "next_attempt_at = ?, updated = ? WHERE id = ?",
-                (iso(now + _dt.timedelta(seconds=self.lease_seconds)), iso(now), row["id"]),
-            )
-        return {**row, "attempts": row["attempts"] + 1}
+        return None if row is None else {**row, "attempts": row["attempts"] + 1}
 
     def _run(self, row: dict):
         try:
