@@ -28,6 +28,13 @@ from helpers import (  # noqa: E402,F401 - re-exported for tests that import the
 collect_ignore = ["benchmarks"]  # benchmark scripts are run by hand, never collected
 
 
+def pytest_collection_modifyitems(items):
+    """Tests of an `xdist_group` first, in their order: one worker runs a group whole (test_ui.py: minutes in one
+    chain), so under `-n 4 --dist loadgroup`, which hands work out in collection order, a group collected last
+    would start late and finish alone after the rest. Started first, it runs beside everything else."""
+    items[:] = sorted(items, key=lambda item: item.get_closest_marker("xdist_group") is None)
+
+
 @pytest.fixture
 def server(tmp_path):
     """A real server on a free port over a real SQLite file (migrated already: a template's copy); yields

@@ -41,7 +41,16 @@ def unavailable(reason: str):
     pytest.skip(reason)
 
 
-@pytest.fixture(scope="module", params=[harness.PREFECT_2, harness.PREFECT_3], ids=lambda suite: suite.name)
+# A group per suite: under `pytest -n 2 --dist loadgroup tests/conformance` (the README's second command) each suite's
+# long run gets a worker of its own instead of both landing on one.
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param(s, marks=pytest.mark.xdist_group(f"prefect-{s.name}"))
+        for s in (harness.PREFECT_2, harness.PREFECT_3)
+    ],
+    ids=lambda suite: suite.name,
+)
 def suite(request):
     return request.param
 
