@@ -16,11 +16,12 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
   6. Schemas         -- declarative body schemas: validation, defaults, 422 details, OpenAPI
   7. Calendar        -- interval, cron and RRULE schedules: validation and fire times (uses nothing later)
   8. Records         -- rows <-> API objects, the filter language, sorting
-  9. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state
+  9. Orchestration   -- states and the rules that accept, reject, delay or abort a proposed state; concurrency
+                        slots and leases
  10. Runs            -- flows, flow runs, task runs, inputs, logs, graphs and history, retention
  11. Events          -- Prefect 3 events: storage and queries, the task-run recorder, flow-run state events
- 12. Resources       -- configuration, blocks, variables, artifacts, concurrency limits and leases, saved
-                        searches, work pools, queues and workers
+ 12. Resources       -- configuration, blocks, variables, artifacts, concurrency limits, saved searches,
+                        work pools, queues and workers
  13. Deployments     -- deployments, their schedules, the runs the scheduler makes from them
  14. Notifications   -- flow run notification policies, the durable queue, the senders
  15. Templates       -- the safe renderer of the Jinja subset automation actions are written in
@@ -1223,8 +1224,9 @@ class SqliteDatabase(Database):
         except OSError as exc:
             raise ConfigurationError(f"cannot open the lock files beside {self.path}: {exc.strerror or exc}") from None
 
-    def restore(self, source: str) -> str:
-        """Replace the database file with a backup, after checking it; only while no server uses it."""
+    def restore(self, source: str, known_revisions: list) -> str:
+        """Replace the database file with a backup, after checking it (its schema revision among known_revisions:
+        Migrations' ids); only while no server uses it."""
         import fcntl  # POSIX only
 
         if self.memory:
@@ -1239,8 +1241,7 @@ class SqliteDatabase(Database):
             check.close()
         if ok != "ok":
             raise ConfigurationError(f"{source} fails SQLite's integrity check: {ok}")
-        known = [r.id for r in list_revisions()]
-        if revision not in known:
+        if revision not in known_revisions:
             raise ConfigurationError(f"{source} is at schema revision {revision}, which this version does not know")
         with open(self.path + ".lock", "a+") as lock:
             try:
@@ -1725,7 +1726,7 @@ class PostgresDatabase(Database):
         )
         return f"{secret}{tool} {options} {where} {last}"
 
-    def restore(self, source: str) -> str:
+    def restore(self, source: str, known_revisions: list) -> str:
         """Restoring replaces what servers may be using: said, with the command, never done behind a back."""
         raise ConfigurationError(
             "prefectlite does not restore PostgreSQL databases itself; with every server "
@@ -4126,10 +4127,10 @@ def client_major(req) -> int:
 
 
 # --- 9. Orchestration ---
-# Owns states and the rules every proposed state goes through. A rule looks at the transition and
-# either lets it continue (None) or answers REJECT (with the state to take instead), WAIT (retry after
-# a delay) or ABORT (with a reason). `force=true` skips the rules; the bookkeeping (run counts, times,
-# cache entries, concurrency slots) always runs.
+# Owns states, the rules every proposed state goes through, and the concurrency slots and leases that the rules
+# and the concurrency routes take. A rule looks at the transition and either lets it continue (None) or answers
+# REJECT (with the state to take instead), WAIT (retry after a delay) or ABORT (with a reason). `force=true`
+# skips the rules; the bookkeeping (run counts, times, cache entries, concurrency slots) always runs.
 
 STATE_DETAIL_DEFAULTS = {
     "flow_run_id": None,
@@ -4544,6 +4545,190 @@ def copy_scheduled_time(ctx: Transition):
         if not details.get("scheduled_time"):
             details["scheduled_time"] = ctx.initial["state_details"].get("scheduled_time")
     return None
+
+
+# Concurrency slots and leases: global limits (Prefect 3) hand out slots all or nothing; a lease holds them
+# until its holder gives them back, or until the LeaseRepossessor takes them once it expires unrenewed (a
+# crashed client cannot keep them forever). The rules below and the concurrency routes take them here.
+
+
+def _decayed_slots(limit: dict, now: _dt.datetime) -> int:
+    """Rate limits give slots back over time at slot_decay_per_second."""
+    decay = limit["slot_decay_per_second"] or 0.0
+    if not decay:
+        return limit["active_slots"]
+    elapsed = max((now - from_iso(limit["updated"])).total_seconds(), 0.0)
+    return max(0, int(limit["active_slots"] - elapsed * decay))
+
+
+def change_global_slots(
+    tx, names: list[str], slots: int, mode: str, increment: bool, occupancy_seconds: float | None = None
+) -> list[dict] | None:
+    """Take (or give back) `slots` on every named active limit; None when a limit has no room (all or nothing)."""
+    if not names:
+        return []
+    marks = ", ".join("?" for _ in names)
+    rows = tx.query(
+        f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) AND active = ? ORDER BY name{tx.db.for_update}",
+        (*names, True),
+    )
+    limits = [decode_row("concurrency_limit_v2", r) for r in rows]
+    now = utcnow()
+    if increment:
+        if mode == "rate_limit" and any(not lim["slot_decay_per_second"] for lim in limits):
+            raise ValidationFailed(
+                [
+                    _error(
+                        ("body", "mode"),
+                        "Only concurrency limits with slot decay can be used for rate limiting.",
+                        "value_error",
+                    )
+                ]
+            )
+        full = [lim for lim in limits if _decayed_slots(lim, now) + slots > lim["limit"]]
+        if full:
+            for lim in full:  # counted here, saturating: in SQL an overflow is a float (SQLite) or an error
+                most = max(lim["denied_slots"], 2**31 - 1)  # PostgreSQL's INTEGER, or more already stored
+                update_row(
+                    tx, "concurrency_limit_v2", lim["id"], {"denied_slots": min(lim["denied_slots"] + slots, most)}
+                )
+            return None
+        for lim in limits:
+            update_row(
+                tx,
+                "concurrency_limit_v2",
+                lim["id"],
+                {"active_slots": _decayed_slots(lim, now) + slots, "denied_slots": 0, "updated": iso(now)},
+            )
+    else:
+        for lim in limits:
+            changes = {"active_slots": max(0, _decayed_slots(lim, now) - slots), "updated": iso(now)}
+            if occupancy_seconds is not None:  # a running average of how long slots are held
+                changes["avg_slot_occupancy_seconds"] = round(
+                    lim["avg_slot_occupancy_seconds"] * 0.8 + (occupancy_seconds / max(slots, 1)) * 0.2, 6
+                )
+            update_row(tx, "concurrency_limit_v2", lim["id"], changes)
+    return [{"id": lim["id"], "name": lim["name"], "limit": lim["limit"]} for lim in limits]
+
+
+def create_lease(
+    tx, limits: list[dict], slots: int, seconds: float, holder: dict | None, tag_limits: tuple = ()
+) -> str:
+    """A lease on the global limits' slots, and on the tag limits' (their ids listed alike; the holder, or the
+    lease when there is none, goes into each tag limit's active_slots)."""
+    now = utcnow()
+    lease_id = new_id()
+    insert_row(
+        tx,
+        "concurrency_lease",
+        {
+            "id": lease_id,
+            "created": iso(now),
+            "expiration": iso(now + _dt.timedelta(seconds=seconds)),
+            "limit_ids": [limit["id"] for limit in (*limits, *tag_limits)],
+            "slots": slots,
+            "holder": holder,
+        },
+    )
+    slot = (holder or {}).get("id") or lease_id
+    for limit in tag_limits:
+        update_row(
+            tx, "concurrency_limit", limit["id"], {"active_slots": [*limit["active_slots"], slot], "updated": iso(now)}
+        )
+    return lease_id
+
+
+# Prefect 3 keeps a tag's limit as the global limit `tag:NAME`, and its tasks take their tags' slots from those
+# with leases. Here a tag limit is still the v1 row (Prefect 2 clients' tasks are limited by the server's
+# orchestration rule): a `tag:NAME` no global limit of that name covers takes its slot from the v1 row.
+TAG_LIMIT_PREFIX = "tag:"
+
+
+def tag_limits_behind(tx, names: list[str]) -> list[dict]:
+    """The v1 tag limits (locked, decoded) standing for those of the names no global limit covers."""
+    tags = [name[len(TAG_LIMIT_PREFIX) :] for name in names if name.startswith(TAG_LIMIT_PREFIX)]
+    if not tags:
+        return []
+    marks = ", ".join("?" for _ in tags)
+    covered = {
+        row["name"]
+        for row in tx.query(
+            f"SELECT name FROM concurrency_limit_v2 WHERE name IN ({marks})",
+            tuple(TAG_LIMIT_PREFIX + tag for tag in tags),
+        )
+    }
+    tags = [tag for tag in tags if TAG_LIMIT_PREFIX + tag not in covered]
+    if not tags:
+        return []
+    marks = ", ".join("?" for _ in tags)
+    rows = tx.query(
+        f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(tags)
+    )
+    return [decode_row("concurrency_limit", row) for row in rows]
+
+
+def tag_limits_full(limits: list[dict], slots: int) -> bool:
+    return any(len(limit["active_slots"]) + slots > limit["concurrency_limit"] for limit in limits)
+
+
+def as_global_limit(tag_limit: dict) -> dict:
+    """A tag limit as a lease answer lists it (Prefect 3's shape: the global limit it is there)."""
+    return {"id": tag_limit["id"], "name": TAG_LIMIT_PREFIX + tag_limit["tag"], "limit": tag_limit["concurrency_limit"]}
+
+
+def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
+    marks = ", ".join("?" for _ in limit_ids)
+    for row in tx.query(
+        f"SELECT * FROM concurrency_limit WHERE id IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(limit_ids)
+    ):
+        limit = decode_row("concurrency_limit", row)
+        if slot in limit["active_slots"]:
+            update_row(
+                tx,
+                "concurrency_limit",
+                limit["id"],
+                {"active_slots": [s for s in limit["active_slots"] if s != slot], "updated": now_iso()},
+            )
+
+
+def renew_lease(tx, lease_id: str, seconds: float) -> bool:
+    """False when the lease is gone (released, or expired and repossessed)."""
+    now = utcnow()
+    return bool(
+        tx.execute(
+            "UPDATE concurrency_lease SET expiration = ? WHERE id = ? AND expiration > ?",
+            (iso(now + _dt.timedelta(seconds=seconds)), lease_id, iso(now)),
+        ).rowcount
+    )
+
+
+def release_lease(tx, lease_id: str) -> bool:
+    """Give the lease's slots back (the time held counts toward the limits' average occupancy)."""
+    row = tx.query_one(f"SELECT * FROM concurrency_lease WHERE id = ?{tx.db.for_update}", (lease_id,))
+    if row is None:
+        return False
+    lease = decode_row("concurrency_lease", row)
+    tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (lease_id,))
+    if lease["limit_ids"]:
+        # Locks in the order increment-with-lease takes them (v1 tag limits by tag, then v2 limits by name; both
+        # unique): taken the other way round, a release and an increment could deadlock on PostgreSQL.
+        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
+        marks = ", ".join("?" for _ in lease["limit_ids"])
+        names = [
+            r["name"]
+            for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})", tuple(lease["limit_ids"]))
+        ]
+        held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
+        change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
+    return True
+
+
+def repossess_expired_leases(tx, limit: int = 100, now: _dt.datetime | None = None) -> int:
+    expired = tx.query(
+        "SELECT id FROM concurrency_lease WHERE expiration <= ? ORDER BY expiration LIMIT ?",
+        (iso(now or utcnow()), limit),
+    )
+    return sum(release_lease(tx, row["id"]) for row in expired)
 
 
 def secure_task_concurrency_slots(ctx: Transition):
@@ -6468,8 +6653,8 @@ def emit_flow_run_state_event(tx, kind: str, run: dict, initial: dict | None, st
 
 
 # --- 12. Resources ---
-# Owns what flows use besides runs: blocks, variables, artifacts, concurrency limits and
-# leases, saved searches, work pools, queues and workers, and the server's configuration.
+# Owns what flows use besides runs: blocks, variables, artifacts, concurrency limits (their slots and leases
+# are Orchestration's), saved searches, work pools, queues and workers, and the server's configuration.
 
 # Server configuration (Prefect 3's `configuration` table): for now the default result storage block.
 
@@ -7001,67 +7186,7 @@ def create_tag_limit(tx, data) -> tuple[dict, bool]:
     return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row["id"])), bool(created)
 
 
-def _decayed_slots(limit: dict, now: _dt.datetime) -> int:
-    """Rate limits give slots back over time at slot_decay_per_second."""
-    decay = limit["slot_decay_per_second"] or 0.0
-    if not decay:
-        return limit["active_slots"]
-    elapsed = max((now - from_iso(limit["updated"])).total_seconds(), 0.0)
-    return max(0, int(limit["active_slots"] - elapsed * decay))
-
-
-def change_global_slots(
-    tx, names: list[str], slots: int, mode: str, increment: bool, occupancy_seconds: float | None = None
-) -> list[dict] | None:
-    """Take (or give back) `slots` on every named active limit; None when a limit has no room (all or nothing)."""
-    if not names:
-        return []
-    marks = ", ".join("?" for _ in names)
-    rows = tx.query(
-        f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) AND active = ? ORDER BY name{tx.db.for_update}",
-        (*names, True),
-    )
-    limits = [decode_row("concurrency_limit_v2", r) for r in rows]
-    now = utcnow()
-    if increment:
-        if mode == "rate_limit" and any(not lim["slot_decay_per_second"] for lim in limits):
-            raise ValidationFailed(
-                [
-                    _error(
-                        ("body", "mode"),
-                        "Only concurrency limits with slot decay can be used for rate limiting.",
-                        "value_error",
-                    )
-                ]
-            )
-        full = [lim for lim in limits if _decayed_slots(lim, now) + slots > lim["limit"]]
-        if full:
-            for lim in full:  # counted here, saturating: in SQL an overflow is a float (SQLite) or an error
-                most = max(lim["denied_slots"], 2**31 - 1)  # PostgreSQL's INTEGER, or more already stored
-                update_row(
-                    tx, "concurrency_limit_v2", lim["id"], {"denied_slots": min(lim["denied_slots"] + slots, most)}
-                )
-            return None
-        for lim in limits:
-            update_row(
-                tx,
-                "concurrency_limit_v2",
-                lim["id"],
-                {"active_slots": _decayed_slots(lim, now) + slots, "denied_slots": 0, "updated": iso(now)},
-            )
-    else:
-        for lim in limits:
-            changes = {"active_slots": max(0, _decayed_slots(lim, now) - slots), "updated": iso(now)}
-            if occupancy_seconds is not None:  # a running average of how long slots are held
-                changes["avg_slot_occupancy_seconds"] = round(
-                    lim["avg_slot_occupancy_seconds"] * 0.8 + (occupancy_seconds / max(slots, 1)) * 0.2, 6
-                )
-            update_row(tx, "concurrency_limit_v2", lim["id"], changes)
-    return [{"id": lim["id"], "name": lim["name"], "limit": lim["limit"]} for lim in limits]
-
-
-# Concurrency leases (Prefect 3): slots taken with a lease are given back when the holder says so, or
-# by the LeaseRepossessor once the lease expires unrenewed (a crashed client cannot keep them forever).
+# Concurrency leases (Prefect 3): what a request for one may ask; the leases themselves are in Orchestration.
 
 LEASE_MIN_SECONDS, LEASE_MAX_SECONDS = 60, 86400
 LeaseHolder = Schema(
@@ -7096,126 +7221,6 @@ LeaseRenewBody = Schema(
         )
     },
 )
-
-
-def create_lease(
-    tx, limits: list[dict], slots: int, seconds: float, holder: dict | None, tag_limits: tuple = ()
-) -> str:
-    """A lease on the global limits' slots, and on the tag limits' (their ids listed alike; the holder, or the
-    lease when there is none, goes into each tag limit's active_slots)."""
-    now = utcnow()
-    lease_id = new_id()
-    insert_row(
-        tx,
-        "concurrency_lease",
-        {
-            "id": lease_id,
-            "created": iso(now),
-            "expiration": iso(now + _dt.timedelta(seconds=seconds)),
-            "limit_ids": [limit["id"] for limit in (*limits, *tag_limits)],
-            "slots": slots,
-            "holder": holder,
-        },
-    )
-    slot = (holder or {}).get("id") or lease_id
-    for limit in tag_limits:
-        update_row(
-            tx, "concurrency_limit", limit["id"], {"active_slots": [*limit["active_slots"], slot], "updated": iso(now)}
-        )
-    return lease_id
-
-
-# Prefect 3 keeps a tag's limit as the global limit `tag:NAME`, and its tasks take their tags' slots from those
-# with leases. Here a tag limit is still the v1 row (Prefect 2 clients' tasks are limited by the server's
-# orchestration rule): a `tag:NAME` no global limit of that name covers takes its slot from the v1 row.
-TAG_LIMIT_PREFIX = "tag:"
-
-
-def tag_limits_behind(tx, names: list[str]) -> list[dict]:
-    """The v1 tag limits (locked, decoded) standing for those of the names no global limit covers."""
-    tags = [name[len(TAG_LIMIT_PREFIX) :] for name in names if name.startswith(TAG_LIMIT_PREFIX)]
-    if not tags:
-        return []
-    marks = ", ".join("?" for _ in tags)
-    covered = {
-        row["name"]
-        for row in tx.query(
-            f"SELECT name FROM concurrency_limit_v2 WHERE name IN ({marks})",
-            tuple(TAG_LIMIT_PREFIX + tag for tag in tags),
-        )
-    }
-    tags = [tag for tag in tags if TAG_LIMIT_PREFIX + tag not in covered]
-    if not tags:
-        return []
-    marks = ", ".join("?" for _ in tags)
-    rows = tx.query(
-        f"SELECT * FROM concurrency_limit WHERE tag IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(tags)
-    )
-    return [decode_row("concurrency_limit", row) for row in rows]
-
-
-def tag_limits_full(limits: list[dict], slots: int) -> bool:
-    return any(len(limit["active_slots"]) + slots > limit["concurrency_limit"] for limit in limits)
-
-
-def as_global_limit(tag_limit: dict) -> dict:
-    """A tag limit as a lease answer lists it (Prefect 3's shape: the global limit it is there)."""
-    return {"id": tag_limit["id"], "name": TAG_LIMIT_PREFIX + tag_limit["tag"], "limit": tag_limit["concurrency_limit"]}
-
-
-def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
-    marks = ", ".join("?" for _ in limit_ids)
-    for row in tx.query(
-        f"SELECT * FROM concurrency_limit WHERE id IN ({marks}) ORDER BY tag{tx.db.for_update}", tuple(limit_ids)
-    ):
-        limit = decode_row("concurrency_limit", row)
-        if slot in limit["active_slots"]:
-            update_row(
-                tx,
-                "concurrency_limit",
-                limit["id"],
-                {"active_slots": [s for s in limit["active_slots"] if s != slot], "updated": now_iso()},
-            )
-
-
-def renew_lease(tx, lease_id: str, seconds: float) -> bool:
-    """False when the lease is gone (released, or expired and repossessed)."""
-    now = utcnow()
-    return bool(
-        tx.execute(
-            "UPDATE concurrency_lease SET expiration = ? WHERE id = ? AND expiration > ?",
-            (iso(now + _dt.timedelta(seconds=seconds)), lease_id, iso(now)),
-        ).rowcount
-    )
-
-
-def release_lease(tx, lease_id: str) -> bool:
-    """Give the lease's slots back (the time held counts toward the limits' average occupancy)."""
-    row = tx.query_one(f"SELECT * FROM concurrency_lease WHERE id = ?{tx.db.for_update}", (lease_id,))
-    if row is None:
-        return False
-    lease = decode_row("concurrency_lease", row)
-    tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (lease_id,))
-    if lease["limit_ids"]:
-        # Locks in the order increment-with-lease takes them (v1 tag limits by tag, then v2 limits by name; both
-        # unique): taken the other way round, a release and an increment could deadlock on PostgreSQL.
-        release_tag_slots(tx, lease["limit_ids"], (lease["holder"] or {}).get("id") or lease_id)
-        marks = ", ".join("?" for _ in lease["limit_ids"])
-        names = [
-            r["name"]
-            for r in tx.query(f"SELECT name FROM concurrency_limit_v2 WHERE id IN ({marks})", tuple(lease["limit_ids"]))
-        ]
-        held = max((utcnow() - from_iso(lease["created"])).total_seconds(), 0.0)
-        change_global_slots(tx, names, lease["slots"], "concurrency", increment=False, occupancy_seconds=held or None)
-    return True
-
-
-def repossess_expired_leases(tx, limit: int = 100, now: _dt.datetime | None = None) -> int:
-    expired = tx.query(
-        "SELECT id FROM concurrency_lease WHERE expiration <= ? ORDER BY expiration LIMIT ?",
-        (iso(now or utcnow()), limit),
-    )
-    return sum(release_lease(tx, row["id"]) for row in expired)
 
 
 # Saved searches
@@ -17131,7 +17136,7 @@ def cmd_database(args, out) -> int:
             if not args.path or not os.path.isfile(args.path):
                 raise ConfigurationError(f"database restore needs an existing backup file, got {args.path!r}")
             _confirm(f"Replace the database at {_where(db)} with {args.path}?", args.yes)
-            print(db.restore(args.path), file=out)
+            print(db.restore(args.path, [r.id for r in list_revisions()]), file=out)
     return 0
 
 
