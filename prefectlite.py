@@ -11667,6 +11667,20 @@ def set_task_run_state(app, req):
     return _orchestration_reply(outcome)
 
 
+TaskWorkerFilter = Schema("TaskWorkerFilter", {"task_keys": Field(ListOf("str"), required=True, nullable=False)})
+TaskWorkerFilterBody = Schema(
+    "Body_read_task_workers_task_workers_filter_post", {"task_worker_filter": Field(TaskWorkerFilter)}
+)
+
+
+@body(TaskWorkerFilterBody)
+def read_task_workers(app, req):
+    """The task workers subscribed to this server process (3.x), those with any of the keys asked for (none
+    asked: all of them)."""
+    wanted = (req.data["task_worker_filter"] or {}).get("task_keys")
+    return 200, app.task_dispatcher.workers(wanted or None, utcnow())
+
+
 # Handlers: logs
 
 
@@ -13363,6 +13377,7 @@ ROUTES = [
     ("DELETE", "/task_runs/{id}", delete_task_run),
     ("POST", "/task_runs/{id}/set_state", set_task_run_state),
     ("GET", "/task_run_states/", read_task_run_states),
+    ("POST", "/task_workers/filter", read_task_workers),
     ("GET", "/task_run_states/{id}", read_task_run_state),
     ("POST", "/logs/", create_logs_handler),
     ("POST", "/logs/filter", read_logs_filtered),
@@ -14270,6 +14285,7 @@ TASK_DISPATCH_POLL_SECONDS = 2.0
 TASK_DISPATCH_PAGE = 100
 TASK_DISPATCH_SCAN_PAGES = 10  # at most this many pages of a key chunk's scheduled runs read a round
 TASK_DELIVERY_CLAIM_SECONDS = 86_400.0
+TASK_SUBSCRIBE_LOG_KEYS = 5  # a subscription's log line names this many of its keys (and counts the rest)
 
 
 def is_deliverable_task_run(run: dict) -> bool:
@@ -14281,6 +14297,18 @@ def is_deliverable_task_run(run: dict) -> bool:
     if deferred is not None:  # a 3.x state says so itself, whether or not a flow delayed it
         return deferred is True
     return run.get("flow_run_id") is None
+
+
+def task_dispatch_query(key_count: int) -> str:
+    """A page of the scheduled runs of `key_count` task keys whose delivery nobody has claimed, oldest first;
+    parameters: the keys, the page's size and offset. Served by the partial index of migration 0010 (the
+    state_type equality matches its WHERE; SQLite chooses it only with state_type among its columns)."""
+    marks = ", ".join("?" * key_count)
+    return (
+        f"SELECT * FROM task_run t WHERE t.state_type = 'SCHEDULED' AND t.task_key IN ({marks}) "
+        "AND NOT EXISTS (SELECT 1 FROM concurrency_lease l WHERE l.id = t.state_id) "
+        "ORDER BY t.expected_start_time, t.id LIMIT ? OFFSET ?"
+    )
 
 
 def claim_task_run_delivery(db: Database, row: dict, now: _dt.datetime) -> bool:
@@ -14314,9 +14342,11 @@ class TaskRunSubscriber:
     def __init__(self, app, ws):
         self.app, self.ws = app, ws
         self.authenticated = ws.subprotocol != "prefect"
-        self.keys: tuple = ()
+        self.keys: tuple = ()  # as subscribed, in order, each once
+        self.key_set: frozenset = frozenset()  # the same, for membership
         self.client_id = None
         self.awaiting: str | None = None  # the run sent and not acknowledged yet (set by the dispatcher)
+        self.sent_at: _dt.datetime | None = None  # when that run was sent
         self.over = False
 
     def receive(self, messages: list) -> bool:
@@ -14350,7 +14380,11 @@ class TaskRunSubscriber:
             self._refuse("expected 'client_id' in subscribe message")
             return
         self.keys, self.client_id = tuple(dict.fromkeys(keys)), str(message["client_id"])
-        log.info("task worker %r subscribed to task keys %s", self.client_id, list(self.keys))
+        self.key_set = frozenset(self.keys)
+        shown = ", ".join(repr(key) for key in self.keys[:TASK_SUBSCRIBE_LOG_KEYS])
+        rest = len(self.keys) - TASK_SUBSCRIBE_LOG_KEYS
+        more = f", and {rest} more" if rest > 0 else ""
+        log.info("task worker %r subscribed to %d task keys: %s%s", self.client_id, len(self.keys), shown, more)
         self.app.task_dispatcher.subscribe(self)
 
     def _acknowledge(self, message):
@@ -14470,8 +14504,27 @@ class TaskRunDispatcher:
                 for state_id in state_ids:
                     release_task_run_delivery(tx, state_id)
 
+    def workers(self, keys: list[str] | None, now: _dt.datetime) -> list[dict]:
+        """/task_workers/filter: the workers subscribed here, one per client id (its connections' keys
+        together), those with any of `keys` (None: all). Seen `now` while idle, as Prefect's tracker sees an
+        idle worker every second; a worker running a run was last seen when it was sent it."""
+        found: dict[str, dict] = {}
+        with self._wake:
+            subscribers = [s for s in self._subscribers if not s.over]
+        for subscriber in subscribers:
+            seen = now if subscriber.awaiting is None or subscriber.sent_at is None else subscriber.sent_at
+            worker = found.setdefault(subscriber.client_id, {"keys": {}, "seen": seen})
+            worker["keys"].update(dict.fromkeys(subscriber.keys))
+            worker["seen"] = max(worker["seen"], seen)
+        wanted = None if keys is None else set(keys)
+        return [
+            {"identifier": client_id, "task_keys": list(worker["keys"]), "timestamp": iso(worker["seen"])}
+            for client_id, worker in found.items()
+            if wanted is None or not wanted.isdisjoint(worker["keys"])
+        ]
+
     def _dispatch(self, ready: list[TaskRunSubscriber]):
-        keys = sorted({key for subscriber in ready for key in subscriber.keys})
+        keys = sorted(frozenset().union(*(subscriber.key_set for subscriber in ready)))
         with self.db.read() as tx:
             self._forget_stale_claims(tx)
             candidates = self._scheduled_runs(tx, keys)
@@ -14489,15 +14542,10 @@ class TaskRunDispatcher:
         runs = []
         for start in range(0, len(keys), TASK_DISPATCH_PAGE):
             chunk = keys[start : start + TASK_DISPATCH_PAGE]
-            marks = ", ".join("?" * len(chunk))
+            sql = task_dispatch_query(len(chunk))
             found = []
             for page in range(TASK_DISPATCH_SCAN_PAGES):
-                rows = tx.query(
-                    f"SELECT * FROM task_run t WHERE t.state_type = 'SCHEDULED' AND t.task_key IN ({marks}) "
-                    "AND NOT EXISTS (SELECT 1 FROM concurrency_lease l WHERE l.id = t.state_id) "
-                    "ORDER BY t.expected_start_time, t.id LIMIT ? OFFSET ?",
-                    (*chunk, TASK_DISPATCH_PAGE, page * TASK_DISPATCH_PAGE),
-                )
+                rows = tx.query(sql, (*chunk, TASK_DISPATCH_PAGE, page * TASK_DISPATCH_PAGE))
                 found.extend(row for row in rows if is_deliverable_task_run(decode_row("task_run", row)))
                 if len(rows) < TASK_DISPATCH_PAGE or len(found) >= TASK_DISPATCH_PAGE:
                     break
@@ -14511,11 +14559,12 @@ class TaskRunDispatcher:
             if held is not None and held[0] == row["state_id"]:
                 return None
             subscriber = next(
-                (s for s in ready if row["task_key"] in s.keys and s.awaiting is None and not s.over), None
+                (s for s in ready if row["task_key"] in s.key_set and s.awaiting is None and not s.over), None
             )
             if subscriber is None:
                 return None
             subscriber.awaiting = row["id"]  # held while the claim is written: no other run goes to it
+            subscriber.sent_at = utcnow()
         if not claim_task_run_delivery(self.db, row, utcnow()):  # another process delivered it first
             with self._wake:
                 subscriber.awaiting = None

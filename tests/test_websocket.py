@@ -5,6 +5,7 @@ endpoints' in-band auth, /events/in storing and /events/out streaming, and shutd
 import base64
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -504,6 +505,69 @@ def one_worker_each_and_unacknowledged_to_the_next(server):
         a.close()
         if b is not None:
             b.close()
+
+
+def task_workers(client, body=None):
+    return sorted(
+        ((w["identifier"], sorted(w["task_keys"])) for w in client.ok("POST", "/task_workers/filter", body)),
+    )
+
+
+def test_task_workers_are_listed_by_client_id_and_filtered_by_task_key(server):
+    """3.x: POST /task_workers/filter answers the connected task workers, one per client id with the keys of
+    all its connections (Prefect 3.9's tracker does so); `task_keys` keeps those with any of them."""
+    client = Client(server)
+    assert client.ok("POST", "/task_workers/filter") == []
+    before = prefectlite.utcnow()
+    a = task_worker(server, "k1", "k2", client_id="A")
+    b = task_worker(server, "k2", "k3", client_id="B")
+    a_again = task_worker(server, "k4", client_id="A")  # a second connection of the same worker
+    try:
+        everyone = [("A", ["k1", "k2", "k4"]), ("B", ["k2", "k3"])]
+        wait_until(lambda: task_workers(client) == everyone, what="both workers listed")
+        listed = client.ok("POST", "/task_workers/filter", {"task_worker_filter": None})
+        after = prefectlite.utcnow()
+        for worker in listed:  # seen when asked: an idle worker is seen all the time
+            assert before <= prefectlite.from_iso(prefectlite.parse_datetime(worker["timestamp"])) <= after, worker
+        assert task_workers(client, {"task_worker_filter": {"task_keys": []}}) == everyone
+        assert task_workers(client, {"task_worker_filter": {"task_keys": ["k2"]}}) == everyone
+        assert task_workers(client, {"task_worker_filter": {"task_keys": ["k3", "nobody's"]}}) == everyone[1:]
+        assert task_workers(client, {"task_worker_filter": {"task_keys": ["nobody's"]}}) == []
+        a_again.close()  # the worker's keys are those of its connections still open
+        wait_until(lambda: task_workers(client) == [("A", ["k1", "k2"]), ("B", ["k2", "k3"])], what="k4 gone")
+        b.send_json({"type": "quit"})
+        assert b.expect_close()[0] == 1000
+        wait_until(lambda: task_workers(client) == [("A", ["k1", "k2"])], what="B gone")
+    finally:
+        for ws in (a, b, a_again):
+            ws.close()
+    wait_until(lambda: task_workers(client) == [], what="A gone")
+
+
+def test_a_task_worker_filter_names_its_keys_in_a_list(server):
+    client = Client(server)
+    for bad, loc in [
+        ({"task_worker_filter": {}}, ["body", "task_worker_filter", "task_keys"]),
+        ({"task_worker_filter": {"task_keys": {"any_": ["k"]}}}, ["body", "task_worker_filter", "task_keys"]),
+        ({"task_worker_filter": {"task_keys": [1]}}, ["body", "task_worker_filter", "task_keys", 0]),
+    ]:
+        status, answer = client.request("POST", "/task_workers/filter", bad)
+        assert status == 422 and [e["loc"] for e in answer["exception_detail"]] == [loc], (bad, answer)
+
+
+def test_a_subscription_logs_how_many_keys_and_names_only_the_first_few(server, caplog):
+    keys = [f"key-{i}" for i in range(1000)]
+    with caplog.at_level(logging.INFO, logger="prefectlite"):
+        ws = task_worker(server, *keys, client_id="many")
+        try:
+            lines = wait_until(
+                lambda: [r.getMessage() for r in caplog.records if "'many' subscribed" in r.getMessage()],
+                what="the subscription logged",
+            )
+        finally:
+            ws.close()
+    assert len(lines) == 1 and "1000 task keys" in lines[0] and "'key-0'" in lines[0], lines
+    assert "'key-5'" not in lines[0] and "995 more" in lines[0] and len(lines[0]) < 200, lines
 
 
 @pytest.mark.parametrize(
