@@ -544,6 +544,60 @@ def test_task_workers_are_listed_by_client_id_and_filtered_by_task_key(server):
     wait_until(lambda: task_workers(client) == [], what="A gone")
 
 
+def test_task_workers_of_every_server_on_the_database_are_listed(tmp_path):
+    """Replicas (or `start --processes N`): each lists its task workers in the database, so any of them answers
+    for all; a worker that hangs up, or whose server stops, is no longer listed."""
+    task_workers_of_every_server_are_listed(migrated_sqlite_url(tmp_path / "shared.db"))
+
+
+def test_task_workers_of_every_server_on_a_postgresql_database_are_listed(postgres_url):
+    task_workers_of_every_server_are_listed(postgres_url)
+
+
+def task_workers_of_every_server_are_listed(url):
+    with prefectlite.serve(database=url, port=0) as two:
+        with prefectlite.serve(database=url, port=0) as one:
+            a = task_worker(one, "k1", client_id="A")
+            b = task_worker(two, "k2", client_id="B")
+            a_on_two = task_worker(two, "k3", client_id="A")
+            c = task_worker(one, "k4", client_id="C")
+            try:
+                everyone = [("A", ["k1", "k3"]), ("B", ["k2"]), ("C", ["k4"])]
+                for api in (one, two):
+                    wait_until(lambda api=api: task_workers(Client(api)) == everyone, what=f"all listed by {api}")
+                only_b = {"task_worker_filter": {"task_keys": ["k2"]}}
+                assert task_workers(Client(one), only_b) == [("B", ["k2"])]
+                a.close()
+                wait_until(lambda: task_workers(Client(two)) == [("A", ["k3"]), *everyone[1:]], what="a unlisted")
+            finally:
+                for ws in (a, b, a_on_two):
+                    ws.close()
+        try:  # `one` stopped with C connected
+            wait_until(lambda: task_workers(Client(two)) == [], what="C unlisted when its server stopped")
+        finally:
+            c.close()
+
+
+def test_a_listing_removed_from_the_database_is_written_again(tmp_path, monkeypatch):
+    """A server's listing of its workers that is gone from the database (`database reset`, the test plugin's
+    clean database, or expired while its process stalled) is written again when it renews it."""
+    monkeypatch.setattr(prefectlite, "TASK_WORKER_LISTING_SECONDS", 3.0)  # renewed every round (2 s)
+    url = migrated_sqlite_url(tmp_path / "shared.db")
+    with prefectlite.serve(database=url, port=0) as one, prefectlite.serve(database=url, port=0) as two:
+        ws = task_worker(one, "k", client_id="A")
+        try:
+            wait_until(lambda: task_workers(Client(two)) == [("A", ["k"])], what="listed")
+            db = prefectlite.open_database(url)
+            try:
+                with db.write() as tx:
+                    tx.execute("DELETE FROM concurrency_lease")
+            finally:
+                db.close()
+            wait_until(lambda: task_workers(Client(two)) == [("A", ["k"])], what="listed again")
+        finally:
+            ws.close()
+
+
 def test_a_task_worker_filter_names_its_keys_in_a_list(server):
     client = Client(server)
     for bad, loc in [
