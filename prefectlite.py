@@ -11672,6 +11672,23 @@ def set_task_run_state(app, req):
     return _orchestration_reply(outcome)
 
 
+TaskWorkerFilter = Schema("TaskWorkerFilter", {"task_keys": Field(ListOf("str"), required=True, nullable=False)})
+TaskWorkerFilterBody = Schema(
+    "Body_read_task_workers_task_workers_filter_post", {"task_worker_filter": Field(TaskWorkerFilter)}
+)
+
+
+@body(TaskWorkerFilterBody)
+def read_task_workers(app, req):
+    """The task workers subscribed to the processes on this database (3.x), those with any of the keys asked for
+    (none asked: all of them)."""
+    wanted = (req.data["task_worker_filter"] or {}).get("task_keys")
+    now = utcnow()
+    with app.db.read() as tx:
+        listed = listed_task_workers(tx, now)
+    return 200, app.task_dispatcher.workers(wanted or None, now, listed)
+
+
 # Handlers: logs
 
 
@@ -13368,6 +13385,7 @@ ROUTES = [
     ("DELETE", "/task_runs/{id}", delete_task_run),
     ("POST", "/task_runs/{id}/set_state", set_task_run_state),
     ("GET", "/task_run_states/", read_task_run_states),
+    ("POST", "/task_workers/filter", read_task_workers),
     ("GET", "/task_run_states/{id}", read_task_run_state),
     ("POST", "/logs/", create_logs_handler),
     ("POST", "/logs/filter", read_logs_filtered),
@@ -14267,6 +14285,7 @@ class EventHub:
 # id (its INSERT succeeds once; the row goes when the run leaves that state, or expires after
 # TASK_DELIVERY_CLAIM_SECONDS: a worker that died holding it). A run whose subscriber hangs up before it acks
 # is delivered to the next one. Runs scheduled before anyone subscribed wait in the database meanwhile.
+# POST /task_workers/filter lists the workers of every process (their subscriptions are listed in the database).
 
 TASK_SUBSCRIPTION_PROTOCOL_ERROR = 4001  # Prefect's close code for a subscriber that breaks the protocol
 # How often the dispatcher looks for scheduled runs it was not told about (written by another process of
@@ -14275,6 +14294,12 @@ TASK_DISPATCH_POLL_SECONDS = 2.0
 TASK_DISPATCH_PAGE = 100
 TASK_DISPATCH_SCAN_PAGES = 10  # at most this many pages of a key chunk's scheduled runs read a round
 TASK_DELIVERY_CLAIM_SECONDS = 86_400.0
+TASK_SUBSCRIBE_LOG_KEYS = 5  # a subscription's log line names this many of its keys (and counts the rest)
+# Every process lists its task workers' subscriptions in the database for /task_workers/filter: a row in
+# concurrency_lease each (holder type task_worker), renewed every third of this and gone this long after its
+# process stopped renewing it (a process that died; one that stops deletes its own).
+TASK_WORKER_LISTING_SECONDS = 60.0
+_TASK_WORKER_HOLDER = '{"type":"task_worker",%'  # how dumps() begins such a row's holder
 
 
 def is_deliverable_task_run(run: dict) -> bool:
@@ -14286,6 +14311,18 @@ def is_deliverable_task_run(run: dict) -> bool:
     if deferred is not None:  # a 3.x state says so itself, whether or not a flow delayed it
         return deferred is True
     return run.get("flow_run_id") is None
+
+
+def task_dispatch_query(key_count: int) -> str:
+    """A page of the scheduled runs of `key_count` task keys whose delivery nobody has claimed, oldest first;
+    parameters: the keys, the page's size and offset. Served by the partial index of migration 0010 (the
+    state_type equality matches its WHERE; SQLite chooses it only with state_type among its columns)."""
+    marks = ", ".join("?" * key_count)
+    return (
+        f"SELECT * FROM task_run t WHERE t.state_type = 'SCHEDULED' AND t.task_key IN ({marks}) "
+        "AND NOT EXISTS (SELECT 1 FROM concurrency_lease l WHERE l.id = t.state_id) "
+        "ORDER BY t.expected_start_time, t.id LIMIT ? OFFSET ?"
+    )
 
 
 def claim_task_run_delivery(db: Database, row: dict, now: _dt.datetime) -> bool:
@@ -14310,6 +14347,22 @@ def release_task_run_delivery(tx, state_id: str) -> None:
     tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (state_id,))
 
 
+def listed_task_workers(tx, now: _dt.datetime) -> list[dict]:
+    """The task-worker subscriptions that the processes on this database list (see above): id, client_id,
+    keys, and when its process last renewed it."""
+    rows = tx.query(
+        "SELECT id, expiration, holder FROM concurrency_lease WHERE holder LIKE ? AND expiration > ?",
+        (_TASK_WORKER_HOLDER, iso(now)),
+    )
+    listed = []
+    for row in rows:
+        holder = decode_row("concurrency_lease", row)["holder"] or {}
+        renewed = from_iso(row["expiration"]) - _dt.timedelta(seconds=TASK_WORKER_LISTING_SECONDS)
+        listed.append({"id": row["id"], "client_id": holder.get("client_id"), "keys": holder.get("keys") or []})
+        listed[-1]["seen"] = min(renewed, now)
+    return listed
+
+
 class TaskRunSubscriber:
     """/api/task_runs/subscriptions/scheduled: one task worker's connection. It parses what the worker
     sends on the loop (nothing here waits or reads the database); the App's TaskRunDispatcher sends."""
@@ -14319,9 +14372,12 @@ class TaskRunSubscriber:
     def __init__(self, app, ws):
         self.app, self.ws = app, ws
         self.authenticated = ws.subprotocol != "prefect"
-        self.keys: tuple = ()
+        self.keys: tuple = ()  # as subscribed, in order, each once
+        self.key_set: frozenset = frozenset()  # the same, for membership
         self.client_id = None
         self.awaiting: str | None = None  # the run sent and not acknowledged yet (set by the dispatcher)
+        self.sent_at: _dt.datetime | None = None  # when that run was sent
+        self.listing_id = new_id()  # its row among the listed task workers
         self.over = False
 
     def receive(self, messages: list) -> bool:
@@ -14355,7 +14411,11 @@ class TaskRunSubscriber:
             self._refuse("expected 'client_id' in subscribe message")
             return
         self.keys, self.client_id = tuple(dict.fromkeys(keys)), str(message["client_id"])
-        log.info("task worker %r subscribed to task keys %s", self.client_id, list(self.keys))
+        self.key_set = frozenset(self.keys)
+        shown = ", ".join(repr(key) for key in self.keys[:TASK_SUBSCRIBE_LOG_KEYS])
+        rest = len(self.keys) - TASK_SUBSCRIBE_LOG_KEYS
+        more = f", and {rest} more" if rest > 0 else ""
+        log.info("task worker %r subscribed to %d task keys: %s%s", self.client_id, len(self.keys), shown, more)
         self.app.task_dispatcher.subscribe(self)
 
     def _acknowledge(self, message):
@@ -14389,6 +14449,10 @@ class TaskRunDispatcher:
         self._woken = False
         self._closed = False
         self._thread: threading.Thread | None = None
+        self._to_list: list[TaskRunSubscriber] = []  # subscribed, not listed in the database yet
+        self._to_unlist: list[str] = []  # listing ids of subscribers gone
+        self._listed: dict[str, TaskRunSubscriber] = {}  # ours in the database, by listing id
+        self._renewed = 0.0  # time.monotonic() of the listing's last renewal
 
     def on_state(self, tx, kind: str, run: dict, initial, state: dict):
         """A state listener (DatabaseHooks): a run scheduled for a task worker wakes us once it commits; a run
@@ -14411,6 +14475,7 @@ class TaskRunDispatcher:
                 subscriber.ws.close(WS_CLOSE_GOING_AWAY, "server shutting down")
                 return
             self._subscribers.append(subscriber)
+            self._to_list.append(subscriber)
             if self._thread is None:
                 self._thread = threading.Thread(
                     target=self._dispatch_forever, name="prefectlite-task-runs", daemon=True
@@ -14430,6 +14495,10 @@ class TaskRunDispatcher:
         with self._wake:
             with contextlib.suppress(ValueError):
                 self._subscribers.remove(subscriber)
+            if subscriber in self._to_list:
+                self._to_list.remove(subscriber)
+            else:
+                self._to_unlist.append(subscriber.listing_id)
             if subscriber.awaiting is not None:
                 claim = self._claims.pop(subscriber.awaiting, None)
                 if claim is not None:
@@ -14452,7 +14521,7 @@ class TaskRunDispatcher:
                     self._wake.wait(TASK_DISPATCH_POLL_SECONDS)
                 self._woken = False
                 if self._closed:
-                    return
+                    break
                 ready = [s for s in self._subscribers if s.awaiting is None and not s.over]
                 released, self._released = self._released, []
             try:
@@ -14461,6 +14530,10 @@ class TaskRunDispatcher:
                 log.warning("giving back task run deliveries failed: %s", exc)
                 with self._wake:
                     self._released.extend(released)
+            try:
+                self._keep_listing()
+            except DatabaseError as exc:  # the next round tries again
+                log.warning("listing task workers failed: %s", exc)
             if ready:
                 try:
                     self._dispatch(ready)
@@ -14468,6 +14541,64 @@ class TaskRunDispatcher:
                     log.warning("dispatching background task runs failed: %s", exc)
                 except Exception:  # noqa: BLE001 - the dispatcher must outlive one bad round
                     log.exception("dispatching background task runs failed")
+        with contextlib.suppress(DatabaseError):  # stopping: our workers are not listed any more
+            with self._wake:
+                listed = list(self._listed)
+            self._unlist(listed)
+
+    def _keep_listing(self):
+        """List the subscribers that came, unlist those that went, renew the rest's rows when due."""
+        with self._wake:
+            new = [s for s in self._to_list if not s.over]
+            gone, self._to_list, self._to_unlist = self._to_unlist, [], []
+        now = utcnow()
+        expiration = iso(now + _dt.timedelta(seconds=TASK_WORKER_LISTING_SECONDS))
+        try:
+            if new:
+                with self.db.write() as tx:
+                    for subscriber in new:
+                        holder = {"type": "task_worker", "client_id": subscriber.client_id, "keys": subscriber.keys}
+                        tx.execute(
+                            "INSERT INTO concurrency_lease (id, created, expiration, limit_ids, slots, holder) "
+                            "VALUES (?, ?, ?, '[]', 0, ?)",
+                            (subscriber.listing_id, iso(now), expiration, dumps(holder)),
+                        )
+                with self._wake:
+                    self._listed.update((s.listing_id, s) for s in new)
+                new = []
+            self._unlist(gone)
+            gone = []
+            with self._wake:
+                ids = list(self._listed)
+            if ids and time.monotonic() - self._renewed >= TASK_WORKER_LISTING_SECONDS / 3:
+                missing = []
+                with self.db.write() as tx:
+                    for start in range(0, len(ids), 500):
+                        chunk = ids[start : start + 500]
+                        marks = ", ".join("?" * len(chunk))
+                        sql = f"UPDATE concurrency_lease SET expiration = ? WHERE id IN ({marks})"
+                        if tx.execute(sql, (expiration, *chunk)).rowcount < len(chunk):  # expired and removed
+                            present = tx.query(f"SELECT id FROM concurrency_lease WHERE id IN ({marks})", chunk)
+                            missing += set(chunk) - {row["id"] for row in present}
+                self._renewed = time.monotonic()
+                with self._wake:  # listed again next round (this process stalled longer than a row lives)
+                    self._to_list += [self._listed.pop(i) for i in missing if i in self._listed]
+                    self._woken = True
+        finally:
+            with self._wake:  # what was not written is tried again next round
+                self._to_list[:0] = new
+                self._to_unlist.extend(gone)
+
+    def _unlist(self, listing_ids: list[str]):
+        with self._wake:
+            ours = [listing_id for listing_id in listing_ids if listing_id in self._listed]
+        if ours:
+            with self.db.write() as tx:
+                for listing_id in ours:
+                    tx.execute("DELETE FROM concurrency_lease WHERE id = ?", (listing_id,))
+            with self._wake:
+                for listing_id in ours:
+                    self._listed.pop(listing_id, None)
 
     def _give_back(self, state_ids: list[str]):
         if state_ids:
@@ -14475,8 +14606,32 @@ class TaskRunDispatcher:
                 for state_id in state_ids:
                     release_task_run_delivery(tx, state_id)
 
+    def workers(self, keys: list[str] | None, now: _dt.datetime, listed: list[dict]) -> list[dict]:
+        """/task_workers/filter: the task workers, one per client id (its connections' keys together), those
+        with any of `keys` (None: all): ours, and those `listed` in the database by the other processes. Ours
+        are seen `now` while idle, as Prefect's tracker sees an idle worker every second; one running a run
+        was last seen when it was sent it. The others' were seen when their process last renewed them."""
+        with self._wake:
+            subscribers = [s for s in self._subscribers if not s.over]
+            ours = {s.listing_id for s in subscribers} | self._listed.keys()
+        connections = [
+            (s.client_id, s.keys, now if s.awaiting is None or s.sent_at is None else s.sent_at) for s in subscribers
+        ]
+        connections += [(row["client_id"], row["keys"], row["seen"]) for row in listed if row["id"] not in ours]
+        found: dict[str, dict] = {}
+        for client_id, subscribed, seen in connections:
+            worker = found.setdefault(client_id, {"keys": {}, "seen": seen})
+            worker["keys"].update(dict.fromkeys(subscribed))
+            worker["seen"] = max(worker["seen"], seen)
+        wanted = None if keys is None else set(keys)
+        return [
+            {"identifier": client_id, "task_keys": list(worker["keys"]), "timestamp": iso(worker["seen"])}
+            for client_id, worker in found.items()
+            if wanted is None or not wanted.isdisjoint(worker["keys"])
+        ]
+
     def _dispatch(self, ready: list[TaskRunSubscriber]):
-        keys = sorted({key for subscriber in ready for key in subscriber.keys})
+        keys = sorted(frozenset().union(*(subscriber.key_set for subscriber in ready)))
         with self.db.read() as tx:
             self._forget_stale_claims(tx)
             candidates = self._scheduled_runs(tx, keys)
@@ -14494,15 +14649,10 @@ class TaskRunDispatcher:
         runs = []
         for start in range(0, len(keys), TASK_DISPATCH_PAGE):
             chunk = keys[start : start + TASK_DISPATCH_PAGE]
-            marks = ", ".join("?" * len(chunk))
+            sql = task_dispatch_query(len(chunk))
             found = []
             for page in range(TASK_DISPATCH_SCAN_PAGES):
-                rows = tx.query(
-                    f"SELECT * FROM task_run t WHERE t.state_type = 'SCHEDULED' AND t.task_key IN ({marks}) "
-                    "AND NOT EXISTS (SELECT 1 FROM concurrency_lease l WHERE l.id = t.state_id) "
-                    "ORDER BY t.expected_start_time, t.id LIMIT ? OFFSET ?",
-                    (*chunk, TASK_DISPATCH_PAGE, page * TASK_DISPATCH_PAGE),
-                )
+                rows = tx.query(sql, (*chunk, TASK_DISPATCH_PAGE, page * TASK_DISPATCH_PAGE))
                 found.extend(row for row in rows if is_deliverable_task_run(decode_row("task_run", row)))
                 if len(rows) < TASK_DISPATCH_PAGE or len(found) >= TASK_DISPATCH_PAGE:
                     break
@@ -14516,11 +14666,12 @@ class TaskRunDispatcher:
             if held is not None and held[0] == row["state_id"]:
                 return None
             subscriber = next(
-                (s for s in ready if row["task_key"] in s.keys and s.awaiting is None and not s.over), None
+                (s for s in ready if row["task_key"] in s.key_set and s.awaiting is None and not s.over), None
             )
             if subscriber is None:
                 return None
             subscriber.awaiting = row["id"]  # held while the claim is written: no other run goes to it
+            subscriber.sent_at = utcnow()
         if not claim_task_run_delivery(self.db, row, utcnow()):  # another process delivered it first
             with self._wake:
                 subscriber.awaiting = None

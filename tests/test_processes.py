@@ -221,6 +221,25 @@ def test_live_event_subscribers_get_events_stored_through_any_process(processes)
             writer.close()
 
 
+def test_a_task_worker_connected_to_one_process_is_listed_by_the_other(processes):
+    """POST /task_workers/filter (3.x) answers for the whole server, whichever process serves the request."""
+    server = processes(2)
+    first, second = children(server.proc.pid)
+    worker = served_by(server, first, lambda: RawWebSocket(server.api_url, path="/task_runs/subscriptions/scheduled"))
+    asker = served_by(server, second, lambda: Conn(server.port))
+    try:
+        worker.authenticate()
+        worker.send_json({"type": "subscribe", "keys": ["k1", "k2"], "client_id": "w"})
+        listed = wait_until(lambda: asker.ok("POST", "/task_workers/filter", {}), what="the worker listed")
+        assert [(w["identifier"], w["task_keys"]) for w in listed] == [("w", ["k1", "k2"])], listed
+        worker.send_json({"type": "quit"})
+        worker.expect_close()
+        wait_until(lambda: asker.ok("POST", "/task_workers/filter", {}) == [], what="the worker unlisted")
+    finally:
+        worker.close()
+        asker.close()
+
+
 def test_services_run_in_one_process_and_any_process_wakes_them(processes):
     """A Failed state set through any process is notified once, long before the sender's own
     60-second loop would have found it: the process that recorded it woke the first process."""

@@ -170,3 +170,64 @@ def test_a_flow_runs_task_runs_are_found_by_the_unique_index_alone(db):
     assert "ix_task_run__flow_run_id" not in indexes
     lines = plan(db, "SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (ONE,))
     assert any("uq_task_run__flow_run_id_task_key_dynamic_key" in line for line in lines), lines
+
+
+def seed_task_runs(db, scheduled_keys=1000, scheduled_per_key=2, flow_runs=300, tasks_per_flow_run=10):
+    """Flows' finished task runs (most of a server's task runs) and scheduled background runs for task
+    workers, spread over many keys (a chunk of keys the dispatcher asks for has a few of them)."""
+    with db.write() as tx:
+        flow = prefectlite.create_flow(tx, {"name": "f", "tags": []})[0]
+        for _ in range(flow_runs):
+            run, _ = prefectlite.create_flow_run(tx, {"flow_id": flow["id"], "state": {"type": "COMPLETED"}}, {})
+            for j in range(tasks_per_flow_run):
+                prefectlite.create_task_run(
+                    tx,
+                    {"flow_run_id": run["id"], "task_key": f"t{j}", "dynamic_key": "0", "state": {"type": "COMPLETED"}},
+                )
+        for i in range(scheduled_keys * scheduled_per_key):
+            prefectlite.create_task_run(
+                tx,
+                {
+                    "task_key": f"background-{i % scheduled_keys}",
+                    "dynamic_key": str(i),
+                    "state": {"type": "SCHEDULED", "state_details": {"deferred": True}},
+                },
+            )
+
+
+DISPATCH_KEYS = [f"background-{i}" for i in range(100)]  # a chunk of keys, as the dispatcher asks for them
+
+
+def test_the_task_run_dispatchers_query_searches_its_index_per_key(tmp_path):
+    # the server never runs ANALYZE on SQLite: the planner chooses without statistics, as here
+    db = prefectlite.open_database(f"sqlite:///{tmp_path}/dispatch.db")
+    try:
+        prefectlite.migrate(db)
+        seed_task_runs(db)
+        sql = prefectlite.task_dispatch_query(len(DISPATCH_KEYS))
+        lines = plan(db, sql, (*DISPATCH_KEYS, 100, 0))
+        assert any(
+            "SEARCH t USING INDEX ix_task_run__scheduled_task_key (state_type=? AND task_key=?)" in line
+            for line in lines
+        ), lines
+        assert_indexed(lines, "t", search=True)
+    finally:
+        db.close()
+
+
+def test_the_task_run_dispatchers_query_searches_its_index_per_key_on_postgresql(postgres_url):
+    # PostgreSQL charges an index descent per key asked for: reading every scheduled run is cheaper while
+    # there are few, so the index is chosen once there are thousands (as there were when rounds were slow)
+    db = prefectlite.open_database(postgres_url)
+    try:
+        seed_task_runs(db, scheduled_keys=3000, flow_runs=100)
+        with db.write() as tx:
+            tx.execute("ANALYZE task_run")  # as autovacuum does
+        sql = prefectlite.task_dispatch_query(len(DISPATCH_KEYS))
+        with db.read() as tx:
+            lines = [next(iter(row.values())) for row in tx.query("EXPLAIN " + sql, (*DISPATCH_KEYS, 100, 0))]
+        text = "\n".join(lines)
+        assert "ix_task_run__scheduled_task_key" in text and "Index Cond: ((task_key)::text = ANY" in text, text
+        assert "Seq Scan on task_run" not in text, text
+    finally:
+        db.close()

@@ -5,6 +5,7 @@ endpoints' in-band auth, /events/in storing and /events/out streaming, and shutd
 import base64
 import hashlib
 import json
+import logging
 import os
 import socket
 import struct
@@ -504,6 +505,123 @@ def one_worker_each_and_unacknowledged_to_the_next(server):
         a.close()
         if b is not None:
             b.close()
+
+
+def task_workers(client, body=None):
+    return sorted(
+        ((w["identifier"], sorted(w["task_keys"])) for w in client.ok("POST", "/task_workers/filter", body)),
+    )
+
+
+def test_task_workers_are_listed_by_client_id_and_filtered_by_task_key(server):
+    """3.x: POST /task_workers/filter answers the connected task workers, one per client id with the keys of
+    all its connections (Prefect 3.9's tracker does so); `task_keys` keeps those with any of them."""
+    client = Client(server)
+    assert client.ok("POST", "/task_workers/filter") == []
+    before = prefectlite.utcnow()
+    a = task_worker(server, "k1", "k2", client_id="A")
+    b = task_worker(server, "k2", "k3", client_id="B")
+    a_again = task_worker(server, "k4", client_id="A")  # a second connection of the same worker
+    try:
+        everyone = [("A", ["k1", "k2", "k4"]), ("B", ["k2", "k3"])]
+        wait_until(lambda: task_workers(client) == everyone, what="both workers listed")
+        listed = client.ok("POST", "/task_workers/filter", {"task_worker_filter": None})
+        after = prefectlite.utcnow()
+        for worker in listed:  # seen when asked: an idle worker is seen all the time
+            assert before <= prefectlite.from_iso(prefectlite.parse_datetime(worker["timestamp"])) <= after, worker
+        assert task_workers(client, {"task_worker_filter": {"task_keys": []}}) == everyone
+        assert task_workers(client, {"task_worker_filter": {"task_keys": ["k2"]}}) == everyone
+        assert task_workers(client, {"task_worker_filter": {"task_keys": ["k3", "nobody's"]}}) == everyone[1:]
+        assert task_workers(client, {"task_worker_filter": {"task_keys": ["nobody's"]}}) == []
+        a_again.close()  # the worker's keys are those of its connections still open
+        wait_until(lambda: task_workers(client) == [("A", ["k1", "k2"]), ("B", ["k2", "k3"])], what="k4 gone")
+        b.send_json({"type": "quit"})
+        assert b.expect_close()[0] == 1000
+        wait_until(lambda: task_workers(client) == [("A", ["k1", "k2"])], what="B gone")
+    finally:
+        for ws in (a, b, a_again):
+            ws.close()
+    wait_until(lambda: task_workers(client) == [], what="A gone")
+
+
+def test_task_workers_of_every_server_on_the_database_are_listed(tmp_path):
+    """Replicas (or `start --processes N`): each lists its task workers in the database, so any of them answers
+    for all; a worker that hangs up, or whose server stops, is no longer listed."""
+    task_workers_of_every_server_are_listed(migrated_sqlite_url(tmp_path / "shared.db"))
+
+
+def test_task_workers_of_every_server_on_a_postgresql_database_are_listed(postgres_url):
+    task_workers_of_every_server_are_listed(postgres_url)
+
+
+def task_workers_of_every_server_are_listed(url):
+    with prefectlite.serve(database=url, port=0) as two:
+        with prefectlite.serve(database=url, port=0) as one:
+            a = task_worker(one, "k1", client_id="A")
+            b = task_worker(two, "k2", client_id="B")
+            a_on_two = task_worker(two, "k3", client_id="A")
+            c = task_worker(one, "k4", client_id="C")
+            try:
+                everyone = [("A", ["k1", "k3"]), ("B", ["k2"]), ("C", ["k4"])]
+                for api in (one, two):
+                    wait_until(lambda api=api: task_workers(Client(api)) == everyone, what=f"all listed by {api}")
+                only_b = {"task_worker_filter": {"task_keys": ["k2"]}}
+                assert task_workers(Client(one), only_b) == [("B", ["k2"])]
+                a.close()
+                wait_until(lambda: task_workers(Client(two)) == [("A", ["k3"]), *everyone[1:]], what="a unlisted")
+            finally:
+                for ws in (a, b, a_on_two):
+                    ws.close()
+        try:  # `one` stopped with C connected
+            wait_until(lambda: task_workers(Client(two)) == [], what="C unlisted when its server stopped")
+        finally:
+            c.close()
+
+
+def test_a_listing_removed_from_the_database_is_written_again(tmp_path, monkeypatch):
+    """A server's listing of its workers that is gone from the database (`database reset`, the test plugin's
+    clean database, or expired while its process stalled) is written again when it renews it."""
+    monkeypatch.setattr(prefectlite, "TASK_WORKER_LISTING_SECONDS", 3.0)  # renewed every round (2 s)
+    url = migrated_sqlite_url(tmp_path / "shared.db")
+    with prefectlite.serve(database=url, port=0) as one, prefectlite.serve(database=url, port=0) as two:
+        ws = task_worker(one, "k", client_id="A")
+        try:
+            wait_until(lambda: task_workers(Client(two)) == [("A", ["k"])], what="listed")
+            db = prefectlite.open_database(url)
+            try:
+                with db.write() as tx:
+                    tx.execute("DELETE FROM concurrency_lease")
+            finally:
+                db.close()
+            wait_until(lambda: task_workers(Client(two)) == [("A", ["k"])], what="listed again")
+        finally:
+            ws.close()
+
+
+def test_a_task_worker_filter_names_its_keys_in_a_list(server):
+    client = Client(server)
+    for bad, loc in [
+        ({"task_worker_filter": {}}, ["body", "task_worker_filter", "task_keys"]),
+        ({"task_worker_filter": {"task_keys": {"any_": ["k"]}}}, ["body", "task_worker_filter", "task_keys"]),
+        ({"task_worker_filter": {"task_keys": [1]}}, ["body", "task_worker_filter", "task_keys", 0]),
+    ]:
+        status, answer = client.request("POST", "/task_workers/filter", bad)
+        assert status == 422 and [e["loc"] for e in answer["exception_detail"]] == [loc], (bad, answer)
+
+
+def test_a_subscription_logs_how_many_keys_and_names_only_the_first_few(server, caplog):
+    keys = [f"key-{i}" for i in range(1000)]
+    with caplog.at_level(logging.INFO, logger="prefectlite"):
+        ws = task_worker(server, *keys, client_id="many")
+        try:
+            lines = wait_until(
+                lambda: [r.getMessage() for r in caplog.records if "'many' subscribed" in r.getMessage()],
+                what="the subscription logged",
+            )
+        finally:
+            ws.close()
+    assert len(lines) == 1 and "1000 task keys" in lines[0] and "'key-0'" in lines[0], lines
+    assert "'key-5'" not in lines[0] and "995 more" in lines[0] and len(lines[0]) < 200, lines
 
 
 @pytest.mark.parametrize(

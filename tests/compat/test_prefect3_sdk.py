@@ -469,8 +469,16 @@ def test_task_workers_run_delayed_tasks_each_once(run_flow_script, start_script,
         runs = api.ok("POST", "/task_runs/filter", {"task_runs": {"id": {"any_": ids}}}, expect=200)
         return runs if len(runs) == len(ids) and all(r["state_type"] in TERMINAL for r in runs) else None
 
+    def both_listed():  # POST /task_workers/filter (3.x): the two workers, by the SDK's client ids, with the key
+        body = {"task_worker_filter": {"task_keys": [before["task_key"]]}}
+        listed = api.ok("POST", "/task_workers/filter", body, expect=200)
+        return listed if len(listed) == 2 else None
+
     try:
         runs = wait_until(all_done, 90, what=f"{len(ids)} delayed task runs run by the task workers")
+        listed = wait_until(both_listed, 30, what="the two task workers listed")
+        assert len({w["identifier"] for w in listed}) == 2, listed
+        assert all(before["task_key"] in w["task_keys"] for w in listed), listed
     finally:
         for worker in workers:
             worker.terminate()
