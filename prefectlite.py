@@ -11683,10 +11683,7 @@ def read_task_workers(app, req):
     """The task workers subscribed to the processes on this database (3.x), those with any of the keys asked for
     (none asked: all of them)."""
     wanted = (req.data["task_worker_filter"] or {}).get("task_keys")
-    now = utcnow()
-    with app.db.read() as tx:
-        listed = listed_task_workers(tx, now)
-    return 200, app.task_dispatcher.workers(wanted or None, now, listed)
+    return 200, app.task_dispatcher.workers(wanted or None, utcnow())
 
 
 # Handlers: logs
@@ -14606,11 +14603,13 @@ class TaskRunDispatcher:
                 for state_id in state_ids:
                     release_task_run_delivery(tx, state_id)
 
-    def workers(self, keys: list[str] | None, now: _dt.datetime, listed: list[dict]) -> list[dict]:
+    def workers(self, keys: list[str] | None, now: _dt.datetime) -> list[dict]:
         """/task_workers/filter: the task workers, one per client id (its connections' keys together), those
-        with any of `keys` (None: all): ours, and those `listed` in the database by the other processes. Ours
+        with any of `keys` (None: all): ours, and those listed in the database by the other processes. Ours
         are seen `now` while idle, as Prefect's tracker sees an idle worker every second; one running a run
         was last seen when it was sent it. The others' were seen when their process last renewed them."""
+        with self.db.read() as tx:
+            listed = listed_task_workers(tx, now)
         with self._wake:
             subscribers = [s for s in self._subscribers if not s.over]
             ours = {s.listing_id for s in subscribers} | self._listed.keys()
