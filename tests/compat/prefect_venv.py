@@ -7,8 +7,10 @@ Usage:
 The venv lives at ${PREFECTLITE_CACHE_DIR:-~/.cache/prefectlite}/venv-prefect-2.20 (3.9: venv-prefect-3.9).
 It is built in a temporary sibling directory and renamed into place only once
 `python -c "import prefect"` reports the expected version, so a half-built venv is never
-taken as ready. A cached venv is verified the same way on every call; a broken one
-is moved aside and rebuilt. Concurrent builders are serialised with a lock file.
+taken as ready. A cached venv is verified the same way when this script runs (as .ci/run does before the
+tests); inside the tests, where each pytest worker asks, a cheaper check does (its ready marker, its python and
+prefect's installed metadata: an import costs 1-2 s of CPU a worker). A broken one is moved aside and rebuilt.
+Concurrent builders are serialised with a lock file.
 
 Only the standard library is used (this runs before anything is installed).
 """
@@ -97,9 +99,19 @@ def verify(python: Path, sdk: Sdk = PREFECT2) -> str:
     return version
 
 
-def _is_ready(venv: Path, sdk: Sdk) -> bool:
+def _installed_version(venv: Path) -> str:
+    """prefect's version as pip recorded it in the venv (its dist-info directory), or ""."""
+    for dist_info in venv.glob("lib/python3*/site-packages/prefect-*.dist-info"):
+        if (dist_info / "METADATA").is_file():
+            return dist_info.name[len("prefect-") : -len(".dist-info")]
+    return ""
+
+
+def _is_ready(venv: Path, sdk: Sdk, import_check: bool = True) -> bool:
     if not (venv / READY_MARKER).exists():
         return False
+    if not import_check:
+        return _python_in(venv).exists() and _installed_version(venv).startswith(sdk.version_prefix)
     try:
         verify(_python_in(venv), sdk)
     except VenvError as exc:
@@ -193,10 +205,11 @@ def _build(final: Path, sdk: Sdk) -> None:
     print(f"[prefect_venv] built {final} in {time.time() - started:.0f}s", file=sys.stderr)
 
 
-def ensure_venv(sdk: Sdk) -> str:
-    """Return the path of the venv's python, building the venv first if needed."""
+def ensure_venv(sdk: Sdk, import_check: bool = False) -> str:
+    """Return the path of the venv's python, building the venv first if needed (import_check: a cached one must
+    import prefect too, not only look installed)."""
     final = venv_dir(sdk)
-    if _is_ready(final, sdk):
+    if _is_ready(final, sdk, import_check):
         return str(_python_in(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     lock_path = final.parent / f"{final.name}.lock"
@@ -220,7 +233,7 @@ def ensure_prefect_venv() -> str:
 
 def main(sdk: Sdk = PREFECT2) -> int:
     try:
-        print(ensure_venv(sdk))
+        print(ensure_venv(sdk, import_check=True))
     except VenvError as exc:
         print(f"[prefect_venv] cannot build the {sdk.requirement} venv: {exc}", file=sys.stderr)
         return 1

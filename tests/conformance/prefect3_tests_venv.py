@@ -47,13 +47,13 @@ PREFECT3_TESTS = Sdk(
 )
 
 
-def ensure_prefect3_tests_venv() -> str:
-    return ensure_venv(PREFECT3_TESTS)
+def ensure_prefect3_tests_venv(import_check: bool = False) -> str:
+    return ensure_venv(PREFECT3_TESTS, import_check)
 
 
 def main() -> int:
     try:
-        print(ensure_prefect3_tests_venv())
+        print(ensure_prefect3_tests_venv(import_check=True))
     except VenvError as exc:
         print(f"[prefect3_tests_venv] cannot build the Prefect 3.9.1 test venv: {exc}", file=sys.stderr)
         return 1

@@ -44,13 +44,13 @@ _DIGEST = hashlib.sha256("\n".join((REQUIREMENT, *PINS)).encode()).hexdigest()[:
 PREFECT2_TESTS = Sdk(REQUIREMENT, "2.20.25", f"venv-prefect-2.20.25-tests-{_DIGEST}", extra_pins=PINS)
 
 
-def ensure_prefect_tests_venv() -> str:
-    return ensure_venv(PREFECT2_TESTS)
+def ensure_prefect_tests_venv(import_check: bool = False) -> str:
+    return ensure_venv(PREFECT2_TESTS, import_check)
 
 
 def main() -> int:
     try:
-        print(ensure_prefect_tests_venv())
+        print(ensure_prefect_tests_venv(import_check=True))
     except VenvError as exc:
         print(f"[prefect_tests_venv] cannot build the Prefect 2.20.25 test venv: {exc}", file=sys.stderr)
         return 1
