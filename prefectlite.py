@@ -4527,15 +4527,17 @@ def reset_task_retries(ctx: Transition):
     return None
 
 
-def rename_retrying(ctx: Transition):
-    """A task run back from AwaitingRetry runs as "Retrying" (a retried flow run stays "Running", as in Prefect)."""
-    if (
-        ctx.kind == "task"
-        and ctx.proposed["type"] == "RUNNING"
-        and ctx.initial_type == "SCHEDULED"
-        and ctx.initial["name"] == "AwaitingRetry"
-    ):
+def rename_reruns(ctx: Transition):
+    """Prefect's RenameReruns, a task-run rule (a retried flow run stays "Running"): a task run back from
+    AwaitingRetry runs as "Retrying", and one that has run before otherwise as "Rerunning" (the 2.20 SDK runs
+    a task called inside a background task on the outer task's run). A run leaving a terminal state starts
+    its count afresh first (reset_task_retries), so it is not renamed."""
+    if ctx.kind != "task" or ctx.proposed["type"] != "RUNNING":
+        return None
+    if ctx.initial_type == "SCHEDULED" and ctx.initial["name"] == "AwaitingRetry":
         ctx.proposed["name"] = "Retrying"
+    elif (ctx.run.get("run_count") or 0) > 0 and ctx.initial_type not in TERMINAL_STATES:
+        ctx.proposed["name"] = "Rerunning"
     return None
 
 
@@ -4899,7 +4901,7 @@ FLOW_RUN_RULES = (
     handle_pausing_flows,
     wait_for_scheduled_time,
     retry_failed_runs,
-    rename_retrying,
+    rename_reruns,
     copy_scheduled_time,
     keep_deployment_lease_at_running,
     secure_deployment_concurrency_slots,
@@ -4912,7 +4914,7 @@ TASK_RUN_RULES = (
     retrieve_cached_state,
     wait_for_scheduled_time,
     retry_failed_runs,
-    rename_retrying,
+    rename_reruns,
     copy_scheduled_time,
     secure_task_concurrency_slots,
     reset_task_retries,

@@ -758,6 +758,32 @@ def test_a_task_in_a_flow_paused_for_rescheduling_pauses_the_same_way(client):
     )
 
 
+def test_a_task_run_running_again_is_rerunning(client):
+    """Prefect's RenameReruns: RUNNING proposed for a task run that has run already (not back from
+    AwaitingRetry, nor leaving a terminal state) is named "Rerunning". The 2.20 SDK does that when a task
+    called inside a background task reuses the outer task's run."""
+    status, task = client.post("/task_runs/", {"task_key": "outer", "dynamic_key": "0"})
+    assert status == 201, task
+    first = task_state(client, task["id"], "RUNNING")
+    assert_accepted(*first, "RUNNING")
+    assert first[1]["state"]["name"] == "Running"
+    again = task_state(client, task["id"], "RUNNING")
+    assert_accepted(*again, "RUNNING")
+    assert again[1]["state"]["name"] == "Rerunning"
+    assert read(client, "task", task["id"])["state_name"] == "Rerunning"
+    assert_accepted(*task_state(client, task["id"], "COMPLETED"), "COMPLETED")
+    rerun = task_state(client, task["id"], "RUNNING")  # leaving a terminal state starts the count afresh
+    assert_accepted(*rerun, "RUNNING")
+    assert rerun[1]["state"]["name"] == "Running"
+
+
+def test_a_flow_run_running_again_keeps_its_name(client):
+    """RenameReruns is a task-run rule only (in Prefect 2.20 and 3.x)."""
+    run = running_flow_run(client)
+    status, result = flow_state(client, run["id"], "RUNNING")
+    assert result["state"]["name"] == "Running", result
+
+
 def test_a_task_without_a_flow_run_may_run(client):
     status, task = client.post("/task_runs/", {"task_key": "free", "dynamic_key": "0"})
     assert status == 201, task

@@ -178,7 +178,7 @@ def test_a_task_its_retry_condition_refused_is_not_retried():
 
 def test_a_task_run_back_from_awaiting_retry_runs_as_retrying():
     proposed = proposal("RUNNING")
-    prefectlite.rename_retrying(transition(state("SCHEDULED", "AwaitingRetry"), proposed, kind="task"))
+    prefectlite.rename_reruns(transition(state("SCHEDULED", "AwaitingRetry"), proposed, kind="task"))
     assert proposed["name"] == "Retrying"
 
 
