@@ -144,9 +144,9 @@ README_FILES_3 = (
     "tests/cli/test_global_concurrency_limit.py",
     "tests/cli/deployment",
 )
-# Beyond the README's files: other client-facing files whose tests run flows, tasks, deployments or CLI commands
-# through the API. (Left out for CI's time: tests/cli/test_deploy.py and tests/cli/deploy, deployment builds
-# that take minutes each; tests/workers, whose process worker runs each flow in a new interpreter.)
+# Beyond the README's files: other client-facing files whose tests run flows, tasks, deployments, workers or CLI
+# commands through the API. (Left out for CI's time: tests/cli/test_deploy.py and tests/cli/deploy, deployment builds
+# that take minutes each.)
 EXTENSION_3 = (
     "tests/test_flow_runs.py",
     "tests/test_task_runs.py",
@@ -159,6 +159,7 @@ EXTENSION_3 = (
     "tests/test_waiters.py",
     "tests/cli/test_events.py",
     "tests/cli/test_flow.py",
+    "tests/workers",
 )
 SELECTION_3 = README_FILES_3 + EXTENSION_3
 # Two pytest-xdist workers (Prefect's own CI runs this suite under xdist): one after the other, the selection's
