@@ -144,9 +144,10 @@ README_FILES_3 = (
     "tests/cli/test_global_concurrency_limit.py",
     "tests/cli/deployment",
 )
-# Beyond the README's files: other client-facing files whose tests run flows, tasks, deployments, workers or CLI
-# commands through the API. (Left out for CI's time: tests/cli/test_deploy.py and tests/cli/deploy, deployment builds
-# that take minutes each.)
+# Beyond the README's files: every other client-facing file whose tests run flows, tasks, deployments, workers or
+# CLI commands through the API and can run against an external server (files testing only client-side code, or only
+# Prefect's server, are left out). tests/workers and the `prefect deploy` files cost little: ~1.5 min each under
+# -n 2 against prefectlite (tests/benchmarks/README.md), since most of their tests need Prefect's database and skip.
 EXTENSION_3 = (
     "tests/test_flow_runs.py",
     "tests/test_task_runs.py",
@@ -160,6 +161,8 @@ EXTENSION_3 = (
     "tests/cli/test_events.py",
     "tests/cli/test_flow.py",
     "tests/workers",
+    "tests/cli/test_deploy.py",
+    "tests/cli/deploy",
 )
 SELECTION_3 = README_FILES_3 + EXTENSION_3
 # Two pytest-xdist workers (Prefect's own CI runs this suite under xdist): one after the other, the selection's
