@@ -11504,6 +11504,19 @@ def update_flow_run(app, req):
     return 204, NO_CONTENT
 
 
+def update_flow_run_labels(app, req):
+    """PATCH /flow_runs/{id}/labels (3.x): the body's labels merged into the run's stored ones (the 3.x SDK's
+    run_deployment sends the caller's OpenTelemetry trace context this way, and failed on a 404)."""
+    labels = req.json()
+    if not isinstance(labels, dict):
+        raise ValidationFailed([_error(("body",), "value is not a valid dict", "type_error.dict")])
+    with app.db.write() as tx:
+        stored = require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True).get("labels")
+        merged = {**(_json_text(stored) if isinstance(stored, str) else stored or {}), **labels}
+        update_row(tx, "flow_run", req.uuid(), {"labels": merged, "updated": now_iso()})
+    return 204, NO_CONTENT
+
+
 def delete_flow_run(app, req):
     with app.db.write() as tx:
         if not tx.execute("DELETE FROM flow_run WHERE id = ?", (req.uuid(),)).rowcount:
@@ -13364,6 +13377,7 @@ ROUTES = [
     ("POST", "/flow_runs/history", flow_run_history),
     ("GET", "/flow_runs/{id}", read_flow_run),
     ("PATCH", "/flow_runs/{id}", update_flow_run),
+    ("PATCH", "/flow_runs/{id}/labels", update_flow_run_labels),
     ("DELETE", "/flow_runs/{id}", delete_flow_run),
     ("POST", "/flow_runs/{id}/set_state", set_flow_run_state),
     ("POST", "/flow_runs/{id}/resume", resume_flow_run_handler),

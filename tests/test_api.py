@@ -187,6 +187,28 @@ def test_read_patch_delete_flow_run(client):
     assert client.delete(f"/flow_runs/{run['id']}")[0] == 404
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_patching_a_flow_runs_labels_merges_them_into_its_own(dialect, tmp_path, request):
+    """PATCH /flow_runs/{id}/labels (the 3.x SDK's run_deployment sends a trace context so) answered 404. The
+    labels are stored, not shown (a 2.20 flow run has none): read from the database."""
+    url = f"sqlite:///{tmp_path}/labels.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        run = new_flow_run(client, labels={"keep": "me", "over": "old"})
+        status, body = client.patch(f"/flow_runs/{run['id']}/labels", {"over": "new", "added": 2})
+        assert status == 204, body
+        db = prefectlite.open_database(url)
+        try:
+            with db.read() as tx:
+                stored = tx.query_one("SELECT labels FROM flow_run WHERE id = ?", (run["id"],))["labels"]
+        finally:
+            db.close()
+        labels = json.loads(stored) if isinstance(stored, str) else stored
+        assert {k: labels[k] for k in ("keep", "over", "added")} == {"keep": "me", "over": "new", "added": 2}
+        assert client.patch(f"/flow_runs/{uuid.uuid4()}/labels", {"a": "b"})[0] == 404
+        assert client.patch(f"/flow_runs/{run['id']}/labels", ["not", "a", "dict"])[0] == 422
+
+
 def test_filter_and_count_flow_runs(client):
     flow = new_flow(client)
     runs = [new_flow_run(client, flow["id"], tags=[f"n{i}"]) for i in range(4)]

@@ -11,6 +11,7 @@ module unless known-differences.txt (known-differences-3.x.txt) says why.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import sys
@@ -98,6 +99,53 @@ def test_known_differences_each_say_why_and_name_a_baseline_test(suite):
     assert not stale, f"{suite.known_differences.name} names tests that do not pass on Prefect's server:\n" + "\n".join(
         stale
     )
+
+
+def test_every_baseline_test_is_in_the_selection_and_counted_in_the_header(suite):
+    baseline = harness.read_baseline(suite.baseline)
+    (passing, runnable, collected), _ = harness.baseline_header(suite.baseline)
+    assert passing == len(baseline) and passing <= runnable <= collected
+    outside = sorted(n for n in baseline if not any(harness.in_path(n, entry) for entry in suite.selection))
+    assert not outside, f"{suite.baseline.name} holds tests outside the selection:\n" + "\n".join(outside[:20])
+
+
+def test_a_partial_reference_run_of_files_new_to_the_selection_merges_into_the_baseline(tmp_path):
+    """`run.py --reference --merge -k FILES` adds a partial run to the baseline (it could only be discarded)."""
+    baseline = tmp_path / "passing.txt"
+    baseline.write_text(
+        "# Tests of ... that pass against Prefect's own server: 2 of 3\n# runnable (5 collected).\n"
+        "# Regenerate: python tests/conformance/run.py --suite 3.x --reference\n"
+        "tests/test_a.py::test_one\ntests/test_a.py::test_two\n",
+        encoding="utf-8",
+    )
+    suite = dataclasses.replace(harness.PREFECT_3, selection=("tests/test_a.py", "tests/new"), baseline=baseline)
+    results = {
+        "tests/new/test_n.py::test_passes": {"outcome": "passed"},
+        "tests/new/test_n.py::test_fails": {"outcome": "failed"},
+        "tests/new/test_n.py::test_skipped": {"outcome": "skipped"},
+        "tests/test_a.py::test_three": {"outcome": "passed"},  # not of the merged files: left out
+    }
+    harness.merge_baseline(results, ["tests/new"], suite)
+    assert harness.read_baseline(baseline) == {
+        "tests/test_a.py::test_one",
+        "tests/test_a.py::test_two",
+        "tests/new/test_n.py::test_passes",
+    }
+    (passing, runnable, collected), merged = harness.baseline_header(baseline)
+    assert (passing, runnable, collected) == (3, 5, 8)
+    assert merged == ["# Merged: python tests/conformance/run.py --suite 3.x --reference --merge -k tests/new"]
+    with pytest.raises(harness.HarnessError, match="already holds tests of tests/new"):
+        harness.merge_baseline(results, ["tests/new"], suite)  # its counts would be added twice
+    with pytest.raises(harness.HarnessError, match="not in the 3.x selection"):
+        harness.merge_baseline(results, ["tests/other"], suite)
+    assert harness.baseline_header(baseline)[0] == (3, 5, 8)
+
+
+def test_merge_needs_a_partial_reference_run_of_the_selection():
+    for argv in (["--merge"], ["--merge", "--reference"], ["--merge", "-k", "tests/workers"]):
+        with pytest.raises(SystemExit) as raised:
+            harness.main(argv)
+        assert raised.value.code == 2
 
 
 def test_every_test_passing_on_prefects_server_passes_on_prefectlite(suite, prefect_suite_results):
