@@ -62,12 +62,15 @@ IN_PROCESS_FIXTURES = frozenset(
 DB_SETUP_FIXTURES = frozenset({"db", "database_engine", "setup_db", "clear_db"})
 
 # Some tests are parametrized with the API URL, so their node ids hold the server's port: the results name
-# it 127.0.0.1:PORT, for ids that stay the same from run to run.
+# it 127.0.0.1:PORT, for ids that stay the same from run to run. Others are parametrized with a path inside the
+# suite's scratch copy (2.20's runner/test_webserver.py): the results name the copy's root ROOTDIR.
 _LOOPBACK_PORT = re.compile(r"127\.0\.0\.1:\d+")
+ROOTDIR_TOKEN = "ROOTDIR"
+_ROOTDIR = [os.path.realpath(os.getcwd())]  # the copy run.py starts pytest in; pytest_configure says for sure
 
 
 def stable_id(nodeid: str) -> str:
-    return _LOOPBACK_PORT.sub("127.0.0.1:PORT", nodeid)
+    return _LOOPBACK_PORT.sub("127.0.0.1:PORT", nodeid).replace(_ROOTDIR[0], ROOTDIR_TOKEN)
 
 
 _SETTINGS_CONTEXT = None  # kept referenced: the context manager must outlive pytest_sessionstart
@@ -473,6 +476,7 @@ _WRITER = None
 
 def pytest_configure(config):
     global _WRITER
+    _ROOTDIR[0] = str(config.rootpath)
     path = os.environ.get(RESULTS_VAR)
     if hasattr(config, "workerinput"):  # a pytest-xdist worker: its controller records every worker's reports
         return

@@ -154,3 +154,22 @@ def test_every_test_passing_on_prefects_server_passes_on_prefectlite(suite, pref
     message = harness.report(comparison, prefect_suite_results, known)
     print(message)
     assert not comparison.missing, message
+
+
+def test_node_ids_with_the_servers_port_or_the_suite_copys_path_are_the_same_from_run_to_run():
+    """2.20's runner/test_webserver.py is parametrized with a path inside the scratch copy: each run's ids differed
+    (two tests "missing" and two "extra" in every comparison), until the results named the copy ROOTDIR."""
+    spec = importlib.util.spec_from_file_location("prefectlite_suite_plugin", HERE / "prefect_suite_plugin.py")
+    plugin = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plugin)
+    plugin._ROOTDIR[0] = "/tmp/run-a/prefect-2.20.25"  # a module of its own: what pytest_configure sets
+    raw = "tests/runner/test_webserver.py::T::test_x[/tmp/run-a/prefect-2.20.25/tests/runner/test_webserver.py-f]"
+    stable = plugin.stable_id(raw)
+    assert stable == "tests/runner/test_webserver.py::T::test_x[ROOTDIR/tests/runner/test_webserver.py-f]"
+    assert (
+        plugin.stable_id("tests/t.py::test_api[http://127.0.0.1:4242/api]")
+        == "tests/t.py::test_api[http://127.0.0.1:PORT/api]"
+    )
+    assert harness.pytest_arg(stable) == "tests/runner/test_webserver.py::T::test_x"
+    assert harness.pytest_arg("tests/t.py::test_api[http://127.0.0.1:PORT/api]") == "tests/t.py::test_api"
+    assert harness.pytest_arg("tests/t.py::test_x[ROOT]") == "tests/t.py::test_x[ROOT]"
