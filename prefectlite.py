@@ -4164,6 +4164,8 @@ def make_state(proposed: dict, flow_run_id: str | None, task_run_id: str | None,
             details[key] = parse_datetime(details[key], ("body", "state", "state_details", key))
     if details.get(LEASE_DETAIL) is not None:  # bound as an id later: text, nothing else
         details[LEASE_DETAIL] = parse_uuid(details[LEASE_DETAIL], ("body", "state", "state_details", LEASE_DETAIL))
+    if proposed["type"] == "SCHEDULED" and details.get("scheduled_time") is None:
+        details["scheduled_time"] = now  # as Prefect's State model does: scheduled for when it was made
     details["flow_run_id"] = flow_run_id
     if task_run_id is not None:
         details["task_run_id"] = task_run_id
