@@ -36,8 +36,8 @@ The module reads top to bottom; ``grep -n '^# --- ' prefectlite.py`` prints this
                         policies, automations
  22. Routes          -- metrics, the route table, route matching, the one place that turns errors into
                         HTTP answers, the OpenAPI document
- 23. WebSockets      -- RFC 6455 framing; /api/events/in, /api/events/out and the task workers'
-                        /api/task_runs/subscriptions/scheduled for Prefect 3 clients
+ 23. WebSockets      -- RFC 6455 framing; /api/events/in, /api/events/out, /api/logs/out and the task
+                        workers' /api/task_runs/subscriptions/scheduled for Prefect 3 clients
  24. Server          -- the App, access control, static UI, answering one parsed request
  25. Connections     -- the event loop that owns every socket: strict HTTP/1.1, deadlines, WebSocket
                         frames, and the bounded pool of worker threads that do the database work
@@ -4164,6 +4164,8 @@ def make_state(proposed: dict, flow_run_id: str | None, task_run_id: str | None,
             details[key] = parse_datetime(details[key], ("body", "state", "state_details", key))
     if details.get(LEASE_DETAIL) is not None:  # bound as an id later: text, nothing else
         details[LEASE_DETAIL] = parse_uuid(details[LEASE_DETAIL], ("body", "state", "state_details", LEASE_DETAIL))
+    if proposed["type"] == "SCHEDULED" and details.get("scheduled_time") is None:
+        details["scheduled_time"] = now  # as Prefect's State model does: scheduled for when it was made
     details["flow_run_id"] = flow_run_id
     if task_run_id is not None:
         details["task_run_id"] = task_run_id
@@ -7507,6 +7509,22 @@ def ensure_work_queue(tx, pool_name: str | None, queue_name: str | None) -> dict
     if row is None:
         row = create_work_queue(tx, pool, {"name": queue_name, "description": "", "is_paused": False})
     return row
+
+
+def flow_run_pool_queue(tx, pool_name: str | None, queue_name: str | None) -> dict:
+    """POST /flow_runs/ with a work pool (a run without a deployment, Prefect 3's `submit_to_work_pool`):
+    the run goes to the pool's default queue, or the named one; unlike a deployment's, neither is created.
+    Without a pool, a queue name is only kept as the run's work_queue_name. The columns to set on the run."""
+    if not pool_name:
+        return {}
+    pool = read_pool_by_name(tx, pool_name)
+    if queue_name:
+        row = tx.query_one("SELECT * FROM work_queue WHERE work_pool_id = ? AND name = ?", (pool["id"], queue_name))
+    else:
+        row = read_row(tx, "work_queue", pool["default_queue_id"])
+    if row is None:
+        raise NotFound(f"Work pool queue '{pool_name}/{queue_name or 'default'}' not found.")
+    return {"work_queue_id": row["id"], "work_queue_name": row["name"]}
 
 
 def create_work_queue(tx, pool: dict, data: dict) -> dict:
@@ -11486,7 +11504,8 @@ def read_logs_filtered(app, req):
 @body(FlowRunCreate)
 def create_flow_run_handler(app, req):
     with app.db.write() as tx:
-        run, created = create_flow_run(tx, req.data)
+        queue = flow_run_pool_queue(tx, req.data.get("work_pool_name"), req.data.get("work_queue_name"))
+        run, created = create_flow_run(tx, req.data, queue)
     return (201 if created else 200), run
 
 
@@ -13709,9 +13728,10 @@ META_ROUTES = [
 # parsed from a buffer and encoded for sending, whole messages assembled under a size and a frame limit,
 # close codes; and the endpoints Prefect clients use, written as message handlers:
 # /api/events/in (clients report events, task runs among them), /api/events/out (subscribers send a
-# filter, then receive matching events) and /api/task_runs/subscriptions/scheduled (task workers receive
-# background task runs). The loop reads the frames and answers pings and closes itself;
-# whole data messages go to a worker thread, one batch at a time per connection, in the order sent.
+# filter, then receive matching events), /api/logs/out (log subscribers, sent nothing, as by Prefect's
+# defaults) and /api/task_runs/subscriptions/scheduled (task workers receive background task runs). The
+# loop reads the frames and answers pings and closes itself; whole data messages go to a worker thread,
+# one batch at a time per connection, in the order sent.
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -14244,6 +14264,44 @@ class EventsOut:
             self.app.events.unsubscribe(self)
 
 
+class LogsOut:
+    """/api/logs/out: Prefect 3's log subscribers (`prefect flow-run watch` opens one beside /events/out)
+    authenticate, send one filter message, and keep the socket open. Prefect's server sends logs there
+    only when its log stream settings (PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
+    ..._STREAM_PUBLISHING_ENABLED) are on, and they are off by default; as with its defaults, nothing is
+    sent here (logs have no backfill either). A watch that found no endpoint gave up at once."""
+
+    runs_on_loop = True  # the auth exchange and the filter's checks only
+
+    def __init__(self, app, ws):
+        self.app, self.ws = app, ws
+        self.authenticated = ws.subprotocol != "prefect"
+        self.subscribed = False
+
+    def receive(self, messages: list) -> bool:
+        for message in messages:
+            if not self.authenticated:
+                self.authenticated = authenticate_websocket(self.app, self.ws, message)
+                if not self.authenticated:
+                    break
+            elif not self.subscribed:
+                message = _json_message(self.ws, message)
+                if message is None:
+                    break
+                if not isinstance(message, dict) or message.get("type") != "filter":
+                    self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
+                    break
+                if not isinstance(message.get("filter"), dict):
+                    self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Invalid filter: a log filter is an object")
+                    break
+                self.subscribed = True
+            # anything a subscriber sends after its filter is ignored
+        return True
+
+    def closed(self):
+        pass
+
+
 def _received_event(event: dict) -> dict:
     return {
         key: event.get(key)
@@ -14719,6 +14777,7 @@ class TaskRunDispatcher:
 WEBSOCKET_ENDPOINTS = {
     "/api/events/in": EventsIn,
     "/api/events/out": EventsOut,
+    "/api/logs/out": LogsOut,
     "/api/task_runs/subscriptions/scheduled": TaskRunSubscriber,
 }
 

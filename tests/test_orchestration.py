@@ -172,6 +172,21 @@ def test_accepted_state_keeps_the_proposed_name_and_data(client):
     assert stored["data"] == data and stored["name"] == "AllDone"
 
 
+def test_a_scheduled_state_without_a_time_is_scheduled_for_its_own_timestamp(client):
+    """As in Prefect (its State model fills it in): a SCHEDULED state sent without state_details.scheduled_time
+    is scheduled for the state's timestamp. It was left without one, and so was the run's
+    next_scheduled_start_time: no worker polling its queue was ever offered it."""
+    created = new_flow_run(client, state={"type": "SCHEDULED"})
+    assert created["state"]["state_details"]["scheduled_time"] == created["state"]["timestamp"]
+    assert created["next_scheduled_start_time"] == created["state"]["timestamp"]
+    run = new_flow_run(client)
+    status, result = flow_state(client, run["id"], "SCHEDULED")
+    assert_accepted(status, result, "SCHEDULED")
+    state = result["state"]
+    assert state["state_details"]["scheduled_time"] == state["timestamp"]
+    assert read(client, "flow", run["id"])["next_scheduled_start_time"] == state["timestamp"]
+
+
 @pytest.mark.parametrize("kind", ["flow", "task"])
 def test_set_state_of_unknown_run_is_404(client, kind):
     status, body = client.post(f"/{kind}_runs/{uuid.uuid4()}/set_state", {"state": {"type": "RUNNING"}})

@@ -374,6 +374,40 @@ def test_subscriber_must_send_a_filter(server):
 
 
 # ---------------------------------------------------------------------------------------------
+# /logs/out
+
+
+def test_log_subscriber_is_served_and_sent_nothing_as_by_prefects_default(server):
+    """/logs/out (Prefect 3's log subscribers: `prefect flow-run watch` opens one beside /events/out) was a
+    404, so the watch gave up at once and read the run's state early. Prefect's server takes the auth
+    exchange and a filter there and keeps the socket open, sending logs only with its log stream settings
+    on (off by default): nothing, even for a matching log written meanwhile."""
+    client = Client(server)
+    run_id = client.ok("POST", "/flow_runs/", {"flow_id": client.ok("POST", "/flows/", {"name": "logs-out"})["id"]})[
+        "id"
+    ]
+    sub = RawWebSocket(server, path="/logs/out")
+    try:
+        assert sub.status == 101
+        sub.authenticate()
+        sub.send_json({"type": "filter", "filter": {"flow_run_id": {"any_": [run_id]}}})
+        log = {"name": "t", "level": 20, "message": "hello", "timestamp": "2026-01-01T00:00:00Z", "flow_run_id": run_id}
+        client.ok("POST", "/logs/", [log])
+        sub.send_frame(0x9, b"still open")  # the next frame is the pong: no log came before it
+        assert sub.recv_frame() == (True, 0xA, b"still open")
+    finally:
+        sub.close()
+    for message, reason in (({"type": "subscribe"}, "Expected 'filter' message"), ({"type": "filter"}, None)):
+        sub = RawWebSocket(server, path="/logs/out").authenticate()
+        try:
+            sub.send_json(message)
+            code, text = sub.expect_close()
+            assert code == 1002 and (reason is None or text == reason), (code, text)
+        finally:
+            sub.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # /task_runs/subscriptions/scheduled (task workers)
 
 SUBSCRIPTIONS = "/task_runs/subscriptions/scheduled"

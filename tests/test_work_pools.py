@@ -635,3 +635,33 @@ def test_a_pools_storage_configuration_is_kept(any_api):
         f"/work_pools/{pool['name']}", {"storage_configuration": {"default_result_storage_block_id": "nope"}}
     )
     assert status == 422, body
+
+
+def test_a_flow_run_created_with_a_work_pool_goes_to_its_queue(any_api):
+    """POST /flow_runs/ with work_pool_name (Prefect 3's `submit_to_work_pool`, a run without a deployment)
+    puts the run in that pool's default queue, or in the named one, so the pool's workers are offered it
+    (it was left in no queue, and the worker never saw it); a missing pool or queue is a 404, as in
+    Prefect. A queue name without a pool is only kept as the run's work_queue_name."""
+    api = any_api
+    pool = new_pool(api)
+    name = pool["name"]
+    other = new_queue(api, name, "other")
+    flow = api.ok("POST", "/flows/", {"name": unique("flow")})
+
+    run = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "work_pool_name": name, "state": {"type": "PENDING"}})
+    assert (run["work_queue_id"], run["work_queue_name"]) == (pool["default_queue_id"], "default")
+    assert offered_ids(api, name) == []  # Pending: not offered yet
+    scheduled = {"type": "SCHEDULED", "state_details": {"scheduled_time": iso(now())}}
+    api.ok("POST", f"/flow_runs/{run['id']}/set_state", {"state": scheduled})  # what the SDK then sends
+    assert offered_ids(api, name, scheduled_before=iso(now() + dt.timedelta(seconds=5))) == [run["id"]]
+
+    named = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "work_pool_name": name, "work_queue_name": "other"})
+    assert (named["work_queue_id"], named["work_queue_name"]) == (other["id"], "other")
+
+    status, body = api.post("/flow_runs/", {"flow_id": flow["id"], "work_pool_name": "no-such-pool"})
+    assert (status, body["detail"]) == (404, 'Work pool "no-such-pool" not found.')
+    status, body = api.post("/flow_runs/", {"flow_id": flow["id"], "work_pool_name": name, "work_queue_name": "nope"})
+    assert (status, body["detail"]) == (404, f"Work pool queue '{name}/nope' not found.")
+
+    loose = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "work_queue_name": "other"})
+    assert (loose["work_queue_id"], loose["work_queue_name"]) == (None, "other")
