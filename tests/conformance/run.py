@@ -186,8 +186,8 @@ EXTENSION_3 = (
     "tests/test_subprocess_logging.py",
 )
 SELECTION_3 = README_FILES_3 + EXTENSION_3
-# Two pytest-xdist workers (Prefect's own CI runs this suite under xdist): one after the other, the selection's
-# ~3,900 tests take about an hour here, past CI's budget (tests/benchmarks/README.md has the figures).
+# Two pytest-xdist workers (Prefect's own CI runs this suite under xdist): one after the other, ~3,900 of the
+# selection's ~5,400 tests took about an hour here, past CI's budget (tests/benchmarks/README.md has the figures).
 WORKERS_3 = int(os.environ.get("PREFECTLITE_CONFORMANCE_WORKERS", "2"))
 # Like 2.20's: logs cannot be deleted through the API.
 FRESH_SERVER_FILES_3 = ("tests/test_logging.py",)
