@@ -5176,7 +5176,7 @@ def run_out(table: str, row: dict, now: str | None = None) -> dict:
     return run
 
 
-def run_json_select(tx, table: str, now: str) -> tuple[str, tuple]:
+def run_json_select(tx, table: str, now: str, major: int = 2) -> tuple[str, tuple]:
     """SQL (and its parameters) that has the database write each run as the API shows it: the same
     object as run_out, as JSON text in a column named `doc`.
 
@@ -5188,6 +5188,8 @@ def run_json_select(tx, table: str, now: str) -> tuple[str, tuple]:
     """
     db, t = tx.db, table
     hidden, json_cols, bools = HIDDEN_COLUMNS.get(t, ()), JSON_COLUMNS.get(t, ()), BOOL_COLUMNS.get(t, ())
+    if major == 3 and t == "flow_run":  # as flow_run_out
+        hidden = tuple(col for col in hidden if col != "labels")
     pairs = []
     for col in db.column_names(tx, t):
         if col in hidden:
@@ -5233,8 +5235,18 @@ def decoded_run_out(table: str, run: dict) -> dict:
     return out
 
 
-def flow_run_out(row):
-    return run_out("flow_run", row)
+def stored_labels(row: dict) -> dict:
+    """A row's `labels` column (JSON text on SQLite, already parsed on PostgreSQL) as a dict."""
+    labels = row.get("labels")
+    return (_json_text(labels) if isinstance(labels, str) else labels) or {}
+
+
+def flow_run_out(row, major: int = 2):
+    """A flow run as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
+    run = run_out("flow_run", row)
+    if major == 3:
+        run["labels"] = stored_labels(row)
+    return run
 
 
 def task_run_out(row):
@@ -5280,15 +5292,27 @@ def read_flow_by_name(tx, name: str) -> dict:
 # Flow runs
 
 
-def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bool]:
-    """Create a run (or return the one with the same idempotency key). Its first state is forced."""
-    if read_row(tx, "flow", data["flow_id"]) is None:
+def flow_run_labels(tx, flow: dict, data: dict) -> dict:
+    """A new run's labels, as Prefect 3 stores them: its deployment's labels (or else its flow's), then
+    prefect.flow.id (and prefect.deployment.id), then the client's own labels over them."""
+    labels = {**stored_labels(flow), "prefect.flow.id": flow["id"]}
+    dep = read_row(tx, "deployment", data["deployment_id"]) if data.get("deployment_id") else None
+    if dep is not None:
+        labels = {**labels, **stored_labels(dep), "prefect.flow.id": dep["flow_id"], "prefect.deployment.id": dep["id"]}
+    return {**labels, **(data.get("labels") or {})}
+
+
+def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -> tuple[dict, bool]:
+    """Create a run (or return the one with the same idempotency key), in the shape a client of `major`
+    reads (see flow_run_out). Its first state is forced."""
+    flow = read_row(tx, "flow", data["flow_id"])
+    if flow is None:
         raise NotFound("Flow not found")
     key = data.get("idempotency_key")
     if key is not None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
         if row is not None:
-            return flow_run_out(row), False
+            return flow_run_out(row, major), False
     now = now_iso()
     run_id = new_id()
     values = {
@@ -5304,7 +5328,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
         "context": data.get("context") or {},
         "empirical_policy": _flow_run_policy(data.get("empirical_policy")),
         "tags": data.get("tags") or [],
-        "labels": data.get("labels") or {},
+        "labels": flow_run_labels(tx, flow, data),
         "parent_task_run_id": data.get("parent_task_run_id"),
         "infrastructure_document_id": data.get("infrastructure_document_id"),
         "job_variables": data.get("job_variables") or {},
@@ -5318,8 +5342,11 @@ def create_flow_run(tx, data: dict, extra: dict | None = None) -> tuple[dict, bo
     run = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
     if run is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
-        return flow_run_out(row), False
-    return decoded_run_out("flow_run", run), True
+        return flow_run_out(row, major), False
+    out = decoded_run_out("flow_run", run)
+    if major == 3:  # as flow_run_out
+        out["labels"] = values["labels"]
+    return out, True
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -7590,7 +7617,7 @@ def worker_heartbeat(tx, pool: dict, data: dict, now: _dt.datetime):
         )
 
 
-def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> list[dict]:
+def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings, major: int = 2) -> list[dict]:
     """SCHEDULED runs a worker may start now: queue priority order, honouring pauses and limits."""
     now = now_iso()
     before = data.get("scheduled_before") or now
@@ -7638,7 +7665,8 @@ def scheduled_runs_for_pool(tx, pool: dict, data: dict, settings: Settings) -> l
         if data.get("scheduled_after"):
             sql, params = sql + " AND next_scheduled_start_time >= ?", params + [data["scheduled_after"]]
         rows = tx.query(sql + " ORDER BY next_scheduled_start_time, id LIMIT ?", (*params, room))
-        out += [{"work_pool_id": pool["id"], "work_queue_id": q["id"], "flow_run": flow_run_out(r)} for r in rows]
+        ids = {"work_pool_id": pool["id"], "work_queue_id": q["id"]}
+        out += [{**ids, "flow_run": flow_run_out(r, major)} for r in rows]
         if pool_room is not None:
             pool_room -= len(rows)
     return out
@@ -7749,6 +7777,7 @@ DeploymentFlowRunCreate = Schema(
         "empirical_policy": Field("object"),
         "infrastructure_document_id": Field("uuid"),
         "enforce_parameter_schema": Field("bool"),
+        "labels": Field("object", default=dict),
     },
 )
 ScheduledRunsForDeployments = Schema(
@@ -8080,7 +8109,7 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         _drop_future_auto_runs(tx, dep_id)
 
 
-def create_deployment_flow_run(tx, dep_id: str, data: dict) -> tuple[dict, bool]:
+def create_deployment_flow_run(tx, dep_id: str, data: dict, major: int = 2) -> tuple[dict, bool]:
     dep = deployment_out(tx, require_row(tx, "deployment", dep_id, "Deployment"))
     parameters = {**(dep.get("parameters") or {}), **(data.get("parameters") or {})}
     enforce = data.get("enforce_parameter_schema")
@@ -8111,16 +8140,19 @@ def create_deployment_flow_run(tx, dep_id: str, data: dict) -> tuple[dict, bool]
         "state": state,
         "job_variables": data.get("job_variables") or {},
         "infrastructure_document_id": data.get("infrastructure_document_id") or dep.get("infrastructure_document_id"),
+        "labels": data.get("labels") or {},
     }
     extra = {
         "deployment_version": dep.get("version"),
         "work_queue_id": queue_row["id"] if queue_row else None,
         "work_queue_name": queue_row["name"] if queue_row else None,
     }
-    return create_flow_run(tx, run_data, extra)
+    return create_flow_run(tx, run_data, extra, major)
 
 
-def scheduled_runs_for_deployments(tx, data: dict, settings: Settings, now: _dt.datetime | None = None) -> list[dict]:
+def scheduled_runs_for_deployments(
+    tx, data: dict, settings: Settings, now: _dt.datetime | None = None, major: int = 2
+) -> list[dict]:
     """A runner's poll: the deployments' runs due by `now` (the server's clock's time); marks them polled."""
     ids = data["deployment_ids"]
     if not ids:
@@ -8133,7 +8165,7 @@ def scheduled_runs_for_deployments(tx, data: dict, settings: Settings, now: _dt.
         f"AND next_scheduled_start_time <= ? ORDER BY next_scheduled_start_time, id LIMIT ?",
         (*ids, data.get("scheduled_before") or now, page_limit(data, settings)),
     )
-    return [flow_run_out(r) for r in rows]
+    return [flow_run_out(r, major) for r in rows]
 
 
 # --- 14. Notifications ---
@@ -11325,7 +11357,7 @@ def _cached(handler):
 
     @functools.wraps(handler)
     def cached(app, req):
-        key, generation = (req.path, req.raw_body), app.db.generation()
+        key, generation = (req.path, req.raw_body, client_major(req)), app.db.generation()
         answer = app.read_cache.get(key, generation)
         if answer is not None:
             return 200, answer
@@ -11455,7 +11487,8 @@ def _filter_handler(table, out, filters, json_select=None):
     def read_filtered(app, req):
         with app.db.read() as tx:
             if json_select is not None:
-                page = tx.scalar(*json_page_query(tx, table, req.data, app.settings, json_select(tx, table, now_iso())))
+                select = json_select(tx, table, now_iso(), client_major(req))
+                page = tx.scalar(*json_page_query(tx, table, req.data, app.settings, select))
                 return 200, RawBody(page.encode(), "application/json")
             rows = query_filtered(tx, table, req.data, app.settings)
         return 200, [out(row) for row in rows]
@@ -11505,13 +11538,13 @@ def read_logs_filtered(app, req):
 def create_flow_run_handler(app, req):
     with app.db.write() as tx:
         queue = flow_run_pool_queue(tx, req.data.get("work_pool_name"), req.data.get("work_queue_name"))
-        run, created = create_flow_run(tx, req.data, queue)
+        run, created = create_flow_run(tx, req.data, queue, major=client_major(req))
     return (201 if created else 200), run
 
 
 def read_flow_run(app, req):
     with app.db.read() as tx:
-        return 200, flow_run_out(require_row(tx, "flow_run", req.uuid(), "Flow run"))
+        return 200, flow_run_out(require_row(tx, "flow_run", req.uuid(), "Flow run"), client_major(req))
 
 
 @body(FlowRunUpdate)
@@ -12487,14 +12520,14 @@ resume_deployment.__name__ = "resume_deployment"
 @body(DeploymentFlowRunCreate)
 def create_deployment_flow_run_handler(app, req):
     with app.db.write() as tx:
-        run, created = create_deployment_flow_run(tx, req.uuid(), req.data)
+        run, created = create_deployment_flow_run(tx, req.uuid(), req.data, client_major(req))
     return (201 if created else 200), run
 
 
 @body(ScheduledRunsForDeployments)
 def read_scheduled_runs_for_deployments(app, req):
     with app.db.write() as tx:
-        return 200, scheduled_runs_for_deployments(tx, req.data, app.settings, app.clock())
+        return 200, scheduled_runs_for_deployments(tx, req.data, app.settings, app.clock(), client_major(req))
 
 
 @body(filter_body_schema("deployment", _RUN_FILTERS))
@@ -12696,7 +12729,7 @@ def count_work_pools(app, req):
 def read_scheduled_runs_for_pool(app, req):
     with app.db.write() as tx:
         pool = decode_row("work_pool", read_pool_by_name(tx, req.params["name"]))
-        return 200, scheduled_runs_for_pool(tx, pool, req.data, app.settings)
+        return 200, scheduled_runs_for_pool(tx, pool, req.data, app.settings, client_major(req))
 
 
 @body(WorkQueueCreate)

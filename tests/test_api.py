@@ -187,26 +187,45 @@ def test_read_patch_delete_flow_run(client):
     assert client.delete(f"/flow_runs/{run['id']}")[0] == 404
 
 
+PREFECT3_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}  # what the 3.9 SDK's PrefectClient sends
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
-def test_patching_a_flow_runs_labels_merges_them_into_its_own(dialect, tmp_path, request):
-    """PATCH /flow_runs/{id}/labels (the 3.x SDK's run_deployment sends a trace context so) answered 404. The
-    labels are stored, not shown (a 2.20 flow run has none): read from the database."""
+def test_a_flow_runs_labels_are_shown_to_3x_clients_with_prefects_defaults(dialect, tmp_path, request):
+    """A 3.x flow run's labels carry the OpenTelemetry trace context: run_deployment sends it on
+    /deployments/{id}/create_flow_run (the field was dropped) and a subflow's run_deployment reads it back
+    from the parent run's labels, which were stored but never shown (2 tests of Prefect's
+    deployment/test_flow_runs.py). As Prefect 3.9's server: the flow's labels, prefect.flow.id (and
+    prefect.deployment.id), the client's labels over them, PATCH /flow_runs/{id}/labels merged in; a 2.20
+    flow run has no labels (the 2.20 SDK refuses unknown fields in test mode)."""
     url = f"sqlite:///{tmp_path}/labels.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
     with prefectlite.serve(database=url) as api_url:
         client = Client(api_url)
-        run = new_flow_run(client, labels={"keep": "me", "over": "old"})
-        status, body = client.patch(f"/flow_runs/{run['id']}/labels", {"over": "new", "added": 2})
-        assert status == 204, body
-        db = prefectlite.open_database(url)
-        try:
-            with db.read() as tx:
-                stored = tx.query_one("SELECT labels FROM flow_run WHERE id = ?", (run["id"],))["labels"]
-        finally:
-            db.close()
-        labels = json.loads(stored) if isinstance(stored, str) else stored
-        assert {k: labels[k] for k in ("keep", "over", "added")} == {"keep": "me", "over": "new", "added": 2}
+        flow = client.ok("POST", "/flows/", {"name": "labelled", "labels": {"team": "data", "over": "flow"}})
+        body = {"flow_id": flow["id"], "labels": {"keep": "me", "over": "old"}}
+        created = client.ok("POST", "/flow_runs/", body, headers=PREFECT3_AGENT)
+        defaults = {"team": "data", "prefect.flow.id": flow["id"]}
+        assert created["labels"] == {**defaults, "keep": "me", "over": "old"}
+        status, answer = client.patch(f"/flow_runs/{created['id']}/labels", {"over": "new", "added": 2})
+        assert status == 204, answer
+        labels = {**defaults, "keep": "me", "over": "new", "added": 2}
+        assert client.ok("GET", f"/flow_runs/{created['id']}", headers=PREFECT3_AGENT)["labels"] == labels
+        listed = client.ok("POST", "/flow_runs/filter", {}, headers=PREFECT3_AGENT)
+        assert [run["labels"] for run in listed] == [labels]
+        as_2x = [client.ok("GET", f"/flow_runs/{created['id']}"), *client.ok("POST", "/flow_runs/filter", {})]
+        assert [("labels" in run) for run in as_2x] == [False, False]  # after the 3.x answer (read cache)
+        assert "labels" not in client.ok("POST", "/flow_runs/", body)
+
+        dep = client.ok("POST", "/deployments/", {"name": "d", "flow_id": flow["id"]}, headers=PREFECT3_AGENT)
+        trace = {"__OTEL_TRACEPARENT": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"}
+        from_dep = client.ok(
+            "POST", f"/deployments/{dep['id']}/create_flow_run", {"labels": trace}, headers=PREFECT3_AGENT
+        )
+        assert from_dep["labels"] == {**defaults, "over": "flow", "prefect.deployment.id": dep["id"], **trace}
+        read = client.ok("GET", f"/flow_runs/{from_dep['id']}", headers=PREFECT3_AGENT)
+        assert read["labels"] == from_dep["labels"]
         assert client.patch(f"/flow_runs/{uuid.uuid4()}/labels", {"a": "b"})[0] == 404
-        assert client.patch(f"/flow_runs/{run['id']}/labels", ["not", "a", "dict"])[0] == 422
+        assert client.patch(f"/flow_runs/{created['id']}/labels", ["not", "a", "dict"])[0] == 422
 
 
 def test_filter_and_count_flow_runs(client):
