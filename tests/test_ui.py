@@ -1221,8 +1221,13 @@ def test_rrule_schedules_read_as_sentences(ui, api, data):
 
 def test_a_dialog_closes_when_the_page_changes(ui, api, data):
     dep = api.post("/deployments/", {"name": "dialog-dep", "flow_id": data["flows"]["daily-etl"]["id"]})
+    # Into the deployment by its link, as a person goes (no page load): Back is then a change of route in the
+    # page. (Opened by URL, Back loaded the list as a new document, and under load that navigation could abort
+    # the script that asked for it: chromedriver's "timeout ... aborted by navigation".)
     ui.open("deployments")
-    ui.open(f"deployments/deployment/{dep['id']}")
+    ui.click("main table a", "dialog-dep")
+    ui.b.wait(lambda: ui.route() == f"deployments/deployment/{dep['id']}", 10, "the deployment page")
+    ui.wait_ready()
     ui.click(".page-header button", "Run")
     ui.el("dialog[open]")
     ui.b.execute("history.back()")
