@@ -10479,6 +10479,17 @@ def finish_automation_action(tx, row: dict, error: str | None, details: dict, re
             }
         )
     details_of_action = {"action_index": row["action_index"], "action_type": action["type"], "invocation": row["id"]}
+    # An action's own events are stored but trigger no automation: they come from the actor's transaction, where
+    # the depth count starts afresh, so automations matching every event fed each other's actions for good (a
+    # storm of millions of events in Prefect's 3.x suite, whose automations tests leave such triggers behind).
+    token = _AUTOMATION_DEPTH.set(AUTOMATION_MAX_EVENT_DEPTH)
+    try:
+        _record_action_events(tx, automation, related, details_of_action, details, error, context)
+    finally:
+        _AUTOMATION_DEPTH.reset(token)
+
+
+def _record_action_events(tx, automation, related, details_of_action, details, error, context) -> None:
     triggered = _automation_event(
         tx,
         automation,
