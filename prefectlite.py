@@ -14027,6 +14027,17 @@ def _json_message(ws, message):
         return None
 
 
+def filter_message(ws, message) -> dict | None:
+    """A subscriber's `{"type": "filter", ...}` message; anything else closes the connection and gives None."""
+    message = _json_message(ws, message)
+    if message is None:
+        return None
+    if not isinstance(message, dict) or message.get("type") != "filter":
+        ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
+        return None
+    return message
+
+
 def authenticate_websocket(app, ws, message) -> bool:
     """The in-band auth exchange, given the first message; False (after closing with 1008) when it fails."""
     message = _json_message(ws, message)
@@ -14220,11 +14231,8 @@ class EventsOut:
         return True
 
     def _subscribe(self, message) -> bool:
-        message = _json_message(self.ws, message)
+        message = filter_message(self.ws, message)
         if message is None:
-            return False
-        if not isinstance(message, dict) or message.get("type") != "filter":
-            self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
             return False
         try:
             # A subscription without an end streams on (Prefect's client always sends until = now + 1 year).
@@ -14329,11 +14337,8 @@ class LogsOut:
                 if not self.authenticated:
                     break
             elif not self.subscribed:
-                message = _json_message(self.ws, message)
+                message = filter_message(self.ws, message)
                 if message is None:
-                    break
-                if not isinstance(message, dict) or message.get("type") != "filter":
-                    self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Expected 'filter' message")
                     break
                 if not isinstance(message.get("filter"), dict):
                     self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Invalid filter: a log filter is an object")
