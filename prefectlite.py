@@ -10129,6 +10129,7 @@ def _act(tx, automation: dict, trigger: dict, firing: dict, state: str) -> None:
             "triggering_labels": firing.get("triggering_labels") or {},
             "automation_event_id": change["id"],
             "triggered": firing["triggered"],
+            "depth": _AUTOMATION_DEPTH.get(),  # the action's own events count on from here (at_action_depth)
         }
         insert_row(
             tx,
@@ -10444,6 +10445,19 @@ ACTIONS_IN_DATABASE = {  # type -> function(tx, action, context, automation, set
 }
 
 
+@contextlib.contextmanager
+def at_action_depth(row: dict):
+    """Run a queued action, and store its events, at the depth of the firing that queued it. The actor's
+    transaction would start the count afresh, and automations matching every event would then feed each
+    other's actions for good (seen in Prefect's 3.x suite: millions of events). Prefect lets an action's events
+    trigger automations, so they still do, AUTOMATION_MAX_EVENT_DEPTH levels deep."""
+    token = _AUTOMATION_DEPTH.set(json.loads(row["context"]).get("depth", 0))
+    try:
+        yield
+    finally:
+        _AUTOMATION_DEPTH.reset(token)
+
+
 def act_in_database(tx, row: dict, settings: Settings, ui_url: str) -> tuple[dict, list]:
     action, context = json.loads(row["action"]), json.loads(row["context"])
     automation_row = read_row(tx, "automation", row["automation_id"])
@@ -10479,14 +10493,7 @@ def finish_automation_action(tx, row: dict, error: str | None, details: dict, re
             }
         )
     details_of_action = {"action_index": row["action_index"], "action_type": action["type"], "invocation": row["id"]}
-    # An action's own events are stored but trigger no automation: they come from the actor's transaction, where
-    # the depth count starts afresh, so automations matching every event fed each other's actions for good (a
-    # storm of millions of events in Prefect's 3.x suite, whose automations tests leave such triggers behind).
-    token = _AUTOMATION_DEPTH.set(AUTOMATION_MAX_EVENT_DEPTH)
-    try:
-        _record_action_events(tx, automation, related, details_of_action, details, error, context)
-    finally:
-        _AUTOMATION_DEPTH.reset(token)
+    _record_action_events(tx, automation, related, details_of_action, details, error, context)
 
 
 def _record_action_events(tx, automation, related, details_of_action, details, error, context) -> None:
@@ -11100,7 +11107,7 @@ class AutomationActor(Service):
         self._finish(row, None)
 
     def _act_in_database(self, row: dict):
-        with self.app.db.write() as tx:
+        with at_action_depth(row), self.app.db.write() as tx:
             current = tx.query_one(
                 f"SELECT status FROM automation_action_queue WHERE id = ?{tx.db.for_update}", (row["id"],)
             )
@@ -11115,7 +11122,7 @@ class AutomationActor(Service):
         self._count(row, error)
 
     def _finish(self, row: dict, error: str | None):
-        with self.app.db.write() as tx:
+        with at_action_depth(row), self.app.db.write() as tx:
             finish_automation_action(tx, row, error, {}, [])
         self._count(row, error)
 

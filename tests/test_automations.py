@@ -479,6 +479,29 @@ def test_failed_action_is_recorded(tmp_path):
         assert client.ok("GET", f"/automations/{auto['id']}/history")[0]["status"] == "FAILED"
 
 
+def test_an_actions_own_events_trigger_automations_a_bounded_number_of_levels(database):
+    # As on Prefect, an automation can react to another's action (here: to its executed event). The one that
+    # reacts also matches its own action's events; the depth of the firing travels with the queued action, so
+    # that loop stops AUTOMATION_MAX_EVENT_DEPTH levels from the event that started it, not never.
+    def executed(automation):
+        return events_named(client, "prefect.automation.action.executed", f"prefect.automation.{automation['id']}")
+
+    with running(database) as client:
+        first = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
+        echo = client.ok("POST", "/automations/", automation_body(trigger=reactive(["no.such.event"])), expect=(201,))
+        echoed = [f"prefect.automation.{first['id']}", f"prefect.automation.{echo['id']}"]
+        on_executed = reactive(["prefect.automation.action.executed"], match={"prefect.resource.id": echoed})
+        client.ok("PUT", f"/automations/{echo['id']}", automation_body(echo["name"], on_executed), expect=(204,))
+        client.ok("POST", "/events", [event("go.now")])
+        wait_until(lambda: len(executed(echo)) >= 2, what="the echo's second action")
+        # a later action runs after any echo the second one queued: the actor takes the queue in order
+        last = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.later"])), expect=(201,))
+        client.ok("POST", "/events", [event("go.later")])
+        wait_until(lambda: executed(last), what="the later action")
+        assert len(executed(first)) == 1
+        assert len(executed(echo)) == prefectlite.AUTOMATION_MAX_EVENT_DEPTH - 1
+
+
 def test_send_notification_and_call_webhook_render_templates(tmp_path):
     with HTTPReceiver() as slack, HTTPReceiver() as hook, running(f"sqlite:///{tmp_path}/a.db") as client:
         slack_block = new_block(client, "slack-webhook", {"url": slack.url + "/services/x"})
