@@ -9221,7 +9221,7 @@ def hydrate(value, context: dict):
 
 
 # --- 16. Automations ---
-# Owns automations: their tables, validation and API operations, and their history.
+# Owns automations: their tables, validation and API operations, their trigger buckets' rows, and their history.
 
 # Automations: rules that watch the event stream (triggers) and act on it (actions), as Prefect 3 and the
 # Prefect 2.20 server define them. Owns the automation tables (migration 0008): the automations and the
@@ -9554,6 +9554,79 @@ def automation_out(row: dict) -> dict:
     }
 
 
+def _find_label(event: dict, label: str) -> str:
+    """A label of the event's resource, or `related:<role>:<label>` of its first related resource in a role."""
+    if label.startswith("related:"):
+        _, role, name = (label.split(":", 2) + ["", ""])[:3]
+        for related in event["related"]:
+            if related.get("prefect.resource.role") == role:
+                return related.get(name) or ""
+        return ""
+    return event["resource"].get(label) or ""
+
+
+def _bucketing_key(trigger: dict, event: dict | None) -> str:
+    return dumps([_find_label(event, label) if event else "" for label in trigger["for_each"]])
+
+
+def _ensure_bucket(tx, automation, trigger, key, start, end, last_event, count=0) -> dict:
+    """The open bucket for a trigger and key, made if there is none; locked, so replicas count in turn.
+    (A bucket another replica deleted while this one waited for its lock is made again.)"""
+    for _attempt in range(5):
+        now = now_iso()
+        insert_row(
+            tx,
+            "automation_bucket",
+            {
+                "automation_id": automation["id"],
+                "trigger_id": trigger["id"],
+                "bucketing_key": key,
+                "posture": trigger["posture"],
+                "created": now,
+                "updated": now,
+                "start_time": iso(start),
+                "end_time": iso(end),
+                "count": count,
+                "last_event": last_event,
+                "triggering_labels": {},
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
+        bucket = _read_bucket(tx, automation["id"], trigger["id"], key)
+        if bucket is not None:
+            return bucket
+    raise DatabaseUnavailable("an automation bucket kept being removed by another server; try again")
+
+
+def _read_bucket(tx, automation_id: str, trigger_id: str, key: str) -> dict | None:
+    row = tx.query_one(
+        "SELECT * FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND "
+        f"bucketing_key = ?{tx.db.for_update}",
+        (automation_id, trigger_id, key),
+    )
+    return decode_row("automation_bucket", row)
+
+
+def _start_proactive_buckets(tx, automation: dict, now: _dt.datetime) -> None:
+    """A proactive trigger without `after` watches from now on (one window per for_each key once events come)."""
+    for trigger in all_triggers(automation["trigger"]):
+        if (
+            trigger["type"] == "event"
+            and trigger["posture"] == "Proactive"
+            and not trigger["after"]
+            and not trigger["for_each"]
+        ):
+            _ensure_bucket(
+                tx,
+                automation,
+                trigger,
+                _bucketing_key(trigger, None),
+                now,
+                now + _dt.timedelta(seconds=trigger["within"]),
+                None,
+            )
+
+
 def create_automation(tx, data: dict, owner_resource: str | None = None) -> dict:
     now, automation_id = now_iso(), new_id()
     insert_row(
@@ -9734,21 +9807,6 @@ def _starts_after(trigger: dict, name: str) -> bool:
     return any(_event_name_matches(name, p) for p in trigger["after"])
 
 
-def _find_label(event: dict, label: str) -> str:
-    """A label of the event's resource, or `related:<role>:<label>` of its first related resource in a role."""
-    if label.startswith("related:"):
-        _, role, name = (label.split(":", 2) + ["", ""])[:3]
-        for related in event["related"]:
-            if related.get("prefect.resource.role") == role:
-                return related.get(name) or ""
-        return ""
-    return event["resource"].get(label) or ""
-
-
-def _bucketing_key(trigger: dict, event: dict | None) -> str:
-    return dumps([_find_label(event, label) if event else "" for label in trigger["for_each"]])
-
-
 def enabled_automations(tx) -> list[dict]:
     # in id order, so replicas evaluating the same event lock buckets in the same order (no deadlock)
     return [automation_out(r) for r in tx.query("SELECT * FROM automation WHERE enabled = ? ORDER BY id", (True,))]
@@ -9819,44 +9877,6 @@ def _react(tx, automation: dict, trigger: dict, event: dict) -> None:
         if bucket is None:
             return
     evaluate_bucket(tx, automation, trigger, bucket, occurred, event)
-
-
-def _ensure_bucket(tx, automation, trigger, key, start, end, last_event, count=0) -> dict:
-    """The open bucket for a trigger and key, made if there is none; locked, so replicas count in turn.
-    (A bucket another replica deleted while this one waited for its lock is made again.)"""
-    for _attempt in range(5):
-        now = now_iso()
-        insert_row(
-            tx,
-            "automation_bucket",
-            {
-                "automation_id": automation["id"],
-                "trigger_id": trigger["id"],
-                "bucketing_key": key,
-                "posture": trigger["posture"],
-                "created": now,
-                "updated": now,
-                "start_time": iso(start),
-                "end_time": iso(end),
-                "count": count,
-                "last_event": last_event,
-                "triggering_labels": {},
-            },
-            on_conflict="ON CONFLICT DO NOTHING",
-        )
-        bucket = _read_bucket(tx, automation["id"], trigger["id"], key)
-        if bucket is not None:
-            return bucket
-    raise DatabaseUnavailable("an automation bucket kept being removed by another server; try again")
-
-
-def _read_bucket(tx, automation_id: str, trigger_id: str, key: str) -> dict | None:
-    row = tx.query_one(
-        "SELECT * FROM automation_bucket WHERE automation_id = ? AND trigger_id = ? AND "
-        f"bucketing_key = ?{tx.db.for_update}",
-        (automation_id, trigger_id, key),
-    )
-    return decode_row("automation_bucket", row)
 
 
 def _remove_bucket(tx, bucket: dict) -> None:
@@ -9937,26 +9957,6 @@ def evaluate_bucket(tx, automation: dict, trigger: dict, bucket: dict, now: _dt.
     next_start = max(end, now)
     resolvable = not reactive and trigger["id"] == automation["trigger"]["id"]  # a child's firing is its parent's
     _start_new_bucket(tx, bucket, next_start, next_start + within, count, fired_at if resolvable else None)
-
-
-def _start_proactive_buckets(tx, automation: dict, now: _dt.datetime) -> None:
-    """A proactive trigger without `after` watches from now on (one window per for_each key once events come)."""
-    for trigger in all_triggers(automation["trigger"]):
-        if (
-            trigger["type"] == "event"
-            and trigger["posture"] == "Proactive"
-            and not trigger["after"]
-            and not trigger["for_each"]
-        ):
-            _ensure_bucket(
-                tx,
-                automation,
-                trigger,
-                _bucketing_key(trigger, None),
-                now,
-                now + _dt.timedelta(seconds=trigger["within"]),
-                None,
-            )
 
 
 def evaluate_proactive_triggers(db: Database, now: _dt.datetime | None = None) -> int:
