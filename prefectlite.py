@@ -14205,7 +14205,32 @@ class EventsIn:
         pass
 
 
-class EventsOut:
+class FilterSubscriber:
+    """A /events/out or /logs/out socket: it authenticates (Prefect 3's `prefect` subprotocol), then sends one
+    filter message, which _subscribe takes; anything it sends after that is ignored."""
+
+    def __init__(self, app, ws):
+        self.app, self.ws = app, ws
+        self.authenticated = ws.subprotocol != "prefect"
+        self.subscribed = False
+
+    def receive(self, messages: list) -> bool:
+        for message in messages:
+            if not self.authenticated:
+                self.authenticated = authenticate_websocket(self.app, self.ws, message)
+                if not self.authenticated:
+                    break
+            elif not self.subscribed:
+                self.subscribed = self._subscribe(message)
+                if not self.subscribed:
+                    break
+        return True
+
+    def _subscribe(self, message) -> bool:
+        raise NotImplementedError
+
+
+class EventsOut(FilterSubscriber):
     """/api/events/out: a subscriber sends one filter message and then receives the recent matching
     events (unless backfill is false) and the matching events stored from then on, oldest first.
 
@@ -14214,8 +14239,7 @@ class EventsOut:
     is closed with 1013: it reconnects and backfills rather than slow the writers down."""
 
     def __init__(self, app, ws):
-        self.app, self.ws = app, ws
-        self.authenticated = ws.subprotocol != "prefect"
+        super().__init__(app, ws)
         self.filter: dict | None = None
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
@@ -14224,18 +14248,6 @@ class EventsOut:
         self._over = False
 
     runs_on_loop = False  # the backfill reads the database
-
-    def receive(self, messages: list) -> bool:
-        for message in messages:
-            if not self.authenticated:
-                self.authenticated = authenticate_websocket(self.app, self.ws, message)
-                if not self.authenticated:
-                    break
-            elif self.filter is None:
-                if not self._subscribe(message):
-                    break
-            # anything a subscriber sends after its filter is ignored
-        return True
 
     def _subscribe(self, message) -> bool:
         message = filter_message(self.ws, message)
@@ -14323,7 +14335,7 @@ class EventsOut:
             self.app.events.unsubscribe(self)
 
 
-class LogsOut:
+class LogsOut(FilterSubscriber):
     """/api/logs/out: Prefect 3's log subscribers (`prefect flow-run watch` opens one beside /events/out)
     authenticate, send one filter message, and keep the socket open. Prefect's server sends logs there
     only when its log stream settings (PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
@@ -14332,26 +14344,13 @@ class LogsOut:
 
     runs_on_loop = True  # the auth exchange and the filter's checks only
 
-    def __init__(self, app, ws):
-        self.app, self.ws = app, ws
-        self.authenticated = ws.subprotocol != "prefect"
-        self.subscribed = False
-
-    def receive(self, messages: list) -> bool:
-        for message in messages:
-            if not self.authenticated:
-                self.authenticated = authenticate_websocket(self.app, self.ws, message)
-                if not self.authenticated:
-                    break
-            elif not self.subscribed:
-                message = filter_message(self.ws, message)
-                if message is None:
-                    break
-                if not isinstance(message.get("filter"), dict):
-                    self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Invalid filter: a log filter is an object")
-                    break
-                self.subscribed = True
-            # anything a subscriber sends after its filter is ignored
+    def _subscribe(self, message) -> bool:
+        message = filter_message(self.ws, message)
+        if message is None:
+            return False
+        if not isinstance(message.get("filter"), dict):
+            self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Invalid filter: a log filter is an object")
+            return False
         return True
 
     def closed(self):
