@@ -502,6 +502,24 @@ def test_an_actions_own_events_trigger_automations_a_bounded_number_of_levels(da
         assert len(executed(echo)) == prefectlite.AUTOMATION_MAX_EVENT_DEPTH - 1
 
 
+def test_triggers_for_any_event_leave_the_automations_own_events_alone(database):
+    # On Prefect's server a trigger for any event fires on its own automation.triggered event, and on that one's,
+    # without end; Prefect's 3.x suite leaves 25 such automations on the server it runs against.
+    def named(name, automation):
+        return events_named(client, name, f"prefect.automation.{automation['id']}")
+
+    with running(database) as client:
+        catch_alls = [
+            client.ok("POST", "/automations/", automation_body(trigger=trigger), expect=(201,))
+            for trigger in (reactive([]), reactive([]), reactive(["*"]))
+        ]
+        client.ok("POST", "/events", [event("go.now")])
+        for automation in catch_alls:
+            wait_until(lambda: named("prefect.automation.action.executed", automation), what="its action")
+        # the triggered events of a chain are stored with the event, and an action's own with its executed event
+        assert [len(named("prefect.automation.triggered", a)) for a in catch_alls] == [1, 1, 1]
+
+
 def test_send_notification_and_call_webhook_render_templates(tmp_path):
     with HTTPReceiver() as slack, HTTPReceiver() as hook, running(f"sqlite:///{tmp_path}/a.db") as client:
         slack_block = new_block(client, "slack-webhook", {"url": slack.url + "/services/x"})
