@@ -5349,6 +5349,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
         "auto_scheduled": False,
     }
     values.update(extra or {})
+    values.update(run_work_pool(tx, values.get("work_queue_id")))
     run = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
     if run is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
@@ -5357,6 +5358,23 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
     if major == 3:  # as flow_run_out
         out["labels"] = values["labels"]
     return out, True
+
+
+def run_work_pool(tx, queue_id: str | None) -> dict:
+    """A run's work_pool_id and work_pool_name: its work queue's pool, as Prefect's FlowRunResponse fills them
+    (2.20's and 3.x's alike). Kept on the run (a pool keeps its name); cleared when the queue or pool goes
+    (clear_runs_work_pool)."""
+    found = queue_id and tx.query_one(
+        "SELECT wp.id, wp.name FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id WHERE wq.id = ?",
+        (queue_id,),
+    )
+    return {"work_pool_id": found["id"], "work_pool_name": found["name"]} if found else {}
+
+
+def clear_runs_work_pool(tx, where: str, params: tuple):
+    """Runs whose work queue is going (`where` picks them by work_queue_id) lose their work pool, as in
+    Prefect, where the run's queue becomes null."""
+    tx.execute(f"UPDATE flow_run SET work_pool_id = NULL, work_pool_name = NULL WHERE {where}", params)
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -12745,6 +12763,7 @@ def update_work_pool(app, req):
 def delete_work_pool(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
+        clear_runs_work_pool(tx, "work_queue_id IN (SELECT id FROM work_queue WHERE work_pool_id = ?)", (pool["id"],))
         tx.execute("DELETE FROM work_pool WHERE id = ?", (pool["id"],))
     return 204, NO_CONTENT
 
@@ -12811,6 +12830,7 @@ def delete_pool_queue(app, req):
         pool, row = _pool_queue(tx, req, lock=True)
         if row["id"] == pool["default_queue_id"]:
             raise HTTPError(409, "The default queue of a work pool cannot be deleted.")
+        clear_runs_work_pool(tx, "work_queue_id = ?", (row["id"],))
         tx.execute("DELETE FROM work_queue WHERE id = ?", (row["id"],))
     return 204, NO_CONTENT
 
@@ -13012,6 +13032,7 @@ def update_work_queue(app, req):
 
 def delete_work_queue(app, req):
     with app.db.write() as tx:
+        clear_runs_work_pool(tx, "work_queue_id = ?", (req.uuid(),))
         if not tx.execute("DELETE FROM work_queue WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Work queue not found")
     return 204, NO_CONTENT
