@@ -5263,7 +5263,16 @@ def state_out(table: str, row: dict) -> dict:
 # Flows
 
 
-def create_flow(tx, data: dict) -> tuple[dict, bool]:
+def flow_out(row: dict, major: int = 2) -> dict:
+    """A flow as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
+    flow = decode_row("flow", row)
+    if major == 3:
+        flow["labels"] = stored_labels(row)
+    return flow
+
+
+def create_flow(tx, data: dict, major: int = 2) -> tuple[dict, bool]:
+    """Create a flow, or return the one with the name (its labels unchanged, as in Prefect 3)."""
     now = now_iso()
     inserted = insert_row(
         tx,
@@ -5279,26 +5288,27 @@ def create_flow(tx, data: dict) -> tuple[dict, bool]:
         on_conflict="ON CONFLICT DO NOTHING",
     )
     row = tx.query_one("SELECT * FROM flow WHERE name = ?", (data["name"],))
-    return decode_row("flow", row), bool(inserted)
+    return flow_out(row, major), bool(inserted)
 
 
-def read_flow_by_name(tx, name: str) -> dict:
+def read_flow_by_name(tx, name: str, major: int = 2) -> dict:
     row = tx.query_one("SELECT * FROM flow WHERE name = ?", (name,))
     if row is None:
         raise NotFound("Flow not found")
-    return decode_row("flow", row)
+    return flow_out(row, major)
 
 
 # Flow runs
 
 
 def flow_run_labels(tx, flow: dict, data: dict) -> dict:
-    """A new run's labels, as Prefect 3 stores them: its deployment's labels (or else its flow's), then
-    prefect.flow.id (and prefect.deployment.id), then the client's own labels over them."""
+    """A new run's labels, as Prefect 3 stores them: its deployment's labels (which hold its flow's, see
+    deployment_labels) or else its flow's, then prefect.flow.id (and prefect.deployment.id), then the
+    client's own labels over them."""
     labels = {**stored_labels(flow), "prefect.flow.id": flow["id"]}
     dep = read_row(tx, "deployment", data["deployment_id"]) if data.get("deployment_id") else None
     if dep is not None:
-        labels = {**labels, **stored_labels(dep), "prefect.flow.id": dep["flow_id"], "prefect.deployment.id": dep["id"]}
+        labels = {**stored_labels(dep), "prefect.flow.id": dep["flow_id"], "prefect.deployment.id": dep["id"]}
     return {**labels, **(data.get("labels") or {})}
 
 
@@ -5339,6 +5349,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
         "auto_scheduled": False,
     }
     values.update(extra or {})
+    values.update(run_work_pool(tx, values.get("work_queue_id")))
     run = insert_run_in_state(tx, "flow", values, data.get("state") or {"type": "PENDING", "state_details": {}})
     if run is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
@@ -5347,6 +5358,23 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
     if major == 3:  # as flow_run_out
         out["labels"] = values["labels"]
     return out, True
+
+
+def run_work_pool(tx, queue_id: str | None) -> dict:
+    """A run's work_pool_id and work_pool_name: its work queue's pool, as Prefect's FlowRunResponse fills them
+    (2.20's and 3.x's alike). Kept on the run (a pool keeps its name); cleared when the queue or pool goes
+    (clear_runs_work_pool)."""
+    found = queue_id and tx.query_one(
+        "SELECT wp.id, wp.name FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id WHERE wq.id = ?",
+        (queue_id,),
+    )
+    return {"work_pool_id": found["id"], "work_pool_name": found["name"]} if found else {}
+
+
+def clear_runs_work_pool(tx, where: str, params: tuple):
+    """Runs whose work queue is going (`where` picks them by work_queue_id) lose their work pool, as in
+    Prefect, where the run's queue becomes null."""
+    tx.execute(f"UPDATE flow_run SET work_pool_id = NULL, work_pool_name = NULL WHERE {where}", params)
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -7758,6 +7786,7 @@ DeploymentCreate = Schema(
     {
         "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
         "flow_id": Field("uuid", required=True, nullable=False),
+        "labels": Field("object", default=dict),  # Prefect 3 (on create only: its DeploymentUpdate has none)
         **_DEPLOYMENT_FIELDS,
     },
 )
@@ -7809,6 +7838,7 @@ def deployment_status(dep: dict, timeout_seconds: float, now: _dt.datetime) -> s
 def deployment_out(tx, row, settings: Settings | None = None, now: _dt.datetime | None = None) -> dict:
     """A deployment as the API shows it; its status as at `now` (the server's clock's time)."""
     dep = decode_row("deployment", row)
+    dep["labels"] = stored_labels(row)  # for 3.x clients only (deployment_for_client)
     timeout = 60.0  # the setting's default, for callers that only want the other fields
     if settings:
         timeout = settings["PREFECT_API_SERVICES_FOREMAN_DEPLOYMENT_LAST_POLLED_TIMEOUT_SECONDS"]
@@ -8010,9 +8040,15 @@ def _merge_job_variables(data: dict, sent: dict) -> dict:
     return sent
 
 
+def deployment_labels(flow: dict, data: dict) -> dict:
+    """A created or upserted deployment's labels, as Prefect 3 sets them each time: its flow's labels, then
+    prefect.flow.id, then the labels sent (none sent: none kept)."""
+    return {**stored_labels(flow), "prefect.flow.id": flow["id"], **(data.get("labels") or {})}
+
+
 def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
     """Create a deployment, or update the one with the same flow and name."""
-    require_row(tx, "flow", data["flow_id"], "Flow")
+    flow = require_row(tx, "flow", data["flow_id"], "Flow")
     sent = _merge_job_variables(data, sent)
     queue_row = ensure_work_queue(tx, data.get("work_pool_name"), data.get("work_queue_name"))
     now = now_iso()
@@ -8044,6 +8080,7 @@ def upsert_deployment(tx, data: dict, sent: dict) -> tuple[dict, bool]:
         values["is_schedule_active"] = not data["paused"]
     values["work_queue_id"] = queue_row["id"] if queue_row else None
     values["work_queue_name"] = queue_row["name"] if queue_row else data.get("work_queue_name")
+    values["labels"] = deployment_labels(flow, data)
     existing = tx.query_one(
         f"SELECT * FROM deployment WHERE flow_id = ? AND name = ?{tx.db.for_update}", (data["flow_id"], data["name"])
     )
@@ -11479,18 +11516,18 @@ def read_csrf_token(app, req):
 @body(FlowCreate)
 def create_flow_handler(app, req):
     with app.db.write() as tx:
-        flow, created = create_flow(tx, req.data)
+        flow, created = create_flow(tx, req.data, client_major(req))
     return (201 if created else 200), flow
 
 
 def read_flow(app, req):
     with app.db.read() as tx:
-        return 200, decode_row("flow", require_row(tx, "flow", req.uuid(), "Flow"))
+        return 200, flow_out(require_row(tx, "flow", req.uuid(), "Flow"), client_major(req))
 
 
 def read_flow_by_name_handler(app, req):
     with app.db.read() as tx:
-        return 200, read_flow_by_name(tx, req.params["name"])
+        return 200, read_flow_by_name(tx, req.params["name"], client_major(req))
 
 
 @body(FlowUpdate)
@@ -11508,8 +11545,14 @@ def delete_flow(app, req):
     return 204, NO_CONTENT
 
 
+def _decoded(table: str):
+    """A _filter_handler `out` for a table whose objects are its decoded rows, alike for every client."""
+    return lambda row, _major: decode_row(table, row)
+
+
 def _filter_handler(table, out, filters, json_select=None):
-    """POST /<things>/filter and /count for a table, from one description.
+    """POST /<things>/filter and /count for a table, from one description: `out(row, major)` is an object
+    as a client of `major` (client_major) reads it.
 
     With `json_select` (see run_json_select) the database writes each object's JSON itself.
     """
@@ -11523,7 +11566,7 @@ def _filter_handler(table, out, filters, json_select=None):
                 page = tx.scalar(*json_page_query(tx, table, req.data, app.settings, select))
                 return 200, RawBody(page.encode(), "application/json")
             rows = query_filtered(tx, table, req.data, app.settings)
-        return 200, [out(row) for row in rows]
+        return 200, [out(row, client_major(req)) for row in rows]
 
     @body(schema)
     def count(app, req):
@@ -11538,10 +11581,12 @@ def _filter_handler(table, out, filters, json_select=None):
 
 
 _RUN_FILTERS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues")
-read_flows_filtered, count_flows = _filter_handler("flow", lambda r: decode_row("flow", r), _RUN_FILTERS)
+read_flows_filtered, count_flows = _filter_handler("flow", flow_out, _RUN_FILTERS)
 read_flow_runs_filtered, count_flow_runs = _filter_handler("flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
-read_task_runs_filtered, count_task_runs = _filter_handler("task_run", task_run_out, _RUN_FILTERS, run_json_select)
-_read_logs_page, _count_logs = _filter_handler("log", lambda r: decode_row("log", r), ("logs",))
+read_task_runs_filtered, count_task_runs = _filter_handler(
+    "task_run", lambda r, _major: task_run_out(r), _RUN_FILTERS, run_json_select
+)
+_read_logs_page, _count_logs = _filter_handler("log", _decoded("log"), ("logs",))
 
 
 @body(_read_logs_page.body_schema)
@@ -12133,9 +12178,7 @@ def delete_variable(app, req):
     return 204, NO_CONTENT
 
 
-read_variables_filtered, count_variables = _filter_handler(
-    "variable", lambda r: decode_row("variable", r), ("variables",)
-)
+read_variables_filtered, count_variables = _filter_handler("variable", _decoded("variable"), ("variables",))
 
 
 # Handlers: artifacts
@@ -12176,9 +12219,7 @@ def read_latest_artifact(app, req):
 
 
 _ARTIFACT_FILTERS = ("artifacts", "flow_runs", "task_runs")
-read_artifacts_filtered, count_artifacts = _filter_handler(
-    "artifact", lambda r: decode_row("artifact", r), _ARTIFACT_FILTERS
-)
+read_artifacts_filtered, count_artifacts = _filter_handler("artifact", _decoded("artifact"), _ARTIFACT_FILTERS)
 ArtifactFilterBody = filter_body_schema("artifact", _ARTIFACT_FILTERS)
 _LATEST_ONLY = "artifact.id IN (SELECT latest_id FROM artifact_collection)"
 
@@ -12423,7 +12464,7 @@ def delete_saved_search(app, req):
 
 
 read_saved_searches_filtered, _count_saved_searches = _filter_handler(
-    "saved_search", lambda r: decode_row("saved_search", r), ("saved_searches",)
+    "saved_search", _decoded("saved_search"), ("saved_searches",)
 )
 
 
@@ -12452,7 +12493,7 @@ DEPLOYMENT_FIELDS_3 = (
     "schedules", "job_variables", "parameters", "pull_steps", "tags", "work_queue_name", "last_polled",
     "parameter_openapi_schema", "path", "entrypoint", "storage_document_id", "infrastructure_document_id",
     "created_by", "updated_by", "work_queue_id", "enforce_parameter_schema", "work_pool_name", "status",
-    "global_concurrency_limit", "concurrency_options",
+    "global_concurrency_limit", "concurrency_options", "labels",
 )
 # fmt: on
 
@@ -12736,6 +12777,7 @@ def update_work_pool(app, req):
 def delete_work_pool(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
+        clear_runs_work_pool(tx, "work_queue_id IN (SELECT id FROM work_queue WHERE work_pool_id = ?)", (pool["id"],))
         tx.execute("DELETE FROM work_pool WHERE id = ?", (pool["id"],))
     return 204, NO_CONTENT
 
@@ -12802,6 +12844,7 @@ def delete_pool_queue(app, req):
         pool, row = _pool_queue(tx, req, lock=True)
         if row["id"] == pool["default_queue_id"]:
             raise HTTPError(409, "The default queue of a work pool cannot be deleted.")
+        clear_runs_work_pool(tx, "work_queue_id = ?", (row["id"],))
         tx.execute("DELETE FROM work_queue WHERE id = ?", (row["id"],))
     return 204, NO_CONTENT
 
@@ -13003,6 +13046,7 @@ def update_work_queue(app, req):
 
 def delete_work_queue(app, req):
     with app.db.write() as tx:
+        clear_runs_work_pool(tx, "work_queue_id = ?", (req.uuid(),))
         if not tx.execute("DELETE FROM work_queue WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Work queue not found")
     return 204, NO_CONTENT
@@ -13096,7 +13140,7 @@ def delete_notification_policy(app, req):
 
 read_notification_policies_filtered, _count_policies = _filter_handler(
     "flow_run_notification_policy",
-    lambda r: decode_row("flow_run_notification_policy", r),
+    _decoded("flow_run_notification_policy"),
     ("flow_run_notification_policy_filter",),
 )
 

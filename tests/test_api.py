@@ -228,6 +228,34 @@ def test_a_flow_runs_labels_are_shown_to_3x_clients_with_prefects_defaults(diale
         assert client.patch(f"/flow_runs/{created['id']}/labels", ["not", "a", "dict"])[0] == 422
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_flows_labels_are_shown_to_3x_clients(dialect, tmp_path, request):
+    """Prefect 3.9's server answers a flow with its `labels` (those it was created with, {} by default; a
+    second create of the name leaves them) on create, read, read by name and filter; 2.20's Flow has no such
+    field and its SDK refuses unknown fields in test mode, so 2.x callers never see it."""
+    url = f"sqlite:///{tmp_path}/labels.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        plain = client.ok("POST", "/flows/", {"name": "plain"}, headers=PREFECT3_AGENT)
+        assert plain["labels"] == {}
+        labels = {"team": "data", "n": 1, "on": True}
+        flow = client.ok("POST", "/flows/", {"name": "labelled", "labels": labels}, headers=PREFECT3_AGENT)
+        assert flow["labels"] == labels
+        again = client.ok("POST", "/flows/", {"name": "labelled", "labels": {"x": "y"}}, headers=PREFECT3_AGENT)
+        assert (again["id"], again["labels"]) == (flow["id"], labels)
+        assert client.ok("GET", f"/flows/{flow['id']}", headers=PREFECT3_AGENT)["labels"] == labels
+        assert client.ok("GET", "/flows/name/labelled", headers=PREFECT3_AGENT)["labels"] == labels
+        listed = client.ok("POST", "/flows/filter", {"sort": "NAME_ASC"}, headers=PREFECT3_AGENT)
+        assert [f["labels"] for f in listed] == [labels, {}]
+        as_2x = [
+            client.ok("POST", "/flows/", {"name": "labelled"}),
+            client.ok("GET", f"/flows/{flow['id']}"),
+            client.ok("GET", "/flows/name/labelled"),
+            *client.ok("POST", "/flows/filter", {"sort": "NAME_ASC"}),
+        ]
+        assert [("labels" in f) for f in as_2x] == [False] * 5
+
+
 def test_filter_and_count_flow_runs(client):
     flow = new_flow(client)
     runs = [new_flow_run(client, flow["id"], tags=[f"n{i}"]) for i in range(4)]

@@ -189,6 +189,45 @@ def test_answers_hold_only_the_fields_of_the_callers_major(client):
     assert not {"infra_overrides", "schedule", "is_schedule_active", "manifest_path"} & set(as_3x)
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_deployments_labels_are_prefects_and_shown_to_3x_clients(dialect, tmp_path, request):
+    """Prefect 3.9's server gives a deployment, on each create or upsert (whoever sends it), its flow's labels,
+    then prefect.flow.id, then the labels sent (none sent: none kept); a run of it gets the deployment's
+    labels, prefect.flow.id and prefect.deployment.id, then its own. 3.x callers read them; 2.20's
+    DeploymentResponse has no such field (its SDK refuses unknown fields in test mode)."""
+    url = f"sqlite:///{tmp_path}/labels.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url, PREFECT_API_SERVICES_SCHEDULER_ENABLED=False) as api_url:
+        client = Client(api_url)
+        flow = client.ok("POST", "/flows/", {"name": "labelled", "labels": {"team": "data", "n": 1}})
+        own = {"prefect.flow.id": flow["id"]}
+        body = {"name": "d", "flow_id": flow["id"], "labels": {"dl": "v", "team": "over"}}
+        dep = client.ok("POST", "/deployments/", body, headers=PREFECT3_AGENT)
+        assert dep["labels"] == {"team": "over", "n": 1, **own, "dl": "v"}
+        upserted = client.ok("POST", "/deployments/", {**body, "labels": {"z": 1}}, headers=PREFECT3_AGENT)
+        assert (upserted["id"], upserted["labels"]) == (dep["id"], {"team": "data", "n": 1, **own, "z": 1})
+        from_2x = client.ok("POST", "/deployments/", {"name": "d", "flow_id": flow["id"]})
+        assert from_2x["id"] == dep["id"] and "labels" not in from_2x
+        labels = {"team": "data", "n": 1, **own}
+        assert client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)["labels"] == labels
+        by_name = client.ok("GET", "/deployments/name/labelled/d", headers=PREFECT3_AGENT)
+        assert by_name["labels"] == labels
+        plain = client.ok("POST", "/flows/", {"name": "plain"})
+        other = new_deployment(client, plain["id"], name="e")
+        listed = client.ok("POST", "/deployments/filter", {"sort": "NAME_ASC"}, headers=PREFECT3_AGENT)
+        assert [d["labels"] for d in listed] == [labels, {"prefect.flow.id": plain["id"]}]
+        as_2x = [
+            other,
+            client.ok("GET", f"/deployments/{dep['id']}"),
+            client.ok("GET", "/deployments/name/labelled/d"),
+            *client.ok("POST", "/deployments/filter", {}),
+        ]
+        assert [("labels" in d) for d in as_2x] == [False] * 5
+        run = client.ok(
+            "POST", f"/deployments/{dep['id']}/create_flow_run", {"labels": {"u": 1}}, headers=PREFECT3_AGENT
+        )
+        assert run["labels"] == {**labels, "prefect.deployment.id": dep["id"], "u": 1}
+
+
 def test_a_deployment_concurrency_limit_is_a_global_limit_named_after_it(client):
     """Prefect 3 (`serve()`/`deploy(concurrency_limit=3)`) keeps a deployment's limit as the global
     concurrency limit `deployment:{id}` and answers it in full as `global_concurrency_limit` (it was

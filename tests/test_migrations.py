@@ -77,17 +77,23 @@ def test_revision_ids_are_consecutive():
 # up, down, up again
 
 
+DATA_ONLY_REVISIONS = {"0011"}  # they change rows, not the schema (each has a test of its own below)
+
+
 def test_every_revision_goes_up_down_and_up_again(db):
     ids = revision_ids()
     assert prefectlite.current_revision(db) is None
     for i, rev in enumerate(ids):
+        before_up = db.schema_signature() if i else None
         assert prefectlite.migrate(db, rev) == [rev]
         assert prefectlite.current_revision(db) == rev
         after_up = db.schema_signature()
         assert prefectlite.downgrade(db, "-1") == [rev]
         previous = ids[i - 1] if i else None
         assert prefectlite.current_revision(db) == previous
-        if i:
+        if rev in DATA_ONLY_REVISIONS:
+            assert after_up == before_up == db.schema_signature(), f"{rev} is not data only"
+        elif i:
             assert db.schema_signature() != after_up, f"downgrading {rev} changed nothing"
         assert prefectlite.migrate(db, rev) == [rev]
         assert prefectlite.current_revision(db) == rev
@@ -200,6 +206,40 @@ def test_data_written_through_the_api_survives_downgrade_and_upgrade_of_the_last
         client = Client(api_url)
         assert client.ok("GET", f"/flows/{flow['id']}")["tags"] == ["t"]
         assert client.ok("GET", f"/flow_runs/{run['id']}")["name"] == "api-run"
+
+
+def test_0011_gives_the_runs_made_before_it_their_queues_work_pool(db):
+    """A run's work_pool_id and work_pool_name were never set before 0011 (Prefect answers them from the
+    run's work queue's pool): the upgrade fills them, leaves a run without a queue alone, and the
+    downgrade clears them."""
+    prefectlite.migrate(db, "0010")
+    pool_id, queue_id, flow_id, queued, loose = (str(uuid.uuid4()) for _ in range(5))
+    stamp = "2024-05-01T12:00:00.000000+00:00"
+    with db.write() as tx:
+        tx.execute(
+            "INSERT INTO work_pool (id, created, updated, name, type) VALUES (?, ?, ?, ?, ?)",
+            (pool_id, stamp, stamp, "kept-pool", "process"),
+        )
+        tx.execute(
+            "INSERT INTO work_queue (id, created, updated, name, work_pool_id) VALUES (?, ?, ?, ?, ?)",
+            (queue_id, stamp, stamp, "default", pool_id),
+        )
+        tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "f"))
+        for run_id, queue in ((queued, queue_id), (loose, None)):
+            tx.execute(
+                "INSERT INTO flow_run (id, created, updated, name, flow_id, work_queue_id) VALUES (?, ?, ?, ?, ?, ?)",
+                (run_id, stamp, stamp, run_id[:8], flow_id, queue),
+            )
+
+    def pools():
+        with db.read() as tx:
+            rows = tx.query("SELECT id, work_pool_id, work_pool_name FROM flow_run")
+            return {row["id"]: (row["work_pool_id"], row["work_pool_name"]) for row in rows}
+
+    assert prefectlite.migrate(db, "0011") == ["0011"]
+    assert pools() == {queued: (pool_id, "kept-pool"), loose: (None, None)}
+    prefectlite.downgrade(db, "0010")
+    assert pools() == {queued: (None, None), loose: (None, None)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -665,3 +665,44 @@ def test_a_flow_run_created_with_a_work_pool_goes_to_its_queue(any_api):
 
     loose = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "work_queue_name": "other"})
     assert (loose["work_queue_id"], loose["work_queue_name"]) == (None, "other")
+
+
+def test_a_flow_runs_work_pool_is_its_queues_pool(any_api):
+    """Prefect's FlowRunResponse (2.20's and 3.9's) answers a run's work_pool_id and work_pool_name from its
+    work queue's pool (they were always null here): a run made in a pool, one of a deployment's, one the
+    scheduler made; none without a queue; null again once the queue or the pool is deleted, as there."""
+    api = any_api
+    pool = new_pool(api)
+    name = pool["name"]
+    new_queue(api, name, "other")
+    mine = {"work_pool_id": pool["id"], "work_pool_name": name}
+    flow = api.ok("POST", "/flows/", {"name": unique("flow")})
+    run = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "work_pool_name": name}, headers=PREFECT3_AGENT)
+    in_other = api.ok(
+        "POST", "/flow_runs/", {"flow_id": flow["id"], "work_pool_name": name, "work_queue_name": "other"}
+    )
+    of_dep = due_run(api, new_deployment(api, name))
+    loose = api.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
+    pools = [{key: r[key] for key in mine} for r in (run, in_other, of_dep)]
+    assert pools == [mine] * 3 and (loose["work_pool_id"], loose["work_pool_name"]) == (None, None)
+    for headers in (PREFECT3_AGENT, None):
+        read = api.ok("GET", f"/flow_runs/{run['id']}", headers=headers)
+        assert (read["work_pool_id"], read["work_pool_name"]) == (pool["id"], name)
+        listed = api.ok("POST", "/flow_runs/filter", {"sort": "EXPECTED_START_TIME_ASC"}, headers=headers)
+        assert sorted((r["id"], r["work_pool_name"]) for r in listed) == sorted(
+            [(run["id"], name), (in_other["id"], name), (of_dep["id"], name), (loose["id"], None)]
+        )
+
+    body = {"name": unique("dep"), "flow_id": flow["id"], "work_pool_name": name}
+    dep = api.ok("POST", "/deployments/", {**body, "schedules": [{"schedule": {"interval": 3600}}]})
+    api.ok("POST", f"/deployments/{dep['id']}/schedule", {})
+    scheduled = api.ok("POST", "/flow_runs/filter", {"deployments": {"id": {"any_": [dep["id"]]}}})
+    assert scheduled and {(r["work_pool_id"], r["work_pool_name"]) for r in scheduled} == {(pool["id"], name)}
+
+    api.ok("DELETE", f"/work_pools/{name}/queues/other")
+    read = api.ok("GET", f"/flow_runs/{in_other['id']}")
+    assert (read["work_pool_id"], read["work_pool_name"]) == (None, None)
+    assert api.ok("GET", f"/flow_runs/{run['id']}")["work_pool_name"] == name
+    api.ok("DELETE", f"/work_pools/{name}")
+    read = api.ok("GET", f"/flow_runs/{run['id']}", headers=PREFECT3_AGENT)
+    assert (read["work_pool_id"], read["work_pool_name"]) == (None, None)
