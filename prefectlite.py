@@ -187,6 +187,10 @@ SETTINGS = {
         _spec("PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES", 1_500_000, int,
               "largest WebSocket message (one event) accepted; a bigger one closes the socket with 1009",
               minimum=1, maximum=2 ** 31 - 1),
+        _spec("PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED", False, bool,
+              "send /api/logs/out subscribers the matching logs stored from then on (with ..._PUBLISHING_ENABLED)"),
+        _spec("PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED", False, bool,
+              "hand each log stored to the log stream, which ..._OUT_ENABLED sends on (both off: nothing sent)"),
         _spec("PREFECT_SERVER_EVENTS_RETENTION_DAYS", 7.0, float, "days events are kept (0: forever); task runs stay",
               minimum=0, maximum=36_500),
         _spec("PREFECT_SERVER_REQUEST_TIMEOUT", 30.0, float, "seconds a client may take to send a request",
@@ -520,6 +524,7 @@ class DatabaseHooks:
 
     state_listeners: functions(tx, kind, run, initial, state), called in the transaction that records a state
     event_sinks: callables(events), given the events a transaction stored once it commits (live feeds)
+    log_sinks: callables(logs), given the logs a transaction stored once it commits (the live log stream)
     notification_wakers: callables run once a transaction has queued a notification (wake the sender)
     stored_event_listeners: functions(tx, events), called in the transaction that stores new events
     automation_wakers: callables run once a transaction has queued an automation's action (wake the actor)
@@ -532,6 +537,7 @@ class DatabaseHooks:
         self.state_listeners: list = list(self.domain_state_listeners)
         self.stored_event_listeners: list = list(self.domain_stored_event_listeners)
         self.event_sinks: list = []
+        self.log_sinks: list = []
         self.notification_wakers: list = []
         self.automation_wakers: list = []
 
@@ -5570,7 +5576,25 @@ def create_logs(tx, logs: list[dict]) -> int:
             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             rows,
         )
+        _feed_log_sinks(tx, rows)
     return len(rows)
+
+
+_LOG_COLUMNS = ("id", "created", "updated", "name", "level", "message", "timestamp", "flow_run_id", "task_run_id")
+
+
+def streamed_log(row: dict) -> dict:
+    """A stored log as Prefect's log stream sends it: the Log it made before its INSERT gave it created and
+    updated, which go as null."""
+    return {**decode_row("log", row), "created": None, "updated": None}
+
+
+def _feed_log_sinks(tx, rows: list[tuple]):
+    """The stored logs to the live log stream (the log_sinks) once the transaction commits."""
+    if tx.db.hooks.log_sinks:
+        logs = [streamed_log(dict(zip(_LOG_COLUMNS, row))) for row in rows]
+        for sink in tx.db.hooks.log_sinks:
+            tx.after_commit.append(functools.partial(sink, logs))
 
 
 # Graphs and history
@@ -13837,10 +13861,11 @@ META_ROUTES = [
 # parsed from a buffer and encoded for sending, whole messages assembled under a size and a frame limit,
 # close codes; and the endpoints Prefect clients use, written as message handlers:
 # /api/events/in (clients report events, task runs among them), /api/events/out (subscribers send a
-# filter, then receive matching events), /api/logs/out (log subscribers, sent nothing, as by Prefect's
-# defaults) and /api/task_runs/subscriptions/scheduled (task workers receive background task runs). The
-# loop reads the frames and answers pings and closes itself; whole data messages go to a worker thread,
-# one batch at a time per connection, in the order sent.
+# filter, then receive matching events), /api/logs/out (log subscribers: sent matching logs as they are
+# stored when the log stream settings are on, nothing by Prefect's defaults) and
+# /api/task_runs/subscriptions/scheduled (task workers receive background task runs). The loop reads the
+# frames and answers pings and closes itself; whole data messages go to a worker thread, one batch at a
+# time per connection, in the order sent.
 
 WEBSOCKET_GUID = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455, section 1.3
 WS_CONTINUATION, WS_TEXT, WS_BINARY, WS_CLOSE, WS_PING, WS_PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
@@ -14071,6 +14096,7 @@ EVENTS_OUT_BACKFILL_SECONDS = 15 * 60  # a subscriber's backfill reaches back at
 EVENTS_OUT_BACKFILL_PAGE = 250
 EVENTS_OUT_BACKFILL_MAX = 1_000  # the newest events of the window a subscriber is sent on arrival, at most
 EVENT_SUBSCRIBER_BACKLOG = 10_000  # events waiting for one subscriber before it is cut off (it may backfill)
+LOG_SUBSCRIBER_BACKLOG = 10_000  # logs waiting for one /logs/out subscriber before it is cut off
 
 
 def websocket_subprotocol_problem(settings: Settings, headers) -> tuple[str | None, str | None]:
@@ -14288,24 +14314,92 @@ class FilterSubscriber:
         raise NotImplementedError
 
 
-class EventsOut(FilterSubscriber):
-    """/api/events/out: a subscriber sends one filter message and then receives the recent matching
-    events (unless backfill is false) and the matching events stored from then on, oldest first.
+class StreamSubscriber(FilterSubscriber):
+    """A subscriber sent what is stored from its subscription on (_send_matching says how), oldest first.
 
-    Committed events reach deliver() on the committing thread; they wait here and a worker sends them
-    (one flush at a time per subscriber). A subscriber whose backlog grows past EVENT_SUBSCRIBER_BACKLOG
-    is closed with 1013: it reconnects and backfills rather than slow the writers down."""
+    Committed rows reach deliver() on the committing thread; those it wants (_matching) wait here and a
+    worker sends them (one flush at a time per subscriber). A subscriber whose backlog grows past
+    `backlog` is closed with 1013 (`cut_off_reason`) rather than slow the writers down."""
+
+    backlog = EVENT_SUBSCRIBER_BACKLOG
+    cut_off_reason = "subscriber fell too far behind"
 
     def __init__(self, app, ws):
         super().__init__(app, ws)
-        self.filter: dict | None = None
+        self.filter: dict | None = None  # once subscribed to the hub
         self._lock = threading.Lock()
         self._pending: collections.deque = collections.deque()
         self._flushing = False  # a worker is sending (or the backfill runs): deliver() only queues
-        self._sent: set = set()  # ids sent by the backfill, which live events may repeat
         self._over = False
 
+    def _hub(self) -> "SubscriberHub":
+        raise NotImplementedError
+
+    def _matching(self, rows: list[dict]) -> list[dict]:
+        return rows
+
+    def _send_matching(self, batch: list[dict]):
+        raise NotImplementedError
+
+    def deliver(self, rows: list[dict]):
+        """On the thread that committed `rows`: queue those wanted, and have a worker send them."""
+        rows = self._matching(rows)
+        if not rows:
+            return
+        with self._lock:
+            if self._over:
+                return
+            self._pending.extend(rows)
+            if len(self._pending) > self.backlog:
+                self._cut_off_locked()
+                return
+            start = not self._flushing
+            self._flushing = True
+        if start:
+            self.ws.run_soon(self._flush)
+
+    def cut_off(self):
+        """Rows meant for this subscriber were lost on the way: it reconnects."""
+        with self._lock:
+            self._cut_off_locked()
+
+    def _cut_off_locked(self):
+        self._over = True
+        self._pending.clear()
+        self.ws.close(WS_CLOSE_TRY_AGAIN_LATER, self.cut_off_reason)
+
+    def _flush(self):
+        while True:
+            with self._lock:
+                if self._over or not self._pending:
+                    self._flushing = False
+                    return
+                batch = [self._pending.popleft() for _ in range(min(len(self._pending), EVENTS_OUT_BACKFILL_PAGE))]
+            self._send_matching(batch)
+
+    def closed(self):
+        with self._lock:
+            self._over = True
+            self._pending.clear()
+        if self.filter is not None:
+            self._hub().unsubscribe(self)
+
+
+class EventsOut(StreamSubscriber):
+    """/api/events/out: a subscriber sends one filter message and then receives the recent matching
+    events (unless backfill is false) and the matching events stored from then on, oldest first.
+    One cut off (1013) reconnects and backfills."""
+
+    cut_off_reason = "subscriber fell too far behind; reconnect to backfill"
+
+    def __init__(self, app, ws):
+        super().__init__(app, ws)
+        self._sent: set = set()  # ids sent by the backfill, which live events may repeat
+
     runs_on_loop = False  # the backfill reads the database
+
+    def _hub(self) -> "SubscriberHub":
+        return self.app.events
 
     def _subscribe(self, message) -> bool:
         message = filter_message(self.ws, message)
@@ -14339,39 +14433,6 @@ class EventsOut(FilterSubscriber):
             self.ws.send_json({"type": "event", "event": event})
             self._sent.add(event["id"])
 
-    def deliver(self, events: list[dict]):
-        """On the thread that committed `events`: queue them, and have a worker send them."""
-        with self._lock:
-            if self._over:
-                return
-            self._pending.extend(events)
-            if len(self._pending) > EVENT_SUBSCRIBER_BACKLOG:
-                self._cut_off_locked()
-                return
-            start = not self._flushing
-            self._flushing = True
-        if start:
-            self.ws.run_soon(self._flush)
-
-    def cut_off(self):
-        """Events meant for this subscriber were lost on the way: it reconnects, and backfills."""
-        with self._lock:
-            self._cut_off_locked()
-
-    def _cut_off_locked(self):
-        self._over = True
-        self._pending.clear()
-        self.ws.close(WS_CLOSE_TRY_AGAIN_LATER, "subscriber fell too far behind; reconnect to backfill")
-
-    def _flush(self):
-        while True:
-            with self._lock:
-                if self._over or not self._pending:
-                    self._flushing = False
-                    return
-                batch = [self._pending.popleft() for _ in range(min(len(self._pending), EVENTS_OUT_BACKFILL_PAGE))]
-            self._send_matching(batch)
-
     def _send_matching(self, batch: list[dict]):
         events = []
         for event in batch:
@@ -14385,22 +14446,83 @@ class EventsOut(FilterSubscriber):
             if event["id"] in wanted:
                 self.ws.send_json({"type": "event", "event": _received_event(event)})
 
-    def closed(self):
-        with self._lock:
-            self._over = True
-            self._pending.clear()
-        if self.filter is not None:
-            self.app.events.unsubscribe(self)
+
+def _log_stream_level(value, loc) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ValidationFailed([_error(loc, "value is not a valid integer", "type_error.integer")])
+    return int(value)
 
 
-class LogsOut(FilterSubscriber):
+def _log_stream_ids(ops: dict, loc) -> frozenset | None:
+    ids = ops.get("any_")
+    if ids is None:
+        return None
+    if not isinstance(ids, list):
+        raise ValidationFailed([_error((*loc, "any_"), "value is not a valid list", "type_error.list")])
+    return frozenset(parse_uuid(i, (*loc, "any_", n)) for n, i in enumerate(ids))
+
+
+def _log_stream_ops(flt: dict, key: str) -> dict:
+    ops = flt.get(key)
+    if ops is None:
+        return {}
+    if not isinstance(ops, dict):
+        raise ValidationFailed([_error(("filter", key), "value is not a valid dict", "type_error.dict")])
+    return {op: value for op, value in ops.items() if value is not None}
+
+
+def log_stream_filter(flt: dict) -> dict:
+    """What Prefect's log stream checks of a /logs/out LogFilter (its log_matches_filter), parsed: level
+    ge_/le_, timestamp before_/after_ (both ends included), flow_run_id any_, task_run_id any_ and is_null_,
+    all of them (operator, name and text are not looked at there, nor here). ValidationFailed when malformed."""
+    level, stamp = _log_stream_ops(flt, "level"), _log_stream_ops(flt, "timestamp")
+    flow_runs, task_runs = _log_stream_ops(flt, "flow_run_id"), _log_stream_ops(flt, "task_run_id")
+    no_task_run = task_runs.get("is_null_")
+    if no_task_run is not None and not isinstance(no_task_run, bool):
+        raise ValidationFailed(
+            [_error(("filter", "task_run_id", "is_null_"), "value could not be parsed to a boolean", "type_error.bool")]
+        )
+    return {
+        "level_ge": _log_stream_level(level["ge_"], ("filter", "level", "ge_")) if "ge_" in level else None,
+        "level_le": _log_stream_level(level["le_"], ("filter", "level", "le_")) if "le_" in level else None,
+        "after": parse_datetime(stamp["after_"], ("filter", "timestamp", "after_")) if "after_" in stamp else None,
+        "before": parse_datetime(stamp["before_"], ("filter", "timestamp", "before_")) if "before_" in stamp else None,
+        "flow_runs": _log_stream_ids(flow_runs, ("filter", "flow_run_id")),
+        "task_runs": _log_stream_ids(task_runs, ("filter", "task_run_id")),
+        "no_task_run": no_task_run,
+    }
+
+
+def log_matches_stream_filter(log: dict, flt: dict) -> bool:
+    """A stored log (timestamps in our canonical text, which sorts as time does) against log_stream_filter's."""
+    checks = (
+        flt["level_ge"] is None or log["level"] >= flt["level_ge"],
+        flt["level_le"] is None or log["level"] <= flt["level_le"],
+        flt["after"] is None or log["timestamp"] >= flt["after"],
+        flt["before"] is None or log["timestamp"] <= flt["before"],
+        flt["flow_runs"] is None or log["flow_run_id"] in flt["flow_runs"],
+        flt["task_runs"] is None or log["task_run_id"] in flt["task_runs"],
+        flt["no_task_run"] is None or flt["no_task_run"] == (log["task_run_id"] is None),
+    )
+    return all(checks)
+
+
+class LogsOut(StreamSubscriber):
     """/api/logs/out: Prefect 3's log subscribers (`prefect flow-run watch` opens one beside /events/out)
-    authenticate, send one filter message, and keep the socket open. Prefect's server sends logs there
-    only when its log stream settings (PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
-    ..._STREAM_PUBLISHING_ENABLED) are on, and they are off by default; as with its defaults, nothing is
-    sent here (logs have no backfill either). A watch that found no endpoint gave up at once."""
+    authenticate, send one filter message (a LogFilter), and keep the socket open. As Prefect's server,
+    this one sends them `{"type": "log", "log": Log}` for each matching log stored from then on (no backfill)
+    only when both of its log stream settings, PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and
+    ..._STREAM_PUBLISHING_ENABLED, are on; they are off by default, and then nothing is sent. A subscriber
+    is sent the logs stored by its own server process and by the other processes of `start --processes N`
+    (_ProcessGroup), not those stored by another server on the same database (as Prefect's, whose stream
+    goes through its in-memory message broker by default). One that falls LOG_SUBSCRIBER_BACKLOG logs
+    behind is closed with 1013 (Prefect drops what does not fit); Prefect's client reconnects."""
 
     runs_on_loop = True  # the auth exchange and the filter's checks only
+    backlog = LOG_SUBSCRIBER_BACKLOG
+
+    def _hub(self) -> "SubscriberHub":
+        return self.app.logs
 
     def _subscribe(self, message) -> bool:
         message = filter_message(self.ws, message)
@@ -14409,10 +14531,22 @@ class LogsOut(FilterSubscriber):
         if not isinstance(message.get("filter"), dict):
             self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Invalid filter: a log filter is an object")
             return False
+        try:
+            flt = log_stream_filter(message["filter"])
+        except ValidationFailed as exc:
+            self.ws.close(WS_CLOSE_PROTOCOL_ERROR, f"Invalid filter: {exc}"[:120])
+            return False
+        if self.app.settings["PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED"]:
+            self.filter = flt
+            self.app.logs.subscribe(self)
         return True
 
-    def closed(self):
-        pass
+    def _matching(self, rows: list[dict]) -> list[dict]:
+        return [log for log in rows if log_matches_stream_filter(log, self.filter)]
+
+    def _send_matching(self, batch: list[dict]):
+        for log in batch:
+            self.ws.send_json({"type": "log", "log": log})
 
 
 def _received_event(event: dict) -> dict:
@@ -14422,20 +14556,21 @@ def _received_event(event: dict) -> dict:
     }
 
 
-class EventHub:
-    """Live fan-out of committed events to the /events/out subscribers of one server process."""
+class SubscriberHub:
+    """Live fan-out of committed rows (events, logs) to the subscribers (StreamSubscriber) of one server
+    process."""
 
     def __init__(self):
         self._lock = threading.Lock()
-        self._subscribers: list[EventsOut] = []
+        self._subscribers: list[StreamSubscriber] = []
         self.on_count = None  # called with the number of subscribers when it changes (_ProcessGroup)
 
-    def subscribe(self, subscriber: EventsOut):
+    def subscribe(self, subscriber: StreamSubscriber):
         with self._lock:
             self._subscribers.append(subscriber)
             self._counted()
 
-    def unsubscribe(self, subscriber: EventsOut):
+    def unsubscribe(self, subscriber: StreamSubscriber):
         with self._lock, contextlib.suppress(ValueError):
             self._subscribers.remove(subscriber)
             self._counted()
@@ -14445,17 +14580,17 @@ class EventHub:
             self.on_count(len(self._subscribers))
 
     def cut_off_everyone(self):
-        """Events meant for our subscribers were lost on the way: they reconnect, and backfill."""
+        """Rows meant for our subscribers were lost on the way: they reconnect (and backfill, if they can)."""
         with self._lock:
             subscribers = list(self._subscribers)
         for subscriber in subscribers:
             subscriber.cut_off()
 
-    def publish(self, events: list[dict]):
+    def publish(self, rows: list[dict]):
         with self._lock:
             subscribers = list(self._subscribers)
         for subscriber in subscribers:
-            subscriber.deliver(events)
+            subscriber.deliver(rows)
 
 
 # Background task runs for task workers: /api/task_runs/subscriptions/scheduled. A task worker
@@ -14947,7 +15082,8 @@ class App:
         self.stopping = threading.Event()
         self.metrics = Metrics()
         self.read_cache = ReadCache(settings["PREFECT_SERVER_READ_CACHE_SECONDS"])
-        self.events = EventHub()
+        self.events = SubscriberHub()
+        self.logs = SubscriberHub()
         self.write_turnstile = _Turnstile()  # SQLite writers take turns in it (see ConnectionLoop._serve_request)
         self.event_intake = EventIntake(db, self.write_guard)
         self.task_dispatcher = TaskRunDispatcher(db)
@@ -14983,6 +15119,8 @@ class App:
     def start_services(self):
         hooks = self.db.hooks
         hooks.event_sinks.append(self.events.publish)
+        if self.settings["PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"]:
+            hooks.log_sinks.append(self.logs.publish)
         for service in self.services:
             service.start()
             if isinstance(service, NotificationSender):
@@ -14994,6 +15132,8 @@ class App:
         hooks = self.db.hooks
         with contextlib.suppress(ValueError):
             hooks.event_sinks.remove(self.events.publish)
+        with contextlib.suppress(ValueError):
+            hooks.log_sinks.remove(self.logs.publish)
         for service in self.services:
             with contextlib.suppress(ValueError):
                 hooks.notification_wakers.remove(service.wake)
@@ -16585,17 +16725,20 @@ def serve(database: str | None = None, host: str = "127.0.0.1", port: int = 0, *
 # Several processes on one port (`start --processes N`). The GIL lets one process use about one core;
 # forked processes sharing the listening socket use more. They share the database (SQLite writers take
 # turns on <db>.write-lock, see SqliteDatabase), and through a _ProcessGroup what else must look like
-# one server: the read cache sees every process's writes, /events/out subscribers get events stored by
-# any process, and services (run by the first process only) are woken by any.
+# one server: the read cache sees every process's writes, /events/out subscribers get events (and /logs/out
+# subscribers logs, with the log stream on) stored by any process, and services (run by the first process
+# only) are woken by any.
 
 
 class _ProcessGroup:
     """What the processes of one `prefectlite start --processes N` share, made before they are forked:
-    a little shared memory (per process: writes committed, live event subscribers, notes it missed) and
-    a datagram socket per process on which the others leave it notes: ids of events they stored, for
-    its subscribers, and names of services to wake (process 0 runs the services)."""
+    a little shared memory (per process: writes committed, live event and log subscribers, notes of each
+    kind it missed) and a datagram socket per process on which the others leave it notes: ids of events
+    and logs they stored, for its subscribers, and names of services to wake (process 0 runs the services)."""
 
-    _CHANGES, _SUBSCRIBERS, _MISSED = range(3)  # the counters of a process, at index * 3 + counter
+    # the counters of a process, at index * _COUNTERS + counter
+    _CHANGES, _SUBSCRIBERS, _MISSED, _LOG_SUBSCRIBERS, _LOGS_MISSED = range(5)
+    _COUNTERS = 5
     _IDS_PER_NOTE = 1000  # a note of event ids stays well inside a datagram (36 bytes an id)
 
     def __init__(self, count: int):
@@ -16603,13 +16746,13 @@ class _ProcessGroup:
 
         self.count = count
         self.index = 0
-        self._memory = mmap.mmap(-1, count * 3 * 8)  # anonymous: shared with the processes forked after
+        self._memory = mmap.mmap(-1, count * self._COUNTERS * 8)  # anonymous: shared with the processes forked after
         self._counters = memoryview(self._memory).cast("Q")
         self._inboxes = [socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(count)]
         self._app: App | None = None
 
     def _at(self, index: int, counter: int) -> int:
-        return index * 3 + counter
+        return index * self._COUNTERS + counter
 
     def join(self, app: App):
         """In process `self.index`, before it serves: connect its app to the others."""
@@ -16617,8 +16760,12 @@ class _ProcessGroup:
         app.process_group = self
         app.db.count_changes_in(self, self._counters[self._at(self.index, self._CHANGES)])
         self._counters[self._at(self.index, self._SUBSCRIBERS)] = 0
+        self._counters[self._at(self.index, self._LOG_SUBSCRIBERS)] = 0
         app.events.on_count = self._count_subscribers
+        app.logs.on_count = self._count_log_subscribers
         app.db.hooks.event_sinks.append(self._relay_events)
+        if app.settings["PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED"]:
+            app.db.hooks.log_sinks.append(self._relay_logs)
         if not app.services:
             app.db.hooks.notification_wakers.append(functools.partial(self.wake_services, "notifications"))
             app.db.hooks.automation_wakers.append(functools.partial(self.wake_services, "automations"))
@@ -16634,18 +16781,27 @@ class _ProcessGroup:
     def _count_subscribers(self, subscribers: int):
         self._counters[self._at(self.index, self._SUBSCRIBERS)] = subscribers
 
+    def _count_log_subscribers(self, subscribers: int):
+        self._counters[self._at(self.index, self._LOG_SUBSCRIBERS)] = subscribers
+
     def wake_services(self, name: str):
         if self.index != 0:
             self._send(0, {"wake": name})
 
     def _relay_events(self, events: list[dict]):
-        """After a commit: tell every other process that has subscribers which events were stored."""
-        ids = [event["id"] for event in events]
+        self._relay("events", self._SUBSCRIBERS, self._MISSED, events)
+
+    def _relay_logs(self, logs: list[dict]):
+        self._relay("logs", self._LOG_SUBSCRIBERS, self._LOGS_MISSED, logs)
+
+    def _relay(self, kind: str, subscribers: int, missed: int, rows: list[dict]):
+        """After a commit: tell every other process that has subscribers of `kind` which rows were stored."""
+        ids = [row["id"] for row in rows]
         for other in range(self.count):
-            if other != self.index and self._counters[self._at(other, self._SUBSCRIBERS)]:
+            if other != self.index and self._counters[self._at(other, subscribers)]:
                 for start in range(0, len(ids), self._IDS_PER_NOTE):
-                    if not self._send(other, {"events": ids[start : start + self._IDS_PER_NOTE]}):
-                        self._counters[self._at(other, self._MISSED)] += 1
+                    if not self._send(other, {kind: ids[start : start + self._IDS_PER_NOTE]}):
+                        self._counters[self._at(other, missed)] += 1
 
     def _send(self, to: int, note: dict) -> bool:
         try:  # never wait: a process too busy to read its notes must not slow the writer down
@@ -16657,12 +16813,16 @@ class _ProcessGroup:
     def _read_notes(self):
         inbox = self._inboxes[self.index][0]
         inbox.settimeout(0.5)
-        missed_at = self._at(self.index, self._MISSED)
-        missed = self._counters[missed_at]
+        hubs = {
+            self._at(self.index, self._MISSED): self._app.events,
+            self._at(self.index, self._LOGS_MISSED): self._app.logs,
+        }
+        missed = {at: self._counters[at] for at in hubs}
         while not self._app.stopping.is_set():
-            if self._counters[missed_at] != missed:  # events for our subscribers were lost on the way
-                missed = self._counters[missed_at]
-                self._app.events.cut_off_everyone()
+            for at, hub in hubs.items():
+                if self._counters[at] != missed[at]:  # rows for its subscribers were lost on the way
+                    missed[at] = self._counters[at]
+                    hub.cut_off_everyone()
             try:
                 note = json.loads(inbox.recv(65536))
             except (TimeoutError, ValueError):
@@ -16673,6 +16833,8 @@ class _ProcessGroup:
                 self._app.wake(str(note["wake"]))
             elif "events" in note:
                 self._publish_stored_events([str(i) for i in note["events"]])
+            elif "logs" in note:
+                self._publish_stored_logs([str(i) for i in note["logs"]])
 
     def _publish_stored_events(self, ids: list[str]):
         try:
@@ -16683,6 +16845,16 @@ class _ProcessGroup:
             return
         stored = {row["id"]: event_out(row) for row in rows}
         self._app.events.publish([stored[i] for i in ids if i in stored])
+
+    def _publish_stored_logs(self, ids: list[str]):
+        try:
+            with self._app.db.read() as tx:
+                rows = tx.query(f"SELECT * FROM log WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+        except DatabaseError:
+            self._app.logs.cut_off_everyone()
+            return
+        stored = {row["id"]: streamed_log(row) for row in rows}
+        self._app.logs.publish([stored[i] for i in ids if i in stored])
 
 
 @contextlib.contextmanager

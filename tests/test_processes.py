@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import threading
+import uuid
 
 import pytest
 
@@ -216,6 +217,41 @@ def test_live_event_subscribers_get_events_stored_through_any_process(processes)
                     break
                 event = sub.recv_json()["event"]
             assert seen <= runs | probes, "an event of a run written by neither"
+        finally:
+            sub.close()
+            writer.close()
+
+
+def test_live_log_subscribers_get_logs_stored_through_any_process(processes):
+    """With the log stream on (PREFECT_SERVER_LOGS_STREAM_*), a /logs/out subscriber of one process is sent
+    the logs another process stored, as the events of /events/out."""
+    server = processes(
+        2, PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED="true", PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED="true"
+    )
+    first, second = children(server.proc.pid)
+    for subscriber_pid, writer_pid in ((first, second), (second, first)):
+        sub = served_by(server, subscriber_pid, lambda: RawWebSocket(server.api_url, path="/logs/out"))
+        writer = served_by(server, writer_pid, lambda: Conn(server.port))
+        run_id = str(uuid.uuid4())
+
+        def log(message):
+            return {
+                "name": "t",
+                "level": 20,
+                "message": message,
+                "timestamp": "2026-01-01T00:00:00Z",
+                "flow_run_id": run_id,
+            }
+
+        try:
+            sub.authenticate()
+            sub.send_json({"type": "filter", "filter": {"flow_run_id": {"any_": [run_id]}}})
+            sub.sock.settimeout(15)
+            got = [wait_subscribed(sub, lambda: writer.ok("POST", "/logs/", [log("probe")]))["log"]]
+            writer.ok("POST", "/logs/", [log("from the other process"), log("last")])
+            while got[-1]["message"] != "last":
+                got.append(sub.recv_json()["log"])
+            assert [g["message"] for g in got if g["message"] != "probe"] == ["from the other process", "last"]
         finally:
             sub.close()
             writer.close()

@@ -3,6 +3,7 @@ here (masking, fragmentation, ping/pong, close codes, the size limit), then the 
 endpoints' in-band auth, /events/in storing and /events/out streaming, and shutdown with sockets open."""
 
 import base64
+import datetime as dt
 import hashlib
 import json
 import logging
@@ -12,6 +13,7 @@ import struct
 import threading
 import time
 import urllib.parse
+import uuid
 
 import pytest
 
@@ -405,6 +407,145 @@ def test_log_subscriber_is_served_and_sent_nothing_as_by_prefects_default(server
             assert code == 1002 and (reason is None or text == reason), (code, text)
         finally:
             sub.close()
+
+
+LOG_STREAM_ON = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": True, "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": True}
+
+
+@pytest.fixture
+def log_stream_server(tmp_path):
+    """A server with Prefect's two log stream settings on (both off by default)."""
+    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "logs.db"), port=0, **LOG_STREAM_ON) as api:
+        yield api
+
+
+def a_log(message, run_id, level=20, timestamp=None, task_run_id=None):
+    moment = timestamp or prefectlite.now_iso()
+    return {"name": "t", "level": level, "message": message, "timestamp": moment, "flow_run_id": run_id,
+            "task_run_id": task_run_id}  # fmt: skip
+
+
+def subscribe_to_logs(api, flt):
+    """A /logs/out subscriber of `flt` whose filter the server has read: the first log a probe (a matching
+    log, stored again until one arrives) brought is read from it."""
+    client = Client(api)
+    sub = RawWebSocket(api, path="/logs/out").authenticate()
+    sub.send_json({"type": "filter", "filter": flt})
+    probe = wait_subscribed(sub, lambda: client.ok("POST", "/logs/", [a_log("probe", flt["flow_run_id"]["any_"][0])]))
+    assert probe == {"type": "log", "log": {**probe["log"], "message": "probe"}}, probe
+    return sub
+
+
+def test_log_stream_sends_a_subscriber_the_logs_its_filter_matches_as_they_are_stored(log_stream_server):
+    """With PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and ..._PUBLISHING_ENABLED on, Prefect's server sends a
+    /logs/out subscriber {"type": "log", "log": Log} for each log stored after it subscribed that its filter
+    matches on level, timestamp, flow_run_id and task_run_id (as the 3.9 SDK's subscriber filters: from a
+    minute ago on); created and updated go as null, as there. Before, nothing was ever sent."""
+    client = Client(log_stream_server)
+    run_id, other_run, task_run = (str(uuid.uuid4()) for _ in range(3))
+    now = prefectlite.utcnow()
+    flt = {
+        "flow_run_id": {"any_": [run_id]},
+        "task_run_id": {"is_null_": True},
+        "level": {"ge_": 20, "le_": 40},
+        "timestamp": {"after_": prefectlite.iso(now - dt.timedelta(minutes=1)),
+                      "before_": prefectlite.iso(now + dt.timedelta(days=365))},
+    }  # fmt: skip
+    sub = subscribe_to_logs(log_stream_server, flt)
+    try:
+        client.ok(
+            "POST",
+            "/logs/",
+            [
+                a_log("wanted", run_id),
+                a_log("debug", run_id, level=10),
+                a_log("critical", run_id, level=50),
+                a_log("another run's", other_run),
+                a_log("a task run's", run_id, task_run_id=task_run),
+                a_log("old", run_id, timestamp="2020-01-01T00:00:00Z"),
+                a_log("wanted too", run_id, level=40),
+            ],
+        )
+        got = [sub.recv_json()]
+        while got[-1]["log"]["message"] != "wanted too":
+            got.append(sub.recv_json())
+        messages = [m["log"]["message"] for m in got]
+        assert [m for m in messages if m != "probe"] == ["wanted", "wanted too"], messages
+        stored = client.ok("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [run_id]}, "level": {"ge_": 40}}})
+        wanted_too = next(m for m in got if m["log"]["message"] == "wanted too")
+        assert wanted_too == {
+            "type": "log",
+            "log": {**stored[-1], "created": None, "updated": None},
+        }, (wanted_too, stored)
+        assert set(wanted_too["log"]) == {"id", "created", "updated", "name", "level", "message", "timestamp",
+                                          "flow_run_id", "task_run_id"}  # fmt: skip
+    finally:
+        sub.close()
+
+
+def test_log_stream_sends_every_subscriber_its_own_logs(log_stream_server):
+    client = Client(log_stream_server)
+    runs = [str(uuid.uuid4()) for _ in range(2)]
+    subs = [subscribe_to_logs(log_stream_server, {"flow_run_id": {"any_": [run]}}) for run in runs]
+    try:
+        client.ok("POST", "/logs/", [a_log(f"for {run}", run) for run in runs] + [a_log("done", run) for run in runs])
+        for sub, run in zip(subs, runs):
+            got = [sub.recv_json()["log"]]
+            while got[-1]["message"] != "done":
+                got.append(sub.recv_json()["log"])
+            assert [log["message"] for log in got if log["message"] != "probe"] == [f"for {run}", "done"]
+            assert {log["flow_run_id"] for log in got} == {run}
+    finally:
+        for sub in subs:
+            sub.close()
+
+
+@pytest.mark.parametrize("setting", sorted(LOG_STREAM_ON))
+def test_log_stream_needs_both_settings(tmp_path, setting):
+    """One of the two alone streams nothing, as on Prefect's server (publishing hands the logs to its message
+    broker; the out setting runs the distributor that takes them from there to the subscribers)."""
+    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "one.db"), port=0, **{setting: True}) as api:
+        run_id = str(uuid.uuid4())
+        sub = RawWebSocket(api, path="/logs/out").authenticate()
+        try:
+            sub.send_json({"type": "filter", "filter": {}})
+            for _ in range(3):  # the filter is read by the time a pong comes back
+                Client(api).ok("POST", "/logs/", [a_log("hello", run_id)])
+                sub.send_frame(0x9, b"ping")
+                assert sub.recv_frame() == (True, 0xA, b"ping")
+        finally:
+            sub.close()
+
+
+def test_log_stream_cuts_off_a_subscriber_that_falls_behind(log_stream_server, monkeypatch):
+    """One whose backlog passes LOG_SUBSCRIBER_BACKLOG logs is closed with 1013 (the writers never wait for a
+    subscriber); Prefect's client reconnects on it."""
+    monkeypatch.setattr(prefectlite.LogsOut, "backlog", 3)
+    run_id = str(uuid.uuid4())
+    sub = subscribe_to_logs(log_stream_server, {"flow_run_id": {"any_": [run_id]}})
+    try:
+        Client(log_stream_server).ok("POST", "/logs/", [a_log(f"log {n}", run_id) for n in range(10)])
+        code = None
+        while code is None:  # probes may come first
+            fin, opcode, payload = sub.recv_frame()
+            if opcode == 0x8:  # (1013 is a code only a server sends: parse_close_payload refuses it)
+                code, reason = int.from_bytes(payload[:2], "big"), payload[2:].decode()
+        assert (code, reason) == (1013, "subscriber fell too far behind")
+    finally:
+        sub.close()
+
+
+@pytest.mark.parametrize(
+    "flt", [{"level": {"ge_": "x"}}, {"flow_run_id": {"any_": ["not-a-uuid"]}}, {"timestamp": {"after_": "soon"}}]
+)
+def test_log_subscriber_with_a_malformed_filter_is_closed(server, flt):
+    sub = RawWebSocket(server, path="/logs/out").authenticate()
+    try:
+        sub.send_json({"type": "filter", "filter": flt})
+        code, reason = sub.expect_close()
+        assert code == 1002 and reason.startswith("Invalid filter: "), (code, reason)
+    finally:
+        sub.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,7 +26,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_for_input_schema, wait_for_pause, wait_until
+import prefectlite
+from helpers import Client, migrated_sqlite_url, wait_for_input_schema, wait_for_pause, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios3"
@@ -335,6 +336,48 @@ def test_tasks_with_logs_are_recorded_from_events(run_flow_script, compat_server
         "prefect.task-run.Running": 3,
         "prefect.task-run.Completed": 3,
     }
+
+
+LOGS_SUBSCRIBER = """
+import asyncio, json, sys, uuid
+from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+from prefect.logging.clients import get_logs_subscriber
+
+async def main():
+    flt = LogFilter(flow_run_id=LogFilterFlowRunId(any_=[uuid.UUID(sys.argv[1])]))
+    async with get_logs_subscriber(filter=flt) as subscriber:
+        async for log in subscriber:
+            print("COMPAT_RESULT " + json.dumps(log.model_dump(mode="json")), flush=True)
+            return
+
+asyncio.run(main())
+"""
+
+
+def test_the_sdks_log_subscriber_receives_a_log_with_the_log_stream_on(start_script, tmp_path):
+    """prefect.logging.clients.get_logs_subscriber (what `prefect flow-run watch` reads logs with) against a
+    server with PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED and ..._PUBLISHING_ENABLED on: it authenticates, sends
+    its LogFilter (with the timestamp window it adds) and gets the run's log, not another run's."""
+    settings = {"PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": True, "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": True}
+    with prefectlite.serve(database=migrated_sqlite_url(tmp_path / "logs.db"), port=0, **settings) as api_url:
+        run_id = str(uuid.uuid4())
+        script = start_script(LOGS_SUBSCRIBER, api_url, args=[run_id], timeout=60)
+        client = Client(api_url)
+        deadline = time.monotonic() + 60
+        while script.proc.poll() is None and time.monotonic() < deadline:  # until its filter was read
+            now = prefectlite.now_iso()
+            client.ok(
+                "POST",
+                "/logs/",
+                [
+                    {"name": "t", "level": INFO, "message": "another run's", "timestamp": now,
+                     "flow_run_id": str(uuid.uuid4())},
+                    {"name": "t", "level": INFO, "message": "hello", "timestamp": now, "flow_run_id": run_id},
+                ],
+            )  # fmt: skip
+            time.sleep(0.3)
+        log = script_result(script.wait(check=True))
+    assert log["message"] == "hello" and log["flow_run_id"] == run_id and log["level"] == INFO, log
 
 
 def test_sdk_reads_events_back_page_by_page(run_flow_script, compat_server, api):
