@@ -12546,9 +12546,9 @@ def deployment_for_client(req, dep: dict) -> dict:
 @body(DeploymentCreate)
 def create_deployment_handler(app, req):
     with app.db.write() as tx:
-        dep, _created = upsert_deployment(tx, req.data, req.body_dict())
+        dep, created = upsert_deployment(tx, req.data, req.body_dict())
     app.wake("scheduler")
-    return 201, deployment_for_client(req, dep)
+    return (201 if created else 200), deployment_for_client(req, dep)
 
 
 def read_deployment(app, req):
