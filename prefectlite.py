@@ -16832,29 +16832,20 @@ class _ProcessGroup:
             if "wake" in note:
                 self._app.wake(str(note["wake"]))
             elif "events" in note:
-                self._publish_stored_events([str(i) for i in note["events"]])
+                self._publish_stored("events", event_out, self._app.events, [str(i) for i in note["events"]])
             elif "logs" in note:
-                self._publish_stored_logs([str(i) for i in note["logs"]])
+                self._publish_stored("log", streamed_log, self._app.logs, [str(i) for i in note["logs"]])
 
-    def _publish_stored_events(self, ids: list[str]):
+    def _publish_stored(self, table: str, out, hub: SubscriberHub, ids: list[str]):
+        """Rows another process stored (`table` is "events" or "log", never input), to our subscribers."""
         try:
             with self._app.db.read() as tx:
-                rows = tx.query(f"SELECT * FROM events WHERE id IN ({', '.join('?' for _ in ids)})", ids)
+                rows = tx.query(f"SELECT * FROM {table} WHERE id IN ({', '.join('?' for _ in ids)})", ids)
         except DatabaseError:
-            self._app.events.cut_off_everyone()
+            hub.cut_off_everyone()
             return
-        stored = {row["id"]: event_out(row) for row in rows}
-        self._app.events.publish([stored[i] for i in ids if i in stored])
-
-    def _publish_stored_logs(self, ids: list[str]):
-        try:
-            with self._app.db.read() as tx:
-                rows = tx.query(f"SELECT * FROM log WHERE id IN ({', '.join('?' for _ in ids)})", ids)
-        except DatabaseError:
-            self._app.logs.cut_off_everyone()
-            return
-        stored = {row["id"]: streamed_log(row) for row in rows}
-        self._app.logs.publish([stored[i] for i in ids if i in stored])
+        stored = {row["id"]: out(row) for row in rows}
+        hub.publish([stored[i] for i in ids if i in stored])
 
 
 @contextlib.contextmanager
