@@ -447,6 +447,7 @@ class FlowScript:
         self.script = script
         self.deadline = time.monotonic() + timeout
         self.timeout = timeout
+        self.timed_out = False  # set by wait() when the script was ended at its deadline
 
     def output(self) -> tuple[str, str]:
         out = (self.workdir / "stdout.txt").read_text(encoding="utf-8", errors="replace")
@@ -459,7 +460,7 @@ class FlowScript:
         try:
             self.proc.wait(timeout=max(0.1, self.deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            timed_out = True
+            timed_out = self.timed_out = True
             self.terminate()
         out, err = self.output()
         result = subprocess.CompletedProcess(self.proc.args, self.proc.returncode, out, err)

@@ -406,12 +406,25 @@ def test_tag_concurrency_limit_from_cli(run_flow_script, compat_server, api):
 # --------------------------------------------------------------------------- 7. global concurrency
 
 
-def test_global_concurrency_limit(run_flow_script, compat_server, api):
-    api("DELETE", "/v2/concurrency_limits/db")  # a leftover of an earlier session
-    created = api.ok("POST", "/v2/concurrency_limits/", {"name": "db", "limit": 1}, expect=(200, 201))
-    assert (created["name"], created["limit"], created["active_slots"]) == ("db", 1, 0), created
+# The 2.20 SDK now and then deadlocks between a submitted task and its flow (PrefectHQ/prefect#9396: "no logs are
+# printed, no new tasks are spawned"). Seen twice in about twenty suite runs under -n 4, both times here: the
+# server had answered every request (both task runs created, the first Running, the second Pending) and the
+# script logged nothing more until it was killed. A first attempt that hangs is run once more, with the limit
+# made afresh (the hung run may hold its slot); a second hang fails the test.
+SDK_DEADLOCK_ATTEMPTS = 2
+
+
+def test_global_concurrency_limit(start_script, compat_server, api):
     try:
-        proc = run_flow_script(scenario("b07_global_concurrency.py"), compat_server, args=["db"], timeout=120)
+        for attempt in range(1, SDK_DEADLOCK_ATTEMPTS + 1):
+            api("DELETE", "/v2/concurrency_limits/db")  # a leftover of an earlier session or attempt
+            created = api.ok("POST", "/v2/concurrency_limits/", {"name": "db", "limit": 1}, expect=(200, 201))
+            assert (created["name"], created["limit"], created["active_slots"]) == ("db", 1, 0), created
+            script = start_script(scenario("b07_global_concurrency.py"), compat_server, args=["db"], timeout=60)
+            script.wait(check=attempt == SDK_DEADLOCK_ATTEMPTS)
+            if not script.timed_out:
+                break
+        proc = script.wait(check=True)  # it has ended: fails the test unless it exited 0
         run_id = script_result(proc)["flow_run_id"]
         assert_completed(get_flow_run(api, run_id), "flow run")
         trs = task_runs_of(api, run_id)
