@@ -14305,12 +14305,14 @@ class FilterSubscriber:
                 if not self.authenticated:
                     break
             elif not self.subscribed:
-                self.subscribed = self._subscribe(message)
+                message = filter_message(self.ws, message)
+                self.subscribed = message is not None and self._subscribe(message)
                 if not self.subscribed:
                     break
         return True
 
-    def _subscribe(self, message) -> bool:
+    def _subscribe(self, message: dict) -> bool:
+        """Take the filter message (a dict of type "filter"); False after closing the socket if it is refused."""
         raise NotImplementedError
 
 
@@ -14401,10 +14403,7 @@ class EventsOut(StreamSubscriber):
     def _hub(self) -> "SubscriberHub":
         return self.app.events
 
-    def _subscribe(self, message) -> bool:
-        message = filter_message(self.ws, message)
-        if message is None:
-            return False
+    def _subscribe(self, message: dict) -> bool:
         try:
             # A subscription without an end streams on (Prefect's client always sends until = now + 1 year).
             flt = normalize_event_filter(message.get("filter"), loc=("filter",), until=_dt.timedelta(days=365))
@@ -14524,10 +14523,7 @@ class LogsOut(StreamSubscriber):
     def _hub(self) -> "SubscriberHub":
         return self.app.logs
 
-    def _subscribe(self, message) -> bool:
-        message = filter_message(self.ws, message)
-        if message is None:
-            return False
+    def _subscribe(self, message: dict) -> bool:
         if not isinstance(message.get("filter"), dict):
             self.ws.close(WS_CLOSE_PROTOCOL_ERROR, "Invalid filter: a log filter is an object")
             return False
