@@ -842,7 +842,12 @@ def test_action_history_is_kept_a_week(tmp_path):
     with running(url) as client:
         auto = client.ok("POST", "/automations/", automation_body(trigger=reactive(["go.now"])), expect=(201,))
         client.ok("POST", "/events", [event("go.now")])
-        wait_until(lambda: client.ok("GET", f"/automations/{auto['id']}/history"), what="the action's history")
+
+        def statuses():
+            return [h["status"] for h in client.ok("GET", f"/automations/{auto['id']}/history")]
+
+        # Finished first: the actor stamps `updated` when it finishes, which would undo the aging below.
+        wait_until(lambda: statuses() == ["COMPLETED"], what="the action done")
         db = prefectlite.open_database(url)
         try:
             with db.write() as tx:  # the action ran eight days ago
