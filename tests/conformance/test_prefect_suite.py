@@ -92,6 +92,20 @@ def test_a_selection_by_file_folder_or_node_id_takes_its_baseline_tests(path, in
     assert harness.in_path(inside, path) and not harness.in_path(outside, path)
 
 
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        (["tests/a.py", "tests/fresh.py"], [["tests/a.py"], ["tests/fresh.py"]]),
+        (["tests", "tests/b.py"], [["tests", "tests/b.py", "--ignore=tests/fresh.py"], ["tests/fresh.py"]]),
+        (["tests/a.py"], [["tests/a.py"]]),
+        (["tests/fresh.py::test_x"], [["tests/fresh.py::test_x"]]),
+    ],
+)
+def test_a_file_that_needs_a_fresh_server_runs_alone_even_when_its_folder_is_selected(files, expected):
+    """A fresh-server file inside a selected folder once ran with the folder's batch, on its shared server."""
+    assert harness.batches(files, ("tests/fresh.py",)) == expected
+
+
 def test_known_differences_each_say_why_and_name_a_baseline_test(suite):
     known = harness.read_known_differences(suite.known_differences)  # raises on a line without a reason
     baseline = harness.read_baseline(suite.baseline)
