@@ -5369,7 +5369,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
 def run_work_pool(tx, queue_id: str | None) -> dict:
     """A run's work_pool_id and work_pool_name: its work queue's pool, as Prefect's FlowRunResponse fills them
     (2.20's and 3.x's alike). Kept on the run (a pool keeps its name); cleared when the queue or pool goes
-    (clear_runs_work_pool)."""
+    (detach_from_queues)."""
     found = queue_id and tx.query_one(
         "SELECT wp.id, wp.name FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id WHERE wq.id = ?",
         (queue_id,),
@@ -5377,10 +5377,14 @@ def run_work_pool(tx, queue_id: str | None) -> dict:
     return {"work_pool_id": found["id"], "work_pool_name": found["name"]} if found else {}
 
 
-def clear_runs_work_pool(tx, where: str, params: tuple):
-    """Runs whose work queue is going (`where` picks them by work_queue_id) lose their work pool, as in
-    Prefect, where the run's queue becomes null."""
-    tx.execute(f"UPDATE flow_run SET work_pool_id = NULL, work_pool_name = NULL WHERE {where}", params)
+def detach_from_queues(tx, where: str, params: tuple):
+    """Runs and deployments whose work queue is going (`where` picks them by work_queue_id) lose it, as in
+    Prefect (its foreign keys are ON DELETE SET NULL): work_queue_id becomes null, and a run's work pool with
+    it; work_queue_name stays, as there."""
+    tx.execute(
+        f"UPDATE flow_run SET work_queue_id = NULL, work_pool_id = NULL, work_pool_name = NULL WHERE {where}", params
+    )
+    tx.execute(f"UPDATE deployment SET work_queue_id = NULL WHERE {where}", params)
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -12801,7 +12805,7 @@ def update_work_pool(app, req):
 def delete_work_pool(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
-        clear_runs_work_pool(tx, "work_queue_id IN (SELECT id FROM work_queue WHERE work_pool_id = ?)", (pool["id"],))
+        detach_from_queues(tx, "work_queue_id IN (SELECT id FROM work_queue WHERE work_pool_id = ?)", (pool["id"],))
         tx.execute("DELETE FROM work_pool WHERE id = ?", (pool["id"],))
     return 204, NO_CONTENT
 
@@ -12868,7 +12872,7 @@ def delete_pool_queue(app, req):
         pool, row = _pool_queue(tx, req, lock=True)
         if row["id"] == pool["default_queue_id"]:
             raise HTTPError(409, "The default queue of a work pool cannot be deleted.")
-        clear_runs_work_pool(tx, "work_queue_id = ?", (row["id"],))
+        detach_from_queues(tx, "work_queue_id = ?", (row["id"],))
         tx.execute("DELETE FROM work_queue WHERE id = ?", (row["id"],))
     return 204, NO_CONTENT
 
@@ -13070,7 +13074,7 @@ def update_work_queue(app, req):
 
 def delete_work_queue(app, req):
     with app.db.write() as tx:
-        clear_runs_work_pool(tx, "work_queue_id = ?", (req.uuid(),))
+        detach_from_queues(tx, "work_queue_id = ?", (req.uuid(),))
         if not tx.execute("DELETE FROM work_queue WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Work queue not found")
     return 204, NO_CONTENT
