@@ -2145,15 +2145,25 @@ def _json_depth_ok(value, depth=0) -> bool:
 
 
 class Schema:
-    """A named object schema: fields with kinds and defaults. Unknown fields are ignored."""
+    """A named object schema: fields with kinds and defaults. Unknown fields are ignored, unless the schema
+    forbids them (as Prefect's action bodies do): then each is a 422, bar the `tolerated` ones (fields Prefect
+    accepts and we do not keep)."""
 
     registry: dict[str, "Schema"] = {}
 
-    def __init__(self, name: str, fields: dict, description: str = ""):
+    def __init__(self, name: str, fields: dict, description: str = "", forbid_extra=False, tolerated=()):
         self.name = name
         self.fields = fields
         self.description = description
+        self.forbid_extra = forbid_extra
+        self.tolerated = frozenset(tolerated)
         Schema.registry[name] = self
+
+    def _extra_errors(self, data: dict, loc) -> list[dict]:
+        if not self.forbid_extra:
+            return []
+        unknown = [key for key in data if key not in self.fields and key not in self.tolerated]
+        return [_error((*loc, key), "extra fields not permitted", "value_error.extra") for key in unknown]
 
     def validate(self, data, loc=("body",), partial=False) -> dict:
         if not isinstance(data, dict):
@@ -2172,6 +2182,7 @@ class Schema:
                 out[name] = _validate_value(field, data[name], (*loc, name))
             except ValidationFailed as exc:
                 errors.extend(exc.errors)
+        errors += self._extra_errors(data, loc)
         if errors:
             raise ValidationFailed(errors)
         return out
@@ -2198,6 +2209,8 @@ class Schema:
             if field.required:
                 required.append(name)
         doc = {"title": self.name, "type": "object", "properties": props}
+        if self.forbid_extra and not self.tolerated:
+            doc["additionalProperties"] = False
         if required:
             doc["required"] = required
         if self.description:
@@ -2353,7 +2366,7 @@ SetStateBody = Schema(
 )
 
 FlowCreate = Schema("FlowCreate", {"name": _NAME, "tags": _TAGS, "labels": Field("object", default=dict)})
-FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS})
+FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS}, forbid_extra=True)  # no labels: 3.9 and 2.20 answer 422
 
 FlowRunCreate = Schema(
     "FlowRunCreate",
@@ -7818,7 +7831,20 @@ DeploymentCreate = Schema(
         **_DEPLOYMENT_FIELDS,
     },
 )
-DeploymentUpdate = Schema("DeploymentUpdate", dict(_DEPLOYMENT_FIELDS))
+# Prefect's DeploymentUpdate (3.9's and 2.20's) forbids other fields, labels among them (a 422), bar the
+# names older clients sent for the pool and queue, which it drops, and 3.x's version_info, which we do not keep
+DeploymentUpdate = Schema(
+    "DeploymentUpdate",
+    dict(_DEPLOYMENT_FIELDS),
+    forbid_extra=True,
+    tolerated=(
+        "version_info",
+        "worker_pool_queue_id",
+        "worker_pool_name",
+        "worker_pool_queue_name",
+        "work_pool_queue_name",
+    ),
+)
 DeploymentFlowRunCreate = Schema(
     "DeploymentFlowRunCreate",
     {
