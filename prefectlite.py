@@ -2145,15 +2145,25 @@ def _json_depth_ok(value, depth=0) -> bool:
 
 
 class Schema:
-    """A named object schema: fields with kinds and defaults. Unknown fields are ignored."""
+    """A named object schema: fields with kinds and defaults. Unknown fields are ignored, unless the schema
+    forbids them (as Prefect's action bodies do): then each is a 422, bar the `tolerated` ones (fields Prefect
+    accepts and we do not keep)."""
 
     registry: dict[str, "Schema"] = {}
 
-    def __init__(self, name: str, fields: dict, description: str = ""):
+    def __init__(self, name: str, fields: dict, description: str = "", forbid_extra=False, tolerated=()):
         self.name = name
         self.fields = fields
         self.description = description
+        self.forbid_extra = forbid_extra
+        self.tolerated = frozenset(tolerated)
         Schema.registry[name] = self
+
+    def _extra_errors(self, data: dict, loc) -> list[dict]:
+        if not self.forbid_extra:
+            return []
+        unknown = [key for key in data if key not in self.fields and key not in self.tolerated]
+        return [_error((*loc, key), "extra fields not permitted", "value_error.extra") for key in unknown]
 
     def validate(self, data, loc=("body",), partial=False) -> dict:
         if not isinstance(data, dict):
@@ -2172,6 +2182,7 @@ class Schema:
                 out[name] = _validate_value(field, data[name], (*loc, name))
             except ValidationFailed as exc:
                 errors.extend(exc.errors)
+        errors += self._extra_errors(data, loc)
         if errors:
             raise ValidationFailed(errors)
         return out
@@ -2198,6 +2209,8 @@ class Schema:
             if field.required:
                 required.append(name)
         doc = {"title": self.name, "type": "object", "properties": props}
+        if self.forbid_extra and not self.tolerated:
+            doc["additionalProperties"] = False
         if required:
             doc["required"] = required
         if self.description:
@@ -2353,7 +2366,7 @@ SetStateBody = Schema(
 )
 
 FlowCreate = Schema("FlowCreate", {"name": _NAME, "tags": _TAGS, "labels": Field("object", default=dict)})
-FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS})
+FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS}, forbid_extra=True)  # no labels: 3.9 and 2.20 answer 422
 
 FlowRunCreate = Schema(
     "FlowRunCreate",
@@ -5369,7 +5382,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
 def run_work_pool(tx, queue_id: str | None) -> dict:
     """A run's work_pool_id and work_pool_name: its work queue's pool, as Prefect's FlowRunResponse fills them
     (2.20's and 3.x's alike). Kept on the run (a pool keeps its name); cleared when the queue or pool goes
-    (clear_runs_work_pool)."""
+    (detach_from_queues)."""
     found = queue_id and tx.query_one(
         "SELECT wp.id, wp.name FROM work_queue wq JOIN work_pool wp ON wp.id = wq.work_pool_id WHERE wq.id = ?",
         (queue_id,),
@@ -5377,10 +5390,14 @@ def run_work_pool(tx, queue_id: str | None) -> dict:
     return {"work_pool_id": found["id"], "work_pool_name": found["name"]} if found else {}
 
 
-def clear_runs_work_pool(tx, where: str, params: tuple):
-    """Runs whose work queue is going (`where` picks them by work_queue_id) lose their work pool, as in
-    Prefect, where the run's queue becomes null."""
-    tx.execute(f"UPDATE flow_run SET work_pool_id = NULL, work_pool_name = NULL WHERE {where}", params)
+def detach_from_queues(tx, where: str, params: tuple):
+    """Runs and deployments whose work queue is going (`where` picks them by work_queue_id) lose it, as in
+    Prefect (its foreign keys are ON DELETE SET NULL): work_queue_id becomes null, and a run's work pool with
+    it; work_queue_name stays, as there."""
+    tx.execute(
+        f"UPDATE flow_run SET work_queue_id = NULL, work_pool_id = NULL, work_pool_name = NULL WHERE {where}", params
+    )
+    tx.execute(f"UPDATE deployment SET work_queue_id = NULL WHERE {where}", params)
 
 
 def _flow_run_policy(policy: dict | None) -> dict:
@@ -7814,7 +7831,20 @@ DeploymentCreate = Schema(
         **_DEPLOYMENT_FIELDS,
     },
 )
-DeploymentUpdate = Schema("DeploymentUpdate", dict(_DEPLOYMENT_FIELDS))
+# Prefect's DeploymentUpdate (3.9's and 2.20's) forbids other fields, labels among them (a 422), bar the
+# names older clients sent for the pool and queue, which it drops, and 3.x's version_info, which we do not keep
+DeploymentUpdate = Schema(
+    "DeploymentUpdate",
+    dict(_DEPLOYMENT_FIELDS),
+    forbid_extra=True,
+    tolerated=(
+        "version_info",
+        "worker_pool_queue_id",
+        "worker_pool_name",
+        "worker_pool_queue_name",
+        "work_pool_queue_name",
+    ),
+)
 DeploymentFlowRunCreate = Schema(
     "DeploymentFlowRunCreate",
     {
@@ -12801,7 +12831,7 @@ def update_work_pool(app, req):
 def delete_work_pool(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["name"], lock=True)
-        clear_runs_work_pool(tx, "work_queue_id IN (SELECT id FROM work_queue WHERE work_pool_id = ?)", (pool["id"],))
+        detach_from_queues(tx, "work_queue_id IN (SELECT id FROM work_queue WHERE work_pool_id = ?)", (pool["id"],))
         tx.execute("DELETE FROM work_pool WHERE id = ?", (pool["id"],))
     return 204, NO_CONTENT
 
@@ -12868,7 +12898,7 @@ def delete_pool_queue(app, req):
         pool, row = _pool_queue(tx, req, lock=True)
         if row["id"] == pool["default_queue_id"]:
             raise HTTPError(409, "The default queue of a work pool cannot be deleted.")
-        clear_runs_work_pool(tx, "work_queue_id = ?", (row["id"],))
+        detach_from_queues(tx, "work_queue_id = ?", (row["id"],))
         tx.execute("DELETE FROM work_queue WHERE id = ?", (row["id"],))
     return 204, NO_CONTENT
 
@@ -13070,7 +13100,7 @@ def update_work_queue(app, req):
 
 def delete_work_queue(app, req):
     with app.db.write() as tx:
-        clear_runs_work_pool(tx, "work_queue_id = ?", (req.uuid(),))
+        detach_from_queues(tx, "work_queue_id = ?", (req.uuid(),))
         if not tx.execute("DELETE FROM work_queue WHERE id = ?", (req.uuid(),)).rowcount:
             raise NotFound("Work queue not found")
     return 204, NO_CONTENT

@@ -110,6 +110,23 @@ def test_patch_flow_tags(client):
     assert client.patch(f"/flows/{uuid.uuid4()}", {"tags": []})[0] == 404
 
 
+def test_patching_a_flow_with_labels_or_another_unknown_field_is_a_422(client):
+    """Prefect's FlowUpdate (3.9's and 2.20's servers, observed) has only `tags` and forbids other fields:
+    PATCH /flows/{id} with `labels` (or `name`) answers 422, naming each, and changes nothing. We answered 204."""
+    flow = new_flow(client, tags=["old"])
+    for headers in (PREFECT3_AGENT, None):
+        status, body = client.patch(
+            f"/flows/{flow['id']}", {"tags": ["new"], "labels": {"a": "b"}, "name": "x"}, headers=headers
+        )
+        assert status == 422, body
+        assert body["exception_detail"] == [
+            {"loc": ["body", key], "msg": "extra fields not permitted", "type": "value_error.extra"}
+            for key in ("labels", "name")
+        ]
+    read = client.ok("GET", f"/flows/{flow['id']}", headers=PREFECT3_AGENT)
+    assert (read["tags"], read["labels"]) == (["old"], {})
+
+
 def test_delete_flow(client):
     flow = new_flow(client)
     run = new_flow_run(client, flow["id"])

@@ -154,6 +154,26 @@ def test_create_returns_the_2_20_shape(client):
 PREFECT3_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}  # what the 3.9 SDK's PrefectClient sends
 
 
+def test_patching_a_deployment_with_labels_or_another_unknown_field_is_a_422(client):
+    """Prefect's DeploymentUpdate (3.9's and 2.20's servers, observed) has no `labels` (they are set on create
+    only) and forbids fields it does not define: PATCH /deployments/{id} with `labels` answers 422 and changes
+    nothing. It drops the pool names older clients sent (worker_pool_name...), and 3.9 takes version_info:
+    those still answer 204. We answered 204 to everything."""
+    dep = new_deployment(client, headers=PREFECT3_AGENT, tags=["old"])
+    for headers in (PREFECT3_AGENT, None):
+        body = {"tags": ["new"], "labels": {"a": "b"}, "zz": 2}
+        status, answer = client.patch(f"/deployments/{dep['id']}", body, headers=headers)
+        assert status == 422, answer
+        assert answer["exception_detail"] == [
+            {"loc": ["body", key], "msg": "extra fields not permitted", "type": "value_error.extra"}
+            for key in ("labels", "zz")
+        ]
+    read = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)
+    assert (read["tags"], read["labels"]) == (["old"], dep["labels"])
+    for body in ({"worker_pool_name": "x"}, {"version_info": {"type": "git", "version": "1"}}):
+        assert client.patch(f"/deployments/{dep['id']}", body, headers=PREFECT3_AGENT)[0] == 204
+
+
 def test_job_variables_are_one_value_in_each_majors_shape(client):
     """The 2.20 SDK sends job variables as `infra_overrides` and refuses an answer where `job_variables`
     is set and differs (read_deployment, `prefect deployment ls` and workers broke); Prefect 2.20

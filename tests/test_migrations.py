@@ -77,7 +77,7 @@ def test_revision_ids_are_consecutive():
 # up, down, up again
 
 
-DATA_ONLY_REVISIONS = {"0011"}  # they change rows, not the schema (each has a test of its own below)
+DATA_ONLY_REVISIONS = {"0011", "0012"}  # they change rows, not the schema (each has a test of its own below)
 
 
 def test_every_revision_goes_up_down_and_up_again(db):
@@ -240,6 +240,47 @@ def test_0011_gives_the_runs_made_before_it_their_queues_work_pool(db):
     assert pools() == {queued: (pool_id, "kept-pool"), loose: (None, None)}
     prefectlite.downgrade(db, "0010")
     assert pools() == {queued: (None, None), loose: (None, None)}
+
+
+def test_0012_clears_the_work_queue_id_of_runs_and_deployments_whose_queue_was_deleted(db):
+    """Deleting a work queue left its runs and deployments naming its id (Prefect's foreign keys are ON DELETE
+    SET NULL): 0012 clears those ids, keeps the ones of queues that exist and every work_queue_name."""
+    prefectlite.migrate(db, "0011")
+    pool_id, queue_id, gone_id, flow_id = (str(uuid.uuid4()) for _ in range(4))
+    stamp = "2024-05-01T12:00:00.000000+00:00"
+    rows = {}
+    with db.write() as tx:
+        tx.execute(
+            "INSERT INTO work_pool (id, created, updated, name, type) VALUES (?, ?, ?, ?, ?)",
+            (pool_id, stamp, stamp, "kept-pool", "process"),
+        )
+        tx.execute(
+            "INSERT INTO work_queue (id, created, updated, name, work_pool_id) VALUES (?, ?, ?, ?, ?)",
+            (queue_id, stamp, stamp, "default", pool_id),
+        )
+        tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "f"))
+        for queue, queue_name in ((queue_id, "default"), (gone_id, "gone"), (None, None)):
+            run_id, dep_id = str(uuid.uuid4()), str(uuid.uuid4())
+            tx.execute(
+                "INSERT INTO flow_run (id, created, updated, name, flow_id, work_queue_id, work_queue_name) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, stamp, stamp, run_id[:8], flow_id, queue, queue_name),
+            )
+            tx.execute(
+                "INSERT INTO deployment (id, created, updated, name, flow_id, work_queue_id, work_queue_name) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (dep_id, stamp, stamp, dep_id[:8], flow_id, queue, queue_name),
+            )
+            rows[run_id] = rows[dep_id] = (None if queue == gone_id else queue, queue_name)
+
+    def queues():
+        with db.read() as tx:
+            found = tx.query("SELECT id, work_queue_id, work_queue_name FROM flow_run")
+            found += tx.query("SELECT id, work_queue_id, work_queue_name FROM deployment")
+            return {row["id"]: (row["work_queue_id"], row["work_queue_name"]) for row in found}
+
+    assert prefectlite.migrate(db, "0012") == ["0012"]
+    assert queues() == rows
 
 
 # ---------------------------------------------------------------------------------------------

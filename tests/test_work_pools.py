@@ -706,3 +706,30 @@ def test_a_flow_runs_work_pool_is_its_queues_pool(any_api):
     api.ok("DELETE", f"/work_pools/{name}")
     read = api.ok("GET", f"/flow_runs/{run['id']}", headers=PREFECT3_AGENT)
     assert (read["work_pool_id"], read["work_pool_name"]) == (None, None)
+
+
+def test_deleting_a_queue_or_its_pool_nulls_the_work_queue_id_of_its_runs_and_deployments(any_api):
+    """Prefect's flow_run.work_queue_id and deployment.work_queue_id are foreign keys ON DELETE SET NULL (3.9's
+    and 2.20's servers, observed): deleting a queue (by id or by pool and name) or its pool leaves its runs and
+    deployments with no work_queue_id, and so no work pool, while they keep their work_queue_name. Here the
+    runs and deployments went on naming the deleted queue's id."""
+    api = any_api
+    name = new_pool(api)["name"]
+    queues = [new_queue(api, name, q) for q in ("by-id", "by-name", "with-pool")]
+    deps = [new_deployment(api, name, q["name"]) for q in queues]
+    runs = [due_run(api, dep) for dep in deps]
+    assert [r["work_queue_id"] for r in runs] == [q["id"] for q in queues]
+    api.ok("DELETE", f"/work_queues/{queues[0]['id']}")
+    api.ok("DELETE", f"/work_pools/{name}/queues/by-name")
+    kept = api.ok("GET", f"/flow_runs/{runs[2]['id']}")
+    assert (kept["work_queue_id"], kept["work_pool_name"]) == (queues[2]["id"], name)
+    api.ok("DELETE", f"/work_pools/{name}")
+    for run, dep, queue in zip(runs, deps, queues):
+        for headers in (PREFECT3_AGENT, None):
+            read = api.ok("GET", f"/flow_runs/{run['id']}", headers=headers)
+            got = [read[k] for k in ("work_queue_id", "work_queue_name", "work_pool_id", "work_pool_name")]
+            assert got == [None, queue["name"], None, None]
+        read = api.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)
+        assert (read["work_queue_id"], read["work_queue_name"], read["work_pool_name"]) == (None, queue["name"], None)
+    gone = {"flow_runs": {"work_queue_id": {"any_": [q["id"] for q in queues]}}}
+    assert api.ok("POST", "/flow_runs/filter", gone) == []
