@@ -208,6 +208,19 @@ def test_data_written_through_the_api_survives_downgrade_and_upgrade_of_the_last
         assert client.ok("GET", f"/flow_runs/{run['id']}")["name"] == "api-run"
 
 
+def _seed_pool_queue_and_flow(tx, pool_id, queue_id, flow_id, stamp):
+    """A work pool "kept-pool" with its queue "default", and a flow "f", written as an older revision's rows."""
+    tx.execute(
+        "INSERT INTO work_pool (id, created, updated, name, type) VALUES (?, ?, ?, ?, ?)",
+        (pool_id, stamp, stamp, "kept-pool", "process"),
+    )
+    tx.execute(
+        "INSERT INTO work_queue (id, created, updated, name, work_pool_id) VALUES (?, ?, ?, ?, ?)",
+        (queue_id, stamp, stamp, "default", pool_id),
+    )
+    tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "f"))
+
+
 def test_0011_gives_the_runs_made_before_it_their_queues_work_pool(db):
     """A run's work_pool_id and work_pool_name were never set before 0011 (Prefect answers them from the
     run's work queue's pool): the upgrade fills them, leaves a run without a queue alone, and the
@@ -216,15 +229,7 @@ def test_0011_gives_the_runs_made_before_it_their_queues_work_pool(db):
     pool_id, queue_id, flow_id, queued, loose = (str(uuid.uuid4()) for _ in range(5))
     stamp = "2024-05-01T12:00:00.000000+00:00"
     with db.write() as tx:
-        tx.execute(
-            "INSERT INTO work_pool (id, created, updated, name, type) VALUES (?, ?, ?, ?, ?)",
-            (pool_id, stamp, stamp, "kept-pool", "process"),
-        )
-        tx.execute(
-            "INSERT INTO work_queue (id, created, updated, name, work_pool_id) VALUES (?, ?, ?, ?, ?)",
-            (queue_id, stamp, stamp, "default", pool_id),
-        )
-        tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "f"))
+        _seed_pool_queue_and_flow(tx, pool_id, queue_id, flow_id, stamp)
         for run_id, queue in ((queued, queue_id), (loose, None)):
             tx.execute(
                 "INSERT INTO flow_run (id, created, updated, name, flow_id, work_queue_id) VALUES (?, ?, ?, ?, ?, ?)",
@@ -250,15 +255,7 @@ def test_0012_clears_the_work_queue_id_of_runs_and_deployments_whose_queue_was_d
     stamp = "2024-05-01T12:00:00.000000+00:00"
     rows = {}
     with db.write() as tx:
-        tx.execute(
-            "INSERT INTO work_pool (id, created, updated, name, type) VALUES (?, ?, ?, ?, ?)",
-            (pool_id, stamp, stamp, "kept-pool", "process"),
-        )
-        tx.execute(
-            "INSERT INTO work_queue (id, created, updated, name, work_pool_id) VALUES (?, ?, ?, ?, ?)",
-            (queue_id, stamp, stamp, "default", pool_id),
-        )
-        tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "f"))
+        _seed_pool_queue_and_flow(tx, pool_id, queue_id, flow_id, stamp)
         for queue, queue_name in ((queue_id, "default"), (gone_id, "gone"), (None, None)):
             run_id, dep_id = str(uuid.uuid4()), str(uuid.uuid4())
             tx.execute(
