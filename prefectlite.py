@@ -2406,6 +2406,7 @@ FlowRunUpdate = Schema(
 TaskRunCreate = Schema(
     "TaskRunCreate",
     {
+        "id": Field("uuid"),  # the client's choice, kept (PrefectClient.create_task_run(id=...))
         "name": Field("str", max_length=5000),
         "flow_run_id": Field("uuid"),
         "task_key": Field("str", required=True, nullable=False, max_length=2000),
@@ -5538,9 +5539,8 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
         if flow_run_count is None:
             raise NotFound("Flow run not found")
     now = now_iso()
-    run_id = new_id()
     values = {
-        "id": run_id,
+        "id": data.get("id") or new_id(),
         "created": now,
         "updated": now,
         "name": data.get("name") or generate_run_name(),
@@ -5564,6 +5564,8 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
             "SELECT * FROM task_run WHERE flow_run_id = ? AND task_key = ? AND dynamic_key = ?",
             (flow_run_id, data["task_key"], data["dynamic_key"]),
         )
+        if row is None:  # what conflicted was the id the client chose
+            raise Conflict(f"A task run with id {values['id']} already exists.")
         return task_run_out(row), False
     return decoded_run_out("task_run", run), True
 

@@ -492,6 +492,25 @@ def test_create_task_run_is_idempotent(client):
     assert status == 201 and elsewhere["id"] != first["id"]
 
 
+def test_a_task_run_takes_the_id_its_client_chose(client):
+    """PrefectClient.create_task_run(id=...) sends it; Prefect's servers (2.20, 3.9) keep it."""
+    run = new_flow_run(client)
+    chosen, loose = str(uuid.uuid4()), str(uuid.uuid4())
+    body = {"id": chosen, "flow_run_id": run["id"], "task_key": "load", "dynamic_key": "0"}
+    assert client.ok("POST", "/task_runs/", body, expect=(201,))["id"] == chosen
+    assert client.ok("GET", f"/task_runs/{chosen}")["task_key"] == "load"
+    state = client.ok("GET", f"/task_runs/{chosen}")["state"]
+    assert state["state_details"]["task_run_id"] == chosen
+    # The same task again (any id): the existing run, as without an id.
+    assert client.ok("POST", "/task_runs/", {**body, "id": loose}, expect=(200,))["id"] == chosen
+    # Without a flow run, too.
+    bare = {"id": loose, "task_key": "bare", "dynamic_key": "0"}
+    assert client.ok("POST", "/task_runs/", bare, expect=(201,))["id"] == loose
+    # An id taken by another task run is a conflict, not a 500 nor the other run.
+    status, body = client.post("/task_runs/", {**bare, "task_key": "other"})
+    assert status == 409 and "id" in body["detail"], body
+
+
 def assert_created_as_it_reads_back(client, collection, bodies):
     for body in bodies:
         status, created = client.post(collection, body)
