@@ -45,6 +45,7 @@ SCENARIOS_DIR = HERE / "scenarios"
 REFERENCE_SCENARIOS_DIR = REPO_ROOT.parent / "shared" / "reference" / "prefect2-scenarios"
 
 sys.path.insert(0, str(HERE))
+import prefect3_venv  # noqa: E402
 import prefect_venv  # noqa: E402
 
 SERVER_START_TIMEOUT = 15.0
@@ -69,6 +70,21 @@ def prefect_python() -> str:
         msg = f"cannot build the prefect 2.20 venv: {exc}"
         if os.environ.get("PREFECTLITE_REQUIRE_COMPAT") == "1":
             pytest.fail(msg + "\n(PREFECTLITE_REQUIRE_COMPAT=1: failing instead of skipping)")
+        pytest.skip(msg)
+
+
+SDKS = {"2.20": prefect_venv.ensure_prefect_venv, "3.9": prefect3_venv.ensure_prefect3_venv}
+
+
+@pytest.fixture(scope="module", params=sorted(SDKS))
+def sdk_python(request) -> str:
+    """The python of a venv with that Prefect SDK (a test that takes it runs once for each)."""
+    try:
+        return SDKS[request.param]()
+    except Exception as exc:  # noqa: BLE001 - any failure to build means: no SDK to test with
+        msg = f"cannot build the prefect {request.param} venv: {exc}"
+        if os.environ.get("PREFECTLITE_REQUIRE_COMPAT") == "1":
+            pytest.fail(msg)
         pytest.skip(msg)
 
 

@@ -27,13 +27,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 import harness_suites  # noqa: E402
-import prefect3_venv  # noqa: E402
-import prefect_venv  # noqa: E402
 import prefectlite  # noqa: E402
 
 SCRIPT_TIMEOUT = 180.0  # generous: a 2-core machine shared with other work; the outcome is what is asserted
 DEAD_API_URL = "http://127.0.0.1:9/api"  # what the SDK is pointed at before the harness: must come back
-SDKS = {"2.20": prefect_venv.ensure_prefect_venv, "3.9": prefect3_venv.ensure_prefect3_venv}
 
 # A Prefect user's script: prefect imported first (its settings no longer read the environment), then the
 # harness; two one-task flows; what the embedded server stored, read through its API before it stops.
@@ -121,18 +118,6 @@ def test_the_sdk_points_at_prefect_server(prefect_server):
     from prefect.settings import PREFECT_API_URL
     assert PREFECT_API_URL.value() == prefect_server
 """
-
-
-@pytest.fixture(scope="module", params=sorted(SDKS))
-def sdk_python(request) -> str:
-    """The python of a venv with that Prefect SDK."""
-    try:
-        return SDKS[request.param]()
-    except Exception as exc:  # noqa: BLE001 - any failure to build means: no SDK to test with
-        msg = f"cannot build the prefect {request.param} venv: {exc}"
-        if os.environ.get("PREFECTLITE_REQUIRE_COMPAT") == "1":
-            pytest.fail(msg)
-        pytest.skip(msg)
 
 
 @pytest.fixture(scope="module")
