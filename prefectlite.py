@@ -2418,6 +2418,7 @@ TaskRunCreate = Schema(
         "tags": _TAGS,
         "task_inputs": Field("object", default=dict, nullable=False),
         "state": Field(StateCreate),
+        "labels": Field("object", default=dict),  # Prefect 3 (see task_run_labels)
     },
 )
 
@@ -3599,7 +3600,7 @@ class Conflict(Exception):
 JSON_COLUMNS = {
     "flow": ("tags", "labels"),
     "flow_run": ("parameters", "context", "empirical_policy", "tags", "labels", "state", "created_by", "job_variables"),
-    "task_run": ("empirical_policy", "tags", "task_inputs", "state"),
+    "task_run": ("empirical_policy", "tags", "task_inputs", "labels", "state"),
     "flow_run_state": ("data", "state_details"),
     "task_run_state": ("data", "state_details"),
     "deployment": (
@@ -3647,7 +3648,7 @@ BOOL_COLUMNS = {
 HIDDEN_COLUMNS = {  # stored for our own use, not part of the Prefect 2.20 response shapes
     "flow": ("labels",),
     "flow_run": ("labels", "state_timestamp"),
-    "task_run": ("state_timestamp",),
+    "task_run": ("labels", "state_timestamp"),
     "deployment": ("labels",),
 }
 
@@ -5208,7 +5209,7 @@ def run_json_select(tx, table: str, now: str, major: int = 2) -> tuple[str, tupl
     """
     db, t = tx.db, table
     hidden, json_cols, bools = HIDDEN_COLUMNS.get(t, ()), JSON_COLUMNS.get(t, ()), BOOL_COLUMNS.get(t, ())
-    if major == 3 and t == "flow_run":  # as flow_run_out
+    if major == 3 and t in ("flow_run", "task_run"):  # as flow_run_out and task_run_out
         hidden = tuple(col for col in hidden if col != "labels")
     pairs = []
     for col in db.column_names(tx, t):
@@ -5269,8 +5270,12 @@ def flow_run_out(row, major: int = 2):
     return run
 
 
-def task_run_out(row):
-    return run_out("task_run", row)
+def task_run_out(row, major: int = 2):
+    """A task run as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
+    run = run_out("task_run", row)
+    if major == 3:
+        run["labels"] = stored_labels(row)
+    return run
 
 
 def state_out(table: str, row: dict) -> dict:
@@ -5531,12 +5536,20 @@ def delete_flow_run_input(tx, run_id: str, key: str) -> None:
 # Task runs
 
 
-def create_task_run(tx, data: dict) -> tuple[dict, bool]:
-    flow_run_id = data.get("flow_run_id")
-    flow_run_count = 0
+def task_run_labels(flow_run: dict | None, data: dict) -> dict:
+    """A new task run's labels, as Prefect 3 stores them (with_system_labels_for_task_run): its flow run's
+    labels and prefect.flow-run.id, then the client's own labels over them; none without a flow run."""
+    labels = {**stored_labels(flow_run), "prefect.flow-run.id": flow_run["id"]} if flow_run else {}
+    return {**labels, **(data.get("labels") or {})}
+
+
+def create_task_run(tx, data: dict, major: int = 2) -> tuple[dict, bool]:
+    """Create a task run, or answer the one its flow run has with the same task_key and dynamic_key
+    (True when created), as a client of `major` reads it (task_run_out)."""
+    flow_run_id, flow_run = data.get("flow_run_id"), None
     if flow_run_id is not None:  # (a task run created before is found by the INSERT's unique key below)
-        flow_run_count = tx.scalar("SELECT run_count FROM flow_run WHERE id = ?", (flow_run_id,))
-        if flow_run_count is None:
+        flow_run = tx.query_one("SELECT id, run_count, labels FROM flow_run WHERE id = ?", (flow_run_id,))
+        if flow_run is None:
             raise NotFound("Flow run not found")
     now = now_iso()
     values = {
@@ -5553,8 +5566,9 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
         "empirical_policy": _task_run_policy(data.get("empirical_policy")),
         "tags": data.get("tags") or [],
         "task_inputs": data.get("task_inputs") or {},
+        "labels": task_run_labels(flow_run, data),
         "run_count": 0,
-        "flow_run_run_count": flow_run_count,
+        "flow_run_run_count": flow_run["run_count"] if flow_run else 0,
         "expected_start_time": now,
         "total_run_time": 0.0,
     }
@@ -5566,8 +5580,11 @@ def create_task_run(tx, data: dict) -> tuple[dict, bool]:
         )
         if row is None:  # what conflicted was the id the client chose
             raise Conflict(f"A task run with id {values['id']} already exists.")
-        return task_run_out(row), False
-    return decoded_run_out("task_run", run), True
+        return task_run_out(row, major), False
+    out = decoded_run_out("task_run", run)
+    if major == 3:
+        out["labels"] = values["labels"]
+    return out, True
 
 
 # Logs
@@ -6492,6 +6509,7 @@ TASK_RUN_EVENT_FIELDS = {  # payload.task_run field -> how we store it
     "start_time": "datetime",
     "end_time": "datetime",
     "total_run_time": "seconds",
+    "labels": "object",  # as sent: Prefect 3's recorder adds no flow run labels (its SDK sends {})
 }
 _ISO_DURATION = re.compile(
     r"^P(?:(\d+(?:\.\d+)?)D)?(?:T(?:(\d+(?:\.\d+)?)H)?(?:(\d+(?:\.\d+)?)M)?(?:(\d+(?:\.\d+)?)S)?)?$"
@@ -6532,6 +6550,8 @@ def _task_run_columns(fields: dict) -> dict:
             out[name] = str(value)
     if "empirical_policy" in out:
         out["empirical_policy"] = _task_run_policy(out["empirical_policy"])
+    if "labels" in out and out["labels"] is None:  # Prefect stores a NULL, read back as null; we keep {}
+        out["labels"] = {}
     return out
 
 
@@ -11639,9 +11659,7 @@ def _filter_handler(table, out, filters, json_select=None):
 _RUN_FILTERS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues")
 read_flows_filtered, count_flows = _filter_handler("flow", flow_out, _RUN_FILTERS)
 read_flow_runs_filtered, count_flow_runs = _filter_handler("flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
-read_task_runs_filtered, count_task_runs = _filter_handler(
-    "task_run", lambda r, _major: task_run_out(r), _RUN_FILTERS, run_json_select
-)
+read_task_runs_filtered, count_task_runs = _filter_handler("task_run", task_run_out, _RUN_FILTERS, run_json_select)
 _read_logs_page, _count_logs = _filter_handler("log", _decoded("log"), ("logs",))
 
 
@@ -11840,13 +11858,13 @@ read_task_run_states, read_task_run_state = _read_states("task_run_state", "task
 @body(TaskRunCreate)
 def create_task_run_handler(app, req):
     with app.db.write() as tx:
-        run, created = create_task_run(tx, req.data)
+        run, created = create_task_run(tx, req.data, client_major(req))
     return (201 if created else 200), run
 
 
 def read_task_run(app, req):
     with app.db.read() as tx:
-        return 200, task_run_out(require_row(tx, "task_run", req.uuid(), "Task run"))
+        return 200, task_run_out(require_row(tx, "task_run", req.uuid(), "Task run"), client_major(req))
 
 
 @body(TaskRunUpdate)

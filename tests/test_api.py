@@ -476,6 +476,49 @@ def test_subflow_is_linked_to_its_parent(client):
 # --- task runs ---------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_task_runs_labels_are_prefects_and_shown_to_3x_clients(dialect, tmp_path, request):
+    """As Prefect 3.9's server (with_system_labels_for_task_run, observed): a task run of a flow run has the
+    flow run's labels, prefect.flow-run.id, then the labels its client sent over them; one without a flow run
+    has only those sent. They are kept from the create (the same task again keeps the first labels) and
+    shown by POST /task_runs/, GET /task_runs/{id} and /task_runs/filter to 3.x clients; 2.20's TaskRun has
+    no labels, so 2.x callers never see them."""
+    url = f"sqlite:///{tmp_path}/labels.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        flow = client.ok("POST", "/flows/", {"name": "labelled", "labels": {"team": "data"}})
+        run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "labels": {"over": "run"}})
+        inherited = {"team": "data", "prefect.flow.id": flow["id"], "over": "run", "prefect.flow-run.id": run["id"]}
+        body = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
+        plain = client.ok("POST", "/task_runs/", body, headers=PREFECT3_AGENT, expect=(201,))
+        assert plain["labels"] == inherited
+        sent = {"over": "task", "prefect.flow-run.id": "mine", "n": 1}
+        own = client.ok(
+            "POST", "/task_runs/", {**body, "dynamic_key": "1", "labels": sent}, headers=PREFECT3_AGENT, expect=(201,)
+        )
+        assert own["labels"] == {**inherited, **sent}
+        again = client.ok(
+            "POST", "/task_runs/", {**body, "dynamic_key": "1", "labels": {"x": "y"}}, headers=PREFECT3_AGENT
+        )
+        assert (again["id"], again["labels"]) == (own["id"], own["labels"])
+        loose = {"task_key": "loose", "dynamic_key": "0"}
+        assert client.ok("POST", "/task_runs/", loose, headers=PREFECT3_AGENT)["labels"] == {}
+        loose_labelled = {"task_key": "loose", "dynamic_key": "1", "labels": {"a": True}}
+        assert client.ok("POST", "/task_runs/", loose_labelled, headers=PREFECT3_AGENT)["labels"] == {"a": True}
+        assert client.ok("GET", f"/task_runs/{own['id']}", headers=PREFECT3_AGENT)["labels"] == own["labels"]
+        listed = client.ok("POST", "/task_runs/filter", {"sort": "ID_DESC"}, headers=PREFECT3_AGENT)
+        by_id = {t["id"]: t["labels"] for t in listed}
+        assert (by_id[plain["id"]], by_id[own["id"]]) == (inherited, {**inherited, **sent}) and len(by_id) == 4
+        as_2x = [
+            client.ok("POST", "/task_runs/", {**body, "dynamic_key": "2", "labels": {"a": "b"}}),
+            client.ok("GET", f"/task_runs/{own['id']}"),
+            *client.ok("POST", "/task_runs/filter", {}),
+        ]
+        assert [("labels" in t) for t in as_2x] == [False] * 7
+        labels_of_2x = client.ok("GET", f"/task_runs/{as_2x[0]['id']}", headers=PREFECT3_AGENT)["labels"]
+        assert labels_of_2x == {**inherited, "a": "b"}
+
+
 def test_create_task_run_is_idempotent(client):
     run = new_flow_run(client)
     body = {"flow_run_id": run["id"], "task_key": "extract", "dynamic_key": "0", "name": "extract-0"}

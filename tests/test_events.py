@@ -343,6 +343,21 @@ def test_task_run_events_become_a_task_run_with_its_history(api):
     assert [t["id"] for t in listed] == [tr_id]
 
 
+def test_a_task_run_recorded_from_events_has_the_labels_they_carry(api):
+    """Prefect 3.9's recorder stores payload.task_run as sent, labels too ({} from its SDK, observed), with
+    none of its flow run's; a newer event's labels replace them. 3.x clients read them, 2.x ones do not."""
+    run = new_flow_run(api, labels={"team": "data"})
+    tr_id = str(uuid.uuid4())
+    agent = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}
+    post(api, task_event(run, tr_id, "PENDING", "Pending", at(3), labels={}))
+    assert api.ok("GET", f"/task_runs/{tr_id}", headers=agent)["labels"] == {}
+    post(api, task_event(run, tr_id, "RUNNING", "Running", at(2), labels={"k": "v"}))
+    assert api.ok("GET", f"/task_runs/{tr_id}", headers=agent)["labels"] == {"k": "v"}
+    listed = api.ok("POST", "/task_runs/filter", {}, headers=agent)
+    assert [t["labels"] for t in listed] == [{"k": "v"}]
+    assert "labels" not in api.ok("GET", f"/task_runs/{tr_id}")
+
+
 def test_recorder_is_idempotent_and_never_goes_back_in_time(api):
     run = new_flow_run(api)
     tr_id = str(uuid.uuid4())

@@ -280,6 +280,34 @@ def test_0012_clears_the_work_queue_id_of_runs_and_deployments_whose_queue_was_d
     assert queues() == rows
 
 
+def test_0013_gives_the_task_runs_made_before_it_empty_labels(db):
+    """0013 adds task_run.labels: the task runs made before keep their rows and have no labels ({}), and the
+    downgrade drops the column and keeps the rows."""
+    prefectlite.migrate(db, "0012")
+    flow_id, run_id, task_run_id = (str(uuid.uuid4()) for _ in range(3))
+    stamp = "2024-05-01T12:00:00.000000+00:00"
+    with db.write() as tx:
+        tx.execute("INSERT INTO flow (id, created, updated, name) VALUES (?, ?, ?, ?)", (flow_id, stamp, stamp, "f"))
+        tx.execute(
+            "INSERT INTO flow_run (id, created, updated, name, flow_id) VALUES (?, ?, ?, ?, ?)",
+            (run_id, stamp, stamp, "r", flow_id),
+        )
+        tx.execute(
+            "INSERT INTO task_run (id, created, updated, name, flow_run_id, task_key, dynamic_key) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (task_run_id, stamp, stamp, "t", run_id, "k", "0"),
+        )
+
+    assert prefectlite.migrate(db, "0013") == ["0013"]
+    with db.read() as tx:
+        rows = tx.query("SELECT id, task_key, labels FROM task_run")
+    assert [(r["id"], r["task_key"], prefectlite.stored_labels(r)) for r in rows] == [(task_run_id, "k", {})]
+    prefectlite.downgrade(db, "0012")
+    with db.read() as tx:
+        assert "labels" not in db.column_names(tx, "task_run")
+        assert [r["id"] for r in tx.query("SELECT id FROM task_run")] == [task_run_id]
+
+
 # ---------------------------------------------------------------------------------------------
 # bad targets: library level
 

@@ -92,17 +92,19 @@ def sdk_python(request) -> str:
 
 
 class Api:
-    """A tiny JSON client: api(method, path, body=None) -> (status, json)."""
+    """A tiny JSON client: api(method, path, body=None, headers=None) -> (status, json)."""
 
     def __init__(self, base_url: str, timeout: float = 30.0):
         self.base_url = base_url.rstrip("/")
         self.timeout = timeout
 
-    def __call__(self, method: str, path: str, body=None):
+    def __call__(self, method: str, path: str, body=None, headers=None):
         url = self.base_url + (path if path.startswith("/") else "/" + path)
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(url, data=data, method=method.upper())
         req.add_header("Accept", "application/json")
+        for name, value in (headers or {}).items():
+            req.add_header(name, value)
         if data is not None:
             req.add_header("Content-Type", "application/json")
         try:
@@ -117,9 +119,9 @@ class Api:
         except ValueError:
             return status, raw.decode("utf-8", "replace")
 
-    def ok(self, method: str, path: str, body=None, expect=(200, 201)):
+    def ok(self, method: str, path: str, body=None, expect=(200, 201), headers=None):
         """Like __call__, but fails the test unless the status is expected; returns the json."""
-        status, payload = self(method, path, body)
+        status, payload = self(method, path, body, headers)
         expect = (expect,) if isinstance(expect, int) else tuple(expect)
         if status not in expect:
             pytest.fail(

@@ -291,6 +291,10 @@ def test_tasks_with_logs_are_recorded_from_events(run_flow_script, compat_server
         states = assert_task_run_like_2x(api, tr)
         assert state_seq(states) == [("PENDING", "Pending"), ("RUNNING", "Running"), ("COMPLETED", "Completed")]
     assert by_task["total"]["tags"] == ["summing"]
+    # as Prefect 3.9's recorder keeps them: the labels the SDK sent ({}), none of the flow run's; for 3.x only
+    as_3x = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}
+    assert [api.ok("GET", f"/task_runs/{tr['id']}", headers=as_3x)["labels"] for tr in trs] == [{}] * 3
+    assert all("labels" not in tr for tr in trs)
     # data passed between tasks is recorded as their inputs, as the 2.x client records it
     [upstream] = by_task["double"]["task_inputs"]["xs"]
     assert upstream == {"input_type": "task_run", "id": by_task["fetch"]["id"]}
