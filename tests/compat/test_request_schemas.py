@@ -35,7 +35,6 @@ DROPPED = {
     ("2.20", "WorkQueueUpdate", "filter"): "deprecated in 2.x; no SDK call sends it",
     ("3.9", "WorkQueueUpdate", "filter"): "deprecated in 2.x; no SDK call sends it",
     ("3.9", "DeploymentCreate", "version_info"): "Prefect's open-source server drops it too (models/deployments.py)",
-    ("3.9", "TaskRunCreate", "labels"): "task runs keep no labels yet (session 12's closing note)",
 }
 
 
