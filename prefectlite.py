@@ -7499,6 +7499,19 @@ ScheduledRunsForPool = Schema(
 )
 
 
+# Slots (Prefect 3's `prefect work-pool slots`): the flow runs that hold a pool's or a queue's concurrency
+# slots, as Prefect counts them. A pool counts its queues' Pending and Running runs (what its limit
+# holds back); a queue also counts Cancelling ones, and the runs named after it that no queue id claims.
+_POOL_SLOT_HOLDERS = (
+    "FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
+    "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING')"
+)
+_QUEUE_SLOT_HOLDERS = (
+    "FROM flow_run fr WHERE (fr.work_queue_id = ? OR (fr.work_queue_id IS NULL AND "
+    "fr.work_queue_name = ?)) AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')"
+)
+
+
 def work_pool_out(tx, row) -> dict:
     pool = decode_row("work_pool", row)
     pool["status"] = work_pool_status(tx, pool)
@@ -7506,11 +7519,15 @@ def work_pool_out(tx, row) -> dict:
     return pool
 
 
-def work_pool_for_client(req, pool: dict) -> dict:
-    """A 2.20 client in test mode refuses fields its WorkPool lacks: only 3.x clients read the storage."""
-    if client_major(req) == 3:
-        return pool
-    return {k: v for k, v in pool.items() if k != "storage_configuration"}
+def work_pool_for_client(tx, req, pool: dict) -> dict:
+    """A 2.20 client in test mode refuses fields its WorkPool lacks: only 3.x clients read the storage and
+    `active_slots` (the runs holding the pool's slots; null without a limit, as Prefect 3 answers)."""
+    if client_major(req) != 3:
+        return {k: v for k, v in pool.items() if k != "storage_configuration"}
+    held = None
+    if pool["concurrency_limit"] is not None:
+        held = int(tx.scalar(f"SELECT COUNT(*) {_POOL_SLOT_HOLDERS}", (pool["id"],)))
+    return {**pool, "active_slots": held}
 
 
 def work_pool_status(tx, pool: dict) -> str:
@@ -7529,8 +7546,15 @@ def work_pool_status(tx, pool: dict) -> str:
     return "READY" if recent else "NOT_READY"
 
 
-def work_queue_out(tx, row, pool_name: str | None = None) -> dict:
+def work_queue_out(tx, row, pool_name: str | None = None, major: int = 2) -> dict:
+    """A queue as a client of `major` reads it: Prefect 3 adds `active_slots` (the runs holding its slots;
+    null without a limit), which 2.20's WorkQueue lacks."""
     queue_ = decode_row("work_queue", row)
+    if major == 3:
+        held = None
+        if queue_["concurrency_limit"] is not None:
+            held = int(tx.scalar(f"SELECT COUNT(*) {_QUEUE_SLOT_HOLDERS}", (queue_["id"], queue_["name"])))
+        queue_["active_slots"] = held
     if pool_name is None:
         pool_name = tx.scalar("SELECT name FROM work_pool WHERE id = ?", (queue_["work_pool_id"],))
     queue_["work_pool_name"] = pool_name
@@ -12827,12 +12851,12 @@ def read_collection_view(app, req):
 @body(WorkPoolCreate)
 def create_work_pool_handler(app, req):
     with app.db.write() as tx:
-        return 201, work_pool_for_client(req, create_work_pool(tx, req.data))
+        return 201, work_pool_for_client(tx, req, create_work_pool(tx, req.data))
 
 
 def read_work_pool(app, req):
     with app.db.read() as tx:
-        return 200, work_pool_for_client(req, work_pool_out(tx, read_pool_by_name(tx, req.params["name"])))
+        return 200, work_pool_for_client(tx, req, work_pool_out(tx, read_pool_by_name(tx, req.params["name"])))
 
 
 @body(WorkPoolUpdate)
@@ -12864,7 +12888,7 @@ def read_work_pools_filtered(app, req):
             f"SELECT work_pool.* FROM work_pool WHERE {where} ORDER BY name LIMIT ? OFFSET ?",
             (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
         )
-        return 200, [work_pool_for_client(req, work_pool_out(tx, r)) for r in rows]
+        return 200, [work_pool_for_client(tx, req, work_pool_out(tx, r)) for r in rows]
 
 
 @body(filter_body_schema("work_pool", ("work_pools",)))
@@ -12884,7 +12908,7 @@ def read_scheduled_runs_for_pool(app, req):
 def create_pool_queue(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
-        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"])
+        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"], client_major(req))
 
 
 def _pool_queue(tx, req, lock=False):
@@ -12901,7 +12925,7 @@ def _pool_queue(tx, req, lock=False):
 def read_pool_queue(app, req):
     with app.db.read() as tx:
         pool, row = _pool_queue(tx, req)
-        return 200, work_queue_out(tx, row, pool["name"])
+        return 200, work_queue_out(tx, row, pool["name"], client_major(req))
 
 
 @body(WorkQueueUpdate)
@@ -12933,7 +12957,7 @@ def read_pool_queues_filtered(app, req):
             f"ORDER BY priority, name LIMIT ? OFFSET ?",
             (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"] or 0),
         )
-        return 200, [work_queue_out(tx, r, pool["name"]) for r in rows]
+        return 200, [work_queue_out(tx, r, pool["name"], client_major(req)) for r in rows]
 
 
 @body(WorkerHeartbeat)
@@ -12971,25 +12995,14 @@ def create_work_queue_handler(app, req):
         if not req.data.get("work_pool_name"):
             ensure_work_queue(tx, None, "default")  # makes the default agent pool if it is missing
         pool = read_pool_by_name(tx, req.data.get("work_pool_name") or DEFAULT_AGENT_POOL)
-        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"])
+        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"], client_major(req))
 
 
 def read_work_queue(app, req):
     with app.db.read() as tx:
-        return 200, work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"))
+        return 200, work_queue_out(tx, require_row(tx, "work_queue", req.uuid(), "Work queue"), major=client_major(req))
 
 
-# Slots (Prefect 3's `prefect work-pool slots`): the flow runs that hold a pool's or a queue's concurrency
-# slots, as Prefect counts them. A pool counts its queues' Pending and Running runs (what its limit
-# holds back); a queue also counts Cancelling ones, and the runs named after it that no queue id claims.
-_POOL_SLOT_HOLDERS = (
-    "FROM flow_run fr JOIN work_queue wq ON wq.id = fr.work_queue_id "
-    "WHERE wq.work_pool_id = ? AND fr.state_type IN ('PENDING', 'RUNNING')"
-)
-_QUEUE_SLOT_HOLDERS = (
-    "FROM flow_run fr WHERE (fr.work_queue_id = ? OR (fr.work_queue_id IS NULL AND "
-    "fr.work_queue_name = ?)) AND fr.state_type IN ('PENDING', 'RUNNING', 'CANCELLING')"
-)
 ConcurrencyStatusBody = Schema(
     "Body_read_concurrency_status",
     {
@@ -13106,7 +13119,7 @@ def read_work_queue_by_name(app, req):
         )
         if row is None:
             raise NotFound("Work queue not found")
-        return 200, work_queue_out(tx, row)
+        return 200, work_queue_out(tx, row, major=client_major(req))
 
 
 @body(WorkQueueUpdate)
@@ -13134,7 +13147,7 @@ def read_work_queues_filtered(app, req):
             f"SELECT work_queue.* FROM work_queue WHERE {where} ORDER BY priority, name LIMIT ? OFFSET ?",
             (*params, page_limit(req.data, app.settings), req.data["offset"] or 0),
         )
-        return 200, [work_queue_out(tx, r) for r in rows]
+        return 200, [work_queue_out(tx, r, major=client_major(req)) for r in rows]
 
 
 def read_work_queue_status(app, req):

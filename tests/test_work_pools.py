@@ -548,6 +548,39 @@ def any_api(request, tmp_path):
         yield Client(api_url)
 
 
+def test_pools_and_queues_show_3x_clients_their_active_slots(any_api):
+    """Prefect 3's WorkPool and WorkQueue carry `active_slots`: the runs holding their slots (a pool's Pending
+    and Running runs, a queue's also Cancelling), null where there is no limit, 0 on a new limited one. A 2.20
+    client's models lack the field (test mode refuses it), so it is not sent to them."""
+    api = any_api
+    name = new_pool(api, concurrency_limit=3)["name"]
+    fresh = api.ok("POST", "/work_pools/", {"name": unique("pool"), "concurrency_limit": 2}, headers=PREFECT3_AGENT)
+    assert fresh["active_slots"] == 0
+    free = api.ok("POST", "/work_pools/", {"name": unique("pool")}, headers=PREFECT3_AGENT)
+    assert free["active_slots"] is None
+    limited = api.ok("POST", f"/work_pools/{name}/queues", {"name": "limited", "concurrency_limit": 5})
+    dep = new_deployment(api, name)
+    runs = [due_run(api, dep) for _ in range(3)] + [due_run(api, dep, queue="limited") for _ in range(2)]
+    for run, state in zip(runs, ("PENDING", "RUNNING", "COMPLETED", "RUNNING", "CANCELLING")):
+        set_state(api, run["id"], state)
+
+    def slots(method, path, body=None, headers=PREFECT3_AGENT):
+        return api.ok(method, path, body, headers=headers)
+
+    assert slots("GET", f"/work_pools/{name}")["active_slots"] == 3  # 2 in default, 1 Running in limited
+    by_pool = {p["name"]: p["active_slots"] for p in slots("POST", "/work_pools/filter", {})}
+    assert (by_pool[name], by_pool[free["name"]]) == (3, None)
+    assert slots("GET", f"/work_pools/{name}/queues/limited")["active_slots"] == 2
+    assert slots("GET", f"/work_pools/{name}/queues/default")["active_slots"] is None  # no limit
+    by_queue = {q["name"]: q["active_slots"] for q in slots("POST", f"/work_pools/{name}/queues/filter", {})}
+    assert by_queue == {"default": None, "limited": 2}
+    assert slots("GET", f"/work_queues/{limited['id']}")["active_slots"] == 2
+    assert slots("GET", "/work_queues/name/limited")["active_slots"] == 2
+    assert 2 in [q.get("active_slots") for q in slots("POST", "/work_queues/filter", {})]
+    for path in (f"/work_pools/{name}", f"/work_pools/{name}/queues/limited", f"/work_queues/{limited['id']}"):
+        assert "active_slots" not in slots("GET", path, headers=None), path
+
+
 def test_concurrency_status_names_the_runs_holding_a_pools_and_a_queues_slots(any_api):
     """POST /work_pools/{name}/concurrency_status and /work_queues/{id}/concurrency_status (Prefect 3's
     `prefect work-pool slots`; 404s here before): Pending and Running runs hold a pool's slots, a queue's
