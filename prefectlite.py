@@ -15018,7 +15018,7 @@ class TaskRunDispatcher:
         for run in candidates:
             subscriber = self._claim(run, ready)
             if subscriber is not None:
-                subscriber.ws.send_json(task_run_out(run))
+                subscriber.ws.send_json(task_run_out(run, subscriber.ws.client_major))
                 ready.remove(subscriber)
                 if not ready:
                     return
@@ -16031,10 +16031,11 @@ class WorkerPool:
 class ServerWebSocket:
     """A WebSocket connection as an endpoint sees it (section 23): sends and closes from any thread."""
 
-    def __init__(self, loop: ConnectionLoop, conn: Connection, subprotocol: str | None):
+    def __init__(self, loop: ConnectionLoop, conn: Connection, subprotocol: str | None, client_major: int = 2):
         self.loop = loop
         self.conn = conn
         self.subprotocol = subprotocol
+        self.client_major = client_major  # whose shapes it reads (client_major of the handshake: 3.9 says so)
         self.peer = conn.peer
         self.endpoint = None
         self.authenticated = subprotocol != "prefect"
@@ -16291,7 +16292,7 @@ class ConnectionLoop:
             return
         request_id = request_id_of(req)
         subprotocol = websocket_subprotocol_problem(self.app.settings, req.headers)[0]
-        ws = ServerWebSocket(self, conn, subprotocol)
+        ws = ServerWebSocket(self, conn, subprotocol, client_major(req))
         ws.endpoint = WEBSOCKET_ENDPOINTS[req.path](self.app, ws)
         conn.websocket = ws
         conn.assembler = MessageAssembler(self.app.settings["PREFECT_SERVER_EVENTS_MAXIMUM_SIZE_BYTES"])

@@ -565,8 +565,8 @@ def background_run(client, task_key, deferred=True, flow_run_id=None):
     return client.ok("POST", "/task_runs/", body)["id"]
 
 
-def task_worker(server, *keys, client_id="worker"):
-    ws = RawWebSocket(server, path=SUBSCRIPTIONS).authenticate()
+def task_worker(server, *keys, client_id="worker", headers=None):
+    ws = RawWebSocket(server, path=SUBSCRIPTIONS, headers=headers).authenticate()
     ws.send_json({"type": "subscribe", "keys": list(keys), "client_id": client_id})
     return ws
 
@@ -594,6 +594,28 @@ def test_task_worker_gets_its_keys_scheduled_background_runs_from_before_and_aft
         ws.send_json({"type": "ack"})
         ws.send_json({"type": "quit"})
         assert ws.expect_close()[0] == 1000
+    finally:
+        ws.close()
+
+
+def test_a_3x_task_worker_gets_the_runs_labels_and_a_2x_one_the_2x_shape(server):
+    """The 3.9 SDK's socket says who it is in the handshake's User-Agent, as its HTTP client does: it gets task
+    runs as 3.x reads them (with `labels`), as Prefect 3.9 sends them; any other client the 2.20 shape."""
+    client = Client(server, headers={"User-Agent": "prefect/3.9.1 (API 0.8.4)"})
+    body = {"task_key": "labelled", "dynamic_key": "0", "labels": {"team": "data"}}
+    body["state"] = {"type": "SCHEDULED", "state_details": {"deferred": True}}
+    run = client.ok("POST", "/task_runs/", body)
+    assert run["labels"] == {"team": "data"}
+    ws = task_worker(server, "labelled", headers={"User-Agent": "prefect/3.9.1 (API 0.8.4)"})
+    try:
+        sent = ws.recv_json()
+        assert (sent["id"], sent["labels"]) == (run["id"], {"team": "data"})
+    finally:
+        ws.close()  # unacknowledged: it goes to the next worker
+    ws = task_worker(server, "labelled", client_id="another")
+    try:
+        sent = ws.recv_json()
+        assert sent["id"] == run["id"] and "labels" not in sent
     finally:
         ws.close()
 
