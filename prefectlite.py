@@ -4716,6 +4716,90 @@ def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
             )
 
 
+# Prefect 3's v1 `concurrency` context manager (prefect.concurrency.v1) takes one slot per tag for a task run,
+# held until it gives them back (POST /concurrency_limits/increment and /decrement). A tag's slot comes from its
+# global limit `tag:NAME` when there is one (under a lease held by the task run, good for a century as Prefect's
+# is), else from its v1 row (the task run's id in active_slots). A tag without a limit takes none.
+V1_TAG_LEASE_SECONDS = 100 * 365 * 86400
+
+
+def _tag_limits_v2(tx, tags: list[str]) -> dict:
+    """The global limits `tag:NAME` of the tags (active or not, locked), by tag."""
+    marks = ", ".join("?" for _ in tags)
+    rows = tx.query(
+        f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) ORDER BY name{tx.db.for_update}",
+        tuple(TAG_LIMIT_PREFIX + tag for tag in tags),
+    )
+    return {row["name"][len(TAG_LIMIT_PREFIX) :]: decode_row("concurrency_limit_v2", row) for row in rows}
+
+
+def take_tag_slots(tx, tags: list[str], task_run_id: str, wait_seconds: float):
+    """(limits taken, None) or (None, (reason, Retry-After or None)): all or nothing. A limit of 0 refuses
+    with no Retry-After (the client then gives up), a full one with one (the client retries after it)."""
+    tags = list(dict.fromkeys(tags))
+    if not tags:
+        return [], None
+    # Locks in release_lease's order: v1 rows by tag, then global limits by name
+    v1 = {limit["tag"]: limit for limit in tag_limits_behind(tx, [TAG_LIMIT_PREFIX + tag for tag in tags])}
+    v2 = _tag_limits_v2(tx, tags)
+    for tag in tags:
+        if (tag in v2 and v2[tag]["limit"] == 0) or (tag in v1 and v1[tag]["concurrency_limit"] == 0):
+            return None, (
+                f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.',
+                None,
+            )
+    full = "Concurrency limit for the {} tag has been reached"
+    for tag in tags:
+        if tag in v1 and len(v1[tag]["active_slots"]) >= v1[tag]["concurrency_limit"]:
+            return None, (full.format(tag), wait_seconds)
+    wanted = [tag for tag in tags if tag in v2 and v2[tag]["active"]]
+    taken = change_global_slots(tx, [TAG_LIMIT_PREFIX + tag for tag in wanted], 1, "concurrency", increment=True)
+    if taken is None:
+        return None, (full.format(wanted[0]), wait_seconds)
+    if taken:
+        create_lease(tx, taken, 1, V1_TAG_LEASE_SECONDS, {"type": "task_run", "id": task_run_id})
+    answer = [{"id": v2[tag]["id"], "name": tag, "limit": v2[tag]["limit"]} for tag in wanted]
+    now = now_iso()
+    for tag in tags:
+        if tag in v1:
+            limit = v1[tag]
+            update_row(
+                tx,
+                "concurrency_limit",
+                limit["id"],
+                {"active_slots": [*limit["active_slots"], task_run_id], "updated": now},
+            )
+            answer.append({"id": limit["id"], "name": tag, "limit": limit["concurrency_limit"]})
+    return answer, None
+
+
+def give_back_tag_slots(tx, tags: list[str], task_run_id: str) -> list[dict]:
+    """Release the task run's slots on the tags' limits. Every limit of the tags is listed, held or not, named
+    `tag:NAME`, as Prefect 3.9's server answers (its tag limits are all global ones)."""
+    tags = list(dict.fromkeys(tags))
+    if not tags:
+        return []
+    v1 = tag_limits_behind(tx, [TAG_LIMIT_PREFIX + tag for tag in tags])
+    v2 = _tag_limits_v2(tx, tags)
+    ids = {limit["id"] for limit in v2.values()}
+    if ids:
+        held = tx.query(
+            "SELECT id, limit_ids, holder FROM concurrency_lease WHERE holder LIKE ?", (f"%{task_run_id}%",)
+        )
+        for row in held:
+            lease = decode_row("concurrency_lease", row)
+            if (lease["holder"] or {}).get("id") == task_run_id and ids & set(lease["limit_ids"]):
+                release_lease(tx, lease["id"])
+    answer = [{"id": limit["id"], "name": limit["name"], "limit": limit["limit"]} for limit in v2.values()]
+    now = now_iso()
+    for limit in v1:
+        if task_run_id in limit["active_slots"]:
+            slots = [slot for slot in limit["active_slots"] if slot != task_run_id]
+            update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now})
+        answer.append(as_global_limit(limit))
+    return answer
+
+
 def renew_lease(tx, lease_id: str, seconds: float) -> bool:
     """False when the lease is gone (released, or expired and repossessed)."""
     now = utcnow()
@@ -7306,6 +7390,15 @@ def create_tag_limit(tx, data) -> tuple[dict, bool]:
     if not created:
         update_row(tx, "concurrency_limit", row["id"], {"concurrency_limit": data["concurrency_limit"], "updated": now})
     return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row["id"])), bool(created)
+
+
+TagSlotsBody = Schema(
+    "Body_increment_concurrency_limits_v1",
+    {
+        "names": Field(ListOf("str"), required=True, nullable=False),
+        "task_run_id": Field("uuid", required=True, nullable=False),
+    },
+)
 
 
 # Concurrency leases (Prefect 3): what a request for one may ask; the leases themselves are in Orchestration.
@@ -12368,6 +12461,24 @@ def read_tag_limits_filtered(app, req):
         return 200, [decode_row("concurrency_limit", r) for r in rows]
 
 
+@body(TagSlotsBody)
+def increment_tag_limits(app, req):
+    with app.db.write() as tx:
+        taken, refused = take_tag_slots(
+            tx, req.data["names"], req.data["task_run_id"], float(tx.db.tag_slot_wait_seconds)
+        )
+        if refused:  # raised inside: nothing taken is kept
+            reason, wait = refused
+            raise HTTPError(423, reason, {} if wait is None else {"Retry-After": str(wait)})
+    return 200, taken
+
+
+@body(TagSlotsBody)
+def decrement_tag_limits(app, req):
+    with app.db.write() as tx:
+        return 200, give_back_tag_slots(tx, req.data["names"], req.data["task_run_id"])
+
+
 @body(ConcurrencyLimitV2Create)
 def create_global_limit(app, req):
     now = now_iso()
@@ -13648,6 +13759,8 @@ ROUTES = [
     ("DELETE", "/artifacts/{id}", delete_artifact_handler),
     ("POST", "/concurrency_limits/", create_tag_limit_handler),
     ("POST", "/concurrency_limits/filter", read_tag_limits_filtered),
+    ("POST", "/concurrency_limits/increment", increment_tag_limits),
+    ("POST", "/concurrency_limits/decrement", decrement_tag_limits),
     ("GET", "/concurrency_limits/tag/{tag}", read_tag_limit),
     ("DELETE", "/concurrency_limits/tag/{tag}", delete_tag_limit),
     ("POST", "/concurrency_limits/tag/{tag}/reset", reset_tag_limit),

@@ -515,6 +515,108 @@ def test_tag_limit_holds_under_churn(any_db):
     assert done == workers * per_worker
 
 
+# --- v1: the slots Prefect 3's `prefect.concurrency.v1` takes ------------------------------------
+# POST /concurrency_limits/increment and /decrement, body {names: tags, task_run_id}: one slot per tag, from
+# the tag's global limit `tag:TAG` (a lease held by the task run) when it has one, else from its v1 row.
+
+
+def take_tags(server, tags, task_run_id):
+    return raw_post(server, "/concurrency_limits/increment", {"names": list(tags), "task_run_id": task_run_id})
+
+
+def give_back_tags(client, tags, task_run_id, **extra):
+    return client.post("/concurrency_limits/decrement", {"names": list(tags), "task_run_id": task_run_id, **extra})
+
+
+def test_v1_increment_takes_a_slot_per_limited_tag_for_the_task_run(client, server):
+    tag, free = unique(), unique()
+    limit = set_tag_limit(client, tag, 2)
+    holder = str(uuid.uuid4())
+    status, _, body = take_tags(server, [tag, free], holder)
+    assert status == 200, body
+    assert body == [{"id": limit["id"], "name": tag, "limit": 2}]  # a tag without a limit takes nothing
+    assert tag_limit(client, tag)["active_slots"] == [holder]
+    assert take_tags(server, [], holder)[::2] == (200, [])
+
+
+def test_v1_increment_of_a_full_limit_is_423_with_the_tag_wait_and_takes_nothing(client, server):
+    tag, other = unique(), unique()
+    set_tag_limit(client, tag, 1)
+    set_tag_limit(client, other, 1)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    assert take_tags(server, [tag], first)[0] == 200
+    status, headers, body = take_tags(server, [other, tag], second)
+    assert status == 423, body
+    assert body == {"detail": f"Concurrency limit for the {tag} tag has been reached"}
+    assert headers.get("Retry-After") == f"{float(WAIT_SECONDS)}"  # Prefect's: the tag wait as a float
+    assert tag_limit(client, other)["active_slots"] == []  # all or nothing
+    assert take_tags(server, [tag], first)[0] == 423  # a holder asking again is no exception
+
+
+def test_v1_increment_of_a_zero_limit_is_423_without_retry_after(client, server):
+    tag = unique()
+    set_tag_limit(client, tag, 0)
+    status, headers, body = take_tags(server, [tag], str(uuid.uuid4()))
+    assert status == 423, body
+    assert (
+        body["detail"] == f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.'
+    )
+    assert headers.get("Retry-After") is None  # the SDK gives up rather than waiting
+
+
+def test_v1_decrement_gives_the_task_runs_slot_back_and_lists_the_tags_limits(client, server):
+    tag, free = unique(), unique()
+    limit = set_tag_limit(client, tag, 1)
+    holder, other = str(uuid.uuid4()), str(uuid.uuid4())
+    assert take_tags(server, [tag], holder)[0] == 200
+    listed = [{"id": limit["id"], "name": f"tag:{tag}", "limit": 1}]  # Prefect 3.9 names them so, held or not
+    assert give_back_tags(client, [tag, free], other, occupancy_seconds=1.5) == (200, listed)
+    assert tag_limit(client, tag)["active_slots"] == [holder]  # not the other's to give back
+    assert give_back_tags(client, [tag, free], holder) == (200, listed)
+    assert tag_limit(client, tag)["active_slots"] == []
+    assert take_tags(server, [tag], other)[0] == 200
+
+
+def test_v1_slots_of_a_tag_with_a_global_limit_are_leases_of_the_task_run(client, server):
+    tag = unique()
+    limit = new_global(client, name=f"tag:{tag}", limit=1)
+    holder, other = str(uuid.uuid4()), str(uuid.uuid4())
+    status, _, body = take_tags(server, [tag], holder)
+    assert (status, body) == (200, [{"id": limit["id"], "name": tag, "limit": 1}])
+    assert global_limit(client, limit["id"])["active_slots"] == 1
+    status, headers, body = take_tags(server, [tag], other)
+    assert (status, body) == (423, {"detail": f"Concurrency limit for the {tag} tag has been reached"})
+    assert headers.get("Retry-After") == f"{float(WAIT_SECONDS)}"
+
+    listed = [{"id": limit["id"], "name": f"tag:{tag}", "limit": 1}]
+    assert give_back_tags(client, [tag], other) == (200, listed)
+    assert global_limit(client, limit["id"])["active_slots"] == 1  # the other held no lease
+    assert give_back_tags(client, [tag], holder) == (200, listed)
+    assert global_limit(client, limit["id"])["active_slots"] == 0
+    assert take_tags(server, [tag], other)[0] == 200
+
+    inactive = unique()
+    new_global(client, name=f"tag:{inactive}", limit=1, active=False)
+    assert take_tags(server, [inactive], holder)[::2] == (200, [])  # an inactive limit takes nothing
+
+
+@pytest.mark.parametrize("path", ["increment", "decrement"])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"names": ["a"]}, "task_run_id"),
+        ({"task_run_id": str(uuid.uuid4())}, "names"),
+        ({"names": "a", "task_run_id": str(uuid.uuid4())}, "names"),
+        ({"names": ["a"], "task_run_id": "not-a-uuid"}, "task_run_id"),
+        ({"names": [1], "task_run_id": str(uuid.uuid4())}, "names"),
+    ],
+)
+def test_v1_increment_and_decrement_are_validated(client, path, body, field):
+    status, answer = client.post(f"/concurrency_limits/{path}", body)
+    assert status == 422, answer
+    assert any(field in err["loc"] for err in answer["exception_detail"]), answer
+
+
 # --- v2: the API -------------------------------------------------------------------------------
 
 

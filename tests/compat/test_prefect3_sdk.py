@@ -745,6 +745,33 @@ def test_a_tag_concurrency_limit_holds_back_the_second_task(run_flow_script, com
         api("DELETE", f"/concurrency_limits/tag/{tag}")
 
 
+def test_the_v1_concurrency_context_manager_holds_a_tags_slot(run_flow_script, start_script, compat_server, api):
+    """prefect.concurrency.v1 takes the tag's slot for the task run (POST /concurrency_limits/increment), which
+    holds it inside the block and gives it back after (/decrement); on a full limit it waits, and with a timeout
+    gives up; on a limit of 0 it gives up at once (a 423 without Retry-After)."""
+    tag = f"p3-v1-{uuid.uuid4().hex[:12]}"
+    api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 1}, expect=(200, 201))
+    try:
+        result = script_result(run_flow_script(scenario("p19_v1_concurrency.py"), compat_server, args=[tag, "run"]))
+        assert result["held"] == [result["task_run_id"]]
+        assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == []
+
+        other = str(uuid.uuid4())
+        api.ok("POST", f"/concurrency_limits/tag/{tag}/reset", {"slot_override": [other]}, expect=200)
+        args = [tag, "timeout", "3"]
+        blocked = start_script(scenario("p19_v1_concurrency.py"), compat_server, args=args).wait(check=False)
+        assert blocked.returncode != 0
+        assert "timed out" in blocked.stderr.lower(), blocked.stderr[-4000:]
+        assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == [other]
+
+        api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 0}, expect=(200, 201))
+        refused = start_script(scenario("p19_v1_concurrency.py"), compat_server, args=[tag, "run"]).wait(check=False)
+        assert refused.returncode != 0
+        assert "will deadlock" in refused.stderr, refused.stderr[-4000:]
+    finally:
+        api("DELETE", f"/concurrency_limits/tag/{tag}")
+
+
 def test_serve_and_prefect_deployment_run(start_script, prefect3_python, compat_server, api, tmp_path):
 
     serve = start_script(scenario("p09_serve.py"), compat_server, timeout=180)
