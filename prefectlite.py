@@ -11749,10 +11749,55 @@ def _filter_handler(table, out, filters, json_select=None):
     return read_filtered, count
 
 
+def _paginate_handler(table, filters, page_json):
+    """POST /<things>/paginate (Prefect 3): the /filter route's filters and sort, a 1-based `page` of `limit`
+    (no offset), answered as {results, count, limit, pages, page}; a page past the last is empty.
+    `page_json(app, req, tx, body)` is the page's JSON array text, as the /filter route writes it."""
+    fields = {key: field for key, field in filter_body_schema(table, filters).fields.items() if key != "offset"}
+    fields["page"] = Field("int", default=1, minimum=1)  # null means 1, as on Prefect's server
+    schema = Schema(f"Body_paginate_{table}", fields)
+
+    @body(schema)
+    def paginate(app, req):
+        most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+        limit = most if req.data.get("limit") is None else req.data["limit"]
+        if limit > most:  # refused, not cut short, in Prefect 3's words (its LimitBody)
+            raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
+        page = req.data.get("page") or 1
+        data = {**req.data, "limit": limit, "offset": (page - 1) * limit}
+        with app.db.read() as tx:
+            results = page_json(app, req, tx, data)
+            count = count_filtered(tx, table, data)
+        pages = (count + limit - 1) // limit if limit else 0
+        tail = f',"count":{count},"limit":{limit},"pages":{pages},"page":{page}}}'
+        return 200, RawBody(b'{"results":' + results.encode() + tail.encode(), "application/json")
+
+    paginate.__name__ = f"paginate_{table}s"
+    return paginate
+
+
+def _rows_page_json(table, out):
+    def page_json(app, req, tx, data):
+        return dumps([out(row, client_major(req)) for row in query_filtered(tx, table, data, app.settings)])
+
+    return page_json
+
+
+def _runs_page_json(table):
+    def page_json(app, req, tx, data):
+        select = run_json_select(tx, table, now_iso(), client_major(req))
+        return tx.scalar(*json_page_query(tx, table, data, app.settings, select))
+
+    return page_json
+
+
 _RUN_FILTERS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues")
 read_flows_filtered, count_flows = _filter_handler("flow", flow_out, _RUN_FILTERS)
 read_flow_runs_filtered, count_flow_runs = _filter_handler("flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
 read_task_runs_filtered, count_task_runs = _filter_handler("task_run", task_run_out, _RUN_FILTERS, run_json_select)
+paginate_flows = _paginate_handler("flow", _RUN_FILTERS, _rows_page_json("flow", flow_out))
+paginate_flow_runs = _paginate_handler("flow_run", _RUN_FILTERS, _runs_page_json("flow_run"))
+paginate_task_runs = _paginate_handler("task_run", _RUN_FILTERS, _runs_page_json("task_run"))
 _read_logs_page, _count_logs = _filter_handler("log", _decoded("log"), ("logs",))
 
 
@@ -12801,6 +12846,14 @@ def count_deployments(app, req):
         return 200, count_filtered(tx, "deployment", req.data)
 
 
+def _deployments_page_json(app, req, tx, data):
+    rows, now = query_filtered(tx, "deployment", data, app.settings), app.clock()
+    return dumps([deployment_for_client(req, deployment_out(tx, r, app.settings, now)) for r in rows])
+
+
+paginate_deployments = _paginate_handler("deployment", _RUN_FILTERS, _deployments_page_json)
+
+
 def read_deployment_schedules(app, req):
     with app.db.read() as tx:
         require_row(tx, "deployment", req.uuid(), "Deployment")
@@ -13680,6 +13733,7 @@ ROUTES = [
     ("POST", "/flows/", create_flow_handler),
     ("POST", "/flows/filter", read_flows_filtered),
     ("POST", "/flows/count", count_flows),
+    ("POST", "/flows/paginate", paginate_flows),
     ("GET", "/flows/name/{name}", read_flow_by_name_handler),
     ("GET", "/flows/{id}", read_flow),
     ("PATCH", "/flows/{id}", update_flow),
@@ -13687,6 +13741,7 @@ ROUTES = [
     ("POST", "/flow_runs/", create_flow_run_handler),
     ("POST", "/flow_runs/filter", read_flow_runs_filtered),
     ("POST", "/flow_runs/count", count_flow_runs),
+    ("POST", "/flow_runs/paginate", paginate_flow_runs),
     ("POST", "/flow_runs/history", flow_run_history),
     ("GET", "/flow_runs/{id}", read_flow_run),
     ("PATCH", "/flow_runs/{id}", update_flow_run),
@@ -13705,6 +13760,7 @@ ROUTES = [
     ("POST", "/task_runs/", create_task_run_handler),
     ("POST", "/task_runs/filter", read_task_runs_filtered),
     ("POST", "/task_runs/count", count_task_runs),
+    ("POST", "/task_runs/paginate", paginate_task_runs),
     ("POST", "/task_runs/history", task_run_history),
     ("GET", "/task_runs/{id}", read_task_run),
     ("PATCH", "/task_runs/{id}", update_task_run),
@@ -13783,6 +13839,7 @@ ROUTES = [
     ("POST", "/deployments/", create_deployment_handler),
     ("POST", "/deployments/filter", read_deployments_filtered),
     ("POST", "/deployments/count", count_deployments),
+    ("POST", "/deployments/paginate", paginate_deployments),
     ("POST", "/deployments/get_scheduled_flow_runs", read_scheduled_runs_for_deployments),
     ("GET", "/deployments/name/{flow_name}/{deployment_name}", read_deployment_by_name),
     ("GET", "/deployments/{id}", read_deployment),

@@ -1333,3 +1333,72 @@ def test_api_docs_are_html(server):
     assert status == 200
     assert headers["Content-Type"].startswith("text/html")
     assert b"<html" in body.lower() and b"/api/flows/" in body
+
+
+# --- /paginate (Prefect 3): a /filter route's page by number, with the count and the number of pages ---------
+
+PAGINATE_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}
+
+
+def _paginate_world(client):
+    """Three flows named `<prefix>-a..c`, each with a deployment, a flow run and a task run, all tagged."""
+    prefix = f"pg-{uuid.uuid4().hex[:8]}"
+    for letter in "abc":
+        flow = new_flow(client, name=f"{prefix}-{letter}")
+        client.ok(
+            "POST", "/deployments/", {"name": f"{prefix}-{letter}", "flow_id": flow["id"]}, headers=PAGINATE_AGENT
+        )
+        run = new_flow_run(client, flow["id"], tags=[prefix])
+        new_task_run(client, run["id"], tags=[prefix])
+    return prefix
+
+
+@pytest.mark.parametrize("things", ["flows", "flow_runs", "task_runs", "deployments"])
+def test_paginate_answers_a_filter_page_by_number_with_count_and_pages(client, things):
+    prefix = _paginate_world(client)
+    if things in ("flows", "deployments"):
+        where = {things: {"name": {"like_": prefix}}}
+    else:
+        where = {things: {"tags": {"all_": [prefix]}}}
+
+    def timeless(items):  # a run not started yet is late by more at each read
+        return [{k: v for k, v in item.items() if k != "estimated_start_time_delta"} for item in items]
+
+    def paginate(**body):
+        status, answer = client.post(f"/{things}/paginate", {**where, **body}, headers=PAGINATE_AGENT)
+        assert status == 200, answer
+        return {**answer, "results": timeless(answer["results"])}
+
+    def filtered(**body):
+        return timeless(client.ok("POST", f"/{things}/filter", {**where, **body}, headers=PAGINATE_AGENT))
+
+    first = paginate(limit=2)
+    assert list(first) == ["results", "count", "limit", "pages", "page"]  # Prefect 3.9's order
+    assert (first["count"], first["limit"], first["pages"], first["page"]) == (3, 2, 2, 1)
+    assert first["results"] == filtered(limit=2)  # the /filter route's objects and default sort
+    second = paginate(limit=2, page=2)
+    assert (second["results"], second["page"]) == (filtered(limit=2, offset=2), 2)
+    assert paginate(limit=2, page=5) == {"results": [], "count": 3, "limit": 2, "pages": 2, "page": 5}
+    assert paginate(limit=0) == {"results": [], "count": 3, "limit": 0, "pages": 0, "page": 1}
+    everything = paginate(page=None, offset=2)  # null means page 1; an offset is no field of this route
+    assert (everything["limit"], everything["pages"], len(everything["results"])) == (200, 1, 3)
+    sort = {"flows": "NAME_DESC", "deployments": "NAME_DESC", "flow_runs": "ID_DESC", "task_runs": "ID_DESC"}[things]
+    assert paginate(sort=sort)["results"] == filtered(sort=sort)
+
+
+@pytest.mark.parametrize("things", ["flows", "flow_runs", "task_runs", "deployments"])
+@pytest.mark.parametrize(
+    "body, field",
+    [({"page": 0}, "page"), ({"page": "x"}, "page"), ({"limit": -1}, "limit"), ({"sort": "NOPE"}, "sort")],
+)
+def test_paginate_is_validated(client, things, body, field):
+    status, answer = client.post(f"/{things}/paginate", body)
+    assert status == 422, answer
+    assert [err["loc"] for err in answer["exception_detail"]] == [["body", field]]
+
+
+def test_paginate_refuses_a_limit_above_the_default_as_prefect_3_does(client):
+    assert client.post("/flows/paginate", {"limit": 201}) == (
+        422,
+        {"detail": "Invalid limit: must be less than or equal to 200."},
+    )
