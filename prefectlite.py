@@ -56,6 +56,7 @@ import calendar
 import collections
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import datetime as _dt
 import difflib
@@ -66,6 +67,7 @@ import gzip
 import hashlib
 import http
 import http.client
+import io
 import itertools
 import json
 import logging
@@ -11707,11 +11709,42 @@ def update_flow(app, req):
     return 204, NO_CONTENT
 
 
+def remove_flow(tx, flow_id: str) -> bool:
+    return bool(tx.execute("DELETE FROM flow WHERE id = ?", (flow_id,)).rowcount)
+
+
 def delete_flow(app, req):
     with app.db.write() as tx:
-        if not tx.execute("DELETE FROM flow WHERE id = ?", (req.uuid(),)).rowcount:
+        if not remove_flow(tx, req.uuid()):
             raise NotFound("Flow not found")
     return 204, NO_CONTENT
+
+
+# Prefect 3's bulk routes: at most BULK_LIMIT objects a call (its `limit`, 50 unless smaller), chosen by the
+# one filter the route takes, in the /filter route's default order; each is what the single route does to one.
+BULK_LIMIT = 50
+_BULK_LIMIT_FIELD = Field("int", default=BULK_LIMIT, nullable=False, minimum=1, maximum=BULK_LIMIT)
+
+
+def bulk_chosen_ids(tx, table: str, key: str, data: dict, settings: Settings) -> list[str]:
+    body = {"limit": data["limit"], **({key: data[key]} if data.get(key) is not None else {})}
+    return [row["id"] for row in query_filtered(tx, table, body, settings)]
+
+
+def _bulk_delete_handler(table: str, key: str, remove):
+    """POST /<things>/bulk_delete: {<things>: filter, limit} -> {deleted: ids}, in one transaction."""
+
+    @body(Schema(f"Body_bulk_delete_{table}s", {key: Field("object"), "limit": _BULK_LIMIT_FIELD}))
+    def bulk_delete(app, req):
+        with app.db.write() as tx:
+            ids = bulk_chosen_ids(tx, table, key, req.data, app.settings)
+            return 200, {"deleted": [row_id for row_id in ids if remove(tx, row_id)]}
+
+    bulk_delete.__name__ = f"bulk_delete_{table}s"
+    return bulk_delete
+
+
+bulk_delete_flows = _bulk_delete_handler("flow", "flows", remove_flow)
 
 
 def _decoded(table: str):
@@ -11858,12 +11891,90 @@ def update_flow_run_labels(app, req):
     return 204, NO_CONTENT
 
 
+def remove_flow_run(tx, run_id: str) -> bool:
+    if not tx.execute("DELETE FROM flow_run WHERE id = ?", (run_id,)).rowcount:
+        return False
+    tx.execute("DELETE FROM log WHERE flow_run_id = ?", (run_id,))  # as Prefect: its logs go with it
+    return True
+
+
 def delete_flow_run(app, req):
     with app.db.write() as tx:
-        if not tx.execute("DELETE FROM flow_run WHERE id = ?", (req.uuid(),)).rowcount:
+        if not remove_flow_run(tx, req.uuid()):
             raise NotFound("Flow run not found")
-        tx.execute("DELETE FROM log WHERE flow_run_id = ?", (req.uuid(),))  # as Prefect: its logs go with it
     return 204, NO_CONTENT
+
+
+bulk_delete_flow_runs = _bulk_delete_handler("flow_run", "flow_runs", remove_flow_run)
+
+BulkSetStateBody = Schema(
+    "Body_bulk_set_flow_run_state",
+    {
+        "flow_runs": Field("object"),
+        "state": Field(StateCreate, required=True, nullable=False),
+        "force": Field("bool", default=False, nullable=False),
+        "limit": _BULK_LIMIT_FIELD,
+    },
+)
+
+
+@body(BulkSetStateBody)
+def bulk_set_flow_run_state(app, req):
+    """The state proposed to each chosen run in turn, each in its own transaction, as /set_state would; a run
+    whose proposal fails (say, deleted meanwhile) is an ABORT with the reason, and the others go on."""
+    with app.db.read() as tx:
+        ids = bulk_chosen_ids(tx, "flow_run", "flow_runs", req.data, app.settings)
+    results = []
+    for run_id in ids:
+        try:
+            with app.db.write() as tx:
+                outcome = set_run_state(
+                    tx, "flow", run_id, json.loads(dumps(req.data["state"])), req.data["force"], client_major(req)
+                )
+            results.append(
+                {"flow_run_id": run_id, "status": outcome.status, "state": outcome.state, "details": outcome.details()}
+            )
+        except (NotFound, Conflict, ValidationFailed, HTTPError, IntegrityViolation, DataRejected) as exc:
+            reason = getattr(exc, "detail", None) or str(exc)
+            results.append(
+                {
+                    "flow_run_id": run_id,
+                    "status": "ABORT",
+                    "state": None,
+                    "details": {"type": "abort_details", "reason": str(reason)},
+                }
+            )
+    return 200, {"results": results}
+
+
+def _csv_time(text: str | None) -> str:
+    return "" if text is None else str(from_iso(text).astimezone(_dt.timezone.utc))
+
+
+def download_flow_run_logs(app, req):
+    """All the run's logs, oldest first, as CSV (a header row, then timestamp, level, flow_run_id, task_run_id
+    and message), named after the run, as Prefect 3's server sends them."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["timestamp", "level", "flow_run_id", "task_run_id", "message"])
+    with app.db.read() as tx:
+        run = require_row(tx, "flow_run", req.uuid(), "Flow run")
+        offset, size = 0, 1000
+        while True:
+            rows = tx.query(
+                f"SELECT * FROM log WHERE flow_run_id = ? ORDER BY {order_by('log', 'TIMESTAMP_ASC')} LIMIT ? OFFSET ?",
+                (req.uuid(), size, offset),
+            )
+            for row in rows:
+                writer.writerow(
+                    [_csv_time(row["timestamp"]), row["level"], row["flow_run_id"], row["task_run_id"], row["message"]]
+                )
+            if len(rows) < size:
+                break
+            offset += size
+    filename = urllib.parse.quote(f"{run['name']}-logs.csv", safe="")
+    disposition = f"attachment; filename=\"flow-run-logs.csv\"; filename*=UTF-8''{filename}"
+    return 200, RawBody(out.getvalue().encode(), "text/csv; charset=utf-8"), {"Content-Disposition": disposition}
 
 
 def _orchestration_reply(outcome: Outcome):
@@ -12782,14 +12893,59 @@ def update_deployment_handler(app, req):
     return 204, NO_CONTENT
 
 
+def remove_deployment(tx, dep_id: str) -> bool:
+    if tx.query_one(f"SELECT id FROM deployment WHERE id = ?{tx.db.for_update}", (dep_id,)) is None:
+        return False
+    # its runs that have not started go too: no worker should pick up a run of a deleted deployment
+    tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (dep_id,))
+    tx.execute("DELETE FROM deployment WHERE id = ?", (dep_id,))
+    _deployment_limit(tx, dep_id, None)  # its own limit goes with it, as in Prefect
+    return True
+
+
 def delete_deployment(app, req):
     with app.db.write() as tx:
-        require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        # its runs that have not started go too: no worker should pick up a run of a deleted deployment
-        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (req.uuid(),))
-        tx.execute("DELETE FROM deployment WHERE id = ?", (req.uuid(),))
-        _deployment_limit(tx, req.uuid(), None)  # its own limit goes with it, as in Prefect
+        if not remove_deployment(tx, req.uuid()):
+            raise NotFound("Deployment not found")
     return 204, NO_CONTENT
+
+
+bulk_delete_deployments = _bulk_delete_handler("deployment", "deployments", remove_deployment)
+BULK_CREATE_LIMIT = 100
+
+
+def _creation_error(exc: Exception) -> str:
+    """Why a run of a bulk create was not made, in Prefect's words where they are known."""
+    if isinstance(exc, ValidationFailed):
+        parts = []
+        for err in exc.errors:
+            loc = err.get("loc") or ()
+            if len(loc) >= 3 and loc[1] == "parameters":
+                parts.append(f"Validation failed for field {str(loc[2])!r}. Failure reason: {err.get('msg')}")
+            else:
+                parts.append(str(err.get("msg")))
+        parameters = all(len(e.get("loc") or ()) >= 2 and e["loc"][1] == "parameters" for e in exc.errors)
+        return ("Parameter validation failed: " if parameters else "") + "; ".join(parts)
+    return str(getattr(exc, "detail", None) or exc)
+
+
+@body(ListOf(DeploymentFlowRunCreate))
+def bulk_create_deployment_flow_runs(app, req):
+    """Runs of the deployment, each as /create_flow_run makes one, in one transaction; one that cannot be made
+    (parameters the schema refuses) is FAILED with the reason and the others are made."""
+    if len(req.data) > BULK_CREATE_LIMIT:
+        raise HTTPError(400, f"Cannot create more than {BULK_CREATE_LIMIT} flow runs at once.")
+    results = []
+    with app.db.write() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment")
+        for data in req.data:
+            try:
+                run, _created = create_deployment_flow_run(tx, req.uuid(), data, client_major(req))
+            except (ValidationFailed, NotFound, Conflict, HTTPError) as exc:  # raised before it writes anything
+                results.append({"flow_run_id": None, "status": "FAILED", "error": _creation_error(exc)})
+                continue
+            results.append({"flow_run_id": run["id"], "status": "CREATED", "error": None})
+    return 200, {"results": results}
 
 
 def _set_deployment_paused(paused: bool):
@@ -13734,6 +13890,7 @@ ROUTES = [
     ("POST", "/flows/filter", read_flows_filtered),
     ("POST", "/flows/count", count_flows),
     ("POST", "/flows/paginate", paginate_flows),
+    ("POST", "/flows/bulk_delete", bulk_delete_flows),
     ("GET", "/flows/name/{name}", read_flow_by_name_handler),
     ("GET", "/flows/{id}", read_flow),
     ("PATCH", "/flows/{id}", update_flow),
@@ -13742,11 +13899,14 @@ ROUTES = [
     ("POST", "/flow_runs/filter", read_flow_runs_filtered),
     ("POST", "/flow_runs/count", count_flow_runs),
     ("POST", "/flow_runs/paginate", paginate_flow_runs),
+    ("POST", "/flow_runs/bulk_delete", bulk_delete_flow_runs),
+    ("POST", "/flow_runs/bulk_set_state", bulk_set_flow_run_state),
     ("POST", "/flow_runs/history", flow_run_history),
     ("GET", "/flow_runs/{id}", read_flow_run),
     ("PATCH", "/flow_runs/{id}", update_flow_run),
     ("PATCH", "/flow_runs/{id}/labels", update_flow_run_labels),
     ("DELETE", "/flow_runs/{id}", delete_flow_run),
+    ("GET", "/flow_runs/{id}/logs/download", download_flow_run_logs),
     ("POST", "/flow_runs/{id}/set_state", set_flow_run_state),
     ("POST", "/flow_runs/{id}/resume", resume_flow_run_handler),
     ("POST", "/flow_runs/{id}/input", create_flow_run_input_handler),
@@ -13840,12 +14000,14 @@ ROUTES = [
     ("POST", "/deployments/filter", read_deployments_filtered),
     ("POST", "/deployments/count", count_deployments),
     ("POST", "/deployments/paginate", paginate_deployments),
+    ("POST", "/deployments/bulk_delete", bulk_delete_deployments),
     ("POST", "/deployments/get_scheduled_flow_runs", read_scheduled_runs_for_deployments),
     ("GET", "/deployments/name/{flow_name}/{deployment_name}", read_deployment_by_name),
     ("GET", "/deployments/{id}", read_deployment),
     ("PATCH", "/deployments/{id}", update_deployment_handler),
     ("DELETE", "/deployments/{id}", delete_deployment),
     ("POST", "/deployments/{id}/create_flow_run", create_deployment_flow_run_handler),
+    ("POST", "/deployments/{id}/create_flow_run/bulk", bulk_create_deployment_flow_runs),
     ("POST", "/deployments/{id}/pause_deployment", pause_deployment),
     ("POST", "/deployments/{id}/resume_deployment", resume_deployment),
     ("POST", "/deployments/{id}/set_schedule_active", resume_deployment),
@@ -15436,8 +15598,8 @@ def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
         handler, req.params, route = match_route(app.route_index, req.method, req.path)
         check_csrf(app, req)
         validate_body(handler, req)
-        status, payload = handler(app, req)
-        headers = {}
+        status, payload, *more = handler(app, req)  # (status, payload) or (status, payload, headers)
+        headers = more[0] if more else {}
     except Exception as exc:  # noqa: BLE001 - the one place exceptions become HTTP errors
         status, payload, headers = error_reply(exc, req)
     app.metrics.observe(req.method, route, status, time.perf_counter() - started)
