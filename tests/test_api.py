@@ -1277,7 +1277,8 @@ def test_openapi_lists_every_route(client, server):
     assert "name" in schema["properties"] and "name" in schema.get("required", [])
 
 
-# The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 API is not served" says.
+# The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 and 3.9 APIs is not served"
+# says (tests/compat/test_prefect3_sdk.py checks the 3.9 server's).
 NOT_SERVED = {
     ("POST", "/ui/flow_runs/history"),
     ("POST", "/ui/task_runs/count"),
