@@ -56,6 +56,7 @@ import calendar
 import collections
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import datetime as _dt
 import difflib
@@ -66,6 +67,7 @@ import gzip
 import hashlib
 import http
 import http.client
+import io
 import itertools
 import json
 import logging
@@ -4716,6 +4718,90 @@ def release_tag_slots(tx, limit_ids: list[str], slot: str) -> None:
             )
 
 
+# Prefect 3's v1 `concurrency` context manager (prefect.concurrency.v1) takes one slot per tag for a task run,
+# held until it gives them back (POST /concurrency_limits/increment and /decrement). A tag's slot comes from its
+# global limit `tag:NAME` when there is one (under a lease held by the task run, good for a century as Prefect's
+# is), else from its v1 row (the task run's id in active_slots). A tag without a limit takes none.
+V1_TAG_LEASE_SECONDS = 100 * 365 * 86400
+
+
+def _tag_limits_v2(tx, tags: list[str]) -> dict:
+    """The global limits `tag:NAME` of the tags (active or not, locked), by tag."""
+    marks = ", ".join("?" for _ in tags)
+    rows = tx.query(
+        f"SELECT * FROM concurrency_limit_v2 WHERE name IN ({marks}) ORDER BY name{tx.db.for_update}",
+        tuple(TAG_LIMIT_PREFIX + tag for tag in tags),
+    )
+    return {row["name"][len(TAG_LIMIT_PREFIX) :]: decode_row("concurrency_limit_v2", row) for row in rows}
+
+
+def take_tag_slots(tx, tags: list[str], task_run_id: str, wait_seconds: float):
+    """(limits taken, None) or (None, (reason, Retry-After or None)): all or nothing. A limit of 0 refuses
+    with no Retry-After (the client then gives up), a full one with one (the client retries after it)."""
+    tags = list(dict.fromkeys(tags))
+    if not tags:
+        return [], None
+    # Locks in release_lease's order: v1 rows by tag, then global limits by name
+    v1 = {limit["tag"]: limit for limit in tag_limits_behind(tx, [TAG_LIMIT_PREFIX + tag for tag in tags])}
+    v2 = _tag_limits_v2(tx, tags)
+    for tag in tags:
+        if (tag in v2 and v2[tag]["limit"] == 0) or (tag in v1 and v1[tag]["concurrency_limit"] == 0):
+            return None, (
+                f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.',
+                None,
+            )
+    full = "Concurrency limit for the {} tag has been reached"
+    for tag in tags:
+        if tag in v1 and len(v1[tag]["active_slots"]) >= v1[tag]["concurrency_limit"]:
+            return None, (full.format(tag), wait_seconds)
+    wanted = [tag for tag in tags if tag in v2 and v2[tag]["active"]]
+    taken = change_global_slots(tx, [TAG_LIMIT_PREFIX + tag for tag in wanted], 1, "concurrency", increment=True)
+    if taken is None:
+        return None, (full.format(wanted[0]), wait_seconds)
+    if taken:
+        create_lease(tx, taken, 1, V1_TAG_LEASE_SECONDS, {"type": "task_run", "id": task_run_id})
+    answer = [{"id": v2[tag]["id"], "name": tag, "limit": v2[tag]["limit"]} for tag in wanted]
+    now = now_iso()
+    for tag in tags:
+        if tag in v1:
+            limit = v1[tag]
+            update_row(
+                tx,
+                "concurrency_limit",
+                limit["id"],
+                {"active_slots": [*limit["active_slots"], task_run_id], "updated": now},
+            )
+            answer.append({"id": limit["id"], "name": tag, "limit": limit["concurrency_limit"]})
+    return answer, None
+
+
+def give_back_tag_slots(tx, tags: list[str], task_run_id: str) -> list[dict]:
+    """Release the task run's slots on the tags' limits. Every limit of the tags is listed, held or not, named
+    `tag:NAME`, as Prefect 3.9's server answers (its tag limits are all global ones)."""
+    tags = list(dict.fromkeys(tags))
+    if not tags:
+        return []
+    v1 = tag_limits_behind(tx, [TAG_LIMIT_PREFIX + tag for tag in tags])
+    v2 = _tag_limits_v2(tx, tags)
+    ids = {limit["id"] for limit in v2.values()}
+    if ids:
+        held = tx.query(
+            "SELECT id, limit_ids, holder FROM concurrency_lease WHERE holder LIKE ?", (f"%{task_run_id}%",)
+        )
+        for row in held:
+            lease = decode_row("concurrency_lease", row)
+            if (lease["holder"] or {}).get("id") == task_run_id and ids & set(lease["limit_ids"]):
+                release_lease(tx, lease["id"])
+    answer = [{"id": limit["id"], "name": limit["name"], "limit": limit["limit"]} for limit in v2.values()]
+    now = now_iso()
+    for limit in v1:
+        if task_run_id in limit["active_slots"]:
+            slots = [slot for slot in limit["active_slots"] if slot != task_run_id]
+            update_row(tx, "concurrency_limit", limit["id"], {"active_slots": slots, "updated": now})
+        answer.append(as_global_limit(limit))
+    return answer
+
+
 def renew_lease(tx, lease_id: str, seconds: float) -> bool:
     """False when the lease is gone (released, or expired and repossessed)."""
     now = utcnow()
@@ -7306,6 +7392,15 @@ def create_tag_limit(tx, data) -> tuple[dict, bool]:
     if not created:
         update_row(tx, "concurrency_limit", row["id"], {"concurrency_limit": data["concurrency_limit"], "updated": now})
     return decode_row("concurrency_limit", read_row(tx, "concurrency_limit", row["id"])), bool(created)
+
+
+TagSlotsBody = Schema(
+    "Body_increment_concurrency_limits_v1",
+    {
+        "names": Field(ListOf("str"), required=True, nullable=False),
+        "task_run_id": Field("uuid", required=True, nullable=False),
+    },
+)
 
 
 # Concurrency leases (Prefect 3): what a request for one may ask; the leases themselves are in Orchestration.
@@ -11638,11 +11733,42 @@ def update_flow(app, req):
     return 204, NO_CONTENT
 
 
+def remove_flow(tx, flow_id: str) -> bool:
+    return bool(tx.execute("DELETE FROM flow WHERE id = ?", (flow_id,)).rowcount)
+
+
 def delete_flow(app, req):
     with app.db.write() as tx:
-        if not tx.execute("DELETE FROM flow WHERE id = ?", (req.uuid(),)).rowcount:
+        if not remove_flow(tx, req.uuid()):
             raise NotFound("Flow not found")
     return 204, NO_CONTENT
+
+
+# Prefect 3's bulk routes: at most BULK_LIMIT objects a call (its `limit`, 50 unless smaller), chosen by the
+# one filter the route takes, in the /filter route's default order; each is what the single route does to one.
+BULK_LIMIT = 50
+_BULK_LIMIT_FIELD = Field("int", default=BULK_LIMIT, nullable=False, minimum=1, maximum=BULK_LIMIT)
+
+
+def bulk_chosen_ids(tx, table: str, key: str, data: dict, settings: Settings) -> list[str]:
+    body = {"limit": data["limit"], **({key: data[key]} if data.get(key) is not None else {})}
+    return [row["id"] for row in query_filtered(tx, table, body, settings)]
+
+
+def _bulk_delete_handler(table: str, key: str, remove):
+    """POST /<things>/bulk_delete: {<things>: filter, limit} -> {deleted: ids}, in one transaction."""
+
+    @body(Schema(f"Body_bulk_delete_{table}s", {key: Field("object"), "limit": _BULK_LIMIT_FIELD}))
+    def bulk_delete(app, req):
+        with app.db.write() as tx:
+            ids = bulk_chosen_ids(tx, table, key, req.data, app.settings)
+            return 200, {"deleted": [row_id for row_id in ids if remove(tx, row_id)]}
+
+    bulk_delete.__name__ = f"bulk_delete_{table}s"
+    return bulk_delete
+
+
+bulk_delete_flows = _bulk_delete_handler("flow", "flows", remove_flow)
 
 
 def _decoded(table: str):
@@ -11680,10 +11806,55 @@ def _filter_handler(table, out, filters, json_select=None):
     return read_filtered, count
 
 
+def _paginate_handler(table, filters, page_json):
+    """POST /<things>/paginate (Prefect 3): the /filter route's filters and sort, a 1-based `page` of `limit`
+    (no offset), answered as {results, count, limit, pages, page}; a page past the last is empty.
+    `page_json(app, req, tx, body)` is the page's JSON array text, as the /filter route writes it."""
+    fields = {key: field for key, field in filter_body_schema(table, filters).fields.items() if key != "offset"}
+    fields["page"] = Field("int", default=1, minimum=1)  # null means 1, as on Prefect's server
+    schema = Schema(f"Body_paginate_{table}", fields)
+
+    @body(schema)
+    def paginate(app, req):
+        most = app.settings["PREFECT_API_DEFAULT_LIMIT"]
+        limit = most if req.data.get("limit") is None else req.data["limit"]
+        if limit > most:  # refused, not cut short, in Prefect 3's words (its LimitBody)
+            raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
+        page = req.data.get("page") or 1
+        data = {**req.data, "limit": limit, "offset": (page - 1) * limit}
+        with app.db.read() as tx:
+            results = page_json(app, req, tx, data)
+            count = count_filtered(tx, table, data)
+        pages = (count + limit - 1) // limit if limit else 0
+        tail = f',"count":{count},"limit":{limit},"pages":{pages},"page":{page}}}'
+        return 200, RawBody(b'{"results":' + results.encode() + tail.encode(), "application/json")
+
+    paginate.__name__ = f"paginate_{table}s"
+    return paginate
+
+
+def _rows_page_json(table, out):
+    def page_json(app, req, tx, data):
+        return dumps([out(row, client_major(req)) for row in query_filtered(tx, table, data, app.settings)])
+
+    return page_json
+
+
+def _runs_page_json(table):
+    def page_json(app, req, tx, data):
+        select = run_json_select(tx, table, now_iso(), client_major(req))
+        return tx.scalar(*json_page_query(tx, table, data, app.settings, select))
+
+    return page_json
+
+
 _RUN_FILTERS = ("flows", "flow_runs", "task_runs", "deployments", "work_pools", "work_pool_queues")
 read_flows_filtered, count_flows = _filter_handler("flow", flow_out, _RUN_FILTERS)
 read_flow_runs_filtered, count_flow_runs = _filter_handler("flow_run", flow_run_out, _RUN_FILTERS, run_json_select)
 read_task_runs_filtered, count_task_runs = _filter_handler("task_run", task_run_out, _RUN_FILTERS, run_json_select)
+paginate_flows = _paginate_handler("flow", _RUN_FILTERS, _rows_page_json("flow", flow_out))
+paginate_flow_runs = _paginate_handler("flow_run", _RUN_FILTERS, _runs_page_json("flow_run"))
+paginate_task_runs = _paginate_handler("task_run", _RUN_FILTERS, _runs_page_json("task_run"))
 _read_logs_page, _count_logs = _filter_handler("log", _decoded("log"), ("logs",))
 
 
@@ -11744,12 +11915,90 @@ def update_flow_run_labels(app, req):
     return 204, NO_CONTENT
 
 
+def remove_flow_run(tx, run_id: str) -> bool:
+    if not tx.execute("DELETE FROM flow_run WHERE id = ?", (run_id,)).rowcount:
+        return False
+    tx.execute("DELETE FROM log WHERE flow_run_id = ?", (run_id,))  # as Prefect: its logs go with it
+    return True
+
+
 def delete_flow_run(app, req):
     with app.db.write() as tx:
-        if not tx.execute("DELETE FROM flow_run WHERE id = ?", (req.uuid(),)).rowcount:
+        if not remove_flow_run(tx, req.uuid()):
             raise NotFound("Flow run not found")
-        tx.execute("DELETE FROM log WHERE flow_run_id = ?", (req.uuid(),))  # as Prefect: its logs go with it
     return 204, NO_CONTENT
+
+
+bulk_delete_flow_runs = _bulk_delete_handler("flow_run", "flow_runs", remove_flow_run)
+
+BulkSetStateBody = Schema(
+    "Body_bulk_set_flow_run_state",
+    {
+        "flow_runs": Field("object"),
+        "state": Field(StateCreate, required=True, nullable=False),
+        "force": Field("bool", default=False, nullable=False),
+        "limit": _BULK_LIMIT_FIELD,
+    },
+)
+
+
+@body(BulkSetStateBody)
+def bulk_set_flow_run_state(app, req):
+    """The state proposed to each chosen run in turn, each in its own transaction, as /set_state would; a run
+    whose proposal fails (say, deleted meanwhile) is an ABORT with the reason, and the others go on."""
+    with app.db.read() as tx:
+        ids = bulk_chosen_ids(tx, "flow_run", "flow_runs", req.data, app.settings)
+    results = []
+    for run_id in ids:
+        try:
+            with app.db.write() as tx:
+                outcome = set_run_state(
+                    tx, "flow", run_id, json.loads(dumps(req.data["state"])), req.data["force"], client_major(req)
+                )
+            results.append(
+                {"flow_run_id": run_id, "status": outcome.status, "state": outcome.state, "details": outcome.details()}
+            )
+        except (NotFound, Conflict, ValidationFailed, HTTPError, IntegrityViolation, DataRejected) as exc:
+            reason = getattr(exc, "detail", None) or str(exc)
+            results.append(
+                {
+                    "flow_run_id": run_id,
+                    "status": "ABORT",
+                    "state": None,
+                    "details": {"type": "abort_details", "reason": str(reason)},
+                }
+            )
+    return 200, {"results": results}
+
+
+def _csv_time(text: str | None) -> str:
+    return "" if text is None else str(from_iso(text).astimezone(_dt.timezone.utc))
+
+
+def download_flow_run_logs(app, req):
+    """All the run's logs, oldest first, as CSV (a header row, then timestamp, level, flow_run_id, task_run_id
+    and message), named after the run, as Prefect 3's server sends them."""
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["timestamp", "level", "flow_run_id", "task_run_id", "message"])
+    with app.db.read() as tx:
+        run = require_row(tx, "flow_run", req.uuid(), "Flow run")
+        offset, size = 0, 1000
+        while True:
+            rows = tx.query(
+                f"SELECT * FROM log WHERE flow_run_id = ? ORDER BY {order_by('log', 'TIMESTAMP_ASC')} LIMIT ? OFFSET ?",
+                (req.uuid(), size, offset),
+            )
+            for row in rows:
+                writer.writerow(
+                    [_csv_time(row["timestamp"]), row["level"], row["flow_run_id"], row["task_run_id"], row["message"]]
+                )
+            if len(rows) < size:
+                break
+            offset += size
+    filename = urllib.parse.quote(f"{run['name']}-logs.csv", safe="")
+    disposition = f"attachment; filename=\"flow-run-logs.csv\"; filename*=UTF-8''{filename}"
+    return 200, RawBody(out.getvalue().encode(), "text/csv; charset=utf-8"), {"Content-Disposition": disposition}
 
 
 def _orchestration_reply(outcome: Outcome):
@@ -12392,6 +12641,24 @@ def read_tag_limits_filtered(app, req):
         return 200, [decode_row("concurrency_limit", r) for r in rows]
 
 
+@body(TagSlotsBody)
+def increment_tag_limits(app, req):
+    with app.db.write() as tx:
+        taken, refused = take_tag_slots(
+            tx, req.data["names"], req.data["task_run_id"], float(tx.db.tag_slot_wait_seconds)
+        )
+        if refused:  # raised inside: nothing taken is kept
+            reason, wait = refused
+            raise HTTPError(423, reason, {} if wait is None else {"Retry-After": str(wait)})
+    return 200, taken
+
+
+@body(TagSlotsBody)
+def decrement_tag_limits(app, req):
+    with app.db.write() as tx:
+        return 200, give_back_tag_slots(tx, req.data["names"], req.data["task_run_id"])
+
+
 @body(ConcurrencyLimitV2Create)
 def create_global_limit(app, req):
     now = now_iso()
@@ -12650,14 +12917,59 @@ def update_deployment_handler(app, req):
     return 204, NO_CONTENT
 
 
+def remove_deployment(tx, dep_id: str) -> bool:
+    if tx.query_one(f"SELECT id FROM deployment WHERE id = ?{tx.db.for_update}", (dep_id,)) is None:
+        return False
+    # its runs that have not started go too: no worker should pick up a run of a deleted deployment
+    tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (dep_id,))
+    tx.execute("DELETE FROM deployment WHERE id = ?", (dep_id,))
+    _deployment_limit(tx, dep_id, None)  # its own limit goes with it, as in Prefect
+    return True
+
+
 def delete_deployment(app, req):
     with app.db.write() as tx:
-        require_row(tx, "deployment", req.uuid(), "Deployment", lock=True)
-        # its runs that have not started go too: no worker should pick up a run of a deleted deployment
-        tx.execute("DELETE FROM flow_run WHERE deployment_id = ? AND state_type = 'SCHEDULED'", (req.uuid(),))
-        tx.execute("DELETE FROM deployment WHERE id = ?", (req.uuid(),))
-        _deployment_limit(tx, req.uuid(), None)  # its own limit goes with it, as in Prefect
+        if not remove_deployment(tx, req.uuid()):
+            raise NotFound("Deployment not found")
     return 204, NO_CONTENT
+
+
+bulk_delete_deployments = _bulk_delete_handler("deployment", "deployments", remove_deployment)
+BULK_CREATE_LIMIT = 100
+
+
+def _creation_error(exc: Exception) -> str:
+    """Why a run of a bulk create was not made, in Prefect's words where they are known."""
+    if isinstance(exc, ValidationFailed):
+        parts = []
+        for err in exc.errors:
+            loc = err.get("loc") or ()
+            if len(loc) >= 3 and loc[1] == "parameters":
+                parts.append(f"Validation failed for field {str(loc[2])!r}. Failure reason: {err.get('msg')}")
+            else:
+                parts.append(str(err.get("msg")))
+        parameters = all(len(e.get("loc") or ()) >= 2 and e["loc"][1] == "parameters" for e in exc.errors)
+        return ("Parameter validation failed: " if parameters else "") + "; ".join(parts)
+    return str(getattr(exc, "detail", None) or exc)
+
+
+@body(ListOf(DeploymentFlowRunCreate))
+def bulk_create_deployment_flow_runs(app, req):
+    """Runs of the deployment, each as /create_flow_run makes one, in one transaction; one that cannot be made
+    (parameters the schema refuses) is FAILED with the reason and the others are made."""
+    if len(req.data) > BULK_CREATE_LIMIT:
+        raise HTTPError(400, f"Cannot create more than {BULK_CREATE_LIMIT} flow runs at once.")
+    results = []
+    with app.db.write() as tx:
+        require_row(tx, "deployment", req.uuid(), "Deployment")
+        for data in req.data:
+            try:
+                run, _created = create_deployment_flow_run(tx, req.uuid(), data, client_major(req))
+            except (ValidationFailed, NotFound, Conflict, HTTPError) as exc:  # raised before it writes anything
+                results.append({"flow_run_id": None, "status": "FAILED", "error": _creation_error(exc)})
+                continue
+            results.append({"flow_run_id": run["id"], "status": "CREATED", "error": None})
+    return 200, {"results": results}
 
 
 def _set_deployment_paused(paused: bool):
@@ -12712,6 +13024,14 @@ def read_deployments_filtered(app, req):
 def count_deployments(app, req):
     with app.db.read() as tx:
         return 200, count_filtered(tx, "deployment", req.data)
+
+
+def _deployments_page_json(app, req, tx, data):
+    rows, now = query_filtered(tx, "deployment", data, app.settings), app.clock()
+    return dumps([deployment_for_client(req, deployment_out(tx, r, app.settings, now)) for r in rows])
+
+
+paginate_deployments = _paginate_handler("deployment", _RUN_FILTERS, _deployments_page_json)
 
 
 def read_deployment_schedules(app, req):
@@ -13582,6 +13902,8 @@ ROUTES = [
     ("POST", "/flows/", create_flow_handler),
     ("POST", "/flows/filter", read_flows_filtered),
     ("POST", "/flows/count", count_flows),
+    ("POST", "/flows/paginate", paginate_flows),
+    ("POST", "/flows/bulk_delete", bulk_delete_flows),
     ("GET", "/flows/name/{name}", read_flow_by_name_handler),
     ("GET", "/flows/{id}", read_flow),
     ("PATCH", "/flows/{id}", update_flow),
@@ -13589,11 +13911,15 @@ ROUTES = [
     ("POST", "/flow_runs/", create_flow_run_handler),
     ("POST", "/flow_runs/filter", read_flow_runs_filtered),
     ("POST", "/flow_runs/count", count_flow_runs),
+    ("POST", "/flow_runs/paginate", paginate_flow_runs),
+    ("POST", "/flow_runs/bulk_delete", bulk_delete_flow_runs),
+    ("POST", "/flow_runs/bulk_set_state", bulk_set_flow_run_state),
     ("POST", "/flow_runs/history", flow_run_history),
     ("GET", "/flow_runs/{id}", read_flow_run),
     ("PATCH", "/flow_runs/{id}", update_flow_run),
     ("PATCH", "/flow_runs/{id}/labels", update_flow_run_labels),
     ("DELETE", "/flow_runs/{id}", delete_flow_run),
+    ("GET", "/flow_runs/{id}/logs/download", download_flow_run_logs),
     ("POST", "/flow_runs/{id}/set_state", set_flow_run_state),
     ("POST", "/flow_runs/{id}/resume", resume_flow_run_handler),
     ("POST", "/flow_runs/{id}/input", create_flow_run_input_handler),
@@ -13607,6 +13933,7 @@ ROUTES = [
     ("POST", "/task_runs/", create_task_run_handler),
     ("POST", "/task_runs/filter", read_task_runs_filtered),
     ("POST", "/task_runs/count", count_task_runs),
+    ("POST", "/task_runs/paginate", paginate_task_runs),
     ("POST", "/task_runs/history", task_run_history),
     ("GET", "/task_runs/{id}", read_task_run),
     ("PATCH", "/task_runs/{id}", update_task_run),
@@ -13661,6 +13988,8 @@ ROUTES = [
     ("DELETE", "/artifacts/{id}", delete_artifact_handler),
     ("POST", "/concurrency_limits/", create_tag_limit_handler),
     ("POST", "/concurrency_limits/filter", read_tag_limits_filtered),
+    ("POST", "/concurrency_limits/increment", increment_tag_limits),
+    ("POST", "/concurrency_limits/decrement", decrement_tag_limits),
     ("GET", "/concurrency_limits/tag/{tag}", read_tag_limit),
     ("DELETE", "/concurrency_limits/tag/{tag}", delete_tag_limit),
     ("POST", "/concurrency_limits/tag/{tag}/reset", reset_tag_limit),
@@ -13683,12 +14012,15 @@ ROUTES = [
     ("POST", "/deployments/", create_deployment_handler),
     ("POST", "/deployments/filter", read_deployments_filtered),
     ("POST", "/deployments/count", count_deployments),
+    ("POST", "/deployments/paginate", paginate_deployments),
+    ("POST", "/deployments/bulk_delete", bulk_delete_deployments),
     ("POST", "/deployments/get_scheduled_flow_runs", read_scheduled_runs_for_deployments),
     ("GET", "/deployments/name/{flow_name}/{deployment_name}", read_deployment_by_name),
     ("GET", "/deployments/{id}", read_deployment),
     ("PATCH", "/deployments/{id}", update_deployment_handler),
     ("DELETE", "/deployments/{id}", delete_deployment),
     ("POST", "/deployments/{id}/create_flow_run", create_deployment_flow_run_handler),
+    ("POST", "/deployments/{id}/create_flow_run/bulk", bulk_create_deployment_flow_runs),
     ("POST", "/deployments/{id}/pause_deployment", pause_deployment),
     ("POST", "/deployments/{id}/resume_deployment", resume_deployment),
     ("POST", "/deployments/{id}/set_schedule_active", resume_deployment),
@@ -15279,8 +15611,8 @@ def handle_api_request(app: App, req: Request) -> tuple[int, object, dict]:
         handler, req.params, route = match_route(app.route_index, req.method, req.path)
         check_csrf(app, req)
         validate_body(handler, req)
-        status, payload = handler(app, req)
-        headers = {}
+        status, payload, *more = handler(app, req)  # (status, payload) or (status, payload, headers)
+        headers = more[0] if more else {}
     except Exception as exc:  # noqa: BLE001 - the one place exceptions become HTTP errors
         status, payload, headers = error_reply(exc, req)
     app.metrics.observe(req.method, route, status, time.perf_counter() - started)

@@ -1277,7 +1277,8 @@ def test_openapi_lists_every_route(client, server):
     assert "name" in schema["properties"] and "name" in schema.get("required", [])
 
 
-# The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 API is not served" says.
+# The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 and 3.9 APIs is not served"
+# says (tests/compat/test_prefect3_sdk.py checks the 3.9 server's).
 NOT_SERVED = {
     ("POST", "/ui/flow_runs/history"),
     ("POST", "/ui/task_runs/count"),
@@ -1333,3 +1334,205 @@ def test_api_docs_are_html(server):
     assert status == 200
     assert headers["Content-Type"].startswith("text/html")
     assert b"<html" in body.lower() and b"/api/flows/" in body
+
+
+# --- /paginate (Prefect 3): a /filter route's page by number, with the count and the number of pages ---------
+
+PAGINATE_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}
+
+
+def _paginate_world(client):
+    """Three flows named `<prefix>-a..c`, each with a deployment, a flow run and a task run, all tagged."""
+    prefix = f"pg-{uuid.uuid4().hex[:8]}"
+    for letter in "abc":
+        flow = new_flow(client, name=f"{prefix}-{letter}")
+        client.ok(
+            "POST", "/deployments/", {"name": f"{prefix}-{letter}", "flow_id": flow["id"]}, headers=PAGINATE_AGENT
+        )
+        run = new_flow_run(client, flow["id"], tags=[prefix])
+        new_task_run(client, run["id"], tags=[prefix])
+    return prefix
+
+
+@pytest.mark.parametrize("things", ["flows", "flow_runs", "task_runs", "deployments"])
+def test_paginate_answers_a_filter_page_by_number_with_count_and_pages(client, things):
+    prefix = _paginate_world(client)
+    if things in ("flows", "deployments"):
+        where = {things: {"name": {"like_": prefix}}}
+    else:
+        where = {things: {"tags": {"all_": [prefix]}}}
+
+    def timeless(items):  # a run not started yet is late by more at each read
+        return [{k: v for k, v in item.items() if k != "estimated_start_time_delta"} for item in items]
+
+    def paginate(**body):
+        status, answer = client.post(f"/{things}/paginate", {**where, **body}, headers=PAGINATE_AGENT)
+        assert status == 200, answer
+        return {**answer, "results": timeless(answer["results"])}
+
+    def filtered(**body):
+        return timeless(client.ok("POST", f"/{things}/filter", {**where, **body}, headers=PAGINATE_AGENT))
+
+    first = paginate(limit=2)
+    assert list(first) == ["results", "count", "limit", "pages", "page"]  # Prefect 3.9's order
+    assert (first["count"], first["limit"], first["pages"], first["page"]) == (3, 2, 2, 1)
+    assert first["results"] == filtered(limit=2)  # the /filter route's objects and default sort
+    second = paginate(limit=2, page=2)
+    assert (second["results"], second["page"]) == (filtered(limit=2, offset=2), 2)
+    assert paginate(limit=2, page=5) == {"results": [], "count": 3, "limit": 2, "pages": 2, "page": 5}
+    assert paginate(limit=0) == {"results": [], "count": 3, "limit": 0, "pages": 0, "page": 1}
+    everything = paginate(page=None, offset=2)  # null means page 1; an offset is no field of this route
+    assert (everything["limit"], everything["pages"], len(everything["results"])) == (200, 1, 3)
+    sort = {"flows": "NAME_DESC", "deployments": "NAME_DESC", "flow_runs": "ID_DESC", "task_runs": "ID_DESC"}[things]
+    assert paginate(sort=sort)["results"] == filtered(sort=sort)
+
+
+@pytest.mark.parametrize("things", ["flows", "flow_runs", "task_runs", "deployments"])
+@pytest.mark.parametrize(
+    "body, field",
+    [({"page": 0}, "page"), ({"page": "x"}, "page"), ({"limit": -1}, "limit"), ({"sort": "NOPE"}, "sort")],
+)
+def test_paginate_is_validated(client, things, body, field):
+    status, answer = client.post(f"/{things}/paginate", body)
+    assert status == 422, answer
+    assert [err["loc"] for err in answer["exception_detail"]] == [["body", field]]
+
+
+def test_paginate_refuses_a_limit_above_the_default_as_prefect_3_does(client):
+    assert client.post("/flows/paginate", {"limit": 201}) == (
+        422,
+        {"detail": "Invalid limit: must be less than or equal to 200."},
+    )
+
+
+# --- bulk routes (Prefect 3): each object chosen by one filter, treated as the single route treats it -------
+
+
+def test_flows_bulk_delete_deletes_the_chosen_flows(client):
+    prefix = f"bd-{uuid.uuid4().hex[:8]}"
+    flows = [new_flow(client, name=f"{prefix}-{n}") for n in range(3)]
+    other = new_flow(client)
+    run = new_flow_run(client, flows[0]["id"])
+    chosen = {"flows": {"name": {"like_": prefix}}}
+    assert client.ok("POST", "/flows/bulk_delete", {**chosen, "limit": 2}) == {"deleted": ids(flows[:2])}  # by name
+    assert client.ok("POST", "/flows/bulk_delete", chosen) == {"deleted": [flows[2]["id"]]}
+    assert client.ok("POST", "/flows/bulk_delete", chosen) == {"deleted": []}
+    assert all(client.get(f"/flows/{flow['id']}")[0] == 404 for flow in flows)
+    assert client.get(f"/flow_runs/{run['id']}")[0] == 404  # as DELETE /flows/{id}: its runs go with it
+    assert client.get(f"/flows/{other['id']}")[0] == 200
+
+
+def test_flow_runs_bulk_delete_deletes_the_chosen_runs_and_their_logs(client):
+    tag = f"bd-{uuid.uuid4().hex[:8]}"
+    runs = [new_flow_run(client, tags=[tag]) for _ in range(3)]
+    other = new_flow_run(client)
+    log = {"name": "x", "level": 20, "message": "m", "timestamp": iso(now()), "flow_run_id": runs[0]["id"]}
+    client.ok("POST", "/logs/", [log])
+    chosen = {"flow_runs": {"tags": {"all_": [tag]}}}
+    newest_first = sorted(ids(runs), reverse=True)  # the /filter route's order: ID_DESC
+    assert client.ok("POST", "/flow_runs/bulk_delete", {**chosen, "limit": 1}) == {"deleted": newest_first[:1]}
+    assert client.ok("POST", "/flow_runs/bulk_delete", chosen) == {"deleted": newest_first[1:]}
+    assert all(client.get(f"/flow_runs/{run['id']}")[0] == 404 for run in runs)
+    assert client.ok("POST", "/logs/filter", {"logs": {"flow_run_id": {"any_": [runs[0]["id"]]}}}) == []
+    assert client.get(f"/flow_runs/{other['id']}")[0] == 200
+
+
+@pytest.mark.parametrize("path", ["/flows/bulk_delete", "/flow_runs/bulk_delete"])
+@pytest.mark.parametrize("body, field", [({"limit": 0}, "limit"), ({"limit": 51}, "limit"), ({"limit": None}, "limit")])
+def test_bulk_delete_is_validated(client, path, body, field):
+    status, answer = client.post(path, body)
+    assert status == 422, answer
+    assert [err["loc"] for err in answer["exception_detail"]] == [["body", field]]
+
+
+def test_flow_runs_bulk_set_state_proposes_the_state_to_each_chosen_run(client):
+    tag = f"bs-{uuid.uuid4().hex[:8]}"
+    pending, running = (new_flow_run(client, tags=[tag]) for _ in range(2))
+    set_state(client, "flow", running["id"], "RUNNING")
+    done = new_flow_run(client, tags=[tag])
+    set_state(client, "flow", done["id"], "COMPLETED")
+    status, answer = client.post(
+        "/flow_runs/bulk_set_state",
+        {
+            "flow_runs": {"tags": {"all_": [tag]}, "state": {"type": {"any_": ["SCHEDULED", "PENDING", "RUNNING"]}}},
+            "state": {"type": "CANCELLED", "name": "Stopped"},
+        },
+    )
+    assert status == 200, answer
+    results = answer["results"]
+    assert [r["flow_run_id"] for r in results] == sorted([pending["id"], running["id"]], reverse=True)
+    for result in results:
+        assert (result["status"], result["state"]["type"], result["state"]["name"]) == (
+            "ACCEPT",
+            "CANCELLED",
+            "Stopped",
+        )
+        assert result["details"] == {"type": "accept_details"}
+        assert client.ok("GET", f"/flow_runs/{result['flow_run_id']}")["state_name"] == "Stopped"
+    assert client.ok("GET", f"/flow_runs/{done['id']}")["state_type"] == "COMPLETED"
+
+    # Without force the rules apply as on /set_state: a running run does not go back to PENDING
+    busy = new_flow_run(client)
+    set_state(client, "flow", busy["id"], "RUNNING")
+    one = {"flow_runs": {"id": {"any_": [busy["id"]]}}, "state": {"type": "PENDING"}}
+    refused = client.ok("POST", "/flow_runs/bulk_set_state", one)["results"]
+    single = client.post(f"/flow_runs/{busy['id']}/set_state", {"state": {"type": "PENDING"}})[1]
+    assert single["status"] == "ABORT", single
+    assert [(r["status"], r["details"]) for r in refused] == [(single["status"], single["details"])]
+    assert client.ok("GET", f"/flow_runs/{busy['id']}")["state_type"] == "RUNNING"
+    forced = client.ok("POST", "/flow_runs/bulk_set_state", {**one, "force": True})
+    assert forced["results"][0]["status"] == "ACCEPT"
+    assert client.ok("GET", f"/flow_runs/{busy['id']}")["state_type"] == "PENDING"
+    none = {"flow_runs": {"tags": {"all_": ["no-such-tag"]}}, "state": {"type": "COMPLETED"}}
+    assert client.ok("POST", "/flow_runs/bulk_set_state", none) == {"results": []}
+
+
+@pytest.mark.parametrize(
+    "body, field",
+    [({}, "state"), ({"state": {"type": "NOPE"}}, "state"), ({"state": {"type": "COMPLETED"}, "limit": 51}, "limit")],
+)
+def test_flow_runs_bulk_set_state_is_validated(client, body, field):
+    status, answer = client.post("/flow_runs/bulk_set_state", body)
+    assert status == 422, answer
+    assert [err["loc"][1] for err in answer["exception_detail"]] == [field]
+
+
+def test_a_flow_runs_logs_download_as_csv_named_after_the_run(client, server):
+    run = new_flow_run(client, name="my run/é")
+    task_run = new_task_run(client, run["id"])
+    logs = [
+        {
+            "name": "x",
+            "level": 40,
+            "message": "second",
+            "timestamp": "2026-01-01T00:00:01.5+00:00",
+            "flow_run_id": run["id"],
+            "task_run_id": task_run["id"],
+        },
+        {
+            "name": "x",
+            "level": 20,
+            "message": 'hello, "world"\nline2',
+            "timestamp": "2026-01-01T02:00:00+02:00",
+            "flow_run_id": run["id"],
+        },
+    ]
+    client.ok("POST", "/logs/", logs)
+    client.ok("POST", "/logs/", [{**logs[1], "flow_run_id": new_flow_run(client)["id"]}])  # another run's
+    status, headers, body = get_raw(f"{server}/flow_runs/{run['id']}/logs/download")
+    assert status == 200, body
+    assert headers["Content-Type"] == "text/csv; charset=utf-8"
+    assert headers["Content-Disposition"] == (
+        "attachment; filename=\"flow-run-logs.csv\"; filename*=UTF-8''my%20run%2F%C3%A9-logs.csv"
+    )
+    assert body.decode() == (  # oldest first, times in UTC as Python prints them, the csv module's quoting
+        "timestamp,level,flow_run_id,task_run_id,message\r\n"
+        f'2026-01-01 00:00:00+00:00,20,{run["id"]},,"hello, ""world""\nline2"\r\n'
+        f"2026-01-01 00:00:01.500000+00:00,40,{run['id']},{task_run['id']},second\r\n"
+    )
+    empty = new_flow_run(client)
+    assert get_raw(f"{server}/flow_runs/{empty['id']}/logs/download")[2] == (
+        b"timestamp,level,flow_run_id,task_run_id,message\r\n"
+    )
+    status, _, body = get_raw(f"{server}/flow_runs/{uuid.uuid4()}/logs/download")
+    assert (status, json.loads(body)) == (404, {"detail": "Flow run not found"})

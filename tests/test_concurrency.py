@@ -2,7 +2,9 @@
 
 v1 (tag) limits: `/concurrency_limits/...`, create-or-update by tag, enforced when a task run tagged with
 a limited tag proposes RUNNING: it takes a slot (its id in `active_slots`) or is told to WAIT 30 seconds;
-a limit of 0 aborts; the slot is given back on any transition out of RUNNING.
+a limit of 0 aborts; the slot is given back on any transition out of RUNNING. Prefect 3's
+`prefect.concurrency.v1` takes and gives back a task run's tag slots itself (/concurrency_limits/increment and
+/decrement): a full limit answers 423 with Retry-After, a limit of 0 a 423 without.
 
 v2 (global) limits: `/v2/concurrency_limits/...`, slots taken and given back with increment/decrement
 (mode `concurrency` or `rate_limit`); a full limit answers 423 with Retry-After and counts the denial;
@@ -513,6 +515,142 @@ def test_tag_limit_holds_under_churn(any_db):
         "POST", "/task_runs/count", {"task_runs": {"tags": {"all_": [tag]}, "state": {"type": {"any_": ["COMPLETED"]}}}}
     )
     assert done == workers * per_worker
+
+
+# --- v1: the slots Prefect 3's `prefect.concurrency.v1` takes ------------------------------------
+# POST /concurrency_limits/increment and /decrement, body {names: tags, task_run_id}: one slot per tag, from
+# the tag's global limit `tag:TAG` (a lease held by the task run) when it has one, else from its v1 row.
+
+
+def take_tags(client, tags, task_run_id):
+    body = {"names": list(tags), "task_run_id": task_run_id}
+    return raw_post(client.api_url, "/concurrency_limits/increment", body)
+
+
+def give_back_tags(client, tags, task_run_id, **extra):
+    return client.post("/concurrency_limits/decrement", {"names": list(tags), "task_run_id": task_run_id, **extra})
+
+
+def test_v1_increment_takes_a_slot_per_limited_tag_for_the_task_run(client):
+    tag, free = unique(), unique()
+    limit = set_tag_limit(client, tag, 2)
+    holder = str(uuid.uuid4())
+    status, _, body = take_tags(client, [tag, free], holder)
+    assert status == 200, body
+    assert body == [{"id": limit["id"], "name": tag, "limit": 2}]  # a tag without a limit takes nothing
+    assert tag_limit(client, tag)["active_slots"] == [holder]
+    assert take_tags(client, [], holder)[::2] == (200, [])
+
+
+def test_v1_increment_of_a_full_limit_is_423_with_the_tag_wait_and_takes_nothing(client):
+    tag, other = unique(), unique()
+    set_tag_limit(client, tag, 1)
+    set_tag_limit(client, other, 1)
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    assert take_tags(client, [tag], first)[0] == 200
+    status, headers, body = take_tags(client, [other, tag], second)
+    assert status == 423, body
+    assert body == {"detail": f"Concurrency limit for the {tag} tag has been reached"}
+    assert headers.get("Retry-After") == f"{float(WAIT_SECONDS)}"  # Prefect's: the tag wait as a float
+    assert tag_limit(client, other)["active_slots"] == []  # all or nothing
+    assert take_tags(client, [tag], first)[0] == 423  # a holder asking again is no exception
+
+
+def test_v1_increment_of_a_zero_limit_is_423_without_retry_after(client):
+    tag = unique()
+    set_tag_limit(client, tag, 0)
+    status, headers, body = take_tags(client, [tag], str(uuid.uuid4()))
+    assert status == 423, body
+    assert (
+        body["detail"] == f'The concurrency limit on tag "{tag}" is 0 and will deadlock if the task tries to run again.'
+    )
+    assert headers.get("Retry-After") is None  # the SDK gives up rather than waiting
+
+
+def test_v1_decrement_gives_the_task_runs_slot_back_and_lists_the_tags_limits(any_db):
+    client = any_db
+    tag, free = unique(), unique()
+    limit = set_tag_limit(client, tag, 1)
+    holder, other = str(uuid.uuid4()), str(uuid.uuid4())
+    assert take_tags(client, [tag], holder)[0] == 200
+    listed = [{"id": limit["id"], "name": f"tag:{tag}", "limit": 1}]  # Prefect 3.9 names them so, held or not
+    assert give_back_tags(client, [tag, free], other, occupancy_seconds=1.5) == (200, listed)
+    assert tag_limit(client, tag)["active_slots"] == [holder]  # not the other's to give back
+    assert give_back_tags(client, [tag, free], holder) == (200, listed)
+    assert tag_limit(client, tag)["active_slots"] == []
+    assert take_tags(client, [tag], other)[0] == 200
+
+
+def test_v1_slots_of_a_tag_with_a_global_limit_are_leases_of_the_task_run(any_db):
+    client = any_db
+    tag = unique()
+    limit = new_global(client, name=f"tag:{tag}", limit=1)
+    holder, other = str(uuid.uuid4()), str(uuid.uuid4())
+    status, _, body = take_tags(client, [tag], holder)
+    assert (status, body) == (200, [{"id": limit["id"], "name": tag, "limit": 1}])
+    assert global_limit(client, limit["id"])["active_slots"] == 1
+    status, headers, body = take_tags(client, [tag], other)
+    assert (status, body) == (423, {"detail": f"Concurrency limit for the {tag} tag has been reached"})
+    assert headers.get("Retry-After") == f"{float(WAIT_SECONDS)}"
+
+    listed = [{"id": limit["id"], "name": f"tag:{tag}", "limit": 1}]
+    assert give_back_tags(client, [tag], other) == (200, listed)
+    assert global_limit(client, limit["id"])["active_slots"] == 1  # the other held no lease
+    assert give_back_tags(client, [tag], holder) == (200, listed)
+    assert global_limit(client, limit["id"])["active_slots"] == 0
+    assert take_tags(client, [tag], other)[0] == 200
+
+    inactive = unique()
+    new_global(client, name=f"tag:{inactive}", limit=1, active=False)
+    assert take_tags(client, [inactive], holder)[::2] == (200, [])  # an inactive limit takes nothing
+
+
+@pytest.mark.parametrize("global_limit_too", [False, True])
+def test_concurrent_v1_increments_never_exceed_a_tag_limit(any_db, global_limit_too):
+    """16 task runs ask at once for two tags' slots (one tag's limit a v1 row, the other's a v1 row or a global
+    limit): five get both, the others get neither."""
+    client = any_db
+    first, second = unique(), unique()
+    set_tag_limit(client, first, 5)
+    if global_limit_too:
+        new_global(client, name=f"tag:{second}", limit=5)
+    else:
+        set_tag_limit(client, second, 5)
+    statuses = []
+    lock = threading.Lock()
+    start = threading.Barrier(16)
+
+    def go(n):
+        local = Client(client.api_url)
+        start.wait()
+        status, _, _ = take_tags(local, [first, second], str(uuid.uuid4()))
+        with lock:
+            statuses.append(status)
+
+    run_threads(16, go)
+    assert sorted(statuses) == [200] * 5 + [423] * 11
+    assert len(tag_limit(client, first)["active_slots"]) == 5
+    if global_limit_too:
+        assert global_limit(client, f"tag:{second}")["active_slots"] == 5
+    else:
+        assert len(tag_limit(client, second)["active_slots"]) == 5
+
+
+@pytest.mark.parametrize("path", ["increment", "decrement"])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({"names": ["a"]}, "task_run_id"),
+        ({"task_run_id": str(uuid.uuid4())}, "names"),
+        ({"names": "a", "task_run_id": str(uuid.uuid4())}, "names"),
+        ({"names": ["a"], "task_run_id": "not-a-uuid"}, "task_run_id"),
+        ({"names": [1], "task_run_id": str(uuid.uuid4())}, "names"),
+    ],
+)
+def test_v1_increment_and_decrement_are_validated(client, path, body, field):
+    status, answer = client.post(f"/concurrency_limits/{path}", body)
+    assert status == 422, answer
+    assert any(field in err["loc"] for err in answer["exception_detail"]), answer
 
 
 # --- v2: the API -------------------------------------------------------------------------------

@@ -415,6 +415,68 @@ def test_delete(quiet_client):
     assert client.get(f"/flow_runs/{finished['id']}")[0] == 200
 
 
+def test_bulk_delete_deletes_the_chosen_deployments_as_delete_does(quiet_client):
+    """Prefect 3's POST /deployments/bulk_delete: {deployments: filter, limit (1..50, 50)} -> {deleted: ids};
+    each goes as DELETE /deployments/{id} takes it, its scheduled runs with it."""
+    client = quiet_client
+    prefix = unique("bulk")
+    deps = [new_deployment(client, name=f"{prefix}-{n}") for n in range(3)]
+    other = new_deployment(client)
+    scheduled = run_from(client, deps[0]["id"])
+    chosen = {"deployments": {"name": {"like_": prefix}}}
+    first = client.ok("POST", "/deployments/bulk_delete", {**chosen, "limit": 2})
+    assert first == {"deleted": [deps[0]["id"], deps[1]["id"]]}  # the /filter route's order: by name
+    assert client.ok("POST", "/deployments/bulk_delete", chosen) == {"deleted": [deps[2]["id"]]}
+    assert client.ok("POST", "/deployments/bulk_delete", chosen) == {"deleted": []}
+    assert all(client.get(f"/deployments/{dep['id']}")[0] == 404 for dep in deps)
+    assert client.get(f"/flow_runs/{scheduled['id']}")[0] == 404
+    assert client.get(f"/deployments/{other['id']}")[0] == 200
+    for bad in ({"limit": 0}, {"limit": 51}, {"deployments": "x"}):
+        status, body = client.post("/deployments/bulk_delete", bad)
+        assert status == 422 and [e["loc"][1] for e in body["exception_detail"]] == [next(iter(bad))], body
+
+
+def test_bulk_create_flow_run_makes_each_run_as_create_flow_run_does(quiet_client):
+    """Prefect 3's POST /deployments/{id}/create_flow_run/bulk: a list of DeploymentFlowRunCreate ->
+    {results: [{flow_run_id, status CREATED or FAILED, error}]}, in order; a run whose parameters the schema
+    refuses is FAILED and the others are made."""
+    client = quiet_client
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    dep = new_deployment(
+        client, parameters={"a": 1}, tags=["dep-tag"], enforce_parameter_schema=True, parameter_openapi_schema=schema
+    )
+    status, answer = client.post(
+        f"/deployments/{dep['id']}/create_flow_run/bulk",
+        [{"tags": ["x"]}, {"parameters": {"a": "no"}}, {"name": "named", "state": {"type": "RUNNING"}}],
+    )
+    assert status == 200, answer
+    made, refused, named = answer["results"]
+    assert made["status"] == "CREATED" and made["error"] is None
+    assert refused["flow_run_id"] is None and refused["status"] == "FAILED"
+    assert refused["error"].startswith("Parameter validation failed: Validation failed for field 'a'."), refused
+    run = client.ok("GET", f"/flow_runs/{made['flow_run_id']}")
+    assert (run["deployment_id"], sorted(run["tags"]), run["parameters"]) == (dep["id"], ["dep-tag", "x"], {"a": 1})
+    assert run["state_type"] == "SCHEDULED"
+    run = client.ok("GET", f"/flow_runs/{named['flow_run_id']}")
+    assert (run["name"], run["state_type"]) == ("named", "RUNNING")
+    assert len(runs_of(client, dep["id"])) == 2
+
+    assert client.post(f"/deployments/{dep['id']}/create_flow_run/bulk", []) == (200, {"results": []})
+    assert client.post(f"/deployments/{uuid.uuid4()}/create_flow_run/bulk", []) == (
+        404,
+        {"detail": "Deployment not found"},
+    )
+    too_many = [{} for _ in range(101)]
+    assert client.post(f"/deployments/{dep['id']}/create_flow_run/bulk", too_many) == (
+        400,
+        {"detail": "Cannot create more than 100 flow runs at once."},
+    )
+    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run/bulk", {})
+    assert status == 422 and locs(body) == [("body",)], body
+    status, body = client.post(f"/deployments/{dep['id']}/create_flow_run/bulk", [{}, {"tags": "x"}])
+    assert status == 422 and locs(body) == [("body", 1, "tags")], body
+
+
 # --- flow runs from a deployment ---------------------------------------------------------------
 
 

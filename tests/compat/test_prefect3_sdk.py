@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -741,6 +742,79 @@ def test_a_tag_concurrency_limit_holds_back_the_second_task(run_flow_script, com
             f"{first['start_time']}..{first['end_time']} and {second['start_time']}..{second['end_time']}"
         )
         assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == []
+    finally:
+        api("DELETE", f"/concurrency_limits/tag/{tag}")
+
+
+# The 3.9 server's routes we do not serve, as README.md's "What of the Prefect 2.20 and 3.9 APIs is not served"
+# says: those only Prefect's own web UI calls.
+NOT_SERVED_3 = {
+    ("POST", "/ui/flow_runs/history"),
+    ("POST", "/ui/task_runs/count"),
+    ("POST", "/ui/task_runs/dashboard/counts"),
+    ("POST", "/ui/schemas/validate"),
+    ("POST", "/flow_runs/lateness"),
+    ("POST", "/templates/validate"),
+    ("GET", "/deployments/{id}/work_queue_check"),
+    ("GET", "/ui/task_runs/{id}"),
+    ("POST", "/ui/flow_runs/count-task-runs"),
+    ("POST", "/ui/flows/count-deployments"),
+    ("POST", "/ui/flows/next-runs"),
+    ("POST", "/automations/templates/validate"),
+    ("GET", "/observed-states"),
+}
+
+READ_ROUTES = """
+import json
+from prefect.server.api.server import create_app
+paths = create_app(ephemeral=True).openapi()["paths"]
+print(json.dumps({path: sorted(operations) for path, operations in paths.items()}))
+"""
+
+
+def test_every_route_of_the_3_9_server_is_served_but_the_documented_few(prefect3_python, tmp_path):
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k not in ("PYTHONPATH", "PYTHONHOME")
+    }
+    env.update(PREFECT_HOME=str(tmp_path), PREFECT_SERVER_ANALYTICS_ENABLED="false")
+    done = subprocess.run(
+        [prefect3_python, "-c", READ_ROUTES], capture_output=True, text=True, timeout=300, check=False, env=env
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    shape = lambda path: re.sub(r"\{[^}]+\}", "{}", path)  # noqa: E731 - parameter names differ
+    served = {(method, shape(path)) for method, path, _handler in prefectlite.ROUTES}
+    missing = set()
+    for path, operations in json.loads(done.stdout).items():
+        path = path.removeprefix("/api")
+        missing |= {(m.upper(), path) for m in operations if (m.upper(), shape(path)) not in served}
+    assert missing == NOT_SERVED_3
+    readme = (Path(prefectlite.__file__).parent / "README.md").read_text(encoding="utf-8")
+    assert f"every one is served but these {len(NOT_SERVED_3)}," in readme
+
+
+def test_the_v1_concurrency_context_manager_holds_a_tags_slot(run_flow_script, start_script, compat_server, api):
+    """prefect.concurrency.v1 takes the tag's slot for the task run (POST /concurrency_limits/increment), which
+    holds it inside the block and gives it back after (/decrement); on a full limit it waits, and with a timeout
+    gives up; on a limit of 0 it gives up at once (a 423 without Retry-After)."""
+    tag = f"p3-v1-{uuid.uuid4().hex[:12]}"
+    api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 1}, expect=(200, 201))
+    try:
+        result = script_result(run_flow_script(scenario("p19_v1_concurrency.py"), compat_server, args=[tag, "run"]))
+        assert result["held"] == [result["task_run_id"]]
+        assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == []
+
+        other = str(uuid.uuid4())
+        api.ok("POST", f"/concurrency_limits/tag/{tag}/reset", {"slot_override": [other]}, expect=200)
+        args = [tag, "timeout", "3"]
+        blocked = start_script(scenario("p19_v1_concurrency.py"), compat_server, args=args).wait(check=False)
+        assert blocked.returncode != 0
+        assert "timed out" in blocked.stderr.lower(), blocked.stderr[-4000:]
+        assert api.ok("GET", f"/concurrency_limits/tag/{tag}", expect=200)["active_slots"] == [other]
+
+        api.ok("POST", "/concurrency_limits/", {"tag": tag, "concurrency_limit": 0}, expect=(200, 201))
+        refused = start_script(scenario("p19_v1_concurrency.py"), compat_server, args=[tag, "run"]).wait(check=False)
+        assert refused.returncode != 0
+        assert "will deadlock" in refused.stderr, refused.stderr[-4000:]
     finally:
         api("DELETE", f"/concurrency_limits/tag/{tag}")
 
