@@ -995,6 +995,8 @@ def _prepare_scenario_2(name: str, token: str, api) -> list:
 
 def _resume_when_paused(script, id_file, api, run_input=None) -> None:
     run = wait_for_pause(script, id_file, api, 60)
+    if run_input is not None:  # the SDK stores the input's schema after its pause was accepted: the answer waits
+        wait_for_input_schema(api, run)
     body = {"run_input": run_input} if run_input is not None else {}
     assert api.ok("POST", f"/flow_runs/{run['id']}/resume", body, expect=(200, 201))["status"] == "ACCEPT"
 
