@@ -273,6 +273,81 @@ def test_a_flows_labels_are_shown_to_3x_clients(dialect, tmp_path, request):
         assert [("labels" in f) for f in as_2x] == [False] * 5
 
 
+def test_labels_are_a_dict_of_strings_numbers_and_booleans_as_prefects_key_value_labels(client):
+    """Prefect 3.9's KeyValueLabels: string keys and values that are strings, numbers or booleans (null means
+    none). Its server answers 422 to a label whose value is a list, an object or a null on every body that
+    takes labels, and its SDK reads a run that holds one as invalid. We stored them (a 201), and every 3.x
+    client reading that flow, run or deployment then failed."""
+    flow = client.ok("POST", "/flows/", {"name": "labelled"}, headers=PREFECT3_AGENT)
+    run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"]}, headers=PREFECT3_AGENT)
+    dep = client.ok("POST", "/deployments/", {"name": "d", "flow_id": flow["id"]}, headers=PREFECT3_AGENT)
+    creates = [
+        ("/flows/", {"name": "other"}),
+        ("/flow_runs/", {"flow_id": flow["id"]}),
+        ("/task_runs/", {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}),
+        ("/deployments/", {"name": "other", "flow_id": flow["id"]}),
+        (f"/deployments/{dep['id']}/create_flow_run", {}),
+    ]
+    for path, body in creates:
+        for bad in ([], {"a": {"b": "c"}}, {"a": None}):
+            labels = {"ok": "x", "a": bad} if isinstance(bad, list) else {"ok": "x", **bad}
+            status, answer = client.post(path, {**body, "labels": labels}, headers=PREFECT3_AGENT)
+            assert status == 422, (path, bad, answer)
+            assert [e["loc"] for e in answer["exception_detail"]] == [["body", "labels", "a"]], answer
+        for bad in (["a"], "a", 1):
+            status, answer = client.post(path, {**body, "labels": bad}, headers=PREFECT3_AGENT)
+            assert status == 422, (path, bad, answer)
+    status, answer = client.patch(f"/flow_runs/{run['id']}/labels", {"a": ["b"]})
+    assert status == 422, answer
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "a"]]
+    assert [f["name"] for f in client.ok("POST", "/flows/filter", {})] == ["labelled"]
+    assert [r["id"] for r in client.ok("POST", "/flow_runs/filter", {})] == [run["id"]]
+    assert client.ok("POST", "/task_runs/filter", {}) == []
+    assert [d["name"] for d in client.ok("POST", "/deployments/filter", {})] == ["d"]
+    assert client.ok("GET", f"/flow_runs/{run['id']}", headers=PREFECT3_AGENT)["labels"] == run["labels"]
+
+    scalars = {"s": "x", "i": 1, "f": 1.5, "b": True}
+    made = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "labels": scalars}, headers=PREFECT3_AGENT)
+    assert client.ok("GET", f"/flow_runs/{made['id']}", headers=PREFECT3_AGENT)["labels"] == {
+        "prefect.flow.id": flow["id"],
+        **scalars,
+    }
+    made = client.ok("POST", "/flows/", {"name": "none", "labels": None}, headers=PREFECT3_AGENT)
+    assert made["labels"] == {}
+
+
+def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
+    """Observed on Prefect 3.9's and 2.20's servers (a probe of every field of every run body): a state's
+    `state_details` may not be null and a task run's `task_inputs` maps each name to a list (a 422 each,
+    which we stored: a 201, and the SDK then could not read the run); a null `force` means false, 1 is true
+    and true is an integer 1 (pydantic's lax mode, a 201 there), and a flow run's `job_variables` may be set
+    to null (a 204), where we answered 422, 422 and 409."""
+    run = new_flow_run(client, state={"type": "PENDING"})
+    path = f"/flow_runs/{run['id']}/set_state"
+    status, answer = client.post(path, {"state": {"type": "RUNNING", "state_details": None}})
+    assert status == 422, answer
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "state", "state_details"]]
+    assert client.ok("GET", f"/flow_runs/{run['id']}")["state_type"] == "PENDING"
+    assert client.ok("POST", path, {"state": {"type": "RUNNING"}, "force": None})["status"] == "ACCEPT"
+    assert client.ok("POST", path, {"state": {"type": "SCHEDULED"}, "force": 1})["status"] == "ACCEPT"
+
+    body = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
+    for bad in ({"x": None}, {"x": {"input_type": "parameter", "name": "p"}}, {"x": [1]}):
+        status, answer = client.post("/task_runs/", {**body, "task_inputs": bad})
+        assert status == 422, (bad, answer)
+        assert answer["exception_detail"][0]["loc"][:3] == ["body", "task_inputs", "x"], answer
+    assert client.ok("POST", "/task_runs/filter", {}) == []
+    inputs = {"x": [{"input_type": "parameter", "name": "p"}]}
+    task_run = client.ok("POST", "/task_runs/", {**body, "task_inputs": inputs})
+    assert client.ok("GET", f"/task_runs/{task_run['id']}")["task_inputs"] == inputs
+
+    status, answer = client.patch(f"/flow_runs/{run['id']}", {"job_variables": None})
+    assert status == 204, answer
+    log = {"name": "n", "level": True, "message": "m", "timestamp": iso(now()), "flow_run_id": run["id"]}
+    client.ok("POST", "/logs/", [log])
+    assert [entry["level"] for entry in client.ok("POST", "/logs/filter", {})] == [1]
+
+
 def test_filter_and_count_flow_runs(client):
     flow = new_flow(client)
     runs = [new_flow_run(client, flow["id"], tags=[f"n{i}"]) for i in range(4)]
