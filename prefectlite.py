@@ -2155,12 +2155,16 @@ def _json_depth_ok(value, depth=0) -> bool:
 class Schema:
     """A named object schema: fields with kinds and defaults. Unknown fields are ignored, unless the schema
     forbids them (as Prefect's action bodies do): then each is a 422, bar the `tolerated` ones (fields Prefect
-    accepts and we do not keep)."""
+    accepts and we do not keep). A `check_only` schema (an object stored as sent: a state's details, a run's
+    policy) checks the fields it names when sent, and answers the object unchanged, unknown fields and all."""
 
     registry: dict[str, "Schema"] = {}
 
-    def __init__(self, name: str, fields: dict, description: str = "", forbid_extra=False, tolerated=()):
+    def __init__(
+        self, name: str, fields: dict, description: str = "", forbid_extra=False, tolerated=(), check_only=False
+    ):
         self.name = name
+        self.check_only = check_only
         self.fields = fields
         self.description = description
         self.forbid_extra = forbid_extra
@@ -2176,6 +2180,7 @@ class Schema:
     def validate(self, data, loc=("body",), partial=False) -> dict:
         if not isinstance(data, dict):
             raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+        partial = partial or self.check_only
         out, errors = {}, []
         for name, field in self.fields.items():
             if name not in data:
@@ -2193,7 +2198,7 @@ class Schema:
         errors += self._extra_errors(data, loc)
         if errors:
             raise ValidationFailed(errors)
-        return out
+        return dict(data) if self.check_only else out
 
     def openapi(self) -> dict:
         props, required = {}, []
@@ -2377,6 +2382,70 @@ _NAME = Field("str", required=True, nullable=False, max_length=5000)
 LABELS = DictOf("label")
 _LABELS = Field(LABELS, default=dict)
 
+# What Prefect's server models (3.9's; 2.20's are a subset) take in a state's details and a run's policy: a
+# value of another kind is a 422 there, and an SDK reading a run that holds one fails. Stored as sent.
+StateDetails = Schema(
+    "StateDetails",
+    {
+        **{key: Field("uuid") for key in ("flow_run_id", "task_run_id", "child_flow_run_id", "transition_id")},
+        **{key: Field("uuid") for key in ("task_parameters_id", "deployment_concurrency_lease_id")},
+        **{key: Field("datetime") for key in ("scheduled_time", "cache_expiration", "pause_timeout")},
+        **{key: Field("str") for key in ("cache_key", "pause_key", "traceparent")},
+        **{key: Field("bool") for key in ("deferred", "refresh_cache", "retriable")},
+        "untrackable_result": Field("bool", nullable=False),
+        "pause_reschedule": Field("bool", nullable=False),
+        "run_input_keyset": Field(DictOf("str")),
+    },
+    check_only=True,
+)
+
+
+def _seconds_check(lists: bool, whole: bool):
+    """A run policy's delay check: seconds (of any size: the policy is stored as JSON, a delay past the calendar
+    waits the longest there is), whole ones only for a flow run (Prefect's FlowRunPolicy has ints: its SDK
+    refuses to read a run whose policy has 1.5), or for a task run also a list of them (one per retry)."""
+
+    def check(value, loc):
+        for i, item in enumerate(value if lists and isinstance(value, list) else [value]):
+            try:
+                ok = not isinstance(item, bool) and isinstance(item, (int, float)) and math.isfinite(item)
+            except OverflowError:  # an int beyond any float: a number still
+                ok = True
+            if ok and whole and isinstance(item, float) and not item.is_integer():
+                ok = False
+            if not ok:
+                where = (*loc, i) if lists and isinstance(value, list) else loc
+                expected = "a whole number of seconds" if whole else "a number of seconds"
+                raise ValidationFailed([_error(where, f"value is not {expected}", "type_error.number")])
+        return value
+
+    return check
+
+
+_RUN_POLICY = {"max_retries": Field("int", nullable=False), "retries": Field("int")}
+FlowRunPolicy = Schema(
+    "FlowRunPolicy",
+    {
+        **_RUN_POLICY,
+        "retry_delay_seconds": Field("any", nullable=False, check=_seconds_check(lists=False, whole=True)),
+        "retry_delay": Field("any", check=_seconds_check(lists=False, whole=True)),
+        "pause_keys": Field(ListOf("str")),
+        "resuming": Field("bool"),
+        "retry_type": Field(Enum("RetryType", ("in_process", "reschedule"))),
+    },
+    check_only=True,
+)
+TaskRunPolicy = Schema(
+    "TaskRunPolicy",
+    {
+        **_RUN_POLICY,
+        "retry_delay_seconds": Field("any", nullable=False, check=_seconds_check(lists=False, whole=False)),
+        "retry_delay": Field("any", check=_seconds_check(lists=True, whole=False)),
+        "retry_jitter_factor": Field("float", minimum=0),
+    },
+    check_only=True,
+)
+
 StateCreate = Schema(
     "StateCreate",
     {
@@ -2384,7 +2453,7 @@ StateCreate = Schema(
         "name": Field("str"),
         "message": Field("str"),
         "data": Field("any"),
-        "state_details": Field("object", default=dict, nullable=False),
+        "state_details": Field(StateDetails, default=dict, nullable=False),
         "timestamp": Field("datetime"),
     },
     "A proposed state.",
@@ -2413,7 +2482,7 @@ FlowRunCreate = Schema(
         "context": Field("object", default=dict, nullable=False),
         "parent_task_run_id": Field("uuid"),
         "infrastructure_document_id": Field("uuid"),
-        "empirical_policy": Field("object", default=dict, nullable=False),
+        "empirical_policy": Field(FlowRunPolicy, default=dict, nullable=False),
         "tags": _TAGS,
         "labels": _LABELS,
         "idempotency_key": Field("str", max_length=5000),
@@ -2429,11 +2498,12 @@ FlowRunUpdate = Schema(
         "name": Field("str", nullable=False, max_length=5000),
         "flow_version": Field("str"),
         "parameters": Field("object", nullable=False),
-        "empirical_policy": Field("object", nullable=False),
+        "empirical_policy": Field(FlowRunPolicy, nullable=False),
         "tags": Field(ListOf("str"), nullable=False),
         "infrastructure_pid": Field("str"),
         "job_variables": Field("object"),
     },
+    forbid_extra=True,  # as Prefect's (3.9 and 2.20): labels (PATCH /flow_runs/{id}/labels has them) is a 422
 )
 
 TaskRunCreate = Schema(
@@ -2447,7 +2517,7 @@ TaskRunCreate = Schema(
         "cache_key": Field("str"),
         "cache_expiration": Field("datetime"),
         "task_version": Field("str"),
-        "empirical_policy": Field("object", default=dict, nullable=False),
+        "empirical_policy": Field(TaskRunPolicy, default=dict, nullable=False),
         "tags": _TAGS,
         "task_inputs": Field(DictOf(ListOf("object")), default=dict, nullable=False),  # name -> its inputs
         "state": Field(StateCreate),
@@ -7958,7 +8028,7 @@ DeploymentFlowRunCreate = Schema(
         "work_queue_name": Field("str"),
         "job_variables": Field("object"),
         "state": Field(StateCreate),
-        "empirical_policy": Field("object"),
+        "empirical_policy": Field(FlowRunPolicy),
         "infrastructure_document_id": Field("uuid"),
         "enforce_parameter_schema": Field("bool"),
         "labels": _LABELS,

@@ -300,6 +300,9 @@ def test_labels_are_a_dict_of_strings_numbers_and_booleans_as_prefects_key_value
     status, answer = client.patch(f"/flow_runs/{run['id']}/labels", {"a": ["b"]})
     assert status == 422, answer
     assert [e["loc"] for e in answer["exception_detail"]] == [["body", "a"]]
+    status, answer = client.patch(f"/flow_runs/{run['id']}", {"labels": {"a": "b"}})  # Prefect's FlowRunUpdate
+    assert status == 422, answer  # forbids fields it lacks: we answered 204 and dropped them
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "labels"]]
     assert [f["name"] for f in client.ok("POST", "/flows/filter", {})] == ["labelled"]
     assert [r["id"] for r in client.ok("POST", "/flow_runs/filter", {})] == [run["id"]]
     assert client.ok("POST", "/task_runs/filter", {}) == []
@@ -314,6 +317,67 @@ def test_labels_are_a_dict_of_strings_numbers_and_booleans_as_prefects_key_value
     }
     made = client.ok("POST", "/flows/", {"name": "none", "labels": None}, headers=PREFECT3_AGENT)
     assert made["labels"] == {}
+
+
+def test_a_states_details_and_a_runs_policy_are_checked_as_prefect_checks_them(client):
+    """Prefect's StateDetails, FlowRunPolicy and TaskRunPolicy (3.9's server; 2.20's fields are a subset) give
+    each field a kind, and its server answers 422 to a value of another; we stored any object (a 201, a 204 on
+    update), and every SDK reading that run then failed. Fields they do not name are kept as sent."""
+    flow = new_flow(client)
+    run = new_flow_run(client, flow["id"], state={"type": "PENDING"})
+    task = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
+    bad = [
+        ("/flow_runs/", {"empirical_policy": {"retries": "x"}}, ["empirical_policy", "retries"]),
+        ("/flow_runs/", {"empirical_policy": {"retry_type": "later"}}, ["empirical_policy", "retry_type"]),
+        (
+            "/flow_runs/",
+            {"empirical_policy": {"retry_delay_seconds": 1.5}},
+            ["empirical_policy", "retry_delay_seconds"],
+        ),
+        ("/flow_runs/", {"empirical_policy": {"pause_keys": "x"}}, ["empirical_policy", "pause_keys"]),
+        ("/flow_runs/", {"state": {"type": "PENDING", "state_details": {"flow_run_id": "x"}}}, ["flow_run_id"]),
+        (
+            "/flow_runs/",
+            {"state": {"type": "PENDING", "state_details": {"untrackable_result": None}}},
+            ["untrackable_result"],
+        ),
+        (
+            "/flow_runs/",
+            {"state": {"type": "PENDING", "state_details": {"run_input_keyset": {"k": 1}}}},
+            ["run_input_keyset", "k"],
+        ),
+        ("/task_runs/", {"empirical_policy": {"retry_delay": [1, "x"]}}, ["empirical_policy", "retry_delay", 1]),
+        ("/task_runs/", {"empirical_policy": {"retry_jitter_factor": -1}}, ["empirical_policy", "retry_jitter_factor"]),
+        ("/task_runs/", {"state": {"type": "PENDING", "state_details": {"cache_key": 1}}}, ["cache_key"]),
+        (
+            f"/flow_runs/{run['id']}/set_state",
+            {"state": {"type": "RUNNING", "state_details": {"pause_timeout": "x"}}},
+            ["pause_timeout"],
+        ),
+    ]
+    for path, fields, where in bad:
+        body = {
+            **({"flow_id": flow["id"]} if path == "/flow_runs/" else task if path == "/task_runs/" else {}),
+            **fields,
+        }
+        status, answer = client.post(path, body)
+        assert status == 422, (path, fields, answer)
+        loc = answer["exception_detail"][0]["loc"]
+        assert loc[-len(where) :] == where and loc[0] == "body", (path, fields, answer)
+    status, answer = client.patch(f"/flow_runs/{run['id']}", {"empirical_policy": {"retries": [1]}})
+    assert status == 422, answer
+    assert [r["id"] for r in client.ok("POST", "/flow_runs/filter", {})] == [run["id"]]
+    assert client.ok("POST", "/task_runs/filter", {}) == []
+    read = client.ok("GET", f"/flow_runs/{run['id']}")
+    assert (read["state_type"], read["empirical_policy"].get("retries")) == ("PENDING", None)
+
+    policy = {"retries": 2, "retry_delay": 5, "pause_keys": ["a"], "not_prefects": "kept"}
+    details = {"cache_key": "k", "not_prefects": [1]}
+    body = {"flow_id": flow["id"], "empirical_policy": policy, "state": {"type": "PENDING", "state_details": details}}
+    made = client.ok("POST", "/flow_runs/", body)
+    read = client.ok("GET", f"/flow_runs/{made['id']}")
+    assert policy.items() <= read["empirical_policy"].items()
+    assert details.items() <= read["state"]["state_details"].items()
 
 
 def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
