@@ -2408,7 +2408,7 @@ def _seconds_check(lists: bool, whole: bool):
     def check(value, loc):
         for i, item in enumerate(value if lists and isinstance(value, list) else [value]):
             try:
-                ok = not isinstance(item, bool) and isinstance(item, (int, float)) and math.isfinite(item)
+                ok = isinstance(item, (int, float)) and math.isfinite(item)  # true is 1, as in Prefect
             except OverflowError:  # an int beyond any float: a number still
                 ok = True
             if ok and whole and isinstance(item, float) and not item.is_integer():

@@ -402,7 +402,8 @@ def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
         assert answer["exception_detail"][0]["loc"][:3] == ["body", "task_inputs", "x"], answer
     assert client.ok("POST", "/task_runs/filter", {}) == []
     inputs = {"x": [{"input_type": "parameter", "name": "p"}]}
-    task_run = client.ok("POST", "/task_runs/", {**body, "task_inputs": inputs})
+    policy = {"retries": 1, "retry_delay": True}  # true is 1 here too
+    task_run = client.ok("POST", "/task_runs/", {**body, "task_inputs": inputs, "empirical_policy": policy})
     assert client.ok("GET", f"/task_runs/{task_run['id']}")["task_inputs"] == inputs
 
     status, answer = client.patch(f"/flow_runs/{run['id']}", {"job_variables": None})
