@@ -2066,6 +2066,13 @@ class ListOf:
 
 
 @dataclasses.dataclass(frozen=True)
+class DictOf:
+    """A JSON object whose values are all of one kind (its keys are strings, as JSON's are)."""
+
+    value: object
+
+
+@dataclasses.dataclass(frozen=True)
 class Enum:
     name: str
     values: tuple
@@ -2073,7 +2080,7 @@ class Enum:
 
 @dataclasses.dataclass(frozen=True)
 class Field:
-    kind: object  # "str" "int" "float" "bool" "uuid" "datetime" "object" "any", ListOf, Enum or Schema
+    kind: object  # "str" "int" "float" "bool" "uuid" "datetime" "object" "label" "any", ListOf, DictOf, Enum, Schema
     required: bool = False
     default: object = None  # a callable is called for a fresh default (lists, dicts)
     nullable: bool = True
@@ -2082,6 +2089,7 @@ class Field:
     max_length: int | None = None
     pattern: str | None = None
     description: str = ""
+    check: object = None  # a callable(value, loc) -> value for what a kind cannot say; raises ValidationFailed
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # as str(UUID) writes it
@@ -2149,12 +2157,16 @@ def _json_depth_ok(value, depth=0) -> bool:
 class Schema:
     """A named object schema: fields with kinds and defaults. Unknown fields are ignored, unless the schema
     forbids them (as Prefect's action bodies do): then each is a 422, bar the `tolerated` ones (fields Prefect
-    accepts and we do not keep)."""
+    accepts and we do not keep). A `check_only` schema (an object stored as sent: a state's details, a run's
+    policy) checks the fields it names when sent, and answers the object unchanged, unknown fields and all."""
 
     registry: dict[str, "Schema"] = {}
 
-    def __init__(self, name: str, fields: dict, description: str = "", forbid_extra=False, tolerated=()):
+    def __init__(
+        self, name: str, fields: dict, description: str = "", forbid_extra=False, tolerated=(), check_only=False
+    ):
         self.name = name
+        self.check_only = check_only
         self.fields = fields
         self.description = description
         self.forbid_extra = forbid_extra
@@ -2170,6 +2182,7 @@ class Schema:
     def validate(self, data, loc=("body",), partial=False) -> dict:
         if not isinstance(data, dict):
             raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+        partial = partial or self.check_only
         out, errors = {}, []
         for name, field in self.fields.items():
             if name not in data:
@@ -2187,7 +2200,7 @@ class Schema:
         errors += self._extra_errors(data, loc)
         if errors:
             raise ValidationFailed(errors)
-        return out
+        return dict(data) if self.check_only else out
 
     def openapi(self) -> dict:
         props, required = {}, []
@@ -2229,12 +2242,15 @@ def _kind_openapi(kind) -> dict:
         "uuid": {"type": "string", "format": "uuid"},
         "datetime": {"type": "string", "format": "date-time"},
         "object": {"type": "object"},
+        "label": {"anyOf": [{"type": "string"}, {"type": "integer"}, {"type": "number"}, {"type": "boolean"}]},
         "any": {},
     }
     if isinstance(kind, str):
         return dict(simple[kind])
     if isinstance(kind, ListOf):
         return {"type": "array", "items": _kind_openapi(kind.item)}
+    if isinstance(kind, DictOf):
+        return {"type": "object", "additionalProperties": _kind_openapi(kind.value)}
     return {"$ref": f"#/components/schemas/{kind.name}"}  # an Enum or a Schema: each is a component
 
 
@@ -2268,7 +2284,7 @@ def _validate_value(field: Field, value, loc):
         )
     if field.pattern is not None and not re.fullmatch(field.pattern, value):
         raise ValidationFailed([_error(loc, f'string does not match regex "{field.pattern}"', "value_error.str.regex")])
-    return value
+    return value if field.check is None else field.check(value, loc)
 
 
 def _validate_kind(kind, value, loc):
@@ -2279,10 +2295,10 @@ def _validate_kind(kind, value, loc):
             return value
         raise ValidationFailed([_error(loc, "str type expected", "type_error.str")])
     if kind == "int":
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or (isinstance(value, float) and not (math.isfinite(value) and value.is_integer()))
+        if isinstance(value, bool):  # Prefect's models (pydantic's lax mode) read true as 1
+            return int(value)
+        if not isinstance(value, (int, float)) or (
+            isinstance(value, float) and not (math.isfinite(value) and value.is_integer())
         ):
             raise ValidationFailed([_error(loc, "value is not a valid integer", "type_error.integer")])
         if not -_INT64 <= value < _INT64:  # what both databases can store
@@ -2290,7 +2306,7 @@ def _validate_kind(kind, value, loc):
         return int(value)
     if kind == "float":
         try:
-            number = None if isinstance(value, bool) else float(value) if isinstance(value, (int, float)) else None
+            number = float(value) if isinstance(value, (int, float)) else None  # true is 1.0, as in Prefect
         except OverflowError:  # an integer beyond any float
             number = None
         if number is None or not math.isfinite(number):
@@ -2299,11 +2315,17 @@ def _validate_kind(kind, value, loc):
     if kind == "bool":
         if isinstance(value, bool):
             return value
+        if isinstance(value, (int, float)) and value in (0, 1):  # as Prefect's models (pydantic's lax mode)
+            return bool(value)
         raise ValidationFailed([_error(loc, "value could not be parsed to a boolean", "type_error.bool")])
     if kind == "uuid":
         return parse_uuid(value, loc)
     if kind == "datetime":
         return parse_datetime(value, loc)
+    if kind == "label":  # a value of Prefect 3's KeyValueLabels: a string, a number or a boolean
+        if isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and math.isfinite(value)):
+            return value
+        raise ValidationFailed([_error(loc, "label values must be strings, numbers or booleans", "type_error.label")])
     if kind == "object":
         if isinstance(value, dict):
             return value
@@ -2328,6 +2350,18 @@ def _validate_kind(kind, value, loc):
         if errors:
             raise ValidationFailed(errors)
         return out
+    if isinstance(kind, DictOf):
+        if not isinstance(value, dict):
+            raise ValidationFailed([_error(loc, "value is not a valid dict", "type_error.dict")])
+        out, errors = {}, []
+        for key, item in value.items():
+            try:
+                out[key] = _validate_kind(kind.value, item, (*loc, key))
+            except ValidationFailed as exc:
+                errors.extend(exc.errors)
+        if errors:
+            raise ValidationFailed(errors)
+        return out
     if isinstance(kind, Enum):
         if value in kind.values:
             return value
@@ -2345,6 +2379,74 @@ TERMINAL_STATES = ("COMPLETED", "FAILED", "CANCELLED", "CRASHED")
 StateType = Enum("StateType", STATE_TYPES)
 _TAGS = Field(ListOf("str"), default=list, nullable=False)
 _NAME = Field("str", required=True, nullable=False, max_length=5000)
+# Prefect 3's KeyValueLabels: string keys, scalar values (its SDK reads a run whose labels are anything else as
+# invalid); null means none. Prefect 2.20 has no labels (a 422): 3.x's rule holds for both, as 2.20 sends none.
+LABELS = DictOf("label")
+_LABELS = Field(LABELS, default=dict)
+
+# What Prefect's server models (3.9's; 2.20's are a subset) take in a state's details and a run's policy: a
+# value of another kind is a 422 there, and an SDK reading a run that holds one fails. Stored as sent.
+StateDetails = Schema(
+    "StateDetails",
+    {
+        **{key: Field("uuid") for key in ("flow_run_id", "task_run_id", "child_flow_run_id", "transition_id")},
+        **{key: Field("uuid") for key in ("task_parameters_id", "deployment_concurrency_lease_id")},
+        **{key: Field("datetime") for key in ("scheduled_time", "cache_expiration", "pause_timeout")},
+        **{key: Field("str") for key in ("cache_key", "pause_key", "traceparent")},
+        **{key: Field("bool") for key in ("deferred", "refresh_cache", "retriable")},
+        "untrackable_result": Field("bool", nullable=False),
+        "pause_reschedule": Field("bool", nullable=False),
+        "run_input_keyset": Field(DictOf("str")),
+    },
+    check_only=True,
+)
+
+
+def _seconds_check(lists: bool, whole: bool):
+    """A run policy's delay check: seconds (of any size: the policy is stored as JSON, a delay past the calendar
+    waits the longest there is), whole ones only for a flow run (Prefect's FlowRunPolicy has ints: its SDK
+    refuses to read a run whose policy has 1.5), or for a task run also a list of them (one per retry)."""
+
+    def check(value, loc):
+        for i, item in enumerate(value if lists and isinstance(value, list) else [value]):
+            try:
+                ok = isinstance(item, (int, float)) and math.isfinite(item)  # true is 1, as in Prefect
+            except OverflowError:  # an int beyond any float: a number still
+                ok = True
+            if ok and whole and isinstance(item, float) and not item.is_integer():
+                ok = False
+            if not ok:
+                where = (*loc, i) if lists and isinstance(value, list) else loc
+                expected = "a whole number of seconds" if whole else "a number of seconds"
+                raise ValidationFailed([_error(where, f"value is not {expected}", "type_error.number")])
+        return value
+
+    return check
+
+
+_RUN_POLICY = {"max_retries": Field("int", nullable=False), "retries": Field("int")}
+FlowRunPolicy = Schema(
+    "FlowRunPolicy",
+    {
+        **_RUN_POLICY,
+        "retry_delay_seconds": Field("any", nullable=False, check=_seconds_check(lists=False, whole=True)),
+        "retry_delay": Field("any", check=_seconds_check(lists=False, whole=True)),
+        "pause_keys": Field(ListOf("str")),
+        "resuming": Field("bool"),
+        "retry_type": Field(Enum("RetryType", ("in_process", "reschedule"))),
+    },
+    check_only=True,
+)
+TaskRunPolicy = Schema(
+    "TaskRunPolicy",
+    {
+        **_RUN_POLICY,
+        "retry_delay_seconds": Field("any", nullable=False, check=_seconds_check(lists=False, whole=False)),
+        "retry_delay": Field("any", check=_seconds_check(lists=True, whole=False)),
+        "retry_jitter_factor": Field("float", minimum=0),
+    },
+    check_only=True,
+)
 
 StateCreate = Schema(
     "StateCreate",
@@ -2353,7 +2455,7 @@ StateCreate = Schema(
         "name": Field("str"),
         "message": Field("str"),
         "data": Field("any"),
-        "state_details": Field("object", default=dict),
+        "state_details": Field(StateDetails, default=dict, nullable=False),
         "timestamp": Field("datetime"),
     },
     "A proposed state.",
@@ -2363,11 +2465,11 @@ SetStateBody = Schema(
     "Body_set_state",
     {
         "state": Field(StateCreate, required=True, nullable=False),
-        "force": Field("bool", default=False, nullable=False),
+        "force": Field("bool", default=False),  # null is false, as in Prefect
     },
 )
 
-FlowCreate = Schema("FlowCreate", {"name": _NAME, "tags": _TAGS, "labels": Field("object", default=dict)})
+FlowCreate = Schema("FlowCreate", {"name": _NAME, "tags": _TAGS, "labels": _LABELS})
 FlowUpdate = Schema("FlowUpdate", {"tags": _TAGS}, forbid_extra=True)  # no labels: 3.9 and 2.20 answer 422
 
 FlowRunCreate = Schema(
@@ -2382,9 +2484,9 @@ FlowRunCreate = Schema(
         "context": Field("object", default=dict, nullable=False),
         "parent_task_run_id": Field("uuid"),
         "infrastructure_document_id": Field("uuid"),
-        "empirical_policy": Field("object", default=dict, nullable=False),
+        "empirical_policy": Field(FlowRunPolicy, default=dict, nullable=False),
         "tags": _TAGS,
-        "labels": Field("object", default=dict),
+        "labels": _LABELS,
         "idempotency_key": Field("str", max_length=5000),
         "work_pool_name": Field("str"),
         "work_queue_name": Field("str"),
@@ -2398,11 +2500,12 @@ FlowRunUpdate = Schema(
         "name": Field("str", nullable=False, max_length=5000),
         "flow_version": Field("str"),
         "parameters": Field("object", nullable=False),
-        "empirical_policy": Field("object", nullable=False),
+        "empirical_policy": Field(FlowRunPolicy, nullable=False),
         "tags": Field(ListOf("str"), nullable=False),
         "infrastructure_pid": Field("str"),
         "job_variables": Field("object"),
     },
+    forbid_extra=True,  # as Prefect's (3.9 and 2.20): labels (PATCH /flow_runs/{id}/labels has them) is a 422
 )
 
 TaskRunCreate = Schema(
@@ -2416,11 +2519,11 @@ TaskRunCreate = Schema(
         "cache_key": Field("str"),
         "cache_expiration": Field("datetime"),
         "task_version": Field("str"),
-        "empirical_policy": Field("object", default=dict, nullable=False),
+        "empirical_policy": Field(TaskRunPolicy, default=dict, nullable=False),
         "tags": _TAGS,
-        "task_inputs": Field("object", default=dict, nullable=False),
+        "task_inputs": Field(DictOf(ListOf("object")), default=dict, nullable=False),  # name -> its inputs
         "state": Field(StateCreate),
-        "labels": Field("object", default=dict),  # Prefect 3 (see task_run_labels)
+        "labels": _LABELS,  # Prefect 3 (see task_run_labels)
     },
 )
 
@@ -6910,13 +7013,16 @@ def set_default_result_storage(tx, block_document_id: str):
 SECRET_MASK = "********"  # what Prefect 2.20 shows for a secret; clients send it back to mean "unchanged"
 _SECRET_MASKS = (SECRET_MASK, "**********")  # an older spelling of ours is understood too
 
+# An http(s) URL, as Prefect's SDK reads these fields (HttpUrl): its 2.20 server refuses another, 3.9's keeps it
+# and then no SDK reads the block type. The SDKs send only their blocks' HttpUrls.
+_URL = Field("str", pattern=r"https?://[^\s/?#]+[^\s]*")
 BlockTypeCreate = Schema(
     "BlockTypeCreate",
     {
         "name": Field("str", required=True, nullable=False, max_length=255),
         "slug": Field("str", required=True, nullable=False, pattern=r"[a-z0-9-]+", max_length=255),
-        "logo_url": Field("str"),
-        "documentation_url": Field("str"),
+        "logo_url": _URL,
+        "documentation_url": _URL,
         "description": Field("str"),
         "code_example": Field("str"),
     },
@@ -6924,8 +7030,8 @@ BlockTypeCreate = Schema(
 BlockTypeUpdate = Schema(
     "BlockTypeUpdate",
     {
-        "logo_url": Field("str"),
-        "documentation_url": Field("str"),
+        "logo_url": _URL,
+        "documentation_url": _URL,
         "description": Field("str"),
         "code_example": Field("str"),
     },
@@ -7265,13 +7371,13 @@ ArtifactCreate = Schema(
         "type": Field("str"),
         "description": Field("str"),
         "data": Field("any"),
-        "metadata_": Field("object"),
+        "metadata_": Field(DictOf("str")),
         "flow_run_id": Field("uuid"),
         "task_run_id": Field("uuid"),
     },
 )
 ArtifactUpdate = Schema(
-    "ArtifactUpdate", {"data": Field("any"), "description": Field("str"), "metadata_": Field("object")}
+    "ArtifactUpdate", {"data": Field("any"), "description": Field("str"), "metadata_": Field(DictOf("str"))}
 )
 
 
@@ -7442,11 +7548,21 @@ LeaseRenewBody = Schema(
 
 # Saved searches
 
+SavedSearchFilter = Schema(  # Prefect's: each part required (its SDK reads a saved search lacking one as invalid)
+    "SavedSearchFilter",
+    {
+        "object": Field("str", required=True, nullable=False),
+        "property": Field("str", required=True, nullable=False),
+        "type": Field("str", required=True, nullable=False),
+        "operation": Field("str", required=True, nullable=False),
+        "value": Field("any", required=True),
+    },
+)
 SavedSearchCreate = Schema(
     "SavedSearchCreate",
     {
         "name": Field("str", required=True, nullable=False, max_length=255),
-        "filters": Field(ListOf("object"), default=list, nullable=False),
+        "filters": Field(ListOf(SavedSearchFilter), default=list, nullable=False),
     },
 )
 
@@ -7497,13 +7613,45 @@ WORKER_OFFLINE_AFTER_HEARTBEATS = 3  # a worker is OFFLINE after missing this ma
 DEFAULT_HEARTBEAT_SECONDS = 30
 QUEUE_READY_POLL_SECONDS = 60  # a queue polled within this window is READY
 
+_PLACEHOLDER = re.compile(r"{{\s*([\w\.\-\[\]$]+)\s*}}")
+
+
+def check_base_job_template(template: dict, loc) -> dict:
+    """Prefect's rule for a pool's base job template (validate_base_job_template, 3.9 and 2.20 alike): empty, or
+    a `job_configuration` and a `variables` schema whose properties name every {{ placeholder }} the former uses."""
+    if template == {}:
+        return template
+    config, variables = template.get("job_configuration"), template.get("variables")
+    if not (isinstance(config, dict) and config and isinstance(variables, dict) and variables):
+        raise ValidationFailed(
+            [_error(loc, "The `base_job_template` must contain both a `job_configuration` key and a `variables` key.",
+                    "value_error")]
+        )  # fmt: skip
+    used = {name for value in config.values() for name in _PLACEHOLDER.findall(json.dumps(value))}
+    properties = variables.get("properties")
+    missing = sorted(used - set(properties if isinstance(properties, dict) else ()))
+    if missing:
+        raise ValidationFailed(
+            [
+                _error(
+                    loc,
+                    "The variables specified in the job configuration template must be present as properties in the "
+                    f"variables schema. Your job configuration uses the following undeclared variable(s): "
+                    f"{', '.join(missing)}.",
+                    "value_error",
+                )
+            ]
+        )
+    return template
+
+
 WorkPoolCreate = Schema(
     "WorkPoolCreate",
     {
         "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
         "description": Field("str"),
         "type": Field("str", default="prefect-agent", nullable=False),
-        "base_job_template": Field("object", default=dict, nullable=False),
+        "base_job_template": Field("object", default=dict, nullable=False, check=check_base_job_template),
         "is_paused": Field("bool", default=False, nullable=False),
         "concurrency_limit": Field("int", minimum=0),
         "storage_configuration": Field("object", default=dict, nullable=False),
@@ -7514,7 +7662,7 @@ WorkPoolUpdate = Schema(
     {
         "description": Field("str"),
         "is_paused": Field("bool", nullable=False),
-        "base_job_template": Field("object", nullable=False),
+        "base_job_template": Field("object", nullable=False, check=check_base_job_template),
         "concurrency_limit": Field("int", minimum=0),
         "storage_configuration": Field("object"),
     },
@@ -7937,9 +8085,9 @@ _DEPLOYMENT_FIELDS = {
     "version": Field("str"),
     "description": Field("str"),
     "schedule": Field("object"),
-    "is_schedule_active": Field("bool"),
-    "paused": Field("bool"),
-    "schedules": Field(ListOf(DeploymentScheduleCreate)),
+    "is_schedule_active": Field("bool", nullable=False),  # null: a 422 from Prefect (3.9 and 2.20), here too
+    "paused": Field("bool", nullable=False),
+    "schedules": Field(ListOf(DeploymentScheduleCreate), nullable=False),
     "parameters": Field("object", nullable=False),
     "tags": Field(ListOf("str"), nullable=False),
     "work_queue_name": Field("str"),
@@ -7951,7 +8099,7 @@ _DEPLOYMENT_FIELDS = {
     "infrastructure_document_id": Field("uuid"),
     "parameter_openapi_schema": Field("object"),
     "pull_steps": Field(ListOf("object")),
-    "enforce_parameter_schema": Field("bool"),
+    "enforce_parameter_schema": Field("bool", nullable=False),
     "job_variables": Field("object"),
     "infra_overrides": Field("object"),
     # Prefect 3: how many of the deployment's runs may be active at once (kept as the global concurrency
@@ -7968,8 +8116,9 @@ DeploymentCreate = Schema(
     {
         "name": Field("str", required=True, nullable=False, max_length=255, pattern=r"[^/%&><]+"),
         "flow_id": Field("uuid", required=True, nullable=False),
-        "labels": Field("object", default=dict),  # Prefect 3 (on create only: its DeploymentUpdate has none)
+        "labels": _LABELS,  # Prefect 3 (on create only: its DeploymentUpdate has none)
         **_DEPLOYMENT_FIELDS,
+        "job_variables": Field("object", nullable=False),  # a null only on update (3.9 and 2.20)
     },
 )
 # Prefect's DeploymentUpdate (3.9's and 2.20's) forbids other fields, labels among them (a 422), bar the
@@ -7998,10 +8147,10 @@ DeploymentFlowRunCreate = Schema(
         "work_queue_name": Field("str"),
         "job_variables": Field("object"),
         "state": Field(StateCreate),
-        "empirical_policy": Field("object"),
+        "empirical_policy": Field(FlowRunPolicy),
         "infrastructure_document_id": Field("uuid"),
         "enforce_parameter_schema": Field("bool"),
-        "labels": Field("object", default=dict),
+        "labels": _LABELS,
     },
 )
 ScheduledRunsForDeployments = Schema(
@@ -11896,6 +12045,8 @@ def read_flow_run(app, req):
 @body(FlowRunUpdate)
 def update_flow_run(app, req):
     changes = sent_fields(req)
+    if "job_variables" in changes and changes["job_variables"] is None:  # Prefect takes a null: none
+        changes["job_variables"] = {}
     with app.db.write() as tx:
         require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True)
         update_row(tx, "flow_run", req.uuid(), {**changes, "updated": now_iso()})
@@ -11905,9 +12056,7 @@ def update_flow_run(app, req):
 def update_flow_run_labels(app, req):
     """PATCH /flow_runs/{id}/labels (3.x): the body's labels merged into the run's stored ones (the 3.x SDK's
     run_deployment sends the caller's OpenTelemetry trace context this way, and failed on a 404)."""
-    labels = req.json()
-    if not isinstance(labels, dict):
-        raise ValidationFailed([_error(("body",), "value is not a valid dict", "type_error.dict")])
+    labels = _validate_kind(LABELS, req.json(), ("body",))
     with app.db.write() as tx:
         stored = require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True).get("labels")
         merged = {**(_json_text(stored) if isinstance(stored, str) else stored or {}), **labels}
@@ -12009,7 +12158,7 @@ def _orchestration_reply(outcome: Outcome):
 @body(SetStateBody)
 def set_flow_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"], client_major(req))
+        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], bool(req.data["force"]), client_major(req))
     return _orchestration_reply(outcome)
 
 
@@ -12159,7 +12308,7 @@ def delete_task_run(app, req):
 @body(SetStateBody)
 def set_task_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], req.data["force"])
+        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], bool(req.data["force"]))
     return _orchestration_reply(outcome)
 
 

@@ -273,6 +273,146 @@ def test_a_flows_labels_are_shown_to_3x_clients(dialect, tmp_path, request):
         assert [("labels" in f) for f in as_2x] == [False] * 5
 
 
+def test_labels_are_a_dict_of_strings_numbers_and_booleans_as_prefects_key_value_labels(client):
+    """Prefect 3.9's KeyValueLabels: string keys and values that are strings, numbers or booleans (null means
+    none). Its server answers 422 to a label whose value is a list, an object or a null on every body that
+    takes labels, and its SDK reads a run that holds one as invalid. We stored them (a 201), and every 3.x
+    client reading that flow, run or deployment then failed."""
+    flow = client.ok("POST", "/flows/", {"name": "labelled"}, headers=PREFECT3_AGENT)
+    run = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"]}, headers=PREFECT3_AGENT)
+    dep = client.ok("POST", "/deployments/", {"name": "d", "flow_id": flow["id"]}, headers=PREFECT3_AGENT)
+    creates = [
+        ("/flows/", {"name": "other"}),
+        ("/flow_runs/", {"flow_id": flow["id"]}),
+        ("/task_runs/", {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}),
+        ("/deployments/", {"name": "other", "flow_id": flow["id"]}),
+        (f"/deployments/{dep['id']}/create_flow_run", {}),
+    ]
+    for path, body in creates:
+        for bad in ([], {"a": {"b": "c"}}, {"a": None}):
+            labels = {"ok": "x", "a": bad} if isinstance(bad, list) else {"ok": "x", **bad}
+            status, answer = client.post(path, {**body, "labels": labels}, headers=PREFECT3_AGENT)
+            assert status == 422, (path, bad, answer)
+            assert [e["loc"] for e in answer["exception_detail"]] == [["body", "labels", "a"]], answer
+        for bad in (["a"], "a", 1):
+            status, answer = client.post(path, {**body, "labels": bad}, headers=PREFECT3_AGENT)
+            assert status == 422, (path, bad, answer)
+    status, answer = client.patch(f"/flow_runs/{run['id']}/labels", {"a": ["b"]})
+    assert status == 422, answer
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "a"]]
+    status, answer = client.patch(f"/flow_runs/{run['id']}", {"labels": {"a": "b"}})  # Prefect's FlowRunUpdate
+    assert status == 422, answer  # forbids fields it lacks: we answered 204 and dropped them
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "labels"]]
+    assert [f["name"] for f in client.ok("POST", "/flows/filter", {})] == ["labelled"]
+    assert [r["id"] for r in client.ok("POST", "/flow_runs/filter", {})] == [run["id"]]
+    assert client.ok("POST", "/task_runs/filter", {}) == []
+    assert [d["name"] for d in client.ok("POST", "/deployments/filter", {})] == ["d"]
+    assert client.ok("GET", f"/flow_runs/{run['id']}", headers=PREFECT3_AGENT)["labels"] == run["labels"]
+
+    scalars = {"s": "x", "i": 1, "f": 1.5, "b": True}
+    made = client.ok("POST", "/flow_runs/", {"flow_id": flow["id"], "labels": scalars}, headers=PREFECT3_AGENT)
+    assert client.ok("GET", f"/flow_runs/{made['id']}", headers=PREFECT3_AGENT)["labels"] == {
+        "prefect.flow.id": flow["id"],
+        **scalars,
+    }
+    made = client.ok("POST", "/flows/", {"name": "none", "labels": None}, headers=PREFECT3_AGENT)
+    assert made["labels"] == {}
+
+
+def test_a_states_details_and_a_runs_policy_are_checked_as_prefect_checks_them(client):
+    """Prefect's StateDetails, FlowRunPolicy and TaskRunPolicy (3.9's server; 2.20's fields are a subset) give
+    each field a kind, and its server answers 422 to a value of another; we stored any object (a 201, a 204 on
+    update), and every SDK reading that run then failed. Fields they do not name are kept as sent."""
+    flow = new_flow(client)
+    run = new_flow_run(client, flow["id"], state={"type": "PENDING"})
+    task = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
+    bad = [
+        ("/flow_runs/", {"empirical_policy": {"retries": "x"}}, ["empirical_policy", "retries"]),
+        ("/flow_runs/", {"empirical_policy": {"retry_type": "later"}}, ["empirical_policy", "retry_type"]),
+        (
+            "/flow_runs/",
+            {"empirical_policy": {"retry_delay_seconds": 1.5}},
+            ["empirical_policy", "retry_delay_seconds"],
+        ),
+        ("/flow_runs/", {"empirical_policy": {"pause_keys": "x"}}, ["empirical_policy", "pause_keys"]),
+        ("/flow_runs/", {"state": {"type": "PENDING", "state_details": {"flow_run_id": "x"}}}, ["flow_run_id"]),
+        (
+            "/flow_runs/",
+            {"state": {"type": "PENDING", "state_details": {"untrackable_result": None}}},
+            ["untrackable_result"],
+        ),
+        (
+            "/flow_runs/",
+            {"state": {"type": "PENDING", "state_details": {"run_input_keyset": {"k": 1}}}},
+            ["run_input_keyset", "k"],
+        ),
+        ("/task_runs/", {"empirical_policy": {"retry_delay": [1, "x"]}}, ["empirical_policy", "retry_delay", 1]),
+        ("/task_runs/", {"empirical_policy": {"retry_jitter_factor": -1}}, ["empirical_policy", "retry_jitter_factor"]),
+        ("/task_runs/", {"state": {"type": "PENDING", "state_details": {"cache_key": 1}}}, ["cache_key"]),
+        (
+            f"/flow_runs/{run['id']}/set_state",
+            {"state": {"type": "RUNNING", "state_details": {"pause_timeout": "x"}}},
+            ["pause_timeout"],
+        ),
+    ]
+    for path, fields, where in bad:
+        body = {
+            **({"flow_id": flow["id"]} if path == "/flow_runs/" else task if path == "/task_runs/" else {}),
+            **fields,
+        }
+        status, answer = client.post(path, body)
+        assert status == 422, (path, fields, answer)
+        loc = answer["exception_detail"][0]["loc"]
+        assert loc[-len(where) :] == where and loc[0] == "body", (path, fields, answer)
+    status, answer = client.patch(f"/flow_runs/{run['id']}", {"empirical_policy": {"retries": [1]}})
+    assert status == 422, answer
+    assert [r["id"] for r in client.ok("POST", "/flow_runs/filter", {})] == [run["id"]]
+    assert client.ok("POST", "/task_runs/filter", {}) == []
+    read = client.ok("GET", f"/flow_runs/{run['id']}")
+    assert (read["state_type"], read["empirical_policy"].get("retries")) == ("PENDING", None)
+
+    policy = {"retries": 2, "retry_delay": 5, "pause_keys": ["a"], "not_prefects": "kept"}
+    details = {"cache_key": "k", "not_prefects": [1]}
+    body = {"flow_id": flow["id"], "empirical_policy": policy, "state": {"type": "PENDING", "state_details": details}}
+    made = client.ok("POST", "/flow_runs/", body)
+    read = client.ok("GET", f"/flow_runs/{made['id']}")
+    assert policy.items() <= read["empirical_policy"].items()
+    assert details.items() <= read["state"]["state_details"].items()
+
+
+def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
+    """Observed on Prefect 3.9's and 2.20's servers (a probe of every field of every run body): a state's
+    `state_details` may not be null and a task run's `task_inputs` maps each name to a list (a 422 each,
+    which we stored: a 201, and the SDK then could not read the run); a null `force` means false, 1 is true
+    and true is an integer 1 (pydantic's lax mode, a 201 there), and a flow run's `job_variables` may be set
+    to null (a 204), where we answered 422, 422 and 409."""
+    run = new_flow_run(client, state={"type": "PENDING"})
+    path = f"/flow_runs/{run['id']}/set_state"
+    status, answer = client.post(path, {"state": {"type": "RUNNING", "state_details": None}})
+    assert status == 422, answer
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "state", "state_details"]]
+    assert client.ok("GET", f"/flow_runs/{run['id']}")["state_type"] == "PENDING"
+    assert client.ok("POST", path, {"state": {"type": "RUNNING"}, "force": None})["status"] == "ACCEPT"
+    assert client.ok("POST", path, {"state": {"type": "SCHEDULED"}, "force": 1})["status"] == "ACCEPT"
+
+    body = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
+    for bad in ({"x": None}, {"x": {"input_type": "parameter", "name": "p"}}, {"x": [1]}):
+        status, answer = client.post("/task_runs/", {**body, "task_inputs": bad})
+        assert status == 422, (bad, answer)
+        assert answer["exception_detail"][0]["loc"][:3] == ["body", "task_inputs", "x"], answer
+    assert client.ok("POST", "/task_runs/filter", {}) == []
+    inputs = {"x": [{"input_type": "parameter", "name": "p"}]}
+    policy = {"retries": 1, "retry_delay": True}  # true is 1 here too
+    task_run = client.ok("POST", "/task_runs/", {**body, "task_inputs": inputs, "empirical_policy": policy})
+    assert client.ok("GET", f"/task_runs/{task_run['id']}")["task_inputs"] == inputs
+
+    status, answer = client.patch(f"/flow_runs/{run['id']}", {"job_variables": None})
+    assert status == 204, answer
+    log = {"name": "n", "level": True, "message": "m", "timestamp": iso(now()), "flow_run_id": run["id"]}
+    client.ok("POST", "/logs/", [log])
+    assert [entry["level"] for entry in client.ok("POST", "/logs/filter", {})] == [1]
+
+
 def test_filter_and_count_flow_runs(client):
     flow = new_flow(client)
     runs = [new_flow_run(client, flow["id"], tags=[f"n{i}"]) for i in range(4)]

@@ -106,6 +106,20 @@ def test_artifact_without_key(client):
     assert client.ok("POST", "/artifacts/latest/count", {}) == 0
 
 
+def test_artifact_metadata_maps_names_to_strings_as_in_prefect(client):
+    """Prefect's artifact `metadata_` is a dict of str to str: its server answers 422 to another value (its SDK
+    reads an artifact holding one as invalid). We stored {"k": null} and {"k": {}} (a 201, a 204 on update)."""
+    art = client.ok("POST", "/artifacts/", {"key": "meta", "data": 1, "metadata_": {"k": "v"}})
+    for bad in (None, {}, [], 1):
+        status, body = client.post("/artifacts/", {"key": "meta", "data": 2, "metadata_": {"k": bad}})
+        assert status == 422, (bad, body)
+        assert [e["loc"] for e in body["exception_detail"]] == [["body", "metadata_", "k"]]
+        status, body = client.patch(f"/artifacts/{art['id']}", {"metadata_": {"k": bad}})
+        assert status == 422, (bad, body)
+    assert [a["id"] for a in client.ok("POST", "/artifacts/filter", {})] == [art["id"]]
+    assert client.ok("GET", f"/artifacts/{art['id']}")["metadata_"] == {"k": "v"}
+
+
 def test_artifact_metadata_round_trips(client):
     art = new_artifact(client, key=unique_key(), type="markdown", data="x", metadata_={"rows": "10", "source": "s3"})
     assert client.ok("GET", f"/artifacts/{art['id']}")["metadata_"] == {"rows": "10", "source": "s3"}

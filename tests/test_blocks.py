@@ -134,6 +134,23 @@ def test_block_type_slug_is_validated(client):
     assert any(err["loc"][-1] == "slug" for err in body["exception_detail"]), body
 
 
+def test_block_type_urls_are_http_urls(client):
+    """A block type's logo_url and documentation_url are URLs (HttpUrl in both SDKs, which read a block type
+    holding another as invalid, and send only their blocks' URLs): Prefect 2.20's server answers 422 to "x";
+    we stored it (a 201, a 204 on update), and the SDK then could not read the block type."""
+    bt = new_block_type(client, logo_url="https://example.com/logo.png")
+    for field in ("logo_url", "documentation_url"):
+        for bad in ("x", "example.com/logo.png", "ftp://example.com/x"):
+            status, body = client.post("/block_types/", {"name": unique("Bad"), "slug": unique("bad"), field: bad})
+            assert status == 422, (field, bad, body)
+            assert [e["loc"] for e in body["exception_detail"]] == [["body", field]]
+            status, body = client.patch(f"/block_types/{bt['id']}", {field: bad})
+            assert status == 422, (field, bad, body)
+    assert client.ok("GET", f"/block_types/{bt['id']}")["logo_url"] == "https://example.com/logo.png"
+    status, body = client.patch(f"/block_types/{bt['id']}", {"documentation_url": "http://docs.example.com/b?x=1"})
+    assert status == 204, body
+
+
 def test_block_type_filter_by_name_and_slug(client):
     a = new_block_type(client, slug=unique("alpha"), name="Zeta Alpha Store")
     b = new_block_type(client, slug=unique("beta"), name="Zeta Beta Store")

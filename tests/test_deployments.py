@@ -174,6 +174,21 @@ def test_patching_a_deployment_with_labels_or_another_unknown_field_is_a_422(cli
         assert client.patch(f"/deployments/{dep['id']}", body, headers=PREFECT3_AGENT)[0] == 204
 
 
+def test_null_is_no_value_of_a_deployments_flags_and_schedules(client):
+    """Prefect's servers (3.9 and 2.20, observed) answer 422 to a null `paused`, `schedules` or
+    `enforce_parameter_schema` (and `is_schedule_active`), on create and on update, and to a null
+    `job_variables` on create only; we took each (a 201 or a 204), so no SDK sends one."""
+    flow = new_flow(client)
+    dep = new_deployment(client, flow_id=flow["id"])
+    for field in ("paused", "schedules", "enforce_parameter_schema", "is_schedule_active", "job_variables"):
+        status, body = client.post("/deployments/", {"name": unique("dep"), "flow_id": flow["id"], field: None})
+        assert status == 422, (field, body)
+        assert [e["loc"] for e in body["exception_detail"]] == [["body", field]]
+        status, body = client.patch(f"/deployments/{dep['id']}", {field: None})
+        assert status == (204 if field == "job_variables" else 422), (field, body)
+    assert [d["id"] for d in client.ok("POST", "/deployments/filter", {})] == [dep["id"]]
+
+
 def test_job_variables_are_one_value_in_each_majors_shape(client):
     """The 2.20 SDK sends job variables as `infra_overrides` and refuses an answer where `job_variables`
     is set and differs (read_deployment, `prefect deployment ls` and workers broke); Prefect 2.20

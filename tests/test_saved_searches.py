@@ -33,6 +33,20 @@ def test_saved_search_filters_default_to_empty(client):
     assert body["filters"] == []
 
 
+def test_each_saved_search_filter_has_all_its_parts_as_in_prefect(client):
+    """Prefect's SavedSearchFilter requires object, property, type, operation and value: its server answers 422
+    to a filter lacking one, and its SDK reads a saved search holding one as invalid. We stored [{}] (a 201)."""
+    status, body = client.request("PUT", "/saved_searches/", {"name": "broken", "filters": [{"object": "flow"}]})
+    assert status == 422, body
+    assert [e["loc"] for e in body["exception_detail"]] == [
+        ["body", "filters", 0, part] for part in ("property", "type", "operation", "value")
+    ]
+    assert client.ok("POST", "/saved_searches/filter", {}) == []
+    whole = {"object": "flow", "property": "name", "type": "string", "operation": "equals", "value": None}
+    saved = client.ok("PUT", "/saved_searches/", {"name": "whole", "filters": [whole]})
+    assert saved["filters"] == [whole]
+
+
 def test_saved_search_put_with_an_existing_name_updates_it(client):
     first = put_search(client, "my view", [FILTER_A])
     second = put_search(client, "my view", [FILTER_B, FILTER_A])

@@ -166,6 +166,34 @@ def test_read_update_delete_pool(api):
     assert api.get(f"/work_queues/{pool['default_queue_id']}")[0] == 404
 
 
+def test_a_base_job_template_is_checked_as_prefect_checks_it(api):
+    """Prefect's validate_base_job_template (3.9 and 2.20): a pool's base job template is empty, or has a
+    `job_configuration` and a `variables` schema declaring every {{ placeholder }} the configuration uses; its
+    server answers 422 otherwise. We stored any object (a 201, a 204 on update), which no worker could use.
+    And a pool's booleans take 0 and 1, as Prefect's (pydantic's lax mode) do: we answered 422."""
+    config = {"command": "{{ command }}", "env": {"A": "{{ env_a }}"}}
+    good = {"job_configuration": config, "variables": {"properties": {"command": {}, "env_a": {}}}}
+    pool = new_pool(api, base_job_template=good, is_paused=1)
+    assert (pool["base_job_template"], pool["is_paused"]) == (good, True)
+    bad_templates = [
+        {"k": []},
+        {"job_configuration": config},
+        {"job_configuration": config, "variables": {"properties": {"command": {}}}},
+    ]
+    for bad in bad_templates:
+        status, body = api.post("/work_pools/", {"name": unique("bad"), "type": "process", "base_job_template": bad})
+        assert status == 422, (bad, body)
+        assert [e["loc"] for e in body["exception_detail"]] == [["body", "base_job_template"]]
+        status, body = api.patch(f"/work_pools/{pool['name']}", {"base_job_template": bad})
+        assert status == 422, (bad, body)
+    assert "env_a" in body["exception_detail"][0]["msg"]
+    assert api.ok("GET", f"/work_pools/{pool['name']}")["base_job_template"] == good
+    assert [p["name"] for p in api.ok("POST", "/work_pools/filter", {})] == [pool["name"]]
+    status, body = api.patch(f"/work_pools/{pool['name']}", {"base_job_template": {}, "is_paused": 0})
+    assert status == 204, body
+    assert api.ok("GET", f"/work_pools/{pool['name']}")["is_paused"] is False
+
+
 def test_filter_and_count_pools(api):
     a = new_pool(api, unique("alpha"))
     b = new_pool(api, unique("beta"), type="kubernetes")
