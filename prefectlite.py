@@ -2323,7 +2323,11 @@ def _validate_kind(kind, value, loc):
     if kind == "datetime":
         return parse_datetime(value, loc)
     if kind == "label":  # a value of Prefect 3's KeyValueLabels: a string, a number or a boolean
-        if isinstance(value, (str, bool)) or (isinstance(value, (int, float)) and math.isfinite(value)):
+        if isinstance(value, (str, bool)):
+            return value
+        if isinstance(value, int):
+            return _validate_kind("int", value, loc)  # what both databases can store
+        if isinstance(value, float) and math.isfinite(value):
             return value
         raise ValidationFailed([_error(loc, "label values must be strings, numbers or booleans", "type_error.label")])
     if kind == "object":

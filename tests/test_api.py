@@ -300,6 +300,9 @@ def test_labels_are_a_dict_of_strings_numbers_and_booleans_as_prefects_key_value
     status, answer = client.patch(f"/flow_runs/{run['id']}/labels", {"a": ["b"]})
     assert status == 422, answer
     assert [e["loc"] for e in answer["exception_detail"]] == [["body", "a"]]
+    status, answer = client.patch(f"/flow_runs/{run['id']}/labels", {"big": 10**300})  # beyond any float: was a 500
+    assert status == 422, answer
+    assert [e["loc"] for e in answer["exception_detail"]] == [["body", "big"]]
     status, answer = client.patch(f"/flow_runs/{run['id']}", {"labels": {"a": "b"}})  # Prefect's FlowRunUpdate
     assert status == 422, answer  # forbids fields it lacks: we answered 204 and dropped them
     assert [e["loc"] for e in answer["exception_detail"]] == [["body", "labels"]]
