@@ -11821,6 +11821,9 @@ def _paginate_handler(table, filters, page_json):
         if limit > most:  # refused, not cut short, in Prefect 3's words (its LimitBody)
             raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
         page = req.data.get("page") or 1
+        if (page - 1) * limit >= _INT64:  # an offset neither database can take
+            why = "page out of range: its offset is beyond 64-bit"
+            raise ValidationFailed([_error(("body", "page"), why, "value_error.number.out_of_range")])
         data = {**req.data, "limit": limit, "offset": (page - 1) * limit}
         with app.db.read() as tx:
             results = page_json(app, req, tx, data)

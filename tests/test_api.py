@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import ROOT, Client, iso, new_flow, new_flow_run, now, parse
+from helpers import ROOT, Client, iso, migrated_sqlite_url, new_flow, new_flow_run, now, parse
 
 TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
 
@@ -1396,6 +1396,21 @@ def test_paginate_is_validated(client, things, body, field):
     status, answer = client.post(f"/{things}/paginate", body)
     assert status == 422, answer
     assert [err["loc"] for err in answer["exception_detail"]] == [["body", field]]
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_paginate_refuses_a_page_whose_offset_is_beyond_64_bit(dialect, tmp_path, request):
+    # (page - 1) * limit is the offset: a page each field allows may still make one no database can take
+    url = migrated_sqlite_url(tmp_path / "p.db") if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        for things in ("flows", "flow_runs", "task_runs", "deployments"):
+            for body in ({"page": 10**18}, {"page": 2**62 + 1, "limit": 2}):
+                status, answer = client.post(f"/{things}/paginate", body)
+                assert status == 422, (things, body, answer)
+                assert [err["loc"] for err in answer["exception_detail"]] == [["body", "page"]]
+            last = client.ok("POST", f"/{things}/paginate", {"page": 2**63 - 1, "limit": 1})  # the last that fits
+            assert (last["results"], last["page"]) == ([], 2**63 - 1)
 
 
 def test_paginate_refuses_a_limit_above_the_default_as_prefect_3_does(client):
