@@ -1551,3 +1551,22 @@ def test_a_flow_runs_logs_download_as_csv_named_after_the_run(client, server):
     )
     status, _, body = get_raw(f"{server}/flow_runs/{uuid.uuid4()}/logs/download")
     assert (status, json.loads(body)) == (404, {"detail": "Flow run not found"})
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_flow_runs_logs_download_is_bounded(dialect, tmp_path, request, monkeypatch):
+    # The CSV is answered whole, so held whole in memory: a run with more logs than the bound (here lowered)
+    # is refused with the reason, not built however large its logs (a client writes as many as it likes).
+    monkeypatch.setattr(prefectlite, "LOG_DOWNLOAD_MAX_CHARS", 3_500, raising=False)
+    url = migrated_sqlite_url(tmp_path / "l.db") if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        run = new_flow_run(client)
+        log = {"name": "x", "level": 20, "message": "é" * 1_000, "timestamp": iso(now()), "flow_run_id": run["id"]}
+        client.ok("POST", "/logs/", [log] * 3)  # 3,000 characters (6,000 bytes) and three rows: still answered
+        status, _, body = get_raw(f"{api_url}/flow_runs/{run['id']}/logs/download")
+        assert (status, body.count("é".encode())) == (200, 3_000)
+        client.ok("POST", "/logs/", [log])
+        status, headers, body = get_raw(f"{api_url}/flow_runs/{run['id']}/logs/download")
+        assert (status, headers["Content-Type"]) == (422, "application/json"), body
+        assert "too large to download at once" in json.loads(body)["detail"]
