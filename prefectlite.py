@@ -15782,9 +15782,10 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*(?:\r\n
 
 def _writes(method: str, handler) -> bool:
     """Does the route change things? Methods that may, except the POST routes that only read (filters,
-    counts, histories). Used for scheduling only: a wrong guess costs speed, never correctness."""
+    counts, pages, histories). Used for scheduling only: a wrong guess costs speed, never correctness."""
     name = handler.__name__
-    return method in _WRITE_METHODS and not name.startswith(("read_", "count_")) and not name.endswith("_history")
+    reads = name.startswith(("read_", "count_", "paginate_")) or name.endswith("_history")
+    return method in _WRITE_METHODS and not reads
 
 
 _DATE_HEADER = (0, "")  # (second, its HTTP date): one formatting per second, not per response

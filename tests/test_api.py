@@ -1413,6 +1413,14 @@ def test_paginate_refuses_a_page_whose_offset_is_beyond_64_bit(dialect, tmp_path
             assert (last["results"], last["page"]) == ([], 2**63 - 1)
 
 
+def test_paginate_is_answered_as_a_read_out_of_the_write_turnstile(app):
+    # On SQLite writes take turns; a page only reads, so it waits for no writer and holds none up
+    for things in ("flows", "flow_runs", "task_runs", "deployments"):
+        assert not prefectlite.is_write_request(app, "POST", f"/api/{things}/paginate")
+        assert not prefectlite.is_write_request(app, "POST", f"/api/{things}/filter")
+    assert prefectlite.is_write_request(app, "POST", "/api/flow_runs/bulk_delete")
+
+
 def test_paginate_refuses_a_limit_above_the_default_as_prefect_3_does(client):
     assert client.post("/flows/paginate", {"limit": 201}) == (
         422,
