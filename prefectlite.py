@@ -11974,17 +11974,17 @@ def bulk_set_flow_run_state(app, req):
     return 200, {"results": results}
 
 
-# A run's logs are answered in one piece (no streamed responses here): at most this many characters of them
-# (their messages, and about LOG_ROW_CHARS a row for the other columns), else a 422 that says so. Prefect
+# A run's logs are answered in one piece (no streamed responses here): at most this many bytes of them (their
+# messages' UTF-8, and LOG_ROW_BYTES a row for the other columns), else a 422 that says so. Prefect
 # streams them; an answer held whole in memory must be bounded, however many logs a client wrote.
-LOG_DOWNLOAD_MAX_CHARS = 50_000_000
-LOG_ROW_CHARS = 120
+LOG_DOWNLOAD_MAX_BYTES = 50_000_000
+LOG_ROW_BYTES = 120
 
 
 def _logs_too_large() -> HTTPError:
     return HTTPError(
         422,
-        f"The flow run's logs are too large to download at once (more than {LOG_DOWNLOAD_MAX_CHARS} characters); "
+        f"The flow run's logs are too large to download at once (more than {LOG_DOWNLOAD_MAX_BYTES} bytes); "
         "read them a page at a time with POST /logs/filter.",
     )
 
@@ -12001,11 +12001,12 @@ def download_flow_run_logs(app, req):
     writer.writerow(["timestamp", "level", "flow_run_id", "task_run_id", "message"])
     with app.db.read() as tx:
         run = require_row(tx, "flow_run", req.uuid(), "Flow run")
+        # its bytes: SQLite's LENGTH of a text stops at a NUL
+        length = "LENGTH(CAST(message AS BLOB))" if tx.db.dialect == "sqlite" else "OCTET_LENGTH(message)"
         total = tx.query_one(
-            "SELECT COUNT(*) AS n, COALESCE(SUM(LENGTH(message)), 0) AS chars FROM log WHERE flow_run_id = ?",
-            (req.uuid(),),
+            f"SELECT COUNT(*) AS n, COALESCE(SUM({length}), 0) AS size FROM log WHERE flow_run_id = ?", (req.uuid(),)
         )
-        if int(total["chars"]) + LOG_ROW_CHARS * int(total["n"]) > LOG_DOWNLOAD_MAX_CHARS:
+        if int(total["size"]) + LOG_ROW_BYTES * int(total["n"]) > LOG_DOWNLOAD_MAX_BYTES:
             raise _logs_too_large()
         offset, size = 0, 1000
         while True:
@@ -12019,7 +12020,7 @@ def download_flow_run_logs(app, req):
                 )
             if len(rows) < size:
                 break
-            if out.tell() > LOG_DOWNLOAD_MAX_CHARS:  # logs written since the count (a database that reads no snapshot)
+            if out.tell() > LOG_DOWNLOAD_MAX_BYTES:  # characters, so fewer: logs written since the size was read
                 raise _logs_too_large()
             offset += size
     filename = urllib.parse.quote(f"{run['name']}-logs.csv", safe="")
