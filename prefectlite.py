@@ -7641,14 +7641,26 @@ def work_pool_status(tx, pool: dict) -> str:
     return "READY" if recent else "NOT_READY"
 
 
-def work_queue_out(tx, row, pool_name: str | None = None, major: int = 2) -> dict:
-    """A queue as a client of `major` reads it: Prefect 3 adds `active_slots` (the runs holding its slots;
+# A queue's `active_slots` as Prefect 3.9 counts them: its runs (by queue id alone) in these states; its
+# /work_queues routes count Cancelling runs too, its /work_pools/{name}/queues routes do not.
+QUEUE_SLOT_STATES = ("PENDING", "RUNNING", "CANCELLING")
+POOL_QUEUE_SLOT_STATES = ("PENDING", "RUNNING")
+
+
+def work_queue_out(tx, row, pool_name: str | None = None, major: int = 2, slot_states=QUEUE_SLOT_STATES) -> dict:
+    """A queue as a client of `major` reads it: Prefect 3 adds `active_slots` (its runs in `slot_states`;
     null without a limit), which 2.20's WorkQueue lacks."""
     queue_ = decode_row("work_queue", row)
     if major == 3:
         held = None
         if queue_["concurrency_limit"] is not None:
-            held = int(tx.scalar(f"SELECT COUNT(*) {_QUEUE_SLOT_HOLDERS}", (queue_["id"], queue_["name"])))
+            marks = ", ".join("?" for _ in slot_states)
+            held = int(
+                tx.scalar(
+                    f"SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type IN ({marks})",
+                    (queue_["id"], *slot_states),
+                )
+            )
         queue_["active_slots"] = held
     if pool_name is None:
         pool_name = tx.scalar("SELECT name FROM work_pool WHERE id = ?", (queue_["work_pool_id"],))
@@ -13255,7 +13267,8 @@ def read_scheduled_runs_for_pool(app, req):
 def create_pool_queue(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
-        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"], client_major(req))
+        queue_ = create_work_queue(tx, pool, req.data)
+        return 201, work_queue_out(tx, queue_, pool["name"], client_major(req), POOL_QUEUE_SLOT_STATES)
 
 
 def _pool_queue(tx, req, lock=False):
@@ -13272,7 +13285,7 @@ def _pool_queue(tx, req, lock=False):
 def read_pool_queue(app, req):
     with app.db.read() as tx:
         pool, row = _pool_queue(tx, req)
-        return 200, work_queue_out(tx, row, pool["name"], client_major(req))
+        return 200, work_queue_out(tx, row, pool["name"], client_major(req), POOL_QUEUE_SLOT_STATES)
 
 
 @body(WorkQueueUpdate)
@@ -13304,7 +13317,7 @@ def read_pool_queues_filtered(app, req):
             f"ORDER BY priority, name LIMIT ? OFFSET ?",
             (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"] or 0),
         )
-        return 200, [work_queue_out(tx, r, pool["name"], client_major(req)) for r in rows]
+        return 200, [work_queue_out(tx, r, pool["name"], client_major(req), POOL_QUEUE_SLOT_STATES) for r in rows]
 
 
 @body(WorkerHeartbeat)
