@@ -7793,14 +7793,26 @@ def work_pool_status(tx, pool: dict) -> str:
     return "READY" if recent else "NOT_READY"
 
 
-def work_queue_out(tx, row, pool_name: str | None = None, major: int = 2) -> dict:
-    """A queue as a client of `major` reads it: Prefect 3 adds `active_slots` (the runs holding its slots;
+# A queue's `active_slots` as Prefect 3.9 counts them: its runs (by queue id alone) in these states; its
+# /work_queues routes count Cancelling runs too, its /work_pools/{name}/queues routes do not.
+QUEUE_SLOT_STATES = ("PENDING", "RUNNING", "CANCELLING")
+POOL_QUEUE_SLOT_STATES = ("PENDING", "RUNNING")
+
+
+def work_queue_out(tx, row, pool_name: str | None = None, major: int = 2, slot_states=QUEUE_SLOT_STATES) -> dict:
+    """A queue as a client of `major` reads it: Prefect 3 adds `active_slots` (its runs in `slot_states`;
     null without a limit), which 2.20's WorkQueue lacks."""
     queue_ = decode_row("work_queue", row)
     if major == 3:
         held = None
         if queue_["concurrency_limit"] is not None:
-            held = int(tx.scalar(f"SELECT COUNT(*) {_QUEUE_SLOT_HOLDERS}", (queue_["id"], queue_["name"])))
+            marks = ", ".join("?" for _ in slot_states)
+            held = int(
+                tx.scalar(
+                    f"SELECT COUNT(*) FROM flow_run WHERE work_queue_id = ? AND state_type IN ({marks})",
+                    (queue_["id"], *slot_states),
+                )
+            )
         queue_["active_slots"] = held
     if pool_name is None:
         pool_name = tx.scalar("SELECT name FROM work_pool WHERE id = ?", (queue_["work_pool_id"],))
@@ -11974,6 +11986,9 @@ def _paginate_handler(table, filters, page_json):
         if limit > most:  # refused, not cut short, in Prefect 3's words (its LimitBody)
             raise HTTPError(422, f"Invalid limit: must be less than or equal to {most}.")
         page = req.data.get("page") or 1
+        if (page - 1) * limit >= _INT64:  # an offset neither database can take
+            why = "page out of range: its offset is beyond 64-bit"
+            raise ValidationFailed([_error(("body", "page"), why, "value_error.number.out_of_range")])
         data = {**req.data, "limit": limit, "offset": (page - 1) * limit}
         with app.db.read() as tx:
             results = page_json(app, req, tx, data)
@@ -12124,6 +12139,21 @@ def bulk_set_flow_run_state(app, req):
     return 200, {"results": results}
 
 
+# A run's logs are answered in one piece (no streamed responses here): at most this many bytes of them (their
+# messages' UTF-8, and LOG_ROW_BYTES a row for the other columns), else a 422 that says so. Prefect
+# streams them; an answer held whole in memory must be bounded, however many logs a client wrote.
+LOG_DOWNLOAD_MAX_BYTES = 50_000_000
+LOG_ROW_BYTES = 120
+
+
+def _logs_too_large() -> HTTPError:
+    return HTTPError(
+        422,
+        f"The flow run's logs are too large to download at once (more than {LOG_DOWNLOAD_MAX_BYTES} bytes); "
+        "read them a page at a time with POST /logs/filter.",
+    )
+
+
 def _csv_time(text: str | None) -> str:
     return "" if text is None else str(from_iso(text).astimezone(_dt.timezone.utc))
 
@@ -12136,6 +12166,13 @@ def download_flow_run_logs(app, req):
     writer.writerow(["timestamp", "level", "flow_run_id", "task_run_id", "message"])
     with app.db.read() as tx:
         run = require_row(tx, "flow_run", req.uuid(), "Flow run")
+        # its bytes: SQLite's LENGTH of a text stops at a NUL
+        length = "LENGTH(CAST(message AS BLOB))" if tx.db.dialect == "sqlite" else "OCTET_LENGTH(message)"
+        total = tx.query_one(
+            f"SELECT COUNT(*) AS n, COALESCE(SUM({length}), 0) AS size FROM log WHERE flow_run_id = ?", (req.uuid(),)
+        )
+        if int(total["size"]) + LOG_ROW_BYTES * int(total["n"]) > LOG_DOWNLOAD_MAX_BYTES:
+            raise _logs_too_large()
         offset, size = 0, 1000
         while True:
             rows = tx.query(
@@ -12148,6 +12185,8 @@ def download_flow_run_logs(app, req):
                 )
             if len(rows) < size:
                 break
+            if out.tell() > LOG_DOWNLOAD_MAX_BYTES:  # characters, so fewer: logs written since the size was read
+                raise _logs_too_large()
             offset += size
     filename = urllib.parse.quote(f"{run['name']}-logs.csv", safe="")
     disposition = f"attachment; filename=\"flow-run-logs.csv\"; filename*=UTF-8''{filename}"
@@ -13381,7 +13420,8 @@ def read_scheduled_runs_for_pool(app, req):
 def create_pool_queue(app, req):
     with app.db.write() as tx:
         pool = read_pool_by_name(tx, req.params["work_pool_name"])
-        return 201, work_queue_out(tx, create_work_queue(tx, pool, req.data), pool["name"], client_major(req))
+        queue_ = create_work_queue(tx, pool, req.data)
+        return 201, work_queue_out(tx, queue_, pool["name"], client_major(req), POOL_QUEUE_SLOT_STATES)
 
 
 def _pool_queue(tx, req, lock=False):
@@ -13398,7 +13438,7 @@ def _pool_queue(tx, req, lock=False):
 def read_pool_queue(app, req):
     with app.db.read() as tx:
         pool, row = _pool_queue(tx, req)
-        return 200, work_queue_out(tx, row, pool["name"], client_major(req))
+        return 200, work_queue_out(tx, row, pool["name"], client_major(req), POOL_QUEUE_SLOT_STATES)
 
 
 @body(WorkQueueUpdate)
@@ -13430,7 +13470,7 @@ def read_pool_queues_filtered(app, req):
             f"ORDER BY priority, name LIMIT ? OFFSET ?",
             (pool["id"], *params, page_limit(req.data, app.settings), req.data["offset"] or 0),
         )
-        return 200, [work_queue_out(tx, r, pool["name"], client_major(req)) for r in rows]
+        return 200, [work_queue_out(tx, r, pool["name"], client_major(req), POOL_QUEUE_SLOT_STATES) for r in rows]
 
 
 @body(WorkerHeartbeat)
@@ -15909,9 +15949,10 @@ _CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*(\d{1,18})[ \t]*(?:\r\n
 
 def _writes(method: str, handler) -> bool:
     """Does the route change things? Methods that may, except the POST routes that only read (filters,
-    counts, histories). Used for scheduling only: a wrong guess costs speed, never correctness."""
+    counts, pages, histories). Used for scheduling only: a wrong guess costs speed, never correctness."""
     name = handler.__name__
-    return method in _WRITE_METHODS and not name.startswith(("read_", "count_")) and not name.endswith("_history")
+    reads = name.startswith(("read_", "count_", "paginate_")) or name.endswith("_history")
+    return method in _WRITE_METHODS and not reads
 
 
 _DATE_HEADER = (0, "")  # (second, its HTTP date): one formatting per second, not per response

@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import ROOT, Client, iso, new_flow, new_flow_run, now, parse
+from helpers import ROOT, Client, iso, migrated_sqlite_url, new_flow, new_flow_run, now, parse
 
 TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
 
@@ -1541,6 +1541,29 @@ def test_paginate_is_validated(client, things, body, field):
     assert [err["loc"] for err in answer["exception_detail"]] == [["body", field]]
 
 
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_paginate_refuses_a_page_whose_offset_is_beyond_64_bit(dialect, tmp_path, request):
+    # (page - 1) * limit is the offset: a page each field allows may still make one no database can take
+    url = migrated_sqlite_url(tmp_path / "p.db") if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+        for things in ("flows", "flow_runs", "task_runs", "deployments"):
+            for body in ({"page": 10**18}, {"page": 2**62 + 1, "limit": 2}):
+                status, answer = client.post(f"/{things}/paginate", body)
+                assert status == 422, (things, body, answer)
+                assert [err["loc"] for err in answer["exception_detail"]] == [["body", "page"]]
+            last = client.ok("POST", f"/{things}/paginate", {"page": 2**63 - 1, "limit": 1})  # the last that fits
+            assert (last["results"], last["page"]) == ([], 2**63 - 1)
+
+
+def test_paginate_is_answered_as_a_read_out_of_the_write_turnstile(app):
+    # On SQLite writes take turns; a page only reads, so it waits for no writer and holds none up
+    for things in ("flows", "flow_runs", "task_runs", "deployments"):
+        assert not prefectlite.is_write_request(app, "POST", f"/api/{things}/paginate")
+        assert not prefectlite.is_write_request(app, "POST", f"/api/{things}/filter")
+    assert prefectlite.is_write_request(app, "POST", "/api/flow_runs/bulk_delete")
+
+
 def test_paginate_refuses_a_limit_above_the_default_as_prefect_3_does(client):
     assert client.post("/flows/paginate", {"limit": 201}) == (
         422,
@@ -1679,3 +1702,32 @@ def test_a_flow_runs_logs_download_as_csv_named_after_the_run(client, server):
     )
     status, _, body = get_raw(f"{server}/flow_runs/{uuid.uuid4()}/logs/download")
     assert (status, json.loads(body)) == (404, {"detail": "Flow run not found"})
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_flow_runs_logs_download_is_bounded(dialect, tmp_path, request, monkeypatch):
+    # The CSV is answered whole, so held whole in memory: a run with more logs than the bound (here lowered)
+    # is refused with the reason, not built however large its logs (a client writes as many as it likes).
+    monkeypatch.setattr(prefectlite, "LOG_DOWNLOAD_MAX_BYTES", 3_500, raising=False)
+    url = migrated_sqlite_url(tmp_path / "l.db") if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client = Client(api_url)
+
+        def download(run):
+            status, headers, body = get_raw(f"{api_url}/flow_runs/{run['id']}/logs/download")
+            if status != 200:
+                assert (status, headers["Content-Type"]) == (422, "application/json"), body
+                assert "too large to download at once" in json.loads(body)["detail"]
+            return status, body
+
+        run = new_flow_run(client)
+        log = {"name": "x", "level": 20, "message": "é" * 500, "timestamp": iso(now()), "flow_run_id": run["id"]}
+        client.ok("POST", "/logs/", [log] * 3)  # 3,000 bytes and three rows: still answered
+        status, body = download(run)
+        assert (status, body.count("é".encode())) == (200, 1_500)
+        client.ok("POST", "/logs/", [log])
+        assert download(run)[0] == 422
+        if dialect == "sqlite":  # where a text may hold a NUL (PostgreSQL refuses it), which ends its LENGTH
+            other = new_flow_run(client)
+            client.ok("POST", "/logs/", [{**log, "message": "\x00" + "x" * 999, "flow_run_id": other["id"]}] * 4)
+            assert download(other)[0] == 422
