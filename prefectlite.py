@@ -594,6 +594,7 @@ class Database:
     round6 = ""  # SQL for the number {x} rounded to 6 decimal places, as a float
     json_object = ""  # SQL building a JSON object, as text, from {pairs} ('key', value, ...)
     json_value = ""  # SQL for stored JSON text {x} as a value inside json_object (not as a string)
+    byte_length = ""  # SQL for the UTF-8 bytes of text {x}
     json_bool = ""  # SQL for a stored boolean {x} as JSON true / false / null inside json_object
     json_array_agg = ""  # SQL aggregating JSON texts {x}, in the order an inner ORDER BY ... LIMIT gave them
     one_writer = False  # writers take turns anyway (SQLite): the HTTP server queues write requests (_Turnstile)
@@ -980,6 +981,7 @@ class SqliteDatabase(Database):
     json_array_contains = "EXISTS (SELECT 1 FROM json_each({col}) WHERE json_each.value = ?)"
     json_text = "json_extract({col}, ?)"
     json_label_path = '$."{label}"'  # quoted: labels have dots in them (prefect.resource.name)
+    byte_length = "LENGTH(CAST({x} AS BLOB))"  # LENGTH of a text counts characters, and stops at a NUL
     min_version = (3, 24, 0)
     one_writer = True
 
@@ -1518,6 +1520,7 @@ class PostgresDatabase(Database):
     json_array_contains = "jsonb_exists(({col})::jsonb, ?)"  # jsonb_exists: the `?` operator, spelled safely
     json_text = "(({col})::jsonb ->> ?)"
     json_label_path = "{label}"
+    byte_length = "OCTET_LENGTH({x})"
     min_server_version = 130000
     migration_lock = "SELECT pg_advisory_xact_lock(7270701)"
 
@@ -12166,8 +12169,7 @@ def download_flow_run_logs(app, req):
     writer.writerow(["timestamp", "level", "flow_run_id", "task_run_id", "message"])
     with app.db.read() as tx:
         run = require_row(tx, "flow_run", req.uuid(), "Flow run")
-        # its bytes: SQLite's LENGTH of a text stops at a NUL
-        length = "LENGTH(CAST(message AS BLOB))" if tx.db.dialect == "sqlite" else "OCTET_LENGTH(message)"
+        length = tx.db.byte_length.format(x="message")
         total = tx.query_one(
             f"SELECT COUNT(*) AS n, COALESCE(SUM({length}), 0) AS size FROM log WHERE flow_run_id = ?", (req.uuid(),)
         )
