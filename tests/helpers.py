@@ -608,3 +608,16 @@ def event(name="test.thing.happened", resource_id=None, occurred=None, **extra):
     }
     body.update(extra)
     return body
+
+
+# The routes of Prefect's API that only Prefect's own web UI calls, in both 2.20's contract and 3.9's server:
+# not served (README.md, "What of the Prefect 2.20 and 3.9 APIs is not served"; prefectlite has its own UI).
+UI_ONLY_ROUTES = {
+    ("POST", "/ui/flow_runs/history"),
+    ("POST", "/ui/task_runs/count"),
+    ("POST", "/ui/task_runs/dashboard/counts"),
+    ("POST", "/ui/schemas/validate"),
+    ("POST", "/flow_runs/lateness"),
+    ("POST", "/templates/validate"),
+    ("GET", "/deployments/{id}/work_queue_check"),
+}

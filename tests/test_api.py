@@ -15,7 +15,7 @@ import uuid
 import pytest
 
 import prefectlite
-from helpers import ROOT, Client, iso, migrated_sqlite_url, new_flow, new_flow_run, now, parse
+from helpers import ROOT, UI_ONLY_ROUTES, Client, iso, migrated_sqlite_url, new_flow, new_flow_run, now, parse
 
 TWO_WORDS = re.compile(r"^[a-z]+-[a-z]+$")
 
@@ -1422,14 +1422,7 @@ def test_openapi_lists_every_route(client, server):
 
 # The 2.20 contract's routes we do not serve, as README.md's "What of the Prefect 2.20 and 3.9 APIs is not served"
 # says (tests/compat/test_prefect3_sdk.py checks the 3.9 server's).
-NOT_SERVED = {
-    ("POST", "/ui/flow_runs/history"),
-    ("POST", "/ui/task_runs/count"),
-    ("POST", "/ui/task_runs/dashboard/counts"),
-    ("POST", "/ui/schemas/validate"),
-    ("POST", "/flow_runs/lateness"),
-    ("POST", "/templates/validate"),
-    ("GET", "/deployments/{id}/work_queue_check"),
+NOT_SERVED = UI_ONLY_ROUTES | {
     ("POST", "/admin/database/clear"),
     ("POST", "/admin/database/create"),
     ("POST", "/admin/database/drop"),

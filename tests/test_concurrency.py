@@ -151,6 +151,22 @@ def run_threads(count, target):
     assert errors == [], errors
 
 
+def statuses_at_once(api_url, count, ask) -> list[int]:
+    """`count` threads, each with a client of its own, call ask(client) at the same moment; its first item (the
+    HTTP status) from each, sorted."""
+    statuses, lock, start = [], threading.Lock(), threading.Barrier(count)
+
+    def go(n):
+        local = Client(api_url)
+        start.wait()
+        status = ask(local)[0]
+        with lock:
+            statuses.append(status)
+
+    run_threads(count, go)
+    return sorted(statuses)
+
+
 # --- v1: the API -------------------------------------------------------------------------------
 
 
@@ -616,19 +632,8 @@ def test_concurrent_v1_increments_never_exceed_a_tag_limit(any_db, global_limit_
         new_global(client, name=f"tag:{second}", limit=5)
     else:
         set_tag_limit(client, second, 5)
-    statuses = []
-    lock = threading.Lock()
-    start = threading.Barrier(16)
-
-    def go(n):
-        local = Client(client.api_url)
-        start.wait()
-        status, _, _ = take_tags(local, [first, second], str(uuid.uuid4()))
-        with lock:
-            statuses.append(status)
-
-    run_threads(16, go)
-    assert sorted(statuses) == [200] * 5 + [423] * 11
+    statuses = statuses_at_once(client.api_url, 16, lambda local: take_tags(local, [first, second], str(uuid.uuid4())))
+    assert statuses == [200] * 5 + [423] * 11
     assert len(tag_limit(client, first)["active_slots"]) == 5
     if global_limit_too:
         assert global_limit(client, f"tag:{second}")["active_slots"] == 5
@@ -869,19 +874,8 @@ def test_slot_decay_also_frees_concurrency_slots_nobody_gave_back(client):
 def test_concurrent_increments_never_exceed_a_global_limit(any_db):
     client = any_db
     new_global(client, name="race", limit=5)
-    statuses = []
-    lock = threading.Lock()
-    start = threading.Barrier(16)
-
-    def go(n):
-        local = Client(client.api_url)
-        start.wait()
-        status, _ = increment(local, ["race"], slots=1)
-        with lock:
-            statuses.append(status)
-
-    run_threads(16, go)
-    assert sorted(statuses) == [200] * 5 + [423] * 11
+    statuses = statuses_at_once(client.api_url, 16, lambda local: increment(local, ["race"], slots=1))
+    assert statuses == [200] * 5 + [423] * 11
     after = global_limit(client, "race")
     assert after["active_slots"] == 5
     assert after["denied_slots"] >= 1

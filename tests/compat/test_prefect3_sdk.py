@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 
 import prefectlite
-from helpers import Client, migrated_sqlite_url, wait_for_input_schema, wait_for_pause, wait_until
+from helpers import UI_ONLY_ROUTES, Client, migrated_sqlite_url, wait_for_input_schema, wait_for_pause, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios3"
@@ -748,14 +748,7 @@ def test_a_tag_concurrency_limit_holds_back_the_second_task(run_flow_script, com
 
 # The 3.9 server's routes we do not serve, as README.md's "What of the Prefect 2.20 and 3.9 APIs is not served"
 # says: those only Prefect's own web UI calls.
-NOT_SERVED_3 = {
-    ("POST", "/ui/flow_runs/history"),
-    ("POST", "/ui/task_runs/count"),
-    ("POST", "/ui/task_runs/dashboard/counts"),
-    ("POST", "/ui/schemas/validate"),
-    ("POST", "/flow_runs/lateness"),
-    ("POST", "/templates/validate"),
-    ("GET", "/deployments/{id}/work_queue_check"),
+NOT_SERVED_3 = UI_ONLY_ROUTES | {
     ("GET", "/ui/task_runs/{id}"),
     ("POST", "/ui/flow_runs/count-task-runs"),
     ("POST", "/ui/flows/count-deployments"),
