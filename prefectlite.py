@@ -7130,6 +7130,96 @@ def block_schema_out(tx, row) -> dict:
     return schema
 
 
+# Block types the server has from its start, as Prefect's servers have theirs: the core ones below (Section 14
+# adds the notification destinations). A fresh server's UI can then make a Secret or a JSON block before any SDK
+# has saved one. The schemas are ours; an SDK looks its own up by checksum and saves it beside ours the first time
+# it saves a block of the type, and loads a block made with ours by the type's slug.
+
+
+def _field(title, kind="string", secret=False, **extra):
+    """One property of a block schema; `kind` None for any JSON value."""
+    spec = {"title": title, **({"type": kind} if kind else {}), **extra}
+    if secret:
+        spec.update({"writeOnly": True, "format": "password"})
+    return spec
+
+
+def _block_fields(title, description, properties, required, secret_fields):
+    return {
+        "title": title,
+        "description": description,
+        "type": "object",
+        "properties": properties,
+        "required": required,
+        "secret_fields": secret_fields,
+        "block_schema_references": {},
+    }
+
+
+_HTTP_METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE"]
+_FILE_SYSTEM_CAPABILITIES = ["get-directory", "put-directory", "read-path", "write-path"]
+# (slug, name, description, schema fields, capabilities); the slugs, field names and capabilities are Prefect's.
+# fmt: off
+CORE_BLOCK_TYPES = [
+    ("secret", "Secret", "A value to keep secret: a password, a key, a token. Shown masked once saved.",
+     _block_fields("Secret", "A secret string.", {"value": _field("Value", secret=True)}, ["value"], ["value"]), []),
+    ("json", "JSON", "Any JSON value: an object, a list, a number, a string.",
+     _block_fields("JSON", "A JSON value.", {"value": _field("Value", None)}, ["value"], []), []),
+    ("string", "String", "A plain string.",
+     _block_fields("String", "A string.", {"value": _field("Value")}, ["value"], []), []),
+    ("date-time", "Date Time", "A date and time, written as ISO 8601 (2026-12-31T23:59:00+00:00).",
+     _block_fields("DateTime", "A date and time.", {"value": _field("Value", format="date-time")}, ["value"], []),
+     []),
+    ("local-file-system", "Local File System", "Reads and writes files under a folder of the machine it runs on.",
+     _block_fields("LocalFileSystem", "A folder.", {"basepath": _field("Base path")}, [], []),
+     _FILE_SYSTEM_CAPABILITIES),
+    ("webhook", "Webhook", "Calls an HTTP endpoint with a JSON body.",
+     _block_fields("Webhook", "An HTTP endpoint.", {
+         "method": _field("Method", enum=_HTTP_METHODS, default="POST"), "url": _field("URL", secret=True),
+         "headers": _field("Headers", "object"),
+         "allow_private_urls": _field("Allow private URLs", "boolean", default=True)},
+         ["url"], ["url", "headers.*"]), []),
+]
+# fmt: on
+
+
+def install_block_types(tx, block_types):
+    """Register `block_types` (CORE_BLOCK_TYPES' shape) as protected types with a schema each (idempotent)."""
+    now = now_iso()
+    for slug, name, description, fields, capabilities in block_types:
+        insert_row(
+            tx,
+            "block_type",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "name": name,
+                "slug": slug,
+                "description": description,
+                "is_protected": True,
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
+        type_id = tx.scalar("SELECT id FROM block_type WHERE slug = ?", (slug,))
+        tx.execute("UPDATE block_type SET is_protected = ? WHERE id = ?", (True, type_id))
+        insert_row(
+            tx,
+            "block_schema",
+            {
+                "id": new_id(),
+                "created": now,
+                "updated": now,
+                "checksum": block_schema_checksum(fields),
+                "fields": fields,
+                "block_type_id": type_id,
+                "capabilities": capabilities,
+                "version": __version__,
+            },
+            on_conflict="ON CONFLICT DO NOTHING",
+        )
+
+
 def create_block_type(tx, data) -> dict:
     now = now_iso()
     row_id = new_id()
@@ -8577,25 +8667,6 @@ def scheduled_runs_for_deployments(
 # the state, so a state change and its notification are durable together.
 
 
-def _field(title, kind="string", secret=False, **extra):
-    spec = {"title": title, "type": kind, **extra}
-    if secret:
-        spec.update({"writeOnly": True, "format": "password"})
-    return spec
-
-
-def _block_fields(title, description, properties, required, secret_fields):
-    return {
-        "title": title,
-        "description": description,
-        "type": "object",
-        "properties": properties,
-        "required": required,
-        "secret_fields": secret_fields,
-        "block_schema_references": {},
-    }
-
-
 _STR_LIST = {"type": "array", "items": {"type": "string"}}
 # fmt: off
 NOTIFICATION_BLOCK_TYPES = [
@@ -8651,41 +8722,12 @@ NOTIFICATION_BLOCK_TYPES = [
 # fmt: on
 
 
+# Every block type a server has from its start: the core ones, and the destinations above.
+BUILTIN_BLOCK_TYPES = CORE_BLOCK_TYPES + [(*block_type, ["notify"]) for block_type in NOTIFICATION_BLOCK_TYPES]
+
+
 def install_builtin_block_types(tx):
-    """Register our notification destinations as protected block types with a schema each (idempotent)."""
-    now = now_iso()
-    for slug, name, description, fields in NOTIFICATION_BLOCK_TYPES:
-        insert_row(
-            tx,
-            "block_type",
-            {
-                "id": new_id(),
-                "created": now,
-                "updated": now,
-                "name": name,
-                "slug": slug,
-                "description": description,
-                "is_protected": True,
-            },
-            on_conflict="ON CONFLICT DO NOTHING",
-        )
-        type_id = tx.scalar("SELECT id FROM block_type WHERE slug = ?", (slug,))
-        tx.execute("UPDATE block_type SET is_protected = ? WHERE id = ?", (True, type_id))
-        insert_row(
-            tx,
-            "block_schema",
-            {
-                "id": new_id(),
-                "created": now,
-                "updated": now,
-                "checksum": block_schema_checksum(fields),
-                "fields": fields,
-                "block_type_id": type_id,
-                "capabilities": ["notify"],
-                "version": __version__,
-            },
-            on_conflict="ON CONFLICT DO NOTHING",
-        )
+    install_block_types(tx, BUILTIN_BLOCK_TYPES)
 
 
 NOTIFICATION_PLACEHOLDERS = (

@@ -621,3 +621,27 @@ UI_ONLY_ROUTES = {
     ("POST", "/templates/validate"),
     ("GET", "/deployments/{id}/work_queue_check"),
 }
+
+
+# --- blocks of the core types ----------------------------------------------------------------------------------
+
+# What a person types into the UI's forms for each core block type, one block of each.
+CORE_BLOCK_DATA = {
+    "secret": {"value": "s3cr3t-from-the-ui"},
+    "json": {"value": {"rows": [1, 2], "ok": True}},
+    "string": {"value": "plain text"},
+    "date-time": {"value": "2026-12-31T23:59:00+00:00"},
+    "local-file-system": {"basepath": "/srv/compat-core-blocks"},
+    "webhook": {"method": "PUT", "url": "https://hooks.example.com/x", "headers": {"X-Token": "t0k"}},
+}
+
+
+def assert_core_blocks_loaded(loaded: dict, names: dict) -> None:
+    """`loaded` (scenarios/b10_core_blocks.py's answer) holds, for each block in `names`, the data it was made
+    with, in the SDK's class of its type."""
+    classes = {"date-time": "DateTime", "json": "JSON", "local-file-system": "LocalFileSystem"}
+    assert set(loaded) == set(names), loaded
+    for slug in names:
+        got = loaded[slug]
+        assert got.get("class") == classes.get(slug, slug.title()), (slug, got)
+        assert {key: got.get(key) for key in CORE_BLOCK_DATA[slug]} == CORE_BLOCK_DATA[slug], (slug, got)

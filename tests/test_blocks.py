@@ -174,9 +174,10 @@ def test_block_type_filter_by_schema_capabilities(client):
     found = client.ok(
         "POST", "/block_types/filter", {"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}}
     )
-    assert [t["slug"] for t in found] == [store["slug"]]
+    # the core Local File System type (registered at start) can read and write paths too
+    assert sorted(t["slug"] for t in found) == sorted([store["slug"], "local-file-system"])
     found = client.ok("POST", "/block_types/filter", {"block_schemas": {"block_capabilities": {"all_": ["read-path"]}}})
-    assert sorted(t["slug"] for t in found) == sorted([store["slug"], reader["slug"]])
+    assert sorted(t["slug"] for t in found) == sorted([store["slug"], reader["slug"], "local-file-system"])
 
 
 def test_block_type_update_changes_only_the_fields_sent(client):
@@ -244,6 +245,69 @@ def test_protected_block_type_patch_is_acknowledged_but_changes_nothing(client):
     )
     assert status == 204, body
     assert client.ok("GET", f"/block_types/{slack['id']}") == slack
+
+
+def test_core_block_types_are_registered_at_start_protected_with_a_schema_each(client):
+    expected = {  # slug: (name, capabilities, secret fields, the fields a block is made of)
+        "secret": ("Secret", [], ["value"], {"value"}),
+        "json": ("JSON", [], [], {"value"}),
+        "string": ("String", [], [], {"value"}),
+        "date-time": ("Date Time", [], [], {"value"}),
+        "local-file-system": (
+            "Local File System",
+            ["get-directory", "put-directory", "read-path", "write-path"],
+            [],
+            {"basepath"},
+        ),
+        "webhook": ("Webhook", [], ["url", "headers.*"], {"method", "url", "headers", "allow_private_urls"}),
+    }
+    for slug, (name, capabilities, secret_fields, fields) in expected.items():
+        block_type = client.ok("GET", f"/block_types/slug/{slug}")
+        assert (block_type["name"], block_type["is_protected"]) == (name, True), block_type
+        schema = core_schema(client, slug)
+        assert sorted(schema["capabilities"]) == capabilities, schema
+        assert schema["fields"]["secret_fields"] == secret_fields
+        assert set(schema["fields"]["properties"]) == fields
+        assert client.ok("GET", f"/block_schemas/checksum/{schema['checksum']}")["id"] == schema["id"]
+        status, _ = client.request("DELETE", f"/block_types/{block_type['id']}")
+        assert status == 403
+
+
+def test_a_secret_made_with_the_core_schema_is_masked_and_read_back_whole_when_asked(client):
+    secret = client.ok("GET", "/block_types/slug/secret")
+    body = {
+        "name": "db-password",
+        "block_type_id": secret["id"],
+        "block_schema_id": core_schema(client, "secret")["id"],
+    }
+    made = client.ok("POST", "/block_documents/", {**body, "data": {"value": "hunter2"}})
+    assert made["data"] == {"value": "********"}
+    assert client.ok("GET", f"/block_documents/{made['id']}?include_secrets=true")["data"] == {"value": "hunter2"}
+
+
+def test_a_block_type_an_sdk_registered_first_becomes_protected_and_gains_the_core_schema(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    with prefectlite.serve(database=url, port=0) as api_url:
+        client = Client(api_url)
+        secret = client.ok("GET", "/block_types/slug/secret")
+        ours = core_schema(client, "secret")
+        sdk_fields = {"title": "Secret", "type": "object", "properties": {"value": {"type": "string"}}}
+        sdk = new_block_schema(client, secret, fields=sdk_fields, version="2.20.27")
+    # as an older server without the core types left it, where an SDK saved a Secret: its type and schema only
+    db = prefectlite.open_database(url)
+    try:
+        with db.write() as tx:
+            tx.execute("DELETE FROM block_schema WHERE id = ?", (ours["id"],))
+            tx.execute("UPDATE block_type SET is_protected = ? WHERE id = ?", (False, secret["id"]))
+    finally:
+        db.close()
+    with prefectlite.serve(database=url, port=0) as api_url:
+        client = Client(api_url)
+        assert client.ok("GET", "/block_types/slug/secret")["is_protected"] is True
+        by_type = {"block_schemas": {"block_type_id": {"any_": [secret["id"]]}}}
+        schemas = {schema["id"]: schema["checksum"] for schema in client.ok("POST", "/block_schemas/filter", by_type)}
+        assert schemas[sdk["id"]] == sdk["checksum"]
+        assert ours["checksum"] in schemas.values()
 
 
 def test_install_system_block_types_is_idempotent(client):
@@ -374,6 +438,15 @@ def test_block_schema_for_unknown_block_type_is_404(client):
     assert status == 404, body
 
 
+def core_schema(client, slug):
+    """The schema the server registered at start for the core block type `slug` (its only one here)."""
+    block_type = client.ok("GET", f"/block_types/slug/{slug}")
+    (schema,) = client.ok(
+        "POST", "/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+    )
+    return schema
+
+
 def test_block_schema_filter_by_type_capabilities_and_version(client):
     bt_a = new_block_type(client)
     bt_b = new_block_type(client)
@@ -393,7 +466,14 @@ def test_block_schema_filter_by_type_capabilities_and_version(client):
             }
         }
     ) == sorted([a_rw["id"], b_w["id"]])
-    assert ids({"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}}) == [a_rw["id"]]
+    both = client.ok(
+        "POST",
+        "/block_schemas/filter",
+        {"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}},
+    )
+    assert sorted((s["block_type"]["slug"], s["id"]) for s in both) == sorted(
+        [(bt_a["slug"], a_rw["id"]), ("local-file-system", core_schema(client, "local-file-system")["id"])]
+    )
     assert ids({"block_schemas": {"block_type_id": {"any_": [bt_a["id"]]}, "version": {"any_": ["2"]}}}) == [a_r["id"]]
     assert ids({"block_schemas": {"id": {"any_": [b_w["id"]]}}}) == [b_w["id"]]
     # the built-in notification schemas answer to their capability

@@ -1384,6 +1384,37 @@ def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
     assert api.request("GET", f"/block_documents/{block_id}")[0] == 404
 
 
+def test_the_core_block_types_are_in_the_catalogue_and_make_blocks(ui, api, data):
+    """Prefect's core block types are there from the start (no SDK has saved one on this server)."""
+    ui.open("blocks/catalog")
+    ui.wait_ready()
+    shown = set(ui.b.execute("return [...document.querySelectorAll('.catalog-item')].map(e => e.dataset.slug)"))
+    assert {"secret", "json", "string", "date-time", "local-file-system", "webhook"} <= shown, shown
+    ui.type("#catalog-search", "Secret")
+    ui.click(".catalog-item[data-slug=secret] a", "Create")
+    ui.wait_text(".page-header h1", "New Secret block")
+    ui.wait_ready()
+    assert ui.el("#block-value").prop("type") == "password"
+    ui.type("#block-name", "warehouse-token")
+    ui.type("#block-value", "tok-3141")
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    ui.wait_text(".page-header h1", "warehouse-token")
+    assert "tok-3141" not in ui.text("body")
+    secret = api.get(f"/block_documents/{ui.route().split('/')[-1]}?include_secrets=true")
+    assert (secret["block_type"]["slug"], secret["data"]) == ("secret", {"value": "tok-3141"})
+    # a JSON block: its value is any JSON, typed as JSON
+    ui.open("blocks/catalog/json/create")
+    ui.wait_text(".page-header h1", "New JSON block")
+    ui.wait_ready()
+    ui.type("#block-name", "etl-settings")
+    ui.type("#block-value", '{"batch": 500, "regions": ["eu", "us"]}')
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    settings = api.get(f"/block_documents/{ui.route().split('/')[-1]}")
+    assert settings["data"] == {"value": {"batch": 500, "regions": ["eu", "us"]}}
+
+
 # ---------------------------------------------------------------- variables
 
 

@@ -35,6 +35,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,7 @@ SCENARIOS_DIR = HERE / "scenarios"
 REFERENCE_SCENARIOS_DIR = REPO_ROOT.parent / "shared" / "reference" / "prefect2-scenarios"
 
 sys.path.insert(0, str(HERE))
+from helpers import CORE_BLOCK_DATA  # noqa: E402
 import prefect3_venv  # noqa: E402
 import prefect_venv  # noqa: E402
 
@@ -591,3 +593,31 @@ def run_flow_script(start_script):
         return start_script(path_or_source, api_url, args=args, timeout=timeout).wait(check=True)
 
     return run
+
+
+# --------------------------------------------------------------------------- blocks made in the UI
+
+
+@pytest.fixture
+def make_core_blocks(api):
+    """make_core_blocks(slugs) -> {slug: block name}: a block of each core type, made as the UI makes one,
+    with the schema the server registered for the type at start (its oldest) and CORE_BLOCK_DATA's data."""
+
+    def make(slugs) -> dict:
+        names = {}
+        for slug in slugs:
+            block_type = api.ok("GET", f"/block_types/slug/{slug}", expect=200)
+            by_type = {"block_schemas": {"block_type_id": {"any_": [block_type["id"]]}}}
+            schemas = api.ok("POST", "/block_schemas/filter", by_type, expect=200)
+            first = min(schemas, key=lambda schema: schema["created"])
+            names[slug] = f"ui-made-{slug}-{uuid.uuid4().hex[:8]}"
+            body = {
+                "name": names[slug],
+                "block_type_id": block_type["id"],
+                "block_schema_id": first["id"],
+                "data": CORE_BLOCK_DATA[slug],
+            }
+            api.ok("POST", "/block_documents/", body, expect=201)
+        return names
+
+    return make

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import wait_until
+from helpers import CORE_BLOCK_DATA, assert_core_blocks_loaded, wait_until
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios"
@@ -230,6 +230,14 @@ def test_secret_json_string_blocks_round_trip(run_flow_script, compat_server, ap
     st = api.ok("GET", f"/block_types/slug/string/block_documents/name/compat-string-{token}", expect=200)
     assert (st["id"], st["data"]) == (saved["string"], {"value": f"plain-{token}"})
     assert_prefect_mask(masks)
+
+
+def test_blocks_of_every_core_type_made_in_the_ui_load_in_the_sdk(run_flow_script, compat_server, make_core_blocks):
+    """A fresh server has Prefect's core block types (Secret, JSON, String, Date Time, Local File System,
+    Webhook), so its UI can make those blocks before any SDK saved one; the SDK loads them by type slug."""
+    names = make_core_blocks(CORE_BLOCK_DATA)
+    loaded = script_result(run_flow_script(scenario("b10_core_blocks.py"), compat_server, args=[json.dumps(names)]))
+    assert_core_blocks_loaded(loaded, names)
 
 
 # --------------------------------------------------------------------------- 3. nested custom block

@@ -28,7 +28,15 @@ from pathlib import Path
 import pytest
 
 import prefectlite
-from helpers import UI_ONLY_ROUTES, Client, migrated_sqlite_url, wait_for_input_schema, wait_for_pause, wait_until
+from helpers import (
+    UI_ONLY_ROUTES,
+    Client,
+    assert_core_blocks_loaded,
+    migrated_sqlite_url,
+    wait_for_input_schema,
+    wait_for_pause,
+    wait_until,
+)
 
 HERE = Path(__file__).resolve().parent
 SCENARIOS_DIR = HERE / "scenarios3"
@@ -627,6 +635,13 @@ def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, co
         assert found[name].get("server") == found[name]["sdk"], found[name]
 
 
+def test_blocks_of_the_core_types_made_in_the_ui_load_in_the_sdk(run_flow_script, compat_server, make_core_blocks):
+    """The 2.20 test's script (scenarios/b10_core_blocks.py) under the 3.9 SDK, for the core types 3.9 has."""
+    names = make_core_blocks(["secret", "local-file-system", "webhook"])
+    script = SCENARIOS_DIR.parent / "scenarios" / "b10_core_blocks.py"
+    assert_core_blocks_loaded(script_result(run_flow_script(script, compat_server, args=[json.dumps(names)])), names)
+
+
 def test_task_map(run_flow_script, compat_server, api):
     proc = run_flow_script(scenario("p05_map.py"), compat_server)
     assert_no_lost_events(proc)
@@ -950,6 +965,7 @@ SCENARIOS_2_NOT_IN_3 = {
 }
 SCENARIOS_2_ELSEWHERE = {  # run under 3.9 by their own tests above
     "b09_schema_checksum.py": "test_the_sdk_finds_its_block_schemas_by_its_own_checksum",
+    "b10_core_blocks.py": "test_blocks_of_the_core_types_made_in_the_ui_load_in_the_sdk",
     "s13_tag_concurrency.py": "test_a_tag_concurrency_limit_holds_back_the_second_task",
     "s15_subflow_result_into_task.py": "test_a_subflows_state_passed_into_a_task",
 }
