@@ -1340,21 +1340,28 @@ CREDS_FIELDS = {
 }
 
 
-def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
-    register_block_type(api, "ui-test-credentials", "UI Test Credentials", CREDS_FIELDS)
+def create_block_in_catalogue(ui, search, slug, name, fields, secret_field) -> str:
+    """Find the type in the catalogue, fill its form (`secret_field` is a password input) and create the
+    block; its id."""
     ui.open("blocks/catalog")
-    ui.type("#catalog-search", "UI Test")
-    ui.click(".catalog-item[data-slug=ui-test-credentials] a", "Create")
-    ui.wait_text(".page-header h1", "New UI Test Credentials block")
+    ui.type("#catalog-search", search)
+    type_name = ui.el(f".catalog-item[data-slug={slug}] h3").text
+    ui.click(f".catalog-item[data-slug={slug}] a", "Create")
+    ui.wait_text(".page-header h1", f"New {type_name} block")
     ui.wait_ready()
-    assert ui.el("#block-password").prop("type") == "password"
-    ui.type("#block-name", "warehouse-login")
-    ui.type("#block-username", "etl")
-    ui.type("#block-password", "hunter2")
-    ui.type("#block-port", "6543")
+    assert ui.el(f"#block-{secret_field}").prop("type") == "password"
+    ui.type("#block-name", name)
+    for field, value in fields.items():
+        ui.type(f"#block-{field}", value)
     ui.click("main button[type=submit]", "Create block")
     ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
-    block_id = ui.route().split("/")[-1]
+    return ui.route().split("/")[-1]
+
+
+def test_blocks_create_edit_delete_with_masked_secrets(ui, api, data):
+    register_block_type(api, "ui-test-credentials", "UI Test Credentials", CREDS_FIELDS)
+    fields = {"username": "etl", "password": "hunter2", "port": "6543"}
+    block_id = create_block_in_catalogue(ui, "UI Test", "ui-test-credentials", "warehouse-login", fields, "password")
     ui.wait_text(".page-header h1", "warehouse-login")
     ui.wait_ready()
     values = dict(
@@ -1390,18 +1397,10 @@ def test_the_core_block_types_are_in_the_catalogue_and_make_blocks(ui, api, data
     ui.wait_ready()
     shown = set(ui.b.execute("return [...document.querySelectorAll('.catalog-item')].map(e => e.dataset.slug)"))
     assert {"secret", "json", "string", "date-time", "local-file-system", "webhook"} <= shown, shown
-    ui.type("#catalog-search", "Secret")
-    ui.click(".catalog-item[data-slug=secret] a", "Create")
-    ui.wait_text(".page-header h1", "New Secret block")
-    ui.wait_ready()
-    assert ui.el("#block-value").prop("type") == "password"
-    ui.type("#block-name", "warehouse-token")
-    ui.type("#block-value", "tok-3141")
-    ui.click("main button[type=submit]", "Create block")
-    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    secret_id = create_block_in_catalogue(ui, "Secret", "secret", "warehouse-token", {"value": "tok-3141"}, "value")
     ui.wait_text(".page-header h1", "warehouse-token")
     assert "tok-3141" not in ui.text("body")
-    secret = api.get(f"/block_documents/{ui.route().split('/')[-1]}?include_secrets=true")
+    secret = api.get(f"/block_documents/{secret_id}?include_secrets=true")
     assert (secret["block_type"]["slug"], secret["data"]) == ("secret", {"value": "tok-3141"})
     # a JSON block: its value is any JSON, typed as JSON
     ui.open("blocks/catalog/json/create")
