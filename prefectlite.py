@@ -7173,6 +7173,26 @@ CORE_BLOCK_TYPES = [
     ("local-file-system", "Local File System", "Reads and writes files under a folder of the machine it runs on.",
      _block_fields("LocalFileSystem", "A folder.", {"basepath": _field("Base path")}, [], []),
      _FILE_SYSTEM_CAPABILITIES),
+    ("remote-file-system", "Remote File System", "Reads and writes files anywhere fsspec reaches (s3://, gcs://, ...).",
+     _block_fields("RemoteFileSystem", "An fsspec URL.", {
+         "basepath": _field("Base path (with its scheme)"), "settings": _field("Settings for fsspec", "object")},
+         ["basepath"], []),
+     _FILE_SYSTEM_CAPABILITIES),
+    ("smb", "SMB", "Reads and writes files on an SMB (Windows) share.",
+     _block_fields("SMB", "An SMB share.", {
+         "share_path": _field("Share path"), "smb_username": _field("Username", secret=True),
+         "smb_password": _field("Password", secret=True), "smb_host": _field("Host"),
+         "smb_port": _field("Port", "integer")},
+         ["share_path", "smb_host"], ["smb_username", "smb_password"]),
+     _FILE_SYSTEM_CAPABILITIES),
+    ("process", "Process", "Runs a flow run as a process on the agent's machine (Prefect 2's infrastructure blocks).",
+     _block_fields("Process", "A local process.", {
+         "type": _field("Type", enum=["process"], default="process"), "env": _field("Environment", "object"),
+         "labels": _field("Labels", "object"), "name": _field("Name"),
+         "command": {"title": "Command", "type": "array", "items": {"type": "string"}},
+         "stream_output": _field("Stream output", "boolean", default=True), "working_dir": _field("Working directory")},
+         [], []),
+     ["run-infrastructure"]),
     ("webhook", "Webhook", "Calls an HTTP endpoint with a JSON body.",
      _block_fields("Webhook", "An HTTP endpoint.", {
          "method": _field("Method", enum=_HTTP_METHODS, default="POST"), "url": _field("URL", secret=True),

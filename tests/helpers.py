@@ -633,13 +633,25 @@ CORE_BLOCK_DATA = {
     "date-time": {"value": "2026-12-31T23:59:00+00:00"},
     "local-file-system": {"basepath": "/srv/compat-core-blocks"},
     "webhook": {"method": "PUT", "url": "https://hooks.example.com/x", "headers": {"X-Token": "t0k"}},
+    "remote-file-system": {
+        "basepath": "memory://compat-core-blocks/results",
+        "settings": {"skip_instance_cache": True},
+    },
+    "smb": {"share_path": "/results", "smb_host": "files.example.com", "smb_username": "svc", "smb_password": "pw"},
+    "process": {"command": ["python", "-m", "prefect.engine"], "env": {"MODE": "batch"}, "stream_output": False},
 }
 
 
 def assert_core_blocks_loaded(loaded: dict, names: dict) -> None:
     """`loaded` (scenarios/b10_core_blocks.py's answer) holds, for each block in `names`, the data it was made
     with, in the SDK's class of its type."""
-    classes = {"date-time": "DateTime", "json": "JSON", "local-file-system": "LocalFileSystem"}
+    classes = {
+        "date-time": "DateTime",
+        "json": "JSON",
+        "local-file-system": "LocalFileSystem",
+        "remote-file-system": "RemoteFileSystem",
+        "smb": "SMB",
+    }
     assert set(loaded) == set(names), loaded
     for slug in names:
         got = loaded[slug]

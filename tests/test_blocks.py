@@ -174,10 +174,11 @@ def test_block_type_filter_by_schema_capabilities(client):
     found = client.ok(
         "POST", "/block_types/filter", {"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}}
     )
-    # the core Local File System type (registered at start) can read and write paths too
-    assert sorted(t["slug"] for t in found) == sorted([store["slug"], "local-file-system"])
+    # the core file system types (registered at start) can read and write paths too
+    file_systems = ["local-file-system", "remote-file-system", "smb"]
+    assert sorted(t["slug"] for t in found) == sorted([store["slug"], *file_systems])
     found = client.ok("POST", "/block_types/filter", {"block_schemas": {"block_capabilities": {"all_": ["read-path"]}}})
-    assert sorted(t["slug"] for t in found) == sorted([store["slug"], reader["slug"], "local-file-system"])
+    assert sorted(t["slug"] for t in found) == sorted([store["slug"], reader["slug"], *file_systems])
 
 
 def test_block_type_update_changes_only_the_fields_sent(client):
@@ -248,16 +249,25 @@ def test_protected_block_type_patch_is_acknowledged_but_changes_nothing(client):
 
 
 def test_core_block_types_are_registered_at_start_protected_with_a_schema_each(client):
+    files = ["get-directory", "put-directory", "read-path", "write-path"]
     expected = {  # slug: (name, capabilities, secret fields, the fields a block is made of)
         "secret": ("Secret", [], ["value"], {"value"}),
         "json": ("JSON", [], [], {"value"}),
         "string": ("String", [], [], {"value"}),
         "date-time": ("Date Time", [], [], {"value"}),
-        "local-file-system": (
-            "Local File System",
-            ["get-directory", "put-directory", "read-path", "write-path"],
+        "local-file-system": ("Local File System", files, [], {"basepath"}),
+        "remote-file-system": ("Remote File System", files, [], {"basepath", "settings"}),
+        "smb": (
+            "SMB",
+            files,
+            ["smb_username", "smb_password"],
+            {"share_path", "smb_host", "smb_port", "smb_username", "smb_password"},
+        ),
+        "process": (
+            "Process",
+            ["run-infrastructure"],
             [],
-            {"basepath"},
+            {"type", "env", "labels", "name", "command", "stream_output", "working_dir"},
         ),
         "webhook": ("Webhook", [], ["url", "headers.*"], {"method", "url", "headers", "allow_private_urls"}),
     }
@@ -472,7 +482,8 @@ def test_block_schema_filter_by_type_capabilities_and_version(client):
         {"block_schemas": {"block_capabilities": {"all_": ["read-path", "write-path"]}}},
     )
     assert sorted((s["block_type"]["slug"], s["id"]) for s in both) == sorted(
-        [(bt_a["slug"], a_rw["id"]), ("local-file-system", core_schema(client, "local-file-system")["id"])]
+        [(bt_a["slug"], a_rw["id"])]
+        + [(slug, core_schema(client, slug)["id"]) for slug in ("local-file-system", "remote-file-system", "smb")]
     )
     assert ids({"block_schemas": {"block_type_id": {"any_": [bt_a["id"]]}, "version": {"any_": ["2"]}}}) == [a_r["id"]]
     assert ids({"block_schemas": {"id": {"any_": [b_w["id"]]}}}) == [b_w["id"]]

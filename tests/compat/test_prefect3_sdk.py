@@ -637,7 +637,7 @@ def test_the_sdk_finds_its_block_schemas_by_its_own_checksum(run_flow_script, co
 
 def test_blocks_of_the_core_types_made_in_the_ui_load_in_the_sdk(run_flow_script, compat_server, make_core_blocks):
     """The 2.20 test's script (scenarios/b10_core_blocks.py) under the 3.9 SDK, for the core types 3.9 has."""
-    names = make_core_blocks(["secret", "local-file-system", "webhook"])
+    names = make_core_blocks(["secret", "local-file-system", "remote-file-system", "smb", "webhook"])
     script = SCENARIOS_DIR.parent / "scenarios" / "b10_core_blocks.py"
     assert_core_blocks_loaded(script_result(run_flow_script(script, compat_server, args=[json.dumps(names)])), names)
 
