@@ -12804,8 +12804,37 @@ def _tag_limit_row(tx, req, lock=False):
     return row
 
 
+def global_tag_limit_as_v1(tx, tag: str) -> dict | None:
+    """The global limit `tag:NAME` in a tag limit's shape, or None: Prefect 3.9 reads a tag's limit there
+    first. Its active_slots are the task runs holding an unexpired lease on it, oldest lease first."""
+    row = tx.query_one("SELECT * FROM concurrency_limit_v2 WHERE name = ?", (TAG_LIMIT_PREFIX + tag,))
+    if row is None:
+        return None
+    limit = decode_row("concurrency_limit_v2", row)
+    rows = tx.query(
+        "SELECT limit_ids, holder FROM concurrency_lease WHERE limit_ids LIKE ? AND expiration > ? "
+        "ORDER BY created, id",
+        (f"%{limit['id']}%", now_iso()),
+    )
+    leases = [decode_row("concurrency_lease", row) for row in rows]
+    holders = [lease["holder"] or {} for lease in leases if limit["id"] in lease["limit_ids"]]
+    slots = [holder["id"] for holder in holders if holder.get("type") == "task_run"]
+    return {
+        "id": limit["id"],
+        "created": limit["created"],
+        "updated": limit["updated"],
+        "tag": tag,
+        "concurrency_limit": limit["limit"],
+        "active_slots": slots,
+    }
+
+
 def read_tag_limit(app, req):
     with app.db.read() as tx:
+        if "tag" in req.params and client_major(req) == 3:
+            limit = global_tag_limit_as_v1(tx, req.params["tag"])
+            if limit is not None:
+                return 200, limit
         return 200, decode_row("concurrency_limit", _tag_limit_row(tx, req))
 
 
