@@ -8509,6 +8509,15 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         _drop_future_auto_runs(tx, dep_id)
 
 
+class QueueWithoutPool(Exception):
+    """A run asked for a work queue of a deployment that has no work pool to find it in: Prefect refuses it
+    (3.9 with a 400; 2.20 fails with a 500), and the handlers word the refusal as Prefect does."""
+
+    def __init__(self, queue_name: str):
+        super().__init__(queue_name)
+        self.queue_name = queue_name
+
+
 def create_deployment_flow_run(tx, dep_id: str, data: dict, major: int = 2) -> tuple[dict, bool]:
     dep = deployment_out(tx, require_row(tx, "deployment", dep_id, "Deployment"))
     parameters = {**(dep.get("parameters") or {}), **(data.get("parameters") or {})}
@@ -8519,6 +8528,8 @@ def create_deployment_flow_run(tx, dep_id: str, data: dict, major: int = 2) -> t
         errors = validate_parameters(dep["parameter_openapi_schema"], parameters)
         if errors:
             raise ValidationFailed(errors)
+    if data.get("work_queue_name") and not dep.get("work_pool_name"):
+        raise QueueWithoutPool(data["work_queue_name"])
     queue_row = (
         ensure_work_queue(tx, dep["work_pool_name"], data.get("work_queue_name") or dep.get("work_queue_name"))
         if (dep.get("work_pool_name") or data.get("work_queue_name") or dep.get("work_queue_name"))
@@ -13163,6 +13174,11 @@ BULK_CREATE_LIMIT = 100
 
 def _creation_error(exc: Exception) -> str:
     """Why a run of a bulk create was not made, in Prefect's words where they are known."""
+    if isinstance(exc, QueueWithoutPool):  # shorter than a single create's refusal
+        return (
+            f"Cannot create flow run in work queue {exc.queue_name} because deployment is not associated "
+            "with a work pool."
+        )
     if isinstance(exc, ValidationFailed):
         parts = []
         for err in exc.errors:
@@ -13188,7 +13204,7 @@ def bulk_create_deployment_flow_runs(app, req):
         for data in req.data:
             try:
                 run, _created = create_deployment_flow_run(tx, req.uuid(), data, client_major(req))
-            except (ValidationFailed, NotFound, Conflict, HTTPError) as exc:  # raised before it writes anything
+            except (ValidationFailed, NotFound, Conflict, HTTPError, QueueWithoutPool) as exc:  # before any write
                 results.append({"flow_run_id": None, "status": "FAILED", "error": _creation_error(exc)})
                 continue
             results.append({"flow_run_id": run["id"], "status": "CREATED", "error": None})
@@ -13225,8 +13241,15 @@ resume_deployment.__name__ = "resume_deployment"
 
 @body(DeploymentFlowRunCreate)
 def create_deployment_flow_run_handler(app, req):
-    with app.db.write() as tx:
-        run, created = create_deployment_flow_run(tx, req.uuid(), req.data, client_major(req))
+    try:
+        with app.db.write() as tx:
+            run, created = create_deployment_flow_run(tx, req.uuid(), req.data, client_major(req))
+    except QueueWithoutPool as exc:  # Prefect 3.9's words, for 2.x clients too (2.20 answers a bare 500)
+        raise HTTPError(
+            400,
+            f"Cannot create flow run in work queue {exc.queue_name} because deployment {req.uuid()} is not "
+            "associated with a work pool. Please remove work_pool_name and try again.",
+        ) from None
     return (201 if created else 200), run
 
 

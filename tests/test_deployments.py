@@ -575,6 +575,39 @@ def test_create_flow_run_goes_to_the_deployments_work_queue(quiet_client):
     assert {o["flow_run"]["id"] for o in offered} >= {run["id"], routed["id"]}
 
 
+def test_a_run_cannot_ask_for_a_work_queue_of_a_deployment_without_a_work_pool(quiet_client):
+    """Prefect 3.9 refuses with a 400 (2.20 fails with a 500), and a bulk create fails that run alone, in
+    shorter words; an empty queue name asks for none."""
+    client = quiet_client
+    dep = new_deployment(client)
+    assert (dep["work_pool_name"], dep["work_queue_name"]) == (None, None)
+    detail = (
+        f"Cannot create flow run in work queue elsewhere because deployment {dep['id']} is not associated with a "
+        "work pool. Please remove work_pool_name and try again."
+    )
+    for headers in ({}, PREFECT3_AGENT):
+        status, body = client.post(
+            f"/deployments/{dep['id']}/create_flow_run", {"work_queue_name": "elsewhere"}, headers=headers
+        )
+        assert (status, body) == (400, {"detail": detail})
+    assert runs_of(client, dep["id"]) == []
+    assert client.post("/work_queues/filter", {"work_queues": {"name": {"any_": ["elsewhere"]}}}) == (200, [])
+    assert run_from(client, dep["id"], work_queue_name="")["work_queue_id"] is None
+
+    status, answer = client.post(
+        f"/deployments/{dep['id']}/create_flow_run/bulk", [{"work_queue_name": "elsewhere"}, {}], headers=PREFECT3_AGENT
+    )
+    assert status == 200, answer
+    refused, made = answer["results"]
+    assert refused == {
+        "flow_run_id": None,
+        "status": "FAILED",
+        "error": "Cannot create flow run in work queue elsewhere because deployment is not associated with a work "
+        "pool.",
+    }
+    assert made["status"] == "CREATED"
+
+
 def test_create_with_unknown_work_pool_is_404(client):
     flow = new_flow(client)
     name = unique("nowhere")
