@@ -646,6 +646,11 @@ class Database:
     def forget_columns(self):
         self._columns.clear()
 
+    def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
+        """SQL and its parameters for stored JSON object text {x} as a value inside json_object, the object at
+        its `key` given those of the `defaults` it lacks (one it has, null or not, stays as it is)."""
+        raise NotImplementedError
+
     def _log_sql(self, sql, params):
         if self.echo:
             sql_log.info("SQL %s %s", " ".join(sql.split()), "[%d params]" % len(params) if params else "")
@@ -984,6 +989,11 @@ class SqliteDatabase(Database):
     byte_length = "LENGTH(CAST({x} AS BLOB))"  # LENGTH of a text counts characters, and stops at a NUL
     min_version = (3, 24, 0)
     one_writer = True
+
+    def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
+        pairs = ", ".join("?, json(?)" for _ in defaults)  # json_insert sets a path only where there is none
+        params = tuple(v for name, value in defaults.items() for v in (f'$."{key}"."{name}"', json.dumps(value)))
+        return f"json_insert(json({x}), {pairs})", params
 
     def __init__(self, url, path, settings=None):
         super().__init__(url, settings)
@@ -1523,6 +1533,11 @@ class PostgresDatabase(Database):
     byte_length = "OCTET_LENGTH({x})"
     min_server_version = 130000
     migration_lock = "SELECT pg_advisory_xact_lock(7270701)"
+
+    def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
+        # `||` keeps the right-hand (stored) value of a key both have
+        merged = f"(?)::jsonb || COALESCE(({x})::jsonb -> CAST(? AS text), '{{}}'::jsonb)"
+        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", (key, json.dumps(defaults), key)
 
     def __init__(self, url, conninfo: dict, settings=None):
         super().__init__(url, settings)
@@ -4283,6 +4298,17 @@ STATE_DETAIL_DEFAULTS = {
     "task_parameters_id": None,
 }
 LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
+# The details Prefect 3 added: 3.9's server answers every state with them, these where it was made without them
+# (the scheduler's states, the rules'). Only 3.x clients read them: 2.20's SDK in test mode refuses a state
+# with a detail it does not know.
+STATE_DETAIL_DEFAULTS_3 = {"deferred": False, "traceparent": None, LEASE_DETAIL: None}
+
+
+def state_for_client(state: dict | None, major: int) -> dict | None:
+    """A state as a client of `major` (client_major) reads it."""
+    if major != 3 or not state:
+        return state
+    return {**state, "state_details": {**STATE_DETAIL_DEFAULTS_3, **(state.get("state_details") or {})}}
 
 
 def default_state_name(state_type: str) -> str:
@@ -5407,22 +5433,27 @@ def run_json_select(tx, table: str, now: str, major: int = 2) -> tuple[str, tupl
     hidden, json_cols, bools = HIDDEN_COLUMNS.get(t, ()), JSON_COLUMNS.get(t, ()), BOOL_COLUMNS.get(t, ())
     if major == 3 and t in ("flow_run", "task_run"):  # as flow_run_out and task_run_out
         hidden = tuple(col for col in hidden if col != "labels")
-    pairs = []
+    pairs, params = [], []
     for col in db.column_names(tx, t):
         if col in hidden:
             continue
         value = f"{t}.{_quote_column(col)}"
-        if col in json_cols:
+        if col == "state" and major == 3:  # as run_for_client
+            value, state_params = db.json_with_defaults(value, "state_details", STATE_DETAIL_DEFAULTS_3)
+            params.extend(state_params)
+        elif col in json_cols:
             value = db.json_value.format(x=value)
         elif col in bools:
             value = db.json_bool.format(x=value)
         pairs.append(f"'{col}', {value}")
 
     run_time, delta = _run_estimates_sql(db, t)
-    pairs.append(f"'estimated_run_time', {db.round6.format(x=run_time)}")
-    pairs.append(f"'estimated_start_time_delta', {db.round6.format(x=delta)}")
-    sql = f"{db.json_object.format(pairs=', '.join(pairs))} AS doc"
-    return sql, (now,) * sql.count("?")  # every placeholder here is `now` (a dialect may repeat one)
+    estimates = [
+        f"'estimated_run_time', {db.round6.format(x=run_time)}",
+        f"'estimated_start_time_delta', {db.round6.format(x=delta)}",
+    ]
+    params.extend((now,) * "".join(estimates).count("?"))  # every placeholder there is `now` (maybe repeated)
+    return f"{db.json_object.format(pairs=', '.join(pairs + estimates))} AS doc", tuple(params)
 
 
 def _run_estimates_sql(db, t: str) -> tuple[str, str]:
@@ -5458,27 +5489,28 @@ def stored_labels(row: dict) -> dict:
     return (_json_text(labels) if isinstance(labels, str) else labels) or {}
 
 
-def flow_run_out(row, major: int = 2):
-    """A flow run as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
-    run = run_out("flow_run", row)
+def run_for_client(run: dict, labels: dict, major: int) -> dict:
+    """A run (as run_out shows it) as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`
+    (2.20 has none) and its state's 3.x details (state_for_client)."""
     if major == 3:
-        run["labels"] = stored_labels(row)
+        run["labels"] = labels
+        run["state"] = state_for_client(run.get("state"), major)
     return run
+
+
+def flow_run_out(row, major: int = 2):
+    return run_for_client(run_out("flow_run", row), stored_labels(row), major)
 
 
 def task_run_out(row, major: int = 2):
-    """A task run as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
-    run = run_out("task_run", row)
-    if major == 3:
-        run["labels"] = stored_labels(row)
-    return run
+    return run_for_client(run_out("task_run", row), stored_labels(row), major)
 
 
-def state_out(table: str, row: dict) -> dict:
+def state_out(table: str, row: dict, major: int = 2) -> dict:
     state = decode_row(table, row)
     state.pop("created", None)
     state.pop(f"{table[:-6]}_id", None)
-    return state
+    return state_for_client(state, major)
 
 
 # Flows
@@ -5575,10 +5607,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
     if run is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
         return flow_run_out(row, major), False
-    out = decoded_run_out("flow_run", run)
-    if major == 3:  # as flow_run_out
-        out["labels"] = values["labels"]
-    return out, True
+    return run_for_client(decoded_run_out("flow_run", run), values["labels"], major), True
 
 
 def run_work_pool(tx, queue_id: str | None) -> dict:
@@ -5777,10 +5806,7 @@ def create_task_run(tx, data: dict, major: int = 2) -> tuple[dict, bool]:
         if row is None:  # what conflicted was the id the client chose
             raise Conflict(f"A task run with id {values['id']} already exists.")
         return task_run_out(row, major), False
-    out = decoded_run_out("task_run", run)
-    if major == 3:
-        out["labels"] = values["labels"]
-    return out, True
+    return run_for_client(decoded_run_out("task_run", run), values["labels"], major), True
 
 
 # Logs
@@ -8091,13 +8117,24 @@ DEPLOYMENT_SCHEDULE_FIELDS_2 = (
     "max_scheduled_runs",
     "catchup",
 )
+# 3.9's: slug and parameters too, and no longer max_active_runs nor catchup
+DEPLOYMENT_SCHEDULE_FIELDS_3 = (
+    "id",
+    "created",
+    "updated",
+    "deployment_id",
+    "schedule",
+    "active",
+    "max_scheduled_runs",
+    "parameters",
+    "slug",
+)
 
 
 def schedule_for_client(major: int, schedule: dict) -> dict:
-    """A deployment schedule in the shape of a client major version (3.x also reads slug and parameters)."""
-    if major == 3:
-        return schedule
-    return {k: schedule.get(k) for k in DEPLOYMENT_SCHEDULE_FIELDS_2}
+    """A deployment schedule in the shape of a client major version."""
+    fields = DEPLOYMENT_SCHEDULE_FIELDS_3 if major == 3 else DEPLOYMENT_SCHEDULE_FIELDS_2
+    return {k: schedule.get(k) for k in fields}
 
 
 _DEPLOYMENT_FIELDS = {
@@ -12138,7 +12175,12 @@ def bulk_set_flow_run_state(app, req):
                     tx, "flow", run_id, json.loads(dumps(req.data["state"])), req.data["force"], client_major(req)
                 )
             results.append(
-                {"flow_run_id": run_id, "status": outcome.status, "state": outcome.state, "details": outcome.details()}
+                {
+                    "flow_run_id": run_id,
+                    "status": outcome.status,
+                    "state": state_for_client(outcome.state, client_major(req)),
+                    "details": outcome.details(),
+                }
             )
         except (NotFound, Conflict, ValidationFailed, HTTPError, IntegrityViolation, DataRejected) as exc:
             reason = getattr(exc, "detail", None) or str(exc)
@@ -12206,8 +12248,12 @@ def download_flow_run_logs(app, req):
     return 200, RawBody(out.getvalue().encode(), "text/csv; charset=utf-8"), {"Content-Disposition": disposition}
 
 
-def _orchestration_reply(outcome: Outcome):
-    payload = {"state": outcome.state, "status": outcome.status, "details": outcome.details()}
+def _orchestration_reply(req, outcome: Outcome):
+    payload = {
+        "state": state_for_client(outcome.state, client_major(req)),
+        "status": outcome.status,
+        "details": outcome.details(),
+    }
     return (201 if outcome.written else 200), payload
 
 
@@ -12215,7 +12261,7 @@ def _orchestration_reply(outcome: Outcome):
 def set_flow_run_state(app, req):
     with app.db.write() as tx:
         outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], bool(req.data["force"]), client_major(req))
-    return _orchestration_reply(outcome)
+    return _orchestration_reply(req, outcome)
 
 
 def resume_flow_run_handler(app, req):
@@ -12224,7 +12270,7 @@ def resume_flow_run_handler(app, req):
         raise ValidationFailed([_error(("body", "run_input"), "value is not a valid dict", "type_error.dict")])
     with app.db.write() as tx:
         outcome = resume_flow_run(tx, req.uuid(), run_input)
-    return _orchestration_reply(outcome)
+    return _orchestration_reply(req, outcome)
 
 
 FlowRunInputCreate = Schema(
@@ -12316,11 +12362,11 @@ def _read_states(table, run_column):
         run_id = parse_uuid(run_id, ("query", run_column))
         with app.db.read() as tx:
             rows = tx.query(f"SELECT * FROM {table} WHERE {run_column} = ? ORDER BY timestamp, id", (run_id,))
-        return 200, [state_out(table, r) for r in rows]
+        return 200, [state_out(table, r, client_major(req)) for r in rows]
 
     def read_state(app, req):
         with app.db.read() as tx:
-            return 200, state_out(table, require_row(tx, table, req.uuid(), "State"))
+            return 200, state_out(table, require_row(tx, table, req.uuid(), "State"), client_major(req))
 
     read_states.__name__, read_state.__name__ = f"read_{table}s", f"read_{table}"
     return read_states, read_state
@@ -12365,7 +12411,7 @@ def delete_task_run(app, req):
 def set_task_run_state(app, req):
     with app.db.write() as tx:
         outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], bool(req.data["force"]))
-    return _orchestration_reply(outcome)
+    return _orchestration_reply(req, outcome)
 
 
 TaskWorkerFilter = Schema("TaskWorkerFilter", {"task_keys": Field(ListOf("str"), required=True, nullable=False)})
@@ -13743,7 +13789,8 @@ def read_work_queue_runs(app, req):
     with app.db.write() as tx:
         row = require_row(tx, "work_queue", req.uuid(), "Work queue")
         pool = decode_row("work_pool", read_row(tx, "work_pool", row["work_pool_id"]))
-        runs = scheduled_runs_for_pool(tx, pool, {**req.data, "work_queue_names": [row["name"]]}, app.settings)
+        data = {**req.data, "work_queue_names": [row["name"]]}
+        runs = scheduled_runs_for_pool(tx, pool, data, app.settings, client_major(req))
         return 200, [item["flow_run"] for item in runs]
 
 

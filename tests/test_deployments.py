@@ -830,6 +830,21 @@ SCHEDULE_FIELDS_2 = {
     "max_scheduled_runs",
     "catchup",
 }  # the 2.20 contract's DeploymentSchedule
+SCHEDULE_FIELDS_3 = SCHEDULE_FIELDS_2 - {"max_active_runs", "catchup"} | {"parameters", "slug"}  # 3.9's
+
+
+def test_3x_clients_read_schedules_with_3_9s_fields(quiet_client):
+    """Prefect 3.9's DeploymentSchedule (observed) has slug and parameters, and no longer max_active_runs nor
+    catchup: a 3.x caller reads exactly its fields, in a deployment, its schedules, and the ones it adds."""
+    client = quiet_client
+    dep = new_deployment(client, headers=PREFECT3_AGENT, schedules=[{"schedule": {"interval": 3600}}])
+    added = client.ok(
+        "POST", f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": 60}}], headers=PREFECT3_AGENT
+    )
+    read = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)
+    listed = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)
+    schedules = [*dep["schedules"], *added, *read["schedules"], *listed]
+    assert [set(s) for s in schedules] == [SCHEDULE_FIELDS_3] * 6, schedules
 
 
 def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(quiet_client):
