@@ -8178,18 +8178,14 @@ DeploymentCreate = Schema(
     },
 )
 # Prefect's DeploymentUpdate (3.9's and 2.20's) forbids other fields, labels among them (a 422), bar the
-# names older clients sent for the pool and queue, which it drops, and 3.x's version_info, which we do not keep
+# names older clients sent for the pool and queue, which it drops, and 3.9's version_info, which we do not keep
+_OLD_POOL_NAMES = ("worker_pool_queue_id", "worker_pool_name", "worker_pool_queue_name", "work_pool_queue_name")
 DeploymentUpdate = Schema(
-    "DeploymentUpdate",
-    dict(_DEPLOYMENT_FIELDS),
-    forbid_extra=True,
-    tolerated=(
-        "version_info",
-        "worker_pool_queue_id",
-        "worker_pool_name",
-        "worker_pool_queue_name",
-        "work_pool_queue_name",
-    ),
+    "DeploymentUpdate", dict(_DEPLOYMENT_FIELDS), forbid_extra=True, tolerated=("version_info", *_OLD_POOL_NAMES)
+)
+# 2.20's has no version_info: a 2.x client sending one gets its 422
+DeploymentUpdate2 = Schema(
+    "DeploymentUpdate_2_20", dict(_DEPLOYMENT_FIELDS), forbid_extra=True, tolerated=_OLD_POOL_NAMES
 )
 DeploymentFlowRunCreate = Schema(
     "DeploymentFlowRunCreate",
@@ -11851,11 +11847,13 @@ def _cached(handler):
     return cached
 
 
-def body(schema):
-    """Mark a handler with the schema of its request body (validation, defaults and OpenAPI)."""
+def body(schema, for_2x=None):
+    """Mark a handler with the schema of its request body (validation, defaults and OpenAPI); `for_2x`, when
+    given, is the one a 2.x client's body meets instead (client_major), where 2.20's differs from 3.9's."""
 
     def mark(handler):
         handler.body_schema = schema
+        handler.body_schema_2 = for_2x
         return handler
 
     return mark
@@ -13189,7 +13187,7 @@ def read_deployment_by_name(app, req):
         return 200, deployment_for_client(req, deployment_out(tx, row, app.settings, app.clock()))
 
 
-@body(DeploymentUpdate)
+@body(DeploymentUpdate, for_2x=DeploymentUpdate2)
 def update_deployment_handler(app, req):
     with app.db.write() as tx:
         update_deployment(tx, req.uuid(), req.data, req.body_dict())
@@ -14400,6 +14398,8 @@ def validate_body(handler, req):
     schema = getattr(handler, "body_schema", None)
     if schema is None:
         return
+    if getattr(handler, "body_schema_2", None) is not None and client_major(req) != 3:
+        schema = handler.body_schema_2
     data = req.json()
     if isinstance(schema, Schema):
         req.data = schema.validate({} if data is None else data, ("body",))

@@ -174,6 +174,29 @@ def test_patching_a_deployment_with_labels_or_another_unknown_field_is_a_422(cli
         assert client.patch(f"/deployments/{dep['id']}", body, headers=PREFECT3_AGENT)[0] == 204
 
 
+def test_a_2x_client_patching_a_deployments_version_info_gets_2_20s_422(client):
+    """Prefect 2.20's DeploymentUpdate has no version_info: PATCH /deployments/{id} with it answers 422 naming it
+    as an extra field, beside any other (observed), and changes nothing; 3.9's takes it. We answered 204 to
+    2.x clients too."""
+    dep = new_deployment(client, tags=["old"])
+    info = {"type": "git", "version": "1"}
+    extra = {"msg": "extra fields not permitted", "type": "value_error.extra"}
+    for headers in (None, {"User-Agent": "prefect/2.20.25 (API 0.8.4)"}):
+        status, answer = client.patch(
+            f"/deployments/{dep['id']}", {"tags": ["new"], "version_info": info}, headers=headers
+        )
+        assert (status, answer["exception_detail"]) == (422, [{"loc": ["body", "version_info"], **extra}]), answer
+    status, answer = client.patch(f"/deployments/{dep['id']}", {"labels": {"a": "b"}, "version_info": info})
+    assert (status, answer["exception_detail"]) == (
+        422,
+        [{"loc": ["body", "labels"], **extra}, {"loc": ["body", "version_info"], **extra}],
+    )
+    assert client.ok("GET", f"/deployments/{dep['id']}")["tags"] == ["old"]
+    body = {"tags": ["new"], "version_info": info}
+    assert client.patch(f"/deployments/{dep['id']}", body, headers=PREFECT3_AGENT) == (204, None)
+    assert client.ok("GET", f"/deployments/{dep['id']}")["tags"] == ["new"]
+
+
 def test_null_is_no_value_of_a_deployments_flags_and_schedules(client):
     """Prefect's servers (3.9 and 2.20, observed) answer 422 to a null `paused`, `schedules` or
     `enforce_parameter_schema` (and `is_schedule_active`), on create and on update, and to a null
