@@ -2108,6 +2108,7 @@ class Field:
     pattern: str | None = None
     description: str = ""
     check: object = None  # a callable(value, loc) -> value for what a kind cannot say; raises ValidationFailed
+    null_is_default: bool = False  # a null sent is taken as the default (as Prefect takes it), not kept as null
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # as str(UUID) writes it
@@ -2274,6 +2275,8 @@ def _kind_openapi(kind) -> dict:
 
 def _validate_value(field: Field, value, loc):
     if value is None:
+        if field.null_is_default:
+            return field.default() if callable(field.default) else field.default
         if field.nullable:  # required or not: a required nullable field may be sent as null
             return None
         raise ValidationFailed([_error(loc, "none is not an allowed value", "type_error.none.not_allowed")])
@@ -2487,7 +2490,7 @@ SetStateBody = Schema(
     "Body_set_state",
     {
         "state": Field(StateCreate, required=True, nullable=False),
-        "force": Field("bool", default=False),  # null is false, as in Prefect
+        "force": Field("bool", default=False, null_is_default=True),  # as in Prefect
     },
 )
 
@@ -2525,7 +2528,7 @@ FlowRunUpdate = Schema(
         "empirical_policy": Field(FlowRunPolicy, nullable=False),
         "tags": Field(ListOf("str"), nullable=False),
         "infrastructure_pid": Field("str"),
-        "job_variables": Field("object"),
+        "job_variables": Field("object", default=dict, null_is_default=True),  # Prefect takes a null: none
     },
     forbid_extra=True,  # as Prefect's (3.9 and 2.20): labels (PATCH /flow_runs/{id}/labels has them) is a 422
 )
@@ -12113,8 +12116,6 @@ def read_flow_run(app, req):
 @body(FlowRunUpdate)
 def update_flow_run(app, req):
     changes = sent_fields(req)
-    if "job_variables" in changes and changes["job_variables"] is None:  # Prefect takes a null: none
-        changes["job_variables"] = {}
     with app.db.write() as tx:
         require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True)
         update_row(tx, "flow_run", req.uuid(), {**changes, "updated": now_iso()})
@@ -12258,7 +12259,7 @@ def _orchestration_reply(req, outcome: Outcome):
 @body(SetStateBody)
 def set_flow_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], bool(req.data["force"]), client_major(req))
+        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"], client_major(req))
     return _orchestration_reply(req, outcome)
 
 
@@ -12408,7 +12409,7 @@ def delete_task_run(app, req):
 @body(SetStateBody)
 def set_task_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], bool(req.data["force"]))
+        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], req.data["force"])
     return _orchestration_reply(req, outcome)
 
 

@@ -457,6 +457,8 @@ def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
     assert client.ok("GET", f"/flow_runs/{run['id']}")["state_type"] == "PENDING"
     assert client.ok("POST", path, {"state": {"type": "RUNNING"}, "force": None})["status"] == "ACCEPT"
     assert client.ok("POST", path, {"state": {"type": "SCHEDULED"}, "force": 1})["status"] == "ACCEPT"
+    client.ok("POST", path, {"state": {"type": "COMPLETED"}, "force": True})
+    assert client.ok("POST", path, {"state": {"type": "CRASHED"}, "force": None})["status"] == "ABORT"  # not forced
 
     body = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
     for bad in ({"x": None}, {"x": {"input_type": "parameter", "name": "p"}}, {"x": [1]}):
@@ -468,9 +470,14 @@ def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
     policy = {"retries": 1, "retry_delay": True}  # true is 1 here too
     task_run = client.ok("POST", "/task_runs/", {**body, "task_inputs": inputs, "empirical_policy": policy})
     assert client.ok("GET", f"/task_runs/{task_run['id']}")["task_inputs"] == inputs
+    task_path = f"/task_runs/{task_run['id']}/set_state"
+    client.ok("POST", task_path, {"state": {"type": "COMPLETED"}, "force": True})
+    assert client.ok("POST", task_path, {"state": {"type": "CRASHED"}, "force": None})["status"] == "ABORT"
 
+    assert client.patch(f"/flow_runs/{run['id']}", {"job_variables": {"cpu": 2}}) == (204, None)
     status, answer = client.patch(f"/flow_runs/{run['id']}", {"job_variables": None})
     assert status == 204, answer
+    assert client.ok("GET", f"/flow_runs/{run['id']}")["job_variables"] == {}  # null: none
     log = {"name": "n", "level": True, "message": "m", "timestamp": iso(now()), "flow_run_id": run["id"]}
     client.ok("POST", "/logs/", [log])
     assert [entry["level"] for entry in client.ok("POST", "/logs/filter", {})] == [1]
