@@ -646,6 +646,11 @@ class Database:
     def forget_columns(self):
         self._columns.clear()
 
+    def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
+        """SQL and its parameters for stored JSON object text {x} as a value inside json_object, the object at
+        its `key` given those of the `defaults` it lacks (one it has, null or not, stays as it is)."""
+        raise NotImplementedError
+
     def _log_sql(self, sql, params):
         if self.echo:
             sql_log.info("SQL %s %s", " ".join(sql.split()), "[%d params]" % len(params) if params else "")
@@ -984,6 +989,11 @@ class SqliteDatabase(Database):
     byte_length = "LENGTH(CAST({x} AS BLOB))"  # LENGTH of a text counts characters, and stops at a NUL
     min_version = (3, 24, 0)
     one_writer = True
+
+    def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
+        pairs = ", ".join("?, json(?)" for _ in defaults)  # json_insert sets a path only where there is none
+        params = tuple(v for name, value in defaults.items() for v in (f'$."{key}"."{name}"', json.dumps(value)))
+        return f"json_insert(json({x}), {pairs})", params
 
     def __init__(self, url, path, settings=None):
         super().__init__(url, settings)
@@ -1523,6 +1533,11 @@ class PostgresDatabase(Database):
     byte_length = "OCTET_LENGTH({x})"
     min_server_version = 130000
     migration_lock = "SELECT pg_advisory_xact_lock(7270701)"
+
+    def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
+        # `||` keeps the right-hand (stored) value of a key both have
+        merged = f"(?)::jsonb || COALESCE(({x})::jsonb -> CAST(? AS text), '{{}}'::jsonb)"
+        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", (key, json.dumps(defaults), key)
 
     def __init__(self, url, conninfo: dict, settings=None):
         super().__init__(url, settings)
@@ -2093,6 +2108,7 @@ class Field:
     pattern: str | None = None
     description: str = ""
     check: object = None  # a callable(value, loc) -> value for what a kind cannot say; raises ValidationFailed
+    null_is_default: bool = False  # a null sent is taken as the default (as Prefect takes it), not kept as null
 
 
 _CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")  # as str(UUID) writes it
@@ -2259,6 +2275,8 @@ def _kind_openapi(kind) -> dict:
 
 def _validate_value(field: Field, value, loc):
     if value is None:
+        if field.null_is_default:
+            return field.default() if callable(field.default) else field.default
         if field.nullable:  # required or not: a required nullable field may be sent as null
             return None
         raise ValidationFailed([_error(loc, "none is not an allowed value", "type_error.none.not_allowed")])
@@ -2472,7 +2490,7 @@ SetStateBody = Schema(
     "Body_set_state",
     {
         "state": Field(StateCreate, required=True, nullable=False),
-        "force": Field("bool", default=False),  # null is false, as in Prefect
+        "force": Field("bool", default=False, null_is_default=True),  # as in Prefect
     },
 )
 
@@ -2510,7 +2528,7 @@ FlowRunUpdate = Schema(
         "empirical_policy": Field(FlowRunPolicy, nullable=False),
         "tags": Field(ListOf("str"), nullable=False),
         "infrastructure_pid": Field("str"),
-        "job_variables": Field("object"),
+        "job_variables": Field("object", default=dict, null_is_default=True),  # Prefect takes a null: none
     },
     forbid_extra=True,  # as Prefect's (3.9 and 2.20): labels (PATCH /flow_runs/{id}/labels has them) is a 422
 )
@@ -4283,6 +4301,17 @@ STATE_DETAIL_DEFAULTS = {
     "task_parameters_id": None,
 }
 LEASE_DETAIL = "deployment_concurrency_lease_id"  # see "Deployment concurrency limits" below
+# The details Prefect 3 added: 3.9's server answers every state with them, these where it was made without them
+# (the scheduler's states, the rules'). Only 3.x clients read them: 2.20's SDK in test mode refuses a state
+# with a detail it does not know.
+STATE_DETAIL_DEFAULTS_3 = {"deferred": False, "traceparent": None, LEASE_DETAIL: None}
+
+
+def state_for_client(state: dict | None, major: int) -> dict | None:
+    """A state as a client of `major` (client_major) reads it."""
+    if major != 3 or not state:
+        return state
+    return {**state, "state_details": {**STATE_DETAIL_DEFAULTS_3, **(state.get("state_details") or {})}}
 
 
 def default_state_name(state_type: str) -> str:
@@ -5407,22 +5436,27 @@ def run_json_select(tx, table: str, now: str, major: int = 2) -> tuple[str, tupl
     hidden, json_cols, bools = HIDDEN_COLUMNS.get(t, ()), JSON_COLUMNS.get(t, ()), BOOL_COLUMNS.get(t, ())
     if major == 3 and t in ("flow_run", "task_run"):  # as flow_run_out and task_run_out
         hidden = tuple(col for col in hidden if col != "labels")
-    pairs = []
+    pairs, params = [], []
     for col in db.column_names(tx, t):
         if col in hidden:
             continue
         value = f"{t}.{_quote_column(col)}"
-        if col in json_cols:
+        if col == "state" and major == 3:  # as run_for_client
+            value, state_params = db.json_with_defaults(value, "state_details", STATE_DETAIL_DEFAULTS_3)
+            params.extend(state_params)
+        elif col in json_cols:
             value = db.json_value.format(x=value)
         elif col in bools:
             value = db.json_bool.format(x=value)
         pairs.append(f"'{col}', {value}")
 
     run_time, delta = _run_estimates_sql(db, t)
-    pairs.append(f"'estimated_run_time', {db.round6.format(x=run_time)}")
-    pairs.append(f"'estimated_start_time_delta', {db.round6.format(x=delta)}")
-    sql = f"{db.json_object.format(pairs=', '.join(pairs))} AS doc"
-    return sql, (now,) * sql.count("?")  # every placeholder here is `now` (a dialect may repeat one)
+    estimates = [
+        f"'estimated_run_time', {db.round6.format(x=run_time)}",
+        f"'estimated_start_time_delta', {db.round6.format(x=delta)}",
+    ]
+    params.extend((now,) * "".join(estimates).count("?"))  # every placeholder there is `now` (maybe repeated)
+    return f"{db.json_object.format(pairs=', '.join(pairs + estimates))} AS doc", tuple(params)
 
 
 def _run_estimates_sql(db, t: str) -> tuple[str, str]:
@@ -5458,27 +5492,28 @@ def stored_labels(row: dict) -> dict:
     return (_json_text(labels) if isinstance(labels, str) else labels) or {}
 
 
-def flow_run_out(row, major: int = 2):
-    """A flow run as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
-    run = run_out("flow_run", row)
+def run_for_client(run: dict, labels: dict, major: int) -> dict:
+    """A run (as run_out shows it) as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`
+    (2.20 has none) and its state's 3.x details (state_for_client)."""
     if major == 3:
-        run["labels"] = stored_labels(row)
+        run["labels"] = labels
+        run["state"] = state_for_client(run.get("state"), major)
     return run
+
+
+def flow_run_out(row, major: int = 2):
+    return run_for_client(run_out("flow_run", row), stored_labels(row), major)
 
 
 def task_run_out(row, major: int = 2):
-    """A task run as a client of `major` (client_major) reads it: Prefect 3 shows its `labels`, 2.20 has none."""
-    run = run_out("task_run", row)
-    if major == 3:
-        run["labels"] = stored_labels(row)
-    return run
+    return run_for_client(run_out("task_run", row), stored_labels(row), major)
 
 
-def state_out(table: str, row: dict) -> dict:
+def state_out(table: str, row: dict, major: int = 2) -> dict:
     state = decode_row(table, row)
     state.pop("created", None)
     state.pop(f"{table[:-6]}_id", None)
-    return state
+    return state_for_client(state, major)
 
 
 # Flows
@@ -5575,10 +5610,7 @@ def create_flow_run(tx, data: dict, extra: dict | None = None, major: int = 2) -
     if run is None:
         row = tx.query_one("SELECT * FROM flow_run WHERE flow_id = ? AND idempotency_key = ?", (data["flow_id"], key))
         return flow_run_out(row, major), False
-    out = decoded_run_out("flow_run", run)
-    if major == 3:  # as flow_run_out
-        out["labels"] = values["labels"]
-    return out, True
+    return run_for_client(decoded_run_out("flow_run", run), values["labels"], major), True
 
 
 def run_work_pool(tx, queue_id: str | None) -> dict:
@@ -5777,10 +5809,7 @@ def create_task_run(tx, data: dict, major: int = 2) -> tuple[dict, bool]:
         if row is None:  # what conflicted was the id the client chose
             raise Conflict(f"A task run with id {values['id']} already exists.")
         return task_run_out(row, major), False
-    out = decoded_run_out("task_run", run)
-    if major == 3:
-        out["labels"] = values["labels"]
-    return out, True
+    return run_for_client(decoded_run_out("task_run", run), values["labels"], major), True
 
 
 # Logs
@@ -8201,13 +8230,24 @@ DEPLOYMENT_SCHEDULE_FIELDS_2 = (
     "max_scheduled_runs",
     "catchup",
 )
+# 3.9's: slug and parameters too, and no longer max_active_runs nor catchup
+DEPLOYMENT_SCHEDULE_FIELDS_3 = (
+    "id",
+    "created",
+    "updated",
+    "deployment_id",
+    "schedule",
+    "active",
+    "max_scheduled_runs",
+    "parameters",
+    "slug",
+)
 
 
 def schedule_for_client(major: int, schedule: dict) -> dict:
-    """A deployment schedule in the shape of a client major version (3.x also reads slug and parameters)."""
-    if major == 3:
-        return schedule
-    return {k: schedule.get(k) for k in DEPLOYMENT_SCHEDULE_FIELDS_2}
+    """A deployment schedule in the shape of a client major version."""
+    fields = DEPLOYMENT_SCHEDULE_FIELDS_3 if major == 3 else DEPLOYMENT_SCHEDULE_FIELDS_2
+    return {k: schedule.get(k) for k in fields}
 
 
 _DEPLOYMENT_FIELDS = {
@@ -8251,18 +8291,14 @@ DeploymentCreate = Schema(
     },
 )
 # Prefect's DeploymentUpdate (3.9's and 2.20's) forbids other fields, labels among them (a 422), bar the
-# names older clients sent for the pool and queue, which it drops, and 3.x's version_info, which we do not keep
+# names older clients sent for the pool and queue, which it drops, and 3.9's version_info, which we do not keep
+_OLD_POOL_NAMES = ("worker_pool_queue_id", "worker_pool_name", "worker_pool_queue_name", "work_pool_queue_name")
 DeploymentUpdate = Schema(
-    "DeploymentUpdate",
-    dict(_DEPLOYMENT_FIELDS),
-    forbid_extra=True,
-    tolerated=(
-        "version_info",
-        "worker_pool_queue_id",
-        "worker_pool_name",
-        "worker_pool_queue_name",
-        "work_pool_queue_name",
-    ),
+    "DeploymentUpdate", dict(_DEPLOYMENT_FIELDS), forbid_extra=True, tolerated=("version_info", *_OLD_POOL_NAMES)
+)
+# 2.20's has no version_info: a 2.x client sending one gets its 422
+DeploymentUpdate2 = Schema(
+    "DeploymentUpdate_2_20", dict(_DEPLOYMENT_FIELDS), forbid_extra=True, tolerated=_OLD_POOL_NAMES
 )
 DeploymentFlowRunCreate = Schema(
     "DeploymentFlowRunCreate",
@@ -8619,6 +8655,15 @@ def update_deployment(tx, dep_id: str, data: dict, sent: dict):
         _drop_future_auto_runs(tx, dep_id)
 
 
+class QueueWithoutPool(Exception):
+    """A run asked for a work queue of a deployment that has no work pool to find it in: Prefect refuses it
+    (3.9 with a 400; 2.20 fails with a 500), and the handlers word the refusal as Prefect does."""
+
+    def __init__(self, queue_name: str):
+        super().__init__(queue_name)
+        self.queue_name = queue_name
+
+
 def create_deployment_flow_run(tx, dep_id: str, data: dict, major: int = 2) -> tuple[dict, bool]:
     dep = deployment_out(tx, require_row(tx, "deployment", dep_id, "Deployment"))
     parameters = {**(dep.get("parameters") or {}), **(data.get("parameters") or {})}
@@ -8629,6 +8674,8 @@ def create_deployment_flow_run(tx, dep_id: str, data: dict, major: int = 2) -> t
         errors = validate_parameters(dep["parameter_openapi_schema"], parameters)
         if errors:
             raise ValidationFailed(errors)
+    if data.get("work_queue_name") and not dep.get("work_pool_name"):
+        raise QueueWithoutPool(data["work_queue_name"])
     queue_row = (
         ensure_work_queue(tx, dep["work_pool_name"], data.get("work_queue_name") or dep.get("work_queue_name"))
         if (dep.get("work_pool_name") or data.get("work_queue_name") or dep.get("work_queue_name"))
@@ -11865,11 +11912,13 @@ def _cached(handler):
     return cached
 
 
-def body(schema):
-    """Mark a handler with the schema of its request body (validation, defaults and OpenAPI)."""
+def body(schema, for_2x=None):
+    """Mark a handler with the schema of its request body (validation, defaults and OpenAPI); `for_2x`, when
+    given, is the one a 2.x client's body meets instead (client_major), where 2.20's differs from 3.9's."""
 
     def mark(handler):
         handler.body_schema = schema
+        handler.body_schema_2 = for_2x
         return handler
 
     return mark
@@ -12129,8 +12178,6 @@ def read_flow_run(app, req):
 @body(FlowRunUpdate)
 def update_flow_run(app, req):
     changes = sent_fields(req)
-    if "job_variables" in changes and changes["job_variables"] is None:  # Prefect takes a null: none
-        changes["job_variables"] = {}
     with app.db.write() as tx:
         require_row(tx, "flow_run", req.uuid(), "Flow run", lock=True)
         update_row(tx, "flow_run", req.uuid(), {**changes, "updated": now_iso()})
@@ -12189,7 +12236,12 @@ def bulk_set_flow_run_state(app, req):
                     tx, "flow", run_id, json.loads(dumps(req.data["state"])), req.data["force"], client_major(req)
                 )
             results.append(
-                {"flow_run_id": run_id, "status": outcome.status, "state": outcome.state, "details": outcome.details()}
+                {
+                    "flow_run_id": run_id,
+                    "status": outcome.status,
+                    "state": state_for_client(outcome.state, client_major(req)),
+                    "details": outcome.details(),
+                }
             )
         except (NotFound, Conflict, ValidationFailed, HTTPError, IntegrityViolation, DataRejected) as exc:
             reason = getattr(exc, "detail", None) or str(exc)
@@ -12257,16 +12309,20 @@ def download_flow_run_logs(app, req):
     return 200, RawBody(out.getvalue().encode(), "text/csv; charset=utf-8"), {"Content-Disposition": disposition}
 
 
-def _orchestration_reply(outcome: Outcome):
-    payload = {"state": outcome.state, "status": outcome.status, "details": outcome.details()}
+def _orchestration_reply(req, outcome: Outcome):
+    payload = {
+        "state": state_for_client(outcome.state, client_major(req)),
+        "status": outcome.status,
+        "details": outcome.details(),
+    }
     return (201 if outcome.written else 200), payload
 
 
 @body(SetStateBody)
 def set_flow_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], bool(req.data["force"]), client_major(req))
-    return _orchestration_reply(outcome)
+        outcome = set_run_state(tx, "flow", req.uuid(), req.data["state"], req.data["force"], client_major(req))
+    return _orchestration_reply(req, outcome)
 
 
 def resume_flow_run_handler(app, req):
@@ -12275,7 +12331,7 @@ def resume_flow_run_handler(app, req):
         raise ValidationFailed([_error(("body", "run_input"), "value is not a valid dict", "type_error.dict")])
     with app.db.write() as tx:
         outcome = resume_flow_run(tx, req.uuid(), run_input)
-    return _orchestration_reply(outcome)
+    return _orchestration_reply(req, outcome)
 
 
 FlowRunInputCreate = Schema(
@@ -12367,11 +12423,11 @@ def _read_states(table, run_column):
         run_id = parse_uuid(run_id, ("query", run_column))
         with app.db.read() as tx:
             rows = tx.query(f"SELECT * FROM {table} WHERE {run_column} = ? ORDER BY timestamp, id", (run_id,))
-        return 200, [state_out(table, r) for r in rows]
+        return 200, [state_out(table, r, client_major(req)) for r in rows]
 
     def read_state(app, req):
         with app.db.read() as tx:
-            return 200, state_out(table, require_row(tx, table, req.uuid(), "State"))
+            return 200, state_out(table, require_row(tx, table, req.uuid(), "State"), client_major(req))
 
     read_states.__name__, read_state.__name__ = f"read_{table}s", f"read_{table}"
     return read_states, read_state
@@ -12415,8 +12471,8 @@ def delete_task_run(app, req):
 @body(SetStateBody)
 def set_task_run_state(app, req):
     with app.db.write() as tx:
-        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], bool(req.data["force"]))
-    return _orchestration_reply(outcome)
+        outcome = set_run_state(tx, "task", req.uuid(), req.data["state"], req.data["force"])
+    return _orchestration_reply(req, outcome)
 
 
 TaskWorkerFilter = Schema("TaskWorkerFilter", {"task_keys": Field(ListOf("str"), required=True, nullable=False)})
@@ -12866,8 +12922,37 @@ def _tag_limit_row(tx, req, lock=False):
     return row
 
 
+def global_tag_limit_as_v1(tx, tag: str) -> dict | None:
+    """The global limit `tag:NAME` in a tag limit's shape, or None: Prefect 3.9 reads a tag's limit there
+    first. Its active_slots are the task runs holding an unexpired lease on it, oldest lease first."""
+    row = tx.query_one("SELECT * FROM concurrency_limit_v2 WHERE name = ?", (TAG_LIMIT_PREFIX + tag,))
+    if row is None:
+        return None
+    limit = decode_row("concurrency_limit_v2", row)
+    rows = tx.query(
+        "SELECT limit_ids, holder FROM concurrency_lease WHERE limit_ids LIKE ? AND expiration > ? "
+        "ORDER BY created, id",
+        (f"%{limit['id']}%", now_iso()),
+    )
+    leases = [decode_row("concurrency_lease", row) for row in rows]
+    holders = [lease["holder"] or {} for lease in leases if limit["id"] in lease["limit_ids"]]
+    slots = [holder["id"] for holder in holders if holder.get("type") == "task_run"]
+    return {
+        "id": limit["id"],
+        "created": limit["created"],
+        "updated": limit["updated"],
+        "tag": tag,
+        "concurrency_limit": limit["limit"],
+        "active_slots": slots,
+    }
+
+
 def read_tag_limit(app, req):
     with app.db.read() as tx:
+        if "tag" in req.params and client_major(req) == 3:
+            limit = global_tag_limit_as_v1(tx, req.params["tag"])
+            if limit is not None:
+                return 200, limit
         return 200, decode_row("concurrency_limit", _tag_limit_row(tx, req))
 
 
@@ -13165,7 +13250,7 @@ def read_deployment_by_name(app, req):
         return 200, deployment_for_client(req, deployment_out(tx, row, app.settings, app.clock()))
 
 
-@body(DeploymentUpdate)
+@body(DeploymentUpdate, for_2x=DeploymentUpdate2)
 def update_deployment_handler(app, req):
     with app.db.write() as tx:
         update_deployment(tx, req.uuid(), req.data, req.body_dict())
@@ -13196,6 +13281,11 @@ BULK_CREATE_LIMIT = 100
 
 def _creation_error(exc: Exception) -> str:
     """Why a run of a bulk create was not made, in Prefect's words where they are known."""
+    if isinstance(exc, QueueWithoutPool):  # shorter than a single create's refusal
+        return (
+            f"Cannot create flow run in work queue {exc.queue_name} because deployment is not associated "
+            "with a work pool."
+        )
     if isinstance(exc, ValidationFailed):
         parts = []
         for err in exc.errors:
@@ -13221,7 +13311,7 @@ def bulk_create_deployment_flow_runs(app, req):
         for data in req.data:
             try:
                 run, _created = create_deployment_flow_run(tx, req.uuid(), data, client_major(req))
-            except (ValidationFailed, NotFound, Conflict, HTTPError) as exc:  # raised before it writes anything
+            except (ValidationFailed, NotFound, Conflict, HTTPError, QueueWithoutPool) as exc:  # before any write
                 results.append({"flow_run_id": None, "status": "FAILED", "error": _creation_error(exc)})
                 continue
             results.append({"flow_run_id": run["id"], "status": "CREATED", "error": None})
@@ -13258,8 +13348,15 @@ resume_deployment.__name__ = "resume_deployment"
 
 @body(DeploymentFlowRunCreate)
 def create_deployment_flow_run_handler(app, req):
-    with app.db.write() as tx:
-        run, created = create_deployment_flow_run(tx, req.uuid(), req.data, client_major(req))
+    try:
+        with app.db.write() as tx:
+            run, created = create_deployment_flow_run(tx, req.uuid(), req.data, client_major(req))
+    except QueueWithoutPool as exc:  # Prefect 3.9's words, for 2.x clients too (2.20 answers a bare 500)
+        raise HTTPError(
+            400,
+            f"Cannot create flow run in work queue {exc.queue_name} because deployment {req.uuid()} is not "
+            "associated with a work pool. Please remove work_pool_name and try again.",
+        ) from None
     return (201 if created else 200), run
 
 
@@ -13753,7 +13850,8 @@ def read_work_queue_runs(app, req):
     with app.db.write() as tx:
         row = require_row(tx, "work_queue", req.uuid(), "Work queue")
         pool = decode_row("work_pool", read_row(tx, "work_pool", row["work_pool_id"]))
-        runs = scheduled_runs_for_pool(tx, pool, {**req.data, "work_queue_names": [row["name"]]}, app.settings)
+        data = {**req.data, "work_queue_names": [row["name"]]}
+        runs = scheduled_runs_for_pool(tx, pool, data, app.settings, client_major(req))
         return 200, [item["flow_run"] for item in runs]
 
 
@@ -14363,6 +14461,8 @@ def validate_body(handler, req):
     schema = getattr(handler, "body_schema", None)
     if schema is None:
         return
+    if getattr(handler, "body_schema_2", None) is not None and client_major(req) != 3:
+        schema = handler.body_schema_2
     data = req.json()
     if isinstance(schema, Schema):
         req.data = schema.validate({} if data is None else data, ("body",))

@@ -245,6 +245,66 @@ def test_a_flow_runs_labels_are_shown_to_3x_clients_with_prefects_defaults(diale
         assert client.patch(f"/flow_runs/{created['id']}/labels", ["not", "a", "dict"])[0] == 422
 
 
+DETAILS_3 = {"deferred": False, "traceparent": None, "deployment_concurrency_lease_id": None}  # 3.9's defaults
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_states_made_without_3x_details_show_3_9s_defaults_to_3x_clients(dialect, tmp_path, request):
+    """Prefect 3.9's server answers every state with the details 3.x added (deferred, traceparent,
+    deployment_concurrency_lease_id), its defaults where the state was made without them: the server's
+    Pending and Scheduled states, a state proposed without them. Details a state has keep their values (null
+    too); 2.x answers stay without them (the 2.20 SDK refuses unknown details in test mode)."""
+    url = f"sqlite:///{tmp_path}/states.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        client, three = Client(api_url), Client(api_url, headers=PREFECT3_AGENT)
+        flow = client.ok("POST", "/flows/", {"name": "stated"})
+        dep = client.ok("POST", "/deployments/", {"name": "d", "flow_id": flow["id"], "work_queue_name": "q"})
+        scheduled = three.ok("POST", f"/deployments/{dep['id']}/create_flow_run", {})
+        pending = three.ok("POST", "/flow_runs/", {"flow_id": flow["id"]})
+        task = three.ok("POST", "/task_runs/", {"flow_run_id": pending["id"], "task_key": "t", "dynamic_key": "0"})
+
+        def details_of(state):
+            return {key: state["state_details"].get(key, "absent") for key in DETAILS_3}
+
+        assert [details_of(run["state"]) for run in (scheduled, pending, task)] == [DETAILS_3] * 3
+        runs = [
+            three.ok("GET", f"/flow_runs/{scheduled['id']}"),
+            *three.ok("POST", "/flow_runs/filter", {}),
+            *three.ok("POST", "/flow_runs/paginate", {})["results"],
+            three.ok("GET", f"/task_runs/{task['id']}"),
+            *three.ok("POST", "/task_runs/filter", {}),
+        ]
+        queued = three.ok("POST", f"/work_queues/{scheduled['work_queue_id']}/get_runs", {})
+        assert [(run["id"], "labels" in run) for run in queued] == [(scheduled["id"], True)]  # labels too, as 3.9's
+        runs += queued
+        states = [
+            *three.ok("GET", f"/flow_run_states/?flow_run_id={scheduled['id']}"),
+            three.ok("GET", f"/flow_run_states/{scheduled['state']['id']}"),
+            *three.ok("GET", f"/task_run_states/?task_run_id={task['id']}"),
+        ]
+        assert [details_of(s) for s in [r["state"] for r in runs] + states] == [DETAILS_3] * (len(runs) + len(states))
+
+        proposed = {"state": {"type": "RUNNING", "state_details": {"deferred": True, "traceparent": None}}}
+        answer = three.ok("POST", f"/flow_runs/{pending['id']}/set_state", proposed)
+        answer_id, kept = answer["state"]["id"], {**DETAILS_3, "deferred": True}
+        assert details_of(answer["state"]) == kept
+        assert details_of(three.ok("GET", f"/flow_runs/{pending['id']}")["state"]) == kept
+        listed = three.ok("POST", "/flow_runs/filter", {"flow_runs": {"id": {"any_": [pending["id"]]}}})
+        assert [details_of(run["state"]) for run in listed] == [kept]
+        answer = three.ok("POST", f"/task_runs/{task['id']}/set_state", {"state": {"type": "RUNNING"}})
+        assert details_of(answer["state"]) == DETAILS_3
+
+        as_2x = [
+            client.ok("GET", f"/flow_runs/{scheduled['id']}")["state"],
+            *(run["state"] for run in client.ok("POST", "/flow_runs/filter", {})),
+            client.ok("GET", f"/task_runs/{task['id']}")["state"],
+            *client.ok("GET", f"/flow_run_states/?flow_run_id={scheduled['id']}"),
+            client.ok("POST", f"/flow_runs/{scheduled['id']}/set_state", {"state": {"type": "PENDING"}})["state"],
+        ]
+        as_2x = [state for state in as_2x if state["id"] != answer_id]  # a 3.x client's, stored as it sent it
+        assert [set(DETAILS_3) & set(s["state_details"]) for s in as_2x] == [set()] * len(as_2x)
+
+
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_flows_labels_are_shown_to_3x_clients(dialect, tmp_path, request):
     """Prefect 3.9's server answers a flow with its `labels` (those it was created with, {} by default; a
@@ -397,6 +457,8 @@ def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
     assert client.ok("GET", f"/flow_runs/{run['id']}")["state_type"] == "PENDING"
     assert client.ok("POST", path, {"state": {"type": "RUNNING"}, "force": None})["status"] == "ACCEPT"
     assert client.ok("POST", path, {"state": {"type": "SCHEDULED"}, "force": 1})["status"] == "ACCEPT"
+    client.ok("POST", path, {"state": {"type": "COMPLETED"}, "force": True})
+    assert client.ok("POST", path, {"state": {"type": "CRASHED"}, "force": None})["status"] == "ABORT"  # not forced
 
     body = {"flow_run_id": run["id"], "task_key": "t", "dynamic_key": "0"}
     for bad in ({"x": None}, {"x": {"input_type": "parameter", "name": "p"}}, {"x": [1]}):
@@ -408,9 +470,14 @@ def test_run_bodies_refuse_what_prefect_refuses_and_take_what_it_takes(client):
     policy = {"retries": 1, "retry_delay": True}  # true is 1 here too
     task_run = client.ok("POST", "/task_runs/", {**body, "task_inputs": inputs, "empirical_policy": policy})
     assert client.ok("GET", f"/task_runs/{task_run['id']}")["task_inputs"] == inputs
+    task_path = f"/task_runs/{task_run['id']}/set_state"
+    client.ok("POST", task_path, {"state": {"type": "COMPLETED"}, "force": True})
+    assert client.ok("POST", task_path, {"state": {"type": "CRASHED"}, "force": None})["status"] == "ABORT"
 
+    assert client.patch(f"/flow_runs/{run['id']}", {"job_variables": {"cpu": 2}}) == (204, None)
     status, answer = client.patch(f"/flow_runs/{run['id']}", {"job_variables": None})
     assert status == 204, answer
+    assert client.ok("GET", f"/flow_runs/{run['id']}")["job_variables"] == {}  # null: none
     log = {"name": "n", "level": True, "message": "m", "timestamp": iso(now()), "flow_run_id": run["id"]}
     client.ok("POST", "/logs/", [log])
     assert [entry["level"] for entry in client.ok("POST", "/logs/filter", {})] == [1]

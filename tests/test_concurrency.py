@@ -621,6 +621,36 @@ def test_v1_slots_of_a_tag_with_a_global_limit_are_leases_of_the_task_run(any_db
     assert take_tags(client, [inactive], holder)[::2] == (200, [])  # an inactive limit takes nothing
 
 
+PREFECT3_AGENT = {"User-Agent": "prefect/3.9.1 (API 0.8.4)"}  # what the 3.9 SDK's PrefectClient sends
+
+
+def test_a_3x_client_reads_a_tags_limit_from_its_global_limit_first(any_db):
+    """Prefect 3.9 answers a tag's limit from the global limit `tag:NAME` when there is one (before a v1 row of
+    the tag), its active_slots the task runs holding leases on it; a 2.x client still reads only v1 rows."""
+    client = any_db
+    three = Client(client.api_url, headers=PREFECT3_AGENT)
+    tag = unique()
+    limit = new_global(client, name=f"tag:{tag}", limit=3)
+    shape = {"id": limit["id"], "created": limit["created"], "updated": limit["updated"], "tag": tag}
+    assert three.get(f"/concurrency_limits/tag/{tag}") == (200, {**shape, "concurrency_limit": 3, "active_slots": []})
+    assert client.get(f"/concurrency_limits/tag/{tag}")[0] == 404
+
+    task_run, flow_run, other_task_run = (str(uuid.uuid4()) for _ in range(3))
+    assert take_tags(client, [tag], task_run)[0] == 200
+    for kind, holder in (("flow_run", flow_run), ("task_run", other_task_run)):
+        body = {"names": [f"tag:{tag}"], "slots": 1, "mode": "concurrency", "holder": {"type": kind, "id": holder}}
+        assert client.post("/v2/concurrency_limits/increment-with-lease", body)[0] == 200
+    read = three.ok("GET", f"/concurrency_limits/tag/{tag}")
+    assert (read["id"], read["active_slots"]) == (limit["id"], [task_run, other_task_run])  # not the flow run's
+
+    both = unique()
+    v1 = set_tag_limit(client, both, 2)
+    other = new_global(client, name=f"tag:{both}", limit=7)
+    read = three.ok("GET", f"/concurrency_limits/tag/{both}")
+    assert (read["id"], read["tag"], read["concurrency_limit"]) == (other["id"], both, 7)
+    assert client.ok("GET", f"/concurrency_limits/tag/{both}") == v1
+
+
 @pytest.mark.parametrize("global_limit_too", [False, True])
 def test_concurrent_v1_increments_never_exceed_a_tag_limit(any_db, global_limit_too):
     """16 task runs ask at once for two tags' slots (one tag's limit a v1 row, the other's a v1 row or a global

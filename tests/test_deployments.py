@@ -174,6 +174,29 @@ def test_patching_a_deployment_with_labels_or_another_unknown_field_is_a_422(cli
         assert client.patch(f"/deployments/{dep['id']}", body, headers=PREFECT3_AGENT)[0] == 204
 
 
+def test_a_2x_client_patching_a_deployments_version_info_gets_2_20s_422(client):
+    """Prefect 2.20's DeploymentUpdate has no version_info: PATCH /deployments/{id} with it answers 422 naming it
+    as an extra field, beside any other (observed), and changes nothing; 3.9's takes it. We answered 204 to
+    2.x clients too."""
+    dep = new_deployment(client, tags=["old"])
+    info = {"type": "git", "version": "1"}
+    extra = {"msg": "extra fields not permitted", "type": "value_error.extra"}
+    for headers in (None, {"User-Agent": "prefect/2.20.25 (API 0.8.4)"}):
+        status, answer = client.patch(
+            f"/deployments/{dep['id']}", {"tags": ["new"], "version_info": info}, headers=headers
+        )
+        assert (status, answer["exception_detail"]) == (422, [{"loc": ["body", "version_info"], **extra}]), answer
+    status, answer = client.patch(f"/deployments/{dep['id']}", {"labels": {"a": "b"}, "version_info": info})
+    assert (status, answer["exception_detail"]) == (
+        422,
+        [{"loc": ["body", "labels"], **extra}, {"loc": ["body", "version_info"], **extra}],
+    )
+    assert client.ok("GET", f"/deployments/{dep['id']}")["tags"] == ["old"]
+    body = {"tags": ["new"], "version_info": info}
+    assert client.patch(f"/deployments/{dep['id']}", body, headers=PREFECT3_AGENT) == (204, None)
+    assert client.ok("GET", f"/deployments/{dep['id']}")["tags"] == ["new"]
+
+
 def test_null_is_no_value_of_a_deployments_flags_and_schedules(client):
     """Prefect's servers (3.9 and 2.20, observed) answer 422 to a null `paused`, `schedules` or
     `enforce_parameter_schema` (and `is_schedule_active`), on create and on update, and to a null
@@ -575,6 +598,39 @@ def test_create_flow_run_goes_to_the_deployments_work_queue(quiet_client):
     assert {o["flow_run"]["id"] for o in offered} >= {run["id"], routed["id"]}
 
 
+def test_a_run_cannot_ask_for_a_work_queue_of_a_deployment_without_a_work_pool(quiet_client):
+    """Prefect 3.9 refuses with a 400 (2.20 fails with a 500), and a bulk create fails that run alone, in
+    shorter words; an empty queue name asks for none."""
+    client = quiet_client
+    dep = new_deployment(client)
+    assert (dep["work_pool_name"], dep["work_queue_name"]) == (None, None)
+    detail = (
+        f"Cannot create flow run in work queue elsewhere because deployment {dep['id']} is not associated with a "
+        "work pool. Please remove work_pool_name and try again."
+    )
+    for headers in ({}, PREFECT3_AGENT):
+        status, body = client.post(
+            f"/deployments/{dep['id']}/create_flow_run", {"work_queue_name": "elsewhere"}, headers=headers
+        )
+        assert (status, body) == (400, {"detail": detail})
+    assert runs_of(client, dep["id"]) == []
+    assert client.post("/work_queues/filter", {"work_queues": {"name": {"any_": ["elsewhere"]}}}) == (200, [])
+    assert run_from(client, dep["id"], work_queue_name="")["work_queue_id"] is None
+
+    status, answer = client.post(
+        f"/deployments/{dep['id']}/create_flow_run/bulk", [{"work_queue_name": "elsewhere"}, {}], headers=PREFECT3_AGENT
+    )
+    assert status == 200, answer
+    refused, made = answer["results"]
+    assert refused == {
+        "flow_run_id": None,
+        "status": "FAILED",
+        "error": "Cannot create flow run in work queue elsewhere because deployment is not associated with a work "
+        "pool.",
+    }
+    assert made["status"] == "CREATED"
+
+
 def test_create_with_unknown_work_pool_is_404(client):
     flow = new_flow(client)
     name = unique("nowhere")
@@ -797,6 +853,21 @@ SCHEDULE_FIELDS_2 = {
     "max_scheduled_runs",
     "catchup",
 }  # the 2.20 contract's DeploymentSchedule
+SCHEDULE_FIELDS_3 = SCHEDULE_FIELDS_2 - {"max_active_runs", "catchup"} | {"parameters", "slug"}  # 3.9's
+
+
+def test_3x_clients_read_schedules_with_3_9s_fields(quiet_client):
+    """Prefect 3.9's DeploymentSchedule (observed) has slug and parameters, and no longer max_active_runs nor
+    catchup: a 3.x caller reads exactly its fields, in a deployment, its schedules, and the ones it adds."""
+    client = quiet_client
+    dep = new_deployment(client, headers=PREFECT3_AGENT, schedules=[{"schedule": {"interval": 3600}}])
+    added = client.ok(
+        "POST", f"/deployments/{dep['id']}/schedules", [{"schedule": {"interval": 60}}], headers=PREFECT3_AGENT
+    )
+    read = client.ok("GET", f"/deployments/{dep['id']}", headers=PREFECT3_AGENT)
+    listed = client.ok("GET", f"/deployments/{dep['id']}/schedules", headers=PREFECT3_AGENT)
+    schedules = [*dep["schedules"], *added, *read["schedules"], *listed]
+    assert [set(s) for s in schedules] == [SCHEDULE_FIELDS_3] * 6, schedules
 
 
 def test_schedule_route_makes_runs_between_start_and_end_a_backfill_in_the_past(quiet_client):
