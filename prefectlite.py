@@ -7717,44 +7717,6 @@ SavedSearchCreate = Schema(
 
 DEFAULT_AGENT_POOL = "default-agent-pool"
 
-# The worker types clients may find, by the package that provides each: GET /collections/views/
-# aggregate-worker-metadata. Prefect's server fetches this from its collections registry, or when it cannot
-# reach it serves a catalogue bundled with it; we serve the same packages and types, offline, with no
-# base job templates (a client uses the template of a worker it has installed). `prefect worker start`
-# reads the package of a pool's type here, to offer installing it.
-WORKER_TYPE_CATALOGUE = {
-    "prefect": {"process": "Process", "prefect-agent": "Prefect Agent"},
-    "prefect-aws": {"ecs": "AWS Elastic Container Service"},
-    "prefect-azure": {"azure-container-instance": "Azure Container Instances"},
-    "prefect-docker": {"docker": "Docker"},
-    "prefect-gcp": {
-        "cloud-run": "Google Cloud Run",
-        "cloud-run-v2": "Google Cloud Run V2",
-        "vertex-ai": "Google Vertex AI",
-    },
-    "prefect-kubernetes": {"kubernetes": "Kubernetes"},
-}
-COLLECTION_VIEWS = ("aggregate-block-metadata", "aggregate-flow-metadata", "aggregate-worker-metadata", "demo-flows")
-
-
-def worker_type_metadata() -> dict:
-    return {
-        package: {
-            kind: {
-                "type": kind,
-                "display_name": name,
-                "install_command": f"pip install {package}",
-                "description": f"Runs flows with the {name} worker of {package}.",
-                "documentation_url": "https://docs.prefect.io/",
-                "logo_url": None,
-                "default_base_job_configuration": {},
-            }
-            for kind, name in types.items()
-        }
-        for package, types in WORKER_TYPE_CATALOGUE.items()
-    }
-
-
 WORKER_OFFLINE_AFTER_HEARTBEATS = 3  # a worker is OFFLINE after missing this many heartbeat intervals
 DEFAULT_HEARTBEAT_SECONDS = 30
 QUEUE_READY_POLL_SECONDS = 60  # a queue polled within this window is READY
@@ -13509,6 +13471,44 @@ def delete_deployment_schedule(app, req):
 
 
 # Handlers: work pools, queues, workers
+
+
+# The worker types clients may find, by the package that provides each: GET /collections/views/
+# aggregate-worker-metadata. Prefect's server fetches this from its collections registry, or when it cannot
+# reach it serves a catalogue bundled with it; we serve the same packages and types, offline, with no
+# base job templates (a client uses the template of a worker it has installed). `prefect worker start`
+# reads the package of a pool's type here, to offer installing it.
+WORKER_TYPE_CATALOGUE = {
+    "prefect": {"process": "Process", "prefect-agent": "Prefect Agent"},
+    "prefect-aws": {"ecs": "AWS Elastic Container Service"},
+    "prefect-azure": {"azure-container-instance": "Azure Container Instances"},
+    "prefect-docker": {"docker": "Docker"},
+    "prefect-gcp": {
+        "cloud-run": "Google Cloud Run",
+        "cloud-run-v2": "Google Cloud Run V2",
+        "vertex-ai": "Google Vertex AI",
+    },
+    "prefect-kubernetes": {"kubernetes": "Kubernetes"},
+}
+COLLECTION_VIEWS = ("aggregate-block-metadata", "aggregate-flow-metadata", "aggregate-worker-metadata", "demo-flows")
+
+
+def worker_type_metadata() -> dict:
+    return {
+        package: {
+            kind: {
+                "type": kind,
+                "display_name": name,
+                "install_command": f"pip install {package}",
+                "description": f"Runs flows with the {name} worker of {package}.",
+                "documentation_url": "https://docs.prefect.io/",
+                "logo_url": None,
+                "default_base_job_configuration": {},
+            }
+            for kind, name in types.items()
+        }
+        for package, types in WORKER_TYPE_CATALOGUE.items()
+    }
 
 
 def read_collection_view(app, req):
