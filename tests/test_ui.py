@@ -1415,6 +1415,18 @@ def test_the_core_block_types_are_in_the_catalogue_and_make_blocks(ui, api, data
     assert settings["data"] == {"value": {"batch": 500, "regions": ["eu", "us"]}}
 
 
+def test_a_block_name_is_checked_by_the_browser_without_console_errors(ui, api, data):
+    """The name's pattern is one the browser compiles (its `v` flag refuses a bare dash in a class)."""
+    ui.b.console_errors()  # drained: only this page's errors count
+    ui.open("blocks/catalog/string/create")
+    ui.wait_text(".page-header h1", "New String block")
+    ui.type("#block-name", "Bad Name")
+    assert ui.b.execute("return document.querySelector('#block-name').validity.patternMismatch") is True
+    ui.type("#block-name", "good-name-2")
+    assert ui.b.execute("return document.querySelector('#block-name').validity.valid") is True
+    assert ui.b.console_errors() == []
+
+
 # ---------------------------------------------------------------- variables
 
 

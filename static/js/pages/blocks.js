@@ -27,7 +27,7 @@ async function refChoices(schema) {
 // A block document form: name + fields from the schema. Used here and by notifications.
 export async function blockDocumentForm(blockType, schema, { doc = null, idPrefix = 'block' } = {}) {
   const choices = await refChoices(schema);
-  const nameIn = h('input', { id: `${idPrefix}-name`, type: 'text', required: true, value: doc ? doc.name : '', readOnly: !!doc, pattern: '[a-z0-9-]+', title: 'Lowercase letters, numbers and dashes' });
+  const nameIn = h('input', { id: `${idPrefix}-name`, type: 'text', required: true, value: doc ? doc.name : '', readOnly: !!doc, pattern: '[a-z0-9\\-]+', title: 'Lowercase letters, numbers and dashes' });
   const sf = schemaForm(schema.fields || {}, doc ? doc.data || {} : {}, { editing: !!doc, idPrefix, blockChoices: (slug) => choices.get(slug) || [] });
   const el = h('div', { class: 'block-form' },
     field('Block name', nameIn, { help: doc ? 'The name of a block cannot be changed.' : 'Lowercase letters, numbers and dashes.' }), sf.el);
