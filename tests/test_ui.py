@@ -1453,6 +1453,28 @@ def test_variables_crud(ui, api, data):
     assert api.request("GET", "/variables/name/db_host")[0] == 404
 
 
+def test_editing_a_json_variable_keeps_its_value_json(ui, api, data):
+    """A variable an SDK saved as an object stays an object when only its tags are edited here."""
+    api.post("/variables/", {"name": "etl_config", "value": {"batch": 500, "regions": ["eu"]}, "tags": []})
+    ui.open("variables")
+    ui.click("main button", "Edit etl_config")
+    ui.type("dialog[open] #var-tags", "prod")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("main tr.var-row", "prod")
+    var = api.get("/variables/name/etl_config")
+    assert (var["value"], var["tags"]) == ({"batch": 500, "regions": ["eu"]}, ["prod"])
+    # bad JSON is refused in words, and nothing is saved
+    ui.click("main button", "Edit etl_config")
+    ui.type("dialog[open] #var-value", '{"batch": 5,}')
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("dialog[open] .error-box", "Value is not valid JSON")
+    ui.click("dialog[open] button", "Cancel")
+    assert api.get("/variables/name/etl_config")["value"] == {"batch": 500, "regions": ["eu"]}
+    ui.click("main button", "Delete etl_config")
+    ui.confirm("Delete")
+    ui.wait_gone("main", "etl_config")
+
+
 # ---------------------------------------------------------------- artifacts
 
 MARKDOWN = """# Daily report
