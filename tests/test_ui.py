@@ -1427,6 +1427,24 @@ def test_a_block_name_is_checked_by_the_browser_without_console_errors(ui, api, 
     assert ui.b.console_errors() == []
 
 
+def test_a_refused_block_value_is_named_under_its_field(ui, api, data):
+    """Bad JSON in a JSON block's value: the words stand under that field, which is marked invalid."""
+    ui.open("blocks/catalog/json/create")
+    ui.wait_text(".page-header h1", "New JSON block")
+    ui.wait_ready()
+    ui.type("#block-name", "bad-settings")
+    ui.type("#block-value", '{"batch": 500,}')
+    ui.click("main button[type=submit]", "Create block")
+    ui.wait_text(".field[data-field=value] .field-error", "Value is not valid JSON")
+    assert ui.el("#block-value").prop("ariaInvalid") == "true"
+    assert ui.route() == "blocks/catalog/json/create"
+    assert not api.post("/block_documents/filter", {"block_documents": {"name": {"any_": ["bad-settings"]}}})
+    ui.type("#block-value", '{"batch": 500}')
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    api.ok("DELETE", f"/block_documents/{ui.route().split('/')[-1]}")
+
+
 # ---------------------------------------------------------------- variables
 
 

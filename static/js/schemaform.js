@@ -108,19 +108,24 @@ export function schemaForm(schema, initial = {}, options = {}) {
         try { return { value: JSON.parse(input.value) }; } catch (e) { return { error: `is not valid JSON (${e.message})` }; }
       };
     }
-    getters.push([name, prop.title || name, get]);
+    // A value refused on submit is named under its own field, besides the form's summary.
+    const errEl = h('p', { class: 'field-error', id: `${id}-error`, hidden: true });
+    getters.push([name, prop.title || name, get, input, errEl]);
     const isCheck = input.type === 'checkbox';
     fields.push(h('div', { class: isCheck ? 'field field-check' : 'field', dataset: { field: name } },
       isCheck ? h('label', { for: id }, input, ' ', label) : [h('label', { for: id }, label, secret ? h('span', { class: 'secret-tag' }, ' secret') : null), input],
-      prop.description ? h('p', { class: 'help muted' }, prop.description) : null));
+      errEl, prop.description ? h('p', { class: 'help muted' }, prop.description) : null));
   }
 
   const el = h('div', { class: 'schema-form' }, fields.length ? fields : h('p', { class: 'muted' }, 'This schema has no fields.'));
   function values() {
     const out = {};
     const errors = [];
-    for (const [name, title, get] of getters) {
+    for (const [name, title, get, input, errEl] of getters) {
       const r = get();
+      errEl.textContent = r.error ? `${title} ${r.error}` : '';
+      errEl.hidden = !r.error;
+      if (r.error) { input.setAttribute('aria-invalid', 'true'); input.setAttribute('aria-describedby', errEl.id); } else { input.removeAttribute('aria-invalid'); input.removeAttribute('aria-describedby'); }
       if (r.error) errors.push(`${title} ${r.error}`);
       else if (!r.skip) out[name] = r.value;
     }
