@@ -1445,6 +1445,26 @@ def test_a_refused_block_value_is_named_under_its_field(ui, api, data):
     api.ok("DELETE", f"/block_documents/{ui.route().split('/')[-1]}")
 
 
+def test_a_date_time_block_shows_the_format_and_refuses_other_text(ui, api, data):
+    ui.open("blocks/catalog/date-time/create")
+    ui.wait_text(".page-header h1", "New Date Time block")
+    ui.wait_ready()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", ui.el("#block-value").prop("placeholder"))
+    ui.type("#block-name", "release-cutoff")
+    for bad in ("next friday", "2026-02-30T10:00:00Z", "2026-12-31"):
+        ui.type("#block-value", bad)
+        ui.click("main button[type=submit]", "Create block")
+        ui.wait_text(".field[data-field=value] .field-error", "Value must be a date and time in ISO 8601")
+        assert ui.route() == "blocks/catalog/date-time/create", bad
+    assert not api.post("/block_documents/filter", {"block_documents": {"name": {"any_": ["release-cutoff"]}}})
+    ui.type("#block-value", "2026-12-31T23:59:00+01:00")
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    doc = api.get(f"/block_documents/{ui.route().split('/')[-1]}")
+    assert doc["data"] == {"value": "2026-12-31T23:59:00+01:00"}
+    api.ok("DELETE", f"/block_documents/{doc['id']}")
+
+
 # ---------------------------------------------------------------- variables
 
 
