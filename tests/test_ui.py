@@ -1870,6 +1870,22 @@ def page_is_styled(ui):
     )
 
 
+def test_an_automation_in_json_is_not_held_back_by_the_hidden_form(ui, api, data):
+    """A bad value left in the form part (times: 0) does not stop the JSON part from being saved."""
+    ui.open("automations/create")
+    ui.wait_text(".page-header h1", "Create automation")
+    ui.type("#auto-name", "json-made")
+    ui.type("#auto-threshold", "0")
+    ui.choose("#auto-mode", "JSON (any trigger and actions)")
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Crashed"], "threshold": 1}
+    ui.type("#auto-json", json.dumps({"trigger": trigger, "actions": [{"type": "do-nothing"}]}))
+    ui.click("form.automation-form button[type=submit]", "Create automation")
+    ui.b.wait(lambda: ui.route() == "automations", 10, "the list again")
+    [made] = [a for a in automations(api) if a["name"] == "json-made"]
+    assert made["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
+    api.ok("DELETE", f"/automations/{made['id']}")
+
+
 def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
     """Automations and events answer at the paths of Prefect's UI (and of url_for in the 3.x SDK): the list, create,
     an automation and its edit form; the events and one event by its day and id. Each opens styled, showing its

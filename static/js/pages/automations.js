@@ -233,7 +233,11 @@ export async function automationEdit(ctx, root, id) {
     field('Fire', postureSel), field('Times', thresholdIn), field('Within (seconds)', withinIn, { help: '0: no window (each time). At least 10 when it does not happen.' }),
     field('Then', actionSel), notifyFields, runFields);
   const jsonPart = h('div', null, field('Trigger and actions', jsonIn));
-  const showMode = () => { formPart.hidden = modeSel.value !== 'form'; jsonPart.hidden = modeSel.value !== 'json'; };
+  // The hidden part's fields are disabled too: the browser would otherwise refuse the form for a bad value it hides.
+  const showMode = () => {
+    formPart.hidden = modeSel.value !== 'form'; jsonPart.hidden = modeSel.value !== 'json';
+    for (const part of [formPart, jsonPart]) for (const c of part.querySelectorAll('input, select, textarea')) c.disabled = part.hidden;
+  };
   modeSel.addEventListener('change', showMode);
   showMode();
   const err = h('div');
