@@ -2303,6 +2303,18 @@ def test_empty_states_of_the_other_lists(browser, empty_server, route, text):
     assert ui.texts("main .error-box") == []
 
 
+def test_an_automation_to_run_a_deployment_on_a_server_without_one(browser, empty_server):
+    ui = UI(browser, empty_server[: -len("/api")])
+    ui.open("automations/create")
+    ui.wait_text(".page-header h1", "Create automation")
+    ui.type("#auto-name", "rerun")
+    ui.choose("#auto-action", "Run a deployment")
+    ui.click("form.automation-form button[type=submit]", "Create automation")
+    ui.wait_text("main .error-box", "There is no deployment to run yet")
+    assert "uuid" not in ui.text("main .error-box")
+    assert Api(empty_server).post("/automations/filter", {}) == []
+
+
 def test_ui_works_with_basic_auth(browser, tmp_path):
     """With PREFECT_SERVER_API_AUTH_STRING the browser asks for a login once and the UI keeps working."""
     with prefectlite.serve(

@@ -256,6 +256,7 @@ export async function automationEdit(ctx, root, id) {
       if (!blockSel.value) throw new Error('Create a notification block first (Blocks page).');
       action = { type: 'send-notification', block_document_id: blockSel.value, subject: 'Prefect automation: {{ flow.name }}/{{ flow_run.name }}', body: bodyIn.value };
     } else if (actionSel.value === 'run-deployment') {
+      if (!depSel.value) throw new Error('There is no deployment to run yet: deploy a flow first (see the Deployments page).');
       let parameters;
       try { parameters = JSON.parse(paramsIn.value || '{}'); } catch (ex) { throw new Error(`Parameters: ${ex.message}`); }
       action = { type: 'run-deployment', source: 'selected', deployment_id: depSel.value, parameters };
