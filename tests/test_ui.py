@@ -1314,6 +1314,50 @@ def test_work_pool_form_offers_types_and_the_process_template(ui, api, data):
     assert api.get("/work_pools/form-docker")["type"] == "docker"
 
 
+def test_work_pool_and_its_queues_are_edited_in_the_ui(ui, api, data):
+    """A pool's limit and its queues are made, changed and deleted on its page; bad values are named."""
+    api.post("/work_pools/", {"name": "queue-pool", "type": "process", "concurrency_limit": 4})
+    ui.open("work-pools/work-pool/queue-pool")
+    ui.wait_text(".page-header h1", "queue-pool")
+    ui.click(".page-header button", "Edit")
+    ui.type("dialog[open] #pool-edit-limit", "")
+    ui.type("dialog[open] #pool-description", "runs the nightly jobs")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("main .card", "Unlimited")
+    pool = api.get("/work_pools/queue-pool")
+    assert (pool["concurrency_limit"], pool["description"]) == (None, "runs the nightly jobs")
+    # a new queue; a bad name is refused in words that name the field
+    ui.click("#queues button", "+ Work queue")
+    ui.type("dialog[open] #queue-name", "high/priority")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "name:")
+    ui.type("dialog[open] #queue-name", "urgent")
+    ui.type("dialog[open] #queue-limit", "2")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("#queues tr.queue-row", "urgent")
+    queues = {q["name"]: q for q in api.post("/work_pools/queue-pool/queues/filter", {})}
+    assert queues["urgent"]["concurrency_limit"] == 2 and queues["urgent"]["priority"] == 2
+    # edited: renamed, first in line, no limit
+    ui.click("#queues button", "Edit urgent")
+    assert ui.el("dialog[open] #queue-priority").prop("value") == "2"
+    ui.type("dialog[open] #queue-name", "critical")
+    ui.type("dialog[open] #queue-priority", "1")
+    ui.type("dialog[open] #queue-limit", "")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("#queues tr.queue-row", "critical")
+    queues = {q["name"]: q for q in api.post("/work_pools/queue-pool/queues/filter", {})}
+    assert "urgent" not in queues and (queues["critical"]["priority"], queues["critical"]["concurrency_limit"]) == (
+        1,
+        None,
+    )
+    # the default queue cannot be deleted, so it offers no Delete
+    assert ui.b.execute("return !!document.querySelector('#queues button[aria-label=\"Delete default\"]')") is False
+    ui.click("#queues button", "Delete critical")
+    ui.confirm("Delete")
+    ui.wait_gone("#queues", "critical")
+    assert [q["name"] for q in api.post("/work_pools/queue-pool/queues/filter", {})] == ["default"]
+
+
 # ---------------------------------------------------------------- blocks
 
 
