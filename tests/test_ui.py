@@ -1689,6 +1689,31 @@ def test_concurrency_limits_tag_and_global(ui, api, data):
     assert api.request("GET", "/v2/concurrency_limits/api-calls")[0] == 404
 
 
+def test_a_tag_limit_is_edited_not_overwritten_by_a_second_create(ui, api, data):
+    """The API's create of a tag limit replaces one the tag has: the form refuses the tag instead, and Edit
+    changes the limit (the slots held stay held)."""
+    api.post("/concurrency_limits/", {"tag": "ui-warehouse", "concurrency_limit": 3})
+    ui.open("concurrency-limits")
+    ui.click("#tag-limits button", "+ Tag limit")
+    ui.type("dialog[open] #cl-tag", "ui-warehouse")
+    ui.type("dialog[open] #cl-limit", "5")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "Tag “ui-warehouse” already has a limit (3)")
+    assert api.get("/concurrency_limits/tag/ui-warehouse")["concurrency_limit"] == 3
+    ui.click("dialog[open] button", "Cancel")
+    api.post("/concurrency_limits/increment", {"names": ["ui-warehouse"], "task_run_id": str(uuid.uuid4())})
+    held = api.get("/concurrency_limits/tag/ui-warehouse")["active_slots"]
+    assert len(held) == 1
+    ui.click("#tag-limits button", "Edit ui-warehouse")
+    assert ui.el("dialog[open] #cl-tag").prop("readOnly") is True
+    ui.type("dialog[open] #cl-limit", "7")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("#tag-limits tr.tag-limit-row", "/ 7")
+    limit = api.get("/concurrency_limits/tag/ui-warehouse")
+    assert (limit["concurrency_limit"], limit["active_slots"]) == (7, held)
+    api.ok("DELETE", "/concurrency_limits/tag/ui-warehouse")
+
+
 # ---------------------------------------------------------------- notifications
 
 
