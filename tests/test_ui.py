@@ -1326,11 +1326,10 @@ def test_work_pool_and_its_queues_are_edited_in_the_ui(ui, api, data):
     ui.wait_text("main .card", "Unlimited")
     pool = api.get("/work_pools/queue-pool")
     assert (pool["concurrency_limit"], pool["description"]) == (None, "runs the nightly jobs")
-    # a new queue; a bad name is refused in words that name the field
+    # a new queue; a name with a character the API refuses is refused before it is sent
     ui.click("#queues button", "+ Work queue")
     ui.type("dialog[open] #queue-name", "high/priority")
-    ui.click("dialog[open] button[type=submit]", "Create")
-    ui.wait_text("dialog[open] .error-box", "name:")
+    assert ui.b.execute("return document.querySelector('#queue-name').validity.patternMismatch") is True
     ui.type("dialog[open] #queue-name", "urgent")
     ui.type("dialog[open] #queue-limit", "2")
     ui.click("dialog[open] button[type=submit]", "Create")
@@ -1356,6 +1355,27 @@ def test_work_pool_and_its_queues_are_edited_in_the_ui(ui, api, data):
     ui.confirm("Delete")
     ui.wait_gone("#queues", "critical")
     assert [q["name"] for q in api.post("/work_pools/queue-pool/queues/filter", {})] == ["default"]
+
+
+def test_names_the_api_refuses_are_explained_before_they_are_sent(ui, api, data):
+    """Work pool and global limit names may not hold / % & > <: the form says so under the field and the browser
+    refuses such a name with those words, where the API's answer quoted its regular expression."""
+    ui.b.console_errors()
+    for page, opener, name_css in (
+        ("work-pools", (".page-header button", "+ Work pool"), "#pool-name"),
+        ("concurrency-limits", ("#global-limits button", "+ Global limit"), "#gcl-name"),
+    ):
+        ui.open(page)
+        ui.click(*opener)
+        ui.wait_text("dialog[open] .field", "Any characters except / % & > <")
+        ui.type(f"dialog[open] {name_css}", "etl/nightly")
+        assert ui.b.execute(f"return document.querySelector('{name_css}').validity.patternMismatch") is True
+        # the browser's bubble shows the title beside "Please match the requested format"
+        assert ui.el(name_css).prop("title") == "Any characters except / % & > <"
+        ui.type(f"dialog[open] {name_css}", "etl nightly")
+        assert ui.b.execute(f"return document.querySelector('{name_css}').validity.valid") is True
+        ui.click("dialog[open] button", "Cancel")
+    assert ui.b.console_errors() == []
 
 
 # ---------------------------------------------------------------- blocks

@@ -173,6 +173,10 @@ export function field(label, input, { help, id } = {}) {
   return h('div', { class: 'field' }, h('label', { for: fid }, label), input, help ? h('p', { class: 'help muted' }, help) : null);
 }
 
+// The names the API takes for work pools, work queues and global limits (Prefect's rule): no / % & > <.
+// The pattern is one the browser compiles with its `v` flag, where a bare / in a class is refused.
+export const NAME_RULE = { pattern: '[^\\/%&><]+', title: 'Any characters except / % & > <' };
+
 export function parseTags(text) {
   return String(text || '').split(',').map((t) => t.trim()).filter(Boolean);
 }

@@ -1,6 +1,6 @@
 import { h, replace } from '../dom.js';
 import { api } from '../api.js';
-import { pageHeader, section, errorBox, emptyState, loading, table, modal, confirmDialog, runAction, toast, field, formError } from '../ui.js';
+import { pageHeader, section, errorBox, emptyState, loading, table, modal, confirmDialog, runAction, toast, field, formError, NAME_RULE } from '../ui.js';
 
 function slotsBar(used, limit) {
   const pct = limit > 0 ? Math.min(100, Math.round((used / limit) * 100)) : 0;
@@ -26,7 +26,7 @@ function v1Dialog(limits, existing, onDone) {
 }
 
 function v2Dialog(existing, onDone) {
-  const name = h('input', { id: 'gcl-name', type: 'text', required: true, value: existing ? existing.name : '' });
+  const name = h('input', { id: 'gcl-name', type: 'text', required: true, ...NAME_RULE, value: existing ? existing.name : '' });
   const limit = h('input', { id: 'gcl-limit', type: 'number', min: 0, required: true, value: existing ? existing.limit : 1 });
   const decay = h('input', { id: 'gcl-decay', type: 'number', min: 0, step: 'any', value: existing ? existing.slot_decay_per_second : 0 });
   const active = h('input', { id: 'gcl-active', type: 'checkbox', checked: existing ? existing.active !== false : true });
@@ -39,7 +39,7 @@ function v2Dialog(existing, onDone) {
       else await api.post('/v2/concurrency_limits/', body);
       m.close(); toast(`Global limit “${body.name}” saved`, 'success'); onDone();
     } catch (ex) { formError(err, ex); }
-  } }, field('Name', name), field('Limit', limit), field('Slot decay per second', decay, { help: '0 for a plain limit; above 0 turns it into a rate limit.' }),
+  } }, field('Name', name, { help: `${NAME_RULE.title}.` }), field('Limit', limit), field('Slot decay per second', decay, { help: '0 for a plain limit; above 0 turns it into a rate limit.' }),
   h('div', { class: 'field field-check' }, h('label', { for: 'gcl-active' }, active, ' Active')), err,
   h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, existing ? 'Save' : 'Create'))));
 }

@@ -1,6 +1,6 @@
 import { h, replace } from '../dom.js';
 import { api } from '../api.js';
-import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, runAction, modal, field, formError, toast, confirmDialog } from '../ui.js';
+import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, runAction, modal, field, formError, toast, confirmDialog, NAME_RULE } from '../ui.js';
 import { fmtRelative } from '../format.js';
 import { paths, navigate } from '../router.js';
 
@@ -26,7 +26,7 @@ const PROCESS_TEMPLATE = {
 const POOL_TYPES = [['process', 'Process'], ['docker', 'Docker'], ['kubernetes', 'Kubernetes'], ['ecs', 'AWS ECS'], ['cloud-run', 'Google Cloud Run'], ['azure-container-instance', 'Azure Container Instances'], ['', 'Other…']];
 
 function createPoolDialog(onDone) {
-  const name = h('input', { id: 'pool-name', type: 'text', required: true });
+  const name = h('input', { id: 'pool-name', type: 'text', required: true, ...NAME_RULE });
   const other = h('input', { id: 'pool-type-other', type: 'text', placeholder: 'the worker type', hidden: true });
   const template = h('textarea', { id: 'pool-template', rows: 8, spellcheck: 'false', class: 'mono' });
   const help = h('p', { class: 'help muted' });
@@ -50,7 +50,7 @@ function createPoolDialog(onDone) {
     }
     if (limit.value !== '') body.concurrency_limit = Number(limit.value);
     try { await api.post('/work_pools/', body); m.close(); toast(`Work pool “${body.name}” created`, 'success'); onDone(); } catch (ex) { formError(err, ex); }
-  } }, field('Name', name), field('Type', type), other, field('Base job template (JSON)', template), help,
+  } }, field('Name', name, { help: `${NAME_RULE.title}.` }), field('Type', type), other, field('Base job template (JSON)', template), help,
   field('Concurrency limit', limit, { help: 'Empty for no limit.' }), err,
   h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, 'Create'))));
 }
@@ -74,7 +74,7 @@ function editPoolDialog(pool, onDone) {
 
 // A work queue of a pool: made (existing null) or edited, name included.
 function queueDialog(pool, existing, onDone) {
-  const name = h('input', { id: 'queue-name', type: 'text', required: true, value: existing ? existing.name : '' });
+  const name = h('input', { id: 'queue-name', type: 'text', required: true, ...NAME_RULE, value: existing ? existing.name : '' });
   const description = h('input', { id: 'queue-description', type: 'text', value: existing ? existing.description || '' : '' });
   const priority = h('input', { id: 'queue-priority', type: 'number', min: 1, step: 1, required: !!existing, value: existing ? existing.priority : '' });
   const limit = h('input', { id: 'queue-limit', type: 'number', min: 0, step: 1, value: existing ? existing.concurrency_limit ?? '' : '' });
@@ -89,7 +89,7 @@ function queueDialog(pool, existing, onDone) {
       else await api.post(`${base}/`, body);
       m.close(); toast(`Work queue “${body.name}” ${existing ? 'saved' : 'created'}`, 'success'); onDone();
     } catch (ex) { formError(err, ex); }
-  } }, field('Name', name), field('Description', description),
+  } }, field('Name', name, { help: `${NAME_RULE.title}.` }), field('Description', description),
   field('Priority', priority, { help: existing ? '1 is served first.' : '1 is served first. Empty: after the pool’s other queues.' }),
   field('Concurrency limit', limit, { help: 'Empty for no limit.' }), err,
   h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, existing ? 'Save' : 'Create'))));
