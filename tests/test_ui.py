@@ -1529,6 +1529,42 @@ def test_a_date_time_block_shows_the_format_and_refuses_other_text(ui, api, data
     api.ok("DELETE", f"/block_documents/{doc['id']}")
 
 
+def test_deleting_a_block_says_what_uses_it(ui, api, data):
+    """The server deletes a block's notifications with it, and its automations are left sending to nothing:
+    the confirmation says so before anything is deleted."""
+    bt = api.get("/block_types/slug/slack-webhook")
+    [schema] = api.post("/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}, "limit": 1})
+    doc = api.post(
+        "/block_documents/",
+        {
+            "name": "ops-channel",
+            "block_type_id": bt["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": "https://x.example"},
+        },
+    )
+    policy = api.post(
+        "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [], "block_document_id": doc["id"]}
+    )
+    action = {"type": "send-notification", "block_document_id": doc["id"], "subject": "s", "body": "b"}
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Crashed"], "threshold": 1}
+    automation = api.post("/automations/", {"name": "ops-page", "trigger": trigger, "actions": [action]})
+    ui.open(f"blocks/block/{doc['id']}")
+    ui.click(".page-header button", "Delete")
+    ui.wait_text("dialog[open]", "1 notification sends to it and will be deleted with it.")
+    assert "1 automation sends to it and will fail to." in ui.text("dialog[open]")
+    ui.confirm("Cancel")
+    assert api.request("GET", f"/block_documents/{doc['id']}")[0] == 200
+    api.ok("DELETE", f"/automations/{automation['id']}")
+    api.ok("DELETE", f"/flow_run_notification_policies/{policy['id']}")
+    ui.open(f"blocks/block/{doc['id']}")
+    ui.click(".page-header button", "Delete")
+    ui.wait_text("dialog[open]", "Delete the block “ops-channel”?")
+    assert "sends to it" not in ui.text("dialog[open]")
+    ui.confirm("Delete")
+    ui.b.wait(lambda: ui.route() == "blocks", 10, "the blocks list")
+
+
 # ---------------------------------------------------------------- variables
 
 

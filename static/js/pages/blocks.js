@@ -106,6 +106,21 @@ export async function blockCreate(ctx, root, slug) {
     } }, form.el, err, h('div', { class: 'form-actions' }, h('a', { class: 'btn', href: 'blocks/catalog' }, 'Cancel'), submit)));
 }
 
+// What deleting a block takes with it: the notifications that send to it go too (the server deletes them with
+// it); automations that send to it stay and fail. Said in the confirmation; nothing when unknown.
+async function usesOfBlock(id) {
+  const [policies, automations] = await Promise.all([
+    api.post('/flow_run_notification_policies/filter', { limit: 200 }).catch(() => []),
+    api.post('/automations/filter', { limit: 200 }).catch(() => []),
+  ]);
+  const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+  const nPolicies = policies.filter((p) => p.block_document_id === id).length;
+  const nAutomations = automations.filter((a) => [...(a.actions || []), ...(a.actions_on_trigger || []), ...(a.actions_on_resolve || [])]
+    .some((x) => x && x.block_document_id === id)).length;
+  return (nPolicies ? ` ${plural(nPolicies, 'notification')} ${nPolicies === 1 ? 'sends' : 'send'} to it and will be deleted with it.` : '')
+    + (nAutomations ? ` ${plural(nAutomations, 'automation')} ${nAutomations === 1 ? 'sends' : 'send'} to it and will fail to.` : '');
+}
+
 export async function blockDetail(ctx, root, id, editing = false) {
   const doc = await api.get(`/block_documents/${encodeURIComponent(id)}`);
   if (!ctx.alive) return;
@@ -134,7 +149,7 @@ export async function blockDetail(ctx, root, id, editing = false) {
     return;
   }
   const delBtn = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
-    if (!await confirmDialog('Delete block', `Delete the block “${doc.name}”?`, { confirmLabel: 'Delete', danger: true })) return;
+    if (!await confirmDialog('Delete block', `Delete the block “${doc.name}”?${await usesOfBlock(doc.id)}`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(delBtn, () => api.del(`/block_documents/${doc.id}`), 'Block deleted');
     navigate('blocks');
   } }, 'Delete');
