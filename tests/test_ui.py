@@ -1565,6 +1565,24 @@ def test_deleting_a_block_says_what_uses_it(ui, api, data):
     ui.b.wait(lambda: ui.route() == "blocks", 10, "the blocks list")
 
 
+def test_a_block_name_taken_is_said_in_words(ui, api, data):
+    ui.open("blocks/catalog/string/create")
+    ui.wait_text(".page-header h1", "New String block")
+    ui.type("#block-name", "region-name")
+    ui.type("#block-value", "eu-west")
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    first = ui.route().split("/")[-1]
+    ui.open("blocks/catalog/string/create")
+    ui.wait_text(".page-header h1", "New String block")
+    ui.type("#block-name", "region-name")
+    ui.type("#block-value", "us-east")
+    ui.click("main button[type=submit]", "Create block")
+    ui.wait_text("main .error-box", "Block name: a String block named “region-name” already exists")
+    assert api.get(f"/block_documents/{first}")["data"] == {"value": "eu-west"}
+    api.ok("DELETE", f"/block_documents/{first}")
+
+
 # ---------------------------------------------------------------- variables
 
 

@@ -1,5 +1,5 @@
 import { h, replace } from '../dom.js';
-import { api } from '../api.js';
+import { api, ApiError } from '../api.js';
 import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, tabs, confirmDialog, runAction, toast, field, formError } from '../ui.js';
 import { schemaForm, displayValue } from '../schemaform.js';
 import { paths, navigate, replaceRoute } from '../router.js';
@@ -45,7 +45,13 @@ export async function blockDocumentForm(blockType, schema, { doc = null, idPrefi
 export async function createBlockDocument(form) {
   const { name, data, errors } = form.values();
   if (errors.length) throw new Error(errors.join('; '));
-  return api.post('/block_documents/', { name, block_type_id: form.blockType.id, block_schema_id: form.schema.id, data });
+  try {
+    return await api.post('/block_documents/', { name, block_type_id: form.blockType.id, block_schema_id: form.schema.id, data });
+  } catch (ex) {
+    // the API says only "Block already exists": name the field and the name taken
+    if (ex instanceof ApiError && ex.status === 409) throw new Error(`Block name: a ${form.blockType.name} block named “${name}” already exists; pick another name.`);
+    throw ex;
+  }
 }
 
 export async function blocksPage(ctx, root, tab) {
