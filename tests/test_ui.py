@@ -2029,6 +2029,40 @@ def test_an_automation_in_json_is_not_held_back_by_the_hidden_form(ui, api, data
     api.ok("DELETE", f"/automations/{made['id']}")
 
 
+def test_editing_an_automation_whose_block_was_deleted_does_not_pick_another(ui, api, data):
+    """Its block gone, the form offers none chosen: saving does not quietly send to the first block listed."""
+    bt = api.get("/block_types/slug/slack-webhook")
+    [schema] = api.post("/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}, "limit": 1})
+
+    def block(name):
+        body = {
+            "name": name,
+            "block_type_id": bt["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": "https://x.example"},
+        }
+        return api.post("/block_documents/", body)
+
+    kept, gone = block("aaa-kept-channel"), block("zzz-gone-channel")
+    action = {"type": "send-notification", "block_document_id": gone["id"], "subject": "s", "body": "b"}
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Failed"], "threshold": 1}
+    automation = api.post("/automations/", {"name": "orphaned", "trigger": trigger, "actions": [action]})
+    api.ok("DELETE", f"/block_documents/{gone['id']}")
+    ui.open(f"automations/automation/{automation['id']}/edit")
+    ui.wait_text(".page-header h1", "Edit automation")
+    assert ui.b.execute("return document.querySelector('#auto-block').value") == ""
+    assert "its block was deleted" in ui.b.execute(
+        "const s = document.querySelector('#auto-block'); return s.options[s.selectedIndex].textContent"
+    )
+    ui.type("#auto-name", "orphaned-renamed")
+    ui.click("form.automation-form button[type=submit]", "Save automation")
+    ui.wait_text("main .error-box", "Send to: pick a block.")
+    stored = api.get(f"/automations/{automation['id']}")
+    assert (stored["name"], stored["actions"][0]["block_document_id"]) == ("orphaned", gone["id"])
+    api.ok("DELETE", f"/automations/{automation['id']}")
+    api.ok("DELETE", f"/block_documents/{kept['id']}")
+
+
 def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
     """Automations and events answer at the paths of Prefect's UI (and of url_for in the 3.x SDK): the list, create,
     an automation and its edit form; the events and one event by its day and id. Each opens styled, showing its
