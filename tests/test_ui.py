@@ -1565,6 +1565,16 @@ def test_deleting_a_block_says_what_uses_it(ui, api, data):
     ui.b.wait(lambda: ui.route() == "blocks", 10, "the blocks list")
 
 
+def test_a_block_types_description_is_on_its_create_page(ui, api, data):
+    """The catalogue cuts a description to one line; the create page says it whole (what the block is for, and
+    for a Date Time how to write it)."""
+    description = api.get("/block_types/slug/date-time")["description"]
+    ui.open("blocks/catalog")
+    assert ui.el(".catalog-item[data-slug=date-time] p").prop("title") == description
+    ui.open("blocks/catalog/date-time/create")
+    ui.wait_text(".page-header .subtitle", description)
+
+
 def test_a_block_name_taken_is_said_in_words(ui, api, data):
     ui.open("blocks/catalog/string/create")
     ui.wait_text(".page-header h1", "New String block")

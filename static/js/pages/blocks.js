@@ -81,7 +81,7 @@ export async function blocksPage(ctx, root, tab) {
       } });
       const grid = h('div', { class: 'catalog' }, types.map((bt) => h('div', { class: 'catalog-item', dataset: { name: bt.name.toLowerCase(), slug: bt.slug } },
         h('div', { class: 'avatar', 'aria-hidden': 'true' }, bt.name.slice(0, 2)),
-        h('div', { class: 'catalog-text' }, h('h3', null, bt.name), h('p', { class: 'muted small' }, bt.description ? bt.description.split('\n')[0].slice(0, 140) : bt.slug)),
+        h('div', { class: 'catalog-text' }, h('h3', null, bt.name), h('p', { class: 'muted small', title: bt.description || null }, bt.description ? bt.description.split('\n')[0].slice(0, 140) : bt.slug)),
         h('a', { class: 'btn btn-small', href: paths.blockCreate(bt.slug), 'aria-label': `Create ${bt.name} block` }, 'Create'))));
       replace(catEl, types.length ? [h('div', { class: 'toolbar' }, h('label', { for: 'catalog-search', class: 'sr-only' }, 'Filter block types'), search), grid]
         : emptyState('No block types', 'The server has no block type registered.'));
@@ -100,7 +100,7 @@ export async function blockCreate(ctx, root, slug) {
   const err = h('div');
   const submit = h('button', { type: 'submit', class: 'btn btn-primary' }, 'Create block');
   replace(root,
-    pageHeader(`New ${bt.name} block`, { crumbs: [{ label: 'Blocks', href: 'blocks' }, { label: 'Catalogue', href: 'blocks/catalog' }, { label: bt.name }] }),
+    pageHeader(`New ${bt.name} block`, { subtitle: bt.description ? bt.description.split('\n\n')[0] : null, crumbs: [{ label: 'Blocks', href: 'blocks' }, { label: 'Catalogue', href: 'blocks/catalog' }, { label: bt.name }] }),
     h('form', { class: 'card form', onsubmit: async (e) => {
       e.preventDefault();
       submit.disabled = true;
