@@ -1641,6 +1641,23 @@ def test_editing_a_json_variable_keeps_its_value_json(ui, api, data):
     ui.wait_gone("main", "etl_config")
 
 
+def test_an_earlier_error_goes_when_the_browser_refuses_the_form(ui, api, data):
+    """The server's 'already exists' from the first try is not left standing when the browser refuses the second
+    (a name it finds invalid), where it would read as the answer to that one."""
+    api.post("/variables/", {"name": "taken_name", "value": "x", "tags": []})
+    ui.open("variables")
+    ui.click(".page-header button", "+ Variable")
+    ui.type("dialog[open] #var-name", "taken_name")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "already exists")
+    ui.type("dialog[open] #var-name", "Taken Name")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.b.wait(lambda: ui.texts("dialog[open] .error-box") == [], 5, "the earlier error to go")
+    assert ui.b.execute("return document.querySelector('#var-name').validity.patternMismatch") is True
+    ui.click("dialog[open] button", "Cancel")
+    api.ok("DELETE", "/variables/name/taken_name")
+
+
 # ---------------------------------------------------------------- artifacts
 
 MARKDOWN = """# Daily report

@@ -140,7 +140,7 @@ export async function runAction(button, fn, okMessage) {
 }
 
 export function formError(container, err) {
-  replace(container, err ? h('div', { class: 'error-box', role: 'alert' }, h('p', { class: 'error-text' }, typeof err === 'string' ? err : errorText(err))) : '');
+  replace(container, err ? h('div', { class: 'error-box form-error', role: 'alert' }, h('p', { class: 'error-text' }, typeof err === 'string' ? err : errorText(err))) : '');
 }
 
 // Tabs: [{id, label, render: () => Node}] ; returns {el, select(id)}
