@@ -1316,6 +1316,70 @@ def test_work_pool_form_offers_types_and_the_process_template(ui, api, data):
     assert api.get("/work_pools/form-docker")["type"] == "docker"
 
 
+def test_work_pool_and_its_queues_are_edited_in_the_ui(ui, api, data):
+    """A pool's limit and its queues are made, changed and deleted on its page; bad values are named."""
+    api.post("/work_pools/", {"name": "queue-pool", "type": "process", "concurrency_limit": 4})
+    ui.open("work-pools/work-pool/queue-pool")
+    ui.wait_text(".page-header h1", "queue-pool")
+    ui.click(".page-header button", "Edit")
+    ui.type("dialog[open] #pool-edit-limit", "")
+    ui.type("dialog[open] #pool-description", "runs the nightly jobs")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("main .card", "Unlimited")
+    pool = api.get("/work_pools/queue-pool")
+    assert (pool["concurrency_limit"], pool["description"]) == (None, "runs the nightly jobs")
+    # a new queue; a name with a character the API refuses is refused before it is sent
+    ui.click("#queues button", "+ Work queue")
+    ui.type("dialog[open] #queue-name", "high/priority")
+    assert ui.b.execute("return document.querySelector('#queue-name').validity.patternMismatch") is True
+    ui.type("dialog[open] #queue-name", "urgent")
+    ui.type("dialog[open] #queue-limit", "2")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("#queues tr.queue-row", "urgent")
+    queues = {q["name"]: q for q in api.post("/work_pools/queue-pool/queues/filter", {})}
+    assert queues["urgent"]["concurrency_limit"] == 2 and queues["urgent"]["priority"] == 2
+    # edited: renamed, first in line, no limit
+    ui.click("#queues button", "Edit urgent")
+    assert ui.el("dialog[open] #queue-priority").prop("value") == "2"
+    ui.type("dialog[open] #queue-name", "critical")
+    ui.type("dialog[open] #queue-priority", "1")
+    ui.type("dialog[open] #queue-limit", "")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("#queues tr.queue-row", "critical")
+    queues = {q["name"]: q for q in api.post("/work_pools/queue-pool/queues/filter", {})}
+    assert "urgent" not in queues and (queues["critical"]["priority"], queues["critical"]["concurrency_limit"]) == (
+        1,
+        None,
+    )
+    # the default queue cannot be deleted, so it offers no Delete
+    assert ui.b.execute("return !!document.querySelector('#queues button[aria-label=\"Delete default\"]')") is False
+    ui.click("#queues button", "Delete critical")
+    ui.confirm("Delete")
+    ui.wait_gone("#queues", "critical")
+    assert [q["name"] for q in api.post("/work_pools/queue-pool/queues/filter", {})] == ["default"]
+
+
+def test_names_the_api_refuses_are_explained_before_they_are_sent(ui, api, data):
+    """Work pool and global limit names may not hold / % & > <: the form says so under the field and the browser
+    refuses such a name with those words, where the API's answer quoted its regular expression."""
+    ui.b.console_errors()
+    for page, opener, name_css in (
+        ("work-pools", (".page-header button", "+ Work pool"), "#pool-name"),
+        ("concurrency-limits", ("#global-limits button", "+ Global limit"), "#gcl-name"),
+    ):
+        ui.open(page)
+        ui.click(*opener)
+        ui.wait_text("dialog[open] .field", "Any characters except / % & > <")
+        ui.type(f"dialog[open] {name_css}", "etl/nightly")
+        assert ui.b.execute(f"return document.querySelector('{name_css}').validity.patternMismatch") is True
+        # the browser's bubble shows the title beside "Please match the requested format"
+        assert ui.el(name_css).prop("title") == "Any characters except / % & > <"
+        ui.type(f"dialog[open] {name_css}", "etl nightly")
+        assert ui.b.execute(f"return document.querySelector('{name_css}').validity.valid") is True
+        ui.click("dialog[open] button", "Cancel")
+    assert ui.b.console_errors() == []
+
+
 # ---------------------------------------------------------------- blocks
 
 
@@ -1416,6 +1480,120 @@ def test_the_core_block_types_are_in_the_catalogue_and_make_blocks(ui, api, data
     assert settings["data"] == {"value": {"batch": 500, "regions": ["eu", "us"]}}
 
 
+def test_a_block_name_is_checked_by_the_browser_without_console_errors(ui, api, data):
+    """The name's pattern is one the browser compiles (its `v` flag refuses a bare dash in a class)."""
+    ui.b.console_errors()  # drained: only this page's errors count
+    ui.open("blocks/catalog/string/create")
+    ui.wait_text(".page-header h1", "New String block")
+    ui.type("#block-name", "Bad Name")
+    assert ui.b.execute("return document.querySelector('#block-name').validity.patternMismatch") is True
+    ui.type("#block-name", "good-name-2")
+    assert ui.b.execute("return document.querySelector('#block-name').validity.valid") is True
+    assert ui.b.console_errors() == []
+
+
+def test_a_refused_block_value_is_named_under_its_field(ui, api, data):
+    """Bad JSON in a JSON block's value: the words stand under that field, which is marked invalid."""
+    ui.open("blocks/catalog/json/create")
+    ui.wait_text(".page-header h1", "New JSON block")
+    ui.wait_ready()
+    ui.type("#block-name", "bad-settings")
+    ui.type("#block-value", '{"batch": 500,}')
+    ui.click("main button[type=submit]", "Create block")
+    ui.wait_text(".field[data-field=value] .field-error", "Value is not valid JSON")
+    assert ui.el("#block-value").prop("ariaInvalid") == "true"
+    assert ui.route() == "blocks/catalog/json/create"
+    assert not api.post("/block_documents/filter", {"block_documents": {"name": {"any_": ["bad-settings"]}}})
+    ui.type("#block-value", '{"batch": 500}')
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    api.ok("DELETE", f"/block_documents/{ui.route().split('/')[-1]}")
+
+
+def test_a_date_time_block_shows_the_format_and_refuses_other_text(ui, api, data):
+    ui.open("blocks/catalog/date-time/create")
+    ui.wait_text(".page-header h1", "New Date Time block")
+    ui.wait_ready()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d\d:\d\d", ui.el("#block-value").prop("placeholder"))
+    ui.type("#block-name", "release-cutoff")
+    for bad in ("next friday", "2026-02-30T10:00:00Z", "2026-12-31"):
+        ui.type("#block-value", bad)
+        ui.click("main button[type=submit]", "Create block")
+        ui.wait_text(".field[data-field=value] .field-error", "Value must be a date and time in ISO 8601")
+        assert ui.route() == "blocks/catalog/date-time/create", bad
+    assert not api.post("/block_documents/filter", {"block_documents": {"name": {"any_": ["release-cutoff"]}}})
+    ui.type("#block-value", "2026-12-31T23:59:00+01:00")
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    doc = api.get(f"/block_documents/{ui.route().split('/')[-1]}")
+    assert doc["data"] == {"value": "2026-12-31T23:59:00+01:00"}
+    api.ok("DELETE", f"/block_documents/{doc['id']}")
+
+
+def test_deleting_a_block_says_what_uses_it(ui, api, data):
+    """The server deletes a block's notifications with it, and its automations are left sending to nothing:
+    the confirmation says so before anything is deleted."""
+    bt = api.get("/block_types/slug/slack-webhook")
+    [schema] = api.post("/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}, "limit": 1})
+    doc = api.post(
+        "/block_documents/",
+        {
+            "name": "ops-channel",
+            "block_type_id": bt["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": "https://x.example"},
+        },
+    )
+    policy = api.post(
+        "/flow_run_notification_policies/", {"state_names": ["Failed"], "tags": [], "block_document_id": doc["id"]}
+    )
+    action = {"type": "send-notification", "block_document_id": doc["id"], "subject": "s", "body": "b"}
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Crashed"], "threshold": 1}
+    automation = api.post("/automations/", {"name": "ops-page", "trigger": trigger, "actions": [action]})
+    ui.open(f"blocks/block/{doc['id']}")
+    ui.click(".page-header button", "Delete")
+    ui.wait_text("dialog[open]", "1 notification sends to it and will be deleted with it.")
+    assert "1 automation sends to it and will fail to." in ui.text("dialog[open]")
+    ui.confirm("Cancel")
+    assert api.request("GET", f"/block_documents/{doc['id']}")[0] == 200
+    api.ok("DELETE", f"/automations/{automation['id']}")
+    api.ok("DELETE", f"/flow_run_notification_policies/{policy['id']}")
+    ui.open(f"blocks/block/{doc['id']}")
+    ui.click(".page-header button", "Delete")
+    ui.wait_text("dialog[open]", "Delete the block “ops-channel”?")
+    assert "sends to it" not in ui.text("dialog[open]")
+    ui.confirm("Delete")
+    ui.b.wait(lambda: ui.route() == "blocks", 10, "the blocks list")
+
+
+def test_a_block_types_description_is_on_its_create_page(ui, api, data):
+    """The catalogue cuts a description to one line; the create page says it whole (what the block is for, and
+    for a Date Time how to write it)."""
+    description = api.get("/block_types/slug/date-time")["description"]
+    ui.open("blocks/catalog")
+    assert ui.el(".catalog-item[data-slug=date-time] p").prop("title") == description
+    ui.open("blocks/catalog/date-time/create")
+    ui.wait_text(".page-header .subtitle", description)
+
+
+def test_a_block_name_taken_is_said_in_words(ui, api, data):
+    ui.open("blocks/catalog/string/create")
+    ui.wait_text(".page-header h1", "New String block")
+    ui.type("#block-name", "region-name")
+    ui.type("#block-value", "eu-west")
+    ui.click("main button[type=submit]", "Create block")
+    ui.b.wait(lambda: ui.route().startswith("blocks/block/"), 10, "the block page")
+    first = ui.route().split("/")[-1]
+    ui.open("blocks/catalog/string/create")
+    ui.wait_text(".page-header h1", "New String block")
+    ui.type("#block-name", "region-name")
+    ui.type("#block-value", "us-east")
+    ui.click("main button[type=submit]", "Create block")
+    ui.wait_text("main .error-box", "Block name: a String block named “region-name” already exists")
+    assert api.get(f"/block_documents/{first}")["data"] == {"value": "eu-west"}
+    api.ok("DELETE", f"/block_documents/{first}")
+
+
 # ---------------------------------------------------------------- variables
 
 
@@ -1440,6 +1618,45 @@ def test_variables_crud(ui, api, data):
     ui.confirm("Delete")
     ui.wait_gone("main", "db2.internal")
     assert api.request("GET", "/variables/name/db_host")[0] == 404
+
+
+def test_editing_a_json_variable_keeps_its_value_json(ui, api, data):
+    """A variable an SDK saved as an object stays an object when only its tags are edited here."""
+    api.post("/variables/", {"name": "etl_config", "value": {"batch": 500, "regions": ["eu"]}, "tags": []})
+    ui.open("variables")
+    ui.click("main button", "Edit etl_config")
+    ui.type("dialog[open] #var-tags", "prod")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("main tr.var-row", "prod")
+    var = api.get("/variables/name/etl_config")
+    assert (var["value"], var["tags"]) == ({"batch": 500, "regions": ["eu"]}, ["prod"])
+    # bad JSON is refused in words, and nothing is saved
+    ui.click("main button", "Edit etl_config")
+    ui.type("dialog[open] #var-value", '{"batch": 5,}')
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("dialog[open] .error-box", "Value is not valid JSON")
+    ui.click("dialog[open] button", "Cancel")
+    assert api.get("/variables/name/etl_config")["value"] == {"batch": 500, "regions": ["eu"]}
+    ui.click("main button", "Delete etl_config")
+    ui.confirm("Delete")
+    ui.wait_gone("main", "etl_config")
+
+
+def test_an_earlier_error_goes_when_the_browser_refuses_the_form(ui, api, data):
+    """The server's 'already exists' from the first try is not left standing when the browser refuses the second
+    (a name it finds invalid), where it would read as the answer to that one."""
+    api.post("/variables/", {"name": "taken_name", "value": "x", "tags": []})
+    ui.open("variables")
+    ui.click(".page-header button", "+ Variable")
+    ui.type("dialog[open] #var-name", "taken_name")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "already exists")
+    ui.type("dialog[open] #var-name", "Taken Name")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.b.wait(lambda: ui.texts("dialog[open] .error-box") == [], 5, "the earlier error to go")
+    assert ui.b.execute("return document.querySelector('#var-name').validity.patternMismatch") is True
+    ui.click("dialog[open] button", "Cancel")
+    api.ok("DELETE", "/variables/name/taken_name")
 
 
 # ---------------------------------------------------------------- artifacts
@@ -1572,6 +1789,31 @@ def test_concurrency_limits_tag_and_global(ui, api, data):
     ui.confirm("Delete")
     ui.wait_text("#global-limits", "No global limits")
     assert api.request("GET", "/v2/concurrency_limits/api-calls")[0] == 404
+
+
+def test_a_tag_limit_is_edited_not_overwritten_by_a_second_create(ui, api, data):
+    """The API's create of a tag limit replaces one the tag has: the form refuses the tag instead, and Edit
+    changes the limit (the slots held stay held)."""
+    api.post("/concurrency_limits/", {"tag": "ui-warehouse", "concurrency_limit": 3})
+    ui.open("concurrency-limits")
+    ui.click("#tag-limits button", "+ Tag limit")
+    ui.type("dialog[open] #cl-tag", "ui-warehouse")
+    ui.type("dialog[open] #cl-limit", "5")
+    ui.click("dialog[open] button[type=submit]", "Create")
+    ui.wait_text("dialog[open] .error-box", "Tag “ui-warehouse” already has a limit (3)")
+    assert api.get("/concurrency_limits/tag/ui-warehouse")["concurrency_limit"] == 3
+    ui.click("dialog[open] button", "Cancel")
+    api.post("/concurrency_limits/increment", {"names": ["ui-warehouse"], "task_run_id": str(uuid.uuid4())})
+    held = api.get("/concurrency_limits/tag/ui-warehouse")["active_slots"]
+    assert len(held) == 1
+    ui.click("#tag-limits button", "Edit ui-warehouse")
+    assert ui.el("dialog[open] #cl-tag").prop("readOnly") is True
+    ui.type("dialog[open] #cl-limit", "7")
+    ui.click("dialog[open] button[type=submit]", "Save")
+    ui.wait_text("#tag-limits tr.tag-limit-row", "/ 7")
+    limit = api.get("/concurrency_limits/tag/ui-warehouse")
+    assert (limit["concurrency_limit"], limit["active_slots"]) == (7, held)
+    api.ok("DELETE", "/concurrency_limits/tag/ui-warehouse")
 
 
 # ---------------------------------------------------------------- notifications
@@ -1797,6 +2039,56 @@ def page_is_styled(ui):
         "return [...document.styleSheets].some(s => s.href && s.href.endsWith('/css/app.css')"
         " && s.cssRules.length > 0) && getComputedStyle(document.body).margin === '0px'"
     )
+
+
+def test_an_automation_in_json_is_not_held_back_by_the_hidden_form(ui, api, data):
+    """A bad value left in the form part (times: 0) does not stop the JSON part from being saved."""
+    ui.open("automations/create")
+    ui.wait_text(".page-header h1", "Create automation")
+    ui.type("#auto-name", "json-made")
+    ui.type("#auto-threshold", "0")
+    ui.choose("#auto-mode", "JSON (any trigger and actions)")
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Crashed"], "threshold": 1}
+    ui.type("#auto-json", json.dumps({"trigger": trigger, "actions": [{"type": "do-nothing"}]}))
+    ui.click("form.automation-form button[type=submit]", "Create automation")
+    ui.b.wait(lambda: ui.route() == "automations", 10, "the list again")
+    [made] = [a for a in automations(api) if a["name"] == "json-made"]
+    assert made["trigger"]["expect"] == ["prefect.flow-run.Crashed"]
+    api.ok("DELETE", f"/automations/{made['id']}")
+
+
+def test_editing_an_automation_whose_block_was_deleted_does_not_pick_another(ui, api, data):
+    """Its block gone, the form offers none chosen: saving does not quietly send to the first block listed."""
+    bt = api.get("/block_types/slug/slack-webhook")
+    [schema] = api.post("/block_schemas/filter", {"block_schemas": {"block_type_id": {"any_": [bt["id"]]}}, "limit": 1})
+
+    def block(name):
+        body = {
+            "name": name,
+            "block_type_id": bt["id"],
+            "block_schema_id": schema["id"],
+            "data": {"url": "https://x.example"},
+        }
+        return api.post("/block_documents/", body)
+
+    kept, gone = block("aaa-kept-channel"), block("zzz-gone-channel")
+    action = {"type": "send-notification", "block_document_id": gone["id"], "subject": "s", "body": "b"}
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["prefect.flow-run.Failed"], "threshold": 1}
+    automation = api.post("/automations/", {"name": "orphaned", "trigger": trigger, "actions": [action]})
+    api.ok("DELETE", f"/block_documents/{gone['id']}")
+    ui.open(f"automations/automation/{automation['id']}/edit")
+    ui.wait_text(".page-header h1", "Edit automation")
+    assert ui.b.execute("return document.querySelector('#auto-block').value") == ""
+    assert "its block was deleted" in ui.b.execute(
+        "const s = document.querySelector('#auto-block'); return s.options[s.selectedIndex].textContent"
+    )
+    ui.type("#auto-name", "orphaned-renamed")
+    ui.click("form.automation-form button[type=submit]", "Save automation")
+    ui.wait_text("main .error-box", "Send to: pick a block.")
+    stored = api.get(f"/automations/{automation['id']}")
+    assert (stored["name"], stored["actions"][0]["block_document_id"]) == ("orphaned", gone["id"])
+    api.ok("DELETE", f"/automations/{automation['id']}")
+    api.ok("DELETE", f"/block_documents/{kept['id']}")
 
 
 def test_automation_and_event_pages_at_prefects_paths(ui, api, data):
@@ -2214,6 +2506,18 @@ def test_empty_states_of_the_other_lists(browser, empty_server, route, text):
     ui.open(route)
     ui.wait_text("main .empty-state", text)
     assert ui.texts("main .error-box") == []
+
+
+def test_an_automation_to_run_a_deployment_on_a_server_without_one(browser, empty_server):
+    ui = UI(browser, empty_server[: -len("/api")])
+    ui.open("automations/create")
+    ui.wait_text(".page-header h1", "Create automation")
+    ui.type("#auto-name", "rerun")
+    ui.choose("#auto-action", "Run a deployment")
+    ui.click("form.automation-form button[type=submit]", "Create automation")
+    ui.wait_text("main .error-box", "There is no deployment to run yet")
+    assert "uuid" not in ui.text("main .error-box")
+    assert Api(empty_server).post("/automations/filter", {}) == []
 
 
 def test_ui_works_with_basic_auth(browser, tmp_path):

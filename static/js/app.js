@@ -146,6 +146,12 @@ async function start() {
     }
   });
   window.addEventListener('unhandledrejection', (ev) => toast(errorText(ev.reason), 'error'));
+  // A form the browser refuses to send (a field it finds invalid, told in its own bubble) no longer shows the
+  // error of an earlier attempt, which would read as the answer to this one.
+  document.addEventListener('invalid', (ev) => {
+    const form = ev.target && ev.target.form;
+    if (form) for (const box of form.querySelectorAll('.form-error')) box.remove();
+  }, true);
   try {
     await loadSettings();
   } catch (err) {

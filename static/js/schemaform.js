@@ -30,6 +30,17 @@ function isSecretField(name, prop, secretFields) {
 
 export const MASK = '********';
 
+// A date and time as ISO 8601 (what the SDKs parse): a date, a time to the minute or finer, an optional offset.
+const DATE_TIME_EXAMPLE = '2026-12-31T23:59:00+00:00';
+const ISO_DATE_TIME = /^(\d{4})-(\d{2})-(\d{2})[T ](\d{2}):(\d{2})(?::(\d{2})(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?$/i;
+function isDateTime(text) {
+  const m = ISO_DATE_TIME.exec(text);
+  if (!m) return false;
+  const [y, mo, d, hh, mm, ss] = m.slice(1, 7).map((x) => Number(x || 0));
+  const day = new Date(Date.UTC(y, mo - 1, d));
+  return day.getUTCMonth() === mo - 1 && day.getUTCDate() === d && hh < 24 && mm < 60 && ss < 60;
+}
+
 // options: {secretFields, editing, blockChoices(slug) -> [{id,name}] (already loaded), idPrefix}
 export function schemaForm(schema, initial = {}, options = {}) {
   const root = schema || {};
@@ -85,10 +96,15 @@ export function schemaForm(schema, initial = {}, options = {}) {
       };
     } else if (prop.type === 'string') {
       const long = (prop.format === 'text' || /template|body|message|description|query|script/i.test(name)) || (typeof init === 'string' && init.includes('\n'));
-      input = long ? h('textarea', { id, name, rows: 3 }, '') : h('input', { id, name, type: prop.format === 'uri' ? 'url' : 'text' });
+      const dateTime = prop.format === 'date-time';
+      input = long ? h('textarea', { id, name, rows: 3 }, '') : h('input', { id, name, type: prop.format === 'uri' ? 'url' : 'text', placeholder: dateTime ? DATE_TIME_EXAMPLE : null });
       input.value = init ?? '';
       get = () => {
         if (input.value === '') return required.has(name) ? { error: 'is required' } : { skip: true };
+        if (dateTime) {
+          const text = input.value.trim();
+          return isDateTime(text) ? { value: text } : { error: `must be a date and time in ISO 8601, e.g. ${DATE_TIME_EXAMPLE}` };
+        }
         return { value: input.value };
       };
     } else if (prop.type === 'array' && prop.items && resolve(prop.items, root).type === 'string' && !resolve(prop.items, root).enum) {
@@ -108,19 +124,24 @@ export function schemaForm(schema, initial = {}, options = {}) {
         try { return { value: JSON.parse(input.value) }; } catch (e) { return { error: `is not valid JSON (${e.message})` }; }
       };
     }
-    getters.push([name, prop.title || name, get]);
+    // A value refused on submit is named under its own field, besides the form's summary.
+    const errEl = h('p', { class: 'field-error', id: `${id}-error`, hidden: true });
+    getters.push([name, prop.title || name, get, input, errEl]);
     const isCheck = input.type === 'checkbox';
     fields.push(h('div', { class: isCheck ? 'field field-check' : 'field', dataset: { field: name } },
       isCheck ? h('label', { for: id }, input, ' ', label) : [h('label', { for: id }, label, secret ? h('span', { class: 'secret-tag' }, ' secret') : null), input],
-      prop.description ? h('p', { class: 'help muted' }, prop.description) : null));
+      errEl, prop.description ? h('p', { class: 'help muted' }, prop.description) : null));
   }
 
   const el = h('div', { class: 'schema-form' }, fields.length ? fields : h('p', { class: 'muted' }, 'This schema has no fields.'));
   function values() {
     const out = {};
     const errors = [];
-    for (const [name, title, get] of getters) {
+    for (const [name, title, get, input, errEl] of getters) {
       const r = get();
+      errEl.textContent = r.error ? `${title} ${r.error}` : '';
+      errEl.hidden = !r.error;
+      if (r.error) { input.setAttribute('aria-invalid', 'true'); input.setAttribute('aria-describedby', errEl.id); } else { input.removeAttribute('aria-invalid'); input.removeAttribute('aria-describedby'); }
       if (r.error) errors.push(`${title} ${r.error}`);
       else if (!r.skip) out[name] = r.value;
     }

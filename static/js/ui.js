@@ -140,7 +140,7 @@ export async function runAction(button, fn, okMessage) {
 }
 
 export function formError(container, err) {
-  replace(container, err ? h('div', { class: 'error-box', role: 'alert' }, h('p', { class: 'error-text' }, typeof err === 'string' ? err : errorText(err))) : '');
+  replace(container, err ? h('div', { class: 'error-box form-error', role: 'alert' }, h('p', { class: 'error-text' }, typeof err === 'string' ? err : errorText(err))) : '');
 }
 
 // Tabs: [{id, label, render: () => Node}] ; returns {el, select(id)}
@@ -172,6 +172,10 @@ export function field(label, input, { help, id } = {}) {
   input.id = fid;
   return h('div', { class: 'field' }, h('label', { for: fid }, label), input, help ? h('p', { class: 'help muted' }, help) : null);
 }
+
+// The names the API takes for work pools, work queues and global limits (Prefect's rule): no / % & > <.
+// The pattern is one the browser compiles with its `v` flag, where a bare / in a class is refused.
+export const NAME_RULE = { pattern: '[^\\/%&><]+', title: 'Any characters except / % & > <' };
 
 export function parseTags(text) {
   return String(text || '').split(',').map((t) => t.trim()).filter(Boolean);

@@ -213,10 +213,14 @@ export async function automationEdit(ctx, root, id) {
     h('option', { value: 'send-notification', selected: first.type === 'send-notification' }, 'Send a notification'),
     h('option', { value: 'run-deployment', selected: first.type === 'run-deployment' }, 'Run a deployment'),
     h('option', { value: 'do-nothing', selected: first.type === 'do-nothing' }, 'Do nothing (record only)'));
-  const blockSel = h('select', { id: 'auto-block' }, blocks.map((d) => h('option', { value: d.id, selected: first.block_document_id === d.id }, d.name)));
+  // An action whose block or deployment is gone offers none chosen (not silently the first one of the list).
+  const gone = (key, list) => first.type === (key === 'block_document_id' ? 'send-notification' : 'run-deployment') && first[key] && !list.some((x) => x.id === first[key]);
+  const goneOption = (what) => h('option', { value: '', selected: true }, `— its ${what} was deleted: pick one —`);
+  const blockSel = h('select', { id: 'auto-block' }, gone('block_document_id', blocks) ? goneOption('block') : null,
+    blocks.map((d) => h('option', { value: d.id, selected: first.block_document_id === d.id }, d.name)));
   const bodyIn = h('textarea', { id: 'auto-body', rows: 3 });
   bodyIn.value = first.body || 'Flow run {{ flow_run.name }} of {{ flow.name }} entered {{ flow_run.state.name }}: {{ flow_run.state.message }}';
-  const depSel = h('select', { id: 'auto-deployment' }, deployments.map((d) => h('option', { value: d.id, selected: first.deployment_id === d.id }, d.name)));
+  const depSel = h('select', { id: 'auto-deployment' }, gone('deployment_id', deployments) ? goneOption('deployment') : null, deployments.map((d) => h('option', { value: d.id, selected: first.deployment_id === d.id }, d.name)));
   const paramsIn = h('textarea', { id: 'auto-parameters', rows: 2 });
   paramsIn.value = JSON.stringify(first.parameters || {});
   const notifyFields = h('div', null, field('Send to', blockSel), field('Message', bodyIn, { help: 'A template: {{ flow_run.name }}, {{ flow.name }}, {{ event.resource.id }}, {{ value | default("none") }}…' }));
@@ -233,7 +237,11 @@ export async function automationEdit(ctx, root, id) {
     field('Fire', postureSel), field('Times', thresholdIn), field('Within (seconds)', withinIn, { help: '0: no window (each time). At least 10 when it does not happen.' }),
     field('Then', actionSel), notifyFields, runFields);
   const jsonPart = h('div', null, field('Trigger and actions', jsonIn));
-  const showMode = () => { formPart.hidden = modeSel.value !== 'form'; jsonPart.hidden = modeSel.value !== 'json'; };
+  // The hidden part's fields are disabled too: the browser would otherwise refuse the form for a bad value it hides.
+  const showMode = () => {
+    formPart.hidden = modeSel.value !== 'form'; jsonPart.hidden = modeSel.value !== 'json';
+    for (const part of [formPart, jsonPart]) for (const c of part.querySelectorAll('input, select, textarea')) c.disabled = part.hidden;
+  };
   modeSel.addEventListener('change', showMode);
   showMode();
   const err = h('div');
@@ -249,9 +257,10 @@ export async function automationEdit(ctx, root, id) {
       threshold: Number(thresholdIn.value) || 1, within: Number(withinIn.value) || 0 };
     let action = { type: 'do-nothing' };
     if (actionSel.value === 'send-notification') {
-      if (!blockSel.value) throw new Error('Create a notification block first (Blocks page).');
+      if (!blockSel.value) throw new Error(blocks.length ? 'Send to: pick a block.' : 'Create a notification block first (Blocks page).');
       action = { type: 'send-notification', block_document_id: blockSel.value, subject: 'Prefect automation: {{ flow.name }}/{{ flow_run.name }}', body: bodyIn.value };
     } else if (actionSel.value === 'run-deployment') {
+      if (!depSel.value) throw new Error(deployments.length ? 'Deployment: pick one.' : 'There is no deployment to run yet: deploy a flow first (see the Deployments page).');
       let parameters;
       try { parameters = JSON.parse(paramsIn.value || '{}'); } catch (ex) { throw new Error(`Parameters: ${ex.message}`); }
       action = { type: 'run-deployment', source: 'selected', deployment_id: depSel.value, parameters };

@@ -1,5 +1,5 @@
 import { h, replace } from '../dom.js';
-import { api } from '../api.js';
+import { api, ApiError } from '../api.js';
 import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, tabs, confirmDialog, runAction, toast, field, formError } from '../ui.js';
 import { schemaForm, displayValue } from '../schemaform.js';
 import { paths, navigate, replaceRoute } from '../router.js';
@@ -27,7 +27,7 @@ async function refChoices(schema) {
 // A block document form: name + fields from the schema. Used here and by notifications.
 export async function blockDocumentForm(blockType, schema, { doc = null, idPrefix = 'block' } = {}) {
   const choices = await refChoices(schema);
-  const nameIn = h('input', { id: `${idPrefix}-name`, type: 'text', required: true, value: doc ? doc.name : '', readOnly: !!doc, pattern: '[a-z0-9-]+', title: 'Lowercase letters, numbers and dashes' });
+  const nameIn = h('input', { id: `${idPrefix}-name`, type: 'text', required: true, value: doc ? doc.name : '', readOnly: !!doc, pattern: '[a-z0-9\\-]+', title: 'Lowercase letters, numbers and dashes' });
   const sf = schemaForm(schema.fields || {}, doc ? doc.data || {} : {}, { editing: !!doc, idPrefix, blockChoices: (slug) => choices.get(slug) || [] });
   const el = h('div', { class: 'block-form' },
     field('Block name', nameIn, { help: doc ? 'The name of a block cannot be changed.' : 'Lowercase letters, numbers and dashes.' }), sf.el);
@@ -45,7 +45,13 @@ export async function blockDocumentForm(blockType, schema, { doc = null, idPrefi
 export async function createBlockDocument(form) {
   const { name, data, errors } = form.values();
   if (errors.length) throw new Error(errors.join('; '));
-  return api.post('/block_documents/', { name, block_type_id: form.blockType.id, block_schema_id: form.schema.id, data });
+  try {
+    return await api.post('/block_documents/', { name, block_type_id: form.blockType.id, block_schema_id: form.schema.id, data });
+  } catch (ex) {
+    // the API says only "Block already exists": name the field and the name taken
+    if (ex instanceof ApiError && ex.status === 409) throw new Error(`Block name: a ${form.blockType.name} block named “${name}” already exists; pick another name.`);
+    throw ex;
+  }
 }
 
 export async function blocksPage(ctx, root, tab) {
@@ -75,7 +81,7 @@ export async function blocksPage(ctx, root, tab) {
       } });
       const grid = h('div', { class: 'catalog' }, types.map((bt) => h('div', { class: 'catalog-item', dataset: { name: bt.name.toLowerCase(), slug: bt.slug } },
         h('div', { class: 'avatar', 'aria-hidden': 'true' }, bt.name.slice(0, 2)),
-        h('div', { class: 'catalog-text' }, h('h3', null, bt.name), h('p', { class: 'muted small' }, bt.description ? bt.description.split('\n')[0].slice(0, 140) : bt.slug)),
+        h('div', { class: 'catalog-text' }, h('h3', null, bt.name), h('p', { class: 'muted small', title: bt.description || null }, bt.description ? bt.description.split('\n')[0].slice(0, 140) : bt.slug)),
         h('a', { class: 'btn btn-small', href: paths.blockCreate(bt.slug), 'aria-label': `Create ${bt.name} block` }, 'Create'))));
       replace(catEl, types.length ? [h('div', { class: 'toolbar' }, h('label', { for: 'catalog-search', class: 'sr-only' }, 'Filter block types'), search), grid]
         : emptyState('No block types', 'The server has no block type registered.'));
@@ -94,7 +100,7 @@ export async function blockCreate(ctx, root, slug) {
   const err = h('div');
   const submit = h('button', { type: 'submit', class: 'btn btn-primary' }, 'Create block');
   replace(root,
-    pageHeader(`New ${bt.name} block`, { crumbs: [{ label: 'Blocks', href: 'blocks' }, { label: 'Catalogue', href: 'blocks/catalog' }, { label: bt.name }] }),
+    pageHeader(`New ${bt.name} block`, { subtitle: bt.description ? bt.description.split('\n\n')[0] : null, crumbs: [{ label: 'Blocks', href: 'blocks' }, { label: 'Catalogue', href: 'blocks/catalog' }, { label: bt.name }] }),
     h('form', { class: 'card form', onsubmit: async (e) => {
       e.preventDefault();
       submit.disabled = true;
@@ -104,6 +110,21 @@ export async function blockCreate(ctx, root, slug) {
         navigate(paths.block(doc.id));
       } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }
     } }, form.el, err, h('div', { class: 'form-actions' }, h('a', { class: 'btn', href: 'blocks/catalog' }, 'Cancel'), submit)));
+}
+
+// What deleting a block takes with it: the notifications that send to it go too (the server deletes them with
+// it); automations that send to it stay and fail. Said in the confirmation; nothing when unknown.
+async function usesOfBlock(id) {
+  const [policies, automations] = await Promise.all([
+    api.post('/flow_run_notification_policies/filter', { limit: 200 }).catch(() => []),
+    api.post('/automations/filter', { limit: 200 }).catch(() => []),
+  ]);
+  const plural = (n, word) => `${n} ${word}${n === 1 ? '' : 's'}`;
+  const nPolicies = policies.filter((p) => p.block_document_id === id).length;
+  const nAutomations = automations.filter((a) => [...(a.actions || []), ...(a.actions_on_trigger || []), ...(a.actions_on_resolve || [])]
+    .some((x) => x && x.block_document_id === id)).length;
+  return (nPolicies ? ` ${plural(nPolicies, 'notification')} ${nPolicies === 1 ? 'sends' : 'send'} to it and will be deleted with it.` : '')
+    + (nAutomations ? ` ${plural(nAutomations, 'automation')} ${nAutomations === 1 ? 'sends' : 'send'} to it and will fail to.` : '');
 }
 
 export async function blockDetail(ctx, root, id, editing = false) {
@@ -134,7 +155,7 @@ export async function blockDetail(ctx, root, id, editing = false) {
     return;
   }
   const delBtn = h('button', { type: 'button', class: 'btn btn-danger', onclick: async () => {
-    if (!await confirmDialog('Delete block', `Delete the block “${doc.name}”?`, { confirmLabel: 'Delete', danger: true })) return;
+    if (!await confirmDialog('Delete block', `Delete the block “${doc.name}”?${await usesOfBlock(doc.id)}`, { confirmLabel: 'Delete', danger: true })) return;
     await runAction(delBtn, () => api.del(`/block_documents/${doc.id}`), 'Block deleted');
     navigate('blocks');
   } }, 'Delete');

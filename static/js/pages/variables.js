@@ -5,7 +5,9 @@ import { pageHeader, errorBox, emptyState, loading, tagList, timeCell, table, pa
 function variableDialog(existing, onDone) {
   const name = h('input', { id: 'var-name', type: 'text', required: true, value: existing ? existing.name : '', pattern: '[a-z0-9_]+', title: 'Lowercase letters, numbers and underscores' });
   const value = h('textarea', { id: 'var-value', rows: 4, class: 'mono' });
-  value.value = existing ? (typeof existing.value === 'string' ? existing.value : JSON.stringify(existing.value)) : '';
+  // A value that is not a string (an SDK saved JSON) stays JSON: it is parsed back on save, not stored as its text.
+  const asJson = !!existing && typeof existing.value !== 'string';
+  value.value = existing ? (asJson ? JSON.stringify(existing.value) : existing.value) : '';
   const tags = h('input', { id: 'var-tags', type: 'text', value: existing ? (existing.tags || []).join(', ') : '', placeholder: 'tag-a, tag-b' });
   const err = h('div');
   const submit = h('button', { type: 'submit', class: 'btn btn-primary' }, existing ? 'Save' : 'Create');
@@ -13,6 +15,9 @@ function variableDialog(existing, onDone) {
     e.preventDefault();
     const body = { name: name.value.trim(), value: value.value, tags: parseTags(tags.value) };
     if (!body.name) { formError(err, 'Name is required'); return; }
+    if (asJson) {
+      try { body.value = JSON.parse(value.value); } catch (ex) { formError(err, `Value is not valid JSON (${ex.message})`); return; }
+    }
     submit.disabled = true;
     try {
       if (existing) await api.patch(`/variables/${existing.id}`, body);
@@ -21,7 +26,7 @@ function variableDialog(existing, onDone) {
       toast(`Variable “${body.name}” ${existing ? 'saved' : 'created'}`, 'success');
       onDone();
     } catch (ex) { formError(err, ex); } finally { submit.disabled = false; }
-  } }, field('Name', name, { help: 'Lowercase letters, numbers and underscores.' }), field('Value', value), field('Tags', tags, { help: 'Comma separated.' }), err,
+  } }, field('Name', name, { help: 'Lowercase letters, numbers and underscores.' }), field('Value', value, asJson ? { help: 'A JSON value: it is kept as JSON.' } : {}), field('Tags', tags, { help: 'Comma separated.' }), err,
   h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), submit)));
   name.focus();
 }

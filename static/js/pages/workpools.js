@@ -1,6 +1,6 @@
 import { h, replace } from '../dom.js';
 import { api } from '../api.js';
-import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, runAction, modal, field, formError, toast, confirmDialog } from '../ui.js';
+import { pageHeader, section, errorBox, emptyState, loading, timeCell, table, keyValues, runAction, modal, field, formError, toast, confirmDialog, NAME_RULE } from '../ui.js';
 import { fmtRelative } from '../format.js';
 import { paths, navigate } from '../router.js';
 
@@ -26,7 +26,7 @@ const PROCESS_TEMPLATE = {
 const POOL_TYPES = [['process', 'Process'], ['docker', 'Docker'], ['kubernetes', 'Kubernetes'], ['ecs', 'AWS ECS'], ['cloud-run', 'Google Cloud Run'], ['azure-container-instance', 'Azure Container Instances'], ['', 'Other…']];
 
 function createPoolDialog(onDone) {
-  const name = h('input', { id: 'pool-name', type: 'text', required: true });
+  const name = h('input', { id: 'pool-name', type: 'text', required: true, ...NAME_RULE });
   const other = h('input', { id: 'pool-type-other', type: 'text', placeholder: 'the worker type', hidden: true });
   const template = h('textarea', { id: 'pool-template', rows: 8, spellcheck: 'false', class: 'mono' });
   const help = h('p', { class: 'help muted' });
@@ -50,9 +50,50 @@ function createPoolDialog(onDone) {
     }
     if (limit.value !== '') body.concurrency_limit = Number(limit.value);
     try { await api.post('/work_pools/', body); m.close(); toast(`Work pool “${body.name}” created`, 'success'); onDone(); } catch (ex) { formError(err, ex); }
-  } }, field('Name', name), field('Type', type), other, field('Base job template (JSON)', template), help,
+  } }, field('Name', name, { help: `${NAME_RULE.title}.` }), field('Type', type), other, field('Base job template (JSON)', template), help,
   field('Concurrency limit', limit, { help: 'Empty for no limit.' }), err,
   h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, 'Create'))));
+}
+
+// An empty number field is null (no limit); otherwise its number.
+const limitOf = (input) => (input.value === '' ? null : Number(input.value));
+
+function editPoolDialog(pool, onDone) {
+  const description = h('input', { id: 'pool-description', type: 'text', value: pool.description || '' });
+  const limit = h('input', { id: 'pool-edit-limit', type: 'number', min: 0, step: 1, value: pool.concurrency_limit ?? '' });
+  const err = h('div');
+  const m = modal(`Edit ${pool.name}`, h('form', { class: 'form', onsubmit: async (e) => {
+    e.preventDefault();
+    try {
+      await api.patch(`/work_pools/${encodeURIComponent(pool.name)}`, { description: description.value.trim() || null, concurrency_limit: limitOf(limit) });
+      m.close(); toast(`Work pool “${pool.name}” saved`, 'success'); onDone();
+    } catch (ex) { formError(err, ex); }
+  } }, field('Description', description), field('Concurrency limit', limit, { help: 'Empty for no limit.' }), err,
+  h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, 'Save'))));
+}
+
+// A work queue of a pool: made (existing null) or edited, name included.
+function queueDialog(pool, existing, onDone) {
+  const name = h('input', { id: 'queue-name', type: 'text', required: true, ...NAME_RULE, value: existing ? existing.name : '' });
+  const description = h('input', { id: 'queue-description', type: 'text', value: existing ? existing.description || '' : '' });
+  const priority = h('input', { id: 'queue-priority', type: 'number', min: 1, step: 1, required: !!existing, value: existing ? existing.priority : '' });
+  const limit = h('input', { id: 'queue-limit', type: 'number', min: 0, step: 1, value: existing ? existing.concurrency_limit ?? '' : '' });
+  const err = h('div');
+  const base = `/work_pools/${encodeURIComponent(pool.name)}/queues`;
+  const m = modal(existing ? `Edit work queue ${existing.name}` : `New work queue in ${pool.name}`, h('form', { class: 'form', onsubmit: async (e) => {
+    e.preventDefault();
+    const body = { name: name.value.trim(), description: description.value.trim(), concurrency_limit: limitOf(limit) };
+    if (priority.value !== '') body.priority = Number(priority.value);
+    try {
+      if (existing) await api.patch(`${base}/${encodeURIComponent(existing.name)}`, body);
+      else await api.post(`${base}/`, body);
+      m.close(); toast(`Work queue “${body.name}” ${existing ? 'saved' : 'created'}`, 'success'); onDone();
+    } catch (ex) { formError(err, ex); }
+  } }, field('Name', name, { help: `${NAME_RULE.title}.` }), field('Description', description),
+  field('Priority', priority, { help: existing ? '1 is served first.' : '1 is served first. Empty: after the pool’s other queues.' }),
+  field('Concurrency limit', limit, { help: 'Empty for no limit.' }), err,
+  h('div', { class: 'form-actions' }, h('button', { type: 'button', class: 'btn', onclick: () => m.close() }, 'Cancel'), h('button', { type: 'submit', class: 'btn btn-primary' }, existing ? 'Save' : 'Create'))));
+  name.focus();
 }
 
 export async function workPoolsPage(ctx, root) {
@@ -91,13 +132,14 @@ export async function workPoolDetail(ctx, root, name) {
     navigate('work-pools');
   } }, 'Delete');
   replace(root,
-    pageHeader(pool.name, { crumbs: [{ label: 'Work pools', href: 'work-pools' }, { label: pool.name }], badge: statusPill(pool.status, pool.is_paused), actions: [pauseBtn, delBtn], subtitle: pool.description || null }),
+    pageHeader(pool.name, { crumbs: [{ label: 'Work pools', href: 'work-pools' }, { label: pool.name }], badge: statusPill(pool.status, pool.is_paused),
+      actions: [h('button', { type: 'button', class: 'btn', onclick: () => editPoolDialog(pool, () => ctx.rerender()) }, 'Edit'), pauseBtn, delBtn], subtitle: pool.description || null }),
     h('div', { class: 'card' }, keyValues([
       ['Type', pool.type], ['Status', statusPill(pool.status, pool.is_paused)],
       ['Concurrency limit', pool.concurrency_limit === null || pool.concurrency_limit === undefined ? 'Unlimited' : String(pool.concurrency_limit)],
       ['Created', timeCell(pool.created)], ['Work pool ID', h('code', null, pool.id)],
     ])),
-    section('Work queues', queuesEl, { id: 'queues' }),
+    section('Work queues', queuesEl, { id: 'queues', actions: [h('button', { type: 'button', class: 'btn btn-primary', onclick: () => queueDialog(pool, null, () => ctx.rerender()) }, '+ Work queue')] }),
     section('Workers', workersEl, { id: 'workers' }));
   const enc = encodeURIComponent(pool.name);
   await Promise.all([
@@ -110,7 +152,14 @@ export async function workPoolDetail(ctx, root, name) {
         { label: 'Status', render: (q) => statusPill(q.status, q.is_paused) },
         { label: 'Concurrency', className: 'hide-sm', render: (q) => (q.concurrency_limit === null || q.concurrency_limit === undefined ? 'Unlimited' : String(q.concurrency_limit)) },
         { label: 'Last polled', render: (q) => (q.last_polled ? h('span', { title: new Date(q.last_polled).toLocaleString() }, fmtRelative(q.last_polled)) : h('span', { class: 'muted' }, 'Never')) },
-      ], qs, { caption: 'Work queues' }) : emptyState('No work queues', 'This pool has no queue.'));
+        { label: 'Actions', render: (q) => h('div', { class: 'row-actions' },
+          h('button', { type: 'button', class: 'btn btn-small', 'aria-label': `Edit ${q.name}`, onclick: () => queueDialog(pool, q, () => ctx.rerender()) }, 'Edit'),
+          q.id === pool.default_queue_id ? null : h('button', { type: 'button', class: 'btn btn-small btn-danger', 'aria-label': `Delete ${q.name}`, onclick: async (e) => {
+            if (!await confirmDialog('Delete work queue', `Delete the work queue “${q.name}”?`, { confirmLabel: 'Delete', danger: true })) return;
+            await runAction(e.target, () => api.del(`/work_pools/${enc}/queues/${encodeURIComponent(q.name)}`), `Work queue “${q.name}” deleted`);
+            ctx.rerender();
+          } }, 'Delete')) },
+      ], qs, { caption: 'Work queues', rowClass: () => 'queue-row' }) : emptyState('No work queues', 'This pool has no queue.'));
     }).catch((err) => replace(queuesEl, errorBox(err))),
     api.post(`/work_pools/${enc}/workers/filter`, { limit: 200 }).then((ws) => {
       if (!ctx.alive) return;
