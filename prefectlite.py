@@ -5861,12 +5861,12 @@ def _feed_log_sinks(tx, rows: list[tuple]):
 # Graphs and history
 
 
-def flow_run_graph(tx, run_id: str) -> list[dict]:
+def flow_run_graph(tx, run_id: str, major: int = 2) -> list[dict]:
     require_row(tx, "flow_run", run_id, "Flow run")
     rows = tx.query("SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (run_id,))
     out = []
     for row in rows:
-        task = task_run_out(row)
+        task = task_run_out(row, major)  # its state as the client reads states (3.9's details for 3.x)
         upstream = [
             ref
             for refs in (task.get("task_inputs") or {}).values()
@@ -12344,7 +12344,7 @@ def delete_flow_run_input_handler(app, req):
 
 def read_flow_run_graph(app, req):
     with app.db.read() as tx:
-        return 200, flow_run_graph(tx, req.uuid())
+        return 200, flow_run_graph(tx, req.uuid(), client_major(req))
 
 
 def read_flow_run_graph_v2(app, req):

@@ -639,6 +639,19 @@ def test_flow_run_graph_links_task_inputs(client):
     assert client.get(f"/flow_runs/{uuid.uuid4()}/graph")[0] == 404
 
 
+def test_flow_run_graph_shows_3x_clients_their_state_details(client):
+    """The graph's states are states too: Prefect 3.9 answers them with its details (DETAILS_3's defaults);
+    a 2.x client gets none of those keys."""
+    run, first, second, third = _dag(client)
+    for headers, wanted in ((PREFECT3_AGENT, DETAILS_3), (None, {})):
+        graph = client.ok("GET", f"/flow_runs/{run['id']}/graph", headers=headers)
+        shown = [
+            {key: node["state"]["state_details"][key] for key in DETAILS_3 if key in node["state"]["state_details"]}
+            for node in graph
+        ]
+        assert shown == [wanted] * 3, (headers, shown)
+
+
 def test_flow_run_graph_v2_links_parents_and_children(client):
     run, first, second, third = _dag(client)
     status, graph = client.get(f"/flow_runs/{run['id']}/graph-v2")
