@@ -12868,6 +12868,15 @@ def count_latest_artifacts(app, req):
 @body(ConcurrencyLimitCreate)
 def create_tag_limit_handler(app, req):
     with app.db.write() as tx:
+        name = TAG_LIMIT_PREFIX + req.data["tag"]
+        row = None
+        if client_major(req) == 3:  # Prefect 3.9 sets the global limit tag:NAME where there is one: reads show it
+            row = tx.query_one(f"SELECT * FROM concurrency_limit_v2 WHERE name = ?{tx.db.for_update}", (name,))
+        if row is not None:
+            update_row(
+                tx, "concurrency_limit_v2", row["id"], {"limit": req.data["concurrency_limit"], "updated": now_iso()}
+            )
+            return 200, global_tag_limit_as_v1(tx, read_row(tx, "concurrency_limit_v2", row["id"]))
         limit, created = create_tag_limit(tx, req.data)
     return (201 if created else 200), limit
 

@@ -691,6 +691,30 @@ def test_a_3x_clients_tag_limit_routes_all_find_its_global_limit(any_db):
     assert three.delete(f"/concurrency_limits/{v1['id']}")[0] == 204  # a tag limit, as before
 
 
+def test_a_3x_client_setting_a_tags_limit_sets_its_global_limit(any_db):
+    """Prefect 3.9's POST /concurrency_limits/ sets the global limit `tag:NAME` when there is one (a 200, in a
+    tag limit's shape), so the limit a 3.x client sets is the one it then reads; without one, and for 2.x
+    clients, it is a tag limit as before."""
+    client = any_db
+    three = Client(client.api_url, headers=PREFECT3_AGENT)
+    tag = unique()
+    limit = new_global(client, name=f"tag:{tag}", limit=3)
+    status, answer = three.post("/concurrency_limits/", {"tag": tag, "concurrency_limit": 5})
+    assert status == 200, answer
+    shown = {key: answer[key] for key in ("id", "tag", "concurrency_limit", "active_slots")}
+    assert shown == {"id": limit["id"], "tag": tag, "concurrency_limit": 5, "active_slots": []}
+    assert three.ok("GET", f"/concurrency_limits/tag/{tag}")["concurrency_limit"] == 5
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit['id']}")["limit"] == 5
+    assert client.get(f"/concurrency_limits/tag/{tag}")[0] == 404  # no tag limit was made
+
+    status, v1 = client.post("/concurrency_limits/", {"tag": tag, "concurrency_limit": 1})  # 2.x: a tag limit
+    assert (status, v1["concurrency_limit"]) == (201, 1)
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit['id']}")["limit"] == 5
+    plain = unique()
+    status, made = three.post("/concurrency_limits/", {"tag": plain, "concurrency_limit": 2})
+    assert (status, made["tag"]) == (201, plain)
+
+
 @pytest.mark.parametrize("global_limit_too", [False, True])
 def test_concurrent_v1_increments_never_exceed_a_tag_limit(any_db, global_limit_too):
     """16 task runs ask at once for two tags' slots (one tag's limit a v1 row, the other's a v1 row or a global
