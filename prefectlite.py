@@ -648,7 +648,8 @@ class Database:
 
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         """SQL and its parameters for stored JSON object text {x} as a value inside json_object, the object at
-        its `key` given those of the `defaults` it lacks (one it has, null or not, stays as it is)."""
+        its `key` given those of the `defaults` it lacks (one it has, null or not, stays as it is); the object at
+        `key` taken as empty where it is not an object (as state_for_client takes it)."""
         raise NotImplementedError
 
     def _log_sql(self, sql, params):
@@ -993,7 +994,13 @@ class SqliteDatabase(Database):
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         pairs = ", ".join("?, json(?)" for _ in defaults)  # json_insert sets a path only where there is none
         params = tuple(v for name, value in defaults.items() for v in (f'$."{key}"."{name}"', json.dumps(value)))
-        return f"json_insert(json({x}), {pairs})", params
+        path = f'$."{key}"'
+        # json() around the CASE: what json_object embeds must carry JSON's subtype, or it is quoted as text
+        sql = (
+            f"json(CASE WHEN json_type({x}, ?) = 'object' THEN json_insert(json({x}), {pairs}) "
+            f"ELSE json_set(json({x}), ?, json(?)) END)"
+        )
+        return sql, (path, *params, path, json.dumps(defaults))
 
     def __init__(self, url, path, settings=None):
         super().__init__(url, settings)
@@ -1536,8 +1543,10 @@ class PostgresDatabase(Database):
 
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         # `||` keeps the right-hand (stored) value of a key both have
-        merged = f"(?)::jsonb || COALESCE(({x})::jsonb -> CAST(? AS text), '{{}}'::jsonb)"
-        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", (key, json.dumps(defaults), key)
+        stored = f"({x})::jsonb -> CAST(? AS text)"
+        merged = f"(?)::jsonb || (CASE WHEN jsonb_typeof({stored}) = 'object' THEN {stored} ELSE '{{}}'::jsonb END)"
+        params = (key, json.dumps(defaults), key, key)
+        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", params
 
     def __init__(self, url, conninfo: dict, settings=None):
         super().__init__(url, settings)
@@ -4311,7 +4320,8 @@ def state_for_client(state: dict | None, major: int) -> dict | None:
     """A state as a client of `major` (client_major) reads it."""
     if major != 3 or not state:
         return state
-    return {**state, "state_details": {**STATE_DETAIL_DEFAULTS_3, **(state.get("state_details") or {})}}
+    details = state.get("state_details")
+    return {**state, "state_details": {**STATE_DETAIL_DEFAULTS_3, **(details if isinstance(details, dict) else {})}}
 
 
 def default_state_name(state_type: str) -> str:
