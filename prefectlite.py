@@ -12969,7 +12969,8 @@ def reset_tag_limit(app, req):
     override = req.body_dict().get("slot_override")
     slots = _validate_kind(ListOf("uuid"), override, ("body", "slot_override")) if override is not None else []
     with app.db.write() as tx:
-        row = _global_tag_limit_row(tx, req, lock=True)
+        # not locked here: release_lease locks tag limits before global ones, as increment-with-lease does
+        row = _global_tag_limit_row(tx, req)
         if row is not None:  # Prefect 3.9 gives back every lease on it, then leases a slot to each override
             for lease in _leases_holding(tx, row["id"]):
                 release_lease(tx, lease["id"])
