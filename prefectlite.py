@@ -1543,10 +1543,12 @@ class PostgresDatabase(Database):
 
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         # `||` keeps the right-hand (stored) value of a key both have
-        stored = f"({x})::jsonb -> CAST(? AS text)"
-        merged = f"(?)::jsonb || (CASE WHEN jsonb_typeof({stored}) = 'object' THEN {stored} ELSE '{{}}'::jsonb END)"
-        params = (key, json.dumps(defaults), key, key)
-        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", params
+        # the stored object at `key`, none where it is not an object (strict: a list is not looked into); one
+        # path query, as cheap as `->`, where a CASE testing its type parsed {x} once more (a third of the time)
+        stored = f"jsonb_path_query_first(({x})::jsonb, CAST(? AS jsonpath), '{{}}', true)"
+        merged = f"(?)::jsonb || COALESCE({stored}, '{{}}'::jsonb)"
+        path = f'strict $."{key}" ? (@.type() == "object")'
+        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", (key, json.dumps(defaults), path)
 
     def __init__(self, url, conninfo: dict, settings=None):
         super().__init__(url, settings)
