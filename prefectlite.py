@@ -995,10 +995,11 @@ class SqliteDatabase(Database):
         pairs = ", ".join("?, json(?)" for _ in defaults)  # json_insert sets a path only where there is none
         params = tuple(v for name, value in defaults.items() for v in (f'$."{key}"."{name}"', json.dumps(value)))
         path = f'$."{key}"'
-        # json() around the CASE: what json_object embeds must carry JSON's subtype, or it is quoted as text
+        # json() around the CASE: what json_object embeds must carry JSON's subtype, or it is quoted as text;
+        # json_insert and json_set read the stored text as it is (a json() in each was one parse more)
         sql = (
-            f"json(CASE WHEN json_type({x}, ?) = 'object' THEN json_insert(json({x}), {pairs}) "
-            f"ELSE json_set(json({x}), ?, json(?)) END)"
+            f"json(CASE WHEN json_type({x}, ?) = 'object' THEN json_insert({x}, {pairs}) "
+            f"ELSE json_set({x}, ?, json(?)) END)"
         )
         return sql, (path, *params, path, json.dumps(defaults))
 
