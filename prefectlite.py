@@ -648,7 +648,8 @@ class Database:
 
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         """SQL and its parameters for stored JSON object text {x} as a value inside json_object, the object at
-        its `key` given those of the `defaults` it lacks (one it has, null or not, stays as it is)."""
+        its `key` given those of the `defaults` it lacks (one it has, null or not, stays as it is); the object at
+        `key` taken as empty where it is not an object (as state_for_client takes it)."""
         raise NotImplementedError
 
     def _log_sql(self, sql, params):
@@ -993,7 +994,14 @@ class SqliteDatabase(Database):
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         pairs = ", ".join("?, json(?)" for _ in defaults)  # json_insert sets a path only where there is none
         params = tuple(v for name, value in defaults.items() for v in (f'$."{key}"."{name}"', json.dumps(value)))
-        return f"json_insert(json({x}), {pairs})", params
+        path = f'$."{key}"'
+        # json() around the CASE: what json_object embeds must carry JSON's subtype, or it is quoted as text;
+        # json_insert and json_set read the stored text as it is (a json() in each was one parse more)
+        sql = (
+            f"json(CASE WHEN json_type({x}, ?) = 'object' THEN json_insert({x}, {pairs}) "
+            f"ELSE json_set({x}, ?, json(?)) END)"
+        )
+        return sql, (path, *params, path, json.dumps(defaults))
 
     def __init__(self, url, path, settings=None):
         super().__init__(url, settings)
@@ -1536,8 +1544,12 @@ class PostgresDatabase(Database):
 
     def json_with_defaults(self, x: str, key: str, defaults: dict) -> tuple[str, tuple]:
         # `||` keeps the right-hand (stored) value of a key both have
-        merged = f"(?)::jsonb || COALESCE(({x})::jsonb -> CAST(? AS text), '{{}}'::jsonb)"
-        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", (key, json.dumps(defaults), key)
+        # the stored object at `key`, none where it is not an object (strict: a list is not looked into); one
+        # path query, as cheap as `->`, where a CASE testing its type parsed {x} once more (a third of the time)
+        stored = f"jsonb_path_query_first(({x})::jsonb, CAST(? AS jsonpath), '{{}}', true)"
+        merged = f"(?)::jsonb || COALESCE({stored}, '{{}}'::jsonb)"
+        path = f'strict $."{key}" ? (@.type() == "object")'
+        return f"jsonb_set(({x})::jsonb, ARRAY[CAST(? AS text)], {merged})::json", (key, json.dumps(defaults), path)
 
     def __init__(self, url, conninfo: dict, settings=None):
         super().__init__(url, settings)
@@ -4311,7 +4323,8 @@ def state_for_client(state: dict | None, major: int) -> dict | None:
     """A state as a client of `major` (client_major) reads it."""
     if major != 3 or not state:
         return state
-    return {**state, "state_details": {**STATE_DETAIL_DEFAULTS_3, **(state.get("state_details") or {})}}
+    details = state.get("state_details")
+    return {**state, "state_details": {**STATE_DETAIL_DEFAULTS_3, **(details if isinstance(details, dict) else {})}}
 
 
 def default_state_name(state_type: str) -> str:
@@ -5861,12 +5874,12 @@ def _feed_log_sinks(tx, rows: list[tuple]):
 # Graphs and history
 
 
-def flow_run_graph(tx, run_id: str) -> list[dict]:
+def flow_run_graph(tx, run_id: str, major: int = 2) -> list[dict]:
     require_row(tx, "flow_run", run_id, "Flow run")
     rows = tx.query("SELECT * FROM task_run WHERE flow_run_id = ? ORDER BY expected_start_time, id", (run_id,))
     out = []
     for row in rows:
-        task = task_run_out(row)
+        task = task_run_out(row, major)  # its state as the client reads states (3.9's details for 3.x)
         upstream = [
             ref
             for refs in (task.get("task_inputs") or {}).values()
@@ -12344,7 +12357,7 @@ def delete_flow_run_input_handler(app, req):
 
 def read_flow_run_graph(app, req):
     with app.db.read() as tx:
-        return 200, flow_run_graph(tx, req.uuid())
+        return 200, flow_run_graph(tx, req.uuid(), client_major(req))
 
 
 def read_flow_run_graph_v2(app, req):
@@ -12868,6 +12881,15 @@ def count_latest_artifacts(app, req):
 @body(ConcurrencyLimitCreate)
 def create_tag_limit_handler(app, req):
     with app.db.write() as tx:
+        name = TAG_LIMIT_PREFIX + req.data["tag"]
+        row = None
+        if client_major(req) == 3:  # Prefect 3.9 sets the global limit tag:NAME where there is one: reads show it
+            row = tx.query_one(f"SELECT * FROM concurrency_limit_v2 WHERE name = ?{tx.db.for_update}", (name,))
+        if row is not None:
+            update_row(
+                tx, "concurrency_limit_v2", row["id"], {"limit": req.data["concurrency_limit"], "updated": now_iso()}
+            )
+            return 200, global_tag_limit_as_v1(tx, read_row(tx, "concurrency_limit_v2", row["id"]))
         limit, created = create_tag_limit(tx, req.data)
     return (201 if created else 200), limit
 
@@ -12884,51 +12906,82 @@ def _tag_limit_row(tx, req, lock=False):
     return row
 
 
-def global_tag_limit_as_v1(tx, tag: str) -> dict | None:
-    """The global limit `tag:NAME` in a tag limit's shape, or None: Prefect 3.9 reads a tag's limit there
-    first. Its active_slots are the task runs holding an unexpired lease on it, oldest lease first."""
-    row = tx.query_one("SELECT * FROM concurrency_limit_v2 WHERE name = ?", (TAG_LIMIT_PREFIX + tag,))
-    if row is None:
+def _global_tag_limit_row(tx, req, lock=False, any_name=False) -> dict | None:
+    """For a 3.x client, the global limit a tag limit route means, or None: Prefect 3.9 looks for `tag:NAME` (by
+    tag), or for a global limit by id (a `tag:` one; `any_name` for a deletion, which takes any), before its tag
+    limits. 2.x clients have only tag limits, as on 2.20."""
+    if client_major(req) != 3:
         return None
-    limit = decode_row("concurrency_limit_v2", row)
+    suffix = tx.db.for_update if lock else ""
+    if "tag" in req.params:
+        name = TAG_LIMIT_PREFIX + req.params["tag"]
+        return tx.query_one(f"SELECT * FROM concurrency_limit_v2 WHERE name = ?{suffix}", (name,))
+    row = tx.query_one(f"SELECT * FROM concurrency_limit_v2 WHERE id = ?{suffix}", (req.uuid(),))
+    return row if row is not None and (any_name or row["name"].startswith(TAG_LIMIT_PREFIX)) else None
+
+
+def _leases_holding(tx, limit_id: str) -> list[dict]:
+    """The unexpired leases on a global limit, oldest first."""
     rows = tx.query(
-        "SELECT limit_ids, holder FROM concurrency_lease WHERE limit_ids LIKE ? AND expiration > ? "
-        "ORDER BY created, id",
-        (f"%{limit['id']}%", now_iso()),
+        "SELECT * FROM concurrency_lease WHERE limit_ids LIKE ? AND expiration > ? ORDER BY created, id",
+        (f"%{limit_id}%", now_iso()),
     )
     leases = [decode_row("concurrency_lease", row) for row in rows]
-    holders = [lease["holder"] or {} for lease in leases if limit["id"] in lease["limit_ids"]]
-    slots = [holder["id"] for holder in holders if holder.get("type") == "task_run"]
+    return [lease for lease in leases if limit_id in lease["limit_ids"]]  # LIKE only narrows
+
+
+def global_tag_limit_as_v1(tx, row: dict) -> dict:
+    """A global limit `tag:NAME` in a tag limit's shape, as Prefect 3.9 shows it to tag limit routes: its
+    active_slots are the task runs holding an unexpired lease on it, oldest lease first."""
+    limit = decode_row("concurrency_limit_v2", row)
+    holders = [lease["holder"] or {} for lease in _leases_holding(tx, limit["id"])]
     return {
         "id": limit["id"],
         "created": limit["created"],
         "updated": limit["updated"],
-        "tag": tag,
+        "tag": limit["name"][len(TAG_LIMIT_PREFIX) :],
         "concurrency_limit": limit["limit"],
-        "active_slots": slots,
+        "active_slots": [holder["id"] for holder in holders if holder.get("type") == "task_run"],
     }
 
 
 def read_tag_limit(app, req):
     with app.db.read() as tx:
-        if "tag" in req.params and client_major(req) == 3:
-            limit = global_tag_limit_as_v1(tx, req.params["tag"])
-            if limit is not None:
-                return 200, limit
+        row = _global_tag_limit_row(tx, req)
+        if row is not None:
+            return 200, global_tag_limit_as_v1(tx, row)
         return 200, decode_row("concurrency_limit", _tag_limit_row(tx, req))
 
 
 def delete_tag_limit(app, req):
     with app.db.write() as tx:
+        row = _global_tag_limit_row(tx, req, lock=True, any_name=True)
+        if row is not None:  # as DELETE /v2/concurrency_limits/{id} does
+            tx.execute("DELETE FROM concurrency_limit_v2 WHERE id = ?", (row["id"],))
+            return 204, NO_CONTENT
         row = _tag_limit_row(tx, req, lock=True)
         tx.execute("DELETE FROM concurrency_limit WHERE id = ?", (row["id"],))
     return 204, NO_CONTENT
+
+
+# How long Prefect 3.9 leases a slot that a reset's slot_override gives a task run: for as good as ever
+OVERRIDE_LEASE_SECONDS = 100 * 365 * 86400
 
 
 def reset_tag_limit(app, req):
     override = req.body_dict().get("slot_override")
     slots = _validate_kind(ListOf("uuid"), override, ("body", "slot_override")) if override is not None else []
     with app.db.write() as tx:
+        # not locked here: release_lease locks tag limits before global ones, as increment-with-lease does
+        row = _global_tag_limit_row(tx, req)
+        if row is not None:  # Prefect 3.9 gives back every lease on it, then leases a slot to each override
+            for lease in _leases_holding(tx, row["id"]):
+                release_lease(tx, lease["id"])
+            limit = {"id": row["id"], "name": row["name"], "limit": row["limit"]}
+            for task_run_id in slots:
+                tx.execute("UPDATE concurrency_limit_v2 SET active_slots = active_slots + 1 WHERE id = ?", (row["id"],))
+                create_lease(tx, [limit], 1, OVERRIDE_LEASE_SECONDS, {"type": "task_run", "id": task_run_id})
+            return 200, None
         row = _tag_limit_row(tx, req, lock=True)
         update_row(tx, "concurrency_limit", row["id"], {"active_slots": slots, "updated": now_iso()})
     return 200, None
@@ -12937,10 +12990,15 @@ def reset_tag_limit(app, req):
 @body(filter_body_schema("concurrency_limit", ()))
 def read_tag_limits_filtered(app, req):
     with app.db.read() as tx:
-        rows = tx.query(
-            "SELECT * FROM concurrency_limit ORDER BY tag LIMIT ? OFFSET ?",
-            (page_limit(req.data, app.settings), req.data["offset"] or 0),
-        )
+        limit, offset = page_limit(req.data, app.settings), req.data["offset"] or 0
+        if client_major(req) == 3:  # Prefect 3.9: the global `tag:` limits first (as tag limits), then the others
+            rows = tx.query("SELECT * FROM concurrency_limit_v2 ORDER BY name")
+            shown = [global_tag_limit_as_v1(tx, r) for r in rows if r["name"].startswith(TAG_LIMIT_PREFIX)]
+            tags = {limit["tag"] for limit in shown}
+            rows = tx.query("SELECT * FROM concurrency_limit ORDER BY tag")
+            shown += [decode_row("concurrency_limit", r) for r in rows if r["tag"] not in tags]
+            return 200, shown[offset : offset + limit]
+        rows = tx.query("SELECT * FROM concurrency_limit ORDER BY tag LIMIT ? OFFSET ?", (limit, offset))
         return 200, [decode_row("concurrency_limit", r) for r in rows]
 
 

@@ -306,6 +306,31 @@ def test_states_made_without_3x_details_show_3_9s_defaults_to_3x_clients(dialect
 
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_a_stored_state_whose_details_are_not_an_object_reads_as_3_9s_defaults(dialect, tmp_path, request):
+    """A state stored with details that are not an object (null, a list, a string: no route stores one, an old
+    or hand-edited row may hold one) reads as one without details, with 3.9's defaults for 3.x clients: the
+    same in a single read and in a list the database builds, and never a 500."""
+    url = f"sqlite:///{tmp_path}/odd.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    with prefectlite.serve(database=url) as api_url:
+        three = Client(api_url, headers=PREFECT3_AGENT)
+        flow = three.ok("POST", "/flows/", {"name": "odd"})
+        odd = {"null": None, "list": [1], "string": "x"}
+        runs = {name: three.ok("POST", "/flow_runs/", {"flow_id": flow["id"]}) for name in odd}
+        db = prefectlite.open_database(url)
+        try:
+            with db.write() as tx:
+                for name, details in odd.items():
+                    state = {**runs[name]["state"], "state_details": details}
+                    tx.execute("UPDATE flow_run SET state = ? WHERE id = ?", (json.dumps(state), runs[name]["id"]))
+        finally:
+            db.close()
+        for name in odd:
+            one = three.ok("GET", f"/flow_runs/{runs[name]['id']}")
+            listed = three.ok("POST", "/flow_runs/filter", {"flow_runs": {"id": {"any_": [runs[name]["id"]]}}})
+            assert [one["state"]["state_details"], listed[0]["state"]["state_details"]] == [DETAILS_3] * 2, name
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_a_flows_labels_are_shown_to_3x_clients(dialect, tmp_path, request):
     """Prefect 3.9's server answers a flow with its `labels` (those it was created with, {} by default; a
     second create of the name leaves them) on create, read, read by name and filter; 2.20's Flow has no such
@@ -637,6 +662,19 @@ def test_flow_run_graph_links_task_inputs(client):
     assert upstream == {first["id"]: set(), second["id"]: {first["id"]}, third["id"]: {first["id"], second["id"]}}
     assert nodes[first["id"]]["state"]["type"] == "PENDING"
     assert client.get(f"/flow_runs/{uuid.uuid4()}/graph")[0] == 404
+
+
+def test_flow_run_graph_shows_3x_clients_their_state_details(client):
+    """The graph's states are states too: Prefect 3.9 answers them with its details (DETAILS_3's defaults);
+    a 2.x client gets none of those keys."""
+    run, first, second, third = _dag(client)
+    for headers, wanted in ((PREFECT3_AGENT, DETAILS_3), (None, {})):
+        graph = client.ok("GET", f"/flow_runs/{run['id']}/graph", headers=headers)
+        shown = [
+            {key: node["state"]["state_details"][key] for key in DETAILS_3 if key in node["state"]["state_details"]}
+            for node in graph
+        ]
+        assert shown == [wanted] * 3, (headers, shown)
 
 
 def test_flow_run_graph_v2_links_parents_and_children(client):

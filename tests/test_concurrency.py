@@ -651,6 +651,70 @@ def test_a_3x_client_reads_a_tags_limit_from_its_global_limit_first(any_db):
     assert client.ok("GET", f"/concurrency_limits/tag/{both}") == v1
 
 
+def test_a_3x_clients_tag_limit_routes_all_find_its_global_limit(any_db):
+    """Where GET /concurrency_limits/tag/{tag} finds the global limit `tag:NAME` for a 3.x client, Prefect 3.9's
+    other tag limit routes find it too: by id, in the list (before the tag limits, a tag shown once), reset
+    (its leases given back; slot_override leases a slot to each task run) and deletion. 2.x clients still reach
+    only tag limits."""
+    client = any_db
+    three = Client(client.api_url, headers=PREFECT3_AGENT)
+    tag, plain, other = unique(), unique(), unique()
+    limit = new_global(client, name=f"tag:{tag}", limit=3)
+    new_global(client, name=other, limit=1)  # not a tag's: not listed as one
+    v1 = set_tag_limit(client, plain, 2)
+    holder = str(uuid.uuid4())
+    body = {"names": [f"tag:{tag}"], "slots": 1, "mode": "concurrency", "holder": {"type": "task_run", "id": holder}}
+    assert client.post("/v2/concurrency_limits/increment-with-lease", body)[0] == 200
+
+    shown = three.ok("GET", f"/concurrency_limits/tag/{tag}")
+    assert shown["active_slots"] == [holder]
+    assert three.ok("GET", f"/concurrency_limits/{limit['id']}") == shown
+    assert client.get(f"/concurrency_limits/{limit['id']}")[0] == 404
+    listed = [(x["tag"], x["id"]) for x in three.ok("POST", "/concurrency_limits/filter", {"limit": 200})]
+    assert (tag, limit["id"]) in listed and (plain, v1["id"]) in listed
+    assert other not in [listed_tag for listed_tag, _ in listed]
+    assert tag not in [x["tag"] for x in client.ok("POST", "/concurrency_limits/filter", {"limit": 200})]
+
+    assert client.post(f"/concurrency_limits/tag/{tag}/reset", {})[0] == 404  # 2.x: no tag limit
+    override = str(uuid.uuid4())
+    assert three.post(f"/concurrency_limits/tag/{tag}/reset", {"slot_override": [override]})[0] == 200
+    assert three.ok("GET", f"/concurrency_limits/tag/{tag}")["active_slots"] == [override]
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit['id']}")["active_slots"] == 1  # the holder's given back
+    assert three.post(f"/concurrency_limits/tag/{tag}/reset", {})[0] == 200
+    assert three.ok("GET", f"/concurrency_limits/tag/{tag}")["active_slots"] == []
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit['id']}")["active_slots"] == 0
+
+    assert client.delete(f"/concurrency_limits/tag/{tag}")[0] == 404
+    assert three.delete(f"/concurrency_limits/tag/{tag}")[0] == 204
+    assert client.get(f"/v2/concurrency_limits/{limit['id']}")[0] == 404
+    assert three.get(f"/concurrency_limits/tag/{tag}")[0] == 404
+    assert three.delete(f"/concurrency_limits/{v1['id']}")[0] == 204  # a tag limit, as before
+
+
+def test_a_3x_client_setting_a_tags_limit_sets_its_global_limit(any_db):
+    """Prefect 3.9's POST /concurrency_limits/ sets the global limit `tag:NAME` when there is one (a 200, in a
+    tag limit's shape), so the limit a 3.x client sets is the one it then reads; without one, and for 2.x
+    clients, it is a tag limit as before."""
+    client = any_db
+    three = Client(client.api_url, headers=PREFECT3_AGENT)
+    tag = unique()
+    limit = new_global(client, name=f"tag:{tag}", limit=3)
+    status, answer = three.post("/concurrency_limits/", {"tag": tag, "concurrency_limit": 5})
+    assert status == 200, answer
+    shown = {key: answer[key] for key in ("id", "tag", "concurrency_limit", "active_slots")}
+    assert shown == {"id": limit["id"], "tag": tag, "concurrency_limit": 5, "active_slots": []}
+    assert three.ok("GET", f"/concurrency_limits/tag/{tag}")["concurrency_limit"] == 5
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit['id']}")["limit"] == 5
+    assert client.get(f"/concurrency_limits/tag/{tag}")[0] == 404  # no tag limit was made
+
+    status, v1 = client.post("/concurrency_limits/", {"tag": tag, "concurrency_limit": 1})  # 2.x: a tag limit
+    assert (status, v1["concurrency_limit"]) == (201, 1)
+    assert client.ok("GET", f"/v2/concurrency_limits/{limit['id']}")["limit"] == 5
+    plain = unique()
+    status, made = three.post("/concurrency_limits/", {"tag": plain, "concurrency_limit": 2})
+    assert (status, made["tag"]) == (201, plain)
+
+
 @pytest.mark.parametrize("global_limit_too", [False, True])
 def test_concurrent_v1_increments_never_exceed_a_tag_limit(any_db, global_limit_too):
     """16 task runs ask at once for two tags' slots (one tag's limit a v1 row, the other's a v1 row or a global

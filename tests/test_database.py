@@ -5,6 +5,7 @@ Everything runs against real databases: SQLite files in tmp_path, real lock hold
 and the throwaway PostgreSQL database of the `postgres_url` fixture.
 """
 
+import itertools
 import json
 import sqlite3
 import threading
@@ -945,13 +946,14 @@ def _same_json(a, b) -> bool:
 
 @pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
 def test_run_json_written_by_the_database_equals_run_out(dialect, tmp_path, request):
+    """For each client major: 3.x's adds labels and 3.9's state details (run_for_client)."""
     url = f"sqlite:///{tmp_path}/json.db" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
     db = _open_migrated(url, tmp_path)
     try:
         _insert_runs(db)
         with db.read() as tx:
-            for table in ("flow_run", "task_run"):
-                select, params = prefectlite.run_json_select(tx, table, _NOW)
+            for table, major in itertools.product(("flow_run", "task_run"), (2, 3)):
+                select, params = prefectlite.run_json_select(tx, table, _NOW, major)
                 docs = {
                     r["id"]: json.loads(r["doc"])
                     for r in tx.query(f"SELECT {table}.id AS id, {select} FROM {table}", params)
@@ -959,8 +961,9 @@ def test_run_json_written_by_the_database_equals_run_out(dialect, tmp_path, requ
                 rows = tx.query(f"SELECT * FROM {table}")
                 assert len(rows) == len(docs) == len(_run_rows()[0])
                 for row in rows:
-                    expected = prefectlite.run_out(table, row, _NOW)
-                    assert _same_json(docs[row["id"]], expected), (row["name"], docs[row["id"]], expected)
+                    run = prefectlite.run_out(table, row, _NOW)
+                    expected = prefectlite.run_for_client(run, prefectlite.stored_labels(row), major)
+                    assert _same_json(docs[row["id"]], expected), (major, row["name"], docs[row["id"]], expected)
         # spot checks, so that both sides being wrong the same way would still fail
         with db.read() as tx:
             select, params = prefectlite.run_json_select(tx, "flow_run", _NOW)
