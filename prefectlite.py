@@ -8193,30 +8193,11 @@ DeploymentScheduleCreate = Schema(
         "replaces": Field("str"),
     },
 )
-# The fields of a deployment schedule a 2.20 client reads: its SDK in test mode refuses any other.
-DEPLOYMENT_SCHEDULE_FIELDS_2 = (
-    "id",
-    "created",
-    "updated",
-    "deployment_id",
-    "schedule",
-    "active",
-    "max_active_runs",
-    "max_scheduled_runs",
-    "catchup",
-)
-# 3.9's: slug and parameters too, and no longer max_active_runs nor catchup
-DEPLOYMENT_SCHEDULE_FIELDS_3 = (
-    "id",
-    "created",
-    "updated",
-    "deployment_id",
-    "schedule",
-    "active",
-    "max_scheduled_runs",
-    "parameters",
-    "slug",
-)
+# The fields of a deployment schedule a client reads: 2.20's SDK in test mode refuses any other; 3.9 added slug and
+# parameters and dropped max_active_runs and catchup.
+_SCHEDULE_FIELDS = ("id", "created", "updated", "deployment_id", "schedule", "active", "max_scheduled_runs")
+DEPLOYMENT_SCHEDULE_FIELDS_2 = (*_SCHEDULE_FIELDS, "max_active_runs", "catchup")
+DEPLOYMENT_SCHEDULE_FIELDS_3 = (*_SCHEDULE_FIELDS, "parameters", "slug")
 
 
 def schedule_for_client(major: int, schedule: dict) -> dict:
